@@ -1,0 +1,91 @@
+//! The admin endpoint: `/metrics` (Prometheus text), `/stats` (JSON), `/healthz`. It reads
+//! the shared state and never touches the request path's hot data beyond counters.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::Response;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::json;
+
+use crate::proxy::Shared;
+
+pub struct Admin {
+    shared: Arc<Shared>,
+}
+
+impl Admin {
+    pub fn new(shared: Arc<Shared>) -> Admin {
+        Admin { shared }
+    }
+
+    fn refresh_gauges(&self) {
+        let m = &self.shared.metrics;
+        let mem = &self.shared.store.memory;
+        m.tier_objects.with_label_values(&["memory"]).set(mem.object_count() as i64);
+        m.tier_bytes.with_label_values(&["memory"]).set(mem.resident_bytes() as i64);
+        m.tier_capacity.with_label_values(&["memory"]).set(mem.capacity_bytes() as i64);
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let mem = &self.shared.store.memory;
+        let c = &mem.counters;
+        let origins: Vec<_> = self
+            .shared
+            .pools
+            .iter()
+            .flat_map(|p| {
+                p.health().into_iter().map(move |(addr, healthy)| {
+                    json!({"pool": p.name, "address": addr, "healthy": healthy})
+                })
+            })
+            .collect();
+        json!({
+            "name": self.shared.name,
+            "version": env!("CARGO_PKG_VERSION"),
+            "tiers": {
+                "memory": {
+                    "objects": mem.object_count(),
+                    "bytes": mem.resident_bytes(),
+                    "capacity_bytes": mem.capacity_bytes(),
+                    "hits": c.hits.load(Ordering::Relaxed),
+                    "misses": c.misses.load(Ordering::Relaxed),
+                    "stores": c.stores.load(Ordering::Relaxed),
+                    "purged": c.purges.load(Ordering::Relaxed),
+                }
+            },
+            "origins": origins,
+        })
+    }
+}
+
+fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("content-length", body.len())
+        .header("cache-control", "no-store")
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Vec::new()))
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        match path.as_str() {
+            "/metrics" => {
+                self.refresh_gauges();
+                reply(200, "text/plain; version=0.0.4", self.shared.metrics.render().into_bytes())
+            }
+            "/stats" => {
+                let body = serde_json::to_vec_pretty(&self.stats()).unwrap_or_default();
+                reply(200, "application/json", body)
+            }
+            "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
+            _ => reply(404, "text/plain", b"skua admin: /metrics, /stats, /healthz\n".to_vec()),
+        }
+    }
+}

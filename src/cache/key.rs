@@ -1,0 +1,232 @@
+//! The one canonical cache key. Lookups, HTTP PURGE (both request forms) and every later
+//! purge source build keys here and nowhere else, so a purge always names the object a reader
+//! was served.
+//!
+//! The key is `scheme://host/path?query` with the host lowercased, its trailing dot and the
+//! scheme's default port removed. The method is not in the key: HEAD is answered from the GET
+//! entry (pingora turns a cacheable HEAD into a GET towards the origin).
+
+use pingora::cache::CacheKey;
+use thiserror::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+
+    fn default_port(self) -> &'static str {
+        match self {
+            Scheme::Http => "80",
+            Scheme::Https => "443",
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("request has no host")]
+    MissingHost,
+    #[error("invalid host: {0:?}")]
+    BadHost(String),
+    #[error("path must start with '/'")]
+    BadPath,
+    #[error("not an absolute http(s) URL")]
+    NotAbsolute,
+}
+
+/// A request target reduced to what identifies a cached object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheUrl {
+    pub scheme: Scheme,
+    pub host: String,
+    pub path_and_query: String,
+}
+
+impl CacheUrl {
+    /// From a request's scheme, authority (URI authority or `Host` header) and target.
+    pub fn new(scheme: Scheme, authority: &str, path_and_query: &str) -> Result<Self, KeyError> {
+        let host = normalize_host(scheme, authority)?;
+        if !path_and_query.starts_with('/') {
+            return Err(KeyError::BadPath);
+        }
+        Ok(CacheUrl {
+            scheme,
+            host,
+            path_and_query: path_and_query.to_string(),
+        })
+    }
+
+    /// From an absolute URL such as MediaWiki puts in `PURGE http://host/wiki/X` and in
+    /// HTCP CLR packets.
+    pub fn parse_absolute(url: &str) -> Result<Self, KeyError> {
+        let (scheme, rest) = if let Some(rest) = strip_prefix_ci(url, "http://") {
+            (Scheme::Http, rest)
+        } else if let Some(rest) = strip_prefix_ci(url, "https://") {
+            (Scheme::Https, rest)
+        } else {
+            return Err(KeyError::NotAbsolute);
+        };
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
+            Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+            None => (rest, "/".to_string()),
+        };
+        // A fragment never reaches a server (RFC 9110 §4.2.5).
+        let path = match path.find('#') {
+            Some(i) => path[..i].to_string(),
+            None => path,
+        };
+        CacheUrl::new(scheme, authority, &path)
+    }
+
+    /// The primary key text, e.g. `http://en.wiki.test/wiki/Main_Page`.
+    pub fn primary(&self) -> String {
+        let mut s = String::with_capacity(
+            self.scheme.as_str().len() + 3 + self.host.len() + self.path_and_query.len(),
+        );
+        s.push_str(self.scheme.as_str());
+        s.push_str("://");
+        s.push_str(&self.host);
+        s.push_str(&self.path_and_query);
+        s
+    }
+
+    pub fn cache_key(&self) -> CacheKey {
+        CacheKey::new(self.primary(), "")
+    }
+
+    /// The same URL under the other scheme: a purge names both, since MediaWiki sends
+    /// `http://` purges for pages readers fetch over https behind a TLS terminator.
+    pub fn with_scheme(&self, scheme: Scheme) -> CacheUrl {
+        CacheUrl {
+            scheme,
+            ..self.clone()
+        }
+    }
+}
+
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    if s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes()) {
+        Some(&s[prefix.len()..])
+    } else {
+        None
+    }
+}
+
+/// RFC 9110 §4.2.3: the host is case-insensitive and an explicit default port is the same as
+/// none; a trailing dot names the same DNS host (RFC 1034 §3.1).
+pub fn normalize_host(scheme: Scheme, authority: &str) -> Result<String, KeyError> {
+    if authority.is_empty() {
+        return Err(KeyError::MissingHost);
+    }
+    if authority.contains('@') {
+        return Err(KeyError::BadHost(authority.to_string()));
+    }
+    let (host, port) = split_port(authority).ok_or_else(|| KeyError::BadHost(authority.to_string()))?;
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let valid = if host.starts_with('[') {
+        host.ends_with(']')
+            && host.len() > 2
+            && host[1..host.len() - 1]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+    } else {
+        !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    };
+    if !valid {
+        return Err(KeyError::BadHost(authority.to_string()));
+    }
+    let mut out = host.to_ascii_lowercase();
+    if let Some(port) = port {
+        let port = port.trim_start_matches('0');
+        if port != scheme.default_port() && !port.is_empty() {
+            out.push(':');
+            out.push_str(port);
+        }
+    }
+    Ok(out)
+}
+
+/// Splits `host[:port]` (IPv6 literals in brackets). `None` if the port is not digits.
+fn split_port(authority: &str) -> Option<(&str, Option<&str>)> {
+    let (host, port) = if authority.starts_with('[') {
+        let end = authority.find(']')?;
+        let rest = &authority[end + 1..];
+        if rest.is_empty() {
+            (authority, None)
+        } else {
+            (&authority[..=end], Some(rest.strip_prefix(':')?))
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    match port {
+        Some(p) if p.is_empty() => Some((host, None)),
+        Some(p) if p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => Some((host, Some(p))),
+        Some(_) => None,
+        None => Some((host, None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(scheme: Scheme, host: &str, path: &str) -> String {
+        CacheUrl::new(scheme, host, path).unwrap().primary()
+    }
+
+    #[test]
+    fn host_is_normalised() {
+        let want = "http://en.wiki.test/wiki/Main_Page";
+        assert_eq!(key(Scheme::Http, "EN.Wiki.Test", "/wiki/Main_Page"), want);
+        assert_eq!(key(Scheme::Http, "en.wiki.test.", "/wiki/Main_Page"), want);
+        assert_eq!(key(Scheme::Http, "en.wiki.test:80", "/wiki/Main_Page"), want);
+        assert_eq!(key(Scheme::Http, "en.wiki.test:", "/wiki/Main_Page"), want);
+        assert_eq!(
+            key(Scheme::Http, "en.wiki.test:8080", "/w?a=1"),
+            "http://en.wiki.test:8080/w?a=1"
+        );
+        assert_eq!(
+            key(Scheme::Https, "en.wiki.test:443", "/"),
+            "https://en.wiki.test/"
+        );
+        assert_eq!(key(Scheme::Http, "[::1]:80", "/"), "http://[::1]/");
+    }
+
+    #[test]
+    fn purge_url_matches_request_key() {
+        let from_request = CacheUrl::new(Scheme::Http, "En.Wiki.Test:80", "/wiki/A?x=1").unwrap();
+        let from_purge = CacheUrl::parse_absolute("HTTP://en.wiki.test./wiki/A?x=1#frag").unwrap();
+        assert_eq!(from_request, from_purge);
+        assert_eq!(
+            CacheUrl::parse_absolute("http://h?q").unwrap().primary(),
+            "http://h/?q"
+        );
+    }
+
+    #[test]
+    fn bad_hosts_are_rejected() {
+        assert_eq!(CacheUrl::new(Scheme::Http, "", "/"), Err(KeyError::MissingHost));
+        assert!(CacheUrl::new(Scheme::Http, "a b", "/").is_err());
+        assert!(CacheUrl::new(Scheme::Http, "user@host", "/").is_err());
+        assert!(CacheUrl::new(Scheme::Http, "host:99999x", "/").is_err());
+        assert!(CacheUrl::new(Scheme::Http, "host", "nopath").is_err());
+        assert!(CacheUrl::parse_absolute("ftp://host/").is_err());
+    }
+}

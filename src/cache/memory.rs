@@ -1,0 +1,544 @@
+//! The memory tier: a pingora `Storage` on moka, bounded by bytes (headers + bodies).
+//!
+//! Objects are grouped by primary key into a [`Family`] holding every Vary variant of one URL,
+//! so a purge of a URL drops or expires all its variants in one step and a hit costs one hash
+//! lookup. Stored metadata is kept decoded (never serialized and re-parsed per hit) and bodies
+//! are `Bytes`, so a hit and a Range seek are slices, not copies. It does not decide what is
+//! cacheable (see `policy.rs`) and it knows nothing of tiers below it.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use moka::ops::compute::Op;
+use pingora::cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
+use pingora::cache::storage::{HandleHit, HandleMiss, MissFinishType, PurgeOutcome, PurgeTarget, PurgeType};
+use pingora::cache::trace::SpanHandle;
+use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
+use pingora::http::ResponseHeader;
+use pingora::{Error, ErrorType, Result};
+
+/// Bytes charged per object on top of its header and body: the family slot, `Arc`s and
+/// moka's own entry, so that many tiny objects still respect the bound.
+const OBJECT_OVERHEAD: usize = 256;
+
+/// Decoded cache metadata: everything `CacheMeta` needs, cheap to copy.
+#[derive(Debug, Clone)]
+pub struct StoredMeta {
+    pub fresh_until: SystemTime,
+    pub created: SystemTime,
+    /// Reference point of Age and freshness: `updated`, or pingora's epoch override.
+    pub epoch: SystemTime,
+    pub stale_while_revalidate_sec: u32,
+    pub stale_if_error_sec: u32,
+    pub variance: Option<HashBinary>,
+    pub header: ResponseHeader,
+}
+
+impl StoredMeta {
+    pub fn from_meta(meta: &CacheMeta) -> StoredMeta {
+        StoredMeta {
+            fresh_until: meta.fresh_until(),
+            created: meta.created(),
+            epoch: meta.epoch(),
+            stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
+            stale_if_error_sec: meta.stale_if_error_sec(),
+            variance: meta.variance(),
+            header: meta.response_header_copy(),
+        }
+    }
+
+    pub fn to_meta(&self) -> CacheMeta {
+        let mut meta = CacheMeta::new(
+            self.fresh_until,
+            self.created,
+            self.stale_while_revalidate_sec,
+            self.stale_if_error_sec,
+            self.header.clone(),
+        );
+        if self.epoch != self.created {
+            meta.set_epoch_override(self.epoch);
+        }
+        if let Some(v) = self.variance {
+            meta.set_variance(v);
+        }
+        meta
+    }
+
+    fn header_weight(&self) -> usize {
+        self.header
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+            + 64
+    }
+}
+
+/// One stored response.
+#[derive(Debug)]
+pub struct StoredObject {
+    /// The variant slot: `None` for the primary slot, else the lookup key's variance.
+    slot: Option<HashBinary>,
+    pub meta: StoredMeta,
+    pub body: Bytes,
+    weight: usize,
+}
+
+impl StoredObject {
+    fn new(slot: Option<HashBinary>, meta: StoredMeta, body: Bytes) -> StoredObject {
+        let weight = meta.header_weight() + body.len() + OBJECT_OVERHEAD;
+        StoredObject {
+            slot,
+            meta,
+            body,
+            weight,
+        }
+    }
+}
+
+/// Every stored variant of one primary key. Immutable: writers build a new family.
+#[derive(Debug, Default)]
+pub struct Family {
+    objects: Vec<Arc<StoredObject>>,
+}
+
+impl Family {
+    fn weight(&self) -> u32 {
+        let w: usize = self.objects.iter().map(|o| o.weight).sum();
+        u32::try_from(w).unwrap_or(u32::MAX)
+    }
+
+    fn get(&self, slot: Option<&HashBinary>) -> Option<&Arc<StoredObject>> {
+        self.objects.iter().find(|o| o.slot.as_ref() == slot)
+    }
+
+    fn with(&self, obj: Arc<StoredObject>) -> Family {
+        let mut objects: Vec<_> = self
+            .objects
+            .iter()
+            .filter(|o| o.slot != obj.slot)
+            .cloned()
+            .collect();
+        objects.push(obj);
+        Family { objects }
+    }
+
+    fn without(&self, slot: Option<&HashBinary>) -> Family {
+        Family {
+            objects: self
+                .objects
+                .iter()
+                .filter(|o| o.slot.as_ref() != slot)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    fn expired_at(&self, slot: Option<Option<&HashBinary>>, at: SystemTime) -> Family {
+        Family {
+            objects: self
+                .objects
+                .iter()
+                .map(|o| {
+                    let hit = slot.is_none_or(|s| o.slot.as_ref() == s);
+                    if hit && o.meta.fresh_until > at {
+                        let mut meta = o.meta.clone();
+                        meta.fresh_until = at;
+                        Arc::new(StoredObject::new(o.slot, meta, o.body.clone()))
+                    } else {
+                        o.clone()
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Counters of the memory tier, read by the admin endpoint and metrics.
+#[derive(Debug, Default)]
+pub struct TierCounters {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub stores: AtomicU64,
+    pub purges: AtomicU64,
+}
+
+pub struct MemoryTier {
+    families: moka::sync::Cache<HashBinary, Arc<Family>>,
+    capacity: u64,
+    pub counters: TierCounters,
+}
+
+impl MemoryTier {
+    pub fn new(capacity_bytes: u64) -> MemoryTier {
+        let families = moka::sync::Cache::builder()
+            .max_capacity(capacity_bytes)
+            .weigher(|_k: &HashBinary, f: &Arc<Family>| f.weight())
+            .build();
+        MemoryTier {
+            families,
+            capacity: capacity_bytes,
+            counters: TierCounters::default(),
+        }
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes held, after moka has applied pending evictions.
+    pub fn resident_bytes(&self) -> u64 {
+        self.families.run_pending_tasks();
+        self.families.weighted_size()
+    }
+
+    /// Stored objects (all variants), after pending evictions.
+    pub fn object_count(&self) -> u64 {
+        self.families.run_pending_tasks();
+        self.families.iter().map(|(_, f)| f.objects.len() as u64).sum()
+    }
+
+    pub fn get(&self, primary: &HashBinary, slot: Option<&HashBinary>) -> Option<Arc<StoredObject>> {
+        self.families.get(primary).and_then(|f| f.get(slot).cloned())
+    }
+
+    pub fn insert(&self, primary: HashBinary, obj: StoredObject) {
+        let obj = Arc::new(obj);
+        self.families.entry(primary).and_compute_with(|old| {
+            let family = match old {
+                Some(e) => e.into_value().with(obj),
+                None => Family {
+                    objects: vec![obj],
+                },
+            };
+            Op::Put(Arc::new(family))
+        });
+        self.counters.stores.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Removes every variant of a URL. Returns how many objects were removed.
+    pub fn purge_all(&self, primary: &HashBinary) -> usize {
+        let removed = self.families.remove(primary).map_or(0, |f| f.objects.len());
+        self.counters.purges.fetch_add(removed as u64, Ordering::Relaxed);
+        removed
+    }
+
+    /// Marks every variant of a URL stale as of now (soft purge). Returns how many objects
+    /// were marked.
+    pub fn expire_all(&self, primary: &HashBinary) -> usize {
+        self.expire(primary, None)
+    }
+
+    fn expire(&self, primary: &HashBinary, slot: Option<Option<&HashBinary>>) -> usize {
+        let now = SystemTime::now();
+        let mut marked = 0;
+        self.families.entry(*primary).and_compute_with(|old| match old {
+            Some(e) => {
+                let f = e.into_value();
+                marked = f
+                    .objects
+                    .iter()
+                    .filter(|o| slot.is_none_or(|s| o.slot.as_ref() == s))
+                    .count();
+                if marked == 0 {
+                    Op::Nop
+                } else {
+                    Op::Put(Arc::new(f.expired_at(slot, now)))
+                }
+            }
+            None => Op::Nop,
+        });
+        marked
+    }
+
+    fn remove_slot(&self, primary: &HashBinary, slot: Option<&HashBinary>) -> bool {
+        let mut removed = false;
+        self.families.entry(*primary).and_compute_with(|old| match old {
+            Some(e) => {
+                let f = e.into_value();
+                if f.get(slot).is_none() {
+                    return Op::Nop;
+                }
+                removed = true;
+                let rest = f.without(slot);
+                if rest.objects.is_empty() {
+                    Op::Remove
+                } else {
+                    Op::Put(Arc::new(rest))
+                }
+            }
+            None => Op::Nop,
+        });
+        removed
+    }
+}
+
+/// The slot a pingora key addresses within its family.
+fn slot_of(key: &CompactCacheKey) -> Option<&HashBinary> {
+    key.variance.as_deref()
+}
+
+#[async_trait]
+impl Storage for MemoryTier {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let variance = key.variance_bin();
+        match self.get(&key.primary_bin(), variance.as_ref()) {
+            Some(obj) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                let hit = MemoryHit::new(obj.body.clone());
+                Ok(Some((obj.meta.to_meta(), Box::new(hit))))
+            }
+            None => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        Ok(Box::new(MemoryMiss {
+            tier: self,
+            primary: key.primary_bin(),
+            slot: key.variance_bin(),
+            meta: StoredMeta::from_meta(meta),
+            body: BytesMut::new(),
+            chunks: Vec::new(),
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        _purge_type: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let key = target.key();
+        if self.remove_slot(&key.primary, slot_of(key)) {
+            self.counters.purges.fetch_add(1, Ordering::Relaxed);
+            Ok(PurgeOutcome::Purged(None))
+        } else {
+            Ok(PurgeOutcome::NotFound)
+        }
+    }
+
+    async fn expire(&'static self, target: PurgeTarget<'_>, _trace: &SpanHandle) -> Result<PurgeOutcome> {
+        let key = target.key();
+        if self.expire(&key.primary, Some(slot_of(key))) > 0 {
+            Ok(PurgeOutcome::Expired)
+        } else {
+            Ok(PurgeOutcome::NotFound)
+        }
+    }
+
+    /// A 304 from the origin refreshed the metadata; the body stays as stored.
+    async fn update_meta(&'static self, key: &CacheKey, meta: &CacheMeta, _trace: &SpanHandle) -> Result<bool> {
+        let primary = key.primary_bin();
+        let slot = key.variance_bin();
+        let mut updated = false;
+        self.families.entry(primary).and_compute_with(|old| match old {
+            Some(e) => {
+                let f = e.into_value();
+                match f.get(slot.as_ref()) {
+                    Some(obj) => {
+                        updated = true;
+                        let fresh = StoredObject::new(slot, StoredMeta::from_meta(meta), obj.body.clone());
+                        Op::Put(Arc::new(f.with(Arc::new(fresh))))
+                    }
+                    None => Op::Nop,
+                }
+            }
+            None => Op::Nop,
+        });
+        if updated {
+            Ok(true)
+        } else {
+            Error::e_explain(ErrorType::InternalError, "update_meta: object no longer stored")
+        }
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+/// A hit served from memory: a slice of the stored body, seekable for Range requests.
+pub struct MemoryHit {
+    body: Bytes,
+    start: usize,
+    end: usize,
+    done: bool,
+}
+
+impl MemoryHit {
+    fn new(body: Bytes) -> MemoryHit {
+        let end = body.len();
+        MemoryHit {
+            body,
+            start: 0,
+            end,
+            done: false,
+        }
+    }
+}
+
+#[async_trait]
+impl HandleHit for MemoryHit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        if self.done {
+            return Ok(None);
+        }
+        self.done = true;
+        Ok(Some(self.body.slice(self.start..self.end)))
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn can_seek(&self) -> bool {
+        true
+    }
+
+    fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
+        let len = self.body.len();
+        if start >= len && len > 0 {
+            return Error::e_explain(ErrorType::InternalError, format!("seek start {start} beyond body of {len} bytes"));
+        }
+        self.start = start.min(len);
+        self.end = end.map_or(len, |e| e.min(len)).max(self.start);
+        self.done = false;
+        Ok(())
+    }
+
+    fn get_eviction_weight(&self) -> usize {
+        self.body.len()
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+/// Collects a response body from the origin and publishes it on `finish`. A handler dropped
+/// before `finish` (origin error, client gone) publishes nothing.
+struct MemoryMiss {
+    tier: &'static MemoryTier,
+    primary: HashBinary,
+    slot: Option<HashBinary>,
+    meta: StoredMeta,
+    body: BytesMut,
+    /// Chunks kept as received while there is only one, so a body that arrives whole is
+    /// stored without a copy.
+    chunks: Vec<Bytes>,
+}
+
+#[async_trait]
+impl HandleMiss for MemoryMiss {
+    async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if self.chunks.is_empty() && self.body.is_empty() {
+            self.chunks.push(data);
+        } else {
+            for c in self.chunks.drain(..) {
+                self.body.extend_from_slice(&c);
+            }
+            self.body.extend_from_slice(&data);
+        }
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<MissFinishType> {
+        let this = *self;
+        let body = match this.chunks.into_iter().next() {
+            Some(only) => only,
+            None => this.body.freeze(),
+        };
+        let obj = StoredObject::new(this.slot, this.meta, body);
+        let weight = obj.weight;
+        this.tier.insert(this.primary, obj);
+        Ok(MissFinishType::Created(weight))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn meta(body_note: &str) -> StoredMeta {
+        let now = SystemTime::now();
+        let mut header = ResponseHeader::build(200, None).unwrap();
+        header.append_header("x-note", body_note).unwrap();
+        StoredMeta {
+            fresh_until: now + Duration::from_secs(60),
+            created: now,
+            epoch: now,
+            stale_while_revalidate_sec: 0,
+            stale_if_error_sec: 0,
+            variance: None,
+            header,
+        }
+    }
+
+    #[test]
+    fn variants_share_a_family_and_purge_together() {
+        let tier = MemoryTier::new(1 << 20);
+        let p = [1u8; 16];
+        tier.insert(p, StoredObject::new(None, meta("a"), Bytes::from_static(b"gzip")));
+        tier.insert(p, StoredObject::new(Some([2; 16]), meta("b"), Bytes::from_static(b"plain")));
+        assert_eq!(tier.get(&p, None).unwrap().body, "gzip");
+        assert_eq!(tier.get(&p, Some(&[2; 16])).unwrap().body, "plain");
+        assert_eq!(tier.expire_all(&p), 2);
+        assert!(tier.get(&p, None).unwrap().meta.fresh_until <= SystemTime::now());
+        assert_eq!(tier.purge_all(&p), 2);
+        assert!(tier.get(&p, None).is_none());
+        assert_eq!(tier.purge_all(&p), 0);
+    }
+
+    #[test]
+    fn meta_round_trips_through_cache_meta() {
+        let mut m = meta("x");
+        m.epoch = m.created + Duration::from_secs(5);
+        m.variance = Some([9; 16]);
+        let back = StoredMeta::from_meta(&m.to_meta());
+        assert_eq!(back.epoch, m.epoch);
+        assert_eq!(back.fresh_until, m.fresh_until);
+        assert_eq!(back.variance, m.variance);
+        assert_eq!(back.header.headers.get("x-note").unwrap(), "x");
+    }
+
+    #[test]
+    fn bound_holds() {
+        let tier = MemoryTier::new(1 << 20);
+        for i in 0..100u32 {
+            let mut p = [0u8; 16];
+            p[..4].copy_from_slice(&i.to_be_bytes());
+            tier.insert(p, StoredObject::new(None, meta("x"), Bytes::from(vec![0u8; 20_000])));
+        }
+        assert!(tier.resident_bytes() <= 1 << 20);
+    }
+}

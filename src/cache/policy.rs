@@ -1,0 +1,347 @@
+//! Storage policy: may a response be stored, for how long, and how long may it be served
+//! stale. Implements RFC 9111 §3 (storing), §4.2 (freshness) and RFC 9213 (`CDN-Cache-Control`)
+//! over pingora's Cache-Control parser. It does not decide whether a *request* may use the
+//! cache; that is the proxy's bypass logic.
+
+use std::time::{Duration, SystemTime};
+
+use http::header;
+use pingora::cache::cache_control::{CacheControl, InterpretCacheControl};
+use pingora::http::ResponseHeader;
+
+use crate::config::CacheConfig;
+
+/// Why a response was not stored. A closed vocabulary: used in logs and metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Uncacheable {
+    NoStore,
+    Private,
+    SetCookie,
+    VaryStar,
+    Status,
+    NoFreshness,
+    Authorization,
+}
+
+impl Uncacheable {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Uncacheable::NoStore => "no-store",
+            Uncacheable::Private => "private",
+            Uncacheable::SetCookie => "set-cookie",
+            Uncacheable::VaryStar => "vary-star",
+            Uncacheable::Status => "status",
+            Uncacheable::NoFreshness => "no-freshness",
+            Uncacheable::Authorization => "authorization",
+        }
+    }
+}
+
+/// How long a stored response is fresh and how long past that it may be served stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freshness {
+    /// When the response was generated, by our clock: now minus the origin's `Age`.
+    pub created: SystemTime,
+    pub fresh_until: SystemTime,
+    pub stale_while_revalidate_sec: u32,
+    pub stale_if_error_sec: u32,
+}
+
+/// The parts of [`CacheConfig`] that decide storage, copied so the hot path holds no lock.
+#[derive(Debug, Clone)]
+pub struct StoragePolicy {
+    pub ttl_cap: Duration,
+    pub default_grace: Duration,
+    pub honor_must_revalidate: bool,
+    pub heuristic_freshness: bool,
+    pub heuristic_max: Duration,
+}
+
+impl From<&CacheConfig> for StoragePolicy {
+    fn from(c: &CacheConfig) -> Self {
+        StoragePolicy {
+            ttl_cap: c.ttl_cap,
+            default_grace: c.default_grace,
+            honor_must_revalidate: c.honor_must_revalidate,
+            heuristic_freshness: c.heuristic_freshness,
+            heuristic_max: c.heuristic_max,
+        }
+    }
+}
+
+/// RFC 9110 §15.1: "Responses with status codes that are defined as heuristically cacheable
+/// (e.g., 200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, and 501 in this
+/// specification) can be reused by a cache with heuristic expiration". 206 is left out because
+/// the cache always fetches whole objects, and 501 because an error is never stored here.
+fn heuristically_cacheable(status: u16) -> bool {
+    matches!(status, 200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414)
+}
+
+/// Statuses stored when the origin gives explicit freshness. Errors (5xx) never are: a failing
+/// origin must not poison the cache.
+fn storable_status(status: u16) -> bool {
+    heuristically_cacheable(status) || matches!(status, 302 | 307)
+}
+
+/// RFC 9111 §1.2.2: a delta-seconds value too large to represent is taken as 2^31.
+const DELTA_SECONDS_OVERFLOW: u64 = 1 << 31;
+
+impl StoragePolicy {
+    /// Decides whether `resp` may be stored, at `now`. Strips headers named by
+    /// `private="…"`/`no-cache="…"` from `resp` when it is stored.
+    pub fn decide(
+        &self,
+        resp: &mut ResponseHeader,
+        authorization_present: bool,
+        now: SystemTime,
+    ) -> Result<Freshness, Uncacheable> {
+        let status = resp.status.as_u16();
+        if !storable_status(status) {
+            return Err(Uncacheable::Status);
+        }
+        // A cookie set for one reader must never be handed to another.
+        if resp.headers.contains_key(header::SET_COOKIE) {
+            return Err(Uncacheable::SetCookie);
+        }
+        // RFC 9111 §4.1: "A stored response with a Vary header field value containing a member
+        // "*" always fails to match."
+        if vary_names(resp).any(|n| n == "*") {
+            return Err(Uncacheable::VaryStar);
+        }
+        // RFC 9213 §2.1: a cache that uses a targeted field ignores Cache-Control.
+        let targeted = CacheControl::from_resp_headers_named("cdn-cache-control", resp);
+        let is_targeted = targeted.is_some();
+        let cc = targeted.or_else(|| CacheControl::from_resp_headers(resp));
+        if let Some(cc) = &cc {
+            if cc.no_store() {
+                return Err(Uncacheable::NoStore);
+            }
+            if cc.private() {
+                return Err(Uncacheable::Private);
+            }
+        }
+        // RFC 9111 §3.5: a shared cache stores a response to a request with Authorization
+        // only if it carries must-revalidate, public or s-maxage.
+        if authorization_present {
+            let allowed = cc.as_ref().is_some_and(|cc| {
+                cc.public() || cc.must_revalidate() || cc.s_maxage().ok().flatten().is_some()
+            });
+            if !allowed {
+                return Err(Uncacheable::Authorization);
+            }
+        }
+
+        // RFC 9111 §4.2.3: the response was already `Age` seconds old when it arrived.
+        let origin_age = resp
+            .headers
+            .get(header::AGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            .min(DELTA_SECONDS_OVERFLOW);
+        let created = now.checked_sub(Duration::from_secs(origin_age)).unwrap_or(now);
+
+        let no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
+        let s_maxage = cc.as_ref().and_then(|cc| cc.s_maxage().ok().flatten());
+        let explicit = if no_cache {
+            // RFC 9111 §5.2.2.4: no-cache: store, but validate before every reuse.
+            Some(Duration::ZERO)
+        } else {
+            s_maxage
+                .or_else(|| cc.as_ref().and_then(|cc| cc.max_age().ok().flatten()))
+                .map(|s| Duration::from_secs(s.into()))
+                .or_else(|| if is_targeted { None } else { expires_lifetime(resp, now) })
+        };
+        let lifetime = match explicit {
+            Some(l) => l,
+            None => match self.heuristic_lifetime(resp, now) {
+                Some(l) => l,
+                None => return Err(Uncacheable::NoFreshness),
+            },
+        };
+        let lifetime = lifetime.min(self.ttl_cap);
+        let fresh_until = if lifetime.is_zero() {
+            // pingora compares `fresh_until >= now`; one second back makes it stale at once.
+            created.checked_sub(Duration::from_secs(1)).unwrap_or(created)
+        } else {
+            created.checked_add(lifetime).unwrap_or(created)
+        };
+
+        // RFC 9111 §4.2.4: "A cache MUST NOT generate a stale response if it is prohibited by an
+        // explicit in-protocol directive (e.g., by a no-cache response directive, a
+        // must-revalidate response directive, or an applicable s-maxage or proxy-revalidate
+        // response directive)". Explicit stale-* directives (RFC 5861) are the origin's own
+        // permission and are honoured as given.
+        let forbids_stale = no_cache
+            || (self.honor_must_revalidate
+                && cc.as_ref().is_some_and(|cc| {
+                    cc.must_revalidate() || cc.proxy_revalidate() || s_maxage.is_some()
+                }));
+        let grace = if forbids_stale {
+            0
+        } else {
+            secs_u32(self.default_grace)
+        };
+        let swr = cc
+            .as_ref()
+            .and_then(|cc| cc.stale_while_revalidate().ok().flatten())
+            .unwrap_or(grace);
+        let sie = cc
+            .as_ref()
+            .and_then(|cc| cc.stale_if_error().ok().flatten())
+            .unwrap_or(grace);
+
+        if let Some(cc) = &cc {
+            cc.strip_private_headers(resp);
+        }
+        Ok(Freshness {
+            created,
+            fresh_until,
+            stale_while_revalidate_sec: swr,
+            stale_if_error_sec: sie,
+        })
+    }
+
+    /// RFC 9111 §4.2.2: "a typical setting of this fraction might be 10%" of the time since
+    /// Last-Modified.
+    fn heuristic_lifetime(&self, resp: &ResponseHeader, now: SystemTime) -> Option<Duration> {
+        if !self.heuristic_freshness || !heuristically_cacheable(resp.status.as_u16()) {
+            return None;
+        }
+        let last_modified = http_date(resp, header::LAST_MODIFIED)?;
+        let date = http_date(resp, header::DATE).unwrap_or(now);
+        let since = date.duration_since(last_modified).ok()?;
+        Some((since / 10).min(self.heuristic_max))
+    }
+}
+
+/// RFC 9111 §4.2.1: freshness lifetime from Expires minus Date. An invalid Expires (such as
+/// "0") means already expired (§5.3).
+fn expires_lifetime(resp: &ResponseHeader, now: SystemTime) -> Option<Duration> {
+    let raw = resp.headers.get(header::EXPIRES)?;
+    let expires = match raw.to_str().ok().and_then(|s| httpdate::parse_http_date(s.trim()).ok()) {
+        Some(t) => t,
+        None => return Some(Duration::ZERO),
+    };
+    let date = http_date(resp, header::DATE).unwrap_or(now);
+    Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
+}
+
+fn http_date(resp: &ResponseHeader, name: header::HeaderName) -> Option<SystemTime> {
+    let v = resp.headers.get(name)?.to_str().ok()?;
+    httpdate::parse_http_date(v.trim()).ok()
+}
+
+fn secs_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+/// Lowercased field names listed in the response's `Vary` headers.
+pub fn vary_names(resp: &ResponseHeader) -> impl Iterator<Item = String> + '_ {
+    resp.headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> StoragePolicy {
+        StoragePolicy {
+            ttl_cap: Duration::from_secs(86400),
+            default_grace: Duration::from_secs(60),
+            honor_must_revalidate: true,
+            heuristic_freshness: true,
+            heuristic_max: Duration::from_secs(86400),
+        }
+    }
+
+    fn resp(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut r = ResponseHeader::build(status, None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    fn ttl(f: &Freshness) -> u64 {
+        f.fresh_until.duration_since(f.created).map(|d| d.as_secs()).unwrap_or(0)
+    }
+
+    #[test]
+    fn s_maxage_wins_over_max_age() {
+        let now = SystemTime::now();
+        let mut r = resp(200, &[("cache-control", "s-maxage=300, must-revalidate, max-age=0")]);
+        let f = policy().decide(&mut r, false, now).unwrap();
+        assert_eq!(ttl(&f), 300);
+        // must-revalidate and s-maxage forbid the default grace.
+        assert_eq!(f.stale_if_error_sec, 0);
+    }
+
+    #[test]
+    fn cdn_cache_control_overrides_cache_control() {
+        let mut r = resp(200, &[("cache-control", "no-store"), ("cdn-cache-control", "max-age=50")]);
+        let f = policy().decide(&mut r, false, SystemTime::now()).unwrap();
+        assert_eq!(ttl(&f), 50);
+    }
+
+    #[test]
+    fn refusals() {
+        let p = policy();
+        let now = SystemTime::now();
+        let cases: &[(u16, &[(&str, &str)], Uncacheable)] = &[
+            (200, &[("cache-control", "no-store, max-age=60")], Uncacheable::NoStore),
+            (200, &[("cache-control", "private, max-age=60")], Uncacheable::Private),
+            (200, &[("cache-control", "max-age=60"), ("set-cookie", "a=b")], Uncacheable::SetCookie),
+            (200, &[("cache-control", "max-age=60"), ("vary", "Accept, *")], Uncacheable::VaryStar),
+            (503, &[("cache-control", "max-age=60")], Uncacheable::Status),
+            (200, &[], Uncacheable::NoFreshness),
+        ];
+        for (status, headers, want) in cases {
+            let mut r = resp(*status, headers);
+            assert_eq!(p.decide(&mut r, false, now), Err(*want), "{headers:?}");
+        }
+        let mut r = resp(200, &[("cache-control", "max-age=60")]);
+        assert_eq!(p.decide(&mut r, true, now), Err(Uncacheable::Authorization));
+    }
+
+    #[test]
+    fn ttl_cap_and_age() {
+        let now = SystemTime::now();
+        let mut r = resp(200, &[("cache-control", "max-age=999999999"), ("age", "100")]);
+        let f = policy().decide(&mut r, false, now).unwrap();
+        assert_eq!(ttl(&f), 86400);
+        assert_eq!(now.duration_since(f.created).unwrap().as_secs(), 100);
+        // Explicit stale directives are honoured; the default grace applies otherwise.
+        assert_eq!(f.stale_while_revalidate_sec, 60);
+        let mut r = resp(200, &[("cache-control", "max-age=5, stale-while-revalidate=7")]);
+        assert_eq!(policy().decide(&mut r, false, now).unwrap().stale_while_revalidate_sec, 7);
+    }
+
+    #[test]
+    fn heuristic_from_last_modified() {
+        let now = SystemTime::now();
+        let lm = httpdate::fmt_http_date(now - Duration::from_secs(1000));
+        let date = httpdate::fmt_http_date(now);
+        let mut r = resp(200, &[("last-modified", &lm), ("date", &date)]);
+        let f = policy().decide(&mut r, false, now).unwrap();
+        assert_eq!(ttl(&f), 100);
+        let mut off = policy();
+        off.heuristic_freshness = false;
+        let mut r = resp(200, &[("last-modified", &lm)]);
+        assert_eq!(off.decide(&mut r, false, now), Err(Uncacheable::NoFreshness));
+    }
+
+    #[test]
+    fn invalid_expires_is_stale_but_stored() {
+        let now = SystemTime::now();
+        let mut r = resp(200, &[("expires", "0")]);
+        let f = policy().decide(&mut r, false, now).unwrap();
+        assert!(f.fresh_until < now);
+    }
+}

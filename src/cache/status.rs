@@ -1,0 +1,138 @@
+//! What the cache did for one request, as a closed vocabulary. One value is decided per
+//! request and reused for the `X-Cache-Status` header (Wikimedia's words), the RFC 9211
+//! `Cache-Status` header, access logs and metric labels.
+
+use std::time::SystemTime;
+
+use pingora::cache::CachePhase;
+
+/// Wikimedia's `X-Cache-Status` vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Disposition {
+    /// Served from the memory tier.
+    HitFront,
+    /// Fetched from the origin for the cache.
+    Miss,
+    /// Fetched from the origin, not stored: the request or the response may not be cached.
+    Pass,
+    /// Answered by Skua itself (purges, refusals, origin errors).
+    IntFront,
+}
+
+impl Disposition {
+    pub const ALL: [Disposition; 4] = [
+        Disposition::HitFront,
+        Disposition::Miss,
+        Disposition::Pass,
+        Disposition::IntFront,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disposition::HitFront => "hit-front",
+            Disposition::Miss => "miss",
+            Disposition::Pass => "pass",
+            Disposition::IntFront => "int-front",
+        }
+    }
+}
+
+/// Why a request went past the cache without using it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassReason {
+    /// Not GET or HEAD.
+    Method,
+    /// A session or token cookie.
+    Cookie,
+    /// `Authorization` present.
+    Authorization,
+}
+
+impl PassReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PassReason::Method => "method",
+            PassReason::Cookie => "cookie",
+            PassReason::Authorization => "authorization",
+        }
+    }
+}
+
+/// Everything needed to describe one request's cache outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub phase: CachePhase,
+    pub pass: Option<PassReason>,
+    pub internal: bool,
+    /// The response was stored (or is being stored) by this request.
+    pub stored: bool,
+    /// Freshness deadline of the object served, for `ttl=`.
+    pub fresh_until: Option<SystemTime>,
+    /// Status the origin answered a revalidation with.
+    pub fwd_status: Option<u16>,
+}
+
+impl Outcome {
+    pub fn disposition(&self) -> Disposition {
+        if self.internal {
+            return Disposition::IntFront;
+        }
+        match self.phase {
+            CachePhase::Hit | CachePhase::Stale | CachePhase::StaleUpdating => Disposition::HitFront,
+            CachePhase::Miss | CachePhase::Expired | CachePhase::Revalidated => Disposition::Miss,
+            CachePhase::RevalidatedNoCache(_) => Disposition::Pass,
+            _ if self.stored => Disposition::Miss,
+            _ => Disposition::Pass,
+        }
+    }
+
+    /// The RFC 9211 `Cache-Status` member for this cache, e.g. `skua; hit; ttl=42` or
+    /// `skua; fwd=uri-miss; stored`.
+    pub fn cache_status(&self, name: &str, now: SystemTime) -> String {
+        let mut s = String::with_capacity(48);
+        s.push_str(name);
+        let ttl = self.fresh_until.map(|t| match t.duration_since(now) {
+            Ok(d) => d.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        });
+        match self.disposition() {
+            Disposition::HitFront => {
+                s.push_str("; hit");
+                if let Some(ttl) = ttl {
+                    s.push_str(&format!("; ttl={ttl}"));
+                }
+                match self.phase {
+                    CachePhase::StaleUpdating => s.push_str("; detail=stale-while-revalidate"),
+                    CachePhase::Stale => s.push_str("; detail=stale-if-error"),
+                    _ => {}
+                }
+            }
+            Disposition::IntFront => s.push_str("; detail=internal"),
+            Disposition::Miss | Disposition::Pass => {
+                // RFC 9211 §2.2 "fwd" values.
+                let fwd = match (self.pass, self.phase) {
+                    (Some(PassReason::Method), _) => "method",
+                    (Some(_), _) => "bypass",
+                    (None, CachePhase::Expired | CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_)) => "stale",
+                    (None, _) => "uri-miss",
+                };
+                s.push_str("; fwd=");
+                s.push_str(fwd);
+                if let Some(code) = self.fwd_status {
+                    s.push_str(&format!("; fwd-status={code}"));
+                }
+                if self.stored {
+                    s.push_str("; stored");
+                    if let Some(ttl) = ttl {
+                        s.push_str(&format!("; ttl={ttl}"));
+                    }
+                }
+                if let Some(p) = self.pass {
+                    s.push_str("; detail=");
+                    s.push_str(p.as_str());
+                }
+            }
+        }
+        s
+    }
+}

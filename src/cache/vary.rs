@@ -1,0 +1,137 @@
+//! Vary (RFC 9111 §4.1): which request headers select among stored variants of one URL.
+//!
+//! Two headers get wiki-specific treatment. `Accept-Encoding` is reduced to the encodings the
+//! cache keeps (gzip or identity), both in the variant key and in the request sent to the
+//! origin, so browsers with a hundred different Accept-Encoding strings share two copies.
+//! `Cookie`: requests carrying a session cookie never reach the cache (see the proxy's bypass),
+//! so every remaining cookie header counts as the same variant and anonymous readers share one
+//! copy, as on Wikimedia's edge.
+
+use http::header;
+use pingora::cache::key::HashBinary;
+use pingora::cache::VarianceBuilder;
+use pingora::http::{RequestHeader, ResponseHeader};
+
+use super::policy::vary_names;
+
+/// The encodings a stored variant can be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Gzip,
+    Identity,
+}
+
+impl Encoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Gzip => "gzip",
+            Encoding::Identity => "identity",
+        }
+    }
+}
+
+/// RFC 9110 §12.5.3: a coding is acceptable unless its qvalue is 0.
+pub fn normalize_accept_encoding(req: &RequestHeader) -> Encoding {
+    for value in req.headers.get_all(header::ACCEPT_ENCODING) {
+        let Ok(value) = value.to_str() else { continue };
+        for item in value.split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            if !(coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip")) {
+                continue;
+            }
+            let q_zero = parts.any(|p| {
+                let p = p.trim();
+                (p.starts_with("q=") || p.starts_with("Q="))
+                    && p[2..].trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+            });
+            if !q_zero {
+                return Encoding::Gzip;
+            }
+        }
+    }
+    Encoding::Identity
+}
+
+/// The variant key of `req` against a stored response's `Vary`, or `None` if it has none.
+pub fn variance(stored: &ResponseHeader, req: &RequestHeader) -> Option<HashBinary> {
+    let mut names: Vec<String> = vary_names(stored).collect();
+    if names.is_empty() {
+        return None;
+    }
+    names.sort();
+    names.dedup();
+    let mut builder = VarianceBuilder::new();
+    for name in names {
+        let value: Vec<u8> = match name.as_str() {
+            "accept-encoding" => normalize_accept_encoding(req).as_str().into(),
+            "cookie" => Vec::new(),
+            other => {
+                let mut joined = Vec::new();
+                for (i, v) in req.headers.get_all(other).iter().enumerate() {
+                    if i > 0 {
+                        joined.push(b',');
+                    }
+                    joined.extend_from_slice(v.as_bytes());
+                }
+                joined
+            }
+        };
+        builder.add_owned_name_value(name, value);
+    }
+    builder.finalize()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    fn stored(vary: &str) -> ResponseHeader {
+        let mut r = ResponseHeader::build(200, None).unwrap();
+        r.append_header("vary", vary).unwrap();
+        r
+    }
+
+    #[test]
+    fn accept_encoding_is_normalised() {
+        assert_eq!(normalize_accept_encoding(&req(&[("accept-encoding", "gzip, deflate, br")])), Encoding::Gzip);
+        assert_eq!(normalize_accept_encoding(&req(&[("accept-encoding", "br;q=1, gzip;q=0")])), Encoding::Identity);
+        assert_eq!(normalize_accept_encoding(&req(&[])), Encoding::Identity);
+        let s = stored("Accept-Encoding");
+        assert_eq!(
+            variance(&s, &req(&[("accept-encoding", "gzip, deflate, br, zstd")])),
+            variance(&s, &req(&[("accept-encoding", "gzip")]))
+        );
+        assert_ne!(
+            variance(&s, &req(&[("accept-encoding", "gzip")])),
+            variance(&s, &req(&[]))
+        );
+    }
+
+    #[test]
+    fn anonymous_cookies_share_a_variant() {
+        let s = stored("Accept-Encoding, Cookie");
+        assert_eq!(
+            variance(&s, &req(&[("cookie", "centralnotice=1")])),
+            variance(&s, &req(&[]))
+        );
+    }
+
+    #[test]
+    fn other_headers_vary_by_value() {
+        let s = stored("Accept-Language");
+        assert_ne!(
+            variance(&s, &req(&[("accept-language", "de")])),
+            variance(&s, &req(&[("accept-language", "fr")]))
+        );
+        assert_eq!(variance(&stored(""), &req(&[])), None);
+    }
+}

@@ -1,0 +1,190 @@
+//! The configuration file as an operator writes it: TOML mapped by serde, with every field's
+//! unit and default documented. Nothing here is validated beyond its TOML type; `validate.rs`
+//! turns this into the typed [`super::Config`].
+
+use serde::Deserialize;
+
+/// The whole file. Every table is optional; an empty file is a proxy on 127.0.0.1:8080 in
+/// front of an origin on 127.0.0.1:8081.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerFile,
+    /// Origin pools. The first pool whose `hosts` lists the request's host serves it; a pool
+    /// with no `hosts` is the default. Default: one pool `origin` at 127.0.0.1:8081.
+    #[serde(default)]
+    pub origin: Vec<OriginFile>,
+    #[serde(default)]
+    pub cache: CacheFile,
+    #[serde(default)]
+    pub purge: PurgeFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerFile {
+    /// Addresses the proxy listens on (`ip:port`). Default `["127.0.0.1:8080"]`.
+    pub listen: Vec<String>,
+    /// Worker threads for the proxy service. Default 2.
+    pub threads: usize,
+    /// Address of the admin endpoint (`/stats`, `/metrics`, `/healthz`). Default
+    /// `127.0.0.1:8082`; the empty string turns it off.
+    pub admin: String,
+    /// Name of this cache in the `Cache-Status` response header (RFC 9211). Default `skua`.
+    pub name: String,
+    /// How long a stopping server keeps serving open connections (duration). Default `5s`.
+    pub shutdown_grace: String,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        ServerFile {
+            listen: vec!["127.0.0.1:8080".into()],
+            threads: 2,
+            admin: "127.0.0.1:8082".into(),
+            name: "skua".into(),
+            shutdown_grace: "5s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginFile {
+    /// Pool name, used in logs and metric labels. Required, unique.
+    pub name: String,
+    /// Origin servers (`ip:port`), balanced round robin. Required, at least one.
+    pub addresses: Vec<String>,
+    /// Hosts this pool serves (exact, case-insensitive). Empty: the default pool.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Time to establish a TCP connection to an origin (duration). Default `2s`.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: String,
+    /// Longest wait for the next bytes of an origin's response (duration). Default `30s`.
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout: String,
+    #[serde(default)]
+    pub health_check: HealthCheckFile,
+}
+
+fn default_connect_timeout() -> String {
+    "2s".into()
+}
+fn default_read_timeout() -> String {
+    "30s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckFile {
+    /// Run the check. Default true. Without it every origin counts as healthy.
+    pub enabled: bool,
+    /// Path of the `GET` the check sends; any 2xx or 3xx is healthy. Default `/`.
+    pub path: String,
+    /// `Host` header of the check. Default `localhost`.
+    pub host: String,
+    /// Time between checks (duration). Default `2s`.
+    pub interval: String,
+    /// Failed checks in a row before an origin is taken out. Default 1.
+    pub failures: usize,
+    /// Good checks in a row before it is put back. Default 1.
+    pub successes: usize,
+}
+
+impl Default for HealthCheckFile {
+    fn default() -> Self {
+        HealthCheckFile {
+            enabled: true,
+            path: "/".into(),
+            host: "localhost".into(),
+            interval: "2s".into(),
+            failures: 1,
+            successes: 1,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheFile {
+    /// Memory tier capacity in bytes (headers and bodies). Default 268435456 (256 MiB).
+    pub memory_size: u64,
+    /// Largest object stored, in bytes; larger responses stream through unstored.
+    /// Default 8388608 (8 MiB).
+    pub max_object_size: u64,
+    /// No object stays fresh longer than this, whatever the origin says (duration). Default `1d`.
+    pub ttl_cap: String,
+    /// Stale-while-revalidate and stale-if-error window for responses that name none
+    /// (duration). Default `0s`.
+    pub default_grace: String,
+    /// Honour `must-revalidate`, `proxy-revalidate` and `s-maxage` as RFC 9111 §4.2.4 asks: no
+    /// default grace for such responses. `false` serves MediaWiki pages stale on origin errors,
+    /// as Wikimedia's edge does. Default true.
+    pub honor_must_revalidate: bool,
+    /// Cache responses without explicit freshness for 10% of their Last-Modified age
+    /// (RFC 9111 §4.2.2). Default true.
+    pub heuristic_freshness: bool,
+    /// Upper bound of a heuristic lifetime (duration). Default `1d`.
+    pub heuristic_max: String,
+    /// How long requests for an object being fetched wait for that fetch (duration); then they
+    /// go to the origin themselves. Default `10s`.
+    pub lock_timeout: String,
+    #[serde(default)]
+    pub bypass: BypassFile,
+}
+
+impl Default for CacheFile {
+    fn default() -> Self {
+        CacheFile {
+            memory_size: 256 << 20,
+            max_object_size: 8 << 20,
+            ttl_cap: "1d".into(),
+            default_grace: "0s".into(),
+            honor_must_revalidate: true,
+            heuristic_freshness: true,
+            heuristic_max: "1d".into(),
+            lock_timeout: "10s".into(),
+            bypass: BypassFile::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BypassFile {
+    /// Regexes matched against the whole `Cookie` request header; a match passes the request
+    /// to the origin uncached. Default: MediaWiki's session and token cookies and its
+    /// `UseCDNCache=false` opt-out.
+    pub cookies: Vec<String>,
+    /// Pass requests that carry `Authorization`. Default true.
+    pub authorization: bool,
+}
+
+impl Default for BypassFile {
+    fn default() -> Self {
+        BypassFile {
+            cookies: vec![
+                "([sS]ession|Token)=".into(),
+                "UseCDNCache=false".into(),
+            ],
+            authorization: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PurgeFile {
+    /// Networks (CIDR) allowed to send PURGE. Default loopback only.
+    pub allow: Vec<String>,
+}
+
+impl Default for PurgeFile {
+    fn default() -> Self {
+        PurgeFile {
+            allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! File format → typed [`Config`]. Collects every problem instead of stopping at the first,
+//! and finds each bad key's line in the source text so the operator can go straight to it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use regex::Regex;
+use toml_edit::{ImDocument, TableLike};
+
+use super::file::{FileConfig, OriginFile};
+use super::*;
+
+/// A step in a key path: a table key or an array index.
+#[derive(Clone, Copy)]
+enum Seg<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+struct Checker<'a> {
+    text: &'a str,
+    doc: Option<ImDocument<&'a str>>,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> Checker<'a> {
+    fn report(&mut self, path: &[Seg<'_>], reason: impl Into<String>) {
+        let line = self.line_of(path);
+        self.errors.push(ConfigError {
+            key: render_path(path),
+            line,
+            reason: reason.into(),
+        });
+    }
+
+    /// Walks the parsed document along `path` and returns the line of the deepest part found,
+    /// so a missing key still points at its table.
+    fn line_of(&self, path: &[Seg<'_>]) -> Option<usize> {
+        let doc = self.doc.as_ref()?;
+        let mut table: Option<&dyn TableLike> = Some(doc.as_table());
+        let mut array: Option<&toml_edit::Array> = None;
+        let mut tables: Option<&toml_edit::ArrayOfTables> = None;
+        let mut span = None;
+        for seg in path {
+            match *seg {
+                Seg::Key(k) => {
+                    let Some((key, item)) = table.and_then(|t| t.get_key_value(k)) else {
+                        break;
+                    };
+                    span = key.span().or(span);
+                    table = item.as_table_like();
+                    array = item.as_array();
+                    tables = item.as_array_of_tables();
+                }
+                Seg::Index(i) => {
+                    if let Some(t) = tables.and_then(|a| a.get(i)) {
+                        span = t.span().or(span);
+                        table = Some(t);
+                        array = None;
+                    } else if let Some(v) = array.and_then(|a| a.get(i)) {
+                        span = v.span().or(span);
+                        table = v.as_inline_table().map(|t| t as &dyn TableLike);
+                        array = v.as_array();
+                    } else {
+                        break;
+                    }
+                    tables = None;
+                }
+            }
+        }
+        span.map(|s| line_at(self.text, s.start))
+    }
+
+    fn duration(&mut self, path: &[Seg<'_>], value: &str) -> Duration {
+        match humantime::parse_duration(value.trim()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.report(
+                    path,
+                    format!("not a duration ({e}): {value:?}; write e.g. \"30s\", \"5m\", \"1d\""),
+                );
+                Duration::ZERO
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, path: &[Seg<'_>], value: &str) -> Option<SocketAddr> {
+        match value.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.report(
+                    path,
+                    format!("not an ip:port address: {value:?} (e.g. \"127.0.0.1:8080\")"),
+                );
+                None
+            }
+        }
+    }
+}
+
+fn render_path(path: &[Seg<'_>]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    text.as_bytes()
+        .iter()
+        .take(offset)
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Parses TOML text into a validated [`Config`], or every problem found.
+pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
+    let file: FileConfig = match toml::from_str(text) {
+        Ok(f) => f,
+        Err(e) => {
+            let line = e.span().map(|s| line_at(text, s.start));
+            let key = e
+                .span()
+                .and_then(|s| text.get(s))
+                .map(|s| s.trim().trim_start_matches('[').trim_end_matches(']').to_string())
+                .filter(|s| !s.is_empty() && s.len() < 80 && !s.contains('\n'))
+                .unwrap_or_else(|| "(syntax)".into());
+            return Err(vec![ConfigError {
+                key,
+                line,
+                reason: e.message().trim().to_string(),
+            }]);
+        }
+    };
+    let mut c = Checker {
+        text,
+        doc: ImDocument::parse(text).ok(),
+        errors: Vec::new(),
+    };
+    let config = check(&mut c, file);
+    if c.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(c.errors)
+    }
+}
+
+fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
+    use Seg::{Index, Key};
+
+    // [server]
+    let s = file.server;
+    let mut listen = Vec::new();
+    for (i, a) in s.listen.iter().enumerate() {
+        if let Some(addr) = c.socket_addr(&[Key("server"), Key("listen"), Index(i)], a) {
+            listen.push(addr);
+        }
+    }
+    if s.listen.is_empty() {
+        c.report(&[Key("server"), Key("listen")], "needs at least one address");
+    }
+    if s.threads == 0 {
+        c.report(&[Key("server"), Key("threads")], "must be at least 1");
+    }
+    let admin = if s.admin.is_empty() {
+        None
+    } else {
+        c.socket_addr(&[Key("server"), Key("admin")], &s.admin)
+    };
+    if s.name.is_empty() || !s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        c.report(
+            &[Key("server"), Key("name")],
+            format!("must be a token of letters, digits, '-', '_' or '.': {:?}", s.name),
+        );
+    }
+    let shutdown_grace = c.duration(&[Key("server"), Key("shutdown_grace")], &s.shutdown_grace);
+    let server = ServerConfig {
+        listen,
+        threads: s.threads.max(1),
+        admin,
+        name: s.name,
+        shutdown_grace,
+    };
+
+    // [[origin]]
+    let mut origins = Vec::new();
+    let pools: Vec<OriginFile> = if file.origin.is_empty() {
+        vec![OriginFile {
+            name: "origin".into(),
+            addresses: vec!["127.0.0.1:8081".into()],
+            hosts: vec![],
+            connect_timeout: "2s".into(),
+            read_timeout: "30s".into(),
+            health_check: Default::default(),
+        }]
+    } else {
+        file.origin
+    };
+    for (i, o) in pools.into_iter().enumerate() {
+        let at = |k: &'static str| [Key("origin"), Index(i), Key(k)];
+        if o.name.is_empty() {
+            c.report(&at("name"), "must not be empty");
+        }
+        if origins.iter().any(|p: &OriginPool| p.name == o.name) {
+            c.report(&at("name"), format!("duplicate pool name {:?}", o.name));
+        }
+        let mut addresses = Vec::new();
+        for (j, a) in o.addresses.iter().enumerate() {
+            if let Some(addr) = c.socket_addr(&[Key("origin"), Index(i), Key("addresses"), Index(j)], a) {
+                addresses.push(addr);
+            }
+        }
+        if o.addresses.is_empty() {
+            c.report(&at("addresses"), "needs at least one origin address");
+        }
+        let connect_timeout = c.duration(&at("connect_timeout"), &o.connect_timeout);
+        let read_timeout = c.duration(&at("read_timeout"), &o.read_timeout);
+        let hc = o.health_check;
+        let hc_at = |k: &'static str| [Key("origin"), Index(i), Key("health_check"), Key(k)];
+        let interval = c.duration(&hc_at("interval"), &hc.interval);
+        if hc.enabled && interval.is_zero() {
+            c.report(&hc_at("interval"), "must be longer than zero");
+        }
+        if !hc.path.starts_with('/') {
+            c.report(&hc_at("path"), format!("must start with '/': {:?}", hc.path));
+        }
+        if hc.failures == 0 || hc.successes == 0 {
+            c.report(&hc_at("failures"), "failures and successes must be at least 1");
+        }
+        let health_check = hc.enabled.then(|| HealthCheck {
+            path: hc.path,
+            host: hc.host,
+            interval,
+            failures: hc.failures.max(1),
+            successes: hc.successes.max(1),
+        });
+        origins.push(OriginPool {
+            name: o.name,
+            addresses,
+            hosts: o.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            connect_timeout,
+            read_timeout,
+            health_check,
+        });
+    }
+
+    // [cache]
+    let k = file.cache;
+    let at = |key: &'static str| [Key("cache"), Key(key)];
+    if k.memory_size < 1 << 20 {
+        c.report(&at("memory_size"), format!("must be at least 1048576 bytes (1 MiB), got {}", k.memory_size));
+    }
+    // moka weighs entries with a u32.
+    if k.max_object_size == 0 || k.max_object_size > u32::MAX as u64 / 2 {
+        c.report(&at("max_object_size"), format!("must be between 1 and {} bytes, got {}", u32::MAX / 2, k.max_object_size));
+    } else if k.max_object_size > k.memory_size {
+        c.report(&at("max_object_size"), format!("must not exceed cache.memory_size ({})", k.memory_size));
+    }
+    let ttl_cap = c.duration(&at("ttl_cap"), &k.ttl_cap);
+    if ttl_cap.is_zero() {
+        c.report(&at("ttl_cap"), "must be longer than zero");
+    }
+    let default_grace = c.duration(&at("default_grace"), &k.default_grace);
+    let heuristic_max = c.duration(&at("heuristic_max"), &k.heuristic_max);
+    let lock_timeout = c.duration(&at("lock_timeout"), &k.lock_timeout);
+    let mut bypass_cookies = Vec::new();
+    for (i, r) in k.bypass.cookies.iter().enumerate() {
+        match Regex::new(r) {
+            Ok(re) => bypass_cookies.push(re),
+            Err(e) => c.report(
+                &[Key("cache"), Key("bypass"), Key("cookies"), Index(i)],
+                format!("not a valid regex: {}", e.to_string().lines().last().unwrap_or("")),
+            ),
+        }
+    }
+    let cache = CacheConfig {
+        memory_size: k.memory_size,
+        max_object_size: k.max_object_size as usize,
+        ttl_cap,
+        default_grace,
+        honor_must_revalidate: k.honor_must_revalidate,
+        heuristic_freshness: k.heuristic_freshness,
+        heuristic_max,
+        lock_timeout,
+        bypass_cookies,
+        bypass_authorization: k.bypass.authorization,
+    };
+
+    // [purge]
+    let mut allow = Vec::new();
+    for (i, net) in file.purge.allow.iter().enumerate() {
+        let parsed = net
+            .parse::<IpNet>()
+            .or_else(|_| net.parse::<std::net::IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(n) => allow.push(n),
+            Err(_) => c.report(
+                &[Key("purge"), Key("allow"), Index(i)],
+                format!("not a CIDR network or IP address: {net:?}"),
+            ),
+        }
+    }
+
+    Config {
+        server,
+        origins,
+        cache,
+        purge: PurgeConfig { allow },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_valid() {
+        let c = parse("").expect("defaults valid");
+        assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.cache.ttl_cap, Duration::from_secs(86400));
+        assert_eq!(c.origins.len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let errs = parse("[server]\nthreads = 1\n\n[cache]\nmemroy_size = 5\n").unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].line, Some(5));
+        assert!(errs[0].reason.contains("memroy_size"), "{:?}", errs[0]);
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_with_its_line() {
+        let text = "[server]\nlisten = [\"nope\"]\n\n[[origin]]\nname = \"a\"\naddresses = [\"127.0.0.1:1\", \"bad\"]\nconnect_timeout = \"fast\"\n\n[cache]\nttl_cap = \"0s\"\n";
+        let errs = parse(text).unwrap_err();
+        let got: Vec<(String, Option<usize>)> =
+            errs.iter().map(|e| (e.key.clone(), e.line)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("server.listen[0]".to_string(), Some(2)),
+                ("origin[0].addresses[1]".to_string(), Some(6)),
+                ("origin[0].connect_timeout".to_string(), Some(7)),
+                ("cache.ttl_cap".to_string(), Some(10)),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_regex_is_reported() {
+        let errs = parse("[cache.bypass]\ncookies = [\"(\"]\n").unwrap_err();
+        assert_eq!(errs[0].key, "cache.bypass.cookies[0]");
+        assert_eq!(errs[0].line, Some(2));
+    }
+}

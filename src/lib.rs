@@ -1,0 +1,21 @@
+//! Skua: a caching reverse proxy for wikis, on pingora.
+//!
+//! - [`config`]: the TOML file and its validation;
+//! - [`proxy`]: the request path;
+//! - [`cache`]: key, policy, Vary and storage tiers;
+//! - [`purge`]: who may purge and how targets are read;
+//! - [`upstream`]: origin pools and health checks;
+//! - [`metrics`] and [`admin`]: what Skua shows operators;
+//! - [`server`]: assembling the services; [`demo`]: the sample wiki.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cache;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod proxy;
+pub mod purge;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,100 @@
+//! The `skua` command: parses arguments and hands over to the library.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use skua::config::Config;
+
+/// sysexits.h EX_CONFIG: "configuration error".
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "skua", version, about = "A caching reverse proxy for wikis")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file: exit 0, or print every problem and exit 78.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// A sample wiki origin with Skua in front of it; no configuration needed.
+    Demo {
+        /// Where Skua listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        proxy: SocketAddr,
+        /// Where the sample wiki origin listens.
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        origin: SocketAddr,
+        /// Where the admin endpoint (stats, metrics) listens.
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        admin: SocketAddr,
+        /// Seconds pages stay fresh (the origin's s-maxage).
+        #[arg(long, default_value_t = 300)]
+        s_maxage: u64,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Serve { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_logging();
+            match skua::server::build(&config) {
+                Ok(built) => built.server.run_forever(),
+                Err(e) => {
+                    eprintln!("skua: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo { proxy, origin, admin, s_maxage } => {
+            init_logging();
+            let opts = skua::demo::DemoOptions { proxy, origin, admin, s_maxage };
+            match skua::demo::run(opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("skua: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

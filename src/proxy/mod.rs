@@ -1,0 +1,482 @@
+//! The request path, in the order pingora calls it:
+//!
+//! 1. `request_filter`: PURGE (authorised, answered here), refusals, the request's cache URL;
+//! 2. `request_cache_filter`: GET/HEAD only, session-cookie and Authorization bypass, then the
+//!    cache is enabled with the cache lock (one origin fetch per object);
+//! 3. `cache_key_callback` / `cache_vary_filter` / `cache_hit_filter`: the canonical key, Vary;
+//! 4. on a miss: `upstream_peer` (origin pool), `upstream_request_filter`,
+//!    `upstream_response_filter` (RFC 9111 §4.4 invalidation), `response_cache_filter` (policy);
+//! 5. `response_filter`: `Age` (pingora), `Cache-Status`, `X-Cache-Status`;
+//! 6. `logging`: metrics.
+//!
+//! It owns the flow; what is cacheable, how objects are stored and which origin is chosen are
+//! decided in `cache` and `upstream`.
+
+mod respond;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{header, Method};
+use pingora::cache::key::HashBinary;
+use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
+use pingora::cache::{
+    CacheKey, CacheMeta, CacheOptionOverrides, HitHandler, NoCacheReason, RespCacheable,
+};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+
+use crate::cache::key::{CacheUrl, Scheme};
+use crate::cache::policy::StoragePolicy;
+use crate::cache::status::{Outcome, PassReason};
+use crate::cache::{vary, PurgeMode, Store};
+use crate::config::Config;
+use crate::metrics::{status_class, Metrics};
+use crate::purge::{self, Acl};
+use crate::upstream::Pools;
+
+/// Everything the request path reads, built once at start-up.
+pub struct Shared {
+    pub name: String,
+    pub store: &'static Store,
+    lock: &'static CacheKeyLockImpl,
+    lock_timeout: std::time::Duration,
+    max_object_size: usize,
+    policy: StoragePolicy,
+    bypass_cookies: Vec<regex::Regex>,
+    bypass_authorization: bool,
+    purge_acl: Acl,
+    pub pools: Pools,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    pub fn new(config: &Config, store: &'static Store, pools: Pools, metrics: Arc<Metrics>) -> Shared {
+        // pingora's storage and lock APIs take `&'static`; both live as long as the process.
+        let lock: &'static CacheLock = Box::leak(CacheLock::new_boxed(config.cache.lock_timeout));
+        Shared {
+            name: config.server.name.clone(),
+            store,
+            lock,
+            lock_timeout: config.cache.lock_timeout,
+            max_object_size: config.cache.max_object_size,
+            policy: StoragePolicy::from(&config.cache),
+            bypass_cookies: config.cache.bypass_cookies.clone(),
+            bypass_authorization: config.cache.bypass_authorization,
+            purge_acl: Acl::new(config.purge.allow.clone()),
+            pools,
+            metrics,
+        }
+    }
+}
+
+/// The proxy: one value shared by every request.
+pub struct Skua {
+    shared: Arc<Shared>,
+}
+
+impl Skua {
+    pub fn new(shared: Arc<Shared>) -> Skua {
+        Skua { shared }
+    }
+}
+
+/// Per-request state.
+pub struct RequestCtx {
+    started: Instant,
+    url: Option<CacheUrl>,
+    pass: Option<PassReason>,
+    internal: bool,
+    stored: bool,
+    fresh_until: Option<SystemTime>,
+    fwd_status: Option<u16>,
+    pool: usize,
+    failed_origins: Vec<SocketAddr>,
+    body_bytes: u64,
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+impl Skua {
+    /// Answers PURGE: 204 when something was purged, 404 when nothing was cached, 403 from
+    /// outside the allowed networks (nothing purged), 400 for a target that names no URL.
+    async fn purge(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        ctx.internal = true;
+        let metrics = &self.shared.metrics;
+        let allowed = client_ip(session).is_some_and(|ip| self.shared.purge_acl.allows(ip));
+        if !allowed {
+            metrics.purges.with_label_values(&["http", "denied"]).inc();
+            let who = client_ip(session).map_or("unknown".to_string(), |ip| ip.to_string());
+            return respond::text(session, 403, &format!("skua: PURGE is not allowed from {who}")).await;
+        }
+        let url = match purge::http::target(session.req_header(), Scheme::Http) {
+            Ok(url) => url,
+            Err(e) => {
+                metrics.purges.with_label_values(&["http", "invalid"]).inc();
+                return respond::text(session, 400, &format!("skua: bad PURGE target: {e}")).await;
+            }
+        };
+        let mode = purge::http::mode(session.req_header());
+        let affected = self.shared.store.invalidate(&url, mode);
+        if affected > 0 {
+            metrics.purges.with_label_values(&["http", "purged"]).inc();
+            let verb = match mode {
+                PurgeMode::Delete => "purged",
+                PurgeMode::Expire => "expired",
+            };
+            let mut resp = ResponseHeader::build(204, Some(2))?;
+            resp.insert_header("skua-purged", format!("{affected} {verb}"))?;
+            respond::header(session, resp, None).await
+        } else {
+            metrics.purges.with_label_values(&["http", "not_found"]).inc();
+            respond::text(session, 404, &format!("skua: nothing cached for {}", url.primary())).await
+        }
+    }
+
+    fn outcome(&self, session: &Session, ctx: &RequestCtx) -> Outcome {
+        Outcome {
+            phase: session.cache.phase(),
+            pass: ctx.pass,
+            internal: ctx.internal,
+            stored: ctx.stored,
+            fresh_until: ctx.fresh_until,
+            fwd_status: ctx.fwd_status,
+        }
+    }
+
+    /// RFC 9111 §4.4: "A cache MUST invalidate the target URI when it receives a non-error
+    /// status code in response to an unsafe request method", and may invalidate the URIs in
+    /// `Location` and `Content-Location` when they share the target's host.
+    fn invalidate_after_unsafe(&self, ctx: &RequestCtx, resp: &ResponseHeader) {
+        let Some(target) = &ctx.url else { return };
+        self.shared.store.invalidate(target, PurgeMode::Delete);
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let Some(value) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
+                continue;
+            };
+            let other = if value.starts_with('/') {
+                CacheUrl::new(target.scheme, &target.host, value).ok()
+            } else {
+                CacheUrl::parse_absolute(value).ok()
+            };
+            if let Some(other) = other.filter(|o| o.host == target.host) {
+                self.shared.store.invalidate(&other, PurgeMode::Delete);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Skua {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            url: None,
+            pass: None,
+            internal: false,
+            stored: false,
+            fresh_until: None,
+            fwd_status: None,
+            pool: 0,
+            failed_origins: Vec::new(),
+            body_bytes: 0,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let method = session.req_header().method.clone();
+        if method.as_str() == "PURGE" {
+            self.purge(session, ctx).await?;
+            return Ok(true);
+        }
+        if method == Method::CONNECT {
+            ctx.internal = true;
+            respond::text(
+                session,
+                405,
+                "skua: CONNECT is not supported; if MediaWiki sent this, set $wgInternalServer to an http:// URL",
+            )
+            .await?;
+            return Ok(true);
+        }
+        let req = session.req_header();
+        // RFC 9112 §3.2.2: an absolute-form target's authority overrides Host.
+        let authority = req
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        let path = req.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+        match CacheUrl::new(Scheme::Http, &authority, &path) {
+            Ok(url) => {
+                ctx.pool = self.shared.pools.for_host(&url.host);
+                ctx.url = Some(url);
+                Ok(false)
+            }
+            Err(e) => {
+                ctx.internal = true;
+                respond::text(session, 400, &format!("skua: bad request: {e}")).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let req = session.req_header();
+        if !matches!(req.method, Method::GET | Method::HEAD) {
+            ctx.pass = Some(PassReason::Method);
+            return Ok(());
+        }
+        if self.shared.bypass_authorization && req.headers.contains_key(header::AUTHORIZATION) {
+            ctx.pass = Some(PassReason::Authorization);
+            return Ok(());
+        }
+        let session_cookie = req.headers.get_all(header::COOKIE).iter().any(|v| {
+            let v = String::from_utf8_lossy(v.as_bytes());
+            self.shared.bypass_cookies.iter().any(|re| re.is_match(&v))
+        });
+        if session_cookie {
+            ctx.pass = Some(PassReason::Cookie);
+            return Ok(());
+        }
+        let mut overrides = CacheOptionOverrides::default();
+        overrides.wait_timeout = Some(self.shared.lock_timeout);
+        session.cache.enable(
+            &self.shared.store.memory,
+            None,
+            None,
+            Some(self.shared.lock),
+            Some(overrides),
+        );
+        session.cache.set_max_file_size_bytes(self.shared.max_object_size);
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, _session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
+        match &ctx.url {
+            Some(url) => Ok(url.cache_key()),
+            None => Error::e_explain(ErrorType::InternalError, "cache enabled without a request URL"),
+        }
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        _ctx: &mut RequestCtx,
+        req: &RequestHeader,
+    ) -> Option<HashBinary> {
+        vary::variance(meta.response_header(), req)
+    }
+
+    async fn cache_hit_filter(
+        &self,
+        _session: &mut Session,
+        meta: &CacheMeta,
+        _hit_handler: &mut HitHandler,
+        _is_fresh: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<pingora::cache::ForcedFreshness>> {
+        ctx.fresh_until = Some(meta.fresh_until());
+        Ok(None)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let pool = self
+            .shared
+            .pools
+            .get(ctx.pool)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no origin pool"))?;
+        Ok(Box::new(pool.pick(&ctx.failed_origins)?))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(addr) = peer._address.as_inet() {
+            ctx.failed_origins.push(*addr);
+        }
+        let pool_size = self.shared.pools.get(ctx.pool).map_or(1, |p| p.size());
+        if ctx.failed_origins.len() < pool_size {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if session.cache.enabled() {
+            // The origin must produce the variant the key names (see `vary.rs`).
+            match vary::normalize_accept_encoding(session.req_header()) {
+                vary::Encoding::Gzip => upstream.insert_header(header::ACCEPT_ENCODING, "gzip")?,
+                vary::Encoding::Identity => {
+                    upstream.remove_header(&header::ACCEPT_ENCODING);
+                }
+            }
+        }
+        if let Some(ip) = client_ip(session) {
+            let xff = match upstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip.to_string(),
+            };
+            upstream.insert_header("x-forwarded-for", xff)?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let method = &session.req_header().method;
+        let unsafe_method = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+            && method.as_str() != "TRACE";
+        let status = resp.status.as_u16();
+        if unsafe_method && (200..400).contains(&status) {
+            self.invalidate_after_unsafe(ctx, resp);
+        }
+        if status == 304 && session.cache.enabled() {
+            ctx.fwd_status = Some(304);
+        }
+        Ok(())
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<RespCacheable> {
+        let mut stored = resp.clone();
+        let authorization = session.req_header().headers.contains_key(header::AUTHORIZATION);
+        match self.shared.policy.decide(&mut stored, authorization, SystemTime::now()) {
+            Ok(f) => {
+                ctx.stored = true;
+                ctx.fresh_until = Some(f.fresh_until);
+                Ok(RespCacheable::Cacheable(CacheMeta::new(
+                    f.fresh_until,
+                    f.created,
+                    f.stale_while_revalidate_sec,
+                    f.stale_if_error_sec,
+                    stored,
+                )))
+            }
+            Err(reason) => {
+                ctx.stored = false;
+                self.shared.metrics.uncacheable.with_label_values(&[reason.as_str()]).inc();
+                Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(reason.as_str())))
+            }
+        }
+    }
+
+    fn should_serve_stale(&self, _session: &mut Session, _ctx: &mut RequestCtx, error: Option<&Error>) -> bool {
+        // Called only once the object's own stale-while-revalidate / stale-if-error window
+        // (RFC 5861, from the response or the configured grace) allows it.
+        match error {
+            None => true,
+            Some(e) => e.esource() == &ErrorSource::Upstream,
+        }
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let outcome = self.outcome(session, ctx);
+        resp.insert_header("x-cache-status", outcome.disposition().as_str())?;
+        resp.append_header("cache-status", outcome.cache_status(&self.shared.name, SystemTime::now()))?;
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if let Some(b) = body {
+            ctx.body_bytes += b.len() as u64;
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let (code, message) = match e.etype() {
+            ErrorType::HTTPStatus(code) => (*code, "request refused"),
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                (504, "origin timed out")
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => (502, "origin unreachable or failed"),
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => (0, ""),
+                    _ => (400, "bad request"),
+                },
+                ErrorSource::Internal | ErrorSource::Unset => (500, "internal error"),
+            },
+        };
+        if e.esource() == &ErrorSource::Upstream {
+            let pool = self.shared.pools.get(ctx.pool).map_or("", |p| p.name.as_str());
+            self.shared
+                .metrics
+                .origin_errors
+                .with_label_values(&[pool, e.etype().as_str()])
+                .inc();
+        }
+        if code > 0 {
+            ctx.internal = true;
+            ctx.stored = false;
+            let outcome = self.outcome(session, ctx);
+            let extra = [
+                ("x-cache-status", outcome.disposition().as_str().to_string()),
+                ("cache-status", outcome.cache_status(&self.shared.name, SystemTime::now())),
+            ];
+            let _ = respond::text_with(session, code, &format!("skua: {message}"), &extra).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let disposition = self.outcome(session, ctx).disposition().as_str();
+        let m = &self.shared.metrics;
+        m.requests.with_label_values(&[disposition, status_class(status)]).inc();
+        m.request_duration
+            .with_label_values(&[disposition])
+            .observe(ctx.started.elapsed().as_secs_f64());
+        m.response_bytes.with_label_values(&[disposition]).inc_by(ctx.body_bytes);
+    }
+}

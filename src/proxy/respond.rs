@@ -1,0 +1,42 @@
+//! Responses Skua writes itself: short, one-line, never cached.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+
+/// A status with a one-line plain-text body.
+pub async fn text(session: &mut Session, status: u16, line: &str) -> Result<()> {
+    text_with(session, status, line, &[]).await
+}
+
+pub async fn text_with(
+    session: &mut Session,
+    status: u16,
+    line: &str,
+    extra: &[(&'static str, String)],
+) -> Result<()> {
+    let body = Bytes::from(format!("{line}\n"));
+    let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    resp.insert_header("content-type", "text/plain; charset=utf-8")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    for (k, v) in extra {
+        resp.insert_header(*k, v.as_str())?;
+    }
+    header(session, resp, Some(body)).await
+}
+
+/// Writes `resp` and an optional body, closing the response.
+pub async fn header(session: &mut Session, mut resp: ResponseHeader, body: Option<Bytes>) -> Result<()> {
+    if body.is_none() && resp.status.as_u16() != 204 && resp.status.as_u16() != 304 {
+        resp.insert_header("content-length", "0")?;
+    }
+    let is_head = session.req_header().method == http::Method::HEAD;
+    let end = body.is_none() || is_head;
+    session.write_response_header(Box::new(resp), end).await?;
+    if let (Some(body), false) = (body, is_head) {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! HTTP PURGE as MediaWiki sends it for `$wgCdnServers`: absolute form
+//! (`PURGE http://host/wiki/X HTTP/1.1`, the form MediaWiki uses) or origin form
+//! (`PURGE /wiki/X` with `Host`).
+
+use pingora::http::RequestHeader;
+
+use crate::cache::key::{CacheUrl, KeyError, Scheme};
+use crate::cache::PurgeMode;
+
+/// Request header asking for a soft purge: mark stale instead of deleting.
+pub const SOFT_PURGE_HEADER: &str = "skua-soft-purge";
+
+/// The URL a PURGE request names.
+pub fn target(req: &RequestHeader, scheme: Scheme) -> Result<CacheUrl, KeyError> {
+    let uri = &req.uri;
+    if let (Some(s), Some(authority)) = (uri.scheme_str(), uri.authority()) {
+        let scheme = match s {
+            "http" => Scheme::Http,
+            "https" => Scheme::Https,
+            _ => return Err(KeyError::NotAbsolute),
+        };
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        return CacheUrl::new(scheme, authority.as_str(), path);
+    }
+    let host = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .ok_or(KeyError::MissingHost)?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    CacheUrl::new(scheme, host, path)
+}
+
+/// Delete, or expire when the request asks for a soft purge.
+pub fn mode(req: &RequestHeader) -> PurgeMode {
+    match req.headers.get(SOFT_PURGE_HEADER).map(|v| v.as_bytes()) {
+        Some(b"1") | Some(b"true") => PurgeMode::Expire,
+        _ => PurgeMode::Delete,
+    }
+}

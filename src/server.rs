@@ -1,0 +1,57 @@
+//! Assembles a pingora server from a validated [`Config`]: the proxy service, the admin
+//! service and the origin health checks. `serve` and `demo` both start here.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::listening::Service;
+
+use crate::admin::Admin;
+use crate::cache::Store;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::{Shared, Skua};
+use crate::upstream::Pools;
+
+/// A server ready to run, plus the state its services share.
+pub struct Built {
+    pub server: Server,
+    pub shared: Arc<Shared>,
+}
+
+pub fn build(config: &Config) -> anyhow::Result<Built> {
+    let mut conf = ServerConf::default();
+    conf.threads = config.server.threads;
+    conf.grace_period_seconds = Some(0);
+    conf.graceful_shutdown_timeout_seconds = Some(config.server.shutdown_grace.as_secs().max(1));
+    conf.pid_file = String::new();
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    // The store lives as long as the process: pingora's storage API takes `&'static`.
+    let store: &'static Store = Box::leak(Box::new(Store::new(config.cache.memory_size)));
+    let (pools, health) = Pools::build(&config.origins).context("building origin pools")?;
+    let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    let shared = Arc::new(Shared::new(config, store, pools, metrics));
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Skua::new(shared.clone()),
+        "skua proxy",
+    );
+    for addr in &config.server.listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+    for h in health {
+        server.add_service(h);
+    }
+    if let Some(admin_addr) = config.server.admin {
+        let mut admin = Service::new("skua admin".to_string(), Admin::new(shared.clone()));
+        admin.add_tcp(&admin_addr.to_string());
+        server.add_service(admin);
+    }
+    Ok(Built { server, shared })
+}

@@ -1,0 +1,155 @@
+//! Origin pools: which origin a miss goes to. Each `[[origin]]` pool is a round-robin
+//! pingora load balancer whose HTTP health check runs as a background service; a failed
+//! connection is retried on the next healthy origin. It does not decide what to fetch or
+//! store (that is `proxy` and `cache`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use pingora::http::RequestHeader;
+use pingora::lb::health_check::HttpHealthCheck;
+use pingora::lb::selection::RoundRobin;
+use pingora::lb::{Backend, LoadBalancer};
+use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
+use pingora::services::background::{background_service, GenBackgroundService};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType, Result};
+
+use crate::config::OriginPool;
+
+/// One origin pool, ready to pick origins.
+pub struct Pool {
+    pub name: String,
+    hosts: Vec<String>,
+    balancer: Arc<LoadBalancer<RoundRobin>>,
+    connect_timeout: std::time::Duration,
+    read_timeout: std::time::Duration,
+    size: usize,
+}
+
+/// All pools, in configuration order.
+pub struct Pools {
+    pools: Vec<Pool>,
+}
+
+/// The background services that keep the pools' health up to date; hand them to the server.
+pub type HealthServices = Vec<GenBackgroundService<LoadBalancer<RoundRobin>>>;
+
+impl Pools {
+    pub fn build(config: &[OriginPool]) -> std::io::Result<(Pools, HealthServices)> {
+        let mut pools = Vec::new();
+        let mut services = Vec::new();
+        for pool in config {
+            let mut lb = LoadBalancer::<RoundRobin>::try_from_iter(pool.addresses.iter().copied())?;
+            if let Some(hc) = &pool.health_check {
+                let mut check = HttpHealthCheck::new(&hc.host, false);
+                let mut req = RequestHeader::build("GET", hc.path.as_bytes(), None)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                req.insert_header("Host", hc.host.as_str())
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                req.insert_header("User-Agent", "skua-health-check")
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                check.req = req;
+                check.consecutive_failure = hc.failures;
+                check.consecutive_success = hc.successes;
+                check.peer_template.options.connection_timeout = Some(pool.connect_timeout);
+                check.peer_template.options.read_timeout = Some(pool.read_timeout.min(hc.interval * 2));
+                check.validator = Some(Box::new(|resp| {
+                    if resp.status.is_success() || resp.status.is_redirection() {
+                        Ok(())
+                    } else {
+                        Error::e_explain(
+                            ErrorType::CustomCode("unhealthy status", resp.status.as_u16()),
+                            "health check answered with an error status",
+                        )
+                    }
+                }));
+                lb.set_health_check(Box::new(check));
+                lb.health_check_frequency = Some(hc.interval);
+                lb.parallel_health_check = true;
+            }
+            let service = background_service(&format!("health check {}", pool.name), lb);
+            let balancer = service.task();
+            services.push(service);
+            pools.push(Pool {
+                name: pool.name.clone(),
+                hosts: pool.hosts.clone(),
+                balancer,
+                connect_timeout: pool.connect_timeout,
+                read_timeout: pool.read_timeout,
+                size: pool.addresses.len(),
+            });
+        }
+        Ok((Pools { pools }, services))
+    }
+
+    /// The pool for a request host: the first listing it, else the first default pool, else
+    /// the first pool.
+    pub fn for_host(&self, host: &str) -> usize {
+        let host = host.split(':').next().unwrap_or(host);
+        self.pools
+            .iter()
+            .position(|p| p.hosts.iter().any(|h| h == host))
+            .or_else(|| self.pools.iter().position(|p| p.hosts.is_empty()))
+            .unwrap_or(0)
+    }
+
+    pub fn get(&self, index: usize) -> Option<&Pool> {
+        self.pools.get(index)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Pool> {
+        self.pools.iter()
+    }
+}
+
+impl Pool {
+    /// How many origins the pool has: the most connection attempts one request makes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// A healthy origin not in `failed`, as an upstream peer.
+    pub fn pick(&self, failed: &[SocketAddr]) -> Result<HttpPeer> {
+        let accept = |b: &Backend, healthy: bool| {
+            healthy && b.addr.as_inet().is_none_or(|a| !failed.contains(a))
+        };
+        let backend = self
+            .balancer
+            .select_with(b"", 256, accept)
+            .ok_or_else(|| {
+                let mut e = Error::explain(
+                    ErrorType::ConnectNoRoute,
+                    format!("no healthy origin in pool {}", self.name),
+                );
+                e.esource = pingora::ErrorSource::Upstream;
+                e
+            })?;
+        let addr = *backend
+            .addr
+            .as_inet()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "origin is not an inet address"))?;
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.total_connection_timeout = Some(self.connect_timeout);
+        peer.options.read_timeout = Some(self.read_timeout);
+        Ok(peer)
+    }
+
+    /// `(address, healthy)` for every origin, for the admin endpoint.
+    pub fn health(&self) -> Vec<(String, bool)> {
+        self.balancer
+            .backends()
+            .get_backend()
+            .iter()
+            .map(|b| (addr_string(&b.addr), self.balancer.backends().ready(b)))
+            .collect()
+    }
+}
+
+fn addr_string(addr: &PeerAddr) -> String {
+    match addr.as_inet() {
+        Some(a) => a.to_string(),
+        None => format!("{addr:?}"),
+    }
+}
