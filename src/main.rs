@@ -52,7 +52,10 @@ enum Command {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -85,9 +88,19 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Demo { proxy, origin, admin, s_maxage } => {
+        Command::Demo {
+            proxy,
+            origin,
+            admin,
+            s_maxage,
+        } => {
             init_logging();
-            let opts = skua::demo::DemoOptions { proxy, origin, admin, s_maxage };
+            let opts = skua::demo::DemoOptions {
+                proxy,
+                origin,
+                admin,
+                s_maxage,
+            };
             match skua::demo::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -22,11 +22,13 @@ pub struct Built {
 }
 
 pub fn build(config: &Config) -> anyhow::Result<Built> {
-    let mut conf = ServerConf::default();
-    conf.threads = config.server.threads;
-    conf.grace_period_seconds = Some(0);
-    conf.graceful_shutdown_timeout_seconds = Some(config.server.shutdown_grace.as_secs().max(1));
-    conf.pid_file = String::new();
+    let conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(config.server.shutdown_grace.as_secs().max(1)),
+        pid_file: String::new(),
+        ..Default::default()
+    };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 

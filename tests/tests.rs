@@ -1,1 +1,8 @@
+//! Skua's integration tests: one binary, the real proxy over real TCP.
 
+mod support;
+
+mod cache;
+mod config;
+mod demo;
+mod purge;

@@ -24,9 +24,15 @@ impl Admin {
     fn refresh_gauges(&self) {
         let m = &self.shared.metrics;
         let mem = &self.shared.store.memory;
-        m.tier_objects.with_label_values(&["memory"]).set(mem.object_count() as i64);
-        m.tier_bytes.with_label_values(&["memory"]).set(mem.resident_bytes() as i64);
-        m.tier_capacity.with_label_values(&["memory"]).set(mem.capacity_bytes() as i64);
+        m.tier_objects
+            .with_label_values(&["memory"])
+            .set(mem.object_count() as i64);
+        m.tier_bytes
+            .with_label_values(&["memory"])
+            .set(mem.resident_bytes() as i64);
+        m.tier_capacity
+            .with_label_values(&["memory"])
+            .set(mem.capacity_bytes() as i64);
     }
 
     fn stats(&self) -> serde_json::Value {
@@ -78,14 +84,22 @@ impl ServeHttp for Admin {
         match path.as_str() {
             "/metrics" => {
                 self.refresh_gauges();
-                reply(200, "text/plain; version=0.0.4", self.shared.metrics.render().into_bytes())
+                reply(
+                    200,
+                    "text/plain; version=0.0.4",
+                    self.shared.metrics.render().into_bytes(),
+                )
             }
             "/stats" => {
                 let body = serde_json::to_vec_pretty(&self.stats()).unwrap_or_default();
                 reply(200, "application/json", body)
             }
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
-            _ => reply(404, "text/plain", b"skua admin: /metrics, /stats, /healthz\n".to_vec()),
+            _ => reply(
+                404,
+                "text/plain",
+                b"skua admin: /metrics, /stats, /healthz\n".to_vec(),
+            ),
         }
     }
 }

@@ -115,7 +115,9 @@ impl CacheUrl {
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    if s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes()) {
+    if s.len() >= prefix.len()
+        && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    {
         Some(&s[prefix.len()..])
     } else {
         None
@@ -131,7 +133,8 @@ pub fn normalize_host(scheme: Scheme, authority: &str) -> Result<String, KeyErro
     if authority.contains('@') {
         return Err(KeyError::BadHost(authority.to_string()));
     }
-    let (host, port) = split_port(authority).ok_or_else(|| KeyError::BadHost(authority.to_string()))?;
+    let (host, port) =
+        split_port(authority).ok_or_else(|| KeyError::BadHost(authority.to_string()))?;
     let host = host.strip_suffix('.').unwrap_or(host);
     let valid = if host.starts_with('[') {
         host.ends_with(']')
@@ -176,7 +179,7 @@ fn split_port(authority: &str) -> Option<(&str, Option<&str>)> {
         }
     };
     match port {
-        Some(p) if p.is_empty() => Some((host, None)),
+        Some("") => Some((host, None)),
         Some(p) if p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => Some((host, Some(p))),
         Some(_) => None,
         None => Some((host, None)),
@@ -196,7 +199,10 @@ mod tests {
         let want = "http://en.wiki.test/wiki/Main_Page";
         assert_eq!(key(Scheme::Http, "EN.Wiki.Test", "/wiki/Main_Page"), want);
         assert_eq!(key(Scheme::Http, "en.wiki.test.", "/wiki/Main_Page"), want);
-        assert_eq!(key(Scheme::Http, "en.wiki.test:80", "/wiki/Main_Page"), want);
+        assert_eq!(
+            key(Scheme::Http, "en.wiki.test:80", "/wiki/Main_Page"),
+            want
+        );
         assert_eq!(key(Scheme::Http, "en.wiki.test:", "/wiki/Main_Page"), want);
         assert_eq!(
             key(Scheme::Http, "en.wiki.test:8080", "/w?a=1"),
@@ -222,7 +228,10 @@ mod tests {
 
     #[test]
     fn bad_hosts_are_rejected() {
-        assert_eq!(CacheUrl::new(Scheme::Http, "", "/"), Err(KeyError::MissingHost));
+        assert_eq!(
+            CacheUrl::new(Scheme::Http, "", "/"),
+            Err(KeyError::MissingHost)
+        );
         assert!(CacheUrl::new(Scheme::Http, "a b", "/").is_err());
         assert!(CacheUrl::new(Scheme::Http, "user@host", "/").is_err());
         assert!(CacheUrl::new(Scheme::Http, "host:99999x", "/").is_err());

@@ -15,7 +15,9 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use moka::ops::compute::Op;
 use pingora::cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
-use pingora::cache::storage::{HandleHit, HandleMiss, MissFinishType, PurgeOutcome, PurgeTarget, PurgeType};
+use pingora::cache::storage::{
+    HandleHit, HandleMiss, MissFinishType, PurgeOutcome, PurgeTarget, PurgeType,
+};
 use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
 use pingora::http::ResponseHeader;
@@ -199,11 +201,20 @@ impl MemoryTier {
     /// Stored objects (all variants), after pending evictions.
     pub fn object_count(&self) -> u64 {
         self.families.run_pending_tasks();
-        self.families.iter().map(|(_, f)| f.objects.len() as u64).sum()
+        self.families
+            .iter()
+            .map(|(_, f)| f.objects.len() as u64)
+            .sum()
     }
 
-    pub fn get(&self, primary: &HashBinary, slot: Option<&HashBinary>) -> Option<Arc<StoredObject>> {
-        self.families.get(primary).and_then(|f| f.get(slot).cloned())
+    pub fn get(
+        &self,
+        primary: &HashBinary,
+        slot: Option<&HashBinary>,
+    ) -> Option<Arc<StoredObject>> {
+        self.families
+            .get(primary)
+            .and_then(|f| f.get(slot).cloned())
     }
 
     pub fn insert(&self, primary: HashBinary, obj: StoredObject) {
@@ -211,9 +222,7 @@ impl MemoryTier {
         self.families.entry(primary).and_compute_with(|old| {
             let family = match old {
                 Some(e) => e.into_value().with(obj),
-                None => Family {
-                    objects: vec![obj],
-                },
+                None => Family { objects: vec![obj] },
             };
             Op::Put(Arc::new(family))
         });
@@ -223,7 +232,9 @@ impl MemoryTier {
     /// Removes every variant of a URL. Returns how many objects were removed.
     pub fn purge_all(&self, primary: &HashBinary) -> usize {
         let removed = self.families.remove(primary).map_or(0, |f| f.objects.len());
-        self.counters.purges.fetch_add(removed as u64, Ordering::Relaxed);
+        self.counters
+            .purges
+            .fetch_add(removed as u64, Ordering::Relaxed);
         removed
     }
 
@@ -236,43 +247,47 @@ impl MemoryTier {
     fn expire(&self, primary: &HashBinary, slot: Option<Option<&HashBinary>>) -> usize {
         let now = SystemTime::now();
         let mut marked = 0;
-        self.families.entry(*primary).and_compute_with(|old| match old {
-            Some(e) => {
-                let f = e.into_value();
-                marked = f
-                    .objects
-                    .iter()
-                    .filter(|o| slot.is_none_or(|s| o.slot.as_ref() == s))
-                    .count();
-                if marked == 0 {
-                    Op::Nop
-                } else {
-                    Op::Put(Arc::new(f.expired_at(slot, now)))
+        self.families
+            .entry(*primary)
+            .and_compute_with(|old| match old {
+                Some(e) => {
+                    let f = e.into_value();
+                    marked = f
+                        .objects
+                        .iter()
+                        .filter(|o| slot.is_none_or(|s| o.slot.as_ref() == s))
+                        .count();
+                    if marked == 0 {
+                        Op::Nop
+                    } else {
+                        Op::Put(Arc::new(f.expired_at(slot, now)))
+                    }
                 }
-            }
-            None => Op::Nop,
-        });
+                None => Op::Nop,
+            });
         marked
     }
 
     fn remove_slot(&self, primary: &HashBinary, slot: Option<&HashBinary>) -> bool {
         let mut removed = false;
-        self.families.entry(*primary).and_compute_with(|old| match old {
-            Some(e) => {
-                let f = e.into_value();
-                if f.get(slot).is_none() {
-                    return Op::Nop;
+        self.families
+            .entry(*primary)
+            .and_compute_with(|old| match old {
+                Some(e) => {
+                    let f = e.into_value();
+                    if f.get(slot).is_none() {
+                        return Op::Nop;
+                    }
+                    removed = true;
+                    let rest = f.without(slot);
+                    if rest.objects.is_empty() {
+                        Op::Remove
+                    } else {
+                        Op::Put(Arc::new(rest))
+                    }
                 }
-                removed = true;
-                let rest = f.without(slot);
-                if rest.objects.is_empty() {
-                    Op::Remove
-                } else {
-                    Op::Put(Arc::new(rest))
-                }
-            }
-            None => Op::Nop,
-        });
+                None => Op::Nop,
+            });
         removed
     }
 }
@@ -334,7 +349,11 @@ impl Storage for MemoryTier {
         }
     }
 
-    async fn expire(&'static self, target: PurgeTarget<'_>, _trace: &SpanHandle) -> Result<PurgeOutcome> {
+    async fn expire(
+        &'static self,
+        target: PurgeTarget<'_>,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
         let key = target.key();
         if self.expire(&key.primary, Some(slot_of(key))) > 0 {
             Ok(PurgeOutcome::Expired)
@@ -344,28 +363,42 @@ impl Storage for MemoryTier {
     }
 
     /// A 304 from the origin refreshed the metadata; the body stays as stored.
-    async fn update_meta(&'static self, key: &CacheKey, meta: &CacheMeta, _trace: &SpanHandle) -> Result<bool> {
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<bool> {
         let primary = key.primary_bin();
         let slot = key.variance_bin();
         let mut updated = false;
-        self.families.entry(primary).and_compute_with(|old| match old {
-            Some(e) => {
-                let f = e.into_value();
-                match f.get(slot.as_ref()) {
-                    Some(obj) => {
-                        updated = true;
-                        let fresh = StoredObject::new(slot, StoredMeta::from_meta(meta), obj.body.clone());
-                        Op::Put(Arc::new(f.with(Arc::new(fresh))))
+        self.families
+            .entry(primary)
+            .and_compute_with(|old| match old {
+                Some(e) => {
+                    let f = e.into_value();
+                    match f.get(slot.as_ref()) {
+                        Some(obj) => {
+                            updated = true;
+                            let fresh = StoredObject::new(
+                                slot,
+                                StoredMeta::from_meta(meta),
+                                obj.body.clone(),
+                            );
+                            Op::Put(Arc::new(f.with(Arc::new(fresh))))
+                        }
+                        None => Op::Nop,
                     }
-                    None => Op::Nop,
                 }
-            }
-            None => Op::Nop,
-        });
+                None => Op::Nop,
+            });
         if updated {
             Ok(true)
         } else {
-            Error::e_explain(ErrorType::InternalError, "update_meta: object no longer stored")
+            Error::e_explain(
+                ErrorType::InternalError,
+                "update_meta: object no longer stored",
+            )
         }
     }
 
@@ -420,7 +453,10 @@ impl HandleHit for MemoryHit {
     fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
         let len = self.body.len();
         if start >= len && len > 0 {
-            return Error::e_explain(ErrorType::InternalError, format!("seek start {start} beyond body of {len} bytes"));
+            return Error::e_explain(
+                ErrorType::InternalError,
+                format!("seek start {start} beyond body of {len} bytes"),
+            );
         }
         self.start = start.min(len);
         self.end = end.map_or(len, |e| e.min(len)).max(self.start);
@@ -508,8 +544,14 @@ mod tests {
     fn variants_share_a_family_and_purge_together() {
         let tier = MemoryTier::new(1 << 20);
         let p = [1u8; 16];
-        tier.insert(p, StoredObject::new(None, meta("a"), Bytes::from_static(b"gzip")));
-        tier.insert(p, StoredObject::new(Some([2; 16]), meta("b"), Bytes::from_static(b"plain")));
+        tier.insert(
+            p,
+            StoredObject::new(None, meta("a"), Bytes::from_static(b"gzip")),
+        );
+        tier.insert(
+            p,
+            StoredObject::new(Some([2; 16]), meta("b"), Bytes::from_static(b"plain")),
+        );
         assert_eq!(tier.get(&p, None).unwrap().body, "gzip");
         assert_eq!(tier.get(&p, Some(&[2; 16])).unwrap().body, "plain");
         assert_eq!(tier.expire_all(&p), 2);
@@ -537,7 +579,10 @@ mod tests {
         for i in 0..100u32 {
             let mut p = [0u8; 16];
             p[..4].copy_from_slice(&i.to_be_bytes());
-            tier.insert(p, StoredObject::new(None, meta("x"), Bytes::from(vec![0u8; 20_000])));
+            tier.insert(
+                p,
+                StoredObject::new(None, meta("x"), Bytes::from(vec![0u8; 20_000])),
+            );
         }
         assert!(tier.resident_bytes() <= 1 << 20);
     }

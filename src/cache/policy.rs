@@ -74,7 +74,10 @@ impl From<&CacheConfig> for StoragePolicy {
 /// specification) can be reused by a cache with heuristic expiration". 206 is left out because
 /// the cache always fetches whole objects, and 501 because an error is never stored here.
 fn heuristically_cacheable(status: u16) -> bool {
-    matches!(status, 200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414)
+    matches!(
+        status,
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414
+    )
 }
 
 /// Statuses stored when the origin gives explicit freshness. Errors (5xx) never are: a failing
@@ -139,7 +142,9 @@ impl StoragePolicy {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0)
             .min(DELTA_SECONDS_OVERFLOW);
-        let created = now.checked_sub(Duration::from_secs(origin_age)).unwrap_or(now);
+        let created = now
+            .checked_sub(Duration::from_secs(origin_age))
+            .unwrap_or(now);
 
         let no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
         let s_maxage = cc.as_ref().and_then(|cc| cc.s_maxage().ok().flatten());
@@ -150,7 +155,13 @@ impl StoragePolicy {
             s_maxage
                 .or_else(|| cc.as_ref().and_then(|cc| cc.max_age().ok().flatten()))
                 .map(|s| Duration::from_secs(s.into()))
-                .or_else(|| if is_targeted { None } else { expires_lifetime(resp, now) })
+                .or_else(|| {
+                    if is_targeted {
+                        None
+                    } else {
+                        expires_lifetime(resp, now)
+                    }
+                })
         };
         let lifetime = match explicit {
             Some(l) => l,
@@ -162,7 +173,9 @@ impl StoragePolicy {
         let lifetime = lifetime.min(self.ttl_cap);
         let fresh_until = if lifetime.is_zero() {
             // pingora compares `fresh_until >= now`; one second back makes it stale at once.
-            created.checked_sub(Duration::from_secs(1)).unwrap_or(created)
+            created
+                .checked_sub(Duration::from_secs(1))
+                .unwrap_or(created)
         } else {
             created.checked_add(lifetime).unwrap_or(created)
         };
@@ -219,7 +232,11 @@ impl StoragePolicy {
 /// "0") means already expired (§5.3).
 fn expires_lifetime(resp: &ResponseHeader, now: SystemTime) -> Option<Duration> {
     let raw = resp.headers.get(header::EXPIRES)?;
-    let expires = match raw.to_str().ok().and_then(|s| httpdate::parse_http_date(s.trim()).ok()) {
+    let expires = match raw
+        .to_str()
+        .ok()
+        .and_then(|s| httpdate::parse_http_date(s.trim()).ok())
+    {
         Some(t) => t,
         None => return Some(Duration::ZERO),
     };
@@ -270,13 +287,19 @@ mod tests {
     }
 
     fn ttl(f: &Freshness) -> u64 {
-        f.fresh_until.duration_since(f.created).map(|d| d.as_secs()).unwrap_or(0)
+        f.fresh_until
+            .duration_since(f.created)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
     }
 
     #[test]
     fn s_maxage_wins_over_max_age() {
         let now = SystemTime::now();
-        let mut r = resp(200, &[("cache-control", "s-maxage=300, must-revalidate, max-age=0")]);
+        let mut r = resp(
+            200,
+            &[("cache-control", "s-maxage=300, must-revalidate, max-age=0")],
+        );
         let f = policy().decide(&mut r, false, now).unwrap();
         assert_eq!(ttl(&f), 300);
         // must-revalidate and s-maxage forbid the default grace.
@@ -285,7 +308,13 @@ mod tests {
 
     #[test]
     fn cdn_cache_control_overrides_cache_control() {
-        let mut r = resp(200, &[("cache-control", "no-store"), ("cdn-cache-control", "max-age=50")]);
+        let mut r = resp(
+            200,
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=50"),
+            ],
+        );
         let f = policy().decide(&mut r, false, SystemTime::now()).unwrap();
         assert_eq!(ttl(&f), 50);
     }
@@ -294,11 +323,28 @@ mod tests {
     fn refusals() {
         let p = policy();
         let now = SystemTime::now();
-        let cases: &[(u16, &[(&str, &str)], Uncacheable)] = &[
-            (200, &[("cache-control", "no-store, max-age=60")], Uncacheable::NoStore),
-            (200, &[("cache-control", "private, max-age=60")], Uncacheable::Private),
-            (200, &[("cache-control", "max-age=60"), ("set-cookie", "a=b")], Uncacheable::SetCookie),
-            (200, &[("cache-control", "max-age=60"), ("vary", "Accept, *")], Uncacheable::VaryStar),
+        type Case<'a> = (u16, &'a [(&'a str, &'a str)], Uncacheable);
+        let cases: &[Case<'_>] = &[
+            (
+                200,
+                &[("cache-control", "no-store, max-age=60")],
+                Uncacheable::NoStore,
+            ),
+            (
+                200,
+                &[("cache-control", "private, max-age=60")],
+                Uncacheable::Private,
+            ),
+            (
+                200,
+                &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
+                Uncacheable::SetCookie,
+            ),
+            (
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "Accept, *")],
+                Uncacheable::VaryStar,
+            ),
             (503, &[("cache-control", "max-age=60")], Uncacheable::Status),
             (200, &[], Uncacheable::NoFreshness),
         ];
@@ -313,14 +359,26 @@ mod tests {
     #[test]
     fn ttl_cap_and_age() {
         let now = SystemTime::now();
-        let mut r = resp(200, &[("cache-control", "max-age=999999999"), ("age", "100")]);
+        let mut r = resp(
+            200,
+            &[("cache-control", "max-age=999999999"), ("age", "100")],
+        );
         let f = policy().decide(&mut r, false, now).unwrap();
         assert_eq!(ttl(&f), 86400);
         assert_eq!(now.duration_since(f.created).unwrap().as_secs(), 100);
         // Explicit stale directives are honoured; the default grace applies otherwise.
         assert_eq!(f.stale_while_revalidate_sec, 60);
-        let mut r = resp(200, &[("cache-control", "max-age=5, stale-while-revalidate=7")]);
-        assert_eq!(policy().decide(&mut r, false, now).unwrap().stale_while_revalidate_sec, 7);
+        let mut r = resp(
+            200,
+            &[("cache-control", "max-age=5, stale-while-revalidate=7")],
+        );
+        assert_eq!(
+            policy()
+                .decide(&mut r, false, now)
+                .unwrap()
+                .stale_while_revalidate_sec,
+            7
+        );
     }
 
     #[test]
@@ -334,7 +392,10 @@ mod tests {
         let mut off = policy();
         off.heuristic_freshness = false;
         let mut r = resp(200, &[("last-modified", &lm)]);
-        assert_eq!(off.decide(&mut r, false, now), Err(Uncacheable::NoFreshness));
+        assert_eq!(
+            off.decide(&mut r, false, now),
+            Err(Uncacheable::NoFreshness)
+        );
     }
 
     #[test]

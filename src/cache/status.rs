@@ -78,7 +78,9 @@ impl Outcome {
             return Disposition::IntFront;
         }
         match self.phase {
-            CachePhase::Hit | CachePhase::Stale | CachePhase::StaleUpdating => Disposition::HitFront,
+            CachePhase::Hit | CachePhase::Stale | CachePhase::StaleUpdating => {
+                Disposition::HitFront
+            }
             CachePhase::Miss | CachePhase::Expired | CachePhase::Revalidated => Disposition::Miss,
             CachePhase::RevalidatedNoCache(_) => Disposition::Pass,
             _ if self.stored => Disposition::Miss,
@@ -93,7 +95,8 @@ impl Outcome {
         s.push_str(name);
         let ttl = self.fresh_until.map(|t| match t.duration_since(now) {
             Ok(d) => d.as_secs() as i64,
-            Err(e) => -(e.duration().as_secs() as i64),
+            // Past its deadline by any fraction: negative, as RFC 9211 §2.3 has stale ttls.
+            Err(e) => -(e.duration().as_secs_f64().ceil() as i64),
         });
         match self.disposition() {
             Disposition::HitFront => {
@@ -113,7 +116,12 @@ impl Outcome {
                 let fwd = match (self.pass, self.phase) {
                     (Some(PassReason::Method), _) => "method",
                     (Some(_), _) => "bypass",
-                    (None, CachePhase::Expired | CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_)) => "stale",
+                    (
+                        None,
+                        CachePhase::Expired
+                        | CachePhase::Revalidated
+                        | CachePhase::RevalidatedNoCache(_),
+                    ) => "stale",
                     (None, _) => "uri-miss",
                 };
                 s.push_str("; fwd=");

@@ -102,8 +102,14 @@ mod tests {
 
     #[test]
     fn accept_encoding_is_normalised() {
-        assert_eq!(normalize_accept_encoding(&req(&[("accept-encoding", "gzip, deflate, br")])), Encoding::Gzip);
-        assert_eq!(normalize_accept_encoding(&req(&[("accept-encoding", "br;q=1, gzip;q=0")])), Encoding::Identity);
+        assert_eq!(
+            normalize_accept_encoding(&req(&[("accept-encoding", "gzip, deflate, br")])),
+            Encoding::Gzip
+        );
+        assert_eq!(
+            normalize_accept_encoding(&req(&[("accept-encoding", "br;q=1, gzip;q=0")])),
+            Encoding::Identity
+        );
         assert_eq!(normalize_accept_encoding(&req(&[])), Encoding::Identity);
         let s = stored("Accept-Encoding");
         assert_eq!(

@@ -165,10 +165,7 @@ pub struct BypassFile {
 impl Default for BypassFile {
     fn default() -> Self {
         BypassFile {
-            cookies: vec![
-                "([sS]ession|Token)=".into(),
-                "UseCDNCache=false".into(),
-            ],
+            cookies: vec!["([sS]ession|Token)=".into(), "UseCDNCache=false".into()],
             authorization: true,
         }
     }

@@ -133,7 +133,12 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
             let key = e
                 .span()
                 .and_then(|s| text.get(s))
-                .map(|s| s.trim().trim_start_matches('[').trim_end_matches(']').to_string())
+                .map(|s| {
+                    s.trim()
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string()
+                })
                 .filter(|s| !s.is_empty() && s.len() < 80 && !s.contains('\n'))
                 .unwrap_or_else(|| "(syntax)".into());
             return Err(vec![ConfigError {
@@ -168,7 +173,10 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         }
     }
     if s.listen.is_empty() {
-        c.report(&[Key("server"), Key("listen")], "needs at least one address");
+        c.report(
+            &[Key("server"), Key("listen")],
+            "needs at least one address",
+        );
     }
     if s.threads == 0 {
         c.report(&[Key("server"), Key("threads")], "must be at least 1");
@@ -178,10 +186,18 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
     } else {
         c.socket_addr(&[Key("server"), Key("admin")], &s.admin)
     };
-    if s.name.is_empty() || !s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+    if s.name.is_empty()
+        || !s
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
         c.report(
             &[Key("server"), Key("name")],
-            format!("must be a token of letters, digits, '-', '_' or '.': {:?}", s.name),
+            format!(
+                "must be a token of letters, digits, '-', '_' or '.': {:?}",
+                s.name
+            ),
         );
     }
     let shutdown_grace = c.duration(&[Key("server"), Key("shutdown_grace")], &s.shutdown_grace);
@@ -217,7 +233,9 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         }
         let mut addresses = Vec::new();
         for (j, a) in o.addresses.iter().enumerate() {
-            if let Some(addr) = c.socket_addr(&[Key("origin"), Index(i), Key("addresses"), Index(j)], a) {
+            if let Some(addr) =
+                c.socket_addr(&[Key("origin"), Index(i), Key("addresses"), Index(j)], a)
+            {
                 addresses.push(addr);
             }
         }
@@ -233,10 +251,16 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             c.report(&hc_at("interval"), "must be longer than zero");
         }
         if !hc.path.starts_with('/') {
-            c.report(&hc_at("path"), format!("must start with '/': {:?}", hc.path));
+            c.report(
+                &hc_at("path"),
+                format!("must start with '/': {:?}", hc.path),
+            );
         }
         if hc.failures == 0 || hc.successes == 0 {
-            c.report(&hc_at("failures"), "failures and successes must be at least 1");
+            c.report(
+                &hc_at("failures"),
+                "failures and successes must be at least 1",
+            );
         }
         let health_check = hc.enabled.then(|| HealthCheck {
             path: hc.path,
@@ -259,13 +283,29 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
     let k = file.cache;
     let at = |key: &'static str| [Key("cache"), Key(key)];
     if k.memory_size < 1 << 20 {
-        c.report(&at("memory_size"), format!("must be at least 1048576 bytes (1 MiB), got {}", k.memory_size));
+        c.report(
+            &at("memory_size"),
+            format!(
+                "must be at least 1048576 bytes (1 MiB), got {}",
+                k.memory_size
+            ),
+        );
     }
     // moka weighs entries with a u32.
     if k.max_object_size == 0 || k.max_object_size > u32::MAX as u64 / 2 {
-        c.report(&at("max_object_size"), format!("must be between 1 and {} bytes, got {}", u32::MAX / 2, k.max_object_size));
+        c.report(
+            &at("max_object_size"),
+            format!(
+                "must be between 1 and {} bytes, got {}",
+                u32::MAX / 2,
+                k.max_object_size
+            ),
+        );
     } else if k.max_object_size > k.memory_size {
-        c.report(&at("max_object_size"), format!("must not exceed cache.memory_size ({})", k.memory_size));
+        c.report(
+            &at("max_object_size"),
+            format!("must not exceed cache.memory_size ({})", k.memory_size),
+        );
     }
     let ttl_cap = c.duration(&at("ttl_cap"), &k.ttl_cap);
     if ttl_cap.is_zero() {
@@ -280,7 +320,10 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             Ok(re) => bypass_cookies.push(re),
             Err(e) => c.report(
                 &[Key("cache"), Key("bypass"), Key("cookies"), Index(i)],
-                format!("not a valid regex: {}", e.to_string().lines().last().unwrap_or("")),
+                format!(
+                    "not a valid regex: {}",
+                    e.to_string().lines().last().unwrap_or("")
+                ),
             ),
         }
     }

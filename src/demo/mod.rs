@@ -39,12 +39,30 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     println!("Skua demo: a sample wiki origin with Skua in front of it.");
     println!();
-    println!("  Read through the cache:  curl -si http://{}/wiki/Main_Page", opts.proxy);
-    println!("  Edit a page (purges it): curl -X POST --data 'new text' http://{}/wiki/Main_Page", opts.origin);
-    println!("  What the origin served:  curl -s http://{}/_origin/stats", opts.origin);
-    println!("  Cache statistics:        curl -s http://{}/stats", opts.admin);
-    println!("  Prometheus metrics:      curl -s http://{}/metrics", opts.admin);
+    println!(
+        "  Read through the cache:  curl -si http://{}/wiki/Main_Page",
+        opts.proxy
+    );
+    println!(
+        "  Edit a page (purges it): curl -X POST --data 'new text' http://{}/wiki/Main_Page",
+        opts.origin
+    );
+    println!(
+        "  What the origin served:  curl -s http://{}/_origin/stats",
+        opts.origin
+    );
+    println!(
+        "  Cache statistics:        curl -s http://{}/stats",
+        opts.admin
+    );
+    println!(
+        "  Prometheus metrics:      curl -s http://{}/metrics",
+        opts.admin
+    );
     println!();
-    println!("Pages are fresh for {} s (s-maxage). Ctrl-C stops.", opts.s_maxage);
+    println!(
+        "Pages are fresh for {} s (s-maxage). Ctrl-C stops.",
+        opts.s_maxage
+    );
     built.server.run_forever()
 }

@@ -74,7 +74,10 @@ impl WikiOrigin {
             Err(p) => p.into_inner(),
         };
         let page = pages.entry(title.to_string()).or_insert_with(|| Page {
-            text: format!("This is the wiki page {}, served by the sample origin.", title.replace('_', " ")),
+            text: format!(
+                "This is the wiki page {}, served by the sample origin.",
+                title.replace('_', " ")
+            ),
             revision: 1,
             // Whole seconds: HTTP dates carry no fractions, and If-Modified-Since compares them.
             modified: SystemTime::UNIX_EPOCH
@@ -143,7 +146,9 @@ fn respond(status: u16, headers: &[(&str, String)], body: Vec<u8>) -> Response<V
 }
 
 fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 #[async_trait]
@@ -155,7 +160,11 @@ impl ServeHttp for WikiOrigin {
         let req = session.req_header();
         let method = req.method.clone();
         let path = req.uri.path().to_string();
-        let if_none_match = req.headers.get("if-none-match").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let if_none_match = req
+            .headers
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let if_modified_since = req
             .headers
             .get("if-modified-since")
@@ -163,13 +172,37 @@ impl ServeHttp for WikiOrigin {
             .and_then(|v| httpdate::parse_http_date(v).ok());
 
         if path == "/_origin/stats" {
-            return respond(200, &[("content-type", "application/json".into()), ("cache-control", "no-store".into())], self.stats());
+            return respond(
+                200,
+                &[
+                    ("content-type", "application/json".into()),
+                    ("cache-control", "no-store".into()),
+                ],
+                self.stats(),
+            );
         }
         if path == "/" {
-            return respond(302, &[("location", "/wiki/Main_Page".into()), ("cache-control", "no-store".into())], Vec::new());
+            return respond(
+                302,
+                &[
+                    ("location", "/wiki/Main_Page".into()),
+                    ("cache-control", "no-store".into()),
+                ],
+                Vec::new(),
+            );
         }
-        let Some(title) = path.strip_prefix("/wiki/").filter(|t| !t.is_empty() && !t.contains('/')) else {
-            return respond(404, &[("content-type", "text/plain".into()), ("cache-control", "s-maxage=60".into())], b"no such page\n".to_vec());
+        let Some(title) = path
+            .strip_prefix("/wiki/")
+            .filter(|t| !t.is_empty() && !t.contains('/'))
+        else {
+            return respond(
+                404,
+                &[
+                    ("content-type", "text/plain".into()),
+                    ("cache-control", "s-maxage=60".into()),
+                ],
+                b"no such page\n".to_vec(),
+            );
         };
         self.count(&path, |c| c.requests += 1);
 
@@ -180,7 +213,10 @@ impl ServeHttp for WikiOrigin {
                 let last_modified = httpdate::fmt_http_date(modified);
                 let headers = [
                     ("content-type", "text/html; charset=UTF-8".to_string()),
-                    ("cache-control", format!("s-maxage={}, must-revalidate, max-age=0", self.s_maxage)),
+                    (
+                        "cache-control",
+                        format!("s-maxage={}, must-revalidate, max-age=0", self.s_maxage),
+                    ),
                     ("vary", "Accept-Encoding, Cookie".to_string()),
                     ("etag", etag.clone()),
                     ("last-modified", last_modified),
@@ -211,11 +247,21 @@ impl ServeHttp for WikiOrigin {
                         Ok(Some(chunk)) => {
                             body.extend_from_slice(&chunk);
                             if body.len() > MAX_EDIT_BYTES {
-                                return respond(413, &[("content-type", "text/plain".into())], b"edit too large\n".to_vec());
+                                return respond(
+                                    413,
+                                    &[("content-type", "text/plain".into())],
+                                    b"edit too large\n".to_vec(),
+                                );
                             }
                         }
                         Ok(None) => break,
-                        Err(_) => return respond(400, &[("content-type", "text/plain".into())], b"bad request body\n".to_vec()),
+                        Err(_) => {
+                            return respond(
+                                400,
+                                &[("content-type", "text/plain".into())],
+                                b"bad request body\n".to_vec(),
+                            )
+                        }
                     }
                 }
                 let text = String::from_utf8_lossy(&body).trim().to_string();
@@ -223,9 +269,20 @@ impl ServeHttp for WikiOrigin {
                 self.count(&path, |c| c.edits += 1);
                 let purges = self.purge(&path).await;
                 let report = format!("edited {title}; purges: {}\n", purges.join("; "));
-                respond(200, &[("content-type", "text/plain".into()), ("cache-control", "no-store".into())], report.into_bytes())
+                respond(
+                    200,
+                    &[
+                        ("content-type", "text/plain".into()),
+                        ("cache-control", "no-store".into()),
+                    ],
+                    report.into_bytes(),
+                )
             }
-            _ => respond(405, &[("allow", "GET, HEAD, POST".into())], b"method not allowed\n".to_vec()),
+            _ => respond(
+                405,
+                &[("allow", "GET, HEAD, POST".into())],
+                b"method not allowed\n".to_vec(),
+            ),
         }
     }
 }

@@ -38,16 +38,28 @@ impl Metrics {
     pub fn new() -> prometheus::Result<Metrics> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("skua_requests_total", "Client requests answered, by cache status and status class."),
+            Opts::new(
+                "skua_requests_total",
+                "Client requests answered, by cache status and status class.",
+            ),
             &["cache_status", "status_class"],
         )?;
         let request_duration = HistogramVec::new(
-            HistogramOpts::new("skua_request_duration_seconds", "Time from request to the end of the response, by cache status.")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            HistogramOpts::new(
+                "skua_request_duration_seconds",
+                "Time from request to the end of the response, by cache status.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
             &["cache_status"],
         )?;
         let response_bytes = IntCounterVec::new(
-            Opts::new("skua_response_body_bytes_total", "Response body bytes sent to clients, by cache status."),
+            Opts::new(
+                "skua_response_body_bytes_total",
+                "Response body bytes sent to clients, by cache status.",
+            ),
             &["cache_status"],
         )?;
         let purges = IntCounterVec::new(
@@ -55,15 +67,27 @@ impl Metrics {
             &["source", "result"],
         )?;
         let uncacheable = IntCounterVec::new(
-            Opts::new("skua_uncacheable_total", "Origin responses not stored, by reason."),
+            Opts::new(
+                "skua_uncacheable_total",
+                "Origin responses not stored, by reason.",
+            ),
             &["reason"],
         )?;
         let origin_errors = IntCounterVec::new(
-            Opts::new("skua_origin_errors_total", "Failed origin fetches, by pool and pingora error kind."),
+            Opts::new(
+                "skua_origin_errors_total",
+                "Failed origin fetches, by pool and pingora error kind.",
+            ),
             &["pool", "kind"],
         )?;
-        let tier_objects = IntGaugeVec::new(Opts::new("skua_cache_objects", "Objects stored, by tier."), &["tier"])?;
-        let tier_bytes = IntGaugeVec::new(Opts::new("skua_cache_bytes", "Bytes stored, by tier."), &["tier"])?;
+        let tier_objects = IntGaugeVec::new(
+            Opts::new("skua_cache_objects", "Objects stored, by tier."),
+            &["tier"],
+        )?;
+        let tier_bytes = IntGaugeVec::new(
+            Opts::new("skua_cache_bytes", "Bytes stored, by tier."),
+            &["tier"],
+        )?;
         let tier_capacity = IntGaugeVec::new(
             Opts::new("skua_cache_capacity_bytes", "Configured capacity, by tier."),
             &["tier"],
@@ -73,7 +97,13 @@ impl Metrics {
                 .const_label("version", env!("CARGO_PKG_VERSION")),
         )?;
         build_info.set(1);
-        for c in [&requests, &response_bytes, &purges, &uncacheable, &origin_errors] {
+        for c in [
+            &requests,
+            &response_bytes,
+            &purges,
+            &uncacheable,
+            &origin_errors,
+        ] {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(request_duration.clone()))?;
@@ -122,9 +152,20 @@ mod tests {
         m.requests.with_label_values(&["hit-front", "2xx"]).inc();
         m.purges.with_label_values(&["http", "purged"]).inc_by(2);
         let text = m.render();
-        assert!(text.contains("skua_requests_total{cache_status=\"hit-front\",status_class=\"2xx\"} 1\n"), "{text}");
-        assert!(text.contains("skua_purges_total{result=\"purged\",source=\"http\"} 2\n"), "{text}");
+        assert!(
+            text.contains(
+                "skua_requests_total{cache_status=\"hit-front\",status_class=\"2xx\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("skua_purges_total{result=\"purged\",source=\"http\"} 2\n"),
+            "{text}"
+        );
         assert!(text.contains("skua_build_info{version=\""), "{text}");
-        assert!(text.contains("skua_response_body_bytes_total{cache_status=\"miss\"} 0\n"), "{text}");
+        assert!(
+            text.contains("skua_response_body_bytes_total{cache_status=\"miss\"} 0\n"),
+            "{text}"
+        );
     }
 }

@@ -56,7 +56,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: &Config, store: &'static Store, pools: Pools, metrics: Arc<Metrics>) -> Shared {
+    pub fn new(
+        config: &Config,
+        store: &'static Store,
+        pools: Pools,
+        metrics: Arc<Metrics>,
+    ) -> Shared {
         // pingora's storage and lock APIs take `&'static`; both live as long as the process.
         let lock: &'static CacheLock = Box::leak(CacheLock::new_boxed(config.cache.lock_timeout));
         Shared {
@@ -117,7 +122,12 @@ impl Skua {
         if !allowed {
             metrics.purges.with_label_values(&["http", "denied"]).inc();
             let who = client_ip(session).map_or("unknown".to_string(), |ip| ip.to_string());
-            return respond::text(session, 403, &format!("skua: PURGE is not allowed from {who}")).await;
+            return respond::text(
+                session,
+                403,
+                &format!("skua: PURGE is not allowed from {who}"),
+            )
+            .await;
         }
         let url = match purge::http::target(session.req_header(), Scheme::Http) {
             Ok(url) => url,
@@ -138,8 +148,16 @@ impl Skua {
             resp.insert_header("skua-purged", format!("{affected} {verb}"))?;
             respond::header(session, resp, None).await
         } else {
-            metrics.purges.with_label_values(&["http", "not_found"]).inc();
-            respond::text(session, 404, &format!("skua: nothing cached for {}", url.primary())).await
+            metrics
+                .purges
+                .with_label_values(&["http", "not_found"])
+                .inc();
+            respond::text(
+                session,
+                404,
+                &format!("skua: nothing cached for {}", url.primary()),
+            )
+            .await
         }
     }
 
@@ -224,7 +242,11 @@ impl ProxyHttp for Skua {
                     .map(str::to_string)
             })
             .unwrap_or_default();
-        let path = req.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let path = req
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
         match CacheUrl::new(Scheme::Http, &authority, &path) {
             Ok(url) => {
                 ctx.pool = self.shared.pools.for_host(&url.host);
@@ -266,14 +288,19 @@ impl ProxyHttp for Skua {
             Some(self.shared.lock),
             Some(overrides),
         );
-        session.cache.set_max_file_size_bytes(self.shared.max_object_size);
+        session
+            .cache
+            .set_max_file_size_bytes(self.shared.max_object_size);
         Ok(())
     }
 
     fn cache_key_callback(&self, _session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
         match &ctx.url {
             Some(url) => Ok(url.cache_key()),
-            None => Error::e_explain(ErrorType::InternalError, "cache enabled without a request URL"),
+            None => Error::e_explain(
+                ErrorType::InternalError,
+                "cache enabled without a request URL",
+            ),
         }
     }
 
@@ -298,7 +325,11 @@ impl ProxyHttp for Skua {
         Ok(None)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let pool = self
             .shared
             .pools
@@ -340,7 +371,11 @@ impl ProxyHttp for Skua {
             }
         }
         if let Some(ip) = client_ip(session) {
-            let xff = match upstream.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            let xff = match upstream
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
                 Some(prev) => format!("{prev}, {ip}"),
                 None => ip.to_string(),
             };
@@ -375,8 +410,15 @@ impl ProxyHttp for Skua {
         ctx: &mut RequestCtx,
     ) -> Result<RespCacheable> {
         let mut stored = resp.clone();
-        let authorization = session.req_header().headers.contains_key(header::AUTHORIZATION);
-        match self.shared.policy.decide(&mut stored, authorization, SystemTime::now()) {
+        let authorization = session
+            .req_header()
+            .headers
+            .contains_key(header::AUTHORIZATION);
+        match self
+            .shared
+            .policy
+            .decide(&mut stored, authorization, SystemTime::now())
+        {
             Ok(f) => {
                 ctx.stored = true;
                 ctx.fresh_until = Some(f.fresh_until);
@@ -390,13 +432,24 @@ impl ProxyHttp for Skua {
             }
             Err(reason) => {
                 ctx.stored = false;
-                self.shared.metrics.uncacheable.with_label_values(&[reason.as_str()]).inc();
-                Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(reason.as_str())))
+                self.shared
+                    .metrics
+                    .uncacheable
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                    reason.as_str(),
+                )))
             }
         }
     }
 
-    fn should_serve_stale(&self, _session: &mut Session, _ctx: &mut RequestCtx, error: Option<&Error>) -> bool {
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+        error: Option<&Error>,
+    ) -> bool {
         // Called only once the object's own stale-while-revalidate / stale-if-error window
         // (RFC 5861, from the response or the configured grace) allows it.
         match error {
@@ -413,7 +466,10 @@ impl ProxyHttp for Skua {
     ) -> Result<()> {
         let outcome = self.outcome(session, ctx);
         resp.insert_header("x-cache-status", outcome.disposition().as_str())?;
-        resp.append_header("cache-status", outcome.cache_status(&self.shared.name, SystemTime::now()))?;
+        resp.append_header(
+            "cache-status",
+            outcome.cache_status(&self.shared.name, SystemTime::now()),
+        )?;
         Ok(())
     }
 
@@ -430,7 +486,12 @@ impl ProxyHttp for Skua {
         Ok(None)
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let (code, message) = match e.etype() {
             ErrorType::HTTPStatus(code) => (*code, "request refused"),
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
@@ -439,14 +500,20 @@ impl ProxyHttp for Skua {
             _ => match e.esource() {
                 ErrorSource::Upstream => (502, "origin unreachable or failed"),
                 ErrorSource::Downstream => match e.etype() {
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => (0, ""),
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                        (0, "")
+                    }
                     _ => (400, "bad request"),
                 },
                 ErrorSource::Internal | ErrorSource::Unset => (500, "internal error"),
             },
         };
         if e.esource() == &ErrorSource::Upstream {
-            let pool = self.shared.pools.get(ctx.pool).map_or("", |p| p.name.as_str());
+            let pool = self
+                .shared
+                .pools
+                .get(ctx.pool)
+                .map_or("", |p| p.name.as_str());
             self.shared
                 .metrics
                 .origin_errors
@@ -459,7 +526,10 @@ impl ProxyHttp for Skua {
             let outcome = self.outcome(session, ctx);
             let extra = [
                 ("x-cache-status", outcome.disposition().as_str().to_string()),
-                ("cache-status", outcome.cache_status(&self.shared.name, SystemTime::now())),
+                (
+                    "cache-status",
+                    outcome.cache_status(&self.shared.name, SystemTime::now()),
+                ),
             ];
             let _ = respond::text_with(session, code, &format!("skua: {message}"), &extra).await;
         }
@@ -473,10 +543,14 @@ impl ProxyHttp for Skua {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let disposition = self.outcome(session, ctx).disposition().as_str();
         let m = &self.shared.metrics;
-        m.requests.with_label_values(&[disposition, status_class(status)]).inc();
+        m.requests
+            .with_label_values(&[disposition, status_class(status)])
+            .inc();
         m.request_duration
             .with_label_values(&[disposition])
             .observe(ctx.started.elapsed().as_secs_f64());
-        m.response_bytes.with_label_values(&[disposition]).inc_by(ctx.body_bytes);
+        m.response_bytes
+            .with_label_values(&[disposition])
+            .inc_by(ctx.body_bytes);
     }
 }

@@ -28,7 +28,11 @@ pub async fn text_with(
 }
 
 /// Writes `resp` and an optional body, closing the response.
-pub async fn header(session: &mut Session, mut resp: ResponseHeader, body: Option<Bytes>) -> Result<()> {
+pub async fn header(
+    session: &mut Session,
+    mut resp: ResponseHeader,
+    body: Option<Bytes>,
+) -> Result<()> {
     if body.is_none() && resp.status.as_u16() != 204 && resp.status.as_u16() != 304 {
         resp.insert_header("content-length", "0")?;
     }

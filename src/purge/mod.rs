@@ -35,7 +35,10 @@ mod tests {
 
     #[test]
     fn loopback_default() {
-        let acl = Acl::new(vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]);
+        let acl = Acl::new(vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "::1/128".parse().unwrap(),
+        ]);
         assert!(acl.allows("127.0.0.1".parse().unwrap()));
         assert!(acl.allows("::ffff:127.0.0.2".parse().unwrap()));
         assert!(acl.allows("::1".parse().unwrap()));

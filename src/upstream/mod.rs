@@ -53,7 +53,8 @@ impl Pools {
                 check.consecutive_failure = hc.failures;
                 check.consecutive_success = hc.successes;
                 check.peer_template.options.connection_timeout = Some(pool.connect_timeout);
-                check.peer_template.options.read_timeout = Some(pool.read_timeout.min(hc.interval * 2));
+                check.peer_template.options.read_timeout =
+                    Some(pool.read_timeout.min(hc.interval * 2));
                 check.validator = Some(Box::new(|resp| {
                     if resp.status.is_success() || resp.status.is_redirection() {
                         Ok(())
@@ -109,26 +110,26 @@ impl Pool {
         self.size
     }
 
-    /// A healthy origin not in `failed`, as an upstream peer.
+    /// A healthy origin not in `failed`, as an upstream peer. When the health checks hold
+    /// every remaining origin down, one of them is tried anyway, as nginx does: the checks may
+    /// be behind (a pool that just started), and a refused connection costs little.
     pub fn pick(&self, failed: &[SocketAddr]) -> Result<HttpPeer> {
-        let accept = |b: &Backend, healthy: bool| {
-            healthy && b.addr.as_inet().is_none_or(|a| !failed.contains(a))
-        };
+        let untried = |b: &Backend| b.addr.as_inet().is_none_or(|a| !failed.contains(a));
         let backend = self
             .balancer
-            .select_with(b"", 256, accept)
+            .select_with(b"", 256, |b, healthy| healthy && untried(b))
+            .or_else(|| self.balancer.select_with(b"", 256, |b, _| untried(b)))
             .ok_or_else(|| {
                 let mut e = Error::explain(
                     ErrorType::ConnectNoRoute,
-                    format!("no healthy origin in pool {}", self.name),
+                    format!("every origin in pool {} failed", self.name),
                 );
                 e.esource = pingora::ErrorSource::Upstream;
                 e
             })?;
-        let addr = *backend
-            .addr
-            .as_inet()
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "origin is not an inet address"))?;
+        let addr = *backend.addr.as_inet().ok_or_else(|| {
+            Error::explain(ErrorType::InternalError, "origin is not an inet address")
+        })?;
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(self.connect_timeout);
         peer.options.total_connection_timeout = Some(self.connect_timeout);

@@ -1,0 +1,379 @@
+//! Cache behaviour seen from a client: statuses, headers, bodies, and how many requests
+//! reached the origin.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::support::*;
+
+fn cc(value: &str) -> Reply {
+    Reply::ok("body").header("cache-control", value)
+}
+
+#[tokio::test]
+async fn miss_hit_expired_revalidated() {
+    let origin = Origin::start(|req| {
+        let reply = Reply::ok("the page body")
+            .header("cache-control", "max-age=1")
+            .header("etag", "\"v1\"");
+        if req.header("if-none-match") == Some("\"v1\"") {
+            return Reply {
+                body: Default::default(),
+                ..reply
+            }
+            .status(304);
+        }
+        reply
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/page");
+
+    let first = get(&url, &[]).await;
+    assert_eq!((first.status, first.cache()), (200, "miss"));
+    assert!(
+        first
+            .header("cache-status")
+            .contains("fwd=uri-miss; stored"),
+        "{:?}",
+        first.headers
+    );
+
+    let second = get(&url, &[]).await;
+    assert_eq!((second.status, second.cache()), (200, "hit-front"));
+    assert_eq!(second.text(), "the page body");
+    assert!(second.headers.contains_key("age"));
+    assert!(
+        second.header("cache-status").starts_with("skua; hit; ttl="),
+        "{:?}",
+        second.headers
+    );
+    assert_eq!(origin.count("/page"), 1);
+
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let third = get(&url, &[]).await;
+    assert_eq!(third.status, 200);
+    assert_eq!(
+        third.text(),
+        "the page body",
+        "body comes from the cache after a 304"
+    );
+    assert!(
+        third
+            .header("cache-status")
+            .contains("fwd=stale; fwd-status=304"),
+        "{:?}",
+        third.headers
+    );
+    assert_eq!(origin.count("/page"), 2);
+    let revalidation = &origin.requests("/page")[1];
+    assert_eq!(revalidation.header("if-none-match"), Some("\"v1\""));
+
+    let fourth = get(&url, &[]).await;
+    assert_eq!(
+        fourth.cache(),
+        "hit-front",
+        "the 304 refreshed the stored object"
+    );
+    assert_eq!(origin.count("/page"), 2);
+}
+
+#[tokio::test]
+async fn s_maxage_wins_over_max_age() {
+    let origin = Origin::start(|_| cc("s-maxage=60, must-revalidate, max-age=0")).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    get(&skua.url("/wiki/A"), &[]).await;
+    let again = get(&skua.url("/wiki/A"), &[]).await;
+    assert_eq!(again.cache(), "hit-front");
+    assert_eq!(origin.count("/wiki/A"), 1);
+}
+
+#[tokio::test]
+async fn no_store_private_and_set_cookie_are_not_stored() {
+    let origin = Origin::start(|req| match req.path.as_str() {
+        "/no-store" => cc("no-store, max-age=60"),
+        "/private" => cc("private, max-age=60"),
+        "/private.css" => cc("private, max-age=60").header("content-type", "text/css"),
+        "/cookie" => cc("max-age=60").header("set-cookie", "session=abc"),
+        _ => Reply::ok("").status(404),
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for path in ["/no-store", "/private", "/private.css", "/cookie"] {
+        let first = get(&skua.url(path), &[]).await;
+        let second = get(&skua.url(path), &[]).await;
+        assert_eq!(first.cache(), "pass", "{path}");
+        assert_eq!(second.cache(), "pass", "{path}");
+        assert_eq!(origin.count(path), 2, "{path} reached the origin twice");
+    }
+    assert!(skua
+        .metrics()
+        .await
+        .contains("skua_uncacheable_total{reason=\"set-cookie\"} 2\n"));
+}
+
+#[tokio::test]
+async fn session_cookie_passes() {
+    let origin =
+        Origin::start(|_| cc("s-maxage=60").header("vary", "Accept-Encoding, Cookie")).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/wiki/B");
+    get(&url, &[]).await;
+    assert_eq!(
+        get(&url, &[("cookie", "centralnotice_hide=1")])
+            .await
+            .cache(),
+        "hit-front"
+    );
+    let logged_in = get(&url, &[("cookie", "enwikiSession=abc; enwikiUserID=5")]).await;
+    assert_eq!(logged_in.cache(), "pass");
+    assert!(logged_in
+        .header("cache-status")
+        .contains("fwd=bypass; detail=cookie"));
+    let with_auth = get(&url, &[("authorization", "Bearer x")]).await;
+    assert_eq!(with_auth.cache(), "pass");
+    assert_eq!(origin.count("/wiki/B"), 3);
+}
+
+#[tokio::test]
+async fn vary_variants_are_cached_apart() {
+    let origin = Origin::start(|req| {
+        let gzip = req.header("accept-encoding") == Some("gzip");
+        Reply::ok(if gzip { "gzipped" } else { "plain" })
+            .header("cache-control", "max-age=60")
+            .header("vary", "Accept-Encoding")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/v");
+    let gz = [("accept-encoding", "gzip, deflate, br")];
+    let id = [("accept-encoding", "identity")];
+    assert_eq!(get(&url, &gz).await.text(), "gzipped");
+    assert_eq!(get(&url, &id).await.text(), "plain");
+    let gz_hit = get(&url, &[("accept-encoding", "br, gzip")]).await;
+    let id_hit = get(&url, &id).await;
+    assert_eq!(
+        (gz_hit.cache(), gz_hit.text().as_str()),
+        ("hit-front", "gzipped")
+    );
+    assert_eq!(
+        (id_hit.cache(), id_hit.text().as_str()),
+        ("hit-front", "plain")
+    );
+    assert_eq!(origin.count("/v"), 2);
+}
+
+#[tokio::test]
+async fn concurrent_cold_requests_collapse_into_one_fetch() {
+    let origin = Origin::start(|_| cc("max-age=60").delay(Duration::from_millis(50))).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/cold");
+    let client = client();
+    let requests = (0..200).map(|_| {
+        let client = client.clone();
+        let url = url.clone();
+        tokio::spawn(async move { send(&client, "GET", &url, &[]).await })
+    });
+    let results = futures::future::join_all(requests).await;
+    for r in results {
+        let r = r.unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "body"));
+    }
+    assert_eq!(origin.count("/cold"), 1);
+}
+
+#[tokio::test]
+async fn stale_if_error_with_the_origin_down() {
+    let origin = Origin::start(|_| cc("max-age=1, stale-if-error=60")).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/sie");
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
+    origin.stop();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stale = get(&url, &[]).await;
+    assert_eq!((stale.status, stale.text().as_str()), (200, "body"));
+    assert_eq!(stale.cache(), "hit-front");
+    assert!(
+        stale.header("cache-status").contains("ttl=-"),
+        "{:?}",
+        stale.headers
+    );
+    assert!(
+        stale
+            .header("cache-status")
+            .ends_with("detail=stale-if-error"),
+        "{:?}",
+        stale.headers
+    );
+    // Without a stale window the client gets a clean 502, never a cached error.
+    let gone = get(&skua.url("/never-cached"), &[]).await;
+    assert!(gone.status == 502 || gone.status == 504, "{}", gone.status);
+    assert_eq!(gone.cache(), "int-front");
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    let version = Arc::new(AtomicUsize::new(1));
+    let v = version.clone();
+    let origin = Origin::start(move |_| {
+        let n = v.load(Ordering::SeqCst);
+        Reply::ok(format!("v{n}"))
+            .header("cache-control", "max-age=1, stale-while-revalidate=30")
+            .delay(Duration::from_millis(100))
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/swr");
+    assert_eq!(get(&url, &[]).await.text(), "v1");
+    version.store(2, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+
+    let client = client();
+    let stale = futures::future::join_all((0..20).map(|_| send(&client, "GET", &url, &[]))).await;
+    for r in &stale {
+        assert_eq!(r.text(), "v1", "served stale while revalidating");
+        assert_eq!(r.cache(), "hit-front");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(origin.count("/swr"), 2, "exactly one background refresh");
+    let fresh = get(&url, &[]).await;
+    assert_eq!((fresh.text().as_str(), fresh.cache()), ("v2", "hit-front"));
+}
+
+#[tokio::test]
+async fn range_on_a_hit_is_206() {
+    let origin =
+        Origin::start(|_| Reply::ok("0123456789abcdef").header("cache-control", "max-age=60"))
+            .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/file");
+    get(&url, &[]).await;
+    let part = get(&url, &[("range", "bytes=4-9")]).await;
+    assert_eq!(part.status, 206);
+    assert_eq!(part.text(), "456789");
+    assert_eq!(part.header("content-range"), "bytes 4-9/16");
+    assert_eq!(part.cache(), "hit-front");
+    let suffix = get(&url, &[("range", "bytes=-3")]).await;
+    assert_eq!((suffix.status, suffix.text().as_str()), (206, "def"));
+    assert_eq!(origin.count("/file"), 1);
+}
+
+#[tokio::test]
+async fn head_after_get_is_a_hit() {
+    let origin = Origin::start(|_| cc("max-age=60")).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/h");
+    get(&url, &[]).await;
+    let head = send(&client(), "HEAD", &url, &[]).await;
+    assert_eq!((head.status, head.cache()), (200, "hit-front"));
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), "4");
+    assert_eq!(origin.count("/h"), 1);
+}
+
+#[tokio::test]
+async fn conditional_request_on_a_hit_gets_304() {
+    let origin = Origin::start(|_| cc("max-age=60").header("etag", "\"e1\"")).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/c");
+    get(&url, &[]).await;
+    let cond = get(&url, &[("if-none-match", "\"e1\"")]).await;
+    assert_eq!(cond.status, 304);
+    assert_eq!(origin.count("/c"), 1);
+}
+
+#[tokio::test]
+async fn origin_errors_are_never_cached() {
+    let origin = Origin::start(|_| {
+        Reply::ok("down")
+            .status(503)
+            .header("cache-control", "max-age=60")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/err");
+    assert_eq!(get(&url, &[]).await.status, 503);
+    assert_eq!(get(&url, &[]).await.status, 503);
+    assert_eq!(origin.count("/err"), 2);
+}
+
+#[tokio::test]
+async fn post_invalidates_the_target_and_location() {
+    let origin = Origin::start(|req| match req.method.as_str() {
+        "POST" => Reply::ok("saved")
+            .status(303)
+            .header("location", "/wiki/Other"),
+        _ => cc("max-age=60"),
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for path in ["/wiki/Edit", "/wiki/Other"] {
+        get(&skua.url(path), &[]).await;
+        assert_eq!(get(&skua.url(path), &[]).await.cache(), "hit-front");
+    }
+    let post = send(&client(), "POST", &skua.url("/wiki/Edit"), &[]).await;
+    assert_eq!(post.status, 303);
+    assert_eq!(get(&skua.url("/wiki/Edit"), &[]).await.cache(), "miss");
+    assert_eq!(get(&skua.url("/wiki/Other"), &[]).await.cache(), "miss");
+}
+
+#[tokio::test]
+async fn cdn_cache_control_overrides_cache_control() {
+    let origin =
+        Origin::start(|_| cc("no-cache, max-age=0").header("cdn-cache-control", "max-age=60"))
+            .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    get(&skua.url("/cdn"), &[]).await;
+    assert_eq!(get(&skua.url("/cdn"), &[]).await.cache(), "hit-front");
+    assert_eq!(origin.count("/cdn"), 1);
+}
+
+#[tokio::test]
+async fn failover_to_the_live_origin() {
+    let dead = Origin::start(|_| cc("max-age=60")).await;
+    dead.stop();
+    let live = Origin::start(|_| Reply::ok("live").header("cache-control", "max-age=60")).await;
+    let skua = Skua::start(&[dead.addr, live.addr], "").await;
+    for i in 0..6 {
+        let r = get(&skua.url(&format!("/f{i}")), &[]).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "live"));
+    }
+}
+
+#[tokio::test]
+async fn memory_bound_holds() {
+    // The test config's 16 MiB memory tier; write 32 MiB of distinct 64 KiB objects.
+    let origin =
+        Origin::start(|_| Reply::ok(vec![b'x'; 64 * 1024]).header("cache-control", "max-age=600"))
+            .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let client = client();
+    let bound = 16 * 1024 * 1024u64;
+    let total = 2 * bound;
+    let n = total / (64 * 1024);
+    for i in 0..n {
+        let r = send(&client, "GET", &skua.url(&format!("/obj/{i}")), &[]).await;
+        assert_eq!(r.body.len(), 64 * 1024);
+    }
+    let stats = skua.stats().await;
+    let bytes = stats["tiers"]["memory"]["bytes"].as_u64().unwrap();
+    let objects = stats["tiers"]["memory"]["objects"].as_u64().unwrap();
+    assert!(bytes <= bound, "resident {bytes} > bound {bound}");
+    assert!(bytes > bound / 2, "the tier is used: {bytes}");
+    assert!(objects < n, "some objects were evicted: {objects} of {n}");
+}
+
+#[tokio::test]
+async fn objects_above_max_size_stream_through_unstored() {
+    let origin =
+        Origin::start(|_| Reply::ok(vec![b'y'; 300_000]).header("cache-control", "max-age=60"))
+            .await;
+    let skua = Skua::start_with(&[origin.addr], "max_object_size = 100000", "").await;
+    let url = skua.url("/big");
+    assert_eq!(get(&url, &[]).await.body.len(), 300_000);
+    let again = get(&url, &[]).await;
+    assert_eq!(again.body.len(), 300_000);
+    assert_ne!(again.cache(), "hit-front");
+    assert_eq!(origin.count("/big"), 2);
+}

@@ -1,0 +1,117 @@
+//! HTTP PURGE as MediaWiki sends it, and who may send it.
+
+use crate::support::*;
+
+fn cached() -> Reply {
+    Reply::ok("page")
+        .header("cache-control", "s-maxage=300")
+        .header("vary", "Accept-Encoding")
+}
+
+#[tokio::test]
+async fn purge_absolute_and_origin_form() {
+    let origin = Origin::start(|_| cached()).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let host = skua.addr.to_string();
+
+    // Absolute form, the way MediaWiki's CdnCacheUpdate sends it.
+    get(&skua.url("/wiki/A"), &[]).await;
+    assert_eq!(get(&skua.url("/wiki/A"), &[]).await.cache(), "hit-front");
+    let purge =
+        format!("PURGE http://{host}/wiki/A HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    assert!(raw(skua.addr, &purge).await.starts_with("HTTP/1.1 204"));
+    assert!(raw(skua.addr, &purge).await.starts_with("HTTP/1.1 404"));
+    assert_eq!(get(&skua.url("/wiki/A"), &[]).await.cache(), "miss");
+
+    // Origin form with Host; the host's case and default port do not matter.
+    get(&skua.url("/wiki/B?action=raw"), &[]).await;
+    let purge = format!(
+        "PURGE /wiki/B?action=raw HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        host.to_uppercase()
+    );
+    assert!(raw(skua.addr, &purge).await.starts_with("HTTP/1.1 204"));
+    assert!(raw(skua.addr, &purge).await.starts_with("HTTP/1.1 404"));
+    assert_eq!(
+        get(&skua.url("/wiki/B?action=raw"), &[]).await.cache(),
+        "miss"
+    );
+    assert_eq!(origin.count("/wiki/A"), 2);
+    let metrics = skua.metrics().await;
+    assert!(
+        metrics.contains("skua_purges_total{result=\"purged\",source=\"http\"} 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("skua_purges_total{result=\"not_found\",source=\"http\"} 2\n"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn purge_removes_every_variant() {
+    let origin = Origin::start(|_| cached()).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/wiki/V");
+    get(&url, &[("accept-encoding", "gzip")]).await;
+    get(&url, &[("accept-encoding", "identity")]).await;
+    assert_eq!(
+        get(&url, &[("accept-encoding", "identity")]).await.cache(),
+        "hit-front"
+    );
+    let purge = send(&client(), "PURGE", &url, &[]).await;
+    assert_eq!(purge.status, 204);
+    assert_eq!(
+        get(&url, &[("accept-encoding", "gzip")]).await.cache(),
+        "miss"
+    );
+    assert_eq!(
+        get(&url, &[("accept-encoding", "identity")]).await.cache(),
+        "miss"
+    );
+}
+
+#[tokio::test]
+async fn purge_from_a_disallowed_address_is_403_and_purges_nothing() {
+    let origin = Origin::start(|_| cached()).await;
+    let skua = Skua::start(&[origin.addr], "[purge]\nallow = [\"192.0.2.0/24\"]\n").await;
+    let url = skua.url("/wiki/Kept");
+    get(&url, &[]).await;
+    let denied = send(&client(), "PURGE", &url, &[]).await;
+    assert_eq!(denied.status, 403);
+    assert!(denied.text().contains("not allowed"), "{}", denied.text());
+    assert_eq!(denied.cache(), "");
+    assert_eq!(get(&url, &[]).await.cache(), "hit-front");
+    assert_eq!(origin.count("/wiki/Kept"), 1);
+}
+
+#[tokio::test]
+async fn soft_purge_serves_the_next_request_after_revalidation() {
+    let origin = Origin::start(|req| {
+        if req.header("if-none-match") == Some("\"x\"") {
+            return Reply::ok("")
+                .status(304)
+                .header("etag", "\"x\"")
+                .header("cache-control", "max-age=300");
+        }
+        Reply::ok("page")
+            .header("cache-control", "max-age=300")
+            .header("etag", "\"x\"")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/wiki/Soft");
+    get(&url, &[]).await;
+    let purge = send(&client(), "PURGE", &url, &[("skua-soft-purge", "1")]).await;
+    assert_eq!(purge.status, 204);
+    let next = get(&url, &[]).await;
+    assert_eq!(next.text(), "page");
+    assert!(
+        next.header("cache-status").contains("fwd-status=304"),
+        "{:?}",
+        next.headers
+    );
+    assert_eq!(
+        origin.requests("/wiki/Soft")[1].header("if-none-match"),
+        Some("\"x\"")
+    );
+}

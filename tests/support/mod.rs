@@ -1,0 +1,385 @@
+//! Test harness: a programmable origin over real TCP that counts what reaches it, the real
+//! `skua` binary started on ephemeral ports with a config in a temp dir, and raw-socket
+//! helpers for request forms HTTP clients will not send.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+/// A request as the origin saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// What the origin answers.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn ok(body: impl Into<Bytes>) -> Reply {
+        Reply {
+            status: 200,
+            headers: vec![],
+            body: body.into(),
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn status(mut self, status: u16) -> Reply {
+        self.status = status;
+        self
+    }
+    pub fn header(mut self, name: &str, value: impl Into<String>) -> Reply {
+        self.headers.push((name.to_string(), value.into()));
+        self
+    }
+    pub fn delay(mut self, d: Duration) -> Reply {
+        self.delay = d;
+        self
+    }
+}
+
+pub type Handler = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
+
+/// An origin server on 127.0.0.1 that records every request.
+pub struct Origin {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    tasks: Arc<Mutex<JoinSet<()>>>,
+    handler: Handler,
+}
+
+impl Origin {
+    pub async fn start(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().unwrap();
+        let origin = Origin {
+            addr,
+            seen: Arc::new(Mutex::new(Vec::new())),
+            tasks: Arc::new(Mutex::new(JoinSet::new())),
+            handler: Arc::new(handler),
+        };
+        origin.serve(listener);
+        origin
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let seen = self.seen.clone();
+        let handler = self.handler.clone();
+        let tasks = self.tasks.clone();
+        let accept = async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = seen.clone();
+                let handler = handler.clone();
+                let conn = async move {
+                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        let handler = handler.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let request = Seen {
+                                method: parts.method.to_string(),
+                                path: parts
+                                    .uri
+                                    .path_and_query()
+                                    .map_or("/".into(), |p| p.to_string()),
+                                headers: parts.headers,
+                                body,
+                            };
+                            let reply = if request.path == "/_health" {
+                                Reply::ok("ok")
+                            } else {
+                                handler(&request)
+                            };
+                            if request.path != "/_health" {
+                                seen.lock().unwrap().push(request);
+                            }
+                            if !reply.delay.is_zero() {
+                                tokio::time::sleep(reply.delay).await;
+                            }
+                            let mut resp = hyper::Response::builder().status(reply.status);
+                            for (k, v) in &reply.headers {
+                                resp = resp.header(k, v);
+                            }
+                            Ok::<_, Infallible>(resp.body(Full::new(reply.body)).unwrap())
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                };
+                tasks.lock().unwrap().spawn(conn);
+            }
+        };
+        self.tasks.lock().unwrap().spawn(accept);
+    }
+
+    /// Closes the listener and every open connection: the origin is down.
+    pub fn stop(&self) {
+        self.tasks.lock().unwrap().abort_all();
+    }
+
+    /// Listens again on the same port.
+    pub async fn restart(&self) {
+        let listener = TcpListener::bind(self.addr).await.expect("rebind origin");
+        self.serve(listener);
+    }
+
+    /// Requests that reached the origin for `path` (path and query), health checks excluded.
+    pub fn count(&self, path: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == path)
+            .count()
+    }
+
+    pub fn requests(&self, path: &str) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn skua_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_skua"))
+}
+
+/// The real `skua serve` process.
+pub struct Skua {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Skua {
+    /// Starts Skua in front of `origin` with `extra` TOML appended to a minimal config.
+    /// `extra` may hold `[cache]`, `[purge]` or other tables; the origin pool is written here.
+    pub async fn start(origins: &[SocketAddr], extra: &str) -> Skua {
+        Skua::start_with(origins, "", extra).await
+    }
+
+    /// As [`Skua::start`], with `cache` lines placed inside the `[cache]` table.
+    pub async fn start_with(origins: &[SocketAddr], cache: &str, extra: &str) -> Skua {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let admin_port = free_port();
+        let addresses: Vec<String> = origins.iter().map(|a| format!("\"{a}\"")).collect();
+        let config = format!(
+            r#"[server]
+listen = ["127.0.0.1:{port}"]
+admin = "127.0.0.1:{admin_port}"
+threads = 2
+shutdown_grace = "1s"
+
+[[origin]]
+name = "test"
+addresses = [{addresses}]
+connect_timeout = "500ms"
+read_timeout = "5s"
+[origin.health_check]
+path = "/_health"
+interval = "300ms"
+
+[cache]
+memory_size = 16777216
+{cache}
+
+{extra}
+"#,
+            addresses = addresses.join(", ")
+        );
+        let path = dir.path().join("skua.toml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(skua_bin())
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn skua");
+        let skua = Skua {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            admin: format!("127.0.0.1:{admin_port}").parse().unwrap(),
+            child,
+            dir,
+        };
+        wait_listening(skua.addr).await;
+        wait_listening(skua.admin).await;
+        skua
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn stats(&self) -> serde_json::Value {
+        let body = reqwest::get(format!("http://{}/stats", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Skua {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nothing listening on {addr}");
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// A response reduced to what the tests look at.
+#[derive(Debug)]
+pub struct Got {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+    pub fn cache(&self) -> &str {
+        self.header("x-cache-status")
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Got {
+    send(&client(), "GET", url, headers).await
+}
+
+/// GET without reusing a pooled connection: for requests that follow an origin restart.
+pub async fn get_fresh(url: &str) -> Got {
+    send(&client(), "GET", url, &[]).await
+}
+
+pub async fn send(
+    client: &reqwest::Client,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Got {
+    let mut req = client.request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.bytes().await.unwrap_or_default();
+    Got {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Sends raw bytes and returns everything the server answers before closing.
+pub async fn raw(addr: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// A counter map helper for handlers that change their answer over time.
+pub fn counter() -> Arc<Mutex<HashMap<String, usize>>> {
+    Arc::new(Mutex::new(HashMap::new()))
+}
