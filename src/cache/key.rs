@@ -6,6 +6,7 @@
 //! scheme's default port removed. The method is not in the key: HEAD is answered from the GET
 //! entry (pingora turns a cacheable HEAD into a GET towards the origin).
 
+use pingora::cache::key::{hash_key, HashBinary};
 use pingora::cache::CacheKey;
 use thiserror::Error;
 
@@ -102,6 +103,12 @@ impl CacheUrl {
 
     pub fn cache_key(&self) -> CacheKey {
         CacheKey::new(self.primary(), "")
+    }
+
+    /// The hash storage indexes objects by: `cache_key().primary_bin()`, without building the
+    /// key.
+    pub fn primary_hash(&self) -> HashBinary {
+        hash_key(self.primary())
     }
 
     /// The same URL under the other scheme: a purge names both, since MediaWiki sends
@@ -224,6 +231,13 @@ mod tests {
             CacheUrl::parse_absolute("http://h?q").unwrap().primary(),
             "http://h/?q"
         );
+    }
+
+    #[test]
+    fn primary_hash_is_pingoras_primary_bin() {
+        use pingora::cache::key::CacheHashKey;
+        let url = CacheUrl::parse_absolute("http://h/wiki/A").unwrap();
+        assert_eq!(url.primary_hash(), url.cache_key().primary_bin());
     }
 
     #[test]

@@ -20,8 +20,10 @@ use pingora::cache::storage::{
 };
 use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::{Error, ErrorType, Result};
+
+use super::vary::variance;
 
 /// Bytes charged per object on top of its header and body: the family slot, `Arc`s and
 /// moka's own entry, so that many tiny objects still respect the bound.
@@ -32,6 +34,9 @@ const OBJECT_OVERHEAD: usize = 256;
 pub struct StoredMeta {
     pub fresh_until: SystemTime,
     pub created: SystemTime,
+    /// pingora's tombstone for a URL's variants: a secondary variant admitted before the
+    /// primary slot's provenance is not served (see `HttpCache::cache_vary_lookup`).
+    pub provenance: SystemTime,
     /// Reference point of Age and freshness: `updated`, or pingora's epoch override.
     pub epoch: SystemTime,
     pub stale_while_revalidate_sec: u32,
@@ -45,6 +50,7 @@ impl StoredMeta {
         StoredMeta {
             fresh_until: meta.fresh_until(),
             created: meta.created(),
+            provenance: meta.provenance(),
             epoch: meta.epoch(),
             stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
             stale_if_error_sec: meta.stale_if_error_sec(),
@@ -53,15 +59,24 @@ impl StoredMeta {
         }
     }
 
-    pub fn to_meta(&self) -> CacheMeta {
+    /// Rebuilds pingora's metadata. `CacheMeta::new` sets provenance to `created`, so the
+    /// primary slot is rebuilt with its provenance there (the tombstone its variants are checked
+    /// against) and secondary slots with their own admission time (what is checked). Age and
+    /// freshness come from `epoch` either way.
+    pub fn to_meta(&self, primary_slot: bool) -> CacheMeta {
+        let created = if primary_slot {
+            self.provenance
+        } else {
+            self.created
+        };
         let mut meta = CacheMeta::new(
             self.fresh_until,
-            self.created,
+            created,
             self.stale_while_revalidate_sec,
             self.stale_if_error_sec,
             self.header.clone(),
         );
-        if self.epoch != self.created {
+        if self.epoch != created {
             meta.set_epoch_override(self.epoch);
         }
         if let Some(v) = self.variance {
@@ -217,6 +232,36 @@ impl MemoryTier {
             .and_then(|f| f.get(slot).cloned())
     }
 
+    /// The stored object a request would be served, if it is fresh at `now`: the fast path's
+    /// lookup. Follows the same Vary rules as pingora's lookup (primary slot first, then the
+    /// request's variant, which must not predate the primary's provenance). `None` means "let
+    /// pingora's cache state machine decide", never "not cached".
+    pub fn fresh_object(
+        &self,
+        primary: &HashBinary,
+        req: &RequestHeader,
+        now: SystemTime,
+    ) -> Option<Arc<StoredObject>> {
+        let family = self.families.get(primary)?;
+        let first = family.get(None)?;
+        let obj = match first.meta.variance {
+            None => first,
+            Some(stored) => {
+                let wanted = variance(&first.meta.header, req)?;
+                if wanted == stored {
+                    first
+                } else {
+                    let other = family.get(Some(&wanted))?;
+                    if other.meta.created < first.meta.provenance {
+                        return None;
+                    }
+                    other
+                }
+            }
+        };
+        (obj.meta.fresh_until >= now).then(|| obj.clone())
+    }
+
     pub fn insert(&self, primary: HashBinary, obj: StoredObject) {
         let obj = Arc::new(obj);
         self.families.entry(primary).and_compute_with(|old| {
@@ -309,7 +354,7 @@ impl Storage for MemoryTier {
             Some(obj) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 let hit = MemoryHit::new(obj.body.clone());
-                Ok(Some((obj.meta.to_meta(), Box::new(hit))))
+                Ok(Some((obj.meta.to_meta(obj.slot.is_none()), Box::new(hit))))
             }
             None => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
@@ -485,8 +530,7 @@ struct MemoryMiss {
     slot: Option<HashBinary>,
     meta: StoredMeta,
     body: BytesMut,
-    /// Chunks kept as received while there is only one, so a body that arrives whole is
-    /// stored without a copy.
+    /// The first chunk, kept as received until a second one arrives.
     chunks: Vec<Bytes>,
 }
 
@@ -509,14 +553,34 @@ impl HandleMiss for MemoryMiss {
 
     async fn finish(self: Box<Self>) -> Result<MissFinishType> {
         let this = *self;
+        // A chunk may be a slice of a larger read buffer; storing it would pin the whole
+        // buffer, so a lone chunk is copied to its own allocation (once per fill).
         let body = match this.chunks.into_iter().next() {
-            Some(only) => only,
+            Some(only) => Bytes::copy_from_slice(&only),
             None => this.body.freeze(),
         };
-        let obj = StoredObject::new(this.slot, this.meta, body);
+        let mut meta = this.meta;
+        prepare_for_serving(&mut meta.header, body.len());
+        let obj = StoredObject::new(this.slot, meta, body);
         let weight = obj.weight;
         this.tier.insert(this.primary, obj);
         Ok(MissFinishType::Created(weight))
+    }
+}
+
+/// The whole body is known once stored, so the header is made ready to serve as is: a length
+/// instead of chunked framing, HTTP/1.1, and `Accept-Ranges` on 200s (hits are seekable).
+fn prepare_for_serving(header: &mut ResponseHeader, body_len: usize) {
+    header.set_version(http::Version::HTTP_11);
+    header.remove_header(&http::header::TRANSFER_ENCODING);
+    let no_body = matches!(header.status.as_u16(), 204 | 304) || header.status.is_informational();
+    if !no_body {
+        // Inserting a header into a valid ResponseHeader fails only for invalid values; a
+        // decimal length is always valid.
+        let _ = header.insert_header(http::header::CONTENT_LENGTH, body_len);
+    }
+    if header.status.as_u16() == 200 {
+        let _ = header.insert_header(http::header::ACCEPT_RANGES, "bytes");
     }
 }
 
@@ -532,6 +596,7 @@ mod tests {
         StoredMeta {
             fresh_until: now + Duration::from_secs(60),
             created: now,
+            provenance: now,
             epoch: now,
             stale_while_revalidate_sec: 0,
             stale_if_error_sec: 0,
@@ -566,7 +631,7 @@ mod tests {
         let mut m = meta("x");
         m.epoch = m.created + Duration::from_secs(5);
         m.variance = Some([9; 16]);
-        let back = StoredMeta::from_meta(&m.to_meta());
+        let back = StoredMeta::from_meta(&m.to_meta(false));
         assert_eq!(back.epoch, m.epoch);
         assert_eq!(back.fresh_until, m.fresh_until);
         assert_eq!(back.variance, m.variance);

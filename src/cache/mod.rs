@@ -8,8 +8,6 @@ pub mod policy;
 pub mod status;
 pub mod vary;
 
-use pingora::cache::key::CacheHashKey;
-
 use key::{CacheUrl, Scheme};
 use memory::MemoryTier;
 
@@ -40,7 +38,7 @@ impl Store {
         [Scheme::Http, Scheme::Https]
             .into_iter()
             .map(|scheme| {
-                let primary = url.with_scheme(scheme).cache_key().primary_bin();
+                let primary = url.with_scheme(scheme).primary_hash();
                 match mode {
                     PurgeMode::Delete => self.memory.purge_all(&primary),
                     PurgeMode::Expire => self.memory.expire_all(&primary),

@@ -62,6 +62,8 @@ impl PassReason {
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {
     pub phase: CachePhase,
+    /// Served by the fast path (a fresh memory hit answered before pingora's cache runs).
+    pub fast_hit: bool,
     pub pass: Option<PassReason>,
     pub internal: bool,
     /// The response was stored (or is being stored) by this request.
@@ -76,6 +78,9 @@ impl Outcome {
     pub fn disposition(&self) -> Disposition {
         if self.internal {
             return Disposition::IntFront;
+        }
+        if self.fast_hit {
+            return Disposition::HitFront;
         }
         match self.phase {
             CachePhase::Hit | CachePhase::Stale | CachePhase::StaleUpdating => {
