@@ -42,7 +42,11 @@ pub struct StoredMeta {
     pub stale_while_revalidate_sec: u32,
     pub stale_if_error_sec: u32,
     pub variance: Option<HashBinary>,
+    /// The response header. Once stored it is ready to serve (see [`prepare_for_serving`]):
+    /// it ends with `Age`, `X-Cache-Status` and `Cache-Status` entries a hit overwrites.
     pub header: ResponseHeader,
+    /// `Cache-Status` members from caches before this one, kept apart from the placeholder.
+    pub upstream_cache_status: Option<http::HeaderValue>,
 }
 
 impl StoredMeta {
@@ -56,6 +60,7 @@ impl StoredMeta {
             stale_if_error_sec: meta.stale_if_error_sec(),
             variance: meta.variance(),
             header: meta.response_header_copy(),
+            upstream_cache_status: joined(meta.response_header(), &CACHE_STATUS),
         }
     }
 
@@ -74,7 +79,7 @@ impl StoredMeta {
             created,
             self.stale_while_revalidate_sec,
             self.stale_if_error_sec,
-            self.header.clone(),
+            self.origin_header(),
         );
         if self.epoch != created {
             meta.set_epoch_override(self.epoch);
@@ -83,6 +88,19 @@ impl StoredMeta {
             meta.set_variance(v);
         }
         meta
+    }
+
+    /// The header as the origin sent it (framing normalised), without the hit placeholders:
+    /// what pingora's cache state machine expects.
+    pub fn origin_header(&self) -> ResponseHeader {
+        let mut h = self.header.clone();
+        h.remove_header(&http::header::AGE);
+        h.remove_header(&X_CACHE_STATUS);
+        h.remove_header(&CACHE_STATUS);
+        if let Some(upstream) = &self.upstream_cache_status {
+            let _ = h.insert_header(CACHE_STATUS, upstream.clone());
+        }
+        h
     }
 
     fn header_weight(&self) -> usize {
@@ -106,7 +124,8 @@ pub struct StoredObject {
 }
 
 impl StoredObject {
-    fn new(slot: Option<HashBinary>, meta: StoredMeta, body: Bytes) -> StoredObject {
+    fn new(slot: Option<HashBinary>, mut meta: StoredMeta, body: Bytes) -> StoredObject {
+        meta.header = prepare_for_serving(&meta.header, body.len());
         let weight = meta.header_weight() + body.len() + OBJECT_OVERHEAD;
         StoredObject {
             slot,
@@ -554,34 +573,67 @@ impl HandleMiss for MemoryMiss {
     async fn finish(self: Box<Self>) -> Result<MissFinishType> {
         let this = *self;
         // A chunk may be a slice of a larger read buffer; storing it would pin the whole
-        // buffer, so a lone chunk is copied to its own allocation (once per fill).
+        // buffer, so the body is copied to an allocation of its own size (once per fill).
         let body = match this.chunks.into_iter().next() {
             Some(only) => Bytes::copy_from_slice(&only),
-            None => this.body.freeze(),
+            None if this.body.len() == this.body.capacity() => this.body.freeze(),
+            None => Bytes::copy_from_slice(&this.body),
         };
-        let mut meta = this.meta;
-        prepare_for_serving(&mut meta.header, body.len());
-        let obj = StoredObject::new(this.slot, meta, body);
+        let obj = StoredObject::new(this.slot, this.meta, body);
         let weight = obj.weight;
         this.tier.insert(this.primary, obj);
         Ok(MissFinishType::Created(weight))
     }
 }
 
+/// `X-Cache-Status` (Wikimedia's vocabulary).
+pub const X_CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("x-cache-status");
+/// RFC 9211 `Cache-Status`.
+pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
+
+/// All values of a header joined into one list value.
+fn joined(header: &ResponseHeader, name: &http::HeaderName) -> Option<http::HeaderValue> {
+    let mut values = header.headers.get_all(name).iter();
+    let first = values.next()?.clone();
+    let mut out = first.as_bytes().to_vec();
+    for v in values {
+        out.extend_from_slice(b", ");
+        out.extend_from_slice(v.as_bytes());
+    }
+    http::HeaderValue::from_bytes(&out).ok()
+}
+
 /// The whole body is known once stored, so the header is made ready to serve as is: a length
-/// instead of chunked framing, HTTP/1.1, and `Accept-Ranges` on 200s (hits are seekable).
-fn prepare_for_serving(header: &mut ResponseHeader, body_len: usize) {
-    header.set_version(http::Version::HTTP_11);
-    header.remove_header(&http::header::TRANSFER_ENCODING);
-    let no_body = matches!(header.status.as_u16(), 204 | 304) || header.status.is_informational();
+/// instead of chunked framing, HTTP/1.1, and `Accept-Ranges` on 200s (hits are seekable). It is
+/// rebuilt without pingora's header-case map, which would double what every hit clones, and
+/// ends with the three headers a hit sets (`Age`, `X-Cache-Status`, `Cache-Status`), so a hit
+/// overwrites them in place instead of growing a cloned map.
+fn prepare_for_serving(stored: &ResponseHeader, body_len: usize) -> ResponseHeader {
+    use http::header::{ACCEPT_RANGES, AGE, CONTENT_LENGTH, TRANSFER_ENCODING};
+    let status = stored.status.as_u16();
+    let no_body = matches!(status, 204 | 304) || stored.status.is_informational();
+    let mut header = match ResponseHeader::build_no_case(stored.status, Some(stored.headers.len() + 5)) {
+        Ok(h) => h,
+        Err(_) => return stored.clone(),
+    };
+    for (name, value) in stored.headers.iter() {
+        let skip = [&TRANSFER_ENCODING, &CONTENT_LENGTH, &ACCEPT_RANGES, &AGE, &X_CACHE_STATUS, &CACHE_STATUS];
+        if skip.contains(&name) {
+            continue;
+        }
+        // Appending a name and value taken from a valid header map cannot fail.
+        let _ = header.append_header(name.clone(), value.clone());
+    }
     if !no_body {
-        // Inserting a header into a valid ResponseHeader fails only for invalid values; a
-        // decimal length is always valid.
-        let _ = header.insert_header(http::header::CONTENT_LENGTH, body_len);
+        let _ = header.insert_header(CONTENT_LENGTH, body_len);
     }
-    if header.status.as_u16() == 200 {
-        let _ = header.insert_header(http::header::ACCEPT_RANGES, "bytes");
+    if status == 200 {
+        let _ = header.insert_header(ACCEPT_RANGES, http::HeaderValue::from_static("bytes"));
     }
+    let _ = header.insert_header(AGE, http::HeaderValue::from_static("0"));
+    let _ = header.insert_header(X_CACHE_STATUS, http::HeaderValue::from_static("hit-front"));
+    let _ = header.insert_header(CACHE_STATUS, http::HeaderValue::from_static("-"));
+    header
 }
 
 #[cfg(test)]
@@ -602,6 +654,7 @@ mod tests {
             stale_if_error_sec: 0,
             variance: None,
             header,
+            upstream_cache_status: None,
         }
     }
 

@@ -27,6 +27,11 @@ impl Disposition {
         Disposition::IntFront,
     ];
 
+    /// Position in [`Disposition::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Disposition::HitFront => "hit-front",

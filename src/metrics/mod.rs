@@ -3,8 +3,8 @@
 //! admin endpoint renders [`Metrics::render`]).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::cache::status::Disposition;
@@ -21,16 +21,30 @@ pub struct Metrics {
     pub tier_bytes: IntGaugeVec,
     pub tier_capacity: IntGaugeVec,
     pub build_info: IntGauge,
+    /// Series of the per-request metrics resolved once, so counting a request hashes no labels.
+    per_request: Vec<RequestSeries>,
 }
 
-/// The response status class label: `1xx` … `5xx`.
+struct RequestSeries {
+    by_class: [IntCounter; 5],
+    duration: Histogram,
+    bytes: IntCounter,
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The response status class label: `1xx` … `5xx` (0, no response, counts as 5xx).
 pub fn status_class(status: u16) -> &'static str {
+    STATUS_CLASSES[class_index(status)]
+}
+
+fn class_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 
@@ -111,10 +125,16 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
         }
         registry.register(Box::new(build_info.clone()))?;
-        // Zero series for the closed vocabulary, so dashboards see every status from start.
-        for d in Disposition::ALL {
-            response_bytes.with_label_values(&[d.as_str()]);
-        }
+        // Every series of the closed vocabulary exists from the start (dashboards see zeros),
+        // resolved once.
+        let per_request = Disposition::ALL
+            .iter()
+            .map(|d| RequestSeries {
+                by_class: STATUS_CLASSES.map(|c| requests.with_label_values(&[d.as_str(), c])),
+                duration: request_duration.with_label_values(&[d.as_str()]),
+                bytes: response_bytes.with_label_values(&[d.as_str()]),
+            })
+            .collect();
         Ok(Metrics {
             registry,
             requests,
@@ -127,7 +147,17 @@ impl Metrics {
             tier_bytes,
             tier_capacity,
             build_info,
+            per_request,
         })
+    }
+
+    /// Counts one answered request.
+    pub fn observe_request(&self, disposition: Disposition, status: u16, seconds: f64, body_bytes: u64) {
+        if let Some(series) = self.per_request.get(disposition.index()) {
+            series.by_class[class_index(status)].inc();
+            series.duration.observe(seconds);
+            series.bytes.inc_by(body_bytes);
+        }
     }
 
     /// Prometheus text exposition of Skua's metrics followed by pingora's own (the default

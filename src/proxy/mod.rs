@@ -20,6 +20,7 @@ use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::header::HeaderValue;
 use http::{header, Method};
 use pingora::cache::key::HashBinary;
 use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
@@ -34,9 +35,10 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use crate::cache::key::{CacheUrl, Scheme};
 use crate::cache::policy::StoragePolicy;
 use crate::cache::status::{Outcome, PassReason};
+use crate::cache::memory::{CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::{vary, PurgeMode, Store};
 use crate::config::Config;
-use crate::metrics::{status_class, Metrics};
+use crate::metrics::Metrics;
 use crate::purge::{self, Acl};
 use crate::upstream::Pools;
 
@@ -220,9 +222,14 @@ impl Skua {
             .duration_since(obj.meta.epoch)
             .map_or(0, |d| d.as_secs());
         resp.insert_header(header::AGE, age)?;
-        let outcome = self.outcome(session, ctx);
-        resp.insert_header("x-cache-status", outcome.disposition().as_str())?;
-        resp.append_header("cache-status", outcome.cache_status(&self.shared.name, now))?;
+        // The stored header already says `X-Cache-Status: hit-front`; Cache-Status carries this
+        // hit's ttl after any members from caches before this one.
+        let ours = self.outcome(session, ctx).cache_status(&self.shared.name, now);
+        let value = match &obj.meta.upstream_cache_status {
+            Some(upstream) => format!("{}, {ours}", String::from_utf8_lossy(upstream.as_bytes())),
+            None => ours,
+        };
+        resp.insert_header(CACHE_STATUS, value)?;
         memory
             .counters
             .hits
@@ -544,11 +551,8 @@ impl ProxyHttp for Skua {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let outcome = self.outcome(session, ctx);
-        resp.insert_header("x-cache-status", outcome.disposition().as_str())?;
-        resp.append_header(
-            "cache-status",
-            outcome.cache_status(&self.shared.name, SystemTime::now()),
-        )?;
+        resp.insert_header(X_CACHE_STATUS, HeaderValue::from_static(outcome.disposition().as_str()))?;
+        resp.append_header(CACHE_STATUS, outcome.cache_status(&self.shared.name, SystemTime::now()))?;
         Ok(())
     }
 
@@ -620,16 +624,12 @@ impl ProxyHttp for Skua {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let disposition = self.outcome(session, ctx).disposition().as_str();
-        let m = &self.shared.metrics;
-        m.requests
-            .with_label_values(&[disposition, status_class(status)])
-            .inc();
-        m.request_duration
-            .with_label_values(&[disposition])
-            .observe(ctx.started.elapsed().as_secs_f64());
-        m.response_bytes
-            .with_label_values(&[disposition])
-            .inc_by(ctx.body_bytes);
+        let disposition = self.outcome(session, ctx).disposition();
+        self.shared.metrics.observe_request(
+            disposition,
+            status,
+            ctx.started.elapsed().as_secs_f64(),
+            ctx.body_bytes,
+        );
     }
 }

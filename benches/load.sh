@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Whole-proxy load benchmark: builds Skua in release mode and runs the shared harness
+# (../shared/bench) with Skua beside nginx, Varnish and Traffic Server in one run, each
+# pinned to one core. Needs (Debian, as root): nginx-light libnginx-mod-http-echo varnish
+# squid trafficserver wrk. Results land in benches/results/<UTC time>/report.md.
+#
+#   benches/load.sh                 # every scenario, 3 interleaved reps (~8 min)
+#   benches/load.sh --quick         # smoke run
+#   benches/load.sh --scenarios hit1k,manykeys
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+HARNESS="${SKUA_BENCH_HARNESS:-$ROOT/../shared/bench}"
+cd "$ROOT"
+cargo build --release
+BIN="$ROOT/benches/results/skua-under-test"
+mkdir -p "$ROOT/benches/results"
+# The harness runs the proxy while we may rebuild: benchmark a copy.
+cp target/release/skua "$BIN"
+OUT="$ROOT/benches/results/$(date -u +%Y%m%dT%H%M%SZ)"
+exec "$HARNESS/run.sh" --targets limit,nginx,varnish,ats,skua --out "$OUT" \
+    --proxy "skua:28050:$BIN serve --config $ROOT/config/bench.toml" "$@"
