@@ -51,12 +51,18 @@ enum Command {
         /// Seconds pages stay fresh (the origin's s-maxage).
         #[arg(long, default_value_t = 300)]
         s_maxage: u64,
+        /// Directory of the demo's disk tier; a demo restarted with the same directory serves
+        /// what it cached before from disk.
+        #[arg(long, default_value = "./skua-demo-cache")]
+        cache_dir: PathBuf,
     },
 }
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // pingora-cache warns on every start that no header compression dictionary is set;
+        // Skua stores headers without one on purpose.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,pingora_cache::meta=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -98,6 +104,7 @@ fn main() -> ExitCode {
             origin,
             admin,
             s_maxage,
+            cache_dir,
         } => {
             init_logging();
             let opts = skua::demo::DemoOptions {
@@ -105,6 +112,7 @@ fn main() -> ExitCode {
                 origin,
                 admin,
                 s_maxage,
+                cache_dir,
             };
             match skua::demo::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,

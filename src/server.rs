@@ -9,6 +9,7 @@ use pingora::server::Server;
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
+use crate::cache::disk::DiskTier;
 use crate::cache::Store;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -33,7 +34,18 @@ pub fn build(config: &Config) -> anyhow::Result<Built> {
     server.bootstrap();
 
     // The store lives as long as the process: pingora's storage API takes `&'static`.
-    let store: &'static Store = Box::leak(Box::new(Store::new(config.cache.memory_size)));
+    let disk = match &config.cache.disk {
+        Some(d) => Some(
+            DiskTier::open(d.clone())
+                .with_context(|| format!("opening the disk cache at {}", d.path.display()))?,
+        ),
+        None => None,
+    };
+    let store: &'static Store = Box::leak(Box::new(Store::new(
+        config.cache.memory_size,
+        config.cache.max_object_size,
+        disk,
+    )));
     let (pools, health) = Pools::build(&config.origins).context("building origin pools")?;
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let shared = Arc::new(Shared::new(config, store, pools, metrics));

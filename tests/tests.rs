@@ -5,4 +5,5 @@ mod support;
 mod cache;
 mod config;
 mod demo;
+mod disk;
 mod purge;

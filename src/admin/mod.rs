@@ -48,6 +48,23 @@ impl Admin {
                 })
             })
             .collect();
+        let disk = self.shared.store.disk.map(|d| {
+            let c = &d.counters;
+            json!({
+                "objects": d.object_count(),
+                "bytes": d.resident_bytes(),
+                "capacity_bytes": d.config.size,
+                "hits": c.hits.load(Ordering::Relaxed),
+                "misses": c.misses.load(Ordering::Relaxed),
+                "stores": c.stores.load(Ordering::Relaxed),
+                "evictions": c.evictions.load(Ordering::Relaxed),
+                "corrupt_dropped": c.corrupt.load(Ordering::Relaxed),
+                "write_errors": c.write_errors.load(Ordering::Relaxed),
+                "purged": c.purges.load(Ordering::Relaxed),
+                "index_loaded": d.loaded(),
+                "index_load_seconds": d.load_time.lock().ok().and_then(|t| t.map(|t| t.as_secs_f64())),
+            })
+        });
         json!({
             "name": self.shared.name,
             "version": env!("CARGO_PKG_VERSION"),
@@ -60,7 +77,8 @@ impl Admin {
                     "misses": c.misses.load(Ordering::Relaxed),
                     "stores": c.stores.load(Ordering::Relaxed),
                     "purged": c.purges.load(Ordering::Relaxed),
-                }
+                },
+                "disk": disk,
             },
             "origins": origins,
         })

@@ -124,7 +124,7 @@ pub struct StoredObject {
 }
 
 impl StoredObject {
-    fn new(slot: Option<HashBinary>, mut meta: StoredMeta, body: Bytes) -> StoredObject {
+    pub(crate) fn new(slot: Option<HashBinary>, mut meta: StoredMeta, body: Bytes) -> StoredObject {
         meta.header = prepare_for_serving(&meta.header, body.len());
         let weight = meta.header_weight() + body.len() + OBJECT_OVERHEAD;
         StoredObject {
@@ -281,6 +281,26 @@ impl MemoryTier {
         (obj.meta.fresh_until >= now).then(|| obj.clone())
     }
 
+    /// A writer for one response; it gives up (stores nothing) past `limit` body bytes.
+    pub(crate) fn miss(
+        &'static self,
+        primary: HashBinary,
+        slot: Option<HashBinary>,
+        meta: &CacheMeta,
+        limit: usize,
+    ) -> MemoryMiss {
+        MemoryMiss {
+            tier: self,
+            primary,
+            slot,
+            meta: StoredMeta::from_meta(meta),
+            body: BytesMut::new(),
+            chunks: Vec::new(),
+            len: 0,
+            limit,
+        }
+    }
+
     pub fn insert(&self, primary: HashBinary, obj: StoredObject) {
         let obj = Arc::new(obj);
         self.families.entry(primary).and_compute_with(|old| {
@@ -372,7 +392,7 @@ impl Storage for MemoryTier {
         match self.get(&key.primary_bin(), variance.as_ref()) {
             Some(obj) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                let hit = MemoryHit::new(obj.body.clone());
+                let hit = MemoryHit::new(obj.body.clone(), false);
                 Ok(Some((obj.meta.to_meta(obj.slot.is_none()), Box::new(hit))))
             }
             None => {
@@ -388,14 +408,12 @@ impl Storage for MemoryTier {
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> Result<MissHandler> {
-        Ok(Box::new(MemoryMiss {
-            tier: self,
-            primary: key.primary_bin(),
-            slot: key.variance_bin(),
-            meta: StoredMeta::from_meta(meta),
-            body: BytesMut::new(),
-            chunks: Vec::new(),
-        }))
+        Ok(Box::new(self.miss(
+            key.primary_bin(),
+            key.variance_bin(),
+            meta,
+            usize::MAX,
+        )))
     }
 
     async fn purge(
@@ -477,16 +495,19 @@ pub struct MemoryHit {
     start: usize,
     end: usize,
     done: bool,
+    /// Read from the disk tier for this request (and promoted to memory).
+    pub from_disk: bool,
 }
 
 impl MemoryHit {
-    fn new(body: Bytes) -> MemoryHit {
+    pub fn new(body: Bytes, from_disk: bool) -> MemoryHit {
         let end = body.len();
         MemoryHit {
             body,
             start: 0,
             end,
             done: false,
+            from_disk,
         }
     }
 }
@@ -543,7 +564,7 @@ impl HandleHit for MemoryHit {
 
 /// Collects a response body from the origin and publishes it on `finish`. A handler dropped
 /// before `finish` (origin error, client gone) publishes nothing.
-struct MemoryMiss {
+pub(crate) struct MemoryMiss {
     tier: &'static MemoryTier,
     primary: HashBinary,
     slot: Option<HashBinary>,
@@ -551,13 +572,25 @@ struct MemoryMiss {
     body: BytesMut,
     /// The first chunk, kept as received until a second one arrives.
     chunks: Vec<Bytes>,
+    len: usize,
+    limit: usize,
 }
 
-#[async_trait]
-impl HandleMiss for MemoryMiss {
-    async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
+impl MemoryMiss {
+    /// Whether the body is still within the memory tier's object limit.
+    pub(crate) fn within_limit(&self) -> bool {
+        self.len <= self.limit
+    }
+
+    pub(crate) fn write(&mut self, data: Bytes) {
+        self.len = self.len.saturating_add(data.len());
+        if !self.within_limit() {
+            self.chunks = Vec::new();
+            self.body = BytesMut::new();
+            return;
+        }
         if data.is_empty() {
-            return Ok(());
+            return;
         }
         if self.chunks.is_empty() && self.body.is_empty() {
             self.chunks.push(data);
@@ -567,22 +600,36 @@ impl HandleMiss for MemoryMiss {
             }
             self.body.extend_from_slice(&data);
         }
+    }
+
+    /// Stores the object; returns its weight, or `None` if it was over the limit.
+    pub(crate) fn publish(self) -> Option<usize> {
+        if !self.within_limit() {
+            return None;
+        }
+        // A chunk may be a slice of a larger read buffer; storing it would pin the whole
+        // buffer, so the body is copied to an allocation of its own size (once per fill).
+        let body = match self.chunks.into_iter().next() {
+            Some(only) => Bytes::copy_from_slice(&only),
+            None if self.body.len() == self.body.capacity() => self.body.freeze(),
+            None => Bytes::copy_from_slice(&self.body),
+        };
+        let obj = StoredObject::new(self.slot, self.meta, body);
+        let weight = obj.weight;
+        self.tier.insert(self.primary, obj);
+        Some(weight)
+    }
+}
+
+#[async_trait]
+impl HandleMiss for MemoryMiss {
+    async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
+        self.write(data);
         Ok(())
     }
 
     async fn finish(self: Box<Self>) -> Result<MissFinishType> {
-        let this = *self;
-        // A chunk may be a slice of a larger read buffer; storing it would pin the whole
-        // buffer, so the body is copied to an allocation of its own size (once per fill).
-        let body = match this.chunks.into_iter().next() {
-            Some(only) => Bytes::copy_from_slice(&only),
-            None if this.body.len() == this.body.capacity() => this.body.freeze(),
-            None => Bytes::copy_from_slice(&this.body),
-        };
-        let obj = StoredObject::new(this.slot, this.meta, body);
-        let weight = obj.weight;
-        this.tier.insert(this.primary, obj);
-        Ok(MissFinishType::Created(weight))
+        Ok(MissFinishType::Created(self.publish().unwrap_or(0)))
     }
 }
 
@@ -612,12 +659,20 @@ fn prepare_for_serving(stored: &ResponseHeader, body_len: usize) -> ResponseHead
     use http::header::{ACCEPT_RANGES, AGE, CONTENT_LENGTH, TRANSFER_ENCODING};
     let status = stored.status.as_u16();
     let no_body = matches!(status, 204 | 304) || stored.status.is_informational();
-    let mut header = match ResponseHeader::build_no_case(stored.status, Some(stored.headers.len() + 5)) {
-        Ok(h) => h,
-        Err(_) => return stored.clone(),
-    };
+    let mut header =
+        match ResponseHeader::build_no_case(stored.status, Some(stored.headers.len() + 5)) {
+            Ok(h) => h,
+            Err(_) => return stored.clone(),
+        };
     for (name, value) in stored.headers.iter() {
-        let skip = [&TRANSFER_ENCODING, &CONTENT_LENGTH, &ACCEPT_RANGES, &AGE, &X_CACHE_STATUS, &CACHE_STATUS];
+        let skip = [
+            &TRANSFER_ENCODING,
+            &CONTENT_LENGTH,
+            &ACCEPT_RANGES,
+            &AGE,
+            &X_CACHE_STATUS,
+            &CACHE_STATUS,
+        ];
         if skip.contains(&name) {
             continue;
         }

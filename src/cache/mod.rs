@@ -1,15 +1,29 @@
 //! The cache: its key, its storage policy, Vary handling and its storage tiers. It owns what
 //! is stored and how it is found and invalidated; it does not see requests or origins (that is
 //! `proxy`) nor where purges come from (that is `purge`).
+//!
+//! [`Store`] is the one pingora `Storage`: memory first, then disk. A disk hit is promoted to
+//! memory when it fits; a miss is written to both tiers as it streams (write-through).
 
+pub mod disk;
 pub mod key;
 pub mod memory;
 pub mod policy;
 pub mod status;
 pub mod vary;
 
+use std::any::Any;
+
+use async_trait::async_trait;
+use pingora::cache::key::{CacheHashKey, HashBinary};
+use pingora::cache::storage::{HandleMiss, MissFinishType, PurgeOutcome, PurgeTarget, PurgeType};
+use pingora::cache::trace::SpanHandle;
+use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
+use pingora::Result;
+
+use disk::{DiskHit, DiskTier, DiskWrite};
 use key::{CacheUrl, Scheme};
-use memory::MemoryTier;
+use memory::{MemoryHit, MemoryMiss, MemoryTier, StoredMeta, StoredObject};
 
 /// What an invalidation does to the objects it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,27 +37,190 @@ pub enum PurgeMode {
 /// The storage tiers of one Skua process, shared by every request for its lifetime.
 pub struct Store {
     pub memory: MemoryTier,
+    pub disk: Option<&'static DiskTier>,
+    memory_max_object: usize,
 }
 
 impl Store {
-    pub fn new(memory_bytes: u64) -> Store {
+    pub fn new(
+        memory_bytes: u64,
+        memory_max_object: usize,
+        disk: Option<&'static DiskTier>,
+    ) -> Store {
         Store {
             memory: MemoryTier::new(memory_bytes),
+            disk,
+            memory_max_object,
         }
     }
 
-    /// Invalidates every variant of `url` under both schemes, in every tier. Returns how many
-    /// objects were affected.
-    pub fn invalidate(&self, url: &CacheUrl, mode: PurgeMode) -> usize {
-        [Scheme::Http, Scheme::Https]
-            .into_iter()
-            .map(|scheme| {
-                let primary = url.with_scheme(scheme).primary_hash();
-                match mode {
-                    PurgeMode::Delete => self.memory.purge_all(&primary),
-                    PurgeMode::Expire => self.memory.expire_all(&primary),
-                }
-            })
-            .sum()
+    /// The largest object any tier stores: pingora's per-request size limit.
+    pub fn max_object_size(&self) -> usize {
+        let disk = self.disk.map_or(0, |d| d.config.max_object_size as usize);
+        self.memory_max_object.max(disk)
+    }
+
+    /// Invalidates every variant of `url` under both schemes, in every tier, disk first so the
+    /// memory tier cannot be refilled from a stale disk copy. Returns how many objects were
+    /// affected (an object in both tiers counts once per tier).
+    pub async fn invalidate(&'static self, url: &CacheUrl, mode: PurgeMode) -> usize {
+        let mut affected = 0;
+        for scheme in [Scheme::Http, Scheme::Https] {
+            let primary = url.with_scheme(scheme).primary_hash();
+            affected += self.invalidate_primary(&primary, mode).await;
+        }
+        affected
+    }
+
+    async fn invalidate_primary(&'static self, primary: &HashBinary, mode: PurgeMode) -> usize {
+        let on_disk = match (self.disk, mode) {
+            (Some(d), PurgeMode::Delete) => d.purge_all(primary),
+            (Some(d), PurgeMode::Expire) => d.expire_all(primary).await,
+            (None, _) => 0,
+        };
+        let in_memory = match mode {
+            PurgeMode::Delete => self.memory.purge_all(primary),
+            PurgeMode::Expire => self.memory.expire_all(primary),
+        };
+        on_disk + in_memory
+    }
+}
+
+#[async_trait]
+impl Storage for Store {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        if let Some(found) = self.memory.lookup(key, trace).await? {
+            return Ok(Some(found));
+        }
+        let Some(disk) = self.disk else {
+            return Ok(None);
+        };
+        let primary = key.primary_bin();
+        let slot = key.variance_bin();
+        let Some(entry) = disk.lookup(&primary, slot.as_ref()).await else {
+            return Ok(None);
+        };
+        if entry.body_len <= (self.memory_max_object as u64).min(disk::WHOLE_READ_MAX) {
+            let Some(body) = disk.read_whole(&primary, slot.as_ref(), &entry).await else {
+                return Ok(None);
+            };
+            let stored = StoredObject::new(slot, StoredMeta::from_meta(&entry.meta), body.clone());
+            self.memory.insert(primary, stored);
+            return Ok(Some((entry.meta, Box::new(MemoryHit::new(body, true)))));
+        }
+        // Too large for memory: stream it, once its checksum is known good.
+        if !disk.verify(&primary, slot.as_ref(), &entry).await {
+            return Ok(None);
+        }
+        let hit = DiskHit::new(&entry);
+        Ok(Some((entry.meta, Box::new(hit))))
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let primary = key.primary_bin();
+        let slot = key.variance_bin();
+        let memory = self
+            .memory
+            .miss(primary, slot, meta, self.memory_max_object);
+        let mut disk_write = None;
+        let mut serialized = None;
+        if let Some(disk) = self.disk.filter(|d| d.admit(&primary)) {
+            if let Ok(pair) = meta.serialize() {
+                disk_write = disk.start_write(primary, slot).await;
+                serialized = Some(pair);
+            }
+        }
+        Ok(Box::new(TieredMiss {
+            memory,
+            disk: disk_write,
+            serialized,
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        purge_type: PurgeType,
+        trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let key = target.key();
+        if let Some(disk) = self.disk {
+            if key.variance.is_none() {
+                disk.purge_all(&key.primary);
+            }
+        }
+        self.memory.purge(target, purge_type, trace).await
+    }
+
+    async fn expire(
+        &'static self,
+        target: PurgeTarget<'_>,
+        trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let key = target.key();
+        if let Some(disk) = self.disk {
+            if key.variance.is_none() {
+                disk.expire_all(&key.primary).await;
+            }
+        }
+        self.memory.expire(target, trace).await
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        trace: &SpanHandle,
+    ) -> Result<bool> {
+        let on_disk = match self.disk {
+            Some(d) => {
+                d.update_meta(&key.primary_bin(), key.variance_bin().as_ref(), meta)
+                    .await
+            }
+            None => false,
+        };
+        let in_memory = self.memory.update_meta(key, meta, trace).await?;
+        Ok(on_disk || in_memory)
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+/// Write-through: the body goes to memory (while it fits) and to a disk file as it streams.
+struct TieredMiss {
+    memory: MemoryMiss,
+    disk: Option<DiskWrite>,
+    serialized: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+#[async_trait]
+impl HandleMiss for TieredMiss {
+    async fn write_body(&mut self, data: bytes::Bytes, _eof: bool) -> Result<()> {
+        if let Some(disk) = self.disk.as_mut() {
+            disk.write(&data).await;
+        }
+        self.memory.write(data);
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<MissFinishType> {
+        let this = *self;
+        let mut weight = 0;
+        if let (Some(disk), Some((internal, header))) = (this.disk, this.serialized) {
+            weight += disk.finish(internal, header).await.unwrap_or(0) as usize;
+        }
+        weight += this.memory.publish().unwrap_or(0);
+        Ok(MissFinishType::Created(weight))
     }
 }

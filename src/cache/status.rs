@@ -11,6 +11,8 @@ use pingora::cache::CachePhase;
 pub enum Disposition {
     /// Served from the memory tier.
     HitFront,
+    /// Served from the disk tier.
+    HitLocal,
     /// Fetched from the origin for the cache.
     Miss,
     /// Fetched from the origin, not stored: the request or the response may not be cached.
@@ -20,8 +22,9 @@ pub enum Disposition {
 }
 
 impl Disposition {
-    pub const ALL: [Disposition; 4] = [
+    pub const ALL: [Disposition; 5] = [
         Disposition::HitFront,
+        Disposition::HitLocal,
         Disposition::Miss,
         Disposition::Pass,
         Disposition::IntFront,
@@ -35,6 +38,7 @@ impl Disposition {
     pub fn as_str(self) -> &'static str {
         match self {
             Disposition::HitFront => "hit-front",
+            Disposition::HitLocal => "hit-local",
             Disposition::Miss => "miss",
             Disposition::Pass => "pass",
             Disposition::IntFront => "int-front",
@@ -69,6 +73,8 @@ pub struct Outcome {
     pub phase: CachePhase,
     /// Served by the fast path (a fresh memory hit answered before pingora's cache runs).
     pub fast_hit: bool,
+    /// The object came from the disk tier.
+    pub local_hit: bool,
     pub pass: Option<PassReason>,
     pub internal: bool,
     /// The response was stored (or is being stored) by this request.
@@ -88,6 +94,9 @@ impl Outcome {
             return Disposition::HitFront;
         }
         match self.phase {
+            CachePhase::Hit | CachePhase::Stale | CachePhase::StaleUpdating if self.local_hit => {
+                Disposition::HitLocal
+            }
             CachePhase::Hit | CachePhase::Stale | CachePhase::StaleUpdating => {
                 Disposition::HitFront
             }
@@ -109,7 +118,7 @@ impl Outcome {
             Err(e) => -(e.duration().as_secs_f64().ceil() as i64),
         });
         match self.disposition() {
-            Disposition::HitFront => {
+            Disposition::HitFront | Disposition::HitLocal => {
                 s.push_str("; hit");
                 if let Some(ttl) = ttl {
                     s.push_str(&format!("; ttl={ttl}"));

@@ -133,6 +133,33 @@ pub struct CacheFile {
     pub lock_timeout: String,
     #[serde(default)]
     pub bypass: BypassFile,
+    /// The disk tier. Off unless `path` is set.
+    #[serde(default)]
+    pub disk: DiskFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiskFile {
+    /// Directory of the disk tier; created if missing. Empty (the default): no disk tier.
+    pub path: String,
+    /// Disk tier capacity in bytes (bodies and metadata). Default 1073741824 (1 GiB).
+    pub size: u64,
+    /// Largest object stored on disk, in bytes. Default 67108864 (64 MiB).
+    pub max_object_size: u64,
+    /// Store an object on disk on its N-th miss; 1 stores on the first. Default 1.
+    pub min_uses: u32,
+}
+
+impl Default for DiskFile {
+    fn default() -> Self {
+        DiskFile {
+            path: String::new(),
+            size: 1 << 30,
+            max_object_size: 64 << 20,
+            min_uses: 1,
+        }
+    }
 }
 
 impl Default for CacheFile {
@@ -147,6 +174,7 @@ impl Default for CacheFile {
             heuristic_max: "1d".into(),
             lock_timeout: "10s".into(),
             bypass: BypassFile::default(),
+            disk: DiskFile::default(),
         }
     }
 }

@@ -66,6 +66,7 @@ pub struct CacheConfig {
     pub lock_timeout: Duration,
     pub bypass_cookies: Vec<Regex>,
     pub bypass_authorization: bool,
+    pub disk: Option<crate::cache::disk::DiskConfig>,
 }
 
 #[derive(Debug, Clone)]

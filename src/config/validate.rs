@@ -327,6 +327,43 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             ),
         }
     }
+    let d = &k.disk;
+    let disk_at = |key: &'static str| [Key("cache"), Key("disk"), Key(key)];
+    let disk = if d.path.is_empty() {
+        None
+    } else {
+        if d.size < 1 << 20 {
+            c.report(
+                &disk_at("size"),
+                format!("must be at least 1048576 bytes (1 MiB), got {}", d.size),
+            );
+        }
+        // The disk index weighs entries with a u32.
+        if d.max_object_size == 0 || d.max_object_size > u32::MAX as u64 / 2 {
+            c.report(
+                &disk_at("max_object_size"),
+                format!(
+                    "must be between 1 and {} bytes, got {}",
+                    u32::MAX / 2,
+                    d.max_object_size
+                ),
+            );
+        } else if d.max_object_size > d.size {
+            c.report(
+                &disk_at("max_object_size"),
+                format!("must not exceed cache.disk.size ({})", d.size),
+            );
+        }
+        if d.min_uses == 0 {
+            c.report(&disk_at("min_uses"), "must be at least 1");
+        }
+        Some(crate::cache::disk::DiskConfig {
+            path: d.path.clone().into(),
+            size: d.size,
+            max_object_size: d.max_object_size,
+            min_uses: d.min_uses.max(1),
+        })
+    };
     let cache = CacheConfig {
         memory_size: k.memory_size,
         max_object_size: k.max_object_size as usize,
@@ -338,6 +375,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         lock_timeout,
         bypass_cookies,
         bypass_authorization: k.bypass.authorization,
+        disk,
     };
 
     // [purge]

@@ -15,6 +15,8 @@ pub struct DemoOptions {
     pub admin: SocketAddr,
     /// `s-maxage` the sample origin sends, in seconds.
     pub s_maxage: u64,
+    /// Directory of the demo's disk tier.
+    pub cache_dir: std::path::PathBuf,
 }
 
 /// The configuration the demo runs with: the defaults, pointed at the sample origin.
@@ -22,6 +24,12 @@ pub fn config(opts: &DemoOptions) -> Config {
     let mut config = Config::defaults();
     config.server.listen = vec![opts.proxy];
     config.server.admin = Some(opts.admin);
+    config.cache.disk = Some(crate::cache::disk::DiskConfig {
+        path: opts.cache_dir.clone(),
+        size: 1 << 30,
+        max_object_size: 64 << 20,
+        min_uses: 1,
+    });
     if let Some(pool) = config.origins.first_mut() {
         pool.name = "wiki".into();
         pool.addresses = vec![opts.origin];

@@ -152,7 +152,13 @@ impl Metrics {
     }
 
     /// Counts one answered request.
-    pub fn observe_request(&self, disposition: Disposition, status: u16, seconds: f64, body_bytes: u64) {
+    pub fn observe_request(
+        &self,
+        disposition: Disposition,
+        status: u16,
+        seconds: f64,
+        body_bytes: u64,
+    ) {
         if let Some(series) = self.per_request.get(disposition.index()) {
             series.by_class[class_index(status)].inc();
             series.duration.observe(seconds);

@@ -32,10 +32,11 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use crate::cache::disk::DiskHit;
 use crate::cache::key::{CacheUrl, Scheme};
+use crate::cache::memory::{MemoryHit, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::policy::StoragePolicy;
 use crate::cache::status::{Outcome, PassReason};
-use crate::cache::memory::{CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::{vary, PurgeMode, Store};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -59,7 +60,6 @@ pub struct Shared {
     pub store: &'static Store,
     lock: &'static CacheKeyLockImpl,
     lock_timeout: std::time::Duration,
-    max_object_size: usize,
     policy: StoragePolicy,
     bypass_cookies: Vec<regex::Regex>,
     bypass_authorization: bool,
@@ -82,7 +82,6 @@ impl Shared {
             store,
             lock,
             lock_timeout: config.cache.lock_timeout,
-            max_object_size: config.cache.max_object_size,
             policy: StoragePolicy::from(&config.cache),
             bypass_cookies: config.cache.bypass_cookies.clone(),
             bypass_authorization: config.cache.bypass_authorization,
@@ -111,6 +110,7 @@ pub struct RequestCtx {
     pass: Option<PassReason>,
     internal: bool,
     fast_hit: bool,
+    local_hit: bool,
     stored: bool,
     fresh_until: Option<SystemTime>,
     fwd_status: Option<u16>,
@@ -151,7 +151,7 @@ impl Skua {
             }
         };
         let mode = purge::http::mode(session.req_header());
-        let affected = self.shared.store.invalidate(&url, mode);
+        let affected = self.shared.store.invalidate(&url, mode).await;
         if affected > 0 {
             metrics.purges.with_label_values(&["http", "purged"]).inc();
             let verb = match mode {
@@ -224,7 +224,9 @@ impl Skua {
         resp.insert_header(header::AGE, age)?;
         // The stored header already says `X-Cache-Status: hit-front`; Cache-Status carries this
         // hit's ttl after any members from caches before this one.
-        let ours = self.outcome(session, ctx).cache_status(&self.shared.name, now);
+        let ours = self
+            .outcome(session, ctx)
+            .cache_status(&self.shared.name, now);
         let value = match &obj.meta.upstream_cache_status {
             Some(upstream) => format!("{}, {ours}", String::from_utf8_lossy(upstream.as_bytes())),
             None => ours,
@@ -248,6 +250,7 @@ impl Skua {
         Outcome {
             phase: session.cache.phase(),
             fast_hit: ctx.fast_hit,
+            local_hit: ctx.local_hit,
             pass: ctx.pass,
             internal: ctx.internal,
             stored: ctx.stored,
@@ -259,9 +262,12 @@ impl Skua {
     /// RFC 9111 §4.4: "A cache MUST invalidate the target URI when it receives a non-error
     /// status code in response to an unsafe request method", and may invalidate the URIs in
     /// `Location` and `Content-Location` when they share the target's host.
-    fn invalidate_after_unsafe(&self, ctx: &RequestCtx, resp: &ResponseHeader) {
+    async fn invalidate_after_unsafe(&self, ctx: &RequestCtx, resp: &ResponseHeader) {
         let Some(target) = &ctx.url else { return };
-        self.shared.store.invalidate(target, PurgeMode::Delete);
+        self.shared
+            .store
+            .invalidate(target, PurgeMode::Delete)
+            .await;
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let Some(value) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
                 continue;
@@ -272,7 +278,10 @@ impl Skua {
                 CacheUrl::parse_absolute(value).ok()
             };
             if let Some(other) = other.filter(|o| o.host == target.host) {
-                self.shared.store.invalidate(&other, PurgeMode::Delete);
+                self.shared
+                    .store
+                    .invalidate(&other, PurgeMode::Delete)
+                    .await;
             }
         }
     }
@@ -289,6 +298,7 @@ impl ProxyHttp for Skua {
             pass: None,
             internal: false,
             fast_hit: false,
+            local_hit: false,
             stored: false,
             fresh_until: None,
             fwd_status: None,
@@ -354,7 +364,7 @@ impl ProxyHttp for Skua {
         let mut overrides = CacheOptionOverrides::default();
         overrides.wait_timeout = Some(self.shared.lock_timeout);
         session.cache.enable(
-            &self.shared.store.memory,
+            self.shared.store,
             None,
             None,
             Some(self.shared.lock),
@@ -362,7 +372,7 @@ impl ProxyHttp for Skua {
         );
         session
             .cache
-            .set_max_file_size_bytes(self.shared.max_object_size);
+            .set_max_file_size_bytes(self.shared.store.max_object_size());
         Ok(())
     }
 
@@ -389,11 +399,14 @@ impl ProxyHttp for Skua {
         &self,
         _session: &mut Session,
         meta: &CacheMeta,
-        _hit_handler: &mut HitHandler,
+        hit_handler: &mut HitHandler,
         _is_fresh: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<pingora::cache::ForcedFreshness>> {
         ctx.fresh_until = Some(meta.fresh_until());
+        let any = hit_handler.as_any();
+        ctx.local_hit =
+            any.is::<DiskHit>() || any.downcast_ref::<MemoryHit>().is_some_and(|h| h.from_disk);
         Ok(None)
     }
 
@@ -481,7 +494,7 @@ impl ProxyHttp for Skua {
             && method.as_str() != "TRACE";
         let status = resp.status.as_u16();
         if unsafe_method && (200..400).contains(&status) {
-            self.invalidate_after_unsafe(ctx, resp);
+            self.invalidate_after_unsafe(ctx, resp).await;
         }
         if status == 304 && session.cache.enabled() {
             ctx.fwd_status = Some(304);
@@ -551,8 +564,14 @@ impl ProxyHttp for Skua {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let outcome = self.outcome(session, ctx);
-        resp.insert_header(X_CACHE_STATUS, HeaderValue::from_static(outcome.disposition().as_str()))?;
-        resp.append_header(CACHE_STATUS, outcome.cache_status(&self.shared.name, SystemTime::now()))?;
+        resp.insert_header(
+            X_CACHE_STATUS,
+            HeaderValue::from_static(outcome.disposition().as_str()),
+        )?;
+        resp.append_header(
+            CACHE_STATUS,
+            outcome.cache_status(&self.shared.name, SystemTime::now()),
+        )?;
         Ok(())
     }
 

@@ -219,8 +219,85 @@ impl Skua {
 
     /// As [`Skua::start`], with `cache` lines placed inside the `[cache]` table.
     pub async fn start_with(origins: &[SocketAddr], cache: &str, extra: &str) -> Skua {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        Skua::start_in(
+            tempfile::tempdir().unwrap(),
+            free_port(),
+            origins,
+            cache,
+            extra,
+        )
+        .await
+    }
+
+    /// Starts Skua with a disk tier in `disk` (which outlives this process, for restarts).
+    pub async fn start_disk(
+        origins: &[SocketAddr],
+        disk: &std::path::Path,
+        disk_lines: &str,
+        extra: &str,
+    ) -> Skua {
+        Skua::start_disk_on(free_port(), origins, disk, disk_lines, extra).await
+    }
+
+    /// As [`Skua::start_disk`] on a given port: a restarted Skua must listen where the old one
+    /// did, since the port is part of every cache key.
+    pub async fn start_disk_on(
+        port: u16,
+        origins: &[SocketAddr],
+        disk: &std::path::Path,
+        disk_lines: &str,
+        extra: &str,
+    ) -> Skua {
+        let extra = format!(
+            "[cache.disk]\npath = \"{}\"\n{disk_lines}\n\n{extra}",
+            disk.display()
+        );
+        let skua = Skua::start_in(tempfile::tempdir().unwrap(), port, origins, "", &extra).await;
+        skua.wait_disk_index().await;
+        skua
+    }
+
+    /// Waits until the disk index has loaded (it loads in the background at start-up).
+    pub async fn wait_disk_index(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.stats().await["tiers"]["disk"]["index_loaded"] == true {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("disk index never loaded");
+    }
+
+    /// SIGTERM: pingora's graceful stop. Waits for the process to exit.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// kill -9: no chance to clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        port: u16,
+        origins: &[SocketAddr],
+        cache: &str,
+        extra: &str,
+    ) -> Skua {
         let admin_port = free_port();
         let addresses: Vec<String> = origins.iter().map(|a| format!("\"{a}\"")).collect();
         let config = format!(

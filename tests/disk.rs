@@ -1,0 +1,312 @@
+//! The disk tier: persistence across restarts, its bound, damage detection, large objects and
+//! invalidation, through the real binary and real files.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::support::*;
+
+fn files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(suffix) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn bytes_on_disk(dir: &Path) -> u64 {
+    files(dir, "")
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+fn page(body: &str) -> Reply {
+    Reply::ok(body.to_string())
+        .header("cache-control", "max-age=600")
+        .header("etag", "\"p1\"")
+}
+
+#[tokio::test]
+async fn restart_serves_from_disk_after_sigterm_and_kill_9() {
+    let origin = Origin::start(|req| page(&format!("body of {}", req.path))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
+    let port = skua.addr.port();
+    for i in 0..20 {
+        assert_eq!(
+            get(&skua.url(&format!("/p/{i}")), &[]).await.cache(),
+            "miss"
+        );
+    }
+    skua.stop();
+
+    for round in ["graceful", "kill -9"] {
+        let mut again = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+        for i in 0..20 {
+            let r = get(&again.url(&format!("/p/{i}")), &[]).await;
+            assert_eq!(r.text(), format!("body of /p/{i}"), "{round}");
+            if round == "graceful" {
+                assert_eq!(r.cache(), "hit-local", "{round}: /p/{i} {:?}", r.headers);
+                let age: u64 = r.header("age").parse().unwrap();
+                assert!(age < 60, "{round}: Age {age}");
+                // Promoted: the next hit is from memory.
+                assert_eq!(
+                    get(&again.url(&format!("/p/{i}")), &[]).await.cache(),
+                    "hit-front"
+                );
+            }
+            assert_eq!(
+                origin.count(&format!("/p/{i}")),
+                1,
+                "{round}: origin count moved"
+            );
+        }
+        // What this run stores survives its own end, graceful or kill -9.
+        get(&again.url(&format!("/new/{}", round.len())), &[]).await;
+        if round == "graceful" {
+            again.stop();
+        } else {
+            again.kill9();
+        }
+    }
+    let last = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    for n in ["graceful".len(), "kill -9".len()] {
+        assert_eq!(
+            get(&last.url(&format!("/new/{n}")), &[]).await.cache(),
+            "hit-local"
+        );
+        assert_eq!(origin.count(&format!("/new/{n}")), 1);
+    }
+}
+
+#[tokio::test]
+async fn disk_bound_holds_after_writing_three_times_its_size() {
+    let origin =
+        Origin::start(|_| Reply::ok(vec![b'd'; 64 * 1024]).header("cache-control", "max-age=600"))
+            .await;
+    let dir = tempfile::tempdir().unwrap();
+    let size = 2 * 1024 * 1024u64;
+    let max_object = 128 * 1024u64;
+    let lines = format!("size = {size}\nmax_object_size = {max_object}");
+    let skua = Skua::start_disk(&[origin.addr], dir.path(), &lines, "").await;
+    let client = client();
+    for i in 0..(3 * size / (64 * 1024)) {
+        let r = send(&client, "GET", &skua.url(&format!("/o/{i}")), &[]).await;
+        assert_eq!(r.body.len(), 64 * 1024);
+    }
+    // Evicted files are unlinked by a background thread: give it a moment.
+    let mut on_disk = u64::MAX;
+    for _ in 0..100 {
+        on_disk = bytes_on_disk(dir.path());
+        if on_disk <= size + max_object {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        on_disk <= size + max_object,
+        "{on_disk} bytes on disk > {size} + {max_object}"
+    );
+    let stats = skua.stats().await;
+    assert!(stats["tiers"]["disk"]["evictions"].as_u64().unwrap() > 0);
+    assert!(on_disk > size / 2, "the tier is used: {on_disk}");
+}
+
+#[tokio::test]
+async fn damaged_entries_are_never_served() {
+    let origin =
+        Origin::start(|req| page(&format!("{} original body, long enough to flip", req.path)))
+            .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
+    let port = skua.addr.port();
+    for path in ["/truncated", "/flipped", "/meta-flipped"] {
+        get(&skua.url(path), &[]).await;
+    }
+    skua.stop();
+    let bodies = files(dir.path(), ".body");
+    let metas = files(dir.path(), ".meta");
+    assert_eq!((bodies.len(), metas.len()), (3, 3));
+    // Which file is which: the body text names its path.
+    let find = |needle: &str| {
+        bodies
+            .iter()
+            .find(|p| String::from_utf8_lossy(&std::fs::read(p).unwrap()).contains(needle))
+            .unwrap()
+            .clone()
+    };
+    let truncated = find("/truncated ");
+    let flipped = find("/flipped ");
+    let meta_victim = find("/meta-flipped ");
+    let len = std::fs::metadata(&truncated).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&truncated)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+    let mut bytes = std::fs::read(&flipped).unwrap();
+    bytes[5] ^= 0x01;
+    std::fs::write(&flipped, &bytes).unwrap();
+    let meta = PathBuf::from(
+        meta_victim
+            .to_string_lossy()
+            .rsplit_once('-')
+            .unwrap()
+            .0
+            .to_string()
+            + ".meta",
+    );
+    let mut bytes = std::fs::read(&meta).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&meta, &bytes).unwrap();
+
+    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    for path in ["/truncated", "/flipped", "/meta-flipped"] {
+        let r = get(&skua.url(path), &[]).await;
+        assert_eq!(r.cache(), "miss", "{path}");
+        assert_eq!(
+            r.text(),
+            format!("{path} original body, long enough to flip")
+        );
+        assert_eq!(origin.count(path), 2, "{path} refetched");
+    }
+    assert_eq!(skua.stats().await["tiers"]["disk"]["corrupt_dropped"], 3);
+}
+
+#[tokio::test]
+async fn fifty_mib_object_round_trips_byte_identical() {
+    let big: bytes::Bytes = (0..50 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let body = big.clone();
+    let origin = Origin::start(move |_| {
+        Reply {
+            body: body.clone(),
+            ..Reply::ok("")
+        }
+        .header("cache-control", "max-age=600")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let lines = "size = 268435456\nmax_object_size = 67108864";
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), lines, "").await;
+    let port = skua.addr.port();
+    let first = get(&skua.url("/big"), &[]).await;
+    assert_eq!(first.body.len(), big.len());
+    assert!(first.body == big);
+    let second = get(&skua.url("/big"), &[]).await;
+    assert_eq!(second.cache(), "hit-local");
+    assert!(second.body == big, "disk hit is byte-identical");
+    let part = get(&skua.url("/big"), &[("range", "bytes=40000000-40000009")]).await;
+    assert_eq!(part.status, 206);
+    assert_eq!(&part.body[..], &big[40_000_000..40_000_010]);
+    skua.stop();
+    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), lines, "").await;
+    let after = get(&skua.url("/big"), &[]).await;
+    assert_eq!(after.cache(), "hit-local");
+    assert!(after.body == big, "after a restart too");
+    assert_eq!(origin.count("/big"), 1);
+}
+
+#[tokio::test]
+async fn purge_and_soft_purge_reach_disk() {
+    let origin = Origin::start(|req| {
+        if req.header("if-none-match") == Some("\"p1\"") {
+            return Reply::ok("")
+                .status(304)
+                .header("etag", "\"p1\"")
+                .header("cache-control", "max-age=600");
+        }
+        page("page")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
+    let port = skua.addr.port();
+    get(&skua.url("/hard"), &[]).await;
+    get(&skua.url("/soft"), &[]).await;
+    assert_eq!(
+        send(&client(), "PURGE", &skua.url("/hard"), &[])
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        send(
+            &client(),
+            "PURGE",
+            &skua.url("/soft"),
+            &[("skua-soft-purge", "1")]
+        )
+        .await
+        .status,
+        204
+    );
+    skua.stop();
+    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let hard = get(&skua.url("/hard"), &[]).await;
+    assert_eq!(
+        hard.cache(),
+        "miss",
+        "a purged object is not served from disk"
+    );
+    assert_eq!(origin.count("/hard"), 2);
+    let soft = get(&skua.url("/soft"), &[]).await;
+    assert_eq!(soft.text(), "page");
+    assert!(
+        soft.header("cache-status").contains("fwd-status=304"),
+        "{:?}",
+        soft.headers
+    );
+    assert_eq!(
+        origin.requests("/soft")[1].header("if-none-match"),
+        Some("\"p1\"")
+    );
+}
+
+#[tokio::test]
+async fn revalidation_updates_the_stored_headers_on_disk() {
+    let origin = Origin::start(|req| {
+        if req.header("if-none-match") == Some("\"p1\"") {
+            return Reply::ok("")
+                .status(304)
+                .header("etag", "\"p1\"")
+                .header("cache-control", "max-age=600");
+        }
+        Reply::ok("page")
+            .header("etag", "\"p1\"")
+            .header("cache-control", "max-age=1")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
+    let port = skua.addr.port();
+    get(&skua.url("/r"), &[]).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let refreshed = get(&skua.url("/r"), &[]).await;
+    assert!(refreshed.header("cache-status").contains("fwd-status=304"));
+    skua.stop();
+    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let r = get(&skua.url("/r"), &[]).await;
+    assert_eq!(
+        r.cache(),
+        "hit-local",
+        "fresh after the 304 refreshed it on disk"
+    );
+    assert_eq!(r.header("cache-control"), "max-age=600");
+    assert_eq!(r.text(), "page");
+    assert_eq!(origin.count("/r"), 2);
+}
