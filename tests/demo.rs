@@ -17,17 +17,18 @@ impl Drop for Demo {
     }
 }
 
-async fn start_demo() -> Demo {
-    let (p, o, a) = (free_port(), free_port(), free_port());
+async fn start_demo(cache_dir: &std::path::Path) -> Demo {
+    start_demo_on((free_port(), free_port(), free_port()), cache_dir).await
+}
+
+async fn start_demo_on((p, o, a): (u16, u16, u16), cache_dir: &std::path::Path) -> Demo {
     let child = Command::new(skua_bin())
-        .args([
-            "demo",
-            "--proxy",
-            &format!("127.0.0.1:{p}"),
-            "--origin",
-            &format!("127.0.0.1:{o}"),
-        ])
+        .arg("demo")
+        .args(["--proxy", &format!("127.0.0.1:{p}")])
+        .args(["--origin", &format!("127.0.0.1:{o}")])
         .args(["--admin", &format!("127.0.0.1:{a}")])
+        .arg("--cache-dir")
+        .arg(cache_dir)
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -51,7 +52,8 @@ async fn origin_stats(demo: &Demo, path: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn demo_miss_hit_and_edit() {
-    let demo = start_demo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(dir.path()).await;
     let url = format!("http://{}/wiki/Main_Page", demo.proxy);
     let first = get(&url, &[]).await;
     assert_eq!((first.status, first.cache()), (200, "miss"));
@@ -82,10 +84,36 @@ async fn demo_miss_hit_and_edit() {
 
 #[tokio::test]
 async fn demo_collapses_200_cold_requests() {
-    let demo = start_demo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(dir.path()).await;
     let url = format!("http://{}/wiki/Cold_Page", demo.proxy);
     let client = client();
     let all = futures::future::join_all((0..200).map(|_| send(&client, "GET", &url, &[]))).await;
     assert!(all.iter().all(|r| r.status == 200));
     assert_eq!(origin_stats(&demo, "/wiki/Cold_Page").await["fetches"], 1);
+}
+
+#[tokio::test]
+async fn restarted_demo_serves_from_its_disk_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = (free_port(), free_port(), free_port());
+    let demo = start_demo_on(ports, dir.path()).await;
+    let url = format!("http://{}/wiki/Persistent", demo.proxy);
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
+    drop(demo);
+    let demo = start_demo_on(ports, dir.path()).await;
+    // The index loads in the background; it is quick for one page, but allow for it.
+    let mut status = String::new();
+    for _ in 0..50 {
+        let r = get(&url, &[]).await;
+        status = r.cache().to_string();
+        if status != "miss" {
+            assert!(r.text().contains("Persistent"));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, "hit-local");
+    // The restarted origin never served the page: it came from disk.
+    assert!(origin_stats(&demo, "/wiki/Persistent").await.is_null());
 }
