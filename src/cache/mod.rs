@@ -104,15 +104,14 @@ impl Storage for Store {
         let Some(entry) = disk.lookup(&primary, slot.as_ref()).await else {
             return Ok(None);
         };
-        if entry.body_len <= (self.memory_max_object as u64).min(disk::WHOLE_READ_MAX) {
-            let Some(body) = disk.read_whole(&primary, slot.as_ref(), &entry).await else {
-                return Ok(None);
-            };
-            let stored = StoredObject::new(slot, StoredMeta::from_meta(&entry.meta), body.clone());
-            self.memory.insert(primary, stored);
+        if let Some(body) = entry.body.clone() {
+            if body.len() <= self.memory_max_object {
+                let stored = StoredObject::new(slot, StoredMeta::from_meta(&entry.meta), body.clone());
+                self.memory.insert(primary, stored);
+            }
             return Ok(Some((entry.meta, Box::new(MemoryHit::new(body, true)))));
         }
-        // Too large for memory: stream it, once its checksum is known good.
+        // Large: stream it from disk, once its checksum is known good.
         if !disk.verify(&primary, slot.as_ref(), &entry).await {
             return Ok(None);
         }

@@ -98,6 +98,8 @@ pub struct DiskEntry {
     pub meta: CacheMeta,
     pub file: Arc<File>,
     pub body_len: u64,
+    /// The whole body, already checked, for bodies up to [`WHOLE_READ_MAX`].
+    pub body: Option<Bytes>,
     gen: u64,
     body_crc: u32,
     verified: Arc<AtomicBool>,
@@ -237,92 +239,74 @@ impl DiskTier {
             return None;
         };
         let paths = self.paths(primary, slot);
-        let read = tokio::task::spawn_blocking(move || -> Result<(MetaFile, File), ReadError> {
-            let meta = format::read_meta(&paths.meta())?;
-            let file = File::open(paths.body(meta.gen))?;
-            Ok((meta, file))
+        // One trip to the blocking pool per lookup: meta, body length, and (for bodies up to
+        // WHOLE_READ_MAX) the body itself with its checksum checked.
+        let read = tokio::task::spawn_blocking(move || -> Result<Loaded, (ReadError, u64)> {
+            let meta_file = format::read_meta(&paths.meta()).map_err(|e| (e, found.gen))?;
+            let gen = meta_file.gen;
+            let file = File::open(paths.body(gen)).map_err(|e| (e.into(), gen))?;
+            let len = file.metadata().map_err(|e| (e.into(), gen))?.len();
+            if len != meta_file.body_len {
+                return Err((ReadError::Corrupt("body length differs from its meta"), gen));
+            }
+            let meta = CacheMeta::deserialize(&meta_file.internal, &meta_file.header)
+                .map_err(|_| (ReadError::Corrupt("metadata does not decode"), gen))?;
+            let body = if len <= WHOLE_READ_MAX {
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, 0).map_err(|e| (e.into(), gen))?;
+                if crc32fast::hash(&buf) != meta_file.body_crc {
+                    return Err((ReadError::Corrupt("body checksum mismatch"), gen));
+                }
+                Some(Bytes::from(buf))
+            } else {
+                None
+            };
+            Ok(Loaded {
+                meta,
+                file,
+                body,
+                gen,
+                body_len: len,
+                body_crc: meta_file.body_crc,
+            })
         })
         .await;
-        let (meta_file, file) = match read {
+        let loaded = match read {
             Ok(Ok(v)) => v,
-            Ok(Err(ReadError::Missing)) => {
+            Ok(Err((ReadError::Missing, gen))) => {
                 // Removed by another process sharing the directory, or mid-replacement.
-                self.forget(primary, slot, Some(found.gen));
+                self.forget(primary, slot, Some(gen));
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
-            Ok(Err(ReadError::Corrupt(why))) => {
-                self.drop_corrupt(primary, slot, found.gen, why);
+            Ok(Err((ReadError::Corrupt(why), gen))) => {
+                self.drop_corrupt(primary, slot, gen, why);
                 return None;
             }
-            Ok(Err(ReadError::Io(e))) => {
+            Ok(Err((ReadError::Io(e), _))) => {
                 tracing::warn!(error = %e, "disk cache read failed");
                 return None;
             }
             Err(_) => return None,
         };
-        let len_ok = file
-            .metadata()
-            .map(|m| m.len() == meta_file.body_len)
-            .unwrap_or(false);
-        if !len_ok {
-            self.drop_corrupt(
-                primary,
-                slot,
-                meta_file.gen,
-                "body length differs from its meta",
-            );
-            return None;
-        }
-        let meta = match CacheMeta::deserialize(&meta_file.internal, &meta_file.header) {
-            Ok(m) => m,
-            Err(_) => {
-                self.drop_corrupt(primary, slot, meta_file.gen, "metadata does not decode");
-                return None;
-            }
-        };
-        let verified = if meta_file.gen == found.gen {
+        let verified = if loaded.gen == found.gen {
             found.verified
         } else {
             Arc::new(AtomicBool::new(false))
         };
+        if loaded.body.is_some() {
+            verified.store(true, Ordering::Relaxed);
+        }
         self.counters.hits.fetch_add(1, Ordering::Relaxed);
         Some(DiskEntry {
-            meta,
-            file: Arc::new(file),
-            body_len: meta_file.body_len,
-            gen: meta_file.gen,
-            body_crc: meta_file.body_crc,
+            meta: loaded.meta,
+            file: Arc::new(loaded.file),
+            body_len: loaded.body_len,
+            body: loaded.body,
+            gen: loaded.gen,
+            body_crc: loaded.body_crc,
             verified,
         })
-    }
-
-    /// Reads a whole body and checks it. `None` (and the entry dropped) if it is damaged.
-    pub async fn read_whole(
-        &'static self,
-        primary: &HashBinary,
-        slot: Option<&HashBinary>,
-        entry: &DiskEntry,
-    ) -> Option<Bytes> {
-        let file = entry.file.clone();
-        let len = entry.body_len;
-        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, 0)?;
-            Ok(buf)
-        })
-        .await;
-        match read {
-            Ok(Ok(buf)) if crc32fast::hash(&buf) == entry.body_crc => {
-                entry.verified.store(true, Ordering::Relaxed);
-                Some(Bytes::from(buf))
-            }
-            Ok(Ok(_)) | Ok(Err(_)) => {
-                self.drop_corrupt(primary, slot, entry.gen, "body checksum mismatch");
-                None
-            }
-            Err(_) => None,
-        }
     }
 
     /// Checks a large body's checksum by reading it through once, unless already checked.
@@ -636,6 +620,16 @@ impl DiskTier {
             "disk cache index loaded"
         );
     }
+}
+
+/// What the blocking half of a lookup read.
+struct Loaded {
+    meta: CacheMeta,
+    file: File,
+    body: Option<Bytes>,
+    gen: u64,
+    body_len: u64,
+    body_crc: u32,
 }
 
 /// A URL's primary key and variant slot.
