@@ -106,7 +106,8 @@ impl Storage for Store {
         };
         if let Some(body) = entry.body.clone() {
             if body.len() <= self.memory_max_object {
-                let stored = StoredObject::new(slot, StoredMeta::from_meta(&entry.meta), body.clone());
+                let stored =
+                    StoredObject::new(slot, StoredMeta::from_meta(&entry.meta), body.clone());
                 self.memory.insert(primary, stored);
             }
             return Ok(Some((entry.meta, Box::new(MemoryHit::new(body, true)))));

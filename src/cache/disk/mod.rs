@@ -253,7 +253,8 @@ impl DiskTier {
                 .map_err(|_| (ReadError::Corrupt("metadata does not decode"), gen))?;
             let body = if len <= WHOLE_READ_MAX {
                 let mut buf = vec![0u8; len as usize];
-                file.read_exact_at(&mut buf, 0).map_err(|e| (e.into(), gen))?;
+                file.read_exact_at(&mut buf, 0)
+                    .map_err(|e| (e.into(), gen))?;
                 if crc32fast::hash(&buf) != meta_file.body_crc {
                     return Err((ReadError::Corrupt("body checksum mismatch"), gen));
                 }
