@@ -310,3 +310,24 @@ async fn revalidation_updates_the_stored_headers_on_disk() {
     assert_eq!(r.text(), "page");
     assert_eq!(origin.count("/r"), 2);
 }
+
+#[tokio::test]
+async fn admission_stores_on_the_nth_miss() {
+    let origin = Origin::start(|_| page("admitted")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let skua = Skua::start_disk(&[origin.addr], dir.path(), "min_uses = 2", "").await;
+    let url = skua.url("/twice");
+    get(&url, &[]).await;
+    assert_eq!(
+        skua.stats().await["tiers"]["disk"]["stores"],
+        0,
+        "not on the first miss"
+    );
+    send(&client(), "PURGE", &url, &[]).await;
+    get(&url, &[]).await;
+    assert_eq!(
+        skua.stats().await["tiers"]["disk"]["stores"],
+        1,
+        "stored on the second"
+    );
+}
