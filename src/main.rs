@@ -37,6 +37,18 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Send purges: one HTCP CLR per URL, as MediaWiki does for `$wgHTCPRouting`.
+    Purge {
+        /// UDP address of an HTCP receiver (e.g. 127.0.0.1:4827 or a multicast group).
+        #[arg(long, value_name = "ADDR")]
+        htcp: SocketAddr,
+        /// Write packets the way Squid 5.7 does instead of MediaWiki's.
+        #[arg(long)]
+        squid: bool,
+        /// Absolute URLs to purge.
+        #[arg(required = true, value_name = "URL")]
+        urls: Vec<String>,
+    },
     /// A sample wiki origin with Skua in front of it; no configuration needed.
     Demo {
         /// Where Skua listens.
@@ -51,6 +63,9 @@ enum Command {
         /// Seconds pages stay fresh (the origin's s-maxage).
         #[arg(long, default_value_t = 300)]
         s_maxage: u64,
+        /// Where the demo listens for HTCP CLR purges (UDP).
+        #[arg(long, default_value = "127.0.0.1:4827")]
+        htcp: SocketAddr,
         /// Directory of the demo's disk tier; a demo restarted with the same directory serves
         /// what it cached before from disk.
         #[arg(long, default_value = "./skua-demo-cache")]
@@ -99,11 +114,39 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Purge { htcp, squid, urls } => {
+            let dialect = if squid {
+                skua::purge::htcp::Dialect::Squid
+            } else {
+                skua::purge::htcp::Dialect::MediaWiki
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("skua: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(skua::purge::receiver::send(htcp, &urls, dialect)) {
+                Ok(()) => {
+                    println!("sent {} HTCP CLR packet(s) to {htcp}", urls.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("skua: sending HTCP to {htcp}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo {
             proxy,
             origin,
             admin,
             s_maxage,
+            htcp,
             cache_dir,
         } => {
             init_logging();
@@ -112,6 +155,7 @@ fn main() -> ExitCode {
                 origin,
                 admin,
                 s_maxage,
+                htcp,
                 cache_dir,
             };
             match skua::demo::run(opts) {

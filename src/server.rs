@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
+use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
 use crate::admin::Admin;
@@ -14,6 +15,7 @@ use crate::cache::Store;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{Shared, Skua};
+use crate::purge::receiver::HtcpReceiver;
 use crate::upstream::Pools;
 
 /// A server ready to run, plus the state its services share.
@@ -61,6 +63,10 @@ pub fn build(config: &Config) -> anyhow::Result<Built> {
     server.add_service(proxy);
     for h in health {
         server.add_service(h);
+    }
+    if let Some(htcp) = &config.purge.htcp {
+        let receiver = HtcpReceiver::new(htcp.clone(), store, shared.metrics.clone());
+        server.add_service(background_service("htcp receiver", receiver));
     }
     if let Some(admin_addr) = config.server.admin {
         let mut admin = Service::new("skua admin".to_string(), Admin::new(shared.clone()));

@@ -6,4 +6,5 @@ mod cache;
 mod config;
 mod demo;
 mod disk;
+mod htcp;
 mod purge;

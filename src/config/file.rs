@@ -204,12 +204,39 @@ impl Default for BypassFile {
 pub struct PurgeFile {
     /// Networks (CIDR) allowed to send PURGE. Default loopback only.
     pub allow: Vec<String>,
+    /// The HTCP CLR receiver (MediaWiki's `$wgHTCPRouting`, Squid's `htcp_port`).
+    pub htcp: HtcpFile,
 }
 
 impl Default for PurgeFile {
     fn default() -> Self {
         PurgeFile {
             allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            htcp: HtcpFile::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HtcpFile {
+    /// UDP address to receive CLR packets on, e.g. "0.0.0.0:4827". Empty (the default): off.
+    pub listen: String,
+    /// Networks (CIDR) whose packets are applied. Default loopback only.
+    pub allow: Vec<String>,
+    /// IPv4 multicast groups to join, e.g. ["239.128.0.112"]. Default none.
+    pub multicast_groups: Vec<String>,
+    /// Only purge URLs whose host matches this regex. Empty (the default): every host.
+    pub host_regex: String,
+}
+
+impl Default for HtcpFile {
+    fn default() -> Self {
+        HtcpFile {
+            listen: String::new(),
+            allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            multicast_groups: Vec::new(),
+            host_regex: String::new(),
         }
     }
 }

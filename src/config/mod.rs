@@ -72,6 +72,7 @@ pub struct CacheConfig {
 #[derive(Debug, Clone)]
 pub struct PurgeConfig {
     pub allow: Vec<IpNet>,
+    pub htcp: Option<crate::purge::receiver::HtcpConfig>,
 }
 
 /// One problem in a configuration file.

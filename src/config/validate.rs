@@ -99,6 +99,25 @@ impl<'a> Checker<'a> {
     }
 }
 
+/// Parses a list of CIDR networks (or single addresses), reporting each bad entry.
+fn networks(c: &mut Checker<'_>, list: &[String], at: &[Seg<'_>]) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for (i, net) in list.iter().enumerate() {
+        let parsed = net
+            .parse::<IpNet>()
+            .or_else(|_| net.parse::<std::net::IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(n) => out.push(n),
+            Err(_) => {
+                let mut path = at.to_vec();
+                path.push(Seg::Index(i));
+                c.report(&path, format!("not a CIDR network or IP address: {net:?}"));
+            }
+        }
+    }
+    out
+}
+
 fn render_path(path: &[Seg<'_>]) -> String {
     let mut out = String::new();
     for seg in path {
@@ -379,25 +398,54 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
     };
 
     // [purge]
-    let mut allow = Vec::new();
-    for (i, net) in file.purge.allow.iter().enumerate() {
-        let parsed = net
-            .parse::<IpNet>()
-            .or_else(|_| net.parse::<std::net::IpAddr>().map(IpNet::from));
-        match parsed {
-            Ok(n) => allow.push(n),
-            Err(_) => c.report(
-                &[Key("purge"), Key("allow"), Index(i)],
-                format!("not a CIDR network or IP address: {net:?}"),
-            ),
+    let allow = networks(c, &file.purge.allow, &[Key("purge"), Key("allow")]);
+    let h = &file.purge.htcp;
+    let htcp_at = |key: &'static str| [Key("purge"), Key("htcp"), Key(key)];
+    let htcp = if h.listen.is_empty() {
+        None
+    } else {
+        let listen = c.socket_addr(&htcp_at("listen"), &h.listen);
+        let allow = networks(c, &h.allow, &htcp_at("allow"));
+        let mut multicast_groups = Vec::new();
+        for (i, g) in h.multicast_groups.iter().enumerate() {
+            match g.parse::<std::net::Ipv4Addr>() {
+                Ok(a) if a.is_multicast() => multicast_groups.push(a),
+                _ => c.report(
+                    &[Key("purge"), Key("htcp"), Key("multicast_groups"), Index(i)],
+                    format!("not an IPv4 multicast group (224.0.0.0/4): {g:?}"),
+                ),
+            }
         }
-    }
+        let host_regex = if h.host_regex.is_empty() {
+            None
+        } else {
+            match Regex::new(&h.host_regex) {
+                Ok(re) => Some(re),
+                Err(e) => {
+                    c.report(
+                        &htcp_at("host_regex"),
+                        format!(
+                            "not a valid regex: {}",
+                            e.to_string().lines().last().unwrap_or("")
+                        ),
+                    );
+                    None
+                }
+            }
+        };
+        listen.map(|listen| crate::purge::receiver::HtcpConfig {
+            listen,
+            allow,
+            multicast_groups,
+            host_regex,
+        })
+    };
 
     Config {
         server,
         origins,
         cache,
-        purge: PurgeConfig { allow },
+        purge: PurgeConfig { allow, htcp },
     }
 }
 

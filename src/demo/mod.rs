@@ -15,6 +15,8 @@ pub struct DemoOptions {
     pub admin: SocketAddr,
     /// `s-maxage` the sample origin sends, in seconds.
     pub s_maxage: u64,
+    /// Where the demo receives HTCP CLR purges.
+    pub htcp: SocketAddr,
     /// Directory of the demo's disk tier.
     pub cache_dir: std::path::PathBuf,
 }
@@ -29,6 +31,12 @@ pub fn config(opts: &DemoOptions) -> Config {
         size: 1 << 30,
         max_object_size: 64 << 20,
         min_uses: 1,
+    });
+    config.purge.htcp = Some(crate::purge::receiver::HtcpConfig {
+        listen: opts.htcp,
+        allow: config.purge.allow.clone(),
+        multicast_groups: Vec::new(),
+        host_regex: None,
     });
     if let Some(pool) = config.origins.first_mut() {
         pool.name = "wiki".into();
@@ -54,6 +62,10 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     println!(
         "  Edit a page (purges it): curl -X POST --data 'new text' http://{}/wiki/Main_Page",
         opts.origin
+    );
+    println!(
+        "  Purge over HTCP:         skua purge --htcp {} http://{}/wiki/Main_Page",
+        opts.htcp, opts.proxy
     );
     println!(
         "  What the origin served:  curl -s http://{}/_origin/stats",

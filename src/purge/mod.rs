@@ -1,8 +1,10 @@
-//! Purges: who may send them and how their targets are read. This session's sources are HTTP
-//! PURGE (`http.rs`); HTCP, surrogate keys and the fleet bus build on the same
+//! Purges: who may send them and how their targets are read. Sources: HTTP PURGE (`http.rs`)
+//! and HTCP CLR (`htcp.rs` for the packets, `receiver.rs` for the listener); all apply through
 //! [`crate::cache::Store::invalidate`]. It does not store anything itself.
 
+pub mod htcp;
 pub mod http;
+pub mod receiver;
 
 use std::net::IpAddr;
 

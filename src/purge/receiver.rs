@@ -1,0 +1,149 @@
+//! The HTCP CLR receiver: a UDP socket (optionally in multicast groups) whose datagrams are
+//! checked (source, layout, host) and applied to the store. Runs as a pingora background
+//! service. Every datagram is counted by result; none can purge unless it passes every check.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use regex::Regex;
+use tokio::net::UdpSocket;
+
+use super::htcp;
+use super::Acl;
+use crate::cache::key::CacheUrl;
+use crate::cache::{PurgeMode, Store};
+use crate::metrics::Metrics;
+
+/// What the receiver listens on and accepts.
+#[derive(Debug, Clone)]
+pub struct HtcpConfig {
+    pub listen: SocketAddr,
+    pub allow: Vec<ipnet::IpNet>,
+    pub multicast_groups: Vec<Ipv4Addr>,
+    pub host_regex: Option<Regex>,
+}
+
+pub struct HtcpReceiver {
+    config: HtcpConfig,
+    acl: Acl,
+    store: &'static Store,
+    metrics: Arc<Metrics>,
+}
+
+/// Asked for, as vhtcpd does: a purge storm must not overflow the socket. Halved down to
+/// 64 KiB until the kernel accepts it.
+const RECEIVE_BUFFER: usize = 16 << 20;
+
+impl HtcpReceiver {
+    pub fn new(config: HtcpConfig, store: &'static Store, metrics: Arc<Metrics>) -> HtcpReceiver {
+        HtcpReceiver {
+            acl: Acl::new(config.allow.clone()),
+            config,
+            store,
+            metrics,
+        }
+    }
+
+    fn bind(&self) -> std::io::Result<UdpSocket> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let addr = self.config.listen;
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_address(true)?;
+        let mut size = RECEIVE_BUFFER;
+        while size >= 64 << 10 {
+            if socket.set_recv_buffer_size(size).is_ok() {
+                break;
+            }
+            size /= 2;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        for group in &self.config.multicast_groups {
+            let interface = match addr.ip() {
+                IpAddr::V4(v4) => v4,
+                IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+            };
+            socket.join_multicast_v4(group, &interface)?;
+        }
+        UdpSocket::from_std(socket.into())
+    }
+
+    fn count(&self, result: &str) {
+        self.metrics
+            .purges
+            .with_label_values(&["htcp", result])
+            .inc();
+    }
+
+    /// Checks and applies one datagram from `from`.
+    pub async fn handle(&self, packet: &[u8], from: SocketAddr) {
+        if !self.acl.allows(from.ip()) {
+            self.count("denied");
+            return;
+        }
+        let clr = match htcp::parse(packet) {
+            Ok(clr) => clr,
+            Err(e) => {
+                tracing::debug!(%from, reason = e.as_str(), "rejected an HTCP packet");
+                self.count("invalid");
+                return;
+            }
+        };
+        let Ok(url) = CacheUrl::parse_absolute(&clr.uri) else {
+            self.count("invalid");
+            return;
+        };
+        if let Some(re) = &self.config.host_regex {
+            if !re.is_match(&url.host) {
+                self.count("denied");
+                return;
+            }
+        }
+        // The method is ignored: MediaWiki says HEAD, Squid says PURGE, and both mean every
+        // stored variant of the URL (GET and HEAD share one entry).
+        let affected = self.store.invalidate(&url, PurgeMode::Delete).await;
+        self.count(if affected > 0 { "purged" } else { "not_found" });
+    }
+}
+
+#[async_trait]
+impl BackgroundService for HtcpReceiver {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let socket = match self.bind() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, listen = %self.config.listen, "cannot listen for HTCP");
+                return;
+            }
+        };
+        // Room for the largest packet we accept plus one byte, to tell "too long" apart.
+        let mut buf = vec![0u8; htcp::MAX_PACKET + 1];
+        loop {
+            tokio::select! {
+                received = socket.recv_from(&mut buf) => match received {
+                    Ok((n, from)) => self.handle(&buf[..n], from).await,
+                    Err(e) => tracing::warn!(error = %e, "HTCP receive failed"),
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Sends one CLR per URL to `to`, as MediaWiki does (`skua purge --htcp`).
+pub async fn send(to: SocketAddr, urls: &[String], dialect: htcp::Dialect) -> std::io::Result<()> {
+    let bind: SocketAddr = if to.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(bind).await?;
+    for (i, url) in urls.iter().enumerate() {
+        let packet = htcp::build(url, i as u32 + 1, dialect);
+        socket.send_to(&packet, to).await?;
+    }
+    Ok(())
+}
