@@ -11,6 +11,7 @@ use pingora::services::listening::Service;
 
 use crate::admin::Admin;
 use crate::cache::disk::DiskTier;
+use crate::cache::tags::TagIndex;
 use crate::cache::Store;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -36,9 +37,11 @@ pub fn build(config: &Config) -> anyhow::Result<Built> {
     server.bootstrap();
 
     // The store lives as long as the process: pingora's storage API takes `&'static`.
+    let tags: &'static TagIndex =
+        Box::leak(Box::new(TagIndex::new(config.purge.tag_headers.clone())));
     let disk = match &config.cache.disk {
         Some(d) => Some(
-            DiskTier::open(d.clone())
+            DiskTier::open(d.clone(), tags)
                 .with_context(|| format!("opening the disk cache at {}", d.path.display()))?,
         ),
         None => None,
@@ -47,6 +50,7 @@ pub fn build(config: &Config) -> anyhow::Result<Built> {
         config.cache.memory_size,
         config.cache.max_object_size,
         disk,
+        tags,
     )));
     let (pools, health) = Pools::build(&config.origins).context("building origin pools")?;
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);

@@ -115,3 +115,76 @@ async fn soft_purge_serves_the_next_request_after_revalidation() {
         Some("\"x\"")
     );
 }
+
+fn tagged(req: &Seen) -> Reply {
+    let tags = match req.path.as_str() {
+        "/a" | "/b" => "group shared",
+        _ => "other shared",
+    };
+    Reply::ok(req.path.clone())
+        .header("cache-control", "max-age=600")
+        .header("surrogate-key", tags)
+}
+
+#[tokio::test]
+async fn tag_purge_removes_exactly_the_tagged_objects() {
+    let origin = Origin::start(tagged).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for p in ["/a", "/b", "/c"] {
+        get(&skua.url(p), &[]).await;
+    }
+    let purge = send(
+        &client(),
+        "PURGE",
+        &skua.url("/"),
+        &[("surrogate-key", "group")],
+    )
+    .await;
+    assert_eq!(purge.status, 204);
+    assert_eq!(get(&skua.url("/a"), &[]).await.cache(), "miss");
+    assert_eq!(get(&skua.url("/b"), &[]).await.cache(), "miss");
+    assert_eq!(get(&skua.url("/c"), &[]).await.cache(), "hit-front");
+    // Varnish's spelling, and a tag nobody carries.
+    let purge = send(
+        &client(),
+        "PURGE",
+        &skua.url("/"),
+        &[("xkey-purge", "other")],
+    )
+    .await;
+    assert_eq!(purge.status, 204);
+    assert_eq!(get(&skua.url("/c"), &[]).await.cache(), "miss");
+    let none = send(
+        &client(),
+        "PURGE",
+        &skua.url("/"),
+        &[("surrogate-key", "nobody")],
+    )
+    .await;
+    assert_eq!(none.status, 404);
+}
+
+#[tokio::test]
+async fn tag_index_survives_a_restart_with_the_disk_tier() {
+    let origin = Origin::start(tagged).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
+    let port = skua.addr.port();
+    for p in ["/a", "/b", "/c"] {
+        get(&skua.url(p), &[]).await;
+    }
+    skua.stop();
+    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let purge = send(
+        &client(),
+        "PURGE",
+        &skua.url("/"),
+        &[("surrogate-key", "group")],
+    )
+    .await;
+    assert_eq!(purge.status, 204);
+    assert_eq!(get(&skua.url("/a"), &[]).await.cache(), "miss");
+    assert_eq!(get(&skua.url("/c"), &[]).await.cache(), "hit-local");
+    assert_eq!(origin.count("/a"), 2);
+    assert_eq!(origin.count("/c"), 1);
+}

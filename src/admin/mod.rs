@@ -62,6 +62,7 @@ impl Admin {
                 "write_errors": c.write_errors.load(Ordering::Relaxed),
                 "purged": c.purges.load(Ordering::Relaxed),
                 "index_loaded": d.loaded(),
+                "tags_loaded": d.tags_loaded(),
                 "index_load_seconds": d.load_time.lock().ok().and_then(|t| t.map(|t| t.as_secs_f64())),
             })
         });

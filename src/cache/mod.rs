@@ -10,6 +10,7 @@ pub mod key;
 pub mod memory;
 pub mod policy;
 pub mod status;
+pub mod tags;
 pub mod vary;
 
 use std::any::Any;
@@ -24,6 +25,7 @@ use pingora::Result;
 use disk::{DiskHit, DiskTier, DiskWrite};
 use key::{CacheUrl, Scheme};
 use memory::{MemoryHit, MemoryMiss, MemoryTier, StoredMeta, StoredObject};
+use tags::TagIndex;
 
 /// What an invalidation does to the objects it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +40,7 @@ pub enum PurgeMode {
 pub struct Store {
     pub memory: MemoryTier,
     pub disk: Option<&'static DiskTier>,
+    pub tags: &'static TagIndex,
     memory_max_object: usize,
 }
 
@@ -46,12 +49,30 @@ impl Store {
         memory_bytes: u64,
         memory_max_object: usize,
         disk: Option<&'static DiskTier>,
+        tags: &'static TagIndex,
     ) -> Store {
         Store {
             memory: MemoryTier::new(memory_bytes),
             disk,
+            tags,
             memory_max_object,
         }
+    }
+
+    /// Invalidates every object carrying any of `tags`, in every tier. Returns how many
+    /// objects were affected.
+    pub async fn invalidate_tags(&'static self, tags: &[&str], mode: PurgeMode) -> usize {
+        let mut affected = 0;
+        for tag in tags {
+            let primaries = match mode {
+                PurgeMode::Delete => self.tags.take(tag),
+                PurgeMode::Expire => self.tags.peek(tag),
+            };
+            for primary in primaries {
+                affected += self.invalidate_primary(&primary, mode).await;
+            }
+        }
+        affected
     }
 
     /// The largest object any tier stores: pingora's per-request size limit.
@@ -143,6 +164,9 @@ impl Storage for Store {
             memory,
             disk: disk_write,
             serialized,
+            primary,
+            tags: self.tags.tags_of(meta.response_header()),
+            index: self.tags,
         }))
     }
 
@@ -202,6 +226,9 @@ struct TieredMiss {
     memory: MemoryMiss,
     disk: Option<DiskWrite>,
     serialized: Option<(Vec<u8>, Vec<u8>)>,
+    primary: HashBinary,
+    tags: Vec<String>,
+    index: &'static TagIndex,
 }
 
 #[async_trait]
@@ -221,6 +248,9 @@ impl HandleMiss for TieredMiss {
             weight += disk.finish(internal, header).await.unwrap_or(0) as usize;
         }
         weight += this.memory.publish().unwrap_or(0);
+        if weight > 0 {
+            this.index.record_tags(this.primary, &this.tags);
+        }
         Ok(MissFinishType::Created(weight))
     }
 }

@@ -204,6 +204,9 @@ impl Default for BypassFile {
 pub struct PurgeFile {
     /// Networks (CIDR) allowed to send PURGE. Default loopback only.
     pub allow: Vec<String>,
+    /// Response headers whose space-separated values tag an object for purge by tag.
+    /// Default `["Surrogate-Key", "xkey"]`; `[]` turns tags off.
+    pub tag_headers: Vec<String>,
     /// The HTCP CLR receiver (MediaWiki's `$wgHTCPRouting`, Squid's `htcp_port`).
     pub htcp: HtcpFile,
 }
@@ -212,6 +215,7 @@ impl Default for PurgeFile {
     fn default() -> Self {
         PurgeFile {
             allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            tag_headers: vec!["Surrogate-Key".into(), "xkey".into()],
             htcp: HtcpFile::default(),
         }
     }

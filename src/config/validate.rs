@@ -399,6 +399,16 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
 
     // [purge]
     let allow = networks(c, &file.purge.allow, &[Key("purge"), Key("allow")]);
+    let mut tag_headers = Vec::new();
+    for (i, name) in file.purge.tag_headers.iter().enumerate() {
+        match http::HeaderName::from_bytes(name.as_bytes()) {
+            Ok(n) => tag_headers.push(n),
+            Err(_) => c.report(
+                &[Key("purge"), Key("tag_headers"), Index(i)],
+                format!("not a header name: {name:?}"),
+            ),
+        }
+    }
     let h = &file.purge.htcp;
     let htcp_at = |key: &'static str| [Key("purge"), Key("htcp"), Key(key)];
     let htcp = if h.listen.is_empty() {
@@ -445,7 +455,11 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         server,
         origins,
         cache,
-        purge: PurgeConfig { allow, htcp },
+        purge: PurgeConfig {
+            allow,
+            tag_headers,
+            htcp,
+        },
     }
 }
 

@@ -218,6 +218,7 @@ impl ServeHttp for WikiOrigin {
                         format!("s-maxage={}, must-revalidate, max-age=0", self.s_maxage),
                     ),
                     ("vary", "Accept-Encoding, Cookie".to_string()),
+                    ("surrogate-key", format!("wiki page:{title}")),
                     ("etag", etag.clone()),
                     ("last-modified", last_modified),
                 ];

@@ -143,6 +143,13 @@ impl Skua {
             )
             .await;
         }
+        let mode = purge::http::mode(session.req_header());
+        if let Some(tags) = purge::http::tags(session.req_header()) {
+            let tags: Vec<&str> = tags.split_ascii_whitespace().collect();
+            let affected = self.shared.store.invalidate_tags(&tags, mode).await;
+            let what = format!("tags {}", tags.join(" "));
+            return self.purge_reply(session, affected, mode, &what).await;
+        }
         let url = match purge::http::target(session.req_header(), Scheme::Http) {
             Ok(url) => url,
             Err(e) => {
@@ -150,8 +157,20 @@ impl Skua {
                 return respond::text(session, 400, &format!("skua: bad PURGE target: {e}")).await;
             }
         };
-        let mode = purge::http::mode(session.req_header());
         let affected = self.shared.store.invalidate(&url, mode).await;
+        self.purge_reply(session, affected, mode, &url.primary())
+            .await
+    }
+
+    /// 204 with the count when something was purged, else 404 naming what was asked for.
+    async fn purge_reply(
+        &self,
+        session: &mut Session,
+        affected: usize,
+        mode: PurgeMode,
+        what: &str,
+    ) -> Result<()> {
+        let metrics = &self.shared.metrics;
         if affected > 0 {
             metrics.purges.with_label_values(&["http", "purged"]).inc();
             let verb = match mode {
@@ -166,12 +185,7 @@ impl Skua {
                 .purges
                 .with_label_values(&["http", "not_found"])
                 .inc();
-            respond::text(
-                session,
-                404,
-                &format!("skua: nothing cached for {}", url.primary()),
-            )
-            .await
+            respond::text(session, 404, &format!("skua: nothing cached for {what}")).await
         }
     }
 

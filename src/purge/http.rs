@@ -31,6 +31,24 @@ pub fn target(req: &RequestHeader, scheme: Scheme) -> Result<CacheUrl, KeyError>
     CacheUrl::new(scheme, host, path)
 }
 
+/// Request headers that turn a PURGE into a purge by tag: `Surrogate-Key` (Fastly's name)
+/// and `xkey-purge` (Varnish's xkey). Their value is a space-separated list of tags.
+const TAG_HEADERS: [&str; 2] = ["surrogate-key", "xkey-purge"];
+
+/// The tags a PURGE names, if it is a purge by tag.
+pub fn tags(req: &RequestHeader) -> Option<String> {
+    let mut all = String::new();
+    for name in TAG_HEADERS {
+        for v in req.headers.get_all(name) {
+            if let Ok(v) = v.to_str() {
+                all.push(' ');
+                all.push_str(v);
+            }
+        }
+    }
+    (!all.trim().is_empty()).then_some(all)
+}
+
 /// Delete, or expire when the request asks for a soft purge.
 pub fn mode(req: &RequestHeader) -> PurgeMode {
     match req.headers.get(SOFT_PURGE_HEADER).map(|v| v.as_bytes()) {

@@ -257,11 +257,12 @@ impl Skua {
         skua
     }
 
-    /// Waits until the disk index has loaded (it loads in the background at start-up).
+    /// Waits until the disk index and its tags have loaded (in the background at start-up).
     pub async fn wait_disk_index(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if self.stats().await["tiers"]["disk"]["index_loaded"] == true {
+            let disk = &self.stats().await["tiers"]["disk"];
+            if disk["index_loaded"] == true && disk["tags_loaded"] == true {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

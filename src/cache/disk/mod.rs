@@ -26,6 +26,7 @@ use pingora::cache::key::HashBinary;
 use pingora::cache::CacheMeta;
 use tokio::io::AsyncWriteExt;
 
+use super::tags::TagIndex;
 use format::{MetaFile, ObjectPaths, ReadError};
 
 /// Read size for streaming a body from disk.
@@ -91,6 +92,8 @@ pub struct DiskTier {
     loaded: Arc<AtomicBool>,
     /// How long the start-up index load took, once done.
     pub load_time: Arc<std::sync::Mutex<Option<Duration>>>,
+    tags_loaded: AtomicBool,
+    tags: &'static TagIndex,
 }
 
 /// What a disk lookup found: checked metadata and an open body file.
@@ -107,7 +110,7 @@ pub struct DiskEntry {
 
 impl DiskTier {
     /// Opens (creating) the directory and starts loading its index in the background.
-    pub fn open(config: DiskConfig) -> std::io::Result<&'static DiskTier> {
+    pub fn open(config: DiskConfig, tags: &'static TagIndex) -> std::io::Result<&'static DiskTier> {
         let objects = config.path.join("objects");
         std::fs::create_dir_all(&objects)?;
         let (janitor, rx) = mpsc::channel::<PathBuf>();
@@ -163,6 +166,8 @@ impl DiskTier {
             process_salt: salt,
             loaded: Arc::new(AtomicBool::new(false)),
             load_time: Arc::new(std::sync::Mutex::new(None)),
+            tags_loaded: AtomicBool::new(false),
+            tags,
         }));
         std::thread::Builder::new()
             .name("skua-disk-index".into())
@@ -170,8 +175,14 @@ impl DiskTier {
         Ok(tier)
     }
 
+    /// The index is loaded (objects on disk are servable).
     pub fn loaded(&self) -> bool {
         self.loaded.load(Ordering::Acquire)
+    }
+
+    /// The tags of the objects on disk are indexed too.
+    pub fn tags_loaded(&self) -> bool {
+        self.tags_loaded.load(Ordering::Acquire)
     }
 
     pub fn object_count(&self) -> u64 {
@@ -607,6 +618,27 @@ impl DiskTier {
         }
         self.index.run_pending_tasks();
         self.finish_load(started);
+        if self.tags.is_enabled() {
+            self.load_tags();
+        }
+        self.tags_loaded.store(true, Ordering::Release);
+    }
+
+    /// Re-reads the tags of every indexed object from its stored header. Runs after the index
+    /// is loaded (objects are servable meanwhile); a tag purge before it finishes misses only
+    /// objects not yet re-read.
+    fn load_tags(&self) {
+        for (primary, family) in self.index.iter() {
+            for s in &family.slots {
+                let paths = self.paths(&primary, s.slot.as_ref());
+                let Ok(meta_file) = format::read_meta(&paths.meta()) else {
+                    continue;
+                };
+                if let Ok(meta) = CacheMeta::deserialize(&meta_file.internal, &meta_file.header) {
+                    self.tags.record(*primary, meta.response_header());
+                }
+            }
+        }
     }
 
     fn finish_load(&self, started: Instant) {
