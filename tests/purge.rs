@@ -85,16 +85,17 @@ async fn purge_from_a_disallowed_address_is_403_and_purges_nothing() {
 }
 
 #[tokio::test]
-async fn soft_purge_serves_the_next_request_after_revalidation() {
+async fn soft_purge_serves_stale_while_exactly_one_request_revalidates() {
     let origin = Origin::start(|req| {
         if req.header("if-none-match") == Some("\"x\"") {
             return Reply::ok("")
                 .status(304)
                 .header("etag", "\"x\"")
-                .header("cache-control", "max-age=300");
+                .header("cache-control", "max-age=300")
+                .delay(std::time::Duration::from_millis(100));
         }
         Reply::ok("page")
-            .header("cache-control", "max-age=300")
+            .header("cache-control", "s-maxage=300, must-revalidate, max-age=0")
             .header("etag", "\"x\"")
     })
     .await;
@@ -103,16 +104,22 @@ async fn soft_purge_serves_the_next_request_after_revalidation() {
     get(&url, &[]).await;
     let purge = send(&client(), "PURGE", &url, &[("skua-soft-purge", "1")]).await;
     assert_eq!(purge.status, 204);
-    let next = get(&url, &[]).await;
-    assert_eq!(next.text(), "page");
+    let client = client();
+    let all = futures::future::join_all((0..50).map(|_| send(&client, "GET", &url, &[]))).await;
+    for r in &all {
+        assert_eq!((r.status, r.text().as_str()), (200, "page"));
+        assert_eq!(r.cache(), "hit-front", "{:?}", r.headers);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let seen = origin.requests("/wiki/Soft");
+    assert_eq!(seen.len(), 2, "one fill, then exactly one revalidation");
+    assert_eq!(seen[1].header("if-none-match"), Some("\"x\""));
+    let after = get(&url, &[]).await;
+    assert_eq!(after.cache(), "hit-front");
     assert!(
-        next.header("cache-status").contains("fwd-status=304"),
+        !after.header("cache-status").contains("stale"),
         "{:?}",
-        next.headers
-    );
-    assert_eq!(
-        origin.requests("/wiki/Soft")[1].header("if-none-match"),
-        Some("\"x\"")
+        after.headers
     );
 }
 
@@ -187,4 +194,39 @@ async fn tag_index_survives_a_restart_with_the_disk_tier() {
     assert_eq!(get(&skua.url("/c"), &[]).await.cache(), "hit-local");
     assert_eq!(origin.count("/a"), 2);
     assert_eq!(origin.count("/c"), 1);
+}
+
+#[tokio::test]
+async fn purge_token_is_required_when_configured() {
+    let origin = Origin::start(|_| cached()).await;
+    let skua = Skua::start(&[origin.addr], "[purge]\ntoken = \"s3cret\"\n").await;
+    let url = skua.url("/wiki/T");
+    get(&url, &[]).await;
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Bearer s3cre"),
+        Some("Basic s3cret"),
+    ] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        assert_eq!(
+            send(&client(), "PURGE", &url, &headers).await.status,
+            403,
+            "{auth:?}"
+        );
+        assert_eq!(
+            get(&url, &[]).await.cache(),
+            "hit-front",
+            "{auth:?} purged nothing"
+        );
+    }
+    let ok = send(
+        &client(),
+        "PURGE",
+        &url,
+        &[("authorization", "Bearer s3cret")],
+    )
+    .await;
+    assert_eq!(ok.status, 204);
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
 }

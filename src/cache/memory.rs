@@ -188,9 +188,12 @@ impl Family {
                 .iter()
                 .map(|o| {
                     let hit = slot.is_none_or(|s| o.slot.as_ref() == s);
-                    if hit && o.meta.fresh_until > at {
+                    if hit {
                         let mut meta = o.meta.clone();
-                        meta.fresh_until = at;
+                        meta.fresh_until = meta.fresh_until.min(at);
+                        meta.stale_while_revalidate_sec = meta
+                            .stale_while_revalidate_sec
+                            .max(super::SOFT_PURGE_GRACE_SECS);
                         Arc::new(StoredObject::new(o.slot, meta, o.body.clone()))
                     } else {
                         o.clone()

@@ -27,6 +27,10 @@ use key::{CacheUrl, Scheme};
 use memory::{MemoryHit, MemoryMiss, MemoryTier, StoredMeta, StoredObject};
 use tags::TagIndex;
 
+/// How long a soft-purged object may still be served while one request revalidates it, so a
+/// soft purge of a hot page sends one request to the origin instead of a stampede.
+pub const SOFT_PURGE_GRACE_SECS: u32 = 60;
+
 /// What an invalidation does to the objects it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PurgeMode {

@@ -204,6 +204,8 @@ impl Default for BypassFile {
 pub struct PurgeFile {
     /// Networks (CIDR) allowed to send PURGE. Default loopback only.
     pub allow: Vec<String>,
+    /// If set, an HTTP PURGE must also carry `Authorization: Bearer <token>`. Default empty.
+    pub token: String,
     /// Response headers whose space-separated values tag an object for purge by tag.
     /// Default `["Surrogate-Key", "xkey"]`; `[]` turns tags off.
     pub tag_headers: Vec<String>,
@@ -215,6 +217,7 @@ impl Default for PurgeFile {
     fn default() -> Self {
         PurgeFile {
             allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            token: String::new(),
             tag_headers: vec!["Surrogate-Key".into(), "xkey".into()],
             htcp: HtcpFile::default(),
         }

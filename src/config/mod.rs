@@ -72,6 +72,7 @@ pub struct CacheConfig {
 #[derive(Debug, Clone)]
 pub struct PurgeConfig {
     pub allow: Vec<IpNet>,
+    pub token: Option<String>,
     pub tag_headers: Vec<http::HeaderName>,
     pub htcp: Option<crate::purge::receiver::HtcpConfig>,
 }

@@ -457,6 +457,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         cache,
         purge: PurgeConfig {
             allow,
+            token: (!file.purge.token.is_empty()).then(|| file.purge.token.clone()),
             tag_headers,
             htcp,
         },

@@ -64,6 +64,7 @@ pub struct Shared {
     bypass_cookies: Vec<regex::Regex>,
     bypass_authorization: bool,
     purge_acl: Acl,
+    purge_token: Option<String>,
     pub pools: Pools,
     pub metrics: Arc<Metrics>,
 }
@@ -86,6 +87,7 @@ impl Shared {
             bypass_cookies: config.cache.bypass_cookies.clone(),
             bypass_authorization: config.cache.bypass_authorization,
             purge_acl: Acl::new(config.purge.allow.clone()),
+            purge_token: config.purge.token.clone(),
             pools,
             metrics,
         }
@@ -132,7 +134,12 @@ impl Skua {
     async fn purge(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         ctx.internal = true;
         let metrics = &self.shared.metrics;
-        let allowed = client_ip(session).is_some_and(|ip| self.shared.purge_acl.allows(ip));
+        let allowed = client_ip(session).is_some_and(|ip| self.shared.purge_acl.allows(ip))
+            && self
+                .shared
+                .purge_token
+                .as_deref()
+                .is_none_or(|token| purge::http::bearer_matches(session.req_header(), token));
         if !allowed {
             metrics.purges.with_label_values(&["http", "denied"]).inc();
             let who = client_ip(session).map_or("unknown".to_string(), |ip| ip.to_string());

@@ -49,6 +49,21 @@ pub fn tags(req: &RequestHeader) -> Option<String> {
     (!all.trim().is_empty()).then_some(all)
 }
 
+/// Whether the request carries `Authorization: Bearer <token>`. Compared in constant time, so
+/// response timing does not reveal how much of a guess was right.
+pub fn bearer_matches(req: &RequestHeader, token: &str) -> bool {
+    let Some(given) = req
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Delete, or expire when the request asks for a soft purge.
 pub fn mode(req: &RequestHeader) -> PurgeMode {
     match req.headers.get(SOFT_PURGE_HEADER).map(|v| v.as_bytes()) {

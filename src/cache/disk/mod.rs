@@ -471,7 +471,18 @@ impl DiskTier {
         let now = SystemTime::now();
         for s in &family.slots {
             let rewritten = self
-                .rewrite_meta(primary, s.slot.as_ref(), move |meta| meta.expire_at(now))
+                .rewrite_meta(primary, s.slot.as_ref(), move |meta| {
+                    // Stale now, but servable while one request revalidates (see
+                    // SOFT_PURGE_GRACE_SECS); Age keeps counting from the original fetch.
+                    let epoch = meta.epoch();
+                    let fresh_until = meta.fresh_until().min(now);
+                    let swr = meta
+                        .stale_while_revalidate_sec()
+                        .max(super::SOFT_PURGE_GRACE_SECS);
+                    let sie = meta.stale_if_error_sec();
+                    meta.update_freshness(fresh_until, swr, sie);
+                    meta.set_epoch_override(epoch);
+                })
                 .await;
             if rewritten {
                 marked += 1;
