@@ -51,6 +51,7 @@ pub fn build(config: &Config) -> anyhow::Result<Built> {
         config.cache.max_object_size,
         disk,
         tags,
+        config.cache.ttl_cap,
     )));
     let (pools, health) = Pools::build(&config.origins).context("building origin pools")?;
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);

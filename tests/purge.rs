@@ -230,3 +230,65 @@ async fn purge_token_is_required_when_configured() {
     assert_eq!(ok.status, 204);
     assert_eq!(get(&url, &[]).await.cache(), "miss");
 }
+
+#[tokio::test]
+async fn prefix_ban_invalidates_everything_under_the_prefix_and_nothing_else() {
+    let origin = Origin::start(|_| cached()).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let client = client();
+    for i in 0..1000 {
+        send(&client, "GET", &skua.url(&format!("/p/{i}")), &[]).await;
+    }
+    for i in 0..20 {
+        send(&client, "GET", &skua.url(&format!("/q/{i}")), &[]).await;
+    }
+    let ban = send(
+        &client,
+        "PURGE",
+        &skua.url("/p/"),
+        &[("skua-purge-prefix", "1")],
+    )
+    .await;
+    assert_eq!(ban.status, 204);
+    for i in 0..1000 {
+        let r = send(&client, "GET", &skua.url(&format!("/p/{i}")), &[]).await;
+        assert_eq!(r.cache(), "miss", "/p/{i}");
+    }
+    for i in 0..20 {
+        let r = send(&client, "GET", &skua.url(&format!("/q/{i}")), &[]).await;
+        assert_eq!(r.cache(), "hit-front", "/q/{i}");
+    }
+    // Refetched objects are newer than the ban: hits again.
+    assert_eq!(
+        send(&client, "GET", &skua.url("/p/7"), &[]).await.cache(),
+        "hit-front"
+    );
+}
+
+#[tokio::test]
+async fn purge_racing_an_in_flight_fill_leaves_no_stale_object() {
+    let version = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let v = version.clone();
+    let origin = Origin::start(move |_| {
+        // The origin renders the page as it is when the request arrives, then takes a while.
+        let n = v.load(std::sync::atomic::Ordering::SeqCst);
+        Reply::ok(format!("revision {n}"))
+            .header("cache-control", "s-maxage=300")
+            .delay(std::time::Duration::from_millis(300))
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/wiki/Race");
+    let fill = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url, &[]).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The edit lands and MediaWiki purges while the old revision is still on its way.
+    version.store(2, std::sync::atomic::Ordering::SeqCst);
+    send(&client(), "PURGE", &url, &[]).await;
+    assert_eq!(fill.await.unwrap().text(), "revision 1");
+    let next = get(&url, &[]).await;
+    assert_eq!(next.cache(), "miss", "the in-flight fill was not stored");
+    assert_eq!(next.text(), "revision 2");
+}

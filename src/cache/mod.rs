@@ -5,6 +5,7 @@
 //! [`Store`] is the one pingora `Storage`: memory first, then disk. A disk hit is promoted to
 //! memory when it fits; a miss is written to both tiers as it streams (write-through).
 
+pub mod bans;
 pub mod disk;
 pub mod key;
 pub mod memory;
@@ -22,6 +23,7 @@ use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
 use pingora::Result;
 
+use bans::Invalidations;
 use disk::{DiskHit, DiskTier, DiskWrite};
 use key::{CacheUrl, Scheme};
 use memory::{MemoryHit, MemoryMiss, MemoryTier, StoredMeta, StoredObject};
@@ -45,6 +47,7 @@ pub struct Store {
     pub memory: MemoryTier,
     pub disk: Option<&'static DiskTier>,
     pub tags: &'static TagIndex,
+    pub invalidations: Invalidations,
     memory_max_object: usize,
 }
 
@@ -54,11 +57,13 @@ impl Store {
         memory_max_object: usize,
         disk: Option<&'static DiskTier>,
         tags: &'static TagIndex,
+        ttl_cap: std::time::Duration,
     ) -> Store {
         Store {
             memory: MemoryTier::new(memory_bytes),
             disk,
             tags,
+            invalidations: Invalidations::new(ttl_cap),
             memory_max_object,
         }
     }
@@ -98,6 +103,8 @@ impl Store {
     }
 
     async fn invalidate_primary(&'static self, primary: &HashBinary, mode: PurgeMode) -> usize {
+        self.invalidations
+            .record_purge(*primary, std::time::SystemTime::now());
         let on_disk = match (self.disk, mode) {
             (Some(d), PurgeMode::Delete) => d.purge_all(primary),
             (Some(d), PurgeMode::Expire) => d.expire_all(primary).await,
@@ -169,8 +176,9 @@ impl Storage for Store {
             disk: disk_write,
             serialized,
             primary,
+            fetched: meta.created(),
             tags: self.tags.tags_of(meta.response_header()),
-            index: self.tags,
+            store: self,
         }))
     }
 
@@ -231,8 +239,10 @@ struct TieredMiss {
     disk: Option<DiskWrite>,
     serialized: Option<(Vec<u8>, Vec<u8>)>,
     primary: HashBinary,
+    /// When the origin request for this response was sent.
+    fetched: std::time::SystemTime,
     tags: Vec<String>,
-    index: &'static TagIndex,
+    store: &'static Store,
 }
 
 #[async_trait]
@@ -247,13 +257,22 @@ impl HandleMiss for TieredMiss {
 
     async fn finish(self: Box<Self>) -> Result<MissFinishType> {
         let this = *self;
+        if this
+            .store
+            .invalidations
+            .purged_since(&this.primary, this.fetched)
+        {
+            // Purged while this response was on its way: the origin may have sent the page
+            // as it was before the edit. Nothing is stored (the disk write is dropped).
+            return Ok(MissFinishType::Created(0));
+        }
         let mut weight = 0;
         if let (Some(disk), Some((internal, header))) = (this.disk, this.serialized) {
             weight += disk.finish(internal, header).await.unwrap_or(0) as usize;
         }
         weight += this.memory.publish().unwrap_or(0);
         if weight > 0 {
-            this.index.record_tags(this.primary, &this.tags);
+            this.store.tags.record_tags(this.primary, &this.tags);
         }
         Ok(MissFinishType::Created(weight))
     }

@@ -119,6 +119,8 @@ pub struct RequestCtx {
     pool: usize,
     failed_origins: Vec<SocketAddr>,
     body_bytes: u64,
+    /// When the request to the origin was sent (the last attempt).
+    upstream_sent: Option<SystemTime>,
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -151,6 +153,22 @@ impl Skua {
             .await;
         }
         let mode = purge::http::mode(session.req_header());
+        if purge::http::is_prefix_ban(session.req_header()) {
+            let url = match purge::http::target(session.req_header(), Scheme::Http) {
+                Ok(url) => url,
+                Err(e) => {
+                    metrics.purges.with_label_values(&["http", "invalid"]).inc();
+                    return respond::text(session, 400, &format!("skua: bad PURGE target: {e}"))
+                        .await;
+                }
+            };
+            let path = url.path_and_query.split('?').next().unwrap_or("/");
+            self.shared.store.invalidations.ban(&url.host, path);
+            metrics.purges.with_label_values(&["http", "purged"]).inc();
+            let mut resp = ResponseHeader::build(204, Some(2))?;
+            resp.insert_header("skua-purged", format!("ban {}{path}", url.host))?;
+            return respond::header(session, resp, None).await;
+        }
         if let Some(tags) = purge::http::tags(session.req_header()) {
             let tags: Vec<&str> = tags.split_ascii_whitespace().collect();
             let affected = self.shared.store.invalidate_tags(&tags, mode).await;
@@ -233,6 +251,14 @@ impl Skua {
         let Some(obj) = memory.fresh_object(&url.primary_hash(), req, now) else {
             return Ok(false);
         };
+        if self
+            .shared
+            .store
+            .invalidations
+            .banned(url, obj.meta.created)
+        {
+            return Ok(false);
+        }
         let head = req.method == Method::HEAD;
         ctx.fast_hit = true;
         ctx.fresh_until = Some(obj.meta.fresh_until);
@@ -326,6 +352,7 @@ impl ProxyHttp for Skua {
             pool: 0,
             failed_origins: Vec::new(),
             body_bytes: 0,
+            upstream_sent: None,
         }
     }
 
@@ -425,6 +452,11 @@ impl ProxyHttp for Skua {
         ctx: &mut RequestCtx,
     ) -> Result<Option<pingora::cache::ForcedFreshness>> {
         ctx.fresh_until = Some(meta.fresh_until());
+        if let Some(url) = &ctx.url {
+            if self.shared.store.invalidations.banned(url, meta.created()) {
+                return Ok(Some(pingora::cache::ForcedFreshness::ForceMiss));
+            }
+        }
         let any = hit_handler.as_any();
         ctx.local_hit =
             any.is::<DiskHit>() || any.downcast_ref::<MemoryHit>().is_some_and(|h| h.from_disk);
@@ -479,8 +511,9 @@ impl ProxyHttp for Skua {
         &self,
         session: &mut Session,
         upstream: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.upstream_sent = Some(SystemTime::now());
         if session.cache.enabled() {
             // The origin must produce the variant the key names (see `vary.rs`).
             match vary::normalize_accept_encoding(session.req_header()) {
@@ -534,11 +567,10 @@ impl ProxyHttp for Skua {
             .req_header()
             .headers
             .contains_key(header::AUTHORIZATION);
-        match self
-            .shared
-            .policy
-            .decide(&mut stored, authorization, SystemTime::now())
-        {
+        // RFC 9111 §4.2.3: age counts from when the request was sent (response_delay is part
+        // of it), which is also the instant a later purge must be compared with.
+        let sent = ctx.upstream_sent.unwrap_or_else(SystemTime::now);
+        match self.shared.policy.decide(&mut stored, authorization, sent) {
             Ok(f) => {
                 ctx.stored = true;
                 ctx.fresh_until = Some(f.fresh_until);

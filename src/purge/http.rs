@@ -64,6 +64,17 @@ pub fn bearer_matches(req: &RequestHeader, token: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Request header turning a PURGE into a ban of everything under the target's host and path
+/// (`PURGE / ` with it bans a whole host).
+pub const PREFIX_HEADER: &str = "skua-purge-prefix";
+
+pub fn is_prefix_ban(req: &RequestHeader) -> bool {
+    matches!(
+        req.headers.get(PREFIX_HEADER).map(|v| v.as_bytes()),
+        Some(b"1") | Some(b"true")
+    )
+}
+
 /// Delete, or expire when the request asks for a soft purge.
 pub fn mode(req: &RequestHeader) -> PurgeMode {
     match req.headers.get(SOFT_PURGE_HEADER).map(|v| v.as_bytes()) {
