@@ -71,7 +71,11 @@ pub fn build(config: &Config) -> anyhow::Result<Built> {
     }
     if let Some(htcp) = &config.purge.htcp {
         let receiver = HtcpReceiver::new(htcp.clone(), store, shared.metrics.clone());
-        server.add_service(background_service("htcp receiver", receiver));
+        let mut service = background_service("htcp receiver", receiver);
+        // One thread drains the socket while the other applies queued purges, so a storm
+        // is read as fast as it arrives.
+        service.threads = Some(2);
+        server.add_service(service);
     }
     if let Some(admin_addr) = config.server.admin {
         let mut admin = Service::new("skua admin".to_string(), Admin::new(shared.clone()));

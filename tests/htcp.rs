@@ -155,3 +155,76 @@ async fn packets_from_a_disallowed_source_purge_nothing() {
     .await;
     assert_eq!(get(&url, &[]).await.cache(), "hit-front");
 }
+
+fn htcp_total(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("skua_purges_total{") && l.contains("source=\"htcp\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_50k_purge_storm_during_load_loses_no_purge_and_fails_no_request() {
+    let origin = Origin::start(|_| cached()).await;
+    let (skua, htcp) = start(origin.addr, "").await;
+    let client = client();
+    for i in 0..500 {
+        send(&client, "GET", &skua.url(&format!("/s/{i}")), &[]).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (client, stop, base) = (client.clone(), stop.clone(), skua.url("/hot/"));
+        async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = client.get(format!("{base}{}", i % 50)).send().await;
+                match r {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+                i += 1;
+            }
+            (ok, failed)
+        }
+    });
+    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for n in 0..50_000u32 {
+        let url = if n % 2 == 0 {
+            skua.url(&format!("/s/{}", (n / 2) % 500))
+        } else {
+            skua.url(&format!("/never-cached/{n}"))
+        };
+        let packet = skua::purge::htcp::build(&url, n, skua::purge::htcp::Dialect::MediaWiki);
+        sender.send_to(&packet, htcp).unwrap();
+        if n % 25 == 24 {
+            // ~25k purges a second: a storm, paced so the kernel's default socket buffer
+            // (net.core.rmem_max caps what Skua asks for) is not what is being tested.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut metrics = skua.metrics().await;
+    while htcp_total(&metrics) < 50_000 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        metrics = skua.metrics().await;
+    }
+    assert_eq!(
+        htcp_total(&metrics),
+        50_000,
+        "every CLR accounted for:\n{metrics}"
+    );
+    assert!(metrics.contains("skua_purge_backlog 0\n"), "{metrics}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert_eq!(
+        failed, 0,
+        "no request failed during the storm ({ok} succeeded)"
+    );
+    assert!(ok > 0);
+    for i in 0..500 {
+        let r = send(&client, "GET", &skua.url(&format!("/s/{i}")), &[]).await;
+        assert_eq!(r.cache(), "miss", "/s/{i} was purged");
+    }
+}

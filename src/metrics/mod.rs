@@ -17,6 +17,8 @@ pub struct Metrics {
     pub purges: IntCounterVec,
     pub uncacheable: IntCounterVec,
     pub origin_errors: IntCounterVec,
+    pub purge_backlog: IntGauge,
+    pub purge_apply_delay: HistogramVec,
     pub tier_objects: IntGaugeVec,
     pub tier_bytes: IntGaugeVec,
     pub tier_capacity: IntGaugeVec,
@@ -94,6 +96,18 @@ impl Metrics {
             ),
             &["pool", "kind"],
         )?;
+        let purge_backlog = IntGauge::new(
+            "skua_purge_backlog",
+            "Purges received and waiting to be applied.",
+        )?;
+        let purge_apply_delay = HistogramVec::new(
+            HistogramOpts::new(
+                "skua_purge_apply_delay_seconds",
+                "Time from receiving a queued purge to applying it, by source.",
+            )
+            .buckets(vec![0.0001, 0.001, 0.01, 0.1, 1.0, 10.0]),
+            &["source"],
+        )?;
         let tier_objects = IntGaugeVec::new(
             Opts::new("skua_cache_objects", "Objects stored, by tier."),
             &["tier"],
@@ -121,6 +135,8 @@ impl Metrics {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(purge_backlog.clone()))?;
+        registry.register(Box::new(purge_apply_delay.clone()))?;
         for g in [&tier_objects, &tier_bytes, &tier_capacity] {
             registry.register(Box::new(g.clone()))?;
         }
@@ -143,6 +159,8 @@ impl Metrics {
             purges,
             uncacheable,
             origin_errors,
+            purge_backlog,
+            purge_apply_delay,
             tier_objects,
             tier_bytes,
             tier_capacity,

@@ -4,6 +4,7 @@
 
 pub mod htcp;
 pub mod http;
+pub mod queue;
 pub mod receiver;
 
 use std::net::IpAddr;

@@ -12,9 +12,10 @@ use regex::Regex;
 use tokio::net::UdpSocket;
 
 use super::htcp;
+use super::queue::PurgeQueue;
 use super::Acl;
 use crate::cache::key::CacheUrl;
-use crate::cache::{PurgeMode, Store};
+use crate::cache::Store;
 use crate::metrics::Metrics;
 
 /// What the receiver listens on and accepts.
@@ -79,7 +80,7 @@ impl HtcpReceiver {
     }
 
     /// Checks and applies one datagram from `from`.
-    pub async fn handle(&self, packet: &[u8], from: SocketAddr) {
+    pub async fn handle(&self, packet: &[u8], from: SocketAddr, queue: &PurgeQueue) {
         if !self.acl.allows(from.ip()) {
             self.count("denied");
             return;
@@ -104,8 +105,7 @@ impl HtcpReceiver {
         }
         // The method is ignored: MediaWiki says HEAD, Squid says PURGE, and both mean every
         // stored variant of the URL (GET and HEAD share one entry).
-        let affected = self.store.invalidate(&url, PurgeMode::Delete).await;
-        self.count(if affected > 0 { "purged" } else { "not_found" });
+        queue.push(url).await;
     }
 }
 
@@ -119,12 +119,13 @@ impl BackgroundService for HtcpReceiver {
                 return;
             }
         };
+        let queue = PurgeQueue::start(self.store, self.metrics.clone(), "htcp");
         // Room for the largest packet we accept plus one byte, to tell "too long" apart.
         let mut buf = vec![0u8; htcp::MAX_PACKET + 1];
         loop {
             tokio::select! {
                 received = socket.recv_from(&mut buf) => match received {
-                    Ok((n, from)) => self.handle(&buf[..n], from).await,
+                    Ok((n, from)) => self.handle(&buf[..n], from, &queue).await,
                     Err(e) => tracing::warn!(error = %e, "HTCP receive failed"),
                 },
                 _ = shutdown.changed() => return,

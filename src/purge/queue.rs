@@ -1,0 +1,85 @@
+//! The purge queue: purges that arrive in bursts (HTCP storms after a template edit) are
+//! queued and applied by a worker, off the path that receives them. The queue is bounded (a
+//! full queue makes the receiver wait rather than drop) and de-duplicating: a URL already
+//! waiting is not queued again, since applying the waiting purge covers both. The backlog and
+//! the time from receipt to application are metrics.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::cache::key::CacheUrl;
+use crate::cache::{PurgeMode, Store};
+use crate::metrics::Metrics;
+
+/// Purges waiting at most; past this, receivers wait for room.
+pub const CAPACITY: usize = 1 << 20;
+
+struct Queued {
+    url: CacheUrl,
+    received: Instant,
+}
+
+#[derive(Clone)]
+pub struct PurgeQueue {
+    tx: mpsc::Sender<Queued>,
+    pending: Arc<Mutex<HashSet<String>>>,
+    metrics: Arc<Metrics>,
+    source: &'static str,
+}
+
+impl PurgeQueue {
+    /// Starts the worker on the current runtime. `source` labels the metrics.
+    pub fn start(store: &'static Store, metrics: Arc<Metrics>, source: &'static str) -> PurgeQueue {
+        let (tx, mut rx) = mpsc::channel::<Queued>(CAPACITY);
+        let pending: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
+        let queue = PurgeQueue {
+            tx,
+            pending: pending.clone(),
+            metrics: metrics.clone(),
+            source,
+        };
+        tokio::spawn(async move {
+            while let Some(q) = rx.recv().await {
+                let key = q.url.primary();
+                if let Ok(mut p) = pending.lock() {
+                    p.remove(&key);
+                }
+                metrics.purge_backlog.dec();
+                let affected = store.invalidate(&q.url, PurgeMode::Delete).await;
+                let result = if affected > 0 { "purged" } else { "not_found" };
+                metrics.purges.with_label_values(&[source, result]).inc();
+                metrics
+                    .purge_apply_delay
+                    .with_label_values(&[source])
+                    .observe(q.received.elapsed().as_secs_f64());
+            }
+        });
+        queue
+    }
+
+    /// Queues a purge of `url`, waiting for room if the queue is full.
+    pub async fn push(&self, url: CacheUrl) {
+        let fresh = match self.pending.lock() {
+            Ok(mut p) => p.insert(url.primary()),
+            Err(_) => true,
+        };
+        if !fresh {
+            self.metrics
+                .purges
+                .with_label_values(&[self.source, "deduplicated"])
+                .inc();
+            return;
+        }
+        self.metrics.purge_backlog.inc();
+        let queued = Queued {
+            url,
+            received: Instant::now(),
+        };
+        if self.tx.send(queued).await.is_err() {
+            self.metrics.purge_backlog.dec();
+        }
+    }
+}
