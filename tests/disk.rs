@@ -333,3 +333,25 @@ async fn admission_stores_on_the_nth_miss() {
         "stored on the second"
     );
 }
+
+#[tokio::test]
+async fn bans_outlive_a_restart_like_the_objects_they_cover() {
+    let origin = Origin::start(|req| page(&req.path)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
+    let port = skua.addr.port();
+    get(&skua.url("/old/a"), &[]).await;
+    get(&skua.url("/keep/b"), &[]).await;
+    let ban = send(
+        &client(),
+        "PURGE",
+        &skua.url("/old/"),
+        &[("skua-purge-prefix", "1")],
+    )
+    .await;
+    assert_eq!(ban.status, 204);
+    skua.stop();
+    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    assert_eq!(get(&skua.url("/old/a"), &[]).await.cache(), "miss");
+    assert_eq!(get(&skua.url("/keep/b"), &[]).await.cache(), "hit-local");
+}

@@ -8,6 +8,7 @@
 //!   before the ban is treated as a miss on its next use. A ban lives as long as the TTL cap,
 //!   after which every object it could match has expired anyway.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
@@ -24,6 +25,9 @@ struct Ban {
 }
 
 pub struct Invalidations {
+    /// Where bans are kept across restarts (the disk tier's directory), if anywhere: objects on
+    /// disk outlive the process, so the bans that cover them must too.
+    file: Option<PathBuf>,
     purged: moka::sync::Cache<HashBinary, SystemTime>,
     bans: RwLock<Vec<Ban>>,
     /// `bans.len()`, readable without the lock: the hit path checks it first.
@@ -33,14 +37,19 @@ pub struct Invalidations {
 
 impl Invalidations {
     /// `lifetime`: the TTL cap; nothing stored is fresh for longer, so older records can go.
-    pub fn new(lifetime: Duration) -> Invalidations {
+    pub fn new(lifetime: Duration, file: Option<PathBuf>) -> Invalidations {
+        let bans = file
+            .as_deref()
+            .map(|f| load(f, lifetime))
+            .unwrap_or_default();
         Invalidations {
+            ban_count: AtomicUsize::new(bans.len()),
+            bans: RwLock::new(bans),
+            file,
             purged: moka::sync::Cache::builder()
                 .max_capacity(1 << 20)
                 .time_to_live(lifetime)
                 .build(),
-            bans: RwLock::new(Vec::new()),
-            ban_count: AtomicUsize::new(0),
             lifetime,
         }
     }
@@ -68,6 +77,17 @@ impl Invalidations {
                 at: now,
             });
             self.ban_count.store(bans.len(), Ordering::Release);
+            if let Some(file) = &self.file {
+                // Rewritten whole (bans are few) and atomically; bans are rare, so the write
+                // on the purging request is acceptable.
+                let text: String = bans.iter().map(line).collect();
+                let temp = file.with_extension(format!("tmp.{}", std::process::id()));
+                let written =
+                    std::fs::write(&temp, text).and_then(|_| std::fs::rename(&temp, file));
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "could not save bans");
+                }
+            }
         }
     }
 
@@ -91,6 +111,36 @@ impl Invalidations {
     }
 }
 
+fn line(b: &Ban) -> String {
+    let nanos =
+        b.at.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+    format!("{nanos} {} {}\n", b.host, b.path_prefix)
+}
+
+/// Reads saved bans, dropping those older than `lifetime` and lines that do not parse.
+fn load(file: &Path, lifetime: Duration) -> Vec<Ban> {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return Vec::new();
+    };
+    let now = SystemTime::now();
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ' ');
+            let nanos: u64 = parts.next()?.parse().ok()?;
+            let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos);
+            let ban = Ban {
+                host: parts.next()?.to_string(),
+                path_prefix: parts.next()?.to_string(),
+                at,
+            };
+            now.duration_since(at)
+                .map_or(true, |age| age < lifetime)
+                .then_some(ban)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,7 +148,7 @@ mod tests {
 
     #[test]
     fn bans_match_host_and_prefix_and_only_older_objects() {
-        let inv = Invalidations::new(Duration::from_secs(3600));
+        let inv = Invalidations::new(Duration::from_secs(3600), None);
         let before = SystemTime::now() - Duration::from_secs(1);
         assert!(!inv.banned(&CacheUrl::new(Scheme::Http, "h", "/p/1").unwrap(), before));
         inv.ban("h", "/p/");
@@ -118,11 +168,28 @@ mod tests {
 
     #[test]
     fn purge_times() {
-        let inv = Invalidations::new(Duration::from_secs(3600));
+        let inv = Invalidations::new(Duration::from_secs(3600), None);
         let t0 = SystemTime::now();
         inv.record_purge([1; 16], t0);
         assert!(inv.purged_since(&[1; 16], t0 - Duration::from_millis(5)));
         assert!(!inv.purged_since(&[1; 16], t0 + Duration::from_millis(5)));
         assert!(!inv.purged_since(&[2; 16], t0 - Duration::from_millis(5)));
+    }
+}
+
+#[cfg(test)]
+mod persistence {
+    use super::*;
+    use crate::cache::key::Scheme;
+
+    #[test]
+    fn bans_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bans");
+        let before = SystemTime::now() - Duration::from_secs(1);
+        Invalidations::new(Duration::from_secs(3600), Some(file.clone())).ban("h", "/p/");
+        let again = Invalidations::new(Duration::from_secs(3600), Some(file));
+        assert!(again.banned(&CacheUrl::new(Scheme::Http, "h", "/p/1").unwrap(), before));
+        assert!(!again.banned(&CacheUrl::new(Scheme::Http, "h", "/q").unwrap(), before));
     }
 }

@@ -63,7 +63,7 @@ impl Store {
             memory: MemoryTier::new(memory_bytes),
             disk,
             tags,
-            invalidations: Invalidations::new(ttl_cap),
+            invalidations: Invalidations::new(ttl_cap, disk.map(|d| d.config.path.join("bans"))),
             memory_max_object,
         }
     }
