@@ -99,6 +99,17 @@ impl<'a> Checker<'a> {
     }
 }
 
+/// Checks a tier's largest object: positive, within the tier, and small enough for the tiers'
+/// indexes, which weigh entries with a u32.
+fn object_size(c: &mut Checker<'_>, at: &[Seg<'_>], size: u64, tier: u64, tier_key: &str) {
+    let max = u32::MAX as u64 / 2;
+    if size == 0 || size > max {
+        c.report(at, format!("must be between 1 and {max} bytes, got {size}"));
+    } else if size > tier {
+        c.report(at, format!("must not exceed {tier_key} ({tier})"));
+    }
+}
+
 /// Parses a list of CIDR networks (or single addresses), reporting each bad entry.
 fn networks(c: &mut Checker<'_>, list: &[String], at: &[Seg<'_>]) -> Vec<IpNet> {
     let mut out = Vec::new();
@@ -310,22 +321,13 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             ),
         );
     }
-    // moka weighs entries with a u32.
-    if k.max_object_size == 0 || k.max_object_size > u32::MAX as u64 / 2 {
-        c.report(
-            &at("max_object_size"),
-            format!(
-                "must be between 1 and {} bytes, got {}",
-                u32::MAX / 2,
-                k.max_object_size
-            ),
-        );
-    } else if k.max_object_size > k.memory_size {
-        c.report(
-            &at("max_object_size"),
-            format!("must not exceed cache.memory_size ({})", k.memory_size),
-        );
-    }
+    object_size(
+        c,
+        &at("max_object_size"),
+        k.max_object_size,
+        k.memory_size,
+        "cache.memory_size",
+    );
     let ttl_cap = c.duration(&at("ttl_cap"), &k.ttl_cap);
     if ttl_cap.is_zero() {
         c.report(&at("ttl_cap"), "must be longer than zero");
@@ -357,22 +359,13 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
                 format!("must be at least 1048576 bytes (1 MiB), got {}", d.size),
             );
         }
-        // The disk index weighs entries with a u32.
-        if d.max_object_size == 0 || d.max_object_size > u32::MAX as u64 / 2 {
-            c.report(
-                &disk_at("max_object_size"),
-                format!(
-                    "must be between 1 and {} bytes, got {}",
-                    u32::MAX / 2,
-                    d.max_object_size
-                ),
-            );
-        } else if d.max_object_size > d.size {
-            c.report(
-                &disk_at("max_object_size"),
-                format!("must not exceed cache.disk.size ({})", d.size),
-            );
-        }
+        object_size(
+            c,
+            &disk_at("max_object_size"),
+            d.max_object_size,
+            d.size,
+            "cache.disk.size",
+        );
         if d.min_uses == 0 {
             c.report(&disk_at("min_uses"), "must be at least 1");
         }
