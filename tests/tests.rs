@@ -7,4 +7,5 @@ mod config;
 mod demo;
 mod disk;
 mod htcp;
+mod metrics;
 mod purge;

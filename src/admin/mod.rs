@@ -33,6 +33,36 @@ impl Admin {
         m.tier_capacity
             .with_label_values(&["memory"])
             .set(mem.capacity_bytes() as i64);
+        m.tier_events
+            .catch_up("memory", "hit", mem.counters.hits.load(Ordering::Relaxed));
+        m.tier_events.catch_up(
+            "memory",
+            "miss",
+            mem.counters.misses.load(Ordering::Relaxed),
+        );
+        if let Some(disk) = self.shared.store.disk {
+            let c = &disk.counters;
+            m.tier_objects
+                .with_label_values(&["disk"])
+                .set(disk.object_count() as i64);
+            m.tier_bytes
+                .with_label_values(&["disk"])
+                .set(disk.resident_bytes() as i64);
+            m.tier_capacity
+                .with_label_values(&["disk"])
+                .set(disk.config.size as i64);
+            for (event, value) in [
+                ("hit", &c.hits),
+                ("miss", &c.misses),
+                ("store", &c.stores),
+                ("eviction", &c.evictions),
+                ("corrupt", &c.corrupt),
+                ("write_error", &c.write_errors),
+            ] {
+                m.tier_events
+                    .catch_up("disk", event, value.load(Ordering::Relaxed));
+            }
+        }
     }
 
     fn stats(&self) -> serde_json::Value {

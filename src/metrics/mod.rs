@@ -22,6 +22,8 @@ pub struct Metrics {
     pub tier_objects: IntGaugeVec,
     pub tier_bytes: IntGaugeVec,
     pub tier_capacity: IntGaugeVec,
+    /// Lookups, stores, evictions and dropped entries per tier, from the tiers' own counters.
+    pub tier_events: TierEvents,
     pub build_info: IntGauge,
     /// Series of the per-request metrics resolved once, so counting a request hashes no labels.
     per_request: Vec<RequestSeries>,
@@ -31,6 +33,20 @@ struct RequestSeries {
     by_class: [IntCounter; 5],
     duration: Histogram,
     bytes: IntCounter,
+}
+
+/// Counters mirrored from atomics the tiers keep themselves.
+pub struct TierEvents(IntCounterVec);
+
+impl TierEvents {
+    /// Brings the counter up to `total` (the tier's own monotonic count).
+    pub fn catch_up(&self, tier: &str, event: &str, total: u64) {
+        let c = self.0.with_label_values(&[tier, event]);
+        let seen = c.get();
+        if total > seen {
+            c.inc_by(total - seen);
+        }
+    }
 }
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -120,6 +136,14 @@ impl Metrics {
             Opts::new("skua_cache_capacity_bytes", "Configured capacity, by tier."),
             &["tier"],
         )?;
+        let tier_events = TierEvents(IntCounterVec::new(
+            Opts::new(
+                "skua_cache_tier_events_total",
+                "Cache tier events (hit, miss, store, eviction, corrupt, write_error), by tier.",
+            ),
+            &["tier", "event"],
+        )?);
+        registry.register(Box::new(tier_events.0.clone()))?;
         let build_info = IntGauge::with_opts(
             Opts::new("skua_build_info", "Always 1; the labels name the build.")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
@@ -164,6 +188,7 @@ impl Metrics {
             tier_objects,
             tier_bytes,
             tier_capacity,
+            tier_events,
             build_info,
             per_request,
         })
