@@ -47,3 +47,28 @@ async fn metrics_count_known_traffic_exactly() {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn access_log_records_each_request_with_its_cache_status() {
+    let origin = Origin::start(|_| Reply::ok("logged").header("cache-control", "max-age=60")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let extra = format!("[log]\naccess = \"{}\"\n", log.display());
+    let skua = Skua::start(&[origin.addr], &extra).await;
+    get(&skua.url("/logged?x=1"), &[("user-agent", "skua-test")]).await;
+    get(&skua.url("/logged?x=1"), &[("user-agent", "skua-test")]).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut text = String::new();
+    while text.lines().count() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("127.0.0.1 - - ["), "{text}");
+    assert!(
+        lines[0].contains("\"GET /logged?x=1 HTTP/1.1\" 200 6 \"-\" \"skua-test\" miss "),
+        "{text}"
+    );
+    assert!(lines[1].contains(" hit-front "), "{text}");
+}

@@ -19,6 +19,26 @@ pub struct FileConfig {
     pub cache: CacheFile,
     #[serde(default)]
     pub purge: PurgeFile,
+    #[serde(default)]
+    pub log: LogFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogFile {
+    /// Access log: "stdout", a file path, or "" (the default) for none.
+    pub access: String,
+    /// "combined" (NCSA combined plus cache status and milliseconds; the default) or "json".
+    pub format: String,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        LogFile {
+            access: String::new(),
+            format: "combined".into(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -23,6 +23,7 @@ pub struct Config {
     pub origins: Vec<OriginPool>,
     pub cache: CacheConfig,
     pub purge: PurgeConfig,
+    pub access_log: Option<crate::metrics::access_log::AccessLogConfig>,
 }
 
 #[derive(Debug, Clone)]

@@ -10,6 +10,7 @@ use toml_edit::{ImDocument, TableLike};
 
 use super::file::{FileConfig, OriginFile};
 use super::*;
+use crate::metrics::access_log::{AccessLogConfig, Destination, Format};
 
 /// A step in a key path: a table key or an array index.
 #[derive(Clone, Copy)]
@@ -444,10 +445,35 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         })
     };
 
+    // [log]
+    let format = match file.log.format.as_str() {
+        "combined" => Format::Combined,
+        "json" => Format::Json,
+        other => {
+            c.report(
+                &[Key("log"), Key("format")],
+                format!("must be \"combined\" or \"json\", got {other:?}"),
+            );
+            Format::Combined
+        }
+    };
+    let access_log = match file.log.access.as_str() {
+        "" => None,
+        "stdout" => Some(AccessLogConfig {
+            destination: Destination::Stdout,
+            format,
+        }),
+        path => Some(AccessLogConfig {
+            destination: Destination::File(path.into()),
+            format,
+        }),
+    };
+
     Config {
         server,
         origins,
         cache,
+        access_log,
         purge: PurgeConfig {
             allow,
             token: (!file.purge.token.is_empty()).then(|| file.purge.token.clone()),

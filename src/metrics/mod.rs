@@ -1,6 +1,8 @@
-//! Prometheus metrics: one registry per process, names prefixed `skua_`, base units, label
+//! Prometheus metrics (and, in `access_log.rs`, the access log): one registry per process, names prefixed `skua_`, base units, label
 //! values from closed enums (never a URL, host or IP). It counts; it does not serve HTTP (the
 //! admin endpoint renders [`Metrics::render`]).
+
+pub mod access_log;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -18,6 +20,7 @@ pub struct Metrics {
     pub uncacheable: IntCounterVec,
     pub origin_errors: IntCounterVec,
     pub purge_backlog: IntGauge,
+    pub access_log_dropped: IntCounter,
     pub purge_apply_delay: HistogramVec,
     pub tier_objects: IntGaugeVec,
     pub tier_bytes: IntGaugeVec,
@@ -112,6 +115,11 @@ impl Metrics {
             ),
             &["pool", "kind"],
         )?;
+        let access_log_dropped = IntCounter::new(
+            "skua_access_log_dropped_total",
+            "Access log lines dropped because the writer fell behind.",
+        )?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
         let purge_backlog = IntGauge::new(
             "skua_purge_backlog",
             "Purges received and waiting to be applied.",
@@ -184,6 +192,7 @@ impl Metrics {
             uncacheable,
             origin_errors,
             purge_backlog,
+            access_log_dropped,
             purge_apply_delay,
             tier_objects,
             tier_bytes,

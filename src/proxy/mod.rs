@@ -39,6 +39,7 @@ use crate::cache::policy::StoragePolicy;
 use crate::cache::status::{Outcome, PassReason};
 use crate::cache::{vary, PurgeMode, Store};
 use crate::config::Config;
+use crate::metrics::access_log::{AccessLog, Entry};
 use crate::metrics::Metrics;
 use crate::purge::{self, Acl};
 use crate::upstream::Pools;
@@ -67,6 +68,7 @@ pub struct Shared {
     purge_token: Option<String>,
     pub pools: Pools,
     pub metrics: Arc<Metrics>,
+    access_log: Option<AccessLog>,
 }
 
 impl Shared {
@@ -88,6 +90,11 @@ impl Shared {
             bypass_authorization: config.cache.bypass_authorization,
             purge_acl: Acl::new(config.purge.allow.clone()),
             purge_token: config.purge.token.clone(),
+            access_log: config.access_log.as_ref().and_then(|c| {
+                AccessLog::open(c, metrics.access_log_dropped.clone())
+                    .map_err(|e| tracing::error!(error = %e, "cannot open the access log"))
+                    .ok()
+            }),
             pools,
             metrics,
         }
@@ -697,6 +704,30 @@ impl ProxyHttp for Skua {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let disposition = self.outcome(session, ctx).disposition();
+        if let Some(log) = &self.shared.access_log {
+            let req = session.req_header();
+            let header = |name: http::header::HeaderName| {
+                req.headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+            };
+            let client = client_ip(session)
+                .map(|ip| ip.to_string())
+                .unwrap_or_default();
+            log.log(&Entry {
+                client: &client,
+                method: req.method.as_str(),
+                target: req.uri.path_and_query().map_or("/", |p| p.as_str()),
+                host: ctx.url.as_ref().map_or("", |u| u.host.as_str()),
+                status,
+                bytes: ctx.body_bytes,
+                referer: header(header::REFERER),
+                user_agent: header(header::USER_AGENT),
+                cache_status: disposition.as_str(),
+                duration: ctx.started.elapsed(),
+            });
+        }
         self.shared.metrics.observe_request(
             disposition,
             status,

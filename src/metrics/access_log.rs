@@ -1,0 +1,191 @@
+//! The access log: one line per request, NCSA combined plus cache status and duration, or
+//! JSON lines, to stdout or a file. Lines are handed to a writer thread through a bounded
+//! channel; when the writer cannot keep up, lines are dropped and counted rather than making
+//! a request wait on disk I/O.
+
+use std::fs::OpenOptions;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, SystemTime};
+
+use prometheus::IntCounter;
+
+/// Where the log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Stdout,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// NCSA combined, then the cache status and the duration in milliseconds.
+    Combined,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccessLogConfig {
+    pub destination: Destination,
+    pub format: Format,
+}
+
+/// What one request leaves in the log.
+pub struct Entry<'a> {
+    pub client: &'a str,
+    pub method: &'a str,
+    pub target: &'a str,
+    pub host: &'a str,
+    pub status: u16,
+    pub bytes: u64,
+    pub referer: &'a str,
+    pub user_agent: &'a str,
+    pub cache_status: &'a str,
+    pub duration: Duration,
+}
+
+const QUEUE: usize = 65_536;
+
+pub struct AccessLog {
+    tx: SyncSender<String>,
+    format: Format,
+    dropped: IntCounter,
+}
+
+impl AccessLog {
+    pub fn open(config: &AccessLogConfig, dropped: IntCounter) -> std::io::Result<AccessLog> {
+        let out: Box<dyn Write + Send> = match &config.destination {
+            Destination::Stdout => Box::new(std::io::stdout()),
+            Destination::File(path) => {
+                Box::new(OpenOptions::new().create(true).append(true).open(path)?)
+            }
+        };
+        let (tx, rx) = mpsc::sync_channel::<String>(QUEUE);
+        std::thread::Builder::new()
+            .name("skua-access-log".into())
+            .spawn(move || {
+                let mut out = BufWriter::with_capacity(64 << 10, out);
+                loop {
+                    match rx.recv_timeout(Duration::from_millis(200)) {
+                        Ok(line) => {
+                            let _ = out.write_all(line.as_bytes());
+                        }
+                        Err(RecvTimeoutError::Timeout) => {
+                            let _ = out.flush();
+                        }
+                        Err(RecvTimeoutError::Disconnected) => {
+                            let _ = out.flush();
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(AccessLog {
+            tx,
+            format: config.format,
+            dropped,
+        })
+    }
+
+    pub fn log(&self, e: &Entry<'_>) {
+        let line = match self.format {
+            Format::Combined => combined(e, SystemTime::now()),
+            Format::Json => json(e, SystemTime::now()),
+        };
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+}
+
+/// Quotes a value for a combined-log field: no quote or control byte may end the field early.
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if c == '"' || c.is_control() { '_' } else { c })
+        .collect()
+}
+
+fn dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+pub fn combined(e: &Entry<'_>, now: SystemTime) -> String {
+    format!(
+        "{} - - [{}] \"{} {} HTTP/1.1\" {} {} \"{}\" \"{}\" {} {:.3}\n",
+        e.client,
+        httpdate::fmt_http_date(now),
+        clean(e.method),
+        clean(e.target),
+        e.status,
+        e.bytes,
+        clean(dash(e.referer)),
+        clean(dash(e.user_agent)),
+        e.cache_status,
+        e.duration.as_secs_f64() * 1000.0,
+    )
+}
+
+pub fn json(e: &Entry<'_>, now: SystemTime) -> String {
+    let mut line = serde_json::json!({
+        "time": httpdate::fmt_http_date(now),
+        "client": e.client,
+        "method": e.method,
+        "host": e.host,
+        "target": e.target,
+        "status": e.status,
+        "bytes": e.bytes,
+        "referer": e.referer,
+        "user_agent": e.user_agent,
+        "cache_status": e.cache_status,
+        "duration_ms": (e.duration.as_secs_f64() * 1e6).round() / 1e3,
+    })
+    .to_string();
+    line.push('\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry<'a>(ua: &'a str) -> Entry<'a> {
+        Entry {
+            client: "127.0.0.1",
+            method: "GET",
+            target: "/wiki/Main_Page",
+            host: "en.wiki.test",
+            status: 200,
+            bytes: 1234,
+            referer: "",
+            user_agent: ua,
+            cache_status: "hit-front",
+            duration: Duration::from_micros(1500),
+        }
+    }
+
+    #[test]
+    fn combined_line() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let line = combined(&entry("curl/8 \"evil\""), now);
+        assert_eq!(
+            line,
+            "127.0.0.1 - - [Tue, 14 Nov 2023 22:13:20 GMT] \"GET /wiki/Main_Page HTTP/1.1\" 200 1234 \"-\" \"curl/8 _evil_\" hit-front 1.500\n"
+        );
+    }
+
+    #[test]
+    fn json_line() {
+        let v: serde_json::Value =
+            serde_json::from_str(&json(&entry("ua"), SystemTime::now())).unwrap();
+        assert_eq!(v["cache_status"], "hit-front");
+        assert_eq!(v["duration_ms"], 1.5);
+        assert_eq!(v["status"], 200);
+    }
+}
