@@ -1,5 +1,6 @@
-//! The admin endpoint: `/metrics` (Prometheus text), `/stats` (JSON), `/healthz`. It reads
-//! the shared state and never touches the request path's hot data beyond counters.
+//! The admin endpoint: `/` (a live dashboard), `/metrics` (Prometheus text), `/stats` (JSON),
+//! `/healthz` and `/readyz`. It reads the shared state and never touches the request path's
+//! hot data beyond counters.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,6 +12,9 @@ use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
 use crate::proxy::Shared;
+
+/// The live dashboard: one self-contained page (no external assets) polling `/stats`.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 pub struct Admin {
     shared: Arc<Shared>,
@@ -96,8 +100,22 @@ impl Admin {
                 "index_load_seconds": d.load_time.lock().ok().and_then(|t| t.map(|t| t.as_secs_f64())),
             })
         });
+        let m = &self.shared.metrics;
+        let totals = m.totals_by_disposition();
+        let requests: serde_json::Map<String, serde_json::Value> = totals
+            .iter()
+            .map(|(d, r, _)| (d.to_string(), json!(r)))
+            .collect();
+        let response_bytes: serde_json::Map<String, serde_json::Value> = totals
+            .iter()
+            .map(|(d, _, b)| (d.to_string(), json!(b)))
+            .collect();
         json!({
             "name": self.shared.name,
+            "requests": requests,
+            "response_bytes": response_bytes,
+            "purges_total": m.purges_total(),
+            "purge_backlog": m.purge_backlog.get(),
             "version": env!("CARGO_PKG_VERSION"),
             "tiers": {
                 "memory": {
@@ -144,10 +162,22 @@ impl ServeHttp for Admin {
                 reply(200, "application/json", body)
             }
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
+            // Ready once objects on disk are servable (the index loads in the background).
+            "/readyz" => match self.shared.store.disk {
+                Some(d) if !d.loaded() => {
+                    reply(503, "text/plain", b"loading the disk index\n".to_vec())
+                }
+                _ => reply(200, "text/plain", b"ready\n".to_vec()),
+            },
+            "/" => reply(
+                200,
+                "text/html; charset=utf-8",
+                DASHBOARD.as_bytes().to_vec(),
+            ),
             _ => reply(
                 404,
                 "text/plain",
-                b"skua admin: /metrics, /stats, /healthz\n".to_vec(),
+                b"skua admin: / (dashboard), /metrics, /stats, /healthz, /readyz\n".to_vec(),
             ),
         }
     }

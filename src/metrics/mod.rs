@@ -203,6 +203,29 @@ impl Metrics {
         })
     }
 
+    /// Requests and response body bytes so far, by cache status (for `/stats`).
+    pub fn totals_by_disposition(&self) -> Vec<(&'static str, u64, u64)> {
+        Disposition::ALL
+            .iter()
+            .zip(&self.per_request)
+            .map(|(d, s)| {
+                let requests = s.by_class.iter().map(|c| c.get()).sum();
+                (d.as_str(), requests, s.bytes.get())
+            })
+            .collect()
+    }
+
+    /// Purges received from every source, whatever their result.
+    pub fn purges_total(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.purges
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().value() as u64)
+            .sum()
+    }
+
     /// Counts one answered request.
     pub fn observe_request(
         &self,
