@@ -71,6 +71,7 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
         "  What the origin served:  curl -s http://{}/_origin/stats",
         opts.origin
     );
+    println!("  Live dashboard:          http://{}/", opts.admin);
     println!(
         "  Cache statistics:        curl -s http://{}/stats",
         opts.admin
