@@ -257,6 +257,46 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    /// Every metric the shipped Grafana dashboard queries exists, so no panel is silently empty.
+    #[test]
+    fn grafana_dashboard_queries_only_metrics_that_exist() {
+        let m = Metrics::new().unwrap();
+        m.origin_errors
+            .with_label_values(&["p", "ConnectRefused"])
+            .inc();
+        m.purge_apply_delay
+            .with_label_values(&["htcp"])
+            .observe(0.001);
+        m.uncacheable.with_label_values(&["no-store"]).inc();
+        m.purges.with_label_values(&["http", "purged"]).inc();
+        m.tier_events.catch_up("memory", "hit", 1);
+        for g in [&m.tier_objects, &m.tier_bytes, &m.tier_capacity] {
+            g.with_label_values(&["memory"]).set(1);
+        }
+        let text = m.render();
+        let dashboard = include_str!("../../config/grafana/skua-dashboard.json");
+        let mut checked = 0;
+        for (i, _) in dashboard.match_indices("skua_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            if family == "skua_" || family.starts_with("skua_overview") {
+                continue;
+            }
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "dashboard uses {name}, which Skua does not export"
+            );
+            checked += 1;
+        }
+        assert!(checked > 10);
+    }
+
     #[test]
     fn renders_exact_lines() {
         let m = Metrics::new().unwrap();
