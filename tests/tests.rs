@@ -4,6 +4,7 @@ mod support;
 
 mod cache;
 mod config;
+mod dashboard;
 mod demo;
 mod disk;
 mod htcp;
