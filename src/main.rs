@@ -98,7 +98,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve { config } => {
-            let config = match Config::load(&config) {
+            let path = config;
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(errors) => {
                     eprintln!("{errors}");
@@ -107,7 +108,10 @@ fn main() -> ExitCode {
             };
             init_logging();
             match skua::server::build(&config) {
-                Ok(built) => built.server.run_forever(),
+                Ok(mut built) => {
+                    built.reload_on_sighup(path);
+                    built.server.run_forever()
+                }
                 Err(e) => {
                     eprintln!("skua: {e:#}");
                     ExitCode::FAILURE

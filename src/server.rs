@@ -1,7 +1,13 @@
 //! Assembles a pingora server from a validated [`Config`]: the proxy service, the admin
 //! service and the origin health checks. `serve` and `demo` both start here.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::signal::unix::{signal, SignalKind};
 
 use anyhow::Context;
 use pingora::server::configuration::ServerConf;
@@ -83,4 +89,50 @@ pub fn build(config: &Config) -> anyhow::Result<Built> {
         server.add_service(admin);
     }
     Ok(Built { server, shared })
+}
+
+impl Built {
+    /// Re-reads `path` on SIGHUP and applies what can change in place (see
+    /// [`crate::proxy::Rules`]). A file that does not validate is rejected with a log line and
+    /// the running configuration stays.
+    pub fn reload_on_sighup(&mut self, path: PathBuf) {
+        let reloader = Reloader {
+            path,
+            shared: self.shared.clone(),
+        };
+        self.server
+            .add_service(background_service("config reload", reloader));
+    }
+}
+
+struct Reloader {
+    path: PathBuf,
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reloads are off");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hangups.recv() => match Config::load(&self.path) {
+                    Ok(config) => {
+                        self.shared.reload(&config);
+                        tracing::warn!(path = %self.path.display(), "configuration reloaded");
+                    }
+                    Err(errors) => {
+                        tracing::error!("reload rejected, the running configuration stays:\n{errors}");
+                    }
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }

@@ -10,3 +10,4 @@ mod disk;
 mod htcp;
 mod metrics;
 mod purge;
+mod reload;

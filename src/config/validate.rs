@@ -329,8 +329,10 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         k.memory_size,
         "cache.memory_size",
     );
+    let reported = c.errors.len();
     let ttl_cap = c.duration(&at("ttl_cap"), &k.ttl_cap);
-    if ttl_cap.is_zero() {
+    // A value that is not a duration was reported already; only a real zero is reported here.
+    if ttl_cap.is_zero() && c.errors.len() == reported {
         c.report(&at("ttl_cap"), "must be longer than zero");
     }
     let default_grace = c.duration(&at("default_grace"), &k.default_grace);

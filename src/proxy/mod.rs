@@ -18,6 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -60,12 +61,8 @@ pub struct Shared {
     pub name: String,
     pub store: &'static Store,
     lock: &'static CacheKeyLockImpl,
-    lock_timeout: std::time::Duration,
-    policy: StoragePolicy,
-    bypass_cookies: Vec<regex::Regex>,
-    bypass_authorization: bool,
-    purge_acl: Acl,
-    purge_token: Option<String>,
+    /// What a SIGHUP reload may change, swapped whole so a request sees one version.
+    rules: ArcSwap<Rules>,
     pub pools: Pools,
     pub metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
@@ -84,12 +81,7 @@ impl Shared {
             name: config.server.name.clone(),
             store,
             lock,
-            lock_timeout: config.cache.lock_timeout,
-            policy: StoragePolicy::from(&config.cache),
-            bypass_cookies: config.cache.bypass_cookies.clone(),
-            bypass_authorization: config.cache.bypass_authorization,
-            purge_acl: Acl::new(config.purge.allow.clone()),
-            purge_token: config.purge.token.clone(),
+            rules: ArcSwap::from_pointee(Rules::from(config)),
             access_log: config.access_log.as_ref().and_then(|c| {
                 AccessLog::open(c, metrics.access_log_dropped.clone())
                     .map_err(|e| tracing::error!(error = %e, "cannot open the access log"))
@@ -98,6 +90,38 @@ impl Shared {
             pools,
             metrics,
         }
+    }
+}
+
+/// The parts of the configuration a reload (SIGHUP) applies in place: storage policy (TTL cap,
+/// grace, heuristics), bypass rules, purge ACL and token, lock timeout. Listeners, tiers and
+/// origin pools need a restart (or pingora's graceful upgrade).
+pub struct Rules {
+    lock_timeout: std::time::Duration,
+    policy: StoragePolicy,
+    bypass_cookies: Vec<regex::Regex>,
+    bypass_authorization: bool,
+    purge_acl: Acl,
+    purge_token: Option<String>,
+}
+
+impl From<&Config> for Rules {
+    fn from(config: &Config) -> Rules {
+        Rules {
+            lock_timeout: config.cache.lock_timeout,
+            policy: StoragePolicy::from(&config.cache),
+            bypass_cookies: config.cache.bypass_cookies.clone(),
+            bypass_authorization: config.cache.bypass_authorization,
+            purge_acl: Acl::new(config.purge.allow.clone()),
+            purge_token: config.purge.token.clone(),
+        }
+    }
+}
+
+impl Shared {
+    /// Applies a reloaded configuration's rules; requests already running keep theirs.
+    pub fn reload(&self, config: &Config) {
+        self.rules.store(Arc::new(Rules::from(config)));
     }
 }
 
@@ -143,9 +167,9 @@ impl Skua {
     async fn purge(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         ctx.internal = true;
         let metrics = &self.shared.metrics;
-        let allowed = client_ip(session).is_some_and(|ip| self.shared.purge_acl.allows(ip))
-            && self
-                .shared
+        let rules = self.shared.rules.load();
+        let allowed = client_ip(session).is_some_and(|ip| rules.purge_acl.allows(ip))
+            && rules
                 .purge_token
                 .as_deref()
                 .is_none_or(|token| purge::http::bearer_matches(session.req_header(), token));
@@ -226,12 +250,13 @@ impl Skua {
         if !matches!(req.method, Method::GET | Method::HEAD) {
             return Some(PassReason::Method);
         }
-        if self.shared.bypass_authorization && req.headers.contains_key(header::AUTHORIZATION) {
+        let rules = self.shared.rules.load();
+        if rules.bypass_authorization && req.headers.contains_key(header::AUTHORIZATION) {
             return Some(PassReason::Authorization);
         }
         let session_cookie = req.headers.get_all(header::COOKIE).iter().any(|v| {
             let v = String::from_utf8_lossy(v.as_bytes());
-            self.shared.bypass_cookies.iter().any(|re| re.is_match(&v))
+            rules.bypass_cookies.iter().any(|re| re.is_match(&v))
         });
         session_cookie.then_some(PassReason::Cookie)
     }
@@ -417,7 +442,7 @@ impl ProxyHttp for Skua {
             return Ok(());
         }
         let mut overrides = CacheOptionOverrides::default();
-        overrides.wait_timeout = Some(self.shared.lock_timeout);
+        overrides.wait_timeout = Some(self.shared.rules.load().lock_timeout);
         session.cache.enable(
             self.shared.store,
             None,
@@ -577,7 +602,13 @@ impl ProxyHttp for Skua {
         // RFC 9111 §4.2.3: age counts from when the request was sent (response_delay is part
         // of it), which is also the instant a later purge must be compared with.
         let sent = ctx.upstream_sent.unwrap_or_else(SystemTime::now);
-        match self.shared.policy.decide(&mut stored, authorization, sent) {
+        match self
+            .shared
+            .rules
+            .load()
+            .policy
+            .decide(&mut stored, authorization, sent)
+        {
             Ok(f) => {
                 ctx.stored = true;
                 ctx.fresh_until = Some(f.fresh_until);

@@ -286,6 +286,23 @@ impl Skua {
         let _ = self.child.wait();
     }
 
+    /// Rewrites the config file with `edit` and sends SIGHUP.
+    pub fn reload(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.dir.path().join("skua.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, edit(text)).unwrap();
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// kill -9: no chance to clean up.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

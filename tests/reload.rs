@@ -1,0 +1,77 @@
+//! SIGHUP reloads the configuration in place: under load, without failing a request, and a bad
+//! file changes nothing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// The ttl a fresh fill of `path` is stored with, from its Cache-Status.
+async fn stored_ttl(skua: &Skua, path: &str) -> i64 {
+    let r = get(&skua.url(path), &[]).await;
+    let status = r.header("cache-status").to_string();
+    status
+        .split("ttl=")
+        .nth(1)
+        .and_then(|v| v.split(';').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ttl in {status:?}"))
+}
+
+#[tokio::test]
+async fn reload_under_load_changes_the_ttl_cap_and_a_bad_file_changes_nothing() {
+    let origin = Origin::start(|_| Reply::ok("page").header("cache-control", "max-age=600")).await;
+    let mut skua = Skua::start(&[origin.addr], "").await;
+    assert!(stored_ttl(&skua, "/before").await > 500);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (stop, base, client) = (stop.clone(), skua.url("/load/"), client());
+        async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match client.get(format!("{base}{}", i % 20)).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+                i += 1;
+            }
+            (ok, failed)
+        }
+    });
+
+    skua.reload(|text| {
+        text.replace(
+            "memory_size = 16777216",
+            "memory_size = 16777216\nttl_cap = \"5s\"",
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut n = 0;
+    let mut ttl = i64::MAX;
+    while Instant::now() < deadline {
+        n += 1;
+        ttl = stored_ttl(&skua, &format!("/after/{n}")).await;
+        if ttl <= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ttl <= 5, "the new TTL cap applies to new fills: ttl={ttl}");
+
+    // A file that does not validate: logged and ignored, the 5 s cap stays.
+    skua.reload(|text| text.replace("ttl_cap = \"5s\"", "ttl_cap = \"soon\""));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(skua.alive());
+    assert!(stored_ttl(&skua, "/after-bad").await <= 5);
+
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert_eq!(
+        failed, 0,
+        "no request failed across the reloads ({ok} succeeded)"
+    );
+    assert!(ok > 0);
+}
