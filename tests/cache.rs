@@ -181,6 +181,16 @@ async fn concurrent_cold_requests_collapse_into_one_fetch() {
         assert_eq!((r.status, r.text().as_str()), (200, "body"));
     }
     assert_eq!(origin.count("/cold"), 1);
+    let metrics = skua.metrics().await;
+    let coalesced: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("skua_coalesced_requests_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        coalesced > 0,
+        "requests waited for the one fetch:\n{metrics}"
+    );
 }
 
 #[tokio::test]

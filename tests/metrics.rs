@@ -35,6 +35,9 @@ async fn metrics_count_known_traffic_exactly() {
         "skua_cache_tier_events_total{event=\"hit\",tier=\"memory\"} 2\n",
         "skua_cache_objects{tier=\"memory\"} 0\n",
         "skua_request_duration_seconds_count{cache_status=\"hit-front\"} 2\n",
+        "skua_origin_requests_total{pool=\"test\",status_class=\"2xx\"} 2\n",
+        "skua_origin_response_seconds_count{pool=\"test\"} 2\n",
+        "skua_coalesced_requests_total 0\n",
     ];
     // Requests are counted as they finish logging, just after the response: allow a moment.
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -19,6 +19,9 @@ pub struct Metrics {
     pub purges: IntCounterVec,
     pub uncacheable: IntCounterVec,
     pub origin_errors: IntCounterVec,
+    pub origin_requests: IntCounterVec,
+    pub origin_duration: HistogramVec,
+    pub coalesced: IntCounter,
     pub purge_backlog: IntGauge,
     pub access_log_dropped: IntCounter,
     pub purge_apply_delay: HistogramVec,
@@ -115,6 +118,30 @@ impl Metrics {
             ),
             &["pool", "kind"],
         )?;
+        let origin_requests = IntCounterVec::new(
+            Opts::new(
+                "skua_origin_requests_total",
+                "Responses from origins, by pool and status class.",
+            ),
+            &["pool", "status_class"],
+        )?;
+        let origin_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "skua_origin_response_seconds",
+                "Time from sending a request to an origin to its response header, by pool.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["pool"],
+        )?;
+        let coalesced = IntCounter::new(
+            "skua_coalesced_requests_total",
+            "Requests that waited for another request's fetch of the same object instead of going to the origin.",
+        )?;
+        registry.register(Box::new(origin_requests.clone()))?;
+        registry.register(Box::new(origin_duration.clone()))?;
+        registry.register(Box::new(coalesced.clone()))?;
         let access_log_dropped = IntCounter::new(
             "skua_access_log_dropped_total",
             "Access log lines dropped because the writer fell behind.",
@@ -192,6 +219,9 @@ impl Metrics {
             uncacheable,
             origin_errors,
             purge_backlog,
+            origin_requests,
+            origin_duration,
+            coalesced,
             access_log_dropped,
             purge_apply_delay,
             tier_objects,

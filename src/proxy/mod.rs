@@ -152,6 +152,8 @@ pub struct RequestCtx {
     body_bytes: u64,
     /// When the request to the origin was sent (the last attempt).
     upstream_sent: Option<SystemTime>,
+    /// The origin's status and how long its response header took.
+    origin_response: Option<(u16, std::time::Duration)>,
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -385,6 +387,7 @@ impl ProxyHttp for Skua {
             failed_origins: Vec::new(),
             body_bytes: 0,
             upstream_sent: None,
+            origin_response: None,
         }
     }
 
@@ -582,6 +585,11 @@ impl ProxyHttp for Skua {
         if unsafe_method && (200..400).contains(&status) {
             self.invalidate_after_unsafe(ctx, resp).await;
         }
+        let waited = ctx
+            .upstream_sent
+            .and_then(|sent| SystemTime::now().duration_since(sent).ok())
+            .unwrap_or_default();
+        ctx.origin_response = Some((status, waited));
         if status == 304 && session.cache.enabled() {
             ctx.fwd_status = Some(304);
         }
@@ -735,6 +743,23 @@ impl ProxyHttp for Skua {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let disposition = self.outcome(session, ctx).disposition();
+        let m = &self.shared.metrics;
+        if let Some((origin_status, waited)) = ctx.origin_response {
+            let pool = self
+                .shared
+                .pools
+                .get(ctx.pool)
+                .map_or("", |p| p.name.as_str());
+            m.origin_requests
+                .with_label_values(&[pool, crate::metrics::status_class(origin_status)])
+                .inc();
+            m.origin_duration
+                .with_label_values(&[pool])
+                .observe(waited.as_secs_f64());
+        }
+        if session.cache.lock_duration().is_some() && ctx.origin_response.is_none() {
+            m.coalesced.inc();
+        }
         if let Some(log) = &self.shared.access_log {
             let req = session.req_header();
             let header = |name: http::header::HeaderName| {
