@@ -294,6 +294,8 @@ mod tests {
         m.origin_errors
             .with_label_values(&["p", "ConnectRefused"])
             .inc();
+        m.origin_requests.with_label_values(&["p", "2xx"]).inc();
+        m.origin_duration.with_label_values(&["p"]).observe(0.01);
         m.purge_apply_delay
             .with_label_values(&["htcp"])
             .observe(0.001);
