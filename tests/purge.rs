@@ -292,3 +292,34 @@ async fn purge_racing_an_in_flight_fill_leaves_no_stale_object() {
     assert_eq!(next.cache(), "miss", "the in-flight fill was not stored");
     assert_eq!(next.text(), "revision 2");
 }
+
+#[tokio::test]
+async fn admin_purge_endpoint_mirrors_http_purge() {
+    let origin = Origin::start(tagged).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for p in ["/a", "/b", "/c"] {
+        get(&skua.url(p), &[]).await;
+    }
+    let admin = format!("http://{}/purge", skua.admin);
+    let by_url = format!(
+        "{admin}?url={}",
+        skua.url("/c").replace(':', "%3A").replace('/', "%2F")
+    );
+    let r = send(&client(), "POST", &by_url, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(get(&skua.url("/c"), &[]).await.cache(), "miss");
+    let r = send(&client(), "POST", &admin, &[("surrogate-key", "group")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(get(&skua.url("/a"), &[]).await.cache(), "miss");
+    assert_eq!(
+        send(&client(), "POST", &by_url.replace("%2Fc", "%2Fnone"), &[])
+            .await
+            .status,
+        404
+    );
+    assert_eq!(send(&client(), "GET", &admin, &[]).await.status, 405);
+    assert!(skua
+        .metrics()
+        .await
+        .contains("skua_purges_total{result=\"purged\",source=\"admin\"} 2\n"));
+}

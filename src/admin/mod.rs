@@ -11,7 +11,9 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
+use crate::cache::key::CacheUrl;
 use crate::proxy::Shared;
+use crate::purge;
 
 /// The live dashboard: one self-contained page (no external assets) polling `/stats`.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -134,6 +136,100 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// `POST /purge?url=<absolute URL>[&url=…]`, or with `Surrogate-Key:` naming tags; the
+    /// same headers as HTTP PURGE (`Skua-Soft-Purge`, `Skua-Purge-Prefix`) and the same rules
+    /// (purge networks, bearer token). Answers JSON with how many objects were affected.
+    async fn purge(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let m = &self.shared.metrics;
+        let ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let req = session.req_header().clone();
+        if req.method != http::Method::POST {
+            return reply(405, "text/plain", b"use POST\n".to_vec());
+        }
+        if !self.shared.purge_allowed(ip, &req) {
+            m.purges.with_label_values(&["admin", "denied"]).inc();
+            return reply(
+                403,
+                "text/plain",
+                b"skua: purging is not allowed from here\n".to_vec(),
+            );
+        }
+        let store = self.shared.store;
+        let mode = purge::http::mode(&req);
+        let mut affected = 0;
+        let mut asked = 0;
+        if let Some(tags) = purge::http::tags(&req) {
+            let tags: Vec<&str> = tags.split_ascii_whitespace().collect();
+            asked += tags.len();
+            affected += store.invalidate_tags(&tags, mode).await;
+        }
+        let query = req.uri.query().unwrap_or("");
+        for value in query.split('&').filter_map(|kv| kv.strip_prefix("url=")) {
+            asked += 1;
+            let decoded = percent_decode(value);
+            let Ok(url) = CacheUrl::parse_absolute(&decoded) else {
+                m.purges.with_label_values(&["admin", "invalid"]).inc();
+                return reply(
+                    400,
+                    "text/plain",
+                    format!("skua: not an absolute URL: {decoded}\n").into_bytes(),
+                );
+            };
+            if purge::http::is_prefix_ban(&req) {
+                let path = url.path_and_query.split('?').next().unwrap_or("/");
+                store.invalidations.ban(&url.host, path);
+                affected += 1;
+            } else {
+                affected += store.invalidate(&url, mode).await;
+            }
+        }
+        if asked == 0 {
+            return reply(
+                400,
+                "text/plain",
+                b"skua: name ?url=... or Surrogate-Key: ...\n".to_vec(),
+            );
+        }
+        let result = if affected > 0 { "purged" } else { "not_found" };
+        m.purges.with_label_values(&["admin", result]).inc();
+        let body = serde_json::to_vec(&json!({ "affected": affected })).unwrap_or_default();
+        reply(
+            if affected > 0 { 200 } else { 404 },
+            "application/json",
+            body,
+        )
+    }
+}
+
+/// `%XX` decoding for query values (`+` is a space in forms; URLs here rarely have either).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     Response::builder()
         .status(status)
@@ -161,6 +257,7 @@ impl ServeHttp for Admin {
                 let body = serde_json::to_vec_pretty(&self.stats()).unwrap_or_default();
                 reply(200, "application/json", body)
             }
+            "/purge" => self.purge(session).await,
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             // Ready once objects on disk are servable (the index loads in the background).
             "/readyz" => match self.shared.store.disk {
@@ -180,5 +277,22 @@ impl ServeHttp for Admin {
                 b"skua admin: / (dashboard), /metrics, /stats, /healthz, /readyz\n".to_vec(),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(
+            percent_decode("http%3A%2F%2Fh%2Fwiki%2FA"),
+            "http://h/wiki/A"
+        );
+        assert_eq!(percent_decode("plain"), "plain");
+        assert_eq!(percent_decode("bad%zz%"), "bad%zz%");
+        assert_eq!(percent_decode("%e2%82%ac"), "€");
+        assert_eq!(percent_decode("%é1"), "%é1");
     }
 }

@@ -119,6 +119,17 @@ impl From<&Config> for Rules {
 }
 
 impl Shared {
+    /// Whether a purge from `ip` carrying `req`'s headers is allowed: the purge networks, and
+    /// the bearer token when one is configured.
+    pub fn purge_allowed(&self, ip: Option<IpAddr>, req: &RequestHeader) -> bool {
+        let rules = self.rules.load();
+        ip.is_some_and(|ip| rules.purge_acl.allows(ip))
+            && rules
+                .purge_token
+                .as_deref()
+                .is_none_or(|token| purge::http::bearer_matches(req, token))
+    }
+
     /// Applies a reloaded configuration's rules; requests already running keep theirs.
     pub fn reload(&self, config: &Config) {
         self.rules.store(Arc::new(Rules::from(config)));
@@ -169,12 +180,9 @@ impl Skua {
     async fn purge(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         ctx.internal = true;
         let metrics = &self.shared.metrics;
-        let rules = self.shared.rules.load();
-        let allowed = client_ip(session).is_some_and(|ip| rules.purge_acl.allows(ip))
-            && rules
-                .purge_token
-                .as_deref()
-                .is_none_or(|token| purge::http::bearer_matches(session.req_header(), token));
+        let allowed = self
+            .shared
+            .purge_allowed(client_ip(session), session.req_header());
         if !allowed {
             metrics.purges.with_label_values(&["http", "denied"]).inc();
             let who = client_ip(session).map_or("unknown".to_string(), |ip| ip.to_string());
