@@ -31,6 +31,10 @@ enum Command {
         /// Configuration file (TOML).
         #[arg(short, long)]
         config: PathBuf,
+        /// Take over the listening sockets of a running Skua (zero-downtime upgrade): start
+        /// this, then send SIGQUIT to the old process.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a configuration file: exit 0, or print every problem and exit 78.
     Check {
@@ -97,7 +101,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Serve { config } => {
+        Command::Serve { config, upgrade } => {
             let path = config;
             let config = match Config::load(&path) {
                 Ok(c) => c,
@@ -107,7 +111,7 @@ fn main() -> ExitCode {
                 }
             };
             init_logging();
-            match skua::server::build(&config) {
+            match skua::server::build_with(&config, upgrade) {
                 Ok(mut built) => {
                     built.reload_on_sighup(path);
                     built.server.run_forever()

@@ -10,7 +10,7 @@ use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 
 use anyhow::Context;
-use pingora::server::configuration::ServerConf;
+use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
@@ -32,14 +32,25 @@ pub struct Built {
 }
 
 pub fn build(config: &Config) -> anyhow::Result<Built> {
+    build_with(config, false)
+}
+
+/// As [`build`]; with `upgrade`, the listening sockets are taken over from a running Skua
+/// through `upgrade_sock` (it hands them over on SIGQUIT) instead of being bound anew.
+pub fn build_with(config: &Config, upgrade: bool) -> anyhow::Result<Built> {
     let conf = ServerConf {
+        upgrade_sock: config.server.upgrade_sock.display().to_string(),
         threads: config.server.threads,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(config.server.shutdown_grace.as_secs().max(1)),
         pid_file: String::new(),
         ..Default::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
     // The store lives as long as the process: pingora's storage API takes `&'static`.

@@ -75,3 +75,61 @@ async fn reload_under_load_changes_the_ttl_cap_and_a_bad_file_changes_nothing() 
     );
     assert!(ok > 0);
 }
+
+#[tokio::test]
+async fn zero_downtime_upgrade_hands_over_the_sockets_without_failing_a_request() {
+    let origin = Origin::start(|_| Reply::ok("page").header("cache-control", "max-age=600")).await;
+    let mut old = Skua::start(&[origin.addr], "").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (stop, base, client) = (stop.clone(), old.url("/u/"), client());
+        async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let url = format!("{base}{}", i % 20);
+                // A keep-alive connection the old process closes as it drains can lose the
+                // request just sent on it; clients retry an idempotent request once on a
+                // fresh connection (RFC 9112 §9.3.1), and so does this one.
+                let mut result = client.get(&url).send().await;
+                if matches!(&result, Err(e) if e.is_request() || e.is_connect()) {
+                    result = client.get(&url).send().await;
+                }
+                match result {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+                i += 1;
+            }
+            (ok, failed)
+        }
+    });
+    // The new binary waits on the upgrade socket for the old one's listeners.
+    let mut new = std::process::Command::new(skua_bin())
+        .args(["serve", "--upgrade", "--config"])
+        .arg(old.config_path())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let quit = std::process::Command::new("kill")
+        .args(["-QUIT", &old.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(quit.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while old.alive() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!old.alive(), "the old process drained and exited");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    let after = get(&old.url("/after-upgrade"), &[]).await;
+    let _ = new.kill();
+    let _ = new.wait();
+    assert_eq!(
+        failed, 0,
+        "no request failed across the upgrade ({ok} succeeded)"
+    );
+    assert_eq!(after.status, 200, "the new process serves on the same port");
+}

@@ -55,6 +55,10 @@ pub struct ServerFile {
     pub name: String,
     /// How long a stopping server keeps serving open connections (duration). Default `5s`.
     pub shutdown_grace: String,
+    /// Unix socket over which a new Skua takes the listening sockets of a running one
+    /// (`skua serve --upgrade`, then SIGQUIT to the old process). Default
+    /// `/tmp/skua-upgrade.sock`.
+    pub upgrade_sock: String,
 }
 
 impl Default for ServerFile {
@@ -65,6 +69,7 @@ impl Default for ServerFile {
             admin: "127.0.0.1:8082".into(),
             name: "skua".into(),
             shutdown_grace: "5s".into(),
+            upgrade_sock: "/tmp/skua-upgrade.sock".into(),
         }
     }
 }

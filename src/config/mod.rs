@@ -33,6 +33,7 @@ pub struct ServerConfig {
     pub admin: Option<SocketAddr>,
     pub name: String,
     pub shutdown_grace: Duration,
+    pub upgrade_sock: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone)]

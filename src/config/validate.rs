@@ -238,6 +238,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         admin,
         name: s.name,
         shutdown_grace,
+        upgrade_sock: s.upgrade_sock.into(),
     };
 
     // [[origin]]

@@ -298,6 +298,15 @@ impl Skua {
         assert!(status.success());
     }
 
+    /// The configuration file this Skua runs with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("skua.toml")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -324,6 +333,7 @@ listen = ["127.0.0.1:{port}"]
 admin = "127.0.0.1:{admin_port}"
 threads = 2
 shutdown_grace = "1s"
+upgrade_sock = "{upgrade_sock}"
 
 [[origin]]
 name = "test"
@@ -340,7 +350,8 @@ memory_size = 16777216
 
 {extra}
 "#,
-            addresses = addresses.join(", ")
+            addresses = addresses.join(", "),
+            upgrade_sock = dir.path().join("upgrade.sock").display()
         );
         let path = dir.path().join("skua.toml");
         std::fs::write(&path, config).unwrap();
