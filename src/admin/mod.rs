@@ -180,8 +180,7 @@ impl Admin {
                 );
             };
             if purge::http::is_prefix_ban(&req) {
-                let path = url.path_and_query.split('?').next().unwrap_or("/");
-                store.invalidations.ban(&url.host, path);
+                store.invalidations.ban_url(&url);
                 affected += 1;
             } else {
                 affected += store.invalidate(&url, mode).await;

@@ -91,6 +91,14 @@ impl Invalidations {
         }
     }
 
+    /// Bans everything under `url`'s host and path (its query ignored); returns what was
+    /// banned, for replies and logs.
+    pub fn ban_url(&self, url: &CacheUrl) -> String {
+        let path = url.path_and_query.split('?').next().unwrap_or("/");
+        self.ban(&url.host, path);
+        format!("{}{path}", url.host)
+    }
+
     pub fn has_bans(&self) -> bool {
         self.ban_count.load(Ordering::Acquire) > 0
     }

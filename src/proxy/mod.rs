@@ -194,22 +194,6 @@ impl Skua {
             .await;
         }
         let mode = purge::http::mode(session.req_header());
-        if purge::http::is_prefix_ban(session.req_header()) {
-            let url = match purge::http::target(session.req_header(), Scheme::Http) {
-                Ok(url) => url,
-                Err(e) => {
-                    metrics.purges.with_label_values(&["http", "invalid"]).inc();
-                    return respond::text(session, 400, &format!("skua: bad PURGE target: {e}"))
-                        .await;
-                }
-            };
-            let path = url.path_and_query.split('?').next().unwrap_or("/");
-            self.shared.store.invalidations.ban(&url.host, path);
-            metrics.purges.with_label_values(&["http", "purged"]).inc();
-            let mut resp = ResponseHeader::build(204, Some(2))?;
-            resp.insert_header("skua-purged", format!("ban {}{path}", url.host))?;
-            return respond::header(session, resp, None).await;
-        }
         if let Some(tags) = purge::http::tags(session.req_header()) {
             let tags: Vec<&str> = tags.split_ascii_whitespace().collect();
             let affected = self.shared.store.invalidate_tags(&tags, mode).await;
@@ -223,9 +207,24 @@ impl Skua {
                 return respond::text(session, 400, &format!("skua: bad PURGE target: {e}")).await;
             }
         };
+        if purge::http::is_prefix_ban(session.req_header()) {
+            let banned = self.shared.store.invalidations.ban_url(&url);
+            metrics.purges.with_label_values(&["http", "purged"]).inc();
+            let mut resp = ResponseHeader::build(204, Some(2))?;
+            resp.insert_header("skua-purged", format!("ban {banned}"))?;
+            return respond::header(session, resp, None).await;
+        }
         let affected = self.shared.store.invalidate(&url, mode).await;
         self.purge_reply(session, affected, mode, &url.primary())
             .await
+    }
+
+    /// The name of the origin pool this request uses, for metric labels.
+    fn pool_name(&self, ctx: &RequestCtx) -> &str {
+        self.shared
+            .pools
+            .get(ctx.pool)
+            .map_or("", |p| p.name.as_str())
     }
 
     /// 204 with the count when something was purged, else 404 naming what was asked for.
@@ -718,11 +717,7 @@ impl ProxyHttp for Skua {
             },
         };
         if e.esource() == &ErrorSource::Upstream {
-            let pool = self
-                .shared
-                .pools
-                .get(ctx.pool)
-                .map_or("", |p| p.name.as_str());
+            let pool = self.pool_name(ctx);
             self.shared
                 .metrics
                 .origin_errors
@@ -753,11 +748,7 @@ impl ProxyHttp for Skua {
         let disposition = self.outcome(session, ctx).disposition();
         let m = &self.shared.metrics;
         if let Some((origin_status, waited)) = ctx.origin_response {
-            let pool = self
-                .shared
-                .pools
-                .get(ctx.pool)
-                .map_or("", |p| p.name.as_str());
+            let pool = self.pool_name(ctx);
             m.origin_requests
                 .with_label_values(&[pool, crate::metrics::status_class(origin_status)])
                 .inc();
