@@ -22,8 +22,9 @@ use crate::cache::Store;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{Shared, Skua};
+use crate::purge::bus::{Bus, BusService};
 use crate::purge::receiver::HtcpReceiver;
-use crate::upstream::Pools;
+use crate::upstream::{HealthService, Pools};
 
 /// A server ready to run, plus the state its services share.
 pub struct Built {
@@ -72,7 +73,12 @@ pub fn build_with(config: &Config, upgrade: bool) -> anyhow::Result<Built> {
     )));
     let (pools, health) = Pools::build(&config.origins).context("building origin pools")?;
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
-    let shared = Arc::new(Shared::new(config, store, pools, metrics));
+    let bus = config
+        .purge
+        .bus
+        .clone()
+        .map(|b| Bus::new(b, store, metrics.clone()));
+    let shared = Arc::new(Shared::new(config, store, pools, metrics, bus.clone()));
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
@@ -84,15 +90,21 @@ pub fn build_with(config: &Config, upgrade: bool) -> anyhow::Result<Built> {
     }
     server.add_service(proxy);
     for h in health {
-        server.add_service(h);
+        match h {
+            HealthService::RoundRobin(s) => server.add_service(s),
+            HealthService::Consistent(s) => server.add_service(s),
+        };
     }
     if let Some(htcp) = &config.purge.htcp {
-        let receiver = HtcpReceiver::new(htcp.clone(), store, shared.metrics.clone());
+        let receiver = HtcpReceiver::new(htcp.clone(), shared.clone());
         let mut service = background_service("htcp receiver", receiver);
         // One thread drains the socket while the other applies queued purges, so a storm
         // is read as fast as it arrives.
         service.threads = Some(2);
         server.add_service(service);
+    }
+    if let Some(bus) = bus {
+        server.add_service(background_service("purge bus", BusService(bus)));
     }
     if let Some(admin_addr) = config.server.admin {
         let mut admin = Service::new("skua admin".to_string(), Admin::new(shared.clone()));

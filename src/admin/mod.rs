@@ -158,20 +158,21 @@ impl Admin {
                 b"skua: purging is not allowed from here\n".to_vec(),
             );
         }
-        let store = self.shared.store;
+        let purger = &self.shared.purger;
         let mode = purge::http::mode(&req);
         let mut affected = 0;
         let mut asked = 0;
         if let Some(tags) = purge::http::tags(&req) {
             let tags: Vec<&str> = tags.split_ascii_whitespace().collect();
             asked += tags.len();
-            affected += store.invalidate_tags(&tags, mode).await;
+            affected += purger.tags("admin", &tags, mode).await;
         }
         let query = req.uri.query().unwrap_or("");
         for value in query.split('&').filter_map(|kv| kv.strip_prefix("url=")) {
             asked += 1;
             let decoded = percent_decode(value);
-            let Ok(url) = CacheUrl::parse_absolute(&decoded) else {
+            let Ok(url) = CacheUrl::parse_absolute(&decoded).map(|u| self.shared.canonical(u))
+            else {
                 m.purges.with_label_values(&["admin", "invalid"]).inc();
                 return reply(
                     400,
@@ -180,10 +181,10 @@ impl Admin {
                 );
             };
             if purge::http::is_prefix_ban(&req) {
-                store.invalidations.ban_url(&url);
+                purger.prefix("admin", &url);
                 affected += 1;
             } else {
-                affected += store.invalidate(&url, mode).await;
+                affected += purger.url("admin", &url, mode).await;
             }
         }
         if asked == 0 {
@@ -263,6 +264,11 @@ impl ServeHttp for Admin {
                 Some(d) if !d.loaded() => {
                     reply(503, "text/plain", b"loading the disk index\n".to_vec())
                 }
+                _ if !self.shared.store.invalidations.is_caught_up() => reply(
+                    503,
+                    "text/plain",
+                    b"catching up on the purge bus\n".to_vec(),
+                ),
                 _ => reply(200, "text/plain", b"ready\n".to_vec()),
             },
             "/" => reply(

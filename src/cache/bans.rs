@@ -6,10 +6,14 @@
 //!   ("rebound") purge: a purge arriving while a fill of the old page is in flight;
 //! - **bans** of a host or a URL prefix: recorded in O(1), and any object under them fetched
 //!   before the ban is treated as a miss on its next use. A ban lives as long as the TTL cap,
-//!   after which every object it could match has expired anyway.
+//!   after which every object it could match has expired anyway;
+//! - **trust in old objects**: a node on a purge bus does not trust objects it cached before it
+//!   started until it has applied the purges it missed while down (requests for them wait, or
+//!   revalidate); and when the bus no longer holds all it missed, objects cached before then
+//!   are revalidated before they are served again.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
 
@@ -33,6 +37,34 @@ pub struct Invalidations {
     /// `bans.len()`, readable without the lock: the hit path checks it first.
     ban_count: AtomicUsize,
     lifetime: Duration,
+    /// Unix nanoseconds; objects created before it are revalidated before use (0: none).
+    stale_before: AtomicU64,
+    /// When this process started: objects created before it may have missed purges.
+    started: SystemTime,
+    /// Whether objects from before `started` are trusted yet (true without a purge bus).
+    caught_up: AtomicBool,
+    caught_up_tx: tokio::sync::watch::Sender<bool>,
+    /// What to do with an untrusted object before catching up; set once by the purge bus.
+    catch_up: std::sync::OnceLock<(CatchUpPolicy, Duration)>,
+}
+
+/// What to do with objects cached before a start, until the purge bus has caught up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUpPolicy {
+    /// The request waits (up to a timeout, then revalidates).
+    Wait,
+    /// The object is revalidated with the origin before it is served.
+    Revalidate,
+}
+
+/// Whether a stored object may be served as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    Yes,
+    /// Only after the origin confirms it (a conditional request).
+    Revalidate,
+    /// Only after the purge bus has caught up: wait at most this long.
+    WaitForCatchUp(Duration),
 }
 
 impl Invalidations {
@@ -51,7 +83,60 @@ impl Invalidations {
                 .time_to_live(lifetime)
                 .build(),
             lifetime,
+            stale_before: AtomicU64::new(0),
+            started: SystemTime::now(),
+            caught_up: AtomicBool::new(true),
+            caught_up_tx: tokio::sync::watch::channel(true).0,
+            catch_up: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Distrusts objects cached before this process started until [`Self::caught_up`] is
+    /// called: the purge bus may hold purges for them that this node missed while down.
+    pub fn hold_until_caught_up(&self, policy: CatchUpPolicy, timeout: Duration) {
+        if self.catch_up.set((policy, timeout)).is_ok() {
+            self.caught_up.store(false, Ordering::Release);
+            self.caught_up_tx.send_replace(false);
+        }
+    }
+
+    /// The purge bus has applied everything published before it (re)connected.
+    pub fn caught_up(&self) {
+        self.caught_up.store(true, Ordering::Release);
+        self.caught_up_tx.send_replace(true);
+    }
+
+    pub fn is_caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Acquire)
+    }
+
+    /// Waits until caught up, at most `timeout`; returns whether it is.
+    pub async fn wait_caught_up(&self, timeout: Duration) -> bool {
+        let mut rx = self.caught_up_tx.subscribe();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|done| *done)).await;
+        waited.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Purges may have been lost (the bus no longer holds them): every object created before
+    /// now is revalidated before it is served again.
+    pub fn revalidate_all_before_now(&self) {
+        let now = unix_nanos(SystemTime::now());
+        self.stale_before.fetch_max(now, Ordering::AcqRel);
+    }
+
+    /// Whether an object created at `created` may be served without asking the origin.
+    pub fn trust(&self, created: SystemTime) -> Trust {
+        let stale_before = self.stale_before.load(Ordering::Acquire);
+        if stale_before != 0 && unix_nanos(created) < stale_before {
+            return Trust::Revalidate;
+        }
+        if !self.caught_up.load(Ordering::Acquire) && created < self.started {
+            return match self.catch_up.get() {
+                Some((CatchUpPolicy::Wait, timeout)) => Trust::WaitForCatchUp(*timeout),
+                _ => Trust::Revalidate,
+            };
+        }
+        Trust::Yes
     }
 
     pub fn record_purge(&self, primary: HashBinary, at: SystemTime) {
@@ -117,6 +202,11 @@ impl Invalidations {
             Err(_) => false,
         }
     }
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn line(b: &Ban) -> String {

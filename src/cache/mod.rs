@@ -137,7 +137,10 @@ impl Storage for Store {
             return Ok(None);
         };
         if let Some(body) = entry.body.clone() {
-            if body.len() <= self.memory_max_object {
+            // An object not yet trusted (the purge bus is catching up) stays on disk only,
+            // so a purge the catch-up applies cannot miss a copy promoted meanwhile.
+            let trusted = self.invalidations.trust(entry.meta.created()) == bans::Trust::Yes;
+            if trusted && body.len() <= self.memory_max_object {
                 let stored =
                     StoredObject::new(slot, StoredMeta::from_meta(&entry.meta), body.clone());
                 self.memory.insert(primary, stored);

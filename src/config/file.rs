@@ -92,6 +92,16 @@ pub struct OriginFile {
     pub read_timeout: String,
     #[serde(default)]
     pub health_check: HealthCheckFile,
+    /// How a miss picks an origin: `"round_robin"` (the default), or `"consistent"`: by a
+    /// consistent hash of the cache key, so that each object lives on one origin (a pool of
+    /// Skua backends behind a Skua frontend); a dead origin's keys move to the next on the
+    /// ring and no others move.
+    #[serde(default = "default_balance")]
+    pub balance: String,
+}
+
+fn default_balance() -> String {
+    "round_robin".into()
 }
 
 fn default_connect_timeout() -> String {
@@ -158,6 +168,11 @@ pub struct CacheFile {
     pub lock_timeout: String,
     #[serde(default)]
     pub bypass: BypassFile,
+    /// Hosts that name the same site, mapped to the one the cache key uses, e.g.
+    /// `{ "wiki.example" = "www.wiki.example" }`: their requests share objects and one purge
+    /// covers them. Default none.
+    #[serde(default)]
+    pub host_aliases: std::collections::BTreeMap<String, String>,
     /// The disk tier. Off unless `path` is set.
     #[serde(default)]
     pub disk: DiskFile,
@@ -199,6 +214,7 @@ impl Default for CacheFile {
             heuristic_max: "1d".into(),
             lock_timeout: "10s".into(),
             bypass: BypassFile::default(),
+            host_aliases: Default::default(),
             disk: DiskFile::default(),
         }
     }
@@ -236,6 +252,8 @@ pub struct PurgeFile {
     pub tag_headers: Vec<String>,
     /// The HTCP CLR receiver (MediaWiki's `$wgHTCPRouting`, Squid's `htcp_port`).
     pub htcp: HtcpFile,
+    /// The fleet's purge bus on NATS JetStream.
+    pub bus: BusFile,
 }
 
 impl Default for PurgeFile {
@@ -245,6 +263,7 @@ impl Default for PurgeFile {
             token: String::new(),
             tag_headers: vec!["Surrogate-Key".into(), "xkey".into()],
             htcp: HtcpFile::default(),
+            bus: BusFile::default(),
         }
     }
 }
@@ -269,6 +288,49 @@ impl Default for HtcpFile {
             allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
             multicast_groups: Vec::new(),
             host_regex: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusFile {
+    /// NATS server URLs, e.g. ["nats://127.0.0.1:4222"]. Empty (the default): no bus; each
+    /// node only applies the purges sent to it, and a missed purge lasts up to the TTL cap.
+    pub servers: Vec<String>,
+    /// JetStream stream holding the purges; created if missing. Default `SKUA_PURGE`.
+    pub stream: String,
+    /// Subject purges are published on. Default `skua.purge`.
+    pub subject: String,
+    /// This node's id: unique in the fleet, stable across restarts (it names the node's
+    /// durable consumer). Required with `servers`.
+    pub node: String,
+    /// How long the stream keeps purges (duration). Default: `cache.ttl_cap`, after which
+    /// every object a purge could name has expired anyway.
+    pub retention: String,
+    /// What a starting node does with objects cached before it started, until it has applied
+    /// the purges it missed: `"wait"` (the default: requests for them wait for the catch-up,
+    /// at most `catch_up_timeout`, then revalidate) or `"revalidate"` (serve them only after
+    /// revalidating with the origin).
+    pub catch_up: String,
+    /// Longest a request waits for the catch-up (duration). Default `10s`.
+    pub catch_up_timeout: String,
+    /// Publish purges received over HTCP too. Default true; turn it off where HTCP multicast
+    /// already reaches every node.
+    pub publish_htcp: bool,
+}
+
+impl Default for BusFile {
+    fn default() -> Self {
+        BusFile {
+            servers: Vec::new(),
+            stream: "SKUA_PURGE".into(),
+            subject: "skua.purge".into(),
+            node: String::new(),
+            retention: String::new(),
+            catch_up: "wait".into(),
+            catch_up_timeout: "10s".into(),
+            publish_htcp: true,
         }
     }
 }

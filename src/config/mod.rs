@@ -45,6 +45,15 @@ pub struct OriginPool {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub health_check: Option<HealthCheck>,
+    pub balance: Balance,
+}
+
+/// How a pool picks the origin for a miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    /// By consistent hash of the cache key.
+    Consistent,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +77,8 @@ pub struct CacheConfig {
     pub lock_timeout: Duration,
     pub bypass_cookies: Vec<Regex>,
     pub bypass_authorization: bool,
+    /// Normalised alias host → normalised canonical host.
+    pub host_aliases: std::collections::HashMap<String, String>,
     pub disk: Option<crate::cache::disk::DiskConfig>,
 }
 
@@ -77,6 +88,7 @@ pub struct PurgeConfig {
     pub token: Option<String>,
     pub tag_headers: Vec<http::HeaderName>,
     pub htcp: Option<crate::purge::receiver::HtcpConfig>,
+    pub bus: Option<crate::purge::bus::BusConfig>,
 }
 
 /// One problem in a configuration file.

@@ -251,6 +251,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             connect_timeout: "2s".into(),
             read_timeout: "30s".into(),
             health_check: Default::default(),
+            balance: "round_robin".into(),
         }]
     } else {
         file.origin
@@ -276,6 +277,17 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         }
         let connect_timeout = c.duration(&at("connect_timeout"), &o.connect_timeout);
         let read_timeout = c.duration(&at("read_timeout"), &o.read_timeout);
+        let balance = match o.balance.as_str() {
+            "round_robin" => Balance::RoundRobin,
+            "consistent" => Balance::Consistent,
+            other => {
+                c.report(
+                    &at("balance"),
+                    format!("must be \"round_robin\" or \"consistent\", got {other:?}"),
+                );
+                Balance::RoundRobin
+            }
+        };
         let hc = o.health_check;
         let hc_at = |k: &'static str| [Key("origin"), Index(i), Key("health_check"), Key(k)];
         let interval = c.duration(&hc_at("interval"), &hc.interval);
@@ -308,6 +320,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             connect_timeout,
             read_timeout,
             health_check,
+            balance,
         });
     }
 
@@ -352,6 +365,23 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             ),
         }
     }
+    let mut host_aliases = std::collections::HashMap::new();
+    for (alias, canonical) in &k.host_aliases {
+        let host = |h: &str| {
+            crate::cache::key::CacheUrl::new(crate::cache::key::Scheme::Http, h, "/")
+                .ok()
+                .map(|u| u.host)
+        };
+        match (host(alias), host(canonical)) {
+            (Some(a), Some(c)) => {
+                host_aliases.insert(a, c);
+            }
+            _ => c.report(
+                &[Key("cache"), Key("host_aliases"), Key(alias)],
+                format!("not a host[:port] pair: {alias:?} = {canonical:?}"),
+            ),
+        }
+    }
     let d = &k.disk;
     let disk_at = |key: &'static str| [Key("cache"), Key("disk"), Key(key)];
     let disk = if d.path.is_empty() {
@@ -391,6 +421,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         lock_timeout,
         bypass_cookies,
         bypass_authorization: k.bypass.authorization,
+        host_aliases,
         disk,
     };
 
@@ -448,6 +479,77 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         })
     };
 
+    let b = &file.purge.bus;
+    let bus_at = |key: &'static str| [Key("purge"), Key("bus"), Key(key)];
+    let bus = if b.servers.is_empty() {
+        None
+    } else {
+        for (i, url) in b.servers.iter().enumerate() {
+            if url.parse::<async_nats::ServerAddr>().is_err() {
+                c.report(
+                    &[Key("purge"), Key("bus"), Key("servers"), Index(i)],
+                    format!("not a NATS URL: {url:?} (e.g. \"nats://127.0.0.1:4222\")"),
+                );
+            }
+        }
+        let token_ok = |v: &str| {
+            !v.is_empty()
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !token_ok(&b.node) {
+            c.report(
+                &bus_at("node"),
+                format!(
+                    "must be a non-empty id of letters, digits, '-' and '_', got {:?}",
+                    b.node
+                ),
+            );
+        }
+        if !token_ok(&b.stream) {
+            c.report(
+                &bus_at("stream"),
+                format!("must be letters, digits, '-' and '_', got {:?}", b.stream),
+            );
+        }
+        if b.subject.is_empty() || b.subject.contains([' ', '*', '>']) {
+            c.report(
+                &bus_at("subject"),
+                format!(
+                    "must be a NATS subject without wildcards, got {:?}",
+                    b.subject
+                ),
+            );
+        }
+        let retention = if b.retention.is_empty() {
+            ttl_cap
+        } else {
+            c.duration(&bus_at("retention"), &b.retention)
+        };
+        let catch_up = match b.catch_up.as_str() {
+            "wait" => crate::purge::bus::CatchUp::Wait,
+            "revalidate" => crate::purge::bus::CatchUp::Revalidate,
+            other => {
+                c.report(
+                    &bus_at("catch_up"),
+                    format!("must be \"wait\" or \"revalidate\", got {other:?}"),
+                );
+                crate::purge::bus::CatchUp::Wait
+            }
+        };
+        let catch_up_timeout = c.duration(&bus_at("catch_up_timeout"), &b.catch_up_timeout);
+        Some(crate::purge::bus::BusConfig {
+            servers: b.servers.clone(),
+            stream: b.stream.clone(),
+            subject: b.subject.clone(),
+            node: b.node.clone(),
+            retention,
+            catch_up,
+            catch_up_timeout,
+            publish_htcp: b.publish_htcp,
+        })
+    };
+
     // [log]
     let format = match file.log.format.as_str() {
         "combined" => Format::Combined,
@@ -482,6 +584,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             token: (!file.purge.token.is_empty()).then(|| file.purge.token.clone()),
             tag_headers,
             htcp,
+            bus,
         },
     }
 }

@@ -11,6 +11,16 @@ use prometheus::{
 
 use crate::cache::status::Disposition;
 
+/// The purge bus's state (`src/purge/bus.rs`); all zero on a node without a bus.
+pub struct BusMetrics {
+    pub connected: IntGauge,
+    pub lag: IntGauge,
+    pub unpublished: IntGauge,
+    pub published: IntCounter,
+    pub gaps: IntCounter,
+    pub reach: Histogram,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
@@ -25,6 +35,7 @@ pub struct Metrics {
     pub purge_backlog: IntGauge,
     pub access_log_dropped: IntCounter,
     pub purge_apply_delay: HistogramVec,
+    pub bus: BusMetrics,
     pub tier_objects: IntGaugeVec,
     pub tier_bytes: IntGaugeVec,
     pub tier_capacity: IntGaugeVec,
@@ -159,6 +170,43 @@ impl Metrics {
             .buckets(vec![0.0001, 0.001, 0.01, 0.1, 1.0, 10.0]),
             &["source"],
         )?;
+        let bus = BusMetrics {
+            connected: IntGauge::new(
+                "skua_purge_bus_connected",
+                "1 while this node is connected to the purge bus (NATS), else 0.",
+            )?,
+            lag: IntGauge::new(
+                "skua_purge_bus_lag",
+                "Purges on the bus not yet applied here (newest stream sequence minus last applied).",
+            )?,
+            unpublished: IntGauge::new(
+                "skua_purge_bus_unpublished",
+                "Purges applied here and waiting to be published to the bus.",
+            )?,
+            published: IntCounter::new(
+                "skua_purge_bus_published_total",
+                "Purges published to the bus and acknowledged by it.",
+            )?,
+            gaps: IntCounter::new(
+                "skua_purge_bus_gaps_total",
+                "Times the bus no longer held every purge this node missed, so objects cached before were marked for revalidation.",
+            )?,
+            reach: Histogram::with_opts(
+                HistogramOpts::new(
+                    "skua_purge_reach_seconds",
+                    "Time from a purge being accepted by another node to its application here.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+                ]),
+            )?,
+        };
+        registry.register(Box::new(bus.connected.clone()))?;
+        registry.register(Box::new(bus.lag.clone()))?;
+        registry.register(Box::new(bus.unpublished.clone()))?;
+        registry.register(Box::new(bus.published.clone()))?;
+        registry.register(Box::new(bus.gaps.clone()))?;
+        registry.register(Box::new(bus.reach.clone()))?;
         let tier_objects = IntGaugeVec::new(
             Opts::new("skua_cache_objects", "Objects stored, by tier."),
             &["tier"],
@@ -224,6 +272,7 @@ impl Metrics {
             coalesced,
             access_log_dropped,
             purge_apply_delay,
+            bus,
             tier_objects,
             tier_bytes,
             tier_capacity,

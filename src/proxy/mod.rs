@@ -26,13 +26,15 @@ use http::{header, Method};
 use pingora::cache::key::HashBinary;
 use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora::cache::{
-    CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, HitHandler, NoCacheReason, RespCacheable,
+    CacheKey, CacheMeta, CacheOptionOverrides, CachePhase, ForcedFreshness, HitHandler,
+    NoCacheReason, RespCacheable,
 };
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use crate::cache::bans::Trust;
 use crate::cache::disk::DiskHit;
 use crate::cache::key::{CacheUrl, Scheme};
 use crate::cache::memory::{MemoryHit, CACHE_STATUS, X_CACHE_STATUS};
@@ -60,6 +62,8 @@ const FULL_PATH_HEADERS: [header::HeaderName; 6] = [
 pub struct Shared {
     pub name: String,
     pub store: &'static Store,
+    /// Applies purges here and publishes them to the fleet.
+    pub purger: purge::Purger,
     lock: &'static CacheKeyLockImpl,
     /// What a SIGHUP reload may change, swapped whole so a request sees one version.
     rules: ArcSwap<Rules>,
@@ -74,12 +78,14 @@ impl Shared {
         store: &'static Store,
         pools: Pools,
         metrics: Arc<Metrics>,
+        bus: Option<Arc<purge::bus::Bus>>,
     ) -> Shared {
         // pingora's storage and lock APIs take `&'static`; both live as long as the process.
         let lock: &'static CacheLock = Box::leak(CacheLock::new_boxed(config.cache.lock_timeout));
         Shared {
             name: config.server.name.clone(),
             store,
+            purger: purge::Purger::new(store, bus),
             lock,
             rules: ArcSwap::from_pointee(Rules::from(config)),
             access_log: config.access_log.as_ref().and_then(|c| {
@@ -103,6 +109,7 @@ pub struct Rules {
     bypass_authorization: bool,
     purge_acl: Acl,
     purge_token: Option<String>,
+    host_aliases: std::collections::HashMap<String, String>,
 }
 
 impl From<&Config> for Rules {
@@ -114,6 +121,7 @@ impl From<&Config> for Rules {
             bypass_authorization: config.cache.bypass_authorization,
             purge_acl: Acl::new(config.purge.allow.clone()),
             purge_token: config.purge.token.clone(),
+            host_aliases: config.cache.host_aliases.clone(),
         }
     }
 }
@@ -128,6 +136,14 @@ impl Shared {
                 .purge_token
                 .as_deref()
                 .is_none_or(|token| purge::http::bearer_matches(req, token))
+    }
+
+    /// `url` with its host replaced by the canonical one when it is an alias.
+    pub fn canonical(&self, mut url: CacheUrl) -> CacheUrl {
+        if let Some(canonical) = self.rules.load().host_aliases.get(&url.host) {
+            url.host.clone_from(canonical);
+        }
+        url
     }
 
     /// Applies a reloaded configuration's rules; requests already running keep theirs.
@@ -196,25 +212,25 @@ impl Skua {
         let mode = purge::http::mode(session.req_header());
         if let Some(tags) = purge::http::tags(session.req_header()) {
             let tags: Vec<&str> = tags.split_ascii_whitespace().collect();
-            let affected = self.shared.store.invalidate_tags(&tags, mode).await;
+            let affected = self.shared.purger.tags("http", &tags, mode).await;
             let what = format!("tags {}", tags.join(" "));
             return self.purge_reply(session, affected, mode, &what).await;
         }
         let url = match purge::http::target(session.req_header(), Scheme::Http) {
-            Ok(url) => url,
+            Ok(url) => self.shared.canonical(url),
             Err(e) => {
                 metrics.purges.with_label_values(&["http", "invalid"]).inc();
                 return respond::text(session, 400, &format!("skua: bad PURGE target: {e}")).await;
             }
         };
         if purge::http::is_prefix_ban(session.req_header()) {
-            let banned = self.shared.store.invalidations.ban_url(&url);
+            let banned = self.shared.purger.prefix("http", &url);
             metrics.purges.with_label_values(&["http", "purged"]).inc();
             let mut resp = ResponseHeader::build(204, Some(2))?;
             resp.insert_header("skua-purged", format!("ban {banned}"))?;
             return respond::header(session, resp, None).await;
         }
-        let affected = self.shared.store.invalidate(&url, mode).await;
+        let affected = self.shared.purger.url("http", &url, mode).await;
         self.purge_reply(session, affected, mode, &url.primary())
             .await
     }
@@ -297,6 +313,7 @@ impl Skua {
             .store
             .invalidations
             .banned(url, obj.meta.created)
+            || self.shared.store.invalidations.trust(obj.meta.created) != Trust::Yes
         {
             return Ok(false);
         }
@@ -434,6 +451,7 @@ impl ProxyHttp for Skua {
             .to_string();
         match CacheUrl::new(Scheme::Http, &authority, &path) {
             Ok(url) => {
+                let url = self.shared.canonical(url);
                 ctx.pool = self.shared.pools.for_host(&url.host);
                 ctx.url = Some(url);
                 self.serve_fresh_hit(session, ctx).await
@@ -495,8 +513,24 @@ impl ProxyHttp for Skua {
     ) -> Result<Option<pingora::cache::ForcedFreshness>> {
         ctx.fresh_until = Some(meta.fresh_until());
         if let Some(url) = &ctx.url {
-            if self.shared.store.invalidations.banned(url, meta.created()) {
-                return Ok(Some(pingora::cache::ForcedFreshness::ForceMiss));
+            let invalidations = &self.shared.store.invalidations;
+            if invalidations.banned(url, meta.created()) {
+                return Ok(Some(ForcedFreshness::ForceMiss));
+            }
+            match invalidations.trust(meta.created()) {
+                Trust::Yes => {}
+                Trust::Revalidate => return Ok(Some(ForcedFreshness::ForceExpired)),
+                Trust::WaitForCatchUp(timeout) => {
+                    if !invalidations.wait_caught_up(timeout).await {
+                        return Ok(Some(ForcedFreshness::ForceExpired));
+                    }
+                    // The catch-up may have purged this very object while we held it.
+                    if invalidations.purged_since(&url.primary_hash(), meta.created())
+                        || invalidations.banned(url, meta.created())
+                    {
+                        return Ok(Some(ForcedFreshness::ForceMiss));
+                    }
+                }
             }
         }
         let any = hit_handler.as_any();
@@ -529,7 +563,8 @@ impl ProxyHttp for Skua {
             .pools
             .get(ctx.pool)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no origin pool"))?;
-        Ok(Box::new(pool.pick(&ctx.failed_origins)?))
+        let key = ctx.url.as_ref().map(CacheUrl::primary).unwrap_or_default();
+        Ok(Box::new(pool.pick(key.as_bytes(), &ctx.failed_origins)?))
     }
 
     fn fail_to_connect(
@@ -674,10 +709,18 @@ impl ProxyHttp for Skua {
             X_CACHE_STATUS,
             HeaderValue::from_static(outcome.disposition().as_str()),
         )?;
-        resp.append_header(
-            CACHE_STATUS,
-            outcome.cache_status(&self.shared.name, SystemTime::now()),
-        )?;
+        // RFC 9211 §2: "caches SHOULD preserve the existing field value" and add their own
+        // member at the end, the cache nearest the client last. One line keeps it readable.
+        let ours = outcome.cache_status(&self.shared.name, SystemTime::now());
+        let mut members: Vec<&[u8]> = resp
+            .headers
+            .get_all(CACHE_STATUS)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        members.push(ours.as_bytes());
+        let joined = members.join(&b", "[..]);
+        resp.insert_header(CACHE_STATUS, joined)?;
         Ok(())
     }
 

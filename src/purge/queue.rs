@@ -10,8 +10,9 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use super::Purger;
 use crate::cache::key::CacheUrl;
-use crate::cache::{PurgeMode, Store};
+use crate::cache::PurgeMode;
 use crate::metrics::Metrics;
 
 /// Purges waiting at most; past this, receivers wait for room.
@@ -32,7 +33,7 @@ pub struct PurgeQueue {
 
 impl PurgeQueue {
     /// Starts the worker on the current runtime. `source` labels the metrics.
-    pub fn start(store: &'static Store, metrics: Arc<Metrics>, source: &'static str) -> PurgeQueue {
+    pub fn start(purger: Purger, metrics: Arc<Metrics>, source: &'static str) -> PurgeQueue {
         let (tx, mut rx) = mpsc::channel::<Queued>(CAPACITY);
         let pending: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
         let queue = PurgeQueue {
@@ -48,7 +49,7 @@ impl PurgeQueue {
                     p.remove(&key);
                 }
                 metrics.purge_backlog.dec();
-                let affected = store.invalidate(&q.url, PurgeMode::Delete).await;
+                let affected = purger.url(source, &q.url, PurgeMode::Delete).await;
                 let result = if affected > 0 { "purged" } else { "not_found" };
                 metrics.purges.with_label_values(&[source, result]).inc();
                 metrics

@@ -15,8 +15,8 @@ use super::htcp;
 use super::queue::PurgeQueue;
 use super::Acl;
 use crate::cache::key::CacheUrl;
-use crate::cache::Store;
 use crate::metrics::Metrics;
+use crate::proxy::Shared;
 
 /// What the receiver listens on and accepts.
 #[derive(Debug, Clone)]
@@ -30,7 +30,7 @@ pub struct HtcpConfig {
 pub struct HtcpReceiver {
     config: HtcpConfig,
     acl: Acl,
-    store: &'static Store,
+    shared: Arc<Shared>,
     metrics: Arc<Metrics>,
 }
 
@@ -39,12 +39,12 @@ pub struct HtcpReceiver {
 const RECEIVE_BUFFER: usize = 16 << 20;
 
 impl HtcpReceiver {
-    pub fn new(config: HtcpConfig, store: &'static Store, metrics: Arc<Metrics>) -> HtcpReceiver {
+    pub fn new(config: HtcpConfig, shared: Arc<Shared>) -> HtcpReceiver {
         HtcpReceiver {
             acl: Acl::new(config.allow.clone()),
             config,
-            store,
-            metrics,
+            metrics: shared.metrics.clone(),
+            shared,
         }
     }
 
@@ -93,7 +93,7 @@ impl HtcpReceiver {
                 return;
             }
         };
-        let Ok(url) = CacheUrl::parse_absolute(&clr.uri) else {
+        let Ok(url) = CacheUrl::parse_absolute(&clr.uri).map(|u| self.shared.canonical(u)) else {
             self.count("invalid");
             return;
         };
@@ -119,7 +119,7 @@ impl BackgroundService for HtcpReceiver {
                 return;
             }
         };
-        let queue = PurgeQueue::start(self.store, self.metrics.clone(), "htcp");
+        let queue = PurgeQueue::start(self.shared.purger.clone(), self.metrics.clone(), "htcp");
         // Room for the largest packet we accept plus one byte, to tell "too long" apart.
         let mut buf = vec![0u8; htcp::MAX_PACKET + 1];
         loop {

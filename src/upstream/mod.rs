@@ -1,27 +1,29 @@
-//! Origin pools: which origin a miss goes to. Each `[[origin]]` pool is a round-robin
-//! pingora load balancer whose HTTP health check runs as a background service; a failed
-//! connection is retried on the next healthy origin. It does not decide what to fetch or
-//! store (that is `proxy` and `cache`).
+//! Origin pools: which origin a miss goes to. Each `[[origin]]` pool is a pingora load
+//! balancer, round robin or consistent hash of the cache key (a frontend in front of Skua
+//! backends, so each object lives on one backend), whose HTTP health check runs as a
+//! background service; a failed connection is retried on the next healthy origin (for a
+//! consistent pool: the next on the ring, so only the dead origin's keys move). It does not
+//! decide what to fetch or store (that is `proxy` and `cache`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pingora::http::RequestHeader;
 use pingora::lb::health_check::HttpHealthCheck;
-use pingora::lb::selection::RoundRobin;
+use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, RoundRobin};
 use pingora::lb::{Backend, LoadBalancer};
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora::services::background::{background_service, GenBackgroundService};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 
-use crate::config::OriginPool;
+use crate::config::{Balance, OriginPool};
 
 /// One origin pool, ready to pick origins.
 pub struct Pool {
     pub name: String,
     hosts: Vec<String>,
-    balancer: Arc<LoadBalancer<RoundRobin>>,
+    balancer: Balancer,
     connect_timeout: std::time::Duration,
     read_timeout: std::time::Duration,
     size: usize,
@@ -32,46 +34,41 @@ pub struct Pools {
     pools: Vec<Pool>,
 }
 
+/// A pool's balancer, by its selection algorithm.
+enum Balancer {
+    RoundRobin(Arc<LoadBalancer<RoundRobin>>),
+    Consistent(Arc<LoadBalancer<Consistent>>),
+}
+
+/// A background service that keeps one pool's health up to date.
+pub enum HealthService {
+    RoundRobin(GenBackgroundService<LoadBalancer<RoundRobin>>),
+    Consistent(GenBackgroundService<LoadBalancer<Consistent>>),
+}
+
 /// The background services that keep the pools' health up to date; hand them to the server.
-pub type HealthServices = Vec<GenBackgroundService<LoadBalancer<RoundRobin>>>;
+pub type HealthServices = Vec<HealthService>;
 
 impl Pools {
     pub fn build(config: &[OriginPool]) -> std::io::Result<(Pools, HealthServices)> {
         let mut pools = Vec::new();
         let mut services = Vec::new();
         for pool in config {
-            let mut lb = LoadBalancer::<RoundRobin>::try_from_iter(pool.addresses.iter().copied())?;
-            if let Some(hc) = &pool.health_check {
-                let mut check = HttpHealthCheck::new(&hc.host, false);
-                let mut req = RequestHeader::build("GET", hc.path.as_bytes(), None)
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
-                req.insert_header("Host", hc.host.as_str())
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
-                req.insert_header("User-Agent", "skua-health-check")
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
-                check.req = req;
-                check.consecutive_failure = hc.failures;
-                check.consecutive_success = hc.successes;
-                check.peer_template.options.connection_timeout = Some(pool.connect_timeout);
-                check.peer_template.options.read_timeout =
-                    Some(pool.read_timeout.min(hc.interval * 2));
-                check.validator = Some(Box::new(|resp| {
-                    if resp.status.is_success() || resp.status.is_redirection() {
-                        Ok(())
-                    } else {
-                        Error::e_explain(
-                            ErrorType::CustomCode("unhealthy status", resp.status.as_u16()),
-                            "health check answered with an error status",
-                        )
-                    }
-                }));
-                lb.set_health_check(Box::new(check));
-                lb.health_check_frequency = Some(hc.interval);
-                lb.parallel_health_check = true;
-            }
-            let service = background_service(&format!("health check {}", pool.name), lb);
-            let balancer = service.task();
-            services.push(service);
+            let name = format!("health check {}", pool.name);
+            let balancer = match pool.balance {
+                Balance::RoundRobin => {
+                    let service = background_service(&name, load_balancer(pool)?);
+                    let lb = service.task();
+                    services.push(HealthService::RoundRobin(service));
+                    Balancer::RoundRobin(lb)
+                }
+                Balance::Consistent => {
+                    let service = background_service(&name, load_balancer(pool)?);
+                    let lb = service.task();
+                    services.push(HealthService::Consistent(service));
+                    Balancer::Consistent(lb)
+                }
+            };
             pools.push(Pool {
                 name: pool.name.clone(),
                 hosts: pool.hosts.clone(),
@@ -113,12 +110,15 @@ impl Pool {
     /// A healthy origin not in `failed`, as an upstream peer. When the health checks hold
     /// every remaining origin down, one of them is tried anyway, as nginx does: the checks may
     /// be behind (a pool that just started), and a refused connection costs little.
-    pub fn pick(&self, failed: &[SocketAddr]) -> Result<HttpPeer> {
+    /// `key` is the cache key (only a consistent pool reads it).
+    pub fn pick(&self, key: &[u8], failed: &[SocketAddr]) -> Result<HttpPeer> {
         let untried = |b: &Backend| b.addr.as_inet().is_none_or(|a| !failed.contains(a));
-        let backend = self
-            .balancer
-            .select_with(b"", 256, |b, healthy| healthy && untried(b))
-            .or_else(|| self.balancer.select_with(b"", 256, |b, _| untried(b)))
+        let select = |accept: &dyn Fn(&Backend, bool) -> bool| match &self.balancer {
+            Balancer::RoundRobin(lb) => lb.select_with(b"", 256, |b, h| accept(b, h)),
+            Balancer::Consistent(lb) => lb.select_with(key, 256, |b, h| accept(b, h)),
+        };
+        let backend = select(&|b, healthy| healthy && untried(b))
+            .or_else(|| select(&|b, _| untried(b)))
             .ok_or_else(|| {
                 let mut e = Error::explain(
                     ErrorType::ConnectNoRoute,
@@ -139,13 +139,53 @@ impl Pool {
 
     /// `(address, healthy)` for every origin, for the admin endpoint.
     pub fn health(&self) -> Vec<(String, bool)> {
-        self.balancer
-            .backends()
+        let backends = match &self.balancer {
+            Balancer::RoundRobin(lb) => lb.backends(),
+            Balancer::Consistent(lb) => lb.backends(),
+        };
+        backends
             .get_backend()
             .iter()
-            .map(|b| (addr_string(&b.addr), self.balancer.backends().ready(b)))
+            .map(|b| (addr_string(&b.addr), backends.ready(b)))
             .collect()
     }
+}
+
+/// A pool's load balancer with its health check set up.
+fn load_balancer<S>(pool: &OriginPool) -> std::io::Result<LoadBalancer<S>>
+where
+    S: BackendSelection + 'static,
+    S::Iter: BackendIter,
+{
+    let mut lb = LoadBalancer::<S>::try_from_iter(pool.addresses.iter().copied())?;
+    if let Some(hc) = &pool.health_check {
+        let mut check = HttpHealthCheck::new(&hc.host, false);
+        let mut req = RequestHeader::build("GET", hc.path.as_bytes(), None)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        req.insert_header("Host", hc.host.as_str())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        req.insert_header("User-Agent", "skua-health-check")
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        check.req = req;
+        check.consecutive_failure = hc.failures;
+        check.consecutive_success = hc.successes;
+        check.peer_template.options.connection_timeout = Some(pool.connect_timeout);
+        check.peer_template.options.read_timeout = Some(pool.read_timeout.min(hc.interval * 2));
+        check.validator = Some(Box::new(|resp| {
+            if resp.status.is_success() || resp.status.is_redirection() {
+                Ok(())
+            } else {
+                Error::e_explain(
+                    ErrorType::CustomCode("unhealthy status", resp.status.as_u16()),
+                    "health check answered with an error status",
+                )
+            }
+        }));
+        lb.set_health_check(Box::new(check));
+        lb.health_check_frequency = Some(hc.interval);
+        lb.parallel_health_check = true;
+    }
+    Ok(lb)
 }
 
 fn addr_string(addr: &PeerAddr) -> String {

@@ -325,6 +325,28 @@ impl Skua {
         cache: &str,
         extra: &str,
     ) -> Skua {
+        Skua::start_full(dir, port, origins, ["", "", cache], extra).await
+    }
+
+    /// Starts Skua with `server`, `origin` and `cache` lines placed inside those tables.
+    pub async fn start_tables(origins: &[SocketAddr], lines: [&str; 3], extra: &str) -> Skua {
+        Skua::start_full(
+            tempfile::tempdir().unwrap(),
+            free_port(),
+            origins,
+            lines,
+            extra,
+        )
+        .await
+    }
+
+    async fn start_full(
+        dir: tempfile::TempDir,
+        port: u16,
+        origins: &[SocketAddr],
+        [server, origin, cache]: [&str; 3],
+        extra: &str,
+    ) -> Skua {
         let admin_port = free_port();
         let addresses: Vec<String> = origins.iter().map(|a| format!("\"{a}\"")).collect();
         let config = format!(
@@ -334,12 +356,14 @@ admin = "127.0.0.1:{admin_port}"
 threads = 2
 shutdown_grace = "1s"
 upgrade_sock = "{upgrade_sock}"
+{server}
 
 [[origin]]
 name = "test"
 addresses = [{addresses}]
 connect_timeout = "500ms"
 read_timeout = "5s"
+{origin}
 [origin.health_check]
 path = "/_health"
 interval = "300ms"
@@ -488,4 +512,95 @@ pub async fn raw(addr: SocketAddr, request: &str) -> String {
 /// A counter map helper for handlers that change their answer over time.
 pub fn counter() -> Arc<Mutex<HashMap<String, usize>>> {
     Arc::new(Mutex::new(HashMap::new()))
+}
+
+/// A real `nats-server` with JetStream on an ephemeral port and a temp store directory, which
+/// outlives `stop` so a restart keeps the stream.
+pub struct Nats {
+    pub port: u16,
+    store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Nats {
+    pub async fn start() -> Nats {
+        let mut nats = Nats {
+            port: free_port(),
+            store: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        nats.restart().await;
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// `[purge.bus]` for a node called `node`, plus `lines`.
+    pub fn bus(&self, node: &str, lines: &str) -> String {
+        format!(
+            "[purge.bus]\nservers = [\"{}\"]\nnode = \"{node}\"\n{lines}\n",
+            self.url()
+        )
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts (again) on the same port and store.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server on PATH (apt-get install nats-server)");
+        self.child = Some(child);
+        wait_listening(format!("127.0.0.1:{}", self.port).parse().unwrap()).await;
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Skua {
+    /// Waits until `/readyz` says ready (disk index loaded, purge bus caught up).
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(r) = reqwest::get(format!("http://{}/readyz", self.admin)).await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("skua never became ready");
+    }
+
+    /// The value of one exact metric line (`name{labels}`), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
 }

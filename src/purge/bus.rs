@@ -1,0 +1,493 @@
+//! The fleet's purge bus on NATS JetStream. Every purge this node accepts (HTTP, HTCP, admin)
+//! is applied here first and then published once; every node reads the stream through a
+//! durable consumer named after its node id and applies what the others published, never
+//! publishing it again. It does not decide what a purge removes (that is `cache`).
+//!
+//! Consistency is weak and eventual, with these bounds:
+//! - connected: a purge reaches every node in about one NATS round trip plus the apply time
+//!   (`skua_purge_reach_seconds`);
+//! - a node that was down or cut off replays what it missed before it trusts any object cached
+//!   before the gap (it stores its last applied sequence beside its disk cache); if the stream
+//!   no longer holds that position (the gap is older than the retention), every object cached
+//!   before then is revalidated with the origin before it is served again;
+//! - the bus down: each node applies its own purges and queues them; they reach the others
+//!   when the bus is back.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_trait::async_trait;
+use futures::StreamExt;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+pub use crate::cache::bans::CatchUpPolicy as CatchUp;
+use crate::cache::key::CacheUrl;
+use crate::cache::{PurgeMode, Store};
+use crate::metrics::Metrics;
+
+/// `[purge.bus]`, validated.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    pub servers: Vec<String>,
+    pub stream: String,
+    pub subject: String,
+    pub node: String,
+    pub retention: Duration,
+    pub catch_up: CatchUp,
+    pub catch_up_timeout: Duration,
+    pub publish_htcp: bool,
+}
+
+/// One purge as it travels on the bus (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeEvent {
+    /// Unique per purge; also the JetStream message id, so a publish retried after a lost
+    /// acknowledgement is stored once.
+    pub id: String,
+    /// The node that accepted it.
+    pub node: String,
+    /// When that node accepted it, Unix milliseconds.
+    pub at: u64,
+    #[serde(flatten)]
+    pub target: Target,
+    /// A soft purge: mark stale instead of removing.
+    #[serde(default)]
+    pub soft: bool,
+}
+
+/// What a purge names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Target {
+    /// One URL (every variant, both schemes).
+    Url { url: String },
+    /// Every object carrying any of these surrogate keys.
+    Tags { tags: Vec<String> },
+    /// Everything under this URL's host and path (a ban).
+    Prefix { url: String },
+}
+
+/// The handle the purge sources publish through, and the state the bus service keeps.
+pub struct Bus {
+    config: BusConfig,
+    store: &'static Store,
+    metrics: Arc<Metrics>,
+    outbox: mpsc::UnboundedSender<PurgeEvent>,
+    outbox_rx: Mutex<Option<mpsc::UnboundedReceiver<PurgeEvent>>>,
+    /// Makes event ids unique across this node's restarts.
+    boot: u64,
+    next_id: AtomicU64,
+    /// The stream sequence of the last purge applied here (0: none yet).
+    applied: AtomicU64,
+    /// Where `applied` is kept across restarts: beside the disk cache whose objects it covers.
+    position_file: Option<PathBuf>,
+    /// Whether a position was loaded from `position_file`.
+    had_position: bool,
+    created: SystemTime,
+}
+
+impl Bus {
+    pub fn new(config: BusConfig, store: &'static Store, metrics: Arc<Metrics>) -> Arc<Bus> {
+        let (outbox, rx) = mpsc::unbounded_channel();
+        let position_file = store
+            .disk
+            .map(|d| d.config.path.join(format!("bus-position.{}", config.node)));
+        let loaded = position_file
+            .as_deref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .and_then(|text| parse_position(&text, &config.stream));
+        store
+            .invalidations
+            .hold_until_caught_up(config.catch_up, config.catch_up_timeout);
+        Arc::new(Bus {
+            boot: unix_millis(SystemTime::now()),
+            config,
+            store,
+            metrics,
+            outbox,
+            outbox_rx: Mutex::new(Some(rx)),
+            next_id: AtomicU64::new(0),
+            applied: AtomicU64::new(loaded.unwrap_or(0)),
+            had_position: loaded.is_some(),
+            created: SystemTime::now(),
+            position_file,
+        })
+    }
+
+    /// Whether purges from `source` ("http", "htcp", "admin") go on the bus.
+    pub fn publishes(&self, source: &str) -> bool {
+        source != "htcp" || self.config.publish_htcp
+    }
+
+    /// Queues a purge this node has applied for publishing; never waits.
+    pub fn publish(&self, target: Target, mode: PurgeMode) {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let event = PurgeEvent {
+            id: format!("{}-{}-{n}", self.config.node, self.boot),
+            node: self.config.node.clone(),
+            at: unix_millis(SystemTime::now()),
+            target,
+            soft: mode == PurgeMode::Expire,
+        };
+        if self.outbox.send(event).is_ok() {
+            self.metrics.bus.unpublished.inc();
+        }
+    }
+
+    /// Applies one event published by another node; returns the metric result.
+    async fn apply(&self, event: &PurgeEvent) -> &'static str {
+        let mode = if event.soft {
+            PurgeMode::Expire
+        } else {
+            PurgeMode::Delete
+        };
+        let affected = match &event.target {
+            Target::Url { url } => match CacheUrl::parse_absolute(url) {
+                Ok(url) => self.store.invalidate(&url, mode).await,
+                Err(_) => return "invalid",
+            },
+            Target::Tags { tags } => {
+                let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+                self.store.invalidate_tags(&tags, mode).await
+            }
+            Target::Prefix { url } => match CacheUrl::parse_absolute(url) {
+                Ok(url) => {
+                    self.store.invalidations.ban_url(&url);
+                    1
+                }
+                Err(_) => return "invalid",
+            },
+        };
+        if affected > 0 {
+            "purged"
+        } else {
+            "not_found"
+        }
+    }
+
+    fn save_position(&self) {
+        let Some(file) = &self.position_file else {
+            return;
+        };
+        let text = format!(
+            "{} {}\n",
+            self.config.stream,
+            self.applied.load(Ordering::Acquire)
+        );
+        let temp = file.with_extension("tmp");
+        if let Err(e) = std::fs::write(&temp, text).and_then(|_| std::fs::rename(&temp, file)) {
+            tracing::warn!(error = %e, "could not save the purge bus position");
+        }
+    }
+
+    fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.config.stream.clone(),
+            subjects: vec![self.config.subject.clone()],
+            max_age: self.config.retention,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120).min(self.config.retention),
+            ..Default::default()
+        }
+    }
+
+    /// Publishes queued events in order, pipelined in batches; a batch that fails is sent
+    /// again after a pause (the message ids make the retry idempotent).
+    async fn run_publisher(
+        self: Arc<Self>,
+        js: jetstream::Context,
+        mut rx: mpsc::UnboundedReceiver<PurgeEvent>,
+    ) {
+        let mut batch: VecDeque<PurgeEvent> = VecDeque::new();
+        let mut pause = Backoff::new();
+        loop {
+            if batch.is_empty() {
+                match rx.recv().await {
+                    Some(e) => batch.push_back(e),
+                    None => return,
+                }
+            }
+            while batch.len() < 512 {
+                match rx.try_recv() {
+                    Ok(e) => batch.push_back(e),
+                    Err(_) => break,
+                }
+            }
+            match self.publish_batch(&js, &batch).await {
+                Ok(()) => {
+                    let n = batch.len() as i64;
+                    self.metrics.bus.unpublished.sub(n);
+                    self.metrics.bus.published.inc_by(n as u64);
+                    batch.clear();
+                    pause.reset();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, queued = batch.len(), "publishing purges failed; will retry");
+                    tokio::time::sleep(pause.next()).await;
+                }
+            }
+        }
+    }
+
+    async fn publish_batch(
+        &self,
+        js: &jetstream::Context,
+        batch: &VecDeque<PurgeEvent>,
+    ) -> anyhow::Result<()> {
+        let mut acks = Vec::with_capacity(batch.len());
+        for event in batch {
+            let payload = serde_json::to_vec(event)?;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", event.id.as_str());
+            let ack = js
+                .publish_with_headers(self.config.subject.clone(), headers, payload.into())
+                .await?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            tokio::time::timeout(Duration::from_secs(5), ack).await??;
+        }
+        Ok(())
+    }
+
+    /// Reads the stream from just after the last applied position until told to stop or the
+    /// connection fails (then the caller starts again from the position reached).
+    async fn consume(
+        &self,
+        js: &jetstream::Context,
+        shutdown: &mut ShutdownWatch,
+    ) -> anyhow::Result<()> {
+        let mut stream = js.get_or_create_stream(self.stream_config()).await?;
+        let state = stream.info().await?.state.clone();
+        let applied = self.applied.load(Ordering::Acquire);
+        let resuming = applied > 0 || self.had_position;
+        let deliver = if !resuming {
+            // Nothing this node holds is older than this process, so purges published before
+            // it started cannot name any of it (a second of slack for clocks).
+            consumer::DeliverPolicy::ByStartTime {
+                start_time: time::OffsetDateTime::from(self.created - Duration::from_secs(1)),
+            }
+        } else if state.last_sequence < applied || state.first_sequence > applied + 1 {
+            // The stream has dropped purges this node never saw (older than the retention,
+            // or the stream was recreated).
+            tracing::warn!(
+                applied,
+                first = state.first_sequence,
+                last = state.last_sequence,
+                "the purge bus no longer holds every purge missed here; revalidating objects cached before now"
+            );
+            self.metrics.bus.gaps.inc();
+            self.store.invalidations.revalidate_all_before_now();
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: state.first_sequence.max(1),
+            }
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: applied + 1,
+            }
+        };
+        // The consumer is recreated at our own position: the position on disk, kept with the
+        // objects it covers, is the one that counts.
+        let _ = stream.delete_consumer(&self.config.node).await;
+        let mut consumer: consumer::PullConsumer = stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(self.config.node.clone()),
+                deliver_policy: deliver,
+                ack_policy: consumer::AckPolicy::None,
+                ..Default::default()
+            })
+            .await?;
+        let pending = consumer.info().await?.num_pending;
+        self.metrics.bus.lag.set(pending as i64);
+        if pending == 0 {
+            self.store.invalidations.caught_up();
+        }
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(1000)
+            .heartbeat(Duration::from_secs(1))
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await?;
+        self.metrics.bus.connected.set(1);
+        loop {
+            let message = tokio::select! {
+                m = messages.next() => m,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let Some(message) = message else {
+                anyhow::bail!("the purge stream ended");
+            };
+            let message = message?;
+            let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (sequence, pending) = (info.stream_sequence, info.pending);
+            match serde_json::from_slice::<PurgeEvent>(&message.payload) {
+                Ok(event) if event.node == self.config.node => {}
+                Ok(event) => {
+                    let result = self.apply(&event).await;
+                    self.metrics
+                        .purges
+                        .with_label_values(&["bus", result])
+                        .inc();
+                    let reached = unix_millis(SystemTime::now()).saturating_sub(event.at);
+                    self.metrics.bus.reach.observe(reached as f64 / 1000.0);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, sequence, "ignored a malformed purge on the bus");
+                    self.metrics
+                        .purges
+                        .with_label_values(&["bus", "invalid"])
+                        .inc();
+                }
+            }
+            self.applied.store(sequence, Ordering::Release);
+            self.metrics.bus.lag.set(pending as i64);
+            if pending == 0 {
+                // A burst is over: remember where it ended (the 250 ms saver covers long
+                // bursts, and a stop may not give the service time to save).
+                self.save_position();
+                if !self.store.invalidations.is_caught_up() {
+                    self.store.invalidations.caught_up();
+                }
+            }
+        }
+    }
+}
+
+/// The bus as a pingora background service: connects (retrying forever), publishes, consumes,
+/// and keeps the position file current.
+pub struct BusService(pub Arc<Bus>);
+
+#[async_trait]
+impl BackgroundService for BusService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let bus = self.0.clone();
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("skua {}", bus.config.node))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2))
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((100 * attempts as u64).min(2000))
+            })
+            .connect(bus.config.servers.clone())
+            .await;
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the purge bus client; purges stay local");
+                return;
+            }
+        };
+        let js = jetstream::new(client.clone());
+        if let Some(rx) = bus.outbox_rx.lock().ok().and_then(|mut r| r.take()) {
+            tokio::spawn(bus.clone().run_publisher(js.clone(), rx));
+        }
+        let saver = bus.clone();
+        let watcher = tokio::spawn(async move {
+            let mut saved = saver.applied.load(Ordering::Acquire);
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let connected =
+                    client.connection_state() == async_nats::connection::State::Connected;
+                saver.metrics.bus.connected.set(connected as i64);
+                let now = saver.applied.load(Ordering::Acquire);
+                if now != saved {
+                    saver.save_position();
+                    saved = now;
+                }
+            }
+        });
+        let mut pause = Backoff::new();
+        loop {
+            match bus.consume(&js, &mut shutdown).await {
+                Ok(()) => break,
+                Err(e) => {
+                    bus.metrics.bus.connected.set(0);
+                    tracing::warn!(error = %e, "purge bus consumer stopped; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause.next()) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+        watcher.abort();
+        bus.save_position();
+    }
+}
+
+/// 100 ms doubling to 2 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(Duration::from_millis(100))
+    }
+    fn next(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+        now
+    }
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(100);
+    }
+}
+
+fn parse_position(text: &str, stream: &str) -> Option<u64> {
+    let mut parts = text.split_ascii_whitespace();
+    (parts.next()? == stream)
+        .then(|| parts.next()?.parse().ok())
+        .flatten()
+}
+
+fn unix_millis(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_as_json() {
+        let event = PurgeEvent {
+            id: "a-1-0".into(),
+            node: "a".into(),
+            at: 1_700_000_000_000,
+            target: Target::Tags {
+                tags: vec!["page:1".into(), "page:2".into()],
+            },
+            soft: true,
+        };
+        let text = serde_json::to_string(&event).unwrap();
+        assert_eq!(
+            text,
+            r#"{"id":"a-1-0","node":"a","at":1700000000000,"kind":"tags","tags":["page:1","page:2"],"soft":true}"#
+        );
+        assert_eq!(serde_json::from_str::<PurgeEvent>(&text).unwrap(), event);
+        assert!(serde_json::from_str::<PurgeEvent>(
+            r#"{"id":"x","node":"b","at":1,"kind":"nope"}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn position_names_its_stream() {
+        assert_eq!(parse_position("SKUA_PURGE 42\n", "SKUA_PURGE"), Some(42));
+        assert_eq!(parse_position("OTHER 42\n", "SKUA_PURGE"), None);
+        assert_eq!(parse_position("SKUA_PURGE x\n", "SKUA_PURGE"), None);
+        assert_eq!(parse_position("", "SKUA_PURGE"), None);
+    }
+}

@@ -1,0 +1,277 @@
+//! A fleet: purges travel between nodes over a real nats-server (JetStream), nodes that were
+//! away catch up, and a frontend partitions objects over backends by consistent hash.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const HOST: (&str, &str) = ("host", "wiki.test");
+
+/// An origin whose pages say how many times each was fetched: `<path> v<n>`.
+async fn versioned_origin() -> Origin {
+    let versions = counter();
+    Origin::start(move |seen| {
+        let mut v = versions.lock().unwrap();
+        let n = v.entry(seen.path.clone()).or_insert(0);
+        if seen.path != "/_health" {
+            *n += 1;
+        }
+        Reply::ok(format!("{} v{}", seen.path, n))
+            .header("cache-control", "max-age=600")
+            .header("etag", format!("\"{}-{}\"", seen.path, n))
+    })
+    .await
+}
+
+async fn wait_for_metric(node: &Skua, series: &str, want: f64, within: Duration) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if node.metric(series).await >= want {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!(
+        "{series} never reached {want} (now {})",
+        node.metric(series).await
+    );
+}
+
+const BUS_PURGED: &str = r#"skua_purges_total{result="purged",source="bus"}"#;
+
+#[tokio::test]
+async fn purge_at_one_node_reaches_the_others_within_a_second() {
+    let nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let node = Skua::start(&[origin.addr], &nats.bus(name, "")).await;
+        node.wait_ready().await;
+        nodes.push(node);
+    }
+    for node in &nodes {
+        get(&node.url("/wiki/Edited"), &[HOST]).await;
+        assert_eq!(
+            get(&node.url("/wiki/Edited"), &[HOST]).await.cache(),
+            "hit-front"
+        );
+    }
+    let purged = send(&client(), "PURGE", &nodes[0].url("/wiki/Edited"), &[HOST]).await;
+    assert_eq!(purged.status, 204);
+    for node in &nodes[1..] {
+        let took = wait_for_metric(node, BUS_PURGED, 1.0, Duration::from_secs(1)).await;
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        let after = get(&node.url("/wiki/Edited"), &[HOST]).await;
+        assert_eq!(after.cache(), "miss");
+    }
+    // Each node fetched once before the purge and once after it; the publisher applied its
+    // own purge without taking it back from the bus.
+    assert_eq!(origin.count("/wiki/Edited"), 5);
+    assert_eq!(nodes[0].metric(BUS_PURGED).await, 0.0);
+    assert_eq!(nodes[0].metric("skua_purge_bus_published_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn node_down_during_purges_serves_none_of_its_old_copies_after_restart() {
+    let nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;
+    let disk = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut c =
+        Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &nats.bus("c", "")).await;
+    c.wait_ready().await;
+    let pages: Vec<String> = (0..100).map(|i| format!("/wiki/P{i}")).collect();
+    let others: Vec<String> = (0..20).map(|i| format!("/wiki/Kept{i}")).collect();
+    for p in pages.iter().chain(&others) {
+        assert!(get(&c.url(p), &[HOST]).await.text().ends_with("v1"));
+    }
+    c.stop();
+    for p in &pages {
+        let r = send(&client(), "PURGE", &a.url(p), &[HOST]).await;
+        assert_eq!(
+            r.status, 404,
+            "A never cached {p}, but the purge still goes out"
+        );
+    }
+    wait_for_metric(
+        &a,
+        "skua_purge_bus_published_total",
+        100.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    let c = Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &nats.bus("c", "")).await;
+    for p in &pages {
+        let got = get(&c.url(p), &[HOST]).await;
+        assert_eq!(
+            got.text(),
+            format!("{p} v2"),
+            "{p} served from before the purge"
+        );
+    }
+    for p in &others {
+        let got = get(&c.url(p), &[HOST]).await;
+        assert_eq!(got.cache(), "hit-local", "{p}");
+        assert_eq!(got.text(), format!("{p} v1"));
+    }
+    assert_eq!(c.metric(BUS_PURGED).await, 100.0);
+}
+
+#[tokio::test]
+async fn purge_during_a_bus_outage_reaches_the_others_when_it_returns() {
+    let mut nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let node = Skua::start(&[origin.addr], &nats.bus(name, "")).await;
+        node.wait_ready().await;
+        nodes.push(node);
+    }
+    for node in &nodes {
+        get(&node.url("/wiki/Outage"), &[HOST]).await;
+    }
+    nats.stop();
+    wait_for_metric(
+        &nodes[0],
+        "skua_purge_bus_connected",
+        0.0,
+        Duration::from_secs(1),
+    )
+    .await;
+    let purged = send(&client(), "PURGE", &nodes[0].url("/wiki/Outage"), &[HOST]).await;
+    assert_eq!(
+        purged.status, 204,
+        "the node that took the purge applies it at once"
+    );
+    assert_eq!(
+        get(&nodes[0].url("/wiki/Outage"), &[HOST]).await.cache(),
+        "miss"
+    );
+    assert_eq!(nodes[0].metric("skua_purge_bus_unpublished").await, 1.0);
+    assert_eq!(
+        get(&nodes[1].url("/wiki/Outage"), &[HOST]).await.cache(),
+        "hit-front",
+        "the others keep serving while the bus is down"
+    );
+    nats.restart().await;
+    for node in &nodes[1..] {
+        wait_for_metric(node, BUS_PURGED, 1.0, Duration::from_secs(15)).await;
+        assert_eq!(
+            get(&node.url("/wiki/Outage"), &[HOST]).await.cache(),
+            "miss"
+        );
+    }
+    assert_eq!(nodes[0].metric("skua_purge_bus_unpublished").await, 0.0);
+}
+
+#[tokio::test]
+async fn gap_older_than_the_retention_revalidates_what_was_cached_before() {
+    let nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let bus = |node| nats.bus(node, "retention = \"1s\"");
+    let a = Skua::start(&[origin.addr], &bus("a")).await;
+    let disk = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut c = Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &bus("c")).await;
+    c.wait_ready().await;
+    get(&c.url("/wiki/Old"), &[HOST]).await;
+    // C applies one purge, so it has a position on the stream.
+    send(&client(), "PURGE", &a.url("/wiki/Other"), &[HOST]).await;
+    wait_for_metric(
+        &c,
+        r#"skua_purges_total{result="not_found",source="bus"}"#,
+        1.0,
+        Duration::from_secs(2),
+    )
+    .await;
+    c.stop();
+    let position = std::fs::read_to_string(disk.path().join("bus-position.c")).unwrap();
+    assert!(position.starts_with("SKUA_PURGE "), "{position}");
+    // While C is away a purge it never sees ages out of the stream.
+    send(&client(), "PURGE", &a.url("/wiki/Missed"), &[HOST]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let c = Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &bus("c")).await;
+    c.wait_ready().await;
+    assert_eq!(c.metric("skua_purge_bus_gaps_total").await, 1.0);
+    let got = get(&c.url("/wiki/Old"), &[HOST]).await;
+    assert_eq!(got.status, 200);
+    let seen = origin.requests("/wiki/Old");
+    assert_eq!(seen.len(), 2, "revalidated with the origin");
+    assert_eq!(seen[1].header("if-none-match"), Some("\"/wiki/Old-1\""));
+    assert_eq!(got.text(), "/wiki/Old v2");
+    // Revalidated once; trusted after that.
+    assert_eq!(get(&c.url("/wiki/Old"), &[HOST]).await.cache(), "hit-front");
+}
+
+#[tokio::test]
+async fn frontend_partitions_objects_over_backends_and_a_dead_backend_moves_only_its_keys() {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counted = fetches.clone();
+    let origin = Origin::start(move |seen| {
+        if seen.path != "/_health" {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        Reply::ok(format!("{} body", seen.path)).header("cache-control", "max-age=600")
+    })
+    .await;
+    let be1 = Skua::start_tables(&[origin.addr], ["name = \"skua-be1\"", "", ""], "").await;
+    let mut be2 = Skua::start_tables(&[origin.addr], ["name = \"skua-be2\"", "", ""], "").await;
+    let fe = Skua::start_tables(
+        &[be1.addr, be2.addr],
+        ["name = \"skua-fe\"", "balance = \"consistent\"", ""],
+        "",
+    )
+    .await;
+    let paths: Vec<String> = (0..60).map(|i| format!("/wiki/Page_{i}")).collect();
+    let mut on_be2 = Vec::new();
+    for p in &paths {
+        let got = get(&fe.url(p), &[HOST]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), format!("{p} body"));
+        // RFC 9211 §2: the member of the cache nearest the origin comes first.
+        let status = got.header("cache-status");
+        assert!(status.starts_with("skua-be"), "{status}");
+        assert!(status.contains(", skua-fe; fwd=uri-miss"), "{status}");
+        if status.starts_with("skua-be2") {
+            on_be2.push(p.clone());
+        }
+    }
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        60,
+        "no object fetched twice"
+    );
+    let objects = |s: serde_json::Value| s["tiers"]["memory"]["objects"].as_u64().unwrap();
+    let (n1, n2) = (objects(be1.stats().await), objects(be2.stats().await));
+    assert_eq!((n1 + n2, n2), (60, on_be2.len() as u64));
+    assert!(
+        n1 > 10 && n2 > 10,
+        "both backends hold a share: {n1} / {n2}"
+    );
+
+    // Same URLs through the frontend again, its own copies banned: every request reaches a
+    // backend; the live one still has its share.
+    be2.kill9();
+    let ban = send(
+        &client(),
+        "PURGE",
+        &fe.url("/"),
+        &[HOST, ("skua-purge-prefix", "1")],
+    )
+    .await;
+    assert_eq!(ban.status, 204);
+    for p in &paths {
+        let got = get(&fe.url(p), &[HOST]).await;
+        assert_eq!(got.status, 200, "{p}");
+        assert_eq!(got.text(), format!("{p} body"));
+        assert!(got.header("cache-status").starts_with("skua-be1"), "{p}");
+    }
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        60 + on_be2.len(),
+        "only the dead backend's keys were fetched again"
+    );
+}
