@@ -74,6 +74,13 @@ enum Command {
         /// what it cached before from disk.
         #[arg(long, default_value = "./skua-demo-cache")]
         cache_dir: PathBuf,
+        /// Run a fleet of this many nodes (proxy ports 8080, 8090, 8100, ...; admin ports
+        /// 8082, 8092, ...) linked by a purge bus.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=10))]
+        nodes: u16,
+        /// The fleet's NATS server (with JetStream); default: start nats-server from PATH.
+        #[arg(long)]
+        nats: Option<String>,
     },
 }
 
@@ -156,6 +163,8 @@ fn main() -> ExitCode {
             s_maxage,
             htcp,
             cache_dir,
+            nodes,
+            nats,
         } => {
             init_logging();
             let opts = skua::demo::DemoOptions {
@@ -165,6 +174,8 @@ fn main() -> ExitCode {
                 s_maxage,
                 htcp,
                 cache_dir,
+                nodes: nodes as usize,
+                nats,
             };
             match skua::demo::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -53,7 +53,13 @@ pub fn build_with(config: &Config, upgrade: bool) -> anyhow::Result<Built> {
     };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
+    let shared = add_node(&mut server, config)?;
+    Ok(Built { server, shared })
+}
 
+/// Adds one Skua node's services (proxy, health checks, HTCP, purge bus, admin) to `server`.
+/// A process normally runs one; the demo runs several side by side.
+pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shared>> {
     // The store lives as long as the process: pingora's storage API takes `&'static`.
     let tags: &'static TagIndex =
         Box::leak(Box::new(TagIndex::new(config.purge.tag_headers.clone())));
@@ -111,7 +117,7 @@ pub fn build_with(config: &Config, upgrade: bool) -> anyhow::Result<Built> {
         admin.add_tcp(&admin_addr.to_string());
         server.add_service(admin);
     }
-    Ok(Built { server, shared })
+    Ok(shared)
 }
 
 impl Built {

@@ -22,20 +22,40 @@ fn run_on(command: &str, name: &str, text: &str) -> (Option<i32>, String) {
 }
 
 #[test]
-fn shipped_example_config_is_valid() {
-    let out = Command::new(skua_bin())
-        .args([
-            "check",
-            "--config",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config/skua.toml"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn shipped_example_configs_are_valid() {
+    for file in [
+        "skua.toml",
+        "bench.toml",
+        "bench-disk.toml",
+        "fleet/frontend.toml",
+        "fleet/backend1.toml",
+        "fleet/backend2.toml",
+    ] {
+        let path = format!("{}/config/{file}", env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(skua_bin())
+            .args(["check", "--config", &path])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn bad_bus_and_balance_values_name_their_keys() {
+    let text = "[[origin]]\nname = \"a\"\naddresses = [\"127.0.0.1:1\"]\nbalance = \"random\"\n\n[purge.bus]\nservers = [\"nats://127.0.0.1:4222\"]\nnode = \"\"\ncatch_up = \"later\"\n";
+    let (code, stderr) = run_on("check", "fleet.toml", text);
+    assert_eq!(code, Some(78), "{stderr}");
+    for line in [
+        "fleet.toml:4: origin[0].balance: must be \"round_robin\" or \"consistent\"",
+        "fleet.toml:8: purge.bus.node: must be a non-empty id",
+        "fleet.toml:9: purge.bus.catch_up: must be \"wait\" or \"revalidate\"",
+    ] {
+        assert!(stderr.contains(line), "missing {line:?} in:\n{stderr}");
+    }
 }
 
 const BAD: &str = "[server]\nthreads = 2\n\n[cache]\nmemory_size = 1048576\nttl_cap = \"forever\"\n\n[purge]\nallow = [\"127.0.0.0/33\"]\n";

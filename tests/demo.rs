@@ -118,3 +118,71 @@ async fn restarted_demo_serves_from_its_disk_cache() {
     // The restarted origin never served the page: it came from disk.
     assert!(origin_stats(&demo, "/wiki/Persistent").await.is_null());
 }
+
+/// A base port whose +10 and +20 neighbours are free too (the demo fleet's layout).
+fn free_port_run() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 60000
+            && [p + 10, p + 20]
+                .iter()
+                .all(|q| std::net::TcpListener::bind(("127.0.0.1", *q)).is_ok())
+        {
+            return p;
+        }
+    }
+}
+
+#[tokio::test]
+async fn demo_fleet_carries_an_edit_from_node_a_to_every_node() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (p, o, a) = (free_port_run(), free_port(), free_port_run());
+    let child = Command::new(skua_bin())
+        .arg("demo")
+        .args(["--nodes", "3", "--nats", &nats.url()])
+        .args(["--proxy", &format!("127.0.0.1:{p}")])
+        .args(["--origin", &format!("127.0.0.1:{o}")])
+        .args(["--admin", &format!("127.0.0.1:{a}")])
+        .args(["--htcp", &format!("127.0.0.1:{}", free_port())])
+        .arg("--cache-dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let demo = Demo {
+        child,
+        proxy: format!("127.0.0.1:{p}"),
+        origin: format!("127.0.0.1:{o}"),
+    };
+    let nodes: Vec<String> = (0..3)
+        .map(|i| format!("127.0.0.1:{}", p + 10 * i))
+        .collect();
+    for node in &nodes {
+        wait_listening(node.parse().unwrap()).await;
+    }
+    wait_listening(demo.origin.parse().unwrap()).await;
+    for node in &nodes {
+        let url = format!("http://{node}/wiki/Fleet");
+        get(&url, &[]).await;
+        assert_eq!(get(&url, &[]).await.cache(), "hit-front", "{node}");
+    }
+    let edit_url = format!("http://{}/wiki/Fleet", demo.origin);
+    let edit = send(&client(), "POST", &edit_url, &[]).await;
+    assert_eq!(edit.status, 200);
+    // The origin purged node a only; b and c hear of it over the bus.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    for node in &nodes {
+        loop {
+            let got = get(&format!("http://{node}/wiki/Fleet"), &[]).await;
+            if got.cache() == "miss" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{node} still serves the old page"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -19,6 +19,74 @@ pub struct DemoOptions {
     pub htcp: SocketAddr,
     /// Directory of the demo's disk tier.
     pub cache_dir: std::path::PathBuf,
+    /// How many Skua nodes: 1, or a fleet linked by a purge bus, each node 10 ports above
+    /// the one before (proxy and admin).
+    pub nodes: usize,
+    /// The fleet's NATS server; without it the demo starts `nats-server` from PATH.
+    pub nats: Option<String>,
+}
+
+/// Where the demo's own nats-server listens.
+const DEMO_NATS_PORT: u16 = 4222;
+
+fn shifted(addr: SocketAddr, by: usize) -> SocketAddr {
+    SocketAddr::new(addr.ip(), addr.port() + (by as u16) * 10)
+}
+
+/// Node `i` of a demo fleet: its own ports, disk and bus id; requests for any node's address
+/// share node 0's cache keys, so the origin's purges (which name node 0) match everywhere.
+fn node_config(opts: &DemoOptions, i: usize, nats: &str) -> Config {
+    let mut config = config(opts);
+    config.server.listen = vec![shifted(opts.proxy, i)];
+    config.server.admin = Some(shifted(opts.admin, i));
+    config.server.name = format!("skua-{}", node_name(i));
+    if let Some(disk) = config.cache.disk.as_mut() {
+        disk.path = opts.cache_dir.join(format!("node-{}", node_name(i)));
+    }
+    if i > 0 {
+        config.purge.htcp = None;
+    }
+    for j in 1..opts.nodes {
+        config
+            .cache
+            .host_aliases
+            .insert(shifted(opts.proxy, j).to_string(), opts.proxy.to_string());
+    }
+    config.purge.bus = Some(crate::purge::bus::BusConfig {
+        servers: vec![nats.to_string()],
+        stream: "SKUA_DEMO_PURGE".into(),
+        subject: "skua.demo.purge".into(),
+        node: node_name(i),
+        retention: config.cache.ttl_cap,
+        catch_up: crate::purge::bus::CatchUp::Wait,
+        catch_up_timeout: std::time::Duration::from_secs(10),
+        publish_htcp: true,
+    });
+    config
+}
+
+fn node_name(i: usize) -> String {
+    char::from(b'a' + (i % 26) as u8).to_string()
+}
+
+/// Starts `nats-server` with JetStream, stored under the demo's cache directory.
+fn start_nats(opts: &DemoOptions) -> anyhow::Result<(String, std::process::Child)> {
+    let store = opts.cache_dir.join("nats");
+    std::fs::create_dir_all(&store)?;
+    let child = std::process::Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &DEMO_NATS_PORT.to_string(), "-sd"])
+        .arg(&store)
+        .arg("-l")
+        .arg(opts.cache_dir.join("nats.log"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "skua demo --nodes {} needs nats-server on PATH (apt-get install nats-server) or --nats URL: {e}",
+                opts.nodes
+            )
+        })?;
+    Ok((format!("nats://127.0.0.1:{DEMO_NATS_PORT}"), child))
 }
 
 /// The configuration the demo runs with: the defaults, pointed at the sample origin.
@@ -46,8 +114,32 @@ pub fn config(opts: &DemoOptions) -> Config {
 }
 
 pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
-    let config = config(&opts);
-    let mut built = crate::server::build(&config)?;
+    let mut nats_child = None;
+    let mut built = if opts.nodes <= 1 {
+        crate::server::build(&config(&opts))?
+    } else {
+        let nats = match &opts.nats {
+            Some(url) => url.clone(),
+            None => {
+                let (url, child) = start_nats(&opts)?;
+                nats_child = Some(child);
+                url
+            }
+        };
+        let mut built = crate::server::build(&node_config(&opts, 0, &nats))?;
+        for i in 1..opts.nodes {
+            crate::server::add_node(&mut built.server, &node_config(&opts, i, &nats))?;
+        }
+        built
+    };
+    if let Some(child) = nats_child {
+        built
+            .server
+            .add_service(pingora::services::background::background_service(
+                "demo nats-server",
+                NatsChild(std::sync::Mutex::new(child)),
+            ));
+    }
     let wiki = origin::WikiOrigin::new(opts.proxy.to_string(), vec![opts.proxy], opts.s_maxage);
     let mut origin = Service::new("sample wiki origin".to_string(), wiki);
     origin.add_tcp(&opts.origin.to_string());
@@ -80,10 +172,35 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
         "  Prometheus metrics:      curl -s http://{}/metrics",
         opts.admin
     );
+    for i in 1..opts.nodes {
+        println!(
+            "  Node {}:                  curl -si http://{}/wiki/Main_Page   (dashboard http://{}/)",
+            node_name(i),
+            shifted(opts.proxy, i),
+            shifted(opts.admin, i)
+        );
+    }
+    if opts.nodes > 1 {
+        println!("  Edits purge node a only; the purge bus carries them to the others.");
+    }
     println!();
     println!(
         "Pages are fresh for {} s (s-maxage). Ctrl-C stops.",
         opts.s_maxage
     );
     built.server.run_forever()
+}
+
+/// Stops the demo's nats-server with the demo.
+struct NatsChild(std::sync::Mutex<std::process::Child>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for NatsChild {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let _ = shutdown.changed().await;
+        if let Ok(mut child) = self.0.lock() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

@@ -53,8 +53,8 @@ pub struct PurgeEvent {
     pub id: String,
     /// The node that accepted it.
     pub node: String,
-    /// When that node accepted it, Unix milliseconds.
-    pub at: u64,
+    /// When that node accepted it, Unix microseconds.
+    pub at_us: u64,
     #[serde(flatten)]
     pub target: Target,
     /// A soft purge: mark stale instead of removing.
@@ -132,7 +132,7 @@ impl Bus {
         let event = PurgeEvent {
             id: format!("{}-{}-{n}", self.config.node, self.boot),
             node: self.config.node.clone(),
-            at: unix_millis(SystemTime::now()),
+            at_us: unix_micros(SystemTime::now()),
             target,
             soft: mode == PurgeMode::Expire,
         };
@@ -336,8 +336,8 @@ impl Bus {
                         .purges
                         .with_label_values(&["bus", result])
                         .inc();
-                    let reached = unix_millis(SystemTime::now()).saturating_sub(event.at);
-                    self.metrics.bus.reach.observe(reached as f64 / 1000.0);
+                    let reached = unix_micros(SystemTime::now()).saturating_sub(event.at_us);
+                    self.metrics.bus.reach.observe(reached as f64 / 1e6);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, sequence, "ignored a malformed purge on the bus");
@@ -456,6 +456,11 @@ fn unix_millis(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+fn unix_micros(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,7 +470,7 @@ mod tests {
         let event = PurgeEvent {
             id: "a-1-0".into(),
             node: "a".into(),
-            at: 1_700_000_000_000,
+            at_us: 1_700_000_000_000_000,
             target: Target::Tags {
                 tags: vec!["page:1".into(), "page:2".into()],
             },
@@ -474,11 +479,11 @@ mod tests {
         let text = serde_json::to_string(&event).unwrap();
         assert_eq!(
             text,
-            r#"{"id":"a-1-0","node":"a","at":1700000000000,"kind":"tags","tags":["page:1","page:2"],"soft":true}"#
+            r#"{"id":"a-1-0","node":"a","at_us":1700000000000000,"kind":"tags","tags":["page:1","page:2"],"soft":true}"#
         );
         assert_eq!(serde_json::from_str::<PurgeEvent>(&text).unwrap(), event);
         assert!(serde_json::from_str::<PurgeEvent>(
-            r#"{"id":"x","node":"b","at":1,"kind":"nope"}"#
+            r#"{"id":"x","node":"b","at_us":1,"kind":"nope"}"#
         )
         .is_err());
     }
