@@ -91,6 +91,7 @@ pub struct Bus {
     /// Whether a position was loaded from `position_file`.
     had_position: bool,
     created: SystemTime,
+    save_wanted: tokio::sync::Notify,
 }
 
 impl Bus {
@@ -117,6 +118,7 @@ impl Bus {
             applied: AtomicU64::new(loaded.unwrap_or(0)),
             had_position: loaded.is_some(),
             created: SystemTime::now(),
+            save_wanted: tokio::sync::Notify::new(),
             position_file,
         })
     }
@@ -350,9 +352,9 @@ impl Bus {
             self.applied.store(sequence, Ordering::Release);
             self.metrics.bus.lag.set(pending as i64);
             if pending == 0 {
-                // A burst is over: remember where it ended (the 250 ms saver covers long
-                // bursts, and a stop may not give the service time to save).
-                self.save_position();
+                // A burst is over: have its end saved now (the saver also runs every 250 ms
+                // during long bursts; a stop may not give this service time to save).
+                self.save_wanted.notify_one();
                 if !self.store.invalidations.is_caught_up() {
                     self.store.invalidations.caught_up();
                 }
@@ -394,13 +396,17 @@ impl BackgroundService for BusService {
         let watcher = tokio::spawn(async move {
             let mut saved = saver.applied.load(Ordering::Acquire);
             loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = saver.save_wanted.notified() => {}
+                }
                 let connected =
                     client.connection_state() == async_nats::connection::State::Connected;
                 saver.metrics.bus.connected.set(connected as i64);
                 let now = saver.applied.load(Ordering::Acquire);
                 if now != saved {
-                    saver.save_position();
+                    let bus = saver.clone();
+                    let _ = tokio::task::spawn_blocking(move || bus.save_position()).await;
                     saved = now;
                 }
             }
