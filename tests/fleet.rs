@@ -275,3 +275,47 @@ async fn frontend_partitions_objects_over_backends_and_a_dead_backend_moves_only
         "only the dead backend's keys were fetched again"
     );
 }
+
+/// Restarts a disk node while the bus is down, so it cannot catch up, and asks for a page it
+/// cached before: returns (the response, how long it took).
+async fn old_object_while_the_bus_is_down(catch_up: &str) -> (Got, Duration, Origin) {
+    let mut nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let disk = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let bus = nats.bus("c", catch_up);
+    let mut c = Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &bus).await;
+    c.wait_ready().await;
+    get(&c.url("/wiki/Before"), &[HOST]).await;
+    c.stop();
+    nats.stop();
+    let c = Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &bus).await;
+    let ready = reqwest::get(format!("http://{}/readyz", c.admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "not ready before catching up");
+    let start = Instant::now();
+    let got = get(&c.url("/wiki/Before"), &[HOST]).await;
+    (got, start.elapsed(), origin)
+}
+
+#[tokio::test]
+async fn restart_with_the_bus_down_revalidates_old_objects_at_once_in_revalidate_mode() {
+    let (got, took, origin) = old_object_while_the_bus_is_down("catch_up = \"revalidate\"").await;
+    assert_eq!(got.status, 200);
+    let seen = origin.requests("/wiki/Before");
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].header("if-none-match"), Some("\"/wiki/Before-1\""));
+    assert!(took < Duration::from_millis(400), "{took:?}");
+}
+
+#[tokio::test]
+async fn restart_with_the_bus_down_waits_for_the_catch_up_then_revalidates() {
+    let (got, took, origin) =
+        old_object_while_the_bus_is_down("catch_up_timeout = \"700ms\"").await;
+    assert_eq!(got.status, 200);
+    let seen = origin.requests("/wiki/Before");
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].header("if-none-match"), Some("\"/wiki/Before-1\""));
+    assert!(took >= Duration::from_millis(700), "{took:?}");
+}
