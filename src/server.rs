@@ -24,7 +24,8 @@ use crate::metrics::Metrics;
 use crate::proxy::{Shared, Skua};
 use crate::purge::bus::{Bus, BusService};
 use crate::purge::receiver::HtcpReceiver;
-use crate::upstream::{HealthService, Pools};
+use crate::upstream::{HealthChecks, Pools, SharedPools};
+use arc_swap::ArcSwap;
 
 /// A server ready to run, plus the state its services share.
 pub struct Built {
@@ -77,7 +78,9 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shar
         tags,
         config.cache.ttl_cap,
     )));
-    let (pools, health) = Pools::build(&config.origins).context("building origin pools")?;
+    let pools: SharedPools = Arc::new(ArcSwap::from_pointee(
+        Pools::build(&config.origins).context("building origin pools")?,
+    ));
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let bus = config
         .purge
@@ -95,12 +98,10 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shar
         proxy.add_tcp(&addr.to_string());
     }
     server.add_service(proxy);
-    for h in health {
-        match h {
-            HealthService::RoundRobin(s) => server.add_service(s),
-            HealthService::Consistent(s) => server.add_service(s),
-        };
-    }
+    server.add_service(background_service(
+        "origin health checks",
+        HealthChecks(shared.pools.clone()),
+    ));
     if let Some(htcp) = &config.purge.htcp {
         let receiver = HtcpReceiver::new(htcp.clone(), shared.clone());
         let mut service = background_service("htcp receiver", receiver);

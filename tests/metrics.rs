@@ -85,3 +85,47 @@ async fn access_log_records_each_request_with_its_cache_status() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn evictions_are_counted_by_reason() {
+    let origin = Origin::start(|req| match req.path.as_str() {
+        "/short" => Reply::ok("brief").header("cache-control", "max-age=1"),
+        "/kept" => Reply::ok("kept")
+            .header("cache-control", "max-age=1")
+            .header("etag", "\"k\""),
+        _ => Reply::ok(vec![b'b'; 100_000]).header("cache-control", "max-age=600"),
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    get(&skua.url("/short"), &[]).await;
+    get(&skua.url("/kept"), &[]).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // 250 objects of 100 kB into a 16 MiB tier: about a third are evicted for room.
+    for i in 0..250 {
+        get(&skua.url(&format!("/big/{i}")), &[]).await;
+    }
+    let value = |text: &str, series: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let text = skua.metrics().await;
+    let expired = value(
+        &text,
+        "skua_cache_evictions_total{reason=\"expired\",tier=\"memory\"}",
+    );
+    let size = value(
+        &text,
+        "skua_cache_evictions_total{reason=\"size\",tier=\"memory\"}",
+    );
+    let objects = value(&text, "skua_cache_objects{tier=\"memory\"}");
+    // `/short` had nothing left to serve; `/kept` is kept for revalidation, or evicted for
+    // room, never counted as expired.
+    assert_eq!(expired, 1, "{text}");
+    assert!(size >= 15, "{text}");
+    assert_eq!(
+        size + expired + objects,
+        252,
+        "every stored object is still there or counted"
+    );
+}

@@ -133,3 +133,51 @@ async fn zero_downtime_upgrade_hands_over_the_sockets_without_failing_a_request(
     );
     assert_eq!(after.status, 200, "the new process serves on the same port");
 }
+
+#[tokio::test]
+async fn reload_moves_misses_to_the_new_origins_and_keeps_the_cache() {
+    let old =
+        Origin::start(|_| Reply::ok("old origin").header("cache-control", "max-age=600")).await;
+    let new =
+        Origin::start(|_| Reply::ok("new origin").header("cache-control", "max-age=600")).await;
+    let skua = Skua::start(&[old.addr], "").await;
+    assert_eq!(get(&skua.url("/cached"), &[]).await.text(), "old origin");
+    skua.reload(|text| text.replace(&old.addr.to_string(), &new.addr.to_string()));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let got = get(&skua.url(&format!("/fresh/{n}")), &[]).await;
+        assert_eq!(got.status, 200);
+        if got.text() == "new origin" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "misses still go to the old origin"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cached = get(&skua.url("/cached"), &[]).await;
+    assert_eq!(
+        (cached.cache(), cached.text().as_str()),
+        ("hit-front", "old origin")
+    );
+    // The new pool's health checks run: stopping its origin takes it out of /stats.
+    new.stop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = skua.stats().await;
+        let origins = stats["origins"].as_array().unwrap().clone();
+        assert_eq!(origins.len(), 1);
+        assert_eq!(origins[0]["address"], new.addr.to_string());
+        if origins[0]["healthy"] == false {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new origin's health is never checked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

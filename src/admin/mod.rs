@@ -46,6 +46,11 @@ impl Admin {
             "miss",
             mem.counters.misses.load(Ordering::Relaxed),
         );
+        let evicted = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        m.evictions
+            .catch_up("memory", "size", evicted(&mem.counters.evicted_size));
+        m.evictions
+            .catch_up("memory", "expired", evicted(&mem.counters.evicted_expired));
         if let Some(disk) = self.shared.store.disk {
             let c = &disk.counters;
             m.tier_objects
@@ -68,6 +73,8 @@ impl Admin {
                 m.tier_events
                     .catch_up("disk", event, value.load(Ordering::Relaxed));
             }
+            // The disk index evicts only for room (it has no time limit of its own).
+            m.evictions.catch_up("disk", "size", evicted(&c.evictions));
         }
     }
 
@@ -77,10 +84,11 @@ impl Admin {
         let origins: Vec<_> = self
             .shared
             .pools
+            .load()
             .iter()
             .flat_map(|p| {
                 p.health().into_iter().map(move |(addr, healthy)| {
-                    json!({"pool": p.name, "address": addr, "healthy": healthy})
+                    json!({"pool": &*p.name, "address": addr, "healthy": healthy})
                 })
             })
             .collect();
@@ -118,6 +126,12 @@ impl Admin {
             "response_bytes": response_bytes,
             "purges_total": m.purges_total(),
             "purge_backlog": m.purge_backlog.get(),
+            "purge_bus": self.shared.purger.bus.as_ref().map(|_| json!({
+                "connected": m.bus.connected.get() == 1,
+                "lag": m.bus.lag.get(),
+                "unpublished": m.bus.unpublished.get(),
+                "caught_up": self.shared.store.invalidations.is_caught_up(),
+            })),
             "version": env!("CARGO_PKG_VERSION"),
             "tiers": {
                 "memory": {

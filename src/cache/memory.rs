@@ -9,7 +9,7 @@
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -150,6 +150,29 @@ pub struct Family {
 }
 
 impl Family {
+    /// How long from `now` some object of the family can still be served: fresh, stale within
+    /// its stale-while-revalidate / stale-if-error window, or revalidated if it has a
+    /// validator.
+    fn useful_for(&self, now: SystemTime) -> Duration {
+        self.objects
+            .iter()
+            .map(|o| {
+                let m = &o.meta;
+                let grace = m.stale_while_revalidate_sec.max(m.stale_if_error_sec);
+                let has_validator = m.header.headers.contains_key(http::header::ETAG)
+                    || m.header.headers.contains_key(http::header::LAST_MODIFIED);
+                let keep = if has_validator {
+                    KEEP_FOR_REVALIDATION
+                } else {
+                    Duration::ZERO
+                };
+                let until = m.fresh_until + Duration::from_secs(grace.into()) + keep;
+                until.duration_since(now).unwrap_or(Duration::ZERO)
+            })
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
     fn weight(&self) -> u32 {
         let w: usize = self.objects.iter().map(|o| o.weight).sum();
         u32::try_from(w).unwrap_or(u32::MAX)
@@ -211,24 +234,71 @@ pub struct TierCounters {
     pub misses: AtomicU64,
     pub stores: AtomicU64,
     pub purges: AtomicU64,
+    /// Objects evicted to make room.
+    pub evicted_size: AtomicU64,
+    /// Objects dropped once nothing could serve them any more (see [`Family::useful_for`]).
+    pub evicted_expired: AtomicU64,
+}
+
+/// How long an object is kept past its freshness and stale windows when it has a validator
+/// (`ETag` or `Last-Modified`): a conditional request can still turn it into a cheap 304.
+pub const KEEP_FOR_REVALIDATION: Duration = Duration::from_secs(86400);
+
+/// Drops a family when none of its objects can be served any more, not even stale.
+struct UsefulLife;
+
+impl moka::Expiry<HashBinary, Arc<Family>> for UsefulLife {
+    fn expire_after_create(
+        &self,
+        _key: &HashBinary,
+        family: &Arc<Family>,
+        _at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(family.useful_for(SystemTime::now()))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &HashBinary,
+        family: &Arc<Family>,
+        _at: std::time::Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(family.useful_for(SystemTime::now()))
+    }
 }
 
 pub struct MemoryTier {
     families: moka::sync::Cache<HashBinary, Arc<Family>>,
     capacity: u64,
-    pub counters: TierCounters,
+    pub counters: Arc<TierCounters>,
 }
 
 impl MemoryTier {
     pub fn new(capacity_bytes: u64) -> MemoryTier {
+        let counters = Arc::new(TierCounters::default());
+        let evictions = counters.clone();
         let families = moka::sync::Cache::builder()
             .max_capacity(capacity_bytes)
             .weigher(|_k: &HashBinary, f: &Arc<Family>| f.weight())
+            .expire_after(UsefulLife)
+            .eviction_listener(move |_k, family: Arc<Family>, cause| {
+                let n = family.objects.len() as u64;
+                match cause {
+                    moka::notification::RemovalCause::Size => {
+                        evictions.evicted_size.fetch_add(n, Ordering::Relaxed);
+                    }
+                    moka::notification::RemovalCause::Expired => {
+                        evictions.evicted_expired.fetch_add(n, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            })
             .build();
         MemoryTier {
             families,
             capacity: capacity_bytes,
-            counters: TierCounters::default(),
+            counters,
         }
     }
 

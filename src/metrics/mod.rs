@@ -41,6 +41,9 @@ pub struct Metrics {
     pub tier_capacity: IntGaugeVec,
     /// Lookups, stores, evictions and dropped entries per tier, from the tiers' own counters.
     pub tier_events: TierEvents,
+    /// Objects evicted, by tier and reason (`size`: to make room; `expired`: nothing could
+    /// serve them any more).
+    pub evictions: TierEvents,
     pub build_info: IntGauge,
     /// Series of the per-request metrics resolved once, so counting a request hashes no labels.
     per_request: Vec<RequestSeries>,
@@ -228,6 +231,19 @@ impl Metrics {
             &["tier", "event"],
         )?);
         registry.register(Box::new(tier_events.0.clone()))?;
+        let evictions = TierEvents(IntCounterVec::new(
+            Opts::new(
+                "skua_cache_evictions_total",
+                "Objects evicted, by tier and reason (size: to make room; expired: past every freshness, stale and revalidation window).",
+            ),
+            &["tier", "reason"],
+        )?);
+        registry.register(Box::new(evictions.0.clone()))?;
+        for tier in ["memory", "disk"] {
+            for reason in ["size", "expired"] {
+                evictions.catch_up(tier, reason, 0);
+            }
+        }
         let build_info = IntGauge::with_opts(
             Opts::new("skua_build_info", "Always 1; the labels name the build.")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
@@ -278,6 +294,7 @@ impl Metrics {
             tier_bytes,
             tier_capacity,
             tier_events,
+            evictions,
             build_info,
             per_request,
         })

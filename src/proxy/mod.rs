@@ -45,7 +45,7 @@ use crate::config::Config;
 use crate::metrics::access_log::{AccessLog, Entry};
 use crate::metrics::Metrics;
 use crate::purge::{self, Acl};
-use crate::upstream::Pools;
+use crate::upstream::{Pools, SharedPools};
 
 /// Request headers that need pingora's full cache path: ranges (RFC 9110 §14) and
 /// preconditions (RFC 9110 §13).
@@ -67,7 +67,7 @@ pub struct Shared {
     lock: &'static CacheKeyLockImpl,
     /// What a SIGHUP reload may change, swapped whole so a request sees one version.
     rules: ArcSwap<Rules>,
-    pub pools: Pools,
+    pub pools: SharedPools,
     pub metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
 }
@@ -76,7 +76,7 @@ impl Shared {
     pub fn new(
         config: &Config,
         store: &'static Store,
-        pools: Pools,
+        pools: SharedPools,
         metrics: Arc<Metrics>,
         bus: Option<Arc<purge::bus::Bus>>,
     ) -> Shared {
@@ -99,9 +99,10 @@ impl Shared {
     }
 }
 
-/// The parts of the configuration a reload (SIGHUP) applies in place: storage policy (TTL cap,
-/// grace, heuristics), bypass rules, purge ACL and token, lock timeout. Listeners, tiers and
-/// origin pools need a restart (or pingora's graceful upgrade).
+/// The parts of the configuration a reload (SIGHUP) applies in place besides the origin pools:
+/// storage policy (TTL cap, grace, heuristics), bypass rules, host aliases, purge ACL and
+/// token, lock timeout. Listeners, tiers, HTCP and the purge bus need a restart (or pingora's
+/// graceful upgrade).
 pub struct Rules {
     lock_timeout: std::time::Duration,
     policy: StoragePolicy,
@@ -146,9 +147,14 @@ impl Shared {
         url
     }
 
-    /// Applies a reloaded configuration's rules; requests already running keep theirs.
+    /// Applies a reloaded configuration's rules and origin pools; requests already running
+    /// keep theirs. Pools that cannot be built leave the old ones in place.
     pub fn reload(&self, config: &Config) {
         self.rules.store(Arc::new(Rules::from(config)));
+        match Pools::build(&config.origins) {
+            Ok(pools) => self.pools.store(Arc::new(pools)),
+            Err(e) => tracing::error!(error = %e, "origin pools not reloaded; the old ones stay"),
+        }
     }
 }
 
@@ -236,11 +242,12 @@ impl Skua {
     }
 
     /// The name of the origin pool this request uses, for metric labels.
-    fn pool_name(&self, ctx: &RequestCtx) -> &str {
+    fn pool_name(&self, ctx: &RequestCtx) -> Arc<str> {
         self.shared
             .pools
+            .load()
             .get(ctx.pool)
-            .map_or("", |p| p.name.as_str())
+            .map_or_else(|| Arc::from(""), |p| p.name.clone())
     }
 
     /// 204 with the count when something was purged, else 404 naming what was asked for.
@@ -452,7 +459,7 @@ impl ProxyHttp for Skua {
         match CacheUrl::new(Scheme::Http, &authority, &path) {
             Ok(url) => {
                 let url = self.shared.canonical(url);
-                ctx.pool = self.shared.pools.for_host(&url.host);
+                ctx.pool = self.shared.pools.load().for_host(&url.host);
                 ctx.url = Some(url);
                 self.serve_fresh_hit(session, ctx).await
             }
@@ -558,11 +565,18 @@ impl ProxyHttp for Skua {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let pool = self
-            .shared
-            .pools
-            .get(ctx.pool)
-            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no origin pool"))?;
+        let pools = self.shared.pools.load();
+        // A reload between this request's start and now may have renumbered the pools.
+        let pool = match (pools.get(ctx.pool), &ctx.url) {
+            (Some(pool), _) => pool,
+            (None, Some(url)) => {
+                ctx.pool = pools.for_host(&url.host);
+                pools
+                    .get(ctx.pool)
+                    .ok_or_else(|| Error::explain(ErrorType::InternalError, "no origin pool"))?
+            }
+            (None, None) => return Error::e_explain(ErrorType::InternalError, "no origin pool"),
+        };
         let key = ctx.url.as_ref().map(CacheUrl::primary).unwrap_or_default();
         Ok(Box::new(pool.pick(key.as_bytes(), &ctx.failed_origins)?))
     }
@@ -577,7 +591,12 @@ impl ProxyHttp for Skua {
         if let Some(addr) = peer._address.as_inet() {
             ctx.failed_origins.push(*addr);
         }
-        let pool_size = self.shared.pools.get(ctx.pool).map_or(1, |p| p.size());
+        let pool_size = self
+            .shared
+            .pools
+            .load()
+            .get(ctx.pool)
+            .map_or(1, |p| p.size());
         if ctx.failed_origins.len() < pool_size {
             e.set_retry(true);
         }
@@ -764,7 +783,7 @@ impl ProxyHttp for Skua {
             self.shared
                 .metrics
                 .origin_errors
-                .with_label_values(&[pool, e.etype().as_str()])
+                .with_label_values(&[&pool, e.etype().as_str()])
                 .inc();
         }
         if code > 0 {
@@ -793,10 +812,10 @@ impl ProxyHttp for Skua {
         if let Some((origin_status, waited)) = ctx.origin_response {
             let pool = self.pool_name(ctx);
             m.origin_requests
-                .with_label_values(&[pool, crate::metrics::status_class(origin_status)])
+                .with_label_values(&[&pool, crate::metrics::status_class(origin_status)])
                 .inc();
             m.origin_duration
-                .with_label_values(&[pool])
+                .with_label_values(&[&pool])
                 .observe(waited.as_secs_f64());
         }
         if session.cache.lock_duration().is_some() && ctx.origin_response.is_none() {

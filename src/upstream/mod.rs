@@ -13,7 +13,12 @@ use pingora::lb::health_check::HttpHealthCheck;
 use pingora::lb::selection::{BackendIter, BackendSelection, Consistent, RoundRobin};
 use pingora::lb::{Backend, LoadBalancer};
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
-use pingora::services::background::{background_service, GenBackgroundService};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 
@@ -21,7 +26,7 @@ use crate::config::{Balance, OriginPool};
 
 /// One origin pool, ready to pick origins.
 pub struct Pool {
-    pub name: String,
+    pub name: Arc<str>,
     hosts: Vec<String>,
     balancer: Balancer,
     connect_timeout: std::time::Duration,
@@ -32,6 +37,34 @@ pub struct Pool {
 /// All pools, in configuration order.
 pub struct Pools {
     pools: Vec<Pool>,
+    /// Stops the health-check loops of these pools.
+    stop: tokio::sync::watch::Sender<bool>,
+    checking: AtomicBool,
+}
+
+impl Drop for Pools {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// The pools in use, replaced whole by a reload; requests already running keep theirs.
+pub type SharedPools = Arc<ArcSwap<Pools>>;
+
+/// The background service that runs the health checks of whatever pools are current.
+pub struct HealthChecks(pub SharedPools);
+
+#[async_trait]
+impl BackgroundService for HealthChecks {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            self.0.load().start_health_checks();
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }
 
 /// A pool's balancer, by its selection algorithm.
@@ -40,37 +73,17 @@ enum Balancer {
     Consistent(Arc<LoadBalancer<Consistent>>),
 }
 
-/// A background service that keeps one pool's health up to date.
-pub enum HealthService {
-    RoundRobin(GenBackgroundService<LoadBalancer<RoundRobin>>),
-    Consistent(GenBackgroundService<LoadBalancer<Consistent>>),
-}
-
-/// The background services that keep the pools' health up to date; hand them to the server.
-pub type HealthServices = Vec<HealthService>;
-
 impl Pools {
-    pub fn build(config: &[OriginPool]) -> std::io::Result<(Pools, HealthServices)> {
+    /// Builds the pools; their health checks start with [`HealthChecks`].
+    pub fn build(config: &[OriginPool]) -> std::io::Result<Pools> {
         let mut pools = Vec::new();
-        let mut services = Vec::new();
         for pool in config {
-            let name = format!("health check {}", pool.name);
             let balancer = match pool.balance {
-                Balance::RoundRobin => {
-                    let service = background_service(&name, load_balancer(pool)?);
-                    let lb = service.task();
-                    services.push(HealthService::RoundRobin(service));
-                    Balancer::RoundRobin(lb)
-                }
-                Balance::Consistent => {
-                    let service = background_service(&name, load_balancer(pool)?);
-                    let lb = service.task();
-                    services.push(HealthService::Consistent(service));
-                    Balancer::Consistent(lb)
-                }
+                Balance::RoundRobin => Balancer::RoundRobin(Arc::new(load_balancer(pool)?)),
+                Balance::Consistent => Balancer::Consistent(Arc::new(load_balancer(pool)?)),
             };
             pools.push(Pool {
-                name: pool.name.clone(),
+                name: pool.name.as_str().into(),
                 hosts: pool.hosts.clone(),
                 balancer,
                 connect_timeout: pool.connect_timeout,
@@ -78,7 +91,32 @@ impl Pools {
                 size: pool.addresses.len(),
             });
         }
-        Ok((Pools { pools }, services))
+        Ok(Pools {
+            pools,
+            stop: tokio::sync::watch::channel(false).0,
+            checking: AtomicBool::new(false),
+        })
+    }
+
+    /// Starts every pool's health-check loop on the current runtime, once; they stop when
+    /// these pools are dropped (replaced by a reload).
+    fn start_health_checks(&self) {
+        if self.checking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for pool in &self.pools {
+            let stop = self.stop.subscribe();
+            match &pool.balancer {
+                Balancer::RoundRobin(lb) => {
+                    let lb = lb.clone();
+                    tokio::spawn(async move { lb.start(stop).await });
+                }
+                Balancer::Consistent(lb) => {
+                    let lb = lb.clone();
+                    tokio::spawn(async move { lb.start(stop).await });
+                }
+            }
+        }
     }
 
     /// The pool for a request host: the first listing it, else the first default pool, else
