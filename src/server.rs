@@ -94,6 +94,13 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shar
         Skua::new(shared.clone()),
         "skua proxy",
     );
+    if let Some(app) = proxy.app_logic_mut() {
+        // CONNECT reaches `request_filter`, which refuses it with a message that says why
+        // (pingora's own refusal is a bare 405).
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.allow_connect_method_proxying = true;
+        app.server_options = Some(options);
+    }
     for addr in &config.server.listen {
         proxy.add_tcp(&addr.to_string());
     }

@@ -7,6 +7,7 @@ mod config;
 mod dashboard;
 mod demo;
 mod disk;
+mod edge;
 mod fleet;
 mod htcp;
 mod metrics;

@@ -59,6 +59,22 @@ pub struct ServerFile {
     /// (`skua serve --upgrade`, then SIGQUIT to the old process). Default
     /// `/tmp/skua-upgrade.sock`.
     pub upgrade_sock: String,
+    /// Longest request target in bytes; longer ones get 414. Default 8192.
+    pub max_uri_bytes: usize,
+    /// Most bytes of request header fields; more gets 431. Default 32768.
+    pub max_header_bytes: usize,
+    /// Most request header fields; more gets 431. Default 100.
+    pub max_headers: usize,
+    /// Hosts this cache serves (exact, case-insensitive, port ignored); any other host gets
+    /// 421 without touching the cache. Default empty: every host.
+    pub hosts: Vec<String>,
+    /// Networks (CIDR) of proxies in front of Skua (TLS terminators, load balancers) whose
+    /// `X-Forwarded-For` and `X-Forwarded-Proto` are passed on; from anyone else they are
+    /// dropped. Default none.
+    pub trusted_proxies: Vec<String>,
+    /// Request headers removed before a request goes to an origin, besides the built-in list
+    /// (`X-Forwarded-Host`, `X-Original-URL`, `X-Rewrite-URL`, `Forwarded`, `Proxy`, ...).
+    pub strip_headers: Vec<String>,
 }
 
 impl Default for ServerFile {
@@ -70,6 +86,12 @@ impl Default for ServerFile {
             name: "skua".into(),
             shutdown_grace: "5s".into(),
             upgrade_sock: "/tmp/skua-upgrade.sock".into(),
+            max_uri_bytes: 8192,
+            max_header_bytes: 32768,
+            max_headers: 100,
+            hosts: Vec::new(),
+            trusted_proxies: Vec::new(),
+            strip_headers: Vec::new(),
         }
     }
 }

@@ -34,6 +34,11 @@ pub struct ServerConfig {
     pub name: String,
     pub shutdown_grace: Duration,
     pub upgrade_sock: std::path::PathBuf,
+    pub limits: crate::proxy::guard::Limits,
+    /// Lowercased hosts served; empty: all.
+    pub hosts: Vec<String>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub strip_headers: Vec<http::HeaderName>,
 }
 
 #[derive(Debug, Clone)]

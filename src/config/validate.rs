@@ -232,6 +232,33 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         );
     }
     let shutdown_grace = c.duration(&[Key("server"), Key("shutdown_grace")], &s.shutdown_grace);
+    for (key, value, least) in [
+        ("max_uri_bytes", s.max_uri_bytes, 64),
+        ("max_header_bytes", s.max_header_bytes, 1024),
+        ("max_headers", s.max_headers, 8),
+    ] {
+        if value < least {
+            c.report(
+                &[Key("server"), Key(key)],
+                format!("must be at least {least}, got {value}"),
+            );
+        }
+    }
+    let trusted_proxies = networks(
+        c,
+        &s.trusted_proxies,
+        &[Key("server"), Key("trusted_proxies")],
+    );
+    let mut strip_headers = Vec::new();
+    for (i, name) in s.strip_headers.iter().enumerate() {
+        match http::HeaderName::from_bytes(name.as_bytes()) {
+            Ok(n) => strip_headers.push(n),
+            Err(_) => c.report(
+                &[Key("server"), Key("strip_headers"), Index(i)],
+                format!("not a header name: {name:?}"),
+            ),
+        }
+    }
     let server = ServerConfig {
         listen,
         threads: s.threads.max(1),
@@ -239,6 +266,14 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         name: s.name,
         shutdown_grace,
         upgrade_sock: s.upgrade_sock.into(),
+        limits: crate::proxy::guard::Limits {
+            max_uri_bytes: s.max_uri_bytes,
+            max_header_bytes: s.max_header_bytes,
+            max_headers: s.max_headers,
+        },
+        hosts: s.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+        trusted_proxies,
+        strip_headers,
     };
 
     // [[origin]]

@@ -12,6 +12,7 @@
 //! It owns the flow; what is cacheable, how objects are stored and which origin is chosen are
 //! decided in `cache` and `upstream`.
 
+pub mod guard;
 mod respond;
 
 use std::net::{IpAddr, SocketAddr};
@@ -111,6 +112,10 @@ pub struct Rules {
     purge_acl: Acl,
     purge_token: Option<String>,
     host_aliases: std::collections::HashMap<String, String>,
+    limits: guard::Limits,
+    hosts: Vec<String>,
+    trusted_proxies: Acl,
+    strip_headers: Vec<http::HeaderName>,
 }
 
 impl From<&Config> for Rules {
@@ -123,6 +128,10 @@ impl From<&Config> for Rules {
             purge_acl: Acl::new(config.purge.allow.clone()),
             purge_token: config.purge.token.clone(),
             host_aliases: config.cache.host_aliases.clone(),
+            limits: config.server.limits,
+            hosts: config.server.hosts.clone(),
+            trusted_proxies: Acl::new(config.server.trusted_proxies.clone()),
+            strip_headers: config.server.strip_headers.clone(),
         }
     }
 }
@@ -423,6 +432,33 @@ impl ProxyHttp for Skua {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let rules = self.shared.rules.load();
+        let mut verdict = guard::check(session.req_header(), &rules.limits);
+        if verdict.is_ok()
+            && session
+                .req_header()
+                .headers
+                .contains_key(header::TRANSFER_ENCODING)
+            && session
+                .as_downstream()
+                .as_http1()
+                .is_some_and(|h1| guard::raw_has_content_length(&h1.get_headers_raw_bytes()))
+        {
+            verdict = Err(guard::Refusal {
+                status: 400,
+                reason: "both Content-Length and Transfer-Encoding (RFC 9112 §6.1)".into(),
+            });
+        }
+        if let Err(refusal) = verdict {
+            ctx.internal = true;
+            if refusal.status == 400 {
+                // The rest of the connection cannot be framed safely.
+                session.set_keepalive(None);
+            }
+            let line = format!("skua: {}", refusal.reason);
+            respond::text(session, refusal.status, &line).await?;
+            return Ok(true);
+        }
         let method = session.req_header().method.clone();
         if method.as_str() == "PURGE" {
             self.purge(session, ctx).await?;
@@ -430,10 +466,11 @@ impl ProxyHttp for Skua {
         }
         if method == Method::CONNECT {
             ctx.internal = true;
+            session.set_keepalive(None);
             respond::text(
                 session,
                 405,
-                "skua: CONNECT is not supported; if MediaWiki sent this, set $wgInternalServer to an http:// URL",
+                "skua: CONNECT is not supported: Skua is a reverse proxy, not a tunnel. MediaWiki sends CONNECT when $wgInternalServer is an https:// URL; set it to http:// so its PURGEs reach Skua",
             )
             .await?;
             return Ok(true);
@@ -459,6 +496,17 @@ impl ProxyHttp for Skua {
         match CacheUrl::new(Scheme::Http, &authority, &path) {
             Ok(url) => {
                 let url = self.shared.canonical(url);
+                if !rules.hosts.is_empty() {
+                    let bare = url.host.split(':').next().unwrap_or(&url.host);
+                    if !rules.hosts.iter().any(|h| h == bare) {
+                        ctx.internal = true;
+                        let line = format!("skua: this cache does not serve host {bare}");
+                        respond::text(session, 421, &line).await?;
+                        return Ok(true);
+                    }
+                }
+                let from_proxy = guard::trusted(&rules.trusted_proxies, client_ip(session));
+                guard::strip(session.req_header_mut(), &rules.strip_headers, from_proxy);
                 ctx.pool = self.shared.pools.load().for_host(&url.host);
                 ctx.url = Some(url);
                 self.serve_fresh_hit(session, ctx).await

@@ -1,0 +1,230 @@
+//! What is refused or removed at the edge before a request reaches the cache or an origin:
+//! framing that two HTTP parsers could read differently (request smuggling), requests over the
+//! configured size limits, hosts this cache does not serve, and request headers a client could
+//! use to poison what is cached for everyone. pingora's parser already refuses obs-fold, bare
+//! CR, differing `Content-Length`s and unknown transfer codings; this adds what it lets through.
+
+use std::net::IpAddr;
+
+use pingora::http::RequestHeader;
+
+use crate::purge::Acl;
+
+/// Size limits on a request head.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_uri_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+}
+
+/// Why a request is refused: its status and a line for the client.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: String,
+}
+
+fn refuse(status: u16, reason: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        reason: reason.into(),
+    }
+}
+
+/// Checks framing and size. A refusal with status 400 must also close the connection: what
+/// follows on it cannot be framed.
+pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Refusal> {
+    let lengths = req.headers.get_all(http::header::CONTENT_LENGTH);
+    let mut count = 0;
+    for v in lengths.iter() {
+        count += 1;
+        // RFC 9112 §6.3: a Content-Length that is not a single decimal number is unrecoverable
+        // framing; "5, 5" is such a value even though RFC 9110 §8.6 lets a recipient fold it.
+        if v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit) {
+            return Err(refuse(400, "invalid Content-Length"));
+        }
+    }
+    if count > 1 {
+        return Err(refuse(400, "more than one Content-Length"));
+    }
+    // RFC 9112 §6.1: "A server MAY reject a request that contains both Content-Length and
+    // Transfer-Encoding or process such a request in accordance with the Transfer-Encoding
+    // alone". Rejecting is the only choice that no server behind us can disagree with.
+    if count > 0 && req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return Err(refuse(
+            400,
+            "both Content-Length and Transfer-Encoding (RFC 9112 §6.1)",
+        ));
+    }
+    let uri = req.uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + req.uri.authority().map_or(0, |a| a.as_str().len());
+    if uri > limits.max_uri_bytes {
+        return Err(refuse(
+            414,
+            format!("request target longer than {} bytes", limits.max_uri_bytes),
+        ));
+    }
+    if req.headers.len() > limits.max_headers {
+        return Err(refuse(
+            431,
+            format!("more than {} header fields", limits.max_headers),
+        ));
+    }
+    let bytes: usize = req
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if bytes > limits.max_header_bytes {
+        return Err(refuse(
+            431,
+            format!("header fields over {} bytes", limits.max_header_bytes),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a raw request head names a Content-Length field. pingora drops Content-Length
+/// when Transfer-Encoding is present (RFC 9112 §6.3's other permitted reading), so a request
+/// carrying both is recognised from its raw bytes; only requests with Transfer-Encoding are
+/// looked at.
+pub fn raw_has_content_length(raw: &[u8]) -> bool {
+    const NAME: &[u8] = b"\ncontent-length:";
+    raw.windows(NAME.len())
+        .any(|w| w.eq_ignore_ascii_case(NAME))
+}
+
+/// Request headers no client may set for the origin to trust: they change what the origin
+/// thinks the URL, host or scheme is (so a response for one URL is cached under another) or
+/// route it through a proxy (httpoxy, CVE-2016-5385). `x-forwarded-proto` and
+/// `x-forwarded-for` are kept only from trusted proxies.
+pub const UNTRUSTED_HEADERS: [&str; 7] = [
+    "x-forwarded-host",
+    "x-forwarded-scheme",
+    "x-forwarded-server",
+    "x-original-url",
+    "x-rewrite-url",
+    "forwarded",
+    "proxy",
+];
+
+/// Headers only a trusted proxy in front of Skua may set.
+const PROXY_HEADERS: [&str; 2] = ["x-forwarded-for", "x-forwarded-proto"];
+
+/// Request headers that control Skua itself (purge modes); meaningless on anything but a
+/// PURGE and never sent on to an origin.
+const OWN_PREFIX: &str = "skua-";
+
+/// Removes the headers above from a request about to be proxied. `from_trusted_proxy`: the
+/// connection comes from a configured trusted proxy, whose forwarding headers are kept.
+pub fn strip(req: &mut RequestHeader, extra: &[http::HeaderName], from_trusted_proxy: bool) {
+    for name in UNTRUSTED_HEADERS {
+        req.remove_header(name);
+    }
+    for name in extra {
+        req.remove_header(name);
+    }
+    if !from_trusted_proxy {
+        for name in PROXY_HEADERS {
+            req.remove_header(name);
+        }
+    }
+    let own: Vec<http::HeaderName> = req
+        .headers
+        .keys()
+        .filter(|k| k.as_str().starts_with(OWN_PREFIX))
+        .cloned()
+        .collect();
+    for name in own {
+        req.remove_header(&name);
+    }
+}
+
+/// Whether `ip` is one of the proxies whose forwarding headers are believed.
+pub fn trusted(proxies: &Acl, ip: Option<IpAddr>) -> bool {
+    ip.is_some_and(|ip| proxies.allows(ip))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_uri_bytes: 100,
+        max_header_bytes: 1000,
+        max_headers: 10,
+    };
+
+    fn req(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("POST", b"/x", None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        let status = |h: &[(&str, &str)]| check(&req(h), &LIMITS).err().map(|r| r.status);
+        assert_eq!(status(&[("content-length", "5")]), None);
+        assert_eq!(status(&[("transfer-encoding", "chunked")]), None);
+        assert_eq!(
+            status(&[("content-length", "5"), ("transfer-encoding", "chunked")]),
+            Some(400)
+        );
+        assert_eq!(
+            status(&[("content-length", "5"), ("content-length", "5")]),
+            Some(400)
+        );
+        assert_eq!(status(&[("content-length", "5, 5")]), Some(400));
+        assert_eq!(status(&[("content-length", "+5")]), Some(400));
+        assert_eq!(status(&[("content-length", "")]), Some(400));
+    }
+
+    #[test]
+    fn content_length_is_found_in_a_raw_head() {
+        assert!(raw_has_content_length(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-LENGTH: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(!raw_has_content_length(
+            b"POST / HTTP/1.1\r\nHost: a\r\nX-Content-Length: 5\r\n\r\n"
+        ));
+    }
+
+    #[test]
+    fn limits_give_414_and_431() {
+        let mut long = RequestHeader::build("GET", "/a".repeat(60).as_bytes(), None).unwrap();
+        assert_eq!(check(&long, &LIMITS).unwrap_err().status, 414);
+        long.set_uri("/short".parse().unwrap());
+        assert!(check(&long, &LIMITS).is_ok());
+        let many: Vec<(String, String)> = (0..11).map(|i| (format!("x-{i}"), "v".into())).collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(check(&req(&many), &LIMITS).unwrap_err().status, 431);
+        let big = "v".repeat(1000);
+        assert_eq!(
+            check(&req(&[("x", &big)]), &LIMITS).unwrap_err().status,
+            431
+        );
+    }
+
+    #[test]
+    fn poisoning_headers_are_stripped() {
+        let mut r = req(&[
+            ("x-forwarded-host", "evil.example"),
+            ("x-original-url", "/admin"),
+            ("proxy", "http://evil:8080"),
+            ("forwarded", "host=evil"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("skua-soft-purge", "1"),
+            ("accept", "text/html"),
+        ]);
+        strip(&mut r, &[], false);
+        let left: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["accept"]);
+        let mut r = req(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-host", "e")]);
+        strip(&mut r, &[], true);
+        let left: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-forwarded-for"]);
+    }
+}

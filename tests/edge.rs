@@ -1,0 +1,290 @@
+//! The edge under hostile input: request smuggling shapes, oversized heads, CONNECT, headers
+//! that would poison the cache, unknown hosts, slow clients and broken origins. Requests are
+//! raw bytes over TCP where an HTTP client would refuse to send them.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::*;
+
+async fn cached_origin() -> Origin {
+    Origin::start(|_| Reply::ok("page").header("cache-control", "max-age=600")).await
+}
+
+/// Sends `request` followed by a well-formed GET on the same connection; returns everything
+/// read until the server closes (or 3 s pass).
+async fn pipelined(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut bytes = request.to_vec();
+    bytes.extend_from_slice(b"GET /smuggled HTTP/1.1\r\nHost: wiki.test\r\n\r\n");
+    stream.write_all(&bytes).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test]
+async fn smuggling_shapes_get_400_and_a_closed_connection_and_never_reach_the_origin() {
+    let origin = cached_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let cases: [(&str, &[u8]); 8] = [
+        (
+            "CL and TE",
+            b"POST /a HTTP/1.1\r\nHost: wiki.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "two equal CLs",
+            b"POST /b HTTP/1.1\r\nHost: wiki.test\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        ),
+        (
+            "differing CLs",
+            b"POST /c HTTP/1.1\r\nHost: wiki.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        ),
+        (
+            "CL list",
+            b"POST /d HTTP/1.1\r\nHost: wiki.test\r\nContent-Length: 5, 5\r\n\r\nhello",
+        ),
+        (
+            "obs-fold",
+            b"GET /e HTTP/1.1\r\nHost: wiki.test\r\nX-A: b\r\n  folded\r\n\r\n",
+        ),
+        ("bare CR", b"GET /f HTTP/1.1\r\nHost: wiki.test\rX-A: b\r\n\r\n"),
+        (
+            "final coding not chunked",
+            b"POST /g HTTP/1.1\r\nHost: wiki.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "invalid chunk size",
+            b"POST /h HTTP/1.1\r\nHost: wiki.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        ),
+    ];
+    for (name, request) in cases {
+        let answer = pipelined(skua.addr, request).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{name}: {answer}");
+        assert_eq!(
+            answer.matches("HTTP/1.1 ").count(),
+            1,
+            "{name}: the connection went on after a request it could not frame:\n{answer}"
+        );
+    }
+    for path in ["/a", "/b", "/c", "/d", "/e", "/f", "/g", "/smuggled"] {
+        assert_eq!(origin.count(path), 0, "{path} reached the origin");
+    }
+    // The body with the bad chunk size never arrives whole at the origin.
+    assert!(origin.requests("/h").iter().all(|r| r.body.is_empty()));
+}
+
+#[tokio::test]
+async fn oversized_targets_get_414_and_oversized_heads_431() {
+    let origin = cached_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let long = format!("/{}", "a".repeat(9000));
+    let got = get(&skua.url(&long), &[]).await;
+    assert_eq!(got.status, 414);
+    let big = "v".repeat(1000);
+    let headers: Vec<(String, String)> =
+        (0..40).map(|i| (format!("x-h{i}"), big.clone())).collect();
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(get(&skua.url("/big"), &headers).await.status, 431);
+    assert_eq!(origin.count(&long) + origin.count("/big"), 0);
+}
+
+#[tokio::test]
+async fn connect_is_refused_with_the_mediawiki_hint() {
+    let origin = cached_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let answer = raw(
+        skua.addr,
+        "CONNECT wiki.test:443 HTTP/1.1\r\nHost: wiki.test:443\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+    assert!(answer.contains("$wgInternalServer"), "{answer}");
+}
+
+#[tokio::test]
+async fn poisoning_headers_never_reach_the_origin() {
+    let origin = cached_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let sent = [
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-scheme", "nothttp"),
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
+        ("forwarded", "host=evil.example"),
+        ("proxy", "http://evil.example:3128"),
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "https"),
+        ("skua-soft-purge", "1"),
+    ];
+    get(&skua.url("/poison"), &sent).await;
+    let seen = origin.requests("/poison");
+    assert_eq!(seen.len(), 1);
+    for (name, _) in sent {
+        if name == "x-forwarded-for" {
+            continue;
+        }
+        assert_eq!(seen[0].header(name), None, "{name} was passed on");
+    }
+    assert_eq!(seen[0].header("x-forwarded-for"), Some("127.0.0.1"));
+}
+
+#[tokio::test]
+async fn trusted_proxy_keeps_its_forwarding_headers() {
+    let origin = cached_origin().await;
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["trusted_proxies = [\"127.0.0.0/8\"]", "", ""],
+        "",
+    )
+    .await;
+    get(
+        &skua.url("/via-lb"),
+        &[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+        ],
+    )
+    .await;
+    let seen = &origin.requests("/via-lb")[0];
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+}
+
+#[tokio::test]
+async fn unknown_host_gets_421_without_touching_the_cache() {
+    let origin = cached_origin().await;
+    let skua = Skua::start_tables(&[origin.addr], ["hosts = [\"wiki.test\"]", "", ""], "").await;
+    assert_eq!(
+        get(&skua.url("/p"), &[("host", "wiki.test")]).await.status,
+        200
+    );
+    let other = get(&skua.url("/p"), &[("host", "evil.example")]).await;
+    assert_eq!(other.status, 421);
+    assert_eq!(origin.count("/p"), 1);
+    let hit = get(&skua.url("/p"), &[("host", "wiki.test")]).await;
+    assert_eq!(hit.cache(), "hit-front");
+}
+
+#[tokio::test]
+async fn private_response_for_a_static_looking_url_is_not_stored() {
+    let origin = Origin::start(|_| {
+        Reply::ok("body { color: red }")
+            .header("cache-control", "private, max-age=600")
+            .header("content-type", "text/css")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    get(&skua.url("/account/settings/style.css"), &[]).await;
+    let again = get(&skua.url("/account/settings/style.css"), &[]).await;
+    assert_ne!(again.cache(), "hit-front");
+    assert_eq!(origin.count("/account/settings/style.css"), 2);
+}
+
+#[tokio::test]
+async fn five_hundred_slowloris_connections_do_not_stop_a_normal_client() {
+    let origin = cached_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let mut slow = Vec::new();
+    for _ in 0..500 {
+        let mut s = TcpStream::connect(skua.addr).await.unwrap();
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: wiki.test\r\nX-Slow: ")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    for round in 0..3 {
+        for s in slow.iter_mut() {
+            let _ = s.write_all(b"a").await;
+        }
+        let start = Instant::now();
+        let got = get(&skua.url(&format!("/normal/{round}")), &[]).await;
+        assert_eq!(got.status, 200);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    assert_eq!(origin.count("/slow"), 0);
+}
+
+/// An origin that answers every connection with `response` and closes.
+async fn raw_origin(response: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(response).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn broken_origin_responses_give_502_or_a_cut_response_and_nothing_is_stored() {
+    let invalid = raw_origin(b"HTTP/1.1 2x0 Nonsense\r\nContent-Length: 2\r\n\r\nok").await;
+    let skua = Skua::start(&[invalid], "").await;
+    for _ in 0..2 {
+        assert_eq!(get(&skua.url("/invalid"), &[]).await.status, 502);
+    }
+
+    // A body shorter than its Content-Length: the client never gets a complete 200, and the
+    // next request goes to the origin again instead of hitting a truncated copy.
+    let short = raw_origin(
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 100\r\n\r\nonly half",
+    )
+    .await;
+    let skua = Skua::start(&[short], "").await;
+    for _ in 0..2 {
+        let answer = raw(
+            skua.addr,
+            "GET /short HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(!answer.contains("x-cache-status: hit"), "{answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+        assert!(body.len() < 100, "{answer}");
+    }
+    assert_eq!(
+        skua.stats().await["tiers"]["memory"]["objects"],
+        0,
+        "a truncated body was stored"
+    );
+}
+
+#[tokio::test]
+async fn head_response_never_carries_a_body() {
+    // The origin wrongly sends a body with its HEAD response.
+    let origin = raw_origin(
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    let skua = Skua::start(&[origin], "").await;
+    for _ in 0..2 {
+        let answer = raw(
+            skua.addr,
+            "HEAD /h HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(
+            answer.ends_with("\r\n\r\n"),
+            "a body followed the HEAD response: {answer:?}"
+        );
+    }
+}
