@@ -288,3 +288,65 @@ async fn head_response_never_carries_a_body() {
         );
     }
 }
+
+/// A 2 MiB tmpfs, unmounted on drop; None where this user may not mount.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount() -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn full_disk_keeps_serving_from_memory_and_counts_write_failures() {
+    let Some(disk) = SmallDisk::mount() else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let origin = Origin::start(|seen| {
+        let fill = seen.path.as_bytes().last().copied().unwrap_or(b'x');
+        Reply::ok(vec![fill; 100_000]).header("cache-control", "max-age=600")
+    })
+    .await;
+    let mut skua = Skua::start_disk(
+        &[origin.addr],
+        disk.0.path(),
+        "size = 67108864\nmax_object_size = 1048576",
+        "",
+    )
+    .await;
+    let paths: Vec<String> = (0..40).map(|i| format!("/big/{i}")).collect();
+    for p in &paths {
+        let got = get(&skua.url(p), &[]).await;
+        assert_eq!(got.status, 200, "{p}");
+        assert_eq!(got.body.len(), 100_000);
+        assert!(got.body.iter().all(|b| *b == *p.as_bytes().last().unwrap()));
+    }
+    for p in &paths {
+        let got = get(&skua.url(p), &[]).await;
+        assert_eq!((got.status, got.cache()), (200, "hit-front"), "{p}");
+    }
+    assert!(skua.alive());
+    let errors = skua
+        .metric(r#"skua_cache_tier_events_total{event="write_error",tier="disk"}"#)
+        .await;
+    assert!(errors > 0.0, "the full disk's failures were not counted");
+    assert_eq!(paths.iter().map(|p| origin.count(p)).sum::<usize>(), 40);
+}

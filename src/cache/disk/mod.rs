@@ -405,8 +405,13 @@ impl DiskTier {
     }
 
     fn write_failed(&self, e: &std::io::Error) {
-        self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(error = %e, "disk cache write failed");
+        let before = self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        // A full disk fails every write: log the 1st, 2nd, 4th, 8th... failure, not each one
+        // (every one is counted in skua_cache_tier_events_total{event="write_error"}).
+        let failures = before + 1;
+        if failures.is_power_of_two() {
+            tracing::warn!(error = %e, failures, "disk cache write failed; serving from memory");
+        }
     }
 
     /// Publishes a finished body under its meta and indexes it.
