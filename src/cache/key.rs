@@ -150,7 +150,10 @@ pub fn normalize_host(scheme: Scheme, authority: &str) -> Result<String, KeyErro
                 .bytes()
                 .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
     } else {
+        // Every DNS label is non-empty (RFC 1034 §3.1): "a..b", ".a" or a second trailing dot
+        // would otherwise canonicalise to a different host each time.
         !host.is_empty()
+            && host.split('.').all(|label| !label.is_empty())
             && host
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
@@ -160,10 +163,15 @@ pub fn normalize_host(scheme: Scheme, authority: &str) -> Result<String, KeyErro
     }
     let mut out = host.to_ascii_lowercase();
     if let Some(port) = port {
-        let port = port.trim_start_matches('0');
-        if port != scheme.default_port() && !port.is_empty() {
+        let number: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| KeyError::BadHost(authority.to_string()))?;
+        let port = number.to_string();
+        if port != scheme.default_port() {
             out.push(':');
-            out.push_str(port);
+            out.push_str(&port);
         }
     }
     Ok(out)
@@ -196,6 +204,22 @@ fn split_port(authority: &str) -> Option<(&str, Option<&str>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `cache_key` fuzz target: ".." canonicalised to ".", which canonicalised
+    /// to something else again.
+    #[test]
+    fn regression_empty_dns_labels_are_not_a_host() {
+        for host in ["..", ".", ".a", "a..b", "a.b..", "...:80"] {
+            assert!(
+                CacheUrl::new(Scheme::Http, host, "/").is_err(),
+                "{host:?} was accepted"
+            );
+        }
+        let url = CacheUrl::new(Scheme::Http, "Wiki.Test.:080", "/").unwrap();
+        assert_eq!(url.host, "wiki.test");
+        assert!(CacheUrl::new(Scheme::Http, "a:0", "/").is_err());
+        assert!(CacheUrl::new(Scheme::Http, "a:99999", "/").is_err());
+    }
 
     fn key(scheme: Scheme, host: &str, path: &str) -> String {
         CacheUrl::new(scheme, host, path).unwrap().primary()
