@@ -3,6 +3,7 @@
 mod support;
 
 mod cache;
+mod chaos;
 mod config;
 mod dashboard;
 mod demo;

@@ -1,0 +1,237 @@
+//! Chaos under load, bounded in time: clients read a page set through a three-node fleet with
+//! disk tiers, over a two-origin pool, while origins are killed and restarted, backend nodes
+//! are killed with -9 in the middle of fills and restarted, nats-server is stopped and
+//! started, and pages are edited and purged at node A. Every response is checked: its body is
+//! exactly some version the origins served for that URL, or the request failed cleanly; a
+//! node never answers 5xx for a page it had served from its cache since its last restart and
+//! the page's last purge; and once everything is back, every node serves the latest version
+//! of every edited page (no purge lost).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const PAGES: usize = 60;
+const HOST: (&str, &str) = ("host", "wiki.test");
+
+fn body(path: &str, version: u64) -> String {
+    format!("{path} v{version};").repeat(200)
+}
+
+#[derive(Default, Debug)]
+struct Tally {
+    requests: u64,
+    ok: u64,
+    clean_failures: u64,
+    wrong_bodies: u64,
+    cached_5xx: u64,
+}
+
+async fn versioned(versions: Arc<Mutex<HashMap<String, u64>>>) -> Origin {
+    Origin::start(move |seen| {
+        let v = *versions.lock().unwrap().get(&seen.path).unwrap_or(&0);
+        Reply::ok(body(&seen.path, v))
+            .header("cache-control", "max-age=600")
+            .header("etag", format!("\"v{v}\""))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
+    let versions: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let origins = [
+        versioned(versions.clone()).await,
+        versioned(versions.clone()).await,
+    ];
+    let addrs = [origins[0].addr, origins[1].addr];
+    let mut nats = Nats::start().await;
+    let disks: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let names = ["a", "b", "c"];
+    let buses: Vec<String> = (0..3)
+        .map(|i| nats.bus(names[i], "catch_up_timeout = \"1s\""))
+        .collect();
+    let bus = |i: usize| buses[i].clone();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let node = Skua::start_disk_on(ports[i], &addrs, disks[i].path(), "", &bus(i)).await;
+        node.wait_ready().await;
+        nodes.push(Some(node));
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    // Pages each node has served from its cache since its last restart and the page's last
+    // purge: a 5xx for one of them is a failure to serve a servable copy.
+    let cached: Arc<Mutex<Vec<HashSet<String>>>> = Arc::new(Mutex::new(vec![HashSet::new(); 3]));
+    let seq = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, tally, cached, versions, seq) = (
+            stop.clone(),
+            tally.clone(),
+            cached.clone(),
+            versions.clone(),
+            seq.clone(),
+        );
+        let ports = ports.clone();
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let n = seq.fetch_add(1, Ordering::Relaxed) as usize;
+                let (node, page) = (n % 3, (n / 3) % PAGES);
+                let path = format!("/wiki/Page_{page}");
+                let url = format!("http://127.0.0.1:{}{path}", ports[node]);
+                let result = http.get(&url).header(HOST.0, HOST.1).send().await;
+                tally.lock().unwrap().requests += 1;
+                let Ok(resp) = result else {
+                    tally.lock().unwrap().clean_failures += 1;
+                    continue;
+                };
+                let status = resp.status().as_u16();
+                let hit = resp
+                    .headers()
+                    .get("x-cache-status")
+                    .is_some_and(|v| v.as_bytes().starts_with(b"hit"));
+                let text = resp.text().await;
+                let mut t = tally.lock().unwrap();
+                match (status, text) {
+                    (200, Ok(text)) => {
+                        let newest = *versions.lock().unwrap().get(&path).unwrap_or(&0);
+                        if (0..=newest).any(|v| text == body(&path, v)) {
+                            t.ok += 1;
+                            if hit {
+                                cached.lock().unwrap()[node].insert(path);
+                            }
+                        } else {
+                            t.wrong_bodies += 1;
+                            eprintln!("wrong body for {path} at node {node}: {} bytes", text.len());
+                        }
+                    }
+                    (500..=599, _) if cached.lock().unwrap()[node].contains(&path) => {
+                        t.cached_5xx += 1;
+                        eprintln!("{status} at node {node} for cached {path}");
+                    }
+                    // A cut body, a miss whose origin died mid-response: failed cleanly.
+                    _ => t.clean_failures += 1,
+                }
+            }
+        }));
+    }
+
+    let (mut origin_kills, mut node_kills, mut bus_outages, mut purges) = (0, 0, 0, 0);
+    let mut edited = HashSet::new();
+    let mut origin_down = None;
+    let mut bus_down = false;
+    let start = Instant::now();
+    let mut step = 0u64;
+    while start.elapsed() < Duration::from_secs(30) {
+        step += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // An edit and its purge at node A, which is never killed.
+        let page = format!("/wiki/Page_{}", (step * 7) % PAGES as u64);
+        *versions.lock().unwrap().entry(page.clone()).or_insert(0) += 1;
+        for set in cached.lock().unwrap().iter_mut() {
+            set.remove(&page);
+        }
+        let purge = send(
+            &client(),
+            "PURGE",
+            &format!("http://127.0.0.1:{}{page}", ports[0]),
+            &[HOST],
+        )
+        .await;
+        assert!(matches!(purge.status, 204 | 404), "{}", purge.status);
+        purges += 1;
+        edited.insert(page);
+        match step % 12 {
+            // One origin down for a second and a half; the other takes every miss.
+            2 => {
+                let i = (step / 12 % 2) as usize;
+                origins[i].stop();
+                origin_down = Some(i);
+                origin_kills += 1;
+            }
+            8 => {
+                if let Some(i) = origin_down.take() {
+                    origins[i].restart().await;
+                }
+            }
+            // kill -9 of node B or C in the middle of whatever it is filling.
+            4 => {
+                let i = 1 + (step / 12 % 2) as usize;
+                if let Some(mut node) = nodes[i].take() {
+                    node.kill9();
+                }
+                cached.lock().unwrap()[i].clear();
+                node_kills += 1;
+                let node =
+                    Skua::start_disk_on(ports[i], &addrs, disks[i].path(), "", &bus(i)).await;
+                nodes[i] = Some(node);
+            }
+            // The bus away for two seconds, purges keep coming.
+            6 if step % 24 == 6 => {
+                nats.stop();
+                bus_down = true;
+                bus_outages += 1;
+            }
+            10 if step % 24 == 10 => {
+                nats.restart().await;
+                bus_down = false;
+            }
+            _ => {}
+        }
+    }
+    if bus_down {
+        nats.restart().await;
+    }
+    if let Some(i) = origin_down.take() {
+        origins[i].restart().await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+
+    // Every purge reached every node: each serves the newest version of every edited page.
+    let mut lost = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for (i, node) in nodes.iter().enumerate() {
+        let node = node.as_ref().unwrap();
+        node.wait_ready().await;
+        for page in &edited {
+            let newest = *versions.lock().unwrap().get(page).unwrap();
+            loop {
+                let got = get(&node.url(page), &[HOST]).await;
+                if got.status == 200 && got.text() == body(page, newest) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    eprintln!("node {} still serves an old {page}", names[i]);
+                    lost += 1;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let t = tally.lock().unwrap();
+    println!(
+        "chaos summary: {} requests ({} ok, {} failed cleanly), {origin_kills} origin kills, \
+         {node_kills} node kills (-9), {bus_outages} bus outages, {purges} purges; \
+         wrong bodies {}, 5xx on cached pages {}, purges lost {lost}",
+        t.requests, t.ok, t.clean_failures, t.wrong_bodies, t.cached_5xx
+    );
+    assert!(t.ok > 1000, "too little load to mean anything: {t:?}");
+    assert_eq!(t.wrong_bodies, 0);
+    assert_eq!(t.cached_5xx, 0);
+    assert_eq!(lost, 0);
+}
