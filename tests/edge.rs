@@ -350,3 +350,57 @@ async fn full_disk_keeps_serving_from_memory_and_counts_write_failures() {
     assert!(errors > 0.0, "the full disk's failures were not counted");
     assert_eq!(paths.iter().map(|p| origin.count(p)).sum::<usize>(), 40);
 }
+
+/// Reads one response (up to the end of its headers and `body_len` body bytes).
+async fn read_response(stream: &mut TcpStream, body_len: usize) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await.unwrap();
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if n == 0
+            || text
+                .split_once("\r\n\r\n")
+                .is_some_and(|(_, b)| b.len() >= body_len)
+        {
+            return text;
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_keepalive_and_stalled_bodies_are_closed_after_their_timeouts() {
+    let origin = cached_origin().await;
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["keepalive_timeout = \"1s\"\nbody_timeout = \"1s\"", "", ""],
+        "",
+    )
+    .await;
+    let mut idle = TcpStream::connect(skua.addr).await.unwrap();
+    idle.write_all(b"GET /k HTTP/1.1\r\nHost: wiki.test\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_response(&mut idle, 4).await;
+    assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "an idle connection stayed open");
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+
+    let mut stalled = TcpStream::connect(skua.addr).await.unwrap();
+    stalled
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: wiki.test\r\nContent-Length: 10\r\n\r\nhalf")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let ended =
+        tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut answer)).await;
+    assert!(ended.is_ok(), "a stalled body held the connection");
+}

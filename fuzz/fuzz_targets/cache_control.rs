@@ -2,6 +2,7 @@
 //! and how long to store never panics, and nothing is fresh for longer than the TTL cap.
 #![no_main]
 
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use libfuzzer_sys::fuzz_target;
@@ -32,11 +33,14 @@ fuzz_target!(|data: &[u8]| {
             let _ = resp.append_header(NAMES[i % NAMES.len()], value);
         }
     }
-    let config = skua::config::Config::defaults();
-    let policy = StoragePolicy::from(&config.cache);
+    static POLICY: OnceLock<(StoragePolicy, Duration)> = OnceLock::new();
+    let (policy, ttl_cap) = POLICY.get_or_init(|| {
+        let config = skua::config::Config::defaults();
+        (StoragePolicy::from(&config.cache), config.cache.ttl_cap)
+    });
     let now = SystemTime::now();
     if let Ok(fresh) = policy.decide(&mut resp, first & 8 != 0, now) {
-        let cap = config.cache.ttl_cap + Duration::from_secs(1);
+        let cap = *ttl_cap + Duration::from_secs(1);
         assert!(fresh.fresh_until <= now + cap, "fresher than the TTL cap");
     }
 });

@@ -72,6 +72,11 @@ pub struct ServerFile {
     /// `X-Forwarded-For` and `X-Forwarded-Proto` are passed on; from anyone else they are
     /// dropped. Default none.
     pub trusted_proxies: Vec<String>,
+    /// How long an idle keep-alive connection waits for its next request (duration). Default
+    /// `60s`.
+    pub keepalive_timeout: String,
+    /// Longest wait for the next bytes of a request body (duration). Default `30s`.
+    pub body_timeout: String,
     /// Request headers removed before a request goes to an origin, besides the built-in list
     /// (`X-Forwarded-Host`, `X-Original-URL`, `X-Rewrite-URL`, `Forwarded`, `Proxy`, ...).
     pub strip_headers: Vec<String>,
@@ -92,6 +97,8 @@ impl Default for ServerFile {
             hosts: Vec::new(),
             trusted_proxies: Vec::new(),
             strip_headers: Vec::new(),
+            keepalive_timeout: "60s".into(),
+            body_timeout: "30s".into(),
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub hosts: Vec<String>,
     pub trusted_proxies: Vec<IpNet>,
     pub strip_headers: Vec<http::HeaderName>,
+    pub keepalive_timeout: Duration,
+    pub body_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]

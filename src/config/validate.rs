@@ -100,6 +100,27 @@ impl<'a> Checker<'a> {
     }
 }
 
+/// Compiles a regex, reusing an earlier compilation of the same pattern: every reload (and
+/// every fuzzing run) meets the same default bypass patterns, and compiling is the costliest
+/// part of validation.
+fn compile(pattern: &str) -> Result<Regex, regex::Error> {
+    static COMPILED: std::sync::Mutex<Option<std::collections::HashMap<String, Regex>>> =
+        std::sync::Mutex::new(None);
+    if let Ok(mut cache) = COMPILED.lock() {
+        let cache = cache.get_or_insert_with(Default::default);
+        if let Some(re) = cache.get(pattern) {
+            return Ok(re.clone());
+        }
+        let re = Regex::new(pattern)?;
+        if cache.len() >= 64 {
+            cache.clear();
+        }
+        cache.insert(pattern.to_string(), re.clone());
+        return Ok(re);
+    }
+    Regex::new(pattern)
+}
+
 /// Checks a tier's largest object: positive, within the tier, and small enough for the tiers'
 /// indexes, which weigh entries with a u32.
 fn object_size(c: &mut Checker<'_>, at: &[Seg<'_>], size: u64, tier: u64, tier_key: &str) {
@@ -259,6 +280,19 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             ),
         }
     }
+    let keepalive_timeout = c.duration(
+        &[Key("server"), Key("keepalive_timeout")],
+        &s.keepalive_timeout,
+    );
+    let body_timeout = c.duration(&[Key("server"), Key("body_timeout")], &s.body_timeout);
+    for (key, d) in [
+        ("keepalive_timeout", keepalive_timeout),
+        ("body_timeout", body_timeout),
+    ] {
+        if d < Duration::from_secs(1) {
+            c.report(&[Key("server"), Key(key)], "must be at least 1s");
+        }
+    }
     let server = ServerConfig {
         listen,
         threads: s.threads.max(1),
@@ -274,6 +308,8 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         hosts: s.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
         trusted_proxies,
         strip_headers,
+        keepalive_timeout,
+        body_timeout,
     };
 
     // [[origin]]
@@ -389,7 +425,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
     let lock_timeout = c.duration(&at("lock_timeout"), &k.lock_timeout);
     let mut bypass_cookies = Vec::new();
     for (i, r) in k.bypass.cookies.iter().enumerate() {
-        match Regex::new(r) {
+        match compile(r) {
             Ok(re) => bypass_cookies.push(re),
             Err(e) => c.report(
                 &[Key("cache"), Key("bypass"), Key("cookies"), Index(i)],
@@ -492,7 +528,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         let host_regex = if h.host_regex.is_empty() {
             None
         } else {
-            match Regex::new(&h.host_regex) {
+            match compile(&h.host_regex) {
                 Ok(re) => Some(re),
                 Err(e) => {
                     c.report(

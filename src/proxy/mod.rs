@@ -116,6 +116,8 @@ pub struct Rules {
     hosts: Vec<String>,
     trusted_proxies: Acl,
     strip_headers: Vec<http::HeaderName>,
+    keepalive_secs: u64,
+    body_timeout: std::time::Duration,
 }
 
 impl From<&Config> for Rules {
@@ -132,6 +134,8 @@ impl From<&Config> for Rules {
             hosts: config.server.hosts.clone(),
             trusted_proxies: Acl::new(config.server.trusted_proxies.clone()),
             strip_headers: config.server.strip_headers.clone(),
+            keepalive_secs: config.server.keepalive_timeout.as_secs().max(1),
+            body_timeout: config.server.body_timeout,
         }
     }
 }
@@ -449,6 +453,12 @@ impl ProxyHttp for Skua {
                 reason: "both Content-Length and Transfer-Encoding (RFC 9112 §6.1)".into(),
             });
         }
+        // pingora keeps an HTTP/1.1 connection open forever between requests and waits 60 s
+        // for each read: bound both.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(rules.keepalive_secs));
+        }
+        session.set_read_timeout(Some(rules.body_timeout));
         if let Err(refusal) = verdict {
             ctx.internal = true;
             if refusal.status == 400 {
