@@ -404,3 +404,62 @@ async fn idle_keepalive_and_stalled_bodies_are_closed_after_their_timeouts() {
         tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut answer)).await;
     assert!(ended.is_ok(), "a stalled body held the connection");
 }
+
+/// An origin that keeps connections open and answers `/overlong` with more bytes than its
+/// Content-Length: a second, injected response. Every other path gets its own name back.
+async fn desync_origin() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                        let reply = if path == "/overlong" {
+                            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nCache-Control: no-store\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 8\r\nCache-Control: max-age=600\r\n\r\nsmuggled".to_string()
+                        } else {
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nCache-Control: max-age=600\r\n\r\n{path}",
+                                path.len()
+                            )
+                        };
+                        if s.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn upstream_connection_with_bytes_past_the_body_is_never_reused() {
+    let origin = desync_origin().await;
+    let skua = Skua::start(&[origin], "").await;
+    for i in 0..20 {
+        let over = get(&skua.url("/overlong"), &[]).await;
+        assert_eq!(over.text(), "hello");
+        let path = format!("/victim/{i}");
+        let victim = get(&skua.url(&path), &[]).await;
+        assert_eq!(victim.status, 200);
+        assert_eq!(
+            victim.text(),
+            path,
+            "a response injected by the origin was served"
+        );
+    }
+}
