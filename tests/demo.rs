@@ -21,9 +21,18 @@ async fn start_demo(cache_dir: &std::path::Path) -> Demo {
     start_demo_on((free_port(), free_port(), free_port()), cache_dir).await
 }
 
-async fn start_demo_on((p, o, a): (u16, u16, u16), cache_dir: &std::path::Path) -> Demo {
+async fn start_demo_on(ports: (u16, u16, u16), cache_dir: &std::path::Path) -> Demo {
+    let demo = spawn_demo(ports, cache_dir, &[]);
+    wait_listening(demo.proxy.parse().unwrap()).await;
+    wait_listening(demo.origin.parse().unwrap()).await;
+    demo
+}
+
+/// `skua demo` on the given proxy, origin and admin ports, with `extra` arguments.
+fn spawn_demo((p, o, a): (u16, u16, u16), cache_dir: &std::path::Path, extra: &[&str]) -> Demo {
     let child = Command::new(skua_bin())
         .arg("demo")
+        .args(extra)
         .args(["--proxy", &format!("127.0.0.1:{p}")])
         .args(["--origin", &format!("127.0.0.1:{o}")])
         .args(["--admin", &format!("127.0.0.1:{a}")])
@@ -33,14 +42,11 @@ async fn start_demo_on((p, o, a): (u16, u16, u16), cache_dir: &std::path::Path) 
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let demo = Demo {
+    Demo {
         child,
         proxy: format!("127.0.0.1:{p}"),
         origin: format!("127.0.0.1:{o}"),
-    };
-    wait_listening(demo.proxy.parse().unwrap()).await;
-    wait_listening(demo.origin.parse().unwrap()).await;
-    demo
+    }
 }
 
 async fn origin_stats(demo: &Demo, path: &str) -> serde_json::Value {
@@ -138,23 +144,12 @@ async fn demo_fleet_carries_an_edit_from_node_a_to_every_node() {
     let nats = Nats::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (p, o, a) = (free_port_run(), free_port(), free_port_run());
-    let child = Command::new(skua_bin())
-        .arg("demo")
-        .args(["--nodes", "3", "--nats", &nats.url()])
-        .args(["--proxy", &format!("127.0.0.1:{p}")])
-        .args(["--origin", &format!("127.0.0.1:{o}")])
-        .args(["--admin", &format!("127.0.0.1:{a}")])
-        .args(["--htcp", &format!("127.0.0.1:{}", free_port())])
-        .arg("--cache-dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let demo = Demo {
-        child,
-        proxy: format!("127.0.0.1:{p}"),
-        origin: format!("127.0.0.1:{o}"),
-    };
+    let nats_url = nats.url();
+    let demo = spawn_demo(
+        (p, o, a),
+        dir.path(),
+        &["--nodes", "3", "--nats", &nats_url],
+    );
     let nodes: Vec<String> = (0..3)
         .map(|i| format!("127.0.0.1:{}", p + 10 * i))
         .collect();

@@ -39,18 +39,24 @@ async fn wait_for_metric(node: &Skua, series: &str, want: f64, within: Duration)
     );
 }
 
-const BUS_PURGED: &str = r#"skua_purges_total{result="purged",source="bus"}"#;
-
-#[tokio::test]
-async fn purge_at_one_node_reaches_the_others_within_a_second() {
-    let nats = Nats::start().await;
-    let origin = versioned_origin().await;
+/// Nodes a, b and c, memory only, on the bus and caught up.
+async fn three_memory_nodes(nats: &Nats, origin: &Origin) -> Vec<Skua> {
     let mut nodes = Vec::new();
     for name in ["a", "b", "c"] {
         let node = Skua::start(&[origin.addr], &nats.bus(name, "")).await;
         node.wait_ready().await;
         nodes.push(node);
     }
+    nodes
+}
+
+const BUS_PURGED: &str = r#"skua_purges_total{result="purged",source="bus"}"#;
+
+#[tokio::test]
+async fn purge_at_one_node_reaches_the_others_within_a_second() {
+    let nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let nodes = three_memory_nodes(&nats, &origin).await;
     for node in &nodes {
         get(&node.url("/wiki/Edited"), &[HOST]).await;
         assert_eq!(
@@ -124,12 +130,7 @@ async fn node_down_during_purges_serves_none_of_its_old_copies_after_restart() {
 async fn purge_during_a_bus_outage_reaches_the_others_when_it_returns() {
     let mut nats = Nats::start().await;
     let origin = versioned_origin().await;
-    let mut nodes = Vec::new();
-    for name in ["a", "b", "c"] {
-        let node = Skua::start(&[origin.addr], &nats.bus(name, "")).await;
-        node.wait_ready().await;
-        nodes.push(node);
-    }
+    let nodes = three_memory_nodes(&nats, &origin).await;
     for node in &nodes {
         get(&node.url("/wiki/Outage"), &[HOST]).await;
     }
