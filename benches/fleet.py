@@ -13,16 +13,10 @@ Needs nats-server on PATH and `cargo build --release`.
 """
 import argparse, http.client, os, signal, socket, subprocess, sys, tempfile, threading, time
 
+from benchlib import free_port, write_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "skua")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def wait_port(port, timeout=20):
@@ -86,24 +80,9 @@ class Node:
         os.makedirs(self.dir, exist_ok=True)
         disk_lines = f'[cache.disk]\npath = "{self.dir}/disk"\nsize = 1073741824\n' if disk else ""
         self.config = os.path.join(self.dir, "skua.toml")
-        with open(self.config, "w") as f:
-            f.write(f"""[server]
-listen = ["127.0.0.1:{self.port}"]
-admin = "127.0.0.1:{self.admin}"
-threads = 1
-upgrade_sock = "{self.dir}/upgrade.sock"
-[[origin]]
-name = "none"
-addresses = ["127.0.0.1:9"]
-[origin.health_check]
-enabled = false
-[cache]
-memory_size = 67108864
-{disk_lines}
-[purge.bus]
-servers = ["{nats_url}"]
-node = "{name}"
-""")
+        bus = f'[purge.bus]\nservers = ["{nats_url}"]\nnode = "{name}"\n'
+        write_config(self.config, self.dir, self.port, self.admin, "127.0.0.1:9", 67108864,
+                     disk_lines + bus)
         self.proc = None
 
     def __getitem__(self, k):

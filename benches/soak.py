@@ -13,6 +13,8 @@ responses and socket errors from wrk, purge answers other than 204/404) and Skua
 import argparse, http.client, http.server, os, random, re, socket, socketserver, subprocess
 import sys, tempfile, threading, time
 
+from benchlib import free_port, write_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "skua")
 PAGE = b"x" * 4096
@@ -35,14 +37,6 @@ class Origin(http.server.BaseHTTPRequestHandler):
 
 class ThreadedServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def rss_mib(pid):
@@ -79,20 +73,7 @@ def main():
     origin = ThreadedServer(("127.0.0.1", oport), Origin)
     threading.Thread(target=origin.serve_forever, daemon=True).start()
     config = os.path.join(work, "skua.toml")
-    with open(config, "w") as f:
-        f.write(f"""[server]
-listen = ["127.0.0.1:{port}"]
-admin = "127.0.0.1:{admin}"
-threads = 1
-upgrade_sock = "{work}/upgrade.sock"
-[[origin]]
-name = "soak"
-addresses = ["127.0.0.1:{oport}"]
-[origin.health_check]
-enabled = false
-[cache]
-memory_size = 268435456
-""")
+    write_config(config, work, port, admin, f"127.0.0.1:{oport}", 268435456)
     skua = subprocess.Popen(["taskset", "-c", "0", BIN, "serve", "--config", config],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
