@@ -104,9 +104,13 @@ impl Bus {
             .as_deref()
             .and_then(|f| std::fs::read_to_string(f).ok())
             .and_then(|text| parse_position(&text, &config.stream));
-        store
-            .invalidations
-            .hold_until_caught_up(config.catch_up, config.catch_up_timeout);
+        // Only a disk tier holds objects from before this process started; a memory-only
+        // node has nothing to distrust and is ready whether or not the bus is.
+        if store.disk.is_some() {
+            store
+                .invalidations
+                .hold_until_caught_up(config.catch_up, config.catch_up_timeout);
+        }
         Arc::new(Bus {
             boot: unix_millis(SystemTime::now()),
             config,
