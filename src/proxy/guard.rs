@@ -119,6 +119,18 @@ const OWN_PREFIX: &str = "skua-";
 /// Removes the headers above from a request about to be proxied. `from_trusted_proxy`: the
 /// connection comes from a configured trusted proxy, whose forwarding headers are kept.
 pub fn strip(req: &mut RequestHeader, extra: &[http::HeaderName], from_trusted_proxy: bool) {
+    // Every request passes here: one look at its few headers, and removals (each a hash
+    // lookup in two maps) only when something is there to remove.
+    let stripped = |name: &http::HeaderName| {
+        let n = name.as_str();
+        UNTRUSTED_HEADERS.contains(&n)
+            || (!from_trusted_proxy && PROXY_HEADERS.contains(&n))
+            || n.starts_with(OWN_PREFIX)
+            || extra.contains(name)
+    };
+    if !req.headers.keys().any(stripped) {
+        return;
+    }
     for name in UNTRUSTED_HEADERS {
         req.remove_header(name);
     }

@@ -635,8 +635,8 @@ impl ProxyHttp for Skua {
             }
             (None, None) => return Error::e_explain(ErrorType::InternalError, "no origin pool"),
         };
-        let key = ctx.url.as_ref().map(CacheUrl::primary).unwrap_or_default();
-        Ok(Box::new(pool.pick(key.as_bytes(), &ctx.failed_origins)?))
+        let key = || ctx.url.as_ref().map(CacheUrl::primary).unwrap_or_default();
+        Ok(Box::new(pool.pick(key, &ctx.failed_origins)?))
     }
 
     fn fail_to_connect(
@@ -789,6 +789,10 @@ impl ProxyHttp for Skua {
         // RFC 9211 §2: "caches SHOULD preserve the existing field value" and add their own
         // member at the end, the cache nearest the client last. One line keeps it readable.
         let ours = outcome.cache_status(&self.shared.name, SystemTime::now());
+        if !resp.headers.contains_key(CACHE_STATUS) {
+            resp.insert_header(CACHE_STATUS, ours)?;
+            return Ok(());
+        }
         let mut members: Vec<&[u8]> = resp
             .headers
             .get_all(CACHE_STATUS)

@@ -148,12 +148,16 @@ impl Pool {
     /// A healthy origin not in `failed`, as an upstream peer. When the health checks hold
     /// every remaining origin down, one of them is tried anyway, as nginx does: the checks may
     /// be behind (a pool that just started), and a refused connection costs little.
-    /// `key` is the cache key (only a consistent pool reads it).
-    pub fn pick(&self, key: &[u8], failed: &[SocketAddr]) -> Result<HttpPeer> {
+    /// `key` gives the cache key; only a consistent pool asks for it.
+    pub fn pick(&self, key: impl FnOnce() -> String, failed: &[SocketAddr]) -> Result<HttpPeer> {
         let untried = |b: &Backend| b.addr.as_inet().is_none_or(|a| !failed.contains(a));
+        let key = match &self.balancer {
+            Balancer::Consistent(_) => key(),
+            Balancer::RoundRobin(_) => String::new(),
+        };
         let select = |accept: &dyn Fn(&Backend, bool) -> bool| match &self.balancer {
             Balancer::RoundRobin(lb) => lb.select_with(b"", 256, |b, h| accept(b, h)),
-            Balancer::Consistent(lb) => lb.select_with(key, 256, |b, h| accept(b, h)),
+            Balancer::Consistent(lb) => lb.select_with(key.as_bytes(), 256, |b, h| accept(b, h)),
         };
         let backend = select(&|b, healthy| healthy && untried(b))
             .or_else(|| select(&|b, _| untried(b)))
