@@ -21,6 +21,7 @@ use crate::cache::tags::TagIndex;
 use crate::cache::Store;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::proxy::connection::Bounded;
 use crate::proxy::{Shared, Skua};
 use crate::purge::bus::{Bus, BusService};
 use crate::purge::receiver::HtcpReceiver;
@@ -89,18 +90,20 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shar
         .map(|b| Bus::new(b, store, metrics.clone()));
     let shared = Arc::new(Shared::new(config, store, pools, metrics, bus.clone()));
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Skua::new(shared.clone()),
-        "skua proxy",
+    let mut app = pingora::proxy::http_proxy(&server.configuration, Skua::new(shared.clone()));
+    // CONNECT reaches `request_filter`, which refuses it with a message that says why
+    // (pingora's own refusal is a bare 405).
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.allow_connect_method_proxying = true;
+    app.server_options = Some(options);
+    let mut proxy = Service::new(
+        "skua proxy".to_string(),
+        Bounded::new(
+            app,
+            config.server.connections,
+            shared.metrics.connections.clone(),
+        ),
     );
-    if let Some(app) = proxy.app_logic_mut() {
-        // CONNECT reaches `request_filter`, which refuses it with a message that says why
-        // (pingora's own refusal is a bare 405).
-        let mut options = pingora::apps::HttpServerOptions::default();
-        options.allow_connect_method_proxying = true;
-        app.server_options = Some(options);
-    }
     for addr in &config.server.listen {
         proxy.add_tcp(&addr.to_string());
     }

@@ -218,6 +218,81 @@ async fn five_hundred_slowloris_connections_do_not_stop_a_normal_client() {
     assert_eq!(origin.count("/slow"), 0);
 }
 
+#[tokio::test]
+async fn a_request_head_slower_than_header_timeout_gets_408_and_is_closed() {
+    let origin = cached_origin().await;
+    let skua = Skua::start_tables(&[origin.addr], ["header_timeout = \"1s\"", "", ""], "").await;
+    let mut slow = TcpStream::connect(skua.addr).await.unwrap();
+    let start = Instant::now();
+    // A byte every 200 ms: each read is quick, the head as a whole is not.
+    let trickle = async {
+        for b in b"GET /slow HTTP/1.1\r\nHost: wiki.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaa" {
+            if slow.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(3), trickle).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(origin.count("/slow"), 0);
+    assert_eq!(
+        skua.metric("skua_connections_refused_total{reason=\"header_timeout\"}")
+            .await,
+        1.0
+    );
+    // A client that sends its head at once is not affected.
+    assert_eq!(get(&skua.url("/fast"), &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_get_503_and_free_places_are_reused() {
+    let origin = cached_origin().await;
+    let skua = Skua::start_tables(&[origin.addr], ["max_connections = 20", "", ""], "").await;
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(TcpStream::connect(skua.addr).await.unwrap());
+    }
+    open_connections_reach(&skua, 20.0).await;
+    let refused = raw(skua.addr, "GET /more HTTP/1.1\r\nHost: wiki.test\r\n\r\n").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("too many connections"), "{refused}");
+    assert_eq!(origin.count("/more"), 0);
+    assert_eq!(
+        skua.metric("skua_connections_refused_total{reason=\"max_connections\"}")
+            .await,
+        1.0
+    );
+    // Closing idle connections gives their places to new clients.
+    idle.truncate(15);
+    open_connections_reach(&skua, 15.0).await;
+    let served = raw(
+        skua.addr,
+        "GET /more HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    assert_eq!(origin.count("/more"), 1);
+}
+
+async fn open_connections_reach(skua: &Skua, count: f64) {
+    for _ in 0..100 {
+        if skua.metric("skua_connections_open").await == count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("skua_connections_open never reached {count}");
+}
+
 /// An origin that answers every connection with `response` and closes.
 async fn raw_origin(response: &'static [u8]) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -80,6 +80,47 @@ async fn purge_at_one_node_reaches_the_others_within_a_second() {
 }
 
 #[tokio::test]
+async fn node_killed_before_saving_a_position_does_not_serve_a_page_purged_meanwhile() {
+    let nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;
+    let disk = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut c =
+        Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &nats.bus("c", "")).await;
+    c.wait_ready().await;
+    assert_eq!(
+        get(&c.url("/wiki/Old"), &[HOST]).await.text(),
+        "/wiki/Old v1"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.stats().await["tiers"]["disk"]["objects"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the page never reached the disk tier"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Killed having applied no purge: no position was ever saved.
+    c.kill9();
+    let r = send(&client(), "PURGE", &a.url("/wiki/Old"), &[HOST]).await;
+    assert_eq!(r.status, 404);
+    wait_for_metric(
+        &a,
+        "skua_purge_bus_published_total",
+        1.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    // Older than the second of clock slack a new node reads back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let c = Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &nats.bus("c", "")).await;
+    c.wait_ready().await;
+    let got = get(&c.url("/wiki/Old"), &[HOST]).await;
+    assert_eq!(got.text(), "/wiki/Old v2", "served from before the purge");
+}
+
+#[tokio::test]
 async fn node_down_during_purges_serves_none_of_its_old_copies_after_restart() {
     let nats = Nats::start().await;
     let origin = versioned_origin().await;

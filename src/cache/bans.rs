@@ -120,8 +120,13 @@ impl Invalidations {
     /// Purges may have been lost (the bus no longer holds them): every object created before
     /// now is revalidated before it is served again.
     pub fn revalidate_all_before_now(&self) {
-        let now = unix_nanos(SystemTime::now());
-        self.stale_before.fetch_max(now, Ordering::AcqRel);
+        self.revalidate_all_before(SystemTime::now());
+    }
+
+    /// Every object created before `at` is revalidated before it is served again.
+    pub fn revalidate_all_before(&self, at: SystemTime) {
+        self.stale_before
+            .fetch_max(unix_nanos(at), Ordering::AcqRel);
     }
 
     /// Whether an object created at `created` may be served without asking the origin.

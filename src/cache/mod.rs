@@ -274,6 +274,21 @@ impl HandleMiss for TieredMiss {
             weight += disk.finish(internal, header).await.unwrap_or(0) as usize;
         }
         weight += this.memory.publish().unwrap_or(0);
+        if this
+            .store
+            .invalidations
+            .purged_since(&this.primary, this.fetched)
+        {
+            // A purge arrived while the copy was being committed and may have looked for it
+            // before it was in place. A purge records its time before it removes anything, and
+            // the copy is in place before this second look, so either that purge removes it or
+            // this look sees the purge and removes it here.
+            if let Some(disk) = this.store.disk {
+                disk.purge_all(&this.primary);
+            }
+            this.store.memory.purge_all(&this.primary);
+            return Ok(MissFinishType::Created(0));
+        }
         if weight > 0 {
             this.store.tags.record_tags(this.primary, &this.tags);
         }

@@ -77,6 +77,11 @@ pub struct ServerFile {
     pub keepalive_timeout: String,
     /// Longest wait for the next bytes of a request body (duration). Default `30s`.
     pub body_timeout: String,
+    /// Longest time from the first byte of a request head to its end (duration); a slower
+    /// client gets 408 and is closed. Default `10s`.
+    pub header_timeout: String,
+    /// Client connections open at once; the next is answered 503 and closed. Default 10000.
+    pub max_connections: usize,
     /// Request headers removed before a request goes to an origin, besides the built-in list
     /// (`X-Forwarded-Host`, `X-Original-URL`, `X-Rewrite-URL`, `Forwarded`, `Proxy`, ...).
     pub strip_headers: Vec<String>,
@@ -99,6 +104,8 @@ impl Default for ServerFile {
             strip_headers: Vec::new(),
             keepalive_timeout: "60s".into(),
             body_timeout: "30s".into(),
+            header_timeout: "10s".into(),
+            max_connections: 10_000,
         }
     }
 }

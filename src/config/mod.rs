@@ -41,6 +41,7 @@ pub struct ServerConfig {
     pub strip_headers: Vec<http::HeaderName>,
     pub keepalive_timeout: Duration,
     pub body_timeout: Duration,
+    pub connections: crate::proxy::connection::ConnectionLimits,
 }
 
 #[derive(Debug, Clone)]

@@ -257,6 +257,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         ("max_uri_bytes", s.max_uri_bytes, 64),
         ("max_header_bytes", s.max_header_bytes, 1024),
         ("max_headers", s.max_headers, 8),
+        ("max_connections", s.max_connections, 1),
     ] {
         if value < least {
             c.report(
@@ -285,9 +286,11 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         &s.keepalive_timeout,
     );
     let body_timeout = c.duration(&[Key("server"), Key("body_timeout")], &s.body_timeout);
+    let header_timeout = c.duration(&[Key("server"), Key("header_timeout")], &s.header_timeout);
     for (key, d) in [
         ("keepalive_timeout", keepalive_timeout),
         ("body_timeout", body_timeout),
+        ("header_timeout", header_timeout),
     ] {
         if d < Duration::from_secs(1) {
             c.report(&[Key("server"), Key(key)], "must be at least 1s");
@@ -310,6 +313,14 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         strip_headers,
         keepalive_timeout,
         body_timeout,
+        connections: crate::proxy::connection::ConnectionLimits {
+            max_connections: s.max_connections,
+            idle_timeout: keepalive_timeout,
+            header_timeout,
+            // Room for the longest allowed request line and header section, so the exact
+            // 414/431 answers stay with the guard.
+            max_head_bytes: s.max_uri_bytes + s.max_header_bytes + 1024,
+        },
     };
 
     // [[origin]]

@@ -4,6 +4,8 @@
 
 pub mod access_log;
 
+use std::sync::Arc;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -21,8 +23,17 @@ pub struct BusMetrics {
     pub reach: Histogram,
 }
 
+/// Client connections (`src/proxy/connection.rs`).
+pub struct ConnectionMetrics {
+    pub open: IntGauge,
+    pub refused_max_connections: IntCounter,
+    pub refused_header_timeout: IntCounter,
+    pub refused_head_too_large: IntCounter,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub connections: Arc<ConnectionMetrics>,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub response_bytes: IntCounterVec,
@@ -211,6 +222,23 @@ impl Metrics {
         registry.register(Box::new(bus.published.clone()))?;
         registry.register(Box::new(bus.gaps.clone()))?;
         registry.register(Box::new(bus.reach.clone()))?;
+        let connections_open =
+            IntGauge::new("skua_connections_open", "Client connections open now.")?;
+        registry.register(Box::new(connections_open.clone()))?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "skua_connections_refused_total",
+                "Client connections answered and closed before a request was served, by reason (max_connections, header_timeout, head_too_large).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(refused.clone()))?;
+        let connections = Arc::new(ConnectionMetrics {
+            open: connections_open,
+            refused_max_connections: refused.with_label_values(&["max_connections"]),
+            refused_header_timeout: refused.with_label_values(&["header_timeout"]),
+            refused_head_too_large: refused.with_label_values(&["head_too_large"]),
+        });
         let tier_objects = IntGaugeVec::new(
             Opts::new("skua_cache_objects", "Objects stored, by tier."),
             &["tier"],
@@ -277,6 +305,7 @@ impl Metrics {
             .collect();
         Ok(Metrics {
             registry,
+            connections,
             requests,
             request_duration,
             response_bytes,

@@ -12,6 +12,7 @@
 //! It owns the flow; what is cacheable, how objects are stored and which origin is chosen are
 //! decided in `cache` and `upstream`.
 
+pub mod connection;
 pub mod guard;
 mod respond;
 

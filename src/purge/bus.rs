@@ -275,8 +275,15 @@ impl Bus {
         let applied = self.applied.load(Ordering::Acquire);
         let resuming = applied > 0 || self.had_position;
         let deliver = if !resuming {
-            // Nothing this node holds is older than this process, so purges published before
-            // it started cannot name any of it (a second of slack for clocks).
+            // Purges published before this process started are not read: on a memory-only node
+            // they cannot name anything it holds. A disk node without a position (never saved
+            // one, or was killed before its first) may hold older objects that missed them, so
+            // those are revalidated (regression: a node killed before its first save later
+            // served a page purged while it was down).
+            if self.position_file.is_some() {
+                self.store.invalidations.revalidate_all_before(self.created);
+            }
+            // A second of slack for clocks.
             consumer::DeliverPolicy::ByStartTime {
                 start_time: time::OffsetDateTime::from(self.created - Duration::from_secs(1)),
             }

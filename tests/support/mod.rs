@@ -80,7 +80,12 @@ pub struct Origin {
 
 impl Origin {
     pub async fn start(handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Origin {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        // Outside the ephemeral range, so that `restart` finds the port free.
+        let listener = loop {
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", free_port())).await {
+                break l;
+            }
+        };
         let addr = listener.local_addr().unwrap();
         let origin = Origin {
             addr,
@@ -190,12 +195,22 @@ impl Drop for Origin {
 }
 
 /// A port that was free a moment ago.
+/// A port nothing listens on, below Linux's ephemeral range (32768-60999): a node restarted
+/// on its port must find it free, and a port in the ephemeral range can meanwhile become the
+/// source port of some outgoing connection (regression: a chaos run whose node B could not
+/// listen again for 30 s).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Spread concurrent test binaries over the range by process id.
+    let base = 20_000 + (std::process::id() % 1_000) as u16 * 12;
+    loop {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
+        let port = 20_000 + (base - 20_000 + offset) % 12_000;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn skua_bin() -> PathBuf {

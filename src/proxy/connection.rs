@@ -1,0 +1,253 @@
+//! The life of one client connection around pingora's HTTP/1 sessions: how many connections
+//! may be open at once, how long a client may sit idle between requests, and how long it may
+//! take to send a whole request head. Each request head is read here, under those deadlines,
+//! and handed to pingora as the start of its session; parsing HTTP and everything about a
+//! request once its head is in belong to pingora and to [`crate::proxy`].
+//!
+//! pingora 0.9.1 bounds each read of a request head separately (60 s), so a client that sends
+//! a byte every 59 s holds a connection forever, and it has no connection limit (its
+//! connection filter sees accepts, never closes). A connection here is counted from accept to
+//! close by wrapping pingora's per-connection entry point.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{timeout, Instant};
+
+use crate::metrics::ConnectionMetrics;
+
+/// What bounds a client connection (`[server]` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once; the next one is answered 503 and closed.
+    pub max_connections: usize,
+    /// How long a connection may wait for the first byte of its next request.
+    pub idle_timeout: Duration,
+    /// How long a request head may take from its first byte to its blank line.
+    pub header_timeout: Duration,
+    /// Most bytes a request head may have before it is refused with 431 here; heads under it
+    /// reach [`crate::proxy::guard`], which applies the exact 414/431 limits.
+    pub max_head_bytes: usize,
+}
+
+/// pingora's first read buffer for a request head (`INIT_HEADER_BUF_SIZE`).
+const HEAD_BUFFER: usize = 4096;
+
+/// Bounds the time spent writing a refusal to a client that does not read.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Counts open connections; each is held by a [`Slot`] until the connection closes.
+struct OpenConnections {
+    count: AtomicUsize,
+    metrics: Arc<ConnectionMetrics>,
+}
+
+impl OpenConnections {
+    fn claim(self: &Arc<Self>, max: usize) -> Option<Slot> {
+        if self.count.fetch_add(1, Ordering::AcqRel) >= max {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        self.metrics.open.inc();
+        Some(Slot(self.clone()))
+    }
+}
+
+/// One open connection; dropping it (however the connection ends) frees its place.
+struct Slot(Arc<OpenConnections>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.open.dec();
+    }
+}
+
+/// pingora's HTTP application (the proxy), behind the connection limits.
+pub struct Bounded<A> {
+    app: Arc<A>,
+    limits: ConnectionLimits,
+    open: Arc<OpenConnections>,
+    metrics: Arc<ConnectionMetrics>,
+}
+
+impl<A> Bounded<A> {
+    pub fn new(app: A, limits: ConnectionLimits, metrics: Arc<ConnectionMetrics>) -> Self {
+        Bounded {
+            app: Arc::new(app),
+            limits,
+            open: Arc::new(OpenConnections {
+                count: AtomicUsize::new(0),
+                metrics: metrics.clone(),
+            }),
+            metrics,
+        }
+    }
+}
+
+/// How reading a request head ended.
+#[derive(Debug)]
+enum HeadRead {
+    /// The head is complete (the buffer may also hold the start of a body).
+    Complete(BytesMut),
+    /// The client closed, or stayed idle past the keep-alive timeout: close quietly.
+    Gone,
+    TimedOut,
+    TooLarge,
+}
+
+#[async_trait]
+impl<A> ServerApp for Bounded<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let Some(_slot) = self.open.claim(self.limits.max_connections) else {
+            self.metrics.refused_max_connections.inc();
+            refuse(
+                &mut stream,
+                "503 Service Unavailable",
+                "too many connections",
+            )
+            .await;
+            return None;
+        };
+        if stream.get_ssl_digest().is_some() {
+            // TLS connections (none are configured today) keep pingora's own handling (ALPN).
+            return self.app.process_new(stream, shutdown).await;
+        }
+        let mut settings = None;
+        loop {
+            let head = match read_head(&mut stream, &self.limits).await {
+                HeadRead::Complete(head) => head,
+                HeadRead::Gone => break,
+                HeadRead::TimedOut => {
+                    self.metrics.refused_header_timeout.inc();
+                    refuse(&mut stream, "408 Request Timeout", "request head too slow").await;
+                    break;
+                }
+                HeadRead::TooLarge => {
+                    self.metrics.refused_head_too_large.inc();
+                    let status = "431 Request Header Fields Too Large";
+                    refuse(&mut stream, status, "request head too large").await;
+                    break;
+                }
+            };
+            let mut session = ServerSession::new_http1(stream);
+            session.set_keepalive(if *shutdown.borrow() {
+                None
+            } else {
+                Some(self.limits.idle_timeout.as_secs().max(1))
+            });
+            if let Some(previous) = settings.take() {
+                pingora::apps::HttpPersistentSettings::apply_to_session(previous, &mut session);
+            }
+            // pingora parses this before reading the stream again. Pipelining stays off, so
+            // the previous session never leaves a prefix of its own to collide with this one.
+            session.set_pipelined_prefix(head);
+            let reused = self.app.process_new_http(session, shutdown).await?;
+            let (next, next_settings) = reused.consume();
+            stream = next;
+            settings = next_settings;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.app.cleanup().await;
+    }
+}
+
+/// Reads until the blank line that ends a request head: the first byte within the idle
+/// timeout, the whole head within the header timeout of that first byte.
+async fn read_head(stream: &mut Stream, limits: &ConnectionLimits) -> HeadRead {
+    let mut buf = BytesMut::with_capacity(HEAD_BUFFER);
+    match timeout(limits.idle_timeout, stream.read_buf(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return HeadRead::Gone,
+    }
+    let deadline = Instant::now() + limits.header_timeout;
+    let mut scanned = 0;
+    loop {
+        if head_end(&buf, scanned).is_some() {
+            return HeadRead::Complete(buf);
+        }
+        if buf.len() > limits.max_head_bytes {
+            return HeadRead::TooLarge;
+        }
+        // A terminator may straddle two reads: look again from the last two bytes.
+        scanned = buf.len().saturating_sub(2);
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(HEAD_BUFFER);
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => return HeadRead::Gone,
+            Err(_) => return HeadRead::TimedOut,
+        }
+    }
+}
+
+/// Where the head ends: the index just past its blank line, looking from `from`. RFC 9112
+/// §2.2 lets a recipient accept a bare LF as a line terminator (pingora's parser does), so
+/// both `\n\r\n` and `\n\n` end a head.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
+    while let Some(i) = memchr::memchr(b'\n', &buf[at..]) {
+        let lf = at + i;
+        match buf.get(lf + 1) {
+            Some(b'\n') => return Some(lf + 2),
+            Some(b'\r') if buf.get(lf + 2) == Some(&b'\n') => return Some(lf + 3),
+            Some(_) => at = lf + 1,
+            None => return None,
+        }
+    }
+    None
+}
+
+/// Answers a connection that will not be served and closes it, without waiting on a client
+/// that does not read.
+async fn refuse(stream: &mut Stream, status: &str, why: &str) {
+    let body = format!("skua: {why}\n");
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+         Retry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = timeout(REFUSAL_WRITE_TIMEOUT, async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_end;
+
+    #[test]
+    fn a_head_ends_at_its_blank_line_with_crlf_or_bare_lf() {
+        assert_eq!(
+            head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody", 0),
+            Some(27)
+        );
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\n", 0), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", 0), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r", 0), None);
+        // The scan may resume two bytes before the end of what was already searched.
+        let buf = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(head_end(buf, buf.len() - 4), Some(buf.len()));
+    }
+}
