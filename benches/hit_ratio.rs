@@ -38,7 +38,7 @@ fn main() {
                 let k = zipf.sample(&mut rng) as u64;
                 let mut primary = [0u8; 16];
                 primary[..8].copy_from_slice(&k.to_le_bytes());
-                if tier.fresh_object(&primary, &req, now).is_some() {
+                if tier.fresh_object(&primary, &req.headers, now).is_some() {
                     hits += 1;
                 } else {
                     let stored = StoredMeta::from_meta(&meta);

@@ -74,10 +74,10 @@ fn bench(c: &mut Criterion) {
     );
     let req = RequestHeader::build("GET", b"/wiki/Main_Page", None).unwrap();
     c.bench_function("memory tier: fresh lookup", |b| {
-        b.iter(|| black_box(tier.fresh_object(black_box(&primary), &req, now)))
+        b.iter(|| black_box(tier.fresh_object(black_box(&primary), &req.headers, now)))
     });
 
-    let obj = tier.fresh_object(&primary, &req, now).unwrap();
+    let obj = tier.fresh_object(&primary, &req.headers, now).unwrap();
     c.bench_function("response header: clone and fill for a hit", |b| {
         b.iter(|| {
             let mut h = obj.meta.header.clone();

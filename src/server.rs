@@ -22,6 +22,7 @@ use crate::cache::Store;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::connection::Bounded;
+use crate::proxy::fast::FrontDoor;
 use crate::proxy::{Shared, Skua};
 use crate::purge::bus::{Bus, BusService};
 use crate::purge::receiver::HtcpReceiver;
@@ -102,6 +103,7 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shar
             app,
             config.server.connections,
             shared.metrics.connections.clone(),
+            FrontDoor::new(shared.clone()),
         ),
     );
     for addr in &config.server.listen {

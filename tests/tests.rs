@@ -10,6 +10,7 @@ mod demo;
 mod disk;
 mod edge;
 mod fleet;
+mod front;
 mod htcp;
 mod metrics;
 mod purge;

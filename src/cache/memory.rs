@@ -20,7 +20,7 @@ use pingora::cache::storage::{
 };
 use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::ResponseHeader;
 use pingora::{Error, ErrorType, Result};
 
 use super::vary::variance;
@@ -338,7 +338,7 @@ impl MemoryTier {
     pub fn fresh_object(
         &self,
         primary: &HashBinary,
-        req: &RequestHeader,
+        req: &http::HeaderMap,
         now: SystemTime,
     ) -> Option<Arc<StoredObject>> {
         let family = self.families.get(primary)?;
@@ -736,7 +736,13 @@ fn joined(header: &ResponseHeader, name: &http::HeaderName) -> Option<http::Head
 /// ends with the three headers a hit sets (`Age`, `X-Cache-Status`, `Cache-Status`), so a hit
 /// overwrites them in place instead of growing a cloned map.
 fn prepare_for_serving(stored: &ResponseHeader, body_len: usize) -> ResponseHeader {
-    use http::header::{ACCEPT_RANGES, AGE, CONTENT_LENGTH, TRANSFER_ENCODING};
+    use http::header::{
+        ACCEPT_RANGES, AGE, CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    };
+    // RFC 9110 §7.6.1: hop-by-hop fields describe the origin's connection, not the response;
+    // RFC 9111 §3.1 lets a cache drop them before storing.
+    let keep_alive = http::HeaderName::from_static("keep-alive");
+    let proxy_connection = http::HeaderName::from_static("proxy-connection");
     let status = stored.status.as_u16();
     let no_body = matches!(status, 204 | 304) || stored.status.is_informational();
     let mut header =
@@ -752,6 +758,12 @@ fn prepare_for_serving(stored: &ResponseHeader, body_len: usize) -> ResponseHead
             &AGE,
             &X_CACHE_STATUS,
             &CACHE_STATUS,
+            &CONNECTION,
+            &keep_alive,
+            &proxy_connection,
+            &TE,
+            &TRAILER,
+            &UPGRADE,
         ];
         if skip.contains(&name) {
             continue;

@@ -7,10 +7,10 @@
 //! so every remaining cookie header counts as the same variant and anonymous readers share one
 //! copy, as on Wikimedia's edge.
 
-use http::header;
+use http::{header, HeaderMap};
 use pingora::cache::key::HashBinary;
 use pingora::cache::VarianceBuilder;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::ResponseHeader;
 
 use super::policy::vary_names;
 
@@ -31,8 +31,8 @@ impl Encoding {
 }
 
 /// RFC 9110 §12.5.3: a coding is acceptable unless its qvalue is 0.
-pub fn normalize_accept_encoding(req: &RequestHeader) -> Encoding {
-    for value in req.headers.get_all(header::ACCEPT_ENCODING) {
+pub fn normalize_accept_encoding(req: &HeaderMap) -> Encoding {
+    for value in req.get_all(header::ACCEPT_ENCODING) {
         let Ok(value) = value.to_str() else { continue };
         for item in value.split(',') {
             let mut parts = item.split(';');
@@ -54,7 +54,7 @@ pub fn normalize_accept_encoding(req: &RequestHeader) -> Encoding {
 }
 
 /// The variant key of `req` against a stored response's `Vary`, or `None` if it has none.
-pub fn variance(stored: &ResponseHeader, req: &RequestHeader) -> Option<HashBinary> {
+pub fn variance(stored: &ResponseHeader, req: &HeaderMap) -> Option<HashBinary> {
     let mut names: Vec<String> = vary_names(stored).collect();
     if names.is_empty() {
         return None;
@@ -68,7 +68,7 @@ pub fn variance(stored: &ResponseHeader, req: &RequestHeader) -> Option<HashBina
             "cookie" => Vec::new(),
             other => {
                 let mut joined = Vec::new();
-                for (i, v) in req.headers.get_all(other).iter().enumerate() {
+                for (i, v) in req.get_all(other).iter().enumerate() {
                     if i > 0 {
                         joined.push(b',');
                     }
@@ -85,13 +85,14 @@ pub fn variance(stored: &ResponseHeader, req: &RequestHeader) -> Option<HashBina
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora::http::RequestHeader;
 
-    fn req(headers: &[(&str, &str)]) -> RequestHeader {
+    fn req(headers: &[(&str, &str)]) -> HeaderMap {
         let mut r = RequestHeader::build("GET", b"/", None).unwrap();
         for (k, v) in headers {
             r.append_header(k.to_string(), *v).unwrap();
         }
-        r
+        r.headers.clone()
     }
 
     fn stored(vary: &str) -> ResponseHeader {

@@ -22,6 +22,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
 
+use super::fast::FrontDoor;
 use crate::metrics::ConnectionMetrics;
 
 /// What bounds a client connection (`[server]` in the config).
@@ -77,12 +78,20 @@ pub struct Bounded<A> {
     limits: ConnectionLimits,
     open: Arc<OpenConnections>,
     metrics: Arc<ConnectionMetrics>,
+    /// Answers fresh memory hits before pingora sees the request.
+    front: FrontDoor,
 }
 
 impl<A> Bounded<A> {
-    pub fn new(app: A, limits: ConnectionLimits, metrics: Arc<ConnectionMetrics>) -> Self {
+    pub fn new(
+        app: A,
+        limits: ConnectionLimits,
+        metrics: Arc<ConnectionMetrics>,
+        front: FrontDoor,
+    ) -> Self {
         Bounded {
             app: Arc::new(app),
+            front,
             limits,
             open: Arc::new(OpenConnections {
                 count: AtomicUsize::new(0),
@@ -145,6 +154,24 @@ where
                     break;
                 }
             };
+            let closing = *shutdown.borrow();
+            let client = || {
+                let digest = stream.get_socket_digest()?;
+                digest.peer_addr()?.as_inet().map(|a| a.ip())
+            };
+            if let Some(answer) = self.front.answer(&head, client, closing) {
+                let written = async {
+                    stream.write_all(&answer.head).await?;
+                    if let Some(body) = &answer.body {
+                        stream.write_all(body).await?;
+                    }
+                    stream.flush().await
+                };
+                if written.await.is_err() || answer.close {
+                    break;
+                }
+                continue;
+            }
             let mut session = ServerSession::new_http1(stream);
             session.set_keepalive(if *shutdown.borrow() {
                 None

@@ -13,6 +13,7 @@
 //! decided in `cache` and `upstream`.
 
 pub mod connection;
+pub mod fast;
 pub mod guard;
 mod respond;
 
@@ -121,6 +122,35 @@ pub struct Rules {
     body_timeout: std::time::Duration,
 }
 
+impl Rules {
+    fn pass_reason(&self, method: &Method, headers: &http::HeaderMap) -> Option<PassReason> {
+        if !matches!(*method, Method::GET | Method::HEAD) {
+            return Some(PassReason::Method);
+        }
+        if self.bypass_authorization && headers.contains_key(header::AUTHORIZATION) {
+            return Some(PassReason::Authorization);
+        }
+        let session_cookie = headers.get_all(header::COOKIE).iter().any(|v| {
+            let v = String::from_utf8_lossy(v.as_bytes());
+            self.bypass_cookies.iter().any(|re| re.is_match(&v))
+        });
+        session_cookie.then_some(PassReason::Cookie)
+    }
+
+    /// Whether `[server] hosts` lets this cache serve `host` (port ignored).
+    fn serves_host(&self, host: &str) -> bool {
+        let bare = host.split(':').next().unwrap_or(host);
+        self.hosts.is_empty() || self.hosts.iter().any(|h| h == bare)
+    }
+
+    fn canonical(&self, mut url: CacheUrl) -> CacheUrl {
+        if let Some(canonical) = self.host_aliases.get(&url.host) {
+            url.host.clone_from(canonical);
+        }
+        url
+    }
+}
+
 impl From<&Config> for Rules {
     fn from(config: &Config) -> Rules {
         Rules {
@@ -154,11 +184,13 @@ impl Shared {
     }
 
     /// `url` with its host replaced by the canonical one when it is an alias.
-    pub fn canonical(&self, mut url: CacheUrl) -> CacheUrl {
-        if let Some(canonical) = self.rules.load().host_aliases.get(&url.host) {
-            url.host.clone_from(canonical);
-        }
-        url
+    /// Why a request may not use the cache at all, if it may not.
+    pub fn pass_reason(&self, method: &Method, headers: &http::HeaderMap) -> Option<PassReason> {
+        self.rules.load().pass_reason(method, headers)
+    }
+
+    pub fn canonical(&self, url: CacheUrl) -> CacheUrl {
+        self.rules.load().canonical(url)
     }
 
     /// Applies a reloaded configuration's rules and origin pools; requests already running
@@ -293,18 +325,7 @@ impl Skua {
 
     /// Why this request may not use the cache at all, if it may not.
     fn pass_reason(&self, req: &RequestHeader) -> Option<PassReason> {
-        if !matches!(req.method, Method::GET | Method::HEAD) {
-            return Some(PassReason::Method);
-        }
-        let rules = self.shared.rules.load();
-        if rules.bypass_authorization && req.headers.contains_key(header::AUTHORIZATION) {
-            return Some(PassReason::Authorization);
-        }
-        let session_cookie = req.headers.get_all(header::COOKIE).iter().any(|v| {
-            let v = String::from_utf8_lossy(v.as_bytes());
-            rules.bypass_cookies.iter().any(|re| re.is_match(&v))
-        });
-        session_cookie.then_some(PassReason::Cookie)
+        self.shared.pass_reason(&req.method, &req.headers)
     }
 
     /// The fast path: a fresh memory hit for a plain GET or HEAD is answered here, from the
@@ -326,7 +347,7 @@ impl Skua {
         };
         let now = SystemTime::now();
         let memory = &self.shared.store.memory;
-        let Some(obj) = memory.fresh_object(&url.primary_hash(), req, now) else {
+        let Some(obj) = memory.fresh_object(&url.primary_hash(), &req.headers, now) else {
             return Ok(false);
         };
         if self
@@ -507,14 +528,12 @@ impl ProxyHttp for Skua {
         match CacheUrl::new(Scheme::Http, &authority, &path) {
             Ok(url) => {
                 let url = self.shared.canonical(url);
-                if !rules.hosts.is_empty() {
+                if !rules.serves_host(&url.host) {
+                    ctx.internal = true;
                     let bare = url.host.split(':').next().unwrap_or(&url.host);
-                    if !rules.hosts.iter().any(|h| h == bare) {
-                        ctx.internal = true;
-                        let line = format!("skua: this cache does not serve host {bare}");
-                        respond::text(session, 421, &line).await?;
-                        return Ok(true);
-                    }
+                    let line = format!("skua: this cache does not serve host {bare}");
+                    respond::text(session, 421, &line).await?;
+                    return Ok(true);
                 }
                 let from_proxy = guard::trusted(&rules.trusted_proxies, client_ip(session));
                 guard::strip(session.req_header_mut(), &rules.strip_headers, from_proxy);
@@ -566,7 +585,7 @@ impl ProxyHttp for Skua {
         _ctx: &mut RequestCtx,
         req: &RequestHeader,
     ) -> Option<HashBinary> {
-        vary::variance(meta.response_header(), req)
+        vary::variance(meta.response_header(), &req.headers)
     }
 
     async fn cache_hit_filter(
@@ -671,7 +690,7 @@ impl ProxyHttp for Skua {
         ctx.upstream_sent = Some(SystemTime::now());
         if session.cache.enabled() {
             // The origin must produce the variant the key names (see `vary.rs`).
-            match vary::normalize_accept_encoding(session.req_header()) {
+            match vary::normalize_accept_encoding(&session.req_header().headers) {
                 vary::Encoding::Gzip => upstream.insert_header(header::ACCEPT_ENCODING, "gzip")?,
                 vary::Encoding::Identity => {
                     upstream.remove_header(&header::ACCEPT_ENCODING);

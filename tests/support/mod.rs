@@ -162,8 +162,17 @@ impl Origin {
     }
 
     /// Listens again on the same port.
+    /// The listener of a just-stopped origin closes when its aborted task is dropped, which
+    /// may be a moment after `stop`.
     pub async fn restart(&self) {
-        let listener = TcpListener::bind(self.addr).await.expect("rebind origin");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() > deadline => panic!("rebind origin: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
         self.serve(listener);
     }
 

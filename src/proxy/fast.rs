@@ -1,0 +1,288 @@
+//! The front door: a fresh memory hit for a plain HTTP/1.1 `GET` or `HEAD` is answered from the
+//! connection itself ([`super::connection`]), from the stored header and body, before pingora
+//! builds a session. Everything else — a request this path is not sure about, a miss, a stale
+//! or untrusted object, conditional and range requests, purges, bodies — returns `None` and
+//! goes through pingora ([`crate::proxy`]), which answers it fully. A hit answered here is
+//! counted and logged exactly as one answered there.
+//!
+//! Why: pingora's per-request session and proxy phases cost about as much CPU as the whole
+//! answer (`benches/README.md`); a hit needs none of them.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Method;
+
+use pingora::cache::CachePhase;
+
+use super::guard::Limits;
+use super::Shared;
+use crate::cache::bans::Trust;
+use crate::cache::key::{CacheUrl, Scheme};
+use crate::cache::memory::{CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::status::{Disposition, Outcome};
+use crate::metrics::access_log::Entry;
+
+/// Most request header fields this path parses; a request with more takes the full path.
+const MAX_FIELDS: usize = 48;
+
+/// Bodies up to this size are copied behind the header so the answer leaves in one write.
+const COALESCE_BODY: usize = 16 * 1024;
+
+/// A response ready to write.
+pub struct Answer {
+    /// Status line and header section, and the body too when it is small.
+    pub head: Vec<u8>,
+    /// A body too large to copy, written after `head`.
+    pub body: Option<Bytes>,
+    /// The client asked to close the connection after this response.
+    pub close: bool,
+}
+
+pub struct FrontDoor {
+    shared: Arc<Shared>,
+}
+
+/// What the request head says, once it is known to suit this path.
+struct Plain<'a> {
+    method: Method,
+    target: &'a str,
+    host: &'a str,
+    close: bool,
+    headers: HeaderMap,
+}
+
+impl FrontDoor {
+    pub fn new(shared: Arc<Shared>) -> FrontDoor {
+        FrontDoor { shared }
+    }
+
+    /// The answer to the request whose complete head (and nothing more) is `head`, if it is a
+    /// fresh memory hit this path can serve exactly as the full path would.
+    /// `client` gives the client's address (only the access log needs it); `closing`: the
+    /// server is shutting down, so the connection closes after this answer.
+    pub fn answer(
+        &self,
+        head: &[u8],
+        client: impl FnOnce() -> Option<IpAddr>,
+        closing: bool,
+    ) -> Option<Answer> {
+        let started = Instant::now();
+        let shared = &self.shared;
+        let rules = shared.rules.load();
+        let req = plain(head, &rules.limits)?;
+        let url = rules.canonical(CacheUrl::new(Scheme::Http, req.host, req.target).ok()?);
+        if !rules.serves_host(&url.host) || rules.pass_reason(&req.method, &req.headers).is_some() {
+            return None;
+        }
+        let now = SystemTime::now();
+        let store = shared.store;
+        let obj = store
+            .memory
+            .fresh_object(&url.primary_hash(), &req.headers, now)?;
+        let invalidations = &store.invalidations;
+        if invalidations.banned(&url, obj.meta.created)
+            || invalidations.trust(obj.meta.created) != Trust::Yes
+        {
+            return None;
+        }
+        store.memory.counters.hits.fetch_add(1, Ordering::Relaxed);
+
+        let stored = &obj.meta.header;
+        let close = req.close || closing;
+        let with_body = req.method != Method::HEAD;
+        let coalesce = with_body && obj.body.len() <= COALESCE_BODY;
+        let mut out = Vec::with_capacity(
+            512 + stored.headers.len() * 48 + if coalesce { obj.body.len() } else { 0 },
+        );
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(stored.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(
+            stored
+                .status
+                .canonical_reason()
+                .unwrap_or("Unknown")
+                .as_bytes(),
+        );
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in stored.headers.iter() {
+            // The placeholders a hit fills in are written below.
+            if name == header::AGE || name == X_CACHE_STATUS || name == CACHE_STATUS {
+                continue;
+            }
+            field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        // RFC 9111 §4: "When a stored response is used to satisfy a request without
+        // validation, a cache MUST generate an Age header field".
+        let age = now
+            .duration_since(obj.meta.epoch)
+            .map_or(0, |d| d.as_secs());
+        field(&mut out, b"age", itoa(age).as_bytes());
+        field(&mut out, X_CACHE_STATUS.as_str().as_bytes(), b"hit-front");
+        let ours = Outcome {
+            phase: CachePhase::Uninit,
+            fast_hit: true,
+            local_hit: false,
+            pass: None,
+            internal: false,
+            stored: false,
+            fresh_until: Some(obj.meta.fresh_until),
+            fwd_status: None,
+        }
+        .cache_status(&shared.name, now);
+        match &obj.meta.upstream_cache_status {
+            Some(upstream) => {
+                let mut joined = upstream.as_bytes().to_vec();
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(ours.as_bytes());
+                field(&mut out, CACHE_STATUS.as_str().as_bytes(), &joined);
+            }
+            None => field(&mut out, CACHE_STATUS.as_str().as_bytes(), ours.as_bytes()),
+        }
+        if close {
+            field(&mut out, b"connection", b"close");
+        }
+        out.extend_from_slice(b"\r\n");
+        let body_bytes = if with_body { obj.body.len() as u64 } else { 0 };
+        let body = if coalesce {
+            out.extend_from_slice(&obj.body);
+            None
+        } else {
+            with_body.then(|| obj.body.clone())
+        };
+
+        let status = stored.status.as_u16();
+        if let Some(log) = shared.access_log.as_ref() {
+            let text = |name: HeaderName| {
+                req.headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+            };
+            let client = client().map(|ip| ip.to_string()).unwrap_or_default();
+            log.log(&Entry {
+                client: &client,
+                method: req.method.as_str(),
+                target: req.target,
+                host: &url.host,
+                status,
+                bytes: body_bytes,
+                referer: text(header::REFERER),
+                user_agent: text(header::USER_AGENT),
+                cache_status: Disposition::HitFront.as_str(),
+                duration: started.elapsed(),
+            });
+        }
+        shared.metrics.observe_request(
+            Disposition::HitFront,
+            status,
+            started.elapsed().as_secs_f64(),
+            body_bytes,
+        );
+        Some(Answer {
+            head: out,
+            body,
+            close,
+        })
+    }
+}
+
+/// Parses `head` if it is a request this path can answer: HTTP/1.1 `GET` or `HEAD` of an
+/// origin-form target, one `Host`, no body, nothing after the head, within the configured
+/// limits, and none of the fields that need the full path.
+fn plain<'a>(head: &'a [u8], limits: &Limits) -> Option<Plain<'a>> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+        _ => return None,
+    }
+    let method = match parsed.method? {
+        "GET" => Method::GET,
+        "HEAD" => Method::HEAD,
+        _ => return None,
+    };
+    if parsed.version? != 1 {
+        return None;
+    }
+    let target = parsed.path?;
+    if !target.starts_with('/') || target.len() > limits.max_uri_bytes {
+        return None;
+    }
+    if parsed.headers.len() > limits.max_headers {
+        return None;
+    }
+    let mut host = None;
+    let mut close = false;
+    let mut field_bytes = 0;
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    for f in parsed.headers.iter() {
+        field_bytes += f.name.len() + f.value.len() + 4;
+        let name = HeaderName::from_bytes(f.name.as_bytes()).ok()?;
+        if needs_full_path(&name) {
+            return None;
+        }
+        if name == header::HOST {
+            if host.is_some() {
+                return None;
+            }
+            host = Some(std::str::from_utf8(f.value).ok()?);
+        } else if name == header::CONNECTION {
+            // RFC 9112 §9.3: `close` ends the connection after this response; any other
+            // option (upgrades, hop-by-hop field lists) takes the full path.
+            let value = std::str::from_utf8(f.value).ok()?.trim();
+            if value.eq_ignore_ascii_case("close") {
+                close = true;
+            } else if !value.eq_ignore_ascii_case("keep-alive") {
+                return None;
+            }
+        }
+        headers.append(name, HeaderValue::from_bytes(f.value).ok()?);
+    }
+    if field_bytes > limits.max_header_bytes {
+        return None;
+    }
+    Some(Plain {
+        method,
+        target,
+        host: host?,
+        close,
+        headers,
+    })
+}
+
+/// Fields whose meaning only the full path implements: framing and bodies, upgrades,
+/// conditional and range requests, and the forwarding headers the guard refuses or strips.
+fn needs_full_path(name: &HeaderName) -> bool {
+    use header::*;
+    [
+        CONTENT_LENGTH,
+        TRANSFER_ENCODING,
+        TE,
+        UPGRADE,
+        EXPECT,
+        RANGE,
+        IF_RANGE,
+        IF_NONE_MATCH,
+        IF_MODIFIED_SINCE,
+        IF_MATCH,
+        IF_UNMODIFIED_SINCE,
+    ]
+    .contains(name)
+}
+
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa(n: u64) -> String {
+    n.to_string()
+}

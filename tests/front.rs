@@ -1,0 +1,129 @@
+//! The front door (`src/proxy/fast.rs`): fresh memory hits for plain HTTP/1.1 GET and HEAD are
+//! answered before pingora builds a session. They must look exactly like hits answered by the
+//! full path, and anything the front door is not sure about must reach the full path.
+
+use std::collections::BTreeMap;
+
+use crate::support::*;
+
+const HOST: (&str, &str) = ("host", "wiki.test");
+
+async fn page_origin() -> Origin {
+    Origin::start(|_| {
+        Reply::ok("page body")
+            .header("cache-control", "max-age=600")
+            .header("etag", "\"e1\"")
+            .header("vary", "Accept-Encoding")
+            .header("x-wiki", "yes")
+            // Hop-by-hop: about the origin's connection, never served from the cache.
+            .header("keep-alive", "timeout=5")
+    })
+    .await
+}
+
+/// Status line, header fields (lowercased names, in a map) and body of a raw response.
+fn split(response: &str) -> (String, BTreeMap<String, String>, String) {
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or("").to_string();
+    let fields = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, fields, body.to_string())
+}
+
+#[tokio::test]
+async fn a_front_door_hit_looks_like_a_full_path_hit() {
+    let origin = page_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    assert_eq!(get(&skua.url("/wiki/Page"), &[HOST]).await.cache(), "miss");
+    // HTTP/1.1: the front door. HTTP/1.0: always the full path.
+    let fast = raw(
+        skua.addr,
+        "GET /wiki/Page HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let full = raw(
+        skua.addr,
+        "GET /wiki/Page HTTP/1.0\r\nHost: wiki.test\r\n\r\n",
+    )
+    .await;
+    let (fast_status, mut fast_fields, fast_body) = split(&fast);
+    let (full_status, mut full_fields, full_body) = split(&full);
+    assert_eq!(fast_status, "HTTP/1.1 200 OK");
+    assert!(full_status.ends_with("200 OK"), "{full_status}");
+    assert_eq!(fast_body, "page body");
+    assert_eq!(full_body, "page body");
+    assert_eq!(fast_fields["x-cache-status"], "hit-front");
+    assert_eq!(fast_fields["content-length"], "9");
+    assert!(fast_fields["cache-status"].starts_with("skua; hit; ttl="));
+    assert!(fast_fields.contains_key("age"));
+    assert!(!fast_fields.contains_key("keep-alive"), "{fast}");
+    assert!(!full_fields.contains_key("keep-alive"), "{full}");
+    // The same fields, apart from those about this connection and this moment.
+    for f in [&mut fast_fields, &mut full_fields] {
+        for volatile in ["age", "cache-status", "connection", "date"] {
+            f.remove(volatile);
+        }
+    }
+    assert_eq!(fast_fields, full_fields);
+    assert_eq!(origin.count("/wiki/Page"), 1);
+    assert_eq!(
+        skua.metric("skua_requests_total{cache_status=\"hit-front\",status_class=\"2xx\"}")
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn a_front_door_head_has_no_body_and_close_closes() {
+    let origin = page_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    get(&skua.url("/wiki/Page"), &[HOST]).await;
+    // raw() reads until the server closes: it returns only because Skua closes.
+    let head = raw(
+        skua.addr,
+        "HEAD /wiki/Page HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let (status, fields, body) = split(&head);
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(fields["content-length"], "9");
+    assert_eq!(fields["x-cache-status"], "hit-front");
+    assert_eq!(fields["connection"], "close");
+    assert_eq!(body, "");
+}
+
+#[tokio::test]
+async fn requests_the_front_door_is_not_sure_about_reach_the_full_path() {
+    let origin = page_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    get(&skua.url("/wiki/Page"), &[HOST]).await;
+    // A validator the stored ETag matches: the full path answers 304.
+    let conditional = get(
+        &skua.url("/wiki/Page"),
+        &[HOST, ("if-none-match", "\"e1\"")],
+    )
+    .await;
+    assert_eq!(conditional.status, 304);
+    // A range: the full path answers 206 with the slice.
+    let range = get(&skua.url("/wiki/Page"), &[HOST, ("range", "bytes=0-3")]).await;
+    assert_eq!(range.status, 206);
+    assert_eq!(range.text(), "page");
+    // A session cookie bypasses the cache (MediaWiki's default rule).
+    let session = get(
+        &skua.url("/wiki/Page"),
+        &[HOST, ("cookie", "enwikiSession=abc")],
+    )
+    .await;
+    assert_eq!(session.cache(), "pass");
+    // Another Vary variant is not served the stored one.
+    let gzip = get(
+        &skua.url("/wiki/Page"),
+        &[HOST, ("accept-encoding", "gzip")],
+    )
+    .await;
+    assert_eq!(gzip.cache(), "miss");
+    assert_eq!(origin.count("/wiki/Page"), 3);
+}
