@@ -2,8 +2,10 @@
 //!
 //! Objects are grouped by primary key into a [`Family`] holding every Vary variant of one URL,
 //! so a purge of a URL drops or expires all its variants in one step and a hit costs one hash
-//! lookup. Stored metadata is kept decoded (never serialized and re-parsed per hit) and bodies
-//! are `Bytes`, so a hit and a Range seek are slices, not copies. It does not decide what is
+//! lookup. An object keeps its header as the bytes a hit sends ([`ObjectMeta::head`]): the
+//! front door copies them out as they are, and they take a tenth of the memory of a decoded
+//! header map; the rarer paths through pingora's cache decode them. Bodies are `Bytes`, so a
+//! hit and a Range seek are slices, not copies. It does not decide what is
 //! cacheable (see `policy.rs`) and it knows nothing of tiers below it.
 
 use std::any::Any;
@@ -23,13 +25,14 @@ use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
 use pingora::http::ResponseHeader;
 use pingora::{Error, ErrorType, Result};
 
-use super::vary::variance;
+use super::vary::variance_for;
 
 /// Bytes charged per object on top of its header and body: the family slot, `Arc`s and
 /// moka's own entry, so that many tiny objects still respect the bound.
 const OBJECT_OVERHEAD: usize = 256;
 
-/// Decoded cache metadata: everything `CacheMeta` needs, cheap to copy.
+/// Decoded cache metadata: everything `CacheMeta` needs. What an object keeps is the compact
+/// [`ObjectMeta`]; this is what goes in and comes back out.
 #[derive(Debug, Clone)]
 pub struct StoredMeta {
     pub fresh_until: SystemTime,
@@ -42,8 +45,7 @@ pub struct StoredMeta {
     pub stale_while_revalidate_sec: u32,
     pub stale_if_error_sec: u32,
     pub variance: Option<HashBinary>,
-    /// The response header. Once stored it is ready to serve (see [`prepare_for_serving`]):
-    /// it ends with `Age`, `X-Cache-Status` and `Cache-Status` entries a hit overwrites.
+    /// The response header.
     pub header: ResponseHeader,
     /// `Cache-Status` members from caches before this one, kept apart from the placeholder.
     pub upstream_cache_status: Option<http::HeaderValue>,
@@ -90,8 +92,8 @@ impl StoredMeta {
         meta
     }
 
-    /// The header as the origin sent it (framing normalised), without the hit placeholders:
-    /// what pingora's cache state machine expects.
+    /// The header as the origin sent it (framing normalised), with the `Cache-Status` of
+    /// caches before this one: what pingora's cache state machine expects.
     pub fn origin_header(&self) -> ResponseHeader {
         let mut h = self.header.clone();
         h.remove_header(&http::header::AGE);
@@ -102,21 +104,88 @@ impl StoredMeta {
         }
         h
     }
+}
 
-    /// What the decoded header occupies: the map's slots (about 100 bytes each, allocated in
-    /// powers of two) plus each name and value's own allocation. Measured against RSS with
-    /// 10,000 stored pages; an estimate that leaves this out lets the real footprint run to
-    /// twice the configured bound.
-    fn header_weight(&self) -> usize {
-        const SLOT: usize = 100;
+/// What a stored object keeps of its metadata: the times, and the header as it is served.
+#[derive(Debug, Clone)]
+pub struct ObjectMeta {
+    pub fresh_until: SystemTime,
+    pub created: SystemTime,
+    pub provenance: SystemTime,
+    pub epoch: SystemTime,
+    pub stale_while_revalidate_sec: u32,
+    pub stale_if_error_sec: u32,
+    pub variance: Option<HashBinary>,
+    /// The status line and header fields a hit sends, each line ending in CRLF, without the
+    /// fields a hit adds (`Age`, `X-Cache-Status`, `Cache-Status`) and the blank line. See
+    /// [`encode_head`].
+    pub head: Bytes,
+    /// The names the response varies on, lowercased, sorted, without duplicates.
+    vary: Box<[String]>,
+    /// It has a validator (`ETag` or `Last-Modified`), so it can be revalidated when stale.
+    has_validator: bool,
+    /// `Cache-Status` members from caches before this one.
+    pub upstream_cache_status: Option<http::HeaderValue>,
+}
+
+impl ObjectMeta {
+    fn encode(meta: StoredMeta, body_len: usize) -> ObjectMeta {
+        let mut vary: Vec<String> = super::policy::vary_names(&meta.header).collect();
+        vary.sort();
+        vary.dedup();
+        let headers = &meta.header.headers;
+        ObjectMeta {
+            fresh_until: meta.fresh_until,
+            created: meta.created,
+            provenance: meta.provenance,
+            epoch: meta.epoch,
+            stale_while_revalidate_sec: meta.stale_while_revalidate_sec,
+            stale_if_error_sec: meta.stale_if_error_sec,
+            variance: meta.variance,
+            head: encode_head(&meta.header, body_len),
+            vary: vary.into_boxed_slice(),
+            has_validator: headers.contains_key(http::header::ETAG)
+                || headers.contains_key(http::header::LAST_MODIFIED),
+            upstream_cache_status: meta.upstream_cache_status,
+        }
+    }
+
+    /// The status code, from the status line.
+    pub fn status(&self) -> u16 {
+        self.head
+            .get(9..12)
+            .and_then(|code| std::str::from_utf8(code).ok()?.parse().ok())
+            .unwrap_or(200)
+    }
+
+    /// The header as served, decoded (for the paths that need a `ResponseHeader`).
+    pub fn header(&self) -> ResponseHeader {
+        decode_head(&self.head)
+    }
+
+    pub fn decode(&self) -> StoredMeta {
+        StoredMeta {
+            fresh_until: self.fresh_until,
+            created: self.created,
+            provenance: self.provenance,
+            epoch: self.epoch,
+            stale_while_revalidate_sec: self.stale_while_revalidate_sec,
+            stale_if_error_sec: self.stale_if_error_sec,
+            variance: self.variance,
+            header: self.header(),
+            upstream_cache_status: self.upstream_cache_status.clone(),
+        }
+    }
+
+    /// The variant key a request would be stored under, if the response varies.
+    pub fn variance_of(&self, req: &http::HeaderMap) -> Option<HashBinary> {
+        variance_for(&self.vary, req)
+    }
+
+    fn weight(&self) -> usize {
         const ALLOCATION: usize = 32;
-        let strings: usize = self
-            .header
-            .headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 2 * ALLOCATION)
-            .sum();
-        self.header.headers.capacity() * SLOT + strings + 64
+        let vary: usize = self.vary.iter().map(|n| n.len() + ALLOCATION).sum();
+        self.head.len() + ALLOCATION + vary + std::mem::size_of::<ObjectMeta>()
     }
 }
 
@@ -125,15 +194,18 @@ impl StoredMeta {
 pub struct StoredObject {
     /// The variant slot: `None` for the primary slot, else the lookup key's variance.
     slot: Option<HashBinary>,
-    pub meta: StoredMeta,
+    pub meta: ObjectMeta,
     pub body: Bytes,
     weight: usize,
 }
 
 impl StoredObject {
-    pub fn new(slot: Option<HashBinary>, mut meta: StoredMeta, body: Bytes) -> StoredObject {
-        meta.header = prepare_for_serving(&meta.header, body.len());
-        let weight = meta.header_weight() + body.len() + OBJECT_OVERHEAD;
+    pub fn new(slot: Option<HashBinary>, meta: StoredMeta, body: Bytes) -> StoredObject {
+        StoredObject::with(slot, ObjectMeta::encode(meta, body.len()), body)
+    }
+
+    fn with(slot: Option<HashBinary>, meta: ObjectMeta, body: Bytes) -> StoredObject {
+        let weight = meta.weight() + body.len() + OBJECT_OVERHEAD;
         StoredObject {
             slot,
             meta,
@@ -159,9 +231,7 @@ impl Family {
             .map(|o| {
                 let m = &o.meta;
                 let grace = m.stale_while_revalidate_sec.max(m.stale_if_error_sec);
-                let has_validator = m.header.headers.contains_key(http::header::ETAG)
-                    || m.header.headers.contains_key(http::header::LAST_MODIFIED);
-                let keep = if has_validator {
+                let keep = if m.has_validator {
                     KEEP_FOR_REVALIDATION
                 } else {
                     Duration::ZERO
@@ -217,7 +287,7 @@ impl Family {
                         meta.stale_while_revalidate_sec = meta
                             .stale_while_revalidate_sec
                             .max(super::SOFT_PURGE_GRACE_SECS);
-                        Arc::new(StoredObject::new(o.slot, meta, o.body.clone()))
+                        Arc::new(StoredObject::with(o.slot, meta, o.body.clone()))
                     } else {
                         o.clone()
                     }
@@ -346,7 +416,7 @@ impl MemoryTier {
         let obj = match first.meta.variance {
             None => first,
             Some(stored) => {
-                let wanted = variance(&first.meta.header, req)?;
+                let wanted = first.meta.variance_of(req)?;
                 if wanted == stored {
                     first
                 } else {
@@ -473,7 +543,8 @@ impl Storage for MemoryTier {
             Some(obj) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 let hit = MemoryHit::new(obj.body.clone(), false);
-                Ok(Some((obj.meta.to_meta(obj.slot.is_none()), Box::new(hit))))
+                let meta = obj.meta.decode().to_meta(obj.slot.is_none());
+                Ok(Some((meta, Box::new(hit))))
             }
             None => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
@@ -730,12 +801,10 @@ fn joined(header: &ResponseHeader, name: &http::HeaderName) -> Option<http::Head
     http::HeaderValue::from_bytes(&out).ok()
 }
 
-/// The whole body is known once stored, so the header is made ready to serve as is: a length
-/// instead of chunked framing, HTTP/1.1, and `Accept-Ranges` on 200s (hits are seekable). It is
-/// rebuilt without pingora's header-case map, which would double what every hit clones, and
-/// ends with the three headers a hit sets (`Age`, `X-Cache-Status`, `Cache-Status`), so a hit
-/// overwrites them in place instead of growing a cloned map.
-fn prepare_for_serving(stored: &ResponseHeader, body_len: usize) -> ResponseHeader {
+/// The whole body is known once stored, so the header is encoded ready to serve: HTTP/1.1, a
+/// length instead of chunked framing, `Accept-Ranges` on 200s (hits are seekable), no
+/// hop-by-hop fields, and none of the fields each hit sets itself. Names are lowercase.
+fn encode_head(stored: &ResponseHeader, body_len: usize) -> Bytes {
     use http::header::{
         ACCEPT_RANGES, AGE, CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
     };
@@ -743,51 +812,74 @@ fn prepare_for_serving(stored: &ResponseHeader, body_len: usize) -> ResponseHead
     // RFC 9111 §3.1 lets a cache drop them before storing.
     let keep_alive = http::HeaderName::from_static("keep-alive");
     let proxy_connection = http::HeaderName::from_static("proxy-connection");
-    let status = stored.status.as_u16();
-    let no_body = matches!(status, 204 | 304) || stored.status.is_informational();
-    let mut header =
-        match ResponseHeader::build_no_case(stored.status, Some(stored.headers.len() + 5)) {
-            Ok(h) => h,
-            Err(_) => return stored.clone(),
-        };
+    let skip = [
+        &TRANSFER_ENCODING,
+        &CONTENT_LENGTH,
+        &ACCEPT_RANGES,
+        &AGE,
+        &X_CACHE_STATUS,
+        &CACHE_STATUS,
+        &CONNECTION,
+        &keep_alive,
+        &proxy_connection,
+        &TE,
+        &TRAILER,
+        &UPGRADE,
+    ];
+    let status = stored.status;
+    let no_body = matches!(status.as_u16(), 204 | 304) || status.is_informational();
+    let mut out = Vec::with_capacity(64 + stored.headers.len() * 40);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut field = |name: &[u8], value: &[u8]| {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
     for (name, value) in stored.headers.iter() {
-        let skip = [
-            &TRANSFER_ENCODING,
-            &CONTENT_LENGTH,
-            &ACCEPT_RANGES,
-            &AGE,
-            &X_CACHE_STATUS,
-            &CACHE_STATUS,
-            &CONNECTION,
-            &keep_alive,
-            &proxy_connection,
-            &TE,
-            &TRAILER,
-            &UPGRADE,
-        ];
-        if skip.contains(&name) {
-            continue;
+        if !skip.contains(&name) {
+            field(name.as_str().as_bytes(), value.as_bytes());
         }
-        // Copied, not cloned: a parsed header's names and values share the buffer the whole
-        // response head was read into, and storing them would pin that buffer per object.
-        let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(name.as_str().as_bytes()),
-            http::HeaderValue::from_bytes(value.as_bytes()),
-        ) else {
-            continue;
-        };
-        let _ = header.append_header(name, value);
     }
     if !no_body {
-        let _ = header.insert_header(CONTENT_LENGTH, body_len);
+        field(b"content-length", body_len.to_string().as_bytes());
     }
-    if status == 200 {
-        let _ = header.insert_header(ACCEPT_RANGES, http::HeaderValue::from_static("bytes"));
+    if status.as_u16() == 200 {
+        field(b"accept-ranges", b"bytes");
     }
-    let _ = header.insert_header(AGE, http::HeaderValue::from_static("0"));
-    let _ = header.insert_header(X_CACHE_STATUS, http::HeaderValue::from_static("hit-front"));
-    let _ = header.insert_header(CACHE_STATUS, http::HeaderValue::from_static("-"));
-    header
+    // Its own allocation of its own size: nothing else is pinned per object.
+    Bytes::copy_from_slice(&out)
+}
+
+/// The header [`encode_head`] wrote. Every line was written from a valid `HeaderName` and
+/// `HeaderValue`, so a line that does not decode cannot occur; it would be skipped.
+fn decode_head(head: &[u8]) -> ResponseHeader {
+    let mut lines = head
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = lines
+        .next()
+        .and_then(|l| l.get(9..12))
+        .and_then(|code| http::StatusCode::from_bytes(code).ok())
+        .unwrap_or(http::StatusCode::OK);
+    for line in lines {
+        let Some(colon) = memchr::memchr(b':', line) else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii_start());
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name),
+            http::HeaderValue::from_bytes(value),
+        ) {
+            parts.headers.append(name, value);
+        }
+    }
+    ResponseHeader::from(parts)
 }
 
 #[cfg(test)]
@@ -843,6 +935,40 @@ mod tests {
         assert_eq!(back.fresh_until, m.fresh_until);
         assert_eq!(back.variance, m.variance);
         assert_eq!(back.header.headers.get("x-note").unwrap(), "x");
+    }
+
+    #[test]
+    fn a_stored_head_is_served_as_is_and_decodes_to_the_same_fields() {
+        let mut origin = ResponseHeader::build(200, None).unwrap();
+        origin.append_header("Content-Type", "text/html").unwrap();
+        origin.append_header("Set-Cookie", "a=1").unwrap();
+        origin.append_header("Set-Cookie", "b=2").unwrap();
+        origin
+            .append_header("Vary", "Cookie, Accept-Encoding")
+            .unwrap();
+        origin
+            .append_header("Transfer-Encoding", "chunked")
+            .unwrap();
+        origin.append_header("Connection", "keep-alive").unwrap();
+        origin.append_header("ETag", "\"e\"").unwrap();
+        let mut m = meta("x");
+        m.header = origin;
+        let obj = StoredObject::new(None, m, Bytes::from_static(b"hello"));
+        assert_eq!(
+            &obj.meta.head[..],
+            &b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nset-cookie: a=1\r\nset-cookie: b=2\r\n\
+               vary: Cookie, Accept-Encoding\r\netag: \"e\"\r\ncontent-length: 5\r\n\
+               accept-ranges: bytes\r\n"[..]
+        );
+        assert_eq!(obj.meta.status(), 200);
+        let back = obj.meta.header();
+        assert_eq!(back.status, 200);
+        let cookies: Vec<_> = back.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert_eq!(back.headers.get("content-length").unwrap(), "5");
+        assert!(back.headers.get("connection").is_none());
+        assert!(obj.meta.has_validator);
+        assert_eq!(&obj.meta.vary[..], ["accept-encoding", "cookie"]);
     }
 
     #[test]

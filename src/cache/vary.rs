@@ -56,11 +56,17 @@ pub fn normalize_accept_encoding(req: &HeaderMap) -> Encoding {
 /// The variant key of `req` against a stored response's `Vary`, or `None` if it has none.
 pub fn variance(stored: &ResponseHeader, req: &HeaderMap) -> Option<HashBinary> {
     let mut names: Vec<String> = vary_names(stored).collect();
+    names.sort();
+    names.dedup();
+    variance_for(&names, req)
+}
+
+/// As [`variance`], from the response's `Vary` names already lowercased, sorted and
+/// deduplicated (what a stored object keeps).
+pub fn variance_for(names: &[String], req: &HeaderMap) -> Option<HashBinary> {
     if names.is_empty() {
         return None;
     }
-    names.sort();
-    names.dedup();
     let mut builder = VarianceBuilder::new();
     for name in names {
         let value: Vec<u8> = match name.as_str() {
@@ -77,7 +83,7 @@ pub fn variance(stored: &ResponseHeader, req: &HeaderMap) -> Option<HashBinary> 
                 joined
             }
         };
-        builder.add_owned_name_value(name, value);
+        builder.add_owned_name_value(name.clone(), value);
     }
     builder.finalize()
 }

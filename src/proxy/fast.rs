@@ -23,7 +23,7 @@ use super::guard::Limits;
 use super::Shared;
 use crate::cache::bans::Trust;
 use crate::cache::key::{CacheUrl, Scheme};
-use crate::cache::memory::{CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::memory::{ObjectMeta, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::status::{Disposition, Outcome};
 use crate::metrics::access_log::Entry;
 
@@ -92,38 +92,12 @@ impl FrontDoor {
         }
         store.memory.counters.hits.fetch_add(1, Ordering::Relaxed);
 
-        let stored = &obj.meta.header;
         let close = req.close || closing;
         let with_body = req.method != Method::HEAD;
         let coalesce = with_body && obj.body.len() <= COALESCE_BODY;
         let mut out = Vec::with_capacity(
-            512 + stored.headers.len() * 48 + if coalesce { obj.body.len() } else { 0 },
+            obj.meta.head.len() + 160 + if coalesce { obj.body.len() } else { 0 },
         );
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(stored.status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(
-            stored
-                .status
-                .canonical_reason()
-                .unwrap_or("Unknown")
-                .as_bytes(),
-        );
-        out.extend_from_slice(b"\r\n");
-        for (name, value) in stored.headers.iter() {
-            // The placeholders a hit fills in are written below.
-            if name == header::AGE || name == X_CACHE_STATUS || name == CACHE_STATUS {
-                continue;
-            }
-            field(&mut out, name.as_str().as_bytes(), value.as_bytes());
-        }
-        // RFC 9111 §4: "When a stored response is used to satisfy a request without
-        // validation, a cache MUST generate an Age header field".
-        let age = now
-            .duration_since(obj.meta.epoch)
-            .map_or(0, |d| d.as_secs());
-        field(&mut out, b"age", itoa(age).as_bytes());
-        field(&mut out, X_CACHE_STATUS.as_str().as_bytes(), b"hit-front");
         let ours = Outcome {
             phase: CachePhase::Uninit,
             fast_hit: true,
@@ -135,19 +109,7 @@ impl FrontDoor {
             fwd_status: None,
         }
         .cache_status(&shared.name, now);
-        match &obj.meta.upstream_cache_status {
-            Some(upstream) => {
-                let mut joined = upstream.as_bytes().to_vec();
-                joined.extend_from_slice(b", ");
-                joined.extend_from_slice(ours.as_bytes());
-                field(&mut out, CACHE_STATUS.as_str().as_bytes(), &joined);
-            }
-            None => field(&mut out, CACHE_STATUS.as_str().as_bytes(), ours.as_bytes()),
-        }
-        if close {
-            field(&mut out, b"connection", b"close");
-        }
-        out.extend_from_slice(b"\r\n");
+        write_hit_head(&mut out, &obj.meta, now, &ours, close);
         let body_bytes = if with_body { obj.body.len() as u64 } else { 0 };
         let body = if coalesce {
             out.extend_from_slice(&obj.body);
@@ -156,7 +118,7 @@ impl FrontDoor {
             with_body.then(|| obj.body.clone())
         };
 
-        let status = stored.status.as_u16();
+        let status = obj.meta.status();
         if let Some(log) = shared.access_log.as_ref() {
             let text = |name: HeaderName| {
                 req.headers
@@ -276,13 +238,44 @@ fn needs_full_path(name: &HeaderName) -> bool {
     .contains(name)
 }
 
+/// The status line and header section of a hit: the stored head, then the fields each hit
+/// sets, then the blank line.
+pub fn write_hit_head(
+    out: &mut Vec<u8>,
+    meta: &ObjectMeta,
+    now: SystemTime,
+    cache_status: &str,
+    close: bool,
+) {
+    out.extend_from_slice(&meta.head);
+    // RFC 9111 §4: "When a stored response is used to satisfy a request without
+    // validation, a cache MUST generate an Age header field".
+    let age = now.duration_since(meta.epoch).map_or(0, |d| d.as_secs());
+    field(out, b"age", age.to_string().as_bytes());
+    field(out, X_CACHE_STATUS.as_str().as_bytes(), b"hit-front");
+    // RFC 9211 §2: members of caches before this one come first.
+    match &meta.upstream_cache_status {
+        Some(upstream) => {
+            let mut joined = upstream.as_bytes().to_vec();
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(cache_status.as_bytes());
+            field(out, CACHE_STATUS.as_str().as_bytes(), &joined);
+        }
+        None => field(
+            out,
+            CACHE_STATUS.as_str().as_bytes(),
+            cache_status.as_bytes(),
+        ),
+    }
+    if close {
+        field(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-}
-
-fn itoa(n: u64) -> String {
-    n.to_string()
 }

@@ -362,15 +362,15 @@ impl Skua {
         let head = req.method == Method::HEAD;
         ctx.fast_hit = true;
         ctx.fresh_until = Some(obj.meta.fresh_until);
-        let mut resp = obj.meta.header.clone();
+        let mut resp = obj.meta.header();
         // RFC 9111 §4: "When a stored response is used to satisfy a request without
         // validation, a cache MUST generate an Age header field".
         let age = now
             .duration_since(obj.meta.epoch)
             .map_or(0, |d| d.as_secs());
         resp.insert_header(header::AGE, age)?;
-        // The stored header already says `X-Cache-Status: hit-front`; Cache-Status carries this
-        // hit's ttl after any members from caches before this one.
+        resp.insert_header(X_CACHE_STATUS, "hit-front")?;
+        // Cache-Status carries this hit's ttl after any members from caches before this one.
         let ours = self
             .outcome(session, ctx)
             .cache_status(&self.shared.name, now);
