@@ -141,8 +141,7 @@ impl Storage for Store {
             // so a purge the catch-up applies cannot miss a copy promoted meanwhile.
             let trusted = self.invalidations.trust(entry.meta.created()) == bans::Trust::Yes;
             if trusted && body.len() <= self.memory_max_object {
-                let stored =
-                    StoredObject::new(slot, StoredMeta::from_meta(&entry.meta), body.clone());
+                let stored = StoredObject::new(slot, StoredMeta::from_meta(&entry.meta), &body);
                 self.memory.insert(primary, stored);
             }
             return Ok(Some((entry.meta, Box::new(MemoryHit::new(body, true)))));
