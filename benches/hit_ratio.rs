@@ -42,7 +42,7 @@ fn main() {
                     hits += 1;
                 } else {
                     let stored = StoredMeta::from_meta(&meta);
-                    tier.insert(primary, StoredObject::new(None, stored, &body));
+                    tier.insert(primary, StoredObject::new(None, stored, body.clone()));
                 }
             }
             row.push_str(&format!(" {:>9.1}%", 100.0 * hits as f64 / REQUESTS as f64));

@@ -5,6 +5,7 @@
 use std::hint::black_box;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use pingora::cache::CacheMeta;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -67,7 +68,10 @@ fn bench(c: &mut Criterion) {
     let primary = url.primary_hash();
     let meta = CacheMeta::new(now + Duration::from_secs(300), now, 0, 0, resp.clone());
     let stored = StoredMeta::from_meta(&meta);
-    tier.insert(primary, StoredObject::new(None, stored, &[b'x'; 4096]));
+    tier.insert(
+        primary,
+        StoredObject::new(None, stored, Bytes::from(vec![b'x'; 4096])),
+    );
     let req = RequestHeader::build("GET", b"/wiki/Main_Page", None).unwrap();
     c.bench_function("memory tier: fresh lookup", |b| {
         b.iter(|| black_box(tier.fresh_object(black_box(&primary), &req.headers, now)))

@@ -129,12 +129,10 @@ pub struct ObjectMeta {
 }
 
 impl ObjectMeta {
-    /// Encodes `meta`; the head is written at the start of `data`.
-    fn encode(meta: StoredMeta, body_len: usize, data: &mut Vec<u8>) -> ObjectMeta {
+    fn encode(meta: StoredMeta, body_len: usize) -> ObjectMeta {
         let mut vary: Vec<String> = super::policy::vary_names(&meta.header).collect();
         vary.sort();
         vary.dedup();
-        encode_head(&meta.header, body_len, data);
         let headers = &meta.header.headers;
         ObjectMeta {
             fresh_until: meta.fresh_until,
@@ -144,8 +142,7 @@ impl ObjectMeta {
             stale_while_revalidate_sec: meta.stale_while_revalidate_sec,
             stale_if_error_sec: meta.stale_if_error_sec,
             variance: meta.variance,
-            // A slice of the object's allocation, set by `StoredObject::new`.
-            head: Bytes::new(),
+            head: encode_head(&meta.header, body_len),
             vary: vary.into_boxed_slice(),
             has_validator: headers.contains_key(http::header::ETAG)
                 || headers.contains_key(http::header::LAST_MODIFIED),
@@ -188,7 +185,7 @@ impl ObjectMeta {
     fn weight(&self) -> usize {
         const ALLOCATION: usize = 32;
         let vary: usize = self.vary.iter().map(|n| n.len() + ALLOCATION).sum();
-        self.head.len() + vary + std::mem::size_of::<ObjectMeta>()
+        self.head.len() + ALLOCATION + vary + std::mem::size_of::<ObjectMeta>()
     }
 }
 
@@ -203,17 +200,8 @@ pub struct StoredObject {
 }
 
 impl StoredObject {
-    /// The head and the body share one allocation of their exact size: one allocation per
-    /// object, and no buffer the body was read into stays pinned by it.
-    pub fn new(slot: Option<HashBinary>, meta: StoredMeta, body: &[u8]) -> StoredObject {
-        let mut data = Vec::with_capacity(512 + body.len());
-        let mut meta = ObjectMeta::encode(meta, body.len(), &mut data);
-        let head_len = data.len();
-        data.extend_from_slice(body);
-        data.shrink_to_fit();
-        let data = Bytes::from(data);
-        meta.head = data.slice(..head_len);
-        StoredObject::with(slot, meta, data.slice(head_len..))
+    pub fn new(slot: Option<HashBinary>, meta: StoredMeta, body: Bytes) -> StoredObject {
+        StoredObject::with(slot, ObjectMeta::encode(meta, body.len()), body)
     }
 
     fn with(slot: Option<HashBinary>, meta: ObjectMeta, body: Bytes) -> StoredObject {
@@ -625,8 +613,11 @@ impl Storage for MemoryTier {
                     match f.get(slot.as_ref()) {
                         Some(obj) => {
                             updated = true;
-                            let fresh =
-                                StoredObject::new(slot, StoredMeta::from_meta(meta), &obj.body);
+                            let fresh = StoredObject::new(
+                                slot,
+                                StoredMeta::from_meta(meta),
+                                obj.body.clone(),
+                            );
                             Op::Put(Arc::new(f.with(Arc::new(fresh))))
                         }
                         None => Op::Nop,
@@ -767,12 +758,14 @@ impl MemoryMiss {
         if !self.within_limit() {
             return None;
         }
-        // Copied next to the head (a chunk may be a slice of a larger read buffer, which
-        // storing it would pin).
-        let obj = match self.chunks.first() {
-            Some(only) => StoredObject::new(self.slot, self.meta, only),
-            None => StoredObject::new(self.slot, self.meta, &self.body),
+        // A chunk may be a slice of a larger read buffer; storing it would pin the whole
+        // buffer, so the body is copied to an allocation of its own size (once per fill).
+        let body = match self.chunks.into_iter().next() {
+            Some(only) => Bytes::copy_from_slice(&only),
+            None if self.body.len() == self.body.capacity() => self.body.freeze(),
+            None => Bytes::copy_from_slice(&self.body),
         };
+        let obj = StoredObject::new(self.slot, self.meta, body);
         let weight = obj.weight;
         self.tier.insert(self.primary, obj);
         Some(weight)
@@ -811,7 +804,7 @@ fn joined(header: &ResponseHeader, name: &http::HeaderName) -> Option<http::Head
 /// The whole body is known once stored, so the header is encoded ready to serve: HTTP/1.1, a
 /// length instead of chunked framing, `Accept-Ranges` on 200s (hits are seekable), no
 /// hop-by-hop fields, and none of the fields each hit sets itself. Names are lowercase.
-fn encode_head(stored: &ResponseHeader, body_len: usize, out: &mut Vec<u8>) {
+fn encode_head(stored: &ResponseHeader, body_len: usize) -> Bytes {
     use http::header::{
         ACCEPT_RANGES, AGE, CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
     };
@@ -835,6 +828,7 @@ fn encode_head(stored: &ResponseHeader, body_len: usize, out: &mut Vec<u8>) {
     ];
     let status = stored.status;
     let no_body = matches!(status.as_u16(), 204 | 304) || status.is_informational();
+    let mut out = Vec::with_capacity(64 + stored.headers.len() * 40);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -857,6 +851,8 @@ fn encode_head(stored: &ResponseHeader, body_len: usize, out: &mut Vec<u8>) {
     if status.as_u16() == 200 {
         field(b"accept-ranges", b"bytes");
     }
+    // Its own allocation of its own size: nothing else is pinned per object.
+    Bytes::copy_from_slice(&out)
 }
 
 /// The header [`encode_head`] wrote. Every line was written from a valid `HeaderName` and
@@ -912,8 +908,14 @@ mod tests {
     fn variants_share_a_family_and_purge_together() {
         let tier = MemoryTier::new(1 << 20);
         let p = [1u8; 16];
-        tier.insert(p, StoredObject::new(None, meta("a"), b"gzip"));
-        tier.insert(p, StoredObject::new(Some([2; 16]), meta("b"), b"plain"));
+        tier.insert(
+            p,
+            StoredObject::new(None, meta("a"), Bytes::from_static(b"gzip")),
+        );
+        tier.insert(
+            p,
+            StoredObject::new(Some([2; 16]), meta("b"), Bytes::from_static(b"plain")),
+        );
         assert_eq!(tier.get(&p, None).unwrap().body, "gzip");
         assert_eq!(tier.get(&p, Some(&[2; 16])).unwrap().body, "plain");
         assert_eq!(tier.expire_all(&p), 2);
@@ -951,7 +953,7 @@ mod tests {
         origin.append_header("ETag", "\"e\"").unwrap();
         let mut m = meta("x");
         m.header = origin;
-        let obj = StoredObject::new(None, m, b"hello");
+        let obj = StoredObject::new(None, m, Bytes::from_static(b"hello"));
         assert_eq!(
             &obj.meta.head[..],
             &b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nset-cookie: a=1\r\nset-cookie: b=2\r\n\
@@ -975,7 +977,10 @@ mod tests {
         for i in 0..100u32 {
             let mut p = [0u8; 16];
             p[..4].copy_from_slice(&i.to_be_bytes());
-            tier.insert(p, StoredObject::new(None, meta("x"), &[0u8; 20_000]));
+            tier.insert(
+                p,
+                StoredObject::new(None, meta("x"), Bytes::from(vec![0u8; 20_000])),
+            );
         }
         assert!(tier.resident_bytes() <= 1 << 20);
     }

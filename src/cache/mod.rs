@@ -141,7 +141,8 @@ impl Storage for Store {
             // so a purge the catch-up applies cannot miss a copy promoted meanwhile.
             let trusted = self.invalidations.trust(entry.meta.created()) == bans::Trust::Yes;
             if trusted && body.len() <= self.memory_max_object {
-                let stored = StoredObject::new(slot, StoredMeta::from_meta(&entry.meta), &body);
+                let stored =
+                    StoredObject::new(slot, StoredMeta::from_meta(&entry.meta), body.clone());
                 self.memory.insert(primary, stored);
             }
             return Ok(Some((entry.meta, Box::new(MemoryHit::new(body, true)))));
