@@ -1,4 +1,7 @@
-//! The request path, in the order pingora calls it:
+//! The request path. Before any of it, `connection.rs` reads the request head under the
+//! connection limits and `fast.rs` answers fresh memory hits for plain HTTP/1.1 GET/HEAD
+//! requests from the connection itself; every other request takes this path, in the order
+//! pingora calls it:
 //!
 //! 1. `request_filter`: PURGE (authorised, answered here), refusals, the request's cache URL;
 //! 2. `request_cache_filter`: GET/HEAD only, session-cookie and Authorization bypass, then the
@@ -328,11 +331,12 @@ impl Skua {
         self.shared.pass_reason(&req.method, &req.headers)
     }
 
-    /// The fast path: a fresh memory hit for a plain GET or HEAD is answered here, from the
-    /// stored header and a slice of the stored body, without running pingora's cache state
-    /// machine (which costs a third of a hit's time). Anything else (Range, conditional
-    /// requests, stale objects, variants the request does not match) returns `false` and takes
-    /// the full path, which handles it.
+    /// The fast path for requests the front door (`fast.rs`) left to pingora (HTTP/1.0, a
+    /// fill that landed after the lookup): a fresh memory hit for a plain GET or HEAD is
+    /// answered here, from the stored header and a slice of the stored body, without running
+    /// pingora's cache state machine (which costs a third of a hit's time). Anything else
+    /// (Range, conditional requests, stale objects, variants the request does not match)
+    /// returns `false` and takes the full path, which handles it.
     async fn serve_fresh_hit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
         if self.pass_reason(req).is_some()
