@@ -80,7 +80,7 @@ async fn purge_at_one_node_reaches_the_others_within_a_second() {
 }
 
 #[tokio::test]
-async fn node_killed_before_saving_a_position_does_not_serve_a_page_purged_meanwhile() {
+async fn node_killed_before_applying_any_purge_does_not_serve_a_page_purged_meanwhile() {
     let nats = Nats::start().await;
     let origin = versioned_origin().await;
     let a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;
@@ -89,19 +89,21 @@ async fn node_killed_before_saving_a_position_does_not_serve_a_page_purged_meanw
     let mut c =
         Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &nats.bus("c", "")).await;
     c.wait_ready().await;
-    assert_eq!(
-        get(&c.url("/wiki/Old"), &[HOST]).await.text(),
-        "/wiki/Old v1"
-    );
+    for page in ["/wiki/Old", "/wiki/Kept"] {
+        assert_eq!(
+            get(&c.url(page), &[HOST]).await.text(),
+            format!("{page} v1")
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while c.stats().await["tiers"]["disk"]["objects"] != 1 {
+    while c.stats().await["tiers"]["disk"]["objects"] != 2 {
         assert!(
             Instant::now() < deadline,
             "the page never reached the disk tier"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Killed having applied no purge: no position was ever saved.
+    // Killed having applied no purge.
     c.kill9();
     let r = send(&client(), "PURGE", &a.url("/wiki/Old"), &[HOST]).await;
     assert_eq!(r.status, 404);
@@ -118,6 +120,11 @@ async fn node_killed_before_saving_a_position_does_not_serve_a_page_purged_meanw
     c.wait_ready().await;
     let got = get(&c.url("/wiki/Old"), &[HOST]).await;
     assert_eq!(got.text(), "/wiki/Old v2", "served from before the purge");
+    // What was not purged is still served from disk, not revalidated: the node kept its bus
+    // position from when it first reached the bus, though it never applied a purge.
+    let kept = get(&c.url("/wiki/Kept"), &[HOST]).await;
+    assert_eq!(kept.cache(), "hit-local");
+    assert_eq!(kept.text(), "/wiki/Kept v1");
 }
 
 #[tokio::test]

@@ -276,10 +276,9 @@ impl Bus {
         let resuming = applied > 0 || self.had_position;
         let deliver = if !resuming {
             // Purges published before this process started are not read: on a memory-only node
-            // they cannot name anything it holds. A disk node without a position (never saved
-            // one, or was killed before its first) may hold older objects that missed them, so
-            // those are revalidated (regression: a node killed before its first save later
-            // served a page purged while it was down).
+            // they cannot name anything it holds. A disk node without a position (a first
+            // start over an existing cache, or killed before it first reached the bus) may hold
+            // older objects that missed them, so those are revalidated.
             if self.position_file.is_some() {
                 self.store.invalidations.revalidate_all_before(self.created);
             }
@@ -318,6 +317,15 @@ impl Bus {
             })
             .await?;
         let pending = consumer.info().await?.num_pending;
+        if !resuming && pending == 0 {
+            // Nothing since this process started is waiting, so everything up to the stream's
+            // last sequence is behind this node: a position it can keep now, before any purge
+            // arrives (regression: a node stopped before it applied one restarted without a
+            // position and revalidated everything it held).
+            self.applied
+                .fetch_max(state.last_sequence, Ordering::AcqRel);
+            self.save_position();
+        }
         self.metrics.bus.lag.set(pending as i64);
         if pending == 0 {
             self.store.invalidations.caught_up();
