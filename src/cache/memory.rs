@@ -857,7 +857,7 @@ fn encode_head(stored: &ResponseHeader, body_len: usize) -> Bytes {
 
 /// The header [`encode_head`] wrote. Every line was written from a valid `HeaderName` and
 /// `HeaderValue`, so a line that does not decode cannot occur; it would be skipped.
-fn decode_head(head: &[u8]) -> ResponseHeader {
+pub fn decode_head(head: &[u8]) -> ResponseHeader {
     let mut lines = head
         .split(|b| *b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l));

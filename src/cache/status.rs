@@ -86,6 +86,20 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// A fresh memory hit answered before pingora's cache state machine ran.
+    pub fn fast_hit(fresh_until: SystemTime) -> Outcome {
+        Outcome {
+            phase: CachePhase::Uninit,
+            fast_hit: true,
+            local_hit: false,
+            pass: None,
+            internal: false,
+            stored: false,
+            fresh_until: Some(fresh_until),
+            fwd_status: None,
+        }
+    }
+
     pub fn disposition(&self) -> Disposition {
         if self.internal {
             return Disposition::IntFront;

@@ -8,8 +8,8 @@
 //! Why: pingora's per-request session and proxy phases cost about as much CPU as the whole
 //! answer (`benches/README.md`); a hit needs none of them.
 
+use std::io::Write;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -17,11 +17,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 
-use pingora::cache::CachePhase;
-
 use super::guard::Limits;
 use super::Shared;
-use crate::cache::bans::Trust;
 use crate::cache::key::{CacheUrl, Scheme};
 use crate::cache::memory::{ObjectMeta, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::status::{Disposition, Outcome};
@@ -80,17 +77,7 @@ impl FrontDoor {
             return None;
         }
         let now = SystemTime::now();
-        let store = shared.store;
-        let obj = store
-            .memory
-            .fresh_object(&url.primary_hash(), &req.headers, now)?;
-        let invalidations = &store.invalidations;
-        if invalidations.banned(&url, obj.meta.created)
-            || invalidations.trust(obj.meta.created) != Trust::Yes
-        {
-            return None;
-        }
-        store.memory.counters.hits.fetch_add(1, Ordering::Relaxed);
+        let obj = shared.fresh_hit(&url, &req.headers, now)?;
 
         let close = req.close || closing;
         let with_body = req.method != Method::HEAD;
@@ -98,17 +85,7 @@ impl FrontDoor {
         let mut out = Vec::with_capacity(
             obj.meta.head.len() + 160 + if coalesce { obj.body.len() } else { 0 },
         );
-        let ours = Outcome {
-            phase: CachePhase::Uninit,
-            fast_hit: true,
-            local_hit: false,
-            pass: None,
-            internal: false,
-            stored: false,
-            fresh_until: Some(obj.meta.fresh_until),
-            fwd_status: None,
-        }
-        .cache_status(&shared.name, now);
+        let ours = Outcome::fast_hit(obj.meta.fresh_until).cache_status(&shared.name, now);
         write_hit_head(&mut out, &obj.meta, now, &ours, close);
         let body_bytes = if with_body { obj.body.len() as u64 } else { 0 };
         let body = if coalesce {
@@ -251,7 +228,8 @@ pub fn write_hit_head(
     // RFC 9111 §4: "When a stored response is used to satisfy a request without
     // validation, a cache MUST generate an Age header field".
     let age = now.duration_since(meta.epoch).map_or(0, |d| d.as_secs());
-    field(out, b"age", age.to_string().as_bytes());
+    // Written in place: no string per hit.
+    let _ = write!(out, "age: {age}\r\n");
     field(out, X_CACHE_STATUS.as_str().as_bytes(), b"hit-front");
     // RFC 9211 §2: members of caches before this one come first.
     match &meta.upstream_cache_status {

@@ -43,7 +43,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use crate::cache::bans::Trust;
 use crate::cache::disk::DiskHit;
 use crate::cache::key::{CacheUrl, Scheme};
-use crate::cache::memory::{MemoryHit, CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::memory::{decode_head, MemoryHit, StoredObject, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::policy::StoragePolicy;
 use crate::cache::status::{Outcome, PassReason};
 use crate::cache::{vary, PurgeMode, Store};
@@ -187,6 +187,33 @@ impl Shared {
     }
 
     /// `url` with its host replaced by the canonical one when it is an alias.
+    /// The stored object a fresh hit for `url` would serve as it is, counted as a memory hit:
+    /// fresh in the memory tier for this request's variant, not banned, and trusted (the purge
+    /// bus is not still catching up on it). `None`: let pingora's cache decide.
+    fn fresh_hit(
+        &self,
+        url: &CacheUrl,
+        headers: &http::HeaderMap,
+        now: SystemTime,
+    ) -> Option<Arc<StoredObject>> {
+        let store = self.store;
+        let obj = store
+            .memory
+            .fresh_object(&url.primary_hash(), headers, now)?;
+        let invalidations = &store.invalidations;
+        if invalidations.banned(url, obj.meta.created)
+            || invalidations.trust(obj.meta.created) != Trust::Yes
+        {
+            return None;
+        }
+        store
+            .memory
+            .counters
+            .hits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(obj)
+    }
+
     /// Why a request may not use the cache at all, if it may not.
     pub fn pass_reason(&self, method: &Method, headers: &http::HeaderMap) -> Option<PassReason> {
         self.rules.load().pass_reason(method, headers)
@@ -350,43 +377,17 @@ impl Skua {
             return Ok(false);
         };
         let now = SystemTime::now();
-        let memory = &self.shared.store.memory;
-        let Some(obj) = memory.fresh_object(&url.primary_hash(), &req.headers, now) else {
+        let Some(obj) = self.shared.fresh_hit(url, &req.headers, now) else {
             return Ok(false);
         };
-        if self
-            .shared
-            .store
-            .invalidations
-            .banned(url, obj.meta.created)
-            || self.shared.store.invalidations.trust(obj.meta.created) != Trust::Yes
-        {
-            return Ok(false);
-        }
         let head = req.method == Method::HEAD;
         ctx.fast_hit = true;
         ctx.fresh_until = Some(obj.meta.fresh_until);
-        let mut resp = obj.meta.header();
-        // RFC 9111 §4: "When a stored response is used to satisfy a request without
-        // validation, a cache MUST generate an Age header field".
-        let age = now
-            .duration_since(obj.meta.epoch)
-            .map_or(0, |d| d.as_secs());
-        resp.insert_header(header::AGE, age)?;
-        resp.insert_header(X_CACHE_STATUS, "hit-front")?;
-        // Cache-Status carries this hit's ttl after any members from caches before this one.
-        let ours = self
-            .outcome(session, ctx)
-            .cache_status(&self.shared.name, now);
-        let value = match &obj.meta.upstream_cache_status {
-            Some(upstream) => format!("{}, {ours}", String::from_utf8_lossy(upstream.as_bytes())),
-            None => ours,
-        };
-        resp.insert_header(CACHE_STATUS, value)?;
-        memory
-            .counters
-            .hits
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The same head the front door sends, as pingora's session wants it.
+        let ours = Outcome::fast_hit(obj.meta.fresh_until).cache_status(&self.shared.name, now);
+        let mut wire = Vec::with_capacity(obj.meta.head.len() + 160);
+        fast::write_hit_head(&mut wire, &obj.meta, now, &ours, false);
+        let resp = decode_head(&wire);
         session.write_response_header(Box::new(resp), head).await?;
         if !head {
             ctx.body_bytes = obj.body.len() as u64;
