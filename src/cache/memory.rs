@@ -119,13 +119,13 @@ pub struct ObjectMeta {
     /// The status line and header fields a hit sends, each line ending in CRLF, without the
     /// fields a hit adds (`Age`, `X-Cache-Status`, `Cache-Status`) and the blank line. See
     /// [`encode_head`].
-    pub head: Bytes,
+    pub head: Box<[u8]>,
     /// The names the response varies on, lowercased, sorted, without duplicates.
     vary: Box<[String]>,
     /// It has a validator (`ETag` or `Last-Modified`), so it can be revalidated when stale.
     has_validator: bool,
-    /// `Cache-Status` members from caches before this one.
-    pub upstream_cache_status: Option<http::HeaderValue>,
+    /// `Cache-Status` members from caches before this one (boxed: most objects have none).
+    pub upstream_cache_status: Option<Box<http::HeaderValue>>,
 }
 
 impl ObjectMeta {
@@ -146,7 +146,7 @@ impl ObjectMeta {
             vary: vary.into_boxed_slice(),
             has_validator: headers.contains_key(http::header::ETAG)
                 || headers.contains_key(http::header::LAST_MODIFIED),
-            upstream_cache_status: meta.upstream_cache_status,
+            upstream_cache_status: meta.upstream_cache_status.map(Box::new),
         }
     }
 
@@ -173,7 +173,7 @@ impl ObjectMeta {
             stale_if_error_sec: self.stale_if_error_sec,
             variance: self.variance,
             header: self.header(),
-            upstream_cache_status: self.upstream_cache_status.clone(),
+            upstream_cache_status: self.upstream_cache_status.as_deref().cloned(),
         }
     }
 
@@ -185,7 +185,11 @@ impl ObjectMeta {
     fn weight(&self) -> usize {
         const ALLOCATION: usize = 32;
         let vary: usize = self.vary.iter().map(|n| n.len() + ALLOCATION).sum();
-        self.head.len() + ALLOCATION + vary + std::mem::size_of::<ObjectMeta>()
+        let upstream = self
+            .upstream_cache_status
+            .as_ref()
+            .map_or(0, |v| v.len() + ALLOCATION);
+        self.head.len() + ALLOCATION + vary + upstream + std::mem::size_of::<ObjectMeta>()
     }
 }
 
@@ -196,7 +200,7 @@ pub struct StoredObject {
     slot: Option<HashBinary>,
     pub meta: ObjectMeta,
     pub body: Bytes,
-    weight: usize,
+    weight: u32,
 }
 
 impl StoredObject {
@@ -206,6 +210,7 @@ impl StoredObject {
 
     fn with(slot: Option<HashBinary>, meta: ObjectMeta, body: Bytes) -> StoredObject {
         let weight = meta.weight() + body.len() + OBJECT_OVERHEAD;
+        let weight = u32::try_from(weight).unwrap_or(u32::MAX);
         StoredObject {
             slot,
             meta,
@@ -215,18 +220,36 @@ impl StoredObject {
     }
 }
 
-/// Every stored variant of one primary key. Immutable: writers build a new family.
-#[derive(Debug, Default)]
-pub struct Family {
-    objects: Vec<Arc<StoredObject>>,
+/// Every stored variant of one primary key. Immutable: writers build a new family. Most URLs
+/// do not vary, so one object is held without a list around it (moka keeps the value inline in
+/// its entry: a family of one costs no allocation of its own).
+#[derive(Debug, Clone)]
+pub enum Family {
+    One(Arc<StoredObject>),
+    Variants(Arc<[Arc<StoredObject>]>),
 }
 
 impl Family {
+    fn from_objects(mut objects: Vec<Arc<StoredObject>>) -> Option<Family> {
+        match objects.len() {
+            0 => None,
+            1 => objects.pop().map(Family::One),
+            _ => Some(Family::Variants(objects.into())),
+        }
+    }
+
+    fn objects(&self) -> &[Arc<StoredObject>] {
+        match self {
+            Family::One(obj) => std::slice::from_ref(obj),
+            Family::Variants(objects) => objects,
+        }
+    }
+
     /// How long from `now` some object of the family can still be served: fresh, stale within
     /// its stale-while-revalidate / stale-if-error window, or revalidated if it has a
     /// validator.
     fn useful_for(&self, now: SystemTime) -> Duration {
-        self.objects
+        self.objects()
             .iter()
             .map(|o| {
                 let m = &o.meta;
@@ -244,55 +267,58 @@ impl Family {
     }
 
     fn weight(&self) -> u32 {
-        let w: usize = self.objects.iter().map(|o| o.weight).sum();
-        u32::try_from(w).unwrap_or(u32::MAX)
+        self.objects()
+            .iter()
+            .fold(0u32, |sum, o| sum.saturating_add(o.weight))
     }
 
     fn get(&self, slot: Option<&HashBinary>) -> Option<&Arc<StoredObject>> {
-        self.objects.iter().find(|o| o.slot.as_ref() == slot)
+        self.objects().iter().find(|o| o.slot.as_ref() == slot)
     }
 
     fn with(&self, obj: Arc<StoredObject>) -> Family {
         let mut objects: Vec<_> = self
-            .objects
+            .objects()
             .iter()
             .filter(|o| o.slot != obj.slot)
             .cloned()
             .collect();
-        objects.push(obj);
-        Family { objects }
+        objects.push(obj.clone());
+        Family::from_objects(objects).unwrap_or(Family::One(obj))
     }
 
-    fn without(&self, slot: Option<&HashBinary>) -> Family {
-        Family {
-            objects: self
-                .objects
+    /// The family without one slot; `None` if nothing is left.
+    fn without(&self, slot: Option<&HashBinary>) -> Option<Family> {
+        Family::from_objects(
+            self.objects()
                 .iter()
                 .filter(|o| o.slot.as_ref() != slot)
                 .cloned()
                 .collect(),
-        }
+        )
     }
 
     fn expired_at(&self, slot: Option<Option<&HashBinary>>, at: SystemTime) -> Family {
-        Family {
-            objects: self
-                .objects
-                .iter()
-                .map(|o| {
-                    let hit = slot.is_none_or(|s| o.slot.as_ref() == s);
-                    if hit {
-                        let mut meta = o.meta.clone();
-                        meta.fresh_until = meta.fresh_until.min(at);
-                        meta.stale_while_revalidate_sec = meta
-                            .stale_while_revalidate_sec
-                            .max(super::SOFT_PURGE_GRACE_SECS);
-                        Arc::new(StoredObject::with(o.slot, meta, o.body.clone()))
-                    } else {
-                        o.clone()
-                    }
-                })
-                .collect(),
+        let objects: Vec<_> = self
+            .objects()
+            .iter()
+            .map(|o| {
+                let hit = slot.is_none_or(|s| o.slot.as_ref() == s);
+                if hit {
+                    let mut meta = o.meta.clone();
+                    meta.fresh_until = meta.fresh_until.min(at);
+                    meta.stale_while_revalidate_sec = meta
+                        .stale_while_revalidate_sec
+                        .max(super::SOFT_PURGE_GRACE_SECS);
+                    Arc::new(StoredObject::with(o.slot, meta, o.body.clone()))
+                } else {
+                    o.clone()
+                }
+            })
+            .collect();
+        match self {
+            Family::One(_) => Family::from_objects(objects).unwrap_or_else(|| self.clone()),
+            Family::Variants(_) => Family::Variants(objects.into()),
         }
     }
 }
@@ -317,11 +343,11 @@ pub const KEEP_FOR_REVALIDATION: Duration = Duration::from_secs(86400);
 /// Drops a family when none of its objects can be served any more, not even stale.
 struct UsefulLife;
 
-impl moka::Expiry<HashBinary, Arc<Family>> for UsefulLife {
+impl moka::Expiry<HashBinary, Family> for UsefulLife {
     fn expire_after_create(
         &self,
         _key: &HashBinary,
-        family: &Arc<Family>,
+        family: &Family,
         _at: std::time::Instant,
     ) -> Option<Duration> {
         Some(family.useful_for(SystemTime::now()))
@@ -330,7 +356,7 @@ impl moka::Expiry<HashBinary, Arc<Family>> for UsefulLife {
     fn expire_after_update(
         &self,
         _key: &HashBinary,
-        family: &Arc<Family>,
+        family: &Family,
         _at: std::time::Instant,
         _left: Option<Duration>,
     ) -> Option<Duration> {
@@ -339,7 +365,7 @@ impl moka::Expiry<HashBinary, Arc<Family>> for UsefulLife {
 }
 
 pub struct MemoryTier {
-    families: moka::sync::Cache<HashBinary, Arc<Family>>,
+    families: moka::sync::Cache<HashBinary, Family>,
     capacity: u64,
     pub counters: Arc<TierCounters>,
 }
@@ -350,10 +376,10 @@ impl MemoryTier {
         let evictions = counters.clone();
         let families = moka::sync::Cache::builder()
             .max_capacity(capacity_bytes)
-            .weigher(|_k: &HashBinary, f: &Arc<Family>| f.weight())
+            .weigher(|_k: &HashBinary, f: &Family| f.weight())
             .expire_after(UsefulLife)
-            .eviction_listener(move |_k, family: Arc<Family>, cause| {
-                let n = family.objects.len() as u64;
+            .eviction_listener(move |_k, family: Family, cause| {
+                let n = family.objects().len() as u64;
                 match cause {
                     moka::notification::RemovalCause::Size => {
                         evictions.evicted_size.fetch_add(n, Ordering::Relaxed);
@@ -387,7 +413,7 @@ impl MemoryTier {
         self.families.run_pending_tasks();
         self.families
             .iter()
-            .map(|(_, f)| f.objects.len() as u64)
+            .map(|(_, f)| f.objects().len() as u64)
             .sum()
     }
 
@@ -456,16 +482,19 @@ impl MemoryTier {
         self.families.entry(primary).and_compute_with(|old| {
             let family = match old {
                 Some(e) => e.into_value().with(obj),
-                None => Family { objects: vec![obj] },
+                None => Family::One(obj),
             };
-            Op::Put(Arc::new(family))
+            Op::Put(family)
         });
         self.counters.stores.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Removes every variant of a URL. Returns how many objects were removed.
     pub fn purge_all(&self, primary: &HashBinary) -> usize {
-        let removed = self.families.remove(primary).map_or(0, |f| f.objects.len());
+        let removed = self
+            .families
+            .remove(primary)
+            .map_or(0, |f| f.objects().len());
         self.counters
             .purges
             .fetch_add(removed as u64, Ordering::Relaxed);
@@ -487,14 +516,14 @@ impl MemoryTier {
                 Some(e) => {
                     let f = e.into_value();
                     marked = f
-                        .objects
+                        .objects()
                         .iter()
                         .filter(|o| slot.is_none_or(|s| o.slot.as_ref() == s))
                         .count();
                     if marked == 0 {
                         Op::Nop
                     } else {
-                        Op::Put(Arc::new(f.expired_at(slot, now)))
+                        Op::Put(f.expired_at(slot, now))
                     }
                 }
                 None => Op::Nop,
@@ -513,11 +542,9 @@ impl MemoryTier {
                         return Op::Nop;
                     }
                     removed = true;
-                    let rest = f.without(slot);
-                    if rest.objects.is_empty() {
-                        Op::Remove
-                    } else {
-                        Op::Put(Arc::new(rest))
+                    match f.without(slot) {
+                        Some(rest) => Op::Put(rest),
+                        None => Op::Remove,
                     }
                 }
                 None => Op::Nop,
@@ -618,7 +645,7 @@ impl Storage for MemoryTier {
                                 StoredMeta::from_meta(meta),
                                 obj.body.clone(),
                             );
-                            Op::Put(Arc::new(f.with(Arc::new(fresh))))
+                            Op::Put(f.with(Arc::new(fresh)))
                         }
                         None => Op::Nop,
                     }
@@ -768,7 +795,7 @@ impl MemoryMiss {
         let obj = StoredObject::new(self.slot, self.meta, body);
         let weight = obj.weight;
         self.tier.insert(self.primary, obj);
-        Some(weight)
+        Some(weight as usize)
     }
 }
 
@@ -804,7 +831,7 @@ fn joined(header: &ResponseHeader, name: &http::HeaderName) -> Option<http::Head
 /// The whole body is known once stored, so the header is encoded ready to serve: HTTP/1.1, a
 /// length instead of chunked framing, `Accept-Ranges` on 200s (hits are seekable), no
 /// hop-by-hop fields, and none of the fields each hit sets itself. Names are lowercase.
-fn encode_head(stored: &ResponseHeader, body_len: usize) -> Bytes {
+fn encode_head(stored: &ResponseHeader, body_len: usize) -> Box<[u8]> {
     use http::header::{
         ACCEPT_RANGES, AGE, CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
     };
@@ -852,7 +879,7 @@ fn encode_head(stored: &ResponseHeader, body_len: usize) -> Bytes {
         field(b"accept-ranges", b"bytes");
     }
     // Its own allocation of its own size: nothing else is pinned per object.
-    Bytes::copy_from_slice(&out)
+    out.into_boxed_slice()
 }
 
 /// The header [`encode_head`] wrote. Every line was written from a valid `HeaderName` and
