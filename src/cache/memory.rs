@@ -66,30 +66,18 @@ impl StoredMeta {
         }
     }
 
-    /// Rebuilds pingora's metadata. `CacheMeta::new` sets provenance to `created`, so the
-    /// primary slot is rebuilt with its provenance there (the tombstone its variants are checked
-    /// against) and secondary slots with their own admission time (what is checked). Age and
-    /// freshness come from `epoch` either way.
+    /// Rebuilds pingora's metadata (see [`MetaTimes::cache_meta`]).
     pub fn to_meta(&self, primary_slot: bool) -> CacheMeta {
-        let created = if primary_slot {
-            self.provenance
-        } else {
-            self.created
+        let times = MetaTimes {
+            fresh_until: self.fresh_until,
+            created: self.created,
+            provenance: self.provenance,
+            epoch: self.epoch,
+            stale_while_revalidate_sec: self.stale_while_revalidate_sec,
+            stale_if_error_sec: self.stale_if_error_sec,
+            variance: self.variance,
         };
-        let mut meta = CacheMeta::new(
-            self.fresh_until,
-            created,
-            self.stale_while_revalidate_sec,
-            self.stale_if_error_sec,
-            self.origin_header(),
-        );
-        if self.epoch != created {
-            meta.set_epoch_override(self.epoch);
-        }
-        if let Some(v) = self.variance {
-            meta.set_variance(v);
-        }
-        meta
+        times.cache_meta(primary_slot, self.origin_header())
     }
 
     /// The header as the origin sent it (framing normalised), with the `Cache-Status` of
@@ -103,6 +91,45 @@ impl StoredMeta {
             let _ = h.insert_header(CACHE_STATUS, upstream.clone());
         }
         h
+    }
+}
+
+/// The times and variance `CacheMeta` is rebuilt from.
+struct MetaTimes {
+    fresh_until: SystemTime,
+    created: SystemTime,
+    provenance: SystemTime,
+    epoch: SystemTime,
+    stale_while_revalidate_sec: u32,
+    stale_if_error_sec: u32,
+    variance: Option<HashBinary>,
+}
+
+impl MetaTimes {
+    /// `CacheMeta::new` sets provenance to `created`, so the primary slot is rebuilt with its
+    /// provenance there (the tombstone its variants are checked against) and secondary slots
+    /// with their own admission time (what is checked). Age and freshness come from `epoch`
+    /// either way.
+    fn cache_meta(self, primary_slot: bool, header: ResponseHeader) -> CacheMeta {
+        let created = if primary_slot {
+            self.provenance
+        } else {
+            self.created
+        };
+        let mut meta = CacheMeta::new(
+            self.fresh_until,
+            created,
+            self.stale_while_revalidate_sec,
+            self.stale_if_error_sec,
+            header,
+        );
+        if self.epoch != created {
+            meta.set_epoch_override(self.epoch);
+        }
+        if let Some(v) = self.variance {
+            meta.set_variance(v);
+        }
+        meta
     }
 }
 
@@ -175,6 +202,25 @@ impl ObjectMeta {
             header: self.header(),
             upstream_cache_status: self.upstream_cache_status.as_deref().cloned(),
         }
+    }
+
+    /// pingora's metadata for a hit. The stored head holds none of the fields a hit adds, so
+    /// unlike [`StoredMeta::to_meta`] there is nothing to strip: the header is decoded once.
+    pub fn to_meta(&self, primary_slot: bool) -> CacheMeta {
+        let mut header = self.header();
+        if let Some(upstream) = &self.upstream_cache_status {
+            let _ = header.insert_header(CACHE_STATUS, upstream.as_ref().clone());
+        }
+        let times = MetaTimes {
+            fresh_until: self.fresh_until,
+            created: self.created,
+            provenance: self.provenance,
+            epoch: self.epoch,
+            stale_while_revalidate_sec: self.stale_while_revalidate_sec,
+            stale_if_error_sec: self.stale_if_error_sec,
+            variance: self.variance,
+        };
+        times.cache_meta(primary_slot, header)
     }
 
     /// The variant key a request would be stored under, if the response varies.
@@ -570,7 +616,7 @@ impl Storage for MemoryTier {
             Some(obj) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 let hit = MemoryHit::new(obj.body.clone(), false);
-                let meta = obj.meta.decode().to_meta(obj.slot.is_none());
+                let meta = obj.meta.to_meta(obj.slot.is_none());
                 Ok(Some((meta, Box::new(hit))))
             }
             None => {
