@@ -270,7 +270,7 @@ impl StoredObject {
 /// do not vary, so one object is held without a list around it (moka keeps the value inline in
 /// its entry: a family of one costs no allocation of its own).
 #[derive(Debug, Clone)]
-pub enum Family {
+enum Family {
     One(Arc<StoredObject>),
     Variants(Arc<[Arc<StoredObject>]>),
 }
@@ -329,8 +329,11 @@ impl Family {
             .filter(|o| o.slot != obj.slot)
             .cloned()
             .collect();
-        objects.push(obj.clone());
-        Family::from_objects(objects).unwrap_or(Family::One(obj))
+        if objects.is_empty() {
+            return Family::One(obj);
+        }
+        objects.push(obj);
+        Family::Variants(objects.into())
     }
 
     /// The family without one slot; `None` if nothing is left.
@@ -345,26 +348,20 @@ impl Family {
     }
 
     fn expired_at(&self, slot: Option<Option<&HashBinary>>, at: SystemTime) -> Family {
-        let objects: Vec<_> = self
-            .objects()
-            .iter()
-            .map(|o| {
-                let hit = slot.is_none_or(|s| o.slot.as_ref() == s);
-                if hit {
-                    let mut meta = o.meta.clone();
-                    meta.fresh_until = meta.fresh_until.min(at);
-                    meta.stale_while_revalidate_sec = meta
-                        .stale_while_revalidate_sec
-                        .max(super::SOFT_PURGE_GRACE_SECS);
-                    Arc::new(StoredObject::with(o.slot, meta, o.body.clone()))
-                } else {
-                    o.clone()
-                }
-            })
-            .collect();
+        let expire = |o: &Arc<StoredObject>| {
+            if slot.is_some_and(|s| o.slot.as_ref() != s) {
+                return o.clone();
+            }
+            let mut meta = o.meta.clone();
+            meta.fresh_until = meta.fresh_until.min(at);
+            meta.stale_while_revalidate_sec = meta
+                .stale_while_revalidate_sec
+                .max(super::SOFT_PURGE_GRACE_SECS);
+            Arc::new(StoredObject::with(o.slot, meta, o.body.clone()))
+        };
         match self {
-            Family::One(_) => Family::from_objects(objects).unwrap_or_else(|| self.clone()),
-            Family::Variants(_) => Family::Variants(objects.into()),
+            Family::One(o) => Family::One(expire(o)),
+            Family::Variants(objects) => Family::Variants(objects.iter().map(expire).collect()),
         }
     }
 }
