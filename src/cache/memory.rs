@@ -996,6 +996,30 @@ mod tests {
     }
 
     #[test]
+    fn removing_one_variant_keeps_the_other_and_removing_both_drops_the_url() {
+        let tier = MemoryTier::new(1 << 20);
+        let p = [3u8; 16];
+        let (a, b) = ([4u8; 16], [5u8; 16]);
+        tier.insert(
+            p,
+            StoredObject::new(Some(a), meta("a"), Bytes::from_static(b"A")),
+        );
+        tier.insert(
+            p,
+            StoredObject::new(Some(b), meta("b"), Bytes::from_static(b"B")),
+        );
+        assert_eq!(tier.object_count(), 2);
+        assert!(tier.remove_slot(&p, Some(&a)));
+        assert!(tier.get(&p, Some(&a)).is_none());
+        assert_eq!(tier.get(&p, Some(&b)).unwrap().body, "B");
+        assert_eq!(tier.expire(&p, Some(Some(&b))), 1);
+        assert!(tier.get(&p, Some(&b)).unwrap().meta.fresh_until <= SystemTime::now());
+        assert!(tier.remove_slot(&p, Some(&b)));
+        assert!(!tier.remove_slot(&p, Some(&b)));
+        assert_eq!(tier.object_count(), 0);
+    }
+
+    #[test]
     fn meta_round_trips_through_cache_meta() {
         let mut m = meta("x");
         m.epoch = m.created + Duration::from_secs(5);
