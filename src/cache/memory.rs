@@ -190,20 +190,6 @@ impl ObjectMeta {
         decode_head(&self.head)
     }
 
-    pub fn decode(&self) -> StoredMeta {
-        StoredMeta {
-            fresh_until: self.fresh_until,
-            created: self.created,
-            provenance: self.provenance,
-            epoch: self.epoch,
-            stale_while_revalidate_sec: self.stale_while_revalidate_sec,
-            stale_if_error_sec: self.stale_if_error_sec,
-            variance: self.variance,
-            header: self.header(),
-            upstream_cache_status: self.upstream_cache_status.as_deref().cloned(),
-        }
-    }
-
     /// pingora's metadata for a hit. The stored head holds none of the fields a hit adds, so
     /// unlike [`StoredMeta::to_meta`] there is nothing to strip: the header is decoded once.
     pub fn to_meta(&self, primary_slot: bool) -> CacheMeta {
