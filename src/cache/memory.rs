@@ -35,16 +35,7 @@ const OBJECT_OVERHEAD: usize = 256;
 /// [`ObjectMeta`]; this is what goes in and comes back out.
 #[derive(Debug, Clone)]
 pub struct StoredMeta {
-    pub fresh_until: SystemTime,
-    pub created: SystemTime,
-    /// pingora's tombstone for a URL's variants: a secondary variant admitted before the
-    /// primary slot's provenance is not served (see `HttpCache::cache_vary_lookup`).
-    pub provenance: SystemTime,
-    /// Reference point of Age and freshness: `updated`, or pingora's epoch override.
-    pub epoch: SystemTime,
-    pub stale_while_revalidate_sec: u32,
-    pub stale_if_error_sec: u32,
-    pub variance: Option<HashBinary>,
+    pub times: MetaTimes,
     /// The response header.
     pub header: ResponseHeader,
     /// `Cache-Status` members from caches before this one, kept apart from the placeholder.
@@ -54,13 +45,15 @@ pub struct StoredMeta {
 impl StoredMeta {
     pub fn from_meta(meta: &CacheMeta) -> StoredMeta {
         StoredMeta {
-            fresh_until: meta.fresh_until(),
-            created: meta.created(),
-            provenance: meta.provenance(),
-            epoch: meta.epoch(),
-            stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
-            stale_if_error_sec: meta.stale_if_error_sec(),
-            variance: meta.variance(),
+            times: MetaTimes {
+                fresh_until: meta.fresh_until(),
+                created: meta.created(),
+                provenance: meta.provenance(),
+                epoch: meta.epoch(),
+                stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
+                stale_if_error_sec: meta.stale_if_error_sec(),
+                variance: meta.variance(),
+            },
             header: meta.response_header_copy(),
             upstream_cache_status: joined(meta.response_header(), &CACHE_STATUS),
         }
@@ -68,16 +61,7 @@ impl StoredMeta {
 
     /// Rebuilds pingora's metadata (see [`MetaTimes::cache_meta`]).
     pub fn to_meta(&self, primary_slot: bool) -> CacheMeta {
-        let times = MetaTimes {
-            fresh_until: self.fresh_until,
-            created: self.created,
-            provenance: self.provenance,
-            epoch: self.epoch,
-            stale_while_revalidate_sec: self.stale_while_revalidate_sec,
-            stale_if_error_sec: self.stale_if_error_sec,
-            variance: self.variance,
-        };
-        times.cache_meta(primary_slot, self.origin_header())
+        self.times.cache_meta(primary_slot, self.origin_header())
     }
 
     /// The header as the origin sent it (framing normalised), with the `Cache-Status` of
@@ -94,15 +78,20 @@ impl StoredMeta {
     }
 }
 
-/// The times and variance `CacheMeta` is rebuilt from.
-struct MetaTimes {
-    fresh_until: SystemTime,
-    created: SystemTime,
-    provenance: SystemTime,
-    epoch: SystemTime,
-    stale_while_revalidate_sec: u32,
-    stale_if_error_sec: u32,
-    variance: Option<HashBinary>,
+/// The times and variance of a stored response: what `CacheMeta` is rebuilt from besides the
+/// header, kept alike by the decoded [`StoredMeta`] and the compact [`ObjectMeta`].
+#[derive(Debug, Clone, Copy)]
+pub struct MetaTimes {
+    pub fresh_until: SystemTime,
+    pub created: SystemTime,
+    /// pingora's tombstone for a URL's variants: a secondary variant admitted before the
+    /// primary slot's provenance is not served (see `HttpCache::cache_vary_lookup`).
+    pub provenance: SystemTime,
+    /// Reference point of Age and freshness: `updated`, or pingora's epoch override.
+    pub epoch: SystemTime,
+    pub stale_while_revalidate_sec: u32,
+    pub stale_if_error_sec: u32,
+    pub variance: Option<HashBinary>,
 }
 
 impl MetaTimes {
@@ -136,13 +125,7 @@ impl MetaTimes {
 /// What a stored object keeps of its metadata: the times, and the header as it is served.
 #[derive(Debug, Clone)]
 pub struct ObjectMeta {
-    pub fresh_until: SystemTime,
-    pub created: SystemTime,
-    pub provenance: SystemTime,
-    pub epoch: SystemTime,
-    pub stale_while_revalidate_sec: u32,
-    pub stale_if_error_sec: u32,
-    pub variance: Option<HashBinary>,
+    pub times: MetaTimes,
     /// The status line and header fields a hit sends, each line ending in CRLF, without the
     /// fields a hit adds (`Age`, `X-Cache-Status`, `Cache-Status`) and the blank line. See
     /// [`encode_head`].
@@ -162,13 +145,7 @@ impl ObjectMeta {
         vary.dedup();
         let headers = &meta.header.headers;
         ObjectMeta {
-            fresh_until: meta.fresh_until,
-            created: meta.created,
-            provenance: meta.provenance,
-            epoch: meta.epoch,
-            stale_while_revalidate_sec: meta.stale_while_revalidate_sec,
-            stale_if_error_sec: meta.stale_if_error_sec,
-            variance: meta.variance,
+            times: meta.times,
             head: encode_head(&meta.header, body_len),
             vary: vary.into_boxed_slice(),
             has_validator: headers.contains_key(http::header::ETAG)
@@ -197,16 +174,7 @@ impl ObjectMeta {
         if let Some(upstream) = &self.upstream_cache_status {
             let _ = header.insert_header(CACHE_STATUS, upstream.as_ref().clone());
         }
-        let times = MetaTimes {
-            fresh_until: self.fresh_until,
-            created: self.created,
-            provenance: self.provenance,
-            epoch: self.epoch,
-            stale_while_revalidate_sec: self.stale_while_revalidate_sec,
-            stale_if_error_sec: self.stale_if_error_sec,
-            variance: self.variance,
-        };
-        times.cache_meta(primary_slot, header)
+        self.times.cache_meta(primary_slot, header)
     }
 
     /// The variant key a request would be stored under, if the response varies.
@@ -285,13 +253,16 @@ impl Family {
             .iter()
             .map(|o| {
                 let m = &o.meta;
-                let grace = m.stale_while_revalidate_sec.max(m.stale_if_error_sec);
+                let grace = m
+                    .times
+                    .stale_while_revalidate_sec
+                    .max(m.times.stale_if_error_sec);
                 let keep = if m.has_validator {
                     KEEP_FOR_REVALIDATION
                 } else {
                     Duration::ZERO
                 };
-                let until = m.fresh_until + Duration::from_secs(grace.into()) + keep;
+                let until = m.times.fresh_until + Duration::from_secs(grace.into()) + keep;
                 until.duration_since(now).unwrap_or(Duration::ZERO)
             })
             .max()
@@ -339,8 +310,9 @@ impl Family {
                 return o.clone();
             }
             let mut meta = o.meta.clone();
-            meta.fresh_until = meta.fresh_until.min(at);
-            meta.stale_while_revalidate_sec = meta
+            meta.times.fresh_until = meta.times.fresh_until.min(at);
+            meta.times.stale_while_revalidate_sec = meta
+                .times
                 .stale_while_revalidate_sec
                 .max(super::SOFT_PURGE_GRACE_SECS);
             Arc::new(StoredObject::with(o.slot, meta, o.body.clone()))
@@ -468,7 +440,7 @@ impl MemoryTier {
     ) -> Option<Arc<StoredObject>> {
         let family = self.families.get(primary)?;
         let first = family.get(None)?;
-        let obj = match first.meta.variance {
+        let obj = match first.meta.times.variance {
             None => first,
             Some(stored) => {
                 let wanted = first.meta.variance_of(req)?;
@@ -476,14 +448,14 @@ impl MemoryTier {
                     first
                 } else {
                     let other = family.get(Some(&wanted))?;
-                    if other.meta.created < first.meta.provenance {
+                    if other.meta.times.created < first.meta.times.provenance {
                         return None;
                     }
                     other
                 }
             }
         };
-        (obj.meta.fresh_until >= now).then(|| obj.clone())
+        (obj.meta.times.fresh_until >= now).then(|| obj.clone())
     }
 
     /// A writer for one response; it gives up (stores nothing) past `limit` body bytes.
@@ -948,13 +920,15 @@ mod tests {
         let mut header = ResponseHeader::build(200, None).unwrap();
         header.append_header("x-note", body_note).unwrap();
         StoredMeta {
-            fresh_until: now + Duration::from_secs(60),
-            created: now,
-            provenance: now,
-            epoch: now,
-            stale_while_revalidate_sec: 0,
-            stale_if_error_sec: 0,
-            variance: None,
+            times: MetaTimes {
+                fresh_until: now + Duration::from_secs(60),
+                created: now,
+                provenance: now,
+                epoch: now,
+                stale_while_revalidate_sec: 0,
+                stale_if_error_sec: 0,
+                variance: None,
+            },
             header,
             upstream_cache_status: None,
         }
@@ -975,7 +949,7 @@ mod tests {
         assert_eq!(tier.get(&p, None).unwrap().body, "gzip");
         assert_eq!(tier.get(&p, Some(&[2; 16])).unwrap().body, "plain");
         assert_eq!(tier.expire_all(&p), 2);
-        assert!(tier.get(&p, None).unwrap().meta.fresh_until <= SystemTime::now());
+        assert!(tier.get(&p, None).unwrap().meta.times.fresh_until <= SystemTime::now());
         assert_eq!(tier.purge_all(&p), 2);
         assert!(tier.get(&p, None).is_none());
         assert_eq!(tier.purge_all(&p), 0);
@@ -999,7 +973,7 @@ mod tests {
         assert!(tier.get(&p, Some(&a)).is_none());
         assert_eq!(tier.get(&p, Some(&b)).unwrap().body, "B");
         assert_eq!(tier.expire(&p, Some(Some(&b))), 1);
-        assert!(tier.get(&p, Some(&b)).unwrap().meta.fresh_until <= SystemTime::now());
+        assert!(tier.get(&p, Some(&b)).unwrap().meta.times.fresh_until <= SystemTime::now());
         assert!(tier.remove_slot(&p, Some(&b)));
         assert!(!tier.remove_slot(&p, Some(&b)));
         assert_eq!(tier.object_count(), 0);
@@ -1008,12 +982,12 @@ mod tests {
     #[test]
     fn meta_round_trips_through_cache_meta() {
         let mut m = meta("x");
-        m.epoch = m.created + Duration::from_secs(5);
-        m.variance = Some([9; 16]);
+        m.times.epoch = m.times.created + Duration::from_secs(5);
+        m.times.variance = Some([9; 16]);
         let back = StoredMeta::from_meta(&m.to_meta(false));
-        assert_eq!(back.epoch, m.epoch);
-        assert_eq!(back.fresh_until, m.fresh_until);
-        assert_eq!(back.variance, m.variance);
+        assert_eq!(back.times.epoch, m.times.epoch);
+        assert_eq!(back.times.fresh_until, m.times.fresh_until);
+        assert_eq!(back.times.variance, m.times.variance);
         assert_eq!(back.header.headers.get("x-note").unwrap(), "x");
     }
 

@@ -85,7 +85,7 @@ impl FrontDoor {
         let mut out = Vec::with_capacity(
             obj.meta.head.len() + 160 + if coalesce { obj.body.len() } else { 0 },
         );
-        let ours = Outcome::fast_hit(obj.meta.fresh_until).cache_status(&shared.name, now);
+        let ours = Outcome::fast_hit(obj.meta.times.fresh_until).cache_status(&shared.name, now);
         write_hit_head(&mut out, &obj.meta, now, &ours, close);
         let body_bytes = if with_body { obj.body.len() as u64 } else { 0 };
         let body = if coalesce {
@@ -227,7 +227,9 @@ pub fn write_hit_head(
     out.extend_from_slice(&meta.head);
     // RFC 9111 §4: "When a stored response is used to satisfy a request without
     // validation, a cache MUST generate an Age header field".
-    let age = now.duration_since(meta.epoch).map_or(0, |d| d.as_secs());
+    let age = now
+        .duration_since(meta.times.epoch)
+        .map_or(0, |d| d.as_secs());
     // Written in place: no string per hit.
     let _ = write!(out, "age: {age}\r\n");
     field(out, X_CACHE_STATUS.as_str().as_bytes(), b"hit-front");
