@@ -79,16 +79,43 @@ async fn purge_at_one_node_reaches_the_others_within_a_second() {
     assert_eq!(nodes[0].metric("skua_purge_bus_published_total").await, 1.0);
 }
 
+/// On one bus and one versioned origin: node A, which takes the purges, and node C with a
+/// disk tier, which can go down and come back on the same port and cache directory.
+struct PublisherAndDiskNode {
+    nats: Nats,
+    origin: Origin,
+    a: Skua,
+    disk: tempfile::TempDir,
+    port: u16,
+}
+
+impl PublisherAndDiskNode {
+    async fn start() -> (PublisherAndDiskNode, Skua) {
+        let nats = Nats::start().await;
+        let origin = versioned_origin().await;
+        let a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;
+        let fleet = PublisherAndDiskNode {
+            nats,
+            origin,
+            a,
+            disk: tempfile::tempdir().unwrap(),
+            port: free_port(),
+        };
+        let c = fleet.start_c().await;
+        c.wait_ready().await;
+        (fleet, c)
+    }
+
+    async fn start_c(&self) -> Skua {
+        let bus = self.nats.bus("c", "");
+        Skua::start_disk_on(self.port, &[self.origin.addr], self.disk.path(), "", &bus).await
+    }
+}
+
 #[tokio::test]
 async fn node_killed_before_applying_any_purge_does_not_serve_a_page_purged_meanwhile() {
-    let nats = Nats::start().await;
-    let origin = versioned_origin().await;
-    let a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;
-    let disk = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut c =
-        Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &nats.bus("c", "")).await;
-    c.wait_ready().await;
+    let (fleet, mut c) = PublisherAndDiskNode::start().await;
+    let a = &fleet.a;
     for page in ["/wiki/Old", "/wiki/Kept"] {
         assert_eq!(
             get(&c.url(page), &[HOST]).await.text(),
@@ -108,7 +135,7 @@ async fn node_killed_before_applying_any_purge_does_not_serve_a_page_purged_mean
     let r = send(&client(), "PURGE", &a.url("/wiki/Old"), &[HOST]).await;
     assert_eq!(r.status, 404);
     wait_for_metric(
-        &a,
+        a,
         "skua_purge_bus_published_total",
         1.0,
         Duration::from_secs(5),
@@ -116,7 +143,7 @@ async fn node_killed_before_applying_any_purge_does_not_serve_a_page_purged_mean
     .await;
     // Older than the second of clock slack a new node reads back.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let c = Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &nats.bus("c", "")).await;
+    let c = fleet.start_c().await;
     c.wait_ready().await;
     let got = get(&c.url("/wiki/Old"), &[HOST]).await;
     assert_eq!(got.text(), "/wiki/Old v2", "served from before the purge");
@@ -129,14 +156,8 @@ async fn node_killed_before_applying_any_purge_does_not_serve_a_page_purged_mean
 
 #[tokio::test]
 async fn node_down_during_purges_serves_none_of_its_old_copies_after_restart() {
-    let nats = Nats::start().await;
-    let origin = versioned_origin().await;
-    let a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;
-    let disk = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut c =
-        Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &nats.bus("c", "")).await;
-    c.wait_ready().await;
+    let (fleet, mut c) = PublisherAndDiskNode::start().await;
+    let a = &fleet.a;
     let pages: Vec<String> = (0..100).map(|i| format!("/wiki/P{i}")).collect();
     let others: Vec<String> = (0..20).map(|i| format!("/wiki/Kept{i}")).collect();
     for p in pages.iter().chain(&others) {
@@ -151,13 +172,13 @@ async fn node_down_during_purges_serves_none_of_its_old_copies_after_restart() {
         );
     }
     wait_for_metric(
-        &a,
+        a,
         "skua_purge_bus_published_total",
         100.0,
         Duration::from_secs(5),
     )
     .await;
-    let c = Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &nats.bus("c", "")).await;
+    let c = fleet.start_c().await;
     for p in &pages {
         let got = get(&c.url(p), &[HOST]).await;
         assert_eq!(
