@@ -19,8 +19,9 @@ use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
+use pingora::time::fast_timeout::fast_timeout;
+use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::{timeout, Instant};
 
 use super::fast::FrontDoor;
 use crate::metrics::ConnectionMetrics;
@@ -224,7 +225,10 @@ async fn write_both(stream: &mut Stream, head: &[u8], body: &[u8]) -> std::io::R
 /// timeout, the whole head within the header timeout of that first byte.
 async fn read_head(stream: &mut Stream, limits: &ConnectionLimits) -> HeadRead {
     let mut buf = BytesMut::with_capacity(HEAD_BUFFER);
-    match timeout(limits.idle_timeout, stream.read_buf(&mut buf)).await {
+    // pingora's coarse timer (10 ms buckets on its own clock thread), not tokio's: a tokio
+    // timer armed while the runtime has none wakes the runtime's own event loop through its
+    // eventfd, one extra system call and poll on every request of a keep-alive connection.
+    match fast_timeout(limits.idle_timeout, stream.read_buf(&mut buf)).await {
         Ok(Ok(n)) if n > 0 => {}
         _ => return HeadRead::Gone,
     }
@@ -242,7 +246,8 @@ async fn read_head(stream: &mut Stream, limits: &ConnectionLimits) -> HeadRead {
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(HEAD_BUFFER);
         }
-        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match fast_timeout(left, stream.read_buf(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             Ok(_) => return HeadRead::Gone,
             Err(_) => return HeadRead::TimedOut,
@@ -276,7 +281,7 @@ async fn refuse(stream: &mut Stream, status: &str, why: &str) {
          Retry-After: 1\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = timeout(REFUSAL_WRITE_TIMEOUT, async {
+    let _ = fast_timeout(REFUSAL_WRITE_TIMEOUT, async {
         stream.write_all(response.as_bytes()).await?;
         stream.shutdown().await
     })
