@@ -38,10 +38,10 @@ pub struct Built {
 
 /// The write buffer of a client connection. pingora writes a response header and its body in
 /// separate calls; with its default of 1,460 bytes, a miss of a 4 KiB page left in two
-/// `sendto`s, and each send to an idle client is a cross-CPU wake-up (an IPI, a hypervisor exit
-/// on a VM), about a third of a miss's CPU time there. 8 KiB holds a header and a small body,
-/// so they leave in one send; larger bodies go straight through after the header. It costs
-/// 8 KiB per open connection (docs/hardening.md).
+/// `sendto`s, and a send to an idle client is a cross-CPU wake-up (an IPI; a hypervisor exit
+/// on a VM). 8 KiB holds a header and a small body, so they leave in one send; larger bodies
+/// go straight through after the header. It costs up to 8 KiB per open connection
+/// (docs/hardening.md).
 const CLIENT_WRITE_BUFFER: usize = 8 * 1024;
 
 pub fn build(config: &Config) -> anyhow::Result<Built> {
