@@ -194,14 +194,12 @@ async fn private_response_for_a_static_looking_url_is_not_stored() {
 async fn five_hundred_slowloris_connections_do_not_stop_a_normal_client() {
     let origin = cached_origin().await;
     let skua = Skua::start(&[origin.addr], "").await;
-    let mut slow = Vec::new();
-    for _ in 0..500 {
-        let mut s = TcpStream::connect(skua.addr).await.unwrap();
-        s.write_all(b"GET /slow HTTP/1.1\r\nHost: wiki.test\r\nX-Slow: ")
-            .await
-            .unwrap();
-        slow.push(s);
-    }
+    let mut slow = half_sent_heads(
+        &skua,
+        500,
+        b"GET /slow HTTP/1.1\r\nHost: wiki.test\r\nX-Slow: ",
+    )
+    .await;
     for round in 0..3 {
         for s in slow.iter_mut() {
             let _ = s.write_all(b"a").await;
@@ -227,14 +225,7 @@ async fn half_sent_request_heads_do_not_cost_a_64_kib_buffer_each() {
     let skua = Skua::start(&[origin.addr], "").await;
     let before = resident_kib(skua.pid());
     for _wave in 0..2 {
-        let mut held = Vec::new();
-        for _ in 0..600 {
-            let mut s = TcpStream::connect(skua.addr).await.unwrap();
-            s.write_all(b"GET /held HTTP/1.1\r\nHost: wiki.test\r\n")
-                .await
-                .unwrap();
-            held.push(s);
-        }
+        let held = half_sent_heads(&skua, 600, b"GET /held HTTP/1.1\r\nHost: wiki.test\r\n").await;
         open_connections_reach(&skua, 600.0).await;
         let grown_mib = (resident_kib(skua.pid()) - before) / 1024;
         assert!(grown_mib < 24, "600 held connections took {grown_mib} MiB");
@@ -244,6 +235,17 @@ async fn half_sent_request_heads_do_not_cost_a_64_kib_buffer_each() {
     let got = get(&skua.url("/normal"), &[]).await;
     assert_eq!(got.status, 200);
     assert_eq!(origin.count("/held"), 0);
+}
+
+/// `count` connections that each sent `partial_head` and nothing more.
+async fn half_sent_heads(skua: &Skua, count: usize, partial_head: &[u8]) -> Vec<TcpStream> {
+    let mut held = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut s = TcpStream::connect(skua.addr).await.unwrap();
+        s.write_all(partial_head).await.unwrap();
+        held.push(s);
+    }
+    held
 }
 
 fn resident_kib(pid: u32) -> i64 {
