@@ -147,7 +147,7 @@ impl ObjectMeta {
         ObjectMeta {
             times: meta.times,
             head: encode_head(&meta.header, body_len),
-            vary: exact_size(&vary),
+            vary: exact_size(vary),
             has_validator: headers.contains_key(http::header::ETAG)
                 || headers.contains_key(http::header::LAST_MODIFIED),
             upstream_cache_status: meta.upstream_cache_status.map(Box::new),
@@ -879,15 +879,21 @@ fn encode_head(stored: &ResponseHeader, body_len: usize) -> Box<[u8]> {
     if status.as_u16() == 200 {
         field(b"accept-ranges", b"bytes");
     }
-    exact_size(&out)
+    exact_size(out)
 }
 
-/// A copy in an allocation of its own size, for what a stored object keeps for hours.
-/// `Vec::into_boxed_slice` is not that: mimalloc shrinks a block in place while the new size
-/// is at least half of it, so a 251-byte head built in a 424-byte buffer kept all 448 bytes
-/// of its size class (about 1.9 MiB over 10,000 pages; see benches/README.md §3).
-fn exact_size<T: Clone>(items: &[T]) -> Box<[T]> {
-    Box::from(items)
+/// The items in an allocation of their own size, for what a stored object keeps for hours.
+/// `Vec::into_boxed_slice` alone is not that: mimalloc shrinks a block in place while the new
+/// size is at least half of it, so a 251-byte head built in a 424-byte buffer kept all 448
+/// bytes of its size class (about 1.9 MiB over 10,000 pages; see benches/README.md §3). The
+/// items are moved, not cloned.
+fn exact_size<T>(mut items: Vec<T>) -> Box<[T]> {
+    if items.len() == items.capacity() {
+        return items.into_boxed_slice();
+    }
+    let mut exact = Vec::with_capacity(items.len());
+    exact.append(&mut items);
+    exact.into_boxed_slice()
 }
 
 /// The header [`encode_head`] wrote. Every line was written from a valid `HeaderName` and
