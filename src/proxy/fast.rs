@@ -20,7 +20,7 @@ use http::Method;
 use super::guard::Limits;
 use super::Shared;
 use crate::cache::key::{CacheUrl, Scheme};
-use crate::cache::memory::{ObjectMeta, CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::memory::{StoredObject, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::status::{Disposition, Outcome};
 use crate::metrics::access_log::Entry;
 
@@ -85,8 +85,9 @@ impl FrontDoor {
         let mut out = Vec::with_capacity(
             obj.meta.head.len() + 160 + if coalesce { obj.body.len() } else { 0 },
         );
-        let ours = Outcome::fast_hit(obj.meta.times.fresh_until).cache_status(&shared.name, now);
-        write_hit_head(&mut out, &obj.meta, now, &ours, close);
+        let ours =
+            Outcome::fast_hit(obj.meta.times.fresh_until.time()).cache_status(&shared.name, now);
+        write_hit_head(&mut out, &obj, now, &ours, close);
         let body_bytes = if with_body { obj.body.len() as u64 } else { 0 };
         let body = if coalesce {
             out.extend_from_slice(&obj.body);
@@ -219,22 +220,24 @@ fn needs_full_path(name: &HeaderName) -> bool {
 /// sets, then the blank line.
 pub fn write_hit_head(
     out: &mut Vec<u8>,
-    meta: &ObjectMeta,
+    obj: &StoredObject,
     now: SystemTime,
     cache_status: &str,
     close: bool,
 ) {
+    let meta = &obj.meta;
     out.extend_from_slice(&meta.head);
+    meta.write_framing(out, obj.body.len());
     // RFC 9111 §4: "When a stored response is used to satisfy a request without
     // validation, a cache MUST generate an Age header field".
     let age = now
-        .duration_since(meta.times.epoch)
+        .duration_since(meta.times.epoch.time())
         .map_or(0, |d| d.as_secs());
     // Written in place: no string per hit.
     let _ = write!(out, "age: {age}\r\n");
     field(out, X_CACHE_STATUS.as_str().as_bytes(), b"hit-front");
     // RFC 9211 §2: members of caches before this one come first.
-    match &meta.upstream_cache_status {
+    match meta.upstream_cache_status() {
         Some(upstream) => {
             let mut joined = upstream.as_bytes().to_vec();
             joined.extend_from_slice(b", ");

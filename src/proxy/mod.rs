@@ -201,8 +201,8 @@ impl Shared {
             .memory
             .fresh_object(&url.primary_hash(), headers, now)?;
         let invalidations = &store.invalidations;
-        if invalidations.banned(url, obj.meta.times.created)
-            || invalidations.trust(obj.meta.times.created) != Trust::Yes
+        if invalidations.banned(url, obj.meta.times.created.time())
+            || invalidations.trust(obj.meta.times.created.time()) != Trust::Yes
         {
             return None;
         }
@@ -382,12 +382,12 @@ impl Skua {
         };
         let head = req.method == Method::HEAD;
         ctx.fast_hit = true;
-        ctx.fresh_until = Some(obj.meta.times.fresh_until);
+        ctx.fresh_until = Some(obj.meta.times.fresh_until.time());
         // The same head the front door sends, as pingora's session wants it.
-        let ours =
-            Outcome::fast_hit(obj.meta.times.fresh_until).cache_status(&self.shared.name, now);
+        let ours = Outcome::fast_hit(obj.meta.times.fresh_until.time())
+            .cache_status(&self.shared.name, now);
         let mut wire = Vec::with_capacity(obj.meta.head.len() + 160);
-        fast::write_hit_head(&mut wire, &obj.meta, now, &ours, false);
+        fast::write_hit_head(&mut wire, &obj, now, &ours, false);
         let resp = decode_head(&wire);
         session.write_response_header(Box::new(resp), head).await?;
         if !head {
