@@ -5,7 +5,7 @@
 //! Skua executes are spread over most of its 12 MB of text, and most blocks end up resident:
 //! about 10 MiB of RSS after a 10,000-page fill. `build/hot-code.txt` lists those functions
 //! (recorded by `benches/hot-code.sh`); the linker places them first and the resident code
-//! drops to about 7.5 MiB (benches/README.md section 3).
+//! drops to about 8 MiB (benches/README.md section 3).
 //!
 //! The list names symbols; `rust-lld` (shipped with the Rust toolchain) is the linker that
 //! takes such a list. Without it, or when a symbol no longer exists, the build is unchanged
