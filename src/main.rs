@@ -95,27 +95,35 @@ fn init_logging() {
         .init();
 }
 
+/// Loads, validates and pre-builds a configuration the same way for `check` and `serve`;
+/// on failure, prints every problem and gives EX_CONFIG.
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    let config = Config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    skua::server::preflight(&config).map_err(|e| {
+        eprintln!("{}: {e:#}", path.display());
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    Ok(config)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config: path } => match load(&path) {
             Ok(_) => {
-                println!("{}: ok", config.display());
+                println!("{}: ok", path.display());
                 ExitCode::SUCCESS
             }
-            Err(errors) => {
-                eprintln!("{errors}");
-                ExitCode::from(EXIT_CONFIG)
-            }
+            Err(code) => code,
         },
         Command::Serve { config, upgrade } => {
             let path = config;
-            let config = match Config::load(&path) {
+            let config = match load(&path) {
                 Ok(c) => c,
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+                Err(code) => return code,
             };
             init_logging();
             match skua::server::build_with(&config, upgrade) {

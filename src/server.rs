@@ -44,6 +44,14 @@ pub struct Built {
 /// (docs/hardening.md).
 const CLIENT_WRITE_BUFFER: usize = 8 * 1024;
 
+/// Builds what a configuration needs that validation alone cannot vouch for (the origin pools
+/// and their health checks), then drops it. `skua check` and `skua serve` both run it, so that
+/// a file `check` passes is one `serve` starts with.
+pub fn preflight(config: &Config) -> anyhow::Result<()> {
+    Pools::build(&config.origins).context("building origin pools")?;
+    Ok(())
+}
+
 pub fn build(config: &Config) -> anyhow::Result<Built> {
     build_with(config, false)
 }
@@ -169,6 +177,42 @@ struct Reloader {
     shared: Arc<Shared>,
 }
 
+impl Reloader {
+    /// Loads, validates and applies the file; counts the result, so a test (or an operator)
+    /// can tell a reload ran without reading the log.
+    fn reload(&self) {
+        let metrics = &self.shared.metrics;
+        let config = match Config::load(&self.path) {
+            Ok(config) => config,
+            Err(errors) => {
+                metrics.reloads_rejected.inc();
+                tracing::error!("reload rejected, the running configuration stays:\n{errors}");
+                return;
+            }
+        };
+        // A panic while building (a bug: validation should have refused the file) must not
+        // end this loop, or every later SIGHUP would be ignored.
+        let applied =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.shared.reload(&config)));
+        match applied {
+            Ok(Ok(())) => {
+                metrics.reloads_applied.inc();
+                tracing::warn!(path = %self.path.display(), "configuration reloaded");
+            }
+            Ok(Err(e)) => {
+                metrics.reloads_rejected.inc();
+                tracing::error!(error = %format!("{e:#}"), "reload rejected, the running configuration stays");
+            }
+            Err(_) => {
+                metrics.reloads_rejected.inc();
+                tracing::error!(
+                    "reload rejected after an internal error; the running configuration stays"
+                );
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -181,15 +225,7 @@ impl BackgroundService for Reloader {
         };
         loop {
             tokio::select! {
-                _ = hangups.recv() => match Config::load(&self.path) {
-                    Ok(config) => {
-                        self.shared.reload(&config);
-                        tracing::warn!(path = %self.path.display(), "configuration reloaded");
-                    }
-                    Err(errors) => {
-                        tracing::error!("reload rejected, the running configuration stays:\n{errors}");
-                    }
-                },
+                _ = hangups.recv() => self.reload(),
                 _ = shutdown.changed() => return,
             }
         }

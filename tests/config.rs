@@ -21,26 +21,103 @@ fn run_on(command: &str, name: &str, text: &str) -> (Option<i32>, String) {
     )
 }
 
+/// Every shipped example and every file in `tests/configs/`; files named `bad-*` must be
+/// refused, the rest accepted.
+fn every_config() -> Vec<std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for dir in ["config", "config/fleet", "tests/configs"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() >= 10, "configs found: {files:?}");
+    files
+}
+
+/// `text` with every loopback port replaced by a free one and every absolute file path moved
+/// into `dir`, so that a config can run beside the other tests.
+fn relocate(text: &str, dir: &std::path::Path) -> String {
+    let ports = regex::Regex::new(r"(127\.0\.0\.1|0\.0\.0\.0):\d+").unwrap();
+    let text = ports.replace_all(text, |_: &regex::Captures| {
+        format!("127.0.0.1:{}", crate::support::free_port())
+    });
+    let paths = regex::Regex::new(r#""/(var|tmp)/([^"]*)""#).unwrap();
+    paths
+        .replace_all(&text, |c: &regex::Captures| {
+            format!("\"{}\"", dir.join(c[2].replace('/', "_")).display())
+        })
+        .into_owned()
+}
+
+/// What `skua serve` does with a file: `Ok(())` once it listens, or the exit code it stopped with.
+fn serve_outcome(path: &std::path::Path, listen: std::net::SocketAddr) -> Result<(), Option<i32>> {
+    let mut child = Command::new(skua_bin())
+        .args(["serve", "--config"])
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let outcome = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Err(status.code());
+        }
+        if std::net::TcpStream::connect(listen).is_ok() {
+            break Ok(());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: serve neither listened nor exited",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    outcome
+}
+
+/// Regression: `check` passed files `serve` refused (a health-check path with a space) or
+/// panicked on (a control character in its host), and `serve` exited 1 instead of 78.
 #[test]
-fn shipped_example_configs_are_valid() {
-    for file in [
-        "skua.toml",
-        "bench.toml",
-        "bench-disk.toml",
-        "fleet/frontend.toml",
-        "fleet/backend1.toml",
-        "fleet/backend2.toml",
-    ] {
-        let path = format!("{}/config/{file}", env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new(skua_bin())
-            .args(["check", "--config", &path])
+fn check_and_serve_agree_on_every_shipped_and_test_config() {
+    for file in every_config() {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        let dir = tempfile::tempdir().unwrap();
+        let text = relocate(&std::fs::read_to_string(&file).unwrap(), dir.path());
+        let path = dir.path().join(&name);
+        std::fs::write(&path, &text).unwrap();
+        let check = Command::new(skua_bin())
+            .args(["check", "--config"])
+            .arg(&path)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{file}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&check.stderr);
+        let listen: std::net::SocketAddr = toml::from_str::<toml::Value>(&text).unwrap()["server"]
+            ["listen"][0]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let serve = serve_outcome(&path, listen);
+        if name.starts_with("bad-") {
+            assert_eq!(check.status.code(), Some(78), "{name}: check accepted it");
+            assert!(stderr.contains(&format!("{name}:")), "{name}: {stderr}");
+            assert_eq!(serve, Err(Some(78)), "{name}: serve and check disagree");
+        } else {
+            assert!(check.status.success(), "{name}: {stderr}");
+            assert_eq!(
+                serve,
+                Ok(()),
+                "{name}: check passed it, serve did not start"
+            );
+        }
     }
 }
 

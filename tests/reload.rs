@@ -42,28 +42,23 @@ async fn reload_under_load_changes_the_ttl_cap_and_a_bad_file_changes_nothing() 
         }
     });
 
-    skua.reload(|text| {
-        text.replace(
-            "memory_size = 16777216",
-            "memory_size = 16777216\nttl_cap = \"5s\"",
-        )
-    });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut n = 0;
-    let mut ttl = i64::MAX;
-    while Instant::now() < deadline {
-        n += 1;
-        ttl = stored_ttl(&skua, &format!("/after/{n}")).await;
-        if ttl <= 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let applied = skua
+        .reload_and_wait(|text| {
+            text.replace(
+                "memory_size = 16777216",
+                "memory_size = 16777216\nttl_cap = \"5s\"",
+            )
+        })
+        .await;
+    assert!(applied);
+    let ttl = stored_ttl(&skua, "/after/1").await;
     assert!(ttl <= 5, "the new TTL cap applies to new fills: ttl={ttl}");
 
     // A file that does not validate: logged and ignored, the 5 s cap stays.
-    skua.reload(|text| text.replace("ttl_cap = \"5s\"", "ttl_cap = \"soon\""));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let applied = skua
+        .reload_and_wait(|text| text.replace("ttl_cap = \"5s\"", "ttl_cap = \"soon\""))
+        .await;
+    assert!(!applied);
     assert!(skua.alive());
     assert!(stored_ttl(&skua, "/after-bad").await <= 5);
 
@@ -142,7 +137,10 @@ async fn reload_moves_misses_to_the_new_origins_and_keeps_the_cache() {
         Origin::start(|_| Reply::ok("new origin").header("cache-control", "max-age=600")).await;
     let skua = Skua::start(&[old.addr], "").await;
     assert_eq!(get(&skua.url("/cached"), &[]).await.text(), "old origin");
-    skua.reload(|text| text.replace(&old.addr.to_string(), &new.addr.to_string()));
+    assert!(
+        skua.reload_and_wait(|text| text.replace(&old.addr.to_string(), &new.addr.to_string()))
+            .await
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut n = 0;
     loop {
@@ -180,4 +178,55 @@ async fn reload_moves_misses_to_the_new_origins_and_keeps_the_cache() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Regression: a file that passed validation but failed to build its origin pools (a health
+/// check path with a space) had its `ttl_cap` applied and its origins not, and was logged as
+/// reloaded; one with a control character in the health check's host killed the reload loop,
+/// so every later SIGHUP was ignored.
+#[tokio::test]
+async fn a_reload_that_fails_late_changes_nothing_and_later_reloads_still_run() {
+    let old =
+        Origin::start(|_| Reply::ok("old origin").header("cache-control", "max-age=600")).await;
+    let new =
+        Origin::start(|_| Reply::ok("new origin").header("cache-control", "max-age=600")).await;
+    let mut skua = Skua::start(&[old.addr], "").await;
+    assert!(stored_ttl(&skua, "/before").await > 500);
+
+    let original = std::fs::read_to_string(skua.config_path()).unwrap();
+    let health = "path = \"/_health\"";
+    for bad in [
+        "path = \"/a b\"",
+        "path = \"/_health\"\nhost = \"wiki\\u0001.test\"",
+    ] {
+        let applied = skua
+            .reload_and_wait(|text| {
+                text.replace(&old.addr.to_string(), &new.addr.to_string())
+                    .replace(
+                        "memory_size = 16777216",
+                        "memory_size = 16777216\nttl_cap = \"5s\"",
+                    )
+                    .replace(health, bad)
+            })
+            .await;
+        assert!(!applied, "{bad}: rejected");
+        assert!(skua.alive());
+        let got = get(&skua.url(&format!("/after/{}", bad.len())), &[]).await;
+        assert_eq!(got.text(), "old origin", "{bad}: the origins stay");
+        assert!(
+            stored_ttl(&skua, &format!("/ttl/{}", bad.len())).await > 500,
+            "{bad}: the ttl cap stays"
+        );
+        std::fs::write(skua.config_path(), &original).unwrap();
+    }
+
+    // The reload loop survived: a good file applies.
+    let applied = skua
+        .reload_and_wait(|text| text.replace(&old.addr.to_string(), &new.addr.to_string()))
+        .await;
+    assert!(applied);
+    assert_eq!(
+        get(&skua.url("/after-good"), &[]).await.text(),
+        "new origin"
+    );
 }

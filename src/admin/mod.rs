@@ -133,6 +133,10 @@ impl Admin {
                 "caught_up": self.shared.store.invalidations.is_caught_up(),
             })),
             "version": env!("CARGO_PKG_VERSION"),
+            "config": {
+                "reloads_applied": m.reloads_applied.get(),
+                "reloads_rejected": m.reloads_rejected.get(),
+            },
             "tiers": {
                 "memory": {
                     "objects": mem.object_count(),

@@ -121,6 +121,28 @@ fn compile(pattern: &str) -> Result<Regex, regex::Error> {
     Regex::new(pattern)
 }
 
+/// A health check's path must be a request target the check can send as it is: origin form
+/// (RFC 9112 §3.2.1), whose characters the request line allows (no spaces or controls).
+fn health_check_path(path: &str) -> Result<(), &'static str> {
+    if !path.starts_with('/') {
+        return Err("must start with '/'");
+    }
+    match path.parse::<http::uri::PathAndQuery>() {
+        Ok(p) if p.as_str() == path => Ok(()),
+        _ => Err("not a request target (no spaces, control characters or fragments)"),
+    }
+}
+
+/// A health check's `Host` must be a host with an optional port (RFC 9110 §7.2), which is
+/// also a valid header value.
+fn health_check_host(host: &str) -> Result<(), &'static str> {
+    let authority = host.parse::<http::uri::Authority>();
+    match authority {
+        Ok(a) if !host.is_empty() && a.as_str() == host && !host.contains('@') => Ok(()),
+        _ => Err("not a host name or host:port"),
+    }
+}
+
 /// Checks a tier's largest object: positive, within the tier, and small enough for the tiers'
 /// indexes, which weigh entries with a u32.
 fn object_size(c: &mut Checker<'_>, at: &[Seg<'_>], size: u64, tier: u64, tier_key: &str) {
@@ -376,11 +398,11 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         if hc.enabled && interval.is_zero() {
             c.report(&hc_at("interval"), "must be longer than zero");
         }
-        if !hc.path.starts_with('/') {
-            c.report(
-                &hc_at("path"),
-                format!("must start with '/': {:?}", hc.path),
-            );
+        if let Err(reason) = health_check_path(&hc.path) {
+            c.report(&hc_at("path"), format!("{reason}: {:?}", hc.path));
+        }
+        if let Err(reason) = health_check_host(&hc.host) {
+            c.report(&hc_at("host"), format!("{reason}: {:?}", hc.host));
         }
         if hc.failures == 0 || hc.successes == 0 {
             c.report(
@@ -706,6 +728,23 @@ mod tests {
                 ("cache.ttl_cap".to_string(), Some(10)),
             ]
         );
+    }
+
+    #[test]
+    fn health_check_path_and_host_must_be_sendable() {
+        let text = "[[origin]]\nname = \"a\"\naddresses = [\"127.0.0.1:1\"]\n[origin.health_check]\npath = \"/a b\"\nhost = \"wiki\\u0001.test\"\n";
+        let errs = parse(text).unwrap_err();
+        let got: Vec<(String, Option<usize>)> =
+            errs.iter().map(|e| (e.key.clone(), e.line)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("origin[0].health_check.path".to_string(), Some(5)),
+                ("origin[0].health_check.host".to_string(), Some(6)),
+            ]
+        );
+        let good = "[[origin]]\nname = \"a\"\naddresses = [\"127.0.0.1:1\"]\n[origin.health_check]\npath = \"/wiki/Main_Page?action=raw\"\nhost = \"wiki.test:8080\"\n";
+        assert!(parse(good).is_ok());
     }
 
     #[test]

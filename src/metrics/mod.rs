@@ -56,6 +56,9 @@ pub struct Metrics {
     /// serve them any more).
     pub evictions: TierEvents,
     pub build_info: IntGauge,
+    /// SIGHUP reloads: `applied` (the new configuration runs) and `rejected` (the old one stays).
+    pub reloads_applied: IntCounter,
+    pub reloads_rejected: IntCounter,
     /// Series of the per-request metrics resolved once, so counting a request hashes no labels.
     per_request: Vec<RequestSeries>,
 }
@@ -277,6 +280,16 @@ impl Metrics {
                 .const_label("version", env!("CARGO_PKG_VERSION")),
         )?;
         build_info.set(1);
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "skua_config_reloads_total",
+                "Configuration reloads (SIGHUP), by result (applied, rejected).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(reloads.clone()))?;
+        let reloads_applied = reloads.with_label_values(&["applied"]);
+        let reloads_rejected = reloads.with_label_values(&["rejected"]);
         for c in [
             &requests,
             &response_bytes,
@@ -325,6 +338,8 @@ impl Metrics {
             tier_events,
             evictions,
             build_info,
+            reloads_applied,
+            reloads_rejected,
             per_request,
         })
     }

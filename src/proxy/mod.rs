@@ -224,13 +224,14 @@ impl Shared {
     }
 
     /// Applies a reloaded configuration's rules and origin pools; requests already running
-    /// keep theirs. Pools that cannot be built leave the old ones in place.
-    pub fn reload(&self, config: &Config) {
-        self.rules.store(Arc::new(Rules::from(config)));
-        match Pools::build(&config.origins) {
-            Ok(pools) => self.pools.store(Arc::new(pools)),
-            Err(e) => tracing::error!(error = %e, "origin pools not reloaded; the old ones stay"),
-        }
+    /// keep theirs. Everything is built before anything is swapped in, so a configuration
+    /// that fails to build changes nothing.
+    pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
+        let pools = Pools::build(&config.origins)?;
+        let rules = Rules::from(config);
+        self.pools.store(Arc::new(pools));
+        self.rules.store(Arc::new(rules));
+        Ok(())
     }
 }
 

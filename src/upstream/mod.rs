@@ -201,7 +201,9 @@ where
 {
     let mut lb = LoadBalancer::<S>::try_from_iter(pool.addresses.iter().copied())?;
     if let Some(hc) = &pool.health_check {
-        let mut check = HttpHealthCheck::new(&hc.host, false);
+        // The host goes into the request below, where a bad value is an error, not a panic
+        // (pingora's constructor unwraps it).
+        let mut check = HttpHealthCheck::new("", false);
         let mut req = RequestHeader::build("GET", hc.path.as_bytes(), None)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         req.insert_header("Host", hc.host.as_str())

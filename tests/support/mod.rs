@@ -322,6 +322,37 @@ impl Skua {
         assert!(status.success());
     }
 
+    /// As [`Skua::reload`], then waits until the process has dealt with the file: `true` when
+    /// it applied it, `false` when it rejected it (the counters in `/stats`, not a sleep).
+    pub async fn reload_and_wait(&self, edit: impl FnOnce(String) -> String) -> bool {
+        let counts = |s: serde_json::Value| {
+            (
+                s["config"]["reloads_applied"]
+                    .as_u64()
+                    .expect("reloads_applied in /stats"),
+                s["config"]["reloads_rejected"]
+                    .as_u64()
+                    .expect("reloads_rejected in /stats"),
+            )
+        };
+        let before = counts(self.stats().await);
+        self.reload(edit);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = counts(self.stats().await);
+            if now != before {
+                assert_eq!(
+                    (now.0 - before.0) + (now.1 - before.1),
+                    1,
+                    "one SIGHUP, one reload"
+                );
+                return now.0 > before.0;
+            }
+            assert!(Instant::now() < deadline, "the reload never ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// The configuration file this Skua runs with.
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("skua.toml")
