@@ -265,32 +265,105 @@ async fn prefix_ban_invalidates_everything_under_the_prefix_and_nothing_else() {
     );
 }
 
-#[tokio::test]
-async fn purge_racing_an_in_flight_fill_leaves_no_stale_object() {
+/// How a race test purges the page whose fill is in flight.
+#[derive(Debug, Clone, Copy)]
+enum RacePurge {
+    Url,
+    Tag,
+    Prefix,
+}
+
+/// A fill of `/wiki/Race` starts, the page is edited at the origin, and a purge of the kind
+/// given lands while the old revision is still on its way. The old revision must not be
+/// served afterwards; the next fill, of the new revision, must be stored and served.
+/// `disk`: only the disk tier stores pages (the memory tier takes nothing this large).
+async fn purge_racing_a_fill(kind: RacePurge, disk: bool) {
     let version = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1));
     let v = version.clone();
-    let origin = Origin::start(move |_| {
+    let origin = Origin::start(move |req| {
         // The origin renders the page as it is when the request arrives, then takes a while.
         let n = v.load(std::sync::atomic::Ordering::SeqCst);
-        Reply::ok(format!("revision {n}"))
+        Reply::ok(format!("{} revision {n}", req.path))
             .header("cache-control", "s-maxage=300")
-            .delay(std::time::Duration::from_millis(300))
+            .header("surrogate-key", "page:Race")
+            .delay(std::time::Duration::from_millis(
+                if req.path == "/wiki/Race" { 400 } else { 0 },
+            ))
     })
     .await;
-    let skua = Skua::start(&[origin.addr], "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let skua = if disk {
+        // Pages are larger than the memory tier's largest object: only the disk stores them.
+        Skua::start_disk_with(&[origin.addr], dir.path(), "max_object_size = 8", "").await
+    } else {
+        Skua::start(&[origin.addr], "").await
+    };
+    // Another page with the same tag is cached, so a tag purge has something to report.
+    assert_eq!(get(&skua.url("/wiki/Other"), &[]).await.cache(), "miss");
     let url = skua.url("/wiki/Race");
     let fill = tokio::spawn({
         let url = url.clone();
         async move { get(&url, &[]).await }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    // The edit lands and MediaWiki purges while the old revision is still on its way.
+    wait_until("the fill reached the origin", || {
+        origin.count("/wiki/Race") == 1
+    })
+    .await;
+    // The edit lands and the purge arrives while the old revision is still on its way.
     version.store(2, std::sync::atomic::Ordering::SeqCst);
-    send(&client(), "PURGE", &url, &[]).await;
-    assert_eq!(fill.await.unwrap().text(), "revision 1");
+    let purge = match kind {
+        RacePurge::Url => send(&client(), "PURGE", &url, &[]).await,
+        RacePurge::Tag => send(&client(), "PURGE", &url, &[("surrogate-key", "page:Race")]).await,
+        RacePurge::Prefix => send(&client(), "PURGE", &url, &[("skua-purge-prefix", "1")]).await,
+    };
+    match kind {
+        // Nothing is stored for the URL yet: the purge says so, and still stops the fill.
+        RacePurge::Url => assert_eq!(purge.status, 404, "{kind:?}: {}", purge.text()),
+        // `/wiki/Other` carried the tag.
+        RacePurge::Tag => {
+            assert_eq!(purge.status, 204, "{kind:?}");
+            assert_eq!(purge.header("skua-purged"), "1 purged");
+        }
+        RacePurge::Prefix => assert_eq!(purge.status, 204, "{kind:?}"),
+    }
+    assert_eq!(fill.await.unwrap().text(), "/wiki/Race revision 1");
     let next = get(&url, &[]).await;
-    assert_eq!(next.cache(), "miss", "the in-flight fill was not stored");
-    assert_eq!(next.text(), "revision 2");
+    assert_eq!(
+        (next.cache(), next.text().as_str()),
+        ("miss", "/wiki/Race revision 2"),
+        "{kind:?} disk={disk}: the in-flight fill was not stored"
+    );
+    let again = get(&url, &[]).await;
+    assert_eq!(
+        (again.cache(), again.text().as_str()),
+        (
+            if disk { "hit-local" } else { "hit-front" },
+            "/wiki/Race revision 2"
+        ),
+        "{kind:?} disk={disk}: the next fill was stored"
+    );
+    assert_eq!(origin.count("/wiki/Race"), 2);
+    drop(dir);
+}
+
+#[tokio::test]
+async fn url_purge_racing_an_in_flight_fill_leaves_no_stale_object() {
+    purge_racing_a_fill(RacePurge::Url, false).await;
+    purge_racing_a_fill(RacePurge::Url, true).await;
+}
+
+/// Regression: tags were indexed when a fill finished and a tag purge only consulted the
+/// index, so the old revision was stored after the purge and served as `hit-front`.
+#[tokio::test]
+async fn tag_purge_racing_an_in_flight_fill_leaves_no_stale_object() {
+    purge_racing_a_fill(RacePurge::Tag, false).await;
+    purge_racing_a_fill(RacePurge::Tag, true).await;
+}
+
+#[tokio::test]
+async fn prefix_purge_racing_an_in_flight_fill_leaves_no_stale_object() {
+    purge_racing_a_fill(RacePurge::Prefix, false).await;
+    purge_racing_a_fill(RacePurge::Prefix, true).await;
 }
 
 #[tokio::test]

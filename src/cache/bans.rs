@@ -33,6 +33,9 @@ pub struct Invalidations {
     /// disk outlive the process, so the bans that cover them must too.
     file: Option<PathBuf>,
     purged: moka::sync::Cache<HashBinary, SystemTime>,
+    /// When each surrogate key was last purged: a fill carrying it that started before then
+    /// is not stored (the tag index cannot name a fill that has not finished).
+    tags_purged: moka::sync::Cache<String, SystemTime>,
     bans: RwLock<Vec<Ban>>,
     /// `bans.len()`, readable without the lock: the hit path checks it first.
     ban_count: AtomicUsize,
@@ -79,6 +82,10 @@ impl Invalidations {
             bans: RwLock::new(bans),
             file,
             purged: moka::sync::Cache::builder()
+                .max_capacity(1 << 20)
+                .time_to_live(lifetime)
+                .build(),
+            tags_purged: moka::sync::Cache::builder()
                 .max_capacity(1 << 20)
                 .time_to_live(lifetime)
                 .build(),
@@ -151,6 +158,17 @@ impl Invalidations {
     /// Whether a fill whose origin request started at `fetched` was overtaken by a purge.
     pub fn purged_since(&self, primary: &HashBinary, fetched: SystemTime) -> bool {
         self.purged.get(primary).is_some_and(|at| at >= fetched)
+    }
+
+    pub fn record_tag_purge(&self, tag: &str, at: SystemTime) {
+        self.tags_purged.insert(tag.to_string(), at);
+    }
+
+    /// Whether a fill carrying `tags` whose origin request started at `fetched` was overtaken
+    /// by a purge of one of them.
+    pub fn tags_purged_since(&self, tags: &[String], fetched: SystemTime) -> bool {
+        tags.iter()
+            .any(|t| self.tags_purged.get(t).is_some_and(|at| at >= fetched))
     }
 
     /// Bans everything under `host` + `path_prefix` fetched before now.
@@ -277,6 +295,19 @@ mod tests {
         assert!(inv.purged_since(&[1; 16], t0 - Duration::from_millis(5)));
         assert!(!inv.purged_since(&[1; 16], t0 + Duration::from_millis(5)));
         assert!(!inv.purged_since(&[2; 16], t0 - Duration::from_millis(5)));
+    }
+
+    #[test]
+    fn tag_purge_times() {
+        let inv = Invalidations::new(Duration::from_secs(3600), None);
+        let t0 = SystemTime::now();
+        inv.record_tag_purge("page:1", t0);
+        let tags = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let before = t0 - Duration::from_millis(5);
+        assert!(inv.tags_purged_since(&tags(&["wiki", "page:1"]), before));
+        assert!(!inv.tags_purged_since(&tags(&["page:1"]), t0 + Duration::from_millis(5)));
+        assert!(!inv.tags_purged_since(&tags(&["page:2"]), before));
+        assert!(!inv.tags_purged_since(&[], before));
     }
 }
 

@@ -73,6 +73,10 @@ impl Store {
     pub async fn invalidate_tags(&'static self, tags: &[&str], mode: PurgeMode) -> usize {
         let mut affected = 0;
         for tag in tags {
+            // Recorded before the index is read, so that a fill still on its way, which the
+            // index cannot name yet, sees it when it finishes (`TieredMiss::finish`).
+            self.invalidations
+                .record_tag_purge(tag, std::time::SystemTime::now());
             let primaries = match mode {
                 PurgeMode::Delete => self.tags.take(tag),
                 PurgeMode::Expire => self.tags.peek(tag),
@@ -260,11 +264,12 @@ impl HandleMiss for TieredMiss {
 
     async fn finish(self: Box<Self>) -> Result<MissFinishType> {
         let this = *self;
-        if this
-            .store
-            .invalidations
-            .purged_since(&this.primary, this.fetched)
-        {
+        let invalidations = &this.store.invalidations;
+        let overtaken = || {
+            invalidations.purged_since(&this.primary, this.fetched)
+                || invalidations.tags_purged_since(&this.tags, this.fetched)
+        };
+        if overtaken() {
             // Purged while this response was on its way: the origin may have sent the page
             // as it was before the edit. Nothing is stored (the disk write is dropped).
             return Ok(MissFinishType::Created(0));
@@ -274,23 +279,20 @@ impl HandleMiss for TieredMiss {
             weight += disk.finish(internal, header).await.unwrap_or(0) as usize;
         }
         weight += this.memory.publish().unwrap_or(0);
-        if this
-            .store
-            .invalidations
-            .purged_since(&this.primary, this.fetched)
-        {
+        if weight > 0 {
+            this.store.tags.record_tags(this.primary, &this.tags);
+        }
+        if overtaken() {
             // A purge arrived while the copy was being committed and may have looked for it
-            // before it was in place. A purge records its time before it removes anything, and
-            // the copy is in place before this second look, so either that purge removes it or
-            // this look sees the purge and removes it here.
+            // before it was in place (or, for a tag purge, before the index named it). A purge
+            // records its time before it removes anything, and the copy and its tags are in
+            // place before this second look, so either that purge removes it or this look
+            // sees the purge and removes it here.
             if let Some(disk) = this.store.disk {
                 disk.purge_all(&this.primary);
             }
             this.store.memory.purge_all(&this.primary);
             return Ok(MissFinishType::Created(0));
-        }
-        if weight > 0 {
-            this.store.tags.record_tags(this.primary, &this.tags);
         }
         Ok(MissFinishType::Created(weight))
     }

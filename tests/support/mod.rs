@@ -263,6 +263,29 @@ impl Skua {
         Skua::start_disk_on(free_port(), origins, disk, disk_lines, extra).await
     }
 
+    /// As [`Skua::start_disk`], with `cache` lines inside the `[cache]` table.
+    pub async fn start_disk_with(
+        origins: &[SocketAddr],
+        disk: &std::path::Path,
+        cache: &str,
+        disk_lines: &str,
+    ) -> Skua {
+        let extra = format!(
+            "[cache.disk]\npath = \"{}\"\n{disk_lines}\n",
+            disk.display()
+        );
+        let skua = Skua::start_in(
+            tempfile::tempdir().unwrap(),
+            free_port(),
+            origins,
+            cache,
+            &extra,
+        )
+        .await;
+        skua.wait_disk_index().await;
+        skua
+    }
+
     /// As [`Skua::start_disk`] on a given port: a restarted Skua must listen where the old one
     /// did, since the port is part of every cache key.
     pub async fn start_disk_on(
@@ -562,6 +585,15 @@ pub async fn raw(addr: SocketAddr, request: &str) -> String {
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
     String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Waits until `done` holds, polling; panics naming `what` after 20 s.
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// A counter map helper for handlers that change their answer over time.
