@@ -33,6 +33,116 @@ fn split(response: &str) -> (String, BTreeMap<String, String>, String) {
     (status, fields, body.to_string())
 }
 
+/// `fields` without those about this connection and this moment.
+fn steady(mut fields: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    for volatile in ["age", "connection", "date"] {
+        fields.remove(volatile);
+    }
+    // The ttl counts down between the two answers.
+    if let Some(cs) = fields.get_mut("cache-status") {
+        *cs = cs
+            .split("; ")
+            .filter(|p| !p.starts_with("ttl="))
+            .collect::<Vec<_>>()
+            .join("; ");
+    }
+    fields
+}
+
+/// The same object, answered by the front door, by pingora's cache state machine (a
+/// precondition that does not match sends a request there) and, after a restart, as a disk hit:
+/// the status line, the header fields and the body agree, and the hit-path counters show which
+/// code answered each.
+#[tokio::test]
+async fn a_front_door_hit_looks_like_a_cache_path_hit_and_a_disk_hit() {
+    let origin = page_origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    assert_eq!(get(&skua.url("/wiki/Page"), &[HOST]).await.cache(), "miss");
+
+    for method in ["GET", "HEAD"] {
+        let before = skua.hit_paths().await;
+        let front = raw(
+            skua.addr,
+            &format!(
+                "{method} /wiki/Page HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        let after_front = skua.hit_paths().await;
+        assert_eq!(
+            after_front[0],
+            before[0] + 1,
+            "{method}: the front door answered"
+        );
+        let cache = raw(
+            skua.addr,
+            &format!("{method} /wiki/Page HTTP/1.1\r\nHost: wiki.test\r\nIf-None-Match: \"other\"\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let after_cache = skua.hit_paths().await;
+        assert_eq!(
+            after_cache[2],
+            after_front[2] + 1,
+            "{method}: pingora's cache answered"
+        );
+        let (front_status, front_fields, front_body) = split(&front);
+        let (cache_status, cache_fields, cache_body) = split(&cache);
+        assert_eq!(front_status, "HTTP/1.1 200 OK", "{method}");
+        assert_eq!(cache_status, front_status, "{method}");
+        assert_eq!(front_fields["x-cache-status"], "hit-front");
+        assert_eq!(front_fields["connection"], "close");
+        assert_eq!(steady(cache_fields), steady(front_fields), "{method}");
+        let body = if method == "GET" { "page body" } else { "" };
+        assert_eq!((front_body.as_str(), cache_body.as_str()), (body, body));
+    }
+
+    // A matching precondition: 304 from the cache path, with the validators and no body.
+    let not_modified = raw(
+        skua.addr,
+        "GET /wiki/Page HTTP/1.1\r\nHost: wiki.test\r\nIf-None-Match: \"e1\"\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let (status, fields, body) = split(&not_modified);
+    assert_eq!(status, "HTTP/1.1 304 Not Modified");
+    assert_eq!(fields["etag"], "\"e1\"");
+    assert_eq!(fields["x-cache-status"], "hit-front");
+    assert_eq!(fields["cache-control"], "max-age=600");
+    assert!(fields.contains_key("age"));
+    assert_eq!(body, "");
+
+    // After a restart the memory tier is empty: the disk tier answers through pingora's
+    // cache, with the same fields apart from the tier named in the cache status.
+    let front = raw(
+        skua.addr,
+        "GET /wiki/Page HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    skua.stop();
+    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let disk = raw(
+        skua.addr,
+        "GET /wiki/Page HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        skua.hit_paths().await,
+        [0, 0, 1],
+        "pingora's cache answered the disk hit"
+    );
+    let (disk_status, mut disk_fields, disk_body) = split(&disk);
+    let (_, mut front_fields, _) = split(&front);
+    assert_eq!(disk_status, "HTTP/1.1 200 OK");
+    assert_eq!(disk_body, "page body");
+    assert_eq!(disk_fields["x-cache-status"], "hit-local");
+    for f in [&mut disk_fields, &mut front_fields] {
+        f.remove("x-cache-status");
+    }
+    assert_eq!(steady(disk_fields), steady(front_fields));
+    assert_eq!(origin.count("/wiki/Page"), 1);
+}
+
 #[tokio::test]
 async fn a_front_door_hit_looks_like_a_full_path_hit() {
     let origin = page_origin().await;

@@ -89,6 +89,34 @@ fn storable_status(status: u16) -> bool {
 /// RFC 9111 §1.2.2: a delta-seconds value too large to represent is taken as 2^31.
 const DELTA_SECONDS_OVERFLOW: u64 = 1 << 31;
 
+/// RFC 9111 §3.1: "the Connection header field and fields whose names are listed in it are
+/// required by Section 7.6.1 of [HTTP] to be removed before forwarding the message. This MAY
+/// be implemented by doing so before storage." Done here, so that every tier stores (and every
+/// hit serves) the same fields; regression: a disk hit served the origin's `Keep-Alive`.
+fn strip_hop_by_hop(resp: &mut ResponseHeader) {
+    let listed: Vec<http::HeaderName> = resp
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        resp.remove_header(&name);
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ] {
+        resp.remove_header(name);
+    }
+}
+
 impl StoragePolicy {
     /// Decides whether `resp` may be stored, at `now`. Strips headers named by
     /// `private="…"`/`no-cache="…"` from `resp` when it is stored.
@@ -207,6 +235,7 @@ impl StoragePolicy {
         if let Some(cc) = &cc {
             cc.strip_private_headers(resp);
         }
+        strip_hop_by_hop(resp);
         Ok(Freshness {
             created,
             fresh_until,
@@ -284,6 +313,23 @@ mod tests {
             r.append_header(k.to_string(), *v).unwrap();
         }
         r
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_those_connection_lists_are_not_stored() {
+        let mut r = resp(
+            200,
+            &[
+                ("cache-control", "max-age=60"),
+                ("connection", "keep-alive, X-Origin-Secret"),
+                ("keep-alive", "timeout=5"),
+                ("x-origin-secret", "1"),
+                ("x-wiki", "yes"),
+            ],
+        );
+        policy().decide(&mut r, false, SystemTime::now()).unwrap();
+        let names: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["cache-control", "x-wiki"]);
     }
 
     fn ttl(f: &Freshness) -> u64 {

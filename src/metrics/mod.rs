@@ -59,6 +59,8 @@ pub struct Metrics {
     /// SIGHUP reloads: `applied` (the new configuration runs) and `rejected` (the old one stays).
     pub reloads_applied: IntCounter,
     pub reloads_rejected: IntCounter,
+    /// Hits by the code that answered them, indexed by [`HitPath`].
+    pub hit_paths: [IntCounter; 3],
     /// Series of the per-request metrics resolved once, so counting a request hashes no labels.
     per_request: Vec<RequestSeries>,
 }
@@ -79,6 +81,30 @@ impl TierEvents {
         let seen = c.get();
         if total > seen {
             c.inc_by(total - seen);
+        }
+    }
+}
+
+/// The code path that answered a hit: the request path has more than one, and they must
+/// answer alike (`tests/front.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HitPath {
+    /// `proxy::fast`, from the connection, before pingora builds a session.
+    FrontDoor,
+    /// `proxy::serve_fresh_hit`, in pingora's request phase.
+    Session,
+    /// pingora's cache state machine.
+    Cache,
+}
+
+impl HitPath {
+    pub const ALL: [HitPath; 3] = [HitPath::FrontDoor, HitPath::Session, HitPath::Cache];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HitPath::FrontDoor => "front_door",
+            HitPath::Session => "session",
+            HitPath::Cache => "cache",
         }
     }
 }
@@ -289,6 +315,15 @@ impl Metrics {
         )?;
         registry.register(Box::new(reloads.clone()))?;
         let reloads_applied = reloads.with_label_values(&["applied"]);
+        let hit_path = IntCounterVec::new(
+            Opts::new(
+                "skua_hits_by_path_total",
+                "Cache hits by the code that answered them (front_door: from the connection, before pingora; session: in pingora's request phase; cache: pingora's cache state machine).",
+            ),
+            &["path"],
+        )?;
+        registry.register(Box::new(hit_path.clone()))?;
+        let hit_paths = HitPath::ALL.map(|p| hit_path.with_label_values(&[p.as_str()]));
         let reloads_rejected = reloads.with_label_values(&["rejected"]);
         for c in [
             &requests,
@@ -340,6 +375,7 @@ impl Metrics {
             build_info,
             reloads_applied,
             reloads_rejected,
+            hit_paths,
             per_request,
         })
     }

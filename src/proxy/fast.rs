@@ -23,6 +23,7 @@ use crate::cache::key::{CacheUrl, Scheme};
 use crate::cache::memory::{StoredObject, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::status::{Disposition, Outcome};
 use crate::metrics::access_log::Entry;
+use crate::metrics::HitPath;
 
 /// Most request header fields this path parses; a request with more takes the full path.
 const MAX_FIELDS: usize = 48;
@@ -118,6 +119,7 @@ impl FrontDoor {
                 duration: started.elapsed(),
             });
         }
+        shared.metrics.hit_paths[HitPath::FrontDoor as usize].inc();
         shared.metrics.observe_request(
             Disposition::HitFront,
             status,

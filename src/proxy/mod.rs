@@ -45,11 +45,11 @@ use crate::cache::disk::DiskHit;
 use crate::cache::key::{CacheUrl, Scheme};
 use crate::cache::memory::{decode_head, MemoryHit, StoredObject, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::policy::StoragePolicy;
-use crate::cache::status::{Outcome, PassReason};
+use crate::cache::status::{Disposition, Outcome, PassReason};
 use crate::cache::{vary, PurgeMode, Store};
 use crate::config::Config;
 use crate::metrics::access_log::{AccessLog, Entry};
-use crate::metrics::Metrics;
+use crate::metrics::{HitPath, Metrics};
 use crate::purge::{self, Acl};
 use crate::upstream::{Pools, SharedPools};
 
@@ -934,7 +934,15 @@ impl ProxyHttp for Skua {
                 duration: ctx.started.elapsed(),
             });
         }
-        self.shared.metrics.observe_request(
+        if matches!(disposition, Disposition::HitFront | Disposition::HitLocal) {
+            let path = if ctx.fast_hit {
+                HitPath::Session
+            } else {
+                HitPath::Cache
+            };
+            m.hit_paths[path as usize].inc();
+        }
+        m.observe_request(
             disposition,
             status,
             ctx.started.elapsed().as_secs_f64(),

@@ -682,12 +682,24 @@ impl Skua {
         panic!("skua never became ready");
     }
 
-    /// The value of one exact metric line (`name{labels}`), 0 when absent.
+    /// The value of one exact metric line (`name{labels}`). A series that is not rendered is
+    /// an error, so a renamed metric cannot pass a check for zero.
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.metrics().await;
         text.lines()
             .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
+            .unwrap_or_else(|| panic!("no series {series} in /metrics:\n{text}"))
+    }
+
+    /// Hits answered by each code path: front door, pingora's session, pingora's cache.
+    pub async fn hit_paths(&self) -> [u64; 3] {
+        let mut counts = [0; 3];
+        for (count, path) in counts.iter_mut().zip(["front_door", "session", "cache"]) {
+            *count = self
+                .metric(&format!("skua_hits_by_path_total{{path=\"{path}\"}}"))
+                .await as u64;
+        }
+        counts
     }
 }
