@@ -276,6 +276,17 @@ async fn gap_older_than_the_retention_revalidates_what_was_cached_before() {
     assert_eq!(get(&c.url("/wiki/Old"), &[HOST]).await.cache(), "hit-front");
 }
 
+/// The backend that answered, from the first member of the Cache-Status list (RFC 9211 §2:
+/// the cache nearest the origin comes first).
+fn backend_of(got: &Got) -> String {
+    let status = got.header("cache-status");
+    status.split(';').next().unwrap_or("").trim().to_string()
+}
+
+/// Regression: the old test (two backends, each URL once per phase) passed with round robin.
+/// Three backends; each key is asked for several times with a session cookie (so neither tier
+/// caches it and every request is routed again); each key must always reach the same backend,
+/// and killing one backend must move its keys only.
 #[tokio::test]
 async fn frontend_partitions_objects_over_backends_and_a_dead_backend_moves_only_its_keys() {
     let fetches = Arc::new(AtomicUsize::new(0));
@@ -287,63 +298,64 @@ async fn frontend_partitions_objects_over_backends_and_a_dead_backend_moves_only
         Reply::ok(format!("{} body", seen.path)).header("cache-control", "max-age=600")
     })
     .await;
-    let be1 = Skua::start_tables(&[origin.addr], ["name = \"skua-be1\"", "", ""], "").await;
-    let mut be2 = Skua::start_tables(&[origin.addr], ["name = \"skua-be2\"", "", ""], "").await;
+    let mut backends = Vec::new();
+    for name in ["skua-be1", "skua-be2", "skua-be3"] {
+        let line = format!("name = \"{name}\"");
+        backends.push(Skua::start_tables(&[origin.addr], [&line, "", ""], "").await);
+    }
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
     let fe = Skua::start_tables(
-        &[be1.addr, be2.addr],
+        &addrs,
         ["name = \"skua-fe\"", "balance = \"consistent\"", ""],
         "",
     )
     .await;
     let paths: Vec<String> = (0..60).map(|i| format!("/wiki/Page_{i}")).collect();
-    let mut on_be2 = Vec::new();
+    let session = ("cookie", "wikiSession=abc");
+    let mut owner = std::collections::HashMap::new();
     for p in &paths {
-        let got = get(&fe.url(p), &[HOST]).await;
-        assert_eq!(got.status, 200);
-        assert_eq!(got.text(), format!("{p} body"));
-        // RFC 9211 §2: the member of the cache nearest the origin comes first.
-        let status = got.header("cache-status");
-        assert!(status.starts_with("skua-be"), "{status}");
-        assert!(status.contains(", skua-fe; fwd=uri-miss"), "{status}");
-        if status.starts_with("skua-be2") {
-            on_be2.push(p.clone());
+        for round in 0..4 {
+            let got = get(&fe.url(p), &[HOST, session]).await;
+            assert_eq!(got.status, 200);
+            assert_eq!(got.text(), format!("{p} body"));
+            let backend = backend_of(&got);
+            assert!(backend.starts_with("skua-be"), "{p}: {}", got.header("cache-status"));
+            let first = owner.entry(p.clone()).or_insert_with(|| backend.clone());
+            assert_eq!(*first, backend, "{p}: round {round} went to another backend");
         }
     }
-    assert_eq!(
-        fetches.load(Ordering::SeqCst),
-        60,
-        "no object fetched twice"
-    );
-    let objects = |s: serde_json::Value| s["tiers"]["memory"]["objects"].as_u64().unwrap();
-    let (n1, n2) = (objects(be1.stats().await), objects(be2.stats().await));
-    assert_eq!((n1 + n2, n2), (60, on_be2.len() as u64));
-    assert!(
-        n1 > 10 && n2 > 10,
-        "both backends hold a share: {n1} / {n2}"
-    );
+    assert_eq!(fetches.load(Ordering::SeqCst), 60 * 4, "every request was passed through");
+    let share = |name: &str| owner.values().filter(|b| *b == name).count();
+    for name in ["skua-be1", "skua-be2", "skua-be3"] {
+        assert!(share(name) >= 5, "{name} holds a share: {owner:?}");
+    }
 
-    // Same URLs through the frontend again, its own copies banned: every request reaches a
-    // backend; the live one still has its share.
-    be2.kill9();
-    let ban = send(
-        &client(),
-        "PURGE",
-        &fe.url("/"),
-        &[HOST, ("skua-purge-prefix", "1")],
-    )
-    .await;
-    assert_eq!(ban.status, 204);
+    // Without the cookie, each object is stored once, on its owner.
     for p in &paths {
         let got = get(&fe.url(p), &[HOST]).await;
-        assert_eq!(got.status, 200, "{p}");
-        assert_eq!(got.text(), format!("{p} body"));
-        assert!(got.header("cache-status").starts_with("skua-be1"), "{p}");
+        assert!(got.header("cache-status").contains(", skua-fe; fwd=uri-miss"));
+        assert_eq!(backend_of(&got), owner[p]);
     }
-    assert_eq!(
-        fetches.load(Ordering::SeqCst),
-        60 + on_be2.len(),
-        "only the dead backend's keys were fetched again"
-    );
+    let objects = |s: serde_json::Value| s["tiers"]["memory"]["objects"].as_u64().unwrap();
+    for (b, name) in backends.iter().zip(["skua-be1", "skua-be2", "skua-be3"]) {
+        assert_eq!(objects(b.stats().await), share(name) as u64, "{name}");
+    }
+
+    // be2 dies: its keys move to the others; every other key stays where it was.
+    backends[1].kill9();
+    for p in &paths {
+        for _ in 0..2 {
+            let got = get(&fe.url(p), &[HOST, session]).await;
+            assert_eq!(got.status, 200, "{p}");
+            let backend = backend_of(&got);
+            if owner[p] == "skua-be2" {
+                assert_ne!(backend, "skua-be2", "{p}");
+                assert!(backend.starts_with("skua-be"), "{p}: {backend}");
+            } else {
+                assert_eq!(backend, owner[p], "{p} moved although its backend is alive");
+            }
+        }
+    }
 }
 
 /// Restarts a disk node while the bus is down, so it cannot catch up, and asks for a page it
