@@ -519,7 +519,7 @@ impl Drop for SmallDisk {
 #[tokio::test]
 async fn full_disk_keeps_serving_from_memory_and_counts_write_failures() {
     let Some(disk) = SmallDisk::mount() else {
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        prerequisite_missing("cannot mount a tmpfs here (needs root)");
         return;
     };
     let origin = Origin::start(|seen| {

@@ -38,9 +38,31 @@ fuzz_target!(|data: &[u8]| {
         let config = skua::config::Config::defaults();
         (StoragePolicy::from(&config.cache), config.cache.ttl_cap)
     });
+    let forbidden = forbids_storing(&resp);
     let now = SystemTime::now();
     if let Ok(fresh) = policy.decide(&mut resp, first & 8 != 0, now) {
         let cap = *ttl_cap + Duration::from_secs(1);
         assert!(fresh.fresh_until <= now + cap, "fresher than the TTL cap");
+        assert!(!forbidden, "stored a response marked private or no-store: {resp:?}");
     }
 });
+
+/// Whether the response's Cache-Control says plainly (a bare `no-store` or `private` among
+/// unquoted directives) that a shared cache must not store it (RFC 9111 §5.2.2.3, §5.2.2.7),
+/// read here independently of the parser the policy uses. A CDN-Cache-Control field replaces
+/// Cache-Control for a CDN (RFC 9213 §2.1), so responses that carry one are not judged here.
+fn forbids_storing(resp: &ResponseHeader) -> bool {
+    if resp.headers.contains_key("cdn-cache-control") {
+        return false;
+    }
+    resp.headers.get_all("cache-control").iter().any(|value| {
+        let Ok(value) = value.to_str() else {
+            return false;
+        };
+        !value.contains('"')
+            && value.split(',').any(|directive| {
+                let name = directive.trim();
+                name.eq_ignore_ascii_case("no-store") || name.eq_ignore_ascii_case("private")
+            })
+    })
+}
