@@ -25,6 +25,20 @@ async fn versioned_origin() -> Origin {
     .await
 }
 
+/// Waits until the gauge `series` equals `want`.
+async fn wait_for_gauge(node: &Skua, series: &str, want: f64, within: Duration) {
+    let start = Instant::now();
+    while node.metric(series).await != want {
+        assert!(
+            start.elapsed() < within,
+            "{series} never became {want} (now {})",
+            node.metric(series).await
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until the counter `series` reaches at least `want`; returns how long that took.
 async fn wait_for_metric(node: &Skua, series: &str, want: f64, within: Duration) -> Duration {
     let start = Instant::now();
     while start.elapsed() < within {
@@ -203,14 +217,27 @@ async fn purge_during_a_bus_outage_reaches_the_others_when_it_returns() {
     for node in &nodes {
         get(&node.url("/wiki/Outage"), &[HOST]).await;
     }
+    for node in &nodes {
+        wait_for_gauge(
+            node,
+            "skua_purge_bus_connected",
+            1.0,
+            Duration::from_secs(10),
+        )
+        .await;
+    }
     nats.stop();
-    wait_for_metric(
-        &nodes[0],
-        "skua_purge_bus_connected",
-        0.0,
-        Duration::from_secs(1),
-    )
-    .await;
+    // Regression: this waited for `connected >= 0`, which holds at once, so the purge below
+    // could be published before the node noticed the outage.
+    for node in &nodes {
+        wait_for_gauge(
+            node,
+            "skua_purge_bus_connected",
+            0.0,
+            Duration::from_secs(10),
+        )
+        .await;
+    }
     let purged = send(&client(), "PURGE", &nodes[0].url("/wiki/Outage"), &[HOST]).await;
     assert_eq!(
         purged.status, 204,
@@ -319,12 +346,23 @@ async fn frontend_partitions_objects_over_backends_and_a_dead_backend_moves_only
             assert_eq!(got.status, 200);
             assert_eq!(got.text(), format!("{p} body"));
             let backend = backend_of(&got);
-            assert!(backend.starts_with("skua-be"), "{p}: {}", got.header("cache-status"));
+            assert!(
+                backend.starts_with("skua-be"),
+                "{p}: {}",
+                got.header("cache-status")
+            );
             let first = owner.entry(p.clone()).or_insert_with(|| backend.clone());
-            assert_eq!(*first, backend, "{p}: round {round} went to another backend");
+            assert_eq!(
+                *first, backend,
+                "{p}: round {round} went to another backend"
+            );
         }
     }
-    assert_eq!(fetches.load(Ordering::SeqCst), 60 * 4, "every request was passed through");
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        60 * 4,
+        "every request was passed through"
+    );
     let share = |name: &str| owner.values().filter(|b| *b == name).count();
     for name in ["skua-be1", "skua-be2", "skua-be3"] {
         assert!(share(name) >= 5, "{name} holds a share: {owner:?}");
@@ -333,7 +371,9 @@ async fn frontend_partitions_objects_over_backends_and_a_dead_backend_moves_only
     // Without the cookie, each object is stored once, on its owner.
     for p in &paths {
         let got = get(&fe.url(p), &[HOST]).await;
-        assert!(got.header("cache-status").contains(", skua-fe; fwd=uri-miss"));
+        assert!(got
+            .header("cache-status")
+            .contains(", skua-fe; fwd=uri-miss"));
         assert_eq!(backend_of(&got), owner[p]);
     }
     let objects = |s: serde_json::Value| s["tiers"]["memory"]["objects"].as_u64().unwrap();
