@@ -210,12 +210,16 @@ async fn poisoning_headers_never_reach_the_origin() {
         ("x-forwarded-for", "6.6.6.6"),
         ("x-forwarded-proto", "https"),
         ("skua-soft-purge", "1"),
+        ("x-forwarded-server", "evil.example"),
+        // Not a poisoning header: the positive control that headers do get through.
+        ("x-wiki-client", "kept"),
     ];
     get(&skua.url("/poison"), &sent).await;
     let seen = origin.requests("/poison");
     assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("x-wiki-client"), Some("kept"));
     for (name, _) in sent {
-        if name == "x-forwarded-for" {
+        if name == "x-forwarded-for" || name == "x-wiki-client" {
             continue;
         }
         assert_eq!(seen[0].header(name), None, "{name} was passed on");

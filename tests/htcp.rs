@@ -228,3 +228,142 @@ async fn a_50k_purge_storm_during_load_loses_no_purge_and_fails_no_request() {
         assert_eq!(r.cache(), "miss", "/s/{i} was purged");
     }
 }
+
+/// A burst of identical CLRs (MediaWiki sends one per CDN-URL per edit, and a template edit
+/// sends the same URL from many jobs): while one purge of a URL waits in the queue, others of
+/// it are counted as `deduplicated` and not applied again. Every packet is accounted for, and
+/// the object is purged once.
+#[tokio::test]
+async fn a_burst_of_identical_clrs_is_deduplicated_and_applied_once() {
+    let origin = Origin::start(|_| cached()).await;
+    let (skua, htcp) = start(origin.addr, "").await;
+    let url = skua.url("/wiki/Template_user");
+    get(&url, &[]).await;
+    assert_eq!(get(&url, &[]).await.cache(), "hit-front");
+    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let burst = 2_000u32;
+    for n in 0..burst {
+        let packet = skua::purge::htcp::build(&url, n, skua::purge::htcp::Dialect::MediaWiki);
+        sender.send_to(&packet, htcp).unwrap();
+        if n % 100 == 99 {
+            // Paced below what the socket buffer holds: dropped datagrams are not the subject.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut metrics = skua.metrics().await;
+    while htcp_total(&metrics) < burst as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        metrics = skua.metrics().await;
+    }
+    assert_eq!(
+        htcp_total(&metrics),
+        burst as u64,
+        "every CLR accounted for:\n{metrics}"
+    );
+    let count = |result: &str| {
+        let series = format!("skua_purges_total{{result=\"{result}\",source=\"htcp\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {series}"))
+    };
+    eprintln!(
+        "burst of {burst}: purged {} not_found {} deduplicated {}",
+        count("purged"),
+        count("not_found"),
+        count("deduplicated")
+    );
+    assert_eq!(count("purged"), 1, "applied to the cached object once");
+    assert!(count("deduplicated") > 0, "no purge was deduplicated");
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
+    assert_eq!(origin.count("/wiki/Template_user"), 2);
+}
+
+/// A receiver that listens on a multicast group, as MediaWiki's `$wgHTCPRouting` sends to one
+/// (e.g. 239.128.0.112:4827), joined on the loopback interface so the test stays on this host.
+#[tokio::test]
+async fn clrs_sent_to_a_multicast_group_purge() {
+    let origin = Origin::start(|_| cached()).await;
+    let port = udp_port();
+    let group = std::net::Ipv4Addr::new(239, 255, 72, 17);
+    let extra = format!(
+        "[purge.htcp]\nlisten = \"{group}:{port}\"\nmulticast_groups = [\"{group}\"]\nmulticast_interface = \"127.0.0.1\"\n"
+    );
+    let skua = Skua::start(&[origin.addr], &extra).await;
+    let url = skua.url("/wiki/Multicast");
+    get(&url, &[]).await;
+    assert_eq!(get(&url, &[]).await.cache(), "hit-front");
+    let sender = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    sender
+        .set_multicast_if_v4(&std::net::Ipv4Addr::LOCALHOST)
+        .unwrap();
+    sender.set_multicast_loop_v4(true).unwrap();
+    let packet = skua::purge::htcp::build(&url, 7, skua::purge::htcp::Dialect::MediaWiki);
+    let to: SocketAddr = (group, port).into();
+    // The receiver joins the group once its service starts; resend until it has.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        sender.send_to(&packet, &to.into()).unwrap();
+        let metrics = skua.metrics().await;
+        if metrics.contains("skua_purges_total{result=\"purged\",source=\"htcp\"} 1\n") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no multicast CLR arrived:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
+}
+
+/// `host_regex` fences which hosts HTCP may purge, matched against the whole host: a packet for
+/// another host (even one that contains the allowed name) is refused and counted.
+#[tokio::test]
+async fn host_regex_fences_which_hosts_htcp_may_purge() {
+    let origin = Origin::start(|_| cached()).await;
+    let (skua, htcp) = start(origin.addr, "host_regex = 'wiki\\.test'").await;
+    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for (i, host) in ["notwiki.test.attacker.example", "other.test", "wiki.test"]
+        .iter()
+        .enumerate()
+    {
+        let headers = [("host", *host)];
+        get(&skua.url("/wiki/Fenced"), &headers).await;
+        assert_eq!(
+            get(&skua.url("/wiki/Fenced"), &headers).await.cache(),
+            "hit-front"
+        );
+        let packet = skua::purge::htcp::build(
+            &format!("http://{host}/wiki/Fenced"),
+            i as u32,
+            skua::purge::htcp::Dialect::MediaWiki,
+        );
+        sender.send_to(&packet, htcp).unwrap();
+    }
+    wait_for_metric(
+        &skua,
+        "skua_purges_total{result=\"purged\",source=\"htcp\"} 1\n",
+    )
+    .await;
+    wait_for_metric(
+        &skua,
+        "skua_purges_total{result=\"denied\",source=\"htcp\"} 2\n",
+    )
+    .await;
+    for (host, expect) in [
+        ("notwiki.test.attacker.example", "hit-front"),
+        ("other.test", "hit-front"),
+        ("wiki.test", "miss"),
+    ] {
+        assert_eq!(
+            get(&skua.url("/wiki/Fenced"), &[("host", host)])
+                .await
+                .cache(),
+            expect,
+            "{host}"
+        );
+    }
+}

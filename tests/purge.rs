@@ -81,7 +81,26 @@ async fn purge_from_a_disallowed_address_is_403_and_purges_nothing() {
     assert!(denied.text().contains("not allowed"), "{}", denied.text());
     assert_eq!(denied.cache(), "");
     assert_eq!(get(&url, &[]).await.cache(), "hit-front");
+    // The admin API's purge follows the same rule, by URL and by tag.
+    let admin = format!("http://{}/purge", skua.admin);
+    let by_url = format!(
+        "{admin}?url={}",
+        url.replace(':', "%3A").replace('/', "%2F")
+    );
+    for (target, headers) in [
+        (&by_url, vec![]),
+        (&admin, vec![("surrogate-key", "group")]),
+    ] {
+        let r = send(&client(), "POST", target, &headers).await;
+        assert_eq!(r.status, 403, "{target}: {}", r.text());
+    }
+    assert_eq!(get(&url, &[]).await.cache(), "hit-front");
     assert_eq!(origin.count("/wiki/Kept"), 1);
+    assert_eq!(
+        skua.metric("skua_purges_total{result=\"denied\",source=\"admin\"}")
+            .await,
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -228,6 +247,29 @@ async fn purge_token_is_required_when_configured() {
     )
     .await;
     assert_eq!(ok.status, 204);
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
+
+    // The admin API's purge asks for the same token.
+    assert_eq!(get(&url, &[]).await.cache(), "hit-front");
+    let admin = format!(
+        "http://{}/purge?url={}",
+        skua.admin,
+        url.replace(':', "%3A").replace('/', "%2F")
+    );
+    for auth in [None, Some("Bearer wrong"), Some("Basic s3cret")] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let r = send(&client(), "POST", &admin, &headers).await;
+        assert_eq!(r.status, 403, "admin {auth:?}");
+        assert_eq!(get(&url, &[]).await.cache(), "hit-front", "admin {auth:?}");
+    }
+    let ok = send(
+        &client(),
+        "POST",
+        &admin,
+        &[("authorization", "Bearer s3cret")],
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
     assert_eq!(get(&url, &[]).await.cache(), "miss");
 }
 

@@ -313,7 +313,12 @@ pub struct HtcpFile {
     pub allow: Vec<String>,
     /// IPv4 multicast groups to join, e.g. ["239.128.0.112"]. Default none.
     pub multicast_groups: Vec<String>,
-    /// Only purge URLs whose host matches this regex. Empty (the default): every host.
+    /// IPv4 address of the interface to join `multicast_groups` on. Default: the listen
+    /// address when it is a unicast address, else the interface the kernel routes the group to.
+    /// To receive a group's packets, listen on the group address or on 0.0.0.0.
+    pub multicast_interface: String,
+    /// Only purge URLs whose whole host matches this regex (it is anchored at both ends).
+    /// Empty (the default): every host.
     pub host_regex: String,
 }
 
@@ -323,6 +328,7 @@ impl Default for HtcpFile {
             listen: String::new(),
             allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
             multicast_groups: Vec::new(),
+            multicast_interface: String::new(),
             host_regex: String::new(),
         }
     }

@@ -561,7 +561,9 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         let host_regex = if h.host_regex.is_empty() {
             None
         } else {
-            match compile(&h.host_regex) {
+            // Anchored: the pattern must match the whole host, so `wiki\.test` does not accept
+            // `notwiki.test.attacker.example` (an unanchored match would).
+            match compile(&format!("^(?:{})$", h.host_regex)) {
                 Ok(re) => Some(re),
                 Err(e) => {
                     c.report(
@@ -575,8 +577,26 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
                 }
             }
         };
+        let multicast_interface = if h.multicast_interface.is_empty() {
+            None
+        } else {
+            match h.multicast_interface.parse::<std::net::Ipv4Addr>() {
+                Ok(a) if !a.is_multicast() => Some(a),
+                _ => {
+                    c.report(
+                        &htcp_at("multicast_interface"),
+                        format!(
+                            "not the IPv4 address of an interface: {:?}",
+                            h.multicast_interface
+                        ),
+                    );
+                    None
+                }
+            }
+        };
         listen.map(|listen| crate::purge::receiver::HtcpConfig {
             listen,
+            multicast_interface,
             allow,
             multicast_groups,
             host_regex,

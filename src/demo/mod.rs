@@ -104,6 +104,7 @@ pub fn config(opts: &DemoOptions) -> Config {
         listen: opts.htcp,
         allow: config.purge.allow.clone(),
         multicast_groups: Vec::new(),
+        multicast_interface: None,
         host_regex: None,
     });
     if let Some(pool) = config.origins.first_mut() {

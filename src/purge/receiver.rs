@@ -24,7 +24,21 @@ pub struct HtcpConfig {
     pub listen: SocketAddr,
     pub allow: Vec<ipnet::IpNet>,
     pub multicast_groups: Vec<Ipv4Addr>,
+    /// The interface to join the groups on; `None`: see [`HtcpConfig::join_interface`].
+    pub multicast_interface: Option<Ipv4Addr>,
     pub host_regex: Option<Regex>,
+}
+
+impl HtcpConfig {
+    /// Where multicast groups are joined: the configured interface, else the listen address
+    /// when it names one (a unicast IPv4 address), else the kernel's choice (`0.0.0.0`).
+    fn join_interface(&self) -> Ipv4Addr {
+        match (self.multicast_interface, self.listen.ip()) {
+            (Some(interface), _) => interface,
+            (None, IpAddr::V4(v4)) if !v4.is_multicast() => v4,
+            _ => Ipv4Addr::UNSPECIFIED,
+        }
+    }
 }
 
 pub struct HtcpReceiver {
@@ -62,11 +76,8 @@ impl HtcpReceiver {
         }
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
+        let interface = self.config.join_interface();
         for group in &self.config.multicast_groups {
-            let interface = match addr.ip() {
-                IpAddr::V4(v4) => v4,
-                IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-            };
             socket.join_multicast_v4(group, &interface)?;
         }
         UdpSocket::from_std(socket.into())
