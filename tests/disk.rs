@@ -185,6 +185,101 @@ async fn damaged_entries_are_never_served() {
     assert_eq!(skua.stats().await["tiers"]["disk"]["corrupt_dropped"], 3);
 }
 
+/// A body larger than the disk tier reads whole (8 MiB), naming `path` at its start so the
+/// test can find its file.
+fn large_body(path: &str) -> bytes::Bytes {
+    let mut body = format!("{path} ").into_bytes();
+    body.extend((0..9 * 1024 * 1024u32).map(|i| b'a' + (i % 26) as u8));
+    body.into()
+}
+
+/// The `.body` file whose content starts with `path`.
+fn body_file(dir: &Path, path: &str) -> PathBuf {
+    let prefix = format!("{path} ");
+    files(dir, ".body")
+        .into_iter()
+        .find(|p| {
+            let mut start = vec![0u8; prefix.len()];
+            std::fs::File::open(p)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut start))
+                .is_ok()
+                && start == prefix.as_bytes()
+        })
+        .unwrap_or_else(|| panic!("no body file for {path}"))
+}
+
+/// Damages a large body file: `truncate` cuts its last bytes, otherwise one byte in the middle
+/// is flipped (the length stays right, so only the checksum can tell).
+fn damage(file: &Path, truncate: bool) {
+    let len = std::fs::metadata(file).unwrap().len();
+    if truncate {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(file)
+            .unwrap()
+            .set_len(len - 3)
+            .unwrap();
+    } else {
+        let mut bytes = std::fs::read(file).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+        std::fs::write(file, &bytes).unwrap();
+    }
+}
+
+/// Bodies over 8 MiB are streamed from disk after one read-through checks their checksum.
+/// Damaged after a restart (truncated, or one byte flipped) or while the process runs, they
+/// are dropped and fetched again, never served; an undamaged one beside them is served from
+/// disk.
+#[tokio::test]
+async fn damaged_large_bodies_are_never_served() {
+    let origin = Origin::start(|req| Reply {
+        body: large_body(&req.path),
+        ..Reply::ok("").header("cache-control", "max-age=600")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // The memory tier takes nothing this large: every hit is a disk hit.
+    let disk_lines = "max_object_size = 67108864";
+    let origins = [origin.addr];
+    let start = |port| Skua::start_disk_on(port, &origins, dir.path(), disk_lines, "");
+    let mut skua = start(free_port()).await;
+    let port = skua.addr.port();
+    let paths = ["/big/truncated", "/big/flipped", "/big/kept", "/big/live"];
+    for path in paths {
+        let got = get(&skua.url(path), &[]).await;
+        assert_eq!(
+            (got.cache(), got.body.len()),
+            ("miss", large_body(path).len())
+        );
+    }
+    // Written by this process, then damaged under it.
+    damage(&body_file(dir.path(), "/big/live"), false);
+    let got = get(&skua.url("/big/live"), &[]).await;
+    assert_eq!(
+        got.cache(),
+        "miss",
+        "a body damaged while running is not served"
+    );
+    assert!(got.body == large_body("/big/live"));
+    skua.stop();
+
+    damage(&body_file(dir.path(), "/big/truncated"), true);
+    damage(&body_file(dir.path(), "/big/flipped"), false);
+    let skua = start(port).await;
+    for path in ["/big/truncated", "/big/flipped"] {
+        let got = get(&skua.url(path), &[]).await;
+        assert_eq!(got.cache(), "miss", "{path}");
+        assert!(got.body == large_body(path), "{path}: the origin's body");
+        assert_eq!(origin.count(path), 2, "{path} fetched again");
+    }
+    let kept = get(&skua.url("/big/kept"), &[]).await;
+    assert_eq!(kept.cache(), "hit-local");
+    assert!(kept.body == large_body("/big/kept"));
+    assert_eq!(origin.count("/big/kept"), 1);
+    assert_eq!(skua.stats().await["tiers"]["disk"]["corrupt_dropped"], 2);
+}
+
 #[tokio::test]
 async fn fifty_mib_object_round_trips_byte_identical() {
     let big: bytes::Bytes = (0..50 * 1024 * 1024u32)

@@ -427,7 +427,10 @@ impl DiskTier {
             slot,
             gen,
             bytes: body_bytes + meta_bytes,
-            verified: Arc::new(AtomicBool::new(true)),
+            // Not trusted for having been written by this process: the file can be damaged
+            // after it is written (another process, the disk), so a large body's first hit
+            // reads it through once against its checksum, as after a restart.
+            verified: Arc::new(AtomicBool::new(false)),
         };
         let janitor = &self.janitor;
         let objects = &self.objects;
