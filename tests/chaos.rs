@@ -25,7 +25,14 @@ fn body(path: &str, version: u64) -> String {
 struct Tally {
     requests: u64,
     ok: u64,
-    clean_failures: u64,
+    /// Clean failures at a node that was down (killed, not yet listening again).
+    failed_node_down: u64,
+    /// Clean failures at a node that was up: no connection, a 502/503/504, or a body cut off
+    /// (its origin killed mid-response).
+    failed_node_up: u64,
+    /// Answers no client should get: any status but 200 and 5xx (a 4xx for a page that
+    /// exists), or a 5xx that is not a gateway error.
+    unclean: u64,
     wrong_bodies: u64,
     cached_5xx: u64,
 }
@@ -33,9 +40,11 @@ struct Tally {
 async fn versioned(versions: Arc<Mutex<HashMap<String, u64>>>) -> Origin {
     Origin::start(move |seen| {
         let v = *versions.lock().unwrap().get(&seen.path).unwrap_or(&0);
+        // Fills take a while, so a node killed with -9 is killed in the middle of some.
         Reply::ok(body(&seen.path, v))
             .header("cache-control", "max-age=600")
             .header("etag", format!("\"v{v}\""))
+            .delay(Duration::from_millis(40))
     })
     .await
 }
@@ -69,14 +78,17 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
     // purge: a 5xx for one of them is a failure to serve a servable copy.
     let cached: Arc<Mutex<Vec<HashSet<String>>>> = Arc::new(Mutex::new(vec![HashSet::new(); 3]));
     let seq = Arc::new(AtomicU64::new(0));
+    // Whether each node is down: from just before it is killed until it listens again.
+    let down: Arc<[AtomicBool; 3]> = Arc::new(Default::default());
     let mut clients = Vec::new();
     for _ in 0..4 {
-        let (stop, tally, cached, versions, seq) = (
+        let (stop, tally, cached, versions, seq, down) = (
             stop.clone(),
             tally.clone(),
             cached.clone(),
             versions.clone(),
             seq.clone(),
+            down.clone(),
         );
         let ports = ports.clone();
         clients.push(tokio::spawn(async move {
@@ -89,10 +101,19 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
                 let (node, page) = (n % 3, (n / 3) % PAGES);
                 let path = format!("/wiki/Page_{page}");
                 let url = format!("http://127.0.0.1:{}{path}", ports[node]);
+                let was_down = down[node].load(Ordering::SeqCst);
                 let result = http.get(&url).header(HOST.0, HOST.1).send().await;
+                let node_down = was_down || down[node].load(Ordering::SeqCst);
+                let failed = |t: &mut Tally| {
+                    if node_down {
+                        t.failed_node_down += 1;
+                    } else {
+                        t.failed_node_up += 1;
+                    }
+                };
                 tally.lock().unwrap().requests += 1;
                 let Ok(resp) = result else {
-                    tally.lock().unwrap().clean_failures += 1;
+                    failed(&mut tally.lock().unwrap());
                     continue;
                 };
                 let status = resp.status().as_u16();
@@ -120,7 +141,11 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
                         eprintln!("{status} at node {node} for cached {path}");
                     }
                     // A cut body, a miss whose origin died mid-response: failed cleanly.
-                    _ => t.clean_failures += 1,
+                    (200 | 502 | 503 | 504, _) => failed(&mut t),
+                    (other, _) => {
+                        t.unclean += 1;
+                        eprintln!("{other} at node {node} for {path}");
+                    }
                 }
             }
         }));
@@ -167,6 +192,7 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
             // kill -9 of node B or C in the middle of whatever it is filling.
             4 => {
                 let i = 1 + (step / 12 % 2) as usize;
+                down[i].store(true, Ordering::SeqCst);
                 if let Some(mut node) = nodes[i].take() {
                     node.kill9();
                 }
@@ -175,6 +201,7 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
                 let node =
                     Skua::start_disk_on(ports[i], &addrs, disks[i].path(), "", &bus(i)).await;
                 nodes[i] = Some(node);
+                down[i].store(false, Ordering::SeqCst);
             }
             // The bus away for two seconds, purges keep coming.
             6 if step % 24 == 6 => {
@@ -224,14 +251,38 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
         }
     }
     let t = tally.lock().unwrap();
-    println!(
-        "chaos summary: {} requests ({} ok, {} failed cleanly), {origin_kills} origin kills, \
-         {node_kills} node kills (-9), {bus_outages} bus outages, {purges} purges; \
-         wrong bodies {}, 5xx on cached pages {}, purges lost {lost}",
-        t.requests, t.ok, t.clean_failures, t.wrong_bodies, t.cached_5xx
+    eprintln!(
+        "chaos summary: {} requests: {} ok, failed cleanly {} at a node that was down and {} \
+         at one that was up; {origin_kills} origin kills, {node_kills} node kills (-9), \
+         {bus_outages} bus outages, {purges} purges; unclean answers {}, wrong bodies {}, \
+         5xx on cached pages {}, purges lost {lost}",
+        t.requests,
+        t.ok,
+        t.failed_node_down,
+        t.failed_node_up,
+        t.unclean,
+        t.wrong_bodies,
+        t.cached_5xx
     );
     assert!(t.ok > 1000, "too little load to mean anything: {t:?}");
-    assert_eq!(t.wrong_bodies, 0);
-    assert_eq!(t.cached_5xx, 0);
+    assert_eq!(
+        t.ok + t.failed_node_down + t.failed_node_up + t.unclean + t.wrong_bodies + t.cached_5xx,
+        t.requests,
+        "every request accounted for: {t:?}"
+    );
+    assert_eq!(t.unclean, 0, "{t:?}");
+    assert_eq!(t.wrong_bodies, 0, "{t:?}");
+    assert_eq!(t.cached_5xx, 0, "{t:?}");
+    // One origin of two is down at a time, so a node that is up fails a request only when an
+    // origin dies mid-response: at most one per client per origin kill.
+    assert!(
+        t.failed_node_up <= 4 * origin_kills,
+        "too many failures at nodes that were up: {t:?}"
+    );
+    // A killed node refuses connections until it listens again (about a second here).
+    assert!(
+        t.failed_node_down <= 200 * node_kills,
+        "nodes took too long to come back: {t:?}"
+    );
     assert_eq!(lost, 0);
 }
