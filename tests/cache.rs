@@ -96,10 +96,15 @@ async fn no_store_private_and_set_cookie_are_not_stored() {
         "/private" => cc("private, max-age=60"),
         "/private.css" => cc("private, max-age=60").header("content-type", "text/css"),
         "/cookie" => cc("max-age=60").header("set-cookie", "session=abc"),
+        "/public" => cc("max-age=60"),
         _ => Reply::ok("").status(404),
     })
     .await;
     let skua = Skua::start(&[origin.addr], "").await;
+    // The positive control: the same origin's ordinary response is stored.
+    assert_eq!(get(&skua.url("/public"), &[]).await.cache(), "miss");
+    assert_eq!(get(&skua.url("/public"), &[]).await.cache(), "hit-front");
+    assert_eq!(origin.count("/public"), 1);
     for path in ["/no-store", "/private", "/private.css", "/cookie"] {
         let first = get(&skua.url(path), &[]).await;
         let second = get(&skua.url(path), &[]).await;
@@ -376,14 +381,22 @@ async fn memory_bound_holds() {
 
 #[tokio::test]
 async fn objects_above_max_size_stream_through_unstored() {
-    let origin =
-        Origin::start(|_| Reply::ok(vec![b'y'; 300_000]).header("cache-control", "max-age=60"))
-            .await;
+    let origin = Origin::start(|req| {
+        let size = if req.path == "/big" { 300_000 } else { 100_000 };
+        Reply::ok(vec![b'y'; size]).header("cache-control", "max-age=60")
+    })
+    .await;
     let skua = Skua::start_with(&[origin.addr], "max_object_size = 100000", "").await;
     let url = skua.url("/big");
     assert_eq!(get(&url, &[]).await.body.len(), 300_000);
     let again = get(&url, &[]).await;
     assert_eq!(again.body.len(), 300_000);
-    assert_ne!(again.cache(), "hit-front");
+    assert_eq!(again.cache(), "miss");
     assert_eq!(origin.count("/big"), 2);
+    // The positive control: an object of exactly the limit is stored.
+    let at_limit = skua.url("/at-limit");
+    assert_eq!(get(&at_limit, &[]).await.body.len(), 100_000);
+    let hit = get(&at_limit, &[]).await;
+    assert_eq!((hit.cache(), hit.body.len()), ("hit-front", 100_000));
+    assert_eq!(origin.count("/at-limit"), 1);
 }

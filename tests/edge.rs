@@ -269,17 +269,29 @@ async fn unknown_host_gets_421_without_touching_the_cache() {
 
 #[tokio::test]
 async fn private_response_for_a_static_looking_url_is_not_stored() {
-    let origin = Origin::start(|_| {
+    let origin = Origin::start(|req| {
+        let cc = if req.path.starts_with("/account/") {
+            "private, max-age=600"
+        } else {
+            "max-age=600"
+        };
         Reply::ok("body { color: red }")
-            .header("cache-control", "private, max-age=600")
+            .header("cache-control", cc)
             .header("content-type", "text/css")
     })
     .await;
     let skua = Skua::start(&[origin.addr], "").await;
     get(&skua.url("/account/settings/style.css"), &[]).await;
     let again = get(&skua.url("/account/settings/style.css"), &[]).await;
-    assert_ne!(again.cache(), "hit-front");
+    assert_eq!(again.cache(), "pass");
     assert_eq!(origin.count("/account/settings/style.css"), 2);
+    // The positive control: the same stylesheet without `private` is stored.
+    get(&skua.url("/skins/style.css"), &[]).await;
+    assert_eq!(
+        get(&skua.url("/skins/style.css"), &[]).await.cache(),
+        "hit-front"
+    );
+    assert_eq!(origin.count("/skins/style.css"), 1);
 }
 
 #[tokio::test]
@@ -471,6 +483,15 @@ async fn broken_origin_responses_give_502_or_a_cut_response_and_nothing_is_store
         0,
         "a truncated body was stored"
     );
+    // The positive control: the same kind of origin, answering whole, is stored.
+    let whole = raw_origin(
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 5\r\n\r\nwhole",
+    )
+    .await;
+    let skua = Skua::start(&[whole], "").await;
+    assert_eq!(get(&skua.url("/whole"), &[]).await.text(), "whole");
+    assert_eq!(get(&skua.url("/whole"), &[]).await.cache(), "hit-front");
+    assert_eq!(skua.stats().await["tiers"]["memory"]["objects"], 1);
 }
 
 #[tokio::test]
