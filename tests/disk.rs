@@ -367,7 +367,10 @@ async fn purge_and_soft_purge_reach_disk() {
         "served stale from disk while it revalidates: {:?}",
         soft.headers
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until("the revalidation reached the origin", || {
+        origin.count("/soft") >= 2
+    })
+    .await;
     assert_eq!(
         origin.requests("/soft")[1].header("if-none-match"),
         Some("\"p1\"")

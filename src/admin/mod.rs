@@ -122,6 +122,7 @@ impl Admin {
             .collect();
         json!({
             "name": self.shared.name,
+            "pid": std::process::id(),
             "requests": requests,
             "response_bytes": response_bytes,
             "purges_total": m.purges_total(),

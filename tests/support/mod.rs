@@ -464,7 +464,7 @@ memory_size = 16777216
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn skua");
-        let skua = Skua {
+        let mut skua = Skua {
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
             admin: format!("127.0.0.1:{admin_port}").parse().unwrap(),
             child,
@@ -472,6 +472,25 @@ memory_size = 16777216
         };
         wait_listening(skua.addr).await;
         wait_listening(skua.admin).await;
+        // Ports are picked free and then bound by the child, so something else could have
+        // taken one meanwhile: make sure the admin port answering is this child's.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(skua.alive(), "skua exited at start-up (its log is above)");
+            if let Ok(r) = reqwest::get(format!("http://{}/stats", skua.admin)).await {
+                let text = r.text().await.unwrap_or_default();
+                let stats: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                assert_eq!(
+                    stats["pid"].as_u64(),
+                    Some(skua.pid() as u64),
+                    "another process answers on {}",
+                    skua.admin
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "no /stats on {}", skua.admin);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         skua
     }
 
