@@ -101,6 +101,7 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shar
         Pools::build(&config.origins).context("building origin pools")?,
     ));
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+    crate::purge::register_series(&metrics);
     let bus = config
         .purge
         .bus

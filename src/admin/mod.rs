@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::cache::key::CacheUrl;
 use crate::proxy::Shared;
-use crate::purge;
+use crate::purge::{self, Purge, PurgeResult, Scope, Source};
 
 /// The live dashboard: one self-contained page (no external assets) polling `/stats`.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -170,51 +170,53 @@ impl Admin {
             return reply(405, "text/plain", b"use POST\n".to_vec());
         }
         if !self.shared.purge_allowed(ip, &req) {
-            m.purges.with_label_values(&["admin", "denied"]).inc();
+            purge::count(m, Source::Admin, PurgeResult::Denied);
             return reply(
                 403,
                 "text/plain",
                 b"skua: purging is not allowed from here\n".to_vec(),
             );
         }
-        let purger = &self.shared.purger;
-        let mode = purge::http::mode(&req);
-        let mut affected = 0;
-        let mut asked = 0;
+        // Every target is read before any is applied: a request with one bad URL purges
+        // nothing.
+        let mut scopes = Vec::new();
         if let Some(tags) = purge::http::tags(&req) {
-            let tags: Vec<&str> = tags.split_ascii_whitespace().collect();
-            asked += tags.len();
-            affected += purger.tags("admin", &tags, mode).await;
+            scopes.push(Scope::Tags(
+                tags.split_ascii_whitespace().map(str::to_string).collect(),
+            ));
         }
         let query = req.uri.query().unwrap_or("");
         for value in query.split('&').filter_map(|kv| kv.strip_prefix("url=")) {
-            asked += 1;
             let decoded = percent_decode(value);
             let Ok(url) = CacheUrl::parse_absolute(&decoded).map(|u| self.shared.canonical(u))
             else {
-                m.purges.with_label_values(&["admin", "invalid"]).inc();
+                purge::count(m, Source::Admin, PurgeResult::Invalid);
                 return reply(
                     400,
                     "text/plain",
                     format!("skua: not an absolute URL: {decoded}\n").into_bytes(),
                 );
             };
-            if purge::http::is_prefix_ban(&req) {
-                purger.prefix("admin", &url);
-                affected += 1;
+            scopes.push(if purge::http::is_prefix_ban(&req) {
+                Scope::Prefix(url)
             } else {
-                affected += purger.url("admin", &url, mode).await;
-            }
+                Scope::Url(url)
+            });
         }
-        if asked == 0 {
+        if scopes.is_empty() {
             return reply(
                 400,
                 "text/plain",
                 b"skua: name ?url=... or Surrogate-Key: ...\n".to_vec(),
             );
         }
-        let result = if affected > 0 { "purged" } else { "not_found" };
-        m.purges.with_label_values(&["admin", result]).inc();
+        let mode = purge::http::mode(&req);
+        let mut affected = 0;
+        for scope in scopes {
+            let purge = Purge::new(scope, mode, Source::Admin);
+            affected += self.shared.purger.apply(&purge).await;
+        }
+        purge::count(m, Source::Admin, PurgeResult::applied(affected));
         let body = serde_json::to_vec(&json!({ "affected": affected })).unwrap_or_default();
         reply(
             if affected > 0 { 200 } else { 404 },

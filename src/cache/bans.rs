@@ -199,12 +199,9 @@ impl Invalidations {
         }
     }
 
-    /// Bans everything under `url`'s host and path (its query ignored); returns what was
-    /// banned, for replies and logs.
-    pub fn ban_url(&self, url: &CacheUrl) -> String {
-        let path = url.path_and_query.split('?').next().unwrap_or("/");
-        self.ban(&url.host, path);
-        format!("{}{path}", url.host)
+    /// Bans everything under `url`'s host and path (its query ignored).
+    pub fn ban_url(&self, url: &CacheUrl) {
+        self.ban(&url.host, ban_path(url));
     }
 
     pub fn has_bans(&self) -> bool {
@@ -225,6 +222,11 @@ impl Invalidations {
             Err(_) => false,
         }
     }
+}
+
+/// The path prefix a ban of `url` covers: its path without the query.
+pub fn ban_path(url: &CacheUrl) -> &str {
+    url.path_and_query.split('?').next().unwrap_or("/")
 }
 
 fn unix_nanos(t: SystemTime) -> u64 {

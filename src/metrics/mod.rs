@@ -334,13 +334,6 @@ impl Metrics {
         ] {
             registry.register(Box::new(c.clone()))?;
         }
-        // The purge vocabulary, so every series exists from the start (dashboards and tests see
-        // zeros, not a missing series).
-        for source in ["http", "htcp", "admin", "bus"] {
-            for result in ["purged", "not_found", "denied", "invalid", "deduplicated"] {
-                purges.with_label_values(&[source, result]);
-            }
-        }
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(purge_backlog.clone()))?;
         registry.register(Box::new(purge_apply_delay.clone()))?;

@@ -50,7 +50,7 @@ use crate::cache::{vary, PurgeMode, Store};
 use crate::config::Config;
 use crate::metrics::access_log::{AccessLog, Entry};
 use crate::metrics::{HitPath, Metrics};
-use crate::purge::{self, Acl};
+use crate::purge::{self, Acl, Purge, PurgeResult, Scope, Source};
 use crate::upstream::{Pools, SharedPools};
 
 /// Request headers that need pingora's full cache path: ranges (RFC 9110 §14) and
@@ -283,7 +283,7 @@ impl Skua {
             .shared
             .purge_allowed(client_ip(session), session.req_header());
         if !allowed {
-            metrics.purges.with_label_values(&["http", "denied"]).inc();
+            purge::count(metrics, Source::Http, PurgeResult::Denied);
             let who = client_ip(session).map_or("unknown".to_string(), |ip| ip.to_string());
             return respond::text(
                 session,
@@ -293,29 +293,33 @@ impl Skua {
             .await;
         }
         let mode = purge::http::mode(session.req_header());
-        if let Some(tags) = purge::http::tags(session.req_header()) {
-            let tags: Vec<&str> = tags.split_ascii_whitespace().collect();
-            let affected = self.shared.purger.tags("http", &tags, mode).await;
-            let what = format!("tags {}", tags.join(" "));
-            return self.purge_reply(session, affected, mode, &what).await;
-        }
-        let url = match purge::http::target(session.req_header(), Scheme::Http) {
-            Ok(url) => self.shared.canonical(url),
+        let scope = match purge::http::scope(session.req_header(), Scheme::Http) {
+            Ok(scope) => scope.map_urls(|url| self.shared.canonical(url)),
             Err(e) => {
-                metrics.purges.with_label_values(&["http", "invalid"]).inc();
+                purge::count(metrics, Source::Http, PurgeResult::Invalid);
                 return respond::text(session, 400, &format!("skua: bad PURGE target: {e}")).await;
             }
         };
-        if purge::http::is_prefix_ban(session.req_header()) {
-            let banned = self.shared.purger.prefix("http", &url);
-            metrics.purges.with_label_values(&["http", "purged"]).inc();
+        let purge = Purge::new(scope, mode, Source::Http);
+        let affected = self.shared.purger.apply(&purge).await;
+        purge::count(metrics, Source::Http, PurgeResult::applied(affected));
+        if let Scope::Prefix(_) = purge.scope {
             let mut resp = ResponseHeader::build(204, Some(2))?;
-            resp.insert_header("skua-purged", format!("ban {banned}"))?;
+            resp.insert_header("skua-purged", purge.scope.describe())?;
             return respond::header(session, resp, None).await;
         }
-        let affected = self.shared.purger.url("http", &url, mode).await;
-        self.purge_reply(session, affected, mode, &url.primary())
-            .await
+        if affected > 0 {
+            let verb = match mode {
+                PurgeMode::Delete => "purged",
+                PurgeMode::Expire => "expired",
+            };
+            let mut resp = ResponseHeader::build(204, Some(2))?;
+            resp.insert_header("skua-purged", format!("{affected} {verb}"))?;
+            respond::header(session, resp, None).await
+        } else {
+            let what = purge.scope.describe();
+            respond::text(session, 404, &format!("skua: nothing cached for {what}")).await
+        }
     }
 
     /// The name of the origin pool this request uses, for metric labels.
@@ -325,33 +329,6 @@ impl Skua {
             .load()
             .get(ctx.pool)
             .map_or_else(|| Arc::from(""), |p| p.name.clone())
-    }
-
-    /// 204 with the count when something was purged, else 404 naming what was asked for.
-    async fn purge_reply(
-        &self,
-        session: &mut Session,
-        affected: usize,
-        mode: PurgeMode,
-        what: &str,
-    ) -> Result<()> {
-        let metrics = &self.shared.metrics;
-        if affected > 0 {
-            metrics.purges.with_label_values(&["http", "purged"]).inc();
-            let verb = match mode {
-                PurgeMode::Delete => "purged",
-                PurgeMode::Expire => "expired",
-            };
-            let mut resp = ResponseHeader::build(204, Some(2))?;
-            resp.insert_header("skua-purged", format!("{affected} {verb}"))?;
-            respond::header(session, resp, None).await
-        } else {
-            metrics
-                .purges
-                .with_label_values(&["http", "not_found"])
-                .inc();
-            respond::text(session, 404, &format!("skua: nothing cached for {what}")).await
-        }
     }
 
     /// Why this request may not use the cache at all, if it may not.

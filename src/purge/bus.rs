@@ -27,6 +27,7 @@ use pingora::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::{Purge, PurgeResult, Purger, Scope, Source};
 pub use crate::cache::bans::CatchUpPolicy as CatchUp;
 use crate::cache::key::CacheUrl;
 use crate::cache::{PurgeMode, Store};
@@ -72,6 +73,29 @@ pub enum Target {
     Tags { tags: Vec<String> },
     /// Everything under this URL's host and path (a ban).
     Prefix { url: String },
+}
+
+impl PurgeEvent {
+    /// The purge this event asks for, as a purge from the bus accepted when the publishing
+    /// node accepted it; `None` when its target does not parse.
+    fn to_purge(&self) -> Option<Purge> {
+        let scope = match &self.target {
+            Target::Url { url } => Scope::Url(CacheUrl::parse_absolute(url).ok()?),
+            Target::Tags { tags } => Scope::Tags(tags.clone()),
+            Target::Prefix { url } => Scope::Prefix(CacheUrl::parse_absolute(url).ok()?),
+        };
+        let mode = if self.soft {
+            PurgeMode::Expire
+        } else {
+            PurgeMode::Delete
+        };
+        Some(Purge {
+            scope,
+            mode,
+            source: Source::Bus,
+            at: SystemTime::UNIX_EPOCH + Duration::from_micros(self.at_us),
+        })
+    }
 }
 
 /// The handle the purge sources publish through, and the state the bus service keeps.
@@ -127,9 +151,14 @@ impl Bus {
         })
     }
 
-    /// Whether purges from `source` ("http", "htcp", "admin") go on the bus.
-    pub fn publishes(&self, source: &str) -> bool {
-        source != "htcp" || self.config.publish_htcp
+    /// Whether purges from `source` go on the bus: never those that came from it, and HTCP
+    /// ones only with `publish_htcp` (where multicast does not already reach every node).
+    pub fn publishes(&self, source: Source) -> bool {
+        match source {
+            Source::Bus => false,
+            Source::Htcp => self.config.publish_htcp,
+            Source::Http | Source::Admin => true,
+        }
     }
 
     /// Queues a purge this node has applied for publishing; never waits.
@@ -147,35 +176,13 @@ impl Bus {
         }
     }
 
-    /// Applies one event published by another node; returns the metric result.
-    async fn apply(&self, event: &PurgeEvent) -> &'static str {
-        let mode = if event.soft {
-            PurgeMode::Expire
-        } else {
-            PurgeMode::Delete
+    /// Applies one event published by another node, through the same dispatch as every
+    /// other purge source.
+    async fn apply(&self, event: &PurgeEvent) -> PurgeResult {
+        let Some(purge) = event.to_purge() else {
+            return PurgeResult::Invalid;
         };
-        let affected = match &event.target {
-            Target::Url { url } => match CacheUrl::parse_absolute(url) {
-                Ok(url) => self.store.invalidate(&url, mode).await,
-                Err(_) => return "invalid",
-            },
-            Target::Tags { tags } => {
-                let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
-                self.store.invalidate_tags(&tags, mode).await
-            }
-            Target::Prefix { url } => match CacheUrl::parse_absolute(url) {
-                Ok(url) => {
-                    self.store.invalidations.ban_url(&url);
-                    1
-                }
-                Err(_) => return "invalid",
-            },
-        };
-        if affected > 0 {
-            "purged"
-        } else {
-            "not_found"
-        }
+        PurgeResult::applied(Purger::new(self.store, None).apply(&purge).await)
     }
 
     fn save_position(&self) {
@@ -353,19 +360,13 @@ impl Bus {
                 Ok(event) if event.node == self.config.node => {}
                 Ok(event) => {
                     let result = self.apply(&event).await;
-                    self.metrics
-                        .purges
-                        .with_label_values(&["bus", result])
-                        .inc();
+                    super::count(&self.metrics, Source::Bus, result);
                     let reached = unix_micros(SystemTime::now()).saturating_sub(event.at_us);
                     self.metrics.bus.reach.observe(reached as f64 / 1e6);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, sequence, "ignored a malformed purge on the bus");
-                    self.metrics
-                        .purges
-                        .with_label_values(&["bus", "invalid"])
-                        .inc();
+                    super::count(&self.metrics, Source::Bus, PurgeResult::Invalid);
                 }
             }
             self.applied.store(sequence, Ordering::Release);

@@ -6,6 +6,7 @@ use pingora::http::RequestHeader;
 
 use crate::cache::key::{CacheUrl, KeyError, Scheme};
 use crate::cache::PurgeMode;
+use crate::purge::Scope;
 
 /// Request header asking for a soft purge: mark stale instead of deleting.
 pub const SOFT_PURGE_HEADER: &str = "skua-soft-purge";
@@ -29,6 +30,22 @@ pub fn target(req: &RequestHeader, scheme: Scheme) -> Result<CacheUrl, KeyError>
         .ok_or(KeyError::MissingHost)?;
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     CacheUrl::new(scheme, host, path)
+}
+
+/// What a PURGE request names: tags (`Surrogate-Key`), a prefix (`Skua-Purge-Prefix`) or
+/// one URL.
+pub fn scope(req: &RequestHeader, scheme: Scheme) -> Result<Scope, KeyError> {
+    if let Some(tags) = tags(req) {
+        return Ok(Scope::Tags(
+            tags.split_ascii_whitespace().map(str::to_string).collect(),
+        ));
+    }
+    let url = target(req, scheme)?;
+    Ok(if is_prefix_ban(req) {
+        Scope::Prefix(url)
+    } else {
+        Scope::Url(url)
+    })
 }
 
 /// Request headers that turn a PURGE into a purge by tag: `Surrogate-Key` (Fastly's name)

@@ -1,68 +1,41 @@
 //! Purges: who may send them, how their targets are read, and how they reach the fleet.
 //! Sources: HTTP PURGE (`http.rs`), HTCP CLR (`htcp.rs` for the packets, `receiver.rs` for the
-//! listener) and the admin API; each applies through one [`Purger`], which also publishes it
-//! on the purge bus (`bus.rs`) when there is one. It does not store anything itself.
+//! listener, `queue.rs` for bursts), the admin API and the purge bus (`bus.rs`). Each builds
+//! one typed [`Purge`] and applies it through [`Purger::apply`] (`dispatch.rs`), which also
+//! publishes it on the bus when it did not come from there. It does not store anything itself.
 
 pub mod bus;
+mod dispatch;
 pub mod htcp;
 pub mod http;
 pub mod queue;
 pub mod receiver;
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::cache::key::CacheUrl;
-use crate::cache::{PurgeMode, Store};
-use bus::{Bus, Target};
+pub use dispatch::{Purge, PurgeResult, Purger, Scope, Source};
 
-/// Applies purges to this node's store and publishes them to the fleet. `source` ("http",
-/// "htcp", "admin") decides whether a purge is published (see `publish_htcp`).
-#[derive(Clone)]
-pub struct Purger {
-    pub store: &'static Store,
-    pub bus: Option<Arc<Bus>>,
+use crate::metrics::Metrics;
+
+/// Counts one purge request in `skua_purges_total`.
+pub fn count(metrics: &Metrics, source: Source, result: PurgeResult) {
+    metrics
+        .purges
+        .with_label_values(&[source.as_str(), result.as_str()])
+        .inc();
 }
 
-impl Purger {
-    pub fn new(store: &'static Store, bus: Option<Arc<Bus>>) -> Purger {
-        Purger { store, bus }
-    }
-
-    fn publish(&self, source: &str, target: impl FnOnce() -> Target, mode: PurgeMode) {
-        if let Some(bus) = self.bus.as_ref().filter(|b| b.publishes(source)) {
-            bus.publish(target(), mode);
+/// Makes every series of the closed source × result vocabulary exist from the start, so
+/// dashboards (and tests) see zeros rather than a missing series.
+pub fn register_series(metrics: &Metrics) {
+    for source in Source::ALL {
+        for result in PurgeResult::ALL {
+            metrics
+                .purges
+                .with_label_values(&[source.as_str(), result.as_str()]);
         }
-    }
-
-    /// Purges every variant of `url`; returns how many objects were affected here.
-    pub async fn url(&self, source: &str, url: &CacheUrl, mode: PurgeMode) -> usize {
-        let affected = self.store.invalidate(url, mode).await;
-        self.publish(source, || Target::Url { url: url.primary() }, mode);
-        affected
-    }
-
-    /// Purges every object carrying any of `tags`.
-    pub async fn tags(&self, source: &str, tags: &[&str], mode: PurgeMode) -> usize {
-        let affected = self.store.invalidate_tags(tags, mode).await;
-        let target = || Target::Tags {
-            tags: tags.iter().map(|t| t.to_string()).collect(),
-        };
-        self.publish(source, target, mode);
-        affected
-    }
-
-    /// Bans everything under `url`'s host and path; returns what was banned.
-    pub fn prefix(&self, source: &str, url: &CacheUrl) -> String {
-        let banned = self.store.invalidations.ban_url(url);
-        self.publish(
-            source,
-            || Target::Prefix { url: url.primary() },
-            PurgeMode::Delete,
-        );
-        banned
     }
 }
 

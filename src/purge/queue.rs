@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::Purger;
+use super::{Purge, PurgeResult, Purger, Scope, Source};
 use crate::cache::key::CacheUrl;
 use crate::cache::PurgeMode;
 use crate::metrics::Metrics;
@@ -28,12 +28,12 @@ pub struct PurgeQueue {
     tx: mpsc::Sender<Queued>,
     pending: Arc<Mutex<HashSet<String>>>,
     metrics: Arc<Metrics>,
-    source: &'static str,
+    source: Source,
 }
 
 impl PurgeQueue {
     /// Starts the worker on the current runtime. `source` labels the metrics.
-    pub fn start(purger: Purger, metrics: Arc<Metrics>, source: &'static str) -> PurgeQueue {
+    pub fn start(purger: Purger, metrics: Arc<Metrics>, source: Source) -> PurgeQueue {
         let (tx, mut rx) = mpsc::channel::<Queued>(CAPACITY);
         let pending: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
         let queue = PurgeQueue {
@@ -49,12 +49,12 @@ impl PurgeQueue {
                     p.remove(&key);
                 }
                 metrics.purge_backlog.dec();
-                let affected = purger.url(source, &q.url, PurgeMode::Delete).await;
-                let result = if affected > 0 { "purged" } else { "not_found" };
-                metrics.purges.with_label_values(&[source, result]).inc();
+                let purge = Purge::new(Scope::Url(q.url), PurgeMode::Delete, source);
+                let affected = purger.apply(&purge).await;
+                super::count(&metrics, source, PurgeResult::applied(affected));
                 metrics
                     .purge_apply_delay
-                    .with_label_values(&[source])
+                    .with_label_values(&[source.as_str()])
                     .observe(q.received.elapsed().as_secs_f64());
             }
         });
@@ -68,10 +68,7 @@ impl PurgeQueue {
             Err(_) => true,
         };
         if !fresh {
-            self.metrics
-                .purges
-                .with_label_values(&[self.source, "deduplicated"])
-                .inc();
+            super::count(&self.metrics, self.source, PurgeResult::Deduplicated);
             return;
         }
         self.metrics.purge_backlog.inc();

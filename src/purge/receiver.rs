@@ -13,7 +13,7 @@ use tokio::net::UdpSocket;
 
 use super::htcp;
 use super::queue::PurgeQueue;
-use super::Acl;
+use super::{Acl, PurgeResult, Source};
 use crate::cache::key::CacheUrl;
 use crate::metrics::Metrics;
 use crate::proxy::Shared;
@@ -83,34 +83,31 @@ impl HtcpReceiver {
         UdpSocket::from_std(socket.into())
     }
 
-    fn count(&self, result: &str) {
-        self.metrics
-            .purges
-            .with_label_values(&["htcp", result])
-            .inc();
+    fn count(&self, result: PurgeResult) {
+        super::count(&self.metrics, Source::Htcp, result);
     }
 
     /// Checks and applies one datagram from `from`.
     pub async fn handle(&self, packet: &[u8], from: SocketAddr, queue: &PurgeQueue) {
         if !self.acl.allows(from.ip()) {
-            self.count("denied");
+            self.count(PurgeResult::Denied);
             return;
         }
         let clr = match htcp::parse(packet) {
             Ok(clr) => clr,
             Err(e) => {
                 tracing::debug!(%from, reason = e.as_str(), "rejected an HTCP packet");
-                self.count("invalid");
+                self.count(PurgeResult::Invalid);
                 return;
             }
         };
         let Ok(url) = CacheUrl::parse_absolute(&clr.uri).map(|u| self.shared.canonical(u)) else {
-            self.count("invalid");
+            self.count(PurgeResult::Invalid);
             return;
         };
         if let Some(re) = &self.config.host_regex {
             if !re.is_match(&url.host) {
-                self.count("denied");
+                self.count(PurgeResult::Denied);
                 return;
             }
         }
@@ -130,7 +127,11 @@ impl BackgroundService for HtcpReceiver {
                 return;
             }
         };
-        let queue = PurgeQueue::start(self.shared.purger.clone(), self.metrics.clone(), "htcp");
+        let queue = PurgeQueue::start(
+            self.shared.purger.clone(),
+            self.metrics.clone(),
+            Source::Htcp,
+        );
         // Room for the largest packet we accept plus one byte, to tell "too long" apart.
         let mut buf = vec![0u8; htcp::MAX_PACKET + 1];
         loop {

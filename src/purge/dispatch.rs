@@ -1,0 +1,176 @@
+//! One purge, whatever sent it: what it names ([`Scope`]), whether it deletes or marks stale
+//! ([`PurgeMode`]), where it came from ([`Source`]) and when it was accepted. Every source
+//! (HTTP PURGE, HTCP CLR, the admin API, the purge bus) builds a [`Purge`] and hands it to
+//! [`Purger::apply`], the one place that applies it to every tier and publishes it to the
+//! fleet. The sources own parsing and authorisation; this file owns the dispatch.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::bus::{Bus, Target};
+use crate::cache::bans::ban_path;
+use crate::cache::key::CacheUrl;
+use crate::cache::{PurgeMode, Store};
+
+/// Where a purge came from: a metric label and the rule for publishing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `PURGE` on the proxy port (`$wgCdnServers`).
+    Http,
+    /// An HTCP CLR datagram (`$wgHTCPRouting`).
+    Htcp,
+    /// `POST /purge` on the admin port.
+    Admin,
+    /// Published by another node.
+    Bus,
+}
+
+impl Source {
+    pub const ALL: [Source; 4] = [Source::Http, Source::Htcp, Source::Admin, Source::Bus];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Http => "http",
+            Source::Htcp => "htcp",
+            Source::Admin => "admin",
+            Source::Bus => "bus",
+        }
+    }
+}
+
+/// What became of a purge request: the `result` label of `skua_purges_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeResult {
+    /// Applied, and something was affected.
+    Purged,
+    /// Applied; nothing stored matched.
+    NotFound,
+    /// Refused: the sender may not purge.
+    Denied,
+    /// Refused: the request or packet could not be read.
+    Invalid,
+    /// Not applied: the same purge was already waiting (HTCP storms).
+    Deduplicated,
+}
+
+impl PurgeResult {
+    pub const ALL: [PurgeResult; 5] = [
+        PurgeResult::Purged,
+        PurgeResult::NotFound,
+        PurgeResult::Denied,
+        PurgeResult::Invalid,
+        PurgeResult::Deduplicated,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PurgeResult::Purged => "purged",
+            PurgeResult::NotFound => "not_found",
+            PurgeResult::Denied => "denied",
+            PurgeResult::Invalid => "invalid",
+            PurgeResult::Deduplicated => "deduplicated",
+        }
+    }
+
+    /// The result of a purge applied with `affected` objects affected.
+    pub fn applied(affected: usize) -> PurgeResult {
+        if affected > 0 {
+            PurgeResult::Purged
+        } else {
+            PurgeResult::NotFound
+        }
+    }
+}
+
+/// What a purge names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every variant of one URL, under both schemes.
+    Url(CacheUrl),
+    /// Every object carrying any of these surrogate keys.
+    Tags(Vec<String>),
+    /// Everything under this URL's host and path (a ban).
+    Prefix(CacheUrl),
+}
+
+impl Scope {
+    /// `scope` with every URL in it passed through `canonical` (host aliases).
+    pub fn map_urls(self, canonical: impl Fn(CacheUrl) -> CacheUrl) -> Scope {
+        match self {
+            Scope::Url(url) => Scope::Url(canonical(url)),
+            Scope::Prefix(url) => Scope::Prefix(canonical(url)),
+            tags => tags,
+        }
+    }
+
+    /// What the scope names, for replies and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Scope::Url(url) => url.primary(),
+            Scope::Tags(tags) => format!("tags {}", tags.join(" ")),
+            Scope::Prefix(url) => format!("ban {}{}", url.host, ban_path(url)),
+        }
+    }
+}
+
+/// One purge, ready to apply.
+#[derive(Debug, Clone)]
+pub struct Purge {
+    pub scope: Scope,
+    pub mode: PurgeMode,
+    pub source: Source,
+    /// When it was accepted (by this node, or by the node that published it).
+    pub at: SystemTime,
+}
+
+impl Purge {
+    /// A purge accepted now.
+    pub fn new(scope: Scope, mode: PurgeMode, source: Source) -> Purge {
+        Purge {
+            scope,
+            mode,
+            source,
+            at: SystemTime::now(),
+        }
+    }
+}
+
+/// Applies purges to this node's tiers and publishes them to the fleet.
+#[derive(Clone)]
+pub struct Purger {
+    pub store: &'static Store,
+    pub bus: Option<Arc<Bus>>,
+}
+
+impl Purger {
+    pub fn new(store: &'static Store, bus: Option<Arc<Bus>>) -> Purger {
+        Purger { store, bus }
+    }
+
+    /// Applies `purge` to every tier, then publishes it unless it came from the bus (or from
+    /// HTCP where `publish_htcp` is off). Returns how many objects were affected here; a ban
+    /// counts as one.
+    pub async fn apply(&self, purge: &Purge) -> usize {
+        let store = self.store;
+        let affected = match &purge.scope {
+            Scope::Url(url) => store.invalidate(url, purge.mode).await,
+            Scope::Tags(tags) => {
+                let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+                store.invalidate_tags(&tags, purge.mode).await
+            }
+            Scope::Prefix(url) => {
+                store.invalidations.ban_url(url);
+                1
+            }
+        };
+        if let Some(bus) = self.bus.as_ref().filter(|b| b.publishes(purge.source)) {
+            let target = match &purge.scope {
+                Scope::Url(url) => Target::Url { url: url.primary() },
+                Scope::Tags(tags) => Target::Tags { tags: tags.clone() },
+                Scope::Prefix(url) => Target::Prefix { url: url.primary() },
+            };
+            bus.publish(target, purge.mode);
+        }
+        affected
+    }
+}
