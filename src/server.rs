@@ -141,7 +141,12 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shar
         HealthChecks(shared.pools.clone()),
     ));
     if let Some(htcp) = &config.purge.htcp {
-        let receiver = HtcpReceiver::new(htcp.clone(), shared.clone());
+        let receiver = HtcpReceiver::new(
+            htcp.clone(),
+            shared.purger.clone(),
+            shared.aliases.clone(),
+            shared.metrics.clone(),
+        );
         let mut service = background_service("htcp receiver", receiver);
         // One thread drains the socket while the other applies queued purges, so a storm
         // is read as fast as it arrives.

@@ -12,6 +12,7 @@ mod edge;
 mod fleet;
 mod front;
 mod htcp;
+mod layers;
 mod metrics;
 mod purge;
 mod reload;

@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use pingora::cache::key::HashBinary;
 
 use super::key::CacheUrl;
+use crate::config::CatchUpPolicy;
 
 #[derive(Debug, Clone)]
 struct Ban {
@@ -49,15 +50,6 @@ pub struct Invalidations {
     caught_up_tx: tokio::sync::watch::Sender<bool>,
     /// What to do with an untrusted object before catching up; set once by the purge bus.
     catch_up: std::sync::OnceLock<(CatchUpPolicy, Duration)>,
-}
-
-/// What to do with objects cached before a start, until the purge bus has caught up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CatchUpPolicy {
-    /// The request waits (up to a timeout, then revalidates).
-    Wait,
-    /// The object is revalidated with the origin before it is served.
-    Revalidate,
 }
 
 /// Whether a stored object may be served as it is.

@@ -10,6 +10,8 @@ use pingora::cache::key::{hash_key, HashBinary};
 use pingora::cache::CacheKey;
 use thiserror::Error;
 
+use crate::config::host;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scheme {
     Http,
@@ -42,6 +44,22 @@ pub enum KeyError {
     BadPath,
     #[error("not an absolute http(s) URL")]
     NotAbsolute,
+}
+
+/// `[cache] host_aliases`: hosts that serve the same site as another (`wiki.example` and
+/// `www.wiki.example`), so every spelling finds, and purges, one object. Keys and values are
+/// normalised hosts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostAliases(pub std::collections::HashMap<String, String>);
+
+impl HostAliases {
+    /// `url` with its host replaced by the canonical one when it is an alias.
+    pub fn canonical(&self, mut url: CacheUrl) -> CacheUrl {
+        if let Some(canonical) = self.0.get(&url.host) {
+            url.host.clone_from(canonical);
+        }
+        url
+    }
 }
 
 /// A request target reduced to what identifies a cached object.
@@ -131,73 +149,13 @@ fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 }
 
 /// RFC 9110 §4.2.3: the host is case-insensitive and an explicit default port is the same as
-/// none; a trailing dot names the same DNS host (RFC 1034 §3.1).
+/// none; a trailing dot names the same DNS host (RFC 1034 §3.1). See [`host::normalize_host`].
 pub fn normalize_host(scheme: Scheme, authority: &str) -> Result<String, KeyError> {
     if authority.is_empty() {
         return Err(KeyError::MissingHost);
     }
-    if authority.contains('@') {
-        return Err(KeyError::BadHost(authority.to_string()));
-    }
-    let (host, port) =
-        split_port(authority).ok_or_else(|| KeyError::BadHost(authority.to_string()))?;
-    let host = host.strip_suffix('.').unwrap_or(host);
-    let valid = if host.starts_with('[') {
-        host.ends_with(']')
-            && host.len() > 2
-            && host[1..host.len() - 1]
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-    } else {
-        // Every DNS label is non-empty (RFC 1034 §3.1): "a..b", ".a" or a second trailing dot
-        // would otherwise canonicalise to a different host each time.
-        !host.is_empty()
-            && host.split('.').all(|label| !label.is_empty())
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-    };
-    if !valid {
-        return Err(KeyError::BadHost(authority.to_string()));
-    }
-    let mut out = host.to_ascii_lowercase();
-    if let Some(port) = port {
-        let number: u16 = port
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| KeyError::BadHost(authority.to_string()))?;
-        let port = number.to_string();
-        if port != scheme.default_port() {
-            out.push(':');
-            out.push_str(&port);
-        }
-    }
-    Ok(out)
-}
-
-/// Splits `host[:port]` (IPv6 literals in brackets). `None` if the port is not digits.
-fn split_port(authority: &str) -> Option<(&str, Option<&str>)> {
-    let (host, port) = if authority.starts_with('[') {
-        let end = authority.find(']')?;
-        let rest = &authority[end + 1..];
-        if rest.is_empty() {
-            (authority, None)
-        } else {
-            (&authority[..=end], Some(rest.strip_prefix(':')?))
-        }
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        }
-    };
-    match port {
-        Some("") => Some((host, None)),
-        Some(p) if p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => Some((host, Some(p))),
-        Some(_) => None,
-        None => Some((host, None)),
-    }
+    host::normalize_host(authority, scheme.default_port())
+        .map_err(|_| KeyError::BadHost(authority.to_string()))
 }
 
 #[cfg(test)]

@@ -1,14 +1,16 @@
 //! Configuration: the TOML file format (`file.rs`), its validation into typed values
-//! (`validate.rs`), and the error report that names key, line and reason for every problem at
-//! once. It does not apply configuration; the server, proxy and cache read the typed
-//! [`Config`] they are handed.
+//! (`validate.rs`), the typed values themselves (here), host syntax (`host.rs`), and the error
+//! report that names key, line and reason for every problem at once. It is the bottom layer:
+//! it imports no other module of Skua, and it does not apply configuration; the server, proxy,
+//! cache and purge modules read the typed [`Config`] they are handed.
 
 mod file;
+pub mod host;
 mod validate;
 
 use std::fmt;
-use std::net::SocketAddr;
-use std::path::Path;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -23,7 +25,7 @@ pub struct Config {
     pub origins: Vec<OriginPool>,
     pub cache: CacheConfig,
     pub purge: PurgeConfig,
-    pub access_log: Option<crate::metrics::access_log::AccessLogConfig>,
+    pub access_log: Option<AccessLogConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -34,14 +36,14 @@ pub struct ServerConfig {
     pub name: String,
     pub shutdown_grace: Duration,
     pub upgrade_sock: std::path::PathBuf,
-    pub limits: crate::proxy::guard::Limits,
+    pub limits: HeadLimits,
     /// Lowercased hosts served; empty: all.
     pub hosts: Vec<String>,
     pub trusted_proxies: Vec<IpNet>,
     pub strip_headers: Vec<http::HeaderName>,
     pub keepalive_timeout: Duration,
     pub body_timeout: Duration,
-    pub connections: crate::proxy::connection::ConnectionLimits,
+    pub connections: ConnectionLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -87,7 +89,7 @@ pub struct CacheConfig {
     pub bypass_authorization: bool,
     /// Normalised alias host → normalised canonical host.
     pub host_aliases: std::collections::HashMap<String, String>,
-    pub disk: Option<crate::cache::disk::DiskConfig>,
+    pub disk: Option<DiskConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -95,8 +97,98 @@ pub struct PurgeConfig {
     pub allow: Vec<IpNet>,
     pub token: Option<String>,
     pub tag_headers: Vec<http::HeaderName>,
-    pub htcp: Option<crate::purge::receiver::HtcpConfig>,
-    pub bus: Option<crate::purge::bus::BusConfig>,
+    pub htcp: Option<HtcpConfig>,
+    pub bus: Option<BusConfig>,
+}
+
+/// Where the access log goes (`[log] access`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Stdout,
+    File(PathBuf),
+}
+
+/// The access log's line format (`[log] format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// NCSA combined, then the cache status and the duration in milliseconds.
+    Combined,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`, validated.
+#[derive(Debug, Clone)]
+pub struct AccessLogConfig {
+    pub destination: Destination,
+    pub format: Format,
+}
+
+/// What to do with objects cached before a start, until the purge bus has caught up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchUpPolicy {
+    /// The request waits (up to a timeout, then revalidates).
+    Wait,
+    /// The object is revalidated with the origin before it is served.
+    Revalidate,
+}
+
+/// `[cache.disk]`, validated.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub size: u64,
+    pub max_object_size: u64,
+    /// Store an object on its N-th miss (1: the first).
+    pub min_uses: u32,
+}
+
+/// What bounds a client connection (`[server]` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once; the next one is answered 503 and closed.
+    pub max_connections: usize,
+    /// How long a connection may wait for the first byte of its next request.
+    pub idle_timeout: Duration,
+    /// How long a request head may take from its first byte to its blank line.
+    pub header_timeout: Duration,
+    /// Most bytes a request head may have before it is refused with 431 here; heads under it
+    /// reach [`crate::proxy::guard`], which applies the exact 414/431 limits.
+    pub max_head_bytes: usize,
+}
+
+/// Size limits on a request head (`[server] max_uri_bytes`, `max_header_bytes`,
+/// `max_headers`), applied by `proxy::guard`.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    pub max_uri_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+}
+
+/// `[purge.htcp]`, validated: what the HTCP receiver listens on and accepts.
+#[derive(Debug, Clone)]
+pub struct HtcpConfig {
+    pub listen: SocketAddr,
+    pub allow: Vec<IpNet>,
+    pub multicast_groups: Vec<Ipv4Addr>,
+    /// The interface to join the groups on; `None`: the listen address when it is a unicast
+    /// one, else the kernel's choice.
+    pub multicast_interface: Option<Ipv4Addr>,
+    pub host_regex: Option<Regex>,
+}
+
+/// `[purge.bus]`, validated.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    pub servers: Vec<String>,
+    pub stream: String,
+    pub subject: String,
+    pub node: String,
+    pub retention: Duration,
+    pub catch_up: CatchUpPolicy,
+    pub catch_up_timeout: Duration,
+    pub publish_htcp: bool,
 }
 
 /// One problem in a configuration file.

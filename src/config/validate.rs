@@ -10,7 +10,6 @@ use toml_edit::{ImDocument, TableLike};
 
 use super::file::{FileConfig, OriginFile};
 use super::*;
-use crate::metrics::access_log::{AccessLogConfig, Destination, Format};
 
 /// A step in a key path: a table key or an array index.
 #[derive(Clone, Copy)]
@@ -325,7 +324,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         name: s.name,
         shutdown_grace,
         upgrade_sock: s.upgrade_sock.into(),
-        limits: crate::proxy::guard::Limits {
+        limits: HeadLimits {
             max_uri_bytes: s.max_uri_bytes,
             max_header_bytes: s.max_header_bytes,
             max_headers: s.max_headers,
@@ -335,7 +334,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         strip_headers,
         keepalive_timeout,
         body_timeout,
-        connections: crate::proxy::connection::ConnectionLimits {
+        connections: ConnectionLimits {
             max_connections: s.max_connections,
             idle_timeout: keepalive_timeout,
             header_timeout,
@@ -471,11 +470,8 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
     }
     let mut host_aliases = std::collections::HashMap::new();
     for (alias, canonical) in &k.host_aliases {
-        let host = |h: &str| {
-            crate::cache::key::CacheUrl::new(crate::cache::key::Scheme::Http, h, "/")
-                .ok()
-                .map(|u| u.host)
-        };
+        // Aliases are matched against a request's key host, normalised as for `http`.
+        let host = |h: &str| super::host::normalize_host(h, "80").ok();
         match (host(alias), host(canonical)) {
             (Some(a), Some(c)) => {
                 host_aliases.insert(a, c);
@@ -507,7 +503,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         if d.min_uses == 0 {
             c.report(&disk_at("min_uses"), "must be at least 1");
         }
-        Some(crate::cache::disk::DiskConfig {
+        Some(DiskConfig {
             path: d.path.clone().into(),
             size: d.size,
             max_object_size: d.max_object_size,
@@ -594,7 +590,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
                 }
             }
         };
-        listen.map(|listen| crate::purge::receiver::HtcpConfig {
+        listen.map(|listen| HtcpConfig {
             listen,
             multicast_interface,
             allow,
@@ -651,18 +647,18 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             c.duration(&bus_at("retention"), &b.retention)
         };
         let catch_up = match b.catch_up.as_str() {
-            "wait" => crate::purge::bus::CatchUp::Wait,
-            "revalidate" => crate::purge::bus::CatchUp::Revalidate,
+            "wait" => CatchUpPolicy::Wait,
+            "revalidate" => CatchUpPolicy::Revalidate,
             other => {
                 c.report(
                     &bus_at("catch_up"),
                     format!("must be \"wait\" or \"revalidate\", got {other:?}"),
                 );
-                crate::purge::bus::CatchUp::Wait
+                CatchUpPolicy::Wait
             }
         };
         let catch_up_timeout = c.duration(&bus_at("catch_up_timeout"), &b.catch_up_timeout);
-        Some(crate::purge::bus::BusConfig {
+        Some(BusConfig {
             servers: b.servers.clone(),
             stream: b.stream.clone(),
             subject: b.subject.clone(),

@@ -52,13 +52,13 @@ fn node_config(opts: &DemoOptions, i: usize, nats: &str) -> Config {
             .host_aliases
             .insert(shifted(opts.proxy, j).to_string(), opts.proxy.to_string());
     }
-    config.purge.bus = Some(crate::purge::bus::BusConfig {
+    config.purge.bus = Some(crate::config::BusConfig {
         servers: vec![nats.to_string()],
         stream: "SKUA_DEMO_PURGE".into(),
         subject: "skua.demo.purge".into(),
         node: node_name(i),
         retention: config.cache.ttl_cap,
-        catch_up: crate::purge::bus::CatchUp::Wait,
+        catch_up: crate::config::CatchUpPolicy::Wait,
         catch_up_timeout: std::time::Duration::from_secs(10),
         publish_htcp: true,
     });
@@ -100,7 +100,7 @@ pub fn config(opts: &DemoOptions) -> Config {
         max_object_size: 64 << 20,
         min_uses: 1,
     });
-    config.purge.htcp = Some(crate::purge::receiver::HtcpConfig {
+    config.purge.htcp = Some(crate::config::HtcpConfig {
         listen: opts.htcp,
         allow: config.purge.allow.clone(),
         multicast_groups: Vec::new(),

@@ -5,32 +5,12 @@
 
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, SystemTime};
 
 use prometheus::IntCounter;
 
-/// Where the log goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Destination {
-    Stdout,
-    File(PathBuf),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// NCSA combined, then the cache status and the duration in milliseconds.
-    Combined,
-    /// One JSON object per line.
-    Json,
-}
-
-#[derive(Debug, Clone)]
-pub struct AccessLogConfig {
-    pub destination: Destination,
-    pub format: Format,
-}
+use crate::config::{AccessLogConfig, Destination, Format};
 
 /// What one request leaves in the log.
 pub struct Entry<'a> {

@@ -24,21 +24,8 @@ use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::fast::FrontDoor;
+use crate::config::ConnectionLimits;
 use crate::metrics::ConnectionMetrics;
-
-/// What bounds a client connection (`[server]` in the config).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionLimits {
-    /// Connections open at once; the next one is answered 503 and closed.
-    pub max_connections: usize,
-    /// How long a connection may wait for the first byte of its next request.
-    pub idle_timeout: Duration,
-    /// How long a request head may take from its first byte to its blank line.
-    pub header_timeout: Duration,
-    /// Most bytes a request head may have before it is refused with 431 here; heads under it
-    /// reach [`crate::proxy::guard`], which applies the exact 414/431 limits.
-    pub max_head_bytes: usize,
-}
 
 /// pingora's first read buffer for a request head (`INIT_HEADER_BUF_SIZE`).
 const HEAD_BUFFER: usize = 4096;

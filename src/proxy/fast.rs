@@ -17,11 +17,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 
-use super::guard::Limits;
 use super::Shared;
 use crate::cache::key::{CacheUrl, Scheme};
 use crate::cache::memory::{StoredObject, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::status::{Disposition, Outcome};
+use crate::config::HeadLimits;
 use crate::metrics::access_log::Entry;
 use crate::metrics::HitPath;
 
@@ -73,7 +73,7 @@ impl FrontDoor {
         let shared = &self.shared;
         let rules = shared.rules.load();
         let req = plain(head, &rules.limits)?;
-        let url = rules.canonical(CacheUrl::new(Scheme::Http, req.host, req.target).ok()?);
+        let url = shared.canonical(CacheUrl::new(Scheme::Http, req.host, req.target).ok()?);
         if !rules.serves_host(&url.host) || rules.pass_reason(&req.method, &req.headers).is_some() {
             return None;
         }
@@ -137,7 +137,7 @@ impl FrontDoor {
 /// Parses `head` if it is a request this path can answer: HTTP/1.1 `GET` or `HEAD` of an
 /// origin-form target, one `Host`, no body, nothing after the head, within the configured
 /// limits, and none of the fields that need the full path.
-fn plain<'a>(head: &'a [u8], limits: &Limits) -> Option<Plain<'a>> {
+fn plain<'a>(head: &'a [u8], limits: &HeadLimits) -> Option<Plain<'a>> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut parsed = httparse::Request::new(&mut fields);
     match parsed.parse(head) {

@@ -8,15 +8,8 @@ use std::net::IpAddr;
 
 use pingora::http::RequestHeader;
 
+use crate::config::HeadLimits;
 use crate::purge::Acl;
-
-/// Size limits on a request head.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_uri_bytes: usize,
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-}
 
 /// Why a request is refused: its status and a line for the client.
 #[derive(Debug, PartialEq, Eq)]
@@ -34,7 +27,7 @@ fn refuse(status: u16, reason: impl Into<String>) -> Refusal {
 
 /// Checks framing and size. A refusal with status 400 must also close the connection: what
 /// follows on it cannot be framed.
-pub fn check(req: &RequestHeader, limits: &Limits) -> Result<(), Refusal> {
+pub fn check(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Refusal> {
     let lengths = req.headers.get_all(http::header::CONTENT_LENGTH);
     let mut count = 0;
     for v in lengths.iter() {
@@ -162,7 +155,7 @@ pub fn trusted(proxies: &Acl, ip: Option<IpAddr>) -> bool {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
+    const LIMITS: HeadLimits = HeadLimits {
         max_uri_bytes: 100,
         max_header_bytes: 1000,
         max_headers: 10,

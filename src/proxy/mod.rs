@@ -42,7 +42,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::cache::bans::Trust;
 use crate::cache::disk::DiskHit;
-use crate::cache::key::{CacheUrl, Scheme};
+use crate::cache::key::{CacheUrl, HostAliases, Scheme};
 use crate::cache::memory::{decode_head, MemoryHit, StoredObject, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::policy::StoragePolicy;
 use crate::cache::status::{Disposition, Outcome, PassReason};
@@ -50,7 +50,7 @@ use crate::cache::{vary, PurgeMode, Store};
 use crate::config::Config;
 use crate::metrics::access_log::{AccessLog, Entry};
 use crate::metrics::{HitPath, Metrics};
-use crate::purge::{self, Acl, Purge, PurgeResult, Scope, Source};
+use crate::purge::{self, Acl, Purge, PurgeAuth, PurgeResult, Scope, Source};
 use crate::upstream::{Pools, SharedPools};
 
 /// Request headers that need pingora's full cache path: ranges (RFC 9110 §14) and
@@ -73,6 +73,8 @@ pub struct Shared {
     lock: &'static CacheKeyLockImpl,
     /// What a SIGHUP reload may change, swapped whole so a request sees one version.
     rules: ArcSwap<Rules>,
+    /// `[cache] host_aliases`, which a reload may change too; shared with the HTCP receiver.
+    pub aliases: Arc<ArcSwap<HostAliases>>,
     pub pools: SharedPools,
     pub metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
@@ -94,6 +96,9 @@ impl Shared {
             purger: purge::Purger::new(store, bus),
             lock,
             rules: ArcSwap::from_pointee(Rules::from(config)),
+            aliases: Arc::new(ArcSwap::from_pointee(HostAliases(
+                config.cache.host_aliases.clone(),
+            ))),
             access_log: config.access_log.as_ref().and_then(|c| {
                 AccessLog::open(c, metrics.access_log_dropped.clone())
                     .map_err(|e| tracing::error!(error = %e, "cannot open the access log"))
@@ -114,10 +119,8 @@ pub struct Rules {
     policy: StoragePolicy,
     bypass_cookies: Vec<regex::Regex>,
     bypass_authorization: bool,
-    purge_acl: Acl,
-    purge_token: Option<String>,
-    host_aliases: std::collections::HashMap<String, String>,
-    limits: guard::Limits,
+    purge_auth: PurgeAuth,
+    limits: crate::config::HeadLimits,
     hosts: Vec<String>,
     trusted_proxies: Acl,
     strip_headers: Vec<http::HeaderName>,
@@ -145,13 +148,6 @@ impl Rules {
         let bare = host.split(':').next().unwrap_or(host);
         self.hosts.is_empty() || self.hosts.iter().any(|h| h == bare)
     }
-
-    fn canonical(&self, mut url: CacheUrl) -> CacheUrl {
-        if let Some(canonical) = self.host_aliases.get(&url.host) {
-            url.host.clone_from(canonical);
-        }
-        url
-    }
 }
 
 impl From<&Config> for Rules {
@@ -161,9 +157,7 @@ impl From<&Config> for Rules {
             policy: StoragePolicy::from(&config.cache),
             bypass_cookies: config.cache.bypass_cookies.clone(),
             bypass_authorization: config.cache.bypass_authorization,
-            purge_acl: Acl::new(config.purge.allow.clone()),
-            purge_token: config.purge.token.clone(),
-            host_aliases: config.cache.host_aliases.clone(),
+            purge_auth: PurgeAuth::new(config.purge.allow.clone(), config.purge.token.clone()),
             limits: config.server.limits,
             hosts: config.server.hosts.clone(),
             trusted_proxies: Acl::new(config.server.trusted_proxies.clone()),
@@ -178,15 +172,9 @@ impl Shared {
     /// Whether a purge from `ip` carrying `req`'s headers is allowed: the purge networks, and
     /// the bearer token when one is configured.
     pub fn purge_allowed(&self, ip: Option<IpAddr>, req: &RequestHeader) -> bool {
-        let rules = self.rules.load();
-        ip.is_some_and(|ip| rules.purge_acl.allows(ip))
-            && rules
-                .purge_token
-                .as_deref()
-                .is_none_or(|token| purge::http::bearer_matches(req, token))
+        self.rules.load().purge_auth.allows(ip, req)
     }
 
-    /// `url` with its host replaced by the canonical one when it is an alias.
     /// The stored object a fresh hit for `url` would serve as it is, counted as a memory hit:
     /// fresh in the memory tier for this request's variant, not banned, and trusted (the purge
     /// bus is not still catching up on it). `None`: let pingora's cache decide.
@@ -219,8 +207,9 @@ impl Shared {
         self.rules.load().pass_reason(method, headers)
     }
 
+    /// `url` with its host replaced by the canonical one when it is an alias.
     pub fn canonical(&self, url: CacheUrl) -> CacheUrl {
-        self.rules.load().canonical(url)
+        self.aliases.load().canonical(url)
     }
 
     /// Applies a reloaded configuration's rules and origin pools; requests already running
@@ -231,6 +220,8 @@ impl Shared {
         let rules = Rules::from(config);
         self.pools.store(Arc::new(pools));
         self.rules.store(Arc::new(rules));
+        self.aliases
+            .store(Arc::new(HostAliases(config.cache.host_aliases.clone())));
         Ok(())
     }
 }

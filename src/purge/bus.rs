@@ -28,23 +28,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{Purge, PurgeResult, Purger, Scope, Source};
-pub use crate::cache::bans::CatchUpPolicy as CatchUp;
 use crate::cache::key::CacheUrl;
 use crate::cache::{PurgeMode, Store};
+use crate::config::BusConfig;
 use crate::metrics::Metrics;
-
-/// `[purge.bus]`, validated.
-#[derive(Debug, Clone)]
-pub struct BusConfig {
-    pub servers: Vec<String>,
-    pub stream: String,
-    pub subject: String,
-    pub node: String,
-    pub retention: Duration,
-    pub catch_up: CatchUp,
-    pub catch_up_timeout: Duration,
-    pub publish_htcp: bool,
-}
 
 /// One purge as it travels on the bus (JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

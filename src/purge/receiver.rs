@@ -5,29 +5,18 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use regex::Regex;
 use tokio::net::UdpSocket;
 
 use super::htcp;
 use super::queue::PurgeQueue;
-use super::{Acl, PurgeResult, Source};
-use crate::cache::key::CacheUrl;
+use super::{Acl, PurgeResult, Purger, Source};
+use crate::cache::key::{CacheUrl, HostAliases};
+use crate::config::HtcpConfig;
 use crate::metrics::Metrics;
-use crate::proxy::Shared;
-
-/// What the receiver listens on and accepts.
-#[derive(Debug, Clone)]
-pub struct HtcpConfig {
-    pub listen: SocketAddr,
-    pub allow: Vec<ipnet::IpNet>,
-    pub multicast_groups: Vec<Ipv4Addr>,
-    /// The interface to join the groups on; `None`: see [`HtcpConfig::join_interface`].
-    pub multicast_interface: Option<Ipv4Addr>,
-    pub host_regex: Option<Regex>,
-}
 
 impl HtcpConfig {
     /// Where multicast groups are joined: the configured interface, else the listen address
@@ -41,10 +30,13 @@ impl HtcpConfig {
     }
 }
 
+/// The receiver and the narrow handles it works through: the purge dispatch, the metrics and
+/// the current host aliases (a reload may change them).
 pub struct HtcpReceiver {
     config: HtcpConfig,
     acl: Acl,
-    shared: Arc<Shared>,
+    purger: Purger,
+    aliases: Arc<ArcSwap<HostAliases>>,
     metrics: Arc<Metrics>,
 }
 
@@ -53,12 +45,18 @@ pub struct HtcpReceiver {
 const RECEIVE_BUFFER: usize = 16 << 20;
 
 impl HtcpReceiver {
-    pub fn new(config: HtcpConfig, shared: Arc<Shared>) -> HtcpReceiver {
+    pub fn new(
+        config: HtcpConfig,
+        purger: Purger,
+        aliases: Arc<ArcSwap<HostAliases>>,
+        metrics: Arc<Metrics>,
+    ) -> HtcpReceiver {
         HtcpReceiver {
             acl: Acl::new(config.allow.clone()),
             config,
-            metrics: shared.metrics.clone(),
-            shared,
+            purger,
+            aliases,
+            metrics,
         }
     }
 
@@ -101,7 +99,8 @@ impl HtcpReceiver {
                 return;
             }
         };
-        let Ok(url) = CacheUrl::parse_absolute(&clr.uri).map(|u| self.shared.canonical(u)) else {
+        let Ok(url) = CacheUrl::parse_absolute(&clr.uri).map(|u| self.aliases.load().canonical(u))
+        else {
             self.count(PurgeResult::Invalid);
             return;
         };
@@ -127,11 +126,7 @@ impl BackgroundService for HtcpReceiver {
                 return;
             }
         };
-        let queue = PurgeQueue::start(
-            self.shared.purger.clone(),
-            self.metrics.clone(),
-            Source::Htcp,
-        );
+        let queue = PurgeQueue::start(self.purger.clone(), self.metrics.clone(), Source::Htcp);
         // Room for the largest packet we accept plus one byte, to tell "too long" apart.
         let mut buf = vec![0u8; htcp::MAX_PACKET + 1];
         loop {

@@ -32,16 +32,9 @@ use format::{MetaFile, ObjectPaths, ReadError};
 /// Read size for streaming a body from disk.
 const CHUNK: usize = 64 * 1024;
 /// Bodies at most this large are read whole and checked before a byte is served.
-pub const WHOLE_READ_MAX: u64 = 8 << 20;
+pub use crate::config::DiskConfig;
 
-#[derive(Debug, Clone)]
-pub struct DiskConfig {
-    pub path: PathBuf,
-    pub size: u64,
-    pub max_object_size: u64,
-    /// Store an object on its N-th miss (1: the first).
-    pub min_uses: u32,
-}
+pub const WHOLE_READ_MAX: u64 = 8 << 20;
 
 /// Counters of the disk tier, read by the admin endpoint and metrics.
 #[derive(Debug, Default)]

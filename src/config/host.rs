@@ -1,0 +1,70 @@
+//! Host syntax, shared by the configuration (host aliases, health-check hosts) and the
+//! cache key: one normalisation, so a host the configuration names is the host a request's key
+//! holds.
+
+/// A host that is not `host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadHost;
+
+/// RFC 9110 §4.2.3: the host is case-insensitive and an explicit default port is the same as
+/// none; a trailing dot names the same DNS host (RFC 1034 §3.1).
+/// `default_port` is the scheme's ("80" or "443"): it is dropped.
+pub fn normalize_host(authority: &str, default_port: &str) -> Result<String, BadHost> {
+    if authority.is_empty() || authority.contains('@') {
+        return Err(BadHost);
+    }
+    let (host, port) = split_port(authority).ok_or(BadHost)?;
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let valid = if host.starts_with('[') {
+        host.ends_with(']')
+            && host.len() > 2
+            && host[1..host.len() - 1]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+    } else {
+        // Every DNS label is non-empty (RFC 1034 §3.1): "a..b", ".a" or a second trailing dot
+        // would otherwise canonicalise to a different host each time.
+        !host.is_empty()
+            && host.split('.').all(|label| !label.is_empty())
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    };
+    if !valid {
+        return Err(BadHost);
+    }
+    let mut out = host.to_ascii_lowercase();
+    if let Some(port) = port {
+        let number: u16 = port.parse().ok().filter(|p| *p != 0).ok_or(BadHost)?;
+        let port = number.to_string();
+        if port != default_port {
+            out.push(':');
+            out.push_str(&port);
+        }
+    }
+    Ok(out)
+}
+
+/// Splits `host[:port]` (IPv6 literals in brackets). `None` if the port is not digits.
+fn split_port(authority: &str) -> Option<(&str, Option<&str>)> {
+    let (host, port) = if authority.starts_with('[') {
+        let end = authority.find(']')?;
+        let rest = &authority[end + 1..];
+        if rest.is_empty() {
+            (authority, None)
+        } else {
+            (&authority[..=end], Some(rest.strip_prefix(':')?))
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    match port {
+        Some("") => Some((host, None)),
+        Some(p) if p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => Some((host, Some(p))),
+        Some(_) => None,
+        None => Some((host, None)),
+    }
+}
