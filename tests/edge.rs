@@ -694,3 +694,61 @@ async fn upstream_connection_with_bytes_past_the_body_is_never_reused() {
         );
     }
 }
+
+/// Regression: a request that began with empty lines had its head read by pingora with a
+/// deadline per read, not for the whole head: `\r\n\r\n` then a byte every 200 ms outlived
+/// `header_timeout`, and megabytes of empty lines were held in memory. RFC 9112 §2.2 allows
+/// ignoring empty lines before a request line, not an unbounded number of them.
+#[tokio::test]
+async fn leading_empty_lines_count_towards_the_head_deadline_and_size() {
+    let origin = cached_origin().await;
+    let skua = Skua::start_tables(&[origin.addr], ["header_timeout = \"1s\"", "", ""], "").await;
+
+    let (mut reader, mut writer) = TcpStream::connect(skua.addr).await.unwrap().into_split();
+    const HEAD: &[u8] = b"\r\n\r\nGET /slow HTTP/1.1\r\nHost: wiki.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let trickle = tokio::spawn({
+        let sent = sent.clone();
+        async move {
+            writer.write_all(&HEAD[..4]).await.unwrap();
+            for b in &HEAD[4..] {
+                if writer.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the connection was never closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    trickle.abort();
+    let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        sent < HEAD.len() / 2,
+        "closed after {sent} bytes of the head"
+    );
+
+    // A megabyte of empty lines is a head too large, not a wait for more.
+    let mut stream = TcpStream::connect(skua.addr).await.unwrap();
+    let blank = "\r\n".repeat(512 * 1024);
+    let _ = stream.write_all(blank.as_bytes()).await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the connection was never closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // One empty line before a request is ignored, as RFC 9112 §2.2 asks.
+    let ok = raw(
+        skua.addr,
+        "\r\nGET /after-blank HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert_eq!(origin.count("/slow"), 0);
+    assert_eq!(origin.count("/after-blank"), 1);
+}

@@ -447,3 +447,112 @@ async fn admin_purge_endpoint_mirrors_http_purge() {
         .await
         .contains("skua_purges_total{result=\"purged\",source=\"admin\"} 2\n"));
 }
+
+/// Reads `methods.len()` responses from `stream`, one per request in order (HEAD, 204 and 304
+/// answers have no body), and returns each status with its `x-cache-status`.
+async fn read_responses(
+    stream: &mut tokio::net::TcpStream,
+    methods: &[&str],
+) -> Vec<(u16, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while out.len() < methods.len() {
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut fields);
+        if let Ok(httparse::Status::Complete(head)) = resp.parse(&buf) {
+            let status = resp.code.unwrap_or(0);
+            let field = |name: &str| {
+                resp.headers
+                    .iter()
+                    .find(|f| f.name.eq_ignore_ascii_case(name))
+                    .map(|f| String::from_utf8_lossy(f.value).into_owned())
+            };
+            let length: usize = field("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let body = if methods[out.len()] == "HEAD" || status == 204 || status == 304 {
+                0
+            } else {
+                length
+            };
+            if buf.len() >= head + body {
+                out.push((status, field("x-cache-status").unwrap_or_default()));
+                buf.drain(..head + body);
+                continue;
+            }
+        }
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout_at(deadline.into(), stream.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {} answers: {out:?}", out.len(), methods.len()))
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed after {} of {} answers: {out:?}",
+            out.len(),
+            methods.len()
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    out
+}
+
+/// Regression: eight PURGEs written in one send on one keep-alive connection (as purge
+/// clients and some proxies send them) got one answer and the connection closed; the other
+/// seven were never applied. RFC 9112 §9.3.2: every request is answered, in order.
+#[tokio::test]
+async fn pipelined_purges_gets_and_heads_are_all_answered_in_order() {
+    use tokio::io::AsyncWriteExt;
+    let origin = Origin::start(|_| cached()).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for p in ["/wiki/A", "/wiki/B", "/wiki/C"] {
+        get(&skua.url(p), &[("host", "wiki.test")]).await;
+    }
+    let requests: [(&str, &str); 8] = [
+        ("PURGE", "http://wiki.test/wiki/A"),
+        ("GET", "/wiki/B"),
+        ("PURGE", "/wiki/B"),
+        ("HEAD", "/wiki/C"),
+        ("GET", "/wiki/A"),
+        ("PURGE", "/wiki/Nothing"),
+        ("GET", "/wiki/B"),
+        ("HEAD", "/wiki/B"),
+    ];
+    let mut bytes = String::new();
+    for (method, target) in requests {
+        bytes.push_str(&format!(
+            "{method} {target} HTTP/1.1\r\nHost: wiki.test\r\n\r\n"
+        ));
+    }
+    let mut stream = tokio::net::TcpStream::connect(skua.addr).await.unwrap();
+    stream.write_all(bytes.as_bytes()).await.unwrap();
+    let methods: Vec<&str> = requests.iter().map(|(m, _)| *m).collect();
+    let answers = read_responses(&mut stream, &methods).await;
+    let expected = [
+        (204, ""),
+        (200, "hit-front"),
+        (204, ""),
+        (200, "hit-front"),
+        (200, "miss"),
+        (404, ""),
+        (200, "miss"),
+        (200, "hit-front"),
+    ];
+    let got: Vec<(u16, &str)> = answers.iter().map(|(s, c)| (*s, c.as_str())).collect();
+    let expected: Vec<(u16, &str)> = expected.to_vec();
+    assert_eq!(got, expected);
+    assert_eq!(origin.count("/wiki/A"), 2);
+    assert_eq!(origin.count("/wiki/B"), 2);
+    assert_eq!(origin.count("/wiki/C"), 1);
+    // The connection is still open for more.
+    stream
+        .write_all(b"GET /wiki/C HTTP/1.1\r\nHost: wiki.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_responses(&mut stream, &["GET"]).await,
+        vec![(200, "hit-front".to_string())]
+    );
+}

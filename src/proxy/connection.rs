@@ -126,8 +126,11 @@ where
             return self.app.process_new(stream, shutdown).await;
         }
         let mut settings = None;
+        // Bytes read past the end of the previous request: the start of the next one, when a
+        // client pipelines (RFC 9112 §9.3.2: every request is answered, in order).
+        let mut carry = BytesMut::new();
         loop {
-            let head = match read_head(&mut stream, &self.limits).await {
+            let head = match read_head(&mut stream, &self.limits, &mut carry).await {
                 HeadRead::Complete(head) => head,
                 HeadRead::Gone => break,
                 HeadRead::TimedOut => {
@@ -169,8 +172,11 @@ where
             if let Some(previous) = settings.take() {
                 pingora::apps::HttpPersistentSettings::apply_to_session(previous, &mut session);
             }
-            // pingora parses this before reading the stream again. Pipelining stays off, so
-            // the previous session never leaves a prefix of its own to collide with this one.
+            // pingora parses this before reading the stream again. Its own pipelining stays
+            // off: a request without a body hands pingora its head alone (what follows stays
+            // in `carry`); one with a body hands over what was read of the body too, and a
+            // request pipelined behind a body ends the connection after its answer, which
+            // RFC 9112 §9.3.2 lets a client retry.
             session.set_pipelined_prefix(head);
             let reused = self.app.process_new_http(session, shutdown).await?;
             let (next, next_settings) = reused.consume();
@@ -209,23 +215,52 @@ async fn write_both(stream: &mut Stream, head: &[u8], body: &[u8]) -> std::io::R
 }
 
 /// Reads until the blank line that ends a request head: the first byte within the idle
-/// timeout, the whole head within the header timeout of that first byte.
-async fn read_head(stream: &mut Stream, limits: &ConnectionLimits) -> HeadRead {
-    let mut buf = BytesMut::with_capacity(HEAD_BUFFER);
-    // pingora's coarse timer (10 ms buckets on its own clock thread), not tokio's: a tokio
-    // timer armed while the runtime has none wakes the runtime's own event loop through its
-    // eventfd, one extra system call and poll on every request of a keep-alive connection.
-    match fast_timeout(limits.idle_timeout, stream.read_buf(&mut buf)).await {
-        Ok(Ok(n)) if n > 0 => {}
-        _ => return HeadRead::Gone,
+/// timeout, the whole head within the header timeout of that first byte. `carry` holds bytes
+/// already read past the previous request (a pipelined client), which are used first; what
+/// follows a head without a body is left in it for the next request.
+///
+/// Empty lines before the request line (RFC 9112 §2.2: a server "SHOULD ignore at least one
+/// empty line (CRLF) received prior to the request-line") are dropped here, and count towards
+/// the same deadline and size limit as the head (regression: a head sent after leading blank
+/// lines escaped both, handed to pingora as a head of its own).
+async fn read_head(
+    stream: &mut Stream,
+    limits: &ConnectionLimits,
+    carry: &mut BytesMut,
+) -> HeadRead {
+    let mut buf = std::mem::take(carry);
+    if buf.is_empty() {
+        buf.reserve(HEAD_BUFFER);
+        // pingora's coarse timer (10 ms buckets on its own clock thread), not tokio's: a tokio
+        // timer armed while the runtime has none wakes the runtime's own event loop through
+        // its eventfd, one extra system call and poll on every request of a keep-alive
+        // connection.
+        match fast_timeout(limits.idle_timeout, stream.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return HeadRead::Gone,
+        }
     }
     let deadline = Instant::now() + limits.header_timeout;
     let mut scanned = 0;
+    let mut skipped = 0;
     loop {
-        if head_end(&buf, scanned).is_some() {
-            return HeadRead::Complete(buf);
+        if scanned == 0 {
+            let blank = buf
+                .iter()
+                .take_while(|b| matches!(b, b'\r' | b'\n'))
+                .count();
+            let _ = buf.split_to(blank);
+            skipped += blank;
         }
-        if buf.len() > limits.max_head_bytes {
+        if !buf.is_empty() {
+            if let Some(end) = head_end(&buf, scanned) {
+                if !has_body(&buf[..end]) {
+                    *carry = buf.split_off(end);
+                }
+                return HeadRead::Complete(buf);
+            }
+        }
+        if skipped + buf.len() > limits.max_head_bytes {
             return HeadRead::TooLarge;
         }
         // A terminator may straddle two reads: look again from the last two bytes.
@@ -240,6 +275,21 @@ async fn read_head(stream: &mut Stream, limits: &ConnectionLimits) -> HeadRead {
             Err(_) => return HeadRead::TimedOut,
         }
     }
+}
+
+/// Whether a request head announces a body (RFC 9112 §6.3: `Transfer-Encoding`, or a
+/// `Content-Length` other than 0). A head that cannot be parsed counts as having one, so its
+/// bytes go to pingora whole and are refused there.
+fn has_body(head: &[u8]) -> bool {
+    let mut fields = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut fields);
+    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        return true;
+    }
+    req.headers.iter().any(|f| {
+        f.name.eq_ignore_ascii_case("transfer-encoding")
+            || (f.name.eq_ignore_ascii_case("content-length") && f.value.trim_ascii() != b"0")
+    })
 }
 
 /// Where the head ends: the index just past its blank line, looking from `from`. RFC 9112

@@ -36,6 +36,12 @@ pub async fn header(
     if body.is_none() && resp.status.as_u16() != 204 && resp.status.as_u16() != 304 {
         resp.insert_header("content-length", "0")?;
     }
+    if resp.status.as_u16() == 400 {
+        // A request Skua could not understand: what follows it on the connection may not be
+        // what the client meant to send next, so nothing more is read (RFC 9112 §9.6 lets a
+        // server close after any response).
+        session.set_keepalive(None);
+    }
     let is_head = session.req_header().method == http::Method::HEAD;
     let end = body.is_none() || is_head;
     session.write_response_header(Box::new(resp), end).await?;
