@@ -1,5 +1,9 @@
 //! HTTP PURGE as MediaWiki sends it, and who may send it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::support::*;
 
 fn cached() -> Reply {
@@ -103,39 +107,105 @@ async fn purge_from_a_disallowed_address_is_403_and_purges_nothing() {
     );
 }
 
-#[tokio::test]
-async fn soft_purge_serves_stale_while_exactly_one_request_revalidates() {
-    let origin = Origin::start(|req| {
-        if req.header("if-none-match") == Some("\"x\"") {
+/// A wiki page as MediaWiki sends it (`must-revalidate`: never served stale) and a page that
+/// allows `stale-while-revalidate`; `revision` says which revision the origin has now.
+async fn soft_purge_origin(revision: Arc<AtomicUsize>) -> Origin {
+    Origin::start(move |req| {
+        let n = revision.load(Ordering::SeqCst);
+        let etag = format!("\"r{n}\"");
+        let cc = if req.path == "/wiki/Swr" {
+            "max-age=300, stale-while-revalidate=60"
+        } else {
+            "s-maxage=300, must-revalidate, max-age=0"
+        };
+        if req.header("if-none-match") == Some(etag.as_str()) {
             return Reply::ok("")
                 .status(304)
-                .header("etag", "\"x\"")
-                .header("cache-control", "max-age=300")
-                .delay(std::time::Duration::from_millis(100));
+                .header("etag", etag)
+                .header("cache-control", cc)
+                .delay(Duration::from_millis(100));
         }
-        Reply::ok("page")
-            .header("cache-control", "s-maxage=300, must-revalidate, max-age=0")
-            .header("etag", "\"x\"")
+        Reply::ok(format!("{} r{n}", req.path))
+            .header("cache-control", cc)
+            .header("etag", etag)
+            .delay(Duration::from_millis(100))
     })
-    .await;
+    .await
+}
+
+/// Regression: a soft purge served the pre-edit page (`detail=stale-while-revalidate`) to the
+/// next reader although the response said `must-revalidate`. Now the readers wait for one
+/// revalidation: 304 when the page did not change (the cheap case), the new page when it did.
+#[tokio::test]
+async fn soft_purge_revalidates_once_before_serving_a_page_that_forbids_stale_use() {
+    let revision = Arc::new(AtomicUsize::new(1));
+    let origin = soft_purge_origin(revision.clone()).await;
     let skua = Skua::start(&[origin.addr], "").await;
     let url = skua.url("/wiki/Soft");
+    assert_eq!(get(&url, &[]).await.text(), "/wiki/Soft r1");
+
+    // Unchanged: fifty readers, one conditional request, every reader gets the page fresh.
+    let purge = send(&client(), "PURGE", &url, &[("skua-soft-purge", "1")]).await;
+    assert_eq!(purge.status, 204);
+    let client = client();
+    let all = futures::future::join_all((0..50).map(|_| send(&client, "GET", &url, &[]))).await;
+    for r in &all {
+        assert_eq!((r.status, r.text().as_str()), (200, "/wiki/Soft r1"));
+        let status = r.header("cache-status");
+        assert!(
+            !status.contains("stale-while-revalidate"),
+            "{:?}",
+            r.headers
+        );
+        assert!(
+            !status.contains("hit; ttl=-"),
+            "served stale: {:?}",
+            r.headers
+        );
+    }
+    let seen = origin.requests("/wiki/Soft");
+    assert_eq!(seen.len(), 2, "one fill, then exactly one revalidation");
+    assert_eq!(seen[1].header("if-none-match"), Some("\"r1\""));
+    assert_eq!(get(&url, &[]).await.cache(), "hit-front");
+
+    // Edited at the origin: the next reader gets the new revision, never the old one.
+    revision.store(2, Ordering::SeqCst);
+    let purge = send(&client, "PURGE", &url, &[("skua-soft-purge", "1")]).await;
+    assert_eq!(purge.status, 204);
+    let next = get(&url, &[]).await;
+    assert_eq!(next.text(), "/wiki/Soft r2", "{:?}", next.headers);
+    assert_eq!(origin.count("/wiki/Soft"), 3);
+}
+
+/// A page whose response allows `stale-while-revalidate` is served stale after a soft purge
+/// while exactly one request revalidates it.
+#[tokio::test]
+async fn soft_purge_serves_stale_where_the_response_allows_while_one_request_revalidates() {
+    let revision = Arc::new(AtomicUsize::new(1));
+    let origin = soft_purge_origin(revision.clone()).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/wiki/Swr");
     get(&url, &[]).await;
     let purge = send(&client(), "PURGE", &url, &[("skua-soft-purge", "1")]).await;
     assert_eq!(purge.status, 204);
     let client = client();
     let all = futures::future::join_all((0..50).map(|_| send(&client, "GET", &url, &[]))).await;
     for r in &all {
-        assert_eq!((r.status, r.text().as_str()), (200, "page"));
+        assert_eq!((r.status, r.text().as_str()), (200, "/wiki/Swr r1"));
         assert_eq!(r.cache(), "hit-front", "{:?}", r.headers);
     }
+    assert!(
+        all.iter()
+            .any(|r| r.header("cache-status").contains("stale-while-revalidate")),
+        "some were served stale"
+    );
     // Until the revalidation lands, readers are served the stale copy and start no other.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let after = get(&url, &[]).await;
         assert_eq!(
             (after.text().as_str(), after.cache()),
-            ("page", "hit-front")
+            ("/wiki/Swr r1", "hit-front")
         );
         if !after.header("cache-status").contains("stale") {
             break;
@@ -144,11 +214,11 @@ async fn soft_purge_serves_stale_while_exactly_one_request_revalidates() {
             std::time::Instant::now() < deadline,
             "the revalidation never landed"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let seen = origin.requests("/wiki/Soft");
+    let seen = origin.requests("/wiki/Swr");
     assert_eq!(seen.len(), 2, "one fill, then exactly one revalidation");
-    assert_eq!(seen[1].header("if-none-match"), Some("\"x\""));
+    assert_eq!(seen[1].header("if-none-match"), Some("\"r1\""));
 }
 
 fn tagged(req: &Seen) -> Reply {

@@ -375,11 +375,9 @@ impl Family {
                 return o.clone();
             }
             let mut meta = o.meta.clone();
+            // Its stale windows stay what its own directives (or `default_grace`) allowed:
+            // see `PurgeMode::Expire`.
             meta.times.fresh_until = meta.times.fresh_until.min(Stamp::of(at));
-            meta.times.stale_while_revalidate_sec = meta
-                .times
-                .stale_while_revalidate_sec
-                .max(super::SOFT_PURGE_GRACE_SECS);
             Arc::new(StoredObject::with(o.slot, meta, o.body.clone()))
         };
         match self {

@@ -29,16 +29,17 @@ use key::{CacheUrl, Scheme};
 use memory::{MemoryHit, MemoryMiss, MemoryTier, StoredMeta, StoredObject};
 use tags::TagIndex;
 
-/// How long a soft-purged object may still be served while one request revalidates it, so a
-/// soft purge of a hot page sends one request to the origin instead of a stampede.
-pub const SOFT_PURGE_GRACE_SECS: u32 = 60;
-
 /// What an invalidation does to the objects it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PurgeMode {
     /// Remove them.
     Delete,
-    /// Keep them but mark them stale, so the next request revalidates (soft purge).
+    /// Keep them but mark them stale, so the next request revalidates (soft purge). A stale
+    /// copy is served meanwhile only where the response's own `stale-while-revalidate` (or
+    /// `[cache] default_grace`) allows it; a response that forbids stale use (`must-revalidate`,
+    /// `s-maxage`, `no-cache`: RFC 9111 §4.2.4) makes the next readers wait for the
+    /// revalidation, one request to the origin for all of them (the cache lock), which answers
+    /// 304 when the page did not change.
     Expire,
 }
 

@@ -473,13 +473,11 @@ impl DiskTier {
         for s in &family.slots {
             let rewritten = self
                 .rewrite_meta(primary, s.slot.as_ref(), move |meta| {
-                    // Stale now, but servable while one request revalidates (see
-                    // SOFT_PURGE_GRACE_SECS); Age keeps counting from the original fetch.
+                    // Stale now, with the stale windows its own directives allowed (see
+                    // `PurgeMode::Expire`); Age keeps counting from the original fetch.
                     let epoch = meta.epoch();
                     let fresh_until = meta.fresh_until().min(now);
-                    let swr = meta
-                        .stale_while_revalidate_sec()
-                        .max(super::SOFT_PURGE_GRACE_SECS);
+                    let swr = meta.stale_while_revalidate_sec();
                     let sie = meta.stale_if_error_sec();
                     meta.update_freshness(fresh_until, swr, sie);
                     meta.set_epoch_override(epoch);
