@@ -626,3 +626,41 @@ async fn pipelined_purges_gets_and_heads_are_all_answered_in_order() {
         vec![(200, "hit-front".to_string())]
     );
 }
+
+/// Regression: the admin API percent-decoded `url=` and the bans file was written unescaped,
+/// so a URL holding `%0A` planted a ban of its own, dated in the year 2540: after a restart
+/// every page of the host was a miss for good. Such a target is refused by every source; the
+/// cached page is still served after the restart.
+#[tokio::test]
+async fn a_crafted_purge_url_plants_no_ban() {
+    let origin = Origin::start(|_| cached()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let page = skua.url("/wiki/Kept");
+    get(&page, &[("host", "wiki.test")]).await;
+    let crafted = format!(
+        "http://{}/purge?url=http%3A%2F%2Fwiki.test%2Fnothing-here%0A18000000000000000000%20wiki.test%20%2F",
+        skua.admin
+    );
+    let r = send(&client(), "POST", &crafted, &[("skua-purge-prefix", "1")]).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    // The same target through HTTP PURGE (a raw request line cannot hold it) and a good ban
+    // beside it, the positive control that bans do persist.
+    let ban = send(
+        &client(),
+        "PURGE",
+        &skua.url("/wiki/Banned/"),
+        &[("host", "wiki.test"), ("skua-purge-prefix", "1")],
+    )
+    .await;
+    assert_eq!(ban.status, 204);
+    skua.stop();
+    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let again = get(&skua.url("/wiki/Kept"), &[("host", "wiki.test")]).await;
+    assert_eq!(again.cache(), "hit-local");
+    assert_eq!(origin.count("/wiki/Kept"), 1);
+    let bans = std::fs::read_to_string(dir.path().join("bans")).unwrap();
+    assert_eq!(bans.lines().count(), 1, "{bans:?}");
+    assert!(bans.contains(" wiki.test /wiki/Banned/ "), "{bans:?}");
+}

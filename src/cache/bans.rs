@@ -226,34 +226,103 @@ fn unix_nanos(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// How far in the future a saved ban may be dated and still be believed: clocks between a
+/// restart and the next may disagree a little, not by years (regression: a ban dated in the
+/// year 2540 made every page of its host a miss for good).
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// One ban as a line of the bans file: `<nanos> <host> <prefix> <crc32>`, host and prefix
+/// percent-escaped so that neither can hold a space or a line break, and a checksum of the
+/// rest so that a line damaged or planted by hand is dropped when read.
 fn line(b: &Ban) -> String {
     let nanos =
         b.at.duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-    format!("{nanos} {} {}\n", b.host, b.path_prefix)
+    let fields = format!("{nanos} {} {}", escape(&b.host), escape(&b.path_prefix));
+    format!("{fields} {:08x}\n", crc32fast::hash(fields.as_bytes()))
 }
 
-/// Reads saved bans, dropping those older than `lifetime` and lines that do not parse.
+/// Percent-escapes `%`, spaces, controls and non-ASCII bytes.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_graphic() && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn unescape(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// One line of the bans file, if it is whole and believable.
+fn parse_line(l: &str, now: SystemTime, lifetime: Duration) -> Option<Ban> {
+    let (fields, crc) = l.rsplit_once(' ')?;
+    if u32::from_str_radix(crc, 16).ok()? != crc32fast::hash(fields.as_bytes()) {
+        return None;
+    }
+    let mut parts = fields.split(' ');
+    let nanos: u64 = parts.next()?.parse().ok()?;
+    let host = unescape(parts.next()?)?;
+    let path_prefix = unescape(parts.next()?)?;
+    if parts.next().is_some() {
+        return None;
+    }
+    let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos);
+    if at > now + MAX_CLOCK_SKEW {
+        return None;
+    }
+    let current = now.duration_since(at).map_or(true, |age| age < lifetime);
+    current.then_some(Ban {
+        host,
+        path_prefix,
+        at,
+    })
+}
+
+/// Reads saved bans, dropping those older than `lifetime`, dated in the future and lines that
+/// do not parse or fail their checksum.
 fn load(file: &Path, lifetime: Duration) -> Vec<Ban> {
     let Ok(text) = std::fs::read_to_string(file) else {
         return Vec::new();
     };
     let now = SystemTime::now();
-    text.lines()
+    let mut dropped = 0;
+    let bans: Vec<Ban> = text
+        .lines()
         .filter_map(|l| {
-            let mut parts = l.splitn(3, ' ');
-            let nanos: u64 = parts.next()?.parse().ok()?;
-            let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos);
-            let ban = Ban {
-                host: parts.next()?.to_string(),
-                path_prefix: parts.next()?.to_string(),
-                at,
-            };
-            now.duration_since(at)
-                .map_or(true, |age| age < lifetime)
-                .then_some(ban)
+            let ban = parse_line(l, now, lifetime);
+            if ban.is_none() && !l.is_empty() {
+                dropped += 1;
+            }
+            ban
         })
-        .collect()
+        .collect();
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            file = %file.display(),
+            "ignored saved bans that were expired, damaged or dated in the future"
+        );
+    }
+    bans
 }
 
 #[cfg(test)]
@@ -309,6 +378,41 @@ mod tests {
 mod persistence {
     use super::*;
     use crate::cache::key::Scheme;
+
+    #[test]
+    fn a_planted_damaged_or_future_ban_line_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bans");
+        let before = SystemTime::now() - Duration::from_secs(1);
+        Invalidations::new(Duration::from_secs(3600), Some(file.clone())).ban("h", "/p q/\n");
+        let good = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(good.lines().count(), 1, "{good:?}");
+        let future = Ban {
+            host: "h".into(),
+            path_prefix: "/".into(),
+            at: SystemTime::now() + Duration::from_secs(3600),
+        };
+        let mut damaged = line(&Ban {
+            host: "h".into(),
+            path_prefix: "/".into(),
+            at: SystemTime::now(),
+        });
+        damaged.replace_range(0..1, "9");
+        // The line the admin API once let a crafted URL plant: old format, year 2540.
+        let planted = "18000000000000000000 h /\n";
+        std::fs::write(&file, format!("{good}{}{damaged}{planted}", line(&future))).unwrap();
+        let again = Invalidations::new(Duration::from_secs(3600), Some(file));
+        assert!(
+            !again.banned(&CacheUrl::new(Scheme::Http, "h", "/other").unwrap(), before),
+            "only the good ban loaded"
+        );
+        assert_eq!(again.ban_count.load(Ordering::Acquire), 1);
+        let bans = again.bans.read().unwrap();
+        assert_eq!(
+            (bans[0].host.as_str(), bans[0].path_prefix.as_str()),
+            ("h", "/p q/\n")
+        );
+    }
 
     #[test]
     fn bans_survive_a_restart() {

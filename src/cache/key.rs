@@ -40,7 +40,7 @@ pub enum KeyError {
     MissingHost,
     #[error("invalid host: {0:?}")]
     BadHost(String),
-    #[error("path must start with '/'")]
+    #[error("path must start with '/' and hold no spaces or control characters")]
     BadPath,
     #[error("not an absolute http(s) URL")]
     NotAbsolute,
@@ -75,6 +75,12 @@ impl CacheUrl {
     pub fn new(scheme: Scheme, authority: &str, path_and_query: &str) -> Result<Self, KeyError> {
         let host = normalize_host(scheme, authority)?;
         if !path_and_query.starts_with('/') {
+            return Err(KeyError::BadPath);
+        }
+        // The rules of a request target (RFC 9112 §3.2: no whitespace, RFC 3986: no control
+        // characters), for every purge source too: the admin API percent-decodes its `url=`,
+        // and a decoded line feed once planted a line of its own in the bans file.
+        if path_and_query.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(KeyError::BadPath);
         }
         // A fragment never reaches a server (RFC 9110 §4.2.5) and is no part of the key.

@@ -1003,17 +1003,28 @@ mod tests {
         }
     }
 
+    /// As [`meta`], with a validator: a soft purge keeps such an object for revalidation.
+    fn revalidatable(body_note: &str) -> StoredMeta {
+        let mut m = meta(body_note);
+        m.header.append_header("etag", "\"v1\"").unwrap();
+        m
+    }
+
     #[test]
     fn variants_share_a_family_and_purge_together() {
         let tier = MemoryTier::new(1 << 20);
         let p = [1u8; 16];
         tier.insert(
             p,
-            StoredObject::new(None, meta("a"), Bytes::from_static(b"gzip")),
+            StoredObject::new(None, revalidatable("a"), Bytes::from_static(b"gzip")),
         );
         tier.insert(
             p,
-            StoredObject::new(Some([2; 16]), meta("b"), Bytes::from_static(b"plain")),
+            StoredObject::new(
+                Some([2; 16]),
+                revalidatable("b"),
+                Bytes::from_static(b"plain"),
+            ),
         );
         assert_eq!(tier.get(&p, None).unwrap().body, "gzip");
         assert_eq!(tier.get(&p, Some(&[2; 16])).unwrap().body, "plain");
@@ -1031,11 +1042,11 @@ mod tests {
         let (a, b) = ([4u8; 16], [5u8; 16]);
         tier.insert(
             p,
-            StoredObject::new(Some(a), meta("a"), Bytes::from_static(b"A")),
+            StoredObject::new(Some(a), revalidatable("a"), Bytes::from_static(b"A")),
         );
         tier.insert(
             p,
-            StoredObject::new(Some(b), meta("b"), Bytes::from_static(b"B")),
+            StoredObject::new(Some(b), revalidatable("b"), Bytes::from_static(b"B")),
         );
         assert_eq!(tier.object_count(), 2);
         assert!(tier.remove_slot(&p, Some(&a)));
