@@ -56,9 +56,48 @@ pub fn build(config: &Config) -> anyhow::Result<Built> {
     build_with(config, false)
 }
 
+/// Fails, naming the key, when an address Skua would listen on is taken by another process.
+/// pingora retries a taken TCP address for a while and then gives up in the background, and a
+/// taken UDP address was shared (regression: a second Skua with the same HTCP address started
+/// and received every CLR while the first served purged pages). A zero-downtime upgrade
+/// (`--upgrade`) inherits its listeners and skips this.
+pub fn check_addresses_free(config: &Config) -> anyhow::Result<()> {
+    let mut tcp: Vec<(String, std::net::SocketAddr)> = config
+        .server
+        .listen
+        .iter()
+        .map(|a| ("server.listen".to_string(), *a))
+        .collect();
+    if let Some(admin) = config.server.admin {
+        tcp.push(("server.admin".into(), admin));
+    }
+    for (key, addr) in tcp {
+        std::net::TcpListener::bind(addr).with_context(|| {
+            format!("{key}: cannot listen on {addr} (in use by another process?)")
+        })?;
+    }
+    if let Some(htcp) = config
+        .purge
+        .htcp
+        .as_ref()
+        .filter(|h| !h.listen.ip().is_multicast())
+    {
+        std::net::UdpSocket::bind(htcp.listen).with_context(|| {
+            format!(
+                "purge.htcp.listen: cannot listen on {} (in use by another process?)",
+                htcp.listen
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// As [`build`]; with `upgrade`, the listening sockets are taken over from a running Skua
 /// through `upgrade_sock` (it hands them over on SIGQUIT) instead of being bound anew.
 pub fn build_with(config: &Config, upgrade: bool) -> anyhow::Result<Built> {
+    if !upgrade {
+        check_addresses_free(config)?;
+    }
     let conf = ServerConf {
         upgrade_sock: config.server.upgrade_sock.display().to_string(),
         threads: config.server.threads,

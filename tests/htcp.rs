@@ -367,3 +367,79 @@ async fn host_regex_fences_which_hosts_htcp_may_purge() {
         );
     }
 }
+
+/// Regression: a second Skua configured with the same HTCP address started without error and,
+/// sharing the port, received every CLR meant for the first. Now it refuses to start, naming
+/// the key; the first goes on receiving, and says so in /stats, the metrics and /readyz.
+#[tokio::test]
+async fn a_second_skua_on_the_same_htcp_address_refuses_to_start() {
+    let origin = Origin::start(|_| cached()).await;
+    let (skua, htcp) = start(origin.addr, "").await;
+    wait_for_metric(&skua, "skua_htcp_listening 1\n").await;
+    let stats = skua.stats().await;
+    assert_eq!(stats["htcp"]["listening"], true, "{stats}");
+    assert_eq!(stats["htcp"]["listen"], htcp.to_string());
+    skua.wait_ready().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\nadmin = \"127.0.0.1:{}\"\nupgrade_sock = \"{}\"\n\n[[origin]]\nname = \"o\"\naddresses = [\"{}\"]\n\n[purge.htcp]\nlisten = \"{htcp}\"\n",
+        free_port(),
+        free_port(),
+        dir.path().join("upgrade.sock").display(),
+        origin.addr
+    );
+    let path = dir.path().join("second.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(skua_bin())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second Skua started");
+    assert!(
+        stderr.contains(&format!("purge.htcp.listen: cannot listen on {htcp}")),
+        "{stderr}"
+    );
+
+    // The same for a TCP address: the proxy port of the first.
+    let taken = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(
+            &format!("listen = \"{htcp}\""),
+            &format!("listen = \"127.0.0.1:{}\"", udp_port()),
+        )
+        .replacen(
+            "listen = [\"127.0.0.1:",
+            &format!("listen = [\"{}\"]\n#", skua.addr),
+            1,
+        );
+    std::fs::write(&path, taken).unwrap();
+    let out = Command::new(skua_bin())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second Skua started");
+    assert!(
+        stderr.contains(&format!("server.listen: cannot listen on {}", skua.addr)),
+        "{stderr}"
+    );
+
+    // The first still gets the CLRs.
+    let url = skua.url("/wiki/Mine");
+    get(&url, &[]).await;
+    let packet = skua::purge::htcp::build(&url, 1, skua::purge::htcp::Dialect::MediaWiki);
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .send_to(&packet, htcp)
+        .unwrap();
+    wait_for_metric(
+        &skua,
+        "skua_purges_total{result=\"purged\",source=\"htcp\"} 1\n",
+    )
+    .await;
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
+}

@@ -134,6 +134,10 @@ impl Admin {
                 "caught_up": self.shared.store.invalidations.is_caught_up(),
             })),
             "version": env!("CARGO_PKG_VERSION"),
+            "htcp": self.shared.htcp.map(|addr| json!({
+                "listen": addr.to_string(),
+                "listening": m.htcp_listening.get() == 1,
+            })),
             "config": {
                 "reloads_applied": m.reloads_applied.get(),
                 "reloads_rejected": m.reloads_rejected.get(),
@@ -284,6 +288,15 @@ impl ServeHttp for Admin {
             "/readyz" => match self.shared.store.disk {
                 Some(d) if !d.loaded() => {
                     reply(503, "text/plain", b"loading the disk index\n".to_vec())
+                }
+                _ if self.shared.htcp.is_some()
+                    && self.shared.metrics.htcp_listening.get() != 1 =>
+                {
+                    reply(
+                        503,
+                        "text/plain",
+                        b"the HTCP receiver is not listening\n".to_vec(),
+                    )
                 }
                 _ if !self.shared.store.invalidations.is_caught_up() => reply(
                     503,

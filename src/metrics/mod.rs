@@ -56,6 +56,8 @@ pub struct Metrics {
     /// serve them any more).
     pub evictions: TierEvents,
     pub build_info: IntGauge,
+    /// 1 while the HTCP receiver's socket is bound; 0 when it is not (or HTCP is off).
+    pub htcp_listening: IntGauge,
     /// SIGHUP reloads: `applied` (the new configuration runs) and `rejected` (the old one stays).
     pub reloads_applied: IntCounter,
     pub reloads_rejected: IntCounter,
@@ -315,6 +317,11 @@ impl Metrics {
         )?;
         registry.register(Box::new(reloads.clone()))?;
         let reloads_applied = reloads.with_label_values(&["applied"]);
+        let htcp_listening = IntGauge::new(
+            "skua_htcp_listening",
+            "1 while the HTCP receiver is listening; 0 when it cannot bind its address (or HTCP is off).",
+        )?;
+        registry.register(Box::new(htcp_listening.clone()))?;
         let hit_path = IntCounterVec::new(
             Opts::new(
                 "skua_hits_by_path_total",
@@ -375,6 +382,7 @@ impl Metrics {
             build_info,
             reloads_applied,
             reloads_rejected,
+            htcp_listening,
             hit_paths,
             per_request,
         })

@@ -78,6 +78,8 @@ pub struct Shared {
     pub pools: SharedPools,
     pub metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
+    /// Where the HTCP receiver listens, when there is one (for `/readyz` and `/stats`).
+    pub htcp: Option<SocketAddr>,
 }
 
 impl Shared {
@@ -106,6 +108,7 @@ impl Shared {
             }),
             pools,
             metrics,
+            htcp: config.purge.htcp.as_ref().map(|h| h.listen),
         }
     }
 }

@@ -64,7 +64,11 @@ impl HtcpReceiver {
         use socket2::{Domain, Protocol, Socket, Type};
         let addr = self.config.listen;
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        socket.set_reuse_address(true)?;
+        // Only a group address is shared: on a unicast address, SO_REUSEADDR would let a second
+        // process bind the same port and take every CLR meant for this one.
+        if addr.ip().is_multicast() {
+            socket.set_reuse_address(true)?;
+        }
         let mut size = RECEIVE_BUFFER;
         while size >= 64 << 10 {
             if socket.set_recv_buffer_size(size).is_ok() {
@@ -119,13 +123,25 @@ impl HtcpReceiver {
 #[async_trait]
 impl BackgroundService for HtcpReceiver {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let socket = match self.bind() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, listen = %self.config.listen, "cannot listen for HTCP");
-                return;
+        // At start-up a taken address stops Skua (`server::check_addresses_free`); here it can
+        // only be a zero-downtime upgrade, whose old process frees the address when it exits.
+        let mut logged = false;
+        let socket = loop {
+            match self.bind() {
+                Ok(s) => break s,
+                Err(e) => {
+                    if !logged {
+                        tracing::error!(error = %e, listen = %self.config.listen, "cannot listen for HTCP; retrying (/readyz answers 503 until it can)");
+                        logged = true;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
             }
         };
+        self.metrics.htcp_listening.set(1);
         let queue = PurgeQueue::start(self.purger.clone(), self.metrics.clone(), Source::Htcp);
         // Room for the largest packet we accept plus one byte, to tell "too long" apart.
         let mut buf = vec![0u8; htcp::MAX_PACKET + 1];
