@@ -211,6 +211,15 @@ async fn poisoning_headers_never_reach_the_origin() {
         ("x-forwarded-proto", "https"),
         ("skua-soft-purge", "1"),
         ("x-forwarded-server", "evil.example"),
+        // Regression: these reached the origin unkeyed.
+        ("x-host", "evil.example"),
+        ("x-original-host", "evil.example"),
+        ("x_forwarded_host", "evil.example"),
+        ("x-forwarded-port", "8443"),
+        ("x-forwarded-prefix", "/evil"),
+        ("x-http-method-override", "DELETE"),
+        ("x_forwarded_for", "6.6.6.6"),
+        ("skua_soft_purge", "1"),
         // Not a poisoning header: the positive control that headers do get through.
         ("x-wiki-client", "kept"),
     ];

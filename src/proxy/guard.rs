@@ -89,17 +89,24 @@ pub fn raw_has_content_length(raw: &[u8]) -> bool {
 }
 
 /// Request headers no client may set for the origin to trust: they change what the origin
-/// thinks the URL, host or scheme is (so a response for one URL is cached under another) or
-/// route it through a proxy (httpoxy, CVE-2016-5385). `x-forwarded-proto` and
-/// `x-forwarded-for` are kept only from trusted proxies.
-pub const UNTRUSTED_HEADERS: [&str; 7] = [
+/// thinks the URL, host, port, path prefix, method or scheme is (so a response for one URL is
+/// cached under another) or route it through a proxy (httpoxy, CVE-2016-5385).
+/// `x-forwarded-proto` and `x-forwarded-for` are kept only from trusted proxies.
+pub const UNTRUSTED_HEADERS: [&str; 13] = [
     "x-forwarded-host",
     "x-forwarded-scheme",
     "x-forwarded-server",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-host",
+    "x-original-host",
     "x-original-url",
     "x-rewrite-url",
+    "x-http-method-override",
     "forwarded",
     "proxy",
+    // Not a forwarding header at all, and the origin never needs it.
+    "proxy-authorization",
 ];
 
 /// Headers only a trusted proxy in front of Skua may set.
@@ -109,39 +116,41 @@ const PROXY_HEADERS: [&str; 2] = ["x-forwarded-for", "x-forwarded-proto"];
 /// PURGE and never sent on to an origin.
 const OWN_PREFIX: &str = "skua-";
 
+/// Whether a request header is removed before the request goes to an origin. A name spelled
+/// with underscores counts as its dashed form and is always removed: CGI and PHP turn both
+/// `X_Forwarded_Host` and `X-Forwarded-Host` into `HTTP_X_FORWARDED_HOST`, and no proxy sends
+/// the underscore spelling.
+fn stripped(name: &http::HeaderName, extra: &[http::HeaderName], from_trusted_proxy: bool) -> bool {
+    let n = name.as_str();
+    if n.contains('_') {
+        let dashed = n.replace('_', "-");
+        return UNTRUSTED_HEADERS.contains(&dashed.as_str())
+            || PROXY_HEADERS.contains(&dashed.as_str())
+            || dashed.starts_with(OWN_PREFIX)
+            || extra.iter().any(|e| e.as_str() == dashed);
+    }
+    UNTRUSTED_HEADERS.contains(&n)
+        || (!from_trusted_proxy && PROXY_HEADERS.contains(&n))
+        || n.starts_with(OWN_PREFIX)
+        || extra.contains(name)
+}
+
 /// Removes the headers above from a request about to be proxied. `from_trusted_proxy`: the
 /// connection comes from a configured trusted proxy, whose forwarding headers are kept.
 pub fn strip(req: &mut RequestHeader, extra: &[http::HeaderName], from_trusted_proxy: bool) {
-    // Every request passes here: one look at its few headers, and removals (each a hash
-    // lookup in two maps) only when something is there to remove.
-    let stripped = |name: &http::HeaderName| {
-        let n = name.as_str();
-        UNTRUSTED_HEADERS.contains(&n)
-            || (!from_trusted_proxy && PROXY_HEADERS.contains(&n))
-            || n.starts_with(OWN_PREFIX)
-            || extra.contains(name)
-    };
-    if !req.headers.keys().any(stripped) {
+    // Every request passes here: one look at its few headers, and removals only when
+    // something is there to remove.
+    let is_stripped = |name: &http::HeaderName| stripped(name, extra, from_trusted_proxy);
+    if !req.headers.keys().any(is_stripped) {
         return;
     }
-    for name in UNTRUSTED_HEADERS {
-        req.remove_header(name);
-    }
-    for name in extra {
-        req.remove_header(name);
-    }
-    if !from_trusted_proxy {
-        for name in PROXY_HEADERS {
-            req.remove_header(name);
-        }
-    }
-    let own: Vec<http::HeaderName> = req
+    let names: Vec<http::HeaderName> = req
         .headers
         .keys()
-        .filter(|k| k.as_str().starts_with(OWN_PREFIX))
+        .filter(|n| is_stripped(n))
         .cloned()
         .collect();
-    for name in own {
+    for name in names {
         req.remove_header(&name);
     }
 }
