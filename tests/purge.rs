@@ -92,8 +92,11 @@ async fn purge_from_a_disallowed_address_is_403_and_purges_nothing() {
         url.replace(':', "%3A").replace('/', "%2F")
     );
     for (target, headers) in [
-        (&by_url, vec![]),
-        (&admin, vec![("surrogate-key", "group")]),
+        (&by_url, vec![("skua-purge", "1")]),
+        (
+            &admin,
+            vec![("skua-purge", "1"), ("surrogate-key", "group")],
+        ),
     ] {
         let r = send(&client(), "POST", target, &headers).await;
         assert_eq!(r.status, 403, "{target}: {}", r.text());
@@ -499,16 +502,28 @@ async fn admin_purge_endpoint_mirrors_http_purge() {
         "{admin}?url={}",
         skua.url("/c").replace(':', "%3A").replace('/', "%2F")
     );
-    let r = send(&client(), "POST", &by_url, &[]).await;
+    let marked = ("skua-purge", "1");
+    let r = send(&client(), "POST", &by_url, &[marked]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(get(&skua.url("/c"), &[]).await.cache(), "miss");
-    let r = send(&client(), "POST", &admin, &[("surrogate-key", "group")]).await;
+    let r = send(
+        &client(),
+        "POST",
+        &admin,
+        &[marked, ("surrogate-key", "group")],
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(get(&skua.url("/a"), &[]).await.cache(), "miss");
     assert_eq!(
-        send(&client(), "POST", &by_url.replace("%2Fc", "%2Fnone"), &[])
-            .await
-            .status,
+        send(
+            &client(),
+            "POST",
+            &by_url.replace("%2Fc", "%2Fnone"),
+            &[marked]
+        )
+        .await
+        .status,
         404
     );
     assert_eq!(send(&client(), "GET", &admin, &[]).await.status, 405);
@@ -643,7 +658,13 @@ async fn a_crafted_purge_url_plants_no_ban() {
         "http://{}/purge?url=http%3A%2F%2Fwiki.test%2Fnothing-here%0A18000000000000000000%20wiki.test%20%2F",
         skua.admin
     );
-    let r = send(&client(), "POST", &crafted, &[("skua-purge-prefix", "1")]).await;
+    let r = send(
+        &client(),
+        "POST",
+        &crafted,
+        &[("skua-purge", "1"), ("skua-purge-prefix", "1")],
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", r.text());
     // The same target through HTTP PURGE (a raw request line cannot hold it) and a good ban
     // beside it, the positive control that bans do persist.
@@ -663,4 +684,41 @@ async fn a_crafted_purge_url_plants_no_ban() {
     let bans = std::fs::read_to_string(dir.path().join("bans")).unwrap();
     assert_eq!(bans.lines().count(), 1, "{bans:?}");
     assert!(bans.contains(" wiki.test /wiki/Banned/ "), "{bans:?}");
+}
+
+/// Regression: with no token, a web page could make a browser inside the purge networks send a
+/// plain form `POST /purge?url=...` (no preflight) and purge. An admin purge now needs a header
+/// a page cannot add without a preflight, and an `Origin` other than the admin port's own is
+/// refused.
+#[tokio::test]
+async fn a_cross_site_form_post_cannot_purge_through_the_admin_port() {
+    let origin = Origin::start(|_| cached()).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/wiki/Csrf");
+    get(&url, &[]).await;
+    let target = format!(
+        "http://{}/purge?url={}",
+        skua.admin,
+        url.replace(':', "%3A").replace('/', "%2F")
+    );
+    let form = ("content-type", "application/x-www-form-urlencoded");
+    for headers in [
+        vec![form],
+        vec![form, ("origin", "http://evil.example")],
+        vec![("skua-purge", "1"), ("origin", "http://evil.example")],
+    ] {
+        let r = send(&client(), "POST", &target, &headers).await;
+        assert_eq!(r.status, 403, "{headers:?}: {}", r.text());
+        assert_eq!(get(&url, &[]).await.cache(), "hit-front", "{headers:?}");
+    }
+    let own = format!("http://{}", skua.admin);
+    let r = send(
+        &client(),
+        "POST",
+        &target,
+        &[("skua-purge", "1"), ("origin", own.as_str())],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
 }

@@ -173,6 +173,10 @@ impl Admin {
         if req.method != http::Method::POST {
             return reply(405, "text/plain", b"use POST\n".to_vec());
         }
+        if let Err(why) = not_cross_site(&req, session.server_addr()) {
+            purge::count(m, Source::Admin, PurgeResult::Denied);
+            return reply(403, "text/plain", format!("skua: {why}\n").into_bytes());
+        }
         if !self.shared.purge_allowed(ip, &req) {
             purge::count(m, Source::Admin, PurgeResult::Denied);
             return reply(
@@ -228,6 +232,40 @@ impl Admin {
             body,
         )
     }
+}
+
+/// The header an admin purge carries to show it is not a form some web page made a browser
+/// send: a page can make a browser send a plain form `POST` anywhere without asking, but not
+/// one with a header of its own, which needs a CORS preflight the admin port never approves.
+pub const PURGE_REQUEST_HEADER: &str = "skua-purge";
+
+/// Refuses a purge a web page could have made a browser send (cross-site request forgery,
+/// RFC 6454 §7.3 for `Origin`): it must carry `Skua-Purge: 1` or a bearer token (either
+/// needs a preflight), and an `Origin`, if any, must be the admin port's own.
+fn not_cross_site(
+    req: &pingora::http::RequestHeader,
+    server: Option<&pingora::protocols::l4::socket::SocketAddr>,
+) -> Result<(), String> {
+    let marked = req
+        .headers
+        .get(PURGE_REQUEST_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1")
+        || req.headers.contains_key(http::header::AUTHORIZATION);
+    if !marked {
+        return Err(format!(
+            "an admin purge needs the header `{}: 1` (or a bearer token), which a web page cannot make a browser send",
+            "Skua-Purge"
+        ));
+    }
+    if let Some(origin) = req.headers.get(http::header::ORIGIN) {
+        let own = server
+            .and_then(|a| a.as_inet())
+            .map(|a| format!("http://{a}"));
+        if own.as_deref().map(str::as_bytes) != Some(origin.as_bytes()) {
+            return Err("a purge from another site's page is refused".into());
+        }
+    }
+    Ok(())
 }
 
 /// `%XX` decoding for query values (`+` is a space in forms; URLs here rarely have either).
