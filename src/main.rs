@@ -17,6 +17,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// sysexits.h EX_CONFIG: "configuration error".
 const EXIT_CONFIG: u8 = 78;
 
+/// sysexits.h EX_USAGE: "the command was used incorrectly".
+const EXIT_USAGE: u8 = 64;
+
 #[derive(Parser)]
 #[command(name = "skua", version, about = "A caching reverse proxy for wikis")]
 struct Cli {
@@ -89,9 +92,12 @@ fn init_logging() {
         // pingora-cache warns on every start that no header compression dictionary is set;
         // Skua stores headers without one on purpose.
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,pingora_cache::meta=error"));
+    // Colour codes only on a terminal: a log written to a file or journald stays plain text.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(terminal)
         .init();
 }
 
@@ -138,6 +144,18 @@ fn main() -> ExitCode {
             }
         }
         Command::Purge { htcp, squid, urls } => {
+            // Every URL is checked before anything is sent: a packet for a URL no cache key can
+            // match would purge nothing and look like it worked.
+            let bad: Vec<&String> = urls
+                .iter()
+                .filter(|u| skua::cache::key::CacheUrl::parse_absolute(u).is_err())
+                .collect();
+            if !bad.is_empty() {
+                for u in bad {
+                    eprintln!("skua: not an absolute http(s) URL: {u:?}");
+                }
+                return ExitCode::from(EXIT_USAGE);
+            }
             let dialect = if squid {
                 skua::purge::htcp::Dialect::Squid
             } else {

@@ -129,3 +129,53 @@ async fn evictions_are_counted_by_reason() {
         "every stored object is still there or counted"
     );
 }
+
+/// Regression: an absolute-form PURGE (`PURGE http://wiki.test/wiki/X`, as MediaWiki sends
+/// it) was logged with an empty host.
+#[tokio::test]
+async fn the_access_log_names_the_host_of_an_absolute_form_purge() {
+    let origin = Origin::start(|_| Reply::ok("logged").header("cache-control", "max-age=60")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
+    let skua = Skua::start(&[origin.addr], &extra).await;
+    let answer = raw(
+        skua.addr,
+        "PURGE http://wiki.test/wiki/X HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut text = String::new();
+    while text.lines().count() < 1 {
+        assert!(Instant::now() < deadline, "nothing logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["method"], "PURGE");
+    assert_eq!(line["host"], "wiki.test", "{text}");
+    assert_eq!(line["cache_status"], "int-front");
+}
+
+/// `skua purge --htcp` refuses what is not an absolute URL instead of sending a packet that
+/// purges nothing.
+#[test]
+fn skua_purge_refuses_a_url_that_is_not_absolute() {
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let out = std::process::Command::new(skua_bin())
+        .args(["purge", "--htcp"])
+        .arg(receiver.local_addr().unwrap().to_string())
+        .args(["http://wiki.test/wiki/Good", "not-a-url"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not an absolute http(s) URL: \"not-a-url\""),
+        "{stderr}"
+    );
+    receiver.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1500];
+    assert!(receiver.recv(&mut buf).is_err(), "a packet was sent");
+}

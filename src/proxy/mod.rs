@@ -294,6 +294,10 @@ impl Skua {
                 return respond::text(session, 400, &format!("skua: bad PURGE target: {e}")).await;
             }
         };
+        // The access log names the purged URL's host, whichever form the request took.
+        if let Scope::Url(url) | Scope::Prefix(url) = &scope {
+            ctx.url = Some(url.clone());
+        }
         let purge = Purge::new(scope, mode, Source::Http);
         let affected = self.shared.purger.apply(&purge).await;
         purge::count(metrics, Source::Http, PurgeResult::applied(affected));
