@@ -459,3 +459,47 @@ async fn restart_with_the_bus_down_waits_for_the_catch_up_then_revalidates() {
     assert_eq!(seen[1].header("if-none-match"), Some("\"/wiki/Before-1\""));
     assert!(took >= Duration::from_millis(700), "{took:?}");
 }
+
+/// Regression: the fleet example health-checked its backends with `path = "/"`, which passed
+/// through each backend to the wiki every second and showed as misses on their dashboards.
+/// `/_skua/health` is answered by the node itself, never forwarded, and not counted.
+#[tokio::test]
+async fn health_checks_of_backends_reach_no_origin_and_count_as_no_traffic() {
+    let origin = Origin::start(|_| Reply::ok("page").header("cache-control", "max-age=600")).await;
+    let backend = Skua::start(&[origin.addr], "").await;
+    let frontend = Skua::start(&[backend.addr], "").await;
+    // The support config checks `/_health` every 300 ms; point it at the node's own path.
+    assert!(
+        frontend
+            .reload_and_wait(|t| t.replace("path = \"/_health\"", "path = \"/_skua/health\""))
+            .await
+    );
+    let counted = |metrics: String| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("skua_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // Before the reload, the support config's `/_health` went through the backend.
+    let before = counted(backend.metrics().await);
+    let answer = get(&backend.url("/_skua/health"), &[]).await;
+    assert_eq!((answer.status, answer.text().as_str()), (200, "ready\n"));
+    // The checks are periodic (every 300 ms): let a few rounds happen.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(frontend.stats().await["origins"][0]["healthy"], true);
+    assert_eq!(origin.count("/_skua/health"), 0);
+    let after = counted(backend.metrics().await);
+    assert_eq!(after, before, "health checks counted as client requests");
+    // A real request through the frontend is counted, the positive control.
+    assert_eq!(
+        get(&frontend.url("/wiki/Page"), &[HOST]).await.text(),
+        "page"
+    );
+    assert_eq!(
+        backend
+            .metric("skua_requests_total{cache_status=\"miss\",status_class=\"2xx\"}")
+            .await,
+        1.0
+    );
+}

@@ -323,25 +323,9 @@ impl ServeHttp for Admin {
             "/purge" => self.purge(session).await,
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             // Ready once objects on disk are servable (the index loads in the background).
-            "/readyz" => match self.shared.store.disk {
-                Some(d) if !d.loaded() => {
-                    reply(503, "text/plain", b"loading the disk index\n".to_vec())
-                }
-                _ if self.shared.htcp.is_some()
-                    && self.shared.metrics.htcp_listening.get() != 1 =>
-                {
-                    reply(
-                        503,
-                        "text/plain",
-                        b"the HTCP receiver is not listening\n".to_vec(),
-                    )
-                }
-                _ if !self.shared.store.invalidations.is_caught_up() => reply(
-                    503,
-                    "text/plain",
-                    b"catching up on the purge bus\n".to_vec(),
-                ),
-                _ => reply(200, "text/plain", b"ready\n".to_vec()),
+            "/readyz" => match self.shared.readiness() {
+                Ok(()) => reply(200, "text/plain", b"ready\n".to_vec()),
+                Err(why) => reply(503, "text/plain", format!("{why}\n").into_bytes()),
             },
             "/" => reply(
                 200,

@@ -64,6 +64,12 @@ const FULL_PATH_HEADERS: [header::HeaderName; 6] = [
     header::IF_UNMODIFIED_SINCE,
 ];
 
+/// The path on the proxy port that answers whether this node is ready to serve (200) or not
+/// (503, with the reason), for a load balancer or a frontend Skua's health checks. It is
+/// answered here, never forwarded nor cached, and not counted as client traffic (a frontend
+/// checking every second would otherwise show as misses on every backend's dashboard).
+pub const HEALTH_PATH: &str = "/_skua/health";
+
 /// Everything the request path reads, built once at start-up.
 pub struct Shared {
     pub name: String,
@@ -210,6 +216,21 @@ impl Shared {
         self.rules.load().pass_reason(method, headers)
     }
 
+    /// Whether this node is ready to serve, or why not: its disk index still loading, its
+    /// HTCP receiver not listening, or the purge bus still catching up.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.store.disk.is_some_and(|d| !d.loaded()) {
+            return Err("loading the disk index");
+        }
+        if self.htcp.is_some() && self.metrics.htcp_listening.get() != 1 {
+            return Err("the HTCP receiver is not listening");
+        }
+        if !self.store.invalidations.is_caught_up() {
+            return Err("catching up on the purge bus");
+        }
+        Ok(())
+    }
+
     /// `url` with its host replaced by the canonical one when it is an alias.
     pub fn canonical(&self, url: CacheUrl) -> CacheUrl {
         self.aliases.load().canonical(url)
@@ -258,6 +279,8 @@ pub struct RequestCtx {
     upstream_sent: Option<SystemTime>,
     /// The origin's status and how long its response header took.
     origin_response: Option<(u16, std::time::Duration)>,
+    /// A request for [`HEALTH_PATH`]: answered locally and not counted.
+    health: bool,
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -436,10 +459,22 @@ impl ProxyHttp for Skua {
             body_bytes: 0,
             upstream_sent: None,
             origin_response: None,
+            health: false,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if session.req_header().uri.path() == HEALTH_PATH
+            && matches!(session.req_header().method, Method::GET | Method::HEAD)
+        {
+            ctx.health = true;
+            let (status, line) = match self.shared.readiness() {
+                Ok(()) => (200, "ready"),
+                Err(why) => (503, why),
+            };
+            respond::text(session, status, line).await?;
+            return Ok(true);
+        }
         let rules = self.shared.rules.load();
         let mut verdict = guard::check(session.req_header(), &rules.limits);
         if verdict.is_ok()
@@ -870,6 +905,9 @@ impl ProxyHttp for Skua {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if ctx.health {
+            return;
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let disposition = self.outcome(session, ctx).disposition();
         let m = &self.shared.metrics;
