@@ -722,3 +722,44 @@ async fn a_cross_site_form_post_cannot_purge_through_the_admin_port() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(get(&url, &[]).await.cache(), "miss");
 }
+
+/// Regression: behind a TLS terminator or load balancer on the same host every client is
+/// 127.0.0.1, and the purge ACL judged only that. A purge relayed by a `trusted_proxies`
+/// address is judged by the client address it forwarded.
+#[tokio::test]
+async fn a_purge_relayed_by_a_trusted_proxy_is_judged_by_the_forwarded_client() {
+    let origin = Origin::start(|_| cached()).await;
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["trusted_proxies = [\"127.0.0.0/8\"]", "", ""],
+        "[purge]\nallow = [\"10.0.0.0/8\"]\n",
+    )
+    .await;
+    let url = skua.url("/wiki/Relayed");
+    get(&url, &[]).await;
+    for forwarded in [
+        None,
+        Some("203.0.113.9"),
+        // A client cannot slip an allowed address in front of its own.
+        Some("10.1.2.3, 203.0.113.9"),
+        Some("not-an-address"),
+    ] {
+        let headers: Vec<(&str, &str)> = forwarded
+            .map(|f| ("x-forwarded-for", f))
+            .into_iter()
+            .collect();
+        let r = send(&client(), "PURGE", &url, &headers).await;
+        assert_eq!(r.status, 403, "{forwarded:?}");
+        assert_eq!(get(&url, &[]).await.cache(), "hit-front", "{forwarded:?}");
+    }
+    // An allowed client behind the proxy (and behind a second trusted hop).
+    let r = send(
+        &client(),
+        "PURGE",
+        &url,
+        &[("x-forwarded-for", "10.1.2.3, 127.0.0.2")],
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
+}

@@ -166,7 +166,11 @@ impl From<&Config> for Rules {
             policy: StoragePolicy::from(&config.cache),
             bypass_cookies: config.cache.bypass_cookies.clone(),
             bypass_authorization: config.cache.bypass_authorization,
-            purge_auth: PurgeAuth::new(config.purge.allow.clone(), config.purge.token.clone()),
+            purge_auth: PurgeAuth::new(
+                config.purge.allow.clone(),
+                config.purge.token.clone(),
+                config.server.trusted_proxies.clone(),
+            ),
             limits: config.server.limits,
             hosts: config.server.hosts.clone(),
             trusted_proxies: Acl::new(config.server.trusted_proxies.clone()),

@@ -14,24 +14,59 @@ use super::http::bearer_matches;
 pub struct PurgeAuth {
     acl: Acl,
     token: Option<String>,
+    /// `[server] trusted_proxies`: a purge relayed by one of them is judged by the address it
+    /// forwarded, not by its own.
+    proxies: Acl,
 }
 
 impl PurgeAuth {
-    pub fn new(allow: Vec<IpNet>, token: Option<String>) -> PurgeAuth {
+    pub fn new(allow: Vec<IpNet>, token: Option<String>, trusted_proxies: Vec<IpNet>) -> PurgeAuth {
         PurgeAuth {
             acl: Acl::new(allow),
             token,
+            proxies: Acl::new(trusted_proxies),
         }
     }
 
-    /// Whether a purge from `ip` carrying `req`'s headers is allowed: the purge networks, and
-    /// the bearer token when one is configured.
+    /// Whether a purge from the peer `ip` carrying `req`'s headers is allowed: the purge
+    /// networks (judging the forwarded client when the peer is a trusted proxy), and the
+    /// bearer token when one is configured.
     pub fn allows(&self, ip: Option<IpAddr>, req: &RequestHeader) -> bool {
-        ip.is_some_and(|ip| self.acl.allows(ip))
+        self.client(ip, req).is_some_and(|ip| self.acl.allows(ip))
             && self
                 .token
                 .as_deref()
                 .is_none_or(|token| bearer_matches(req, token))
+    }
+}
+
+impl PurgeAuth {
+    /// Who sent a purge: the peer, or, when the peer is a trusted proxy (a TLS terminator or
+    /// load balancer on the same host makes every client 127.0.0.1), the nearest address in
+    /// `X-Forwarded-For` that is not itself a trusted proxy. Entries further left were written
+    /// by whoever the untrusted client is and prove nothing. `None` when that entry is not an
+    /// address: such a purge cannot be judged and is refused.
+    fn client(&self, peer: Option<IpAddr>, req: &RequestHeader) -> Option<IpAddr> {
+        let peer = peer?;
+        if !self.proxies.allows(peer) {
+            return Some(peer);
+        }
+        let forwarded: Vec<&str> = req
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect();
+        for entry in forwarded.iter().rev() {
+            let ip: IpAddr = entry.parse().ok()?;
+            if !self.proxies.allows(ip) {
+                return Some(ip);
+            }
+        }
+        Some(peer)
     }
 }
 
