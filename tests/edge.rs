@@ -761,3 +761,113 @@ async fn leading_empty_lines_count_towards_the_head_deadline_and_size() {
     assert_eq!(origin.count("/slow"), 0);
     assert_eq!(origin.count("/after-blank"), 1);
 }
+
+/// An origin that answers every request `101 Switching Protocols` to `protocol` and then
+/// echoes what it reads; it records each request head it saw.
+async fn switching_origin(
+    protocol: &'static str,
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+                if head.contains("get /_health ") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                seen.lock().unwrap().push(head);
+                let reply = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: {protocol}\r\nConnection: Upgrade\r\n\r\n");
+                if s.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+                while let Ok(n) = s.read(&mut chunk).await {
+                    if n == 0 || s.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// Sends an `Upgrade: websocket` request and, if the answer is a 101, one line through the
+/// tunnel; returns the status line and what came back through it.
+async fn try_upgrade(addr: SocketAddr) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: wiki.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("an answer")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.lines().next().unwrap_or("").to_string();
+    if !status.contains(" 101 ") {
+        return (status, String::new());
+    }
+    stream.write_all(b"ping through the tunnel").await.unwrap();
+    let mut echoed = vec![0u8; 23];
+    let got = tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed)).await;
+    let echoed = match got {
+        Ok(Ok(_)) => String::from_utf8_lossy(&echoed).into_owned(),
+        _ => String::new(),
+    };
+    (status, echoed)
+}
+
+/// Regression: `Upgrade: websocket` was forwarded and any 101 (even for another protocol)
+/// turned the connection into a raw tunnel to the origin, past the host allow-list, header
+/// stripping and X-Forwarded-For rules. Without `[[origin]] upgrade`, `Upgrade` never reaches
+/// the origin and a 101 is refused; with it, only a 101 for the protocol asked for.
+#[tokio::test]
+async fn upgrade_tunnels_only_where_a_pool_allows_them_and_for_the_protocol_asked() {
+    // A pool without upgrades: the origin never sees Upgrade, and its 101 is refused.
+    let (origin, heads) = switching_origin("websocket").await;
+    let skua = Skua::start(&[origin], "").await;
+    let (status, echoed) = try_upgrade(skua.addr).await;
+    assert!(status.starts_with("HTTP/1.1 502"), "{status}");
+    assert_eq!(echoed, "");
+    let seen = heads.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(!seen[0].contains("upgrade"), "{}", seen[0]);
+
+    // A pool that allows websocket: the tunnel works, the positive control.
+    let (origin, _) = switching_origin("websocket").await;
+    let skua = Skua::start_tables(&[origin], ["", "upgrade = [\"websocket\"]", ""], "").await;
+    let (status, echoed) = try_upgrade(skua.addr).await;
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    assert_eq!(echoed, "ping through the tunnel");
+
+    // The same pool, an origin that switches to something else: refused.
+    let (origin, _) = switching_origin("h2c").await;
+    let skua = Skua::start_tables(&[origin], ["", "upgrade = [\"websocket\"]", ""], "").await;
+    let (status, echoed) = try_upgrade(skua.addr).await;
+    assert!(status.starts_with("HTTP/1.1 502"), "{status}");
+    assert_eq!(echoed, "");
+}

@@ -134,6 +134,11 @@ pub struct OriginFile {
     /// ring and no others move.
     #[serde(default = "default_balance")]
     pub balance: String,
+    /// Protocols a client may switch this pool's connections to with `Upgrade`, e.g.
+    /// `["websocket"]`. Default none: `Upgrade` is removed from requests, and a
+    /// `101 Switching Protocols` from an origin is refused with 502.
+    #[serde(default)]
+    pub upgrade: Vec<String>,
 }
 
 fn default_balance() -> String {

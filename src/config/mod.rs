@@ -56,6 +56,8 @@ pub struct OriginPool {
     pub read_timeout: Duration,
     pub health_check: Option<HealthCheck>,
     pub balance: Balance,
+    /// Lowercased protocols `Upgrade` may switch to (`[[origin]] upgrade`); empty: none.
+    pub upgrade: Vec<String>,
 }
 
 /// How a pool picks the origin for a miss.

@@ -355,6 +355,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             read_timeout: "30s".into(),
             health_check: Default::default(),
             balance: "round_robin".into(),
+            upgrade: Vec::new(),
         }]
     } else {
         file.origin
@@ -424,6 +425,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             read_timeout,
             health_check,
             balance,
+            upgrade: o.upgrade.iter().map(|p| p.to_ascii_lowercase()).collect(),
         });
     }
 

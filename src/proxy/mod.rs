@@ -285,6 +285,53 @@ pub struct RequestCtx {
     origin_response: Option<(u16, std::time::Duration)>,
     /// A request for [`HEALTH_PATH`]: answered locally and not counted.
     health: bool,
+    /// The protocol (lowercased) this request may switch to, when it asked and its pool allows.
+    upgrade: Option<String>,
+}
+
+/// The protocol a request asks to switch to (`Upgrade`, RFC 9110 §7.8), when `pool` allows
+/// it. Otherwise the request loses its `Upgrade` field and the `upgrade` option of
+/// `Connection`, so it reaches the origin as an ordinary request and cannot become a tunnel.
+fn upgrade_asked(req: &mut RequestHeader, pool: Option<&crate::upstream::Pool>) -> Option<String> {
+    let asked = req
+        .headers
+        .get(header::UPGRADE)?
+        .to_str()
+        .ok()
+        .map(|v| v.trim().to_string());
+    if let Some(protocol) =
+        asked.filter(|p| !p.contains(',') && pool.is_some_and(|pool| pool.allows_upgrade(p)))
+    {
+        return Some(
+            protocol
+                .split('/')
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase(),
+        );
+    }
+    req.remove_header(&header::UPGRADE);
+    let options: Option<String> = req
+        .headers
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|o| !o.eq_ignore_ascii_case("upgrade") && !o.is_empty())
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+    match options {
+        Some(rest) if rest.is_empty() => {
+            req.remove_header(&header::CONNECTION);
+        }
+        Some(rest) => {
+            let _ = req.insert_header(header::CONNECTION, rest);
+        }
+        None => {}
+    }
+    None
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -464,6 +511,7 @@ impl ProxyHttp for Skua {
             upstream_sent: None,
             origin_response: None,
             health: false,
+            upgrade: None,
         }
     }
 
@@ -558,7 +606,9 @@ impl ProxyHttp for Skua {
                 }
                 let from_proxy = guard::trusted(&rules.trusted_proxies, client_ip(session));
                 guard::strip(session.req_header_mut(), &rules.strip_headers, from_proxy);
-                ctx.pool = self.shared.pools.load().for_host(&url.host);
+                let pools = self.shared.pools.load();
+                ctx.pool = pools.for_host(&url.host);
+                ctx.upgrade = upgrade_asked(session.req_header_mut(), pools.get(ctx.pool));
                 ctx.url = Some(url);
                 self.serve_fresh_hit(session, ctx).await
             }
@@ -738,6 +788,26 @@ impl ProxyHttp for Skua {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            // A 101 turns the connection into a raw tunnel to the origin, past every rule here:
+            // only for a protocol this request asked for and its pool allows (RFC 9110 §15.2.2:
+            // the server switches "to the protocol(s) defined by the response's Upgrade").
+            let switched = resp
+                .headers
+                .get(header::UPGRADE)
+                .and_then(|v| v.to_str().ok());
+            let asked = ctx.upgrade.as_deref();
+            if asked.is_none()
+                || switched.map(|s| s.trim().to_ascii_lowercase()).as_deref() != asked
+            {
+                let mut e = Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "the origin switched protocols without being asked to",
+                );
+                e.esource = ErrorSource::Upstream;
+                return Err(e);
+            }
+        }
         let method = &session.req_header().method;
         let unsafe_method = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
             && method.as_str() != "TRACE";

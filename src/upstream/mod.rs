@@ -32,6 +32,8 @@ pub struct Pool {
     connect_timeout: std::time::Duration,
     read_timeout: std::time::Duration,
     size: usize,
+    /// Lowercased protocols a client may upgrade to through this pool.
+    upgrade: Vec<String>,
 }
 
 /// All pools, in configuration order.
@@ -89,6 +91,7 @@ impl Pools {
                 connect_timeout: pool.connect_timeout,
                 read_timeout: pool.read_timeout,
                 size: pool.addresses.len(),
+                upgrade: pool.upgrade.clone(),
             });
         }
         Ok(Pools {
@@ -140,6 +143,13 @@ impl Pools {
 }
 
 impl Pool {
+    /// Whether a client may switch a connection through this pool to `protocol` (RFC 9110
+    /// §7.8; the protocol name before any `/version`).
+    pub fn allows_upgrade(&self, protocol: &str) -> bool {
+        let name = protocol.split('/').next().unwrap_or("").trim();
+        self.upgrade.iter().any(|p| p.eq_ignore_ascii_case(name))
+    }
+
     /// How many origins the pool has: the most connection attempts one request makes.
     pub fn size(&self) -> usize {
         self.size
