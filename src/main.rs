@@ -134,7 +134,7 @@ fn main() -> ExitCode {
             init_logging();
             match skua::server::build_with(&config, upgrade) {
                 Ok(mut built) => {
-                    built.reload_on_sighup(path);
+                    built.reload_on_sighup(path, config);
                     built.server.run_forever()
                 }
                 Err(e) => {

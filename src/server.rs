@@ -49,6 +49,39 @@ const CLIENT_WRITE_BUFFER: usize = 8 * 1024;
 /// a file `check` passes is one `serve` starts with.
 pub fn preflight(config: &Config) -> anyhow::Result<()> {
     Pools::build(&config.origins).context("building origin pools")?;
+    if let Some(disk) = &config.cache.disk {
+        disk_dir_usable(&disk.path).with_context(|| {
+            format!(
+                "cache.disk.path: {} cannot hold the disk cache",
+                disk.path.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Whether the disk tier could be opened at `path`: it is a directory this process can write
+/// in, or could be created below the nearest existing directory (regression: `check` passed a
+/// path `serve` could not open, so a systemd `ExecStartPre=skua check` did not catch it).
+/// Writability is probed with a file created and removed at once, which the mode bits alone
+/// would not tell (the process may run as root, or under another user).
+fn disk_dir_usable(path: &std::path::Path) -> anyhow::Result<()> {
+    let mut existing = path;
+    while !existing.exists() {
+        existing = existing
+            .parent()
+            .ok_or_else(|| anyhow::anyhow!("no existing directory above it"))?;
+    }
+    if !existing.is_dir() {
+        anyhow::bail!("{} is not a directory", existing.display());
+    }
+    let probe = existing.join(format!(".skua-check-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .with_context(|| format!("cannot write in {}", existing.display()))?;
+    let _ = std::fs::remove_file(&probe);
     Ok(())
 }
 
@@ -207,10 +240,12 @@ impl Built {
     /// Re-reads `path` on SIGHUP and applies what can change in place (see
     /// [`crate::proxy::Rules`]). A file that does not validate is rejected with a log line and
     /// the running configuration stays.
-    pub fn reload_on_sighup(&mut self, path: PathBuf) {
+    /// `running` is the configuration the server was built from.
+    pub fn reload_on_sighup(&mut self, path: PathBuf, running: Config) {
         let reloader = Reloader {
             path,
             shared: self.shared.clone(),
+            started_with: running,
         };
         self.server
             .add_service(background_service("config reload", reloader));
@@ -220,6 +255,46 @@ impl Built {
 struct Reloader {
     path: PathBuf,
     shared: Arc<Shared>,
+    /// What the listeners, tiers, HTCP receiver and purge bus were built from: a reload
+    /// cannot change those, and says so when a file tries.
+    started_with: Config,
+}
+
+/// The keys whose change a reload cannot apply: they are built once (listeners, tiers, the
+/// HTCP receiver, the purge bus, the access log) and need a restart or a zero-downtime upgrade.
+fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
+    let differs =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let (r, n) = (running, new);
+    [
+        ("server.listen", differs(&r.server.listen, &n.server.listen)),
+        ("server.admin", differs(&r.server.admin, &n.server.admin)),
+        ("server.threads", r.server.threads != n.server.threads),
+        ("server.name", r.server.name != n.server.name),
+        (
+            "server.max_connections / header_timeout",
+            differs(&r.server.connections, &n.server.connections),
+        ),
+        (
+            "cache.memory_size",
+            r.cache.memory_size != n.cache.memory_size,
+        ),
+        (
+            "cache.max_object_size",
+            r.cache.max_object_size != n.cache.max_object_size,
+        ),
+        ("cache.disk", differs(&r.cache.disk, &n.cache.disk)),
+        (
+            "purge.tag_headers",
+            differs(&r.purge.tag_headers, &n.purge.tag_headers),
+        ),
+        ("purge.htcp", differs(&r.purge.htcp, &n.purge.htcp)),
+        ("purge.bus", differs(&r.purge.bus, &n.purge.bus)),
+        ("log", differs(&r.access_log, &n.access_log)),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
 }
 
 impl Reloader {
@@ -242,7 +317,16 @@ impl Reloader {
         match applied {
             Ok(Ok(())) => {
                 metrics.reloads_applied.inc();
-                tracing::warn!(path = %self.path.display(), "configuration reloaded");
+                let pending = needs_restart(&self.started_with, &config);
+                if pending.is_empty() {
+                    tracing::warn!(path = %self.path.display(), "configuration reloaded");
+                } else {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        "configuration reloaded, except {}: those need a restart or a zero-downtime upgrade (skua serve --upgrade)",
+                        pending.join(", ")
+                    );
+                }
             }
             Ok(Err(e)) => {
                 metrics.reloads_rejected.inc();
@@ -274,5 +358,31 @@ impl BackgroundService for Reloader {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: a SIGHUP that changed the listen or HTCP address logged "configuration
+    /// reloaded" as if it had applied.
+    #[test]
+    fn a_reload_names_the_changes_it_cannot_apply() {
+        let running = Config::parse(
+            "[server]\nlisten = [\"127.0.0.1:8080\"]\n[purge.htcp]\nlisten = \"127.0.0.1:4827\"\n[cache]\nttl_cap = \"1d\"\n",
+            "a.toml",
+        )
+        .unwrap();
+        let new = Config::parse(
+            "[server]\nlisten = [\"127.0.0.1:9090\"]\n[purge.htcp]\nlisten = \"127.0.0.1:4828\"\n[cache]\nttl_cap = \"1h\"\n",
+            "b.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            needs_restart(&running, &new),
+            vec!["server.listen", "purge.htcp"]
+        );
+        assert!(needs_restart(&running, &running.clone()).is_empty());
     }
 }

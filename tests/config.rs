@@ -164,3 +164,29 @@ fn unknown_key_exits_78_naming_key_and_line() {
     assert!(stderr.contains("typo.toml:3:"), "{stderr}");
     assert!(stderr.contains("max_objet_size"), "{stderr}");
 }
+
+/// Regression: a wrong type or an unknown key stopped validation at the first problem, a type
+/// error named no key (`multi.toml:4: "two": invalid type ...`), and a bad duration also
+/// said "must be longer than zero". Every problem is reported once, with its key and line.
+#[test]
+fn every_problem_is_reported_once_with_its_key_and_line() {
+    let text = "[server]\nthreads = \"two\"\nnonsense = 1\n\n[cache]\nttl_cap = \"soon\"\nmemory_size = \"big\"\n\n[[origin]]\nname = \"o\"\naddresses = [\"127.0.0.1:1\"]\n[origin.health_check]\ninterval = \"often\"\n";
+    let (code, stderr) = run_on("check", "multi.toml", text);
+    assert_eq!(code, Some(78), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    let expected = [
+        "multi.toml:2: server.threads: invalid type",
+        "multi.toml:3: server.nonsense: unknown field",
+        "multi.toml:6: cache.ttl_cap: not a duration",
+        "multi.toml:7: cache.memory_size: invalid type",
+        "multi.toml:13: origin[0].health_check.interval: not a duration",
+    ];
+    for want in expected {
+        assert!(
+            lines.iter().filter(|l| l.contains(want)).count() == 1,
+            "want {want:?} once in:\n{stderr}"
+        );
+    }
+    assert_eq!(lines.len(), expected.len(), "{stderr}");
+    assert!(!stderr.contains("longer than zero"), "{stderr}");
+}

@@ -25,10 +25,17 @@ struct Checker<'a> {
 }
 
 impl<'a> Checker<'a> {
+    /// Records a problem with the key at `path`. Only the first problem of a key is kept: a
+    /// later check of a value that did not parse would report a consequence, not a cause
+    /// (regression: a bad duration also said "must be longer than zero").
     fn report(&mut self, path: &[Seg<'_>], reason: impl Into<String>) {
+        let key = render_path(path);
+        if self.errors.iter().any(|e| e.key == key) {
+            return;
+        }
         let line = self.line_of(path);
         self.errors.push(ConfigError {
-            key: render_path(path),
+            key,
             line,
             reason: reason.into(),
         });
@@ -199,26 +206,35 @@ fn line_at(text: &str, offset: usize) -> usize {
 
 /// Parses TOML text into a validated [`Config`], or every problem found.
 pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
-    let file: FileConfig = match toml::from_str(text) {
-        Ok(f) => f,
-        Err(e) => {
-            let line = e.span().map(|s| line_at(text, s.start));
-            let key = e
-                .span()
-                .and_then(|s| text.get(s))
-                .map(|s| {
-                    s.trim()
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_string()
-                })
-                .filter(|s| !s.is_empty() && s.len() < 80 && !s.contains('\n'))
-                .unwrap_or_else(|| "(syntax)".into());
-            return Err(vec![ConfigError {
-                key,
-                line,
-                reason: e.message().trim().to_string(),
-            }]);
+    // serde stops at the first wrong type or unknown key. To report every one, each is
+    // recorded and its line blanked (its length kept, so spans and line numbers stay), and
+    // the file is read again; a syntax error ends the search.
+    let mut errors: Vec<ConfigError> = Vec::new();
+    let mut working = text.to_string();
+    let file: FileConfig = loop {
+        match toml::from_str(&working) {
+            Ok(f) => break f,
+            Err(e) => {
+                let start = e.span().map(|s| s.start);
+                let line = start.map(|s| line_at(text, s));
+                let data_error = is_data_error(e.message());
+                if data_error || errors.is_empty() {
+                    errors.push(ConfigError {
+                        key: start
+                            .map(|s| key_at(text, s))
+                            .unwrap_or_else(|| "(syntax)".into()),
+                        line,
+                        reason: e.message().trim().to_string(),
+                    });
+                }
+                let blanked = start
+                    .filter(|_| data_error && errors.len() < 100)
+                    .and_then(|s| blank_line(&working, s));
+                match blanked {
+                    Some(next) if next != working => working = next,
+                    _ => return Err(errors),
+                }
+            }
         }
     };
     let mut c = Checker {
@@ -227,11 +243,79 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
         errors: Vec::new(),
     };
     let config = check(&mut c, file);
-    if c.errors.is_empty() {
+    errors.append(&mut c.errors);
+    if errors.is_empty() {
         Ok(config)
     } else {
-        Err(c.errors)
+        errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
+        Err(errors)
     }
+}
+
+/// Whether serde's message is about a value or key (a wrong type, an unknown or duplicate
+/// key, a missing field) rather than the file's syntax.
+fn is_data_error(message: &str) -> bool {
+    [
+        "invalid type",
+        "unknown field",
+        "invalid value",
+        "missing field",
+        "duplicate",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+}
+
+/// The dotted key on the line holding byte `at`: the line's own key, under the nearest table
+/// header above it (`server.threads`, `origin.health_check.path`).
+fn key_at(text: &str, at: usize) -> String {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let line = text[start..end].trim();
+    let own = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .unwrap_or(line)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_matches('"')
+        .to_string();
+    if line.starts_with('[') {
+        return own;
+    }
+    let table = text[..start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['));
+    match table {
+        Some(t) => format!(
+            "{}.{own}",
+            t.trim_start_matches('[')
+                .trim_end_matches(']')
+                .trim_matches(['[', ']'])
+                .trim()
+        ),
+        None => own,
+    }
+}
+
+/// `text` with the line holding byte `at` replaced by spaces (newlines kept, so every other
+/// line and offset stays where it was). `None` for a table header: blanking it would move its
+/// keys to another table.
+fn blank_line(text: &str, at: usize) -> Option<String> {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    if text[start..end].trim_start().starts_with('[') {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    out.push_str(&text[..start]);
+    out.extend(std::iter::repeat_n(' ', text[start..end].chars().count()));
+    out.push_str(&text[end..]);
+    Some(out)
 }
 
 fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
