@@ -34,6 +34,9 @@ pub struct Invalidations {
     /// disk outlive the process, so the bans that cover them must too.
     file: Option<PathBuf>,
     purged: moka::sync::Cache<HashBinary, SystemTime>,
+    /// When each URL was last purged for good (not soft): a stored copy from before then is
+    /// never served, even one the purge could not see (the disk index still loading).
+    deleted: moka::sync::Cache<HashBinary, SystemTime>,
     /// When each surrogate key was last purged: a fill carrying it that started before then
     /// is not stored (the tag index cannot name a fill that has not finished).
     tags_purged: moka::sync::Cache<String, SystemTime>,
@@ -74,6 +77,10 @@ impl Invalidations {
             bans: RwLock::new(bans),
             file,
             purged: moka::sync::Cache::builder()
+                .max_capacity(1 << 20)
+                .time_to_live(lifetime)
+                .build(),
+            deleted: moka::sync::Cache::builder()
                 .max_capacity(1 << 20)
                 .time_to_live(lifetime)
                 .build(),
@@ -150,6 +157,15 @@ impl Invalidations {
     /// Whether a fill whose origin request started at `fetched` was overtaken by a purge.
     pub fn purged_since(&self, primary: &HashBinary, fetched: SystemTime) -> bool {
         self.purged.get(primary).is_some_and(|at| at >= fetched)
+    }
+
+    pub fn record_delete(&self, primary: HashBinary, at: SystemTime) {
+        self.deleted.insert(primary, at);
+    }
+
+    /// Whether a stored copy of `primary` created at `created` was purged for good since.
+    pub fn deleted_since(&self, primary: &HashBinary, created: SystemTime) -> bool {
+        self.deleted.get(primary).is_some_and(|at| at >= created)
     }
 
     pub fn record_tag_purge(&self, tag: &str, at: SystemTime) {
@@ -358,6 +374,20 @@ mod tests {
         assert!(inv.purged_since(&[1; 16], t0 - Duration::from_millis(5)));
         assert!(!inv.purged_since(&[1; 16], t0 + Duration::from_millis(5)));
         assert!(!inv.purged_since(&[2; 16], t0 - Duration::from_millis(5)));
+    }
+
+    #[test]
+    fn only_hard_purges_count_as_deletes() {
+        let inv = Invalidations::new(Duration::from_secs(3600), None);
+        let before = SystemTime::now() - Duration::from_millis(5);
+        inv.record_purge([3; 16], SystemTime::now());
+        assert!(
+            !inv.deleted_since(&[3; 16], before),
+            "a soft purge keeps the copy"
+        );
+        inv.record_delete([3; 16], SystemTime::now());
+        assert!(inv.deleted_since(&[3; 16], before));
+        assert!(!inv.deleted_since(&[3; 16], SystemTime::now() + Duration::from_secs(1)));
     }
 
     #[test]

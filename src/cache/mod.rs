@@ -108,8 +108,11 @@ impl Store {
     }
 
     async fn invalidate_primary(&'static self, primary: &HashBinary, mode: PurgeMode) -> usize {
-        self.invalidations
-            .record_purge(*primary, std::time::SystemTime::now());
+        let now = std::time::SystemTime::now();
+        self.invalidations.record_purge(*primary, now);
+        if mode == PurgeMode::Delete {
+            self.invalidations.record_delete(*primary, now);
+        }
         let on_disk = match (self.disk, mode) {
             (Some(d), PurgeMode::Delete) => d.purge_all(primary),
             (Some(d), PurgeMode::Expire) => d.expire_all(primary).await,
@@ -141,6 +144,16 @@ impl Storage for Store {
         let Some(entry) = disk.lookup(&primary, slot.as_ref()).await else {
             return Ok(None);
         };
+        // A purge applied while the disk index was still loading (a restarted node replaying
+        // the purge bus) found nothing to remove; its time is recorded, and an entry fetched
+        // before it is dropped here instead of being served.
+        if self
+            .invalidations
+            .deleted_since(&primary, entry.meta.created())
+        {
+            disk.purge_all(&primary);
+            return Ok(None);
+        }
         if let Some(body) = entry.body.clone() {
             // An object not yet trusted (the purge bus is catching up) stays on disk only,
             // so a purge the catch-up applies cannot miss a copy promoted meanwhile.
