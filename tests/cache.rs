@@ -345,6 +345,50 @@ async fn post_invalidates_the_target_and_location() {
     assert_eq!(get(&skua.url("/wiki/Other"), &[]).await.cache(), "miss");
 }
 
+/// Any client's POST that the origin answers 200 (PHP does) drops the page, memory and disk:
+/// a cheap miss anyone can cause. `invalidate_on_unsafe = "session"` keeps that to requests
+/// from a logged-in session, and `"purgers"` to the purge networks.
+#[tokio::test]
+async fn invalidation_by_unsafe_requests_can_be_kept_to_sessions_or_purgers() {
+    let origin = Origin::start(|req| match req.method.as_str() {
+        "POST" => Reply::ok("saved"),
+        _ => cc("max-age=60"),
+    })
+    .await;
+    let skua = Skua::start_with(&[origin.addr], "invalidate_on_unsafe = \"session\"", "").await;
+    let url = skua.url("/wiki/Page");
+    get(&url, &[]).await;
+    let anonymous = send(&client(), "POST", &url, &[]).await;
+    assert_eq!(anonymous.status, 200);
+    assert_eq!(
+        get(&url, &[]).await.cache(),
+        "hit-front",
+        "an anonymous POST dropped it"
+    );
+    let editor = send(&client(), "POST", &url, &[("cookie", "wikiSession=abc")]).await;
+    assert_eq!(editor.status, 200);
+    assert_eq!(
+        get(&url, &[]).await.cache(),
+        "miss",
+        "an editor's POST drops it"
+    );
+
+    let skua = Skua::start_with(
+        &[origin.addr],
+        "invalidate_on_unsafe = \"purgers\"",
+        "[purge]\nallow = [\"192.0.2.0/24\"]\n",
+    )
+    .await;
+    let url = skua.url("/wiki/Page");
+    get(&url, &[]).await;
+    send(&client(), "POST", &url, &[("cookie", "wikiSession=abc")]).await;
+    assert_eq!(
+        get(&url, &[]).await.cache(),
+        "hit-front",
+        "only purgers may drop it"
+    );
+}
+
 #[tokio::test]
 async fn cdn_cache_control_overrides_cache_control() {
     let origin =

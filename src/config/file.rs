@@ -207,6 +207,11 @@ pub struct CacheFile {
     /// How long requests for an object being fetched wait for that fetch (duration); then they
     /// go to the origin themselves. Default `10s`.
     pub lock_timeout: String,
+    /// Who may drop a cached page by sending an unsafe request (POST, PUT, DELETE...) that the
+    /// origin answers with success (RFC 9111 §4.4): `"any"` client (the default, as the RFC
+    /// asks), `"purgers"` (clients in `[purge] allow`), or `"session"` (requests carrying a
+    /// cookie that `[cache.bypass] cookies` matches: a logged-in editor).
+    pub invalidate_on_unsafe: String,
     #[serde(default)]
     pub bypass: BypassFile,
     /// Hosts that name the same site, mapped to the one the cache key uses, e.g.
@@ -254,6 +259,7 @@ impl Default for CacheFile {
             heuristic_freshness: true,
             heuristic_max: "1d".into(),
             lock_timeout: "10s".into(),
+            invalidate_on_unsafe: "any".into(),
             bypass: BypassFile::default(),
             host_aliases: Default::default(),
             disk: DiskFile::default(),

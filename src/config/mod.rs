@@ -60,6 +60,14 @@ pub struct OriginPool {
     pub upgrade: Vec<String>,
 }
 
+/// Who may invalidate a cached page with an unsafe request (`[cache] invalidate_on_unsafe`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsafeInvalidation {
+    Any,
+    Purgers,
+    Session,
+}
+
 /// How a pool picks the origin for a miss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
@@ -89,6 +97,7 @@ pub struct CacheConfig {
     pub lock_timeout: Duration,
     pub bypass_cookies: Vec<Regex>,
     pub bypass_authorization: bool,
+    pub invalidate_on_unsafe: UnsafeInvalidation,
     /// Normalised alias host → normalised canonical host.
     pub host_aliases: std::collections::HashMap<String, String>,
     pub disk: Option<DiskConfig>,

@@ -596,6 +596,18 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             min_uses: d.min_uses.max(1),
         })
     };
+    let invalidate_on_unsafe = match k.invalidate_on_unsafe.as_str() {
+        "any" => UnsafeInvalidation::Any,
+        "purgers" => UnsafeInvalidation::Purgers,
+        "session" => UnsafeInvalidation::Session,
+        other => {
+            c.report(
+                &at("invalidate_on_unsafe"),
+                format!("must be \"any\", \"purgers\" or \"session\", got {other:?}"),
+            );
+            UnsafeInvalidation::Any
+        }
+    };
     let cache = CacheConfig {
         memory_size: k.memory_size,
         max_object_size: k.max_object_size as usize,
@@ -607,6 +619,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         lock_timeout,
         bypass_cookies,
         bypass_authorization: k.bypass.authorization,
+        invalidate_on_unsafe,
         host_aliases,
         disk,
     };

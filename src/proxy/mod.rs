@@ -47,7 +47,7 @@ use crate::cache::memory::{decode_head, MemoryHit, StoredObject, CACHE_STATUS, X
 use crate::cache::policy::StoragePolicy;
 use crate::cache::status::{Disposition, Outcome, PassReason};
 use crate::cache::{vary, PurgeMode, Store};
-use crate::config::Config;
+use crate::config::{Config, UnsafeInvalidation};
 use crate::metrics::access_log::{AccessLog, Entry};
 use crate::metrics::{HitPath, Metrics};
 use crate::purge::{self, Acl, Purge, PurgeAuth, PurgeResult, Scope, Source};
@@ -134,6 +134,7 @@ pub struct Rules {
     trusted_proxies: Acl,
     strip_headers: Vec<http::HeaderName>,
     keepalive_secs: u64,
+    invalidate_on_unsafe: UnsafeInvalidation,
     body_timeout: std::time::Duration,
 }
 
@@ -176,6 +177,7 @@ impl From<&Config> for Rules {
             trusted_proxies: Acl::new(config.server.trusted_proxies.clone()),
             strip_headers: config.server.strip_headers.clone(),
             keepalive_secs: config.server.keepalive_timeout.as_secs().max(1),
+            invalidate_on_unsafe: config.cache.invalidate_on_unsafe,
             body_timeout: config.server.body_timeout,
         }
     }
@@ -459,6 +461,28 @@ impl Skua {
             stored: ctx.stored,
             fresh_until: ctx.fresh_until,
             fwd_status: ctx.fwd_status,
+        }
+    }
+
+    /// Whether this unsafe request may invalidate what it names (`[cache]
+    /// invalidate_on_unsafe`): any client may make it a cheap miss by default, as RFC 9111 §4.4
+    /// asks; an operator can keep that to purgers or to logged-in sessions.
+    fn may_invalidate(&self, session: &Session) -> bool {
+        let rules = self.shared.rules.load();
+        match rules.invalidate_on_unsafe {
+            UnsafeInvalidation::Any => true,
+            UnsafeInvalidation::Purgers => rules
+                .purge_auth
+                .allows(client_ip(session), session.req_header()),
+            UnsafeInvalidation::Session => session
+                .req_header()
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .any(|v| {
+                    let v = String::from_utf8_lossy(v.as_bytes());
+                    rules.bypass_cookies.iter().any(|re| re.is_match(&v))
+                }),
         }
     }
 
@@ -812,7 +836,7 @@ impl ProxyHttp for Skua {
         let unsafe_method = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
             && method.as_str() != "TRACE";
         let status = resp.status.as_u16();
-        if unsafe_method && (200..400).contains(&status) {
+        if unsafe_method && (200..400).contains(&status) && self.may_invalidate(session) {
             self.invalidate_after_unsafe(ctx, resp).await;
         }
         let waited = ctx
