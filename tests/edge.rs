@@ -367,18 +367,20 @@ fn resident_kib(pid: u32) -> i64 {
         .unwrap()
 }
 
-#[tokio::test]
-async fn a_request_head_slower_than_header_timeout_gets_408_and_is_closed() {
-    let origin = cached_origin().await;
-    let skua = Skua::start_tables(&[origin.addr], ["header_timeout = \"1s\"", "", ""], "").await;
-    let (mut reader, mut writer) = TcpStream::connect(skua.addr).await.unwrap().into_split();
-    // A byte every 200 ms: each read is quick, the head as a whole (14 s) is not.
-    const HEAD: &[u8] = b"GET /slow HTTP/1.1\r\nHost: wiki.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+/// Sends `prefix` at once, then `head` a byte every 200 ms, until the server closes the
+/// connection; returns what it answered, how many bytes of `head` were sent, and their total.
+async fn trickle_head(
+    addr: SocketAddr,
+    prefix: &[u8],
+    head: &'static [u8],
+) -> (String, usize, usize) {
+    let (mut reader, mut writer) = TcpStream::connect(addr).await.unwrap().into_split();
+    writer.write_all(prefix).await.unwrap();
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let trickle = tokio::spawn({
         let sent = sent.clone();
         async move {
-            for b in HEAD {
+            for b in head {
                 if writer.write_all(&[*b]).await.is_err() {
                     break;
                 }
@@ -390,14 +392,30 @@ async fn a_request_head_slower_than_header_timeout_gets_408_and_is_closed() {
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut answer)).await;
     assert!(read.is_ok(), "the connection was never closed");
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     trickle.abort();
     let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        sent,
+        head.len(),
+    )
+}
+
+#[tokio::test]
+async fn a_request_head_slower_than_header_timeout_gets_408_and_is_closed() {
+    let origin = cached_origin().await;
+    let skua = Skua::start_tables(&[origin.addr], ["header_timeout = \"1s\"", "", ""], "").await;
+    // A byte every 200 ms: each read is quick, the head as a whole (14 s) is not.
+    let (answer, sent, total) = trickle_head(
+        skua.addr,
+        b"",
+        b"GET /slow HTTP/1.1\r\nHost: wiki.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(
-        sent < HEAD.len() / 2,
-        "closed after {sent} of {} bytes: the deadline covers the whole head",
-        HEAD.len()
+        sent < total / 2,
+        "closed after {sent} of {total} bytes: the deadline covers the whole head"
     );
     assert_eq!(origin.count("/slow"), 0);
     assert_eq!(
@@ -713,33 +731,14 @@ async fn leading_empty_lines_count_towards_the_head_deadline_and_size() {
     let origin = cached_origin().await;
     let skua = Skua::start_tables(&[origin.addr], ["header_timeout = \"1s\"", "", ""], "").await;
 
-    let (mut reader, mut writer) = TcpStream::connect(skua.addr).await.unwrap().into_split();
-    const HEAD: &[u8] = b"\r\n\r\nGET /slow HTTP/1.1\r\nHost: wiki.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let trickle = tokio::spawn({
-        let sent = sent.clone();
-        async move {
-            writer.write_all(&HEAD[..4]).await.unwrap();
-            for b in &HEAD[4..] {
-                if writer.write_all(&[*b]).await.is_err() {
-                    break;
-                }
-                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    });
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut answer)).await;
-    assert!(read.is_ok(), "the connection was never closed");
-    let answer = String::from_utf8_lossy(&answer);
+    let (answer, sent, total) = trickle_head(
+        skua.addr,
+        b"\r\n\r\n",
+        b"GET /slow HTTP/1.1\r\nHost: wiki.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    trickle.abort();
-    let sent = sent.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(
-        sent < HEAD.len() / 2,
-        "closed after {sent} bytes of the head"
-    );
+    assert!(sent < total / 2, "closed after {sent} bytes of the head");
 
     // A megabyte of empty lines is a head too large, not a wait for more.
     let mut stream = TcpStream::connect(skua.addr).await.unwrap();

@@ -143,17 +143,22 @@ async fn packets_from_a_disallowed_source_purge_nothing() {
     let (skua, htcp) = start(origin.addr, "allow = [\"192.0.2.0/24\"]").await;
     let url = skua.url("/guarded");
     get(&url, &[]).await;
-    let packet = skua::purge::htcp::build(&url, 1, skua::purge::htcp::Dialect::MediaWiki);
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .send_to(&packet, htcp)
-        .unwrap();
+    send_clr(htcp, &url);
     wait_for_metric(
         &skua,
         "skua_purges_total{result=\"denied\",source=\"htcp\"} 1\n",
     )
     .await;
     assert_eq!(get(&url, &[]).await.cache(), "hit-front");
+}
+
+/// Sends one CLR for `url` in MediaWiki's layout.
+fn send_clr(to: SocketAddr, url: &str) {
+    let packet = skua::purge::htcp::build(url, 1, skua::purge::htcp::Dialect::MediaWiki);
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .send_to(&packet, to)
+        .unwrap();
 }
 
 fn htcp_total(metrics: &str) -> u64 {
@@ -431,11 +436,7 @@ async fn a_second_skua_on_the_same_htcp_address_refuses_to_start() {
     // The first still gets the CLRs.
     let url = skua.url("/wiki/Mine");
     get(&url, &[]).await;
-    let packet = skua::purge::htcp::build(&url, 1, skua::purge::htcp::Dialect::MediaWiki);
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .send_to(&packet, htcp)
-        .unwrap();
+    send_clr(htcp, &url);
     wait_for_metric(
         &skua,
         "skua_purges_total{result=\"purged\",source=\"htcp\"} 1\n",

@@ -269,9 +269,7 @@ fn is_data_error(message: &str) -> bool {
 /// The dotted key on the line holding byte `at`: the line's own key, under the nearest table
 /// header above it (`server.threads`, `origin.health_check.path`).
 fn key_at(text: &str, at: usize) -> String {
-    let at = at.min(text.len());
-    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let (start, end) = line_bounds(text, at);
     let line = text[start..end].trim();
     let own = line
         .split_once('=')
@@ -301,13 +299,19 @@ fn key_at(text: &str, at: usize) -> String {
     }
 }
 
+/// Where the line holding byte `at` starts and ends (before its newline).
+fn line_bounds(text: &str, at: usize) -> (usize, usize) {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    (start, end)
+}
+
 /// `text` with the line holding byte `at` replaced by spaces (newlines kept, so every other
 /// line and offset stays where it was). `None` for a table header: blanking it would move its
 /// keys to another table.
 fn blank_line(text: &str, at: usize) -> Option<String> {
-    let at = at.min(text.len());
-    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-    let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+    let (start, end) = line_bounds(text, at);
     if text[start..end].trim_start().starts_with('[') {
         return None;
     }
