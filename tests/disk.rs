@@ -451,3 +451,50 @@ async fn bans_outlive_a_restart_like_the_objects_they_cover() {
     assert_eq!(get(&skua.url("/old/a"), &[]).await.cache(), "miss");
     assert_eq!(get(&skua.url("/keep/b"), &[]).await.cache(), "hit-local");
 }
+
+/// Regression: a FIFO in place of a `.meta` file hung the request for ever, and the bans
+/// file's temporary (`bans.tmp.<pid>`) was written through a symbolic link planted at its
+/// name. Cache files are opened without following links or waiting on FIFOs, and temporaries
+/// are created afresh.
+#[tokio::test]
+async fn a_fifo_or_a_link_in_the_cache_directory_neither_hangs_nor_redirects_a_write() {
+    let origin = Origin::start(|req| page(&format!("{} body", req.path))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
+    let port = skua.addr.port();
+    get(&skua.url("/fifo"), &[]).await;
+    skua.stop();
+    let metas = files(dir.path(), ".meta");
+    assert_eq!(metas.len(), 1);
+    std::fs::remove_file(&metas[0]).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&metas[0])
+        .status()
+        .unwrap();
+    assert!(made.success());
+
+    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let got = tokio::time::timeout(Duration::from_secs(10), get(&skua.url("/fifo"), &[]))
+        .await
+        .expect("the request hung on a FIFO");
+    assert_eq!((got.status, got.text().as_str()), (200, "/fifo body"));
+    assert_eq!(origin.count("/fifo"), 2);
+
+    // A link where the bans temporary will be written.
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, "not Skua's").unwrap();
+    let temp = dir.path().join(format!("bans.tmp.{}", skua.pid()));
+    std::os::unix::fs::symlink(&victim, &temp).unwrap();
+    let ban = send(
+        &client(),
+        "PURGE",
+        &skua.url("/wiki/"),
+        &[("skua-purge-prefix", "1")],
+    )
+    .await;
+    assert_eq!(ban.status, 204);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "not Skua's");
+    let bans = std::fs::read_to_string(dir.path().join("bans")).unwrap();
+    assert!(bans.contains(" /wiki/ "), "{bans:?}");
+}

@@ -198,8 +198,7 @@ impl Invalidations {
                 // on the purging request is acceptable.
                 let text: String = bans.iter().map(line).collect();
                 let temp = file.with_extension(format!("tmp.{}", std::process::id()));
-                let written =
-                    std::fs::write(&temp, text).and_then(|_| std::fs::rename(&temp, file));
+                let written = super::files::replace(file, &temp, text.as_bytes());
                 if let Err(e) = written {
                     tracing::warn!(error = %e, "could not save bans");
                 }
@@ -316,7 +315,7 @@ fn parse_line(l: &str, now: SystemTime, lifetime: Duration) -> Option<Ban> {
 /// Reads saved bans, dropping those older than `lifetime`, dated in the future and lines that
 /// do not parse or fail their checksum.
 fn load(file: &Path, lifetime: Duration) -> Vec<Ban> {
-    let Ok(text) = std::fs::read_to_string(file) else {
+    let Ok(text) = super::files::read_regular(file) else {
         return Vec::new();
     };
     let now = SystemTime::now();

@@ -7,6 +7,7 @@
 
 pub mod bans;
 pub mod disk;
+pub mod files;
 pub mod key;
 pub mod memory;
 pub mod policy;

@@ -113,7 +113,7 @@ impl Bus {
             .map(|d| d.config.path.join(format!("bus-position.{}", config.node)));
         let loaded = position_file
             .as_deref()
-            .and_then(|f| std::fs::read_to_string(f).ok())
+            .and_then(|f| crate::cache::files::read_regular(f).ok())
             .and_then(|text| parse_position(&text, &config.stream));
         // Only a disk tier holds objects from before this process started; a memory-only
         // node has nothing to distrust and is ready whether or not the bus is.
@@ -182,7 +182,7 @@ impl Bus {
             self.applied.load(Ordering::Acquire)
         );
         let temp = file.with_extension("tmp");
-        if let Err(e) = std::fs::write(&temp, text).and_then(|_| std::fs::rename(&temp, file)) {
+        if let Err(e) = crate::cache::files::replace(file, &temp, text.as_bytes()) {
             tracing::warn!(error = %e, "could not save the purge bus position");
         }
     }

@@ -11,8 +11,7 @@
 //! A reader trusts nothing it has not checked: a meta file whose checksum or length is wrong,
 //! or a body whose length or checksum disagrees with its meta, is corrupt.
 
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use pingora::cache::key::HashBinary;
@@ -46,10 +45,11 @@ pub enum ReadError {
 
 impl From<io::Error> for ReadError {
     fn from(e: io::Error) -> Self {
-        if e.kind() == io::ErrorKind::NotFound {
-            ReadError::Missing
-        } else {
-            ReadError::Io(e)
+        match e.kind() {
+            io::ErrorKind::NotFound => ReadError::Missing,
+            // A link, FIFO or device where a cache file belongs (`cache::files`).
+            io::ErrorKind::InvalidData => ReadError::Corrupt("not a regular file"),
+            _ => ReadError::Io(e),
         }
     }
 }
@@ -183,19 +183,11 @@ pub fn write_atomic(path: &Path, temp: &Path, bytes: &[u8]) -> io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let result = (|| {
-        let mut f = File::create(temp)?;
-        f.write_all(bytes)?;
-        std::fs::rename(temp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(temp);
-    }
-    result
+    crate::cache::files::replace(path, temp, bytes)
 }
 
 pub fn read_meta(path: &Path) -> Result<MetaFile, ReadError> {
-    let mut f = File::open(path)?;
+    let mut f = crate::cache::files::open_regular(path)?;
     let len = f.metadata()?.len();
     if len > META_MAX {
         return Err(ReadError::Corrupt("meta file too large"));

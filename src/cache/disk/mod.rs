@@ -248,7 +248,8 @@ impl DiskTier {
         let read = tokio::task::spawn_blocking(move || -> Result<Loaded, (ReadError, u64)> {
             let meta_file = format::read_meta(&paths.meta()).map_err(|e| (e, found.gen))?;
             let gen = meta_file.gen;
-            let file = File::open(paths.body(gen)).map_err(|e| (e.into(), gen))?;
+            let file =
+                crate::cache::files::open_regular(&paths.body(gen)).map_err(|e| (e.into(), gen))?;
             let len = file.metadata().map_err(|e| (e.into(), gen))?.len();
             if len != meta_file.body_len {
                 return Err((ReadError::Corrupt("body length differs from its meta"), gen));
@@ -377,7 +378,14 @@ impl DiskTier {
             self.write_failed(&e);
             return None;
         }
-        match tokio::fs::File::create(&temp).await {
+        let fresh = {
+            let temp = temp.clone();
+            tokio::task::spawn_blocking(move || crate::cache::files::create_fresh(&temp))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map(tokio::fs::File::from_std)
+        };
+        match fresh {
             Ok(file) => Some(DiskWrite {
                 tier: self,
                 primary,
