@@ -188,11 +188,7 @@ impl Admin {
         // Every target is read before any is applied: a request with one bad URL purges
         // nothing.
         let mut scopes = Vec::new();
-        if let Some(tags) = purge::http::tags(&req) {
-            scopes.push(Scope::Tags(
-                tags.split_ascii_whitespace().map(str::to_string).collect(),
-            ));
-        }
+        scopes.extend(purge::http::tag_scope(&req));
         let query = req.uri.query().unwrap_or("");
         for value in query.split('&').filter_map(|kv| kv.strip_prefix("url=")) {
             let decoded = percent_decode(value);

@@ -832,12 +832,15 @@ mod tests {
         assert!(errs[0].reason.contains("memroy_size"), "{:?}", errs[0]);
     }
 
+    fn keys_and_lines(errs: &[ConfigError]) -> Vec<(String, Option<usize>)> {
+        errs.iter().map(|e| (e.key.clone(), e.line)).collect()
+    }
+
     #[test]
     fn every_bad_value_is_reported_with_its_line() {
         let text = "[server]\nlisten = [\"nope\"]\n\n[[origin]]\nname = \"a\"\naddresses = [\"127.0.0.1:1\", \"bad\"]\nconnect_timeout = \"fast\"\n\n[cache]\nttl_cap = \"0s\"\n";
         let errs = parse(text).unwrap_err();
-        let got: Vec<(String, Option<usize>)> =
-            errs.iter().map(|e| (e.key.clone(), e.line)).collect();
+        let got = keys_and_lines(&errs);
         assert_eq!(
             got,
             vec![
@@ -853,8 +856,7 @@ mod tests {
     fn health_check_path_and_host_must_be_sendable() {
         let text = "[[origin]]\nname = \"a\"\naddresses = [\"127.0.0.1:1\"]\n[origin.health_check]\npath = \"/a b\"\nhost = \"wiki\\u0001.test\"\n";
         let errs = parse(text).unwrap_err();
-        let got: Vec<(String, Option<usize>)> =
-            errs.iter().map(|e| (e.key.clone(), e.line)).collect();
+        let got = keys_and_lines(&errs);
         assert_eq!(
             got,
             vec![

@@ -254,7 +254,9 @@ async fn read_head(
         }
         if !buf.is_empty() {
             if let Some(end) = head_end(&buf, scanned) {
-                if !has_body(&buf[..end]) {
+                // Only bytes past the head need a decision (and a second parse of it): a
+                // lone request, the common case, costs nothing here.
+                if buf.len() > end && !has_body(&buf[..end]) {
                     *carry = buf.split_off(end);
                 }
                 return HeadRead::Complete(buf);

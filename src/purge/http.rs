@@ -35,10 +35,8 @@ pub fn target(req: &RequestHeader, scheme: Scheme) -> Result<CacheUrl, KeyError>
 /// What a PURGE request names: tags (`Surrogate-Key`), a prefix (`Skua-Purge-Prefix`) or
 /// one URL.
 pub fn scope(req: &RequestHeader, scheme: Scheme) -> Result<Scope, KeyError> {
-    if let Some(tags) = tags(req) {
-        return Ok(Scope::Tags(
-            tags.split_ascii_whitespace().map(str::to_string).collect(),
-        ));
+    if let Some(tags) = tag_scope(req) {
+        return Ok(tags);
     }
     let url = target(req, scheme)?;
     Ok(if is_prefix_ban(req) {
@@ -51,6 +49,11 @@ pub fn scope(req: &RequestHeader, scheme: Scheme) -> Result<Scope, KeyError> {
 /// Request headers that turn a PURGE into a purge by tag: `Surrogate-Key` (Fastly's name)
 /// and `xkey-purge` (Varnish's xkey). Their value is a space-separated list of tags.
 const TAG_HEADERS: [&str; 2] = ["surrogate-key", "xkey-purge"];
+
+/// The purge by tag a request asks for, if it names tags.
+pub fn tag_scope(req: &RequestHeader) -> Option<Scope> {
+    tags(req).map(|tags| Scope::Tags(tags.split_ascii_whitespace().map(str::to_string).collect()))
+}
 
 /// The tags a PURGE names, if it is a purge by tag.
 pub fn tags(req: &RequestHeader) -> Option<String> {
