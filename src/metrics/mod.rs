@@ -29,6 +29,7 @@ pub struct ConnectionMetrics {
     pub refused_max_connections: IntCounter,
     pub refused_header_timeout: IntCounter,
     pub refused_head_too_large: IntCounter,
+    pub refused_bad_body_framing: IntCounter,
 }
 
 pub struct Metrics {
@@ -259,7 +260,7 @@ impl Metrics {
         let refused = IntCounterVec::new(
             Opts::new(
                 "skua_connections_refused_total",
-                "Client connections answered and closed before a request was served, by reason (max_connections, header_timeout, head_too_large).",
+                "Client connections answered and closed before a request was served, by reason (max_connections, header_timeout, head_too_large, bad_body_framing).",
             ),
             &["reason"],
         )?;
@@ -269,6 +270,7 @@ impl Metrics {
             refused_max_connections: refused.with_label_values(&["max_connections"]),
             refused_header_timeout: refused.with_label_values(&["header_timeout"]),
             refused_head_too_large: refused.with_label_values(&["head_too_large"]),
+            refused_bad_body_framing: refused.with_label_values(&["bad_body_framing"]),
         });
         let tier_objects = IntGaugeVec::new(
             Opts::new("skua_cache_objects", "Objects stored, by tier."),

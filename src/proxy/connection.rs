@@ -99,6 +99,8 @@ enum HeadRead {
     Gone,
     TimedOut,
     TooLarge,
+    /// The head announces a chunked body and the body bytes already read break its framing.
+    BadBodyFraming,
 }
 
 #[async_trait]
@@ -117,6 +119,7 @@ where
                 &mut stream,
                 "503 Service Unavailable",
                 "too many connections",
+                true,
             )
             .await;
             return None;
@@ -135,13 +138,20 @@ where
                 HeadRead::Gone => break,
                 HeadRead::TimedOut => {
                     self.metrics.refused_header_timeout.inc();
-                    refuse(&mut stream, "408 Request Timeout", "request head too slow").await;
+                    let status = "408 Request Timeout";
+                    refuse(&mut stream, status, "request head too slow", true).await;
                     break;
                 }
                 HeadRead::TooLarge => {
                     self.metrics.refused_head_too_large.inc();
                     let status = "431 Request Header Fields Too Large";
-                    refuse(&mut stream, status, "request head too large").await;
+                    refuse(&mut stream, status, "request head too large", true).await;
+                    break;
+                }
+                HeadRead::BadBodyFraming => {
+                    self.metrics.refused_bad_body_framing.inc();
+                    let status = "400 Bad Request";
+                    refuse(&mut stream, status, "malformed chunked body", false).await;
                     break;
                 }
             };
@@ -256,8 +266,14 @@ async fn read_head(
             if let Some(end) = head_end(&buf, scanned) {
                 // Only bytes past the head need a decision (and a second parse of it): a
                 // lone request, the common case, costs nothing here.
-                if buf.len() > end && !has_body(&buf[..end]) {
-                    *carry = buf.split_off(end);
+                if buf.len() > end {
+                    match body_framing(&buf[..end]) {
+                        BodyFraming::None => *carry = buf.split_off(end),
+                        BodyFraming::Chunked if !chunks_well_formed(&buf[end..]) => {
+                            return HeadRead::BadBodyFraming
+                        }
+                        BodyFraming::Chunked | BodyFraming::Other => {}
+                    }
                 }
                 return HeadRead::Complete(buf);
             }
@@ -279,19 +295,87 @@ async fn read_head(
     }
 }
 
-/// Whether a request head announces a body (RFC 9112 §6.3: `Transfer-Encoding`, or a
-/// `Content-Length` other than 0). A head that cannot be parsed counts as having one, so its
-/// bytes go to pingora whole and are refused there.
-fn has_body(head: &[u8]) -> bool {
+/// What a request head says about a body that follows it (RFC 9112 §6.3).
+enum BodyFraming {
+    /// No `Transfer-Encoding`, and no `Content-Length` other than 0.
+    None,
+    /// `Transfer-Encoding` whose final coding is `chunked`.
+    Chunked,
+    /// A `Content-Length` body, another coding, or a head that cannot be parsed: its bytes go
+    /// to pingora whole and are framed (or refused) there.
+    Other,
+}
+
+fn body_framing(head: &[u8]) -> BodyFraming {
     let mut fields = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut fields);
     if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
-        return true;
+        return BodyFraming::Other;
     }
-    req.headers.iter().any(|f| {
-        f.name.eq_ignore_ascii_case("transfer-encoding")
-            || (f.name.eq_ignore_ascii_case("content-length") && f.value.trim_ascii() != b"0")
-    })
+    let mut framing = BodyFraming::None;
+    for field in req.headers.iter() {
+        if field.name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = field
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .unwrap_or_default();
+            if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return BodyFraming::Other;
+            }
+            framing = BodyFraming::Chunked;
+        } else if field.name.eq_ignore_ascii_case("content-length")
+            && field.value.trim_ascii() != b"0"
+        {
+            return BodyFraming::Other;
+        }
+    }
+    framing
+}
+
+/// Whether the start of a chunked body, as far as it has arrived with its head, keeps to
+/// RFC 9112 §7.1: `chunk-size [chunk-ext] CRLF chunk-data CRLF`, ending with a zero-size
+/// chunk. A body whose framing is already broken here is refused before its head goes to an
+/// origin (regression: `POST` with chunk size `zz` reached the origin as a head, its body
+/// aborted later). Bytes still on their way are framed by pingora as they stream.
+fn chunks_well_formed(mut body: &[u8]) -> bool {
+    /// A chunk size that would not fit in 64 bits is a framing error, not a large body.
+    const MAX_SIZE_DIGITS: usize = 15;
+    loop {
+        let line_end = memchr::memchr(b'\n', body);
+        let line = &body[..line_end.unwrap_or(body.len())];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+        let rest = &line[digits..];
+        let extension_ok = rest.is_empty() || matches!(rest[0], b';' | b' ' | b'\t');
+        if digits > MAX_SIZE_DIGITS || !extension_ok {
+            return false;
+        }
+        let Some(lf) = line_end else {
+            // An unfinished size line: right so far, unless a terminator could never come.
+            return line.len() < 4096;
+        };
+        if digits == 0 {
+            return false;
+        }
+        let size = line[..digits].iter().fold(0usize, |n, d| {
+            n * 16 + (*d as char).to_digit(16).unwrap_or(0) as usize
+        });
+        body = &body[lf + 1..];
+        if size == 0 {
+            // Trailer fields follow; pingora reads them.
+            return true;
+        }
+        if body.len() < size {
+            return true;
+        }
+        body = &body[size..];
+        match body {
+            [] | [b'\r'] => return true,
+            [b'\r', b'\n', rest @ ..] | [b'\n', rest @ ..] => body = rest,
+            _ => return false,
+        }
+    }
 }
 
 /// Where the head ends: the index just past its blank line, looking from `from`. RFC 9112
@@ -313,11 +397,12 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 
 /// Answers a connection that will not be served and closes it, without waiting on a client
 /// that does not read.
-async fn refuse(stream: &mut Stream, status: &str, why: &str) {
+async fn refuse(stream: &mut Stream, status: &str, why: &str, retry: bool) {
     let body = format!("skua: {why}\n");
+    let retry_after = if retry { "Retry-After: 1\r\n" } else { "" };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
-         Retry-After: 1\r\nConnection: close\r\n\r\n{body}",
+         {retry_after}Connection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = fast_timeout(REFUSAL_WRITE_TIMEOUT, async {
@@ -329,7 +414,25 @@ async fn refuse(stream: &mut Stream, status: &str, why: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::head_end;
+    use super::{chunks_well_formed, head_end};
+
+    #[test]
+    fn chunked_framing_is_judged_on_what_has_arrived() {
+        assert!(chunks_well_formed(b"5\r\nhello\r\n0\r\n\r\n"));
+        assert!(chunks_well_formed(b"5;name=v\r\nhello\r\n0\r\n\r\n"));
+        assert!(chunks_well_formed(b"5\nhello\n0\n\n"));
+        // Cut anywhere, the beginning of a good body is good.
+        let good = b"a\r\n0123456789\r\n3\r\nabc\r\n0\r\n\r\n";
+        for cut in 0..good.len() {
+            assert!(chunks_well_formed(&good[..cut]), "cut at {cut}");
+        }
+        assert!(!chunks_well_formed(b"zz\r\nhello\r\n0\r\n\r\n"));
+        assert!(!chunks_well_formed(b"\r\nhello\r\n"));
+        assert!(!chunks_well_formed(b"5\r\nhelloXX0\r\n\r\n"));
+        assert!(!chunks_well_formed(b"-5\r\nhello\r\n"));
+        assert!(!chunks_well_formed(b"1000000000000000\r\n"));
+        assert!(!chunks_well_formed(b"0x5\r\nhello\r\n"));
+    }
 
     #[test]
     fn a_head_ends_at_its_blank_line_with_crlf_or_bare_lf() {
