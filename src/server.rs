@@ -10,7 +10,7 @@ use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 
 use anyhow::Context;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -105,7 +105,17 @@ pub fn check_addresses_free(config: &Config) -> anyhow::Result<()> {
         tcp.push(("server.admin".into(), admin));
     }
     for (key, addr) in tcp {
-        std::net::TcpListener::bind(addr).with_context(|| {
+        let bound = (|| {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(config.server.reuse_port)?;
+            socket.bind(&addr.into())
+        })();
+        bound.with_context(|| {
             format!("{key}: cannot listen on {addr} (in use by another process?)")
         })?;
     }
@@ -204,7 +214,9 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shar
         let buffers = L4BufferSettings::default()
             .read(0)
             .write(CLIENT_WRITE_BUFFER);
-        let listener = ListenerConfig::tcp(addr.to_string()).l4_buffer(buffers);
+        let listener = ListenerConfig::tcp(addr.to_string())
+            .l4_buffer(buffers)
+            .tcp_socket_options(listen_options(&config.server));
         proxy.add_listener(listener);
     }
     server.add_service(proxy);
@@ -230,10 +242,17 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shar
     }
     if let Some(admin_addr) = config.server.admin {
         let mut admin = Service::new("skua admin".to_string(), Admin::new(shared.clone()));
-        admin.add_tcp(&admin_addr.to_string());
+        admin.add_tcp_with_settings(&admin_addr.to_string(), listen_options(&config.server));
         server.add_service(admin);
     }
     Ok(shared)
+}
+
+/// Socket options of the proxy and admin listeners.
+fn listen_options(server: &crate::config::ServerConfig) -> TcpSocketOptions {
+    let mut options = TcpSocketOptions::default();
+    options.so_reuseport = Some(server.reuse_port);
+    options
 }
 
 impl Built {
@@ -268,6 +287,10 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     let (r, n) = (running, new);
     [
         ("server.listen", differs(&r.server.listen, &n.server.listen)),
+        (
+            "server.reuse_port",
+            r.server.reuse_port != n.server.reuse_port,
+        ),
         ("server.admin", differs(&r.server.admin, &n.server.admin)),
         ("server.threads", r.server.threads != n.server.threads),
         ("server.name", r.server.name != n.server.name),

@@ -59,7 +59,7 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
     let addrs = [origins[0].addr, origins[1].addr];
     let mut nats = Nats::start().await;
     let disks: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let ports: Vec<Port> = (0..3).map(|_| Port::reserve()).collect();
     let names = ["a", "b", "c"];
     let buses: Vec<String> = (0..3)
         .map(|i| nats.bus(names[i], "catch_up_timeout = \"1s\""))
@@ -67,7 +67,7 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
     let bus = |i: usize| buses[i].clone();
     let mut nodes = Vec::new();
     for i in 0..3 {
-        let node = Skua::start_disk_on(ports[i], &addrs, disks[i].path(), "", &bus(i)).await;
+        let node = Skua::start_disk_on(&ports[i], &addrs, disks[i].path(), "", &bus(i)).await;
         node.wait_ready().await;
         nodes.push(Some(node));
     }
@@ -100,7 +100,7 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
                 let n = seq.fetch_add(1, Ordering::Relaxed) as usize;
                 let (node, page) = (n % 3, (n / 3) % PAGES);
                 let path = format!("/wiki/Page_{page}");
-                let url = format!("http://127.0.0.1:{}{path}", ports[node]);
+                let url = format!("http://127.0.0.1:{}{path}", ports[node].number);
                 let was_down = down[node].load(Ordering::SeqCst);
                 let result = http.get(&url).header(HOST.0, HOST.1).send().await;
                 let node_down = was_down || down[node].load(Ordering::SeqCst);
@@ -169,7 +169,7 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
         let purge = send(
             &client(),
             "PURGE",
-            &format!("http://127.0.0.1:{}{page}", ports[0]),
+            &format!("http://127.0.0.1:{}{page}", ports[0].number),
             &[HOST],
         )
         .await;
@@ -199,7 +199,7 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
                 cached.lock().unwrap()[i].clear();
                 node_kills += 1;
                 let node =
-                    Skua::start_disk_on(ports[i], &addrs, disks[i].path(), "", &bus(i)).await;
+                    Skua::start_disk_on(&ports[i], &addrs, disks[i].path(), "", &bus(i)).await;
                 nodes[i] = Some(node);
                 down[i].store(false, Ordering::SeqCst);
             }

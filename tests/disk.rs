@@ -41,7 +41,7 @@ async fn restart_serves_from_disk_after_sigterm_and_kill_9() {
     let origin = Origin::start(|req| page(&format!("body of {}", req.path))).await;
     let dir = tempfile::tempdir().unwrap();
     let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
-    let port = skua.addr.port();
+    let port = skua.port();
     for i in 0..20 {
         assert_eq!(
             get(&skua.url(&format!("/p/{i}")), &[]).await.cache(),
@@ -51,7 +51,7 @@ async fn restart_serves_from_disk_after_sigterm_and_kill_9() {
     skua.stop();
 
     for round in ["graceful", "kill -9"] {
-        let mut again = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+        let mut again = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
         for i in 0..20 {
             let r = get(&again.url(&format!("/p/{i}")), &[]).await;
             assert_eq!(r.text(), format!("body of /p/{i}"), "{round}");
@@ -79,7 +79,7 @@ async fn restart_serves_from_disk_after_sigterm_and_kill_9() {
             again.kill9();
         }
     }
-    let last = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let last = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
     for n in ["graceful".len(), "kill -9".len()] {
         assert_eq!(
             get(&last.url(&format!("/new/{n}")), &[]).await.cache(),
@@ -129,7 +129,7 @@ async fn damaged_entries_are_never_served() {
             .await;
     let dir = tempfile::tempdir().unwrap();
     let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
-    let port = skua.addr.port();
+    let port = skua.port();
     for path in ["/truncated", "/flipped", "/meta-flipped"] {
         get(&skua.url(path), &[]).await;
     }
@@ -172,7 +172,7 @@ async fn damaged_entries_are_never_served() {
     bytes[mid] ^= 0x40;
     std::fs::write(&meta, &bytes).unwrap();
 
-    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
     for path in ["/truncated", "/flipped", "/meta-flipped"] {
         let r = get(&skua.url(path), &[]).await;
         assert_eq!(r.cache(), "miss", "{path}");
@@ -242,9 +242,12 @@ async fn damaged_large_bodies_are_never_served() {
     // The memory tier takes nothing this large: every hit is a disk hit.
     let disk_lines = "max_object_size = 67108864";
     let origins = [origin.addr];
-    let start = |port| Skua::start_disk_on(port, &origins, dir.path(), disk_lines, "");
-    let mut skua = start(free_port()).await;
-    let port = skua.addr.port();
+    let (origins, dir_path) = (&origins, dir.path());
+    let start = |port: Port| async move {
+        Skua::start_disk_on(&port, origins, dir_path, disk_lines, "").await
+    };
+    let mut skua = start(Port::reserve()).await;
+    let port = skua.port();
     let paths = ["/big/truncated", "/big/flipped", "/big/kept", "/big/live"];
     for path in paths {
         let got = get(&skua.url(path), &[]).await;
@@ -298,7 +301,7 @@ async fn fifty_mib_object_round_trips_byte_identical() {
     let dir = tempfile::tempdir().unwrap();
     let lines = "size = 268435456\nmax_object_size = 67108864";
     let mut skua = Skua::start_disk(&[origin.addr], dir.path(), lines, "").await;
-    let port = skua.addr.port();
+    let port = skua.port();
     let first = get(&skua.url("/big"), &[]).await;
     assert_eq!(first.body.len(), big.len());
     assert!(first.body == big);
@@ -309,7 +312,7 @@ async fn fifty_mib_object_round_trips_byte_identical() {
     assert_eq!(part.status, 206);
     assert_eq!(&part.body[..], &big[40_000_000..40_000_010]);
     skua.stop();
-    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), lines, "").await;
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), lines, "").await;
     let after = get(&skua.url("/big"), &[]).await;
     assert_eq!(after.cache(), "hit-local");
     assert!(after.body == big, "after a restart too");
@@ -330,7 +333,7 @@ async fn purge_and_soft_purge_reach_disk() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
-    let port = skua.addr.port();
+    let port = skua.port();
     get(&skua.url("/hard"), &[]).await;
     get(&skua.url("/soft"), &[]).await;
     assert_eq!(
@@ -351,7 +354,7 @@ async fn purge_and_soft_purge_reach_disk() {
         204
     );
     skua.stop();
-    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
     let hard = get(&skua.url("/hard"), &[]).await;
     assert_eq!(
         hard.cache(),
@@ -391,13 +394,13 @@ async fn revalidation_updates_the_stored_headers_on_disk() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
-    let port = skua.addr.port();
+    let port = skua.port();
     get(&skua.url("/r"), &[]).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let refreshed = get(&skua.url("/r"), &[]).await;
     assert!(refreshed.header("cache-status").contains("fwd-status=304"));
     skua.stop();
-    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
     let r = get(&skua.url("/r"), &[]).await;
     assert_eq!(
         r.cache(),
@@ -435,7 +438,7 @@ async fn bans_outlive_a_restart_like_the_objects_they_cover() {
     let origin = Origin::start(|req| page(&req.path)).await;
     let dir = tempfile::tempdir().unwrap();
     let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
-    let port = skua.addr.port();
+    let port = skua.port();
     get(&skua.url("/old/a"), &[]).await;
     get(&skua.url("/keep/b"), &[]).await;
     let ban = send(
@@ -447,7 +450,7 @@ async fn bans_outlive_a_restart_like_the_objects_they_cover() {
     .await;
     assert_eq!(ban.status, 204);
     skua.stop();
-    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
     assert_eq!(get(&skua.url("/old/a"), &[]).await.cache(), "miss");
     assert_eq!(get(&skua.url("/keep/b"), &[]).await.cache(), "hit-local");
 }
@@ -461,7 +464,7 @@ async fn a_fifo_or_a_link_in_the_cache_directory_neither_hangs_nor_redirects_a_w
     let origin = Origin::start(|req| page(&format!("{} body", req.path))).await;
     let dir = tempfile::tempdir().unwrap();
     let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
-    let port = skua.addr.port();
+    let port = skua.port();
     get(&skua.url("/fifo"), &[]).await;
     skua.stop();
     let metas = files(dir.path(), ".meta");
@@ -473,7 +476,7 @@ async fn a_fifo_or_a_link_in_the_cache_directory_neither_hangs_nor_redirects_a_w
         .unwrap();
     assert!(made.success());
 
-    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
     let got = tokio::time::timeout(Duration::from_secs(10), get(&skua.url("/fifo"), &[]))
         .await
         .expect("the request hung on a FIFO");

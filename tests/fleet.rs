@@ -102,7 +102,7 @@ struct PublisherAndDiskNode {
     origin: Origin,
     a: Skua,
     disk: tempfile::TempDir,
-    port: u16,
+    port: Port,
 }
 
 impl PublisherAndDiskNode {
@@ -115,7 +115,7 @@ impl PublisherAndDiskNode {
             origin,
             a,
             disk: tempfile::tempdir().unwrap(),
-            port: free_port(),
+            port: Port::reserve(),
         };
         let c = fleet.start_c().await;
         c.wait_ready().await;
@@ -124,7 +124,7 @@ impl PublisherAndDiskNode {
 
     async fn start_c(&self) -> Skua {
         let bus = self.nats.bus("c", "");
-        Skua::start_disk_on(self.port, &[self.origin.addr], self.disk.path(), "", &bus).await
+        Skua::start_disk_on(&self.port, &[self.origin.addr], self.disk.path(), "", &bus).await
     }
 }
 
@@ -273,8 +273,8 @@ async fn gap_older_than_the_retention_revalidates_what_was_cached_before() {
     let bus = |node| nats.bus(node, "retention = \"1s\"");
     let a = Skua::start(&[origin.addr], &bus("a")).await;
     let disk = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut c = Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &bus("c")).await;
+    let port = Port::reserve();
+    let mut c = Skua::start_disk_on(&port, &[origin.addr], disk.path(), "", &bus("c")).await;
     c.wait_ready().await;
     get(&c.url("/wiki/Old"), &[HOST]).await;
     // C applies one purge, so it has a position on the stream.
@@ -292,7 +292,7 @@ async fn gap_older_than_the_retention_revalidates_what_was_cached_before() {
     // While C is away a purge it never sees ages out of the stream.
     send(&client(), "PURGE", &a.url("/wiki/Missed"), &[HOST]).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let c = Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &bus("c")).await;
+    let c = Skua::start_disk_on(&port, &[origin.addr], disk.path(), "", &bus("c")).await;
     c.wait_ready().await;
     assert_eq!(c.metric("skua_purge_bus_gaps_total").await, 1.0);
     let got = get(&c.url("/wiki/Old"), &[HOST]).await;
@@ -407,14 +407,14 @@ async fn old_object_while_the_bus_is_down(catch_up: &str) -> (Got, Duration, Ori
     let mut nats = Nats::start().await;
     let origin = versioned_origin().await;
     let disk = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = Port::reserve();
     let bus = nats.bus("c", catch_up);
-    let mut c = Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &bus).await;
+    let mut c = Skua::start_disk_on(&port, &[origin.addr], disk.path(), "", &bus).await;
     c.wait_ready().await;
     get(&c.url("/wiki/Before"), &[HOST]).await;
     c.stop();
     nats.stop();
-    let c = Skua::start_disk_on(port, &[origin.addr], disk.path(), "", &bus).await;
+    let c = Skua::start_disk_on(&port, &[origin.addr], disk.path(), "", &bus).await;
     let ready = reqwest::get(format!("http://{}/readyz", c.admin))
         .await
         .unwrap();

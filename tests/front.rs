@@ -57,8 +57,8 @@ fn steady(mut fields: BTreeMap<String, String>) -> BTreeMap<String, String> {
 async fn a_front_door_hit_looks_like_a_cache_path_hit_and_a_disk_hit() {
     let origin = page_origin().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let port = Port::reserve();
+    let mut skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
     assert_eq!(get(&skua.url("/wiki/Page"), &[HOST]).await.cache(), "miss");
 
     for method in ["GET", "HEAD"] {
@@ -120,7 +120,7 @@ async fn a_front_door_hit_looks_like_a_cache_path_hit_and_a_disk_hit() {
     )
     .await;
     skua.stop();
-    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
     let disk = raw(
         skua.addr,
         "GET /wiki/Page HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",

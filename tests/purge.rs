@@ -277,12 +277,12 @@ async fn tag_index_survives_a_restart_with_the_disk_tier() {
     let origin = Origin::start(tagged).await;
     let dir = tempfile::tempdir().unwrap();
     let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
-    let port = skua.addr.port();
+    let port = skua.port();
     for p in ["/a", "/b", "/c"] {
         get(&skua.url(p), &[]).await;
     }
     skua.stop();
-    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
     let purge = send(
         &client(),
         "PURGE",
@@ -650,8 +650,8 @@ async fn pipelined_purges_gets_and_heads_are_all_answered_in_order() {
 async fn a_crafted_purge_url_plants_no_ban() {
     let origin = Origin::start(|_| cached()).await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let port = Port::reserve();
+    let mut skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
     let page = skua.url("/wiki/Kept");
     get(&page, &[("host", "wiki.test")]).await;
     let crafted = format!(
@@ -677,7 +677,7 @@ async fn a_crafted_purge_url_plants_no_ban() {
     .await;
     assert_eq!(ban.status, 204);
     skua.stop();
-    let skua = Skua::start_disk_on(port, &[origin.addr], dir.path(), "", "").await;
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
     let again = get(&skua.url("/wiki/Kept"), &[("host", "wiki.test")]).await;
     assert_eq!(again.cache(), "hit-local");
     assert_eq!(origin.count("/wiki/Kept"), 1);

@@ -46,6 +46,10 @@ impl Default for LogFile {
 pub struct ServerFile {
     /// Addresses the proxy listens on (`ip:port`). Default `["127.0.0.1:8080"]`.
     pub listen: Vec<String>,
+    /// Listen with `SO_REUSEPORT` (the proxy and admin addresses): several processes may then
+    /// listen on one port, and one that holds the port bound keeps it reserved for Skua
+    /// across restarts. Default false: a taken address is an error at start.
+    pub reuse_port: bool,
     /// Worker threads for the proxy service. Default 2.
     pub threads: usize,
     /// Address of the admin endpoint (`/stats`, `/metrics`, `/healthz`). Default
@@ -91,6 +95,7 @@ impl Default for ServerFile {
     fn default() -> Self {
         ServerFile {
             listen: vec!["127.0.0.1:8080".into()],
+            reuse_port: false,
             threads: 2,
             admin: "127.0.0.1:8082".into(),
             name: "skua".into(),

@@ -31,6 +31,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
+    /// `SO_REUSEPORT` on the proxy and admin listeners.
+    pub reuse_port: bool,
     pub threads: usize,
     pub admin: Option<SocketAddr>,
     pub name: String,

@@ -407,6 +407,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
     }
     let server = ServerConfig {
         listen,
+        reuse_port: s.reuse_port,
         threads: s.threads.max(1),
         admin,
         name: s.name,

@@ -203,11 +203,10 @@ impl Drop for Origin {
     }
 }
 
-/// A port that was free a moment ago.
-/// A port nothing listens on, below Linux's ephemeral range (32768-60999): a node restarted
-/// on its port must find it free, and a port in the ephemeral range can meanwhile become the
-/// source port of some outgoing connection (regression: a chaos run whose node B could not
-/// listen again for 30 s).
+/// A port nothing listens on, below Linux's ephemeral range (32768-60999), for what cannot
+/// share a reserved [`Port`]: the test origin (bound here, then rebound by `restart`),
+/// nats-server, UDP receivers and the demo's command line. A port in the ephemeral range can
+/// meanwhile become the source port of some outgoing connection.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
@@ -222,6 +221,38 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A TCP port reserved for Skua: an ephemeral port the kernel picked, held bound (not
+/// listening) with `SO_REUSEPORT` for as long as any clone lives. Skua, started with
+/// `reuse_port = true`, listens on it beside the reservation; nothing else can bind it, and
+/// the kernel never uses it as the source port of an outgoing connection, so a restarted node
+/// finds its port free (regression: a chaos run whose node B could not listen again for 30 s).
+#[derive(Clone)]
+pub struct Port {
+    pub number: u16,
+    _held: Arc<socket2::Socket>,
+}
+
+impl Port {
+    pub fn reserve() -> Port {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("a socket");
+        socket.set_reuse_address(true).expect("SO_REUSEADDR");
+        socket.set_reuse_port(true).expect("SO_REUSEPORT");
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        socket.bind(&any.into()).expect("bind an ephemeral port");
+        let number = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map(|a| a.port())
+            .expect("the bound port");
+        Port {
+            number,
+            _held: Arc::new(socket),
+        }
+    }
+}
+
 pub fn skua_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_skua"))
 }
@@ -230,6 +261,8 @@ pub fn skua_bin() -> PathBuf {
 pub struct Skua {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The reservations of `addr` and `admin`.
+    ports: [Port; 2],
     child: Child,
     pub dir: tempfile::TempDir,
 }
@@ -245,7 +278,7 @@ impl Skua {
     pub async fn start_with(origins: &[SocketAddr], cache: &str, extra: &str) -> Skua {
         Skua::start_in(
             tempfile::tempdir().unwrap(),
-            free_port(),
+            Port::reserve(),
             origins,
             cache,
             extra,
@@ -260,7 +293,7 @@ impl Skua {
         disk_lines: &str,
         extra: &str,
     ) -> Skua {
-        Skua::start_disk_on(free_port(), origins, disk, disk_lines, extra).await
+        Skua::start_disk_on(&Port::reserve(), origins, disk, disk_lines, extra).await
     }
 
     /// As [`Skua::start_disk`], with `cache` lines inside the `[cache]` table.
@@ -276,7 +309,7 @@ impl Skua {
         );
         let skua = Skua::start_in(
             tempfile::tempdir().unwrap(),
-            free_port(),
+            Port::reserve(),
             origins,
             cache,
             &extra,
@@ -289,7 +322,7 @@ impl Skua {
     /// As [`Skua::start_disk`] on a given port: a restarted Skua must listen where the old one
     /// did, since the port is part of every cache key.
     pub async fn start_disk_on(
-        port: u16,
+        port: &Port,
         origins: &[SocketAddr],
         disk: &std::path::Path,
         disk_lines: &str,
@@ -299,7 +332,14 @@ impl Skua {
             "[cache.disk]\npath = \"{}\"\n{disk_lines}\n\n{extra}",
             disk.display()
         );
-        let skua = Skua::start_in(tempfile::tempdir().unwrap(), port, origins, "", &extra).await;
+        let skua = Skua::start_in(
+            tempfile::tempdir().unwrap(),
+            port.clone(),
+            origins,
+            "",
+            &extra,
+        )
+        .await;
         skua.wait_disk_index().await;
         skua
     }
@@ -398,7 +438,7 @@ impl Skua {
 
     async fn start_in(
         dir: tempfile::TempDir,
-        port: u16,
+        port: Port,
         origins: &[SocketAddr],
         cache: &str,
         extra: &str,
@@ -410,7 +450,7 @@ impl Skua {
     pub async fn start_tables(origins: &[SocketAddr], lines: [&str; 3], extra: &str) -> Skua {
         Skua::start_full(
             tempfile::tempdir().unwrap(),
-            free_port(),
+            Port::reserve(),
             origins,
             lines,
             extra,
@@ -420,17 +460,18 @@ impl Skua {
 
     async fn start_full(
         dir: tempfile::TempDir,
-        port: u16,
+        port: Port,
         origins: &[SocketAddr],
         [server, origin, cache]: [&str; 3],
         extra: &str,
     ) -> Skua {
-        let admin_port = free_port();
+        let admin_port = Port::reserve();
         let addresses: Vec<String> = origins.iter().map(|a| format!("\"{a}\"")).collect();
         let config = format!(
             r#"[server]
 listen = ["127.0.0.1:{port}"]
 admin = "127.0.0.1:{admin_port}"
+reuse_port = true
 threads = 2
 shutdown_grace = "1s"
 upgrade_sock = "{upgrade_sock}"
@@ -453,6 +494,8 @@ memory_size = 16777216
 {extra}
 "#,
             addresses = addresses.join(", "),
+            port = port.number,
+            admin_port = admin_port.number,
             upgrade_sock = dir.path().join("upgrade.sock").display()
         );
         let path = dir.path().join("skua.toml");
@@ -465,15 +508,16 @@ memory_size = 16777216
             .spawn()
             .expect("spawn skua");
         let mut skua = Skua {
-            addr: format!("127.0.0.1:{port}").parse().unwrap(),
-            admin: format!("127.0.0.1:{admin_port}").parse().unwrap(),
+            addr: format!("127.0.0.1:{}", port.number).parse().unwrap(),
+            admin: format!("127.0.0.1:{}", admin_port.number).parse().unwrap(),
+            ports: [port, admin_port],
             child,
             dir,
         };
         wait_listening(skua.addr).await;
         wait_listening(skua.admin).await;
-        // Ports are picked free and then bound by the child, so something else could have
-        // taken one meanwhile: make sure the admin port answering is this child's.
+        // The ports are reserved for this child; still, make sure the admin port answering is
+        // this child's and not one left from an earlier start.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             assert!(skua.alive(), "skua exited at start-up (its log is above)");
@@ -492,6 +536,12 @@ memory_size = 16777216
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         skua
+    }
+
+    /// The proxy port's reservation: a restarted Skua must listen where this one did, since
+    /// the port is part of every cache key.
+    pub fn port(&self) -> Port {
+        self.ports[0].clone()
     }
 
     pub fn url(&self, path: &str) -> String {
