@@ -95,6 +95,111 @@ async fn purge_at_one_node_reaches_the_others_within_a_second() {
     assert_eq!(nodes[0].metric("skua_purge_bus_published_total").await, 1.0);
 }
 
+/// Regression: only credentials inside a NATS URL worked, so a bus could not be both
+/// authenticated and encrypted. The server here requires TLS and a listed NKey.
+#[tokio::test]
+async fn purges_travel_over_a_nats_server_that_requires_tls_and_an_nkey() {
+    let files = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue(&["127.0.0.1", "localhost"]);
+    let (cert, key, ca_file) = (
+        write("server.pem", &cert),
+        write("server-key.pem", &key),
+        write("ca.pem", &ca.pem),
+    );
+    let other_ca = write("other-ca.pem", &TestCa::new().pem);
+    let user = nkeys::KeyPair::new_user();
+    let seed = write("node.nk", &user.seed().unwrap());
+    let stranger = write("stranger.nk", &nkeys::KeyPair::new_user().seed().unwrap());
+    let nats = Nats::start_with(&format!(
+        "tls {{\n  cert_file: \"{cert}\"\n  key_file: \"{key}\"\n}}\n\
+         authorization {{\n  users = [ {{ nkey: \"{}\" }} ]\n}}\n",
+        user.public_key()
+    ))
+    .await;
+    let origin = versioned_origin().await;
+    let lines = |ca: &str, seed: &str| format!("tls_ca = \"{ca}\"\nnkey_seed_file = \"{seed}\"\n");
+    // Controls, started first: an unknown key, a server certificate from another CA.
+    let unknown_key =
+        Skua::start(&[origin.addr], &nats.bus("x", &lines(&ca_file, &stranger))).await;
+    let wrong_ca = Skua::start(&[origin.addr], &nats.bus("y", &lines(&other_ca, &seed))).await;
+    let a = Skua::start(&[origin.addr], &nats.bus("a", &lines(&ca_file, &seed))).await;
+    let b = Skua::start(&[origin.addr], &nats.bus("b", &lines(&ca_file, &seed))).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    for node in [&a, &b] {
+        wait_for_gauge(
+            node,
+            "skua_purge_bus_connected",
+            1.0,
+            Duration::from_secs(20),
+        )
+        .await;
+    }
+    // One fetch each from the versioned origin: v1 at A, v2 at B.
+    get(&a.url("/wiki/Secure"), &[HOST]).await;
+    assert_eq!(
+        get(&b.url("/wiki/Secure"), &[HOST]).await.text(),
+        "/wiki/Secure v2"
+    );
+    let purged = send(&client(), "PURGE", &a.url("/wiki/Secure"), &[HOST]).await;
+    assert_eq!(purged.status, 204);
+    wait_for_metric(&b, BUS_PURGED, 1.0, Duration::from_secs(20)).await;
+    assert_eq!(
+        get(&b.url("/wiki/Secure"), &[HOST]).await.text(),
+        "/wiki/Secure v3"
+    );
+    for (name, node) in [("an unknown NKey", &unknown_key), ("another CA", &wrong_ca)] {
+        assert_eq!(
+            node.metric("skua_purge_bus_connected").await,
+            0.0,
+            "a node with {name} reached the bus"
+        );
+    }
+}
+
+/// A bus whose credential or CA file is missing or wrong is refused by `skua check` with the key
+/// and its line, before anything starts.
+#[test]
+fn bus_credential_files_are_checked_with_their_line() {
+    let files = tempfile::tempdir().unwrap();
+    let not_a_seed = files.path().join("bad.nk");
+    std::fs::write(&not_a_seed, "SUnot-a-seed\n").unwrap();
+    let config = files.path().join("skua.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[purge.bus]\nservers = [\"nats://127.0.0.1:4222\"]\nnode = \"a\"\n\
+             nkey_seed_file = \"{}\"\ntls_ca = \"{}\"\ntls_cert = \"{}\"\n",
+            not_a_seed.display(),
+            files.path().join("missing-ca.pem").display(),
+            not_a_seed.display(),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(skua_bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    for expected in [
+        "skua.toml:4: purge.bus.nkey_seed_file: ",
+        "not a user NKey seed",
+        "skua.toml:5: purge.bus.tls_ca: cannot read",
+        "skua.toml:6: purge.bus.tls_cert: ",
+        "purge.bus.tls_key: tls_cert and tls_key go together",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} not in:\n{stderr}");
+    }
+}
+
 /// On one bus and one versioned origin: node A, which takes the purges, and node C with a
 /// disk tier, which can go down and come back on the same port and cache directory.
 struct PublisherAndDiskNode {

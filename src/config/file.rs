@@ -376,6 +376,19 @@ pub struct BusFile {
     /// Publish purges received over HTCP too. Default true; turn it off where HTCP multicast
     /// already reaches every node.
     pub publish_htcp: bool,
+    /// A NATS credentials file (user JWT and NKey seed, as `nsc` writes it). Default none.
+    pub credentials_file: String,
+    /// A file holding a user NKey seed (`SU...`), for a server that lists the user's public
+    /// NKey. Default none; not together with `credentials_file`.
+    pub nkey_seed_file: String,
+    /// PEM file of the CA that signed nats-server's certificate: the bus then connects over
+    /// TLS only, and checks the server against it. Default none: the system's roots, TLS only
+    /// when the server asks for it.
+    pub tls_ca: String,
+    /// PEM certificate chain and key this node presents to a server that asks for client
+    /// certificates (both or neither). Default none.
+    pub tls_cert: String,
+    pub tls_key: String,
 }
 
 impl Default for BusFile {
@@ -389,6 +402,11 @@ impl Default for BusFile {
             catch_up: "wait".into(),
             catch_up_timeout: "10s".into(),
             publish_htcp: true,
+            credentials_file: String::new(),
+            nkey_seed_file: String::new(),
+            tls_ca: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }

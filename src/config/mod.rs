@@ -202,6 +202,26 @@ pub struct BusConfig {
     pub catch_up: CatchUpPolicy,
     pub catch_up_timeout: Duration,
     pub publish_htcp: bool,
+    pub auth: BusAuth,
+    pub tls: BusTls,
+}
+
+/// How a node proves who it is to nats-server. The files are named here and read at connect
+/// time, so no secret sits in the config value (which is logged and compared on reload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusAuth {
+    /// Nothing, or a user and password inside a server URL.
+    None,
+    CredentialsFile(std::path::PathBuf),
+    NkeySeedFile(std::path::PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BusTls {
+    /// With a CA, TLS is required and the server is checked against it.
+    pub ca: Option<std::path::PathBuf>,
+    /// A client certificate chain and its key.
+    pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// One problem in a configuration file.

@@ -2,6 +2,7 @@
 //! and finds each bad key's line in the source text so the operator can go straight to it.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -762,6 +763,64 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             }
         };
         let catch_up_timeout = c.duration(&bus_at("catch_up_timeout"), &b.catch_up_timeout);
+        let mut readable = |key: &'static str, path: &str, what: &str| -> Option<PathBuf> {
+            if path.is_empty() {
+                return None;
+            }
+            match std::fs::read_to_string(path) {
+                Ok(text) if text.contains(what) => Some(PathBuf::from(path)),
+                Ok(_) => {
+                    c.report(&bus_at(key), format!("{path}: no {what} in this file"));
+                    None
+                }
+                Err(e) => {
+                    c.report(&bus_at(key), format!("cannot read {path}: {e}"));
+                    None
+                }
+            }
+        };
+        let credentials = readable(
+            "credentials_file",
+            &b.credentials_file,
+            "-----BEGIN NATS USER JWT-----",
+        );
+        let nkey = readable("nkey_seed_file", &b.nkey_seed_file, "SU");
+        let ca = readable("tls_ca", &b.tls_ca, "-----BEGIN CERTIFICATE-----");
+        let cert = readable("tls_cert", &b.tls_cert, "-----BEGIN CERTIFICATE-----");
+        let key = readable("tls_key", &b.tls_key, "PRIVATE KEY-----");
+        if let Some(path) = &nkey {
+            let seed = std::fs::read_to_string(path).unwrap_or_default();
+            if nkeys::KeyPair::from_seed(seed.trim()).is_err() {
+                c.report(
+                    &bus_at("nkey_seed_file"),
+                    format!("{}: not a user NKey seed (SU...)", path.display()),
+                );
+            }
+        }
+        let auth = match (credentials, nkey) {
+            (Some(_), Some(_)) => {
+                c.report(
+                    &bus_at("nkey_seed_file"),
+                    "give credentials_file or nkey_seed_file, not both",
+                );
+                BusAuth::None
+            }
+            (Some(file), None) => BusAuth::CredentialsFile(file),
+            (None, Some(file)) => BusAuth::NkeySeedFile(file),
+            (None, None) => BusAuth::None,
+        };
+        if b.tls_cert.is_empty() != b.tls_key.is_empty() {
+            let missing = if b.tls_cert.is_empty() {
+                "tls_cert"
+            } else {
+                "tls_key"
+            };
+            c.report(&bus_at(missing), "tls_cert and tls_key go together");
+        }
+        let tls = BusTls {
+            ca,
+            client: cert.zip(key),
+        };
         Some(BusConfig {
             servers: b.servers.clone(),
             stream: b.stream.clone(),
@@ -771,6 +830,8 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             catch_up,
             catch_up_timeout,
             publish_htcp: b.publish_htcp,
+            auth,
+            tls,
         })
     };
 

@@ -61,6 +61,8 @@ fn node_config(opts: &DemoOptions, i: usize, nats: &str) -> Config {
         catch_up: crate::config::CatchUpPolicy::Wait,
         catch_up_timeout: std::time::Duration::from_secs(10),
         publish_htcp: true,
+        auth: crate::config::BusAuth::None,
+        tls: crate::config::BusTls::default(),
     });
     config
 }

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use super::{Purge, PurgeResult, Purger, Scope, Source};
 use crate::cache::key::CacheUrl;
 use crate::cache::{PurgeMode, Store};
-use crate::config::BusConfig;
+use crate::config::{BusAuth, BusConfig};
 use crate::metrics::Metrics;
 
 /// One purge as it travels on the bus (JSON).
@@ -370,6 +370,28 @@ impl Bus {
     }
 }
 
+/// Credentials and TLS for nats-server, read from their files now (a rotated file is used
+/// from the next start).
+async fn connect_options(config: &BusConfig) -> std::io::Result<async_nats::ConnectOptions> {
+    let mut options = match &config.auth {
+        BusAuth::None => async_nats::ConnectOptions::new(),
+        BusAuth::CredentialsFile(path) => {
+            async_nats::ConnectOptions::with_credentials_file(path).await?
+        }
+        BusAuth::NkeySeedFile(path) => {
+            let seed = tokio::fs::read_to_string(path).await?;
+            async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
+        }
+    };
+    if let Some(ca) = &config.tls.ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some((cert, key)) = &config.tls.client {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options)
+}
+
 /// The bus as a pingora background service: connects (retrying forever), publishes, consumes,
 /// and keeps the position file current.
 pub struct BusService(pub Arc<Bus>);
@@ -378,7 +400,14 @@ pub struct BusService(pub Arc<Bus>);
 impl BackgroundService for BusService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let bus = self.0.clone();
-        let client = async_nats::ConnectOptions::new()
+        let options = match connect_options(&bus.config).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the purge bus credentials; purges stay local");
+                return;
+            }
+        };
+        let client = options
             .name(format!("skua {}", bus.config.node))
             .retry_on_initial_connect()
             .max_reconnects(None)

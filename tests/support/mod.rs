@@ -686,14 +686,28 @@ pub fn counter() -> Arc<Mutex<HashMap<String, usize>>> {
 pub struct Nats {
     pub port: u16,
     store: tempfile::TempDir,
+    /// A nats-server configuration file (`-c`), for what has no command-line flag.
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl Nats {
     pub async fn start() -> Nats {
+        Nats::start_with("").await
+    }
+
+    /// Starts with `config` as its configuration file (TLS, authorization).
+    pub async fn start_with(config: &str) -> Nats {
+        let store = tempfile::tempdir().unwrap();
+        let config = (!config.is_empty()).then(|| {
+            let path = store.path().join("nats.conf");
+            std::fs::write(&path, config).unwrap();
+            path
+        });
         let mut nats = Nats {
             port: free_port(),
-            store: tempfile::tempdir().unwrap(),
+            store,
+            config,
             child: None,
         };
         nats.restart().await;
@@ -722,7 +736,11 @@ impl Nats {
     /// Starts (again) on the same port and store.
     pub async fn restart(&mut self) {
         self.stop();
-        let child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args([
                 "-js",
                 "-a",
@@ -738,6 +756,37 @@ impl Nats {
             .expect("nats-server on PATH (apt-get install nats-server)");
         self.child = Some(child);
         wait_listening(format!("127.0.0.1:{}", self.port).parse().unwrap()).await;
+    }
+}
+
+/// A certificate authority for tests: issues certificates for names and addresses.
+pub struct TestCa {
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "skua test CA");
+        let pem = params.self_signed(&key).unwrap().pem();
+        TestCa {
+            pem,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses): (chain PEM, key PEM).
+    pub fn issue(&self, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = rcgen::CertificateParams::new(names).unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
     }
 }
 
