@@ -163,8 +163,10 @@ pub fn build_with(config: &Config, upgrade: bool) -> anyhow::Result<Built> {
 /// A process normally runs one; the demo runs several side by side.
 pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shared>> {
     // The store lives as long as the process: pingora's storage API takes `&'static`.
-    let tags: &'static TagIndex =
-        Box::leak(Box::new(TagIndex::new(config.purge.tag_headers.clone())));
+    let tags: &'static TagIndex = Box::leak(Box::new(TagIndex::new(
+        config.purge.tag_headers.clone(),
+        config.purge.tag_index_size,
+    )));
     let disk = match &config.cache.disk {
         Some(d) => Some(
             DiskTier::open(d.clone(), tags)
@@ -310,6 +312,10 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
         (
             "purge.tag_headers",
             differs(&r.purge.tag_headers, &n.purge.tag_headers),
+        ),
+        (
+            "purge.tag_index_size",
+            r.purge.tag_index_size != n.purge.tag_index_size,
         ),
         ("purge.htcp", differs(&r.purge.htcp, &n.purge.htcp)),
         ("purge.bus", differs(&r.purge.bus, &n.purge.bus)),

@@ -763,3 +763,82 @@ async fn a_purge_relayed_by_a_trusted_proxy_is_judged_by_the_forwarded_client() 
     assert_eq!(r.status, 204);
     assert_eq!(get(&url, &[]).await.cache(), "miss");
 }
+
+/// Regression: the surrogate-key index kept every tag of every object ever stored, evicted
+/// or not. Objects evicted from the memory tier now leave their tags.
+#[tokio::test]
+async fn evicted_objects_leave_the_tag_index() {
+    let origin = Origin::start(|seen| {
+        Reply::ok(vec![b'x'; 100_000])
+            .header("cache-control", "max-age=600")
+            .header("surrogate-key", format!("common page:{}", seen.path))
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    // 250 objects of 100 kB into a 16 MiB tier: about a third are evicted for room.
+    for i in 0..250 {
+        get(&skua.url(&format!("/p/{i}")), &[]).await;
+    }
+    let objects = skua.metric(r#"skua_cache_objects{tier="memory"}"#).await;
+    assert!(objects < 200.0, "{objects} objects: nothing was evicted");
+    let tags = skua.metric("skua_tag_index_tags").await;
+    assert_eq!(tags, objects + 1.0, "one tag per stored page, and `common`");
+    let purge = send(
+        &client(),
+        "PURGE",
+        &skua.url("/"),
+        &[("surrogate-key", "common")],
+    )
+    .await;
+    assert_eq!(purge.status, 204);
+    assert_eq!(skua.metric("skua_tag_index_tags").await, 0.0);
+    assert_eq!(skua.metric("skua_tag_index_bytes").await, 0.0);
+}
+
+/// The tag index is bounded (`[purge] tag_index_size`); when it is full a tagged response is
+/// not stored, so a tag purge never misses a stored copy.
+#[tokio::test]
+async fn a_full_tag_index_stores_nothing_a_tag_purge_could_miss() {
+    let origin = Origin::start(|seen| {
+        let long = "k".repeat(1000);
+        Reply::ok("page")
+            .header("cache-control", "max-age=600")
+            .header("surrogate-key", format!("common {long}{}", seen.path))
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "[purge]\ntag_index_size = 65536\n").await;
+    let paths: Vec<String> = (0..100).map(|i| format!("/t/{i}")).collect();
+    for p in &paths {
+        assert_eq!(get(&skua.url(p), &[]).await.cache(), "miss");
+    }
+    let refused = skua.metric("skua_tag_index_refused_total").await;
+    assert!(refused > 0.0 && refused < 100.0, "{refused} refused");
+    assert!(skua.metric("skua_tag_index_bytes").await <= 65536.0);
+    let mut hits = 0;
+    for p in &paths {
+        if get(&skua.url(p), &[]).await.cache() == "hit-front" {
+            hits += 1;
+        }
+    }
+    // Positive control: what fitted was stored; the rest was not.
+    assert_eq!(
+        hits as f64,
+        100.0 - refused,
+        "stored exactly what the index holds"
+    );
+    let purge = send(
+        &client(),
+        "PURGE",
+        &skua.url("/"),
+        &[("surrogate-key", "common")],
+    )
+    .await;
+    assert_eq!(purge.status, 204);
+    for p in &paths {
+        assert_ne!(
+            get(&skua.url(p), &[]).await.cache(),
+            "hit-front",
+            "{p} survived"
+        );
+    }
+}

@@ -51,6 +51,14 @@ impl Admin {
             .catch_up("memory", "size", evicted(&mem.counters.evicted_size));
         m.evictions
             .catch_up("memory", "expired", evicted(&mem.counters.evicted_expired));
+        let tags = self.shared.store.tags;
+        m.tag_index_bytes.set(tags.bytes() as i64);
+        m.tag_index_tags.set(tags.tag_count() as i64);
+        let refused = tags.refused.load(Ordering::Relaxed);
+        if refused > m.tag_index_refused.get() {
+            m.tag_index_refused
+                .inc_by(refused - m.tag_index_refused.get());
+        }
         if let Some(disk) = self.shared.store.disk {
             let c = &disk.counters;
             m.tier_objects
@@ -126,6 +134,12 @@ impl Admin {
             "requests": requests,
             "response_bytes": response_bytes,
             "purges_total": m.purges_total(),
+            "tag_index": {
+                "bytes": self.shared.store.tags.bytes(),
+                "limit_bytes": self.shared.store.tags.limit_bytes(),
+                "tags": self.shared.store.tags.tag_count(),
+                "refused": self.shared.store.tags.refused.load(Ordering::Relaxed),
+            },
             "purge_backlog": m.purge_backlog.get(),
             "purge_bus": self.shared.purger.bus.as_ref().map(|_| json!({
                 "connected": m.bus.connected.get() == 1,

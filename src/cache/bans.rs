@@ -6,12 +6,15 @@
 //!   ("rebound") purge: a purge arriving while a fill of the old page is in flight;
 //! - **bans** of a host or a URL prefix: recorded in O(1), and any object under them fetched
 //!   before the ban is treated as a miss on its next use. A ban lives as long as the TTL cap,
-//!   after which every object it could match has expired anyway;
+//!   after which every object it could match has expired anyway. A hit checks its host's bans
+//!   with one hash lookup per distinct prefix length there, whatever the number of bans, and
+//!   the bans file grows by one appended line per ban;
 //! - **trust in old objects**: a node on a purge bus does not trust objects it cached before it
 //!   started until it has applied the purges it missed while down (requests for them wait, or
 //!   revalidate); and when the bus no longer holds all it missed, objects cached before then
 //!   are revalidated before they are served again.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::RwLock;
@@ -29,6 +32,91 @@ struct Ban {
     at: SystemTime,
 }
 
+/// How often expired bans are swept out of memory.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Live bans, by host, then by prefix: a ban of a prefix already banned only moves its time.
+#[derive(Default)]
+struct BanIndex {
+    hosts: HashMap<String, HostBans>,
+    /// Distinct (host, prefix) pairs.
+    count: usize,
+    /// Lines in the bans file, live or not: past twice the live bans it is rewritten.
+    file_lines: usize,
+    last_sweep: Option<SystemTime>,
+}
+
+#[derive(Default)]
+struct HostBans {
+    /// The latest ban of each prefix: an object fetched before it is banned.
+    latest: HashMap<String, SystemTime>,
+    /// How many prefixes of each length: a path is checked at these lengths only.
+    lengths: BTreeMap<usize, usize>,
+}
+
+impl BanIndex {
+    fn insert(&mut self, ban: Ban) {
+        let host = self.hosts.entry(ban.host).or_default();
+        let len = ban.path_prefix.len();
+        match host.latest.entry(ban.path_prefix) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                if *e.get() < ban.at {
+                    e.insert(ban.at);
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(ban.at);
+                *host.lengths.entry(len).or_default() += 1;
+                self.count += 1;
+            }
+        }
+    }
+
+    fn banned(&self, url: &CacheUrl, created: SystemTime) -> bool {
+        let Some(host) = self.hosts.get(&url.host) else {
+            return false;
+        };
+        let path = url.path_and_query.as_str();
+        host.lengths.range(..=path.len()).any(|(len, _)| {
+            path.get(..*len)
+                .and_then(|prefix| host.latest.get(prefix))
+                .is_some_and(|at| *at >= created)
+        })
+    }
+
+    /// Drops bans older than `lifetime`, at most once per [`SWEEP_INTERVAL`].
+    fn sweep(&mut self, now: SystemTime, lifetime: Duration) {
+        if self
+            .last_sweep
+            .is_some_and(|t| now.duration_since(t).unwrap_or_default() < SWEEP_INTERVAL)
+        {
+            return;
+        }
+        self.last_sweep = Some(now);
+        let current = |at: &SystemTime| now.duration_since(*at).map_or(true, |age| age < lifetime);
+        self.count = 0;
+        self.hosts.retain(|_, host| {
+            host.latest.retain(|_, at| current(at));
+            host.lengths.clear();
+            for prefix in host.latest.keys() {
+                *host.lengths.entry(prefix.len()).or_default() += 1;
+            }
+            !host.latest.is_empty()
+        });
+        self.count = self.hosts.values().map(|h| h.latest.len()).sum();
+    }
+
+    fn all(&self) -> impl Iterator<Item = Ban> + '_ {
+        self.hosts.iter().flat_map(|(host, bans)| {
+            bans.latest.iter().map(|(prefix, at)| Ban {
+                host: host.clone(),
+                path_prefix: prefix.clone(),
+                at: *at,
+            })
+        })
+    }
+}
+
 pub struct Invalidations {
     /// Where bans are kept across restarts (the disk tier's directory), if anywhere: objects on
     /// disk outlive the process, so the bans that cover them must too.
@@ -40,8 +128,8 @@ pub struct Invalidations {
     /// When each surrogate key was last purged: a fill carrying it that started before then
     /// is not stored (the tag index cannot name a fill that has not finished).
     tags_purged: moka::sync::Cache<String, SystemTime>,
-    bans: RwLock<Vec<Ban>>,
-    /// `bans.len()`, readable without the lock: the hit path checks it first.
+    bans: RwLock<BanIndex>,
+    /// Live bans, readable without the lock: the hit path checks it first.
     ban_count: AtomicUsize,
     lifetime: Duration,
     /// Unix nanoseconds; objects created before it are revalidated before use (0: none).
@@ -73,7 +161,7 @@ impl Invalidations {
             .map(|f| load(f, lifetime))
             .unwrap_or_default();
         Invalidations {
-            ban_count: AtomicUsize::new(bans.len()),
+            ban_count: AtomicUsize::new(bans.count),
             bans: RwLock::new(bans),
             file,
             purged: moka::sync::Cache::builder()
@@ -181,29 +269,38 @@ impl Invalidations {
 
     /// Bans everything under `host` + `path_prefix` fetched before now.
     pub fn ban(&self, host: &str, path_prefix: &str) {
-        let now = SystemTime::now();
-        if let Ok(mut bans) = self.bans.write() {
-            bans.retain(|b| {
-                now.duration_since(b.at)
-                    .map_or(true, |age| age < self.lifetime)
-            });
-            bans.push(Ban {
-                host: host.to_string(),
-                path_prefix: path_prefix.to_string(),
-                at: now,
-            });
-            self.ban_count.store(bans.len(), Ordering::Release);
-            if let Some(file) = &self.file {
-                // Rewritten whole (bans are few) and atomically; bans are rare, so the write
-                // on the purging request is acceptable.
-                let text: String = bans.iter().map(line).collect();
-                let temp = file.with_extension(format!("tmp.{}", std::process::id()));
-                let written = super::files::replace(file, &temp, text.as_bytes());
-                if let Err(e) = written {
-                    tracing::warn!(error = %e, "could not save bans");
-                }
+        let ban = Ban {
+            host: host.to_string(),
+            path_prefix: path_prefix.to_string(),
+            at: SystemTime::now(),
+        };
+        let Ok(mut bans) = self.bans.write() else {
+            return;
+        };
+        bans.sweep(ban.at, self.lifetime);
+        if let Some(file) = &self.file {
+            if let Err(e) = self.save(file, &mut bans, &ban) {
+                tracing::warn!(error = %e, "could not save bans");
             }
         }
+        bans.insert(ban);
+        self.ban_count.store(bans.count, Ordering::Release);
+    }
+
+    /// Appends `ban` to the bans file, or rewrites the file with the live bans (and `ban`)
+    /// once it holds more than twice as many lines as there are live bans, so that the file
+    /// stays within a constant factor of what it describes and a ban costs one small write.
+    fn save(&self, file: &Path, bans: &mut BanIndex, ban: &Ban) -> std::io::Result<()> {
+        if bans.file_lines > 2 * bans.count + 1024 {
+            let text: String = bans.all().chain([ban.clone()]).map(|b| line(&b)).collect();
+            let temp = file.with_extension(format!("tmp.{}", std::process::id()));
+            super::files::replace(file, &temp, text.as_bytes())?;
+            bans.file_lines = bans.count + 1;
+        } else {
+            super::files::append(file, line(ban).as_bytes())?;
+            bans.file_lines += 1;
+        }
+        Ok(())
     }
 
     /// Bans everything under `url`'s host and path (its query ignored).
@@ -221,11 +318,7 @@ impl Invalidations {
             return false;
         }
         match self.bans.read() {
-            Ok(bans) => bans.iter().any(|b| {
-                b.at >= created
-                    && b.host == url.host
-                    && url.path_and_query.starts_with(&b.path_prefix)
-            }),
+            Ok(bans) => bans.banned(url, created),
             Err(_) => false,
         }
     }
@@ -314,22 +407,21 @@ fn parse_line(l: &str, now: SystemTime, lifetime: Duration) -> Option<Ban> {
 
 /// Reads saved bans, dropping those older than `lifetime`, dated in the future and lines that
 /// do not parse or fail their checksum.
-fn load(file: &Path, lifetime: Duration) -> Vec<Ban> {
+fn load(file: &Path, lifetime: Duration) -> BanIndex {
+    let mut bans = BanIndex::default();
     let Ok(text) = super::files::read_regular(file) else {
-        return Vec::new();
+        return bans;
     };
     let now = SystemTime::now();
     let mut dropped = 0;
-    let bans: Vec<Ban> = text
-        .lines()
-        .filter_map(|l| {
-            let ban = parse_line(l, now, lifetime);
-            if ban.is_none() && !l.is_empty() {
-                dropped += 1;
-            }
-            ban
-        })
-        .collect();
+    for l in text.lines() {
+        bans.file_lines += 1;
+        match parse_line(l, now, lifetime) {
+            Some(ban) => bans.insert(ban),
+            None if !l.is_empty() => dropped += 1,
+            None => {}
+        }
+    }
     if dropped > 0 {
         tracing::warn!(
             dropped,
@@ -363,6 +455,31 @@ mod tests {
             before
         ));
         assert!(!inv.banned(&CacheUrl::new(Scheme::Http, "h", "/p/1").unwrap(), after));
+    }
+
+    #[test]
+    fn a_prefix_banned_again_keeps_its_latest_time_and_other_prefix_lengths_still_match() {
+        let inv = Invalidations::new(Duration::from_secs(3600), None);
+        let url = |p: &str| CacheUrl::new(Scheme::Http, "h", p).unwrap();
+        for i in 0..10_000 {
+            inv.ban("h", &format!("/other/{i}/"));
+        }
+        let t0 = SystemTime::now();
+        inv.ban("h", "/w");
+        inv.ban("h", "/wiki/Ma");
+        assert!(inv.banned(&url("/wiki/Main_Page"), t0 - Duration::from_millis(1)));
+        assert!(inv.banned(&url("/wx"), t0 - Duration::from_millis(1)));
+        assert!(!inv.banned(&url("/x"), t0 - Duration::from_millis(1)));
+        let t1 = SystemTime::now() + Duration::from_millis(1);
+        assert!(!inv.banned(&url("/wiki/Main_Page"), t1));
+        std::thread::sleep(Duration::from_millis(2));
+        inv.ban("h", "/wiki/Ma");
+        assert!(inv.banned(&url("/wiki/Main_Page"), t1));
+        assert!(
+            !inv.banned(&url("/wx"), t1),
+            "only the prefix banned again moved"
+        );
+        assert_eq!(inv.ban_count.load(Ordering::Acquire), 10_002);
     }
 
     #[test]
@@ -436,11 +553,37 @@ mod persistence {
             "only the good ban loaded"
         );
         assert_eq!(again.ban_count.load(Ordering::Acquire), 1);
-        let bans = again.bans.read().unwrap();
+        let bans: Vec<Ban> = again.bans.read().unwrap().all().collect();
         assert_eq!(
             (bans[0].host.as_str(), bans[0].path_prefix.as_str()),
             ("h", "/p q/\n")
         );
+    }
+
+    #[test]
+    fn the_bans_file_grows_by_a_line_per_ban_and_is_compacted_when_mostly_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bans");
+        let lines = || std::fs::read_to_string(&file).unwrap().lines().count();
+        let inv = Invalidations::new(Duration::from_secs(3600), Some(file.clone()));
+        for i in 0..10 {
+            inv.ban("h", &format!("/p/{i}"));
+        }
+        assert_eq!(lines(), 10);
+        // The same two prefixes over and over: the file is rewritten before it passes
+        // twice the live bans plus the slack.
+        for i in 0..3000 {
+            inv.ban("h", &format!("/q/{}", i % 2));
+        }
+        assert_eq!(inv.ban_count.load(Ordering::Acquire), 12);
+        assert!(lines() <= 2 * 12 + 1025, "{} lines", lines());
+        let before = SystemTime::now() - Duration::from_secs(1);
+        let again = Invalidations::new(Duration::from_secs(3600), Some(file.clone()));
+        assert_eq!(again.ban_count.load(Ordering::Acquire), 12);
+        for path in ["/p/0", "/p/9x", "/q/1"] {
+            assert!(again.banned(&CacheUrl::new(Scheme::Http, "h", path).unwrap(), before));
+        }
+        assert!(!again.banned(&CacheUrl::new(Scheme::Http, "h", "/q/2").unwrap(), before));
     }
 
     #[test]

@@ -59,6 +59,24 @@ pub fn create_fresh(path: &Path) -> io::Result<File> {
     }
 }
 
+/// Appends `bytes` to the regular file `path` in one write (`O_APPEND`), creating it if need
+/// be; a link is not followed and anything but a regular file is refused (a FIFO without a
+/// reader fails to open instead of blocking).
+pub fn append(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    io::Write::write_all(&mut file, bytes)
+}
+
 /// Writes `bytes` to `path` through a fresh temporary `temp` and a rename, so a reader sees
 /// the old file or the new one, and a link at either name is replaced, not followed.
 pub fn replace(path: &Path, temp: &Path, bytes: &[u8]) -> io::Result<()> {

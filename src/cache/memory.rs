@@ -25,6 +25,7 @@ use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
 use pingora::http::ResponseHeader;
 use pingora::{Error, ErrorType, Result};
 
+use super::tags::{TagIndex, Tier};
 use super::vary::variance_for;
 
 /// Bytes charged per object on top of its header and body: the family slot, `Arc`s and
@@ -435,15 +436,25 @@ pub struct MemoryTier {
 }
 
 impl MemoryTier {
-    pub fn new(capacity_bytes: u64) -> MemoryTier {
+    /// `tags`: told when a family leaves for space or age, so its tags can let go of it.
+    pub fn new(capacity_bytes: u64, tags: Option<&'static TagIndex>) -> MemoryTier {
         let counters = Arc::new(TierCounters::default());
         let evictions = counters.clone();
         let families = moka::sync::Cache::builder()
             .max_capacity(capacity_bytes)
             .weigher(|_k: &HashBinary, f: &Family| f.weight())
             .expire_after(UsefulLife)
-            .eviction_listener(move |_k, family: Family, cause| {
+            .eviction_listener(move |primary: Arc<HashBinary>, family: Family, cause| {
                 let n = family.objects().len() as u64;
+                if matches!(
+                    cause,
+                    moka::notification::RemovalCause::Size
+                        | moka::notification::RemovalCause::Expired
+                ) {
+                    if let Some(tags) = tags {
+                        tags.forget(&primary, Tier::Memory);
+                    }
+                }
                 match cause {
                     moka::notification::RemovalCause::Size => {
                         evictions.evicted_size.fetch_add(n, Ordering::Relaxed);
@@ -1012,7 +1023,7 @@ mod tests {
 
     #[test]
     fn variants_share_a_family_and_purge_together() {
-        let tier = MemoryTier::new(1 << 20);
+        let tier = MemoryTier::new(1 << 20, None);
         let p = [1u8; 16];
         tier.insert(
             p,
@@ -1037,7 +1048,7 @@ mod tests {
 
     #[test]
     fn removing_one_variant_keeps_the_other_and_removing_both_drops_the_url() {
-        let tier = MemoryTier::new(1 << 20);
+        let tier = MemoryTier::new(1 << 20, None);
         let p = [3u8; 16];
         let (a, b) = ([4u8; 16], [5u8; 16]);
         tier.insert(
@@ -1157,7 +1168,7 @@ mod tests {
 
     #[test]
     fn bound_holds() {
-        let tier = MemoryTier::new(1 << 20);
+        let tier = MemoryTier::new(1 << 20, None);
         for i in 0..100u32 {
             let mut p = [0u8; 16];
             p[..4].copy_from_slice(&i.to_be_bytes());

@@ -28,7 +28,7 @@ use bans::Invalidations;
 use disk::{DiskHit, DiskTier, DiskWrite};
 use key::{CacheUrl, Scheme};
 use memory::{MemoryHit, MemoryMiss, MemoryTier, StoredMeta, StoredObject};
-use tags::TagIndex;
+use tags::{TagIndex, Tier};
 
 /// What an invalidation does to the objects it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +62,7 @@ impl Store {
         ttl_cap: std::time::Duration,
     ) -> Store {
         Store {
-            memory: MemoryTier::new(memory_bytes),
+            memory: MemoryTier::new(memory_bytes, Some(tags)),
             disk,
             tags,
             invalidations: Invalidations::new(ttl_cap, disk.map(|d| d.config.path.join("bans"))),
@@ -123,6 +123,9 @@ impl Store {
             PurgeMode::Delete => self.memory.purge_all(primary),
             PurgeMode::Expire => self.memory.expire_all(primary),
         };
+        if mode == PurgeMode::Delete {
+            self.tags.forget_everywhere(primary);
+        }
         on_disk + in_memory
     }
 }
@@ -211,10 +214,11 @@ impl Storage for Store {
         trace: &SpanHandle,
     ) -> Result<PurgeOutcome> {
         let key = target.key();
-        if let Some(disk) = self.disk {
-            if key.variance.is_none() {
+        if key.variance.is_none() {
+            if let Some(disk) = self.disk {
                 disk.purge_all(&key.primary);
             }
+            self.tags.forget_everywhere(&key.primary);
         }
         self.memory.purge(target, purge_type, trace).await
     }
@@ -290,12 +294,33 @@ impl HandleMiss for TieredMiss {
             return Ok(MissFinishType::Created(0));
         }
         let mut weight = 0;
+        let mut indexed = true;
         if let (Some(disk), Some((internal, header))) = (this.disk, this.serialized) {
-            weight += disk.finish(internal, header).await.unwrap_or(0) as usize;
+            let on_disk = disk.finish(internal, header).await.unwrap_or(0) as usize;
+            if on_disk > 0 {
+                indexed &= this
+                    .store
+                    .tags
+                    .record_tags(this.primary, Tier::Disk, &this.tags);
+            }
+            weight += on_disk;
         }
-        weight += this.memory.publish().unwrap_or(0);
-        if weight > 0 {
-            this.store.tags.record_tags(this.primary, &this.tags);
+        let in_memory = this.memory.publish().unwrap_or(0);
+        if in_memory > 0 {
+            indexed &= this
+                .store
+                .tags
+                .record_tags(this.primary, Tier::Memory, &this.tags);
+        }
+        weight += in_memory;
+        if !indexed {
+            // The tag index is full: a copy a tag purge could not find must not be served.
+            if let Some(disk) = this.store.disk {
+                disk.purge_all(&this.primary);
+            }
+            this.store.memory.purge_all(&this.primary);
+            this.store.tags.forget_everywhere(&this.primary);
+            return Ok(MissFinishType::Created(0));
         }
         if overtaken() {
             // A purge arrived while the copy was being committed and may have looked for it
@@ -307,6 +332,7 @@ impl HandleMiss for TieredMiss {
                 disk.purge_all(&this.primary);
             }
             this.store.memory.purge_all(&this.primary);
+            this.store.tags.forget_everywhere(&this.primary);
             return Ok(MissFinishType::Created(0));
         }
         Ok(MissFinishType::Created(weight))

@@ -302,6 +302,10 @@ pub struct PurgeFile {
     /// Response headers whose space-separated values tag an object for purge by tag.
     /// Default `["Surrogate-Key", "xkey"]`; `[]` turns tags off.
     pub tag_headers: Vec<String>,
+    /// Most bytes the surrogate-key index may use (an estimate of its maps). When it is full,
+    /// a tagged response is not stored (`skua_tag_index_refused_total`). Default 134217728
+    /// (128 MiB, about a million tags on a million objects).
+    pub tag_index_size: usize,
     /// The HTCP CLR receiver (MediaWiki's `$wgHTCPRouting`, Squid's `htcp_port`).
     pub htcp: HtcpFile,
     /// The fleet's purge bus on NATS JetStream.
@@ -314,6 +318,7 @@ impl Default for PurgeFile {
             allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
             token: String::new(),
             tag_headers: vec!["Surrogate-Key".into(), "xkey".into()],
+            tag_index_size: 128 << 20,
             htcp: HtcpFile::default(),
             bus: BusFile::default(),
         }

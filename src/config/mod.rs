@@ -110,6 +110,7 @@ pub struct PurgeConfig {
     pub allow: Vec<IpNet>,
     pub token: Option<String>,
     pub tag_headers: Vec<http::HeaderName>,
+    pub tag_index_size: usize,
     pub htcp: Option<HtcpConfig>,
     pub bus: Option<BusConfig>,
 }

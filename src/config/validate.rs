@@ -642,6 +642,15 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             ),
         }
     }
+    if file.purge.tag_index_size < 1 << 16 && !tag_headers.is_empty() {
+        c.report(
+            &[Key("purge"), Key("tag_index_size")],
+            format!(
+                "must be at least 65536 bytes, got {}",
+                file.purge.tag_index_size
+            ),
+        );
+    }
     let h = &file.purge.htcp;
     let htcp_at = |key: &'static str| [Key("purge"), Key("htcp"), Key(key)];
     let htcp = if h.listen.is_empty() {
@@ -868,6 +877,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             allow,
             token: (!file.purge.token.is_empty()).then(|| file.purge.token.clone()),
             tag_headers,
+            tag_index_size: file.purge.tag_index_size,
             htcp,
             bus,
         },

@@ -56,6 +56,10 @@ pub struct Metrics {
     /// Objects evicted, by tier and reason (`size`: to make room; `expired`: nothing could
     /// serve them any more).
     pub evictions: TierEvents,
+    /// The surrogate-key index: estimated bytes, distinct tags, responses refused when full.
+    pub tag_index_bytes: IntGauge,
+    pub tag_index_tags: IntGauge,
+    pub tag_index_refused: IntCounter,
     pub build_info: IntGauge,
     /// 1 while the HTCP receiver's socket is bound; 0 when it is not (or HTCP is off).
     pub htcp_listening: IntGauge,
@@ -305,6 +309,20 @@ impl Metrics {
                 evictions.catch_up(tier, reason, 0);
             }
         }
+        let tag_index_bytes = IntGauge::new(
+            "skua_tag_index_bytes",
+            "Estimated bytes held by the surrogate-key index (bounded by [purge] tag_index_size).",
+        )?;
+        let tag_index_tags =
+            IntGauge::new("skua_tag_index_tags", "Distinct surrogate keys indexed.")?;
+        let tag_index_refused = IntCounter::new(
+            "skua_tag_index_refused_total",
+            "Tagged responses not stored because the surrogate-key index was full.",
+        )?;
+        for g in [&tag_index_bytes, &tag_index_tags] {
+            registry.register(Box::new(g.clone()))?;
+        }
+        registry.register(Box::new(tag_index_refused.clone()))?;
         let build_info = IntGauge::with_opts(
             Opts::new("skua_build_info", "Always 1; the labels name the build.")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
@@ -381,6 +399,9 @@ impl Metrics {
             tier_capacity,
             tier_events,
             evictions,
+            tag_index_bytes,
+            tag_index_tags,
+            tag_index_refused,
             build_info,
             reloads_applied,
             reloads_rejected,

@@ -26,7 +26,7 @@ use pingora::cache::key::HashBinary;
 use pingora::cache::CacheMeta;
 use tokio::io::AsyncWriteExt;
 
-use super::tags::TagIndex;
+use super::tags::{TagIndex, Tier};
 use format::{MetaFile, ObjectPaths, ReadError};
 
 /// Read size for streaming a body from disk.
@@ -125,6 +125,7 @@ impl DiskTier {
                 // Replaced and explicitly removed families are handled by whoever replaced or
                 // removed them; only evictions for space or age are the index's own doing.
                 if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
+                    tags.forget(&key, Tier::Disk);
                     for s in &family.slots {
                         evicted_counters.evictions.fetch_add(1, Ordering::Relaxed);
                         let paths = ObjectPaths::new(&evict_objects, &key, s.slot.as_ref());
@@ -653,7 +654,14 @@ impl DiskTier {
                     continue;
                 };
                 if let Ok(meta) = CacheMeta::deserialize(&meta_file.internal, &meta_file.header) {
-                    self.tags.record(*primary, meta.response_header());
+                    if !self
+                        .tags
+                        .record(*primary, Tier::Disk, meta.response_header())
+                    {
+                        // The tag index is full: a copy a tag purge could not find is dropped.
+                        self.purge_all(&primary);
+                        break;
+                    }
                 }
             }
         }
