@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the pieces every cache hit runs: building and hashing the cache
 //! key, the storage policy (Cache-Control parsing), the memory-tier lookup and the response
-//! header a fast-path hit clones and fills in. `cargo bench --bench hot_path`.
+//! header a fast-path hit clones and fills in, and the ban check. `cargo bench --bench hot_path`.
 
 use std::hint::black_box;
 use std::time::{Duration, SystemTime};
@@ -9,6 +9,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use pingora::cache::CacheMeta;
 use pingora::http::{RequestHeader, ResponseHeader};
+use skua::cache::bans::Invalidations;
 use skua::cache::key::{CacheUrl, Scheme};
 use skua::cache::memory::{MemoryTier, StoredMeta, StoredObject};
 use skua::cache::policy::StoragePolicy;
@@ -85,6 +86,23 @@ fn bench(c: &mut Criterion) {
             black_box(out)
         })
     });
+
+    // Every hit asks whether a ban covers it; 10,000 prefix bans on the page's own host, none
+    // covering it, over 40 prefix lengths (benches/bans.py measures the same under wrk).
+    let url = CacheUrl::new(Scheme::Http, "wiki.test", "/wiki/Main_Page").unwrap();
+    let created = SystemTime::now() - Duration::from_secs(1);
+    for bans in [0, 10_000] {
+        let invalidations = Invalidations::new(Duration::from_secs(86400), None);
+        for i in 0..bans {
+            invalidations.ban(
+                "wiki.test",
+                &format!("/wiki/Page_{i}/{}", "s".repeat(i % 40)),
+            );
+        }
+        c.bench_function(&format!("bans: check a hit against {bans} bans"), |b| {
+            b.iter(|| black_box(invalidations.banned(black_box(&url), created)))
+        });
+    }
 }
 
 criterion_group!(benches, bench);
