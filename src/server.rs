@@ -181,6 +181,19 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shar
         tags,
         config.cache.ttl_cap,
     )));
+    if config.purge.bus.is_none()
+        && config
+            .cache
+            .disk
+            .as_ref()
+            .is_some_and(|d| d.revalidate_after_restart)
+    {
+        // Purges sent while this node was down reached nobody, and nothing can replay them:
+        // what the disk holds from before now is checked with the origin before it is served.
+        store
+            .invalidations
+            .revalidate_all_before(std::time::SystemTime::now());
+    }
     let pools: SharedPools = Arc::new(ArcSwap::from_pointee(
         Pools::build(&config.origins).context("building origin pools")?,
     ));

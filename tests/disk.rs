@@ -2,6 +2,8 @@
 //! invalidation, through the real binary and real files.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::*;
@@ -500,4 +502,62 @@ async fn a_fifo_or_a_link_in_the_cache_directory_neither_hangs_nor_redirects_a_w
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "not Skua's");
     let bans = std::fs::read_to_string(dir.path().join("bans")).unwrap();
     assert!(bans.contains(" /wiki/ "), "{bans:?}");
+}
+
+/// Regression: without a purge bus, a page edited while Skua was down came back from disk
+/// for up to its TTL (a day for MediaWiki). What the disk holds from before a restart is now
+/// checked with the origin on first use: the edited page is fetched anew, the unchanged one
+/// costs a 304.
+#[tokio::test]
+async fn a_restart_without_a_bus_revalidates_what_the_disk_holds() {
+    let edited = Arc::new(AtomicBool::new(false));
+    let flag = edited.clone();
+    let origin = Origin::start(move |seen| {
+        let version = if seen.path == "/wiki/Edited" && flag.load(Ordering::SeqCst) {
+            2
+        } else {
+            1
+        };
+        let etag = format!("\"{}-{version}\"", seen.path);
+        if seen
+            .headers
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok())
+            == Some(&etag)
+        {
+            return Reply::ok("").status(304).header("etag", &etag);
+        }
+        Reply::ok(format!("{} v{version}", seen.path))
+            .header(
+                "cache-control",
+                "s-maxage=86400, must-revalidate, max-age=0",
+            )
+            .header("etag", &etag)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let lines = "after_restart = \"revalidate\"";
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), lines, "").await;
+    let port = skua.port();
+    for page in ["/wiki/Edited", "/wiki/Same"] {
+        assert_eq!(get(&skua.url(page), &[]).await.cache(), "miss");
+        assert_eq!(get(&skua.url(page), &[]).await.cache(), "hit-front");
+    }
+    skua.stop();
+    // The edit's PURGE finds nobody listening.
+    edited.store(true, Ordering::SeqCst);
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), lines, "").await;
+    let page = get(&skua.url("/wiki/Edited"), &[]).await;
+    assert_eq!(page.text(), "/wiki/Edited v2");
+    let same = get(&skua.url("/wiki/Same"), &[]).await;
+    assert_eq!(same.text(), "/wiki/Same v1");
+    assert_eq!(same.cache(), "revalidated");
+    assert!(same.header("cache-status").contains("fwd-status=304"));
+    let again = get(&skua.url("/wiki/Same"), &[]).await;
+    assert!(again.cache().starts_with("hit-"), "{}", again.cache());
+    assert_eq!(
+        skua.metric(r#"skua_requests_total{cache_status="revalidated",status_class="2xx"}"#)
+            .await,
+        1.0
+    );
 }

@@ -869,3 +869,39 @@ async fn upgrade_tunnels_only_where_a_pool_allows_them_and_for_the_protocol_aske
     assert!(status.starts_with("HTTP/1.1 502"), "{status}");
     assert_eq!(echoed, "");
 }
+
+/// Regression: Skua's own answers (421, PURGE 204/404, CONNECT 405, 414) carried no
+/// `X-Cache-Status`, though every response is said to.
+#[tokio::test]
+async fn skuas_own_answers_say_so_in_both_status_headers() {
+    let origin = cached_origin().await;
+    let skua = Skua::start_tables(&[origin.addr], ["hosts = [\"wiki.test\"]", "", ""], "").await;
+    let host = [("host", "wiki.test")];
+    assert_eq!(get(&skua.url("/p"), &host).await.cache(), "miss");
+    let answers = [
+        get(&skua.url("/p"), &[("host", "evil.example")]).await,
+        send(&client(), "PURGE", &skua.url("/p"), &host).await,
+        send(&client(), "PURGE", &skua.url("/p"), &host).await,
+        get(&skua.url(&format!("/{}", "a".repeat(9000))), &host).await,
+    ];
+    for (answer, status) in answers.iter().zip([421, 204, 404, 414]) {
+        assert_eq!(answer.status, status);
+        assert_eq!(answer.cache(), "int-front", "{status}");
+        assert_eq!(
+            answer.header("cache-status"),
+            "skua; detail=internal",
+            "{status}"
+        );
+    }
+    let connect = raw(
+        skua.addr,
+        "CONNECT wiki.test:443 HTTP/1.1\r\nHost: wiki.test:443\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(connect.starts_with("http/1.1 405 "), "{connect}");
+    assert!(
+        connect.contains("\r\nx-cache-status: int-front\r\n"),
+        "{connect}"
+    );
+}

@@ -223,7 +223,8 @@ impl Invalidations {
             .fetch_max(unix_nanos(at), Ordering::AcqRel);
     }
 
-    /// Whether an object created at `created` may be served without asking the origin.
+    /// Whether an object the origin last vouched for at `created` (its fetch, or its last
+    /// 304) may be served without asking the origin again.
     pub fn trust(&self, created: SystemTime) -> Trust {
         let stale_before = self.stale_before.load(Ordering::Acquire);
         if stale_before != 0 && unix_nanos(created) < stale_before {

@@ -161,7 +161,7 @@ impl Storage for Store {
         if let Some(body) = entry.body.clone() {
             // An object not yet trusted (the purge bus is catching up) stays on disk only,
             // so a purge the catch-up applies cannot miss a copy promoted meanwhile.
-            let trusted = self.invalidations.trust(entry.meta.created()) == bans::Trust::Yes;
+            let trusted = self.invalidations.trust(entry.meta.epoch()) == bans::Trust::Yes;
             if trusted && body.len() <= self.memory_max_object {
                 let stored =
                     StoredObject::new(slot, StoredMeta::from_meta(&entry.meta), body.clone());

@@ -15,6 +15,10 @@ pub enum Disposition {
     HitLocal,
     /// Fetched from the origin for the cache.
     Miss,
+    /// A stored copy the origin confirmed with 304 (RFC 9111 §4.3.4): served from the cache,
+    /// though the origin was asked. Not a hit (the origin answered), not a miss (it sent no
+    /// body).
+    Revalidated,
     /// Fetched from the origin, not stored: the request or the response may not be cached.
     Pass,
     /// Answered by Skua itself (purges, refusals, origin errors).
@@ -22,10 +26,11 @@ pub enum Disposition {
 }
 
 impl Disposition {
-    pub const ALL: [Disposition; 5] = [
+    pub const ALL: [Disposition; 6] = [
         Disposition::HitFront,
         Disposition::HitLocal,
         Disposition::Miss,
+        Disposition::Revalidated,
         Disposition::Pass,
         Disposition::IntFront,
     ];
@@ -40,6 +45,7 @@ impl Disposition {
             Disposition::HitFront => "hit-front",
             Disposition::HitLocal => "hit-local",
             Disposition::Miss => "miss",
+            Disposition::Revalidated => "revalidated",
             Disposition::Pass => "pass",
             Disposition::IntFront => "int-front",
         }
@@ -114,7 +120,8 @@ impl Outcome {
             CachePhase::Hit | CachePhase::Stale | CachePhase::StaleUpdating => {
                 Disposition::HitFront
             }
-            CachePhase::Miss | CachePhase::Expired | CachePhase::Revalidated => Disposition::Miss,
+            CachePhase::Revalidated => Disposition::Revalidated,
+            CachePhase::Miss | CachePhase::Expired => Disposition::Miss,
             CachePhase::RevalidatedNoCache(_) => Disposition::Pass,
             _ if self.stored => Disposition::Miss,
             _ => Disposition::Pass,
@@ -144,7 +151,7 @@ impl Outcome {
                 }
             }
             Disposition::IntFront => s.push_str("; detail=internal"),
-            Disposition::Miss | Disposition::Pass => {
+            Disposition::Miss | Disposition::Pass | Disposition::Revalidated => {
                 // RFC 9211 §2.2 "fwd" values.
                 let fwd = match (self.pass, self.phase) {
                     (Some(PassReason::Method), _) => "method",

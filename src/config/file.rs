@@ -240,6 +240,11 @@ pub struct DiskFile {
     pub max_object_size: u64,
     /// Store an object on disk on its N-th miss; 1 stores on the first. Default 1.
     pub min_uses: u32,
+    /// What a node without a purge bus does with objects it finds on disk at start, which
+    /// may have been purged while it was down: `"revalidate"` (the default: each is checked
+    /// with the origin on first use, a 304 where it has not changed) or `"serve"` (trusted as
+    /// they are, for origins that never purge). With a bus, `[purge.bus] catch_up` decides.
+    pub after_restart: String,
 }
 
 impl Default for DiskFile {
@@ -249,6 +254,7 @@ impl Default for DiskFile {
             size: 1 << 30,
             max_object_size: 64 << 20,
             min_uses: 1,
+            after_restart: "revalidate".into(),
         }
     }
 }

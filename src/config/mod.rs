@@ -155,6 +155,8 @@ pub struct DiskConfig {
     pub max_object_size: u64,
     /// Store an object on its N-th miss (1: the first).
     pub min_uses: u32,
+    /// Without a purge bus: revalidate objects found at start before serving them.
+    pub revalidate_after_restart: bool,
 }
 
 /// What bounds a client connection (`[server]` in the config).

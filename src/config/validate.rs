@@ -595,11 +595,23 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         if d.min_uses == 0 {
             c.report(&disk_at("min_uses"), "must be at least 1");
         }
+        let revalidate_after_restart = match d.after_restart.as_str() {
+            "revalidate" => true,
+            "serve" => false,
+            other => {
+                c.report(
+                    &disk_at("after_restart"),
+                    format!("must be \"revalidate\" or \"serve\", got {other:?}"),
+                );
+                true
+            }
+        };
         Some(DiskConfig {
             path: d.path.clone().into(),
             size: d.size,
             max_object_size: d.max_object_size,
             min_uses: d.min_uses.max(1),
+            revalidate_after_restart,
         })
     };
     let invalidate_on_unsafe = match k.invalidate_on_unsafe.as_str() {
@@ -894,6 +906,27 @@ mod tests {
         assert_eq!(c.server.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
         assert_eq!(c.cache.ttl_cap, Duration::from_secs(86400));
         assert_eq!(c.origins.len(), 1);
+    }
+
+    #[test]
+    fn a_disk_tier_revalidates_after_a_restart_unless_told_to_serve() {
+        let disk = |lines: &str| {
+            parse(&format!(
+                "[cache.disk]\npath = \"/var/cache/skua\"\n{lines}"
+            ))
+            .expect("valid")
+            .cache
+            .disk
+            .expect("a disk tier")
+            .revalidate_after_restart
+        };
+        assert!(disk(""));
+        assert!(!disk("after_restart = \"serve\"\n"));
+        let errs = parse("[cache.disk]\npath = \"/x\"\nafter_restart = \"trust\"\n").unwrap_err();
+        assert_eq!(
+            (errs[0].key.as_str(), errs[0].line),
+            ("cache.disk.after_restart", Some(3))
+        );
     }
 
     #[test]

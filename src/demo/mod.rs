@@ -101,6 +101,7 @@ pub fn config(opts: &DemoOptions) -> Config {
         size: 1 << 30,
         max_object_size: 64 << 20,
         min_uses: 1,
+        revalidate_after_restart: true,
     });
     config.purge.htcp = Some(crate::config::HtcpConfig {
         listen: opts.htcp,

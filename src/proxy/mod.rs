@@ -205,7 +205,7 @@ impl Shared {
             .fresh_object(&url.primary_hash(), headers, now)?;
         let invalidations = &store.invalidations;
         if invalidations.banned(url, obj.meta.times.created.time())
-            || invalidations.trust(obj.meta.times.created.time()) != Trust::Yes
+            || invalidations.trust(obj.meta.times.epoch.time()) != Trust::Yes
         {
             return None;
         }
@@ -356,6 +356,7 @@ impl Skua {
             purge::count(metrics, Source::Http, PurgeResult::Denied);
             let who = client_ip(session).map_or("unknown".to_string(), |ip| ip.to_string());
             return respond::text(
+                &self.shared.name,
                 session,
                 403,
                 &format!("skua: PURGE is not allowed from {who}"),
@@ -367,7 +368,13 @@ impl Skua {
             Ok(scope) => scope.map_urls(|url| self.shared.canonical(url)),
             Err(e) => {
                 purge::count(metrics, Source::Http, PurgeResult::Invalid);
-                return respond::text(session, 400, &format!("skua: bad PURGE target: {e}")).await;
+                return respond::text(
+                    &self.shared.name,
+                    session,
+                    400,
+                    &format!("skua: bad PURGE target: {e}"),
+                )
+                .await;
             }
         };
         // The access log names the purged URL's host, whichever form the request took.
@@ -380,7 +387,7 @@ impl Skua {
         if let Scope::Prefix(_) = purge.scope {
             let mut resp = ResponseHeader::build(204, Some(2))?;
             resp.insert_header("skua-purged", purge.scope.describe())?;
-            return respond::header(session, resp, None).await;
+            return respond::header(&self.shared.name, session, resp, None).await;
         }
         if affected > 0 {
             let verb = match mode {
@@ -389,10 +396,16 @@ impl Skua {
             };
             let mut resp = ResponseHeader::build(204, Some(2))?;
             resp.insert_header("skua-purged", format!("{affected} {verb}"))?;
-            respond::header(session, resp, None).await
+            respond::header(&self.shared.name, session, resp, None).await
         } else {
             let what = purge.scope.describe();
-            respond::text(session, 404, &format!("skua: nothing cached for {what}")).await
+            respond::text(
+                &self.shared.name,
+                session,
+                404,
+                &format!("skua: nothing cached for {what}"),
+            )
+            .await
         }
     }
 
@@ -548,7 +561,7 @@ impl ProxyHttp for Skua {
                 Ok(()) => (200, "ready"),
                 Err(why) => (503, why),
             };
-            respond::text(session, status, line).await?;
+            respond::text(&self.shared.name, session, status, line).await?;
             return Ok(true);
         }
         let rules = self.shared.rules.load();
@@ -581,7 +594,7 @@ impl ProxyHttp for Skua {
                 session.set_keepalive(None);
             }
             let line = format!("skua: {}", refusal.reason);
-            respond::text(session, refusal.status, &line).await?;
+            respond::text(&self.shared.name, session, refusal.status, &line).await?;
             return Ok(true);
         }
         let method = session.req_header().method.clone();
@@ -592,8 +605,7 @@ impl ProxyHttp for Skua {
         if method == Method::CONNECT {
             ctx.internal = true;
             session.set_keepalive(None);
-            respond::text(
-                session,
+            respond::text(&self.shared.name, session,
                 405,
                 "skua: CONNECT is not supported: Skua is a reverse proxy, not a tunnel. MediaWiki sends CONNECT when $wgInternalServer is an https:// URL; set it to http:// so its PURGEs reach Skua",
             )
@@ -625,7 +637,7 @@ impl ProxyHttp for Skua {
                     ctx.internal = true;
                     let bare = url.host.split(':').next().unwrap_or(&url.host);
                     let line = format!("skua: this cache does not serve host {bare}");
-                    respond::text(session, 421, &line).await?;
+                    respond::text(&self.shared.name, session, 421, &line).await?;
                     return Ok(true);
                 }
                 let from_proxy = guard::trusted(&rules.trusted_proxies, client_ip(session));
@@ -638,7 +650,13 @@ impl ProxyHttp for Skua {
             }
             Err(e) => {
                 ctx.internal = true;
-                respond::text(session, 400, &format!("skua: bad request: {e}")).await?;
+                respond::text(
+                    &self.shared.name,
+                    session,
+                    400,
+                    &format!("skua: bad request: {e}"),
+                )
+                .await?;
                 Ok(true)
             }
         }
@@ -697,7 +715,8 @@ impl ProxyHttp for Skua {
             if invalidations.banned(url, meta.created()) {
                 return Ok(Some(ForcedFreshness::ForceMiss));
             }
-            match invalidations.trust(meta.created()) {
+            // Trust dates from the origin's last word on the object: its fetch, or a 304 since.
+            match invalidations.trust(meta.epoch()) {
                 Trust::Yes => {}
                 Trust::Revalidate => return Ok(Some(ForcedFreshness::ForceExpired)),
                 Trust::WaitForCatchUp(timeout) => {
@@ -994,7 +1013,14 @@ impl ProxyHttp for Skua {
                     outcome.cache_status(&self.shared.name, SystemTime::now()),
                 ),
             ];
-            let _ = respond::text_with(session, code, &format!("skua: {message}"), &extra).await;
+            let _ = respond::text_with(
+                &self.shared.name,
+                session,
+                code,
+                &format!("skua: {message}"),
+                &extra,
+            )
+            .await;
         }
         FailToProxy {
             error_code: code,

@@ -1,16 +1,21 @@
-//! Responses Skua writes itself: short, one-line, never cached.
+//! Responses Skua writes itself: short, one-line, never cached, and marked as Skua's own in
+//! `X-Cache-Status` and `Cache-Status` like every other response.
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
+use crate::cache::memory::{CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::status::Disposition;
+
 /// A status with a one-line plain-text body.
-pub async fn text(session: &mut Session, status: u16, line: &str) -> Result<()> {
-    text_with(session, status, line, &[]).await
+pub async fn text(name: &str, session: &mut Session, status: u16, line: &str) -> Result<()> {
+    text_with(name, session, status, line, &[]).await
 }
 
 pub async fn text_with(
+    name: &str,
     session: &mut Session,
     status: u16,
     line: &str,
@@ -24,15 +29,21 @@ pub async fn text_with(
     for (k, v) in extra {
         resp.insert_header(*k, v.as_str())?;
     }
-    header(session, resp, Some(body)).await
+    header(name, session, resp, Some(body)).await
 }
 
 /// Writes `resp` and an optional body, closing the response.
+/// `name`: this cache's name in `Cache-Status`.
 pub async fn header(
+    name: &str,
     session: &mut Session,
     mut resp: ResponseHeader,
     body: Option<Bytes>,
 ) -> Result<()> {
+    if !resp.headers.contains_key(&X_CACHE_STATUS) {
+        resp.insert_header(X_CACHE_STATUS, Disposition::IntFront.as_str())?;
+        resp.insert_header(CACHE_STATUS, format!("{name}; detail=internal"))?;
+    }
     if body.is_none() && resp.status.as_u16() != 204 && resp.status.as_u16() != 304 {
         resp.insert_header("content-length", "0")?;
     }

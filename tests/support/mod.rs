@@ -257,6 +257,17 @@ pub fn skua_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_skua"))
 }
 
+/// `[cache.disk]` lines for a test: what the test gives, and `after_restart = "serve"` unless
+/// it says otherwise, so that tests of what a disk keeps across a restart see it served as it
+/// is. Tests of the default (revalidate) name it.
+fn disk_table(lines: &str) -> String {
+    if lines.contains("after_restart") {
+        lines.to_string()
+    } else {
+        format!("after_restart = \"serve\"\n{lines}")
+    }
+}
+
 /// The real `skua serve` process.
 pub struct Skua {
     pub addr: SocketAddr,
@@ -304,8 +315,9 @@ impl Skua {
         disk_lines: &str,
     ) -> Skua {
         let extra = format!(
-            "[cache.disk]\npath = \"{}\"\n{disk_lines}\n",
-            disk.display()
+            "[cache.disk]\npath = \"{}\"\n{}\n",
+            disk.display(),
+            disk_table(disk_lines)
         );
         let skua = Skua::start_in(
             tempfile::tempdir().unwrap(),
@@ -329,8 +341,9 @@ impl Skua {
         extra: &str,
     ) -> Skua {
         let extra = format!(
-            "[cache.disk]\npath = \"{}\"\n{disk_lines}\n\n{extra}",
-            disk.display()
+            "[cache.disk]\npath = \"{}\"\n{}\n\n{extra}",
+            disk.display(),
+            disk_table(disk_lines)
         );
         let skua = Skua::start_in(
             tempfile::tempdir().unwrap(),
