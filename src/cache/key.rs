@@ -53,9 +53,19 @@ pub enum KeyError {
 pub struct HostAliases(pub std::collections::HashMap<String, String>);
 
 impl HostAliases {
-    /// `url` with its host replaced by the canonical one when it is an alias.
+    /// `url` with its host replaced by the canonical one when it is an alias. An alias
+    /// without a port matches its host on any port, as `[server] hosts` does (regression:
+    /// `localhost` did not cover `localhost:8080`, which kept a copy no purge reached).
     pub fn canonical(&self, mut url: CacheUrl) -> CacheUrl {
-        if let Some(canonical) = self.0.get(&url.host) {
+        if self.0.is_empty() {
+            return url;
+        }
+        let found = self.0.get(&url.host).or_else(|| {
+            let (bare, port) = url.host.rsplit_once(':')?;
+            let is_port = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+            is_port.then(|| self.0.get(bare)).flatten()
+        });
+        if let Some(canonical) = found {
             url.host.clone_from(canonical);
         }
         url
@@ -172,6 +182,29 @@ mod tests {
     /// to something else again.
     /// Found by the `cache_key` fuzz target: a fragment was kept by `new` but dropped by
     /// `parse_absolute`, so the same URL had two keys.
+    #[test]
+    fn an_alias_without_a_port_covers_every_port_of_its_host() {
+        let aliases = HostAliases(
+            [
+                ("localhost".to_string(), "wiki.example".to_string()),
+                ("[::1]".to_string(), "wiki.example".to_string()),
+                ("other:8080".to_string(), "wiki.example".to_string()),
+            ]
+            .into(),
+        );
+        let host = |authority: &str| {
+            aliases
+                .canonical(CacheUrl::new(Scheme::Http, authority, "/").unwrap())
+                .host
+        };
+        assert_eq!(host("localhost"), "wiki.example");
+        assert_eq!(host("localhost:8080"), "wiki.example");
+        assert_eq!(host("[::1]:8080"), "wiki.example");
+        assert_eq!(host("other:8080"), "wiki.example");
+        assert_eq!(host("other:9090"), "other:9090", "a port named is that port only");
+        assert_eq!(host("stranger:8080"), "stranger:8080");
+    }
+
     #[test]
     fn regression_fragment_is_no_part_of_the_key() {
         let url = CacheUrl::new(Scheme::Http, "h", "/a?b#c#d").unwrap();

@@ -7,6 +7,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use pingora::http::RequestHeader;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::http::bearer_matches;
 
 /// The purge rules of one configuration.
@@ -32,12 +34,35 @@ impl PurgeAuth {
     /// networks (judging the forwarded client when the peer is a trusted proxy), and the
     /// bearer token when one is configured.
     pub fn allows(&self, ip: Option<IpAddr>, req: &RequestHeader) -> bool {
-        self.client(ip, req).is_some_and(|ip| self.acl.allows(ip))
-            && self
-                .token
-                .as_deref()
-                .is_none_or(|token| bearer_matches(req, token))
+        if !self.client(ip, req).is_some_and(|ip| self.acl.allows(ip)) {
+            return false;
+        }
+        let Some(token) = self.token.as_deref() else {
+            return true;
+        };
+        if bearer_matches(req, token) {
+            return true;
+        }
+        if sent_by_mediawiki(req) && !MEDIAWIKI_WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "refused a PURGE from MediaWiki for want of [purge] token: MediaWiki cannot send \
+                 Authorization, so with a token none of its purges apply; rely on [purge] allow \
+                 for its servers instead"
+            );
+        }
+        false
     }
+}
+
+/// Set once the token warning about MediaWiki has been logged (once per process).
+static MEDIAWIKI_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// MediaWiki's purges carry `User-Agent: MediaWiki/<version> CdnCacheUpdate` (or the job
+/// runner's `MediaWiki/<version>`).
+fn sent_by_mediawiki(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::USER_AGENT)
+        .is_some_and(|ua| ua.as_bytes().starts_with(b"MediaWiki/"))
 }
 
 impl PurgeAuth {
