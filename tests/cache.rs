@@ -456,3 +456,78 @@ async fn objects_above_max_size_stream_through_unstored() {
     assert_eq!((hit.cache(), hit.body.len()), ("hit-front", 100_000));
     assert_eq!(origin.count("/at-limit"), 1);
 }
+
+/// Regression: MediaWiki's `s-maxage=86400` went on to clients, so a cache in front of Skua
+/// (which its purges never reach) kept pages for a day. With `downstream_cache_control` set,
+/// clients get that instead, on every path; what Skua stores keeps the origin's header.
+#[tokio::test]
+async fn shared_cache_lifetimes_are_not_passed_on_to_clients() {
+    const MEDIAWIKI: &str = "s-maxage=86400, must-revalidate, max-age=0";
+    const CLIENTS: &str = "private, s-maxage=0, max-age=0, must-revalidate";
+    let origin = Origin::start(|seen| {
+        let cc = if seen.path.starts_with("/static/") {
+            "public, max-age=600"
+        } else {
+            MEDIAWIKI
+        };
+        Reply::ok("body").header("cache-control", cc)
+    })
+    .await;
+    let setting = format!("downstream_cache_control = \"{CLIENTS}\"");
+    let dir = tempfile::tempdir().unwrap();
+    let skua = Skua::start_disk_with(&[origin.addr], dir.path(), &setting, "").await;
+    let url = skua.url("/wiki/Page");
+    let miss = get(&url, &[]).await;
+    assert_eq!(
+        (miss.cache(), miss.header("cache-control")),
+        ("miss", CLIENTS)
+    );
+    let front = get(&url, &[]).await;
+    assert_eq!(
+        (front.cache(), front.header("cache-control")),
+        ("hit-front", CLIENTS)
+    );
+    let session = raw(
+        skua.addr,
+        "GET /wiki/Page HTTP/1.0\r\nHost: wiki.test\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(
+        session.contains("\r\ncache-control: private, s-maxage=0"),
+        "{session}"
+    );
+    let session_hit = raw(
+        skua.addr,
+        &format!(
+            "GET /wiki/Page HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\r\n",
+            skua.addr.port()
+        ),
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(
+        session_hit.contains("x-cache-status: hit-front"),
+        "{session_hit}"
+    );
+    assert!(!session_hit.contains("86400"), "{session_hit}");
+    let conditional = get(
+        &url,
+        &[("if-modified-since", "Thu, 01 Jan 2099 00:00:00 GMT")],
+    )
+    .await;
+    assert_eq!(conditional.header("cache-control"), CLIENTS);
+    // A response without a shared lifetime goes on as the origin sent it.
+    get(&skua.url("/static/a.css"), &[]).await;
+    let css = get(&skua.url("/static/a.css"), &[]).await;
+    assert_eq!(css.header("cache-control"), "public, max-age=600");
+    // Positive control: turned off by a reload, the stored copy shows the origin's header.
+    assert!(skua.reload_and_wait(|c| c.replace(&setting, "")).await);
+    let stored = get(&url, &[]).await;
+    assert_eq!(
+        (stored.cache(), stored.header("cache-control")),
+        ("hit-front", MEDIAWIKI)
+    );
+    // Once per host: this Skua's address, and wiki.test.
+    assert_eq!(origin.count("/wiki/Page"), 2);
+}

@@ -68,6 +68,11 @@ async fn demo_miss_hit_and_edit() {
     assert_eq!(second.cache(), "hit-front");
     assert!(second.headers.contains_key("age"));
     assert!(second.header("cache-status").starts_with("skua; hit"));
+    // As Wikimedia's edge does: no shared lifetime for caches Skua's purges cannot reach.
+    assert_eq!(
+        second.header("cache-control"),
+        "private, s-maxage=0, max-age=0, must-revalidate"
+    );
     assert_eq!(origin_stats(&demo, "/wiki/Main_Page").await["fetches"], 1);
 
     let client = client();

@@ -201,7 +201,11 @@ mod tests {
         assert_eq!(host("localhost:8080"), "wiki.example");
         assert_eq!(host("[::1]:8080"), "wiki.example");
         assert_eq!(host("other:8080"), "wiki.example");
-        assert_eq!(host("other:9090"), "other:9090", "a port named is that port only");
+        assert_eq!(
+            host("other:9090"),
+            "other:9090",
+            "a port named is that port only"
+        );
         assert_eq!(host("stranger:8080"), "stranger:8080");
     }
 

@@ -452,3 +452,32 @@ mod tests {
         assert!(f.fresh_until < now);
     }
 }
+
+/// Whether a `Cache-Control` value lets shared caches keep the response for a while: an
+/// `s-maxage` above 0 (RFC 9111 §5.2.2.10). What `[cache] downstream_cache_control` replaces
+/// for clients, so that caches beyond Skua, which its purges never reach, do not keep pages.
+pub fn lets_shared_caches_store(cache_control: &[u8]) -> bool {
+    cache_control.split(|b| *b == b',').any(|directive| {
+        let directive = directive.trim_ascii();
+        directive.len() > 9
+            && directive[..9].eq_ignore_ascii_case(b"s-maxage=")
+            && directive[9..]
+                .iter()
+                .filter(|b| **b != b'"')
+                .any(|b| (b'1'..=b'9').contains(b))
+    })
+}
+
+#[cfg(test)]
+mod shared_caches {
+    use super::lets_shared_caches_store as shared;
+
+    #[test]
+    fn only_a_positive_s_maxage_lets_shared_caches_store() {
+        assert!(shared(b"s-maxage=86400, must-revalidate, max-age=0"));
+        assert!(shared(b"public,S-MAXAGE=\"60\""));
+        assert!(!shared(b"s-maxage=0, max-age=0"));
+        assert!(!shared(b"private, max-age=600"));
+        assert!(!shared(b"max-age=600"));
+    }
+}

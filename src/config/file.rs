@@ -217,6 +217,12 @@ pub struct CacheFile {
     /// asks), `"purgers"` (clients in `[purge] allow`), or `"session"` (requests carrying a
     /// cookie that `[cache.bypass] cookies` matches: a logged-in editor).
     pub invalidate_on_unsafe: String,
+    /// `Cache-Control` sent to clients in place of one that lets shared caches keep the
+    /// response (`s-maxage` above 0), since caches beyond Skua (a corporate proxy, a second
+    /// CDN) never see its purges. Wikimedia's edge sends `"private, s-maxage=0, max-age=0,
+    /// must-revalidate"`. Applied after Skua has used the origin's header, never to what it
+    /// stores. Default "" (the origin's header is passed on).
+    pub downstream_cache_control: String,
     #[serde(default)]
     pub bypass: BypassFile,
     /// Hosts that name the same site, mapped to the one the cache key uses, e.g.
@@ -271,6 +277,7 @@ impl Default for CacheFile {
             heuristic_max: "1d".into(),
             lock_timeout: "10s".into(),
             invalidate_on_unsafe: "any".into(),
+            downstream_cache_control: String::new(),
             bypass: BypassFile::default(),
             host_aliases: Default::default(),
             disk: DiskFile::default(),

@@ -100,6 +100,8 @@ pub struct CacheConfig {
     pub bypass_cookies: Vec<Regex>,
     pub bypass_authorization: bool,
     pub invalidate_on_unsafe: UnsafeInvalidation,
+    /// `[cache] downstream_cache_control`, when set.
+    pub downstream_cache_control: Option<http::HeaderValue>,
     /// Normalised alias host → normalised canonical host.
     pub host_aliases: std::collections::HashMap<String, String>,
     pub disk: Option<DiskConfig>,

@@ -626,6 +626,20 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             UnsafeInvalidation::Any
         }
     };
+    let downstream_cache_control = if k.downstream_cache_control.is_empty() {
+        None
+    } else {
+        match http::HeaderValue::from_str(&k.downstream_cache_control) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                c.report(
+                    &at("downstream_cache_control"),
+                    "not a header value (control characters?)",
+                );
+                None
+            }
+        }
+    };
     let cache = CacheConfig {
         memory_size: k.memory_size,
         max_object_size: k.max_object_size as usize,
@@ -638,6 +652,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         bypass_cookies,
         bypass_authorization: k.bypass.authorization,
         invalidate_on_unsafe,
+        downstream_cache_control,
         host_aliases,
         disk,
     };

@@ -96,6 +96,9 @@ pub fn config(opts: &DemoOptions) -> Config {
     let mut config = Config::defaults();
     config.server.listen = vec![opts.proxy];
     config.server.admin = Some(opts.admin);
+    config.cache.downstream_cache_control = Some(http::HeaderValue::from_static(
+        "private, s-maxage=0, max-age=0, must-revalidate",
+    ));
     config.cache.disk = Some(crate::cache::disk::DiskConfig {
         path: opts.cache_dir.clone(),
         size: 1 << 30,

@@ -88,7 +88,14 @@ impl FrontDoor {
         );
         let ours =
             Outcome::fast_hit(obj.meta.times.fresh_until.time()).cache_status(&shared.name, now);
-        write_hit_head(&mut out, &obj, now, &ours, close);
+        write_hit_head(
+            &mut out,
+            &obj,
+            now,
+            &ours,
+            close,
+            rules.downstream_cache_control.as_ref(),
+        );
         let body_bytes = if with_body { obj.body.len() as u64 } else { 0 };
         let body = if coalesce {
             out.extend_from_slice(&obj.body);
@@ -219,16 +226,25 @@ fn needs_full_path(name: &HeaderName) -> bool {
 }
 
 /// The status line and header section of a hit: the stored head, then the fields each hit
-/// sets, then the blank line.
+/// sets, then the blank line. With `downstream_cc`, a stored `Cache-Control` that lets
+/// shared caches keep the response goes to the client as that value instead.
 pub fn write_hit_head(
     out: &mut Vec<u8>,
     obj: &StoredObject,
     now: SystemTime,
     cache_status: &str,
     close: bool,
+    downstream_cc: Option<&http::HeaderValue>,
 ) {
     let meta = &obj.meta;
-    out.extend_from_slice(&meta.head);
+    match downstream_cc.and_then(|cc| shared_cache_control(&meta.head).map(|at| (cc, at))) {
+        Some((cc, (start, end))) => {
+            out.extend_from_slice(&meta.head[..start]);
+            out.extend_from_slice(cc.as_bytes());
+            out.extend_from_slice(&meta.head[end..]);
+        }
+        None => out.extend_from_slice(&meta.head),
+    }
     meta.write_framing(out, obj.body.len());
     // RFC 9111 §4: "When a stored response is used to satisfy a request without
     // validation, a cache MUST generate an Age header field".
@@ -256,6 +272,15 @@ pub fn write_hit_head(
         field(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Where the value of a stored head's `Cache-Control` line is, when it lets shared caches
+/// keep the response. The stored head writes lower-case names, one field per line.
+fn shared_cache_control(head: &[u8]) -> Option<(usize, usize)> {
+    const NAME: &[u8] = b"\r\ncache-control: ";
+    let start = memchr::memmem::find(head, NAME)? + NAME.len();
+    let end = start + memchr::memchr(b'\r', &head[start..])?;
+    crate::cache::policy::lets_shared_caches_store(&head[start..end]).then_some((start, end))
 }
 
 fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {

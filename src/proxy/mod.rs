@@ -136,6 +136,8 @@ pub struct Rules {
     keepalive_secs: u64,
     invalidate_on_unsafe: UnsafeInvalidation,
     body_timeout: std::time::Duration,
+    /// `[cache] downstream_cache_control`.
+    pub downstream_cache_control: Option<HeaderValue>,
 }
 
 impl Rules {
@@ -178,6 +180,7 @@ impl From<&Config> for Rules {
             strip_headers: config.server.strip_headers.clone(),
             keepalive_secs: config.server.keepalive_timeout.as_secs().max(1),
             invalidate_on_unsafe: config.cache.invalidate_on_unsafe,
+            downstream_cache_control: config.cache.downstream_cache_control.clone(),
             body_timeout: config.server.body_timeout,
         }
     }
@@ -452,7 +455,8 @@ impl Skua {
         let ours = Outcome::fast_hit(obj.meta.times.fresh_until.time())
             .cache_status(&self.shared.name, now);
         let mut wire = Vec::with_capacity(obj.meta.head.len() + 160);
-        fast::write_hit_head(&mut wire, &obj, now, &ours, false);
+        let downstream = self.shared.rules.load().downstream_cache_control.clone();
+        fast::write_hit_head(&mut wire, &obj, now, &ours, false, downstream.as_ref());
         let resp = decode_head(&wire);
         session.write_response_header(Box::new(resp), head).await?;
         if !head {
@@ -940,6 +944,15 @@ impl ProxyHttp for Skua {
             X_CACHE_STATUS,
             HeaderValue::from_static(outcome.disposition().as_str()),
         )?;
+        if let Some(downstream) = &self.shared.rules.load().downstream_cache_control {
+            let shared = resp
+                .headers
+                .get(header::CACHE_CONTROL)
+                .is_some_and(|cc| crate::cache::policy::lets_shared_caches_store(cc.as_bytes()));
+            if shared {
+                resp.insert_header(header::CACHE_CONTROL, downstream.clone())?;
+            }
+        }
         // RFC 9211 §2: "caches SHOULD preserve the existing field value" and add their own
         // member at the end, the cache nearest the client last. One line keeps it readable.
         let ours = outcome.cache_status(&self.shared.name, SystemTime::now());
