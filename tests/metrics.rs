@@ -179,3 +179,65 @@ fn skua_purge_refuses_a_url_that_is_not_absolute() {
     let mut buf = [0u8; 1500];
     assert!(receiver.recv(&mut buf).is_err(), "a packet was sent");
 }
+
+/// Regression: the "combined" log had an HTTP date (`[Tue, 01 Dec 2026 03:18:33 GMT]`) and
+/// always `HTTP/1.1`, so log analysers rejected every line. GoAccess, reading it with its
+/// stock COMBINED format, must accept every line Skua writes.
+#[tokio::test]
+async fn goaccess_reads_the_combined_access_log_unchanged() {
+    if std::process::Command::new("goaccess")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return prerequisite_missing("goaccess (apt-get install goaccess)");
+    }
+    let origin = Origin::start(|_| Reply::ok("logged").header("cache-control", "max-age=60")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let skua = Skua::start(
+        &[origin.addr],
+        &format!("[log]\naccess = \"{}\"\n", log.display()),
+    )
+    .await;
+    get(&skua.url("/wiki/A"), &[("user-agent", "skua-test")]).await;
+    get(&skua.url("/wiki/A"), &[("referer", "http://wiki.test/")]).await;
+    raw(skua.addr, "GET /wiki/A HTTP/1.0\r\nHost: wiki.test\r\n\r\n").await;
+    send(
+        &client(),
+        "PURGE",
+        &skua.url("/wiki/A"),
+        &[("user-agent", "MediaWiki/1.39")],
+    )
+    .await;
+    let mut text = String::new();
+    wait_until("four log lines", || {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().count() >= 4
+    })
+    .await;
+    assert!(text.contains("\"GET /wiki/A HTTP/1.0\" 200 "), "{text}");
+    let report = dir.path().join("report.json");
+    let out = std::process::Command::new("goaccess")
+        .arg(&log)
+        .args(["--log-format=COMBINED", "--no-global-config", "-o"])
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "goaccess: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let general = &report["general"];
+    assert_eq!(
+        (
+            general["valid_requests"].as_u64(),
+            general["failed_requests"].as_u64()
+        ),
+        (Some(4), Some(0)),
+        "{text}"
+    );
+}

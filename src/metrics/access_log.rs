@@ -17,6 +17,8 @@ pub struct Entry<'a> {
     pub client: &'a str,
     pub method: &'a str,
     pub target: &'a str,
+    /// The request's protocol as the request line names it, e.g. `HTTP/1.0`.
+    pub protocol: &'static str,
     pub host: &'a str,
     pub status: u16,
     pub bytes: u64,
@@ -96,13 +98,45 @@ fn dash(s: &str) -> &str {
     }
 }
 
+/// The protocol of a request line, for the log.
+pub fn protocol(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// NCSA's time stamp, `01/Dec/2026:03:18:33 +0000` (UTC), which log analysers (GoAccess,
+/// AWStats, Apache's own tools) read as the `%t` of the combined format.
+fn ncsa_time(now: SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let t = time::OffsetDateTime::from(now);
+    format!(
+        "{:02}/{}/{}:{:02}:{:02}:{:02} +0000",
+        t.day(),
+        MONTHS[usize::from(u8::from(t.month())) - 1],
+        t.year(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// NCSA combined (`%h %l %u %t "%r" %>s %b "%{Referer}i" "%{User-agent}i"`), then the cache
+/// status and the duration in milliseconds, which analysers reading combined ignore.
 pub fn combined(e: &Entry<'_>, now: SystemTime) -> String {
     format!(
-        "{} - - [{}] \"{} {} HTTP/1.1\" {} {} \"{}\" \"{}\" {} {:.3}\n",
+        "{} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {} {:.3}\n",
         e.client,
-        httpdate::fmt_http_date(now),
+        ncsa_time(now),
         clean(e.method),
         clean(e.target),
+        e.protocol,
         e.status,
         e.bytes,
         clean(dash(e.referer)),
@@ -117,6 +151,7 @@ pub fn json(e: &Entry<'_>, now: SystemTime) -> String {
         "time": httpdate::fmt_http_date(now),
         "client": e.client,
         "method": e.method,
+        "protocol": e.protocol,
         "host": e.host,
         "target": e.target,
         "status": e.status,
@@ -140,6 +175,7 @@ mod tests {
             client: "127.0.0.1",
             method: "GET",
             target: "/wiki/Main_Page",
+            protocol: "HTTP/1.0",
             host: "en.wiki.test",
             status: 200,
             bytes: 1234,
@@ -156,7 +192,7 @@ mod tests {
         let line = combined(&entry("curl/8 \"evil\""), now);
         assert_eq!(
             line,
-            "127.0.0.1 - - [Tue, 14 Nov 2023 22:13:20 GMT] \"GET /wiki/Main_Page HTTP/1.1\" 200 1234 \"-\" \"curl/8 _evil_\" hit-front 1.500\n"
+            "127.0.0.1 - - [14/Nov/2023:22:13:20 +0000] \"GET /wiki/Main_Page HTTP/1.0\" 200 1234 \"-\" \"curl/8 _evil_\" hit-front 1.500\n"
         );
     }
 

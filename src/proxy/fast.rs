@@ -117,6 +117,8 @@ impl FrontDoor {
                 client: &client,
                 method: req.method.as_str(),
                 target: req.target,
+                // The front door answers HTTP/1.1 only; anything else takes the full path.
+                protocol: "HTTP/1.1",
                 host: &url.host,
                 status,
                 bytes: body_bytes,

@@ -1075,6 +1075,7 @@ impl ProxyHttp for Skua {
                 client: &client,
                 method: req.method.as_str(),
                 target: req.uri.path_and_query().map_or("/", |p| p.as_str()),
+                protocol: crate::metrics::access_log::protocol(req.version),
                 host: ctx.url.as_ref().map_or("", |u| u.host.as_str()),
                 status,
                 bytes: ctx.body_bytes,
