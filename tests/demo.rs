@@ -94,6 +94,47 @@ async fn demo_miss_hit_and_edit() {
     assert!(after.text().contains("new text"), "{}", after.text());
 }
 
+/// Regression (MediaWiki's `$wgCdnServers = ['127.0.0.1:8080']`): every edit was credited to
+/// the cache's address. The demo's origin credits edits as MediaWiki does with README's
+/// settings: the forwarded client when the edit comes through Skua, and never a forwarded
+/// address from anyone else.
+#[tokio::test]
+async fn edits_through_skua_are_credited_to_the_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(dir.path()).await;
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .build()
+            .unwrap()
+    };
+    let through_skua = from([127, 0, 0, 2])
+        .post(format!("http://{}/wiki/Credited", demo.proxy))
+        .body("an edit")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(through_skua.contains("as 127.0.0.2;"), "{through_skua}");
+    let forged = from([127, 0, 0, 3])
+        .post(format!("http://{}/wiki/Credited", demo.origin))
+        .header("x-forwarded-for", "203.0.113.9")
+        .body("another edit")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(forged.contains("as 127.0.0.3;"), "{forged}");
+    assert_eq!(
+        origin_stats(&demo, "/wiki/Credited").await["last_editor"],
+        "127.0.0.3"
+    );
+}
+
 #[tokio::test]
 async fn demo_collapses_200_cold_requests() {
     let dir = tempfile::tempdir().unwrap();

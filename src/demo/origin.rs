@@ -5,7 +5,7 @@
 //! does for `$wgCdnServers`. `GET /_origin/stats` returns what it served, as JSON.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -28,6 +28,8 @@ pub struct PathCounts {
     pub not_modified: u64,
     /// Edits (POST).
     pub edits: u64,
+    /// Who made the last edit, as MediaWiki would credit it.
+    pub last_editor: Option<String>,
 }
 
 struct Page {
@@ -59,6 +61,28 @@ impl WikiOrigin {
             counts: Mutex::new(BTreeMap::new()),
             total: Mutex::new(0),
         }
+    }
+
+    /// Whom an edit is credited to, as MediaWiki decides it: the last address in
+    /// `X-Forwarded-For` when the connecting address is one of its CDN servers (compared as
+    /// addresses, as MediaWiki compares `$wgCdnServersNoPurge` entries), else the connecting
+    /// address itself.
+    fn editor(&self, peer: Option<IpAddr>, req: &pingora::http::RequestHeader) -> String {
+        let Some(peer) = peer else {
+            return String::from("unknown");
+        };
+        if !self.cdn_servers.iter().any(|cdn| cdn.ip() == peer) {
+            return peer.to_string();
+        }
+        req.headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .last()
+            .and_then(|ip| ip.trim().parse::<IpAddr>().ok())
+            .unwrap_or(peer)
+            .to_string()
     }
 
     fn count(&self, path: &str, f: impl FnOnce(&mut PathCounts)) {
@@ -157,6 +181,11 @@ impl ServeHttp for WikiOrigin {
         if let Ok(mut t) = self.total.lock() {
             *t += 1;
         }
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let editor = self.editor(peer, session.req_header());
         let req = session.req_header();
         let method = req.method.clone();
         let path = req.uri.path().to_string();
@@ -267,9 +296,15 @@ impl ServeHttp for WikiOrigin {
                 }
                 let text = String::from_utf8_lossy(&body).trim().to_string();
                 self.edit(title, text);
-                self.count(&path, |c| c.edits += 1);
+                self.count(&path, |c| {
+                    c.edits += 1;
+                    c.last_editor = Some(editor.clone());
+                });
                 let purges = self.purge(&path).await;
-                let report = format!("edited {title}; purges: {}\n", purges.join("; "));
+                let report = format!(
+                    "edited {title} as {editor}; purges: {}\n",
+                    purges.join("; ")
+                );
                 respond(
                     200,
                     &[
