@@ -13,6 +13,7 @@ mod fleet;
 mod front;
 mod htcp;
 mod layers;
+mod mediawiki;
 mod metrics;
 mod purge;
 mod reload;

@@ -1,0 +1,411 @@
+//! A real MediaWiki (Debian's `mediawiki` package, SQLite, PHP's built-in server) behind the
+//! real Skua, configured as README's "In front of MediaWiki" says, used as readers and editors
+//! would: views are cached, an API edit purges, the edit is credited to the reader, a
+//! logged-in reader passes without polluting the shared copy, a template edit purges the pages
+//! using it once the job queue runs, and HTCP routing works.
+//!
+//! Needs `php`, `php-sqlite3` and `mediawiki` (`.ci/run` installs them); elsewhere the test
+//! says what is missing and passes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const MEDIAWIKI: &str = "/usr/share/mediawiki";
+const HOST: (&str, &str) = ("host", "wiki.test");
+
+/// A MediaWiki installed into a temporary directory and served by `php -S`.
+struct Wiki {
+    dir: tempfile::TempDir,
+    php: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Wiki {
+    /// Installs a fresh wiki (SQLite) and serves it; `None` when PHP or MediaWiki is missing.
+    async fn start() -> Option<Wiki> {
+        let php = Command::new("php").arg("--version").output();
+        if php.is_err()
+            || !Path::new(MEDIAWIKI)
+                .join("maintenance/install.php")
+                .exists()
+        {
+            prerequisite_missing(
+                "MediaWiki (apt-get install --no-install-recommends mediawiki php-sqlite3 php-cli)",
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        let installed = Command::new("php")
+            .current_dir(MEDIAWIKI)
+            .args([
+                "maintenance/install.php",
+                "--dbtype",
+                "sqlite",
+                "--dbname",
+                "wiki",
+            ])
+            .arg("--dbpath")
+            .arg(dir.path().join("data"))
+            .args([
+                "--server",
+                "http://wiki.test",
+                "--scriptpath",
+                "",
+                "--lang",
+                "en",
+            ])
+            .arg("--confpath")
+            .arg(dir.path())
+            .args(["--pass", "Skua-test-pass-123", "Skua Test Wiki", "Admin"])
+            .output()
+            .unwrap();
+        assert!(
+            installed.status.success(),
+            "install.php: {}{}",
+            String::from_utf8_lossy(&installed.stdout),
+            String::from_utf8_lossy(&installed.stderr)
+        );
+        // The health checks of Skua's test config ask for /_health; everything else is
+        // MediaWiki's.
+        let router = dir.path().join("router.php");
+        std::fs::write(
+            &router,
+            "<?php\nif (parse_url($_SERVER['REQUEST_URI'], PHP_URL_PATH) === '/_health') { echo \"ok\\n\"; return true; }\nreturn false;\n",
+        )
+        .unwrap();
+        let port = free_port();
+        let php = Command::new("php")
+            .current_dir(MEDIAWIKI)
+            .env("MW_CONFIG_FILE", dir.path().join("LocalSettings.php"))
+            .env("PHP_CLI_SERVER_WORKERS", "4")
+            // The settings file changes during the test: have opcache look at it every time.
+            .args(["-d", "opcache.revalidate_freq=0"])
+            .args(["-S", &format!("127.0.0.1:{port}"), "-t", MEDIAWIKI])
+            .arg(&router)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_listening(addr).await;
+        Some(Wiki { dir, php, addr })
+    }
+
+    fn settings_file(&self) -> PathBuf {
+        self.dir.path().join("LocalSettings.php")
+    }
+
+    /// Appends README's CDN settings for a Skua on `skua_port`, plus `extra` PHP. PHP reads
+    /// the file on every request, so a later call replaces what an earlier one set.
+    fn configure(&self, skua_port: u16, extra: &str) {
+        let path = self.settings_file();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let base = text
+            .split("// skua test settings")
+            .next()
+            .unwrap()
+            .to_string();
+        let settings = format!(
+            "{base}// skua test settings\n\
+             $wgUseCdn = true;\n\
+             $wgCdnServers = [ '127.0.0.1:{skua_port}' ];\n\
+             $wgCdnServersNoPurge = [ '127.0.0.1' ];\n\
+             $wgInternalServer = 'http://wiki.test';\n\
+             $wgCdnMaxAge = 86400;\n\
+             $wgJobRunRate = 0;\n\
+             {extra}\n"
+        );
+        std::fs::write(&path, settings).unwrap();
+    }
+
+    fn run_jobs(&self) {
+        let ran = Command::new("php")
+            .current_dir(MEDIAWIKI)
+            .env("MW_CONFIG_FILE", self.settings_file())
+            .arg("maintenance/runJobs.php")
+            .output()
+            .unwrap();
+        assert!(
+            ran.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ran.stderr)
+        );
+    }
+}
+
+impl Drop for Wiki {
+    fn drop(&mut self) {
+        let _ = self.php.kill();
+        let _ = self.php.wait();
+    }
+}
+
+fn form(fields: &[(&str, &str)]) -> String {
+    let encode = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// A reader or editor of the wiki through Skua, from its own loopback address, keeping the
+/// cookies the wiki sets.
+struct Browser {
+    client: reqwest::Client,
+    skua: std::net::SocketAddr,
+    cookies: BTreeMap<String, String>,
+}
+
+impl Browser {
+    fn new(skua: std::net::SocketAddr, from: [u8; 4]) -> Browser {
+        Browser {
+            client: reqwest::Client::builder()
+                .local_address(std::net::IpAddr::from(from))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            skua,
+            cookies: BTreeMap::new(),
+        }
+    }
+
+    async fn request(&mut self, method: &str, path: &str, body: Option<String>) -> Got {
+        let mut req = self
+            .client
+            .request(
+                method.parse().unwrap(),
+                format!("http://{}{path}", self.skua),
+            )
+            .header(HOST.0, HOST.1);
+        if !self.cookies.is_empty() {
+            let jar: Vec<String> = self
+                .cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            req = req.header("cookie", jar.join("; "));
+        }
+        if let Some(body) = body {
+            req = req
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body);
+        }
+        let resp = req.send().await.unwrap();
+        for set in resp.headers().get_all("set-cookie") {
+            let Some((pair, _)) = set.to_str().unwrap_or("").split_once(';') else {
+                continue;
+            };
+            if let Some((k, v)) = pair.split_once('=') {
+                if v == "deleted" {
+                    self.cookies.remove(k);
+                } else {
+                    self.cookies.insert(k.to_string(), v.to_string());
+                }
+            }
+        }
+        Got {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.bytes().await.unwrap(),
+        }
+    }
+
+    async fn view(&mut self, title: &str) -> Got {
+        self.request("GET", &format!("/index.php/{title}"), None)
+            .await
+    }
+
+    async fn api(&mut self, fields: &[(&str, &str)]) -> serde_json::Value {
+        let mut all = fields.to_vec();
+        all.push(("format", "json"));
+        let got = self.request("POST", "/api.php", Some(form(&all))).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        serde_json::from_slice(&got.body).unwrap()
+    }
+
+    async fn edit(&mut self, title: &str, text: &str) {
+        let tokens = self.api(&[("action", "query"), ("meta", "tokens")]).await;
+        let token = tokens["query"]["tokens"]["csrftoken"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let edit = self
+            .api(&[
+                ("action", "edit"),
+                ("title", title),
+                ("text", text),
+                ("token", &token),
+            ])
+            .await;
+        assert_eq!(edit["edit"]["result"], "Success", "{edit}");
+    }
+
+    async fn log_in(&mut self) {
+        let tokens = self
+            .api(&[("action", "query"), ("meta", "tokens"), ("type", "login")])
+            .await;
+        let token = tokens["query"]["tokens"]["logintoken"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let login = self
+            .api(&[
+                ("action", "clientlogin"),
+                ("username", "Admin"),
+                ("password", "Skua-test-pass-123"),
+                ("loginreturnurl", "http://wiki.test/"),
+                ("logintoken", &token),
+            ])
+            .await;
+        assert_eq!(login["clientlogin"]["status"], "PASS", "{login}");
+    }
+}
+
+/// Views `title` until its text holds `wanted`: purges travel after the edit's response.
+async fn wait_for_text(reader: &mut Browser, title: &str, wanted: &str) -> Got {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = reader.view(title).await;
+        if got.text().contains(wanted) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{title} never showed {wanted:?} (still {}: {})",
+            got.cache(),
+            got.header("cache-status")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_real_mediawiki_behind_skua_purges_credits_and_passes_as_promised() {
+    let Some(wiki) = Wiki::start().await else {
+        return;
+    };
+    let htcp = free_port();
+    let skua = Skua::start_tables(
+        &[wiki.addr],
+        ["", "", ""],
+        &format!("[purge.htcp]\nlisten = \"127.0.0.1:{htcp}\"\n"),
+    )
+    .await;
+    wiki.configure(skua.addr.port(), "");
+    let mut reader = Browser::new(skua.addr, [127, 0, 0, 2]);
+
+    // Anonymous views: a miss, then a hit.
+    let first = reader.view("Main_Page").await;
+    assert_eq!(
+        (first.status, first.cache()),
+        (200, "miss"),
+        "{}",
+        first.text()
+    );
+    assert!(first.header("cache-status").contains("stored"));
+    assert_eq!(reader.view("Main_Page").await.cache(), "hit-front");
+
+    // An API edit through Skua purges the page, and is credited to the reader's address.
+    let mut editor = Browser::new(skua.addr, [127, 0, 0, 3]);
+    editor
+        .edit("Main_Page", "Edited through Skua, revision two.")
+        .await;
+    let after = wait_for_text(&mut reader, "Main_Page", "revision two").await;
+    assert_eq!(after.cache(), "miss");
+    let changes = reader
+        .api(&[
+            ("action", "query"),
+            ("list", "recentchanges"),
+            ("rcprop", "user|title"),
+        ])
+        .await;
+    assert_eq!(
+        changes["query"]["recentchanges"][0]["user"], "127.0.0.3",
+        "the edit was not credited to its author: {changes}"
+    );
+
+    // A logged-in reader passes; the shared copy stays the anonymous one.
+    let mut member = Browser::new(skua.addr, [127, 0, 0, 4]);
+    member.log_in().await;
+    let own = member.view("Main_Page").await;
+    assert_eq!(own.cache(), "pass");
+    assert!(own.text().contains("Admin"), "not the logged-in page");
+    let shared = reader.view("Main_Page").await;
+    assert_eq!(shared.cache(), "hit-front");
+    assert!(
+        !shared.text().contains("\"wgUserName\":\"Admin\""),
+        "a logged-in page was shared"
+    );
+
+    // A template edit purges the pages using it once the job queue runs. MediaWiki skips
+    // pages touched in the same second as the edit, as it should: wait a second first.
+    editor
+        .edit("Template:Greeting", "Hello, first version")
+        .await;
+    editor
+        .edit("Uses_template", "Before {{Greeting}} after")
+        .await;
+    reader.view("Uses_template").await;
+    let cached = reader.view("Uses_template").await;
+    assert_eq!(cached.cache(), "hit-front");
+    assert!(cached.text().contains("Hello, first version"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    editor
+        .edit("Template:Greeting", "Hello, second version")
+        .await;
+    assert!(
+        reader
+            .view("Uses_template")
+            .await
+            .text()
+            .contains("first version"),
+        "purged before the job ran"
+    );
+    wiki.run_jobs();
+    wait_for_text(&mut reader, "Uses_template", "second version").await;
+
+    // HTCP routing alone (no HTTP purges): an edit still reaches Skua.
+    wiki.configure(
+        skua.addr.port(),
+        &format!(
+            "$wgCdnServers = [];\n$wgHTCPRouting = [ '' => [ 'host' => '127.0.0.1', 'port' => {htcp} ] ];"
+        ),
+    );
+    let purged_before = skua
+        .metric(r#"skua_purges_total{result="purged",source="htcp"}"#)
+        .await;
+    reader.view("Main_Page").await;
+    assert_eq!(reader.view("Main_Page").await.cache(), "hit-front");
+    editor
+        .edit("Main_Page", "Edited again, revision three.")
+        .await;
+    wait_for_text(&mut reader, "Main_Page", "revision three").await;
+    let purged_after = skua
+        .metric(r#"skua_purges_total{result="purged",source="htcp"}"#)
+        .await;
+    assert!(
+        purged_after > purged_before,
+        "no HTCP purge applied ({purged_before} before, {purged_after} after):\n{}",
+        skua.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with("skua_purges_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
