@@ -300,12 +300,12 @@ async fn a_real_mediawiki_behind_skua_purges_credits_and_passes_as_promised() {
         return;
     };
     let htcp = free_port();
-    let skua = Skua::start_tables(
-        &[wiki.addr],
-        ["", "", ""],
-        &format!("[purge.htcp]\nlisten = \"127.0.0.1:{htcp}\"\n"),
-    )
-    .await;
+    let disk = tempfile::tempdir().unwrap();
+    let port = Port::reserve();
+    let extra = format!("[purge.htcp]\nlisten = \"127.0.0.1:{htcp}\"\n");
+    // The default: what the disk holds from before a restart is revalidated first.
+    let disk_lines = "after_restart = \"revalidate\"";
+    let mut skua = Skua::start_disk_on(&port, &[wiki.addr], disk.path(), disk_lines, &extra).await;
     wiki.configure(skua.addr.port(), "");
     let mut reader = Browser::new(skua.addr, [127, 0, 0, 2]);
 
@@ -408,4 +408,35 @@ async fn a_real_mediawiki_behind_skua_purges_credits_and_passes_as_promised() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+
+    // Skua restarts while an edit is made: the edit's purge finds nobody, and the page from
+    // before the restart must not come back from disk.
+    let unchanged = reader.view("Uses_template").await;
+    assert!(unchanged.cache().starts_with("hit-"));
+    skua.stop();
+    // Last-Modified and If-Modified-Since count whole seconds: an edit in the second the copy
+    // was fetched would look unmodified to MediaWiki.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut direct = Browser::new(wiki.addr, [127, 0, 0, 3]);
+    direct
+        .edit("Main_Page", "Edited while Skua was down, revision four.")
+        .await;
+    let skua = Skua::start_disk_on(&port, &[wiki.addr], disk.path(), disk_lines, &extra).await;
+    let page = reader.view("Main_Page").await;
+    assert!(
+        page.text().contains("revision four"),
+        "the pre-restart copy was served: {} {} {:?}",
+        page.cache(),
+        page.header("cache-status"),
+        page.headers
+    );
+    // An unchanged page costs MediaWiki a 304, and is served from disk.
+    let same = reader.view("Uses_template").await;
+    assert_eq!(
+        same.cache(),
+        "revalidated",
+        "{}",
+        same.header("cache-status")
+    );
+    assert!(same.text().contains("second version"));
 }
