@@ -531,3 +531,88 @@ async fn shared_cache_lifetimes_are_not_passed_on_to_clients() {
     // Once per host: this Skua's address, and wiki.test.
     assert_eq!(origin.count("/wiki/Page"), 2);
 }
+
+/// Regression: `/wiki/Page1`, `/wiki/%50age1`, `/wiki/./Page1` and `/wiki/Page1?` were four
+/// objects, and a PURGE of one left the others: a vandalised page could outlive its revert's
+/// purge under another spelling. Every spelling is now one object, purged as one, and the
+/// origin is asked for the normal form.
+#[tokio::test]
+async fn every_spelling_of_a_target_is_one_object_and_one_purge() {
+    let origin = Origin::start(|seen| {
+        Reply::ok(format!("page at {}", seen.path)).header("cache-control", "max-age=600")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let addr = skua.addr;
+    let ask = |target: &str| {
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n");
+        async move { raw(addr, &request).await }
+    };
+    let status = |answer: &str| {
+        answer
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("x-cache-status: ")
+                    .map(str::to_string)
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(status(&ask("/wiki/%50age1").await), "miss");
+    for spelling in [
+        "/wiki/Page1",
+        "/wiki/%50%61ge1",
+        "/wiki/./Page1",
+        "/wiki/x/../Page1",
+        "/wiki/Page1?",
+    ] {
+        let answer = ask(spelling).await;
+        assert_eq!(status(&answer), "hit-front", "{spelling}: {answer}");
+        assert!(answer.ends_with("page at /wiki/Page1"), "{answer}");
+    }
+    // Different resources stay apart: an encoded slash is not a slash.
+    assert_eq!(status(&ask("/wiki/Page1%2Fx").await), "miss");
+    let purge = raw(
+        skua.addr,
+        "PURGE /wiki/./%50age1? HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(purge.starts_with("HTTP/1.1 204 "), "{purge}");
+    assert_eq!(status(&ask("/wiki/Page1").await), "miss");
+    let paths: Vec<String> = origin
+        .requests("/wiki/Page1")
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(paths.len(), 2, "asked once before the purge, once after");
+    assert_eq!(
+        origin.count("/wiki/%50age1") + origin.count("/wiki/./Page1"),
+        0
+    );
+}
+
+/// Regression (RFC 9111 §5.1): `Age: 7200, 0` was read as 0, so a response two hours old with
+/// `max-age=3600` was served as fresh. The first member counts; nonsense is ignored.
+#[tokio::test]
+async fn a_list_valued_age_counts_its_first_member() {
+    let origin = Origin::start(|seen| {
+        let age = if seen.path == "/old" { "7200, 0" } else { "x" };
+        Reply::ok("body")
+            .header("cache-control", "max-age=3600")
+            .header("age", age)
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for _ in 0..2 {
+        get(&skua.url("/old"), &[]).await;
+        get(&skua.url("/nonsense"), &[]).await;
+    }
+    assert_eq!(
+        origin.count("/old"),
+        2,
+        "a stale response was served as fresh"
+    );
+    // Positive control: an invalid Age is ignored, and that response is fresh.
+    assert_eq!(origin.count("/nonsense"), 1);
+}

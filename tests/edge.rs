@@ -905,3 +905,37 @@ async fn skuas_own_answers_say_so_in_both_status_headers() {
         "{connect}"
     );
 }
+
+/// Regression: `Connection: X-Secret` with `X-Secret: backend-10.0.0.5` from the origin reached
+/// clients on misses (RFC 9110 §7.6.1: fields a `Connection` header names are removed before
+/// forwarding), and a client's own nominated field reached the origin.
+#[tokio::test]
+async fn fields_named_in_connection_go_no_further_in_either_direction() {
+    let origin = Origin::start(|_| {
+        Reply::ok("page")
+            .header("cache-control", "max-age=600")
+            .header("connection", "X-Secret")
+            .header("x-secret", "backend-10.0.0.5")
+            .header("x-kept", "yes")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let hop = [("connection", "X-Client-Hop"), ("x-client-hop", "1")];
+    let miss = get(&skua.url("/p"), &hop).await;
+    let hit = get(&skua.url("/p"), &[]).await;
+    for (got, status) in [(&miss, "miss"), (&hit, "hit-front")] {
+        assert_eq!(got.cache(), status);
+        assert_eq!(got.header("x-kept"), "yes", "positive control");
+        assert!(
+            !got.headers.contains_key("x-secret"),
+            "{status}: {:?}",
+            got.headers
+        );
+    }
+    let seen = &origin.requests("/p")[0];
+    assert!(
+        !seen.headers.contains_key("x-client-hop"),
+        "{:?}",
+        seen.headers
+    );
+}

@@ -421,7 +421,8 @@ async fn a_real_mediawiki_behind_skua_purges_credits_and_passes_as_promised() {
     direct
         .edit("Main_Page", "Edited while Skua was down, revision four.")
         .await;
-    let _restarted = Skua::start_disk_on(&port, &[wiki.addr], disk.path(), disk_lines, &extra).await;
+    let _restarted =
+        Skua::start_disk_on(&port, &[wiki.addr], disk.path(), disk_lines, &extra).await;
     let page = reader.view("Main_Page").await;
     assert!(
         page.text().contains("revision four"),

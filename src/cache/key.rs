@@ -100,7 +100,7 @@ impl CacheUrl {
         Ok(CacheUrl {
             scheme,
             host,
-            path_and_query: path_and_query.to_string(),
+            path_and_query: super::target::normalize(path_and_query).into_owned(),
         })
     }
 

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod policy;
 pub mod status;
 pub mod tags;
+pub mod target;
 pub mod vary;
 
 use std::any::Any;

@@ -94,15 +94,7 @@ const DELTA_SECONDS_OVERFLOW: u64 = 1 << 31;
 /// be implemented by doing so before storage." Done here, so that every tier stores (and every
 /// hit serves) the same fields; regression: a disk hit served the origin's `Keep-Alive`.
 fn strip_hop_by_hop(resp: &mut ResponseHeader) {
-    let listed: Vec<http::HeaderName> = resp
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
+    for name in connection_nominated(&resp.headers) {
         resp.remove_header(&name);
     }
     for name in [
@@ -115,6 +107,43 @@ fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     ] {
         resp.remove_header(name);
     }
+}
+
+/// The `Age` a response arrived with (RFC 9111 §5.1): delta-seconds; of a list (several
+/// caches appended theirs, or repeated lines), the first member; an invalid value is ignored
+/// (regression: `Age: 7200, 0` was read as 0, and a two-hour-old response served as fresh).
+fn age(headers: &http::HeaderMap) -> u64 {
+    headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(0, |v| v.parse::<u64>().unwrap_or(DELTA_SECONDS_OVERFLOW))
+        .min(DELTA_SECONDS_OVERFLOW)
+}
+
+/// The fields a message's `Connection` header names (RFC 9110 §7.6.1: "a proxy or gateway MUST
+/// parse a received Connection header field before a message is forwarded and, for each
+/// connection-option in this field, remove any header or trailer field(s) from the message with
+/// the same name"). The framing fields are left to the HTTP layer, which rewrites them.
+pub fn connection_nominated(headers: &http::HeaderMap) -> Vec<http::HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| {
+            ![
+                header::TRANSFER_ENCODING,
+                header::CONTENT_LENGTH,
+                header::UPGRADE,
+                header::CONNECTION,
+            ]
+            .contains(name)
+        })
+        .collect()
 }
 
 impl StoragePolicy {
@@ -163,13 +192,7 @@ impl StoragePolicy {
         }
 
         // RFC 9111 §4.2.3: the response was already `Age` seconds old when it arrived.
-        let origin_age = resp
-            .headers
-            .get(header::AGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-            .min(DELTA_SECONDS_OVERFLOW);
+        let origin_age = age(&resp.headers);
         let created = now
             .checked_sub(Duration::from_secs(origin_age))
             .unwrap_or(now);
@@ -466,6 +489,29 @@ pub fn lets_shared_caches_store(cache_control: &[u8]) -> bool {
                 .filter(|b| **b != b'"')
                 .any(|b| (b'1'..=b'9').contains(b))
     })
+}
+
+#[cfg(test)]
+mod age_field {
+    use super::age;
+
+    #[test]
+    fn the_first_member_of_a_list_counts_and_nonsense_is_ignored() {
+        let of = |values: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append(http::header::AGE, v.parse().unwrap());
+            }
+            age(&h)
+        };
+        assert_eq!(of(&["7200, 0"]), 7200);
+        assert_eq!(of(&["7200", "0"]), 7200);
+        assert_eq!(of(&[" 60 "]), 60);
+        assert_eq!(of(&["-5"]), 0);
+        assert_eq!(of(&["1.5"]), 0);
+        assert_eq!(of(&["99999999999999999999999"]), 1 << 31);
+        assert_eq!(of(&[]), 0);
+    }
 }
 
 #[cfg(test)]

@@ -649,6 +649,12 @@ impl ProxyHttp for Skua {
                 let pools = self.shared.pools.load();
                 ctx.pool = pools.for_host(&url.host);
                 ctx.upgrade = upgrade_asked(session.req_header_mut(), pools.get(ctx.pool));
+                if url.path_and_query != path && session.req_header().uri.authority().is_none() {
+                    // The origin answers for the target the key names (`cache::target`).
+                    if let Ok(normal) = url.path_and_query.parse::<http::Uri>() {
+                        session.req_header_mut().set_uri(normal);
+                    }
+                }
                 ctx.url = Some(url);
                 self.serve_fresh_hit(session, ctx).await
             }
@@ -806,6 +812,11 @@ impl ProxyHttp for Skua {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_sent = Some(SystemTime::now());
+        // RFC 9110 §7.6.1, towards the origin: what the client addressed to its connection
+        // with Skua is not forwarded.
+        for name in crate::cache::policy::connection_nominated(&session.req_header().headers) {
+            upstream.remove_header(&name);
+        }
         if session.cache.enabled() {
             // The origin must produce the variant the key names (see `vary.rs`).
             match vary::normalize_accept_encoding(&session.req_header().headers) {
@@ -854,6 +865,11 @@ impl ProxyHttp for Skua {
                 e.esource = ErrorSource::Upstream;
                 return Err(e);
             }
+        }
+        // RFC 9110 §7.6.1: what the origin addressed to its own connection goes no further
+        // (the stored copy drops the same fields; `cache::policy`).
+        for name in crate::cache::policy::connection_nominated(&resp.headers) {
+            resp.remove_header(&name);
         }
         let method = &session.req_header().method;
         let unsafe_method = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)

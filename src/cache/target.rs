@@ -1,0 +1,185 @@
+//! One spelling per request target (RFC 3986 §6.2.2), so that every spelling of a URL finds,
+//! and every purge removes, the same object: `/wiki/%50age1`, `/wiki/./Page1` and
+//! `/wiki/Page1?` are `/wiki/Page1`. Only rewrites that cannot change the resource are made;
+//! `//` and encoded reserved characters (`%2F`, `%3F`) stay, since an origin may treat them
+//! as different resources. What the key uses is also what the origin is sent.
+
+use std::borrow::Cow;
+
+/// The normal form of an origin-form target (path and optional query, no fragment):
+/// - percent-encoded unreserved characters decoded, and other escapes' hex digits in upper
+///   case (RFC 3986 §6.2.2.1, §6.2.2.2);
+/// - dot segments removed from the path (§6.2.2.3, the algorithm of §5.2.4);
+/// - an empty query dropped (`/a?` is `/a`; §6.2.3 lets a scheme-based normaliser do so for
+///   http, whose URIs compare equal with and without an empty query only by that rule).
+///
+/// Borrows when the target is already normal, which the common one is, and leaves a target
+/// with a `%` that starts no escape as it is: it is no URI (RFC 3986 §2.1), and decoding around
+/// it could make a new escape of it (found by the `cache_key` fuzz target: `%%62` became
+/// `%b`, then `%B`).
+pub fn normalize(target: &str) -> Cow<'_, str> {
+    if is_normal(target) || has_stray_percent(target) {
+        return Cow::Borrowed(target);
+    }
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let mut out = remove_dot_segments(&percent_normal(path));
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
+        out.push('?');
+        out.push_str(&percent_normal(q));
+    }
+    Cow::Owned(out)
+}
+
+/// Whether `normalize` would leave `target` as it is: no escapes, no dot segment, no empty
+/// query. A byte scan, for the hit path.
+fn is_normal(target: &str) -> bool {
+    let bytes = target.as_bytes();
+    if bytes.last() == Some(&b'?') || memchr::memchr(b'%', bytes).is_some() {
+        return false;
+    }
+    let path_end = memchr::memchr(b'?', bytes).unwrap_or(bytes.len());
+    let path = &bytes[..path_end];
+    // A dot segment starts right after a slash: "/." followed by "/", "./", ".", or the end.
+    !memchr::memmem::find_iter(path, b"/.")
+        .any(|i| matches!(&path[i + 2..], [] | [b'/', ..] | [b'.'] | [b'.', b'/', ..]))
+}
+
+fn has_stray_percent(target: &str) -> bool {
+    let bytes = target.as_bytes();
+    memchr::memchr_iter(b'%', bytes).any(|i| {
+        !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+            && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    })
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Decodes escapes of unreserved characters and upper-cases the hex digits of the others.
+/// Every `%` starts an escape here (see [`normalize`]).
+fn percent_normal(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let decoded = (hi * 16 + lo) as u8;
+                if is_unreserved(decoded) {
+                    out.push(decoded as char);
+                } else {
+                    out.push('%');
+                    out.push(bytes[i + 1].to_ascii_uppercase() as char);
+                    out.push(bytes[i + 2].to_ascii_uppercase() as char);
+                }
+                i += 3;
+                continue;
+            }
+        }
+        // Request targets are ASCII (checked by the caller); copy whole UTF-8 sequences anyway.
+        let len = utf8_len(bytes[i]);
+        out.push_str(&s[i..(i + len).min(s.len())]);
+        i += len;
+    }
+    out
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0x00..=0x7f => 1,
+        0xc0..=0xdf => 2,
+        0xe0..=0xef => 3,
+        _ => 4,
+    }
+}
+
+/// RFC 3986 §5.2.4, on a path that starts with `/`.
+fn remove_dot_segments(path: &str) -> String {
+    let mut segments: Vec<&str> = Vec::new();
+    // Every segment after the leading slash; the last one may be empty (a trailing slash).
+    let mut rest = path.strip_prefix('/').unwrap_or(path).split('/').peekable();
+    let mut trailing_slash = false;
+    while let Some(segment) = rest.next() {
+        let last = rest.peek().is_none();
+        match segment {
+            "." => trailing_slash = last,
+            ".." => {
+                segments.pop();
+                trailing_slash = last;
+            }
+            s => {
+                segments.push(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut out = String::with_capacity(path.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if trailing_slash || out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize;
+
+    #[test]
+    fn spellings_of_one_resource_have_one_form() {
+        for spelling in [
+            "/wiki/Page1",
+            "/wiki/%50age1",
+            "/wiki/%50%61ge1",
+            "/wiki/./Page1",
+            "/wiki/x/../Page1",
+            "/wiki/Page1?",
+            "/./wiki/Page1",
+            "/%77iki/Page1",
+        ] {
+            assert_eq!(normalize(spelling), "/wiki/Page1", "{spelling}");
+        }
+        assert_eq!(normalize("/a/%2e%2E/b"), "/b");
+        assert_eq!(normalize("/a/b/."), "/a/b/");
+        assert_eq!(normalize("/a/b/.."), "/a/");
+        assert_eq!(normalize("/.."), "/");
+        assert_eq!(normalize("/a?q=%7e%2f"), "/a?q=~%2F");
+    }
+
+    #[test]
+    fn different_resources_stay_different() {
+        for kept in [
+            "/wiki/A%2FB",
+            "/wiki/A%3FB",
+            "/a//b",
+            "/wiki/.htaccess",
+            "/wiki/..x",
+            "/a?x=/./y",
+            "/a?b",
+            "/wiki/100%",
+            "/wiki/%zz",
+            "/k%%620",
+            "/a%/../%62",
+            "/",
+        ] {
+            assert_eq!(normalize(kept), kept, "{kept}");
+        }
+        assert_eq!(normalize("/wiki/a%2fb"), "/wiki/a%2Fb");
+    }
+
+    #[test]
+    fn a_normal_target_is_borrowed() {
+        assert!(matches!(
+            normalize("/wiki/Main_Page?action=history"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+}
