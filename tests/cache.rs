@@ -616,3 +616,43 @@ async fn a_list_valued_age_counts_its_first_member() {
     // Positive control: an invalid Age is ignored, and that response is fresh.
     assert_eq!(origin.count("/nonsense"), 1);
 }
+
+/// Regression: with `default_grace` set (as README suggests for serving stale), copies whose
+/// directives demand a check on every reuse once stale were served stale. The grace widens
+/// only what a response allows: `no-cache`, `must-revalidate`, `proxy-revalidate`,
+/// `s-maxage` (with `honor_must_revalidate`) and `max-age=0` are checked; a plain `max-age`
+/// is served stale while it revalidates.
+#[tokio::test]
+async fn a_default_grace_never_serves_what_must_be_revalidated() {
+    let versions = counter();
+    let counts = versions.clone();
+    let origin = Origin::start(move |seen| {
+        let mut v = counts.lock().unwrap();
+        let n = v.entry(seen.path.clone()).or_insert(0);
+        *n += 1;
+        let cc = match seen.path.as_str() {
+            "/no-cache" => "no-cache",
+            "/must-revalidate" => "max-age=1, must-revalidate",
+            "/proxy-revalidate" => "max-age=1, proxy-revalidate",
+            "/s-maxage" => "s-maxage=1",
+            "/max-age-0" => "max-age=0",
+            _ => "max-age=1",
+        };
+        Reply::ok(format!("v{n}")).header("cache-control", cc)
+    })
+    .await;
+    let skua = Skua::start_with(&[origin.addr], "default_grace = \"60s\"", "").await;
+    let checked = ["/no-cache", "/must-revalidate", "/proxy-revalidate", "/s-maxage", "/max-age-0"];
+    for path in checked.iter().chain(&["/plain"]) {
+        assert_eq!(get(&skua.url(path), &[]).await.text(), "v1", "{path}");
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for path in checked {
+        let got = get(&skua.url(path), &[]).await;
+        assert_eq!(got.text(), "v2", "{path} was served stale: {}", got.header("cache-status"));
+    }
+    // Positive control: the grace does serve a plain stale copy while it revalidates.
+    let plain = get(&skua.url("/plain"), &[]).await;
+    assert_eq!(plain.text(), "v1", "{}", plain.header("cache-status"));
+    assert!(plain.header("cache-status").contains("stale-while-revalidate"));
+}

@@ -939,3 +939,19 @@ async fn fields_named_in_connection_go_no_further_in_either_direction() {
         seen.headers
     );
 }
+
+/// Regression: after an origin failure Skua answered 502 with `Connection: keep-alive` and
+/// then closed the socket, so clients reusing the connection failed with "connection closed".
+#[tokio::test]
+async fn an_error_answer_that_ends_the_connection_says_so() {
+    let origin = Origin::start(|_| Reply::ok("page")).await;
+    let dead = origin.addr;
+    drop(origin);
+    let skua = Skua::start(&[dead], "").await;
+    let answer = raw(skua.addr, "GET /p HTTP/1.1\r\nHost: wiki.test\r\n\r\n")
+        .await
+        .to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 502 "), "{answer}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    assert!(!answer.contains("keep-alive"), "{answer}");
+}

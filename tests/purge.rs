@@ -83,7 +83,7 @@ async fn purge_from_a_disallowed_address_is_403_and_purges_nothing() {
     let denied = send(&client(), "PURGE", &url, &[]).await;
     assert_eq!(denied.status, 403);
     assert!(denied.text().contains("not allowed"), "{}", denied.text());
-    assert_eq!(denied.cache(), "");
+    assert_eq!(denied.cache(), "int-front");
     assert_eq!(get(&url, &[]).await.cache(), "hit-front");
     // The admin API's purge follows the same rule, by URL and by tag.
     let admin = format!("http://{}/purge", skua.admin);
@@ -616,12 +616,12 @@ async fn pipelined_purges_gets_and_heads_are_all_answered_in_order() {
     let methods: Vec<&str> = requests.iter().map(|(m, _)| *m).collect();
     let answers = read_responses(&mut stream, &methods).await;
     let expected = [
-        (204, ""),
+        (204, "int-front"),
         (200, "hit-front"),
-        (204, ""),
+        (204, "int-front"),
         (200, "hit-front"),
         (200, "miss"),
-        (404, ""),
+        (404, "int-front"),
         (200, "miss"),
         (200, "hit-front"),
     ];

@@ -236,7 +236,11 @@ impl StoragePolicy {
         // must-revalidate response directive, or an applicable s-maxage or proxy-revalidate
         // response directive)". Explicit stale-* directives (RFC 5861) are the origin's own
         // permission and are honoured as given.
+        // An explicit lifetime of zero (`max-age=0`, `s-maxage=0`, an `Expires` not after
+        // `Date`) asks for a check on every reuse: the configured grace does not override it,
+        // though a `stale-while-revalidate` the origin sends with it is its own permission.
         let forbids_stale = no_cache
+            || explicit == Some(Duration::ZERO)
             || (self.honor_must_revalidate
                 && cc.as_ref().is_some_and(|cc| {
                     cc.must_revalidate() || cc.proxy_revalidate() || s_maxage.is_some()

@@ -1042,6 +1042,10 @@ impl ProxyHttp for Skua {
                     outcome.cache_status(&self.shared.name, SystemTime::now()),
                 ),
             ];
+            // pingora closes the connection after a failed proxy attempt (what the origin
+            // sent of a body may be half read): say so, or the client reads "keep-alive" and
+            // then finds the socket closed.
+            session.set_keepalive(None);
             let _ = respond::text_with(
                 &self.shared.name,
                 session,
