@@ -642,17 +642,30 @@ async fn a_default_grace_never_serves_what_must_be_revalidated() {
     })
     .await;
     let skua = Skua::start_with(&[origin.addr], "default_grace = \"60s\"", "").await;
-    let checked = ["/no-cache", "/must-revalidate", "/proxy-revalidate", "/s-maxage", "/max-age-0"];
+    let checked = [
+        "/no-cache",
+        "/must-revalidate",
+        "/proxy-revalidate",
+        "/s-maxage",
+        "/max-age-0",
+    ];
     for path in checked.iter().chain(&["/plain"]) {
         assert_eq!(get(&skua.url(path), &[]).await.text(), "v1", "{path}");
     }
     tokio::time::sleep(Duration::from_millis(2100)).await;
     for path in checked {
         let got = get(&skua.url(path), &[]).await;
-        assert_eq!(got.text(), "v2", "{path} was served stale: {}", got.header("cache-status"));
+        assert_eq!(
+            got.text(),
+            "v2",
+            "{path} was served stale: {}",
+            got.header("cache-status")
+        );
     }
     // Positive control: the grace does serve a plain stale copy while it revalidates.
     let plain = get(&skua.url("/plain"), &[]).await;
     assert_eq!(plain.text(), "v1", "{}", plain.header("cache-status"));
-    assert!(plain.header("cache-status").contains("stale-while-revalidate"));
+    assert!(plain
+        .header("cache-status")
+        .contains("stale-while-revalidate"));
 }
