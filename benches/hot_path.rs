@@ -35,6 +35,7 @@ fn policy() -> StoragePolicy {
     StoragePolicy {
         ttl_cap: Duration::from_secs(86400),
         default_grace: Duration::ZERO,
+        stale_if_error: Duration::from_secs(300),
         honor_must_revalidate: true,
         heuristic_freshness: true,
         heuristic_max: Duration::from_secs(86400),

@@ -669,3 +669,60 @@ async fn a_default_grace_never_serves_what_must_be_revalidated() {
         .header("cache-status")
         .contains("stale-while-revalidate"));
 }
+
+/// An origin that accepts connections on `addr` and closes each before answering.
+async fn origin_that_hangs_up(addr: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+    // The stopped origin's listener closes when its aborted task is dropped: retry a while.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{addr}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            drop(stream);
+        }
+    })
+}
+
+/// Regression (RFC 9111 §4.2.4, RFC 5861): an origin that closed the connection before a
+/// response gave 502 although a stale copy that allows it was at hand. Without a directive,
+/// `[cache] stale_if_error` bounds how stale a copy may be served when the origin fails;
+/// copies that forbid stale use never qualify.
+#[tokio::test]
+async fn an_origin_that_hangs_up_gets_the_stale_copy_served() {
+    let origin = Origin::start(|seen| match seen.path.as_str() {
+        "/explicit" => cc("max-age=1, stale-if-error=60"),
+        "/forbidden" => cc("max-age=1, must-revalidate"),
+        _ => cc("max-age=1"),
+    })
+    .await;
+    let skua = Skua::start_with(&[origin.addr], "stale_if_error = \"5m\"", "").await;
+    for path in ["/explicit", "/default", "/forbidden"] {
+        assert_eq!(get(&skua.url(path), &[]).await.cache(), "miss");
+    }
+    let addr = origin.addr;
+    origin.stop();
+    let hangs_up = origin_that_hangs_up(addr).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for path in ["/explicit", "/default"] {
+        let stale = get(&skua.url(path), &[]).await;
+        assert_eq!(
+            (stale.status, stale.text().as_str()),
+            (200, "body"),
+            "{path}"
+        );
+        assert!(
+            stale
+                .header("cache-status")
+                .ends_with("detail=stale-if-error"),
+            "{path}"
+        );
+    }
+    let forbidden = get(&skua.url("/forbidden"), &[]).await;
+    assert_eq!(forbidden.status, 502, "must-revalidate was served stale");
+    hangs_up.abort();
+}

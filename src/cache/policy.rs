@@ -52,6 +52,7 @@ pub struct Freshness {
 pub struct StoragePolicy {
     pub ttl_cap: Duration,
     pub default_grace: Duration,
+    pub stale_if_error: Duration,
     pub honor_must_revalidate: bool,
     pub heuristic_freshness: bool,
     pub heuristic_max: Duration,
@@ -62,6 +63,7 @@ impl From<&CacheConfig> for StoragePolicy {
         StoragePolicy {
             ttl_cap: c.ttl_cap,
             default_grace: c.default_grace,
+            stale_if_error: c.stale_if_error,
             honor_must_revalidate: c.honor_must_revalidate,
             heuristic_freshness: c.heuristic_freshness,
             heuristic_max: c.heuristic_max,
@@ -254,10 +256,17 @@ impl StoragePolicy {
             .as_ref()
             .and_then(|cc| cc.stale_while_revalidate().ok().flatten())
             .unwrap_or(grace);
+        // On origin failure, `[cache] stale_if_error` (or the grace, if longer) where the
+        // response allows stale use at all.
+        let on_error = if forbids_stale {
+            0
+        } else {
+            grace.max(secs_u32(self.stale_if_error))
+        };
         let sie = cc
             .as_ref()
             .and_then(|cc| cc.stale_if_error().ok().flatten())
-            .unwrap_or(grace);
+            .unwrap_or(on_error);
 
         if let Some(cc) = &cc {
             cc.strip_private_headers(resp);
@@ -328,6 +337,7 @@ mod tests {
         StoragePolicy {
             ttl_cap: Duration::from_secs(86400),
             default_grace: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(300),
             honor_must_revalidate: true,
             heuristic_freshness: true,
             heuristic_max: Duration::from_secs(86400),

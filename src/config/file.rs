@@ -200,6 +200,10 @@ pub struct CacheFile {
     /// Stale-while-revalidate and stale-if-error window for responses that name none
     /// (duration). Default `0s`.
     pub default_grace: String,
+    /// How stale a copy may be served when the origin fails (cannot be reached, times out,
+    /// hangs up before answering), for responses that name no `stale-if-error` and do not
+    /// forbid stale use (RFC 9111 §4.2.4, RFC 5861 §4) (duration). Default `5m`.
+    pub stale_if_error: String,
     /// Honour `must-revalidate`, `proxy-revalidate` and `s-maxage` as RFC 9111 §4.2.4 asks: no
     /// default grace for such responses. `false` serves MediaWiki pages stale on origin errors,
     /// as Wikimedia's edge does. Default true.
@@ -272,6 +276,7 @@ impl Default for CacheFile {
             max_object_size: 8 << 20,
             ttl_cap: "1d".into(),
             default_grace: "0s".into(),
+            stale_if_error: "5m".into(),
             honor_must_revalidate: true,
             heuristic_freshness: true,
             heuristic_max: "1d".into(),

@@ -93,6 +93,7 @@ pub struct CacheConfig {
     pub max_object_size: usize,
     pub ttl_cap: Duration,
     pub default_grace: Duration,
+    pub stale_if_error: Duration,
     pub honor_must_revalidate: bool,
     pub heuristic_freshness: bool,
     pub heuristic_max: Duration,

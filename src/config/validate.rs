@@ -545,6 +545,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         c.report(&at("ttl_cap"), "must be longer than zero");
     }
     let default_grace = c.duration(&at("default_grace"), &k.default_grace);
+    let stale_if_error = c.duration(&at("stale_if_error"), &k.stale_if_error);
     let heuristic_max = c.duration(&at("heuristic_max"), &k.heuristic_max);
     let lock_timeout = c.duration(&at("lock_timeout"), &k.lock_timeout);
     let mut bypass_cookies = Vec::new();
@@ -645,6 +646,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         max_object_size: k.max_object_size as usize,
         ttl_cap,
         default_grace,
+        stale_if_error,
         honor_must_revalidate: k.honor_must_revalidate,
         heuristic_freshness: k.heuristic_freshness,
         heuristic_max,
