@@ -726,3 +726,42 @@ async fn an_origin_that_hangs_up_gets_the_stale_copy_served() {
     assert_eq!(forbidden.status, 502, "must-revalidate was served stale");
     hangs_up.abort();
 }
+
+/// RFC 9110 §5.6.7: a recipient accepts all three HTTP-date forms; names in any case and a
+/// weekday that does not match the date are still that date (regression: each of these
+/// `Expires` values was read as "already expired").
+#[tokio::test]
+async fn every_http_date_form_is_read() {
+    let origin = Origin::start(|seen| {
+        let expires = std::time::SystemTime::now() + Duration::from_secs(3600);
+        let imf = httpdate::fmt_http_date(expires); // "Sun, 06 Nov 1994 08:49:37 GMT"
+        let p: Vec<&str> = imf.split([' ', ',']).filter(|s| !s.is_empty()).collect();
+        let (day, month, year, time) = (p[1], p[2], p[3], p[4]);
+        let value = match seen.path.as_str() {
+            "/lowercase" => imf.to_ascii_lowercase(),
+            "/weekday" => format!("Xyz, {day} {month} {year} {time} GMT"),
+            "/rfc850" => format!("Someday, {day}-{month}-{} {time} GMT", &year[2..]),
+            "/asctime" => format!(
+                "Sun {month} {:>2} {time} {year}",
+                day.trim_start_matches('0')
+            ),
+            _ => "0".to_string(),
+        };
+        Reply::ok("body").header("expires", value)
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for path in ["/lowercase", "/weekday", "/rfc850", "/asctime", "/invalid"] {
+        get(&skua.url(path), &[]).await;
+        get(&skua.url(path), &[]).await;
+    }
+    for path in ["/lowercase", "/weekday", "/rfc850", "/asctime"] {
+        assert_eq!(
+            origin.count(path),
+            1,
+            "{path}: the Expires date was not read"
+        );
+    }
+    // An Expires that is no date means already expired (RFC 9111 §5.3).
+    assert_eq!(origin.count("/invalid"), 2);
+}

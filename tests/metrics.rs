@@ -89,7 +89,8 @@ async fn access_log_records_each_request_with_its_cache_status() {
 #[tokio::test]
 async fn evictions_are_counted_by_reason() {
     let origin = Origin::start(|req| match req.path.as_str() {
-        "/short" => Reply::ok("brief").header("cache-control", "max-age=1"),
+        // No stale window of its own, and none from `[cache] stale_if_error` either.
+        "/short" => Reply::ok("brief").header("cache-control", "max-age=1, stale-if-error=0"),
         "/kept" => Reply::ok("kept")
             .header("cache-control", "max-age=1")
             .header("etag", "\"k\""),

@@ -6,6 +6,7 @@
 //! memory when it fits; a miss is written to both tiers as it streams (write-through).
 
 pub mod bans;
+pub mod date;
 pub mod disk;
 pub mod files;
 pub mod key;

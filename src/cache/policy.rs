@@ -297,11 +297,7 @@ impl StoragePolicy {
 /// "0") means already expired (§5.3).
 fn expires_lifetime(resp: &ResponseHeader, now: SystemTime) -> Option<Duration> {
     let raw = resp.headers.get(header::EXPIRES)?;
-    let expires = match raw
-        .to_str()
-        .ok()
-        .and_then(|s| httpdate::parse_http_date(s.trim()).ok())
-    {
+    let expires = match raw.to_str().ok().and_then(super::date::parse) {
         Some(t) => t,
         None => return Some(Duration::ZERO),
     };
@@ -310,8 +306,7 @@ fn expires_lifetime(resp: &ResponseHeader, now: SystemTime) -> Option<Duration> 
 }
 
 fn http_date(resp: &ResponseHeader, name: header::HeaderName) -> Option<SystemTime> {
-    let v = resp.headers.get(name)?.to_str().ok()?;
-    httpdate::parse_http_date(v.trim()).ok()
+    super::date::parse(resp.headers.get(name)?.to_str().ok()?)
 }
 
 fn secs_u32(d: Duration) -> u32 {

@@ -1,0 +1,167 @@
+//! HTTP-date as recipients must read it (RFC 9110 §5.6.7): the preferred IMF-fixdate and the
+//! two obsolete forms, RFC 850 and asctime, "MUST" all be accepted. Names are compared without
+//! regard to case and the weekday is not checked against the date (it adds nothing a cache
+//! needs, and an origin that gets it wrong still means the date it wrote). A value that is
+//! none of these is `None`; for `Expires` that means already expired (RFC 9111 §5.3).
+
+use std::time::{Duration, SystemTime};
+
+const MONTHS: [&[u8; 3]; 12] = [
+    b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul", b"aug", b"sep", b"oct", b"nov", b"dec",
+];
+
+/// Parses `Sun, 06 Nov 1994 08:49:37 GMT`, `Sunday, 06-Nov-94 08:49:37 GMT` or
+/// `Sun Nov  6 08:49:37 1994`.
+pub fn parse(value: &str) -> Option<SystemTime> {
+    let value = value.trim();
+    let (day, month, year, time) = match value.split_once(',') {
+        Some((_weekday, rest)) => {
+            let parts: Vec<&str> = rest.split_ascii_whitespace().collect();
+            match parts.as_slice() {
+                [day, month, year, time, gmt] if gmt.eq_ignore_ascii_case("GMT") => {
+                    (*day, *month, year_of(year, false)?, *time)
+                }
+                [date, time, gmt] if gmt.eq_ignore_ascii_case("GMT") => {
+                    let mut fields = date.split('-');
+                    let (day, month, year) = (fields.next()?, fields.next()?, fields.next()?);
+                    if fields.next().is_some() {
+                        return None;
+                    }
+                    (day, month, year_of(year, true)?, *time)
+                }
+                _ => return None,
+            }
+        }
+        None => match value
+            .split_ascii_whitespace()
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            [_weekday, month, day, time, year] => (*day, *month, year_of(year, false)?, *time),
+            _ => return None,
+        },
+    };
+    let day: u32 = digits(day, 1, 2)?;
+    let month = month.as_bytes();
+    let month = MONTHS
+        .iter()
+        .position(|m| month.len() == 3 && month.eq_ignore_ascii_case(&m[..]))?
+        as u32
+        + 1;
+    let mut hms = time.split(':');
+    let (hour, minute, second) = (
+        digits(hms.next()?, 2, 2)?,
+        digits(hms.next()?, 2, 2)?,
+        digits(hms.next()?, 2, 2)?,
+    );
+    if hms.next().is_some() || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    if day == 0 || day > days_in_month(year, month) {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    let seconds = days * 86_400 + i64::from(hour * 3600 + minute * 60 + second.min(59));
+    let seconds = u64::try_from(seconds).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+}
+
+/// A decimal number of `min..=max` digits.
+fn digits(s: &str, min: usize, max: usize) -> Option<u32> {
+    if s.len() < min || s.len() > max || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// A four-digit year, or with `two_digits` RFC 850's two: RFC 9110 §5.6.7, "a timestamp that
+/// appears to be more than 50 years in the future is in fact in the past", read against today.
+fn year_of(s: &str, two_digits: bool) -> Option<i64> {
+    if !two_digits {
+        return digits(s, 4, 4).map(i64::from);
+    }
+    let yy = i64::from(digits(s, 2, 2)?);
+    let this_year = 1970
+        + SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / 31_556_952) as i64;
+    let century = this_year - this_year % 100;
+    let year = century + yy;
+    Some(if year > this_year + 50 {
+        year - 100
+    } else {
+        year
+    })
+}
+
+fn is_leap(year: i64) -> bool {
+    (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
+}
+
+fn days_in_month(year: i64, month: u32) -> u32 {
+    match month {
+        2 if is_leap(year) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn all_three_forms_in_any_case_with_any_weekday() {
+        let want = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        for form in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "sun, 06 nov 1994 08:49:37 gmt",
+            "Fri, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "  Sun, 06 NOV 1994 08:49:37 GMT ",
+        ] {
+            assert_eq!(parse(form), Some(want), "{form}");
+        }
+        assert_eq!(
+            parse("Thu, 01 Jan 1970 00:00:00 GMT"),
+            Some(SystemTime::UNIX_EPOCH)
+        );
+        assert_eq!(
+            parse("Tue, 29 Feb 2028 12:00:00 GMT").is_some(),
+            true,
+            "a leap day"
+        );
+    }
+
+    #[test]
+    fn anything_else_is_not_a_date() {
+        for bad in [
+            "0",
+            "-1",
+            "",
+            "Sun, 06 Nov 1994 08:49:37",
+            "Sun, 06 Nov 1994 08:49:37 PST",
+            "Sun, 31 Feb 1994 08:49:37 GMT",
+            "Sun, 06 Foo 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 25:49:37 GMT",
+            "Sun, 06 Nov 94 08:49:37 GMT",
+            "Sun, 06 Nov 1994 8:49:37 GMT",
+        ] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
+}
