@@ -765,3 +765,56 @@ async fn every_http_date_form_is_read() {
     // An Expires that is no date means already expired (RFC 9111 §5.3).
     assert_eq!(origin.count("/invalid"), 2);
 }
+
+/// RFC 9111 §4.1: variants are matched on normalised values, so whitespace and line breaks
+/// in a varied request field do not make new variants (regression: `de, fr`, `de,fr` and two
+/// `Accept-Language` lines were three copies). Member order still counts.
+#[tokio::test]
+async fn variants_match_on_normalised_values() {
+    let origin = Origin::start(|seen| {
+        let langs = seen
+            .headers
+            .get_all("accept-language")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+            .join("|");
+        Reply::ok(format!("for {langs}"))
+            .header("cache-control", "max-age=600")
+            .header("vary", "accept-language")
+            .header("vary", "Accept-Language")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/v");
+    assert_eq!(
+        get(&url, &[("accept-language", "de, fr")]).await.cache(),
+        "miss"
+    );
+    assert_eq!(
+        get(&url, &[("accept-language", "de,fr")]).await.cache(),
+        "hit-front"
+    );
+    assert_eq!(
+        get(&url, &[("accept-language", " de ,fr ")]).await.cache(),
+        "hit-front"
+    );
+    let two_lines = raw(
+        skua.addr,
+        &format!(
+            "GET /v HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAccept-Language: de\r\nAccept-Language: fr\r\nConnection: close\r\n\r\n",
+            skua.addr.port()
+        ),
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(
+        two_lines.contains("x-cache-status: hit-front"),
+        "{two_lines}"
+    );
+    assert_eq!(
+        get(&url, &[("accept-language", "fr, de")]).await.cache(),
+        "miss"
+    );
+    assert_eq!(origin.count("/v"), 2);
+}

@@ -72,20 +72,33 @@ pub fn variance_for(names: &[String], req: &HeaderMap) -> Option<HashBinary> {
         let value: Vec<u8> = match name.as_str() {
             "accept-encoding" => normalize_accept_encoding(req).as_str().into(),
             "cookie" => Vec::new(),
-            other => {
-                let mut joined = Vec::new();
-                for (i, v) in req.get_all(other).iter().enumerate() {
-                    if i > 0 {
-                        joined.push(b',');
-                    }
-                    joined.extend_from_slice(v.as_bytes());
-                }
-                joined
-            }
+            other => normalized_value(req, other),
         };
         builder.add_owned_name_value(name.clone(), value);
     }
     builder.finalize()
+}
+
+/// A request field's value as a variant key compares it (RFC 9111 §4.1: "normalizing both
+/// header field values in a way that is known to have identical semantics"): every line and
+/// list member in order, without the whitespace around members, so `de, fr`, `de,fr` and two
+/// lines `de` and `fr` select one variant. The members' order is kept: it can carry meaning
+/// (a language preference).
+fn normalized_value(req: &HeaderMap, name: &str) -> Vec<u8> {
+    let mut joined = Vec::new();
+    let members = req
+        .get_all(name)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|m| !m.is_empty());
+    for (i, member) in members.enumerate() {
+        if i > 0 {
+            joined.push(b',');
+        }
+        joined.extend_from_slice(member);
+    }
+    joined
 }
 
 #[cfg(test)]
@@ -136,6 +149,32 @@ mod tests {
             variance(&s, &req(&[("cookie", "centralnotice=1")])),
             variance(&s, &req(&[]))
         );
+    }
+
+    #[test]
+    fn whitespace_and_line_breaks_do_not_make_a_variant() {
+        let s = stored("accept-language, ACCEPT-LANGUAGE");
+        let one = variance(&s, &req(&[("accept-language", "de, fr")]));
+        assert_eq!(one, variance(&s, &req(&[("accept-language", "de,fr")])));
+        assert_eq!(
+            one,
+            variance(&s, &req(&[("accept-language", " de ,  fr ")]))
+        );
+        assert_eq!(
+            one,
+            variance(
+                &s,
+                &req(&[("accept-language", "de"), ("accept-language", "fr")])
+            )
+        );
+        assert_eq!(
+            one,
+            variance(
+                &stored("Accept-Language"),
+                &req(&[("accept-language", "de,fr")])
+            )
+        );
+        assert_ne!(one, variance(&s, &req(&[("accept-language", "fr, de")])));
     }
 
     #[test]
