@@ -818,3 +818,31 @@ async fn variants_match_on_normalised_values() {
     );
     assert_eq!(origin.count("/v"), 2);
 }
+
+/// RFC 9213 §2.1: `CDN-Cache-Control` is a Structured Field dictionary; one that does not
+/// parse (`max-age=10000, &&&&&`, `max-age="10000"`) is ignored whole and `Cache-Control`
+/// rules (regression: both were used as ten-thousand-second lifetimes).
+#[tokio::test]
+async fn a_malformed_cdn_cache_control_is_ignored_whole() {
+    let origin = Origin::start(|seen| {
+        let targeted = match seen.path.as_str() {
+            "/garbage" => "max-age=10000, &&&&&",
+            "/string" => "max-age=\"10000\"",
+            _ => "max-age=10000",
+        };
+        Reply::ok("body")
+            .header("cache-control", "no-store")
+            .header("cdn-cache-control", targeted)
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for path in ["/garbage", "/string", "/valid"] {
+        get(&skua.url(path), &[]).await;
+        get(&skua.url(path), &[]).await;
+    }
+    // Ignored: Cache-Control's no-store rules, nothing is stored.
+    assert_eq!(origin.count("/garbage"), 2);
+    assert_eq!(origin.count("/string"), 2);
+    // Positive control: a valid targeted field overrides Cache-Control.
+    assert_eq!(origin.count("/valid"), 1);
+}

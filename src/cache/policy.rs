@@ -111,6 +111,42 @@ fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     }
 }
 
+/// Whether `CDN-Cache-Control` holds a valid Structured Field dictionary (RFC 9213 §2.1, RFC
+/// 8941 §4.2) whose lifetimes are non-negative Integers: "If a targeted field in a given
+/// response is empty, or a parsing error is encountered, that field SHOULD be ignored by the
+/// cache". Regression: `max-age=10000, &&&&&` and `max-age="10000"` were used as lifetimes.
+fn targeted_field_is_valid(headers: &http::HeaderMap) -> bool {
+    let mut joined = Vec::new();
+    for (i, line) in headers.get_all("cdn-cache-control").iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(line.as_bytes());
+    }
+    if joined.trim_ascii().is_empty() {
+        return false;
+    }
+    let Ok(dictionary) = sfv::Parser::parse_dictionary(&joined) else {
+        return false;
+    };
+    const LIFETIMES: [&str; 4] = [
+        "max-age",
+        "s-maxage",
+        "stale-while-revalidate",
+        "stale-if-error",
+    ];
+    dictionary.iter().all(|(name, entry)| {
+        !LIFETIMES.contains(&name.as_str())
+            || matches!(
+                entry,
+                sfv::ListEntry::Item(sfv::Item {
+                    bare_item: sfv::BareItem::Integer(n),
+                    ..
+                }) if *n >= 0
+            )
+    })
+}
+
 /// The `Age` a response arrived with (RFC 9111 §5.1): delta-seconds; of a list (several
 /// caches appended theirs, or repeated lines), the first member; an invalid value is ignored
 /// (regression: `Age: 7200, 0` was read as 0, and a two-hour-old response served as fresh).
@@ -170,8 +206,13 @@ impl StoragePolicy {
         if vary_names(resp).any(|n| n == "*") {
             return Err(Uncacheable::VaryStar);
         }
-        // RFC 9213 §2.1: a cache that uses a targeted field ignores Cache-Control.
-        let targeted = CacheControl::from_resp_headers_named("cdn-cache-control", resp);
+        // RFC 9213 §2.1: a cache that uses a targeted field ignores Cache-Control. The field is
+        // a Structured Field dictionary; one that does not parse as such is ignored whole.
+        let targeted = if targeted_field_is_valid(&resp.headers) {
+            CacheControl::from_resp_headers_named("cdn-cache-control", resp)
+        } else {
+            None
+        };
         let is_targeted = targeted.is_some();
         let cc = targeted.or_else(|| CacheControl::from_resp_headers(resp));
         if let Some(cc) = &cc {
@@ -382,6 +423,34 @@ mod tests {
         assert_eq!(ttl(&f), 300);
         // must-revalidate and s-maxage forbid the default grace.
         assert_eq!(f.stale_if_error_sec, 0);
+    }
+
+    #[test]
+    fn a_cdn_cache_control_that_is_no_structured_dictionary_is_ignored_whole() {
+        for bad in [
+            "max-age=10000, &&&&&",
+            "max-age=\"10000\"",
+            "max-age=-5",
+            "",
+        ] {
+            let mut r = resp(
+                200,
+                &[("cache-control", "max-age=30"), ("cdn-cache-control", bad)],
+            );
+            let f = policy().decide(&mut r, false, SystemTime::now()).unwrap();
+            assert_eq!(ttl(&f), 30, "{bad:?}: Cache-Control should rule");
+        }
+        let mut r = resp(
+            200,
+            &[
+                ("cache-control", "max-age=30"),
+                ("cdn-cache-control", "max-age=50, public"),
+            ],
+        );
+        assert_eq!(
+            ttl(&policy().decide(&mut r, false, SystemTime::now()).unwrap()),
+            50
+        );
     }
 
     #[test]
