@@ -36,6 +36,7 @@ fn policy() -> StoragePolicy {
         ttl_cap: Duration::from_secs(86400),
         default_grace: Duration::ZERO,
         stale_if_error: Duration::from_secs(300),
+        store_server_errors: true,
         honor_must_revalidate: true,
         heuristic_freshness: true,
         heuristic_max: Duration::from_secs(86400),

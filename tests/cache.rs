@@ -846,3 +846,34 @@ async fn a_malformed_cdn_cache_control_is_ignored_whole() {
     // Positive control: a valid targeted field overrides Cache-Control.
     assert_eq!(origin.count("/valid"), 1);
 }
+
+/// RFC 9111 §3: a final response with explicit freshness is storable whatever its status
+/// (regression: 299, 303, 400, 499, 500 and 599 with `max-age=3600` were never stored).
+/// `store_server_errors = false` keeps an origin's 5xx out.
+#[tokio::test]
+async fn any_status_with_explicit_freshness_is_stored() {
+    let origin = Origin::start(|seen| {
+        let status: u16 = seen.path.trim_start_matches('/').parse().unwrap_or(200);
+        Reply::ok(format!("status {status}"))
+            .status(status)
+            .header("cache-control", "max-age=3600")
+    })
+    .await;
+    let statuses = [299u16, 303, 400, 499, 500, 599];
+    let skua = Skua::start(&[origin.addr], "").await;
+    for status in statuses {
+        let path = format!("/{status}");
+        let first = get(&skua.url(&path), &[]).await;
+        let second = get(&skua.url(&path), &[]).await;
+        assert_eq!((first.status, second.status), (status, status));
+        assert_eq!(second.cache(), "hit-front", "{status} was not stored");
+        assert_eq!(origin.count(&path), 1, "{status}");
+    }
+    let strict = Skua::start_with(&[origin.addr], "store_server_errors = false", "").await;
+    for (status, stored) in [(400, true), (500, false), (599, false)] {
+        let path = format!("/{status}");
+        get(&strict.url(&path), &[]).await;
+        let again = get(&strict.url(&path), &[]).await;
+        assert_eq!(again.cache() == "hit-front", stored, "{status}");
+    }
+}

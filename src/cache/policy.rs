@@ -53,6 +53,7 @@ pub struct StoragePolicy {
     pub ttl_cap: Duration,
     pub default_grace: Duration,
     pub stale_if_error: Duration,
+    pub store_server_errors: bool,
     pub honor_must_revalidate: bool,
     pub heuristic_freshness: bool,
     pub heuristic_max: Duration,
@@ -64,6 +65,7 @@ impl From<&CacheConfig> for StoragePolicy {
             ttl_cap: c.ttl_cap,
             default_grace: c.default_grace,
             stale_if_error: c.stale_if_error,
+            store_server_errors: c.store_server_errors,
             honor_must_revalidate: c.honor_must_revalidate,
             heuristic_freshness: c.heuristic_freshness,
             heuristic_max: c.heuristic_max,
@@ -74,18 +76,23 @@ impl From<&CacheConfig> for StoragePolicy {
 /// RFC 9110 §15.1: "Responses with status codes that are defined as heuristically cacheable
 /// (e.g., 200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, and 501 in this
 /// specification) can be reused by a cache with heuristic expiration". 206 is left out because
-/// the cache always fetches whole objects, and 501 because an error is never stored here.
+/// the cache stores whole objects only.
 fn heuristically_cacheable(status: u16) -> bool {
     matches!(
         status,
-        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
     )
 }
 
-/// Statuses stored when the origin gives explicit freshness. Errors (5xx) never are: a failing
-/// origin must not poison the cache.
-fn storable_status(status: u16) -> bool {
-    heuristically_cacheable(status) || matches!(status, 302 | 307)
+/// RFC 9111 §3: any final status may be stored when the response says how long it is fresh
+/// (or is `public`); which ones get a heuristic lifetime is [`heuristically_cacheable`]. Not
+/// stored: 206 (only whole objects are kept), 304 (it updates a stored response; §4.3.4), 101
+/// and 1xx (not final), and 5xx when `[cache] store_server_errors` is off. Skua's own answers
+/// to an origin failure (502, 504) never reach storage.
+fn storable_status(status: u16, store_server_errors: bool) -> bool {
+    (200..600).contains(&status)
+        && !matches!(status, 206 | 304)
+        && (store_server_errors || status < 500)
 }
 
 /// RFC 9111 §1.2.2: a delta-seconds value too large to represent is taken as 2^31.
@@ -194,7 +201,7 @@ impl StoragePolicy {
         now: SystemTime,
     ) -> Result<Freshness, Uncacheable> {
         let status = resp.status.as_u16();
-        if !storable_status(status) {
+        if !storable_status(status, self.store_server_errors) {
             return Err(Uncacheable::Status);
         }
         // A cookie set for one reader must never be handed to another.
@@ -259,7 +266,7 @@ impl StoragePolicy {
         };
         let lifetime = match explicit {
             Some(l) => l,
-            None => match self.heuristic_lifetime(resp, now) {
+            None => match self.heuristic_lifetime(resp, cc.as_ref(), now) {
                 Some(l) => l,
                 None => return Err(Uncacheable::NoFreshness),
             },
@@ -323,8 +330,16 @@ impl StoragePolicy {
 
     /// RFC 9111 §4.2.2: "a typical setting of this fraction might be 10%" of the time since
     /// Last-Modified.
-    fn heuristic_lifetime(&self, resp: &ResponseHeader, now: SystemTime) -> Option<Duration> {
-        if !self.heuristic_freshness || !heuristically_cacheable(resp.status.as_u16()) {
+    /// §4.2.2: only for a heuristically cacheable status, or a response "marked explicitly
+    /// cacheable (e.g., with a public response directive)".
+    fn heuristic_lifetime(
+        &self,
+        resp: &ResponseHeader,
+        cc: Option<&CacheControl>,
+        now: SystemTime,
+    ) -> Option<Duration> {
+        let public = cc.is_some_and(|cc| cc.public());
+        if !self.heuristic_freshness || !(heuristically_cacheable(resp.status.as_u16()) || public) {
             return None;
         }
         let last_modified = http_date(resp, header::LAST_MODIFIED)?;
@@ -374,6 +389,7 @@ mod tests {
             ttl_cap: Duration::from_secs(86400),
             default_grace: Duration::from_secs(60),
             stale_if_error: Duration::from_secs(300),
+            store_server_errors: true,
             honor_must_revalidate: true,
             heuristic_freshness: true,
             heuristic_max: Duration::from_secs(86400),
@@ -492,7 +508,8 @@ mod tests {
                 &[("cache-control", "max-age=60"), ("vary", "Accept, *")],
                 Uncacheable::VaryStar,
             ),
-            (503, &[("cache-control", "max-age=60")], Uncacheable::Status),
+            (206, &[("cache-control", "max-age=60")], Uncacheable::Status),
+            (503, &[], Uncacheable::NoFreshness),
             (200, &[], Uncacheable::NoFreshness),
         ];
         for (status, headers, want) in cases {
@@ -501,6 +518,41 @@ mod tests {
         }
         let mut r = resp(200, &[("cache-control", "max-age=60")]);
         assert_eq!(p.decide(&mut r, true, now), Err(Uncacheable::Authorization));
+        let no_errors = StoragePolicy {
+            store_server_errors: false,
+            ..policy()
+        };
+        let mut r = resp(503, &[("cache-control", "max-age=60")]);
+        assert_eq!(
+            no_errors.decide(&mut r, false, now),
+            Err(Uncacheable::Status)
+        );
+    }
+
+    #[test]
+    fn any_final_status_with_explicit_freshness_is_stored() {
+        let now = SystemTime::now();
+        for status in [299, 303, 400, 499, 500, 599] {
+            let mut r = resp(status, &[("cache-control", "max-age=3600")]);
+            let f = policy().decide(&mut r, false, now);
+            assert_eq!(f.map(|f| ttl(&f)), Ok(3600), "{status}");
+        }
+        // No heuristic lifetime for a status that is not heuristically cacheable...
+        let lm = httpdate::fmt_http_date(now - Duration::from_secs(10_000));
+        let mut r = resp(302, &[("last-modified", lm.as_str())]);
+        assert_eq!(
+            policy().decide(&mut r, false, now),
+            Err(Uncacheable::NoFreshness)
+        );
+        // ...unless the response is marked public (RFC 9111 §4.2.2).
+        let mut r = resp(
+            302,
+            &[("last-modified", lm.as_str()), ("cache-control", "public")],
+        );
+        assert_eq!(
+            policy().decide(&mut r, false, now).map(|f| ttl(&f)),
+            Ok(1000)
+        );
     }
 
     #[test]

@@ -204,6 +204,9 @@ pub struct CacheFile {
     /// hangs up before answering), for responses that name no `stale-if-error` and do not
     /// forbid stale use (RFC 9111 §4.2.4, RFC 5861 §4) (duration). Default `5m`.
     pub stale_if_error: String,
+    /// Store 5xx responses from the origin when they say how long they are fresh, as RFC 9111
+    /// allows. Default true; false never stores an origin's 5xx.
+    pub store_server_errors: bool,
     /// Honour `must-revalidate`, `proxy-revalidate` and `s-maxage` as RFC 9111 §4.2.4 asks: no
     /// default grace for such responses. `false` serves MediaWiki pages stale on origin errors,
     /// as Wikimedia's edge does. Default true.
@@ -277,6 +280,7 @@ impl Default for CacheFile {
             ttl_cap: "1d".into(),
             default_grace: "0s".into(),
             stale_if_error: "5m".into(),
+            store_server_errors: true,
             honor_must_revalidate: true,
             heuristic_freshness: true,
             heuristic_max: "1d".into(),

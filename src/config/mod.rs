@@ -94,6 +94,7 @@ pub struct CacheConfig {
     pub ttl_cap: Duration,
     pub default_grace: Duration,
     pub stale_if_error: Duration,
+    pub store_server_errors: bool,
     pub honor_must_revalidate: bool,
     pub heuristic_freshness: bool,
     pub heuristic_max: Duration,

@@ -647,6 +647,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         ttl_cap,
         default_grace,
         stale_if_error,
+        store_server_errors: k.store_server_errors,
         honor_must_revalidate: k.honor_must_revalidate,
         heuristic_freshness: k.heuristic_freshness,
         heuristic_max,
