@@ -311,11 +311,13 @@ async fn conditional_request_on_a_hit_gets_304() {
 }
 
 #[tokio::test]
-async fn origin_errors_are_never_cached() {
+async fn origin_errors_without_a_lifetime_are_never_cached() {
+    // 503 is not heuristically cacheable (RFC 9110 §15.1): without a lifetime of its own (a
+    // Last-Modified only) it is never stored; with one, `any_status_with_explicit_freshness_is_stored`.
     let origin = Origin::start(|_| {
         Reply::ok("down")
             .status(503)
-            .header("cache-control", "max-age=60")
+            .header("last-modified", "Thu, 01 Jan 2015 00:00:00 GMT")
     })
     .await;
     let skua = Skua::start(&[origin.addr], "").await;
