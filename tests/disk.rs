@@ -561,3 +561,67 @@ async fn a_restart_without_a_bus_revalidates_what_the_disk_holds() {
         1.0
     );
 }
+
+/// Regression (RFC 9111 §3.2, §4.3.4): only `Cache-Control`, `Expires` and `ETag` were taken
+/// from a 304; every other field it carries must replace the stored one, in both tiers and
+/// across a restart, and new surrogate keys must name the object.
+#[tokio::test]
+async fn a_304_updates_every_stored_field_it_carries() {
+    let origin = Origin::start(|seen| {
+        if seen
+            .headers
+            .get("if-none-match")
+            .is_some_and(|v| v == "\"e\"")
+        {
+            return Reply::ok("")
+                .status(304)
+                .header("etag", "\"e\"")
+                .header("cache-control", "max-age=600")
+                .header("test-header", "2")
+                .header("last-modified", "Wed, 01 Jan 2025 00:00:00 GMT")
+                .header("surrogate-key", format!("new{}", seen.path));
+        }
+        Reply::ok(format!("body of {}", seen.path))
+            .header("etag", "\"e\"")
+            .header("cache-control", "max-age=1")
+            .header("test-header", "1")
+            .header("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT")
+            .header("surrogate-key", "old")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
+    let port = skua.port();
+    for page in ["/kept", "/tagged"] {
+        assert_eq!(get(&skua.url(page), &[]).await.header("test-header"), "1");
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    for page in ["/kept", "/tagged"] {
+        let revalidated = get(&skua.url(page), &[]).await;
+        assert_eq!(revalidated.cache(), "revalidated");
+        assert_eq!(revalidated.header("test-header"), "2");
+        let hit = get(&skua.url(page), &[]).await;
+        assert!(hit.cache().starts_with("hit-"), "{}", hit.cache());
+        assert_eq!(
+            (hit.header("test-header"), hit.header("last-modified")),
+            ("2", "Wed, 01 Jan 2025 00:00:00 GMT")
+        );
+    }
+    // The new surrogate key names the object.
+    let purge = send(
+        &client(),
+        "PURGE",
+        &skua.url("/"),
+        &[("surrogate-key", "new/tagged")],
+    )
+    .await;
+    assert_eq!(purge.status, 204);
+    assert_eq!(get(&skua.url("/tagged"), &[]).await.cache(), "miss");
+    skua.stop();
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
+    let after = get(&skua.url("/kept"), &[]).await;
+    assert_eq!(
+        (after.cache(), after.header("test-header")),
+        ("hit-local", "2")
+    );
+}

@@ -253,6 +253,22 @@ impl Storage for Store {
             None => false,
         };
         let in_memory = self.memory.update_meta(key, meta, trace).await?;
+        // A 304 may bring new surrogate keys: the index names the object under them too.
+        let primary = key.primary_bin();
+        let mut indexed = true;
+        for (held, tier) in [(on_disk, Tier::Disk), (in_memory, Tier::Memory)] {
+            if held {
+                indexed &= self.tags.record(primary, tier, meta.response_header());
+            }
+        }
+        if !indexed {
+            if let Some(disk) = self.disk {
+                disk.purge_all(&primary);
+            }
+            self.memory.purge_all(&primary);
+            self.tags.forget_everywhere(&primary);
+            return Ok(false);
+        }
         Ok(on_disk || in_memory)
     }
 

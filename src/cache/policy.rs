@@ -168,6 +168,43 @@ fn age(headers: &http::HeaderMap) -> u64 {
         .min(DELTA_SECONDS_OVERFLOW)
 }
 
+/// Updates a stored header with the fields of the 304 that validated it (RFC 9111 §4.3.4:
+/// "the cache MUST ... use other header fields provided in the 304 (Not Modified) response to
+/// replace all instances of the corresponding header fields in the stored response"; §3.2
+/// excepts `Content-Length`, fields excluded from storage and fields processed by the
+/// recipient). Regression: only `Cache-Control`, `Expires` and `ETag` were taken.
+pub fn update_from_304(stored: &mut ResponseHeader, not_modified: &http::HeaderMap) {
+    let nominated = connection_nominated(not_modified);
+    let excepted = |name: &http::HeaderName| {
+        nominated.contains(name)
+            || [
+                header::CONTENT_LENGTH,
+                header::TRANSFER_ENCODING,
+                header::CONNECTION,
+                header::TE,
+                header::TRAILER,
+                header::UPGRADE,
+                header::AGE,
+                header::CONTENT_ENCODING,
+                header::CONTENT_RANGE,
+            ]
+            .contains(name)
+            || matches!(
+                name.as_str(),
+                "keep-alive" | "proxy-connection" | "x-cache-status" | "cache-status"
+            )
+    };
+    for name in not_modified.keys() {
+        if excepted(name) {
+            continue;
+        }
+        stored.remove_header(name);
+        for value in not_modified.get_all(name) {
+            let _ = stored.append_header(name.clone(), value.clone());
+        }
+    }
+}
+
 /// The fields a message's `Connection` header names (RFC 9110 §7.6.1: "a proxy or gateway MUST
 /// parse a received Connection header field before a message is forwarded and, for each
 /// connection-option in this field, remove any header or trailer field(s) from the message with

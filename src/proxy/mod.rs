@@ -292,6 +292,9 @@ pub struct RequestCtx {
     health: bool,
     /// The protocol (lowercased) this request may switch to, when it asked and its pool allows.
     upgrade: Option<String>,
+    /// The fields of a 304 the origin answered a revalidation with, to update the stored
+    /// header (RFC 9111 §4.3.4).
+    not_modified: Option<http::HeaderMap>,
 }
 
 /// The protocol a request asks to switch to (`Upgrade`, RFC 9110 §7.8), when `pool` allows
@@ -553,6 +556,7 @@ impl ProxyHttp for Skua {
             origin_response: None,
             health: false,
             upgrade: None,
+            not_modified: None,
         }
     }
 
@@ -885,6 +889,7 @@ impl ProxyHttp for Skua {
         ctx.origin_response = Some((status, waited));
         if status == 304 && session.cache.enabled() {
             ctx.fwd_status = Some(304);
+            ctx.not_modified = Some(resp.headers.clone());
         }
         Ok(())
     }
@@ -896,6 +901,11 @@ impl ProxyHttp for Skua {
         ctx: &mut RequestCtx,
     ) -> Result<RespCacheable> {
         let mut stored = resp.clone();
+        if let Some(fields) = ctx.not_modified.take() {
+            // pingora merges only a few fields of a 304 into the stored header; RFC 9111
+            // §4.3.4 asks for all of them.
+            crate::cache::policy::update_from_304(&mut stored, &fields);
+        }
         let authorization = session
             .req_header()
             .headers
