@@ -143,28 +143,30 @@ async fn session_cookie_passes() {
 
 #[tokio::test]
 async fn vary_variants_are_cached_apart() {
+    // Two copies: one for clients that take brotli, one for everyone else (gzip, or
+    // decompressed for a client that takes neither). The origin says which one it made.
     let origin = Origin::start(|req| {
-        let gzip = req.header("accept-encoding") == Some("gzip");
-        Reply::ok(if gzip { "gzipped" } else { "plain" })
+        let asked = req.header("accept-encoding").unwrap_or("").to_string();
+        Reply::ok(format!("made for {asked}"))
             .header("cache-control", "max-age=60")
             .header("vary", "Accept-Encoding")
     })
     .await;
     let skua = Skua::start(&[origin.addr], "").await;
     let url = skua.url("/v");
-    let gz = [("accept-encoding", "gzip, deflate, br")];
+    let br = [("accept-encoding", "gzip, deflate, br")];
     let id = [("accept-encoding", "identity")];
-    assert_eq!(get(&url, &gz).await.text(), "gzipped");
-    assert_eq!(get(&url, &id).await.text(), "plain");
-    let gz_hit = get(&url, &[("accept-encoding", "br, gzip")]).await;
-    let id_hit = get(&url, &id).await;
+    assert_eq!(get(&url, &br).await.text(), "made for br, gzip");
+    assert_eq!(get(&url, &id).await.text(), "made for gzip");
+    let br_hit = get(&url, &[("accept-encoding", "br")]).await;
+    let gzip_hit = get(&url, &[("accept-encoding", "x-gzip, deflate")]).await;
     assert_eq!(
-        (gz_hit.cache(), gz_hit.text().as_str()),
-        ("hit-front", "gzipped")
+        (br_hit.cache(), br_hit.text().as_str()),
+        ("hit-front", "made for br, gzip")
     );
     assert_eq!(
-        (id_hit.cache(), id_hit.text().as_str()),
-        ("hit-front", "plain")
+        (gzip_hit.cache(), gzip_hit.text().as_str()),
+        ("hit-front", "made for gzip")
     );
     assert_eq!(origin.count("/v"), 2);
 }
@@ -878,4 +880,87 @@ async fn any_status_with_explicit_freshness_is_stored() {
         let again = get(&strict.url(&path), &[]).await;
         assert_eq!(again.cache() == "hit-front", stored, "{status}");
     }
+}
+
+fn gunzip(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(bytes), &mut out).unwrap();
+    out
+}
+
+fn unbrotli(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut brotli::Decompressor::new(bytes, 4096), &mut out).unwrap();
+    out
+}
+
+/// Regression (a real MediaWiki without output compression): every page was stored and sent
+/// uncompressed, twice over. A compressible page is now compressed once before it is stored:
+/// brotli for clients that take it, gzip for the others, decompressed for a client that takes
+/// neither; never compressed twice; its ETag weakened; the bytes saved counted.
+#[tokio::test]
+async fn pages_are_stored_compressed_once_and_served_in_what_each_client_takes() {
+    let page = "<p>The wiki page text, much like the next paragraph.</p>\n".repeat(150);
+    let body = page.clone();
+    let origin = Origin::start(move |seen| {
+        let reply = match seen.path.as_str() {
+            "/image.png" => Reply::ok(vec![7u8; 4000]).header("content-type", "image/png"),
+            "/pre-gzipped" => {
+                let mut gz =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                std::io::Write::write_all(&mut gz, body.as_bytes()).unwrap();
+                Reply::ok(gz.finish().unwrap())
+                    .header("content-type", "text/html")
+                    .header("content-encoding", "gzip")
+            }
+            _ => Reply::ok(body.clone()).header("content-type", "text/html; charset=UTF-8"),
+        };
+        reply
+            .header("cache-control", "max-age=600")
+            .header("etag", "\"v1\"")
+            .header("vary", "Accept-Encoding")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/wiki/Page");
+    let browser = [("accept-encoding", "gzip, deflate, br")];
+    let br = get(&url, &browser).await;
+    assert_eq!(br.header("content-encoding"), "br");
+    assert_eq!(unbrotli(&br.body), page);
+    assert_eq!(br.header("etag"), "W/\"v1\"");
+    assert!(br.body.len() * 5 < page.len(), "{} bytes", br.body.len());
+    assert_eq!(get(&url, &browser).await.cache(), "hit-front");
+    let gz = get(&url, &[("accept-encoding", "gzip")]).await;
+    assert_eq!(
+        (gz.cache(), gz.header("content-encoding")),
+        ("miss", "gzip")
+    );
+    assert_eq!(gunzip(&gz.body), page);
+    // A client that takes neither: the gzip copy, decompressed; nothing fetched for it.
+    let plain = get(&url, &[("accept-encoding", "identity")]).await;
+    assert_eq!(
+        (plain.cache(), plain.header("content-encoding")),
+        ("hit-front", "")
+    );
+    assert_eq!(plain.text(), page);
+    assert_eq!(origin.count("/wiki/Page"), 2);
+    // Already compressed by the origin: passed on as it is, never compressed twice.
+    let pre = get(&skua.url("/pre-gzipped"), &[("accept-encoding", "gzip")]).await;
+    assert_eq!(pre.header("content-encoding"), "gzip");
+    assert_eq!(gunzip(&pre.body), page);
+    // Not a compressible type: stored as sent.
+    let png = get(&skua.url("/image.png"), &browser).await;
+    assert_eq!((png.header("content-encoding"), png.body.len()), ("", 4000));
+    let saved_in = skua
+        .metric(r#"skua_compression_bytes_total{encoding="gzip",side="in"}"#)
+        .await;
+    let saved_out = skua
+        .metric(r#"skua_compression_bytes_total{encoding="gzip",side="out"}"#)
+        .await;
+    assert_eq!(saved_in, page.len() as f64);
+    assert_eq!(saved_out, gz.body.len() as f64);
+    let br_out = skua
+        .metric(r#"skua_compression_bytes_total{encoding="br",side="out"}"#)
+        .await;
+    assert_eq!(br_out, br.body.len() as f64);
 }

@@ -153,6 +153,8 @@ async fn restarted_demo_serves_from_its_disk_cache_after_one_revalidation() {
     let demo = start_demo_on(ports, dir.path()).await;
     let url = format!("http://{}/wiki/Persistent", demo.proxy);
     assert_eq!(get(&url, &[]).await.cache(), "miss");
+    // Stored (the commit ends after the response's last byte): a hit says so.
+    wait_until_async_hit(&url).await;
     drop(demo);
     let demo = start_demo_on(ports, dir.path()).await;
     // The index loads in the background; it is quick for one page, but allow for it.
@@ -176,6 +178,16 @@ async fn restarted_demo_serves_from_its_disk_cache_after_one_revalidation() {
     );
     // Confirmed, it is trusted again.
     assert!(get(&url, &[]).await.cache().starts_with("hit-"));
+}
+
+async fn wait_until_async_hit(url: &str) {
+    for _ in 0..100 {
+        if get(url, &[]).await.cache().starts_with("hit-") {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("{url} was never stored");
 }
 
 /// A base port whose +10 and +20 neighbours are free too (the demo fleet's layout).

@@ -625,3 +625,28 @@ async fn a_304_updates_every_stored_field_it_carries() {
         ("hit-local", "2")
     );
 }
+
+/// A page Skua compressed before storing comes back from disk after a restart, compressed
+/// for the clients that take it and decompressed for the others.
+#[tokio::test]
+async fn a_compressed_copy_survives_a_restart() {
+    let page = "<p>wiki text</p>".repeat(200);
+    let body = page.clone();
+    let origin = Origin::start(move |_| {
+        Reply::ok(body.clone())
+            .header("content-type", "text/html; charset=UTF-8")
+            .header("cache-control", "s-maxage=600")
+            .header("vary", "Accept-Encoding, Cookie")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
+    let port = skua.port();
+    assert_eq!(get(&skua.url("/wiki/Z"), &[]).await.text(), page);
+    assert_eq!(get(&skua.url("/wiki/Z"), &[]).await.cache(), "hit-front");
+    skua.stop();
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
+    let plain = get(&skua.url("/wiki/Z"), &[]).await;
+    assert_eq!((plain.cache(), plain.text() == page), ("hit-local", true));
+    assert_eq!(origin.count("/wiki/Z"), 1);
+}

@@ -1,8 +1,10 @@
 //! Vary (RFC 9111 §4.1): which request headers select among stored variants of one URL.
 //!
-//! Two headers get wiki-specific treatment. `Accept-Encoding` is reduced to the encodings the
-//! cache keeps (gzip or identity), both in the variant key and in the request sent to the
-//! origin, so browsers with a hundred different Accept-Encoding strings share two copies.
+//! Two headers get wiki-specific treatment. `Accept-Encoding` is reduced to the copies the
+//! cache keeps, both in the variant key and in the request sent to the origin: one for clients
+//! that take brotli, one (gzip where the type compresses) for everyone else, decompressed on
+//! the way out for the rare client that takes neither. Browsers with a hundred different
+//! Accept-Encoding strings share those two copies.
 //! `Cookie`: requests carrying a session cookie never reach the cache (see the proxy's bypass),
 //! so every remaining cookie header counts as the same variant and anonymous readers share one
 //! copy, as on Wikimedia's edge.
@@ -14,30 +16,36 @@ use pingora::http::ResponseHeader;
 
 use super::policy::vary_names;
 
-/// The encodings a stored variant can be in.
+/// The copies of a varying response the cache keeps, by what the client accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
+    /// Clients that take brotli (`br`).
+    Brotli,
+    /// Everyone else: gzip where the origin or Skua compressed it, decompressed for a client
+    /// that does not take gzip either.
     Gzip,
-    Identity,
 }
 
 impl Encoding {
     pub fn as_str(self) -> &'static str {
         match self {
+            Encoding::Brotli => "br",
             Encoding::Gzip => "gzip",
-            Encoding::Identity => "identity",
         }
     }
 }
 
-/// RFC 9110 §12.5.3: a coding is acceptable unless its qvalue is 0.
-pub fn normalize_accept_encoding(req: &HeaderMap) -> Encoding {
+/// Whether a request accepts `coding` (RFC 9110 §12.5.3: acceptable unless its qvalue is 0;
+/// `x-gzip` is gzip).
+pub fn accepts(req: &HeaderMap, coding: &str) -> bool {
     for value in req.get_all(header::ACCEPT_ENCODING) {
         let Ok(value) = value.to_str() else { continue };
         for item in value.split(',') {
             let mut parts = item.split(';');
-            let coding = parts.next().unwrap_or("").trim();
-            if !(coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip")) {
+            let name = parts.next().unwrap_or("").trim();
+            let same = name.eq_ignore_ascii_case(coding)
+                || (coding == "gzip" && name.eq_ignore_ascii_case("x-gzip"));
+            if !same {
                 continue;
             }
             let q_zero = parts.any(|p| {
@@ -46,11 +54,30 @@ pub fn normalize_accept_encoding(req: &HeaderMap) -> Encoding {
                     && p[2..].trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
             });
             if !q_zero {
-                return Encoding::Gzip;
+                return true;
             }
         }
     }
-    Encoding::Identity
+    false
+}
+
+/// The copy a request is served from.
+pub fn normalize_accept_encoding(req: &HeaderMap) -> Encoding {
+    if accepts(req, "br") {
+        Encoding::Brotli
+    } else {
+        Encoding::Gzip
+    }
+}
+
+/// The `Accept-Encoding` sent to the origin for a copy: what that copy may be in. With brotli
+/// among the encodings Skua compresses to, its clients' copy asks for brotli first (the origin
+/// may still answer gzip, which those clients take too).
+pub fn upstream_accept_encoding(copy: Encoding, brotli_kept: bool) -> &'static str {
+    match copy {
+        Encoding::Brotli if brotli_kept => "br, gzip",
+        _ => "gzip",
+    }
 }
 
 /// The variant key of `req` against a stored response's `Vary`, or `None` if it has none.
@@ -124,21 +151,28 @@ mod tests {
     fn accept_encoding_is_normalised() {
         assert_eq!(
             normalize_accept_encoding(&req(&[("accept-encoding", "gzip, deflate, br")])),
-            Encoding::Gzip
+            Encoding::Brotli
         );
         assert_eq!(
-            normalize_accept_encoding(&req(&[("accept-encoding", "br;q=1, gzip;q=0")])),
-            Encoding::Identity
+            normalize_accept_encoding(&req(&[("accept-encoding", "br;q=0, gzip")])),
+            Encoding::Gzip
         );
-        assert_eq!(normalize_accept_encoding(&req(&[])), Encoding::Identity);
+        assert_eq!(normalize_accept_encoding(&req(&[])), Encoding::Gzip);
+        assert!(accepts(&req(&[("accept-encoding", "x-gzip")]), "gzip"));
+        assert!(!accepts(&req(&[("accept-encoding", "gzip;q=0")]), "gzip"));
         let s = stored("Accept-Encoding");
         assert_eq!(
             variance(&s, &req(&[("accept-encoding", "gzip, deflate, br, zstd")])),
-            variance(&s, &req(&[("accept-encoding", "gzip")]))
+            variance(&s, &req(&[("accept-encoding", "br")]))
+        );
+        // A client that takes neither shares the gzip copy (decompressed for it).
+        assert_eq!(
+            variance(&s, &req(&[("accept-encoding", "gzip")])),
+            variance(&s, &req(&[]))
         );
         assert_ne!(
             variance(&s, &req(&[("accept-encoding", "gzip")])),
-            variance(&s, &req(&[]))
+            variance(&s, &req(&[("accept-encoding", "br")]))
         );
     }
 

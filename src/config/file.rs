@@ -207,6 +207,11 @@ pub struct CacheFile {
     /// Store 5xx responses from the origin when they say how long they are fresh, as RFC 9111
     /// allows. Default true; false never stores an origin's 5xx.
     pub store_server_errors: bool,
+    /// Encodings Skua compresses compressible responses (text, JSON, SVG...) to before
+    /// storing them, when the origin sent them uncompressed: `"br"` for clients that take
+    /// brotli, `"gzip"` for the rest. Default `["br", "gzip"]`; `[]` stores what the origin
+    /// sends.
+    pub compress: Vec<String>,
     /// Honour `must-revalidate`, `proxy-revalidate` and `s-maxage` as RFC 9111 §4.2.4 asks: no
     /// default grace for such responses. `false` serves MediaWiki pages stale on origin errors,
     /// as Wikimedia's edge does. Default true.
@@ -281,6 +286,7 @@ impl Default for CacheFile {
             default_grace: "0s".into(),
             stale_if_error: "5m".into(),
             store_server_errors: true,
+            compress: vec!["br".into(), "gzip".into()],
             honor_must_revalidate: true,
             heuristic_freshness: true,
             heuristic_max: "1d".into(),

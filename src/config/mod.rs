@@ -62,6 +62,13 @@ pub struct OriginPool {
     pub upgrade: Vec<String>,
 }
 
+/// Which encodings Skua compresses stored responses to (`[cache] compress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Compress {
+    pub brotli: bool,
+    pub gzip: bool,
+}
+
 /// Who may invalidate a cached page with an unsafe request (`[cache] invalidate_on_unsafe`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnsafeInvalidation {
@@ -95,6 +102,7 @@ pub struct CacheConfig {
     pub default_grace: Duration,
     pub stale_if_error: Duration,
     pub store_server_errors: bool,
+    pub compress: Compress,
     pub honor_must_revalidate: bool,
     pub heuristic_freshness: bool,
     pub heuristic_max: Duration,

@@ -641,6 +641,17 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             }
         }
     };
+    let mut compress = Compress::default();
+    for (i, name) in k.compress.iter().enumerate() {
+        match name.as_str() {
+            "br" => compress.brotli = true,
+            "gzip" => compress.gzip = true,
+            other => c.report(
+                &[Key("cache"), Key("compress"), Index(i)],
+                format!("must be \"br\" or \"gzip\", got {other:?}"),
+            ),
+        }
+    }
     let cache = CacheConfig {
         memory_size: k.memory_size,
         max_object_size: k.max_object_size as usize,
@@ -648,6 +659,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         default_grace,
         stale_if_error,
         store_server_errors: k.store_server_errors,
+        compress,
         honor_must_revalidate: k.honor_must_revalidate,
         heuristic_freshness: k.heuristic_freshness,
         heuristic_max,

@@ -254,7 +254,12 @@ impl ServeHttp for WikiOrigin {
                 // RFC 9110 §13.2.2: If-None-Match is evaluated first and, when present,
                 // If-Modified-Since is ignored.
                 let not_modified = match (&if_none_match, if_modified_since) {
-                    (Some(inm), _) => inm.split(',').any(|t| t.trim() == etag || t.trim() == "*"),
+                    // RFC 9110 §13.1.2: If-None-Match compares weakly, so a cache that
+                    // compressed the page (and weakened its tag) still gets its 304.
+                    (Some(inm), _) => inm.split(',').any(|t| {
+                        let t = t.trim();
+                        t.strip_prefix("W/").unwrap_or(t) == etag || t == "*"
+                    }),
                     (None, Some(since)) => modified <= since,
                     (None, None) => false,
                 };

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub origin_requests: IntCounterVec,
     pub origin_duration: HistogramVec,
     pub coalesced: IntCounter,
+    /// Bytes compressed before storing, by encoding (`br`, `gzip`) and side (`in`: as the
+    /// origin sent them, `out`: as stored); `in` minus `out` is what compression saved.
+    pub compression_bytes: IntCounterVec,
     pub purge_backlog: IntGauge,
     pub access_log_dropped: IntCounter,
     pub purge_apply_delay: HistogramVec,
@@ -203,6 +206,19 @@ impl Metrics {
         registry.register(Box::new(origin_requests.clone()))?;
         registry.register(Box::new(origin_duration.clone()))?;
         registry.register(Box::new(coalesced.clone()))?;
+        let compression_bytes = IntCounterVec::new(
+            Opts::new(
+                "skua_compression_bytes_total",
+                "Bytes of responses compressed before storing, by encoding (br, gzip) and side (in: from the origin, out: stored).",
+            ),
+            &["encoding", "side"],
+        )?;
+        registry.register(Box::new(compression_bytes.clone()))?;
+        for encoding in ["br", "gzip"] {
+            for side in ["in", "out"] {
+                compression_bytes.with_label_values(&[encoding, side]);
+            }
+        }
         let access_log_dropped = IntCounter::new(
             "skua_access_log_dropped_total",
             "Access log lines dropped because the writer fell behind.",
@@ -391,6 +407,7 @@ impl Metrics {
             origin_requests,
             origin_duration,
             coalesced,
+            compression_bytes,
             access_log_dropped,
             purge_apply_delay,
             bus,

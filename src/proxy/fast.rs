@@ -79,6 +79,10 @@ impl FrontDoor {
         }
         let now = SystemTime::now();
         let obj = shared.fresh_hit(&url, &req.headers, now)?;
+        if !encoding_acceptable(&obj.meta.head, &req.headers) {
+            // Decompressing it is the full path's job (`proxy::compress`).
+            return None;
+        }
 
         let close = req.close || closing;
         let with_body = req.method != Method::HEAD;
@@ -274,6 +278,18 @@ pub fn write_hit_head(
         field(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Whether the client takes the stored copy's content coding (a copy without one, any client).
+fn encoding_acceptable(head: &[u8], req: &HeaderMap) -> bool {
+    const NAME: &[u8] = b"\r\ncontent-encoding: ";
+    let Some(at) = memchr::memmem::find(head, NAME) else {
+        return true;
+    };
+    let start = at + NAME.len();
+    let end = memchr::memchr(b'\r', &head[start..]).map_or(head.len(), |e| start + e);
+    std::str::from_utf8(&head[start..end])
+        .is_ok_and(|coding| crate::cache::vary::accepts(req, coding.trim()))
 }
 
 /// Where the value of a stored head's `Cache-Control` line is, when it lets shared caches

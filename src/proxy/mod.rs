@@ -15,6 +15,7 @@
 //! It owns the flow; what is cacheable, how objects are stored and which origin is chosen are
 //! decided in `cache` and `upstream`.
 
+pub mod compress;
 pub mod connection;
 pub mod fast;
 pub mod guard;
@@ -138,6 +139,8 @@ pub struct Rules {
     body_timeout: std::time::Duration,
     /// `[cache] downstream_cache_control`.
     pub downstream_cache_control: Option<HeaderValue>,
+    /// `[cache] compress`.
+    compress: crate::config::Compress,
 }
 
 impl Rules {
@@ -181,6 +184,7 @@ impl From<&Config> for Rules {
             keepalive_secs: config.server.keepalive_timeout.as_secs().max(1),
             invalidate_on_unsafe: config.cache.invalidate_on_unsafe,
             downstream_cache_control: config.cache.downstream_cache_control.clone(),
+            compress: config.cache.compress,
             body_timeout: config.server.body_timeout,
         }
     }
@@ -295,6 +299,8 @@ pub struct RequestCtx {
     /// The fields of a 304 the origin answered a revalidation with, to update the stored
     /// header (RFC 9111 §4.3.4).
     not_modified: Option<http::HeaderMap>,
+    /// The response is to be brotli-compressed before it is stored (`proxy::compress`).
+    brotli_before_storing: bool,
 }
 
 /// The protocol a request asks to switch to (`Upgrade`, RFC 9110 §7.8), when `pool` allows
@@ -538,6 +544,34 @@ impl Skua {
 impl ProxyHttp for Skua {
     type CTX = RequestCtx;
 
+    fn init_upstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        modules.add_module(Box::new(compress::BrotliBuilder));
+    }
+
+    async fn adjust_upstream_modules(
+        &self,
+        session: &mut Session,
+        _upstream_response: &ResponseHeader,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx.brotli_before_storing {
+            if let Some(brotli) = session
+                .upstream_modules_ctx
+                .get_mut::<compress::BrotliBeforeStoring>()
+            {
+                brotli.enable();
+            }
+        }
+        Ok(())
+    }
+
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        // In place of pingora's default (disabled) compression module: a stored compressed
+        // copy is decompressed for a client that does not take its encoding.
+        modules.add_module(Box::new(compress::DecompressBuilder));
+    }
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
@@ -557,6 +591,7 @@ impl ProxyHttp for Skua {
             health: false,
             upgrade: None,
             not_modified: None,
+            brotli_before_storing: false,
         }
     }
 
@@ -822,13 +857,14 @@ impl ProxyHttp for Skua {
             upstream.remove_header(&name);
         }
         if session.cache.enabled() {
-            // The origin must produce the variant the key names (see `vary.rs`).
-            match vary::normalize_accept_encoding(&session.req_header().headers) {
-                vary::Encoding::Gzip => upstream.insert_header(header::ACCEPT_ENCODING, "gzip")?,
-                vary::Encoding::Identity => {
-                    upstream.remove_header(&header::ACCEPT_ENCODING);
-                }
-            }
+            // The origin must produce the copy the key names (see `vary.rs`), and what it sends
+            // uncompressed is compressed once, before it is stored (`proxy::compress`).
+            let compress = self.shared.rules.load().compress;
+            let copy = vary::normalize_accept_encoding(&session.req_header().headers);
+            let asked = vary::upstream_accept_encoding(copy, compress.brotli);
+            upstream.insert_header(header::ACCEPT_ENCODING, asked)?;
+            compress::before_storing(&mut session.upstream_compression, compress);
+            ctx.brotli_before_storing = compress.brotli && copy == vary::Encoding::Brotli;
         }
         if let Some(ip) = client_ip(session) {
             let xff = match upstream
@@ -1086,6 +1122,21 @@ impl ProxyHttp for Skua {
             m.origin_duration
                 .with_label_values(&[&pool])
                 .observe(waited.as_secs_f64());
+        }
+        let brotli = session
+            .upstream_modules_ctx
+            .get::<compress::BrotliBeforeStoring>();
+        if let Some((encoding, input, output)) =
+            compress::stored_sizes(&session.upstream_compression, brotli)
+        {
+            if matches!(encoding, "br" | "gzip") {
+                m.compression_bytes
+                    .with_label_values(&[encoding, "in"])
+                    .inc_by(input as u64);
+                m.compression_bytes
+                    .with_label_values(&[encoding, "out"])
+                    .inc_by(output as u64);
+            }
         }
         if session.cache.lock_duration().is_some() && ctx.origin_response.is_none() {
             m.coalesced.inc();

@@ -1,0 +1,290 @@
+//! Compression at the edge: a compressible response the origin sent uncompressed is compressed
+//! once on its way into the cache (brotli for the copy brotli clients get, gzip for the other),
+//! never a second time, and a client that takes neither gets the stored copy decompressed on
+//! its way out. Which copy a client is served is `cache::vary`'s. gzip and decompression are
+//! pingora's contexts; brotli is [`BrotliBeforeStoring`] here, because pingora 0.9.1's brotli
+//! encoder flushes but never finishes its stream, which strict decoders reject (test
+//! `pages_are_stored_compressed_once_and_served_in_what_each_client_takes`). A transformed
+//! response's `ETag` is weakened (RFC 9110 §8.8.1: two representations now share it) and it
+//! gains `Vary: Accept-Encoding`.
+
+use std::any::Any;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::{HttpModule, HttpModuleBuilder, Module};
+use pingora::protocols::http::compression::{Algorithm, ResponseCompressionCtx};
+use pingora::{OrErr, Result};
+
+use crate::config::Compress;
+
+/// gzip's default level (zlib's 6): most of the gain, a fraction of level 9's time.
+const GZIP_LEVEL: u32 = 6;
+/// brotli quality 5: about gzip 6's speed with a smaller result; 11 costs tens of times more.
+const BROTLI_LEVEL: u32 = 5;
+
+/// Sets up the upstream context of a request whose response may be stored: gzip when kept,
+/// never decompress, weaken a transformed `ETag`. (Brotli is [`BrotliBeforeStoring`]'s.)
+pub fn before_storing(upstream: &mut ResponseCompressionCtx, compress: Compress) {
+    upstream.adjust_algorithm_level(Algorithm::Gzip, if compress.gzip { GZIP_LEVEL } else { 0 });
+    upstream.adjust_algorithm_level(Algorithm::Brotli, 0);
+    upstream.adjust_decompression(false);
+    upstream.adjust_preserve_etag(false);
+}
+
+/// Whether a response is worth compressing: a textual type (text, JSON, JavaScript, XML, SVG,
+/// fonts; the types pingora's gzip filter takes, nothing with "zip" in it), with a body of
+/// more than a few bytes, and no content coding yet.
+pub fn compressible(resp: &ResponseHeader) -> bool {
+    const MIN_LENGTH: usize = 20;
+    if resp.headers.contains_key(http::header::CONTENT_ENCODING) {
+        return false;
+    }
+    let length = resp
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    if length.is_some_and(|n| n < MIN_LENGTH) {
+        return false;
+    }
+    let Some(ct) = resp
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let ct = ct.trim().to_ascii_lowercase();
+    !ct.contains("zip")
+        && (ct.starts_with("text/")
+            || ct.starts_with("application/")
+            || ct.starts_with("font/")
+            || ct.starts_with("image/svg+xml")
+            || ct.starts_with("image/x-icon"))
+}
+
+/// Brotli before storing, for the brotli clients' copy: an upstream module, so it runs before
+/// pingora's gzip context and the cache (which then see `Content-Encoding: br` and leave it).
+pub struct BrotliBeforeStoring {
+    /// Set per request by [`BrotliBeforeStoring::enable`], before the response arrives.
+    wanted: bool,
+    encoder: Option<brotli::CompressorWriter<Vec<u8>>>,
+    /// Bytes in and out, for `skua_compression_bytes_total`.
+    pub sizes: (usize, usize),
+}
+
+impl BrotliBeforeStoring {
+    pub fn enable(&mut self) {
+        self.wanted = true;
+    }
+
+    fn take_output(&mut self) -> Option<Bytes> {
+        let out = std::mem::take(self.encoder.as_mut()?.get_mut());
+        self.sizes.1 += out.len();
+        Some(Bytes::from(out))
+    }
+
+    fn finish(&mut self) -> Option<Bytes> {
+        let encoder = self.encoder.take()?;
+        // `into_inner` writes the last meta-block: the stream is complete.
+        let out = encoder.into_inner();
+        self.sizes.1 += out.len();
+        Some(Bytes::from(out))
+    }
+}
+
+#[async_trait]
+impl HttpModule for BrotliBeforeStoring {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    async fn response_header_filter(
+        &mut self,
+        resp: &mut ResponseHeader,
+        end_of_stream: bool,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        if !self.wanted || end_of_stream || resp.status.is_informational() {
+            return Ok(());
+        }
+        if matches!(status, 204 | 206 | 304) || !compressible(resp) {
+            self.wanted = false;
+            return Ok(());
+        }
+        use http::header::*;
+        resp.insert_header(CONTENT_ENCODING, "br")?;
+        resp.remove_header(&CONTENT_LENGTH);
+        resp.remove_header(&ACCEPT_RANGES);
+        resp.insert_header(TRANSFER_ENCODING, "chunked")?;
+        weaken_etag(resp);
+        add_vary_accept_encoding(resp);
+        self.encoder = Some(brotli::CompressorWriter::new(
+            Vec::new(),
+            4096,
+            BROTLI_LEVEL,
+            BROTLI_WINDOW,
+        ));
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &mut self,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+    ) -> Result<()> {
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Ok(());
+        };
+        if let Some(data) = body.as_ref() {
+            self.sizes.0 += data.len();
+            std::io::Write::write_all(encoder, data)
+                .or_err(pingora::ErrorType::InternalError, "brotli compression")?;
+        }
+        *body = if end_of_stream {
+            let mut out = self.take_output().unwrap_or_default().to_vec();
+            out.extend_from_slice(&self.finish().unwrap_or_default());
+            Some(Bytes::from(out))
+        } else {
+            self.take_output()
+        };
+        Ok(())
+    }
+
+    fn response_done_filter(&mut self) -> Result<Option<Bytes>> {
+        Ok(self.finish())
+    }
+}
+
+/// brotli's window: 2^19 bytes, as pingora's encoder and most servers use.
+const BROTLI_WINDOW: u32 = 19;
+
+/// RFC 9110 §8.8.1: after a transformation, a strong validator becomes weak; a malformed one
+/// is dropped (as nginx's gzip filter does).
+fn weaken_etag(resp: &mut ResponseHeader) {
+    let Some(etag) = resp.headers.get(http::header::ETAG) else {
+        return;
+    };
+    let bytes = etag.as_bytes();
+    if bytes.starts_with(b"W/") {
+        return;
+    }
+    if bytes.starts_with(b"\"") {
+        let mut weak = b"W/".to_vec();
+        weak.extend_from_slice(bytes);
+        if let Ok(value) = http::HeaderValue::from_bytes(&weak) {
+            let _ = resp.insert_header(http::header::ETAG, value);
+            return;
+        }
+    }
+    resp.remove_header(&http::header::ETAG);
+}
+
+fn add_vary_accept_encoding(resp: &mut ResponseHeader) {
+    let present = resp
+        .headers
+        .get_all(http::header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|n| {
+            let n = n.trim();
+            n == "*" || n.eq_ignore_ascii_case("accept-encoding")
+        });
+    if !present {
+        let _ = resp.append_header(http::header::VARY, "Accept-Encoding");
+    }
+}
+
+/// The upstream module that installs [`BrotliBeforeStoring`] (off until enabled) on every
+/// request.
+pub struct BrotliBuilder;
+
+impl HttpModuleBuilder for BrotliBuilder {
+    fn init(&self) -> Module {
+        Box::new(BrotliBeforeStoring {
+            wanted: false,
+            encoder: None,
+            sizes: (0, 0),
+        })
+    }
+}
+
+/// The `(encoding, input, output)` bytes of what was compressed before storing, if anything.
+pub fn stored_sizes(
+    upstream: &ResponseCompressionCtx,
+    brotli: Option<&BrotliBeforeStoring>,
+) -> Option<(&'static str, usize, usize)> {
+    if let Some(b) = brotli.filter(|b| b.sizes.0 > 0) {
+        return Some(("br", b.sizes.0, b.sizes.1));
+    }
+    upstream
+        .get_info()
+        .filter(|(algorithm, ..)| *algorithm == "gzip")
+        .map(|(algorithm, input, output, _)| (algorithm, input, output))
+}
+
+/// Decompresses a response for a client that does not take its encoding; otherwise leaves
+/// it alone (it never compresses: what is worth compressing was compressed before storing).
+struct Decompress(ResponseCompressionCtx);
+
+#[async_trait]
+impl HttpModule for Decompress {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    async fn request_header_filter(&mut self, req: &mut RequestHeader) -> Result<()> {
+        self.0.request_filter(req);
+        Ok(())
+    }
+
+    async fn response_header_filter(
+        &mut self,
+        resp: &mut ResponseHeader,
+        end_of_stream: bool,
+    ) -> Result<()> {
+        self.0.response_header_filter(resp, end_of_stream);
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &mut self,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+    ) -> Result<()> {
+        if let Some(plain) = self.0.response_body_filter(body.as_ref(), end_of_stream) {
+            *body = Some(plain);
+        }
+        Ok(())
+    }
+
+    fn response_done_filter(&mut self) -> Result<Option<Bytes>> {
+        Ok(self.0.response_body_filter(None, true))
+    }
+}
+
+/// The downstream module that installs [`Decompress`] on every request.
+pub struct DecompressBuilder;
+
+impl HttpModuleBuilder for DecompressBuilder {
+    fn init(&self) -> Module {
+        // Level 0: no compression; decompression on; a decompressed ETag is weakened.
+        Box::new(Decompress(ResponseCompressionCtx::new(0, true, false)))
+    }
+
+    fn order(&self) -> i16 {
+        // After other response filters, as pingora's own compression module runs.
+        i16::MIN / 2
+    }
+}
