@@ -842,3 +842,35 @@ async fn a_full_tag_index_stores_nothing_a_tag_purge_could_miss() {
         );
     }
 }
+
+/// MediaWiki cannot send `Authorization`, so with `[purge] token` set every purge it sends is
+/// refused: the operator is told, once, in the log (a real MediaWiki's pages stayed stale).
+#[tokio::test]
+async fn a_token_refusing_mediawikis_purges_says_so_once() {
+    let origin = Origin::start(|_| cached()).await;
+    let skua = Skua::start(
+        &[origin.addr],
+        &format!("{CAPTURE_LOG}\n[purge]\ntoken = \"s3cret\"\n"),
+    )
+    .await;
+    let mediawiki = [("user-agent", "MediaWiki/1.39.17 CdnCacheUpdate")];
+    for _ in 0..3 {
+        let refused = send(&client(), "PURGE", &skua.url("/wiki/A"), &mediawiki).await;
+        assert_eq!(refused.status, 403);
+    }
+    let curl = send(
+        &client(),
+        "PURGE",
+        &skua.url("/wiki/A"),
+        &[("user-agent", "curl/8")],
+    )
+    .await;
+    assert_eq!(curl.status, 403);
+    let mut log = String::new();
+    wait_until("the warning in the log", || {
+        log = skua.log();
+        log.contains("MediaWiki cannot send")
+    })
+    .await;
+    assert_eq!(log.matches("MediaWiki cannot send").count(), 1, "{log}");
+}

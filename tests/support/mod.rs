@@ -268,6 +268,11 @@ fn disk_table(lines: &str) -> String {
     }
 }
 
+/// A line in a test's `extra` config that sends the process's log to [`Skua::log`] instead of
+/// the test's output (a TOML comment, so the config is unchanged).
+pub const CAPTURE_LOG: &str = "# capture the log";
+const LOG_FILE: &str = "skua.log";
+
 /// The real `skua serve` process.
 pub struct Skua {
     pub addr: SocketAddr,
@@ -429,6 +434,11 @@ impl Skua {
         }
     }
 
+    /// What the process logged, when started with [`CAPTURE_LOG`] in its config.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(LOG_FILE)).unwrap_or_default()
+    }
+
     /// The configuration file this Skua runs with.
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("skua.toml")
@@ -517,7 +527,10 @@ memory_size = 16777216
             .args(["serve", "--config"])
             .arg(&path)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(match std::fs::File::create(dir.path().join(LOG_FILE)) {
+                Ok(file) if extra.contains(CAPTURE_LOG) => Stdio::from(file),
+                _ => Stdio::inherit(),
+            })
             .spawn()
             .expect("spawn skua");
         let mut skua = Skua {
