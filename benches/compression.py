@@ -39,7 +39,8 @@ class Origin(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
-        n = int(self.path.rsplit("/", 1)[-1]) if self.path[-1].isdigit() else 0
+        digits = re.search(r"(\d+)$", self.path)
+        n = int(digits.group(1)) if digits else 0
         body = PAGES.setdefault(n % 50, make_page(n % 50))
         self.send_response(200)
         self.send_header("Content-Type", "text/html; charset=UTF-8")

@@ -319,6 +319,20 @@ async fn a_real_mediawiki_behind_skua_purges_credits_and_passes_as_promised() {
     );
     assert!(first.header("cache-status").contains("stored"));
     assert_eq!(reader.view("Main_Page").await.cache(), "hit-front");
+    // MediaWiki sends pages uncompressed here: a browser gets them brotli-compressed by Skua.
+    let compressed = reqwest::Client::new()
+        .get(format!("http://{}/index.php/Main_Page", skua.addr))
+        .header(HOST.0, HOST.1)
+        .header("accept-encoding", "gzip, deflate, br")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        compressed.headers().get("content-encoding").map(|v| v.as_bytes()),
+        Some(&b"br"[..])
+    );
+    let size = compressed.bytes().await.unwrap().len();
+    assert!(size * 2 < first.body.len(), "{size} of {} bytes", first.body.len());
 
     // An API edit through Skua purges the page, and is credited to the reader's address.
     let mut editor = Browser::new(skua.addr, [127, 0, 0, 3]);
