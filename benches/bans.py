@@ -8,10 +8,9 @@ Skua with no bans and one given the bans, `--reps` times each, and print the med
 
     python3 benches/bans.py [--bans 10000] [--reps 3] [--seconds 5] [--bin target/release/skua]
 """
-import argparse, http.client, http.server, os, re, socketserver, statistics, subprocess
-import sys, tempfile, threading, time
+import argparse, http.client, http.server, os, statistics, subprocess, sys, tempfile
 
-from benchlib import free_port, write_config
+from benchlib import free_port, start_origin, wait_port, write_config, wrk_rate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = b"x" * 1024
@@ -31,18 +30,6 @@ class Origin(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class ThreadedServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-
-
-def wait_port(port):
-    for _ in range(200):
-        try:
-            http.client.HTTPConnection("127.0.0.1", port, timeout=1).connect()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"nothing listens on {port}")
 
 
 def run(binary, origin, bans, seconds):
@@ -68,14 +55,7 @@ def run(binary, origin, bans, seconds):
         r = conn.getresponse()
         r.read()
         assert "hit" in (r.getheader("X-Cache-Status") or ""), r.getheader("X-Cache-Status")
-        out = subprocess.run(
-            ["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "-H", "Host: wiki.test",
-             f"http://127.0.0.1:{port}/wiki/Main_Page"],
-            capture_output=True, text=True, check=True).stdout
-        rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-        if "Non-2xx" in out or "Socket errors" in out:
-            sys.exit(f"errors under load:\n{out}")
-        return rate
+        return wrk_rate(port, "/wiki/Main_Page", seconds, ["Host: wiki.test"])
     finally:
         skua.terminate()
         skua.wait()
@@ -88,9 +68,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "skua"))
     a = ap.parse_args()
-    server = ThreadedServer(("127.0.0.1", 0), Origin)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    origin = f"127.0.0.1:{server.server_address[1]}"
+    origin = start_origin(Origin)
     none, many = [], []
     for rep in range(a.reps):
         none.append(run(a.bin, origin, 0, a.seconds))

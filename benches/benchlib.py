@@ -1,5 +1,5 @@
-"""Helpers shared by the Python benchmark scripts (fleet.py, soak.py)."""
-import os, socket
+"""Helpers shared by the Python benchmark scripts (fleet.py, soak.py, bans.py, compression.py)."""
+import http.client, http.server, os, re, socket, socketserver, subprocess, sys, threading, time
 
 
 def free_port():
@@ -27,3 +27,36 @@ enabled = false
 memory_size = {memory}
 {extra}
 """)
+
+
+class ThreadedServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+
+
+def start_origin(handler):
+    """Serves `handler` on an ephemeral loopback port in a thread; returns "ip:port"."""
+    server = ThreadedServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"127.0.0.1:{server.server_address[1]}"
+
+
+def wait_port(port):
+    for _ in range(200):
+        try:
+            http.client.HTTPConnection("127.0.0.1", port, timeout=1).connect()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"nothing listens on {port}")
+
+
+def wrk_rate(port, path, seconds, headers):
+    """`wrk -t1 -c64` pinned to CPU 1 on `path`; req/s, exiting on any error response."""
+    args = ["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s"]
+    for h in headers:
+        args += ["-H", h]
+    out = subprocess.run(args + [f"http://127.0.0.1:{port}{path}"],
+                         capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        sys.exit(f"errors under load:\n{out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))

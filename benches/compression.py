@@ -10,10 +10,9 @@ of them with the same header. Runs alternate off/on, `--reps` times each; median
 
     python3 benches/compression.py [--reps 3] [--pages 2000] [--seconds 5]
 """
-import argparse, http.client, http.server, os, random, re, socketserver, statistics
-import subprocess, sys, tempfile, threading, time
+import argparse, http.client, http.server, os, random, re, statistics, subprocess, sys, tempfile
 
-from benchlib import free_port, write_config
+from benchlib import free_port, start_origin, wait_port, write_config, wrk_rate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BROWSER = "gzip, deflate, br"
@@ -54,10 +53,6 @@ class Origin(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class ThreadedServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-
-
 def metric(admin, series):
     conn = http.client.HTTPConnection("127.0.0.1", admin)
     conn.request("GET", "/metrics")
@@ -76,25 +71,15 @@ def run(binary, origin, compress, pages, seconds):
     skua = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(200):
-            try:
-                http.client.HTTPConnection("127.0.0.1", port, timeout=1).connect()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_port(port)
         conn = http.client.HTTPConnection("127.0.0.1", port)
         for i in range(pages):
             conn.request("GET", f"/wiki/Page_{i}", headers={"Host": "wiki.test", "Accept-Encoding": BROWSER})
             conn.getresponse().read()
         stored = metric(admin, 'skua_cache_bytes{tier="memory"}')
         objects = metric(admin, 'skua_cache_objects{tier="memory"}')
-        out = subprocess.run(
-            ["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "-H", "Host: wiki.test",
-             "-H", f"Accept-Encoding: {BROWSER}", f"http://127.0.0.1:{port}/wiki/Page_7"],
-            capture_output=True, text=True, check=True).stdout
-        if "Non-2xx" in out or "Socket errors" in out:
-            sys.exit(f"errors under load:\n{out}")
-        rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        rate = wrk_rate(port, "/wiki/Page_7", seconds,
+                        ["Host: wiki.test", f"Accept-Encoding: {BROWSER}"])
         return stored / objects, rate
     finally:
         skua.terminate()
@@ -108,9 +93,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "skua"))
     a = ap.parse_args()
-    server = ThreadedServer(("127.0.0.1", 0), Origin)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    origin = f"127.0.0.1:{server.server_address[1]}"
+    origin = start_origin(Origin)
     results = {"[]": [], '["br", "gzip"]': []}
     for rep in range(a.reps):
         for setting in results:
