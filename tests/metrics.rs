@@ -204,11 +204,10 @@ async fn goaccess_reads_the_combined_access_log_unchanged() {
     get(&skua.url("/wiki/A"), &[("user-agent", "skua-test")]).await;
     get(&skua.url("/wiki/A"), &[("referer", "http://wiki.test/")]).await;
     raw(skua.addr, "GET /wiki/A HTTP/1.0\r\nHost: wiki.test\r\n\r\n").await;
-    send(
-        &client(),
-        "PURGE",
-        &skua.url("/wiki/A"),
-        &[("user-agent", "MediaWiki/1.39")],
+    // As MediaWiki sends it: absolute form. The log keeps the target as sent.
+    raw(
+        skua.addr,
+        "PURGE http://wiki.test/wiki/A HTTP/1.1\r\nHost: wiki.test\r\nUser-Agent: MediaWiki/1.39\r\nConnection: close\r\n\r\n",
     )
     .await;
     let mut text = String::new();
@@ -218,6 +217,10 @@ async fn goaccess_reads_the_combined_access_log_unchanged() {
     })
     .await;
     assert!(text.contains("\"GET /wiki/A HTTP/1.0\" 200 "), "{text}");
+    assert!(
+        text.contains("\"PURGE http://wiki.test/wiki/A HTTP/1.1\" 204 "),
+        "{text}"
+    );
     let report = dir.path().join("report.json");
     let out = std::process::Command::new("goaccess")
         .arg(&log)

@@ -1152,10 +1152,16 @@ impl ProxyHttp for Skua {
             let client = client_ip(session)
                 .map(|ip| ip.to_string())
                 .unwrap_or_default();
+            // A purge names the URL it purges, host included, as MediaWiki sends it (pingora
+            // hands over an absolute-form target in origin form).
+            let as_sent = match &ctx.url {
+                Some(url) if req.method.as_str() == "PURGE" => url.primary().into(),
+                _ => String::from_utf8_lossy(req.raw_path()),
+            };
             log.log(&Entry {
                 client: &client,
                 method: req.method.as_str(),
-                target: req.uri.path_and_query().map_or("/", |p| p.as_str()),
+                target: &as_sent,
                 protocol: crate::metrics::access_log::protocol(req.version),
                 host: ctx.url.as_ref().map_or("", |u| u.host.as_str()),
                 status,
