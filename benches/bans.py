@@ -10,24 +10,11 @@ Skua with no bans and one given the bans, `--reps` times each, and print the med
 """
 import argparse, http.client, http.server, os, statistics, subprocess, sys, tempfile
 
-from benchlib import free_port, start_origin, wait_port, write_config, wrk_rate
+from benchlib import fixed_page, free_port, start_origin, wait_port, write_config, wrk_rate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = b"x" * 1024
 
-
-class Origin(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Cache-Control", "max-age=3600")
-        self.send_header("Content-Length", str(len(PAGE)))
-        self.end_headers()
-        self.wfile.write(PAGE)
-
-    def log_message(self, *a):
-        pass
 
 
 
@@ -68,7 +55,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "skua"))
     a = ap.parse_args()
-    origin = start_origin(Origin)
+    origin = start_origin(fixed_page(PAGE, [("Cache-Control", "max-age=3600")]))
     none, many = [], []
     for rep in range(a.reps):
         none.append(run(a.bin, origin, 0, a.seconds))

@@ -60,3 +60,23 @@ def wrk_rate(port, path, seconds, headers):
     if "Non-2xx" in out or "Socket errors" in out:
         sys.exit(f"errors under load:\n{out}")
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def fixed_page(body, headers):
+    """An origin handler that answers every GET with `body` and `headers` (name, value pairs)."""
+
+    class Origin(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    return Origin

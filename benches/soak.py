@@ -13,30 +13,11 @@ responses and socket errors from wrk, purge answers other than 204/404) and Skua
 import argparse, http.client, http.server, os, random, re, socket, socketserver, subprocess
 import sys, tempfile, threading, time
 
-from benchlib import free_port, write_config
+from benchlib import ThreadedServer, fixed_page, free_port, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "skua")
 PAGE = b"x" * 4096
-
-
-class Origin(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Cache-Control", "max-age=3600")
-        self.send_header("Content-Length", str(len(PAGE)))
-        self.end_headers()
-        self.wfile.write(PAGE)
-
-    def log_message(self, *a):
-        pass
-
-
-class ThreadedServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
 
 
 def rss_mib(pid):
@@ -70,7 +51,8 @@ def main():
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="skua-soak-")
     oport, port, admin = free_port(), free_port(), free_port()
-    origin = ThreadedServer(("127.0.0.1", oport), Origin)
+    page = fixed_page(PAGE, [("Content-Type", "text/html"), ("Cache-Control", "max-age=3600")])
+    origin = ThreadedServer(("127.0.0.1", oport), page)
     threading.Thread(target=origin.serve_forever, daemon=True).start()
     config = os.path.join(work, "skua.toml")
     write_config(config, work, port, admin, f"127.0.0.1:{oport}", 268435456)

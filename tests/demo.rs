@@ -49,6 +49,20 @@ fn spawn_demo((p, o, a): (u16, u16, u16), cache_dir: &std::path::Path, extra: &[
     }
 }
 
+/// Edits a page of the sample wiki with `POST`, as a reader would; returns the origin's report.
+async fn post_edit(
+    client: &reqwest::Client,
+    url: &str,
+    headers: &[(&str, &str)],
+    text: &str,
+) -> String {
+    let mut req = client.post(url).body(text.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap().text().await.unwrap()
+}
+
 async fn origin_stats(demo: &Demo, path: &str) -> serde_json::Value {
     let body = get(&format!("http://{}/_origin/stats", demo.origin), &[])
         .await
@@ -75,16 +89,13 @@ async fn demo_miss_hit_and_edit() {
     );
     assert_eq!(origin_stats(&demo, "/wiki/Main_Page").await["fetches"], 1);
 
-    let client = client();
-    let edit = client
-        .post(format!("http://{}/wiki/Main_Page", demo.origin))
-        .body("new text")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let edit = post_edit(
+        &client(),
+        &format!("http://{}/wiki/Main_Page", demo.origin),
+        &[],
+        "new text",
+    )
+    .await;
     assert!(
         edit.contains("204"),
         "the origin's PURGE was accepted: {edit}"
@@ -108,26 +119,16 @@ async fn edits_through_skua_are_credited_to_the_reader() {
             .build()
             .unwrap()
     };
-    let through_skua = from([127, 0, 0, 2])
-        .post(format!("http://{}/wiki/Credited", demo.proxy))
-        .body("an edit")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = |at: &str| format!("http://{at}/wiki/Credited");
+    let through_skua = post_edit(&from([127, 0, 0, 2]), &page(&demo.proxy), &[], "an edit").await;
     assert!(through_skua.contains("as 127.0.0.2;"), "{through_skua}");
-    let forged = from([127, 0, 0, 3])
-        .post(format!("http://{}/wiki/Credited", demo.origin))
-        .header("x-forwarded-for", "203.0.113.9")
-        .body("another edit")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let forged = post_edit(
+        &from([127, 0, 0, 3]),
+        &page(&demo.origin),
+        &[("x-forwarded-for", "203.0.113.9")],
+        "another edit",
+    )
+    .await;
     assert!(forged.contains("as 127.0.0.3;"), "{forged}");
     assert_eq!(
         origin_stats(&demo, "/wiki/Credited").await["last_editor"],
