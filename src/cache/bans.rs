@@ -94,7 +94,6 @@ impl BanIndex {
         }
         self.last_sweep = Some(now);
         let current = |at: &SystemTime| now.duration_since(*at).map_or(true, |age| age < lifetime);
-        self.count = 0;
         self.hosts.retain(|_, host| {
             host.latest.retain(|_, at| current(at));
             host.lengths.clear();

@@ -92,6 +92,17 @@ impl Store {
         affected
     }
 
+    /// Removes every copy of `primary` from both tiers and its tags from the index: a copy
+    /// that must not be served (overtaken by a purge, or unindexable when the tag index is
+    /// full).
+    fn drop_everywhere(&self, primary: &HashBinary) {
+        if let Some(disk) = self.disk {
+            disk.purge_all(primary);
+        }
+        self.memory.purge_all(primary);
+        self.tags.forget_everywhere(primary);
+    }
+
     /// The largest object any tier stores: pingora's per-request size limit.
     pub fn max_object_size(&self) -> usize {
         let disk = self.disk.map_or(0, |d| d.config.max_object_size as usize);
@@ -262,11 +273,7 @@ impl Storage for Store {
             }
         }
         if !indexed {
-            if let Some(disk) = self.disk {
-                disk.purge_all(&primary);
-            }
-            self.memory.purge_all(&primary);
-            self.tags.forget_everywhere(&primary);
+            self.drop_everywhere(&primary);
             return Ok(false);
         }
         Ok(on_disk || in_memory)
@@ -333,11 +340,7 @@ impl HandleMiss for TieredMiss {
         weight += in_memory;
         if !indexed {
             // The tag index is full: a copy a tag purge could not find must not be served.
-            if let Some(disk) = this.store.disk {
-                disk.purge_all(&this.primary);
-            }
-            this.store.memory.purge_all(&this.primary);
-            this.store.tags.forget_everywhere(&this.primary);
+            this.store.drop_everywhere(&this.primary);
             return Ok(MissFinishType::Created(0));
         }
         if overtaken() {
@@ -346,11 +349,7 @@ impl HandleMiss for TieredMiss {
             // records its time before it removes anything, and the copy and its tags are in
             // place before this second look, so either that purge removes it or this look
             // sees the purge and removes it here.
-            if let Some(disk) = this.store.disk {
-                disk.purge_all(&this.primary);
-            }
-            this.store.memory.purge_all(&this.primary);
-            this.store.tags.forget_everywhere(&this.primary);
+            this.store.drop_everywhere(&this.primary);
             return Ok(MissFinishType::Created(0));
         }
         Ok(MissFinishType::Created(weight))

@@ -280,24 +280,33 @@ pub fn write_hit_head(
     out.extend_from_slice(b"\r\n");
 }
 
+/// Where the value of one field of a stored head is. The stored head writes lower-case names,
+/// one field per line (`cache::memory::encode_head`), so a search for `\r\n<name>: ` finds it;
+/// the finders are built once, not on every hit.
+fn stored_field(head: &[u8], line_start: &memchr::memmem::Finder<'_>) -> Option<(usize, usize)> {
+    let start = line_start.find(head)? + line_start.needle().len();
+    let end = memchr::memchr(b'\r', &head[start..]).map_or(head.len(), |e| start + e);
+    Some((start, end))
+}
+
+static CONTENT_ENCODING_LINE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\ncontent-encoding: "));
+static CACHE_CONTROL_LINE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\ncache-control: "));
+
 /// Whether the client takes the stored copy's content coding (a copy without one, any client).
 fn encoding_acceptable(head: &[u8], req: &HeaderMap) -> bool {
-    const NAME: &[u8] = b"\r\ncontent-encoding: ";
-    let Some(at) = memchr::memmem::find(head, NAME) else {
+    let Some((start, end)) = stored_field(head, &CONTENT_ENCODING_LINE) else {
         return true;
     };
-    let start = at + NAME.len();
-    let end = memchr::memchr(b'\r', &head[start..]).map_or(head.len(), |e| start + e);
     std::str::from_utf8(&head[start..end])
         .is_ok_and(|coding| crate::cache::vary::accepts(req, coding.trim()))
 }
 
 /// Where the value of a stored head's `Cache-Control` line is, when it lets shared caches
-/// keep the response. The stored head writes lower-case names, one field per line.
+/// keep the response.
 fn shared_cache_control(head: &[u8]) -> Option<(usize, usize)> {
-    const NAME: &[u8] = b"\r\ncache-control: ";
-    let start = memchr::memmem::find(head, NAME)? + NAME.len();
-    let end = start + memchr::memchr(b'\r', &head[start..])?;
+    let (start, end) = stored_field(head, &CACHE_CONTROL_LINE)?;
     crate::cache::policy::lets_shared_caches_store(&head[start..end]).then_some((start, end))
 }
 

@@ -138,7 +138,7 @@ pub struct Rules {
     invalidate_on_unsafe: UnsafeInvalidation,
     body_timeout: std::time::Duration,
     /// `[cache] downstream_cache_control`.
-    pub downstream_cache_control: Option<HeaderValue>,
+    downstream_cache_control: Option<HeaderValue>,
     /// `[cache] compress`.
     compress: crate::config::Compress,
 }
@@ -464,8 +464,11 @@ impl Skua {
         let ours = Outcome::fast_hit(obj.meta.times.fresh_until.time())
             .cache_status(&self.shared.name, now);
         let mut wire = Vec::with_capacity(obj.meta.head.len() + 160);
-        let downstream = self.shared.rules.load().downstream_cache_control.clone();
-        fast::write_hit_head(&mut wire, &obj, now, &ours, false, downstream.as_ref());
+        {
+            let rules = self.shared.rules.load();
+            let downstream = rules.downstream_cache_control.as_ref();
+            fast::write_hit_head(&mut wire, &obj, now, &ours, false, downstream);
+        }
         let resp = decode_head(&wire);
         session.write_response_header(Box::new(resp), head).await?;
         if !head {
@@ -1080,24 +1083,16 @@ impl ProxyHttp for Skua {
         if code > 0 {
             ctx.internal = true;
             ctx.stored = false;
-            let outcome = self.outcome(session, ctx);
-            let extra = [
-                ("x-cache-status", outcome.disposition().as_str().to_string()),
-                (
-                    "cache-status",
-                    outcome.cache_status(&self.shared.name, SystemTime::now()),
-                ),
-            ];
             // pingora closes the connection after a failed proxy attempt (what the origin
             // sent of a body may be half read): say so, or the client reads "keep-alive" and
             // then finds the socket closed.
             session.set_keepalive(None);
-            let _ = respond::text_with(
+            // `respond` marks it as Skua's own answer (`int-front`) in both status headers.
+            let _ = respond::text(
                 &self.shared.name,
                 session,
                 code,
                 &format!("skua: {message}"),
-                &extra,
             )
             .await;
         }

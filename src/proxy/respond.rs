@@ -11,24 +11,11 @@ use crate::cache::status::Disposition;
 
 /// A status with a one-line plain-text body.
 pub async fn text(name: &str, session: &mut Session, status: u16, line: &str) -> Result<()> {
-    text_with(name, session, status, line, &[]).await
-}
-
-pub async fn text_with(
-    name: &str,
-    session: &mut Session,
-    status: u16,
-    line: &str,
-    extra: &[(&'static str, String)],
-) -> Result<()> {
     let body = Bytes::from(format!("{line}\n"));
-    let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    let mut resp = ResponseHeader::build(status, Some(6))?;
     resp.insert_header("content-type", "text/plain; charset=utf-8")?;
     resp.insert_header("content-length", body.len().to_string())?;
     resp.insert_header("cache-control", "no-store")?;
-    for (k, v) in extra {
-        resp.insert_header(*k, v.as_str())?;
-    }
     header(name, session, resp, Some(body)).await
 }
 
