@@ -63,39 +63,27 @@ fn is_unreserved(b: u8) -> bool {
 /// Every `%` starts an escape here (see [`normalize`]).
 fn percent_normal(s: &str) -> String {
     let bytes = s.as_bytes();
-    let mut out = String::with_capacity(s.len());
+    let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
+    let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = |b: u8| (b as char).to_digit(16);
-            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                let decoded = (hi * 16 + lo) as u8;
-                if is_unreserved(decoded) {
-                    out.push(decoded as char);
-                } else {
-                    out.push('%');
-                    out.push(bytes[i + 1].to_ascii_uppercase() as char);
-                    out.push(bytes[i + 2].to_ascii_uppercase() as char);
-                }
-                i += 3;
-                continue;
+        if let (b'%', Some(hi), Some(lo)) = (bytes[i], hex(i + 1), hex(i + 2)) {
+            let decoded = (hi * 16 + lo) as u8;
+            if is_unreserved(decoded) {
+                out.push(decoded);
+            } else {
+                out.push(b'%');
+                out.push(bytes[i + 1].to_ascii_uppercase());
+                out.push(bytes[i + 2].to_ascii_uppercase());
             }
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
         }
-        // Request targets are ASCII (checked by the caller); copy whole UTF-8 sequences anyway.
-        let len = utf8_len(bytes[i]);
-        out.push_str(&s[i..(i + len).min(s.len())]);
-        i += len;
     }
-    out
-}
-
-fn utf8_len(first: u8) -> usize {
-    match first {
-        0x00..=0x7f => 1,
-        0xc0..=0xdf => 2,
-        0xe0..=0xef => 3,
-        _ => 4,
-    }
+    // Only ASCII escapes were rewritten, into ASCII: the text stays what it was, UTF-8.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// RFC 3986 §5.2.4, on a path that starts with `/`.

@@ -1124,14 +1124,12 @@ impl ProxyHttp for Skua {
         if let Some((encoding, input, output)) =
             compress::stored_sizes(&session.upstream_compression, brotli)
         {
-            if matches!(encoding, "br" | "gzip") {
-                m.compression_bytes
-                    .with_label_values(&[encoding, "in"])
-                    .inc_by(input as u64);
-                m.compression_bytes
-                    .with_label_values(&[encoding, "out"])
-                    .inc_by(output as u64);
-            }
+            m.compression_bytes
+                .with_label_values(&[encoding, "in"])
+                .inc_by(input as u64);
+            m.compression_bytes
+                .with_label_values(&[encoding, "out"])
+                .inc_by(output as u64);
         }
         if session.cache.lock_duration().is_some() && ctx.origin_response.is_none() {
             m.coalesced.inc();
