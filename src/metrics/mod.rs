@@ -66,6 +66,7 @@ pub struct Metrics {
     pub build_info: IntGauge,
     /// 1 while the HTCP receiver's socket is bound; 0 when it is not (or HTCP is off).
     pub htcp_listening: IntGauge,
+    pub htcp_dropped: IntCounter,
     /// SIGHUP reloads: `applied` (the new configuration runs) and `rejected` (the old one stays).
     pub reloads_applied: IntCounter,
     pub reloads_rejected: IntCounter,
@@ -358,6 +359,11 @@ impl Metrics {
             "1 while the HTCP receiver is listening; 0 when it cannot bind its address (or HTCP is off).",
         )?;
         registry.register(Box::new(htcp_listening.clone()))?;
+        let htcp_dropped = IntCounter::new(
+            "skua_htcp_dropped_total",
+            "HTCP datagrams the kernel dropped because the receive buffer was full (Linux only; raise net.core.rmem_max if this grows).",
+        )?;
+        registry.register(Box::new(htcp_dropped.clone()))?;
         let hit_path = IntCounterVec::new(
             Opts::new(
                 "skua_hits_by_path_total",
@@ -423,6 +429,7 @@ impl Metrics {
             reloads_applied,
             reloads_rejected,
             htcp_listening,
+            htcp_dropped,
             hit_paths,
             per_request,
         })

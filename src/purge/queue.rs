@@ -1,6 +1,7 @@
 //! The purge queue: purges that arrive in bursts (HTCP storms after a template edit) are
-//! queued and applied by a worker, off the path that receives them. The queue is bounded (a
-//! full queue makes the receiver wait rather than drop) and de-duplicating: a URL already
+//! queued by the receiver's thread and applied by a worker task, so that draining the socket
+//! never waits for the store. The queue is bounded (a full queue makes the receiver wait
+//! rather than drop) and de-duplicating: a URL already
 //! waiting is not queued again, since applying the waiting purge covers both. The backlog and
 //! the time from receipt to application are metrics.
 
@@ -61,8 +62,9 @@ impl PurgeQueue {
         queue
     }
 
-    /// Queues a purge of `url`, waiting for room if the queue is full.
-    pub async fn push(&self, url: CacheUrl) {
+    /// Queues a purge of `url`, blocking while the queue is full. Called from a plain thread
+    /// (the HTCP reader), never from async code: tokio forbids blocking a runtime thread.
+    pub fn push(&self, url: CacheUrl) {
         let fresh = match self.pending.lock() {
             Ok(mut p) => p.insert(url.primary()),
             Err(_) => true,
@@ -76,7 +78,7 @@ impl PurgeQueue {
             url,
             received: Instant::now(),
         };
-        if self.tx.send(queued).await.is_err() {
+        if self.tx.blocking_send(queued).is_err() {
             self.metrics.purge_backlog.dec();
         }
     }

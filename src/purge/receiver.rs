@@ -1,9 +1,13 @@
 //! The HTCP CLR receiver: a UDP socket (optionally in multicast groups) whose datagrams are
-//! checked (source, layout, host) and applied to the store. Runs as a pingora background
-//! service. Every datagram is counted by result; none can purge unless it passes every check.
+//! checked (source, layout, host) on a reader thread of its own and queued for the store.
+//! Runs as a pingora background service. Every datagram is counted by result, and so are
+//! those the kernel dropped; none can purge unless it passes every check.
 
+use std::cell::Cell;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -32,6 +36,7 @@ impl HtcpConfig {
 
 /// The receiver and the narrow handles it works through: the purge dispatch, the metrics and
 /// the current host aliases (a reload may change them).
+#[derive(Clone)]
 pub struct HtcpReceiver {
     config: HtcpConfig,
     acl: Acl,
@@ -41,8 +46,15 @@ pub struct HtcpReceiver {
 }
 
 /// Asked for, as vhtcpd does: a purge storm must not overflow the socket. Halved down to
-/// 64 KiB until the kernel accepts it.
+/// 64 KiB until the kernel accepts it; the kernel may still cap it at `net.core.rmem_max`.
 const RECEIVE_BUFFER: usize = 16 << 20;
+
+/// How long the reader waits for a datagram before it looks at the shutdown flag and the
+/// kernel's drop count.
+const READER_TICK: Duration = Duration::from_millis(250);
+
+/// How often the kernel's drop count is read into `skua_htcp_dropped_total`.
+const DROPS_READ_EVERY: Duration = Duration::from_secs(1);
 
 impl HtcpReceiver {
     pub fn new(
@@ -60,7 +72,7 @@ impl HtcpReceiver {
         }
     }
 
-    fn bind(&self) -> std::io::Result<UdpSocket> {
+    fn bind(&self) -> std::io::Result<std::net::UdpSocket> {
         use socket2::{Domain, Protocol, Socket, Type};
         let addr = self.config.listen;
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -76,47 +88,90 @@ impl HtcpReceiver {
             }
             size /= 2;
         }
-        socket.set_nonblocking(true)?;
+        // Linux reports twice what it grants (the doubling covers its bookkeeping).
+        if let Ok(granted) = socket.recv_buffer_size() {
+            if granted < RECEIVE_BUFFER {
+                tracing::warn!(
+                    asked = RECEIVE_BUFFER,
+                    granted,
+                    "the kernel capped the HTCP receive buffer; a purge storm may overflow it \
+                     (raise net.core.rmem_max; skua_htcp_dropped_total counts what is lost)"
+                );
+            }
+        }
+        socket.set_read_timeout(Some(READER_TICK))?;
         socket.bind(&addr.into())?;
         let interface = self.config.join_interface();
         for group in &self.config.multicast_groups {
             socket.join_multicast_v4(group, &interface)?;
         }
-        UdpSocket::from_std(socket.into())
+        Ok(socket.into())
     }
 
     fn count(&self, result: PurgeResult) {
         super::count(&self.metrics, Source::Htcp, result);
     }
 
-    /// Checks and applies one datagram from `from`.
-    pub async fn handle(&self, packet: &[u8], from: SocketAddr, queue: &PurgeQueue) {
+    /// Checks one datagram from `from`: the URL it may purge, or `None` (counted) if it may not.
+    fn check(&self, packet: &[u8], from: SocketAddr) -> Option<CacheUrl> {
         if !self.acl.allows(from.ip()) {
             self.count(PurgeResult::Denied);
-            return;
+            return None;
         }
         let clr = match htcp::parse(packet) {
             Ok(clr) => clr,
             Err(e) => {
                 tracing::debug!(%from, reason = e.as_str(), "rejected an HTCP packet");
                 self.count(PurgeResult::Invalid);
-                return;
+                return None;
             }
         };
         let Ok(url) = CacheUrl::parse_absolute(&clr.uri).map(|u| self.aliases.load().canonical(u))
         else {
             self.count(PurgeResult::Invalid);
-            return;
+            return None;
         };
         if let Some(re) = &self.config.host_regex {
             if !re.is_match(&url.host) {
                 self.count(PurgeResult::Denied);
-                return;
+                return None;
             }
         }
         // The method is ignored: MediaWiki says HEAD, Squid says PURGE, and both mean every
         // stored variant of the URL (GET and HEAD share one entry).
-        queue.push(url).await;
+        Some(url)
+    }
+
+    /// The reader: a thread of its own, so that a storm is drained from the socket as fast as
+    /// datagrams can be parsed, whatever the store and the runtimes are doing. A datagram the
+    /// kernel drops because the buffer is full is lost to UDP; the kernel counts it, and so
+    /// does `skua_htcp_dropped_total`.
+    fn read(&self, socket: std::net::UdpSocket, queue: PurgeQueue, stop: &AtomicBool) {
+        let drops = KernelDrops::of(&socket);
+        let mut drops_read = Instant::now();
+        // Room for the largest packet we accept plus one byte, to tell "too long" apart.
+        let mut buf = vec![0u8; htcp::MAX_PACKET + 1];
+        while !stop.load(Ordering::Relaxed) {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    if let Some(url) = self.check(&buf[..n], from) {
+                        queue.push(url);
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => tracing::warn!(error = %e, "HTCP receive failed"),
+            }
+            if drops_read.elapsed() >= DROPS_READ_EVERY {
+                drops_read = Instant::now();
+                if let Some(new) = drops.as_ref().and_then(KernelDrops::read_new) {
+                    self.metrics.htcp_dropped.inc_by(new);
+                }
+            }
+        }
     }
 }
 
@@ -135,26 +190,83 @@ impl BackgroundService for HtcpReceiver {
                         logged = true;
                     }
                     tokio::select! {
-                        _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                         _ = shutdown.changed() => return,
                     }
                 }
             }
         };
-        self.metrics.htcp_listening.set(1);
         let queue = PurgeQueue::start(self.purger.clone(), self.metrics.clone(), Source::Htcp);
-        // Room for the largest packet we accept plus one byte, to tell "too long" apart.
-        let mut buf = vec![0u8; htcp::MAX_PACKET + 1];
-        loop {
-            tokio::select! {
-                received = socket.recv_from(&mut buf) => match received {
-                    Ok((n, from)) => self.handle(&buf[..n], from, &queue).await,
-                    Err(e) => tracing::warn!(error = %e, "HTCP receive failed"),
-                },
-                _ = shutdown.changed() => return,
-            }
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = std::thread::Builder::new().name("skua-htcp".into()).spawn({
+            let (receiver, stop) = (self.clone(), stop.clone());
+            move || receiver.read(socket, queue, &stop)
+        });
+        if let Err(e) = reader {
+            tracing::error!(error = %e, "cannot start the HTCP reader thread");
+            return;
         }
+        self.metrics.htcp_listening.set(1);
+        let _ = shutdown.changed().await;
+        stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// The kernel's own count of datagrams dropped on one socket (the `drops` column of
+/// `/proc/net/udp` and `/proc/net/udp6`, found by the socket's inode), read as increments.
+struct KernelDrops {
+    inode: String,
+    seen: Cell<u64>,
+}
+
+impl KernelDrops {
+    #[cfg(target_os = "linux")]
+    fn of(socket: &std::net::UdpSocket) -> Option<KernelDrops> {
+        use std::os::fd::AsRawFd;
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd())).ok()?;
+        let inode = link
+            .to_str()?
+            .strip_prefix("socket:[")?
+            .strip_suffix(']')?
+            .to_owned();
+        let drops = KernelDrops {
+            inode,
+            seen: Cell::new(0),
+        };
+        drops.read_new();
+        Some(drops)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn of(_: &std::net::UdpSocket) -> Option<KernelDrops> {
+        None
+    }
+
+    /// Drops since the last read, if the socket is still listed.
+    fn read_new(&self) -> Option<u64> {
+        let total = ["/proc/net/udp", "/proc/net/udp6"]
+            .iter()
+            .find_map(|table| {
+                let text = std::fs::read_to_string(table).ok()?;
+                drops_of_inode(&text, &self.inode)
+            })?;
+        let new = total.saturating_sub(self.seen.replace(total));
+        Some(new)
+    }
+}
+
+/// The `drops` column of the row whose `inode` column is `inode`, in a `/proc/net/udp` table:
+/// `sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops`.
+fn drops_of_inode(table: &str, inode: &str) -> Option<u64> {
+    table.lines().skip(1).find_map(|row| {
+        let columns: Vec<&str> = row.split_whitespace().collect();
+        match columns.as_slice() {
+            [_, _, _, _, _, _, _, _, _, row_inode, _, _, drops, ..] if *row_inode == inode => {
+                drops.parse().ok()
+            }
+            _ => None,
+        }
+    })
 }
 
 /// Sends one CLR per URL to `to`, as MediaWiki does (`skua purge --htcp`).
@@ -170,4 +282,45 @@ pub async fn send(to: SocketAddr, urls: &[String], dialect: htcp::Dialect) -> st
         socket.send_to(&packet, to).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{drops_of_inode, KernelDrops};
+
+    /// Rows as Linux 6.1 prints them.
+    const TABLE: &str = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  812: 0100007F:3A98 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4801311 2 0000000000000000 0
+ 1203: 0100007F:B51D 00000000:0000 07 00000000:00033A00 00:00000000 00000000     0        0 4810044 2 0000000000000000 118
+";
+
+    #[test]
+    fn the_drops_column_of_the_sockets_row_is_read() {
+        assert_eq!(drops_of_inode(TABLE, "4810044"), Some(118));
+        assert_eq!(drops_of_inode(TABLE, "4801311"), Some(0));
+        assert_eq!(drops_of_inode(TABLE, "48"), None);
+        assert_eq!(drops_of_inode("garbage\nrow without columns", "1"), None);
+    }
+
+    /// A socket nobody reads overflows; the kernel's count of what it dropped is what the
+    /// metric reports, read as increments.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn datagrams_the_kernel_drops_are_counted() {
+        let unread = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket2::SockRef::from(&unread)
+            .set_recv_buffer_size(64 << 10)
+            .unwrap();
+        let drops = KernelDrops::of(&unread).expect("the socket is in /proc/net/udp");
+        assert_eq!(drops.read_new(), Some(0));
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = unread.local_addr().unwrap();
+        // Ten times what the buffer was allowed to hold.
+        for _ in 0..2_000 {
+            sender.send_to(&[0u8; 512], to).unwrap();
+        }
+        let dropped = drops.read_new().unwrap();
+        assert!(dropped > 0, "the kernel dropped what did not fit");
+        assert_eq!(drops.read_new(), Some(0), "read as increments");
+    }
 }
