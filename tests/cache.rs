@@ -964,3 +964,258 @@ async fn pages_are_stored_compressed_once_and_served_in_what_each_client_takes()
         .await;
     assert_eq!(br_out, br.body.len() as f64);
 }
+
+/// RFC 9111 §2 / RFC 9110 §4.2: http and https URLs name different resources. An origin that
+/// redirects http to https must not have its redirect served to https readers (a loop), nor
+/// the https page to http readers. The scheme comes from the listener, or from
+/// `X-Forwarded-Proto` sent by a trusted proxy (a TLS terminator in front); from anyone else
+/// the header is ignored. A PURGE of `http://host/path`, as MediaWiki sends, removes both.
+#[tokio::test]
+async fn the_scheme_is_part_of_the_key() {
+    let origin = Origin::start(|seen| {
+        if seen.header("x-forwarded-proto") == Some("https") {
+            Reply::ok("secure page").header("cache-control", "max-age=600")
+        } else {
+            Reply::ok("")
+                .status(301)
+                .header("location", "https://wiki.test/wiki/S")
+                .header("cache-control", "max-age=600")
+        }
+    })
+    .await;
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["trusted_proxies = [\"127.0.0.0/8\"]", "", ""],
+        "",
+    )
+    .await;
+    let addr = skua.addr;
+    let ask = |proto: Option<&str>| {
+        let forwarded = proto.map_or(String::new(), |p| format!("X-Forwarded-Proto: {p}\r\n"));
+        let request = format!(
+            "GET /wiki/S HTTP/1.1\r\nHost: wiki.test\r\n{forwarded}Connection: close\r\n\r\n"
+        );
+        async move { raw(addr, &request).await }
+    };
+    let secure = ask(Some("https")).await;
+    assert!(secure.starts_with("HTTP/1.1 200 "), "{secure}");
+    let plain = ask(None).await;
+    assert!(
+        plain.starts_with("HTTP/1.1 301 "),
+        "http readers get the redirect: {plain}"
+    );
+    assert!(
+        plain.to_ascii_lowercase().contains("x-cache-status: miss"),
+        "{plain}"
+    );
+    for _ in 0..2 {
+        let secure = ask(Some("https")).await;
+        assert!(secure.starts_with("HTTP/1.1 200 "), "{secure}");
+        assert!(secure.ends_with("secure page"), "{secure}");
+        assert!(
+            secure
+                .to_ascii_lowercase()
+                .contains("x-cache-status: hit-front"),
+            "{secure}"
+        );
+        let plain = ask(Some("http")).await;
+        assert!(plain.starts_with("HTTP/1.1 301 "), "{plain}");
+        assert!(
+            plain
+                .to_ascii_lowercase()
+                .contains("x-cache-status: hit-front"),
+            "{plain}"
+        );
+    }
+    assert_eq!(origin.count("/wiki/S"), 2, "one fill per scheme");
+
+    let purge = raw(
+        skua.addr,
+        "PURGE http://wiki.test/wiki/S HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(purge.starts_with("HTTP/1.1 204 "), "{purge}");
+    assert!(ask(Some("https"))
+        .await
+        .to_ascii_lowercase()
+        .contains("x-cache-status: miss"));
+    assert!(ask(None)
+        .await
+        .to_ascii_lowercase()
+        .contains("x-cache-status: miss"));
+    assert_eq!(origin.count("/wiki/S"), 4);
+}
+
+/// From a client that is not a trusted proxy, `X-Forwarded-Proto` is not believed: it neither
+/// picks the https object nor reaches the origin.
+#[tokio::test]
+async fn an_untrusted_x_forwarded_proto_does_not_choose_the_scheme() {
+    let origin = Origin::start(|seen| {
+        let proto = seen.header("x-forwarded-proto").unwrap_or("none");
+        Reply::ok(format!("proto {proto}")).header("cache-control", "max-age=600")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/p");
+    let first = get(&url, &[("x-forwarded-proto", "https")]).await;
+    assert_eq!(first.text(), "proto none");
+    let again = get(&url, &[]).await;
+    assert_eq!(
+        again.cache(),
+        "hit-front",
+        "one object: the listener's scheme"
+    );
+    assert_eq!(origin.count("/p"), 1);
+}
+
+/// RFC 9112 §3.2.2: an absolute-form target goes to the origin in origin form; a scheme other
+/// than http and https is refused with 400 before any origin is asked. (A `Host` that differs
+/// from the target's authority is refused too, stricter than the RFC's "ignore Host", as
+/// pingora does: two authorities in one request is how a cache gets poisoned.)
+#[tokio::test]
+async fn an_absolute_form_target_is_checked_and_forwarded_in_origin_form() {
+    let origin = Origin::start(|seen| {
+        Reply::ok(format!(
+            "host {} path {}",
+            seen.header("host").unwrap_or("-"),
+            seen.path
+        ))
+        .header("cache-control", "max-age=600")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let ask = |target: &str| {
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n");
+        let addr = skua.addr;
+        async move { raw(addr, &request).await }
+    };
+    let answer = ask("http://wiki.test/a?b=1").await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.ends_with("host wiki.test path /a?b=1"), "{answer}");
+    let seen = origin.requests("/a?b=1");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].target, "/a?b=1", "forwarded in origin form");
+    let hit = raw(
+        skua.addr,
+        "GET /a?b=1 HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        hit.to_ascii_lowercase()
+            .contains("x-cache-status: hit-front"),
+        "{hit}"
+    );
+    let conflicting = raw(
+        skua.addr,
+        "GET http://wiki.test/a HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(conflicting.starts_with("HTTP/1.1 400 "), "{conflicting}");
+    for bad in ["foo://wiki.test/a", "ftp://wiki.test/a"] {
+        let answer = ask(bad).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{bad}: {answer}");
+    }
+    assert_eq!(origin.count("/a"), 0);
+    assert_eq!(origin.requests("/a?b=1").len(), 1);
+}
+
+/// Sends raw bytes from `local` (another loopback address: another client) and returns the
+/// answer.
+async fn raw_from(local: std::net::IpAddr, addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((local, 0).into()).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// An origin that answers with the cookies it received, varying on them as MediaWiki does.
+async fn cookie_reflecting_origin() -> Origin {
+    Origin::start(|seen| {
+        Reply::ok(format!(
+            "cookies: {}",
+            seen.header("cookie").unwrap_or("none")
+        ))
+        .header("cache-control", "s-maxage=600")
+        .header("vary", "Accept-Encoding, Cookie")
+    })
+    .await
+}
+
+/// Regression (RFC 9111 §4.1): with `Vary: Cookie` handled the wiki way, a cookie that did not
+/// cause a bypass was left out of the variant key but still forwarded, so an origin that
+/// reflects it shared one reader's value with everyone. By default a cacheable request now
+/// reaches the origin with no cookies at all; a bypass cookie still passes with every cookie.
+#[tokio::test]
+async fn cookies_the_key_ignores_never_reach_the_origin() {
+    let origin = cookie_reflecting_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/wiki/C");
+    let first = get(&url, &[("cookie", "pref=reader-a; tracking=1")]).await;
+    assert_eq!(first.text(), "cookies: none");
+    let second = get(&url, &[("cookie", "pref=reader-b")]).await;
+    assert_eq!(second.cache(), "hit-front");
+    assert_eq!(second.text(), "cookies: none");
+    assert_eq!(origin.count("/wiki/C"), 1);
+    let editor = get(&url, &[("cookie", "wikidb_session=s1; pref=reader-a")]).await;
+    assert_eq!(editor.cache(), "pass");
+    assert_eq!(editor.text(), "cookies: wikidb_session=s1; pref=reader-a");
+}
+
+/// `[cache] vary_cookies` names the cookies the key accounts for: only those reach the origin,
+/// and each combination of their values is one variant, whatever the order or the other
+/// cookies a reader sends.
+#[tokio::test]
+async fn vary_cookies_are_forwarded_and_key_the_variant() {
+    let origin = cookie_reflecting_origin().await;
+    let skua = Skua::start_with(&[origin.addr], "vary_cookies = [\"pref\", \"skin\"]", "").await;
+    let url = skua.url("/wiki/V");
+    let a = get(&url, &[("cookie", "tracking=1; skin=dark; pref=a")]).await;
+    assert_eq!(a.cache(), "miss");
+    assert_eq!(a.text(), "cookies: pref=a; skin=dark");
+    let b = get(&url, &[("cookie", "pref=b; skin=dark")]).await;
+    assert_eq!(b.cache(), "miss");
+    assert_eq!(b.text(), "cookies: pref=b; skin=dark");
+    let a_again = get(&url, &[("cookie", "skin=dark; pref=a; other=2")]).await;
+    assert_eq!(a_again.cache(), "hit-front");
+    assert_eq!(a_again.text(), "cookies: pref=a; skin=dark");
+    let none = get(&url, &[("cookie", "tracking=2")]).await;
+    assert_eq!(none.cache(), "miss");
+    assert_eq!(none.text(), "cookies: none");
+    assert_eq!(origin.count("/wiki/V"), 3);
+}
+
+/// Regression (RFC 9111 §4.1): a response with `Vary: X-Forwarded-For` was keyed on the
+/// header as the client sent it (none), while the origin saw the one Skua adds, so one
+/// client's answer was served to every other.
+#[tokio::test]
+async fn a_variant_is_keyed_on_the_request_the_origin_received() {
+    let origin = Origin::start(|seen| {
+        Reply::ok(format!(
+            "for {}",
+            seen.header("x-forwarded-for").unwrap_or("-")
+        ))
+        .header("cache-control", "max-age=600")
+        .header("vary", "X-Forwarded-For")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let request = "GET /who HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n";
+    let one: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let two: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let first = raw_from(one, skua.addr, request).await;
+    assert!(first.ends_with("for 127.0.0.1"), "{first}");
+    let other = raw_from(two, skua.addr, request).await;
+    assert!(other.ends_with("for 127.0.0.2"), "{other}");
+    let again = raw_from(one, skua.addr, request).await;
+    assert!(again.ends_with("for 127.0.0.1"), "{again}");
+    assert!(
+        again.to_ascii_lowercase().contains("x-cache-status: hit"),
+        "{again}"
+    );
+    assert_eq!(origin.count("/who"), 2);
+}

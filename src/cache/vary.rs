@@ -5,11 +5,13 @@
 //! that take brotli, one (gzip where the type compresses) for everyone else, decompressed on
 //! the way out for the rare client that takes neither. Browsers with a hundred different
 //! Accept-Encoding strings share those two copies.
-//! `Cookie`: requests carrying a session cookie never reach the cache (see the proxy's bypass),
-//! so every remaining cookie header counts as the same variant and anonymous readers share one
-//! copy, as on Wikimedia's edge.
+//! `Cookie`: requests carrying a session cookie never reach the cache (see the proxy's bypass).
+//! On the others, only the cookies `[cache] vary_cookies` names are kept ([`kept_cookies`]):
+//! those are what the origin receives and what a `Vary: Cookie` variant is keyed on, so
+//! anonymous readers share one copy, as on Wikimedia's edge, and the key and the request the
+//! origin answered always agree.
 
-use http::{header, HeaderMap};
+use http::{header, HeaderMap, HeaderValue};
 use pingora::cache::key::HashBinary;
 use pingora::cache::VarianceBuilder;
 use pingora::http::ResponseHeader;
@@ -98,12 +100,47 @@ pub fn variance_for(names: &[String], req: &HeaderMap) -> Option<HashBinary> {
     for name in names {
         let value: Vec<u8> = match name.as_str() {
             "accept-encoding" => normalize_accept_encoding(req).as_str().into(),
-            "cookie" => Vec::new(),
+            // Already reduced to the kept cookies, sorted (`kept_cookies`).
             other => normalized_value(req, other),
         };
         builder.add_owned_name_value(name.clone(), value);
     }
     builder.finalize()
+}
+
+/// The `Cookie` header a cacheable request keeps: the pairs whose names `[cache]
+/// vary_cookies` lists, in name order so that one set of values is one
+/// variant, or `None` when none is left. Every `Cookie` line counts (RFC 6265 §5.4 sends one;
+/// HTTP/2 may split it).
+pub fn kept_cookies(req: &HeaderMap, allowed: &[String]) -> Option<HeaderValue> {
+    if allowed.is_empty() {
+        return None;
+    }
+    let mut kept: Vec<(&[u8], &[u8])> = req
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .filter_map(|pair| {
+            let pair = pair.trim_ascii();
+            let name = pair.split(|b| *b == b'=').next()?.trim_ascii();
+            allowed
+                .iter()
+                .any(|a| a.as_bytes() == name)
+                .then_some((name, pair))
+        })
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    kept.sort_by(|a, b| a.0.cmp(b.0));
+    let mut value = Vec::new();
+    for (i, (_, pair)) in kept.iter().enumerate() {
+        if i > 0 {
+            value.extend_from_slice(b"; ");
+        }
+        value.extend_from_slice(pair);
+    }
+    HeaderValue::from_bytes(&value).ok()
 }
 
 /// A request field's value as a variant key compares it (RFC 9111 §4.1: "normalizing both
@@ -176,13 +213,45 @@ mod tests {
         );
     }
 
+    /// The request as forwarded: its `Cookie` reduced to the kept cookies.
+    fn forwarded(cookies: &[&str], allowed: &[&str]) -> HeaderMap {
+        let allowed: Vec<String> = allowed.iter().map(|a| a.to_string()).collect();
+        let lines: Vec<(&str, &str)> = cookies.iter().map(|c| ("cookie", *c)).collect();
+        let mut headers = req(&lines);
+        let kept = kept_cookies(&headers, &allowed);
+        headers.remove(header::COOKIE);
+        if let Some(kept) = kept {
+            headers.insert(header::COOKIE, kept);
+        }
+        headers
+    }
+
     #[test]
     fn anonymous_cookies_share_a_variant() {
         let s = stored("Accept-Encoding, Cookie");
         assert_eq!(
-            variance(&s, &req(&[("cookie", "centralnotice=1")])),
+            variance(&s, &forwarded(&["centralnotice=1"], &[])),
             variance(&s, &req(&[]))
         );
+    }
+
+    #[test]
+    fn kept_cookies_are_the_variant_whatever_their_order() {
+        let allowed = ["skin", "lang"];
+        let s = stored("Cookie");
+        let one = forwarded(&["a=1; lang=de; skin=dark; b=2"], &allowed);
+        assert_eq!(
+            one.get(header::COOKIE).unwrap(),
+            "lang=de; skin=dark",
+            "only the kept cookies, by name"
+        );
+        let other_order = forwarded(&["skin=dark", "tracking=9;lang=de"], &allowed);
+        assert_eq!(variance(&s, &one), variance(&s, &other_order));
+        let other_value = forwarded(&["lang=fr; skin=dark"], &allowed);
+        assert_ne!(variance(&s, &one), variance(&s, &other_value));
+        assert!(forwarded(&["Lang=de; langx=1"], &allowed)
+            .get(header::COOKIE)
+            .is_none());
     }
 
     #[test]

@@ -235,6 +235,13 @@ pub struct CacheFile {
     /// must-revalidate"`. Applied after Skua has used the origin's header, never to what it
     /// stores. Default "" (the origin's header is passed on).
     pub downstream_cache_control: String,
+    /// Cookie names the cache key accounts for: on a request that may use the cache, only
+    /// these cookies are sent to the origin, and a response with `Vary: Cookie` is stored
+    /// once per combination of their values. Every other cookie stays between the browser and
+    /// Skua, so an origin that reflects one (a preference, a tracking id) cannot share one
+    /// reader's value with everyone. Requests that pass (`[cache.bypass]`) keep all their
+    /// cookies. Default `[]`.
+    pub vary_cookies: Vec<String>,
     #[serde(default)]
     pub bypass: BypassFile,
     /// Hosts that name the same site, mapped to the one the cache key uses, e.g.
@@ -293,6 +300,7 @@ impl Default for CacheFile {
             lock_timeout: "10s".into(),
             invalidate_on_unsafe: "any".into(),
             downstream_cache_control: String::new(),
+            vary_cookies: Vec::new(),
             bypass: BypassFile::default(),
             host_aliases: Default::default(),
             disk: DiskFile::default(),

@@ -108,6 +108,8 @@ pub struct CacheConfig {
     pub heuristic_max: Duration,
     pub lock_timeout: Duration,
     pub bypass_cookies: Vec<Regex>,
+    /// `[cache] vary_cookies`: sorted cookie names, each a token.
+    pub vary_cookies: Vec<String>,
     pub bypass_authorization: bool,
     pub invalidate_on_unsafe: UnsafeInvalidation,
     /// `[cache] downstream_cache_control`, when set.

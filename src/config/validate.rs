@@ -548,6 +548,20 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
     let stale_if_error = c.duration(&at("stale_if_error"), &k.stale_if_error);
     let heuristic_max = c.duration(&at("heuristic_max"), &k.heuristic_max);
     let lock_timeout = c.duration(&at("lock_timeout"), &k.lock_timeout);
+    let mut vary_cookies = Vec::new();
+    for (i, name) in k.vary_cookies.iter().enumerate() {
+        // RFC 6265 §4.1.1: cookie-name = token.
+        if http::HeaderName::from_bytes(name.as_bytes()).is_ok() && !name.is_empty() {
+            vary_cookies.push(name.clone());
+        } else {
+            c.report(
+                &[Key("cache"), Key("vary_cookies"), Index(i)],
+                format!("{name:?} is not a cookie name (RFC 6265: a token)"),
+            );
+        }
+    }
+    vary_cookies.sort();
+    vary_cookies.dedup();
     let mut bypass_cookies = Vec::new();
     for (i, r) in k.bypass.cookies.iter().enumerate() {
         match compile(r) {
@@ -665,6 +679,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         heuristic_max,
         lock_timeout,
         bypass_cookies,
+        vary_cookies,
         bypass_authorization: k.bypass.authorization,
         invalidate_on_unsafe,
         downstream_cache_control,
@@ -1001,6 +1016,20 @@ mod tests {
         );
         let good = "[[origin]]\nname = \"a\"\naddresses = [\"127.0.0.1:1\"]\n[origin.health_check]\npath = \"/wiki/Main_Page?action=raw\"\nhost = \"wiki.test:8080\"\n";
         assert!(parse(good).is_ok());
+    }
+
+    #[test]
+    fn a_vary_cookie_must_be_a_cookie_name() {
+        let errs = parse("[cache]\nvary_cookies = [\"lang\", \"a b\", \"\"]\n").unwrap_err();
+        let got = keys_and_lines(&errs);
+        assert_eq!(
+            got,
+            vec![
+                ("cache.vary_cookies[1]".to_string(), Some(2)),
+                ("cache.vary_cookies[2]".to_string(), Some(2)),
+            ]
+        );
+        assert!(parse("[cache]\nvary_cookies = [\"lang\", \"skin\"]\n").is_ok());
     }
 
     #[test]

@@ -61,21 +61,36 @@ impl FrontDoor {
 
     /// The answer to the request whose complete head (and nothing more) is `head`, if it is a
     /// fresh memory hit this path can serve exactly as the full path would.
-    /// `client` gives the client's address (only the access log needs it); `closing`: the
+    /// `client` gives the client's address (for the access log, and to believe a trusted
+    /// proxy's `X-Forwarded-Proto`); `closing`: the
     /// server is shutting down, so the connection closes after this answer.
     pub fn answer(
         &self,
         head: &[u8],
-        client: impl FnOnce() -> Option<IpAddr>,
+        client: impl Fn() -> Option<IpAddr>,
         closing: bool,
     ) -> Option<Answer> {
         let started = Instant::now();
         let shared = &self.shared;
         let rules = shared.rules.load();
-        let req = plain(head, &rules.limits)?;
-        let url = shared.canonical(CacheUrl::new(Scheme::Http, req.host, req.target).ok()?);
+        let mut req = plain(head, &rules.limits)?;
+        // The same scheme the full path keys on: Skua's listeners speak plain HTTP.
+        let scheme = super::guard::request_scheme(
+            Scheme::Http,
+            req.headers.get("x-forwarded-proto"),
+            || super::guard::trusted(&rules.trusted_proxies, client()),
+        );
+        let url = shared.canonical(CacheUrl::new(scheme, req.host, req.target).ok()?);
         if !rules.serves_host(&url.host) || rules.pass_reason(&req.method, &req.headers).is_some() {
             return None;
+        }
+        if req.headers.contains_key(header::COOKIE) {
+            // Variants are keyed on the cookies the full path forwards (`as_forwarded`).
+            let kept = crate::cache::vary::kept_cookies(&req.headers, &rules.vary_cookies);
+            req.headers.remove(header::COOKIE);
+            if let Some(kept) = kept {
+                req.headers.insert(header::COOKIE, kept);
+            }
         }
         let now = SystemTime::now();
         let obj = shared.fresh_hit(&url, &req.headers, now)?;

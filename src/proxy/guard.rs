@@ -8,6 +8,7 @@ use std::net::IpAddr;
 
 use pingora::http::RequestHeader;
 
+use crate::cache::key::Scheme;
 use crate::config::HeadLimits;
 use crate::purge::Acl;
 
@@ -50,6 +51,17 @@ pub fn check(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Refusal> {
             "both Content-Length and Transfer-Encoding (RFC 9112 §6.1)",
         ));
     }
+    // RFC 9112 §3.2.2: an absolute-form target carries a scheme; the resources Skua serves
+    // are http and https ones. (CONNECT's authority form, `host:port`, is refused later with
+    // a hint of its own.)
+    let absolute = (req.method != http::Method::CONNECT)
+        .then(|| absolute_form_scheme(req.raw_path()))
+        .flatten();
+    if let Some(scheme) = absolute {
+        if !scheme.eq_ignore_ascii_case(b"http") && !scheme.eq_ignore_ascii_case(b"https") {
+            return Err(refuse(400, "only http and https targets are served"));
+        }
+    }
     let uri = req.uri.path_and_query().map_or(0, |p| p.as_str().len())
         + req.uri.authority().map_or(0, |a| a.as_str().len());
     if uri > limits.max_uri_bytes {
@@ -76,6 +88,23 @@ pub fn check(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Refusal> {
         ));
     }
     Ok(())
+}
+
+/// The scheme of an absolute-form request target (`http://host/x` → `http`), as sent: pingora
+/// parses only its path and query into the request's `uri`. Origin form (`/x`), asterisk form
+/// (`*`) and anything without a `scheme:` prefix give `None`.
+pub fn absolute_form_scheme(target: &[u8]) -> Option<&[u8]> {
+    if target.first() == Some(&b'/') {
+        return None;
+    }
+    let colon = target.iter().position(|b| *b == b':')?;
+    let scheme = &target[..colon];
+    // RFC 3986 §3.1: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )
+    let well_formed = scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && scheme
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    well_formed.then_some(scheme)
 }
 
 /// Whether a raw request head names a Content-Length field. pingora drops Content-Length
@@ -155,6 +184,32 @@ pub fn strip(req: &mut RequestHeader, extra: &[http::HeaderName], from_trusted_p
     }
 }
 
+/// The scheme a request was made with, which is part of its cache key (RFC 9110 §4.2: an
+/// http and an https URL name different resources): the listener's, unless a trusted proxy
+/// in front (a TLS terminator) names another in `X-Forwarded-Proto`. From anyone else the
+/// header is not believed (and `strip` removes it). Of a list, the first member is the scheme
+/// the client used; a value that is neither `http` nor `https` is ignored.
+pub fn request_scheme(
+    listener: Scheme,
+    forwarded_proto: Option<&http::HeaderValue>,
+    from_trusted_proxy: impl FnOnce() -> bool,
+) -> Scheme {
+    let Some(value) = forwarded_proto else {
+        return listener;
+    };
+    let first = value.as_bytes().split(|b| *b == b',').next().unwrap_or(b"");
+    let said = match first.trim_ascii() {
+        s if s.eq_ignore_ascii_case(b"https") => Scheme::Https,
+        s if s.eq_ignore_ascii_case(b"http") => Scheme::Http,
+        _ => return listener,
+    };
+    if said != listener && from_trusted_proxy() {
+        said
+    } else {
+        listener
+    }
+}
+
 /// Whether `ip` is one of the proxies whose forwarding headers are believed.
 pub fn trusted(proxies: &Acl, ip: Option<IpAddr>) -> bool {
     ip.is_some_and(|ip| proxies.allows(ip))
@@ -163,6 +218,51 @@ pub fn trusted(proxies: &Acl, ip: Option<IpAddr>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_absolute_form_targets_scheme_is_found() {
+        assert_eq!(absolute_form_scheme(b"http://h/x"), Some(&b"http"[..]));
+        assert_eq!(absolute_form_scheme(b"HTTPS://h"), Some(&b"HTTPS"[..]));
+        assert_eq!(
+            absolute_form_scheme(b"foo+bar://h/x"),
+            Some(&b"foo+bar"[..])
+        );
+        for not_absolute in [&b"/x"[..], b"/a:b", b"*", b"", b"1abc://h", b":x"] {
+            assert_eq!(absolute_form_scheme(not_absolute), None);
+        }
+    }
+
+    #[test]
+    fn the_scheme_is_the_listeners_unless_a_trusted_proxy_says_otherwise() {
+        let value = |v: &'static str| http::HeaderValue::from_static(v);
+        let trusted = || true;
+        assert_eq!(request_scheme(Scheme::Http, None, trusted), Scheme::Http);
+        for https in ["https", "HTTPS", " https , http", "https,https"] {
+            let v = value(https);
+            assert_eq!(
+                request_scheme(Scheme::Http, Some(&v), trusted),
+                Scheme::Https,
+                "{https}"
+            );
+            assert_eq!(
+                request_scheme(Scheme::Http, Some(&v), || false),
+                Scheme::Http
+            );
+        }
+        for ignored in ["", "ftp", "http", "wss, https"] {
+            let v = value(ignored);
+            assert_eq!(
+                request_scheme(Scheme::Http, Some(&v), trusted),
+                Scheme::Http,
+                "{ignored}"
+            );
+        }
+        let v = value("http");
+        assert_eq!(
+            request_scheme(Scheme::Https, Some(&v), trusted),
+            Scheme::Http
+        );
+    }
 
     const LIMITS: HeadLimits = HeadLimits {
         max_uri_bytes: 100,

@@ -134,6 +134,7 @@ pub struct Rules {
     hosts: Vec<String>,
     trusted_proxies: Acl,
     strip_headers: Vec<http::HeaderName>,
+    vary_cookies: Vec<String>,
     keepalive_secs: u64,
     invalidate_on_unsafe: UnsafeInvalidation,
     body_timeout: std::time::Duration,
@@ -181,6 +182,7 @@ impl From<&Config> for Rules {
             hosts: config.server.hosts.clone(),
             trusted_proxies: Acl::new(config.server.trusted_proxies.clone()),
             strip_headers: config.server.strip_headers.clone(),
+            vary_cookies: config.cache.vary_cookies.clone(),
             keepalive_secs: config.server.keepalive_timeout.as_secs().max(1),
             invalidate_on_unsafe: config.cache.invalidate_on_unsafe,
             downstream_cache_control: config.cache.downstream_cache_control.clone(),
@@ -346,6 +348,36 @@ fn upgrade_asked(req: &mut RequestHeader, pool: Option<&crate::upstream::Pool>) 
         None => {}
     }
     None
+}
+
+/// Makes the request what the origin receives (beyond the hop-by-hop handling pingora and
+/// `upstream_request_filter` do): the client's address appended to `X-Forwarded-For`, and on a
+/// request that may use the cache, only the cookies the key accounts for
+/// (`vary::kept_cookies`).
+fn as_forwarded(session: &mut Session, rules: &Rules) -> Result<()> {
+    let client = client_ip(session);
+    let req = session.req_header_mut();
+    if req.headers.contains_key(header::COOKIE)
+        && rules.pass_reason(&req.method, &req.headers).is_none()
+    {
+        let kept = vary::kept_cookies(&req.headers, &rules.vary_cookies);
+        req.remove_header(&header::COOKIE);
+        if let Some(kept) = kept {
+            req.insert_header(header::COOKIE, kept)?;
+        }
+    }
+    if let Some(ip) = client {
+        let xff = match req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip.to_string(),
+        };
+        req.insert_header("x-forwarded-for", xff)?;
+    }
+    Ok(())
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
@@ -676,7 +708,16 @@ impl ProxyHttp for Skua {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        match CacheUrl::new(Scheme::Http, &authority, &path) {
+        let from_proxy = guard::trusted(&rules.trusted_proxies, client_ip(session));
+        // Skua's listeners speak plain HTTP; a TLS terminator in front says https.
+        let scheme =
+            guard::request_scheme(Scheme::Http, req.headers.get("x-forwarded-proto"), || {
+                from_proxy
+            });
+        // pingora parses an absolute-form target's path into `uri` and keeps the raw target to
+        // send on; the scheme was checked by `guard::check`, the authority matches Host.
+        let absolute_form = guard::absolute_form_scheme(req.raw_path()).is_some();
+        match CacheUrl::new(scheme, &authority, &path) {
             Ok(url) => {
                 let url = self.shared.canonical(url);
                 if !rules.serves_host(&url.host) {
@@ -686,13 +727,16 @@ impl ProxyHttp for Skua {
                     respond::text(&self.shared.name, session, 421, &line).await?;
                     return Ok(true);
                 }
-                let from_proxy = guard::trusted(&rules.trusted_proxies, client_ip(session));
                 guard::strip(session.req_header_mut(), &rules.strip_headers, from_proxy);
+                // From here on the request is what the origin will receive, so a variant key
+                // computed on it agrees with the response it names (RFC 9111 §4.1).
+                as_forwarded(session, &rules)?;
                 let pools = self.shared.pools.load();
                 ctx.pool = pools.for_host(&url.host);
                 ctx.upgrade = upgrade_asked(session.req_header_mut(), pools.get(ctx.pool));
-                if url.path_and_query != path && session.req_header().uri.authority().is_none() {
-                    // The origin answers for the target the key names (`cache::target`).
+                if url.path_and_query != path || absolute_form {
+                    // The origin answers for the target the key names (`cache::target`), in
+                    // origin form (RFC 9112 §3.2.1), with the authority in Host.
                     if let Ok(normal) = url.path_and_query.parse::<http::Uri>() {
                         session.req_header_mut().set_uri(normal);
                     }
@@ -868,17 +912,6 @@ impl ProxyHttp for Skua {
             upstream.insert_header(header::ACCEPT_ENCODING, asked)?;
             compress::before_storing(&mut session.upstream_compression, compress);
             ctx.brotli_before_storing = compress.brotli && copy == vary::Encoding::Brotli;
-        }
-        if let Some(ip) = client_ip(session) {
-            let xff = match upstream
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) => format!("{prev}, {ip}"),
-                None => ip.to_string(),
-            };
-            upstream.insert_header("x-forwarded-for", xff)?;
         }
         Ok(())
     }

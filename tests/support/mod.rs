@@ -26,6 +26,8 @@ use tokio::task::JoinSet;
 pub struct Seen {
     pub method: String,
     pub path: String,
+    /// The request target as sent (origin form `/a?b`, or absolute form `http://h/a?b`).
+    pub target: String,
     pub headers: http::HeaderMap,
     pub body: Bytes,
 }
@@ -121,6 +123,7 @@ impl Origin {
                                 .unwrap_or_default();
                             let request = Seen {
                                 method: parts.method.to_string(),
+                                target: parts.uri.to_string(),
                                 path: parts
                                     .uri
                                     .path_and_query()
