@@ -33,11 +33,21 @@ pub fn before_storing(upstream: &mut ResponseCompressionCtx, compress: Compress)
     upstream.adjust_preserve_etag(false);
 }
 
+/// Bodies shorter than this are stored as the origin sent them: compressing saves a few dozen
+/// bytes at most (a gzip frame alone is 18), and a compressed copy costs a variant per
+/// encoding, a weakened `ETag` and a `Vary: Accept-Encoding` that caches beyond Skua then
+/// honour. nginx's `gzip_min_length` is commonly set to about this (its default is 20).
+const MIN_LENGTH: usize = 1024;
+
+/// Sets a response's upstream context to store it as sent (nothing worth compressing).
+pub fn leave_uncompressed(upstream: &mut ResponseCompressionCtx) {
+    upstream.adjust_algorithm_level(Algorithm::Gzip, 0);
+}
+
 /// Whether a response is worth compressing: a textual type (text, JSON, JavaScript, XML, SVG,
 /// fonts; the types pingora's gzip filter takes, nothing with "zip" in it), with a body of
-/// more than a few bytes, and no content coding yet.
+/// unknown length or at least [`MIN_LENGTH`] bytes, and no content coding yet.
 pub fn compressible(resp: &ResponseHeader) -> bool {
-    const MIN_LENGTH: usize = 20;
     if resp.headers.contains_key(http::header::CONTENT_ENCODING) {
         return false;
     }

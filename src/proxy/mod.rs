@@ -586,10 +586,15 @@ impl ProxyHttp for Skua {
     async fn adjust_upstream_modules(
         &self,
         session: &mut Session,
-        _upstream_response: &ResponseHeader,
+        upstream_response: &ResponseHeader,
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if !compress::compressible(upstream_response) {
+            // pingora's gzip context has a threshold of its own (20 bytes); Skua's applies.
+            compress::leave_uncompressed(&mut session.upstream_compression);
+            return Ok(());
+        }
         if ctx.brotli_before_storing {
             if let Some(brotli) = session
                 .upstream_modules_ctx
