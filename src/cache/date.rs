@@ -14,9 +14,11 @@ const MONTHS: [&[u8; 3]; 12] = [
 /// `Sun Nov  6 08:49:37 1994`.
 pub fn parse(value: &str) -> Option<SystemTime> {
     let value = value.trim();
+    // The grammar separates fields by exactly one SP; `18  Aug` is no date (the conformance
+    // suite's `freshness-expires-invalid-multiple-spaces`), but asctime pads a one-digit day.
     let (day, month, year, time) = match value.split_once(',') {
         Some((_weekday, rest)) => {
-            let parts: Vec<&str> = rest.split_ascii_whitespace().collect();
+            let parts: Vec<&str> = rest.strip_prefix(' ')?.split(' ').collect();
             match parts.as_slice() {
                 [day, month, year, time, gmt] if gmt.eq_ignore_ascii_case("GMT") => {
                     (*day, *month, year_of(year, false)?, *time)
@@ -32,12 +34,13 @@ pub fn parse(value: &str) -> Option<SystemTime> {
                 _ => return None,
             }
         }
-        None => match value
-            .split_ascii_whitespace()
-            .collect::<Vec<_>>()
-            .as_slice()
-        {
-            [_weekday, month, day, time, year] => (*day, *month, year_of(year, false)?, *time),
+        None => match value.split(' ').collect::<Vec<_>>().as_slice() {
+            [_weekday, month, day, time, year] if day.len() == 2 => {
+                (*day, *month, year_of(year, false)?, *time)
+            }
+            [_weekday, month, "", day, time, year] if day.len() == 1 => {
+                (*day, *month, year_of(year, false)?, *time)
+            }
             _ => return None,
         },
     };
@@ -132,6 +135,7 @@ mod tests {
             "Fri, 06 Nov 1994 08:49:37 GMT",
             "Sunday, 06-Nov-94 08:49:37 GMT",
             "Sun Nov  6 08:49:37 1994",
+            "Sun Nov 06 08:49:37 1994",
             "  Sun, 06 NOV 1994 08:49:37 GMT ",
         ] {
             assert_eq!(parse(form), Some(want), "{form}");
@@ -159,6 +163,10 @@ mod tests {
             "Sun, 06 Nov 1994 25:49:37 GMT",
             "Sun, 06 Nov 94 08:49:37 GMT",
             "Sun, 06 Nov 1994 8:49:37 GMT",
+            "Thu, 18  Aug  2050 02:01:18 GMT",
+            "Sun,06 Nov 1994 08:49:37 GMT",
+            "Sun Nov 6 08:49:37 1994",
+            "Sun Nov   6 08:49:37 1994",
         ] {
             assert_eq!(parse(bad), None, "{bad:?}");
         }
