@@ -749,13 +749,21 @@ async fn every_http_date_form_is_read() {
                 "Sun {month} {:>2} {time} {year}",
                 day.trim_start_matches('0')
             ),
+            "/double-spaced" => format!("Xyz, {day}  {month}  {year} {time} GMT"),
             _ => "0".to_string(),
         };
         Reply::ok("body").header("expires", value)
     })
     .await;
     let skua = Skua::start(&[origin.addr], "").await;
-    for path in ["/lowercase", "/weekday", "/rfc850", "/asctime", "/invalid"] {
+    for path in [
+        "/lowercase",
+        "/weekday",
+        "/rfc850",
+        "/asctime",
+        "/invalid",
+        "/double-spaced",
+    ] {
         get(&skua.url(path), &[]).await;
         get(&skua.url(path), &[]).await;
     }
@@ -766,8 +774,10 @@ async fn every_http_date_form_is_read() {
             "{path}: the Expires date was not read"
         );
     }
-    // An Expires that is no date means already expired (RFC 9111 §5.3).
+    // An Expires that is no date means already expired (RFC 9111 §5.3); fields separated by
+    // two spaces are no date (regression: read as one).
     assert_eq!(origin.count("/invalid"), 2);
+    assert_eq!(origin.count("/double-spaced"), 2);
 }
 
 /// RFC 9111 §4.1: variants are matched on normalised values, so whitespace and line breaks
