@@ -1253,3 +1253,89 @@ async fn a_small_body_is_stored_as_the_origin_sent_it() {
         assert_eq!(got.header("vary"), "");
     }
 }
+
+/// An origin with one 10-byte representation that honours single byte ranges.
+async fn ranged_origin() -> Origin {
+    Origin::start(|seen| {
+        const BODY: &str = "0123456789";
+        let reply = |r: Reply| {
+            r.header("etag", "\"v1\"")
+                .header("cache-control", "max-age=600")
+                .header("content-type", "application/octet-stream")
+        };
+        let range = seen.header("range").and_then(|r| r.strip_prefix("bytes="));
+        match range.and_then(|r| r.split_once('-')) {
+            Some((first, last)) => {
+                let first: usize = first.parse().unwrap_or(0);
+                let last: usize = last.parse().unwrap_or(9).min(9);
+                reply(
+                    Reply::ok(&BODY[first..=last])
+                        .status(206)
+                        .header("content-range", format!("bytes {first}-{last}/10")),
+                )
+            }
+            None => reply(Reply::ok(BODY)),
+        }
+    })
+    .await
+}
+
+/// RFC 9111 §3.3 and §3.4: a 206 to a Range request for a URL held in no tier is stored as a
+/// piece and later ranges inside it are served from it; pieces with one strong validator are
+/// combined, and once whole they are a complete response; a piece never stands in for, nor
+/// replaces, a complete stored response; a purge removes pieces too.
+#[tokio::test]
+async fn partial_content_is_stored_reused_and_combined() {
+    let origin = ranged_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/media/a.bin");
+
+    let first = get(&url, &[("range", "bytes=4-9")]).await;
+    assert_eq!((first.status, first.text().as_str()), (206, "456789"));
+    assert_eq!(first.cache(), "miss");
+    assert_eq!(
+        origin.requests("/media/a.bin")[0].header("range"),
+        Some("bytes=4-9")
+    );
+    let inside = get(&url, &[("range", "bytes=6-8")]).await;
+    assert_eq!((inside.status, inside.text().as_str()), (206, "678"));
+    assert_eq!(inside.cache(), "hit-front");
+    assert_eq!(inside.header("content-range"), "bytes 6-8/10");
+    let suffix = get(&url, &[("range", "bytes=-2")]).await;
+    assert_eq!((suffix.status, suffix.text().as_str()), (206, "89"));
+    assert_eq!(origin.count("/media/a.bin"), 1);
+
+    // The first bytes complete it: the whole is then a stored 200.
+    let head = get(&url, &[("range", "bytes=0-5")]).await;
+    assert_eq!((head.status, head.text().as_str()), (206, "012345"));
+    assert_eq!(origin.count("/media/a.bin"), 2);
+    let whole = get(&url, &[]).await;
+    assert_eq!((whole.status, whole.text().as_str()), (200, "0123456789"));
+    assert_eq!(whole.cache(), "hit-front");
+    assert_eq!(
+        origin.count("/media/a.bin"),
+        2,
+        "no full request reached the origin"
+    );
+
+    // A purge removes pieces as it removes objects.
+    let other = skua.url("/media/b.bin");
+    get(&other, &[("range", "bytes=0-3")]).await;
+    assert_eq!(
+        get(&other, &[("range", "bytes=1-2")]).await.cache(),
+        "hit-front"
+    );
+    assert_eq!(send(&client(), "PURGE", &other, &[]).await.status, 204);
+    assert_eq!(get(&other, &[("range", "bytes=1-2")]).await.cache(), "miss");
+
+    // With a complete copy stored, ranges come from it and no piece is fetched.
+    let full = skua.url("/media/c.bin");
+    assert_eq!(get(&full, &[]).await.status, 200);
+    let from_whole = get(&full, &[("range", "bytes=2-4")]).await;
+    assert_eq!(
+        (from_whole.status, from_whole.text().as_str()),
+        (206, "234")
+    );
+    assert_eq!(origin.count("/media/c.bin"), 1);
+    assert_eq!(get(&full, &[]).await.text(), "0123456789");
+}

@@ -564,6 +564,11 @@ impl MemoryTier {
         self.counters.stores.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Whether any variant of `primary` is stored, fresh or not.
+    pub fn holds(&self, primary: &HashBinary) -> bool {
+        self.families.contains_key(primary)
+    }
+
     /// Removes every variant of a URL. Returns how many objects were removed.
     pub fn purge_all(&self, primary: &HashBinary) -> usize {
         let removed = self

@@ -11,6 +11,7 @@ pub mod disk;
 pub mod files;
 pub mod key;
 pub mod memory;
+pub mod partial;
 pub mod policy;
 pub mod status;
 pub mod tags;
@@ -52,6 +53,8 @@ pub struct Store {
     pub disk: Option<&'static DiskTier>,
     pub tags: &'static TagIndex,
     pub invalidations: Invalidations,
+    /// 206 pieces of representations held in no tier (`partial`).
+    pub partial: partial::PartialStore,
     memory_max_object: usize,
 }
 
@@ -68,6 +71,9 @@ impl Store {
             disk,
             tags,
             invalidations: Invalidations::new(ttl_cap, disk.map(|d| d.config.path.join("bans"))),
+            // Pieces are for representations too large or too rarely read whole to be in a
+            // tier; an eighth of the memory tier's bound keeps them from crowding it out.
+            partial: partial::PartialStore::new(memory_bytes / 8),
             memory_max_object,
         }
     }
@@ -100,7 +106,44 @@ impl Store {
             disk.purge_all(primary);
         }
         self.memory.purge_all(primary);
+        self.partial.purge(primary);
         self.tags.forget_everywhere(primary);
+    }
+
+    /// Whether a tier holds a complete copy of `primary` (any variant, fresh or not): then a
+    /// Range request is served from it, or it is revalidated, and no piece is fetched.
+    pub fn holds_complete(&self, primary: &HashBinary) -> bool {
+        self.memory.holds(primary) || self.disk.is_some_and(|d| d.holds(primary))
+    }
+
+    /// Stores the whole representation its pieces combined into (RFC 9111 §3.4) as a
+    /// complete `200` in the memory tier.
+    pub fn store_combined(
+        &self,
+        primary: HashBinary,
+        pieces: &partial::Partial,
+        body: bytes::Bytes,
+    ) {
+        let mut header = pieces.head.clone();
+        if header.set_status(200).is_err() {
+            return;
+        }
+        let created = memory::Stamp::of(pieces.created);
+        let meta = StoredMeta {
+            times: memory::MetaTimes {
+                fresh_until: memory::Stamp::of(pieces.fresh_until),
+                created,
+                provenance: created,
+                epoch: created,
+                stale_while_revalidate_sec: 0,
+                stale_if_error_sec: 0,
+                variance: None,
+            },
+            header,
+            upstream_cache_status: None,
+        };
+        self.memory
+            .insert(primary, StoredObject::new(None, meta, body));
     }
 
     /// The largest object any tier stores: pingora's per-request size limit.
@@ -136,10 +179,12 @@ impl Store {
             PurgeMode::Delete => self.memory.purge_all(primary),
             PurgeMode::Expire => self.memory.expire_all(primary),
         };
+        // Pieces are never revalidated (`partial`): a soft purge drops them too.
+        let pieces = self.partial.purge(primary);
         if mode == PurgeMode::Delete {
             self.tags.forget_everywhere(primary);
         }
-        on_disk + in_memory
+        on_disk + in_memory + pieces
     }
 }
 

@@ -27,7 +27,7 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::HeaderValue;
 use http::{header, Method};
 use pingora::cache::key::HashBinary;
@@ -45,6 +45,7 @@ use crate::cache::bans::Trust;
 use crate::cache::disk::DiskHit;
 use crate::cache::key::{CacheUrl, HostAliases, Scheme};
 use crate::cache::memory::{decode_head, MemoryHit, StoredObject, CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::partial::{self, ByteRange};
 use crate::cache::policy::StoragePolicy;
 use crate::cache::status::{Disposition, Outcome, PassReason};
 use crate::cache::{vary, PurgeMode, Store};
@@ -303,6 +304,11 @@ pub struct RequestCtx {
     not_modified: Option<http::HeaderMap>,
     /// The response is to be brotli-compressed before it is stored (`proxy::compress`).
     brotli_before_storing: bool,
+    /// A Range request for a URL no tier holds: it goes to the origin with its Range, and a
+    /// 206 that may be stored becomes a piece (`cache::partial`).
+    range_fetch: bool,
+    /// The piece being received, and its length by its `Content-Range`.
+    piece: Option<(partial::Piece, BytesMut, usize)>,
 }
 
 /// The protocol a request asks to switch to (`Upgrade`, RFC 9110 §7.8), when `pool` allows
@@ -348,6 +354,22 @@ fn upgrade_asked(req: &mut RequestHeader, pool: Option<&crate::upstream::Pool>) 
         None => {}
     }
     None
+}
+
+/// The one byte range of a GET that may use the cache, when pieces could serve it: no
+/// `If-Range` (left to the complete-object path) and one `bytes` range.
+fn piece_range(req: &RequestHeader, rules: &Rules) -> Option<ByteRange> {
+    if req.method != Method::GET
+        || req.headers.contains_key(header::IF_RANGE)
+        || rules.pass_reason(&req.method, &req.headers).is_some()
+    {
+        return None;
+    }
+    let mut ranges = req.headers.get_all(header::RANGE).iter();
+    let (range, more) = (ranges.next()?, ranges.next());
+    more.is_none()
+        .then(|| ByteRange::parse(range.as_bytes()))
+        .flatten()
 }
 
 /// Makes the request what the origin receives (beyond the hop-by-hop handling pingora and
@@ -465,6 +487,101 @@ impl Skua {
     /// Why this request may not use the cache at all, if it may not.
     fn pass_reason(&self, req: &RequestHeader) -> Option<PassReason> {
         self.shared.pass_reason(&req.method, &req.headers)
+    }
+
+    /// Answers a Range request from stored pieces of a fresh representation, if they hold the
+    /// range (RFC 9111 §3.3: a stored partial response may satisfy a request it covers).
+    async fn serve_piece(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        range: ByteRange,
+    ) -> Result<bool> {
+        let Some(url) = &ctx.url else {
+            return Ok(false);
+        };
+        let store = self.shared.store;
+        let now = SystemTime::now();
+        let Some((pieces, first, last, bytes)) = store.partial.get(&url.primary_hash(), range, now)
+        else {
+            return Ok(false);
+        };
+        if store.invalidations.banned(url, pieces.created) {
+            store.partial.purge(&url.primary_hash());
+            return Ok(false);
+        }
+        ctx.fast_hit = true;
+        ctx.fresh_until = Some(pieces.fresh_until);
+        let ours = Outcome::fast_hit(pieces.fresh_until).cache_status(&self.shared.name, now);
+        let age = now
+            .duration_since(pieces.created)
+            .map_or(0, |d| d.as_secs());
+        let mut resp = pieces.head.clone();
+        resp.set_status(206)?;
+        let complete = pieces.complete_length;
+        resp.insert_header(
+            header::CONTENT_RANGE,
+            format!("bytes {first}-{last}/{complete}"),
+        )?;
+        resp.insert_header(header::CONTENT_LENGTH, bytes.len())?;
+        resp.insert_header(header::AGE, age)?;
+        resp.insert_header(X_CACHE_STATUS, Disposition::HitFront.as_str())?;
+        resp.insert_header(CACHE_STATUS, ours)?;
+        ctx.body_bytes = bytes.len() as u64;
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(bytes), true).await?;
+        Ok(true)
+    }
+
+    /// Starts receiving a piece when `resp` is a single-part 206 to a Range fetch that may be
+    /// stored: no `Vary`, no surrogate keys, and what the storage policy allows of any status.
+    fn start_piece(&self, resp: &ResponseHeader, authorization: bool, ctx: &mut RequestCtx) {
+        if resp.status.as_u16() != 206 || resp.headers.contains_key(header::VARY) {
+            return;
+        }
+        let Some((first, last, complete)) = resp
+            .headers
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| partial::content_range(v.as_bytes()))
+        else {
+            return;
+        };
+        let store = self.shared.store;
+        if !store.tags.tags_of(resp).is_empty()
+            || (last - first) as usize >= store.max_object_size()
+        {
+            return;
+        }
+        let mut head = resp.clone();
+        let now = SystemTime::now();
+        let rules = self.shared.rules.load();
+        // The tiers refuse a 206 (it is no complete response); a piece is judged as the
+        // representation it is part of.
+        if head.set_status(200).is_err() {
+            return;
+        }
+        let Ok(freshness) = rules.policy.decide(&mut head, authorization, now) else {
+            return;
+        };
+        for framing in [
+            header::CONTENT_RANGE,
+            header::CONTENT_LENGTH,
+            header::TRANSFER_ENCODING,
+        ] {
+            head.remove_header(&framing);
+        }
+        ctx.stored = true;
+        ctx.fresh_until = Some(freshness.fresh_until);
+        let piece = partial::Piece {
+            head,
+            first,
+            complete_length: complete,
+            body: Bytes::new(),
+            created: freshness.created,
+            fresh_until: freshness.fresh_until,
+        };
+        let length = (last - first + 1) as usize;
+        ctx.piece = Some((piece, BytesMut::with_capacity(length), length));
     }
 
     /// The fast path for requests the front door (`fast.rs`) left to pingora (HTTP/1.0, a
@@ -632,6 +749,8 @@ impl ProxyHttp for Skua {
             upgrade: None,
             not_modified: None,
             brotli_before_storing: false,
+            range_fetch: false,
+            piece: None,
         }
     }
 
@@ -746,7 +865,18 @@ impl ProxyHttp for Skua {
                         session.req_header_mut().set_uri(normal);
                     }
                 }
+                let piece_range = piece_range(session.req_header(), &rules);
+                let primary = url.primary_hash();
                 ctx.url = Some(url);
+                if let Some(range) = piece_range {
+                    if !self.shared.store.holds_complete(&primary) {
+                        if self.serve_piece(session, ctx, range).await? {
+                            return Ok(true);
+                        }
+                        ctx.range_fetch = true;
+                        return Ok(false);
+                    }
+                }
                 self.serve_fresh_hit(session, ctx).await
             }
             Err(e) => {
@@ -766,6 +896,10 @@ impl ProxyHttp for Skua {
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         if let Some(reason) = self.pass_reason(session.req_header()) {
             ctx.pass = Some(reason);
+            return Ok(());
+        }
+        if ctx.range_fetch {
+            // pingora's cache would drop the Range and store what comes back as complete.
             return Ok(());
         }
         let mut overrides = CacheOptionOverrides::default();
@@ -968,7 +1102,50 @@ impl ProxyHttp for Skua {
             ctx.fwd_status = Some(304);
             ctx.not_modified = Some(resp.headers.clone());
         }
+        if ctx.range_fetch {
+            let authorization = session
+                .req_header()
+                .headers
+                .contains_key(header::AUTHORIZATION);
+            self.start_piece(resp, authorization, ctx);
+        }
         Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        let Some((_, received, length)) = ctx.piece.as_mut() else {
+            return Ok(None);
+        };
+        if let Some(chunk) = body {
+            received.extend_from_slice(chunk);
+        }
+        if received.len() > *length {
+            // The origin sent more than its Content-Range said: nothing is stored.
+            ctx.piece = None;
+            return Ok(None);
+        }
+        if !end_of_stream {
+            return Ok(None);
+        }
+        let (Some((mut piece, received, length)), Some(url)) = (ctx.piece.take(), &ctx.url) else {
+            return Ok(None);
+        };
+        if received.len() != length {
+            return Ok(None);
+        }
+        piece.body = received.freeze();
+        let primary = url.primary_hash();
+        let store = self.shared.store;
+        if let Some((pieces, whole)) = store.partial.add(primary, piece) {
+            store.store_combined(primary, &pieces, whole);
+        }
+        Ok(None)
     }
 
     fn response_cache_filter(

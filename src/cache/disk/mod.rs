@@ -233,6 +233,11 @@ impl DiskTier {
         self.forget(primary, slot, None);
     }
 
+    /// Whether any variant of `primary` is indexed.
+    pub fn holds(&self, primary: &HashBinary) -> bool {
+        self.index.get(primary).is_some()
+    }
+
     /// Looks a slot up on disk. Damaged entries are removed and reported as absent.
     pub async fn lookup(
         &'static self,
