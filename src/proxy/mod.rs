@@ -359,17 +359,17 @@ fn upgrade_asked(req: &mut RequestHeader, pool: Option<&crate::upstream::Pool>) 
 /// The one byte range of a GET that may use the cache, when pieces could serve it: no
 /// `If-Range` (left to the complete-object path) and one `bytes` range.
 fn piece_range(req: &RequestHeader, rules: &Rules) -> Option<ByteRange> {
-    if req.method != Method::GET
+    // Range first: most requests carry none, and the pass check reads every cookie.
+    let mut ranges = req.headers.get_all(header::RANGE).iter();
+    let (range, more) = (ranges.next()?, ranges.next());
+    if more.is_some()
+        || req.method != Method::GET
         || req.headers.contains_key(header::IF_RANGE)
         || rules.pass_reason(&req.method, &req.headers).is_some()
     {
         return None;
     }
-    let mut ranges = req.headers.get_all(header::RANGE).iter();
-    let (range, more) = (ranges.next()?, ranges.next());
-    more.is_none()
-        .then(|| ByteRange::parse(range.as_bytes()))
-        .flatten()
+    ByteRange::parse(range.as_bytes())
 }
 
 /// Makes the request what the origin receives (beyond the hop-by-hop handling pingora and
@@ -866,10 +866,12 @@ impl ProxyHttp for Skua {
                     }
                 }
                 let piece_range = piece_range(session.req_header(), &rules);
-                let primary = url.primary_hash();
+                let holds_complete = piece_range
+                    .is_some()
+                    .then(|| self.shared.store.holds_complete(&url.primary_hash()));
                 ctx.url = Some(url);
                 if let Some(range) = piece_range {
-                    if !self.shared.store.holds_complete(&primary) {
+                    if holds_complete == Some(false) {
                         if self.serve_piece(session, ctx, range).await? {
                             return Ok(true);
                         }
