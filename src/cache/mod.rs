@@ -101,9 +101,9 @@ impl Store {
     /// Removes every copy of `primary` from both tiers and its tags from the index: a copy
     /// that must not be served (overtaken by a purge, or unindexable when the tag index is
     /// full).
-    fn drop_everywhere(&self, primary: &HashBinary) {
+    async fn drop_everywhere(&'static self, primary: &HashBinary) {
         if let Some(disk) = self.disk {
-            disk.purge_all(primary);
+            disk.purge_all(primary).await;
         }
         self.memory.purge_all(primary);
         self.partial.purge(primary);
@@ -171,7 +171,7 @@ impl Store {
             self.invalidations.record_delete(*primary, now);
         }
         let on_disk = match (self.disk, mode) {
-            (Some(d), PurgeMode::Delete) => d.purge_all(primary),
+            (Some(d), PurgeMode::Delete) => d.purge_all(primary).await,
             (Some(d), PurgeMode::Expire) => d.expire_all(primary).await,
             (None, _) => 0,
         };
@@ -213,7 +213,7 @@ impl Storage for Store {
             .invalidations
             .deleted_since(&primary, entry.meta.created())
         {
-            disk.purge_all(&primary);
+            disk.purge_all(&primary).await;
             return Ok(None);
         }
         if let Some(body) = entry.body.clone() {
@@ -274,7 +274,7 @@ impl Storage for Store {
         let key = target.key();
         if key.variance.is_none() {
             if let Some(disk) = self.disk {
-                disk.purge_all(&key.primary);
+                disk.purge_all(&key.primary).await;
             }
             self.tags.forget_everywhere(&key.primary);
         }
@@ -318,7 +318,7 @@ impl Storage for Store {
             }
         }
         if !indexed {
-            self.drop_everywhere(&primary);
+            self.drop_everywhere(&primary).await;
             return Ok(false);
         }
         Ok(on_disk || in_memory)
@@ -385,7 +385,7 @@ impl HandleMiss for TieredMiss {
         weight += in_memory;
         if !indexed {
             // The tag index is full: a copy a tag purge could not find must not be served.
-            this.store.drop_everywhere(&this.primary);
+            this.store.drop_everywhere(&this.primary).await;
             return Ok(MissFinishType::Created(0));
         }
         if overtaken() {
@@ -394,7 +394,7 @@ impl HandleMiss for TieredMiss {
             // records its time before it removes anything, and the copy and its tags are in
             // place before this second look, so either that purge removes it or this look
             // sees the purge and removes it here.
-            this.store.drop_everywhere(&this.primary);
+            this.store.drop_everywhere(&this.primary).await;
             return Ok(MissFinishType::Created(0));
         }
         Ok(MissFinishType::Created(weight))

@@ -172,9 +172,16 @@ impl Bus {
         PurgeResult::applied(Purger::new(self.store, None).apply(&purge).await)
     }
 
-    fn save_position(&self) {
+    /// Saves the position reached. Returns false when it must wait: while the disk index is
+    /// loading, a purge applied here may name copies the listing has not reached yet, which
+    /// are unlinked only when it does; a position saved before then could skip the purge at
+    /// the next start while the copy is still on disk.
+    fn save_position(&self) -> bool {
+        if self.store.disk.is_some_and(|d| !d.loaded()) {
+            return false;
+        }
         let Some(file) = &self.position_file else {
-            return;
+            return true;
         };
         let text = format!(
             "{} {}\n",
@@ -185,6 +192,7 @@ impl Bus {
         if let Err(e) = crate::cache::files::replace(file, &temp, text.as_bytes()) {
             tracing::warn!(error = %e, "could not save the purge bus position");
         }
+        true
     }
 
     fn stream_config(&self) -> stream::Config {
@@ -318,6 +326,7 @@ impl Bus {
             // position and revalidated everything it held).
             self.applied
                 .fetch_max(state.last_sequence, Ordering::AcqRel);
+            // While the disk index loads this waits for the saver's next round.
             self.save_position();
         }
         self.metrics.bus.lag.set(pending as i64);
@@ -442,8 +451,10 @@ impl BackgroundService for BusService {
                 let now = saver.applied.load(Ordering::Acquire);
                 if now != saved {
                     let bus = saver.clone();
-                    let _ = tokio::task::spawn_blocking(move || bus.save_position()).await;
-                    saved = now;
+                    if let Ok(true) = tokio::task::spawn_blocking(move || bus.save_position()).await
+                    {
+                        saved = now;
+                    }
                 }
             }
         });
@@ -465,7 +476,9 @@ impl BackgroundService for BusService {
             }
         }
         watcher.abort();
-        bus.save_position();
+        if !bus.save_position() {
+            tracing::warn!("stopped before the disk index loaded; the purge bus position stays where it was, and purges since are read again at the next start");
+        }
     }
 }
 

@@ -3,14 +3,18 @@
 //! Each object is a meta file and a body file (see `format.rs`). An in-memory index (moka,
 //! weighted by file bytes, bounded by the configured size) says what is on disk; it is rebuilt
 //! from a directory listing at start-up, in the background, so serving starts at once.
-//! Eviction, purge and replaced generations hand file names to a janitor thread, so no request
-//! waits on an unlink, and every other file operation runs on tokio's blocking pool. The tier
+//! Eviction and replaced generations hand file names to a janitor thread, so no request waits
+//! on an unlink, and every other file operation runs on tokio's blocking pool. A purge is the
+//! exception: it unlinks the meta files itself before it returns, because a purge is
+//! acknowledged (a `204`, a purge bus position) only once the copy cannot come back after a
+//! crash (regression: a node killed right after applying a purge from the bus listed the
+//! still-present meta file at its restart and served the purged page). The tier
 //! does not decide what is cacheable, and it does not serve HTTP: `Store` puts it under the
 //! memory tier and gives pingora one `Storage`.
 
 pub mod format;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -83,6 +87,9 @@ pub struct DiskTier {
     unique: AtomicU64,
     process_salt: u64,
     loaded: Arc<AtomicBool>,
+    /// URLs purged while the index was loading: the listing may yet find copies of them,
+    /// which are unlinked instead of indexed.
+    purged_while_loading: std::sync::Mutex<HashSet<HashBinary>>,
     /// How long the start-up index load took, once done.
     pub load_time: Arc<std::sync::Mutex<Option<Duration>>>,
     tags_loaded: AtomicBool,
@@ -159,6 +166,7 @@ impl DiskTier {
             unique: AtomicU64::new(1),
             process_salt: salt,
             loaded: Arc::new(AtomicBool::new(false)),
+            purged_while_loading: std::sync::Mutex::new(HashSet::new()),
             load_time: Arc::new(std::sync::Mutex::new(None)),
             tags_loaded: AtomicBool::new(false),
             tags,
@@ -461,24 +469,57 @@ impl DiskTier {
         self.index.run_pending_tasks();
     }
 
-    /// Removes every variant of a URL from disk. Returns how many were removed.
-    pub fn purge_all(&self, primary: &HashBinary) -> usize {
+    /// Removes every variant of a URL from disk, its meta files unlinked before this returns
+    /// (see the module note). Returns how many were removed.
+    pub async fn purge_all(&'static self, primary: &HashBinary) -> usize {
+        let (removed, metas) = self.unindex(primary);
+        if !metas.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || unlink_all(&metas)).await;
+        }
+        removed
+    }
+
+    /// [`Self::purge_all`] for a thread that may block.
+    fn purge_all_blocking(&self, primary: &HashBinary) -> usize {
+        let (removed, metas) = self.unindex(primary);
+        unlink_all(&metas);
+        removed
+    }
+
+    /// Takes every variant of `primary` out of the index: their bodies go to the janitor,
+    /// their meta files are returned for the caller to unlink.
+    fn unindex(&self, primary: &HashBinary) -> (usize, Vec<PathBuf>) {
+        if !self.loaded() {
+            // Before the removal, so the loader, which checks this set under the entry's
+            // lock, either inserted its copy before the removal or sees the purge.
+            if let Ok(mut purged) = self.purged_while_loading.lock() {
+                purged.insert(*primary);
+            }
+        }
         let Some(family) = self.index.remove(primary) else {
-            return 0;
+            return (0, Vec::new());
         };
+        let mut metas = Vec::with_capacity(family.slots.len());
         for s in &family.slots {
             let paths = self.paths(primary, s.slot.as_ref());
-            let _ = self.janitor.send(paths.meta());
+            metas.push(paths.meta());
             let _ = self.janitor.send(paths.body(s.gen));
         }
         self.counters
             .purges
             .fetch_add(family.slots.len() as u64, Ordering::Relaxed);
-        family.slots.len()
+        (family.slots.len(), metas)
     }
 
     /// Marks every variant of a URL stale on disk by rewriting its meta (soft purge).
     pub async fn expire_all(&'static self, primary: &HashBinary) -> usize {
+        if !self.loaded() {
+            // Copies the listing has not reached yet cannot be marked: they are dropped
+            // instead (a miss where a revalidation would have done).
+            if let Ok(mut purged) = self.purged_while_loading.lock() {
+                purged.insert(*primary);
+            }
+        }
         let Some(family) = self.index.get(primary) else {
             return 0;
         };
@@ -628,8 +669,13 @@ impl DiskTier {
                 bytes: body_len + meta_len,
                 verified: Arc::new(AtomicBool::new(false)),
             };
+            let mut purged = false;
             self.index.entry(primary).and_compute_with(|old| match old {
                 Some(e) if e.value().get(slot.as_ref()).is_some() => Op::Nop,
+                _ if self.was_purged_while_loading(&primary) => {
+                    purged = true;
+                    Op::Nop
+                }
                 Some(e) => {
                     let mut slots = e.into_value().slots.clone();
                     slots.push(loaded);
@@ -639,9 +685,17 @@ impl DiskTier {
                     slots: vec![loaded],
                 })),
             });
+            if purged {
+                let paths = self.paths(&primary, slot.as_ref());
+                unlink_all(&[paths.meta()]);
+                let _ = self.janitor.send(paths.body(gen));
+            }
         }
         self.index.run_pending_tasks();
         self.finish_load(started);
+        if let Ok(mut purged) = self.purged_while_loading.lock() {
+            *purged = HashSet::new();
+        }
         if self.tags.is_enabled() {
             self.load_tags();
         }
@@ -664,12 +718,18 @@ impl DiskTier {
                         .record(*primary, Tier::Disk, meta.response_header())
                     {
                         // The tag index is full: a copy a tag purge could not find is dropped.
-                        self.purge_all(&primary);
+                        self.purge_all_blocking(&primary);
                         break;
                     }
                 }
             }
         }
+    }
+
+    fn was_purged_while_loading(&self, primary: &HashBinary) -> bool {
+        self.purged_while_loading
+            .lock()
+            .is_ok_and(|purged| purged.contains(primary))
     }
 
     fn finish_load(&self, started: Instant) {
@@ -698,6 +758,13 @@ struct Loaded {
 
 /// A URL's primary key and variant slot.
 type SlotKey = (HashBinary, Option<HashBinary>);
+
+/// Unlinks files that may already be gone.
+fn unlink_all(paths: &[PathBuf]) {
+    for path in paths {
+        let _ = std::fs::remove_file(path);
+    }
+}
 
 fn parse_stem(stem: &str) -> Option<SlotKey> {
     let (primary, slot) = stem.split_once('-')?;
