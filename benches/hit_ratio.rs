@@ -9,7 +9,8 @@ use pingora::cache::CacheMeta;
 use pingora::http::{RequestHeader, ResponseHeader};
 use rand::prelude::*;
 use rand_distr::Zipf;
-use skua::cache::memory::{MemoryTier, StoredMeta, StoredObject};
+use skua::cache::memory::{MemoryTier, StoredObject};
+use skua::cache::meta::StoredMeta;
 
 const KEYS: u64 = 100_000;
 const REQUESTS: usize = 1_000_000;

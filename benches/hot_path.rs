@@ -11,7 +11,8 @@ use pingora::cache::CacheMeta;
 use pingora::http::{RequestHeader, ResponseHeader};
 use skua::cache::bans::Invalidations;
 use skua::cache::key::{CacheUrl, Scheme};
-use skua::cache::memory::{MemoryTier, StoredMeta, StoredObject};
+use skua::cache::memory::{MemoryTier, StoredObject};
+use skua::cache::meta::StoredMeta;
 use skua::cache::policy::StoragePolicy;
 
 fn wiki_response() -> ResponseHeader {

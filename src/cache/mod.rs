@@ -11,6 +11,7 @@ pub mod disk;
 pub mod files;
 pub mod key;
 pub mod memory;
+pub mod meta;
 pub mod partial;
 pub mod policy;
 pub mod status;
@@ -30,7 +31,8 @@ use pingora::Result;
 use bans::Invalidations;
 use disk::{DiskHit, DiskTier, DiskWrite};
 use key::{CacheUrl, Scheme};
-use memory::{MemoryHit, MemoryMiss, MemoryTier, StoredMeta, StoredObject};
+use memory::{MemoryHit, MemoryMiss, MemoryTier, StoredObject};
+use meta::{MetaTimes, Stamp, StoredMeta};
 use tags::{TagIndex, Tier};
 
 /// What an invalidation does to the objects it names.
@@ -128,10 +130,10 @@ impl Store {
         if header.set_status(200).is_err() {
             return;
         }
-        let created = memory::Stamp::of(pieces.created);
+        let created = Stamp::of(pieces.created);
         let meta = StoredMeta {
-            times: memory::MetaTimes {
-                fresh_until: memory::Stamp::of(pieces.fresh_until),
+            times: MetaTimes {
+                fresh_until: Stamp::of(pieces.fresh_until),
                 created,
                 provenance: created,
                 epoch: created,

@@ -19,7 +19,8 @@ use http::Method;
 
 use super::Shared;
 use crate::cache::key::{CacheUrl, Scheme};
-use crate::cache::memory::{StoredObject, CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::memory::StoredObject;
+use crate::cache::meta::{CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::status::{Disposition, Outcome};
 use crate::config::HeadLimits;
 use crate::metrics::access_log::Entry;

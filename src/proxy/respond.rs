@@ -6,7 +6,7 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
-use crate::cache::memory::{CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::meta::{CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::status::Disposition;
 
 /// A status with a one-line plain-text body.

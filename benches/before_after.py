@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Hit-path speed of two Skua binaries side by side: memory-hit req/s on one 1 KiB page, asked
+three ways (a plain GET, a GET with cookies the key ignores, a GET whose target needs
+normalising), so that a change to the request path shows up against the binary before it.
+
+A Python origin serves the page with `Vary: Accept-Encoding, Cookie` (as MediaWiki does); Skua
+(one worker thread, pinned to CPU 0) sits in front; wrk (pinned to CPU 1, -t1 -c64) drives
+each spelling after one request has filled it. The binaries alternate, each run a fresh Skua,
+`--reps` times, and the medians are printed with the ratio after/before.
+
+    python3 benches/before_after.py --before /tmp/skua-before --after target/release/skua \
+        [--reps 5] [--seconds 5]
+"""
+import argparse, http.client, os, statistics, subprocess, tempfile
+
+from benchlib import fixed_page, free_port, start_origin, wait_port, write_config, wrk_rate
+
+PAGE = b"x" * 1024
+HOST = "Host: wiki.test"
+# (name, path, extra request headers)
+SPELLINGS = [
+    ("plain", "/wiki/Main_Page", []),
+    ("cookies", "/wiki/Main_Page", ["Cookie: skin=vector; _ga=GA1.2.3.4; lang=en"]),
+    ("encoded", "/wiki/%4Dain_Page?", []),
+]
+
+
+def fill(port, path, headers):
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    fields = dict(h.split(": ", 1) for h in [HOST] + headers)
+    for _ in range(2):
+        conn.request("GET", path, headers=fields)
+        r = conn.getresponse()
+        r.read()
+    status = r.getheader("X-Cache-Status") or ""
+    if "hit" not in status:
+        raise SystemExit(f"{path} {headers}: not a hit after a fill ({status})")
+
+
+def run(binary, origin, seconds):
+    work = tempfile.mkdtemp()
+    port, admin = free_port(), free_port()
+    config = os.path.join(work, "skua.toml")
+    write_config(config, work, port, admin, origin, 64 << 20)
+    skua = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        rates = {}
+        for name, path, headers in SPELLINGS:
+            fill(port, path, headers)
+            rates[name] = wrk_rate(port, path, seconds, [HOST] + headers)
+        return rates
+    finally:
+        skua.terminate()
+        skua.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--before", required=True)
+    ap.add_argument("--after", required=True)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--seconds", type=int, default=5)
+    a = ap.parse_args()
+    origin = start_origin(fixed_page(PAGE, [("Cache-Control", "s-maxage=3600"),
+                                            ("Vary", "Accept-Encoding, Cookie")]))
+    results = {"before": [], "after": []}
+    for rep in range(a.reps):
+        for which in ("before", "after"):
+            rates = run(getattr(a, which), origin, a.seconds)
+            results[which].append(rates)
+            shown = ", ".join(f"{n} {r:,.0f}" for n, r in rates.items())
+            print(f"rep {rep + 1} {which}: {shown} req/s", flush=True)
+    for name, _, _ in SPELLINGS:
+        before = statistics.median(r[name] for r in results["before"])
+        after = statistics.median(r[name] for r in results["after"])
+        print(f"median {name}: before {before:,.0f}, after {after:,.0f} req/s "
+              f"({after / before:.3f}x)")
+
+
+if __name__ == "__main__":
+    main()

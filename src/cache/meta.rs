@@ -1,0 +1,348 @@
+//! What a stored object keeps of its response besides the body: its times ([`MetaTimes`],
+//! in compact [`Stamp`]s), and its header encoded once as the bytes a hit sends
+//! ([`ObjectMeta::head`]), which the front door copies out as they are and which take a tenth
+//! of the memory of a decoded header map; the rarer paths through pingora's cache decode them
+//! ([`decode_head`]). [`StoredMeta`] is the decoded form that goes in and comes back out. It
+//! does not store anything (`memory.rs`, `disk/`) or decide what is cacheable (`policy.rs`).
+
+use std::time::{Duration, SystemTime};
+
+use pingora::cache::key::HashBinary;
+use pingora::cache::CacheMeta;
+use pingora::http::ResponseHeader;
+
+use super::vary::variance_for;
+
+/// Decoded cache metadata: everything `CacheMeta` needs. What an object keeps is the compact
+/// [`ObjectMeta`]; this is what goes in and comes back out.
+#[derive(Debug, Clone)]
+pub struct StoredMeta {
+    pub times: MetaTimes,
+    /// The response header.
+    pub header: ResponseHeader,
+    /// `Cache-Status` members from caches before this one, kept apart from the placeholder.
+    pub upstream_cache_status: Option<http::HeaderValue>,
+}
+
+impl StoredMeta {
+    pub fn from_meta(meta: &CacheMeta) -> StoredMeta {
+        StoredMeta {
+            times: MetaTimes {
+                fresh_until: Stamp::of(meta.fresh_until()),
+                created: Stamp::of(meta.created()),
+                provenance: Stamp::of(meta.provenance()),
+                epoch: Stamp::of(meta.epoch()),
+                stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
+                stale_if_error_sec: meta.stale_if_error_sec(),
+                variance: meta.variance(),
+            },
+            header: meta.response_header_copy(),
+            upstream_cache_status: joined(meta.response_header(), &CACHE_STATUS),
+        }
+    }
+
+    /// Rebuilds pingora's metadata (see [`MetaTimes::cache_meta`]).
+    pub fn to_meta(&self, primary_slot: bool) -> CacheMeta {
+        self.times.cache_meta(primary_slot, self.origin_header())
+    }
+
+    /// The header as the origin sent it (framing normalised), with the `Cache-Status` of
+    /// caches before this one: what pingora's cache state machine expects.
+    pub fn origin_header(&self) -> ResponseHeader {
+        let mut h = self.header.clone();
+        h.remove_header(&http::header::AGE);
+        h.remove_header(&X_CACHE_STATUS);
+        h.remove_header(&CACHE_STATUS);
+        if let Some(upstream) = &self.upstream_cache_status {
+            let _ = h.insert_header(CACHE_STATUS, upstream.clone());
+        }
+        h
+    }
+}
+
+/// The times and variance of a stored response: what `CacheMeta` is rebuilt from besides the
+/// header, kept alike by the decoded [`StoredMeta`] and the compact [`ObjectMeta`]. Times are
+/// [`Stamp`]s: with 16-byte `SystemTime`s an object's record would take mimalloc's 224-byte
+/// block instead of the 160-byte one.
+#[derive(Debug, Clone, Copy)]
+pub struct MetaTimes {
+    pub fresh_until: Stamp,
+    pub created: Stamp,
+    /// pingora's tombstone for a URL's variants: a secondary variant admitted before the
+    /// primary slot's provenance is not served (see `HttpCache::cache_vary_lookup`).
+    pub provenance: Stamp,
+    /// Reference point of Age and freshness: `updated`, or pingora's epoch override.
+    pub epoch: Stamp,
+    pub stale_while_revalidate_sec: u32,
+    pub stale_if_error_sec: u32,
+    pub variance: Option<HashBinary>,
+}
+
+impl MetaTimes {
+    /// `CacheMeta::new` sets provenance to `created`, so the primary slot is rebuilt with its
+    /// provenance there (the tombstone its variants are checked against) and secondary slots
+    /// with their own admission time (what is checked). Age and freshness come from `epoch`
+    /// either way.
+    pub(super) fn cache_meta(self, primary_slot: bool, header: ResponseHeader) -> CacheMeta {
+        let created = if primary_slot {
+            self.provenance
+        } else {
+            self.created
+        };
+        let mut meta = CacheMeta::new(
+            self.fresh_until.time(),
+            created.time(),
+            self.stale_while_revalidate_sec,
+            self.stale_if_error_sec,
+            header,
+        );
+        if self.epoch != created {
+            meta.set_epoch_override(self.epoch.time());
+        }
+        if let Some(v) = self.variance {
+            meta.set_variance(v);
+        }
+        meta
+    }
+}
+
+/// A point in time as a stored object keeps it: nanoseconds since the Unix epoch. Half the
+/// size of a `SystemTime`, and exact for every time from 1970 to 2554 (earlier clamps to
+/// 1970, later to 2554).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stamp(u64);
+
+impl Stamp {
+    pub fn of(t: SystemTime) -> Stamp {
+        Stamp(match t.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(d) => u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Err(_) => 0,
+        })
+    }
+
+    pub fn time(self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(self.0)
+    }
+}
+
+/// What a stored object keeps of its metadata: the times, and the header as it is served.
+#[derive(Debug, Clone)]
+pub struct ObjectMeta {
+    pub times: MetaTimes,
+    /// The status line and header fields a hit sends, each line ending in CRLF, without the
+    /// framing fields that follow from the body ([`ObjectMeta::write_framing`]), the fields a
+    /// hit adds (`Age`, `X-Cache-Status`, `Cache-Status`) and the blank line. See
+    /// [`encode_head`].
+    pub head: Box<[u8]>,
+    /// What most responses do not have, behind one pointer: with the times above this keeps
+    /// an object's record in mimalloc's 160-byte blocks.
+    uncommon: Option<Box<Uncommon>>,
+}
+
+#[derive(Debug, Clone)]
+struct Uncommon {
+    /// The names the response varies on, lowercased, sorted, without duplicates.
+    vary: Box<[String]>,
+    /// `Cache-Status` members from caches before this one.
+    upstream_cache_status: Option<http::HeaderValue>,
+}
+
+impl ObjectMeta {
+    pub(super) fn encode(meta: StoredMeta) -> ObjectMeta {
+        let mut vary: Vec<String> = super::policy::vary_names(&meta.header).collect();
+        vary.sort();
+        vary.dedup();
+        let uncommon = (!vary.is_empty() || meta.upstream_cache_status.is_some()).then(|| {
+            Box::new(Uncommon {
+                vary: exact_size(vary),
+                upstream_cache_status: meta.upstream_cache_status,
+            })
+        });
+        ObjectMeta {
+            times: meta.times,
+            head: encode_head(&meta.header),
+            uncommon,
+        }
+    }
+
+    /// The names the response varies on, lowercased, sorted, without duplicates.
+    pub fn vary(&self) -> &[String] {
+        self.uncommon.as_ref().map_or(&[], |u| &u.vary)
+    }
+
+    /// `Cache-Status` members from caches before this one.
+    pub fn upstream_cache_status(&self) -> Option<&http::HeaderValue> {
+        self.uncommon.as_ref()?.upstream_cache_status.as_ref()
+    }
+
+    /// It has a validator (`ETag` or `Last-Modified`), so it can be revalidated when stale.
+    /// Read from the head: asked when an object is stored, never on a hit.
+    pub fn has_validator(&self) -> bool {
+        self.head.split(|b| *b == b'\n').skip(1).any(|line| {
+            let name = line.split(|b| *b == b':').next().unwrap_or_default();
+            name.eq_ignore_ascii_case(b"etag") || name.eq_ignore_ascii_case(b"last-modified")
+        })
+    }
+
+    /// The status code, from the status line.
+    pub fn status(&self) -> u16 {
+        self.head
+            .get(9..12)
+            .and_then(|code| std::str::from_utf8(code).ok()?.parse().ok())
+            .unwrap_or(200)
+    }
+
+    /// The framing fields of a stored response with a body of `body_len` bytes. They follow
+    /// from the status and the body, so they are written per hit rather than kept: 44 bytes
+    /// less per object, and for a typical head a smaller mimalloc block.
+    pub fn write_framing(&self, out: &mut Vec<u8>, body_len: usize) {
+        let status = self.status();
+        // RFC 9110 §8.6: no Content-Length in a 1xx, 204 or 304 response.
+        if !(status < 200 || status == 204 || status == 304) {
+            let _ = std::io::Write::write_fmt(out, format_args!("content-length: {body_len}\r\n"));
+        }
+        // RFC 9110 §14.3: a stored full response can serve any byte range of itself.
+        if status == 200 {
+            out.extend_from_slice(b"accept-ranges: bytes\r\n");
+        }
+    }
+
+    /// The header as served with a body of `body_len` bytes, decoded (for the paths that need
+    /// a `ResponseHeader`).
+    pub fn header(&self, body_len: usize) -> ResponseHeader {
+        let mut wire = Vec::with_capacity(self.head.len() + 64);
+        wire.extend_from_slice(&self.head);
+        self.write_framing(&mut wire, body_len);
+        decode_head(&wire)
+    }
+
+    /// pingora's metadata for a hit. The stored head holds none of the fields a hit adds, so
+    /// unlike [`StoredMeta::to_meta`] there is nothing to strip: the header is decoded once.
+    pub fn to_meta(&self, primary_slot: bool, body_len: usize) -> CacheMeta {
+        let mut header = self.header(body_len);
+        if let Some(upstream) = self.upstream_cache_status() {
+            let _ = header.insert_header(CACHE_STATUS, upstream.clone());
+        }
+        self.times.cache_meta(primary_slot, header)
+    }
+
+    /// The variant key a request would be stored under, if the response varies.
+    pub fn variance_of(&self, req: &http::HeaderMap) -> Option<HashBinary> {
+        variance_for(self.vary(), req)
+    }
+
+    pub(super) fn weight(&self) -> usize {
+        const ALLOCATION: usize = 32;
+        let uncommon = self.uncommon.as_ref().map_or(0, |u| {
+            let vary: usize = u.vary.iter().map(|n| n.len() + ALLOCATION).sum();
+            let upstream = u.upstream_cache_status.as_ref().map_or(0, |v| v.len());
+            std::mem::size_of::<Uncommon>() + ALLOCATION + vary + upstream
+        });
+        self.head.len() + ALLOCATION + uncommon + std::mem::size_of::<ObjectMeta>()
+    }
+}
+
+/// `X-Cache-Status` (Wikimedia's vocabulary).
+pub const X_CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("x-cache-status");
+/// RFC 9211 `Cache-Status`.
+pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
+
+/// All values of a header joined into one list value.
+fn joined(header: &ResponseHeader, name: &http::HeaderName) -> Option<http::HeaderValue> {
+    let mut values = header.headers.get_all(name).iter();
+    let first = values.next()?.clone();
+    let mut out = first.as_bytes().to_vec();
+    for v in values {
+        out.extend_from_slice(b", ");
+        out.extend_from_slice(v.as_bytes());
+    }
+    http::HeaderValue::from_bytes(&out).ok()
+}
+
+/// The whole body is known once stored, so the header is encoded ready to serve: HTTP/1.1, a
+/// length instead of chunked framing, `Accept-Ranges` on 200s (hits are seekable), no
+/// hop-by-hop fields, and none of the fields each hit sets itself. Names are lowercase.
+fn encode_head(stored: &ResponseHeader) -> Box<[u8]> {
+    use http::header::{
+        ACCEPT_RANGES, AGE, CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    };
+    // RFC 9110 §7.6.1: hop-by-hop fields describe the origin's connection, not the response;
+    // RFC 9111 §3.1 lets a cache drop them before storing.
+    let keep_alive = http::HeaderName::from_static("keep-alive");
+    let proxy_connection = http::HeaderName::from_static("proxy-connection");
+    let skip = [
+        &TRANSFER_ENCODING,
+        &CONTENT_LENGTH,
+        &ACCEPT_RANGES,
+        &AGE,
+        &X_CACHE_STATUS,
+        &CACHE_STATUS,
+        &CONNECTION,
+        &keep_alive,
+        &proxy_connection,
+        &TE,
+        &TRAILER,
+        &UPGRADE,
+    ];
+    let status = stored.status;
+    let mut out = Vec::with_capacity(64 + stored.headers.len() * 40);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut field = |name: &[u8], value: &[u8]| {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in stored.headers.iter() {
+        if !skip.contains(&name) {
+            field(name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    exact_size(out)
+}
+
+/// The items in an allocation of their own size, for what a stored object keeps for hours.
+/// `Vec::into_boxed_slice` alone is not that: mimalloc shrinks a block in place while the new
+/// size is at least half of it, so a 251-byte head built in a 424-byte buffer kept all 448
+/// bytes of its size class (about 1.9 MiB over 10,000 pages; see benches/README.md §3). The
+/// items are moved, not cloned.
+fn exact_size<T>(mut items: Vec<T>) -> Box<[T]> {
+    if items.len() == items.capacity() {
+        return items.into_boxed_slice();
+    }
+    let mut exact = Vec::with_capacity(items.len());
+    exact.append(&mut items);
+    exact.into_boxed_slice()
+}
+
+/// The header [`encode_head`] wrote. Every line was written from a valid `HeaderName` and
+/// `HeaderValue`, so a line that does not decode cannot occur; it would be skipped.
+pub fn decode_head(head: &[u8]) -> ResponseHeader {
+    let mut lines = head
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = lines
+        .next()
+        .and_then(|l| l.get(9..12))
+        .and_then(|code| http::StatusCode::from_bytes(code).ok())
+        .unwrap_or(http::StatusCode::OK);
+    for line in lines {
+        let Some(colon) = memchr::memchr(b':', line) else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii_start());
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name),
+            http::HeaderValue::from_bytes(value),
+        ) {
+            parts.headers.append(name, value);
+        }
+    }
+    ResponseHeader::from(parts)
+}
+
