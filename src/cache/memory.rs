@@ -1,6 +1,6 @@
 //! The memory tier: a pingora `Storage` on moka, bounded by bytes (headers + bodies).
 //!
-//! Objects are grouped by primary key into a [`Family`] holding every Vary variant of one URL,
+//! Objects are grouped by primary key into a [`Variants`] holding every Vary variant of one URL,
 //! so a purge of a URL drops or expires all its variants in one step and a hit costs one hash
 //! lookup. An object keeps its header as the bytes a hit sends (`meta.rs`). Bodies are
 //! `Bytes`, so a hit and a Range seek are slices, not copies. It does not decide what is
@@ -22,8 +22,8 @@ use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
 use pingora::{Error, ErrorType, Result};
 
-use super::tags::{TagIndex, Tier};
 use super::meta::{ObjectMeta, Stamp, StoredMeta};
+use super::tags::{TagIndex, Tier};
 
 /// Bytes charged per object on top of its header and body: the family slot, `Arc`s and
 /// moka's own entry, so that many tiny objects still respect the bound.
@@ -58,24 +58,24 @@ impl StoredObject {
 /// do not vary, so one object is held without a list around it (moka keeps the value inline in
 /// its entry: a family of one costs no allocation of its own).
 #[derive(Debug, Clone)]
-enum Family {
+enum Variants {
     One(Arc<StoredObject>),
-    Variants(Arc<[Arc<StoredObject>]>),
+    Many(Arc<[Arc<StoredObject>]>),
 }
 
-impl Family {
-    fn from_objects(mut objects: Vec<Arc<StoredObject>>) -> Option<Family> {
+impl Variants {
+    fn from_objects(mut objects: Vec<Arc<StoredObject>>) -> Option<Variants> {
         match objects.len() {
             0 => None,
-            1 => objects.pop().map(Family::One),
-            _ => Some(Family::Variants(objects.into())),
+            1 => objects.pop().map(Variants::One),
+            _ => Some(Variants::Many(objects.into())),
         }
     }
 
     fn objects(&self) -> &[Arc<StoredObject>] {
         match self {
-            Family::One(obj) => std::slice::from_ref(obj),
-            Family::Variants(objects) => objects,
+            Variants::One(obj) => std::slice::from_ref(obj),
+            Variants::Many(objects) => objects,
         }
     }
 
@@ -113,7 +113,7 @@ impl Family {
         self.objects().iter().find(|o| o.slot.as_ref() == slot)
     }
 
-    fn with(&self, obj: Arc<StoredObject>) -> Family {
+    fn with(&self, obj: Arc<StoredObject>) -> Variants {
         let mut objects: Vec<_> = self
             .objects()
             .iter()
@@ -121,15 +121,15 @@ impl Family {
             .cloned()
             .collect();
         if objects.is_empty() {
-            return Family::One(obj);
+            return Variants::One(obj);
         }
         objects.push(obj);
-        Family::Variants(objects.into())
+        Variants::Many(objects.into())
     }
 
     /// The family without one slot; `None` if nothing is left.
-    fn without(&self, slot: Option<&HashBinary>) -> Option<Family> {
-        Family::from_objects(
+    fn without(&self, slot: Option<&HashBinary>) -> Option<Variants> {
+        Variants::from_objects(
             self.objects()
                 .iter()
                 .filter(|o| o.slot.as_ref() != slot)
@@ -138,7 +138,7 @@ impl Family {
         )
     }
 
-    fn expired_at(&self, slot: Option<Option<&HashBinary>>, at: SystemTime) -> Family {
+    fn expired_at(&self, slot: Option<Option<&HashBinary>>, at: SystemTime) -> Variants {
         let expire = |o: &Arc<StoredObject>| {
             if slot.is_some_and(|s| o.slot.as_ref() != s) {
                 return o.clone();
@@ -150,8 +150,8 @@ impl Family {
             Arc::new(StoredObject::with(o.slot, meta, o.body.clone()))
         };
         match self {
-            Family::One(o) => Family::One(expire(o)),
-            Family::Variants(objects) => Family::Variants(objects.iter().map(expire).collect()),
+            Variants::One(o) => Variants::One(expire(o)),
+            Variants::Many(objects) => Variants::Many(objects.iter().map(expire).collect()),
         }
     }
 }
@@ -165,7 +165,7 @@ pub struct TierCounters {
     pub purges: AtomicU64,
     /// Objects evicted to make room.
     pub evicted_size: AtomicU64,
-    /// Objects dropped once nothing could serve them any more (see [`Family::useful_for`]).
+    /// Objects dropped once nothing could serve them any more (see [`Variants::useful_for`]).
     pub evicted_expired: AtomicU64,
 }
 
@@ -176,11 +176,11 @@ pub const KEEP_FOR_REVALIDATION: Duration = Duration::from_secs(86400);
 /// Drops a family when none of its objects can be served any more, not even stale.
 struct UsefulLife;
 
-impl moka::Expiry<HashBinary, Family> for UsefulLife {
+impl moka::Expiry<HashBinary, Variants> for UsefulLife {
     fn expire_after_create(
         &self,
         _key: &HashBinary,
-        family: &Family,
+        family: &Variants,
         _at: std::time::Instant,
     ) -> Option<Duration> {
         Some(family.useful_for(SystemTime::now()))
@@ -189,7 +189,7 @@ impl moka::Expiry<HashBinary, Family> for UsefulLife {
     fn expire_after_update(
         &self,
         _key: &HashBinary,
-        family: &Family,
+        family: &Variants,
         _at: std::time::Instant,
         _left: Option<Duration>,
     ) -> Option<Duration> {
@@ -198,7 +198,7 @@ impl moka::Expiry<HashBinary, Family> for UsefulLife {
 }
 
 pub struct MemoryTier {
-    families: moka::sync::Cache<HashBinary, Family>,
+    families: moka::sync::Cache<HashBinary, Variants>,
     capacity: u64,
     pub counters: Arc<TierCounters>,
 }
@@ -210,9 +210,9 @@ impl MemoryTier {
         let evictions = counters.clone();
         let families = moka::sync::Cache::builder()
             .max_capacity(capacity_bytes)
-            .weigher(|_k: &HashBinary, f: &Family| f.weight())
+            .weigher(|_k: &HashBinary, f: &Variants| f.weight())
             .expire_after(UsefulLife)
-            .eviction_listener(move |primary: Arc<HashBinary>, family: Family, cause| {
+            .eviction_listener(move |primary: Arc<HashBinary>, family: Variants, cause| {
                 let n = family.objects().len() as u64;
                 if matches!(
                     cause,
@@ -325,7 +325,7 @@ impl MemoryTier {
         self.families.entry(primary).and_compute_with(|old| {
             let family = match old {
                 Some(e) => e.into_value().with(obj),
-                None => Family::One(obj),
+                None => Variants::One(obj),
             };
             Op::Put(family)
         });

@@ -345,4 +345,3 @@ pub fn decode_head(head: &[u8]) -> ResponseHeader {
     }
     ResponseHeader::from(parts)
 }
-
