@@ -93,6 +93,17 @@ impl Wiki {
             .unwrap();
         let addr = format!("127.0.0.1:{port}").parse().unwrap();
         wait_listening(addr).await;
+        // MediaWiki's first request builds its caches (localisation, opcache): seconds on a
+        // busy machine, once. Made here, directly, it cannot run into Skua's origin timeout.
+        let warm = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap()
+            .get(format!("http://{addr}/index.php?title=Main_Page"))
+            .header("host", "wiki.test")
+            .send()
+            .await;
+        assert!(warm.is_ok_and(|r| r.status().is_success()), "MediaWiki does not answer");
         Some(Wiki { dir, php, addr })
     }
 
