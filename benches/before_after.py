@@ -9,7 +9,7 @@ each spelling after one request has filled it. The binaries alternate, each run 
 `--reps` times, and the medians are printed with the ratio after/before.
 
     python3 benches/before_after.py --before /tmp/skua-before --after target/release/skua \
-        [--reps 5] [--seconds 5]
+        [--reps 5] [--seconds 5] [--only plain|cookies|encoded]
 """
 import argparse, http.client, os, statistics, subprocess, tempfile
 
@@ -37,7 +37,14 @@ def fill(port, path, headers):
         raise SystemExit(f"{path} {headers}: not a hit after a fill ({status})")
 
 
-def run(binary, origin, seconds):
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(binary, origin, seconds, spellings):
     work = tempfile.mkdtemp()
     port, admin = free_port(), free_port()
     config = os.path.join(work, "skua.toml")
@@ -46,11 +53,14 @@ def run(binary, origin, seconds):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        rates = {}
-        for name, path, headers in SPELLINGS:
+        rates, cpu = {}, {}
+        for name, path, headers in spellings:
             fill(port, path, headers)
+            start = cpu_seconds(skua.pid)
             rates[name] = wrk_rate(port, path, seconds, [HOST] + headers)
-        return rates
+            # Skua's own CPU per request: steadier than req/s on a VM whose neighbours vary.
+            cpu[name] = (cpu_seconds(skua.pid) - start) / (rates[name] * seconds) * 1e6
+        return rates, cpu
     finally:
         skua.terminate()
         skua.wait()
@@ -62,21 +72,28 @@ def main():
     ap.add_argument("--after", required=True)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--only", choices=[n for n, _, _ in SPELLINGS], help="one spelling alone")
     a = ap.parse_args()
+    spellings = [s for s in SPELLINGS if a.only in (None, s[0])]
     origin = start_origin(fixed_page(PAGE, [("Cache-Control", "s-maxage=3600"),
                                             ("Vary", "Accept-Encoding, Cookie")]))
-    results = {"before": [], "after": []}
+    rates = {"before": [], "after": []}
+    cpus = {"before": [], "after": []}
     for rep in range(a.reps):
         for which in ("before", "after"):
-            rates = run(getattr(a, which), origin, a.seconds)
-            results[which].append(rates)
-            shown = ", ".join(f"{n} {r:,.0f}" for n, r in rates.items())
-            print(f"rep {rep + 1} {which}: {shown} req/s", flush=True)
-    for name, _, _ in SPELLINGS:
-        before = statistics.median(r[name] for r in results["before"])
-        after = statistics.median(r[name] for r in results["after"])
+            rate, cpu = run(getattr(a, which), origin, a.seconds, spellings)
+            rates[which].append(rate)
+            cpus[which].append(cpu)
+            shown = ", ".join(f"{n} {rate[n]:,.0f} req/s {cpu[n]:.2f} us" for n in rate)
+            print(f"rep {rep + 1} {which}: {shown}", flush=True)
+    for name, _, _ in spellings:
+        before = statistics.median(r[name] for r in rates["before"])
+        after = statistics.median(r[name] for r in rates["after"])
+        cpu_before = statistics.median(c[name] for c in cpus["before"])
+        cpu_after = statistics.median(c[name] for c in cpus["after"])
         print(f"median {name}: before {before:,.0f}, after {after:,.0f} req/s "
-              f"({after / before:.3f}x)")
+              f"({after / before:.3f}x); CPU per hit before {cpu_before:.2f}, "
+              f"after {cpu_after:.2f} us ({cpu_after / cpu_before:.3f}x)")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,10 @@ impl Wiki {
             .header("host", "wiki.test")
             .send()
             .await;
-        assert!(warm.is_ok_and(|r| r.status().is_success()), "MediaWiki does not answer");
+        assert!(
+            warm.is_ok_and(|r| r.status().is_success()),
+            "MediaWiki does not answer"
+        );
         Some(Wiki { dir, php, addr })
     }
 

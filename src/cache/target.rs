@@ -43,8 +43,15 @@ fn is_normal(target: &str) -> bool {
     let path_end = memchr::memchr(b'?', bytes).unwrap_or(bytes.len());
     let path = &bytes[..path_end];
     // A dot segment starts right after a slash: "/." followed by "/", "./", ".", or the end.
-    !memchr::memmem::find_iter(path, b"/.")
-        .any(|i| matches!(&path[i + 2..], [] | [b'/', ..] | [b'.'] | [b'.', b'/', ..]))
+    // (A byte search, not `memmem`, whose searcher would be built on every call.)
+    !memchr::memchr_iter(b'.', path).any(|dot| {
+        dot > 0
+            && path[dot - 1] == b'/'
+            && matches!(
+                &path[dot + 1..],
+                [] | [b'/', ..] | [b'.'] | [b'.', b'/', ..]
+            )
+    })
 }
 
 fn has_stray_percent(target: &str) -> bool {

@@ -98,14 +98,31 @@ pub fn variance_for(names: &[String], req: &HeaderMap) -> Option<HashBinary> {
     }
     let mut builder = VarianceBuilder::new();
     for name in names {
-        let value: Vec<u8> = match name.as_str() {
-            "accept-encoding" => normalize_accept_encoding(req).as_str().into(),
-            // Already reduced to the kept cookies, sorted (`kept_cookies`).
-            other => normalized_value(req, other),
-        };
-        builder.add_owned_name_value(name.clone(), value);
+        match name.as_str() {
+            "accept-encoding" => builder.add_value(name, normalize_accept_encoding(req).as_str()),
+            // Cookie is already reduced to the kept cookies, sorted (`kept_cookies`).
+            other => match already_normal(req, other) {
+                // The common case, on every hit of a varying page: no copy.
+                Some(value) => builder.add_value(name, value),
+                None => builder.add_owned_value(name, normalized_value(req, other)),
+            },
+        }
     }
     builder.finalize()
+}
+
+/// A field's value when [`normalized_value`] would return it unchanged: absent, or one line
+/// that is one list member without surrounding whitespace.
+fn already_normal<'a>(req: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+    let mut lines = req.get_all(name).iter();
+    let Some(first) = lines.next() else {
+        return Some(b"");
+    };
+    let value = first.as_bytes();
+    let single = lines.next().is_none()
+        && memchr::memchr(b',', value).is_none()
+        && value.trim_ascii().len() == value.len();
+    single.then_some(value)
 }
 
 /// The `Cookie` header a cacheable request keeps: the pairs whose names `[cache]
@@ -278,6 +295,14 @@ mod tests {
             )
         );
         assert_ne!(one, variance(&s, &req(&[("accept-language", "fr, de")])));
+        // A value taken as it is (one member, no whitespace) keys like one normalised to it.
+        let de = variance(&s, &req(&[("accept-language", "de")]));
+        assert_eq!(de, variance(&s, &req(&[("accept-language", " de ")])));
+        assert_eq!(de, variance(&s, &req(&[("accept-language", "de,")])));
+        assert_ne!(de, one);
+        let absent = variance(&s, &req(&[]));
+        assert_eq!(absent, variance(&s, &req(&[("accept-language", " ")])));
+        assert_ne!(absent, de);
     }
 
     #[test]

@@ -78,7 +78,7 @@ impl FrontDoor {
         // The same scheme the full path keys on: Skua's listeners speak plain HTTP.
         let scheme = super::guard::request_scheme(
             Scheme::Http,
-            req.headers.get("x-forwarded-proto"),
+            req.headers.get(super::guard::X_FORWARDED_PROTO),
             || super::guard::trusted(&rules.trusted_proxies, client()),
         );
         let url = shared.canonical(CacheUrl::new(scheme, req.host, req.target).ok()?);

@@ -184,6 +184,9 @@ pub fn strip(req: &mut RequestHeader, extra: &[http::HeaderName], from_trusted_p
     }
 }
 
+/// `X-Forwarded-Proto`, as a name built once: a lookup by `&str` parses the name first.
+pub const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+
 /// The scheme a request was made with, which is part of its cache key (RFC 9110 §4.2: an
 /// http and an https URL name different resources): the listener's, unless a trusted proxy
 /// in front (a TLS terminator) names another in `X-Forwarded-Proto`. From anyone else the

@@ -835,10 +835,11 @@ impl ProxyHttp for Skua {
             .to_string();
         let from_proxy = guard::trusted(&rules.trusted_proxies, client_ip(session));
         // Skua's listeners speak plain HTTP; a TLS terminator in front says https.
-        let scheme =
-            guard::request_scheme(Scheme::Http, req.headers.get("x-forwarded-proto"), || {
-                from_proxy
-            });
+        let scheme = guard::request_scheme(
+            Scheme::Http,
+            req.headers.get(guard::X_FORWARDED_PROTO),
+            || from_proxy,
+        );
         // pingora parses an absolute-form target's path into `uri` and keeps the raw target to
         // send on; the scheme was checked by `guard::check`, the authority matches Host.
         let absolute_form = guard::absolute_form_scheme(req.raw_path()).is_some();
