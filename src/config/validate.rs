@@ -9,7 +9,9 @@ use ipnet::IpNet;
 use regex::Regex;
 use toml_edit::{ImDocument, TableLike};
 
-use super::file::{FileConfig, OriginFile};
+use super::file::{
+    BusFile, CacheFile, FileConfig, HtcpFile, LogFile, OriginFile, PurgeFile, ServerFile,
+};
 use super::*;
 
 /// A step in a key path: a table key or an array index.
@@ -324,10 +326,23 @@ fn blank_line(text: &str, at: usize) -> Option<String> {
 }
 
 fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
-    use Seg::{Index, Key};
+    let server = check_server(c, file.server);
+    let origins = check_origins(c, file.origin);
+    let cache = check_cache(c, file.cache);
+    // The bus keeps purges as long as an object can live, unless told otherwise.
+    let purge = check_purge(c, &file.purge, cache.ttl_cap);
+    Config {
+        server,
+        origins,
+        cache,
+        access_log: check_log(c, &file.log),
+        purge,
+    }
+}
 
-    // [server]
-    let s = file.server;
+/// `[server]`.
+fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
+    use Seg::{Index, Key};
     let mut listen = Vec::new();
     for (i, a) in s.listen.iter().enumerate() {
         if let Some(addr) = c.socket_addr(&[Key("server"), Key("listen"), Index(i)], a) {
@@ -406,7 +421,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             c.report(&[Key("server"), Key(key)], "must be at least 1s");
         }
     }
-    let server = ServerConfig {
+    ServerConfig {
         listen,
         reuse_port: s.reuse_port,
         threads: s.threads.max(1),
@@ -432,11 +447,14 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             // 414/431 answers stay with the guard.
             max_head_bytes: s.max_uri_bytes + s.max_header_bytes + 1024,
         },
-    };
+    }
+}
 
-    // [[origin]]
+/// `[[origin]]`: every pool, or the default one when there is none.
+fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<OriginPool> {
+    use Seg::{Index, Key};
     let mut origins = Vec::new();
-    let pools: Vec<OriginFile> = if file.origin.is_empty() {
+    let pools: Vec<OriginFile> = if origin_tables.is_empty() {
         vec![OriginFile {
             name: "origin".into(),
             addresses: vec!["127.0.0.1:8081".into()],
@@ -448,7 +466,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             upgrade: Vec::new(),
         }]
     } else {
-        file.origin
+        origin_tables
     };
     for (i, o) in pools.into_iter().enumerate() {
         let at = |k: &'static str| [Key("origin"), Index(i), Key(k)];
@@ -518,9 +536,12 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             upgrade: o.upgrade.iter().map(|p| p.to_ascii_lowercase()).collect(),
         });
     }
+    origins
+}
 
-    // [cache]
-    let k = file.cache;
+/// `[cache]`, with its `[cache.bypass]` and `[cache.disk]` tables.
+fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
+    use Seg::{Index, Key};
     let at = |key: &'static str| [Key("cache"), Key(key)];
     if k.memory_size < 1 << 20 {
         c.report(
@@ -666,7 +687,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             ),
         }
     }
-    let cache = CacheConfig {
+    CacheConfig {
         memory_size: k.memory_size,
         max_object_size: k.max_object_size as usize,
         ttl_cap,
@@ -685,12 +706,16 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
         downstream_cache_control,
         host_aliases,
         disk,
-    };
+    }
+}
 
-    // [purge]
-    let allow = networks(c, &file.purge.allow, &[Key("purge"), Key("allow")]);
+/// `[purge]`, with its `[purge.htcp]` and `[purge.bus]` tables. `ttl_cap` is the bus's
+/// default retention.
+fn check_purge(c: &mut Checker<'_>, purge: &PurgeFile, ttl_cap: Duration) -> PurgeConfig {
+    use Seg::{Index, Key};
+    let allow = networks(c, &purge.allow, &[Key("purge"), Key("allow")]);
     let mut tag_headers = Vec::new();
-    for (i, name) in file.purge.tag_headers.iter().enumerate() {
+    for (i, name) in purge.tag_headers.iter().enumerate() {
         match http::HeaderName::from_bytes(name.as_bytes()) {
             Ok(n) => tag_headers.push(n),
             Err(_) => c.report(
@@ -699,18 +724,29 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             ),
         }
     }
-    if file.purge.tag_index_size < 1 << 16 && !tag_headers.is_empty() {
+    if purge.tag_index_size < 1 << 16 && !tag_headers.is_empty() {
         c.report(
             &[Key("purge"), Key("tag_index_size")],
-            format!(
-                "must be at least 65536 bytes, got {}",
-                file.purge.tag_index_size
-            ),
+            format!("must be at least 65536 bytes, got {}", purge.tag_index_size),
         );
     }
-    let h = &file.purge.htcp;
+    let htcp = check_htcp(c, &purge.htcp);
+    let bus = check_bus(c, &purge.bus, ttl_cap);
+    PurgeConfig {
+        allow,
+        token: (!purge.token.is_empty()).then(|| purge.token.clone()),
+        tag_headers,
+        tag_index_size: purge.tag_index_size,
+        htcp,
+        bus,
+    }
+}
+
+/// `[purge.htcp]`: the HTCP receiver, if it listens.
+fn check_htcp(c: &mut Checker<'_>, h: &HtcpFile) -> Option<HtcpConfig> {
+    use Seg::{Index, Key};
     let htcp_at = |key: &'static str| [Key("purge"), Key("htcp"), Key(key)];
-    let htcp = if h.listen.is_empty() {
+    if h.listen.is_empty() {
         None
     } else {
         let listen = c.socket_addr(&htcp_at("listen"), &h.listen);
@@ -768,11 +804,14 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             multicast_groups,
             host_regex,
         })
-    };
+    }
+}
 
-    let b = &file.purge.bus;
+/// `[purge.bus]`: the fleet's purge bus, if any. Its retention defaults to `ttl_cap`.
+fn check_bus(c: &mut Checker<'_>, b: &BusFile, ttl_cap: Duration) -> Option<BusConfig> {
+    use Seg::{Index, Key};
     let bus_at = |key: &'static str| [Key("purge"), Key("bus"), Key(key)];
-    let bus = if b.servers.is_empty() {
+    if b.servers.is_empty() {
         None
     } else {
         for (i, url) in b.servers.iter().enumerate() {
@@ -899,10 +938,13 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             auth,
             tls,
         })
-    };
+    }
+}
 
-    // [log]
-    let format = match file.log.format.as_str() {
+/// `[log]`: the access log, if any.
+fn check_log(c: &mut Checker<'_>, log: &LogFile) -> Option<AccessLogConfig> {
+    use Seg::Key;
+    let format = match log.format.as_str() {
         "combined" => Format::Combined,
         "json" => Format::Json,
         other => {
@@ -913,7 +955,7 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             Format::Combined
         }
     };
-    let access_log = match file.log.access.as_str() {
+    match log.access.as_str() {
         "" => None,
         "stdout" => Some(AccessLogConfig {
             destination: Destination::Stdout,
@@ -923,21 +965,6 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
             destination: Destination::File(path.into()),
             format,
         }),
-    };
-
-    Config {
-        server,
-        origins,
-        cache,
-        access_log,
-        purge: PurgeConfig {
-            allow,
-            token: (!file.purge.token.is_empty()).then(|| file.purge.token.clone()),
-            tag_headers,
-            tag_index_size: file.purge.tag_index_size,
-            htcp,
-            bus,
-        },
     }
 }
 
