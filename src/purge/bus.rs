@@ -265,15 +265,11 @@ impl Bus {
         Ok(())
     }
 
-    /// Reads the stream from just after the last applied position until told to stop or the
-    /// connection fails (then the caller starts again from the position reached).
-    async fn consume(
-        &self,
-        js: &jetstream::Context,
-        shutdown: &mut ShutdownWatch,
-    ) -> anyhow::Result<()> {
-        let mut stream = js.get_or_create_stream(self.stream_config()).await?;
-        let state = stream.info().await?.state.clone();
+    /// Where this node starts reading the stream, and whether it resumes from a position it
+    /// kept: just after its last applied purge; or, if the stream no longer holds that, from
+    /// the stream's start with every older object to be revalidated; or, with no position,
+    /// from this process's start (a disk node then revalidates what it found on disk).
+    fn start_position(&self, state: &stream::State) -> (consumer::DeliverPolicy, bool) {
         let applied = self.applied.load(Ordering::Acquire);
         let resuming = applied > 0 || self.had_position;
         let deliver = if !resuming {
@@ -307,6 +303,19 @@ impl Bus {
                 start_sequence: applied + 1,
             }
         };
+        (deliver, resuming)
+    }
+
+    /// Reads the stream from just after the last applied position until told to stop or the
+    /// connection fails (then the caller starts again from the position reached).
+    async fn consume(
+        &self,
+        js: &jetstream::Context,
+        shutdown: &mut ShutdownWatch,
+    ) -> anyhow::Result<()> {
+        let mut stream = js.get_or_create_stream(self.stream_config()).await?;
+        let state = stream.info().await?.state.clone();
+        let (deliver, resuming) = self.start_position(&state);
         // The consumer is recreated at our own position: the position on disk, kept with the
         // objects it covers, is the one that counts.
         let _ = stream.delete_consumer(&self.config.node).await;
@@ -349,22 +358,7 @@ impl Bus {
             let Some(message) = message else {
                 anyhow::bail!("the purge stream ended");
             };
-            let message = message?;
-            let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (sequence, pending) = (info.stream_sequence, info.pending);
-            match serde_json::from_slice::<PurgeEvent>(&message.payload) {
-                Ok(event) if event.node == self.config.node => {}
-                Ok(event) => {
-                    let result = self.apply(&event).await;
-                    super::count(&self.metrics, Source::Bus, result);
-                    let reached = unix_micros(SystemTime::now()).saturating_sub(event.at_us);
-                    self.metrics.bus.reach.observe(reached as f64 / 1e6);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, sequence, "ignored a malformed purge on the bus");
-                    super::count(&self.metrics, Source::Bus, PurgeResult::Invalid);
-                }
-            }
+            let (sequence, pending) = self.handle(message?).await?;
             self.applied.store(sequence, Ordering::Release);
             self.metrics.bus.lag.set(pending as i64);
             if pending == 0 {
@@ -376,6 +370,27 @@ impl Bus {
                 }
             }
         }
+    }
+
+    /// Applies one message of the stream (unless this node published it); returns its stream
+    /// sequence and how many are still pending after it.
+    async fn handle(&self, message: jetstream::Message) -> anyhow::Result<(u64, u64)> {
+        let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (sequence, pending) = (info.stream_sequence, info.pending);
+        match serde_json::from_slice::<PurgeEvent>(&message.payload) {
+            Ok(event) if event.node == self.config.node => {}
+            Ok(event) => {
+                let result = self.apply(&event).await;
+                super::count(&self.metrics, Source::Bus, result);
+                let reached = unix_micros(SystemTime::now()).saturating_sub(event.at_us);
+                self.metrics.bus.reach.observe(reached as f64 / 1e6);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, sequence, "ignored a malformed purge on the bus");
+                super::count(&self.metrics, Source::Bus, PurgeResult::Invalid);
+            }
+        }
+        Ok((sequence, pending))
     }
 }
 
