@@ -22,9 +22,9 @@ use crate::cache::tags::TagIndex;
 use crate::cache::Store;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::connection::Bounded;
+use crate::proxy::connection::ConnectionGate;
 use crate::proxy::fast::FrontDoor;
-use crate::proxy::{Shared, Skua};
+use crate::proxy::{CachingProxy, ProxyState};
 use crate::purge::bus::{Bus, BusService};
 use crate::purge::receiver::HtcpReceiver;
 use crate::upstream::{HealthChecks, Pools, SharedPools};
@@ -33,7 +33,7 @@ use arc_swap::ArcSwap;
 /// A server ready to run, plus the state its services share.
 pub struct Built {
     pub server: Server,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<ProxyState>,
 }
 
 /// The write buffer of a client connection. pingora writes a response header and its body in
@@ -161,7 +161,7 @@ pub fn build_with(config: &Config, upgrade: bool) -> anyhow::Result<Built> {
 
 /// Adds one Skua node's services (proxy, health checks, HTCP, purge bus, admin) to `server`.
 /// A process normally runs one; the demo runs several side by side.
-pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shared>> {
+pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<ProxyState>> {
     // The store lives as long as the process: pingora's storage API takes `&'static`.
     let tags: &'static TagIndex = Box::leak(Box::new(TagIndex::new(
         config.purge.tag_headers.clone(),
@@ -204,9 +204,10 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shar
         .bus
         .clone()
         .map(|b| Bus::new(b, store, metrics.clone()));
-    let shared = Arc::new(Shared::new(config, store, pools, metrics, bus.clone()));
+    let shared = Arc::new(ProxyState::new(config, store, pools, metrics, bus.clone()));
 
-    let mut app = pingora::proxy::http_proxy(&server.configuration, Skua::new(shared.clone()));
+    let mut app =
+        pingora::proxy::http_proxy(&server.configuration, CachingProxy::new(shared.clone()));
     // CONNECT reaches `request_filter`, which refuses it with a message that says why
     // (pingora's own refusal is a bare 405).
     let mut options = pingora::apps::HttpServerOptions::default();
@@ -214,7 +215,7 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Shar
     app.server_options = Some(options);
     let mut proxy = Service::new(
         "skua proxy".to_string(),
-        Bounded::new(
+        ConnectionGate::new(
             app,
             config.server.connections,
             shared.metrics.connections.clone(),
@@ -288,7 +289,7 @@ impl Built {
 
 struct Reloader {
     path: PathBuf,
-    shared: Arc<Shared>,
+    shared: Arc<ProxyState>,
     /// What the listeners, tiers, HTCP receiver and purge bus were built from: a reload
     /// cannot change those, and says so when a file tries.
     started_with: Config,

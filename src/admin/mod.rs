@@ -12,18 +12,18 @@ use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
 use crate::cache::key::CacheUrl;
-use crate::proxy::Shared;
+use crate::proxy::ProxyState;
 use crate::purge::{self, Purge, PurgeResult, Scope, Source};
 
 /// The live dashboard: one self-contained page (no external assets) polling `/stats`.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
 pub struct Admin {
-    shared: Arc<Shared>,
+    shared: Arc<ProxyState>,
 }
 
 impl Admin {
-    pub fn new(shared: Arc<Shared>) -> Admin {
+    pub fn new(shared: Arc<ProxyState>) -> Admin {
         Admin { shared }
     }
 

@@ -33,27 +33,27 @@ const HEAD_BUFFER: usize = 4096;
 /// Bounds the time spent writing a refusal to a client that does not read.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Counts open connections; each is held by a [`Slot`] until the connection closes.
+/// Counts open connections; each is held by a [`OpenConnection`] until the connection closes.
 struct OpenConnections {
     count: AtomicUsize,
     metrics: Arc<ConnectionMetrics>,
 }
 
 impl OpenConnections {
-    fn claim(self: &Arc<Self>, max: usize) -> Option<Slot> {
+    fn claim(self: &Arc<Self>, max: usize) -> Option<OpenConnection> {
         if self.count.fetch_add(1, Ordering::AcqRel) >= max {
             self.count.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
         self.metrics.open.inc();
-        Some(Slot(self.clone()))
+        Some(OpenConnection(self.clone()))
     }
 }
 
 /// One open connection; dropping it (however the connection ends) frees its place.
-struct Slot(Arc<OpenConnections>);
+struct OpenConnection(Arc<OpenConnections>);
 
-impl Drop for Slot {
+impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.count.fetch_sub(1, Ordering::AcqRel);
         self.0.metrics.open.dec();
@@ -61,7 +61,7 @@ impl Drop for Slot {
 }
 
 /// pingora's HTTP application (the proxy), behind the connection limits.
-pub struct Bounded<A> {
+pub struct ConnectionGate<A> {
     app: Arc<A>,
     limits: ConnectionLimits,
     open: Arc<OpenConnections>,
@@ -70,14 +70,14 @@ pub struct Bounded<A> {
     front: FrontDoor,
 }
 
-impl<A> Bounded<A> {
+impl<A> ConnectionGate<A> {
     pub fn new(
         app: A,
         limits: ConnectionLimits,
         metrics: Arc<ConnectionMetrics>,
         front: FrontDoor,
     ) -> Self {
-        Bounded {
+        ConnectionGate {
             app: Arc::new(app),
             front,
             limits,
@@ -104,7 +104,7 @@ enum HeadRead {
 }
 
 #[async_trait]
-impl<A> ServerApp for Bounded<A>
+impl<A> ServerApp for ConnectionGate<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {

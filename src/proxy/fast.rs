@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 
-use super::Shared;
+use super::ProxyState;
 use crate::cache::key::{CacheUrl, Scheme};
 use crate::cache::memory::StoredObject;
 use crate::cache::meta::{CACHE_STATUS, X_CACHE_STATUS};
@@ -43,7 +43,7 @@ pub struct Answer {
 }
 
 pub struct FrontDoor {
-    shared: Arc<Shared>,
+    shared: Arc<ProxyState>,
 }
 
 /// What the request head says, once it is known to suit this path.
@@ -56,7 +56,7 @@ struct Plain<'a> {
 }
 
 impl FrontDoor {
-    pub fn new(shared: Arc<Shared>) -> FrontDoor {
+    pub fn new(shared: Arc<ProxyState>) -> FrontDoor {
         FrontDoor { shared }
     }
 

@@ -74,7 +74,7 @@ const FULL_PATH_HEADERS: [header::HeaderName; 6] = [
 pub const HEALTH_PATH: &str = "/_skua/health";
 
 /// Everything the request path reads, built once at start-up.
-pub struct Shared {
+pub struct ProxyState {
     pub name: String,
     pub store: &'static Store,
     /// Applies purges here and publishes them to the fleet.
@@ -91,17 +91,17 @@ pub struct Shared {
     pub htcp: Option<SocketAddr>,
 }
 
-impl Shared {
+impl ProxyState {
     pub fn new(
         config: &Config,
         store: &'static Store,
         pools: SharedPools,
         metrics: Arc<Metrics>,
         bus: Option<Arc<purge::bus::Bus>>,
-    ) -> Shared {
+    ) -> ProxyState {
         // pingora's storage and lock APIs take `&'static`; both live as long as the process.
         let lock: &'static CacheLock = Box::leak(CacheLock::new_boxed(config.cache.lock_timeout));
-        Shared {
+        ProxyState {
             name: config.server.name.clone(),
             store,
             purger: purge::Purger::new(store, bus),
@@ -194,7 +194,7 @@ impl From<&Config> for Rules {
     }
 }
 
-impl Shared {
+impl ProxyState {
     /// Whether a purge from `ip` carrying `req`'s headers is allowed: the purge networks, and
     /// the bearer token when one is configured.
     pub fn purge_allowed(&self, ip: Option<IpAddr>, req: &RequestHeader) -> bool {
@@ -268,13 +268,13 @@ impl Shared {
 }
 
 /// The proxy: one value shared by every request.
-pub struct Skua {
-    shared: Arc<Shared>,
+pub struct CachingProxy {
+    shared: Arc<ProxyState>,
 }
 
-impl Skua {
-    pub fn new(shared: Arc<Shared>) -> Skua {
-        Skua { shared }
+impl CachingProxy {
+    pub fn new(shared: Arc<ProxyState>) -> CachingProxy {
+        CachingProxy { shared }
     }
 }
 
@@ -410,7 +410,7 @@ fn client_ip(session: &Session) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
-impl Skua {
+impl CachingProxy {
     /// Answers PURGE: 204 when something was purged, 404 when nothing was cached, 403 from
     /// outside the allowed networks (nothing purged), 400 for a target that names no URL.
     async fn purge(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
@@ -694,7 +694,7 @@ impl Skua {
 }
 
 #[async_trait]
-impl ProxyHttp for Skua {
+impl ProxyHttp for CachingProxy {
     type CTX = RequestCtx;
 
     fn init_upstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
