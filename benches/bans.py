@@ -8,9 +8,9 @@ Skua with no bans and one given the bans, `--reps` times each, and print the med
 
     python3 benches/bans.py [--bans 10000] [--reps 3] [--seconds 5] [--bin target/release/skua]
 """
-import argparse, http.client, http.server, os, statistics, subprocess, sys, tempfile
+import argparse, http.client, os, statistics
 
-from benchlib import fixed_page, free_port, start_origin, wait_port, write_config, wrk_rate
+from benchlib import PinnedSkua, fixed_page, start_origin, wrk_rate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = b"x" * 1024
@@ -20,14 +20,8 @@ PAGE = b"x" * 1024
 
 
 def run(binary, origin, bans, seconds):
-    work = tempfile.mkdtemp()
-    port, admin = free_port(), free_port()
-    config = os.path.join(work, "skua.toml")
-    write_config(config, work, port, admin, origin, 64 << 20)
-    skua = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
+    with PinnedSkua(binary, origin, 64 << 20) as skua:
+        port = skua.port
         conn = http.client.HTTPConnection("127.0.0.1", port)
         conn.request("GET", "/wiki/Main_Page", headers={"Host": "wiki.test"})
         conn.getresponse().read()
@@ -43,9 +37,6 @@ def run(binary, origin, bans, seconds):
         r.read()
         assert "hit" in (r.getheader("X-Cache-Status") or ""), r.getheader("X-Cache-Status")
         return wrk_rate(port, "/wiki/Main_Page", seconds, ["Host: wiki.test"])
-    finally:
-        skua.terminate()
-        skua.wait()
 
 
 def main():

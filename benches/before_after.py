@@ -11,9 +11,9 @@ each spelling after one request has filled it. The binaries alternate, each run 
     python3 benches/before_after.py --before /tmp/skua-before --after target/release/skua \
         [--reps 5] [--seconds 5] [--only plain|cookies|encoded]
 """
-import argparse, http.client, os, statistics, subprocess, tempfile
+import argparse, http.client, os, statistics
 
-from benchlib import fixed_page, free_port, start_origin, wait_port, write_config, wrk_rate
+from benchlib import PinnedSkua, fixed_page, start_origin, wrk_rate
 
 PAGE = b"x" * 1024
 HOST = "Host: wiki.test"
@@ -45,25 +45,15 @@ def cpu_seconds(pid):
 
 
 def run(binary, origin, seconds, spellings):
-    work = tempfile.mkdtemp()
-    port, admin = free_port(), free_port()
-    config = os.path.join(work, "skua.toml")
-    write_config(config, work, port, admin, origin, 64 << 20)
-    skua = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
+    with PinnedSkua(binary, origin, 64 << 20) as skua:
         rates, cpu = {}, {}
         for name, path, headers in spellings:
-            fill(port, path, headers)
-            start = cpu_seconds(skua.pid)
-            rates[name] = wrk_rate(port, path, seconds, [HOST] + headers)
+            fill(skua.port, path, headers)
+            start = cpu_seconds(skua.proc.pid)
+            rates[name] = wrk_rate(skua.port, path, seconds, [HOST] + headers)
             # Skua's own CPU per request: steadier than req/s on a VM whose neighbours vary.
-            cpu[name] = (cpu_seconds(skua.pid) - start) / (rates[name] * seconds) * 1e6
+            cpu[name] = (cpu_seconds(skua.proc.pid) - start) / (rates[name] * seconds) * 1e6
         return rates, cpu
-    finally:
-        skua.terminate()
-        skua.wait()
 
 
 def main():

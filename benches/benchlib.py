@@ -1,5 +1,5 @@
 """Helpers shared by the Python benchmark scripts (fleet.py, soak.py, bans.py, compression.py)."""
-import http.client, http.server, os, re, socket, socketserver, subprocess, sys, threading, time
+import http.client, http.server, os, re, socket, socketserver, subprocess, sys, tempfile, threading, time
 
 
 def free_port():
@@ -27,6 +27,27 @@ enabled = false
 memory_size = {memory}
 {extra}
 """)
+
+
+class PinnedSkua:
+    """`binary` serving one pool at `origin` on ephemeral ports, pinned to CPU 0 with one
+    worker thread, for a `with` block; `.port`, `.admin` and `.proc` while it runs."""
+
+    def __init__(self, binary, origin, memory, extra=""):
+        self.work = tempfile.mkdtemp()
+        self.port, self.admin = free_port(), free_port()
+        config = os.path.join(self.work, "skua.toml")
+        write_config(config, self.work, self.port, self.admin, origin, memory, extra)
+        self.proc = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def __enter__(self):
+        wait_port(self.port)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait()
 
 
 class ThreadedServer(socketserver.ThreadingMixIn, http.server.HTTPServer):

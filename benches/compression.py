@@ -10,9 +10,9 @@ of them with the same header. Runs alternate off/on, `--reps` times each; median
 
     python3 benches/compression.py [--reps 3] [--pages 2000] [--seconds 5]
 """
-import argparse, http.client, http.server, os, random, re, statistics, subprocess, sys, tempfile
+import argparse, http.client, http.server, os, random, re, statistics, sys
 
-from benchlib import free_port, start_origin, wait_port, write_config, wrk_rate
+from benchlib import PinnedSkua, start_origin, wrk_rate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BROWSER = "gzip, deflate, br"
@@ -64,26 +64,16 @@ def metric(admin, series):
 
 
 def run(binary, origin, compress, pages, seconds):
-    work = tempfile.mkdtemp()
-    port, admin = free_port(), free_port()
-    config = os.path.join(work, "skua.toml")
-    write_config(config, work, port, admin, origin, 256 << 20, "compress = %s" % compress)
-    skua = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        conn = http.client.HTTPConnection("127.0.0.1", port)
+    with PinnedSkua(binary, origin, 256 << 20, "compress = %s" % compress) as skua:
+        conn = http.client.HTTPConnection("127.0.0.1", skua.port)
         for i in range(pages):
             conn.request("GET", f"/wiki/Page_{i}", headers={"Host": "wiki.test", "Accept-Encoding": BROWSER})
             conn.getresponse().read()
-        stored = metric(admin, 'skua_cache_bytes{tier="memory"}')
-        objects = metric(admin, 'skua_cache_objects{tier="memory"}')
-        rate = wrk_rate(port, "/wiki/Page_7", seconds,
+        stored = metric(skua.admin, 'skua_cache_bytes{tier="memory"}')
+        objects = metric(skua.admin, 'skua_cache_objects{tier="memory"}')
+        rate = wrk_rate(skua.port, "/wiki/Page_7", seconds,
                         ["Host: wiki.test", f"Accept-Encoding: {BROWSER}"])
         return stored / objects, rate
-    finally:
-        skua.terminate()
-        skua.wait()
 
 
 def main():
