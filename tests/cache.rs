@@ -1339,3 +1339,57 @@ async fn partial_content_is_stored_reused_and_combined() {
     assert_eq!(origin.count("/media/c.bin"), 1);
     assert_eq!(get(&full, &[]).await.text(), "0123456789");
 }
+
+/// One memory lookup per miss: a request's phases (the front door, `request_filter`,
+/// pingora's lookup of the URL and of its variant) read the lookup made when it arrived; only
+/// the re-check after a miss takes the cache lock looks again. A request that waited on
+/// another's fill still sees that fill (one origin request for two concurrent readers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_looks_the_memory_tier_up_once_and_again_after_the_lock() {
+    let origin = Origin::start(|_| {
+        Reply::ok("page")
+            .header("cache-control", "max-age=600")
+            .header("vary", "Accept-Encoding")
+            .delay(Duration::from_millis(300))
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let series = r#"skua_cache_tier_events_total{event="lookup",tier="memory"}"#;
+    let mut seen = skua.metric(series).await;
+    // Lookups since the last call.
+    macro_rules! lookups {
+        () => {{
+            let now = skua.metric(series).await;
+            now - std::mem::replace(&mut seen, now)
+        }};
+    }
+    assert_eq!(get(&skua.url("/a"), &[]).await.cache(), "miss");
+    assert_eq!(lookups!(), 2.0, "a cold miss: on arrival, after the lock");
+    assert_eq!(get(&skua.url("/a"), &[]).await.cache(), "hit-front");
+    assert_eq!(lookups!(), 1.0, "a front-door hit");
+    // HTTP/1.0 never takes the front door: `request_filter` looks, once.
+    let http10 = |path: &str| format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", skua.addr);
+    let session = raw(skua.addr, &http10("/a")).await;
+    assert!(
+        session.to_ascii_lowercase().contains("x-cache-status: hit"),
+        "{session}"
+    );
+    assert_eq!(lookups!(), 1.0, "an HTTP/1.0 hit");
+    let session = raw(skua.addr, &http10("/b")).await;
+    assert!(
+        session
+            .to_ascii_lowercase()
+            .contains("x-cache-status: miss"),
+        "{session}"
+    );
+    assert_eq!(lookups!(), 2.0, "an HTTP/1.0 miss");
+
+    // Two readers of a cold URL: the second waits on the first's fill and is served it.
+    let url = skua.url("/c");
+    let (one, two) = tokio::join!(get(&url, &[]), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        get(&url, &[]).await
+    });
+    assert_eq!((one.text(), two.text()), ("page".into(), "page".into()));
+    assert_eq!(origin.count("/c"), 1, "{} {}", one.cache(), two.cache());
+}

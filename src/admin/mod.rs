@@ -39,6 +39,11 @@ impl Admin {
         m.tier_capacity
             .with_label_values(&["memory"])
             .set(mem.capacity_bytes() as i64);
+        m.tier_events.catch_up(
+            "memory",
+            "lookup",
+            mem.counters.lookups.load(Ordering::Relaxed),
+        );
         m.tier_events
             .catch_up("memory", "hit", mem.counters.hits.load(Ordering::Relaxed));
         m.tier_events.catch_up(

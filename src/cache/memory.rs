@@ -7,6 +7,7 @@
 //! cacheable (see `policy.rs`) and it knows nothing of tiers below it.
 
 use std::any::Any;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -156,9 +157,65 @@ impl Variants {
     }
 }
 
+tokio::task_local! {
+    /// The memory lookup one request has made, so that the phases after it (the front door,
+    /// `request_filter`, pingora's lookup of the primary slot and then of the variant) read
+    /// one snapshot instead of looking the URL up again each (RFC-neutral: a snapshot taken
+    /// when the request arrived). Set by [`for_one_request`].
+    static THIS_REQUEST: RefCell<Option<Looked>>;
+}
+
+/// Runs one request's handling with `looked` (what the front door found, if it looked) as
+/// its memory lookup of that URL.
+pub async fn for_one_request<F: std::future::Future>(
+    looked: Option<Looked>,
+    request: F,
+) -> F::Output {
+    THIS_REQUEST.scope(RefCell::new(looked), request).await
+}
+
+/// What a memory lookup of one URL found: every stored variant, as of the lookup.
+#[derive(Debug, Clone)]
+pub struct Looked {
+    primary: HashBinary,
+    /// The URL's change stripe when it was looked up.
+    version: u64,
+    family: Option<Variants>,
+}
+
+impl Looked {
+    /// The stored object a request would be served, if it is fresh at `now`: the fast path's
+    /// lookup. Follows the same Vary rules as pingora's lookup (primary slot first, then the
+    /// request's variant, which must not predate the primary's provenance). `None` means "let
+    /// pingora's cache state machine decide", never "not cached".
+    pub fn fresh(&self, req: &http::HeaderMap, now: SystemTime) -> Option<Arc<StoredObject>> {
+        let family = self.family.as_ref()?;
+        let first = family.get(None)?;
+        let obj = match first.meta.times.variance {
+            None => first,
+            Some(stored) => {
+                let wanted = first.meta.variance_of(req)?;
+                if wanted == stored {
+                    first
+                } else {
+                    let other = family.get(Some(&wanted))?;
+                    if other.meta.times.created < first.meta.times.provenance {
+                        return None;
+                    }
+                    other
+                }
+            }
+        };
+        (obj.meta.times.fresh_until.time() >= now).then(|| obj.clone())
+    }
+}
+
 /// Counters of the memory tier, read by the admin endpoint and metrics.
 #[derive(Debug, Default)]
 pub struct TierCounters {
+    /// Lookups of a URL in the index (one per request that reaches the cache, plus the
+    /// re-check of a miss after it takes the cache lock).
+    pub lookups: AtomicU64,
     pub hits: AtomicU64,
     pub misses: AtomicU64,
     pub stores: AtomicU64,
@@ -201,7 +258,16 @@ pub struct MemoryTier {
     families: moka::sync::Cache<HashBinary, Variants>,
     capacity: u64,
     pub counters: Arc<TierCounters>,
+    /// How often the variants of the URLs in each stripe were changed (stored, purged,
+    /// expired, refreshed): a request reuses its earlier lookup of a URL only while the URL's
+    /// stripe has not moved, so the reuse sees exactly what a new lookup would (a request
+    /// that waited on another's fill sees the fill).
+    changes: Box<[AtomicU64]>,
 }
+
+/// Stripes of [`MemoryTier::changes`]: 32 KiB; two URLs in one stripe only cost an extra
+/// lookup now and then.
+const CHANGE_STRIPES: usize = 4096;
 
 impl MemoryTier {
     /// `tags`: told when a family leaves for space or age, so its tags can let go of it.
@@ -238,6 +304,7 @@ impl MemoryTier {
             families,
             capacity: capacity_bytes,
             counters,
+            changes: (0..CHANGE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -260,44 +327,66 @@ impl MemoryTier {
             .sum()
     }
 
+    /// Looks `primary` up in the index (counted as a lookup). Within a request's scope
+    /// ([`for_one_request`]) the result is what that request's later reads of `primary` see.
+    pub fn look(&self, primary: &HashBinary) -> Looked {
+        self.counters.lookups.fetch_add(1, Ordering::Relaxed);
+        // Read before the index: a change in between makes the lookup look outdated, never
+        // the other way round.
+        let version = self.stripe(primary).load(Ordering::Acquire);
+        let looked = Looked {
+            primary: *primary,
+            version,
+            family: self.families.get(primary),
+        };
+        let _ = THIS_REQUEST.try_with(|seen| *seen.borrow_mut() = Some(looked.clone()));
+        looked
+    }
+
+    fn stripe(&self, primary: &HashBinary) -> &AtomicU64 {
+        let at = u16::from_le_bytes([primary[0], primary[1]]) as usize % CHANGE_STRIPES;
+        &self.changes[at]
+    }
+
+    /// Called after every change to `primary`'s variants (see [`MemoryTier::changes`]).
+    fn changed(&self, primary: &HashBinary) {
+        self.stripe(primary).fetch_add(1, Ordering::Release);
+    }
+
+    /// What this request already looked up for `primary`, if nothing changed since, or a
+    /// lookup now.
+    pub fn recall(&self, primary: &HashBinary) -> Looked {
+        let seen = THIS_REQUEST.try_with(|seen| {
+            seen.borrow()
+                .as_ref()
+                .filter(|l| {
+                    l.primary == *primary
+                        && l.version == self.stripe(primary).load(Ordering::Acquire)
+                })
+                .cloned()
+        });
+        match seen {
+            Ok(Some(looked)) => looked,
+            _ => self.look(primary),
+        }
+    }
+
     pub fn get(
         &self,
         primary: &HashBinary,
         slot: Option<&HashBinary>,
     ) -> Option<Arc<StoredObject>> {
-        self.families
-            .get(primary)
-            .and_then(|f| f.get(slot).cloned())
+        self.recall(primary).family?.get(slot).cloned()
     }
 
-    /// The stored object a request would be served, if it is fresh at `now`: the fast path's
-    /// lookup. Follows the same Vary rules as pingora's lookup (primary slot first, then the
-    /// request's variant, which must not predate the primary's provenance). `None` means "let
-    /// pingora's cache state machine decide", never "not cached".
+    /// [`Looked::fresh`] on what this request has looked up, or on a lookup now.
     pub fn fresh_object(
         &self,
         primary: &HashBinary,
         req: &http::HeaderMap,
         now: SystemTime,
     ) -> Option<Arc<StoredObject>> {
-        let family = self.families.get(primary)?;
-        let first = family.get(None)?;
-        let obj = match first.meta.times.variance {
-            None => first,
-            Some(stored) => {
-                let wanted = first.meta.variance_of(req)?;
-                if wanted == stored {
-                    first
-                } else {
-                    let other = family.get(Some(&wanted))?;
-                    if other.meta.times.created < first.meta.times.provenance {
-                        return None;
-                    }
-                    other
-                }
-            }
-        };
-        (obj.meta.times.fresh_until.time() >= now).then(|| obj.clone())
+        self.recall(primary).fresh(req, now)
     }
 
     /// A writer for one response; it gives up (stores nothing) past `limit` body bytes.
@@ -329,6 +418,7 @@ impl MemoryTier {
             };
             Op::Put(family)
         });
+        self.changed(&primary);
         self.counters.stores.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -343,6 +433,7 @@ impl MemoryTier {
             .families
             .remove(primary)
             .map_or(0, |f| f.objects().len());
+        self.changed(primary);
         self.counters
             .purges
             .fetch_add(removed as u64, Ordering::Relaxed);
@@ -376,6 +467,7 @@ impl MemoryTier {
                 }
                 None => Op::Nop,
             });
+        self.changed(primary);
         marked
     }
 
@@ -397,6 +489,7 @@ impl MemoryTier {
                 }
                 None => Op::Nop,
             });
+        self.changed(primary);
         removed
     }
 }
@@ -500,6 +593,7 @@ impl Storage for MemoryTier {
                 }
                 None => Op::Nop,
             });
+        self.changed(&primary);
         if updated {
             Ok(true)
         } else {
@@ -715,6 +809,41 @@ mod tests {
         assert_eq!(tier.purge_all(&p), 2);
         assert!(tier.get(&p, None).is_none());
         assert_eq!(tier.purge_all(&p), 0);
+    }
+
+    /// Within one request the lookup it made is read again, not repeated; any change to the
+    /// URL since (a fill it waited on, a purge) makes the next read a real lookup.
+    #[tokio::test]
+    async fn a_request_rereads_its_lookup_until_the_url_changes() {
+        let tier: &'static MemoryTier = Box::leak(Box::new(MemoryTier::new(1 << 20, None)));
+        let (p, other) = ([1u8; 16], [9u8; 16]);
+        let lookups = || tier.counters.lookups.load(Ordering::Relaxed);
+        for_one_request(None, async {
+            assert!(tier.get(&p, None).is_none());
+            assert!(tier.get(&p, None).is_none());
+            assert_eq!(lookups(), 1, "read again, not looked up again");
+            tier.insert(
+                p,
+                StoredObject::new(None, meta("a"), Bytes::from_static(b"a")),
+            );
+            assert_eq!(tier.get(&p, None).unwrap().body, "a", "the fill is seen");
+            assert_eq!(lookups(), 2);
+            assert!(tier.get(&other, None).is_none());
+            assert_eq!(tier.get(&p, None).unwrap().body, "a");
+            assert_eq!(lookups(), 4, "one lookup remembered at a time");
+            tier.purge_all(&p);
+            assert!(tier.get(&p, None).is_none(), "the purge is seen");
+            assert!(tier
+                .look(&p)
+                .fresh(&http::HeaderMap::new(), SystemTime::now())
+                .is_none());
+        })
+        .await;
+        // Outside a request every read looks up.
+        let before = lookups();
+        tier.get(&p, None);
+        tier.get(&p, None);
+        assert_eq!(lookups(), before + 2);
     }
 
     #[test]

@@ -308,7 +308,7 @@ impl Metrics {
         let tier_events = TierEvents(IntCounterVec::new(
             Opts::new(
                 "skua_cache_tier_events_total",
-                "Cache tier events (hit, miss, store, eviction, corrupt, write_error), by tier.",
+                "Cache tier events (lookup, hit, miss, store, eviction, corrupt, write_error), by tier.",
             ),
             &["tier", "event"],
         )?);

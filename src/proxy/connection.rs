@@ -24,6 +24,7 @@ use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::fast::FrontDoor;
+use crate::cache::memory::for_one_request;
 use crate::config::ConnectionLimits;
 use crate::metrics::ConnectionMetrics;
 
@@ -160,7 +161,8 @@ where
                 let digest = stream.get_socket_digest()?;
                 digest.peer_addr()?.as_inet().map(|a| a.ip())
             };
-            if let Some(answer) = self.front.answer(&head, client, closing) {
+            let mut looked = None;
+            if let Some(answer) = self.front.answer(&head, client, closing, &mut looked) {
                 let written = async {
                     match &answer.body {
                         Some(body) => write_both(&mut stream, &answer.head, body).await?,
@@ -188,7 +190,9 @@ where
             // request pipelined behind a body ends the connection after its answer, which
             // RFC 9112 §9.3.2 lets a client retry.
             session.set_pipelined_prefix(head);
-            let reused = self.app.process_new_http(session, shutdown).await?;
+            // The request's later phases read the front door's lookup instead of their own.
+            let reused =
+                for_one_request(looked, self.app.process_new_http(session, shutdown)).await?;
             let (next, next_settings) = reused.consume();
             stream = next;
             settings = next_settings;

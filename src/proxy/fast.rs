@@ -19,7 +19,7 @@ use http::Method;
 
 use super::ProxyState;
 use crate::cache::key::{CacheUrl, Scheme};
-use crate::cache::memory::StoredObject;
+use crate::cache::memory::{Looked, StoredObject};
 use crate::cache::meta::{CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::status::{Disposition, Outcome};
 use crate::config::HeadLimits;
@@ -64,12 +64,14 @@ impl FrontDoor {
     /// fresh memory hit this path can serve exactly as the full path would.
     /// `client` gives the client's address (for the access log, and to believe a trusted
     /// proxy's `X-Forwarded-Proto`); `closing`: the
-    /// server is shutting down, so the connection closes after this answer.
+    /// server is shutting down, so the connection closes after this answer. `looked` receives
+    /// the memory lookup made, if one was, for the full path to reuse.
     pub fn answer(
         &self,
         head: &[u8],
         client: impl Fn() -> Option<IpAddr>,
         closing: bool,
+        looked: &mut Option<Looked>,
     ) -> Option<Answer> {
         let started = Instant::now();
         let shared = &self.shared;
@@ -94,7 +96,11 @@ impl FrontDoor {
             }
         }
         let now = SystemTime::now();
-        let obj = shared.fresh_hit(&url, &req.headers, now)?;
+        let found = shared.store.memory.look(&url.primary_hash());
+        let obj = shared.fresh_hit(&url, &found, &req.headers, now);
+        // Declined from here on, the full path reads this lookup instead of making another.
+        *looked = Some(found);
+        let obj = obj?;
         if !encoding_acceptable(&obj.meta.head, &req.headers) {
             // Decompressing it is the full path's job (`proxy::compress`).
             return None;

@@ -44,7 +44,7 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use crate::cache::bans::Trust;
 use crate::cache::disk::DiskHit;
 use crate::cache::key::{CacheUrl, HostAliases, Scheme};
-use crate::cache::memory::{MemoryHit, StoredObject};
+use crate::cache::memory::{Looked, MemoryHit, StoredObject};
 use crate::cache::meta::{decode_head, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::partial::{self, ByteRange};
 use crate::cache::policy::StoragePolicy;
@@ -207,13 +207,12 @@ impl ProxyState {
     fn fresh_hit(
         &self,
         url: &CacheUrl,
+        looked: &Looked,
         headers: &http::HeaderMap,
         now: SystemTime,
     ) -> Option<Arc<StoredObject>> {
         let store = self.store;
-        let obj = store
-            .memory
-            .fresh_object(&url.primary_hash(), headers, now)?;
+        let obj = looked.fresh(headers, now)?;
         let invalidations = &store.invalidations;
         if invalidations.banned(url, obj.meta.times.created.time())
             || invalidations.trust(obj.meta.times.epoch.time()) != Trust::Yes
@@ -591,7 +590,14 @@ impl CachingProxy {
     /// pingora's cache state machine (which costs a third of a hit's time). Anything else
     /// (Range, conditional requests, stale objects, variants the request does not match)
     /// returns `false` and takes the full path, which handles it.
-    async fn serve_fresh_hit(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    /// Answers a fresh memory hit here. `look_again`: read the index now rather than what this
+    /// request looked up before (the re-check after the cache lock).
+    async fn serve_fresh_hit(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        look_again: bool,
+    ) -> Result<bool> {
         let req = session.req_header();
         if self.pass_reason(req).is_some()
             || FULL_PATH_HEADERS
@@ -604,7 +610,14 @@ impl CachingProxy {
             return Ok(false);
         };
         let now = SystemTime::now();
-        let Some(obj) = self.shared.fresh_hit(url, &req.headers, now) else {
+        let memory = &self.shared.store.memory;
+        let primary = url.primary_hash();
+        let looked = if look_again {
+            memory.look(&primary)
+        } else {
+            memory.recall(&primary)
+        };
+        let Some(obj) = self.shared.fresh_hit(url, &looked, &req.headers, now) else {
             return Ok(false);
         };
         let head = req.method == Method::HEAD;
@@ -881,7 +894,7 @@ impl ProxyHttp for CachingProxy {
                         return Ok(false);
                     }
                 }
-                self.serve_fresh_hit(session, ctx).await
+                self.serve_fresh_hit(session, ctx, false).await
             }
             Err(e) => {
                 ctx.internal = true;
@@ -983,9 +996,12 @@ impl ProxyHttp for CachingProxy {
         ctx: &mut RequestCtx,
     ) -> Result<bool> {
         // pingora takes the cache lock after its storage lookup missed, so a fill that lands
-        // between the two makes this request a second writer. Looking again here closes that
-        // window: 200 simultaneous requests for a cold URL make exactly one origin fetch.
-        if session.cache.phase() == CachePhase::Miss && self.serve_fresh_hit(session, ctx).await? {
+        // between the two makes this request a second writer. Looking again here (the one
+        // second lookup a miss makes) closes that window: 200 simultaneous requests for a
+        // cold URL make exactly one origin fetch.
+        if session.cache.phase() == CachePhase::Miss
+            && self.serve_fresh_hit(session, ctx, true).await?
+        {
             return Ok(false);
         }
         Ok(true)
