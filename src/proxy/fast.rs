@@ -97,12 +97,14 @@ impl FrontDoor {
         }
         let now = SystemTime::now();
         let found = shared.store.memory.look(&url.primary_hash());
-        let obj = shared.fresh_hit(&url, &found, &req.headers, now);
         // Declined from here on, the full path reads this lookup instead of making another.
-        *looked = Some(found);
-        let obj = obj?;
+        let Some(obj) = shared.fresh_hit(&url, &found, &req.headers, now) else {
+            *looked = Some(found);
+            return None;
+        };
         if !encoding_acceptable(&obj.meta.head, &req.headers) {
             // Decompressing it is the full path's job (`proxy::compress`).
+            *looked = Some(found);
             return None;
         }
 
