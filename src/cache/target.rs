@@ -89,8 +89,9 @@ fn percent_normal(s: &str) -> String {
             i += 1;
         }
     }
-    // Only ASCII escapes were rewritten, into ASCII: the text stays what it was, UTF-8.
-    String::from_utf8_lossy(&out).into_owned()
+    // Only ASCII escapes were rewritten, into ASCII: the text stays what it was, UTF-8, and
+    // the buffer becomes the string without a copy.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// RFC 3986 §5.2.4, on a path that starts with `/`.
