@@ -85,14 +85,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("response head: stored head plus a hit's fields", |b| {
         b.iter(|| {
             let mut out = Vec::with_capacity(obj.meta.head.len() + 160);
-            skua::proxy::fast::write_hit_head(
-                &mut out,
-                &obj,
-                now,
-                "skua; hit; ttl=258",
-                false,
-                None,
-            );
+            skua::proxy::hit::write_head(&mut out, &obj, now, "skua; hit; ttl=258", false, None);
             black_box(out)
         })
     });

@@ -233,3 +233,119 @@ async fn requests_the_front_door_is_not_sure_about_reach_the_full_path() {
     assert_eq!(brotli.cache(), "miss");
     assert_eq!(origin.count("/wiki/Page"), 3);
 }
+
+/// A raw response's head as sent, minus the lines that belong to the moment it was sent
+/// (`Date`, `Age`) and the `ttl=` of its Cache-Status, which counts down like `Age`.
+fn head_bytes(response: &str) -> String {
+    let head = response.split("\r\n\r\n").next().unwrap_or("");
+    head.split("\r\n")
+        .filter(|line| {
+            let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
+            name != "date" && name != "age"
+        })
+        .map(|line| {
+            line.split("; ")
+                .filter(|member| !member.starts_with("ttl="))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+/// #16: one hit module. The same requests (HTTP/1.1 and 1.0, GET and HEAD, two Vary variants)
+/// answered by the fast paths (the front door for HTTP/1.1, the session's for 1.0) and by
+/// pingora's cache path (a precondition that does not match sends them there) get the same
+/// head, byte for byte, `Date` and `Age` aside; so does a disk hit after a restart, the tier's
+/// name aside.
+#[tokio::test]
+async fn a_hit_has_the_same_head_byte_for_byte_on_every_path() {
+    let origin = Origin::start(|seen| {
+        let french = seen
+            .headers
+            .get("accept-language")
+            .is_some_and(|l| l.as_bytes() == b"fr");
+        Reply::ok(if french {
+            "page en français"
+        } else {
+            "page in English"
+        })
+        .header("cache-control", "max-age=600")
+        .header("etag", if french { "\"fr\"" } else { "\"en\"" })
+        .header("vary", "Accept-Language")
+        .header("content-language", if french { "fr" } else { "en" })
+        .header("x-wiki", "yes")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = Port::reserve();
+    let mut skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
+    for lang in ["en", "fr"] {
+        let first = get(&skua.url("/wiki/Page"), &[HOST, ("accept-language", lang)]).await;
+        assert_eq!(first.cache(), "miss", "{lang}");
+    }
+    let ask = |method: &str, version: &str, lang: &str, precondition: bool| {
+        let mut head = format!(
+            "{method} /wiki/Page HTTP/{version}\r\nHost: wiki.test\r\nAccept-Language: {lang}\r\n"
+        );
+        if precondition {
+            head.push_str("If-None-Match: \"other\"\r\n");
+        }
+        if version == "1.1" {
+            head.push_str("Connection: close\r\n");
+        }
+        head.push_str("\r\n");
+        head
+    };
+    let mut front_en_get = String::new();
+    for lang in ["en", "fr"] {
+        for version in ["1.1", "1.0"] {
+            for method in ["GET", "HEAD"] {
+                let what = format!("{method} HTTP/{version} {lang}");
+                let before = skua.hit_paths().await;
+                let fast = raw(skua.addr, &ask(method, version, lang, false)).await;
+                let cache = raw(skua.addr, &ask(method, version, lang, true)).await;
+                let after = skua.hit_paths().await;
+                let fast_path = if version == "1.1" { 0 } else { 1 };
+                assert_eq!(after[fast_path], before[fast_path] + 1, "{what}: fast path");
+                assert_eq!(after[2], before[2] + 1, "{what}: pingora's cache path");
+                assert!(
+                    fast.contains(if lang == "fr" {
+                        "content-language: fr"
+                    } else {
+                        "content-language: en"
+                    }),
+                    "{what}:\n{fast}"
+                );
+                assert_eq!(
+                    head_bytes(&cache),
+                    head_bytes(&fast),
+                    "{what}:\n{fast}\n---\n{cache}"
+                );
+                let (_, _, fast_body) = split(&fast);
+                let (_, _, cache_body) = split(&cache);
+                assert_eq!(fast_body, cache_body, "{what}");
+                if lang == "en" && version == "1.1" && method == "GET" {
+                    front_en_get = fast;
+                }
+            }
+        }
+    }
+    assert_eq!(origin.count("/wiki/Page"), 2);
+
+    // After a restart the disk tier answers through pingora's cache.
+    skua.stop();
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
+    let disk = raw(skua.addr, &ask("GET", "1.1", "en", false)).await;
+    assert_eq!(
+        skua.hit_paths().await,
+        [0, 0, 1],
+        "pingora's cache answered the disk hit"
+    );
+    assert_eq!(
+        head_bytes(&disk).replace("hit-local", "hit-front"),
+        head_bytes(&front_en_get),
+        "\n{front_en_get}\n---\n{disk}"
+    );
+    assert_eq!(origin.count("/wiki/Page"), 2);
+}

@@ -44,7 +44,7 @@ impl StoredObject {
         StoredObject::with(slot, ObjectMeta::encode(meta), body)
     }
 
-    fn with(slot: Option<HashBinary>, meta: ObjectMeta, body: Bytes) -> StoredObject {
+    pub(super) fn with(slot: Option<HashBinary>, meta: ObjectMeta, body: Bytes) -> StoredObject {
         StoredObject { slot, meta, body }
     }
 
@@ -929,7 +929,7 @@ mod tests {
         let obj = StoredObject::new(None, m, Bytes::from_static(b"hello"));
         assert_eq!(
             &obj.meta.head[..],
-            &b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nset-cookie: a=1\r\nset-cookie: b=2\r\n\
+            &b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\
                vary: Cookie, Accept-Encoding\r\netag: \"e\"\r\n"[..]
         );
         assert_eq!(obj.meta.status(), 200);

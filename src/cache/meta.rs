@@ -199,11 +199,11 @@ impl ObjectMeta {
         let status = self.status();
         // RFC 9110 §8.6: no Content-Length in a 1xx, 204 or 304 response.
         if !(status < 200 || status == 204 || status == 304) {
-            let _ = std::io::Write::write_fmt(out, format_args!("content-length: {body_len}\r\n"));
+            let _ = std::io::Write::write_fmt(out, format_args!("Content-Length: {body_len}\r\n"));
         }
         // RFC 9110 §14.3: a stored full response can serve any byte range of itself.
         if status == 200 {
-            out.extend_from_slice(b"accept-ranges: bytes\r\n");
+            out.extend_from_slice(b"Accept-Ranges: bytes\r\n");
         }
     }
 
@@ -261,7 +261,8 @@ fn joined(header: &ResponseHeader, name: &http::HeaderName) -> Option<http::Head
 
 /// The whole body is known once stored, so the header is encoded ready to serve: HTTP/1.1, a
 /// length instead of chunked framing, `Accept-Ranges` on 200s (hits are seekable), no
-/// hop-by-hop fields, and none of the fields each hit sets itself. Names are lowercase.
+/// hop-by-hop fields, and none of the fields each hit sets itself. Names are spelled as
+/// [`wire_name`] spells them.
 fn encode_head(stored: &ResponseHeader) -> Box<[u8]> {
     use http::header::{
         ACCEPT_RANGES, AGE, CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
@@ -299,10 +300,35 @@ fn encode_head(stored: &ResponseHeader) -> Box<[u8]> {
     };
     for (name, value) in stored.headers.iter() {
         if !skip.contains(&name) {
-            field(name.as_str().as_bytes(), value.as_bytes());
+            field(wire_name(name).as_bytes(), value.as_bytes());
         }
     }
     exact_size(out)
+}
+
+/// A field name as a hit's head spells it on the wire: the way pingora's HTTP/1 writer spells
+/// a header it holds no original case for (`pingora-http`, `titled_header_name_str`): these
+/// twelve in title case, every other name in lower case. Field names are case-insensitive
+/// (RFC 9110 §5.1); spelling them one way means a hit's head is the same bytes whichever path
+/// answers it (`tests/front.rs` compares them byte for byte, so a pingora that spells them
+/// otherwise fails that test).
+pub fn wire_name(name: &http::HeaderName) -> &str {
+    use http::header::*;
+    match *name {
+        ACCEPT_RANGES => "Accept-Ranges",
+        AGE => "Age",
+        CACHE_CONTROL => "Cache-Control",
+        CONNECTION => "Connection",
+        CONTENT_TYPE => "Content-Type",
+        CONTENT_ENCODING => "Content-Encoding",
+        CONTENT_LENGTH => "Content-Length",
+        DATE => "Date",
+        TRANSFER_ENCODING => "Transfer-Encoding",
+        HOST => "Host",
+        SERVER => "Server",
+        SET_COOKIE => "Set-Cookie",
+        _ => name.as_str(),
+    }
 }
 
 /// The items in an allocation of their own size, for what a stored object keeps for hours.

@@ -32,7 +32,7 @@ use bans::Invalidations;
 use disk::{DiskHit, DiskTier, DiskWrite};
 use key::{CacheUrl, Scheme};
 use memory::{MemoryHit, MemoryMiss, MemoryTier, StoredObject};
-use meta::{MetaTimes, Stamp, StoredMeta};
+use meta::{MetaTimes, ObjectMeta, Stamp, StoredMeta};
 use tags::{TagIndex, Tier};
 
 /// What an invalidation does to the objects it names.
@@ -218,23 +218,26 @@ impl Storage for Store {
             disk.purge_all(&primary).await;
             return Ok(None);
         }
+        // Served with the head a memory hit has (`meta::ObjectMeta`), so a hit's head is the
+        // same bytes from either tier.
+        let stored = ObjectMeta::encode(StoredMeta::from_meta(&entry.meta));
+        let served = stored.to_meta(slot.is_none(), entry.body_len as usize);
         if let Some(body) = entry.body.clone() {
             // An object not yet trusted (the purge bus is catching up) stays on disk only,
             // so a purge the catch-up applies cannot miss a copy promoted meanwhile.
             let trusted = self.invalidations.trust(entry.meta.epoch()) == bans::Trust::Yes;
             if trusted && body.len() <= self.memory_max_object {
-                let stored =
-                    StoredObject::new(slot, StoredMeta::from_meta(&entry.meta), body.clone());
-                self.memory.insert(primary, stored);
+                self.memory
+                    .insert(primary, StoredObject::with(slot, stored, body.clone()));
             }
-            return Ok(Some((entry.meta, Box::new(MemoryHit::new(body, true)))));
+            return Ok(Some((served, Box::new(MemoryHit::new(body, true)))));
         }
         // Large: stream it from disk, once its checksum is known good.
         if !disk.verify(&primary, slot.as_ref(), &entry).await {
             return Ok(None);
         }
         let hit = DiskHit::new(&entry);
-        Ok(Some((entry.meta, Box::new(hit))))
+        Ok(Some((served, Box::new(hit))))
     }
 
     async fn get_miss_handler(

@@ -8,7 +8,6 @@
 //! Why: pingora's per-request session and proxy phases cost about as much CPU as the whole
 //! answer (`benches/README.md`); a hit needs none of them.
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -17,13 +16,12 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 
-use super::ProxyState;
+use super::record::Served;
+use super::{hit, ProxyState};
 use crate::cache::key::{CacheUrl, Scheme};
-use crate::cache::memory::{Looked, StoredObject};
-use crate::cache::meta::{CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::memory::Looked;
 use crate::cache::status::{Disposition, Outcome};
 use crate::config::HeadLimits;
-use crate::metrics::access_log::Entry;
 use crate::metrics::HitPath;
 
 /// Most request header fields this path parses; a request with more takes the full path.
@@ -84,7 +82,9 @@ impl FrontDoor {
             || super::guard::trusted(&rules.trusted_proxies, client()),
         );
         let url = shared.canonical(CacheUrl::new(scheme, req.host, req.target).ok()?);
-        if !rules.serves_host(&url.host) || rules.pass_reason(&req.method, &req.headers).is_some() {
+        if !rules.serves_host(&url.host)
+            || !hit::serves_as_stored(&rules, &req.method, &req.headers)
+        {
             return None;
         }
         if req.headers.contains_key(header::COOKIE) {
@@ -98,12 +98,11 @@ impl FrontDoor {
         let now = SystemTime::now();
         let found = shared.store.memory.look(&url.primary_hash());
         // Declined from here on, the full path reads this lookup instead of making another.
-        let Some(obj) = shared.fresh_hit(&url, &found, &req.headers, now) else {
+        let Some(obj) = hit::fresh(shared, &url, &found, &req.headers, now) else {
             *looked = Some(found);
             return None;
         };
-        if !encoding_acceptable(&obj.meta.head, &req.headers) {
-            // Decompressing it is the full path's job (`proxy::compress`).
+        if !hit::encoding_acceptable(&obj.meta.head, &req.headers) {
             *looked = Some(found);
             return None;
         }
@@ -116,7 +115,7 @@ impl FrontDoor {
         );
         let ours =
             Outcome::fast_hit(obj.meta.times.fresh_until.time()).cache_status(&shared.name, now);
-        write_hit_head(
+        hit::write_head(
             &mut out,
             &obj,
             now,
@@ -132,37 +131,20 @@ impl FrontDoor {
             with_body.then(|| obj.body.clone())
         };
 
-        let status = obj.meta.status();
-        if let Some(log) = shared.access_log.as_ref() {
-            let text = |name: HeaderName| {
-                req.headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-            };
-            let client = client().map(|ip| ip.to_string()).unwrap_or_default();
-            log.log(&Entry {
-                client: &client,
-                method: req.method.as_str(),
-                target: req.target,
-                // The front door answers HTTP/1.1 only; anything else takes the full path.
-                protocol: "HTTP/1.1",
-                host: &url.host,
-                status,
-                bytes: body_bytes,
-                referer: text(header::REFERER),
-                user_agent: text(header::USER_AGENT),
-                cache_status: Disposition::HitFront.as_str(),
-                duration: started.elapsed(),
-            });
-        }
-        shared.metrics.hit_paths[HitPath::FrontDoor as usize].inc();
-        shared.metrics.observe_request(
-            Disposition::HitFront,
-            status,
-            started.elapsed().as_secs_f64(),
+        shared.record(&Served {
+            client: &client,
+            method: req.method.as_str(),
+            target: req.target,
+            // The front door answers HTTP/1.1 only; anything else takes the full path.
+            protocol: "HTTP/1.1",
+            host: &url.host,
+            headers: &req.headers,
+            status: obj.meta.status(),
             body_bytes,
-        );
+            disposition: Disposition::HitFront,
+            hit_path: Some(HitPath::FrontDoor),
+            started,
+        });
         Some(Answer {
             head: out,
             body,
@@ -235,108 +217,10 @@ fn plain<'a>(head: &'a [u8], limits: &HeadLimits) -> Option<Plain<'a>> {
     })
 }
 
-/// Fields whose meaning only the full path implements: framing and bodies, upgrades,
-/// conditional and range requests, and the forwarding headers the guard refuses or strips.
+/// Fields whose meaning only the full path implements: framing and bodies, upgrades, and
+/// what only pingora's cache state machine answers (conditional and range requests).
 fn needs_full_path(name: &HeaderName) -> bool {
     use header::*;
-    [
-        CONTENT_LENGTH,
-        TRANSFER_ENCODING,
-        TE,
-        UPGRADE,
-        EXPECT,
-        RANGE,
-        IF_RANGE,
-        IF_NONE_MATCH,
-        IF_MODIFIED_SINCE,
-        IF_MATCH,
-        IF_UNMODIFIED_SINCE,
-    ]
-    .contains(name)
-}
-
-/// The status line and header section of a hit: the stored head, then the fields each hit
-/// sets, then the blank line. With `downstream_cc`, a stored `Cache-Control` that lets
-/// shared caches keep the response goes to the client as that value instead.
-pub fn write_hit_head(
-    out: &mut Vec<u8>,
-    obj: &StoredObject,
-    now: SystemTime,
-    cache_status: &str,
-    close: bool,
-    downstream_cc: Option<&http::HeaderValue>,
-) {
-    let meta = &obj.meta;
-    match downstream_cc.and_then(|cc| shared_cache_control(&meta.head).map(|at| (cc, at))) {
-        Some((cc, (start, end))) => {
-            out.extend_from_slice(&meta.head[..start]);
-            out.extend_from_slice(cc.as_bytes());
-            out.extend_from_slice(&meta.head[end..]);
-        }
-        None => out.extend_from_slice(&meta.head),
-    }
-    meta.write_framing(out, obj.body.len());
-    // RFC 9111 §4: "When a stored response is used to satisfy a request without
-    // validation, a cache MUST generate an Age header field".
-    let age = now
-        .duration_since(meta.times.epoch.time())
-        .map_or(0, |d| d.as_secs());
-    // Written in place: no string per hit.
-    let _ = write!(out, "age: {age}\r\n");
-    field(out, X_CACHE_STATUS.as_str().as_bytes(), b"hit-front");
-    // RFC 9211 §2: members of caches before this one come first.
-    match meta.upstream_cache_status() {
-        Some(upstream) => {
-            let mut joined = upstream.as_bytes().to_vec();
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(cache_status.as_bytes());
-            field(out, CACHE_STATUS.as_str().as_bytes(), &joined);
-        }
-        None => field(
-            out,
-            CACHE_STATUS.as_str().as_bytes(),
-            cache_status.as_bytes(),
-        ),
-    }
-    if close {
-        field(out, b"connection", b"close");
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Where the value of one field of a stored head is. The stored head writes lower-case names,
-/// one field per line (`cache::memory::encode_head`), so a search for `\r\n<name>: ` finds it;
-/// the finders are built once, not on every hit.
-fn stored_field(head: &[u8], line_start: &memchr::memmem::Finder<'_>) -> Option<(usize, usize)> {
-    let start = line_start.find(head)? + line_start.needle().len();
-    let end = memchr::memchr(b'\r', &head[start..]).map_or(head.len(), |e| start + e);
-    Some((start, end))
-}
-
-static CONTENT_ENCODING_LINE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\ncontent-encoding: "));
-static CACHE_CONTROL_LINE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\ncache-control: "));
-
-/// Whether the client takes the stored copy's content coding (a copy without one, any client).
-fn encoding_acceptable(head: &[u8], req: &HeaderMap) -> bool {
-    let Some((start, end)) = stored_field(head, &CONTENT_ENCODING_LINE) else {
-        return true;
-    };
-    std::str::from_utf8(&head[start..end])
-        .is_ok_and(|coding| crate::cache::vary::accepts(req, coding.trim()))
-}
-
-/// Where the value of a stored head's `Cache-Control` line is, when it lets shared caches
-/// keep the response.
-fn shared_cache_control(head: &[u8]) -> Option<(usize, usize)> {
-    let (start, end) = stored_field(head, &CACHE_CONTROL_LINE)?;
-    crate::cache::policy::lets_shared_caches_store(&head[start..end]).then_some((start, end))
-}
-
-fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
+    [CONTENT_LENGTH, TRANSFER_ENCODING, TE, UPGRADE, EXPECT].contains(name)
+        || hit::NEEDS_CACHE_MACHINE.contains(name)
 }

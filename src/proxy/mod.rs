@@ -6,11 +6,15 @@
 //! 1. `request_filter`: PURGE (authorised, answered here), refusals, the request's cache URL;
 //! 2. `request_cache_filter`: GET/HEAD only, session-cookie and Authorization bypass, then the
 //!    cache is enabled with the cache lock (one origin fetch per object);
-//! 3. `cache_key_callback` / `cache_vary_filter` / `cache_hit_filter`: the canonical key, Vary;
+//! 3. `cache_key_callback` / `cache_vary_filter` / `cache_hit_filter`: the canonical key, Vary,
+//!    and whether a stored copy may be served (`hit::verdict`);
 //! 4. on a miss: `upstream_peer` (origin pool), `upstream_request_filter`,
 //!    `upstream_response_filter` (RFC 9111 §4.4 invalidation), `response_cache_filter` (policy);
-//! 5. `response_filter`: `Age` (pingora), `Cache-Status`, `X-Cache-Status`;
-//! 6. `logging`: metrics.
+//! 5. `response_filter`: `Age`, `Cache-Status`, `X-Cache-Status` (`hit::mark`);
+//! 6. `logging`: metrics and the access log (`record`).
+//!
+//! A hit is decided in `hit.rs` whichever code answers it: the front door, `serve_fresh_hit`
+//! here, or pingora's cache state machine.
 //!
 //! It owns the flow; what is cacheable, how objects are stored and which origin is chosen are
 //! decided in `cache` and `upstream`.
@@ -19,6 +23,8 @@ pub mod compress;
 pub mod connection;
 pub mod fast;
 pub mod guard;
+pub mod hit;
+mod record;
 mod respond;
 
 use std::net::{IpAddr, SocketAddr};
@@ -41,31 +47,19 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
-use crate::cache::bans::Trust;
 use crate::cache::disk::DiskHit;
 use crate::cache::key::{CacheUrl, HostAliases, Scheme};
-use crate::cache::memory::{Looked, MemoryHit, StoredObject};
+use crate::cache::memory::MemoryHit;
 use crate::cache::meta::{decode_head, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::partial::{self, ByteRange};
 use crate::cache::policy::StoragePolicy;
 use crate::cache::status::{Disposition, Outcome, PassReason};
 use crate::cache::{vary, PurgeMode, Store};
 use crate::config::{Config, UnsafeInvalidation};
-use crate::metrics::access_log::{AccessLog, Entry};
+use crate::metrics::access_log::AccessLog;
 use crate::metrics::{HitPath, Metrics};
 use crate::purge::{self, Acl, Purge, PurgeAuth, PurgeResult, Scope, Source};
 use crate::upstream::{Pools, SharedPools};
-
-/// Request headers that need pingora's full cache path: ranges (RFC 9110 §14) and
-/// preconditions (RFC 9110 §13).
-const FULL_PATH_HEADERS: [header::HeaderName; 6] = [
-    header::RANGE,
-    header::IF_RANGE,
-    header::IF_NONE_MATCH,
-    header::IF_MODIFIED_SINCE,
-    header::IF_MATCH,
-    header::IF_UNMODIFIED_SINCE,
-];
 
 /// The path on the proxy port that answers whether this node is ready to serve (200) or not
 /// (503, with the reason), for a load balancer or a frontend Skua's health checks. It is
@@ -199,32 +193,6 @@ impl ProxyState {
     /// the bearer token when one is configured.
     pub fn purge_allowed(&self, ip: Option<IpAddr>, req: &RequestHeader) -> bool {
         self.rules.load().purge_auth.allows(ip, req)
-    }
-
-    /// The stored object a fresh hit for `url` would serve as it is, counted as a memory hit:
-    /// fresh in the memory tier for this request's variant, not banned, and trusted (the purge
-    /// bus is not still catching up on it). `None`: let pingora's cache decide.
-    fn fresh_hit(
-        &self,
-        url: &CacheUrl,
-        looked: &Looked,
-        headers: &http::HeaderMap,
-        now: SystemTime,
-    ) -> Option<Arc<StoredObject>> {
-        let store = self.store;
-        let obj = looked.fresh(headers, now)?;
-        let invalidations = &store.invalidations;
-        if invalidations.banned(url, obj.meta.times.created.time())
-            || invalidations.trust(obj.meta.times.epoch.time()) != Trust::Yes
-        {
-            return None;
-        }
-        store
-            .memory
-            .counters
-            .hits
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Some(obj)
     }
 
     /// Why a request may not use the cache at all, if it may not.
@@ -599,11 +567,8 @@ impl CachingProxy {
         look_again: bool,
     ) -> Result<bool> {
         let req = session.req_header();
-        if self.pass_reason(req).is_some()
-            || FULL_PATH_HEADERS
-                .iter()
-                .any(|h| req.headers.contains_key(h))
-        {
+        let rules = self.shared.rules.load();
+        if !hit::serves_as_stored(&rules, &req.method, &req.headers) {
             return Ok(false);
         }
         let Some(url) = &ctx.url else {
@@ -617,7 +582,7 @@ impl CachingProxy {
         } else {
             memory.recall(&primary)
         };
-        let Some(obj) = self.shared.fresh_hit(url, &looked, &req.headers, now) else {
+        let Some(obj) = hit::fresh(&self.shared, url, &looked, &req.headers, now) else {
             return Ok(false);
         };
         let head = req.method == Method::HEAD;
@@ -627,11 +592,9 @@ impl CachingProxy {
         let ours = Outcome::fast_hit(obj.meta.times.fresh_until.time())
             .cache_status(&self.shared.name, now);
         let mut wire = Vec::with_capacity(obj.meta.head.len() + 160);
-        {
-            let rules = self.shared.rules.load();
-            let downstream = rules.downstream_cache_control.as_ref();
-            fast::write_hit_head(&mut wire, &obj, now, &ours, false, downstream);
-        }
+        let downstream = rules.downstream_cache_control.as_ref();
+        hit::write_head(&mut wire, &obj, now, &ours, false, downstream);
+        drop(rules);
         let resp = decode_head(&wire);
         session.write_response_header(Box::new(resp), head).await?;
         if !head {
@@ -964,14 +927,11 @@ impl ProxyHttp for CachingProxy {
         ctx.fresh_until = Some(meta.fresh_until());
         if let Some(url) = &ctx.url {
             let invalidations = &self.shared.store.invalidations;
-            if invalidations.banned(url, meta.created()) {
-                return Ok(Some(ForcedFreshness::ForceMiss));
-            }
-            // Trust dates from the origin's last word on the object: its fetch, or a 304 since.
-            match invalidations.trust(meta.epoch()) {
-                Trust::Yes => {}
-                Trust::Revalidate => return Ok(Some(ForcedFreshness::ForceExpired)),
-                Trust::WaitForCatchUp(timeout) => {
+            match hit::verdict(invalidations, url, meta.created(), meta.epoch()) {
+                hit::Verdict::Serve => {}
+                hit::Verdict::Purged => return Ok(Some(ForcedFreshness::ForceMiss)),
+                hit::Verdict::Revalidate => return Ok(Some(ForcedFreshness::ForceExpired)),
+                hit::Verdict::WaitForCatchUp(timeout) => {
                     if !invalidations.wait_caught_up(timeout).await {
                         return Ok(Some(ForcedFreshness::ForceExpired));
                     }
@@ -1240,36 +1200,24 @@ impl ProxyHttp for CachingProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let outcome = self.outcome(session, ctx);
-        resp.insert_header(
-            X_CACHE_STATUS,
-            HeaderValue::from_static(outcome.disposition().as_str()),
-        )?;
-        if let Some(downstream) = &self.shared.rules.load().downstream_cache_control {
-            let shared = resp
-                .headers
-                .get(header::CACHE_CONTROL)
-                .is_some_and(|cc| crate::cache::policy::lets_shared_caches_store(cc.as_bytes()));
-            if shared {
-                resp.insert_header(header::CACHE_CONTROL, downstream.clone())?;
+        let disposition = outcome.disposition();
+        let now = SystemTime::now();
+        // A stored copy served from pingora's cache, as it is or stale.
+        let hit_epoch = match session.cache.phase() {
+            CachePhase::Hit | CachePhase::Stale | CachePhase::StaleUpdating => {
+                session.cache.maybe_cache_meta().map(CacheMeta::epoch)
             }
-        }
-        // RFC 9211 §2: "caches SHOULD preserve the existing field value" and add their own
-        // member at the end, the cache nearest the client last. One line keeps it readable.
-        let ours = outcome.cache_status(&self.shared.name, SystemTime::now());
-        if !resp.headers.contains_key(CACHE_STATUS) {
-            resp.insert_header(CACHE_STATUS, ours)?;
-            return Ok(());
-        }
-        let mut members: Vec<&[u8]> = resp
-            .headers
-            .get_all(CACHE_STATUS)
-            .iter()
-            .map(|v| v.as_bytes())
-            .collect();
-        members.push(ours.as_bytes());
-        let joined = members.join(&b", "[..]);
-        resp.insert_header(CACHE_STATUS, joined)?;
-        Ok(())
+            _ => None,
+        };
+        let rules = self.shared.rules.load();
+        hit::mark(
+            resp,
+            disposition,
+            &outcome.cache_status(&self.shared.name, now),
+            rules.downstream_cache_control.as_ref(),
+            hit_epoch,
+            now,
+        )
     }
 
     fn response_body_filter(
@@ -1369,50 +1317,30 @@ impl ProxyHttp for CachingProxy {
         if session.cache.lock_duration().is_some() && ctx.origin_response.is_none() {
             m.coalesced.inc();
         }
-        if let Some(log) = &self.shared.access_log {
-            let req = session.req_header();
-            let header = |name: http::header::HeaderName| {
-                req.headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-            };
-            let client = client_ip(session)
-                .map(|ip| ip.to_string())
-                .unwrap_or_default();
-            // A purge names the URL it purges, host included, as MediaWiki sends it (pingora
-            // hands over an absolute-form target in origin form).
-            let as_sent = match &ctx.url {
-                Some(url) if req.method.as_str() == "PURGE" => url.primary().into(),
-                _ => String::from_utf8_lossy(req.raw_path()),
-            };
-            log.log(&Entry {
-                client: &client,
-                method: req.method.as_str(),
-                target: &as_sent,
-                protocol: crate::metrics::access_log::protocol(req.version),
-                host: ctx.url.as_ref().map_or("", |u| u.host.as_str()),
-                status,
-                bytes: ctx.body_bytes,
-                referer: header(header::REFERER),
-                user_agent: header(header::USER_AGENT),
-                cache_status: disposition.as_str(),
-                duration: ctx.started.elapsed(),
-            });
-        }
-        if matches!(disposition, Disposition::HitFront | Disposition::HitLocal) {
-            let path = if ctx.fast_hit {
-                HitPath::Session
-            } else {
-                HitPath::Cache
-            };
-            m.hit_paths[path as usize].inc();
-        }
-        m.observe_request(
-            disposition,
+        let req = session.req_header();
+        // A purge names the URL it purges, host included, as MediaWiki sends it (pingora
+        // hands over an absolute-form target in origin form).
+        let as_sent = match &ctx.url {
+            Some(url) if req.method.as_str() == "PURGE" => url.primary().into(),
+            _ => String::from_utf8_lossy(req.raw_path()),
+        };
+        let hit_path = match disposition {
+            Disposition::HitFront | Disposition::HitLocal if ctx.fast_hit => Some(HitPath::Session),
+            Disposition::HitFront | Disposition::HitLocal => Some(HitPath::Cache),
+            _ => None,
+        };
+        self.shared.record(&record::Served {
+            client: &|| client_ip(session),
+            method: req.method.as_str(),
+            target: &as_sent,
+            protocol: crate::metrics::access_log::protocol(req.version),
+            host: ctx.url.as_ref().map_or("", |u| u.host.as_str()),
+            headers: &req.headers,
             status,
-            ctx.started.elapsed().as_secs_f64(),
-            ctx.body_bytes,
-        );
+            body_bytes: ctx.body_bytes,
+            disposition,
+            hit_path,
+            started: ctx.started,
+        });
     }
 }

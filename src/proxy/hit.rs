@@ -1,0 +1,276 @@
+//! Serving a stored object, decided once for every path that serves one. Three paths answer
+//! hits: the front door ([`super::fast`], HTTP/1.1 before pingora builds a session), the
+//! session's fast path (`serve_fresh_hit` in [`super`], HTTP/1.0 and what the front door
+//! declined) and pingora's cache state machine (disk hits, conditional and range requests,
+//! stale objects). They differ only in how the bytes reach the socket; this module decides
+//! for all three:
+//! - whether a request may be answered from a stored copy as it is ([`serves_as_stored`]);
+//! - whether a stored copy may be served: not banned or purged since, and trusted by the
+//!   purge bus ([`verdict`]); for the fast paths also fresh for this variant ([`fresh`]);
+//! - what a hit's head says: the stored status line and fields, framing, `Age`,
+//!   `X-Cache-Status`, `Cache-Status` and the client's `Cache-Control` ([`write_head`] for
+//!   the fast paths, [`mark`] for pingora's, both from the same helpers);
+//! - and, through [`ProxyState::record`](super::ProxyState::record), how it is counted and
+//!   logged.
+//!
+//! It does not decide what is stored (`cache::policy`) nor how tiers look objects up
+//! (`cache::memory`, `cache::disk`).
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Method;
+use pingora::http::ResponseHeader;
+use pingora::Result;
+
+use super::{ProxyState, Rules};
+use crate::cache::bans::{Invalidations, Trust};
+use crate::cache::key::CacheUrl;
+use crate::cache::memory::{Looked, StoredObject};
+use crate::cache::meta::{CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::status::Disposition;
+
+/// Request fields whose meaning only pingora's cache state machine implements for a hit:
+/// ranges (RFC 9110 §14) and preconditions (RFC 9110 §13).
+pub const NEEDS_CACHE_MACHINE: [HeaderName; 6] = [
+    header::RANGE,
+    header::IF_RANGE,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+];
+
+/// Whether a request may be answered with a stored response as it is stored: it may use the
+/// cache at all, and asks for neither a range nor a precondition.
+pub fn serves_as_stored(rules: &Rules, method: &Method, headers: &HeaderMap) -> bool {
+    rules.pass_reason(method, headers).is_none()
+        && !NEEDS_CACHE_MACHINE
+            .iter()
+            .any(|name| headers.contains_key(name))
+}
+
+/// Whether a stored copy of `url`, stored at `created` and last confirmed by the origin at
+/// `epoch`, may be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Serve,
+    /// A ban or a purge since it was stored: fetch it again.
+    Purged,
+    /// Not trusted without the origin's word (stored before a restart without a purge bus).
+    Revalidate,
+    /// Trusted once the purge bus has caught up, which it may wait this long for.
+    WaitForCatchUp(Duration),
+}
+
+pub fn verdict(
+    invalidations: &Invalidations,
+    url: &CacheUrl,
+    created: SystemTime,
+    epoch: SystemTime,
+) -> Verdict {
+    if invalidations.banned(url, created) {
+        return Verdict::Purged;
+    }
+    // Trust dates from the origin's last word on the object: its fetch, or a 304 since.
+    match invalidations.trust(epoch) {
+        Trust::Yes => Verdict::Serve,
+        Trust::Revalidate => Verdict::Revalidate,
+        Trust::WaitForCatchUp(timeout) => Verdict::WaitForCatchUp(timeout),
+    }
+}
+
+/// The stored object a fast path may serve as it is, counted as a memory hit: fresh in the
+/// memory tier for this request's variant and served by [`verdict`] without waiting. `None`:
+/// let pingora's cache decide.
+pub fn fresh(
+    state: &ProxyState,
+    url: &CacheUrl,
+    looked: &Looked,
+    headers: &HeaderMap,
+    now: SystemTime,
+) -> Option<Arc<StoredObject>> {
+    let store = state.store;
+    let obj = looked.fresh(headers, now)?;
+    let times = &obj.meta.times;
+    if verdict(
+        &store.invalidations,
+        url,
+        times.created.time(),
+        times.epoch.time(),
+    ) != Verdict::Serve
+    {
+        return None;
+    }
+    store
+        .memory
+        .counters
+        .hits
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Some(obj)
+}
+
+/// Whether the client takes the stored copy's content coding (a copy without one, any client).
+/// A fast path declines a copy it does not: decompressing is pingora's path's job
+/// (`proxy::compress`).
+pub fn encoding_acceptable(head: &[u8], req: &HeaderMap) -> bool {
+    let Some((start, end)) = stored_field(head, &CONTENT_ENCODING_LINE) else {
+        return true;
+    };
+    std::str::from_utf8(&head[start..end])
+        .is_ok_and(|coding| crate::cache::vary::accepts(req, coding.trim()))
+}
+
+/// RFC 9111 §4: "When a stored response is used to satisfy a request without validation, a
+/// cache MUST generate an Age header field": seconds since the origin's last word on it.
+pub fn age(epoch: SystemTime, now: SystemTime) -> u64 {
+    now.duration_since(epoch).map_or(0, |d| d.as_secs())
+}
+
+/// The `Cache-Control` a client gets in place of a stored one that lets shared caches keep the
+/// response (`[cache] downstream_cache_control`), if that applies.
+fn for_client<'a>(stored: &[u8], downstream: Option<&'a HeaderValue>) -> Option<&'a HeaderValue> {
+    downstream.filter(|_| crate::cache::policy::lets_shared_caches_store(stored))
+}
+
+/// The `Cache-Status` value: members of caches before this one, then ours (RFC 9211 §2:
+/// "caches SHOULD preserve the existing field value" and the cache nearest the client adds
+/// its member last). One line keeps it readable.
+fn cache_status_value<'a>(upstream: impl IntoIterator<Item = &'a [u8]>, ours: &'a str) -> Vec<u8> {
+    let mut members: Vec<&[u8]> = upstream.into_iter().collect();
+    members.push(ours.as_bytes());
+    members.join(&b", "[..])
+}
+
+/// The status line and header section of a hit answered by a fast path: the stored head, the
+/// framing, `Age`, the two status fields and, with `close`, `Connection: close`, spelled as
+/// pingora's writer spells them ([`crate::cache::meta::wire_name`]), then the blank line.
+/// `cache_status`: this cache's `Cache-Status` member.
+pub fn write_head(
+    out: &mut Vec<u8>,
+    obj: &StoredObject,
+    now: SystemTime,
+    cache_status: &str,
+    close: bool,
+    downstream_cc: Option<&HeaderValue>,
+) {
+    let meta = &obj.meta;
+    let replaced = stored_field(&meta.head, &CACHE_CONTROL_LINE).and_then(|(start, end)| {
+        for_client(&meta.head[start..end], downstream_cc).map(|cc| (cc, start, end))
+    });
+    match replaced {
+        Some((cc, start, end)) => {
+            out.extend_from_slice(&meta.head[..start]);
+            out.extend_from_slice(cc.as_bytes());
+            out.extend_from_slice(&meta.head[end..]);
+        }
+        None => out.extend_from_slice(&meta.head),
+    }
+    meta.write_framing(out, obj.body.len());
+    // Written in place: no string per hit.
+    let _ = write!(out, "Age: {}\r\n", age(meta.times.epoch.time(), now));
+    field(
+        out,
+        X_CACHE_STATUS.as_str().as_bytes(),
+        Disposition::HitFront.as_str().as_bytes(),
+    );
+    let upstream = meta.upstream_cache_status().map(HeaderValue::as_bytes);
+    field(
+        out,
+        CACHE_STATUS.as_str().as_bytes(),
+        &cache_status_value(upstream, cache_status),
+    );
+    if close {
+        field(out, b"Connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The same fields on a response pingora's path sends (a hit from its cache state machine, and
+/// every other response too): `X-Cache-Status`, the client's `Cache-Control`, `Cache-Status`
+/// after the members already there, and for a hit `Age` from the stored copy's `epoch`.
+pub fn mark(
+    resp: &mut ResponseHeader,
+    disposition: Disposition,
+    cache_status: &str,
+    downstream_cc: Option<&HeaderValue>,
+    hit_epoch: Option<SystemTime>,
+    now: SystemTime,
+) -> Result<()> {
+    if let Some(epoch) = hit_epoch {
+        resp.insert_header(header::AGE, age(epoch, now))?;
+    }
+    resp.insert_header(
+        X_CACHE_STATUS,
+        HeaderValue::from_static(disposition.as_str()),
+    )?;
+    let replaced = resp
+        .headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|cc| for_client(cc.as_bytes(), downstream_cc))
+        .cloned();
+    if let Some(cc) = replaced {
+        resp.insert_header(header::CACHE_CONTROL, cc)?;
+    }
+    let value = cache_status_value(
+        resp.headers
+            .get_all(CACHE_STATUS)
+            .iter()
+            .map(HeaderValue::as_bytes),
+        cache_status,
+    );
+    resp.insert_header(CACHE_STATUS, value)?;
+    Ok(())
+}
+
+/// Where the value of one field of a stored head is. The stored head writes one field per line
+/// with names spelled by [`crate::cache::meta::wire_name`], so a search for
+/// `\r\n<Name>: ` finds it; the finders are built once, not on every hit.
+fn stored_field(head: &[u8], line_start: &memchr::memmem::Finder<'_>) -> Option<(usize, usize)> {
+    let start = line_start.find(head)? + line_start.needle().len();
+    let end = memchr::memchr(b'\r', &head[start..]).map_or(head.len(), |e| start + e);
+    Some((start, end))
+}
+
+static CONTENT_ENCODING_LINE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\nContent-Encoding: "));
+static CACHE_CONTROL_LINE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\nCache-Control: "));
+
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The finders search names as `wire_name` spells them: a change to one without the other
+    /// would let a compressed copy reach a client that cannot read it.
+    #[test]
+    fn the_finders_search_names_as_the_stored_head_spells_them() {
+        use crate::cache::meta::wire_name;
+        for (finder, name) in [
+            (&CONTENT_ENCODING_LINE, header::CONTENT_ENCODING),
+            (&CACHE_CONTROL_LINE, header::CACHE_CONTROL),
+        ] {
+            let line = format!("\r\n{}: ", wire_name(&name));
+            assert_eq!(finder.needle(), line.as_bytes());
+        }
+    }
+
+    #[test]
+    fn cache_status_members_keep_their_order_and_ours_comes_last() {
+        let upstream: [&[u8]; 2] = [b"origin; hit", b"edge; fwd=uri-miss"];
+        assert_eq!(
+            cache_status_value(upstream, "skua; hit"),
+            b"origin; hit, edge; fwd=uri-miss, skua; hit"
+        );
+        assert_eq!(cache_status_value([], "skua; hit"), b"skua; hit");
+    }
+}

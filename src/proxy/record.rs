@@ -1,0 +1,75 @@
+//! What every answered request leaves behind: one access-log line and the per-request metrics
+//! (requests by cache status and status class, duration, body bytes, and for a hit the path
+//! that answered it). The front door and pingora's `logging` phase both call
+//! [`ProxyState::record`], so a request is counted and logged the same way whichever answered
+//! it. What only a request that reached the origin has (origin latency, compression sizes)
+//! is counted in `logging` itself.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap};
+
+use super::ProxyState;
+use crate::cache::status::Disposition;
+use crate::metrics::access_log::Entry;
+use crate::metrics::HitPath;
+
+/// One answered request, as recorded.
+pub struct Served<'a> {
+    /// The client's address, asked for only when the access log writes it.
+    pub client: &'a dyn Fn() -> Option<IpAddr>,
+    pub method: &'a str,
+    /// The request target as logged.
+    pub target: &'a str,
+    pub protocol: &'static str,
+    pub host: &'a str,
+    /// The request's fields, for `Referer` and `User-Agent`.
+    pub headers: &'a HeaderMap,
+    pub status: u16,
+    pub body_bytes: u64,
+    pub disposition: Disposition,
+    /// Which code answered a hit.
+    pub hit_path: Option<HitPath>,
+    pub started: Instant,
+}
+
+impl ProxyState {
+    pub fn record(&self, served: &Served<'_>) {
+        let duration = served.started.elapsed();
+        if let Some(log) = &self.access_log {
+            let text = |name: header::HeaderName| {
+                served
+                    .headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+            };
+            let client = (served.client)()
+                .map(|ip| ip.to_string())
+                .unwrap_or_default();
+            log.log(&Entry {
+                client: &client,
+                method: served.method,
+                target: served.target,
+                protocol: served.protocol,
+                host: served.host,
+                status: served.status,
+                bytes: served.body_bytes,
+                referer: text(header::REFERER),
+                user_agent: text(header::USER_AGENT),
+                cache_status: served.disposition.as_str(),
+                duration,
+            });
+        }
+        if let Some(path) = served.hit_path {
+            self.metrics.hit_paths[path as usize].inc();
+        }
+        self.metrics.observe_request(
+            served.disposition,
+            served.status,
+            duration.as_secs_f64(),
+            served.body_bytes,
+        );
+    }
+}
