@@ -16,7 +16,7 @@ use pingora::server::Server;
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, Node};
 use crate::cache::disk::DiskTier;
 use crate::cache::tags::TagIndex;
 use crate::cache::Store;
@@ -257,7 +257,19 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         server.add_service(background_service("purge bus", BusService(bus)));
     }
     if let Some(admin_addr) = config.server.admin {
-        let mut admin = Service::new("skua admin".to_string(), Admin::new(shared.clone()));
+        let mut admin = Service::new(
+            "skua admin".to_string(),
+            Admin::new(Node {
+                name: shared.name.clone(),
+                store: shared.store,
+                metrics: shared.metrics.clone(),
+                pools: shared.pools.clone(),
+                purger: shared.purger.clone(),
+                purge_auth: shared.purge_auth.clone(),
+                aliases: shared.aliases.clone(),
+                readiness: shared.readiness.clone(),
+            }),
+        );
         admin.add_tcp_with_settings(&admin_addr.to_string(), listen_options(&config.server));
         server.add_service(admin);
     }

@@ -234,3 +234,42 @@ async fn a_reload_that_fails_late_changes_nothing_and_later_reloads_still_run() 
         "new origin"
     );
 }
+
+/// The purge rules follow a reload on both ports that take purges: a token added by SIGHUP
+/// refuses a PURGE and an admin purge without it, and one with it purges.
+#[tokio::test]
+async fn a_reloaded_purge_token_applies_to_purge_and_to_the_admin_purge() {
+    let origin = Origin::start(|_| Reply::ok("page").header("cache-control", "max-age=600")).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/wiki/Page");
+    let admin = format!(
+        "http://{}/purge?url={}",
+        skua.admin,
+        url.replace(':', "%3A").replace('/', "%2F")
+    );
+    get(&url, &[]).await;
+    assert_eq!(send(&client(), "PURGE", &url, &[]).await.status, 204);
+    get(&url, &[]).await;
+    assert_eq!(
+        send(&client(), "POST", &admin, &[("skua-purge", "1")])
+            .await
+            .status,
+        200
+    );
+
+    let applied = skua
+        .reload_and_wait(|text| format!("{text}\n[purge]\ntoken = \"s3cret\"\n"))
+        .await;
+    assert!(applied);
+    get(&url, &[]).await;
+    assert_eq!(get(&url, &[]).await.cache(), "hit-front");
+    assert_eq!(send(&client(), "PURGE", &url, &[]).await.status, 403);
+    let admin_refused = send(&client(), "POST", &admin, &[("skua-purge", "1")]).await;
+    assert_eq!(admin_refused.status, 403);
+    assert_eq!(get(&url, &[]).await.cache(), "hit-front", "nothing purged");
+    let bearer = [("authorization", "Bearer s3cret")];
+    assert_eq!(send(&client(), "PURGE", &url, &bearer).await.status, 204);
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
+    assert_eq!(send(&client(), "POST", &admin, &bearer).await.status, 200);
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
+}

@@ -1,6 +1,7 @@
 //! The admin endpoint: `/` (a live dashboard), `/metrics` (Prometheus text), `/stats` (JSON),
-//! `/healthz` and `/readyz`. It reads the shared state and never touches the request path's
-//! hot data beyond counters.
+//! `/healthz`, `/readyz` and `POST /purge`. It reaches the node through a [`Node`] handle (the
+//! tiers and counters to report, the purger to submit purges to) and never the request path's
+//! state.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,25 +12,44 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
-use crate::cache::key::CacheUrl;
-use crate::proxy::ProxyState;
-use crate::purge::{self, Purge, PurgeResult, Scope, Source};
+use arc_swap::ArcSwap;
+
+use crate::cache::key::{CacheUrl, HostAliases};
+use crate::cache::Store;
+use crate::metrics::Metrics;
+use crate::purge::{self, Purge, PurgeAuth, PurgeResult, Purger, Readiness, Scope, Source};
+use crate::upstream::SharedPools;
 
 /// The live dashboard: one self-contained page (no external assets) polling `/stats`.
 const DASHBOARD: &str = include_str!("dashboard.html");
 
+/// What the admin port reaches of a running node, and no more: the tiers and counters it
+/// reports (origin health among them), the purger it submits purges to with the rules that
+/// authorise them and the host aliases that name their URLs (both follow reloads), and
+/// readiness.
+pub struct Node {
+    pub name: String,
+    pub store: &'static Store,
+    pub metrics: Arc<Metrics>,
+    pub pools: SharedPools,
+    pub purger: Purger,
+    pub purge_auth: Arc<ArcSwap<PurgeAuth>>,
+    pub aliases: Arc<ArcSwap<HostAliases>>,
+    pub readiness: Readiness,
+}
+
 pub struct Admin {
-    shared: Arc<ProxyState>,
+    node: Node,
 }
 
 impl Admin {
-    pub fn new(shared: Arc<ProxyState>) -> Admin {
-        Admin { shared }
+    pub fn new(node: Node) -> Admin {
+        Admin { node }
     }
 
     fn refresh_gauges(&self) {
-        let m = &self.shared.metrics;
-        let mem = &self.shared.store.memory;
+        let m = &self.node.metrics;
+        let mem = &self.node.store.memory;
         m.tier_objects
             .with_label_values(&["memory"])
             .set(mem.object_count() as i64);
@@ -56,7 +76,7 @@ impl Admin {
             .catch_up("memory", "size", evicted(&mem.counters.evicted_size));
         m.evictions
             .catch_up("memory", "expired", evicted(&mem.counters.evicted_expired));
-        let tags = self.shared.store.tags;
+        let tags = self.node.store.tags;
         m.tag_index_bytes.set(tags.bytes() as i64);
         m.tag_index_tags.set(tags.tag_count() as i64);
         let refused = tags.refused.load(Ordering::Relaxed);
@@ -64,7 +84,7 @@ impl Admin {
             m.tag_index_refused
                 .inc_by(refused - m.tag_index_refused.get());
         }
-        if let Some(disk) = self.shared.store.disk {
+        if let Some(disk) = self.node.store.disk {
             let c = &disk.counters;
             m.tier_objects
                 .with_label_values(&["disk"])
@@ -92,10 +112,10 @@ impl Admin {
     }
 
     fn stats(&self) -> serde_json::Value {
-        let mem = &self.shared.store.memory;
+        let mem = &self.node.store.memory;
         let c = &mem.counters;
         let origins: Vec<_> = self
-            .shared
+            .node
             .pools
             .load()
             .iter()
@@ -105,7 +125,7 @@ impl Admin {
                 })
             })
             .collect();
-        let disk = self.shared.store.disk.map(|d| {
+        let disk = self.node.store.disk.map(|d| {
             let c = &d.counters;
             json!({
                 "objects": d.object_count(),
@@ -123,7 +143,7 @@ impl Admin {
                 "index_load_seconds": d.load_time.lock().ok().and_then(|t| t.map(|t| t.as_secs_f64())),
             })
         });
-        let m = &self.shared.metrics;
+        let m = &self.node.metrics;
         let totals = m.totals_by_disposition();
         let requests: serde_json::Map<String, serde_json::Value> = totals
             .iter()
@@ -134,26 +154,26 @@ impl Admin {
             .map(|(d, _, b)| (d.to_string(), json!(b)))
             .collect();
         json!({
-            "name": self.shared.name,
+            "name": self.node.name,
             "pid": std::process::id(),
             "requests": requests,
             "response_bytes": response_bytes,
             "purges_total": m.purges_total(),
             "tag_index": {
-                "bytes": self.shared.store.tags.bytes(),
-                "limit_bytes": self.shared.store.tags.limit_bytes(),
-                "tags": self.shared.store.tags.tag_count(),
-                "refused": self.shared.store.tags.refused.load(Ordering::Relaxed),
+                "bytes": self.node.store.tags.bytes(),
+                "limit_bytes": self.node.store.tags.limit_bytes(),
+                "tags": self.node.store.tags.tag_count(),
+                "refused": self.node.store.tags.refused.load(Ordering::Relaxed),
             },
             "purge_backlog": m.purge_backlog.get(),
-            "purge_bus": self.shared.purger.bus.as_ref().map(|_| json!({
+            "purge_bus": self.node.purger.bus.as_ref().map(|_| json!({
                 "connected": m.bus.connected.get() == 1,
                 "lag": m.bus.lag.get(),
                 "unpublished": m.bus.unpublished.get(),
-                "caught_up": self.shared.store.invalidations.is_caught_up(),
+                "caught_up": self.node.store.invalidations.is_caught_up(),
             })),
             "version": env!("CARGO_PKG_VERSION"),
-            "htcp": self.shared.htcp.map(|addr| json!({
+            "htcp": self.node.readiness.htcp().map(|addr| json!({
                 "listen": addr.to_string(),
                 "listening": m.htcp_listening.get() == 1,
             })),
@@ -183,7 +203,7 @@ impl Admin {
     /// same headers as HTTP PURGE (`Skua-Soft-Purge`, `Skua-Purge-Prefix`) and the same rules
     /// (purge networks, bearer token). Answers JSON with how many objects were affected.
     async fn purge(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let m = &self.shared.metrics;
+        let m = &self.node.metrics;
         let ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -196,7 +216,7 @@ impl Admin {
             purge::count(m, Source::Admin, PurgeResult::Denied);
             return reply(403, "text/plain", format!("skua: {why}\n").into_bytes());
         }
-        if !self.shared.purge_allowed(ip, &req) {
+        if !self.node.purge_auth.load().allows(ip, &req) {
             purge::count(m, Source::Admin, PurgeResult::Denied);
             return reply(
                 403,
@@ -211,7 +231,8 @@ impl Admin {
         let query = req.uri.query().unwrap_or("");
         for value in query.split('&').filter_map(|kv| kv.strip_prefix("url=")) {
             let decoded = percent_decode(value);
-            let Ok(url) = CacheUrl::parse_absolute(&decoded).map(|u| self.shared.canonical(u))
+            let Ok(url) =
+                CacheUrl::parse_absolute(&decoded).map(|u| self.node.aliases.load().canonical(u))
             else {
                 purge::count(m, Source::Admin, PurgeResult::Invalid);
                 return reply(
@@ -237,7 +258,7 @@ impl Admin {
         let mut affected = 0;
         for scope in scopes {
             let purge = Purge::new(scope, mode, Source::Admin);
-            affected += self.shared.purger.apply(&purge).await;
+            affected += self.node.purger.apply(&purge).await;
         }
         purge::count(m, Source::Admin, PurgeResult::applied(affected));
         let body = serde_json::to_vec(&json!({ "affected": affected })).unwrap_or_default();
@@ -328,7 +349,7 @@ impl ServeHttp for Admin {
                 reply(
                     200,
                     "text/plain; version=0.0.4",
-                    self.shared.metrics.render().into_bytes(),
+                    self.node.metrics.render().into_bytes(),
                 )
             }
             "/stats" => {
@@ -338,7 +359,7 @@ impl ServeHttp for Admin {
             "/purge" => self.purge(session).await,
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             // Ready once objects on disk are servable (the index loads in the background).
-            "/readyz" => match self.shared.readiness() {
+            "/readyz" => match self.node.readiness.check() {
                 Ok(()) => reply(200, "text/plain", b"ready\n".to_vec()),
                 Err(why) => reply(503, "text/plain", format!("{why}\n").into_bytes()),
             },

@@ -81,8 +81,11 @@ pub struct ProxyState {
     pub pools: SharedPools,
     pub metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
-    /// Where the HTCP receiver listens, when there is one (for `/readyz` and `/stats`).
-    pub htcp: Option<SocketAddr>,
+    /// `[purge] allow` and `token`, which a reload may change too; shared with the admin port.
+    pub purge_auth: Arc<ArcSwap<PurgeAuth>>,
+    /// Whether this node can tell purged copies from current ones yet; shared with the admin
+    /// port.
+    pub readiness: purge::Readiness,
 }
 
 impl ProxyState {
@@ -109,11 +112,28 @@ impl ProxyState {
                     .map_err(|e| tracing::error!(error = %e, "cannot open the access log"))
                     .ok()
             }),
+            purge_auth: Arc::new(ArcSwap::from_pointee(purge_auth(config))),
+            readiness: purge::Readiness::new(
+                store,
+                config
+                    .purge
+                    .htcp
+                    .as_ref()
+                    .map(|h| (h.listen, metrics.htcp_listening.clone())),
+            ),
             pools,
             metrics,
-            htcp: config.purge.htcp.as_ref().map(|h| h.listen),
         }
     }
+}
+
+/// `[purge] allow` and `token`, with the proxies whose forwarded client is judged instead.
+fn purge_auth(config: &Config) -> PurgeAuth {
+    PurgeAuth::new(
+        config.purge.allow.clone(),
+        config.purge.token.clone(),
+        config.server.trusted_proxies.clone(),
+    )
 }
 
 /// The parts of the configuration a reload (SIGHUP) applies in place besides the origin pools:
@@ -125,7 +145,6 @@ pub struct Rules {
     policy: StoragePolicy,
     bypass_cookies: Vec<regex::Regex>,
     bypass_authorization: bool,
-    purge_auth: PurgeAuth,
     limits: crate::config::HeadLimits,
     hosts: Vec<String>,
     trusted_proxies: Acl,
@@ -169,11 +188,6 @@ impl From<&Config> for Rules {
             policy: StoragePolicy::from(&config.cache),
             bypass_cookies: config.cache.bypass_cookies.clone(),
             bypass_authorization: config.cache.bypass_authorization,
-            purge_auth: PurgeAuth::new(
-                config.purge.allow.clone(),
-                config.purge.token.clone(),
-                config.server.trusted_proxies.clone(),
-            ),
             limits: config.server.limits,
             hosts: config.server.hosts.clone(),
             trusted_proxies: Acl::new(config.server.trusted_proxies.clone()),
@@ -192,27 +206,12 @@ impl ProxyState {
     /// Whether a purge from `ip` carrying `req`'s headers is allowed: the purge networks, and
     /// the bearer token when one is configured.
     pub fn purge_allowed(&self, ip: Option<IpAddr>, req: &RequestHeader) -> bool {
-        self.rules.load().purge_auth.allows(ip, req)
+        self.purge_auth.load().allows(ip, req)
     }
 
     /// Why a request may not use the cache at all, if it may not.
     pub fn pass_reason(&self, method: &Method, headers: &http::HeaderMap) -> Option<PassReason> {
         self.rules.load().pass_reason(method, headers)
-    }
-
-    /// Whether this node is ready to serve, or why not: its disk index still loading, its
-    /// HTCP receiver not listening, or the purge bus still catching up.
-    pub fn readiness(&self) -> Result<(), &'static str> {
-        if self.store.disk.is_some_and(|d| !d.loaded()) {
-            return Err("loading the disk index");
-        }
-        if self.htcp.is_some() && self.metrics.htcp_listening.get() != 1 {
-            return Err("the HTCP receiver is not listening");
-        }
-        if !self.store.invalidations.is_caught_up() {
-            return Err("catching up on the purge bus");
-        }
-        Ok(())
     }
 
     /// `url` with its host replaced by the canonical one when it is an alias.
@@ -230,6 +229,7 @@ impl ProxyState {
         self.rules.store(Arc::new(rules));
         self.aliases
             .store(Arc::new(HostAliases(config.cache.host_aliases.clone())));
+        self.purge_auth.store(Arc::new(purge_auth(config)));
         Ok(())
     }
 }
@@ -626,9 +626,9 @@ impl CachingProxy {
         let rules = self.shared.rules.load();
         match rules.invalidate_on_unsafe {
             UnsafeInvalidation::Any => true,
-            UnsafeInvalidation::Purgers => rules
-                .purge_auth
-                .allows(client_ip(session), session.req_header()),
+            UnsafeInvalidation::Purgers => self
+                .shared
+                .purge_allowed(client_ip(session), session.req_header()),
             UnsafeInvalidation::Session => session
                 .req_header()
                 .headers
@@ -736,7 +736,7 @@ impl ProxyHttp for CachingProxy {
             && matches!(session.req_header().method, Method::GET | Method::HEAD)
         {
             ctx.health = true;
-            let (status, line) = match self.shared.readiness() {
+            let (status, line) = match self.shared.readiness.check() {
                 Ok(()) => (200, "ready"),
                 Err(why) => (503, why),
             };

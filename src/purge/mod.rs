@@ -10,10 +10,12 @@ mod dispatch;
 pub mod htcp;
 pub mod http;
 pub mod queue;
+mod ready;
 pub mod receiver;
 
 pub use auth::{Acl, PurgeAuth};
 pub use dispatch::{Purge, PurgeResult, Purger, Scope, Source};
+pub use ready::Readiness;
 
 use crate::metrics::Metrics;
 
