@@ -9,7 +9,13 @@
 //!
 //! The list names symbols; `rust-lld` (shipped with the Rust toolchain) is the linker that
 //! takes such a list. Without it, or when a symbol no longer exists, the build is unchanged
-//! apart from the layout. Debug builds, tests and benchmarks are left alone.
+//! apart from the layout; `tests/hot_code.rs` and `benches/hot-code-check.sh` fail when the list
+//! has gone stale.
+//!
+//! Whether to lay out is decided by `SKUA_HOT_CODE_LAYOUT`: `on`, `off`, or unset for the
+//! default, on for optimised builds (cargo's `PROFILE` is `release` for the release profile and
+//! every profile that inherits from it, `bench` among them, so `cargo bench` measures the
+//! binary as shipped) and off for the others. Only the `skua` binary is linked this way.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,11 +23,19 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build/hot-code.txt");
     println!("cargo:rerun-if-changed=build.rs");
-    // benches/hot-code.sh profiles the compiler's own layout.
-    println!("cargo:rerun-if-env-changed=SKUA_COMPILER_LAYOUT");
-    if std::env::var("PROFILE").as_deref() != Ok("release")
-        || std::env::var_os("SKUA_COMPILER_LAYOUT").is_some()
-    {
+    println!("cargo:rerun-if-env-changed=SKUA_HOT_CODE_LAYOUT");
+    let optimised = std::env::var("PROFILE").as_deref() == Ok("release");
+    let layout = match std::env::var("SKUA_HOT_CODE_LAYOUT").as_deref() {
+        Ok("on") => true,
+        // benches/hot-code.sh profiles the compiler's own layout.
+        Ok("off") => false,
+        Err(_) => optimised,
+        Ok(other) => {
+            eprintln!("SKUA_HOT_CODE_LAYOUT={other:?}: write on or off, or unset it");
+            std::process::exit(1);
+        }
+    };
+    if !layout {
         return;
     }
     let target = std::env::var("TARGET").unwrap_or_default();

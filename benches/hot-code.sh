@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Records which functions a running Skua executes and writes them to build/hot-code.txt, the
-# layout build.rs hands the linker (see build.rs and benches/README.md section 3). Rerun it
-# when the request path changes much; symbols that no longer exist are ignored at link time.
+# layout build.rs hands the linker (see build.rs and benches/README.md section 3), and
+# build/hot-code.recorded (the toolchain and lock file the names' hashes follow from). Rerun it
+# when the request path changes much, or when tests/hot_code.rs says the list is stale.
 #
 # Runs the release binary under valgrind's callgrind in front of the shared harness's origin
 # (../shared/bench/origin: nginx with the echo module) with config/bench.toml, and sends it
@@ -22,7 +23,7 @@ trap cleanup EXIT
 cd "$ROOT"
 # Profiled as the compiler laid it out, so that the list keeps the compiler's order rather
 # than the order of the list before it. The last step links the new layout.
-SKUA_COMPILER_LAYOUT=1 cargo build --release
+SKUA_HOT_CODE_LAYOUT=off cargo build --release
 cp target/release/skua "$WORK/skua"
 
 python3 - "$WORK/objects" <<'PY'
@@ -122,4 +123,7 @@ open(out, "w").write("\n".join(dict.fromkeys(order)) + "\n")
 print("load address %#x; %d functions ran (%d hot, %.1f KiB); %d symbols written to %s" % (
     base, len(cost), len(hot), sum(symbols[i][1] for i in hot) / 1024, len(order), out))
 PY
+# What the names' hashes follow from, for tests/hot_code.rs to check without a release build.
+printf 'toolchain %s\nCargo.lock %s\n' "$(rustc -V)" "$(sha256sum Cargo.lock | cut -d' ' -f1)" \
+    >build/hot-code.recorded
 cargo build --release

@@ -11,6 +11,7 @@ mod disk;
 mod edge;
 mod fleet;
 mod front;
+mod hot_code;
 mod htcp;
 mod layers;
 mod mediawiki;

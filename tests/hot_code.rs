@@ -1,0 +1,86 @@
+//! `build/hot-code.txt` names the functions a release build lays out first (`build.rs`,
+//! benches/README.md §3), by symbol. The linker skips a name it cannot find without a word, so
+//! the layout can stop working unseen. A symbol's name is its function's path plus a compiler
+//! hash; the hash follows from the toolchain and the dependency graph (`Cargo.lock`), and the
+//! path from the code. CI builds no release binary (its fat-LTO link would take most of CI's
+//! time), so this checks what the names follow from, on the debug build the tests run:
+//! - the toolchain and lock file are those the list was recorded with
+//!   (`build/hot-code.recorded`, written by `benches/hot-code.sh`), so the hashes still hold;
+//! - at least 90 % of the list's Skua functions still exist by path in this build, so the
+//!   code has not moved away from it.
+//!
+//! `benches/hot-code-check.sh` checks a release binary itself before every harness run.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+
+const MIN_PERCENT: usize = 90;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn output(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A legacy-mangled symbol without its hash (`17h` + 16 hex digits + `E`), i.e. its path.
+fn path_of(symbol: &str) -> &str {
+    match symbol.len().checked_sub(20) {
+        Some(at) if symbol[at..].starts_with("17h") && symbol.ends_with('E') => &symbol[..at],
+        _ => symbol,
+    }
+}
+
+#[test]
+fn the_hot_code_list_still_names_this_build() {
+    let recorded = std::fs::read_to_string(root().join("build/hot-code.recorded"))
+        .expect("build/hot-code.recorded: run benches/hot-code.sh");
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let toolchain = output(&rustc, &["-V"]);
+    let lock = output("sha256sum", &["Cargo.lock"]);
+    let now = format!(
+        "toolchain {}\nCargo.lock {}\n",
+        toolchain.trim(),
+        lock.split_whitespace().next().unwrap_or("")
+    );
+    assert_eq!(
+        recorded, now,
+        "build/hot-code.txt was recorded with another toolchain or lock file, so its symbol \
+         hashes no longer match a release build: rerun benches/hot-code.sh"
+    );
+
+    let list = std::fs::read_to_string(root().join("build/hot-code.txt")).unwrap();
+    let ours: Vec<&str> = list
+        .lines()
+        .filter(|s| s.starts_with("_ZN4skua"))
+        .map(path_of)
+        .collect();
+    assert!(
+        ours.len() >= 20,
+        "the list names {} Skua functions",
+        ours.len()
+    );
+    let binary = env!("CARGO_BIN_EXE_skua");
+    let symbols = output("nm", &["--defined-only", binary]);
+    let present: HashSet<&str> = symbols
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .map(path_of)
+        .collect();
+    let found = ours.iter().filter(|p| present.contains(*p)).count();
+    let missing: Vec<&&str> = ours.iter().filter(|p| !present.contains(*p)).collect();
+    assert!(
+        found * 100 >= ours.len() * MIN_PERCENT,
+        "only {found} of the {} Skua functions build/hot-code.txt lays out still exist: rerun \
+         benches/hot-code.sh. Gone: {missing:?}",
+        ours.len()
+    );
+}
