@@ -44,9 +44,8 @@ pub fn leave_uncompressed(upstream: &mut ResponseCompressionCtx) {
     upstream.adjust_algorithm_level(Algorithm::Gzip, 0);
 }
 
-/// Whether a response is worth compressing: a textual type (text, JSON, JavaScript, XML, SVG,
-/// fonts; the types pingora's gzip filter takes, nothing with "zip" in it), with a body of
-/// unknown length or at least [`MIN_LENGTH`] bytes, and no content coding yet.
+/// Whether a response is worth compressing: a [`textual`] type, with a body of unknown length or
+/// at least [`MIN_LENGTH`] bytes, and no content coding yet.
 pub fn compressible(resp: &ResponseHeader) -> bool {
     if resp.headers.contains_key(http::header::CONTENT_ENCODING) {
         return false;
@@ -59,20 +58,44 @@ pub fn compressible(resp: &ResponseHeader) -> bool {
     if length.is_some_and(|n| n < MIN_LENGTH) {
         return false;
     }
-    let Some(ct) = resp
-        .headers
+    resp.headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let ct = ct.trim().to_ascii_lowercase();
-    !ct.contains("zip")
-        && (ct.starts_with("text/")
-            || ct.starts_with("application/")
-            || ct.starts_with("font/")
-            || ct.starts_with("image/svg+xml")
-            || ct.starts_with("image/x-icon"))
+        .is_some_and(textual)
+}
+
+/// Media types that compress: text, the textual application types (JSON, JavaScript, XML and
+/// every `+json` / `+xml` kind, WebAssembly), SVG, icons and the font formats that are not
+/// compressed already. Everything else (`application/octet-stream`, images, audio, video,
+/// archives, WOFF fonts) is as small as it gets: compressing it costs CPU on every fill and,
+/// for a client that takes no encoding, a decompression on every hit, for nothing.
+fn textual(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence.starts_with("text/")
+        || essence.ends_with("+json")
+        || essence.ends_with("+xml")
+        || matches!(
+            essence.as_str(),
+            "application/json"
+                | "application/javascript"
+                | "application/x-javascript"
+                | "application/ecmascript"
+                | "application/xml"
+                | "application/wasm"
+                | "application/vnd.ms-fontobject"
+                | "application/x-font-ttf"
+                | "font/ttf"
+                | "font/otf"
+                | "image/svg+xml"
+                | "image/x-icon"
+                | "image/vnd.microsoft.icon"
+                | "image/bmp"
+        )
 }
 
 /// Brotli before storing, for the brotli clients' copy: an upstream module, so it runs before
@@ -296,5 +319,45 @@ impl HttpModuleBuilder for DecompressBuilder {
     fn order(&self) -> i16 {
         // After other response filters, as pingora's own compression module runs.
         i16::MIN / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(content_type: &str) -> ResponseHeader {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.insert_header("content-type", content_type).unwrap();
+        resp.insert_header("content-length", "4096").unwrap();
+        resp
+    }
+
+    #[test]
+    fn textual_types_are_compressed_and_binary_ones_are_not() {
+        for yes in [
+            "text/html; charset=UTF-8",
+            "text/css",
+            "text/javascript",
+            "application/json",
+            "application/x-suggestions+json",
+            "application/rss+xml",
+            "Application/XML",
+            "image/svg+xml",
+        ] {
+            assert!(compressible(&response(yes)), "{yes}");
+        }
+        for no in [
+            "application/octet-stream",
+            "application/zip",
+            "application/gzip",
+            "application/pdf",
+            "image/png",
+            "image/jpeg",
+            "video/mp4",
+            "font/woff2",
+        ] {
+            assert!(!compressible(&response(no)), "{no}");
+        }
     }
 }
