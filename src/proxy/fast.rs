@@ -82,9 +82,7 @@ impl FrontDoor {
             || super::guard::trusted(&rules.trusted_proxies, client()),
         );
         let url = shared.canonical(CacheUrl::new(scheme, req.host, req.target).ok()?);
-        if !rules.serves_host(&url.host)
-            || !hit::serves_as_stored(&rules, &req.method, &req.headers)
-        {
+        if !rules.serves_host(&url.host) || !hit::uses_cache(&rules, &req.method, &req.headers) {
             return None;
         }
         if req.headers.contains_key(header::COOKIE) {

@@ -4,7 +4,8 @@
 //! declined) and pingora's cache state machine (disk hits, conditional and range requests,
 //! stale objects). They differ only in how the bytes reach the socket; this module decides
 //! for all three:
-//! - whether a request may be answered from a stored copy as it is ([`serves_as_stored`]);
+//! - whether a request may be answered from a stored copy as it is ([`serves_as_stored`],
+//!   [`uses_cache`]);
 //! - whether a stored copy may be served: not banned or purged since, and trusted by the
 //!   purge bus ([`verdict`]); for the fast paths also fresh for this variant ([`fresh`]);
 //! - what a hit's head says: the stored status line and fields, framing, `Age`,
@@ -43,13 +44,21 @@ pub const NEEDS_CACHE_MACHINE: [HeaderName; 6] = [
     header::IF_UNMODIFIED_SINCE,
 ];
 
-/// Whether a request may be answered with a stored response as it is stored: it may use the
-/// cache at all, and asks for neither a range nor a precondition.
+/// Whether a request may be answered with a stored response as it is stored: it [`uses_cache`],
+/// and asks for neither a range nor a precondition ([`NEEDS_CACHE_MACHINE`]).
 pub fn serves_as_stored(rules: &Rules, method: &Method, headers: &HeaderMap) -> bool {
-    rules.pass_reason(method, headers).is_none()
+    uses_cache(rules, method, headers)
         && !NEEDS_CACHE_MACHINE
             .iter()
             .any(|name| headers.contains_key(name))
+}
+
+/// Whether a request may use the cache at all (GET or HEAD, no session cookie or
+/// `Authorization` that bypasses it). The front door asks only this: it declines a request
+/// naming any of [`NEEDS_CACHE_MACHINE`] while it parses the head, field by field, so looking
+/// them up again would cost six map lookups per hit for nothing.
+pub fn uses_cache(rules: &Rules, method: &Method, headers: &HeaderMap) -> bool {
+    rules.pass_reason(method, headers).is_none()
 }
 
 /// Whether a stored copy of `url`, stored at `created` and last confirmed by the origin at
