@@ -1263,6 +1263,15 @@ impl ProxyHttp for CachingProxy {
                 .with_label_values(&[&pool, e.etype().as_str()])
                 .inc();
         }
+        // A response whose head is already out cannot be followed by another on the same
+        // connection (RFC 9112 §9.3: the client would read it as part of this one's body); the
+        // connection is closed instead, which tells the client the body is incomplete. pingora
+        // reports a client that hangs up mid-body as a write error without a source.
+        let code = if session.response_written().is_some() {
+            0
+        } else {
+            code
+        };
         if code > 0 {
             ctx.internal = true;
             ctx.stored = false;
