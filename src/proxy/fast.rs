@@ -8,6 +8,7 @@
 //! Why: pingora's per-request session and proxy phases cost about as much CPU as the whole
 //! answer (`benches/README.md`); a hit needs none of them.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -132,7 +133,7 @@ impl FrontDoor {
         shared.record(&Served {
             client: &client,
             method: req.method.as_str(),
-            target: req.target,
+            target: &|| Cow::Borrowed(req.target),
             // The front door answers HTTP/1.1 only; anything else takes the full path.
             protocol: "HTTP/1.1",
             host: &url.host,

@@ -144,13 +144,20 @@ fn for_client<'a>(stored: &[u8], downstream: Option<&'a HeaderValue>) -> Option<
     downstream.filter(|_| crate::cache::policy::lets_shared_caches_store(stored))
 }
 
-/// The `Cache-Status` value: members of caches before this one, then ours (RFC 9211 §2:
-/// "caches SHOULD preserve the existing field value" and the cache nearest the client adds
-/// its member last). One line keeps it readable.
-fn cache_status_value<'a>(upstream: impl IntoIterator<Item = &'a [u8]>, ours: &'a str) -> Vec<u8> {
-    let mut members: Vec<&[u8]> = upstream.into_iter().collect();
-    members.push(ours.as_bytes());
-    members.join(&b", "[..])
+/// Appends the `Cache-Status` value to `out`: members of caches before this one, then ours
+/// (RFC 9211 §2: "caches SHOULD preserve the existing field value" and the cache nearest the
+/// client adds its member last). One line keeps it readable; written in place, so a hit
+/// allocates nothing for it.
+fn push_cache_status<'a>(
+    out: &mut Vec<u8>,
+    upstream: impl IntoIterator<Item = &'a [u8]>,
+    ours: &str,
+) {
+    for member in upstream {
+        out.extend_from_slice(member);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(ours.as_bytes());
 }
 
 /// The status line and header section of a hit answered by a fast path: the stored head, the
@@ -185,12 +192,11 @@ pub fn write_head(
         X_CACHE_STATUS.as_str().as_bytes(),
         Disposition::HitFront.as_str().as_bytes(),
     );
+    out.extend_from_slice(CACHE_STATUS.as_str().as_bytes());
+    out.extend_from_slice(b": ");
     let upstream = meta.upstream_cache_status().map(HeaderValue::as_bytes);
-    field(
-        out,
-        CACHE_STATUS.as_str().as_bytes(),
-        &cache_status_value(upstream, cache_status),
-    );
+    push_cache_status(out, upstream, cache_status);
+    out.extend_from_slice(b"\r\n");
     if close {
         field(out, b"Connection", b"close");
     }
@@ -203,7 +209,7 @@ pub fn write_head(
 pub fn mark(
     resp: &mut ResponseHeader,
     disposition: Disposition,
-    cache_status: &str,
+    cache_status: String,
     downstream_cc: Option<&HeaderValue>,
     hit_epoch: Option<SystemTime>,
     now: SystemTime,
@@ -223,12 +229,16 @@ pub fn mark(
     if let Some(cc) = replaced {
         resp.insert_header(header::CACHE_CONTROL, cc)?;
     }
-    let value = cache_status_value(
-        resp.headers
-            .get_all(CACHE_STATUS)
-            .iter()
-            .map(HeaderValue::as_bytes),
-        cache_status,
+    if !resp.headers.contains_key(CACHE_STATUS) {
+        resp.insert_header(CACHE_STATUS, cache_status)?;
+        return Ok(());
+    }
+    let mut value = Vec::with_capacity(128);
+    let upstream = resp.headers.get_all(CACHE_STATUS).iter();
+    push_cache_status(
+        &mut value,
+        upstream.map(HeaderValue::as_bytes),
+        &cache_status,
     );
     resp.insert_header(CACHE_STATUS, value)?;
     Ok(())
@@ -276,10 +286,11 @@ mod tests {
     #[test]
     fn cache_status_members_keep_their_order_and_ours_comes_last() {
         let upstream: [&[u8]; 2] = [b"origin; hit", b"edge; fwd=uri-miss"];
-        assert_eq!(
-            cache_status_value(upstream, "skua; hit"),
-            b"origin; hit, edge; fwd=uri-miss, skua; hit"
-        );
-        assert_eq!(cache_status_value([], "skua; hit"), b"skua; hit");
+        let mut joined = Vec::new();
+        push_cache_status(&mut joined, upstream, "skua; hit");
+        assert_eq!(joined, b"origin; hit, edge; fwd=uri-miss, skua; hit");
+        let mut alone = Vec::new();
+        push_cache_status(&mut alone, [], "skua; hit");
+        assert_eq!(alone, b"skua; hit");
     }
 }

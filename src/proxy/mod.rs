@@ -1213,7 +1213,7 @@ impl ProxyHttp for CachingProxy {
         hit::mark(
             resp,
             disposition,
-            &outcome.cache_status(&self.shared.name, now),
+            outcome.cache_status(&self.shared.name, now),
             rules.downstream_cache_control.as_ref(),
             hit_epoch,
             now,
@@ -1329,7 +1329,7 @@ impl ProxyHttp for CachingProxy {
         let req = session.req_header();
         // A purge names the URL it purges, host included, as MediaWiki sends it (pingora
         // hands over an absolute-form target in origin form).
-        let as_sent = match &ctx.url {
+        let as_sent = || match &ctx.url {
             Some(url) if req.method.as_str() == "PURGE" => url.primary().into(),
             _ => String::from_utf8_lossy(req.raw_path()),
         };

@@ -5,6 +5,7 @@
 //! it. What only a request that reached the origin has (origin latency, compression sizes)
 //! is counted in `logging` itself.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -20,8 +21,8 @@ pub struct Served<'a> {
     /// The client's address, asked for only when the access log writes it.
     pub client: &'a dyn Fn() -> Option<IpAddr>,
     pub method: &'a str,
-    /// The request target as logged.
-    pub target: &'a str,
+    /// The request target as logged, made only when the access log writes it.
+    pub target: &'a dyn Fn() -> Cow<'a, str>,
     pub protocol: &'static str,
     pub host: &'a str,
     /// The request's fields, for `Referer` and `User-Agent`.
@@ -48,10 +49,11 @@ impl ProxyState {
             let client = (served.client)()
                 .map(|ip| ip.to_string())
                 .unwrap_or_default();
+            let target = (served.target)();
             log.log(&Entry {
                 client: &client,
                 method: served.method,
-                target: served.target,
+                target: &target,
                 protocol: served.protocol,
                 host: served.host,
                 status: served.status,
