@@ -557,8 +557,8 @@ impl CachingProxy {
     /// answered here, from the stored header and a slice of the stored body, without running
     /// pingora's cache state machine (which costs a third of a hit's time). Anything else
     /// (Range, conditional requests, stale objects, variants the request does not match)
-    /// returns `false` and takes the full path, which handles it.
-    /// Answers a fresh memory hit here. `look_again`: read the index now rather than what this
+    /// returns `false` and takes the full path, which handles it. What may be served and the
+    /// head it gets are `hit`'s. `look_again`: read the index now rather than what this
     /// request looked up before (the re-check after the cache lock).
     async fn serve_fresh_hit(
         &self,
