@@ -7,6 +7,7 @@
 
 pub mod bans;
 pub mod date;
+pub mod directives;
 pub mod disk;
 pub mod files;
 pub mod key;

@@ -1,14 +1,14 @@
 //! Storage policy: may a response be stored, for how long, and how long may it be served
 //! stale. Implements RFC 9111 §3 (storing), §4.2 (freshness) and RFC 9213 (`CDN-Cache-Control`)
-//! over pingora's Cache-Control parser. It does not decide whether a *request* may use the
+//! over the directives `directives.rs` reads. It does not decide whether a *request* may use the
 //! cache; that is the proxy's bypass logic.
 
 use std::time::{Duration, SystemTime};
 
 use http::header;
-use pingora::cache::cache_control::{CacheControl, InterpretCacheControl};
 use pingora::http::ResponseHeader;
 
+use super::directives::Directives;
 use crate::config::CacheConfig;
 
 /// Why a response was not stored. A closed vocabulary: used in logs and metric labels.
@@ -118,13 +118,16 @@ fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     }
 }
 
+/// RFC 9213's targeted field, as a name built once (a lookup by `&str` parses it first).
+const CDN_CACHE_CONTROL: http::HeaderName = http::HeaderName::from_static("cdn-cache-control");
+
 /// Whether `CDN-Cache-Control` holds a valid Structured Field dictionary (RFC 9213 §2.1, RFC
 /// 8941 §4.2) whose lifetimes are non-negative Integers: "If a targeted field in a given
 /// response is empty, or a parsing error is encountered, that field SHOULD be ignored by the
 /// cache". Regression: `max-age=10000, &&&&&` and `max-age="10000"` were used as lifetimes.
 fn targeted_field_is_valid(headers: &http::HeaderMap) -> bool {
     let mut joined = Vec::new();
-    for (i, line) in headers.get_all("cdn-cache-control").iter().enumerate() {
+    for (i, line) in headers.get_all(&CDN_CACHE_CONTROL).iter().enumerate() {
         if i > 0 {
             joined.extend_from_slice(b", ");
         }
@@ -253,12 +256,12 @@ impl StoragePolicy {
         // RFC 9213 §2.1: a cache that uses a targeted field ignores Cache-Control. The field is
         // a Structured Field dictionary; one that does not parse as such is ignored whole.
         let targeted = if targeted_field_is_valid(&resp.headers) {
-            CacheControl::from_resp_headers_named("cdn-cache-control", resp)
+            Directives::of(resp, &CDN_CACHE_CONTROL)
         } else {
             None
         };
         let is_targeted = targeted.is_some();
-        let cc = targeted.or_else(|| CacheControl::from_resp_headers(resp));
+        let cc = targeted.or_else(|| Directives::of(resp, &header::CACHE_CONTROL));
         if let Some(cc) = &cc {
             if cc.no_store() {
                 return Err(Uncacheable::NoStore);
@@ -270,9 +273,9 @@ impl StoragePolicy {
         // RFC 9111 §3.5: a shared cache stores a response to a request with Authorization
         // only if it carries must-revalidate, public or s-maxage.
         if authorization_present {
-            let allowed = cc.as_ref().is_some_and(|cc| {
-                cc.public() || cc.must_revalidate() || cc.s_maxage().ok().flatten().is_some()
-            });
+            let allowed = cc
+                .as_ref()
+                .is_some_and(|cc| cc.public() || cc.must_revalidate() || cc.s_maxage().is_some());
             if !allowed {
                 return Err(Uncacheable::Authorization);
             }
@@ -285,13 +288,13 @@ impl StoragePolicy {
             .unwrap_or(now);
 
         let no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
-        let s_maxage = cc.as_ref().and_then(|cc| cc.s_maxage().ok().flatten());
+        let s_maxage = cc.as_ref().and_then(Directives::s_maxage);
         let explicit = if no_cache {
             // RFC 9111 §5.2.2.4: no-cache: store, but validate before every reuse.
             Some(Duration::ZERO)
         } else {
             s_maxage
-                .or_else(|| cc.as_ref().and_then(|cc| cc.max_age().ok().flatten()))
+                .or_else(|| cc.as_ref().and_then(Directives::max_age))
                 .map(|s| Duration::from_secs(s.into()))
                 .or_else(|| {
                     if is_targeted {
@@ -339,7 +342,7 @@ impl StoragePolicy {
         };
         let swr = cc
             .as_ref()
-            .and_then(|cc| cc.stale_while_revalidate().ok().flatten())
+            .and_then(Directives::stale_while_revalidate)
             .unwrap_or(grace);
         // On origin failure, `[cache] stale_if_error` (or the grace, if longer) where the
         // response allows stale use at all.
@@ -350,11 +353,11 @@ impl StoragePolicy {
         };
         let sie = cc
             .as_ref()
-            .and_then(|cc| cc.stale_if_error().ok().flatten())
+            .and_then(Directives::stale_if_error)
             .unwrap_or(on_error);
 
-        if let Some(cc) = &cc {
-            cc.strip_private_headers(resp);
+        for name in cc.map(|cc| cc.listed_fields()).unwrap_or_default() {
+            resp.remove_header(&name);
         }
         strip_hop_by_hop(resp);
         Ok(Freshness {
@@ -372,7 +375,7 @@ impl StoragePolicy {
     fn heuristic_lifetime(
         &self,
         resp: &ResponseHeader,
-        cc: Option<&CacheControl>,
+        cc: Option<&Directives<'_>>,
         now: SystemTime,
     ) -> Option<Duration> {
         let public = cc.is_some_and(|cc| cc.public());
