@@ -137,7 +137,30 @@ fn class_index(status: u16) -> usize {
     }
 }
 
+/// One origin pool's series, looked up once per pool rather than by label on every miss.
+pub struct OriginSeries {
+    by_class: [IntCounter; 5],
+    duration: prometheus::Histogram,
+}
+
+impl OriginSeries {
+    /// Counts one origin response with status `status` that took `waited` to arrive.
+    pub fn observe(&self, status: u16, waited: std::time::Duration) {
+        self.by_class[class_index(status)].inc();
+        self.duration.observe(waited.as_secs_f64());
+    }
+}
+
 impl Metrics {
+    /// The series of origin pool `pool`.
+    pub fn origin_series(&self, pool: &str) -> OriginSeries {
+        OriginSeries {
+            by_class: STATUS_CLASSES
+                .map(|class| self.origin_requests.with_label_values(&[pool, class])),
+            duration: self.origin_duration.with_label_values(&[pool]),
+        }
+    }
+
     pub fn new() -> prometheus::Result<Metrics> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(

@@ -184,6 +184,9 @@ pub fn strip(req: &mut RequestHeader, extra: &[http::HeaderName], from_trusted_p
     }
 }
 
+/// `X-Forwarded-For`, as a name built once: a lookup by `&str` parses the name first.
+pub const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+
 /// `X-Forwarded-Proto`, as a name built once: a lookup by `&str` parses the name first.
 pub const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
 

@@ -249,6 +249,9 @@ impl CachingProxy {
 pub struct RequestCtx {
     started: Instant,
     url: Option<CacheUrl>,
+    /// `url`'s primary key hash, computed once (pingora's `CacheKey` would hash it again at
+    /// every storage and lock call).
+    primary: Option<HashBinary>,
     pass: Option<PassReason>,
     internal: bool,
     fast_hit: bool,
@@ -272,6 +275,8 @@ pub struct RequestCtx {
     not_modified: Option<http::HeaderMap>,
     /// The response is to be brotli-compressed before it is stored (`proxy::compress`).
     brotli_before_storing: bool,
+    /// The response is to be gzip-compressed before it is stored, if compressible.
+    gzip_before_storing: bool,
     /// A Range request for a URL no tier holds: it goes to the origin with its Range, and a
     /// 206 that may be stored becomes a piece (`cache::partial`).
     range_fetch: bool,
@@ -359,13 +364,13 @@ fn as_forwarded(session: &mut Session, rules: &Rules) -> Result<()> {
     if let Some(ip) = client {
         let xff = match req
             .headers
-            .get("x-forwarded-for")
+            .get(guard::X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok())
         {
             Some(prev) => format!("{prev}, {ip}"),
             None => ip.to_string(),
         };
-        req.insert_header("x-forwarded-for", xff)?;
+        req.insert_header(guard::X_FORWARDED_FOR, xff)?;
     }
     Ok(())
 }
@@ -465,17 +470,16 @@ impl CachingProxy {
         ctx: &mut RequestCtx,
         range: ByteRange,
     ) -> Result<bool> {
-        let Some(url) = &ctx.url else {
+        let (Some(url), Some(primary)) = (&ctx.url, ctx.primary) else {
             return Ok(false);
         };
         let store = self.shared.store;
         let now = SystemTime::now();
-        let Some((pieces, first, last, bytes)) = store.partial.get(&url.primary_hash(), range, now)
-        else {
+        let Some((pieces, first, last, bytes)) = store.partial.get(&primary, range, now) else {
             return Ok(false);
         };
         if store.invalidations.banned(url, pieces.created) {
-            store.partial.purge(&url.primary_hash());
+            store.partial.purge(&primary);
             return Ok(false);
         }
         ctx.fast_hit = true;
@@ -571,12 +575,11 @@ impl CachingProxy {
         if !hit::serves_as_stored(&rules, &req.method, &req.headers) {
             return Ok(false);
         }
-        let Some(url) = &ctx.url else {
+        let (Some(url), Some(primary)) = (&ctx.url, ctx.primary) else {
             return Ok(false);
         };
         let now = SystemTime::now();
         let memory = &self.shared.store.memory;
-        let primary = url.primary_hash();
         let looked = if look_again {
             memory.look(&primary)
         } else {
@@ -684,6 +687,9 @@ impl ProxyHttp for CachingProxy {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if !ctx.gzip_before_storing && !ctx.brotli_before_storing {
+            return Ok(());
+        }
         if !compress::compressible(upstream_response) {
             // pingora's gzip context has a threshold of its own (20 bytes); Skua's applies.
             compress::leave_uncompressed(&mut session.upstream_compression);
@@ -710,6 +716,7 @@ impl ProxyHttp for CachingProxy {
         RequestCtx {
             started: Instant::now(),
             url: None,
+            primary: None,
             pass: None,
             internal: false,
             fast_hit: false,
@@ -726,6 +733,7 @@ impl ProxyHttp for CachingProxy {
             upgrade: None,
             not_modified: None,
             brotli_before_storing: false,
+            gzip_before_storing: false,
             range_fetch: false,
             piece: None,
         }
@@ -796,19 +804,10 @@ impl ProxyHttp for CachingProxy {
         let authority = req
             .uri
             .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                req.headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
+            .map(|a| a.as_str())
+            .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
             .unwrap_or_default();
-        let path = req
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
+        let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
         let from_proxy = guard::trusted(&rules.trusted_proxies, client_ip(session));
         // Skua's listeners speak plain HTTP; a TLS terminator in front says https.
         let scheme = guard::request_scheme(
@@ -819,7 +818,9 @@ impl ProxyHttp for CachingProxy {
         // pingora parses an absolute-form target's path into `uri` and keeps the raw target to
         // send on; the scheme was checked by `guard::check`, the authority matches Host.
         let absolute_form = guard::absolute_form_scheme(req.raw_path()).is_some();
-        match CacheUrl::new(scheme, &authority, &path) {
+        let url = CacheUrl::new(scheme, authority, path);
+        let target_normalised = url.as_ref().is_ok_and(|u| u.path_and_query != path);
+        match url {
             Ok(url) => {
                 let url = self.shared.canonical(url);
                 if !rules.serves_host(&url.host) {
@@ -836,7 +837,7 @@ impl ProxyHttp for CachingProxy {
                 let pools = self.shared.pools.load();
                 ctx.pool = pools.for_host(&url.host);
                 ctx.upgrade = upgrade_asked(session.req_header_mut(), pools.get(ctx.pool));
-                if url.path_and_query != path || absolute_form {
+                if target_normalised || absolute_form {
                     // The origin answers for the target the key names (`cache::target`), in
                     // origin form (RFC 9112 §3.2.1), with the authority in Host.
                     if let Ok(normal) = url.path_and_query.parse::<http::Uri>() {
@@ -844,10 +845,12 @@ impl ProxyHttp for CachingProxy {
                     }
                 }
                 let piece_range = piece_range(session.req_header(), &rules);
+                let primary = url.primary_hash();
                 let holds_complete = piece_range
                     .is_some()
-                    .then(|| self.shared.store.holds_complete(&url.primary_hash()));
+                    .then(|| self.shared.store.holds_complete(&primary));
                 ctx.url = Some(url);
+                ctx.primary = Some(primary);
                 if let Some(range) = piece_range {
                     if holds_complete == Some(false) {
                         if self.serve_piece(session, ctx, range).await? {
@@ -899,7 +902,13 @@ impl ProxyHttp for CachingProxy {
 
     fn cache_key_callback(&self, _session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
         match &ctx.url {
-            Some(url) => Ok(url.cache_key()),
+            Some(url) => {
+                let mut key = url.cache_key();
+                if let Some(primary) = ctx.primary {
+                    key.set_primary_bin_override(primary);
+                }
+                Ok(key)
+            }
             None => Error::e_explain(
                 ErrorType::InternalError,
                 "cache enabled without a request URL",
@@ -936,7 +945,8 @@ impl ProxyHttp for CachingProxy {
                         return Ok(Some(ForcedFreshness::ForceExpired));
                     }
                     // The catch-up may have purged this very object while we held it.
-                    if invalidations.purged_since(&url.primary_hash(), meta.created())
+                    let primary = ctx.primary.unwrap_or_else(|| url.primary_hash());
+                    if invalidations.purged_since(&primary, meta.created())
                         || invalidations.banned(url, meta.created())
                     {
                         return Ok(Some(ForcedFreshness::ForceMiss));
@@ -1031,6 +1041,7 @@ impl ProxyHttp for CachingProxy {
             upstream.insert_header(header::ACCEPT_ENCODING, asked)?;
             compress::before_storing(&mut session.upstream_compression, compress);
             ctx.brotli_before_storing = compress.brotli && copy == vary::Encoding::Brotli;
+            ctx.gzip_before_storing = compress.gzip;
         }
         Ok(())
     }
@@ -1120,7 +1131,7 @@ impl ProxyHttp for CachingProxy {
             return Ok(None);
         }
         piece.body = received.freeze();
-        let primary = url.primary_hash();
+        let primary = ctx.primary.unwrap_or_else(|| url.primary_hash());
         let store = self.shared.store;
         if let Some((pieces, whole)) = store.partial.add(primary, piece) {
             store.store_combined(primary, &pieces, whole);
@@ -1302,13 +1313,9 @@ impl ProxyHttp for CachingProxy {
         let disposition = self.outcome(session, ctx).disposition();
         let m = &self.shared.metrics;
         if let Some((origin_status, waited)) = ctx.origin_response {
-            let pool = self.pool_name(ctx);
-            m.origin_requests
-                .with_label_values(&[&pool, crate::metrics::status_class(origin_status)])
-                .inc();
-            m.origin_duration
-                .with_label_values(&[&pool])
-                .observe(waited.as_secs_f64());
+            if let Some(pool) = self.shared.pools.load().get(ctx.pool) {
+                pool.series(m).observe(origin_status, waited);
+            }
         }
         let brotli = session
             .upstream_modules_ctx

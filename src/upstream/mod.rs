@@ -23,6 +23,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 
 use crate::config::{Balance, OriginPool};
+use crate::metrics::{Metrics, OriginSeries};
 
 /// One origin pool, ready to pick origins.
 pub struct Pool {
@@ -34,6 +35,8 @@ pub struct Pool {
     size: usize,
     /// Lowercased protocols a client may upgrade to through this pool.
     upgrade: Vec<String>,
+    /// This pool's origin metrics, made on first use.
+    series: std::sync::OnceLock<OriginSeries>,
 }
 
 /// All pools, in configuration order.
@@ -92,6 +95,7 @@ impl Pools {
                 read_timeout: pool.read_timeout,
                 size: pool.addresses.len(),
                 upgrade: pool.upgrade.clone(),
+                series: std::sync::OnceLock::new(),
             });
         }
         Ok(Pools {
@@ -143,6 +147,12 @@ impl Pools {
 }
 
 impl Pool {
+    /// This pool's origin request and latency series in `metrics`.
+    pub fn series(&self, metrics: &Metrics) -> &OriginSeries {
+        self.series
+            .get_or_init(|| metrics.origin_series(&self.name))
+    }
+
     /// Whether a client may switch a connection through this pool to `protocol` (RFC 9110
     /// §7.8; the protocol name before any `/version`).
     pub fn allows_upgrade(&self, protocol: &str) -> bool {
