@@ -106,17 +106,21 @@ fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     for name in connection_nominated(&resp.headers) {
         resp.remove_header(&name);
     }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-    ] {
-        resp.remove_header(name);
+    // One look at the response's few fields; removals (two maps each) only when one is there.
+    while let Some(name) = resp.headers.keys().find(|k| HOP_BY_HOP.contains(k)).cloned() {
+        resp.remove_header(&name);
     }
 }
+
+/// The hop-by-hop fields of RFC 9110 §7.6.1 (and the obsolete `Proxy-Connection`).
+const HOP_BY_HOP: [header::HeaderName; 6] = [
+    header::CONNECTION,
+    header::HeaderName::from_static("keep-alive"),
+    header::HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
 
 /// RFC 9213's targeted field, as a name built once (a lookup by `&str` parses it first).
 const CDN_CACHE_CONTROL: http::HeaderName = http::HeaderName::from_static("cdn-cache-control");
