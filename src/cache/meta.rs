@@ -178,9 +178,19 @@ impl ObjectMeta {
     /// It has a validator (`ETag` or `Last-Modified`), so it can be revalidated when stale.
     /// Read from the head: asked when an object is stored, never on a hit.
     pub fn has_validator(&self) -> bool {
-        self.head.split(|b| *b == b'\n').skip(1).any(|line| {
-            let name = line.split(|b| *b == b':').next().unwrap_or_default();
-            name.eq_ignore_ascii_case(b"etag") || name.eq_ignore_ascii_case(b"last-modified")
+        // moka asks this of every object it admits or updates; a line is looked at only past
+        // its first byte when that can start either name.
+        memchr::memchr_iter(b'\n', &self.head).any(|lf| {
+            let line = &self.head[lf + 1..];
+            let starts = |name: &[u8]| {
+                line.get(..name.len())
+                    .is_some_and(|n| n.eq_ignore_ascii_case(name))
+            };
+            match line.first() {
+                Some(b'e' | b'E') => starts(b"etag:"),
+                Some(b'l' | b'L') => starts(b"last-modified:"),
+                _ => false,
+            }
         })
     }
 

@@ -107,7 +107,12 @@ fn strip_hop_by_hop(resp: &mut ResponseHeader) {
         resp.remove_header(&name);
     }
     // One look at the response's few fields; removals (two maps each) only when one is there.
-    while let Some(name) = resp.headers.keys().find(|k| HOP_BY_HOP.contains(k)).cloned() {
+    while let Some(name) = resp
+        .headers
+        .keys()
+        .find(|k| HOP_BY_HOP.contains(k))
+        .cloned()
+    {
         resp.remove_header(&name);
     }
 }
