@@ -33,13 +33,15 @@ pub fn normalize_host(authority: &str, default_port: &str) -> Result<String, Bad
     if !valid {
         return Err(BadHost);
     }
-    let mut out = host.to_ascii_lowercase();
+    // Every request's key is built from this: one allocation, sized for a port.
+    let mut out = String::with_capacity(host.len() + 6);
+    out.push_str(host);
+    out.make_ascii_lowercase();
     if let Some(port) = port {
         let number: u16 = port.parse().ok().filter(|p| *p != 0).ok_or(BadHost)?;
-        let port = number.to_string();
-        if port != default_port {
-            out.push(':');
-            out.push_str(&port);
+        if default_port.parse::<u16>() != Ok(number) {
+            use std::fmt::Write;
+            let _ = write!(out, ":{number}");
         }
     }
     Ok(out)
