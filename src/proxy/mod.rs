@@ -1317,12 +1317,15 @@ impl ProxyHttp for CachingProxy {
                 pool.series(m).observe(origin_status, waited);
             }
         }
-        let brotli = session
-            .upstream_modules_ctx
-            .get::<compress::BrotliBeforeStoring>();
-        if let Some((encoding, input, output)) =
-            compress::stored_sizes(&session.upstream_compression, brotli)
-        {
+        let compressed = (ctx.gzip_before_storing || ctx.brotli_before_storing)
+            .then(|| {
+                let brotli = session
+                    .upstream_modules_ctx
+                    .get::<compress::BrotliBeforeStoring>();
+                compress::stored_sizes(&session.upstream_compression, brotli)
+            })
+            .flatten();
+        if let Some((encoding, input, output)) = compressed {
             m.compression_bytes
                 .with_label_values(&[encoding, "in"])
                 .inc_by(input as u64);
