@@ -40,8 +40,14 @@ pub fn normalize_host(authority: &str, default_port: &str) -> Result<String, Bad
     if let Some(port) = port {
         let number: u16 = port.parse().ok().filter(|p| *p != 0).ok_or(BadHost)?;
         if default_port.parse::<u16>() != Ok(number) {
-            use std::fmt::Write;
-            let _ = write!(out, ":{number}");
+            // The port as digits without leading zeros ("08080" names port 8080).
+            out.push(':');
+            let digits = out.len();
+            let mut rest = number;
+            while rest > 0 {
+                out.insert(digits, char::from(b'0' + (rest % 10) as u8));
+                rest /= 10;
+            }
         }
     }
     Ok(out)
