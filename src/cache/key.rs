@@ -254,8 +254,14 @@ mod tests {
         );
         assert_eq!(key(Scheme::Http, "[::1]:80", "/"), "http://[::1]/");
         assert_eq!(key(Scheme::Http, "a.test:080", "/"), "http://a.test/");
-        assert_eq!(key(Scheme::Http, "a.test:08080", "/"), "http://a.test:8080/");
-        assert_eq!(key(Scheme::Http, "a.test:65535", "/"), "http://a.test:65535/");
+        assert_eq!(
+            key(Scheme::Http, "a.test:08080", "/"),
+            "http://a.test:8080/"
+        );
+        assert_eq!(
+            key(Scheme::Http, "a.test:65535", "/"),
+            "http://a.test:65535/"
+        );
         assert_eq!(key(Scheme::Http, "a.test:1", "/"), "http://a.test:1/");
     }
 

@@ -773,6 +773,7 @@ mod tests {
                 stale_while_revalidate_sec: 0,
                 stale_if_error_sec: 0,
                 variance: None,
+                content_coded: false,
             },
             header,
             upstream_cache_status: None,

@@ -101,7 +101,7 @@ impl FrontDoor {
             *looked = Some(found);
             return None;
         };
-        if !hit::encoding_acceptable(&obj.meta.head, &req.headers) {
+        if !hit::encoding_acceptable(&obj.meta, &req.headers) {
             *looked = Some(found);
             return None;
         }

@@ -30,7 +30,7 @@ use super::{ProxyState, Rules};
 use crate::cache::bans::{Invalidations, Trust};
 use crate::cache::key::CacheUrl;
 use crate::cache::memory::{Looked, StoredObject};
-use crate::cache::meta::{CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::meta::{ObjectMeta, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::status::Disposition;
 
 /// Request fields whose meaning only pingora's cache state machine implements for a hit:
@@ -124,7 +124,11 @@ pub fn fresh(
 /// Whether the client takes the stored copy's content coding (a copy without one, any client).
 /// A fast path declines a copy it does not: decompressing is pingora's path's job
 /// (`proxy::compress`).
-pub fn encoding_acceptable(head: &[u8], req: &HeaderMap) -> bool {
+pub fn encoding_acceptable(meta: &ObjectMeta, req: &HeaderMap) -> bool {
+    if !meta.times.content_coded {
+        return true;
+    }
+    let head = &meta.head;
     let Some((start, end)) = stored_field(head, &CONTENT_ENCODING_LINE) else {
         return true;
     };
@@ -173,9 +177,12 @@ pub fn write_head(
     downstream_cc: Option<&HeaderValue>,
 ) {
     let meta = &obj.meta;
-    let replaced = stored_field(&meta.head, &CACHE_CONTROL_LINE).and_then(|(start, end)| {
-        for_client(&meta.head[start..end], downstream_cc).map(|cc| (cc, start, end))
-    });
+    // Searched for only when an operator configured a replacement.
+    let replaced = downstream_cc
+        .and_then(|_| stored_field(&meta.head, &CACHE_CONTROL_LINE))
+        .and_then(|(start, end)| {
+            for_client(&meta.head[start..end], downstream_cc).map(|cc| (cc, start, end))
+        });
     match replaced {
         Some((cc, start, end)) => {
             out.extend_from_slice(&meta.head[..start]);
