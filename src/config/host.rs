@@ -10,6 +10,8 @@ pub struct BadHost;
 /// none; a trailing dot names the same DNS host (RFC 1034 §3.1).
 /// `default_port` is the scheme's ("80" or "443"): it is dropped.
 pub fn normalize_host(authority: &str, default_port: &str) -> Result<String, BadHost> {
+    // Every request's key is built from this (twice for a miss): one pass over the bytes, one
+    // allocation sized for a port.
     if authority.is_empty() || authority.contains('@') {
         return Err(BadHost);
     }
@@ -22,18 +24,11 @@ pub fn normalize_host(authority: &str, default_port: &str) -> Result<String, Bad
                 .bytes()
                 .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
     } else {
-        // Every DNS label is non-empty (RFC 1034 §3.1): "a..b", ".a" or a second trailing dot
-        // would otherwise canonicalise to a different host each time.
-        !host.is_empty()
-            && host.split('.').all(|label| !label.is_empty())
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        dns_name(host.as_bytes())
     };
     if !valid {
         return Err(BadHost);
     }
-    // Every request's key is built from this: one allocation, sized for a port.
     let mut out = String::with_capacity(host.len() + 6);
     out.push_str(host);
     out.make_ascii_lowercase();
@@ -41,16 +36,35 @@ pub fn normalize_host(authority: &str, default_port: &str) -> Result<String, Bad
         let number: u16 = port.parse().ok().filter(|p| *p != 0).ok_or(BadHost)?;
         if default_port.parse::<u16>() != Ok(number) {
             // The port as digits without leading zeros ("08080" names port 8080).
-            out.push(':');
-            let digits = out.len();
+            let mut digits = [0u8; 5];
+            let mut first = digits.len();
             let mut rest = number;
             while rest > 0 {
-                out.insert(digits, char::from(b'0' + (rest % 10) as u8));
+                first -= 1;
+                digits[first] = b'0' + (rest % 10) as u8;
                 rest /= 10;
             }
+            out.push(':');
+            out.extend(digits[first..].iter().map(|d| char::from(*d)));
         }
     }
     Ok(out)
+}
+
+/// Letters, digits, `-` and `_` in non-empty labels separated by dots. Every DNS label is
+/// non-empty (RFC 1034 §3.1): "a..b", ".a" or a second trailing dot would otherwise
+/// canonicalise to a different host each time.
+fn dns_name(host: &[u8]) -> bool {
+    let mut label = 0;
+    for b in host {
+        match b {
+            b'.' if label == 0 => return false,
+            b'.' => label = 0,
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' => label += 1,
+            _ => return false,
+        }
+    }
+    label > 0
 }
 
 /// Splits `host[:port]` (IPv6 literals in brackets). `None` if the port is not digits.

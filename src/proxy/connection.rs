@@ -263,8 +263,10 @@ async fn read_head(
                 .iter()
                 .take_while(|b| matches!(b, b'\r' | b'\n'))
                 .count();
-            let _ = buf.split_to(blank);
-            skipped += blank;
+            if blank > 0 {
+                let _ = buf.split_to(blank);
+                skipped += blank;
+            }
         }
         if !buf.is_empty() {
             if let Some(end) = head_end(&buf, scanned) {
@@ -386,18 +388,21 @@ fn chunks_well_formed(mut body: &[u8]) -> bool {
 /// §2.2 lets a recipient accept a bare LF as a line terminator (pingora's parser does), so
 /// both `\n\r\n` and `\n\n` end a head.
 fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    let mut at = from;
-    while let Some(i) = memchr::memchr(b'\n', &buf[at..]) {
-        let lf = at + i;
-        match buf.get(lf + 1) {
-            Some(b'\n') => return Some(lf + 2),
-            Some(b'\r') if buf.get(lf + 2) == Some(&b'\n') => return Some(lf + 3),
-            Some(_) => at = lf + 1,
-            None => return None,
-        }
+    // Two searches over the whole head rather than a look at every line's end: a browser's
+    // head has a dozen lines or more.
+    let rest = &buf[from..];
+    let crlf = LF_CRLF.find(rest).map(|i| from + i + 3);
+    let lf = LF_LF.find(rest).map(|i| from + i + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
-    None
 }
+
+static LF_CRLF: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\n\r\n"));
+static LF_LF: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\n\n"));
 
 /// Answers a connection that will not be served and closes it, without waiting on a client
 /// that does not read.
@@ -445,6 +450,11 @@ mod tests {
             Some(27)
         );
         assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\n", 0), Some(24));
+        // Whichever blank line comes first ends the head.
+        let mixed = b"GET / HTTP/1.1\r\nHost: a\n\nbody\r\n\r\n";
+        assert_eq!(head_end(mixed, 0), Some(25));
+        let mixed = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nX\n\n";
+        assert_eq!(head_end(mixed, 0), Some(27));
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", 0), None);
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r", 0), None);
         // The scan may resume two bytes before the end of what was already searched.
