@@ -51,6 +51,8 @@ struct Plain<'a> {
     target: &'a str,
     host: &'a str,
     close: bool,
+    /// A `Cookie` field is among `headers`.
+    cookie: bool,
     headers: HeaderMap,
 }
 
@@ -86,7 +88,7 @@ impl FrontDoor {
         if !rules.serves_host(&url.host) || !hit::uses_cache(&rules, &req.method, &req.headers) {
             return None;
         }
-        if req.headers.contains_key(header::COOKIE) {
+        if req.cookie {
             // Variants are keyed on the cookies the full path forwards (`as_forwarded`).
             let kept = crate::cache::vary::kept_cookies(&req.headers, &rules.vary_cookies);
             req.headers.remove(header::COOKIE);
@@ -179,6 +181,7 @@ fn plain<'a>(head: &'a [u8], limits: &HeadLimits) -> Option<Plain<'a>> {
     }
     let mut host = None;
     let mut close = false;
+    let mut cookie = false;
     let mut field_bytes = 0;
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
     for f in parsed.headers.iter() {
@@ -192,6 +195,8 @@ fn plain<'a>(head: &'a [u8], limits: &HeadLimits) -> Option<Plain<'a>> {
                 return None;
             }
             host = Some(std::str::from_utf8(f.value).ok()?);
+        } else if name == header::COOKIE {
+            cookie = true;
         } else if name == header::CONNECTION {
             // RFC 9112 §9.3: `close` ends the connection after this response; any other
             // option (upgrades, hop-by-hop field lists) takes the full path.
@@ -212,6 +217,7 @@ fn plain<'a>(head: &'a [u8], limits: &HeadLimits) -> Option<Plain<'a>> {
         target,
         host: host?,
         close,
+        cookie,
         headers,
     })
 }
