@@ -12,7 +12,9 @@ pub struct BadHost;
 pub fn normalize_host(authority: &str, default_port: &str) -> Result<String, BadHost> {
     // Every request's key is built from this (twice for a miss): one pass over the bytes, one
     // allocation sized for a port.
-    if authority.is_empty() || authority.contains('@') {
+    // No separate look for userinfo (`user@host`): `@` is none of the bytes a DNS name, an
+    // IP literal or a port may hold, so the checks below refuse it.
+    if authority.is_empty() {
         return Err(BadHost);
     }
     let (host, port) = split_port(authority).ok_or(BadHost)?;
