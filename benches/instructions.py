@@ -22,11 +22,9 @@ this beside the harness (benches/README.md), to see where a change in cost comes
 (`callgrind_annotate` on the dumps kept with --keep DIR).
 """
 
-import argparse, hashlib, http.client, os, random, shutil, socket, subprocess, sys, tempfile, time
+import argparse, hashlib, http.client, os, random, shutil, subprocess, sys, tempfile, time
 
-from benchlib import free_port, start_origin, wait_port, write_config
-
-import http.server
+from benchlib import OriginHandler, free_port, start_origin, wait_port, write_config
 
 PHASES = [("hit1k", 2000), ("manykeys", 2000), ("miss", 1000)]
 
@@ -35,15 +33,7 @@ def origin_handler():
     small = os.urandom(1024)
     page = os.urandom(4096)
 
-    class Origin(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def setup(self):
-            super().setup()
-            # The head and the body leave in two writes: without this, Nagle's algorithm holds
-            # the body until Skua's delayed ACK, 40 ms per miss.
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
+    class Origin(OriginHandler):
         def do_GET(self):
             body = small if self.path.startswith("/obj/1k") else page
             self.send_response(200)
@@ -54,9 +44,6 @@ def origin_handler():
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
 
     return Origin
 
