@@ -35,10 +35,7 @@ impl StoredMeta {
                 stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
                 stale_if_error_sec: meta.stale_if_error_sec(),
                 variance: meta.variance(),
-                content_coded: meta
-                    .response_header()
-                    .headers
-                    .contains_key(http::header::CONTENT_ENCODING),
+                content_coded: false,
             },
             header: meta.response_header_copy(),
             upstream_cache_status: joined(meta.response_header(), &CACHE_STATUS),
@@ -82,7 +79,8 @@ pub struct MetaTimes {
     pub stale_if_error_sec: u32,
     pub variance: Option<HashBinary>,
     /// The header has a `Content-Encoding` field: a fast path checks that the client takes
-    /// it before serving the copy as stored; most copies have none and skip that search.
+    /// it before serving the copy as stored; most copies have none and skip that search. Only
+    /// [`ObjectMeta::encode`] sets it, from the header it encodes; elsewhere it is `false`.
     pub content_coded: bool,
 }
 

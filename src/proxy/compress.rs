@@ -70,33 +70,46 @@ pub fn compressible(resp: &ResponseHeader) -> bool {
 /// archives, WOFF fonts) is as small as it gets: compressing it costs CPU on every fill and,
 /// for a client that takes no encoding, a decompression on every hit, for nothing.
 fn textual(content_type: &str) -> bool {
+    // Compared without case and without allocating: this runs for every response that may be
+    // compressed before it is stored.
     let essence = content_type
         .split(';')
         .next()
         .unwrap_or("")
         .trim()
-        .to_ascii_lowercase();
-    essence.starts_with("text/")
-        || essence.ends_with("+json")
-        || essence.ends_with("+xml")
-        || matches!(
-            essence.as_str(),
-            "application/json"
-                | "application/javascript"
-                | "application/x-javascript"
-                | "application/ecmascript"
-                | "application/xml"
-                | "application/wasm"
-                | "application/vnd.ms-fontobject"
-                | "application/x-font-ttf"
-                | "font/ttf"
-                | "font/otf"
-                | "image/svg+xml"
-                | "image/x-icon"
-                | "image/vnd.microsoft.icon"
-                | "image/bmp"
-        )
+        .as_bytes();
+    let starts = |prefix: &[u8]| {
+        essence.len() >= prefix.len() && essence[..prefix.len()].eq_ignore_ascii_case(prefix)
+    };
+    let ends = |suffix: &[u8]| {
+        essence.len() >= suffix.len()
+            && essence[essence.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+    };
+    starts(b"text/")
+        || ends(b"+json")
+        || ends(b"+xml")
+        || TEXTUAL_TYPES
+            .iter()
+            .any(|t| essence.eq_ignore_ascii_case(t.as_bytes()))
 }
+
+/// The textual media types [`textual`] names one by one.
+const TEXTUAL_TYPES: [&str; 14] = [
+    "application/json",
+    "application/javascript",
+    "application/x-javascript",
+    "application/ecmascript",
+    "application/xml",
+    "application/wasm",
+    "application/vnd.ms-fontobject",
+    "application/x-font-ttf",
+    "font/ttf",
+    "font/otf",
+    "image/svg+xml",
+    "image/x-icon",
+    "image/vnd.microsoft.icon",
+    "image/bmp",
+];
 
 /// Brotli before storing, for the brotli clients' copy: an upstream module, so it runs before
 /// pingora's gzip context and the cache (which then see `Content-Encoding: br` and leave it).

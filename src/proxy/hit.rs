@@ -178,11 +178,10 @@ pub fn write_head(
 ) {
     let meta = &obj.meta;
     // Searched for only when an operator configured a replacement.
-    let replaced = downstream_cc
-        .and_then(|_| stored_field(&meta.head, &CACHE_CONTROL_LINE))
-        .and_then(|(start, end)| {
-            for_client(&meta.head[start..end], downstream_cc).map(|cc| (cc, start, end))
-        });
+    let replaced = downstream_cc.and_then(|_| {
+        let (start, end) = stored_field(&meta.head, &CACHE_CONTROL_LINE)?;
+        for_client(&meta.head[start..end], downstream_cc).map(|cc| (cc, start, end))
+    });
     match replaced {
         Some((cc, start, end)) => {
             out.extend_from_slice(&meta.head[..start]);
