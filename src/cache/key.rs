@@ -26,10 +26,10 @@ impl Scheme {
         }
     }
 
-    fn default_port(self) -> &'static str {
+    fn default_port(self) -> u16 {
         match self {
-            Scheme::Http => "80",
-            Scheme::Https => "443",
+            Scheme::Http => 80,
+            Scheme::Https => 443,
         }
     }
 }
@@ -90,13 +90,18 @@ impl CacheUrl {
         // The rules of a request target (RFC 9112 §3.2: no whitespace, RFC 3986: no control
         // characters), for every purge source too: the admin API percent-decodes its `url=`,
         // and a decoded line feed once planted a line of its own in the bans file.
-        if path_and_query.bytes().any(|b| b <= b' ' || b == 0x7f) {
-            return Err(KeyError::BadPath);
+        // A fragment never reaches a server (RFC 9110 §4.2.5) and is no part of the key: it
+        // is looked for in the same pass.
+        let mut fragment = None;
+        for (at, b) in path_and_query.bytes().enumerate() {
+            if b <= b' ' || b == 0x7f {
+                return Err(KeyError::BadPath);
+            }
+            if b == b'#' && fragment.is_none() {
+                fragment = Some(at);
+            }
         }
-        // A fragment never reaches a server (RFC 9110 §4.2.5) and is no part of the key.
-        let path_and_query = path_and_query
-            .split_once('#')
-            .map_or(path_and_query, |(before, _)| before);
+        let path_and_query = fragment.map_or(path_and_query, |at| &path_and_query[..at]);
         Ok(CacheUrl {
             scheme,
             host,

@@ -23,6 +23,7 @@ use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
 use pingora::{Error, ErrorType, Result};
 
+use super::fields::RequestFields;
 use super::meta::{ObjectMeta, Stamp, StoredMeta};
 use super::tags::{TagIndex, Tier};
 
@@ -188,7 +189,11 @@ impl Looked {
     /// lookup. Follows the same Vary rules as pingora's lookup (primary slot first, then the
     /// request's variant, which must not predate the primary's provenance). `None` means "let
     /// pingora's cache state machine decide", never "not cached".
-    pub fn fresh(&self, req: &http::HeaderMap, now: SystemTime) -> Option<Arc<StoredObject>> {
+    pub fn fresh<F: RequestFields + ?Sized>(
+        &self,
+        req: &F,
+        now: SystemTime,
+    ) -> Option<Arc<StoredObject>> {
         let family = self.family.as_ref()?;
         let first = family.get(None)?;
         let obj = match first.meta.times.variance {

@@ -9,6 +9,7 @@ pub mod bans;
 pub mod date;
 pub mod directives;
 pub mod disk;
+pub mod fields;
 pub mod files;
 pub mod key;
 pub mod memory;

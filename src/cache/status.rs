@@ -131,8 +131,18 @@ impl Outcome {
     /// The RFC 9211 `Cache-Status` member for this cache, e.g. `skua; hit; ttl=42` or
     /// `skua; fwd=uri-miss; stored`.
     pub fn cache_status(&self, name: &str, now: SystemTime) -> String {
-        let mut s = String::with_capacity(48);
-        s.push_str(name);
+        let mut s = Vec::with_capacity(48);
+        self.write_cache_status(name, now, &mut s);
+        // Only `name` (a `str`) and ASCII are written.
+        String::from_utf8(s).unwrap_or_default()
+    }
+
+    /// [`Outcome::cache_status`] written at the end of `out`: a hit's head is written in place,
+    /// with no string of its own.
+    pub fn write_cache_status(&self, name: &str, now: SystemTime, out: &mut Vec<u8>) {
+        let mut push = |text: &str| out.extend_from_slice(text.as_bytes());
+        let mut digits = itoa::Buffer::new();
+        push(name);
         let ttl = self.fresh_until.map(|t| match t.duration_since(now) {
             Ok(d) => d.as_secs() as i64,
             // Past its deadline by any fraction: negative, as RFC 9211 §2.3 has stale ttls.
@@ -140,17 +150,18 @@ impl Outcome {
         });
         match self.disposition() {
             Disposition::HitFront | Disposition::HitLocal => {
-                s.push_str("; hit");
+                push("; hit");
                 if let Some(ttl) = ttl {
-                    s.push_str(&format!("; ttl={ttl}"));
+                    push("; ttl=");
+                    push(digits.format(ttl));
                 }
                 match self.phase {
-                    CachePhase::StaleUpdating => s.push_str("; detail=stale-while-revalidate"),
-                    CachePhase::Stale => s.push_str("; detail=stale-if-error"),
+                    CachePhase::StaleUpdating => push("; detail=stale-while-revalidate"),
+                    CachePhase::Stale => push("; detail=stale-if-error"),
                     _ => {}
                 }
             }
-            Disposition::IntFront => s.push_str("; detail=internal"),
+            Disposition::IntFront => push("; detail=internal"),
             Disposition::Miss | Disposition::Pass | Disposition::Revalidated => {
                 // RFC 9211 §2.2 "fwd" values.
                 let fwd = match (self.pass, self.phase) {
@@ -164,23 +175,24 @@ impl Outcome {
                     ) => "stale",
                     (None, _) => "uri-miss",
                 };
-                s.push_str("; fwd=");
-                s.push_str(fwd);
+                push("; fwd=");
+                push(fwd);
                 if let Some(code) = self.fwd_status {
-                    s.push_str(&format!("; fwd-status={code}"));
+                    push("; fwd-status=");
+                    push(digits.format(code));
                 }
                 if self.stored {
-                    s.push_str("; stored");
+                    push("; stored");
                     if let Some(ttl) = ttl {
-                        s.push_str(&format!("; ttl={ttl}"));
+                        push("; ttl=");
+                        push(digits.format(ttl));
                     }
                 }
                 if let Some(p) = self.pass {
-                    s.push_str("; detail=");
-                    s.push_str(p.as_str());
+                    push("; detail=");
+                    push(p.as_str());
                 }
             }
         }
-        s
     }
 }

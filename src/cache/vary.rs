@@ -11,11 +11,12 @@
 //! anonymous readers share one copy, as on Wikimedia's edge, and the key and the request the
 //! origin answered always agree.
 
-use http::{header, HeaderMap, HeaderValue};
+use http::HeaderValue;
 use pingora::cache::key::HashBinary;
 use pingora::cache::VarianceBuilder;
 use pingora::http::ResponseHeader;
 
+use super::fields::RequestFields;
 use super::policy::vary_names;
 
 /// The copies of a varying response the cache keeps, by what the client accepts.
@@ -39,9 +40,11 @@ impl Encoding {
 
 /// Whether a request accepts `coding` (RFC 9110 §12.5.3: acceptable unless its qvalue is 0;
 /// `x-gzip` is gzip).
-pub fn accepts(req: &HeaderMap, coding: &str) -> bool {
-    for value in req.get_all(header::ACCEPT_ENCODING) {
-        let Ok(value) = value.to_str() else { continue };
+pub fn accepts<F: RequestFields + ?Sized>(req: &F, coding: &str) -> bool {
+    for value in req.values("accept-encoding") {
+        let Ok(value) = std::str::from_utf8(value) else {
+            continue;
+        };
         for item in value.split(',') {
             let mut parts = item.split(';');
             let name = parts.next().unwrap_or("").trim();
@@ -64,7 +67,7 @@ pub fn accepts(req: &HeaderMap, coding: &str) -> bool {
 }
 
 /// The copy a request is served from.
-pub fn normalize_accept_encoding(req: &HeaderMap) -> Encoding {
+pub fn normalize_accept_encoding<F: RequestFields + ?Sized>(req: &F) -> Encoding {
     if accepts(req, "br") {
         Encoding::Brotli
     } else {
@@ -83,7 +86,7 @@ pub fn upstream_accept_encoding(copy: Encoding, brotli_kept: bool) -> &'static s
 }
 
 /// The variant key of `req` against a stored response's `Vary`, or `None` if it has none.
-pub fn variance(stored: &ResponseHeader, req: &HeaderMap) -> Option<HashBinary> {
+pub fn variance<F: RequestFields + ?Sized>(stored: &ResponseHeader, req: &F) -> Option<HashBinary> {
     let mut names: Vec<String> = vary_names(stored).collect();
     names.sort();
     names.dedup();
@@ -92,7 +95,7 @@ pub fn variance(stored: &ResponseHeader, req: &HeaderMap) -> Option<HashBinary> 
 
 /// As [`variance`], from the response's `Vary` names already lowercased, sorted and
 /// deduplicated (what a stored object keeps).
-pub fn variance_for(names: &[String], req: &HeaderMap) -> Option<HashBinary> {
+pub fn variance_for<F: RequestFields + ?Sized>(names: &[String], req: &F) -> Option<HashBinary> {
     if names.is_empty() {
         return None;
     }
@@ -113,12 +116,11 @@ pub fn variance_for(names: &[String], req: &HeaderMap) -> Option<HashBinary> {
 
 /// A field's value when [`normalized_value`] would return it unchanged: absent, or one line
 /// that is one list member without surrounding whitespace.
-fn already_normal<'a>(req: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
-    let mut lines = req.get_all(name).iter();
-    let Some(first) = lines.next() else {
+fn already_normal<'a, F: RequestFields + ?Sized>(req: &'a F, name: &'a str) -> Option<&'a [u8]> {
+    let mut lines = req.values(name);
+    let Some(value) = lines.next() else {
         return Some(b"");
     };
-    let value = first.as_bytes();
     let single = lines.next().is_none()
         && memchr::memchr(b',', value).is_none()
         && value.trim_ascii().len() == value.len();
@@ -129,14 +131,13 @@ fn already_normal<'a>(req: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
 /// vary_cookies` lists, in name order so that one set of values is one
 /// variant, or `None` when none is left. Every `Cookie` line counts (RFC 6265 §5.4 sends one;
 /// HTTP/2 may split it).
-pub fn kept_cookies(req: &HeaderMap, allowed: &[String]) -> Option<HeaderValue> {
+pub fn kept_cookies<F: RequestFields + ?Sized>(req: &F, allowed: &[String]) -> Option<HeaderValue> {
     if allowed.is_empty() {
         return None;
     }
     let mut kept: Vec<(&[u8], &[u8])> = req
-        .get_all(header::COOKIE)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .values("cookie")
+        .flat_map(|v| v.split(|b| *b == b';'))
         .filter_map(|pair| {
             let pair = pair.trim_ascii();
             let name = pair.split(|b| *b == b'=').next()?.trim_ascii();
@@ -165,12 +166,11 @@ pub fn kept_cookies(req: &HeaderMap, allowed: &[String]) -> Option<HeaderValue> 
 /// list member in order, without the whitespace around members, so `de, fr`, `de,fr` and two
 /// lines `de` and `fr` select one variant. The members' order is kept: it can carry meaning
 /// (a language preference).
-fn normalized_value(req: &HeaderMap, name: &str) -> Vec<u8> {
+fn normalized_value<F: RequestFields + ?Sized>(req: &F, name: &str) -> Vec<u8> {
     let mut joined = Vec::new();
     let members = req
-        .get_all(name)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .values(name)
+        .flat_map(|v| v.split(|b| *b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|m| !m.is_empty());
     for (i, member) in members.enumerate() {
@@ -185,6 +185,7 @@ fn normalized_value(req: &HeaderMap, name: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{header, HeaderMap};
     use pingora::http::RequestHeader;
 
     fn req(headers: &[(&str, &str)]) -> HeaderMap {

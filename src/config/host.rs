@@ -8,8 +8,8 @@ pub struct BadHost;
 
 /// RFC 9110 §4.2.3: the host is case-insensitive and an explicit default port is the same as
 /// none; a trailing dot names the same DNS host (RFC 1034 §3.1).
-/// `default_port` is the scheme's ("80" or "443"): it is dropped.
-pub fn normalize_host(authority: &str, default_port: &str) -> Result<String, BadHost> {
+/// `default_port` is the scheme's (80 or 443): it is dropped.
+pub fn normalize_host(authority: &str, default_port: u16) -> Result<String, BadHost> {
     // Every request's key is built from this (twice for a miss): one pass over the bytes, one
     // allocation sized for a port.
     // No separate look for userinfo (`user@host`): `@` is none of the bytes a DNS name, an
@@ -34,9 +34,8 @@ pub fn normalize_host(authority: &str, default_port: &str) -> Result<String, Bad
     let mut out = String::with_capacity(host.len() + 6);
     out.push_str(host);
     out.make_ascii_lowercase();
-    if let Some(port) = port {
-        let number: u16 = port.parse().ok().filter(|p| *p != 0).ok_or(BadHost)?;
-        if default_port.parse::<u16>() != Ok(number) {
+    if let Some(number) = port {
+        if number != default_port {
             // The port as digits without leading zeros ("08080" names port 8080).
             let mut digits = [0u8; 5];
             let mut first = digits.len();
@@ -69,10 +68,12 @@ fn dns_name(host: &[u8]) -> bool {
     label > 0
 }
 
-/// Splits `host[:port]` (IPv6 literals in brackets). `None` if the port is not digits.
-fn split_port(authority: &str) -> Option<(&str, Option<&str>)> {
+/// Splits `host[:port]` (IPv6 literals in brackets) and reads the port. `None` if the port is
+/// not a number from 1 to 65535; an empty one (`host:`) is none.
+fn split_port(authority: &str) -> Option<(&str, Option<u16>)> {
+    let bytes = authority.as_bytes();
     let (host, port) = if authority.starts_with('[') {
-        let end = authority.find(']')?;
+        let end = memchr::memchr(b']', bytes)?;
         let rest = &authority[end + 1..];
         if rest.is_empty() {
             (authority, None)
@@ -80,15 +81,23 @@ fn split_port(authority: &str) -> Option<(&str, Option<&str>)> {
             (&authority[..=end], Some(rest.strip_prefix(':')?))
         }
     } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
+        match memchr::memrchr(b':', bytes) {
+            Some(colon) => (&authority[..colon], Some(&authority[colon + 1..])),
             None => (authority, None),
         }
     };
-    match port {
-        Some("") => Some((host, None)),
-        Some(p) if p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => Some((host, Some(p))),
-        Some(_) => None,
-        None => Some((host, None)),
+    let port = match port {
+        None | Some("") => return Some((host, None)),
+        Some(p) if p.len() <= 5 => p,
+        Some(_) => return None,
+    };
+    let mut number: u32 = 0;
+    for b in port.bytes() {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        number = number * 10 + u32::from(b - b'0');
     }
+    let number = u16::try_from(number).ok().filter(|n| *n != 0)?;
+    Some((host, Some(number)))
 }

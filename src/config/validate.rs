@@ -599,7 +599,7 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
     let mut host_aliases = std::collections::HashMap::new();
     for (alias, canonical) in &k.host_aliases {
         // Aliases are matched against a request's key host, normalised as for `http`.
-        let host = |h: &str| super::host::normalize_host(h, "80").ok();
+        let host = |h: &str| super::host::normalize_host(h, 80).ok();
         match (host(alias), host(canonical)) {
             (Some(a), Some(c)) => {
                 host_aliases.insert(a, c);

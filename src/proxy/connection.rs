@@ -131,7 +131,8 @@ where
         }
         let mut settings = None;
         // Bytes read past the end of the previous request: the start of the next one, when a
-        // client pipelines (RFC 9112 §9.3.2: every request is answered, in order).
+        // client pipelines (RFC 9112 §9.3.2: every request is answered, in order). Empty, it
+        // may keep the previous head's buffer to read the next one into.
         let mut carry = BytesMut::new();
         loop {
             let head = match read_head(&mut stream, &self.limits, &mut carry).await {
@@ -172,6 +173,14 @@ where
                 };
                 if written.await.is_err() || answer.close {
                     break;
+                }
+                // The next head is read into this one's buffer: on a keep-alive connection no
+                // allocation per request. One grown by a large head is let go, so that an idle
+                // connection holds no more than a fresh one would.
+                if carry.is_empty() && head.capacity() <= 2 * HEAD_BUFFER {
+                    let mut spare = head;
+                    spare.clear();
+                    carry = spare;
                 }
                 continue;
             }

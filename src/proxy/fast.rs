@@ -14,14 +14,15 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::Method;
 
 use super::record::Served;
 use super::{hit, ProxyState};
+use crate::cache::fields::RequestFields;
 use crate::cache::key::{CacheUrl, Scheme};
 use crate::cache::memory::Looked;
-use crate::cache::status::{Disposition, Outcome};
+use crate::cache::status::Disposition;
 use crate::config::HeadLimits;
 use crate::metrics::HitPath;
 
@@ -53,7 +54,31 @@ struct Plain<'a> {
     close: bool,
     /// A `Cookie` field is among `headers`.
     cookie: bool,
-    headers: HeaderMap,
+    /// An `Authorization` field is among `fields`.
+    authorization: bool,
+    /// The first `X-Forwarded-Proto` field's value.
+    forwarded_proto: Option<&'a [u8]>,
+    fields: Fields<'a>,
+}
+
+/// The request's fields as the parser left them, with its `Cookie` lines replaced by the
+/// cookies the cache keeps (`vary::kept_cookies`) once those are known: what the full path's
+/// decisions read from its `HeaderMap`, without building one for every hit.
+struct Fields<'a> {
+    parsed: &'a [httparse::Header<'a>],
+    /// `Some` once the `Cookie` lines are replaced: the kept cookies, if any were kept.
+    kept_cookie: Option<Option<HeaderValue>>,
+}
+
+impl RequestFields for Fields<'_> {
+    fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> {
+        let replaced = (self.kept_cookie.as_ref())
+            .filter(|_| name.eq_ignore_ascii_case(header::COOKIE.as_str()));
+        let parsed = (self.parsed.iter())
+            .filter(move |f| replaced.is_none() && f.name.eq_ignore_ascii_case(name))
+            .map(|f| f.value);
+        parsed.chain(replaced.and_then(Option::as_ref).map(HeaderValue::as_bytes))
+    }
 }
 
 impl FrontDoor {
@@ -77,33 +102,34 @@ impl FrontDoor {
         let started = Instant::now();
         let shared = &self.shared;
         let rules = shared.rules.load();
-        let mut req = plain(head, &rules.limits)?;
+        let mut parsed = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        let mut req = plain(head, &mut parsed, &rules.limits)?;
         // The same scheme the full path keys on: Skua's listeners speak plain HTTP.
-        let scheme = super::guard::request_scheme(
-            Scheme::Http,
-            req.headers.get(super::guard::X_FORWARDED_PROTO),
-            || super::guard::trusted(&rules.trusted_proxies, client()),
-        );
+        let scheme = super::guard::request_scheme(Scheme::Http, req.forwarded_proto, || {
+            super::guard::trusted(&rules.trusted_proxies, client())
+        });
         let url = shared.canonical(CacheUrl::new(scheme, req.host, req.target).ok()?);
-        if !rules.serves_host(&url.host) || !hit::uses_cache(&rules, &req.method, &req.headers) {
+        let cookies = (req.fields.parsed.iter())
+            .filter(|f| req.cookie && f.name.eq_ignore_ascii_case(header::COOKIE.as_str()))
+            .map(|f| f.value);
+        if !rules.serves_host(&url.host)
+            || !hit::uses_cache_noted(&rules, &req.method, req.authorization, cookies)
+        {
             return None;
         }
         if req.cookie {
             // Variants are keyed on the cookies the full path forwards (`as_forwarded`).
-            let kept = crate::cache::vary::kept_cookies(&req.headers, &rules.vary_cookies);
-            req.headers.remove(header::COOKIE);
-            if let Some(kept) = kept {
-                req.headers.insert(header::COOKIE, kept);
-            }
+            let kept = crate::cache::vary::kept_cookies(&req.fields, &rules.vary_cookies);
+            req.fields.kept_cookie = Some(kept);
         }
         let now = SystemTime::now();
         let found = shared.store.memory.look(&url.primary_hash());
         // Declined from here on, the full path reads this lookup instead of making another.
-        let Some(obj) = hit::fresh(shared, &url, &found, &req.headers, now) else {
+        let Some(obj) = hit::fresh(shared, &url, &found, &req.fields, now) else {
             *looked = Some(found);
             return None;
         };
-        if !hit::encoding_acceptable(&obj.meta, &req.headers) {
+        if !hit::encoding_acceptable(&obj.meta, &req.fields) {
             *looked = Some(found);
             return None;
         }
@@ -114,13 +140,11 @@ impl FrontDoor {
         let mut out = Vec::with_capacity(
             obj.meta.head.len() + 160 + if coalesce { obj.body.len() } else { 0 },
         );
-        let ours =
-            Outcome::fast_hit(obj.meta.times.fresh_until.time()).cache_status(&shared.name, now);
         hit::write_head(
             &mut out,
             &obj,
             now,
-            &ours,
+            &shared.name,
             close,
             rules.downstream_cache_control.as_ref(),
         );
@@ -139,7 +163,7 @@ impl FrontDoor {
             // The front door answers HTTP/1.1 only; anything else takes the full path.
             protocol: "HTTP/1.1",
             host: &url.host,
-            headers: &req.headers,
+            headers: &req.fields,
             status: obj.meta.status(),
             body_bytes,
             disposition: Disposition::HitFront,
@@ -157,9 +181,12 @@ impl FrontDoor {
 /// Parses `head` if it is a request this path can answer: HTTP/1.1 `GET` or `HEAD` of an
 /// origin-form target, one `Host`, no body, nothing after the head, within the configured
 /// limits, and none of the fields that need the full path.
-fn plain<'a>(head: &'a [u8], limits: &HeadLimits) -> Option<Plain<'a>> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut parsed = httparse::Request::new(&mut fields);
+fn plain<'a>(
+    head: &'a [u8],
+    fields: &'a mut [httparse::Header<'a>],
+    limits: &HeadLimits,
+) -> Option<Plain<'a>> {
+    let mut parsed = httparse::Request::new(fields);
     match parsed.parse(head) {
         Ok(httparse::Status::Complete(n)) if n == head.len() => {}
         _ => return None,
@@ -182,8 +209,9 @@ fn plain<'a>(head: &'a [u8], limits: &HeadLimits) -> Option<Plain<'a>> {
     let mut host = None;
     let mut close = false;
     let mut cookie = false;
+    let mut authorization = false;
+    let mut forwarded_proto = None;
     let mut field_bytes = 0;
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
     for f in parsed.headers.iter() {
         field_bytes += f.name.len() + f.value.len() + 4;
         let name = HeaderName::from_bytes(f.name.as_bytes()).ok()?;
@@ -197,6 +225,10 @@ fn plain<'a>(head: &'a [u8], limits: &HeadLimits) -> Option<Plain<'a>> {
             host = Some(std::str::from_utf8(f.value).ok()?);
         } else if name == header::COOKIE {
             cookie = true;
+        } else if name == header::AUTHORIZATION {
+            authorization = true;
+        } else if name == super::guard::X_FORWARDED_PROTO {
+            forwarded_proto = forwarded_proto.or(Some(f.value));
         } else if name == header::CONNECTION {
             // RFC 9112 §9.3: `close` ends the connection after this response; any other
             // option (upgrades, hop-by-hop field lists) takes the full path.
@@ -207,7 +239,6 @@ fn plain<'a>(head: &'a [u8], limits: &HeadLimits) -> Option<Plain<'a>> {
                 return None;
             }
         }
-        headers.append(name, HeaderValue::from_bytes(f.value).ok()?);
     }
     if field_bytes > limits.max_header_bytes {
         return None;
@@ -218,7 +249,12 @@ fn plain<'a>(head: &'a [u8], limits: &HeadLimits) -> Option<Plain<'a>> {
         host: host?,
         close,
         cookie,
-        headers,
+        authorization,
+        forwarded_proto,
+        fields: Fields {
+            parsed: parsed.headers,
+            kept_cookie: None,
+        },
     })
 }
 

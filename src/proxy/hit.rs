@@ -17,7 +17,6 @@
 //! It does not decide what is stored (`cache::policy`) nor how tiers look objects up
 //! (`cache::memory`, `cache::disk`).
 
-use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -28,10 +27,11 @@ use pingora::Result;
 
 use super::{ProxyState, Rules};
 use crate::cache::bans::{Invalidations, Trust};
+use crate::cache::fields::RequestFields;
 use crate::cache::key::CacheUrl;
 use crate::cache::memory::{Looked, StoredObject};
 use crate::cache::meta::{ObjectMeta, CACHE_STATUS, X_CACHE_STATUS};
-use crate::cache::status::Disposition;
+use crate::cache::status::{Disposition, Outcome};
 
 /// Request fields whose meaning only pingora's cache state machine implements for a hit:
 /// ranges (RFC 9110 §14) and preconditions (RFC 9110 §13).
@@ -54,11 +54,24 @@ pub fn serves_as_stored(rules: &Rules, method: &Method, headers: &HeaderMap) -> 
 }
 
 /// Whether a request may use the cache at all (GET or HEAD, no session cookie or
-/// `Authorization` that bypasses it). The front door asks only this: it declines a request
-/// naming any of [`NEEDS_CACHE_MACHINE`] while it parses the head, field by field, so looking
-/// them up again would cost six map lookups per hit for nothing.
+/// `Authorization` that bypasses it).
 pub fn uses_cache(rules: &Rules, method: &Method, headers: &HeaderMap) -> bool {
     rules.pass_reason(method, headers).is_none()
+}
+
+/// [`uses_cache`] from what the front door noted while it parsed the head: whether it has an
+/// `Authorization` field, and its `Cookie` values. The front door asks only this: it declines
+/// a request naming any of [`NEEDS_CACHE_MACHINE`] field by field as it parses, so looking
+/// them up again would cost six map lookups per hit for nothing.
+pub fn uses_cache_noted<'a>(
+    rules: &Rules,
+    method: &Method,
+    authorization: bool,
+    cookies: impl IntoIterator<Item = &'a [u8]>,
+) -> bool {
+    rules
+        .pass_reason_of(method, || authorization, cookies)
+        .is_none()
 }
 
 /// Whether a stored copy of `url`, stored at `created` and last confirmed by the origin at
@@ -94,11 +107,11 @@ pub fn verdict(
 /// The stored object a fast path may serve as it is, counted as a memory hit: fresh in the
 /// memory tier for this request's variant and served by [`verdict`] without waiting. `None`:
 /// let pingora's cache decide.
-pub fn fresh(
+pub fn fresh<F: RequestFields + ?Sized>(
     state: &ProxyState,
     url: &CacheUrl,
     looked: &Looked,
-    headers: &HeaderMap,
+    headers: &F,
     now: SystemTime,
 ) -> Option<Arc<StoredObject>> {
     let store = state.store;
@@ -124,7 +137,7 @@ pub fn fresh(
 /// Whether the client takes the stored copy's content coding (a copy without one, any client).
 /// A fast path declines a copy it does not: decompressing is pingora's path's job
 /// (`proxy::compress`).
-pub fn encoding_acceptable(meta: &ObjectMeta, req: &HeaderMap) -> bool {
+pub fn encoding_acceptable<F: RequestFields + ?Sized>(meta: &ObjectMeta, req: &F) -> bool {
     if !meta.times.content_coded {
         return true;
     }
@@ -148,31 +161,26 @@ fn for_client<'a>(stored: &[u8], downstream: Option<&'a HeaderValue>) -> Option<
     downstream.filter(|_| crate::cache::policy::lets_shared_caches_store(stored))
 }
 
-/// Appends the `Cache-Status` value to `out`: members of caches before this one, then ours
-/// (RFC 9211 §2: "caches SHOULD preserve the existing field value" and the cache nearest the
-/// client adds its member last). One line keeps it readable; written in place, so a hit
-/// allocates nothing for it.
-fn push_cache_status<'a>(
-    out: &mut Vec<u8>,
-    upstream: impl IntoIterator<Item = &'a [u8]>,
-    ours: &str,
-) {
+/// Appends the members of caches before this one to a `Cache-Status` value, each followed by
+/// the separator ours comes after (RFC 9211 §2: "caches SHOULD preserve the existing field
+/// value" and the cache nearest the client adds its member last). One line keeps it readable;
+/// written in place, so a hit allocates nothing for it.
+fn push_upstream_members<'a>(out: &mut Vec<u8>, upstream: impl IntoIterator<Item = &'a [u8]>) {
     for member in upstream {
         out.extend_from_slice(member);
         out.extend_from_slice(b", ");
     }
-    out.extend_from_slice(ours.as_bytes());
 }
 
 /// The status line and header section of a hit answered by a fast path: the stored head, the
 /// framing, `Age`, the two status fields and, with `close`, `Connection: close`, spelled as
 /// pingora's writer spells them ([`crate::cache::meta::wire_name`]), then the blank line.
-/// `cache_status`: this cache's `Cache-Status` member.
+/// `cache_name`: this cache's name in its `Cache-Status` member.
 pub fn write_head(
     out: &mut Vec<u8>,
     obj: &StoredObject,
     now: SystemTime,
-    cache_status: &str,
+    cache_name: &str,
     close: bool,
     downstream_cc: Option<&HeaderValue>,
 ) {
@@ -192,7 +200,8 @@ pub fn write_head(
     }
     meta.write_framing(out, obj.body.len());
     // Written in place: no string per hit.
-    let _ = write!(out, "Age: {}\r\n", age(meta.times.epoch.time(), now));
+    let age = age(meta.times.epoch.time(), now);
+    field(out, b"Age", itoa::Buffer::new().format(age).as_bytes());
     field(
         out,
         X_CACHE_STATUS.as_str().as_bytes(),
@@ -201,7 +210,9 @@ pub fn write_head(
     out.extend_from_slice(CACHE_STATUS.as_str().as_bytes());
     out.extend_from_slice(b": ");
     let upstream = meta.upstream_cache_status().map(HeaderValue::as_bytes);
-    push_cache_status(out, upstream, cache_status);
+    push_upstream_members(out, upstream);
+    let fresh_until = meta.times.fresh_until.time();
+    Outcome::fast_hit(fresh_until).write_cache_status(cache_name, now, out);
     out.extend_from_slice(b"\r\n");
     if close {
         field(out, b"Connection", b"close");
@@ -241,11 +252,8 @@ pub fn mark(
     }
     let mut value = Vec::with_capacity(128);
     let upstream = resp.headers.get_all(CACHE_STATUS).iter();
-    push_cache_status(
-        &mut value,
-        upstream.map(HeaderValue::as_bytes),
-        &cache_status,
-    );
+    push_upstream_members(&mut value, upstream.map(HeaderValue::as_bytes));
+    value.extend_from_slice(cache_status.as_bytes());
     resp.insert_header(CACHE_STATUS, value)?;
     Ok(())
 }
@@ -293,10 +301,12 @@ mod tests {
     fn cache_status_members_keep_their_order_and_ours_comes_last() {
         let upstream: [&[u8]; 2] = [b"origin; hit", b"edge; fwd=uri-miss"];
         let mut joined = Vec::new();
-        push_cache_status(&mut joined, upstream, "skua; hit");
+        push_upstream_members(&mut joined, upstream);
+        joined.extend_from_slice(b"skua; hit");
         assert_eq!(joined, b"origin; hit, edge; fwd=uri-miss, skua; hit");
         let mut alone = Vec::new();
-        push_cache_status(&mut alone, [], "skua; hit");
+        push_upstream_members(&mut alone, []);
+        alone.extend_from_slice(b"skua; hit");
         assert_eq!(alone, b"skua; hit");
     }
 }

@@ -161,14 +161,31 @@ pub struct Rules {
 
 impl Rules {
     fn pass_reason(&self, method: &Method, headers: &http::HeaderMap) -> Option<PassReason> {
+        let cookies = headers.get_all(header::COOKIE).into_iter();
+        self.pass_reason_of(
+            method,
+            || headers.contains_key(header::AUTHORIZATION),
+            cookies.map(http::HeaderValue::as_bytes),
+        )
+    }
+
+    /// [`Rules::pass_reason`] from what a parser noted of the head: whether it has an
+    /// `Authorization` field, and its `Cookie` field values (the front door notes both while
+    /// it parses, rather than look them up in a map again).
+    fn pass_reason_of<'a>(
+        &self,
+        method: &Method,
+        authorization: impl FnOnce() -> bool,
+        cookies: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Option<PassReason> {
         if !matches!(*method, Method::GET | Method::HEAD) {
             return Some(PassReason::Method);
         }
-        if self.bypass_authorization && headers.contains_key(header::AUTHORIZATION) {
+        if self.bypass_authorization && authorization() {
             return Some(PassReason::Authorization);
         }
-        let session_cookie = headers.get_all(header::COOKIE).iter().any(|v| {
-            let v = String::from_utf8_lossy(v.as_bytes());
+        let session_cookie = cookies.into_iter().any(|v| {
+            let v = String::from_utf8_lossy(v);
             self.bypass_cookies.iter().any(|re| re.is_match(&v))
         });
         session_cookie.then_some(PassReason::Cookie)
@@ -176,8 +193,11 @@ impl Rules {
 
     /// Whether `[server] hosts` lets this cache serve `host` (port ignored).
     fn serves_host(&self, host: &str) -> bool {
+        if self.hosts.is_empty() {
+            return true;
+        }
         let bare = host.split(':').next().unwrap_or(host);
-        self.hosts.is_empty() || self.hosts.iter().any(|h| h == bare)
+        self.hosts.iter().any(|h| h == bare)
     }
 }
 
@@ -592,11 +612,9 @@ impl CachingProxy {
         ctx.fast_hit = true;
         ctx.fresh_until = Some(obj.meta.times.fresh_until.time());
         // The same head the front door sends, as pingora's session wants it.
-        let ours = Outcome::fast_hit(obj.meta.times.fresh_until.time())
-            .cache_status(&self.shared.name, now);
         let mut wire = Vec::with_capacity(obj.meta.head.len() + 160);
         let downstream = rules.downstream_cache_control.as_ref();
-        hit::write_head(&mut wire, &obj, now, &ours, false, downstream);
+        hit::write_head(&mut wire, &obj, now, &self.shared.name, false, downstream);
         drop(rules);
         let resp = decode_head(&wire);
         session.write_response_header(Box::new(resp), head).await?;
@@ -812,7 +830,9 @@ impl ProxyHttp for CachingProxy {
         // Skua's listeners speak plain HTTP; a TLS terminator in front says https.
         let scheme = guard::request_scheme(
             Scheme::Http,
-            req.headers.get(guard::X_FORWARDED_PROTO),
+            req.headers
+                .get(guard::X_FORWARDED_PROTO)
+                .map(http::HeaderValue::as_bytes),
             || from_proxy,
         );
         // pingora parses an absolute-form target's path into `uri` and keeps the raw target to

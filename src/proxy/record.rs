@@ -9,15 +9,14 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use http::header::{self, HeaderMap};
-
 use super::ProxyState;
+use crate::cache::fields::RequestFields;
 use crate::cache::status::Disposition;
 use crate::metrics::access_log::Entry;
 use crate::metrics::HitPath;
 
 /// One answered request, as recorded.
-pub struct Served<'a> {
+pub struct Served<'a, F: RequestFields + ?Sized> {
     /// The client's address, asked for only when the access log writes it.
     pub client: &'a dyn Fn() -> Option<IpAddr>,
     pub method: &'a str,
@@ -26,7 +25,7 @@ pub struct Served<'a> {
     pub protocol: &'static str,
     pub host: &'a str,
     /// The request's fields, for `Referer` and `User-Agent`.
-    pub headers: &'a HeaderMap,
+    pub headers: &'a F,
     pub status: u16,
     pub body_bytes: u64,
     pub disposition: Disposition,
@@ -36,14 +35,13 @@ pub struct Served<'a> {
 }
 
 impl ProxyState {
-    pub fn record(&self, served: &Served<'_>) {
+    pub fn record<F: RequestFields + ?Sized>(&self, served: &Served<'_, F>) {
         let duration = served.started.elapsed();
         if let Some(log) = &self.access_log {
-            let text = |name: header::HeaderName| {
-                served
-                    .headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
+            let text = |name: &'static str| {
+                let value = served.headers.values(name).next();
+                value
+                    .and_then(|v| std::str::from_utf8(v).ok())
                     .unwrap_or("")
             };
             let client = (served.client)()
@@ -58,8 +56,8 @@ impl ProxyState {
                 host: served.host,
                 status: served.status,
                 bytes: served.body_bytes,
-                referer: text(header::REFERER),
-                user_agent: text(header::USER_AGENT),
+                referer: text("referer"),
+                user_agent: text("user-agent"),
                 cache_status: served.disposition.as_str(),
                 duration,
             });
