@@ -1,6 +1,7 @@
 //! Assembles a pingora server from a validated [`Config`]: the proxy service, the admin
 //! service and the origin health checks. `serve` and `demo` both start here.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use anyhow::Context;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
+use pingora::proxy::HttpProxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 use pingora::services::background::background_service;
@@ -20,10 +22,11 @@ use crate::admin::{Admin, Node};
 use crate::cache::disk::DiskTier;
 use crate::cache::tags::TagIndex;
 use crate::cache::Store;
-use crate::config::Config;
+use crate::config::{Config, TlsConfig};
 use crate::metrics::Metrics;
 use crate::proxy::connection::ConnectionGate;
 use crate::proxy::fast::FrontDoor;
+use crate::proxy::tls::TlsTerminator;
 use crate::proxy::{CachingProxy, ProxyState};
 use crate::purge::bus::{Bus, BusService};
 use crate::purge::receiver::HtcpReceiver;
@@ -206,34 +209,29 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         .map(|b| Bus::new(b, store, metrics.clone()));
     let shared = Arc::new(ProxyState::new(config, store, pools, metrics, bus.clone()));
 
-    let mut app =
-        pingora::proxy::http_proxy(&server.configuration, CachingProxy::new(shared.clone()));
-    // CONNECT reaches `request_filter`, which refuses it with a message that says why
-    // (pingora's own refusal is a bare 405).
-    let mut options = pingora::apps::HttpServerOptions::default();
-    options.allow_connect_method_proxying = true;
-    app.server_options = Some(options);
-    let mut proxy = Service::new(
-        "skua proxy".to_string(),
-        ConnectionGate::new(
-            app,
-            config.server.connections,
-            shared.metrics.connections.clone(),
-            FrontDoor::new(shared.clone()),
-        ),
+    let gate = ConnectionGate::new(
+        proxy_app(server, &shared),
+        config.server.connections,
+        shared.metrics.connections.clone(),
+        FrontDoor::new(shared.clone()),
     );
+    if let Some(tls) = &config.server.tls {
+        let terminator = Arc::new(
+            TlsTerminator::new(tls, shared.metrics.tls.clone())
+                .context("setting up [server.tls]")?,
+        );
+        shared.set_tls(terminator.clone());
+        let mut app = proxy_app(server, &shared);
+        app.h2_options = Some(h2_options(config, tls));
+        let mut https = Service::new("skua https".to_string(), gate.serving_tls(app, terminator));
+        for addr in &tls.listen {
+            https.add_listener(client_listener(*addr, &config.server));
+        }
+        server.add_service(https);
+    }
+    let mut proxy = Service::new("skua proxy".to_string(), gate);
     for addr in &config.server.listen {
-        // No L4 read buffer (pingora's default is 64 KiB per connection, zeroed at accept):
-        // every reader above it reads into a buffer of its own (the head reader in
-        // `proxy::connection`, pingora's header and body buffers), so it would only add a copy,
-        // and 640 MiB of memory to 10,000 idle keep-alive connections.
-        let buffers = L4BufferSettings::default()
-            .read(0)
-            .write(CLIENT_WRITE_BUFFER);
-        let listener = ListenerConfig::tcp(addr.to_string())
-            .l4_buffer(buffers)
-            .tcp_socket_options(listen_options(&config.server));
-        proxy.add_listener(listener);
+        proxy.add_listener(client_listener(*addr, &config.server));
     }
     server.add_service(proxy);
     server.add_service(background_service(
@@ -276,6 +274,49 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
     Ok(shared)
 }
 
+/// pingora's HTTP application around the request path.
+fn proxy_app(server: &Server, shared: &Arc<ProxyState>) -> HttpProxy<CachingProxy> {
+    let mut app =
+        pingora::proxy::http_proxy(&server.configuration, CachingProxy::new(shared.clone()));
+    // CONNECT reaches `request_filter`, which refuses it with a message that says why
+    // (pingora's own refusal is a bare 405).
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.allow_connect_method_proxying = true;
+    app.server_options = Some(options);
+    app
+}
+
+/// HTTP/2 limits per client connection (`[server.tls]`): streams at once, the size of a
+/// request's header list, and streams reset before their request was read (RFC 9113 §6.4;
+/// the 2023 "rapid reset" attack opens and cancels streams as fast as it can).
+fn h2_options(config: &Config, tls: &TlsConfig) -> pingora::protocols::http::v2::server::H2Options {
+    let mut options = pingora::protocols::http::v2::server::default_h2_options();
+    options
+        .max_concurrent_streams(tls.h2_max_concurrent_streams)
+        .max_header_list_size(
+            u32::try_from(
+                config.server.limits.max_header_bytes + config.server.limits.max_uri_bytes,
+            )
+            .unwrap_or(u32::MAX),
+        )
+        .max_pending_accept_reset_streams(tls.h2_max_pending_resets);
+    options
+}
+
+/// A client listener on `addr`, plain or (when its service terminates TLS) HTTPS.
+fn client_listener(addr: SocketAddr, server: &crate::config::ServerConfig) -> ListenerConfig {
+    // No L4 read buffer (pingora's default is 64 KiB per connection, zeroed at accept):
+    // every reader above it reads into a buffer of its own (the head reader in
+    // `proxy::connection`, pingora's header and body buffers, rustls's), so it would only add
+    // a copy, and 640 MiB of memory to 10,000 idle keep-alive connections.
+    let buffers = L4BufferSettings::default()
+        .read(0)
+        .write(CLIENT_WRITE_BUFFER);
+    ListenerConfig::tcp(addr.to_string())
+        .l4_buffer(buffers)
+        .tcp_socket_options(listen_options(server))
+}
+
 /// Socket options of the proxy and admin listeners.
 fn listen_options(server: &crate::config::ServerConfig) -> TcpSocketOptions {
     let mut options = TcpSocketOptions::default();
@@ -307,6 +348,17 @@ struct Reloader {
     started_with: Config,
 }
 
+/// What of `[server.tls]` is built once: its listeners and the HTTP/2 limits. Certificates,
+/// `http2` and `handshake_timeout` reload.
+fn tls_fixed(config: &Config) -> Option<(&[SocketAddr], u32, usize)> {
+    let tls = config.server.tls.as_ref()?;
+    Some((
+        &tls.listen,
+        tls.h2_max_concurrent_streams,
+        tls.h2_max_pending_resets,
+    ))
+}
+
 /// The keys whose change a reload cannot apply: they are built once (listeners, tiers, the
 /// HTCP receiver, the purge bus, the access log) and need a restart or a zero-downtime upgrade.
 fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
@@ -315,6 +367,10 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     let (r, n) = (running, new);
     [
         ("server.listen", differs(&r.server.listen, &n.server.listen)),
+        (
+            "server.tls (added, removed, listen or h2_*)",
+            differs(&tls_fixed(r), &tls_fixed(n)),
+        ),
         (
             "server.reuse_port",
             r.server.reuse_port != n.server.reuse_port,

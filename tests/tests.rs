@@ -18,3 +18,4 @@ mod mediawiki;
 mod metrics;
 mod purge;
 mod reload;
+mod tls;

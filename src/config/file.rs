@@ -89,6 +89,66 @@ pub struct ServerFile {
     /// Request headers removed before a request goes to an origin, besides the built-in list
     /// (`X-Forwarded-Host`, `X-Original-URL`, `X-Rewrite-URL`, `Forwarded`, `Proxy`, ...).
     pub strip_headers: Vec<String>,
+    /// HTTPS listeners (`[server.tls]`). Default none.
+    pub tls: Option<TlsFile>,
+}
+
+/// `[server.tls]`: Skua terminates TLS (1.2 and 1.3 only) on these addresses.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// Addresses for HTTPS (`ip:port`). Required, at least one.
+    pub listen: Vec<String>,
+    /// Certificates, chosen by the name a client asks for (SNI). Required, at least one.
+    pub certificate: Vec<CertificateFile>,
+    /// Longest time from a new connection to the end of its TLS handshake (duration); a
+    /// client that sends nothing, or half a handshake, is closed. Default `10s`.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: String,
+    /// Offer HTTP/2 (ALPN `h2`) besides HTTP/1.1. Default true.
+    #[serde(default = "default_true")]
+    pub http2: bool,
+    /// HTTP/2: most streams a client may have open at once on one connection. Default 100.
+    #[serde(default = "default_h2_streams")]
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2: streams a client may reset before their request is read, per connection, before
+    /// the connection is closed (the 2023 "rapid reset" attack). Default 20.
+    #[serde(default = "default_h2_resets")]
+    pub h2_max_pending_resets: usize,
+}
+
+/// `[[server.tls.certificate]]`: one certificate chain and its private key, PEM files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFile {
+    /// The certificate, then its intermediates (PEM). Required.
+    pub chain: String,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1). Required.
+    pub key: String,
+    /// Names (SNI) this certificate is chosen for; each must be one the certificate covers.
+    /// Default: every DNS name in the certificate, wildcards included.
+    #[serde(default)]
+    pub names: Option<Vec<String>>,
+    /// The certificate for clients that send no name, or one no certificate covers. Default:
+    /// the first certificate.
+    #[serde(default)]
+    pub default: bool,
+}
+
+fn default_handshake_timeout() -> String {
+    "10s".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_h2_streams() -> u32 {
+    100
+}
+
+fn default_h2_resets() -> usize {
+    20
 }
 
 impl Default for ServerFile {
@@ -111,6 +171,7 @@ impl Default for ServerFile {
             body_timeout: "30s".into(),
             header_timeout: "10s".into(),
             max_connections: 10_000,
+            tls: None,
         }
     }
 }

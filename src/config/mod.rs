@@ -4,6 +4,7 @@
 //! it imports no other module of Skua, and it does not apply configuration; the server, proxy,
 //! cache and purge modules read the typed [`Config`] they are handed.
 
+pub mod certificate;
 mod file;
 pub mod host;
 mod validate;
@@ -46,6 +47,18 @@ pub struct ServerConfig {
     pub keepalive_timeout: Duration,
     pub body_timeout: Duration,
     pub connections: ConnectionLimits,
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`, validated: its certificates are loaded and checked.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub listen: Vec<SocketAddr>,
+    pub certificates: Vec<certificate::Certificate>,
+    pub handshake_timeout: Duration,
+    pub http2: bool,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_max_pending_resets: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 //! and finds each bad key's line in the source text so the operator can go straight to it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -10,7 +10,7 @@ use regex::Regex;
 use toml_edit::{ImDocument, TableLike};
 
 use super::file::{
-    BusFile, CacheFile, FileConfig, HtcpFile, LogFile, OriginFile, PurgeFile, ServerFile,
+    BusFile, CacheFile, FileConfig, HtcpFile, LogFile, OriginFile, PurgeFile, ServerFile, TlsFile,
 };
 use super::*;
 
@@ -410,6 +410,7 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
         &[Key("server"), Key("keepalive_timeout")],
         &s.keepalive_timeout,
     );
+    let tls = s.tls.as_ref().map(|t| check_tls(c, t, &s.hosts));
     let body_timeout = c.duration(&[Key("server"), Key("body_timeout")], &s.body_timeout);
     let header_timeout = c.duration(&[Key("server"), Key("header_timeout")], &s.header_timeout);
     for (key, d) in [
@@ -447,6 +448,126 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
             // 414/431 answers stay with the guard.
             max_head_bytes: s.max_uri_bytes + s.max_header_bytes + 1024,
         },
+        tls,
+    }
+}
+
+/// `[server.tls]`: its addresses, and every certificate read and checked now (see
+/// [`certificate::load`]); `hosts` (`[server] hosts`) must each be covered by one.
+fn check_tls(c: &mut Checker<'_>, t: &TlsFile, hosts: &[String]) -> TlsConfig {
+    use Seg::{Index, Key};
+    let at = |key| [Key("server"), Key("tls"), Key(key)];
+    let mut listen = Vec::new();
+    for (i, a) in t.listen.iter().enumerate() {
+        let path = [Key("server"), Key("tls"), Key("listen"), Index(i)];
+        if let Some(addr) = c.socket_addr(&path, a) {
+            listen.push(addr);
+        }
+    }
+    if t.listen.is_empty() {
+        c.report(&at("listen"), "needs at least one address");
+    }
+    if t.certificate.is_empty() {
+        c.report(
+            &at("certificate"),
+            "needs at least one [[server.tls.certificate]] (chain and key files)",
+        );
+    }
+    let now = std::time::SystemTime::now();
+    let mut certificates = Vec::new();
+    for (i, file) in t.certificate.iter().enumerate() {
+        let path = |key| {
+            [
+                Key("server"),
+                Key("tls"),
+                Key("certificate"),
+                Index(i),
+                Key(key),
+            ]
+        };
+        let loaded = certificate::load(Path::new(&file.chain), Path::new(&file.key), now);
+        let mut cert = match loaded {
+            Ok(cert) => cert,
+            Err(certificate::CertificateError::Chain(why)) => {
+                c.report(&path("chain"), why);
+                continue;
+            }
+            Err(certificate::CertificateError::Key(why)) => {
+                c.report(&path("key"), why);
+                continue;
+            }
+        };
+        if let Some(names) = &file.names {
+            cert.names.clear();
+            for (j, name) in names.iter().enumerate() {
+                let name = name.trim_end_matches('.').to_ascii_lowercase();
+                let covered = cert
+                    .covers
+                    .iter()
+                    .any(|p| *p == name || certificate::covers(p, &name));
+                if !covered {
+                    let at = [
+                        Key("server"),
+                        Key("tls"),
+                        Key("certificate"),
+                        Index(i),
+                        Key("names"),
+                        Index(j),
+                    ];
+                    c.report(
+                        &at,
+                        format!(
+                            "{name:?} is not a name the certificate covers (it covers {})",
+                            cert.covers.join(", ")
+                        ),
+                    );
+                }
+                cert.names.push(name);
+            }
+        }
+        cert.default = file.default;
+        certificates.push(cert);
+    }
+    if t.certificate.iter().filter(|f| f.default).count() > 1 {
+        c.report(
+            &at("certificate"),
+            "more than one certificate says default = true",
+        );
+    }
+    if !certificates.iter().any(|cert| cert.default) {
+        if let Some(first) = certificates.first_mut() {
+            first.default = true;
+        }
+    }
+    if !certificates.is_empty() {
+        for (i, host) in hosts.iter().enumerate() {
+            let host = host.to_ascii_lowercase();
+            let bare = host.split(':').next().unwrap_or(&host);
+            let covered = certificates
+                .iter()
+                .any(|cert| cert.names.iter().any(|p| certificate::covers(p, bare)));
+            if !covered {
+                c.report(
+                    &[Key("server"), Key("hosts"), Index(i)],
+                    format!("{bare:?} is served over TLS, but no certificate covers it"),
+                );
+            }
+        }
+    }
+    let handshake_timeout = c.duration(&at("handshake_timeout"), &t.handshake_timeout);
+    if handshake_timeout < Duration::from_secs(1) {
+        c.report(&at("handshake_timeout"), "must be at least 1s");
+    }
+    if t.h2_max_concurrent_streams == 0 {
+        c.report(&at("h2_max_concurrent_streams"), "must be at least 1");
+    }
+    TlsConfig {
+        listen,
+        certificates,
+        handshake_timeout,
+        http2: t.http2,
+        h2_max_concurrent_streams: t.h2_max_concurrent_streams.max(1),
+        h2_max_pending_resets: t.h2_max_pending_resets,
     }
 }
 

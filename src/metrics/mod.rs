@@ -32,9 +32,76 @@ pub struct ConnectionMetrics {
     pub refused_bad_body_framing: IntCounter,
 }
 
+/// How a TLS handshake on an HTTPS listener ended (`src/proxy/tls.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeResult {
+    Full,
+    Resumed,
+    /// The client did not finish within `[server.tls] handshake_timeout`.
+    Timeout,
+    /// A protocol error, an unsupported version or suite, or a closed connection.
+    Failed,
+}
+
+impl HandshakeResult {
+    pub const ALL: [HandshakeResult; 4] = [
+        HandshakeResult::Full,
+        HandshakeResult::Resumed,
+        HandshakeResult::Timeout,
+        HandshakeResult::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeResult::Full => "full",
+            HandshakeResult::Resumed => "resumed",
+            HandshakeResult::Timeout => "timeout",
+            HandshakeResult::Failed => "failed",
+        }
+    }
+}
+
+/// TLS versions a handshake may end with: Skua offers these two only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+impl TlsVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsVersion::Tls12 => "TLSv1.2",
+            TlsVersion::Tls13 => "TLSv1.3",
+        }
+    }
+}
+
+/// TLS handshakes (`src/proxy/tls.rs`), their series resolved once.
+pub struct TlsMetrics {
+    handshakes: [IntCounter; 4],
+    versions: [IntCounter; 2],
+    http2: IntCounter,
+}
+
+impl TlsMetrics {
+    pub fn handshake(&self, result: HandshakeResult) {
+        self.handshakes[result as usize].inc();
+    }
+
+    /// A completed handshake's version, and whether it chose HTTP/2.
+    pub fn established(&self, version: TlsVersion, http2: bool) {
+        self.versions[version as usize].inc();
+        if http2 {
+            self.http2.inc();
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Arc<ConnectionMetrics>,
+    pub tls: Arc<TlsMetrics>,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub response_bytes: IntCounterVec,
@@ -316,6 +383,33 @@ impl Metrics {
             refused_head_too_large: refused.with_label_values(&["head_too_large"]),
             refused_bad_body_framing: refused.with_label_values(&["bad_body_framing"]),
         });
+        let handshakes = IntCounterVec::new(
+            Opts::new(
+                "skua_tls_handshakes_total",
+                "TLS handshakes on the HTTPS listeners, by result (full, resumed, timeout, failed).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(handshakes.clone()))?;
+        let versions = IntCounterVec::new(
+            Opts::new(
+                "skua_tls_connections_total",
+                "TLS connections established, by protocol version.",
+            ),
+            &["version"],
+        )?;
+        registry.register(Box::new(versions.clone()))?;
+        let http2 = IntCounter::new(
+            "skua_tls_http2_connections_total",
+            "TLS connections that chose HTTP/2 by ALPN.",
+        )?;
+        registry.register(Box::new(http2.clone()))?;
+        let tls = Arc::new(TlsMetrics {
+            handshakes: HandshakeResult::ALL.map(|r| handshakes.with_label_values(&[r.as_str()])),
+            versions: [TlsVersion::Tls12, TlsVersion::Tls13]
+                .map(|v| versions.with_label_values(&[v.as_str()])),
+            http2,
+        });
         let tier_objects = IntGaugeVec::new(
             Opts::new("skua_cache_objects", "Objects stored, by tier."),
             &["tier"],
@@ -426,6 +520,7 @@ impl Metrics {
         Ok(Metrics {
             registry,
             connections,
+            tls,
             requests,
             request_duration,
             response_bytes,

@@ -17,13 +17,15 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::Stream;
+use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use pingora::time::fast_timeout::fast_timeout;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::fast::FrontDoor;
+use super::tls::TlsTerminator;
+use crate::cache::key::Scheme;
 use crate::cache::memory::for_one_request;
 use crate::config::ConnectionLimits;
 use crate::metrics::ConnectionMetrics;
@@ -69,6 +71,8 @@ pub struct ConnectionGate<A> {
     metrics: Arc<ConnectionMetrics>,
     /// Answers fresh memory hits before pingora sees the request.
     front: FrontDoor,
+    /// Set on an HTTPS listener: every connection starts with a TLS handshake.
+    tls: Option<Arc<TlsTerminator>>,
 }
 
 impl<A> ConnectionGate<A> {
@@ -87,6 +91,20 @@ impl<A> ConnectionGate<A> {
                 metrics: metrics.clone(),
             }),
             metrics,
+            tls: None,
+        }
+    }
+
+    /// The same gate for the HTTPS listeners: `app` serves the connections `tls` terminates,
+    /// within the same connection limit.
+    pub fn serving_tls(&self, app: A, tls: Arc<TlsTerminator>) -> ConnectionGate<A> {
+        ConnectionGate {
+            app: Arc::new(app),
+            front: self.front.clone(),
+            limits: self.limits,
+            open: self.open.clone(),
+            metrics: self.metrics.clone(),
+            tls: Some(tls),
         }
     }
 }
@@ -125,8 +143,12 @@ where
             .await;
             return None;
         };
-        if stream.get_ssl_digest().is_some() {
-            // TLS connections (none are configured today) keep pingora's own handling (ALPN).
+        let (mut stream, scheme) = match &self.tls {
+            Some(tls) => (tls.accept(stream).await?, Scheme::Https),
+            None => (stream, Scheme::Http),
+        };
+        if stream.selected_alpn_proto() == Some(ALPN::H2) {
+            // pingora's HTTP/2 sessions, whose hits the session's fast path answers.
             return self.app.process_new(stream, shutdown).await;
         }
         let mut settings = None;
@@ -163,7 +185,10 @@ where
                 digest.peer_addr()?.as_inet().map(|a| a.ip())
             };
             let mut looked = None;
-            if let Some(answer) = self.front.answer(&head, client, closing, &mut looked) {
+            let answered = self
+                .front
+                .answer(&head, scheme, client, closing, &mut looked);
+            if let Some(answer) = answered {
                 let written = async {
                     match &answer.body {
                         Some(body) => write_both(&mut stream, &answer.head, body).await?,

@@ -42,6 +42,7 @@ pub struct Answer {
     pub close: bool,
 }
 
+#[derive(Clone)]
 pub struct FrontDoor {
     shared: Arc<ProxyState>,
 }
@@ -88,13 +89,14 @@ impl FrontDoor {
 
     /// The answer to the request whose complete head (and nothing more) is `head`, if it is a
     /// fresh memory hit this path can serve exactly as the full path would.
-    /// `client` gives the client's address (for the access log, and to believe a trusted
-    /// proxy's `X-Forwarded-Proto`); `closing`: the
+    /// `scheme`: the listener's (https on a TLS connection). `client` gives the client's address
+    /// (for the access log, and to believe a trusted proxy's `X-Forwarded-Proto`); `closing`: the
     /// server is shutting down, so the connection closes after this answer. `looked` receives
     /// the memory lookup made, if one was, for the full path to reuse.
     pub fn answer(
         &self,
         head: &[u8],
+        scheme: Scheme,
         client: impl Fn() -> Option<IpAddr>,
         closing: bool,
         looked: &mut Option<Looked>,
@@ -104,8 +106,8 @@ impl FrontDoor {
         let rules = shared.rules.load();
         let mut parsed = [httparse::EMPTY_HEADER; MAX_FIELDS];
         let mut req = plain(head, &mut parsed, &rules.limits)?;
-        // The same scheme the full path keys on: Skua's listeners speak plain HTTP.
-        let scheme = super::guard::request_scheme(Scheme::Http, req.forwarded_proto, || {
+        // The same scheme the full path keys on.
+        let scheme = super::guard::request_scheme(scheme, req.forwarded_proto, || {
             super::guard::trusted(&rules.trusted_proxies, client())
         });
         let url = shared.canonical(CacheUrl::new(scheme, req.host, req.target).ok()?);

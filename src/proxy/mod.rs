@@ -26,6 +26,7 @@ pub mod guard;
 pub mod hit;
 mod record;
 mod respond;
+pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -86,6 +87,8 @@ pub struct ProxyState {
     /// Whether this node can tell purged copies from current ones yet; shared with the admin
     /// port.
     pub readiness: purge::Readiness,
+    /// The HTTPS listeners' TLS (`[server.tls]`), whose certificates a reload replaces.
+    tls: std::sync::OnceLock<Arc<tls::TlsTerminator>>,
 }
 
 impl ProxyState {
@@ -123,7 +126,13 @@ impl ProxyState {
             ),
             pools,
             metrics,
+            tls: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The TLS terminator of the HTTPS listeners, for reloads to give new certificates to.
+    pub fn set_tls(&self, terminator: Arc<tls::TlsTerminator>) {
+        let _ = self.tls.set(terminator);
     }
 }
 
@@ -245,6 +254,14 @@ impl ProxyState {
     pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
         let pools = Pools::build(&config.origins)?;
         let rules = Rules::from(config);
+        // Certificates were read and checked with the configuration; new handshakes use them.
+        let tls = match (self.tls.get(), &config.server.tls) {
+            (Some(terminator), Some(tls)) => Some((terminator, terminator.prepare(tls)?)),
+            _ => None,
+        };
+        if let Some((terminator, prepared)) = tls {
+            terminator.apply(prepared);
+        }
         self.pools.store(Arc::new(pools));
         self.rules.store(Arc::new(rules));
         self.aliases
@@ -262,6 +279,16 @@ pub struct CachingProxy {
 impl CachingProxy {
     pub fn new(shared: Arc<ProxyState>) -> CachingProxy {
         CachingProxy { shared }
+    }
+}
+
+/// The scheme of the listener a request arrived on: https when Skua terminated TLS for it.
+fn listener_scheme(session: &Session) -> Scheme {
+    let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    if tls {
+        Scheme::Https
+    } else {
+        Scheme::Http
     }
 }
 
@@ -368,10 +395,15 @@ fn piece_range(req: &RequestHeader, rules: &Rules) -> Option<ByteRange> {
 /// Makes the request what the origin receives (beyond the hop-by-hop handling pingora and
 /// `upstream_request_filter` do): the client's address appended to `X-Forwarded-For`, and on a
 /// request that may use the cache, only the cookies the key accounts for
-/// (`vary::kept_cookies`).
+/// (`vary::kept_cookies`); over TLS Skua terminated, `X-Forwarded-Proto: https`, so that the
+/// origin builds https links (MediaWiki reads it from a proxy in `$wgCdnServers`).
 fn as_forwarded(session: &mut Session, rules: &Rules) -> Result<()> {
     let client = client_ip(session);
+    let over_tls = listener_scheme(session) == Scheme::Https;
     let req = session.req_header_mut();
+    if over_tls {
+        req.insert_header(guard::X_FORWARDED_PROTO, "https")?;
+    }
     if req.headers.contains_key(header::COOKIE)
         && rules.pass_reason(&req.method, &req.headers).is_none()
     {
@@ -827,9 +859,9 @@ impl ProxyHttp for CachingProxy {
             .unwrap_or_default();
         let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
         let from_proxy = guard::trusted(&rules.trusted_proxies, client_ip(session));
-        // Skua's listeners speak plain HTTP; a TLS terminator in front says https.
+        // The listener's scheme, unless a trusted TLS terminator in front says otherwise.
         let scheme = guard::request_scheme(
-            Scheme::Http,
+            listener_scheme(session),
             req.headers
                 .get(guard::X_FORWARDED_PROTO)
                 .map(http::HeaderValue::as_bytes),

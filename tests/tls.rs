@@ -1,0 +1,301 @@
+//! HTTPS and HTTP/2 at the edge (`[server.tls]`): Skua terminates TLS itself, with the
+//! certificate a client's name selects, and an https request is an https resource (its own
+//! cache key, `X-Forwarded-Proto: https` at the origin).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+/// A certificate's files in `dir`: (chain path, key path).
+fn write_certificate(
+    dir: &std::path::Path,
+    name: &str,
+    pem: &(String, String),
+) -> (String, String) {
+    let chain = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&chain, &pem.0).unwrap();
+    std::fs::write(&key, &pem.1).unwrap();
+    (chain.display().to_string(), key.display().to_string())
+}
+
+/// `[server.tls]` lines on `port` with the given certificates (chain, key).
+fn tls_lines(port: &Port, certificates: &[(String, String)], more: &str) -> String {
+    let mut lines = format!(
+        "\n[server.tls]\nlisten = [\"127.0.0.1:{}\"]\nhandshake_timeout = \"1s\"\n{more}\n",
+        port.number
+    );
+    for (chain, key) in certificates {
+        lines.push_str(&format!(
+            "[[server.tls.certificate]]\nchain = \"{chain}\"\nkey = \"{key}\"\n"
+        ));
+    }
+    lines
+}
+
+/// A client that trusts `ca` and reaches every name at `addr`.
+fn https_client(ca: &TestCa, names: &[&str], addr: SocketAddr) -> reqwest::ClientBuilder {
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap())
+        .tls_info(true)
+        .timeout(Duration::from_secs(10));
+    for name in names {
+        builder = builder.resolve(name, addr);
+    }
+    builder
+}
+
+/// The DER of the certificate a response's connection was served with.
+fn served_certificate(resp: &reqwest::Response) -> Vec<u8> {
+    resp.extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|i| i.peer_certificate())
+        .expect("TLS info on the response")
+        .to_vec()
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+async fn origin_reporting_the_scheme() -> Origin {
+    Origin::start(|seen| {
+        Reply::ok(format!(
+            "proto {}",
+            seen.header("x-forwarded-proto").unwrap_or("-")
+        ))
+        .header("cache-control", "max-age=600")
+    })
+    .await
+}
+
+/// #19: a miss then a hit over HTTPS, on HTTP/2 and on HTTP/1.1 (which the front door
+/// answers, as it does plain HTTP); the origin hears `X-Forwarded-Proto: https`, and the http
+/// URL is another resource with its own copy.
+#[tokio::test]
+async fn https_serves_hits_over_http2_and_http11_and_keys_on_the_scheme() {
+    let origin = origin_reporting_the_scheme().await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test", "*.wiki.test"]));
+    let tls_port = Port::reserve();
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        [&tls_lines(&tls_port, &[cert], ""), "", ""],
+        "",
+    )
+    .await;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
+    wait_listening(tls_addr).await;
+    let url = format!("https://en.wiki.test:{}/wiki/Page", tls_port.number);
+
+    let h2 = https_client(&ca, &["en.wiki.test"], tls_addr)
+        .build()
+        .unwrap();
+    let first = h2.get(&url).send().await.unwrap();
+    assert_eq!(first.version(), reqwest::Version::HTTP_2);
+    assert_eq!(first.headers()["x-cache-status"], "miss");
+    assert_eq!(first.text().await.unwrap(), "proto https");
+    let again = h2.get(&url).send().await.unwrap();
+    assert_eq!(again.version(), reqwest::Version::HTTP_2);
+    assert_eq!(again.headers()["x-cache-status"], "hit-front");
+    assert_eq!(again.text().await.unwrap(), "proto https");
+
+    let before = skua.hit_paths().await;
+    let h1 = https_client(&ca, &["en.wiki.test"], tls_addr)
+        .http1_only()
+        .build()
+        .unwrap();
+    let hit = h1.get(&url).send().await.unwrap();
+    assert_eq!(hit.version(), reqwest::Version::HTTP_11);
+    assert_eq!(hit.headers()["x-cache-status"], "hit-front");
+    assert_eq!(hit.text().await.unwrap(), "proto https");
+    let after = skua.hit_paths().await;
+    assert_eq!(
+        after[0],
+        before[0] + 1,
+        "the front door answered the HTTPS/1.1 hit"
+    );
+    assert_eq!(origin.count("/wiki/Page"), 1);
+
+    // The same path over plain HTTP is the http resource: fetched once for itself.
+    let plain = get(
+        &format!("http://{}/wiki/Page", skua.addr),
+        &[("host", &format!("en.wiki.test:{}", tls_port.number))],
+    )
+    .await;
+    assert_eq!(plain.cache(), "miss");
+    assert_eq!(plain.text(), "proto -");
+    assert_eq!(origin.count("/wiki/Page"), 2);
+
+    assert_eq!(
+        skua.metric("skua_tls_handshakes_total{result=\"full\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        skua.metric("skua_tls_connections_total{version=\"TLSv1.3\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(skua.metric("skua_tls_http2_connections_total").await, 1.0);
+}
+
+/// Each certificate is served for the names it covers (SNI), wildcards included; a client that
+/// names none of them gets the default one.
+#[tokio::test]
+async fn sni_selects_the_certificate_and_the_default_answers_other_names() {
+    let origin = origin_reporting_the_scheme().await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let wiki_pem = ca.issue(&["wiki.test", "*.wiki.test"]);
+    let other_pem = ca.issue(&["other.test"]);
+    let wiki = write_certificate(dir.path(), "wiki", &wiki_pem);
+    let other = write_certificate(dir.path(), "other", &other_pem);
+    let tls_port = Port::reserve();
+    let _skua = Skua::start_tables(
+        &[origin.addr],
+        [&tls_lines(&tls_port, &[wiki, other], ""), "", ""],
+        "",
+    )
+    .await;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
+    wait_listening(tls_addr).await;
+    for (name, expected) in [
+        ("wiki.test", &wiki_pem),
+        ("de.wiki.test", &wiki_pem),
+        ("other.test", &other_pem),
+    ] {
+        let client = https_client(&ca, &[name], tls_addr).build().unwrap();
+        let url = format!("https://{name}:{}/", tls_port.number);
+        let resp = client.get(&url).send().await.unwrap();
+        assert_eq!(served_certificate(&resp), der(&expected.0), "{name}");
+    }
+    // A name no certificate covers gets the default (the first), which its client rejects.
+    let client = https_client(&ca, &["unknown.test"], tls_addr)
+        .build()
+        .unwrap();
+    let url = format!("https://unknown.test:{}/", tls_port.number);
+    let err = client.get(&url).send().await.unwrap_err();
+    assert!(format!("{err:?}").contains("NotValidForName"), "{err:?}");
+}
+
+/// A client that opens a connection and sends nothing, or half a handshake, is closed after
+/// `handshake_timeout`, and counted.
+#[tokio::test]
+async fn a_stalled_handshake_is_cut_off_after_the_deadline() {
+    let origin = origin_reporting_the_scheme().await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
+    let tls_port = Port::reserve();
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        [&tls_lines(&tls_port, &[cert], ""), "", ""],
+        "",
+    )
+    .await;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
+    wait_listening(tls_addr).await;
+    // A TLS record header announcing a ClientHello of 512 bytes, then 5 of them.
+    let half_hello: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03];
+    for sent in [&[][..], half_hello] {
+        let started = Instant::now();
+        let mut conn = TcpStream::connect(tls_addr).await.unwrap();
+        conn.write_all(sent).await.unwrap();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await;
+        let elapsed = started.elapsed();
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "closed, not left open: {read:?}"
+        );
+        assert!(
+            elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(4),
+            "closed after the 1 s deadline, not at once nor much later: {elapsed:?}"
+        );
+    }
+    assert_eq!(
+        skua.metric("skua_tls_handshakes_total{result=\"timeout\"}")
+            .await,
+        2.0
+    );
+}
+
+/// SIGHUP gives new handshakes the certificate now in the files, while requests go on without
+/// a failure; a key file that no longer matches is refused and the certificate in use stays.
+#[tokio::test]
+async fn reload_swaps_the_certificate_under_load_and_a_bad_one_keeps_the_old() {
+    let origin = origin_reporting_the_scheme().await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let first_pem = ca.issue(&["wiki.test"]);
+    let cert = write_certificate(dir.path(), "wiki", &first_pem);
+    let tls_port = Port::reserve();
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        [&tls_lines(&tls_port, &[cert], ""), "", ""],
+        "",
+    )
+    .await;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
+    wait_listening(tls_addr).await;
+    let url = format!("https://wiki.test:{}/page", tls_port.number);
+    let fresh_connection = || {
+        https_client(&ca, &["wiki.test"], tls_addr)
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+    let resp = fresh_connection().get(&url).send().await.unwrap();
+    assert_eq!(served_certificate(&resp), der(&first_pem.0));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (stop, url, client) = (stop.clone(), url.clone(), fresh_connection());
+        async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        }
+    });
+    let second_pem = ca.issue(&["wiki.test"]);
+    write_certificate(dir.path(), "wiki", &second_pem);
+    assert!(
+        skua.reload_and_wait(|text| text).await,
+        "the reload applied"
+    );
+    let resp = fresh_connection().get(&url).send().await.unwrap();
+    assert_eq!(served_certificate(&resp), der(&second_pem.0));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 0);
+    assert_eq!(
+        failed, 0,
+        "no request failed across the reload ({ok} succeeded)"
+    );
+
+    // Another certificate with the old key: refused, and the second one stays in use.
+    let third_pem = ca.issue(&["wiki.test"]);
+    std::fs::write(dir.path().join("wiki.pem"), &third_pem.0).unwrap();
+    assert!(
+        !skua.reload_and_wait(|text| text).await,
+        "the reload was refused"
+    );
+    let resp = fresh_connection().get(&url).send().await.unwrap();
+    assert_eq!(served_certificate(&resp), der(&second_pem.0));
+}
