@@ -67,6 +67,9 @@ enum Command {
         /// Where the admin endpoint (stats, metrics) listens.
         #[arg(long, default_value = "127.0.0.1:8082")]
         admin: SocketAddr,
+        /// Where Skua serves HTTPS and HTTP/2, with a certificate made at start.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        https: SocketAddr,
         /// Seconds pages stay fresh (the origin's s-maxage).
         #[arg(long, default_value_t = 300)]
         s_maxage: u64,
@@ -186,6 +189,7 @@ fn main() -> ExitCode {
             proxy,
             origin,
             admin,
+            https,
             s_maxage,
             htcp,
             cache_dir,
@@ -197,6 +201,7 @@ fn main() -> ExitCode {
                 proxy,
                 origin,
                 admin,
+                https,
                 s_maxage,
                 htcp,
                 cache_dir,

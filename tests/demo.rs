@@ -8,6 +8,7 @@ struct Demo {
     child: Child,
     proxy: String,
     origin: String,
+    https: String,
 }
 
 impl Drop for Demo {
@@ -30,6 +31,7 @@ async fn start_demo_on(ports: (u16, u16, u16), cache_dir: &std::path::Path) -> D
 
 /// `skua demo` on the given proxy, origin and admin ports, with `extra` arguments.
 fn spawn_demo((p, o, a): (u16, u16, u16), cache_dir: &std::path::Path, extra: &[&str]) -> Demo {
+    let https = format!("127.0.0.1:{}", free_port());
     let child = Command::new(skua_bin())
         .arg("demo")
         .args(extra)
@@ -37,6 +39,7 @@ fn spawn_demo((p, o, a): (u16, u16, u16), cache_dir: &std::path::Path, extra: &[
         .args(["--origin", &format!("127.0.0.1:{o}")])
         .args(["--admin", &format!("127.0.0.1:{a}")])
         .args(["--htcp", &format!("127.0.0.1:{}", free_port())])
+        .args(["--https", &https])
         .arg("--cache-dir")
         .arg(cache_dir)
         .stdout(Stdio::null())
@@ -46,7 +49,31 @@ fn spawn_demo((p, o, a): (u16, u16, u16), cache_dir: &std::path::Path, extra: &[
         child,
         proxy: format!("127.0.0.1:{p}"),
         origin: format!("127.0.0.1:{o}"),
+        https,
     }
+}
+
+/// #19: the demo serves HTTPS and HTTP/2 with the certificate it made at start (a client that
+/// does not verify it, as `curl -k`), from the same cache as plain HTTP's listener.
+#[tokio::test]
+async fn the_demo_serves_https_and_http2() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(dir.path()).await;
+    wait_listening(demo.https.parse().unwrap()).await;
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let url = format!("https://{}/wiki/Main_Page", demo.https);
+    let first = client.get(&url).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.version(), reqwest::Version::HTTP_2);
+    assert_eq!(first.headers()["x-cache-status"], "miss");
+    assert!(first.text().await.unwrap().contains("Main Page"));
+    let again = client.get(&url).send().await.unwrap();
+    assert_eq!(again.headers()["x-cache-status"], "hit-front");
+    assert!(dir.path().join("tls/demo-certificate.pem").is_file());
 }
 
 /// Edits a page of the sample wiki with `POST`, as a reader would; returns the origin's report.

@@ -299,3 +299,169 @@ async fn reload_swaps_the_certificate_under_load_and_a_bad_one_keeps_the_old() {
     let resp = fresh_connection().get(&url).send().await.unwrap();
     assert_eq!(served_certificate(&resp), der(&second_pem.0));
 }
+
+/// `skua check` refuses what would fail at a handshake or in a browser, naming the key and
+/// line: an unreadable file, a key that is not the certificate's, an expired certificate, a
+/// configured name the certificate does not cover, and a served host no certificate covers.
+#[test]
+fn skua_check_names_each_certificate_problem_with_its_key_and_line() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, key) = write_certificate(dir.path(), "good", &ca.issue(&["wiki.test"]));
+    let (_, other_key) = write_certificate(dir.path(), "other", &ca.issue(&["wiki.test"]));
+    let expired = ca.issue_with(&["wiki.test"], |p| {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let (expired_chain, expired_key) = write_certificate(dir.path(), "expired", &expired);
+    let missing = dir.path().join("missing.pem").display().to_string();
+    let cases = [
+        (
+            &missing,
+            &key,
+            "",
+            "chain",
+            "server.tls.certificate[0].chain",
+            "cannot read",
+        ),
+        (
+            &chain,
+            &other_key,
+            "",
+            "key",
+            "server.tls.certificate[0].key",
+            "is not the key of",
+        ),
+        (
+            &expired_chain,
+            &expired_key,
+            "",
+            "chain",
+            "server.tls.certificate[0].chain",
+            "expired on",
+        ),
+        (
+            &chain,
+            &key,
+            "names = [\"wiki.test\", \"other.test\"]",
+            "names",
+            "server.tls.certificate[0].names[1]",
+            "\"other.test\" is not a name the certificate covers",
+        ),
+    ];
+    for (chain, key, names, line_of, expected_key, expected) in cases {
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:{}\"]\n\n[server.tls]\nlisten = [\"127.0.0.1:{}\"]\n\n[[server.tls.certificate]]\nchain = \"{chain}\"\nkey = \"{key}\"\n{names}\n",
+            free_port(),
+            free_port()
+        );
+        let line = 1 + text
+            .lines()
+            .position(|l| l.starts_with(&format!("{line_of} =")))
+            .unwrap();
+        let (code, stderr) = check(dir.path(), &text);
+        assert_eq!(code, Some(78), "{expected_key}: {stderr}");
+        assert!(
+            stderr.contains(&format!(":{line}: {expected_key}: ")) && stderr.contains(expected),
+            "{expected_key} at line {line}, saying {expected:?}:\n{stderr}"
+        );
+    }
+    // A host the cache serves over TLS that no certificate covers.
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\nhosts = [\"wiki.test\", \"other.test\"]\n\n[server.tls]\nlisten = [\"127.0.0.1:{}\"]\n\n[[server.tls.certificate]]\nchain = \"{chain}\"\nkey = \"{key}\"\n",
+        free_port(),
+        free_port()
+    );
+    let (code, stderr) = check(dir.path(), &text);
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains(":3: server.hosts[1]: ") && stderr.contains("no certificate covers it"),
+        "{stderr}"
+    );
+    // And the good certificate passes.
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\n\n[server.tls]\nlisten = [\"127.0.0.1:{}\"]\n\n[[server.tls.certificate]]\nchain = \"{chain}\"\nkey = \"{key}\"\n",
+        free_port(),
+        free_port()
+    );
+    let (code, stderr) = check(dir.path(), &text);
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// `skua check --config` on `text` written in `dir`: the exit code and stderr.
+fn check(dir: &std::path::Path, text: &str) -> (Option<i32>, String) {
+    let path = dir.join("skua.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(skua_bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// TLS 1.2 and 1.3 only, with AEAD suites: a client offering only TLS 1.1, or only a CBC suite,
+/// is refused (and counted), while TLS 1.2 and 1.3 clients get through. The refusing side is
+/// Skua's: the client is told to offer the old protocol at security level 0.
+#[tokio::test]
+async fn old_protocols_and_weak_suites_are_refused() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        prerequisite_missing("openssl (apt-get install openssl)");
+        return;
+    }
+    let origin = origin_reporting_the_scheme().await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
+    let tls_port = Port::reserve();
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        [&tls_lines(&tls_port, &[cert], ""), "", ""],
+        "",
+    )
+    .await;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
+    wait_listening(tls_addr).await;
+    let s_client = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-brief", "-connect", &tls_addr.to_string()])
+            .args(["-servername", "wiki.test"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let failed = "skua_tls_handshakes_total{result=\"failed\"}";
+    for (offer, args) in [
+        (
+            "TLS 1.1",
+            &["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"][..],
+        ),
+        (
+            "a CBC suite",
+            &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0"],
+        ),
+    ] {
+        let before = skua.metric(failed).await;
+        let (ok, text) = s_client(args);
+        assert!(!ok, "{offer} was accepted:\n{text}");
+        assert_eq!(skua.metric(failed).await, before + 1.0, "{offer}:\n{text}");
+    }
+    for (version, flag) in [("TLSv1.2", "-tls1_2"), ("TLSv1.3", "-tls1_3")] {
+        let (ok, text) = s_client(&[flag]);
+        assert!(
+            ok && text.contains(&format!("Protocol version: {version}")),
+            "{text}"
+        );
+    }
+}

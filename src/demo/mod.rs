@@ -7,12 +7,15 @@ use std::net::SocketAddr;
 
 use pingora::services::listening::Service;
 
+use crate::config::certificate::{self, Certificate};
 use crate::config::Config;
 
 pub struct DemoOptions {
     pub proxy: SocketAddr,
     pub origin: SocketAddr,
     pub admin: SocketAddr,
+    /// Where the demo serves HTTPS (node a only), with a self-signed certificate it makes.
+    pub https: SocketAddr,
     /// `s-maxage` the sample origin sends, in seconds.
     pub s_maxage: u64,
     /// Where the demo receives HTCP CLR purges.
@@ -35,8 +38,8 @@ fn shifted(addr: SocketAddr, by: usize) -> SocketAddr {
 
 /// Node `i` of a demo fleet: its own ports, disk and bus id; requests for any node's address
 /// share node 0's cache keys, so the origin's purges (which name node 0) match everywhere.
-fn node_config(opts: &DemoOptions, i: usize, nats: &str) -> Config {
-    let mut config = config(opts);
+fn node_config(opts: &DemoOptions, certificate: &Certificate, i: usize, nats: &str) -> Config {
+    let mut config = config(opts, certificate);
     config.server.listen = vec![shifted(opts.proxy, i)];
     config.server.admin = Some(shifted(opts.admin, i));
     config.server.name = format!("skua-{}", node_name(i));
@@ -45,6 +48,7 @@ fn node_config(opts: &DemoOptions, i: usize, nats: &str) -> Config {
     }
     if i > 0 {
         config.purge.htcp = None;
+        config.server.tls = None;
     }
     for j in 1..opts.nodes {
         config
@@ -91,11 +95,20 @@ fn start_nats(opts: &DemoOptions) -> anyhow::Result<(String, std::process::Child
     Ok((format!("nats://127.0.0.1:{DEMO_NATS_PORT}"), child))
 }
 
-/// The configuration the demo runs with: the defaults, pointed at the sample origin.
-pub fn config(opts: &DemoOptions) -> Config {
+/// The configuration the demo runs with: the defaults, pointed at the sample origin, and
+/// HTTPS with the demo's own certificate.
+pub fn config(opts: &DemoOptions, certificate: &Certificate) -> Config {
     let mut config = Config::defaults();
     config.server.listen = vec![opts.proxy];
     config.server.admin = Some(opts.admin);
+    config.server.tls = Some(crate::config::TlsConfig {
+        listen: vec![opts.https],
+        certificates: vec![certificate.clone()],
+        handshake_timeout: std::time::Duration::from_secs(10),
+        http2: true,
+        h2_max_concurrent_streams: 100,
+        h2_max_pending_resets: 20,
+    });
     config.cache.downstream_cache_control = Some(http::HeaderValue::from_static(
         "private, s-maxage=0, max-age=0, must-revalidate",
     ));
@@ -120,10 +133,28 @@ pub fn config(opts: &DemoOptions) -> Config {
     config
 }
 
+/// A self-signed certificate for `localhost` and `127.0.0.1`, made now and written under
+/// `dir` (its files are what `[server.tls]` reads), and its SHA-256 fingerprint.
+fn demo_certificate(dir: &std::path::Path) -> anyhow::Result<(Certificate, String)> {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let made = rcgen::generate_simple_self_signed(names)?;
+    std::fs::create_dir_all(dir)?;
+    let chain = dir.join("demo-certificate.pem");
+    let key = dir.join("demo-key.pem");
+    std::fs::write(&chain, made.cert.pem())?;
+    std::fs::write(&key, made.signing_key.serialize_pem())?;
+    let loaded = certificate::load(&chain, &key, std::time::SystemTime::now())
+        .map_err(|e| anyhow::anyhow!("the demo's certificate: {e:?}"))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, made.cert.der());
+    let fingerprint: Vec<String> = digest.as_ref().iter().map(|b| format!("{b:02X}")).collect();
+    Ok((loaded, fingerprint.join(":")))
+}
+
 pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
+    let (certificate, fingerprint) = demo_certificate(&opts.cache_dir.join("tls"))?;
     let mut nats_child = None;
     let mut built = if opts.nodes <= 1 {
-        crate::server::build(&config(&opts))?
+        crate::server::build(&config(&opts, &certificate))?
     } else {
         let nats = match &opts.nats {
             Some(url) => url.clone(),
@@ -133,9 +164,10 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
                 url
             }
         };
-        let mut built = crate::server::build(&node_config(&opts, 0, &nats))?;
+        let mut built = crate::server::build(&node_config(&opts, &certificate, 0, &nats))?;
         for i in 1..opts.nodes {
-            crate::server::add_node(&mut built.server, &node_config(&opts, i, &nats))?;
+            let node = node_config(&opts, &certificate, i, &nats);
+            crate::server::add_node(&mut built.server, &node)?;
         }
         built
     };
@@ -158,6 +190,11 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
         "  Read through the cache:  curl -si http://{}/wiki/Main_Page",
         opts.proxy
     );
+    println!(
+        "  Over HTTPS and HTTP/2:   curl -ski https://{}/wiki/Main_Page",
+        opts.https
+    );
+    println!("                           (its certificate, made at start: SHA-256 {fingerprint})");
     println!(
         "  Edit a page (purges it): curl -X POST --data 'new text' http://{}/wiki/Main_Page",
         opts.origin

@@ -811,9 +811,19 @@ impl TestCa {
 
     /// A certificate for `names` (DNS names or IP addresses): (chain PEM, key PEM).
     pub fn issue(&self, names: &[&str]) -> (String, String) {
+        self.issue_with(names, |_| {})
+    }
+
+    /// As [`TestCa::issue`], with `edit` applied to the certificate's parameters (validity).
+    pub fn issue_with(
+        &self,
+        names: &[&str],
+        edit: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let params = rcgen::CertificateParams::new(names).unwrap();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        edit(&mut params);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     }
