@@ -465,3 +465,71 @@ async fn old_protocols_and_weak_suites_are_refused() {
         );
     }
 }
+
+/// `redirect_http`: a plain-HTTP GET for a listed host is sent to the same path over https
+/// (301; 308 for other methods, which keep their body), other hosts are served as before, and
+/// MediaWiki's `PURGE http://...` is never redirected: it removes the https copy too.
+#[tokio::test]
+async fn http_is_redirected_to_https_per_host_and_purges_still_reach_the_https_copy() {
+    let origin = origin_reporting_the_scheme().await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
+    let tls_port = Port::reserve();
+    let lines = tls_lines(&tls_port, &[cert], "redirect_http = [\"wiki.test\"]");
+    let skua = Skua::start_tables(&[origin.addr], [&lines, "", ""], "").await;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
+    wait_listening(tls_addr).await;
+    let plain = format!("http://{}/wiki/Page?action=view", skua.addr);
+    let to = format!(
+        "https://wiki.test:{}/wiki/Page?action=view",
+        tls_port.number
+    );
+
+    for _ in 0..2 {
+        let moved = get(&plain, &[("host", "wiki.test")]).await;
+        assert_eq!(moved.status, 301);
+        assert_eq!(moved.header("location"), to);
+    }
+    let posted = send(&client(), "POST", &plain, &[("host", "wiki.test")]).await;
+    assert_eq!(posted.status, 308);
+    assert_eq!(posted.header("location"), to);
+    let other = get(&plain, &[("host", "other.test")]).await;
+    assert_eq!(other.status, 200, "hosts not listed are served over http");
+    assert_eq!(origin.count("/wiki/Page?action=view"), 1);
+
+    let https = https_client(&ca, &["wiki.test"], tls_addr)
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    assert_eq!(
+        https.get(&to).send().await.unwrap().headers()["x-cache-status"],
+        "miss"
+    );
+    assert_eq!(
+        https.get(&to).send().await.unwrap().headers()["x-cache-status"],
+        "hit-front"
+    );
+    // The https copy's host has the HTTPS listener's port, as the plain URL must to name it
+    // (on 80 and 443 both are plain `wiki.test`).
+    let host = format!("wiki.test:{}", tls_port.number);
+    let purged = send(&client(), "PURGE", &plain, &[("host", &host)]).await;
+    assert_eq!(purged.status, 204, "{}", purged.text());
+    assert_eq!(
+        https.get(&to).send().await.unwrap().headers()["x-cache-status"],
+        "miss"
+    );
+    assert_eq!(origin.count("/wiki/Page?action=view"), 3);
+
+    // Every request above opened a connection; all but the first resumed its session.
+    assert_eq!(
+        skua.metric("skua_tls_handshakes_total{result=\"full\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        skua.metric("skua_tls_handshakes_total{result=\"resumed\"}")
+            .await,
+        2.0
+    );
+}

@@ -115,6 +115,11 @@ pub struct TlsFile {
     /// the connection is closed (the 2023 "rapid reset" attack). Default 20.
     #[serde(default = "default_h2_resets")]
     pub h2_max_pending_resets: usize,
+    /// Hosts whose plain-HTTP requests are redirected to https (301 for GET and HEAD, 308 for
+    /// other methods, to the same path and query; PURGE is never redirected). Exact names,
+    /// `*.example.org` for its subdomains, or `"*"` for every host. Default none.
+    #[serde(default)]
+    pub redirect_http: Vec<String>,
 }
 
 /// `[[server.tls.certificate]]`: one certificate chain and its private key, PEM files.

@@ -59,6 +59,8 @@ pub struct TlsConfig {
     pub http2: bool,
     pub h2_max_concurrent_streams: u32,
     pub h2_max_pending_resets: usize,
+    /// Lowercased host patterns redirected from http to https: names, `*.parent`, or `*`.
+    pub redirect_http: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -561,6 +561,20 @@ fn check_tls(c: &mut Checker<'_>, t: &TlsFile, hosts: &[String]) -> TlsConfig {
     if t.h2_max_concurrent_streams == 0 {
         c.report(&at("h2_max_concurrent_streams"), "must be at least 1");
     }
+    let mut redirect_http = Vec::new();
+    for (i, pattern) in t.redirect_http.iter().enumerate() {
+        let pattern = pattern.trim_end_matches('.').to_ascii_lowercase();
+        let name = pattern.strip_prefix("*.").unwrap_or(&pattern);
+        let valid =
+            pattern == "*" || super::host::normalize_host(name, 80).is_ok_and(|h| h == name);
+        if !valid {
+            c.report(
+                &[Key("server"), Key("tls"), Key("redirect_http"), Index(i)],
+                format!("not a host, *.parent or *: {pattern:?}"),
+            );
+        }
+        redirect_http.push(pattern);
+    }
     TlsConfig {
         listen,
         certificates,
@@ -568,6 +582,7 @@ fn check_tls(c: &mut Checker<'_>, t: &TlsFile, hosts: &[String]) -> TlsConfig {
         http2: t.http2,
         h2_max_concurrent_streams: t.h2_max_concurrent_streams.max(1),
         h2_max_pending_resets: t.h2_max_pending_resets,
+        redirect_http,
     }
 }
 

@@ -108,6 +108,7 @@ pub fn config(opts: &DemoOptions, certificate: &Certificate) -> Config {
         http2: true,
         h2_max_concurrent_streams: 100,
         h2_max_pending_resets: 20,
+        redirect_http: Vec::new(),
     });
     config.cache.downstream_cache_control = Some(http::HeaderValue::from_static(
         "private, s-maxage=0, max-age=0, must-revalidate",

@@ -116,6 +116,7 @@ impl FrontDoor {
             .map(|f| f.value);
         if !rules.serves_host(&url.host)
             || !hit::uses_cache_noted(&rules, &req.method, req.authorization, cookies)
+            || rules.https_location(&url).is_some()
         {
             return None;
         }

@@ -166,9 +166,42 @@ pub struct Rules {
     downstream_cache_control: Option<HeaderValue>,
     /// `[cache] compress`.
     compress: crate::config::Compress,
+    /// `[server.tls] redirect_http`.
+    https_redirect: Option<HttpsRedirect>,
+}
+
+/// Which hosts' plain-HTTP requests are sent to https, and the port that serves it.
+struct HttpsRedirect {
+    hosts: Vec<String>,
+    port: u16,
 }
 
 impl Rules {
+    /// Where a plain-HTTP request for `url` is sent instead (`[server.tls] redirect_http`):
+    /// the same path and query over https, on the HTTPS listener's port.
+    fn https_location(&self, url: &CacheUrl) -> Option<String> {
+        let redirect = self.https_redirect.as_ref()?;
+        if url.scheme != Scheme::Http {
+            return None;
+        }
+        let bare = match url.host.find(']') {
+            Some(end) => &url.host[..=end],
+            None => url.host.split(':').next().unwrap_or(&url.host),
+        };
+        let redirected = redirect
+            .hosts
+            .iter()
+            .any(|p| p == "*" || crate::config::certificate::covers(p, bare));
+        if !redirected {
+            return None;
+        }
+        let port = match redirect.port {
+            443 => String::new(),
+            port => format!(":{port}"),
+        };
+        Some(format!("https://{bare}{port}{}", url.path_and_query))
+    }
+
     fn pass_reason(&self, method: &Method, headers: &http::HeaderMap) -> Option<PassReason> {
         let cookies = headers.get_all(header::COOKIE).into_iter();
         self.pass_reason_of(
@@ -227,6 +260,13 @@ impl From<&Config> for Rules {
             downstream_cache_control: config.cache.downstream_cache_control.clone(),
             compress: config.cache.compress,
             body_timeout: config.server.body_timeout,
+            https_redirect: config.server.tls.as_ref().and_then(|tls| {
+                let port = tls.listen.first()?.port();
+                (!tls.redirect_http.is_empty()).then(|| HttpsRedirect {
+                    hosts: tls.redirect_http.clone(),
+                    port,
+                })
+            }),
         }
     }
 }
@@ -881,6 +921,18 @@ impl ProxyHttp for CachingProxy {
                     let line = format!("skua: this cache does not serve host {bare}");
                     respond::text(&self.shared.name, session, 421, &line).await?;
                     return Ok(true);
+                }
+                if let Some(location) = rules.https_location(&url) {
+                    ctx.internal = true;
+                    // RFC 9110 §15.4.2 and §15.4.9: 301 may turn a POST into a GET; 308 keeps
+                    // the method and body.
+                    let status = match method {
+                        Method::GET | Method::HEAD => 301,
+                        _ => 308,
+                    };
+                    return respond::redirect(&self.shared.name, session, status, &location)
+                        .await
+                        .map(|()| true);
                 }
                 guard::strip(session.req_header_mut(), &rules.strip_headers, from_proxy);
                 // From here on the request is what the origin will receive, so a variant key

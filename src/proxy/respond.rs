@@ -19,6 +19,22 @@ pub async fn text(name: &str, session: &mut Session, status: u16, line: &str) ->
     header(name, session, resp, Some(body)).await
 }
 
+/// A redirect to `location`, with a one-line body saying where.
+pub async fn redirect(
+    name: &str,
+    session: &mut Session,
+    status: u16,
+    location: &str,
+) -> Result<()> {
+    let body = Bytes::from(format!("skua: moved to {location}\n"));
+    let mut resp = ResponseHeader::build(status, Some(6))?;
+    resp.insert_header("location", location)?;
+    resp.insert_header("content-type", "text/plain; charset=utf-8")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    header(name, session, resp, Some(body)).await
+}
+
 /// Writes `resp` and an optional body, closing the response.
 /// `name`: this cache's name in `Cache-Status`.
 pub async fn header(
