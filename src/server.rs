@@ -274,6 +274,9 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
     Ok(shared)
 }
 
+/// Streams an HTTP/2 connection may make Skua reset before it is closed.
+const H2_MAX_LOCAL_RESETS: usize = 1024;
+
 /// pingora's HTTP application around the request path.
 fn proxy_app(server: &Server, shared: &Arc<ProxyState>) -> HttpProxy<CachingProxy> {
     let mut app =
@@ -299,7 +302,12 @@ fn h2_options(config: &Config, tls: &TlsConfig) -> pingora::protocols::http::v2:
             )
             .unwrap_or(u32::MAX),
         )
-        .max_pending_accept_reset_streams(tls.h2_max_pending_resets);
+        .max_pending_accept_reset_streams(tls.h2_max_pending_resets)
+        // Streams the server itself had to reset (a client that cancels what it asked for
+        // leaves pingora an unreadable body, which it resets): past this many the connection
+        // ends with ENHANCE_YOUR_CALM. h2's default, set here so that an upgrade of h2 cannot
+        // silently lift it (tests/tls.rs, rapid reset).
+        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_RESETS));
     options
 }
 

@@ -533,3 +533,147 @@ async fn http_is_redirected_to_https_per_host_and_purges_still_reach_the_https_c
         2.0
     );
 }
+
+/// An HTTP/2 connection over TLS to `addr` for `name`, trusting `ca`: the request handle, and
+/// the task driving the connection (which ends with the connection's error, if any).
+async fn h2_connection(
+    ca: &TestCa,
+    addr: SocketAddr,
+    name: &str,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der(&ca.pem).into()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let tls = connector.connect(server_name, tcp).await.unwrap();
+    let (send, connection) = h2::client::handshake(tls).await.unwrap();
+    (send, tokio::spawn(connection))
+}
+
+fn h2_get(url: &str, extra: &[(&str, String)]) -> http::Request<()> {
+    let mut req = http::Request::get(url);
+    for (name, value) in extra {
+        req = req.header(*name, value.as_str());
+    }
+    req.body(()).unwrap()
+}
+
+/// The 2023 "rapid reset" attack (CVE-2023-44487): a client opens streams and cancels each at
+/// once, as fast as it can. Skua closes such a connection (the streams it had to reset pass
+/// the per-connection limit, `H2_MAX_LOCAL_RESETS` in `server.rs`), hardly any cancelled
+/// request reaches the origin, and another client's requests are answered meanwhile, promptly.
+#[tokio::test]
+async fn http2_rapid_reset_is_cut_off_without_harm_to_other_clients() {
+    let origin = origin_reporting_the_scheme().await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
+    let tls_port = Port::reserve();
+    let _skua = Skua::start_tables(
+        &[origin.addr],
+        [&tls_lines(&tls_port, &[cert], ""), "", ""],
+        "",
+    )
+    .await;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
+    wait_listening(tls_addr).await;
+    let url = format!("https://wiki.test:{}/wiki/Reset", tls_port.number);
+
+    let attack = tokio::spawn({
+        let (ca_pem, url) = (ca.pem.clone(), url.clone());
+        async move {
+            let ca = TestCa::from_pem(&ca_pem);
+            let (mut send, driver) = h2_connection(&ca, tls_addr, "wiki.test").await;
+            let mut opened = 0u32;
+            for i in 0..20_000u32 {
+                let ready = match send.ready().await {
+                    Ok(ready) => ready,
+                    Err(_) => break,
+                };
+                send = ready;
+                let req = h2_get(&format!("{url}?{i}"), &[]);
+                match send.send_request(req, true) {
+                    Ok((_, mut stream)) => {
+                        stream.send_reset(h2::Reason::CANCEL);
+                        opened += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
+            (opened, ended)
+        }
+    });
+    let started = Instant::now();
+    let client = https_client(&ca, &["wiki.test"], tls_addr).build().unwrap();
+    let mut slowest = Duration::ZERO;
+    while !attack.is_finished() && started.elapsed() < Duration::from_secs(20) {
+        let asked = Instant::now();
+        let resp = client.get(&url).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        slowest = slowest.max(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (opened, ended) = attack.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reached = origin.count_starting("/wiki/Reset?");
+    // The client queues its 20,000 streams faster than any server can answer; Skua's side ends
+    // the connection (GOAWAY, then close), rather than serving them.
+    assert!(
+        matches!(ended, Ok(Ok(Err(_)))),
+        "Skua closed the attacking connection ({opened} streams sent): {ended:?}"
+    );
+    assert!(
+        reached < 100,
+        "{reached} cancelled requests reached the origin"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "another client waited {slowest:?}"
+    );
+}
+
+/// A request whose header list is larger than `[server] max_header_bytes` allows is refused
+/// over HTTP/2 as over HTTP/1.1 (431, or the stream reset), never reaches the origin, and the
+/// next requests are served.
+#[tokio::test]
+async fn http2_refuses_an_oversized_header_list() {
+    let origin = origin_reporting_the_scheme().await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
+    let tls_port = Port::reserve();
+    let _skua = Skua::start_tables(
+        &[origin.addr],
+        [&tls_lines(&tls_port, &[cert], ""), "", ""],
+        "",
+    )
+    .await;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
+    wait_listening(tls_addr).await;
+    let url = format!("https://wiki.test:{}/wiki/Big", tls_port.number);
+    let (send, _driver) = h2_connection(&ca, tls_addr, "wiki.test").await;
+    let mut send = send.ready().await.unwrap();
+    let big = [("x-big", "a".repeat(100_000))];
+    let (resp, _) = send.send_request(h2_get(&url, &big), true).unwrap();
+    match resp.await {
+        Ok(resp) => assert_eq!(resp.status(), 431),
+        Err(e) => assert!(e.is_reset() || e.is_go_away(), "{e:?}"),
+    }
+    assert_eq!(origin.count("/wiki/Big"), 0);
+    let client = https_client(&ca, &["wiki.test"], tls_addr).build().unwrap();
+    let resp = client.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(origin.count("/wiki/Big"), 1);
+}

@@ -189,6 +189,12 @@ impl Origin {
             .count()
     }
 
+    /// Requests that reached the origin for paths starting with `prefix`.
+    pub fn count_starting(&self, prefix: &str) -> usize {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().filter(|r| r.path.starts_with(prefix)).count()
+    }
+
     pub fn requests(&self, path: &str) -> Vec<Seen> {
         self.seen
             .lock()
@@ -805,6 +811,16 @@ impl TestCa {
         let pem = params.self_signed(&key).unwrap().pem();
         TestCa {
             pem,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// The same CA's certificate, for a client to trust (it cannot issue).
+    pub fn from_pem(pem: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        TestCa {
+            pem: pem.to_string(),
             issuer: rcgen::Issuer::new(params, key),
         }
     }
