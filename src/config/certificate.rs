@@ -129,6 +129,26 @@ pub fn load(
     })
 }
 
+/// The certificates in the PEM file `path`, each parsed (an authority a TLS client verifies
+/// against): DER, in file order.
+pub fn load_authorities(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{}: holds no certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    for cert in &certs {
+        x509_parser::parse_x509_certificate(cert)
+            .map_err(|e| format!("{}: a certificate does not parse: {e}", path.display()))?;
+    }
+    Ok(certs.into_iter().map(|c| c.to_vec()).collect())
+}
+
 /// Whether a certificate name (`wiki.example` or `*.wiki.example`) covers `host`, both
 /// lowercase: a wildcard stands for exactly one leftmost label (RFC 6125 §6.4.3).
 pub fn covers(pattern: &str, host: &str) -> bool {

@@ -210,6 +210,32 @@ pub struct OriginFile {
     /// `101 Switching Protocols` from an origin is refused with 502.
     #[serde(default)]
     pub upgrade: Vec<String>,
+    /// HTTPS to this pool's origins (`[origin.tls]`). Default: plain HTTP.
+    #[serde(default)]
+    pub tls: Option<OriginTlsFile>,
+}
+
+/// `[origin.tls]`: the pool's origins speak HTTPS. A certificate that does not verify is a
+/// 502 (counted in `skua_origin_errors_total`), never a fall-back to plain HTTP.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginTlsFile {
+    /// The name sent (SNI) and verified in the origin's certificate. Default: the request's
+    /// host (and the health check's `host` for checks).
+    #[serde(default)]
+    pub name: String,
+    /// Verify the origin's certificate chain and name. Default true; turn it off only for an
+    /// origin whose certificate cannot be verified, knowing that anyone on the path can then
+    /// answer for it.
+    #[serde(default = "default_true")]
+    pub verify: bool,
+    /// PEM file of the authorities the origin's certificate is verified against. Default: the
+    /// system's roots (`SSL_CERT_FILE` / `SSL_CERT_DIR` are honoured).
+    #[serde(default)]
+    pub ca_file: String,
+    /// Offer HTTP/2 to the origin (ALPN); it is used when the origin chooses it. Default true.
+    #[serde(default = "default_true")]
+    pub http2: bool,
 }
 
 fn default_balance() -> String {

@@ -75,6 +75,19 @@ pub struct OriginPool {
     pub balance: Balance,
     /// Lowercased protocols `Upgrade` may switch to (`[[origin]] upgrade`); empty: none.
     pub upgrade: Vec<String>,
+    /// `[origin.tls]`: HTTPS to the origins.
+    pub tls: Option<OriginTls>,
+}
+
+/// `[origin.tls]`, validated.
+#[derive(Debug, Clone)]
+pub struct OriginTls {
+    /// SNI and the verified name; `None`: the request's host.
+    pub name: Option<String>,
+    pub verify: bool,
+    /// The authorities to verify against (DER, each parsed); `None`: the system's roots.
+    pub ca: Option<Vec<Vec<u8>>>,
+    pub http2: bool,
 }
 
 /// Which encodings Skua compresses stored responses to (`[cache] compress`).

@@ -10,7 +10,8 @@ use regex::Regex;
 use toml_edit::{ImDocument, TableLike};
 
 use super::file::{
-    BusFile, CacheFile, FileConfig, HtcpFile, LogFile, OriginFile, PurgeFile, ServerFile, TlsFile,
+    BusFile, CacheFile, FileConfig, HtcpFile, LogFile, OriginFile, OriginTlsFile, PurgeFile,
+    ServerFile, TlsFile,
 };
 use super::*;
 
@@ -600,6 +601,7 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
             health_check: Default::default(),
             balance: "round_robin".into(),
             upgrade: Vec::new(),
+            tls: None,
         }]
     } else {
         origin_tables
@@ -661,7 +663,9 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
             failures: hc.failures.max(1),
             successes: hc.successes.max(1),
         });
+        let tls = o.tls.as_ref().map(|t| check_origin_tls(c, i, t));
         origins.push(OriginPool {
+            tls,
             name: o.name,
             addresses,
             hosts: o.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
@@ -673,6 +677,30 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
         });
     }
     origins
+}
+
+/// `[origin.tls]` of pool `i`: its name a host, its CA file readable PEM certificates.
+fn check_origin_tls(c: &mut Checker<'_>, i: usize, t: &OriginTlsFile) -> OriginTls {
+    use Seg::{Index, Key};
+    let at = |key| [Key("origin"), Index(i), Key("tls"), Key(key)];
+    let name = (!t.name.is_empty()).then(|| t.name.trim_end_matches('.').to_ascii_lowercase());
+    if let Some(name) = &name {
+        if super::host::normalize_host(name, 443).map_or(true, |h| h != *name) {
+            c.report(&at("name"), format!("not a host name: {name:?}"));
+        }
+    }
+    let ca = (!t.ca_file.is_empty()).then(|| {
+        certificate::load_authorities(Path::new(&t.ca_file)).unwrap_or_else(|why| {
+            c.report(&at("ca_file"), why);
+            Vec::new()
+        })
+    });
+    OriginTls {
+        name,
+        verify: t.verify,
+        ca,
+        http2: t.http2,
+    }
 }
 
 /// `[cache]`, with its `[cache.bypass]` and `[cache.disk]` tables.

@@ -1099,7 +1099,12 @@ impl ProxyHttp for CachingProxy {
             (None, None) => return Error::e_explain(ErrorType::InternalError, "no origin pool"),
         };
         let key = || ctx.url.as_ref().map(CacheUrl::primary).unwrap_or_default();
-        Ok(Box::new(pool.pick(key, &ctx.failed_origins)?))
+        let host = ctx.url.as_ref().map_or("", |u| u.host.as_str());
+        let host = match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host.split(':').next().unwrap_or(host),
+        };
+        Ok(Box::new(pool.pick(key, host, &ctx.failed_origins)?))
     }
 
     fn fail_to_connect(
@@ -1359,6 +1364,14 @@ impl ProxyHttp for CachingProxy {
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                 (504, "origin timed out")
             }
+            // Never a fall-back to plain HTTP: the operator asked for TLS to this origin.
+            ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::InvalidCert
+            | ErrorType::HandshakeError => (
+                502,
+                "TLS to the origin failed (its certificate did not verify, or it does not speak TLS)",
+            ),
             _ => match e.esource() {
                 ErrorSource::Upstream => (502, "origin unreachable or failed"),
                 ErrorSource::Downstream => match e.etype() {

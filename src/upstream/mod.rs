@@ -22,8 +22,11 @@ use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 
-use crate::config::{Balance, OriginPool};
+use crate::config::{Balance, OriginPool, OriginTls};
 use crate::metrics::{Metrics, OriginSeries};
+use pingora::protocols::tls::CaType;
+use pingora::protocols::ALPN;
+use pingora::utils::tls::{parse_x509, WrappedX509};
 
 /// One origin pool, ready to pick origins.
 pub struct Pool {
@@ -37,6 +40,53 @@ pub struct Pool {
     upgrade: Vec<String>,
     /// This pool's origin metrics, made on first use.
     series: std::sync::OnceLock<OriginSeries>,
+    tls: Option<PoolTls>,
+}
+
+/// How a pool's origins are reached over HTTPS (`[origin.tls]`).
+struct PoolTls {
+    /// SNI and the verified name; `None`: the request's host.
+    name: Option<String>,
+    verify: bool,
+    /// Authorities to verify against; `None`: the system's roots.
+    ca: Option<Arc<CaType>>,
+    alpn: ALPN,
+}
+
+impl PoolTls {
+    fn new(config: &OriginTls) -> PoolTls {
+        // Every certificate was parsed when the configuration was checked
+        // (`certificate::load_authorities`), so pingora's parse in `WrappedX509::new` holds.
+        let ca = config.ca.as_ref().map(|certs| {
+            let wrapped: Vec<WrappedX509> = certs
+                .iter()
+                .map(|der| WrappedX509::new(der.clone(), parse_x509))
+                .collect();
+            Arc::<CaType>::from(wrapped)
+        });
+        PoolTls {
+            name: config.name.clone(),
+            verify: config.verify,
+            ca,
+            alpn: if config.http2 { ALPN::H2H1 } else { ALPN::H1 },
+        }
+    }
+
+    /// Makes `peer` speak TLS to an origin for `host` (the request's, without its port).
+    fn apply(&self, peer: &mut HttpPeer, host: &str) {
+        // pingora verifies nothing when the SNI is empty (`connectors::tls::rustls`), so an
+        // empty name is never sent while verification is asked for.
+        let name = self.name.as_deref().unwrap_or(host);
+        peer.sni = if name.is_empty() {
+            "localhost".into()
+        } else {
+            name.to_string()
+        };
+        peer.options.verify_cert = self.verify;
+        peer.options.verify_hostname = self.verify;
+        peer.options.ca = self.ca.clone();
+        peer.options.alpn = self.alpn.clone();
+    }
 }
 
 /// All pools, in configuration order.
@@ -96,6 +146,7 @@ impl Pools {
                 size: pool.addresses.len(),
                 upgrade: pool.upgrade.clone(),
                 series: std::sync::OnceLock::new(),
+                tls: pool.tls.as_ref().map(PoolTls::new),
             });
         }
         Ok(Pools {
@@ -168,8 +219,14 @@ impl Pool {
     /// A healthy origin not in `failed`, as an upstream peer. When the health checks hold
     /// every remaining origin down, one of them is tried anyway, as nginx does: the checks may
     /// be behind (a pool that just started), and a refused connection costs little.
-    /// `key` gives the cache key; only a consistent pool asks for it.
-    pub fn pick(&self, key: impl FnOnce() -> String, failed: &[SocketAddr]) -> Result<HttpPeer> {
+    /// `key` gives the cache key; only a consistent pool asks for it. `host`: the request's
+    /// host (without a port), the name an HTTPS origin is asked for unless the pool names one.
+    pub fn pick(
+        &self,
+        key: impl FnOnce() -> String,
+        host: &str,
+        failed: &[SocketAddr],
+    ) -> Result<HttpPeer> {
         let untried = |b: &Backend| b.addr.as_inet().is_none_or(|a| !failed.contains(a));
         let key = match &self.balancer {
             Balancer::Consistent(_) => key(),
@@ -192,7 +249,10 @@ impl Pool {
         let addr = *backend.addr.as_inet().ok_or_else(|| {
             Error::explain(ErrorType::InternalError, "origin is not an inet address")
         })?;
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let mut peer = HttpPeer::new(addr, self.tls.is_some(), String::new());
+        if let Some(tls) = &self.tls {
+            tls.apply(&mut peer, host);
+        }
         peer.options.connection_timeout = Some(self.connect_timeout);
         peer.options.total_connection_timeout = Some(self.connect_timeout);
         peer.options.read_timeout = Some(self.read_timeout);
@@ -224,6 +284,11 @@ where
         // The host goes into the request below, where a bad value is an error, not a panic
         // (pingora's constructor unwraps it).
         let mut check = HttpHealthCheck::new("", false);
+        if let Some(tls) = &pool.tls {
+            let mut peer = HttpPeer::new("0.0.0.0:1", true, String::new());
+            PoolTls::new(tls).apply(&mut peer, &hc.host);
+            check.peer_template = peer;
+        }
         let mut req = RequestHeader::build("GET", hc.path.as_bytes(), None)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         req.insert_header("Host", hc.host.as_str())
