@@ -88,10 +88,12 @@ async fn https_serves_hits_over_http2_and_http11_and_keys_on_the_scheme() {
     let dir = tempfile::tempdir().unwrap();
     let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test", "*.wiki.test"]));
     let tls_port = Port::reserve();
+    let log = dir.path().join("access.log");
+    let log_table = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
     let skua = Skua::start_tables(
         &[origin.addr],
         [&tls_lines(&tls_port, &[cert], ""), "", ""],
-        "",
+        &log_table,
     )
     .await;
     let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
@@ -148,6 +150,39 @@ async fn https_serves_hits_over_http2_and_http11_and_keys_on_the_scheme() {
         2.0
     );
     assert_eq!(skua.metric("skua_tls_http2_connections_total").await, 1.0);
+
+    // The access log says which requests were https, and over which protocol.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut lines = Vec::new();
+    while lines.len() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        lines = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect();
+    }
+    // In the order they were logged, which a miss may reach after the hit that followed it.
+    let mut seen: Vec<(String, String, String)> = lines
+        .iter()
+        .map(|l| {
+            let field = |k: &str| l[k].as_str().unwrap_or("").to_string();
+            (field("scheme"), field("protocol"), field("cache_status"))
+        })
+        .collect();
+    let expected = [
+        ("https", "HTTP/2.0", "miss"),
+        ("https", "HTTP/2.0", "hit-front"),
+        ("https", "HTTP/1.1", "hit-front"),
+        ("http", "HTTP/1.1", "miss"),
+    ];
+    let mut expected: Vec<(String, String, String)> = expected
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
+    seen.sort();
+    expected.sort();
+    assert_eq!(seen, expected);
 }
 
 /// Each certificate is served for the names it covers (SNI), wildcards included; a client that

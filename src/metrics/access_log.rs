@@ -19,6 +19,8 @@ pub struct Entry<'a> {
     pub target: &'a str,
     /// The request's protocol as the request line names it, e.g. `HTTP/1.0`.
     pub protocol: &'static str,
+    /// `http` or `https`: the scheme of the resource asked for.
+    pub scheme: &'static str,
     pub host: &'a str,
     pub status: u16,
     pub bytes: u64,
@@ -152,6 +154,7 @@ pub fn json(e: &Entry<'_>, now: SystemTime) -> String {
         "client": e.client,
         "method": e.method,
         "protocol": e.protocol,
+        "scheme": e.scheme,
         "host": e.host,
         "target": e.target,
         "status": e.status,
@@ -176,6 +179,7 @@ mod tests {
             method: "GET",
             target: "/wiki/Main_Page",
             protocol: "HTTP/1.0",
+            scheme: "https",
             host: "en.wiki.test",
             status: 200,
             bytes: 1234,
@@ -201,6 +205,7 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(&json(&entry("ua"), SystemTime::now())).unwrap();
         assert_eq!(v["cache_status"], "hit-front");
+        assert_eq!(v["scheme"], "https");
         assert_eq!(v["duration_ms"], 1.5);
         assert_eq!(v["status"], 200);
     }

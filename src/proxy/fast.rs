@@ -165,6 +165,7 @@ impl FrontDoor {
             target: &|| Cow::Borrowed(req.target),
             // The front door answers HTTP/1.1 only; anything else takes the full path.
             protocol: "HTTP/1.1",
+            scheme: url.scheme,
             host: &url.host,
             headers: &req.fields,
             status: obj.meta.status(),

@@ -1470,6 +1470,10 @@ impl ProxyHttp for CachingProxy {
             method: req.method.as_str(),
             target: &as_sent,
             protocol: crate::metrics::access_log::protocol(req.version),
+            scheme: ctx
+                .url
+                .as_ref()
+                .map_or_else(|| listener_scheme(session), |u| u.scheme),
             host: ctx.url.as_ref().map_or("", |u| u.host.as_str()),
             headers: &req.headers,
             status,

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use super::ProxyState;
 use crate::cache::fields::RequestFields;
+use crate::cache::key::Scheme;
 use crate::cache::status::Disposition;
 use crate::metrics::access_log::Entry;
 use crate::metrics::HitPath;
@@ -23,6 +24,7 @@ pub struct Served<'a, F: RequestFields + ?Sized> {
     /// The request target as logged, made only when the access log writes it.
     pub target: &'a dyn Fn() -> Cow<'a, str>,
     pub protocol: &'static str,
+    pub scheme: Scheme,
     pub host: &'a str,
     /// The request's fields, for `Referer` and `User-Agent`.
     pub headers: &'a F,
@@ -53,6 +55,7 @@ impl ProxyState {
                 method: served.method,
                 target: &target,
                 protocol: served.protocol,
+                scheme: served.scheme.as_str(),
                 host: served.host,
                 status: served.status,
                 bytes: served.body_bytes,
