@@ -6,14 +6,14 @@ use std::process::Command;
 
 use crate::support::*;
 
-fn chromium() -> Option<PathBuf> {
+pub fn chromium() -> Option<PathBuf> {
     ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
         .iter()
         .map(PathBuf::from)
         .find(|p| p.exists())
 }
 
-fn browser(chromium: &PathBuf, profile: &std::path::Path) -> Command {
+pub fn browser(chromium: &PathBuf, profile: &std::path::Path) -> Command {
     let mut cmd = Command::new(chromium);
     cmd.args([
         "--headless",

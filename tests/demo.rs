@@ -274,3 +274,53 @@ async fn demo_fleet_carries_an_edit_from_node_a_to_every_node() {
         }
     }
 }
+
+/// #19: a browser (headless Chromium) loads the demo's page over HTTPS, negotiates HTTP/2, and
+/// its second visit is a memory hit: the page and the `X-Cache-Status` it was served with, as
+/// Chromium's own network log recorded them.
+#[tokio::test]
+async fn a_browser_reads_the_demo_over_https_and_http2_from_the_cache() {
+    let Some(chromium) = crate::dashboard::chromium() else {
+        prerequisite_missing("no Chromium (apt-get install chromium)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(&dir.path().join("cache")).await;
+    wait_listening(demo.https.parse().unwrap()).await;
+    let url = format!("https://{}/wiki/Main_Page", demo.https);
+    let cache_status = regex::Regex::new(r#""x-cache-status: ([a-z-]+)""#).unwrap();
+    let mut statuses = Vec::new();
+    for visit in 0..2 {
+        let net_log = dir.path().join(format!("net-{visit}.json"));
+        let profile = dir.path().join(format!("profile-{visit}"));
+        let (chromium, url, log) = (chromium.clone(), url.clone(), net_log.clone());
+        let out = tokio::task::spawn_blocking(move || {
+            crate::dashboard::browser(&chromium, &profile)
+                // The demo's certificate is self-signed, made at start (as `curl -k`).
+                .arg("--ignore-certificate-errors")
+                .arg(format!("--log-net-log={}", log.display()))
+                .arg("--dump-dom")
+                .arg(&url)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let page = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            page.contains("<h1>Main Page</h1>"),
+            "visit {visit}:\n{page}"
+        );
+        let log = std::fs::read_to_string(&net_log).unwrap();
+        assert!(
+            log.contains("\"negotiated_protocol\":\"h2\""),
+            "visit {visit} did not use HTTP/2"
+        );
+        let status = cache_status
+            .captures(&log)
+            .map(|c| c[1].to_string())
+            .unwrap_or_default();
+        statuses.push(status);
+    }
+    assert_eq!(statuses, ["miss", "hit-front"]);
+}
