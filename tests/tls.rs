@@ -67,6 +67,25 @@ fn der(pem: &str) -> Vec<u8> {
         .to_vec()
 }
 
+/// Skua in front of `origin` with HTTPS on a port of its own and one certificate (`pem`:
+/// chain and key), `more` lines in `[server.tls]` and `extra` tables: the proxy, the HTTPS
+/// port and address, and the directory holding the certificate files.
+async fn https_skua(
+    origin: &Origin,
+    pem: &(String, String),
+    more: &str,
+    extra: &str,
+) -> (Skua, Port, SocketAddr, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_certificate(dir.path(), "wiki", pem);
+    let tls_port = Port::reserve();
+    let lines = tls_lines(&tls_port, &[cert], more);
+    let skua = Skua::start_tables(&[origin.addr], [&lines, "", ""], extra).await;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
+    wait_listening(tls_addr).await;
+    (skua, tls_port, tls_addr, dir)
+}
+
 async fn origin_reporting_the_scheme() -> Origin {
     Origin::start(|seen| {
         Reply::ok(format!(
@@ -85,19 +104,11 @@ async fn origin_reporting_the_scheme() -> Origin {
 async fn https_serves_hits_over_http2_and_http11_and_keys_on_the_scheme() {
     let origin = origin_reporting_the_scheme().await;
     let ca = TestCa::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test", "*.wiki.test"]));
-    let tls_port = Port::reserve();
-    let log = dir.path().join("access.log");
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("access.log");
     let log_table = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
-    let skua = Skua::start_tables(
-        &[origin.addr],
-        [&tls_lines(&tls_port, &[cert], ""), "", ""],
-        &log_table,
-    )
-    .await;
-    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
-    wait_listening(tls_addr).await;
+    let pem = ca.issue(&["wiki.test", "*.wiki.test"]);
+    let (skua, tls_port, tls_addr, _dir) = https_skua(&origin, &pem, "", &log_table).await;
     let url = format!("https://en.wiki.test:{}/wiki/Page", tls_port.number);
 
     let h2 = https_client(&ca, &["en.wiki.test"], tls_addr)
@@ -230,17 +241,8 @@ async fn sni_selects_the_certificate_and_the_default_answers_other_names() {
 async fn a_stalled_handshake_is_cut_off_after_the_deadline() {
     let origin = origin_reporting_the_scheme().await;
     let ca = TestCa::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
-    let tls_port = Port::reserve();
-    let skua = Skua::start_tables(
-        &[origin.addr],
-        [&tls_lines(&tls_port, &[cert], ""), "", ""],
-        "",
-    )
-    .await;
-    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
-    wait_listening(tls_addr).await;
+    let (skua, _tls_port, tls_addr, _dir) =
+        https_skua(&origin, &ca.issue(&["wiki.test"]), "", "").await;
     // A TLS record header announcing a ClientHello of 512 bytes, then 5 of them.
     let half_hello: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03];
     for sent in [&[][..], half_hello] {
@@ -272,18 +274,8 @@ async fn a_stalled_handshake_is_cut_off_after_the_deadline() {
 async fn reload_swaps_the_certificate_under_load_and_a_bad_one_keeps_the_old() {
     let origin = origin_reporting_the_scheme().await;
     let ca = TestCa::new();
-    let dir = tempfile::tempdir().unwrap();
     let first_pem = ca.issue(&["wiki.test"]);
-    let cert = write_certificate(dir.path(), "wiki", &first_pem);
-    let tls_port = Port::reserve();
-    let skua = Skua::start_tables(
-        &[origin.addr],
-        [&tls_lines(&tls_port, &[cert], ""), "", ""],
-        "",
-    )
-    .await;
-    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
-    wait_listening(tls_addr).await;
+    let (skua, tls_port, tls_addr, dir) = https_skua(&origin, &first_pem, "", "").await;
     let url = format!("https://wiki.test:{}/page", tls_port.number);
     let fresh_connection = || {
         https_client(&ca, &["wiki.test"], tls_addr)
@@ -464,17 +456,8 @@ async fn old_protocols_and_weak_suites_are_refused() {
     }
     let origin = origin_reporting_the_scheme().await;
     let ca = TestCa::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
-    let tls_port = Port::reserve();
-    let skua = Skua::start_tables(
-        &[origin.addr],
-        [&tls_lines(&tls_port, &[cert], ""), "", ""],
-        "",
-    )
-    .await;
-    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
-    wait_listening(tls_addr).await;
+    let (skua, _tls_port, tls_addr, _dir) =
+        https_skua(&origin, &ca.issue(&["wiki.test"]), "", "").await;
     let s_client = |args: &[&str]| {
         let out = std::process::Command::new("openssl")
             .args(["s_client", "-brief", "-connect", &tls_addr.to_string()])
@@ -526,13 +509,9 @@ async fn old_protocols_and_weak_suites_are_refused() {
 async fn http_is_redirected_to_https_per_host_and_purges_still_reach_the_https_copy() {
     let origin = origin_reporting_the_scheme().await;
     let ca = TestCa::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
-    let tls_port = Port::reserve();
-    let lines = tls_lines(&tls_port, &[cert], "redirect_http = [\"wiki.test\"]");
-    let skua = Skua::start_tables(&[origin.addr], [&lines, "", ""], "").await;
-    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
-    wait_listening(tls_addr).await;
+    let redirect = "redirect_http = [\"wiki.test\"]";
+    let (skua, tls_port, tls_addr, _dir) =
+        https_skua(&origin, &ca.issue(&["wiki.test"]), redirect, "").await;
     let plain = format!("http://{}/wiki/Page?action=view", skua.addr);
     let to = format!(
         "https://wiki.test:{}/wiki/Page?action=view",
@@ -630,17 +609,8 @@ fn h2_get(url: &str, extra: &[(&str, String)]) -> http::Request<()> {
 async fn http2_rapid_reset_is_cut_off_without_harm_to_other_clients() {
     let origin = origin_reporting_the_scheme().await;
     let ca = TestCa::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
-    let tls_port = Port::reserve();
-    let _skua = Skua::start_tables(
-        &[origin.addr],
-        [&tls_lines(&tls_port, &[cert], ""), "", ""],
-        "",
-    )
-    .await;
-    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
-    wait_listening(tls_addr).await;
+    let (_skua, tls_port, tls_addr, _dir) =
+        https_skua(&origin, &ca.issue(&["wiki.test"]), "", "").await;
     let url = format!("https://wiki.test:{}/wiki/Reset", tls_port.number);
 
     let attack = tokio::spawn({
@@ -704,17 +674,8 @@ async fn http2_rapid_reset_is_cut_off_without_harm_to_other_clients() {
 async fn http2_refuses_an_oversized_header_list() {
     let origin = origin_reporting_the_scheme().await;
     let ca = TestCa::new();
-    let dir = tempfile::tempdir().unwrap();
-    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
-    let tls_port = Port::reserve();
-    let _skua = Skua::start_tables(
-        &[origin.addr],
-        [&tls_lines(&tls_port, &[cert], ""), "", ""],
-        "",
-    )
-    .await;
-    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
-    wait_listening(tls_addr).await;
+    let (_skua, tls_port, tls_addr, _dir) =
+        https_skua(&origin, &ca.issue(&["wiki.test"]), "", "").await;
     let url = format!("https://wiki.test:{}/wiki/Big", tls_port.number);
     let (send, _driver) = h2_connection(&ca, tls_addr, "wiki.test").await;
     let mut send = send.ready().await.unwrap();
@@ -742,25 +703,13 @@ async fn https_origins_are_verified_and_a_wrong_certificate_is_a_502() {
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &ca.pem).unwrap();
-    let https_origin = |names: &'static [&'static str], file: &'static str| {
-        let (origin_addr, ca, dir) = (origin.addr, &ca, dir.path());
-        async move {
-            let cert = write_certificate(dir, file, &ca.issue(names));
-            let port = Port::reserve();
-            let skua =
-                Skua::start_tables(&[origin_addr], [&tls_lines(&port, &[cert], ""), "", ""], "")
-                    .await;
-            let addr: SocketAddr = format!("127.0.0.1:{}", port.number).parse().unwrap();
-            wait_listening(addr).await;
-            (skua, port, addr)
-        }
-    };
     let front_of = |addr: SocketAddr, tls: String| async move {
         Skua::start_tables(&[addr], ["", &format!("[origin.tls]\n{tls}"), ""], "").await
     };
     let ca_line = format!("ca_file = \"{}\"\n", ca_file.display());
 
-    let (right, _right_port, right_addr) = https_origin(&["wiki.test"], "right").await;
+    let (right, _, right_addr, _right_dir) =
+        https_skua(&origin, &ca.issue(&["wiki.test"]), "", "").await;
     let front = front_of(right_addr, ca_line.clone()).await;
     let got = get(&front.url("/wiki/Secure"), &[("host", "wiki.test")]).await;
     assert_eq!(got.status, 200, "{}", got.text());
@@ -772,7 +721,8 @@ async fn https_origins_are_verified_and_a_wrong_certificate_is_a_502() {
     );
     assert_eq!(origin.count("/wiki/Secure"), 1);
 
-    let (_wrong, _wrong_port, wrong_addr) = https_origin(&["other.test"], "wrong").await;
+    let (_wrong, _, wrong_addr, _wrong_dir) =
+        https_skua(&origin, &ca.issue(&["other.test"]), "", "").await;
     let front = front_of(wrong_addr, ca_line.clone()).await;
     let got = get(&front.url("/wiki/Wrong"), &[("host", "wiki.test")]).await;
     assert_eq!(got.status, 502);
