@@ -139,6 +139,15 @@ async fn https_serves_hits_over_http2_and_http11_and_keys_on_the_scheme() {
         "the front door answered the HTTPS/1.1 hit"
     );
     assert_eq!(origin.count("/wiki/Page"), 1);
+    // A miss over HTTPS/1.1 goes through pingora's HTTP/1.1 session on the TLS connection.
+    let other = format!("https://en.wiki.test:{}/wiki/Other", tls_port.number);
+    for expected in ["miss", "hit-front"] {
+        let resp = h1.get(&other).send().await.unwrap();
+        assert_eq!(resp.version(), reqwest::Version::HTTP_11);
+        assert_eq!(resp.headers()["x-cache-status"], expected);
+        assert_eq!(resp.text().await.unwrap(), "proto https");
+    }
+    assert_eq!(origin.count("/wiki/Other"), 1);
 
     // The same path over plain HTTP is the http resource: fetched once for itself.
     let plain = get(
@@ -165,7 +174,7 @@ async fn https_serves_hits_over_http2_and_http11_and_keys_on_the_scheme() {
     // The access log says which requests were https, and over which protocol.
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut lines = Vec::new();
-    while lines.len() < 4 && Instant::now() < deadline {
+    while lines.len() < 6 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
         lines = std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -184,6 +193,8 @@ async fn https_serves_hits_over_http2_and_http11_and_keys_on_the_scheme() {
     let expected = [
         ("https", "HTTP/2.0", "miss"),
         ("https", "HTTP/2.0", "hit-front"),
+        ("https", "HTTP/1.1", "hit-front"),
+        ("https", "HTTP/1.1", "miss"),
         ("https", "HTTP/1.1", "hit-front"),
         ("http", "HTTP/1.1", "miss"),
     ];
