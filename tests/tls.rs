@@ -762,3 +762,48 @@ async fn https_origins_are_verified_and_a_wrong_certificate_is_a_502() {
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(origin.count("/wiki/Unverified"), 1);
 }
+
+/// Over HTTP/2, what a client does over HTTP/1.1: a miss, a hit, HEAD, a Range request, and a
+/// PURGE (sent over HTTP/2 too) after which the next request is a miss.
+#[tokio::test]
+async fn http2_serves_head_range_and_purge_like_http11() {
+    let origin = Origin::start(|_| {
+        Reply::ok("0123456789 a page of the wiki")
+            .header("cache-control", "max-age=600")
+            .header("etag", "\"v1\"")
+    })
+    .await;
+    let ca = TestCa::new();
+    let (_skua, tls_port, tls_addr, _dir) =
+        https_skua(&origin, &ca.issue(&["wiki.test"]), "", "").await;
+    let url = format!("https://wiki.test:{}/wiki/H2", tls_port.number);
+    let h2 = https_client(&ca, &["wiki.test"], tls_addr).build().unwrap();
+    let send = |method: &str, headers: &[(&str, &str)]| {
+        let mut req = h2.request(
+            reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+            &url,
+        );
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send()
+    };
+    let miss = send("GET", &[]).await.unwrap();
+    assert_eq!(miss.version(), reqwest::Version::HTTP_2);
+    assert_eq!(miss.headers()["x-cache-status"], "miss");
+    assert_eq!(miss.text().await.unwrap(), "0123456789 a page of the wiki");
+    let head = send("HEAD", &[]).await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["x-cache-status"], "hit-front");
+    assert_eq!(head.headers()["content-length"], "29");
+    assert_eq!(head.text().await.unwrap(), "");
+    let range = send("GET", &[("range", "bytes=0-3")]).await.unwrap();
+    assert_eq!(range.status(), 206);
+    assert_eq!(range.headers()["content-range"], "bytes 0-3/29");
+    assert_eq!(range.text().await.unwrap(), "0123");
+    let purge = send("PURGE", &[]).await.unwrap();
+    assert_eq!(purge.status(), 204);
+    let after = send("GET", &[]).await.unwrap();
+    assert_eq!(after.headers()["x-cache-status"], "miss");
+    assert_eq!(origin.count("/wiki/H2"), 2);
+}
