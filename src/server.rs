@@ -104,6 +104,13 @@ pub fn check_addresses_free(config: &Config) -> anyhow::Result<()> {
         .iter()
         .map(|a| ("server.listen".to_string(), *a))
         .collect();
+    if let Some(tls) = &config.server.tls {
+        tcp.extend(
+            tls.listen
+                .iter()
+                .map(|a| ("server.tls.listen".to_string(), *a)),
+        );
+    }
     if let Some(admin) = config.server.admin {
         tcp.push(("server.admin".into(), admin));
     }

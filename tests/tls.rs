@@ -807,3 +807,31 @@ async fn http2_serves_head_range_and_purge_like_http11() {
     assert_eq!(after.headers()["x-cache-status"], "miss");
     assert_eq!(origin.count("/wiki/H2"), 2);
 }
+
+/// A second Skua whose HTTPS address is taken does not start, and says which key.
+#[tokio::test]
+async fn a_taken_https_address_is_refused_naming_its_key() {
+    let origin = origin_reporting_the_scheme().await;
+    let ca = TestCa::new();
+    let pem = ca.issue(&["wiki.test"]);
+    let (_skua, _tls_port, tls_addr, dir) = https_skua(&origin, &pem, "", "").await;
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{}\"]\nadmin = \"\"\n\n[server.tls]\nlisten = [\"{tls_addr}\"]\n\n[[server.tls.certificate]]\nchain = \"{}\"\nkey = \"{}\"\n",
+        free_port(),
+        dir.path().join("wiki.pem").display(),
+        dir.path().join("wiki.key").display(),
+    );
+    let path = dir.path().join("second.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(skua_bin())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second Skua started");
+    assert!(
+        stderr.contains(&format!("server.tls.listen: cannot listen on {tls_addr}")),
+        "{stderr}"
+    );
+}
