@@ -835,3 +835,54 @@ async fn a_taken_https_address_is_refused_naming_its_key() {
         "{stderr}"
     );
 }
+
+/// Regression: a hit the front door answered with `Connection: close` ended the TLS connection
+/// without close_notify, which OpenSSL clients report as "unexpected eof" (RFC 8446 §6.1).
+#[tokio::test]
+async fn a_closed_https_connection_ends_with_close_notify() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        prerequisite_missing("openssl (apt-get install openssl)");
+        return;
+    }
+    let origin = origin_reporting_the_scheme().await;
+    let ca = TestCa::new();
+    let (_skua, _tls_port, tls_addr, _dir) =
+        https_skua(&origin, &ca.issue(&["wiki.test"]), "", "").await;
+    let request = "GET /wiki/Closing HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n";
+    for expected in ["miss", "hit-front"] {
+        // Off the test's runtime thread, which the origin runs on.
+        let out = tokio::task::spawn_blocking(move || {
+            let mut child = std::process::Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-quiet",
+                    "-ign_eof",
+                    "-connect",
+                    &tls_addr.to_string(),
+                ])
+                .args(["-servername", "wiki.test"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            std::io::Write::write_all(&mut stdin, request.as_bytes()).unwrap();
+            drop(stdin);
+            child.wait_with_output().unwrap()
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains(&format!("x-cache-status: {expected}")),
+            "{text}"
+        );
+        assert!(!text.contains("unexpected eof"), "{expected}:\n{text}");
+    }
+}

@@ -231,6 +231,13 @@ where
             stream = next;
             settings = next_settings;
         }
+        if self.tls.is_some() {
+            // RFC 8446 §6.1: close_notify, so that the client can tell the end of the
+            // connection from a cut one (OpenSSL reports "unexpected eof" without it).
+            // Bounded: a client that reads nothing would otherwise hold the write.
+            let close_notify = pingora::protocols::Shutdown::shutdown(stream.as_mut());
+            let _ = fast_timeout(REFUSAL_WRITE_TIMEOUT, close_notify).await;
+        }
         None
     }
 
