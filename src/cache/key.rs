@@ -127,6 +127,12 @@ impl CacheUrl {
         CacheUrl::new(scheme, authority, &path)
     }
 
+    /// The host without its port: the name a certificate, `[server] hosts` or a redirect
+    /// names.
+    pub fn host_name(&self) -> &str {
+        host::without_port(&self.host)
+    }
+
     /// The primary key text, e.g. `http://en.wiki.test/wiki/Main_Page`.
     pub fn primary(&self) -> String {
         let mut s = String::with_capacity(
@@ -268,6 +274,19 @@ mod tests {
             "http://a.test:65535/"
         );
         assert_eq!(key(Scheme::Http, "a.test:1", "/"), "http://a.test:1/");
+    }
+
+    #[test]
+    fn host_name_drops_the_port_and_keeps_ipv6_brackets() {
+        for (authority, name) in [
+            ("En.Wiki.Test:8080", "en.wiki.test"),
+            ("wiki.test", "wiki.test"),
+            ("[::1]:8080", "[::1]"),
+            ("[::1]", "[::1]"),
+        ] {
+            let url = CacheUrl::new(Scheme::Http, authority, "/").unwrap();
+            assert_eq!(url.host_name(), name, "{authority}");
+        }
     }
 
     #[test]

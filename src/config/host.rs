@@ -52,6 +52,14 @@ pub fn normalize_host(authority: &str, default_port: u16) -> Result<String, BadH
     Ok(out)
 }
 
+/// `host[:port]` without its port; an IPv6 literal keeps its brackets (`[::1]:80` → `[::1]`).
+pub fn without_port(authority: &str) -> &str {
+    match authority.find(']') {
+        Some(end) => &authority[..=end],
+        None => authority.split(':').next().unwrap_or(authority),
+    }
+}
+
 /// Letters, digits, `-` and `_` in non-empty labels separated by dots. Every DNS label is
 /// non-empty (RFC 1034 §3.1): "a..b", ".a" or a second trailing dot would otherwise
 /// canonicalise to a different host each time.

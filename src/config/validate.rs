@@ -502,10 +502,7 @@ fn check_tls(c: &mut Checker<'_>, t: &TlsFile, hosts: &[String]) -> TlsConfig {
             cert.names.clear();
             for (j, name) in names.iter().enumerate() {
                 let name = name.trim_end_matches('.').to_ascii_lowercase();
-                let covered = cert
-                    .covers
-                    .iter()
-                    .any(|p| *p == name || certificate::covers(p, &name));
+                let covered = cert.covers.iter().any(|p| certificate::covers(p, &name));
                 if !covered {
                     let at = [
                         Key("server"),
@@ -543,7 +540,7 @@ fn check_tls(c: &mut Checker<'_>, t: &TlsFile, hosts: &[String]) -> TlsConfig {
     if !certificates.is_empty() {
         for (i, host) in hosts.iter().enumerate() {
             let host = host.to_ascii_lowercase();
-            let bare = host.split(':').next().unwrap_or(&host);
+            let bare = super::host::without_port(&host);
             let covered = certificates
                 .iter()
                 .any(|cert| cert.names.iter().any(|p| certificate::covers(p, bare)));

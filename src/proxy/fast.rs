@@ -53,7 +53,7 @@ struct Plain<'a> {
     target: &'a str,
     host: &'a str,
     close: bool,
-    /// A `Cookie` field is among `headers`.
+    /// A `Cookie` field is among `fields`.
     cookie: bool,
     /// An `Authorization` field is among `fields`.
     authorization: bool,
@@ -111,9 +111,8 @@ impl FrontDoor {
             super::guard::trusted(&rules.trusted_proxies, client())
         });
         let url = shared.canonical(CacheUrl::new(scheme, req.host, req.target).ok()?);
-        let cookies = (req.fields.parsed.iter())
-            .filter(|f| req.cookie && f.name.eq_ignore_ascii_case(header::COOKIE.as_str()))
-            .map(|f| f.value);
+        let cookies = req.cookie.then(|| req.fields.values("cookie"));
+        let cookies = cookies.into_iter().flatten();
         if !rules.serves_host(&url.host)
             || !hit::uses_cache_noted(&rules, &req.method, req.authorization, cookies)
             || rules.https_location(&url).is_some()

@@ -184,10 +184,7 @@ impl Rules {
         if url.scheme != Scheme::Http {
             return None;
         }
-        let bare = match url.host.find(']') {
-            Some(end) => &url.host[..=end],
-            None => url.host.split(':').next().unwrap_or(&url.host),
-        };
+        let bare = url.host_name();
         let redirected = redirect
             .hosts
             .iter()
@@ -238,7 +235,7 @@ impl Rules {
         if self.hosts.is_empty() {
             return true;
         }
-        let bare = host.split(':').next().unwrap_or(host);
+        let bare = crate::config::host::without_port(host);
         self.hosts.iter().any(|h| h == bare)
     }
 }
@@ -917,8 +914,7 @@ impl ProxyHttp for CachingProxy {
                 let url = self.shared.canonical(url);
                 if !rules.serves_host(&url.host) {
                     ctx.internal = true;
-                    let bare = url.host.split(':').next().unwrap_or(&url.host);
-                    let line = format!("skua: this cache does not serve host {bare}");
+                    let line = format!("skua: this cache does not serve host {}", url.host_name());
                     respond::text(&self.shared.name, session, 421, &line).await?;
                     return Ok(true);
                 }
@@ -1099,11 +1095,7 @@ impl ProxyHttp for CachingProxy {
             (None, None) => return Error::e_explain(ErrorType::InternalError, "no origin pool"),
         };
         let key = || ctx.url.as_ref().map(CacheUrl::primary).unwrap_or_default();
-        let host = ctx.url.as_ref().map_or("", |u| u.host.as_str());
-        let host = match host.find(']') {
-            Some(end) => &host[..=end],
-            None => host.split(':').next().unwrap_or(host),
-        };
+        let host = ctx.url.as_ref().map_or("", CacheUrl::host_name);
         Ok(Box::new(pool.pick(key, host, &ctx.failed_origins)?))
     }
 

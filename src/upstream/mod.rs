@@ -180,7 +180,7 @@ impl Pools {
     /// The pool for a request host: the first listing it, else the first default pool, else
     /// the first pool.
     pub fn for_host(&self, host: &str) -> usize {
-        let host = host.split(':').next().unwrap_or(host);
+        let host = crate::config::host::without_port(host);
         self.pools
             .iter()
             .position(|p| p.hosts.iter().any(|h| h == host))
