@@ -108,6 +108,90 @@ async fn origin_reporting_the_scheme() -> Origin {
     .await
 }
 
+/// The header section of a hit as a client compares it: every field but `Date` (pingora's
+/// HTTP/2 session writes the time of sending, RFC 9110 §6.6.1, on every response) and with
+/// `Age` and `Cache-Status`'s `ttl` left out, which may move on by a second between two
+/// requests.
+fn hit_fields(resp: &reqwest::Response) -> Vec<(String, String)> {
+    let mut fields: Vec<(String, String)> = (resp.headers().iter())
+        .filter(|(name, _)| !["date", "age"].contains(&name.as_str()))
+        .map(|(name, value)| {
+            let value = value.to_str().unwrap();
+            let value = match name.as_str() {
+                "cache-status" => value.split(';').filter(|p| !p.contains("ttl=")).collect(),
+                _ => value.to_string(),
+            };
+            (name.to_string(), value)
+        })
+        .collect();
+    fields.sort();
+    fields
+}
+
+/// #19: "a hit over HTTP/2 or over TLS uses the same hit code as plain HTTP/1.1 and carries
+/// the same headers": an HTTP/2 hit is answered by the front door, as an HTTP/1.1 one is,
+/// field for field alike, for `GET` and `HEAD`; a request the front door declines (a
+/// precondition) still gets pingora's answer on the same connection.
+#[tokio::test]
+async fn http2_hits_take_the_front_door_with_the_http11_hit_fields() {
+    let origin = Origin::start(|_| {
+        Reply::ok("<p>page</p>")
+            .header("cache-control", "max-age=600")
+            .header("etag", "\"v1\"")
+            .header("content-type", "text/html; charset=utf-8")
+            .header("vary", "Accept-Encoding")
+            .header("x-origin", "app1")
+    })
+    .await;
+    let ca = TestCa::new();
+    let pem = ca.issue(&["wiki.test"]);
+    let (skua, tls_port, tls_addr, _dir) = https_skua(&origin, &pem, "", "").await;
+    let url = format!("https://wiki.test:{}/wiki/Same", tls_port.number);
+    let h1 = https_client(&ca, &["wiki.test"], tls_addr)
+        .http1_only()
+        .build()
+        .unwrap();
+    let h2 = https_client(&ca, &["wiki.test"], tls_addr).build().unwrap();
+    assert_eq!(
+        h1.get(&url).send().await.unwrap().headers()["x-cache-status"],
+        "miss"
+    );
+
+    let before = skua.hit_paths().await;
+    let over_h1 = h1.get(&url).send().await.unwrap();
+    let over_h2 = h2.get(&url).send().await.unwrap();
+    assert_eq!(over_h2.version(), reqwest::Version::HTTP_2);
+    assert_eq!(over_h2.headers()["x-cache-status"], "hit-front");
+    assert!(over_h2.headers().contains_key("age"));
+    assert_eq!(hit_fields(&over_h2), hit_fields(&over_h1));
+    assert_eq!(over_h2.text().await.unwrap(), "<p>page</p>");
+    let head = h2.head(&url).send().await.unwrap();
+    assert_eq!(head.headers()["x-cache-status"], "hit-front");
+    assert_eq!(head.headers()["content-length"], "11");
+    assert_eq!(hit_fields(&head), hit_fields(&over_h1));
+    assert_eq!(head.bytes().await.unwrap().len(), 0);
+    let after = skua.hit_paths().await;
+    assert_eq!(
+        after,
+        [before[0] + 3, before[1], before[2]],
+        "the front door answered the HTTP/1.1 hit and both HTTP/2 ones"
+    );
+
+    let revalidated = (h2.get(&url))
+        .header("if-none-match", "\"v1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revalidated.status(), 304);
+    assert_eq!(revalidated.headers()["x-cache-status"], "hit-front");
+    assert_eq!(
+        skua.hit_paths().await[2],
+        before[2] + 1,
+        "pingora's cache answered the 304"
+    );
+    assert_eq!(origin.count("/wiki/Same"), 1);
+}
+
 /// #19: a miss then a hit over HTTPS, on HTTP/2 and on HTTP/1.1 (which the front door
 /// answers, as it does plain HTTP); the origin hears `X-Forwarded-Proto: https`, and the http
 /// URL is another resource with its own copy.

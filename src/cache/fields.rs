@@ -17,3 +17,9 @@ impl RequestFields for HeaderMap {
         self.get_all(name).into_iter().map(HeaderValue::as_bytes)
     }
 }
+
+impl<T: RequestFields + ?Sized> RequestFields for &T {
+    fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> {
+        (**self).values(name)
+    }
+}

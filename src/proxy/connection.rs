@@ -148,8 +148,9 @@ where
             None => (stream, Scheme::Http),
         };
         if stream.selected_alpn_proto() == Some(ALPN::H2) {
-            // pingora's HTTP/2 sessions, whose hits the session's fast path answers.
-            return self.app.process_new(stream, shutdown).await;
+            let idle = self.limits.idle_timeout;
+            super::h2::serve(&self.app, &self.front, stream, scheme, idle, shutdown).await;
+            return None;
         }
         let mut settings = None;
         // Bytes read past the end of the previous request: the start of the next one, when a

@@ -14,14 +14,16 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
+use pingora::http::{RequestHeader, ResponseHeader};
 
 use super::record::Served;
-use super::{hit, ProxyState};
+use super::{hit, ProxyState, Rules};
 use crate::cache::fields::RequestFields;
 use crate::cache::key::{CacheUrl, Scheme};
-use crate::cache::memory::Looked;
+use crate::cache::memory::{Looked, StoredObject};
+use crate::cache::meta::decode_head;
 use crate::cache::status::Disposition;
 use crate::config::HeadLimits;
 use crate::metrics::HitPath;
@@ -42,13 +44,20 @@ pub struct Answer {
     pub close: bool,
 }
 
+/// A hit for an HTTP/2 stream, as pingora's HTTP/2 session writes it.
+pub struct StreamAnswer {
+    pub head: ResponseHeader,
+    /// `None` for `HEAD`.
+    pub body: Option<Bytes>,
+}
+
 #[derive(Clone)]
 pub struct FrontDoor {
     shared: Arc<ProxyState>,
 }
 
-/// What the request head says, once it is known to suit this path.
-struct Plain<'a> {
+/// What a request says, once it is known to suit this path, whichever protocol carried it.
+struct Plain<'a, S> {
     method: Method,
     target: &'a str,
     host: &'a str,
@@ -59,27 +68,48 @@ struct Plain<'a> {
     authorization: bool,
     /// The first `X-Forwarded-Proto` field's value.
     forwarded_proto: Option<&'a [u8]>,
-    fields: Fields<'a>,
+    fields: Fields<S>,
 }
 
-/// The request's fields as the parser left them, with its `Cookie` lines replaced by the
-/// cookies the cache keeps (`vary::kept_cookies`) once those are known: what the full path's
-/// decisions read from its `HeaderMap`, without building one for every hit.
-struct Fields<'a> {
-    parsed: &'a [httparse::Header<'a>],
-    /// `Some` once the `Cookie` lines are replaced: the kept cookies, if any were kept.
+/// A request's fields as the protocol's parser left them (`S`), with its `Cookie` fields
+/// replaced by the cookies the cache keeps (`vary::kept_cookies`) once those are known: what
+/// the full path's decisions read from the request it forwards, without building a
+/// `HeaderMap` for every hit.
+struct Fields<S> {
+    parsed: S,
+    /// `Some` once the `Cookie` fields are replaced: the kept cookies, if any were kept.
     kept_cookie: Option<Option<HeaderValue>>,
 }
 
-impl RequestFields for Fields<'_> {
+impl<S: RequestFields> RequestFields for Fields<S> {
     fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> {
         let replaced = (self.kept_cookie.as_ref())
             .filter(|_| name.eq_ignore_ascii_case(header::COOKIE.as_str()));
-        let parsed = (self.parsed.iter())
-            .filter(move |f| replaced.is_none() && f.name.eq_ignore_ascii_case(name))
-            .map(|f| f.value);
+        let parsed = replaced
+            .is_none()
+            .then(|| self.parsed.values(name))
+            .into_iter()
+            .flatten();
         parsed.chain(replaced.and_then(Option::as_ref).map(HeaderValue::as_bytes))
     }
+}
+
+/// An HTTP/1.1 head's fields, as httparse left them.
+struct Parsed<'a>(&'a [httparse::Header<'a>]);
+
+impl RequestFields for Parsed<'_> {
+    fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> {
+        (self.0.iter())
+            .filter(move |f| f.name.eq_ignore_ascii_case(name))
+            .map(|f| f.value)
+    }
+}
+
+/// A fresh memory hit found for a request.
+struct Hit {
+    obj: Arc<StoredObject>,
+    url: CacheUrl,
+    now: SystemTime,
 }
 
 impl FrontDoor {
@@ -102,11 +132,76 @@ impl FrontDoor {
         looked: &mut Option<Looked>,
     ) -> Option<Answer> {
         let started = Instant::now();
-        let shared = &self.shared;
-        let rules = shared.rules.load();
+        let rules = self.shared.rules.load();
         let mut parsed = [httparse::EMPTY_HEADER; MAX_FIELDS];
         let mut req = plain(head, &mut parsed, &rules.limits)?;
-        // The same scheme the full path keys on.
+        let Hit { obj, url, now } = self.find(&rules, &mut req, scheme, &client, looked)?;
+
+        let close = req.close || closing;
+        let with_body = req.method != Method::HEAD;
+        let coalesce = with_body && obj.body.len() <= COALESCE_BODY;
+        let mut out = Vec::with_capacity(
+            obj.meta.head.len() + 160 + if coalesce { obj.body.len() } else { 0 },
+        );
+        hit::write_head(
+            &mut out,
+            &obj,
+            now,
+            &self.shared.name,
+            close,
+            rules.downstream_cache_control.as_ref(),
+        );
+        let body = if coalesce {
+            out.extend_from_slice(&obj.body);
+            None
+        } else {
+            with_body.then(|| obj.body.clone())
+        };
+        self.record(&req, &url, &obj, "HTTP/1.1", &client, started);
+        Some(Answer {
+            head: out,
+            body,
+            close,
+        })
+    }
+
+    /// The answer to an HTTP/2 stream's request `head`, whose body is known to be empty, if it
+    /// is a fresh memory hit: the same decision as [`Self::answer`] makes for HTTP/1.1, and the
+    /// same head, written by pingora's HTTP/2 session as it writes every other response.
+    pub fn answer_stream(
+        &self,
+        head: &RequestHeader,
+        scheme: Scheme,
+        client: impl Fn() -> Option<IpAddr>,
+        looked: &mut Option<Looked>,
+    ) -> Option<StreamAnswer> {
+        let started = Instant::now();
+        let rules = self.shared.rules.load();
+        let mut req = stream_request(head, &rules.limits)?;
+        let Hit { obj, url, now } = self.find(&rules, &mut req, scheme, &client, looked)?;
+        let mut wire = Vec::with_capacity(obj.meta.head.len() + 160);
+        let downstream = rules.downstream_cache_control.as_ref();
+        hit::write_head(&mut wire, &obj, now, &self.shared.name, false, downstream);
+        let body = (req.method != Method::HEAD).then(|| obj.body.clone());
+        self.record(&req, &url, &obj, "HTTP/2.0", &client, started);
+        Some(StreamAnswer {
+            head: decode_head(&wire),
+            body,
+        })
+    }
+
+    /// The fresh memory hit `req` may be served, decided as the full path decides
+    /// (`request_filter`, then `serve_fresh_hit`): the same scheme, canonical URL, hosts,
+    /// redirect, bypasses and variant.
+    fn find<S: RequestFields>(
+        &self,
+        rules: &Rules,
+        req: &mut Plain<'_, S>,
+        scheme: Scheme,
+        client: &impl Fn() -> Option<IpAddr>,
+        looked: &mut Option<Looked>,
+    ) -> Option<Hit> {
+        let shared = &self.shared;
         let scheme = super::guard::request_scheme(scheme, req.forwarded_proto, || {
             super::guard::trusted(&rules.trusted_proxies, client())
         });
@@ -114,7 +209,7 @@ impl FrontDoor {
         let cookies = req.cookie.then(|| req.fields.values("cookie"));
         let cookies = cookies.into_iter().flatten();
         if !rules.serves_host(&url.host)
-            || !hit::uses_cache_noted(&rules, &req.method, req.authorization, cookies)
+            || !hit::uses_cache_noted(rules, &req.method, req.authorization, cookies)
             || rules.https_location(&url).is_some()
         {
             return None;
@@ -135,35 +230,28 @@ impl FrontDoor {
             *looked = Some(found);
             return None;
         }
+        Some(Hit { obj, url, now })
+    }
 
-        let close = req.close || closing;
-        let with_body = req.method != Method::HEAD;
-        let coalesce = with_body && obj.body.len() <= COALESCE_BODY;
-        let mut out = Vec::with_capacity(
-            obj.meta.head.len() + 160 + if coalesce { obj.body.len() } else { 0 },
-        );
-        hit::write_head(
-            &mut out,
-            &obj,
-            now,
-            &shared.name,
-            close,
-            rules.downstream_cache_control.as_ref(),
-        );
-        let body_bytes = if with_body { obj.body.len() as u64 } else { 0 };
-        let body = if coalesce {
-            out.extend_from_slice(&obj.body);
-            None
+    fn record<S: RequestFields>(
+        &self,
+        req: &Plain<'_, S>,
+        url: &CacheUrl,
+        obj: &StoredObject,
+        protocol: &'static str,
+        client: &impl Fn() -> Option<IpAddr>,
+        started: Instant,
+    ) {
+        let body_bytes = if req.method == Method::HEAD {
+            0
         } else {
-            with_body.then(|| obj.body.clone())
+            obj.body.len() as u64
         };
-
-        shared.record(&Served {
-            client: &client,
+        self.shared.record(&Served {
+            client,
             method: req.method.as_str(),
             target: &|| Cow::Borrowed(req.target),
-            // The front door answers HTTP/1.1 only; anything else takes the full path.
-            protocol: "HTTP/1.1",
+            protocol,
             scheme: url.scheme,
             host: &url.host,
             headers: &req.fields,
@@ -173,11 +261,6 @@ impl FrontDoor {
             hit_path: Some(HitPath::FrontDoor),
             started,
         });
-        Some(Answer {
-            head: out,
-            body,
-            close,
-        })
     }
 }
 
@@ -188,7 +271,7 @@ fn plain<'a>(
     head: &'a [u8],
     fields: &'a mut [httparse::Header<'a>],
     limits: &HeadLimits,
-) -> Option<Plain<'a>> {
+) -> Option<Plain<'a, Parsed<'a>>> {
     let mut parsed = httparse::Request::new(fields);
     match parsed.parse(head) {
         Ok(httparse::Status::Complete(n)) if n == head.len() => {}
@@ -255,7 +338,63 @@ fn plain<'a>(
         authorization,
         forwarded_proto,
         fields: Fields {
-            parsed: parsed.headers,
+            parsed: Parsed(parsed.headers),
+            kept_cookie: None,
+        },
+    })
+}
+
+/// Reads an HTTP/2 stream's request head if it is one this path can answer: `GET` or `HEAD`
+/// of an origin-form path, within the configured limits, and none of the fields that need the
+/// full path. pingora has checked the pseudo-fields (RFC 9113 §8.3.1) and `Host` against
+/// `:authority`.
+fn stream_request<'a>(
+    head: &'a RequestHeader,
+    limits: &HeadLimits,
+) -> Option<Plain<'a, &'a HeaderMap>> {
+    let method = match head.method {
+        Method::GET => Method::GET,
+        Method::HEAD => Method::HEAD,
+        _ => return None,
+    };
+    let target = std::str::from_utf8(head.raw_path()).ok()?;
+    let authority = head.uri.authority().map(|a| a.as_str());
+    let fields = &head.headers;
+    // RFC 9113 §8.3.1: `:authority` in place of `Host`; the full path reads it the same way.
+    let host = match authority {
+        Some(authority) => authority,
+        None => fields.get(header::HOST)?.to_str().ok()?,
+    };
+    if !target.starts_with('/')
+        || target.len() + authority.map_or(0, str::len) > limits.max_uri_bytes
+        || fields.len() > limits.max_headers
+    {
+        return None;
+    }
+    let mut field_bytes = 0;
+    let mut forwarded_proto = None;
+    for (name, value) in fields {
+        field_bytes += name.as_str().len() + value.len() + 4;
+        if needs_full_path(name) {
+            return None;
+        }
+        if forwarded_proto.is_none() && name == super::guard::X_FORWARDED_PROTO {
+            forwarded_proto = Some(value.as_bytes());
+        }
+    }
+    if field_bytes > limits.max_header_bytes {
+        return None;
+    }
+    Some(Plain {
+        method,
+        target,
+        host,
+        close: false,
+        cookie: fields.contains_key(header::COOKIE),
+        authorization: fields.contains_key(header::AUTHORIZATION),
+        forwarded_proto,
+        fields: Fields {
+            parsed: fields,
             kept_cookie: None,
         },
     })

@@ -23,6 +23,7 @@ pub mod compress;
 pub mod connection;
 pub mod fast;
 pub mod guard;
+mod h2;
 pub mod hit;
 mod record;
 mod respond;

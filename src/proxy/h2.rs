@@ -1,0 +1,163 @@
+//! The life of one HTTP/2 client connection (ALPN `h2` on an HTTPS listener). Its streams are
+//! accepted here: a fresh memory hit is answered at once, by the front door's decision
+//! ([`FrontDoor::answer_stream`]) written through pingora's HTTP/2 session; every other stream
+//! becomes a pingora session on a task of its own, as pingora's own accept loop makes it.
+//! HTTP/2 framing, flow control and HPACK belong to the `h2` crate (through pingora); what a
+//! request means belongs to [`crate::proxy`].
+//!
+//! Why a loop of our own: pingora's spawns a task and builds a proxy session for every stream,
+//! which costs a hit more than its answer (benches/README.md §14). It also keeps an idle
+//! HTTP/2 connection open forever unless told otherwise; this one closes it after the same
+//! idle time as an HTTP/1.1 connection.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::apps::HttpServerApp;
+use pingora::protocols::http::v2::server::{handshake, H2Accept, HttpSession};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{Digest, Stream};
+use pingora::server::ShutdownWatch;
+use tokio::sync::Notify;
+
+use super::fast::FrontDoor;
+use crate::cache::key::Scheme;
+use crate::cache::memory::for_one_request;
+
+/// Malformed streams (a forbidden byte in `:path`, conflicting `Content-Length`, an ambiguous
+/// authority) a connection may send before it is closed: pingora's own accept loop allows 32
+/// (`MAX_MALFORMED_STREAMS_PER_CONN`), but counts them only within that loop, so this one
+/// counts them itself.
+const MAX_MALFORMED_STREAMS: usize = 32;
+
+/// Serves the HTTP/2 connection `stream` (TLS done, `h2` negotiated) until the client closes
+/// it, it stays idle past `idle_timeout`, or the server shuts down (then after a GOAWAY, once
+/// the streams already started are answered, RFC 9113 §6.8).
+pub async fn serve<A>(
+    app: &Arc<A>,
+    front: &FrontDoor,
+    stream: Stream,
+    scheme: Scheme,
+    idle_timeout: Duration,
+    shutdown: &ShutdownWatch,
+) where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    let digest = Arc::new(Digest {
+        ssl_digest: stream.get_ssl_digest(),
+        timing_digest: stream.get_timing_digest(),
+        proxy_digest: stream.get_proxy_digest(),
+        socket_digest: stream.get_socket_digest(),
+    });
+    let client_ip: Option<IpAddr> = (digest.socket_digest.as_ref())
+        .and_then(|d| d.peer_addr())
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip());
+    let Ok(mut conn) = handshake(stream, app.h2_options()).await else {
+        return;
+    };
+    let mut shutdown = shutdown.clone();
+    let mut closing = *shutdown.borrow();
+    if closing {
+        conn.graceful_shutdown();
+    }
+    let mut malformed = 0;
+    let active = Arc::new(ActiveStreams::default());
+    loop {
+        let accepted = if closing {
+            HttpSession::from_h2_conn(&mut conn, digest.clone()).await
+        } else {
+            tokio::select! {
+                // The shutdown signal first, so that one that comes with a stream is seen.
+                biased;
+                _ = shutdown.changed() => {
+                    conn.graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
+                accepted = HttpSession::from_h2_conn(&mut conn, digest.clone()) => accepted,
+                // Restarted by every stream accepted, once the ones running have ended.
+                () = active.idle_for(idle_timeout) => return,
+            }
+        };
+        let mut session = match accepted {
+            // The client cut the connection, or broke HTTP/2 framing.
+            Err(_) | Ok(None) => return,
+            Ok(Some(H2Accept::Rejected)) => {
+                malformed += 1;
+                if malformed >= MAX_MALFORMED_STREAMS {
+                    return;
+                }
+                continue;
+            }
+            Ok(Some(H2Accept::Session(session))) => session,
+        };
+        let mut looked = None;
+        if session.is_body_empty() {
+            let head = session.req_header();
+            if let Some(answer) = front.answer_stream(head, scheme, || client_ip, &mut looked) {
+                // Both writes queue frames that `accept` sends as flow control allows; the
+                // body is the stored `Bytes`, never copied.
+                let end = answer.body.is_none();
+                if session
+                    .write_response_header(Box::new(answer.head), end)
+                    .is_ok()
+                {
+                    let writer = session.take_response_body_writer();
+                    if let (Some(body), Some(mut writer)) = (answer.body, writer) {
+                        let _ = writer.send_data(body, true);
+                    }
+                }
+                continue;
+            }
+        }
+        let running = active.start();
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _running = running;
+            // The request's later phases read the front door's lookup instead of their own.
+            let session = ServerSession::new_http2(session);
+            for_one_request(looked, app.process_new_http(session, &shutdown)).await;
+        });
+    }
+}
+
+/// The streams of one connection that pingora's sessions are serving.
+#[derive(Default)]
+struct ActiveStreams {
+    count: AtomicUsize,
+    ended: Notify,
+}
+
+impl ActiveStreams {
+    fn start(self: &Arc<Self>) -> RunningStream {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        RunningStream(self.clone())
+    }
+
+    /// Returns once no stream has run for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let ended = self.ended.notified();
+            if self.count.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            ended.await;
+        }
+        tokio::time::sleep(timeout).await;
+    }
+}
+
+/// One stream a pingora session is serving; dropping it ends it.
+struct RunningStream(Arc<ActiveStreams>);
+
+impl Drop for RunningStream {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.ended.notify_waiters();
+        }
+    }
+}
