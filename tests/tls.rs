@@ -572,12 +572,15 @@ async fn old_protocols_and_weak_suites_are_refused() {
         (out.status.success(), text)
     };
     let failed = "skua_tls_handshakes_total{result=\"failed\"}";
-    // The readiness probe (`wait_listening`: a connection closed without a handshake) counts as
-    // one failed handshake, perhaps a moment later: wait for it before counting ours.
+    let closed = "skua_tls_handshakes_total{result=\"closed\"}";
+    // The readiness probe (`wait_listening`: a connection closed without a handshake) is
+    // counted as closed, not failed, perhaps a moment later.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while skua.metric(failed).await < 1.0 && Instant::now() < deadline {
+    while skua.metric(closed).await < 1.0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(skua.metric(closed).await, 1.0);
+    assert_eq!(skua.metric(failed).await, 0.0);
     for (offer, args) in [
         (
             "TLS 1.1",
@@ -716,7 +719,7 @@ fn h2_get(url: &str, extra: &[(&str, String)]) -> http::Request<()> {
 async fn http2_rapid_reset_is_cut_off_without_harm_to_other_clients() {
     let origin = origin_reporting_the_scheme().await;
     let ca = TestCa::new();
-    let (_skua, tls_port, tls_addr, _dir) =
+    let (skua, tls_port, tls_addr, _dir) =
         https_skua(&origin, &ca.issue(&["wiki.test"]), "", "").await;
     let url = format!("https://wiki.test:{}/wiki/Reset", tls_port.number);
 
@@ -764,14 +767,22 @@ async fn http2_rapid_reset_is_cut_off_without_harm_to_other_clients() {
         matches!(ended, Ok(Ok(Err(_)))),
         "Skua closed the attacking connection ({opened} streams sent): {ended:?}"
     );
+    // Streams whose reset Skua has read before their turn never start; those that started
+    // before it (up to about a hundred, what one read of the connection brings) may reach the
+    // origin first.
     assert!(
-        reached < 100,
+        reached < 256,
         "{reached} cancelled requests reached the origin"
     );
     assert!(
         slowest < Duration::from_secs(1),
         "another client waited {slowest:?}"
     );
+    // Nor does the attack fill the operator's log: a line per cancelled stream would let any
+    // client write to it as fast as it can send.
+    let logged = skua.log();
+    let errors = logged.lines().filter(|l| l.contains("ERROR")).count();
+    assert!(errors < 5, "{errors} error lines:\n{logged}");
 }
 
 /// A request whose header list is larger than `[server] max_header_bytes` allows is refused
@@ -976,4 +987,50 @@ async fn a_closed_https_connection_ends_with_close_notify() {
         );
         assert!(!text.contains("unexpected eof"), "{expected}:\n{text}");
     }
+}
+
+/// An HTTP/2 connection with no stream running is closed after `[server] keepalive_timeout`,
+/// as an HTTP/1.1 one is (pingora's own HTTP/2 loop kept it open forever); one whose stream
+/// outlasts the timeout is not cut while the stream runs.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_keepalive_timeout() {
+    let origin = Origin::start(|seen| {
+        let reply = Reply::ok("page").header("cache-control", "max-age=600");
+        if seen.path.contains("slow") {
+            reply.delay(Duration::from_millis(1800))
+        } else {
+            reply
+        }
+    })
+    .await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
+    let tls_port = Port::reserve();
+    let server = format!(
+        "keepalive_timeout = \"1s\"\n{}",
+        tls_lines(&tls_port, &[cert], "")
+    );
+    let _skua = Skua::start_tables(&[origin.addr], [&server, "", ""], "").await;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
+    wait_listening(tls_addr).await;
+
+    let (mut send, driver) = h2_connection(&ca, tls_addr, "wiki.test").await;
+    let slow = format!("https://wiki.test:{}/wiki/slow", tls_port.number);
+    let (response, _) = send.send_request(h2_get(&slow, &[]), true).unwrap();
+    let response = response
+        .await
+        .expect("a stream running past the timeout is answered");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    assert_eq!(body.data().await.unwrap().unwrap(), "page");
+
+    let idle_from = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    assert!(ended.is_ok(), "the idle connection was closed");
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(800),
+        "closed after {idle:?} idle, before the 1 s timeout"
+    );
 }

@@ -39,15 +39,20 @@ pub enum HandshakeResult {
     Resumed,
     /// The client did not finish within `[server.tls] handshake_timeout`.
     Timeout,
-    /// A protocol error, an unsupported version or suite, or a closed connection.
+    /// The client closed the connection before its handshake was done: a load balancer's TCP
+    /// check, or a client that gave up. Apart from `Failed` so that health checks do not read
+    /// as broken clients.
+    Closed,
+    /// A protocol error, an unsupported version or suite, or a reset connection.
     Failed,
 }
 
 impl HandshakeResult {
-    pub const ALL: [HandshakeResult; 4] = [
+    pub const ALL: [HandshakeResult; 5] = [
         HandshakeResult::Full,
         HandshakeResult::Resumed,
         HandshakeResult::Timeout,
+        HandshakeResult::Closed,
         HandshakeResult::Failed,
     ];
 
@@ -56,6 +61,7 @@ impl HandshakeResult {
             HandshakeResult::Full => "full",
             HandshakeResult::Resumed => "resumed",
             HandshakeResult::Timeout => "timeout",
+            HandshakeResult::Closed => "closed",
             HandshakeResult::Failed => "failed",
         }
     }
@@ -79,7 +85,7 @@ impl TlsVersion {
 
 /// TLS handshakes (`src/proxy/tls.rs`), their series resolved once.
 pub struct TlsMetrics {
-    handshakes: [IntCounter; 4],
+    handshakes: [IntCounter; HandshakeResult::ALL.len()],
     versions: [IntCounter; 2],
     http2: IntCounter,
 }
@@ -386,7 +392,7 @@ impl Metrics {
         let handshakes = IntCounterVec::new(
             Opts::new(
                 "skua_tls_handshakes_total",
-                "TLS handshakes on the HTTPS listeners, by result (full, resumed, timeout, failed).",
+                "TLS handshakes on the HTTPS listeners, by result (full, resumed, timeout, closed, failed).",
             ),
             &["result"],
         )?;

@@ -10,9 +10,12 @@
 //! HTTP/2 connection open forever unless told otherwise; this one closes it after the same
 //! idle time as an HTTP/1.1 connection.
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use pingora::apps::HttpServerApp;
@@ -118,6 +121,14 @@ pub async fn serve<A>(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _running = running;
+            // A stream the client reset before its turn came (the "rapid reset" attack cancels
+            // each at once) costs nothing more, and never reaches the origin.
+            let reset = std::future::poll_fn(|cx| {
+                Poll::Ready(Pin::new(&mut session.idle()).poll(cx).is_ready())
+            });
+            if reset.await {
+                return;
+            }
             // The request's later phases read the front door's lookup instead of their own.
             let session = ServerSession::new_http2(session);
             for_one_request(looked, app.process_new_http(session, &shutdown)).await;

@@ -1346,6 +1346,18 @@ impl ProxyHttp for CachingProxy {
         Ok(None)
     }
 
+    /// A client that goes away, resets its stream or breaks the protocol is the client's
+    /// business, not an error for the operator's log: logged there, a client resetting streams
+    /// as fast as it can (the HTTP/2 "rapid reset" attack) would write a line per stream. It is
+    /// logged at debug level; the request's access-log line and status still count it.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        let downstream = error.esource() == &ErrorSource::Downstream;
+        if downstream {
+            tracing::debug!("client error: {error}");
+        }
+        downstream
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,

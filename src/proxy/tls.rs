@@ -84,8 +84,11 @@ impl TlsTerminator {
         let handshake = current.acceptor.accept(stream);
         let tls = match fast_timeout(current.handshake_timeout, handshake).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err(_)) => {
-                self.metrics.handshake(HandshakeResult::Failed);
+            Ok(Err(e)) => {
+                self.metrics.handshake(match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => HandshakeResult::Closed,
+                    _ => HandshakeResult::Failed,
+                });
                 return None;
             }
             Err(_) => {
