@@ -1034,3 +1034,54 @@ async fn an_idle_http2_connection_is_closed_after_the_keepalive_timeout() {
         "closed after {idle:?} idle, before the 1 s timeout"
     );
 }
+
+/// `skua serve --upgrade` hands the HTTPS listener over with the plain one, and the new
+/// process serves the certificate now in the files: how an operator deploys a renewed
+/// certificate together with a new binary.
+#[tokio::test]
+async fn an_upgrade_hands_over_the_https_listener_with_the_certificate_now_in_the_files() {
+    let origin = origin_reporting_the_scheme().await;
+    let ca = TestCa::new();
+    let first = ca.issue(&["wiki.test"]);
+    let (mut old, tls_port, tls_addr, dir) = https_skua(&origin, &first, "", "").await;
+    let url = format!("https://wiki.test:{}/wiki/Page", tls_port.number);
+    let fresh_client = || {
+        https_client(&ca, &["wiki.test"], tls_addr)
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    };
+    let before = fresh_client().get(&url).send().await.unwrap();
+    assert_eq!(served_certificate(&before), der(&first.0));
+
+    let renewed = ca.issue(&["wiki.test"]);
+    write_certificate(dir.path(), "wiki", &renewed);
+    let mut new = std::process::Command::new(skua_bin())
+        .args(["serve", "--upgrade", "--config"])
+        .arg(old.config_path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let upgrade_sock = old.dir.path().join("upgrade.sock");
+    wait_until("the new process listens on the upgrade socket", || {
+        upgrade_sock.exists()
+    })
+    .await;
+    let quit = std::process::Command::new("kill")
+        .args(["-QUIT", &old.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(quit.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while old.alive() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!old.alive(), "the old process drained and exited");
+
+    let after = fresh_client().get(&url).send().await;
+    let _ = new.kill();
+    let _ = new.wait();
+    let after = after.expect("the new process answers on the HTTPS port");
+    assert_eq!(after.status(), 200);
+    assert_eq!(served_certificate(&after), der(&renewed.0));
+}
