@@ -3,6 +3,7 @@
 //! - [`config`]: the TOML file and its validation;
 //! - [`proxy`]: the request path;
 //! - [`cache`]: key, policy, Vary and storage tiers;
+//! - [`rules`]: edge policy (`[[rule]]`) at request time, and the canonical key function;
 //! - [`purge`]: who may purge and how targets are read;
 //! - [`upstream`]: origin pools and health checks;
 //! - [`metrics`] and [`admin`]: what Skua shows operators;
@@ -17,5 +18,6 @@ pub mod demo;
 pub mod metrics;
 pub mod proxy;
 pub mod purge;
+pub mod rules;
 pub mod server;
 pub mod upstream;

@@ -8,6 +8,7 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     &["config"],
     &["cache"],
+    &["rules"],
     &["metrics"],
     &["upstream", "purge"],
     // The admin port reaches the node through its own narrow handle, never the request path.

@@ -21,6 +21,122 @@ pub struct FileConfig {
     pub purge: PurgeFile,
     #[serde(default)]
     pub log: LogFile,
+    /// Edge policy, in order (see `config/skua.toml`).
+    #[serde(default)]
+    pub rule: Vec<RuleFile>,
+}
+
+/// `[[rule]]`: conditions (`match`, all of which must hold) and actions. For each kind of
+/// action the first matching rule that has one applies.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    /// Shown by `skua check --explain` and in logs. Default `rule[N]`.
+    #[serde(default)]
+    pub name: String,
+    /// The conditions; none: every request.
+    #[serde(default, rename = "match")]
+    pub when: MatchFile,
+    /// An `[[origin]]` pool's name: where this request's misses go.
+    pub route: Option<String>,
+    /// Never cached: neither served from nor stored in the cache.
+    #[serde(default)]
+    pub pass: bool,
+    /// A freshness lifetime (duration) that replaces the origin's, for responses the cache may
+    /// store at all.
+    pub ttl: Option<String>,
+    /// With `ttl`: how long a stale copy may be served while it is refetched, or when the origin
+    /// fails (duration).
+    pub grace: Option<String>,
+    /// Answer with this status and body; the origin is never asked.
+    pub deny: Option<DenyFile>,
+    /// Answer with a redirect; the origin is never asked.
+    pub redirect: Option<RedirectFile>,
+    /// Edits to the request the origin receives.
+    pub request_headers: Option<HeaderEditsFile>,
+    /// Edits to the response the client receives.
+    pub response_headers: Option<HeaderEditsFile>,
+    /// Query normalisation before the cache key is computed.
+    pub normalize_query: Option<QueryFile>,
+    /// A token bucket per client address.
+    pub rate_limit: Option<RateLimitFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatchFile {
+    /// Any of these hosts (`name`, `*.parent` for every name under it, `*`).
+    pub host: Vec<String>,
+    /// Any of these exact paths (without the query).
+    pub path: Vec<String>,
+    /// Any path starting with one of these.
+    pub path_prefix: Vec<String>,
+    /// Any path one of these regular expressions matches.
+    pub path_regex: Vec<String>,
+    /// Any of these methods.
+    pub method: Vec<String>,
+    /// Query parameters and a regular expression each value must match ("" : present).
+    pub query: std::collections::BTreeMap<String, String>,
+    /// Request header fields and a regular expression a value must match ("" : present).
+    pub header: std::collections::BTreeMap<String, String>,
+    /// Cookies and a regular expression the value must match ("" : present).
+    pub cookie: std::collections::BTreeMap<String, String>,
+    /// Any of these client networks (CIDR or address).
+    pub client: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyFile {
+    /// 400 to 599.
+    pub status: u16,
+    /// Plain text; default: the status's reason phrase.
+    #[serde(default)]
+    pub body: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectFile {
+    /// 301, 302, 303, 307 or 308. Default 301.
+    #[serde(default = "default_redirect_status")]
+    pub status: u16,
+    /// An absolute URL or a path, with `{host}`, `{path}`, `{query}` (with its `?`, or
+    /// empty) and `{1}`..`{9}` (the groups of the rule's `path_regex`) filled in.
+    pub location: String,
+}
+
+fn default_redirect_status() -> u16 {
+    301
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderEditsFile {
+    /// Fields set to a value, replacing any already there.
+    pub set: std::collections::BTreeMap<String, String>,
+    /// Fields added after any already there.
+    pub append: std::collections::BTreeMap<String, String>,
+    /// Fields removed.
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryFile {
+    /// Parameters dropped: names, or a prefix ending in `*` (`utm_*`).
+    pub drop: Vec<String>,
+    /// Sort the parameters that stay (by name, then value; stable for repeated names).
+    pub sort: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    /// Requests per second a client may make, on average.
+    pub per_second: f64,
+    /// Requests a client may make at once after being idle. Default: `per_second`, at least 1.
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

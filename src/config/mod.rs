@@ -7,6 +7,7 @@
 pub mod certificate;
 mod file;
 pub mod host;
+pub mod rules;
 mod validate;
 
 use std::fmt;
@@ -27,6 +28,8 @@ pub struct Config {
     pub cache: CacheConfig,
     pub purge: PurgeConfig,
     pub access_log: Option<AccessLogConfig>,
+    /// `[[rule]]`, in order.
+    pub rules: Vec<rules::Rule>,
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +51,22 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     pub connections: ConnectionLimits,
     pub tls: Option<TlsConfig>,
+}
+
+/// The pool that serves `host` when no rule routes it elsewhere: the first whose `hosts` lists
+/// it (without its port), else the first with no `hosts`, else the first.
+/// `hosts_by_pool`: each pool's `hosts`, in order.
+pub fn default_pool<'a, I>(hosts_by_pool: I, host: &str) -> usize
+where
+    I: IntoIterator<Item = &'a [String]>,
+    I::IntoIter: Clone,
+{
+    let host = host::without_port(host);
+    let pools = hosts_by_pool.into_iter();
+    (pools.clone())
+        .position(|hosts| hosts.iter().any(|h| h == host))
+        .or_else(|| pools.clone().position(<[String]>::is_empty))
+        .unwrap_or(0)
 }
 
 /// `[server.tls]`, validated: its certificates are loaded and checked.

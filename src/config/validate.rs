@@ -17,12 +17,12 @@ use super::*;
 
 /// A step in a key path: a table key or an array index.
 #[derive(Clone, Copy)]
-enum Seg<'a> {
+pub(super) enum Seg<'a> {
     Key(&'a str),
     Index(usize),
 }
 
-struct Checker<'a> {
+pub(super) struct Checker<'a> {
     text: &'a str,
     doc: Option<ImDocument<&'a str>>,
     errors: Vec<ConfigError>,
@@ -32,7 +32,7 @@ impl<'a> Checker<'a> {
     /// Records a problem with the key at `path`. Only the first problem of a key is kept: a
     /// later check of a value that did not parse would report a consequence, not a cause
     /// (regression: a bad duration also said "must be longer than zero").
-    fn report(&mut self, path: &[Seg<'_>], reason: impl Into<String>) {
+    pub(super) fn report(&mut self, path: &[Seg<'_>], reason: impl Into<String>) {
         let key = render_path(path);
         if self.errors.iter().any(|e| e.key == key) {
             return;
@@ -47,7 +47,7 @@ impl<'a> Checker<'a> {
 
     /// Walks the parsed document along `path` and returns the line of the deepest part found,
     /// so a missing key still points at its table.
-    fn line_of(&self, path: &[Seg<'_>]) -> Option<usize> {
+    pub(super) fn line_of(&self, path: &[Seg<'_>]) -> Option<usize> {
         let doc = self.doc.as_ref()?;
         let mut table: Option<&dyn TableLike> = Some(doc.as_table());
         let mut array: Option<&toml_edit::Array> = None;
@@ -83,7 +83,7 @@ impl<'a> Checker<'a> {
         span.map(|s| line_at(self.text, s.start))
     }
 
-    fn duration(&mut self, path: &[Seg<'_>], value: &str) -> Duration {
+    pub(super) fn duration(&mut self, path: &[Seg<'_>], value: &str) -> Duration {
         match humantime::parse_duration(value.trim()) {
             Ok(d) => d,
             Err(e) => {
@@ -113,7 +113,7 @@ impl<'a> Checker<'a> {
 /// Compiles a regex, reusing an earlier compilation of the same pattern: every reload (and
 /// every fuzzing run) meets the same default bypass patterns, and compiling is the costliest
 /// part of validation.
-fn compile(pattern: &str) -> Result<Regex, regex::Error> {
+pub(super) fn compile(pattern: &str) -> Result<Regex, regex::Error> {
     static COMPILED: std::sync::Mutex<Option<std::collections::HashMap<String, Regex>>> =
         std::sync::Mutex::new(None);
     if let Ok(mut cache) = COMPILED.lock() {
@@ -165,7 +165,7 @@ fn object_size(c: &mut Checker<'_>, at: &[Seg<'_>], size: u64, tier: u64, tier_k
 }
 
 /// Parses a list of CIDR networks (or single addresses), reporting each bad entry.
-fn networks(c: &mut Checker<'_>, list: &[String], at: &[Seg<'_>]) -> Vec<IpNet> {
+pub(super) fn networks(c: &mut Checker<'_>, list: &[String], at: &[Seg<'_>]) -> Vec<IpNet> {
     let mut out = Vec::new();
     for (i, net) in list.iter().enumerate() {
         let parsed = net
@@ -332,12 +332,14 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
     let cache = check_cache(c, file.cache);
     // The bus keeps purges as long as an object can live, unless told otherwise.
     let purge = check_purge(c, &file.purge, cache.ttl_cap);
+    let rules = super::rules::check(c, file.rule, &origins);
     Config {
         server,
         origins,
         cache,
         access_log: check_log(c, &file.log),
         purge,
+        rules,
     }
 }
 

@@ -180,12 +180,7 @@ impl Pools {
     /// The pool for a request host: the first listing it, else the first default pool, else
     /// the first pool.
     pub fn for_host(&self, host: &str) -> usize {
-        let host = crate::config::host::without_port(host);
-        self.pools
-            .iter()
-            .position(|p| p.hosts.iter().any(|h| h == host))
-            .or_else(|| self.pools.iter().position(|p| p.hosts.is_empty()))
-            .unwrap_or(0)
+        crate::config::default_pool(self.pools.iter().map(|p| p.hosts.as_slice()), host)
     }
 
     pub fn get(&self, index: usize) -> Option<&Pool> {

@@ -1,0 +1,57 @@
+//! The one canonical key function: every URL a request, an HTTP PURGE, an HTCP CLR or the
+//! admin API names goes through [`Canonical::canonical`], so that spellings that are one
+//! object are one key: `[cache] host_aliases`, then the first `[[rule]]` with
+//! `normalize_query` whose (URL-only) conditions hold. A PURGE of the raw URL and of the
+//! normalised one therefore remove the same object.
+
+use http::Method;
+
+use super::{matches, query, Request};
+use crate::cache::key::{CacheUrl, HostAliases};
+use crate::config::rules::{Conditions, QueryNormalization, Rule};
+
+#[derive(Debug, Clone, Default)]
+pub struct Canonical {
+    pub aliases: HostAliases,
+    /// The rules that normalise the query, in order.
+    query: Vec<(Conditions, QueryNormalization)>,
+}
+
+impl Canonical {
+    pub fn new(aliases: HostAliases, rules: &[Rule]) -> Canonical {
+        let query = (rules.iter())
+            .filter_map(|r| Some((r.when.clone(), r.actions.normalize_query.clone()?)))
+            .collect();
+        Canonical { aliases, query }
+    }
+
+    pub fn canonical(&self, url: CacheUrl) -> CacheUrl {
+        let mut url = self.aliases.canonical(url);
+        if self.query.is_empty() {
+            return url;
+        }
+        let (path, query) =
+            (url.path_and_query.split_once('?')).unwrap_or((url.path_and_query.as_str(), ""));
+        // The conditions read the URL only (validated), so the request's other parts are
+        // never asked for.
+        let req = Request {
+            host: url.host_name(),
+            path,
+            query,
+            method: &Method::GET,
+            fields: &http::HeaderMap::new(),
+            client: None,
+        };
+        let how = self.query.iter().find(|(when, _)| matches(when, &req));
+        if let Some(normal) = how.and_then(|(_, how)| query::normalize(query, how)) {
+            let mut rebuilt = String::with_capacity(path.len() + 1 + normal.len());
+            rebuilt.push_str(path);
+            if !normal.is_empty() {
+                rebuilt.push('?');
+                rebuilt.push_str(&normal);
+            }
+            url.path_and_query = rebuilt;
+        }
+        url
+    }
+}

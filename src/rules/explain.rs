@@ -1,0 +1,151 @@
+//! `skua check --explain URL`: what the rules would do with one request, without a server —
+//! its cache key (and the rule that normalised its query), every rule that matches it and
+//! which kinds of action each one decides, and the pool its misses would reach.
+
+use std::fmt::Write;
+use std::net::IpAddr;
+
+use http::{HeaderMap, Method};
+
+use super::canonical::Canonical;
+use super::{matches, Decision, Request, RuleSet};
+use crate::cache::key::CacheUrl;
+use crate::config::rules::{Answer, CacheAction};
+use crate::config::{default_pool, Config};
+
+/// The request to explain: an absolute URL, and what else the rules may read.
+pub struct Asked<'a> {
+    pub url: &'a str,
+    pub method: Method,
+    pub headers: HeaderMap,
+    pub client: Option<IpAddr>,
+}
+
+/// The explanation as text, one fact per line; an error when the URL is not one Skua keys.
+pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
+    let raw = CacheUrl::parse_absolute(asked.url)
+        .map_err(|e| format!("not an absolute http(s) URL ({e}): {}", asked.url))?;
+    let canonical = Canonical::new(
+        crate::cache::key::HostAliases(config.cache.host_aliases.clone()),
+        &config.rules,
+    );
+    let url = canonical.canonical(raw.clone());
+    let set = RuleSet::new(config.rules.clone());
+    let (path, query) =
+        (url.path_and_query.split_once('?')).unwrap_or((url.path_and_query.as_str(), ""));
+    let req = Request {
+        host: url.host_name(),
+        path,
+        query,
+        method: &asked.method,
+        fields: &asked.headers,
+        client: asked.client,
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "{} {}", asked.method, asked.url);
+    let _ = writeln!(out, "cache key: {}", url.primary());
+    if url != raw {
+        let raw_query = raw.path_and_query.split_once('?').map_or("", |(_, q)| q);
+        let normaliser = (config.rules.iter()).find(|r| {
+            r.actions.normalize_query.is_some()
+                && matches(
+                    &r.when,
+                    &Request {
+                        query: raw_query,
+                        ..shallow(&req)
+                    },
+                )
+        });
+        if let Some(rule) = normaliser {
+            let _ = writeln!(out, "  query normalised by {}", describe(rule, None));
+        }
+    }
+    let decision = set.decide_every_rule(&req);
+    debug_assert_eq!(decision, set.decide(&req));
+    let mut any = false;
+    for (i, rule) in set.rules().iter().enumerate() {
+        if !matches(&rule.when, &req) {
+            continue;
+        }
+        any = true;
+        let decides = decided_by(&set, &decision, i as u16);
+        let decides = if decides.is_empty() {
+            "decides nothing: earlier rules did".to_string()
+        } else {
+            decides.join(", ")
+        };
+        let _ = writeln!(out, "matches {}: {decides}", describe(rule, Some(i)));
+    }
+    if !any {
+        let _ = writeln!(out, "no rule matches");
+    }
+    let pool = match decision.route.and_then(|r| set.rule(r).actions.route) {
+        Some(routed) => routed,
+        None => default_pool(config.origins.iter().map(|p| p.hosts.as_slice()), &url.host),
+    };
+    if let Some(pool) = config.origins.get(pool) {
+        let _ = writeln!(
+            out,
+            "pool: {} ({} addresses)",
+            pool.name,
+            pool.addresses.len()
+        );
+    }
+    Ok(out)
+}
+
+/// `req` with its own references, so a field can be replaced in a struct update.
+fn shallow<'a>(req: &Request<'a, HeaderMap>) -> Request<'a, HeaderMap> {
+    Request {
+        host: req.host,
+        path: req.path,
+        query: req.query,
+        method: req.method,
+        fields: req.fields,
+        client: req.client,
+    }
+}
+
+fn describe(rule: &crate::config::rules::Rule, index: Option<usize>) -> String {
+    let line = rule
+        .line
+        .map(|l| format!(" (line {l})"))
+        .unwrap_or_default();
+    let index = index.map(|i| format!("rule[{i}] ")).unwrap_or_default();
+    format!("{index}{:?}{line}", rule.name)
+}
+
+/// What rule `index` decides in `decision`, in words.
+fn decided_by(set: &RuleSet, decision: &Decision, index: u16) -> Vec<String> {
+    let actions = &set.rule(index).actions;
+    let mut out = Vec::new();
+    if decision.route == Some(index) {
+        out.push("route".to_string());
+    }
+    if decision.cache == Some(index) {
+        out.push(match actions.cache {
+            Some(CacheAction::Pass) => "pass".to_string(),
+            Some(CacheAction::Ttl { ttl, .. }) => {
+                format!("ttl {}", humantime::format_duration(ttl))
+            }
+            None => "cache".to_string(),
+        });
+    }
+    if decision.answer == Some(index) {
+        out.push(match &actions.answer {
+            Some(Answer::Deny { status, .. }) => format!("deny {status}"),
+            Some(Answer::Redirect { status, .. }) => format!("redirect {status}"),
+            None => "answer".to_string(),
+        });
+    }
+    if decision.request_headers == Some(index) {
+        out.push("request_headers".to_string());
+    }
+    if decision.response_headers == Some(index) {
+        out.push("response_headers".to_string());
+    }
+    if decision.rate_limit == Some(index) {
+        out.push("rate_limit".to_string());
+    }
+    out
+}

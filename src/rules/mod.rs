@@ -1,0 +1,260 @@
+//! Edge policy at request time: the validated `[[rule]]`s (`crate::config::rules`) compiled
+//! into a [`RuleSet`] that decides, for one request, which rule applies for each kind of action
+//! (route, cache, answer, request and response header edits, rate limit), and the one
+//! canonical key function ([`canonical::Canonical`]) that applies host aliases and the rules'
+//! query normalisation to every URL a request or a purge names. Carrying a decision out
+//! (choosing the pool, answering, editing headers, storing with another lifetime) belongs to
+//! `crate::proxy`.
+//!
+//! Order: rules are read top to bottom; for each kind of action, the first rule whose
+//! conditions all hold and that has an action of that kind decides it. `deny` and `redirect`
+//! are one kind (the edge answers itself), and so are `pass` and `ttl` (how the cache treats
+//! the request). Query normalisation is decided by URL alone, in [`canonical`].
+
+pub mod canonical;
+pub mod explain;
+pub mod query;
+pub mod rate;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use http::Method;
+
+use crate::cache::fields::RequestFields;
+use crate::config::rules::{Conditions, HostPattern, PathPattern, Rule};
+
+/// The request a rule set decides for.
+pub struct Request<'a, F: ?Sized> {
+    /// The canonical host, lowercased, without its port.
+    pub host: &'a str,
+    /// The path, without the query.
+    pub path: &'a str,
+    /// The query, without its `?`.
+    pub query: &'a str,
+    pub method: &'a Method,
+    pub fields: &'a F,
+    /// The client's address (the forwarded one, when a trusted proxy relayed the request).
+    pub client: Option<IpAddr>,
+}
+
+/// For each kind of action, the index of the rule that decides it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub route: Option<u16>,
+    pub cache: Option<u16>,
+    pub answer: Option<u16>,
+    pub request_headers: Option<u16>,
+    pub response_headers: Option<u16>,
+    pub rate_limit: Option<u16>,
+}
+
+impl Decision {
+    /// Whether a stored copy may answer this request as it is stored, by a fast path that
+    /// applies none of the actions: nothing answers, passes, limits or edits it. (A route and
+    /// a lifetime matter to misses only.)
+    pub fn serves_stored_as_is(&self) -> bool {
+        self.answer.is_none()
+            && self.rate_limit.is_none()
+            && self.request_headers.is_none()
+            && self.response_headers.is_none()
+    }
+}
+
+const ROUTE: u8 = 1;
+const CACHE: u8 = 2;
+const ANSWER: u8 = 4;
+const REQUEST_HEADERS: u8 = 8;
+const RESPONSE_HEADERS: u8 = 16;
+const RATE_LIMIT: u8 = 32;
+
+/// The kinds of action (other than query normalisation) `rule` has.
+fn kinds_of(rule: &Rule) -> u8 {
+    let a = &rule.actions;
+    [
+        (a.route.is_some(), ROUTE),
+        (a.cache.is_some(), CACHE),
+        (a.answer.is_some(), ANSWER),
+        (a.request_headers.is_some(), REQUEST_HEADERS),
+        (a.response_headers.is_some(), RESPONSE_HEADERS),
+        (a.rate_limit.is_some(), RATE_LIMIT),
+    ]
+    .iter()
+    .filter(|(has, _)| *has)
+    .fold(0, |all, (_, kind)| all | kind)
+}
+
+/// The rules, compiled: for each host a rule names exactly, the rules that can apply to it, in
+/// order; for every other host, the rules that name no host exactly.
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    kinds: Vec<u8>,
+    /// Every kind some rule has.
+    all_kinds: u8,
+    by_host: HashMap<String, Vec<u16>>,
+    other_hosts: Vec<u16>,
+    pub limiter: rate::Limiter,
+}
+
+impl RuleSet {
+    pub fn new(rules: Vec<Rule>) -> RuleSet {
+        let kinds: Vec<u8> = rules.iter().map(kinds_of).collect();
+        let all_kinds = kinds.iter().fold(0, |all, k| all | k);
+        let acting = |i: &usize| kinds[*i] != 0;
+        let exact = |rule: &Rule| -> Vec<String> {
+            let hosts = rule.when.hosts.iter();
+            let names = hosts.filter_map(|h| match h {
+                HostPattern::Exact(name) => Some(name.clone()),
+                _ => None,
+            });
+            names.collect()
+        };
+        // A rule that lists only exact names can apply to those hosts alone.
+        let only_exact = |rule: &Rule| {
+            !rule.when.hosts.is_empty()
+                && (rule.when.hosts.iter()).all(|h| matches!(h, HostPattern::Exact(_)))
+        };
+        let other_hosts: Vec<u16> = (0..rules.len())
+            .filter(acting)
+            .filter(|i| !only_exact(&rules[*i]))
+            .map(|i| i as u16)
+            .collect();
+        let mut by_host: HashMap<String, Vec<u16>> = HashMap::new();
+        for name in rules.iter().flat_map(exact) {
+            if by_host.contains_key(&name) {
+                continue;
+            }
+            let applicable = (0..rules.len())
+                .filter(acting)
+                .filter(|i| {
+                    let hosts = &rules[*i].when.hosts;
+                    hosts.is_empty() || hosts.iter().any(|h| h.matches(&name))
+                })
+                .map(|i| i as u16)
+                .collect();
+            by_host.insert(name, applicable);
+        }
+        RuleSet {
+            rules,
+            kinds,
+            all_kinds,
+            by_host,
+            other_hosts,
+            limiter: rate::Limiter::new(),
+        }
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn rule(&self, index: u16) -> &Rule {
+        &self.rules[index as usize]
+    }
+
+    /// Which rule decides each kind of action for `req`.
+    pub fn decide<F: RequestFields + ?Sized>(&self, req: &Request<'_, F>) -> Decision {
+        if self.all_kinds == 0 {
+            return Decision::default();
+        }
+        let candidates = self.by_host.get(req.host).unwrap_or(&self.other_hosts);
+        self.first_of_each_kind(candidates.iter().copied(), req)
+    }
+
+    /// [`RuleSet::decide`] without the index: every rule, in order. What `decide` must agree
+    /// with (the property test below), and what `skua check --explain` shows.
+    pub fn decide_every_rule<F: RequestFields + ?Sized>(&self, req: &Request<'_, F>) -> Decision {
+        self.first_of_each_kind(0..self.rules.len() as u16, req)
+    }
+
+    fn first_of_each_kind<F: RequestFields + ?Sized>(
+        &self,
+        candidates: impl Iterator<Item = u16>,
+        req: &Request<'_, F>,
+    ) -> Decision {
+        let mut decision = Decision::default();
+        let mut decided = 0u8;
+        for i in candidates {
+            let kinds = self.kinds[i as usize];
+            if kinds & !decided == 0 || !matches(&self.rules[i as usize].when, req) {
+                continue;
+            }
+            let slots = [
+                (ROUTE, &mut decision.route),
+                (CACHE, &mut decision.cache),
+                (ANSWER, &mut decision.answer),
+                (REQUEST_HEADERS, &mut decision.request_headers),
+                (RESPONSE_HEADERS, &mut decision.response_headers),
+                (RATE_LIMIT, &mut decision.rate_limit),
+            ];
+            for (kind, slot) in slots {
+                if kinds & kind != 0 && decided & kind == 0 {
+                    *slot = Some(i);
+                }
+            }
+            decided |= kinds;
+            if decided == self.all_kinds {
+                break;
+            }
+        }
+        decision
+    }
+
+    /// How long a client limited by rule `index` must wait, if it must: one token of its
+    /// bucket is taken otherwise.
+    pub fn limited(&self, index: u16, client: Option<IpAddr>) -> Option<Duration> {
+        let limit = self.rule(index).actions.rate_limit?;
+        // A request with no address (never over TCP) shares one bucket.
+        let client = client.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        self.limiter.take(index, client, limit)
+    }
+}
+
+/// Whether every condition in `when` holds for `req`.
+pub fn matches<F: RequestFields + ?Sized>(when: &Conditions, req: &Request<'_, F>) -> bool {
+    (when.hosts.is_empty() || when.hosts.iter().any(|h| h.matches(req.host)))
+        && (when.paths.is_empty() || when.paths.iter().any(|p| p.matches(req.path)))
+        && (when.methods.is_empty() || when.methods.contains(req.method))
+        && (when.clients.is_empty()
+            || req
+                .client
+                .is_some_and(|ip| when.clients.iter().any(|net| net.contains(&ip))))
+        && when.query.iter().all(|(name, value)| {
+            query::parameters(req.query).any(|(n, v)| n == name && value.is_match(v))
+        })
+        && when.headers.iter().all(|(name, value)| {
+            (req.fields.values(name.as_str()))
+                .any(|v| std::str::from_utf8(v).is_ok_and(|v| value.is_match(v)))
+        })
+        && when
+            .cookies
+            .iter()
+            .all(|(name, value)| cookies(req.fields).any(|(n, v)| n == name && value.is_match(v)))
+}
+
+/// The groups of the first path regex of `when` that matches `path`: what a redirect's
+/// `{1}`..`{9}` are.
+pub fn path_groups<'p>(when: &Conditions, path: &'p str) -> Vec<&'p str> {
+    let regex = when.paths.iter().find_map(|p| match p {
+        PathPattern::Regex(re) => re.captures(path),
+        _ => None,
+    });
+    regex.map_or_else(Vec::new, |caps| {
+        (caps.iter().map(|g| g.map_or("", |m| m.as_str()))).collect()
+    })
+}
+
+/// Every cookie of the request's `Cookie` fields, as (name, value).
+fn cookies<F: RequestFields + ?Sized>(fields: &F) -> impl Iterator<Item = (&str, &str)> {
+    (fields.values("cookie"))
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|line| line.split(';'))
+        .map(|pair| {
+            let pair = pair.trim();
+            pair.split_once('=').unwrap_or((pair, ""))
+        })
+}
+
+#[cfg(test)]
+mod tests;

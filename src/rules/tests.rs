@@ -1,0 +1,164 @@
+//! The compiled matcher agrees with reading every rule in order, over random rule sets and
+//! requests (#22's property test).
+
+use std::net::IpAddr;
+
+use http::{HeaderMap, HeaderValue, Method};
+use proptest::prelude::*;
+
+use super::*;
+use crate::config::rules::{Actions, CacheAction, Conditions, HeaderEdits, PathPattern};
+
+const HOSTS: [&str; 4] = ["en.wiki.test", "de.wiki.test", "wiki.test", "other.test"];
+const PATHS: [&str; 5] = ["/wiki/A", "/wiki/B", "/w/api.php", "/w/load.php", "/"];
+
+fn host_pattern() -> impl Strategy<Value = HostPattern> {
+    prop_oneof![
+        (0..HOSTS.len()).prop_map(|i| HostPattern::Exact(HOSTS[i].to_string())),
+        Just(HostPattern::Under(".wiki.test".to_string())),
+        Just(HostPattern::Any),
+    ]
+}
+
+fn path_pattern() -> impl Strategy<Value = PathPattern> {
+    prop_oneof![
+        (0..PATHS.len()).prop_map(|i| PathPattern::Exact(PATHS[i].to_string())),
+        Just(PathPattern::Prefix("/wiki/".to_string())),
+        Just(PathPattern::Prefix("/w/".to_string())),
+        Just(PathPattern::Regex(
+            regex::Regex::new("^/w/[a-z]+\\.php$").unwrap()
+        )),
+    ]
+}
+
+fn rule() -> impl Strategy<Value = Rule> {
+    let when = (
+        proptest::collection::vec(host_pattern(), 0..3),
+        proptest::collection::vec(path_pattern(), 0..2),
+        proptest::option::of(prop_oneof![Just(Method::GET), Just(Method::POST)]),
+        any::<bool>(),
+        any::<bool>(),
+    );
+    let actions = (
+        any::<bool>(),
+        0..3u8,
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    );
+    (when, actions).prop_map(|((hosts, paths, method, header, client), actions)| {
+        let (route, cache, answer, edits, limit) = actions;
+        let when = Conditions {
+            hosts,
+            paths,
+            methods: method.into_iter().collect(),
+            headers: if header {
+                vec![(http::header::USER_AGENT, regex::Regex::new("bot").unwrap())]
+            } else {
+                vec![]
+            },
+            clients: if client {
+                vec!["10.0.0.0/8".parse().unwrap()]
+            } else {
+                vec![]
+            },
+            ..Conditions::default()
+        };
+        let mut a = Actions {
+            route: route.then_some(1),
+            cache: match cache {
+                1 => Some(CacheAction::Pass),
+                2 => Some(CacheAction::Ttl {
+                    ttl: Duration::from_secs(60),
+                    grace: None,
+                }),
+                _ => None,
+            },
+            response_headers: edits.then(HeaderEdits::default),
+            rate_limit: limit.then_some(crate::config::rules::RateLimit {
+                per_second: 1.0,
+                burst: 1,
+            }),
+            ..Actions::default()
+        };
+        if answer {
+            a.answer = Some(crate::config::rules::Answer::Deny {
+                status: 403,
+                body: "no".into(),
+            });
+        }
+        Rule {
+            name: String::new(),
+            line: None,
+            when,
+            actions: a,
+        }
+    })
+}
+
+proptest! {
+    #[test]
+    fn the_index_decides_as_reading_every_rule_in_order(
+        rules in proptest::collection::vec(rule(), 0..12),
+        host in 0..HOSTS.len() + 1,
+        path in 0..PATHS.len(),
+        post in any::<bool>(),
+        bot in any::<bool>(),
+        inside in any::<bool>(),
+    ) {
+        let set = RuleSet::new(rules);
+        let mut fields = HeaderMap::new();
+        if bot {
+            fields.insert(http::header::USER_AGENT, HeaderValue::from_static("a bot/1.0"));
+        }
+        let client: IpAddr = if inside { "10.1.2.3" } else { "192.0.2.7" }.parse().unwrap();
+        let req = Request {
+            // One host no rule names exactly.
+            host: HOSTS.get(host).copied().unwrap_or("fr.wiki.test"),
+            path: PATHS[path],
+            query: "",
+            method: if post { &Method::POST } else { &Method::GET },
+            fields: &fields,
+            client: Some(client),
+        };
+        prop_assert_eq!(set.decide(&req), set.decide_every_rule(&req));
+    }
+}
+
+#[test]
+fn the_first_rule_of_each_kind_decides_it() {
+    let pass = |hosts: Vec<HostPattern>| Rule {
+        name: String::new(),
+        line: None,
+        when: Conditions {
+            hosts,
+            ..Conditions::default()
+        },
+        actions: Actions {
+            cache: Some(CacheAction::Pass),
+            ..Actions::default()
+        },
+    };
+    let mut routed = pass(vec![HostPattern::Under(".wiki.test".into())]);
+    routed.actions.route = Some(2);
+    let set = RuleSet::new(vec![
+        pass(vec![HostPattern::Exact("de.wiki.test".into())]),
+        routed,
+        pass(vec![]),
+    ]);
+    let fields = HeaderMap::new();
+    let req = |host| Request {
+        host,
+        path: "/",
+        query: "",
+        method: &Method::GET,
+        fields: &fields,
+        client: None,
+    };
+    let de = set.decide(&req("de.wiki.test"));
+    assert_eq!((de.cache, de.route), (Some(0), Some(1)));
+    let en = set.decide(&req("en.wiki.test"));
+    assert_eq!((en.cache, en.route), (Some(1), Some(1)));
+    let other = set.decide(&req("other.test"));
+    assert_eq!((other.cache, other.route), (Some(2), None));
+}
