@@ -62,7 +62,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("storage policy: decide (Cache-Control parse)", |b| {
         b.iter(|| {
             let mut r = resp.clone();
-            black_box(p.decide(&mut r, false, SystemTime::now()).ok())
+            black_box(p.decide(&mut r, false, SystemTime::now(), None).ok())
         })
     });
 
@@ -85,7 +85,15 @@ fn bench(c: &mut Criterion) {
     c.bench_function("response head: stored head plus a hit's fields", |b| {
         b.iter(|| {
             let mut out = Vec::with_capacity(obj.meta.head.len() + 160);
-            skua::proxy::hit::write_head(&mut out, &obj, now, "skua; hit; ttl=258", false, None);
+            skua::proxy::hit::write_head(
+                &mut out,
+                &obj,
+                now,
+                "skua; hit; ttl=258",
+                false,
+                None,
+                false,
+            );
             black_box(out)
         })
     });

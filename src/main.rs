@@ -43,6 +43,19 @@ enum Command {
     Check {
         #[arg(short, long)]
         config: PathBuf,
+        /// Also say what the `[[rule]]`s would do with a request for this absolute URL: its
+        /// cache key, the rules it matches and the pool its misses reach.
+        #[arg(long, value_name = "URL")]
+        explain: Option<String>,
+        /// With --explain: the request's method.
+        #[arg(long, default_value = "GET", requires = "explain")]
+        method: String,
+        /// With --explain: a request header, `Name: value` (repeatable).
+        #[arg(long = "header", value_name = "NAME: VALUE", requires = "explain")]
+        headers: Vec<String>,
+        /// With --explain: the client's address.
+        #[arg(long, value_name = "IP", requires = "explain")]
+        client: Option<std::net::IpAddr>,
     },
     /// Send purges: one HTCP CLR per URL, as MediaWiki does for `$wgHTCPRouting`.
     Purge {
@@ -118,13 +131,61 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Ok(config)
 }
 
+/// `skua check --explain`: the request from the command line, explained.
+fn explain_request(
+    config: &Config,
+    url: &str,
+    method: &str,
+    headers: &[String],
+    client: Option<std::net::IpAddr>,
+) -> Result<String, String> {
+    let method = http::Method::from_bytes(method.as_bytes())
+        .map_err(|_| format!("--method: not a method: {method:?}"))?;
+    let mut fields = http::HeaderMap::new();
+    for header in headers {
+        let parsed = header.split_once(':').and_then(|(name, value)| {
+            let name = http::HeaderName::from_bytes(name.trim().as_bytes()).ok()?;
+            let value = http::HeaderValue::from_str(value.trim()).ok()?;
+            Some((name, value))
+        });
+        let (name, value) =
+            parsed.ok_or_else(|| format!("--header: not \"Name: value\": {header:?}"))?;
+        fields.append(name, value);
+    }
+    let asked = skua::rules::explain::Asked {
+        url,
+        method,
+        headers: fields,
+        client,
+    };
+    skua::rules::explain::explain(config, &asked)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config: path } => match load(&path) {
-            Ok(_) => {
+        Command::Check {
+            config: path,
+            explain,
+            method,
+            headers,
+            client,
+        } => match load(&path) {
+            Ok(config) => {
                 println!("{}: ok", path.display());
-                ExitCode::SUCCESS
+                let Some(url) = explain else {
+                    return ExitCode::SUCCESS;
+                };
+                match explain_request(&config, &url, &method, &headers, client) {
+                    Ok(text) => {
+                        print!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(why) => {
+                        eprintln!("{why}");
+                        ExitCode::from(EXIT_USAGE)
+                    }
+                }
             }
             Err(code) => code,
         },

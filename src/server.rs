@@ -249,7 +249,7 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         let receiver = HtcpReceiver::new(
             htcp.clone(),
             shared.purger.clone(),
-            shared.aliases.clone(),
+            shared.canonical.clone(),
             shared.metrics.clone(),
         );
         let mut service = background_service("htcp receiver", receiver);
@@ -271,7 +271,7 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
                 pools: shared.pools.clone(),
                 purger: shared.purger.clone(),
                 purge_auth: shared.purge_auth.clone(),
-                aliases: shared.aliases.clone(),
+                canonical: shared.canonical.clone(),
                 readiness: shared.readiness.clone(),
             }),
         );
@@ -341,7 +341,7 @@ fn listen_options(server: &crate::config::ServerConfig) -> TcpSocketOptions {
 
 impl Built {
     /// Re-reads `path` on SIGHUP and applies what can change in place (see
-    /// [`crate::proxy::Rules`]). A file that does not validate is rejected with a log line and
+    /// [`crate::proxy::Settings`]). A file that does not validate is rejected with a log line and
     /// the running configuration stays.
     /// `running` is the configuration the server was built from.
     pub fn reload_on_sighup(&mut self, path: PathBuf, running: Config) {

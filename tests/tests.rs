@@ -18,4 +18,5 @@ mod mediawiki;
 mod metrics;
 mod purge;
 mod reload;
+mod rules;
 mod tls;

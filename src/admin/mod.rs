@@ -14,10 +14,11 @@ use serde_json::json;
 
 use arc_swap::ArcSwap;
 
-use crate::cache::key::{CacheUrl, HostAliases};
+use crate::cache::key::CacheUrl;
 use crate::cache::Store;
 use crate::metrics::Metrics;
 use crate::purge::{self, Purge, PurgeAuth, PurgeResult, Purger, Readiness, Scope, Source};
+use crate::rules::canonical::Canonical;
 use crate::upstream::SharedPools;
 
 /// The live dashboard: one self-contained page (no external assets) polling `/stats`.
@@ -25,7 +26,7 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// What the admin port reaches of a running node, and no more: the tiers and counters it
 /// reports (origin health among them), the purger it submits purges to with the rules that
-/// authorise them and the host aliases that name their URLs (both follow reloads), and
+/// authorise them and the canonical key function that names their URLs (both follow reloads), and
 /// readiness.
 pub struct Node {
     pub name: String,
@@ -34,7 +35,7 @@ pub struct Node {
     pub pools: SharedPools,
     pub purger: Purger,
     pub purge_auth: Arc<ArcSwap<PurgeAuth>>,
-    pub aliases: Arc<ArcSwap<HostAliases>>,
+    pub canonical: Arc<ArcSwap<Canonical>>,
     pub readiness: Readiness,
 }
 
@@ -232,7 +233,7 @@ impl Admin {
         for value in query.split('&').filter_map(|kv| kv.strip_prefix("url=")) {
             let decoded = percent_decode(value);
             let Ok(url) =
-                CacheUrl::parse_absolute(&decoded).map(|u| self.node.aliases.load().canonical(u))
+                CacheUrl::parse_absolute(&decoded).map(|u| self.node.canonical.load().canonical(u))
             else {
                 purge::count(m, Source::Admin, PurgeResult::Invalid);
                 return reply(

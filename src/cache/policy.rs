@@ -242,12 +242,16 @@ pub fn connection_nominated(headers: &http::HeaderMap) -> Vec<http::HeaderName> 
 
 impl StoragePolicy {
     /// Decides whether `resp` may be stored, at `now`. Strips headers named by
-    /// `private="…"`/`no-cache="…"` from `resp` when it is stored.
+    /// `private="…"`/`no-cache="…"` from `resp` when it is stored. `ttl_rule`: a `[[rule]]`'s
+    /// lifetime and grace, which replace what the response's fields say once it is known to
+    /// be storable at all (a rule never stores what `no-store`, `private`, `Set-Cookie` or
+    /// the status forbid).
     pub fn decide(
         &self,
         resp: &mut ResponseHeader,
         authorization_present: bool,
         now: SystemTime,
+        ttl_rule: Option<(Duration, Option<Duration>)>,
     ) -> Result<Freshness, Uncacheable> {
         let status = resp.status.as_u16();
         if !storable_status(status, self.store_server_errors) {
@@ -290,6 +294,21 @@ impl StoragePolicy {
             }
         }
 
+        if let Some((ttl, grace)) = ttl_rule {
+            for name in cc.map(|cc| cc.listed_fields()).unwrap_or_default() {
+                resp.remove_header(&name);
+            }
+            strip_hop_by_hop(resp);
+            // A deliberate deviation from RFC 9111 §4.2.1 the operator asked for: the
+            // lifetime counts from now, whatever `Age` the origin sent.
+            let grace = grace.map_or_else(|| secs_u32(self.default_grace), secs_u32);
+            return Ok(Freshness {
+                created: now,
+                fresh_until: now.checked_add(ttl).unwrap_or(now),
+                stale_while_revalidate_sec: grace,
+                stale_if_error_sec: grace.max(secs_u32(self.stale_if_error)),
+            });
+        }
         // RFC 9111 §4.2.3: the response was already `Age` seconds old when it arrived.
         let origin_age = age(&resp.headers);
         let created = now
@@ -465,7 +484,9 @@ mod tests {
                 ("x-wiki", "yes"),
             ],
         );
-        policy().decide(&mut r, false, SystemTime::now()).unwrap();
+        policy()
+            .decide(&mut r, false, SystemTime::now(), None)
+            .unwrap();
         let names: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["cache-control", "x-wiki"]);
     }
@@ -484,7 +505,7 @@ mod tests {
             200,
             &[("cache-control", "s-maxage=300, must-revalidate, max-age=0")],
         );
-        let f = policy().decide(&mut r, false, now).unwrap();
+        let f = policy().decide(&mut r, false, now, None).unwrap();
         assert_eq!(ttl(&f), 300);
         // must-revalidate and s-maxage forbid the default grace.
         assert_eq!(f.stale_if_error_sec, 0);
@@ -502,7 +523,9 @@ mod tests {
                 200,
                 &[("cache-control", "max-age=30"), ("cdn-cache-control", bad)],
             );
-            let f = policy().decide(&mut r, false, SystemTime::now()).unwrap();
+            let f = policy()
+                .decide(&mut r, false, SystemTime::now(), None)
+                .unwrap();
             assert_eq!(ttl(&f), 30, "{bad:?}: Cache-Control should rule");
         }
         let mut r = resp(
@@ -513,7 +536,9 @@ mod tests {
             ],
         );
         assert_eq!(
-            ttl(&policy().decide(&mut r, false, SystemTime::now()).unwrap()),
+            ttl(&policy()
+                .decide(&mut r, false, SystemTime::now(), None)
+                .unwrap()),
             50
         );
     }
@@ -527,7 +552,9 @@ mod tests {
                 ("cdn-cache-control", "max-age=50"),
             ],
         );
-        let f = policy().decide(&mut r, false, SystemTime::now()).unwrap();
+        let f = policy()
+            .decide(&mut r, false, SystemTime::now(), None)
+            .unwrap();
         assert_eq!(ttl(&f), 50);
     }
 
@@ -563,17 +590,24 @@ mod tests {
         ];
         for (status, headers, want) in cases {
             let mut r = resp(*status, headers);
-            assert_eq!(p.decide(&mut r, false, now), Err(*want), "{headers:?}");
+            assert_eq!(
+                p.decide(&mut r, false, now, None),
+                Err(*want),
+                "{headers:?}"
+            );
         }
         let mut r = resp(200, &[("cache-control", "max-age=60")]);
-        assert_eq!(p.decide(&mut r, true, now), Err(Uncacheable::Authorization));
+        assert_eq!(
+            p.decide(&mut r, true, now, None),
+            Err(Uncacheable::Authorization)
+        );
         let no_errors = StoragePolicy {
             store_server_errors: false,
             ..policy()
         };
         let mut r = resp(503, &[("cache-control", "max-age=60")]);
         assert_eq!(
-            no_errors.decide(&mut r, false, now),
+            no_errors.decide(&mut r, false, now, None),
             Err(Uncacheable::Status)
         );
     }
@@ -583,14 +617,14 @@ mod tests {
         let now = SystemTime::now();
         for status in [299, 303, 400, 499, 500, 599] {
             let mut r = resp(status, &[("cache-control", "max-age=3600")]);
-            let f = policy().decide(&mut r, false, now);
+            let f = policy().decide(&mut r, false, now, None);
             assert_eq!(f.map(|f| ttl(&f)), Ok(3600), "{status}");
         }
         // No heuristic lifetime for a status that is not heuristically cacheable...
         let lm = httpdate::fmt_http_date(now - Duration::from_secs(10_000));
         let mut r = resp(302, &[("last-modified", lm.as_str())]);
         assert_eq!(
-            policy().decide(&mut r, false, now),
+            policy().decide(&mut r, false, now, None),
             Err(Uncacheable::NoFreshness)
         );
         // ...unless the response is marked public (RFC 9111 §4.2.2).
@@ -599,7 +633,7 @@ mod tests {
             &[("last-modified", lm.as_str()), ("cache-control", "public")],
         );
         assert_eq!(
-            policy().decide(&mut r, false, now).map(|f| ttl(&f)),
+            policy().decide(&mut r, false, now, None).map(|f| ttl(&f)),
             Ok(1000)
         );
     }
@@ -611,7 +645,7 @@ mod tests {
             200,
             &[("cache-control", "max-age=999999999"), ("age", "100")],
         );
-        let f = policy().decide(&mut r, false, now).unwrap();
+        let f = policy().decide(&mut r, false, now, None).unwrap();
         assert_eq!(ttl(&f), 86400);
         assert_eq!(now.duration_since(f.created).unwrap().as_secs(), 100);
         // Explicit stale directives are honoured; the default grace applies otherwise.
@@ -622,7 +656,7 @@ mod tests {
         );
         assert_eq!(
             policy()
-                .decide(&mut r, false, now)
+                .decide(&mut r, false, now, None)
                 .unwrap()
                 .stale_while_revalidate_sec,
             7
@@ -635,13 +669,13 @@ mod tests {
         let lm = httpdate::fmt_http_date(now - Duration::from_secs(1000));
         let date = httpdate::fmt_http_date(now);
         let mut r = resp(200, &[("last-modified", &lm), ("date", &date)]);
-        let f = policy().decide(&mut r, false, now).unwrap();
+        let f = policy().decide(&mut r, false, now, None).unwrap();
         assert_eq!(ttl(&f), 100);
         let mut off = policy();
         off.heuristic_freshness = false;
         let mut r = resp(200, &[("last-modified", &lm)]);
         assert_eq!(
-            off.decide(&mut r, false, now),
+            off.decide(&mut r, false, now, None),
             Err(Uncacheable::NoFreshness)
         );
     }
@@ -650,7 +684,7 @@ mod tests {
     fn invalid_expires_is_stale_but_stored() {
         let now = SystemTime::now();
         let mut r = resp(200, &[("expires", "0")]);
-        let f = policy().decide(&mut r, false, now).unwrap();
+        let f = policy().decide(&mut r, false, now, None).unwrap();
         assert!(f.fresh_until < now);
     }
 }

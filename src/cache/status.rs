@@ -61,6 +61,8 @@ pub enum PassReason {
     Cookie,
     /// `Authorization` present.
     Authorization,
+    /// A `[[rule]]` with `pass`.
+    Rule,
 }
 
 impl PassReason {
@@ -69,6 +71,7 @@ impl PassReason {
             PassReason::Method => "method",
             PassReason::Cookie => "cookie",
             PassReason::Authorization => "authorization",
+            PassReason::Rule => "rule",
         }
     }
 }
@@ -87,6 +90,8 @@ pub struct Outcome {
     pub stored: bool,
     /// Freshness deadline of the object served, for `ttl=`.
     pub fresh_until: Option<SystemTime>,
+    /// The object's freshness was set by a `[[rule]]`'s `ttl`, not by the origin's fields.
+    pub ttl_rule: bool,
     /// Status the origin answered a revalidation with.
     pub fwd_status: Option<u16>,
 }
@@ -102,6 +107,7 @@ impl Outcome {
             internal: false,
             stored: false,
             fresh_until: Some(fresh_until),
+            ttl_rule: false,
             fwd_status: None,
         }
     }
@@ -158,6 +164,9 @@ impl Outcome {
                 match self.phase {
                     CachePhase::StaleUpdating => push("; detail=stale-while-revalidate"),
                     CachePhase::Stale => push("; detail=stale-if-error"),
+                    // A deliberate deviation from the origin's freshness (RFC 9211 §2.8:
+                    // "detail" carries implementation-specific information).
+                    _ if self.ttl_rule => push("; detail=ttl-rule"),
                     _ => {}
                 }
             }
@@ -191,6 +200,8 @@ impl Outcome {
                 if let Some(p) = self.pass {
                     push("; detail=");
                     push(p.as_str());
+                } else if self.stored && self.ttl_rule {
+                    push("; detail=ttl-rule");
                 }
             }
         }

@@ -130,6 +130,28 @@ pub enum Answer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location(pub Vec<LocationPart>);
 
+impl Location {
+    /// The target for a request to `host` (its name, without the port), `path` and `query`
+    /// (without its `?`); `groups`: the path regex's groups (`groups[0]` is the whole match).
+    pub fn fill(&self, host: &str, path: &str, query: &str, groups: &[&str]) -> String {
+        let mut out = String::with_capacity(64);
+        for part in &self.0 {
+            match part {
+                LocationPart::Text(text) => out.push_str(text),
+                LocationPart::Host => out.push_str(host),
+                LocationPart::Path => out.push_str(path),
+                LocationPart::Query if !query.is_empty() => {
+                    out.push('?');
+                    out.push_str(query);
+                }
+                LocationPart::Query => {}
+                LocationPart::Group(n) => out.push_str(groups.get(*n).copied().unwrap_or("")),
+            }
+        }
+        out
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocationPart {
     Text(String),
@@ -210,13 +232,16 @@ pub(super) fn check(c: &mut Checker<'_>, files: Vec<RuleFile>, pools: &[OriginPo
         }
         let when = conditions(c, i, &file.when);
         let actions = actions(c, i, &file, &when, pools);
-        let does_something = actions.route.is_some()
-            || actions.cache.is_some()
-            || actions.answer.is_some()
-            || actions.request_headers.is_some()
-            || actions.response_headers.is_some()
-            || actions.normalize_query.is_some()
-            || actions.rate_limit.is_some();
+        // What the file asks for, valid or not: a bad action is reported as itself.
+        let does_something = file.route.is_some()
+            || file.pass
+            || file.ttl.is_some()
+            || file.deny.is_some()
+            || file.redirect.is_some()
+            || file.request_headers.is_some()
+            || file.response_headers.is_some()
+            || file.normalize_query.is_some()
+            || file.rate_limit.is_some();
         if !does_something {
             c.report(
                 &[Key("rule"), Index(i)],

@@ -145,6 +145,8 @@ pub struct Metrics {
     pub reloads_rejected: IntCounter,
     /// Hits by the code that answered them, indexed by [`HitPath`].
     pub hit_paths: [IntCounter; 3],
+    /// Responses `[[rule]]`s made, indexed by [`RuleAnswer`].
+    pub rule_answers: [IntCounter; RuleAnswer::ALL.len()],
     /// Series of the per-request metrics resolved once, so counting a request hashes no labels.
     per_request: Vec<RequestSeries>,
 }
@@ -165,6 +167,30 @@ impl TierEvents {
         let seen = c.get();
         if total > seen {
             c.inc_by(total - seen);
+        }
+    }
+}
+
+/// What a `[[rule]]` answered instead of the cache or the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleAnswer {
+    Denied,
+    Redirected,
+    RateLimited,
+}
+
+impl RuleAnswer {
+    pub const ALL: [RuleAnswer; 3] = [
+        RuleAnswer::Denied,
+        RuleAnswer::Redirected,
+        RuleAnswer::RateLimited,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleAnswer::Denied => "denied",
+            RuleAnswer::Redirected => "redirected",
+            RuleAnswer::RateLimited => "rate_limited",
         }
     }
 }
@@ -496,6 +522,15 @@ impl Metrics {
         )?;
         registry.register(Box::new(hit_path.clone()))?;
         let hit_paths = HitPath::ALL.map(|p| hit_path.with_label_values(&[p.as_str()]));
+        let rule_answer = IntCounterVec::new(
+            Opts::new(
+                "skua_rule_answers_total",
+                "Requests a [[rule]] answered itself, by answer (denied, redirected, rate_limited).",
+            ),
+            &["answer"],
+        )?;
+        registry.register(Box::new(rule_answer.clone()))?;
+        let rule_answers = RuleAnswer::ALL.map(|a| rule_answer.with_label_values(&[a.as_str()]));
         let reloads_rejected = reloads.with_label_values(&["rejected"]);
         for c in [
             &requests,
@@ -555,6 +590,7 @@ impl Metrics {
             htcp_listening,
             htcp_dropped,
             hit_paths,
+            rule_answers,
             per_request,
         })
     }

@@ -19,7 +19,7 @@ use http::Method;
 use pingora::http::{RequestHeader, ResponseHeader};
 
 use super::record::Served;
-use super::{hit, ProxyState, Rules};
+use super::{hit, ProxyState, Settings};
 use crate::cache::fields::RequestFields;
 use crate::cache::key::{CacheUrl, Scheme};
 use crate::cache::memory::{Looked, StoredObject};
@@ -110,6 +110,10 @@ struct Hit {
     obj: Arc<StoredObject>,
     url: CacheUrl,
     now: SystemTime,
+    /// The `[[rule]]` whose `response_headers` apply.
+    response_edits: Option<u16>,
+    /// A rule set the copy's lifetime.
+    ttl_rule: bool,
 }
 
 impl FrontDoor {
@@ -132,10 +136,16 @@ impl FrontDoor {
         looked: &mut Option<Looked>,
     ) -> Option<Answer> {
         let started = Instant::now();
-        let rules = self.shared.rules.load();
+        let settings = self.shared.settings.load();
         let mut parsed = [httparse::EMPTY_HEADER; MAX_FIELDS];
-        let mut req = plain(head, &mut parsed, &rules.limits)?;
-        let Hit { obj, url, now } = self.find(&rules, &mut req, scheme, &client, looked)?;
+        let mut req = plain(head, &mut parsed, &settings.limits)?;
+        let hit = self.find(&settings, &mut req, scheme, &client, looked)?;
+        let Hit {
+            ref obj,
+            ref url,
+            now,
+            ..
+        } = hit;
 
         let close = req.close || closing;
         let with_body = req.method != Method::HEAD;
@@ -145,19 +155,23 @@ impl FrontDoor {
         );
         hit::write_head(
             &mut out,
-            &obj,
+            obj,
             now,
             &self.shared.name,
             close,
-            rules.downstream_cache_control.as_ref(),
+            settings.downstream_cache_control.as_ref(),
+            hit.ttl_rule,
         );
+        if let Some(edits) = hit.response_edits.and_then(|i| rule_edits(&settings, i)) {
+            out = super::edit::wire(&out, edits);
+        }
         let body = if coalesce {
             out.extend_from_slice(&obj.body);
             None
         } else {
             with_body.then(|| obj.body.clone())
         };
-        self.record(&req, &url, &obj, "HTTP/1.1", &client, started);
+        self.record(&req, url, obj, "HTTP/1.1", &client, started);
         Some(Answer {
             head: out,
             body,
@@ -176,18 +190,29 @@ impl FrontDoor {
         looked: &mut Option<Looked>,
     ) -> Option<StreamAnswer> {
         let started = Instant::now();
-        let rules = self.shared.rules.load();
-        let mut req = stream_request(head, &rules.limits)?;
-        let Hit { obj, url, now } = self.find(&rules, &mut req, scheme, &client, looked)?;
+        let settings = self.shared.settings.load();
+        let mut req = stream_request(head, &settings.limits)?;
+        let hit = self.find(&settings, &mut req, scheme, &client, looked)?;
+        let (obj, url) = (&hit.obj, &hit.url);
         let mut wire = Vec::with_capacity(obj.meta.head.len() + 160);
-        let downstream = rules.downstream_cache_control.as_ref();
-        hit::write_head(&mut wire, &obj, now, &self.shared.name, false, downstream);
+        let downstream = settings.downstream_cache_control.as_ref();
+        let name = &self.shared.name;
+        hit::write_head(
+            &mut wire,
+            obj,
+            hit.now,
+            name,
+            false,
+            downstream,
+            hit.ttl_rule,
+        );
+        let mut head = decode_head(&wire);
+        if let Some(edits) = hit.response_edits.and_then(|i| rule_edits(&settings, i)) {
+            super::edit::response(&mut head, edits).ok()?;
+        }
         let body = (req.method != Method::HEAD).then(|| obj.body.clone());
-        self.record(&req, &url, &obj, "HTTP/2.0", &client, started);
-        Some(StreamAnswer {
-            head: decode_head(&wire),
-            body,
-        })
+        self.record(&req, url, obj, "HTTP/2.0", &client, started);
+        Some(StreamAnswer { head, body })
     }
 
     /// The fresh memory hit `req` may be served, decided as the full path decides
@@ -195,7 +220,7 @@ impl FrontDoor {
     /// redirect, bypasses and variant.
     fn find<S: RequestFields>(
         &self,
-        rules: &Rules,
+        settings: &Settings,
         req: &mut Plain<'_, S>,
         scheme: Scheme,
         client: &impl Fn() -> Option<IpAddr>,
@@ -203,20 +228,43 @@ impl FrontDoor {
     ) -> Option<Hit> {
         let shared = &self.shared;
         let scheme = super::guard::request_scheme(scheme, req.forwarded_proto, || {
-            super::guard::trusted(&rules.trusted_proxies, client())
+            super::guard::trusted(&settings.trusted_proxies, client())
         });
         let url = shared.canonical(CacheUrl::new(scheme, req.host, req.target).ok()?);
         let cookies = req.cookie.then(|| req.fields.values("cookie"));
         let cookies = cookies.into_iter().flatten();
-        if !rules.serves_host(&url.host)
-            || !hit::uses_cache_noted(rules, &req.method, req.authorization, cookies)
-            || rules.https_location(&url).is_some()
+        if !settings.serves_host(&url.host)
+            || !hit::uses_cache_noted(settings, &req.method, req.authorization, cookies)
+            || settings.https_location(&url).is_some()
         {
             return None;
         }
+        let (mut response_edits, mut ttl_rule) = (None, false);
+        let set = &settings.rules;
+        if set.acts() {
+            let peer = set.reads_client().then(client);
+            let forwarded =
+                |peer| crate::purge::client_behind(&settings.trusted_proxies, peer, &req.fields);
+            let (path, query) =
+                (url.path_and_query.split_once('?')).unwrap_or((url.path_and_query.as_str(), ""));
+            let decision = set.decide(&crate::rules::Request {
+                host: url.host_name(),
+                path,
+                query,
+                method: &req.method,
+                fields: &req.fields,
+                client: peer.and_then(forwarded),
+            });
+            // The full path answers, limits, passes or edits the request.
+            if !decision.lets_a_fast_path_answer(set) {
+                return None;
+            }
+            response_edits = decision.response_headers;
+            ttl_rule = decision.ttl(set).is_some();
+        }
         if req.cookie {
             // Variants are keyed on the cookies the full path forwards (`as_forwarded`).
-            let kept = crate::cache::vary::kept_cookies(&req.fields, &rules.vary_cookies);
+            let kept = crate::cache::vary::kept_cookies(&req.fields, &settings.vary_cookies);
             req.fields.kept_cookie = Some(kept);
         }
         let now = SystemTime::now();
@@ -230,7 +278,13 @@ impl FrontDoor {
             *looked = Some(found);
             return None;
         }
-        Some(Hit { obj, url, now })
+        Some(Hit {
+            obj,
+            url,
+            now,
+            response_edits,
+            ttl_rule,
+        })
     }
 
     fn record<S: RequestFields>(
@@ -406,4 +460,9 @@ fn needs_full_path(name: &HeaderName) -> bool {
     use header::*;
     [CONTENT_LENGTH, TRANSFER_ENCODING, TE, UPGRADE, EXPECT].contains(name)
         || hit::NEEDS_CACHE_MACHINE.contains(name)
+}
+
+/// The response edits of rule `index`.
+fn rule_edits(settings: &Settings, index: u16) -> Option<&crate::config::rules::HeaderEdits> {
+    settings.rules.rule(index).actions.response_headers.as_ref()
 }

@@ -25,7 +25,7 @@ use http::Method;
 use pingora::http::ResponseHeader;
 use pingora::Result;
 
-use super::{ProxyState, Rules};
+use super::{ProxyState, Settings};
 use crate::cache::bans::{Invalidations, Trust};
 use crate::cache::fields::RequestFields;
 use crate::cache::key::CacheUrl;
@@ -46,8 +46,8 @@ pub const NEEDS_CACHE_MACHINE: [HeaderName; 6] = [
 
 /// Whether a request may be answered with a stored response as it is stored: it [`uses_cache`],
 /// and asks for neither a range nor a precondition ([`NEEDS_CACHE_MACHINE`]).
-pub fn serves_as_stored(rules: &Rules, method: &Method, headers: &HeaderMap) -> bool {
-    uses_cache(rules, method, headers)
+pub fn serves_as_stored(settings: &Settings, method: &Method, headers: &HeaderMap) -> bool {
+    uses_cache(settings, method, headers)
         && !NEEDS_CACHE_MACHINE
             .iter()
             .any(|name| headers.contains_key(name))
@@ -55,8 +55,8 @@ pub fn serves_as_stored(rules: &Rules, method: &Method, headers: &HeaderMap) -> 
 
 /// Whether a request may use the cache at all (GET or HEAD, no session cookie or
 /// `Authorization` that bypasses it).
-pub fn uses_cache(rules: &Rules, method: &Method, headers: &HeaderMap) -> bool {
-    rules.pass_reason(method, headers).is_none()
+pub fn uses_cache(settings: &Settings, method: &Method, headers: &HeaderMap) -> bool {
+    settings.pass_reason(method, headers).is_none()
 }
 
 /// [`uses_cache`] from what the front door noted while it parsed the head: whether it has an
@@ -64,12 +64,12 @@ pub fn uses_cache(rules: &Rules, method: &Method, headers: &HeaderMap) -> bool {
 /// a request naming any of [`NEEDS_CACHE_MACHINE`] field by field as it parses, so looking
 /// them up again would cost six map lookups per hit for nothing.
 pub fn uses_cache_noted<'a>(
-    rules: &Rules,
+    settings: &Settings,
     method: &Method,
     authorization: bool,
     cookies: impl IntoIterator<Item = &'a [u8]>,
 ) -> bool {
-    rules
+    settings
         .pass_reason_of(method, || authorization, cookies)
         .is_none()
 }
@@ -175,7 +175,8 @@ fn push_upstream_members<'a>(out: &mut Vec<u8>, upstream: impl IntoIterator<Item
 /// The status line and header section of a hit answered by a fast path: the stored head, the
 /// framing, `Age`, the two status fields and, with `close`, `Connection: close`, spelled as
 /// pingora's writer spells them ([`crate::cache::meta::wire_name`]), then the blank line.
-/// `cache_name`: this cache's name in its `Cache-Status` member.
+/// `cache_name`: this cache's name in its `Cache-Status` member; `ttl_rule`: a `[[rule]]`
+/// set the copy's lifetime (`detail=ttl-rule`).
 pub fn write_head(
     out: &mut Vec<u8>,
     obj: &StoredObject,
@@ -183,6 +184,7 @@ pub fn write_head(
     cache_name: &str,
     close: bool,
     downstream_cc: Option<&HeaderValue>,
+    ttl_rule: bool,
 ) {
     let meta = &obj.meta;
     // Searched for only when an operator configured a replacement.
@@ -212,7 +214,11 @@ pub fn write_head(
     let upstream = meta.upstream_cache_status().map(HeaderValue::as_bytes);
     push_upstream_members(out, upstream);
     let fresh_until = meta.times.fresh_until.time();
-    Outcome::fast_hit(fresh_until).write_cache_status(cache_name, now, out);
+    let outcome = Outcome {
+        ttl_rule,
+        ..Outcome::fast_hit(fresh_until)
+    };
+    outcome.write_cache_status(cache_name, now, out);
     out.extend_from_slice(b"\r\n");
     if close {
         field(out, b"Connection", b"close");

@@ -21,6 +21,7 @@
 
 pub mod compress;
 pub mod connection;
+mod edit;
 pub mod fast;
 pub mod guard;
 mod h2;
@@ -57,10 +58,14 @@ use crate::cache::partial::{self, ByteRange};
 use crate::cache::policy::StoragePolicy;
 use crate::cache::status::{Disposition, Outcome, PassReason};
 use crate::cache::{vary, PurgeMode, Store};
+use crate::config::rules::Answer;
 use crate::config::{Config, UnsafeInvalidation};
 use crate::metrics::access_log::AccessLog;
+use crate::metrics::RuleAnswer;
 use crate::metrics::{HitPath, Metrics};
 use crate::purge::{self, Acl, Purge, PurgeAuth, PurgeResult, Scope, Source};
+use crate::rules::canonical::Canonical;
+use crate::rules::{self, RuleSet};
 use crate::upstream::{Pools, SharedPools};
 
 /// The path on the proxy port that answers whether this node is ready to serve (200) or not
@@ -77,9 +82,10 @@ pub struct ProxyState {
     pub purger: purge::Purger,
     lock: &'static CacheKeyLockImpl,
     /// What a SIGHUP reload may change, swapped whole so a request sees one version.
-    rules: ArcSwap<Rules>,
-    /// `[cache] host_aliases`, which a reload may change too; shared with the HTCP receiver.
-    pub aliases: Arc<ArcSwap<HostAliases>>,
+    settings: ArcSwap<Settings>,
+    /// The canonical key function (`[cache] host_aliases`, the rules' `normalize_query`),
+    /// which a reload may change too; shared with the HTCP receiver and the admin port.
+    pub canonical: Arc<ArcSwap<Canonical>>,
     pub pools: SharedPools,
     pub metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
@@ -107,10 +113,8 @@ impl ProxyState {
             store,
             purger: purge::Purger::new(store, bus),
             lock,
-            rules: ArcSwap::from_pointee(Rules::from(config)),
-            aliases: Arc::new(ArcSwap::from_pointee(HostAliases(
-                config.cache.host_aliases.clone(),
-            ))),
+            settings: ArcSwap::from_pointee(Settings::from(config)),
+            canonical: Arc::new(ArcSwap::from_pointee(canonical(config))),
             access_log: config.access_log.as_ref().and_then(|c| {
                 AccessLog::open(c, metrics.access_log_dropped.clone())
                     .map_err(|e| tracing::error!(error = %e, "cannot open the access log"))
@@ -146,11 +150,19 @@ fn purge_auth(config: &Config) -> PurgeAuth {
     )
 }
 
+/// The canonical key function `config` asks for.
+fn canonical(config: &Config) -> Canonical {
+    Canonical::new(
+        HostAliases(config.cache.host_aliases.clone()),
+        &config.rules,
+    )
+}
+
 /// The parts of the configuration a reload (SIGHUP) applies in place besides the origin pools:
 /// storage policy (TTL cap, grace, heuristics), bypass rules, host aliases, purge ACL and
 /// token, lock timeout. Listeners, tiers, HTCP and the purge bus need a restart (or pingora's
 /// graceful upgrade).
-pub struct Rules {
+pub struct Settings {
     lock_timeout: std::time::Duration,
     policy: StoragePolicy,
     bypass_cookies: Vec<regex::Regex>,
@@ -169,6 +181,8 @@ pub struct Rules {
     compress: crate::config::Compress,
     /// `[server.tls] redirect_http`.
     https_redirect: Option<HttpsRedirect>,
+    /// `[[rule]]`, compiled.
+    rules: Arc<RuleSet>,
 }
 
 /// Which hosts' plain-HTTP requests are sent to https, and the port that serves it.
@@ -177,7 +191,7 @@ struct HttpsRedirect {
     port: u16,
 }
 
-impl Rules {
+impl Settings {
     /// Where a plain-HTTP request for `url` is sent instead (`[server.tls] redirect_http`):
     /// the same path and query over https, on the HTTPS listener's port.
     fn https_location(&self, url: &CacheUrl) -> Option<String> {
@@ -209,7 +223,7 @@ impl Rules {
         )
     }
 
-    /// [`Rules::pass_reason`] from what a parser noted of the head: whether it has an
+    /// [`Settings::pass_reason`] from what a parser noted of the head: whether it has an
     /// `Authorization` field, and its `Cookie` field values (the front door notes both while
     /// it parses, rather than look them up in a map again).
     fn pass_reason_of<'a>(
@@ -241,9 +255,9 @@ impl Rules {
     }
 }
 
-impl From<&Config> for Rules {
-    fn from(config: &Config) -> Rules {
-        Rules {
+impl From<&Config> for Settings {
+    fn from(config: &Config) -> Settings {
+        Settings {
             lock_timeout: config.cache.lock_timeout,
             policy: StoragePolicy::from(&config.cache),
             bypass_cookies: config.cache.bypass_cookies.clone(),
@@ -265,6 +279,7 @@ impl From<&Config> for Rules {
                     port,
                 })
             }),
+            rules: Arc::new(RuleSet::new(config.rules.clone())),
         }
     }
 }
@@ -278,12 +293,12 @@ impl ProxyState {
 
     /// Why a request may not use the cache at all, if it may not.
     pub fn pass_reason(&self, method: &Method, headers: &http::HeaderMap) -> Option<PassReason> {
-        self.rules.load().pass_reason(method, headers)
+        self.settings.load().pass_reason(method, headers)
     }
 
     /// `url` with its host replaced by the canonical one when it is an alias.
     pub fn canonical(&self, url: CacheUrl) -> CacheUrl {
-        self.aliases.load().canonical(url)
+        self.canonical.load().canonical(url)
     }
 
     /// Applies a reloaded configuration's rules and origin pools; requests already running
@@ -291,7 +306,7 @@ impl ProxyState {
     /// that fails to build changes nothing.
     pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
         let pools = Pools::build(&config.origins)?;
-        let rules = Rules::from(config);
+        let settings = Settings::from(config);
         // Certificates were read and checked with the configuration; new handshakes use them.
         let tls = match (self.tls.get(), &config.server.tls) {
             (Some(terminator), Some(tls)) => Some((terminator, terminator.prepare(tls)?)),
@@ -301,9 +316,8 @@ impl ProxyState {
             terminator.apply(prepared);
         }
         self.pools.store(Arc::new(pools));
-        self.rules.store(Arc::new(rules));
-        self.aliases
-            .store(Arc::new(HostAliases(config.cache.host_aliases.clone())));
+        self.settings.store(Arc::new(settings));
+        self.canonical.store(Arc::new(canonical(config)));
         self.purge_auth.store(Arc::new(purge_auth(config)));
         Ok(())
     }
@@ -345,6 +359,10 @@ pub struct RequestCtx {
     fresh_until: Option<SystemTime>,
     fwd_status: Option<u16>,
     pool: usize,
+    /// A `[[rule]]`'s lifetime and grace for what this request stores.
+    ttl_rule: Option<(std::time::Duration, Option<std::time::Duration>)>,
+    /// The rules this request was decided by, and the one whose `response_headers` apply.
+    response_edits: Option<(Arc<RuleSet>, u16)>,
     failed_origins: Vec<SocketAddr>,
     body_bytes: u64,
     /// When the request to the origin was sent (the last attempt).
@@ -416,14 +434,14 @@ fn upgrade_asked(req: &mut RequestHeader, pool: Option<&crate::upstream::Pool>) 
 
 /// The one byte range of a GET that may use the cache, when pieces could serve it: no
 /// `If-Range` (left to the complete-object path) and one `bytes` range.
-fn piece_range(req: &RequestHeader, rules: &Rules) -> Option<ByteRange> {
+fn piece_range(req: &RequestHeader, settings: &Settings) -> Option<ByteRange> {
     // Range first: most requests carry none, and the pass check reads every cookie.
     let mut ranges = req.headers.get_all(header::RANGE).iter();
     let (range, more) = (ranges.next()?, ranges.next());
     if more.is_some()
         || req.method != Method::GET
         || req.headers.contains_key(header::IF_RANGE)
-        || rules.pass_reason(&req.method, &req.headers).is_some()
+        || settings.pass_reason(&req.method, &req.headers).is_some()
     {
         return None;
     }
@@ -435,7 +453,7 @@ fn piece_range(req: &RequestHeader, rules: &Rules) -> Option<ByteRange> {
 /// request that may use the cache, only the cookies the key accounts for
 /// (`vary::kept_cookies`); over TLS Skua terminated, `X-Forwarded-Proto: https`, so that the
 /// origin builds https links (MediaWiki reads it from a proxy in `$wgCdnServers`).
-fn as_forwarded(session: &mut Session, rules: &Rules) -> Result<()> {
+fn as_forwarded(session: &mut Session, settings: &Settings) -> Result<()> {
     let client = client_ip(session);
     let over_tls = listener_scheme(session) == Scheme::Https;
     let req = session.req_header_mut();
@@ -443,9 +461,9 @@ fn as_forwarded(session: &mut Session, rules: &Rules) -> Result<()> {
         req.insert_header(guard::X_FORWARDED_PROTO, "https")?;
     }
     if req.headers.contains_key(header::COOKIE)
-        && rules.pass_reason(&req.method, &req.headers).is_none()
+        && settings.pass_reason(&req.method, &req.headers).is_none()
     {
-        let kept = vary::kept_cookies(&req.headers, &rules.vary_cookies);
+        let kept = vary::kept_cookies(&req.headers, &settings.vary_cookies);
         req.remove_header(&header::COOKIE);
         if let Some(kept) = kept {
             req.insert_header(header::COOKIE, kept)?;
@@ -616,13 +634,16 @@ impl CachingProxy {
         }
         let mut head = resp.clone();
         let now = SystemTime::now();
-        let rules = self.shared.rules.load();
+        let settings = self.shared.settings.load();
         // The tiers refuse a 206 (it is no complete response); a piece is judged as the
         // representation it is part of.
         if head.set_status(200).is_err() {
             return;
         }
-        let Ok(freshness) = rules.policy.decide(&mut head, authorization, now) else {
+        let Ok(freshness) = settings
+            .policy
+            .decide(&mut head, authorization, now, ctx.ttl_rule)
+        else {
             return;
         };
         for framing in [
@@ -661,8 +682,8 @@ impl CachingProxy {
         look_again: bool,
     ) -> Result<bool> {
         let req = session.req_header();
-        let rules = self.shared.rules.load();
-        if !hit::serves_as_stored(&rules, &req.method, &req.headers) {
+        let settings = self.shared.settings.load();
+        if ctx.pass.is_some() || !hit::serves_as_stored(&settings, &req.method, &req.headers) {
             return Ok(false);
         }
         let (Some(url), Some(primary)) = (&ctx.url, ctx.primary) else {
@@ -683,10 +704,24 @@ impl CachingProxy {
         ctx.fresh_until = Some(obj.meta.times.fresh_until.time());
         // The same head the front door sends, as pingora's session wants it.
         let mut wire = Vec::with_capacity(obj.meta.head.len() + 160);
-        let downstream = rules.downstream_cache_control.as_ref();
-        hit::write_head(&mut wire, &obj, now, &self.shared.name, false, downstream);
-        drop(rules);
-        let resp = decode_head(&wire);
+        let downstream = settings.downstream_cache_control.as_ref();
+        let ttl_rule = ctx.ttl_rule.is_some();
+        hit::write_head(
+            &mut wire,
+            &obj,
+            now,
+            &self.shared.name,
+            false,
+            downstream,
+            ttl_rule,
+        );
+        drop(settings);
+        let mut resp = decode_head(&wire);
+        if let Some((set, i)) = &ctx.response_edits {
+            if let Some(edits) = &set.rule(*i).actions.response_headers {
+                edit::response(&mut resp, edits)?;
+            }
+        }
         session.write_response_header(Box::new(resp), head).await?;
         if !head {
             ctx.body_bytes = obj.body.len() as u64;
@@ -695,6 +730,76 @@ impl CachingProxy {
                 .await?;
         }
         Ok(true)
+    }
+
+    /// Decides the `[[rule]]`s for this request and carries out what applies before the
+    /// cache: a rate limit or an answer of Skua's own (then `ctx.internal` is set and the
+    /// response written), request header edits, pass; and notes for later phases the
+    /// lifetime a rule gives what is stored and the response edits.
+    async fn apply_rules(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        settings: &Settings,
+        url: &CacheUrl,
+    ) -> Result<rules::Decision> {
+        let set = &settings.rules;
+        if !set.acts() {
+            return Ok(rules::Decision::default());
+        }
+        let req = session.req_header();
+        let client = set.reads_client().then(|| {
+            purge::client_behind(&settings.trusted_proxies, client_ip(session), &req.headers)
+        });
+        let (path, query) =
+            (url.path_and_query.split_once('?')).unwrap_or((url.path_and_query.as_str(), ""));
+        let asked = rules::Request {
+            host: url.host_name(),
+            path,
+            query,
+            method: &req.method,
+            fields: &req.headers,
+            client: client.flatten(),
+        };
+        let decision = set.decide(&asked);
+        let name = &self.shared.name;
+        if let Some(wait) = decision
+            .rate_limit
+            .and_then(|i| set.limited(i, asked.client))
+        {
+            ctx.internal = true;
+            self.shared.metrics.rule_answers[RuleAnswer::RateLimited as usize].inc();
+            respond::too_many(name, session, wait).await?;
+            return Ok(decision);
+        }
+        if let Some(rule) = decision.answer.map(|i| set.rule(i)) {
+            ctx.internal = true;
+            match &rule.actions.answer {
+                Some(Answer::Deny { status, body }) => {
+                    self.shared.metrics.rule_answers[RuleAnswer::Denied as usize].inc();
+                    respond::text(name, session, *status, body).await?;
+                }
+                Some(Answer::Redirect { status, location }) => {
+                    self.shared.metrics.rule_answers[RuleAnswer::Redirected as usize].inc();
+                    let groups = rules::path_groups(&rule.when, path);
+                    let target = location.fill(url.host_name(), path, query, &groups);
+                    respond::redirect(name, session, *status, &target).await?;
+                }
+                None => {}
+            }
+            return Ok(decision);
+        }
+        if let Some(i) = decision.request_headers {
+            if let Some(edits) = &set.rule(i).actions.request_headers {
+                edit::request(session.req_header_mut(), edits)?;
+            }
+        }
+        if decision.passes(set) {
+            ctx.pass = Some(PassReason::Rule);
+        }
+        ctx.ttl_rule = decision.ttl(set);
+        ctx.response_edits = decision.response_headers.map(|i| (set.clone(), i));
+        Ok(decision)
     }
 
     fn outcome(&self, session: &Session, ctx: &RequestCtx) -> Outcome {
@@ -706,6 +811,7 @@ impl CachingProxy {
             internal: ctx.internal,
             stored: ctx.stored,
             fresh_until: ctx.fresh_until,
+            ttl_rule: ctx.ttl_rule.is_some(),
             fwd_status: ctx.fwd_status,
         }
     }
@@ -714,8 +820,8 @@ impl CachingProxy {
     /// invalidate_on_unsafe`): any client may make it a cheap miss by default, as RFC 9111 §4.4
     /// asks; an operator can keep that to purgers or to logged-in sessions.
     fn may_invalidate(&self, session: &Session) -> bool {
-        let rules = self.shared.rules.load();
-        match rules.invalidate_on_unsafe {
+        let settings = self.shared.settings.load();
+        match settings.invalidate_on_unsafe {
             UnsafeInvalidation::Any => true,
             UnsafeInvalidation::Purgers => self
                 .shared
@@ -727,7 +833,7 @@ impl CachingProxy {
                 .iter()
                 .any(|v| {
                     let v = String::from_utf8_lossy(v.as_bytes());
-                    rules.bypass_cookies.iter().any(|re| re.is_match(&v))
+                    settings.bypass_cookies.iter().any(|re| re.is_match(&v))
                 }),
         }
     }
@@ -813,6 +919,8 @@ impl ProxyHttp for CachingProxy {
             fresh_until: None,
             fwd_status: None,
             pool: 0,
+            ttl_rule: None,
+            response_edits: None,
             failed_origins: Vec::new(),
             body_bytes: 0,
             upstream_sent: None,
@@ -839,8 +947,8 @@ impl ProxyHttp for CachingProxy {
             respond::text(&self.shared.name, session, status, line).await?;
             return Ok(true);
         }
-        let rules = self.shared.rules.load();
-        let mut verdict = guard::check(session.req_header(), &rules.limits);
+        let settings = self.shared.settings.load();
+        let mut verdict = guard::check(session.req_header(), &settings.limits);
         if verdict.is_ok()
             && session
                 .req_header()
@@ -859,9 +967,9 @@ impl ProxyHttp for CachingProxy {
         // pingora keeps an HTTP/1.1 connection open forever between requests and waits 60 s
         // for each read: bound both.
         if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(rules.keepalive_secs));
+            session.set_keepalive(Some(settings.keepalive_secs));
         }
-        session.set_read_timeout(Some(rules.body_timeout));
+        session.set_read_timeout(Some(settings.body_timeout));
         if let Err(refusal) = verdict {
             ctx.internal = true;
             if refusal.status == 400 {
@@ -896,7 +1004,7 @@ impl ProxyHttp for CachingProxy {
             .or_else(|| req.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
             .unwrap_or_default();
         let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
-        let from_proxy = guard::trusted(&rules.trusted_proxies, client_ip(session));
+        let from_proxy = guard::trusted(&settings.trusted_proxies, client_ip(session));
         // The listener's scheme, unless a trusted TLS terminator in front says otherwise.
         let scheme = guard::request_scheme(
             listener_scheme(session),
@@ -908,18 +1016,18 @@ impl ProxyHttp for CachingProxy {
         // pingora parses an absolute-form target's path into `uri` and keeps the raw target to
         // send on; the scheme was checked by `guard::check`, the authority matches Host.
         let absolute_form = guard::absolute_form_scheme(req.raw_path()).is_some();
-        let url = CacheUrl::new(scheme, authority, path);
-        let target_normalised = url.as_ref().is_ok_and(|u| u.path_and_query != path);
-        match url {
+        match CacheUrl::new(scheme, authority, path) {
             Ok(url) => {
                 let url = self.shared.canonical(url);
-                if !rules.serves_host(&url.host) {
+                // Skua's one spelling of the target, or a rule's normalised query.
+                let target_normalised = url.path_and_query != path;
+                if !settings.serves_host(&url.host) {
                     ctx.internal = true;
                     let line = format!("skua: this cache does not serve host {}", url.host_name());
                     respond::text(&self.shared.name, session, 421, &line).await?;
                     return Ok(true);
                 }
-                if let Some(location) = rules.https_location(&url) {
+                if let Some(location) = settings.https_location(&url) {
                     ctx.internal = true;
                     // RFC 9110 §15.4.2 and §15.4.9: 301 may turn a POST into a GET; 308 keeps
                     // the method and body.
@@ -931,12 +1039,23 @@ impl ProxyHttp for CachingProxy {
                         .await
                         .map(|()| true);
                 }
-                guard::strip(session.req_header_mut(), &rules.strip_headers, from_proxy);
+                let decision = self.apply_rules(session, ctx, &settings, &url).await?;
+                if ctx.internal {
+                    return Ok(true);
+                }
+                guard::strip(
+                    session.req_header_mut(),
+                    &settings.strip_headers,
+                    from_proxy,
+                );
                 // From here on the request is what the origin will receive, so a variant key
                 // computed on it agrees with the response it names (RFC 9111 §4.1).
-                as_forwarded(session, &rules)?;
+                as_forwarded(session, &settings)?;
                 let pools = self.shared.pools.load();
-                ctx.pool = pools.for_host(&url.host);
+                let routed = decision
+                    .route
+                    .and_then(|i| settings.rules.rule(i).actions.route);
+                ctx.pool = routed.unwrap_or_else(|| pools.for_host(&url.host));
                 ctx.upgrade = upgrade_asked(session.req_header_mut(), pools.get(ctx.pool));
                 if target_normalised || absolute_form {
                     // The origin answers for the target the key names (`cache::target`), in
@@ -945,7 +1064,7 @@ impl ProxyHttp for CachingProxy {
                         session.req_header_mut().set_uri(normal);
                     }
                 }
-                let piece_range = piece_range(session.req_header(), &rules);
+                let piece_range = piece_range(session.req_header(), &settings);
                 let primary = url.primary_hash();
                 let holds_complete = piece_range
                     .is_some()
@@ -978,6 +1097,10 @@ impl ProxyHttp for CachingProxy {
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        if ctx.pass.is_some() {
+            // A rule's `pass`, decided in `request_filter`.
+            return Ok(());
+        }
         if let Some(reason) = self.pass_reason(session.req_header()) {
             ctx.pass = Some(reason);
             return Ok(());
@@ -987,7 +1110,7 @@ impl ProxyHttp for CachingProxy {
             return Ok(());
         }
         let mut overrides = CacheOptionOverrides::default();
-        overrides.wait_timeout = Some(self.shared.rules.load().lock_timeout);
+        overrides.wait_timeout = Some(self.shared.settings.load().lock_timeout);
         session.cache.enable(
             self.shared.store,
             None,
@@ -1137,7 +1260,7 @@ impl ProxyHttp for CachingProxy {
         if session.cache.enabled() {
             // The origin must produce the copy the key names (see `vary.rs`), and what it sends
             // uncompressed is compressed once, before it is stored (`proxy::compress`).
-            let compress = self.shared.rules.load().compress;
+            let compress = self.shared.settings.load().compress;
             let copy = vary::normalize_accept_encoding(&session.req_header().headers);
             let asked = vary::upstream_accept_encoding(copy, compress.brotli);
             upstream.insert_header(header::ACCEPT_ENCODING, asked)?;
@@ -1260,13 +1383,12 @@ impl ProxyHttp for CachingProxy {
         // RFC 9111 §4.2.3: age counts from when the request was sent (response_delay is part
         // of it), which is also the instant a later purge must be compared with.
         let sent = ctx.upstream_sent.unwrap_or_else(SystemTime::now);
-        match self
-            .shared
-            .rules
-            .load()
-            .policy
-            .decide(&mut stored, authorization, sent)
-        {
+        match self.shared.settings.load().policy.decide(
+            &mut stored,
+            authorization,
+            sent,
+            ctx.ttl_rule,
+        ) {
             Ok(f) => {
                 ctx.stored = true;
                 ctx.fresh_until = Some(f.fresh_until);
@@ -1322,15 +1444,22 @@ impl ProxyHttp for CachingProxy {
             }
             _ => None,
         };
-        let rules = self.shared.rules.load();
+        let settings = self.shared.settings.load();
         hit::mark(
             resp,
             disposition,
             outcome.cache_status(&self.shared.name, now),
-            rules.downstream_cache_control.as_ref(),
+            settings.downstream_cache_control.as_ref(),
             hit_epoch,
             now,
-        )
+        )?;
+        // Last, so that a rule may also replace or remove what Skua adds.
+        if let Some((set, i)) = &ctx.response_edits {
+            if let Some(edits) = &set.rule(*i).actions.response_headers {
+                edit::response(resp, edits)?;
+            }
+        }
+        Ok(())
     }
 
     fn response_body_filter(

@@ -35,6 +35,19 @@ pub async fn redirect(
     header(name, session, resp, Some(body)).await
 }
 
+/// 429 Too Many Requests (RFC 6585 §4), with `Retry-After` (RFC 9110 §10.2.3) in whole
+/// seconds, at least one.
+pub async fn too_many(name: &str, session: &mut Session, wait: std::time::Duration) -> Result<()> {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let body = Bytes::from_static(b"skua: too many requests\n");
+    let mut resp = ResponseHeader::build(429, Some(6))?;
+    resp.insert_header("retry-after", seconds.max(1).to_string())?;
+    resp.insert_header("content-type", "text/plain; charset=utf-8")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    header(name, session, resp, Some(body)).await
+}
+
 /// Writes `resp` and an optional body, closing the response.
 /// `name`: this cache's name in `Cache-Status`.
 pub async fn header(

@@ -7,6 +7,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use pingora::http::RequestHeader;
 
+use crate::cache::fields::RequestFields;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::http::bearer_matches;
@@ -66,33 +68,39 @@ fn sent_by_mediawiki(req: &RequestHeader) -> bool {
 }
 
 impl PurgeAuth {
-    /// Who sent a purge: the peer, or, when the peer is a trusted proxy (a TLS terminator or
-    /// load balancer on the same host makes every client 127.0.0.1), the nearest address in
-    /// `X-Forwarded-For` that is not itself a trusted proxy. Entries further left were written
-    /// by whoever the untrusted client is and prove nothing. `None` when that entry is not an
-    /// address: such a purge cannot be judged and is refused.
+    /// Who sent a purge: [`client_behind`] the trusted proxies.
     fn client(&self, peer: Option<IpAddr>, req: &RequestHeader) -> Option<IpAddr> {
-        let peer = peer?;
-        if !self.proxies.allows(peer) {
-            return Some(peer);
-        }
-        let forwarded: Vec<&str> = req
-            .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
-            .collect();
-        for entry in forwarded.iter().rev() {
-            let ip: IpAddr = entry.parse().ok()?;
-            if !self.proxies.allows(ip) {
-                return Some(ip);
-            }
-        }
-        Some(peer)
+        client_behind(&self.proxies, peer, &req.headers)
     }
+}
+
+/// Who sent a request: the peer, or, when the peer is a trusted proxy (a TLS terminator or
+/// load balancer on the same host makes every client 127.0.0.1), the nearest address in
+/// `X-Forwarded-For` that is not itself a trusted proxy. Entries further left were written
+/// by whoever the untrusted client is and prove nothing. `None` when that entry is not an
+/// address: such a request cannot be judged by its address.
+pub fn client_behind<F: RequestFields + ?Sized>(
+    proxies: &Acl,
+    peer: Option<IpAddr>,
+    fields: &F,
+) -> Option<IpAddr> {
+    let peer = peer?;
+    if !proxies.allows(peer) {
+        return Some(peer);
+    }
+    let forwarded: Vec<&str> = (fields.values("x-forwarded-for"))
+        .filter_map(|v| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    for entry in forwarded.iter().rev() {
+        let ip: IpAddr = entry.parse().ok()?;
+        if !proxies.allows(ip) {
+            return Some(ip);
+        }
+    }
+    Some(peer)
 }
 
 /// Networks allowed to purge.

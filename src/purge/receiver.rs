@@ -18,9 +18,10 @@ use tokio::net::UdpSocket;
 use super::htcp;
 use super::queue::PurgeQueue;
 use super::{Acl, PurgeResult, Purger, Source};
-use crate::cache::key::{CacheUrl, HostAliases};
+use crate::cache::key::CacheUrl;
 use crate::config::HtcpConfig;
 use crate::metrics::Metrics;
+use crate::rules::canonical::Canonical;
 
 impl HtcpConfig {
     /// Where multicast groups are joined: the configured interface, else the listen address
@@ -35,13 +36,14 @@ impl HtcpConfig {
 }
 
 /// The receiver and the narrow handles it works through: the purge dispatch, the metrics and
-/// the current host aliases (a reload may change them).
+/// the canonical key function (host aliases and query normalisation, which a reload may
+/// change).
 #[derive(Clone)]
 pub struct HtcpReceiver {
     config: HtcpConfig,
     acl: Acl,
     purger: Purger,
-    aliases: Arc<ArcSwap<HostAliases>>,
+    canonical: Arc<ArcSwap<Canonical>>,
     metrics: Arc<Metrics>,
 }
 
@@ -60,14 +62,14 @@ impl HtcpReceiver {
     pub fn new(
         config: HtcpConfig,
         purger: Purger,
-        aliases: Arc<ArcSwap<HostAliases>>,
+        canonical: Arc<ArcSwap<Canonical>>,
         metrics: Arc<Metrics>,
     ) -> HtcpReceiver {
         HtcpReceiver {
             acl: Acl::new(config.allow.clone()),
             config,
             purger,
-            aliases,
+            canonical,
             metrics,
         }
     }
@@ -126,7 +128,8 @@ impl HtcpReceiver {
                 return None;
             }
         };
-        let Ok(url) = CacheUrl::parse_absolute(&clr.uri).map(|u| self.aliases.load().canonical(u))
+        let Ok(url) =
+            CacheUrl::parse_absolute(&clr.uri).map(|u| self.canonical.load().canonical(u))
         else {
             self.count(PurgeResult::Invalid);
             return None;

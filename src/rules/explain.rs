@@ -44,21 +44,20 @@ pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
     let mut out = String::new();
     let _ = writeln!(out, "{} {}", asked.method, asked.url);
     let _ = writeln!(out, "cache key: {}", url.primary());
-    if url != raw {
-        let raw_query = raw.path_and_query.split_once('?').map_or("", |(_, q)| q);
-        let normaliser = (config.rules.iter()).find(|r| {
-            r.actions.normalize_query.is_some()
-                && matches(
-                    &r.when,
-                    &Request {
-                        query: raw_query,
-                        ..shallow(&req)
-                    },
-                )
-        });
-        if let Some(rule) = normaliser {
-            let _ = writeln!(out, "  query normalised by {}", describe(rule, None));
-        }
+    let raw_query = raw.path_and_query.split_once('?').map_or("", |(_, q)| q);
+    let normaliser = (config.rules.iter()).position(|r| {
+        let raw_req = Request {
+            query: raw_query,
+            ..shallow(&req)
+        };
+        r.actions.normalize_query.is_some() && matches(&r.when, &raw_req)
+    });
+    if let (Some(i), true) = (normaliser, url != raw) {
+        let _ = writeln!(
+            out,
+            "  query normalised by {}",
+            describe(&config.rules[i], None)
+        );
     }
     let decision = set.decide_every_rule(&req);
     debug_assert_eq!(decision, set.decide(&req));
@@ -68,7 +67,10 @@ pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
             continue;
         }
         any = true;
-        let decides = decided_by(&set, &decision, i as u16);
+        let mut decides = decided_by(&set, &decision, i as u16);
+        if normaliser == Some(i) {
+            decides.push("normalize_query".to_string());
+        }
         let decides = if decides.is_empty() {
             "decides nothing: earlier rules did".to_string()
         } else {

@@ -23,7 +23,7 @@ use std::time::Duration;
 use http::Method;
 
 use crate::cache::fields::RequestFields;
-use crate::config::rules::{Conditions, HostPattern, PathPattern, Rule};
+use crate::config::rules::{CacheAction, Conditions, HostPattern, PathPattern, Rule};
 
 /// The request a rule set decides for.
 pub struct Request<'a, F: ?Sized> {
@@ -51,14 +51,27 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// Whether a stored copy may answer this request as it is stored, by a fast path that
-    /// applies none of the actions: nothing answers, passes, limits or edits it. (A route and
-    /// a lifetime matter to misses only.)
-    pub fn serves_stored_as_is(&self) -> bool {
+    /// Whether a fast path may answer this request from memory, with the response edits
+    /// applied: no rule answers it, limits it or edits the request (whose fields may name
+    /// the variant), and `set` does not pass it. A route and a lifetime matter to misses.
+    pub fn lets_a_fast_path_answer(&self, set: &RuleSet) -> bool {
         self.answer.is_none()
             && self.rate_limit.is_none()
             && self.request_headers.is_none()
-            && self.response_headers.is_none()
+            && !self.passes(set)
+    }
+
+    /// Whether a rule says this request is never cached.
+    pub fn passes(&self, set: &RuleSet) -> bool {
+        (self.cache).is_some_and(|i| set.rule(i).actions.cache == Some(CacheAction::Pass))
+    }
+
+    /// The lifetime and grace a rule gives what this request stores, if one does.
+    pub fn ttl(&self, set: &RuleSet) -> Option<(Duration, Option<Duration>)> {
+        match set.rule(self.cache?).actions.cache {
+            Some(CacheAction::Ttl { ttl, grace }) => Some((ttl, grace)),
+            _ => None,
+        }
     }
 }
 
@@ -94,7 +107,9 @@ pub struct RuleSet {
     all_kinds: u8,
     by_host: HashMap<String, Vec<u16>>,
     other_hosts: Vec<u16>,
-    pub limiter: rate::Limiter,
+    /// Some rule's conditions read the client's address.
+    reads_client: bool,
+    limiter: rate::Limiter,
 }
 
 impl RuleSet {
@@ -135,14 +150,28 @@ impl RuleSet {
                 .collect();
             by_host.insert(name, applicable);
         }
+        let reads_client =
+            (rules.iter()).any(|r| !r.when.clients.is_empty() || r.actions.rate_limit.is_some());
         RuleSet {
             rules,
             kinds,
             all_kinds,
             by_host,
             other_hosts,
+            reads_client,
             limiter: rate::Limiter::new(),
         }
+    }
+
+    /// Whether some rule acts on requests (query normalisation aside, which the canonical key
+    /// function applies): without one, [`RuleSet::decide`] decides nothing.
+    pub fn acts(&self) -> bool {
+        self.all_kinds != 0
+    }
+
+    /// Whether a decision may need the client's address, which is then worth finding.
+    pub fn reads_client(&self) -> bool {
+        self.reads_client
     }
 
     pub fn rules(&self) -> &[Rule] {

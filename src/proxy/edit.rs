@@ -1,0 +1,105 @@
+//! Header edits a `[[rule]]` asks for (`request_headers`, `response_headers`), applied to a
+//! head as pingora holds it, or to a hit's head as the front door writes it. Order: `remove`,
+//! then `set` (which replaces), then `append`. Which rule's edits apply is decided in
+//! `crate::rules`; which fields may be edited at all, in `crate::config::rules`.
+
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::Result;
+
+use crate::cache::meta::wire_name;
+use crate::config::rules::HeaderEdits;
+
+pub fn request(req: &mut RequestHeader, edits: &HeaderEdits) -> Result<()> {
+    for name in &edits.remove {
+        req.remove_header(name);
+    }
+    for (name, value) in &edits.set {
+        req.insert_header(name.clone(), value.clone())?;
+    }
+    for (name, value) in &edits.append {
+        req.append_header(name.clone(), value.clone())?;
+    }
+    Ok(())
+}
+
+pub fn response(resp: &mut ResponseHeader, edits: &HeaderEdits) -> Result<()> {
+    for name in &edits.remove {
+        resp.remove_header(name);
+    }
+    for (name, value) in &edits.set {
+        resp.insert_header(name.clone(), value.clone())?;
+    }
+    for (name, value) in &edits.append {
+        resp.append_header(name.clone(), value.clone())?;
+    }
+    Ok(())
+}
+
+/// `head` (a status line, fields, and the blank line that ends them) with `edits` applied,
+/// the fields it adds spelled as the rest ([`wire_name`]).
+pub fn wire(head: &[u8], edits: &HeaderEdits) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + 128);
+    let mut lines = head.split_inclusive(|b| *b == b'\n');
+    if let Some(status) = lines.next() {
+        out.extend_from_slice(status);
+    }
+    let replaced = |line: &[u8]| {
+        let name = line.split(|b| *b == b':').next().unwrap_or_default();
+        let named = |n: &http::HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
+        edits.remove.iter().any(named) || edits.set.iter().any(|(n, _)| named(n))
+    };
+    for line in lines {
+        if line == b"\r\n" {
+            break;
+        }
+        if !replaced(line) {
+            out.extend_from_slice(line);
+        }
+    }
+    for (name, value) in edits.set.iter().chain(&edits.append) {
+        out.extend_from_slice(wire_name(name).as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderName, HeaderValue};
+
+    #[test]
+    fn a_written_head_is_edited_as_a_parsed_one_is() {
+        let edits = HeaderEdits {
+            set: vec![(
+                HeaderName::from_static("x-frame-options"),
+                HeaderValue::from_static("DENY"),
+            )],
+            append: vec![(
+                HeaderName::from_static("vary"),
+                HeaderValue::from_static("Cookie"),
+            )],
+            remove: vec![HeaderName::from_static("x-powered-by")],
+        };
+        let head = b"HTTP/1.1 200 OK\r\nX-Powered-By: PHP\r\nVary: Accept-Encoding\r\nX-Frame-Options: SAMEORIGIN\r\nContent-Length: 2\r\n\r\n";
+        let edited = wire(head, &edits);
+        assert_eq!(
+            String::from_utf8(edited.clone()).unwrap(),
+            "HTTP/1.1 200 OK\r\nVary: Accept-Encoding\r\nContent-Length: 2\r\nx-frame-options: DENY\r\nvary: Cookie\r\n\r\n"
+        );
+        let mut parsed = crate::cache::meta::decode_head(head);
+        response(&mut parsed, &edits).unwrap();
+        let from_wire = crate::cache::meta::decode_head(&edited);
+        let fields = |r: &ResponseHeader| {
+            let mut all: Vec<(String, String)> = (r.headers.iter())
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+                .collect();
+            all.sort();
+            all
+        };
+        assert_eq!(fields(&parsed), fields(&from_wire));
+    }
+}

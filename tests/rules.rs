@@ -1,0 +1,488 @@
+//! `[[rule]]`: edge policy against the real binary. Routing, pass, TTL overrides, deny,
+//! redirects, header edits both ways, query normalisation (purged by the raw URL), rate limits,
+//! reloads under load, and a bad rule refused with its line.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// An origin that says which one it is and echoes what it was asked.
+async fn named_origin(name: &'static str, cache_control: &'static str) -> Origin {
+    Origin::start(move |seen| {
+        Reply::ok(format!("{name} {}", seen.path))
+            .header("cache-control", cache_control)
+            .header("x-powered-by", "PHP/8.2")
+    })
+    .await
+}
+
+/// A second `[[origin]]` pool named `name` at `origin`.
+fn pool(name: &str, origin: &Origin) -> String {
+    format!(
+        "[[origin]]\nname = \"{name}\"\naddresses = [\"{}\"]\n[origin.health_check]\nenabled = false\n",
+        origin.addr
+    )
+}
+
+#[tokio::test]
+async fn rules_route_by_host_and_path_to_named_pools() {
+    let pages = named_origin("pages", "max-age=600").await;
+    let api = named_origin("api", "max-age=600").await;
+    let media = named_origin("media", "max-age=600").await;
+    let rules = format!(
+        r#"{}{}
+[[rule]]
+name = "api"
+match = {{ path_prefix = ["/w/api.php"] }}
+route = "api"
+
+[[rule]]
+name = "media"
+match = {{ host = ["upload.wiki.test"] }}
+route = "media"
+"#,
+        pool("api", &api),
+        pool("media", &media)
+    );
+    let skua = Skua::start(&[pages.addr], &rules).await;
+    let page = get(&skua.url("/wiki/A"), &[("host", "en.wiki.test")]).await;
+    assert_eq!(page.text(), "pages /wiki/A");
+    let query = get(
+        &skua.url("/w/api.php?action=query"),
+        &[("host", "en.wiki.test")],
+    )
+    .await;
+    assert_eq!(query.text(), "api /w/api.php?action=query");
+    let image = get(&skua.url("/a/b.png"), &[("host", "upload.wiki.test")]).await;
+    assert_eq!(image.text(), "media /a/b.png");
+    // Hits stay hits whichever pool filled them.
+    let again = get(
+        &skua.url("/w/api.php?action=query"),
+        &[("host", "en.wiki.test")],
+    )
+    .await;
+    assert_eq!(again.cache(), "hit-front");
+    assert_eq!(
+        (
+            pages.count("/wiki/A"),
+            api.count("/w/api.php?action=query"),
+            media.count("/a/b.png")
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(pages.count("/w/api.php?action=query"), 0);
+}
+
+#[tokio::test]
+async fn a_pass_rule_never_caches_and_a_ttl_rule_overrides_the_origin() {
+    // The origin says every response must be revalidated; the rule knows better for
+    // load.php, and never caches Special: pages.
+    let origin = named_origin("o", "no-cache, max-age=0").await;
+    let rules = r#"
+[[rule]]
+name = "special pages"
+match = { path_prefix = ["/wiki/Special:"] }
+pass = true
+
+[[rule]]
+name = "resource loader"
+match = { path = ["/w/load.php"] }
+ttl = "5m"
+grace = "1m"
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    for _ in 0..2 {
+        let special = get(&skua.url("/wiki/Special:Random"), &[]).await;
+        assert_eq!(special.cache(), "pass");
+        assert!(
+            special.header("cache-status").contains("detail=rule"),
+            "{special:?}"
+        );
+    }
+    assert_eq!(origin.count("/wiki/Special:Random"), 2);
+
+    let first = get(&skua.url("/w/load.php"), &[]).await;
+    assert_eq!(first.cache(), "miss");
+    assert!(first.header("cache-status").contains("stored"), "{first:?}");
+    assert!(
+        first.header("cache-status").contains("detail=ttl-rule"),
+        "{first:?}"
+    );
+    let hit = get(&skua.url("/w/load.php"), &[]).await;
+    assert_eq!(hit.cache(), "hit-front");
+    let status = hit.header("cache-status");
+    assert!(status.contains("detail=ttl-rule"), "{status}");
+    let ttl: i64 = status
+        .split("ttl=")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .and_then(|t| t.trim().parse().ok())
+        .expect("a ttl");
+    assert!((290..=300).contains(&ttl), "{status}");
+    assert_eq!(origin.count("/w/load.php"), 1);
+    // Without a rule, the origin's word stands: revalidated every time.
+    get(&skua.url("/wiki/Other"), &[]).await;
+    get(&skua.url("/wiki/Other"), &[]).await;
+    assert_eq!(origin.count("/wiki/Other"), 2);
+}
+
+#[tokio::test]
+async fn deny_and_every_redirect_kind_answer_without_the_origin() {
+    let origin = named_origin("o", "max-age=600").await;
+    let rules = r#"
+[[rule]]
+name = "no xmlrpc"
+match = { path = ["/xmlrpc.php"], method = ["POST", "GET"] }
+deny = { status = 403, body = "not here" }
+
+[[rule]]
+match = { path_regex = ["^/moved/(.*)$"] }
+redirect = { location = "/wiki/{1}{query}" }
+
+[[rule]]
+match = { path = ["/found"] }
+redirect = { status = 302, location = "https://{host}/elsewhere" }
+
+[[rule]]
+match = { path = ["/see"] }
+redirect = { status = 303, location = "/other{query}" }
+
+[[rule]]
+match = { path = ["/temp"] }
+redirect = { status = 307, location = "{path}/" }
+
+[[rule]]
+match = { path_prefix = ["/old/"] }
+redirect = { status = 308, location = "https://new.wiki.test{path}{query}" }
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    let denied = get(&skua.url("/xmlrpc.php"), &[]).await;
+    assert_eq!(denied.status, 403);
+    assert_eq!(denied.text(), "not here\n");
+    assert_eq!(denied.cache(), "int-front");
+    for (path, status, location) in [
+        (
+            "/moved/Main_Page?action=raw",
+            301,
+            "/wiki/Main_Page?action=raw",
+        ),
+        ("/found", 302, "https://wiki.test/elsewhere"),
+        ("/see?x=1", 303, "/other?x=1"),
+        ("/temp", 307, "/temp/"),
+        ("/old/a/b?c=d", 308, "https://new.wiki.test/old/a/b?c=d"),
+    ] {
+        let resp = get(&skua.url(path), &[("host", "wiki.test")]).await;
+        assert_eq!(resp.status, status, "{path}");
+        assert_eq!(resp.header("location"), location, "{path}");
+    }
+    let posted = send(&client(), "POST", &skua.url("/xmlrpc.php"), &[]).await;
+    assert_eq!(posted.status, 403);
+    assert_eq!(origin.count_starting("/"), 0, "the origin was never asked");
+    assert_eq!(
+        skua.metric("skua_rule_answers_total{answer=\"denied\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        skua.metric("skua_rule_answers_total{answer=\"redirected\"}")
+            .await,
+        5.0
+    );
+}
+
+#[tokio::test]
+async fn header_edits_reach_the_origin_and_the_client_on_misses_and_on_every_hit_path() {
+    let origin = Origin::start(|seen| {
+        Reply::ok(format!(
+            "edge={} debug={} via={}",
+            seen.header("x-edge").unwrap_or("-"),
+            seen.header("x-debug").unwrap_or("-"),
+            seen.headers
+                .get_all("x-via")
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
+        .header("cache-control", "max-age=600")
+        .header("x-powered-by", "PHP/8.2")
+    })
+    .await;
+    let rules = r#"
+[[rule]]
+name = "to the origin"
+request_headers = { set = { "X-Edge" = "skua" }, append = { "X-Via" = "edge" }, remove = ["X-Debug"] }
+response_headers = { set = { "Strict-Transport-Security" = "max-age=31536000" }, remove = ["X-Powered-By"], append = { "X-Served-By" = "skua" } }
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    let sent = [("x-debug", "1"), ("x-via", "client")];
+    let miss = get(&skua.url("/wiki/A"), &sent).await;
+    assert_eq!(miss.cache(), "miss");
+    assert_eq!(miss.text(), "edge=skua debug=- via=client,edge");
+    // A rule that edits the request leaves hits to pingora's path (the edits may name the
+    // variant); the response edits apply on every path.
+    let hit = get(&skua.url("/wiki/A"), &sent).await;
+    assert_eq!(hit.cache(), "hit-front");
+    for resp in [&miss, &hit] {
+        assert_eq!(resp.header("strict-transport-security"), "max-age=31536000");
+        assert_eq!(resp.header("x-served-by"), "skua");
+        assert!(!resp.headers.contains_key("x-powered-by"), "{resp:?}");
+    }
+
+    // Response edits alone: hits from the front door, over HTTP/1.0 (the session's fast path)
+    // and from pingora's cache (a conditional request) carry them alike.
+    let origin = named_origin("o", "max-age=600").await;
+    let rules = r#"
+[[rule]]
+response_headers = { set = { "X-Frame-Options" = "DENY" }, remove = ["X-Powered-By"] }
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    let host = [("host", "wiki.test")];
+    get(&skua.url("/wiki/B"), &host).await;
+    let before = skua.hit_paths().await;
+    let front = get(&skua.url("/wiki/B"), &host).await;
+    let old = raw(skua.addr, "GET /wiki/B HTTP/1.0\r\nHost: wiki.test\r\n\r\n").await;
+    let ranged = get(&skua.url("/wiki/B"), &[host[0], ("range", "bytes=0-1")]).await;
+    assert_eq!(ranged.status, 206);
+    let after = skua.hit_paths().await;
+    assert_eq!(
+        after,
+        [before[0] + 1, before[1] + 1, before[2] + 1],
+        "one hit on each path"
+    );
+    for resp in [&front, &ranged] {
+        assert_eq!(resp.header("x-frame-options"), "DENY", "{resp:?}");
+        assert!(!resp.headers.contains_key("x-powered-by"), "{resp:?}");
+    }
+    let old = old.to_ascii_lowercase();
+    assert!(old.contains("x-frame-options: deny"), "{old}");
+    assert!(!old.contains("x-powered-by"), "{old}");
+}
+
+#[tokio::test]
+async fn a_normalised_query_is_one_key_and_a_purge_of_the_raw_url_removes_it() {
+    let origin = named_origin("o", "max-age=600").await;
+    let rules = r#"
+[[rule]]
+name = "tracking"
+normalize_query = { drop = ["utm_*", "fbclid"], sort = true }
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    let first = get(&skua.url("/wiki/A?utm_source=mail&title=X&action=raw"), &[]).await;
+    assert_eq!(first.cache(), "miss");
+    assert_eq!(
+        first.text(),
+        "o /wiki/A?action=raw&title=X",
+        "the origin is asked for the normalised URL"
+    );
+    for spelling in [
+        "/wiki/A?action=raw&title=X",
+        "/wiki/A?title=X&fbclid=9&action=raw",
+    ] {
+        assert_eq!(
+            get(&skua.url(spelling), &[]).await.cache(),
+            "hit-front",
+            "{spelling}"
+        );
+    }
+    assert_eq!(origin.count_starting("/wiki/A"), 1);
+    // MediaWiki purges the URL as it knows it; any spelling removes the one object.
+    let purge = send(
+        &client(),
+        "PURGE",
+        &skua.url("/wiki/A?title=X&utm_campaign=z&action=raw"),
+        &[],
+    )
+    .await;
+    assert_eq!(purge.header("skua-purged"), "1 purged", "{purge:?}");
+    let after = get(&skua.url("/wiki/A?action=raw&title=X"), &[]).await;
+    assert_eq!(after.cache(), "miss");
+    assert_eq!(origin.count_starting("/wiki/A"), 2);
+}
+
+#[tokio::test]
+async fn a_rate_limit_answers_429_with_retry_after_and_recovers() {
+    let origin = named_origin("o", "max-age=600").await;
+    let rules = r#"
+[[rule]]
+name = "api clients"
+match = { path_prefix = ["/w/api.php"] }
+rate_limit = { per_second = 4, burst = 2 }
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    let url = skua.url("/w/api.php?action=query");
+    for _ in 0..2 {
+        assert_eq!(get(&url, &[]).await.status, 200);
+    }
+    let limited = get(&url, &[]).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.header("retry-after"), "1");
+    assert_eq!(limited.cache(), "int-front");
+    // Other paths are not limited.
+    assert_eq!(get(&skua.url("/wiki/A"), &[]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&url, &[]).await.status, 200, "a token came back at 4/s");
+    assert_eq!(
+        skua.metric("skua_rule_answers_total{answer=\"rate_limited\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn rules_reload_under_load_without_a_failed_request_and_a_bad_rule_keeps_the_old() {
+    let origin = named_origin("o", "max-age=600").await;
+    let first = r#"
+[[rule]]
+name = "marker"
+response_headers = { set = { "X-Rules" = "one" } }
+"#;
+    let skua = Skua::start(&[origin.addr], first).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (stop, base) = (stop.clone(), skua.url("/wiki/"));
+        async move {
+            let client = client();
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let resp = client.get(format!("{base}{}", i % 10)).send().await;
+                match resp {
+                    Ok(r) if r.status() == 200 && r.headers().contains_key("x-rules") => ok += 1,
+                    _ => failed += 1,
+                }
+                i += 1;
+            }
+            (ok, failed)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let applied = skua
+        .reload_and_wait(|text| text.replace("\"one\"", "\"two\""))
+        .await;
+    assert!(applied);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut now = String::new();
+    while now != "two" && Instant::now() < deadline {
+        now = get(&skua.url("/wiki/1"), &[])
+            .await
+            .header("x-rules")
+            .to_string();
+    }
+    assert_eq!(now, "two");
+
+    // A rule routing to a pool that does not exist is refused, and the rules stay.
+    let rejected = skua
+        .reload_and_wait(|text| format!("{text}\n[[rule]]\nroute = \"nowhere\"\n"))
+        .await;
+    assert!(!rejected);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    assert_eq!(
+        failed, 0,
+        "no request failed across the reloads ({ok} succeeded)"
+    );
+    assert_eq!(
+        get(&skua.url("/wiki/2"), &[]).await.header("x-rules"),
+        "two"
+    );
+}
+
+/// `skua check` names each bad rule's key and line, and `--explain` says what the rules do
+/// with one request, without a server.
+#[test]
+fn skua_check_refuses_bad_rules_by_line_and_explains_a_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("skua.toml");
+    let bad = r#"[[origin]]
+name = "pages"
+addresses = ["127.0.0.1:9"]
+
+[[rule]]
+match = { path_regex = ["^/wiki/(unclosed"] }
+pass = true
+
+[[rule]]
+route = "api"
+
+[[rule]]
+match = { header = { "User-Agent" = "bot" } }
+normalize_query = { drop = ["utm_*"] }
+
+[[rule]]
+deny = { status = 200 }
+redirect = { location = "/x/{2}" }
+"#;
+    std::fs::write(&path, bad).unwrap();
+    let out = std::process::Command::new(skua_bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let text = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        ":6: rule[0].match.path_regex[0]: not a regular expression",
+        ":10: rule[1].route: no [[origin]] pool is named \"api\"",
+        ":14: rule[2].normalize_query: a rule that normalises the query may match on host, path and query only",
+        ":17: rule[3].deny.status: must be 400 to 599, got 200",
+        ":18: rule[3].redirect.location: {2}: the rule's path_regex has 0 group(s)",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+
+    let good = r#"[[origin]]
+name = "pages"
+addresses = ["127.0.0.1:9"]
+[[origin]]
+name = "api"
+addresses = ["127.0.0.1:10"]
+
+[[rule]]
+name = "tracking"
+normalize_query = { drop = ["utm_*"], sort = true }
+
+[[rule]]
+name = "api"
+match = { host = ["*.wiki.test"], path_prefix = ["/w/api.php"] }
+route = "api"
+pass = true
+
+[[rule]]
+name = "bots"
+match = { header = { "User-Agent" = "(?i)bot" } }
+rate_limit = { per_second = 1 }
+"#;
+    std::fs::write(&path, good).unwrap();
+    let explain = |args: &[&str]| {
+        let out = std::process::Command::new(skua_bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let api = explain(&[
+        "--explain",
+        "http://en.wiki.test/w/api.php?utm_source=x&b=2&a=1",
+        "--header",
+        "User-Agent: SomeBot/1.0",
+    ]);
+    for expected in [
+        "cache key: http://en.wiki.test/w/api.php?a=1&b=2",
+        "query normalised by \"tracking\" (line 8)",
+        "matches rule[1] \"api\" (line 12): route, pass",
+        "matches rule[2] \"bots\" (line 18): rate_limit",
+        "pool: api",
+    ] {
+        assert!(api.contains(expected), "missing {expected:?} in:\n{api}");
+    }
+    let page = explain(&["--explain", "http://en.wiki.test/wiki/Main_Page"]);
+    assert!(page.contains("pool: pages"), "{page}");
+    assert!(!page.contains("\"api\""), "{page}");
+}
