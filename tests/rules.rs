@@ -486,3 +486,79 @@ rate_limit = { per_second = 1 }
     assert!(page.contains("pool: pages"), "{page}");
     assert!(!page.contains("\"api\""), "{page}");
 }
+
+/// Every kind of condition, each rule denying with a status of its own: a wildcard host,
+/// a query parameter's presence and value, a request header, a cookie, the client's network
+/// (the forwarded one, behind a trusted proxy), and all of a rule's conditions together.
+#[tokio::test]
+async fn every_kind_of_condition_matches_what_it_names_and_nothing_else() {
+    let origin = named_origin("o", "max-age=600").await;
+    let rules = r#"
+[[rule]]
+match = { host = ["*.blocked.test"] }
+deny = { status = 451 }
+
+[[rule]]
+match = { query = { diff = "" } }
+deny = { status = 410 }
+
+[[rule]]
+match = { query = { action = "^(raw|history)$" } }
+deny = { status = 409 }
+
+[[rule]]
+match = { header = { "User-Agent" = "(?i)evilbot" } }
+deny = { status = 418 }
+
+[[rule]]
+match = { cookie = { "blocked" = "^yes$" } }
+deny = { status = 423 }
+
+[[rule]]
+match = { client = ["192.0.2.0/24"] }
+deny = { status = 403 }
+
+[[rule]]
+match = { path_prefix = ["/both/"], method = ["HEAD"] }
+deny = { status = 405 }
+"#;
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["trusted_proxies = [\"127.0.0.1/32\"]", "", ""],
+        rules,
+    )
+    .await;
+    let cases: [(&str, &str, &[(&str, &str)], u16); 14] = [
+        ("GET", "/wiki/A", &[("host", "en.blocked.test")], 451),
+        ("GET", "/wiki/A", &[("host", "a.b.blocked.test")], 451),
+        ("GET", "/wiki/A", &[("host", "blocked.test")], 200),
+        ("GET", "/wiki/A?diff", &[], 410),
+        ("GET", "/wiki/A?diff=12&oldid=3", &[], 410),
+        ("GET", "/wiki/A?nodiff=1", &[], 200),
+        ("GET", "/wiki/A?action=history", &[], 409),
+        ("GET", "/wiki/A?action=view", &[], 200),
+        (
+            "GET",
+            "/wiki/A",
+            &[("user-agent", "Mozilla/5.0 EvilBot/2")],
+            418,
+        ),
+        ("GET", "/wiki/A", &[("cookie", "a=1; blocked=yes")], 423),
+        ("GET", "/wiki/A", &[("cookie", "blocked=no")], 200),
+        ("GET", "/wiki/A", &[("x-forwarded-for", "192.0.2.9")], 403),
+        ("HEAD", "/both/x", &[], 405),
+        ("GET", "/both/x", &[], 200),
+    ];
+    for (method, path, headers, status) in cases {
+        let resp = send(&client(), method, &skua.url(path), headers).await;
+        assert_eq!(resp.status, status, "{method} {path} {headers:?}");
+    }
+    // Without a trusted proxy, X-Forwarded-For is the client's word and proves nothing.
+    let untrusted = Skua::start(&[origin.addr], rules).await;
+    let resp = get(
+        &untrusted.url("/wiki/A"),
+        &[("x-forwarded-for", "192.0.2.9")],
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+}
