@@ -487,6 +487,14 @@ rate_limit = { per_second = 1 }
     assert!(!page.contains("\"api\""), "{page}");
 }
 
+/// A request (method, path, header fields) and the status it gets.
+type Case = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    u16,
+);
+
 /// Every kind of condition, each rule denying with a status of its own: a wildcard host,
 /// a query parameter's presence and value, a request header, a cookie, the client's network
 /// (the forwarded one, behind a trusted proxy), and all of a rule's conditions together.
@@ -528,7 +536,7 @@ deny = { status = 405 }
         rules,
     )
     .await;
-    let cases: [(&str, &str, &[(&str, &str)], u16); 14] = [
+    let cases: [Case; 14] = [
         ("GET", "/wiki/A", &[("host", "en.blocked.test")], 451),
         ("GET", "/wiki/A", &[("host", "a.b.blocked.test")], 451),
         ("GET", "/wiki/A", &[("host", "blocked.test")], 200),
