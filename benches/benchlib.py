@@ -29,6 +29,22 @@ memory_size = {memory}
 """)
 
 
+def rules_from(path, origin):
+    """The `[[rule]]` tables of the config at `path` (everything from its first `[[rule]]`),
+    with an `[[origin]]` pool at `origin` for every pool a rule routes to: a benchmark's
+    config plus a real rule set, without the example's own servers."""
+    text = open(path).read()
+    start = text.find("\n[[rule]]")
+    if start < 0:
+        sys.exit(f"{path}: no [[rule]]")
+    rules = text[start:]
+    pools = sorted(set(re.findall(r'^route = "([^"]+)"', rules, re.M)))
+    tables = "".join(
+        f'\n[[origin]]\nname = "{name}"\naddresses = ["{origin}"]\n'
+        f"[origin.health_check]\nenabled = false\n" for name in pools)
+    return tables + rules
+
+
 class PinnedSkua:
     """`binary` serving one pool at `origin` on ephemeral ports, pinned to CPU 0 with one
     worker thread, for a `with` block; `.port`, `.admin` and `.proc` while it runs."""

@@ -24,7 +24,7 @@ this beside the harness (benches/README.md), to see where a change in cost comes
 
 import argparse, hashlib, http.client, os, random, shutil, subprocess, sys, tempfile, time
 
-from benchlib import OriginHandler, free_port, start_origin, wait_port, write_config
+from benchlib import OriginHandler, free_port, rules_from, start_origin, wait_port, write_config
 
 PHASES = [("hit1k", 2000), ("manykeys", 2000), ("miss", 1000)]
 
@@ -87,11 +87,12 @@ def dump_total(work, pid, before):
     sys.exit("callgrind wrote no dump")
 
 
-def measure(binary, origin, keep, label):
+def measure(binary, origin, keep, label, rules=None):
     work = tempfile.mkdtemp()
     port, admin = free_port(), free_port()
     config = os.path.join(work, "skua.toml")
-    write_config(config, work, port, admin, origin, 1 << 30)
+    extra = rules_from(rules, origin) if rules else ""
+    write_config(config, work, port, admin, origin, 1 << 30, extra)
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.%p",
          binary, "serve", "--config", config],
@@ -125,6 +126,8 @@ def main():
     ap.add_argument("binaries", nargs="+")
     ap.add_argument("--repeat", type=int, default=1, help="runs per binary, alternating")
     ap.add_argument("--keep", help="directory to keep the callgrind dumps in")
+    ap.add_argument("--rules", help="also measure each binary with this config's [[rule]]s "
+                    "(e.g. config/mediawiki.toml), as BINARY+rules")
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if not shutil.which(tool):
@@ -132,17 +135,21 @@ def main():
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)
     origin = start_origin(origin_handler())
-    results = {b: [] for b in args.binaries}
+    runs = [(b, None) for b in args.binaries]
+    if args.rules:
+        runs += [(b, args.rules) for b in args.binaries]
+    results = {b + ("+rules" if r else ""): [] for b, r in runs}
+    labels = list(results)
     for r in range(args.repeat):
-        for i, b in enumerate(args.binaries):
-            counts = measure(b, origin, args.keep, f"{i}-{r}")
+        for i, ((binary, rules), b) in enumerate(zip(runs, labels)):
+            counts = measure(binary, origin, args.keep, f"{i}-{r}", rules)
             results[b].append(counts)
             print(f"{b} run {r + 1}: " + ", ".join(f"{p} {counts[p]:,.0f}" for p, _ in PHASES),
                   flush=True)
-    first = args.binaries[0]
+    first = labels[0]
     print("\ninstructions per request (median of runs)" + "".join(f" | {p}" for p, _ in PHASES))
     med = lambda b, p: sorted(c[p] for c in results[b])[len(results[b]) // 2]
-    for b in args.binaries:
+    for b in labels:
         cells = []
         for p, _ in PHASES:
             ratio = "" if b == first else f" ({med(b, p) / med(first, p):.3f}x)"
