@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Starts Skua the way ../shared/bench/run.sh starts a proxy: config/bench.toml listening on
 # $PORT (admin on $PORT + 9), and, in runs with a TLS scenario, HTTPS and HTTP/2 on $TLS_PORT
-# with the harness's certificate ($TLS_CERT_FILE, $TLS_KEY_FILE).
+# with the harness's certificate ($TLS_CERT_FILE, $TLS_KEY_FILE). With a second argument, the
+# [[rule]]s of that config too (their pools all at the harness's origin).
 #
 #   ../shared/bench/run.sh --targets limit,nginx,skua --scenarios tls1k,tlsnew,h2hit1k \
 #       --proxy "skua:28050:$PWD/benches/harness-serve.sh $PWD/target/release/skua"
+#   ../shared/bench/run.sh --targets skua,rules --scenarios hit1k,manykeys \
+#       --proxy "skua:28050:$PWD/benches/harness-serve.sh $PWD/target/release/skua" \
+#       --proxy "rules:28060:$PWD/benches/harness-serve.sh $PWD/target/release/skua $PWD/config/mediawiki.toml"
 set -euo pipefail
-BIN="${1:?usage: harness-serve.sh SKUA_BINARY}"
+BIN="${1:?usage: harness-serve.sh SKUA_BINARY [RULES_CONFIG]}"
+RULES="${2:-}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PORT="${PORT:-28050}"
 CONFIG="$(mktemp --suffix=.toml)"
@@ -23,5 +28,9 @@ listen = ["127.0.0.1:$TLS_PORT"]
 chain = "$TLS_CERT_FILE"
 key = "$TLS_KEY_FILE"
 TOML
+fi
+if [ -n "$RULES" ]; then
+    PYTHONPATH="$ROOT/benches" python3 -c 'import sys, benchlib; print(benchlib.rules_from(sys.argv[1], sys.argv[2]))' \
+        "$RULES" "${ORIGIN_HOST:-127.0.0.1}:${ORIGIN_PORT:-28080}" >>"$CONFIG"
 fi
 exec "$BIN" serve --config "$CONFIG"

@@ -163,7 +163,8 @@ impl FrontDoor {
             hit.ttl_rule,
         );
         if let Some(edits) = hit.response_edits.and_then(|i| rule_edits(&settings, i)) {
-            out = super::edit::wire(&out, edits);
+            let spare = if coalesce { obj.body.len() } else { 0 };
+            out = super::edit::wire(&out, edits, spare);
         }
         let body = if coalesce {
             out.extend_from_slice(&obj.body);

@@ -266,7 +266,7 @@ pub fn matches<F: RequestFields + ?Sized>(when: &Conditions, req: &Request<'_, F
 /// `{1}`..`{9}` are.
 pub fn path_groups<'p>(when: &Conditions, path: &'p str) -> Vec<&'p str> {
     let regex = when.paths.iter().find_map(|p| match p {
-        PathPattern::Regex(re) => re.captures(path),
+        PathPattern::Regex(re) => re.regex.captures(path),
         _ => None,
     });
     regex.map_or_else(Vec::new, |caps| {

@@ -25,9 +25,9 @@ fn path_pattern() -> impl Strategy<Value = PathPattern> {
         (0..PATHS.len()).prop_map(|i| PathPattern::Exact(PATHS[i].to_string())),
         Just(PathPattern::Prefix("/wiki/".to_string())),
         Just(PathPattern::Prefix("/w/".to_string())),
-        Just(PathPattern::Regex(
+        Just(PathPattern::Regex(crate::config::rules::PathRegex::new(
             regex::Regex::new("^/w/[a-z]+\\.php$").unwrap()
-        )),
+        ))),
     ]
 }
 
