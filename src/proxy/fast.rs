@@ -162,9 +162,12 @@ impl FrontDoor {
             settings.downstream_cache_control.as_ref(),
             hit.ttl_rule,
         );
-        if let Some(edits) = hit.response_edits.and_then(|i| rule_edits(&settings, i)) {
-            let spare = if coalesce { obj.body.len() } else { 0 };
-            out = super::edit::wire(&out, edits, spare);
+        if let Some(i) = hit.response_edits {
+            if let Some(edits) = rule_edits(&settings, i) {
+                let spare = if coalesce { obj.body.len() } else { 0 };
+                let lines = settings.rules.field_lines(i);
+                out = super::edit::wire(&out, edits, lines, spare);
+            }
         }
         let body = if coalesce {
             out.extend_from_slice(&obj.body);

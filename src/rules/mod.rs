@@ -109,6 +109,10 @@ pub struct RuleSet {
     other_hosts: Vec<u16>,
     /// Some rule's conditions read the client's address.
     reads_client: bool,
+    /// For each rule, a finder for the line of each field its `response_headers` remove or set,
+    /// as a hit's written head spells it (`crate::cache::meta::wire_name`): built once here,
+    /// since building one costs more than the search.
+    field_lines: Vec<Vec<memchr::memmem::Finder<'static>>>,
     limiter: rate::Limiter,
 }
 
@@ -152,6 +156,17 @@ impl RuleSet {
         }
         let reads_client =
             (rules.iter()).any(|r| !r.when.clients.is_empty() || r.actions.rate_limit.is_some());
+        let field_lines = (rules.iter())
+            .map(|rule| {
+                let edits = rule.actions.response_headers.iter();
+                let names = edits.flat_map(|e| e.remove.iter().chain(e.set.iter().map(|(n, _)| n)));
+                let line = |name| {
+                    let text = format!("\r\n{}:", crate::cache::meta::wire_name(name));
+                    memchr::memmem::Finder::new(text.as_bytes()).into_owned()
+                };
+                names.map(line).collect()
+            })
+            .collect();
         RuleSet {
             rules,
             kinds,
@@ -159,6 +174,7 @@ impl RuleSet {
             by_host,
             other_hosts,
             reads_client,
+            field_lines,
             limiter: rate::Limiter::new(),
         }
     }
@@ -180,6 +196,12 @@ impl RuleSet {
 
     pub fn rule(&self, index: u16) -> &Rule {
         &self.rules[index as usize]
+    }
+
+    /// Finders for the lines of the fields rule `index`'s `response_headers` remove or set, in
+    /// the order of `remove` then `set`.
+    pub fn field_lines(&self, index: u16) -> &[memchr::memmem::Finder<'static>] {
+        &self.field_lines[index as usize]
     }
 
     /// Which rule decides each kind of action for `req`.
