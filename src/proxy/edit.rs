@@ -95,7 +95,7 @@ mod tests {
             .collect();
         let finders: Vec<_> = lines
             .iter()
-            .map(|l| memchr::memmem::Finder::new(l))
+            .map(memchr::memmem::Finder::new)
             .collect();
         let edited = wire(head, &edits, &finders, 0);
         assert_eq!(
