@@ -35,30 +35,28 @@ pub fn response(resp: &mut ResponseHeader, edits: &HeaderEdits) -> Result<()> {
     Ok(())
 }
 
-/// `head` (a status line, fields, and the blank line that ends them) with `edits` applied,
-/// with room for `spare` bytes more (a body to follow). Every field name in `head` must be
-/// spelled as [`wire_name`] spells it, as a hit's head is (`hit::write_head`): a field is then
-/// found by one search for its line (`lines`: a finder for `\r\n<name>:` of each field
-/// `edits` remove, then of each they set, built once per rule set), and a hit pays a few
-/// hundred instructions for the edits instead of a pass over every line.
+/// Applies `edits` to the head at the end of `out` (a status line, fields, and the blank line
+/// that ends them, from `start`), in place. Every field name in it must be spelled as
+/// [`wire_name`] spells it, as a hit's head is (`hit::write_head`): a field is then found by
+/// one search for its line (`lines`: a finder for `\r\n<name>:` of each field `edits` remove,
+/// then of each they set, built once per rule set), and a hit pays a few hundred
+/// instructions for the edits instead of a pass over every line.
 pub fn wire(
-    head: &[u8],
+    out: &mut Vec<u8>,
+    start: usize,
     edits: &HeaderEdits,
     lines: &[memchr::memmem::Finder<'_>],
-    spare: usize,
-) -> Vec<u8> {
-    let added: usize = (edits.set.iter().chain(&edits.append))
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum();
-    let mut out = Vec::with_capacity(head.len() + added + spare);
-    // All but the blank line, which goes back after the added fields.
-    out.extend_from_slice(head.strip_suffix(b"\r\n").unwrap_or(head));
+) {
     for line_start in lines {
-        while let Some(at) = line_start.find(&out) {
-            let line = at + 2;
+        while let Some(at) = line_start.find(&out[start..]) {
+            let line = start + at + 2;
             let end = memchr::memchr(b'\n', &out[line..]).map_or(out.len(), |e| line + e + 1);
             out.drain(line..end);
         }
+    }
+    // The blank line goes back after the added fields.
+    if out.ends_with(b"\r\n\r\n") {
+        out.truncate(out.len() - 2);
     }
     for (name, value) in edits.set.iter().chain(&edits.append) {
         out.extend_from_slice(wire_name(name).as_bytes());
@@ -67,7 +65,13 @@ pub fn wire(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out
+}
+
+/// What [`wire`] adds to a head at most, to reserve before writing it.
+pub fn added_bytes(edits: &HeaderEdits) -> usize {
+    (edits.set.iter().chain(&edits.append))
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum()
 }
 
 #[cfg(test)]
@@ -93,11 +97,9 @@ mod tests {
         let lines: Vec<_> = (edits.remove.iter().chain(edits.set.iter().map(|(n, _)| n)))
             .map(|n| format!("\r\n{}:", wire_name(n)))
             .collect();
-        let finders: Vec<_> = lines
-            .iter()
-            .map(memchr::memmem::Finder::new)
-            .collect();
-        let edited = wire(head, &edits, &finders, 0);
+        let finders: Vec<_> = lines.iter().map(memchr::memmem::Finder::new).collect();
+        let mut edited = head.to_vec();
+        wire(&mut edited, 0, &edits, &finders);
         assert_eq!(
             String::from_utf8(edited.clone()).unwrap(),
             "HTTP/1.1 200 OK\r\nvary: Accept-Encoding\r\nContent-Length: 2\r\nx-frame-options: DENY\r\nvary: Cookie\r\n\r\n"

@@ -150,8 +150,12 @@ impl FrontDoor {
         let close = req.close || closing;
         let with_body = req.method != Method::HEAD;
         let coalesce = with_body && obj.body.len() <= COALESCE_BODY;
+        let edits = hit
+            .response_edits
+            .and_then(|i| Some((rule_edits(&settings, i)?, i)));
+        let added = edits.map_or(0, |(edits, _)| super::edit::added_bytes(edits));
         let mut out = Vec::with_capacity(
-            obj.meta.head.len() + 160 + if coalesce { obj.body.len() } else { 0 },
+            obj.meta.head.len() + 160 + added + if coalesce { obj.body.len() } else { 0 },
         );
         hit::write_head(
             &mut out,
@@ -162,12 +166,8 @@ impl FrontDoor {
             settings.downstream_cache_control.as_ref(),
             hit.ttl_rule,
         );
-        if let Some(i) = hit.response_edits {
-            if let Some(edits) = rule_edits(&settings, i) {
-                let spare = if coalesce { obj.body.len() } else { 0 };
-                let lines = settings.rules.field_lines(i);
-                out = super::edit::wire(&out, edits, lines, spare);
-            }
+        if let Some((edits, i)) = edits {
+            super::edit::wire(&mut out, 0, edits, settings.rules.field_lines(i));
         }
         let body = if coalesce {
             out.extend_from_slice(&obj.body);

@@ -10,6 +10,10 @@ use super::{matches, query, Request};
 use crate::cache::key::{CacheUrl, HostAliases};
 use crate::config::rules::{Conditions, QueryNormalization, Rule};
 
+/// What the conditions of a URL-only rule are read with: no fields.
+static NO_FIELDS: std::sync::LazyLock<http::HeaderMap> =
+    std::sync::LazyLock::new(http::HeaderMap::new);
+
 #[derive(Debug, Clone, Default)]
 pub struct Canonical {
     pub aliases: HostAliases,
@@ -39,7 +43,7 @@ impl Canonical {
             path,
             query,
             method: &Method::GET,
-            fields: &http::HeaderMap::new(),
+            fields: &*NO_FIELDS,
             client: None,
         };
         let how = self.query.iter().find(|(when, _)| matches(when, &req));
