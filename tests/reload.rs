@@ -99,27 +99,7 @@ async fn zero_downtime_upgrade_hands_over_the_sockets_without_failing_a_request(
             (ok, failed)
         }
     });
-    // The new binary waits on the upgrade socket for the old one's listeners.
-    let mut new = std::process::Command::new(skua_bin())
-        .args(["serve", "--upgrade", "--config"])
-        .arg(old.config_path())
-        .spawn()
-        .unwrap();
-    let upgrade_sock = old.dir.path().join("upgrade.sock");
-    wait_until("the new process listens on the upgrade socket", || {
-        upgrade_sock.exists()
-    })
-    .await;
-    let quit = std::process::Command::new("kill")
-        .args(["-QUIT", &old.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(quit.success());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while old.alive() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(!old.alive(), "the old process drained and exited");
+    let mut new = old.upgrade_in_place().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.await.unwrap();

@@ -1056,27 +1056,7 @@ async fn an_upgrade_hands_over_the_https_listener_with_the_certificate_now_in_th
 
     let renewed = ca.issue(&["wiki.test"]);
     write_certificate(dir.path(), "wiki", &renewed);
-    let mut new = std::process::Command::new(skua_bin())
-        .args(["serve", "--upgrade", "--config"])
-        .arg(old.config_path())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let upgrade_sock = old.dir.path().join("upgrade.sock");
-    wait_until("the new process listens on the upgrade socket", || {
-        upgrade_sock.exists()
-    })
-    .await;
-    let quit = std::process::Command::new("kill")
-        .args(["-QUIT", &old.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(quit.success());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while old.alive() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(!old.alive(), "the old process drained and exited");
+    let mut new = old.upgrade_in_place().await;
 
     let after = fresh_client().get(&url).send().await;
     let _ = new.kill();

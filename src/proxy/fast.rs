@@ -249,16 +249,9 @@ impl FrontDoor {
             let peer = set.reads_client().then(client);
             let forwarded =
                 |peer| crate::purge::client_behind(&settings.trusted_proxies, peer, &req.fields);
-            let (path, query) =
-                (url.path_and_query.split_once('?')).unwrap_or((url.path_and_query.as_str(), ""));
-            let decision = set.decide(&crate::rules::Request {
-                host: url.host_name(),
-                path,
-                query,
-                method: &req.method,
-                fields: &req.fields,
-                client: peer.and_then(forwarded),
-            });
+            let client = peer.and_then(forwarded);
+            let asked = crate::rules::Request::of(&url, &req.method, &req.fields, client);
+            let decision = set.decide(&asked);
             // The full path answers, limits, passes or edits the request.
             if !decision.lets_a_fast_path_answer(set) {
                 return None;

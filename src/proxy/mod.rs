@@ -751,16 +751,7 @@ impl CachingProxy {
         let client = set.reads_client().then(|| {
             purge::client_behind(&settings.trusted_proxies, client_ip(session), &req.headers)
         });
-        let (path, query) =
-            (url.path_and_query.split_once('?')).unwrap_or((url.path_and_query.as_str(), ""));
-        let asked = rules::Request {
-            host: url.host_name(),
-            path,
-            query,
-            method: &req.method,
-            fields: &req.headers,
-            client: client.flatten(),
-        };
+        let asked = rules::Request::of(url, &req.method, &req.headers, client.flatten());
         let decision = set.decide(&asked);
         let name = &self.shared.name;
         if let Some(wait) = decision
@@ -781,8 +772,8 @@ impl CachingProxy {
                 }
                 Some(Answer::Redirect { status, location }) => {
                     self.shared.metrics.rule_answers[RuleAnswer::Redirected as usize].inc();
-                    let groups = rules::path_groups(&rule.when, path);
-                    let target = location.fill(url.host_name(), path, query, &groups);
+                    let groups = rules::path_groups(&rule.when, asked.path);
+                    let target = location.fill(asked.host, asked.path, asked.query, &groups);
                     respond::redirect(name, session, *status, &target).await?;
                 }
                 None => {}

@@ -34,22 +34,13 @@ impl Canonical {
         if self.query.is_empty() {
             return url;
         }
-        let (path, query) =
-            (url.path_and_query.split_once('?')).unwrap_or((url.path_and_query.as_str(), ""));
         // The conditions read the URL only (validated), so the request's other parts are
         // never asked for.
-        let req = Request {
-            host: url.host_name(),
-            path,
-            query,
-            method: &Method::GET,
-            fields: &*NO_FIELDS,
-            client: None,
-        };
+        let req = Request::of(&url, &Method::GET, &*NO_FIELDS, None);
         let how = self.query.iter().find(|(when, _)| matches(when, &req));
-        if let Some(normal) = how.and_then(|(_, how)| query::normalize(query, how)) {
-            let mut rebuilt = String::with_capacity(path.len() + 1 + normal.len());
-            rebuilt.push_str(path);
+        if let Some(normal) = how.and_then(|(_, how)| query::normalize(req.query, how)) {
+            let mut rebuilt = String::with_capacity(req.path.len() + 1 + normal.len());
+            rebuilt.push_str(req.path);
             if !normal.is_empty() {
                 rebuilt.push('?');
                 rebuilt.push_str(&normal);

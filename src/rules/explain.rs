@@ -31,16 +31,7 @@ pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
     );
     let url = canonical.canonical(raw.clone());
     let set = RuleSet::new(config.rules.clone());
-    let (path, query) =
-        (url.path_and_query.split_once('?')).unwrap_or((url.path_and_query.as_str(), ""));
-    let req = Request {
-        host: url.host_name(),
-        path,
-        query,
-        method: &asked.method,
-        fields: &asked.headers,
-        client: asked.client,
-    };
+    let req = Request::of(&url, &asked.method, &asked.headers, asked.client);
     let mut out = String::new();
     let _ = writeln!(out, "{} {}", asked.method, asked.url);
     let _ = writeln!(out, "cache key: {}", url.primary());

@@ -23,6 +23,7 @@ use std::time::Duration;
 use http::Method;
 
 use crate::cache::fields::RequestFields;
+use crate::cache::key::CacheUrl;
 use crate::config::rules::{CacheAction, Conditions, HostPattern, PathPattern, Rule};
 
 /// The request a rule set decides for.
@@ -37,6 +38,27 @@ pub struct Request<'a, F: ?Sized> {
     pub fields: &'a F,
     /// The client's address (the forwarded one, when a trusted proxy relayed the request).
     pub client: Option<IpAddr>,
+}
+
+impl<'a, F: ?Sized> Request<'a, F> {
+    /// The request for `url` (its host name, path and query) with the rest as given.
+    pub fn of(
+        url: &'a CacheUrl,
+        method: &'a Method,
+        fields: &'a F,
+        client: Option<IpAddr>,
+    ) -> Request<'a, F> {
+        let (path, query) =
+            (url.path_and_query.split_once('?')).unwrap_or((url.path_and_query.as_str(), ""));
+        Request {
+            host: url.host_name(),
+            path,
+            query,
+            method,
+            fields,
+            client,
+        }
+    }
 }
 
 /// For each kind of action, the index of the rule that decides it.

@@ -400,6 +400,33 @@ impl Skua {
         let _ = self.child.wait();
     }
 
+    /// A zero-downtime upgrade (`skua serve --upgrade` on this process's config, then SIGQUIT
+    /// here): returns the new process once this one has drained and exited.
+    pub async fn upgrade_in_place(&mut self) -> std::process::Child {
+        // The new binary waits on the upgrade socket for the old one's listeners.
+        let new = Command::new(skua_bin())
+            .args(["serve", "--upgrade", "--config"])
+            .arg(self.config_path())
+            .spawn()
+            .unwrap();
+        let upgrade_sock = self.dir.path().join("upgrade.sock");
+        wait_until("the new process listens on the upgrade socket", || {
+            upgrade_sock.exists()
+        })
+        .await;
+        let quit = Command::new("kill")
+            .args(["-QUIT", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(quit.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.alive() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!self.alive(), "the old process drained and exited");
+        new
+    }
+
     /// Rewrites the config file with `edit` and sends SIGHUP.
     pub fn reload(&self, edit: impl FnOnce(String) -> String) {
         let path = self.dir.path().join("skua.toml");
