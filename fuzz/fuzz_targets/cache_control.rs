@@ -1,5 +1,6 @@
 //! Cache-Control, CDN-Cache-Control, Expires, Age and Vary come from origins: deciding whether
-//! and how long to store never panics, and nothing is fresh for longer than the TTL cap.
+//! and how long to store never panics, nothing is fresh for longer than the TTL cap, and a
+//! rule's lifetime never stores what the response forbids storing.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -40,7 +41,9 @@ fuzz_target!(|data: &[u8]| {
     });
     let forbidden = forbids_storing(&resp);
     let now = SystemTime::now();
-    if let Ok(fresh) = policy.decide(&mut resp, first & 8 != 0, now) {
+    // A rule's lifetime replaces the origin's, never what forbids storing.
+    let ttl_rule = (first & 16 != 0).then_some((Duration::from_secs(60), None));
+    if let Ok(fresh) = policy.decide(&mut resp, first & 8 != 0, now, ttl_rule) {
         let cap = *ttl_cap + Duration::from_secs(1);
         assert!(fresh.fresh_until <= now + cap, "fresher than the TTL cap");
         assert!(!forbidden, "stored a response marked private or no-store: {resp:?}");
