@@ -1,6 +1,6 @@
 //! The front door: a fresh memory hit for a plain HTTP/1.1 `GET` or `HEAD` is answered from the
 //! connection itself ([`super::connection`]), and one for an HTTP/2 stream as the stream is
-//! accepted ([`super::h2`]), from the stored header and body, before pingora builds a session.
+//! accepted (`proxy/h2.rs`), from the stored header and body, before pingora builds a session.
 //! The `[[rule]]`s are decided here as on the full path: a hit a rule answers, limits, passes
 //! or whose request it edits is left to pingora; response edits are applied. Everything else — a request this path is not sure about, a miss, a stale
 //! or untrusted object, conditional and range requests, purges, bodies — returns `None` and
