@@ -4,8 +4,9 @@
 //! The `[[rule]]`s are decided here as on the full path: a hit a rule answers, limits, passes
 //! or whose request it edits is left to pingora; response edits are applied. Everything else
 //! — a request this path is not sure about, a miss, a stale or untrusted object, conditional
-//! and range requests, purges, bodies — returns `None` and goes through pingora ([`crate::proxy`]), which answers it fully. A hit answered here is
-//! counted and logged exactly as one answered there.
+//! and range requests, purges, bodies — returns `None` and goes through pingora
+//! ([`crate::proxy`]), which answers it fully. A hit answered here is counted and logged
+//! exactly as one answered there.
 //!
 //! Why: pingora's per-request session and proxy phases cost about as much CPU as the whole
 //! answer (`benches/README.md`); a hit needs none of them.
