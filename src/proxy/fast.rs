@@ -247,14 +247,8 @@ impl FrontDoor {
             return None;
         }
         let (mut response_edits, mut ttl_rule) = (None, false);
-        let set = &settings.rules;
-        if set.acts() {
-            let peer = set.reads_client().then(client);
-            let forwarded =
-                |peer| crate::purge::client_behind(&settings.trusted_proxies, peer, &req.fields);
-            let client = peer.and_then(forwarded);
-            let asked = crate::rules::Request::of(&url, &req.method, &req.fields, client);
-            let decision = set.decide(&asked);
+        if let Some((decision, _)) = settings.decide_rules(&url, &req.method, &req.fields, client) {
+            let set = &settings.rules;
             // The full path answers, limits, passes or edits the request.
             if !decision.lets_a_fast_path_answer(set) {
                 return None;

@@ -255,6 +255,30 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// The `[[rule]]`s' decision for a request to `url`, and the client address they judged
+    /// it by (behind `[server] trusted_proxies`; asked of `peer` only when a rule reads it).
+    /// `None` when no rule acts on requests. The one decision the front door and the full
+    /// path both act on.
+    fn decide_rules<F: crate::cache::fields::RequestFields + ?Sized>(
+        &self,
+        url: &CacheUrl,
+        method: &Method,
+        fields: &F,
+        peer: impl FnOnce() -> Option<IpAddr>,
+    ) -> Option<(rules::Decision, Option<IpAddr>)> {
+        let set = &self.rules;
+        if !set.acts() {
+            return None;
+        }
+        let client = (set.reads_client())
+            .then(|| purge::client_behind(&self.trusted_proxies, peer(), fields))
+            .flatten();
+        let decision = set.decide(&rules::Request::of(url, method, fields, client));
+        Some((decision, client))
+    }
+}
+
 impl From<&Config> for Settings {
     fn from(config: &Config) -> Settings {
         Settings {
@@ -744,20 +768,15 @@ impl CachingProxy {
         url: &CacheUrl,
     ) -> Result<rules::Decision> {
         let set = &settings.rules;
-        if !set.acts() {
-            return Ok(rules::Decision::default());
-        }
         let req = session.req_header();
-        let client = set.reads_client().then(|| {
-            purge::client_behind(&settings.trusted_proxies, client_ip(session), &req.headers)
-        });
-        let asked = rules::Request::of(url, &req.method, &req.headers, client.flatten());
-        let decision = set.decide(&asked);
+        let peer = || client_ip(session);
+        let Some((decision, client)) = settings.decide_rules(url, &req.method, &req.headers, peer)
+        else {
+            return Ok(rules::Decision::default());
+        };
+        let (path, query) = rules::path_and_query(url);
         let name = &self.shared.name;
-        if let Some(wait) = decision
-            .rate_limit
-            .and_then(|i| set.limited(i, asked.client))
-        {
+        if let Some(wait) = decision.rate_limit.and_then(|i| set.limited(i, client)) {
             ctx.internal = true;
             self.shared.metrics.rule_answers[RuleAnswer::RateLimited as usize].inc();
             respond::too_many(name, session, wait).await?;
@@ -772,8 +791,8 @@ impl CachingProxy {
                 }
                 Some(Answer::Redirect { status, location }) => {
                     self.shared.metrics.rule_answers[RuleAnswer::Redirected as usize].inc();
-                    let groups = rules::path_groups(&rule.when, asked.path);
-                    let target = location.fill(asked.host, asked.path, asked.query, &groups);
+                    let groups = rules::path_groups(&rule.when, path);
+                    let target = location.fill(url.host_name(), path, query, &groups);
                     respond::redirect(name, session, *status, &target).await?;
                 }
                 None => {}

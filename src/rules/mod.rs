@@ -40,6 +40,11 @@ pub struct Request<'a, F: ?Sized> {
     pub client: Option<IpAddr>,
 }
 
+/// `url`'s path, and its query without the `?`.
+pub fn path_and_query(url: &CacheUrl) -> (&str, &str) {
+    (url.path_and_query.split_once('?')).unwrap_or((url.path_and_query.as_str(), ""))
+}
+
 impl<'a, F: ?Sized> Request<'a, F> {
     /// The request for `url` (its host name, path and query) with the rest as given.
     pub fn of(
@@ -48,8 +53,7 @@ impl<'a, F: ?Sized> Request<'a, F> {
         fields: &'a F,
         client: Option<IpAddr>,
     ) -> Request<'a, F> {
-        let (path, query) =
-            (url.path_and_query.split_once('?')).unwrap_or((url.path_and_query.as_str(), ""));
+        let (path, query) = path_and_query(url);
         Request {
             host: url.host_name(),
             path,
