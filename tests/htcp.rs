@@ -406,13 +406,7 @@ async fn a_second_skua_on_the_same_htcp_address_refuses_to_start() {
     );
     let path = dir.path().join("second.toml");
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(skua_bin())
-        .args(["serve", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the second Skua started");
+    let stderr = serve_refused(&path);
     assert!(
         stderr.contains(&format!("purge.htcp.listen: cannot listen on {htcp}")),
         "{stderr}"
@@ -431,13 +425,7 @@ async fn a_second_skua_on_the_same_htcp_address_refuses_to_start() {
             1,
         );
     std::fs::write(&path, taken).unwrap();
-    let out = Command::new(skua_bin())
-        .args(["serve", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the second Skua started");
+    let stderr = serve_refused(&path);
     assert!(
         stderr.contains(&format!("server.listen: cannot listen on {}", skua.addr)),
         "{stderr}"

@@ -930,13 +930,7 @@ async fn a_taken_https_address_is_refused_naming_its_key() {
     );
     let path = dir.path().join("second.toml");
     std::fs::write(&path, text).unwrap();
-    let out = std::process::Command::new(skua_bin())
-        .args(["serve", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the second Skua started");
+    let stderr = serve_refused(&path);
     assert!(
         stderr.contains(&format!("server.tls.listen: cannot listen on {tls_addr}")),
         "{stderr}"

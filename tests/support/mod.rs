@@ -718,6 +718,17 @@ pub async fn raw(addr: SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// `skua serve` on `config`, which must refuse to start: what it said on stderr.
+pub fn serve_refused(config: &std::path::Path) -> String {
+    let out = Command::new(skua_bin())
+        .args(["serve", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the second Skua started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A test's prerequisite (root, a program) is missing. On CI (`CI` set, as `.ci/run` does)
 /// that is a failure, so a skipped test cannot stay green there; elsewhere the test is skipped
 /// with a note saying what to install.
