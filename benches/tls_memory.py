@@ -6,6 +6,8 @@ memory tier, one worker thread pinned to CPU 0, the clients on CPU 1. #19 asks t
 no more than 5 MiB of RSS over plain HTTP (benches/README.md section 14).
 
     python3 benches/tls_memory.py target/release/skua [rounds]
+
+Needs wrk, h2load and openssl (apt-get install wrk nghttp2-client openssl).
 """
 import os, re, subprocess, sys, tempfile
 
