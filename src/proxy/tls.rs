@@ -81,10 +81,13 @@ impl TlsTerminator {
     /// than the deadline (counted either way).
     pub async fn accept(&self, stream: Stream) -> Option<Stream> {
         let current = self.current.load_full();
-        let handshake = current.acceptor.accept(stream);
-        let tls = match fast_timeout(current.handshake_timeout, handshake).await {
+        // The socket of a failed or late handshake is closed only after it is counted (the
+        // fallible form hands it back; a late one is held here, not in the timeout): a client
+        // that sees the close and then reads the metrics finds it counted.
+        let mut handshake = std::pin::pin!(current.acceptor.accept(stream).into_fallible());
+        let tls = match fast_timeout(current.handshake_timeout, handshake.as_mut()).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
+            Ok(Err((e, _socket))) => {
                 self.metrics.handshake(match e.kind() {
                     std::io::ErrorKind::UnexpectedEof => HandshakeResult::Closed,
                     _ => HandshakeResult::Failed,
