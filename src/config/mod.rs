@@ -7,6 +7,7 @@
 pub mod certificate;
 mod file;
 pub mod host;
+pub mod literals;
 pub mod rules;
 mod validate;
 

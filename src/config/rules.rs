@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use regex::Regex;
 
 use super::file::{HeaderEditsFile, MatchFile, RuleFile};
+use super::literals::Literals;
 use super::validate::{compile, networks, Checker, Seg};
 use super::OriginPool;
 
@@ -92,67 +93,29 @@ impl PathPattern {
     }
 }
 
-/// A path regex, with the literal text every match starts with when the pattern says so
-/// (`^/w/index\.php/(.+)$` starts with `/w/index.php/`): a comparison of a few bytes turns
-/// away most paths before the regex runs, which costs a few hundred instructions a time.
+/// A path regex, with the literal text its matches start with, end with or contain when the
+/// pattern says so (`^/(w/)?(info|test)\.php$` ends with `.php`): a comparison of a few bytes
+/// turns away most paths before the regex runs ([`Literals`]).
 #[derive(Debug, Clone)]
 pub struct PathRegex {
     pub regex: Regex,
-    prefix: String,
+    literals: Literals,
 }
 
 impl PathRegex {
     pub fn new(regex: Regex) -> PathRegex {
-        let prefix = literal_prefix(regex.as_str()).unwrap_or_default();
-        PathRegex { regex, prefix }
+        let literals = Literals::of(regex.as_str());
+        PathRegex { regex, literals }
     }
 
     pub fn is_match(&self, path: &str) -> bool {
-        path.starts_with(self.prefix.as_str()) && self.regex.is_match(path)
+        self.literals.admit(path) && self.regex.is_match(path)
     }
-}
 
-/// The text every match of `pattern` starts with: the plain characters after a leading `^`.
-/// `None` when that cannot be said simply (no `^`, or an alternation outside any group, as
-/// in `^/a|/b`); a shorter prefix than the longest possible is always safe.
-fn literal_prefix(pattern: &str) -> Option<String> {
-    let rest = pattern.strip_prefix('^')?;
-    let (mut depth, mut escaped, mut class) = (0i32, false, false);
-    for c in rest.chars() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' => escaped = true,
-            '[' if !class => class = true,
-            ']' if class => class = false,
-            '(' if !class => depth += 1,
-            ')' if !class => depth -= 1,
-            '|' if !class && depth == 0 => return None,
-            _ => {}
-        }
+    /// The text every match starts with (perhaps empty).
+    pub fn prefix(&self) -> &str {
+        &self.literals.prefix
     }
-    let mut prefix = String::new();
-    let mut chars = rest.chars().peekable();
-    while let Some(c) = chars.next() {
-        let literal = match c {
-            '\\' => match chars.next() {
-                Some(escaped) if escaped.is_ascii_punctuation() => escaped,
-                _ => break,
-            },
-            c if c.is_ascii_alphanumeric() || "/-_~%:,=&@!;".contains(c) => c,
-            _ => break,
-        };
-        match chars.peek() {
-            // Optional or repeated from zero: not part of every match.
-            Some('?' | '*' | '{') => break,
-            // At least once: part of every match, and nothing after it is certain.
-            Some('+') => {
-                prefix.push(literal);
-                break;
-            }
-            _ => prefix.push(literal),
-        }
-    }
-    Some(prefix)
 }
 
 /// What a rule does. Each is a kind of its own: for each kind, the first matching rule that
@@ -662,55 +625,4 @@ fn location(text: &str, groups: usize) -> Result<Location, String> {
         return Err(format!("no spaces or control characters: {text:?}"));
     }
     Ok(Location(parts))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_literal_prefix_is_what_every_match_starts_with() {
-        for (pattern, prefix) in [
-            ("^/w/index\\.php/(.+)$", Some("/w/index.php/")),
-            ("^/diff/([0-9]+)$", Some("/diff/")),
-            ("^/(w/)?(phpinfo|test)\\.php$", Some("/")),
-            (
-                "^/wiki/Portal:Old_name(/.*)?$",
-                Some("/wiki/Portal:Old_name"),
-            ),
-            ("^/ab?c", Some("/a")),
-            ("^/ab*c", Some("/a")),
-            ("^/ab{0,2}", Some("/a")),
-            ("^/ab+c", Some("/ab")),
-            ("^/a.b", Some("/a")),
-            ("^/a|/b", None),
-            ("^/a[|]b", Some("/a")),
-            ("^(?i)/wiki", Some("")),
-            ("/\\.(git|svn)", None),
-        ] {
-            assert_eq!(literal_prefix(pattern).as_deref(), prefix, "{pattern}");
-            // Whatever the prefix, matching with it is matching without it.
-            let with = PathRegex::new(Regex::new(pattern).unwrap());
-            for path in [
-                "/w/index.php/X",
-                "/diff/12",
-                "/w/test.php",
-                "/abc",
-                "/ac",
-                "/abbc",
-                "/aXb",
-                "/b",
-                "/a|b",
-                "/WIKI/x",
-                "/wiki/Portal:Old_name/sub",
-                "/.git/config",
-            ] {
-                assert_eq!(
-                    with.is_match(path),
-                    with.regex.is_match(path),
-                    "{pattern} on {path}"
-                );
-            }
-        }
-    }
 }

@@ -31,7 +31,8 @@ impl Canonical {
 
     pub fn canonical(&self, url: CacheUrl) -> CacheUrl {
         let mut url = self.aliases.canonical(url);
-        if self.query.is_empty() {
+        // Without a `?` there is no query to normalise: most page views ask nothing more.
+        if self.query.is_empty() || memchr::memchr(b'?', url.path_and_query.as_bytes()).is_none() {
             return url;
         }
         // The conditions read the URL only (validated), so the request's other parts are

@@ -42,7 +42,12 @@ pub struct Request<'a, F: ?Sized> {
 
 /// `url`'s path, and its query without the `?`.
 pub fn path_and_query(url: &CacheUrl) -> (&str, &str) {
-    (url.path_and_query.split_once('?')).unwrap_or((url.path_and_query.as_str(), ""))
+    let whole = url.path_and_query.as_str();
+    match memchr::memchr(b'?', whole.as_bytes()) {
+        // `?` is ASCII, so both sides are on character boundaries.
+        Some(at) => (&whole[..at], &whole[at + 1..]),
+        None => (whole, ""),
+    }
 }
 
 impl<'a, F: ?Sized> Request<'a, F> {
