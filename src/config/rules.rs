@@ -99,12 +99,13 @@ impl PathPattern {
 #[derive(Debug, Clone)]
 pub struct PathRegex {
     pub regex: Regex,
-    literals: Literals,
+    /// Boxed: a path condition is an enum of three, and this is larger than the other two.
+    literals: Box<Literals>,
 }
 
 impl PathRegex {
     pub fn new(regex: Regex) -> PathRegex {
-        let literals = Literals::of(regex.as_str());
+        let literals = Box::new(Literals::of(regex.as_str()));
         PathRegex { regex, literals }
     }
 
