@@ -779,6 +779,7 @@ mod tests {
                 stale_if_error_sec: 0,
                 variance: None,
                 content_coded: false,
+                field_names: crate::cache::meta::FieldNames::ANY,
             },
             header,
             upstream_cache_status: None,

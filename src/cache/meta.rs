@@ -37,6 +37,7 @@ impl StoredMeta {
                 stale_if_error_sec: meta.stale_if_error_sec(),
                 variance: meta.variance(),
                 content_coded: false,
+                field_names: FieldNames::ANY,
             },
             header: meta.response_header_copy(),
             upstream_cache_status: joined(meta.response_header(), &CACHE_STATUS),
@@ -83,6 +84,41 @@ pub struct MetaTimes {
     /// it before serving the copy as stored; most copies have none and skip that search. Only
     /// [`ObjectMeta::encode`] sets it, from the header it encodes; elsewhere it is `false`.
     pub content_coded: bool,
+    /// Which field names the header has, as bits ([`FieldNames`]): a rule's response edit
+    /// searches a hit's head only for a name whose bit is set. Set by
+    /// [`ObjectMeta::encode`]; elsewhere every bit is set.
+    pub field_names: FieldNames,
+}
+
+/// A set of field names as 32 bits, one per name (by a hash of its lowercase spelling): a
+/// name whose bit is clear is certainly absent, one whose bit is set may be present. An
+/// object's head has about ten names, so about a quarter of the bits are set and three
+/// searches in four for a name it lacks are skipped. Kept in [`MetaTimes`]' padding, so the
+/// object's record does not grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldNames(u32);
+
+impl FieldNames {
+    /// May have any name: what is known when nothing was looked at.
+    pub const ANY: FieldNames = FieldNames(u32::MAX);
+
+    /// The names in `headers`.
+    pub fn of(headers: &http::HeaderMap) -> FieldNames {
+        FieldNames(headers.keys().fold(0, |bits, name| bits | Self::bit(name)))
+    }
+
+    /// The bit of `name`: FNV-1a of its lowercase spelling (how `HeaderName` holds it).
+    pub fn bit(name: &http::HeaderName) -> u32 {
+        let hash = (name.as_str().bytes()).fold(0x811c_9dc5u32, |hash, b| {
+            (hash ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        1 << (hash % 32)
+    }
+
+    /// Whether a name of `bits` (from [`FieldNames::bit`]) may be here.
+    pub fn may_have(self, bits: u32) -> bool {
+        self.0 & bits != 0
+    }
 }
 
 impl MetaTimes {
@@ -171,6 +207,7 @@ impl ObjectMeta {
                     .header
                     .headers
                     .contains_key(http::header::CONTENT_ENCODING),
+                field_names: FieldNames::of(&meta.header.headers),
                 ..meta.times
             },
             head: encode_head(&meta.header),
@@ -274,6 +311,17 @@ impl ObjectMeta {
 pub const X_CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("x-cache-status");
 /// RFC 9211 `Cache-Status`.
 pub const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
+
+/// The fields a hit's head gets from `write_framing` and `crate::proxy::hit::write_head`,
+/// whatever the stored header has.
+pub const WRITTEN_BY_A_HIT: [http::HeaderName; 6] = [
+    http::header::CONTENT_LENGTH,
+    http::header::ACCEPT_RANGES,
+    http::header::AGE,
+    X_CACHE_STATUS,
+    CACHE_STATUS,
+    http::header::CONNECTION,
+];
 
 /// All values of a header joined into one list value.
 fn joined(header: &ResponseHeader, name: &http::HeaderName) -> Option<http::HeaderValue> {

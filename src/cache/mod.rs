@@ -143,6 +143,7 @@ impl Store {
                 stale_if_error_sec: 0,
                 variance: None,
                 content_coded: false,
+                field_names: crate::cache::meta::FieldNames::ANY,
             },
             header,
             upstream_cache_status: None,

@@ -6,8 +6,9 @@
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::Result;
 
-use crate::cache::meta::wire_name;
+use crate::cache::meta::{wire_name, FieldNames};
 use crate::config::rules::HeaderEdits;
+use crate::rules::FieldLine;
 
 pub fn request(req: &mut RequestHeader, edits: &HeaderEdits) -> Result<()> {
     for name in &edits.remove {
@@ -38,17 +39,18 @@ pub fn response(resp: &mut ResponseHeader, edits: &HeaderEdits) -> Result<()> {
 /// Applies `edits` to the head at the end of `out` (a status line, fields, and the blank line
 /// that ends them, from `start`), in place. Every field name in it must be spelled as
 /// [`wire_name`] spells it, as a hit's head is (`hit::write_head`): a field is then found by
-/// one search for its line (`lines`: a finder for `\r\n<name>:` of each field `edits` remove,
-/// then of each they set, built once per rule set), and a hit pays a few hundred
-/// instructions for the edits instead of a pass over every line.
+/// one search for its line (`lines`: of each field `edits` remove, then of each they set,
+/// built once per rule set), and only when `names` (the stored header's) may have it. A hit
+/// pays a few dozen instructions for the edits instead of a pass over every line.
 pub fn wire(
     out: &mut Vec<u8>,
     start: usize,
     edits: &HeaderEdits,
-    lines: &[memchr::memmem::Finder<'_>],
+    lines: &[FieldLine],
+    names: FieldNames,
 ) {
-    for line_start in lines {
-        while let Some(at) = line_start.find(&out[start..]) {
+    for line_start in lines.iter().filter(|l| names.may_have(l.bit)) {
+        while let Some(at) = line_start.finder.find(&out[start..]) {
             let line = start + at + 2;
             let end = memchr::memchr(b'\n', &out[line..]).map_or(out.len(), |e| line + e + 1);
             out.drain(line..end);
@@ -95,11 +97,21 @@ mod tests {
         // Spelled as a hit's head is (`wire_name`): lower case but for a dozen names.
         let head = b"HTTP/1.1 200 OK\r\nx-powered-by: PHP\r\nvary: Accept-Encoding\r\nx-frame-options: SAMEORIGIN\r\nx-powered-by: again\r\nContent-Length: 2\r\n\r\n";
         let lines: Vec<_> = (edits.remove.iter().chain(edits.set.iter().map(|(n, _)| n)))
-            .map(|n| format!("\r\n{}:", wire_name(n)))
+            .map(FieldLine::new)
             .collect();
-        let finders: Vec<_> = lines.iter().map(memchr::memmem::Finder::new).collect();
+        // Whether or not the stored names are known, the same edits.
+        let stored = crate::cache::meta::decode_head(head);
         let mut edited = head.to_vec();
-        wire(&mut edited, 0, &edits, &finders);
+        wire(
+            &mut edited,
+            0,
+            &edits,
+            &lines,
+            FieldNames::of(&stored.headers),
+        );
+        let mut edited_not_knowing = head.to_vec();
+        wire(&mut edited_not_knowing, 0, &edits, &lines, FieldNames::ANY);
+        assert_eq!(edited, edited_not_knowing);
         assert_eq!(
             String::from_utf8(edited.clone()).unwrap(),
             "HTTP/1.1 200 OK\r\nvary: Accept-Encoding\r\nContent-Length: 2\r\nx-frame-options: DENY\r\nvary: Cookie\r\n\r\n"

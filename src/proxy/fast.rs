@@ -170,7 +170,8 @@ impl FrontDoor {
             hit.ttl_rule,
         );
         if let Some((edits, i)) = edits {
-            super::edit::wire(&mut out, 0, edits, settings.rules.field_lines(i));
+            let lines = settings.rules.field_lines(i);
+            super::edit::wire(&mut out, 0, edits, lines, obj.meta.times.field_names);
         }
         let body = if coalesce {
             out.extend_from_slice(&obj.body);

@@ -13,10 +13,10 @@
 
 pub mod canonical;
 pub mod explain;
+mod index;
 pub mod query;
 pub mod rate;
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use http::Method;
 
 use crate::cache::fields::RequestFields;
 use crate::cache::key::CacheUrl;
-use crate::config::rules::{CacheAction, Conditions, HostPattern, PathPattern, Rule};
+use crate::config::rules::{CacheAction, Conditions, PathPattern, Rule};
 
 /// The request a rule set decides for.
 pub struct Request<'a, F: ?Sized> {
@@ -66,6 +66,31 @@ impl<'a, F: ?Sized> Request<'a, F> {
             method,
             fields,
             client,
+        }
+    }
+}
+
+/// A field a rule's `response_headers` remove or set, as a hit's written head spells it
+/// (`crate::cache::meta::wire_name`).
+pub struct FieldLine {
+    /// Finds `\r\n<name>:`. Built once here: building one costs more than the search.
+    pub finder: memchr::memmem::Finder<'static>,
+    /// Its bit in a stored object's [`crate::cache::meta::FieldNames`] (every bit for a field
+    /// a hit writes itself, such as `Age`): a head whose names lack it is not searched.
+    pub bit: u32,
+}
+
+impl FieldLine {
+    pub fn new(name: &http::HeaderName) -> FieldLine {
+        use crate::cache::meta::{wire_name, FieldNames, WRITTEN_BY_A_HIT};
+        let text = format!("\r\n{}:", wire_name(name));
+        FieldLine {
+            finder: memchr::memmem::Finder::new(text.as_bytes()).into_owned(),
+            bit: if WRITTEN_BY_A_HIT.contains(name) {
+                u32::MAX
+            } else {
+                FieldNames::bit(name)
+            },
         }
     }
 }
@@ -129,21 +154,18 @@ fn kinds_of(rule: &Rule) -> u8 {
     .fold(0, |all, (_, kind)| all | kind)
 }
 
-/// The rules, compiled: for each host a rule names exactly, the rules that can apply to it, in
-/// order; for every other host, the rules that name no host exactly.
+/// The rules, compiled: their kinds of action, and an index of the rules a request can match
+/// by its host and its path ([`index::Index`]).
 pub struct RuleSet {
     rules: Vec<Rule>,
     kinds: Vec<u8>,
     /// Every kind some rule has.
     all_kinds: u8,
-    by_host: HashMap<String, Vec<u16>>,
-    other_hosts: Vec<u16>,
+    index: index::Index,
     /// Some rule's conditions read the client's address.
     reads_client: bool,
-    /// For each rule, a finder for the line of each field its `response_headers` remove or set,
-    /// as a hit's written head spells it (`crate::cache::meta::wire_name`): built once here,
-    /// since building one costs more than the search.
-    field_lines: Vec<Vec<memchr::memmem::Finder<'static>>>,
+    /// For each rule, the fields its `response_headers` remove or set, for a hit's written head.
+    field_lines: Vec<Vec<FieldLine>>,
     limiter: rate::Limiter,
 }
 
@@ -151,59 +173,21 @@ impl RuleSet {
     pub fn new(rules: Vec<Rule>) -> RuleSet {
         let kinds: Vec<u8> = rules.iter().map(kinds_of).collect();
         let all_kinds = kinds.iter().fold(0, |all, k| all | k);
-        let acting = |i: &usize| kinds[*i] != 0;
-        let exact = |rule: &Rule| -> Vec<String> {
-            let hosts = rule.when.hosts.iter();
-            let names = hosts.filter_map(|h| match h {
-                HostPattern::Exact(name) => Some(name.clone()),
-                _ => None,
-            });
-            names.collect()
-        };
-        // A rule that lists only exact names can apply to those hosts alone.
-        let only_exact = |rule: &Rule| {
-            !rule.when.hosts.is_empty()
-                && (rule.when.hosts.iter()).all(|h| matches!(h, HostPattern::Exact(_)))
-        };
-        let other_hosts: Vec<u16> = (0..rules.len())
-            .filter(acting)
-            .filter(|i| !only_exact(&rules[*i]))
-            .map(|i| i as u16)
-            .collect();
-        let mut by_host: HashMap<String, Vec<u16>> = HashMap::new();
-        for name in rules.iter().flat_map(exact) {
-            if by_host.contains_key(&name) {
-                continue;
-            }
-            let applicable = (0..rules.len())
-                .filter(acting)
-                .filter(|i| {
-                    let hosts = &rules[*i].when.hosts;
-                    hosts.is_empty() || hosts.iter().any(|h| h.matches(&name))
-                })
-                .map(|i| i as u16)
-                .collect();
-            by_host.insert(name, applicable);
-        }
+        let index = index::Index::new(&rules, |i| kinds[i] != 0);
         let reads_client =
             (rules.iter()).any(|r| !r.when.clients.is_empty() || r.actions.rate_limit.is_some());
         let field_lines = (rules.iter())
             .map(|rule| {
                 let edits = rule.actions.response_headers.iter();
                 let names = edits.flat_map(|e| e.remove.iter().chain(e.set.iter().map(|(n, _)| n)));
-                let line = |name| {
-                    let text = format!("\r\n{}:", crate::cache::meta::wire_name(name));
-                    memchr::memmem::Finder::new(text.as_bytes()).into_owned()
-                };
-                names.map(line).collect()
+                names.map(FieldLine::new).collect()
             })
             .collect();
         RuleSet {
             rules,
             kinds,
             all_kinds,
-            by_host,
-            other_hosts,
+            index,
             reads_client,
             field_lines,
             limiter: rate::Limiter::new(),
@@ -229,9 +213,9 @@ impl RuleSet {
         &self.rules[index as usize]
     }
 
-    /// Finders for the lines of the fields rule `index`'s `response_headers` remove or set, in
-    /// the order of `remove` then `set`.
-    pub fn field_lines(&self, index: u16) -> &[memchr::memmem::Finder<'static>] {
+    /// The fields rule `index`'s `response_headers` remove or set, in the order of `remove`
+    /// then `set`.
+    pub fn field_lines(&self, index: u16) -> &[FieldLine] {
         &self.field_lines[index as usize]
     }
 
@@ -240,7 +224,7 @@ impl RuleSet {
         if self.all_kinds == 0 {
             return Decision::default();
         }
-        let candidates = self.by_host.get(req.host).unwrap_or(&self.other_hosts);
+        let candidates = self.index.candidates(req.host, req.path);
         self.first_of_each_kind(candidates.iter().copied(), req)
     }
 

@@ -7,10 +7,22 @@ use http::{HeaderMap, HeaderValue, Method};
 use proptest::prelude::*;
 
 use super::*;
-use crate::config::rules::{Actions, CacheAction, Conditions, HeaderEdits, PathPattern};
+use crate::config::rules::{
+    Actions, CacheAction, Conditions, HeaderEdits, HostPattern, PathPattern,
+};
 
 const HOSTS: [&str; 4] = ["en.wiki.test", "de.wiki.test", "wiki.test", "other.test"];
-const PATHS: [&str; 5] = ["/wiki/A", "/wiki/B", "/w/api.php", "/w/load.php", "/"];
+const PATHS: [&str; 9] = [
+    "/wiki/A",
+    "/wiki/B",
+    "/w/api.php",
+    "/w/load.php",
+    "/",
+    "/wiki",
+    "/wp-admin.php",
+    "/x/.git/config",
+    "*",
+];
 
 fn host_pattern() -> impl Strategy<Value = HostPattern> {
     prop_oneof![
@@ -25,8 +37,16 @@ fn path_pattern() -> impl Strategy<Value = PathPattern> {
         (0..PATHS.len()).prop_map(|i| PathPattern::Exact(PATHS[i].to_string())),
         Just(PathPattern::Prefix("/wiki/".to_string())),
         Just(PathPattern::Prefix("/w/".to_string())),
+        Just(PathPattern::Prefix("/wp-admin".to_string())),
+        Just(PathPattern::Prefix("/".to_string())),
         Just(PathPattern::Regex(crate::config::rules::PathRegex::new(
             regex::Regex::new("^/w/[a-z]+\\.php$").unwrap()
+        ))),
+        Just(PathPattern::Regex(crate::config::rules::PathRegex::new(
+            regex::Regex::new("/\\.(git|svn)").unwrap()
+        ))),
+        Just(PathPattern::Regex(crate::config::rules::PathRegex::new(
+            regex::Regex::new("^/wiki").unwrap()
         ))),
     ]
 }
