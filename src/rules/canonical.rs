@@ -32,7 +32,7 @@ impl Canonical {
     pub fn canonical(&self, url: CacheUrl) -> CacheUrl {
         let mut url = self.aliases.canonical(url);
         // Without a `?` there is no query to normalise: most page views ask nothing more.
-        if self.query.is_empty() || memchr::memchr(b'?', url.path_and_query.as_bytes()).is_none() {
+        if self.query.is_empty() || !url.path_and_query.as_bytes().contains(&b'?') {
             return url;
         }
         // The conditions read the URL only (validated), so the request's other parts are

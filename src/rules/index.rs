@@ -138,7 +138,7 @@ impl Paths {
 /// `/`). `None` for a path that does not start with `/` (`*` of `OPTIONS *`).
 fn first_segment(path: &str) -> Option<&str> {
     let rest = path.strip_prefix('/')?;
-    let end = memchr::memchr(b'/', rest.as_bytes()).unwrap_or(rest.len());
+    let end = (rest.bytes()).position(|b| b == b'/').unwrap_or(rest.len());
     Some(&rest[..end])
 }
 
