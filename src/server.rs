@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -23,6 +23,7 @@ use crate::cache::disk::DiskTier;
 use crate::cache::tags::TagIndex;
 use crate::cache::Store;
 use crate::config::{Config, TlsConfig};
+use crate::metrics::history::{History, Sampler};
 use crate::metrics::Metrics;
 use crate::proxy::connection::ConnectionGate;
 use crate::proxy::fast::FrontDoor;
@@ -241,6 +242,15 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         proxy.add_listener(client_listener(*addr, &config.server));
     }
     server.add_service(proxy);
+    let history = Arc::new(Mutex::new(History::new()));
+    server.add_service(background_service(
+        "dashboard history",
+        Sampler {
+            history: history.clone(),
+            metrics: shared.metrics.clone(),
+            store: shared.store,
+        },
+    ));
     server.add_service(background_service(
         "origin health checks",
         HealthChecks(shared.pools.clone()),
@@ -273,6 +283,7 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
                 purge_auth: shared.purge_auth.clone(),
                 canonical: shared.canonical.clone(),
                 readiness: shared.readiness.clone(),
+                history: history.clone(),
             }),
         );
         admin.add_tcp_with_settings(&admin_addr.to_string(), listen_options(&config.server));

@@ -1,10 +1,11 @@
 //! The admin endpoint: `/` (a live dashboard), `/metrics` (Prometheus text), `/stats` (JSON),
-//! `/healthz`, `/readyz` and `POST /purge`. It reaches the node through a [`Node`] handle (the
+//! `/history` (the dashboard's charts, JSON), `/top` (top URLs and misses, recent purges,
+//! the fleet; JSON), `/healthz`, `/readyz` and `POST /purge`. It reaches the node through a [`Node`] handle (the
 //! tiers and counters to report, the purger to submit purges to) and never the request path's
 //! state.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use http::Response;
@@ -16,6 +17,7 @@ use arc_swap::ArcSwap;
 
 use crate::cache::key::CacheUrl;
 use crate::cache::Store;
+use crate::metrics::history::History;
 use crate::metrics::Metrics;
 use crate::purge::{self, Purge, PurgeAuth, PurgeResult, Purger, Readiness, Scope, Source};
 use crate::rules::canonical::Canonical;
@@ -37,6 +39,8 @@ pub struct Node {
     pub purge_auth: Arc<ArcSwap<PurgeAuth>>,
     pub canonical: Arc<ArcSwap<Canonical>>,
     pub readiness: Readiness,
+    /// The last 24 hours of the counters, sampled by `metrics::history::Sampler`.
+    pub history: Arc<Mutex<History>>,
 }
 
 pub struct Admin {
@@ -357,6 +361,28 @@ impl ServeHttp for Admin {
                 let body = serde_json::to_vec_pretty(&self.stats()).unwrap_or_default();
                 reply(200, "application/json", body)
             }
+            // `?window=300|3600|86400` (seconds; 300 when absent or not a number).
+            "/history" => {
+                let query = session.req_header().uri.query().unwrap_or("");
+                let window = (query.split('&'))
+                    .find_map(|p| p.strip_prefix("window="))
+                    .and_then(|w| w.parse::<u64>().ok())
+                    .unwrap_or(300)
+                    .clamp(60, 86_400);
+                let series = match self.node.history.lock() {
+                    Ok(history) => history.window(window),
+                    Err(_) => json!({}),
+                };
+                reply(
+                    200,
+                    "application/json",
+                    serde_json::to_vec(&series).unwrap_or_default(),
+                )
+            }
+            "/top" => {
+                let body = serde_json::to_vec(&self.node.metrics.top.report(10));
+                reply(200, "application/json", body.unwrap_or_default())
+            }
             "/purge" => self.purge(session).await,
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             // Ready once objects on disk are servable (the index loads in the background).
@@ -372,7 +398,8 @@ impl ServeHttp for Admin {
             _ => reply(
                 404,
                 "text/plain",
-                b"skua admin: / (dashboard), /metrics, /stats, /healthz, /readyz\n".to_vec(),
+                b"skua admin: / (dashboard), /metrics, /stats, /history, /top, /healthz, /readyz\n"
+                    .to_vec(),
             ),
         }
     }

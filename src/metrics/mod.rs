@@ -1,8 +1,11 @@
-//! Prometheus metrics (and, in `access_log.rs`, the access log): one registry per process, names prefixed `skua_`, base units, label
-//! values from closed enums (never a URL, host or IP). It counts; it does not serve HTTP (the
-//! admin endpoint renders [`Metrics::render`]).
+//! Prometheus metrics (and, in `access_log.rs`, the access log; in `history.rs`, the
+//! dashboard's last 24 hours of them; in `top.rs`, its top URLs): one registry per process, names prefixed `skua_`, base
+//! units, label values from closed enums (never a URL, host or IP). It counts; it does not
+//! serve HTTP (the admin endpoint renders [`Metrics::render`]).
 
 pub mod access_log;
+pub mod history;
+pub mod top;
 
 use std::sync::Arc;
 
@@ -149,6 +152,8 @@ pub struct Metrics {
     pub rule_answers: [IntCounter; RuleAnswer::ALL.len()],
     /// Series of the per-request metrics resolved once, so counting a request hashes no labels.
     per_request: Vec<RequestSeries>,
+    /// The dashboard's top URLs, top misses and recent purges (never metric labels).
+    pub top: top::Top,
 }
 
 struct RequestSeries {
@@ -592,6 +597,7 @@ impl Metrics {
             hit_paths,
             rule_answers,
             per_request,
+            top: top::Top::new(),
         })
     }
 

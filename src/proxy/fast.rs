@@ -303,6 +303,7 @@ impl FrontDoor {
             protocol,
             scheme: url.scheme,
             host: &url.host,
+            url: Some(url),
             headers: &req.fields,
             status: obj.meta.status(),
             body_bytes,

@@ -111,7 +111,7 @@ impl ProxyState {
         ProxyState {
             name: config.server.name.clone(),
             store,
-            purger: purge::Purger::new(store, bus),
+            purger: purge::Purger::new(store, bus, metrics.clone()),
             lock,
             settings: ArcSwap::from_pointee(Settings::from(config)),
             canonical: Arc::new(ArcSwap::from_pointee(canonical(config))),
@@ -1619,6 +1619,7 @@ impl ProxyHttp for CachingProxy {
                 .as_ref()
                 .map_or_else(|| listener_scheme(session), |u| u.scheme),
             host: ctx.url.as_ref().map_or("", |u| u.host.as_str()),
+            url: ctx.url.as_ref(),
             headers: &req.headers,
             status,
             body_bytes: ctx.body_bytes,

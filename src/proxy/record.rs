@@ -1,6 +1,6 @@
 //! What every answered request leaves behind: one access-log line and the per-request metrics
 //! (requests by cache status and status class, duration, body bytes, and for a hit the path
-//! that answered it). The front door and pingora's `logging` phase both call
+//! that answered it), and the dashboard's count of its URL. The front door and pingora's `logging` phase both call
 //! [`ProxyState::record`], so a request is counted and logged the same way whichever answered
 //! it. What only a request that reached the origin has (origin latency, compression sizes)
 //! is counted in `logging` itself.
@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use super::ProxyState;
 use crate::cache::fields::RequestFields;
-use crate::cache::key::Scheme;
+use crate::cache::key::{CacheUrl, Scheme};
 use crate::cache::status::Disposition;
 use crate::metrics::access_log::Entry;
 use crate::metrics::HitPath;
@@ -26,6 +26,8 @@ pub struct Served<'a, F: RequestFields + ?Sized> {
     pub protocol: &'static str,
     pub scheme: Scheme,
     pub host: &'a str,
+    /// The canonical URL, when the request named one (for the dashboard's top URLs).
+    pub url: Option<&'a CacheUrl>,
     /// The request's fields, for `Referer` and `User-Agent`.
     pub headers: &'a F,
     pub status: u16,
@@ -64,6 +66,12 @@ impl ProxyState {
                 cache_status: served.disposition.as_str(),
                 duration,
             });
+        }
+        if let Some(url) = served.url {
+            // Skua's own answers (purges, refusals) are not what clients read.
+            if served.disposition != Disposition::IntFront {
+                (self.metrics.top).observe(url, served.disposition == Disposition::Miss);
+            }
         }
         if let Some(path) = served.hit_path {
             self.metrics.hit_paths[path as usize].inc();

@@ -169,7 +169,10 @@ impl Bus {
         let Some(purge) = event.to_purge() else {
             return PurgeResult::Invalid;
         };
-        PurgeResult::applied(Purger::new(self.store, None).apply(&purge).await)
+        let purger = Purger::new(self.store, None, self.metrics.clone());
+        let result = PurgeResult::applied(purger.apply(&purge).await);
+        (self.metrics.top).node_seen(&event.node, SystemTime::now(), purge.at);
+        result
     }
 
     /// Saves the position reached. Returns false when it must wait: while the disk index is

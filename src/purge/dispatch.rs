@@ -11,6 +11,8 @@ use super::bus::{Bus, Target};
 use crate::cache::bans::ban_path;
 use crate::cache::key::CacheUrl;
 use crate::cache::{PurgeMode, Store};
+use crate::metrics::top::RecentPurge;
+use crate::metrics::Metrics;
 
 /// Where a purge came from: a metric label and the rule for publishing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,11 +142,17 @@ impl Purge {
 pub struct Purger {
     pub store: &'static Store,
     pub bus: Option<Arc<Bus>>,
+    /// Where the dashboard's recent purges are kept.
+    metrics: Arc<Metrics>,
 }
 
 impl Purger {
-    pub fn new(store: &'static Store, bus: Option<Arc<Bus>>) -> Purger {
-        Purger { store, bus }
+    pub fn new(store: &'static Store, bus: Option<Arc<Bus>>, metrics: Arc<Metrics>) -> Purger {
+        Purger {
+            store,
+            bus,
+            metrics,
+        }
     }
 
     /// Applies `purge` to every tier, then publishes it unless it came from the bus (or from
@@ -171,6 +179,17 @@ impl Purger {
             };
             bus.publish(target, purge.mode);
         }
+        let what = match &purge.scope {
+            Scope::Url(url) => url.primary(),
+            Scope::Tags(tags) => format!("tags: {}", tags.join(", ")),
+            Scope::Prefix(url) => format!("{}*", url.primary()),
+        };
+        self.metrics.top.purged(RecentPurge {
+            what,
+            source: purge.source.as_str(),
+            at: crate::metrics::top::unix_seconds(SystemTime::now()),
+            objects: Some(affected as u64),
+        });
         affected
     }
 }
