@@ -69,6 +69,15 @@ enum Command {
         #[arg(required = true, value_name = "URL")]
         urls: Vec<String>,
     },
+    /// The dashboard's figures and top URLs in the terminal, redrawn every second.
+    Top {
+        /// The node's admin address (`[server] admin`; the demo's is the default).
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        admin: SocketAddr,
+        /// Print the view once and exit, without clearing the screen.
+        #[arg(long)]
+        once: bool,
+    },
     /// A sample wiki origin with Skua in front of it; no configuration needed.
     Demo {
         /// Where Skua listens.
@@ -188,6 +197,13 @@ fn main() -> ExitCode {
                 }
             }
             Err(code) => code,
+        },
+        Command::Top { admin, once } => match skua::admin::terminal::run(admin, once) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(why) => {
+                eprintln!("skua top: {admin}: {why}");
+                ExitCode::FAILURE
+            }
         },
         Command::Serve { config, upgrade } => {
             let path = config;

@@ -9,6 +9,7 @@ struct Demo {
     proxy: String,
     origin: String,
     https: String,
+    admin: String,
 }
 
 impl Drop for Demo {
@@ -50,6 +51,7 @@ fn spawn_demo((p, o, a): (u16, u16, u16), cache_dir: &std::path::Path, extra: &[
         proxy: format!("127.0.0.1:{p}"),
         origin: format!("127.0.0.1:{o}"),
         https,
+        admin: format!("127.0.0.1:{a}"),
     }
 }
 
@@ -323,4 +325,74 @@ async fn a_browser_reads_the_demo_over_https_and_http2_from_the_cache() {
         statuses.push(status);
     }
     assert_eq!(statuses, ["miss", "hit-front"]);
+}
+
+/// #21: `skua top` in a terminal (tmux, read back with capture-pane) against a running demo
+/// shows the node's hit ratio over the last five minutes and since start, and the page read
+/// most with its count, redrawn as traffic comes.
+#[tokio::test]
+async fn skua_top_under_tmux_shows_the_demo_s_hit_ratio_and_top_urls() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        prerequisite_missing("no tmux (apt-get install tmux)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(&dir.path().join("cache")).await;
+    wait_listening(demo.admin.parse().unwrap()).await;
+    let page = format!("http://{}/wiki/Main_Page", demo.proxy);
+    for _ in 0..5 {
+        assert_eq!(get(&page, &[]).await.status, 200);
+    }
+    // A tmux server of this test's own (its socket in the temp dir), so nothing is shared.
+    let socket = dir.path().join("tmux.sock");
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .arg("-S")
+            .arg(&socket)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let command = format!("{} top --admin {}", skua_bin().display(), demo.admin);
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "-s",
+        "top",
+        &command,
+    ]);
+    assert!(started.status.success(), "{started:?}");
+    let mut screen = String::new();
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let captured = tmux(&["capture-pane", "-p", "-t", "top"]);
+        screen = String::from_utf8_lossy(&captured.stdout).into_owned();
+        if words(&screen).contains("Hit ratio, last 5 min 80.0 %") {
+            break;
+        }
+    }
+    tmux(&["kill-server"]);
+    // One miss, then four hits.
+    assert!(
+        words(&screen).contains("Hit ratio, last 5 min 80.0 %"),
+        "the window's hit ratio:\n{screen}"
+    );
+    assert!(
+        words(&screen).contains("Hit ratio, since start 80.0 %"),
+        "since start:\n{screen}"
+    );
+    let row = (screen.lines())
+        .skip_while(|l| !l.starts_with("Top URLs"))
+        .find(|l| l.contains("/wiki/Main_Page"))
+        .unwrap_or_else(|| panic!("Main_Page among the top URLs:\n{screen}"));
+    assert!(row.trim_end().ends_with(" 5"), "read five times: {row}");
+}
+
+/// `text` with every run of spaces as one: what a reader sees of a column layout.
+fn words(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -4,6 +4,8 @@
 //! tiers and counters to report, the purger to submit purges to) and never the request path's
 //! state.
 
+pub mod terminal;
+
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 

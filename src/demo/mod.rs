@@ -209,6 +209,7 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
         opts.origin
     );
     println!("  Live dashboard:          http://{}/", opts.admin);
+    println!("  In the terminal:         skua top --admin {}", opts.admin);
     println!(
         "  Cache statistics:        curl -s http://{}/stats",
         opts.admin
