@@ -265,9 +265,15 @@ async fn history_and_top_report_the_traffic_sent() {
     let p = format!("http://{}/p", skua.addr);
     assert_eq!(
         top["requests"],
-        serde_json::json!([{"key": a, "count": 30}, {"key": p, "count": 10}])
+        serde_json::json!([
+            {"key": a, "count": 30, "at_least": 30},
+            {"key": p, "count": 10, "at_least": 10}
+        ])
     );
-    assert_eq!(top["misses"], serde_json::json!([{"key": a, "count": 1}]));
+    assert_eq!(
+        top["misses"],
+        serde_json::json!([{"key": a, "count": 1, "at_least": 1}])
+    );
 
     let purged = send(&client(), "PURGE", &skua.url("/a"), &[]).await;
     assert_eq!(purged.status, 204);

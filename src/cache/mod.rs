@@ -11,6 +11,7 @@ pub mod directives;
 pub mod disk;
 pub mod fields;
 pub mod files;
+pub mod fx;
 pub mod key;
 pub mod memory;
 pub mod meta;
