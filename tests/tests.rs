@@ -6,6 +6,7 @@ mod cache;
 mod chaos;
 mod config;
 mod dashboard;
+mod debug;
 mod demo;
 mod disk;
 mod edge;

@@ -247,6 +247,13 @@ impl Invalidations {
         self.purged.get(primary).is_some_and(|at| at >= fetched)
     }
 
+    /// When `primary` was last purged here (softly or for good), while that is remembered.
+    pub fn purged_at(&self, primary: &HashBinary) -> Option<SystemTime> {
+        let soft = self.purged.get(primary);
+        let hard = self.deleted.get(primary);
+        soft.into_iter().chain(hard).max()
+    }
+
     pub fn record_delete(&self, primary: HashBinary, at: SystemTime) {
         self.deleted.insert(primary, at);
     }

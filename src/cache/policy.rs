@@ -45,6 +45,38 @@ pub struct Freshness {
     pub fresh_until: SystemTime,
     pub stale_while_revalidate_sec: u32,
     pub stale_if_error_sec: u32,
+    /// What set the lifetime (for the `Skua-Debug` explanation).
+    pub from: LifetimeFrom,
+    /// The lifetime was cut to `[cache] ttl_cap`.
+    pub capped: bool,
+}
+
+/// What a stored response's freshness lifetime came from (RFC 9111 §4.2.1, in its order of
+/// precedence), as a closed vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifetimeFrom {
+    /// A `[[rule]]`'s `ttl`, in place of the response's fields.
+    Rule,
+    /// `no-cache`: stored, checked before every reuse (§5.2.2.4).
+    NoCache,
+    SMaxAge,
+    MaxAge,
+    Expires,
+    /// A fraction of the time since `Last-Modified` (§4.2.2).
+    Heuristic,
+}
+
+impl LifetimeFrom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifetimeFrom::Rule => "rule",
+            LifetimeFrom::NoCache => "no-cache",
+            LifetimeFrom::SMaxAge => "s-maxage",
+            LifetimeFrom::MaxAge => "max-age",
+            LifetimeFrom::Expires => "expires",
+            LifetimeFrom::Heuristic => "heuristic",
+        }
+    }
 }
 
 /// The parts of [`CacheConfig`] that decide storage, copied so the hot path holds no lock.
@@ -307,6 +339,8 @@ impl StoragePolicy {
                 fresh_until: now.checked_add(ttl).unwrap_or(now),
                 stale_while_revalidate_sec: grace,
                 stale_if_error_sec: grace.max(secs_u32(self.stale_if_error)),
+                from: LifetimeFrom::Rule,
+                capped: false,
             });
         }
         // RFC 9111 §4.2.3: the response was already `Age` seconds old when it arrived.
@@ -317,29 +351,34 @@ impl StoragePolicy {
 
         let no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
         let s_maxage = cc.as_ref().and_then(Directives::s_maxage);
+        let seconds = |s: u32| Duration::from_secs(s.into());
         let explicit = if no_cache {
             // RFC 9111 §5.2.2.4: no-cache: store, but validate before every reuse.
-            Some(Duration::ZERO)
+            Some((Duration::ZERO, LifetimeFrom::NoCache))
         } else {
-            s_maxage
-                .or_else(|| cc.as_ref().and_then(Directives::max_age))
-                .map(|s| Duration::from_secs(s.into()))
+            (s_maxage.map(|s| (seconds(s), LifetimeFrom::SMaxAge)))
+                .or_else(|| {
+                    let max_age = cc.as_ref().and_then(Directives::max_age);
+                    max_age.map(|s| (seconds(s), LifetimeFrom::MaxAge))
+                })
                 .or_else(|| {
                     if is_targeted {
                         None
                     } else {
-                        expires_lifetime(resp, now)
+                        expires_lifetime(resp, now).map(|l| (l, LifetimeFrom::Expires))
                     }
                 })
         };
-        let lifetime = match explicit {
-            Some(l) => l,
+        let (lifetime, from) = match explicit {
+            Some(explicit) => explicit,
             None => match self.heuristic_lifetime(resp, cc.as_ref(), now) {
-                Some(l) => l,
+                Some(l) => (l, LifetimeFrom::Heuristic),
                 None => return Err(Uncacheable::NoFreshness),
             },
         };
+        let capped = lifetime > self.ttl_cap;
         let lifetime = lifetime.min(self.ttl_cap);
+        let explicit = explicit.map(|(l, _)| l);
         let fresh_until = if lifetime.is_zero() {
             // pingora compares `fresh_until >= now`; one second back makes it stale at once.
             created
@@ -393,6 +432,8 @@ impl StoragePolicy {
             fresh_until,
             stale_while_revalidate_sec: swr,
             stale_if_error_sec: sie,
+            from,
+            capped,
         })
     }
 

@@ -454,7 +454,16 @@ fn stream_request<'a>(
 /// what only pingora's cache state machine answers (conditional and range requests).
 fn needs_full_path(name: &HeaderName) -> bool {
     use header::*;
-    [CONTENT_LENGTH, TRANSFER_ENCODING, TE, UPGRADE, EXPECT].contains(name)
+    // `Skua-Debug`: the explanation is written by the full path, which knows the purge rules.
+    [
+        CONTENT_LENGTH,
+        TRANSFER_ENCODING,
+        TE,
+        UPGRADE,
+        EXPECT,
+        super::debug::SKUA_DEBUG,
+    ]
+    .contains(name)
         || hit::NEEDS_CACHE_MACHINE.contains(name)
 }
 

@@ -21,6 +21,7 @@
 
 pub mod compress;
 pub mod connection;
+mod debug;
 mod edit;
 pub mod fast;
 pub mod guard;
@@ -409,6 +410,8 @@ pub struct RequestCtx {
     range_fetch: bool,
     /// The piece being received, and its length by its `Content-Range`.
     piece: Option<(partial::Piece, BytesMut, usize)>,
+    /// A client the purge rules allow asked `Skua-Debug: 1`: what the explanation needs.
+    debug: Option<debug::Facts>,
 }
 
 /// The protocol a request asks to switch to (`Upgrade`, RFC 9110 §7.8), when `pool` allows
@@ -707,7 +710,11 @@ impl CachingProxy {
     ) -> Result<bool> {
         let req = session.req_header();
         let settings = self.shared.settings.load();
-        if ctx.pass.is_some() || !hit::serves_as_stored(&settings, &req.method, &req.headers) {
+        // An explained hit goes through pingora's cache phases, which say what they did.
+        if ctx.pass.is_some()
+            || ctx.debug.is_some()
+            || !hit::serves_as_stored(&settings, &req.method, &req.headers)
+        {
             return Ok(false);
         }
         let (Some(url), Some(primary)) = (&ctx.url, ctx.primary) else {
@@ -774,6 +781,9 @@ impl CachingProxy {
         else {
             return Ok(rules::Decision::default());
         };
+        if let Some(facts) = &mut ctx.debug {
+            facts.rules = decision.named(set);
+        }
         let (path, query) = rules::path_and_query(url);
         let name = &self.shared.name;
         if let Some(wait) = decision.rate_limit.and_then(|i| set.limited(i, client)) {
@@ -810,6 +820,68 @@ impl CachingProxy {
         ctx.ttl_rule = decision.ttl(set);
         ctx.response_edits = decision.response_headers.map(|i| (set.clone(), i));
         Ok(decision)
+    }
+
+    /// The `Skua-Debug` field for this response (`debug.rs`).
+    fn explain(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        facts: &debug::Facts,
+        disposition: Disposition,
+        now: SystemTime,
+    ) -> String {
+        let meta = session.cache.maybe_cache_meta();
+        let served_a_copy = matches!(
+            session.cache.phase(),
+            CachePhase::Hit
+                | CachePhase::Stale
+                | CachePhase::StaleUpdating
+                | CachePhase::Revalidated
+                | CachePhase::RevalidatedNoCache(_)
+        );
+        let copy = meta.filter(|_| served_a_copy).map(|meta| {
+            // What set the copy's lifetime, read again from its stored header as of when it
+            // was made (a rule's lifetime cannot be told from the header).
+            let policy = &self.shared.settings.load().policy;
+            let mut header = meta.response_header_copy();
+            let from = (policy.decide(&mut header, false, meta.epoch(), None).ok())
+                .map(|f| (f.from.as_str(), f.capped));
+            let from = if ctx.ttl_rule.is_some() {
+                Some(("rule", false))
+            } else {
+                from
+            };
+            debug::Copy {
+                made: meta.epoch(),
+                fresh_until: meta.fresh_until(),
+                from,
+            }
+        });
+        let variant = meta.and_then(CacheMeta::variance).map(|v| {
+            v.iter().fold(String::new(), |mut hex, b| {
+                let _ = std::fmt::Write::write_fmt(&mut hex, format_args!("{b:02x}"));
+                hex
+            })
+        });
+        let invalidations = &self.shared.store.invalidations;
+        debug::explain(&debug::Answer {
+            key: ctx.url.as_ref().map(CacheUrl::primary),
+            variant,
+            disposition: disposition.as_str(),
+            phase: session.cache.phase().as_str(),
+            pass: ctx.pass.map(PassReason::as_str),
+            copy,
+            purged_at: ctx.primary.and_then(|p| invalidations.purged_at(&p)),
+            banned: (ctx.url.as_ref()).is_some_and(|url| {
+                invalidations.banned(
+                    url,
+                    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1),
+                )
+            }),
+            now,
+            facts,
+        })
     }
 
     fn outcome(&self, session: &Session, ctx: &RequestCtx) -> Outcome {
@@ -942,6 +1014,7 @@ impl ProxyHttp for CachingProxy {
             gzip_before_storing: false,
             range_fetch: false,
             piece: None,
+            debug: None,
         }
     }
 
@@ -989,6 +1062,12 @@ impl ProxyHttp for CachingProxy {
             let line = format!("skua: {}", refusal.reason);
             respond::text(&self.shared.name, session, refusal.status, &line).await?;
             return Ok(true);
+        }
+        // Only for a client that may purge: the explanation names keys, rules and purges.
+        if debug::asked(&session.req_header().headers)
+            && (self.shared).purge_allowed(client_ip(session), session.req_header())
+        {
+            ctx.debug = Some(debug::Facts::default());
         }
         let method = session.req_header().method.clone();
         if method.as_str() == "PURGE" {
@@ -1402,6 +1481,10 @@ impl ProxyHttp for CachingProxy {
             Ok(f) => {
                 ctx.stored = true;
                 ctx.fresh_until = Some(f.fresh_until);
+                if let Some(facts) = &mut ctx.debug {
+                    let lifetime = f.fresh_until.duration_since(f.created).unwrap_or_default();
+                    facts.stored = Some((lifetime, f.from.as_str(), f.capped));
+                }
                 Ok(RespCacheable::Cacheable(CacheMeta::new(
                     f.fresh_until,
                     f.created,
@@ -1412,6 +1495,9 @@ impl ProxyHttp for CachingProxy {
             }
             Err(reason) => {
                 ctx.stored = false;
+                if let Some(facts) = &mut ctx.debug {
+                    facts.not_stored = Some(reason.as_str());
+                }
                 self.shared
                     .metrics
                     .uncacheable
@@ -1468,6 +1554,10 @@ impl ProxyHttp for CachingProxy {
             if let Some(edits) = &set.rule(*i).actions.response_headers {
                 edit::response(resp, edits)?;
             }
+        }
+        if let Some(facts) = &ctx.debug {
+            let explained = self.explain(session, ctx, facts, disposition, now);
+            resp.insert_header(debug::SKUA_DEBUG, explained)?;
         }
         Ok(())
     }

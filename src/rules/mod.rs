@@ -118,6 +118,21 @@ impl Decision {
             && !self.passes(set)
     }
 
+    /// The rules that decided something, as `kind:name` (for the `Skua-Debug` explanation).
+    pub fn named(&self, set: &RuleSet) -> Vec<String> {
+        [
+            ("route", self.route),
+            ("cache", self.cache),
+            ("answer", self.answer),
+            ("request_headers", self.request_headers),
+            ("response_headers", self.response_headers),
+            ("rate_limit", self.rate_limit),
+        ]
+        .iter()
+        .filter_map(|(kind, i)| Some(format!("{kind}:{}", set.rule((*i)?).name)))
+        .collect()
+    }
+
     /// Whether a rule says this request is never cached.
     pub fn passes(&self, set: &RuleSet) -> bool {
         (self.cache).is_some_and(|i| set.rule(i).actions.cache == Some(CacheAction::Pass))
