@@ -87,6 +87,15 @@ async fn purge_at_one_node_reaches_the_others_within_a_second() {
         eprintln!("purge reached a node in {took:?}");
         let after = get(&node.url("/wiki/Edited"), &[HOST]).await;
         assert_eq!(after.cache(), "miss");
+        // The dashboard's fleet panel lists node a, its one purge, and its lag; the recent
+        // purges list this one, from the bus.
+        let top: serde_json::Value =
+            serde_json::from_str(&get(&format!("http://{}/top", node.admin), &[]).await.text())
+                .unwrap();
+        assert_eq!(top["fleet"][0]["node"], "a", "{top}");
+        assert_eq!(top["fleet"][0]["purges"], 1);
+        assert!(top["fleet"][0]["lag_seconds"].as_f64().unwrap() < 20.0);
+        assert_eq!(top["purges"][0]["source"], "bus");
     }
     // Each node fetched once before the purge and once after it; the publisher applied its
     // own purge without taking it back from the bus.
