@@ -11,6 +11,7 @@ async fn origin() -> Origin {
     Origin::start(|req| match req.path.as_str() {
         "/short" => Reply::ok("short-lived").header("cache-control", "max-age=1"),
         "/nostore" => Reply::ok("private").header("cache-control", "no-store"),
+        "/big" => Reply::ok("x".repeat(4096)).header("cache-control", "max-age=600"),
         _ => Reply::ok("page").header("cache-control", "max-age=600"),
     })
     .await
@@ -88,6 +89,21 @@ async fn a_stale_hit_says_how_stale() {
     ] {
         assert!(stale.contains(part), "{part} in {stale}");
     }
+}
+
+/// A response larger than the largest object streams through unstored, and says so.
+#[tokio::test]
+async fn a_response_too_large_to_store_says_so() {
+    let origin = origin().await;
+    let skua = Skua::start_with(&[origin.addr], "max_object_size = 1024\n", "").await;
+    for _ in 0..2 {
+        let big = explanation(&get(&skua.url("/big"), &[ASK]).await);
+        assert!(
+            big.contains("answer=miss") && big.contains("stored=no (too-large)"),
+            "{big}"
+        );
+    }
+    assert_eq!(origin.count("/big"), 2);
 }
 
 #[tokio::test]

@@ -1482,8 +1482,16 @@ impl ProxyHttp for CachingProxy {
                 ctx.stored = true;
                 ctx.fresh_until = Some(f.fresh_until);
                 if let Some(facts) = &mut ctx.debug {
-                    let lifetime = f.fresh_until.duration_since(f.created).unwrap_or_default();
-                    facts.stored = Some((lifetime, f.from.as_str(), f.capped));
+                    // pingora drops a body past the largest object as it streams; a declared
+                    // length says so now.
+                    let declared = (resp.headers.get(header::CONTENT_LENGTH))
+                        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+                    if declared.is_some_and(|n| n > self.shared.store.max_object_size()) {
+                        facts.not_stored = Some("too-large");
+                    } else {
+                        let lifetime = f.fresh_until.duration_since(f.created).unwrap_or_default();
+                        facts.stored = Some((lifetime, f.from.as_str(), f.capped));
+                    }
                 }
                 Ok(RespCacheable::Cacheable(CacheMeta::new(
                     f.fresh_until,
