@@ -16,7 +16,10 @@ use std::time::{Duration, SystemTime};
 
 use http::HeaderName;
 
-pub const SKUA_DEBUG: HeaderName = HeaderName::from_static("skua-debug");
+/// The field's name, as text: a `HeaderName` constant of a custom name is built and dropped
+/// wherever it is used.
+pub const NAME: &str = "skua-debug";
+pub const SKUA_DEBUG: HeaderName = HeaderName::from_static(NAME);
 
 /// Whether the request asks for an explanation (`Skua-Debug: 1`); whether it may have one is
 /// the purge rules' to say.
