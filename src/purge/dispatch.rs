@@ -179,13 +179,8 @@ impl Purger {
             };
             bus.publish(target, purge.mode);
         }
-        let what = match &purge.scope {
-            Scope::Url(url) => url.primary(),
-            Scope::Tags(tags) => format!("tags: {}", tags.join(", ")),
-            Scope::Prefix(url) => format!("{}*", url.primary()),
-        };
         self.metrics.top.purged(RecentPurge {
-            what,
+            what: purge.scope.describe(),
             source: purge.source.as_str(),
             at: crate::metrics::top::unix_seconds(SystemTime::now()),
             objects: Some(affected as u64),
