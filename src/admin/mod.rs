@@ -156,6 +156,10 @@ impl Admin {
             .iter()
             .map(|(d, r, _)| (d.to_string(), json!(r)))
             .collect();
+        let mut by_status = [0u64; 6];
+        for (slot, (_, requests, _)) in by_status.iter_mut().zip(&totals) {
+            *slot = *requests;
+        }
         let response_bytes: serde_json::Map<String, serde_json::Value> = totals
             .iter()
             .map(|(d, _, b)| (d.to_string(), json!(b)))
@@ -165,6 +169,8 @@ impl Admin {
             "pid": std::process::id(),
             "requests": requests,
             "response_bytes": response_bytes,
+            // Since start, by the one definition the dashboard's windows use.
+            "hit_ratio": crate::metrics::history::hit_ratio(&by_status),
             "purges_total": m.purges_total(),
             "tag_index": {
                 "bytes": self.node.store.tags.bytes(),

@@ -160,12 +160,7 @@ pub fn render(
         .map(|s| recent(&history["requests"][s]))
         .sum();
     let totals = &history["totals"];
-    let since_start = {
-        let r = &stats["requests"];
-        let get = |k: &str| r[k].as_f64().unwrap_or(0.0);
-        let all: f64 = statuses.iter().map(|s| get(s)).sum::<f64>() - get("int-front");
-        (all > 0.0).then(|| (get("hit-front") + get("hit-local")) / all)
-    };
+    let since_start = stats["hit_ratio"].as_f64();
     lines.push(format!(
         "Requests/s (last 10 s) {:>10}    Hit ratio, last 5 min  {:>8}  (bytes {})",
         number(rps),

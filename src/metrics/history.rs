@@ -375,7 +375,7 @@ impl History {
 
 /// Hits over requests a cache could have served: every request but those Skua answered
 /// itself (purges, refusals), as the dashboard's tiles count them.
-fn hit_ratio(by_status: &[u64; 6]) -> Option<f64> {
+pub fn hit_ratio(by_status: &[u64; 6]) -> Option<f64> {
     let hits = by_status[Disposition::HitFront.index()] + by_status[Disposition::HitLocal.index()];
     let served: u64 = by_status.iter().sum::<u64>() - by_status[Disposition::IntFront.index()];
     (served > 0).then(|| hits as f64 / served as f64)
