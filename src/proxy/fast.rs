@@ -302,7 +302,6 @@ impl FrontDoor {
             target: &|| Cow::Borrowed(req.target),
             protocol,
             scheme: url.scheme,
-            host: &url.host,
             url: Some(url),
             headers: &req.fields,
             status: obj.meta.status(),

@@ -1716,7 +1716,6 @@ impl ProxyHttp for CachingProxy {
                 .url
                 .as_ref()
                 .map_or_else(|| listener_scheme(session), |u| u.scheme),
-            host: ctx.url.as_ref().map_or("", |u| u.host.as_str()),
             url: ctx.url.as_ref(),
             headers: &req.headers,
             status,

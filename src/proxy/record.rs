@@ -1,9 +1,9 @@
 //! What every answered request leaves behind: one access-log line and the per-request metrics
 //! (requests by cache status and status class, duration, body bytes, and for a hit the path
-//! that answered it), and the dashboard's count of its URL. The front door and pingora's `logging` phase both call
-//! [`ProxyState::record`], so a request is counted and logged the same way whichever answered
-//! it. What only a request that reached the origin has (origin latency, compression sizes)
-//! is counted in `logging` itself.
+//! that answered it), and the dashboard's count of its URL. The front door and pingora's
+//! `logging` phase both call [`ProxyState::record`], so a request is counted and logged the
+//! same way whichever answered it. What only a request that reached the origin has (origin
+//! latency, compression sizes) is counted in `logging` itself.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -25,8 +25,8 @@ pub struct Served<'a, F: RequestFields + ?Sized> {
     pub target: &'a dyn Fn() -> Cow<'a, str>,
     pub protocol: &'static str,
     pub scheme: Scheme,
-    pub host: &'a str,
-    /// The canonical URL, when the request named one (for the dashboard's top URLs).
+    /// The canonical URL, when the request named one: its host is logged, and it is counted
+    /// for the dashboard's top URLs.
     pub url: Option<&'a CacheUrl>,
     /// The request's fields, for `Referer` and `User-Agent`.
     pub headers: &'a F,
@@ -58,7 +58,7 @@ impl ProxyState {
                 target: &target,
                 protocol: served.protocol,
                 scheme: served.scheme.as_str(),
-                host: served.host,
+                host: served.url.map_or("", |u| u.host.as_str()),
                 status: served.status,
                 bytes: served.body_bytes,
                 referer: text("referer"),
