@@ -157,6 +157,9 @@ where
         // client pipelines (RFC 9112 §9.3.2: every request is answered, in order). Empty, it
         // may keep the previous head's buffer to read the next one into.
         let mut carry = BytesMut::new();
+        // The peer's address, read from the socket once per connection, when a request first
+        // needs it (each read clones and drops the socket digest's `Arc`).
+        let peer = std::cell::OnceCell::new();
         loop {
             let head = match read_head(&mut stream, &self.limits, &mut carry).await {
                 HeadRead::Complete(head) => head,
@@ -182,8 +185,10 @@ where
             };
             let closing = *shutdown.borrow();
             let client = || {
-                let digest = stream.get_socket_digest()?;
-                digest.peer_addr()?.as_inet().map(|a| a.ip())
+                *peer.get_or_init(|| {
+                    let digest = stream.get_socket_digest()?;
+                    digest.peer_addr()?.as_inet().map(|a| a.ip())
+                })
             };
             let mut looked = None;
             let answered = self

@@ -6,9 +6,9 @@
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::Result;
 
-use crate::cache::meta::{wire_name, FieldNames};
+use crate::cache::meta::FieldNames;
 use crate::config::rules::HeaderEdits;
-use crate::rules::FieldLine;
+use crate::rules::WireEdits;
 
 pub fn request(req: &mut RequestHeader, edits: &HeaderEdits) -> Result<()> {
     for name in &edits.remove {
@@ -38,42 +38,23 @@ pub fn response(resp: &mut ResponseHeader, edits: &HeaderEdits) -> Result<()> {
 
 /// Applies `edits` to the head at the end of `out` (a status line, fields, and the blank line
 /// that ends them, from `start`), in place. Every field name in it must be spelled as
-/// [`wire_name`] spells it, as a hit's head is (`hit::write_head`): a field is then found by
-/// one search for its line (`lines`: of each field `edits` remove, then of each they set,
-/// built once per rule set), and only when `names` (the stored header's) may have it. A hit
-/// pays a few dozen instructions for the edits instead of a pass over every line.
-pub fn wire(
-    out: &mut Vec<u8>,
-    start: usize,
-    edits: &HeaderEdits,
-    lines: &[FieldLine],
-    names: FieldNames,
-) {
-    for line_start in lines.iter().filter(|l| names.may_have(l.bit)) {
+/// [`wire_name`](crate::cache::meta::wire_name) spells it, as a hit's head is
+/// (`hit::write_head`): a field is then found by one search for its line, and only when
+/// `names` (the stored header's) may have it, and the added lines are one copy. A hit pays a
+/// few dozen instructions for the edits instead of a pass over every line.
+pub fn wire(out: &mut Vec<u8>, start: usize, edits: &WireEdits, names: FieldNames) {
+    for line_start in edits.lines.iter().filter(|l| names.may_have(l.bit)) {
         while let Some(at) = line_start.finder.find(&out[start..]) {
             let line = start + at + 2;
             let end = memchr::memchr(b'\n', &out[line..]).map_or(out.len(), |e| line + e + 1);
             out.drain(line..end);
         }
     }
-    // The blank line goes back after the added fields.
+    // The blank line goes back after the added fields (it ends `added`).
     if out.ends_with(b"\r\n\r\n") {
         out.truncate(out.len() - 2);
     }
-    for (name, value) in edits.set.iter().chain(&edits.append) {
-        out.extend_from_slice(wire_name(name).as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
-/// What [`wire`] adds to a head at most, to reserve before writing it.
-pub fn added_bytes(edits: &HeaderEdits) -> usize {
-    (edits.set.iter().chain(&edits.append))
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum()
+    out.extend_from_slice(&edits.added);
 }
 
 #[cfg(test)]
@@ -96,21 +77,13 @@ mod tests {
         };
         // Spelled as a hit's head is (`wire_name`): lower case but for a dozen names.
         let head = b"HTTP/1.1 200 OK\r\nx-powered-by: PHP\r\nvary: Accept-Encoding\r\nx-frame-options: SAMEORIGIN\r\nx-powered-by: again\r\nContent-Length: 2\r\n\r\n";
-        let lines: Vec<_> = (edits.remove.iter().chain(edits.set.iter().map(|(n, _)| n)))
-            .map(FieldLine::new)
-            .collect();
+        let wire_edits = WireEdits::new(Some(&edits));
         // Whether or not the stored names are known, the same edits.
         let stored = crate::cache::meta::decode_head(head);
         let mut edited = head.to_vec();
-        wire(
-            &mut edited,
-            0,
-            &edits,
-            &lines,
-            FieldNames::of(&stored.headers),
-        );
+        wire(&mut edited, 0, &wire_edits, FieldNames::of(&stored.headers));
         let mut edited_not_knowing = head.to_vec();
-        wire(&mut edited_not_knowing, 0, &edits, &lines, FieldNames::ANY);
+        wire(&mut edited_not_knowing, 0, &wire_edits, FieldNames::ANY);
         assert_eq!(edited, edited_not_knowing);
         assert_eq!(
             String::from_utf8(edited.clone()).unwrap(),

@@ -153,10 +153,8 @@ impl FrontDoor {
         let close = req.close || closing;
         let with_body = req.method != Method::HEAD;
         let coalesce = with_body && obj.body.len() <= COALESCE_BODY;
-        let edits = hit
-            .response_edits
-            .and_then(|i| Some((rule_edits(&settings, i)?, i)));
-        let added = edits.map_or(0, |(edits, _)| super::edit::added_bytes(edits));
+        let edits = (hit.response_edits).map(|i| settings.rules.wire_edits(i));
+        let added = edits.map_or(0, |edits| edits.added.len());
         let mut out = Vec::with_capacity(
             obj.meta.head.len() + 160 + added + if coalesce { obj.body.len() } else { 0 },
         );
@@ -169,9 +167,8 @@ impl FrontDoor {
             settings.downstream_cache_control.as_ref(),
             hit.ttl_rule,
         );
-        if let Some((edits, i)) = edits {
-            let lines = settings.rules.field_lines(i);
-            super::edit::wire(&mut out, 0, edits, lines, obj.meta.times.field_names);
+        if let Some(edits) = edits {
+            super::edit::wire(&mut out, 0, edits, obj.meta.times.field_names);
         }
         let body = if coalesce {
             out.extend_from_slice(&obj.body);
@@ -247,22 +244,15 @@ impl FrontDoor {
         {
             return None;
         }
-        let (mut response_edits, mut ttl_rule) = (None, false);
-        if let Some((decision, _)) = settings.decide_rules(&url, &req.method, &req.fields, client) {
-            let set = &settings.rules;
-            // The full path answers, limits, passes or edits the request.
-            if !decision.lets_a_fast_path_answer(set) {
-                return None;
-            }
-            response_edits = decision.response_headers;
-            ttl_rule = decision.ttl(set).is_some();
-        }
-        if req.cookie {
-            // Variants are keyed on the cookies the full path forwards (`as_forwarded`).
-            let kept = crate::cache::vary::kept_cookies(&req.fields, &settings.vary_cookies);
-            req.fields.kept_cookie = Some(kept);
-        }
+        // Variants are keyed on the cookies the full path forwards (`as_forwarded`). Without
+        // a `Cookie` field there are none, and a rule's cookie condition need not look for one.
+        req.fields.kept_cookie = Some(if req.cookie {
+            crate::cache::vary::kept_cookies(&req.fields, &settings.vary_cookies)
+        } else {
+            None
+        });
         let now = SystemTime::now();
+        // Looked up before the rules are read: the object keeps which rules its URL matches.
         let found = shared.store.memory.look(&url.primary_hash());
         // Declined from here on, the full path reads this lookup instead of making another.
         let Some(obj) = hit::fresh(shared, &url, &found, &req.fields, now) else {
@@ -272,6 +262,29 @@ impl FrontDoor {
         if !hit::encoding_acceptable(&obj.meta, &req.fields) {
             *looked = Some(found);
             return None;
+        }
+        let (mut response_edits, mut ttl_rule) = (None, false);
+        let set = &settings.rules;
+        if set.acts() {
+            let client = (set.reads_client())
+                .then(|| {
+                    crate::purge::client_behind(&settings.trusted_proxies, client(), &req.fields)
+                })
+                .flatten();
+            let asked = crate::rules::Asked {
+                method: &req.method,
+                fields: &req.fields,
+                client,
+                cookies: req.cookie,
+            };
+            let decision = set.decide_remembering(&obj.url_memo, &url, &asked);
+            // The full path answers, limits, passes or edits the request.
+            if !decision.lets_a_fast_path_answer(set) {
+                *looked = Some(found);
+                return None;
+            }
+            response_edits = decision.response_headers;
+            ttl_rule = decision.ttl(set).is_some();
         }
         Some(Hit {
             obj,

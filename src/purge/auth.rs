@@ -85,7 +85,7 @@ pub fn client_behind<F: RequestFields + ?Sized>(
     fields: &F,
 ) -> Option<IpAddr> {
     let peer = peer?;
-    if !proxies.allows(peer) {
+    if proxies.nets.is_empty() || !proxies.allows(peer) {
         return Some(peer);
     }
     let forwarded: Vec<&str> = (fields.values("x-forwarded-for"))

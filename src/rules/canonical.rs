@@ -32,7 +32,7 @@ impl Canonical {
     pub fn canonical(&self, url: CacheUrl) -> CacheUrl {
         let mut url = self.aliases.canonical(url);
         // Without a `?` there is no query to normalise: most page views ask nothing more.
-        if self.query.is_empty() || !url.path_and_query.as_bytes().contains(&b'?') {
+        if self.query.is_empty() || super::query_start(&url.path_and_query).is_none() {
             return url;
         }
         // The conditions read the URL only (validated), so the request's other parts are

@@ -18,12 +18,14 @@ pub mod query;
 pub mod rate;
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use http::Method;
 
 use crate::cache::fields::RequestFields;
 use crate::cache::key::CacheUrl;
+use crate::cache::memory::UrlMemo;
 use crate::config::rules::{CacheAction, Conditions, PathPattern, Rule};
 
 /// The request a rule set decides for.
@@ -40,11 +42,47 @@ pub struct Request<'a, F: ?Sized> {
     pub client: Option<IpAddr>,
 }
 
+/// What a request asks besides its URL: what the conditions other than host, path and query
+/// read.
+pub struct Asked<'a, F: ?Sized> {
+    pub method: &'a Method,
+    pub fields: &'a F,
+    /// As [`Request::client`].
+    pub client: Option<IpAddr>,
+    /// `false` when the request is known to carry no `Cookie` field: no cookie condition
+    /// holds, and none is looked for.
+    pub cookies: bool,
+}
+
+/// Where the first `?` of a request target is, eight bytes at a time: a page's path is a few
+/// dozen bytes, too short for a vectorised search's setup to pay and long enough for a loop
+/// over its bytes to cost (both measured, benches/README.md §16).
+pub fn query_start(target: &str) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+    let mut words = target.as_bytes().chunks_exact(8);
+    let mut at = 0;
+    for word in &mut words {
+        let mut eight = [0u8; 8];
+        eight.copy_from_slice(word);
+        // A `?` byte becomes zero; of the bytes marked, the lowest (the first in the target)
+        // is always one that was zero (a borrow only marks bytes above it).
+        let x = u64::from_le_bytes(eight) ^ (ONES * u64::from(b'?'));
+        let zeros = x.wrapping_sub(ONES) & !x & HIGH_BITS;
+        if zeros != 0 {
+            return Some(at + (zeros.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    (words.remainder().iter())
+        .position(|&b| b == b'?')
+        .map(|i| at + i)
+}
+
 /// `url`'s path, and its query without the `?`.
 pub fn path_and_query(url: &CacheUrl) -> (&str, &str) {
     let whole = url.path_and_query.as_str();
-    // A plain loop: for a path of a few dozen bytes, cheaper than a vectorised search's setup.
-    match whole.bytes().position(|b| b == b'?') {
+    match query_start(whole) {
         // `?` is ASCII, so both sides are on character boundaries.
         Some(at) => (&whole[..at], &whole[at + 1..]),
         None => (whole, ""),
@@ -92,6 +130,39 @@ impl FieldLine {
             } else {
                 FieldNames::bit(name)
             },
+        }
+    }
+}
+
+/// A rule's `response_headers` as a hit's written head takes them (`crate::proxy::edit::wire`).
+pub struct WireEdits {
+    /// The fields removed or replaced: of `remove`, then of `set`.
+    pub lines: Vec<FieldLine>,
+    /// The lines `set` then `append` add, `Name: value\r\n` each, and the blank line that
+    /// ends the head, written once here.
+    pub added: Vec<u8>,
+}
+
+impl WireEdits {
+    pub fn new(edits: Option<&crate::config::rules::HeaderEdits>) -> WireEdits {
+        let Some(edits) = edits else {
+            return WireEdits {
+                lines: Vec::new(),
+                added: b"\r\n".to_vec(),
+            };
+        };
+        let replaced = edits.remove.iter().chain(edits.set.iter().map(|(n, _)| n));
+        let mut added = Vec::new();
+        for (name, value) in edits.set.iter().chain(&edits.append) {
+            added.extend_from_slice(crate::cache::meta::wire_name(name).as_bytes());
+            added.extend_from_slice(b": ");
+            added.extend_from_slice(value.as_bytes());
+            added.extend_from_slice(b"\r\n");
+        }
+        added.extend_from_slice(b"\r\n");
+        WireEdits {
+            lines: replaced.map(FieldLine::new).collect(),
+            added,
         }
     }
 }
@@ -147,6 +218,21 @@ impl Decision {
     }
 }
 
+impl Decision {
+    /// Where the rule deciding `kind` (one of the kinds below) goes.
+    fn slot(&mut self, kind: u8) -> &mut Option<u16> {
+        match kind {
+            ROUTE => &mut self.route,
+            CACHE => &mut self.cache,
+            ANSWER => &mut self.answer,
+            REQUEST_HEADERS => &mut self.request_headers,
+            RESPONSE_HEADERS => &mut self.response_headers,
+            // RATE_LIMIT
+            _ => &mut self.rate_limit,
+        }
+    }
+}
+
 const ROUTE: u8 = 1;
 const CACHE: u8 = 2;
 const ANSWER: u8 = 4;
@@ -182,9 +268,92 @@ pub struct RuleSet {
     reads_client: bool,
     /// For each rule, the second bytes its path conditions allow.
     gates: Vec<PathGate>,
-    /// For each rule, the fields its `response_headers` remove or set, for a hit's written head.
-    field_lines: Vec<Vec<FieldLine>>,
+    /// For each rule, its `response_headers` for a hit's written head.
+    wire_edits: Vec<WireEdits>,
+    /// For each rule, its conditions on the request itself, if it has some.
+    asked: Vec<Option<AskedConditions>>,
+    /// The mark of this rule set's words in a stored object's [`UrlMemo`], if it can keep one.
+    generation: Option<u64>,
     limiter: rate::Limiter,
+}
+
+// Which rules' URL conditions (host, path, query) hold for one stored object's URL is kept
+// beside the object (its `UrlMemo`) by the rule set that read them: a hit of that object then
+// reads only the rules whose URL conditions hold, and of those only the conditions on the
+// request itself (method, fields, client). Most rules of a wiki's set name paths; their
+// conditions are read once per object and rule set, not once per hit.
+//
+// The word: the rule set's generation in the high `GENERATION_BITS`, and a bit per rule in
+// the rest, so that a rule set of up to `URL_MATCH_RULES` rules can keep one. A word written
+// by another rule set (the one before a reload) is not read; nor is a word of a generation
+// that wrapped round, unless the object outlived a million reloads of the rules.
+
+const GENERATION_BITS: u32 = 20;
+pub const URL_MATCH_RULES: usize = 64 - GENERATION_BITS as usize;
+const URL_MATCH_MASK: u64 = (1 << URL_MATCH_RULES) - 1;
+
+/// The next rule set's generation, 1 ..= 2^20 - 1 (0 is an object's word before any rule set
+/// wrote one).
+fn next_generation() -> u64 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    u64::from(n % ((1 << GENERATION_BITS) - 1)) + 1
+}
+
+/// A rule's conditions on the request itself (not its URL), for the rules that have some.
+struct AskedConditions {
+    methods: Box<[Method]>,
+    /// The `client` networks, as masks.
+    nets: Box<[Network]>,
+    /// Header conditions, read from the rule's `Conditions`.
+    headers: bool,
+    /// Cookie conditions, read from the rule's `Conditions`.
+    cookies: bool,
+}
+
+impl AskedConditions {
+    fn of(when: &Conditions) -> Option<AskedConditions> {
+        let (headers, cookies) = (!when.headers.is_empty(), !when.cookies.is_empty());
+        let any = !when.methods.is_empty() || !when.clients.is_empty() || headers || cookies;
+        any.then(|| AskedConditions {
+            methods: when.methods.clone().into(),
+            nets: when.clients.iter().map(Network::of).collect(),
+            headers,
+            cookies,
+        })
+    }
+}
+
+/// A `client` network as a mask over the address's bits: ipnet's `contains` works out the
+/// network and broadcast addresses on every call.
+#[derive(Debug, Clone, Copy)]
+enum Network {
+    V4 { bits: u32, mask: u32 },
+    V6 { bits: u128, mask: u128 },
+}
+
+impl Network {
+    fn of(net: &ipnet::IpNet) -> Network {
+        match net {
+            ipnet::IpNet::V4(n) => Network::V4 {
+                bits: u32::from(n.network()),
+                mask: u32::from(n.netmask()),
+            },
+            ipnet::IpNet::V6(n) => Network::V6 {
+                bits: u128::from(n.network()),
+                mask: u128::from(n.netmask()),
+            },
+        }
+    }
+
+    /// As `IpNet::contains`: an IPv4 address is not in an IPv6 network, nor the reverse.
+    fn contains(&self, ip: IpAddr) -> bool {
+        match (self, ip) {
+            (Network::V4 { bits, mask }, IpAddr::V4(ip)) => u32::from(ip) & mask == *bits,
+            (Network::V6 { bits, mask }, IpAddr::V6(ip)) => u128::from(ip) & mask == *bits,
+            _ => false,
+        }
+    }
 }
 
 impl RuleSet {
@@ -194,22 +363,22 @@ impl RuleSet {
         let index = index::Index::new(&rules, |i| kinds[i] != 0);
         let reads_client =
             (rules.iter()).any(|r| !r.when.clients.is_empty() || r.actions.rate_limit.is_some());
-        let field_lines = (rules.iter())
-            .map(|rule| {
-                let edits = rule.actions.response_headers.iter();
-                let names = edits.flat_map(|e| e.remove.iter().chain(e.set.iter().map(|(n, _)| n)));
-                names.map(FieldLine::new).collect()
-            })
+        let wire_edits = (rules.iter())
+            .map(|rule| WireEdits::new(rule.actions.response_headers.as_ref()))
             .collect();
         let gates = rules.iter().map(|r| PathGate::of(&r.when.paths)).collect();
+        let asked = rules.iter().map(|r| AskedConditions::of(&r.when)).collect();
+        let generation = (rules.len() <= URL_MATCH_RULES).then(next_generation);
         RuleSet {
             gates,
+            asked,
+            generation,
             rules,
             kinds,
             all_kinds,
             index,
             reads_client,
-            field_lines,
+            wire_edits,
             limiter: rate::Limiter::new(),
         }
     }
@@ -233,10 +402,9 @@ impl RuleSet {
         &self.rules[index as usize]
     }
 
-    /// The fields rule `index`'s `response_headers` remove or set, in the order of `remove`
-    /// then `set`.
-    pub fn field_lines(&self, index: u16) -> &[FieldLine] {
-        &self.field_lines[index as usize]
+    /// Rule `index`'s `response_headers`, for a hit's written head.
+    pub fn wire_edits(&self, index: u16) -> &WireEdits {
+        &self.wire_edits[index as usize]
     }
 
     /// Which rule decides each kind of action for `req`.
@@ -245,43 +413,121 @@ impl RuleSet {
             return Decision::default();
         }
         let candidates = self.index.candidates(req.host, req.path);
-        self.first_of_each_kind(candidates.iter().copied(), req, true)
+        let asked = Asked {
+            method: req.method,
+            fields: req.fields,
+            client: req.client,
+            cookies: true,
+        };
+        self.first_of_each_kind(candidates.iter().copied(), |i| {
+            self.gates[i as usize].admits(req.path)
+                && self.url_conditions_hold(i, req)
+                && self.asked_conditions_hold(i, &asked)
+        })
+    }
+
+    /// [`RuleSet::decide`] for a request of `url` whose stored object keeps `memo`: the rules'
+    /// URL conditions are read from `memo` when this rule set wrote it (else read, and written
+    /// there), and only the request's own conditions (method, fields, client) are read.
+    pub fn decide_remembering<F: RequestFields + ?Sized>(
+        &self,
+        memo: &UrlMemo,
+        url: &CacheUrl,
+        asked: &Asked<'_, F>,
+    ) -> Decision {
+        let request = || Request::of(url, asked.method, asked.fields, asked.client);
+        let Some(generation) = self.generation else {
+            return self.decide(&request());
+        };
+        if self.all_kinds == 0 {
+            return Decision::default();
+        }
+        // Relaxed: the word is whole in itself, and any rule set writes the same bits for one
+        // URL; which of two racing writers wins does not matter.
+        let held = memo.0.load(Ordering::Relaxed);
+        let matched = if held >> URL_MATCH_RULES == generation {
+            held & URL_MATCH_MASK
+        } else {
+            let matched = self.url_matches(&request());
+            memo.0
+                .store(generation << URL_MATCH_RULES | matched, Ordering::Relaxed);
+            matched
+        };
+        self.first_of_each_kind(Bits(matched), |i| self.asked_conditions_hold(i, asked))
+    }
+
+    /// One bit per rule (of a set of at most [`URL_MATCH_RULES`]) that acts and whose URL
+    /// conditions hold for `req`.
+    fn url_matches<F: RequestFields + ?Sized>(&self, req: &Request<'_, F>) -> u64 {
+        let candidates = self.index.candidates(req.host, req.path).iter();
+        (candidates)
+            .filter(|&&i| {
+                self.kinds[i as usize] != 0
+                    && self.gates[i as usize].admits(req.path)
+                    && self.url_conditions_hold(i, req)
+            })
+            .fold(0, |bits, &i| bits | 1 << i)
     }
 
     /// [`RuleSet::decide`] without the index: every rule, in order. What `decide` must agree
     /// with (the property test below), and what `skua check --explain` shows.
     pub fn decide_every_rule<F: RequestFields + ?Sized>(&self, req: &Request<'_, F>) -> Decision {
-        self.first_of_each_kind(0..self.rules.len() as u16, req, false)
+        self.first_of_each_kind(0..self.rules.len() as u16, |i| {
+            matches(&self.rules[i as usize].when, req)
+        })
     }
 
-    fn first_of_each_kind<F: RequestFields + ?Sized>(
+    fn url_conditions_hold<F: RequestFields + ?Sized>(&self, i: u16, req: &Request<'_, F>) -> bool {
+        url_conditions_hold(&self.rules[i as usize].when, req)
+    }
+
+    /// Whether rule `i`'s conditions on the request itself hold, as [`matches`] reads them.
+    // Inlined into the loop over the rules: called apart, saving and restoring registers
+    // was a quarter of its cost per rule (callgrind, benches/README.md §16).
+    #[inline(always)]
+    fn asked_conditions_hold<F: RequestFields + ?Sized>(
+        &self,
+        i: u16,
+        asked: &Asked<'_, F>,
+    ) -> bool {
+        let Some(conditions) = &self.asked[i as usize] else {
+            return true;
+        };
+        let AskedConditions {
+            methods,
+            nets,
+            headers,
+            cookies,
+        } = conditions;
+        let when = || &self.rules[i as usize].when;
+        (methods.is_empty() || methods.contains(asked.method))
+            && (nets.is_empty()
+                || (asked.client).is_some_and(|ip| nets.iter().any(|net| net.contains(ip))))
+            && (!headers || headers_hold(when(), asked.fields))
+            && (!cookies || asked.cookies && cookies_hold(when(), asked.fields))
+    }
+
+    /// For each kind of action, the first of `candidates` (in rule order) that has it and
+    /// for which `holds`.
+    fn first_of_each_kind(
         &self,
         candidates: impl Iterator<Item = u16>,
-        req: &Request<'_, F>,
-        gated: bool,
+        holds: impl Fn(u16) -> bool,
     ) -> Decision {
         let mut decision = Decision::default();
         let mut decided = 0u8;
         for i in candidates {
-            let kinds = self.kinds[i as usize];
-            let gate = || !gated || self.gates[i as usize].admits(req.path);
-            if kinds & !decided == 0 || !gate() || !matches(&self.rules[i as usize].when, req) {
+            let undecided = self.kinds[i as usize] & !decided;
+            if undecided == 0 || !holds(i) {
                 continue;
             }
-            let slots = [
-                (ROUTE, &mut decision.route),
-                (CACHE, &mut decision.cache),
-                (ANSWER, &mut decision.answer),
-                (REQUEST_HEADERS, &mut decision.request_headers),
-                (RESPONSE_HEADERS, &mut decision.response_headers),
-                (RATE_LIMIT, &mut decision.rate_limit),
-            ];
-            for (kind, slot) in slots {
-                if kinds & kind != 0 && decided & kind == 0 {
-                    *slot = Some(i);
-                }
+            let mut left = undecided;
+            while left != 0 {
+                let kind = left & left.wrapping_neg();
+                *decision.slot(kind) = Some(i);
+                left &= left - 1;
             }
-            decided |= kinds;
+            decided |= undecided;
             if decided == self.all_kinds {
                 break;
             }
@@ -329,26 +575,57 @@ impl PathGate {
     }
 }
 
+/// The rule numbers whose bits are set, lowest first.
+struct Bits(u64);
+
+impl Iterator for Bits {
+    type Item = u16;
+
+    fn next(&mut self) -> Option<u16> {
+        if self.0 == 0 {
+            return None;
+        }
+        let i = self.0.trailing_zeros() as u16;
+        self.0 &= self.0 - 1;
+        Some(i)
+    }
+}
+
 /// Whether every condition in `when` holds for `req`.
 pub fn matches<F: RequestFields + ?Sized>(when: &Conditions, req: &Request<'_, F>) -> bool {
-    (when.hosts.is_empty() || when.hosts.iter().any(|h| h.matches(req.host)))
-        && (when.paths.is_empty() || when.paths.iter().any(|p| p.matches(req.path)))
+    url_conditions_hold(when, req)
         && (when.methods.is_empty() || when.methods.contains(req.method))
         && (when.clients.is_empty()
             || req
                 .client
                 .is_some_and(|ip| when.clients.iter().any(|net| net.contains(&ip))))
+        && fields_hold(when, req.fields)
+}
+
+/// Whether the conditions of `when` on the URL (host, path, query) hold for `req`.
+fn url_conditions_hold<F: RequestFields + ?Sized>(when: &Conditions, req: &Request<'_, F>) -> bool {
+    (when.hosts.is_empty() || when.hosts.iter().any(|h| h.matches(req.host)))
+        && (when.paths.is_empty() || when.paths.iter().any(|p| p.matches(req.path)))
         && when.query.iter().all(|(name, value)| {
             query::parameters(req.query).any(|(n, v)| n == name && value.is_match(v))
         })
-        && when.headers.iter().all(|(name, value)| {
-            (req.fields.values(name.as_str()))
-                .any(|v| std::str::from_utf8(v).is_ok_and(|v| value.is_match(v)))
-        })
-        && when
-            .cookies
-            .iter()
-            .all(|(name, value)| cookies(req.fields).any(|(n, v)| n == name && value.is_match(v)))
+}
+
+/// Whether the conditions of `when` on the request's fields (headers, cookies) hold.
+fn fields_hold<F: RequestFields + ?Sized>(when: &Conditions, fields: &F) -> bool {
+    headers_hold(when, fields) && cookies_hold(when, fields)
+}
+
+fn headers_hold<F: RequestFields + ?Sized>(when: &Conditions, fields: &F) -> bool {
+    when.headers.iter().all(|(name, value)| {
+        (fields.values(name.as_str()))
+            .any(|v| std::str::from_utf8(v).is_ok_and(|v| value.is_match(v)))
+    })
+}
+
+fn cookies_hold<F: RequestFields + ?Sized>(when: &Conditions, fields: &F) -> bool {
+    (when.cookies.iter())
+        .all(|(name, value)| cookies(fields).any(|(n, v)| n == name && value.is_match(v)))
 }
 
 /// The groups of the first path regex of `when` that matches `path`: what a redirect's

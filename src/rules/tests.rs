@@ -57,6 +57,8 @@ fn rule() -> impl Strategy<Value = Rule> {
         proptest::collection::vec(path_pattern(), 0..2),
         proptest::option::of(prop_oneof![Just(Method::GET), Just(Method::POST)]),
         any::<bool>(),
+        0..3u8,
+        any::<bool>(),
         any::<bool>(),
     );
     let actions = (
@@ -66,82 +68,177 @@ fn rule() -> impl Strategy<Value = Rule> {
         any::<bool>(),
         any::<bool>(),
     );
-    (when, actions).prop_map(|((hosts, paths, method, header, client), actions)| {
-        let (route, cache, answer, edits, limit) = actions;
-        let when = Conditions {
-            hosts,
-            paths,
-            methods: method.into_iter().collect(),
-            headers: if header {
-                vec![(http::header::USER_AGENT, regex::Regex::new("bot").unwrap())]
-            } else {
-                vec![]
-            },
-            clients: if client {
-                vec!["10.0.0.0/8".parse().unwrap()]
-            } else {
-                vec![]
-            },
-            ..Conditions::default()
-        };
-        let mut a = Actions {
-            route: route.then_some(1),
-            cache: match cache {
-                1 => Some(CacheAction::Pass),
-                2 => Some(CacheAction::Ttl {
-                    ttl: Duration::from_secs(60),
-                    grace: None,
+    (when, actions).prop_map(
+        |((hosts, paths, method, header, client, raw, cookie), actions)| {
+            let (route, cache, answer, edits, limit) = actions;
+            let when = Conditions {
+                hosts,
+                paths,
+                methods: method.into_iter().collect(),
+                headers: if header {
+                    vec![(http::header::USER_AGENT, regex::Regex::new("bot").unwrap())]
+                } else {
+                    vec![]
+                },
+                cookies: if cookie {
+                    vec![(
+                        "session".to_string(),
+                        regex::Regex::new("^[0-9]+$").unwrap(),
+                    )]
+                } else {
+                    vec![]
+                },
+                query: if raw {
+                    vec![("action".to_string(), regex::Regex::new("^raw$").unwrap())]
+                } else {
+                    vec![]
+                },
+                clients: match client {
+                    1 => vec!["10.0.0.0/8".parse().unwrap()],
+                    2 => vec![
+                        "2001:db8::/32".parse().unwrap(),
+                        "10.1.2.0/24".parse().unwrap(),
+                    ],
+                    _ => vec![],
+                },
+            };
+            let mut a = Actions {
+                route: route.then_some(1),
+                cache: match cache {
+                    1 => Some(CacheAction::Pass),
+                    2 => Some(CacheAction::Ttl {
+                        ttl: Duration::from_secs(60),
+                        grace: None,
+                    }),
+                    _ => None,
+                },
+                response_headers: edits.then(HeaderEdits::default),
+                rate_limit: limit.then_some(crate::config::rules::RateLimit {
+                    per_second: 1.0,
+                    burst: 1,
                 }),
-                _ => None,
-            },
-            response_headers: edits.then(HeaderEdits::default),
-            rate_limit: limit.then_some(crate::config::rules::RateLimit {
-                per_second: 1.0,
-                burst: 1,
-            }),
-            ..Actions::default()
-        };
-        if answer {
-            a.answer = Some(crate::config::rules::Answer::Deny {
-                status: 403,
-                body: "no".into(),
-            });
-        }
-        Rule {
-            name: String::new(),
-            line: None,
-            when,
-            actions: a,
-        }
-    })
+                ..Actions::default()
+            };
+            if answer {
+                a.answer = Some(crate::config::rules::Answer::Deny {
+                    status: 403,
+                    body: "no".into(),
+                });
+            }
+            Rule {
+                name: String::new(),
+                line: None,
+                when,
+                actions: a,
+            }
+        },
+    )
 }
 
 proptest! {
     #[test]
+    fn the_query_is_found_where_a_byte_search_finds_it(target in "[/a-z?=&%.]{0,40}") {
+        prop_assert_eq!(query_start(&target), target.bytes().position(|b| b == b'?'));
+    }
+
+    #[test]
     fn the_index_decides_as_reading_every_rule_in_order(
         rules in proptest::collection::vec(rule(), 0..12),
+        other_rules in proptest::collection::vec(rule(), 0..6),
         host in 0..HOSTS.len() + 1,
         path in 0..PATHS.len(),
         post in any::<bool>(),
         bot in any::<bool>(),
-        inside in any::<bool>(),
+        client in 0..4usize,
+        raw in any::<bool>(),
+        session in any::<bool>(),
     ) {
         let set = RuleSet::new(rules);
         let mut fields = HeaderMap::new();
         if bot {
             fields.insert(http::header::USER_AGENT, HeaderValue::from_static("a bot/1.0"));
         }
-        let client: IpAddr = if inside { "10.1.2.3" } else { "192.0.2.7" }.parse().unwrap();
+        if session {
+            fields.insert(http::header::COOKIE, HeaderValue::from_static("theme=dark; session=42"));
+        }
+        let client: IpAddr = ["10.1.2.3", "192.0.2.7", "2001:db8::7", "2001:db9::7"][client]
+            .parse()
+            .unwrap();
         let req = Request {
             // One host no rule names exactly.
             host: HOSTS.get(host).copied().unwrap_or("fr.wiki.test"),
             path: PATHS[path],
-            query: "",
+            query: if raw { "action=raw" } else { "oldid=3" },
             method: if post { &Method::POST } else { &Method::GET },
             fields: &fields,
             client: Some(client),
         };
-        prop_assert_eq!(set.decide(&req), set.decide_every_rule(&req));
+        let every_rule = set.decide_every_rule(&req);
+        prop_assert_eq!(set.decide(&req), every_rule);
+        // A stored object's memo: written by the first hit, read by the next.
+        // A stored object has a URL; `*` (OPTIONS) is never one.
+        let target = format!("{}?{}", req.path, req.query);
+        let Ok(url) = CacheUrl::new(crate::cache::key::Scheme::Http, req.host, &target) else {
+            prop_assert_eq!(req.path, "*");
+            return Ok(());
+        };
+        let of_url = Request::of(&url, req.method, &fields, req.client);
+        prop_assert_eq!((of_url.host, of_url.path, of_url.query), (req.host, req.path, req.query));
+        let asked = Asked {
+            method: req.method,
+            fields: &fields,
+            client: req.client,
+            cookies: fields.contains_key(http::header::COOKIE),
+        };
+        let memo = UrlMemo::default();
+        prop_assert_eq!(set.decide_remembering(&memo, &url, &asked), every_rule);
+        prop_assert_eq!(set.decide_remembering(&memo, &url, &asked), every_rule);
+        // A memo written by the rule set before a reload is not read by the next one.
+        let reloaded = RuleSet::new(other_rules);
+        prop_assert_eq!(
+            reloaded.decide_remembering(&memo, &url, &asked),
+            reloaded.decide_every_rule(&req)
+        );
+    }
+}
+
+#[test]
+fn a_rule_set_too_large_to_remember_decides_as_reading_every_rule() {
+    let deny = |path: &str| Rule {
+        name: String::new(),
+        line: None,
+        when: Conditions {
+            paths: vec![PathPattern::Exact(path.to_string())],
+            ..Conditions::default()
+        },
+        actions: Actions {
+            answer: Some(crate::config::rules::Answer::Deny {
+                status: 403,
+                body: "no".into(),
+            }),
+            ..Actions::default()
+        },
+    };
+    let rules: Vec<Rule> = (0..URL_MATCH_RULES + 5)
+        .map(|i| deny(&format!("/{i}")))
+        .collect();
+    let set = RuleSet::new(rules);
+    let fields = HeaderMap::new();
+    let memo = UrlMemo::default();
+    for i in [0, URL_MATCH_RULES - 1, URL_MATCH_RULES + 3] {
+        let url = CacheUrl::new(
+            crate::cache::key::Scheme::Http,
+            "wiki.test",
+            &format!("/{i}"),
+        );
+        let asked = Asked {
+            method: &Method::GET,
+            fields: &fields,
+            client: None,
+            cookies: false,
+        };
+        let decision = set.decide_remembering(&memo, &url.unwrap(), &asked);
+        assert_eq!(decision.answer, Some(i as u16));
     }
 }
 
