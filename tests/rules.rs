@@ -391,6 +391,44 @@ response_headers = { set = { "X-Rules" = "one" } }
     );
 }
 
+/// A hit remembers which rules its URL meets, for the rule set that read them: a reload that
+/// moves a rule from one path to another applies to objects cached before it.
+#[tokio::test]
+async fn a_reload_moving_a_rule_to_another_path_applies_to_hits_cached_before_it() {
+    let origin = named_origin("o", "max-age=600").await;
+    let rules = r#"
+[[rule]]
+name = "marked"
+match = { path_prefix = ["/wiki/A"] }
+response_headers = { set = { "X-Marked" = "yes" } }
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    let marked = |path: &'static str| {
+        let url = skua.url(path);
+        async move {
+            let resp = get(&url, &[]).await;
+            (
+                resp.cache().to_string(),
+                resp.header("x-marked").to_string(),
+            )
+        }
+    };
+    for _ in 0..2 {
+        marked("/wiki/A").await;
+        marked("/wiki/B").await;
+    }
+    assert_eq!(marked("/wiki/A").await, ("hit-front".into(), "yes".into()));
+    assert_eq!(marked("/wiki/B").await, ("hit-front".into(), "".into()));
+    let applied = skua
+        .reload_and_wait(|text| text.replace("\"/wiki/A\"", "\"/wiki/B\""))
+        .await;
+    assert!(applied);
+    assert_eq!(marked("/wiki/A").await, ("hit-front".into(), "".into()));
+    assert_eq!(marked("/wiki/B").await, ("hit-front".into(), "yes".into()));
+    let fetched = origin.count("/wiki/A") + origin.count("/wiki/B");
+    assert_eq!(fetched, 2, "both pages stayed cached across the reload");
+}
+
 /// `skua check` names each bad rule's key and line, and `--explain` says what the rules do
 /// with one request, without a server.
 #[test]
