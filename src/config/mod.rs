@@ -8,6 +8,7 @@ pub mod certificate;
 mod file;
 pub mod host;
 pub mod literals;
+pub mod network;
 pub mod rules;
 mod validate;
 

@@ -264,20 +264,11 @@ impl FrontDoor {
             return None;
         }
         let (mut response_edits, mut ttl_rule) = (None, false);
-        let set = &settings.rules;
-        if set.acts() {
-            let client = (set.reads_client())
-                .then(|| {
-                    crate::purge::client_behind(&settings.trusted_proxies, client(), &req.fields)
-                })
-                .flatten();
-            let asked = crate::rules::Asked {
-                method: &req.method,
-                fields: &req.fields,
-                client,
-                cookies: req.cookie,
-            };
-            let decision = set.decide_remembering(&obj.url_memo, &url, &asked);
+        let memo = Some((&obj.url_memo, req.cookie));
+        if let Some((decision, _)) =
+            settings.decide_rules(&url, &req.method, &req.fields, client, memo)
+        {
+            let set = &settings.rules;
             // The full path answers, limits, passes or edits the request.
             if !decision.lets_a_fast_path_answer(set) {
                 *looked = Some(found);

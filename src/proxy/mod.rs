@@ -260,13 +260,16 @@ impl Settings {
     /// The `[[rule]]`s' decision for a request to `url`, and the client address they judged
     /// it by (behind `[server] trusted_proxies`; asked of `peer` only when a rule reads it).
     /// `None` when no rule acts on requests. The one decision the front door and the full
-    /// path both act on.
+    /// path both act on. `found`: the stored object the front door serves, which keeps what
+    /// the rules' URL conditions said of its URL ([`rules::RuleSet::decide_remembering`]), and
+    /// whether the request has a `Cookie` field at all.
     fn decide_rules<F: crate::cache::fields::RequestFields + ?Sized>(
         &self,
         url: &CacheUrl,
         method: &Method,
         fields: &F,
         peer: impl FnOnce() -> Option<IpAddr>,
+        found: Option<(&crate::cache::memory::UrlMemo, bool)>,
     ) -> Option<(rules::Decision, Option<IpAddr>)> {
         let set = &self.rules;
         if !set.acts() {
@@ -275,7 +278,18 @@ impl Settings {
         let client = (set.reads_client())
             .then(|| purge::client_behind(&self.trusted_proxies, peer(), fields))
             .flatten();
-        let decision = set.decide(&rules::Request::of(url, method, fields, client));
+        let decision = match found {
+            Some((memo, cookies)) => {
+                let asked = rules::Asked {
+                    method,
+                    fields,
+                    client,
+                    cookies,
+                };
+                set.decide_remembering(memo, url, &asked)
+            }
+            None => set.decide(&rules::Request::of(url, method, fields, client)),
+        };
         Some((decision, client))
     }
 }
@@ -777,7 +791,8 @@ impl CachingProxy {
         let set = &settings.rules;
         let req = session.req_header();
         let peer = || client_ip(session);
-        let Some((decision, client)) = settings.decide_rules(url, &req.method, &req.headers, peer)
+        let Some((decision, client)) =
+            settings.decide_rules(url, &req.method, &req.headers, peer, None)
         else {
             return Ok(rules::Decision::default());
         };

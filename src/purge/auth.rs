@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use pingora::http::RequestHeader;
 
 use crate::cache::fields::RequestFields;
+use crate::config::network::Network;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -106,12 +107,14 @@ pub fn client_behind<F: RequestFields + ?Sized>(
 /// Networks allowed to purge.
 #[derive(Debug, Clone)]
 pub struct Acl {
-    nets: Vec<IpNet>,
+    nets: Vec<Network>,
 }
 
 impl Acl {
     pub fn new(nets: Vec<IpNet>) -> Acl {
-        Acl { nets }
+        Acl {
+            nets: nets.iter().map(Network::of).collect(),
+        }
     }
 
     pub fn allows(&self, ip: IpAddr) -> bool {
@@ -120,7 +123,7 @@ impl Acl {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        self.nets.iter().any(|n| n.contains(&ip))
+        self.nets.iter().any(|n| n.contains(ip))
     }
 }
 

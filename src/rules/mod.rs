@@ -26,6 +26,7 @@ use http::Method;
 use crate::cache::fields::RequestFields;
 use crate::cache::key::CacheUrl;
 use crate::cache::memory::UrlMemo;
+use crate::config::network::Network;
 use crate::config::rules::{CacheAction, Conditions, PathPattern, Rule};
 
 /// The request a rule set decides for.
@@ -209,16 +210,6 @@ impl Decision {
         (self.cache).is_some_and(|i| set.rule(i).actions.cache == Some(CacheAction::Pass))
     }
 
-    /// The lifetime and grace a rule gives what this request stores, if one does.
-    pub fn ttl(&self, set: &RuleSet) -> Option<(Duration, Option<Duration>)> {
-        match set.rule(self.cache?).actions.cache {
-            Some(CacheAction::Ttl { ttl, grace }) => Some((ttl, grace)),
-            _ => None,
-        }
-    }
-}
-
-impl Decision {
     /// Where the rule deciding `kind` (one of the kinds below) goes.
     fn slot(&mut self, kind: u8) -> &mut Option<u16> {
         match kind {
@@ -229,6 +220,14 @@ impl Decision {
             RESPONSE_HEADERS => &mut self.response_headers,
             // RATE_LIMIT
             _ => &mut self.rate_limit,
+        }
+    }
+
+    /// The lifetime and grace a rule gives what this request stores, if one does.
+    pub fn ttl(&self, set: &RuleSet) -> Option<(Duration, Option<Duration>)> {
+        match set.rule(self.cache?).actions.cache {
+            Some(CacheAction::Ttl { ttl, grace }) => Some((ttl, grace)),
+            _ => None,
         }
     }
 }
@@ -289,7 +288,7 @@ pub struct RuleSet {
 // that wrapped round, unless the object outlived a million reloads of the rules.
 
 const GENERATION_BITS: u32 = 20;
-pub const URL_MATCH_RULES: usize = 64 - GENERATION_BITS as usize;
+const URL_MATCH_RULES: usize = 64 - GENERATION_BITS as usize;
 const URL_MATCH_MASK: u64 = (1 << URL_MATCH_RULES) - 1;
 
 /// The next rule set's generation, 1 ..= 2^20 - 1 (0 is an object's word before any rule set
@@ -321,38 +320,6 @@ impl AskedConditions {
             headers,
             cookies,
         })
-    }
-}
-
-/// A `client` network as a mask over the address's bits: ipnet's `contains` works out the
-/// network and broadcast addresses on every call.
-#[derive(Debug, Clone, Copy)]
-enum Network {
-    V4 { bits: u32, mask: u32 },
-    V6 { bits: u128, mask: u128 },
-}
-
-impl Network {
-    fn of(net: &ipnet::IpNet) -> Network {
-        match net {
-            ipnet::IpNet::V4(n) => Network::V4 {
-                bits: u32::from(n.network()),
-                mask: u32::from(n.netmask()),
-            },
-            ipnet::IpNet::V6(n) => Network::V6 {
-                bits: u128::from(n.network()),
-                mask: u128::from(n.netmask()),
-            },
-        }
-    }
-
-    /// As `IpNet::contains`: an IPv4 address is not in an IPv6 network, nor the reverse.
-    fn contains(&self, ip: IpAddr) -> bool {
-        match (self, ip) {
-            (Network::V4 { bits, mask }, IpAddr::V4(ip)) => u32::from(ip) & mask == *bits,
-            (Network::V6 { bits, mask }, IpAddr::V6(ip)) => u128::from(ip) & mask == *bits,
-            _ => false,
-        }
     }
 }
 
@@ -421,7 +388,7 @@ impl RuleSet {
         };
         self.first_of_each_kind(candidates.iter().copied(), |i| {
             self.gates[i as usize].admits(req.path)
-                && self.url_conditions_hold(i, req)
+                && url_conditions_hold(&self.rules[i as usize].when, req)
                 && self.asked_conditions_hold(i, &asked)
         })
     }
@@ -464,7 +431,7 @@ impl RuleSet {
             .filter(|&&i| {
                 self.kinds[i as usize] != 0
                     && self.gates[i as usize].admits(req.path)
-                    && self.url_conditions_hold(i, req)
+                    && url_conditions_hold(&self.rules[i as usize].when, req)
             })
             .fold(0, |bits, &i| bits | 1 << i)
     }
@@ -475,10 +442,6 @@ impl RuleSet {
         self.first_of_each_kind(0..self.rules.len() as u16, |i| {
             matches(&self.rules[i as usize].when, req)
         })
-    }
-
-    fn url_conditions_hold<F: RequestFields + ?Sized>(&self, i: u16, req: &Request<'_, F>) -> bool {
-        url_conditions_hold(&self.rules[i as usize].when, req)
     }
 
     /// Whether rule `i`'s conditions on the request itself hold, as [`matches`] reads them.
