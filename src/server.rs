@@ -255,6 +255,12 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         "origin health checks",
         HealthChecks(shared.pools.clone()),
     ));
+    if let Some(disk) = shared.store.disk {
+        server.add_service(background_service(
+            "disk cache checkpoint",
+            DiskCheckpoint(disk),
+        ));
+    }
     if let Some(htcp) = &config.purge.htcp {
         let receiver = HtcpReceiver::new(
             htcp.clone(),
@@ -476,6 +482,19 @@ impl Reloader {
                 );
             }
         }
+    }
+}
+
+/// Checkpoints the disk tier's index at a graceful stop, so the next start reads it instead
+/// of scanning the log written since the last periodic checkpoint.
+struct DiskCheckpoint(&'static DiskTier);
+
+#[async_trait]
+impl BackgroundService for DiskCheckpoint {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let _ = shutdown.changed().await;
+        let disk = self.0;
+        let _ = tokio::task::spawn_blocking(move || disk.checkpoint_now()).await;
     }
 }
 

@@ -115,6 +115,15 @@ impl FieldNames {
         1 << (hash % 32)
     }
 
+    /// The set as its bits (how the disk tier writes it).
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+
+    pub fn from_bits(bits: u32) -> FieldNames {
+        FieldNames(bits)
+    }
+
     /// Whether a name of `bits` (from [`FieldNames::bit`]) may be here.
     pub fn may_have(self, bits: u32) -> bool {
         self.0 & bits != 0
@@ -166,6 +175,15 @@ impl Stamp {
     pub fn time(self) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_nanos(self.0)
     }
+
+    /// Nanoseconds since the Unix epoch: how the disk tier writes it.
+    pub fn nanos(self) -> u64 {
+        self.0
+    }
+
+    pub fn from_nanos(nanos: u64) -> Stamp {
+        Stamp(nanos)
+    }
 }
 
 /// What a stored object keeps of its metadata: the times, and the header as it is served.
@@ -211,6 +229,27 @@ impl ObjectMeta {
                 ..meta.times
             },
             head: encode_head(&meta.header),
+            uncommon,
+        }
+    }
+
+    /// An object's metadata as [`Self::encode`] made it, from its parts (the disk tier keeps
+    /// them as they are, so reading them back decodes no header).
+    pub fn from_parts(
+        times: MetaTimes,
+        head: Box<[u8]>,
+        vary: Vec<String>,
+        upstream_cache_status: Option<http::HeaderValue>,
+    ) -> ObjectMeta {
+        let uncommon = (!vary.is_empty() || upstream_cache_status.is_some()).then(|| {
+            Box::new(Uncommon {
+                vary: exact_size(vary),
+                upstream_cache_status,
+            })
+        });
+        ObjectMeta {
+            times,
+            head,
             uncommon,
         }
     }

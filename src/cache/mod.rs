@@ -32,7 +32,7 @@ use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
 use pingora::Result;
 
 use bans::Invalidations;
-use disk::{DiskHit, DiskTier, DiskWrite};
+use disk::{DiskBody, DiskTier, DiskWrite};
 use key::{CacheUrl, Scheme};
 use memory::{MemoryHit, MemoryMiss, MemoryTier, StoredObject};
 use meta::{MetaTimes, ObjectMeta, Stamp, StoredMeta};
@@ -218,31 +218,26 @@ impl Storage for Store {
         // before it is dropped here instead of being served.
         if self
             .invalidations
-            .deleted_since(&primary, entry.meta.created())
+            .deleted_since(&primary, entry.meta.times.created.time())
         {
             disk.purge_all(&primary).await;
             return Ok(None);
         }
-        // Served with the head a memory hit has (`meta::ObjectMeta`), so a hit's head is the
-        // same bytes from either tier.
-        let stored = ObjectMeta::encode(StoredMeta::from_meta(&entry.meta));
-        let served = stored.to_meta(slot.is_none(), entry.body_len as usize);
-        if let Some(body) = entry.body.clone() {
-            // An object not yet trusted (the purge bus is catching up) stays on disk only,
-            // so a purge the catch-up applies cannot miss a copy promoted meanwhile.
-            let trusted = self.invalidations.trust(entry.meta.epoch()) == bans::Trust::Yes;
-            if trusted && body.len() <= self.memory_max_object {
-                self.memory
-                    .insert(primary, StoredObject::with(slot, stored, body.clone()));
+        let served = entry.meta.to_meta(slot.is_none(), entry.body_len as usize);
+        match entry.body {
+            DiskBody::Whole(body) => {
+                // An object not yet trusted (the purge bus is catching up) stays on disk only,
+                // so a purge the catch-up applies cannot miss a copy promoted meanwhile.
+                let trusted =
+                    self.invalidations.trust(entry.meta.times.epoch.time()) == bans::Trust::Yes;
+                if trusted && body.len() <= self.memory_max_object {
+                    self.memory
+                        .insert(primary, StoredObject::with(slot, entry.meta, body.clone()));
+                }
+                Ok(Some((served, Box::new(MemoryHit::new(body, true)))))
             }
-            return Ok(Some((served, Box::new(MemoryHit::new(body, true)))));
+            DiskBody::Stream(hit) => Ok(Some((served, Box::new(hit)))),
         }
-        // Large: stream it from disk, once its checksum is known good.
-        if !disk.verify(&primary, slot.as_ref(), &entry).await {
-            return Ok(None);
-        }
-        let hit = DiskHit::new(&entry);
-        Ok(Some((served, Box::new(hit))))
     }
 
     async fn get_miss_handler(
@@ -256,18 +251,16 @@ impl Storage for Store {
         let memory = self
             .memory
             .miss(primary, slot, meta, self.memory_max_object);
-        let mut disk_write = None;
-        let mut serialized = None;
-        if let Some(disk) = self.disk.filter(|d| d.admit(&primary)) {
-            if let Ok(pair) = meta.serialize() {
-                disk_write = disk.start_write(primary, slot).await;
-                serialized = Some(pair);
-            }
-        }
+        let disk = self.disk.filter(|d| d.admit(&primary)).map(|d| {
+            d.start_write(
+                primary,
+                slot,
+                ObjectMeta::encode(StoredMeta::from_meta(meta)),
+            )
+        });
         Ok(Box::new(TieredMiss {
             memory,
-            disk: disk_write,
-            serialized,
+            disk,
             primary,
             fetched: meta.created(),
             tags: self.tags.tags_of(meta.response_header()),
@@ -343,7 +336,6 @@ impl Storage for Store {
 struct TieredMiss {
     memory: MemoryMiss,
     disk: Option<DiskWrite>,
-    serialized: Option<(Vec<u8>, Vec<u8>)>,
     primary: HashBinary,
     /// When the origin request for this response was sent.
     fetched: std::time::SystemTime,
@@ -355,7 +347,7 @@ struct TieredMiss {
 impl HandleMiss for TieredMiss {
     async fn write_body(&mut self, data: bytes::Bytes, _eof: bool) -> Result<()> {
         if let Some(disk) = self.disk.as_mut() {
-            disk.write(&data).await;
+            disk.write(&data);
         }
         self.memory.write(data);
         Ok(())
@@ -375,8 +367,8 @@ impl HandleMiss for TieredMiss {
         }
         let mut weight = 0;
         let mut indexed = true;
-        if let (Some(disk), Some((internal, header))) = (this.disk, this.serialized) {
-            let on_disk = disk.finish(internal, header).await.unwrap_or(0) as usize;
+        if let Some(disk) = this.disk {
+            let on_disk = disk.finish().await.unwrap_or(0) as usize;
             if on_disk > 0 {
                 indexed &= this
                     .store

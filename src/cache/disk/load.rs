@@ -1,123 +1,95 @@
-//! The start-up index load: the directory listed in the background (serving starts at once),
-//! objects indexed oldest first, orphans and stale temporary files handed to the janitor, and
-//! copies purged while the listing ran unlinked instead of indexed. Then the tags of what was
-//! found are read back into the tag index.
+//! The start-up index load, in the background (serving starts at once; lookups wait for it):
+//! the checkpoint's entries whose segments still exist, then the log written after the
+//! checkpoint's position scanned in order, objects indexed and purges applied as they were
+//! written. Without a checkpoint every segment is scanned. Purges made while this ran are
+//! applied again at its end, then the tags of what was found are read back.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
-use moka::ops::compute::Op;
-use pingora::cache::key::HashBinary;
-use pingora::cache::CacheMeta;
-
-use super::format;
-use super::{unlink_all, DiskTier, IndexedUrl, IndexedVariant};
+use super::index::{keys, Entry, Loc};
+use super::record::Kind;
+use super::segments::Scan;
+use super::{checkpoint, read, writer, DiskTier};
 use crate::cache::tags::Tier;
 
 impl DiskTier {
-    /// Rebuilds the index from the directory: names and sizes only, oldest first so that the
-    /// least recently written objects are the first evicted. Entries that appear while loading
-    /// (new writes) win over what the listing found.
     pub(super) fn load_index(&'static self) {
         let started = Instant::now();
-        let mut metas: HashMap<SlotKey, (u64, SystemTime)> = HashMap::new();
-        let mut bodies: HashMap<SlotKey, Vec<(u64, u64)>> = HashMap::new();
-        let stale_temp = SystemTime::now() - Duration::from_secs(3600);
-        let Ok(dirs) = std::fs::read_dir(&self.objects) else {
-            self.finish_load(started);
-            return;
-        };
-        for dir in dirs.flatten() {
-            let Ok(entries) = std::fs::read_dir(dir.path()) else {
+        let old: Vec<u32> = self
+            .segments
+            .list()
+            .into_iter()
+            .filter(|s| *s != self.first_new_segment)
+            .collect();
+        let mut from = (0u32, 0u64);
+        if let Some((covered, entries)) = checkpoint::read(&self.checkpoint_path()) {
+            let present: std::collections::HashSet<u32> = old.iter().copied().collect();
+            for entry in entries {
+                if present.contains(&entry.loc.seg) {
+                    self.index.insert_found(entry);
+                }
+            }
+            from = ((covered >> 32) as u32, covered & 0xffff_ffff);
+        }
+        let mut scanned = 0u64;
+        for seg in old.iter().copied().filter(|s| *s >= from.0) {
+            let Some(file) = self.segments.get(seg) else {
                 continue;
             };
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let Some(name) = name.to_str() else { continue };
-                let Ok(md) = entry.metadata() else { continue };
-                let mtime = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                if name.starts_with('.') {
-                    if name.ends_with(".tmp") && mtime < stale_temp {
-                        let _ = self.janitor.send(entry.path());
-                    }
-                    continue;
-                }
-                if let Some(stem) = name.strip_suffix(".meta") {
-                    if let Some(key) = parse_stem(stem) {
-                        metas.insert(key, (md.len(), mtime));
-                    }
-                } else if let Some(stem) = name.strip_suffix(".body") {
-                    if let Some((stem, gen)) = stem.rsplit_once('-') {
-                        if let (Some(key), Ok(gen)) =
-                            (parse_stem(stem), u64::from_str_radix(gen, 16))
-                        {
-                            bodies.entry(key).or_default().push((gen, md.len()));
+            let start = if seg == from.0 { from.1 } else { 0 };
+            let Ok(mut scan) = Scan::new(&file, start) else {
+                continue;
+            };
+            while let Some((at, fixed)) = scan.next_record() {
+                scanned += 1;
+                let position = (u64::from(seg) << 32) | at;
+                match fixed.kind {
+                    Kind::Object => {
+                        // A torn or damaged head is not indexed; its body is checked when read.
+                        if scan.head(at, &fixed).is_err() {
+                            continue;
+                        }
+                        let (primary, key) = keys(&fixed.primary, fixed.slot.as_ref());
+                        let len = u32::try_from(u64::from(fixed.head_len) + fixed.body_len);
+                        if let Ok(len) = len {
+                            self.index.insert_found(Entry {
+                                primary,
+                                key,
+                                loc: Loc::new(seg, at as u32, len),
+                            });
                         }
                     }
+                    kind => {
+                        writer::apply_invalidation(self, kind, &fixed.primary, fixed.at, position)
+                    }
                 }
             }
         }
-        let mut found: Vec<_> = metas.into_iter().collect();
-        found.sort_by_key(|(_, (_, mtime))| *mtime);
-        for ((primary, slot), (meta_len, _)) in found {
-            let Some(gens) = bodies.remove(&(primary, slot)) else {
-                // A meta whose body is gone: never servable.
-                let _ = self
-                    .janitor
-                    .send(self.paths(&primary, slot.as_ref()).meta());
-                continue;
-            };
-            let current = if gens.len() == 1 {
-                gens[0].0
-            } else {
-                match format::read_meta(&self.paths(&primary, slot.as_ref()).meta()) {
-                    Ok(m) => m.gen,
-                    Err(_) => continue,
-                }
-            };
-            for (gen, _) in gens.iter().filter(|(g, _)| *g != current) {
-                let _ = self
-                    .janitor
-                    .send(self.paths(&primary, slot.as_ref()).body(*gen));
-            }
-            let Some(&(gen, body_len)) = gens.iter().find(|(g, _)| *g == current) else {
-                continue;
-            };
-            let loaded = IndexedVariant {
-                slot,
-                gen,
-                bytes: body_len + meta_len,
-                verified: Arc::new(AtomicBool::new(false)),
-            };
-            let mut purged = false;
-            self.index.entry(primary).and_compute_with(|old| match old {
-                Some(e) if e.value().get(slot.as_ref()).is_some() => Op::Nop,
-                _ if self.was_purged_while_loading(&primary) => {
-                    purged = true;
-                    Op::Nop
-                }
-                Some(e) => {
-                    let mut slots = e.into_value().slots.clone();
-                    slots.push(loaded);
-                    Op::Put(Arc::new(IndexedUrl { slots }))
-                }
-                None => Op::Put(Arc::new(IndexedUrl {
-                    slots: vec![loaded],
-                })),
-            });
-            if purged {
-                let paths = self.paths(&primary, slot.as_ref());
-                unlink_all(&[paths.meta()]);
-                let _ = self.janitor.send(paths.body(gen));
-            }
+        let took = started.elapsed();
+        if let Ok(mut t) = self.load_time.lock() {
+            *t = Some(took);
         }
-        self.index.run_pending_tasks();
-        self.finish_load(started);
-        if let Ok(mut purged) = self.purged_while_loading.lock() {
-            *purged = HashSet::new();
+        // Purges made meanwhile may have been looked for before the load indexed their URLs;
+        // everything the load indexed was written before this process's first segment. Under
+        // the list's lock, so that a purge either is in the list or sees the flag.
+        let before = u64::from(self.first_new_segment) << 32;
+        {
+            let mut made = self
+                .invalidated_while_loading
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (kind, primary, at) in made.drain(..) {
+                writer::apply_invalidation(self, kind, &primary, at, before);
+            }
+            self.loaded.send_replace(true);
         }
+        tracing::info!(
+            objects = self.index.len(),
+            records_scanned = scanned,
+            ms = took.as_millis() as u64,
+            "disk cache index loaded"
+        );
         if self.tags.is_enabled() {
             self.load_tags();
         }
@@ -127,51 +99,27 @@ impl DiskTier {
     /// Re-reads the tags of every indexed object from its stored header. Runs after the index
     /// is loaded (objects are servable meanwhile); a tag purge before it finishes misses only
     /// objects not yet re-read.
-    fn load_tags(&self) {
-        for (primary, family) in self.index.iter() {
-            for s in &family.slots {
-                let paths = self.paths(&primary, s.slot.as_ref());
-                let Ok(meta_file) = format::read_meta(&paths.meta()) else {
-                    continue;
-                };
-                if let Ok(meta) = CacheMeta::deserialize(&meta_file.internal, &meta_file.header) {
-                    if !self
-                        .tags
-                        .record(*primary, Tier::Disk, meta.response_header())
-                    {
-                        // The tag index is full: a copy a tag purge could not find is dropped.
-                        self.purge_all_blocking(&primary);
-                        break;
-                    }
-                }
+    fn load_tags(&'static self) {
+        for entry in self.index.entries() {
+            let Some(file) = self.segments.get(entry.loc.seg) else {
+                continue;
+            };
+            let Ok(head) = read::read_head_blocking(&file, entry.loc) else {
+                continue;
+            };
+            let primary = head.fixed.primary;
+            let header = head.meta.header(head.fixed.body_len as usize);
+            if !self.tags.record(primary, Tier::Disk, &header) {
+                // The tag index is full: a copy a tag purge could not find is dropped.
+                self.index.remove_all(&primary, u64::MAX);
+                let (done, _) = tokio::sync::oneshot::channel();
+                self.send(super::writer::Job::Invalidate {
+                    kind: Kind::Delete,
+                    primary,
+                    at: writer::now_nanos(),
+                    done,
+                });
             }
         }
     }
-
-    fn was_purged_while_loading(&self, primary: &HashBinary) -> bool {
-        self.purged_while_loading
-            .lock()
-            .is_ok_and(|purged| purged.contains(primary))
-    }
-
-    fn finish_load(&self, started: Instant) {
-        let took = started.elapsed();
-        if let Ok(mut t) = self.load_time.lock() {
-            *t = Some(took);
-        }
-        self.loaded.store(true, Ordering::Release);
-        tracing::info!(
-            objects = self.index.entry_count(),
-            ms = took.as_millis() as u64,
-            "disk cache index loaded"
-        );
-    }
-}
-
-/// A URL's primary key and variant slot.
-type SlotKey = (HashBinary, Option<HashBinary>);
-
-fn parse_stem(stem: &str) -> Option<SlotKey> {
-    let (primary, slot) = stem.split_once('-')?;
-    Some((format::unhex(primary)?, format::parse_slot(slot)?))
 }

@@ -1,42 +1,48 @@
-//! The disk tier: a persistent, bounded store of whole objects under the memory tier.
+//! The disk tier: a persistent, bounded store of whole objects under the memory tier, as a
+//! log of records in a few large segment files (`docs/disk-format.md`).
 //!
-//! Each object is a meta file and a body file (see `format.rs`). An in-memory index (moka,
-//! weighted by file bytes, bounded by the configured size) says what is on disk; it is rebuilt
-//! from a directory listing at start-up, in the background, so serving starts at once.
-//! Eviction and replaced generations hand file names to a janitor thread, so no request waits
-//! on an unlink, and every other file operation runs on tokio's blocking pool. A purge is the
-//! exception: it unlinks the meta files itself before it returns, because a purge is
-//! acknowledged (a `204`, a purge bus position) only once the copy cannot come back after a
-//! crash (regression: a node killed right after applying a purge from the bus listed the
-//! still-present meta file at its restart and served the purged page). The tier
-//! does not decide what is cacheable, and it does not serve HTTP: `Store` puts it under the
-//! memory tier and gives pingora one `Storage`.
+//! An in-memory index ([`index`]: 24 bytes of table per object) says where each object's
+//! record is; a hit is one positional read of it, tried without blocking first (a page-cache
+//! read is answered on the spot) and sent to the blocking pool only when the disk must be
+//! waited for ([`read`]). Its body is checked block by block as it is read. One writer thread
+//! ([`writer`]) appends fills, copies and invalidations in aggregated writes and evicts whole
+//! segments, oldest first, giving objects read since they were written a second chance. A
+//! restart reads the index's checkpoint and scans the log written since ([`load`]): serving
+//! starts at once, and lookups wait (briefly) for the index rather than missing.
 //!
-//! Here: the index and invalidation (purge, soft purge, a 304's new meta). `read.rs`: hits.
-//! `write.rs`: fills. `load.rs`: the start-up listing. `format.rs`: the files themselves.
+//! A purge is acknowledged only once it cannot be undone by a crash: the index forgets the
+//! URL and a purge record is in the segment file (in the kernel's hands, as an unlink was)
+//! before it returns; a restart's scan applies it to everything written before it. The tier
+//! does not decide what is cacheable and does not serve HTTP: `Store` puts it under the memory
+//! tier and gives pingora one `Storage`.
 
-pub mod format;
+mod checkpoint;
+pub mod index;
 mod load;
 mod read;
+pub mod record;
+mod segments;
 mod write;
+mod writer;
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
-use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
 use pingora::cache::key::HashBinary;
 use pingora::cache::CacheMeta;
 
-use super::tags::{TagIndex, Tier};
-use format::{ObjectPaths, ReadError};
+use super::meta::{ObjectMeta, StoredMeta};
+use super::tags::TagIndex;
+use index::{Index, Loc};
+use record::Kind;
+use segments::Segments;
+use writer::{Job, ObjectJob};
 
 pub use crate::config::DiskConfig;
-pub use read::{DiskEntry, DiskHit, WHOLE_READ_MAX};
+pub use read::{DiskBody, DiskEntry, DiskHit};
 pub use write::DiskWrite;
 
 /// Counters of the disk tier, read by the admin endpoint and metrics.
@@ -49,117 +55,85 @@ pub struct DiskCounters {
     pub corrupt: AtomicU64,
     pub write_errors: AtomicU64,
     pub purges: AtomicU64,
+    /// Objects copied to the end of the log when their segment was evicted.
+    pub readmitted: AtomicU64,
+    /// Reads the page cache could not answer at once, sent to the blocking pool.
+    pub reads_waited: AtomicU64,
 }
 
-/// One stored slot (variant) as the index knows it.
-#[derive(Debug, Clone)]
-struct IndexedVariant {
-    slot: Option<HashBinary>,
-    gen: u64,
-    bytes: u64,
-    /// Whole body checked against its CRC since this process started (or written by it).
-    verified: Arc<AtomicBool>,
-}
-
-#[derive(Debug, Default)]
-struct IndexedUrl {
-    slots: Vec<IndexedVariant>,
-}
-
-impl IndexedUrl {
-    fn weight(&self) -> u32 {
-        let w: u64 = self.slots.iter().map(|s| s.bytes).sum();
-        u32::try_from(w).unwrap_or(u32::MAX)
-    }
-    fn get(&self, slot: Option<&HashBinary>) -> Option<&IndexedVariant> {
-        self.slots.iter().find(|s| s.slot.as_ref() == slot)
-    }
-}
+/// How long a lookup waits for the start-up index load before it counts as a miss.
+const LOAD_WAIT: Duration = Duration::from_secs(5);
+/// Most body bytes waiting for the writer: past it, fills are not written to disk.
+const QUEUE_MAX: u64 = 256 << 20;
 
 pub struct DiskTier {
-    objects: PathBuf,
-    index: moka::sync::Cache<HashBinary, Arc<IndexedUrl>>,
-    janitor: mpsc::Sender<PathBuf>,
     pub config: DiskConfig,
     pub counters: Arc<DiskCounters>,
+    index: Index,
+    segments: Segments,
+    jobs: mpsc::Sender<Job>,
+    segment_size: u64,
+    max_segments: usize,
+    /// Body bytes handed to the writer and not yet written.
+    queued_bytes: AtomicU64,
+    /// Bytes of the segments in use.
+    used_bytes: AtomicU64,
     uses: moka::sync::Cache<HashBinary, u32>,
-    unique: AtomicU64,
-    process_salt: u64,
-    loaded: Arc<AtomicBool>,
-    /// URLs purged while the index was loading: the listing may yet find copies of them,
-    /// which are unlinked instead of indexed.
-    purged_while_loading: std::sync::Mutex<HashSet<HashBinary>>,
+    loaded: tokio::sync::watch::Sender<bool>,
+    /// The first segment this process writes: the start-up load reads only those before it.
+    first_new_segment: u32,
+    /// Purges and soft purges made while the index was loading, applied again once it is.
+    invalidated_while_loading: Mutex<Vec<(Kind, HashBinary, u64)>>,
     /// How long the start-up index load took, once done.
-    pub load_time: Arc<std::sync::Mutex<Option<Duration>>>,
+    pub load_time: Arc<Mutex<Option<Duration>>>,
     tags_loaded: AtomicBool,
     tags: &'static TagIndex,
+    /// Test hook (`SKUA_TEST_DISK_READ_DELAY_MS`): every read waits on the blocking pool this
+    /// long, as on a slow disk.
+    read_delay: Option<Duration>,
 }
 
 impl DiskTier {
-    /// Opens (creating) the directory and starts loading its index in the background.
+    /// Opens (creating) the directory, starts the writer and starts loading the index in the
+    /// background.
     pub fn open(config: DiskConfig, tags: &'static TagIndex) -> std::io::Result<&'static DiskTier> {
-        let objects = config.path.join("objects");
-        std::fs::create_dir_all(&objects)?;
-        let (janitor, rx) = mpsc::channel::<PathBuf>();
-        std::thread::Builder::new()
-            .name("skua-disk-janitor".into())
-            .spawn(move || {
-                for path in rx {
-                    let _ = std::fs::remove_file(&path);
-                }
-            })?;
-        let counters = Arc::new(DiskCounters::default());
-        let evicted_janitor = janitor.clone();
-        let evicted_counters = counters.clone();
-        let evict_objects = objects.clone();
-        let index = moka::sync::Cache::builder()
-            .max_capacity(config.size)
-            .weigher(|_k: &HashBinary, f: &Arc<IndexedUrl>| f.weight())
-            .eviction_listener(
-                move |key: Arc<HashBinary>, family: Arc<IndexedUrl>, cause| {
-                    // Replaced and explicitly removed families are handled by whoever replaced or
-                    // removed them; only evictions for space or age are the index's own doing.
-                    if matches!(cause, RemovalCause::Size | RemovalCause::Expired) {
-                        tags.forget(&key, Tier::Disk);
-                        for s in &family.slots {
-                            evicted_counters.evictions.fetch_add(1, Ordering::Relaxed);
-                            let paths = ObjectPaths::new(&evict_objects, &key, s.slot.as_ref());
-                            let _ = evicted_janitor.send(paths.meta());
-                            let _ = evicted_janitor.send(paths.body(s.gen));
-                        }
-                    }
-                },
-            )
-            .build();
-        let salt = {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u32(std::process::id());
-            h.write_u128(
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos()),
-            );
-            h.finish()
-        };
+        std::fs::create_dir_all(&config.path)?;
+        discard_old_format(&config.path);
+        let segments = Segments::open(&config.path.join("segments"))?;
+        let first_new_segment = segments.newest().map_or(0, |s| s.wrapping_add(1));
+        let file = segments.create(first_new_segment)?;
+        let (segment_size, max_segments) = segment_layout(&config);
+        let (jobs, rx) = mpsc::channel();
+        let read_delay = std::env::var("SKUA_TEST_DISK_READ_DELAY_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis);
         let tier: &'static DiskTier = Box::leak(Box::new(DiskTier {
-            objects,
-            index,
-            janitor,
             config,
-            counters,
+            counters: Arc::new(DiskCounters::default()),
+            index: Index::default(),
+            segments,
+            jobs,
+            segment_size,
+            max_segments,
+            queued_bytes: AtomicU64::new(0),
+            used_bytes: AtomicU64::new(0),
             uses: moka::sync::Cache::builder()
                 .max_capacity(1 << 20)
                 .time_to_idle(Duration::from_secs(3600))
                 .build(),
-            unique: AtomicU64::new(1),
-            process_salt: salt,
-            loaded: Arc::new(AtomicBool::new(false)),
-            purged_while_loading: std::sync::Mutex::new(HashSet::new()),
-            load_time: Arc::new(std::sync::Mutex::new(None)),
+            loaded: tokio::sync::watch::Sender::new(false),
+            first_new_segment,
+            invalidated_while_loading: Mutex::new(Vec::new()),
+            load_time: Arc::new(Mutex::new(None)),
             tags_loaded: AtomicBool::new(false),
             tags,
+            read_delay,
         }));
+        let writer = writer::Writer::new(tier, first_new_segment, file);
+        std::thread::Builder::new()
+            .name("skua-disk-writer".into())
+            .spawn(move || writer.run(rx))?;
         std::thread::Builder::new()
             .name("skua-disk-index".into())
             .spawn(move || tier.load_index())?;
@@ -168,7 +142,7 @@ impl DiskTier {
 
     /// The index is loaded (objects on disk are servable).
     pub fn loaded(&self) -> bool {
-        self.loaded.load(Ordering::Acquire)
+        *self.loaded.borrow()
     }
 
     /// The tags of the objects on disk are indexed too.
@@ -177,194 +151,206 @@ impl DiskTier {
     }
 
     pub fn object_count(&self) -> u64 {
-        self.index.run_pending_tasks();
-        self.index.iter().map(|(_, f)| f.slots.len() as u64).sum()
+        self.index.len()
     }
 
     pub fn resident_bytes(&self) -> u64 {
-        self.index.run_pending_tasks();
-        self.index.weighted_size()
+        self.used_bytes.load(Ordering::Relaxed)
     }
 
-    /// A name never used before, by this or any other process.
-    fn next_unique(&self) -> u64 {
-        let n = self.unique.fetch_add(1, Ordering::Relaxed);
-        self.process_salt ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    fn checkpoint_path(&self) -> PathBuf {
+        self.config.path.join("index.ckpt")
     }
 
-    fn paths(&self, primary: &HashBinary, slot: Option<&HashBinary>) -> ObjectPaths {
-        ObjectPaths::new(&self.objects, primary, slot)
+    /// Waits (a bounded time) for the start-up index load, so that an object stored before
+    /// the restart is a hit, not fetched again.
+    async fn wait_loaded(&self) -> bool {
+        if self.loaded() {
+            return true;
+        }
+        let mut rx = self.loaded.subscribe();
+        tokio::time::timeout(LOAD_WAIT, rx.wait_for(|loaded| *loaded))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
-    fn forget(&self, primary: &HashBinary, slot: Option<&HashBinary>, gen: Option<u64>) {
-        self.index
-            .entry(*primary)
-            .and_compute_with(|old| match old {
-                Some(e) => {
-                    let f = e.into_value();
-                    let keep: Vec<IndexedVariant> = f
-                        .slots
-                        .iter()
-                        .filter(|s| !(s.slot.as_ref() == slot && gen.is_none_or(|g| g == s.gen)))
-                        .cloned()
-                        .collect();
-                    if keep.len() == f.slots.len() {
-                        Op::Nop
-                    } else if keep.is_empty() {
-                        Op::Remove
-                    } else {
-                        Op::Put(Arc::new(IndexedUrl { slots: keep }))
-                    }
-                }
-                None => Op::Nop,
-            });
+    fn wait_loaded_blocking(&self) {
+        while !self.loaded() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
-    /// Drops a damaged entry: counted, unlinked, forgotten.
-    fn drop_corrupt(&self, primary: &HashBinary, slot: Option<&HashBinary>, gen: u64, why: &str) {
+    fn send(&self, job: Job) -> bool {
+        self.jobs.send(job).is_ok()
+    }
+
+    fn write_failed(&self, e: &std::io::Error) {
+        let before = self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        // A full disk fails every write: log the 1st, 2nd, 4th, 8th... failure, not each one
+        // (every one is counted in skua_cache_tier_events_total{event="write_error"}).
+        let failures = before + 1;
+        if failures.is_power_of_two() {
+            tracing::warn!(error = %e, failures, "disk cache write failed; serving from memory");
+        }
+    }
+
+    /// Drops a damaged object: counted, forgotten, and a purge record written so that a
+    /// restart does not index it again.
+    fn drop_corrupt(&self, primary: &HashBinary, slot: Option<&HashBinary>, loc: Loc, why: &str) {
         tracing::warn!(reason = why, "dropping a damaged disk cache entry");
         self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
-        let paths = self.paths(primary, slot);
-        let _ = self.janitor.send(paths.meta());
-        let _ = self.janitor.send(paths.body(gen));
-        self.forget(primary, slot, None);
+        self.index.remove_at(primary, slot, loc);
+        let (done, _) = tokio::sync::oneshot::channel();
+        self.send(Job::Invalidate {
+            kind: Kind::Delete,
+            primary: *primary,
+            at: writer::now_nanos(),
+            done,
+        });
     }
 
     /// Whether any variant of `primary` is indexed.
     pub fn holds(&self, primary: &HashBinary) -> bool {
-        self.index.get(primary).is_some()
+        self.index.holds(primary)
     }
 
-    /// Removes every variant of a URL from disk, its meta files unlinked before this returns
-    /// (see the module note). Returns how many were removed.
-    pub async fn purge_all(&'static self, primary: &HashBinary) -> usize {
-        let (removed, metas) = self.unindex(primary);
-        if !metas.is_empty() {
-            let _ = tokio::task::spawn_blocking(move || unlink_all(&metas)).await;
+    /// Notes a purge or soft purge made while the index is loading, for the load to apply
+    /// again at its end (it may index the URL after the purge looked for it). Called before
+    /// the purge changes the index: then either the load sees it or the load was over.
+    fn note_while_loading(&self, kind: Kind, primary: &HashBinary, at: u64) {
+        if self.loaded() {
+            return;
         }
-        removed
-    }
-
-    /// [`Self::purge_all`] for a thread that may block.
-    fn purge_all_blocking(&self, primary: &HashBinary) -> usize {
-        let (removed, metas) = self.unindex(primary);
-        unlink_all(&metas);
-        removed
-    }
-
-    /// Takes every variant of `primary` out of the index: their bodies go to the janitor,
-    /// their meta files are returned for the caller to unlink.
-    fn unindex(&self, primary: &HashBinary) -> (usize, Vec<PathBuf>) {
+        let mut made = self
+            .invalidated_while_loading
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if !self.loaded() {
-            // Before the removal, so the loader, which checks this set under the entry's
-            // lock, either inserted its copy before the removal or sees the purge.
-            if let Ok(mut purged) = self.purged_while_loading.lock() {
-                purged.insert(*primary);
-            }
+            made.push((kind, *primary, at));
         }
-        let Some(family) = self.index.remove(primary) else {
-            return (0, Vec::new());
-        };
-        let mut metas = Vec::with_capacity(family.slots.len());
-        for s in &family.slots {
-            let paths = self.paths(primary, s.slot.as_ref());
-            metas.push(paths.meta());
-            let _ = self.janitor.send(paths.body(s.gen));
+    }
+
+    /// Writes a purge or soft purge record and waits until it is in the file.
+    async fn write_invalidation(&self, kind: Kind, primary: &HashBinary, at: u64) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.send(Job::Invalidate {
+            kind,
+            primary: *primary,
+            at,
+            done,
+        }) {
+            let _ = written.await;
         }
+    }
+
+    /// Removes every variant of a URL from disk; returns once a restart cannot bring them
+    /// back (see the module note). Returns how many were removed.
+    pub async fn purge_all(&'static self, primary: &HashBinary) -> usize {
+        let at = writer::now_nanos();
+        self.note_while_loading(Kind::Delete, primary, at);
+        let removed = self.index.remove_all(primary, u64::MAX).len();
+        self.write_invalidation(Kind::Delete, primary, at).await;
         self.counters
             .purges
-            .fetch_add(family.slots.len() as u64, Ordering::Relaxed);
-        (family.slots.len(), metas)
+            .fetch_add(removed as u64, Ordering::Relaxed);
+        removed
     }
 
-    /// Marks every variant of a URL stale on disk by rewriting its meta (soft purge).
+    /// Marks every variant of a URL stale on disk (soft purge): stale from now, with the
+    /// stale windows its own directives allow (see `PurgeMode::Expire`), Age still counting
+    /// from the original fetch.
     pub async fn expire_all(&'static self, primary: &HashBinary) -> usize {
-        if !self.loaded() {
-            // Copies the listing has not reached yet cannot be marked: they are dropped
-            // instead (a miss where a revalidation would have done).
-            if let Ok(mut purged) = self.purged_while_loading.lock() {
-                purged.insert(*primary);
-            }
-        }
-        let Some(family) = self.index.get(primary) else {
-            return 0;
-        };
-        let mut marked = 0;
-        let now = SystemTime::now();
-        for s in &family.slots {
-            let rewritten = self
-                .rewrite_meta(primary, s.slot.as_ref(), move |meta| {
-                    // Stale now, with the stale windows its own directives allowed (see
-                    // `PurgeMode::Expire`); Age keeps counting from the original fetch.
-                    let epoch = meta.epoch();
-                    let fresh_until = meta.fresh_until().min(now);
-                    let swr = meta.stale_while_revalidate_sec();
-                    let sie = meta.stale_if_error_sec();
-                    meta.update_freshness(fresh_until, swr, sie);
-                    meta.set_epoch_override(epoch);
-                })
-                .await;
-            if rewritten {
-                marked += 1;
-            }
-        }
+        let at = writer::now_nanos();
+        self.note_while_loading(Kind::Expire, primary, at);
+        let marked = self.index.expire_all(primary, u64::MAX, at / 1_000_000_000);
+        self.write_invalidation(Kind::Expire, primary, at).await;
         marked
     }
 
-    /// Replaces a slot's metadata (a 304 refresh): only the meta file is rewritten.
+    /// Replaces a slot's metadata (a 304 refresh): the object is written again with it, and
+    /// indexed only if nothing replaced or purged it meanwhile.
     pub async fn update_meta(
         &'static self,
         primary: &HashBinary,
         slot: Option<&HashBinary>,
         meta: &CacheMeta,
     ) -> bool {
-        let Ok((internal, header)) = meta.serialize() else {
-            return false;
-        };
-        self.rewrite_meta(primary, slot, move |m| {
-            if let Ok(new) = CacheMeta::deserialize(&internal, &header) {
-                *m = new;
-            }
-        })
-        .await
-    }
-
-    async fn rewrite_meta(
-        &'static self,
-        primary: &HashBinary,
-        slot: Option<&HashBinary>,
-        change: impl FnOnce(&mut CacheMeta) + Send + 'static,
-    ) -> bool {
-        if self
-            .index
-            .get(primary)
-            .and_then(|f| f.get(slot).cloned())
-            .is_none()
-        {
+        if !self.wait_loaded().await {
             return false;
         }
-        let paths = self.paths(primary, slot);
-        let temp = paths.temp("meta", self.next_unique());
-        let done = tokio::task::spawn_blocking(move || -> Result<(), ReadError> {
-            let mut file = format::read_meta(&paths.meta())?;
-            let mut meta = CacheMeta::deserialize(&file.internal, &file.header)
-                .map_err(|_| ReadError::Corrupt("metadata does not decode"))?;
-            change(&mut meta);
-            let (internal, header) = meta
-                .serialize()
-                .map_err(|_| ReadError::Corrupt("metadata does not encode"))?;
-            file.internal = internal;
-            file.header = header;
-            format::write_atomic(&paths.meta(), &temp, &file.encode()).map_err(ReadError::Io)
-        })
-        .await;
-        matches!(done, Ok(Ok(())))
+        let Some(loc) = self.index.peek(primary, slot) else {
+            return false;
+        };
+        let Some(body) = self.read_body_whole(primary, slot, loc).await else {
+            return false;
+        };
+        let body_len = body.len() as u64;
+        let (done, written) = tokio::sync::oneshot::channel();
+        self.queued_bytes.fetch_add(body_len, Ordering::Relaxed);
+        let sent = self.send(Job::Object(ObjectJob {
+            primary: *primary,
+            slot: slot.copied(),
+            meta: ObjectMeta::encode(StoredMeta::from_meta(meta)),
+            body: vec![body],
+            body_len,
+            only_if: Some(loc),
+            done: Some(done),
+        }));
+        sent && matches!(written.await, Ok(Some(_)))
+    }
+
+    /// Writes a checkpoint of the index now, for a quick next start.
+    pub fn checkpoint_now(&self) {
+        let (done, written) = mpsc::channel();
+        if self.send(Job::Checkpoint(done)) {
+            let _ = written.recv_timeout(Duration::from_secs(10));
+        }
+    }
+
+    /// Whether a miss for this key should be written to disk now (admission: N-th miss).
+    pub fn admit(&self, primary: &HashBinary) -> bool {
+        if self.config.min_uses <= 1 {
+            return true;
+        }
+        let mut seen = 0;
+        self.uses.entry(*primary).and_compute_with(|old| {
+            seen = old.map_or(0, |e| e.into_value()) + 1;
+            Op::Put(seen)
+        });
+        seen >= self.config.min_uses
     }
 }
 
-/// Unlinks files that may already be gone.
-fn unlink_all(paths: &[PathBuf]) {
-    for path in paths {
-        let _ = std::fs::remove_file(path);
+/// The segment size and how many segments the bound holds: about sixteen, each able to hold
+/// the largest object (with its head), between 64 KiB and 256 MiB.
+fn segment_layout(config: &DiskConfig) -> (u64, usize) {
+    let largest = record::aligned(
+        config.max_object_size + record::blocks(config.max_object_size) as u64 * 4 + 64 * 1024,
+    );
+    let size = (config.size / 16).clamp(64 * 1024, 256 << 20).max(largest);
+    let size = size.min(u64::from(u32::MAX));
+    let count = (config.size / size).max(2) as usize;
+    (size, count)
+}
+
+/// The first format kept two files per object under `objects/`: it is not read, it is removed
+/// (in the background: there may be a million files), with a line in the log.
+fn discard_old_format(dir: &std::path::Path) {
+    let old = dir.join("objects");
+    if !old.is_dir() {
+        return;
     }
+    let doomed = dir.join(format!(".objects-old-format.{}", std::process::id()));
+    if std::fs::rename(&old, &doomed).is_err() {
+        return;
+    }
+    tracing::warn!(
+        dir = %dir.display(),
+        "the disk cache was written in an older format (a file per object); it is discarded and refilled"
+    );
+    let _ = std::thread::Builder::new()
+        .name("skua-disk-discard".into())
+        .spawn(move || {
+            let _ = std::fs::remove_dir_all(&doomed);
+        });
 }

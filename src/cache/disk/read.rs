@@ -1,35 +1,43 @@
-//! Disk hits: a lookup reads and checks the meta file, opens the body, and for bodies up to
-//! [`WHOLE_READ_MAX`] reads and checks it whole before a byte is served; larger bodies are
-//! checked once by [`DiskTier::verify`] and then streamed in [`CHUNK`]s. Damage is dropped,
-//! never served.
+//! Disk hits: the index says where the record is; one positional read fetches it (the whole
+//! record up to [`WHOLE_READ_MAX`], else its head), asked of the page cache without waiting
+//! (`preadv2` with `RWF_NOWAIT`) and sent to the blocking pool only when the disk must be
+//! waited for. The head is checked, then each body block as it is read: a damaged block is
+//! never sent, and its object is dropped and counted.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use pingora::cache::key::HashBinary;
-use pingora::cache::CacheMeta;
+use rustix::io::{Errno, ReadWriteFlags};
 
-use super::format::{self, ReadError};
+use super::index::Loc;
+use super::record::{self, Damage, Head, BLOCK};
+use super::segments::read_up_to;
 use super::DiskTier;
+use crate::cache::meta::{ObjectMeta, Stamp};
 
-/// Read size for streaming a body from disk.
-const CHUNK: usize = 64 * 1024;
-/// Bodies at most this large are read whole and checked before a byte is served.
-pub const WHOLE_READ_MAX: u64 = 8 << 20;
+/// Records up to this size are read whole and their body checked before the hit is served.
+pub const WHOLE_READ_MAX: u64 = 1 << 20;
+/// A larger record's first read: its head (a response header and a CRC per 64 KiB block).
+const HEAD_GUESS: usize = 16 * 1024;
+/// Blocks read per read of a large body.
+const BLOCKS_PER_READ: u64 = 4;
 
-/// What a disk lookup found: checked metadata and an open body file.
+/// What a disk lookup found: checked metadata and the body, whole or to stream.
 pub struct DiskEntry {
-    pub meta: CacheMeta,
-    pub file: Arc<File>,
+    pub meta: ObjectMeta,
     pub body_len: u64,
-    /// The whole body, already checked, for bodies up to [`WHOLE_READ_MAX`].
-    pub body: Option<Bytes>,
-    gen: u64,
-    body_crc: u32,
-    verified: Arc<AtomicBool>,
+    pub body: DiskBody,
+}
+
+pub enum DiskBody {
+    /// Read and checked.
+    Whole(Bytes),
+    /// Checked block by block as it streams.
+    Stream(DiskHit),
 }
 
 impl DiskTier {
@@ -39,129 +47,267 @@ impl DiskTier {
         primary: &HashBinary,
         slot: Option<&HashBinary>,
     ) -> Option<DiskEntry> {
-        let Some(found) = self.index.get(primary).and_then(|f| f.get(slot).cloned()) else {
+        let found = if self.wait_loaded().await {
+            self.index.get(primary, slot)
+        } else {
+            None
+        };
+        let Some(loc) = found else {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        let paths = self.paths(primary, slot);
-        // One trip to the blocking pool per lookup: meta, body length, and (for bodies up to
-        // WHOLE_READ_MAX) the body itself with its checksum checked.
-        let read = tokio::task::spawn_blocking(move || -> Result<Loaded, (ReadError, u64)> {
-            let meta_file = format::read_meta(&paths.meta()).map_err(|e| (e, found.gen))?;
-            let gen = meta_file.gen;
-            let file =
-                crate::cache::files::open_regular(&paths.body(gen)).map_err(|e| (e.into(), gen))?;
-            let len = file.metadata().map_err(|e| (e.into(), gen))?.len();
-            if len != meta_file.body_len {
-                return Err((ReadError::Corrupt("body length differs from its meta"), gen));
+        match self.read_entry(primary, slot, loc).await {
+            Ok(entry) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Some(entry)
             }
-            let meta = CacheMeta::deserialize(&meta_file.internal, &meta_file.header)
-                .map_err(|_| (ReadError::Corrupt("metadata does not decode"), gen))?;
-            let body = if len <= WHOLE_READ_MAX {
-                let mut buf = vec![0u8; len as usize];
-                file.read_exact_at(&mut buf, 0)
-                    .map_err(|e| (e.into(), gen))?;
-                if crc32fast::hash(&buf) != meta_file.body_crc {
-                    return Err((ReadError::Corrupt("body checksum mismatch"), gen));
-                }
-                Some(Bytes::from(buf))
-            } else {
-                None
-            };
-            Ok(Loaded {
-                meta,
-                file,
-                body,
-                gen,
-                body_len: len,
-                body_crc: meta_file.body_crc,
-            })
-        })
-        .await;
-        let loaded = match read {
-            Ok(Ok(v)) => v,
-            Ok(Err((ReadError::Missing, gen))) => {
-                // Removed by another process sharing the directory, or mid-replacement.
-                self.forget(primary, slot, Some(gen));
+            Err(ReadFailure::Gone) => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                return None;
+                None
             }
-            Ok(Err((ReadError::Corrupt(why), gen))) => {
-                self.drop_corrupt(primary, slot, gen, why);
-                return None;
+            Err(ReadFailure::Damaged(why)) => {
+                self.drop_corrupt(primary, slot, loc, &why.to_string());
+                None
             }
-            Ok(Err((ReadError::Io(e), _))) => {
+            Err(ReadFailure::Io(e)) => {
                 tracing::warn!(error = %e, "disk cache read failed");
-                return None;
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                None
             }
-            Err(_) => return None,
-        };
-        let verified = if loaded.gen == found.gen {
-            found.verified
-        } else {
-            Arc::new(AtomicBool::new(false))
-        };
-        if loaded.body.is_some() {
-            verified.store(true, Ordering::Relaxed);
         }
-        self.counters.hits.fetch_add(1, Ordering::Relaxed);
-        Some(DiskEntry {
-            meta: loaded.meta,
-            file: Arc::new(loaded.file),
-            body_len: loaded.body_len,
-            body: loaded.body,
-            gen: loaded.gen,
-            body_crc: loaded.body_crc,
-            verified,
-        })
     }
 
-    /// Checks a large body's checksum by reading it through once, unless already checked.
-    pub async fn verify(
+    async fn read_entry(
         &'static self,
         primary: &HashBinary,
         slot: Option<&HashBinary>,
-        entry: &DiskEntry,
-    ) -> bool {
-        if entry.verified.load(Ordering::Relaxed) {
-            return true;
+        loc: Loc,
+    ) -> Result<DiskEntry, ReadFailure> {
+        // Evicted since the index was read (or about to be written again elsewhere).
+        let file = self.segments.get(loc.seg).ok_or(ReadFailure::Gone)?;
+        let whole = u64::from(loc.len) <= WHOLE_READ_MAX;
+        let first = if whole {
+            loc.len as usize
+        } else {
+            HEAD_GUESS.min(loc.len as usize)
+        };
+        let mut bytes = self.read_at(&file, first, u64::from(loc.offset)).await?;
+        if bytes.len() < first {
+            return Err(ReadFailure::Damaged(Damage::Truncated));
         }
-        let file = entry.file.clone();
-        let len = entry.body_len;
-        let crc = tokio::task::spawn_blocking(move || -> std::io::Result<u32> {
-            let mut hasher = crc32fast::Hasher::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut pos = 0u64;
-            while pos < len {
-                let n = ((len - pos) as usize).min(buf.len());
-                file.read_exact_at(&mut buf[..n], pos)?;
-                hasher.update(&buf[..n]);
-                pos += n as u64;
+        let fixed = record::parse_fixed(&bytes)?;
+        if fixed.head_len as usize > bytes.len() {
+            bytes = self
+                .read_at(&file, fixed.head_len as usize, u64::from(loc.offset))
+                .await?;
+        }
+        let bytes = Bytes::from(bytes);
+        let Head {
+            fixed,
+            mut meta,
+            block_crcs,
+        } = record::parse_head(&bytes)?;
+        if fixed.kind != record::Kind::Object
+            || fixed.primary != *primary
+            || fixed.slot.as_ref() != slot
+        {
+            // Another URL sharing the index key replaced this one's entry: not damage.
+            return Err(ReadFailure::Gone);
+        }
+        if u64::from(fixed.head_len) + fixed.body_len != u64::from(loc.len) {
+            return Err(ReadFailure::Damaged(Damage::HeadLayout));
+        }
+        if let Some(expired) = loc.expired_at() {
+            let at = Stamp::from_nanos(expired.saturating_mul(1_000_000_000));
+            meta.times.fresh_until = meta.times.fresh_until.min(at);
+        }
+        let body = if whole {
+            let body = bytes.slice(fixed.head_len as usize..);
+            for (i, block) in body.chunks(BLOCK).enumerate() {
+                record::check_block(&block_crcs, i, block)?;
             }
-            Ok(hasher.finalize())
+            DiskBody::Whole(body)
+        } else {
+            DiskBody::Stream(DiskHit {
+                tier: self,
+                primary: *primary,
+                slot: slot.copied(),
+                loc,
+                file,
+                body_start: u64::from(loc.offset) + u64::from(fixed.head_len),
+                block_crcs: block_crcs.into(),
+                pos: 0,
+                end: fixed.body_len,
+                total: fixed.body_len,
+            })
+        };
+        Ok(DiskEntry {
+            meta,
+            body_len: fixed.body_len,
+            body,
         })
-        .await;
-        match crc {
-            Ok(Ok(c)) if c == entry.body_crc => {
-                entry.verified.store(true, Ordering::Relaxed);
-                true
+    }
+
+    /// A whole body, checked (a 304's refresh writes it again).
+    pub(super) async fn read_body_whole(
+        &'static self,
+        primary: &HashBinary,
+        slot: Option<&HashBinary>,
+        loc: Loc,
+    ) -> Option<Bytes> {
+        match self.read_entry(primary, slot, loc).await {
+            Ok(DiskEntry {
+                body: DiskBody::Whole(body),
+                ..
+            }) => Some(body),
+            Ok(DiskEntry {
+                body: DiskBody::Stream(mut hit),
+                body_len,
+                ..
+            }) => {
+                let mut body = Vec::with_capacity(body_len as usize);
+                while let Ok(Some(chunk)) = hit.read().await {
+                    body.extend_from_slice(&chunk);
+                }
+                (body.len() as u64 == body_len).then(|| body.into())
             }
-            _ => {
-                self.drop_corrupt(primary, slot, entry.gen, "body checksum mismatch");
-                false
+            Err(ReadFailure::Damaged(why)) => {
+                self.drop_corrupt(primary, slot, loc, &why.to_string());
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// `len` bytes at `at`, or fewer at the end of the file: from the page cache on this
+    /// thread when it holds them, else on the blocking pool.
+    async fn read_at(&self, file: &Arc<File>, len: usize, at: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        if self.read_delay.is_none() {
+            if let Some(done) = read_without_waiting(file, &mut buf, at) {
+                buf.truncate(done?);
+                return Ok(buf);
             }
         }
+        self.counters.reads_waited.fetch_add(1, Ordering::Relaxed);
+        let file = file.clone();
+        let delay = self.read_delay;
+        tokio::task::spawn_blocking(move || {
+            if let Some(delay) = delay {
+                std::thread::sleep(delay);
+            }
+            let got = read_up_to(&file, &mut buf, at)?;
+            buf.truncate(got);
+            Ok(buf)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 }
 
-/// What the blocking half of a lookup read.
-struct Loaded {
-    meta: CacheMeta,
-    file: File,
-    body: Option<Bytes>,
-    gen: u64,
-    body_len: u64,
-    body_crc: u32,
+/// Reads `buf` at `at` if the page cache holds all of it (`RWF_NOWAIT`); `None` if the disk
+/// would have to be waited for (or the kernel cannot say), so the caller reads elsewhere.
+fn read_without_waiting(file: &File, buf: &mut [u8], at: u64) -> Option<io::Result<usize>> {
+    let want = buf.len();
+    match rustix::io::preadv2(
+        file,
+        &mut [io::IoSliceMut::new(buf)],
+        at,
+        ReadWriteFlags::NOWAIT,
+    ) {
+        Ok(n) if n == want || n == 0 => Some(Ok(n)),
+        // Part of it cached: the rest needs the disk.
+        Ok(_) => None,
+        Err(e) if e == Errno::AGAIN || e == Errno::OPNOTSUPP || e == Errno::NOSYS => None,
+        Err(e) if e == Errno::INVAL => None,
+        Err(e) => Some(Err(e.into())),
+    }
+}
+
+/// The head of the record at `loc`, checked (the start-up tag pass).
+pub fn read_head_blocking(file: &File, loc: Loc) -> Result<Head, Damage> {
+    let mut bytes = vec![0u8; HEAD_GUESS.min(loc.len as usize)];
+    let got = read_up_to(file, &mut bytes, u64::from(loc.offset)).map_err(|_| Damage::Truncated)?;
+    bytes.truncate(got);
+    let fixed = record::parse_fixed(&bytes)?;
+    if fixed.head_len as usize > bytes.len() {
+        bytes.resize(fixed.head_len as usize, 0);
+        let got =
+            read_up_to(file, &mut bytes, u64::from(loc.offset)).map_err(|_| Damage::Truncated)?;
+        bytes.truncate(got);
+    }
+    record::parse_head(&bytes)
+}
+
+enum ReadFailure {
+    Gone,
+    Damaged(Damage),
+    Io(io::Error),
+}
+
+impl From<Damage> for ReadFailure {
+    fn from(d: Damage) -> Self {
+        ReadFailure::Damaged(d)
+    }
+}
+
+impl From<io::Error> for ReadFailure {
+    fn from(e: io::Error) -> Self {
+        ReadFailure::Io(e)
+    }
+}
+
+/// A large body streamed from its segment, each block checked before any of it is sent;
+/// seekable for Range requests.
+pub struct DiskHit {
+    tier: &'static DiskTier,
+    primary: HashBinary,
+    slot: Option<HashBinary>,
+    loc: Loc,
+    file: Arc<File>,
+    /// Where the body starts in the segment.
+    body_start: u64,
+    block_crcs: Arc<[u32]>,
+    pos: u64,
+    end: u64,
+    total: u64,
+}
+
+impl DiskHit {
+    pub async fn read(&mut self) -> io::Result<Option<Bytes>> {
+        if self.pos >= self.end {
+            return Ok(None);
+        }
+        let block = BLOCK as u64;
+        let first_block = self.pos / block;
+        let from = first_block * block;
+        let to = ((first_block + BLOCKS_PER_READ) * block).min(self.total);
+        let data = self
+            .tier
+            .read_at(&self.file, (to - from) as usize, self.body_start + from)
+            .await?;
+        let damaged = data.len() as u64 != to - from
+            || data.chunks(BLOCK).enumerate().any(|(i, b)| {
+                record::check_block(&self.block_crcs, first_block as usize + i, b).is_err()
+            });
+        if damaged {
+            self.tier.drop_corrupt(
+                &self.primary,
+                self.slot.as_ref(),
+                self.loc,
+                "body block checksum mismatch",
+            );
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a damaged disk cache block",
+            ));
+        }
+        let data = Bytes::from(data);
+        let upto = to.min(self.end);
+        let chunk = data.slice((self.pos - from) as usize..(upto - from) as usize);
+        self.pos = upto;
+        Ok(Some(chunk))
+    }
 }
 
 #[async_trait::async_trait]
@@ -208,42 +354,5 @@ impl pingora::cache::storage::HandleHit for DiskHit {
 
     fn as_any_mut(&mut self) -> &mut (dyn std::any::Any + Send + Sync) {
         self
-    }
-}
-
-/// A hit streamed from a disk body, seekable for Range requests.
-pub struct DiskHit {
-    file: Arc<File>,
-    pos: u64,
-    end: u64,
-    total: u64,
-}
-
-impl DiskHit {
-    pub fn new(entry: &DiskEntry) -> DiskHit {
-        DiskHit {
-            file: entry.file.clone(),
-            pos: 0,
-            end: entry.body_len,
-            total: entry.body_len,
-        }
-    }
-
-    pub async fn read(&mut self) -> std::io::Result<Option<Bytes>> {
-        if self.pos >= self.end {
-            return Ok(None);
-        }
-        let n = ((self.end - self.pos) as usize).min(CHUNK);
-        let file = self.file.clone();
-        let pos = self.pos;
-        let buf = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            let mut buf = vec![0u8; n];
-            file.read_exact_at(&mut buf, pos)?;
-            Ok(buf)
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-        self.pos += n as u64;
-        Ok(Some(Bytes::from(buf)))
     }
 }

@@ -1,0 +1,460 @@
+//! The writer: one thread that owns the end of the log. Fills, copies and invalidations reach
+//! it as jobs; it appends what has queued up since its last write into one buffer and writes
+//! that with one positional write (records larger than the buffer are written in place
+//! after it), then indexes what it wrote and answers the jobs. A full segment is closed and a
+//! new one started; past the tier's bound the oldest segment is evicted whole, its objects
+//! that were read since they were written copied to the end of the log first (second
+//! chance), at most half a segment's worth each time. It also writes the checkpoint.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pingora::cache::key::HashBinary;
+
+use super::index::{Loc, SOFT_EPOCH};
+use super::record::{self, BlockCrcs, Kind};
+use super::segments::Scan;
+use super::{checkpoint, DiskTier};
+use crate::cache::meta::ObjectMeta;
+use crate::cache::tags::Tier;
+
+/// What is appended in one write: small records queued together go out as one.
+pub const AGGREGATE: usize = 1 << 20;
+/// How often the index is checkpointed while records are being written.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
+
+pub enum Job {
+    Object(ObjectJob),
+    /// A purge (`Delete`) or soft purge (`Expire`) of every variant of a URL, at `at` (Unix
+    /// nanoseconds). Answered once the record is in the file.
+    Invalidate {
+        kind: Kind,
+        primary: HashBinary,
+        at: u64,
+        done: tokio::sync::oneshot::Sender<()>,
+    },
+    /// Writes a checkpoint now (a graceful stop).
+    Checkpoint(std::sync::mpsc::Sender<()>),
+}
+
+pub struct ObjectJob {
+    pub primary: HashBinary,
+    pub slot: Option<HashBinary>,
+    pub meta: ObjectMeta,
+    pub body: Vec<Bytes>,
+    pub body_len: u64,
+    /// Indexed only if the URL is still at this place (a copy of an object: a 304's new
+    /// metadata, a re-admission), whose soft purge the copy keeps.
+    pub only_if: Option<Loc>,
+    /// Answered with where it was written, once indexed (`None`: not stored).
+    pub done: Option<tokio::sync::oneshot::Sender<Option<Loc>>>,
+}
+
+/// Something written, to index and answer once the write is done.
+enum Written {
+    Object {
+        job: ObjectJob,
+        loc: Loc,
+    },
+    Invalidation {
+        kind: Kind,
+        primary: HashBinary,
+        at: u64,
+        position: u64,
+        done: tokio::sync::oneshot::Sender<()>,
+    },
+}
+
+pub struct Writer {
+    tier: &'static DiskTier,
+    seg: u32,
+    file: Arc<File>,
+    /// Where `buf` goes in the current segment.
+    buf_start: u64,
+    buf: Vec<u8>,
+    written: Vec<Written>,
+    last_checkpoint: Instant,
+    /// Records were written since the last checkpoint.
+    dirty: bool,
+}
+
+impl Writer {
+    pub fn new(tier: &'static DiskTier, seg: u32, file: Arc<File>) -> Writer {
+        Writer {
+            tier,
+            seg,
+            file,
+            buf_start: 0,
+            buf: Vec::with_capacity(AGGREGATE),
+            written: Vec::new(),
+            last_checkpoint: Instant::now(),
+            dirty: false,
+        }
+    }
+
+    pub fn run(mut self, jobs: Receiver<Job>) {
+        loop {
+            let wait = CHECKPOINT_EVERY.saturating_sub(self.last_checkpoint.elapsed());
+            match jobs.recv_timeout(wait) {
+                Ok(job) => {
+                    self.take(job);
+                    while self.buf.len() < AGGREGATE {
+                        match jobs.try_recv() {
+                            Ok(job) => self.take(job),
+                            Err(_) => break,
+                        }
+                    }
+                    self.flush();
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.dirty && self.tier.loaded() {
+                        self.checkpoint();
+                    } else {
+                        self.last_checkpoint = Instant::now();
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.flush();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The log position of the next byte written.
+    fn position(&self) -> u64 {
+        (u64::from(self.seg) << 32) | (self.buf_start + self.buf.len() as u64)
+    }
+
+    fn take(&mut self, job: Job) {
+        match job {
+            Job::Object(job) => self.append_object(job),
+            Job::Invalidate {
+                kind,
+                primary,
+                at,
+                done,
+            } => {
+                let bytes = record::invalidation(kind, &primary, at);
+                if !self.make_room(bytes.len() as u64) {
+                    return;
+                }
+                let position = self.position();
+                self.buf.extend_from_slice(&bytes);
+                self.written.push(Written::Invalidation {
+                    kind,
+                    primary,
+                    at,
+                    position,
+                    done,
+                });
+            }
+            Job::Checkpoint(done) => {
+                self.flush();
+                self.checkpoint();
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn append_object(&mut self, job: ObjectJob) {
+        let tier = self.tier;
+        if let Some(expected) = job.only_if {
+            // Not copied if the original is gone or replaced: the copy would bring it back.
+            let current = tier.index.peek(&job.primary, job.slot.as_ref());
+            if current.map(|c| c.position()) != Some(expected.position()) {
+                finish_object(tier, job, None);
+                return;
+            }
+        }
+        let mut crcs = BlockCrcs::default();
+        for chunk in &job.body {
+            crcs.update(chunk);
+        }
+        let head = record::object_head(
+            &job.primary,
+            job.slot.as_ref(),
+            now_nanos(),
+            &job.meta,
+            job.body_len,
+            &crcs.finish(),
+        );
+        let len = head.len() as u64 + job.body_len;
+        let Ok(len32) = u32::try_from(len) else {
+            finish_object(tier, job, None);
+            return;
+        };
+        let total = record::aligned(len);
+        if !self.make_room(total) {
+            finish_object(tier, job, None);
+            return;
+        }
+        let offset = self.buf_start + self.buf.len() as u64;
+        if total as usize > AGGREGATE {
+            // Large: written in place behind what is buffered, not copied into the buffer.
+            self.flush();
+            let mut at = offset;
+            let mut result = self.file.write_all_at(&head, at);
+            at += head.len() as u64;
+            for chunk in &job.body {
+                if result.is_err() {
+                    break;
+                }
+                result = self.file.write_all_at(chunk, at);
+                at += chunk.len() as u64;
+            }
+            self.buf_start = offset + total;
+            if let Err(e) = result {
+                tier.write_failed(&e);
+                finish_object(tier, job, None);
+                return;
+            }
+            self.dirty = true;
+            let loc = placed(job.only_if, self.seg, offset as u32, len32);
+            self.index_object(job, loc);
+            return;
+        }
+        self.buf.extend_from_slice(&head);
+        for chunk in &job.body {
+            self.buf.extend_from_slice(chunk);
+        }
+        self.buf.resize(self.buf.len() + (total - len) as usize, 0);
+        let loc = placed(job.only_if, self.seg, offset as u32, len32);
+        self.written.push(Written::Object { job, loc });
+    }
+
+    /// Makes room for `total` bytes in the current segment, starting the next one (and
+    /// evicting the oldest) when it is full. False if no segment can be started.
+    fn make_room(&mut self, total: u64) -> bool {
+        let tier = self.tier;
+        if total > tier.segment_size {
+            return false;
+        }
+        if self.buf_start + self.buf.len() as u64 + total <= tier.segment_size {
+            return true;
+        }
+        self.flush();
+        let next = self.seg.wrapping_add(1);
+        match tier.segments.create(next) {
+            Ok(file) => {
+                self.seg = next;
+                self.file = file;
+                self.buf_start = 0;
+            }
+            Err(e) => {
+                tier.write_failed(&e);
+                return false;
+            }
+        }
+        let mut copies = Vec::new();
+        while tier.segments.count() > tier.max_segments {
+            let Some(oldest) = tier.segments.oldest() else {
+                break;
+            };
+            if oldest == self.seg {
+                break;
+            }
+            self.evict(oldest, &mut copies);
+        }
+        self.update_used();
+        for copy in copies {
+            // Copies go behind the eviction; one that no longer fits is dropped (a copy never
+            // starts another segment, so an eviction never leads to another).
+            let head = copy.meta.head.len() + record::blocks(copy.body_len) * 4 + 1024;
+            let room = record::aligned(copy.body_len + head as u64);
+            if self.buf_start + self.buf.len() as u64 + room <= tier.segment_size {
+                self.append_object(copy);
+            } else {
+                finish_object(tier, copy, None);
+            }
+        }
+        true
+    }
+
+    /// Evicts segment `seq`: objects read since they were written are copied (into `copies`,
+    /// appended by the caller), the others leave the index, and the file is unlinked.
+    fn evict(&mut self, seq: u32, copies: &mut Vec<ObjectJob>) {
+        let tier = self.tier;
+        // Entries from the listing must not be indexed into a segment after it is evicted.
+        tier.wait_loaded_blocking();
+        let Some(file) = tier.segments.get(seq) else {
+            return;
+        };
+        let mut budget = tier.segment_size / 2;
+        if let Ok(mut scan) = Scan::new(&file, 0) {
+            while let Some((at, fixed)) = scan.next_record() {
+                if fixed.kind != Kind::Object {
+                    continue;
+                }
+                let here = Loc::new(seq, at as u32, 0);
+                let Some(current) = tier.index.peek(&fixed.primary, fixed.slot.as_ref()) else {
+                    continue;
+                };
+                if current.position() != here.position() {
+                    continue;
+                }
+                let size = u64::from(fixed.head_len) + fixed.body_len;
+                if current.touched() && size <= budget {
+                    if let Some(copy) = copy_of(&mut scan, at, &fixed, current) {
+                        budget -= size;
+                        tier.queued_bytes
+                            .fetch_add(copy.body_len, Ordering::Relaxed);
+                        tier.counters.readmitted.fetch_add(1, Ordering::Relaxed);
+                        copies.push(copy);
+                        continue;
+                    }
+                }
+                let (removed, none_left) =
+                    tier.index
+                        .remove_at(&fixed.primary, fixed.slot.as_ref(), current);
+                if removed {
+                    tier.counters.evictions.fetch_add(1, Ordering::Relaxed);
+                    if none_left {
+                        tier.tags.forget(&fixed.primary, Tier::Disk);
+                    }
+                }
+            }
+        }
+        // Entries the scan could not reach (a damaged tail) go with the file.
+        tier.index.drop_segment(seq);
+        tier.segments.remove(seq);
+    }
+
+    /// Writes what is buffered, then indexes and answers what it held.
+    fn flush(&mut self) {
+        if !self.buf.is_empty() {
+            let result = self.file.write_all_at(&self.buf, self.buf_start);
+            self.buf_start += self.buf.len() as u64;
+            self.buf.clear();
+            if let Err(e) = result {
+                self.tier.write_failed(&e);
+                for written in std::mem::take(&mut self.written) {
+                    match written {
+                        Written::Object { job, .. } => finish_object(self.tier, job, None),
+                        // The purge is applied in memory already; a restart may not know it,
+                        // which the write error counter and log say.
+                        Written::Invalidation { done, .. } => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                return;
+            }
+            self.dirty = true;
+        }
+        for written in std::mem::take(&mut self.written) {
+            match written {
+                Written::Object { job, loc } => self.index_object(job, loc),
+                Written::Invalidation {
+                    kind,
+                    primary,
+                    at,
+                    position,
+                    done,
+                } => {
+                    apply_invalidation(self.tier, kind, &primary, at, position);
+                    let _ = done.send(());
+                }
+            }
+        }
+        self.update_used();
+    }
+
+    fn index_object(&mut self, job: ObjectJob, loc: Loc) {
+        let tier = self.tier;
+        let indexed = tier
+            .index
+            .insert(&job.primary, job.slot.as_ref(), loc, job.only_if);
+        if indexed {
+            tier.counters.stores.fetch_add(1, Ordering::Relaxed);
+        }
+        finish_object(tier, job, indexed.then_some(loc));
+    }
+
+    fn update_used(&self) {
+        let tier = self.tier;
+        let closed = tier.segments.count().saturating_sub(1) as u64 * tier.segment_size;
+        tier.used_bytes.store(
+            closed + self.buf_start + self.buf.len() as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn checkpoint(&mut self) {
+        self.last_checkpoint = Instant::now();
+        let covered = self.position();
+        let entries = self.tier.index.entries();
+        match checkpoint::write(&self.tier.checkpoint_path(), covered, &entries) {
+            Ok(()) => self.dirty = false,
+            Err(e) => tracing::warn!(error = %e, "writing the disk cache checkpoint failed"),
+        }
+    }
+}
+
+/// Where a record written at `offset` is indexed: a copy keeps the original's soft purge.
+fn placed(only_if: Option<Loc>, seg: u32, offset: u32, len: u32) -> Loc {
+    match only_if {
+        Some(original) => original.moved_to(seg, offset, len),
+        None => Loc::new(seg, offset, len),
+    }
+}
+
+fn finish_object(tier: &DiskTier, job: ObjectJob, loc: Option<Loc>) {
+    tier.queued_bytes.fetch_sub(job.body_len, Ordering::Relaxed);
+    if let Some(done) = job.done {
+        let _ = done.send(loc);
+    }
+}
+
+/// Applies a purge or soft purge written at `position` to what was written before it.
+pub fn apply_invalidation(
+    tier: &DiskTier,
+    kind: Kind,
+    primary: &HashBinary,
+    at: u64,
+    position: u64,
+) {
+    match kind {
+        Kind::Delete => {
+            tier.index.remove_all(primary, position);
+        }
+        Kind::Expire => {
+            tier.index.expire_all(primary, position, at / 1_000_000_000);
+        }
+        Kind::Object => {}
+    }
+}
+
+/// A hot object's copy: its record read back and checked, its soft purge applied to its
+/// times so the copy means the same after a restart.
+fn copy_of(scan: &mut Scan<'_>, at: u64, fixed: &record::Fixed, current: Loc) -> Option<ObjectJob> {
+    let bytes = Bytes::from(scan.whole(at, fixed).ok()?);
+    let head = record::parse_head(&bytes).ok()?;
+    let body = bytes.slice(fixed.head_len as usize..);
+    for (i, block) in body.chunks(record::BLOCK).enumerate() {
+        record::check_block(&head.block_crcs, i, block).ok()?;
+    }
+    let mut meta = head.meta;
+    if let Some(expired) = current.expired_at() {
+        let at = crate::cache::meta::Stamp::from_nanos(expired.max(SOFT_EPOCH) * 1_000_000_000);
+        meta.times.fresh_until = meta.times.fresh_until.min(at);
+    }
+    Some(ObjectJob {
+        primary: fixed.primary,
+        slot: fixed.slot,
+        meta,
+        body_len: body.len() as u64,
+        body: vec![body],
+        only_if: Some(current),
+        done: None,
+    })
+}
+
+pub fn now_nanos() -> u64 {
+    crate::cache::meta::Stamp::of(std::time::SystemTime::now()).nanos()
+}
