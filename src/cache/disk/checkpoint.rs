@@ -42,7 +42,9 @@ pub fn write(path: &Path, covered: u64, entries: &[Entry]) -> io::Result<()> {
 
 /// The covered position and the entries, or `None` if there is no checkpoint that checks out.
 pub fn read(path: &Path) -> Option<(u64, Vec<Entry>)> {
-    let bytes = std::fs::read(path).ok()?;
+    let mut bytes = Vec::new();
+    let mut file = crate::cache::files::open_regular(path).ok()?;
+    io::Read::read_to_end(&mut file, &mut bytes).ok()?;
     if bytes.len() < HEADER + 4 || &bytes[..8] != MAGIC {
         return None;
     }

@@ -46,8 +46,9 @@ impl DiskTier {
                 let position = (u64::from(seg) << 32) | at;
                 match fixed.kind {
                     Kind::Object => {
-                        // A torn or damaged head is not indexed; its body is checked when read.
-                        if scan.head(at, &fixed).is_err() {
+                        // A torn or damaged head is not indexed; a body is checked when read.
+                        if let Err(why) = scan.head(at, &fixed) {
+                            self.found_damaged(&why.to_string());
                             continue;
                         }
                         let (primary, key) = keys(&fixed.primary, fixed.slot.as_ref());
@@ -64,6 +65,9 @@ impl DiskTier {
                         writer::apply_invalidation(self, kind, &fixed.primary, fixed.at, position)
                     }
                 }
+            }
+            if scan.stopped_at_damage() {
+                self.found_damaged("a record cut short (a torn write)");
             }
         }
         let took = started.elapsed();
@@ -94,6 +98,11 @@ impl DiskTier {
             self.load_tags();
         }
         self.tags_loaded.store(true, Ordering::Release);
+    }
+
+    fn found_damaged(&self, why: &str) {
+        tracing::warn!(reason = why, "dropping a damaged disk cache entry");
+        self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Re-reads the tags of every indexed object from its stored header. Runs after the index

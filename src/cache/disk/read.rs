@@ -128,7 +128,13 @@ impl DiskTier {
             }
             DiskBody::Whole(body)
         } else {
-            DiskBody::Stream(DiskHit {
+            // A segment cut short (a torn write, a damaged file) is a miss now rather than a
+            // response cut short later.
+            let record_end = u64::from(loc.offset) + u64::from(loc.len);
+            if file.metadata()?.len() < record_end {
+                return Err(ReadFailure::Damaged(Damage::Truncated));
+            }
+            let mut hit = DiskHit {
                 tier: self,
                 primary: *primary,
                 slot: slot.copied(),
@@ -139,7 +145,12 @@ impl DiskTier {
                 pos: 0,
                 end: fixed.body_len,
                 total: fixed.body_len,
-            })
+                first: None,
+            };
+            // The first blocks are read and checked before the hit is answered: damage there
+            // is a miss, not a response that stops.
+            hit.first = hit.read_checked().await?;
+            DiskBody::Stream(hit)
         };
         Ok(DiskEntry {
             meta,
@@ -239,10 +250,21 @@ pub fn read_head_blocking(file: &File, loc: Loc) -> Result<Head, Damage> {
     record::parse_head(&bytes)
 }
 
+#[derive(Debug)]
 enum ReadFailure {
     Gone,
     Damaged(Damage),
     Io(io::Error),
+}
+
+impl std::fmt::Display for ReadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadFailure::Gone => f.write_str("the record is gone"),
+            ReadFailure::Damaged(why) => write!(f, "{why}"),
+            ReadFailure::Io(e) => write!(f, "{e}"),
+        }
+    }
 }
 
 impl From<Damage> for ReadFailure {
@@ -271,10 +293,35 @@ pub struct DiskHit {
     pos: u64,
     end: u64,
     total: u64,
+    /// The body's first chunk, read by the lookup, until a seek moves elsewhere.
+    first: Option<Bytes>,
 }
 
 impl DiskHit {
     pub async fn read(&mut self) -> io::Result<Option<Bytes>> {
+        if let Some(first) = self.first.take() {
+            return Ok(Some(first));
+        }
+        match self.read_checked().await {
+            Ok(chunk) => Ok(chunk),
+            Err(ReadFailure::Io(e)) => Err(e),
+            Err(why) => {
+                self.tier.drop_corrupt(
+                    &self.primary,
+                    self.slot.as_ref(),
+                    self.loc,
+                    &why.to_string(),
+                );
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a damaged disk cache block",
+                ))
+            }
+        }
+    }
+
+    /// The next chunk, its blocks checked.
+    async fn read_checked(&mut self) -> Result<Option<Bytes>, ReadFailure> {
         if self.pos >= self.end {
             return Ok(None);
         }
@@ -286,21 +333,11 @@ impl DiskHit {
             .tier
             .read_at(&self.file, (to - from) as usize, self.body_start + from)
             .await?;
-        let damaged = data.len() as u64 != to - from
-            || data.chunks(BLOCK).enumerate().any(|(i, b)| {
-                record::check_block(&self.block_crcs, first_block as usize + i, b).is_err()
-            });
-        if damaged {
-            self.tier.drop_corrupt(
-                &self.primary,
-                self.slot.as_ref(),
-                self.loc,
-                "body block checksum mismatch",
-            );
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a damaged disk cache block",
-            ));
+        if data.len() as u64 != to - from {
+            return Err(ReadFailure::Damaged(Damage::Truncated));
+        }
+        for (i, block) in data.chunks(BLOCK).enumerate() {
+            record::check_block(&self.block_crcs, first_block as usize + i, block)?;
         }
         let data = Bytes::from(data);
         let upto = to.min(self.end);
@@ -343,6 +380,7 @@ impl pingora::cache::storage::HandleHit for DiskHit {
                 "seek beyond body",
             );
         }
+        self.first = None;
         self.pos = (start as u64).min(len);
         self.end = end.map_or(len, |e| (e as u64).min(len));
         Ok(())

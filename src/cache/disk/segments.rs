@@ -185,6 +185,16 @@ impl<'a> Scan<'a> {
         Some((at, fixed))
     }
 
+    /// Whether the scan stopped at what was meant to be a record (its magic is there) but is
+    /// not a whole one: a torn write, or damage.
+    pub fn stopped_at_damage(&mut self) -> bool {
+        let at = self.pos;
+        at + 8 <= self.end
+            && self
+                .bytes(at, 8)
+                .is_ok_and(|magic| magic == record::MAGIC.as_slice())
+    }
+
     /// The checked head of the record at `at`.
     pub fn head(&mut self, at: u64, fixed: &Fixed) -> Result<Head, Damage> {
         let bytes = self
