@@ -109,6 +109,8 @@ impl Admin {
                 ("eviction", &c.evictions),
                 ("corrupt", &c.corrupt),
                 ("write_error", &c.write_errors),
+                ("readmit", &c.readmitted),
+                ("read_waited", &c.reads_waited),
             ] {
                 m.tier_events
                     .catch_up("disk", event, value.load(Ordering::Relaxed));
@@ -144,6 +146,8 @@ impl Admin {
                 "evictions": c.evictions.load(Ordering::Relaxed),
                 "corrupt_dropped": c.corrupt.load(Ordering::Relaxed),
                 "write_errors": c.write_errors.load(Ordering::Relaxed),
+                "readmitted": c.readmitted.load(Ordering::Relaxed),
+                "reads_waited": c.reads_waited.load(Ordering::Relaxed),
                 "purged": c.purges.load(Ordering::Relaxed),
                 "index_loaded": d.loaded(),
                 "tags_loaded": d.tags_loaded(),

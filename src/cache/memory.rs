@@ -50,7 +50,7 @@ impl StoredObject {
         StoredObject::with(slot, ObjectMeta::encode(meta), body)
     }
 
-    pub(super) fn with(slot: Option<HashBinary>, meta: ObjectMeta, body: Bytes) -> StoredObject {
+    pub fn with(slot: Option<HashBinary>, meta: ObjectMeta, body: Bytes) -> StoredObject {
         StoredObject {
             slot: slot.map(Box::new),
             meta,
@@ -205,6 +205,11 @@ pub struct Looked {
 }
 
 impl Looked {
+    /// The tier holds no variant of the URL, fresh or not.
+    pub fn holds_nothing(&self) -> bool {
+        self.family.is_none()
+    }
+
     /// The stored object a request would be served, if it is fresh at `now`: the fast path's
     /// lookup. Follows the same Vary rules as pingora's lookup (primary slot first, then the
     /// request's variant, which must not predate the primary's provenance). `None` means "let
@@ -435,7 +440,11 @@ impl MemoryTier {
     }
 
     pub fn insert(&self, primary: HashBinary, obj: StoredObject) {
-        let obj = Arc::new(obj);
+        self.insert_shared(primary, Arc::new(obj));
+    }
+
+    /// [`Self::insert`] of an object already shared (a disk hit being served).
+    pub fn insert_shared(&self, primary: HashBinary, obj: Arc<StoredObject>) {
         self.families.entry(primary).and_compute_with(|old| {
             let family = match old {
                 Some(e) => e.into_value().with(obj),

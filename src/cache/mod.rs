@@ -153,6 +153,11 @@ impl Store {
             .insert(primary, StoredObject::new(None, meta, body));
     }
 
+    /// The largest object the memory tier stores.
+    pub fn memory_max_object(&self) -> usize {
+        self.memory_max_object
+    }
+
     /// The largest object any tier stores: pingora's per-request size limit.
     pub fn max_object_size(&self) -> usize {
         let disk = self.disk.map_or(0, |d| d.config.max_object_size as usize);

@@ -117,7 +117,11 @@ impl Outcome {
             return Disposition::IntFront;
         }
         if self.fast_hit {
-            return Disposition::HitFront;
+            return if self.local_hit {
+                Disposition::HitLocal
+            } else {
+                Disposition::HitFront
+            };
         }
         match self.phase {
             CachePhase::Hit | CachePhase::Stale | CachePhase::StaleUpdating if self.local_hit => {

@@ -117,6 +117,8 @@ struct Hit {
     response_edits: Option<u16>,
     /// A rule set the copy's lifetime.
     ttl_rule: bool,
+    /// The copy came from the disk tier.
+    local: bool,
 }
 
 impl FrontDoor {
@@ -143,12 +145,7 @@ impl FrontDoor {
         let mut parsed = [httparse::EMPTY_HEADER; MAX_FIELDS];
         let mut req = plain(head, &mut parsed, &settings.limits)?;
         let hit = self.find(&settings, &mut req, scheme, &client, looked)?;
-        let Hit {
-            ref obj,
-            ref url,
-            now,
-            ..
-        } = hit;
+        let Hit { ref obj, now, .. } = hit;
 
         let close = req.close || closing;
         let with_body = req.method != Method::HEAD;
@@ -166,6 +163,7 @@ impl FrontDoor {
             close,
             settings.downstream_cache_control.as_ref(),
             hit.ttl_rule,
+            hit.local,
         );
         if let Some(edits) = edits {
             super::edit::wire(&mut out, 0, edits, obj.meta.times.field_names);
@@ -176,7 +174,7 @@ impl FrontDoor {
         } else {
             with_body.then(|| obj.body.clone())
         };
-        self.record(&req, url, obj, "HTTP/1.1", &client, started);
+        self.record(&req, &hit, "HTTP/1.1", &client, started);
         Some(Answer {
             head: out,
             body,
@@ -198,7 +196,7 @@ impl FrontDoor {
         let settings = self.shared.settings.load();
         let mut req = stream_request(head, &settings.limits)?;
         let hit = self.find(&settings, &mut req, scheme, &client, looked)?;
-        let (obj, url) = (&hit.obj, &hit.url);
+        let obj = &hit.obj;
         let mut wire = Vec::with_capacity(obj.meta.head.len() + 160);
         let downstream = settings.downstream_cache_control.as_ref();
         let name = &self.shared.name;
@@ -210,13 +208,14 @@ impl FrontDoor {
             false,
             downstream,
             hit.ttl_rule,
+            hit.local,
         );
         let mut head = decode_head(&wire);
         if let Some(edits) = hit.response_edits.and_then(|i| rule_edits(&settings, i)) {
             super::edit::response(&mut head, edits).ok()?;
         }
         let body = (req.method != Method::HEAD).then(|| obj.body.clone());
-        self.record(&req, url, obj, "HTTP/2.0", &client, started);
+        self.record(&req, &hit, "HTTP/2.0", &client, started);
         Some(StreamAnswer { head, body })
     }
 
@@ -253,11 +252,24 @@ impl FrontDoor {
         });
         let now = SystemTime::now();
         // Looked up before the rules are read: the object keeps which rules its URL matches.
-        let found = shared.store.memory.look(&url.primary_hash());
+        let primary = url.primary_hash();
+        let found = shared.store.memory.look(&primary);
         // Declined from here on, the full path reads this lookup instead of making another.
-        let Some(obj) = hit::fresh(shared, &url, &found, &req.fields, now) else {
-            *looked = Some(found);
-            return None;
+        let from_memory = hit::fresh(shared, &url, &found, &req.fields, now);
+        // A URL the memory tier holds nothing of may be on disk, in the page cache.
+        let from_disk = || {
+            let disk = found.holds_nothing().then_some(())?;
+            hit::fresh_from_disk(shared, &url, primary, &req.fields, now).map(|obj| (disk, obj))
+        };
+        let (obj, local) = match from_memory {
+            Some(obj) => (obj, false),
+            None => match from_disk() {
+                Some(((), obj)) => (obj, true),
+                None => {
+                    *looked = Some(found);
+                    return None;
+                }
+            },
         };
         if !hit::encoding_acceptable(&obj.meta, &req.fields) {
             *looked = Some(found);
@@ -277,24 +289,28 @@ impl FrontDoor {
             response_edits = decision.response_headers;
             ttl_rule = decision.ttl(set).is_some();
         }
+        if local {
+            hit::promote(shared, primary, &obj);
+        }
         Some(Hit {
             obj,
             url,
             now,
             response_edits,
             ttl_rule,
+            local,
         })
     }
 
     fn record<S: RequestFields>(
         &self,
         req: &Plain<'_, S>,
-        url: &CacheUrl,
-        obj: &StoredObject,
+        hit: &Hit,
         protocol: &'static str,
         client: &impl Fn() -> Option<IpAddr>,
         started: Instant,
     ) {
+        let (url, obj) = (&hit.url, &hit.obj);
         let body_bytes = if req.method == Method::HEAD {
             0
         } else {
@@ -310,7 +326,11 @@ impl FrontDoor {
             headers: &req.fields,
             status: obj.meta.status(),
             body_bytes,
-            disposition: Disposition::HitFront,
+            disposition: if hit.local {
+                Disposition::HitLocal
+            } else {
+                Disposition::HitFront
+            },
             hit_path: Some(HitPath::FrontDoor),
             started,
         });

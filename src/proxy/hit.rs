@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Method;
+use pingora::cache::key::HashBinary;
 use pingora::http::ResponseHeader;
 use pingora::Result;
 
@@ -134,6 +135,63 @@ pub fn fresh<F: RequestFields + ?Sized>(
     Some(obj)
 }
 
+/// The stored object a fast path may serve from the disk tier, read from the page cache
+/// without waiting (`DiskTier::read_now`), by the same rules as [`fresh`]: pingora's Vary
+/// rules (the primary slot first, then the request's variant, not older than the primary's
+/// provenance), fresh, not purged while the index loaded, served by [`verdict`]. The caller
+/// promotes it ([`promote`]) once it answers with it. `None`: let pingora's cache decide (it
+/// also reads what the page cache does not hold, on the blocking pool).
+pub fn fresh_from_disk<F: RequestFields + ?Sized>(
+    state: &ProxyState,
+    url: &CacheUrl,
+    primary: HashBinary,
+    headers: &F,
+    now: SystemTime,
+) -> Option<Arc<StoredObject>> {
+    let store = state.store;
+    let disk = store.disk?;
+    let (first, body) = disk.read_now(&primary, None)?;
+    let (slot, meta, body) = match first.times.variance {
+        None => (None, first, body),
+        Some(stored) => {
+            let wanted = first.variance_of(headers)?;
+            if wanted == stored {
+                (None, first, body)
+            } else {
+                let (other, body) = disk.read_now(&primary, Some(&wanted))?;
+                if other.times.created < first.times.provenance {
+                    return None;
+                }
+                (Some(wanted), other, body)
+            }
+        }
+    };
+    let times = meta.times;
+    if times.fresh_until.time() < now
+        || store
+            .invalidations
+            .deleted_since(&primary, times.created.time())
+        || verdict(
+            &store.invalidations,
+            url,
+            times.created.time(),
+            times.epoch.time(),
+        ) != Verdict::Serve
+    {
+        return None;
+    }
+    Some(Arc::new(StoredObject::with(slot, meta, body)))
+}
+
+/// Puts a disk hit a fast path serves into the memory tier, as pingora's path does with the
+/// disk hits it serves (`Store::lookup`), when it fits.
+pub fn promote(state: &ProxyState, primary: HashBinary, obj: &Arc<StoredObject>) {
+    let store = state.store;
+    if obj.body.len() <= store.memory_max_object() {
+        store.memory.insert_shared(primary, obj.clone());
+    }
+}
+
 /// Whether the client takes the stored copy's content coding (a copy without one, any client).
 /// A fast path declines a copy it does not: decompressing is pingora's path's job
 /// (`proxy::compress`).
@@ -185,6 +243,7 @@ pub fn write_head(
     close: bool,
     downstream_cc: Option<&HeaderValue>,
     ttl_rule: bool,
+    local_hit: bool,
 ) {
     let meta = &obj.meta;
     // Searched for only when an operator configured a replacement.
@@ -204,20 +263,21 @@ pub fn write_head(
     // Written in place: no string per hit.
     let age = age(meta.times.epoch.time(), now);
     field(out, b"Age", itoa::Buffer::new().format(age).as_bytes());
+    let fresh_until = meta.times.fresh_until.time();
+    let outcome = Outcome {
+        ttl_rule,
+        local_hit,
+        ..Outcome::fast_hit(fresh_until)
+    };
     field(
         out,
         X_CACHE_STATUS.as_str().as_bytes(),
-        Disposition::HitFront.as_str().as_bytes(),
+        outcome.disposition().as_str().as_bytes(),
     );
     out.extend_from_slice(CACHE_STATUS.as_str().as_bytes());
     out.extend_from_slice(b": ");
     let upstream = meta.upstream_cache_status().map(HeaderValue::as_bytes);
     push_upstream_members(out, upstream);
-    let fresh_until = meta.times.fresh_until.time();
-    let outcome = Outcome {
-        ttl_rule,
-        ..Outcome::fast_hit(fresh_until)
-    };
     outcome.write_cache_status(cache_name, now, out);
     out.extend_from_slice(b"\r\n");
     if close {

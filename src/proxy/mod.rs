@@ -759,6 +759,7 @@ impl CachingProxy {
             false,
             downstream,
             ttl_rule,
+            false,
         );
         drop(settings);
         let mut resp = decode_head(&wire);

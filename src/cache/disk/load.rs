@@ -20,7 +20,7 @@ impl DiskTier {
             .segments
             .list()
             .into_iter()
-            .filter(|s| *s != self.first_new_segment)
+            .filter(|s| *s < self.first_new_segment)
             .collect();
         let mut from = (0u32, 0u64);
         if let Some((covered, entries)) = checkpoint::read(&self.checkpoint_path()) {

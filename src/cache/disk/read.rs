@@ -102,31 +102,9 @@ impl DiskTier {
                 .await?;
         }
         let bytes = Bytes::from(bytes);
-        let Head {
-            fixed,
-            mut meta,
-            block_crcs,
-        } = record::parse_head(&bytes)?;
-        if fixed.kind != record::Kind::Object
-            || fixed.primary != *primary
-            || fixed.slot.as_ref() != slot
-        {
-            // Another URL sharing the index key replaced this one's entry: not damage.
-            return Err(ReadFailure::Gone);
-        }
-        if u64::from(fixed.head_len) + fixed.body_len != u64::from(loc.len) {
-            return Err(ReadFailure::Damaged(Damage::HeadLayout));
-        }
-        if let Some(expired) = loc.expired_at() {
-            let at = Stamp::from_nanos(expired.saturating_mul(1_000_000_000));
-            meta.times.fresh_until = meta.times.fresh_until.min(at);
-        }
+        let (fixed, meta, block_crcs) = checked_head(&bytes, primary, slot, loc)?;
         let body = if whole {
-            let body = bytes.slice(fixed.head_len as usize..);
-            for (i, block) in body.chunks(BLOCK).enumerate() {
-                record::check_block(&block_crcs, i, block)?;
-            }
-            DiskBody::Whole(body)
+            DiskBody::Whole(checked_body(&bytes, &fixed, &block_crcs)?)
         } else {
             // A segment cut short (a torn write, a damaged file) is a miss now rather than a
             // response cut short later.
@@ -157,6 +135,45 @@ impl DiskTier {
             body_len: fixed.body_len,
             body,
         })
+    }
+
+    /// An object stored whole in a record up to [`WHOLE_READ_MAX`], if the page cache holds it
+    /// now: read and checked on this thread, never waiting for the disk (a fast path's
+    /// lookup). `None` otherwise (and for damage, which is dropped and counted).
+    pub fn read_now(
+        &'static self,
+        primary: &HashBinary,
+        slot: Option<&HashBinary>,
+    ) -> Option<(ObjectMeta, Bytes)> {
+        if !self.loaded() || self.read_delay.is_some() {
+            return None;
+        }
+        let loc = self.index.get(primary, slot)?;
+        if u64::from(loc.len) > WHOLE_READ_MAX {
+            return None;
+        }
+        let file = self.segments.get(loc.seg)?;
+        let mut buf = vec![0u8; loc.len as usize];
+        let read = match read_without_waiting(&file, &mut buf, u64::from(loc.offset))? {
+            Ok(n) if n == buf.len() => Ok(Bytes::from(buf)),
+            Ok(_) => Err(ReadFailure::Damaged(Damage::Truncated)),
+            Err(e) => Err(ReadFailure::Io(e)),
+        };
+        let found = read.and_then(|bytes| {
+            let (fixed, meta, crcs) = checked_head(&bytes, primary, slot, loc)?;
+            Ok((meta, checked_body(&bytes, &fixed, &crcs)?))
+        });
+        match found {
+            Ok(found) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Some(found)
+            }
+            Err(ReadFailure::Damaged(why)) => {
+                self.drop_corrupt(primary, slot, loc, &why.to_string());
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// A whole body, checked (a 304's refresh writes it again).
@@ -214,6 +231,45 @@ impl DiskTier {
         .await
         .map_err(io::Error::other)?
     }
+}
+
+/// The checked head of the record read into `bytes` (from `loc`), which must be the object
+/// asked for, with its soft purge applied to its times.
+fn checked_head(
+    bytes: &[u8],
+    primary: &HashBinary,
+    slot: Option<&HashBinary>,
+    loc: Loc,
+) -> Result<(record::Fixed, ObjectMeta, Vec<u32>), ReadFailure> {
+    let Head {
+        fixed,
+        mut meta,
+        block_crcs,
+    } = record::parse_head(bytes)?;
+    if fixed.kind != record::Kind::Object
+        || fixed.primary != *primary
+        || fixed.slot.as_ref() != slot
+    {
+        // Another URL sharing the index key replaced this one's entry: not damage.
+        return Err(ReadFailure::Gone);
+    }
+    if u64::from(fixed.head_len) + fixed.body_len != u64::from(loc.len) {
+        return Err(ReadFailure::Damaged(Damage::HeadLayout));
+    }
+    if let Some(expired) = loc.expired_at() {
+        let at = Stamp::from_nanos(expired.saturating_mul(1_000_000_000));
+        meta.times.fresh_until = meta.times.fresh_until.min(at);
+    }
+    Ok((fixed, meta, block_crcs))
+}
+
+/// The body of a whole record, every block checked.
+fn checked_body(bytes: &Bytes, fixed: &record::Fixed, crcs: &[u32]) -> Result<Bytes, Damage> {
+    let body = bytes.slice(fixed.head_len as usize..);
+    for (i, block) in body.chunks(BLOCK).enumerate() {
+        record::check_block(crcs, i, block)?;
+    }
+    Ok(body)
 }
 
 /// Reads `buf` at `at` if the page cache holds all of it (`RWF_NOWAIT`); `None` if the disk
