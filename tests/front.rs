@@ -112,34 +112,37 @@ async fn a_front_door_hit_looks_like_a_cache_path_hit_and_a_disk_hit() {
     assert!(fields.contains_key("age"));
     assert_eq!(body, "");
 
-    // After a restart the memory tier is empty: the disk tier answers through pingora's
-    // cache, with the same fields apart from the tier named in the cache status.
-    let front = raw(
-        skua.addr,
-        "GET /wiki/Page HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    skua.stop();
-    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
-    let disk = raw(
-        skua.addr,
-        "GET /wiki/Page HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(
-        skua.hit_paths().await,
-        [0, 0, 1],
-        "pingora's cache answered the disk hit"
-    );
-    let (disk_status, mut disk_fields, disk_body) = split(&disk);
-    let (_, mut front_fields, _) = split(&front);
-    assert_eq!(disk_status, "HTTP/1.1 200 OK");
-    assert_eq!(disk_body, "page body");
-    assert_eq!(disk_fields["x-cache-status"], "hit-local");
-    for f in [&mut disk_fields, &mut front_fields] {
-        f.remove("x-cache-status");
+    // After a restart the memory tier is empty: the disk tier answers, through pingora's
+    // cache (a request with a precondition) and, after another restart, at the front door
+    // (the page cache holds the record), with the same fields apart from the tier named in
+    // the cache status.
+    let plain = "GET /wiki/Page HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n";
+    let front = raw(skua.addr, plain).await;
+    let mut disk_hits = Vec::new();
+    for (request, paths, path) in [
+        (
+            "GET /wiki/Page HTTP/1.1\r\nHost: wiki.test\r\nIf-None-Match: \"other\"\r\nConnection: close\r\n\r\n",
+            [0, 0, 1],
+            "pingora's cache",
+        ),
+        (plain, [1, 0, 0], "the front door"),
+    ] {
+        skua.stop();
+        skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
+        let disk = raw(skua.addr, request).await;
+        assert_eq!(skua.hit_paths().await, paths, "{path} answered the disk hit");
+        disk_hits.push(disk);
     }
-    assert_eq!(steady(disk_fields), steady(front_fields));
+    let (_, mut front_fields, _) = split(&front);
+    front_fields.remove("x-cache-status");
+    for disk in &disk_hits {
+        let (disk_status, mut disk_fields, disk_body) = split(disk);
+        assert_eq!(disk_status, "HTTP/1.1 200 OK");
+        assert_eq!(disk_body, "page body");
+        assert_eq!(disk_fields["x-cache-status"], "hit-local");
+        disk_fields.remove("x-cache-status");
+        assert_eq!(steady(disk_fields), steady(front_fields.clone()));
+    }
     assert_eq!(origin.count("/wiki/Page"), 1);
 }
 
@@ -256,8 +259,8 @@ fn head_bytes(response: &str) -> String {
 /// #16: one hit module. The same requests (HTTP/1.1 and 1.0, GET and HEAD, two Vary variants)
 /// answered by the fast paths (the front door for HTTP/1.1, the session's for 1.0) and by
 /// pingora's cache path (a precondition that does not match sends them there) get the same
-/// head, byte for byte, `Date` and `Age` aside; so does a disk hit after a restart, the tier's
-/// name aside.
+/// head, byte for byte, `Date` and `Age` aside; so does a disk hit after a restart, at the
+/// front door and through pingora's cache, the tier's name aside.
 #[tokio::test]
 async fn a_hit_has_the_same_head_byte_for_byte_on_every_path() {
     let origin = Origin::start(|seen| {
@@ -333,19 +336,19 @@ async fn a_hit_has_the_same_head_byte_for_byte_on_every_path() {
     }
     assert_eq!(origin.count("/wiki/Page"), 2);
 
-    // After a restart the disk tier answers through pingora's cache.
-    skua.stop();
-    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
-    let disk = raw(skua.addr, &ask("GET", "1.1", "en", false)).await;
-    assert_eq!(
-        skua.hit_paths().await,
-        [0, 0, 1],
-        "pingora's cache answered the disk hit"
-    );
-    assert_eq!(
-        head_bytes(&disk).replace("hit-local", "hit-front"),
-        head_bytes(&front_en_get),
-        "\n{front_en_get}\n---\n{disk}"
-    );
+    // After a restart the disk tier answers: at the front door (the page cache holds the
+    // record), and after another through pingora's cache (a precondition sends it there),
+    // the same bytes.
+    for (precondition, paths) in [(false, [1, 0, 0]), (true, [0, 0, 1])] {
+        skua.stop();
+        skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
+        let disk = raw(skua.addr, &ask("GET", "1.1", "en", precondition)).await;
+        assert_eq!(skua.hit_paths().await, paths, "the disk hit's path");
+        assert_eq!(
+            head_bytes(&disk).replace("hit-local", "hit-front"),
+            head_bytes(&front_en_get),
+            "\n{front_en_get}\n---\n{disk}"
+        );
+    }
     assert_eq!(origin.count("/wiki/Page"), 2);
 }
