@@ -314,9 +314,8 @@ impl Index {
         marked
     }
 
-    /// Every entry, shard by shard (each shard locked only while it is copied).
-    pub fn entries(&self) -> Vec<Entry> {
-        let mut out = Vec::with_capacity(self.len() as usize);
+    /// Hands every entry to `each`, shard by shard (each shard locked only while it is read).
+    pub fn for_each(&self, mut each: impl FnMut(Entry)) {
         for shard in self.shards.iter() {
             let shard = shard
                 .lock()
@@ -328,14 +327,19 @@ impl Index {
                 }
             }
             for (k, loc) in &shard.objects {
-                let primary = variant_of.get(k).copied().unwrap_or(*k);
-                out.push(Entry {
-                    primary,
+                each(Entry {
+                    primary: variant_of.get(k).copied().unwrap_or(*k),
                     key: *k,
                     loc: *loc,
                 });
             }
         }
+    }
+
+    /// Every entry (for the start-up tag pass).
+    pub fn entries(&self) -> Vec<Entry> {
+        let mut out = Vec::with_capacity(self.len() as usize);
+        self.for_each(|e| out.push(e));
         out
     }
 
