@@ -89,7 +89,7 @@ impl DiskTier {
             self.loaded.send_replace(true);
         }
         tracing::info!(
-            objects = self.index.len(),
+            objects = self.index.count(),
             records_scanned = scanned,
             ms = took.as_millis() as u64,
             "disk cache index loaded"

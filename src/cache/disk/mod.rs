@@ -151,7 +151,7 @@ impl DiskTier {
     }
 
     pub fn object_count(&self) -> u64 {
-        self.index.len()
+        self.index.count()
     }
 
     pub fn resident_bytes(&self) -> u64 {
