@@ -784,3 +784,33 @@ async fn a_slow_disk_does_not_slow_memory_hits() {
     }
     assert_eq!(origin.count("/memory"), 1);
 }
+
+/// The first disk format (two files per object under `objects/`) is not read: it is removed
+/// at start, with a warning that says so, and the tier fills again in the new format.
+#[tokio::test]
+async fn the_old_one_file_per_object_format_is_discarded_with_a_log_line() {
+    let origin = Origin::start(|req| page(&format!("{} body", req.path))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("objects").join("ab");
+    std::fs::create_dir_all(&old).unwrap();
+    for name in ["ab01-0.meta", "ab01-0-0000000000000001.body"] {
+        std::fs::write(old.join(name), "from an older Skua").unwrap();
+    }
+    let skua = Skua::start_disk(&[origin.addr], dir.path(), "", CAPTURE_LOG).await;
+    assert_eq!(get(&skua.url("/p"), &[]).await.cache(), "miss");
+    assert_eq!(get(&skua.url("/p"), &[]).await.cache(), "hit-front");
+    wait_until("the old format is removed", || {
+        !dir.path().join("objects").exists()
+            && std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .all(|e| !e.file_name().to_string_lossy().contains("old-format"))
+    })
+    .await;
+    assert!(
+        skua.log().contains("older format") && skua.log().contains("discarded"),
+        "{}",
+        skua.log()
+    );
+    assert_eq!(files(dir.path(), ".seg").len(), 1, "the new format in use");
+}
