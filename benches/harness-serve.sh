@@ -9,14 +9,27 @@
 #   ../shared/bench/run.sh --targets skua,rules --scenarios hit1k,manykeys \
 #       --proxy "skua:28050:$PWD/benches/harness-serve.sh $PWD/target/release/skua" \
 #       --proxy "rules:28060:$PWD/benches/harness-serve.sh $PWD/target/release/skua $PWD/config/mediawiki.toml"
+#
+# With --disk first, config/bench-disk.toml instead: a disk tier in the run's $WORKDIR and a
+# memory tier too small for the benchmark's objects, so every hit is a disk hit.
+#
+#   ../shared/bench/run.sh --targets nginx,skua-disk --scenarios hit1k,manykeys,hit256k \
+#       --proxy "skua-disk:28051:$PWD/benches/harness-serve.sh --disk $PWD/target/release/skua"
 set -euo pipefail
-BIN="${1:?usage: harness-serve.sh SKUA_BINARY [RULES_CONFIG]}"
+BASE=bench.toml
+if [ "${1:-}" = "--disk" ]; then
+    BASE=bench-disk.toml
+    shift
+fi
+BIN="${1:?usage: harness-serve.sh [--disk] SKUA_BINARY [RULES_CONFIG]}"
 RULES="${2:-}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PORT="${PORT:-28050}"
 CONFIG="$(mktemp --suffix=.toml)"
-sed -e "s/127.0.0.1:28050/127.0.0.1:$PORT/" -e "s/127.0.0.1:28059/127.0.0.1:$((PORT + 9))/" \
-    "$ROOT/config/bench.toml" >"$CONFIG"
+DISK="${WORKDIR:-$(mktemp -d)}/skua-disk"
+sed -e "s/127.0.0.1:2805[01]\"/127.0.0.1:$PORT\"/" -e "s/127.0.0.1:2805[89]\"/127.0.0.1:$((PORT + 9))\"/" \
+    -e "s|^path = \"/tmp/skua-bench-disk\"|path = \"$DISK\"|" \
+    "$ROOT/config/$BASE" >"$CONFIG"
 if [ -n "${TLS_PORT:-}" ]; then
     # A subtable of [server]: TOML lets it follow the other tables.
     cat >>"$CONFIG" <<TOML

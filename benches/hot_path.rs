@@ -92,7 +92,10 @@ fn bench(c: &mut Criterion) {
                 "skua; hit; ttl=258",
                 false,
                 None,
-                false,
+                skua::proxy::hit::HitFlags {
+                    ttl_rule: false,
+                    from_disk: false,
+                },
             );
             black_box(out)
         })

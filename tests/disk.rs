@@ -104,6 +104,8 @@ async fn restart_serves_from_disk_after_sigterm_and_kill_9() {
         get(&again.url(&format!("/new/{}", round.len())), &[]).await;
         if round == "graceful" {
             again.stop();
+            // A graceful stop checkpoints the index: the next start reads it, not the log.
+            assert!(dir.path().join("index.ckpt").is_file());
         } else {
             again.kill9();
         }
@@ -716,4 +718,99 @@ async fn a_purge_acknowledged_before_a_kill_9_stays_applied_after_the_restart() 
         let got = get(&skua.url(&format!("/large/{i}")), &[]).await;
         assert_eq!(got.cache(), "miss", "/large/{i} came back after its purge");
     }
+}
+
+/// The event loop never waits on the disk: with every disk read taking 300 ms (a fault
+/// injected in the reader, as on a throttled disk), memory hits are answered at once while
+/// the disk hits beside them wait on the blocking pool.
+#[tokio::test]
+async fn a_slow_disk_does_not_slow_memory_hits() {
+    let origin = Origin::start(|seen| {
+        let size = if seen.path.starts_with("/disk/") {
+            4000
+        } else {
+            100
+        };
+        Reply::ok(vec![b'x'; size]).header("cache-control", "max-age=600")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // Disk objects are too large for the memory tier: every hit on them reads the disk.
+    let extra = format!("{ENV_LINE}SKUA_TEST_DISK_READ_DELAY_MS=300\n");
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["", "", "max_object_size = 1024"],
+        &format!("[cache.disk]\npath = \"{}\"\n{extra}", dir.path().display()),
+    )
+    .await;
+    skua.wait_disk_index().await;
+    const DISK: usize = 32;
+    assert_eq!(get(&skua.url("/memory"), &[]).await.cache(), "miss");
+    for i in 0..DISK {
+        assert_eq!(
+            get(&skua.url(&format!("/disk/{i}")), &[]).await.cache(),
+            "miss"
+        );
+    }
+    let disk_hits: Vec<_> = (0..DISK)
+        .map(|i| {
+            let url = skua.url(&format!("/disk/{i}"));
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let got = get(&url, &[]).await;
+                (got.cache().to_string(), got.body.len(), started.elapsed())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..50 {
+        let started = std::time::Instant::now();
+        let got = get(&skua.url("/memory"), &[]).await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(got.cache(), "hit-front");
+    }
+    assert!(
+        slowest < Duration::from_millis(150),
+        "a memory hit took {slowest:?} while disk reads were slow"
+    );
+    for hit in disk_hits {
+        let (cache, len, took) = hit.await.unwrap();
+        assert_eq!((cache.as_str(), len), ("hit-local", 4000));
+        assert!(
+            took >= Duration::from_millis(300),
+            "the disk read waited: {took:?}"
+        );
+    }
+    assert_eq!(origin.count("/memory"), 1);
+}
+
+/// The first disk format (two files per object under `objects/`) is not read: it is removed
+/// at start, with a warning that says so, and the tier fills again in the new format.
+#[tokio::test]
+async fn the_old_one_file_per_object_format_is_discarded_with_a_log_line() {
+    let origin = Origin::start(|req| page(&format!("{} body", req.path))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("objects").join("ab");
+    std::fs::create_dir_all(&old).unwrap();
+    for name in ["ab01-0.meta", "ab01-0-0000000000000001.body"] {
+        std::fs::write(old.join(name), "from an older Skua").unwrap();
+    }
+    let skua = Skua::start_disk(&[origin.addr], dir.path(), "", CAPTURE_LOG).await;
+    assert_eq!(get(&skua.url("/p"), &[]).await.cache(), "miss");
+    assert_eq!(get(&skua.url("/p"), &[]).await.cache(), "hit-front");
+    wait_until("the old format is removed", || {
+        !dir.path().join("objects").exists()
+            && std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .all(|e| !e.file_name().to_string_lossy().contains("old-format"))
+    })
+    .await;
+    assert!(
+        skua.log().contains("older format") && skua.log().contains("discarded"),
+        "{}",
+        skua.log()
+    );
+    assert_eq!(files(dir.path(), ".seg").len(), 1, "the new format in use");
 }

@@ -420,18 +420,20 @@ impl MemoryTier {
     }
 
     /// A writer for one response; it gives up (stores nothing) past `limit` body bytes.
+    /// A fill's handler, with the metadata the object keeps (encoded once per fill, by the
+    /// caller, which may store it in another tier too).
     pub(crate) fn miss(
         &'static self,
         primary: HashBinary,
         slot: Option<HashBinary>,
-        meta: &CacheMeta,
+        meta: ObjectMeta,
         limit: usize,
     ) -> MemoryMiss {
         MemoryMiss {
             tier: self,
             primary,
             slot,
-            meta: StoredMeta::from_meta(meta),
+            meta,
             body: BytesMut::new(),
             chunks: Vec::new(),
             len: 0,
@@ -564,7 +566,7 @@ impl Storage for MemoryTier {
         Ok(Box::new(self.miss(
             key.primary_bin(),
             key.variance_bin(),
-            meta,
+            ObjectMeta::encode(StoredMeta::from_meta(meta)),
             usize::MAX,
         )))
     }
@@ -722,7 +724,7 @@ pub(crate) struct MemoryMiss {
     tier: &'static MemoryTier,
     primary: HashBinary,
     slot: Option<HashBinary>,
-    meta: StoredMeta,
+    meta: ObjectMeta,
     body: BytesMut,
     /// The first chunk, kept as received until a second one arrives.
     chunks: Vec<Bytes>,
@@ -768,7 +770,7 @@ impl MemoryMiss {
             None if self.body.len() == self.body.capacity() => self.body.freeze(),
             None => Bytes::copy_from_slice(&self.body),
         };
-        let obj = StoredObject::new(self.slot, self.meta, body);
+        let obj = StoredObject::with(self.slot, self.meta, body);
         let weight = obj.weight();
         self.tier.insert(self.primary, obj);
         Some(weight as usize)

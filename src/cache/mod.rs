@@ -253,16 +253,14 @@ impl Storage for Store {
     ) -> Result<MissHandler> {
         let primary = key.primary_bin();
         let slot = key.variance_bin();
+        let stored = ObjectMeta::encode(StoredMeta::from_meta(meta));
+        let disk = self
+            .disk
+            .filter(|d| d.admit(&primary))
+            .map(|d| d.start_write(primary, slot, stored.clone()));
         let memory = self
             .memory
-            .miss(primary, slot, meta, self.memory_max_object);
-        let disk = self.disk.filter(|d| d.admit(&primary)).map(|d| {
-            d.start_write(
-                primary,
-                slot,
-                ObjectMeta::encode(StoredMeta::from_meta(meta)),
-            )
-        });
+            .miss(primary, slot, stored, self.memory_max_object);
         Ok(Box::new(TieredMiss {
             memory,
             disk,

@@ -162,8 +162,10 @@ impl FrontDoor {
             &self.shared.name,
             close,
             settings.downstream_cache_control.as_ref(),
-            hit.ttl_rule,
-            hit.local,
+            hit::HitFlags {
+                ttl_rule: hit.ttl_rule,
+                from_disk: hit.local,
+            },
         );
         if let Some(edits) = edits {
             super::edit::wire(&mut out, 0, edits, obj.meta.times.field_names);
@@ -207,8 +209,10 @@ impl FrontDoor {
             name,
             false,
             downstream,
-            hit.ttl_rule,
-            hit.local,
+            hit::HitFlags {
+                ttl_rule: hit.ttl_rule,
+                from_disk: hit.local,
+            },
         );
         let mut head = decode_head(&wire);
         if let Some(edits) = hit.response_edits.and_then(|i| rule_edits(&settings, i)) {
@@ -258,13 +262,15 @@ impl FrontDoor {
         let from_memory = hit::fresh(shared, &url, &found, &req.fields, now);
         // A URL the memory tier holds nothing of may be on disk, in the page cache.
         let from_disk = || {
-            let disk = found.holds_nothing().then_some(())?;
-            hit::fresh_from_disk(shared, &url, primary, &req.fields, now).map(|obj| (disk, obj))
+            found
+                .holds_nothing()
+                .then(|| hit::fresh_from_disk(shared, &url, primary, &req.fields, now))
+                .flatten()
         };
         let (obj, local) = match from_memory {
             Some(obj) => (obj, false),
             None => match from_disk() {
-                Some(((), obj)) => (obj, true),
+                Some(obj) => (obj, true),
                 None => {
                     *looked = Some(found);
                     return None;

@@ -230,11 +230,19 @@ fn push_upstream_members<'a>(out: &mut Vec<u8>, upstream: impl IntoIterator<Item
     }
 }
 
+/// What a fast path's hit head says besides the object.
+#[derive(Debug, Clone, Copy)]
+pub struct HitFlags {
+    /// A `[[rule]]` set the copy's lifetime (`detail=ttl-rule`).
+    pub ttl_rule: bool,
+    /// The copy came from the disk tier (`hit-local`).
+    pub from_disk: bool,
+}
+
 /// The status line and header section of a hit answered by a fast path: the stored head, the
 /// framing, `Age`, the two status fields and, with `close`, `Connection: close`, spelled as
 /// pingora's writer spells them ([`crate::cache::meta::wire_name`]), then the blank line.
-/// `cache_name`: this cache's name in its `Cache-Status` member; `ttl_rule`: a `[[rule]]`
-/// set the copy's lifetime (`detail=ttl-rule`).
+/// `cache_name`: this cache's name in its `Cache-Status` member.
 pub fn write_head(
     out: &mut Vec<u8>,
     obj: &StoredObject,
@@ -242,8 +250,7 @@ pub fn write_head(
     cache_name: &str,
     close: bool,
     downstream_cc: Option<&HeaderValue>,
-    ttl_rule: bool,
-    local_hit: bool,
+    flags: HitFlags,
 ) {
     let meta = &obj.meta;
     // Searched for only when an operator configured a replacement.
@@ -265,8 +272,8 @@ pub fn write_head(
     field(out, b"Age", itoa::Buffer::new().format(age).as_bytes());
     let fresh_until = meta.times.fresh_until.time();
     let outcome = Outcome {
-        ttl_rule,
-        local_hit,
+        ttl_rule: flags.ttl_rule,
+        local_hit: flags.from_disk,
         ..Outcome::fast_hit(fresh_until)
     };
     field(

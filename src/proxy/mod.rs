@@ -758,8 +758,10 @@ impl CachingProxy {
             &self.shared.name,
             false,
             downstream,
-            ttl_rule,
-            false,
+            hit::HitFlags {
+                ttl_rule,
+                from_disk: false,
+            },
         );
         drop(settings);
         let mut resp = decode_head(&wire);

@@ -280,6 +280,9 @@ fn disk_table(lines: &str) -> String {
 /// A line in a test's `extra` config that sends the process's log to [`Skua::log`] instead of
 /// the test's output (a TOML comment, so the config is unchanged).
 pub const CAPTURE_LOG: &str = "# capture the log";
+/// A line `# env NAME=VALUE` in a config's extra text sets that variable for the process
+/// (and no other): how a test turns on a fault-injection hook.
+pub const ENV_LINE: &str = "# env ";
 const LOG_FILE: &str = "skua.log";
 
 /// The real `skua serve` process.
@@ -559,9 +562,13 @@ memory_size = 16777216
         );
         let path = dir.path().join("skua.toml");
         std::fs::write(&path, config).unwrap();
+        let vars = extra
+            .lines()
+            .filter_map(|l| l.strip_prefix(ENV_LINE)?.split_once('='));
         let child = Command::new(skua_bin())
             .args(["serve", "--config"])
             .arg(&path)
+            .envs(vars)
             .stdout(Stdio::null())
             .stderr(match std::fs::File::create(dir.path().join(LOG_FILE)) {
                 Ok(file) if extra.contains(CAPTURE_LOG) => Stdio::from(file),

@@ -7,45 +7,76 @@
 use std::io::{self, Write};
 use std::path::Path;
 
-use super::index::{Entry, Loc};
+use super::index::{Entry, Index, Loc};
 
 const MAGIC: &[u8; 8] = b"SKUACKP2";
-/// magic, covered position, entry count
-const HEADER: usize = 8 + 8 + 8;
+/// magic, covered position
+const HEADER: usize = 8 + 8;
 /// primary key, key, segment, offset, length, flags
 const ENTRY: usize = 8 + 8 + 4 + 4 + 4 + 4;
+/// entry count, CRC-32 of everything before it
+const TRAILER: usize = 8 + 4;
 
-pub fn write(path: &Path, covered: u64, entries: &[Entry]) -> io::Result<()> {
-    let mut out = Vec::with_capacity(HEADER + entries.len() * ENTRY + 4);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&covered.to_le_bytes());
-    out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-    for e in entries {
-        out.extend_from_slice(&e.primary.to_le_bytes());
-        out.extend_from_slice(&e.key.to_le_bytes());
-        out.extend_from_slice(&e.loc.seg.to_le_bytes());
-        out.extend_from_slice(&e.loc.offset.to_le_bytes());
-        out.extend_from_slice(&e.loc.len.to_le_bytes());
-        out.extend_from_slice(&e.loc.flags().to_le_bytes());
-    }
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
+/// Writes every entry of `index` and the position it covers, a shard at a time (nothing the
+/// size of the index is built in memory).
+pub fn write(path: &Path, covered: u64, index: &Index) -> io::Result<()> {
     let temp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let result = crate::cache::files::create_fresh(&temp)
-        .and_then(|mut f| f.write_all(&out))
-        .and_then(|_| std::fs::rename(&temp, path));
+    let result = crate::cache::files::create_fresh(&temp).and_then(|file| {
+        let mut out = Crc(
+            io::BufWriter::with_capacity(1 << 20, file),
+            crc32fast::Hasher::new(),
+        );
+        out.write_all(MAGIC)?;
+        out.write_all(&covered.to_le_bytes())?;
+        let mut count = 0u64;
+        let mut failed = Ok(());
+        index.for_each(|e| {
+            if failed.is_ok() {
+                failed = out.write_all(&encode(&e));
+                count += 1;
+            }
+        });
+        failed?;
+        out.write_all(&count.to_le_bytes())?;
+        let crc = out.1.clone().finalize();
+        out.0.write_all(&crc.to_le_bytes())?;
+        out.0.flush()
+    });
+    let result = result.and_then(|_| std::fs::rename(&temp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
     }
     result
 }
 
-/// The covered position and the entries, or `None` if there is no checkpoint that checks out.
-pub fn read(path: &Path) -> Option<(u64, Vec<Entry>)> {
+fn encode(e: &Entry) -> [u8; ENTRY] {
+    let mut out = [0u8; ENTRY];
+    out[..8].copy_from_slice(&e.primary.to_le_bytes());
+    out[8..16].copy_from_slice(&e.key.to_le_bytes());
+    out[16..20].copy_from_slice(&e.loc.seg.to_le_bytes());
+    out[20..24].copy_from_slice(&e.loc.offset.to_le_bytes());
+    out[24..28].copy_from_slice(&e.loc.len.to_le_bytes());
+    out[28..32].copy_from_slice(&e.loc.flags().to_le_bytes());
+    out
+}
+
+/// A writer that keeps the CRC of what went through it.
+struct Crc<W>(W, crc32fast::Hasher);
+
+impl<W: Write> Crc<W> {
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.1.update(bytes);
+        self.0.write_all(bytes)
+    }
+}
+
+/// Reads a checkpoint: hands each entry to `found` and returns the position it covers, or
+/// `None` (and hands nothing) if there is none that checks out.
+pub fn read(path: &Path, mut found: impl FnMut(Entry)) -> Option<u64> {
     let mut bytes = Vec::new();
     let mut file = crate::cache::files::open_regular(path).ok()?;
     io::Read::read_to_end(&mut file, &mut bytes).ok()?;
-    if bytes.len() < HEADER + 4 || &bytes[..8] != MAGIC {
+    if bytes.len() < HEADER + TRAILER || &bytes[..8] != MAGIC {
         return None;
     }
     let (content, crc) = bytes.split_at(bytes.len() - 4);
@@ -54,25 +85,26 @@ pub fn read(path: &Path) -> Option<(u64, Vec<Entry>)> {
         return None;
     }
     let covered = u64::from_le_bytes(content[8..16].try_into().ok()?);
-    let count = usize::try_from(u64::from_le_bytes(content[16..24].try_into().ok()?)).ok()?;
-    if content.len() != HEADER + count.checked_mul(ENTRY)? {
+    let (entries, count) = content[HEADER..].split_at(content.len() - HEADER - 8);
+    let count = u64::from_le_bytes(count.try_into().ok()?);
+    if entries.len() % ENTRY != 0 || (entries.len() / ENTRY) as u64 != count {
         return None;
     }
     let u32_at = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-    let entries = content[HEADER..]
-        .chunks_exact(ENTRY)
-        .map(|e| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&e[..8]);
-            let primary = u64::from_le_bytes(w);
-            w.copy_from_slice(&e[8..16]);
-            let key = u64::from_le_bytes(w);
-            let loc =
-                Loc::new(u32_at(e, 16), u32_at(e, 20), u32_at(e, 24)).with_flags(u32_at(e, 28));
-            Entry { primary, key, loc }
-        })
-        .collect();
-    Some((covered, entries))
+    let u64_at = |b: &[u8], at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[at..at + 8]);
+        u64::from_le_bytes(w)
+    };
+    for e in entries.chunks_exact(ENTRY) {
+        let loc = Loc::new(u32_at(e, 16), u32_at(e, 20), u32_at(e, 24)).with_flags(u32_at(e, 28));
+        found(Entry {
+            primary: u64_at(e, 0),
+            key: u64_at(e, 8),
+            loc,
+        });
+    }
+    Some(covered)
 }
 
 #[cfg(test)]
@@ -83,19 +115,29 @@ mod tests {
     fn a_checkpoint_round_trips_and_a_damaged_one_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.ckpt");
-        let entries: Vec<Entry> = (0..1000u64)
-            .map(|i| Entry {
-                primary: i * 3,
-                key: i * 7,
-                loc: Loc::new(i as u32 % 5, i as u32 * 8, 100).with_flags(i as u32),
-            })
-            .collect();
-        write(&path, 42, &entries).unwrap();
-        assert_eq!(read(&path), Some((42, entries)));
+        let index = Index::default();
+        for i in 0..1000u32 {
+            let mut url = [0u8; 16];
+            url[..4].copy_from_slice(&i.to_le_bytes());
+            let slot = (i % 3 == 0).then_some([i as u8; 16]);
+            index.insert(&url, slot.as_ref(), Loc::new(i % 5, i * 8, 100), None);
+        }
+        write(&path, 42, &index).unwrap();
+        let mut entries = Vec::new();
+        assert_eq!(read(&path, |e| entries.push(e)), Some(42));
+        let mut expected = index.entries();
+        let key = |e: &Entry| (e.primary, e.key);
+        expected.sort_by_key(key);
+        entries.sort_by_key(key);
+        assert_eq!(entries, expected);
+        assert_eq!(entries.len(), 1000);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[100] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(read(&path), None);
-        assert_eq!(read(&dir.path().join("absent")), None);
+        assert_eq!(
+            read(&path, |_| panic!("a damaged checkpoint's entry")),
+            None
+        );
+        assert_eq!(read(&dir.path().join("absent"), |_| {}), None);
     }
 }

@@ -174,7 +174,7 @@ impl Index {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn len(&self) -> u64 {
+    pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
 
@@ -314,9 +314,8 @@ impl Index {
         marked
     }
 
-    /// Every entry, shard by shard (each shard locked only while it is copied).
-    pub fn entries(&self) -> Vec<Entry> {
-        let mut out = Vec::with_capacity(self.len() as usize);
+    /// Hands every entry to `each`, shard by shard (each shard locked only while it is read).
+    pub fn for_each(&self, mut each: impl FnMut(Entry)) {
         for shard in self.shards.iter() {
             let shard = shard
                 .lock()
@@ -328,14 +327,19 @@ impl Index {
                 }
             }
             for (k, loc) in &shard.objects {
-                let primary = variant_of.get(k).copied().unwrap_or(*k);
-                out.push(Entry {
-                    primary,
+                each(Entry {
+                    primary: variant_of.get(k).copied().unwrap_or(*k),
                     key: *k,
                     loc: *loc,
                 });
             }
         }
+    }
+
+    /// Every entry (for the start-up tag pass).
+    pub fn entries(&self) -> Vec<Entry> {
+        let mut out = Vec::with_capacity(self.count() as usize);
+        self.for_each(|e| out.push(e));
         out
     }
 
@@ -388,13 +392,13 @@ mod tests {
         index.insert(&url, Some(&hash(9)), Loc::new(1, 16, 10), None);
         index.insert(&url, Some(&hash(8)), Loc::new(2, 0, 10), None);
         index.insert(&other, None, Loc::new(2, 16, 10), None);
-        assert_eq!(index.len(), 4);
+        assert_eq!(index.count(), 4);
         assert!(index.get(&url, Some(&hash(9))).unwrap().touched());
         assert_eq!(index.get(&url, Some(&hash(7))), None);
         // Written before (2, 0): two of the URL's three.
         let removed = index.remove_all(&url, Loc::new(2, 0, 0).position());
         assert_eq!(removed.len(), 2);
-        assert_eq!(index.len(), 2);
+        assert_eq!(index.count(), 2);
         assert!(index.holds(&url));
         assert_eq!(index.remove_all(&url, u64::MAX).len(), 1);
         assert!(!index.holds(&url));
@@ -412,7 +416,7 @@ mod tests {
         assert!(!index.insert(&url, None, Loc::new(1, 32, 10), Some(first)));
         index.remove_all(&url, u64::MAX);
         assert!(!index.insert(&url, None, Loc::new(1, 48, 10), Some(first)));
-        assert_eq!(index.len(), 0);
+        assert_eq!(index.count(), 0);
     }
 
     #[test]
@@ -452,6 +456,6 @@ mod tests {
         assert!(index.holds(&hash(7)));
         assert_eq!(index.drop_segment(4), 1);
         assert!(!index.holds(&hash(7)));
-        assert_eq!(index.len(), 1);
+        assert_eq!(index.count(), 1);
     }
 }

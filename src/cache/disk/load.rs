@@ -23,13 +23,13 @@ impl DiskTier {
             .filter(|s| *s < self.first_new_segment)
             .collect();
         let mut from = (0u32, 0u64);
-        if let Some((covered, entries)) = checkpoint::read(&self.checkpoint_path()) {
-            let present: std::collections::HashSet<u32> = old.iter().copied().collect();
-            for entry in entries {
-                if present.contains(&entry.loc.seg) {
-                    self.index.insert_found(entry);
-                }
+        let present: std::collections::HashSet<u32> = old.iter().copied().collect();
+        let checkpoint = checkpoint::read(&self.checkpoint_path(), |entry| {
+            if present.contains(&entry.loc.seg) {
+                self.index.insert_found(entry);
             }
+        });
+        if let Some(covered) = checkpoint {
             from = ((covered >> 32) as u32, covered & 0xffff_ffff);
         }
         let mut scanned = 0u64;
@@ -89,7 +89,7 @@ impl DiskTier {
             self.loaded.send_replace(true);
         }
         tracing::info!(
-            objects = self.index.len(),
+            objects = self.index.count(),
             records_scanned = scanned,
             ms = took.as_millis() as u64,
             "disk cache index loaded"

@@ -151,7 +151,7 @@ impl DiskTier {
     }
 
     pub fn object_count(&self) -> u64 {
-        self.index.len()
+        self.index.count()
     }
 
     pub fn resident_bytes(&self) -> u64 {
@@ -334,23 +334,35 @@ fn segment_layout(config: &DiskConfig) -> (u64, usize) {
 }
 
 /// The first format kept two files per object under `objects/`: it is not read, it is removed
-/// (in the background: there may be a million files), with a line in the log.
+/// (in the background: there may be a million files), with a line in the log. A removal cut
+/// short by a stop is finished at the next start.
 fn discard_old_format(dir: &std::path::Path) {
+    const ASIDE: &str = ".objects-old-format.";
     let old = dir.join("objects");
-    if !old.is_dir() {
+    if old.is_dir() {
+        let aside = dir.join(format!("{ASIDE}{}", std::process::id()));
+        if std::fs::rename(&old, &aside).is_ok() {
+            tracing::warn!(
+                dir = %dir.display(),
+                "the disk cache was written in an older format (a file per object); it is discarded and refilled"
+            );
+        }
+    }
+    let doomed: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(ASIDE))
+        .map(|e| e.path())
+        .collect();
+    if doomed.is_empty() {
         return;
     }
-    let doomed = dir.join(format!(".objects-old-format.{}", std::process::id()));
-    if std::fs::rename(&old, &doomed).is_err() {
-        return;
-    }
-    tracing::warn!(
-        dir = %dir.display(),
-        "the disk cache was written in an older format (a file per object); it is discarded and refilled"
-    );
     let _ = std::thread::Builder::new()
         .name("skua-disk-discard".into())
         .spawn(move || {
-            let _ = std::fs::remove_dir_all(&doomed);
+            for path in doomed {
+                let _ = std::fs::remove_dir_all(&path);
+            }
         });
 }

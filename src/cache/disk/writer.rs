@@ -388,8 +388,7 @@ impl Writer {
     fn checkpoint(&mut self) {
         self.last_checkpoint = Instant::now();
         let covered = self.position();
-        let entries = self.tier.index.entries();
-        match checkpoint::write(&self.tier.checkpoint_path(), covered, &entries) {
+        match checkpoint::write(&self.tier.checkpoint_path(), covered, &self.tier.index) {
             Ok(()) => self.dirty = false,
             Err(e) => tracing::warn!(error = %e, "writing the disk cache checkpoint failed"),
         }

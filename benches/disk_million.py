@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""A disk tier of a million objects (1-16 KiB) across restarts: how soon Skua listens, how
+soon every object is servable, and what the index costs in memory (benches/README.md, the disk
+tier section; issue #20's acceptance).
+
+    python3 benches/disk_million.py target/release/skua [--objects 1000000] [--dir DIR]
+
+1. Fills the tier through Skua (wrk, one request per object, sizes 1, 2, 4, 8 and 16 KiB in
+   turn) from the harness's origin (../shared/bench/origin: nginx), then stops Skua with
+   SIGTERM (it writes its index checkpoint).
+2. Measures an empty Skua's RSS (same config, an empty directory).
+3. Starts Skua on the filled directory: the time until it accepts a connection, until
+   /stats says the index is loaded, the RSS then (minus the empty one, per object), and that
+   a sample of 2,000 objects are disk hits with no origin fetch.
+4. The same after `kill -9` with the checkpoint removed: the whole log is scanned.
+
+Needs nginx with the echo module (libnginx-mod-http-echo) and wrk; about 6.5 GB of disk per
+million objects under --dir (default: a temporary directory, removed at the end).
+"""
+import argparse, http.client, json, os, random, re, shutil, signal, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from benchlib import free_port, wait_port  # noqa: E402
+
+HARNESS = os.environ.get("SKUA_BENCH_HARNESS",
+                         os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
+SIZES = [1, 2, 4, 8, 16]
+
+FILL_LUA = """
+local n = 0
+local id = 0
+local threads = 0
+local total = 0
+function setup(thread)
+    thread:set("id", id)
+    id = id + 1
+end
+function init(args)
+    threads = tonumber(args[1])
+    total = tonumber(args[2])
+end
+function request()
+    local k = id + n * threads
+    n = n + 1
+    if k >= total then
+        wrk.thread:stop()
+    end
+    local size = ({1, 2, 4, 8, 16})[k % 5 + 1]
+    return wrk.format("GET", "/obj/" .. size .. "k.bin?k=" .. k)
+end
+"""
+
+
+def rss_kib(pid):
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+
+
+def stats(admin):
+    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+    conn.request("GET", "/stats")
+    return json.loads(conn.getresponse().read())
+
+
+def config(work, port, admin, origin_port, disk):
+    path = os.path.join(work, f"skua-{port}.toml")
+    with open(path, "w") as f:
+        f.write(f"""[server]
+listen = ["127.0.0.1:{port}"]
+admin = "127.0.0.1:{admin}"
+threads = 1
+upgrade_sock = "{work}/upgrade-{port}.sock"
+[[origin]]
+name = "bench"
+addresses = ["127.0.0.1:{origin_port}"]
+[origin.health_check]
+enabled = false
+[cache]
+memory_size = 1048576
+max_object_size = 512
+[cache.disk]
+path = "{disk}"
+size = 17179869184
+max_object_size = 65536
+after_restart = "serve"
+""")
+    return path
+
+
+def start(binary, conf):
+    return subprocess.Popen([binary, "serve", "--config", conf],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def measure_start(binary, conf, port, admin):
+    """Starts Skua; returns (process, ms to listen, ms to index loaded)."""
+    t0 = time.monotonic()
+    proc = start(binary, conf)
+    listen = None
+    while listen is None:
+        try:
+            http.client.HTTPConnection("127.0.0.1", port, timeout=1).connect()
+            listen = (time.monotonic() - t0) * 1000
+        except OSError:
+            time.sleep(0.001)
+    while True:
+        try:
+            if stats(admin)["tiers"]["disk"]["index_loaded"]:
+                break
+        except OSError:
+            pass
+        time.sleep(0.005)
+    return proc, listen, (time.monotonic() - t0) * 1000
+
+
+def sample_hits(port, objects, count=2000):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    hits = 0
+    for k in random.Random(7).sample(range(objects), count):
+        conn.request("GET", f"/obj/{SIZES[k % 5]}k.bin?k={k}")
+        resp = conn.getresponse()
+        resp.read()
+        hits += resp.getheader("x-cache-status") == "hit-local"
+    return hits, count
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binary")
+    ap.add_argument("--objects", type=int, default=1_000_000)
+    ap.add_argument("--dir")
+    a = ap.parse_args()
+    work = a.dir or tempfile.mkdtemp(prefix="skua-million-")
+    os.makedirs(work, exist_ok=True)
+    docroot = os.path.join(work, "docroot", "obj")
+    os.makedirs(docroot, exist_ok=True)
+    for size in SIZES:
+        with open(os.path.join(docroot, f"{size}k.bin"), "wb") as f:
+            f.write(os.urandom(size * 1024))
+    origin_port = free_port()
+    env = dict(os.environ, PORT=str(origin_port), WORKDIR=os.path.join(work, "origin"),
+               DOCROOT=os.path.join(work, "docroot"), PEER_DIR=os.path.join(HARNESS, "origin"),
+               ORIGIN_HOST="127.0.0.1", ORIGIN_PORT="0")
+    os.makedirs(env["WORKDIR"], exist_ok=True)
+    origin = subprocess.Popen(["bash", os.path.join(HARNESS, "origin", "start.sh")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    procs = []
+    try:
+        wait_port(origin_port)
+        port, admin = free_port(), free_port()
+        disk = os.path.join(work, "disk")
+        conf = config(work, port, admin, origin_port, disk)
+
+        proc = start(a.binary, conf)
+        procs.append(proc)
+        wait_port(port)
+        lua = os.path.join(work, "fill.lua")
+        open(lua, "w").write(FILL_LUA)
+        t0 = time.monotonic()
+        subprocess.run(["wrk", "-t2", "-c32", "-d3600s", "-s", lua, f"http://127.0.0.1:{port}/",
+                        "--", "2", str(a.objects)], check=True, capture_output=True)
+        fill = time.monotonic() - t0
+        for _ in range(600):
+            held = stats(admin)["tiers"]["disk"]["objects"]
+            if held >= a.objects:
+                break
+            time.sleep(0.1)
+        print(f"filled {held:,} objects in {fill:.0f} s")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        ckpt = os.path.getsize(os.path.join(disk, "index.ckpt"))
+        segments = os.listdir(os.path.join(disk, "segments"))
+        used = sum(os.path.getsize(os.path.join(disk, "segments", s)) for s in segments)
+        print(f"on disk: {len(segments)} segments, {used / 2**30:.2f} GiB; "
+              f"checkpoint {ckpt / 2**20:.1f} MiB")
+
+        empty_port, empty_admin = free_port(), free_port()
+        empty_conf = config(work, empty_port, empty_admin, origin_port, os.path.join(work, "empty"))
+        empty = start(a.binary, empty_conf)
+        procs.append(empty)
+        wait_port(empty_port)
+        time.sleep(2)
+        rss_empty = rss_kib(empty.pid)
+        empty.terminate()
+        empty.wait()
+
+        for how in ("after SIGTERM (checkpoint)", "after kill -9, no checkpoint (whole scan)"):
+            proc, listen, loaded = measure_start(a.binary, conf, port, admin)
+            procs.append(proc)
+            time.sleep(1)
+            rss = rss_kib(proc.pid)
+            objects = stats(admin)["tiers"]["disk"]["objects"]
+            hits, count = sample_hits(port, a.objects)
+            print(f"{how}: listening in {listen:.0f} ms, index loaded in {loaded:.0f} ms, "
+                  f"{objects:,} objects; RSS {rss / 1024:.1f} MiB - empty {rss_empty / 1024:.1f} "
+                  f"MiB = {(rss - rss_empty) * 1024 / max(objects, 1):.1f} bytes per object; "
+                  f"{hits}/{count} sampled objects were disk hits")
+            proc.kill()
+            proc.wait()
+            if os.path.exists(os.path.join(disk, "index.ckpt")):
+                os.remove(os.path.join(disk, "index.ckpt"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        os.killpg(origin.pid, signal.SIGTERM)
+        if not a.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
