@@ -814,3 +814,38 @@ async fn the_old_one_file_per_object_format_is_discarded_with_a_log_line() {
     );
     assert_eq!(files(dir.path(), ".seg").len(), 1, "the new format in use");
 }
+
+/// A disk hit the page cache holds is read on the event loop, never on the blocking pool
+/// (`RWF_NOWAIT`, or a plain read on a file system in memory): the disk tier's speed depends
+/// on it, so this fails where the kernel or file system stops allowing it.
+#[tokio::test]
+async fn disk_hits_in_the_page_cache_do_not_wait_on_the_blocking_pool() {
+    let origin =
+        Origin::start(|_| Reply::ok(vec![b'p'; 4000]).header("cache-control", "max-age=600")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["", "", "max_object_size = 1024"],
+        &format!("[cache.disk]\npath = \"{}\"\n", dir.path().display()),
+    )
+    .await;
+    skua.wait_disk_index().await;
+    assert_eq!(get(&skua.url("/page"), &[]).await.cache(), "miss");
+    for _ in 0..10 {
+        let hit = get(&skua.url("/page"), &[]).await;
+        assert_eq!((hit.cache(), hit.body.len()), ("hit-local", 4000));
+    }
+    // Through pingora's cache too (a precondition sends the request there).
+    let cached = get(&skua.url("/page"), &[("if-none-match", "\"other\"")]).await;
+    assert_eq!(cached.cache(), "hit-local");
+    let disk = &skua.stats().await["tiers"]["disk"];
+    assert!(
+        matches!(disk["read_mode"].as_str(), Some("nowait" | "inline")),
+        "{disk}"
+    );
+    assert_eq!(
+        disk["reads_waited"], 0,
+        "page-cache reads went to the blocking pool: {disk}"
+    );
+    assert_eq!(origin.count("/page"), 1);
+}

@@ -8,6 +8,7 @@
 //! says what is missing and passes.
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -87,6 +88,8 @@ impl Wiki {
             .args(["-d", "opcache.revalidate_freq=0"])
             .args(["-S", &format!("127.0.0.1:{port}"), "-t", MEDIAWIKI])
             .arg(&router)
+            // Its own process group: `php -S` forks its workers, which must go with it.
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -154,8 +157,12 @@ impl Wiki {
     }
 }
 
+/// Regression: killing `php -S` alone left its forked workers listening on the test's port
+/// after the test, where a later benchmark found the port taken. The whole group goes.
 impl Drop for Wiki {
     fn drop(&mut self) {
+        let group = format!("-{}", self.php.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.php.kill();
         let _ = self.php.wait();
     }

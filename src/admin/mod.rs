@@ -150,6 +150,7 @@ impl Admin {
                 "reads_waited": c.reads_waited.load(Ordering::Relaxed),
                 "purged": c.purges.load(Ordering::Relaxed),
                 "index_loaded": d.loaded(),
+                "read_mode": d.read_mode().as_str(),
                 "tags_loaded": d.tags_loaded(),
                 "index_load_seconds": d.load_time.lock().ok().and_then(|t| t.map(|t| t.as_secs_f64())),
             })

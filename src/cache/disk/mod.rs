@@ -42,7 +42,7 @@ use segments::Segments;
 use writer::{Job, ObjectJob};
 
 pub use crate::config::DiskConfig;
-pub use read::{DiskBody, DiskEntry, DiskHit};
+pub use read::{DiskBody, DiskEntry, DiskHit, ReadMode};
 pub use write::DiskWrite;
 
 /// Counters of the disk tier, read by the admin endpoint and metrics.
@@ -88,6 +88,8 @@ pub struct DiskTier {
     pub load_time: Arc<Mutex<Option<Duration>>>,
     tags_loaded: AtomicBool,
     tags: &'static TagIndex,
+    /// How reads the page cache may answer are made ([`ReadMode`]).
+    read_mode: std::sync::atomic::AtomicU8,
     /// Test hook (`SKUA_TEST_DISK_READ_DELAY_MS`): every read waits on the blocking pool this
     /// long, as on a slow disk.
     read_delay: Option<Duration>,
@@ -103,6 +105,13 @@ impl DiskTier {
         let first_new_segment = segments.newest().map_or(0, |s| s.wrapping_add(1));
         let file = segments.create(first_new_segment)?;
         let (segment_size, max_segments) = segment_layout(&config);
+        let read_mode = ReadMode::for_file(&file);
+        tracing::info!(
+            read_mode = read_mode.as_str(),
+            segment_bytes = segment_size,
+            segments = max_segments,
+            "disk cache opened"
+        );
         let (jobs, rx) = mpsc::channel();
         let read_delay = std::env::var("SKUA_TEST_DISK_READ_DELAY_MS")
             .ok()
@@ -128,8 +137,10 @@ impl DiskTier {
             load_time: Arc::new(Mutex::new(None)),
             tags_loaded: AtomicBool::new(false),
             tags,
+            read_mode: std::sync::atomic::AtomicU8::new(0),
             read_delay,
         }));
+        tier.set_read_mode(read_mode);
         let writer = writer::Writer::new(tier, first_new_segment, file);
         std::thread::Builder::new()
             .name("skua-disk-writer".into())

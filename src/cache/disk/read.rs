@@ -154,7 +154,7 @@ impl DiskTier {
         }
         let file = self.segments.get(loc.seg)?;
         let mut buf = vec![0u8; loc.len as usize];
-        let read = match read_without_waiting(&file, &mut buf, u64::from(loc.offset))? {
+        let read = match self.read_without_waiting(&file, &mut buf, u64::from(loc.offset))? {
             Ok(n) if n == buf.len() => Ok(Bytes::from(buf)),
             Ok(_) => Err(ReadFailure::Damaged(Damage::Truncated)),
             Err(e) => Err(ReadFailure::Io(e)),
@@ -212,7 +212,7 @@ impl DiskTier {
     async fn read_at(&self, file: &Arc<File>, len: usize, at: u64) -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
         if self.read_delay.is_none() {
-            if let Some(done) = read_without_waiting(file, &mut buf, at) {
+            if let Some(done) = self.read_without_waiting(file, &mut buf, at) {
                 buf.truncate(done?);
                 return Ok(buf);
             }
@@ -272,22 +272,97 @@ fn checked_body(bytes: &Bytes, fixed: &record::Fixed, crcs: &[u32]) -> Result<By
     Ok(body)
 }
 
-/// Reads `buf` at `at` if the page cache holds all of it (`RWF_NOWAIT`); `None` if the disk
-/// would have to be waited for (or the kernel cannot say), so the caller reads elsewhere.
-fn read_without_waiting(file: &File, buf: &mut [u8], at: u64) -> Option<io::Result<usize>> {
-    let want = buf.len();
-    match rustix::io::preadv2(
-        file,
-        &mut [io::IoSliceMut::new(buf)],
-        at,
-        ReadWriteFlags::NOWAIT,
-    ) {
-        Ok(n) if n == want || n == 0 => Some(Ok(n)),
-        // Part of it cached: the rest needs the disk.
-        Ok(_) => None,
-        Err(e) if e == Errno::AGAIN || e == Errno::OPNOTSUPP || e == Errno::NOSYS => None,
-        Err(e) if e == Errno::INVAL => None,
-        Err(e) => Some(Err(e.into())),
+/// How a read that the page cache may answer is made, decided once per process from the
+/// segments' file system (and changed once if the kernel turns out not to support it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// `preadv2` with `RWF_NOWAIT`: answered from the page cache on the calling thread, or
+    /// refused (`EAGAIN`) when the disk would have to be waited for.
+    NoWait,
+    /// A plain `pread` on the calling thread: the file system keeps its files in memory
+    /// (tmpfs, ramfs), so no read waits for a disk. (tmpfs refuses `RWF_NOWAIT`.)
+    Inline,
+    /// Every read on the blocking pool: the kernel cannot say whether a read would wait.
+    Pool,
+}
+
+impl ReadMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadMode::NoWait => "nowait",
+            ReadMode::Inline => "inline",
+            ReadMode::Pool => "pool",
+        }
+    }
+
+    /// The mode for files on the file system holding `file`.
+    pub fn for_file(file: &File) -> ReadMode {
+        // statfs(2)'s f_type for tmpfs and ramfs (linux/magic.h).
+        const TMPFS_MAGIC: u64 = 0x0102_1994;
+        const RAMFS_MAGIC: u64 = 0x8584_58f6;
+        match rustix::fs::fstatfs(file) {
+            Ok(fs) if [TMPFS_MAGIC, RAMFS_MAGIC].contains(&(fs.f_type as u64)) => ReadMode::Inline,
+            _ => ReadMode::NoWait,
+        }
+    }
+
+    fn encode(self) -> u8 {
+        self as u8
+    }
+
+    fn decode(v: u8) -> ReadMode {
+        match v {
+            0 => ReadMode::NoWait,
+            1 => ReadMode::Inline,
+            _ => ReadMode::Pool,
+        }
+    }
+}
+
+impl DiskTier {
+    pub fn read_mode(&self) -> ReadMode {
+        ReadMode::decode(self.read_mode.load(Ordering::Relaxed))
+    }
+
+    pub(super) fn set_read_mode(&self, mode: ReadMode) {
+        self.read_mode.store(mode.encode(), Ordering::Relaxed);
+    }
+
+    /// Reads `buf` at `at` on this thread if that cannot wait for the disk; `None` if it would
+    /// have to (the caller reads on the blocking pool).
+    fn read_without_waiting(
+        &self,
+        file: &File,
+        buf: &mut [u8],
+        at: u64,
+    ) -> Option<io::Result<usize>> {
+        match self.read_mode() {
+            ReadMode::Inline => Some(read_up_to(file, buf, at)),
+            ReadMode::Pool => None,
+            ReadMode::NoWait => {
+                let want = buf.len();
+                match rustix::io::preadv2(
+                    file,
+                    &mut [io::IoSliceMut::new(buf)],
+                    at,
+                    ReadWriteFlags::NOWAIT,
+                ) {
+                    Ok(n) if n == want || n == 0 => Some(Ok(n)),
+                    // Part of it cached: the rest needs the disk.
+                    Ok(_) => None,
+                    Err(e) if e == Errno::AGAIN => None,
+                    Err(e) if e == Errno::OPNOTSUPP || e == Errno::NOSYS || e == Errno::INVAL => {
+                        tracing::warn!(
+                            error = %e,
+                            "the kernel cannot read the disk cache without waiting (RWF_NOWAIT); every disk read now goes to the blocking pool"
+                        );
+                        self.set_read_mode(ReadMode::Pool);
+                        None
+                    }
+                    Err(e) => Some(Err(e.into())),
+                }
+            }
+        }
     }
 }
 
