@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Records which functions a running Skua executes and writes them to build/hot-code.txt, the
 # layout build.rs hands the linker (see build.rs and benches/README.md section 3), and
-# build/hot-code.recorded (the toolchain and lock file the names' hashes follow from). Rerun it
+# build/hot-code.recorded (the toolchain, lock file and dependency features the names' hashes
+# follow from). Rerun it
 # when the request path changes much, or when tests/hot_code.rs says the list is stale.
 #
 # Runs the release binary under valgrind's callgrind in front of the shared harness's origin
@@ -124,6 +125,9 @@ print("load address %#x; %d functions ran (%d hot, %.1f KiB); %d symbols written
     base, len(cost), len(hot), sum(symbols[i][1] for i in hot) / 1024, len(order), out))
 PY
 # What the names' hashes follow from, for tests/hot_code.rs to check without a release build.
-printf 'toolchain %s\nCargo.lock %s\n' "$(rustc -V)" "$(sha256sum Cargo.lock | cut -d' ' -f1)" \
-    >build/hot-code.recorded
+# The features each dependency is built with change its symbol hashes as the lock file does.
+FEATURES="$(cargo tree --offline --locked --edges normal,build --prefix none --format '{p} {f}' |
+    LC_ALL=C sort -u | sha256sum | cut -d' ' -f1)"
+printf 'toolchain %s\nCargo.lock %s\nfeatures %s\n' "$(rustc -V)" \
+    "$(sha256sum Cargo.lock | cut -d' ' -f1)" "$FEATURES" >build/hot-code.recorded
 cargo build --release

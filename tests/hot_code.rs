@@ -4,7 +4,7 @@
 //! hash; the hash follows from the toolchain and the dependency graph (`Cargo.lock`), and the
 //! path from the code. CI builds no release binary (its fat-LTO link would take most of CI's
 //! time), so this checks what the names follow from, on the debug build the tests run:
-//! - the toolchain and lock file are those the list was recorded with
+//! - the toolchain, lock file and dependency features are those the list was recorded with
 //!   (`build/hot-code.recorded`, written by `benches/hot-code.sh`), so the hashes still hold
 //!   (another toolchain is a failure on CI and a note elsewhere: a user's build works with
 //!   any, only without the layout's saving);
@@ -23,6 +23,25 @@ const MIN_PERCENT: usize = 90;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The SHA-256 of `text` in hex, as `sha256sum` prints it.
+fn sha256(text: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(text.as_bytes()).expect("sha256sum's input");
+    }
+    let out = child.wait_with_output().expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
 }
 
 fn output(cmd: &str, args: &[&str]) -> String {
@@ -61,6 +80,35 @@ fn the_hot_code_list_still_names_this_build() {
         lock.split_whitespace().next().unwrap_or(""),
         "Cargo.lock changed since build/hot-code.txt was recorded, so its symbol hashes no \
          longer match a release build: rerun benches/hot-code.sh"
+    );
+    // Regression: enabling a feature of a dependency (rustix's `fs`) left the lock file as it
+    // was but changed every Skua symbol's hash; a release build then laid out 63 % of the
+    // list, and only benches/hot-code-check.sh said so.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let tree = output(
+        &cargo,
+        &[
+            "tree",
+            "--offline",
+            "--locked",
+            "--edges",
+            "normal,build",
+            "--prefix",
+            "none",
+            "--format",
+            "{p} {f}",
+        ],
+    );
+    let mut lines: Vec<&str> = tree.lines().collect();
+    lines.sort_unstable();
+    lines.dedup();
+    let mut sorted = lines.join("\n");
+    sorted.push('\n');
+    assert_eq!(
+        field("features "),
+        sha256(&sorted),
+        "a dependency's features changed since build/hot-code.txt was recorded, so its symbol \
+         hashes no longer match a release build: rerun benches/hot-code.sh"
     );
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let toolchain = output(&rustc, &["-V"]);
