@@ -128,7 +128,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
     ap.add_argument("--objects", type=int, default=1_000_000)
-    ap.add_argument("--dir")
+    ap.add_argument("--dir", help="work directory, kept (default: a temporary one, removed)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="measure the restarts of a --dir filled by an earlier run")
     a = ap.parse_args()
     work = a.dir or tempfile.mkdtemp(prefix="skua-million-")
     os.makedirs(work, exist_ok=True)
@@ -148,58 +150,19 @@ def main():
     procs = []
     try:
         wait_port(origin_port)
-        port, admin = free_port(), free_port()
+        # The port is part of every cache key: a --reuse run listens where the fill did.
+        ports = os.path.join(work, "ports")
+        if a.reuse:
+            port, admin = map(int, open(ports).read().split())
+        else:
+            port, admin = free_port(), free_port()
+            open(ports, "w").write(f"{port} {admin}")
         disk = os.path.join(work, "disk")
         conf = config(work, port, admin, origin_port, disk)
 
-        proc = start(a.binary, conf)
-        procs.append(proc)
-        wait_port(port)
-        lua = os.path.join(work, "fill.lua")
-        open(lua, "w").write(FILL_LUA)
-        t0 = time.monotonic()
-        subprocess.run(["wrk", "-t2", "-c32", "-d3600s", "-s", lua, f"http://127.0.0.1:{port}/",
-                        "--", "2", str(a.objects)], check=True, capture_output=True)
-        fill = time.monotonic() - t0
-        for _ in range(600):
-            held = stats(admin)["tiers"]["disk"]["objects"]
-            if held >= a.objects:
-                break
-            time.sleep(0.1)
-        print(f"filled {held:,} objects in {fill:.0f} s")
-        proc.send_signal(signal.SIGTERM)
-        proc.wait()
-        ckpt = os.path.getsize(os.path.join(disk, "index.ckpt"))
-        segments = os.listdir(os.path.join(disk, "segments"))
-        used = sum(os.path.getsize(os.path.join(disk, "segments", s)) for s in segments)
-        print(f"on disk: {len(segments)} segments, {used / 2**30:.2f} GiB; "
-              f"checkpoint {ckpt / 2**20:.1f} MiB")
-
-        empty_port, empty_admin = free_port(), free_port()
-        empty_conf = config(work, empty_port, empty_admin, origin_port, os.path.join(work, "empty"))
-        empty = start(a.binary, empty_conf)
-        procs.append(empty)
-        wait_port(empty_port)
-        time.sleep(2)
-        rss_empty = rss_kib(empty.pid)
-        empty.terminate()
-        empty.wait()
-
-        for how in ("after SIGTERM (checkpoint)", "after kill -9, no checkpoint (whole scan)"):
-            proc, listen, loaded = measure_start(a.binary, conf, port, admin)
-            procs.append(proc)
-            time.sleep(1)
-            rss = rss_kib(proc.pid)
-            objects = stats(admin)["tiers"]["disk"]["objects"]
-            hits, count = sample_hits(port, a.objects)
-            print(f"{how}: listening in {listen:.0f} ms, index loaded in {loaded:.0f} ms, "
-                  f"{objects:,} objects; RSS {rss / 1024:.1f} MiB - empty {rss_empty / 1024:.1f} "
-                  f"MiB = {(rss - rss_empty) * 1024 / max(objects, 1):.1f} bytes per object; "
-                  f"{hits}/{count} sampled objects were disk hits")
-            proc.kill()
-            proc.wait()
-            if os.path.exists(os.path.join(disk, "index.ckpt")):
-                os.remove(os.path.join(disk, "index.ckpt"))
+        if not a.reuse:
+            fill(a, work, port, admin, conf, procs)
+        measure(a, work, port, admin, conf, procs, origin_port, disk)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -207,6 +170,64 @@ def main():
         os.killpg(origin.pid, signal.SIGTERM)
         if not a.dir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def fill(a, work, port, admin, conf, procs):
+    disk = os.path.join(work, "disk")
+    proc = start(a.binary, conf)
+    procs.append(proc)
+    wait_port(port)
+    lua = os.path.join(work, "fill.lua")
+    open(lua, "w").write(FILL_LUA)
+    t0 = time.monotonic()
+    subprocess.run(["wrk", "-t2", "-c32", "-d3600s", "-s", lua, f"http://127.0.0.1:{port}/",
+                    "--", "2", str(a.objects)], check=True, capture_output=True)
+    fill = time.monotonic() - t0
+    for _ in range(600):
+        held = stats(admin)["tiers"]["disk"]["objects"]
+        if held >= a.objects:
+            break
+        time.sleep(0.1)
+    print(f"filled {held:,} objects in {fill:.0f} s")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    ckpt = os.path.getsize(os.path.join(disk, "index.ckpt"))
+    segments = os.listdir(os.path.join(disk, "segments"))
+    used = sum(os.path.getsize(os.path.join(disk, "segments", s)) for s in segments)
+    print(f"on disk: {len(segments)} segments, {used / 2**30:.2f} GiB; "
+          f"checkpoint {ckpt / 2**20:.1f} MiB")
+
+
+def measure(a, work, port, admin, conf, procs, origin_port, disk):
+    empty_port, empty_admin = free_port(), free_port()
+    empty_conf = config(work, empty_port, empty_admin, origin_port, os.path.join(work, "empty"))
+    empty = start(a.binary, empty_conf)
+    procs.append(empty)
+    wait_port(empty_port)
+    time.sleep(2)
+    rss_empty = rss_kib(empty.pid)
+    empty.terminate()
+    empty.wait()
+
+    for how in ("after SIGTERM (checkpoint)", "after kill -9, no checkpoint (whole scan)"):
+        proc, listen, loaded = measure_start(a.binary, conf, port, admin)
+        procs.append(proc)
+        time.sleep(1)
+        rss = rss_kib(proc.pid)
+        objects = stats(admin)["tiers"]["disk"]["objects"]
+        hits, count = sample_hits(port, a.objects)
+        print(f"{how}: listening in {listen:.0f} ms, index loaded in {loaded:.0f} ms, "
+              f"{objects:,} objects; RSS {rss / 1024:.1f} MiB - empty {rss_empty / 1024:.1f} "
+              f"MiB = {(rss - rss_empty) * 1024 / max(objects, 1):.1f} bytes per object; "
+              f"{hits}/{count} sampled objects were disk hits")
+        proc.kill()
+        proc.wait()
+        if os.path.exists(os.path.join(disk, "index.ckpt")):
+            os.remove(os.path.join(disk, "index.ckpt"))
+    # Leave a checkpoint for the next --reuse run.
+    proc, _, _ = measure_start(a.binary, conf, port, admin)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
 
 
 if __name__ == "__main__":
