@@ -27,23 +27,26 @@ HARNESS = os.environ.get("SKUA_BENCH_HARNESS",
 SIZES = [1, 2, 4, 8, 16]
 
 FILL_LUA = """
+-- Thread i of t asks for objects i, i + t, i + 2t... below the total, then repeats the last
+-- (a hit); the script stops wrk once the tier holds them all.
 local n = 0
-local id = 0
 local threads = 0
 local total = 0
+local created = 0
 function setup(thread)
-    thread:set("id", id)
-    id = id + 1
+    thread:set("first", created)
+    created = created + 1
 end
 function init(args)
     threads = tonumber(args[1])
     total = tonumber(args[2])
 end
 function request()
-    local k = id + n * threads
-    n = n + 1
-    if k >= total then
-        wrk.thread:stop()
+    local k = first + n * threads
+    if k < total then
+        n = n + 1
+    else
+        k = first
     end
     local size = ({1, 2, 4, 8, 16})[k % 5 + 1]
     return wrk.format("GET", "/obj/" .. size .. "k.bin?k=" .. k)
@@ -180,14 +183,18 @@ def fill(a, work, port, admin, conf, procs):
     lua = os.path.join(work, "fill.lua")
     open(lua, "w").write(FILL_LUA)
     t0 = time.monotonic()
-    subprocess.run(["wrk", "-t2", "-c32", "-d3600s", "-s", lua, f"http://127.0.0.1:{port}/",
-                    "--", "2", str(a.objects)], check=True, capture_output=True)
-    fill = time.monotonic() - t0
-    for _ in range(600):
+    load = subprocess.Popen(["wrk", "-t2", "-c32", "-d3600s", "-s", lua,
+                             f"http://127.0.0.1:{port}/", "--", "2", str(a.objects)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    held = 0
+    while held < a.objects:
+        time.sleep(1)
         held = stats(admin)["tiers"]["disk"]["objects"]
-        if held >= a.objects:
-            break
-        time.sleep(0.1)
+        if load.poll() is not None:
+            sys.exit("wrk stopped before the tier was filled")
+    load.terminate()
+    load.wait()
+    fill = time.monotonic() - t0
     print(f"filled {held:,} objects in {fill:.0f} s")
     proc.send_signal(signal.SIGTERM)
     proc.wait()

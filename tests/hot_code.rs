@@ -99,7 +99,18 @@ fn the_hot_code_list_still_names_this_build() {
             "{p} {f}",
         ],
     );
-    let mut lines: Vec<&str> = tree.lines().collect();
+    // A path package is named with its directory (`skua v0.1.0 (/work/skua)`), which says
+    // nothing about its symbols: left out, as benches/hot-code.sh leaves it out.
+    let mut lines: Vec<String> = tree
+        .lines()
+        .map(|line| match line.find(" (/") {
+            Some(start) => match line[start..].find(')') {
+                Some(end) => format!("{}{}", &line[..start], &line[start + end + 1..]),
+                None => line.to_string(),
+            },
+            None => line.to_string(),
+        })
+        .collect();
     lines.sort_unstable();
     lines.dedup();
     let mut sorted = lines.join("\n");
