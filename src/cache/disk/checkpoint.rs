@@ -70,41 +70,70 @@ impl<W: Write> Crc<W> {
     }
 }
 
-/// Reads a checkpoint: hands each entry to `found` and returns the position it covers, or
-/// `None` (and hands nothing) if there is none that checks out.
-pub fn read(path: &Path, mut found: impl FnMut(Entry)) -> Option<u64> {
-    let mut bytes = Vec::new();
-    let mut file = crate::cache::files::open_regular(path).ok()?;
-    io::Read::read_to_end(&mut file, &mut bytes).ok()?;
-    if bytes.len() < HEADER + TRAILER || &bytes[..8] != MAGIC {
+/// Reads a checkpoint: checks it whole (one pass for its CRC), then tells `count` how many
+/// entries it holds, hands each to `found` (a second pass) and returns the position it covers.
+/// `None`, and nothing handed, if there is no checkpoint that checks out. Read in pieces: a
+/// million entries never sit in memory twice.
+pub fn read(path: &Path, count: impl FnOnce(u64), mut found: impl FnMut(Entry)) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let file = crate::cache::files::open_regular(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    if len < (HEADER + TRAILER) as u64 {
         return None;
     }
-    let (content, crc) = bytes.split_at(bytes.len() - 4);
-    if crc32fast::hash(content) != u32::from_le_bytes(crc.try_into().ok()?) {
+    let mut header = [0u8; HEADER];
+    file.read_exact_at(&mut header, 0).ok()?;
+    let mut trailer = [0u8; TRAILER];
+    file.read_exact_at(&mut trailer, len - TRAILER as u64)
+        .ok()?;
+    let entries = u64::from_le_bytes(trailer[..8].try_into().ok()?);
+    let expected = entries
+        .checked_mul(ENTRY as u64)
+        .and_then(|b| b.checked_add((HEADER + TRAILER) as u64));
+    if &header[..8] != MAGIC || expected != Some(len) {
+        return None;
+    }
+    let mut crc = crc32fast::Hasher::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    let covered_end = len - 4;
+    while at < covered_end {
+        let n = ((covered_end - at) as usize).min(chunk.len());
+        file.read_exact_at(&mut chunk[..n], at).ok()?;
+        crc.update(&chunk[..n]);
+        at += n as u64;
+    }
+    if crc.finalize() != u32::from_le_bytes(trailer[8..].try_into().ok()?) {
         tracing::warn!("the disk cache checkpoint is damaged; scanning every segment instead");
         return None;
     }
-    let covered = u64::from_le_bytes(content[8..16].try_into().ok()?);
-    let (entries, count) = content[HEADER..].split_at(content.len() - HEADER - 8);
-    let count = u64::from_le_bytes(count.try_into().ok()?);
-    if entries.len() % ENTRY != 0 || (entries.len() / ENTRY) as u64 != count {
-        return None;
-    }
+    count(entries);
     let u32_at = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     let u64_at = |b: &[u8], at: usize| {
         let mut w = [0u8; 8];
         w.copy_from_slice(&b[at..at + 8]);
         u64::from_le_bytes(w)
     };
-    for e in entries.chunks_exact(ENTRY) {
-        let loc = Loc::new(u32_at(e, 16), u32_at(e, 20), u32_at(e, 24)).with_flags(u32_at(e, 28));
-        found(Entry {
-            primary: u64_at(e, 0),
-            key: u64_at(e, 8),
-            loc,
-        });
+    let per_chunk = chunk.len() / ENTRY;
+    let mut left = entries as usize;
+    let mut at = HEADER as u64;
+    while left > 0 {
+        let n = left.min(per_chunk);
+        let bytes = &mut chunk[..n * ENTRY];
+        file.read_exact_at(bytes, at).ok()?;
+        for e in bytes.chunks_exact(ENTRY) {
+            let loc =
+                Loc::new(u32_at(e, 16), u32_at(e, 20), u32_at(e, 24)).with_flags(u32_at(e, 28));
+            found(Entry {
+                primary: u64_at(e, 0),
+                key: u64_at(e, 8),
+                loc,
+            });
+        }
+        at += (n * ENTRY) as u64;
+        left -= n;
     }
-    Some(covered)
+    Some(u64::from_le_bytes(header[8..16].try_into().ok()?))
 }
 
 #[cfg(test)]
@@ -124,7 +153,9 @@ mod tests {
         }
         write(&path, 42, &index).unwrap();
         let mut entries = Vec::new();
-        assert_eq!(read(&path, |e| entries.push(e)), Some(42));
+        let mut counted = 0;
+        assert_eq!(read(&path, |n| counted = n, |e| entries.push(e)), Some(42));
+        assert_eq!(counted, 1000);
         let mut expected = index.entries();
         let key = |e: &Entry| (e.primary, e.key);
         expected.sort_by_key(key);
@@ -134,10 +165,10 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[100] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(
-            read(&path, |_| panic!("a damaged checkpoint's entry")),
-            None
-        );
-        assert_eq!(read(&dir.path().join("absent"), |_| {}), None);
+        let refused = read(&path, |_| panic!("counted"), |_| panic!("an entry handed"));
+        assert_eq!(refused, None);
+        assert_eq!(read(&dir.path().join("absent"), |_| {}, |_| {}), None);
+        std::fs::write(&path, &bytes[..bytes.len() - 40]).unwrap();
+        assert_eq!(read(&path, |_| {}, |_| {}), None, "cut short");
     }
 }

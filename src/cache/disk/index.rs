@@ -178,6 +178,21 @@ impl Index {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// Makes room for about `count` objects in all, spread over the shards, so that loading
+    /// them does not grow the tables step by step.
+    pub fn reserve(&self, count: u64) {
+        let per_shard = usize::try_from(count / SHARDS as u64).unwrap_or(usize::MAX);
+        // Shards fill unevenly: a few percent of slack keeps most from growing once more.
+        let want = per_shard.saturating_add(per_shard / 16).saturating_add(16);
+        for shard in self.shards.iter() {
+            let mut shard = shard
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let have = shard.objects.len();
+            shard.objects.reserve(want.saturating_sub(have));
+        }
+    }
+
     /// Where the object is, marking it read (see [`Loc::touched`]).
     pub fn get(&self, primary: &HashBinary, slot: Option<&HashBinary>) -> Option<Loc> {
         let (p, k) = keys(primary, slot);

@@ -24,16 +24,23 @@ impl DiskTier {
             .collect();
         let mut from = (0u32, 0u64);
         let present: std::collections::HashSet<u32> = old.iter().copied().collect();
-        let checkpoint = checkpoint::read(&self.checkpoint_path(), |entry| {
-            if present.contains(&entry.loc.seg) {
-                self.index.insert_found(entry);
-            }
-        });
+        // Tables sized once for what the checkpoint holds: growing them entry by entry would
+        // leave every smaller table they outgrew resident in the allocator.
+        let checkpoint = checkpoint::read(
+            &self.checkpoint_path(),
+            |count| self.index.reserve(count),
+            |entry| {
+                if present.contains(&entry.loc.seg) {
+                    self.index.insert_found(entry);
+                }
+            },
+        );
         if let Some(covered) = checkpoint {
             from = ((covered >> 32) as u32, covered & 0xffff_ffff);
         }
         let mut scanned = 0u64;
-        for seg in old.iter().copied().filter(|s| *s >= from.0) {
+        let to_scan: Vec<u32> = old.iter().copied().filter(|s| *s >= from.0).collect();
+        for (i, seg) in to_scan.iter().copied().enumerate() {
             let Some(file) = self.segments.get(seg) else {
                 continue;
             };
@@ -68,6 +75,13 @@ impl DiskTier {
             }
             if scan.stopped_at_damage() {
                 self.found_damaged("a record cut short (a torn write)");
+            }
+            if checkpoint.is_none() && i == 0 {
+                // Without a checkpoint the count is not known: the first segment's, times
+                // the segments, sizes the tables once rather than step by step.
+                let segments = to_scan.len() as u64;
+                self.index
+                    .reserve(self.index.count().saturating_mul(segments));
             }
         }
         let took = started.elapsed();
