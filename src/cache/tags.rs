@@ -67,6 +67,11 @@ impl TagIndex {
         }
     }
 
+    /// The response fields that carry tags.
+    pub fn header_names(&self) -> &[HeaderName] {
+        &self.headers
+    }
+
     /// Whether any header is configured to carry tags.
     pub fn is_enabled(&self) -> bool {
         !self.headers.is_empty()

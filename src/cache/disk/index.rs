@@ -142,7 +142,7 @@ struct Shard {
     variants: Table<Vec<u64>>,
 }
 
-const SHARDS: usize = 64;
+pub const SHARDS: usize = 64;
 
 pub struct Index {
     shards: Box<[Mutex<Shard>]>,
@@ -331,27 +331,43 @@ impl Index {
 
     /// Hands every entry to `each`, shard by shard (each shard locked only while it is read).
     pub fn for_each(&self, mut each: impl FnMut(Entry)) {
-        for shard in self.shards.iter() {
-            let shard = shard
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let mut variant_of = Table::<u64>::default();
-            for (p, keys) in &shard.variants {
-                for k in keys {
-                    variant_of.insert(*k, *p);
-                }
-            }
-            for (k, loc) in &shard.objects {
-                each(Entry {
-                    primary: variant_of.get(k).copied().unwrap_or(*k),
-                    key: *k,
-                    loc: *loc,
-                });
-            }
+        for i in 0..SHARDS {
+            self.for_each_in(i, &mut each);
         }
     }
 
-    /// Every entry (for the start-up tag pass).
+    /// The entries of one shard (of [`SHARDS`]), copied out: a pass over the index that does
+    /// slow work per entry holds no lock meanwhile and never copies the whole index.
+    pub fn shard_entries(&self, shard: usize) -> Vec<Entry> {
+        let mut out = Vec::new();
+        self.for_each_in(shard, |e| out.push(e));
+        out
+    }
+
+    fn for_each_in(&self, shard: usize, mut each: impl FnMut(Entry)) {
+        let Some(shard) = self.shards.get(shard) else {
+            return;
+        };
+        let shard = shard
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut variant_of = Table::<u64>::default();
+        for (p, keys) in &shard.variants {
+            for k in keys {
+                variant_of.insert(*k, *p);
+            }
+        }
+        for (k, loc) in &shard.objects {
+            each(Entry {
+                primary: variant_of.get(k).copied().unwrap_or(*k),
+                key: *k,
+                loc: *loc,
+            });
+        }
+    }
+
+    /// Every entry (for tests).
+    #[cfg(test)]
     pub fn entries(&self) -> Vec<Entry> {
         let mut out = Vec::with_capacity(self.count() as usize);
         self.for_each(|e| out.push(e));

@@ -7,10 +7,11 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::index::{keys, Entry, Loc};
+use super::index::{self, keys, Entry, Loc};
 use super::record::Kind;
 use super::segments::Scan;
 use super::{checkpoint, read, writer, DiskTier};
+use crate::cache::meta::FieldNames;
 use crate::cache::tags::Tier;
 
 impl DiskTier {
@@ -123,25 +124,36 @@ impl DiskTier {
     /// is loaded (objects are servable meanwhile); a tag purge before it finishes misses only
     /// objects not yet re-read.
     fn load_tags(&'static self) {
-        for entry in self.index.entries() {
-            let Some(file) = self.segments.get(entry.loc.seg) else {
-                continue;
-            };
-            let Ok(head) = read::read_head_blocking(&file, entry.loc) else {
-                continue;
-            };
-            let primary = head.fixed.primary;
-            let header = head.meta.header(head.fixed.body_len as usize);
-            if !self.tags.record(primary, Tier::Disk, &header) {
-                // The tag index is full: a copy a tag purge could not find is dropped.
-                self.index.remove_all(&primary, u64::MAX);
-                let (done, _) = tokio::sync::oneshot::channel();
-                self.send(super::writer::Job::Invalidate {
-                    kind: Kind::Delete,
-                    primary,
-                    at: writer::now_nanos(),
-                    done,
-                });
+        let tag_bits: u32 = self
+            .tags
+            .header_names()
+            .iter()
+            .fold(0, |bits, name| bits | FieldNames::bit(name));
+        for shard in 0..index::SHARDS {
+            for entry in self.index.shard_entries(shard) {
+                let Some(file) = self.segments.get(entry.loc.seg) else {
+                    continue;
+                };
+                let Ok(head) = read::read_head_blocking(&file, entry.loc) else {
+                    continue;
+                };
+                // Most objects carry no tag field: their header is not decoded.
+                if !head.meta.times.field_names.may_have(tag_bits) {
+                    continue;
+                }
+                let primary = head.fixed.primary;
+                let header = head.meta.header(head.fixed.body_len as usize);
+                if !self.tags.record(primary, Tier::Disk, &header) {
+                    // The tag index is full: a copy a tag purge could not find is dropped.
+                    self.index.remove_all(&primary, u64::MAX);
+                    let (done, _) = tokio::sync::oneshot::channel();
+                    self.send(super::writer::Job::Invalidate {
+                        kind: Kind::Delete,
+                        primary,
+                        at: writer::now_nanos(),
+                        done,
+                    });
+                }
             }
         }
     }
