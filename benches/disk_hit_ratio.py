@@ -11,7 +11,7 @@ roughly is), drawn once with a fixed seed. wrk replays it over 16 connections; t
 ratio is one minus the bytes the origin sent (its access log, one line per fetch) over the
 bytes requested. Needs nginx with the echo module and wrk.
 """
-import argparse, bisect, os, random, shutil, signal, subprocess, sys, tempfile, time
+import argparse, bisect, http.client, json, os, random, shutil, signal, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(__file__))
 from benchlib import free_port, wait_port  # noqa: E402
@@ -39,6 +39,16 @@ end
 """
 
 
+def stats(admin):
+    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+    conn.request("GET", "/stats")
+    return json.loads(conn.getresponse().read())
+
+
+def answered(admin):
+    return sum(stats(admin)["requests"].values())
+
+
 def size_kib(k):
     return SIZES[(k * 2654435761) % len(SIZES)]
 
@@ -52,6 +62,8 @@ def main():
     ap.add_argument("--zipf", type=float, default=1.0)
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="skua-zipf-")
+    # The origin's nginx workers run as another user: they must reach the files.
+    os.chmod(work, 0o755)
     docroot = os.path.join(work, "docroot", "obj")
     os.makedirs(docroot)
     for size in SIZES:
@@ -99,6 +111,7 @@ addresses = ["127.0.0.1:{origin_port}"]
 enabled = false
 [cache]
 memory_size = {a.memory}
+max_object_size = 1048576
 [cache.disk]
 path = "{run}/disk"
 size = {20 * a.memory}
@@ -109,10 +122,19 @@ size = {20 * a.memory}
                 wait_port(origin_port)
                 wait_port(port)
                 t0 = time.monotonic()
-                subprocess.run(["wrk", "-t1", "-c16", "-d3600s", "-s", lua,
-                                f"http://127.0.0.1:{port}/", "--", paths],
-                               check=True, capture_output=True)
+                # wrk runs for its duration whatever its threads do: it is stopped once Skua
+                # has answered the whole sequence (the extra requests repeat the last path).
+                load = subprocess.Popen(["wrk", "-t1", "-c16", "-d3600s", "-s", lua,
+                                         f"http://127.0.0.1:{port}/", "--", paths],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                while answered(admin) < a.requests:
+                    time.sleep(0.5)
+                    if load.poll() is not None:
+                        sys.exit("wrk stopped early")
+                load.terminate()
+                load.wait()
                 took = time.monotonic() - t0
+                print(f"  {stats(admin)['requests']}")
             finally:
                 skua.terminate()
                 skua.wait()
@@ -120,7 +142,9 @@ size = {20 * a.memory}
             fetched = 0
             fetches = 0
             for line in open(os.path.join(env["WORKDIR"], "access.log")):
-                uri = line.split()[0]
+                uri, status = line.split()[:2]
+                if status != "200":
+                    sys.exit(f"the origin answered {status} for {uri}")
                 if "?k=" in uri:
                     fetches += 1
                     fetched += size_kib(int(uri.split("?k=")[1]))

@@ -12,7 +12,8 @@ tier section; issue #20's acceptance).
 3. Starts Skua on the filled directory: the time until it accepts a connection, until
    /stats says the index is loaded, the RSS then (minus the empty one, per object), and that
    a sample of 2,000 objects are disk hits with no origin fetch.
-4. The same after `kill -9` with the checkpoint removed: the whole log is scanned.
+4. The same after 20,000 more objects and `kill -9` (the checkpoint from before them, and a scan
+   of what was written since), and with the checkpoint removed (every segment scanned).
 
 Needs nginx with the echo module (libnginx-mod-http-echo) and wrk; about 6.5 GB of disk per
 million objects under --dir (default: a temporary directory, removed at the end).
@@ -116,15 +117,23 @@ def measure_start(binary, conf, port, admin):
     return proc, listen, (time.monotonic() - t0) * 1000
 
 
-def sample_hits(port, objects, count=2000):
+def sample_hits(port, objects, count=2000, keys=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     hits = 0
-    for k in random.Random(7).sample(range(objects), count):
+    for k in random.Random(7).sample(keys or range(objects), count):
         conn.request("GET", f"/obj/{SIZES[k % 5]}k.bin?k={k}")
         resp = conn.getresponse()
         resp.read()
         hits += resp.getheader("x-cache-status") == "hit-local"
     return hits, count
+
+
+def write_more(port, start, count):
+    """`count` new objects (misses, written to disk) after the first `start`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for k in range(start, start + count):
+        conn.request("GET", f"/obj/{SIZES[k % 5]}k.bin?k={k}")
+        conn.getresponse().read()
 
 
 def main():
@@ -137,6 +146,8 @@ def main():
     a = ap.parse_args()
     work = a.dir or tempfile.mkdtemp(prefix="skua-million-")
     os.makedirs(work, exist_ok=True)
+    # The origin's nginx workers run as another user: they must reach the files.
+    os.chmod(work, 0o755)
     docroot = os.path.join(work, "docroot", "obj")
     os.makedirs(docroot, exist_ok=True)
     for size in SIZES:
@@ -216,7 +227,16 @@ def measure(a, work, port, admin, conf, procs, origin_port, disk):
     empty.terminate()
     empty.wait()
 
-    for how in ("after SIGTERM (checkpoint)", "after kill -9, no checkpoint (whole scan)"):
+    cases = [
+        ("after SIGTERM (its checkpoint)", 0, True),
+        ("after kill -9 (the checkpoint before it, and 20,000 objects written since)", 20_000,
+         True),
+        ("with no checkpoint (every segment scanned)", 0, False),
+    ]
+    written = None
+    for how, written_since, keep_checkpoint in cases:
+        if not keep_checkpoint and os.path.exists(os.path.join(disk, "index.ckpt")):
+            os.remove(os.path.join(disk, "index.ckpt"))
         proc, listen, loaded = measure_start(a.binary, conf, port, admin)
         procs.append(proc)
         time.sleep(1)
@@ -227,10 +247,19 @@ def measure(a, work, port, admin, conf, procs, origin_port, disk):
               f"{objects:,} objects; RSS {rss / 1024:.1f} MiB - empty {rss_empty / 1024:.1f} "
               f"MiB = {(rss - rss_empty) * 1024 / max(objects, 1):.1f} bytes per object; "
               f"{hits}/{count} sampled objects were disk hits")
-        proc.kill()
+        if written:
+            first, n = written
+            got = sample_hits(port, a.objects, 500, range(first, first + n))
+            print(f"  of the objects written after the checkpoint, {got[0]}/{got[1]} sampled "
+                  f"were disk hits")
+            written = None
+        if written_since:
+            written = (a.objects + random.randrange(10**8), written_since)
+            write_more(port, *written)
+            proc.kill()
+        else:
+            proc.send_signal(signal.SIGTERM)
         proc.wait()
-        if os.path.exists(os.path.join(disk, "index.ckpt")):
-            os.remove(os.path.join(disk, "index.ckpt"))
     # Leave a checkpoint for the next --reuse run.
     proc, _, _ = measure_start(a.binary, conf, port, admin)
     proc.send_signal(signal.SIGTERM)

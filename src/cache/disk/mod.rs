@@ -73,7 +73,6 @@ pub struct DiskTier {
     segments: Segments,
     jobs: mpsc::Sender<Job>,
     segment_size: u64,
-    max_segments: usize,
     /// Body bytes handed to the writer and not yet written.
     queued_bytes: AtomicU64,
     /// Bytes of the segments in use.
@@ -104,12 +103,11 @@ impl DiskTier {
         let segments = Segments::open(&config.path.join("segments"))?;
         let first_new_segment = segments.newest().map_or(0, |s| s.wrapping_add(1));
         let file = segments.create(first_new_segment)?;
-        let (segment_size, max_segments) = segment_layout(&config);
+        let segment_size = segment_size(&config);
         let read_mode = ReadMode::for_file(&file);
         tracing::info!(
             read_mode = read_mode.as_str(),
             segment_bytes = segment_size,
-            segments = max_segments,
             "disk cache opened"
         );
         let (jobs, rx) = mpsc::channel();
@@ -124,7 +122,6 @@ impl DiskTier {
             segments,
             jobs,
             segment_size,
-            max_segments,
             queued_bytes: AtomicU64::new(0),
             used_bytes: AtomicU64::new(0),
             uses: moka::sync::Cache::builder()
@@ -332,16 +329,12 @@ impl DiskTier {
     }
 }
 
-/// The segment size and how many segments the bound holds: about sixteen, each able to hold
-/// the largest object (with its head), between 64 KiB and 256 MiB.
-fn segment_layout(config: &DiskConfig) -> (u64, usize) {
-    let largest = record::aligned(
-        config.max_object_size + record::blocks(config.max_object_size) as u64 * 4 + 64 * 1024,
-    );
-    let size = (config.size / 16).clamp(64 * 1024, 256 << 20).max(largest);
-    let size = size.min(u64::from(u32::MAX));
-    let count = (config.size / size).max(2) as usize;
-    (size, count)
+/// The size of a segment: about a sixteenth of the bound, between 64 KiB and 256 MiB. A
+/// record larger than that gets a segment of its own.
+fn segment_size(config: &DiskConfig) -> u64 {
+    (config.size / 16)
+        .clamp(64 * 1024, 256 << 20)
+        .min(config.size)
 }
 
 /// The first format kept two files per object under `objects/`: it is not read, it is removed

@@ -60,10 +60,6 @@ impl Segments {
         self.read().len()
     }
 
-    pub fn oldest(&self) -> Option<u32> {
-        self.read().keys().next().copied()
-    }
-
     pub fn newest(&self) -> Option<u32> {
         self.read().keys().next_back().copied()
     }

@@ -6,6 +6,7 @@
 //! that were read since they were written copied to the end of the log first (second
 //! chance), at most half a segment's worth each time. It also writes the checkpoint.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
@@ -81,11 +82,20 @@ pub struct Writer {
     last_checkpoint: Instant,
     /// Records were written since the last checkpoint.
     dirty: bool,
+    /// The bytes of every segment but the current one, oldest first.
+    closed: BTreeMap<u32, u64>,
 }
 
 impl Writer {
     pub fn new(tier: &'static DiskTier, seg: u32, file: Arc<File>) -> Writer {
-        Writer {
+        let closed = tier
+            .segments
+            .list()
+            .into_iter()
+            .filter(|s| *s != seg)
+            .filter_map(|s| Some((s, tier.segments.get(s)?.metadata().ok()?.len())))
+            .collect();
+        let writer = Writer {
             tier,
             seg,
             file,
@@ -94,7 +104,10 @@ impl Writer {
             written: Vec::new(),
             last_checkpoint: Instant::now(),
             dirty: false,
-        }
+            closed,
+        };
+        writer.update_used();
+        writer
     }
 
     pub fn run(mut self, jobs: Receiver<Job>) {
@@ -228,38 +241,43 @@ impl Writer {
         self.written.push(Written::Object { job, loc });
     }
 
-    /// Makes room for `total` bytes in the current segment, starting the next one (and
-    /// evicting the oldest) when it is full. False if no segment can be started.
+    /// Makes room for a record of `total` bytes: in the current segment if it fits, else in a
+    /// new one (a record larger than a segment gets one of its own), evicting the oldest
+    /// segments until the tier's bound holds with the new one full. False if the record can
+    /// never fit the bound or no segment can be started.
     fn make_room(&mut self, total: u64) -> bool {
         let tier = self.tier;
-        if total > tier.segment_size {
+        if total > tier.config.size || total > u64::from(u32::MAX) {
             return false;
         }
-        if self.buf_start + self.buf.len() as u64 + total <= tier.segment_size {
+        let end = self.buf_start + self.buf.len() as u64;
+        if end + total <= tier.segment_size {
             return true;
         }
-        self.flush();
-        let next = self.seg.wrapping_add(1);
-        match tier.segments.create(next) {
-            Ok(file) => {
-                self.seg = next;
-                self.file = file;
-                self.buf_start = 0;
-            }
-            Err(e) => {
-                tier.write_failed(&e);
-                return false;
+        if end > 0 {
+            self.flush();
+            let next = self.seg.wrapping_add(1);
+            match tier.segments.create(next) {
+                Ok(file) => {
+                    self.closed.insert(self.seg, self.buf_start);
+                    self.seg = next;
+                    self.file = file;
+                    self.buf_start = 0;
+                }
+                Err(e) => {
+                    tier.write_failed(&e);
+                    return false;
+                }
             }
         }
         let mut copies = Vec::new();
-        while tier.segments.count() > tier.max_segments {
-            let Some(oldest) = tier.segments.oldest() else {
+        let need = total.max(tier.segment_size);
+        while self.closed.values().sum::<u64>() + need > tier.config.size {
+            let Some((&oldest, _)) = self.closed.first_key_value() else {
                 break;
             };
-            if oldest == self.seg {
-                break;
-            }
             self.evict(oldest, &mut copies);
+            self.closed.remove(&oldest);
         }
         self.update_used();
         for copy in copies {
@@ -267,7 +285,8 @@ impl Writer {
             // starts another segment, so an eviction never leads to another).
             let head = copy.meta.head.len() + record::blocks(copy.body_len) * 4 + 1024;
             let room = record::aligned(copy.body_len + head as u64);
-            if self.buf_start + self.buf.len() as u64 + room <= tier.segment_size {
+            let end = self.buf_start + self.buf.len() as u64;
+            if end + total + room <= tier.segment_size {
                 self.append_object(copy);
             } else {
                 finish_object(tier, copy, None);
