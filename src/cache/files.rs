@@ -23,6 +23,12 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
                 e
             }
         })?;
+    regular(file)
+}
+
+/// `file` if it is a regular file, else `InvalidData` (a FIFO or device opened where a cache
+/// file belongs).
+pub fn regular(file: File) -> io::Result<File> {
     if !file.metadata()?.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -63,17 +69,12 @@ pub fn create_fresh(path: &Path) -> io::Result<File> {
 /// be; a link is not followed and anything but a regular file is refused (a FIFO without a
 /// reader fails to open instead of blocking).
 pub fn append(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .append(true)
         .create(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a regular file",
-        ));
-    }
+    let mut file = regular(file)?;
     io::Write::write_all(&mut file, bytes)
 }
 

@@ -31,7 +31,7 @@ use crate::cache::bans::{Invalidations, Trust};
 use crate::cache::fields::RequestFields;
 use crate::cache::key::CacheUrl;
 use crate::cache::memory::{Looked, StoredObject};
-use crate::cache::meta::{ObjectMeta, CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::meta::{MetaTimes, ObjectMeta, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::status::{Disposition, Outcome};
 
 /// Request fields whose meaning only pingora's cache state machine implements for a hit:
@@ -105,6 +105,11 @@ pub fn verdict(
     }
 }
 
+/// Whether [`verdict`] lets a fast path serve a copy with these times without waiting.
+fn served_as_is(invalidations: &Invalidations, url: &CacheUrl, times: &MetaTimes) -> bool {
+    verdict(invalidations, url, times.created.time(), times.epoch.time()) == Verdict::Serve
+}
+
 /// The stored object a fast path may serve as it is, counted as a memory hit: fresh in the
 /// memory tier for this request's variant and served by [`verdict`] without waiting. `None`:
 /// let pingora's cache decide.
@@ -117,14 +122,7 @@ pub fn fresh<F: RequestFields + ?Sized>(
 ) -> Option<Arc<StoredObject>> {
     let store = state.store;
     let obj = looked.fresh(headers, now)?;
-    let times = &obj.meta.times;
-    if verdict(
-        &store.invalidations,
-        url,
-        times.created.time(),
-        times.epoch.time(),
-    ) != Verdict::Serve
-    {
+    if !served_as_is(&store.invalidations, url, &obj.meta.times) {
         return None;
     }
     store
@@ -171,12 +169,7 @@ pub fn fresh_from_disk<F: RequestFields + ?Sized>(
         || store
             .invalidations
             .deleted_since(&primary, times.created.time())
-        || verdict(
-            &store.invalidations,
-            url,
-            times.created.time(),
-            times.epoch.time(),
-        ) != Verdict::Serve
+        || !served_as_is(&store.invalidations, url, &times)
     {
         return None;
     }

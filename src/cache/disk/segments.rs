@@ -112,13 +112,7 @@ fn open_segment(path: &Path, create: bool) -> io::Result<File> {
         .create_new(create)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a regular file",
-        ));
-    }
-    Ok(file)
+    crate::cache::files::regular(file)
 }
 
 /// Reads a segment's records in order, a window at a time, stopping at the first place that
