@@ -14,7 +14,7 @@ bytes requested. Needs nginx with the echo module and wrk.
 import argparse, bisect, http.client, json, os, random, shutil, signal, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from benchlib import free_port, wait_port  # noqa: E402
+from benchlib import free_port, wait_port, write_config  # noqa: E402
 
 HARNESS = os.environ.get("SKUA_BENCH_HARNESS",
                          os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
@@ -98,20 +98,8 @@ def main():
                                       env=env, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True)
             conf = os.path.join(run, "skua.toml")
-            with open(conf, "w") as f:
-                f.write(f"""[server]
-listen = ["127.0.0.1:{port}"]
-admin = "127.0.0.1:{admin}"
-threads = 1
-upgrade_sock = "{run}/upgrade.sock"
-[[origin]]
-name = "bench"
-addresses = ["127.0.0.1:{origin_port}"]
-[origin.health_check]
-enabled = false
-[cache]
-memory_size = {a.memory}
-max_object_size = 1048576
+            write_config(conf, run, port, admin, f"127.0.0.1:{origin_port}", a.memory,
+                         f"""max_object_size = 1048576
 [cache.disk]
 path = "{run}/disk"
 size = {20 * a.memory}

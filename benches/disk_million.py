@@ -21,7 +21,7 @@ million objects under --dir (default: a temporary directory, removed at the end)
 import argparse, http.client, json, os, random, re, shutil, signal, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from benchlib import free_port, wait_port  # noqa: E402
+from benchlib import free_port, wait_port, write_config  # noqa: E402
 
 HARNESS = os.environ.get("SKUA_BENCH_HARNESS",
                          os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
@@ -68,20 +68,8 @@ def stats(admin):
 
 def config(work, port, admin, origin_port, disk):
     path = os.path.join(work, f"skua-{port}.toml")
-    with open(path, "w") as f:
-        f.write(f"""[server]
-listen = ["127.0.0.1:{port}"]
-admin = "127.0.0.1:{admin}"
-threads = 1
-upgrade_sock = "{work}/upgrade-{port}.sock"
-[[origin]]
-name = "bench"
-addresses = ["127.0.0.1:{origin_port}"]
-[origin.health_check]
-enabled = false
-[cache]
-memory_size = 1048576
-max_object_size = 512
+    write_config(path, work, port, admin, f"127.0.0.1:{origin_port}", 1048576,
+                 f"""max_object_size = 512
 [cache.disk]
 path = "{disk}"
 size = 17179869184
@@ -227,9 +215,11 @@ def measure(a, work, port, admin, conf, procs, origin_port, disk):
     empty.terminate()
     empty.wait()
 
+    # (what came before this start, objects to write before stopping it with kill -9, keep
+    # the checkpoint)
     cases = [
-        ("after SIGTERM (its checkpoint)", 0, True),
-        ("after kill -9 (the checkpoint before it, and 20,000 objects written since)", 20_000,
+        ("after SIGTERM (its checkpoint)", 20_000, True),
+        ("after kill -9 (the checkpoint before it, and the 20,000 objects written since)", 0,
          True),
         ("with no checkpoint (every segment scanned)", 0, False),
     ]
