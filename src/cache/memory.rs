@@ -24,7 +24,7 @@ use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
 use pingora::{Error, ErrorType, Result};
 
 use super::fields::RequestFields;
-use super::meta::{ObjectMeta, Stamp, StoredMeta};
+use super::meta::{choose_variant, ObjectMeta, Stamp, StoredMeta};
 use super::tags::{TagIndex, Tier};
 
 /// Bytes charged per object on top of its header and body: the family slot, `Arc`s and
@@ -221,21 +221,7 @@ impl Looked {
     ) -> Option<Arc<StoredObject>> {
         let family = self.family.as_ref()?;
         let first = family.get(None)?;
-        let obj = match first.meta.times.variance {
-            None => first,
-            Some(stored) => {
-                let wanted = first.meta.variance_of(req)?;
-                if wanted == stored {
-                    first
-                } else {
-                    let other = family.get(Some(&wanted))?;
-                    if other.meta.times.created < first.meta.times.provenance {
-                        return None;
-                    }
-                    other
-                }
-            }
-        };
+        let (_, obj) = choose_variant(first, |o| &o.meta, req, |slot| family.get(Some(slot)))?;
         (obj.meta.times.fresh_until.time() >= now).then(|| obj.clone())
     }
 }

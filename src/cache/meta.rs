@@ -158,6 +158,29 @@ impl MetaTimes {
     }
 }
 
+/// pingora's Vary rules for a fast path's lookup, whichever tier holds the objects: the
+/// primary slot's object first; if it varies and the request wants another variant, that
+/// variant's slot (`other`), whose object must not predate the primary slot's provenance (see
+/// `HttpCache::cache_vary_lookup`). Returns the object and the slot it was found in.
+pub fn choose_variant<T, F: RequestFields + ?Sized>(
+    first: T,
+    meta: impl Fn(&T) -> &ObjectMeta,
+    req: &F,
+    other: impl FnOnce(&HashBinary) -> Option<T>,
+) -> Option<(Option<HashBinary>, T)> {
+    let primary = meta(&first);
+    let Some(stored) = primary.times.variance else {
+        return Some((None, first));
+    };
+    let wanted = primary.variance_of(req)?;
+    if wanted == stored {
+        return Some((None, first));
+    }
+    let provenance = primary.times.provenance;
+    let found = other(&wanted)?;
+    (meta(&found).times.created >= provenance).then_some((Some(wanted), found))
+}
+
 /// A point in time as a stored object keeps it: nanoseconds since the Unix epoch. Half the
 /// size of a `SystemTime`, and exact for every time from 1970 to 2554 (earlier clamps to
 /// 1970, later to 2554).

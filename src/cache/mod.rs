@@ -153,9 +153,14 @@ impl Store {
             .insert(primary, StoredObject::new(None, meta, body));
     }
 
-    /// The largest object the memory tier stores.
-    pub fn memory_max_object(&self) -> usize {
-        self.memory_max_object
+    /// Puts a disk hit being served into the memory tier when it fits. An object not yet
+    /// trusted (the purge bus is catching up) stays on disk only, so a purge the catch-up
+    /// applies cannot miss a copy promoted meanwhile.
+    pub fn promote(&self, primary: HashBinary, obj: std::sync::Arc<StoredObject>) {
+        let trusted = self.invalidations.trust(obj.meta.times.epoch.time()) == bans::Trust::Yes;
+        if trusted && obj.body.len() <= self.memory_max_object {
+            self.memory.insert_shared(primary, obj);
+        }
     }
 
     /// The largest object any tier stores: pingora's per-request size limit.
@@ -231,15 +236,12 @@ impl Storage for Store {
         let served = entry.meta.to_meta(slot.is_none(), entry.body_len as usize);
         match entry.body {
             DiskBody::Whole(body) => {
-                // An object not yet trusted (the purge bus is catching up) stays on disk only,
-                // so a purge the catch-up applies cannot miss a copy promoted meanwhile.
-                let trusted =
-                    self.invalidations.trust(entry.meta.times.epoch.time()) == bans::Trust::Yes;
-                if trusted && body.len() <= self.memory_max_object {
-                    self.memory
-                        .insert(primary, StoredObject::with(slot, entry.meta, body.clone()));
-                }
-                Ok(Some((served, Box::new(MemoryHit::new(body, true)))))
+                let hit = Box::new(MemoryHit::new(body.clone(), true));
+                self.promote(
+                    primary,
+                    std::sync::Arc::new(StoredObject::with(slot, entry.meta, body)),
+                );
+                Ok(Some((served, hit)))
             }
             DiskBody::Stream(hit) => Ok(Some((served, Box::new(hit)))),
         }

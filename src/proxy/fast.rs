@@ -296,7 +296,7 @@ impl FrontDoor {
             ttl_rule = decision.ttl(set).is_some();
         }
         if local {
-            hit::promote(shared, primary, &obj);
+            shared.store.promote(primary, obj.clone());
         }
         Some(Hit {
             obj,

@@ -31,7 +31,7 @@ use crate::cache::bans::{Invalidations, Trust};
 use crate::cache::fields::RequestFields;
 use crate::cache::key::CacheUrl;
 use crate::cache::memory::{Looked, StoredObject};
-use crate::cache::meta::{MetaTimes, ObjectMeta, CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::meta::{choose_variant, MetaTimes, ObjectMeta, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::status::{Disposition, Outcome};
 
 /// Request fields whose meaning only pingora's cache state machine implements for a hit:
@@ -137,7 +137,7 @@ pub fn fresh<F: RequestFields + ?Sized>(
 /// without waiting (`DiskTier::read_now`), by the same rules as [`fresh`]: pingora's Vary
 /// rules (the primary slot first, then the request's variant, not older than the primary's
 /// provenance), fresh, not purged while the index loaded, served by [`verdict`]. The caller
-/// promotes it ([`promote`]) once it answers with it. `None`: let pingora's cache decide (it
+/// promotes it (`Store::promote`) once it answers with it. `None`: let pingora's cache decide (it
 /// also reads what the page cache does not hold, on the blocking pool).
 pub fn fresh_from_disk<F: RequestFields + ?Sized>(
     state: &ProxyState,
@@ -148,22 +148,13 @@ pub fn fresh_from_disk<F: RequestFields + ?Sized>(
 ) -> Option<Arc<StoredObject>> {
     let store = state.store;
     let disk = store.disk?;
-    let (first, body) = disk.read_now(&primary, None)?;
-    let (slot, meta, body) = match first.times.variance {
-        None => (None, first, body),
-        Some(stored) => {
-            let wanted = first.variance_of(headers)?;
-            if wanted == stored {
-                (None, first, body)
-            } else {
-                let (other, body) = disk.read_now(&primary, Some(&wanted))?;
-                if other.times.created < first.times.provenance {
-                    return None;
-                }
-                (Some(wanted), other, body)
-            }
-        }
-    };
+    let first = disk.read_now(&primary, None)?;
+    let (slot, (meta, body)) = choose_variant(
+        first,
+        |(m, _)| m,
+        headers,
+        |slot| disk.read_now(&primary, Some(slot)),
+    )?;
     let times = meta.times;
     if times.fresh_until.time() < now
         || store
@@ -174,15 +165,6 @@ pub fn fresh_from_disk<F: RequestFields + ?Sized>(
         return None;
     }
     Some(Arc::new(StoredObject::with(slot, meta, body)))
-}
-
-/// Puts a disk hit a fast path serves into the memory tier, as pingora's path does with the
-/// disk hits it serves (`Store::lookup`), when it fits.
-pub fn promote(state: &ProxyState, primary: HashBinary, obj: &Arc<StoredObject>) {
-    let store = state.store;
-    if obj.body.len() <= store.memory_max_object() {
-        store.memory.insert_shared(primary, obj.clone());
-    }
 }
 
 /// Whether the client takes the stored copy's content coding (a copy without one, any client).
