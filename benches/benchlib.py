@@ -127,3 +127,40 @@ def fixed_page(body, headers):
             self.wfile.write(body)
 
     return Origin
+
+
+HARNESS = os.environ.get("SKUA_BENCH_HARNESS",
+                         os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
+
+
+def start_nginx_origin(port, workdir, docroot):
+    """The harness's origin (../shared/bench/origin: nginx serving `docroot`, Cache-Control
+    max-age=3600, one access-log line per request in `workdir`/access.log) on `port`, in its
+    own process group: stop it with os.killpg(proc.pid, signal.SIGTERM)."""
+    os.makedirs(workdir, exist_ok=True)
+    env = dict(os.environ, PORT=str(port), WORKDIR=workdir, DOCROOT=docroot,
+               PEER_DIR=os.path.join(HARNESS, "origin"), ORIGIN_HOST="127.0.0.1",
+               ORIGIN_PORT="0")
+    return subprocess.Popen(["bash", os.path.join(HARNESS, "origin", "start.sh")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def stats(admin):
+    """Skua's /stats on its admin port, decoded."""
+    import json
+    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
+    conn.request("GET", "/stats")
+    return json.loads(conn.getresponse().read())
+
+
+def wrk_until(args, done, poll=0.5):
+    """Runs wrk with `args` until `done()` holds, then stops it (wrk runs for its whole
+    duration whatever its threads do). Exits if wrk stops first."""
+    load = subprocess.Popen(["wrk"] + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not done():
+        time.sleep(poll)
+        if load.poll() is not None:
+            sys.exit("wrk stopped before its work was done")
+    load.terminate()
+    load.wait()

@@ -11,13 +11,12 @@ roughly is), drawn once with a fixed seed. wrk replays it over 16 connections; t
 ratio is one minus the bytes the origin sent (its access log, one line per fetch) over the
 bytes requested. Needs nginx with the echo module and wrk.
 """
-import argparse, bisect, http.client, json, os, random, shutil, signal, subprocess, sys, tempfile, time
+import argparse, bisect, os, random, shutil, signal, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from benchlib import free_port, wait_port, write_config  # noqa: E402
+from benchlib import (free_port, start_nginx_origin, stats, wait_port,  # noqa: E402
+                      write_config, wrk_until)
 
-HARNESS = os.environ.get("SKUA_BENCH_HARNESS",
-                         os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
 SIZES = [1, 2, 4, 8, 16, 32, 64]
 
 REPLAY_LUA = """
@@ -37,12 +36,6 @@ function request()
     return wrk.format("GET", paths[i])
 end
 """
-
-
-def stats(admin):
-    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
-    conn.request("GET", "/stats")
-    return json.loads(conn.getresponse().read())
 
 
 def answered(admin):
@@ -89,14 +82,8 @@ def main():
         for binary in a.binaries:
             origin_port, port, admin = free_port(), free_port(), free_port()
             run = tempfile.mkdtemp(dir=work)
-            env = dict(os.environ, PORT=str(origin_port), WORKDIR=os.path.join(run, "origin"),
-                       DOCROOT=os.path.join(work, "docroot"),
-                       PEER_DIR=os.path.join(HARNESS, "origin"), ORIGIN_HOST="127.0.0.1",
-                       ORIGIN_PORT="0")
-            os.makedirs(env["WORKDIR"])
-            origin = subprocess.Popen(["bash", os.path.join(HARNESS, "origin", "start.sh")],
-                                      env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True)
+            origin_log = os.path.join(run, "origin")
+            origin = start_nginx_origin(origin_port, origin_log, os.path.join(work, "docroot"))
             conf = os.path.join(run, "skua.toml")
             write_config(conf, run, port, admin, f"127.0.0.1:{origin_port}", a.memory,
                          f"""max_object_size = 1048576
@@ -112,15 +99,8 @@ size = {20 * a.memory}
                 t0 = time.monotonic()
                 # wrk runs for its duration whatever its threads do: it is stopped once Skua
                 # has answered the whole sequence (the extra requests repeat the last path).
-                load = subprocess.Popen(["wrk", "-t1", "-c16", "-d3600s", "-s", lua,
-                                         f"http://127.0.0.1:{port}/", "--", paths],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                while answered(admin) < a.requests:
-                    time.sleep(0.5)
-                    if load.poll() is not None:
-                        sys.exit("wrk stopped early")
-                load.terminate()
-                load.wait()
+                wrk_until(["-t1", "-c16", "-d3600s", "-s", lua, f"http://127.0.0.1:{port}/",
+                           "--", paths], lambda: answered(admin) >= a.requests)
                 took = time.monotonic() - t0
                 print(f"  {stats(admin)['requests']}")
             finally:
@@ -129,7 +109,7 @@ size = {20 * a.memory}
                 os.killpg(origin.pid, signal.SIGTERM)
             fetched = 0
             fetches = 0
-            for line in open(os.path.join(env["WORKDIR"], "access.log")):
+            for line in open(os.path.join(origin_log, "access.log")):
                 uri, status = line.split()[:2]
                 if status != "200":
                     sys.exit(f"the origin answered {status} for {uri}")

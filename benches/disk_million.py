@@ -18,13 +18,12 @@ tier section; issue #20's acceptance).
 Needs nginx with the echo module (libnginx-mod-http-echo) and wrk; about 6.5 GB of disk per
 million objects under --dir (default: a temporary directory, removed at the end).
 """
-import argparse, http.client, json, os, random, re, shutil, signal, subprocess, sys, tempfile, time
+import argparse, http.client, os, random, re, shutil, signal, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from benchlib import free_port, wait_port, write_config  # noqa: E402
+from benchlib import (free_port, start_nginx_origin, stats, wait_port,  # noqa: E402
+                      write_config, wrk_until)
 
-HARNESS = os.environ.get("SKUA_BENCH_HARNESS",
-                         os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
 SIZES = [1, 2, 4, 8, 16]
 
 FILL_LUA = """
@@ -58,12 +57,6 @@ end
 def rss_kib(pid):
     status = open(f"/proc/{pid}/status").read()
     return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
-
-
-def stats(admin):
-    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=5)
-    conn.request("GET", "/stats")
-    return json.loads(conn.getresponse().read())
 
 
 def config(work, port, admin, origin_port, disk):
@@ -142,13 +135,8 @@ def main():
         with open(os.path.join(docroot, f"{size}k.bin"), "wb") as f:
             f.write(os.urandom(size * 1024))
     origin_port = free_port()
-    env = dict(os.environ, PORT=str(origin_port), WORKDIR=os.path.join(work, "origin"),
-               DOCROOT=os.path.join(work, "docroot"), PEER_DIR=os.path.join(HARNESS, "origin"),
-               ORIGIN_HOST="127.0.0.1", ORIGIN_PORT="0")
-    os.makedirs(env["WORKDIR"], exist_ok=True)
-    origin = subprocess.Popen(["bash", os.path.join(HARNESS, "origin", "start.sh")], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    origin = start_nginx_origin(origin_port, os.path.join(work, "origin"),
+                                os.path.join(work, "docroot"))
     procs = []
     try:
         wait_port(origin_port)
@@ -182,17 +170,9 @@ def fill(a, work, port, admin, conf, procs):
     lua = os.path.join(work, "fill.lua")
     open(lua, "w").write(FILL_LUA)
     t0 = time.monotonic()
-    load = subprocess.Popen(["wrk", "-t2", "-c32", "-d3600s", "-s", lua,
-                             f"http://127.0.0.1:{port}/", "--", "2", str(a.objects)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    held = 0
-    while held < a.objects:
-        time.sleep(1)
-        held = stats(admin)["tiers"]["disk"]["objects"]
-        if load.poll() is not None:
-            sys.exit("wrk stopped before the tier was filled")
-    load.terminate()
-    load.wait()
+    wrk_until(["-t2", "-c32", "-d3600s", "-s", lua, f"http://127.0.0.1:{port}/", "--", "2",
+               str(a.objects)], lambda: stats(admin)["tiers"]["disk"]["objects"] >= a.objects, 1)
+    held = stats(admin)["tiers"]["disk"]["objects"]
     fill = time.monotonic() - t0
     print(f"filled {held:,} objects in {fill:.0f} s")
     proc.send_signal(signal.SIGTERM)
