@@ -128,12 +128,23 @@ async fn disk_bound_holds_after_writing_three_times_its_size() {
     let dir = tempfile::tempdir().unwrap();
     let size = 2 * 1024 * 1024u64;
     let max_object = 128 * 1024u64;
-    let lines = format!("size = {size}\nmax_object_size = {max_object}");
-    let skua = Skua::start_disk(&[origin.addr], dir.path(), &lines, "").await;
+    // Too large for the memory tier, so that each URL's second request misses again: a full
+    // tier writes a URL on its second miss (`cache::disk::admission`).
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["", "", "max_object_size = 1024"],
+        &format!(
+            "[cache.disk]\npath = \"{}\"\nsize = {size}\nmax_object_size = {max_object}",
+            dir.path().display()
+        ),
+    )
+    .await;
     let client = client();
     for i in 0..(3 * size / (64 * 1024)) {
-        let r = send(&client, "GET", &skua.url(&format!("/o/{i}")), &[]).await;
-        assert_eq!(r.body.len(), 64 * 1024);
+        for _ in 0..2 {
+            let r = send(&client, "GET", &skua.url(&format!("/o/{i}")), &[]).await;
+            assert_eq!(r.body.len(), 64 * 1024);
+        }
     }
     // Evicted files are unlinked by a background thread: give it a moment.
     let mut on_disk = u64::MAX;
@@ -848,4 +859,92 @@ async fn disk_hits_in_the_page_cache_do_not_wait_on_the_blocking_pool() {
         "page-cache reads went to the blocking pool: {disk}"
     );
     assert_eq!(origin.count("/page"), 1);
+}
+
+/// Once the disk tier is full, a URL asked for once is not written (writing it would evict
+/// objects that earned their place); asked for again soon after, it is, and is a disk hit from
+/// then on (`cache::disk::admission`).
+#[tokio::test]
+async fn a_full_disk_tier_writes_a_url_on_its_second_miss() {
+    let origin =
+        Origin::start(|_| Reply::ok(vec![b'f'; 32 * 1024]).header("cache-control", "max-age=600"))
+            .await;
+    let dir = tempfile::tempdir().unwrap();
+    // Too large for the memory tier: every repeat reads the disk or the origin.
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["", "", "max_object_size = 1024"],
+        &format!(
+            "[cache.disk]\npath = \"{}\"\nsize = 1048576\nmax_object_size = 65536",
+            dir.path().display()
+        ),
+    )
+    .await;
+    skua.wait_disk_index().await;
+    let stores = || async {
+        skua.stats().await["tiers"]["disk"]["stores"]
+            .as_u64()
+            .unwrap()
+    };
+    // Twice the bound: the log is full and has evicted.
+    for i in 0..64 {
+        get(&skua.url(&format!("/fill/{i}")), &[]).await;
+    }
+    let before = stores().await;
+    assert!(
+        before >= 16,
+        "misses are written while the tier has room: {before}"
+    );
+    assert_eq!(get(&skua.url("/once"), &[]).await.cache(), "miss");
+    assert_eq!(stores().await, before, "a first miss is not written");
+    assert_eq!(get(&skua.url("/once"), &[]).await.cache(), "miss");
+    assert_eq!(stores().await, before + 1, "a second miss is");
+    let hit = get(&skua.url("/once"), &[]).await;
+    assert_eq!(hit.cache(), "hit-local");
+    assert_eq!(hit.body.len(), 32 * 1024);
+    assert_eq!(origin.count("/once"), 2);
+}
+
+/// A disk hit of 64 KiB or more on a plain connection is sent from its segment
+/// (`proxy::zero_copy`): the client gets the origin's bytes whole, whether the socket took the
+/// body at once or the rest followed from the checked copy (a fresh connection's send buffer
+/// is smaller than 900 KiB).
+#[tokio::test]
+async fn large_disk_hits_sent_from_the_segment_arrive_whole() {
+    let body = |path: &str| -> Vec<u8> {
+        let kib: usize = path.trim_start_matches("/large/").parse().unwrap_or(1);
+        let seed = kib as u32;
+        (0..kib * 1024)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as u8)
+            .collect()
+    };
+    let origin = Origin::start(move |seen| {
+        Reply::ok(body(&seen.path)).header("cache-control", "max-age=600")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["", "", "max_object_size = 1024"],
+        &format!("[cache.disk]\npath = \"{}\"", dir.path().display()),
+    )
+    .await;
+    skua.wait_disk_index().await;
+    for kib in [64, 256, 900] {
+        let path = format!("/large/{kib}");
+        assert_eq!(get(&skua.url(&path), &[]).await.cache(), "miss");
+        let hits: Vec<_> = (0..8)
+            .map(|_| {
+                let url = skua.url(&path);
+                tokio::spawn(async move { get(&url, &[]).await })
+            })
+            .collect();
+        for hit in hits {
+            let hit = hit.await.unwrap();
+            assert_eq!(hit.cache(), "hit-local", "{path}");
+            assert_eq!(hit.header("content-length"), (kib * 1024).to_string());
+            assert!(hit.body == body(&path), "{path}: the body differs");
+        }
+        assert_eq!(origin.count(&path), 1);
+    }
 }

@@ -16,6 +16,7 @@
 //! does not decide what is cacheable and does not serve HTTP: `Store` puts it under the memory
 //! tier and gives pingora one `Storage`.
 
+mod admission;
 mod checkpoint;
 pub mod index;
 mod load;
@@ -42,7 +43,7 @@ use segments::Segments;
 use writer::{Job, ObjectJob};
 
 pub use crate::config::DiskConfig;
-pub use read::{DiskBody, DiskEntry, DiskHit, ReadMode};
+pub use read::{BodyInFile, DiskBody, DiskEntry, DiskHit, ReadMode};
 pub use write::DiskWrite;
 
 /// Counters of the disk tier, read by the admin endpoint and metrics.
@@ -78,6 +79,8 @@ pub struct DiskTier {
     /// Bytes of the segments in use.
     used_bytes: AtomicU64,
     uses: moka::sync::Cache<HashBinary, u32>,
+    /// Recent misses a full log did not write ([`admission`]).
+    ghosts: admission::Ghosts,
     loaded: tokio::sync::watch::Sender<bool>,
     /// The first segment this process writes: the start-up load reads only those before it.
     first_new_segment: u32,
@@ -115,6 +118,7 @@ impl DiskTier {
             .ok()
             .and_then(|ms| ms.parse().ok())
             .map(Duration::from_millis);
+        let ghosts = admission::Ghosts::for_size(config.size);
         let tier: &'static DiskTier = Box::leak(Box::new(DiskTier {
             config,
             counters: Arc::new(DiskCounters::default()),
@@ -128,6 +132,7 @@ impl DiskTier {
                 .max_capacity(1 << 20)
                 .time_to_idle(Duration::from_secs(3600))
                 .build(),
+            ghosts,
             loaded: tokio::sync::watch::Sender::new(false),
             first_new_segment,
             invalidated_while_loading: Mutex::new(Vec::new()),
@@ -315,10 +320,11 @@ impl DiskTier {
         }
     }
 
-    /// Whether a miss for this key should be written to disk now (admission: N-th miss).
+    /// Whether a miss for this key should be written to disk now: its `min_uses`-th miss, or,
+    /// once the log is full, its second recent one ([`admission`]).
     pub fn admit(&self, primary: &HashBinary) -> bool {
         if self.config.min_uses <= 1 {
-            return true;
+            return !self.full() || self.ghosts.seen_again(primary, self.index.count());
         }
         let mut seen = 0;
         self.uses.entry(*primary).and_compute_with(|old| {
@@ -326,6 +332,11 @@ impl DiskTier {
             Op::Put(seen)
         });
         seen >= self.config.min_uses
+    }
+
+    /// The next segment the writer starts evicts the oldest.
+    fn full(&self) -> bool {
+        self.used_bytes.load(Ordering::Relaxed) + self.segment_size > self.config.size
     }
 }
 
