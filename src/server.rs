@@ -492,9 +492,16 @@ struct DiskCheckpoint(&'static DiskTier);
 #[async_trait]
 impl BackgroundService for DiskCheckpoint {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let _ = shutdown.changed().await;
         let disk = self.0;
-        let _ = tokio::task::spawn_blocking(move || disk.checkpoint_now()).await;
+        // Waits on a blocking thread, not as a task: with no grace period pingora shuts the
+        // runtimes down as soon as it signals the stop, which cancels a task not yet woken
+        // by the signal (regression: the checkpoint was sometimes not written), but it waits
+        // for blocking threads (up to `shutdown_grace`).
+        let waiting = tokio::task::spawn_blocking(move || {
+            let _ = tokio::runtime::Handle::current().block_on(shutdown.changed());
+            disk.checkpoint_now();
+        });
+        let _ = waiting.await;
     }
 }
 

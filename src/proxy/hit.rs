@@ -28,6 +28,7 @@ use pingora::Result;
 
 use super::{ProxyState, Settings};
 use crate::cache::bans::{Invalidations, Trust};
+use crate::cache::disk::BodyInFile;
 use crate::cache::fields::RequestFields;
 use crate::cache::key::CacheUrl;
 use crate::cache::memory::{Looked, StoredObject};
@@ -145,13 +146,13 @@ pub fn fresh_from_disk<F: RequestFields + ?Sized>(
     primary: HashBinary,
     headers: &F,
     now: SystemTime,
-) -> Option<Arc<StoredObject>> {
+) -> Option<(Arc<StoredObject>, BodyInFile)> {
     let store = state.store;
     let disk = store.disk?;
     let first = disk.read_now(&primary, None)?;
-    let (slot, (meta, body)) = choose_variant(
+    let (slot, (meta, body, in_file)) = choose_variant(
         first,
-        |(m, _)| m,
+        |(m, _, _)| m,
         headers,
         |slot| disk.read_now(&primary, Some(slot)),
     )?;
@@ -164,7 +165,7 @@ pub fn fresh_from_disk<F: RequestFields + ?Sized>(
     {
         return None;
     }
-    Some(Arc::new(StoredObject::with(slot, meta, body)))
+    Some((Arc::new(StoredObject::with(slot, meta, body)), in_file))
 }
 
 /// Whether the client takes the stored copy's content coding (a copy without one, any client).
