@@ -185,6 +185,17 @@ async fn restarted_demo_serves_from_its_disk_cache_after_one_revalidation() {
     assert_eq!(get(&url, &[]).await.cache(), "miss");
     // Stored (the commit ends after the response's last byte): a hit says so.
     wait_until_async_hit(&url).await;
+    // Held in memory, the fill does not wait for the disk writer: the kill -9 below must not
+    // come before it wrote the page.
+    let admin = format!("http://{}/stats", demo.admin);
+    for _ in 0..500 {
+        let stats = get(&admin, &[]).await.text();
+        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        if stats["tiers"]["disk"]["write_queue_objects"] == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     drop(demo);
     let demo = start_demo_on(ports, dir.path()).await;
     // The index loads in the background; it is quick for one page, but allow for it.

@@ -100,8 +100,9 @@ async fn restart_serves_from_disk_after_sigterm_and_kill_9() {
                 "{round}: origin count moved"
             );
         }
-        // What this run stores survives its own end, graceful or kill -9.
+        // What this run stored survives its own end, graceful or kill -9.
         get(&again.url(&format!("/new/{}", round.len())), &[]).await;
+        again.wait_disk_writes().await;
         if round == "graceful" {
             again.stop();
             // A graceful stop checkpoints the index: the next start reads it, not the log.
@@ -431,6 +432,7 @@ async fn admission_stores_on_the_nth_miss() {
     let skua = Skua::start_disk(&[origin.addr], dir.path(), "min_uses = 2", "").await;
     let url = skua.url("/twice");
     get(&url, &[]).await;
+    skua.wait_disk_writes().await;
     assert_eq!(
         skua.stats().await["tiers"]["disk"]["stores"],
         0,
@@ -438,6 +440,7 @@ async fn admission_stores_on_the_nth_miss() {
     );
     send(&client(), "PURGE", &url, &[]).await;
     get(&url, &[]).await;
+    skua.wait_disk_writes().await;
     assert_eq!(
         skua.stats().await["tiers"]["disk"]["stores"],
         1,
@@ -701,6 +704,7 @@ async fn a_purge_acknowledged_before_a_kill_9_stays_applied_after_the_restart() 
         get(&skua.url("/wiki/Edited"), &[]).await.text(),
         "/wiki/Edited v1"
     );
+    skua.wait_disk_writes().await;
     let stats = skua.stats().await;
     assert_eq!(
         stats["tiers"]["disk"]["objects"].as_u64(),

@@ -148,6 +148,8 @@ impl Admin {
                 "write_errors": c.write_errors.load(Ordering::Relaxed),
                 "readmitted": c.readmitted.load(Ordering::Relaxed),
                 "reads_waited": c.reads_waited.load(Ordering::Relaxed),
+                "write_queue_objects": d.write_queue().0,
+                "write_queue_bytes": d.write_queue().1,
                 "purged": c.purges.load(Ordering::Relaxed),
                 "index_loaded": d.loaded(),
                 "read_mode": d.read_mode().as_str(),

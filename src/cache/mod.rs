@@ -370,26 +370,38 @@ impl HandleMiss for TieredMiss {
             // as it was before the edit. Nothing is stored (the disk write is dropped).
             return Ok(MissFinishType::Created(0));
         }
-        let mut weight = 0;
-        let mut indexed = true;
-        if let Some(disk) = this.disk {
-            let on_disk = disk.finish().await.unwrap_or(0) as usize;
-            if on_disk > 0 {
-                indexed &= this
-                    .store
-                    .tags
-                    .record_tags(this.primary, Tier::Disk, &this.tags);
-            }
+        let tags = &this.store.tags;
+        let in_memory = this.memory.publish().unwrap_or(0);
+        let mut indexed =
+            in_memory == 0 || tags.record_tags(this.primary, Tier::Memory, &this.tags);
+        let mut weight = in_memory;
+        if let Some(disk) = this.disk.filter(|_| indexed) {
+            let on_disk = if in_memory > 0 {
+                // Lookups find the memory copy while the writer catches up, so the fill does
+                // not wait for it (two thread wake-ups per miss). Its tags are recorded first:
+                // a tag purge made from here on finds the URL and its purge record follows the
+                // object's in the log. The writer forgets them if it stores nothing.
+                indexed &= tags.record_tags(this.primary, Tier::Disk, &this.tags);
+                match disk.queue().filter(|_| indexed) {
+                    Some(queued) => queued as usize,
+                    None => {
+                        if this.store.disk.is_some_and(|d| !d.holds(&this.primary)) {
+                            tags.forget(&this.primary, Tier::Disk);
+                        }
+                        0
+                    }
+                }
+            } else {
+                // The disk copy is the only one: in place before the cache lock is let go, so
+                // that the requests waiting on it find it.
+                let on_disk = disk.finish().await.unwrap_or(0) as usize;
+                if on_disk > 0 {
+                    indexed &= tags.record_tags(this.primary, Tier::Disk, &this.tags);
+                }
+                on_disk
+            };
             weight += on_disk;
         }
-        let in_memory = this.memory.publish().unwrap_or(0);
-        if in_memory > 0 {
-            indexed &= this
-                .store
-                .tags
-                .record_tags(this.primary, Tier::Memory, &this.tags);
-        }
-        weight += in_memory;
         if !indexed {
             // The tag index is full: a copy a tag purge could not find must not be served.
             this.store.drop_everywhere(&this.primary).await;

@@ -387,6 +387,19 @@ impl Skua {
         panic!("disk index never loaded");
     }
 
+    /// Waits until the disk writer has written every fill handed to it: a fill the memory
+    /// tier holds does not wait for the disk.
+    pub async fn wait_disk_writes(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.stats().await["tiers"]["disk"]["write_queue_objects"] == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the disk writer never caught up");
+    }
+
     /// SIGTERM: pingora's graceful stop. Waits for the process to exit.
     pub fn stop(&mut self) {
         let _ = Command::new("kill")

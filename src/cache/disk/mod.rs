@@ -62,6 +62,26 @@ pub struct DiskCounters {
     pub reads_waited: AtomicU64,
 }
 
+/// Objects handed to the writer and not yet written (or dropped), and their body bytes.
+#[derive(Debug, Default)]
+struct WriteQueue {
+    objects: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl WriteQueue {
+    /// Returns the bytes queued before these.
+    fn add(&self, bytes: u64) -> u64 {
+        self.objects.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed)
+    }
+
+    fn remove(&self, bytes: u64) {
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.objects.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// How long a lookup waits for the start-up index load before it counts as a miss.
 const LOAD_WAIT: Duration = Duration::from_secs(5);
 /// Most body bytes waiting for the writer: past it, fills are not written to disk.
@@ -74,8 +94,8 @@ pub struct DiskTier {
     segments: Segments,
     jobs: mpsc::Sender<Job>,
     segment_size: u64,
-    /// Body bytes handed to the writer and not yet written.
-    queued_bytes: AtomicU64,
+    /// Objects handed to the writer and not yet written.
+    queue: WriteQueue,
     /// Bytes of the segments in use.
     used_bytes: AtomicU64,
     uses: moka::sync::Cache<HashBinary, u32>,
@@ -126,7 +146,7 @@ impl DiskTier {
             segments,
             jobs,
             segment_size,
-            queued_bytes: AtomicU64::new(0),
+            queue: WriteQueue::default(),
             used_bytes: AtomicU64::new(0),
             uses: moka::sync::Cache::builder()
                 .max_capacity(1 << 20)
@@ -169,6 +189,15 @@ impl DiskTier {
 
     pub fn resident_bytes(&self) -> u64 {
         self.used_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Objects waiting for the writer, and their body bytes.
+    pub fn write_queue(&self) -> (u64, u64) {
+        let q = &self.queue;
+        (
+            q.objects.load(Ordering::Relaxed),
+            q.bytes.load(Ordering::Relaxed),
+        )
     }
 
     fn checkpoint_path(&self) -> PathBuf {
@@ -299,7 +328,7 @@ impl DiskTier {
         };
         let body_len = body.len() as u64;
         let (done, written) = tokio::sync::oneshot::channel();
-        self.queued_bytes.fetch_add(body_len, Ordering::Relaxed);
+        self.queue.add(body_len);
         let sent = self.send(Job::Object(ObjectJob {
             primary: *primary,
             slot: slot.copied(),

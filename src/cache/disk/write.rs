@@ -2,11 +2,11 @@
 //! the response streams to the client, then handed whole to the writer, which appends the
 //! record with others queued at the same time and indexes it.
 
-use std::sync::atomic::Ordering;
-
 use bytes::Bytes;
 use pingora::cache::key::HashBinary;
+use tokio::sync::oneshot::Sender;
 
+use super::index::Loc;
 use super::writer::{Job, ObjectJob};
 use super::{DiskTier, QUEUE_MAX};
 use crate::cache::meta::ObjectMeta;
@@ -60,17 +60,33 @@ impl DiskWrite {
     /// Hands the body to the writer and waits until it is written and indexed. Returns the
     /// bytes stored, or `None` if nothing was (too large, the writer behind, a write error).
     pub async fn finish(self) -> Option<u64> {
+        let (done, written) = tokio::sync::oneshot::channel();
+        self.hand_over(Some(done))?;
+        let loc = written.await.ok()??;
+        Some(u64::from(loc.len))
+    }
+
+    /// Hands the body to the writer without waiting for it: for a fill the memory tier holds,
+    /// where lookups find it meanwhile. Its place in the writer's queue puts it before any
+    /// purge made after this returns, and the writer applies a purge to everything written
+    /// before it. Returns the body bytes queued, or `None` if nothing was.
+    pub fn queue(self) -> Option<u64> {
+        let len = self.len;
+        self.hand_over(None)?;
+        Some(len)
+    }
+
+    fn hand_over(self, done: Option<Sender<Option<Loc>>>) -> Option<()> {
         let tier = self.tier;
         let meta = self.meta?;
-        let queued = tier.queued_bytes.fetch_add(self.len, Ordering::Relaxed);
+        let queued = tier.queue.add(self.len);
         if queued + self.len > QUEUE_MAX {
-            tier.queued_bytes.fetch_sub(self.len, Ordering::Relaxed);
+            tier.queue.remove(self.len);
             tier.write_failed(&std::io::Error::other(
                 "the disk writer is behind; this fill is not stored on disk",
             ));
             return None;
         }
-        let (done, written) = tokio::sync::oneshot::channel();
         let sent = tier.send(Job::Object(ObjectJob {
             primary: self.primary,
             slot: self.slot,
@@ -78,13 +94,12 @@ impl DiskWrite {
             body: self.body,
             body_len: self.len,
             only_if: None,
-            done: Some(done),
+            done,
         }));
         if !sent {
-            tier.queued_bytes.fetch_sub(self.len, Ordering::Relaxed);
+            tier.queue.remove(self.len);
             return None;
         }
-        let loc = written.await.ok()??;
-        Some(u64::from(loc.len))
+        Some(())
     }
 }

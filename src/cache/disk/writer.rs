@@ -26,6 +26,9 @@ use crate::cache::tags::Tier;
 
 /// What is appended in one write: small records queued together go out as one.
 pub const AGGREGATE: usize = 1 << 20;
+/// How long fills that nobody waits for are gathered before they are written (purges and
+/// fills that are waited for are written at once, unless they arrive during a gathering).
+const GATHER: Duration = Duration::from_millis(5);
 /// How often the index is checkpointed while records are being written.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(30);
 
@@ -41,6 +44,16 @@ pub enum Job {
     },
     /// Writes a checkpoint now (a graceful stop).
     Checkpoint(std::sync::mpsc::Sender<()>),
+}
+
+impl Job {
+    /// Whether a sender waits for this job to be written.
+    fn waited_for(&self) -> bool {
+        match self {
+            Job::Object(job) => job.done.is_some(),
+            Job::Invalidate { .. } | Job::Checkpoint(_) => true,
+        }
+    }
 }
 
 pub struct ObjectJob {
@@ -115,7 +128,14 @@ impl Writer {
             let wait = CHECKPOINT_EVERY.saturating_sub(self.last_checkpoint.elapsed());
             match jobs.recv_timeout(wait) {
                 Ok(job) => {
+                    let waited_for = job.waited_for();
                     self.take(job);
+                    if !waited_for {
+                        // Fills that nobody waits for gather for a moment, so that a busy
+                        // writer is woken (and writes) once per several rather than per fill:
+                        // while it sleeps, senders do not wake it.
+                        std::thread::sleep(GATHER);
+                    }
                     while self.buf.len() < AGGREGATE {
                         match jobs.try_recv() {
                             Ok(job) => self.take(job),
@@ -321,8 +341,7 @@ impl Writer {
                 if current.touched() && size <= budget {
                     if let Some(copy) = copy_of(&mut scan, at, &fixed, current) {
                         budget -= size;
-                        tier.queued_bytes
-                            .fetch_add(copy.body_len, Ordering::Relaxed);
+                        tier.queue.add(copy.body_len);
                         tier.counters.readmitted.fetch_add(1, Ordering::Relaxed);
                         copies.push(copy);
                         continue;
@@ -423,9 +442,17 @@ fn placed(only_if: Option<Loc>, seg: u32, offset: u32, len: u32) -> Loc {
 }
 
 fn finish_object(tier: &DiskTier, job: ObjectJob, loc: Option<Loc>) {
-    tier.queued_bytes.fetch_sub(job.body_len, Ordering::Relaxed);
-    if let Some(done) = job.done {
-        let _ = done.send(loc);
+    tier.queue.remove(job.body_len);
+    match job.done {
+        Some(done) => {
+            let _ = done.send(loc);
+        }
+        // Nobody waits to learn that nothing was stored: a fill that did not wait recorded
+        // its tags for the disk tier, which must not name a URL it does not hold.
+        None if loc.is_none() && !tier.index.holds(&job.primary) => {
+            tier.tags.forget(&job.primary, Tier::Disk);
+        }
+        None => {}
     }
 }
 
