@@ -894,14 +894,17 @@ async fn a_full_disk_tier_writes_a_url_on_its_second_miss() {
     for i in 0..64 {
         get(&skua.url(&format!("/fill/{i}")), &[]).await;
     }
+    skua.wait_disk_writes().await;
     let before = stores().await;
     assert!(
         before >= 16,
         "misses are written while the tier has room: {before}"
     );
     assert_eq!(get(&skua.url("/once"), &[]).await.cache(), "miss");
+    skua.wait_disk_writes().await;
     assert_eq!(stores().await, before, "a first miss is not written");
     assert_eq!(get(&skua.url("/once"), &[]).await.cache(), "miss");
+    skua.wait_disk_writes().await;
     assert_eq!(stores().await, before + 1, "a second miss is");
     let hit = get(&skua.url("/once"), &[]).await;
     assert_eq!(hit.cache(), "hit-local");
@@ -950,5 +953,48 @@ async fn large_disk_hits_sent_from_the_segment_arrive_whole() {
             assert!(hit.body == body(&path), "{path}: the body differs");
         }
         assert_eq!(origin.count(&path), 1);
+    }
+}
+
+/// A fill does not wait for the disk writer. The requests that waited on the cache lock of an
+/// object only the disk tier keeps find it among the writer's pending fills, not at the
+/// origin; and a purge right after the fill is not undone when the writer catches up.
+#[tokio::test]
+async fn requests_behind_a_disk_only_fill_are_not_sent_to_the_origin() {
+    let origin = Origin::start(|_| {
+        Reply::ok(vec![b'p'; 8 * 1024])
+            .header("cache-control", "max-age=600")
+            .delay(Duration::from_millis(300))
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["", "", "max_object_size = 1024"],
+        &format!("[cache.disk]\npath = \"{}\"", dir.path().display()),
+    )
+    .await;
+    skua.wait_disk_index().await;
+    let client = client();
+    for round in 0..5 {
+        let url = skua.url(&format!("/together/{round}"));
+        let all = futures::future::join_all((0..50).map(|_| send(&client, "GET", &url, &[]))).await;
+        assert!(all
+            .iter()
+            .all(|r| r.status == 200 && r.body.len() == 8 * 1024));
+        assert_eq!(
+            origin.count(&format!("/together/{round}")),
+            1,
+            "round {round}"
+        );
+        // Purged at once: neither the pending fill nor the record written after it serve.
+        assert_eq!(send(&client, "PURGE", &url, &[]).await.status, 204);
+        skua.wait_disk_writes().await;
+        assert_eq!(send(&client, "GET", &url, &[]).await.cache(), "miss");
+        assert_eq!(
+            origin.count(&format!("/together/{round}")),
+            2,
+            "round {round}"
+        );
     }
 }

@@ -376,29 +376,25 @@ impl HandleMiss for TieredMiss {
             in_memory == 0 || tags.record_tags(this.primary, Tier::Memory, &this.tags);
         let mut weight = in_memory;
         if let Some(disk) = this.disk.filter(|_| indexed) {
-            let on_disk = if in_memory > 0 {
-                // Lookups find the memory copy while the writer catches up, so the fill does
-                // not wait for it (two thread wake-ups per miss). Its tags are recorded first:
-                // a tag purge made from here on finds the URL and its purge record follows the
-                // object's in the log. The writer forgets them if it stores nothing.
-                indexed &= tags.record_tags(this.primary, Tier::Disk, &this.tags);
-                match disk.queue().filter(|_| indexed) {
-                    Some(queued) => queued as usize,
-                    None => {
-                        if this.store.disk.is_some_and(|d| !d.holds(&this.primary)) {
-                            tags.forget(&this.primary, Tier::Disk);
-                        }
-                        0
-                    }
-                }
+            // The fill does not wait for the writer (two thread wake-ups per miss): lookups
+            // find it in memory or, if it is only on disk, among the disk's pending fills. Its
+            // tags are recorded first: a tag purge made from here on finds the URL, and its
+            // purge record follows the object in the log. The writer forgets them if it
+            // stores nothing.
+            indexed &= tags.record_tags(this.primary, Tier::Disk, &this.tags);
+            let queued = if indexed {
+                disk.queue(in_memory == 0)
             } else {
-                // The disk copy is the only one: in place before the cache lock is let go, so
-                // that the requests waiting on it find it.
-                let on_disk = disk.finish().await.unwrap_or(0) as usize;
-                if on_disk > 0 {
-                    indexed &= tags.record_tags(this.primary, Tier::Disk, &this.tags);
+                None
+            };
+            let on_disk = match queued {
+                Some(queued) => queued as usize,
+                None => {
+                    if this.store.disk.is_some_and(|d| !d.holds(&this.primary)) {
+                        tags.forget(&this.primary, Tier::Disk);
+                    }
+                    0
                 }
-                on_disk
             };
             weight += on_disk;
         }

@@ -20,6 +20,7 @@ mod admission;
 mod checkpoint;
 pub mod index;
 mod load;
+mod pending;
 mod read;
 pub mod record;
 mod segments;
@@ -96,6 +97,8 @@ pub struct DiskTier {
     segment_size: u64,
     /// Objects handed to the writer and not yet written.
     queue: WriteQueue,
+    /// Fills not yet indexed, readable meanwhile ([`pending`]).
+    pending: pending::Pending,
     /// Bytes of the segments in use.
     used_bytes: AtomicU64,
     uses: moka::sync::Cache<HashBinary, u32>,
@@ -147,6 +150,7 @@ impl DiskTier {
             jobs,
             segment_size,
             queue: WriteQueue::default(),
+            pending: pending::Pending::default(),
             used_bytes: AtomicU64::new(0),
             uses: moka::sync::Cache::builder()
                 .max_capacity(1 << 20)
@@ -290,7 +294,8 @@ impl DiskTier {
     pub async fn purge_all(&'static self, primary: &HashBinary) -> usize {
         let at = writer::now_nanos();
         self.note_while_loading(Kind::Delete, primary, at);
-        let removed = self.index.remove_all(primary, u64::MAX).len();
+        let pending = self.pending.remove_all(primary);
+        let removed = self.index.remove_all(primary, u64::MAX).len().max(pending);
         self.write_invalidation(Kind::Delete, primary, at).await;
         self.counters
             .purges
@@ -304,6 +309,9 @@ impl DiskTier {
     pub async fn expire_all(&'static self, primary: &HashBinary) -> usize {
         let at = writer::now_nanos();
         self.note_while_loading(Kind::Expire, primary, at);
+        // A pending fill has no index entry to mark: it is dropped (the writer still writes
+        // it, and the soft purge's record, written after it, marks it).
+        self.pending.remove_all(primary);
         let marked = self.index.expire_all(primary, u64::MAX, at / 1_000_000_000);
         self.write_invalidation(Kind::Expire, primary, at).await;
         marked
@@ -337,6 +345,7 @@ impl DiskTier {
             body_len,
             only_if: Some(loc),
             done: Some(done),
+            pending: None,
         }));
         sent && matches!(written.await, Ok(Some(_)))
     }

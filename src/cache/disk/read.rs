@@ -57,6 +57,16 @@ impl DiskTier {
         primary: &HashBinary,
         slot: Option<&HashBinary>,
     ) -> Option<DiskEntry> {
+        // A pending fill is newer than what the index holds for its slot (regression: a page
+        // banned and fetched again was a miss until the writer indexed the new copy).
+        if let Some(fill) = self.pending.get(primary, slot) {
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+            return Some(DiskEntry {
+                meta: fill.meta.clone(),
+                body_len: fill.body_len,
+                body: DiskBody::Whole(fill.whole_body()),
+            });
+        }
         let found = if self.wait_loaded().await {
             self.index.get(primary, slot)
         } else {
@@ -155,7 +165,9 @@ impl DiskTier {
         primary: &HashBinary,
         slot: Option<&HashBinary>,
     ) -> Option<(ObjectMeta, Bytes, BodyInFile)> {
-        if !self.loaded() || self.read_delay.is_some() {
+        // A newer copy waits for the writer: the full path reads it.
+        if !self.loaded() || self.read_delay.is_some() || self.pending.get(primary, slot).is_some()
+        {
             return None;
         }
         let loc = self.index.get(primary, slot)?;

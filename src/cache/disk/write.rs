@@ -1,12 +1,14 @@
 //! Disk fills: the body's chunks are kept (shared with the memory tier's copy, not copied) as
 //! the response streams to the client, then handed whole to the writer, which appends the
-//! record with others queued at the same time and indexes it.
+//! record with others queued at the same time and indexes it. The fill does not wait for that
+//! ([`super::pending`]).
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use pingora::cache::key::HashBinary;
-use tokio::sync::oneshot::Sender;
 
-use super::index::Loc;
+use super::pending::PendingFill;
 use super::writer::{Job, ObjectJob};
 use super::{DiskTier, QUEUE_MAX};
 use crate::cache::meta::ObjectMeta;
@@ -57,30 +59,31 @@ impl DiskWrite {
         }
     }
 
-    /// Hands the body to the writer and waits until it is written and indexed. Returns the
-    /// bytes stored, or `None` if nothing was (too large, the writer behind, a write error).
-    pub async fn finish(self) -> Option<u64> {
-        let (done, written) = tokio::sync::oneshot::channel();
-        self.hand_over(Some(done))?;
-        let loc = written.await.ok()??;
-        Some(u64::from(loc.len))
-    }
-
-    /// Hands the body to the writer without waiting for it: for a fill the memory tier holds,
-    /// where lookups find it meanwhile. Its place in the writer's queue puts it before any
-    /// purge made after this returns, and the writer applies a purge to everything written
-    /// before it. Returns the body bytes queued, or `None` if nothing was.
-    pub fn queue(self) -> Option<u64> {
-        let len = self.len;
-        self.hand_over(None)?;
-        Some(len)
-    }
-
-    fn hand_over(self, done: Option<Sender<Option<Loc>>>) -> Option<()> {
+    /// Hands the body to the writer without waiting for it. Lookups find it meanwhile in the
+    /// memory tier or, with `readable` (a fill the memory tier does not hold), among the
+    /// tier's pending fills. Its place in the writer's queue puts it before any purge made
+    /// after this returns, and the writer applies a purge to everything written before it.
+    /// Returns the body bytes queued, or `None` if nothing was.
+    pub fn queue(self, readable: bool) -> Option<u64> {
         let tier = self.tier;
         let meta = self.meta?;
+        let pending = readable.then(|| {
+            let fill = Arc::new(PendingFill {
+                meta: meta.clone(),
+                body: self.body.clone(),
+                body_len: self.len,
+            });
+            tier.pending.insert(self.primary, self.slot, fill.clone());
+            fill
+        });
         let queued = tier.queue.add(self.len);
+        let forget = |tier: &DiskTier| {
+            if let Some(fill) = &pending {
+                tier.pending.remove(&self.primary, self.slot.as_ref(), fill);
+            }
+        };
         if queued + self.len > QUEUE_MAX {
+            forget(tier);
             tier.queue.remove(self.len);
             tier.write_failed(&std::io::Error::other(
                 "the disk writer is behind; this fill is not stored on disk",
@@ -94,12 +97,14 @@ impl DiskWrite {
             body: self.body,
             body_len: self.len,
             only_if: None,
-            done,
+            done: None,
+            pending: pending.clone(),
         }));
         if !sent {
+            forget(tier);
             tier.queue.remove(self.len);
             return None;
         }
-        Some(())
+        Some(self.len)
     }
 }

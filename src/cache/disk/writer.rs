@@ -18,6 +18,7 @@ use bytes::Bytes;
 use pingora::cache::key::HashBinary;
 
 use super::index::{Loc, SOFT_EPOCH};
+use super::pending::PendingFill;
 use super::record::{self, BlockCrcs, Kind};
 use super::segments::Scan;
 use super::{checkpoint, DiskTier};
@@ -67,6 +68,8 @@ pub struct ObjectJob {
     pub only_if: Option<Loc>,
     /// Answered with where it was written, once indexed (`None`: not stored).
     pub done: Option<tokio::sync::oneshot::Sender<Option<Loc>>>,
+    /// Lookups read the fill here until it is indexed.
+    pub pending: Option<Arc<PendingFill>>,
 }
 
 /// Something written, to index and answer once the write is done.
@@ -443,6 +446,9 @@ fn placed(only_if: Option<Loc>, seg: u32, offset: u32, len: u32) -> Loc {
 
 fn finish_object(tier: &DiskTier, job: ObjectJob, loc: Option<Loc>) {
     tier.queue.remove(job.body_len);
+    if let Some(fill) = &job.pending {
+        tier.pending.remove(&job.primary, job.slot.as_ref(), fill);
+    }
     match job.done {
         Some(done) => {
             let _ = done.send(loc);
@@ -497,6 +503,7 @@ fn copy_of(scan: &mut Scan<'_>, at: u64, fixed: &record::Fixed, current: Loc) ->
         body: vec![body],
         only_if: Some(current),
         done: None,
+        pending: None,
     })
 }
 
