@@ -9,8 +9,7 @@
 //! - [`metrics`] and [`admin`]: what Skua shows operators;
 //! - [`server`]: assembling the services; [`demo`]: the sample wiki.
 
-// Denied, not forbidden: `proxy::zero_copy` holds one `unsafe` block, with its proof.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cache;

@@ -912,12 +912,11 @@ async fn a_full_disk_tier_writes_a_url_on_its_second_miss() {
     assert_eq!(origin.count("/once"), 2);
 }
 
-/// A disk hit of 64 KiB or more on a plain connection is sent from its segment
-/// (`proxy::zero_copy`): the client gets the origin's bytes whole, whether the socket took the
-/// body at once or the rest followed from the checked copy (a fresh connection's send buffer
-/// is smaller than 900 KiB).
+/// Disk hits of 64 to 900 KiB, read whole and checked before they are answered, reach
+/// concurrent clients whole and byte-identical (a fresh connection's send buffer is smaller
+/// than 900 KiB, so the body goes out in several writes).
 #[tokio::test]
-async fn large_disk_hits_sent_from_the_segment_arrive_whole() {
+async fn large_disk_hits_arrive_whole_and_byte_identical() {
     let body = |path: &str| -> Vec<u8> {
         let kib: usize = path.trim_start_matches("/large/").parse().unwrap_or(1);
         let seed = kib as u32;

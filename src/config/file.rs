@@ -471,7 +471,8 @@ pub struct DiskFile {
     pub size: u64,
     /// Largest object stored on disk, in bytes. Default 67108864 (64 MiB).
     pub max_object_size: u64,
-    /// Store an object on disk on its N-th miss; 1 stores on the first. Default 1.
+    /// Store an object on disk on its N-th miss; 1 stores on the first while the tier has room
+    /// and on the second recent one once it is full (`cache::disk::admission`). Default 1.
     pub min_uses: u32,
     /// What a node without a purge bus does with objects it finds on disk at start, which
     /// may have been purged while it was down: `"revalidate"` (the default: each is checked

@@ -25,7 +25,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::fast::FrontDoor;
 use super::tls::TlsTerminator;
-use super::zero_copy::write_from_file;
 use crate::cache::key::Scheme;
 use crate::cache::memory::for_one_request;
 use crate::config::ConnectionLimits;
@@ -197,15 +196,9 @@ where
                 .answer(&head, scheme, client, closing, &mut looked);
             if let Some(answer) = answered {
                 let written = async {
-                    match (&answer.body, &answer.body_in_file) {
-                        (Some(body), Some(in_file)) => {
-                            let head = &answer.head;
-                            if !write_from_file(&mut stream, head, body, in_file).await? {
-                                write_both(&mut stream, head, body).await?;
-                            }
-                        }
-                        (Some(body), None) => write_both(&mut stream, &answer.head, body).await?,
-                        (None, _) => stream.write_all(&answer.head).await?,
+                    match &answer.body {
+                        Some(body) => write_both(&mut stream, &answer.head, body).await?,
+                        None => stream.write_all(&answer.head).await?,
                     }
                     stream.flush().await
                 };

@@ -23,7 +23,6 @@ use pingora::http::{RequestHeader, ResponseHeader};
 
 use super::record::Served;
 use super::{hit, ProxyState, Settings};
-use crate::cache::disk::BodyInFile;
 use crate::cache::fields::RequestFields;
 use crate::cache::key::{CacheUrl, Scheme};
 use crate::cache::memory::{Looked, StoredObject};
@@ -44,9 +43,6 @@ pub struct Answer {
     pub head: Vec<u8>,
     /// A body too large to copy, written after `head`.
     pub body: Option<Bytes>,
-    /// Where a large body read from the disk tier lies in its segment: a plain connection
-    /// sends it from there (`proxy::zero_copy`).
-    pub body_in_file: Option<BodyInFile>,
     /// The client asked to close the connection after this response.
     pub close: bool,
 }
@@ -123,8 +119,6 @@ struct Hit {
     ttl_rule: bool,
     /// The copy came from the disk tier.
     local: bool,
-    /// Where a disk copy's body lies in its segment.
-    in_file: Option<BodyInFile>,
 }
 
 impl FrontDoor {
@@ -182,12 +176,10 @@ impl FrontDoor {
         } else {
             with_body.then(|| obj.body.clone())
         };
-        let body_in_file = hit.in_file.clone().filter(|_| body.is_some());
         self.record(&req, &hit, "HTTP/1.1", &client, started);
         Some(Answer {
             head: out,
             body,
-            body_in_file,
             close,
         })
     }
@@ -275,10 +267,10 @@ impl FrontDoor {
                 .then(|| hit::fresh_from_disk(shared, &url, primary, &req.fields, now))
                 .flatten()
         };
-        let (obj, local, in_file) = match from_memory {
-            Some(obj) => (obj, false, None),
+        let (obj, local) = match from_memory {
+            Some(obj) => (obj, false),
             None => match from_disk() {
-                Some((obj, in_file)) => (obj, true, Some(in_file)),
+                Some(obj) => (obj, true),
                 None => {
                     *looked = Some(found);
                     return None;
@@ -313,7 +305,6 @@ impl FrontDoor {
             response_edits,
             ttl_rule,
             local,
-            in_file,
         })
     }
 

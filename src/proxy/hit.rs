@@ -28,7 +28,6 @@ use pingora::Result;
 
 use super::{ProxyState, Settings};
 use crate::cache::bans::{Invalidations, Trust};
-use crate::cache::disk::BodyInFile;
 use crate::cache::fields::RequestFields;
 use crate::cache::key::CacheUrl;
 use crate::cache::memory::{Looked, StoredObject};
@@ -146,13 +145,13 @@ pub fn fresh_from_disk<F: RequestFields + ?Sized>(
     primary: HashBinary,
     headers: &F,
     now: SystemTime,
-) -> Option<(Arc<StoredObject>, BodyInFile)> {
+) -> Option<Arc<StoredObject>> {
     let store = state.store;
     let disk = store.disk?;
     let first = disk.read_now(&primary, None)?;
-    let (slot, (meta, body, in_file)) = choose_variant(
+    let (slot, (meta, body)) = choose_variant(
         first,
-        |(m, _, _)| m,
+        |(m, _)| m,
         headers,
         |slot| disk.read_now(&primary, Some(slot)),
     )?;
@@ -165,7 +164,7 @@ pub fn fresh_from_disk<F: RequestFields + ?Sized>(
     {
         return None;
     }
-    Some((Arc::new(StoredObject::with(slot, meta, body)), in_file))
+    Some(Arc::new(StoredObject::with(slot, meta, body)))
 }
 
 /// Whether the client takes the stored copy's content coding (a copy without one, any client).

@@ -30,7 +30,6 @@ pub mod hit;
 mod record;
 mod respond;
 pub mod tls;
-mod zero_copy;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -44,7 +44,7 @@ use segments::Segments;
 use writer::{Job, ObjectJob};
 
 pub use crate::config::DiskConfig;
-pub use read::{BodyInFile, DiskBody, DiskEntry, DiskHit, ReadMode};
+pub use read::{DiskBody, DiskEntry, DiskHit, ReadMode};
 pub use write::DiskWrite;
 
 /// Counters of the disk tier, read by the admin endpoint and metrics.

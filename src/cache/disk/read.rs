@@ -26,16 +26,6 @@ const HEAD_GUESS: usize = 16 * 1024;
 /// Blocks read per read of a large body.
 const BLOCKS_PER_READ: u64 = 4;
 
-/// Where a body read whole from its segment lies in it: a plain connection may send it from
-/// there (`sendfile(2)`) rather than copy the bytes it has checked. Records are never written
-/// over, and an evicted segment's file lives on while this holds it, so these are the bytes
-/// the read checked.
-#[derive(Debug, Clone)]
-pub struct BodyInFile {
-    pub file: Arc<File>,
-    pub at: u64,
-}
-
 /// What a disk lookup found: checked metadata and the body, whole or to stream.
 pub struct DiskEntry {
     pub meta: ObjectMeta,
@@ -164,7 +154,7 @@ impl DiskTier {
         &'static self,
         primary: &HashBinary,
         slot: Option<&HashBinary>,
-    ) -> Option<(ObjectMeta, Bytes, BodyInFile)> {
+    ) -> Option<(ObjectMeta, Bytes)> {
         // A newer copy waits for the writer: the full path reads it.
         if !self.loaded() || self.read_delay.is_some() || self.pending.get(primary, slot).is_some()
         {
@@ -183,9 +173,7 @@ impl DiskTier {
         };
         let found = read.and_then(|bytes| {
             let (fixed, meta, crcs) = checked_head(&bytes, primary, slot, loc)?;
-            let body = checked_body(&bytes, &fixed, &crcs)?;
-            let at = u64::from(loc.offset) + u64::from(fixed.head_len);
-            Ok((meta, body, BodyInFile { file, at }))
+            Ok((meta, checked_body(&bytes, &fixed, &crcs)?))
         });
         match found {
             Ok(found) => {
