@@ -255,9 +255,9 @@ impl DiskTier {
         });
     }
 
-    /// Whether any variant of `primary` is indexed.
+    /// Whether any variant of `primary` is indexed or waiting for the writer.
     pub fn holds(&self, primary: &HashBinary) -> bool {
-        self.index.holds(primary)
+        self.index.holds(primary) || self.pending.holds(primary)
     }
 
     /// Notes a purge or soft purge made while the index is loading, for the load to apply

@@ -74,6 +74,11 @@ impl Pending {
         Some(fill.clone())
     }
 
+    /// Whether any variant of `primary` is pending.
+    pub fn holds(&self, primary: &HashBinary) -> bool {
+        self.count.load(Ordering::Relaxed) > 0 && self.urls().contains_key(primary)
+    }
+
     /// Removes `fill` once the writer is done with it (a later fill of the slot stays).
     pub fn remove(&self, primary: &HashBinary, slot: Option<&HashBinary>, fill: &Arc<PendingFill>) {
         let mut urls = self.urls();
