@@ -59,6 +59,20 @@ fn record_start(file: &Path, at: usize) -> usize {
         .expect("a record start")
 }
 
+/// Skua with a disk tier in `dir` (`lines` added to `[cache.disk]`) under a memory tier that
+/// keeps nothing over 1 KiB: every repeat of a larger object reads the disk or the origin.
+/// Returns once the disk index is loaded.
+async fn start_disk_only(origin: &Origin, dir: &Path, lines: &str) -> Skua {
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["", "", "max_object_size = 1024"],
+        &format!("[cache.disk]\npath = \"{}\"\n{lines}", dir.display()),
+    )
+    .await;
+    skua.wait_disk_index().await;
+    skua
+}
+
 fn page(body: &str) -> Reply {
     Reply::ok(body.to_string())
         .header("cache-control", "max-age=600")
@@ -131,15 +145,8 @@ async fn disk_bound_holds_after_writing_three_times_its_size() {
     let max_object = 128 * 1024u64;
     // Too large for the memory tier, so that each URL's second request misses again: a full
     // tier writes a URL on its second miss (`cache::disk::admission`).
-    let skua = Skua::start_tables(
-        &[origin.addr],
-        ["", "", "max_object_size = 1024"],
-        &format!(
-            "[cache.disk]\npath = \"{}\"\nsize = {size}\nmax_object_size = {max_object}",
-            dir.path().display()
-        ),
-    )
-    .await;
+    let lines = format!("size = {size}\nmax_object_size = {max_object}");
+    let skua = start_disk_only(&origin, dir.path(), &lines).await;
     let client = client();
     for i in 0..(3 * size / (64 * 1024)) {
         for _ in 0..2 {
@@ -752,13 +759,7 @@ async fn a_slow_disk_does_not_slow_memory_hits() {
     let dir = tempfile::tempdir().unwrap();
     // Disk objects are too large for the memory tier: every hit on them reads the disk.
     let extra = format!("{ENV_LINE}SKUA_TEST_DISK_READ_DELAY_MS=300\n");
-    let skua = Skua::start_tables(
-        &[origin.addr],
-        ["", "", "max_object_size = 1024"],
-        &format!("[cache.disk]\npath = \"{}\"\n{extra}", dir.path().display()),
-    )
-    .await;
-    skua.wait_disk_index().await;
+    let skua = start_disk_only(&origin, dir.path(), &extra).await;
     const DISK: usize = 32;
     assert_eq!(get(&skua.url("/memory"), &[]).await.cache(), "miss");
     for i in 0..DISK {
@@ -838,13 +839,7 @@ async fn disk_hits_in_the_page_cache_do_not_wait_on_the_blocking_pool() {
     let origin =
         Origin::start(|_| Reply::ok(vec![b'p'; 4000]).header("cache-control", "max-age=600")).await;
     let dir = tempfile::tempdir().unwrap();
-    let skua = Skua::start_tables(
-        &[origin.addr],
-        ["", "", "max_object_size = 1024"],
-        &format!("[cache.disk]\npath = \"{}\"\n", dir.path().display()),
-    )
-    .await;
-    skua.wait_disk_index().await;
+    let skua = start_disk_only(&origin, dir.path(), "").await;
     assert_eq!(get(&skua.url("/page"), &[]).await.cache(), "miss");
     for _ in 0..10 {
         let hit = get(&skua.url("/page"), &[]).await;
@@ -875,16 +870,12 @@ async fn a_full_disk_tier_writes_a_url_on_its_second_miss() {
             .await;
     let dir = tempfile::tempdir().unwrap();
     // Too large for the memory tier: every repeat reads the disk or the origin.
-    let skua = Skua::start_tables(
-        &[origin.addr],
-        ["", "", "max_object_size = 1024"],
-        &format!(
-            "[cache.disk]\npath = \"{}\"\nsize = 1048576\nmax_object_size = 65536",
-            dir.path().display()
-        ),
+    let skua = start_disk_only(
+        &origin,
+        dir.path(),
+        "size = 1048576\nmax_object_size = 65536",
     )
     .await;
-    skua.wait_disk_index().await;
     let stores = || async {
         skua.stats().await["tiers"]["disk"]["stores"]
             .as_u64()
@@ -929,13 +920,7 @@ async fn large_disk_hits_arrive_whole_and_byte_identical() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let skua = Skua::start_tables(
-        &[origin.addr],
-        ["", "", "max_object_size = 1024"],
-        &format!("[cache.disk]\npath = \"{}\"", dir.path().display()),
-    )
-    .await;
-    skua.wait_disk_index().await;
+    let skua = start_disk_only(&origin, dir.path(), "").await;
     for kib in [64, 256, 900] {
         let path = format!("/large/{kib}");
         assert_eq!(get(&skua.url(&path), &[]).await.cache(), "miss");
@@ -967,13 +952,7 @@ async fn requests_behind_a_disk_only_fill_are_not_sent_to_the_origin() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let skua = Skua::start_tables(
-        &[origin.addr],
-        ["", "", "max_object_size = 1024"],
-        &format!("[cache.disk]\npath = \"{}\"", dir.path().display()),
-    )
-    .await;
-    skua.wait_disk_index().await;
+    let skua = start_disk_only(&origin, dir.path(), "").await;
     let client = client();
     for round in 0..5 {
         let url = skua.url(&format!("/together/{round}"));
