@@ -382,21 +382,9 @@ impl HandleMiss for TieredMiss {
             // purge record follows the object in the log. The writer forgets them if it
             // stores nothing.
             indexed &= tags.record_tags(this.primary, Tier::Disk, &this.tags);
-            let queued = if indexed {
-                disk.queue(in_memory == 0)
-            } else {
-                None
-            };
-            let on_disk = match queued {
-                Some(queued) => queued as usize,
-                None => {
-                    if this.store.disk.is_some_and(|d| !d.holds(&this.primary)) {
-                        tags.forget(&this.primary, Tier::Disk);
-                    }
-                    0
-                }
-            };
-            weight += on_disk;
+            if indexed {
+                weight += disk.queue(in_memory == 0).unwrap_or(0) as usize;
+            }
         }
         if !indexed {
             // The tag index is full: a copy a tag purge could not find must not be served.

@@ -74,6 +74,15 @@ impl Pending {
         Some(fill.clone())
     }
 
+    /// Whether the slot has a pending fill (no `Arc` taken: a fast hit's check).
+    pub fn has(&self, primary: &HashBinary, slot: Option<&HashBinary>) -> bool {
+        self.count.load(Ordering::Relaxed) > 0
+            && self
+                .urls()
+                .get(primary)
+                .is_some_and(|slots| slots.iter().any(|(s, _)| s.as_ref() == slot))
+    }
+
     /// Whether any variant of `primary` is pending.
     pub fn holds(&self, primary: &HashBinary) -> bool {
         self.count.load(Ordering::Relaxed) > 0 && self.urls().contains_key(primary)

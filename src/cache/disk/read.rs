@@ -156,8 +156,7 @@ impl DiskTier {
         slot: Option<&HashBinary>,
     ) -> Option<(ObjectMeta, Bytes)> {
         // A newer copy waits for the writer: the full path reads it.
-        if !self.loaded() || self.read_delay.is_some() || self.pending.get(primary, slot).is_some()
-        {
+        if !self.loaded() || self.read_delay.is_some() || self.pending.has(primary, slot) {
             return None;
         }
         let loc = self.index.get(primary, slot)?;

@@ -12,6 +12,7 @@ use super::pending::PendingFill;
 use super::writer::{Job, ObjectJob};
 use super::{DiskTier, QUEUE_MAX};
 use crate::cache::meta::ObjectMeta;
+use crate::cache::tags::Tier;
 
 impl DiskTier {
     /// Starts collecting a fill's body for the disk.
@@ -63,7 +64,8 @@ impl DiskWrite {
     /// memory tier or, with `readable` (a fill the memory tier does not hold), among the
     /// tier's pending fills. Its place in the writer's queue puts it before any purge made
     /// after this returns, and the writer applies a purge to everything written before it.
-    /// Returns the body bytes queued, or `None` if nothing was.
+    /// Returns the body bytes queued, or `None` if nothing was (then the tags the fill
+    /// recorded for the disk tier are forgotten, as the writer does when it stores nothing).
     pub fn queue(self, readable: bool) -> Option<u64> {
         let tier = self.tier;
         let meta = self.meta?;
@@ -80,6 +82,9 @@ impl DiskWrite {
         let forget = |tier: &DiskTier| {
             if let Some(fill) = &pending {
                 tier.pending.remove(&self.primary, self.slot.as_ref(), fill);
+            }
+            if !tier.holds(&self.primary) {
+                tier.tags.forget(&self.primary, Tier::Disk);
             }
         };
         if queued + self.len > QUEUE_MAX {
