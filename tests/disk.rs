@@ -837,13 +837,16 @@ async fn the_old_one_file_per_object_format_is_discarded_with_a_log_line() {
 #[tokio::test]
 async fn disk_hits_in_the_page_cache_do_not_wait_on_the_blocking_pool() {
     let origin =
-        Origin::start(|_| Reply::ok(vec![b'p'; 4000]).header("cache-control", "max-age=600")).await;
+        Origin::start(|_| Reply::ok(vec![b'p'; 40_000]).header("cache-control", "max-age=600"))
+            .await;
     let dir = tempfile::tempdir().unwrap();
     let skua = start_disk_only(&origin, dir.path(), "").await;
     assert_eq!(get(&skua.url("/page"), &[]).await.cache(), "miss");
+    // Written, so not read from the writer's queue.
+    skua.wait_disk_writes().await;
     for _ in 0..10 {
         let hit = get(&skua.url("/page"), &[]).await;
-        assert_eq!((hit.cache(), hit.body.len()), ("hit-local", 4000));
+        assert_eq!((hit.cache(), hit.body.len()), ("hit-local", 40_000));
     }
     // Through pingora's cache too (a precondition sends the request there).
     let cached = get(&skua.url("/page"), &[("if-none-match", "\"other\"")]).await;
@@ -856,6 +859,10 @@ async fn disk_hits_in_the_page_cache_do_not_wait_on_the_blocking_pool() {
     assert_eq!(
         disk["reads_waited"], 0,
         "page-cache reads went to the blocking pool: {disk}"
+    );
+    assert!(
+        disk["reads_mapped"].as_u64() >= Some(11),
+        "hits in the page cache are views of the mapped segment: {disk}"
     );
     assert_eq!(origin.count("/page"), 1);
 }
@@ -975,4 +982,60 @@ async fn requests_behind_a_disk_only_fill_are_not_sent_to_the_origin() {
             "round {round}"
         );
     }
+}
+
+/// A body of 200 KiB (read whole, from the segment's mapping) naming `path` at its start.
+fn mapped_body(path: &str) -> Vec<u8> {
+    let mut body = format!("{path} ").into_bytes();
+    body.extend((0..200 * 1024u32).map(|i| b'a' + (i % 26) as u8));
+    body
+}
+
+/// Hits are views of the segment's pages once it is mapped; a segment damaged under the
+/// running process after that (a bit flipped, the file cut short) is neither served nor a
+/// crash (a view past the end of a file would raise SIGBUS): a miss, counted, fetched again.
+#[tokio::test]
+async fn a_mapped_segment_damaged_under_a_running_skua_is_not_served() {
+    let origin = Origin::start(|req| {
+        Reply::ok(mapped_body(&req.path)).header("cache-control", "max-age=600")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let skua = start_disk_only(&origin, dir.path(), "").await;
+    // The torn one last: it must be the last record of its segment.
+    let paths = ["/mapped/flipped", "/mapped/torn"];
+    for path in paths {
+        assert_eq!(get(&skua.url(path), &[]).await.cache(), "miss");
+    }
+    skua.wait_disk_writes().await;
+    for path in paths {
+        let hit = get(&skua.url(path), &[]).await;
+        assert_eq!(hit.cache(), "hit-local", "{path}");
+        assert!(hit.body == mapped_body(path), "{path}");
+    }
+    let disk = &skua.stats().await["tiers"]["disk"];
+    assert!(
+        disk["reads_mapped"].as_u64() >= Some(2),
+        "hits read from the mapping: {disk}"
+    );
+
+    let body = mapped_body("/mapped/flipped");
+    let (segment, at) = find_in_segments(dir.path(), &body[..40]);
+    flip(&segment, at + body.len() / 2);
+    let body = mapped_body("/mapped/torn");
+    let (segment, at) = find_in_segments(dir.path(), &body[..40]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap()
+        .set_len((at + body.len() - 3) as u64)
+        .unwrap();
+
+    for path in paths {
+        let again = get(&skua.url(path), &[]).await;
+        assert_eq!(again.cache(), "miss", "{path}");
+        assert!(again.body == mapped_body(path), "{path}: the origin's body");
+        assert_eq!(origin.count(path), 2, "{path} fetched again");
+    }
+    assert_eq!(skua.stats().await["tiers"]["disk"]["corrupt_dropped"], 2);
 }

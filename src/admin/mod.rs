@@ -111,6 +111,7 @@ impl Admin {
                 ("write_error", &c.write_errors),
                 ("readmit", &c.readmitted),
                 ("read_waited", &c.reads_waited),
+                ("read_mapped", &c.reads_mapped),
             ] {
                 m.tier_events
                     .catch_up("disk", event, value.load(Ordering::Relaxed));
@@ -148,6 +149,7 @@ impl Admin {
                 "write_errors": c.write_errors.load(Ordering::Relaxed),
                 "readmitted": c.readmitted.load(Ordering::Relaxed),
                 "reads_waited": c.reads_waited.load(Ordering::Relaxed),
+                "reads_mapped": c.reads_mapped.load(Ordering::Relaxed),
                 "write_queue_objects": d.write_queue().0,
                 "write_queue_bytes": d.write_queue().1,
                 "purged": c.purges.load(Ordering::Relaxed),

@@ -462,7 +462,7 @@ impl Metrics {
         let tier_events = TierEvents(IntCounterVec::new(
             Opts::new(
                 "skua_cache_tier_events_total",
-                "Cache tier events (lookup, hit, miss, store, eviction, corrupt, write_error; for disk also readmit: a hot object copied forward when its segment was evicted, read_waited: a read the page cache could not answer at once), by tier.",
+                "Cache tier events (lookup, hit, miss, store, eviction, corrupt, write_error; for disk also readmit: a hot object copied forward when its segment was evicted, read_waited: a read the page cache could not answer at once, read_mapped: a read answered by a view of a mapped segment), by tier.",
             ),
             &["tier", "event"],
         )?);

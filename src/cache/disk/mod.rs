@@ -20,6 +20,7 @@ mod admission;
 mod checkpoint;
 pub mod index;
 mod load;
+mod mapped;
 mod pending;
 mod read;
 pub mod record;
@@ -61,6 +62,8 @@ pub struct DiskCounters {
     pub readmitted: AtomicU64,
     /// Reads the page cache could not answer at once, sent to the blocking pool.
     pub reads_waited: AtomicU64,
+    /// Reads answered by a view of a mapped segment (no copy).
+    pub reads_mapped: AtomicU64,
 }
 
 /// Objects handed to the writer and not yet written (or dropped), and their body bytes.

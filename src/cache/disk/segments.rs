@@ -1,7 +1,8 @@
 //! The segment files: the disk tier's log, cut into files of one size, named by a sequence
 //! number that only grows (`0000002a.seg`), so the oldest is the one evicted next and a name
 //! is never reused. Each file is opened once and shared by every reader and the writer
-//! (positional reads and writes, no seeking). [`Scan`] walks a file's records in order.
+//! (positional reads and writes, no seeking), and mapped into memory on its first hit
+//! ([`super::mapped`]). [`Scan`] walks a file's records in order.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -10,11 +11,15 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use super::mapped::Mapping;
 use super::record::{self, Damage, Fixed, Head};
 
 pub struct Segments {
     dir: PathBuf,
     open: RwLock<BTreeMap<u32, Arc<File>>>,
+    /// Each segment's mapping, made on its first read; `None`: it could not be mapped, and its
+    /// reads use `pread`.
+    mapped: RwLock<BTreeMap<u32, Option<Arc<Mapping>>>>,
 }
 
 impl Segments {
@@ -40,6 +45,7 @@ impl Segments {
         Ok(Segments {
             dir: dir.to_path_buf(),
             open: RwLock::new(open),
+            mapped: RwLock::default(),
         })
     }
 
@@ -49,6 +55,31 @@ impl Segments {
 
     pub fn get(&self, seq: u32) -> Option<Arc<File>> {
         self.read().get(&seq).cloned()
+    }
+
+    /// Segment `seq` mapped into memory (at least `min_len` bytes of it, so that the segment
+    /// being written grows into its mapping), made on the first call.
+    /// `in_memory`: the file system keeps its files in memory ([`Mapping`]).
+    pub fn mapping(&self, seq: u32, min_len: u64, in_memory: bool) -> Option<Arc<Mapping>> {
+        if let Some(made) = lock_read(&self.mapped).get(&seq) {
+            return made.clone();
+        }
+        let file = self.get(seq)?;
+        let len = file.metadata().map_or(0, |m| m.len()).max(min_len);
+        let made = match Mapping::new(file, len, in_memory) {
+            Ok(map) => Some(Arc::new(map)),
+            Err(e) => {
+                tracing::warn!(segment = seq, error = %e, "a disk cache segment could not be mapped; its hits are read with pread");
+                None
+            }
+        };
+        let mut mapped = lock_write(&self.mapped);
+        // Removed meanwhile: `remove` has dropped its mapping already or will (it takes this
+        // lock after forgetting the file).
+        if !self.read().contains_key(&seq) {
+            return None;
+        }
+        mapped.entry(seq).or_insert(made).clone()
     }
 
     /// The sequence numbers of the segments, oldest first.
@@ -68,26 +99,34 @@ impl Segments {
     pub fn create(&self, seq: u32) -> io::Result<Arc<File>> {
         let file = Arc::new(open_segment(&self.path(seq), true)?);
         self.write().insert(seq, file.clone());
+        lock_write(&self.mapped).remove(&seq);
         Ok(file)
     }
 
-    /// Forgets segment `seq` and unlinks its file. Readers holding it finish their reads.
+    /// Forgets segment `seq` and unlinks its file. Readers holding it (or a view of its
+    /// mapping) finish their reads.
     pub fn remove(&self, seq: u32) {
         self.write().remove(&seq);
+        lock_write(&self.mapped).remove(&seq);
         let _ = std::fs::remove_file(self.path(seq));
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u32, Arc<File>>> {
-        self.open
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock_read(&self.open)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<u32, Arc<File>>> {
-        self.open
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock_write(&self.open)
     }
+}
+
+fn lock_read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn lock_write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn parse_name(name: &str) -> Option<u32> {
