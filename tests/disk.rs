@@ -1039,3 +1039,71 @@ async fn a_mapped_segment_damaged_under_a_running_skua_is_not_served() {
     }
     assert_eq!(skua.stats().await["tiers"]["disk"]["corrupt_dropped"], 2);
 }
+
+/// Segment files the process still maps after they were unlinked (`/proc/PID/maps`).
+fn unlinked_segments_mapped(pid: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter(|line| line.contains(".seg") && line.ends_with("(deleted)"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Regression: a disk hit promoted to the memory tier kept its body as a view of the
+/// segment's mapping, so once that segment was evicted its file, unlinked, stayed mapped (its
+/// disk space not freed, past the tier's bound) for as long as the memory tier held the page.
+#[tokio::test]
+async fn a_disk_hit_promoted_to_memory_does_not_keep_its_evicted_segment() {
+    let origin = Origin::start(|req| {
+        let mut body = mapped_body(&req.path);
+        if req.path.starts_with("/fill/") {
+            // Past the memory tier's limit: only the disk keeps these.
+            body.extend(std::iter::repeat_n(b'f', 40 * 1024));
+        }
+        Reply::ok(body).header("cache-control", "max-age=600")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // Segments of 256 KiB: about one object each.
+    let disk_lines = "size = 4194304\nmax_object_size = 1048576";
+    let memory_lines = "max_object_size = 225280";
+    let port = Port::reserve();
+    let origins = [origin.addr];
+    let start = || {
+        Skua::start_disk_and_memory_on(&port, &origins, dir.path(), disk_lines, memory_lines, "")
+    };
+    let mut skua = start().await;
+    assert_eq!(get(&skua.url("/first"), &[]).await.cache(), "miss");
+    skua.wait_disk_writes().await;
+    skua.stop();
+
+    // After the restart only the disk holds it: its hit is a view, promoted to memory.
+    let skua = start().await;
+    let hit = get(&skua.url("/first"), &[]).await;
+    assert_eq!(hit.cache(), "hit-local");
+    assert!(hit.body == mapped_body("/first"));
+    let disk = &skua.stats().await["tiers"]["disk"];
+    assert!(disk["reads_mapped"].as_u64() >= Some(1), "{disk}");
+
+    // Six times the tier's bound, each asked for twice (a full tier writes a URL on its
+    // second miss): /first's segment is evicted.
+    for i in 0..24 {
+        for _ in 0..2 {
+            get(&skua.url(&format!("/fill/{i}")), &[]).await;
+        }
+        skua.wait_disk_writes().await;
+    }
+    let disk = &skua.stats().await["tiers"]["disk"];
+    assert!(disk["evictions"].as_u64() >= Some(1), "{disk}");
+    assert_eq!(
+        unlinked_segments_mapped(skua.pid()),
+        Vec::<String>::new(),
+        "evicted segments still mapped"
+    );
+    // The memory tier's copy still serves it.
+    let again = get(&skua.url("/first"), &[]).await;
+    assert_ne!(again.cache(), "miss");
+    assert!(again.body == mapped_body("/first"));
+    assert_eq!(origin.count("/first"), 1);
+}

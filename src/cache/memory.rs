@@ -59,6 +59,17 @@ impl StoredObject {
         }
     }
 
+    /// The same object with a body of its own: for a body that borrows memory the memory
+    /// tier must not keep (a view of a disk segment, part of a larger read).
+    pub fn copied(&self) -> StoredObject {
+        StoredObject {
+            slot: self.slot.clone(),
+            meta: self.meta.clone(),
+            body: Bytes::copy_from_slice(&self.body),
+            url_memo: UrlMemo(AtomicU64::new(self.url_memo.0.load(Ordering::Relaxed))),
+        }
+    }
+
     fn slot(&self) -> Option<&HashBinary> {
         self.slot.as_deref()
     }

@@ -156,10 +156,16 @@ impl Store {
     /// Puts a disk hit being served into the memory tier when it fits. An object not yet
     /// trusted (the purge bus is catching up) stays on disk only, so a purge the catch-up
     /// applies cannot miss a copy promoted meanwhile.
-    pub fn promote(&self, primary: HashBinary, obj: std::sync::Arc<StoredObject>) {
+    ///
+    /// The memory tier keeps a copy of the body: a disk hit's body may be a view of a mapped
+    /// segment (`disk::mapped`), which the memory tier must not hold (regression: it would
+    /// keep an evicted segment's file, unlinked, taking disk space past the tier's bound, and
+    /// a memory hit could then wait for the disk to read its pages back).
+    pub fn promote(&self, primary: HashBinary, obj: &StoredObject) {
         let trusted = self.invalidations.trust(obj.meta.times.epoch.time()) == bans::Trust::Yes;
         if trusted && obj.body.len() <= self.memory_max_object {
-            self.memory.insert_shared(primary, obj);
+            self.memory
+                .insert_shared(primary, std::sync::Arc::new(obj.copied()));
         }
     }
 
@@ -237,10 +243,7 @@ impl Storage for Store {
         match entry.body {
             DiskBody::Whole(body) => {
                 let hit = Box::new(MemoryHit::new(body.clone(), true));
-                self.promote(
-                    primary,
-                    std::sync::Arc::new(StoredObject::with(slot, entry.meta, body)),
-                );
+                self.promote(primary, &StoredObject::with(slot, entry.meta, body));
                 Ok(Some((served, hit)))
             }
             DiskBody::Stream(hit) => Ok(Some((served, Box::new(hit)))),

@@ -296,7 +296,7 @@ impl FrontDoor {
             ttl_rule = decision.ttl(set).is_some();
         }
         if local {
-            shared.store.promote(primary, obj.clone());
+            shared.store.promote(primary, &obj);
         }
         Some(Hit {
             obj,

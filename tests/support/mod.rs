@@ -357,6 +357,18 @@ impl Skua {
         disk_lines: &str,
         extra: &str,
     ) -> Skua {
+        Skua::start_disk_and_memory_on(port, origins, disk, disk_lines, "", extra).await
+    }
+
+    /// [`Skua::start_disk_on`] with `memory_lines` in the `[cache]` table (the memory tier).
+    pub async fn start_disk_and_memory_on(
+        port: &Port,
+        origins: &[SocketAddr],
+        disk: &std::path::Path,
+        disk_lines: &str,
+        memory_lines: &str,
+        extra: &str,
+    ) -> Skua {
         let extra = format!(
             "[cache.disk]\npath = \"{}\"\n{}\n\n{extra}",
             disk.display(),
@@ -366,7 +378,7 @@ impl Skua {
             tempfile::tempdir().unwrap(),
             port.clone(),
             origins,
-            "",
+            memory_lines,
             &extra,
         )
         .await;
