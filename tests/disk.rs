@@ -226,7 +226,11 @@ fn large_body(path: &str) -> bytes::Bytes {
 /// body's end (a torn write; the body must be its segment's last record), otherwise one bit in
 /// the body's middle is flipped (the length stays right, so only the checksum can tell).
 fn damage(dir: &Path, path: &str, truncate: bool) {
-    let body = large_body(path);
+    damage_body(dir, &large_body(path), truncate);
+}
+
+/// [`damage`] for any `body` stored in the segments (found by its first 64 bytes).
+fn damage_body(dir: &Path, body: &[u8], truncate: bool) {
     let (segment, at) = find_in_segments(dir, &body[..64]);
     if truncate {
         std::fs::OpenOptions::new()
@@ -1019,17 +1023,8 @@ async fn a_mapped_segment_damaged_under_a_running_skua_is_not_served() {
         "hits read from the mapping: {disk}"
     );
 
-    let body = mapped_body("/mapped/flipped");
-    let (segment, at) = find_in_segments(dir.path(), &body[..40]);
-    flip(&segment, at + body.len() / 2);
-    let body = mapped_body("/mapped/torn");
-    let (segment, at) = find_in_segments(dir.path(), &body[..40]);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&segment)
-        .unwrap()
-        .set_len((at + body.len() - 3) as u64)
-        .unwrap();
+    damage_body(dir.path(), &mapped_body("/mapped/flipped"), false);
+    damage_body(dir.path(), &mapped_body("/mapped/torn"), true);
 
     for path in paths {
         let again = get(&skua.url(path), &[]).await;
