@@ -1081,8 +1081,8 @@ async fn a_disk_hit_promoted_to_memory_does_not_keep_its_evicted_segment() {
     let disk = &skua.stats().await["tiers"]["disk"];
     assert!(disk["reads_mapped"].as_u64() >= Some(1), "{disk}");
 
-    // Six times the tier's bound, each asked for twice (a full tier writes a URL on its
-    // second miss): /first's segment is evicted.
+    // Half as much again as the tier's bound, each asked for twice (a full tier writes a URL
+    // on its second miss): /first's segment, the oldest, is evicted.
     for i in 0..24 {
         for _ in 0..2 {
             get(&skua.url(&format!("/fill/{i}")), &[]).await;

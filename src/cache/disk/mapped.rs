@@ -1,8 +1,9 @@
 //! Segments mapped read-only into Skua's memory, so that a disk hit whose pages the page cache
 //! holds is a view of those pages: no read system call and no copy into a buffer of Skua's
 //! (benches/README.md §20: a 256 KiB hit cost 93.6 µs of proxy core with `pread`, 58.7 µs
-//! mapped). A view is only made of pages the page cache holds now (`mincore(2)`), so touching
-//! it never waits for the disk; anything else is read with `pread` as before
+//! mapped). A view is only made of bytes within the file (`fstat(2)`) whose pages the page
+//! cache holds now (`mincore(2)`), so touching it never waits for the disk; anything else is
+//! read with `pread` as before
 //! ([`super::read`]). This module maps and views; it does not check what it views (the block
 //! CRCs are checked by the caller) and it does not decide what is read.
 //!
@@ -20,10 +21,12 @@
 //!   mapped in place until the last view of it is dropped.
 //! - **The mapping outlives every view**: a view holds an [`Arc`] of its [`Mapping`], which
 //!   unmaps when the last one is dropped.
-//! - **Every page of a view is in the page cache when the view is made** ([`Mapping::view`]
-//!   asks `mincore(2)`). A page past the end of the file is never in the page cache, so this
-//!   also keeps views inside the file: a segment cut short (a damaged disk, the tests' own
-//!   truncation) is read with `pread` instead, which sees the short read.
+//! - **Every byte of a view is within the file, and every page of it in the page cache, when
+//!   the view is made** ([`Mapping::view`] asks `fstat(2)`, then `mincore(2)` unless the file
+//!   system keeps its files in memory). The length is asked each time because the page cache
+//!   can still hold a page past a truncated end (a large folio the truncation did not split).
+//!   A segment cut short (a damaged disk, the tests' own truncation) is read with `pread`
+//!   instead, which sees the short read.
 //! - **What is outside Skua's control** is the same as for any memory-mapped store: another
 //!   process writing into or truncating the cache directory's files *while a view of them is
 //!   being read*, or the kernel evicting a page between `mincore` and the read and then failing

@@ -352,8 +352,8 @@ impl DiskTier {
 
     /// `len` bytes at `at` of segment `seg` (fewer at the end of the file) if that cannot
     /// wait for the disk: from [`MAP_MIN`] bytes, a view of the segment's mapping when the
-    /// page cache holds every page; else read on this thread as the [`ReadMode`] allows; `None` if the disk would
-    /// have to be waited for (the caller reads on the blocking pool).
+    /// page cache holds every page; else read on this thread as the [`ReadMode`] allows.
+    /// `None` if the disk would have to be waited for (the caller reads on the blocking pool).
     fn read_without_waiting(
         &self,
         seg: u32,

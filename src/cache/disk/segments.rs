@@ -99,6 +99,7 @@ impl Segments {
     pub fn create(&self, seq: u32) -> io::Result<Arc<File>> {
         let file = Arc::new(open_segment(&self.path(seq), true)?);
         self.write().insert(seq, file.clone());
+        // A mapping of a file this one replaced would show the old file's bytes.
         lock_write(&self.mapped).remove(&seq);
         Ok(file)
     }
