@@ -616,3 +616,88 @@ async fn health_checks_of_backends_reach_no_origin_and_count_as_no_traffic() {
     wait_for_metric(&backend, miss, 1.0, Duration::from_secs(5)).await;
     assert_eq!(backend.metric(miss).await, 1.0);
 }
+
+/// Regression (a purge lost under chaos): JetStream counts a message as delivered once it
+/// sends it, with no acknowledgement asked, so a message lost on the way (nats-server killed
+/// with it in its write buffer) was never sent again and the node's copy stayed. Here another
+/// client takes one purge from node c's consumer, the way a lost delivery looks to c; c must
+/// notice the missing sequence by itself, with no later purge to show it, and apply the purge.
+#[tokio::test]
+async fn a_purge_delivered_but_never_received_is_fetched_from_the_stream() {
+    use futures::StreamExt;
+    let nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;
+    let c = Skua::start(&[origin.addr], &nats.bus("c", "")).await;
+    for node in [&a, &c] {
+        node.wait_ready().await;
+        wait_for_gauge(
+            node,
+            "skua_purge_bus_connected",
+            1.0,
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = js.get_stream("SKUA_PURGE").await.unwrap();
+    let consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("c").await.unwrap();
+    // Pull requests of our own on c's consumer, beside c's: the server hands each message to
+    // the oldest waiting request, which is one of these once c has renewed its own (every
+    // five seconds).
+    let mut takers = Vec::new();
+    for _ in 0..4 {
+        let mut batch = consumer
+            .batch()
+            .max_messages(1)
+            .expires(Duration::from_secs(40))
+            .messages()
+            .await
+            .unwrap();
+        takers.push(tokio::spawn(async move {
+            batch
+                .next()
+                .await
+                .and_then(|m| m.ok())
+                .map(|m| m.payload.clone())
+        }));
+    }
+    let started = Instant::now();
+    let stolen = 'taken: loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "node c received every purge: none could be taken from its consumer"
+        );
+        let page = format!("/wiki/Stolen_{}", started.elapsed().as_millis());
+        get(&a.url(&page), &[HOST]).await;
+        get(&c.url(&page), &[HOST]).await;
+        assert_eq!(get(&c.url(&page), &[HOST]).await.cache(), "hit-front");
+        let purged = send(&client(), "PURGE", &a.url(&page), &[HOST]).await;
+        assert_eq!(purged.status, 204);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for taker in &mut takers {
+            if taker.is_finished() {
+                let payload = taker.await.unwrap().expect("a purge taken");
+                assert!(String::from_utf8_lossy(&payload).contains(&page));
+                break 'taken page;
+            }
+        }
+    };
+    // No purge follows: c finds the gap on its own, within a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = get(&c.url(&stolen), &[HOST]).await;
+        if got.cache() == "miss" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node c still serves {stolen} as {} after its purge was lost on the way",
+            got.cache()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.metric("skua_purge_bus_refetched_total").await, 1.0);
+    assert_eq!(c.metric("skua_purge_bus_gaps_total").await, 0.0);
+}

@@ -23,6 +23,7 @@ pub struct BusMetrics {
     pub unpublished: IntGauge,
     pub published: IntCounter,
     pub gaps: IntCounter,
+    pub refetched: IntCounter,
     pub reach: Histogram,
 }
 
@@ -385,6 +386,10 @@ impl Metrics {
                 "skua_purge_bus_gaps_total",
                 "Times the bus no longer held every purge this node missed, so objects cached before were marked for revalidation.",
             )?,
+            refetched: IntCounter::new(
+                "skua_purge_bus_refetched_total",
+                "Purges the bus delivered to this node's consumer but that never arrived (lost on the way, as when nats-server stops), fetched again from the stream by sequence.",
+            )?,
             reach: Histogram::with_opts(
                 HistogramOpts::new(
                     "skua_purge_reach_seconds",
@@ -401,6 +406,7 @@ impl Metrics {
         registry.register(Box::new(bus.unpublished.clone()))?;
         registry.register(Box::new(bus.published.clone()))?;
         registry.register(Box::new(bus.gaps.clone()))?;
+        registry.register(Box::new(bus.refetched.clone()))?;
         registry.register(Box::new(bus.reach.clone()))?;
         let connections_open =
             IntGauge::new("skua_connections_open", "Client connections open now.")?;

@@ -6,6 +6,9 @@
 //! Consistency is weak and eventual, with these bounds:
 //! - connected: a purge reaches every node in about one NATS round trip plus the apply time
 //!   (`skua_purge_reach_seconds`);
+//! - a purge lost on its way to a node (nats-server stopped with it unsent) shows as a stream
+//!   sequence skipped, at the next purge or, with none, within a second: the node fetches it
+//!   by sequence (`skua_purge_bus_refetched_total`);
 //! - a node that was down or cut off replays what it missed before it trusts any object cached
 //!   before the gap (it stores its last applied sequence beside its disk cache); if the stream
 //!   no longer holds that position (the gap is older than the retention), every object cached
@@ -84,6 +87,15 @@ impl PurgeEvent {
         })
     }
 }
+
+/// How long the stream may stay quiet before this node asks it for its last sequence: a purge
+/// lost on its way here shows only as a sequence that never arrives, and with no purge after it
+/// nothing else would show it.
+const QUIET_CHECK: Duration = Duration::from_secs(1);
+
+/// More missing purges than this are not fetched one by one: every object cached before now is
+/// revalidated instead, as for a gap beyond the retention.
+const REFETCH_MAX: u64 = 10_000;
 
 /// The handle the purge sources publish through, and the state the bus service keeps.
 pub struct Bus {
@@ -319,6 +331,12 @@ impl Bus {
         let mut stream = js.get_or_create_stream(self.stream_config()).await?;
         let state = stream.info().await?.state.clone();
         let (deliver, resuming) = self.start_position(&state);
+        // The stream sequence to apply next, from which a skipped one shows; unknown until the
+        // first message when reading from a start time.
+        let mut expected = match deliver {
+            consumer::DeliverPolicy::ByStartSequence { start_sequence } => Some(start_sequence),
+            _ => None,
+        };
         // The consumer is recreated at our own position: the position on disk, kept with the
         // objects it covers, is the one that counts.
         let _ = stream.delete_consumer(&self.config.node).await;
@@ -338,6 +356,7 @@ impl Bus {
             // position and revalidated everything it held).
             self.applied
                 .fetch_max(state.last_sequence, Ordering::AcqRel);
+            expected = Some(state.last_sequence + 1);
             // While the disk index loads this waits for the saver's next round.
             self.save_position();
         }
@@ -356,31 +375,98 @@ impl Bus {
         loop {
             let message = tokio::select! {
                 m = messages.next() => m,
+                () = tokio::time::sleep(QUIET_CHECK) => {
+                    if let Some(next) = expected {
+                        let last = stream.get_info().await?.state.last_sequence;
+                        if last >= next {
+                            self.refetch(&stream, next, last + 1).await?;
+                            expected = Some(last + 1);
+                            self.reached(0);
+                        }
+                    }
+                    continue;
+                }
                 _ = shutdown.changed() => return Ok(()),
             };
             let Some(message) = message else {
                 anyhow::bail!("the purge stream ended");
             };
-            let (sequence, pending) = self.handle(message?).await?;
+            let message = message?;
+            let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (sequence, pending) = (info.stream_sequence, info.pending);
+            match expected {
+                // Sent again (the server's record of what it delivered went back, as when it
+                // restarts): applied already.
+                Some(next) if sequence < next => continue,
+                Some(next) if sequence > next => self.refetch(&stream, next, sequence).await?,
+                _ => {}
+            }
+            self.handle(sequence, &message.payload).await;
             self.applied.store(sequence, Ordering::Release);
-            self.metrics.bus.lag.set(pending as i64);
-            if pending == 0 {
-                // A burst is over: have its end saved now (the saver also runs every 250 ms
-                // during long bursts; a stop may not give this service time to save).
-                self.save_wanted.notify_one();
-                if !self.store.invalidations.is_caught_up() {
-                    self.store.invalidations.caught_up();
-                }
+            expected = Some(sequence + 1);
+            self.reached(pending);
+        }
+    }
+
+    /// Notes that this node has applied everything up to the stream's last sequence but
+    /// `pending`.
+    fn reached(&self, pending: u64) {
+        self.metrics.bus.lag.set(pending as i64);
+        if pending == 0 {
+            // A burst is over: have its end saved now (the saver also runs every 250 ms
+            // during long bursts; a stop may not give this service time to save).
+            self.save_wanted.notify_one();
+            if !self.store.invalidations.is_caught_up() {
+                self.store.invalidations.caught_up();
             }
         }
     }
 
-    /// Applies one message of the stream (unless this node published it); returns its stream
-    /// sequence and how many are still pending after it.
-    async fn handle(&self, message: jetstream::Message) -> anyhow::Result<(u64, u64)> {
-        let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (sequence, pending) = (info.stream_sequence, info.pending);
-        match serde_json::from_slice::<PurgeEvent>(&message.payload) {
+    /// Fetches by sequence and applies the purges `from..to`, which were delivered to this
+    /// node's consumer but never arrived. With no acknowledgements asked, JetStream counts a
+    /// message delivered once it is sent, and never sends it again; one still in
+    /// nats-server's write buffer when it stops is lost to this consumer, and shows only as
+    /// a sequence that never comes.
+    async fn refetch(&self, stream: &stream::Stream, from: u64, to: u64) -> anyhow::Result<()> {
+        tracing::warn!(
+            from,
+            to,
+            "purges delivered to this node never arrived; fetching them from the stream"
+        );
+        let mut gone = to - from > REFETCH_MAX;
+        if !gone {
+            for sequence in from..to {
+                match stream.get_raw_message(sequence).await {
+                    Ok(message) => {
+                        self.handle(sequence, &message.payload).await;
+                        self.metrics.bus.refetched.inc();
+                    }
+                    Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {
+                        gone = true;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                self.applied.store(sequence, Ordering::Release);
+            }
+        }
+        if gone {
+            // Deleted from the stream (by its age limit or an operator), or too many to fetch
+            // one by one: whatever they purged, nothing cached before now is trusted.
+            tracing::warn!(
+                from,
+                to,
+                "the purge bus no longer holds purges this node missed; revalidating objects cached before now"
+            );
+            self.metrics.bus.gaps.inc();
+            self.store.invalidations.revalidate_all_before_now();
+            self.applied.store(to - 1, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Applies one message of the stream, unless this node published it.
+    async fn handle(&self, sequence: u64, payload: &[u8]) {
+        match serde_json::from_slice::<PurgeEvent>(payload) {
             Ok(event) if event.node == self.config.node => {}
             Ok(event) => {
                 let result = self.apply(&event).await;
@@ -393,7 +479,6 @@ impl Bus {
                 super::count(&self.metrics, Source::Bus, PurgeResult::Invalid);
             }
         }
-        Ok((sequence, pending))
     }
 }
 
