@@ -12,6 +12,7 @@ use pingora::cache::CacheMeta;
 use pingora::http::ResponseHeader;
 
 use super::fields::RequestFields;
+use super::head::Head;
 use super::vary::variance_for;
 
 /// Decoded cache metadata: everything `CacheMeta` needs. What an object keeps is the compact
@@ -216,8 +217,8 @@ pub struct ObjectMeta {
     /// The status line and header fields a hit sends, each line ending in CRLF, without the
     /// framing fields that follow from the body ([`ObjectMeta::write_framing`]), the fields a
     /// hit adds (`Age`, `X-Cache-Status`, `Cache-Status`) and the blank line. See
-    /// [`encode_head`].
-    pub head: Box<[u8]>,
+    /// [`encode_head`]. Its lines most objects share are kept once ([`Head`]).
+    pub head: Head,
     /// What most responses do not have, behind one pointer: with the times above this keeps
     /// an object's record in mimalloc's 160-byte blocks.
     uncommon: Option<Box<Uncommon>>,
@@ -251,7 +252,7 @@ impl ObjectMeta {
                 field_names: FieldNames::of(&meta.header.headers),
                 ..meta.times
             },
-            head: encode_head(&meta.header),
+            head: Head::split(&encode_head(&meta.header)),
             uncommon,
         }
     }
@@ -272,7 +273,7 @@ impl ObjectMeta {
         });
         ObjectMeta {
             times,
-            head,
+            head: Head::whole(head),
             uncommon,
         }
     }
@@ -292,8 +293,7 @@ impl ObjectMeta {
     pub fn has_validator(&self) -> bool {
         // moka asks this of every object it admits or updates; a line is looked at only past
         // its first byte when that can start either name.
-        memchr::memchr_iter(b'\n', &self.head).any(|lf| {
-            let line = &self.head[lf + 1..];
+        self.head.field_lines().any(|line| {
             let starts = |name: &[u8]| {
                 line.get(..name.len())
                     .is_some_and(|n| n.eq_ignore_ascii_case(name))
@@ -309,7 +309,7 @@ impl ObjectMeta {
     /// The status code, from the status line.
     pub fn status(&self) -> u16 {
         // Read twice per hit (framing, access log): three digits, not a string parse.
-        match self.head.get(9..12) {
+        match self.head.leading().get(9..12) {
             Some(&[a, b, c]) if [a, b, c].iter().all(u8::is_ascii_digit) => {
                 u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0')
             }
@@ -338,7 +338,7 @@ impl ObjectMeta {
     /// a `ResponseHeader`).
     pub fn header(&self, body_len: usize) -> ResponseHeader {
         let mut wire = Vec::with_capacity(self.head.len() + 64);
-        wire.extend_from_slice(&self.head);
+        self.head.write_to(&mut wire);
         self.write_framing(&mut wire, body_len);
         decode_head(&wire)
     }
@@ -365,6 +365,8 @@ impl ObjectMeta {
             let upstream = u.upstream_cache_status.as_ref().map_or(0, |v| v.len());
             std::mem::size_of::<Uncommon>() + ALLOCATION + vary + upstream
         });
+        // The shared lines are charged in full to every object that holds them: the tier's
+        // bound then holds however few objects share them.
         self.head.len() + ALLOCATION + uncommon + std::mem::size_of::<ObjectMeta>()
     }
 }
@@ -401,7 +403,7 @@ fn joined(header: &ResponseHeader, name: &http::HeaderName) -> Option<http::Head
 /// length instead of chunked framing, `Accept-Ranges` on 200s (hits are seekable), no
 /// hop-by-hop fields, and none of the fields each hit sets itself. Names are spelled as
 /// [`wire_name`] spells them.
-fn encode_head(stored: &ResponseHeader) -> Box<[u8]> {
+fn encode_head(stored: &ResponseHeader) -> Vec<u8> {
     use http::header::{
         ACCEPT_RANGES, AGE, CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
     };
@@ -441,7 +443,7 @@ fn encode_head(stored: &ResponseHeader) -> Box<[u8]> {
             field(wire_name(name).as_bytes(), value.as_bytes());
         }
     }
-    exact_size(out)
+    out
 }
 
 /// A field name as a hit's head spells it on the wire: the way pingora's HTTP/1 writer spells

@@ -12,6 +12,7 @@ pub mod disk;
 pub mod fields;
 pub mod files;
 pub mod fx;
+pub mod head;
 pub mod key;
 pub mod memory;
 pub mod meta;

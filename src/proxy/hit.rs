@@ -174,7 +174,8 @@ pub fn encoding_acceptable<F: RequestFields + ?Sized>(meta: &ObjectMeta, req: &F
     if !meta.times.content_coded {
         return true;
     }
-    let head = &meta.head;
+    // Never one of an object's own lines (`cache::head`): in the leading part.
+    let head = meta.head.leading();
     let Some((start, end)) = stored_field(head, &CONTENT_ENCODING_LINE) else {
         return true;
     };
@@ -229,18 +230,22 @@ pub fn write_head(
 ) {
     let meta = &obj.meta;
     // Searched for only when an operator configured a replacement.
+    // `Cache-Control` is never one of an object's own lines (`cache::head`): it is in the
+    // leading part.
+    let leading = meta.head.leading();
     let replaced = downstream_cc.and_then(|_| {
-        let (start, end) = stored_field(&meta.head, &CACHE_CONTROL_LINE)?;
-        for_client(&meta.head[start..end], downstream_cc).map(|cc| (cc, start, end))
+        let (start, end) = stored_field(leading, &CACHE_CONTROL_LINE)?;
+        for_client(&leading[start..end], downstream_cc).map(|cc| (cc, start, end))
     });
     match replaced {
         Some((cc, start, end)) => {
-            out.extend_from_slice(&meta.head[..start]);
+            out.extend_from_slice(&leading[..start]);
             out.extend_from_slice(cc.as_bytes());
-            out.extend_from_slice(&meta.head[end..]);
+            out.extend_from_slice(&leading[end..]);
         }
-        None => out.extend_from_slice(&meta.head),
+        None => out.extend_from_slice(leading),
     }
+    out.extend_from_slice(meta.head.trailing());
     meta.write_framing(out, obj.body.len());
     // Written in place: no string per hit.
     let age = age(meta.times.epoch.time(), now);

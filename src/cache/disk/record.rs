@@ -254,7 +254,8 @@ fn write_meta(out: &mut Vec<u8>, meta: &ObjectMeta) {
     for name in vary {
         put_bytes(out, name.as_bytes());
     }
-    put_bytes(out, &meta.head);
+    out.extend_from_slice(&(meta.head.len() as u32).to_le_bytes());
+    meta.head.write_to(out);
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -416,7 +417,7 @@ mod tests {
         assert_eq!(back.fixed.slot, Some([2; 16]));
         assert_eq!(back.fixed.at, 42);
         assert_eq!(back.block_crcs, block_crcs);
-        assert_eq!(back.meta.head, m.head);
+        assert_eq!(back.meta.head.to_vec(), m.head.to_vec());
         assert_eq!(back.meta.vary(), m.vary());
         assert_eq!(back.meta.upstream_cache_status(), m.upstream_cache_status());
         assert_eq!(back.meta.times.fresh_until, m.times.fresh_until);

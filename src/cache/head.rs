@@ -1,0 +1,319 @@
+//! A stored object's head (status line and header fields as a hit sends them) split in two: the
+//! lines most objects share, kept once for all of them, and the lines that are this object's
+//! own. It owns that split and the table of shared parts; it does not decide which fields are
+//! stored (that is `meta::encode_head`) nor write a hit's head (that is `proxy::hit`).
+//!
+//! Why: the head was a stored object's largest cost besides its body (341 bytes for a 1 KiB
+//! file from nginx, where the body is 1,024; benches/README.md §21), and nearly all of it is
+//! the same from object to object: `Server`, `Content-Type`, `Cache-Control`, `Vary`,
+//! `Content-Language`. Only `Date`, the validators and a few like them differ.
+//!
+//! Field order: every line of one field name goes to the same part, so lines of one name keep
+//! their order; lines of different names may be reordered, which RFC 9110 §5.3 allows ("the
+//! order in which field lines with differing field names are received is not significant").
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, LazyLock, Mutex};
+
+/// The status line and header lines of a stored response, each ending in CRLF.
+#[derive(Debug, Clone)]
+pub struct Head {
+    /// The status line and the lines most objects share, interned; `None` when the head is
+    /// kept whole in `own` (a disk record's head, read for one hit).
+    shared: Option<Arc<Shared>>,
+    /// This object's own lines, or with `shared` `None` the whole head.
+    own: Box<[u8]>,
+}
+
+/// Fields whose values are mostly one object's own: kept with the object, so that the rest of
+/// its head can be shared. Lowercase, as `meta::wire_name` spells every name not in title case
+/// (`Date` aside, compared without case).
+const OWN_FIELDS: [&[u8]; 22] = [
+    b"date",
+    b"last-modified",
+    b"etag",
+    b"expires",
+    b"location",
+    b"content-location",
+    b"content-disposition",
+    b"content-range",
+    b"content-md5",
+    b"content-digest",
+    b"repr-digest",
+    b"digest",
+    b"link",
+    b"set-cookie",
+    b"x-request-id",
+    b"request-id",
+    b"traceparent",
+    b"tracestate",
+    b"server-timing",
+    // MediaWiki sends these with every response (Wikimedia's `backend-timing`, the request's
+    // id in `x-request-id`).
+    b"backend-timing",
+    b"x-varnish",
+    b"x-amz-request-id",
+];
+
+impl Head {
+    /// A head kept whole, as it is written.
+    pub fn whole(head: Box<[u8]>) -> Head {
+        Head {
+            shared: None,
+            own: head,
+        }
+    }
+
+    /// `head` (a status line, then header lines, each ending in CRLF) split into its shared
+    /// and own lines, the shared part interned.
+    pub fn split(head: &[u8]) -> Head {
+        let mut shared = Vec::with_capacity(head.len());
+        let mut own = Vec::new();
+        let mut lines = head.split_inclusive(|b| *b == b'\n');
+        if let Some(status) = lines.next() {
+            shared.extend_from_slice(status);
+        }
+        for line in lines {
+            let name = memchr::memchr(b':', line).map_or(line, |colon| &line[..colon]);
+            if OWN_FIELDS.iter().any(|own| own.eq_ignore_ascii_case(name)) {
+                own.extend_from_slice(line);
+            } else {
+                shared.extend_from_slice(line);
+            }
+        }
+        Head {
+            shared: Some(SHARED.intern(&shared)),
+            own: exact_size(own),
+        }
+    }
+
+    /// This head with its shared lines interned (a copy kept for long: promoted from disk).
+    pub fn to_split(&self) -> Head {
+        match self.shared {
+            Some(_) => self.clone(),
+            None => Head::split(&self.own),
+        }
+    }
+
+    /// The status line and the lines that follow it in the first part; every line in it is
+    /// preceded by a CRLF, so a field is found by searching for `\r\n<Name>: `.
+    pub fn leading(&self) -> &[u8] {
+        match &self.shared {
+            Some(shared) => &shared.lines,
+            None => &self.own,
+        }
+    }
+
+    /// The lines after [`Self::leading`]: this object's own (none for a head kept whole).
+    pub fn trailing(&self) -> &[u8] {
+        match self.shared {
+            Some(_) => &self.own,
+            None => &[],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.leading().len() + self.trailing().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends the whole head to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.leading());
+        out.extend_from_slice(self.trailing());
+    }
+
+    /// The whole head in one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        self.write_to(&mut out);
+        out
+    }
+
+    /// Every header line (not the status line), each with its CRLF.
+    pub fn field_lines(&self) -> impl Iterator<Item = &[u8]> {
+        let mut leading = self.leading().split_inclusive(|b| *b == b'\n');
+        leading.next();
+        leading.chain(self.trailing().split_inclusive(|b| *b == b'\n'))
+    }
+
+    /// Whether the shared part is the same allocation as `other`'s.
+    pub fn shares_with(&self, other: &Head) -> bool {
+        match (&self.shared, &other.shared) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+fn exact_size(own: Vec<u8>) -> Box<[u8]> {
+    if own.len() == own.capacity() {
+        own.into_boxed_slice()
+    } else {
+        Box::from(&own[..])
+    }
+}
+
+/// One shared part: the lines, behind a thin pointer so that a head costs 24 bytes.
+#[derive(Debug)]
+struct Shared {
+    lines: Box<[u8]>,
+}
+
+/// The table of shared parts. A part lives while a head holds it: the table's own reference is
+/// dropped by a sweep whenever the table has doubled since the last one, so it holds at most
+/// about twice the parts in use.
+struct Interner {
+    table: Mutex<Table>,
+}
+
+struct Table {
+    parts: HashSet<Key>,
+    swept_at: usize,
+    #[cfg(test)]
+    sweeps: u64,
+}
+
+/// Looked up by its lines.
+struct Key(Arc<Shared>);
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.0.lines == other.0.lines
+    }
+}
+
+impl Eq for Key {}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `[u8]` hashes, for `Borrow<[u8]>`.
+        self.0.lines[..].hash(state);
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        &self.0.lines
+    }
+}
+
+/// The fewest parts a sweep waits for.
+const SWEEP_FLOOR: usize = 1024;
+
+static SHARED: LazyLock<Interner> = LazyLock::new(|| Interner {
+    table: Mutex::new(Table {
+        parts: HashSet::new(),
+        swept_at: 0,
+        #[cfg(test)]
+        sweeps: 0,
+    }),
+});
+
+impl Interner {
+    fn intern(&self, lines: &[u8]) -> Arc<Shared> {
+        // A poisoned lock only means another thread panicked while holding it: the table is
+        // still a valid set.
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = table.parts.get(lines) {
+            return found.0.clone();
+        }
+        if table.parts.len() >= (2 * table.swept_at).max(SWEEP_FLOOR) {
+            table.parts.retain(|k| Arc::strong_count(&k.0) > 1);
+            table.swept_at = table.parts.len();
+            #[cfg(test)]
+            {
+                table.sweeps += 1;
+            }
+        }
+        let part = Arc::new(Shared {
+            lines: Box::from(lines),
+        });
+        table.parts.insert(Key(part.clone()));
+        part
+    }
+
+    #[cfg(test)]
+    fn holds(&self, lines: &[u8]) -> bool {
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table.parts.contains(lines)
+    }
+
+    #[cfg(test)]
+    fn sweeps(&self) -> u64 {
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).sweeps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Wed, 02 Dec 2026 16:26:07 GMT\r\n\
+        Content-Type: text/html\r\netag: \"a\"\r\nset-cookie: x=1\r\nCache-Control: max-age=60\r\n\
+        set-cookie: y=2\r\n";
+
+    #[test]
+    fn own_lines_are_kept_apart_and_the_rest_is_shared() {
+        let a = Head::split(A);
+        assert_eq!(
+            a.leading(),
+            b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/html\r\n\
+              Cache-Control: max-age=60\r\n"
+        );
+        assert_eq!(
+            a.trailing(),
+            b"Date: Wed, 02 Dec 2026 16:26:07 GMT\r\netag: \"a\"\r\nset-cookie: x=1\r\n\
+              set-cookie: y=2\r\n"
+        );
+        assert_eq!(a.len(), A.len());
+        // Another object from the same origin: its own lines differ, the rest is one copy.
+        let b = Head::split(
+            b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Thu, 03 Dec 2026 00:00:00 GMT\r\n\
+              Content-Type: text/html\r\netag: \"b\"\r\nCache-Control: max-age=60\r\n",
+        );
+        assert!(a.shares_with(&b));
+        assert!(!a.shares_with(&Head::split(b"HTTP/1.1 404 Not Found\r\nServer: nginx\r\n")));
+        let lines: Vec<&[u8]> = b.field_lines().collect();
+        assert_eq!(
+            lines,
+            [
+                &b"Server: nginx\r\n"[..],
+                b"Content-Type: text/html\r\n",
+                b"Cache-Control: max-age=60\r\n",
+                b"Date: Thu, 03 Dec 2026 00:00:00 GMT\r\n",
+                b"etag: \"b\"\r\n",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_whole_head_reads_the_same_and_splits_on_request() {
+        let whole = Head::whole(A.into());
+        assert_eq!(whole.leading(), A);
+        assert!(whole.trailing().is_empty());
+        let split = whole.to_split();
+        assert!(split.shares_with(&Head::split(A)));
+        assert_eq!(split.len(), A.len());
+    }
+
+    #[test]
+    fn a_part_no_head_holds_is_dropped_by_a_later_sweep() {
+        let lonely = b"HTTP/1.1 200 OK\r\nx-only-in-this-test: 1\r\n";
+        drop(Head::split(lonely));
+        // New parts until the table sweeps (other tests share it, so how many is not known).
+        let sweeps = SHARED.sweeps();
+        let mut kept = Vec::new();
+        while SHARED.sweeps() == sweeps {
+            let lines = format!("HTTP/1.1 200 OK\r\nx-sweep: {}\r\n", kept.len());
+            kept.push(Head::split(lines.as_bytes()));
+            assert!(kept.len() < 1 << 20, "the table never swept");
+        }
+        assert!(!SHARED.holds(lonely));
+        assert!(kept.iter().all(|h| SHARED.holds(h.leading())));
+    }
+}
