@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use moka::ops::compute::Op;
 use pingora::cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
 use pingora::cache::storage::{
     HandleHit, HandleMiss, MissFinishType, PurgeOutcome, PurgeTarget, PurgeType,
@@ -26,6 +25,7 @@ use pingora::{Error, ErrorType, Result};
 use super::fields::RequestFields;
 use super::meta::{choose_variant, ObjectMeta, Stamp, StoredMeta};
 use super::tags::{TagIndex, Tier};
+use super::tinylfu::{Index, Op, Removal};
 
 /// Bytes charged per object on top of its header and body: the family slot, `Arc`s and
 /// moka's own entry, so that many tiny objects still respect the bound.
@@ -260,32 +260,14 @@ pub struct TierCounters {
 /// (`ETag` or `Last-Modified`): a conditional request can still turn it into a cheap 304.
 pub const KEEP_FOR_REVALIDATION: Duration = Duration::from_secs(86400);
 
-/// Drops a family when none of its objects can be served any more, not even stale.
-struct UsefulLife;
-
-impl moka::Expiry<HashBinary, Variants> for UsefulLife {
-    fn expire_after_create(
-        &self,
-        _key: &HashBinary,
-        family: &Variants,
-        _at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(family.useful_for(SystemTime::now()))
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &HashBinary,
-        family: &Variants,
-        _at: std::time::Instant,
-        _left: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(family.useful_for(SystemTime::now()))
-    }
+/// How long a family stays: until none of its objects can be served any more, not even
+/// stale.
+fn useful_life(family: &Variants) -> Duration {
+    family.useful_for(SystemTime::now())
 }
 
 pub struct MemoryTier {
-    families: moka::sync::Cache<HashBinary, Variants>,
+    families: Index<Variants>,
     capacity: u64,
     pub counters: Arc<TierCounters>,
     /// How often the variants of the URLs in each stripe were changed (stored, purged,
@@ -304,32 +286,25 @@ impl MemoryTier {
     pub fn new(capacity_bytes: u64, tags: Option<&'static TagIndex>) -> MemoryTier {
         let counters = Arc::new(TierCounters::default());
         let evictions = counters.clone();
-        let families = moka::sync::Cache::builder()
-            .max_capacity(capacity_bytes)
-            .weigher(|_k: &HashBinary, f: &Variants| f.weight())
-            .expire_after(UsefulLife)
-            .eviction_listener(move |primary: Arc<HashBinary>, family: Variants, cause| {
-                let n = family.objects().len() as u64;
-                if matches!(
-                    cause,
-                    moka::notification::RemovalCause::Size
-                        | moka::notification::RemovalCause::Expired
-                ) {
+        let families = Index::new(
+            capacity_bytes,
+            Variants::weight,
+            useful_life,
+            Some(Box::new(
+                move |primary: &HashBinary, family: Variants, why: Removal| {
+                    let n = family.objects().len() as u64;
                     if let Some(tags) = tags {
-                        tags.forget(&primary, Tier::Memory);
+                        tags.forget(primary, Tier::Memory);
                     }
-                }
-                match cause {
-                    moka::notification::RemovalCause::Size => {
-                        evictions.evicted_size.fetch_add(n, Ordering::Relaxed);
-                    }
-                    moka::notification::RemovalCause::Expired => {
-                        evictions.evicted_expired.fetch_add(n, Ordering::Relaxed);
-                    }
-                    _ => {}
-                }
-            })
-            .build();
+                    match why {
+                        Removal::Size => evictions.evicted_size.fetch_add(n, Ordering::Relaxed),
+                        Removal::Expired => {
+                            evictions.evicted_expired.fetch_add(n, Ordering::Relaxed)
+                        }
+                    };
+                },
+            )),
+        );
         MemoryTier {
             families,
             capacity: capacity_bytes,
@@ -342,19 +317,17 @@ impl MemoryTier {
         self.capacity
     }
 
-    /// Bytes held, after moka has applied pending evictions.
+    /// Bytes held.
     pub fn resident_bytes(&self) -> u64 {
-        self.families.run_pending_tasks();
-        self.families.weighted_size()
+        self.families.weight()
     }
 
-    /// Stored objects (all variants), after pending evictions.
+    /// Stored objects (all variants).
     pub fn object_count(&self) -> u64 {
-        self.families.run_pending_tasks();
+        let mut objects = 0;
         self.families
-            .iter()
-            .map(|(_, f)| f.objects().len() as u64)
-            .sum()
+            .for_each(|f| objects += f.objects().len() as u64);
+        objects
     }
 
     /// Looks `primary` up in the index (counted as a lookup). Within a request's scope
@@ -447,12 +420,11 @@ impl MemoryTier {
 
     /// [`Self::insert`] of an object already shared (a disk hit being served).
     pub fn insert_shared(&self, primary: HashBinary, obj: Arc<StoredObject>) {
-        self.families.entry(primary).and_compute_with(|old| {
-            let family = match old {
-                Some(e) => e.into_value().with(obj),
+        self.families.compute(&primary, |old| {
+            Op::Put(match old {
+                Some(family) => family.with(obj),
                 None => Variants::One(obj),
-            };
-            Op::Put(family)
+            })
         });
         self.changed(&primary);
         self.counters.stores.fetch_add(1, Ordering::Relaxed);
@@ -460,7 +432,7 @@ impl MemoryTier {
 
     /// Whether any variant of `primary` is stored, fresh or not.
     pub fn holds(&self, primary: &HashBinary) -> bool {
-        self.families.contains_key(primary)
+        self.families.contains(primary)
     }
 
     /// Removes every variant of a URL. Returns how many objects were removed.
@@ -485,46 +457,40 @@ impl MemoryTier {
     fn expire(&self, primary: &HashBinary, slot: Option<Option<&HashBinary>>) -> usize {
         let now = SystemTime::now();
         let mut marked = 0;
-        self.families
-            .entry(*primary)
-            .and_compute_with(|old| match old {
-                Some(e) => {
-                    let f = e.into_value();
-                    marked = f
-                        .objects()
-                        .iter()
-                        .filter(|o| slot.is_none_or(|s| o.slot() == s))
-                        .count();
-                    if marked == 0 {
-                        Op::Nop
-                    } else {
-                        Op::Put(f.expired_at(slot, now))
-                    }
+        self.families.compute(primary, |old| match old {
+            Some(f) => {
+                marked = f
+                    .objects()
+                    .iter()
+                    .filter(|o| slot.is_none_or(|s| o.slot() == s))
+                    .count();
+                if marked == 0 {
+                    Op::Nop
+                } else {
+                    Op::Put(f.expired_at(slot, now))
                 }
-                None => Op::Nop,
-            });
+            }
+            None => Op::Nop,
+        });
         self.changed(primary);
         marked
     }
 
     fn remove_slot(&self, primary: &HashBinary, slot: Option<&HashBinary>) -> bool {
         let mut removed = false;
-        self.families
-            .entry(*primary)
-            .and_compute_with(|old| match old {
-                Some(e) => {
-                    let f = e.into_value();
-                    if f.get(slot).is_none() {
-                        return Op::Nop;
-                    }
-                    removed = true;
-                    match f.without(slot) {
-                        Some(rest) => Op::Put(rest),
-                        None => Op::Remove,
-                    }
+        self.families.compute(primary, |old| match old {
+            Some(f) => {
+                if f.get(slot).is_none() {
+                    return Op::Nop;
                 }
-                None => Op::Nop,
-            });
+                removed = true;
+                match f.without(slot) {
+                    Some(rest) => Op::Put(rest),
+                    None => Op::Remove,
+                }
+            }
+            None => Op::Nop,
+        });
         self.changed(primary);
         removed
     }
@@ -609,26 +575,18 @@ impl Storage for MemoryTier {
         let primary = key.primary_bin();
         let slot = key.variance_bin();
         let mut updated = false;
-        self.families
-            .entry(primary)
-            .and_compute_with(|old| match old {
-                Some(e) => {
-                    let f = e.into_value();
-                    match f.get(slot.as_ref()) {
-                        Some(obj) => {
-                            updated = true;
-                            let fresh = StoredObject::new(
-                                slot,
-                                StoredMeta::from_meta(meta),
-                                obj.body.clone(),
-                            );
-                            Op::Put(f.with(Arc::new(fresh)))
-                        }
-                        None => Op::Nop,
-                    }
+        self.families.compute(&primary, |old| match old {
+            Some(f) => match f.get(slot.as_ref()) {
+                Some(obj) => {
+                    updated = true;
+                    let fresh =
+                        StoredObject::new(slot, StoredMeta::from_meta(meta), obj.body.clone());
+                    Op::Put(f.with(Arc::new(fresh)))
                 }
                 None => Op::Nop,
-            });
+            },
+            None => Op::Nop,
+        });
         self.changed(&primary);
         if updated {
             Ok(true)

@@ -21,6 +21,7 @@ pub mod policy;
 pub mod status;
 pub mod tags;
 pub mod target;
+pub mod tinylfu;
 pub mod vary;
 
 use std::any::Any;
