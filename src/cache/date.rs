@@ -121,10 +121,87 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// Appends `secs` (since the Unix epoch) as an IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`
+/// (RFC 9110 §5.6.7), the form a sender generates.
+pub fn write_imf_fixdate(out: &mut Vec<u8>, secs: u64) {
+    const WEEKDAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+    const NAMES: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    let days = secs / 86_400;
+    let of_day = secs % 86_400;
+    let (year, month, day) = civil_from_days(days as i64);
+    let two = |out: &mut Vec<u8>, n: u64| {
+        out.extend_from_slice(&[b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8])
+    };
+    out.extend_from_slice(WEEKDAYS[(days % 7) as usize]);
+    out.extend_from_slice(b", ");
+    two(out, u64::from(day));
+    out.push(b' ');
+    out.extend_from_slice(NAMES[(month - 1) as usize]);
+    out.push(b' ');
+    let year = year.clamp(0, 9999) as u64;
+    two(out, year / 100);
+    two(out, year % 100);
+    out.push(b' ');
+    two(out, of_day / 3600);
+    out.push(b':');
+    two(out, of_day / 60 % 60);
+    out.push(b':');
+    two(out, of_day % 60);
+    out.extend_from_slice(b" GMT");
+}
+
+/// The proleptic Gregorian date `days` after 1970-01-01 (H. Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse;
     use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn imf_fixdate_is_written_as_it_is_read() {
+        for (secs, text) in [
+            (0, "Thu, 01 Jan 1970 00:00:00 GMT"),
+            (784_111_777, "Sun, 06 Nov 1994 08:49:37 GMT"),
+            (951_782_400, "Tue, 29 Feb 2000 00:00:00 GMT"),
+            (1_796_228_767, "Wed, 02 Dec 2026 16:26:07 GMT"),
+            (u64::from(u32::MAX), "Sun, 07 Feb 2106 06:28:15 GMT"),
+        ] {
+            let mut out = Vec::new();
+            super::write_imf_fixdate(&mut out, secs);
+            assert_eq!(String::from_utf8(out).unwrap(), text);
+            assert_eq!(
+                parse(text),
+                Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+            );
+        }
+        // Every day of four years, leap days included, round-trips.
+        for day in 20_000..21_461u64 {
+            let secs = day * 86_400 + 45_296;
+            let mut out = Vec::new();
+            super::write_imf_fixdate(&mut out, secs);
+            let text = String::from_utf8(out).unwrap();
+            assert_eq!(
+                parse(&text),
+                Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn all_three_forms_in_any_case_with_any_weekday() {

@@ -22,9 +22,17 @@ pub struct Head {
     /// The status line and the lines most objects share, interned; `None` when the head is
     /// kept whole in `own` (a disk record's head, read for one hit).
     shared: Option<Arc<Shared>>,
-    /// This object's own lines, or with `shared` `None` the whole head.
+    /// This object's own lines, or with `shared` `None` the whole head. An own line that is
+    /// an IMF-fixdate field which formats back to the same bytes is kept as [`DATE_MARK`], the
+    /// field's number in [`DATE_FIELDS`] and the time in seconds (six bytes for 37 to 46).
     own: Box<[u8]>,
 }
+
+/// Starts a compacted date line: no field line starts with a NUL (field names are tokens).
+const DATE_MARK: u8 = 0;
+const DATE_ENTRY: usize = 6;
+/// The date fields compacted, spelled as `meta::wire_name` spells them.
+const DATE_FIELDS: [&[u8]; 3] = [b"Date", b"last-modified", b"expires"];
 
 /// Fields whose values are mostly one object's own: kept with the object, so that the rest of
 /// its head can be shared. Lowercase, as `meta::wire_name` spells every name not in title case
@@ -77,7 +85,10 @@ impl Head {
         for line in lines {
             let name = memchr::memchr(b':', line).map_or(line, |colon| &line[..colon]);
             if OWN_FIELDS.iter().any(|own| own.eq_ignore_ascii_case(name)) {
-                own.extend_from_slice(line);
+                match compact_date(line) {
+                    Some(entry) => own.extend_from_slice(&entry),
+                    None => own.extend_from_slice(line),
+                }
             } else {
                 shared.extend_from_slice(line);
             }
@@ -105,16 +116,33 @@ impl Head {
         }
     }
 
-    /// The lines after [`Self::leading`]: this object's own (none for a head kept whole).
-    pub fn trailing(&self) -> &[u8] {
-        match self.shared {
+    /// The entries of this object's own lines (none for a head kept whole).
+    fn own_entries(&self) -> OwnEntries<'_> {
+        OwnEntries(match self.shared {
             Some(_) => &self.own,
             None => &[],
+        })
+    }
+
+    /// Appends the lines after [`Self::leading`]: this object's own.
+    pub fn write_trailing(&self, out: &mut Vec<u8>) {
+        for entry in self.own_entries() {
+            match entry {
+                Own::Line(line) => out.extend_from_slice(line),
+                Own::Date(field, secs) => write_date_line(out, field, secs),
+            }
         }
     }
 
     pub fn len(&self) -> usize {
-        self.leading().len() + self.trailing().len()
+        let own: usize = self
+            .own_entries()
+            .map(|entry| match entry {
+                Own::Line(line) => line.len(),
+                Own::Date(field, _) => DATE_FIELDS[field].len() + DATE_LINE_REST,
+            })
+            .sum();
+        self.leading().len() + own
     }
 
     pub fn is_empty(&self) -> bool {
@@ -124,7 +152,7 @@ impl Head {
     /// Appends the whole head to `out`.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(self.leading());
-        out.extend_from_slice(self.trailing());
+        self.write_trailing(out);
     }
 
     /// The whole head in one buffer.
@@ -134,11 +162,20 @@ impl Head {
         out
     }
 
-    /// Every header line (not the status line), each with its CRLF.
-    pub fn field_lines(&self) -> impl Iterator<Item = &[u8]> {
+    /// Whether some header line's name is `name` (compared without case).
+    pub fn has_field(&self, name: &[u8]) -> bool {
+        let named = |line: &[u8]| {
+            line.get(..name.len())
+                .is_some_and(|n| n.eq_ignore_ascii_case(name))
+                && line.get(name.len()) == Some(&b':')
+        };
         let mut leading = self.leading().split_inclusive(|b| *b == b'\n');
         leading.next();
-        leading.chain(self.trailing().split_inclusive(|b| *b == b'\n'))
+        leading.any(named)
+            || self.own_entries().any(|entry| match entry {
+                Own::Line(line) => named(line),
+                Own::Date(field, _) => DATE_FIELDS[field].eq_ignore_ascii_case(name),
+            })
     }
 
     /// Whether the shared part is the same allocation as `other`'s.
@@ -148,6 +185,71 @@ impl Head {
             _ => false,
         }
     }
+}
+
+/// One of an object's own lines as kept.
+enum Own<'a> {
+    Line(&'a [u8]),
+    /// A [`DATE_FIELDS`] field and its time in seconds since the Unix epoch.
+    Date(usize, u32),
+}
+
+struct OwnEntries<'a>(&'a [u8]);
+
+impl<'a> Iterator for OwnEntries<'a> {
+    type Item = Own<'a>;
+
+    fn next(&mut self) -> Option<Own<'a>> {
+        let rest = self.0;
+        match rest.first()? {
+            &DATE_MARK => {
+                let entry = rest.get(..DATE_ENTRY)?;
+                self.0 = &rest[DATE_ENTRY..];
+                let mut secs = [0u8; 4];
+                secs.copy_from_slice(&entry[2..]);
+                Some(Own::Date(
+                    usize::from(entry[1]).min(DATE_FIELDS.len() - 1),
+                    u32::from_le_bytes(secs),
+                ))
+            }
+            _ => {
+                let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |lf| lf + 1);
+                self.0 = &rest[end..];
+                Some(Own::Line(&rest[..end]))
+            }
+        }
+    }
+}
+
+/// `: `, the 29 bytes of an IMF-fixdate and CRLF.
+const DATE_LINE_REST: usize = 2 + 29 + 2;
+
+/// `line` as a compacted date entry, if it is a [`DATE_FIELDS`] field whose value is an
+/// IMF-fixdate that formats back to exactly its bytes (so the hit sends what the origin sent).
+fn compact_date(line: &[u8]) -> Option<[u8; DATE_ENTRY]> {
+    let colon = memchr::memchr(b':', line)?;
+    let field = DATE_FIELDS.iter().position(|f| *f == &line[..colon])?;
+    let value = std::str::from_utf8(line.get(colon + 2..line.len().checked_sub(2)?)?).ok()?;
+    let secs = super::date::parse(value)?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let secs = u32::try_from(secs).ok()?;
+    let mut again = Vec::with_capacity(line.len());
+    write_date_line(&mut again, field, secs);
+    if again != line {
+        return None;
+    }
+    let mut entry = [DATE_MARK, field as u8, 0, 0, 0, 0];
+    entry[2..].copy_from_slice(&secs.to_le_bytes());
+    Some(entry)
+}
+
+fn write_date_line(out: &mut Vec<u8>, field: usize, secs: u32) {
+    out.extend_from_slice(DATE_FIELDS[field]);
+    out.extend_from_slice(b": ");
+    super::date::write_imf_fixdate(out, u64::from(secs));
+    out.extend_from_slice(b"\r\n");
 }
 
 fn exact_size(own: Vec<u8>) -> Box<[u8]> {
@@ -257,6 +359,12 @@ mod tests {
         Content-Type: text/html\r\netag: \"a\"\r\nset-cookie: x=1\r\nCache-Control: max-age=60\r\n\
         set-cookie: y=2\r\n";
 
+    fn trailing(head: &Head) -> Vec<u8> {
+        let mut out = Vec::new();
+        head.write_trailing(&mut out);
+        out
+    }
+
     #[test]
     fn own_lines_are_kept_apart_and_the_rest_is_shared() {
         let a = Head::split(A);
@@ -266,11 +374,12 @@ mod tests {
               Cache-Control: max-age=60\r\n"
         );
         assert_eq!(
-            a.trailing(),
+            trailing(&a),
             b"Date: Wed, 02 Dec 2026 16:26:07 GMT\r\netag: \"a\"\r\nset-cookie: x=1\r\n\
               set-cookie: y=2\r\n"
         );
         assert_eq!(a.len(), A.len());
+        assert_eq!(a.to_vec().len(), A.len());
         // Another object from the same origin: its own lines differ, the rest is one copy.
         let b = Head::split(
             b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Thu, 03 Dec 2026 00:00:00 GMT\r\n\
@@ -278,27 +387,52 @@ mod tests {
         );
         assert!(a.shares_with(&b));
         assert!(!a.shares_with(&Head::split(b"HTTP/1.1 404 Not Found\r\nServer: nginx\r\n")));
-        let lines: Vec<&[u8]> = b.field_lines().collect();
-        assert_eq!(
-            lines,
-            [
-                &b"Server: nginx\r\n"[..],
-                b"Content-Type: text/html\r\n",
-                b"Cache-Control: max-age=60\r\n",
-                b"Date: Thu, 03 Dec 2026 00:00:00 GMT\r\n",
-                b"etag: \"b\"\r\n",
-            ]
-        );
+        for name in ["server", "Content-Type", "date", "ETag", "cache-control"] {
+            assert!(b.has_field(name.as_bytes()), "{name}");
+        }
+        assert!(!b.has_field(b"set-cookie"));
+        assert!(!b.has_field(b"serv"));
+    }
+
+    /// Dates are the largest own lines; kept as six bytes, they are sent as they came, and a
+    /// date that would not format back to its bytes is kept as it is.
+    #[test]
+    fn own_dates_are_kept_compact_and_sent_as_they_came() {
+        let lines = b"HTTP/1.1 200 OK\r\nDate: Wed, 02 Dec 2026 16:26:07 GMT\r\n\
+            last-modified: Sun, 06 Nov 1994 08:49:37 GMT\r\nexpires: Thu, 01 Jan 1970 00:00:00 GMT\r\n\
+            etag: \"x\"\r\n";
+        let head = Head::split(lines);
+        assert_eq!(head.own.len(), 3 * DATE_ENTRY + b"etag: \"x\"\r\n".len());
+        assert_eq!(head.to_vec(), lines);
+        assert_eq!(head.len(), lines.len());
+        assert!(head.has_field(b"last-modified"));
+        assert!(head.has_field(b"Expires"));
+        // RFC 850, asctime, a lower-case month, an odd spacing: all kept byte for byte.
+        for odd in [
+            &b"Date: Sunday, 06-Nov-94 08:49:37 GMT\r\n"[..],
+            b"Date: Sun Nov  6 08:49:37 1994\r\n",
+            b"Date: Sun, 06 nov 1994 08:49:37 GMT\r\n",
+            b"Date: Fri, 06 Nov 1994 08:49:37 GMT\r\n",
+            b"Date:  Sun, 06 Nov 1994 08:49:37 GMT\r\n",
+            b"expires: 0\r\n",
+            b"Date: Sun, 06 Nov 2200 08:49:37 GMT\r\n",
+        ] {
+            let whole = [&b"HTTP/1.1 200 OK\r\n"[..], odd].concat();
+            let head = Head::split(&whole);
+            assert_eq!(head.own.len(), odd.len());
+            assert_eq!(head.to_vec(), whole);
+        }
     }
 
     #[test]
     fn a_whole_head_reads_the_same_and_splits_on_request() {
         let whole = Head::whole(A.into());
         assert_eq!(whole.leading(), A);
-        assert!(whole.trailing().is_empty());
+        assert!(trailing(&whole).is_empty());
+        assert!(whole.has_field(b"etag"));
         let split = whole.to_split();
         assert!(split.shares_with(&Head::split(A)));
-        assert_eq!(split.len(), A.len());
+        assert_eq!(split.to_vec().len(), A.len());
     }
 
     #[test]

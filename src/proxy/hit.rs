@@ -245,7 +245,7 @@ pub fn write_head(
         }
         None => out.extend_from_slice(leading),
     }
-    out.extend_from_slice(meta.head.trailing());
+    meta.head.write_trailing(out);
     meta.write_framing(out, obj.body.len());
     // Written in place: no string per hit.
     let age = age(meta.times.epoch.time(), now);
