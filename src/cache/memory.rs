@@ -288,6 +288,7 @@ impl MemoryTier {
         let evictions = counters.clone();
         let families = Index::new(
             capacity_bytes,
+            Variants::Many(Arc::from(Vec::new())),
             Variants::weight,
             useful_life,
             Some(Box::new(
@@ -961,6 +962,12 @@ mod tests {
     #[test]
     fn a_stored_record_fits_a_160_byte_block() {
         assert!(std::mem::size_of::<StoredObject>() + 16 <= 160);
+    }
+
+    /// A family is two words, so that the index's slot stays 48 bytes (`cache::tinylfu`).
+    #[test]
+    fn a_family_is_two_words() {
+        assert_eq!(std::mem::size_of::<Variants>(), 16);
     }
 
     #[test]

@@ -7,14 +7,13 @@
 //! Why not moka, which the tier used before: an entry there costs about 180 bytes at a million
 //! entries (its key in an `Arc`, an entry-info block, deque and timer-wheel nodes, a bucket;
 //! benches/README.md §21). Here it is one slot in a vector (key, value, weight, deadline,
-//! links: 56 bytes), one 16-byte cell of a hash table and 8 bytes of sketch.
+//! links: 48 bytes), a 4-byte cell of a hash table at most 80 % full and 8 bytes of sketch.
 //!
 //! Expiry is lazy: an entry past its deadline is dropped when it is next looked up, when an
 //! eviction reaches it, or by a sweep that looks at two slots per insert, so dead entries
 //! leave without a timer per entry.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -64,11 +63,15 @@ const NIL: u32 = u32::MAX;
 const WINDOW: u8 = 0;
 const PROBATION: u8 = 1;
 const PROTECTED: u8 = 2;
+/// A slot on no list: free for the next entry.
+const FREE: u8 = 3;
 
 impl<V: Clone> Index<V> {
-    /// An index holding at most `capacity` weight.
+    /// An index holding at most `capacity` weight; `vacant` is what a free slot holds (a
+    /// value that keeps nothing alive).
     pub fn new(
         capacity: u64,
+        vacant: V,
         weigh: fn(&V) -> u32,
         life: fn(&V) -> Duration,
         listener: Option<Listener<V>>,
@@ -80,7 +83,7 @@ impl<V: Clone> Index<V> {
         let seed = std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64);
         Index {
             shards: (0..shards)
-                .map(|_| Mutex::new(Shard::new(each, seed)))
+                .map(|_| Mutex::new(Shard::new(each, seed, vacant.clone())))
                 .collect(),
             seed,
             epoch: Instant::now(),
@@ -97,8 +100,8 @@ impl<V: Clone> Index<V> {
     }
 
     fn shard(&self, hash: u64) -> MutexGuard<'_, Shard<V>> {
-        // The table's buckets use the low bits and its tags the top seven: the shard takes
-        // bits from the middle.
+        // The table's cells use the low bits and its tags the top six: the shard takes bits
+        // from the middle.
         let at = (hash >> 32) as usize & (self.shards.len() - 1);
         // A panic while a shard was held leaves its lists consistent (no method panics
         // between two link writes), so a poisoned lock is taken as it is.
@@ -136,13 +139,13 @@ impl<V: Clone> Index<V> {
             let mut shard = self.shard(hash);
             shard.sketch.increment(hash);
             match shard.find(hash, key) {
-                Some(at) if shard.slots[at as usize].deadline <= now => {
+                Some(at) if shard.slots[at as usize].deadline() <= now => {
                     gone.extend(shard.unlink(hash, at, Removal::Expired));
                     None
                 }
                 Some(at) => {
                     shard.touch(at);
-                    shard.slots[at as usize].value.clone()
+                    Some(shard.slots[at as usize].value.clone())
                 }
                 None => None,
             }
@@ -158,7 +161,7 @@ impl<V: Clone> Index<V> {
         let shard = self.shard(hash);
         shard
             .find(hash, key)
-            .is_some_and(|at| shard.slots[at as usize].deadline > now)
+            .is_some_and(|at| shard.slots[at as usize].deadline() > now)
     }
 
     /// Replaces, removes or leaves the entry for `key` as `f` decides from the live value (or
@@ -170,11 +173,11 @@ impl<V: Clone> Index<V> {
         {
             let mut shard = self.shard(hash);
             let mut at = shard.find(hash, key);
-            if let Some(a) = at.filter(|a| shard.slots[*a as usize].deadline <= now) {
+            if let Some(a) = at.filter(|a| shard.slots[*a as usize].deadline() <= now) {
                 gone.extend(shard.unlink(hash, a, Removal::Expired));
                 at = None;
             }
-            let current = at.and_then(|a| shard.slots[a as usize].value.as_ref());
+            let current = at.map(|a| &shard.slots[a as usize].value);
             let mut op = f(current);
             if let Op::Put(value) = &op {
                 if u64::from((self.weigh)(value)) > shard.capacity {
@@ -213,7 +216,7 @@ impl<V: Clone> Index<V> {
         let now = self.now();
         let mut shard = self.shard(hash);
         let at = shard.find(hash, key)?;
-        let live = shard.slots[at as usize].deadline > now;
+        let live = shard.slots[at as usize].deadline() > now;
         let (_, value, _) = shard.unlink(hash, at, Removal::Size)?;
         live.then_some(value)
     }
@@ -232,8 +235,8 @@ impl<V: Clone> Index<V> {
         for shard in self.shards.iter() {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             for slot in &shard.slots {
-                if let Some(value) = slot.value.as_ref().filter(|_| slot.deadline > now) {
-                    f(value);
+                if slot.list() != FREE && slot.deadline() > now {
+                    f(&slot.value);
                 }
             }
         }
@@ -251,36 +254,148 @@ fn mix(seed: u64, key: &HashBinary) -> u64 {
     (product as u64) ^ ((product >> 64) as u64)
 }
 
-/// The table's hasher: keys are already mixed ([`Index::hash`]).
-#[derive(Default)]
-struct Mixed(u64);
+/// The slots by key: open addressing with linear probing over 32-bit cells, each a slot's
+/// number and six bits of its key's hash (so a probe rarely reads a slot that is not the one
+/// sought). At most 80 % full; a removal shifts the cells after it back (no tombstones).
+struct Table {
+    cells: Vec<u32>,
+    len: usize,
+}
 
-impl Hasher for Mixed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
+const EMPTY: u32 = u32::MAX;
+const TAG_BITS: u32 = 6;
+/// Slots a shard can number in a cell.
+const MAX_SLOTS: usize = 1 << (32 - TAG_BITS);
 
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8) | u64::from(*b);
+impl Table {
+    fn new() -> Table {
+        Table {
+            cells: vec![EMPTY; 16],
+            len: 0,
         }
     }
 
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+    fn mask(&self) -> usize {
+        self.cells.len() - 1
+    }
+
+    fn home(&self, hash: u64) -> usize {
+        hash as usize & self.mask()
+    }
+
+    fn tag(hash: u64) -> u32 {
+        (hash >> (64 - TAG_BITS)) as u32
+    }
+
+    fn cell(at: u32, hash: u64) -> u32 {
+        (at << TAG_BITS) | Table::tag(hash)
+    }
+
+    /// The cells from `hash`'s home up to the first empty one.
+    fn probe(&self, hash: u64) -> impl Iterator<Item = (usize, u32)> + '_ {
+        let mask = self.mask();
+        let home = self.home(hash);
+        (0..self.cells.len())
+            .map(move |i| (home + i) & mask)
+            .map(|i| (i, self.cells[i]))
+            .take_while(|(_, c)| *c != EMPTY)
+    }
+
+    fn find(&self, hash: u64, is: impl Fn(u32) -> bool) -> Option<u32> {
+        let tag = Table::tag(hash);
+        self.probe(hash)
+            .filter(|(_, c)| c & ((1 << TAG_BITS) - 1) == tag)
+            .map(|(_, c)| c >> TAG_BITS)
+            .find(|at| is(*at))
+    }
+
+    fn insert(&mut self, hash: u64, at: u32, hash_of: impl Fn(u32) -> u64) {
+        if (self.len + 1) * 5 > self.cells.len() * 4 {
+            self.grow(hash_of);
+        }
+        let mask = self.mask();
+        let mut i = self.home(hash);
+        while self.cells[i] != EMPTY {
+            i = (i + 1) & mask;
+        }
+        self.cells[i] = Table::cell(at, hash);
+        self.len += 1;
+    }
+
+    fn grow(&mut self, hash_of: impl Fn(u32) -> u64) {
+        let doubled = vec![EMPTY; self.cells.len() * 2];
+        let old = std::mem::replace(&mut self.cells, doubled);
+        let mask = self.mask();
+        for cell in old.into_iter().filter(|c| *c != EMPTY) {
+            let hash = hash_of(cell >> TAG_BITS);
+            let mut i = self.home(hash);
+            while self.cells[i] != EMPTY {
+                i = (i + 1) & mask;
+            }
+            self.cells[i] = cell;
+        }
+    }
+
+    /// Removes slot `at`, whose key hashes to `hash`.
+    fn remove(&mut self, hash: u64, at: u32, hash_of: impl Fn(u32) -> u64) {
+        let Some((mut hole, _)) = self.probe(hash).find(|(_, c)| c >> TAG_BITS == at) else {
+            return;
+        };
+        self.cells[hole] = EMPTY;
+        self.len -= 1;
+        let mask = self.mask();
+        let mut i = hole;
+        loop {
+            i = (i + 1) & mask;
+            let cell = self.cells[i];
+            if cell == EMPTY {
+                return;
+            }
+            // A cell may move back into the hole unless its home lies after the hole, up to
+            // where it is now (cyclically): then the hole is not on its probe path.
+            let home = self.home(hash_of(cell >> TAG_BITS));
+            let stays = if hole <= i {
+                hole < home && home <= i
+            } else {
+                hole < home || home <= i
+            };
+            if !stays {
+                self.cells[hole] = cell;
+                self.cells[i] = EMPTY;
+                hole = i;
+            }
+        }
     }
 }
 
 struct Slot<V> {
     key: HashBinary,
-    /// `None` while the slot is free.
-    value: Option<V>,
+    /// The index's vacant value while the slot is free.
+    value: V,
     weight: u32,
-    /// Seconds since the index's epoch at which the entry stops being useful.
-    deadline: u32,
+    /// The list the slot is on (two bits) and, below, the second since the index's epoch at
+    /// which the entry stops being useful: one word keeps a slot in 48 bytes.
+    list_deadline: u32,
     prev: u32,
     next: u32,
-    list: u8,
+}
+
+const DEADLINE_BITS: u32 = 30;
+/// About 34 years after the process started.
+const LAST_DEADLINE: u32 = (1 << DEADLINE_BITS) - 1;
+
+impl<V> Slot<V> {
+    fn deadline(&self) -> u32 {
+        self.list_deadline & LAST_DEADLINE
+    }
+
+    fn list(&self) -> u8 {
+        (self.list_deadline >> DEADLINE_BITS) as u8
+    }
+
+    fn set(&mut self, list: u8, deadline: u32) {
+        self.list_deadline = (u32::from(list) << DEADLINE_BITS) | deadline.min(LAST_DEADLINE);
+    }
 }
 
 /// A doubly linked list through the slots: `head` the most recently used, `tail` the least.
@@ -291,9 +406,7 @@ struct List {
 }
 
 struct Shard<V> {
-    /// Mixed hash to slot. Two keys with one mixed hash cannot both be held: the later
-    /// replaces the earlier, which for a cache is an eviction.
-    table: HashMap<u64, u32, BuildHasherDefault<Mixed>>,
+    table: Table,
     slots: Vec<Slot<V>>,
     free: Vec<u32>,
     lists: [List; 3],
@@ -303,12 +416,13 @@ struct Shard<V> {
     /// Where the expiry sweep looks next.
     sweep_at: usize,
     seed: u64,
+    vacant: V,
 }
 
 impl<V: Clone> Shard<V> {
-    fn new(capacity: u64, seed: u64) -> Shard<V> {
+    fn new(capacity: u64, seed: u64, vacant: V) -> Shard<V> {
         Shard {
-            table: HashMap::default(),
+            table: Table::new(),
             slots: Vec::new(),
             free: Vec::new(),
             lists: [List {
@@ -320,6 +434,7 @@ impl<V: Clone> Shard<V> {
             sketch: Sketch::new(),
             sweep_at: 0,
             seed,
+            vacant,
         }
     }
 
@@ -337,8 +452,8 @@ impl<V: Clone> Shard<V> {
     }
 
     fn find(&self, hash: u64, key: &HashBinary) -> Option<u32> {
-        let at = *self.table.get(&hash)?;
-        (self.slots[at as usize].key == *key).then_some(at)
+        self.table
+            .find(hash, |at| self.slots[at as usize].key == *key)
     }
 
     fn link_head(&mut self, at: u32, list: u8) {
@@ -347,7 +462,8 @@ impl<V: Clone> Shard<V> {
             let slot = &mut self.slots[at as usize];
             slot.prev = NIL;
             slot.next = head;
-            slot.list = list;
+            let deadline = slot.deadline();
+            slot.set(list, deadline);
         }
         if head == NIL {
             self.lists[list as usize].tail = at;
@@ -361,7 +477,7 @@ impl<V: Clone> Shard<V> {
     fn detach(&mut self, at: u32) {
         let (prev, next, list, weight) = {
             let s = &self.slots[at as usize];
-            (s.prev, s.next, s.list, s.weight)
+            (s.prev, s.next, s.list(), s.weight)
         };
         if prev == NIL {
             self.lists[list as usize].head = next;
@@ -378,7 +494,7 @@ impl<V: Clone> Shard<V> {
 
     /// A hit: to the front of its list, or from probation into the protected segment.
     fn touch(&mut self, at: u32) {
-        let list = self.slots[at as usize].list;
+        let list = self.slots[at as usize].list();
         self.detach(at);
         if list == PROBATION {
             self.link_head(at, PROTECTED);
@@ -409,18 +525,19 @@ impl<V: Clone> Shard<V> {
         deadline: u32,
         gone: &mut Vec<(HashBinary, V, Removal)>,
     ) {
-        if let Some(&other) = self.table.get(&hash) {
-            // Another key with the same mixed hash: it makes room.
-            gone.extend(self.unlink(hash, other, Removal::Size));
+        if self.free.is_empty() && self.slots.len() >= MAX_SLOTS {
+            // More entries than a cell can number (no shard reaches this: every object
+            // weighs hundreds of bytes): not admitted.
+            gone.push((key, value, Removal::Size));
+            return;
         }
         let slot = Slot {
             key,
-            value: Some(value),
+            value,
             weight,
-            deadline,
+            list_deadline: deadline.min(LAST_DEADLINE),
             prev: NIL,
             next: NIL,
-            list: WINDOW,
         };
         let at = match self.free.pop() {
             Some(at) => {
@@ -432,18 +549,20 @@ impl<V: Clone> Shard<V> {
                 (self.slots.len() - 1) as u32
             }
         };
-        self.table.insert(hash, at);
+        let (slots, seed) = (&self.slots, self.seed);
+        self.table
+            .insert(hash, at, |a| mix(seed, &slots[a as usize].key));
         self.link_head(at, WINDOW);
-        self.sketch.fit(self.table.len());
+        self.sketch.fit(self.table.len);
     }
 
     fn replace(&mut self, at: u32, value: V, weight: u32, deadline: u32) {
-        let list = self.slots[at as usize].list;
+        let list = self.slots[at as usize].list();
         self.detach(at);
         let slot = &mut self.slots[at as usize];
-        slot.value = Some(value);
+        slot.value = value;
         slot.weight = weight;
-        slot.deadline = deadline;
+        slot.set(list, deadline);
         self.link_head(at, list);
     }
 
@@ -452,18 +571,22 @@ impl<V: Clone> Shard<V> {
         self.unlink(hash, at, why)
     }
 
-    /// Takes the entry at `at` out; returns it with `why` if it held a value.
+    /// Takes the entry at `at` out; returns it with `why`.
     fn unlink(&mut self, hash: u64, at: u32, why: Removal) -> Option<(HashBinary, V, Removal)> {
-        self.detach(at);
-        if self.table.get(&hash) == Some(&at) {
-            self.table.remove(&hash);
+        if self.slots[at as usize].list() == FREE {
+            return None;
         }
+        self.detach(at);
+        let (slots, seed) = (&self.slots, self.seed);
+        self.table
+            .remove(hash, at, |a| mix(seed, &slots[a as usize].key));
         self.free.push(at);
+        let vacant = self.vacant.clone();
         let slot = &mut self.slots[at as usize];
         slot.weight = 0;
-        slot.deadline = 0;
-        let key = slot.key;
-        slot.value.take().map(|v| (key, v, why))
+        slot.set(FREE, 0);
+        let value = std::mem::replace(&mut slot.value, vacant);
+        Some((slot.key, value, why))
     }
 
     /// Looks at the next two slots and drops either if its life is over.
@@ -475,7 +598,7 @@ impl<V: Clone> Shard<V> {
             self.sweep_at = (self.sweep_at + 1) % self.slots.len();
             let at = self.sweep_at as u32;
             let slot = &self.slots[at as usize];
-            if slot.value.is_some() && slot.deadline <= now {
+            if slot.list() != FREE && slot.deadline() <= now {
                 gone.extend(self.unlink_at(at, Removal::Expired));
             }
         }
@@ -504,7 +627,7 @@ impl<V: Clone> Shard<V> {
             else {
                 break;
             };
-            let dead = |at: u32| self.slots[at as usize].deadline <= now;
+            let dead = |at: u32| self.slots[at as usize].deadline() <= now;
             let freq = |at: u32| {
                 self.sketch
                     .frequency(mix(self.seed, &self.slots[at as usize].key))
@@ -617,6 +740,7 @@ mod tests {
     fn index(capacity: u64) -> Index<u32> {
         Index::new(
             capacity,
+            0,
             |v| *v,
             |v| Duration::from_secs(if v % 2 == 1 { 0 } else { 60 }),
             None,
@@ -625,6 +749,55 @@ mod tests {
 
     fn put(index: &Index<u32>, k: u64, v: u32) {
         index.compute(&key(k), |_| Op::Put(v));
+    }
+
+    /// What an entry costs (the module's opening comment): a slot of 48 bytes for a value of
+    /// two words, as the memory tier's family is.
+    #[test]
+    fn a_slot_is_48_bytes() {
+        assert_eq!(std::mem::size_of::<Slot<[usize; 2]>>(), 48);
+    }
+
+    /// Against a reference map, with hashes crowded into few homes (long probe runs that wrap
+    /// around the end) so that every case of the backward shift happens.
+    #[test]
+    fn the_table_finds_what_it_holds_through_inserts_and_removals() {
+        let mut table = Table::new();
+        let mut hashes: Vec<u64> = Vec::new();
+        let mut held = std::collections::HashSet::new();
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..1_200u32 {
+            let r = next();
+            if r % 3 == 0 && !held.is_empty() {
+                let at = *held.iter().nth((r >> 8) as usize % held.len()).unwrap();
+                table.remove(hashes[at as usize], at, |a| hashes[a as usize]);
+                held.remove(&at);
+            } else {
+                // Homes crowd into the last few cells; tags vary.
+                let hash = (r & 0xfc00_0000_0000_0000) | (u64::MAX - (r >> 20) % 7);
+                let at = hashes.len() as u32;
+                hashes.push(hash);
+                table.insert(hash, at, |a| hashes[a as usize]);
+                held.insert(at);
+            }
+            if round % 10 == 0 {
+                for (at, hash) in hashes.iter().enumerate() {
+                    let at = at as u32;
+                    assert_eq!(
+                        table.find(*hash, |a| a == at).is_some(),
+                        held.contains(&at),
+                        "slot {at} at round {round}"
+                    );
+                }
+                assert_eq!(table.len, held.len());
+            }
+        }
     }
 
     #[test]
@@ -652,6 +825,7 @@ mod tests {
         let told = evicted.clone();
         let index: Index<u32> = Index::new(
             10_000,
+            0,
             |v| *v,
             |_| Duration::from_secs(60),
             Some(Box::new(move |_, v, why| {
@@ -695,6 +869,7 @@ mod tests {
         let told = expired.clone();
         let index: Index<u32> = Index::new(
             1 << 20,
+            0,
             |v| *v,
             |v| Duration::from_secs(if v % 2 == 1 { 0 } else { 60 }),
             Some(Box::new(move |_, _, why| {
