@@ -1,6 +1,6 @@
 //! Hit ratio of the memory tier under a Zipf key mix, at several sizes. Answers: how much of
 //! a wiki's traffic (page popularity is close to Zipf with s ≈ 1) a memory tier of a given
-//! size absorbs with moka's TinyLFU admission. `cargo bench --bench hit_ratio`.
+//! size absorbs with its W-TinyLFU admission (`src/cache/tinylfu.rs`). `cargo bench --bench hit_ratio`.
 
 use std::time::{Duration, SystemTime};
 

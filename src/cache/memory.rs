@@ -1,4 +1,5 @@
-//! The memory tier: a pingora `Storage` on moka, bounded by bytes (headers + bodies).
+//! The memory tier: a pingora `Storage` on its own index (`tinylfu.rs`: W-TinyLFU admission and
+//! eviction), bounded by bytes (headers + bodies).
 //!
 //! Objects are grouped by primary key into a [`Variants`] holding every Vary variant of one URL,
 //! so a purge of a URL drops or expires all its variants in one step and a hit costs one hash
@@ -28,7 +29,7 @@ use super::tags::{TagIndex, Tier};
 use super::tinylfu::{Index, Op, Removal};
 
 /// Bytes charged per object on top of its header and body: the family slot, `Arc`s and
-/// moka's own entry, so that many tiny objects still respect the bound.
+/// index's own entry, so that many tiny objects still respect the bound.
 const OBJECT_OVERHEAD: usize = 256;
 
 /// One stored response.
@@ -91,7 +92,7 @@ impl StoredObject {
 pub struct UrlMemo(pub AtomicU64);
 
 /// Every stored variant of one primary key. Immutable: writers build a new family. Most URLs
-/// do not vary, so one object is held without a list around it (moka keeps the value inline in
+/// do not vary, so one object is held without a list around it (the index keeps the value inline in
 /// its entry: a family of one costs no allocation of its own).
 #[derive(Debug, Clone)]
 enum Variants {
