@@ -38,6 +38,18 @@ async fn wait_for_gauge(node: &Skua, series: &str, want: f64, within: Duration) 
     }
 }
 
+/// Waits until `node` says it is (or is not) connected to the bus.
+async fn wait_bus_connected(node: &Skua, connected: bool) {
+    let want = if connected { 1.0 } else { 0.0 };
+    wait_for_gauge(
+        node,
+        "skua_purge_bus_connected",
+        want,
+        Duration::from_secs(10),
+    )
+    .await;
+}
+
 /// Waits until the counter `series` reaches at least `want`; returns how long that took.
 async fn wait_for_metric(node: &Skua, series: &str, want: f64, within: Duration) -> Duration {
     let start = Instant::now();
@@ -334,25 +346,13 @@ async fn purge_during_a_bus_outage_reaches_the_others_when_it_returns() {
         get(&node.url("/wiki/Outage"), &[HOST]).await;
     }
     for node in &nodes {
-        wait_for_gauge(
-            node,
-            "skua_purge_bus_connected",
-            1.0,
-            Duration::from_secs(10),
-        )
-        .await;
+        wait_bus_connected(node, true).await;
     }
     nats.stop();
     // Regression: this waited for `connected >= 0`, which holds at once, so the purge below
     // could be published before the node noticed the outage.
     for node in &nodes {
-        wait_for_gauge(
-            node,
-            "skua_purge_bus_connected",
-            0.0,
-            Duration::from_secs(10),
-        )
-        .await;
+        wait_bus_connected(node, false).await;
     }
     let purged = send(&client(), "PURGE", &nodes[0].url("/wiki/Outage"), &[HOST]).await;
     assert_eq!(
@@ -631,13 +631,7 @@ async fn a_purge_delivered_but_never_received_is_fetched_from_the_stream() {
     let c = Skua::start(&[origin.addr], &nats.bus("c", "")).await;
     for node in [&a, &c] {
         node.wait_ready().await;
-        wait_for_gauge(
-            node,
-            "skua_purge_bus_connected",
-            1.0,
-            Duration::from_secs(10),
-        )
-        .await;
+        wait_bus_connected(node, true).await;
     }
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let stream = js.get_stream("SKUA_PURGE").await.unwrap();
