@@ -95,7 +95,7 @@ impl Head {
         }
         Head {
             shared: Some(SHARED.intern(&shared)),
-            own: exact_size(own),
+            own: super::meta::exact_size(own),
         }
     }
 
@@ -250,14 +250,6 @@ fn write_date_line(out: &mut Vec<u8>, field: usize, secs: u32) {
     out.extend_from_slice(b": ");
     super::date::write_imf_fixdate(out, u64::from(secs));
     out.extend_from_slice(b"\r\n");
-}
-
-fn exact_size(own: Vec<u8>) -> Box<[u8]> {
-    if own.len() == own.capacity() {
-        own.into_boxed_slice()
-    } else {
-        Box::from(&own[..])
-    }
 }
 
 /// One shared part: the lines, behind a thin pointer so that a head costs 24 bytes.

@@ -465,7 +465,7 @@ pub fn wire_name(name: &http::HeaderName) -> &str {
 /// size is at least half of it, so a 251-byte head built in a 424-byte buffer kept all 448
 /// bytes of its size class (about 1.9 MiB over 10,000 pages; see benches/README.md §3). The
 /// items are moved, not cloned.
-fn exact_size<T>(mut items: Vec<T>) -> Box<[T]> {
+pub(super) fn exact_size<T>(mut items: Vec<T>) -> Box<[T]> {
     if items.len() == items.capacity() {
         return items.into_boxed_slice();
     }
