@@ -505,15 +505,23 @@ impl<V: Clone> Shard<V> {
     }
 
     fn demote_protected(&mut self) {
-        let cap = self.protected_cap();
-        while self.weights[PROTECTED as usize] > cap {
-            let tail = self.lists[PROTECTED as usize].tail;
+        self.spill(PROTECTED, self.protected_cap());
+    }
+
+    /// Moves the least recently used entries of `list` to the front of probation until `list`
+    /// weighs at most `cap`; returns how many moved.
+    fn spill(&mut self, list: u8, cap: u64) -> usize {
+        let mut moved = 0;
+        while self.weights[list as usize] > cap {
+            let tail = self.lists[list as usize].tail;
             if tail == NIL {
                 break;
             }
             self.detach(tail);
             self.link_head(tail, PROBATION);
+            moved += 1;
         }
+        moved
     }
 
     fn insert(
@@ -608,17 +616,7 @@ impl<V: Clone> Shard<V> {
     /// each entry that left the window is kept only if the sketch has seen it more often than
     /// the main space's least recently used entry, which otherwise goes.
     fn evict(&mut self, now: u32, gone: &mut Vec<(HashBinary, V, Removal)>) {
-        let mut candidates = 0usize;
-        let window_cap = self.window_cap();
-        while self.weights[WINDOW as usize] > window_cap {
-            let tail = self.lists[WINDOW as usize].tail;
-            if tail == NIL {
-                break;
-            }
-            self.detach(tail);
-            self.link_head(tail, PROBATION);
-            candidates += 1;
-        }
+        let mut candidates = self.spill(WINDOW, self.window_cap());
         while self.weight() > self.capacity {
             let Some(victim) = [PROBATION, PROTECTED, WINDOW]
                 .iter()
