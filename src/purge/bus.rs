@@ -306,10 +306,9 @@ impl Bus {
                 applied,
                 first = state.first_sequence,
                 last = state.last_sequence,
-                "the purge bus no longer holds every purge missed here; revalidating objects cached before now"
+                "the purge bus no longer holds every purge missed here"
             );
-            self.metrics.bus.gaps.inc();
-            self.store.invalidations.revalidate_all_before_now();
+            self.distrust_everything_cached();
             consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: state.first_sequence.max(1),
             }
@@ -408,6 +407,14 @@ impl Bus {
         }
     }
 
+    /// Purges this node missed are gone from the stream: whatever they named, every object
+    /// cached before now is revalidated before it is served again (counted as a gap).
+    fn distrust_everything_cached(&self) {
+        tracing::warn!("revalidating every object cached before now");
+        self.metrics.bus.gaps.inc();
+        self.store.invalidations.revalidate_all_before_now();
+    }
+
     /// Notes that this node has applied everything up to the stream's last sequence but
     /// `pending`.
     fn reached(&self, pending: u64) {
@@ -455,10 +462,9 @@ impl Bus {
             tracing::warn!(
                 from,
                 to,
-                "the purge bus no longer holds purges this node missed; revalidating objects cached before now"
+                "the purge bus no longer holds purges this node missed"
             );
-            self.metrics.bus.gaps.inc();
-            self.store.invalidations.revalidate_all_before_now();
+            self.distrust_everything_cached();
             self.applied.store(to - 1, Ordering::Release);
         }
         Ok(())
