@@ -170,14 +170,14 @@ pub fn choose_variant<T, F: RequestFields + ?Sized>(
     other: impl FnOnce(&HashBinary) -> Option<T>,
 ) -> Option<(Option<HashBinary>, T)> {
     let primary = meta(&first);
-    let Some(stored) = primary.times.variance else {
+    let Some(stored) = primary.variance() else {
         return Some((None, first));
     };
     let wanted = primary.variance_of(req)?;
     if wanted == stored {
         return Some((None, first));
     }
-    let provenance = primary.times.provenance;
+    let provenance = primary.provenance();
     let found = other(&wanted)?;
     (meta(&found).times.created >= provenance).then_some((Some(wanted), found))
 }
@@ -210,26 +210,60 @@ impl Stamp {
     }
 }
 
+/// What an object's record keeps of its [`MetaTimes`]: those every object has. The variance
+/// and the provenance (which only a response that varies uses) are kept with the rare fields
+/// ([`ObjectMeta::times`] puts them back). Forty bytes where all of [`MetaTimes`] is 64: with
+/// them an object's record takes mimalloc's 128-byte block instead of the 160-byte one.
+#[derive(Debug, Clone, Copy)]
+pub struct KeptTimes {
+    pub fresh_until: Stamp,
+    pub created: Stamp,
+    /// Reference point of Age and freshness: `updated`, or pingora's epoch override.
+    pub epoch: Stamp,
+    pub stale_while_revalidate_sec: u32,
+    pub stale_if_error_sec: u32,
+    /// As [`MetaTimes::content_coded`].
+    pub content_coded: bool,
+    /// As [`MetaTimes::field_names`].
+    pub field_names: FieldNames,
+}
+
 /// What a stored object keeps of its metadata: the times, and the header as it is served.
 #[derive(Debug, Clone)]
 pub struct ObjectMeta {
-    pub times: MetaTimes,
+    pub times: KeptTimes,
     /// The status line and header fields a hit sends, each line ending in CRLF, without the
     /// framing fields that follow from the body ([`ObjectMeta::write_framing`]), the fields a
     /// hit adds (`Age`, `X-Cache-Status`, `Cache-Status`) and the blank line. See
     /// [`encode_head`]. Its lines most objects share are kept once ([`Head`]).
     pub head: Head,
     /// What most responses do not have, behind one pointer: with the times above this keeps
-    /// an object's record in mimalloc's 160-byte blocks.
+    /// an object's record in mimalloc's 128-byte blocks.
     uncommon: Option<Box<Uncommon>>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Uncommon {
     /// The names the response varies on, lowercased, sorted, without duplicates.
     vary: Box<[String]>,
     /// `Cache-Status` members from caches before this one.
     upstream_cache_status: Option<http::HeaderValue>,
+    variance: Option<HashBinary>,
+    /// Kept only beside a variance: pingora reads a provenance only as the tombstone of a
+    /// URL's variants (`HttpCache::cache_vary_lookup`), so for a response that does not vary
+    /// it is `created`, which changes nothing pingora does.
+    provenance: Option<Stamp>,
+    /// The memory tier's variant slot the object is in (`memory::StoredObject::slot`).
+    slot: Option<HashBinary>,
+}
+
+impl Uncommon {
+    fn is_empty(&self) -> bool {
+        self.vary.is_empty()
+            && self.upstream_cache_status.is_none()
+            && self.variance.is_none()
+            && self.slot.is_none()
+    }
 }
 
 impl ObjectMeta {
@@ -237,24 +271,93 @@ impl ObjectMeta {
         let mut vary: Vec<String> = super::policy::vary_names(&meta.header).collect();
         vary.sort();
         vary.dedup();
-        let uncommon = (!vary.is_empty() || meta.upstream_cache_status.is_some()).then(|| {
-            Box::new(Uncommon {
-                vary: exact_size(vary),
-                upstream_cache_status: meta.upstream_cache_status,
-            })
-        });
+        let times = MetaTimes {
+            content_coded: meta
+                .header
+                .headers
+                .contains_key(http::header::CONTENT_ENCODING),
+            field_names: FieldNames::of(&meta.header.headers),
+            ..meta.times
+        };
+        ObjectMeta::kept(
+            times,
+            Head::split(&encode_head(&meta.header)),
+            vary,
+            meta.upstream_cache_status,
+        )
+    }
+
+    fn kept(
+        times: MetaTimes,
+        head: Head,
+        vary: Vec<String>,
+        upstream_cache_status: Option<http::HeaderValue>,
+    ) -> ObjectMeta {
+        let uncommon = Uncommon {
+            vary: exact_size(vary),
+            upstream_cache_status,
+            variance: times.variance,
+            provenance: times.variance.map(|_| times.provenance),
+            slot: None,
+        };
         ObjectMeta {
-            times: MetaTimes {
-                content_coded: meta
-                    .header
-                    .headers
-                    .contains_key(http::header::CONTENT_ENCODING),
-                field_names: FieldNames::of(&meta.header.headers),
-                ..meta.times
+            times: KeptTimes {
+                fresh_until: times.fresh_until,
+                created: times.created,
+                epoch: times.epoch,
+                stale_while_revalidate_sec: times.stale_while_revalidate_sec,
+                stale_if_error_sec: times.stale_if_error_sec,
+                content_coded: times.content_coded,
+                field_names: times.field_names,
             },
-            head: Head::split(&encode_head(&meta.header)),
-            uncommon,
+            head,
+            uncommon: (!uncommon.is_empty()).then(|| Box::new(uncommon)),
         }
+    }
+
+    /// All of its times, with the variance and provenance kept apart put back.
+    pub fn times(&self) -> MetaTimes {
+        let t = self.times;
+        MetaTimes {
+            fresh_until: t.fresh_until,
+            created: t.created,
+            provenance: self.provenance(),
+            epoch: t.epoch,
+            stale_while_revalidate_sec: t.stale_while_revalidate_sec,
+            stale_if_error_sec: t.stale_if_error_sec,
+            variance: self.variance(),
+            content_coded: t.content_coded,
+            field_names: t.field_names,
+        }
+    }
+
+    /// The variant key of the response, if it varies.
+    pub fn variance(&self) -> Option<HashBinary> {
+        self.uncommon.as_ref()?.variance
+    }
+
+    /// pingora's tombstone for the URL's variants (see [`MetaTimes::provenance`]).
+    pub fn provenance(&self) -> Stamp {
+        (self.uncommon.as_ref())
+            .and_then(|u| u.provenance)
+            .unwrap_or(self.times.created)
+    }
+
+    /// The memory tier's variant slot: `None` for the primary slot, else the lookup key's
+    /// variance.
+    pub fn slot(&self) -> Option<&HashBinary> {
+        self.uncommon.as_ref()?.slot.as_ref()
+    }
+
+    /// The same metadata kept for the variant slot `slot`.
+    pub fn in_slot(mut self, slot: Option<HashBinary>) -> ObjectMeta {
+        if self.slot() == slot.as_ref() {
+            return self;
+        }
+        let mut uncommon = self.uncommon.take().map(|u| *u).unwrap_or_default();
+        uncommon.slot = slot;
+        self.uncommon = (!uncommon.is_empty()).then(|| Box::new(uncommon));
+        self
     }
 
     /// An object's metadata as [`Self::encode`] made it, from its parts (the disk tier keeps
@@ -265,17 +368,7 @@ impl ObjectMeta {
         vary: Vec<String>,
         upstream_cache_status: Option<http::HeaderValue>,
     ) -> ObjectMeta {
-        let uncommon = (!vary.is_empty() || upstream_cache_status.is_some()).then(|| {
-            Box::new(Uncommon {
-                vary: exact_size(vary),
-                upstream_cache_status,
-            })
-        });
-        ObjectMeta {
-            times,
-            head: Head::whole(head),
-            uncommon,
-        }
+        ObjectMeta::kept(times, Head::whole(head), vary, upstream_cache_status)
     }
 
     /// The names the response varies on, lowercased, sorted, without duplicates.
@@ -339,7 +432,7 @@ impl ObjectMeta {
         if let Some(upstream) = self.upstream_cache_status() {
             let _ = header.insert_header(CACHE_STATUS, upstream.clone());
         }
-        self.times.cache_meta(primary_slot, header)
+        self.times().cache_meta(primary_slot, header)
     }
 
     /// The variant key a request would be stored under, if the response varies.

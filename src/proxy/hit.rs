@@ -31,7 +31,7 @@ use crate::cache::bans::{Invalidations, Trust};
 use crate::cache::fields::RequestFields;
 use crate::cache::key::CacheUrl;
 use crate::cache::memory::{Looked, StoredObject};
-use crate::cache::meta::{choose_variant, MetaTimes, ObjectMeta, CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::meta::{choose_variant, KeptTimes, ObjectMeta, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::status::{Disposition, Outcome};
 
 /// Request fields whose meaning only pingora's cache state machine implements for a hit:
@@ -106,7 +106,7 @@ pub fn verdict(
 }
 
 /// Whether [`verdict`] lets a fast path serve a copy with these times without waiting.
-fn served_as_is(invalidations: &Invalidations, url: &CacheUrl, times: &MetaTimes) -> bool {
+fn served_as_is(invalidations: &Invalidations, url: &CacheUrl, times: &KeptTimes) -> bool {
     verdict(invalidations, url, times.created.time(), times.epoch.time()) == Verdict::Serve
 }
 

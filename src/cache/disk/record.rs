@@ -236,7 +236,7 @@ fn finish_head(mut out: Vec<u8>) -> Vec<u8> {
 
 /// The metadata section: the times, then length-prefixed parts.
 fn write_meta(out: &mut Vec<u8>, meta: &ObjectMeta) {
-    let t = &meta.times;
+    let t = meta.times();
     for stamp in [t.fresh_until, t.created, t.provenance, t.epoch] {
         out.extend_from_slice(&stamp.nanos().to_le_bytes());
     }
