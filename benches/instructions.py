@@ -94,7 +94,10 @@ def measure(binary, origin, keep, label, rules=None):
     extra = rules_from(rules, origin) if rules else ""
     write_config(config, work, port, admin, origin, 1 << 30, extra)
     proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.%p",
+        # Names written out in every dump, so that `callgrind_annotate` reads a kept phase's
+        # dump on its own (compressed, a name is spelled only in the first dump using it).
+        ["valgrind", "--tool=callgrind", "--compress-strings=no",
+         f"--callgrind-out-file={work}/cg.%p",
          binary, "serve", "--config", config],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

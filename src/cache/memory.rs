@@ -24,6 +24,7 @@ use pingora::cache::{CacheKey, CacheMeta, HitHandler, MissHandler, Storage};
 use pingora::{Error, ErrorType, Result};
 
 use super::fields::RequestFields;
+use super::key::CacheUrl;
 use super::meta::{choose_variant, ObjectMeta, Stamp, StoredMeta};
 use super::tags::{TagIndex, Tier};
 use super::tinylfu::{Index, Op, Removal};
@@ -212,9 +213,33 @@ pub struct Looked {
     /// The URL's change stripe when it was looked up.
     version: u64,
     family: Option<Variants>,
+    /// The URL `primary` is the hash of, when the looker said ([`Looked::of_url`]).
+    url: Option<Arc<CacheUrl>>,
+}
+
+/// The hash storage indexes `url` by: this request's earlier lookup's, when it was of the
+/// same URL (the front door declined the request), else hashed now. Saves the second of two
+/// hashings of every request the front door hands to pingora's path (a miss's: about 1.3 % of
+/// its instructions).
+pub fn primary_hash_of(url: &CacheUrl) -> HashBinary {
+    let seen = THIS_REQUEST.try_with(|seen| {
+        (seen.borrow().as_ref())
+            .filter(|l| l.url.as_deref() == Some(url))
+            .map(|l| l.primary)
+    });
+    match seen {
+        Ok(Some(primary)) => primary,
+        _ => url.primary_hash(),
+    }
 }
 
 impl Looked {
+    /// This lookup, known to be of `url` (whose [`CacheUrl::primary_hash`] it was made with).
+    pub fn of_url(mut self, url: CacheUrl) -> Looked {
+        self.url = Some(Arc::new(url));
+        self
+    }
+
     /// The tier holds no variant of the URL, fresh or not.
     pub fn holds_nothing(&self) -> bool {
         self.family.is_none()
@@ -338,6 +363,7 @@ impl MemoryTier {
             primary: *primary,
             version,
             family: self.families.get(primary),
+            url: None,
         };
         let _ = THIS_REQUEST.try_with(|seen| *seen.borrow_mut() = Some(looked.clone()));
         looked

@@ -272,13 +272,13 @@ impl FrontDoor {
             None => match from_disk() {
                 Some(obj) => (obj, true),
                 None => {
-                    *looked = Some(found);
+                    *looked = Some(found.of_url(url));
                     return None;
                 }
             },
         };
         if !hit::encoding_acceptable(&obj.meta, &req.fields) {
-            *looked = Some(found);
+            *looked = Some(found.of_url(url));
             return None;
         }
         let (mut response_edits, mut ttl_rule) = (None, false);
@@ -289,7 +289,7 @@ impl FrontDoor {
             let set = &settings.rules;
             // The full path answers, limits, passes or edits the request.
             if !decision.lets_a_fast_path_answer(set) {
-                *looked = Some(found);
+                *looked = Some(found.of_url(url));
                 return None;
             }
             response_edits = decision.response_headers;

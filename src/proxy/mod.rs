@@ -1172,7 +1172,7 @@ impl ProxyHttp for CachingProxy {
                     }
                 }
                 let piece_range = piece_range(session.req_header(), &settings);
-                let primary = url.primary_hash();
+                let primary = crate::cache::memory::primary_hash_of(&url);
                 let holds_complete = piece_range
                     .is_some()
                     .then(|| self.shared.store.holds_complete(&primary));
