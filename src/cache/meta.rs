@@ -29,17 +29,7 @@ pub struct StoredMeta {
 impl StoredMeta {
     pub fn from_meta(meta: &CacheMeta) -> StoredMeta {
         StoredMeta {
-            times: MetaTimes {
-                fresh_until: Stamp::of(meta.fresh_until()),
-                created: Stamp::of(meta.created()),
-                provenance: Stamp::of(meta.provenance()),
-                epoch: Stamp::of(meta.epoch()),
-                stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
-                stale_if_error_sec: meta.stale_if_error_sec(),
-                variance: meta.variance(),
-                content_coded: false,
-                field_names: FieldNames::ANY,
-            },
+            times: MetaTimes::of(meta),
             header: meta.response_header_copy(),
             upstream_cache_status: joined(meta.response_header(), &CACHE_STATUS),
         }
@@ -132,6 +122,21 @@ impl FieldNames {
 }
 
 impl MetaTimes {
+    /// pingora's times, with nothing known of the header.
+    pub fn of(meta: &CacheMeta) -> MetaTimes {
+        MetaTimes {
+            fresh_until: Stamp::of(meta.fresh_until()),
+            created: Stamp::of(meta.created()),
+            provenance: Stamp::of(meta.provenance()),
+            epoch: Stamp::of(meta.epoch()),
+            stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
+            stale_if_error_sec: meta.stale_if_error_sec(),
+            variance: meta.variance(),
+            content_coded: false,
+            field_names: FieldNames::ANY,
+        }
+    }
+
     /// `CacheMeta::new` sets provenance to `created`, so the primary slot is rebuilt with its
     /// provenance there (the tombstone its variants are checked against) and secondary slots
     /// with their own admission time (what is checked). Age and freshness come from `epoch`
@@ -268,22 +273,35 @@ impl Uncommon {
 
 impl ObjectMeta {
     pub(super) fn encode(meta: StoredMeta) -> ObjectMeta {
-        let mut vary: Vec<String> = super::policy::vary_names(&meta.header).collect();
+        ObjectMeta::encode_parts(meta.times, &meta.header, meta.upstream_cache_status)
+    }
+
+    /// [`Self::encode`] of what `StoredMeta::from_meta` would make of `meta`, reading its
+    /// header where it is: a miss stores without copying the header once more.
+    pub(super) fn encode_cache_meta(meta: &CacheMeta) -> ObjectMeta {
+        let header = meta.response_header();
+        let upstream = joined(header, &CACHE_STATUS);
+        ObjectMeta::encode_parts(MetaTimes::of(meta), header, upstream)
+    }
+
+    fn encode_parts(
+        times: MetaTimes,
+        header: &ResponseHeader,
+        upstream_cache_status: Option<http::HeaderValue>,
+    ) -> ObjectMeta {
+        let mut vary: Vec<String> = super::policy::vary_names(header).collect();
         vary.sort();
         vary.dedup();
         let times = MetaTimes {
-            content_coded: meta
-                .header
-                .headers
-                .contains_key(http::header::CONTENT_ENCODING),
-            field_names: FieldNames::of(&meta.header.headers),
-            ..meta.times
+            content_coded: header.headers.contains_key(http::header::CONTENT_ENCODING),
+            field_names: FieldNames::of(&header.headers),
+            ..times
         };
         ObjectMeta::kept(
             times,
-            Head::split(&encode_head(&meta.header)),
+            Head::split(&encode_head(header)),
             vary,
-            meta.upstream_cache_status,
+            upstream_cache_status,
         )
     }
 

@@ -260,7 +260,7 @@ impl Storage for Store {
     ) -> Result<MissHandler> {
         let primary = key.primary_bin();
         let slot = key.variance_bin();
-        let stored = ObjectMeta::encode(StoredMeta::from_meta(meta));
+        let stored = ObjectMeta::encode_cache_meta(meta);
         let disk = self
             .disk
             .filter(|d| d.admit(&primary))
