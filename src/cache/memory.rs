@@ -998,10 +998,10 @@ mod tests {
         assert!(!stored("Etag-Note"));
     }
 
-    /// Regression guard for the memory cost per object (benches/README.md §3): with its `Arc`
-    /// counts the record must fit mimalloc's 160-byte block.
+    /// Regression guard for the memory cost per object (benches/README.md §23): with its `Arc`
+    /// counts the record must fit mimalloc's 128-byte block.
     #[test]
-    fn a_stored_record_fits_a_160_byte_block() {
+    fn a_stored_record_fits_a_128_byte_block() {
         assert!(std::mem::size_of::<StoredObject>() + 16 <= 128);
     }
 

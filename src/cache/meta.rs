@@ -57,8 +57,8 @@ impl StoredMeta {
 /// The times and variance of a stored response: what `CacheMeta` is rebuilt from besides the
 /// header, kept alike by the decoded [`StoredMeta`] and the compact [`ObjectMeta`], and one
 /// fact about the header a hit asks for (kept here, in the struct's padding). Times are
-/// [`Stamp`]s: with 16-byte `SystemTime`s an object's record would take mimalloc's 224-byte
-/// block instead of the 160-byte one.
+/// [`Stamp`]s, half the size of a `SystemTime`; an object's record keeps only part of them
+/// ([`KeptTimes`]).
 #[derive(Debug, Clone, Copy)]
 pub struct MetaTimes {
     pub fresh_until: Stamp,
@@ -253,11 +253,11 @@ struct Uncommon {
     vary: Box<[String]>,
     /// `Cache-Status` members from caches before this one.
     upstream_cache_status: Option<http::HeaderValue>,
-    variance: Option<HashBinary>,
-    /// Kept only beside a variance: pingora reads a provenance only as the tombstone of a
-    /// URL's variants (`HttpCache::cache_vary_lookup`), so for a response that does not vary
-    /// it is `created`, which changes nothing pingora does.
-    provenance: Option<Stamp>,
+    /// The response's variance and its provenance. The provenance is kept only beside a
+    /// variance: pingora reads it only as the tombstone of a URL's variants
+    /// (`HttpCache::cache_vary_lookup`), so for a response that does not vary it is
+    /// `created`, which changes nothing pingora does.
+    varies: Option<(HashBinary, Stamp)>,
     /// The memory tier's variant slot the object is in (`memory::StoredObject::slot`).
     slot: Option<HashBinary>,
 }
@@ -266,7 +266,7 @@ impl Uncommon {
     fn is_empty(&self) -> bool {
         self.vary.is_empty()
             && self.upstream_cache_status.is_none()
-            && self.variance.is_none()
+            && self.varies.is_none()
             && self.slot.is_none()
     }
 }
@@ -314,8 +314,7 @@ impl ObjectMeta {
         let uncommon = Uncommon {
             vary: exact_size(vary),
             upstream_cache_status,
-            variance: times.variance,
-            provenance: times.variance.map(|_| times.provenance),
+            varies: times.variance.map(|v| (v, times.provenance)),
             slot: None,
         };
         ObjectMeta {
@@ -351,14 +350,14 @@ impl ObjectMeta {
 
     /// The variant key of the response, if it varies.
     pub fn variance(&self) -> Option<HashBinary> {
-        self.uncommon.as_ref()?.variance
+        Some(self.uncommon.as_ref()?.varies?.0)
     }
 
     /// pingora's tombstone for the URL's variants (see [`MetaTimes::provenance`]).
     pub fn provenance(&self) -> Stamp {
         (self.uncommon.as_ref())
-            .and_then(|u| u.provenance)
-            .unwrap_or(self.times.created)
+            .and_then(|u| u.varies)
+            .map_or(self.times.created, |(_, provenance)| provenance)
     }
 
     /// The memory tier's variant slot: `None` for the primary slot, else the lookup key's
