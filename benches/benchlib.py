@@ -133,15 +133,16 @@ HARNESS = os.environ.get("SKUA_BENCH_HARNESS",
                          os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
 
 
-def start_nginx_origin(port, workdir, docroot):
+def start_nginx_origin(port, workdir, docroot, cpu=None):
     """The harness's origin (../shared/bench/origin: nginx serving `docroot`, Cache-Control
     max-age=3600, one access-log line per request in `workdir`/access.log) on `port`, in its
-    own process group: stop it with os.killpg(proc.pid, signal.SIGTERM)."""
+    own process group, on CPU `cpu` if given: stop it with os.killpg(proc.pid, signal.SIGTERM)."""
     os.makedirs(workdir, exist_ok=True)
     env = dict(os.environ, PORT=str(port), WORKDIR=workdir, DOCROOT=docroot,
                PEER_DIR=os.path.join(HARNESS, "origin"), ORIGIN_HOST="127.0.0.1",
                ORIGIN_PORT="0")
-    return subprocess.Popen(["bash", os.path.join(HARNESS, "origin", "start.sh")], env=env,
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    return subprocess.Popen(pin + ["bash", os.path.join(HARNESS, "origin", "start.sh")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 
