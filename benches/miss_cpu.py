@@ -15,7 +15,8 @@ after 50 ms) on CPU 1; wrk on CPU 1 sends, on 64 connections, every request for 
 (the harness's `miss.lua`). Per repetition it prints the misses served and the user, system
 and total CPU time per miss of every process in the target's session, and CPU 0's steal;
 then the medians. Needs nginx with the echo module (libnginx-mod-http-echo), wrk, and for a
-peer what the harness needs for it.
+peer what the harness needs for it. The scratch directory (the peers' caches) is on
+/dev/shm when there is one, as the harness puts its scratch on tmpfs.
 """
 import argparse, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
 
@@ -90,7 +91,11 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=8)
     a = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="skua-miss-cpu-")
+    # As the harness does, the peers' caches on tmpfs: nginx and Traffic Server write every
+    # miss into files, which on a disk's file system costs them several times the CPU.
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    work = tempfile.mkdtemp(prefix="skua-miss-cpu-", dir=shm)
+    print(f"scratch in {work}" + ("" if shm else " (no /dev/shm: on disk)"), flush=True)
     os.chmod(work, 0o755)
     docroot = os.path.join(work, "docroot", "obj")
     os.makedirs(docroot)
