@@ -233,6 +233,8 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
     }
 
     let (mut origin_kills, mut node_kills, mut bus_outages, mut purges) = (0, 0, 0, 0);
+    // From each kill -9 until the node listens again.
+    let mut node_downtime = Duration::ZERO;
     let mut edited = HashSet::new();
     let mut origin_down = None;
     let mut bus_down = false;
@@ -287,6 +289,7 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
             // kill -9 of node B or C in the middle of whatever it is filling.
             4 => {
                 let i = 1 + (step / 12 % 2) as usize;
+                let killed_at = Instant::now();
                 down[i].store(true, Ordering::SeqCst);
                 served.lock().unwrap().node_killed(i);
                 if let Some(mut node) = nodes[i].take() {
@@ -303,6 +306,7 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
                 nodes[i] = Some(node);
                 served.lock().unwrap().node_started(i);
                 down[i].store(false, Ordering::SeqCst);
+                node_downtime += killed_at.elapsed();
                 events.push(format!(
                     "{:>6} ms: node {} restarted",
                     start.elapsed().as_millis(),
@@ -408,10 +412,14 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
         t.failed_node_up <= 4 * origin_kills,
         "too many failures at nodes that were up: {t:?}"
     );
-    // A killed node refuses connections until it listens again (about a second here).
+    // A killed node refuses connections until it listens again: about a second here. Bounded
+    // by the time itself, not by the requests refused meanwhile, which grow with however
+    // fast the clients go (regression: a busy CI machine took 1.3 s a restart and the
+    // refusals passed a bound set on their count).
+    let per_restart = node_downtime / node_kills.max(1);
     assert!(
-        t.failed_node_down <= 200 * node_kills,
-        "nodes took too long to come back: {t:?}"
+        per_restart <= Duration::from_secs(3),
+        "nodes took too long to come back: {per_restart:?} a restart, {t:?}"
     );
     assert!(
         lost.is_empty(),
