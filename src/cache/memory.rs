@@ -555,7 +555,7 @@ impl Storage for MemoryTier {
         Ok(Box::new(self.miss(
             key.primary_bin(),
             key.variance_bin(),
-            ObjectMeta::encode(StoredMeta::from_meta(meta)),
+            ObjectMeta::encode_cache_meta(meta),
             usize::MAX,
         )))
     }

@@ -277,7 +277,7 @@ impl ObjectMeta {
     }
 
     /// [`Self::encode`] of what `StoredMeta::from_meta` would make of `meta`, reading its
-    /// header where it is: a miss stores without copying the header once more.
+    /// header where it is instead of copying it first.
     pub(super) fn encode_cache_meta(meta: &CacheMeta) -> ObjectMeta {
         let header = meta.response_header();
         let upstream = joined(header, &CACHE_STATUS);

@@ -37,7 +37,7 @@ use moka::ops::compute::Op;
 use pingora::cache::key::HashBinary;
 use pingora::cache::CacheMeta;
 
-use super::meta::{ObjectMeta, StoredMeta};
+use super::meta::ObjectMeta;
 use super::tags::TagIndex;
 use index::{Index, Loc};
 use record::Kind;
@@ -343,7 +343,7 @@ impl DiskTier {
         let sent = self.send(Job::Object(ObjectJob {
             primary: *primary,
             slot: slot.copied(),
-            meta: ObjectMeta::encode(StoredMeta::from_meta(meta)),
+            meta: ObjectMeta::encode_cache_meta(meta),
             body: vec![body],
             body_len,
             only_if: Some(loc),

@@ -367,7 +367,6 @@ impl BlockCrcs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::meta::StoredMeta;
 
     fn meta() -> ObjectMeta {
         let mut header = pingora::http::ResponseHeader::build(200, None).unwrap();
@@ -383,7 +382,7 @@ mod tests {
             7,
             header,
         );
-        ObjectMeta::encode(StoredMeta::from_meta(&cache_meta))
+        ObjectMeta::encode_cache_meta(&cache_meta)
     }
 
     fn body(len: usize) -> Vec<u8> {
