@@ -3,6 +3,7 @@
 #23's per-miss point; benches/README.md).
 
     python3 benches/miss_cpu.py target/release/skua [--peer nginx --peer ats] [--reps 3]
+        [--floor target/release/examples/miss_floor]
 
 The harness (../shared/bench) reports one figure per miss: how busy the proxy's core was. On
 a shared VM that figure carries the kernel's and the hypervisor's share of every send and
@@ -15,7 +16,9 @@ after 50 ms) on CPU 1; wrk on CPU 1 sends, on 64 connections, every request for 
 (the harness's `miss.lua`). Per repetition it prints the misses served and the user, system
 and total CPU time per miss of every process in the target's session, and CPU 0's steal;
 then the medians. Needs nginx with the echo module (libnginx-mod-http-echo), wrk, and for a
-peer what the harness needs for it. The scratch directory (the peers' caches) is on
+peer what the harness needs for it. `--floor` measures `examples/miss_floor.rs` too: a
+forwarder that does nothing but relay each request and response, the least a miss costs any
+proxy on this machine. The scratch directory (the peers' caches) is on
 /dev/shm when there is one, as the harness puts its scratch on tmpfs.
 """
 import argparse, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
@@ -88,6 +91,9 @@ def main():
     ap.add_argument("binary")
     ap.add_argument("--peer", action="append", default=[],
                     help="a peer of the harness (../shared/bench/peers/NAME), e.g. nginx, ats")
+    ap.add_argument("--floor", help="the miss_floor example's binary, measured as `floor`")
+    ap.add_argument("--floor-busy", type=int, default=0,
+                    help="µs the floor spins in user space per miss (its BUSY_MICROS)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=8)
     a = ap.parse_args()
@@ -108,9 +114,12 @@ def main():
     results = {}
     try:
         wait_port(origin_port)
-        for name in ["skua"] + a.peer:
+        for name in ["skua"] + a.peer + (["floor"] if a.floor else []):
             port = free_port()
-            if name == "skua":
+            if name == "floor":
+                cmd = [a.floor, str(port), f"127.0.0.1:{origin_port}", str(a.floor_busy)]
+                env = os.environ
+            elif name == "skua":
                 conf = os.path.join(work, "skua.toml")
                 write_config(conf, work, port, free_port(), f"127.0.0.1:{origin_port}",
                              1 << 30, "compress = []")
