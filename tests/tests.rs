@@ -10,6 +10,7 @@ mod debug;
 mod demo;
 mod disk;
 mod edge;
+mod fill;
 mod fleet;
 mod front;
 mod hot_code;

@@ -240,6 +240,16 @@ impl Looked {
         self
     }
 
+    /// The URL this lookup was of, when the looker said ([`Looked::of_url`]).
+    pub fn url(&self) -> Option<&CacheUrl> {
+        self.url.as_deref()
+    }
+
+    /// The primary key hash the lookup was made with.
+    pub fn primary(&self) -> HashBinary {
+        self.primary
+    }
+
     /// The tier holds no variant of the URL, fresh or not.
     pub fn holds_nothing(&self) -> bool {
         self.family.is_none()

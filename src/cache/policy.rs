@@ -134,7 +134,7 @@ const DELTA_SECONDS_OVERFLOW: u64 = 1 << 31;
 /// required by Section 7.6.1 of [HTTP] to be removed before forwarding the message. This MAY
 /// be implemented by doing so before storage." Done here, so that every tier stores (and every
 /// hit serves) the same fields; regression: a disk hit served the origin's `Keep-Alive`.
-fn strip_hop_by_hop(resp: &mut ResponseHeader) {
+pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     for name in connection_nominated(&resp.headers) {
         resp.remove_header(&name);
     }

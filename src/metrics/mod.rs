@@ -149,6 +149,8 @@ pub struct Metrics {
     pub reloads_rejected: IntCounter,
     /// Hits by the code that answered them, indexed by [`HitPath`].
     pub hit_paths: [IntCounter; 3],
+    /// Misses the front door fetched, stored and answered itself (`proxy/fill.rs`).
+    pub front_door_fills: IntCounter,
     /// Responses `[[rule]]`s made, indexed by [`RuleAnswer`].
     pub rule_answers: [IntCounter; RuleAnswer::ALL.len()],
     /// Series of the per-request metrics resolved once, so counting a request hashes no labels.
@@ -533,6 +535,11 @@ impl Metrics {
         )?;
         registry.register(Box::new(hit_path.clone()))?;
         let hit_paths = HitPath::ALL.map(|p| hit_path.with_label_values(&[p.as_str()]));
+        let front_door_fills = IntCounter::new(
+            "skua_front_door_fills_total",
+            "Requests for URLs memory held nothing of that the front door sent to the origin and answered itself, without pingora's proxy path (the rest of the misses and passes take that path).",
+        )?;
+        registry.register(Box::new(front_door_fills.clone()))?;
         let rule_answer = IntCounterVec::new(
             Opts::new(
                 "skua_rule_answers_total",
@@ -601,6 +608,7 @@ impl Metrics {
             htcp_listening,
             htcp_dropped,
             hit_paths,
+            front_door_fills,
             rule_answers,
             per_request,
             top: top::Top::new(),

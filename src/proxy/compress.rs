@@ -122,6 +122,16 @@ pub struct BrotliBeforeStoring {
 }
 
 impl BrotliBeforeStoring {
+    /// One enabled from the start, for a response compressed outside pingora's modules
+    /// (`proxy::fill`).
+    pub fn wanted() -> BrotliBeforeStoring {
+        BrotliBeforeStoring {
+            wanted: true,
+            encoder: None,
+            sizes: (0, 0),
+        }
+    }
+
     pub fn enable(&mut self) {
         self.wanted = true;
     }
@@ -323,10 +333,15 @@ impl HttpModule for Decompress {
 /// The downstream module that installs [`Decompress`] on every request.
 pub struct DecompressBuilder;
 
+/// The context that decodes a stored copy for a client that does not take its encoding.
+pub fn downstream_context() -> ResponseCompressionCtx {
+    // Level 0: no compression; decompression on; a decompressed ETag is weakened.
+    ResponseCompressionCtx::new(0, true, false)
+}
+
 impl HttpModuleBuilder for DecompressBuilder {
     fn init(&self) -> Module {
-        // Level 0: no compression; decompression on; a decompressed ETag is weakened.
-        Box::new(Decompress(ResponseCompressionCtx::new(0, true, false)))
+        Box::new(Decompress(downstream_context()))
     }
 
     fn order(&self) -> i16 {

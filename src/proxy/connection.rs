@@ -9,6 +9,7 @@
 //! connection filter sees accepts, never closes). A connection here is counted from accept to
 //! close by wrapping pingora's per-connection entry point.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,7 @@ use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::fast::FrontDoor;
+use super::fill::Filled;
 use super::tls::TlsTerminator;
 use crate::cache::key::Scheme;
 use crate::cache::memory::for_one_request;
@@ -184,16 +186,12 @@ where
                 }
             };
             let closing = *shutdown.borrow();
-            let client = || {
-                *peer.get_or_init(|| {
-                    let digest = stream.get_socket_digest()?;
-                    digest.peer_addr()?.as_inet().map(|a| a.ip())
-                })
-            };
             let mut looked = None;
-            let answered = self
-                .front
-                .answer(&head, scheme, client, closing, &mut looked);
+            let answered = {
+                let client = || peer_ip(&peer, &stream);
+                self.front
+                    .answer(&head, scheme, client, closing, &mut looked)
+            };
             if let Some(answer) = answered {
                 let written = async {
                     match &answer.body {
@@ -205,15 +203,26 @@ where
                 if written.await.is_err() || answer.close {
                     break;
                 }
-                // The next head is read into this one's buffer: on a keep-alive connection no
-                // allocation per request. One grown by a large head is let go, so that an idle
-                // connection holds no more than a fresh one would.
-                if carry.is_empty() && head.capacity() <= 2 * HEAD_BUFFER {
-                    let mut spare = head;
-                    spare.clear();
-                    carry = spare;
-                }
+                reuse_head_buffer(&mut carry, head);
                 continue;
+            }
+            if let Some(found) = looked.as_ref().filter(|l| l.holds_nothing()) {
+                let ip = peer_ip(&peer, &stream);
+                // Boxed: the fill's state (parse buffers, the origin exchange) would otherwise
+                // be part of every connection's future, idle ones included (test
+                // `half_sent_request_heads_do_not_cost_a_64_kib_buffer_each`).
+                let client = move || ip;
+                let fill = self
+                    .front
+                    .try_fill(&head, scheme, &client, closing, found, &mut stream);
+                let filled = Box::pin(fill).await;
+                if let Filled::Answered { close } = filled {
+                    if close {
+                        break;
+                    }
+                    reuse_head_buffer(&mut carry, head);
+                    continue;
+                }
             }
             let mut session = ServerSession::new_http1(stream);
             session.set_keepalive(if *shutdown.borrow() {
@@ -249,6 +258,25 @@ where
 
     async fn cleanup(&self) {
         self.app.cleanup().await;
+    }
+}
+
+/// The client's address, read from the socket the first time a request needs it.
+fn peer_ip(peer: &std::cell::OnceCell<Option<IpAddr>>, stream: &Stream) -> Option<IpAddr> {
+    *peer.get_or_init(|| {
+        let digest = stream.get_socket_digest()?;
+        digest.peer_addr()?.as_inet().map(|a| a.ip())
+    })
+}
+
+/// Keeps a served request's head buffer to read the next head into: on a keep-alive
+/// connection no allocation per request. One grown by a large head is let go, so that an idle
+/// connection holds no more than a fresh one would.
+fn reuse_head_buffer(carry: &mut BytesMut, head: BytesMut) {
+    if carry.is_empty() && head.capacity() <= 2 * HEAD_BUFFER {
+        let mut spare = head;
+        spare.clear();
+        *carry = spare;
     }
 }
 

@@ -57,6 +57,8 @@ pub struct StreamAnswer {
 #[derive(Clone)]
 pub struct FrontDoor {
     shared: Arc<ProxyState>,
+    /// Kept-alive origin connections of the misses the front door fills (`proxy/fill.rs`).
+    pub(super) idle: Arc<super::fill::IdleOrigins>,
 }
 
 /// What a request says, once it is known to suit this path, whichever protocol carried it.
@@ -123,7 +125,54 @@ struct Hit {
 
 impl FrontDoor {
     pub fn new(shared: Arc<ProxyState>) -> FrontDoor {
-        FrontDoor { shared }
+        FrontDoor {
+            shared,
+            idle: Arc::default(),
+        }
+    }
+
+    pub(super) fn state(&self) -> &ProxyState {
+        &self.shared
+    }
+
+    /// Fetches, stores and answers `head`, a request [`Self::answer`] declined after finding
+    /// nothing of its URL in memory (`looked`), when it is a miss the front door fills
+    /// (`proxy/fill.rs`): a plain HTTP/1.1 `GET` without cookies or credentials, with no
+    /// `[[rule]]` or disk tier configured.
+    pub async fn try_fill(
+        &self,
+        head: &[u8],
+        scheme: Scheme,
+        client: &impl Fn() -> Option<IpAddr>,
+        closing: bool,
+        looked: &Looked,
+        stream: &mut pingora::protocols::Stream,
+    ) -> super::fill::Filled {
+        use super::fill::{FillRequest, Filled};
+        let started = Instant::now();
+        let settings = self.shared.settings.load();
+        if scheme != Scheme::Http
+            || !looked.holds_nothing()
+            || settings.rules.acts()
+            || self.shared.store.disk.is_some()
+        {
+            return Filled::Declined;
+        }
+        let mut parsed = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        let Some(req) = plain(head, &mut parsed, &settings.limits) else {
+            return Filled::Declined;
+        };
+        if req.method != Method::GET || req.cookie || req.authorization {
+            return Filled::Declined;
+        }
+        let request = FillRequest {
+            target: req.target,
+            close: req.close,
+            fields: &req.fields,
+            raw: req.fields.parsed.0,
+        };
+        self.fill(request, &settings, looked, client, closing, started, stream)
+            .await
     }
 
     /// The answer to the request whose complete head (and nothing more) is `head`, if it is a

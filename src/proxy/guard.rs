@@ -149,7 +149,11 @@ const OWN_PREFIX: &str = "skua-";
 /// with underscores counts as its dashed form and is always removed: CGI and PHP turn both
 /// `X_Forwarded_Host` and `X-Forwarded-Host` into `HTTP_X_FORWARDED_HOST`, and no proxy sends
 /// the underscore spelling.
-fn stripped(name: &http::HeaderName, extra: &[http::HeaderName], from_trusted_proxy: bool) -> bool {
+pub fn is_stripped(
+    name: &http::HeaderName,
+    extra: &[http::HeaderName],
+    from_trusted_proxy: bool,
+) -> bool {
     let n = name.as_str();
     if n.contains('_') {
         let dashed = n.replace('_', "-");
@@ -169,14 +173,14 @@ fn stripped(name: &http::HeaderName, extra: &[http::HeaderName], from_trusted_pr
 pub fn strip(req: &mut RequestHeader, extra: &[http::HeaderName], from_trusted_proxy: bool) {
     // Every request passes here: one look at its few headers, and removals only when
     // something is there to remove.
-    let is_stripped = |name: &http::HeaderName| stripped(name, extra, from_trusted_proxy);
-    if !req.headers.keys().any(is_stripped) {
+    let stripped = |name: &http::HeaderName| is_stripped(name, extra, from_trusted_proxy);
+    if !req.headers.keys().any(stripped) {
         return;
     }
     let names: Vec<http::HeaderName> = req
         .headers
         .keys()
-        .filter(|n| is_stripped(n))
+        .filter(|n| stripped(n))
         .cloned()
         .collect();
     for name in names {

@@ -24,6 +24,7 @@ pub mod connection;
 mod debug;
 mod edit;
 pub mod fast;
+pub mod fill;
 pub mod guard;
 mod h2;
 pub mod hit;
@@ -1405,10 +1406,9 @@ impl ProxyHttp for CachingProxy {
             }
         }
         // RFC 9110 §7.6.1: what the origin addressed to its own connection goes no further
-        // (the stored copy drops the same fields; `cache::policy`).
-        for name in crate::cache::policy::connection_nominated(&resp.headers) {
-            resp.remove_header(&name);
-        }
+        // (the stored copy drops the same fields). Regression: a miss passed the origin's
+        // `Keep-Alive` to the client.
+        crate::cache::policy::strip_hop_by_hop(resp);
         let method = &session.req_header().method;
         let unsafe_method = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
             && method.as_str() != "TRACE";

@@ -11,12 +11,42 @@ use crate::cache::status::Disposition;
 
 /// A status with a one-line plain-text body.
 pub async fn text(name: &str, session: &mut Session, status: u16, line: &str) -> Result<()> {
+    let (resp, body) = text_response(status, line)?;
+    header(name, session, resp, Some(body)).await
+}
+
+fn text_response(status: u16, line: &str) -> Result<(ResponseHeader, Bytes)> {
     let body = Bytes::from(format!("{line}\n"));
     let mut resp = ResponseHeader::build(status, Some(6))?;
     resp.insert_header("content-type", "text/plain; charset=utf-8")?;
     resp.insert_header("content-length", body.len().to_string())?;
     resp.insert_header("cache-control", "no-store")?;
-    header(name, session, resp, Some(body)).await
+    Ok((resp, body))
+}
+
+/// [`text`] as the bytes pingora's HTTP/1 server writes for it, on a connection that then
+/// closes: for the front door, which writes to the connection itself.
+pub fn text_wire(name: &str, status: u16, line: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    let Ok((mut resp, body)) = text_response(status, line) else {
+        return out;
+    };
+    let _ = resp.insert_header(X_CACHE_STATUS, Disposition::IntFront.as_str());
+    let _ = resp.insert_header(CACHE_STATUS, format!("{name}; detail=internal"));
+    let _ = resp.insert_header(
+        http::header::DATE,
+        pingora::protocols::http::date::get_cached_date(),
+    );
+    let _ = resp.insert_header(http::header::CONNECTION, "close");
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(resp.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(resp.get_reason_phrase().unwrap_or_default().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    resp.header_to_h1_wire(&mut out);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+    out
 }
 
 /// A redirect to `location`, with a one-line body saying where.

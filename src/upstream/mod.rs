@@ -219,6 +219,11 @@ impl Pool {
         self.size
     }
 
+    /// The pool's origins are reached over TLS (`[origin.tls]`).
+    pub fn uses_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// A healthy origin not in `failed`, as an upstream peer. When the health checks hold
     /// every remaining origin down, one of them is tried anyway, as nginx does: the checks may
     /// be behind (a pool that just started), and a refused connection costs little.

@@ -554,6 +554,11 @@ impl Skua {
     ) -> Skua {
         let admin_port = Port::reserve();
         let addresses: Vec<String> = origins.iter().map(|a| format!("\"{a}\"")).collect();
+        let read_timeout = if origin.contains("read_timeout") {
+            ""
+        } else {
+            "read_timeout = \"5s\""
+        };
         let config = format!(
             r#"[server]
 listen = ["127.0.0.1:{port}"]
@@ -568,7 +573,7 @@ upgrade_sock = "{upgrade_sock}"
 name = "test"
 addresses = [{addresses}]
 connect_timeout = "500ms"
-read_timeout = "5s"
+{read_timeout}
 {origin}
 [origin.health_check]
 path = "/_health"

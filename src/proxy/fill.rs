@@ -1,0 +1,1021 @@
+//! The front door's miss: a plain `GET` for a URL the memory tier holds nothing of is fetched
+//! from the origin, stored and answered from the connection itself, as the front door answers a
+//! fresh hit ([`super::fast`]), without pingora's proxy session. It owns the origin exchange of
+//! such a request (an HTTP/1.1 connection pool of its own), the cache lock it shares with
+//! pingora's path, and writing the answer. Every decision about the response is the full
+//! path's own code: the storage policy (`cache::policy`), the variant key (`cache::vary`), the
+//! response marks (`hit::mark`), storing (`Store`'s miss handler), the log and metrics
+//! (`ProxyState::record`).
+//!
+//! What it does not do: anything a request could need beyond that. A request declined here,
+//! before anything reaches the origin, goes to pingora's path, which answers it fully: `HEAD`,
+//! a URL with any copy in memory (a revalidation, a variant), a disk tier, a cookie or
+//! credentials, a `[[rule]]`, an origin over TLS, a fill another request is making (it waits on
+//! pingora's cache lock), and a first connection to the origin that fails (pingora's failover
+//! takes over).
+//!
+//! Why: pingora's general proxy path costs about 100,000 instructions a miss before Skua does
+//! anything (benches/README.md §24, §25); a miss needs a fraction of them.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header;
+use pingora::cache::lock::{LockStatus, Locked};
+use pingora::cache::{CacheKey, CacheMeta, CachePhase, NoCacheReason};
+use pingora::http::ResponseHeader;
+use pingora::protocols::Stream;
+use pingora::time::fast_timeout::fast_timeout;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::record::Served;
+use super::{guard, hit, Settings};
+use crate::cache::fields::RequestFields;
+use crate::cache::memory::Looked;
+use crate::cache::status::{Disposition, Outcome};
+use crate::cache::vary;
+
+/// Idle connections kept per origin address.
+const MAX_IDLE_PER_ORIGIN: usize = 128;
+
+/// The most response head this path reads; pingora's client allows the same.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// Most fields a response head may have here.
+const MAX_RESPONSE_FIELDS: usize = 128;
+
+/// What became of a request offered to [`super::fast::FrontDoor::fill`].
+pub enum Filled {
+    /// Nothing was sent anywhere: pingora's path answers the request.
+    Declined,
+    /// Answered; `close`: the connection ends after it.
+    Answered { close: bool },
+}
+
+/// Kept-alive connections to origins, by address.
+#[derive(Default)]
+pub struct IdleOrigins(Mutex<HashMap<SocketAddr, Vec<TcpStream>>>);
+
+impl IdleOrigins {
+    fn take(&self, addr: &SocketAddr) -> Option<TcpStream> {
+        self.0.lock().ok()?.get_mut(addr)?.pop()
+    }
+
+    fn put(&self, addr: SocketAddr, conn: TcpStream) {
+        if let Ok(mut idle) = self.0.lock() {
+            let conns = idle.entry(addr).or_default();
+            if conns.len() < MAX_IDLE_PER_ORIGIN {
+                conns.push(conn);
+            }
+        }
+    }
+}
+
+/// A request the front door may fill, as far as its head tells.
+pub struct FillRequest<'a, F> {
+    pub target: &'a str,
+    pub close: bool,
+    pub fields: &'a F,
+    /// The raw fields in order, as the client sent them.
+    pub raw: &'a [httparse::Header<'a>],
+}
+
+/// How a response's body is delimited (RFC 9112 §6.3).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+/// Why the origin exchange failed, named as pingora names it in `skua_origin_errors_total`.
+#[derive(Debug, Clone, Copy)]
+enum OriginError {
+    Timeout,
+    Closed,
+    Io,
+    Malformed,
+}
+
+impl OriginError {
+    fn as_str(self) -> &'static str {
+        match self {
+            OriginError::Timeout => "ReadTimedout",
+            OriginError::Closed => "ConnectionClosed",
+            OriginError::Io => "ReadError",
+            OriginError::Malformed => "InvalidHTTPHeader",
+        }
+    }
+}
+
+/// An origin connection with what has been read from it past the response head.
+struct Origin {
+    conn: TcpStream,
+    addr: SocketAddr,
+    buf: BytesMut,
+    read_timeout: Duration,
+}
+
+impl Origin {
+    async fn read_more(&mut self) -> Result<usize, OriginError> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(16 * 1024);
+        }
+        match fast_timeout(self.read_timeout, self.conn.read_buf(&mut self.buf)).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(_)) => Err(OriginError::Io),
+            Err(_) => Err(OriginError::Timeout),
+        }
+    }
+
+    /// Reads the next final response head, skipping `100 Continue` (a `GET` sent no body to
+    /// continue). Returns the head and its length in `buf`.
+    async fn read_head(&mut self) -> Result<(ResponseHeader, usize), OriginError> {
+        loop {
+            let parsed = parse_head(&self.buf)?;
+            match parsed {
+                Some((head, n)) if head.status.as_u16() == 100 => {
+                    let _ = self.buf.split_to(n);
+                }
+                Some(done) => return Ok(done),
+                None => {
+                    if self.buf.len() > MAX_RESPONSE_HEAD {
+                        return Err(OriginError::Malformed);
+                    }
+                    if self.read_more().await? == 0 {
+                        return Err(OriginError::Closed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next piece of a body framed by `framing`, `None` at its end. `left` counts what a
+    /// `Content-Length` or the current chunk still owes.
+    async fn next_piece(
+        &mut self,
+        framing: Framing,
+        left: &mut usize,
+    ) -> Result<Option<Bytes>, OriginError> {
+        loop {
+            match framing {
+                Framing::None => return Ok(None),
+                Framing::Length(_) if *left == 0 => return Ok(None),
+                Framing::Length(_) | Framing::Chunked if *left > 0 && !self.buf.is_empty() => {
+                    let n = self.buf.len().min(*left);
+                    *left -= n;
+                    return Ok(Some(self.buf.split_to(n).freeze()));
+                }
+                Framing::UntilClose if !self.buf.is_empty() => {
+                    return Ok(Some(self.buf.split().freeze()));
+                }
+                Framing::Chunked if *left == 0 => {
+                    if let Some(next) = self.chunk_boundary()? {
+                        match next {
+                            Some(size) => *left = size,
+                            None => return Ok(None),
+                        }
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            if self.read_more().await? == 0 {
+                return if framing == Framing::UntilClose {
+                    Ok(None)
+                } else {
+                    Err(OriginError::Closed)
+                };
+            }
+        }
+    }
+
+    /// At a chunk boundary (RFC 9112 §7.1): consumes the CRLF ending the previous chunk's data,
+    /// if any, and the next size line. `Some(Some(size))`: a chunk follows; `Some(None)`: the
+    /// last chunk and its trailer section were consumed; `None`: more bytes are needed.
+    fn chunk_boundary(&mut self) -> Result<Option<Option<usize>>, OriginError> {
+        let mut at = 0;
+        while self.buf.get(at).is_some_and(|b| *b == b'\r' || *b == b'\n') && at < 2 {
+            at += 1;
+        }
+        let rest = &self.buf[at..];
+        let size = match httparse::parse_chunk_size(rest) {
+            Ok(httparse::Status::Complete((n, size))) => (n, size),
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(_) => return Err(OriginError::Malformed),
+        };
+        let (line, size) = size;
+        let size = usize::try_from(size).map_err(|_| OriginError::Malformed)?;
+        if size > 0 {
+            let _ = self.buf.split_to(at + line);
+            return Ok(Some(Some(size)));
+        }
+        // The last chunk: trailer fields up to an empty line (RFC 9112 §7.1.2), dropped as
+        // pingora drops them.
+        let trailers = &self.buf[at + line..];
+        let end = if trailers.starts_with(b"\r\n") {
+            Some(2)
+        } else if trailers.starts_with(b"\n") {
+            Some(1)
+        } else {
+            memchr::memmem::find(trailers, b"\r\n\r\n").map(|i| i + 4)
+        };
+        match end {
+            Some(end) => {
+                let _ = self.buf.split_to(at + line + end);
+                Ok(Some(None))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// A complete response head at the start of `buf` and its length, `None` if more is needed.
+/// Not async: the parser's field array stays on this call's stack, out of the fill's future.
+fn parse_head(buf: &[u8]) -> Result<Option<(ResponseHeader, usize)>, OriginError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_FIELDS];
+    let mut resp = httparse::Response::new(&mut fields);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => Ok(Some((to_header(&resp)?, n))),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(OriginError::Malformed),
+    }
+}
+
+/// The origin's response head as pingora's header type, the names in the case they came in.
+fn to_header(resp: &httparse::Response<'_, '_>) -> Result<ResponseHeader, OriginError> {
+    let status = resp.code.ok_or(OriginError::Malformed)?;
+    let mut head = ResponseHeader::build(status, Some(resp.headers.len()))
+        .map_err(|_| OriginError::Malformed)?;
+    if let Some(reason) = resp.reason {
+        let _ = head.set_reason_phrase(Some(reason));
+    }
+    for f in resp.headers.iter() {
+        let value = http::HeaderValue::from_bytes(f.value).map_err(|_| OriginError::Malformed)?;
+        head.append_header(f.name.to_string(), value)
+            .map_err(|_| OriginError::Malformed)?;
+    }
+    Ok(head)
+}
+
+/// How a response's body is delimited, and whether the connection can carry another request
+/// after it.
+fn framing_of(resp: &ResponseHeader, http10: bool) -> (Framing, bool) {
+    let status = resp.status.as_u16();
+    let keepalive = !http10
+        && !resp.headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|o| o.trim_ascii().eq_ignore_ascii_case(b"close"))
+        });
+    if (100..200).contains(&status) || status == 204 || status == 304 {
+        return (Framing::None, keepalive);
+    }
+    if let Some(te) = resp.headers.get(header::TRANSFER_ENCODING) {
+        let last = te
+            .as_bytes()
+            .rsplit(|b| *b == b',')
+            .next()
+            .unwrap_or_default();
+        return if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            (Framing::Chunked, keepalive)
+        } else {
+            (Framing::UntilClose, false)
+        };
+    }
+    let lengths: Vec<_> = resp
+        .headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .collect();
+    match lengths.as_slice() {
+        [] => (Framing::UntilClose, false),
+        [one] => match std::str::from_utf8(one.as_bytes())
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+        {
+            Some(n) => (Framing::Length(n), keepalive),
+            None => (Framing::UntilClose, false),
+        },
+        _ => (Framing::UntilClose, false),
+    }
+}
+
+impl super::fast::FrontDoor {
+    /// Fetches, stores and answers a miss the front door's lookup found nothing for, when
+    /// this path can do all of it as pingora's path would (module documentation). `looked`:
+    /// the front door's lookup; `client`, `closing`: as for [`Self::answer`].
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fill<F: RequestFields>(
+        &self,
+        req: FillRequest<'_, F>,
+        settings: &Settings,
+        looked: &Looked,
+        client: &impl Fn() -> Option<IpAddr>,
+        closing: bool,
+        started: Instant,
+        stream: &mut Stream,
+    ) -> Filled {
+        let shared = self.state();
+        let Some(url) = looked.url() else {
+            return Filled::Declined;
+        };
+        if closing || url.path_and_query.starts_with(super::HEALTH_PATH) {
+            return Filled::Declined;
+        }
+        let pools = shared.pools.load();
+        let Some(pool) = pools.get(pools.for_host(&url.host)) else {
+            return Filled::Declined;
+        };
+        if pool.uses_tls() {
+            return Filled::Declined;
+        }
+        let primary = looked.primary();
+        let mut key = url.cache_key();
+        key.set_primary_bin_override(primary);
+        let permit = match shared.lock.lock(&key, false) {
+            Locked::Write(permit) => permit,
+            Locked::Read(_) => return Filled::Declined,
+        };
+        // A fill that landed between the front door's lookup and the lock (pingora's path
+        // looks again at this point too, `proxy_upstream_filter`).
+        if !shared.store.memory.look(&primary).holds_nothing() {
+            shared.lock.release(&key, permit, LockStatus::Done);
+            return Filled::Declined;
+        }
+        let primary_text = || url.primary();
+        let Ok(peer) = pool.pick(primary_text, url.host_name(), &[]) else {
+            shared
+                .lock
+                .release(&key, permit, LockStatus::TransientError);
+            return Filled::Declined;
+        };
+        let Some(addr) = peer._address.as_inet().copied() else {
+            shared
+                .lock
+                .release(&key, permit, LockStatus::TransientError);
+            return Filled::Declined;
+        };
+        let read_timeout = peer.options.read_timeout.unwrap_or(Duration::from_secs(60));
+        let connect_timeout = peer
+            .options
+            .connection_timeout
+            .unwrap_or(Duration::from_secs(10));
+
+        let from_proxy = guard::trusted(&settings.trusted_proxies, client());
+        let (request, forwarded_for) = upstream_request(
+            &req,
+            url.path_and_query.as_str(),
+            settings,
+            from_proxy,
+            client(),
+        );
+
+        // Sent on a kept-alive connection first; one the origin closed meanwhile is retried on a
+        // new one, as pingora retries a reused connection that fails before any answer.
+        let mut pooled = self.idle.take(&addr);
+        let sent = SystemTime::now();
+        let (mut origin, resp, head_len) = loop {
+            let reused = pooled.is_some();
+            let conn = match pooled.take() {
+                Some(conn) => conn,
+                None => match fast_timeout(connect_timeout, TcpStream::connect(addr)).await {
+                    Ok(Ok(conn)) => {
+                        let _ = conn.set_nodelay(true);
+                        conn
+                    }
+                    // Nothing was sent: pingora's path tries the pool's other origins.
+                    _ => {
+                        shared
+                            .lock
+                            .release(&key, permit, LockStatus::TransientError);
+                        return Filled::Declined;
+                    }
+                },
+            };
+            let mut origin = Origin {
+                conn,
+                addr,
+                buf: BytesMut::with_capacity(8 * 1024),
+                read_timeout,
+            };
+            let written = origin.conn.write_all(&request).await;
+            if written.is_err() {
+                if reused {
+                    continue;
+                }
+                shared
+                    .lock
+                    .release(&key, permit, LockStatus::TransientError);
+                return Filled::Declined;
+            }
+            match origin.read_head().await {
+                Ok((resp, n)) => break (origin, resp, n),
+                Err(OriginError::Closed | OriginError::Io) if reused && origin.buf.is_empty() => {
+                    continue
+                }
+                Err(e) => {
+                    shared
+                        .lock
+                        .release(&key, permit, LockStatus::TransientError);
+                    self.origin_failed(pool, e, &req, url, client, started, stream)
+                        .await;
+                    return Filled::Answered { close: true };
+                }
+            }
+        };
+        let waited = SystemTime::now().duration_since(sent).unwrap_or_default();
+        pool.series(&shared.metrics)
+            .observe(resp.status.as_u16(), waited);
+        let http10 = origin.buf.starts_with(b"HTTP/1.0");
+        let _ = origin.buf.split_to(head_len);
+        let mut resp = resp;
+        // RFC 9110 §7.6.1: what the origin addressed to its own connection goes no further.
+        crate::cache::policy::strip_hop_by_hop(&mut resp);
+        let (framing, origin_keepalive) = framing_of(&resp, http10);
+        let status = resp.status.as_u16();
+        if status == 101 || (100..200).contains(&status) {
+            // Switching protocols was not asked for; other interim answers are not expected
+            // to a GET without a body. Both are the origin's error here, as on pingora's path.
+            shared
+                .lock
+                .release(&key, permit, LockStatus::TransientError);
+            self.origin_failed(
+                pool,
+                OriginError::Malformed,
+                &req,
+                url,
+                client,
+                started,
+                stream,
+            )
+            .await;
+            return Filled::Answered { close: true };
+        }
+
+        // A compressible response is compressed once, before it is stored, as pingora's path
+        // does it (`proxy::compress`): brotli for the brotli clients' copy, gzip otherwise.
+        let mut before_storing = BeforeStoring::new(settings, req.fields, &mut resp, framing).await;
+
+        // What is stored, decided as `response_cache_filter` decides it.
+        let mut stored_head = resp.clone();
+        let decided = settings.policy.decide(&mut stored_head, false, sent, None);
+        let declared = resp.headers.get(header::CONTENT_LENGTH).and_then(|v| {
+            std::str::from_utf8(v.as_bytes())
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        });
+        let max = shared.store.max_object_size();
+        let storable = match decided {
+            Ok(f) => Some(f),
+            Err(reason) => {
+                shared
+                    .metrics
+                    .uncacheable
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+                None
+            }
+        };
+        // pingora's path reports a storable response whose declared length is past the largest
+        // object as a miss it does not store (`ResponseTooLarge`), without ranges.
+        let too_large = declared.is_some_and(|n| n > max);
+        let meta = storable.as_ref().filter(|_| !too_large).map(|f| {
+            let mut meta = CacheMeta::new(
+                f.fresh_until,
+                f.created,
+                f.stale_while_revalidate_sec,
+                f.stale_if_error_sec,
+                stored_head,
+            );
+            let as_forwarded = AsForwarded {
+                fields: req.fields,
+                forwarded_for: forwarded_for.clone().and_then(|r| request.get(r)),
+                settings,
+                from_proxy,
+            };
+            if let Some(variance) = vary::variance(meta.response_header(), &as_forwarded) {
+                meta.set_variance_key(variance);
+            }
+            meta
+        });
+        let outcome = Outcome {
+            phase: if meta.is_some() {
+                CachePhase::Miss
+            } else if too_large && storable.is_some() {
+                CachePhase::Disabled(NoCacheReason::ResponseTooLarge)
+            } else {
+                CachePhase::Disabled(NoCacheReason::Custom("uncacheable"))
+            },
+            fast_hit: false,
+            local_hit: false,
+            pass: None,
+            internal: false,
+            stored: storable.is_some(),
+            fresh_until: storable.as_ref().map(|f| f.fresh_until),
+            ttl_rule: false,
+            fwd_status: None,
+        };
+
+        // The client's head, as pingora's path writes it.
+        if status == 200 && declared.is_some() && !too_large {
+            // pingora's range filter, which runs on every response to a request that could use
+            // the cache: a 200 of known length may be served in ranges (as nginx announces).
+            let _ = resp.insert_header(header::ACCEPT_RANGES, "bytes");
+        }
+        // A body of unknown length goes to the client in chunks, announced where pingora's
+        // path announces it, before the cache's marks.
+        if framing != Framing::None
+            && !resp.headers.contains_key(header::TRANSFER_ENCODING)
+            && !resp.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+        }
+        let now = SystemTime::now();
+        let disposition = outcome.disposition();
+        let marked = hit::mark(
+            &mut resp,
+            disposition,
+            outcome.cache_status(&shared.name, now),
+            settings.downstream_cache_control.as_ref(),
+            None,
+            now,
+        );
+        // A copy in an encoding the client does not take is decoded on its way out, by the
+        // context pingora's path runs as a downstream module (`compress::DecompressBuilder`).
+        let mut decode = resp
+            .headers
+            .contains_key(header::CONTENT_ENCODING)
+            .then(|| accept_encoding_only(req.fields))
+            .flatten()
+            .map(|asked| {
+                let mut ctx = Box::new(super::compress::downstream_context());
+                ctx.request_filter(&asked);
+                ctx.response_header_filter(&mut resp, framing == Framing::None);
+                ctx
+            })
+            .filter(|ctx| ctx.is_enabled());
+        let close = req.close || marked.is_err();
+        // As pingora's HTTP/1 server writes every response head: its own `Date`, `Connection`,
+        // and chunks for a body of unknown length.
+        let _ = resp.insert_header(
+            header::DATE,
+            pingora::protocols::http::date::get_cached_date(),
+        );
+        let _ = resp.insert_header(
+            header::CONNECTION,
+            if close { "close" } else { "keep-alive" },
+        );
+        let chunked_out = framing != Framing::None
+            && (resp.headers.contains_key(header::TRANSFER_ENCODING)
+                || !resp.headers.contains_key(header::CONTENT_LENGTH));
+        if chunked_out && !resp.headers.contains_key(header::TRANSFER_ENCODING) {
+            let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
+        }
+        let mut out = Vec::with_capacity(512);
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(resp.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(resp.get_reason_phrase().unwrap_or_default().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        resp.header_to_h1_wire(&mut out);
+        out.extend_from_slice(b"\r\n");
+
+        // The body, streamed to the client as it comes and kept for storing.
+        let mut kept: Option<Vec<Bytes>> = meta.as_ref().map(|_| Vec::new());
+        let mut kept_len = 0usize;
+        let mut left = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        let mut body_bytes = 0u64;
+        let mut client_ok = true;
+        let mut complete = true;
+        loop {
+            let piece = match origin.next_piece(framing, &mut left).await {
+                Ok(piece) => piece,
+                Err(e) => {
+                    complete = false;
+                    shared
+                        .metrics
+                        .origin_errors
+                        .with_label_values(&[&pool.name, e.as_str()])
+                        .inc();
+                    None
+                }
+            };
+            let Some(piece) = piece else { break };
+            let Some(piece) = before_storing.piece(Some(piece), false).await else {
+                continue;
+            };
+            let to_client = match decode.as_mut() {
+                Some(ctx) => ctx.response_body_filter(Some(&piece), false),
+                None => Some(piece.clone()),
+            };
+            if let Some(data) = to_client.filter(|d| !d.is_empty()) {
+                body_bytes += data.len() as u64;
+                push_body(&mut out, &data, chunked_out);
+            }
+            keep(&mut kept, &mut kept_len, max, piece);
+            if out.len() >= 64 * 1024 {
+                client_ok = stream.write_all(&out).await.is_ok();
+                out.clear();
+                if !client_ok {
+                    // The rest of the body stays unread: neither stored nor the connection kept.
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        if complete {
+            if let Some(last) = before_storing.piece(None, true).await {
+                let to_client = match decode.as_mut() {
+                    Some(ctx) => ctx.response_body_filter(Some(&last), false),
+                    None => Some(last.clone()),
+                };
+                if let Some(data) = to_client.filter(|d| !d.is_empty()) {
+                    body_bytes += data.len() as u64;
+                    push_body(&mut out, &data, chunked_out);
+                }
+                keep(&mut kept, &mut kept_len, max, last);
+            }
+            before_storing.count(&shared.metrics);
+            let rest = decode
+                .as_mut()
+                .and_then(|ctx| ctx.response_body_filter(None, true));
+            if let Some(data) = rest.filter(|d| !d.is_empty()) {
+                body_bytes += data.len() as u64;
+                push_body(&mut out, &data, chunked_out);
+            }
+            if chunked_out {
+                out.extend_from_slice(b"0\r\n\r\n");
+            }
+        }
+        if client_ok && !out.is_empty() {
+            client_ok = stream.write_all(&out).await.is_ok() && stream.flush().await.is_ok();
+        }
+
+        let stored = match (kept, meta, complete && client_ok) {
+            (Some(pieces), Some(meta), true) => store(shared.store, &key, &meta, pieces).await,
+            _ => false,
+        };
+        shared.lock.release(
+            &key,
+            permit,
+            if stored {
+                LockStatus::Done
+            } else if complete {
+                LockStatus::GiveUp
+            } else {
+                LockStatus::TransientError
+            },
+        );
+        shared.metrics.front_door_fills.inc();
+        if complete && origin_keepalive && origin.buf.is_empty() {
+            self.idle.put(origin.addr, origin.conn);
+        }
+        shared.record(&Served {
+            client,
+            method: "GET",
+            target: &|| std::borrow::Cow::Borrowed(req.target),
+            protocol: "HTTP/1.1",
+            scheme: url.scheme,
+            url: Some(url),
+            headers: req.fields,
+            status,
+            body_bytes,
+            disposition,
+            hit_path: None,
+            started,
+        });
+        Filled::Answered {
+            close: close || !complete || !client_ok,
+        }
+    }
+
+    /// Answers a request whose origin failed before its response head arrived, as
+    /// `fail_to_proxy` does: 504 for a timeout, 502 otherwise, counted, and the connection
+    /// closed.
+    #[allow(clippy::too_many_arguments)]
+    async fn origin_failed<F: RequestFields>(
+        &self,
+        pool: &crate::upstream::Pool,
+        error: OriginError,
+        req: &FillRequest<'_, F>,
+        url: &crate::cache::key::CacheUrl,
+        client: &impl Fn() -> Option<IpAddr>,
+        started: Instant,
+        stream: &mut Stream,
+    ) {
+        let shared = self.state();
+        shared.metrics.front_door_fills.inc();
+        shared
+            .metrics
+            .origin_errors
+            .with_label_values(&[&pool.name, error.as_str()])
+            .inc();
+        let (status, message) = match error {
+            OriginError::Timeout => (504, "origin timed out"),
+            _ => (502, "origin unreachable or failed"),
+        };
+        let wire = super::respond::text_wire(&shared.name, status, &format!("skua: {message}"));
+        let _ = stream.write_all(&wire).await;
+        let _ = stream.flush().await;
+        shared.record(&Served {
+            client,
+            method: "GET",
+            target: &|| std::borrow::Cow::Borrowed(req.target),
+            protocol: "HTTP/1.1",
+            scheme: url.scheme,
+            url: Some(url),
+            headers: req.fields,
+            status,
+            body_bytes: 0,
+            disposition: Disposition::IntFront,
+            hit_path: None,
+            started,
+        });
+    }
+}
+
+/// Adds a piece of the body to what is kept for storing, until it outgrows the largest object.
+fn keep(kept: &mut Option<Vec<Bytes>>, kept_len: &mut usize, max: usize, piece: Bytes) {
+    if let Some(k) = kept.as_mut() {
+        *kept_len += piece.len();
+        if *kept_len > max {
+            *kept = None;
+        } else {
+            k.push(piece);
+        }
+    }
+}
+
+/// The compression a response gets before it is stored, in the order pingora's path runs it:
+/// the brotli upstream module, then pingora's gzip context (which leaves a body brotli encoded).
+/// Both boxed: a brotli encoder's state is kilobytes, and the fill's future would carry it on
+/// every miss, compressed or not.
+struct BeforeStoring {
+    brotli: Option<Box<super::compress::BrotliBeforeStoring>>,
+    gzip: Option<Box<pingora::protocols::http::compression::ResponseCompressionCtx>>,
+}
+
+impl BeforeStoring {
+    async fn new<F: RequestFields>(
+        settings: &Settings,
+        fields: &F,
+        resp: &mut ResponseHeader,
+        framing: Framing,
+    ) -> BeforeStoring {
+        use pingora::modules::http::HttpModule;
+        let compress = settings.compress;
+        let mut none = BeforeStoring {
+            brotli: None,
+            gzip: None,
+        };
+        if !(compress.gzip || compress.brotli) || !super::compress::compressible(resp) {
+            return none;
+        }
+        let end = framing == Framing::None;
+        let copy = vary::normalize_accept_encoding(fields);
+        if compress.brotli && copy == vary::Encoding::Brotli {
+            let mut brotli = Box::new(super::compress::BrotliBeforeStoring::wanted());
+            if brotli.response_header_filter(resp, end).await.is_ok() {
+                none.brotli = Some(brotli);
+            }
+        }
+        let mut gzip = Box::new(
+            pingora::protocols::http::compression::ResponseCompressionCtx::new(0, false, false),
+        );
+        super::compress::before_storing(&mut gzip, compress);
+        if let Ok(mut asked) = pingora::http::RequestHeader::build("GET", b"/", None) {
+            let _ = asked.insert_header(
+                header::ACCEPT_ENCODING,
+                vary::upstream_accept_encoding(copy, compress.brotli),
+            );
+            gzip.request_filter(&asked);
+        }
+        gzip.response_header_filter(resp, end);
+        none.gzip = Some(gzip).filter(|g| g.is_enabled());
+        none
+    }
+
+    /// A piece of the origin's body (`None` and `end` after the last) as it is stored.
+    async fn piece(&mut self, data: Option<Bytes>, end: bool) -> Option<Bytes> {
+        use pingora::modules::http::HttpModule;
+        let mut data = data;
+        if let Some(brotli) = self.brotli.as_mut() {
+            if brotli.response_body_filter(&mut data, end).is_err() {
+                data = None;
+            }
+        }
+        match self.gzip.as_mut() {
+            Some(gzip) => match (data.as_ref(), end) {
+                (None, false) => None,
+                (data, end) => gzip.response_body_filter(data, end),
+            },
+            None => data,
+        }
+        .filter(|d| !d.is_empty())
+    }
+
+    /// `skua_compression_bytes_total`, as pingora's path counts a stored compressed copy.
+    fn count(&self, metrics: &crate::metrics::Metrics) {
+        let sizes = match &self.gzip {
+            Some(gzip) => super::compress::stored_sizes(gzip, self.brotli.as_deref()),
+            None => self
+                .brotli
+                .as_ref()
+                .filter(|b| b.sizes.0 > 0)
+                .map(|b| ("br", b.sizes.0, b.sizes.1)),
+        };
+        if let Some((encoding, input, output)) = sizes {
+            metrics
+                .compression_bytes
+                .with_label_values(&[encoding, "in"])
+                .inc_by(input as u64);
+            metrics
+                .compression_bytes
+                .with_label_values(&[encoding, "out"])
+                .inc_by(output as u64);
+        }
+    }
+}
+
+/// Appends a piece of the client's body, as a chunk when the body is chunked.
+fn push_body(out: &mut Vec<u8>, data: &[u8], chunked: bool) {
+    if chunked {
+        let mut size = [0u8; 16];
+        let digits = hex_digits(data.len(), &mut size);
+        out.extend_from_slice(digits);
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(data);
+    }
+}
+
+fn hex_digits(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b"0123456789abcdef"[n % 16];
+        n /= 16;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+/// A request header holding only the client's `Accept-Encoding`, which is all the
+/// decompression context reads.
+fn accept_encoding_only<F: RequestFields>(fields: &F) -> Option<pingora::http::RequestHeader> {
+    let mut req = pingora::http::RequestHeader::build("GET", b"/", None).ok()?;
+    for value in fields.values("accept-encoding") {
+        if let Ok(value) = http::HeaderValue::from_bytes(value) {
+            let _ = req.append_header(header::ACCEPT_ENCODING, value);
+        }
+    }
+    Some(req)
+}
+
+/// Stores a complete response through the storage's miss handler, as pingora's path does.
+async fn store(
+    store: &'static crate::cache::Store,
+    key: &CacheKey,
+    meta: &CacheMeta,
+    pieces: Vec<Bytes>,
+) -> bool {
+    use pingora::cache::storage::Storage;
+    let span = pingora::cache::trace::Span::inactive().handle();
+    let Ok(mut miss) = store.get_miss_handler(key, meta, &span).await else {
+        return false;
+    };
+    for piece in pieces {
+        if miss.write_body(piece, false).await.is_err() {
+            return false;
+        }
+    }
+    miss.finish().await.is_ok()
+}
+
+/// Fields about the client's connection with Skua, which pingora never forwards (its
+/// `strip_standard_hop_by_hop_headers`; RFC 9110 §7.6.1). `Transfer-Encoding`, `TE` and
+/// `Upgrade` never get here: the front door declines a request with them.
+const HOP_BY_HOP_REQUEST: [header::HeaderName; 7] = [
+    header::CONNECTION,
+    header::HeaderName::from_static("keep-alive"),
+    header::HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::HeaderName::from_static("http2-settings"),
+];
+
+/// The request head the origin receives, as pingora's path makes it (`request_filter`'s
+/// stripping and `as_forwarded`, `upstream_request_filter`): the target in Skua's canonical
+/// spelling; the client's fields but the ones stripped from untrusted clients and those the
+/// key decides; `X-Forwarded-For` with the client's address; `Accept-Encoding` the copy the
+/// key names.
+fn upstream_request<F: RequestFields>(
+    req: &FillRequest<'_, F>,
+    target: &str,
+    settings: &Settings,
+    from_proxy: bool,
+    client: Option<IpAddr>,
+) -> (Vec<u8>, Option<std::ops::Range<usize>>) {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut forwarded_for: Option<&[u8]> = None;
+    let mut encoding_sent = false;
+    for f in req.raw {
+        let Ok(name) = http::HeaderName::from_bytes(f.name.as_bytes()) else {
+            continue;
+        };
+        if name == header::ACCEPT_ENCODING {
+            // The copy the key names, where the client put its own (as pingora rewrites it).
+            if !encoding_sent {
+                push_accept_encoding(&mut out, req.fields, settings);
+                encoding_sent = true;
+            }
+            continue;
+        }
+        if guard::is_stripped(&name, &settings.strip_headers, from_proxy)
+            || HOP_BY_HOP_REQUEST.contains(&name)
+        {
+            continue;
+        }
+        if name == guard::X_FORWARDED_FOR {
+            forwarded_for = forwarded_for.or(Some(f.value));
+            continue;
+        }
+        out.extend_from_slice(f.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(f.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut forwarded = None;
+    if client.is_some() || forwarded_for.is_some() {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        let start = out.len();
+        if let Some(prev) = forwarded_for {
+            out.extend_from_slice(prev);
+        }
+        if let Some(ip) = client {
+            if forwarded_for.is_some() {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(ip.to_string().as_bytes());
+        }
+        forwarded = Some(start..out.len());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !encoding_sent {
+        push_accept_encoding(&mut out, req.fields, settings);
+    }
+    out.extend_from_slice(b"\r\n");
+    (out, forwarded)
+}
+
+/// The request's fields as pingora's path keys a variant on them (RFC 9111 §4.1: the request
+/// the origin answered): after `request_filter`, without the fields stripped from untrusted
+/// clients and with the `X-Forwarded-For` the origin received. `Accept-Encoding` stays the
+/// client's: the key normalises it either way.
+struct AsForwarded<'a, F> {
+    fields: &'a F,
+    forwarded_for: Option<&'a [u8]>,
+    settings: &'a Settings,
+    from_proxy: bool,
+}
+
+impl<F: RequestFields> RequestFields for AsForwarded<'_, F> {
+    fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> {
+        let forwarded = name.eq_ignore_ascii_case(guard::X_FORWARDED_FOR.as_str());
+        let gone = forwarded
+            || http::HeaderName::from_bytes(name.as_bytes()).is_ok_and(|n| {
+                guard::is_stripped(&n, &self.settings.strip_headers, self.from_proxy)
+            });
+        let own = (!gone).then(|| self.fields.values(name));
+        own.into_iter()
+            .flatten()
+            .chain(self.forwarded_for.filter(|_| forwarded))
+    }
+}
+
+fn push_accept_encoding<F: RequestFields>(out: &mut Vec<u8>, fields: &F, settings: &Settings) {
+    let copy = vary::normalize_accept_encoding(fields);
+    out.extend_from_slice(b"accept-encoding: ");
+    out.extend_from_slice(
+        vary::upstream_accept_encoding(copy, settings.compress.brotli).as_bytes(),
+    );
+    out.extend_from_slice(b"\r\n");
+}

@@ -1,0 +1,366 @@
+//! The front door's fill (`src/proxy/fill.rs`): a plain HTTP/1.1 GET for a URL memory holds
+//! nothing of is fetched from the origin, stored and answered without pingora's proxy path.
+//! It must look exactly like a miss the proxy path fills, store what that path stores, and hand
+//! everything it cannot do to that path before anything reaches the origin.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::support::*;
+
+const FILLS: &str = "skua_front_door_fills_total";
+
+/// Status line, header fields (lowercased names, in a map) and body of a raw response.
+fn split(response: &str) -> (String, BTreeMap<String, String>, String) {
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or("").to_string();
+    let fields = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, fields, body.to_string())
+}
+
+async fn fills(skua: &Skua) -> f64 {
+    skua.metric(FILLS).await
+}
+
+/// The same response filled by the front door (HTTP/1.1) and by pingora's proxy path
+/// (HTTP/1.0 always takes it): the client sees the same status and fields and body, the origin
+/// the same request, both copies are stored and answer the next request at the front door.
+#[tokio::test]
+async fn a_miss_the_front_door_fills_looks_like_one_the_proxy_path_fills() {
+    let origin = Origin::start(|_| {
+        Reply::ok("page body")
+            .header("cache-control", "max-age=600")
+            .header("etag", "\"e1\"")
+            .header("x-wiki", "yes")
+            // Hop-by-hop: about the origin's connection, never passed on.
+            .header("keep-alive", "timeout=5")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let request = |version: &str, path: &str| {
+        format!(
+            "GET {path} HTTP/{version}\r\nHost: wiki.test\r\nUser-Agent: t\r\nX-Forwarded-For: 10.1.1.1\r\nAccept-Encoding: br\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let front = raw(skua.addr, &request("1.1", "/wiki/A")).await;
+    assert_eq!(fills(&skua).await, 1.0, "the front door filled /wiki/A");
+    let full = raw(skua.addr, &request("1.0", "/wiki/B")).await;
+    assert_eq!(fills(&skua).await, 1.0, "the proxy path filled /wiki/B");
+
+    let (front_status, mut front_fields, front_body) = split(&front);
+    let (full_status, mut full_fields, full_body) = split(&full);
+    assert_eq!(front_status, "HTTP/1.1 200 OK");
+    assert!(full_status.ends_with(" 200 OK"), "{full_status}");
+    assert_eq!(
+        (front_body.as_str(), full_body.as_str()),
+        ("page body", "page body")
+    );
+    assert_eq!(front_fields["x-cache-status"], "miss");
+    assert_eq!(front_fields["connection"], "close");
+    assert_eq!(front_fields["accept-ranges"], "bytes");
+    assert!(!front_fields.contains_key("keep-alive"), "{front}");
+    assert!(front_fields["cache-status"].starts_with("skua; fwd=uri-miss; stored; ttl="));
+    for f in [&mut front_fields, &mut full_fields] {
+        for volatile in ["cache-status", "connection", "date"] {
+            f.remove(volatile);
+        }
+    }
+    assert_eq!(front_fields, full_fields);
+
+    // What the origin received: the same fields for both.
+    let seen = |path| {
+        let r = origin.requests(path).pop().expect("reached the origin");
+        let mut fields: Vec<_> = r
+            .headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+            .collect();
+        fields.sort();
+        fields
+    };
+    let to_origin = seen("/wiki/A");
+    assert_eq!(to_origin, seen("/wiki/B"));
+    // The client is no trusted proxy: its `X-Forwarded-For` is dropped, and the origin is
+    // asked for the copy the key names.
+    assert_eq!(
+        to_origin,
+        [
+            "accept-encoding: br, gzip",
+            "host: wiki.test",
+            "user-agent: t",
+            "x-forwarded-for: 127.0.0.1"
+        ]
+    );
+
+    for path in ["/wiki/A", "/wiki/B"] {
+        let hit = get(&skua.url(path), &[("host", "wiki.test")]).await;
+        assert_eq!(
+            (hit.status, hit.cache(), hit.text()),
+            (200, "hit-front", "page body".into())
+        );
+        assert_eq!(origin.count(path), 1, "{path}");
+    }
+}
+
+/// An origin speaking raw HTTP/1.1: `/chunked` in chunks (with an extension and a trailer),
+/// `/until-close` an HTTP/1.0 body ended by closing the connection. Counts the requests.
+async fn raw_origin() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    if !head.starts_with("GET /_health ") {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if head.starts_with("GET /chunked ") {
+                        let reply = "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: chunked\r\n\r\n\
+                                     5;ext=1\r\nfirst\r\n7\r\n, then \r\n4\r\nlast\r\n0\r\nX-Trailer: t\r\n\r\n";
+                        if conn.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    } else if head.starts_with("GET /_health ") {
+                        let reply = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if conn.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    } else {
+                        let reply = "HTTP/1.0 200 Fine\r\nCache-Control: max-age=600\r\n\r\nuntil the origin closes";
+                        let _ = conn.write_all(reply.as_bytes()).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// Bodies without a `Content-Length` are relayed in chunks, stored whole, and served from
+/// memory with their length.
+#[tokio::test]
+async fn front_door_fill_stores_chunked_and_close_delimited_bodies() {
+    let (addr, count) = raw_origin().await;
+    let skua = Skua::start(&[addr], "").await;
+    for (n, (path, body)) in [
+        ("/chunked", "first, then last"),
+        ("/until-close", "until the origin closes"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let miss = raw(
+            skua.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let (status, fields, _) = split(&miss);
+        assert!(status.starts_with("HTTP/1.1 200 "), "{miss}");
+        assert_eq!(fields["transfer-encoding"], "chunked", "{miss}");
+        assert_eq!(fields["x-cache-status"], "miss", "{miss}");
+        assert_eq!(fills(&skua).await, (n + 1) as f64);
+        let hit = get(&skua.url(path), &[("host", "wiki.test")]).await;
+        assert_eq!(
+            (hit.status, hit.cache(), hit.text()),
+            (200, "hit-front", body.into())
+        );
+        assert_eq!(hit.header("content-length"), body.len().to_string());
+        assert_eq!(count.load(Ordering::SeqCst), n + 1, "{path} fetched once");
+    }
+}
+
+/// A kept-alive origin connection the origin closed while it sat idle is retried on a new
+/// one: the client gets the page, not an error.
+#[tokio::test]
+async fn front_door_fill_retries_an_origin_connection_closed_while_idle() {
+    let origin =
+        Origin::start(|_| Reply::ok("page body").header("cache-control", "max-age=600")).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let host = [("host", "wiki.test")];
+    assert_eq!(get(&skua.url("/wiki/A"), &host).await.cache(), "miss");
+    origin.stop();
+    origin.restart().await;
+    let after = get(&skua.url("/wiki/B"), &host).await;
+    assert_eq!(
+        (after.status, after.cache(), after.text()),
+        (200, "miss", "page body".into())
+    );
+    assert_eq!(fills(&skua).await, 2.0);
+    assert_eq!(origin.count("/wiki/B"), 1);
+}
+
+/// An origin slower than `read_timeout`: 504 from Skua, counted as the origin's error, and
+/// nothing stored (the next request reaches the origin again), on either path alike.
+#[tokio::test]
+async fn front_door_fill_answers_an_origin_timeout_with_504_and_stores_nothing() {
+    let origin = Origin::start(|_| {
+        Reply::ok("late")
+            .header("cache-control", "max-age=600")
+            .delay(Duration::from_millis(1500))
+    })
+    .await;
+    let skua = Skua::start_tables(&[origin.addr], ["", "read_timeout = \"500ms\"", ""], "").await;
+    let mut answers = Vec::new();
+    for version in ["1.1", "1.0", "1.1"] {
+        let answer = raw(
+            skua.addr,
+            &format!("GET /slow HTTP/{version}\r\nHost: wiki.test\r\n\r\n"),
+        )
+        .await;
+        let (status, mut fields, body) = split(&answer);
+        assert!(status.ends_with(" 504 Gateway Timeout"), "{answer}");
+        assert_eq!(fields["x-cache-status"], "int-front", "{answer}");
+        assert_eq!(fields["connection"], "close", "{answer}");
+        fields.remove("date");
+        answers.push((fields, body));
+    }
+    assert_eq!(answers[0], answers[1], "both paths answer alike");
+    assert_eq!(fills(&skua).await, 2.0);
+    assert_eq!(origin.count("/slow"), 3, "nothing was stored");
+    assert_eq!(
+        skua.metric("skua_origin_errors_total{kind=\"ReadTimedout\",pool=\"test\"}")
+            .await,
+        3.0
+    );
+}
+
+/// The body of a raw HTTP/1.1 response in chunks, unchunked.
+fn dechunk(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut rest = body;
+    while let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size_text = String::from_utf8_lossy(&rest[..line_end]).into_owned();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = line_end + 2;
+        out.extend_from_slice(&rest[start..start + size]);
+        rest = &rest[start + size + 2..];
+    }
+    out
+}
+
+/// Status, fields and body of a raw response read as bytes (a compressed body is no text).
+async fn raw_bytes(
+    addr: std::net::SocketAddr,
+    request: &str,
+) -> (String, BTreeMap<String, String>, Vec<u8>) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    let (status, fields, _) = split(&String::from_utf8_lossy(&buf[..end]));
+    let body = if fields
+        .get("transfer-encoding")
+        .is_some_and(|te| te == "chunked")
+    {
+        dechunk(&buf[end..])
+    } else {
+        buf[end..].to_vec()
+    };
+    (status, fields, body)
+}
+
+/// A compressible page is compressed before it is stored, as on the proxy path: the client
+/// that takes gzip gets the gzip copy, the same bytes either path stores, with a weakened
+/// `ETag` and `Vary: Accept-Encoding`; a client that takes no encoding gets it decoded.
+#[tokio::test]
+async fn a_page_the_front_door_fills_is_compressed_as_the_proxy_path_compresses_it() {
+    let page = "<p>a wiki page, long enough to be worth compressing</p>\n".repeat(100);
+    let served = page.clone();
+    let origin = Origin::start(move |_| {
+        Reply::ok(served.clone())
+            .header("content-type", "text/html; charset=UTF-8")
+            .header("cache-control", "max-age=600")
+            .header("etag", "\"p1\"")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let request = |version: &str, path: &str, encoding: &str| {
+        format!(
+            "GET {path} HTTP/{version}\r\nHost: wiki.test\r\n{encoding}Connection: close\r\n\r\n"
+        )
+    };
+    let gzip = "Accept-Encoding: gzip\r\n";
+    let (front_status, mut front, front_body) =
+        raw_bytes(skua.addr, &request("1.1", "/wiki/A", gzip)).await;
+    assert_eq!(fills(&skua).await, 1.0, "the front door filled /wiki/A");
+    let (_, mut full, full_body) = raw_bytes(skua.addr, &request("1.0", "/wiki/B", gzip)).await;
+    assert_eq!(fills(&skua).await, 1.0, "the proxy path filled /wiki/B");
+    assert_eq!(front_status, "HTTP/1.1 200 OK");
+    assert_eq!(front["content-encoding"], "gzip");
+    assert_eq!(front["etag"], "W/\"p1\"");
+    assert!(
+        front["vary"].eq_ignore_ascii_case("accept-encoding"),
+        "{front:?}"
+    );
+    // gzip streams, not byte for byte the same: each path flushes the encoder where the
+    // origin's body arrived in pieces. What they decode to is checked below, through Skua.
+    for body in [&front_body, &full_body] {
+        assert!(body.starts_with(&[0x1f, 0x8b]), "a gzip stream");
+        assert!(body.len() < page.len() / 4, "{} bytes", body.len());
+    }
+    for f in [&mut front, &mut full] {
+        for volatile in [
+            "cache-status",
+            "connection",
+            "date",
+            "transfer-encoding",
+            "content-length",
+        ] {
+            f.remove(volatile);
+        }
+    }
+    assert_eq!(front, full);
+
+    // Each stored copy is what its miss sent, and decodes to the page.
+    for (path, sent) in [("/wiki/A", &front_body), ("/wiki/B", &full_body)] {
+        let (_, hit, body) = raw_bytes(skua.addr, &request("1.1", path, gzip)).await;
+        assert_eq!(hit["x-cache-status"], "hit-front", "{path}");
+        assert_eq!(&body, sent, "{path}");
+        let (_, plain, body) = raw_bytes(skua.addr, &request("1.1", path, "")).await;
+        assert!(!plain.contains_key("content-encoding"), "{path}: {plain:?}");
+        assert_eq!(String::from_utf8_lossy(&body), page, "{path}");
+        assert_eq!(origin.count(path), 1, "{path}");
+    }
+    // The fill decoded its own answer for a client that takes no encoding.
+    let (_, fields, body) = raw_bytes(skua.addr, &request("1.1", "/wiki/C", "")).await;
+    assert_eq!(fields["x-cache-status"], "miss");
+    assert!(!fields.contains_key("content-encoding"), "{fields:?}");
+    assert_eq!(String::from_utf8_lossy(&body), page);
+    assert_eq!(fills(&skua).await, 2.0);
+}
