@@ -364,3 +364,29 @@ async fn a_page_the_front_door_fills_is_compressed_as_the_proxy_path_compresses_
     assert_eq!(String::from_utf8_lossy(&body), page);
     assert_eq!(fills(&skua).await, 2.0);
 }
+
+/// With a disk tier, a miss the front door fills is written to disk as well: after a restart
+/// (memory empty) the page is a disk hit, and the origin was asked once.
+#[tokio::test]
+async fn a_miss_the_front_door_fills_is_kept_on_disk_too() {
+    let origin =
+        Origin::start(|_| Reply::ok("page body").header("cache-control", "max-age=600")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = Port::reserve();
+    let mut skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
+    skua.wait_disk_index().await;
+    let host = [("host", "wiki.test")];
+    let miss = get(&skua.url("/wiki/Disk"), &host).await;
+    assert_eq!((miss.status, miss.cache()), (200, "miss"));
+    assert_eq!(fills(&skua).await, 1.0, "the front door filled it");
+    skua.wait_disk_writes().await;
+    skua.stop();
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
+    skua.wait_disk_index().await;
+    let hit = get(&skua.url("/wiki/Disk"), &host).await;
+    assert_eq!(
+        (hit.status, hit.cache(), hit.text()),
+        (200, "hit-local", "page body".into())
+    );
+    assert_eq!(origin.count("/wiki/Disk"), 1);
+}

@@ -138,7 +138,7 @@ impl FrontDoor {
     /// Fetches, stores and answers `head`, a request [`Self::answer`] declined after finding
     /// nothing of its URL in memory (`looked`), when it is a miss the front door fills
     /// (`proxy/fill.rs`): a plain HTTP/1.1 `GET` without cookies or credentials, with no
-    /// `[[rule]]` or disk tier configured.
+    /// `[[rule]]` configured.
     pub async fn try_fill(
         &self,
         head: &[u8],
@@ -151,11 +151,7 @@ impl FrontDoor {
         use super::fill::{FillRequest, Filled};
         let started = Instant::now();
         let settings = self.shared.settings.load();
-        if scheme != Scheme::Http
-            || !looked.holds_nothing()
-            || settings.rules.acts()
-            || self.shared.store.disk.is_some()
-        {
+        if scheme != Scheme::Http || !looked.holds_nothing() || settings.rules.acts() {
             return Filled::Declined;
         }
         let mut parsed = [httparse::EMPTY_HEADER; MAX_FIELDS];

@@ -9,7 +9,7 @@
 //!
 //! What it does not do: anything a request could need beyond that. A request declined here,
 //! before anything reaches the origin, goes to pingora's path, which answers it fully: `HEAD`,
-//! a URL with any copy in memory (a revalidation, a variant), a disk tier, a cookie or
+//! a URL with any copy in memory or on disk (a revalidation, a variant, a disk hit), a cookie or
 //! credentials, a `[[rule]]`, an origin over TLS, a fill another request is making (it waits on
 //! pingora's cache lock), and a first connection to the origin that fails (pingora's failover
 //! takes over).
@@ -336,6 +336,17 @@ impl super::fast::FrontDoor {
             return Filled::Declined;
         }
         let primary = looked.primary();
+        // A URL memory holds nothing of may be on disk (a disk hit is the full path's), and
+        // until the disk tier has listed its segments, nothing is known of what it holds.
+        let on_disk = || {
+            shared
+                .store
+                .disk
+                .is_some_and(|disk| !disk.loaded() || disk.holds(&primary))
+        };
+        if on_disk() {
+            return Filled::Declined;
+        }
         let mut key = url.cache_key();
         key.set_primary_bin_override(primary);
         let permit = match shared.lock.lock(&key, false) {
@@ -344,7 +355,7 @@ impl super::fast::FrontDoor {
         };
         // A fill that landed between the front door's lookup and the lock (pingora's path
         // looks again at this point too, `proxy_upstream_filter`).
-        if !shared.store.memory.look(&primary).holds_nothing() {
+        if !shared.store.memory.look(&primary).holds_nothing() || on_disk() {
             shared.lock.release(&key, permit, LockStatus::Done);
             return Filled::Declined;
         }
