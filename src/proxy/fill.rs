@@ -468,6 +468,9 @@ impl super::fast::FrontDoor {
             .await;
             return Filled::Answered { close: true };
         }
+        // Counted before the client can read a byte of the answer: whoever reads the metric
+        // after the response (a test, an operator's scrape) sees this fill.
+        shared.metrics.front_door_fills.inc();
 
         // A compressible response is compressed once, before it is stored, as pingora's path
         // does it (`proxy::compress`): brotli for the brotli clients' copy, gzip otherwise.
@@ -669,11 +672,10 @@ impl super::fast::FrontDoor {
                 out.extend_from_slice(b"0\r\n\r\n");
             }
         }
-        if client_ok && !out.is_empty() {
-            client_ok = stream.write_all(&out).await.is_ok() && stream.flush().await.is_ok();
-        }
-
-        let stored = match (kept, meta, complete && client_ok) {
+        // Stored before the client reads the end of the body: a client that has the whole
+        // answer finds it stored when it asks again, and those waiting on the lock go sooner.
+        // A body the client stopped reading partway is incomplete here and is not stored.
+        let stored = match (kept, meta, complete) {
             (Some(pieces), Some(meta), true) => store(shared.store, &key, &meta, pieces).await,
             _ => false,
         };
@@ -688,7 +690,9 @@ impl super::fast::FrontDoor {
                 LockStatus::TransientError
             },
         );
-        shared.metrics.front_door_fills.inc();
+        if client_ok && !out.is_empty() {
+            client_ok = stream.write_all(&out).await.is_ok() && stream.flush().await.is_ok();
+        }
         if complete && origin_keepalive && origin.buf.is_empty() {
             self.idle.put(origin.addr, origin.conn);
         }
