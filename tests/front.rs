@@ -21,18 +21,6 @@ async fn page_origin() -> Origin {
     .await
 }
 
-/// Status line, header fields (lowercased names, in a map) and body of a raw response.
-fn split(response: &str) -> (String, BTreeMap<String, String>, String) {
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response, ""));
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap_or("").to_string();
-    let fields = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    (status, fields, body.to_string())
-}
-
 /// `fields` without those about this connection and this moment.
 fn steady(mut fields: BTreeMap<String, String>) -> BTreeMap<String, String> {
     for volatile in ["age", "connection", "date"] {

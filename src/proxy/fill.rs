@@ -27,6 +27,7 @@ use http::header;
 use pingora::cache::lock::{LockStatus, Locked};
 use pingora::cache::{CacheKey, CacheMeta, CachePhase, NoCacheReason};
 use pingora::http::ResponseHeader;
+use pingora::protocols::http::compression::ResponseCompressionCtx;
 use pingora::protocols::Stream;
 use pingora::time::fast_timeout::fast_timeout;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -594,15 +595,26 @@ impl super::fast::FrontDoor {
             let _ = resp.insert_header(header::TRANSFER_ENCODING, "chunked");
         }
         let mut out = Vec::with_capacity(512);
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(resp.status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(resp.get_reason_phrase().unwrap_or_default().as_bytes());
-        out.extend_from_slice(b"\r\n");
-        resp.header_to_h1_wire(&mut out);
-        out.extend_from_slice(b"\r\n");
+        super::respond::head_to_wire(&resp, &mut out);
 
         // The body, streamed to the client as it comes and kept for storing.
+        // A piece as the client gets it (decoded if it must be), framed; the bytes it adds.
+        let to_client = |decode: &mut Option<Box<ResponseCompressionCtx>>,
+                         piece: &Bytes,
+                         out: &mut Vec<u8>|
+         -> u64 {
+            let data = match decode {
+                Some(ctx) => ctx.response_body_filter(Some(piece), false),
+                None => Some(piece.clone()),
+            };
+            match data.filter(|d| !d.is_empty()) {
+                Some(data) => {
+                    push_body(out, &data, chunked_out);
+                    data.len() as u64
+                }
+                None => 0,
+            }
+        };
         let mut kept: Option<Vec<Bytes>> = meta.as_ref().map(|_| Vec::new());
         let mut kept_len = 0usize;
         let mut left = match framing {
@@ -629,14 +641,7 @@ impl super::fast::FrontDoor {
             let Some(piece) = before_storing.piece(Some(piece), false).await else {
                 continue;
             };
-            let to_client = match decode.as_mut() {
-                Some(ctx) => ctx.response_body_filter(Some(&piece), false),
-                None => Some(piece.clone()),
-            };
-            if let Some(data) = to_client.filter(|d| !d.is_empty()) {
-                body_bytes += data.len() as u64;
-                push_body(&mut out, &data, chunked_out);
-            }
+            body_bytes += to_client(&mut decode, &piece, &mut out);
             keep(&mut kept, &mut kept_len, max, piece);
             if out.len() >= 64 * 1024 {
                 client_ok = stream.write_all(&out).await.is_ok();
@@ -650,14 +655,7 @@ impl super::fast::FrontDoor {
         }
         if complete {
             if let Some(last) = before_storing.piece(None, true).await {
-                let to_client = match decode.as_mut() {
-                    Some(ctx) => ctx.response_body_filter(Some(&last), false),
-                    None => Some(last.clone()),
-                };
-                if let Some(data) = to_client.filter(|d| !d.is_empty()) {
-                    body_bytes += data.len() as u64;
-                    push_body(&mut out, &data, chunked_out);
-                }
+                body_bytes += to_client(&mut decode, &last, &mut out);
                 keep(&mut kept, &mut kept_len, max, last);
             }
             before_storing.count(&shared.metrics);
@@ -696,7 +694,29 @@ impl super::fast::FrontDoor {
         if complete && origin_keepalive && origin.buf.is_empty() {
             self.idle.put(origin.addr, origin.conn);
         }
-        shared.record(&Served {
+        self.log(
+            &req,
+            url,
+            client,
+            started,
+            (status, body_bytes, disposition),
+        );
+        Filled::Answered {
+            close: close || !complete || !client_ok,
+        }
+    }
+
+    /// The access log's line and the metrics of an answered fill: status, body bytes sent
+    /// and how it was answered.
+    fn log<F: RequestFields>(
+        &self,
+        req: &FillRequest<'_, F>,
+        url: &crate::cache::key::CacheUrl,
+        client: &impl Fn() -> Option<IpAddr>,
+        started: Instant,
+        (status, body_bytes, disposition): (u16, u64, Disposition),
+    ) {
+        self.state().record(&Served {
             client,
             method: "GET",
             target: &|| std::borrow::Cow::Borrowed(req.target),
@@ -710,9 +730,6 @@ impl super::fast::FrontDoor {
             hit_path: None,
             started,
         });
-        Filled::Answered {
-            close: close || !complete || !client_ok,
-        }
     }
 
     /// Answers a request whose origin failed before its response head arrived, as
@@ -743,20 +760,13 @@ impl super::fast::FrontDoor {
         let wire = super::respond::text_wire(&shared.name, status, &format!("skua: {message}"));
         let _ = stream.write_all(&wire).await;
         let _ = stream.flush().await;
-        shared.record(&Served {
+        self.log(
+            req,
+            url,
             client,
-            method: "GET",
-            target: &|| std::borrow::Cow::Borrowed(req.target),
-            protocol: "HTTP/1.1",
-            scheme: url.scheme,
-            url: Some(url),
-            headers: req.fields,
-            status,
-            body_bytes: 0,
-            disposition: Disposition::IntFront,
-            hit_path: None,
             started,
-        });
+            (status, 0, Disposition::IntFront),
+        );
     }
 }
 

@@ -38,15 +38,20 @@ pub fn text_wire(name: &str, status: u16, line: &str) -> Vec<u8> {
         pingora::protocols::http::date::get_cached_date(),
     );
     let _ = resp.insert_header(http::header::CONNECTION, "close");
+    head_to_wire(&resp, &mut out);
+    out.extend_from_slice(&body);
+    out
+}
+
+/// An HTTP/1.1 response head as written on the wire: status line, fields, blank line.
+pub(super) fn head_to_wire(resp: &pingora::http::ResponseHeader, out: &mut Vec<u8>) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(resp.status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(resp.get_reason_phrase().unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
-    resp.header_to_h1_wire(&mut out);
+    resp.header_to_h1_wire(out);
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&body);
-    out
 }
 
 /// A redirect to `location`, with a one-line body saying where.

@@ -962,3 +962,15 @@ impl Skua {
         counts
     }
 }
+
+/// Status line, header fields (lowercased names, in a map) and body of a raw response.
+pub fn split(response: &str) -> (String, std::collections::BTreeMap<String, String>, String) {
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((response, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or("").to_string();
+    let fields = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, fields, body.to_string())
+}
