@@ -597,7 +597,6 @@ impl super::fast::FrontDoor {
         let mut out = Vec::with_capacity(512);
         super::respond::head_to_wire(&resp, &mut out);
 
-        // The body, streamed to the client as it comes and kept for storing.
         // A piece as the client gets it (decoded if it must be), framed; the bytes it adds.
         let to_client = |decode: &mut Option<Box<ResponseCompressionCtx>>,
                          piece: &Bytes,
@@ -615,6 +614,7 @@ impl super::fast::FrontDoor {
                 None => 0,
             }
         };
+        // The body, streamed to the client as it comes and kept for storing.
         let mut kept: Option<Vec<Bytes>> = meta.as_ref().map(|_| Vec::new());
         let mut kept_len = 0usize;
         let mut left = match framing {
