@@ -151,7 +151,11 @@ impl FrontDoor {
         use super::fill::{FillRequest, Filled};
         let started = Instant::now();
         let settings = self.shared.settings.load();
-        if scheme != Scheme::Http || !looked.holds_nothing() || settings.rules.acts() {
+        if scheme != Scheme::Http
+            || !looked.holds_nothing()
+            || settings.rules.acts()
+            || self.may_be_on_disk(looked)
+        {
             return Filled::Declined;
         }
         let mut parsed = [httparse::EMPTY_HEADER; MAX_FIELDS];

@@ -308,6 +308,18 @@ fn framing_of(resp: &ResponseHeader, http10: bool) -> (Framing, bool) {
 }
 
 impl super::fast::FrontDoor {
+    /// Whether the disk tier may hold something of the URL memory holds nothing of (`looked`):
+    /// a disk hit is the full path's, and until the disk tier has listed its segments, nothing
+    /// is known of what it holds. Asked first, before the request is parsed again, as every
+    /// disk hit comes this way.
+    pub(super) fn may_be_on_disk(&self, looked: &Looked) -> bool {
+        let primary = looked.primary();
+        self.state()
+            .store
+            .disk
+            .is_some_and(|disk| !disk.loaded() || disk.holds(&primary))
+    }
+
     /// Fetches, stores and answers a miss the front door's lookup found nothing for, when
     /// this path can do all of it as pingora's path would (module documentation). `looked`:
     /// the front door's lookup; `client`, `closing`: as for [`Self::answer`].
@@ -337,17 +349,6 @@ impl super::fast::FrontDoor {
             return Filled::Declined;
         }
         let primary = looked.primary();
-        // A URL memory holds nothing of may be on disk (a disk hit is the full path's), and
-        // until the disk tier has listed its segments, nothing is known of what it holds.
-        let on_disk = || {
-            shared
-                .store
-                .disk
-                .is_some_and(|disk| !disk.loaded() || disk.holds(&primary))
-        };
-        if on_disk() {
-            return Filled::Declined;
-        }
         let mut key = url.cache_key();
         key.set_primary_bin_override(primary);
         let permit = match shared.lock.lock(&key, false) {
@@ -356,7 +357,7 @@ impl super::fast::FrontDoor {
         };
         // A fill that landed between the front door's lookup and the lock (pingora's path
         // looks again at this point too, `proxy_upstream_filter`).
-        if !shared.store.memory.look(&primary).holds_nothing() || on_disk() {
+        if !shared.store.memory.look(&primary).holds_nothing() || self.may_be_on_disk(looked) {
             shared.lock.release(&key, permit, LockStatus::Done);
             return Filled::Declined;
         }
