@@ -18,8 +18,8 @@ fn unhex(s: &str) -> Vec<u8> {
 
 /// A UDP port for a Skua to listen on, below the kernel's ephemeral range, so that a sender
 /// socket bound to port 0 (every test's, or Skua's own) cannot be given it between the pick
-/// and Skua's bind. Regression: `a_second_skua_on_the_same_htcp_address_refuses_to_start`
-/// failed once when the port, picked by binding port 0, was taken meanwhile.
+/// and Skua's bind, as one picked by binding port 0 could be (the likely cause of the one
+/// failure seen of `a_second_skua_on_the_same_htcp_address_refuses_to_start`).
 fn udp_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
