@@ -172,7 +172,8 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 }
 
 /// Appends `secs` (since the Unix epoch) as an IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`
-/// (RFC 9110 §5.6.7), the form a sender generates.
+/// (RFC 9110 §5.6.7), the form a sender generates. Filled in on the stack and appended once:
+/// a hit writes two or three of these.
 pub fn write_imf_fixdate(out: &mut Vec<u8>, secs: u64) {
     const WEEKDAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
     const NAMES: [&[u8; 3]; 12] = [
@@ -182,25 +183,21 @@ pub fn write_imf_fixdate(out: &mut Vec<u8>, secs: u64) {
     let days = secs / 86_400;
     let of_day = secs % 86_400;
     let (year, month, day) = civil_from_days(days as i64);
-    let two = |out: &mut Vec<u8>, n: u64| {
-        out.extend_from_slice(&[b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8])
-    };
-    out.extend_from_slice(WEEKDAYS[(days % 7) as usize]);
-    out.extend_from_slice(b", ");
-    two(out, u64::from(day));
-    out.push(b' ');
-    out.extend_from_slice(NAMES[(month - 1) as usize]);
-    out.push(b' ');
     let year = year.clamp(0, 9999) as u64;
-    two(out, year / 100);
-    two(out, year % 100);
-    out.push(b' ');
-    two(out, of_day / 3600);
-    out.push(b':');
-    two(out, of_day / 60 % 60);
-    out.push(b':');
-    two(out, of_day % 60);
-    out.extend_from_slice(b" GMT");
+    let mut text = *b"Thu, 01 Jan 1970 00:00:00 GMT";
+    let mut two = |at: usize, n: u64| {
+        text[at] = b'0' + (n / 10 % 10) as u8;
+        text[at + 1] = b'0' + (n % 10) as u8;
+    };
+    two(5, u64::from(day));
+    two(12, year / 100);
+    two(14, year % 100);
+    two(17, of_day / 3600);
+    two(20, of_day / 60 % 60);
+    two(23, of_day % 60);
+    text[..3].copy_from_slice(WEEKDAYS[(days % 7) as usize]);
+    text[8..11].copy_from_slice(NAMES[(month - 1) as usize]);
+    out.extend_from_slice(&text);
 }
 
 /// The proleptic Gregorian date `days` after 1970-01-01 (H. Hinnant's `civil_from_days`).
