@@ -51,6 +51,19 @@ fn main() {
     if !order.is_file() {
         return;
     }
+    // The linker reads a copy in OUT_DIR: cargo keeps a build script's output for a target
+    // directory shared by two checkouts, and a path into the other checkout (gone, or holding
+    // another list) would be linked against.
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap_or_default());
+    let copy = out_dir.join("hot-code.txt");
+    if let Err(e) = std::fs::copy(&order, &copy) {
+        println!(
+            "cargo:warning=cannot copy {}: {e}; linking without the hot-code layout",
+            order.display()
+        );
+        return;
+    }
+    let order = copy;
     println!("cargo:rustc-link-arg-bins=-fuse-ld=lld");
     println!("cargo:rustc-link-arg-bins=-B{}", lld_dir.display());
     println!(
