@@ -16,36 +16,8 @@ fn unhex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-/// A UDP port for a Skua to listen on, below the kernel's ephemeral range, so that a sender
-/// socket bound to port 0 (every test's, or Skua's own) cannot be given it between the pick
-/// and Skua's bind, as one picked by binding port 0 could be (the likely cause of the one
-/// failure seen of `a_second_skua_on_the_same_htcp_address_refuses_to_start`).
-fn udp_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
-    const FROM: u32 = 10_000;
-    assert!(
-        ephemeral_from > FROM + 1_000,
-        "the kernel's ephemeral ports start at {ephemeral_from}: too low for udp_port()"
-    );
-    let span = ephemeral_from - FROM;
-    // Concurrent test binaries start at different places, as `free_port` does.
-    let base = std::process::id() % 1_000 * 12;
-    loop {
-        let port = FROM + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
-        let port = u16::try_from(port).expect("below the ephemeral range");
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 async fn start(origin: SocketAddr, htcp_allow: &str) -> (Skua, SocketAddr) {
-    let port = udp_port();
+    let port = free_udp_port();
     let extra = format!("[purge.htcp]\nlisten = \"127.0.0.1:{port}\"\n{htcp_allow}\n");
     let skua = Skua::start(&[origin], &extra).await;
     (skua, format!("127.0.0.1:{port}").parse().unwrap())
@@ -321,7 +293,7 @@ async fn a_burst_of_identical_clrs_is_deduplicated_and_applied_once() {
 #[tokio::test]
 async fn clrs_sent_to_a_multicast_group_purge() {
     let origin = Origin::start(|_| cached()).await;
-    let port = udp_port();
+    let port = free_udp_port();
     let group = std::net::Ipv4Addr::new(239, 255, 72, 17);
     let extra = format!(
         "[purge.htcp]\nlisten = \"{group}:{port}\"\nmulticast_groups = [\"{group}\"]\nmulticast_interface = \"127.0.0.1\"\n"
@@ -437,7 +409,7 @@ async fn a_second_skua_on_the_same_htcp_address_refuses_to_start() {
         .unwrap()
         .replace(
             &format!("listen = \"{htcp}\""),
-            &format!("listen = \"127.0.0.1:{}\"", udp_port()),
+            &format!("listen = \"127.0.0.1:{}\"", free_udp_port()),
         )
         .replacen(
             "listen = [\"127.0.0.1:",

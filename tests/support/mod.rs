@@ -6,9 +6,10 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::{SocketAddr, TcpListener as StdListener, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -214,17 +215,39 @@ impl Drop for Origin {
 
 /// A port nothing listens on, below Linux's ephemeral range (32768-60999), for what cannot
 /// share a reserved [`Port`]: the test origin (bound here, then rebound by `restart`),
-/// nats-server, UDP receivers and the demo's command line. A port in the ephemeral range can
-/// meanwhile become the source port of some outgoing connection.
+/// nats-server and the demo's command line. A port in the ephemeral range can meanwhile become
+/// the source port of some outgoing connection.
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    pick_port(&NEXT, |port| StdListener::bind(("127.0.0.1", port)).is_ok())
+}
+
+/// The same for a UDP listener (an HTCP receiver): a port picked by binding port 0 could be
+/// given to a sending socket before the listener binds it.
+pub fn free_udp_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    pick_port(&NEXT, |port| UdpSocket::bind(("127.0.0.1", port)).is_ok())
+}
+
+/// Ports [`free_port`] and [`free_udp_port`] pick from.
+const PICKED: std::ops::Range<u32> = 20_000..32_000;
+
+fn pick_port(next: &AtomicU32, is_free: impl Fn(u16) -> bool) -> u16 {
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    assert!(
+        ephemeral_from >= PICKED.end,
+        "the kernel's ephemeral ports start at {ephemeral_from}, inside the ports tests pick"
+    );
+    let span = PICKED.end - PICKED.start;
     // Spread concurrent test binaries over the range by process id.
-    let base = 20_000 + (std::process::id() % 1_000) as u16 * 12;
+    let base = std::process::id() % 1_000 * 12;
     loop {
-        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
-        let port = 20_000 + (base - 20_000 + offset) % 12_000;
-        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+        let port = PICKED.start + (base + next.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(port).expect("PICKED is within u16");
+        if is_free(port) {
             return port;
         }
     }
