@@ -824,7 +824,7 @@ async fn the_old_one_file_per_object_format_is_discarded_with_a_log_line() {
             && std::fs::read_dir(dir.path())
                 .unwrap()
                 .flatten()
-                .all(|e| !e.file_name().to_string_lossy().contains("old-format"))
+                .all(|e| !e.file_name().to_string_lossy().starts_with(".discarded."))
     })
     .await;
     assert!(
@@ -833,6 +833,69 @@ async fn the_old_one_file_per_object_format_is_discarded_with_a_log_line() {
         skua.log()
     );
     assert_eq!(files(dir.path(), ".seg").len(), 1, "the new format in use");
+}
+
+/// The records' keys are hashed with a secret kept in the directory's `key` file: a restart
+/// finds them under it, and without it (a directory from before the file, or the file
+/// removed) or with it damaged the records cannot be found, so they are discarded, said so,
+/// and refilled rather than left to fill the disk.
+#[tokio::test]
+async fn records_whose_key_file_is_lost_or_damaged_are_discarded_and_refilled() {
+    let origin = Origin::start(|req| page(&format!("{} body", req.path))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", "").await;
+    let port = skua.port();
+    get(&skua.url("/p"), &[]).await;
+    skua.wait_disk_writes().await;
+    skua.stop();
+    let mut written = std::fs::read(&key).expect("a key file beside the records");
+
+    let mut again = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
+    assert_eq!(get(&again.url("/p"), &[]).await.cache(), "hit-local");
+    again.stop();
+    assert_eq!(std::fs::read(&key).unwrap(), written, "the secret is kept");
+
+    for (round, lose) in [("removed", true), ("damaged", false)] {
+        if lose {
+            std::fs::remove_file(&key).unwrap();
+        } else {
+            let mut bytes = std::fs::read(&key).unwrap();
+            bytes[12] ^= 1;
+            std::fs::write(&key, bytes).unwrap();
+        }
+        let before = origin.count("/p");
+        let mut again =
+            Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", CAPTURE_LOG).await;
+        let r = get(&again.url("/p"), &[]).await;
+        assert_eq!((r.cache(), r.text()), ("miss", "/p body".into()), "{round}");
+        assert_eq!(origin.count("/p"), before + 1, "{round}");
+        assert!(
+            again.log().contains("discarded and refilled"),
+            "{round}: {}",
+            again.log()
+        );
+        wait_until("the old records are removed", || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .all(|e| !e.file_name().to_string_lossy().starts_with(".discarded."))
+        })
+        .await;
+        let rewritten = std::fs::read(&key).unwrap();
+        assert_ne!(rewritten, written, "{round}: a new secret");
+        written = rewritten;
+        again.wait_disk_writes().await;
+        again.stop();
+        let last = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", "").await;
+        assert_eq!(
+            get(&last.url("/p"), &[]).await.cache(),
+            "hit-local",
+            "{round}"
+        );
+        assert_eq!(origin.count("/p"), before + 1, "{round}");
+        drop(last);
+    }
 }
 
 /// A disk hit the page cache holds is read on the event loop, never on the blocking pool

@@ -6,7 +6,7 @@
 //! scheme's default port removed. The method is not in the key: HEAD is answered from the GET
 //! entry (pingora turns a cacheable HEAD into a GET towards the origin).
 
-use pingora::cache::key::{hash_key, HashBinary};
+use pingora::cache::key::HashBinary;
 use pingora::cache::CacheKey;
 use thiserror::Error;
 
@@ -145,14 +145,28 @@ impl CacheUrl {
         s
     }
 
+    /// pingora's key for this URL, carrying [`CacheUrl::primary_hash`] as its hash.
     pub fn cache_key(&self) -> CacheKey {
-        CacheKey::new(self.primary(), "")
+        self.cache_key_hashed(self.primary_hash())
     }
 
-    /// The hash storage indexes objects by: `cache_key().primary_bin()`, without building the
-    /// key.
+    /// [`CacheUrl::cache_key`], given the URL's `primary_hash` made earlier.
+    pub fn cache_key_hashed(&self, primary: HashBinary) -> CacheKey {
+        let mut key = CacheKey::new(self.primary(), "");
+        key.set_primary_bin_override(primary);
+        key
+    }
+
+    /// The hash storage indexes objects by ([`super::keyhash`]): `cache_key().primary_bin()`,
+    /// without building the key. The parts join unambiguously: the host holds no `/` and the
+    /// path starts with one.
     pub fn primary_hash(&self) -> HashBinary {
-        hash_key(self.primary())
+        super::keyhash::hash_parts(&[
+            self.scheme.as_str().as_bytes(),
+            b"://",
+            self.host.as_bytes(),
+            self.path_and_query.as_bytes(),
+        ])
     }
 
     /// The same URL under the other scheme: a purge names both, since MediaWiki sends
@@ -305,6 +319,10 @@ mod tests {
         use pingora::cache::key::CacheHashKey;
         let url = CacheUrl::parse_absolute("http://h/wiki/A").unwrap();
         assert_eq!(url.primary_hash(), url.cache_key().primary_bin());
+        assert_eq!(
+            url.primary_hash(),
+            crate::cache::keyhash::hash_parts(&[url.primary().as_bytes()])
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod files;
 pub mod fx;
 pub mod head;
 pub mod key;
+pub mod keyhash;
 pub mod memory;
 pub mod meta;
 pub mod partial;

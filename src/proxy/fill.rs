@@ -349,8 +349,7 @@ impl super::fast::FrontDoor {
             return Filled::Declined;
         }
         let primary = looked.primary();
-        let mut key = url.cache_key();
-        key.set_primary_bin_override(primary);
+        let key = url.cache_key_hashed(primary);
         let permit = match shared.lock.lock(&key, false) {
             Locked::Write(permit) => permit,
             Locked::Read(_) => return Filled::Declined,

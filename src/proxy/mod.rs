@@ -1234,13 +1234,10 @@ impl ProxyHttp for CachingProxy {
 
     fn cache_key_callback(&self, _session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
         match &ctx.url {
-            Some(url) => {
-                let mut key = url.cache_key();
-                if let Some(primary) = ctx.primary {
-                    key.set_primary_bin_override(primary);
-                }
-                Ok(key)
-            }
+            Some(url) => Ok(match ctx.primary {
+                Some(primary) => url.cache_key_hashed(primary),
+                None => url.cache_key(),
+            }),
             None => Error::e_explain(
                 ErrorType::InternalError,
                 "cache enabled without a request URL",

@@ -19,6 +19,7 @@
 mod admission;
 mod checkpoint;
 pub mod index;
+mod keyfile;
 mod load;
 mod mapped;
 mod pending;
@@ -128,7 +129,7 @@ impl DiskTier {
     /// background.
     pub fn open(config: DiskConfig, tags: &'static TagIndex) -> std::io::Result<&'static DiskTier> {
         std::fs::create_dir_all(&config.path)?;
-        discard_old_format(&config.path);
+        discard_unusable(&config.path)?;
         let segments = Segments::open(&config.path.join("segments"))?;
         let first_new_segment = segments.newest().map_or(0, |s| s.wrapping_add(1));
         let file = segments.create(first_new_segment)?;
@@ -392,33 +393,59 @@ fn segment_size(config: &DiskConfig) -> u64 {
 /// The first format kept two files per object under `objects/`: it is not read, it is removed
 /// (in the background: there may be a million files), with a line in the log. A removal cut
 /// short by a stop is finished at the next start.
-fn discard_old_format(dir: &std::path::Path) {
-    const ASIDE: &str = ".objects-old-format.";
-    let old = dir.join("objects");
-    if old.is_dir() {
-        let aside = dir.join(format!("{ASIDE}{}", std::process::id()));
-        if std::fs::rename(&old, &aside).is_ok() {
-            tracing::warn!(
-                dir = %dir.display(),
-                "the disk cache was written in an older format (a file per object); it is discarded and refilled"
-            );
+/// Sets aside what this process cannot read, to be removed in the background, and makes sure
+/// the key file is in place before any record is written: the files of the format that kept
+/// a file per object, and records whose key secret is lost (no key file: an older format, or
+/// removed) or is not this process's (another disk tier fixed it first).
+fn discard_unusable(dir: &std::path::Path) -> std::io::Result<()> {
+    const ASIDE: &str = ".discarded.";
+    let set_aside = |name: &str| {
+        let from = dir.join(name);
+        let aside = dir.join(format!("{ASIDE}{name}.{}", std::process::id()));
+        from.exists() && std::fs::rename(&from, &aside).is_ok()
+    };
+    if set_aside("objects") {
+        tracing::warn!(
+            dir = %dir.display(),
+            "the disk cache was written in an older format (a file per object); it is discarded and refilled"
+        );
+    }
+    let stored = keyfile::read(dir)?;
+    let in_force = match stored {
+        Some(stored) => crate::cache::keyhash::adopt(stored),
+        None => crate::cache::keyhash::secret(),
+    };
+    if stored != Some(in_force) {
+        let why = match stored {
+            Some(_) => "its records were keyed with another secret than this process's",
+            None => "it has no key file (written by an older format, or the file was removed)",
+        };
+        let records = ["segments", "index.ckpt"].map(set_aside);
+        if records.contains(&true) {
+            tracing::warn!(dir = %dir.display(), "the disk cache cannot be read: {why}; it is discarded and refilled");
         }
+        keyfile::write(dir, in_force)?;
     }
     let doomed: Vec<PathBuf> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(ASIDE))
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            // `.objects-old-format.`: where an earlier Skua set the old format aside.
+            name.starts_with(ASIDE) || name.starts_with(".objects-old-format.")
+        })
         .map(|e| e.path())
         .collect();
-    if doomed.is_empty() {
-        return;
+    if !doomed.is_empty() {
+        let _ = std::thread::Builder::new()
+            .name("skua-disk-discard".into())
+            .spawn(move || {
+                for path in doomed {
+                    let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+                }
+            });
     }
-    let _ = std::thread::Builder::new()
-        .name("skua-disk-discard".into())
-        .spawn(move || {
-            for path in doomed {
-                let _ = std::fs::remove_dir_all(&path);
-            }
-        });
+    Ok(())
 }

@@ -1,0 +1,70 @@
+//! The disk tier's `key` file: the secret its records' primary keys were hashed with
+//! ([`crate::cache::keyhash`]). Without it the records cannot be found again (the tier keeps
+//! no URLs), so it is written, and made durable, before the first record, and a tier whose
+//! file is missing or damaged starts empty.
+//!
+//! Layout: magic `SKUAKEY1`, the 16-byte secret, a CRC-32 of both (little-endian): 28 bytes.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::Path;
+
+use crate::cache::keyhash::KeySecret;
+
+const MAGIC: &[u8; 8] = b"SKUAKEY1";
+const LEN: usize = 8 + 16 + 4;
+pub const NAME: &str = "key";
+
+/// The secret in `dir`, or `None` when there is no key file or it is not a whole, intact one.
+pub fn read(dir: &Path) -> io::Result<Option<KeySecret>> {
+    let bytes = match std::fs::read(dir.join(NAME)) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Ok(bytes) = <[u8; LEN]>::try_from(bytes.as_slice()) else {
+        return Ok(None);
+    };
+    let (body, crc) = bytes.split_at(LEN - 4);
+    if &body[..8] != MAGIC || crc32fast::hash(body).to_le_bytes() != crc {
+        return Ok(None);
+    }
+    let mut secret = [0u8; 16];
+    secret.copy_from_slice(&body[8..]);
+    Ok(Some(KeySecret(secret)))
+}
+
+/// Writes `secret` to `dir` durably: a crash leaves the old file or the new one, whole.
+pub fn write(dir: &Path, secret: KeySecret) -> io::Result<()> {
+    let mut bytes = Vec::with_capacity(LEN);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&secret.0);
+    bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+    let temporary = dir.join(format!(".{NAME}.{}", std::process::id()));
+    let mut file = File::create(&temporary)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, dir.join(NAME))?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_secret_reads_back_and_damage_reads_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path()).unwrap(), None);
+        let secret = KeySecret([7; 16]);
+        write(dir.path(), secret).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Some(secret));
+        let path = dir.path().join(NAME);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), None);
+        std::fs::write(&path, &bytes[..LEN - 1]).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), None);
+    }
+}
