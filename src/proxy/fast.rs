@@ -452,10 +452,9 @@ fn plain<'a>(
             } else if !value.eq_ignore_ascii_case("keep-alive") {
                 return None;
             }
-        } else if (FULL_PATH_FIELDS.iter())
-            .chain(&hit::NEEDS_CACHE_MACHINE)
-            .any(|full| name.eq_ignore_ascii_case(full.as_str()))
-            || name.eq_ignore_ascii_case(super::debug::NAME)
+        } else if FULL_PATH_NAMES
+            .iter()
+            .any(|full| name.eq_ignore_ascii_case(full))
         {
             return None;
         }
@@ -545,6 +544,24 @@ const FULL_PATH_FIELDS: [HeaderName; 5] = [
     header::EXPECT,
 ];
 
+/// [`needs_full_path`]'s names as text, for a request's fields as httparse left them: a
+/// `HeaderName`'s text is a table lookup per name (about 150 instructions a field to compare
+/// with them all).
+const FULL_PATH_NAMES: [&str; 12] = [
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "expect",
+    "range",
+    "if-range",
+    "if-none-match",
+    "if-modified-since",
+    "if-match",
+    "if-unmodified-since",
+    super::debug::NAME,
+];
+
 /// [`FULL_PATH_FIELDS`], [`hit::NEEDS_CACHE_MACHINE`] or `Skua-Debug`.
 fn needs_full_path(name: &HeaderName) -> bool {
     FULL_PATH_FIELDS.contains(name)
@@ -558,4 +575,22 @@ fn needs_full_path(name: &HeaderName) -> bool {
 /// The response edits of rule `index`.
 fn rule_edits(settings: &Settings, index: u16) -> Option<&crate::config::rules::HeaderEdits> {
     settings.rules.rule(index).actions.response_headers.as_ref()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_full_path_names_as_text_are_the_full_path_fields() {
+        let mut names: Vec<&str> = (FULL_PATH_FIELDS.iter())
+            .chain(&hit::NEEDS_CACHE_MACHINE)
+            .map(HeaderName::as_str)
+            .chain([crate::proxy::debug::NAME])
+            .collect();
+        let mut text = FULL_PATH_NAMES.to_vec();
+        names.sort_unstable();
+        text.sort_unstable();
+        assert_eq!(names, text);
+    }
 }
