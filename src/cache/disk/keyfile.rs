@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::cache::keyhash::KeySecret;
@@ -41,7 +42,13 @@ pub fn write(dir: &Path, secret: KeySecret) -> io::Result<()> {
     bytes.extend_from_slice(&secret.0);
     bytes.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
     let temporary = dir.join(format!(".{NAME}.{}", std::process::id()));
-    let mut file = File::create(&temporary)?;
+    // Readable by Skua's user alone: whoever reads it could pick URLs that share a key.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)?;
     file.write_all(&bytes)?;
     file.sync_all()?;
     std::fs::rename(&temporary, dir.join(NAME))?;
@@ -60,6 +67,9 @@ mod tests {
         write(dir.path(), secret).unwrap();
         assert_eq!(read(dir.path()).unwrap(), Some(secret));
         let path = dir.path().join(NAME);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[10] ^= 1;
         std::fs::write(&path, &bytes).unwrap();

@@ -390,13 +390,12 @@ fn segment_size(config: &DiskConfig) -> u64 {
         .min(config.size)
 }
 
-/// The first format kept two files per object under `objects/`: it is not read, it is removed
-/// (in the background: there may be a million files), with a line in the log. A removal cut
+/// Sets aside what this process cannot read, with a line in the log, and makes sure the key
+/// file is in place before any record is written. What cannot be read: the first format's
+/// files (two per object under `objects/`), and records whose key secret is lost (no usable
+/// key file) or is not this process's (another disk tier in the process fixed it first). What
+/// is set aside is removed in the background (there may be a million files); a removal cut
 /// short by a stop is finished at the next start.
-/// Sets aside what this process cannot read, to be removed in the background, and makes sure
-/// the key file is in place before any record is written: the files of the format that kept
-/// a file per object, and records whose key secret is lost (no key file: an older format, or
-/// removed) or is not this process's (another disk tier fixed it first).
 fn discard_unusable(dir: &std::path::Path) -> std::io::Result<()> {
     const ASIDE: &str = ".discarded.";
     let set_aside = |name: &str| {
@@ -418,7 +417,9 @@ fn discard_unusable(dir: &std::path::Path) -> std::io::Result<()> {
     if stored != Some(in_force) {
         let why = match stored {
             Some(_) => "its records were keyed with another secret than this process's",
-            None => "it has no key file (written by an older format, or the file was removed)",
+            None => {
+                "it has no usable key file (an older format, or the file was removed or damaged)"
+            }
         };
         let records = ["segments", "index.ckpt"].map(set_aside);
         if records.contains(&true) {
