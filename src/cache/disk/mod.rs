@@ -450,3 +450,28 @@ fn discard_unusable(dir: &std::path::Path) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::keyhash::{self, KeySecret};
+
+    /// Records keyed with a secret other than the one this process hashes with cannot be
+    /// found: they are set aside (and removed), and the directory takes the process's secret.
+    #[test]
+    fn records_under_another_secret_are_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let in_force = keyhash::secret();
+        let other = KeySecret(in_force.0.map(|b| !b));
+        keyfile::write(dir.path(), other).unwrap();
+        std::fs::create_dir(dir.path().join("segments")).unwrap();
+        std::fs::write(dir.path().join("segments").join("00000001.seg"), b"old").unwrap();
+        discard_unusable(dir.path()).unwrap();
+        assert!(!dir.path().join("segments").exists());
+        assert_eq!(keyfile::read(dir.path()).unwrap(), Some(in_force));
+        // Under the secret in force, nothing is set aside.
+        std::fs::create_dir(dir.path().join("segments")).unwrap();
+        discard_unusable(dir.path()).unwrap();
+        assert!(dir.path().join("segments").is_dir());
+    }
+}
