@@ -81,8 +81,31 @@ pub fn append(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// Writes `bytes` to `path` through a fresh temporary `temp` and a rename, so a reader sees
 /// the old file or the new one, and a link at either name is replaced, not followed.
 pub fn replace(path: &Path, temp: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_with(path, temp, |f| io::Write::write_all(f, bytes))
+}
+
+/// [`replace`] for a secret a crash must not lose: readable by Skua's user alone, and the
+/// bytes and the rename synced to the disk before it returns.
+pub fn replace_secret(path: &Path, temp: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    replace_with(path, temp, |f| {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        io::Write::write_all(f, bytes)?;
+        f.sync_all()
+    })?;
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+fn replace_with(
+    path: &Path,
+    temp: &Path,
+    write: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
     let result = create_fresh(temp)
-        .and_then(|mut f| io::Write::write_all(&mut f, bytes))
+        .and_then(|mut f| write(&mut f))
         .and_then(|_| std::fs::rename(temp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(temp);
