@@ -337,4 +337,23 @@ mod tests {
         assert!(CacheUrl::new(Scheme::Http, "host", "nopath").is_err());
         assert!(CacheUrl::parse_absolute("ftp://host/").is_err());
     }
+
+    #[test]
+    fn a_dns_label_holds_letters_digits_hyphens_and_underscores_and_nothing_else() {
+        for byte in 0..=u8::MAX {
+            let Ok(text) = std::str::from_utf8(&[b'a', byte, b'z']).map(str::to_string) else {
+                continue;
+            };
+            let allowed = byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_';
+            // `.` and `:` split labels and ports: `a.z` and `a:z` say other things.
+            if byte == b'.' || byte == b':' {
+                continue;
+            }
+            assert_eq!(
+                CacheUrl::new(Scheme::Http, &text, "/").is_ok(),
+                allowed,
+                "{text:?}"
+            );
+        }
+    }
 }

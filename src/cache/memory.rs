@@ -11,7 +11,7 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -365,6 +365,12 @@ impl MemoryTier {
     /// Looks `primary` up in the index (counted as a lookup). Within a request's scope
     /// ([`for_one_request`]) the result is what that request's later reads of `primary` see.
     pub fn look(&self, primary: &HashBinary) -> Looked {
+        self.look_at(primary, Instant::now())
+    }
+
+    /// [`Self::look`] by a clock read at `at` (the request's start): a hit reads the clock
+    /// once, not once per step.
+    pub fn look_at(&self, primary: &HashBinary, at: Instant) -> Looked {
         self.counters.lookups.fetch_add(1, Ordering::Relaxed);
         // Read before the index: a change in between makes the lookup look outdated, never
         // the other way round.
@@ -372,7 +378,7 @@ impl MemoryTier {
         let looked = Looked {
             primary: *primary,
             version,
-            family: self.families.get(primary),
+            family: self.families.get_at(primary, at),
             url: None,
         };
         let _ = THIS_REQUEST.try_with(|seen| *seen.borrow_mut() = Some(looked.clone()));

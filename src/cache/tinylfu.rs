@@ -109,7 +109,13 @@ impl<V: Clone> Index<V> {
     }
 
     fn now(&self) -> u32 {
-        let now = self.epoch.elapsed().as_secs().min(u64::from(u32::MAX)) as u32;
+        self.seconds_at(Instant::now())
+    }
+
+    /// Whole seconds from the index's epoch to `at`.
+    fn seconds_at(&self, at: Instant) -> u32 {
+        let since = at.saturating_duration_since(self.epoch);
+        let now = since.as_secs().min(u64::from(u32::MAX)) as u32;
         #[cfg(test)]
         let now = now + self.skew.load(std::sync::atomic::Ordering::Relaxed);
         now
@@ -132,8 +138,13 @@ impl<V: Clone> Index<V> {
 
     /// The value for `key`, counted as an access.
     pub fn get(&self, key: &HashBinary) -> Option<V> {
+        self.get_at(key, Instant::now())
+    }
+
+    /// [`Self::get`] by a clock read at `at`, for a caller that has just read it.
+    pub fn get_at(&self, key: &HashBinary, at: Instant) -> Option<V> {
         let hash = self.hash(key);
-        let now = self.now();
+        let now = self.seconds_at(at);
         let mut gone = Vec::new();
         let found = {
             let mut shard = self.shard(hash);

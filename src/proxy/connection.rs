@@ -329,7 +329,8 @@ async fn read_head(
             _ => return HeadRead::Gone,
         }
     }
-    let deadline = Instant::now() + limits.header_timeout;
+    // Read from the clock only when the head needs a second read: most heads arrive whole.
+    let mut deadline = None;
     let mut scanned = 0;
     let mut skipped = 0;
     loop {
@@ -367,6 +368,7 @@ async fn read_head(
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(HEAD_BUFFER);
         }
+        let deadline = *deadline.get_or_insert_with(|| Instant::now() + limits.header_timeout);
         let left = deadline.saturating_duration_since(Instant::now());
         match fast_timeout(left, stream.read_buf(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => {}

@@ -47,6 +47,39 @@ pub struct Answer {
     pub close: bool,
 }
 
+/// Largest answer buffer a thread keeps for the next answer: a coalesced body and its head.
+const SPARE_ANSWER_MAX: usize = 2 * COALESCE_BODY;
+
+thread_local! {
+    /// The buffer of the last answer this thread wrote, emptied, for the next one to fill.
+    /// A 1 KiB hit's answer is about 1.4 KB, and mimalloc serves every block over 1 KiB
+    /// through its generic path: about 250 instructions to allocate and free one, a tenth of
+    /// the front door's own work per hit (`benches/README.md` §29). One buffer per worker
+    /// thread, not per connection: an idle connection holds none.
+    static SPARE_ANSWER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// An empty buffer of at least `capacity` bytes, the thread's spare one if it has it.
+fn answer_buffer(capacity: usize) -> Vec<u8> {
+    let mut out = SPARE_ANSWER
+        .try_with(std::cell::Cell::take)
+        .unwrap_or_default();
+    out.reserve(capacity);
+    out
+}
+
+impl Drop for Answer {
+    /// Hands the buffer back to the thread that drops the answer (after it was written, or
+    /// when writing it failed), unless it grew past [`SPARE_ANSWER_MAX`].
+    fn drop(&mut self) {
+        let mut spare = std::mem::take(&mut self.head);
+        if spare.capacity() <= SPARE_ANSWER_MAX {
+            spare.clear();
+            let _ = SPARE_ANSWER.try_with(|slot| slot.set(spare));
+        }
+    }
+}
+
 /// A hit for an HTTP/2 stream, as pingora's HTTP/2 session writes it.
 pub struct StreamAnswer {
     pub head: ResponseHeader,
@@ -193,7 +226,7 @@ impl FrontDoor {
         let settings = self.shared.settings.load();
         let mut parsed = [httparse::EMPTY_HEADER; MAX_FIELDS];
         let mut req = plain(head, &mut parsed, &settings.limits)?;
-        let hit = self.find(&settings, &mut req, scheme, &client, looked)?;
+        let hit = self.find(&settings, &mut req, scheme, &client, looked, started)?;
         let Hit { ref obj, now, .. } = hit;
 
         let close = req.close || closing;
@@ -201,7 +234,7 @@ impl FrontDoor {
         let coalesce = with_body && obj.body.len() <= COALESCE_BODY;
         let edits = (hit.response_edits).map(|i| settings.rules.wire_edits(i));
         let added = edits.map_or(0, |edits| edits.added.len());
-        let mut out = Vec::with_capacity(
+        let mut out = answer_buffer(
             obj.meta.head.len() + 160 + added + if coalesce { obj.body.len() } else { 0 },
         );
         hit::write_head(
@@ -246,7 +279,7 @@ impl FrontDoor {
         let started = Instant::now();
         let settings = self.shared.settings.load();
         let mut req = stream_request(head, &settings.limits)?;
-        let hit = self.find(&settings, &mut req, scheme, &client, looked)?;
+        let hit = self.find(&settings, &mut req, scheme, &client, looked, started)?;
         let obj = &hit.obj;
         let mut wire = Vec::with_capacity(obj.meta.head.len() + 160);
         let downstream = settings.downstream_cache_control.as_ref();
@@ -282,6 +315,7 @@ impl FrontDoor {
         scheme: Scheme,
         client: &impl Fn() -> Option<IpAddr>,
         looked: &mut Option<Looked>,
+        started: Instant,
     ) -> Option<Hit> {
         let shared = &self.shared;
         let scheme = super::guard::request_scheme(scheme, req.forwarded_proto, || {
@@ -306,7 +340,7 @@ impl FrontDoor {
         let now = SystemTime::now();
         // Looked up before the rules are read: the object keeps which rules its URL matches.
         let primary = url.primary_hash();
-        let found = shared.store.memory.look(&primary);
+        let found = shared.store.memory.look_at(&primary, started);
         // Declined from here on, the full path reads this lookup instead of making another.
         let from_memory = hit::fresh(shared, &url, &found, &req.fields, now);
         // A URL the memory tier holds nothing of may be on disk, in the page cache.
@@ -452,10 +486,7 @@ fn plain<'a>(
             } else if !value.eq_ignore_ascii_case("keep-alive") {
                 return None;
             }
-        } else if FULL_PATH_NAMES
-            .iter()
-            .any(|full| name.eq_ignore_ascii_case(full))
-        {
+        } else if is_full_path_name(name) {
             return None;
         }
     }
@@ -562,6 +593,29 @@ const FULL_PATH_NAMES: [&str; 12] = [
     super::debug::NAME,
 ];
 
+/// Bit `n` is set when a name in [`FULL_PATH_NAMES`] is `n` bytes long. Most fields a client
+/// sends (`User-Agent`, `Accept-Language`, `Referer`...) have lengths none of them has, and
+/// are told apart by one test instead of a dozen comparisons.
+const FULL_PATH_NAME_LENGTHS: u64 = {
+    let mut lengths = 0u64;
+    let mut i = 0;
+    while i < FULL_PATH_NAMES.len() {
+        assert!(FULL_PATH_NAMES[i].len() < 64);
+        lengths |= 1 << FULL_PATH_NAMES[i].len();
+        i += 1;
+    }
+    lengths
+};
+
+/// Whether a request field `name` (a token, any case) is one of [`FULL_PATH_NAMES`].
+fn is_full_path_name(name: &str) -> bool {
+    name.len() < 64
+        && FULL_PATH_NAME_LENGTHS & (1 << name.len()) != 0
+        && FULL_PATH_NAMES
+            .iter()
+            .any(|full| name.eq_ignore_ascii_case(full))
+}
+
 /// [`FULL_PATH_FIELDS`], [`hit::NEEDS_CACHE_MACHINE`] or `Skua-Debug`.
 fn needs_full_path(name: &HeaderName) -> bool {
     FULL_PATH_FIELDS.contains(name)
@@ -592,5 +646,26 @@ mod tests {
         names.sort_unstable();
         text.sort_unstable();
         assert_eq!(names, text);
+    }
+
+    #[test]
+    fn a_field_needs_the_full_path_by_its_name_in_any_case_and_by_no_other() {
+        for name in FULL_PATH_NAMES {
+            assert!(is_full_path_name(name), "{name}");
+            assert!(is_full_path_name(&name.to_ascii_uppercase()), "{name}");
+        }
+        // Lengths shared with a full-path name (`Accept` with `Expect`, `User-Agent` with
+        // `Skua-Debug`), lengths none has, and one past the mask's 64 bits.
+        let long = "x".repeat(200);
+        for name in [
+            "accept",
+            "user-agent",
+            "referer",
+            "accept-language",
+            "host",
+            &long,
+        ] {
+            assert!(!is_full_path_name(name), "{name}");
+        }
     }
 }
