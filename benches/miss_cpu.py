@@ -4,6 +4,11 @@
 
     python3 benches/miss_cpu.py target/release/skua [--peer nginx --peer ats] [--reps 3]
         [--floor target/release/examples/miss_floor]
+    python3 benches/miss_cpu.py --hits target/release/skua --peer limit
+
+With `--hits`, the same for a 1 KiB hit (#23's 1 KiB point) instead: wrk on 16 connections
+asks for one cached 1 KiB object (`/obj/1k.bin`), and `--peer limit` is nginx serving that
+file itself (../shared/bench/peers/limit), as the harness's limit row.
 
 The harness (../shared/bench) reports one figure per miss: how busy the proxy's core was. On
 a shared VM that figure carries the kernel's and the hypervisor's share of every send and
@@ -66,22 +71,37 @@ def wrk_misses(port, seconds, prefix):
     return int(m.group(1))
 
 
+def wrk_hits(port, seconds):
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c16", f"-d{seconds}s",
+                          "--timeout", "5s", f"http://127.0.0.1:{port}/obj/1k.bin"],
+                         capture_output=True, text=True).stdout
+    m = re.search(r"(\d+) requests in", out)
+    if not m or "Non-2xx" in out or "Socket errors" in out:
+        sys.exit(f"wrk against port {port} failed:\n{out}")
+    return int(m.group(1))
+
+
 def measure(name, proc, port, a):
     wait_port(port)
     time.sleep(1)
-    wrk_misses(port, 2, f"{name}-warm-{time.time_ns()}")
+    if a.hits:
+        load = lambda seconds, _prefix: wrk_hits(port, seconds)
+    else:
+        load = lambda seconds, prefix: wrk_misses(port, seconds, prefix)
+    load(2, f"{name}-warm-{time.time_ns()}")
     rows = []
     for rep in range(a.reps):
         u0, s0 = session_cpu(proc.pid)
         st0 = steal_cpu0()
-        n = wrk_misses(port, a.seconds, f"{name}-{rep}-{time.time_ns()}")
+        n = load(a.seconds, f"{name}-{rep}-{time.time_ns()}")
         u1, s1 = session_cpu(proc.pid)
         st1 = steal_cpu0()
         per = lambda ticks: ticks / TICK * 1e6 / n
         row = (per(u1 - u0), per(s1 - s0), per(st1 - st0))
         rows.append(row)
-        print(f"{name:6} rep {rep + 1}: {n:6} misses  user {row[0]:6.1f} µs  system "
-              f"{row[1]:6.1f} µs  total {row[0] + row[1]:6.1f} µs  (CPU 0 steal {row[2]:5.1f} µs)",
+        what = "hits" if a.hits else "misses"
+        print(f"{name:6} rep {rep + 1}: {n:6} {what}  user {row[0]:6.2f} µs  system "
+              f"{row[1]:6.2f} µs  total {row[0] + row[1]:6.2f} µs  (CPU 0 steal {row[2]:5.2f} µs)",
               flush=True)
     return [statistics.median(col) for col in zip(*rows)]
 
@@ -89,6 +109,8 @@ def measure(name, proc, port, a):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
+    ap.add_argument("--hits", action="store_true",
+                    help="1 KiB hits on 16 connections instead of misses on 64")
     ap.add_argument("--peer", action="append", default=[],
                     help="a peer of the harness (../shared/bench/peers/NAME), e.g. nginx, ats")
     ap.add_argument("--floor", help="the miss_floor example's binary, measured as `floor`")
@@ -132,7 +154,8 @@ def main():
                 os.chmod(peer_work, 0o777)
                 env = dict(os.environ, PORT=str(port), ORIGIN_HOST="127.0.0.1",
                            ORIGIN_PORT=str(origin_port), WORKDIR=peer_work, PEER_DIR=peer_dir,
-                           LIB_DIR=os.path.join(HARNESS, "lib"))
+                           LIB_DIR=os.path.join(HARNESS, "lib"),
+                           DOCROOT=os.path.join(work, "docroot"))
                 cmd = ["bash", os.path.join(peer_dir, "start.sh")]
             proc = subprocess.Popen(["taskset", "-c", "0"] + cmd, env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -146,9 +169,10 @@ def main():
         os.killpg(origin.pid, signal.SIGTERM)
         origin.wait()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nmedians of {a.reps} runs of {a.seconds} s, µs per miss | user | system | total | steal")
+    what = "hit" if a.hits else "miss"
+    print(f"\nmedians of {a.reps} runs of {a.seconds} s, µs per {what} | user | system | total | steal")
     for name, (user, system, steal) in results.items():
-        print(f"{name} | {user:.1f} | {system:.1f} | {user + system:.1f} | {steal:.1f}")
+        print(f"{name} | {user:.2f} | {system:.2f} | {user + system:.2f} | {steal:.2f}")
 
 
 if __name__ == "__main__":
