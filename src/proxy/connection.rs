@@ -286,6 +286,7 @@ fn reuse_head_buffer(carry: &BytesMut, head: BytesMut) {
 
 /// Keeps `buf`, emptied, as the thread's spare head buffer: no allocation per request, and
 /// none held by a connection between requests. One grown by a large head is let go.
+#[inline]
 fn give_back_head_buffer(mut buf: BytesMut) {
     if buf.capacity() <= 2 * HEAD_BUFFER {
         buf.clear();
