@@ -95,18 +95,21 @@ def main():
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("-n", type=int, default=2000, help="connections (default 2000)")
     ap.add_argument("--path", default="/obj/1k.bin")
+    ap.add_argument("--misses", action="store_true",
+                    help="a query string of its own on each connection's path: each one a miss")
     ap.add_argument("--tls", action="store_true", help="HTTPS, HTTP/1.1")
     ap.add_argument("--h2", action="store_true", help="HTTP/2 over TLS")
     a = ap.parse_args()
     before = rss_anon_kib(a.pid)
     held = []
-    for _ in range(a.n):
+    for i in range(a.n):
+        path = "%s?idle=%d" % (a.path, i) if a.misses else a.path
         if a.h2:
             s = tls_socket(a.port, "h2")
-            h2(s, a.path)
+            h2(s, path)
         else:
             s = tls_socket(a.port, "http/1.1") if a.tls else socket.create_connection(("127.0.0.1", a.port))
-            http1(s, a.path)
+            http1(s, path)
         held.append(s)
     time.sleep(1)
     grown = rss_anon_kib(a.pid) - before
