@@ -297,7 +297,7 @@ fn give_back_head_buffer(mut buf: BytesMut) {
 thread_local! {
     /// The buffer this thread reads the next request head into, whichever connection sends
     /// it. Keep-alive connections spend most of their life waiting for a request; with a
-    /// buffer of their own each would hold 4 KiB meanwhile (40 MiB for 10,000 browsers).
+    /// buffer of their own each would hold 4 KiB meanwhile (39 MiB for 10,000 browsers).
     static SPARE_HEAD: Cell<Option<BytesMut>> = const { Cell::new(None) };
 }
 
