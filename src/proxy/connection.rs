@@ -557,7 +557,105 @@ async fn refuse(stream: &mut Stream, status: &str, why: &str, retry: bool) {
 
 #[cfg(test)]
 mod tests {
-    use super::{chunks_well_formed, head_end};
+    use super::{body_framing, chunks_well_formed, head_end, BodyFraming};
+    use proptest::prelude::*;
+
+    /// Field lines of request heads, well and badly formed.
+    const FIELDS: [&str; 12] = [
+        "Host: a",
+        "Content-Length: 0",
+        "Content-Length: 5",
+        "Transfer-Encoding: chunked",
+        "X:",
+        "X: v\tw",
+        " folded",
+        "Bad Name: v",
+        "X: a\0b",
+        "X: a\rb",
+        ":",
+        "",
+    ];
+
+    /// Line ends, with the ones parsers disagree on (the good ones more often, so that many
+    /// heads are whole).
+    const LINE_ENDS: [&str; 9] = [
+        "\r\n", "\r\n", "\r\n", "\n", "\n", "\r", "\r\r\n", "\n\r", "",
+    ];
+
+    /// What a client may send after a head: nothing, a pipelined request, a body.
+    const AFTER: [&str; 5] = [
+        "",
+        "GET /next HTTP/1.1\r\nHost: a\r\n\r\n",
+        "\r\nGET /next HTTP/1.1\n\n",
+        "hello",
+        "5\r\nhello\r\n0\r\n\r\n",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// Regression guard for request smuggling: the front door cuts each head itself, keeps
+        /// what follows for the next request (`carry`) and hands pingora the head alone. Were
+        /// its cut not where pingora's parser (httparse) ends the head, the two would read
+        /// different requests from the same bytes.
+        #[test]
+        fn a_head_ends_where_pingoras_parser_ends_it(
+            request_line in r"(\r?\n)?(GET|POST) /a\?b HTTP/1\.[01]",
+            lines in proptest::collection::vec(
+                (proptest::sample::select(LINE_ENDS.to_vec()), proptest::sample::select(FIELDS.to_vec())),
+                0..6,
+            ),
+            last in proptest::sample::select(LINE_ENDS.to_vec()),
+            blank in proptest::sample::select(LINE_ENDS.to_vec()),
+            after in proptest::sample::select(AFTER.to_vec()),
+        ) {
+            let mut joined = request_line;
+            for (line_end, field) in lines {
+                joined.push_str(line_end);
+                joined.push_str(field);
+            }
+            joined.push_str(last);
+            joined.push_str(blank);
+            joined.push_str(after);
+            // `read_head` drops leading empty lines before it looks for the end.
+            let buf = joined.trim_start_matches(['\r', '\n']).as_bytes();
+            let end = head_end(buf, 0);
+            let mut fields = [httparse::EMPTY_HEADER; 64];
+            match httparse::Request::new(&mut fields).parse(buf) {
+                Ok(httparse::Status::Complete(n)) => prop_assert_eq!(end, Some(n)),
+                Ok(httparse::Status::Partial) => prop_assert_eq!(end, None),
+                // pingora refuses the head (or rewrites its request line and parses it again,
+                // `escape_illegal_request_line`): `body_framing` cannot parse it either, so the
+                // bytes after it go to pingora with it, never into `carry`.
+                Err(_) => {
+                    if let Some(end) = end {
+                        prop_assert!(matches!(body_framing(&buf[..end]), BodyFraming::Other));
+                    }
+                }
+            }
+            // Read in two parts, the second scan starts two bytes before the first one's end.
+            for split in 0..buf.len() {
+                if head_end(&buf[..split], 0).is_none() {
+                    prop_assert_eq!(head_end(buf, split.saturating_sub(2)), end);
+                }
+            }
+            // A head with no body keeps what follows for the next request: pingora, given
+            // the head alone, must agree that no body follows it (RFC 9112 §6.3).
+            if let Some(end) = end {
+                if matches!(body_framing(&buf[..end]), BodyFraming::None) {
+                    let mut fields = [httparse::EMPTY_HEADER; 64];
+                    let mut req = httparse::Request::new(&mut fields);
+                    prop_assert_eq!(req.parse(&buf[..end]), Ok(httparse::Status::Complete(end)));
+                    for field in req.headers.iter() {
+                        prop_assert!(!field.name.eq_ignore_ascii_case("transfer-encoding"));
+                        if field.name.eq_ignore_ascii_case("content-length") {
+                            prop_assert_eq!(field.value.trim_ascii(), b"0");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn chunked_framing_is_judged_on_what_has_arrived() {
