@@ -378,3 +378,181 @@ async fn a_miss_the_front_door_fills_is_kept_on_disk_too() {
     );
     assert_eq!(origin.count("/wiki/Disk"), 1);
 }
+
+/// An origin speaking raw HTTP/1.1 that answers each request with `reply(path)` and then keeps
+/// the connection open whatever its answer said (the worst case for a client that ignores
+/// `Connection: close`). Records each request as (connection number, path).
+async fn scripted_origin(
+    reply: fn(&str) -> &'static str,
+) -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<(usize, String)>>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = seen.clone();
+    tokio::spawn(async move {
+        for connection in 0.. {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let recorded = recorded.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let answer = if path == "/_health" {
+                        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    } else {
+                        recorded.lock().unwrap().push((connection, path.clone()));
+                        reply(&path)
+                    };
+                    if conn.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Regression: the fill removed the origin's hop-by-hop fields before it read them, so an
+/// origin's `Connection: close` went unseen and the connection was kept for the next miss.
+/// RFC 9112 §9.6: a client that receives "close" "MUST cease sending requests on that
+/// connection"; an origin that then stops reading made that miss wait for `read_timeout`.
+#[tokio::test]
+async fn front_door_fill_sends_nothing_more_on_a_connection_the_origin_closes() {
+    let (addr, seen) = scripted_origin(|_| {
+        "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\nConnection: close\r\n\r\npage"
+    })
+    .await;
+    let skua = Skua::start_tables(&[addr], ["", "read_timeout = \"3s\"", ""], "").await;
+    let host = [("host", "wiki.test")];
+    for path in ["/wiki/A", "/wiki/B", "/wiki/C"] {
+        let miss = get(&skua.url(path), &host).await;
+        assert_eq!(
+            (miss.status, miss.cache(), miss.text()),
+            (200, "miss", "page".into())
+        );
+    }
+    assert_eq!(fills(&skua).await, 3.0);
+    let seen = seen.lock().unwrap().clone();
+    let connections: Vec<usize> = seen.iter().map(|(c, _)| *c).collect();
+    let mut distinct = connections.clone();
+    distinct.dedup();
+    assert_eq!(
+        connections, distinct,
+        "a request followed a close: {seen:?}"
+    );
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+/// Regression: the fill read a response whose `Content-Length` was invalid or conflicting
+/// until the origin closed and stored it, where pingora's path (and RFC 9112 §6.3: "the proxy
+/// MUST close the connection to the server, discard the received response, and send a 502")
+/// refuses it; and it read one with the same length twice (`4, 4`, which RFC 9110 §8.6 lets
+/// a recipient take as one) until close too, waiting out `read_timeout` on an origin that
+/// keeps its connection open.
+#[tokio::test]
+async fn front_door_fill_refuses_a_response_of_invalid_length_as_the_proxy_path_does() {
+    let (addr, seen) = scripted_origin(|path| match path {
+        "/bad" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4x\r\n\r\npage",
+        "/plus" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: +4\r\n\r\npage",
+        "/conflict" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\npage",
+        "/twice" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\npage",
+        _ => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4, 4\r\n\r\npage",
+    })
+    .await;
+    let skua = Skua::start_tables(&[addr], ["", "read_timeout = \"3s\"", ""], "").await;
+    let count = |path: &str| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| p == path)
+            .count()
+    };
+    for path in ["/bad", "/plus", "/conflict"] {
+        let mut answers = Vec::new();
+        // The front door (HTTP/1.1) and pingora's path (HTTP/1.0), then the front door again:
+        // nothing was stored.
+        for version in ["1.1", "1.0", "1.1"] {
+            let answer = raw(
+                skua.addr,
+                &format!("GET {path} HTTP/{version}\r\nHost: wiki.test\r\n\r\n"),
+            )
+            .await;
+            let (status, _, body) = split(&answer);
+            assert!(status.ends_with(" 502 Bad Gateway"), "{path}: {answer}");
+            assert!(!body.contains("page"), "{path}: {answer}");
+            answers.push(status);
+        }
+        assert_eq!(count(path), 3, "{path}: nothing was stored");
+    }
+    for path in ["/twice", "/list"] {
+        let started = std::time::Instant::now();
+        let miss = get(&skua.url(path), &[("host", "wiki.test")]).await;
+        assert_eq!(
+            (miss.status, miss.cache(), miss.text()),
+            (200, "miss", "page".into()),
+            "{path}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{path}: waited for a close"
+        );
+        let hit = get(&skua.url(path), &[("host", "wiki.test")]).await;
+        assert_eq!(
+            (hit.status, hit.cache(), hit.text()),
+            (200, "hit-front", "page".into()),
+            "{path}"
+        );
+        assert_eq!(hit.header("content-length"), "4", "{path}");
+        assert_eq!(count(path), 1, "{path}");
+    }
+}
+
+/// Regression: a chunked response that also carried `Content-Length` reached the client with
+/// both fields, so a client (or a proxy in front of Skua) that believed the length read the
+/// chunk framing as body and the rest as its next response. RFC 9112 §6.3 item 3: the
+/// chunking overrides the length, and a sender "MUST remove the received Content-Length
+/// field prior to forwarding such a message downstream".
+#[tokio::test]
+async fn front_door_fill_forwards_no_content_length_beside_transfer_encoding() {
+    let (addr, seen) = scripted_origin(|_| {
+        "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n4\r\npage\r\n0\r\n\r\n"
+    })
+    .await;
+    let skua = Skua::start(&[addr], "").await;
+    // The front door's fill, then pingora's path (a cookie: the front door declines it).
+    for cookie in ["", "Cookie: session=1\r\n"] {
+        let miss = raw(
+            skua.addr,
+            &format!("GET /both HTTP/1.1\r\nHost: wiki.test\r\n{cookie}Connection: close\r\n\r\n"),
+        )
+        .await;
+        let (status, fields, body) = split(&miss);
+        assert!(status.starts_with("HTTP/1.1 200 "), "{miss}");
+        assert_eq!(fields["transfer-encoding"], "chunked", "{miss}");
+        assert!(!fields.contains_key("content-length"), "{miss}");
+        assert_eq!(dechunk(body.as_bytes()), b"page", "{miss}");
+    }
+    let hit = get(&skua.url("/both"), &[("host", "wiki.test")]).await;
+    assert_eq!(
+        (hit.status, hit.cache(), hit.text()),
+        (200, "hit-front", "page".into())
+    );
+    assert_eq!(hit.header("content-length"), "4");
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}

@@ -86,7 +86,7 @@ pub struct FillRequest<'a, F> {
 }
 
 /// How a response's body is delimited (RFC 9112 §6.3).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
     None,
     Length(usize),
@@ -264,10 +264,12 @@ fn to_header(resp: &httparse::Response<'_, '_>) -> Result<ResponseHeader, Origin
     Ok(head)
 }
 
-/// How a response's body is delimited, and whether the connection can carry another request
-/// after it.
-fn framing_of(resp: &ResponseHeader, http10: bool) -> (Framing, bool) {
+/// How a response's body is delimited (RFC 9112 §6.3), and whether the connection can carry
+/// another request after it; `Err` for a `Content-Length` that cannot frame it.
+fn framing_of(resp: &ResponseHeader, http10: bool) -> Result<(Framing, bool), OriginError> {
     let status = resp.status.as_u16();
+    // RFC 9112 §9.6: a client that receives "close" "MUST cease sending requests on that
+    // connection".
     let keepalive = !http10
         && !resp.headers.get_all(header::CONNECTION).iter().any(|v| {
             v.as_bytes()
@@ -275,36 +277,57 @@ fn framing_of(resp: &ResponseHeader, http10: bool) -> (Framing, bool) {
                 .any(|o| o.trim_ascii().eq_ignore_ascii_case(b"close"))
         });
     if (100..200).contains(&status) || status == 204 || status == 304 {
-        return (Framing::None, keepalive);
+        return Ok((Framing::None, keepalive));
     }
-    if let Some(te) = resp.headers.get(header::TRANSFER_ENCODING) {
+    // §6.3 item 4: chunked when it is the final coding, read until close otherwise. The last
+    // field's last coding, as pingora's path reads it.
+    if let Some(te) = resp
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
         let last = te
             .as_bytes()
             .rsplit(|b| *b == b',')
             .next()
             .unwrap_or_default();
-        return if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+        return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
             (Framing::Chunked, keepalive)
         } else {
             (Framing::UntilClose, false)
-        };
+        });
     }
-    let lengths: Vec<_> = resp
-        .headers
-        .get_all(header::CONTENT_LENGTH)
-        .iter()
-        .collect();
-    match lengths.as_slice() {
-        [] => (Framing::UntilClose, false),
-        [one] => match std::str::from_utf8(one.as_bytes())
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-        {
-            Some(n) => (Framing::Length(n), keepalive),
-            None => (Framing::UntilClose, false),
-        },
-        _ => (Framing::UntilClose, false),
+    Ok(match content_length(&resp.headers)? {
+        Some(n) => (Framing::Length(n), keepalive),
+        None => (Framing::UntilClose, false),
+    })
+}
+
+/// The length every `Content-Length` value gives, `None` without one. RFC 9110 §8.6: a list of
+/// identical values (`4, 4`, or the field twice) may be taken as that one value. RFC 9112
+/// §6.3 item 5: any other, invalid or conflicting, is "an unrecoverable error": the proxy
+/// "MUST close the connection to the server, discard the received response, and send a 502".
+fn content_length(headers: &http::HeaderMap) -> Result<Option<usize>, OriginError> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|b| *b == b',') {
+            // `Content-Length = 1*DIGIT`: no sign, no space inside.
+            let digits = part.trim_ascii();
+            if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+                return Err(OriginError::Malformed);
+            }
+            let n = std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| d.parse::<usize>().ok())
+                .ok_or(OriginError::Malformed)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(OriginError::Malformed);
+            }
+            length = Some(n);
+        }
     }
+    Ok(length)
 }
 
 impl super::fast::FrontDoor {
@@ -447,10 +470,34 @@ impl super::fast::FrontDoor {
         let http10 = origin.buf.starts_with(b"HTTP/1.0");
         let _ = origin.buf.split_to(head_len);
         let mut resp = resp;
+        // Read before the hop-by-hop fields go (regression: an origin's `Connection: close`
+        // was removed unseen, and its connection kept for the next miss).
+        let framing = framing_of(&resp, http10);
         // RFC 9110 §7.6.1: what the origin addressed to its own connection goes no further.
         crate::cache::policy::strip_hop_by_hop(&mut resp);
-        let (framing, origin_keepalive) = framing_of(&resp, http10);
         let status = resp.status.as_u16();
+        let (framing, origin_keepalive) = match framing {
+            Ok(framing) => framing,
+            Err(error) => {
+                shared
+                    .lock
+                    .release(&key, permit, LockStatus::TransientError);
+                self.origin_failed(pool, error, &req, url, client, started, stream)
+                    .await;
+                return Filled::Answered { close: true };
+            }
+        };
+        // The length the body is framed by, once, as the client gets it; RFC 9112 §6.3 item 3:
+        // with `Transfer-Encoding`, a sender "MUST remove the received Content-Length field".
+        match framing {
+            Framing::Length(n) => {
+                let _ = resp.insert_header(header::CONTENT_LENGTH, n);
+            }
+            Framing::Chunked | Framing::UntilClose => {
+                resp.remove_header(&header::CONTENT_LENGTH);
+            }
+            Framing::None => {}
+        }
         if status == 101 || (100..200).contains(&status) {
             // Switching protocols was not asked for; other interim answers are not expected
             // to a GET without a body. Both are the origin's error here, as on pingora's path.
@@ -1043,4 +1090,63 @@ fn push_accept_encoding<F: RequestFields>(out: &mut Vec<u8>, fields: &F, setting
         vary::upstream_accept_encoding(copy, settings.compress.brotli).as_bytes(),
     );
     out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{framing_of, Framing};
+    use pingora::http::ResponseHeader;
+
+    fn framing(fields: &[(&str, &str)]) -> Option<(Framing, bool)> {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        for (name, value) in fields {
+            resp.append_header(name.to_string(), *value).unwrap();
+        }
+        framing_of(&resp, false).ok()
+    }
+
+    #[test]
+    fn a_response_is_framed_as_rfc_9112_section_6_3_says() {
+        let length = |n| Some((Framing::Length(n), true));
+        assert_eq!(framing(&[("content-length", "4")]), length(4));
+        assert_eq!(framing(&[("content-length", " 4 , 4")]), length(4));
+        assert_eq!(
+            framing(&[("content-length", "4"), ("content-length", "4")]),
+            length(4)
+        );
+        for invalid in [
+            "4x",
+            "+4",
+            "-4",
+            "",
+            "4 4",
+            "4, 5",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(framing(&[("content-length", invalid)]), None, "{invalid:?}");
+        }
+        assert_eq!(
+            framing(&[("content-length", "4"), ("content-length", "5")]),
+            None
+        );
+        // Chunking overrides any length; only as the final coding of the last field.
+        let chunked = Some((Framing::Chunked, true));
+        assert_eq!(
+            framing(&[
+                ("transfer-encoding", "gzip, chunked"),
+                ("content-length", "x")
+            ]),
+            chunked
+        );
+        let te_twice = [
+            ("transfer-encoding", "chunked"),
+            ("transfer-encoding", "gzip"),
+        ];
+        assert_eq!(framing(&te_twice), Some((Framing::UntilClose, false)));
+        assert_eq!(framing(&[]), Some((Framing::UntilClose, false)));
+        assert_eq!(
+            framing(&[("content-length", "4"), ("connection", "keep-alive, Close")]),
+            Some((Framing::Length(4), false))
+        );
+    }
 }
