@@ -556,3 +556,46 @@ async fn front_door_fill_forwards_no_content_length_beside_transfer_encoding() {
     assert_eq!(hit.header("content-length"), "4");
     assert_eq!(seen.lock().unwrap().len(), 2);
 }
+
+/// Regression: an origin that sent `103 Early Hints` (RFC 8297) before its answer failed
+/// every miss the front door filled with a 502. Now, on either path, the client gets the hints
+/// and then the page, which is stored.
+#[tokio::test]
+async fn early_hints_before_the_answer_reach_the_client_and_the_page_is_stored() {
+    let (addr, seen) = scripted_origin(|_| {
+        "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n\
+         HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\n\r\npage"
+    })
+    .await;
+    let skua = Skua::start(&[addr], "").await;
+    // The front door's fill, then pingora's path (a cookie: the front door declines it).
+    for (path, cookie) in [("/front", ""), ("/full", "Cookie: session=1\r\n")] {
+        let miss = raw(
+            skua.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: wiki.test\r\n{cookie}Connection: close\r\n\r\n"),
+        )
+        .await;
+        let (hints, answer) = miss.split_once("\r\n\r\n").expect("two heads");
+        assert!(
+            hints.starts_with("HTTP/1.1 103 Early Hints\r\n"),
+            "{path}: {miss}"
+        );
+        assert!(
+            hints.contains("\r\nLink: </style.css>; rel=preload"),
+            "{path}: {miss}"
+        );
+        let (status, _, body) = split(answer);
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("HTTP/1.1 200 OK", "page"),
+            "{path}: {miss}"
+        );
+    }
+    assert_eq!(fills(&skua).await, 1.0);
+    let hit = get(&skua.url("/front"), &[("host", "wiki.test")]).await;
+    assert_eq!(
+        (hit.status, hit.cache(), hit.text()),
+        (200, "hit-front", "page".into())
+    );
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}

@@ -134,14 +134,29 @@ impl Origin {
         }
     }
 
-    /// Reads the next final response head, skipping `100 Continue` (a `GET` sent no body to
-    /// continue). Returns the head and its length in `buf`.
-    async fn read_head(&mut self) -> Result<(ResponseHeader, usize), OriginError> {
+    /// Reads the next final response head (or a `101`, which the caller refuses); returns it
+    /// and its length in `buf`. Interim answers before it (RFC 9110 §15.2): `100 Continue` is
+    /// dropped (a `GET` sent no body to continue, and its client expected nothing); any other,
+    /// such as `103 Early Hints` (RFC 8297), goes to the `client` at once, as pingora's path
+    /// sends it: "A proxy MUST forward 1xx responses unless the proxy itself requested the
+    /// generation of the 1xx response" (regression: it failed the miss with a 502).
+    async fn read_head(
+        &mut self,
+        client: &mut Stream,
+    ) -> Result<(ResponseHeader, usize), OriginError> {
         loop {
             let parsed = parse_head(&self.buf)?;
             match parsed {
-                Some((head, n)) if head.status.as_u16() == 100 => {
+                Some((mut head, n)) if head.status.is_informational() && head.status != 101 => {
                     let _ = self.buf.split_to(n);
+                    if head.status != 100 {
+                        crate::cache::policy::strip_hop_by_hop(&mut head);
+                        let mut wire = Vec::with_capacity(n + 16);
+                        super::respond::head_to_wire(&head, &mut wire);
+                        // A client gone is found out when the final answer is written.
+                        let _ = client.write_all(&wire).await;
+                        let _ = client.flush().await;
+                    }
                 }
                 Some(done) => return Ok(done),
                 None => {
@@ -449,7 +464,7 @@ impl super::fast::FrontDoor {
                     .release(&key, permit, LockStatus::TransientError);
                 return Filled::Declined;
             }
-            match origin.read_head().await {
+            match origin.read_head(stream).await {
                 Ok((resp, n)) => break (origin, resp, n),
                 Err(OriginError::Closed | OriginError::Io) if reused && origin.buf.is_empty() => {
                     continue
