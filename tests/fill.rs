@@ -381,7 +381,8 @@ async fn a_miss_the_front_door_fills_is_kept_on_disk_too() {
 
 /// An origin speaking raw HTTP/1.1 that answers each request with `reply(path)` and then keeps
 /// the connection open whatever its answer said (the worst case for a client that ignores
-/// `Connection: close`). Records each request as (connection number, path).
+/// `Connection: close`), but after an HTTP/1.0 answer, whose body ends with the connection.
+/// Records each request as (connection number, path).
 async fn scripted_origin(
     reply: fn(&str) -> &'static str,
 ) -> (
@@ -419,6 +420,10 @@ async fn scripted_origin(
                         reply(&path)
                     };
                     if conn.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if answer.starts_with("HTTP/1.0") {
+                        // HTTP/1.0: the body ends when the connection does.
                         return;
                     }
                 }
@@ -598,4 +603,184 @@ async fn early_hints_before_the_answer_reach_the_client_and_the_page_is_stored()
         (200, "hit-front", "page".into())
     );
     assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
+/// Origin answers for [`a_miss_is_answered_and_stored_alike_on_both_paths`], by path.
+fn varied_answer(path: &str) -> &'static str {
+    match path.rsplit_once('/').map_or(path, |(case, _)| case) {
+        "/length" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nETag: \"e\"\r\nContent-Length: 4\r\n\r\npage",
+        "/chunked" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: chunked\r\n\r\n4\r\npage\r\n0\r\n\r\n",
+        "/empty" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 0\r\n\r\n",
+        "/not-found" => "HTTP/1.1 404 Not Found\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\ngone",
+        "/error" => "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\noops",
+        "/moved" => "HTTP/1.1 301 Moved Permanently\r\nLocation: /elsewhere\r\nCache-Control: max-age=600\r\nContent-Length: 0\r\n\r\n",
+        "/no-content" => "HTTP/1.1 204 No Content\r\nCache-Control: max-age=600\r\n\r\n",
+        "/private" => "HTTP/1.1 200 OK\r\nCache-Control: private, max-age=600\r\nContent-Length: 4\r\n\r\npage",
+        "/no-store" => "HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 4\r\n\r\npage",
+        "/cookie" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nSet-Cookie: s=1\r\nContent-Length: 4\r\n\r\npage",
+        "/vary-star" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nVary: *\r\nContent-Length: 4\r\n\r\npage",
+        "/vary" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nVary: Accept-Language\r\nContent-Length: 4\r\n\r\npage",
+        "/expired" => "HTTP/1.1 200 OK\r\nExpires: Thu, 01 Jan 1970 00:00:00 GMT\r\nContent-Length: 4\r\n\r\npage",
+        "/max-age-0" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=0\r\nETag: \"e\"\r\nContent-Length: 4\r\n\r\npage",
+        "/s-maxage" => "HTTP/1.1 200 OK\r\nCache-Control: s-maxage=600, max-age=0\r\nContent-Length: 4\r\n\r\npage",
+        "/cdn" => "HTTP/1.1 200 OK\r\nCDN-Cache-Control: max-age=600\r\nCache-Control: no-cache\r\nContent-Length: 4\r\n\r\npage",
+        "/aged" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nAge: 100\r\nContent-Length: 4\r\n\r\npage",
+        "/heuristic" => "HTTP/1.1 200 OK\r\nLast-Modified: Thu, 01 Jan 2026 00:00:00 GMT\r\nContent-Length: 4\r\n\r\npage",
+        "/nothing" => "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npage",
+        "/tagged" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nSurrogate-Key: a b\r\nContent-Length: 4\r\n\r\npage",
+        "/close" => "HTTP/1.0 200 OK\r\nCache-Control: max-age=600\r\n\r\npage",
+        _ => "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+    }
+}
+
+/// The front door fills a miss itself; pingora's path fills the ones it declines. For every
+/// kind of origin answer, both must answer the client alike (status, fields, body) and store
+/// alike (what the next request finds). A request with more fields than the front door parses
+/// (49) takes pingora's path and means the same to the origin.
+#[tokio::test]
+async fn a_miss_is_answered_and_stored_alike_on_both_paths() {
+    let (addr, _) = scripted_origin(varied_answer).await;
+    let skua = Skua::start(&[addr], "").await;
+    let padding: String = (0..49).map(|i| format!("X-Pad-{i}: 1\r\n")).collect();
+    let cases = [
+        "/length",
+        "/chunked",
+        "/empty",
+        "/not-found",
+        "/error",
+        "/moved",
+        "/no-content",
+        "/private",
+        "/no-store",
+        "/cookie",
+        "/vary-star",
+        "/vary",
+        "/expired",
+        "/max-age-0",
+        "/s-maxage",
+        "/cdn",
+        "/aged",
+        "/heuristic",
+        "/nothing",
+        "/tagged",
+        "/gzip",
+        "/close",
+    ];
+    // Fields that differ from one answer to the next whichever path gives it.
+    let comparable = |answer: &str| {
+        let (status, mut fields, body) = split(answer);
+        for volatile in ["date", "age"] {
+            fields.remove(volatile);
+        }
+        if let Some(cs) = fields.get_mut("cache-status") {
+            // `ttl=599` or `ttl=600`, by when the second turned.
+            *cs = cs
+                .split("; ")
+                .filter(|p| !p.starts_with("ttl="))
+                .collect::<Vec<_>>()
+                .join("; ");
+        }
+        (status, fields, body)
+    };
+    let mut differences = Vec::new();
+    for case in cases {
+        let (front_path, full_path) = (format!("{case}/front"), format!("{case}/full"));
+        let fills_before = fills(&skua).await;
+        let ask = |path: &str, padding: &str| {
+            format!("GET {path} HTTP/1.1\r\nHost: wiki.test\r\nAccept-Language: en\r\n{padding}Connection: close\r\n\r\n")
+        };
+        let front = comparable(&raw(skua.addr, &ask(&front_path, "")).await);
+        assert_eq!(
+            fills(&skua).await,
+            fills_before + 1.0,
+            "{case}: the front door filled it"
+        );
+        let full = comparable(&raw(skua.addr, &ask(&full_path, &padding)).await);
+        assert_eq!(
+            fills(&skua).await,
+            fills_before + 1.0,
+            "{case}: pingora's path filled it"
+        );
+        if front != full {
+            differences.push(format!(
+                "{case} first answer:\n  front door {front:?}\n  pingora    {full:?}"
+            ));
+        }
+        // The next plain request for each: a hit where it was stored, whoever stored it.
+        let again_front = comparable(&raw(skua.addr, &ask(&front_path, "")).await);
+        let again_full = comparable(&raw(skua.addr, &ask(&full_path, "")).await);
+        if again_front != again_full {
+            differences.push(format!(
+                "{case} second answer:\n  after the front door {again_front:?}\n  after pingora        {again_full:?}"
+            ));
+        }
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+}
+
+/// Regression: the front door's fill held an answer's head and body until 64 KiB or the end
+/// of the body, so a page the origin flushes early, or an event stream, reached the client
+/// only when it was over. Now, on either path, what the origin has sent reaches the client
+/// before the origin sends more.
+#[tokio::test]
+async fn a_slow_answer_reaches_the_client_as_the_origin_sends_it() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let go_on = Arc::new(tokio::sync::Notify::new());
+    let origin_go_on = go_on.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let go_on = origin_go_on.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if buf.starts_with(b"GET /_health ") {
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                    return;
+                }
+                let first = "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n";
+                let _ = conn.write_all(first.as_bytes()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(10), go_on.notified()).await;
+                let _ = conn.write_all(b"4\r\nlast\r\n0\r\n\r\n").await;
+            });
+        }
+    });
+    let skua = Skua::start(&[addr], "").await;
+    let padding: String = (0..49).map(|i| format!("X-Pad-{i}: 1\r\n")).collect();
+    for (path, padding) in [("/front", ""), ("/full", padding.as_str())] {
+        let fills_before = fills(&skua).await;
+        let mut client = tokio::net::TcpStream::connect(skua.addr).await.unwrap();
+        let ask =
+            format!("GET {path} HTTP/1.1\r\nHost: wiki.test\r\n{padding}Connection: close\r\n\r\n");
+        client.write_all(ask.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let first = tokio::time::timeout(Duration::from_secs(5), async {
+            while !String::from_utf8_lossy(&got).contains("first") {
+                match client.read(&mut chunk).await {
+                    Ok(n) if n > 0 => got.extend_from_slice(&chunk[..n]),
+                    _ => break,
+                }
+            }
+        })
+        .await;
+        let text = String::from_utf8_lossy(&got).into_owned();
+        assert!(first.is_ok() && text.contains("first"), "{path}: {text:?}");
+        assert!(!text.contains("last"), "{path}: {text:?}");
+        go_on.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got)).await;
+        let (status, _, body) = split(&String::from_utf8_lossy(&got));
+        assert_eq!(status, "HTTP/1.1 200 OK", "{path}");
+        assert_eq!(dechunk(body.as_bytes()), b"firstlast", "{path}");
+        let expected_fills = fills_before + if path == "/front" { 1.0 } else { 0.0 };
+        assert_eq!(fills(&skua).await, expected_fills, "{path}");
+    }
 }

@@ -172,11 +172,13 @@ impl Origin {
     }
 
     /// The next piece of a body framed by `framing`, `None` at its end. `left` counts what a
-    /// `Content-Length` or the current chunk still owes.
+    /// `Content-Length` or the current chunk still owes. What `client` holds is sent before
+    /// this waits on the origin.
     async fn next_piece(
         &mut self,
         framing: Framing,
         left: &mut usize,
+        client: &mut ToClient<'_>,
     ) -> Result<Option<Bytes>, OriginError> {
         loop {
             match framing {
@@ -201,6 +203,7 @@ impl Origin {
                 }
                 _ => {}
             }
+            client.send().await;
             if self.read_more().await? == 0 {
                 return if framing == Framing::UntilClose {
                     Ok(None)
@@ -248,6 +251,31 @@ impl Origin {
             }
             None => Ok(None),
         }
+    }
+}
+
+/// What the client has yet to be sent of a fill's answer. Sent when it outgrows
+/// [`SEND_AT`] and whenever the fill is about to wait on the origin: an answer that arrives
+/// whole leaves in one write, and one the origin sends slowly (a page flushed early, an event
+/// stream) reaches the client as it comes (regression: the head and body were held until
+/// 64 KiB or the end of the body).
+struct ToClient<'a> {
+    out: Vec<u8>,
+    stream: &'a mut Stream,
+    /// No write to the client has failed.
+    ok: bool,
+}
+
+/// Bytes of the answer after which they are sent without waiting for more.
+const SEND_AT: usize = 64 * 1024;
+
+impl ToClient<'_> {
+    async fn send(&mut self) {
+        if self.ok && !self.out.is_empty() {
+            self.ok =
+                self.stream.write_all(&self.out).await.is_ok() && self.stream.flush().await.is_ok();
+        }
+        self.out.clear();
     }
 }
 
@@ -658,6 +686,11 @@ impl super::fast::FrontDoor {
         }
         let mut out = Vec::with_capacity(512);
         super::respond::head_to_wire(&resp, &mut out);
+        let mut client_out = ToClient {
+            out,
+            stream,
+            ok: true,
+        };
 
         // A piece as the client gets it (decoded if it must be), framed; the bytes it adds.
         let to_client = |decode: &mut Option<Box<ResponseCompressionCtx>>,
@@ -684,10 +717,10 @@ impl super::fast::FrontDoor {
             _ => 0,
         };
         let mut body_bytes = 0u64;
-        let mut client_ok = true;
         let mut complete = true;
         loop {
-            let piece = match origin.next_piece(framing, &mut left).await {
+            let piece = origin.next_piece(framing, &mut left, &mut client_out);
+            let piece = match piece.await {
                 Ok(piece) => piece,
                 Err(e) => {
                     complete = false;
@@ -703,21 +736,21 @@ impl super::fast::FrontDoor {
             let Some(piece) = before_storing.piece(Some(piece), false).await else {
                 continue;
             };
-            body_bytes += to_client(&mut decode, &piece, &mut out);
+            body_bytes += to_client(&mut decode, &piece, &mut client_out.out);
             keep(&mut kept, &mut kept_len, max, piece);
-            if out.len() >= 64 * 1024 {
-                client_ok = stream.write_all(&out).await.is_ok();
-                out.clear();
-                if !client_ok {
-                    // The rest of the body stays unread: neither stored nor the connection kept.
-                    complete = false;
-                    break;
-                }
+            if client_out.out.len() >= SEND_AT {
+                client_out.send().await;
+            }
+            if !client_out.ok {
+                // The rest of the body stays unread: neither stored nor the connection kept.
+                complete = false;
+                break;
             }
         }
+        let out = &mut client_out.out;
         if complete {
             if let Some(last) = before_storing.piece(None, true).await {
-                body_bytes += to_client(&mut decode, &last, &mut out);
+                body_bytes += to_client(&mut decode, &last, out);
                 keep(&mut kept, &mut kept_len, max, last);
             }
             before_storing.count(&shared.metrics);
@@ -726,7 +759,7 @@ impl super::fast::FrontDoor {
                 .and_then(|ctx| ctx.response_body_filter(None, true));
             if let Some(data) = rest.filter(|d| !d.is_empty()) {
                 body_bytes += data.len() as u64;
-                push_body(&mut out, &data, chunked_out);
+                push_body(out, &data, chunked_out);
             }
             if chunked_out {
                 out.extend_from_slice(b"0\r\n\r\n");
@@ -750,9 +783,7 @@ impl super::fast::FrontDoor {
                 LockStatus::TransientError
             },
         );
-        if client_ok && !out.is_empty() {
-            client_ok = stream.write_all(&out).await.is_ok() && stream.flush().await.is_ok();
-        }
+        client_out.send().await;
         if complete && origin_keepalive && origin.buf.is_empty() {
             self.idle.put(origin.addr, origin.conn);
         }
@@ -764,7 +795,7 @@ impl super::fast::FrontDoor {
             (status, body_bytes, disposition),
         );
         Filled::Answered {
-            close: close || !complete || !client_ok,
+            close: close || !complete || !client_out.ok,
         }
     }
 
