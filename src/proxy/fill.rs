@@ -347,6 +347,14 @@ fn framing_of(resp: &ResponseHeader, http10: bool) -> Result<(Framing, bool), Or
     })
 }
 
+/// Whether `Content-Length` is one field of digits alone, as most origins send it: nothing to
+/// rewrite.
+fn single_length_field(headers: &http::HeaderMap) -> bool {
+    let mut fields = headers.get_all(header::CONTENT_LENGTH).iter();
+    let one = fields.next();
+    fields.next().is_none() && one.is_some_and(|v| v.as_bytes().iter().all(u8::is_ascii_digit))
+}
+
 /// The length every `Content-Length` value gives, `None` without one. RFC 9110 §8.6: a list of
 /// identical values (`4, 4`, or the field twice) may be taken as that one value. RFC 9112
 /// §6.3 item 5: any other, invalid or conflicting, is "an unrecoverable error": the proxy
@@ -533,13 +541,13 @@ impl super::fast::FrontDoor {
         // The length the body is framed by, once, as the client gets it; RFC 9112 §6.3 item 3:
         // with `Transfer-Encoding`, a sender "MUST remove the received Content-Length field".
         match framing {
-            Framing::Length(n) => {
+            Framing::Length(n) if !single_length_field(&resp.headers) => {
                 let _ = resp.insert_header(header::CONTENT_LENGTH, n);
             }
             Framing::Chunked | Framing::UntilClose => {
                 resp.remove_header(&header::CONTENT_LENGTH);
             }
-            Framing::None => {}
+            Framing::Length(_) | Framing::None => {}
         }
         if status == 101 || (100..200).contains(&status) {
             // Switching protocols was not asked for; other interim answers are not expected
