@@ -260,6 +260,38 @@ async fn trusted_proxy_keeps_its_forwarding_headers() {
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
 }
 
+/// Regression: of a trusted proxy's `X-Forwarded-For` field lines, only the first reached the
+/// origin. HAProxy's `option forwardfor` adds its own line after the client's ("the server
+/// must be configured to always use the last occurrence"), so the origin lost the address the
+/// proxy saw and kept the one the client wrote: MediaWiki, reading the list from the right,
+/// took the client's claim for its address (IP blocks, rate limits). RFC 9110 §5.3: the
+/// lines are one list, in order. On both paths (the front door's fill; pingora's path for an
+/// HTTP/1.0 request).
+#[tokio::test]
+async fn every_forwarded_for_line_of_a_trusted_proxy_reaches_the_origin_in_order() {
+    let origin = cached_origin().await;
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["trusted_proxies = [\"127.0.0.0/8\"]", "", ""],
+        "",
+    )
+    .await;
+    for (path, version) in [("/front", "1.1"), ("/full", "1.0")] {
+        let answer = raw(
+            skua.addr,
+            &format!(
+                "GET {path} HTTP/{version}\r\nHost: wiki.test\r\nX-Forwarded-For: 10.9.9.9\r\n\
+                 User-Agent: t\r\nX-Forwarded-For: 203.0.113.9\r\nConnection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert!(answer.contains(" 200 OK\r\n"), "{path}: {answer}");
+        let seen = &origin.requests(path)[0];
+        let forwarded: Vec<_> = seen.headers.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(forwarded, ["10.9.9.9, 203.0.113.9, 127.0.0.1"], "{path}");
+    }
+}
+
 #[tokio::test]
 async fn unknown_host_gets_421_without_touching_the_cache() {
     let origin = cached_origin().await;

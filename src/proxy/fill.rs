@@ -1061,7 +1061,9 @@ fn upstream_request<F: RequestFields>(
     out.extend_from_slice(b"GET ");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut forwarded_for: Option<&[u8]> = None;
+    // A trusted proxy's `X-Forwarded-For` lines, in order: one list (RFC 9110 §5.3) that
+    // ends with the address the proxy saw.
+    let mut forwarded_for: Vec<&[u8]> = Vec::new();
     let mut encoding_sent = false;
     for f in req.raw {
         let Ok(name) = http::HeaderName::from_bytes(f.name.as_bytes()) else {
@@ -1081,7 +1083,7 @@ fn upstream_request<F: RequestFields>(
             continue;
         }
         if name == guard::X_FORWARDED_FOR {
-            forwarded_for = forwarded_for.or(Some(f.value));
+            forwarded_for.push(f.value);
             continue;
         }
         out.extend_from_slice(f.name.as_bytes());
@@ -1090,14 +1092,17 @@ fn upstream_request<F: RequestFields>(
         out.extend_from_slice(b"\r\n");
     }
     let mut forwarded = None;
-    if client.is_some() || forwarded_for.is_some() {
+    if client.is_some() || !forwarded_for.is_empty() {
         out.extend_from_slice(b"x-forwarded-for: ");
         let start = out.len();
-        if let Some(prev) = forwarded_for {
+        for (i, prev) in forwarded_for.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
             out.extend_from_slice(prev);
         }
         if let Some(ip) = client {
-            if forwarded_for.is_some() {
+            if !forwarded_for.is_empty() {
                 out.extend_from_slice(b", ");
             }
             out.extend_from_slice(ip.to_string().as_bytes());

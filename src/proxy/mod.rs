@@ -512,14 +512,14 @@ fn as_forwarded(session: &mut Session, settings: &Settings) -> Result<()> {
         }
     }
     if let Some(ip) = client {
-        let xff = match req
-            .headers
-            .get(guard::X_FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip.to_string(),
-        };
+        // A trusted proxy's lines, in order, are one list (RFC 9110 §5.3) that ends with the
+        // address it saw (HAProxy adds a line of its own rather than extending the client's).
+        let mut xff = Vec::new();
+        for prev in req.headers.get_all(guard::X_FORWARDED_FOR) {
+            xff.extend_from_slice(prev.as_bytes());
+            xff.extend_from_slice(b", ");
+        }
+        xff.extend_from_slice(ip.to_string().as_bytes());
         req.insert_header(guard::X_FORWARDED_FOR, xff)?;
     }
     Ok(())
