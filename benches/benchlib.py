@@ -129,8 +129,11 @@ def fixed_page(body, headers):
     return Origin
 
 
-HARNESS = os.environ.get("SKUA_BENCH_HARNESS",
-                         os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
+# Absolute: the scripts run wrk from the harness's Lua directory, where a relative path
+# (`SKUA_BENCH_HARNESS=../shared/bench`) would name nothing, and wrk without its script asks
+# for `/` (regression: miss_cpu.py measured the origin's 403s).
+HARNESS = os.path.abspath(os.environ.get(
+    "SKUA_BENCH_HARNESS", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench")))
 
 
 def start_nginx_origin(port, workdir, docroot, cpu=None):
