@@ -784,3 +784,54 @@ async fn a_slow_answer_reaches_the_client_as_the_origin_sends_it() {
         assert_eq!(fills(&skua).await, expected_fills, "{path}");
     }
 }
+
+/// A chunked answer whose chunk size line or trailer section never ends (or not within
+/// pingora's bounds, 8 KiB and 64 KiB): the client's answer ends unfinished, nothing is
+/// stored, on either path. Regression: the fill buffered either without bound, and stored
+/// an answer whose trailers ran past pingora's bound.
+#[tokio::test]
+async fn a_chunk_line_or_trailer_section_past_the_bounds_fails_the_fill_as_pingoras_path() {
+    fn answer(path: &str) -> &'static str {
+        static LONG_TRAILERS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        static LONG_EXTENSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let head = "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n";
+        if path.starts_with("/trailers") {
+            LONG_TRAILERS.get_or_init(|| {
+                format!(
+                    "{head}0\r\n{}\r\n",
+                    "X-Trailer: 0123456789012345678901234567890123456789\r\n".repeat(2000)
+                )
+            })
+        } else {
+            LONG_EXTENSION.get_or_init(|| format!("{head}4;{}", "x".repeat(20_000)))
+        }
+    }
+    let (addr, seen) = scripted_origin(answer).await;
+    let skua = Skua::start_tables(&[addr], ["", "read_timeout = \"2s\"", ""], "").await;
+    for case in ["/trailers", "/extension"] {
+        for version in ["1.1", "1.0", "1.1"] {
+            let started = std::time::Instant::now();
+            let answer = raw(
+                skua.addr,
+                &format!("GET {case} HTTP/{version}\r\nHost: wiki.test\r\n\r\n"),
+            )
+            .await;
+            assert!(answer.contains("first"), "{case} {version}: {answer:.300}");
+            assert!(
+                !answer.ends_with("0\r\n\r\n"),
+                "{case} {version}: ended as if whole"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{case} {version}: waited"
+            );
+        }
+        let count = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| p == case)
+            .count();
+        assert_eq!(count, 3, "{case}: nothing was stored");
+    }
+}

@@ -46,6 +46,16 @@ const MAX_IDLE_PER_ORIGIN: usize = 128;
 /// The most response head this path reads; pingora's client allows the same.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
+/// The most of a chunk's size line (with its extensions) this path buffers before it must end,
+/// as pingora's body reader allows (RFC 9112 §7.1.1: "A server ought to limit the total length
+/// of chunk extensions received"). Regression: an origin that never ended one grew the buffer
+/// without bound.
+const MAX_CHUNK_SIZE_LINE: usize = 8 * 1024;
+
+/// The most trailer section (RFC 9112 §7.1.2) this path reads, as pingora's body reader
+/// allows: a longer one fails the fill, as it fails pingora's path.
+const MAX_TRAILER_SECTION: usize = 64 * 1024;
+
 /// Most fields a response head may have here.
 const MAX_RESPONSE_FIELDS: usize = 128;
 
@@ -225,6 +235,9 @@ impl Origin {
         let rest = &self.buf[at..];
         let size = match httparse::parse_chunk_size(rest) {
             Ok(httparse::Status::Complete((n, size))) => (n, size),
+            Ok(httparse::Status::Partial) if rest.len() > MAX_CHUNK_SIZE_LINE => {
+                return Err(OriginError::Malformed)
+            }
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(OriginError::Malformed),
         };
@@ -249,6 +262,7 @@ impl Origin {
                 let _ = self.buf.split_to(at + line + end);
                 Ok(Some(None))
             }
+            None if trailers.len() > MAX_TRAILER_SECTION => Err(OriginError::Malformed),
             None => Ok(None),
         }
     }
