@@ -835,3 +835,33 @@ async fn a_chunk_line_or_trailer_section_past_the_bounds_fails_the_fill_as_pingo
         assert_eq!(count, 3, "{case}: nothing was stored");
     }
 }
+
+/// Regression: an origin answer of more than 128 fields (pingora's client takes 256) failed
+/// the front door's fill with a 502 where pingora's path served it.
+#[tokio::test]
+async fn an_answer_of_two_hundred_fields_is_filled_as_pingoras_path_fills_it() {
+    fn answer(_: &str) -> &'static str {
+        static MANY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        MANY.get_or_init(|| {
+            let fields: String = (0..200).map(|i| format!("X-Field-{i}: {i}\r\n")).collect();
+            format!("HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\n{fields}Content-Length: 4\r\n\r\npage")
+        })
+    }
+    let (addr, _) = scripted_origin(answer).await;
+    let skua = Skua::start(&[addr], "").await;
+    for (path, version) in [("/front", "1.1"), ("/full", "1.0")] {
+        let answer = raw(
+            skua.addr,
+            &format!("GET {path} HTTP/{version}\r\nHost: wiki.test\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let (status, fields, body) = split(&answer);
+        assert!(status.ends_with(" 200 OK"), "{path}: {answer:.300}");
+        assert_eq!(
+            (fields["x-field-199"].as_str(), body.as_str()),
+            ("199", "page"),
+            "{path}"
+        );
+    }
+    assert_eq!(fills(&skua).await, 1.0);
+}

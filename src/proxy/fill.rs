@@ -56,8 +56,13 @@ const MAX_CHUNK_SIZE_LINE: usize = 8 * 1024;
 /// allows: a longer one fails the fill, as it fails pingora's path.
 const MAX_TRAILER_SECTION: usize = 64 * 1024;
 
-/// Most fields a response head may have here.
-const MAX_RESPONSE_FIELDS: usize = 128;
+/// Most fields a response head may have here, as pingora's client allows (regression: a head
+/// of 129 to 256 fields failed the fill with a 502 and passed pingora's path).
+const MAX_RESPONSE_FIELDS: usize = 256;
+
+/// Fields most response heads stay within: parsed first with room for these only, since the
+/// parser's array is set up in full for every miss.
+const COMMON_RESPONSE_FIELDS: usize = 64;
 
 /// What became of a request offered to [`super::fast::FrontDoor::fill`].
 pub enum Filled {
@@ -296,6 +301,19 @@ impl ToClient<'_> {
 /// A complete response head at the start of `buf` and its length, `None` if more is needed.
 /// Not async: the parser's field array stays on this call's stack, out of the fill's future.
 fn parse_head(buf: &[u8]) -> Result<Option<(ResponseHeader, usize)>, OriginError> {
+    let mut fields = [httparse::EMPTY_HEADER; COMMON_RESPONSE_FIELDS];
+    let mut resp = httparse::Response::new(&mut fields);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => Ok(Some((to_header(&resp)?, n))),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => parse_long_head(buf),
+        Err(_) => Err(OriginError::Malformed),
+    }
+}
+
+/// [`parse_head`] for a head of more than [`COMMON_RESPONSE_FIELDS`] fields.
+#[inline(never)]
+fn parse_long_head(buf: &[u8]) -> Result<Option<(ResponseHeader, usize)>, OriginError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_FIELDS];
     let mut resp = httparse::Response::new(&mut fields);
     match resp.parse(buf) {
