@@ -629,6 +629,10 @@ fn varied_answer(path: &str) -> &'static str {
         "/nothing" => "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npage",
         "/tagged" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nSurrogate-Key: a b\r\nContent-Length: 4\r\n\r\npage",
         "/close" => "HTTP/1.0 200 OK\r\nCache-Control: max-age=600\r\n\r\npage",
+        "/short" => "HTTP/1.0 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 10\r\n\r\npage",
+        "/unasked-304" => "HTTP/1.1 304 Not Modified\r\nCache-Control: max-age=600\r\nETag: \"e\"\r\n\r\n",
+        "/unasked-206" => "HTTP/1.1 206 Partial Content\r\nCache-Control: max-age=600\r\nContent-Range: bytes 0-3/10\r\nContent-Length: 4\r\n\r\npage",
+        "/no-length-chunked-gzip" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\npage\r\n0\r\n\r\n",
         _ => "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
     }
 }
@@ -663,12 +667,21 @@ async fn a_miss_is_answered_and_stored_alike_on_both_paths() {
         "/heuristic",
         "/nothing",
         "/tagged",
-        "/gzip",
         "/close",
+        "/short",
+        "/unasked-304",
+        "/unasked-206",
+        "/no-length-chunked-gzip",
     ];
     // Fields that differ from one answer to the next whichever path gives it.
     let comparable = |answer: &str| {
-        let (status, mut fields, body) = split(answer);
+        let (status_line, mut fields, body) = split(answer);
+        // pingora's path keeps an HTTP/1.0 origin's version in its status line; the status
+        // is what matters.
+        let status = status_line
+            .split_once(' ')
+            .map_or("", |(_, s)| s)
+            .to_string();
         for volatile in ["date", "age"] {
             fields.remove(volatile);
         }
