@@ -639,7 +639,7 @@ fn varied_answer(path: &str) -> &'static str {
 
 /// The front door fills a miss itself; pingora's path fills the ones it declines. For every
 /// kind of origin answer, both must answer the client alike (status, fields, body) and store
-/// alike (what the next request finds). A request with more fields than the front door parses
+/// alike (what the next request finds, at the front door and on pingora's path). A request with more fields than the front door parses
 /// (49) takes pingora's path and means the same to the origin.
 #[tokio::test]
 async fn a_miss_is_answered_and_stored_alike_on_both_paths() {
@@ -725,6 +725,13 @@ async fn a_miss_is_answered_and_stored_alike_on_both_paths() {
         if again_front != again_full {
             differences.push(format!(
                 "{case} second answer:\n  after the front door {again_front:?}\n  after pingora        {again_full:?}"
+            ));
+        }
+        // And the third, on pingora's path: a hit (or not) there as at the front door.
+        let third = comparable(&raw(skua.addr, &ask(&front_path, &padding)).await);
+        if third != again_front {
+            differences.push(format!(
+                "{case} third answer:\n  front door {again_front:?}\n  pingora    {third:?}"
             ));
         }
     }
