@@ -581,9 +581,10 @@ impl super::fast::FrontDoor {
             }
             Framing::Length(_) | Framing::None => {}
         }
-        if status == 101 || (100..200).contains(&status) {
-            // Switching protocols was not asked for; other interim answers are not expected
-            // to a GET without a body. Both are the origin's error here, as on pingora's path.
+        if status == 101 {
+            // A switch of protocols nobody asked for (the front door declines `Upgrade`): the
+            // origin's error, as on pingora's path. `read_head` passed every other interim
+            // answer on.
             shared
                 .lock
                 .release(&key, permit, LockStatus::TransientError);
