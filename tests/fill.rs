@@ -885,3 +885,116 @@ async fn an_answer_of_two_hundred_fields_is_filled_as_pingoras_path_fills_it() {
     }
     assert_eq!(fills(&skua).await, 1.0);
 }
+
+/// What the origin receives for a miss must not depend on which path fills it: for requests
+/// of many shapes (encodings, odd field case, repeated and empty fields, hosts with ports and
+/// dots, odd targets, forwarding fields), the front door's fill and pingora's path send the
+/// same target and fields.
+#[tokio::test]
+async fn the_origin_gets_the_same_request_from_either_path() {
+    let origin = Origin::start(|_| Reply::ok("page").header("cache-control", "max-age=600")).await;
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["trusted_proxies = [\"127.0.0.0/8\"]", "", ""],
+        "",
+    )
+    .await;
+    let padding: String = (0..49).map(|i| format!("X-Pad-{i}: 1\r\n")).collect();
+    let shapes: [(&str, &str, &str); 15] = [
+        ("/plain", "wiki.test", ""),
+        (
+            "/enc",
+            "wiki.test",
+            "Accept-Encoding: gzip;q=0.5, br;q=1.0, *;q=0\r\n",
+        ),
+        (
+            "/enc2",
+            "wiki.test",
+            "Accept-Encoding: identity\r\nAccept-Encoding: deflate\r\n",
+        ),
+        (
+            "/case",
+            "wiki.test",
+            "uSeR-aGeNt: Mixed/1\r\nACCEPT: */*\r\n",
+        ),
+        (
+            "/repeat",
+            "wiki.test",
+            "Accept-Language: en\r\nAccept-Language: de\r\n",
+        ),
+        ("/empty", "wiki.test", "X-Empty:\r\nX-Space:   \r\n"),
+        ("/port", "WIKI.test:80", ""),
+        ("/dot", "wiki.test.", ""),
+        ("/q?b=2&a=1&a=%41", "wiki.test", ""),
+        ("/a/../b/./c", "wiki.test", ""),
+        ("/p%2Fq%20r", "wiki.test", ""),
+        (
+            "/fwd",
+            "wiki.test",
+            "X-Forwarded-For: 10.1.1.1\r\nX-Forwarded-Proto: https\r\n",
+        ),
+        (
+            "/fwd2",
+            "wiki.test",
+            "X-Forwarded-For: 10.1.1.1\r\nX-Forwarded-For: 10.2.2.2, 10.3.3.3\r\n",
+        ),
+        (
+            "/strip",
+            "wiki.test",
+            "X-Forwarded-Host: evil\r\nForwarded: for=1.2.3.4\r\nProxy: x\r\n",
+        ),
+        (
+            "/nocache",
+            "wiki.test",
+            "Cache-Control: no-cache\r\nPragma: no-cache\r\n",
+        ),
+    ];
+    let mut differences = Vec::new();
+    for (i, (target, host, fields)) in shapes.into_iter().enumerate() {
+        let (path, query) = target
+            .split_once('?')
+            .map_or((target, None), |(p, q)| (p, Some(q)));
+        let with = |which: &str| match query {
+            Some(q) => format!("/{i}{which}{path}?{q}"),
+            None => format!("/{i}{which}{path}"),
+        };
+        let fills_before = fills(&skua).await;
+        for (which, pad) in [("front", ""), ("full", padding.as_str())] {
+            let answer = raw(
+                skua.addr,
+                &format!(
+                    "GET {} HTTP/1.1\r\nHost: {host}\r\n{fields}{pad}Connection: close\r\n\r\n",
+                    with(which)
+                ),
+            )
+            .await;
+            assert!(
+                answer.contains(" 200 OK\r\n"),
+                "{target} {which}: {answer:.300}"
+            );
+        }
+        assert_eq!(fills(&skua).await, fills_before + 1.0, "{target}");
+        let seen = origin.all_requests();
+        let received = |which: &str| {
+            let r = seen
+                .iter()
+                .find(|r| r.target.starts_with(&format!("/{i}{which}")))
+                .unwrap_or_else(|| panic!("{target} {which}: not at the origin"));
+            let mut lines: Vec<String> = r
+                .headers
+                .iter()
+                .filter(|(k, _)| !k.as_str().starts_with("x-pad-"))
+                .map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())))
+                .collect();
+            lines.sort();
+            (r.target.replacen(which, "", 1), lines)
+        };
+        let (front, full) = (received("front"), received("full"));
+        if front != full {
+            differences.push(format!(
+                "{target}:\n  front door {front:?}\n  pingora    {full:?}"
+            ));
+        }
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+}

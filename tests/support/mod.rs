@@ -196,6 +196,11 @@ impl Origin {
         seen.iter().filter(|r| r.path.starts_with(prefix)).count()
     }
 
+    /// Every request the origin received, in order.
+    pub fn all_requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
     pub fn requests(&self, path: &str) -> Vec<Seen> {
         self.seen
             .lock()
