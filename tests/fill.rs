@@ -998,3 +998,83 @@ async fn the_origin_gets_the_same_request_from_either_path() {
     }
     assert!(differences.is_empty(), "{}", differences.join("\n"));
 }
+
+/// Regression: a kept-alive origin connection on which the origin wrote while it sat idle (a
+/// `408 Request Timeout` some servers send before they close one) was reused, and what it held
+/// was read as the answer to the next miss: the client got the 408. A connection with unread
+/// bytes, or closed, is not reused (pingora's pool watches its idle connections the same way).
+#[tokio::test]
+async fn an_origin_connection_written_to_while_idle_is_not_reused() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if buf.starts_with(b"GET /_health ") {
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                    return;
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let page = "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\n\r\npage";
+                let _ = conn.write_all(page.as_bytes()).await;
+                // Idle for a moment: then a timeout answer nobody asked for, and the end.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let late = "HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                let _ = conn.write_all(late.as_bytes()).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            });
+        }
+    });
+    let skua = Skua::start(&[addr], "").await;
+    let host = [("host", "wiki.test")];
+    let first = get(&skua.url("/wiki/A"), &host).await;
+    assert_eq!((first.status, first.cache()), (200, "miss"));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let second = get(&skua.url("/wiki/B"), &host).await;
+    assert_eq!(
+        (second.status, second.cache(), second.text()),
+        (200, "miss", "page".into())
+    );
+    assert_eq!(fills(&skua).await, 2.0);
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        2,
+        "each miss on a connection of its own"
+    );
+}
+
+/// The positive control of the two tests above: misses one after another go over one kept-alive
+/// origin connection when the origin keeps it open and writes nothing unasked.
+#[tokio::test]
+async fn front_door_fills_reuse_a_kept_alive_origin_connection() {
+    let (addr, seen) = scripted_origin(|_| {
+        "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\n\r\npage"
+    })
+    .await;
+    let skua = Skua::start(&[addr], "").await;
+    for path in ["/wiki/A", "/wiki/B", "/wiki/C"] {
+        let miss = get(&skua.url(path), &[("host", "wiki.test")]).await;
+        assert_eq!((miss.status, miss.cache()), (200, "miss"), "{path}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fills(&skua).await, 3.0);
+    let connections: Vec<usize> = seen.lock().unwrap().iter().map(|(c, _)| *c).collect();
+    assert_eq!(connections.len(), 3);
+    assert!(
+        connections.iter().all(|c| *c == connections[0]),
+        "{connections:?}"
+    );
+}

@@ -77,8 +77,22 @@ pub enum Filled {
 pub struct IdleOrigins(Mutex<HashMap<SocketAddr, Vec<TcpStream>>>);
 
 impl IdleOrigins {
+    /// The most recently used idle connection to `addr` that holds nothing unread. One the
+    /// origin wrote to while it sat idle (a `408` some servers send before they close one) or
+    /// closed is dropped: what it holds answers no request of ours, and read as the answer to
+    /// the next would hand that request someone else's response.
     fn take(&self, addr: &SocketAddr) -> Option<TcpStream> {
-        self.0.lock().ok()?.get_mut(addr)?.pop()
+        let mut idle = self.0.lock().ok()?;
+        let conns = idle.get_mut(addr)?;
+        while let Some(conn) = conns.pop() {
+            // Free unless the reactor saw the socket readable since it was last drained: a
+            // read then, to tell data or its end from a readiness already spent.
+            match conn.try_read(&mut [0u8; 1]) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(conn),
+                _ => continue,
+            }
+        }
+        None
     }
 
     fn put(&self, addr: SocketAddr, conn: TcpStream) {
