@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::*;
 
@@ -99,6 +99,54 @@ async fn a_miss_the_front_door_fills_looks_like_one_the_proxy_path_fills() {
     }
 }
 
+/// Reads from `conn` into `buf` until `buf` holds a whole request head, and takes the head out
+/// of it. `None`: the connection ended first.
+async fn next_request_head(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// What the raw origins answer Skua's health checks (`/_health`).
+const HEALTH_ANSWER: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+/// A raw origin that reads each connection's first request head, answers Skua's health checks
+/// itself and hands every other connection, its head read, to `answer`.
+async fn answering_origin<F, Fut>(answer: F) -> std::net::SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let Some(head) = next_request_head(&mut conn, &mut Vec::new()).await else {
+                    return;
+                };
+                if head.starts_with("GET /_health ") {
+                    let _ = conn.write_all(HEALTH_ANSWER.as_bytes()).await;
+                    return;
+                }
+                answer(conn).await;
+            });
+        }
+    });
+    addr
+}
+
 /// An origin speaking raw HTTP/1.1: `/chunked` in chunks (with an extension and a trailer),
 /// `/until-close` an HTTP/1.0 body ended by closing the connection. Counts the requests.
 async fn raw_origin() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
@@ -114,17 +162,7 @@ async fn raw_origin() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
             let counted = counted.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                loop {
-                    let mut chunk = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end);
+                while let Some(head) = next_request_head(&mut conn, &mut buf).await {
                     if !head.starts_with("GET /_health ") {
                         counted.fetch_add(1, Ordering::SeqCst);
                     }
@@ -135,8 +173,7 @@ async fn raw_origin() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
                             return;
                         }
                     } else if head.starts_with("GET /_health ") {
-                        let reply = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                        if conn.write_all(reply.as_bytes()).await.is_err() {
+                        if conn.write_all(HEALTH_ANSWER.as_bytes()).await.is_err() {
                             return;
                         }
                     } else {
@@ -401,20 +438,10 @@ async fn scripted_origin(
             let recorded = recorded.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end);
+                while let Some(head) = next_request_head(&mut conn, &mut buf).await {
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
                     let answer = if path == "/_health" {
-                        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                        HEALTH_ANSWER
                     } else {
                         recorded.lock().unwrap().push((connection, path.clone()));
                         reply(&path)
@@ -744,35 +771,18 @@ async fn a_miss_is_answered_and_stored_alike_on_both_paths() {
 /// before the origin sends more.
 #[tokio::test]
 async fn a_slow_answer_reaches_the_client_as_the_origin_sends_it() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let go_on = Arc::new(tokio::sync::Notify::new());
     let origin_go_on = go_on.clone();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let go_on = origin_go_on.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                if buf.starts_with(b"GET /_health ") {
-                    let _ = conn
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .await;
-                    return;
-                }
+    let addr = answering_origin(move |mut conn| {
+        let go_on = origin_go_on.clone();
+        async move {
                 let first = "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n";
                 let _ = conn.write_all(first.as_bytes()).await;
                 let _ = tokio::time::timeout(Duration::from_secs(10), go_on.notified()).await;
                 let _ = conn.write_all(b"4\r\nlast\r\n0\r\n\r\n").await;
-            });
         }
-    });
+    })
+    .await;
     let skua = Skua::start(&[addr], "").await;
     let padding: String = (0..49).map(|i| format!("X-Pad-{i}: 1\r\n")).collect();
     for (path, padding) in [("/front", ""), ("/full", padding.as_str())] {
@@ -1005,39 +1015,24 @@ async fn the_origin_gets_the_same_request_from_either_path() {
 /// bytes, or closed, is not reused (pingora's pool watches its idle connections the same way).
 #[tokio::test]
 async fn an_origin_connection_written_to_while_idle_is_not_reused() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let counted = connections.clone();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                if buf.starts_with(b"GET /_health ") {
-                    let _ = conn
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .await;
-                    return;
-                }
-                counted.fetch_add(1, Ordering::SeqCst);
-                let page = "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\n\r\npage";
-                let _ = conn.write_all(page.as_bytes()).await;
-                // Idle for a moment: then a timeout answer nobody asked for, and the end.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let late = "HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-                let _ = conn.write_all(late.as_bytes()).await;
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            });
+    let addr = answering_origin(move |mut conn| {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let page =
+                "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\n\r\npage";
+            let _ = conn.write_all(page.as_bytes()).await;
+            // Idle for a moment: then a timeout answer nobody asked for, and the end.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let late =
+                "HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+            let _ = conn.write_all(late.as_bytes()).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
         }
-    });
+    })
+    .await;
     let skua = Skua::start(&[addr], "").await;
     let host = [("host", "wiki.test")];
     let first = get(&skua.url("/wiki/A"), &host).await;

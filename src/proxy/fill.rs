@@ -315,25 +315,29 @@ impl ToClient<'_> {
 /// A complete response head at the start of `buf` and its length, `None` if more is needed.
 /// Not async: the parser's field array stays on this call's stack, out of the fill's future.
 fn parse_head(buf: &[u8]) -> Result<Option<(ResponseHeader, usize)>, OriginError> {
-    let mut fields = [httparse::EMPTY_HEADER; COMMON_RESPONSE_FIELDS];
-    let mut resp = httparse::Response::new(&mut fields);
-    match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => Ok(Some((to_header(&resp)?, n))),
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => parse_long_head(buf),
-        Err(_) => Err(OriginError::Malformed),
-    }
+    parse_head_within::<COMMON_RESPONSE_FIELDS>(buf).or_else(|error| match error {
+        Some(error) => Err(error),
+        None => parse_long_head(buf),
+    })
 }
 
 /// [`parse_head`] for a head of more than [`COMMON_RESPONSE_FIELDS`] fields.
 #[inline(never)]
 fn parse_long_head(buf: &[u8]) -> Result<Option<(ResponseHeader, usize)>, OriginError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_FIELDS];
+    parse_head_within::<MAX_RESPONSE_FIELDS>(buf).map_err(|e| e.unwrap_or(OriginError::Malformed))
+}
+
+/// [`parse_head`] with room for `FIELDS` fields; `Err(None)`: the head has more.
+fn parse_head_within<const FIELDS: usize>(
+    buf: &[u8],
+) -> Result<Option<(ResponseHeader, usize)>, Option<OriginError>> {
+    let mut fields = [httparse::EMPTY_HEADER; FIELDS];
     let mut resp = httparse::Response::new(&mut fields);
     match resp.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => Ok(Some((to_header(&resp)?, n))),
+        Ok(httparse::Status::Complete(n)) => Ok(Some((to_header(&resp).map_err(Some)?, n))),
         Ok(httparse::Status::Partial) => Ok(None),
-        Err(_) => Err(OriginError::Malformed),
+        Err(httparse::Error::TooManyHeaders) => Err(None),
+        Err(_) => Err(Some(OriginError::Malformed)),
     }
 }
 
