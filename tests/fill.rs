@@ -1073,3 +1073,255 @@ async fn front_door_fills_reuse_a_kept_alive_origin_connection() {
         "{connections:?}"
     );
 }
+
+/// Stored objects for [`a_hit_is_answered_alike_by_the_front_door_and_pingoras_path`], by the
+/// kind in the first segment of the path.
+fn stored_answer(path: &str) -> &'static str {
+    match path.split('/').nth(1).unwrap_or("") {
+        "page" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nETag: \"v1\"\r\nLast-Modified: Thu, 01 Jan 2026 00:00:00 GMT\r\nContent-Type: application/octet-stream\r\nX-Multi: a\r\nX-Multi: b\r\nContent-Length: 10\r\n\r\n0123456789",
+        "html" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nETag: \"h1\"\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: 40\r\n\r\n<p>wiki wiki wiki wiki wiki wiki wiki</p>",
+        "vary" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nVary: Accept-Language\r\nETag: \"l1\"\r\nContent-Length: 4\r\n\r\npage",
+        "public" => "HTTP/1.1 200 OK\r\nCache-Control: public, max-age=600\r\nContent-Length: 4\r\n\r\npage",
+        "revalidate" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600, must-revalidate\r\nETag: \"r1\"\r\nContent-Length: 4\r\n\r\npage",
+        _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+    }
+}
+
+/// A stored object answers a request the same whichever path takes it: the front door (which
+/// answers plain hits itself and hands the rest to pingora) and pingora's path (a request of
+/// more fields than the front door parses). For every kind of request a client may send for a
+/// stored object (conditional, ranges, client cache directives, encodings, versions, hosts,
+/// credentials), both give the same status, fields and body, and send the origin the same
+/// number of requests.
+#[tokio::test]
+async fn a_hit_is_answered_alike_by_the_front_door_and_pingoras_path() {
+    let (addr, seen) = scripted_origin(stored_answer).await;
+    let skua = Skua::start(&[addr], "").await;
+    let padding: String = (0..49).map(|i| format!("X-Pad-{i}: 1\r\n")).collect();
+    // (object kind, method and version, Host, fields)
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("page", "GET 1.1", "wiki.test", ""),
+        ("page", "HEAD 1.1", "wiki.test", ""),
+        ("page", "GET 1.0", "wiki.test", ""),
+        ("page", "GET 1.1", "WIKI.TEST:80", ""),
+        ("page", "GET 1.1", "wiki.test", "If-None-Match: \"v1\"\r\n"),
+        ("page", "HEAD 1.1", "wiki.test", "If-None-Match: \"v1\"\r\n"),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "If-None-Match: W/\"v1\"\r\n",
+        ),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "If-None-Match: \"v0\", \"v1\"\r\n",
+        ),
+        ("page", "GET 1.1", "wiki.test", "If-None-Match: \"v0\"\r\n"),
+        ("page", "GET 1.1", "wiki.test", "If-None-Match: *\r\n"),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "If-Modified-Since: Fri, 02 Jan 2026 00:00:00 GMT\r\n",
+        ),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "If-Modified-Since: Wed, 31 Dec 2025 00:00:00 GMT\r\n",
+        ),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "If-Modified-Since: yesterday\r\n",
+        ),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "If-None-Match: \"v0\"\r\nIf-Modified-Since: Fri, 02 Jan 2026 00:00:00 GMT\r\n",
+        ),
+        ("page", "GET 1.1", "wiki.test", "If-Match: \"v0\"\r\n"),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "If-Unmodified-Since: Wed, 31 Dec 2025 00:00:00 GMT\r\n",
+        ),
+        ("page", "GET 1.1", "wiki.test", "Range: bytes=0-3\r\n"),
+        ("page", "HEAD 1.1", "wiki.test", "Range: bytes=0-3\r\n"),
+        ("page", "GET 1.1", "wiki.test", "Range: bytes=-3\r\n"),
+        ("page", "GET 1.1", "wiki.test", "Range: bytes=8-\r\n"),
+        ("page", "GET 1.1", "wiki.test", "Range: bytes=5-100\r\n"),
+        ("page", "GET 1.1", "wiki.test", "Range: bytes=20-30\r\n"),
+        ("page", "GET 1.1", "wiki.test", "Range: bytes=x\r\n"),
+        ("page", "GET 1.1", "wiki.test", "Range: items=0-3\r\n"),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "Range: bytes=0-3\r\nIf-Range: \"v1\"\r\n",
+        ),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "Range: bytes=0-3\r\nIf-Range: \"v0\"\r\n",
+        ),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "Range: bytes=0-3\r\nIf-Range: Thu, 01 Jan 2026 00:00:00 GMT\r\n",
+        ),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "Cache-Control: no-cache\r\n",
+        ),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "Cache-Control: max-age=0\r\n",
+        ),
+        ("page", "GET 1.1", "wiki.test", "Pragma: no-cache\r\n"),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "Cache-Control: only-if-cached\r\n",
+        ),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "Cache-Control: min-fresh=1000\r\n",
+        ),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "Cache-Control: max-stale\r\n",
+        ),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "Cache-Control: no-store\r\n",
+        ),
+        ("page", "GET 1.1", "wiki.test", "Expect: 100-continue\r\n"),
+        ("page", "GET 1.1", "wiki.test", "Content-Length: 0\r\n"),
+        (
+            "page",
+            "GET 1.1",
+            "wiki.test",
+            "Authorization: Bearer secret\r\n",
+        ),
+        (
+            "public",
+            "GET 1.1",
+            "wiki.test",
+            "Authorization: Bearer secret\r\n",
+        ),
+        (
+            "revalidate",
+            "GET 1.1",
+            "wiki.test",
+            "Authorization: Bearer secret\r\n",
+        ),
+        ("page", "GET 1.1", "wiki.test", "Accept-Encoding: gzip\r\n"),
+        ("html", "GET 1.1", "wiki.test", ""),
+        ("html", "GET 1.1", "wiki.test", "Accept-Encoding: gzip\r\n"),
+        (
+            "html",
+            "GET 1.1",
+            "wiki.test",
+            "Accept-Encoding: gzip, br\r\n",
+        ),
+        (
+            "html",
+            "GET 1.1",
+            "wiki.test",
+            "Accept-Encoding: gzip;q=0, identity\r\n",
+        ),
+        ("html", "GET 1.1", "wiki.test", "If-None-Match: \"h1\"\r\n"),
+        (
+            "html",
+            "GET 1.1",
+            "wiki.test",
+            "If-None-Match: W/\"h1\"\r\nAccept-Encoding: gzip\r\n",
+        ),
+        ("html", "GET 1.1", "wiki.test", "Range: bytes=0-3\r\n"),
+        ("vary", "GET 1.1", "wiki.test", ""),
+        ("vary", "GET 1.1", "wiki.test", "Accept-Language: en\r\n"),
+        ("vary", "GET 1.1", "wiki.test", "Accept-Language: fr\r\n"),
+        ("vary", "GET 1.1", "wiki.test", "If-None-Match: \"l1\"\r\n"),
+    ];
+    let comparable = |answer: &str| {
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap_or("").to_string();
+        let fields: Vec<String> = lines
+            .filter(|l| {
+                let name = l.split(':').next().unwrap_or("").to_ascii_lowercase();
+                name != "date" && name != "age"
+            })
+            .map(|l| {
+                // `ttl=599` or `ttl=600`, by when the second turned.
+                l.split("; ")
+                    .filter(|p| !p.starts_with("ttl="))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+            .collect();
+        (status, fields, body.as_bytes().to_vec())
+    };
+    let origin_requests = |path: &str| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, p)| p == path)
+            .count()
+    };
+    let mut differences = Vec::new();
+    for (i, (kind, method_version, host, fields)) in cases.iter().enumerate() {
+        let (method, version) = method_version.split_once(' ').unwrap();
+        let path = |which: &str| format!("/{kind}/{i}/{which}");
+        let mut answers = Vec::new();
+        for (which, pad) in [("front", ""), ("full", padding.as_str())] {
+            let warm = raw(
+                skua.addr,
+                &format!(
+                    "GET {} HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+                    path(which)
+                ),
+            )
+            .await;
+            assert!(
+                warm.starts_with("HTTP/1.1 200 OK\r\n"),
+                "{i} {which}: {warm:.300}"
+            );
+            let answer = raw(
+                skua.addr,
+                &format!(
+                    "{method} {} HTTP/{version}\r\nHost: {host}\r\n{fields}{pad}Connection: close\r\n\r\n",
+                    path(which)
+                ),
+            )
+            .await;
+            answers.push((comparable(&answer), origin_requests(&path(which))));
+        }
+        if answers[0] != answers[1] {
+            differences.push(format!(
+                "{i}: {kind} {method_version} Host: {host} {fields:?}\n  front door {:?}\n  pingora    {:?}",
+                answers[0], answers[1]
+            ));
+        }
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+}
