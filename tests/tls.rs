@@ -1059,3 +1059,136 @@ async fn an_upgrade_hands_over_the_https_listener_with_the_certificate_now_in_th
     assert_eq!(after.status(), 200);
     assert_eq!(served_certificate(&after), der(&renewed.0));
 }
+
+/// Over HTTP/2 as over HTTP/1.1 (`fill::a_hit_is_answered_alike_by_the_front_door_and_pingoras_path`):
+/// a stored object answers a request alike whether the front door takes the stream at accept
+/// or pingora's HTTP/2 session does (`TE: trailers`, the one `TE` HTTP/2 allows, sends a
+/// stream there) — same status, fields and body, and the same requests at the origin.
+#[tokio::test]
+async fn an_http2_hit_is_answered_alike_by_the_front_door_and_pingoras_path() {
+    let origin = Origin::start(|seen| {
+        let kind = seen.path.split('/').nth(1).unwrap_or("");
+        match kind {
+            "page" => Reply::ok("0123456789")
+                .header("cache-control", "max-age=600")
+                .header("etag", "\"v1\"")
+                .header("last-modified", "Thu, 01 Jan 2026 00:00:00 GMT")
+                .header("x-multi", "a")
+                .header("x-multi", "b"),
+            "html" => Reply::ok("<p>wiki wiki wiki wiki wiki wiki wiki</p>")
+                .header("cache-control", "max-age=600")
+                .header("etag", "\"h1\"")
+                .header("content-type", "text/html; charset=utf-8"),
+            "vary" => Reply::ok("page")
+                .header("cache-control", "max-age=600")
+                .header("vary", "Accept-Language")
+                .header("etag", "\"l1\""),
+            _ => Reply::ok("").status(404),
+        }
+    })
+    .await;
+    let ca = TestCa::new();
+    let (skua, tls_port, tls_addr, _dir) =
+        https_skua(&origin, &ca.issue(&["wiki.test"]), "", "").await;
+    let (mut send, _connection) = h2_connection(&ca, tls_addr, "wiki.test").await;
+    let cases: &[(&str, &str, &[(&str, &str)])] = &[
+        ("page", "GET", &[]),
+        ("page", "HEAD", &[]),
+        ("page", "GET", &[("if-none-match", "\"v1\"")]),
+        ("page", "HEAD", &[("if-none-match", "\"v1\"")]),
+        ("page", "GET", &[("if-none-match", "W/\"v1\"")]),
+        ("page", "GET", &[("if-none-match", "\"v0\"")]),
+        ("page", "GET", &[("if-none-match", "*")]),
+        (
+            "page",
+            "GET",
+            &[("if-modified-since", "Fri, 02 Jan 2026 00:00:00 GMT")],
+        ),
+        (
+            "page",
+            "GET",
+            &[("if-modified-since", "Wed, 31 Dec 2025 00:00:00 GMT")],
+        ),
+        ("page", "GET", &[("range", "bytes=0-3")]),
+        ("page", "HEAD", &[("range", "bytes=0-3")]),
+        ("page", "GET", &[("range", "bytes=-3")]),
+        ("page", "GET", &[("range", "bytes=20-30")]),
+        ("page", "GET", &[("range", "bytes=x")]),
+        (
+            "page",
+            "GET",
+            &[("range", "bytes=0-3"), ("if-range", "\"v0\"")],
+        ),
+        ("page", "GET", &[("cache-control", "no-cache")]),
+        ("page", "GET", &[("cache-control", "max-age=0")]),
+        ("page", "GET", &[("pragma", "no-cache")]),
+        ("page", "GET", &[("cache-control", "only-if-cached")]),
+        ("page", "GET", &[("authorization", "Bearer secret")]),
+        ("page", "GET", &[("cookie", "session=1")]),
+        ("html", "GET", &[("accept-encoding", "gzip")]),
+        ("html", "GET", &[("accept-encoding", "gzip, br")]),
+        ("vary", "GET", &[]),
+        ("vary", "GET", &[("accept-language", "fr")]),
+        ("vary", "GET", &[("if-none-match", "\"l1\"")]),
+    ];
+    let mut differences = Vec::new();
+    for (i, (kind, method, fields)) in cases.iter().enumerate() {
+        let mut answers = Vec::new();
+        for which in ["front", "full"] {
+            let url = format!("https://wiki.test:{}/{kind}/{i}/{which}", tls_port.number);
+            let path = format!("/{kind}/{i}/{which}");
+            let mut requests: Vec<(&str, Vec<(&str, &str)>)> = vec![("GET", vec![])];
+            let mut asked = fields.to_vec();
+            if which == "full" {
+                asked.push(("te", "trailers"));
+            }
+            requests.push((method, asked));
+            let mut last = None;
+            let mut front_door_hits = 0;
+            for (method, fields) in requests {
+                front_door_hits = skua.hit_paths().await[0];
+                let mut req = http::Request::builder().method(method).uri(&url);
+                for (name, value) in fields {
+                    req = req.header(name, value);
+                }
+                let (response, _) = send.send_request(req.body(()).unwrap(), true).unwrap();
+                let response = response.await.unwrap();
+                let status = response.status().as_u16();
+                let fields: Vec<String> = (response.headers().iter())
+                    .filter(|(name, _)| !matches!(name.as_str(), "date" | "age"))
+                    .map(|(name, value)| {
+                        // `ttl=599` or `ttl=600`, by when the second turned.
+                        let value = String::from_utf8_lossy(value.as_bytes());
+                        let value: Vec<&str> = value
+                            .split("; ")
+                            .filter(|p| !p.starts_with("ttl="))
+                            .collect();
+                        format!("{name}: {}", value.join("; "))
+                    })
+                    .collect();
+                let mut body = response.into_body();
+                let mut bytes = Vec::new();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.unwrap();
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    bytes.extend_from_slice(&chunk);
+                }
+                last = Some((status, fields, bytes));
+            }
+            let front_door_answered = skua.hit_paths().await[0] > front_door_hits;
+            assert!(
+                !(which == "full" && front_door_answered)
+                    && (i > 0 || which == "full" || front_door_answered),
+                "{i} {which}: the front door answered? {front_door_answered}"
+            );
+            answers.push((last.unwrap(), origin.count(&path)));
+        }
+        if answers[0] != answers[1] {
+            differences.push(format!(
+                "{i}: {kind} {method} {fields:?}\n  front door {:?}\n  pingora    {:?}",
+                answers[0], answers[1]
+            ));
+        }
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+}
