@@ -1091,7 +1091,9 @@ async fn an_http2_hit_is_answered_alike_by_the_front_door_and_pingoras_path() {
     let (skua, tls_port, tls_addr, _dir) =
         https_skua(&origin, &ca.issue(&["wiki.test"]), "", "").await;
     let (mut send, _connection) = h2_connection(&ca, tls_addr, "wiki.test").await;
-    let cases: &[(&str, &str, &[(&str, &str)])] = &[
+    // (object kind, method, request fields)
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+    let cases: &[Case] = &[
         ("page", "GET", &[]),
         ("page", "HEAD", &[]),
         ("page", "GET", &[("if-none-match", "\"v1\"")]),
