@@ -325,7 +325,12 @@ async fn a_real_mediawiki_behind_skua_purges_credits_and_passes_as_promised() {
     let htcp = free_port();
     let disk = tempfile::tempdir().unwrap();
     let port = Port::reserve();
-    let extra = format!("[purge.htcp]\nlisten = \"127.0.0.1:{htcp}\"\n");
+    // README's rule for the wiki's article path (here `/index.php/Title`).
+    let extra = format!(
+        "[purge.htcp]\nlisten = \"127.0.0.1:{htcp}\"\n\n\
+         [[rule]]\nname = \"page titles\"\nmatch = {{ path_prefix = [\"/index.php/\"] }}\n\
+         normalize_path = \"mediawiki\"\n"
+    );
     // The default: what the disk holds from before a restart is revalidated first.
     let disk_lines = "after_restart = \"revalidate\"";
     let mut skua = Skua::start_disk_on(&port, &[wiki.addr], disk.path(), disk_lines, &extra).await;
@@ -382,6 +387,34 @@ async fn a_real_mediawiki_behind_skua_purges_credits_and_passes_as_promised() {
         changes["query"]["recentchanges"][0]["user"], "127.0.0.3",
         "the edit was not credited to its author: {changes}"
     );
+
+    // A title with an apostrophe and parentheses. MediaWiki's links and purges spell it as
+    // `wfUrlencode` does, `Rock_%27n%27_roll_(music)`; an address typed into a browser
+    // arrives as `Rock_'n'_roll_(music)`, and a link made by other software (Python's
+    // `quote`, many feed readers) as `Rock_%27n%27_roll_%28music%29`. Regression: each was
+    // an object of its own, and the edit's purge removed the first alone, so the others
+    // served the old text until their TTL (a day).
+    let spellings = [
+        "Rock_%27n%27_roll_(music)",
+        "Rock_'n'_roll_(music)",
+        "Rock_%27n%27_roll_%28music%29",
+        "Rock_%27n%27_roll_%28music)",
+    ];
+    editor.edit("Rock_'n'_roll_(music)", "First take.").await;
+    for (i, spelling) in spellings.iter().enumerate() {
+        let view = reader.view(spelling).await;
+        assert!(view.text().contains("First take"), "{spelling}");
+        let expected = if i == 0 { "miss" } else { "hit-front" };
+        assert_eq!(
+            view.cache(),
+            expected,
+            "{spelling}: one object for every spelling"
+        );
+    }
+    editor.edit("Rock_'n'_roll_(music)", "Second take.").await;
+    for spelling in spellings {
+        wait_for_text(&mut reader, spelling, "Second take").await;
+    }
 
     // A logged-in reader passes; the shared copy stays the anonymous one.
     let mut member = Browser::new(skua.addr, [127, 0, 0, 4]);

@@ -453,6 +453,13 @@ normalize_query = { drop = ["utm_*"] }
 [[rule]]
 deny = { status = 200 }
 redirect = { location = "/x/{2}" }
+
+[[rule]]
+normalize_path = "apache"
+
+[[rule]]
+match = { cookie = { "session" = "" } }
+normalize_path = "mediawiki"
 "#;
     std::fs::write(&path, bad).unwrap();
     let out = std::process::Command::new(skua_bin())
@@ -468,6 +475,8 @@ redirect = { location = "/x/{2}" }
         ":14: rule[2].normalize_query: a rule that normalises the query may match on host, path and query only",
         ":17: rule[3].deny.status: must be 400 to 599, got 200",
         ":18: rule[3].redirect.location: {2}: the rule's path_regex has 0 group(s)",
+        ":21: rule[4].normalize_path: must be \"mediawiki\" (the one spelling Skua knows), got \"apache\"",
+        ":25: rule[5].normalize_path: a rule that normalises the path may match on host, path and query only",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
@@ -493,6 +502,11 @@ pass = true
 name = "bots"
 match = { header = { "User-Agent" = "(?i)bot" } }
 rate_limit = { per_second = 1 }
+
+[[rule]]
+name = "titles"
+match = { path_prefix = ["/wiki/"] }
+normalize_path = "mediawiki"
 "#;
     std::fs::write(&path, good).unwrap();
     let explain = |args: &[&str]| {
@@ -523,6 +537,22 @@ rate_limit = { per_second = 1 }
     let page = explain(&["--explain", "http://en.wiki.test/wiki/Main_Page"]);
     assert!(page.contains("pool: pages"), "{page}");
     assert!(!page.contains("\"api\""), "{page}");
+    assert!(!page.contains("normalised"), "{page}");
+    let title = explain(&[
+        "--explain",
+        "http://en.wiki.test/wiki/Rock_'n'_roll_%28music%29?utm_source=x",
+    ]);
+    for expected in [
+        "cache key: http://en.wiki.test/wiki/Rock_%27n%27_roll_(music)\n",
+        "path normalised by \"titles\" (line 23)",
+        "query normalised by \"tracking\" (line 8)",
+        "matches rule[3] \"titles\" (line 23): normalize_path",
+    ] {
+        assert!(
+            title.contains(expected),
+            "missing {expected:?} in:\n{title}"
+        );
+    }
 }
 
 /// A request (method, path, header fields) and the status it gets.
@@ -607,4 +637,65 @@ deny = { status = 405 }
     )
     .await;
     assert_eq!(resp.status, 200);
+}
+
+/// config/mediawiki.toml's `normalize_path = "mediawiki"` rule: every escaping of a title is
+/// the one object the wiki's purge names, and the rules after it read the title as MediaWiki
+/// does. Regression: `/wiki/Special%3ASearch` (MediaWiki serves search for it) matched no
+/// `/wiki/Special:` rule, so the search rate limit and the special-page pass did not apply.
+#[tokio::test]
+async fn an_escaped_title_is_the_page_mediawiki_names_for_keys_purges_and_rules() {
+    let origin = named_origin("o", "max-age=600").await;
+    let rules = r#"
+[[rule]]
+name = "page titles"
+match = { path_prefix = ["/wiki/"] }
+normalize_path = "mediawiki"
+
+[[rule]]
+name = "search"
+match = { path_prefix = ["/wiki/Special:Search"] }
+rate_limit = { per_second = 0.01, burst = 1 }
+pass = true
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    let first = get(&skua.url("/wiki/Rock_'n'_roll_%28music%29"), &[]).await;
+    assert_eq!(first.cache(), "miss");
+    assert_eq!(
+        first.text(),
+        "o /wiki/Rock_%27n%27_roll_(music)",
+        "the origin is asked for MediaWiki's spelling"
+    );
+    for spelling in [
+        "/wiki/Rock_%27n%27_roll_(music)",
+        "/wiki/Rock_%27n%27_roll_%28music%29",
+        "/wiki/Rock_%27n%27_roll_%28music%29",
+    ] {
+        assert_eq!(
+            get(&skua.url(spelling), &[]).await.cache(),
+            "hit-front",
+            "{spelling}"
+        );
+    }
+    // MediaWiki's purge, in its own spelling, removes the one object.
+    let purge = send(
+        &client(),
+        "PURGE",
+        &skua.url("/wiki/Rock_%27n%27_roll_(music)"),
+        &[],
+    )
+    .await;
+    assert_eq!(purge.header("skua-purged"), "1 purged", "{purge:?}");
+    let after = get(&skua.url("/wiki/Rock_'n'_roll_(music)"), &[]).await;
+    assert_eq!(after.cache(), "miss");
+    assert_eq!(origin.count_starting("/wiki/Rock"), 2);
+
+    let search = get(&skua.url("/wiki/Special:Search?search=a"), &[]).await;
+    assert_eq!((search.status, search.cache()), (200, "pass"));
+    let escaped = get(&skua.url("/wiki/Special%3ASearch?search=b"), &[]).await;
+    assert_eq!(
+        escaped.status, 429,
+        "the escaped colon is the same special page"
+    );
+    assert_eq!(origin.count_starting("/wiki/Special"), 1);
 }

@@ -56,6 +56,8 @@ pub struct RuleFile {
     pub request_headers: Option<HeaderEditsFile>,
     /// Edits to the response the client receives.
     pub response_headers: Option<HeaderEditsFile>,
+    /// Path normalisation before the cache key is computed (`"mediawiki"`).
+    pub normalize_path: Option<String>,
     /// Query normalisation before the cache key is computed.
     pub normalize_query: Option<QueryFile>,
     /// A token bucket per client address.

@@ -129,6 +129,7 @@ pub struct Actions {
     pub answer: Option<Answer>,
     pub request_headers: Option<HeaderEdits>,
     pub response_headers: Option<HeaderEdits>,
+    pub normalize_path: Option<PathNormalization>,
     pub normalize_query: Option<QueryNormalization>,
     pub rate_limit: Option<RateLimit>,
 }
@@ -195,6 +196,13 @@ pub struct HeaderEdits {
     pub set: Vec<(HeaderName, HeaderValue)>,
     pub append: Vec<(HeaderName, HeaderValue)>,
     pub remove: Vec<HeaderName>,
+}
+
+/// How `normalize_path` spells a path (`rules::path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathNormalization {
+    /// As MediaWiki's `wfUrlencode` writes a page's URL.
+    MediaWiki,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -267,13 +275,14 @@ pub(super) fn check(c: &mut Checker<'_>, files: Vec<RuleFile>, pools: &[OriginPo
             || file.redirect.is_some()
             || file.request_headers.is_some()
             || file.response_headers.is_some()
+            || file.normalize_path.is_some()
             || file.normalize_query.is_some()
             || file.rate_limit.is_some();
         if !does_something {
             c.report(
                 &[Key("rule"), Index(i)],
                 "has no action (route, pass, ttl, deny, redirect, request_headers, \
-                 response_headers, normalize_query or rate_limit)",
+                 response_headers, normalize_path, normalize_query or rate_limit)",
             );
         }
         rules.push(Rule {
@@ -477,6 +486,22 @@ fn actions(
         (file.request_headers.as_ref()).map(|edits| header_edits(c, i, "request_headers", edits));
     actions.response_headers =
         (file.response_headers.as_ref()).map(|edits| header_edits(c, i, "response_headers", edits));
+    if let Some(how) = &file.normalize_path {
+        if !when.url_only() {
+            c.report(
+                &at("normalize_path"),
+                "a rule that normalises the path may match on host, path and query only: \
+                 a purge names the URL alone, and must find what the request stored",
+            );
+        }
+        match how.as_str() {
+            "mediawiki" => actions.normalize_path = Some(PathNormalization::MediaWiki),
+            _ => c.report(
+                &at("normalize_path"),
+                format!("must be \"mediawiki\" (the one spelling Skua knows), got {how:?}"),
+            ),
+        }
+    }
     if let Some(query) = &file.normalize_query {
         if !when.url_only() {
             c.report(

@@ -1,14 +1,14 @@
 //! The one canonical key function: every URL a request, an HTTP PURGE, an HTCP CLR or the
 //! admin API names goes through [`Canonical::canonical`], so that spellings that are one
 //! object are one key: `[cache] host_aliases`, then the first `[[rule]]` with
-//! `normalize_query` whose (URL-only) conditions hold. A PURGE of the raw URL and of the
-//! normalised one therefore remove the same object.
+//! `normalize_path` whose (URL-only) conditions hold, then the first with `normalize_query`.
+//! A PURGE of the raw URL and of the normalised one therefore remove the same object.
 
 use http::Method;
 
-use super::{matches, query, Request};
+use super::{matches, path, query, Request};
 use crate::cache::key::{CacheUrl, HostAliases};
-use crate::config::rules::{Conditions, QueryNormalization, Rule};
+use crate::config::rules::{Conditions, PathNormalization, QueryNormalization, Rule};
 
 /// What the conditions of a URL-only rule are read with: no fields.
 static NO_FIELDS: std::sync::LazyLock<http::HeaderMap> =
@@ -17,20 +17,38 @@ static NO_FIELDS: std::sync::LazyLock<http::HeaderMap> =
 #[derive(Debug, Clone, Default)]
 pub struct Canonical {
     pub aliases: HostAliases,
+    /// The rules that normalise the path, in order.
+    path: Vec<(Conditions, PathNormalization)>,
     /// The rules that normalise the query, in order.
     query: Vec<(Conditions, QueryNormalization)>,
 }
 
 impl Canonical {
     pub fn new(aliases: HostAliases, rules: &[Rule]) -> Canonical {
+        let path = (rules.iter())
+            .filter_map(|r| Some((r.when.clone(), r.actions.normalize_path?)))
+            .collect();
         let query = (rules.iter())
             .filter_map(|r| Some((r.when.clone(), r.actions.normalize_query.clone()?)))
             .collect();
-        Canonical { aliases, query }
+        Canonical {
+            aliases,
+            path,
+            query,
+        }
     }
 
     pub fn canonical(&self, url: CacheUrl) -> CacheUrl {
         let mut url = self.aliases.canonical(url);
+        if !self.path.is_empty() {
+            let req = Request::of(&url, &Method::GET, &*NO_FIELDS, None);
+            let how = self.path.iter().find(|(when, _)| matches(when, &req));
+            if let Some((_, PathNormalization::MediaWiki)) = how {
+                if let std::borrow::Cow::Owned(spelled) = path::mediawiki(&url.path_and_query) {
+                    url.path_and_query = spelled;
+                }
+            }
+        }
         // Without a `?` there is no query to normalise: most page views ask nothing more.
         if self.query.is_empty() || super::query_start(&url.path_and_query).is_none() {
             return url;

@@ -1,5 +1,5 @@
 //! `skua check --explain URL`: what the rules would do with one request, without a server —
-//! its cache key (and the rule that normalised its query), every rule that matches it and
+//! its cache key (and the rules that normalised its path and query), every rule that matches it and
 //! which kinds of action each one decides, and the pool its misses would reach.
 
 use std::fmt::Write;
@@ -35,15 +35,35 @@ pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
     let mut out = String::new();
     let _ = writeln!(out, "{} {}", asked.method, asked.url);
     let _ = writeln!(out, "cache key: {}", url.primary());
-    let raw_query = raw.path_and_query.split_once('?').map_or("", |(_, q)| q);
+    let split = |target: &str| -> (String, String) {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        (path.to_string(), query.to_string())
+    };
+    let (raw_path, raw_query) = split(&raw.path_and_query);
+    let (path, query) = split(&url.path_and_query);
+    let path_normaliser = (config.rules.iter()).position(|r| {
+        let raw_req = Request {
+            path: &raw_path,
+            query: &raw_query,
+            ..shallow(&req)
+        };
+        r.actions.normalize_path.is_some() && matches(&r.when, &raw_req)
+    });
+    if let (Some(i), true) = (path_normaliser, path != raw_path) {
+        let _ = writeln!(
+            out,
+            "  path normalised by {}",
+            describe(&config.rules[i], None)
+        );
+    }
     let normaliser = (config.rules.iter()).position(|r| {
         let raw_req = Request {
-            query: raw_query,
+            query: &raw_query,
             ..shallow(&req)
         };
         r.actions.normalize_query.is_some() && matches(&r.when, &raw_req)
     });
-    if let (Some(i), true) = (normaliser, url != raw) {
+    if let (Some(i), true) = (normaliser, query != raw_query) {
         let _ = writeln!(
             out,
             "  query normalised by {}",
@@ -59,6 +79,9 @@ pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
         }
         any = true;
         let mut decides = decided_by(&set, &decision, i as u16);
+        if path_normaliser == Some(i) {
+            decides.push("normalize_path".to_string());
+        }
         if normaliser == Some(i) {
             decides.push("normalize_query".to_string());
         }

@@ -14,6 +14,7 @@
 pub mod canonical;
 pub mod explain;
 mod index;
+pub mod path;
 pub mod query;
 pub mod rate;
 
