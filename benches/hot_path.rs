@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the pieces every cache hit runs: building and hashing the cache
 //! key, the storage policy (Cache-Control parsing), the memory-tier lookup and the response
-//! header a fast-path hit clones and fills in, and the ban check. `cargo bench --bench hot_path`.
+//! header a fast-path hit clones and fills in, the ban check, and MediaWiki's spelling of a
+//! title (`normalize_path`). `cargo bench --bench hot_path`.
 
 use std::hint::black_box;
 use std::time::{Duration, SystemTime};
@@ -56,6 +57,17 @@ fn bench(c: &mut Criterion) {
             black_box(url.primary_hash())
         })
     });
+
+    // `normalize_path = "mediawiki"` on every request its rule matches: a title MediaWiki's
+    // link spelled (left as it is), and one to respell.
+    for (case, target) in [
+        ("as MediaWiki spells it", "/wiki/Rock_%27n%27_roll_(music)"),
+        ("respelled", "/wiki/Rock_'n'_roll_%28music%29"),
+    ] {
+        c.bench_function(&format!("cache key: a title {case}"), |b| {
+            b.iter(|| black_box(skua::rules::path::mediawiki(black_box(target)).len()))
+        });
+    }
 
     let p = policy();
     let resp = wiki_response();

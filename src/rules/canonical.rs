@@ -6,7 +6,7 @@
 
 use http::Method;
 
-use super::{matches, path, query, Request};
+use super::{path, query, url_conditions_hold, Request};
 use crate::cache::key::{CacheUrl, HostAliases};
 use crate::config::rules::{Conditions, PathNormalization, QueryNormalization, Rule};
 
@@ -40,9 +40,10 @@ impl Canonical {
 
     pub fn canonical(&self, url: CacheUrl) -> CacheUrl {
         let mut url = self.aliases.canonical(url);
-        if !self.path.is_empty() {
+        if !self.path.is_empty() && path::may_respell(&url.path_and_query) {
             let req = Request::of(&url, &Method::GET, &*NO_FIELDS, None);
-            let how = self.path.iter().find(|(when, _)| matches(when, &req));
+            // URL-only conditions (validated): nothing else of the request is read.
+            let how = (self.path.iter()).find(|(when, _)| url_conditions_hold(when, &req));
             if let Some((_, PathNormalization::MediaWiki)) = how {
                 if let std::borrow::Cow::Owned(spelled) = path::mediawiki(&url.path_and_query) {
                     url.path_and_query = spelled;
@@ -56,7 +57,7 @@ impl Canonical {
         // The conditions read the URL only (validated), so the request's other parts are
         // never asked for.
         let req = Request::of(&url, &Method::GET, &*NO_FIELDS, None);
-        let how = self.query.iter().find(|(when, _)| matches(when, &req));
+        let how = (self.query.iter()).find(|(when, _)| url_conditions_hold(when, &req));
         if let Some(normal) = how.and_then(|(_, how)| query::normalize(req.query, how)) {
             let mut rebuilt = String::with_capacity(req.path.len() + 1 + normal.len());
             rebuilt.push_str(req.path);
