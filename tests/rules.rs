@@ -699,3 +699,107 @@ pass = true
     );
     assert_eq!(origin.count_starting("/wiki/Special"), 1);
 }
+
+/// Regression: a rule read the path as sent, so `//w/api.php` or `/w//api.php` (which nginx,
+/// Apache and PHP's server all serve as `/w/api.php`) passed the API's rate limit and route,
+/// and `//w/mw-config/` a deny. A rule now reads each run of `/` as one; the key and what
+/// the origin receives keep them.
+#[tokio::test]
+async fn doubled_slashes_do_not_slip_past_a_rule() {
+    let origin = named_origin("o", "no-store").await;
+    let rules = r#"
+[[rule]]
+name = "API"
+match = { path = ["/w/api.php"] }
+rate_limit = { per_second = 0.01, burst = 1 }
+
+[[rule]]
+name = "installer closed"
+match = { path_prefix = ["/w/mw-config"] }
+deny = { status = 403, body = "forbidden" }
+
+[[rule]]
+name = "index.php path info"
+match = { path_regex = ["^/w/index\\.php/(.+)$"] }
+redirect = { status = 301, location = "/wiki/{1}" }
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    let request = |target: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n")
+    };
+    let first = raw(skua.addr, &request("/w/api.php?action=query")).await;
+    assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
+    for spelling in [
+        "//w/api.php?action=query",
+        "/w//api.php?action=query",
+        "/w/api.php?x=//",
+    ] {
+        let limited = raw(skua.addr, &request(spelling)).await;
+        assert!(
+            limited.starts_with("HTTP/1.1 429 "),
+            "{spelling}: {limited}"
+        );
+    }
+    for spelling in ["//w/mw-config/", "/w//mw-config/index.php"] {
+        let denied = raw(skua.addr, &request(spelling)).await;
+        assert!(denied.starts_with("HTTP/1.1 403 "), "{spelling}: {denied}");
+    }
+    let moved = raw(skua.addr, &request("//w/index.php/Main_Page")).await;
+    assert!(moved.starts_with("HTTP/1.1 301 "), "{moved}");
+    assert!(
+        moved.contains("\r\nLocation: /wiki/Main_Page\r\n")
+            || moved.contains("\r\nlocation: /wiki/Main_Page\r\n"),
+        "{moved}"
+    );
+    assert_eq!(
+        origin.count_starting("/w"),
+        1,
+        "{:?}",
+        origin
+            .all_requests()
+            .iter()
+            .map(|r| r.target.clone())
+            .collect::<Vec<_>>()
+    );
+}
+
+/// config/mediawiki.toml's limits hold for every spelling a real MediaWiki serves the same
+/// (each checked against MediaWiki 1.39 under PHP's server, 2026-12-04). Regression: its search
+/// limit matched `/wiki/Special:Search` alone, while MediaWiki's own search box sends
+/// `/w/index.php?search=…`, and `special:search` or `Special%3ASearch` are the same page;
+/// its API limit and route missed `//w/api.php`.
+#[test]
+fn the_mediawiki_example_limits_every_spelling_mediawiki_serves_alike() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/mediawiki.toml");
+    let explain = |url: &str| {
+        let out = std::process::Command::new(skua_bin())
+            .args(["check", "--config", config, "--explain", url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for url in [
+        "/wiki/Special:Search?search=x",
+        "/wiki/special:search?search=x",
+        "/wiki/Special%3ASearch?search=x",
+        "/w/index.php?search=x&title=Special%3ASearch",
+        "/w/index.php?title=special:search&search=x&fulltext=1",
+    ] {
+        let text = explain(&format!("https://en.wiki.example{url}"));
+        assert!(text.contains("\"search\" (line "), "{url}:\n{text}");
+        assert!(text.contains("): pass, rate_limit\n"), "{url}:\n{text}");
+    }
+    for url in [
+        "/w/api.php?action=query",
+        "//w/api.php?action=query",
+        "/w//api.php",
+    ] {
+        let text = explain(&format!("https://en.wiki.example{url}"));
+        assert!(text.contains("\"API clients\" (line "), "{url}:\n{text}");
+        assert!(text.contains("pool: api "), "{url}:\n{text}");
+    }
+    // Title suggestions are the API's, and stay cacheable.
+    let suggestions = explain("https://en.wiki.example/w/api.php?action=opensearch&search=x");
+    assert!(!suggestions.contains("\"search\""), "{suggestions}");
+}

@@ -820,8 +820,10 @@ impl CachingProxy {
                 }
                 Some(Answer::Redirect { status, location }) => {
                     self.shared.metrics.rule_answers[RuleAnswer::Redirected as usize].inc();
-                    let groups = rules::path_groups(&rule.when, path);
-                    let target = location.fill(url.host_name(), path, query, &groups);
+                    // The path the rule matched, and took its groups from.
+                    let path = rules::rule_path(path);
+                    let groups = rules::path_groups(&rule.when, &path);
+                    let target = location.fill(url.host_name(), &path, query, &groups);
                     respond::redirect(name, session, *status, &target).await?;
                 }
                 None => {}

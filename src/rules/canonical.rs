@@ -59,8 +59,10 @@ impl Canonical {
         let req = Request::of(&url, &Method::GET, &*NO_FIELDS, None);
         let how = (self.query.iter()).find(|(when, _)| url_conditions_hold(when, &req));
         if let Some(normal) = how.and_then(|(_, how)| query::normalize(req.query, how)) {
-            let mut rebuilt = String::with_capacity(req.path.len() + 1 + normal.len());
-            rebuilt.push_str(req.path);
+            // The path as it is, not as the rules read it (`rule_path`).
+            let (path, _) = super::path_and_query(&url);
+            let mut rebuilt = String::with_capacity(path.len() + 1 + normal.len());
+            rebuilt.push_str(path);
             if !normal.is_empty() {
                 rebuilt.push('?');
                 rebuilt.push_str(&normal);

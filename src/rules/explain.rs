@@ -43,7 +43,7 @@ pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
     let (path, query) = split(&url.path_and_query);
     let path_normaliser = (config.rules.iter()).position(|r| {
         let raw_req = Request {
-            path: &raw_path,
+            path: super::rule_path(&raw_path),
             query: &raw_query,
             ..shallow(&req)
         };
@@ -114,7 +114,7 @@ pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
 fn shallow<'a>(req: &Request<'a, HeaderMap>) -> Request<'a, HeaderMap> {
     Request {
         host: req.host,
-        path: req.path,
+        path: req.path.clone(),
         query: req.query,
         method: req.method,
         fields: req.fields,

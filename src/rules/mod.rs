@@ -18,6 +18,7 @@ pub mod path;
 pub mod query;
 pub mod rate;
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -34,8 +35,8 @@ use crate::config::rules::{CacheAction, Conditions, PathPattern, Rule};
 pub struct Request<'a, F: ?Sized> {
     /// The canonical host, lowercased, without its port.
     pub host: &'a str,
-    /// The path, without the query.
-    pub path: &'a str,
+    /// The path, without the query, as the rules read it ([`rule_path`]).
+    pub path: Cow<'a, str>,
     /// The query, without its `?`.
     pub query: &'a str,
     pub method: &'a Method,
@@ -81,6 +82,25 @@ pub fn query_start(target: &str) -> Option<usize> {
         .map(|i| at + i)
 }
 
+/// `path` as every rule's path condition reads it: each run of `/` as one. nginx
+/// (`merge_slashes`, on by default), Apache and PHP's server all map `//w//api.php` to what
+/// serves `/w/api.php`, so a rule that limits, routes or denies `/w/api.php` must see it there
+/// too. Regression: against such an origin `//w/api.php` passed config/mediawiki.toml's API
+/// rate limit and went to the readers' pool. The key and what the origin is sent keep the
+/// slashes (`cache::target`).
+pub fn rule_path(path: &str) -> Cow<'_, str> {
+    if memchr::memmem::find(path.as_bytes(), b"//").is_none() {
+        return Cow::Borrowed(path);
+    }
+    let mut merged = String::with_capacity(path.len());
+    for c in path.chars() {
+        if !(c == '/' && merged.ends_with('/')) {
+            merged.push(c);
+        }
+    }
+    Cow::Owned(merged)
+}
+
 /// `url`'s path, and its query without the `?`.
 pub fn path_and_query(url: &CacheUrl) -> (&str, &str) {
     let whole = url.path_and_query.as_str();
@@ -102,7 +122,7 @@ impl<'a, F: ?Sized> Request<'a, F> {
         let (path, query) = path_and_query(url);
         Request {
             host: url.host_name(),
-            path,
+            path: rule_path(path),
             query,
             method,
             fields,
@@ -380,7 +400,7 @@ impl RuleSet {
         if self.all_kinds == 0 {
             return Decision::default();
         }
-        let candidates = self.index.candidates(req.host, req.path);
+        let candidates = self.index.candidates(req.host, &req.path);
         let asked = Asked {
             method: req.method,
             fields: req.fields,
@@ -388,7 +408,7 @@ impl RuleSet {
             cookies: true,
         };
         self.first_of_each_kind(candidates.iter().copied(), |i| {
-            self.gates[i as usize].admits(req.path)
+            self.gates[i as usize].admits(&req.path)
                 && url_conditions_hold(&self.rules[i as usize].when, req)
                 && self.asked_conditions_hold(i, &asked)
         })
@@ -427,11 +447,11 @@ impl RuleSet {
     /// One bit per rule (of a set of at most [`URL_MATCH_RULES`]) that acts and whose URL
     /// conditions hold for `req`.
     fn url_matches<F: RequestFields + ?Sized>(&self, req: &Request<'_, F>) -> u64 {
-        let candidates = self.index.candidates(req.host, req.path).iter();
+        let candidates = self.index.candidates(req.host, &req.path).iter();
         (candidates)
             .filter(|&&i| {
                 self.kinds[i as usize] != 0
-                    && self.gates[i as usize].admits(req.path)
+                    && self.gates[i as usize].admits(&req.path)
                     && url_conditions_hold(&self.rules[i as usize].when, req)
             })
             .fold(0, |bits, &i| bits | 1 << i)
@@ -572,7 +592,7 @@ pub(crate) fn url_conditions_hold<F: RequestFields + ?Sized>(
     req: &Request<'_, F>,
 ) -> bool {
     (when.hosts.is_empty() || when.hosts.iter().any(|h| h.matches(req.host)))
-        && (when.paths.is_empty() || when.paths.iter().any(|p| p.matches(req.path)))
+        && (when.paths.is_empty() || when.paths.iter().any(|p| p.matches(&req.path)))
         && when.query.iter().all(|(name, value)| {
             query::parameters(req.query).any(|(n, v)| n == name && value.is_match(v))
         })

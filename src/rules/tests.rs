@@ -12,7 +12,7 @@ use crate::config::rules::{
 };
 
 const HOSTS: [&str; 4] = ["en.wiki.test", "de.wiki.test", "wiki.test", "other.test"];
-const PATHS: [&str; 9] = [
+const PATHS: [&str; 11] = [
     "/wiki/A",
     "/wiki/B",
     "/w/api.php",
@@ -22,6 +22,8 @@ const PATHS: [&str; 9] = [
     "/wp-admin.php",
     "/x/.git/config",
     "*",
+    "//w//api.php",
+    "/wiki//B",
 ];
 
 fn host_pattern() -> impl Strategy<Value = HostPattern> {
@@ -167,7 +169,7 @@ proptest! {
         let req = Request {
             // One host no rule names exactly.
             host: HOSTS.get(host).copied().unwrap_or("fr.wiki.test"),
-            path: PATHS[path],
+            path: rule_path(PATHS[path]),
             query: if raw { "action=raw" } else { "oldid=3" },
             method: if post { &Method::POST } else { &Method::GET },
             fields: &fields,
@@ -179,11 +181,14 @@ proptest! {
         // A stored object has a URL; `*` (OPTIONS) is never one.
         let target = format!("{}?{}", req.path, req.query);
         let Ok(url) = CacheUrl::new(crate::cache::key::Scheme::Http, req.host, &target) else {
-            prop_assert_eq!(req.path, "*");
+            prop_assert_eq!(req.path.as_ref(), "*");
             return Ok(());
         };
         let of_url = Request::of(&url, req.method, &fields, req.client);
-        prop_assert_eq!((of_url.host, of_url.path, of_url.query), (req.host, req.path, req.query));
+        prop_assert_eq!(
+            (of_url.host, of_url.path.as_ref(), of_url.query),
+            (req.host, req.path.as_ref(), req.query)
+        );
         let asked = Asked {
             method: req.method,
             fields: &fields,
@@ -266,7 +271,7 @@ fn the_first_rule_of_each_kind_decides_it() {
     let fields = HeaderMap::new();
     let req = |host| Request {
         host,
-        path: "/",
+        path: "/".into(),
         query: "",
         method: &Method::GET,
         fields: &fields,
@@ -278,4 +283,18 @@ fn the_first_rule_of_each_kind_decides_it() {
     assert_eq!((en.cache, en.route), (Some(1), Some(1)));
     let other = set.decide(&req("other.test"));
     assert_eq!((other.cache, other.route), (Some(2), None));
+}
+
+#[test]
+fn a_rule_reads_each_run_of_slashes_as_one() {
+    assert!(matches!(rule_path("/w/api.php"), Cow::Borrowed(_)));
+    for (path, read) in [
+        ("//w//api.php", "/w/api.php"),
+        ("/w///api.php", "/w/api.php"),
+        ("//", "/"),
+        ("/a//", "/a/"),
+        ("/wiki/A//B", "/wiki/A/B"),
+    ] {
+        assert_eq!(rule_path(path), read, "{path}");
+    }
 }
