@@ -13,6 +13,15 @@ pub const SOFT_PURGE_HEADER: &str = "skua-soft-purge";
 
 /// The URL a PURGE request names.
 pub fn target(req: &RequestHeader, scheme: Scheme) -> Result<CacheUrl, KeyError> {
+    // pingora keeps only the path and query of an absolute-form target in `uri` (and has
+    // checked its authority against `Host`); its scheme is read from the target as sent.
+    // Regression: `PURGE https://wiki.test:443/x` was read as `http://wiki.test:443/x`, which
+    // names no object (the `:443` of an https URL is no part of its key).
+    let raw = req.raw_path();
+    if crate::proxy::guard::absolute_form_scheme(raw).is_some() {
+        let absolute = std::str::from_utf8(raw).map_err(|_| KeyError::BadPath)?;
+        return CacheUrl::parse_absolute(absolute);
+    }
     let uri = &req.uri;
     if let (Some(s), Some(authority)) = (uri.scheme_str(), uri.authority()) {
         let scheme = match s {
