@@ -270,6 +270,20 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
     while start.elapsed() < Duration::from_secs(30) {
         step += 1;
         tokio::time::sleep(Duration::from_millis(250)).await;
+        // Asked before this step's purge, which node A has yet to publish when its PURGE is
+        // answered. (The test failed on too few counted hits, 0 of 89,945 requests in 1 run
+        // of 3: node A's queue emptied only 4-5 s after each outage, the next outage came
+        // first, and hits never counted again. That was the bus waiting out acknowledgements
+        // lost with the connection: `fleet::purges_made_through_a_bus_outage_reach_the_
+        // others_soon_after_it_returns`.)
+        if draining && bus_drained(&nodes).await {
+            draining = false;
+            served.lock().unwrap().bus_drained();
+            events.push(format!(
+                "{:>6} ms: purges queued while nats was away are published",
+                start.elapsed().as_millis()
+            ));
+        }
         // An edit and its purge at node A, which is never killed.
         let page = format!("/wiki/Page_{}", (step * 7) % PAGES as u64);
         *versions.lock().unwrap().entry(page.clone()).or_insert(0) += 1;
@@ -290,14 +304,6 @@ async fn chaos_under_load_serves_no_wrong_body_and_loses_no_purge() {
         ));
         purges += 1;
         edited.insert(page);
-        if draining && bus_drained(&nodes).await {
-            draining = false;
-            served.lock().unwrap().bus_drained();
-            events.push(format!(
-                "{:>6} ms: purges queued while nats was away are published",
-                start.elapsed().as_millis()
-            ));
-        }
         match step % 12 {
             // One origin down for a second and a half; the other takes every miss.
             2 => {

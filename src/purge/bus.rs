@@ -14,7 +14,8 @@
 //!   no longer holds that position (the gap is older than the retention), every object cached
 //!   before then is revalidated with the origin before it is served again;
 //! - the bus down: each node applies its own purges and queues them; they reach the others
-//!   when the bus is back.
+//!   once the client has reconnected, in a round trip (an acknowledgement lost with the old
+//!   connection is not waited for; the message ids store a batch sent twice once).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -115,6 +116,9 @@ pub struct Bus {
     had_position: bool,
     created: SystemTime,
     save_wanted: tokio::sync::Notify,
+    /// Counts the client's disconnections and reconnections: an acknowledgement awaited
+    /// across one is lost with the connection it was to come on.
+    connection_changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Bus {
@@ -146,6 +150,7 @@ impl Bus {
             had_position: loaded.is_some(),
             created: SystemTime::now(),
             save_wanted: tokio::sync::Notify::new(),
+            connection_changes: tokio::sync::watch::Sender::new(0),
             position_file,
         })
     }
@@ -230,6 +235,7 @@ impl Bus {
     ) {
         let mut batch: VecDeque<PurgeEvent> = VecDeque::new();
         let mut pause = Backoff::new();
+        let mut connection_changes = self.connection_changes.subscribe();
         loop {
             if batch.is_empty() {
                 match rx.recv().await {
@@ -253,7 +259,13 @@ impl Bus {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, queued = batch.len(), "publishing purges failed; will retry");
-                    tokio::time::sleep(pause.next()).await;
+                    // Sent again at once when the client reconnects, not after a pause that
+                    // has grown through the outage (up to 2 s).
+                    connection_changes.mark_unchanged();
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause.next()) => {}
+                        _ = connection_changes.changed() => {}
+                    }
                 }
             }
         }
@@ -264,6 +276,8 @@ impl Bus {
         js: &jetstream::Context,
         batch: &VecDeque<PurgeEvent>,
     ) -> anyhow::Result<()> {
+        let mut connection_changes = self.connection_changes.subscribe();
+        connection_changes.mark_unchanged();
         let mut acks = Vec::with_capacity(batch.len());
         for event in batch {
             let payload = serde_json::to_vec(event)?;
@@ -275,7 +289,18 @@ impl Bus {
             acks.push(ack);
         }
         for ack in acks {
-            tokio::time::timeout(Duration::from_secs(5), ack).await??;
+            // An acknowledgement owed when the connection dropped never comes: the batch is
+            // sent again once the client is back (the message ids keep it stored once)
+            // rather than after the timeout. Regression: every purge made in the five
+            // seconds after nats-server came back queued behind that timeout.
+            tokio::select! {
+                acked = tokio::time::timeout(Duration::from_secs(5), ack) => {
+                    acked??;
+                }
+                _ = connection_changes.changed() => {
+                    anyhow::bail!("the connection to NATS dropped before the acknowledgements came");
+                }
+            }
         }
         Ok(())
     }
@@ -525,8 +550,20 @@ impl BackgroundService for BusService {
                 return;
             }
         };
+        let events = bus.clone();
         let client = options
             .name(format!("skua {}", bus.config.node))
+            .event_callback(move |event| {
+                let bus = events.clone();
+                async move {
+                    if matches!(
+                        event,
+                        async_nats::Event::Connected | async_nats::Event::Disconnected
+                    ) {
+                        bus.connection_changes.send_modify(|n| *n += 1);
+                    }
+                }
+            })
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2))
