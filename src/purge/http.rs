@@ -18,9 +18,13 @@ pub fn target(req: &RequestHeader, scheme: Scheme) -> Result<CacheUrl, KeyError>
     // Regression: `PURGE https://wiki.test:443/x` was read as `http://wiki.test:443/x`, which
     // names no object (the `:443` of an https URL is no part of its key).
     let raw = req.raw_path();
-    if crate::proxy::guard::absolute_form_scheme(raw).is_some() {
-        let absolute = std::str::from_utf8(raw).map_err(|_| KeyError::BadPath)?;
-        return CacheUrl::parse_absolute(absolute);
+    if raw.first() != Some(&b'/') {
+        if let Ok(target) = std::str::from_utf8(raw) {
+            match CacheUrl::parse_absolute(target) {
+                Err(KeyError::NotAbsolute) => {}
+                parsed => return parsed,
+            }
+        }
     }
     let uri = &req.uri;
     if let (Some(s), Some(authority)) = (uri.scheme_str(), uri.authority()) {
