@@ -486,14 +486,21 @@ fn actions(
         (file.request_headers.as_ref()).map(|edits| header_edits(c, i, "request_headers", edits));
     actions.response_headers =
         (file.response_headers.as_ref()).map(|edits| header_edits(c, i, "response_headers", edits));
-    if let Some(how) = &file.normalize_path {
+    // A purge names the URL alone, and must find what the request stored: a rule that
+    // normalises it may match on host, path and query only.
+    let url_only = |c: &mut Checker<'_>, action: &'static str, part: &str| {
         if !when.url_only() {
             c.report(
-                &at("normalize_path"),
-                "a rule that normalises the path may match on host, path and query only: \
-                 a purge names the URL alone, and must find what the request stored",
+                &at(action),
+                format!(
+                    "a rule that normalises the {part} may match on host, path and query only: \
+                     a purge names the URL alone, and must find what the request stored"
+                ),
             );
         }
+    };
+    if let Some(how) = &file.normalize_path {
+        url_only(c, "normalize_path", "path");
         match how.as_str() {
             "mediawiki" => actions.normalize_path = Some(PathNormalization::MediaWiki),
             _ => c.report(
@@ -503,13 +510,7 @@ fn actions(
         }
     }
     if let Some(query) = &file.normalize_query {
-        if !when.url_only() {
-            c.report(
-                &at("normalize_query"),
-                "a rule that normalises the query may match on host, path and query only: \
-                 a purge names the URL alone, and must find what the request stored",
-            );
-        }
+        url_only(c, "normalize_query", "query");
         let mut drop = Vec::new();
         for (j, name) in query.drop.iter().enumerate() {
             let pattern = match name.strip_suffix('*') {

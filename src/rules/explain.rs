@@ -10,7 +10,7 @@ use http::{HeaderMap, Method};
 use super::canonical::Canonical;
 use super::{matches, Decision, Request, RuleSet};
 use crate::cache::key::CacheUrl;
-use crate::config::rules::{Answer, CacheAction};
+use crate::config::rules::{Actions, Answer, CacheAction};
 use crate::config::{default_pool, Config};
 
 /// The request to explain: an absolute URL, and what else the rules may read.
@@ -41,35 +41,34 @@ pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
     };
     let (raw_path, raw_query) = split(&raw.path_and_query);
     let (path, query) = split(&url.path_and_query);
-    let path_normaliser = (config.rules.iter()).position(|r| {
-        let raw_req = Request {
-            path: super::rule_path(&raw_path),
+    // The first rule of a kind of normalisation that matches the URL as that step read it
+    // (the path's rule the raw URL, the query's rule the URL with its path normalised), and
+    // a line naming it when the part it normalises changed.
+    let mut normaliser = |part: &str, raw_path: &str, has: fn(&Actions) -> bool, changed| {
+        let read = Request {
+            path: super::rule_path(raw_path),
             query: &raw_query,
             ..shallow(&req)
         };
-        r.actions.normalize_path.is_some() && matches(&r.when, &raw_req)
-    });
-    if let (Some(i), true) = (path_normaliser, path != raw_path) {
-        let _ = writeln!(
-            out,
-            "  path normalised by {}",
-            describe(&config.rules[i], None)
-        );
-    }
-    let normaliser = (config.rules.iter()).position(|r| {
-        let raw_req = Request {
-            query: &raw_query,
-            ..shallow(&req)
-        };
-        r.actions.normalize_query.is_some() && matches(&r.when, &raw_req)
-    });
-    if let (Some(i), true) = (normaliser, query != raw_query) {
-        let _ = writeln!(
-            out,
-            "  query normalised by {}",
-            describe(&config.rules[i], None)
-        );
-    }
+        let found = (config.rules.iter()).position(|r| has(&r.actions) && matches(&r.when, &read));
+        if let (Some(i), true) = (found, changed) {
+            let rule = describe(&config.rules[i], None);
+            let _ = writeln!(out, "  {part} normalised by {rule}");
+        }
+        found
+    };
+    let path_normaliser = normaliser(
+        "path",
+        &raw_path,
+        |a| a.normalize_path.is_some(),
+        path != raw_path,
+    );
+    let normaliser = normaliser(
+        "query",
+        &path,
+        |a| a.normalize_query.is_some(),
+        query != raw_query,
+    );
     let decision = set.decide_every_rule(&req);
     debug_assert_eq!(decision, set.decide(&req));
     let mut any = false;
