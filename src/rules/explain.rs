@@ -1,6 +1,6 @@
 //! `skua check --explain URL`: what the rules would do with one request, without a server —
-//! its cache key (and the rules that normalised its path and query), every rule that matches it and
-//! which kinds of action each one decides, and the pool its misses would reach.
+//! its cache key (and the rules that normalised its path and query), every rule that matches
+//! it and which kinds of action each one decides, and the pool its misses would reach.
 
 use std::fmt::Write;
 use std::net::IpAddr;

@@ -17,9 +17,9 @@ use std::fmt::Write as _;
 
 /// Whether `wfUrlencode` writes a byte as it is, by byte: `urlencode` keeps ASCII letters,
 /// digits, `-`, `_` and `.`; then `;@$!*(),/~:` are put back (`~` by name, although PHP 7's
-/// `urlencode` already keeps it). A table: every request its rule matches reads each byte of
-/// its path here (a `matches!` over the set cost 12 instructions a byte, `benches/README.md`
-/// §32).
+/// `urlencode` already keeps it). A table: every request whose rule set has such a rule
+/// reads each byte of its path here (a `matches!` over the set cost several times more,
+/// `benches/README.md` §32).
 static KEPT_BY_MEDIAWIKI: [bool; 256] = {
     let mut kept = [false; 256];
     let mut b = 0;
