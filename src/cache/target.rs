@@ -77,16 +77,24 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// The byte an escape at `at` (`%` and two hex digits) stands for; `None` when none starts
+/// there.
+pub fn escaped_byte(bytes: &[u8], at: usize) -> Option<u8> {
+    if bytes.get(at) != Some(&b'%') {
+        return None;
+    }
+    let hex = |at: usize| bytes.get(at).and_then(|b| char::from(*b).to_digit(16));
+    Some((hex(at + 1)? * 16 + hex(at + 2)?) as u8)
+}
+
 /// Decodes escapes of unreserved characters and upper-cases the hex digits of the others.
 /// Every `%` starts an escape here (see [`normalize`]).
 fn percent_normal(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
-    let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
     while i < bytes.len() {
-        if let (b'%', Some(hi), Some(lo)) = (bytes[i], hex(i + 1), hex(i + 2)) {
-            let decoded = (hi * 16 + lo) as u8;
+        if let Some(decoded) = escaped_byte(bytes, i) {
             if is_unreserved(decoded) {
                 out.push(decoded);
             } else {

@@ -35,19 +35,15 @@ pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
     let mut out = String::new();
     let _ = writeln!(out, "{} {}", asked.method, asked.url);
     let _ = writeln!(out, "cache key: {}", url.primary());
-    let split = |target: &str| -> (String, String) {
-        let (path, query) = target.split_once('?').unwrap_or((target, ""));
-        (path.to_string(), query.to_string())
-    };
-    let (raw_path, raw_query) = split(&raw.path_and_query);
-    let (path, query) = split(&url.path_and_query);
+    let (raw_path, raw_query) = super::path_and_query(&raw);
+    let (path, query) = super::path_and_query(&url);
     // The first rule of a kind of normalisation that matches the URL as that step read it
     // (the path's rule the raw URL, the query's rule the URL with its path normalised), and
     // a line naming it when the part it normalises changed.
     let mut normaliser = |part: &str, raw_path: &str, has: fn(&Actions) -> bool, changed| {
         let read = Request {
             path: super::rule_path(raw_path),
-            query: &raw_query,
+            query: raw_query,
             ..shallow(&req)
         };
         let found = (config.rules.iter()).position(|r| has(&r.actions) && matches(&r.when, &read));
@@ -59,13 +55,13 @@ pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
     };
     let path_normaliser = normaliser(
         "path",
-        &raw_path,
+        raw_path,
         |a| a.normalize_path.is_some(),
         path != raw_path,
     );
     let normaliser = normaliser(
         "query",
-        &path,
+        path,
         |a| a.normalize_query.is_some(),
         query != raw_query,
     );

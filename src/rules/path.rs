@@ -15,6 +15,8 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
+use crate::cache::target::escaped_byte;
+
 /// Whether `wfUrlencode` writes a byte as it is, by byte: `urlencode` keeps ASCII letters,
 /// digits, `-`, `_` and `.`; then `;@$!*(),/~:` are put back (`~` by name, although PHP 7's
 /// `urlencode` already keeps it). A table: every request whose rule set has such a rule
@@ -62,22 +64,6 @@ pub fn may_respell(target: &str) -> bool {
     false
 }
 
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        _ => None,
-    }
-}
-
-/// The byte an escape at `at` (`%` and two hex digits) stands for.
-fn escape_at(bytes: &[u8], at: usize) -> Option<u8> {
-    let high = hex_value(*bytes.get(at + 1)?)?;
-    let low = hex_value(*bytes.get(at + 2)?)?;
-    Some(high << 4 | low)
-}
-
 /// `target` (an origin-form target, already in `cache::target`'s normal form) with its path
 /// in MediaWiki's spelling: every byte `wfUrlencode` keeps written as itself, every other one
 /// as an escape with upper-case hex digits, then dot segments removed again (a decoded `%2F`
@@ -93,7 +79,7 @@ pub fn mediawiki(target: &str) -> Cow<'_, str> {
     while at < bytes.len() {
         let b = bytes[at];
         if b == b'%' {
-            let Some(decoded) = escape_at(bytes, at) else {
+            let Some(decoded) = escaped_byte(bytes, at) else {
                 return Cow::Borrowed(target);
             };
             let upper = bytes[at + 1..at + 3]
@@ -113,7 +99,7 @@ pub fn mediawiki(target: &str) -> Cow<'_, str> {
     let mut at = 0;
     while at < bytes.len() {
         let (b, width) = match bytes[at] {
-            b'%' => (escape_at(bytes, at).unwrap_or(b'%'), 3),
+            b'%' => (escaped_byte(bytes, at).unwrap_or(b'%'), 3),
             b => (b, 1),
         };
         if kept_by_mediawiki(b) {
