@@ -746,6 +746,71 @@ async fn a_purge_acknowledged_before_a_kill_9_stays_applied_after_the_restart() 
     }
 }
 
+/// Another program fills the file system under the cache (logs, a core dump), and a page is
+/// edited meanwhile: the disk refuses the purge's record. Regression: the purge held in memory
+/// only, and after a `kill -9` the restart served the old page from disk; a failed fill also
+/// left a gap in the segment at which a restart stopped reading, losing what was stored after
+/// it. Now the oldest segment gives its space back for the record, and nothing is lost.
+#[tokio::test]
+async fn a_purge_made_while_the_disk_is_full_is_not_undone_by_a_restart() {
+    let Some(disk) = SmallDisk::mount("8m") else {
+        prerequisite_missing("cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let version = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let current = version.clone();
+    let origin = Origin::start(move |seen| {
+        if seen.path == "/filler" {
+            return Reply::ok(vec![b'f'; 64 << 10]).header("cache-control", "max-age=3600");
+        }
+        let v = current.load(Ordering::SeqCst);
+        Reply::ok(format!("{} v{v}", seen.path)).header("cache-control", "max-age=3600")
+    })
+    .await;
+    // Objects from before a restart are trusted as they are: only the purge's record keeps
+    // the old page from coming back.
+    let lines = "size = 67108864\nafter_restart = \"serve\"";
+    let mut skua = Skua::start_disk(&[origin.addr], disk.path(), lines, "").await;
+    let port = skua.port();
+    assert_eq!(
+        get(&skua.url("/wiki/Edited"), &[]).await.text(),
+        "/wiki/Edited v1"
+    );
+    skua.wait_disk_writes().await;
+    assert_eq!(skua.stats().await["tiers"]["disk"]["objects"], 1);
+
+    let ballast = disk.fill();
+    // A fill that finds the disk full.
+    assert_eq!(get(&skua.url("/filler"), &[]).await.status, 200);
+    skua.wait_disk_writes().await;
+    version.store(2, Ordering::SeqCst);
+    let edit = send(&client(), "PURGE", &skua.url("/wiki/Edited"), &[]).await;
+    assert_eq!(edit.status, 204);
+    assert_eq!(
+        get(&skua.url("/wiki/Edited"), &[]).await.text(),
+        "/wiki/Edited v2"
+    );
+    let errors = r#"skua_cache_tier_events_total{event="write_error",tier="disk"}"#;
+    assert!(skua.metric(errors).await > 0.0, "the disk was not full");
+    std::fs::remove_file(ballast).unwrap();
+
+    for i in 0..3 {
+        get(&skua.url(&format!("/after/{i}")), &[]).await;
+    }
+    skua.wait_disk_writes().await;
+    skua.kill9();
+
+    let skua = Skua::start_disk_on(&port, &[origin.addr], disk.path(), lines, "").await;
+    let page = get(&skua.url("/wiki/Edited"), &[]).await;
+    assert_eq!(page.text(), "/wiki/Edited v2", "{}", page.cache());
+    for i in 0..3 {
+        let path = format!("/after/{i}");
+        let got = get(&skua.url(&path), &[]).await;
+        assert_eq!(got.cache(), "hit-local", "{path} was lost");
+        assert_eq!(origin.count(&path), 1);
+    }
+}
+
 /// The event loop never waits on the disk: with every disk read taking 300 ms (a fault
 /// injected in the reader, as on a throttled disk), memory hits are answered at once while
 /// the disk hits beside them wait on the blocking pool.

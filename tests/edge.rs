@@ -627,34 +627,9 @@ async fn head_response_never_carries_a_body() {
     }
 }
 
-/// A 2 MiB tmpfs, unmounted on drop; None where this user may not mount.
-struct SmallDisk(tempfile::TempDir);
-
-impl SmallDisk {
-    fn mount() -> Option<SmallDisk> {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-            .arg(dir.path())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(SmallDisk(dir))
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.0.path())
-            .status();
-    }
-}
-
 #[tokio::test]
 async fn full_disk_keeps_serving_from_memory_and_counts_write_failures() {
-    let Some(disk) = SmallDisk::mount() else {
+    let Some(disk) = SmallDisk::mount("2m") else {
         prerequisite_missing("cannot mount a tmpfs here (needs root)");
         return;
     };
@@ -665,7 +640,7 @@ async fn full_disk_keeps_serving_from_memory_and_counts_write_failures() {
     .await;
     let mut skua = Skua::start_disk(
         &[origin.addr],
-        disk.0.path(),
+        disk.path(),
         "size = 67108864\nmax_object_size = 1048576",
         "",
     )

@@ -85,6 +85,17 @@ enum Written {
         position: u64,
         done: tokio::sync::oneshot::Sender<()>,
     },
+    /// A purge whose first write failed, written again: applied already, answered once in
+    /// the file.
+    Rewritten(Unwritten),
+}
+
+/// A purge or soft purge whose record is not in the file yet: the disk refused the write.
+struct Unwritten {
+    kind: Kind,
+    primary: HashBinary,
+    at: u64,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 pub struct Writer {
@@ -100,6 +111,14 @@ pub struct Writer {
     dirty: bool,
     /// The bytes of every segment but the current one, oldest first.
     closed: BTreeMap<u32, u64>,
+    /// A write into the current segment failed part-way: bytes of records never indexed may
+    /// lie past `buf_start`. A restart's scan would read a whole one among them after
+    /// anything written at `buf_start` since, as newer than it is, so the next record starts a
+    /// new segment instead.
+    torn: bool,
+    /// Purges applied in memory whose records the disk refused, oldest first. Until they are
+    /// in the log, a restart would bring back what they removed.
+    unwritten: Vec<Unwritten>,
 }
 
 impl Writer {
@@ -121,6 +140,8 @@ impl Writer {
             last_checkpoint: Instant::now(),
             dirty: false,
             closed,
+            torn: false,
+            unwritten: Vec::new(),
         };
         writer.update_used();
         writer
@@ -146,6 +167,7 @@ impl Writer {
                         }
                     }
                     self.flush();
+                    self.write_unwritten();
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if self.dirty && self.tier.loaded() {
@@ -156,6 +178,7 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     self.flush();
+                    self.write_unwritten();
                     return;
                 }
             }
@@ -178,6 +201,12 @@ impl Writer {
             } => {
                 let bytes = record::invalidation(kind, &primary, at);
                 if !self.make_room(bytes.len() as u64) {
+                    self.unwritten.push(Unwritten {
+                        kind,
+                        primary,
+                        at,
+                        done: Some(done),
+                    });
                     return;
                 }
                 let position = self.position();
@@ -192,6 +221,7 @@ impl Writer {
             }
             Job::Checkpoint(done) => {
                 self.flush();
+                self.write_unwritten();
                 self.checkpoint();
                 let _ = done.send(());
             }
@@ -230,10 +260,14 @@ impl Writer {
             finish_object(tier, job, None);
             return;
         }
-        let offset = self.buf_start + self.buf.len() as u64;
         if total as usize > AGGREGATE {
             // Large: written in place behind what is buffered, not copied into the buffer.
             self.flush();
+            if self.torn {
+                finish_object(tier, job, None);
+                return;
+            }
+            let offset = self.buf_start;
             let mut at = offset;
             let mut result = self.file.write_all_at(&head, at);
             at += head.len() as u64;
@@ -244,17 +278,19 @@ impl Writer {
                 result = self.file.write_all_at(chunk, at);
                 at += chunk.len() as u64;
             }
-            self.buf_start = offset + total;
             if let Err(e) = result {
                 tier.write_failed(&e);
+                self.torn = self.written_past_end();
                 finish_object(tier, job, None);
                 return;
             }
+            self.buf_start = offset + total;
             self.dirty = true;
             let loc = placed(job.only_if, self.seg, offset as u32, len32);
             self.index_object(job, loc);
             return;
         }
+        let offset = self.buf_start + self.buf.len() as u64;
         self.buf.extend_from_slice(&head);
         for chunk in &job.body {
             self.buf.extend_from_slice(chunk);
@@ -274,18 +310,23 @@ impl Writer {
             return false;
         }
         let end = self.buf_start + self.buf.len() as u64;
-        if end + total <= tier.segment_size {
+        if !self.torn && end + total <= tier.segment_size {
             return true;
         }
-        if end > 0 {
+        if end > 0 || self.torn {
             self.flush();
             let next = self.seg.wrapping_add(1);
             match tier.segments.create(next) {
                 Ok(file) => {
-                    self.closed.insert(self.seg, self.buf_start);
+                    // Not if it was evicted to make space for a purge's record.
+                    if tier.segments.get(self.seg).is_some() {
+                        let len = self.file.metadata().map_or(0, |m| m.len());
+                        self.closed.insert(self.seg, len.max(self.buf_start));
+                    }
                     self.seg = next;
                     self.file = file;
                     self.buf_start = 0;
+                    self.torn = false;
                 }
                 Err(e) => {
                     tier.write_failed(&e);
@@ -299,7 +340,7 @@ impl Writer {
             let Some((&oldest, _)) = self.closed.first_key_value() else {
                 break;
             };
-            self.evict(oldest, &mut copies);
+            self.evict(oldest, &mut copies, tier.segment_size / 2);
             self.closed.remove(&oldest);
         }
         self.update_used();
@@ -319,15 +360,15 @@ impl Writer {
     }
 
     /// Evicts segment `seq`: objects read since they were written are copied (into `copies`,
-    /// appended by the caller), the others leave the index, and the file is unlinked.
-    fn evict(&mut self, seq: u32, copies: &mut Vec<ObjectJob>) {
+    /// appended by the caller) up to `budget` bytes, the others leave the index, and the file
+    /// is unlinked.
+    fn evict(&mut self, seq: u32, copies: &mut Vec<ObjectJob>, mut budget: u64) {
         let tier = self.tier;
         // Entries from the listing must not be indexed into a segment after it is evicted.
         tier.wait_loaded_blocking();
         let Some(file) = tier.segments.get(seq) else {
             return;
         };
-        let mut budget = tier.segment_size / 2;
         if let Ok(mut scan) = Scan::new(&file, 0) {
             while let Some((at, fixed)) = scan.next_record() {
                 if fixed.kind != Kind::Object {
@@ -366,26 +407,37 @@ impl Writer {
         tier.segments.remove(seq);
     }
 
-    /// Writes what is buffered, then indexes and answers what it held.
+    /// Writes what is buffered, then indexes and answers what it held. If the write fails,
+    /// the fills in it are not stored and its purges wait in `unwritten`.
     fn flush(&mut self) {
         if !self.buf.is_empty() {
             let result = self.file.write_all_at(&self.buf, self.buf_start);
-            self.buf_start += self.buf.len() as u64;
-            self.buf.clear();
             if let Err(e) = result {
                 self.tier.write_failed(&e);
+                self.torn = self.written_past_end();
+                self.buf.clear();
                 for written in std::mem::take(&mut self.written) {
                     match written {
                         Written::Object { job, .. } => finish_object(self.tier, job, None),
-                        // The purge is applied in memory already; a restart may not know it,
-                        // which the write error counter and log say.
-                        Written::Invalidation { done, .. } => {
-                            let _ = done.send(());
-                        }
+                        Written::Invalidation {
+                            kind,
+                            primary,
+                            at,
+                            done,
+                            ..
+                        } => self.unwritten.push(Unwritten {
+                            kind,
+                            primary,
+                            at,
+                            done: Some(done),
+                        }),
+                        Written::Rewritten(unwritten) => self.unwritten.push(unwritten),
                     }
                 }
                 return;
             }
+            self.buf_start += self.buf.len() as u64;
+            self.buf.clear();
             self.dirty = true;
         }
         for written in std::mem::take(&mut self.written) {
@@ -401,9 +453,81 @@ impl Writer {
                     apply_invalidation(self.tier, kind, &primary, at, position);
                     let _ = done.send(());
                 }
+                // Not applied by position: the index has gained fresher copies since the
+                // purge, which it must not remove. (A restart's replay does remove copies
+                // written before this record: a miss, never an old page.)
+                Written::Rewritten(unwritten) => {
+                    if let Some(done) = unwritten.done {
+                        let _ = done.send(());
+                    }
+                }
             }
         }
         self.update_used();
+    }
+
+    /// Whether the file holds bytes past the end of the records: a write that failed
+    /// part-way.
+    fn written_past_end(&self) -> bool {
+        self.file
+            .metadata()
+            .map_or(true, |m| m.len() > self.buf_start)
+    }
+
+    /// Writes the records of purges the disk refused (a full file system: another program's
+    /// files took the space). If it still refuses them, the oldest segment is evicted, which
+    /// gives its space back, and they are tried again: losing cached objects costs misses,
+    /// a purge lost at a restart serves an old page. Returns once every one is written or no
+    /// segment is left that one could apply to. A purge is answered once its record is in the
+    /// file, as when the disk takes it first time.
+    fn write_unwritten(&mut self) {
+        while !self.unwritten.is_empty() {
+            for unwritten in std::mem::take(&mut self.unwritten) {
+                let bytes = record::invalidation(unwritten.kind, &unwritten.primary, unwritten.at);
+                if self.make_room(bytes.len() as u64) {
+                    self.buf.extend_from_slice(&bytes);
+                    self.written.push(Written::Rewritten(unwritten));
+                } else {
+                    self.unwritten.push(unwritten);
+                }
+            }
+            self.flush();
+            if self.unwritten.is_empty() {
+                return;
+            }
+            if !self.evict_for_space() {
+                for unwritten in std::mem::take(&mut self.unwritten) {
+                    if let Some(done) = unwritten.done {
+                        let _ = done.send(());
+                    }
+                }
+                return;
+            }
+        }
+    }
+
+    /// Evicts the oldest segment (the current one when it is the last) to give its space back
+    /// to the file system. False if there is none left.
+    fn evict_for_space(&mut self) -> bool {
+        // Nothing is copied: there is no room for it.
+        let mut none = Vec::new();
+        if let Some((&oldest, _)) = self.closed.first_key_value() {
+            self.evict(oldest, &mut none, 0);
+            self.closed.remove(&oldest);
+        } else if self.tier.segments.get(self.seg).is_some() {
+            self.evict(self.seg, &mut none, 0);
+            // Its file is unlinked: the next record starts a new one (which also closes
+            // this one, freeing its space).
+            self.torn = true;
+        } else {
+            return false;
+        }
+        tracing::warn!(
+            unwritten = self.unwritten.len(),
+            "the disk refused a purge's record; evicted the oldest disk cache segment to make room"
+        );
+        self.update_used();
+        true
     }
 
     fn index_object(&mut self, job: ObjectJob, loc: Loc) {
