@@ -753,6 +753,20 @@ async fn a_purge_acknowledged_before_a_kill_9_stays_applied_after_the_restart() 
 /// it. Now the oldest segment gives its space back for the record, and nothing is lost.
 #[tokio::test]
 async fn a_purge_made_while_the_disk_is_full_is_not_undone_by_a_restart() {
+    edit_while_the_disk_is_full_then_restart(&[]).await;
+}
+
+/// As [`a_purge_made_while_the_disk_is_full_is_not_undone_by_a_restart`], for a ban (purge by
+/// prefix) whose line the disk refuses in the bans file.
+#[tokio::test]
+async fn a_ban_made_while_the_disk_is_full_is_not_undone_by_a_restart() {
+    edit_while_the_disk_is_full_then_restart(&[("skua-purge-prefix", "1")]).await;
+}
+
+/// Stores `/wiki/Edited`, fills the file system, edits the page (purged with `purge_headers`),
+/// gives the space back, stores more, kills Skua and restarts it: the edit holds and what was
+/// stored after it is there.
+async fn edit_while_the_disk_is_full_then_restart(purge_headers: &[(&str, &str)]) {
     let Some(disk) = SmallDisk::mount("8m") else {
         prerequisite_missing("cannot mount a tmpfs here (needs root)");
         return;
@@ -784,16 +798,14 @@ async fn a_purge_made_while_the_disk_is_full_is_not_undone_by_a_restart() {
     assert_eq!(get(&skua.url("/filler"), &[]).await.status, 200);
     skua.wait_disk_writes().await;
     version.store(2, Ordering::SeqCst);
-    let edit = send(&client(), "PURGE", &skua.url("/wiki/Edited"), &[]).await;
+    let edit = send(&client(), "PURGE", &skua.url("/wiki/Edited"), purge_headers).await;
     assert_eq!(edit.status, 204);
-    assert_eq!(
-        get(&skua.url("/wiki/Edited"), &[]).await.text(),
-        "/wiki/Edited v2"
-    );
     let errors = r#"skua_cache_tier_events_total{event="write_error",tier="disk"}"#;
     assert!(skua.metric(errors).await > 0.0, "the disk was not full");
     std::fs::remove_file(ballast).unwrap();
 
+    // (The edited page is not asked for again before the restart: a copy of the new version
+    // stored on disk would hide whether the purge outlived it.)
     for i in 0..3 {
         get(&skua.url(&format!("/after/{i}")), &[]).await;
     }
@@ -803,6 +815,7 @@ async fn a_purge_made_while_the_disk_is_full_is_not_undone_by_a_restart() {
     let skua = Skua::start_disk_on(&port, &[origin.addr], disk.path(), lines, "").await;
     let page = get(&skua.url("/wiki/Edited"), &[]).await;
     assert_eq!(page.text(), "/wiki/Edited v2", "{}", page.cache());
+    assert_eq!(origin.count("/wiki/Edited"), 2);
     for i in 0..3 {
         let path = format!("/after/{i}");
         let got = get(&skua.url(&path), &[]).await;

@@ -43,6 +43,9 @@ struct BanIndex {
     count: usize,
     /// Lines in the bans file, live or not: past twice the live bans it is rewritten.
     file_lines: usize,
+    /// A ban could not be written (a full file system): the file lacks it, and the next save
+    /// rewrites the file whole.
+    unsaved: bool,
     last_sweep: Option<SystemTime>,
 }
 
@@ -274,45 +277,81 @@ impl Invalidations {
             .any(|t| self.tags_purged.get(t).is_some_and(|at| at >= fetched))
     }
 
-    /// Bans everything under `host` + `path_prefix` fetched before now.
-    pub fn ban(&self, host: &str, path_prefix: &str) {
+    /// Bans everything under `host` + `path_prefix` fetched before now. False if the bans
+    /// file lacks it (or an earlier ban): a restart would not know it.
+    pub fn ban(&self, host: &str, path_prefix: &str) -> bool {
         let ban = Ban {
             host: host.to_string(),
             path_prefix: path_prefix.to_string(),
             at: SystemTime::now(),
         };
         let Ok(mut bans) = self.bans.write() else {
-            return;
+            return false;
         };
         bans.sweep(ban.at, self.lifetime);
-        if let Some(file) = &self.file {
-            if let Err(e) = self.save(file, &mut bans, &ban) {
-                tracing::warn!(error = %e, "could not save bans");
-            }
-        }
+        let saved = match &self.file {
+            Some(file) => self.save(file, &mut bans, &ban),
+            None => true,
+        };
         bans.insert(ban);
         self.ban_count.store(bans.count, Ordering::Release);
+        saved
     }
 
-    /// Appends `ban` to the bans file, or rewrites the file with the live bans (and `ban`)
-    /// once it holds more than twice as many lines as there are live bans, so that the file
-    /// stays within a constant factor of what it describes and a ban costs one small write.
-    fn save(&self, file: &Path, bans: &mut BanIndex, ban: &Ban) -> std::io::Result<()> {
-        if bans.file_lines > 2 * bans.count + 1024 {
-            let text: String = bans.all().chain([ban.clone()]).map(|b| line(&b)).collect();
-            let temp = file.with_extension(format!("tmp.{}", std::process::id()));
-            super::files::replace(file, &temp, text.as_bytes())?;
-            bans.file_lines = bans.count + 1;
-        } else {
-            super::files::append(file, line(ban).as_bytes())?;
-            bans.file_lines += 1;
+    /// Writes the bans file again if a ban is missing from it. True once none is.
+    pub fn save_missing_bans(&self) -> bool {
+        let (Some(file), Ok(mut bans)) = (&self.file, self.bans.write()) else {
+            return true;
+        };
+        if !bans.unsaved {
+            return true;
         }
-        Ok(())
+        let text: String = bans.all().map(|b| line(&b)).collect();
+        let count = bans.count;
+        self.rewrite(file, &mut bans, &text, count)
     }
 
-    /// Bans everything under `url`'s host and path (its query ignored).
-    pub fn ban_url(&self, url: &CacheUrl) {
-        self.ban(&url.host, ban_path(url));
+    /// Saves `ban`; false (logged) if the file system refused it.
+    fn save(&self, file: &Path, bans: &mut BanIndex, ban: &Ban) -> bool {
+        // A file that lacks a ban, or holds more than twice as many lines as there are live
+        // bans, is rewritten with the live bans and `ban`, so that it stays within a constant
+        // factor of what it describes; else a ban costs one small appended line.
+        if bans.unsaved || bans.file_lines > 2 * bans.count + 1024 {
+            let text: String = bans.all().chain([ban.clone()]).map(|b| line(&b)).collect();
+            let count = bans.count + 1;
+            return self.rewrite(file, bans, &text, count);
+        }
+        match super::files::append(file, line(ban).as_bytes()) {
+            Ok(()) => {
+                bans.file_lines += 1;
+                true
+            }
+            Err(e) => self.refused(bans, &e),
+        }
+    }
+
+    fn rewrite(&self, file: &Path, bans: &mut BanIndex, text: &str, lines: usize) -> bool {
+        let temp = file.with_extension(format!("tmp.{}", std::process::id()));
+        match super::files::replace(file, &temp, text.as_bytes()) {
+            Ok(()) => {
+                bans.file_lines = lines;
+                bans.unsaved = false;
+                true
+            }
+            Err(e) => self.refused(bans, &e),
+        }
+    }
+
+    fn refused(&self, bans: &mut BanIndex, e: &std::io::Error) -> bool {
+        tracing::warn!(error = %e, "could not save bans");
+        bans.unsaved = true;
+        false
+    }
+
+    /// Bans everything under `url`'s host and path (its query ignored). False as
+    /// [`Self::ban`].
+    pub fn ban_url(&self, url: &CacheUrl) -> bool {
+        self.ban(&url.host, ban_path(url))
     }
 
     pub fn has_bans(&self) -> bool {
@@ -591,6 +630,26 @@ mod persistence {
             assert!(again.banned(&CacheUrl::new(Scheme::Http, "h", path).unwrap(), before));
         }
         assert!(!again.banned(&CacheUrl::new(Scheme::Http, "h", "/q/2").unwrap(), before));
+    }
+
+    #[test]
+    fn a_ban_the_file_system_refused_is_saved_with_the_next_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory in the file's place refuses every write, as a full file system would.
+        let file = dir.path().join("bans");
+        std::fs::create_dir(&file).unwrap();
+        let before = SystemTime::now() - Duration::from_secs(1);
+        let inv = Invalidations::new(Duration::from_secs(3600), Some(file.clone()));
+        assert!(!inv.ban("h", "/a/"));
+        assert!(!inv.save_missing_bans());
+        std::fs::remove_dir(&file).unwrap();
+        assert!(inv.save_missing_bans());
+        assert!(inv.ban("h", "/b/"));
+        let again = Invalidations::new(Duration::from_secs(3600), Some(file));
+        for path in ["/a/1", "/b/1"] {
+            let url = CacheUrl::new(Scheme::Http, "h", path).unwrap();
+            assert!(again.banned(&url, before), "{path}");
+        }
     }
 
     #[test]

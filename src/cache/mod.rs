@@ -178,6 +178,24 @@ impl Store {
         self.memory_max_object.max(disk)
     }
 
+    /// Bans everything under `url`'s host and path. A ban the file system refuses (another
+    /// program filled it) is saved once the oldest disk segments give their space back: a
+    /// restart that did not know it would serve what it covers from disk.
+    pub async fn ban(&self, url: &CacheUrl) {
+        if self.invalidations.ban_url(url) {
+            return;
+        }
+        let Some(disk) = self.disk else {
+            return;
+        };
+        while !self.invalidations.save_missing_bans() {
+            if !disk.free_space().await {
+                // No segment is left for the ban to cover.
+                return;
+            }
+        }
+    }
+
     /// Invalidates every variant of `url` under both schemes, in every tier, disk first so the
     /// memory tier cannot be refilled from a stale disk copy. Returns how many objects were
     /// affected (an object in both tiers counts once per tier).

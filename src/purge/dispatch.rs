@@ -167,7 +167,7 @@ impl Purger {
                 store.invalidate_tags(&tags, purge.mode).await
             }
             Scope::Prefix(url) => {
-                store.invalidations.ban_url(url);
+                store.ban(url).await;
                 1
             }
         };

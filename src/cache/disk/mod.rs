@@ -230,6 +230,13 @@ impl DiskTier {
         }
     }
 
+    /// Evicts the oldest segment, giving its space back to the file system (the bans file
+    /// beside the segments could not be written). False if there was none.
+    pub async fn free_space(&self) -> bool {
+        let (done, freed) = tokio::sync::oneshot::channel();
+        self.send(Job::FreeSpace(done)) && freed.await.unwrap_or(false)
+    }
+
     fn send(&self, job: Job) -> bool {
         self.jobs.send(job).is_ok()
     }

@@ -45,6 +45,9 @@ pub enum Job {
     },
     /// Writes a checkpoint now (a graceful stop).
     Checkpoint(std::sync::mpsc::Sender<()>),
+    /// Evicts the oldest segment to give its space back to the file system, answering
+    /// whether there was one: the bans file could not be written.
+    FreeSpace(tokio::sync::oneshot::Sender<bool>),
 }
 
 impl Job {
@@ -52,7 +55,7 @@ impl Job {
     fn waited_for(&self) -> bool {
         match self {
             Job::Object(job) => job.done.is_some(),
-            Job::Invalidate { .. } | Job::Checkpoint(_) => true,
+            Job::Invalidate { .. } | Job::Checkpoint(_) | Job::FreeSpace(_) => true,
         }
     }
 }
@@ -224,6 +227,10 @@ impl Writer {
                 self.write_unwritten();
                 self.checkpoint();
                 let _ = done.send(());
+            }
+            Job::FreeSpace(done) => {
+                self.flush();
+                let _ = done.send(self.evict_for_space());
             }
         }
     }
@@ -477,7 +484,7 @@ impl Writer {
     /// Writes the records of purges the disk refused (a full file system: another program's
     /// files took the space). If it still refuses them, the oldest segment is evicted, which
     /// gives its space back, and they are tried again: losing cached objects costs misses,
-    /// a purge lost at a restart serves an old page. Returns once every one is written or no
+    /// a purge lost at a restart serves an old page (bans likewise, [`Job::FreeSpace`]). Returns once every one is written or no
     /// segment is left that one could apply to. A purge is answered once its record is in the
     /// file, as when the disk takes it first time.
     fn write_unwritten(&mut self) {
@@ -516,15 +523,14 @@ impl Writer {
             self.closed.remove(&oldest);
         } else if self.tier.segments.get(self.seg).is_some() {
             self.evict(self.seg, &mut none, 0);
-            // Its file is unlinked: the next record starts a new one (which also closes
-            // this one, freeing its space).
+            // Its file is unlinked; its space returns once a new segment replaces it.
             self.torn = true;
+            self.make_room(0);
         } else {
             return false;
         }
         tracing::warn!(
-            unwritten = self.unwritten.len(),
-            "the disk refused a purge's record; evicted the oldest disk cache segment to make room"
+            "the file system refused a purge's record or a ban; evicted the oldest disk cache segment to give its space back"
         );
         self.update_used();
         true
