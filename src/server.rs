@@ -164,10 +164,59 @@ pub fn build_with(config: &Config, upgrade: bool) -> anyhow::Result<Built> {
         upgrade,
         ..Default::default()
     };
+    raise_open_file_limit();
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
     let shared = add_node(&mut server, config)?;
     Ok(Built { server, shared })
+}
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime does for every
+/// program: a shell's usual soft limit (1,024) is a tenth of `max_connections`' default, and a
+/// process out of descriptors cannot accept a connection even to refuse it: clients past it
+/// waited unanswered while pingora retried `accept` once a second.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else {
+        return;
+    };
+    if soft < hard {
+        let raised = Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(soft, hard, error = %e, "could not raise the open-file limit");
+        }
+    }
+}
+
+/// The client connections the open-file limit leaves room for: a quarter of the descriptors
+/// (at least 64) is kept for everything else (origin connections, disk segments, listeners,
+/// logs, the bus). `None`: no limit.
+fn connections_the_file_limit_allows() -> Option<usize> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current?;
+    let kept = (limit / 4).max(64);
+    usize::try_from(limit.saturating_sub(kept)).ok()
+}
+
+/// `[server] max_connections`, lowered to what the open-file limit allows (with a warning
+/// naming both), so that clients past it are answered 503 rather than left unaccepted.
+fn client_connection_limit(configured: usize) -> usize {
+    match connections_the_file_limit_allows() {
+        Some(allowed) if allowed < configured => {
+            tracing::warn!(
+                max_connections = configured,
+                allowed,
+                "server.max_connections is more than this process's open-file limit allows \
+                 (ulimit -n, or LimitNOFILE= under systemd): connections past {allowed} are \
+                 answered 503"
+            );
+            allowed
+        }
+        _ => configured,
+    }
 }
 
 /// Adds one Skua node's services (proxy, health checks, HTCP, purge bus, admin) to `server`.
@@ -217,9 +266,11 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         .map(|b| Bus::new(b, store, metrics.clone()));
     let shared = Arc::new(ProxyState::new(config, store, pools, metrics, bus.clone()));
 
+    let mut connections = config.server.connections;
+    connections.max_connections = client_connection_limit(connections.max_connections);
     let gate = ConnectionGate::new(
         proxy_app(server, &shared),
-        config.server.connections,
+        connections,
         shared.metrics.connections.clone(),
         FrontDoor::new(shared.clone()),
     );

@@ -627,6 +627,50 @@ async fn head_response_never_carries_a_body() {
     }
 }
 
+/// Regression: started from a shell whose open-file limit (a soft 1,024 on most systems, 200
+/// here) is below `max_connections`, Skua ran out of descriptors, and a client past the limit
+/// was never accepted, not even to be refused: it waited unanswered. Skua now raises the soft
+/// limit to the hard one (600 here) and lowers `max_connections` to what that allows (450),
+/// so clients past it are answered 503.
+#[tokio::test]
+async fn clients_past_the_shells_open_file_limit_are_served_or_refused_never_left_waiting() {
+    let origin = cached_origin().await;
+    let skua = Skua::start_tables(&[origin.addr], ["", "", ""], "# nofile 200:600").await;
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(skua.addr).await.unwrap());
+    }
+    let answer = tokio::time::timeout(Duration::from_secs(5), get(&skua.url("/k"), &[])).await;
+    assert_eq!(
+        answer
+            .expect("past 200 connections a client waited unanswered")
+            .status,
+        200
+    );
+    for _ in 0..200 {
+        idle.push(TcpStream::connect(skua.addr).await.unwrap());
+    }
+    // An accepted idle connection is silent; a refused one is answered 503 at once.
+    let answers = futures::future::join_all(idle.iter_mut().map(|stream| async move {
+        let mut head = [0u8; 12];
+        let read = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut head)).await;
+        read.ok().and_then(Result::ok).map(|n| head[..n].to_vec())
+    }))
+    .await;
+    let refused: Vec<_> = answers.into_iter().flatten().collect();
+    assert_eq!(
+        refused.len(),
+        50,
+        "450 of 500 idle connections are kept open"
+    );
+    assert!(
+        refused.iter().all(|head| head == b"HTTP/1.1 503"),
+        "{refused:?}"
+    );
+    let counted = r#"skua_connections_refused_total{reason="max_connections"}"#;
+    assert_eq!(skua.metric(counted).await, 50.0);
+}
+
 #[tokio::test]
 async fn full_disk_keeps_serving_from_memory_and_counts_write_failures() {
     let Some(disk) = SmallDisk::mount("2m") else {

@@ -311,6 +311,9 @@ pub const CAPTURE_LOG: &str = "# capture the log";
 /// A line `# env NAME=VALUE` in a config's extra text sets that variable for the process
 /// (and no other): how a test turns on a fault-injection hook.
 pub const ENV_LINE: &str = "# env ";
+/// A line `# nofile SOFT:HARD` starts the process with that open-file limit (`prlimit`), as a
+/// shell's `ulimit -n` would.
+pub const NOFILE_LINE: &str = "# nofile ";
 const LOG_FILE: &str = "skua.log";
 
 /// The real `skua serve` process.
@@ -623,7 +626,15 @@ memory_size = 16777216
         let vars = extra
             .lines()
             .filter_map(|l| l.strip_prefix(ENV_LINE)?.split_once('='));
-        let child = Command::new(skua_bin())
+        let mut command = match extra.lines().find_map(|l| l.strip_prefix(NOFILE_LINE)) {
+            Some(limit) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={limit}")).arg("--").arg(skua_bin());
+                c
+            }
+            None => Command::new(skua_bin()),
+        };
+        let child = command
             .args(["serve", "--config"])
             .arg(&path)
             .envs(vars)
