@@ -331,6 +331,37 @@ rate_limit = { per_second = 4, burst = 2 }
     );
 }
 
+/// Regression: a bucket was kept per IPv6 address, and a client holds a whole /64 (2^64
+/// addresses: privacy addresses rotate through it, and any host can take more), so a new
+/// source address per request was a fresh bucket and never limited. An IPv6 client is now
+/// its /64; an IPv4-mapped address is the IPv4 client.
+#[tokio::test]
+async fn a_rate_limit_holds_for_every_address_of_an_ipv6_client() {
+    let origin = named_origin("o", "max-age=600").await;
+    let rules = r#"
+[[rule]]
+name = "api clients"
+match = { path_prefix = ["/w/api.php"] }
+rate_limit = { per_second = 0.01, burst = 1 }
+"#;
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["trusted_proxies = [\"127.0.0.0/8\"]", "", ""],
+        rules,
+    )
+    .await;
+    let url = skua.url("/w/api.php?action=query");
+    let from = |client: &'static str| [("x-forwarded-for", client)];
+    assert_eq!(get(&url, &from("2001:db8:1:2::1")).await.status, 200);
+    for other in ["2001:db8:1:2::2", "2001:db8:1:2:a:b:c:d"] {
+        assert_eq!(get(&url, &from(other)).await.status, 429, "{other}");
+    }
+    // The next /64 is another client.
+    assert_eq!(get(&url, &from("2001:db8:1:3::1")).await.status, 200);
+    assert_eq!(get(&url, &from("198.51.100.7")).await.status, 200);
+    assert_eq!(get(&url, &from("::ffff:198.51.100.7")).await.status, 429);
+}
+
 #[tokio::test]
 async fn rules_reload_under_load_without_a_failed_request_and_a_bad_rule_keeps_the_old() {
     let origin = named_origin("o", "max-age=600").await;

@@ -60,7 +60,7 @@ pub struct RuleFile {
     pub normalize_path: Option<String>,
     /// Query normalisation before the cache key is computed.
     pub normalize_query: Option<QueryFile>,
-    /// A token bucket per client address.
+    /// A token bucket per client (an IPv4 address or an IPv6 /64).
     pub rate_limit: Option<RateLimitFile>,
 }
 

@@ -1,9 +1,9 @@
-//! Rate limits per client address (`rate_limit`): a token bucket for each (rule, address),
-//! in a table bounded in entries, so that a flood of addresses costs a bounded amount of
+//! Rate limits per client (`rate_limit`): a token bucket for each (rule, client), where a
+//! client is an IPv4 address or an IPv6 /64, in a table bounded in entries, so that a flood of addresses costs a bounded amount of
 //! memory (the least recently used buckets go first, and an evicted client starts again with
 //! a full bucket).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,7 @@ impl Limiter {
     /// there is.
     pub fn take(&self, rule: u16, client: IpAddr, limit: RateLimit) -> Option<Duration> {
         let now = Instant::now();
-        let bucket = self.buckets.get_with((rule, client), || {
+        let bucket = self.buckets.get_with((rule, bucket_owner(client)), || {
             Arc::new(Mutex::new(Bucket {
                 tokens: f64::from(limit.burst),
                 at: now,
@@ -57,6 +57,21 @@ impl Limiter {
         Some(Duration::from_secs_f64(
             (1.0 - bucket.tokens) / limit.per_second,
         ))
+    }
+}
+
+/// Whom a bucket is kept for: an IPv4 address, or the /64 an IPv6 address is in. A /64 is the
+/// smallest network a host is given (RFC 4291 §2.5.4: unicast addresses have a 64-bit
+/// interface identifier; RFC 8981: a host picks temporary addresses in it at will), so a
+/// bucket per IPv6 address gave one client 2^64 buckets. An IPv4-mapped address (RFC 4291
+/// §2.5.5.2) is its IPv4 client.
+fn bucket_owner(client: IpAddr) -> IpAddr {
+    match client {
+        IpAddr::V4(_) => client,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::from(u64::MAX)))),
+        },
     }
 }
 
@@ -88,5 +103,16 @@ mod tests {
         assert_eq!(limiter.take(1, client, limit), None);
         std::thread::sleep(Duration::from_millis(120));
         assert_eq!(limiter.take(0, client, limit), None, "refilled at 10/s");
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64_and_a_mapped_address_its_ipv4_client() {
+        let owner = |a: &str| bucket_owner(a.parse().unwrap()).to_string();
+        assert_eq!(owner("2001:db8:1:2:a:b:c:d"), "2001:db8:1:2::");
+        assert_eq!(owner("2001:db8:1:2::1"), "2001:db8:1:2::");
+        assert_eq!(owner("2001:db8:1:3::1"), "2001:db8:1:3::");
+        assert_eq!(owner("::ffff:198.51.100.7"), "198.51.100.7");
+        assert_eq!(owner("198.51.100.7"), "198.51.100.7");
+        assert_eq!(owner("::1"), "::");
     }
 }
