@@ -490,6 +490,77 @@ async fn prefix_purge_racing_an_in_flight_fill_leaves_no_stale_object() {
     purge_racing_a_fill(RacePurge::Prefix, true).await;
 }
 
+/// A stale page is being revalidated, the page is edited and purged (`soft`: soft-purged),
+/// and then the origin's `304` for the old revision (decided before the edit) arrives. The
+/// 304 must not put the old revision back: the next request gets the new one. Regression:
+/// after a soft purge (which leaves the copy in place, stale) the 304 refreshed it, and the
+/// old revision was served `hit-front` for its whole lifetime.
+async fn purge_racing_a_revalidation(disk: bool, soft: bool) {
+    let version = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let v = version.clone();
+    let origin = Origin::start(move |req| {
+        let n = v.load(std::sync::atomic::Ordering::SeqCst);
+        let etag = format!("\"r{n}\"");
+        let reply = if req.header("if-none-match") == Some(etag.as_str()) {
+            Reply::ok("").status(304)
+        } else {
+            Reply::ok(format!("{} revision {n}", req.path))
+        };
+        reply
+            .header("cache-control", "s-maxage=1")
+            .header("etag", &etag)
+            .delay(std::time::Duration::from_millis(
+                if req.header("if-none-match").is_some() {
+                    400
+                } else {
+                    0
+                },
+            ))
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let skua = if disk {
+        Skua::start_disk_with(&[origin.addr], dir.path(), "max_object_size = 8", "").await
+    } else {
+        Skua::start(&[origin.addr], "").await
+    };
+    let url = skua.url("/wiki/Reval");
+    assert_eq!(get(&url, &[]).await.text(), "/wiki/Reval revision 1");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let revalidation = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url, &[]).await }
+    });
+    wait_until("the revalidation reached the origin", || {
+        origin.count("/wiki/Reval") == 2
+    })
+    .await;
+    version.store(2, std::sync::atomic::Ordering::SeqCst);
+    let mode: &[(&str, &str)] = if soft {
+        &[("skua-soft-purge", "1")]
+    } else {
+        &[]
+    };
+    let purge = send(&client(), "PURGE", &url, mode).await;
+    assert_eq!(purge.status, 204);
+    assert_eq!(revalidation.await.unwrap().text(), "/wiki/Reval revision 1");
+    let next = get(&url, &[]).await;
+    assert_eq!(
+        next.text(),
+        "/wiki/Reval revision 2",
+        "disk={disk} soft={soft}: {}",
+        next.cache()
+    );
+    drop(dir);
+}
+
+#[tokio::test]
+async fn purge_racing_a_revalidation_leaves_no_stale_object() {
+    for (disk, soft) in [(false, false), (true, false), (false, true), (true, true)] {
+        purge_racing_a_revalidation(disk, soft).await;
+    }
+}
+
 #[tokio::test]
 async fn admin_purge_endpoint_mirrors_http_purge() {
     let origin = Origin::start(tagged).await;

@@ -333,6 +333,17 @@ impl Storage for Store {
         meta: &CacheMeta,
         trace: &SpanHandle,
     ) -> Result<bool> {
+        // pingora sets `updated` to when the revalidation was sent. A purge since (soft, which
+        // leaves the copy in place, or hard) means the 304 speaks for the page before the
+        // edit: the client that asked is answered with it, but the stored copy keeps its
+        // purge. Regression: a soft purge racing a revalidation was undone by its 304 and the
+        // old page served fresh.
+        if self
+            .invalidations
+            .purged_since(&key.primary_bin(), meta.updated())
+        {
+            return Ok(false);
+        }
         let on_disk = match self.disk {
             Some(d) => {
                 d.update_meta(&key.primary_bin(), key.variance_bin().as_ref(), meta)
