@@ -824,6 +824,54 @@ async fn edit_while_the_disk_is_full_then_restart(purge_headers: &[(&str, &str)]
     }
 }
 
+/// A page on disk is being read (after a restart, so not in memory yet) when it is edited and
+/// soft-purged. The read finishes with the copy as it was before the purge; it must not be put
+/// into the memory tier as fresh: the next request revalidates and gets the new revision.
+#[tokio::test]
+async fn a_soft_purge_racing_a_disk_read_is_not_undone_by_the_promotion_to_memory() {
+    let version = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let current = version.clone();
+    let origin = Origin::start(move |seen| {
+        let v = current.load(Ordering::SeqCst);
+        let etag = format!("\"r{v}\"");
+        let reply = if seen.header("if-none-match") == Some(etag.as_str()) {
+            Reply::ok("").status(304)
+        } else {
+            Reply::ok(format!("{} v{v}", seen.path))
+        };
+        reply
+            .header("cache-control", "max-age=600")
+            .header("etag", &etag)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let lines = "after_restart = \"serve\"";
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), lines, "").await;
+    let port = skua.port();
+    assert_eq!(get(&skua.url("/wiki/P"), &[]).await.text(), "/wiki/P v1");
+    skua.wait_disk_writes().await;
+    skua.stop();
+
+    let slow = format!("{ENV_LINE}SKUA_TEST_DISK_READ_DELAY_MS=400\n");
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), lines, &slow).await;
+    let url = skua.url("/wiki/P");
+    let read = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url, &[]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    version.store(2, Ordering::SeqCst);
+    let purge = send(&client(), "PURGE", &url, &[("skua-soft-purge", "1")]).await;
+    assert_eq!(purge.status, 204);
+    let raced = read.await.unwrap();
+    assert_eq!(
+        (raced.text(), raced.cache()),
+        ("/wiki/P v1".to_string(), "hit-local")
+    );
+    let next = get(&url, &[]).await;
+    assert_eq!(next.text(), "/wiki/P v2", "{}", next.cache());
+}
+
 /// The event loop never waits on the disk: with every disk read taking 300 ms (a fault
 /// injected in the reader, as on a throttled disk), memory hits are answered at once while
 /// the disk hits beside them wait on the blocking pool.

@@ -164,8 +164,14 @@ impl Store {
     /// segment (`disk::mapped`), which the memory tier must not hold (regression: it would
     /// keep an evicted segment's file, unlinked, taking disk space past the tier's bound, and
     /// a memory hit could then wait for the disk to read its pages back).
+    ///
+    /// Nor does a copy purged since the origin last vouched for it: a soft purge leaves it on
+    /// disk marked stale, and a read may have found it before the mark, fresh (regression:
+    /// promoted fresh, a soft-purged page was served from memory until it expired).
     pub fn promote(&self, primary: HashBinary, obj: &StoredObject) {
-        let trusted = self.invalidations.trust(obj.meta.times.epoch.time()) == bans::Trust::Yes;
+        let vouched = obj.meta.times.epoch.time();
+        let trusted = self.invalidations.trust(vouched) == bans::Trust::Yes
+            && !self.invalidations.purged_since(&primary, vouched);
         if trusted && obj.body.len() <= self.memory_max_object {
             self.memory
                 .insert_shared(primary, std::sync::Arc::new(obj.copied()));
