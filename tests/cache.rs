@@ -1428,6 +1428,53 @@ async fn partial_content_is_stored_reused_and_combined() {
     assert_eq!(get(&full, &[]).await.text(), "0123456789");
 }
 
+/// A piece (a 206 to a Range request) is on its way from the origin when the file is replaced
+/// and purged: the piece, of the old file, must not be stored after the purge. Regression: it
+/// was, and later ranges inside it were served from the old file.
+#[tokio::test]
+async fn a_piece_in_flight_during_a_purge_is_not_stored() {
+    let version = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let current = version.clone();
+    let origin = Origin::start(move |seen| {
+        let v = current.load(std::sync::atomic::Ordering::SeqCst);
+        let body = format!("revision {v}");
+        let reply = |r: Reply| {
+            r.header("etag", format!("\"r{v}\""))
+                .header("cache-control", "max-age=600")
+                .delay(Duration::from_millis(400))
+        };
+        let range = seen.header("range").and_then(|r| r.strip_prefix("bytes="));
+        match range.and_then(|r| r.split_once('-')) {
+            Some((first, last)) => {
+                let first: usize = first.parse().unwrap_or(0);
+                let last: usize = last.parse().unwrap_or(9).min(9);
+                reply(
+                    Reply::ok(body[first..=last].to_string())
+                        .status(206)
+                        .header("content-range", format!("bytes {first}-{last}/10")),
+                )
+            }
+            None => reply(Reply::ok(body)),
+        }
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/media/f.bin");
+    let piece = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url, &[("range", "bytes=0-9")]).await }
+    });
+    wait_until("the range reached the origin", || {
+        origin.count("/media/f.bin") == 1
+    })
+    .await;
+    version.store(2, std::sync::atomic::Ordering::SeqCst);
+    send(&client(), "PURGE", &url, &[]).await;
+    assert_eq!(piece.await.unwrap().text(), "revision 1");
+    let next = get(&url, &[("range", "bytes=0-9")]).await;
+    assert_eq!(next.text(), "revision 2", "{}", next.cache());
+}
+
 /// One memory lookup per miss: a request's phases (the front door, `request_filter`,
 /// pingora's lookup of the URL and of its variant) read the lookup made when it arrived; only
 /// the re-check after a miss takes the cache lock looks again. A request that waited on

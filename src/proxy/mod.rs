@@ -1464,6 +1464,14 @@ impl ProxyHttp for CachingProxy {
         piece.body = received.freeze();
         let primary = ctx.primary.unwrap_or_else(|| url.primary_hash());
         let store = self.shared.store;
+        // As for a whole response (`TieredMiss::finish`): a piece fetched before a purge of
+        // its URL may be of the page before the edit (regression: it was stored, and ranges
+        // inside it served the old file).
+        let sent = ctx.upstream_sent.unwrap_or(SystemTime::UNIX_EPOCH);
+        if store.invalidations.purged_since(&primary, sent) || store.invalidations.banned(url, sent)
+        {
+            return Ok(None);
+        }
         if let Some((pieces, whole)) = store.partial.add(primary, piece) {
             store.store_combined(primary, &pieces, whole);
         }
