@@ -580,6 +580,45 @@ async fn frontend_partitions_objects_over_backends_and_a_dead_backend_moves_only
     }
 }
 
+/// Two tiers: a purge reaches the frontend before the backend (the bus delivers to each in
+/// its own time), and a reader asks the frontend in between. The frontend misses and gets the
+/// backend's copy from before the edit: it may pass it on, but must not store it, or the old
+/// page outlives the backend's purge at the frontend for its whole lifetime.
+async fn frontend_purged_before_its_backend(copy_age: Duration) {
+    let origin = versioned_origin().await;
+    let backend = Skua::start_tables(&[origin.addr], ["name = \"skua-be\"", "", ""], "").await;
+    let frontend = Skua::start_tables(&[backend.addr], ["name = \"skua-fe\"", "", ""], "").await;
+    let url = frontend.url("/wiki/P");
+    assert_eq!(get(&url, &[HOST]).await.text(), "/wiki/P v1");
+    tokio::time::sleep(copy_age).await;
+    let purge = |node: &Skua| {
+        let url = node.url("/wiki/P");
+        async move { send(&client(), "PURGE", &url, &[HOST]).await }
+    };
+    assert_eq!(purge(&frontend).await.status, 204);
+    let between = get(&url, &[HOST]).await;
+    assert_eq!(
+        between.text(),
+        "/wiki/P v1",
+        "the backend's copy, passed on"
+    );
+    assert_eq!(purge(&backend).await.status, 204);
+    let after = get(&url, &[HOST]).await;
+    assert_eq!(
+        after.text(),
+        "/wiki/P v2",
+        "{copy_age:?}: {}",
+        after.header("cache-status")
+    );
+}
+
+#[tokio::test]
+async fn a_frontend_purged_before_its_backend_does_not_store_the_backends_old_copy() {
+    for age in [Duration::from_millis(1100), Duration::ZERO] {
+        frontend_purged_before_its_backend(age).await;
+    }
+}
+
 /// Restarts a disk node while the bus is down, so it cannot catch up, and asks for a page it
 /// cached before: returns (the response, how long it took, the origin, whether the node was
 /// still not ready when the answer came).

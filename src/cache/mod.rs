@@ -293,11 +293,22 @@ impl Storage for Store {
         let memory = self
             .memory
             .miss(primary, slot, stored, self.memory_max_object);
+        // `created` is when the request was sent less the `Age` the response came with, which
+        // counts whole seconds (RFC 9111 §5.1): a copy another cache sent with `Age: 0` may
+        // be most of a second older. A purge since its earliest possible birth may have been
+        // meant for it (regression: a frontend purged before its backend stored the
+        // backend's copy from before the edit, when that copy was under a second old).
+        let came_from_a_cache = meta
+            .response_header()
+            .headers
+            .contains_key(http::header::AGE);
+        let uncertainty = std::time::Duration::from_secs(u64::from(came_from_a_cache));
+        let fetched = (meta.created().checked_sub(uncertainty)).unwrap_or(meta.created());
         Ok(Box::new(TieredMiss {
             memory,
             disk,
             primary,
-            fetched: meta.created(),
+            fetched,
             tags: self.tags.tags_of(meta.response_header()),
             store: self,
         }))
