@@ -212,6 +212,18 @@ fn age(headers: &http::HeaderMap) -> u64 {
         .min(DELTA_SECONDS_OVERFLOW)
 }
 
+/// The earliest instant a response may speak for the resource, to compare with purges: when
+/// its request was sent, less the `Age` it arrived with and, when it has one, a second more:
+/// `Age` counts whole seconds (RFC 9111 §5.1), so a copy another cache sent with `Age: 0` may
+/// be most of a second older than the request.
+pub fn vouched_at(sent: SystemTime, headers: &http::HeaderMap) -> SystemTime {
+    if !headers.contains_key(header::AGE) {
+        return sent;
+    }
+    sent.checked_sub(Duration::from_secs(age(headers).saturating_add(1)))
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
 /// Updates a stored header with the fields of the 304 that validated it (RFC 9111 §4.3.4:
 /// "the cache MUST ... use other header fields provided in the 304 (Not Modified) response to
 /// replace all instances of the corresponding header fields in the stored response"; §3.2
@@ -492,6 +504,26 @@ pub fn vary_names(resp: &ResponseHeader) -> impl Iterator<Item = String> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_through_a_cache_vouches_from_up_to_a_second_before_its_age() {
+        let sent = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let with = |age: Option<&str>| {
+            let mut h = http::HeaderMap::new();
+            if let Some(a) = age {
+                h.insert(header::AGE, a.parse().unwrap());
+            }
+            sent.duration_since(vouched_at(sent, &h)).unwrap().as_secs()
+        };
+        assert_eq!(with(None), 0, "from the origin: when it was asked");
+        assert_eq!(with(Some("0")), 1);
+        assert_eq!(with(Some("30")), 31);
+        assert_eq!(
+            with(Some("x")),
+            1,
+            "an invalid Age still says a cache sent it"
+        );
+    }
 
     fn policy() -> StoragePolicy {
         StoragePolicy {

@@ -1468,7 +1468,9 @@ impl ProxyHttp for CachingProxy {
         // its URL may be of the page before the edit (regression: it was stored, and ranges
         // inside it served the old file).
         let sent = ctx.upstream_sent.unwrap_or(SystemTime::UNIX_EPOCH);
-        if store.invalidations.purged_since(&primary, sent) || store.invalidations.banned(url, sent)
+        let vouched = crate::cache::policy::vouched_at(sent, &piece.head.headers);
+        if store.invalidations.purged_since(&primary, vouched)
+            || store.invalidations.banned(url, vouched)
         {
             return Ok(None);
         }
@@ -1485,7 +1487,22 @@ impl ProxyHttp for CachingProxy {
         ctx: &mut RequestCtx,
     ) -> Result<RespCacheable> {
         let mut stored = resp.clone();
+        let sent = ctx.upstream_sent.unwrap_or_else(SystemTime::now);
         if let Some(fields) = ctx.not_modified.take() {
+            // A 304 speaks for the page as it was when it was decided: a purge since then
+            // (the URL soft-purged here while another cache, a backend, has not applied it
+            // yet) must not be undone by refreshing the stored copy. The client that asked is
+            // answered with it; nothing stored is updated.
+            let vouched = crate::cache::policy::vouched_at(sent, &fields);
+            let invalidations = &self.shared.store.invalidations;
+            if ctx
+                .primary
+                .is_some_and(|p| invalidations.purged_since(&p, vouched))
+            {
+                return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                    "purged-while-revalidating",
+                )));
+            }
             // pingora merges only a few fields of a 304 into the stored header; RFC 9111
             // §4.3.4 asks for all of them.
             crate::cache::policy::update_from_304(&mut stored, &fields);
@@ -1496,7 +1513,6 @@ impl ProxyHttp for CachingProxy {
             .contains_key(header::AUTHORIZATION);
         // RFC 9111 §4.2.3: age counts from when the request was sent (response_delay is part
         // of it), which is also the instant a later purge must be compared with.
-        let sent = ctx.upstream_sent.unwrap_or_else(SystemTime::now);
         match self.shared.settings.load().policy.decide(
             &mut stored,
             authorization,
