@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
 
+use moka::policy::EvictionPolicy;
 use pingora::cache::key::HashBinary;
 
 use super::key::CacheUrl;
@@ -31,6 +32,12 @@ struct Ban {
     path_prefix: String,
     at: SystemTime,
 }
+
+/// Purge times remembered per kind (URL purges, deletes, tag purges): about 64 MiB at most.
+/// Past it the oldest go first (least recently used): these are records, not a cache, and
+/// moka's default admission would instead turn the newest away (see the regression test
+/// `the_newest_purges_are_remembered_when_the_table_is_full`).
+const PURGE_RECORDS: u64 = 1 << 20;
 
 /// How often expired bans are swept out of memory.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
@@ -158,6 +165,10 @@ pub enum Trust {
 impl Invalidations {
     /// `lifetime`: the TTL cap; nothing stored is fresh for longer, so older records can go.
     pub fn new(lifetime: Duration, file: Option<PathBuf>) -> Invalidations {
+        Invalidations::with_records(lifetime, file, PURGE_RECORDS)
+    }
+
+    fn with_records(lifetime: Duration, file: Option<PathBuf>, records: u64) -> Invalidations {
         let bans = file
             .as_deref()
             .map(|f| load(f, lifetime))
@@ -167,15 +178,18 @@ impl Invalidations {
             bans: RwLock::new(bans),
             file,
             purged: moka::sync::Cache::builder()
-                .max_capacity(1 << 20)
+                .max_capacity(records)
+                .eviction_policy(EvictionPolicy::lru())
                 .time_to_live(lifetime)
                 .build(),
             deleted: moka::sync::Cache::builder()
-                .max_capacity(1 << 20)
+                .max_capacity(records)
+                .eviction_policy(EvictionPolicy::lru())
                 .time_to_live(lifetime)
                 .build(),
             tags_purged: moka::sync::Cache::builder()
-                .max_capacity(1 << 20)
+                .max_capacity(records)
+                .eviction_policy(EvictionPolicy::lru())
                 .time_to_live(lifetime)
                 .build(),
             lifetime,
@@ -536,6 +550,39 @@ mod tests {
         assert!(inv.purged_since(&[1; 16], t0 - Duration::from_millis(5)));
         assert!(!inv.purged_since(&[1; 16], t0 + Duration::from_millis(5)));
         assert!(!inv.purged_since(&[2; 16], t0 - Duration::from_millis(5)));
+    }
+
+    /// Regression: moka's default admission (TinyLFU) turns a new key away from a full table
+    /// when it has been seen no more often than the entry it would evict, so once a million
+    /// URLs had been purged within the TTL cap (a day of edits on a large wiki), the newest
+    /// purges were not recorded, and a fill racing one was stored.
+    #[test]
+    fn the_newest_purges_are_remembered_when_the_table_is_full() {
+        let inv = Invalidations::with_records(Duration::from_secs(3600), None, 100);
+        let t0 = SystemTime::now();
+        let key = |n: u32| {
+            let mut k = [0u8; 16];
+            k[..4].copy_from_slice(&n.to_be_bytes());
+            k
+        };
+        for n in 0..1_000 {
+            inv.record_purge(key(n), t0);
+            inv.record_delete(key(n), t0);
+            assert!(inv.purged_since(&key(n), t0 - Duration::from_millis(5)));
+            inv.purged.run_pending_tasks();
+            inv.deleted.run_pending_tasks();
+        }
+        let newest = key(5_000);
+        inv.record_purge(newest, t0);
+        inv.record_delete(newest, t0);
+        inv.record_tag_purge("newest", t0);
+        inv.purged.run_pending_tasks();
+        inv.deleted.run_pending_tasks();
+        inv.tags_purged.run_pending_tasks();
+        assert!(inv.purged_since(&newest, t0 - Duration::from_millis(5)));
+        assert!(inv.deleted_since(&newest, t0 - Duration::from_millis(5)));
+        let tags = ["newest".to_string()];
+        assert!(inv.tags_purged_since(&tags, t0 - Duration::from_millis(5)));
     }
 
     #[test]

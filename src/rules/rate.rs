@@ -26,9 +26,16 @@ struct Bucket {
 
 impl Limiter {
     pub fn new() -> Limiter {
+        Limiter::with_capacity(MAX_BUCKETS)
+    }
+
+    fn with_capacity(buckets: u64) -> Limiter {
         Limiter {
+            // Least recently used buckets go first: moka's default admission (TinyLFU) would
+            // instead keep no new client's bucket once the table is full.
             buckets: moka::sync::Cache::builder()
-                .max_capacity(MAX_BUCKETS)
+                .max_capacity(buckets)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .time_to_idle(IDLE)
                 .build(),
         }
@@ -103,6 +110,30 @@ mod tests {
         assert_eq!(limiter.take(1, client, limit), None);
         std::thread::sleep(Duration::from_millis(120));
         assert_eq!(limiter.take(0, client, limit), None, "refilled at 10/s");
+    }
+
+    /// Regression: moka's default admission (TinyLFU) turns a new key away from a full table
+    /// when it has been seen no more often than the entry it would evict, so once as many
+    /// clients as there are buckets had been seen (100,000 in ten minutes: a busy wiki, or a
+    /// flood of addresses), a new client's bucket was never kept and it was never limited.
+    #[test]
+    fn a_new_client_is_limited_when_the_table_is_full() {
+        let limiter = Limiter::with_capacity(100);
+        let limit = RateLimit {
+            per_second: 0.01,
+            burst: 1,
+        };
+        let client = |n: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+        for n in 0..1_000 {
+            for _ in 0..3 {
+                limiter.take(0, client(n), limit);
+            }
+            limiter.buckets.run_pending_tasks();
+        }
+        let newcomer = client(5_000);
+        assert_eq!(limiter.take(0, newcomer, limit), None);
+        limiter.buckets.run_pending_tasks();
+        assert!(limiter.take(0, newcomer, limit).is_some(), "not limited");
     }
 
     #[test]

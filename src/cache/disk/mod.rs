@@ -156,8 +156,12 @@ impl DiskTier {
             queue: WriteQueue::default(),
             pending: pending::Pending::default(),
             used_bytes: AtomicU64::new(0),
+            // Counts, not a cache: least recently used go first. moka's default admission
+            // (TinyLFU) would turn every new URL away once a million had missed in an hour,
+            // and with `min_uses` above 1 none would be written again.
             uses: moka::sync::Cache::builder()
                 .max_capacity(1 << 20)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .time_to_idle(Duration::from_secs(3600))
                 .build(),
             ghosts,
