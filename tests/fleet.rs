@@ -391,6 +391,51 @@ async fn purge_during_a_bus_outage_reaches_the_others_when_it_returns() {
     }
 }
 
+/// A node takes purges while the bus is down and is restarted (a deploy, a crash) before the
+/// bus comes back. Regression: its queue of unpublished purges was in memory only, so the
+/// other nodes never got them and served the old pages until their TTL. The queue is now kept
+/// beside the disk cache until published.
+#[tokio::test]
+async fn purges_queued_through_a_bus_outage_outlive_a_restart_of_the_node_that_took_them() {
+    let (mut fleet, mut c) = PublisherAndDiskNode::start().await;
+    let outbox = fleet.disk.path().join("bus-outbox.c");
+    wait_until("nothing is queued at the start", || !outbox.exists()).await;
+    for node in [&fleet.a, &c] {
+        assert_eq!(
+            get(&node.url("/wiki/Queued"), &[HOST]).await.cache(),
+            "miss"
+        );
+        wait_bus_connected(node, true).await;
+    }
+    assert_eq!(
+        get(&fleet.a.url("/wiki/Queued"), &[HOST]).await.cache(),
+        "hit-front"
+    );
+    fleet.nats.stop();
+    wait_bus_connected(&c, false).await;
+    let purged = send(&client(), "PURGE", &c.url("/wiki/Queued"), &[HOST]).await;
+    assert_eq!(purged.status, 204);
+    assert_eq!(c.metric("skua_purge_bus_unpublished").await, 1.0);
+    assert!(
+        outbox.exists(),
+        "the queued purge is kept beside the disk cache"
+    );
+    c.kill9();
+    fleet.nats.restart().await;
+    let c = fleet.start_c().await;
+    wait_for_metric(&fleet.a, BUS_PURGED, 1.0, Duration::from_secs(15)).await;
+    let page = get(&fleet.a.url("/wiki/Queued"), &[HOST]).await;
+    assert_eq!(page.cache(), "miss");
+    wait_for_gauge(
+        &c,
+        "skua_purge_bus_unpublished",
+        0.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    wait_until("the published queue's file is removed", || !outbox.exists()).await;
+}
+
 /// Purges keep coming at one node through a bus outage, as edits do. Regression: after
 /// nats-server came back, the node's queue emptied only when the acknowledgements owed from
 /// before the outage timed out (5 s), so the others served purged pages for seconds after the

@@ -15,11 +15,13 @@
 //!   before then is revalidated with the origin before it is served again;
 //! - the bus down: each node applies its own purges and queues them; they reach the others
 //!   once the client has reconnected, in a round trip (an acknowledgement lost with the old
-//!   connection is not waited for; the message ids store a batch sent twice once).
+//!   connection is not waited for; the message ids store a batch sent twice once). On a node
+//!   with a disk tier the queue is also written beside it (`bus-outbox.<node>`) until it is
+//!   published, so a node restarted during the outage still publishes what it took.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -119,6 +121,12 @@ pub struct Bus {
     /// Counts the client's disconnections and reconnections: an acknowledgement awaited
     /// across one is lost with the connection it was to come on.
     connection_changes: tokio::sync::watch::Sender<u64>,
+    /// Where purges not yet published are kept across a restart (beside the disk cache).
+    outbox_file: Option<PathBuf>,
+    /// Whether new purges are written to `outbox_file` as they are queued: from the start
+    /// until the queue has first been published whole, and again from a failed publish until
+    /// the queue is empty.
+    journaling: AtomicBool,
 }
 
 impl Bus {
@@ -127,6 +135,22 @@ impl Bus {
         let position_file = store
             .disk
             .map(|d| d.config.path.join(format!("bus-position.{}", config.node)));
+        let outbox_file = store
+            .disk
+            .map(|d| d.config.path.join(format!("bus-outbox.{}", config.node)));
+        // What an earlier run queued and did not publish goes first.
+        let left = outbox_file.as_deref().map(read_outbox).unwrap_or_default();
+        if !left.is_empty() {
+            tracing::info!(
+                purges = left.len(),
+                "publishing purges queued before the restart"
+            );
+        }
+        for event in left {
+            if outbox.send(event).is_ok() {
+                metrics.bus.unpublished.inc();
+            }
+        }
         let loaded = position_file
             .as_deref()
             .and_then(|f| crate::cache::files::read_regular(f).ok())
@@ -152,6 +176,8 @@ impl Bus {
             save_wanted: tokio::sync::Notify::new(),
             connection_changes: tokio::sync::watch::Sender::new(0),
             position_file,
+            outbox_file,
+            journaling: AtomicBool::new(true),
         })
     }
 
@@ -175,8 +201,27 @@ impl Bus {
             target,
             soft: mode == PurgeMode::Expire,
         };
+        if self.journaling.load(Ordering::Acquire) {
+            self.journal(std::slice::from_ref(&event));
+        }
         if self.outbox.send(event).is_ok() {
             self.metrics.bus.unpublished.inc();
+        }
+    }
+
+    /// Appends `events` to the outbox file.
+    fn journal(&self, events: &[PurgeEvent]) {
+        let Some(file) = &self.outbox_file else {
+            return;
+        };
+        let mut lines = Vec::new();
+        for event in events {
+            if serde_json::to_writer(&mut lines, event).is_ok() {
+                lines.push(b'\n');
+            }
+        }
+        if let Err(e) = crate::cache::files::append(file, &lines) {
+            tracing::warn!(error = %e, "could not keep queued purges beside the disk cache");
         }
     }
 
@@ -256,9 +301,25 @@ impl Bus {
                     self.metrics.bus.published.inc_by(n as u64);
                     batch.clear();
                     pause.reset();
+                    if rx.is_empty() && self.journaling.swap(false, Ordering::AcqRel) {
+                        // Everything queued is published: the file is emptied. (A purge
+                        // queued meanwhile that still wrote to it is published twice after a
+                        // restart: the stream keeps it once, or a node applies it twice.)
+                        if let Some(file) = &self.outbox_file {
+                            let _ = std::fs::remove_file(file);
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, queued = batch.len(), "publishing purges failed; will retry");
+                    if !self.journaling.swap(true, Ordering::AcqRel) {
+                        // From here purges are written as they are queued; those queued
+                        // before are written now.
+                        while let Ok(event) = rx.try_recv() {
+                            batch.push_back(event);
+                        }
+                        self.journal(batch.make_contiguous());
+                    }
                     // Sent again at once when the client reconnects, not after a pause that
                     // has grown through the outage (up to 2 s).
                     connection_changes.mark_unchanged();
@@ -643,6 +704,19 @@ impl Backoff {
     fn reset(&mut self) {
         self.0 = Duration::from_millis(100);
     }
+}
+
+/// The purges an earlier run queued and did not publish: one JSON event a line; a line that
+/// does not parse (cut short by a crash) is skipped.
+fn read_outbox(file: &std::path::Path) -> Vec<PurgeEvent> {
+    let Ok(text) = crate::cache::files::read_regular(file) else {
+        return Vec::new();
+    };
+    let mut seen = std::collections::HashSet::new();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<PurgeEvent>(line).ok())
+        .filter(|event| seen.insert(event.id.clone()))
+        .collect()
 }
 
 fn parse_position(text: &str, stream: &str) -> Option<u64> {
