@@ -293,17 +293,11 @@ impl Storage for Store {
         let memory = self
             .memory
             .miss(primary, slot, stored, self.memory_max_object);
-        // `created` is when the request was sent less the `Age` the response came with, which
-        // counts whole seconds (RFC 9111 §5.1): a copy another cache sent with `Age: 0` may
-        // be most of a second older. A purge since its earliest possible birth may have been
-        // meant for it (regression: a frontend purged before its backend stored the
-        // backend's copy from before the edit, when that copy was under a second old).
-        let came_from_a_cache = meta
-            .response_header()
-            .headers
-            .contains_key(http::header::AGE);
-        let uncertainty = std::time::Duration::from_secs(u64::from(came_from_a_cache));
-        let fetched = (meta.created().checked_sub(uncertainty)).unwrap_or(meta.created());
+        // `created` is when the request was sent less the response's `Age` (regression: a
+        // frontend purged before its backend stored the backend's copy from before the edit
+        // when that copy was under a second old, `Age: 0`).
+        let fetched =
+            policy::allowing_for_whole_seconds(meta.created(), &meta.response_header().headers);
         Ok(Box::new(TieredMiss {
             memory,
             disk,
@@ -350,17 +344,6 @@ impl Storage for Store {
         meta: &CacheMeta,
         trace: &SpanHandle,
     ) -> Result<bool> {
-        // pingora sets `updated` to when the revalidation was sent. A purge since (soft, which
-        // leaves the copy in place, or hard) means the 304 speaks for the page before the
-        // edit: the client that asked is answered with it, but the stored copy keeps its
-        // purge. Regression: a soft purge racing a revalidation was undone by its 304 and the
-        // old page served fresh.
-        if self
-            .invalidations
-            .purged_since(&key.primary_bin(), meta.updated())
-        {
-            return Ok(false);
-        }
         let on_disk = match self.disk {
             Some(d) => {
                 d.update_meta(&key.primary_bin(), key.variance_bin().as_ref(), meta)

@@ -213,14 +213,23 @@ fn age(headers: &http::HeaderMap) -> u64 {
 }
 
 /// The earliest instant a response may speak for the resource, to compare with purges: when
-/// its request was sent, less the `Age` it arrived with and, when it has one, a second more:
-/// `Age` counts whole seconds (RFC 9111 §5.1), so a copy another cache sent with `Age: 0` may
-/// be most of a second older than the request.
+/// its request was sent, less the `Age` it arrived with (allowing for whole seconds, below).
 pub fn vouched_at(sent: SystemTime, headers: &http::HeaderMap) -> SystemTime {
+    let born = sent
+        .checked_sub(Duration::from_secs(age(headers)))
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    allowing_for_whole_seconds(born, headers)
+}
+
+/// `at`, derived from a response's `Age`, a second earlier when it has one: `Age` counts
+/// whole seconds (RFC 9111 §5.1), so a copy another cache sent with `Age: 0` may be most of a
+/// second older than the request for it. A purge since the earlier instant may have been meant
+/// for it.
+pub fn allowing_for_whole_seconds(at: SystemTime, headers: &http::HeaderMap) -> SystemTime {
     if !headers.contains_key(header::AGE) {
-        return sent;
+        return at;
     }
-    sent.checked_sub(Duration::from_secs(age(headers).saturating_add(1)))
+    at.checked_sub(Duration::from_secs(1))
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 

@@ -1489,10 +1489,12 @@ impl ProxyHttp for CachingProxy {
         let mut stored = resp.clone();
         let sent = ctx.upstream_sent.unwrap_or_else(SystemTime::now);
         if let Some(fields) = ctx.not_modified.take() {
-            // A 304 speaks for the page as it was when it was decided: a purge since then
-            // (the URL soft-purged here while another cache, a backend, has not applied it
-            // yet) must not be undone by refreshing the stored copy. The client that asked is
-            // answered with it; nothing stored is updated.
+            // A 304 speaks for the page as it was when it was decided: a purge since then (a
+            // soft one leaves the copy in place, stale) must not be undone by refreshing the
+            // stored copy. The client that asked is answered with it; nothing stored is
+            // updated. Regression: a soft purge racing a revalidation, here or at a backend
+            // that had not applied it yet, was undone by the 304 and the old page served
+            // fresh.
             let vouched = crate::cache::policy::vouched_at(sent, &fields);
             let invalidations = &self.shared.store.invalidations;
             if ctx
