@@ -483,10 +483,10 @@ impl Writer {
 
     /// Writes the records of purges the disk refused (a full file system: another program's
     /// files took the space). If it still refuses them, the oldest segment is evicted, which
-    /// gives its space back, and they are tried again: losing cached objects costs misses,
-    /// a purge lost at a restart serves an old page (bans likewise, [`Job::FreeSpace`]). Returns once every one is written or no
-    /// segment is left that one could apply to. A purge is answered once its record is in the
-    /// file, as when the disk takes it first time.
+    /// gives its space back, and they are tried again: losing cached objects costs misses, a
+    /// purge lost at a restart serves an old page (bans likewise, [`Job::FreeSpace`]).
+    /// Returns once every one is written or no segment is left that one could apply to. A
+    /// purge is answered once its record is in the file, as when the disk takes it at once.
     fn write_unwritten(&mut self) {
         while !self.unwritten.is_empty() {
             for unwritten in std::mem::take(&mut self.unwritten) {
@@ -514,14 +514,17 @@ impl Writer {
     }
 
     /// Evicts the oldest segment (the current one when it is the last) to give its space back
-    /// to the file system. False if there is none left.
+    /// to the file system. False if no segment holds a byte (a new, empty one is not evicted:
+    /// that would only make another).
     fn evict_for_space(&mut self) -> bool {
         // Nothing is copied: there is no room for it.
         let mut none = Vec::new();
         if let Some((&oldest, _)) = self.closed.first_key_value() {
             self.evict(oldest, &mut none, 0);
             self.closed.remove(&oldest);
-        } else if self.tier.segments.get(self.seg).is_some() {
+        } else if (self.buf_start > 0 || self.written_past_end())
+            && self.tier.segments.get(self.seg).is_some()
+        {
             self.evict(self.seg, &mut none, 0);
             // Its file is unlinked; its space returns once a new segment replaces it.
             self.torn = true;
