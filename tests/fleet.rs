@@ -436,6 +436,59 @@ async fn purges_queued_through_a_bus_outage_outlive_a_restart_of_the_node_that_t
     wait_until("the published queue's file is removed", || !outbox.exists()).await;
 }
 
+/// A node's queue of purges made while the bus is down is bounded (`max_queued`): past it, the
+/// purges that do not fit are not queued, and the others are told, once the queue has been
+/// published, to revalidate everything they cached before then, so no purge is lost and a long
+/// outage at a busy wiki cannot grow the queue without limit. Regression: the queue had no
+/// bound (about 250 bytes a purge in memory, and as much on disk).
+#[tokio::test]
+async fn a_bus_outage_longer_than_the_queue_holds_makes_the_others_revalidate_instead() {
+    let mut nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let a = Skua::start(&[origin.addr], &nats.bus("a", "max_queued = 2")).await;
+    let b = Skua::start(&[origin.addr], &nats.bus("b", "")).await;
+    let pages: Vec<String> = (0..5).map(|i| format!("/wiki/Bound_{i}")).collect();
+    for node in [&a, &b] {
+        node.wait_ready().await;
+        for page in &pages {
+            get(&node.url(page), &[HOST]).await;
+        }
+        wait_bus_connected(node, true).await;
+    }
+    nats.stop();
+    wait_bus_connected(&a, false).await;
+    for page in &pages {
+        let purged = send(&client(), "PURGE", &a.url(page), &[HOST]).await;
+        assert_eq!(purged.status, 204, "{page}: applied where it was taken");
+    }
+    assert_eq!(a.metric("skua_purge_bus_unpublished").await, 2.0);
+    assert_eq!(
+        a.metric("skua_purge_bus_dropped_total").await,
+        3.0,
+        "the purges past the bound are counted"
+    );
+    nats.restart().await;
+    wait_for_metric(
+        &b,
+        "skua_purge_bus_gaps_total",
+        1.0,
+        Duration::from_secs(15),
+    )
+    .await;
+    for page in &pages {
+        let got = get(&b.url(page), &[HOST]).await;
+        assert_ne!(got.cache(), "hit-front", "{page}: served unchecked");
+        assert_eq!(got.text(), format!("{page} v3"), "{page}");
+    }
+    wait_for_gauge(
+        &a,
+        "skua_purge_bus_unpublished",
+        0.0,
+        Duration::from_secs(5),
+    )
+    .await;
+}
+
 /// Purges keep coming at one node through a bus outage, as edits do. Regression: after
 /// nats-server came back, the node's queue emptied only when the acknowledgements owed from
 /// before the outage timed out (5 s), so the others served purged pages for seconds after the

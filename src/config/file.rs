@@ -628,6 +628,10 @@ pub struct BusFile {
     /// Publish purges received over HTCP too. Default true; turn it off where HTCP multicast
     /// already reaches every node.
     pub publish_htcp: bool,
+    /// Most purges queued for publishing while the bus is down. Default 100,000 (about 25 MB
+    /// of memory, and as much beside the disk tier). Past it a purge is not queued, and the
+    /// other nodes are told to revalidate everything they cached before then instead.
+    pub max_queued: usize,
     /// A NATS credentials file (user JWT and NKey seed, as `nsc` writes it). Default none.
     pub credentials_file: String,
     /// A file holding a user NKey seed (`SU...`), for a server that lists the user's public
@@ -654,6 +658,7 @@ impl Default for BusFile {
             catch_up: "wait".into(),
             catch_up_timeout: "10s".into(),
             publish_htcp: true,
+            max_queued: super::BUS_MAX_QUEUED,
             credentials_file: String::new(),
             nkey_seed_file: String::new(),
             tls_ca: String::new(),

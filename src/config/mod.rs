@@ -257,6 +257,9 @@ pub struct HtcpConfig {
     pub host_regex: Option<Regex>,
 }
 
+/// `[purge.bus] max_queued`'s default: about 25 MB of queued purges.
+pub const BUS_MAX_QUEUED: usize = 100_000;
+
 /// `[purge.bus]`, validated.
 #[derive(Debug, Clone)]
 pub struct BusConfig {
@@ -268,6 +271,8 @@ pub struct BusConfig {
     pub catch_up: CatchUpPolicy,
     pub catch_up_timeout: Duration,
     pub publish_htcp: bool,
+    /// Most purges queued for publishing; past it the others are told to revalidate instead.
+    pub max_queued: usize,
     pub auth: BusAuth,
     pub tls: BusTls,
 }

@@ -1089,6 +1089,9 @@ fn check_bus(c: &mut Checker<'_>, b: &BusFile, ttl_cap: Duration) -> Option<BusC
             ca,
             client: cert.zip(key),
         };
+        if b.max_queued == 0 {
+            c.report(&bus_at("max_queued"), "must be at least 1, got 0");
+        }
         Some(BusConfig {
             servers: b.servers.clone(),
             stream: b.stream.clone(),
@@ -1098,6 +1101,7 @@ fn check_bus(c: &mut Checker<'_>, b: &BusFile, ttl_cap: Duration) -> Option<BusC
             catch_up,
             catch_up_timeout,
             publish_htcp: b.publish_htcp,
+            max_queued: b.max_queued,
             auth,
             tls,
         })
@@ -1190,6 +1194,18 @@ mod tests {
                 ("cache.ttl_cap".to_string(), Some(10)),
             ]
         );
+    }
+
+    #[test]
+    fn a_bus_queue_of_no_purges_is_refused_with_its_line() {
+        let text =
+            "[purge.bus]\nservers = [\"nats://127.0.0.1:4222\"]\nnode = \"a\"\nmax_queued = 0\n";
+        let errs = parse(text).unwrap_err();
+        assert_eq!(
+            keys_and_lines(&errs),
+            vec![("purge.bus.max_queued".to_string(), Some(4))]
+        );
+        assert!(errs[0].reason.contains("at least 1"), "{errs:?}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub struct BusMetrics {
     pub lag: IntGauge,
     pub unpublished: IntGauge,
     pub published: IntCounter,
+    pub dropped: IntCounter,
     pub gaps: IntCounter,
     pub refetched: IntCounter,
     pub reach: Histogram,
@@ -384,9 +385,13 @@ impl Metrics {
                 "skua_purge_bus_published_total",
                 "Purges published to the bus and acknowledged by it.",
             )?,
+            dropped: IntCounter::new(
+                "skua_purge_bus_dropped_total",
+                "Purges not queued for the bus because the queue held max_queued already; the other nodes were told to revalidate what they cached before instead.",
+            )?,
             gaps: IntCounter::new(
                 "skua_purge_bus_gaps_total",
-                "Times the bus no longer held every purge this node missed, so objects cached before were marked for revalidation.",
+                "Times the bus no longer held every purge this node missed, or another node could not queue every purge it took through a bus outage (max_queued), so objects cached before were marked for revalidation.",
             )?,
             refetched: IntCounter::new(
                 "skua_purge_bus_refetched_total",
@@ -407,6 +412,7 @@ impl Metrics {
         registry.register(Box::new(bus.lag.clone()))?;
         registry.register(Box::new(bus.unpublished.clone()))?;
         registry.register(Box::new(bus.published.clone()))?;
+        registry.register(Box::new(bus.dropped.clone()))?;
         registry.register(Box::new(bus.gaps.clone()))?;
         registry.register(Box::new(bus.refetched.clone()))?;
         registry.register(Box::new(bus.reach.clone()))?;

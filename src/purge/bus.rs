@@ -17,7 +17,9 @@
 //!   once the client has reconnected, in a round trip (an acknowledgement lost with the old
 //!   connection is not waited for; the message ids store a batch sent twice once). On a node
 //!   with a disk tier the queue is also written beside it (`bus-outbox.<node>`) until it is
-//!   published, so a node restarted during the outage still publishes what it took.
+//!   published, so a node restarted during the outage still publishes what it took. The
+//!   queue is bounded (`max_queued`): a purge past it is not queued, and once the queue is
+//!   published the others revalidate everything they cached before ([`Target::Distrust`]).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -66,6 +68,9 @@ pub enum Target {
     Tags { tags: Vec<String> },
     /// Everything under this URL's host and path (a ban).
     Prefix { url: String },
+    /// Purges this node took were not queued (the queue held `max_queued` through a bus
+    /// outage): every node revalidates what it cached before this arrives.
+    Distrust,
 }
 
 impl PurgeEvent {
@@ -76,6 +81,7 @@ impl PurgeEvent {
             Target::Url { url } => Scope::Url(CacheUrl::parse_absolute(url).ok()?),
             Target::Tags { tags } => Scope::Tags(tags.clone()),
             Target::Prefix { url } => Scope::Prefix(CacheUrl::parse_absolute(url).ok()?),
+            Target::Distrust => return None,
         };
         let mode = if self.soft {
             PurgeMode::Expire
@@ -127,6 +133,8 @@ pub struct Bus {
     /// until the queue has first been published whole, and again from a failed publish until
     /// the queue is empty.
     journaling: AtomicBool,
+    /// Purges not queued since the last [`Target::Distrust`] was queued: the queue was full.
+    dropped: AtomicU64,
 }
 
 impl Bus {
@@ -178,6 +186,7 @@ impl Bus {
             position_file,
             outbox_file,
             journaling: AtomicBool::new(true),
+            dropped: AtomicU64::new(0),
         })
     }
 
@@ -191,21 +200,36 @@ impl Bus {
         }
     }
 
-    /// Queues a purge this node has applied for publishing; never waits.
+    /// Queues a purge this node has applied for publishing; never waits. Past `max_queued`
+    /// the purge is not queued: once the queue is published the others are told to
+    /// revalidate everything instead ([`Target::Distrust`]), which covers it.
     pub fn publish(&self, target: Target, mode: PurgeMode) {
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let event = PurgeEvent {
-            id: format!("{}-{}-{n}", self.config.node, self.boot),
-            node: self.config.node.clone(),
-            at_us: unix_micros(SystemTime::now()),
-            target,
-            soft: mode == PurgeMode::Expire,
-        };
+        let event = self.event(target, mode == PurgeMode::Expire);
+        let queued = usize::try_from(self.metrics.bus.unpublished.get()).unwrap_or(0);
+        if queued >= self.config.max_queued {
+            self.metrics.bus.dropped.inc();
+            if self.dropped.fetch_add(1, Ordering::AcqRel) == 0 {
+                // A restart before the queue is published still tells the others.
+                self.journal(&[self.event(Target::Distrust, false)]);
+            }
+            return;
+        }
         if self.journaling.load(Ordering::Acquire) {
             self.journal(std::slice::from_ref(&event));
         }
         if self.outbox.send(event).is_ok() {
             self.metrics.bus.unpublished.inc();
+        }
+    }
+
+    fn event(&self, target: Target, soft: bool) -> PurgeEvent {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        PurgeEvent {
+            id: format!("{}-{}-{n}", self.config.node, self.boot),
+            node: self.config.node.clone(),
+            at_us: unix_micros(SystemTime::now()),
+            target,
+            soft,
         }
     }
 
@@ -228,6 +252,11 @@ impl Bus {
     /// Applies one event published by another node, through the same dispatch as every
     /// other purge source.
     async fn apply(&self, event: &PurgeEvent) -> PurgeResult {
+        if event.target == Target::Distrust {
+            tracing::warn!(node = %event.node, "a node could not queue every purge it took while the bus was down");
+            self.distrust_everything_cached();
+            return PurgeResult::Purged;
+        }
         let Some(purge) = event.to_purge() else {
             return PurgeResult::Invalid;
         };
@@ -301,6 +330,13 @@ impl Bus {
                     self.metrics.bus.published.inc_by(n as u64);
                     batch.clear();
                     pause.reset();
+                    if rx.is_empty() && self.dropped.swap(0, Ordering::AcqRel) > 0 {
+                        // Sent after every purge that was queued, and after every one that
+                        // was not: the others revalidate what they cached before it arrives.
+                        batch.push_back(self.event(Target::Distrust, false));
+                        self.metrics.bus.unpublished.inc();
+                        continue;
+                    }
                     if rx.is_empty() && self.journaling.swap(false, Ordering::AcqRel) {
                         // Everything queued is published: the file is emptied. (A purge
                         // queued meanwhile that still wrote to it is published twice after a
