@@ -362,6 +362,42 @@ rate_limit = { per_second = 0.01, burst = 1 }
     assert_eq!(get(&url, &from("::ffff:198.51.100.7")).await.status, 429);
 }
 
+/// Some load balancers (Azure Application Gateway among them) write each `X-Forwarded-For`
+/// entry with its port: `a.b.c.d:port`, `[v6]:port`. Regression: such an entry was no address,
+/// so every client behind the balancer shared one rate-limit bucket (one client's burst
+/// limited all of them) and matched no `client` condition.
+#[tokio::test]
+async fn a_forwarded_address_with_a_port_is_its_client() {
+    let origin = named_origin("o", "max-age=600").await;
+    let rules = r#"
+[[rule]]
+name = "api clients"
+match = { path_prefix = ["/w/api.php"] }
+rate_limit = { per_second = 0.01, burst = 1 }
+
+[[rule]]
+name = "office"
+match = { client = ["192.0.2.0/24"] }
+deny = { status = 403, body = "not from here" }
+"#;
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["trusted_proxies = [\"127.0.0.0/8\"]", "", ""],
+        rules,
+    )
+    .await;
+    let url = skua.url("/w/api.php?action=query");
+    let from = |client: &'static str| [("x-forwarded-for", client)];
+    assert_eq!(get(&url, &from("198.51.100.7:40001")).await.status, 200);
+    assert_eq!(get(&url, &from("198.51.100.7:40002")).await.status, 429);
+    assert_eq!(get(&url, &from("198.51.100.8:40001")).await.status, 200);
+    assert_eq!(get(&url, &from("[2001:db8::1]:40001")).await.status, 200);
+    assert_eq!(get(&url, &from("[2001:db8::2]:40001")).await.status, 429);
+    let page = skua.url("/wiki/A");
+    assert_eq!(get(&page, &from("192.0.2.9:5000")).await.status, 403);
+    assert_eq!(get(&page, &from("198.51.100.7:5000")).await.status, 200);
+}
+
 #[tokio::test]
 async fn rules_reload_under_load_without_a_failed_request_and_a_bad_rule_keeps_the_old() {
     let origin = named_origin("o", "max-age=600").await;

@@ -96,12 +96,33 @@ pub fn client_behind<F: RequestFields + ?Sized>(
         .filter(|a| !a.is_empty())
         .collect();
     for entry in forwarded.iter().rev() {
-        let ip: IpAddr = entry.parse().ok()?;
+        let ip = forwarded_address(entry)?;
         if !proxies.allows(ip) {
             return Some(ip);
         }
     }
     Some(peer)
+}
+
+/// An `X-Forwarded-For` entry as proxies write it: an address, or an address and its port
+/// (`a.b.c.d:port`, `[v6]:port`: Azure Application Gateway and some other load balancers),
+/// quoted or not (RFC 7239 §6 quotes a port's form). Regression: with a port the entry was no
+/// address, so every client behind such a balancer shared one rate-limit bucket.
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim_matches('"');
+    if let Ok(ip) = entry.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = entry.strip_prefix('[') {
+        let (v6, port) = rest.split_once(']')?;
+        if !(port.is_empty() || port.strip_prefix(':')?.parse::<u16>().is_ok()) {
+            return None;
+        }
+        return v6.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    let (v4, port) = entry.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    v4.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
 /// Networks allowed to purge.
@@ -130,6 +151,24 @@ impl Acl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forwarded_entry_with_a_port_is_its_address() {
+        for (entry, want) in [
+            ("198.51.100.7", Some("198.51.100.7")),
+            ("198.51.100.7:40001", Some("198.51.100.7")),
+            ("[2001:db8::1]:40001", Some("2001:db8::1")),
+            ("[2001:db8::1]", Some("2001:db8::1")),
+            ("2001:db8::1", Some("2001:db8::1")),
+            ("\"[2001:db8::1]:80\"", Some("2001:db8::1")),
+            ("198.51.100.7:port", None),
+            ("[2001:db8::1]x", None),
+            ("unknown", None),
+        ] {
+            let got = forwarded_address(entry).map(|ip| ip.to_string());
+            assert_eq!(got.as_deref(), want, "{entry}");
+        }
+    }
 
     #[test]
     fn loopback_default() {
