@@ -1345,27 +1345,27 @@ async fn a_small_body_is_stored_as_the_origin_sent_it() {
 /// An origin with one 10-byte representation that honours single byte ranges.
 async fn ranged_origin() -> Origin {
     Origin::start(|seen| {
-        const BODY: &str = "0123456789";
-        let reply = |r: Reply| {
-            r.header("etag", "\"v1\"")
-                .header("cache-control", "max-age=600")
-                .header("content-type", "application/octet-stream")
-        };
-        let range = seen.header("range").and_then(|r| r.strip_prefix("bytes="));
-        match range.and_then(|r| r.split_once('-')) {
-            Some((first, last)) => {
-                let first: usize = first.parse().unwrap_or(0);
-                let last: usize = last.parse().unwrap_or(9).min(9);
-                reply(
-                    Reply::ok(&BODY[first..=last])
-                        .status(206)
-                        .header("content-range", format!("bytes {first}-{last}/10")),
-                )
-            }
-            None => reply(Reply::ok(BODY)),
-        }
+        ranged_reply(seen, "0123456789")
+            .header("etag", "\"v1\"")
+            .header("cache-control", "max-age=600")
+            .header("content-type", "application/octet-stream")
     })
     .await
+}
+
+/// `body` (10 bytes), or the single byte range `seen` asks for as a 206.
+fn ranged_reply(seen: &Seen, body: &str) -> Reply {
+    let range = seen.header("range").and_then(|r| r.strip_prefix("bytes="));
+    match range.and_then(|r| r.split_once('-')) {
+        Some((first, last)) => {
+            let first: usize = first.parse().unwrap_or(0);
+            let last: usize = last.parse().unwrap_or(9).min(9);
+            Reply::ok(body[first..=last].to_string())
+                .status(206)
+                .header("content-range", format!("bytes {first}-{last}/10"))
+        }
+        None => Reply::ok(body.to_string()),
+    }
 }
 
 /// RFC 9111 §3.3 and §3.4: a 206 to a Range request for a URL held in no tier is stored as a
@@ -1437,33 +1437,15 @@ async fn a_piece_in_flight_during_a_purge_is_not_stored() {
     let current = version.clone();
     let origin = Origin::start(move |seen| {
         let v = current.load(std::sync::atomic::Ordering::SeqCst);
-        let body = format!("revision {v}");
-        let reply = |r: Reply| {
-            r.header("etag", format!("\"r{v}\""))
-                .header("cache-control", "max-age=600")
-                .delay(Duration::from_millis(400))
-        };
-        let range = seen.header("range").and_then(|r| r.strip_prefix("bytes="));
-        match range.and_then(|r| r.split_once('-')) {
-            Some((first, last)) => {
-                let first: usize = first.parse().unwrap_or(0);
-                let last: usize = last.parse().unwrap_or(9).min(9);
-                reply(
-                    Reply::ok(body[first..=last].to_string())
-                        .status(206)
-                        .header("content-range", format!("bytes {first}-{last}/10")),
-                )
-            }
-            None => reply(Reply::ok(body)),
-        }
+        ranged_reply(seen, &format!("revision {v}"))
+            .header("etag", format!("\"r{v}\""))
+            .header("cache-control", "max-age=600")
+            .delay(Duration::from_millis(400))
     })
     .await;
     let skua = Skua::start(&[origin.addr], "").await;
     let url = skua.url("/media/f.bin");
-    let piece = tokio::spawn({
-        let url = url.clone();
-        async move { get(&url, &[("range", "bytes=0-9")]).await }
-    });
+    let piece = get_in_flight(&url, &[("range", "bytes=0-9")]);
     wait_until("the range reached the origin", || {
         origin.count("/media/f.bin") == 1
     })

@@ -832,16 +832,7 @@ async fn a_soft_purge_racing_a_disk_read_is_not_undone_by_the_promotion_to_memor
     let version = Arc::new(std::sync::atomic::AtomicU64::new(1));
     let current = version.clone();
     let origin = Origin::start(move |seen| {
-        let v = current.load(Ordering::SeqCst);
-        let etag = format!("\"r{v}\"");
-        let reply = if seen.header("if-none-match") == Some(etag.as_str()) {
-            Reply::ok("").status(304)
-        } else {
-            Reply::ok(format!("{} v{v}", seen.path))
-        };
-        reply
-            .header("cache-control", "max-age=600")
-            .header("etag", &etag)
+        revision(seen, current.load(Ordering::SeqCst)).header("cache-control", "max-age=600")
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
@@ -855,10 +846,7 @@ async fn a_soft_purge_racing_a_disk_read_is_not_undone_by_the_promotion_to_memor
     let slow = format!("{ENV_LINE}SKUA_TEST_DISK_READ_DELAY_MS=400\n");
     let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), lines, &slow).await;
     let url = skua.url("/wiki/P");
-    let read = tokio::spawn({
-        let url = url.clone();
-        async move { get(&url, &[]).await }
-    });
+    let read = get_in_flight(&url, &[]);
     tokio::time::sleep(Duration::from_millis(150)).await;
     version.store(2, Ordering::SeqCst);
     let purge = send(&client(), "PURGE", &url, &[("skua-soft-purge", "1")]).await;

@@ -397,6 +397,16 @@ enum RacePurge {
     Prefix,
 }
 
+/// Skua storing pages in memory, or (`disk`) on disk only: pages are larger than the memory
+/// tier's largest object.
+async fn memory_or_disk_only(origin: &Origin, dir: &std::path::Path, disk: bool) -> Skua {
+    if disk {
+        Skua::start_disk_with(&[origin.addr], dir, "max_object_size = 8", "").await
+    } else {
+        Skua::start(&[origin.addr], "").await
+    }
+}
+
 /// A fill of `/wiki/Race` starts, the page is edited at the origin, and a purge of the kind
 /// given lands while the old revision is still on its way. The old revision must not be
 /// served afterwards; the next fill, of the new revision, must be stored and served.
@@ -416,19 +426,11 @@ async fn purge_racing_a_fill(kind: RacePurge, disk: bool) {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let skua = if disk {
-        // Pages are larger than the memory tier's largest object: only the disk stores them.
-        Skua::start_disk_with(&[origin.addr], dir.path(), "max_object_size = 8", "").await
-    } else {
-        Skua::start(&[origin.addr], "").await
-    };
+    let skua = memory_or_disk_only(&origin, dir.path(), disk).await;
     // Another page with the same tag is cached, so a tag purge has something to report.
     assert_eq!(get(&skua.url("/wiki/Other"), &[]).await.cache(), "miss");
     let url = skua.url("/wiki/Race");
-    let fill = tokio::spawn({
-        let url = url.clone();
-        async move { get(&url, &[]).await }
-    });
+    let fill = get_in_flight(&url, &[]);
     wait_until("the fill reached the origin", || {
         origin.count("/wiki/Race") == 1
     })
@@ -496,19 +498,11 @@ async fn prefix_purge_racing_an_in_flight_fill_leaves_no_stale_object() {
 /// after a soft purge (which leaves the copy in place, stale) the 304 refreshed it, and the
 /// old revision was served `hit-front` for its whole lifetime.
 async fn purge_racing_a_revalidation(disk: bool, soft: bool) {
-    let version = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let version = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
     let v = version.clone();
     let origin = Origin::start(move |req| {
-        let n = v.load(std::sync::atomic::Ordering::SeqCst);
-        let etag = format!("\"r{n}\"");
-        let reply = if req.header("if-none-match") == Some(etag.as_str()) {
-            Reply::ok("").status(304)
-        } else {
-            Reply::ok(format!("{} revision {n}", req.path))
-        };
-        reply
+        revision(req, v.load(std::sync::atomic::Ordering::SeqCst))
             .header("cache-control", "s-maxage=1")
-            .header("etag", &etag)
             .delay(std::time::Duration::from_millis(
                 if req.header("if-none-match").is_some() {
                     400
@@ -519,18 +513,11 @@ async fn purge_racing_a_revalidation(disk: bool, soft: bool) {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let skua = if disk {
-        Skua::start_disk_with(&[origin.addr], dir.path(), "max_object_size = 8", "").await
-    } else {
-        Skua::start(&[origin.addr], "").await
-    };
+    let skua = memory_or_disk_only(&origin, dir.path(), disk).await;
     let url = skua.url("/wiki/Reval");
-    assert_eq!(get(&url, &[]).await.text(), "/wiki/Reval revision 1");
+    assert_eq!(get(&url, &[]).await.text(), "/wiki/Reval v1");
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    let revalidation = tokio::spawn({
-        let url = url.clone();
-        async move { get(&url, &[]).await }
-    });
+    let revalidation = get_in_flight(&url, &[]);
     wait_until("the revalidation reached the origin", || {
         origin.count("/wiki/Reval") == 2
     })
@@ -543,11 +530,11 @@ async fn purge_racing_a_revalidation(disk: bool, soft: bool) {
     };
     let purge = send(&client(), "PURGE", &url, mode).await;
     assert_eq!(purge.status, 204);
-    assert_eq!(revalidation.await.unwrap().text(), "/wiki/Reval revision 1");
+    assert_eq!(revalidation.await.unwrap().text(), "/wiki/Reval v1");
     let next = get(&url, &[]).await;
     assert_eq!(
         next.text(),
-        "/wiki/Reval revision 2",
+        "/wiki/Reval v2",
         "disk={disk} soft={soft}: {}",
         next.cache()
     );

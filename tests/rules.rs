@@ -331,27 +331,40 @@ rate_limit = { per_second = 4, burst = 2 }
     );
 }
 
+/// Skua behind a trusted proxy (loopback), with the API limited to one request per client,
+/// then `more` rules.
+async fn api_limited_behind_a_proxy(more: &str) -> (Origin, Skua) {
+    let origin = named_origin("o", "max-age=600").await;
+    let rules = format!(
+        r#"
+[[rule]]
+name = "api clients"
+match = {{ path_prefix = ["/w/api.php"] }}
+rate_limit = {{ per_second = 0.01, burst = 1 }}
+{more}"#
+    );
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["trusted_proxies = [\"127.0.0.0/8\"]", "", ""],
+        &rules,
+    )
+    .await;
+    (origin, skua)
+}
+
+/// A request's `X-Forwarded-For`, as the trusted proxy in front sends it.
+fn from(client: &'static str) -> [(&'static str, &'static str); 1] {
+    [("x-forwarded-for", client)]
+}
+
 /// Regression: a bucket was kept per IPv6 address, and a client holds a whole /64 (2^64
 /// addresses: privacy addresses rotate through it, and any host can take more), so a new
 /// source address per request was a fresh bucket and never limited. An IPv6 client is now
 /// its /64; an IPv4-mapped address is the IPv4 client.
 #[tokio::test]
 async fn a_rate_limit_holds_for_every_address_of_an_ipv6_client() {
-    let origin = named_origin("o", "max-age=600").await;
-    let rules = r#"
-[[rule]]
-name = "api clients"
-match = { path_prefix = ["/w/api.php"] }
-rate_limit = { per_second = 0.01, burst = 1 }
-"#;
-    let skua = Skua::start_tables(
-        &[origin.addr],
-        ["trusted_proxies = [\"127.0.0.0/8\"]", "", ""],
-        rules,
-    )
-    .await;
+    let (_origin, skua) = api_limited_behind_a_proxy("").await;
     let url = skua.url("/w/api.php?action=query");
-    let from = |client: &'static str| [("x-forwarded-for", client)];
     assert_eq!(get(&url, &from("2001:db8:1:2::1")).await.status, 200);
     for other in ["2001:db8:1:2::2", "2001:db8:1:2:a:b:c:d"] {
         assert_eq!(get(&url, &from(other)).await.status, 429, "{other}");
@@ -368,26 +381,14 @@ rate_limit = { per_second = 0.01, burst = 1 }
 /// limited all of them) and matched no `client` condition.
 #[tokio::test]
 async fn a_forwarded_address_with_a_port_is_its_client() {
-    let origin = named_origin("o", "max-age=600").await;
-    let rules = r#"
-[[rule]]
-name = "api clients"
-match = { path_prefix = ["/w/api.php"] }
-rate_limit = { per_second = 0.01, burst = 1 }
-
+    let office = r#"
 [[rule]]
 name = "office"
 match = { client = ["192.0.2.0/24"] }
 deny = { status = 403, body = "not from here" }
 "#;
-    let skua = Skua::start_tables(
-        &[origin.addr],
-        ["trusted_proxies = [\"127.0.0.0/8\"]", "", ""],
-        rules,
-    )
-    .await;
+    let (_origin, skua) = api_limited_behind_a_proxy(office).await;
     let url = skua.url("/w/api.php?action=query");
-    let from = |client: &'static str| [("x-forwarded-for", client)];
     assert_eq!(get(&url, &from("198.51.100.7:40001")).await.status, 200);
     assert_eq!(get(&url, &from("198.51.100.7:40002")).await.status, 429);
     assert_eq!(get(&url, &from("198.51.100.8:40001")).await.status, 200);

@@ -759,6 +759,28 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Got {
     send(&client(), "GET", url, headers).await
 }
 
+/// Revision `v` of the page `seen` asks for, with the ETag `"r<v>"`: a 304 to a request that
+/// holds that ETag, else `<path> v<v>`.
+pub fn revision(seen: &Seen, v: u64) -> Reply {
+    let etag = format!("\"r{v}\"");
+    let reply = if seen.header("if-none-match") == Some(etag.as_str()) {
+        Reply::ok("").status(304)
+    } else {
+        Reply::ok(format!("{} v{v}", seen.path))
+    };
+    reply.header("etag", etag)
+}
+
+/// A GET started now and answered later: a request in flight while the test does something
+/// else (a purge racing it).
+pub fn get_in_flight(
+    url: &str,
+    headers: &[(&'static str, &'static str)],
+) -> tokio::task::JoinHandle<Got> {
+    let (url, headers) = (url.to_string(), headers.to_vec());
+    tokio::spawn(async move { get(&url, &headers).await })
+}
+
 /// GET without reusing a pooled connection: for requests that follow an origin restart.
 pub async fn get_fresh(url: &str) -> Got {
     send(&client(), "GET", url, &[]).await
