@@ -219,6 +219,9 @@ fn client_connection_limit(configured: usize) -> usize {
     }
 }
 
+/// Connections the admin port keeps open at once: scrapes, dashboards and purge clients.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+
 /// Adds one Skua node's services (proxy, health checks, HTCP, purge bus, admin) to `server`.
 /// A process normally runs one; the demo runs several side by side.
 pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<ProxyState>> {
@@ -329,19 +332,28 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         server.add_service(background_service("purge bus", BusService(bus)));
     }
     if let Some(admin_addr) = config.server.admin {
+        // The proxy's deadlines and head limits hold on the admin port too, with a connection
+        // limit of its own: a client that can reach it (a monitoring network) must not hold
+        // connections without end, nor take the descriptors the proxy needs.
+        let mut limits = config.server.connections;
+        limits.max_connections = ADMIN_MAX_CONNECTIONS;
+        let metrics = Arc::new(
+            crate::metrics::ConnectionMetrics::unexported().context("admin connection counts")?,
+        );
+        let app = Admin::new(Node {
+            name: shared.name.clone(),
+            store: shared.store,
+            metrics: shared.metrics.clone(),
+            pools: shared.pools.clone(),
+            purger: shared.purger.clone(),
+            purge_auth: shared.purge_auth.clone(),
+            canonical: shared.canonical.clone(),
+            readiness: shared.readiness.clone(),
+            history: history.clone(),
+        });
         let mut admin = Service::new(
             "skua admin".to_string(),
-            Admin::new(Node {
-                name: shared.name.clone(),
-                store: shared.store,
-                metrics: shared.metrics.clone(),
-                pools: shared.pools.clone(),
-                purger: shared.purger.clone(),
-                purge_auth: shared.purge_auth.clone(),
-                canonical: shared.canonical.clone(),
-                readiness: shared.readiness.clone(),
-                history: history.clone(),
-            }),
+            ConnectionGate::admin(app, limits, metrics),
         );
         admin.add_tcp_with_settings(&admin_addr.to_string(), listen_options(&config.server));
         server.add_service(admin);

@@ -671,6 +671,48 @@ async fn clients_past_the_shells_open_file_limit_are_served_or_refused_never_lef
     assert_eq!(skua.metric(counted).await, 50.0);
 }
 
+/// Regression: the admin port (metrics, dashboard, purge API) had no request-head deadline, no
+/// idle timeout and no connection limit: a client that could reach it (a monitoring network)
+/// held connections without end, and enough of them took the file descriptors the proxy
+/// needs. It now keeps the proxy's deadlines and at most 256 connections.
+#[tokio::test]
+async fn the_admin_port_keeps_the_head_deadline_the_idle_timeout_and_a_connection_limit() {
+    let origin = cached_origin().await;
+    let timeouts = "header_timeout = \"1s\"\nkeepalive_timeout = \"1s\"";
+    let skua = Skua::start_tables(&[origin.addr], [timeouts, "", ""], "").await;
+    let mut slow = TcpStream::connect(skua.admin).await.unwrap();
+    slow.write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer)).await;
+    assert!(ended.is_ok(), "a half-sent head held the admin port");
+    assert!(answer.starts_with(b"HTTP/1.1 408"), "{answer:?}");
+    let mut idle = TcpStream::connect(skua.admin).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut answer)).await;
+    assert!(ended.is_ok(), "an idle connection held the admin port");
+
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        held.push(TcpStream::connect(skua.admin).await.unwrap());
+    }
+    let answers = futures::future::join_all(held.iter_mut().map(|stream| async move {
+        let mut head = [0u8; 12];
+        let read = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut head)).await;
+        read.ok().and_then(Result::ok).map(|n| head[..n].to_vec())
+    }))
+    .await;
+    let refused: Vec<_> = answers.into_iter().flatten().collect();
+    assert_eq!(refused.len(), 44, "256 of 300 connections are kept");
+    assert!(
+        refused.iter().all(|head| head == b"HTTP/1.1 503"),
+        "{refused:?}"
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(skua.metrics().await.contains("skua_connections_open 0"));
+}
+
 #[tokio::test]
 async fn full_disk_keeps_serving_from_memory_and_counts_write_failures() {
     let Some(disk) = SmallDisk::mount("2m") else {

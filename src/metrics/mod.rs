@@ -37,6 +37,21 @@ pub struct ConnectionMetrics {
     pub refused_bad_body_framing: IntCounter,
 }
 
+impl ConnectionMetrics {
+    /// Counts kept but not exported: the admin port's own connections, which would otherwise
+    /// be counted with the proxy's clients (and a scrape of `/metrics` would count itself).
+    pub fn unexported() -> prometheus::Result<ConnectionMetrics> {
+        let counter = |name: &str| IntCounter::new(name, "admin port connections");
+        Ok(ConnectionMetrics {
+            open: IntGauge::new("admin_connections_open", "admin port connections")?,
+            refused_max_connections: counter("admin_refused_max_connections")?,
+            refused_header_timeout: counter("admin_refused_header_timeout")?,
+            refused_head_too_large: counter("admin_refused_head_too_large")?,
+            refused_bad_body_framing: counter("admin_refused_bad_body_framing")?,
+        })
+    }
+}
+
 /// How a TLS handshake on an HTTPS listener ended (`src/proxy/tls.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandshakeResult {

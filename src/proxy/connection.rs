@@ -75,8 +75,9 @@ pub struct ConnectionGate<A> {
     limits: ConnectionLimits,
     open: Arc<OpenConnections>,
     metrics: Arc<ConnectionMetrics>,
-    /// Answers fresh memory hits before pingora sees the request.
-    front: FrontDoor,
+    /// Answers fresh memory hits before pingora sees the request (the proxy's listeners; the
+    /// admin port has none).
+    front: Option<FrontDoor>,
     /// Set on an HTTPS listener: every connection starts with a TLS handshake.
     tls: Option<Arc<TlsTerminator>>,
 }
@@ -90,7 +91,24 @@ impl<A> ConnectionGate<A> {
     ) -> Self {
         ConnectionGate {
             app: Arc::new(app),
-            front,
+            front: Some(front),
+            limits,
+            open: Arc::new(OpenConnections {
+                count: AtomicUsize::new(0),
+                metrics: metrics.clone(),
+            }),
+            metrics,
+            tls: None,
+        }
+    }
+
+    /// A gate for the admin port: the proxy's deadlines and head limits, `max_connections` of
+    /// its own, counted apart from the proxy's clients (`metrics` unexported: a scrape of
+    /// `/metrics` would otherwise count itself).
+    pub fn admin(app: A, limits: ConnectionLimits, metrics: Arc<ConnectionMetrics>) -> Self {
+        ConnectionGate {
+            app: Arc::new(app),
+            front: None,
             limits,
             open: Arc::new(OpenConnections {
                 count: AtomicUsize::new(0),
@@ -155,11 +173,13 @@ where
             Some(tls) => (Box::pin(tls.accept(stream)).await?, Scheme::Https),
             None => (stream, Scheme::Http),
         };
-        if stream.selected_alpn_proto() == Some(ALPN::H2) {
-            let idle = self.limits.idle_timeout;
-            let h2 = super::h2::serve(&self.app, &self.front, stream, scheme, idle, shutdown);
-            Box::pin(h2).await;
-            return None;
+        if let Some(front) = self.front.as_ref() {
+            if stream.selected_alpn_proto() == Some(ALPN::H2) {
+                let idle = self.limits.idle_timeout;
+                let h2 = super::h2::serve(&self.app, front, stream, scheme, idle, shutdown);
+                Box::pin(h2).await;
+                return None;
+            }
         }
         let mut settings = None;
         // Bytes read past the end of the previous request: the start of the next one, when a
@@ -194,11 +214,10 @@ where
             };
             let closing = *shutdown.borrow();
             let mut looked = None;
-            let answered = {
+            let answered = self.front.as_ref().and_then(|front| {
                 let client = || peer_ip(&peer, &stream);
-                self.front
-                    .answer(&head, scheme, client, closing, &mut looked)
-            };
+                front.answer(&head, scheme, client, closing, &mut looked)
+            });
             if let Some(answer) = answered {
                 let written = async {
                     match &answer.body {
@@ -213,15 +232,14 @@ where
                 reuse_head_buffer(&carry, head);
                 continue;
             }
-            if let Some(found) = looked.as_ref().filter(|l| l.holds_nothing()) {
+            let front = self.front.as_ref();
+            if let Some((front, found)) = front.zip(looked.as_ref().filter(|l| l.holds_nothing())) {
                 let ip = peer_ip(&peer, &stream);
                 // Boxed: the fill's state (parse buffers, the origin exchange) would otherwise
                 // be part of every connection's future, idle ones included (test
                 // `half_sent_request_heads_do_not_cost_a_64_kib_buffer_each`).
                 let client = move || ip;
-                let fill = self
-                    .front
-                    .try_fill(&head, scheme, &client, closing, found, &mut stream);
+                let fill = front.try_fill(&head, scheme, &client, closing, found, &mut stream);
                 let filled = Box::pin(fill).await;
                 if let Filled::Answered { close } = filled {
                     if close {
