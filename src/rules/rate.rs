@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::rules::RateLimit;
 
-/// Buckets kept at most: about 100 bytes each, so 10 MiB at most.
+/// Buckets kept at most: about 400 bytes each with moka's entry (393 measured with 100,000),
+/// so about 40 MiB at most.
 const MAX_BUCKETS: u64 = 100_000;
 
 /// A client idle this long starts again with a full bucket.
