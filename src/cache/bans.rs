@@ -20,10 +20,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
 
-use moka::policy::EvictionPolicy;
 use pingora::cache::key::HashBinary;
 
 use super::key::CacheUrl;
+use super::purge_times::PurgeTimes;
 use crate::config::CatchUpPolicy;
 
 #[derive(Debug, Clone)]
@@ -33,12 +33,9 @@ struct Ban {
     at: SystemTime,
 }
 
-/// Purge times remembered per kind (URL purges, deletes, tag purges). Full, a table of them
-/// takes about 350 MiB (moka's entry, its key and time: 352 bytes an entry, measured with a
-/// million). Past it the oldest go first (least recently used): these are records, not a
-/// cache, and moka's default admission would instead turn the newest away (see the
-/// regression test `the_newest_purges_are_remembered_when_the_table_is_full`).
-const PURGE_RECORDS: u64 = 1 << 20;
+/// Purge times remembered per kind (URL purges, deletes, tag purges): past it the oldest go
+/// first (`purge_times`; regression test `the_newest_purges_are_remembered_when_the_table_is_full`).
+const PURGE_RECORDS: usize = 1 << 20;
 
 /// How often expired bans are swept out of memory.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
@@ -131,13 +128,14 @@ pub struct Invalidations {
     /// Where bans are kept across restarts (the disk tier's directory), if anywhere: objects on
     /// disk outlive the process, so the bans that cover them must too.
     file: Option<PathBuf>,
-    purged: moka::sync::Cache<HashBinary, SystemTime>,
+    /// When each URL was last purged, softly or for good.
+    purged: PurgeTimes<HashBinary>,
     /// When each URL was last purged for good (not soft): a stored copy from before then is
     /// never served, even one the purge could not see (the disk index still loading).
-    deleted: moka::sync::Cache<HashBinary, SystemTime>,
+    deleted: PurgeTimes<HashBinary>,
     /// When each surrogate key was last purged: a fill carrying it that started before then
     /// is not stored (the tag index cannot name a fill that has not finished).
-    tags_purged: moka::sync::Cache<String, SystemTime>,
+    tags_purged: PurgeTimes<String>,
     bans: RwLock<BanIndex>,
     /// Live bans, readable without the lock: the hit path checks it first.
     ban_count: AtomicUsize,
@@ -169,7 +167,7 @@ impl Invalidations {
         Invalidations::with_records(lifetime, file, PURGE_RECORDS)
     }
 
-    fn with_records(lifetime: Duration, file: Option<PathBuf>, records: u64) -> Invalidations {
+    fn with_records(lifetime: Duration, file: Option<PathBuf>, records: usize) -> Invalidations {
         let bans = file
             .as_deref()
             .map(|f| load(f, lifetime))
@@ -178,21 +176,9 @@ impl Invalidations {
             ban_count: AtomicUsize::new(bans.count),
             bans: RwLock::new(bans),
             file,
-            purged: moka::sync::Cache::builder()
-                .max_capacity(records)
-                .eviction_policy(EvictionPolicy::lru())
-                .time_to_live(lifetime)
-                .build(),
-            deleted: moka::sync::Cache::builder()
-                .max_capacity(records)
-                .eviction_policy(EvictionPolicy::lru())
-                .time_to_live(lifetime)
-                .build(),
-            tags_purged: moka::sync::Cache::builder()
-                .max_capacity(records)
-                .eviction_policy(EvictionPolicy::lru())
-                .time_to_live(lifetime)
-                .build(),
+            purged: PurgeTimes::new(records, lifetime),
+            deleted: PurgeTimes::new(records, lifetime),
+            tags_purged: PurgeTimes::new(records, lifetime),
             lifetime,
             stale_before: AtomicU64::new(0),
             started: SystemTime::now(),
@@ -257,7 +243,7 @@ impl Invalidations {
     }
 
     pub fn record_purge(&self, primary: HashBinary, at: SystemTime) {
-        self.purged.insert(primary, at);
+        self.purged.record(primary, at);
     }
 
     /// Whether a fill whose origin request started at `fetched` was overtaken by a purge.
@@ -273,7 +259,7 @@ impl Invalidations {
     }
 
     pub fn record_delete(&self, primary: HashBinary, at: SystemTime) {
-        self.deleted.insert(primary, at);
+        self.deleted.record(primary, at);
     }
 
     /// Whether a stored copy of `primary` created at `created` was purged for good since.
@@ -282,7 +268,7 @@ impl Invalidations {
     }
 
     pub fn record_tag_purge(&self, tag: &str, at: SystemTime) {
-        self.tags_purged.insert(tag.to_string(), at);
+        self.tags_purged.record(tag.to_string(), at);
     }
 
     /// Whether a fill carrying `tags` whose origin request started at `fetched` was overtaken
@@ -570,16 +556,11 @@ mod tests {
             inv.record_purge(key(n), t0);
             inv.record_delete(key(n), t0);
             assert!(inv.purged_since(&key(n), t0 - Duration::from_millis(5)));
-            inv.purged.run_pending_tasks();
-            inv.deleted.run_pending_tasks();
         }
         let newest = key(5_000);
         inv.record_purge(newest, t0);
         inv.record_delete(newest, t0);
         inv.record_tag_purge("newest", t0);
-        inv.purged.run_pending_tasks();
-        inv.deleted.run_pending_tasks();
-        inv.tags_purged.run_pending_tasks();
         assert!(inv.purged_since(&newest, t0 - Duration::from_millis(5)));
         assert!(inv.deleted_since(&newest, t0 - Duration::from_millis(5)));
         let tags = ["newest".to_string()];

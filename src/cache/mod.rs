@@ -19,6 +19,7 @@ pub mod memory;
 pub mod meta;
 pub mod partial;
 pub mod policy;
+pub mod purge_times;
 pub mod status;
 pub mod tags;
 pub mod target;
