@@ -89,26 +89,25 @@ impl<A> ConnectionGate<A> {
         metrics: Arc<ConnectionMetrics>,
         front: FrontDoor,
     ) -> Self {
-        ConnectionGate {
-            app: Arc::new(app),
-            front: Some(front),
-            limits,
-            open: Arc::new(OpenConnections {
-                count: AtomicUsize::new(0),
-                metrics: metrics.clone(),
-            }),
-            metrics,
-            tls: None,
-        }
+        ConnectionGate::with_front(app, limits, metrics, Some(front))
     }
 
     /// A gate for the admin port: the proxy's deadlines and head limits, `max_connections` of
     /// its own, counted apart from the proxy's clients (`metrics` unexported: a scrape of
     /// `/metrics` would otherwise count itself).
     pub fn admin(app: A, limits: ConnectionLimits, metrics: Arc<ConnectionMetrics>) -> Self {
+        ConnectionGate::with_front(app, limits, metrics, None)
+    }
+
+    fn with_front(
+        app: A,
+        limits: ConnectionLimits,
+        metrics: Arc<ConnectionMetrics>,
+        front: Option<FrontDoor>,
+    ) -> Self {
         ConnectionGate {
             app: Arc::new(app),
-            front: None,
+            front,
             limits,
             open: Arc::new(OpenConnections {
                 count: AtomicUsize::new(0),
