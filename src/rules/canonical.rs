@@ -17,19 +17,19 @@ static NO_FIELDS: std::sync::LazyLock<http::HeaderMap> =
 #[derive(Debug, Clone, Default)]
 pub struct Canonical {
     pub aliases: HostAliases,
-    /// The rules that normalise the path, in order.
-    path: Vec<(Conditions, PathNormalization)>,
-    /// The rules that normalise the query, in order.
-    query: Vec<(Conditions, QueryNormalization)>,
+    /// The rules that normalise the path, in order, with their index among all rules.
+    path: Vec<(usize, Conditions, PathNormalization)>,
+    /// The rules that normalise the query, in order, with their index among all rules.
+    query: Vec<(usize, Conditions, QueryNormalization)>,
 }
 
 impl Canonical {
     pub fn new(aliases: HostAliases, rules: &[Rule]) -> Canonical {
-        let path = (rules.iter())
-            .filter_map(|r| Some((r.when.clone(), r.actions.normalize_path?)))
+        let path = (rules.iter().enumerate())
+            .filter_map(|(i, r)| Some((i, r.when.clone(), r.actions.normalize_path?)))
             .collect();
-        let query = (rules.iter())
-            .filter_map(|r| Some((r.when.clone(), r.actions.normalize_query.clone()?)))
+        let query = (rules.iter().enumerate())
+            .filter_map(|(i, r)| Some((i, r.when.clone(), r.actions.normalize_query.clone()?)))
             .collect();
         Canonical {
             aliases,
@@ -41,10 +41,7 @@ impl Canonical {
     pub fn canonical(&self, url: CacheUrl) -> CacheUrl {
         let mut url = self.aliases.canonical(url);
         if !self.path.is_empty() && path::may_respell(&url.path_and_query) {
-            let req = Request::of(&url, &Method::GET, &*NO_FIELDS, None);
-            // URL-only conditions (validated): nothing else of the request is read.
-            let how = (self.path.iter()).find(|(when, _)| url_conditions_hold(when, &req));
-            if let Some((_, PathNormalization::MediaWiki)) = how {
+            if let Some((_, PathNormalization::MediaWiki)) = self.path_rule(&url) {
                 if let std::borrow::Cow::Owned(spelled) = path::mediawiki(&url.path_and_query) {
                     url.path_and_query = spelled;
                 }
@@ -54,13 +51,10 @@ impl Canonical {
         if self.query.is_empty() || super::query_start(&url.path_and_query).is_none() {
             return url;
         }
-        // The conditions read the URL only (validated), so the request's other parts are
-        // never asked for.
-        let req = Request::of(&url, &Method::GET, &*NO_FIELDS, None);
-        let how = (self.query.iter()).find(|(when, _)| url_conditions_hold(when, &req));
-        if let Some(normal) = how.and_then(|(_, how)| query::normalize(req.query, how)) {
+        let (path, query) = super::path_and_query(&url);
+        let how = self.query_rule(&url).map(|(_, how)| how);
+        if let Some(normal) = how.and_then(|how| query::normalize(query, how)) {
             // The path as it is, not as the rules read it (`rule_path`).
-            let (path, _) = super::path_and_query(&url);
             let mut rebuilt = String::with_capacity(path.len() + 1 + normal.len());
             rebuilt.push_str(path);
             if !normal.is_empty() {
@@ -70,5 +64,36 @@ impl Canonical {
             url.path_and_query = rebuilt;
         }
         url
+    }
+
+    /// The indices of the rules that normalise `raw`'s path and its query (the query's as
+    /// read after the path's normalisation), whether or not they change anything: what
+    /// `--explain` names.
+    pub fn normalisers(&self, raw: CacheUrl) -> (Option<usize>, Option<usize>) {
+        let mut url = self.aliases.canonical(raw);
+        let path = self.path_rule(&url);
+        if let Some((_, PathNormalization::MediaWiki)) = path {
+            if let std::borrow::Cow::Owned(spelled) = path::mediawiki(&url.path_and_query) {
+                url.path_and_query = spelled;
+            }
+        }
+        let query = self.query_rule(&url);
+        (path.map(|(i, _)| i), query.map(|(i, _)| i))
+    }
+
+    /// The first rule with `normalize_path` whose (URL-only, validated) conditions hold.
+    fn path_rule(&self, url: &CacheUrl) -> Option<(usize, PathNormalization)> {
+        let req = Request::of(url, &Method::GET, &*NO_FIELDS, None);
+        (self.path.iter())
+            .find(|(_, when, _)| url_conditions_hold(when, &req))
+            .map(|(i, _, how)| (*i, *how))
+    }
+
+    /// The first rule with `normalize_query` whose (URL-only, validated) conditions hold.
+    fn query_rule(&self, url: &CacheUrl) -> Option<(usize, &QueryNormalization)> {
+        let req = Request::of(url, &Method::GET, &*NO_FIELDS, None);
+        (self.query.iter())
+            .find(|(_, when, _)| url_conditions_hold(when, &req))
+            .map(|(i, _, how)| (*i, how))
     }
 }

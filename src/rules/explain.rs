@@ -10,7 +10,7 @@ use http::{HeaderMap, Method};
 use super::canonical::Canonical;
 use super::{matches, Decision, Request, RuleSet};
 use crate::cache::key::CacheUrl;
-use crate::config::rules::{Actions, Answer, CacheAction};
+use crate::config::rules::{Answer, CacheAction};
 use crate::config::{default_pool, Config};
 
 /// The request to explain: an absolute URL, and what else the rules may read.
@@ -37,34 +37,18 @@ pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
     let _ = writeln!(out, "cache key: {}", url.primary());
     let (raw_path, raw_query) = super::path_and_query(&raw);
     let (path, query) = super::path_and_query(&url);
-    // The first rule of a kind of normalisation that matches the URL as that step read it
-    // (the path's rule the raw URL, the query's rule the URL with its path normalised), and
-    // a line naming it when the part it normalises changed.
-    let mut normaliser = |part: &str, raw_path: &str, has: fn(&Actions) -> bool, changed| {
-        let read = Request {
-            path: super::rule_path(raw_path),
-            query: raw_query,
-            ..shallow(&req)
-        };
-        let found = (config.rules.iter()).position(|r| has(&r.actions) && matches(&r.when, &read));
-        if let (Some(i), true) = (found, changed) {
+    // The rules the key function chose (`Canonical::normalisers`), and a line naming each
+    // whose part of the URL it changed.
+    let (path_normaliser, normaliser) = canonical.normalisers(raw.clone());
+    for (part, rule, changed) in [
+        ("path", path_normaliser, path != raw_path),
+        ("query", normaliser, query != raw_query),
+    ] {
+        if let (Some(i), true) = (rule, changed) {
             let rule = describe(&config.rules[i], None);
             let _ = writeln!(out, "  {part} normalised by {rule}");
         }
-        found
-    };
-    let path_normaliser = normaliser(
-        "path",
-        raw_path,
-        |a| a.normalize_path.is_some(),
-        path != raw_path,
-    );
-    let normaliser = normaliser(
-        "query",
-        path,
-        |a| a.normalize_query.is_some(),
-        query != raw_query,
-    );
+    }
     let decision = set.decide_every_rule(&req);
     debug_assert_eq!(decision, set.decide(&req));
     let mut any = false;
@@ -103,18 +87,6 @@ pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
         );
     }
     Ok(out)
-}
-
-/// `req` with its own references, so a field can be replaced in a struct update.
-fn shallow<'a>(req: &Request<'a, HeaderMap>) -> Request<'a, HeaderMap> {
-    Request {
-        host: req.host,
-        path: req.path.clone(),
-        query: req.query,
-        method: req.method,
-        fields: req.fields,
-        client: req.client,
-    }
 }
 
 fn describe(rule: &crate::config::rules::Rule, index: Option<usize>) -> String {

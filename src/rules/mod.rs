@@ -587,10 +587,7 @@ pub fn matches<F: RequestFields + ?Sized>(when: &Conditions, req: &Request<'_, F
 }
 
 /// Whether the conditions of `when` on the URL (host, path, query) hold for `req`.
-pub(crate) fn url_conditions_hold<F: RequestFields + ?Sized>(
-    when: &Conditions,
-    req: &Request<'_, F>,
-) -> bool {
+fn url_conditions_hold<F: RequestFields + ?Sized>(when: &Conditions, req: &Request<'_, F>) -> bool {
     (when.hosts.is_empty() || when.hosts.iter().any(|h| h.matches(req.host)))
         && (when.paths.is_empty() || when.paths.iter().any(|p| p.matches(&req.path)))
         && when.query.iter().all(|(name, value)| {
