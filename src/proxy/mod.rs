@@ -1466,12 +1466,10 @@ impl ProxyHttp for CachingProxy {
         let store = self.shared.store;
         // As for a whole response (`TieredMiss::finish`): a piece fetched before a purge of
         // its URL may be of the page before the edit (regression: it was stored, and ranges
-        // inside it served the old file).
+        // inside it served the old file). Bans are read where pieces are served.
         let sent = ctx.upstream_sent.unwrap_or(SystemTime::UNIX_EPOCH);
         let vouched = crate::cache::policy::vouched_at(sent, &piece.head.headers);
-        if store.invalidations.purged_since(&primary, vouched)
-            || store.invalidations.banned(url, vouched)
-        {
+        if store.invalidations.purged_since(&primary, vouched) {
             return Ok(None);
         }
         if let Some((pieces, whole)) = store.partial.add(primary, piece) {
