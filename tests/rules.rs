@@ -831,6 +831,69 @@ redirect = { status = 301, location = "/wiki/{1}" }
     );
 }
 
+/// Regression: a rule read query parameters as sent, so `?+search=x`, `?%20search=x`,
+/// `?search%00=x` and `?search%5B%5D=x`, each a search to MediaWiki (PHP reads them all as
+/// `search`), passed a rate limit on `search`, and `title=Special%3ASearch` a rule on
+/// `Special:Search`. Names and values are now read decoded, names also as PHP reads them.
+#[tokio::test]
+async fn query_spellings_the_application_reads_alike_do_not_slip_past_a_rule() {
+    let origin = named_origin("o", "no-store").await;
+    let rules = r#"
+[[rule]]
+name = "search"
+match = { query = { search = "" } }
+rate_limit = { per_second = 0.01, burst = 1 }
+
+[[rule]]
+name = "no special pages"
+match = { query = { title = "^Special:" } }
+deny = { status = 403, body = "forbidden" }
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    let request = |target: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n")
+    };
+    let first = raw(skua.addr, &request("/w/index.php?search=x")).await;
+    assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
+    for spelling in [
+        "/w/index.php?+search=x",
+        "/w/index.php?%20search=y",
+        "/w/index.php?search%00=x",
+        "/w/index.php?search%5B%5D=x",
+        "/w/index.php?%73earch=x",
+        "/w/index.php?title=T&search=x+y",
+    ] {
+        let limited = raw(skua.addr, &request(spelling)).await;
+        assert!(
+            limited.starts_with("HTTP/1.1 429 "),
+            "{spelling}: {limited}"
+        );
+    }
+    for spelling in [
+        "/w/index.php?title=Special:Version",
+        "/w/index.php?title=Special%3AVersion",
+        "/w/index.php?+title=Special%3aVersion",
+    ] {
+        let denied = raw(skua.addr, &request(spelling)).await;
+        assert!(denied.starts_with("HTTP/1.1 403 "), "{spelling}: {denied}");
+    }
+    for other in ["/w/index.php?searches=x", "/w/index.php?title=Main_Page"] {
+        let served = raw(skua.addr, &request(other)).await;
+        assert!(served.starts_with("HTTP/1.1 200 "), "{other}: {served}");
+    }
+    let reached: Vec<_> = (origin.all_requests().iter())
+        .map(|r| r.target.clone())
+        .collect();
+    assert_eq!(
+        reached,
+        [
+            "/w/index.php?search=x",
+            "/w/index.php?searches=x",
+            "/w/index.php?title=Main_Page"
+        ]
+    );
+}
+
 /// config/mediawiki.toml's limits hold for every spelling a real MediaWiki serves the same
 /// (each checked against MediaWiki 1.39 under PHP's server, 2026-12-04). Regression: its search
 /// limit matched `/wiki/Special:Search` alone, while MediaWiki's own search box sends
@@ -853,6 +916,7 @@ fn the_mediawiki_example_limits_every_spelling_mediawiki_serves_alike() {
         "/wiki/Special%3ASearch?search=x",
         "/w/index.php?search=x&title=Special%3ASearch",
         "/w/index.php?title=special:search&search=x&fulltext=1",
+        "/w/index.php?+search=x&title=Special%3ASearch",
     ] {
         let text = explain(&format!("https://en.wiki.example{url}"));
         assert!(text.contains("\"search\" (line "), "{url}:\n{text}");

@@ -591,7 +591,7 @@ fn url_conditions_hold<F: RequestFields + ?Sized>(when: &Conditions, req: &Reque
     (when.hosts.is_empty() || when.hosts.iter().any(|h| h.matches(req.host)))
         && (when.paths.is_empty() || when.paths.iter().any(|p| p.matches(&req.path)))
         && when.query.iter().all(|(name, value)| {
-            query::parameters(req.query).any(|(n, v)| n == name && value.is_match(v))
+            query::parameters(req.query).any(|(n, v)| query::names(&n, name) && value.is_match(&v))
         })
 }
 
