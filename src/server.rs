@@ -30,6 +30,7 @@ use crate::proxy::fast::FrontDoor;
 use crate::proxy::tls::TlsTerminator;
 use crate::proxy::{CachingProxy, ProxyState};
 use crate::purge::bus::{Bus, BusService};
+use crate::purge::handover::{self, HandoverWatch, Inbox, InboxService};
 use crate::purge::receiver::HtcpReceiver;
 use crate::upstream::{HealthChecks, Pools, SharedPools};
 use arc_swap::ArcSwap;
@@ -165,9 +166,30 @@ pub fn build_with(config: &Config, upgrade: bool) -> anyhow::Result<Built> {
         ..Default::default()
     };
     raise_open_file_limit();
+    // Bound before the listeners are asked for: the old process relays the purges it takes
+    // from the moment it hands them over (`purge::handover`).
+    let inbox = upgrade
+        .then(|| Inbox::bind(&config.server.upgrade_sock))
+        .transpose()
+        .with_context(|| {
+            let path = handover::socket_path(&config.server.upgrade_sock);
+            format!(
+                "server.upgrade_sock: cannot listen for relayed purges at {}",
+                path.display()
+            )
+        })?;
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
     let shared = add_node(&mut server, config)?;
+    if let Some(inbox) = inbox {
+        server.add_service(background_service(
+            "relayed purges",
+            InboxService {
+                inbox: Mutex::new(Some(inbox)),
+                purger: shared.purger.clone(),
+            },
+        ));
+    }
     Ok(Built { server, shared })
 }
 
@@ -309,6 +331,13 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         "origin health checks",
         HealthChecks(shared.pools.clone()),
     ));
+    if let Some(relay) = shared.purger.relay.clone() {
+        let watch = HandoverWatch {
+            relay,
+            store: shared.store,
+        };
+        server.add_service(background_service("upgrade watch", watch));
+    }
     if let Some(disk) = shared.store.disk {
         server.add_service(background_service(
             "disk cache checkpoint",

@@ -253,3 +253,110 @@ async fn a_reloaded_purge_token_applies_to_purge_and_to_the_admin_purge() {
     assert_eq!(send(&client(), "POST", &admin, &bearer).await.status, 200);
     assert_eq!(get(&url, &[]).await.cache(), "miss");
 }
+
+/// Regression: for five seconds after SIGQUIT pingora's old process accepts connections beside
+/// the new one, then drains those it holds; a purge that reached it (on a purge client's
+/// kept-alive connection, or a new one) was applied to its own cache alone, and the new
+/// process served the pre-edit page it had fetched until its TTL. With a disk tier, the purge
+/// must also outlive a `kill -9` of the new process (its disk trusted at restart).
+#[tokio::test]
+async fn a_purge_taken_by_the_old_process_during_an_upgrade_reaches_the_new_one() {
+    for disk in [false, true] {
+        purge_during_an_upgrade(disk).await;
+    }
+}
+
+async fn purge_during_an_upgrade(disk: bool) {
+    let version = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let v = version.clone();
+    let origin = Origin::start(move |seen| {
+        revision(seen, v.load(Ordering::SeqCst)).header("cache-control", "max-age=600")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let disk_lines = "after_restart = \"serve\"";
+    let start = |port: &Port| {
+        let port = port.clone();
+        let dir = dir.path().to_path_buf();
+        let origin = origin.addr;
+        async move {
+            if disk {
+                Skua::start_disk_on(&port, &[origin], &dir, disk_lines, CAPTURE_LOG).await
+            } else {
+                Skua::start(&[origin], CAPTURE_LOG).await
+            }
+        }
+    };
+    let mut old = start(&Port::reserve()).await;
+    assert_eq!(get(&old.url("/wiki/A"), &[]).await.text(), "/wiki/A v1");
+    if disk {
+        old.wait_disk_writes().await;
+    }
+    // A purge client's connection, open before the upgrade.
+    let mut purger = tokio::net::TcpStream::connect(old.addr).await.unwrap();
+    let request =
+        |method: &str| format!("{method} /wiki/Kept HTTP/1.1\r\nHost: {}\r\n\r\n", old.addr);
+    let first = exchange(&mut purger, &request("GET")).await;
+    assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
+
+    let mut new = old.hand_over().await;
+    // The new process serves the page as it is before the edit (from the origin, or from the
+    // disk tier); the old one, from its memory.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = get_fresh(&old.url("/wiki/A")).await;
+        assert_eq!(got.text(), "/wiki/A v1");
+        if got.cache() != "hit-front" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new process never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The page is edited; its purge reaches the old process, on the connection it drains.
+    version.store(2, Ordering::SeqCst);
+    let purge = format!("PURGE /wiki/A HTTP/1.1\r\nHost: {}\r\n\r\n", old.addr);
+    let purged = exchange(&mut purger, &purge).await;
+    assert!(purged.starts_with("HTTP/1.1 204 "), "{purged}");
+    assert!(old.alive(), "the old process answered the purge");
+
+    // The new process applies it a moment after the old one answered.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while get_fresh(&old.url("/wiki/A")).await.text() != "/wiki/A v2" {
+        assert!(Instant::now() < deadline, "disk {disk}: {}", old.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Both processes accept on the listeners for a while: every answer, from either, is the
+    // edited page.
+    for _ in 0..20 {
+        let got = get_fresh(&old.url("/wiki/A")).await;
+        assert_eq!(got.text(), "/wiki/A v2", "disk {disk}: {}", got.cache());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(old.alive(), "still handing over");
+    drop(purger);
+    let _ = new.kill();
+    let _ = new.wait();
+    if disk {
+        // The purge the new process applied is on its disk: the old copy is not served again.
+        version.store(3, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while old.alive() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let again = start(&old.port()).await;
+        let got = get(&again.url("/wiki/A"), &[]).await;
+        assert_ne!(got.text(), "/wiki/A v1", "{}", again.log());
+    }
+}
+
+/// Writes `request` on `stream` and reads one response head (and a short body).
+async fn exchange(stream: &mut tokio::net::TcpStream, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}

@@ -149,6 +149,9 @@ pub struct Invalidations {
     caught_up_tx: tokio::sync::watch::Sender<bool>,
     /// What to do with an untrusted object before catching up; set once by the purge bus.
     catch_up: std::sync::OnceLock<(CatchUpPolicy, Duration)>,
+    /// A zero-downtime upgrade has handed the cache directory to a new process, which writes
+    /// the bans file from now on (the bans taken here are relayed to it).
+    handed_over: AtomicBool,
 }
 
 /// Whether a stored object may be served as it is.
@@ -185,7 +188,14 @@ impl Invalidations {
             caught_up: AtomicBool::new(true),
             caught_up_tx: tokio::sync::watch::channel(true).0,
             catch_up: std::sync::OnceLock::new(),
+            handed_over: AtomicBool::new(false),
         }
+    }
+
+    /// Leaves the bans file to the process taking over from this one: a rewrite here could
+    /// drop the lines it appends.
+    pub fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
     }
 
     /// Distrusts objects cached before this process started until [`Self::caught_up`] is
@@ -291,6 +301,7 @@ impl Invalidations {
         };
         bans.sweep(ban.at, self.lifetime);
         let saved = match &self.file {
+            Some(_) if self.handed_over.load(Ordering::Acquire) => true,
             Some(file) => self.save(file, &mut bans, &ban),
             None => true,
         };

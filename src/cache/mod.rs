@@ -68,6 +68,15 @@ pub struct Store {
 }
 
 impl Store {
+    /// A zero-downtime upgrade has begun: the new process owns the disk tier's directory
+    /// from now on, and this one leaves its checkpoint and bans file alone.
+    pub fn hand_over(&self) {
+        self.invalidations.hand_over();
+        if let Some(disk) = self.disk {
+            disk.hand_over();
+        }
+    }
+
     pub fn new(
         memory_bytes: u64,
         memory_max_object: usize,

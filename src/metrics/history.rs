@@ -40,7 +40,8 @@ pub const REACH_BOUNDS: [f64; 16] = [
 
 /// Kinds of origin error the dashboard tells apart, from pingora's error kind.
 pub const ERROR_KINDS: [&str; 3] = ["connect", "timeout", "other"];
-/// Purge sources, as `skua_purges_total{source}` names them.
+/// Purge sources, as `skua_purges_total{source}` names them (not `handover`: the few purges
+/// relayed during a zero-downtime upgrade are not charted).
 pub const PURGE_SOURCES: [&str; 4] = ["http", "htcp", "admin", "bus"];
 
 /// What happened in one interval (a second or a minute), and the tiers' fill at its end.

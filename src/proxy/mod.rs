@@ -113,7 +113,9 @@ impl ProxyState {
         ProxyState {
             name: config.server.name.clone(),
             store,
-            purger: purge::Purger::new(store, bus, metrics.clone()),
+            purger: purge::Purger::new(store, bus, metrics.clone()).relaying(Arc::new(
+                purge::handover::Relay::new(&config.server.upgrade_sock),
+            )),
             lock,
             settings: ArcSwap::from_pointee(Settings::from(config)),
             canonical: Arc::new(ArcSwap::from_pointee(canonical(config))),

@@ -194,7 +194,8 @@ impl Bus {
     /// ones only with `publish_htcp` (where multicast does not already reach every node).
     pub fn publishes(&self, source: Source) -> bool {
         match source {
-            Source::Bus => false,
+            // The process that took it over from published what it took.
+            Source::Bus | Source::Handover => false,
             Source::Htcp => self.config.publish_htcp,
             Source::Http | Source::Admin => true,
         }

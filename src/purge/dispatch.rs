@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::bus::{Bus, Target};
+use super::handover::Relay;
 use crate::cache::bans::ban_path;
 use crate::cache::key::CacheUrl;
 use crate::cache::{PurgeMode, Store};
@@ -25,10 +26,18 @@ pub enum Source {
     Admin,
     /// Published by another node.
     Bus,
+    /// Taken by the process this one took over from, during a zero-downtime upgrade.
+    Handover,
 }
 
 impl Source {
-    pub const ALL: [Source; 4] = [Source::Http, Source::Htcp, Source::Admin, Source::Bus];
+    pub const ALL: [Source; 5] = [
+        Source::Http,
+        Source::Htcp,
+        Source::Admin,
+        Source::Bus,
+        Source::Handover,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -36,6 +45,7 @@ impl Source {
             Source::Htcp => "htcp",
             Source::Admin => "admin",
             Source::Bus => "bus",
+            Source::Handover => "handover",
         }
     }
 }
@@ -143,7 +153,9 @@ pub struct Purger {
     pub store: &'static Store,
     pub bus: Option<Arc<Bus>>,
     /// Where the dashboard's recent purges are kept.
-    metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<Metrics>,
+    /// The process taking over from this one, during a zero-downtime upgrade.
+    pub relay: Option<Arc<Relay>>,
 }
 
 impl Purger {
@@ -152,7 +164,14 @@ impl Purger {
             store,
             bus,
             metrics,
+            relay: None,
         }
+    }
+
+    /// As [`Purger::new`], relaying what it applies to a process taking over from this one.
+    pub fn relaying(mut self, relay: Arc<Relay>) -> Purger {
+        self.relay = Some(relay);
+        self
     }
 
     /// Applies `purge` to every tier, then publishes it unless it came from the bus (or from
@@ -178,6 +197,9 @@ impl Purger {
                 Scope::Prefix(url) => Target::Prefix { url: url.primary() },
             };
             bus.publish(target, purge.mode);
+        }
+        if let Some(relay) = &self.relay {
+            relay.relay(purge);
         }
         self.metrics.top.purged(RecentPurge {
             what: purge.scope.describe(),

@@ -7,6 +7,7 @@
 mod auth;
 pub mod bus;
 mod dispatch;
+pub mod handover;
 pub mod htcp;
 pub mod http;
 pub mod queue;

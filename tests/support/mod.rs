@@ -462,6 +462,19 @@ impl Skua {
     /// A zero-downtime upgrade (`skua serve --upgrade` on this process's config, then SIGQUIT
     /// here): returns the new process once this one has drained and exited.
     pub async fn upgrade_in_place(&mut self) -> std::process::Child {
+        let new = self.hand_over().await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.alive() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!self.alive(), "the old process drained and exited");
+        new
+    }
+
+    /// Starts the new binary of a zero-downtime upgrade and sends this (old) one SIGQUIT: it
+    /// hands over its listeners and drains the connections it has open, for up to its
+    /// `shutdown_grace`. Returns the new process, listening on this one's addresses.
+    pub async fn hand_over(&mut self) -> std::process::Child {
         // The new binary waits on the upgrade socket for the old one's listeners.
         let new = Command::new(skua_bin())
             .args(["serve", "--upgrade", "--config"])
@@ -478,11 +491,6 @@ impl Skua {
             .status()
             .unwrap();
         assert!(quit.success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while self.alive() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(!self.alive(), "the old process drained and exited");
         new
     }
 

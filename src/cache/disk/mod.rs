@@ -122,6 +122,8 @@ pub struct DiskTier {
     /// Test hook (`SKUA_TEST_DISK_READ_DELAY_MS`): every read waits on the blocking pool this
     /// long, as on a slow disk.
     read_delay: Option<Duration>,
+    /// A zero-downtime upgrade has handed the directory to a new process ([`Self::hand_over`]).
+    handed_over: AtomicBool,
 }
 
 impl DiskTier {
@@ -131,8 +133,8 @@ impl DiskTier {
         std::fs::create_dir_all(&config.path)?;
         discard_unusable(&config.path)?;
         let segments = Segments::open(&config.path.join("segments"))?;
-        let first_new_segment = segments.newest().map_or(0, |s| s.wrapping_add(1));
-        let file = segments.create(first_new_segment)?;
+        let after_newest = segments.newest().map_or(0, |s| s.wrapping_add(1));
+        let (first_new_segment, file) = segments.create_from(after_newest)?;
         let segment_size = segment_size(&config);
         let read_mode = ReadMode::for_file(&file);
         tracing::info!(
@@ -173,6 +175,7 @@ impl DiskTier {
             tags,
             read_mode: std::sync::atomic::AtomicU8::new(0),
             read_delay,
+            handed_over: AtomicBool::new(false),
         }));
         tier.set_read_mode(read_mode);
         let writer = writer::Writer::new(tier, first_new_segment, file);
@@ -363,6 +366,18 @@ impl DiskTier {
             pending: None,
         }));
         sent && matches!(written.await, Ok(Some(_)))
+    }
+
+    /// Leaves the index checkpoint to the process taking over from this one (a zero-downtime
+    /// upgrade). Both write segments for a while, each to its own; a checkpoint written here
+    /// would cover the new process's segments numbered below this one's last, and a restart
+    /// would not scan them for the purges recorded there.
+    pub fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
+    }
+
+    fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Acquire)
     }
 
     /// Writes a checkpoint of the index now, for a quick next start.

@@ -95,13 +95,28 @@ impl Segments {
         self.read().keys().next_back().copied()
     }
 
-    /// Creates segment `seq` (a leftover of that name is replaced).
-    pub fn create(&self, seq: u32) -> io::Result<Arc<File>> {
-        let file = Arc::new(open_segment(&self.path(seq), true)?);
-        self.write().insert(seq, file.clone());
-        // A mapping of a file this one replaced would show the old file's bytes.
-        lock_write(&self.mapped).remove(&seq);
-        Ok(file)
+    /// Creates the first segment numbered `first` or after whose name no file holds, and
+    /// returns its number. A name taken is skipped, never replaced: during a zero-downtime
+    /// upgrade the old process and the new one write beside each other, each to segments of
+    /// its own, and the old one's next segment may already be the new one's (replacing it cut
+    /// the new process's records, its purges' among them, from the log a restart reads).
+    pub fn create_from(&self, first: u32) -> io::Result<(u32, Arc<File>)> {
+        let mut seq = first;
+        for _ in 0..CREATE_ATTEMPTS {
+            match open_segment(&self.path(seq), true) {
+                Ok(file) => {
+                    let file = Arc::new(file);
+                    self.write().insert(seq, file.clone());
+                    lock_write(&self.mapped).remove(&seq);
+                    return Ok((seq, file));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => seq = seq.wrapping_add(1),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::other(format!(
+            "{CREATE_ATTEMPTS} segment names after {first:08x} are taken"
+        )))
     }
 
     /// Forgets segment `seq` and unlinks its file. Readers holding it (or a view of its
@@ -138,14 +153,12 @@ fn parse_name(name: &str) -> Option<u32> {
     u32::from_str_radix(hex, 16).ok()
 }
 
-/// Opens a segment for reading and writing: never through a link, never a FIFO or device.
+/// Names tried by [`Segments::create_from`] before it gives up.
+const CREATE_ATTEMPTS: u32 = 64;
+
+/// Opens a segment for reading and writing (`create`: a new file, failing if the name is
+/// taken): never through a link, never a FIFO or device.
 fn open_segment(path: &Path, create: bool) -> io::Result<File> {
-    if create {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-    }
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -265,7 +278,8 @@ mod tests {
     fn a_scan_stops_at_a_torn_record_and_names_follow_the_sequence() {
         let dir = tempfile::tempdir().unwrap();
         let segments = Segments::open(dir.path()).unwrap();
-        let file = segments.create(0x2a).unwrap();
+        let (seq, file) = segments.create_from(0x2a).unwrap();
+        assert_eq!(seq, 0x2a);
         assert!(dir.path().join("0000002a.seg").exists());
         let a = invalidation(Kind::Delete, &[1; 16], 1);
         let b = invalidation(Kind::Expire, &[2; 16], 2);
@@ -293,5 +307,27 @@ mod tests {
         assert_eq!(again.list(), vec![0x2a]);
         again.remove(0x2a);
         assert!(!dir.path().join("0000002a.seg").exists());
+    }
+
+    /// Regression: a segment named as the next one (another process's, during an upgrade)
+    /// was unlinked and made anew, cutting that process's records from the log.
+    #[test]
+    fn a_taken_name_is_skipped_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = Segments::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("00000005.seg"), "the other process's").unwrap();
+        std::os::unix::fs::symlink(
+            dir.path().join("elsewhere"),
+            dir.path().join("00000006.seg"),
+        )
+        .unwrap();
+        let (seq, _) = segments.create_from(5).unwrap();
+        assert_eq!(seq, 7);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("00000005.seg")).unwrap(),
+            "the other process's"
+        );
+        assert!(!dir.path().join("elsewhere").exists(), "no link followed");
+        assert_eq!(segments.list(), vec![7]);
     }
 }

@@ -322,9 +322,8 @@ impl Writer {
         }
         if end > 0 || self.torn {
             self.flush();
-            let next = self.seg.wrapping_add(1);
-            match tier.segments.create(next) {
-                Ok(file) => {
+            match tier.segments.create_from(self.seg.wrapping_add(1)) {
+                Ok((next, file)) => {
                     // Not if it was evicted to make space for a purge's record.
                     if tier.segments.get(self.seg).is_some() {
                         let len = self.file.metadata().map_or(0, |m| m.len());
@@ -561,6 +560,9 @@ impl Writer {
 
     fn checkpoint(&mut self) {
         self.last_checkpoint = Instant::now();
+        if self.tier.handed_over() {
+            return;
+        }
         let covered = self.position();
         match checkpoint::write(&self.tier.checkpoint_path(), covered, &self.tier.index) {
             Ok(()) => self.dirty = false,

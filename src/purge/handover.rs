@@ -1,0 +1,283 @@
+//! Purges across a zero-downtime upgrade. From SIGQUIT, pingora's old process hands its
+//! listeners to the new one and keeps accepting on them beside it for five seconds, then
+//! drains the connections it holds: two processes with caches of their own serve the same
+//! addresses, and a purge reaches only the one that accepted it (regression test
+//! `a_purge_taken_by_the_old_process_during_an_upgrade_reaches_the_new_one`: before, the new
+//! process served the pre-edit page until its TTL). The old process therefore sends every purge
+//! it takes after SIGQUIT to the new one, over a Unix datagram socket the new one binds beside
+//! `[server] upgrade_sock` before it asks for the listeners. The other way round is bounded,
+//! not relayed: the old process serves for at most five seconds and `shutdown_grace` more.
+//!
+//! It owns the socket and the datagram's format; applying a purge is [`Purger`]'s.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde::{Deserialize, Serialize};
+
+use super::{Purge, PurgeResult, Purger, Scope, Source};
+use crate::cache::key::CacheUrl;
+use crate::cache::{PurgeMode, Store};
+
+/// The socket the new process of an upgrade reads relayed purges on: `upgrade_sock` with
+/// `.purges` appended, so that it lives where the operator put the upgrade socket.
+pub fn socket_path(upgrade_sock: &Path) -> PathBuf {
+    let mut name = upgrade_sock.as_os_str().to_owned();
+    name.push(".purges");
+    PathBuf::from(name)
+}
+
+/// One relayed purge (JSON): what it names, how, and when the old process accepted it, so that
+/// the new one keeps what it fetched after that.
+#[derive(Debug, Serialize, Deserialize)]
+struct Relayed {
+    kind: String,
+    targets: Vec<String>,
+    soft: bool,
+    at_us: u64,
+}
+
+impl Relayed {
+    fn of(purge: &Purge) -> Relayed {
+        let (kind, targets) = match &purge.scope {
+            Scope::Url(url) => ("url", vec![url.primary()]),
+            Scope::Tags(tags) => ("tags", tags.clone()),
+            Scope::Prefix(url) => ("prefix", vec![url.primary()]),
+        };
+        let at = purge.at.duration_since(SystemTime::UNIX_EPOCH);
+        Relayed {
+            kind: kind.into(),
+            targets,
+            soft: purge.mode == PurgeMode::Expire,
+            at_us: at.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+        }
+    }
+
+    /// The purge this asks for; `None` when it does not parse.
+    fn to_purge(&self) -> Option<Purge> {
+        let url = || CacheUrl::parse_absolute(self.targets.first()?).ok();
+        let scope = match self.kind.as_str() {
+            "url" => Scope::Url(url()?),
+            "prefix" => Scope::Prefix(url()?),
+            "tags" => Scope::Tags(self.targets.clone()),
+            _ => return None,
+        };
+        let mode = if self.soft {
+            PurgeMode::Expire
+        } else {
+            PurgeMode::Delete
+        };
+        Some(Purge {
+            scope,
+            mode,
+            source: Source::Handover,
+            at: SystemTime::UNIX_EPOCH + Duration::from_micros(self.at_us),
+        })
+    }
+}
+
+/// The old process's side: relays purges once SIGQUIT has handed the listeners over.
+pub struct Relay {
+    to: PathBuf,
+    handing_over: AtomicBool,
+    socket: Mutex<Option<UnixDatagram>>,
+}
+
+impl Relay {
+    pub fn new(upgrade_sock: &Path) -> Relay {
+        Relay {
+            to: socket_path(upgrade_sock),
+            handing_over: AtomicBool::new(false),
+            socket: Mutex::new(None),
+        }
+    }
+
+    /// Sends `purge` to the new process, if this one is handing over. A purge another process
+    /// relayed here, or one the bus brought (the new process reads the bus itself), is not
+    /// sent on.
+    pub fn relay(&self, purge: &Purge) {
+        if !self.handing_over.load(Ordering::Acquire)
+            || matches!(purge.source, Source::Handover | Source::Bus)
+        {
+            return;
+        }
+        let Ok(datagram) = serde_json::to_vec(&Relayed::of(purge)) else {
+            return;
+        };
+        let mut socket = self.socket.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = (|| {
+            if socket.is_none() {
+                *socket = Some(UnixDatagram::unbound()?);
+            }
+            let socket = socket.as_ref().ok_or(io::ErrorKind::NotConnected)?;
+            socket.send_to(&datagram, &self.to)
+        })();
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, socket = %self.to.display(), purge = %purge.scope.describe(), "could not relay a purge to the process taking over");
+        }
+    }
+}
+
+/// Watches for SIGQUIT (pingora's signal to hand the listeners over), then relays purges and
+/// leaves the disk tier's files to the new process.
+pub struct HandoverWatch {
+    pub relay: Arc<Relay>,
+    pub store: &'static Store,
+}
+
+#[async_trait]
+impl BackgroundService for HandoverWatch {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut quit) = signal(SignalKind::quit()) else {
+            return;
+        };
+        tokio::select! {
+            Some(()) = quit.recv() => {
+                self.relay.handing_over.store(true, Ordering::Release);
+                self.store.hand_over();
+                tracing::info!(socket = %self.relay.to.display(), "handing over: purges taken here are relayed to the new process");
+            }
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// The new process's side: the socket, bound before the listeners are asked for.
+pub struct Inbox {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl Inbox {
+    /// Binds the socket beside `upgrade_sock` (replacing a leftover, which an earlier upgrade's
+    /// process may still hold: it is the sender now), readable and writable by this user only.
+    pub fn bind(upgrade_sock: &Path) -> io::Result<Inbox> {
+        let path = socket_path(upgrade_sock);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let socket = UnixDatagram::bind(&path)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+        Ok(Inbox { socket, path })
+    }
+}
+
+/// Applies what the old process relays, until this process shuts down.
+pub struct InboxService {
+    pub inbox: Mutex<Option<Inbox>>,
+    pub purger: Purger,
+}
+
+#[async_trait]
+impl BackgroundService for InboxService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(inbox) = self.inbox.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = std::thread::Builder::new()
+            .name("skua-handover".into())
+            .spawn({
+                let stop = stop.clone();
+                move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while !stop.load(Ordering::Relaxed) {
+                        match inbox.socket.recv(&mut buf) {
+                            Ok(n) => {
+                                if tx.send(buf[..n].to_vec()).is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "reading relayed purges failed");
+                                break;
+                            }
+                        }
+                    }
+                    let _ = std::fs::remove_file(&inbox.path);
+                }
+            });
+        if let Err(e) = reader {
+            tracing::error!(error = %e, "cannot start the thread reading relayed purges");
+            return;
+        }
+        loop {
+            tokio::select! {
+                Some(datagram) = rx.recv() => {
+                    let metrics = &self.purger.metrics;
+                    match serde_json::from_slice::<Relayed>(&datagram).ok().and_then(|r| r.to_purge()) {
+                        Some(purge) => {
+                            let affected = self.purger.apply(&purge).await;
+                            super::count(metrics, Source::Handover, PurgeResult::applied(affected));
+                        }
+                        None => super::count(metrics, Source::Handover, PurgeResult::Invalid),
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relayed_purge_is_the_purge_sent() {
+        let url = CacheUrl::parse_absolute("http://wiki.test/wiki/A").unwrap();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        for scope in [
+            Scope::Url(url.clone()),
+            Scope::Prefix(url),
+            Scope::Tags(vec!["a".into(), "b".into()]),
+        ] {
+            for mode in [PurgeMode::Delete, PurgeMode::Expire] {
+                let sent = Purge {
+                    scope: scope.clone(),
+                    mode,
+                    source: Source::Http,
+                    at,
+                };
+                let wire = serde_json::to_vec(&Relayed::of(&sent)).unwrap();
+                let got: Relayed = serde_json::from_slice(&wire).unwrap();
+                let got = got.to_purge().unwrap();
+                assert_eq!((got.scope, got.mode, got.at), (scope.clone(), mode, at));
+                assert_eq!(got.source, Source::Handover);
+            }
+        }
+        let bad = Relayed {
+            kind: "url".into(),
+            targets: vec![],
+            soft: false,
+            at_us: 0,
+        };
+        assert!(bad.to_purge().is_none());
+    }
+
+    #[test]
+    fn the_socket_sits_beside_the_upgrade_socket() {
+        assert_eq!(
+            socket_path(Path::new("/run/skua/upgrade.sock")),
+            Path::new("/run/skua/upgrade.sock.purges")
+        );
+    }
+}
