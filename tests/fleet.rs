@@ -903,3 +903,77 @@ async fn a_purge_delivered_but_never_received_is_fetched_from_the_stream() {
     assert_eq!(c.metric("skua_purge_bus_refetched_total").await, 1.0);
     assert_eq!(c.metric("skua_purge_bus_gaps_total").await, 0.0);
 }
+
+/// Regression: a purge the old process took during a zero-downtime upgrade was published on
+/// the bus under the node's name, which the new process (the same node) skips as its own: the
+/// new process kept the page it had fetched since SIGQUIT. It now reaches the new process (the
+/// old one relays it), and the bus still carries purges both ways once the old one is gone.
+#[tokio::test]
+async fn a_purge_taken_during_an_upgrade_reaches_the_new_process_and_the_fleet() {
+    let nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let mut a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;
+    a.wait_ready().await;
+    let b = Skua::start(&[origin.addr], &nats.bus("b", "")).await;
+    b.wait_ready().await;
+    for page in ["/wiki/P", "/wiki/S"] {
+        get(&a.url(page), &[HOST]).await;
+        get(&b.url(page), &[HOST]).await;
+    }
+    let mut purger = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    let kept = exchange(
+        &mut purger,
+        "GET /wiki/Kept HTTP/1.1\r\nHost: wiki.test\r\n\r\n",
+    )
+    .await;
+    assert!(kept.starts_with("HTTP/1.1 200 "), "{kept}");
+
+    let mut new = a.hand_over().await;
+    // The new process fetches both pages for itself (a miss; the old one has them).
+    for page in ["/wiki/P", "/wiki/S"] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while get_fresh_with(&a.url(page), &[HOST]).await.cache() != "miss" {
+            assert!(Instant::now() < deadline, "the new process never served");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let purged = exchange(
+        &mut purger,
+        "PURGE /wiki/P HTTP/1.1\r\nHost: wiki.test\r\n\r\n",
+    )
+    .await;
+    assert!(purged.starts_with("HTTP/1.1 204 "), "{purged}");
+    drop(purger);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while a.alive() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!a.alive(), "the old process drained and exited");
+    // The new process alone answers now.
+    let fetched = origin.count("/wiki/P");
+    assert_eq!(
+        get_fresh_with(&a.url("/wiki/P"), &[HOST]).await.cache(),
+        "miss"
+    );
+    assert_eq!(origin.count("/wiki/P"), fetched + 1);
+    wait_for_metric(&b, BUS_PURGED, 1.0, Duration::from_secs(10)).await;
+    assert_eq!(get(&b.url("/wiki/P"), &[HOST]).await.cache(), "miss");
+    // A purge at b reaches the new process over the bus.
+    let purged = send(&client(), "PURGE", &b.url("/wiki/S"), &[HOST]).await;
+    assert_eq!(purged.status, 204);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get_fresh_with(&a.url("/wiki/S"), &[HOST]).await.cache() != "miss" {
+        assert!(
+            Instant::now() < deadline,
+            "b's purge never reached the new process"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = new.kill();
+    let _ = new.wait();
+}
+
+/// A GET with `headers` on a connection of its own.
+async fn get_fresh_with(url: &str, headers: &[(&str, &str)]) -> Got {
+    send(&client(), "GET", url, headers).await
+}

@@ -348,15 +348,3 @@ async fn purge_during_an_upgrade(disk: bool) {
         assert_ne!(got.text(), "/wiki/A v1", "{}", again.log());
     }
 }
-
-/// Writes `request` on `stream` and reads one response head (and a short body).
-async fn exchange(stream: &mut tokio::net::TcpStream, request: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    String::from_utf8_lossy(&buf[..n]).into_owned()
-}

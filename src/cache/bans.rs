@@ -198,6 +198,11 @@ impl Invalidations {
         self.handed_over.store(true, Ordering::Release);
     }
 
+    /// Whether [`Self::hand_over`] was called.
+    pub fn handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::Acquire)
+    }
+
     /// Distrusts objects cached before this process started until [`Self::caught_up`] is
     /// called: the purge bus may hold purges for them that this node missed while down.
     pub fn hold_until_caught_up(&self, policy: CatchUpPolicy, timeout: Duration) {

@@ -275,6 +275,10 @@ impl Bus {
         if self.store.disk.is_some_and(|d| !d.loaded()) {
             return false;
         }
+        if self.store.invalidations.handed_over() {
+            // The process taking over keeps the position file from now on.
+            return true;
+        }
         let Some(file) = &self.position_file else {
             return true;
         };
@@ -706,6 +710,13 @@ impl BackgroundService for BusService {
         loop {
             match bus.consume(&js, &mut shutdown).await {
                 Ok(()) => break,
+                Err(e) if bus.store.invalidations.handed_over() => {
+                    // The process taking over has made this node's consumer its own (it is
+                    // named after the node): recreating it here would take it back, and both
+                    // would keep taking it from each other until this one exits.
+                    tracing::info!(error = %e, "purge bus consumer handed over to the new process");
+                    break;
+                }
                 Err(e) => {
                     bus.metrics.bus.connected.set(0);
                     tracing::warn!(error = %e, "purge bus consumer stopped; reconnecting");
