@@ -511,3 +511,44 @@ async fn every_purge_source_removes_a_page_by_any_spelling_of_its_url() {
     }
     assert!(missed.is_empty(), "not purged:\n{}", missed.join("\n"));
 }
+
+/// Regression: during a zero-downtime upgrade the new process could listen for HTCP only once
+/// the old one let its socket go (five seconds after SIGQUIT), retrying every 200 ms: CLRs
+/// sent in between reached no socket. Every CLR sent across the hand-over is now accounted
+/// for by the new process: read by it, or read and relayed by the old one.
+#[tokio::test]
+async fn no_clr_is_lost_across_a_zero_downtime_upgrade() {
+    let origin = Origin::start(|_| cached()).await;
+    let (mut skua, htcp) = start(origin.addr, "").await;
+    let mut new = skua.hand_over().await;
+    // The old process takes SIGQUIT in a moment; from then on it relays.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut sent = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut after_exit = 0;
+    while after_exit < 100 && Instant::now() < deadline {
+        send_clr(htcp, &format!("http://wiki.test/p/{sent}"));
+        sent += 1;
+        if !skua.alive() {
+            after_exit += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(!skua.alive(), "the old process exited");
+    let counted = |metrics: &str| -> u64 {
+        (metrics.lines())
+            .filter(|l| l.starts_with("skua_purges_total{") && l.contains("source=\"handover\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+            + htcp_total(metrics)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut metrics = skua.metrics().await;
+    while counted(&metrics) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        metrics = skua.metrics().await;
+    }
+    let _ = new.kill();
+    let _ = new.wait();
+    assert_eq!(counted(&metrics), sent, "{metrics}");
+}

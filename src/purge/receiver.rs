@@ -83,6 +83,12 @@ impl HtcpReceiver {
         if addr.ip().is_multicast() {
             socket.set_reuse_address(true)?;
         }
+        // SO_REUSEPORT shares the port only with sockets of the same user that set it too: the
+        // new process of a zero-downtime upgrade binds beside the old one at once, where it
+        // waited for the old one to let go (CLRs sent meanwhile reached no socket), and the
+        // old one relays what it reads (`purge::handover`). Another Skua is still refused:
+        // `server::check_addresses_free` binds without it.
+        socket.set_reuse_port(true)?;
         let mut size = RECEIVE_BUFFER;
         while size >= 64 << 10 {
             if socket.set_recv_buffer_size(size).is_ok() {
