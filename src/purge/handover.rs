@@ -89,6 +89,8 @@ pub struct Relay {
     to: PathBuf,
     handing_over: AtomicBool,
     socket: Mutex<Option<UnixDatagram>>,
+    /// A relay has failed (logged once).
+    failed: AtomicBool,
 }
 
 impl Relay {
@@ -97,6 +99,7 @@ impl Relay {
             to: socket_path(upgrade_sock),
             handing_over: AtomicBool::new(false),
             socket: Mutex::new(None),
+            failed: AtomicBool::new(false),
         }
     }
 
@@ -121,7 +124,10 @@ impl Relay {
             socket.send_to(&datagram, &self.to)
         })();
         if let Err(e) = sent {
-            tracing::warn!(error = %e, socket = %self.to.display(), purge = %purge.scope.describe(), "could not relay a purge to the process taking over");
+            // Once: with no process taking over (SIGQUIT sent without one), every purge fails.
+            if !self.failed.swap(true, Ordering::AcqRel) {
+                tracing::warn!(error = %e, socket = %self.to.display(), purge = %purge.scope.describe(), "could not relay a purge to the process taking over");
+            }
         }
     }
 }
