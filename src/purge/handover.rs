@@ -198,7 +198,9 @@ impl BackgroundService for InboxService {
             .spawn({
                 let stop = stop.clone();
                 move || {
-                    let mut buf = vec![0u8; 64 * 1024];
+                    // Above any purge a request head can carry (`max_header_bytes`, 32 KiB by
+                    // default), escaped as JSON.
+                    let mut buf = vec![0u8; 256 * 1024];
                     while !stop.load(Ordering::Relaxed) {
                         match inbox.socket.recv(&mut buf) {
                             Ok(n) => {
