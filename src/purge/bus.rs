@@ -194,7 +194,7 @@ impl Bus {
     /// ones only with `publish_htcp` (where multicast does not already reach every node).
     pub fn publishes(&self, source: Source) -> bool {
         match source {
-            // The process that took it over from published what it took.
+            // A relayed purge was published by the old process that took it.
             Source::Bus | Source::Handover => false,
             Source::Htcp => self.config.publish_htcp,
             Source::Http | Source::Admin => true,

@@ -175,7 +175,8 @@ impl Purger {
     }
 
     /// Applies `purge` to every tier, then publishes it unless it came from the bus (or from
-    /// HTCP where `publish_htcp` is off). Returns how many objects were affected here; a ban
+    /// HTCP where `publish_htcp` is off), and relays it to the process taking over from this
+    /// one during a zero-downtime upgrade ([`Relay::relay`]). Returns how many objects were affected here; a ban
     /// counts as one.
     pub async fn apply(&self, purge: &Purge) -> usize {
         let store = self.store;
