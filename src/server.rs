@@ -181,6 +181,13 @@ pub fn build_with(config: &Config, upgrade: bool) -> anyhow::Result<Built> {
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
     let shared = add_node(&mut server, config)?;
+    if upgrade {
+        // The listeners are this process's now (`bootstrap` waited for them); the old process
+        // still takes connections for a while, and gets the purges taken here.
+        if let Some(relay) = &shared.purger.relay {
+            relay.took_over(config.server.shutdown_grace);
+        }
+    }
     if let Some(inbox) = inbox {
         server.add_service(background_service(
             "relayed purges",
@@ -334,7 +341,7 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
     if let Some(relay) = shared.purger.relay.clone() {
         let watch = HandoverWatch {
             relay,
-            store: shared.store,
+            purger: shared.purger.clone(),
         };
         server.add_service(background_service("upgrade watch", watch));
     }

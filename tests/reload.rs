@@ -348,3 +348,74 @@ async fn purge_during_an_upgrade(disk: bool) {
         assert_ne!(got.text(), "/wiki/A v1", "{}", again.log());
     }
 }
+
+/// Regression: for five seconds after SIGQUIT the old process still takes connections beside
+/// the new one, and serves the ones it holds; a purge the new one took did not reach it, so a
+/// reader whose connection the old process served kept getting the pre-edit page from its
+/// memory while the new process served the edit.
+#[tokio::test]
+async fn a_purge_taken_by_the_new_process_during_an_upgrade_reaches_the_old_one() {
+    let version = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let v = version.clone();
+    let origin = Origin::start(move |seen| {
+        revision(seen, v.load(Ordering::SeqCst)).header("cache-control", "max-age=600")
+    })
+    .await;
+    let mut old = Skua::start(&[origin.addr], CAPTURE_LOG).await;
+    let addr = old.addr;
+    let request =
+        |method: &str, path: &str| format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    // A reader's keep-alive connection, which the old process serves while it hands over.
+    let mut reader = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let first = exchange(&mut reader, &request("GET", "/wiki/A")).await;
+    assert!(first.contains("/wiki/A v1"), "{first}");
+    // Pages only the old process holds: a new connection on which one misses is the new
+    // process's.
+    const MARKERS: usize = 200;
+    for i in 0..MARKERS {
+        get(&old.url(&format!("/wiki/Marker{i}")), &[]).await;
+    }
+
+    let mut new = old.hand_over().await;
+    let mut on_new = None;
+    for i in 0..MARKERS {
+        let mut connection = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let got = exchange(
+            &mut connection,
+            &request("GET", &format!("/wiki/Marker{i}")),
+        )
+        .await;
+        if got.contains("x-cache-status: miss") {
+            on_new = Some(connection);
+            break;
+        }
+        // The new process has yet to start (both then take connections from the same queue).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut on_new = on_new.expect("no connection reached the new process");
+
+    // The page is edited; its purge reaches the new process.
+    version.store(2, Ordering::SeqCst);
+    let purged = exchange(&mut on_new, &request("PURGE", "/wiki/A")).await;
+    assert!(
+        purged.starts_with("HTTP/1.1 204 ") || purged.starts_with("HTTP/1.1 404 "),
+        "{purged}"
+    );
+    // The old process, still serving the reader, answers with the edit a moment later.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let got = exchange(&mut reader, &request("GET", "/wiki/A")).await;
+        if got.contains("/wiki/A v2") {
+            break;
+        }
+        assert!(got.contains("/wiki/A v1"), "{got}");
+        assert!(
+            Instant::now() < deadline,
+            "the old process kept the pre-edit page: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(old.alive(), "the old process was still handing over");
+    let _ = new.kill();
+    let _ = new.wait();
+}

@@ -154,7 +154,7 @@ pub struct Purger {
     pub bus: Option<Arc<Bus>>,
     /// Where the dashboard's recent purges are kept.
     pub(super) metrics: Arc<Metrics>,
-    /// The process taking over from this one, during a zero-downtime upgrade.
+    /// The other process of a zero-downtime upgrade, while one runs.
     pub relay: Option<Arc<Relay>>,
 }
 
@@ -168,16 +168,16 @@ impl Purger {
         }
     }
 
-    /// As [`Purger::new`], relaying what it applies to a process taking over from this one.
+    /// As [`Purger::new`], relaying what it applies to the other process of an upgrade.
     pub fn relaying(mut self, relay: Arc<Relay>) -> Purger {
         self.relay = Some(relay);
         self
     }
 
     /// Applies `purge` to every tier, then publishes it unless it came from the bus (or from
-    /// HTCP where `publish_htcp` is off), and relays it to the process taking over from this
-    /// one during a zero-downtime upgrade ([`Relay::relay`]). Returns how many objects were affected here; a ban
-    /// counts as one.
+    /// HTCP where `publish_htcp` is off), and relays it to the other process of a zero-downtime
+    /// upgrade while one runs ([`Relay::relay`]). Returns how many objects were affected here;
+    /// a ban counts as one.
     pub async fn apply(&self, purge: &Purge) -> usize {
         let store = self.store;
         let affected = match &purge.scope {

@@ -1,22 +1,26 @@
 //! Purges across a zero-downtime upgrade. From SIGQUIT, pingora's old process hands its
 //! listeners to the new one and keeps accepting on them beside it for five seconds, then
 //! drains the connections it holds: two processes with caches of their own serve the same
-//! addresses, and a purge reaches only the one that accepted it (regression test
+//! addresses, and a purge reaches only the one that accepted it. So each relays what it takes
+//! to the other, over Unix datagram sockets beside `[server] upgrade_sock`: the old process
+//! sends every purge it takes after SIGQUIT to the new one, which binds `<upgrade_sock>.purges`
+//! before it asks for the listeners (regression test
 //! `a_purge_taken_by_the_old_process_during_an_upgrade_reaches_the_new_one`: before, the new
-//! process served the pre-edit page until its TTL). The old process therefore sends every purge
-//! it takes after SIGQUIT to the new one, over a Unix datagram socket the new one binds beside
-//! `[server] upgrade_sock` before it asks for the listeners. The other way round is bounded,
-//! not relayed: the old process serves for at most five seconds and `shutdown_grace` more.
+//! process served the pre-edit page until its TTL); the new process sends what it takes,
+//! the bus's purges included, to the old one at `<upgrade_sock>.purges.old`, bound at SIGQUIT,
+//! for as long as the old one may still take requests (regression test
+//! `a_purge_taken_by_the_new_process_during_an_upgrade_reaches_the_old_one`). A relayed purge
+//! is never relayed again.
 //!
-//! It owns the socket and the datagram's format; applying a purge is [`Purger`]'s.
+//! It owns the sockets and the datagram's format; applying a purge is [`Purger`]'s.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -25,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Purge, PurgeResult, Purger, Scope, Source};
 use crate::cache::key::CacheUrl;
-use crate::cache::{PurgeMode, Store};
+use crate::cache::PurgeMode;
 
 /// The socket the new process of an upgrade reads relayed purges on: `upgrade_sock` with
 /// `.purges` appended, so that it lives where the operator put the upgrade socket.
@@ -34,6 +38,17 @@ pub fn socket_path(upgrade_sock: &Path) -> PathBuf {
     name.push(".purges");
     PathBuf::from(name)
 }
+
+/// The socket the old process of an upgrade reads the new one's purges on, from SIGQUIT.
+pub fn old_socket_path(upgrade_sock: &Path) -> PathBuf {
+    let mut name = socket_path(upgrade_sock).into_os_string();
+    name.push(".old");
+    PathBuf::from(name)
+}
+
+/// How long pingora's old process keeps accepting beside the new one after SIGQUIT
+/// (`CLOSE_TIMEOUT` in pingora-core 0.9.1's `server/mod.rs`), before it drains.
+pub const OLD_PROCESS_ACCEPTS_FOR: Duration = Duration::from_secs(5);
 
 /// One relayed purge (JSON): what it names, how, and when the old process accepted it, so that
 /// the new one keeps what it fetched after that.
@@ -84,59 +99,87 @@ impl Relayed {
     }
 }
 
-/// The old process's side: relays purges once SIGQUIT has handed the listeners over.
+/// Sends the purges this process takes to the other process of an upgrade: to the new one
+/// once SIGQUIT has handed the listeners over, and, in a process started with `--upgrade`, to
+/// the old one while it may still take requests.
 pub struct Relay {
-    to: PathBuf,
+    to_new: PathBuf,
+    to_old: PathBuf,
     handing_over: AtomicBool,
+    /// Set in a process that took its listeners over: until when the old process accepts.
+    old_serves_until: OnceLock<Instant>,
     socket: Mutex<Option<UnixDatagram>>,
-    /// A relay has failed (logged once).
+    /// A relay to the new process has failed (logged once).
     failed: AtomicBool,
 }
 
 impl Relay {
     pub fn new(upgrade_sock: &Path) -> Relay {
         Relay {
-            to: socket_path(upgrade_sock),
+            to_new: socket_path(upgrade_sock),
+            to_old: old_socket_path(upgrade_sock),
             handing_over: AtomicBool::new(false),
+            old_serves_until: OnceLock::new(),
             socket: Mutex::new(None),
             failed: AtomicBool::new(false),
         }
     }
 
-    /// Sends `purge` to the new process, if this one is handing over. A purge another process
-    /// relayed here, or one the bus brought (the new process reads the bus itself), is not
-    /// sent on.
+    /// This process has just taken the listeners over: the old one accepts beside it for
+    /// [`OLD_PROCESS_ACCEPTS_FOR`], and answers what it accepted for up to `grace` more.
+    pub fn took_over(&self, grace: Duration) {
+        let until = Instant::now() + OLD_PROCESS_ACCEPTS_FOR + grace;
+        let _ = self.old_serves_until.set(until);
+    }
+
+    /// Sends `purge` to the other process of an upgrade, if one is running. A purge another
+    /// process relayed here is not sent on; nor, to the new process, one the bus brought (the
+    /// new process reads the bus itself, the old one stops reading it).
     pub fn relay(&self, purge: &Purge) {
-        if !self.handing_over.load(Ordering::Acquire)
-            || matches!(purge.source, Source::Handover | Source::Bus)
-        {
+        if purge.source == Source::Handover {
+            return;
+        }
+        let to_new = self.handing_over.load(Ordering::Acquire) && purge.source != Source::Bus;
+        let to_old = self
+            .old_serves_until
+            .get()
+            .is_some_and(|until| Instant::now() < *until);
+        if !to_new && !to_old {
             return;
         }
         let Ok(datagram) = serde_json::to_vec(&Relayed::of(purge)) else {
             return;
         };
         let mut socket = self.socket.lock().unwrap_or_else(|p| p.into_inner());
-        let sent = (|| {
-            if socket.is_none() {
-                *socket = Some(UnixDatagram::unbound()?);
+        if socket.is_none() {
+            *socket = UnixDatagram::unbound().ok();
+        }
+        let Some(socket) = socket.as_ref() else {
+            return;
+        };
+        if to_new {
+            if let Err(e) = socket.send_to(&datagram, &self.to_new) {
+                // Once: with no process taking over (SIGQUIT sent without one), every purge
+                // fails.
+                if !self.failed.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(error = %e, socket = %self.to_new.display(), purge = %purge.scope.describe(), "could not relay a purge to the process taking over");
+                }
             }
-            let socket = socket.as_ref().ok_or(io::ErrorKind::NotConnected)?;
-            socket.send_to(&datagram, &self.to)
-        })();
-        if let Err(e) = sent {
-            // Once: with no process taking over (SIGQUIT sent without one), every purge fails.
-            if !self.failed.swap(true, Ordering::AcqRel) {
-                tracing::warn!(error = %e, socket = %self.to.display(), purge = %purge.scope.describe(), "could not relay a purge to the process taking over");
+        }
+        if to_old {
+            // The old process may have finished early, or been stopped: nothing is owed to it.
+            if let Err(e) = socket.send_to(&datagram, &self.to_old) {
+                tracing::debug!(error = %e, socket = %self.to_old.display(), "no old process to relay a purge to");
             }
         }
     }
 }
 
-/// Watches for SIGQUIT (pingora's signal to hand the listeners over), then relays purges and
-/// leaves the disk tier's files to the new process.
+/// Watches for SIGQUIT (pingora's signal to hand the listeners over), then relays purges,
+/// leaves the disk tier's files to the new process and applies the purges it relays back.
 pub struct HandoverWatch {
     pub relay: Arc<Relay>,
-    pub store: &'static Store,
+    pub purger: Purger,
 }
 
 #[async_trait]
@@ -147,12 +190,21 @@ impl BackgroundService for HandoverWatch {
             return;
         };
         tokio::select! {
-            Some(()) = quit.recv() => {
-                self.relay.handing_over.store(true, Ordering::Release);
-                self.store.hand_over();
-                tracing::info!(socket = %self.relay.to.display(), "handing over: purges taken here are relayed to the new process");
+            Some(()) = quit.recv() => {}
+            _ = shutdown.changed() => return,
+        }
+        // Bound first: the new process may take a purge as soon as it has the listeners.
+        let inbox = Inbox::bind_at(self.relay.to_old.clone());
+        self.relay.handing_over.store(true, Ordering::Release);
+        self.purger.store.hand_over();
+        tracing::info!(socket = %self.relay.to_new.display(), "handing over: purges taken here are relayed to the new process");
+        match inbox {
+            // Read until the process exits: requests accepted before the drain began are still
+            // answered after pingora's shutdown signal.
+            Ok(inbox) => apply_relayed(inbox, &self.purger, std::future::pending()).await,
+            Err(e) => {
+                tracing::warn!(error = %e, socket = %self.relay.to_old.display(), "cannot listen for the new process's purges: it serves them alone");
             }
-            _ = shutdown.changed() => {}
         }
     }
 }
@@ -167,7 +219,10 @@ impl Inbox {
     /// Binds the socket beside `upgrade_sock` (replacing a leftover, which an earlier upgrade's
     /// process may still hold: it is the sender now), readable and writable by this user only.
     pub fn bind(upgrade_sock: &Path) -> io::Result<Inbox> {
-        let path = socket_path(upgrade_sock);
+        Inbox::bind_at(socket_path(upgrade_sock))
+    }
+
+    fn bind_at(path: PathBuf) -> io::Result<Inbox> {
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -191,58 +246,71 @@ impl BackgroundService for InboxService {
         let Some(inbox) = self.inbox.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let reader = std::thread::Builder::new()
-            .name("skua-handover".into())
-            .spawn({
-                let stop = stop.clone();
-                move || {
-                    // Above any purge a request head can carry (`max_header_bytes`, 32 KiB by
-                    // default), escaped as JSON.
-                    let mut buf = vec![0u8; 256 * 1024];
-                    while !stop.load(Ordering::Relaxed) {
-                        match inbox.socket.recv(&mut buf) {
-                            Ok(n) => {
-                                if tx.send(buf[..n].to_vec()).is_err() {
-                                    break;
-                                }
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                                ) => {}
-                            Err(e) => {
-                                tracing::warn!(error = %e, "reading relayed purges failed");
+        apply_relayed(inbox, &self.purger, async move {
+            let _ = shutdown.changed().await;
+        })
+        .await;
+    }
+}
+
+/// Applies the purges relayed to `inbox` until `until` completes.
+async fn apply_relayed(
+    inbox: Inbox,
+    purger: &Purger,
+    until: impl std::future::Future<Output = ()>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = std::thread::Builder::new()
+        .name("skua-handover".into())
+        .spawn({
+            let stop = stop.clone();
+            move || {
+                // Above any purge a request head can carry (`max_header_bytes`, 32 KiB by
+                // default), escaped as JSON.
+                let mut buf = vec![0u8; 256 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    match inbox.socket.recv(&mut buf) {
+                        Ok(n) => {
+                            if tx.send(buf[..n].to_vec()).is_err() {
                                 break;
                             }
                         }
-                    }
-                    let _ = std::fs::remove_file(&inbox.path);
-                }
-            });
-        if let Err(e) = reader {
-            tracing::error!(error = %e, "cannot start the thread reading relayed purges");
-            return;
-        }
-        loop {
-            tokio::select! {
-                Some(datagram) = rx.recv() => {
-                    let metrics = &self.purger.metrics;
-                    match serde_json::from_slice::<Relayed>(&datagram).ok().and_then(|r| r.to_purge()) {
-                        Some(purge) => {
-                            let affected = self.purger.apply(&purge).await;
-                            super::count(metrics, Source::Handover, PurgeResult::applied(affected));
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading relayed purges failed");
+                            break;
                         }
-                        None => super::count(metrics, Source::Handover, PurgeResult::Invalid),
                     }
                 }
-                _ = shutdown.changed() => break,
+                let _ = std::fs::remove_file(&inbox.path);
             }
-        }
-        stop.store(true, Ordering::Relaxed);
+        });
+    if let Err(e) = reader {
+        tracing::error!(error = %e, "cannot start the thread reading relayed purges");
+        return;
     }
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            Some(datagram) = rx.recv() => {
+                let metrics = &purger.metrics;
+                match serde_json::from_slice::<Relayed>(&datagram).ok().and_then(|r| r.to_purge()) {
+                    Some(purge) => {
+                        let affected = purger.apply(&purge).await;
+                        super::count(metrics, Source::Handover, PurgeResult::applied(affected));
+                    }
+                    None => super::count(metrics, Source::Handover, PurgeResult::Invalid),
+                }
+            }
+            () = &mut until => break,
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
 }
 
 #[cfg(test)]
@@ -282,10 +350,14 @@ mod tests {
     }
 
     #[test]
-    fn the_socket_sits_beside_the_upgrade_socket() {
+    fn the_sockets_sit_beside_the_upgrade_socket() {
         assert_eq!(
             socket_path(Path::new("/run/skua/upgrade.sock")),
             Path::new("/run/skua/upgrade.sock.purges")
+        );
+        assert_eq!(
+            old_socket_path(Path::new("/run/skua/upgrade.sock")),
+            Path::new("/run/skua/upgrade.sock.purges.old")
         );
     }
 }
