@@ -4,7 +4,7 @@
 //! those the kernel dropped; none can purge unless it passes every check.
 
 use std::cell::Cell;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -178,6 +178,24 @@ impl HtcpReceiver {
                 drops_read = Instant::now();
                 if let Some(new) = drops.as_ref().and_then(KernelDrops::read_new) {
                     self.metrics.htcp_dropped.inc_by(new);
+                }
+            }
+        }
+        // Closing a socket drops what the kernel queued on it, and during a zero-downtime
+        // upgrade the new process's socket shares the port (SO_REUSEPORT). A connected UDP
+        // socket takes datagrams from its peer alone, so once this one is connected to an
+        // address no sender uses (its own port on loopback) every CLR goes to the new socket;
+        // what was queued here before is read, then the socket closes.
+        if let Ok(local) = socket.local_addr() {
+            let own = match local.ip() {
+                IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, local.port())),
+                IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::LOCALHOST, local.port())),
+            };
+            if socket.connect(own).is_ok() && socket.set_nonblocking(true).is_ok() {
+                while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    if let Some(url) = self.check(&buf[..n], from) {
+                        queue.push(url);
+                    }
                 }
             }
         }
