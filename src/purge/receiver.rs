@@ -191,11 +191,14 @@ impl HtcpReceiver {
                 IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::LOCALHOST, local.port())),
                 IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::LOCALHOST, local.port())),
             };
-            if socket.connect(own).is_ok() && socket.set_nonblocking(true).is_ok() {
-                while let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    if let Some(url) = self.check(&buf[..n], from) {
-                        queue.push(url);
-                    }
+            // Where it cannot connect (a socket bound to a group's address may refuse), the
+            // queue is still read.
+            let _ = socket.connect(own);
+        }
+        if socket.set_nonblocking(true).is_ok() {
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                if let Some(url) = self.check(&buf[..n], from) {
+                    queue.push(url);
                 }
             }
         }
