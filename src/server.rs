@@ -94,25 +94,36 @@ pub fn build(config: &Config) -> anyhow::Result<Built> {
     build_with(config, false)
 }
 
+/// Every client listener, with the key that names it.
+fn tcp_listeners(config: &Config) -> Vec<(String, SocketAddr)> {
+    let named = |key: &str, addrs: &[SocketAddr]| {
+        (addrs.iter())
+            .map(|a| (key.to_string(), *a))
+            .collect::<Vec<_>>()
+    };
+    let server = &config.server;
+    let mut tcp = named("server.listen", &server.listen);
+    tcp.extend(named(
+        "server.proxy_protocol_listen",
+        &server.proxy_protocol_listen,
+    ));
+    if let Some(tls) = &server.tls {
+        tcp.extend(named("server.tls.listen", &tls.listen));
+        tcp.extend(named(
+            "server.tls.proxy_protocol_listen",
+            &tls.proxy_protocol_listen,
+        ));
+    }
+    tcp
+}
+
 /// Fails, naming the key, when an address Skua would listen on is taken by another process.
 /// pingora retries a taken TCP address for a while and then gives up in the background, and a
 /// taken UDP address was shared (regression: a second Skua with the same HTCP address started
 /// and received every CLR while the first served purged pages). A zero-downtime upgrade
 /// (`--upgrade`) inherits its listeners and skips this.
 pub fn check_addresses_free(config: &Config) -> anyhow::Result<()> {
-    let mut tcp: Vec<(String, std::net::SocketAddr)> = config
-        .server
-        .listen
-        .iter()
-        .map(|a| ("server.listen".to_string(), *a))
-        .collect();
-    if let Some(tls) = &config.server.tls {
-        tcp.extend(
-            tls.listen
-                .iter()
-                .map(|a| ("server.tls.listen".to_string(), *a)),
-        );
-    }
+    let mut tcp = tcp_listeners(config);
     if let Some(admin) = config.server.admin {
         tcp.push(("server.admin".into(), admin));
     }
@@ -319,17 +330,40 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         shared.set_tls(terminator.clone());
         let mut app = proxy_app(server, &shared);
         app.h2_options = Some(h2_options(config, tls));
-        let mut https = Service::new("skua https".to_string(), gate.serving_tls(app, terminator));
-        for addr in &tls.listen {
-            https.add_listener(client_listener(*addr, &config.server));
+        let https_gate = gate.serving_tls(app, terminator);
+        if !tls.proxy_protocol_listen.is_empty() {
+            let mut app = proxy_app(server, &shared);
+            app.h2_options = Some(h2_options(config, tls));
+            let gate = https_gate.expecting_proxy_header(app);
+            let mut https = Service::new("skua https (PROXY protocol)".to_string(), gate);
+            for addr in &tls.proxy_protocol_listen {
+                https.add_listener(client_listener(*addr, &config.server));
+            }
+            server.add_service(https);
         }
-        server.add_service(https);
+        if !tls.listen.is_empty() {
+            let mut https = Service::new("skua https".to_string(), https_gate);
+            for addr in &tls.listen {
+                https.add_listener(client_listener(*addr, &config.server));
+            }
+            server.add_service(https);
+        }
     }
-    let mut proxy = Service::new("skua proxy".to_string(), gate);
-    for addr in &config.server.listen {
-        proxy.add_listener(client_listener(*addr, &config.server));
+    if !config.server.proxy_protocol_listen.is_empty() {
+        let gate = gate.expecting_proxy_header(proxy_app(server, &shared));
+        let mut proxy = Service::new("skua proxy (PROXY protocol)".to_string(), gate);
+        for addr in &config.server.proxy_protocol_listen {
+            proxy.add_listener(client_listener(*addr, &config.server));
+        }
+        server.add_service(proxy);
     }
-    server.add_service(proxy);
+    if !config.server.listen.is_empty() {
+        let mut proxy = Service::new("skua proxy".to_string(), gate);
+        for addr in &config.server.listen {
+            proxy.add_listener(client_listener(*addr, &config.server));
+        }
+        server.add_service(proxy);
+    }
     let history = Arc::new(Mutex::new(History::new()));
     server.add_service(background_service(
         "dashboard history",
@@ -486,10 +520,11 @@ struct Reloader {
 
 /// What of `[server.tls]` is built once: its listeners and the HTTP/2 limits. Certificates,
 /// `http2` and `handshake_timeout` reload.
-fn tls_fixed(config: &Config) -> Option<(&[SocketAddr], u32, usize)> {
+fn tls_fixed(config: &Config) -> Option<(&[SocketAddr], &[SocketAddr], u32, usize)> {
     let tls = config.server.tls.as_ref()?;
     Some((
         &tls.listen,
+        &tls.proxy_protocol_listen,
         tls.h2_max_concurrent_streams,
         tls.h2_max_pending_resets,
     ))
@@ -503,6 +538,13 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     let (r, n) = (running, new);
     [
         ("server.listen", differs(&r.server.listen, &n.server.listen)),
+        (
+            "server.proxy_protocol_listen",
+            differs(
+                &r.server.proxy_protocol_listen,
+                &n.server.proxy_protocol_listen,
+            ),
+        ),
         (
             "server.tls (added, removed, listen or h2_*)",
             differs(&tls_fixed(r), &tls_fixed(n)),

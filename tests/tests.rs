@@ -18,6 +18,7 @@ mod htcp;
 mod layers;
 mod mediawiki;
 mod metrics;
+mod proxy_protocol;
 mod purge;
 mod reload;
 mod rules;

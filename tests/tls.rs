@@ -1194,3 +1194,54 @@ async fn an_http2_hit_is_answered_alike_by_the_front_door_and_pingoras_path() {
     }
     assert!(differences.is_empty(), "{}", differences.join("\n"));
 }
+
+/// `[server.tls] proxy_protocol_listen`: a balancer that passes TLS through (an AWS Network
+/// Load Balancer, HAProxy in TCP mode) opens the connection with a PROXY header, then the
+/// client's own handshake follows; Skua terminates it and takes the header's client.
+#[tokio::test]
+async fn https_behind_a_balancer_takes_the_proxy_headers_client() {
+    let origin = origin_reporting_the_scheme().await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
+    let (tls_port, balanced_port) = (Port::reserve(), Port::reserve());
+    let more = format!(
+        "proxy_protocol_listen = [\"127.0.0.1:{}\"]",
+        balanced_port.number
+    );
+    let lines = format!(
+        "trusted_proxies = [\"127.0.0.1/32\"]\n{}",
+        tls_lines(&tls_port, &[cert], &more)
+    );
+    let _skua = Skua::start_tables(&[origin.addr], [&lines, "", ""], "").await;
+    let balanced: SocketAddr = format!("127.0.0.1:{}", balanced_port.number)
+        .parse()
+        .unwrap();
+    wait_listening(balanced).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der(&ca.pem).into()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let mut tcp = TcpStream::connect(balanced).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 203.0.113.9 127.0.0.1 40001 443\r\n")
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("wiki.test").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /wiki/Page HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains(" 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("proto https"), "{answer}");
+    let seen = &origin.requests("/wiki/Page")[0];
+    assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9"));
+}

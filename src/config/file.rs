@@ -164,6 +164,11 @@ impl Default for LogFile {
 pub struct ServerFile {
     /// Addresses the proxy listens on (`ip:port`). Default `["127.0.0.1:8080"]`.
     pub listen: Vec<String>,
+    /// Addresses where every connection opens with a PROXY protocol header (HAProxy's,
+    /// version 1 or 2) from a balancer in `trusted_proxies`, then plain HTTP: the header's
+    /// source is the client's address. A connection from any other peer, or without a valid
+    /// header, is closed. Default none.
+    pub proxy_protocol_listen: Vec<String>,
     /// Listen with `SO_REUSEPORT` (the proxy and admin addresses): several processes may then
     /// listen on one port, and one that holds the port bound keeps it reserved for Skua
     /// across restarts. Default false: a taken address is an error at start.
@@ -215,8 +220,14 @@ pub struct ServerFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFile {
-    /// Addresses for HTTPS (`ip:port`). Required, at least one.
+    /// Addresses for HTTPS (`ip:port`). At least one, here or in `proxy_protocol_listen`.
+    #[serde(default)]
     pub listen: Vec<String>,
+    /// Addresses for HTTPS where every connection opens with a PROXY protocol header from a
+    /// balancer in `[server] trusted_proxies`, then the TLS handshake (a balancer that passes
+    /// TLS through). Default none.
+    #[serde(default)]
+    pub proxy_protocol_listen: Vec<String>,
     /// Certificates, chosen by the name a client asks for (SNI). Required, at least one.
     pub certificate: Vec<CertificateFile>,
     /// Longest time from a new connection to the end of its TLS handshake (duration); a
@@ -278,6 +289,7 @@ impl Default for ServerFile {
     fn default() -> Self {
         ServerFile {
             listen: vec!["127.0.0.1:8080".into()],
+            proxy_protocol_listen: Vec::new(),
             reuse_port: false,
             threads: 2,
             admin: "127.0.0.1:8082".into(),

@@ -37,6 +37,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
+    /// Plain listeners whose connections open with a PROXY protocol header.
+    pub proxy_protocol_listen: Vec<SocketAddr>,
     /// `SO_REUSEPORT` on the proxy and admin listeners.
     pub reuse_port: bool,
     pub threads: usize,
@@ -75,6 +77,8 @@ where
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
     pub listen: Vec<SocketAddr>,
+    /// HTTPS listeners whose connections open with a PROXY protocol header, before TLS.
+    pub proxy_protocol_listen: Vec<SocketAddr>,
     pub certificates: Vec<certificate::Certificate>,
     pub handshake_timeout: Duration,
     pub http2: bool,

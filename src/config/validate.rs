@@ -346,16 +346,16 @@ fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
 /// `[server]`.
 fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
     use Seg::{Index, Key};
-    let mut listen = Vec::new();
-    for (i, a) in s.listen.iter().enumerate() {
-        if let Some(addr) = c.socket_addr(&[Key("server"), Key("listen"), Index(i)], a) {
-            listen.push(addr);
-        }
-    }
-    if s.listen.is_empty() {
+    let listen = socket_addrs(c, &s.listen, &[Key("server"), Key("listen")]);
+    let proxy_protocol_listen = socket_addrs(
+        c,
+        &s.proxy_protocol_listen,
+        &[Key("server"), Key("proxy_protocol_listen")],
+    );
+    if s.listen.is_empty() && s.proxy_protocol_listen.is_empty() {
         c.report(
             &[Key("server"), Key("listen")],
-            "needs at least one address",
+            "needs at least one address (here or in proxy_protocol_listen)",
         );
     }
     if s.threads == 0 {
@@ -399,6 +399,29 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
         &s.trusted_proxies,
         &[Key("server"), Key("trusted_proxies")],
     );
+    let tls_proxy_protocol = s
+        .tls
+        .as_ref()
+        .is_some_and(|t| !t.proxy_protocol_listen.is_empty());
+    if s.trusted_proxies.is_empty() {
+        // Believing a PROXY header from anyone would let any client name its own address
+        // (to the purge ACL, the rules, the origin's X-Forwarded-For).
+        let without = |key| {
+            format!("needs [server] trusted_proxies: the networks of the balancers whose PROXY header is believed ({key})")
+        };
+        if !s.proxy_protocol_listen.is_empty() {
+            c.report(
+                &[Key("server"), Key("proxy_protocol_listen")],
+                without("their connections open with one"),
+            );
+        }
+        if tls_proxy_protocol {
+            c.report(
+                &[Key("server"), Key("tls"), Key("proxy_protocol_listen")],
+                without("their connections open with one"),
+            );
+        }
+    }
     let mut strip_headers = Vec::new();
     for (i, name) in s.strip_headers.iter().enumerate() {
         match http::HeaderName::from_bytes(name.as_bytes()) {
@@ -425,8 +448,10 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
             c.report(&[Key("server"), Key(key)], "must be at least 1s");
         }
     }
+    same_address_twice(c, &s);
     ServerConfig {
         listen,
+        proxy_protocol_listen,
         reuse_port: s.reuse_port,
         threads: s.threads.max(1),
         admin,
@@ -455,20 +480,68 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
     }
 }
 
+/// Reports a listener address given twice (in one list or two): the second bind would fail
+/// at start, or, with `reuse_port`, two kinds of listener would share its connections.
+fn same_address_twice(c: &mut Checker<'_>, s: &ServerFile) {
+    use Seg::{Index, Key};
+    let none = Vec::new();
+    let tls = s.tls.as_ref();
+    let lists: [(&[Seg<'_>], &Vec<String>); 4] = [
+        (&[Key("server"), Key("listen")], &s.listen),
+        (
+            &[Key("server"), Key("proxy_protocol_listen")],
+            &s.proxy_protocol_listen,
+        ),
+        (
+            &[Key("server"), Key("tls"), Key("listen")],
+            tls.map_or(&none, |t| &t.listen),
+        ),
+        (
+            &[Key("server"), Key("tls"), Key("proxy_protocol_listen")],
+            tls.map_or(&none, |t| &t.proxy_protocol_listen),
+        ),
+    ];
+    let mut seen: Vec<(SocketAddr, String)> = Vec::new();
+    for (path, list) in lists {
+        for (i, text) in list.iter().enumerate() {
+            let Ok(addr) = text.parse::<SocketAddr>() else {
+                continue;
+            };
+            let at = [path, &[Index(i)]].concat();
+            let name = render_path(&at);
+            match seen.iter().find(|(a, _)| *a == addr) {
+                Some((_, first)) => c.report(&at, format!("{addr} is already {first}")),
+                None => seen.push((addr, name)),
+            }
+        }
+    }
+}
+
+/// Each of `list` (`ip:port`), reported by its index under `path` when it is not one.
+fn socket_addrs(c: &mut Checker<'_>, list: &[String], path: &[Seg<'_>]) -> Vec<SocketAddr> {
+    let mut addrs = Vec::new();
+    for (i, a) in list.iter().enumerate() {
+        let at = [path, &[Seg::Index(i)]].concat();
+        if let Some(addr) = c.socket_addr(&at, a) {
+            addrs.push(addr);
+        }
+    }
+    addrs
+}
+
 /// `[server.tls]`: its addresses, and every certificate read and checked now (see
 /// [`certificate::load`]); `hosts` (`[server] hosts`) must each be covered by one.
 fn check_tls(c: &mut Checker<'_>, t: &TlsFile, hosts: &[String]) -> TlsConfig {
     use Seg::{Index, Key};
     let at = |key| [Key("server"), Key("tls"), Key(key)];
-    let mut listen = Vec::new();
-    for (i, a) in t.listen.iter().enumerate() {
-        let path = [Key("server"), Key("tls"), Key("listen"), Index(i)];
-        if let Some(addr) = c.socket_addr(&path, a) {
-            listen.push(addr);
-        }
-    }
-    if t.listen.is_empty() {
-        c.report(&at("listen"), "needs at least one address");
+    let listen = socket_addrs(c, &t.listen, &at("listen"));
+    let proxy_protocol_listen =
+        socket_addrs(c, &t.proxy_protocol_listen, &at("proxy_protocol_listen"));
+    if t.listen.is_empty() && t.proxy_protocol_listen.is_empty() {
+        c.report(
+            &at("listen"),
+            "needs at least one address (here or in proxy_protocol_listen)",
+        );
     }
     if t.certificate.is_empty() {
         c.report(
@@ -577,6 +650,7 @@ fn check_tls(c: &mut Checker<'_>, t: &TlsFile, hosts: &[String]) -> TlsConfig {
     }
     TlsConfig {
         listen,
+        proxy_protocol_listen,
         certificates,
         handshake_timeout,
         http2: t.http2,

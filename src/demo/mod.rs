@@ -104,6 +104,7 @@ pub fn config(opts: &DemoOptions, certificate: &Certificate) -> Config {
     config.server.admin = Some(opts.admin);
     config.server.tls = Some(crate::config::TlsConfig {
         listen: vec![opts.https],
+        proxy_protocol_listen: Vec::new(),
         certificates: vec![certificate.clone()],
         handshake_timeout: std::time::Duration::from_secs(10),
         http2: true,

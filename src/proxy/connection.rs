@@ -30,6 +30,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::fast::FrontDoor;
 use super::fill::Filled;
+use super::proxy_protocol::{self, Refusal};
 use super::tls::TlsTerminator;
 use crate::cache::key::Scheme;
 use crate::cache::memory::for_one_request;
@@ -80,6 +81,9 @@ pub struct ConnectionGate<A> {
     front: Option<FrontDoor>,
     /// Set on an HTTPS listener: every connection starts with a TLS handshake.
     tls: Option<Arc<TlsTerminator>>,
+    /// Set on a PROXY protocol listener: every connection opens with a balancer's PROXY header
+    /// (before TLS, on an HTTPS one).
+    proxy_protocol: bool,
 }
 
 impl<A> ConnectionGate<A> {
@@ -115,6 +119,7 @@ impl<A> ConnectionGate<A> {
             }),
             metrics,
             tls: None,
+            proxy_protocol: false,
         }
     }
 
@@ -128,6 +133,49 @@ impl<A> ConnectionGate<A> {
             open: self.open.clone(),
             metrics: self.metrics.clone(),
             tls: Some(tls),
+            proxy_protocol: false,
+        }
+    }
+
+    /// The same gate, with `app`, for listeners whose connections open with a PROXY header.
+    pub fn expecting_proxy_header(&self, app: A) -> ConnectionGate<A> {
+        ConnectionGate {
+            app: Arc::new(app),
+            front: self.front.clone(),
+            limits: self.limits,
+            open: self.open.clone(),
+            metrics: self.metrics.clone(),
+            tls: self.tls.clone(),
+            proxy_protocol: true,
+        }
+    }
+
+    /// Reads the PROXY header that opens `stream`, from a trusted balancer only: the stream
+    /// after it, with the client's address as its peer, and whether the client reached the
+    /// balancer over TLS. `None`: the connection is closed (and counted).
+    async fn behind_balancer(&self, stream: Stream) -> Option<(Stream, bool)> {
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let trusted = self.front.as_ref().is_some_and(|front| {
+            super::guard::trusted(&front.state().settings.load().trusted_proxies, peer)
+        });
+        if !trusted {
+            // Anyone else could name any address, and be judged by it.
+            self.metrics.refused_proxy_untrusted.inc();
+            return None;
+        }
+        match proxy_protocol::accept(stream, self.limits.header_timeout).await {
+            Ok(proxied) => Some((proxied.stream, proxied.client_tls)),
+            Err(Refusal::Closed) => None,
+            Err(Refusal::TimedOut) => {
+                self.metrics.refused_header_timeout.inc();
+                None
+            }
+            Err(Refusal::Malformed) => {
+                self.metrics.refused_bad_proxy_header.inc();
+                None
+            }
         }
     }
 }
@@ -166,10 +214,16 @@ where
             .await;
             return None;
         };
+        let (stream, tls_at_balancer) = if self.proxy_protocol {
+            Box::pin(self.behind_balancer(stream)).await?
+        } else {
+            (stream, false)
+        };
         let (mut stream, scheme) = match &self.tls {
             // Boxed, as is HTTP/2's: each is kilobytes of state that every plain HTTP/1
             // connection's future would otherwise carry.
             Some(tls) => (Box::pin(tls.accept(stream)).await?, Scheme::Https),
+            None if tls_at_balancer => (stream, Scheme::Https),
             None => (stream, Scheme::Http),
         };
         if let Some(front) = self.front.as_ref() {

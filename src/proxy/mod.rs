@@ -28,6 +28,7 @@ pub mod fill;
 pub mod guard;
 mod h2;
 pub mod hit;
+pub mod proxy_protocol;
 mod record;
 mod respond;
 pub mod tls;
