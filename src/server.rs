@@ -377,6 +377,10 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         "origin health checks",
         HealthChecks(shared.pools.clone()),
     ));
+    server.add_service(background_service(
+        "access log reopen",
+        LogReopener(shared.clone()),
+    ));
     if let Some(relay) = shared.purger.relay.clone() {
         let watch = HandoverWatch {
             relay,
@@ -664,6 +668,30 @@ impl BackgroundService for Reloader {
         loop {
             tokio::select! {
                 _ = hangups.recv() => self.reload(),
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// SIGUSR1 opens the access log file again, as nginx does for `postrotate` scripts (the
+/// writer also notices a rotated file by itself within a second). Without a handler the
+/// signal's default action would end the process.
+struct LogReopener(Arc<ProxyState>);
+
+#[async_trait]
+impl BackgroundService for LogReopener {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut usr1 = match signal(SignalKind::user_defined1()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGUSR1");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = usr1.recv() => self.0.reopen_access_log(),
                 _ = shutdown.changed() => return,
             }
         }

@@ -245,3 +245,54 @@ async fn goaccess_reads_the_combined_access_log_unchanged() {
         "{text}"
     );
 }
+
+/// Regression: the access log was opened once. After logrotate renamed it, every later line
+/// went to the renamed file (and, once that was deleted, to no file at all, the disk space
+/// held until a restart); SIGUSR1, which `postrotate` scripts written for nginx send, ended
+/// the process. Now the path is followed: a rename is noticed within a second, and SIGUSR1
+/// opens the file again at once.
+#[tokio::test]
+async fn the_access_log_follows_its_path_across_a_rotation_and_sigusr1_reopens_it() {
+    let origin = Origin::start(|_| Reply::ok("logged").header("cache-control", "max-age=60")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let mut skua = Skua::start(
+        &[origin.addr],
+        &format!("[log]\naccess = \"{}\"\n", log.display()),
+    )
+    .await;
+    let logged = |path: &std::path::Path, what: &str| {
+        std::fs::read_to_string(path).is_ok_and(|text| text.contains(what))
+    };
+    get(&skua.url("/before"), &[]).await;
+    wait_until("/before logged", || logged(&log, "/before")).await;
+
+    // logrotate without a postrotate script: rename, and nothing told.
+    let first = dir.path().join("access.log.1");
+    std::fs::rename(&log, &first).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    get(&skua.url("/after-rename"), &[]).await;
+    wait_until("/after-rename in the new file", || {
+        logged(&log, "/after-rename")
+    })
+    .await;
+    assert!(!logged(&first, "/after-rename"));
+    assert!(logged(&first, "/before"));
+
+    // With nginx's postrotate: rename, then SIGUSR1 at once.
+    let second = dir.path().join("access.log.2");
+    std::fs::rename(&log, &second).unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-USR1", &skua.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    get(&skua.url("/after-usr1"), &[]).await;
+    wait_until("/after-usr1 in the new file", || {
+        logged(&log, "/after-usr1")
+    })
+    .await;
+    assert!(!logged(&second, "/after-usr1"));
+    assert!(skua.alive(), "SIGUSR1 ended the process");
+}

@@ -1,12 +1,18 @@
 //! The access log: one line per request, NCSA combined plus cache status and duration, or
 //! JSON lines, to stdout or a file. Lines are handed to a writer thread through a bounded
 //! channel; when the writer cannot keep up, lines are dropped and counted rather than making
-//! a request wait on disk I/O.
+//! a request wait on disk I/O. A log file follows its path across rotation: the writer opens
+//! the path again when it names another file (logrotate's rename, or a deletion) and on
+//! SIGUSR1 (nginx's signal for it, which `postrotate` scripts send).
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::IntCounter;
 
@@ -32,37 +38,108 @@ pub struct Entry<'a> {
 
 const QUEUE: usize = 65_536;
 
+/// How often the writer asks whether its path still names the file it writes: a stat a
+/// second, and a rotated log's lines go to the new file within a second of the rename.
+const ROTATION_CHECK: Duration = Duration::from_secs(1);
+
 pub struct AccessLog {
     tx: SyncSender<String>,
     format: Format,
     dropped: IntCounter,
+    /// Set to have the writer open the file again at once (SIGUSR1).
+    reopen: Arc<AtomicBool>,
+}
+
+/// Where the writer puts lines.
+enum Sink {
+    Stdout(BufWriter<std::io::Stdout>),
+    File(LogFile),
+}
+
+/// A log file and which file it is (device and inode), to tell when its path has moved on.
+struct LogFile {
+    path: PathBuf,
+    out: BufWriter<File>,
+    id: (u64, u64),
+    checked: Instant,
+}
+
+impl LogFile {
+    fn open(path: &Path) -> std::io::Result<LogFile> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let meta = file.metadata()?;
+        Ok(LogFile {
+            path: path.to_path_buf(),
+            out: BufWriter::with_capacity(64 << 10, file),
+            id: (meta.dev(), meta.ino()),
+            checked: Instant::now(),
+        })
+    }
+
+    /// Opens the path again when asked to, or when it names another file than the one
+    /// written (renamed or deleted by a rotation). A file that cannot be opened keeps the
+    /// lines going to the old one, and is tried again at the next check.
+    fn follow_rotation(&mut self, asked: bool) {
+        if !asked && self.checked.elapsed() < ROTATION_CHECK {
+            return;
+        }
+        self.checked = Instant::now();
+        let moved = std::fs::metadata(&self.path).map_or(true, |m| (m.dev(), m.ino()) != self.id);
+        if !asked && !moved {
+            return;
+        }
+        let _ = self.out.flush();
+        match LogFile::open(&self.path) {
+            Ok(next) => {
+                *self = next;
+                tracing::info!(path = %self.path.display(), "access log opened again");
+            }
+            Err(e) => tracing::error!(
+                path = %self.path.display(),
+                error = %e,
+                "cannot open the access log again; lines still go to the file open before"
+            ),
+        }
+    }
+}
+
+impl Sink {
+    fn out(&mut self) -> &mut dyn Write {
+        match self {
+            Sink::Stdout(out) => out,
+            Sink::File(file) => &mut file.out,
+        }
+    }
 }
 
 impl AccessLog {
     pub fn open(config: &AccessLogConfig, dropped: IntCounter) -> std::io::Result<AccessLog> {
-        let out: Box<dyn Write + Send> = match &config.destination {
-            Destination::Stdout => Box::new(std::io::stdout()),
-            Destination::File(path) => {
-                Box::new(OpenOptions::new().create(true).append(true).open(path)?)
+        let mut sink = match &config.destination {
+            Destination::Stdout => {
+                Sink::Stdout(BufWriter::with_capacity(64 << 10, std::io::stdout()))
             }
+            Destination::File(path) => Sink::File(LogFile::open(path)?),
         };
+        let reopen = Arc::new(AtomicBool::new(false));
+        let asked = reopen.clone();
         let (tx, rx) = mpsc::sync_channel::<String>(QUEUE);
         std::thread::Builder::new()
             .name("skua-access-log".into())
-            .spawn(move || {
-                let mut out = BufWriter::with_capacity(64 << 10, out);
-                loop {
-                    match rx.recv_timeout(Duration::from_millis(200)) {
-                        Ok(line) => {
-                            let _ = out.write_all(line.as_bytes());
-                        }
-                        Err(RecvTimeoutError::Timeout) => {
-                            let _ = out.flush();
-                        }
-                        Err(RecvTimeoutError::Disconnected) => {
-                            let _ = out.flush();
-                            return;
-                        }
+            .spawn(move || loop {
+                let received = rx.recv_timeout(Duration::from_millis(200));
+                if let Sink::File(file) = &mut sink {
+                    file.follow_rotation(asked.swap(false, Ordering::Relaxed));
+                }
+                match received {
+                    Ok(line) => {
+                        let _ = sink.out().write_all(line.as_bytes());
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        let _ = sink.out().flush();
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        let _ = sink.out().flush();
+                        return;
                     }
                 }
             })?;
@@ -70,7 +147,13 @@ impl AccessLog {
             tx,
             format: config.format,
             dropped,
+            reopen,
         })
+    }
+
+    /// Has the writer open its file again within 200 ms (SIGUSR1, after a rotation).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Relaxed);
     }
 
     pub fn log(&self, e: &Entry<'_>) {

@@ -102,6 +102,13 @@ pub struct ProxyState {
 }
 
 impl ProxyState {
+    /// Opens the access log file again (SIGUSR1, after a rotation).
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = &self.access_log {
+            log.reopen();
+        }
+    }
+
     pub fn new(
         config: &Config,
         store: &'static Store,
