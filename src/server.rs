@@ -62,6 +62,42 @@ pub fn preflight(config: &Config) -> anyhow::Result<()> {
             )
         })?;
     }
+    if let Some(crate::config::AccessLogConfig {
+        destination: crate::config::Destination::File(path),
+        ..
+    }) = &config.access_log
+    {
+        log_file_usable(path).with_context(|| {
+            format!("log.access: cannot write the access log {}", path.display())
+        })?;
+    }
+    Ok(())
+}
+
+/// Whether the access log could be opened at `path` for appending: an existing file this
+/// process may write, or a new one in an existing directory it may write in. Regression:
+/// `serve` started without any access log when its directory did not exist (one error line
+/// in the process log), and `check` passed the file. Nothing is created: a probe file is
+/// made and removed in the directory, as for the disk tier.
+fn log_file_usable(path: &std::path::Path) -> anyhow::Result<()> {
+    if path.exists() {
+        std::fs::OpenOptions::new().append(true).open(path)?;
+        return Ok(());
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!("{} is not a directory", dir.display());
+    }
+    let probe = dir.join(format!(".skua-check-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
     Ok(())
 }
 
