@@ -3,7 +3,7 @@
 //! charts. One task reads the counters once a second ([`History::tick`]) and keeps the
 //! difference from the last reading; nothing on the request path writes here, so a hit costs
 //! what it cost before. The memory is fixed at start: [`SECONDS`] + [`MINUTES`] samples of
-//! `size_of::<Sample>()` (280) bytes, 640 KiB (`a_sample_is_the_documented_size` checks it).
+//! `size_of::<Sample>()` (288) bytes, 658 KiB (`a_sample_is_the_documented_size` checks it).
 //! Reading a window as chart series belongs here too ([`History::window`]); drawing it, to
 //! the admin page.
 
@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use super::Metrics;
 use crate::cache::status::Disposition;
 use crate::cache::Store;
+use crate::purge::Source;
 
 /// Per-second samples kept: 15 minutes.
 pub const SECONDS: usize = 900;
@@ -40,9 +41,9 @@ pub const REACH_BOUNDS: [f64; 16] = [
 
 /// Kinds of origin error the dashboard tells apart, from pingora's error kind.
 pub const ERROR_KINDS: [&str; 3] = ["connect", "timeout", "other"];
-/// Purge sources, as `skua_purges_total{source}` names them (not `handover`: the few purges
-/// relayed during a zero-downtime upgrade are not charted).
-pub const PURGE_SOURCES: [&str; 4] = ["http", "htcp", "admin", "bus"];
+/// Purge sources, every one `skua_purges_total{source}` names (`handover`: relayed between
+/// the old and the new process during a zero-downtime upgrade).
+pub const PURGE_SOURCES: [Source; 5] = Source::ALL;
 
 /// What happened in one interval (a second or a minute), and the tiers' fill at its end.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -63,7 +64,7 @@ pub struct Sample {
     /// bucket (not cumulative), then those slower than the last bound.
     pub origin_latency: [u32; 14],
     /// Purges received, by [`PURGE_SOURCES`].
-    pub purges: [u32; 4],
+    pub purges: [u32; 5],
     /// Purges from the bus by time to reach this node, per [`REACH_BOUNDS`] bucket.
     pub reach: [u32; 17],
     pub evictions: u32,
@@ -114,7 +115,7 @@ struct Reading {
     /// Cumulative, as Prometheus keeps them.
     origin_latency: [u64; 13],
     origin_count: u64,
-    purges: [u64; 4],
+    purges: [u64; 5],
     reach: [u64; 16],
     reach_count: u64,
     evictions: u64,
@@ -160,7 +161,7 @@ impl Reading {
                 let source = (m.get_label().iter())
                     .find(|l| l.name() == "source")
                     .map_or("", |l| l.value());
-                if let Some(i) = PURGE_SOURCES.iter().position(|s| *s == source) {
+                if let Some(i) = PURGE_SOURCES.iter().position(|s| s.as_str() == source) {
                     r.purges[i] += m.get_counter().value() as u64;
                 }
             }
@@ -403,7 +404,7 @@ fn series(step: u64, window: u64, started: u64, samples: &[Sample]) -> Value {
     let purges: serde_json::Map<String, Value> = (PURGE_SOURCES.iter().enumerate())
         .map(|(i, k)| {
             let rates = column(&|s| Some(per_second(u64::from(s.purges[i]))));
-            (k.to_string(), json!(rates))
+            (k.as_str().to_string(), json!(rates))
         })
         .collect();
     let fill = |bytes: u64, capacity: u64| (capacity > 0).then(|| bytes as f64 / capacity as f64);
@@ -478,10 +479,10 @@ mod tests {
 
     #[test]
     fn a_sample_is_the_documented_size() {
-        // The module comment and the README promise 280 bytes a sample, 640 KiB for both rings.
-        assert_eq!(std::mem::size_of::<Sample>(), 280);
+        // The module comment and the README promise 288 bytes a sample, 658 KiB for both rings.
+        assert_eq!(std::mem::size_of::<Sample>(), 288);
         let bytes = (SECONDS + MINUTES) * std::mem::size_of::<Sample>();
-        assert_eq!(bytes / 1024, 639, "{bytes}");
+        assert_eq!(bytes / 1024, 658, "{bytes}");
     }
 
     #[test]
