@@ -480,8 +480,9 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
     }
 }
 
-/// Reports a listener address given twice (in one list or two): the second bind would fail
-/// at start, or, with `reuse_port`, two kinds of listener would share its connections.
+/// Reports a listener address given twice (in one list or two, or as the admin port's): the
+/// second bind would fail at start, or, with `reuse_port`, two kinds of listener would share
+/// its connections.
 fn same_address_twice(c: &mut Checker<'_>, s: &ServerFile) {
     use Seg::{Index, Key};
     let none = Vec::new();
@@ -502,6 +503,9 @@ fn same_address_twice(c: &mut Checker<'_>, s: &ServerFile) {
         ),
     ];
     let mut seen: Vec<(SocketAddr, String)> = Vec::new();
+    if let Ok(admin) = s.admin.parse::<SocketAddr>() {
+        seen.push((admin, "server.admin".into()));
+    }
     for (path, list) in lists {
         for (i, text) in list.iter().enumerate() {
             let Ok(addr) = text.parse::<SocketAddr>() else {
@@ -1239,6 +1243,34 @@ mod tests {
         assert_eq!(
             (errs[0].key.as_str(), errs[0].line),
             ("cache.disk.after_restart", Some(3))
+        );
+    }
+
+    /// With `reuse_port` a proxy listener on the admin port's address would bind beside it,
+    /// and the two services would share its connections; without, the second bind fails late.
+    #[test]
+    fn a_listener_address_given_twice_names_both_keys() {
+        let errs = parse(
+            "[server]\nadmin = \"127.0.0.1:9000\"\nreuse_port = true\nlisten = [\"127.0.0.1:9000\", \"127.0.0.1:9001\"]\ntrusted_proxies = [\"10.0.0.0/8\"]\nproxy_protocol_listen = [\"127.0.0.1:9001\"]\n",
+        )
+        .unwrap_err();
+        let said: Vec<(String, Option<usize>, String)> = (errs.iter())
+            .map(|e| (e.key.clone(), e.line, e.reason.clone()))
+            .collect();
+        assert_eq!(
+            said,
+            [
+                (
+                    "server.listen[0]".to_string(),
+                    Some(4),
+                    "127.0.0.1:9000 is already server.admin".to_string()
+                ),
+                (
+                    "server.proxy_protocol_listen[0]".to_string(),
+                    Some(6),
+                    "127.0.0.1:9001 is already server.listen[1]".to_string()
+                ),
+            ]
         );
     }
 
