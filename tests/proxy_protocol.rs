@@ -239,3 +239,148 @@ fn a_proxy_listener_without_trusted_proxies_is_refused_at_start() {
         "{said}"
     );
 }
+
+/// A process killed when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Interoperation with a real balancer, HAProxy, in each of its modes: HTTP with `send-proxy`
+/// (version 1); terminating TLS itself with `send-proxy-v2-ssl` (version 2, saying the client
+/// used TLS); and TCP, passing TLS through to Skua's HTTPS PROXY listener with
+/// `send-proxy-v2`. Each time the origin and the access log see the client's own address
+/// (the client binds a loopback address of its own), and the scheme it used.
+#[tokio::test]
+async fn haproxy_in_front_names_the_client_in_each_of_its_modes() {
+    if std::process::Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        return prerequisite_missing("haproxy (apt-get install haproxy)");
+    }
+    let origin = Origin::start(|seen| {
+        Reply::ok(format!(
+            "for {} proto {}",
+            seen.header("x-forwarded-for").unwrap_or("-"),
+            seen.header("x-forwarded-proto").unwrap_or("-")
+        ))
+        .header("cache-control", "max-age=600")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (chain, key) = ca.issue(&["wiki.test"]);
+    let (chain_path, key_path) = (dir.path().join("chain.pem"), dir.path().join("key.pem"));
+    std::fs::write(&chain_path, &chain).unwrap();
+    std::fs::write(&key_path, &key).unwrap();
+    let both = dir.path().join("both.pem");
+    std::fs::write(&both, format!("{chain}{key}")).unwrap();
+    let log = dir.path().join("access.log");
+
+    let (plain, tls) = (Port::reserve(), Port::reserve());
+    let lines = format!(
+        "trusted_proxies = [\"127.0.0.1/32\"]\nproxy_protocol_listen = [\"127.0.0.1:{}\"]\n\
+         [server.tls]\nproxy_protocol_listen = [\"127.0.0.1:{}\"]\n\
+         [[server.tls.certificate]]\nchain = \"{}\"\nkey = \"{}\"\n",
+        plain.number,
+        tls.number,
+        chain_path.display(),
+        key_path.display()
+    );
+    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
+    let _skua = Skua::start_tables(&[origin.addr], [&lines, "", ""], &extra).await;
+
+    let fronts = [free_port(), free_port(), free_port()];
+    let config = format!(
+        "defaults\n  mode http\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
+         frontend http_v1\n  bind 127.0.0.1:{f0}\n  default_backend v1\n\
+         frontend https_v2_ssl\n  bind 127.0.0.1:{f1} ssl crt {both}\n  default_backend v2ssl\n\
+         frontend tcp_v2\n  mode tcp\n  bind 127.0.0.1:{f2}\n  default_backend passthrough\n\
+         backend v1\n  server skua 127.0.0.1:{plain} send-proxy\n\
+         backend v2ssl\n  server skua 127.0.0.1:{plain} send-proxy-v2-ssl\n\
+         backend passthrough\n  mode tcp\n  server skua 127.0.0.1:{tls} send-proxy-v2\n",
+        f0 = fronts[0],
+        f1 = fronts[1],
+        f2 = fronts[2],
+        both = both.display(),
+        plain = plain.number,
+        tls = tls.number,
+    );
+    let config_path = dir.path().join("haproxy.cfg");
+    std::fs::write(&config_path, config).unwrap();
+    let _haproxy = Child(
+        std::process::Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&config_path)
+            .spawn()
+            .expect("start haproxy"),
+    );
+    for port in fronts {
+        wait_listening(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    }
+
+    let client = |from: &str| {
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap())
+            .local_address(Some(from.parse().unwrap()))
+            .resolve("wiki.test", "127.0.0.1:0".parse().unwrap())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    };
+    for (from, url, want) in [
+        (
+            "127.0.0.5",
+            format!("http://wiki.test:{}/v1", fronts[0]),
+            "for 127.0.0.5 proto -",
+        ),
+        (
+            "127.0.0.6",
+            format!("https://wiki.test:{}/v2-ssl", fronts[1]),
+            "for 127.0.0.6 proto https",
+        ),
+        (
+            "127.0.0.7",
+            format!("https://wiki.test:{}/passthrough", fronts[2]),
+            "for 127.0.0.7 proto https",
+        ),
+    ] {
+        let resp = client(from)
+            .get(&url)
+            .header("x-forwarded-for", "10.6.6.6")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(resp.status(), 200, "{url}");
+        assert_eq!(resp.text().await.unwrap(), want, "{url}");
+    }
+    wait_until("three access log lines", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.lines().count() >= 3)
+    })
+    .await;
+    let logged: Vec<(String, String)> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["client"].to_string(), v["scheme"].to_string())
+        })
+        .collect();
+    assert_eq!(
+        logged,
+        [
+            ("\"127.0.0.5\"".to_string(), "\"http\"".to_string()),
+            ("\"127.0.0.6\"".to_string(), "\"https\"".to_string()),
+            ("\"127.0.0.7\"".to_string(), "\"https\"".to_string()),
+        ]
+    );
+}
