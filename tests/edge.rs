@@ -1097,3 +1097,64 @@ async fn an_error_answer_that_ends_the_connection_says_so() {
     assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
     assert!(!answer.contains("keep-alive"), "{answer}");
 }
+
+/// Regression: a node whose origin pool led back to itself (a typo in `addresses`, a balancer
+/// in front of it, a backend tier pointed at its frontend) passed each request round until
+/// every connection was taken: one `POST` held all 200 connections of a node in 64 ms, and a
+/// `GET` waited on its own cache lock. RFC 9110 §7.6.3: each node adds its entry to `Via`;
+/// one that finds its own entry answers 508 (RFC 5842 §7.2) at once and forwards nothing.
+#[tokio::test]
+async fn a_forwarding_loop_is_answered_508_at_once() {
+    let port = Port::reserve();
+    let itself: SocketAddr = format!("127.0.0.1:{}", port.number).parse().unwrap();
+    let skua = Skua::start_tables_on(&port, &[itself], ["max_connections = 200", "", ""], "").await;
+    let started = std::time::Instant::now();
+    let got = get(&skua.url("/wiki/Loop"), &[]).await;
+    assert_eq!(got.status, 508, "{}", got.text());
+    let posted = client()
+        .post(skua.url("/w/index.php"))
+        .body("a=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 508);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // Each request went round once: the client's and the one that came back.
+    assert!(skua.metric("skua_forwarding_loops_total").await >= 2.0);
+    assert_eq!(
+        skua.metric("skua_connections_refused_total{reason=\"max_connections\"}")
+            .await,
+        0.0
+    );
+}
+
+/// A chain of nodes is not a loop: a frontend and a backend of the same name each add an
+/// entry of their own, after the client's, and the origin sees them all.
+#[tokio::test]
+async fn each_node_of_a_chain_adds_its_own_via_entry() {
+    let origin = Origin::start(|seen| {
+        Reply::ok(format!("via {}", seen.header("via").unwrap_or("-")))
+            .header("cache-control", "max-age=600")
+    })
+    .await;
+    let backend = Skua::start(&[origin.addr], "").await;
+    let frontend = Skua::start(&[backend.addr], "").await;
+    for (path, version) in [("/front-door", "1.1"), ("/pingora", "1.0")] {
+        let answer = raw(
+            frontend.addr,
+            &format!("GET {path} HTTP/{version}\r\nHost: wiki.test\r\nVia: 1.1 browser-proxy\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        let via = answer.rsplit("\r\n\r\n").next().unwrap_or_default();
+        let entries: Vec<&str> = via.trim_start_matches("via ").split(", ").collect();
+        assert_eq!(entries.len(), 3, "{path}: {answer}");
+        assert_eq!(entries[0], "1.1 browser-proxy", "{path}");
+        assert!(entries[1].starts_with("1.1 skua-"), "{path}: {via}");
+        assert!(entries[2].starts_with("1.1 skua-"), "{path}: {via}");
+        assert_ne!(entries[1], entries[2], "{path}");
+    }
+}

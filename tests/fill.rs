@@ -78,7 +78,13 @@ async fn a_miss_the_front_door_fills_looks_like_one_the_proxy_path_fills() {
     let to_origin = seen("/wiki/A");
     assert_eq!(to_origin, seen("/wiki/B"));
     // The client is no trusted proxy: its `X-Forwarded-For` is dropped, and the origin is
-    // asked for the copy the key names.
+    // asked for the copy the key names; the node adds its `Via` entry (RFC 9110 §7.6.3).
+    let (via, to_origin): (Vec<String>, Vec<String>) =
+        to_origin.into_iter().partition(|f| f.starts_with("via: "));
+    assert!(
+        via.len() == 1 && via[0].starts_with("via: 1.1 skua-"),
+        "{via:?}"
+    );
     assert_eq!(
         to_origin,
         [

@@ -148,6 +148,8 @@ pub struct Metrics {
     pub compression_bytes: IntCounterVec,
     pub purge_backlog: IntGauge,
     pub access_log_dropped: IntCounter,
+    /// Requests answered 508: they carried this node's own `Via` entry (`proxy/via.rs`).
+    pub forwarding_loops: IntCounter,
     pub purge_apply_delay: HistogramVec,
     pub bus: BusMetrics,
     pub tier_objects: IntGaugeVec,
@@ -377,6 +379,11 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind.",
         )?;
         registry.register(Box::new(access_log_dropped.clone()))?;
+        let forwarding_loops = IntCounter::new(
+            "skua_forwarding_loops_total",
+            "Requests answered 508 Loop Detected: their Via showed they had passed through this node already (an origin pool that leads back to it).",
+        )?;
+        registry.register(Box::new(forwarding_loops.clone()))?;
         let purge_backlog = IntGauge::new(
             "skua_purge_backlog",
             "Purges received and waiting to be applied.",
@@ -621,6 +628,7 @@ impl Metrics {
             coalesced,
             compression_bytes,
             access_log_dropped,
+            forwarding_loops,
             purge_apply_delay,
             bus,
             tier_objects,

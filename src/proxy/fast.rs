@@ -198,6 +198,10 @@ impl FrontDoor {
         if req.method != Method::GET || req.cookie || req.authorization {
             return Filled::Declined;
         }
+        // A request that has been here before is a loop, which pingora's path answers (508).
+        if self.shared.via.names_this_node(req.fields.values("via")) {
+            return Filled::Declined;
+        }
         let request = FillRequest {
             target: req.target,
             close: req.close,

@@ -510,6 +510,7 @@ impl super::fast::FrontDoor {
             settings,
             from_proxy,
             client(),
+            &shared.via,
         );
 
         // Sent on a kept-alive connection first; one the origin closed meanwhile is retried on a
@@ -1107,6 +1108,7 @@ fn upstream_request<F: RequestFields>(
     settings: &Settings,
     from_proxy: bool,
     client: Option<IpAddr>,
+    via: &super::via::Via,
 ) -> (Vec<u8>, Option<std::ops::Range<usize>>) {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(b"GET ");
@@ -1115,6 +1117,7 @@ fn upstream_request<F: RequestFields>(
     // A trusted proxy's `X-Forwarded-For` lines, in order: one list (RFC 9110 §5.3) that
     // ends with the address the proxy saw.
     let mut forwarded_for: Vec<&[u8]> = Vec::new();
+    let mut via_lines: Vec<&[u8]> = Vec::new();
     let mut encoding_sent = false;
     for f in req.raw {
         let Ok(name) = http::HeaderName::from_bytes(f.name.as_bytes()) else {
@@ -1135,6 +1138,10 @@ fn upstream_request<F: RequestFields>(
         }
         if name == guard::X_FORWARDED_FOR {
             forwarded_for.push(f.value);
+            continue;
+        }
+        if name == header::VIA {
+            via_lines.push(f.value);
             continue;
         }
         out.extend_from_slice(f.name.as_bytes());
@@ -1164,6 +1171,10 @@ fn upstream_request<F: RequestFields>(
     if !encoding_sent {
         push_accept_encoding(&mut out, req.fields, settings);
     }
+    // This node's entry after the client's, in one line, as on pingora's path.
+    out.extend_from_slice(b"via: ");
+    out.extend_from_slice(&via.after(via_lines.into_iter()));
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(b"\r\n");
     (out, forwarded)
 }

@@ -32,8 +32,10 @@ pub mod proxy_protocol;
 mod record;
 mod respond;
 pub mod tls;
+pub mod via;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -80,6 +82,8 @@ pub const HEALTH_PATH: &str = "/_skua/health";
 /// Everything the request path reads, built once at start-up.
 pub struct ProxyState {
     pub name: String,
+    /// This node's `Via` entry on what it forwards, and how it knows a request it forwarded.
+    pub via: via::Via,
     pub store: &'static Store,
     /// Applies purges here and publishes them to the fleet.
     pub purger: purge::Purger,
@@ -120,6 +124,7 @@ impl ProxyState {
         let lock: &'static CacheLock = Box::leak(CacheLock::new_boxed(config.cache.lock_timeout));
         ProxyState {
             name: config.server.name.clone(),
+            via: via::Via::new(&config.server.name),
             store,
             purger: purge::Purger::new(store, bus, metrics.clone()).relaying(Arc::new(
                 purge::handover::Relay::new(&config.server.upgrade_sock),
@@ -393,6 +398,10 @@ fn listener_scheme(session: &Session) -> Scheme {
         Scheme::Http
     }
 }
+
+/// Set once a forwarding loop has been logged: each request of a loop comes back, and one line
+/// says what is wrong (the counter says how often).
+static LOOP_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Per-request state.
 pub struct RequestCtx {
@@ -1094,6 +1103,20 @@ impl ProxyHttp for CachingProxy {
             respond::text(&self.shared.name, session, refusal.status, &line).await?;
             return Ok(true);
         }
+        let headers = &session.req_header().headers;
+        let via = headers.get_all(header::VIA).iter().map(|v| v.as_bytes());
+        if self.shared.via.names_this_node(via) {
+            ctx.internal = true;
+            self.shared.metrics.forwarding_loops.inc();
+            if !LOOP_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    "a request came back through this node (its Via names this node): an origin pool leads back here; answered 508 (counted in skua_forwarding_loops_total)"
+                );
+            }
+            let line = "skua: forwarding loop: this request has already passed through this node (Via); an origin pool leads back to it";
+            respond::text(&self.shared.name, session, 508, line).await?;
+            return Ok(true);
+        }
         // Only for a client that may purge: the explanation names keys, rules and purges.
         if debug::asked(&session.req_header().headers)
             && (self.shared).purge_allowed(client_ip(session), session.req_header())
@@ -1369,6 +1392,16 @@ impl ProxyHttp for CachingProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_sent = Some(SystemTime::now());
+        // RFC 9110 §7.6.3: a gateway adds its own entry to every request it forwards, after
+        // the client's, in one line (an origin may read only the first of several).
+        let via = self.shared.via.after(
+            upstream
+                .headers
+                .get_all(header::VIA)
+                .iter()
+                .map(|v| v.as_bytes()),
+        );
+        upstream.insert_header(header::VIA, via)?;
         // RFC 9110 §7.6.1, towards the origin: what the client addressed to its connection
         // with Skua is not forwarded.
         for name in crate::cache::policy::connection_nominated(&session.req_header().headers) {

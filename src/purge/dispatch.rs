@@ -211,3 +211,18 @@ impl Purger {
         affected
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: the dashboard's history kept a list of source names of its own, which left
+    /// out `handover`: those purges were in `/metrics` but never charted.
+    #[test]
+    fn the_dashboard_charts_every_purge_source() {
+        assert_eq!(
+            Source::ALL.map(Source::as_str),
+            crate::metrics::history::PURGE_SOURCES
+        );
+    }
+}

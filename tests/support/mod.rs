@@ -584,6 +584,17 @@ impl Skua {
         .await
     }
 
+    /// As [`Skua::start_tables`], listening on `port` (so that an origin address may name it).
+    pub async fn start_tables_on(
+        port: &Port,
+        origins: &[SocketAddr],
+        lines: [&str; 3],
+        extra: &str,
+    ) -> Skua {
+        let dir = tempfile::tempdir().unwrap();
+        Skua::start_full(dir, port.clone(), origins, lines, extra).await
+    }
+
     async fn start_full(
         dir: tempfile::TempDir,
         port: Port,
