@@ -126,27 +126,29 @@ impl<A> ConnectionGate<A> {
     /// The same gate for the HTTPS listeners: `app` serves the connections `tls` terminates,
     /// within the same connection limit.
     pub fn serving_tls(&self, app: A, tls: Arc<TlsTerminator>) -> ConnectionGate<A> {
-        ConnectionGate {
-            app: Arc::new(app),
-            front: self.front.clone(),
-            limits: self.limits,
-            open: self.open.clone(),
-            metrics: self.metrics.clone(),
-            tls: Some(tls),
-            proxy_protocol: false,
-        }
+        self.sharing_limits(app, Some(tls), false)
     }
 
     /// The same gate, with `app`, for listeners whose connections open with a PROXY header.
     pub fn expecting_proxy_header(&self, app: A) -> ConnectionGate<A> {
+        self.sharing_limits(app, self.tls.clone(), true)
+    }
+
+    /// A gate for other listeners of the same service: one count of open connections.
+    fn sharing_limits(
+        &self,
+        app: A,
+        tls: Option<Arc<TlsTerminator>>,
+        proxy_protocol: bool,
+    ) -> ConnectionGate<A> {
         ConnectionGate {
             app: Arc::new(app),
             front: self.front.clone(),
             limits: self.limits,
             open: self.open.clone(),
             metrics: self.metrics.clone(),
-            tls: self.tls.clone(),
-            proxy_protocol: true,
+            tls,
+            proxy_protocol,
         }
     }
 
