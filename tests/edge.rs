@@ -1158,3 +1158,41 @@ async fn each_node_of_a_chain_adds_its_own_via_entry() {
         assert_ne!(entries[1], entries[2], "{path}");
     }
 }
+
+/// RFC 9110 §7.6.2: an intermediary counts `Max-Forwards` down on `OPTIONS` and `TRACE`, and at
+/// zero answers itself instead of forwarding: `OPTIONS` with what it passes on in `Allow`,
+/// `TRACE` refused (405) rather than reflected. Other methods ignore the field.
+#[tokio::test]
+async fn max_forwards_zero_is_answered_here_and_counted_down_otherwise() {
+    let origin =
+        Origin::start(|_| Reply::ok("from origin").header("cache-control", "no-store")).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let ask = |method: &'static str, max_forwards: &'static str| {
+        let url = skua.url("/wiki/Mf");
+        async move {
+            client()
+                .request(method.parse().unwrap(), url)
+                .header("max-forwards", max_forwards)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let options = ask("OPTIONS", "0").await;
+    assert_eq!(options.status(), 200);
+    assert!(options.headers()["allow"].to_str().unwrap().contains("GET"));
+    assert_eq!(ask("TRACE", "0").await.status(), 405);
+    assert_eq!(origin.count("/wiki/Mf"), 0, "nothing forwarded at zero");
+
+    assert_eq!(ask("OPTIONS", "3").await.status(), 200);
+    assert_eq!(ask("GET", "0").await.status(), 200);
+    let seen = origin.requests("/wiki/Mf");
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].method, "OPTIONS");
+    assert_eq!(seen[0].header("max-forwards"), Some("2"));
+    assert_eq!(
+        seen[1].header("max-forwards"),
+        Some("0"),
+        "GET: passed on as sent"
+    );
+}

@@ -224,6 +224,42 @@ pub fn request_scheme(
     }
 }
 
+/// What `Max-Forwards` asks of this node (RFC 9110 §7.6.2): "An intermediary that receives a
+/// TRACE or OPTIONS request containing a Max-Forwards header field MUST check and update its
+/// value prior to forwarding the request. If the received value is zero (0), the intermediary
+/// MUST NOT forward the request; instead, the intermediary MUST respond as the final
+/// recipient." Other methods ignore it ("A recipient MAY ignore a Max-Forwards header field
+/// received with any other request method"), as does a value that is not a number.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MaxForwards {
+    Absent,
+    Zero,
+    /// Forward with this value instead.
+    Next(u64),
+}
+
+pub fn max_forwards(req: &RequestHeader) -> MaxForwards {
+    if !matches!(req.method.as_str(), "OPTIONS" | "TRACE") {
+        return MaxForwards::Absent;
+    }
+    let Some(value) = req.headers.get(http::header::MAX_FORWARDS) else {
+        return MaxForwards::Absent;
+    };
+    // `Max-Forwards = 1*DIGIT`; a value too long for a u64 is still far from zero.
+    let digits = value.as_bytes().trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return MaxForwards::Absent;
+    }
+    match std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse::<u64>().ok())
+    {
+        Some(0) => MaxForwards::Zero,
+        Some(n) => MaxForwards::Next(n - 1),
+        None => MaxForwards::Next(u64::MAX),
+    }
+}
+
 /// Whether `ip` is one of the proxies whose forwarding headers are believed.
 pub fn trusted(proxies: &Acl, ip: Option<IpAddr>) -> bool {
     ip.is_some_and(|ip| proxies.allows(ip))
@@ -243,6 +279,33 @@ mod tests {
         );
         for not_absolute in [&b"/x"[..], b"/a:b", b"*", b"", b"1abc://h", b":x"] {
             assert_eq!(absolute_form_scheme(not_absolute), None);
+        }
+    }
+
+    #[test]
+    fn max_forwards_is_counted_down_on_options_and_trace_only() {
+        let req = |method: &str, value: Option<&str>| {
+            let mut r = RequestHeader::build(method, b"/x", None).unwrap();
+            if let Some(v) = value {
+                r.insert_header("max-forwards", v).unwrap();
+            }
+            max_forwards(&r)
+        };
+        assert_eq!(req("OPTIONS", Some("0")), MaxForwards::Zero);
+        assert_eq!(req("TRACE", Some(" 0 ")), MaxForwards::Zero);
+        assert_eq!(req("OPTIONS", Some("5")), MaxForwards::Next(4));
+        assert_eq!(
+            req("OPTIONS", Some("99999999999999999999999")),
+            MaxForwards::Next(u64::MAX)
+        );
+        for ignored in [
+            req("GET", Some("0")),
+            req("OPTIONS", None),
+            req("OPTIONS", Some("-1")),
+            req("OPTIONS", Some("")),
+            req("TRACE", Some("1e3")),
+        ] {
+            assert_eq!(ignored, MaxForwards::Absent);
         }
     }
 

@@ -1117,6 +1117,19 @@ impl ProxyHttp for CachingProxy {
             respond::text(&self.shared.name, session, 508, line).await?;
             return Ok(true);
         }
+        match guard::max_forwards(session.req_header()) {
+            guard::MaxForwards::Absent => {}
+            guard::MaxForwards::Zero => {
+                ctx.internal = true;
+                respond::final_recipient(&self.shared.name, session).await?;
+                return Ok(true);
+            }
+            guard::MaxForwards::Next(next) => {
+                session
+                    .req_header_mut()
+                    .insert_header(header::MAX_FORWARDS, next.to_string())?;
+            }
+        }
         // Only for a client that may purge: the explanation names keys, rules and purges.
         if debug::asked(&session.req_header().headers)
             && (self.shared).purge_allowed(client_ip(session), session.req_header())

@@ -83,6 +83,19 @@ pub async fn too_many(name: &str, session: &mut Session, wait: std::time::Durati
     header(name, session, resp, Some(body)).await
 }
 
+/// What a node that is the final recipient of `OPTIONS` or `TRACE` answers (RFC 9110
+/// §7.6.2, `Max-Forwards: 0`): `OPTIONS`, 200 with the methods it passes on in `Allow`
+/// (§9.3.7); `TRACE`, 405 (§15.5.6) rather than the request reflected back (§9.3.8's
+/// "SHOULD", which would show a script the request's credentials: cross-site tracing).
+pub async fn final_recipient(name: &str, session: &mut Session) -> Result<()> {
+    const ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+    let trace = session.req_header().method.as_str() == "TRACE";
+    let mut resp = ResponseHeader::build(if trace { 405 } else { 200 }, Some(6))?;
+    resp.insert_header("allow", ALLOW)?;
+    resp.insert_header("cache-control", "no-store")?;
+    header(name, session, resp, None).await
+}
+
 /// Writes `resp` and an optional body, closing the response.
 /// `name`: this cache's name in `Cache-Status`.
 pub async fn header(
