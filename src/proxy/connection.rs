@@ -13,7 +13,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,6 +36,11 @@ use crate::cache::key::Scheme;
 use crate::cache::memory::for_one_request;
 use crate::config::ConnectionLimits;
 use crate::metrics::ConnectionMetrics;
+
+/// Set once a PROXY protocol listener has logged a connection refused for its peer, or for its
+/// header: the first says what is misconfigured, the counters say how often.
+static UNTRUSTED_WARNED: AtomicBool = AtomicBool::new(false);
+static MALFORMED_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// pingora's first read buffer for a request head (`INIT_HEADER_BUF_SIZE`).
 const HEAD_BUFFER: usize = 4096;
@@ -165,6 +170,12 @@ impl<A> ConnectionGate<A> {
         if !trusted {
             // Anyone else could name any address, and be judged by it.
             self.metrics.refused_proxy_untrusted.inc();
+            if !UNTRUSTED_WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    peer = ?peer,
+                    "closed a connection to a PROXY protocol listener from outside [server] trusted_proxies (logged once; counted in skua_connections_refused_total{{reason=\"proxy_untrusted\"}})"
+                );
+            }
             return None;
         }
         match proxy_protocol::accept(stream, self.limits.header_timeout).await {
@@ -176,6 +187,12 @@ impl<A> ConnectionGate<A> {
             }
             Err(Refusal::Malformed) => {
                 self.metrics.refused_bad_proxy_header.inc();
+                if !MALFORMED_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        peer = ?peer,
+                        "closed a connection to a PROXY protocol listener that did not open with a valid PROXY header: a client reaching it directly, or a balancer not set to send one (logged once; counted in skua_connections_refused_total{{reason=\"bad_proxy_header\"}})"
+                    );
+                }
                 None
             }
         }
