@@ -1153,7 +1153,9 @@ async fn each_node_of_a_chain_adds_its_own_via_entry() {
         let entries: Vec<&str> = via.trim_start_matches("via ").split(", ").collect();
         assert_eq!(entries.len(), 3, "{path}: {answer}");
         assert_eq!(entries[0], "1.1 browser-proxy", "{path}");
-        assert!(entries[1].starts_with("1.1 skua-"), "{path}: {via}");
+        // The frontend received the client's version; the backend, the frontend's HTTP/1.1.
+        let frontend = format!("{version} skua-");
+        assert!(entries[1].starts_with(&frontend), "{path}: {via}");
         assert!(entries[2].starts_with("1.1 skua-"), "{path}: {via}");
         assert_ne!(entries[1], entries[2], "{path}");
     }

@@ -1173,7 +1173,7 @@ fn upstream_request<F: RequestFields>(
     }
     // This node's entry after the client's, in one line, as on pingora's path.
     out.extend_from_slice(b"via: ");
-    out.extend_from_slice(&via.after(via_lines.into_iter()));
+    out.extend_from_slice(&via.after(via_lines.into_iter(), http::Version::HTTP_11));
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(b"\r\n");
     (out, forwarded)

@@ -1413,6 +1413,7 @@ impl ProxyHttp for CachingProxy {
                 .get_all(header::VIA)
                 .iter()
                 .map(|v| v.as_bytes()),
+            session.req_header().version,
         );
         upstream.insert_header(header::VIA, via)?;
         // RFC 9110 §7.6.1, towards the origin: what the client addressed to its connection

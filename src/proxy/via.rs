@@ -17,8 +17,20 @@ pub struct Via {
     /// `received-by`: `[server] name` and six random hex digits, unlike any other node's (a
     /// frontend and a backend tier usually share a name).
     pseudonym: String,
-    /// `1.1 <pseudonym>`: what this node appends.
+    /// `1.1 <pseudonym>`: what this node appends to a request it received over HTTP/1.1.
     entry: String,
+}
+
+/// `received-protocol` (RFC 9110 §7.6.3: "the protocol version of the message received by the
+/// server or client along each segment"; the name is omitted for HTTP).
+fn received_protocol(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "0.9",
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
 }
 
 impl Via {
@@ -40,14 +52,20 @@ impl Via {
     }
 
     /// The `Via` value to forward: the request's own lines (one list, RFC 9110 §5.3), then this
-    /// node's entry.
-    pub fn after<'a>(&self, lines: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    /// node's entry, naming the version the request arrived in.
+    pub fn after<'a>(
+        &self,
+        lines: impl Iterator<Item = &'a [u8]>,
+        received: http::Version,
+    ) -> Vec<u8> {
         let mut value = Vec::with_capacity(64);
         for line in lines {
             value.extend_from_slice(line);
             value.extend_from_slice(b", ");
         }
-        value.extend_from_slice(self.entry.as_bytes());
+        value.extend_from_slice(received_protocol(received).as_bytes());
+        value.push(b' ');
+        value.extend_from_slice(self.pseudonym.as_bytes());
         value
     }
 
@@ -91,5 +109,16 @@ mod tests {
                 "{not_here}"
             );
         }
+    }
+
+    #[test]
+    fn the_entry_names_the_version_the_request_arrived_in() {
+        let via = Via::new("edge");
+        let h2 = via.after([&b"1.0 fred"[..]].into_iter(), http::Version::HTTP_2);
+        let h2 = String::from_utf8(h2).unwrap();
+        assert_eq!(h2, format!("1.0 fred, 2 {}", via.pseudonym));
+        let h11 = via.after(std::iter::empty(), http::Version::HTTP_11);
+        assert_eq!(h11, via.entry().as_bytes());
+        assert!(via.names_this_node([h2.as_bytes()].into_iter()));
     }
 }
