@@ -1198,3 +1198,65 @@ async fn max_forwards_zero_is_answered_here_and_counted_down_otherwise() {
         "GET: passed on as sent"
     );
 }
+
+/// `[[origin]] max_connections`: a miss that finds its origin at the limit waits up to the
+/// connect timeout for room, then gets 503 and never reaches the origin; room given back is
+/// taken by the next request.
+#[tokio::test]
+async fn an_origin_at_max_connections_gets_no_more_requests() {
+    let origin = Origin::start(|seen| {
+        Reply::ok("slow page")
+            .header("cache-control", "no-store")
+            .delay(if seen.path.starts_with("/slow/") {
+                Duration::from_millis(1500)
+            } else {
+                Duration::ZERO
+            })
+    })
+    .await;
+    let skua = Skua::start_tables(&[origin.addr], ["", "max_connections = 1", ""], "").await;
+    let first = get_in_flight(&skua.url("/slow/a"), &[]);
+    wait_until("/slow/a at the origin", || origin.count("/slow/a") == 1).await;
+    let started = Instant::now();
+    let refused = get(&skua.url("/slow/b"), &[]).await;
+    let waited = started.elapsed();
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    // It waited the pool's connect timeout (500 ms) for room, not for the slow page.
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_millis(1400),
+        "{waited:?}"
+    );
+    assert_eq!(origin.count("/slow/b"), 0);
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(
+        get(&skua.url("/fast"), &[]).await.status,
+        200,
+        "room given back"
+    );
+}
+
+/// A copy whose `stale-if-error` allows it is served stale while every origin is at its
+/// `max_connections`, as while the origin is down.
+#[tokio::test]
+async fn a_stale_copy_is_served_while_the_origin_is_at_max_connections() {
+    let origin = Origin::start(|seen| {
+        if seen.path.starts_with("/slow/") {
+            Reply::ok("slow")
+                .header("cache-control", "no-store")
+                .delay(Duration::from_millis(2500))
+        } else {
+            Reply::ok("page v1").header("cache-control", "max-age=1, stale-if-error=60")
+        }
+    })
+    .await;
+    let skua = Skua::start_tables(&[origin.addr], ["", "max_connections = 1", ""], "").await;
+    assert_eq!(get(&skua.url("/wiki/Stale"), &[]).await.text(), "page v1");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let slow = get_in_flight(&skua.url("/slow/hold"), &[]);
+    wait_until("the origin held", || origin.count("/slow/hold") == 1).await;
+    let stale = get(&skua.url("/wiki/Stale"), &[]).await;
+    assert_eq!(stale.status, 200);
+    assert_eq!(stale.text(), "page v1");
+    assert_eq!(origin.count("/wiki/Stale"), 1, "served stale, not fetched");
+    assert_eq!(slow.await.unwrap().status, 200);
+}

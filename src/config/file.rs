@@ -343,6 +343,12 @@ pub struct OriginFile {
     /// HTTPS to this pool's origins (`[origin.tls]`). Default: plain HTTP.
     #[serde(default)]
     pub tls: Option<OriginTlsFile>,
+    /// Most requests in flight to each origin of this pool (its PHP workers, say): an origin
+    /// at its limit is passed over for another with room; when none has room, a request waits
+    /// up to `connect_timeout`, then is answered stale where the object allows it, else 503.
+    /// Health checks are not counted. Default 0: no limit.
+    #[serde(default)]
+    pub max_connections: usize,
 }
 
 /// `[origin.tls]`: the pool's origins speak HTTPS. A certificate that does not verify is a

@@ -102,6 +102,8 @@ pub struct OriginPool {
     pub upgrade: Vec<String>,
     /// `[origin.tls]`: HTTPS to the origins.
     pub tls: Option<OriginTls>,
+    /// Most requests in flight to each origin; 0: no limit.
+    pub max_connections: usize,
 }
 
 /// `[origin.tls]`, validated.

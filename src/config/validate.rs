@@ -679,6 +679,7 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
             balance: "round_robin".into(),
             upgrade: Vec::new(),
             tls: None,
+            max_connections: 0,
         }]
     } else {
         origin_tables
@@ -751,6 +752,7 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
             health_check,
             balance,
             upgrade: o.upgrade.iter().map(|p| p.to_ascii_lowercase()).collect(),
+            max_connections: o.max_connections,
         });
     }
     origins

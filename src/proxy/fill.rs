@@ -39,6 +39,7 @@ use crate::cache::fields::RequestFields;
 use crate::cache::memory::Looked;
 use crate::cache::status::{Disposition, Outcome};
 use crate::cache::vary;
+use crate::upstream::Claim;
 
 /// Idle connections kept per origin address.
 const MAX_IDLE_PER_ORIGIN: usize = 128;
@@ -485,7 +486,10 @@ impl super::fast::FrontDoor {
             return Filled::Declined;
         }
         let primary_text = || url.primary();
-        let Ok(peer) = pool.pick(primary_text, url.host_name(), &[]) else {
+        // Every origin at its `max_connections`: pingora's path waits for room, or serves a
+        // stale copy, or answers 503.
+        let Ok(Claim::Got(peer, _origin_room)) = pool.claim_now(primary_text, url.host_name(), &[])
+        else {
             shared
                 .lock
                 .release(&key, permit, LockStatus::TransientError);

@@ -423,6 +423,9 @@ pub struct RequestCtx {
     /// The rules this request was decided by, and the one whose `response_headers` apply.
     response_edits: Option<(Arc<RuleSet>, u16)>,
     failed_origins: Vec<SocketAddr>,
+    /// This request's place among those in flight to its origin (`[[origin]]
+    /// max_connections`), held until the origin's response has been read.
+    origin_permit: Option<crate::upstream::OriginPermit>,
     body_bytes: u64,
     /// When the request to the origin was sent (the last attempt).
     upstream_sent: Option<SystemTime>,
@@ -1044,6 +1047,7 @@ impl ProxyHttp for CachingProxy {
             ttl_rule: None,
             response_edits: None,
             failed_origins: Vec::new(),
+            origin_permit: None,
             body_bytes: 0,
             upstream_sent: None,
             origin_response: None,
@@ -1373,7 +1377,10 @@ impl ProxyHttp for CachingProxy {
         };
         let key = || ctx.url.as_ref().map(CacheUrl::primary).unwrap_or_default();
         let host = ctx.url.as_ref().map_or("", CacheUrl::host_name);
-        Ok(Box::new(pool.pick(key, host, &ctx.failed_origins)?))
+        let (peer, permit) = pool.pick_and_claim(key, host, &ctx.failed_origins).await?;
+        // A retry's pick gives back the place the failed attempt held.
+        ctx.origin_permit = permit;
+        Ok(peer)
     }
 
     fn fail_to_connect(
@@ -1498,6 +1505,10 @@ impl ProxyHttp for CachingProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<std::time::Duration>> {
+        if end_of_stream {
+            // The origin's part is over: its place goes to the next request.
+            ctx.origin_permit = None;
+        }
         let Some((_, received, length)) = ctx.piece.as_mut() else {
             return Ok(None);
         };
@@ -1701,6 +1712,10 @@ impl ProxyHttp for CachingProxy {
     ) -> FailToProxy {
         let (code, message) = match e.etype() {
             ErrorType::HTTPStatus(code) => (*code, "request refused"),
+            ErrorType::Custom(crate::upstream::ORIGIN_BUSY) => (
+                503,
+                "every origin of the pool is at its max_connections; try again shortly",
+            ),
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                 (504, "origin timed out")
             }

@@ -5,6 +5,7 @@
 //! consistent pool: the next on the ring, so only the dead origin's keys move). It does not
 //! decide what to fetch or store (that is `proxy` and `cache`).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
+use tokio::sync::Semaphore;
 
 use crate::config::{Balance, OriginPool, OriginTls};
 use crate::metrics::{Metrics, OriginSeries};
@@ -43,7 +45,27 @@ pub struct Pool {
     /// This pool's origin metrics, made on first use.
     series: std::sync::OnceLock<OriginSeries>,
     tls: Option<PoolTls>,
+    /// `[[origin]] max_connections`: the requests in flight to each origin, when bounded.
+    in_flight: Option<HashMap<SocketAddr, Arc<Semaphore>>>,
 }
+
+/// A request's place among those in flight to one origin (`[[origin]] max_connections`),
+/// given back when dropped.
+pub type OriginPermit = tokio::sync::OwnedSemaphorePermit;
+
+/// What [`Pool::claim_now`] found.
+pub enum Claim {
+    /// An origin, and the request's place among those in flight to it (none: no limit).
+    Got(Box<HttpPeer>, Option<OriginPermit>),
+    /// Every origin tried is at its limit: each, with its count to wait on (the first
+    /// choice first).
+    Busy(Vec<(HttpPeer, Arc<Semaphore>)>),
+}
+
+/// The error kind of a request that found every origin of its pool at `max_connections` for
+/// the whole connect timeout: answered 503, and served stale where the object allows it, as
+/// for an origin that cannot be reached.
+pub const ORIGIN_BUSY: &str = "origin_busy";
 
 /// How a pool's origins are reached over HTTPS (`[origin.tls]`).
 struct PoolTls {
@@ -155,6 +177,11 @@ impl Pools {
                 upgrade: pool.upgrade.clone(),
                 series: std::sync::OnceLock::new(),
                 tls: pool.tls.as_ref().map(PoolTls::new),
+                in_flight: (pool.max_connections > 0).then(|| {
+                    (pool.addresses.iter())
+                        .map(|a| (*a, Arc::new(Semaphore::new(pool.max_connections))))
+                        .collect()
+                }),
             });
         }
         Ok(Pools {
@@ -235,6 +262,90 @@ impl Pool {
         host: &str,
         failed: &[SocketAddr],
     ) -> Result<HttpPeer> {
+        self.pick_where(key, host, failed, false)
+    }
+
+    /// An origin as [`Self::pick`] finds it, and a place among the requests in flight to it
+    /// (`[[origin]] max_connections`): an origin at its limit is passed over for another
+    /// healthy one with room; when none has room, the request waits up to the pool's connect
+    /// timeout for room at its first choice, then fails as [`ORIGIN_BUSY`].
+    pub async fn pick_and_claim(
+        &self,
+        key: impl Fn() -> String,
+        host: &str,
+        failed: &[SocketAddr],
+    ) -> Result<(Box<HttpPeer>, Option<OriginPermit>)> {
+        let full = match self.claim_now(key, host, failed)? {
+            Claim::Got(peer, permit) => return Ok((peer, permit)),
+            Claim::Busy(full) => full,
+        };
+        // Whichever of them gives a place back first.
+        let rooms: Vec<Arc<Semaphore>> = full.iter().map(|(_, room)| room.clone()).collect();
+        let waits = (rooms.into_iter().enumerate())
+            .map(|(i, room)| Box::pin(async move { (i, room.acquire_owned().await) }));
+        let first_room = futures::future::select_all(waits);
+        match tokio::time::timeout(self.connect_timeout, first_room).await {
+            Ok(((i, Ok(permit)), _, _)) => {
+                let peer = full.into_iter().nth(i).map(|(peer, _)| peer);
+                peer.map(|peer| (Box::new(peer), Some(permit))).ok_or_else(|| {
+                    Error::explain(ErrorType::InternalError, "no origin to wait for")
+                })
+            }
+            _ => {
+                let mut e = Error::explain(
+                    ErrorType::Custom(ORIGIN_BUSY),
+                    format!(
+                        "every origin of pool {} stayed at its max_connections for the connect timeout",
+                        self.name
+                    ),
+                );
+                e.esource = pingora::ErrorSource::Upstream;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Self::pick_and_claim`] without the wait: `Busy` when no healthy origin has room.
+    pub fn claim_now(
+        &self,
+        key: impl Fn() -> String,
+        host: &str,
+        failed: &[SocketAddr],
+    ) -> Result<Claim> {
+        let first = self.pick(&key, host, failed)?;
+        let Some(in_flight) = &self.in_flight else {
+            return Ok(Claim::Got(Box::new(first), None));
+        };
+        let limit = |peer: &HttpPeer| {
+            (peer._address.as_inet())
+                .and_then(|a| in_flight.get(a))
+                .cloned()
+        };
+        let mut passed = failed.to_vec();
+        let mut full = Vec::new();
+        let mut candidate = Some(first);
+        while let Some(peer) = candidate {
+            let Some(room) = limit(&peer) else {
+                return Ok(Claim::Got(Box::new(peer), None));
+            };
+            if let Ok(permit) = room.clone().try_acquire_owned() {
+                return Ok(Claim::Got(Box::new(peer), Some(permit)));
+            }
+            passed.extend(peer._address.as_inet().copied());
+            full.push((peer, room));
+            candidate = self.pick_where(&key, host, &passed, true).ok();
+        }
+        Ok(Claim::Busy(full))
+    }
+
+    /// [`Self::pick`]; with `healthy_only`, never an origin the health checks hold down.
+    fn pick_where(
+        &self,
+        key: impl FnOnce() -> String,
+        host: &str,
+        failed: &[SocketAddr],
+        healthy_only: bool,
+    ) -> Result<HttpPeer> {
         let untried = |b: &Backend| b.addr.as_inet().is_none_or(|a| !failed.contains(a));
         let key = match &self.balancer {
             Balancer::Consistent(_) => key(),
@@ -252,7 +363,11 @@ impl Pool {
             .then(|| select(&|b, healthy| healthy && untried(b)))
             .flatten();
         let backend = healthy
-            .or_else(|| select(&|b, _| untried(b)))
+            .or_else(|| {
+                (!healthy_only)
+                    .then(|| select(&|b, _| untried(b)))
+                    .flatten()
+            })
             .ok_or_else(|| {
                 let mut e = Error::explain(
                     ErrorType::ConnectNoRoute,
@@ -406,7 +521,63 @@ mod tests {
             balance,
             upgrade: Vec::new(),
             tls: None,
+            max_connections: 0,
         }
+    }
+
+    fn address(peer: &HttpPeer) -> SocketAddr {
+        *peer._address.as_inet().unwrap()
+    }
+
+    /// `max_connections`: an origin at its limit is passed over for one with room; with no
+    /// room anywhere a request waits for a place to be given back, and fails as busy after the
+    /// connect timeout.
+    #[tokio::test]
+    async fn a_full_origin_is_passed_over_then_waited_for() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let mut config = pool_at(vec![a, b], Balance::RoundRobin);
+        config.max_connections = 1;
+        config.connect_timeout = Duration::from_millis(200);
+        let pools = Pools::build(&[config]).unwrap();
+        let pool = pools.get(0).unwrap();
+        let key = String::new;
+        let (one, held_one) = pool.pick_and_claim(key, "wiki.test", &[]).await.unwrap();
+        let (two, held_two) = pool.pick_and_claim(key, "wiki.test", &[]).await.unwrap();
+        assert!(held_one.is_some() && held_two.is_some());
+        assert_ne!(
+            address(&one),
+            address(&two),
+            "the full origin was passed over"
+        );
+        assert!(matches!(
+            pool.claim_now(key, "wiki.test", &[]),
+            Ok(Claim::Busy(_))
+        ));
+
+        // Room given back while a request waits: it gets the place.
+        let waiting = pool.pick_and_claim(key, "wiki.test", &[]);
+        let give_back = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(held_one);
+        };
+        let ((third, held_three), ()) = tokio::join!(async { waiting.await.unwrap() }, give_back);
+        assert!(held_three.is_some());
+        assert_eq!(address(&third), address(&one));
+
+        // None given back: busy after the connect timeout.
+        let started = std::time::Instant::now();
+        let busy = pool
+            .pick_and_claim(key, "wiki.test", &[])
+            .await
+            .unwrap_err();
+        assert_eq!(busy.etype(), &ErrorType::Custom(ORIGIN_BUSY));
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        drop((held_two, held_three));
+        assert!(matches!(
+            pool.claim_now(key, "wiki.test", &[]),
+            Ok(Claim::Got(_, Some(_)))
+        ));
     }
 
     async fn check(pool: &Pool) {
