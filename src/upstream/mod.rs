@@ -287,9 +287,10 @@ impl Pool {
         match tokio::time::timeout(self.connect_timeout, first_room).await {
             Ok(((i, Ok(permit)), _, _)) => {
                 let peer = full.into_iter().nth(i).map(|(peer, _)| peer);
-                peer.map(|peer| (Box::new(peer), Some(permit))).ok_or_else(|| {
-                    Error::explain(ErrorType::InternalError, "no origin to wait for")
-                })
+                peer.map(|peer| (Box::new(peer), Some(permit)))
+                    .ok_or_else(|| {
+                        Error::explain(ErrorType::InternalError, "no origin to wait for")
+                    })
             }
             _ => {
                 let mut e = Error::explain(
