@@ -693,20 +693,14 @@ impl BackgroundService for DiskCheckpoint {
 
 #[async_trait]
 impl BackgroundService for Reloader {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut hangups = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGHUP; reloads are off");
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = hangups.recv() => self.reload(),
-                _ = shutdown.changed() => return,
-            }
-        }
+    async fn start(&self, shutdown: ShutdownWatch) {
+        on_signal(
+            SignalKind::hangup(),
+            "SIGHUP; reloads are off",
+            shutdown,
+            || self.reload(),
+        )
+        .await;
     }
 }
 
@@ -717,19 +711,28 @@ struct LogReopener(Arc<ProxyState>);
 
 #[async_trait]
 impl BackgroundService for LogReopener {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut usr1 = match signal(SignalKind::user_defined1()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGUSR1");
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = usr1.recv() => self.0.reopen_access_log(),
-                _ = shutdown.changed() => return,
-            }
+    async fn start(&self, shutdown: ShutdownWatch) {
+        on_signal(SignalKind::user_defined1(), "SIGUSR1", shutdown, || {
+            self.0.reopen_access_log()
+        })
+        .await;
+    }
+}
+
+/// Runs `action` on each `kind` signal until the server stops. `what` names the signal (and
+/// what is lost) in the log line when it cannot be listened for.
+async fn on_signal(kind: SignalKind, what: &str, mut shutdown: ShutdownWatch, action: impl Fn()) {
+    let mut signals = match signal(kind) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for {what}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = signals.recv() => action(),
+            _ = shutdown.changed() => return,
         }
     }
 }

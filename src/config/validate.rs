@@ -399,27 +399,25 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
         &s.trusted_proxies,
         &[Key("server"), Key("trusted_proxies")],
     );
-    let tls_proxy_protocol = s
-        .tls
-        .as_ref()
-        .is_some_and(|t| !t.proxy_protocol_listen.is_empty());
     if s.trusted_proxies.is_empty() {
         // Believing a PROXY header from anyone would let any client name its own address
         // (to the purge ACL, the rules, the origin's X-Forwarded-For).
-        let without = |key| {
-            format!("needs [server] trusted_proxies: the networks of the balancers whose PROXY header is believed ({key})")
-        };
-        if !s.proxy_protocol_listen.is_empty() {
-            c.report(
-                &[Key("server"), Key("proxy_protocol_listen")],
-                without("their connections open with one"),
-            );
-        }
-        if tls_proxy_protocol {
-            c.report(
-                &[Key("server"), Key("tls"), Key("proxy_protocol_listen")],
-                without("their connections open with one"),
-            );
+        let tls = s.tls.as_ref();
+        let plain = [Key("server"), Key("proxy_protocol_listen")];
+        let over_tls = [Key("server"), Key("tls"), Key("proxy_protocol_listen")];
+        for (path, addresses) in [
+            (&plain[..], s.proxy_protocol_listen.len()),
+            (
+                &over_tls[..],
+                tls.map_or(0, |t| t.proxy_protocol_listen.len()),
+            ),
+        ] {
+            if addresses > 0 {
+                c.report(
+                    path,
+                    "needs [server] trusted_proxies: the networks of the balancers whose PROXY header is believed",
+                );
+            }
         }
     }
     let mut strip_headers = Vec::new();

@@ -268,14 +268,14 @@ impl Pool {
     /// An origin as [`Self::pick`] finds it, and a place among the requests in flight to it
     /// (`[[origin]] max_connections`): an origin at its limit is passed over for another
     /// healthy one with room; when none has room, the request waits up to the pool's connect
-    /// timeout for room at its first choice, then fails as [`ORIGIN_BUSY`].
+    /// timeout for whichever of them gives a place back first, then fails as [`ORIGIN_BUSY`].
     pub async fn pick_and_claim(
         &self,
         key: impl Fn() -> String,
         host: &str,
         failed: &[SocketAddr],
     ) -> Result<(Box<HttpPeer>, Option<OriginPermit>)> {
-        let full = match self.claim_now(key, host, failed)? {
+        let mut full = match self.claim_now(key, host, failed)? {
             Claim::Got(peer, permit) => return Ok((peer, permit)),
             Claim::Busy(full) => full,
         };
@@ -285,13 +285,8 @@ impl Pool {
             .map(|(i, room)| Box::pin(async move { (i, room.acquire_owned().await) }));
         let first_room = futures::future::select_all(waits);
         match tokio::time::timeout(self.connect_timeout, first_room).await {
-            Ok(((i, Ok(permit)), _, _)) => {
-                let peer = full.into_iter().nth(i).map(|(peer, _)| peer);
-                peer.map(|peer| (Box::new(peer), Some(permit)))
-                    .ok_or_else(|| {
-                        Error::explain(ErrorType::InternalError, "no origin to wait for")
-                    })
-            }
+            // `i` is an index into `full`, whose waits these are.
+            Ok(((i, Ok(permit)), _, _)) => Ok((Box::new(full.swap_remove(i).0), Some(permit))),
             _ => {
                 let mut e = Error::explain(
                     ErrorType::Custom(ORIGIN_BUSY),
