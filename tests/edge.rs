@@ -1260,3 +1260,121 @@ async fn a_stale_copy_is_served_while_the_origin_is_at_max_connections() {
     assert_eq!(origin.count("/wiki/Stale"), 1, "served stale, not fetched");
     assert_eq!(slow.await.unwrap().status, 200);
 }
+
+/// Reads one response whose body is framed by `Content-Length`, with a deadline.
+async fn read_framed_response(stream: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout_at(deadline.into(), stream.read(&mut chunk))
+            .await
+            .expect("a whole response within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed before the response was whole: {text}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// `[server] max_body_bytes`: a body declared larger gets 413 before anything reaches the
+/// origin, and the connection closes (its body is not read); a body at the limit passes whole;
+/// a client waiting for `100 Continue` gets the 413 instead (RFC 9110 §10.1.1). Before, any
+/// body went on to the origin whatever its size.
+#[tokio::test]
+async fn a_body_declared_over_max_body_bytes_gets_413_and_never_reaches_the_origin() {
+    let origin = Origin::start(|_| Reply::ok("stored").header("cache-control", "no-store")).await;
+    let skua = Skua::start_tables(&[origin.addr], ["max_body_bytes = 1000", "", ""], "").await;
+    let mut conn = TcpStream::connect(skua.addr).await.unwrap();
+    let body = "b".repeat(1001);
+    conn.write_all(
+        format!("POST /upload HTTP/1.1\r\nHost: wiki.test\r\nContent-Length: 1001\r\n\r\n{body}")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let refused = read_framed_response(&mut conn).await;
+    assert!(refused.starts_with("HTTP/1.1 413 "), "{refused}");
+    assert!(refused.contains("max_body_bytes"), "{refused}");
+    assert!(
+        refused.to_ascii_lowercase().contains("connection: close"),
+        "{refused}"
+    );
+    let mut conn = TcpStream::connect(skua.addr).await.unwrap();
+    conn.write_all(b"POST /upload HTTP/1.1\r\nHost: wiki.test\r\nContent-Length: 1000\r\n\r\n")
+        .await
+        .unwrap();
+    conn.write_all(&body.as_bytes()[..1000]).await.unwrap();
+    let stored = read_framed_response(&mut conn).await;
+    assert!(stored.starts_with("HTTP/1.1 200 "), "{stored}");
+    let seen = origin.requests("/upload");
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the body at the limit reached the origin"
+    );
+    assert_eq!(seen[0].body.len(), 1000);
+
+    let mut waiting = TcpStream::connect(skua.addr).await.unwrap();
+    waiting
+        .write_all(
+            b"PUT /upload HTTP/1.1\r\nHost: wiki.test\r\nContent-Length: 50000000\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), waiting.read_to_end(&mut answer))
+        .await
+        .expect("closed after the 413")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 413 "),
+        "no 100 first: {answer}"
+    );
+    assert_eq!(origin.requests("/upload").len(), 1);
+}
+
+/// A chunked body gives no size up front: it is counted as it arrives, and the chunk that takes
+/// it past `max_body_bytes` is answered 413 instead of being sent on, so the origin never
+/// receives the body whole (it sees a request cut off, which no server completes).
+#[tokio::test]
+async fn a_chunked_body_over_max_body_bytes_is_cut_off_with_413() {
+    let origin = Origin::start(|_| Reply::ok("stored").header("cache-control", "no-store")).await;
+    let skua = Skua::start_tables(&[origin.addr], ["max_body_bytes = 1000", "", ""], "").await;
+    let mut conn = TcpStream::connect(skua.addr).await.unwrap();
+    conn.write_all(
+        b"POST /chunked HTTP/1.1\r\nHost: wiki.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let chunk = format!("258\r\n{}\r\n", "c".repeat(600));
+    for _ in 0..3 {
+        if conn.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = conn.write_all(b"0\r\n\r\n").await;
+    let refused = read_framed_response(&mut conn).await;
+    assert!(refused.starts_with("HTTP/1.1 413 "), "{refused}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for seen in origin.requests("/chunked") {
+        assert!(seen.body.len() < 1800, "the whole body reached the origin");
+    }
+    let small = send(&client(), "POST", &skua.url("/chunked"), &[]).await;
+    assert_eq!(small.status, 200, "a body under the limit still passes");
+}

@@ -1245,3 +1245,60 @@ async fn https_behind_a_balancer_takes_the_proxy_headers_client() {
     let seen = &origin.requests("/wiki/Page")[0];
     assert_eq!(seen.header("x-forwarded-for"), Some("203.0.113.9"));
 }
+
+/// `[server] max_body_bytes` over HTTP/2: a declared length over it gets 413 before the
+/// origin is asked, and a stream whose DATA frames pass it is answered 413 as they arrive; the
+/// connection's other streams go on.
+#[tokio::test]
+async fn http2_bodies_over_max_body_bytes_get_413() {
+    let origin = Origin::start(|_| Reply::ok("stored").header("cache-control", "no-store")).await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
+    let tls_port = Port::reserve();
+    let lines = format!(
+        "max_body_bytes = 1000\n{}",
+        tls_lines(&tls_port, &[cert], "")
+    );
+    let _skua = Skua::start_tables(&[origin.addr], [&lines, "", ""], "").await;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
+    wait_listening(tls_addr).await;
+    let url = format!("https://wiki.test:{}/upload", tls_port.number);
+    let (send, _connection) = h2_connection(&ca, tls_addr, "wiki.test").await;
+    let mut send = send.ready().await.unwrap();
+
+    let declared = http::Request::post(&url)
+        .header("content-length", "5000")
+        .body(())
+        .unwrap();
+    let (response, mut body) = send.send_request(declared, false).unwrap();
+    let _ = body.send_data(bytes::Bytes::from(vec![b'd'; 1000]), false);
+    assert_eq!(response.await.unwrap().status(), 413);
+
+    let mut send = send.ready().await.unwrap();
+    let streamed = http::Request::post(&url).body(()).unwrap();
+    let (response, mut body) = send.send_request(streamed, false).unwrap();
+    for _ in 0..3 {
+        let _ = body.send_data(bytes::Bytes::from(vec![b's'; 600]), false);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = body.send_data(bytes::Bytes::new(), true);
+    assert_eq!(response.await.unwrap().status(), 413);
+
+    let mut send = send.ready().await.unwrap();
+    let small = http::Request::post(&url).body(()).unwrap();
+    let (response, mut body) = send.send_request(small, false).unwrap();
+    body.send_data(bytes::Bytes::from(vec![b'k'; 900]), true)
+        .unwrap();
+    assert_eq!(
+        response.await.unwrap().status(),
+        200,
+        "the same connection goes on"
+    );
+    let seen = origin.requests("/upload");
+    assert!(
+        seen.iter().all(|s| s.body.len() < 1200),
+        "a body over the limit reached the origin whole"
+    );
+    assert!(seen.iter().any(|s| s.body.len() == 900));
+}

@@ -192,6 +192,10 @@ pub struct ServerFile {
     pub max_header_bytes: usize,
     /// Most request header fields; more gets 431. Default 100.
     pub max_headers: usize,
+    /// Largest request body in bytes: a larger one, by its `Content-Length` or as it arrives,
+    /// gets 413 and never reaches an origin whole. 0: no limit. Default 104857600 (100 MiB,
+    /// MediaWiki's default upload limit).
+    pub max_body_bytes: u64,
     /// Hosts this cache serves (exact, case-insensitive, port ignored); any other host gets
     /// 421 without touching the cache. Default empty: every host.
     pub hosts: Vec<String>,
@@ -299,6 +303,7 @@ impl Default for ServerFile {
             max_uri_bytes: 8192,
             max_header_bytes: 32768,
             max_headers: 100,
+            max_body_bytes: 100 << 20,
             hosts: Vec::new(),
             trusted_proxies: Vec::new(),
             strip_headers: Vec::new(),

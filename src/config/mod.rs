@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub strip_headers: Vec<http::HeaderName>,
     pub keepalive_timeout: Duration,
     pub body_timeout: Duration,
+    /// `[server] max_body_bytes`; `None`: no limit.
+    pub max_body_bytes: Option<u64>,
     pub connections: ConnectionLimits,
     pub tls: Option<TlsConfig>,
 }

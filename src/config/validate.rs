@@ -466,6 +466,7 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
         strip_headers,
         keepalive_timeout,
         body_timeout,
+        max_body_bytes: (s.max_body_bytes > 0).then_some(s.max_body_bytes),
         connections: ConnectionLimits {
             max_connections: s.max_connections,
             idle_timeout: keepalive_timeout,

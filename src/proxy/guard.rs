@@ -107,6 +107,17 @@ pub fn absolute_form_scheme(target: &[u8]) -> Option<&[u8]> {
     well_formed.then_some(scheme)
 }
 
+/// Whether `req` declares a body longer than `limit` bytes (`[server] max_body_bytes`). A
+/// `Content-Length` that is no number was refused by [`check`]; one past `u64` is over any limit.
+pub fn declares_body_over(req: &RequestHeader, limit: u64) -> bool {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .is_some_and(|v| {
+            v.to_str()
+                .map_or(true, |n| n.parse::<u64>().map_or(true, |n| n > limit))
+        })
+}
+
 /// Whether a raw request head names a Content-Length field. pingora drops Content-Length
 /// when Transfer-Encoding is present (RFC 9112 §6.3's other permitted reading), so a request
 /// carrying both is recognised from its raw bytes; only requests with Transfer-Encoding are
@@ -397,6 +408,18 @@ mod tests {
             check(&req(&[("x", &big)]), &LIMITS).unwrap_err().status,
             431
         );
+    }
+
+    #[test]
+    fn a_declared_body_is_measured_against_max_body_bytes() {
+        let over = |len: &str| declares_body_over(&req(&[("content-length", len)]), 1000);
+        assert!(!over("1000"));
+        assert!(over("1001"));
+        assert!(over("99999999999999999999999"));
+        assert!(!declares_body_over(
+            &req(&[("transfer-encoding", "chunked")]),
+            1000
+        ));
     }
 
     #[test]

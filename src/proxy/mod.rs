@@ -192,6 +192,8 @@ pub struct Settings {
     keepalive_secs: u64,
     invalidate_on_unsafe: UnsafeInvalidation,
     body_timeout: std::time::Duration,
+    /// `[server] max_body_bytes`; `None`: no limit.
+    max_body_bytes: Option<u64>,
     /// `[cache] downstream_cache_control`.
     downstream_cache_control: Option<HeaderValue>,
     /// `[cache] compress`.
@@ -327,6 +329,7 @@ impl From<&Config> for Settings {
             downstream_cache_control: config.cache.downstream_cache_control.clone(),
             compress: config.cache.compress,
             body_timeout: config.server.body_timeout,
+            max_body_bytes: config.server.max_body_bytes,
             https_redirect: config.server.tls.as_ref().and_then(|tls| {
                 let port = tls.listen.first()?.port();
                 (!tls.redirect_http.is_empty()).then(|| HttpsRedirect {
@@ -427,6 +430,8 @@ pub struct RequestCtx {
     /// max_connections`), held until the origin's response has been read.
     origin_permit: Option<crate::upstream::OriginPermit>,
     body_bytes: u64,
+    /// The request body's limit (`[server] max_body_bytes`) and the bytes of it read so far.
+    request_body: (Option<u64>, u64),
     /// When the request to the origin was sent (the last attempt).
     upstream_sent: Option<SystemTime>,
     /// The origin's status and how long its response header took.
@@ -1049,6 +1054,7 @@ impl ProxyHttp for CachingProxy {
             failed_origins: Vec::new(),
             origin_permit: None,
             body_bytes: 0,
+            request_body: (None, 0),
             upstream_sent: None,
             origin_response: None,
             health: false,
@@ -1097,6 +1103,20 @@ impl ProxyHttp for CachingProxy {
             session.set_keepalive(Some(settings.keepalive_secs));
         }
         session.set_read_timeout(Some(settings.body_timeout));
+        if verdict.is_ok() {
+            if let Some(limit) = settings.max_body_bytes {
+                if guard::declares_body_over(session.req_header(), limit) {
+                    // Answered before the body is read, so pingora closes the connection
+                    // after it (RFC 9110 §10.1.1 allows reading the body or closing); a client
+                    // waiting for `100 Continue` gets the 413 instead and sends nothing.
+                    verdict = Err(guard::Refusal {
+                        status: 413,
+                        reason: format!("request body over {limit} bytes (max_body_bytes)"),
+                    });
+                }
+            }
+            ctx.request_body = (settings.max_body_bytes, 0);
+        }
         if let Err(refusal) = verdict {
             ctx.internal = true;
             if refusal.status == 400 {
@@ -1498,6 +1518,28 @@ impl ProxyHttp for CachingProxy {
         Ok(())
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let (limit, read) = &mut ctx.request_body;
+        if let (Some(limit), Some(chunk)) = (limit, body.as_ref()) {
+            *read += chunk.len() as u64;
+            if *read > *limit {
+                // Before this chunk is sent on: the origin never receives the body whole.
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    "request body over max_body_bytes",
+                )
+                .into_down());
+            }
+        }
+        Ok(())
+    }
+
     fn upstream_response_body_filter(
         &self,
         _session: &mut Session,
@@ -1711,6 +1753,10 @@ impl ProxyHttp for CachingProxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let (code, message) = match e.etype() {
+            ErrorType::HTTPStatus(413) => (
+                413,
+                "request body larger than this cache accepts ([server] max_body_bytes)",
+            ),
             ErrorType::HTTPStatus(code) => (*code, "request refused"),
             ErrorType::Custom(crate::upstream::ORIGIN_BUSY) => (
                 503,
