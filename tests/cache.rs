@@ -2,7 +2,7 @@
 //! reached the origin.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1509,4 +1509,133 @@ async fn a_miss_looks_the_memory_tier_up_once_and_again_after_the_lock() {
     });
     assert_eq!((one.text(), two.text()), ("page".into(), "page".into()));
     assert_eq!(origin.count("/c"), 1, "{} {}", one.cache(), two.cache());
+}
+
+/// An origin that passes its health checks but drops some requests: `/drop/` ones are read and
+/// the connection closed without an answer, `/hang/` ones are read and never answered. Returns
+/// its address and the request lines it read.
+async fn origin_that_fails_requests() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let read = Arc::new(Mutex::new(Vec::new()));
+    let lines = read.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let line = text.lines().next().unwrap_or_default().to_string();
+                if line.contains(" /_health ") {
+                    let _ = conn
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                        )
+                        .await;
+                    return;
+                }
+                lines.lock().unwrap().push(line.clone());
+                if line.contains(" /hang/") {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+            });
+        }
+    });
+    (addr, read)
+}
+
+/// nginx's `proxy_next_upstream error timeout`: a GET or HEAD whose origin closes the connection
+/// or times out before any of its answer arrived is sent once to each other origin of the pool
+/// before the client is answered 502/504. A POST is never sent twice. Regression: with one of
+/// two app servers dropping requests (a crashed PHP worker, a full accept queue), half of the
+/// readers got 502 until the health check saw it, and a hung one gave 504 after `read_timeout`.
+#[tokio::test]
+async fn a_request_an_origin_drops_before_answering_is_sent_to_another_origin() {
+    let (failing, read) = origin_that_fails_requests().await;
+    let live = Origin::start(|seen| {
+        Reply::ok(format!("live {}", seen.method)).header("cache-control", "no-store")
+    })
+    .await;
+    let skua =
+        Skua::start_tables(&[failing, live.addr], ["", "read_timeout = \"1s\"", ""], "").await;
+    let client = client();
+    for i in 0..4 {
+        let r = send(&client, "GET", &skua.url(&format!("/drop/{i}")), &[]).await;
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "live GET"),
+            "/drop/{i}"
+        );
+    }
+    // HEAD takes pingora's path, GET the front door's fill: both send on.
+    for i in 0..4 {
+        let r = send(&client, "HEAD", &skua.url(&format!("/drop/h{i}")), &[]).await;
+        assert_eq!(r.status, 200, "HEAD /drop/h{i}");
+    }
+    let started = std::time::Instant::now();
+    for i in 0..2 {
+        let r = send(&client, "GET", &skua.url(&format!("/hang/{i}")), &[]).await;
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "live GET"),
+            "/hang/{i}"
+        );
+        let r = send(&client, "HEAD", &skua.url(&format!("/hang/h{i}")), &[]).await;
+        assert_eq!(r.status, 200, "HEAD /hang/h{i}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    // Both paths met the failing origin (a HEAD miss reaches it as a GET).
+    let dropped = read.lock().unwrap().clone();
+    let asked = |prefix: &str| dropped.iter().filter(|l| l.contains(prefix)).count();
+    assert!(
+        asked(" /drop/h") >= 2 && asked(" /drop/") - asked(" /drop/h") >= 2,
+        "{dropped:?}"
+    );
+
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        statuses.push(
+            send(&client, "POST", &skua.url(&format!("/drop/p{i}")), &[])
+                .await
+                .status,
+        );
+    }
+    let posts_failed = read
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.starts_with("POST"))
+        .count();
+    let posts_live = live
+        .all_requests()
+        .iter()
+        .filter(|s| s.method == "POST")
+        .count();
+    assert_eq!(
+        posts_failed + posts_live,
+        4,
+        "each POST reached one origin once: {statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 502).count(),
+        posts_failed,
+        "{statuses:?}"
+    );
+    assert!(
+        skua.metric("skua_origin_errors_total{kind=\"ConnectionClosed\",pool=\"test\"}")
+            .await
+            >= 2.0,
+        "each dropped request is counted"
+    );
 }

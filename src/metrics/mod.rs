@@ -333,7 +333,7 @@ impl Metrics {
         let origin_errors = IntCounterVec::new(
             Opts::new(
                 "skua_origin_errors_total",
-                "Failed origin fetches, by pool and pingora error kind.",
+                "Failed attempts at an origin (each origin a request was tried on), by pool and pingora error kind.",
             ),
             &["pool", "kind"],
         )?;

@@ -486,27 +486,6 @@ impl super::fast::FrontDoor {
             return Filled::Declined;
         }
         let primary_text = || url.primary();
-        // Every origin at its `max_connections`: pingora's path waits for room, or serves a
-        // stale copy, or answers 503.
-        let Ok(Claim::Got(peer, _origin_room)) = pool.claim_now(primary_text, url.host_name(), &[])
-        else {
-            shared
-                .lock
-                .release(&key, permit, LockStatus::TransientError);
-            return Filled::Declined;
-        };
-        let Some(addr) = peer._address.as_inet().copied() else {
-            shared
-                .lock
-                .release(&key, permit, LockStatus::TransientError);
-            return Filled::Declined;
-        };
-        let read_timeout = peer.options.read_timeout.unwrap_or(Duration::from_secs(60));
-        let connect_timeout = peer
-            .options
-            .connection_timeout
-            .unwrap_or(Duration::from_secs(10));
-
         let from_proxy = guard::trusted(&settings.trusted_proxies, client());
         let (request, forwarded_for) = upstream_request(
             &req,
@@ -517,58 +496,94 @@ impl super::fast::FrontDoor {
             &shared.via,
         );
 
-        // Sent on a kept-alive connection first; one the origin closed meanwhile is retried on a
-        // new one, as pingora retries a reused connection that fails before any answer.
-        let mut pooled = self.idle.take(&addr);
-        let sent = SystemTime::now();
-        let (mut origin, resp, head_len) = loop {
-            let reused = pooled.is_some();
-            let conn = match pooled.take() {
-                Some(conn) => conn,
-                None => match fast_timeout(connect_timeout, TcpStream::connect(addr)).await {
-                    Ok(Ok(conn)) => {
-                        let _ = conn.set_nodelay(true);
-                        conn
+        // The origins this request failed on, each before a byte of its answer arrived: as on
+        // pingora's path (`error_while_proxy`), each other origin of the pool is tried once.
+        let mut failed: Vec<SocketAddr> = Vec::new();
+        let mut last_error = None;
+        let exchanged = 'origins: loop {
+            // Every origin at its `max_connections`: pingora's path waits for room, or serves a
+            // stale copy, or answers 503.
+            let claim = pool.claim_now(primary_text, url.host_name(), &failed);
+            let (addr, peer, origin_room) = match claim {
+                Ok(Claim::Got(peer, room)) => match peer._address.as_inet().copied() {
+                    Some(addr) => (addr, peer, room),
+                    None => break 'origins None,
+                },
+                _ => break 'origins None,
+            };
+            let read_timeout = peer.options.read_timeout.unwrap_or(Duration::from_secs(60));
+            let connect_timeout = peer
+                .options
+                .connection_timeout
+                .unwrap_or(Duration::from_secs(10));
+            // Sent on a kept-alive connection first; one the origin closed meanwhile is retried
+            // on a new one, as pingora retries a reused connection that fails before any answer.
+            let mut pooled = self.idle.take(&addr);
+            let sent = SystemTime::now();
+            let error = loop {
+                let reused = pooled.is_some();
+                let conn = match pooled.take() {
+                    Some(conn) => conn,
+                    None => match fast_timeout(connect_timeout, TcpStream::connect(addr)).await {
+                        Ok(Ok(conn)) => {
+                            let _ = conn.set_nodelay(true);
+                            conn
+                        }
+                        // Nothing was sent: pingora's path tries the pool's other origins.
+                        // After an origin failed here, its failure is the answer instead.
+                        _ => break 'origins None,
+                    },
+                };
+                let mut origin = Origin {
+                    conn,
+                    addr,
+                    buf: BytesMut::with_capacity(8 * 1024),
+                    read_timeout,
+                };
+                if origin.conn.write_all(&request).await.is_err() {
+                    if reused {
+                        continue;
                     }
-                    // Nothing was sent: pingora's path tries the pool's other origins.
-                    _ => {
+                    break OriginError::Io;
+                }
+                match origin.read_head(stream).await {
+                    Ok((resp, n)) => break 'origins Some((origin, resp, n, sent, origin_room)),
+                    Err(OriginError::Closed | OriginError::Io)
+                        if reused && origin.buf.is_empty() =>
+                    {
+                        continue
+                    }
+                    // Closed, reset or silent before a byte of the answer: the request may be
+                    // sent on (a GET, RFC 9110 §9.2.2).
+                    Err(e @ (OriginError::Closed | OriginError::Io | OriginError::Timeout))
+                        if origin.buf.is_empty() =>
+                    {
+                        break e
+                    }
+                    Err(e) => {
                         shared
                             .lock
                             .release(&key, permit, LockStatus::TransientError);
-                        return Filled::Declined;
+                        self.origin_failed(pool, e, &req, url, client, started, stream)
+                            .await;
+                        return Filled::Answered { close: true };
                     }
-                },
-            };
-            let mut origin = Origin {
-                conn,
-                addr,
-                buf: BytesMut::with_capacity(8 * 1024),
-                read_timeout,
-            };
-            let written = origin.conn.write_all(&request).await;
-            if written.is_err() {
-                if reused {
-                    continue;
                 }
-                shared
-                    .lock
-                    .release(&key, permit, LockStatus::TransientError);
+            };
+            failed.push(addr);
+            count_origin_error(&shared.metrics, pool, error);
+            last_error = Some(error);
+        };
+        let Some((mut origin, resp, head_len, sent, _origin_room)) = exchanged else {
+            shared
+                .lock
+                .release(&key, permit, LockStatus::TransientError);
+            let Some(error) = last_error else {
                 return Filled::Declined;
-            }
-            match origin.read_head(stream).await {
-                Ok((resp, n)) => break (origin, resp, n),
-                Err(OriginError::Closed | OriginError::Io) if reused && origin.buf.is_empty() => {
-                    continue
-                }
-                Err(e) => {
-                    shared
-                        .lock
-                        .release(&key, permit, LockStatus::TransientError);
-                    self.origin_failed(pool, e, &req, url, client, started, stream)
-                        .await;
-                    return Filled::Answered { close: true };
-                }
-            }
+            };
+            self.answer_origin_failure(error, &req, url, client, started, stream)
+                .await;
+            return Filled::Answered { close: true };
         };
         let waited = SystemTime::now().duration_since(sent).unwrap_or_default();
         pool.series(&shared.metrics)
@@ -903,13 +918,23 @@ impl super::fast::FrontDoor {
         started: Instant,
         stream: &mut Stream,
     ) {
+        count_origin_error(&self.state().metrics, pool, error);
+        self.answer_origin_failure(error, req, url, client, started, stream)
+            .await;
+    }
+
+    /// [`Self::origin_failed`]'s answer, for an error already counted.
+    async fn answer_origin_failure<F: RequestFields>(
+        &self,
+        error: OriginError,
+        req: &FillRequest<'_, F>,
+        url: &crate::cache::key::CacheUrl,
+        client: &impl Fn() -> Option<IpAddr>,
+        started: Instant,
+        stream: &mut Stream,
+    ) {
         let shared = self.state();
         shared.metrics.front_door_fills.inc();
-        shared
-            .metrics
-            .origin_errors
-            .with_label_values(&[&pool.name, error.as_str()])
-            .inc();
         let (status, message) = match error {
             OriginError::Timeout => (504, "origin timed out"),
             _ => (502, "origin unreachable or failed"),
@@ -925,6 +950,18 @@ impl super::fast::FrontDoor {
             (status, 0, Disposition::IntFront),
         );
     }
+}
+
+/// One failed attempt at an origin of `pool`, in `skua_origin_errors_total`.
+fn count_origin_error(
+    metrics: &crate::metrics::Metrics,
+    pool: &crate::upstream::Pool,
+    error: OriginError,
+) {
+    metrics
+        .origin_errors
+        .with_label_values(&[&pool.name, error.as_str()])
+        .inc();
 }
 
 /// Adds a piece of the body to what is kept for storing, until it outgrows the largest object.

@@ -626,6 +626,31 @@ impl CachingProxy {
     }
 
     /// The name of the origin pool this request uses, for metric labels.
+    /// Marks `peer` as failed for this request; whether an origin of its pool remains that
+    /// this request has not failed on.
+    fn another_origin_remains(&self, peer: &HttpPeer, ctx: &mut RequestCtx) -> bool {
+        if let Some(addr) = peer._address.as_inet() {
+            ctx.failed_origins.push(*addr);
+        }
+        let pool_size = self
+            .shared
+            .pools
+            .load()
+            .get(ctx.pool)
+            .map_or(1, |p| p.size());
+        ctx.failed_origins.len() < pool_size
+    }
+
+    /// One failed attempt at an origin: each retried one here, the last in `fail_to_proxy`.
+    fn count_origin_error(&self, ctx: &RequestCtx, e: &Error) {
+        let pool = self.pool_name(ctx);
+        self.shared
+            .metrics
+            .origin_errors
+            .with_label_values(&[&pool, e.etype().as_str()])
+            .inc();
+    }
+
     fn pool_name(&self, ctx: &RequestCtx) -> Arc<str> {
         self.shared
             .pools
@@ -1410,16 +1435,54 @@ impl ProxyHttp for CachingProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        if let Some(addr) = peer._address.as_inet() {
-            ctx.failed_origins.push(*addr);
+        if self.another_origin_remains(peer, ctx) {
+            self.count_origin_error(ctx, &e);
+            e.set_retry(true);
         }
-        let pool_size = self
-            .shared
-            .pools
-            .load()
-            .get(ctx.pool)
-            .map_or(1, |p| p.size());
-        if ctx.failed_origins.len() < pool_size {
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // pingora's rule first: only a request that can be sent again whole (RFC 9110 §9.2.2,
+        // idempotent methods) is, and a pooled connection the origin had already closed is
+        // retried on the same origin.
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+            return e;
+        }
+        e.retry.decide_reuse(client_reused);
+        if e.retry() {
+            return e;
+        }
+        // nginx's `proxy_next_upstream error timeout`: an origin that closed the connection, or
+        // did not answer within `read_timeout`, before a byte of its answer arrived has
+        // answered nothing this request could be served from; each other origin of the pool
+        // is tried once before the client gets 502/504 (or a stale copy).
+        let before_any_answer =
+            ctx.origin_response.is_none() && session.response_written().is_none();
+        let failed = matches!(
+            e.etype(),
+            ErrorType::ConnectionClosed
+                | ErrorType::ReadError
+                | ErrorType::WriteError
+                | ErrorType::ReadTimedout
+                | ErrorType::WriteTimedout
+        );
+        if before_any_answer
+            && failed
+            && e.esource() == &ErrorSource::Upstream
+            && self.another_origin_remains(peer, ctx)
+        {
+            self.count_origin_error(ctx, &e);
             e.set_retry(true);
         }
         e
@@ -1785,12 +1848,7 @@ impl ProxyHttp for CachingProxy {
             },
         };
         if e.esource() == &ErrorSource::Upstream {
-            let pool = self.pool_name(ctx);
-            self.shared
-                .metrics
-                .origin_errors
-                .with_label_values(&[&pool, e.etype().as_str()])
-                .inc();
+            self.count_origin_error(ctx, e);
         }
         // A response whose head is already out cannot be followed by another on the same
         // connection (RFC 9112 §9.3: the client would read it as part of this one's body); the
