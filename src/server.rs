@@ -597,7 +597,7 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
         ("server.threads", r.server.threads != n.server.threads),
         ("server.name", r.server.name != n.server.name),
         (
-            "server.max_connections / header_timeout",
+            "server.max_connections / header_timeout / send_timeout",
             differs(&r.server.connections, &n.server.connections),
         ),
         (

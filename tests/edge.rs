@@ -1378,3 +1378,77 @@ async fn a_chunked_body_over_max_body_bytes_is_cut_off_with_413() {
     let small = send(&client(), "POST", &skua.url("/chunked"), &[]).await;
     assert_eq!(small.status, 200, "a body under the limit still passes");
 }
+
+/// `[server] send_timeout`: a client that stops reading an answer is closed once no byte has
+/// gone out for the timeout, on each path an answer takes: a memory hit (the front door), a
+/// miss the front door fills, and pingora's path (here a logged-in reader's pass). Regression:
+/// such a connection was held for as long as the client kept it open, so clients that never
+/// read could take every connection (`max_connections`) and everyone else got 503.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_after_send_timeout() {
+    const BIG: usize = 12 << 20;
+    // The answer must outgrow what the kernel buffers for the client, or no write ever waits.
+    let send_buffer_max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse::<usize>().ok())
+        .unwrap_or(0);
+    assert!(
+        send_buffer_max + (1 << 20) < BIG,
+        "tcp_wmem's largest send buffer ({send_buffer_max}) holds the whole answer"
+    );
+    let origin = Origin::start(|seen| {
+        let cc = if seen.path.starts_with("/stored/") {
+            "max-age=600"
+        } else {
+            "no-store"
+        };
+        Reply::ok(vec![b'z'; BIG]).header("cache-control", cc)
+    })
+    .await;
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["send_timeout = \"1s\"", "", "max_object_size = 13000000"],
+        "",
+    )
+    .await;
+    assert_eq!(get(&skua.url("/stored/big"), &[]).await.body.len(), BIG);
+    assert_eq!(
+        get(&skua.url("/stored/big"), &[]).await.cache(),
+        "hit-front"
+    );
+
+    let stalled = |target: &'static str, extra: &'static str| {
+        let addr = skua.addr;
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            let mut conn = socket.connect(addr).await.unwrap();
+            let request = format!("GET {target} HTTP/1.1\r\nHost: wiki.test\r\n{extra}\r\n");
+            conn.write_all(request.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let mut read = 0;
+            let mut buf = vec![0u8; 1 << 16];
+            let ended = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => read += n,
+                    }
+                }
+            })
+            .await;
+            assert!(ended.is_ok(), "{target}: still open after {read} bytes");
+            assert!(
+                read < BIG,
+                "{target}: the whole answer was sent ({read} bytes)"
+            );
+        }
+    };
+    tokio::join!(
+        stalled("/stored/big", ""),
+        stalled("/fill/big", ""),
+        stalled("/pass/big", "Cookie: enwikiSession=abc\r\n"),
+    );
+    // A client that reads gets the whole answer.
+    assert_eq!(get(&skua.url("/fill/again"), &[]).await.body.len(), BIG);
+}

@@ -211,6 +211,9 @@ pub struct ServerFile {
     /// Longest time from the first byte of a request head to its end (duration); a slower
     /// client gets 408 and is closed. Default `10s`.
     pub header_timeout: String,
+    /// Longest a client may take to accept any more bytes of a response being sent (duration):
+    /// one that stops reading is closed. Default `60s`.
+    pub send_timeout: String,
     /// Client connections open at once; the next is answered 503 and closed. Default 10000.
     pub max_connections: usize,
     /// Request headers removed before a request goes to an origin, besides the built-in list
@@ -310,6 +313,7 @@ impl Default for ServerFile {
             keepalive_timeout: "60s".into(),
             body_timeout: "30s".into(),
             header_timeout: "10s".into(),
+            send_timeout: "60s".into(),
             max_connections: 10_000,
             tls: None,
         }

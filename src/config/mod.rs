@@ -239,6 +239,8 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     /// How long a request head may take from its first byte to its blank line.
     pub header_timeout: Duration,
+    /// How long a response write may wait for the client to accept more bytes.
+    pub send_timeout: Duration,
     /// Most bytes a request head may have before it is refused with 431 here; heads under it
     /// reach [`crate::proxy::guard`], which applies the exact 414/431 limits.
     pub max_head_bytes: usize,

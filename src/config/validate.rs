@@ -437,10 +437,12 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
     let tls = s.tls.as_ref().map(|t| check_tls(c, t, &s.hosts));
     let body_timeout = c.duration(&[Key("server"), Key("body_timeout")], &s.body_timeout);
     let header_timeout = c.duration(&[Key("server"), Key("header_timeout")], &s.header_timeout);
+    let send_timeout = c.duration(&[Key("server"), Key("send_timeout")], &s.send_timeout);
     for (key, d) in [
         ("keepalive_timeout", keepalive_timeout),
         ("body_timeout", body_timeout),
         ("header_timeout", header_timeout),
+        ("send_timeout", send_timeout),
     ] {
         if d < Duration::from_secs(1) {
             c.report(&[Key("server"), Key(key)], "must be at least 1s");
@@ -471,6 +473,7 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
             max_connections: s.max_connections,
             idle_timeout: keepalive_timeout,
             header_timeout,
+            send_timeout,
             // Room for the longest allowed request line and header section, so the exact
             // 414/431 answers stay with the guard.
             max_head_bytes: s.max_uri_bytes + s.max_header_bytes + 1024,

@@ -247,8 +247,7 @@ where
         };
         if let Some(front) = self.front.as_ref() {
             if stream.selected_alpn_proto() == Some(ALPN::H2) {
-                let idle = self.limits.idle_timeout;
-                let h2 = super::h2::serve(&self.app, front, stream, scheme, idle, shutdown);
+                let h2 = super::h2::serve(&self.app, front, stream, scheme, &self.limits, shutdown);
                 Box::pin(h2).await;
                 return None;
             }
@@ -291,12 +290,11 @@ where
                 front.answer(&head, scheme, client, closing, &mut looked)
             });
             if let Some(answer) = answered {
+                let send_timeout = self.limits.send_timeout;
                 let written = async {
-                    match &answer.body {
-                        Some(body) => write_both(&mut stream, &answer.head, body).await?,
-                        None => stream.write_all(&answer.head).await?,
-                    }
-                    stream.flush().await
+                    let body = answer.body.as_deref().unwrap_or_default();
+                    write_both(&mut stream, &answer.head, body, send_timeout).await?;
+                    within(send_timeout, stream.flush()).await
                 };
                 if written.await.is_err() || answer.close {
                     break;
@@ -311,7 +309,11 @@ where
                 // be part of every connection's future, idle ones included (test
                 // `half_sent_request_heads_do_not_cost_a_64_kib_buffer_each`).
                 let client = move || ip;
-                let fill = front.try_fill(&head, scheme, &client, closing, found, &mut stream);
+                let mut downstream = super::fill::Downstream {
+                    stream: &mut stream,
+                    send_timeout: self.limits.send_timeout,
+                };
+                let fill = front.try_fill(&head, scheme, &client, closing, found, &mut downstream);
                 let filled = Box::pin(fill).await;
                 if let Filled::Answered { close } = filled {
                     if close {
@@ -322,6 +324,7 @@ where
                 }
             }
             let mut session = ServerSession::new_http1(stream);
+            session.set_write_timeout(Some(self.limits.send_timeout));
             session.set_keepalive(if *shutdown.borrow() {
                 None
             } else {
@@ -425,9 +428,26 @@ impl Future for FirstBytes<'_> {
     }
 }
 
+/// `io`, failed as timed out when it makes no progress for `send_timeout` (`[server]
+/// send_timeout`: a client that stops reading). No timer is set when it completes at once, as
+/// writes to a client that reads do.
+pub async fn within<T>(
+    send_timeout: Duration,
+    io: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    fast_timeout(send_timeout, io)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
 /// Writes `head` then `body` with as few system calls as the socket allows (one `writev` when
-/// it takes everything).
-async fn write_both(stream: &mut Stream, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+/// it takes everything), each write allowed `send_timeout`.
+async fn write_both(
+    stream: &mut Stream,
+    head: &[u8],
+    body: &[u8],
+    send_timeout: Duration,
+) -> std::io::Result<()> {
     let mut written = 0;
     let total = head.len() + body.len();
     while written < total {
@@ -436,9 +456,9 @@ async fn write_both(stream: &mut Stream, head: &[u8], body: &[u8]) -> std::io::R
                 std::io::IoSlice::new(&head[written..]),
                 std::io::IoSlice::new(body),
             ];
-            stream.write_vectored(&parts).await?
+            within(send_timeout, stream.write_vectored(&parts)).await?
         } else {
-            stream.write(&body[written - head.len()..]).await?
+            within(send_timeout, stream.write(&body[written - head.len()..])).await?
         };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());

@@ -179,7 +179,7 @@ impl FrontDoor {
         client: &impl Fn() -> Option<IpAddr>,
         closing: bool,
         looked: &Looked,
-        stream: &mut pingora::protocols::Stream,
+        downstream: &mut super::fill::Downstream<'_>,
     ) -> super::fill::Filled {
         use super::fill::{FillRequest, Filled};
         let started = Instant::now();
@@ -208,8 +208,10 @@ impl FrontDoor {
             fields: &req.fields,
             raw: req.fields.parsed.0,
         };
-        self.fill(request, &settings, looked, client, closing, started, stream)
-            .await
+        self.fill(
+            request, &settings, looked, client, closing, started, downstream,
+        )
+        .await
     }
 
     /// The answer to the request whose complete head (and nothing more) is `head`, if it is a

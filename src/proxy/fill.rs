@@ -33,6 +33,7 @@ use pingora::time::fast_timeout::fast_timeout;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::connection::within;
 use super::record::Served;
 use super::{guard, hit, Settings};
 use crate::cache::fields::RequestFields;
@@ -172,7 +173,7 @@ impl Origin {
     /// generation of the 1xx response" (regression: it failed the miss with a 502).
     async fn read_head(
         &mut self,
-        client: &mut Stream,
+        client: &mut Downstream<'_>,
     ) -> Result<(ResponseHeader, usize), OriginError> {
         loop {
             let parsed = parse_head(&self.buf)?;
@@ -184,8 +185,7 @@ impl Origin {
                         let mut wire = Vec::with_capacity(n + 16);
                         super::respond::head_to_wire(&head, &mut wire);
                         // A client gone is found out when the final answer is written.
-                        let _ = client.write_all(&wire).await;
-                        let _ = client.flush().await;
+                        client.send(&wire).await;
                     }
                 }
                 Some(done) => return Ok(done),
@@ -208,7 +208,7 @@ impl Origin {
         &mut self,
         framing: Framing,
         left: &mut usize,
-        client: &mut ToClient<'_>,
+        client: &mut ToClient<'_, '_>,
     ) -> Result<Option<Bytes>, OriginError> {
         loop {
             match framing {
@@ -288,14 +288,31 @@ impl Origin {
     }
 }
 
+/// The client's connection, and how long a write to it may wait for the client to read
+/// (`[server] send_timeout`).
+pub struct Downstream<'a> {
+    pub stream: &'a mut Stream,
+    pub send_timeout: Duration,
+}
+
+impl Downstream<'_> {
+    /// Writes and flushes `bytes`: false when the client is gone, or stopped reading for the
+    /// send timeout.
+    async fn send(&mut self, bytes: &[u8]) -> bool {
+        let timeout = self.send_timeout;
+        within(timeout, self.stream.write_all(bytes)).await.is_ok()
+            && within(timeout, self.stream.flush()).await.is_ok()
+    }
+}
+
 /// What the client has yet to be sent of a fill's answer. Sent when it outgrows
 /// [`SEND_AT`] and whenever the fill is about to wait on the origin: an answer that arrives
 /// whole leaves in one write, and one the origin sends slowly (a page flushed early, an event
 /// stream) reaches the client as it comes (regression: the head and body were held until
 /// 64 KiB or the end of the body).
-struct ToClient<'a> {
+struct ToClient<'a, 'b> {
     out: Vec<u8>,
-    stream: &'a mut Stream,
+    downstream: &'a mut Downstream<'b>,
     /// No write to the client has failed.
     ok: bool,
 }
@@ -303,11 +320,10 @@ struct ToClient<'a> {
 /// Bytes of the answer after which they are sent without waiting for more.
 const SEND_AT: usize = 64 * 1024;
 
-impl ToClient<'_> {
+impl ToClient<'_, '_> {
     async fn send(&mut self) {
         if self.ok && !self.out.is_empty() {
-            self.ok =
-                self.stream.write_all(&self.out).await.is_ok() && self.stream.flush().await.is_ok();
+            self.ok = self.downstream.send(&self.out).await;
         }
         self.out.clear();
     }
@@ -457,7 +473,7 @@ impl super::fast::FrontDoor {
         client: &impl Fn() -> Option<IpAddr>,
         closing: bool,
         started: Instant,
-        stream: &mut Stream,
+        downstream: &mut Downstream<'_>,
     ) -> Filled {
         let shared = self.state();
         let Some(url) = looked.url() else {
@@ -546,7 +562,7 @@ impl super::fast::FrontDoor {
                     }
                     break OriginError::Io;
                 }
-                match origin.read_head(stream).await {
+                match origin.read_head(downstream).await {
                     Ok((resp, n)) => break 'origins Some((origin, resp, n, sent, origin_room)),
                     Err(OriginError::Closed | OriginError::Io)
                         if reused && origin.buf.is_empty() =>
@@ -564,7 +580,7 @@ impl super::fast::FrontDoor {
                         shared
                             .lock
                             .release(&key, permit, LockStatus::TransientError);
-                        self.origin_failed(pool, e, &req, url, client, started, stream)
+                        self.origin_failed(pool, e, &req, url, client, started, downstream)
                             .await;
                         return Filled::Answered { close: true };
                     }
@@ -581,7 +597,7 @@ impl super::fast::FrontDoor {
             let Some(error) = last_error else {
                 return Filled::Declined;
             };
-            self.answer_origin_failure(error, &req, url, client, started, stream)
+            self.answer_origin_failure(error, &req, url, client, started, downstream)
                 .await;
             return Filled::Answered { close: true };
         };
@@ -603,7 +619,7 @@ impl super::fast::FrontDoor {
                 shared
                     .lock
                     .release(&key, permit, LockStatus::TransientError);
-                self.origin_failed(pool, error, &req, url, client, started, stream)
+                self.origin_failed(pool, error, &req, url, client, started, downstream)
                     .await;
                 return Filled::Answered { close: true };
             }
@@ -633,7 +649,7 @@ impl super::fast::FrontDoor {
                 url,
                 client,
                 started,
-                stream,
+                downstream,
             )
             .await;
             return Filled::Answered { close: true };
@@ -767,7 +783,7 @@ impl super::fast::FrontDoor {
         super::respond::head_to_wire(&resp, &mut out);
         let mut client_out = ToClient {
             out,
-            stream,
+            downstream,
             ok: true,
         };
 
@@ -916,10 +932,10 @@ impl super::fast::FrontDoor {
         url: &crate::cache::key::CacheUrl,
         client: &impl Fn() -> Option<IpAddr>,
         started: Instant,
-        stream: &mut Stream,
+        downstream: &mut Downstream<'_>,
     ) {
         count_origin_error(&self.state().metrics, pool, error);
-        self.answer_origin_failure(error, req, url, client, started, stream)
+        self.answer_origin_failure(error, req, url, client, started, downstream)
             .await;
     }
 
@@ -931,7 +947,7 @@ impl super::fast::FrontDoor {
         url: &crate::cache::key::CacheUrl,
         client: &impl Fn() -> Option<IpAddr>,
         started: Instant,
-        stream: &mut Stream,
+        downstream: &mut Downstream<'_>,
     ) {
         let shared = self.state();
         shared.metrics.front_door_fills.inc();
@@ -940,8 +956,7 @@ impl super::fast::FrontDoor {
             _ => (502, "origin unreachable or failed"),
         };
         let wire = super::respond::text_wire(&shared.name, status, &format!("skua: {message}"));
-        let _ = stream.write_all(&wire).await;
-        let _ = stream.flush().await;
+        downstream.send(&wire).await;
         self.log(
             req,
             url,

@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use super::fast::FrontDoor;
 use crate::cache::key::Scheme;
 use crate::cache::memory::for_one_request;
+use crate::config::ConnectionLimits;
 
 /// Malformed streams (a forbidden byte in `:path`, conflicting `Content-Length`, an ambiguous
 /// authority) a connection may send before it is closed: pingora's own accept loop allows 32
@@ -43,7 +44,7 @@ pub async fn serve<A>(
     front: &FrontDoor,
     stream: Stream,
     scheme: Scheme,
-    idle_timeout: Duration,
+    limits: &ConnectionLimits,
     shutdown: &ShutdownWatch,
 ) where
     A: HttpServerApp + Send + Sync + 'static,
@@ -66,6 +67,8 @@ pub async fn serve<A>(
     if closing {
         conn.graceful_shutdown();
     }
+    let idle_timeout = limits.idle_timeout;
+    let send_timeout = limits.send_timeout;
     let mut malformed = 0;
     let active = Arc::new(ActiveStreams::default());
     loop {
@@ -130,7 +133,8 @@ pub async fn serve<A>(
                 return;
             }
             // The request's later phases read the front door's lookup instead of their own.
-            let session = ServerSession::new_http2(session);
+            let mut session = ServerSession::new_http2(session);
+            session.set_write_timeout(Some(send_timeout));
             for_one_request(looked, app.process_new_http(session, &shutdown)).await;
         });
     }
