@@ -1302,3 +1302,71 @@ async fn http2_bodies_over_max_body_bytes_get_413() {
     );
     assert!(seen.iter().any(|s| s.body.len() == 900));
 }
+
+/// A large hit read slowly over HTTP/2 arrives whole, however long it takes past the idle
+/// (keep-alive) timeout, while the client keeps reading; a client that stops reading one is
+/// closed after the idle timeout and `send_timeout`. Regression: the slow reader's answer was
+/// cut off at the idle timeout (60 s by default), because the front door hands HTTP/2 answers
+/// to the `h2` crate whole and the connection looked idle.
+#[tokio::test]
+async fn a_slow_http2_download_of_a_hit_is_not_cut_by_the_idle_timeout() {
+    const SIZE: usize = 2 << 20;
+    let origin =
+        Origin::start(|_| Reply::ok(vec![b'h'; SIZE]).header("cache-control", "max-age=600")).await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
+    let tls_port = Port::reserve();
+    let lines = format!(
+        "keepalive_timeout = \"1s\"\nsend_timeout = \"1s\"\n{}",
+        tls_lines(&tls_port, &[cert], "")
+    );
+    let _skua = Skua::start_tables(&[origin.addr], [&lines, "", ""], "").await;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
+    wait_listening(tls_addr).await;
+    let url = format!("https://wiki.test:{}/big", tls_port.number);
+    let (send, _connection) = h2_connection(&ca, tls_addr, "wiki.test").await;
+    for round in 0..2 {
+        let mut send = send.clone().ready().await.unwrap();
+        let (response, _) = send.send_request(h2_get(&url, &[]), true).unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), 200);
+        let hit = response.headers()["x-cache-status"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let mut body = response.into_body();
+        let mut got = 0;
+        let started = std::time::Instant::now();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk
+                .unwrap_or_else(|e| panic!("round {round} ({hit}): cut after {got} bytes: {e}"));
+            got += chunk.len();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            if round == 1 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        }
+        assert_eq!(got, SIZE, "round {round} ({hit})");
+        if round == 1 {
+            assert_eq!(hit, "hit-front");
+            assert!(
+                started.elapsed() > Duration::from_secs(2),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+    }
+
+    let (stopped, connection) = h2_connection(&ca, tls_addr, "wiki.test").await;
+    let mut stopped = stopped.ready().await.unwrap();
+    let (response, _) = stopped.send_request(h2_get(&url, &[]), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.headers()["x-cache-status"], "hit-front");
+    let _unread = response.into_body();
+    let closed = tokio::time::timeout(Duration::from_secs(6), connection).await;
+    assert!(
+        closed.is_ok(),
+        "a client that stopped reading kept its connection"
+    );
+}

@@ -26,6 +26,7 @@ use pingora::server::ShutdownWatch;
 use tokio::sync::Notify;
 
 use super::fast::FrontDoor;
+use super::progress::{Counted, Writes};
 use crate::cache::key::Scheme;
 use crate::cache::memory::for_one_request;
 use crate::config::ConnectionLimits;
@@ -37,8 +38,9 @@ use crate::config::ConnectionLimits;
 const MAX_MALFORMED_STREAMS: usize = 32;
 
 /// Serves the HTTP/2 connection `stream` (TLS done, `h2` negotiated) until the client closes
-/// it, it stays idle past `idle_timeout`, or the server shuts down (then after a GOAWAY, once
-/// the streams already started are answered, RFC 9113 §6.8).
+/// it, it stays idle past `limits.idle_timeout`, it stops taking an answer for
+/// `limits.send_timeout`, or the server shuts down (then after a GOAWAY, once the streams
+/// already started are answered, RFC 9113 §6.8).
 pub async fn serve<A>(
     app: &Arc<A>,
     front: &FrontDoor,
@@ -59,6 +61,8 @@ pub async fn serve<A>(
         .and_then(|d| d.peer_addr())
         .and_then(|a| a.as_inet())
         .map(|a| a.ip());
+    let writes = Arc::new(Writes::default());
+    let stream: Stream = Box::new(Counted::new(stream, writes.clone()));
     let Ok(mut conn) = handshake(stream, app.h2_options()).await else {
         return;
     };
@@ -69,6 +73,8 @@ pub async fn serve<A>(
     }
     let idle_timeout = limits.idle_timeout;
     let send_timeout = limits.send_timeout;
+    let mut wait = idle_timeout;
+    let mut writes_seen = 0;
     let mut malformed = 0;
     let active = Arc::new(ActiveStreams::default());
     loop {
@@ -85,9 +91,22 @@ pub async fn serve<A>(
                 }
                 accepted = HttpSession::from_h2_conn(&mut conn, digest.clone()) => accepted,
                 // Restarted by every stream accepted, once the ones running have ended.
-                () = active.idle_for(idle_timeout) => return,
+                () = active.idle_for(wait) => {
+                    // The front door's answers go to `h2` whole: one still going out keeps
+                    // the connection busy, not idle, while the client takes bytes of it
+                    // within each `send_timeout` (regression: a large hit read slowly was
+                    // cut off at the idle timeout).
+                    let written = std::mem::replace(&mut writes_seen, writes.count());
+                    if !conn.has_streams() || written == writes_seen {
+                        return;
+                    }
+                    wait = send_timeout;
+                    continue;
+                }
             }
         };
+        wait = idle_timeout;
+        writes_seen = writes.count();
         let mut session = match accepted {
             // The client cut the connection, or broke HTTP/2 framing.
             Err(_) | Ok(None) => return,

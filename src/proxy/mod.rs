@@ -28,6 +28,7 @@ pub mod fill;
 pub mod guard;
 mod h2;
 pub mod hit;
+mod progress;
 pub mod proxy_protocol;
 mod record;
 mod respond;
