@@ -364,7 +364,7 @@ impl ProxyState {
     /// keep theirs. Everything is built before anything is swapped in, so a configuration
     /// that fails to build changes nothing.
     pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
-        let pools = Pools::build(&config.origins)?;
+        let pools = Pools::rebuild(&config.origins, &self.pools.load())?;
         let settings = Settings::from(config);
         // Certificates were read and checked with the configuration; new handshakes use them.
         let tls = match (self.tls.get(), &config.server.tls) {
@@ -626,7 +626,6 @@ impl CachingProxy {
         }
     }
 
-    /// The name of the origin pool this request uses, for metric labels.
     /// Marks `peer` as failed for this request; whether an origin of its pool remains that
     /// this request has not failed on.
     fn another_origin_remains(&self, peer: &HttpPeer, ctx: &mut RequestCtx) -> bool {
@@ -652,6 +651,7 @@ impl CachingProxy {
             .inc();
     }
 
+    /// The name of the origin pool this request uses, for metric labels.
     fn pool_name(&self, ctx: &RequestCtx) -> Arc<str> {
         self.shared
             .pools

@@ -47,6 +47,7 @@ pub struct Pool {
     tls: Option<PoolTls>,
     /// `[[origin]] max_connections`: the requests in flight to each origin, when bounded.
     in_flight: Option<HashMap<SocketAddr, Arc<Semaphore>>>,
+    max_connections: usize,
 }
 
 /// A request's place among those in flight to one origin (`[[origin]] max_connections`),
@@ -155,8 +156,35 @@ enum Balancer {
 impl Pools {
     /// Builds the pools; their health checks start with [`HealthChecks`].
     pub fn build(config: &[OriginPool]) -> std::io::Result<Pools> {
+        Pools::build_after(config, None)
+    }
+
+    /// As [`Pools::build`], for a reload: an origin whose pool keeps its name and
+    /// `max_connections` keeps its count of requests in flight, so that the requests still
+    /// running there are not forgotten (regression: after a reload an origin took up to twice
+    /// its `max_connections` until the requests that began before it had ended).
+    pub fn rebuild(config: &[OriginPool], previous: &Pools) -> std::io::Result<Pools> {
+        Pools::build_after(config, Some(previous))
+    }
+
+    fn build_after(config: &[OriginPool], previous: Option<&Pools>) -> std::io::Result<Pools> {
         let mut pools = Vec::new();
         for pool in config {
+            let counted = (previous.into_iter())
+                .flat_map(|p| &p.pools)
+                .find(|old| *old.name == *pool.name && old.max_connections == pool.max_connections)
+                .and_then(|old| old.in_flight.as_ref());
+            let in_flight = (pool.max_connections > 0).then(|| {
+                (pool.addresses.iter())
+                    .map(|a| {
+                        let kept = counted.and_then(|c| c.get(a)).cloned();
+                        (
+                            *a,
+                            kept.unwrap_or_else(|| Arc::new(Semaphore::new(pool.max_connections))),
+                        )
+                    })
+                    .collect()
+            });
             let down = Arc::new(AtomicUsize::new(0));
             let balancer = match pool.balance {
                 Balance::RoundRobin => {
@@ -177,11 +205,8 @@ impl Pools {
                 upgrade: pool.upgrade.clone(),
                 series: std::sync::OnceLock::new(),
                 tls: pool.tls.as_ref().map(PoolTls::new),
-                in_flight: (pool.max_connections > 0).then(|| {
-                    (pool.addresses.iter())
-                        .map(|a| (*a, Arc::new(Semaphore::new(pool.max_connections))))
-                        .collect()
-                }),
+                in_flight,
+                max_connections: pool.max_connections,
             });
         }
         Ok(Pools {
@@ -574,6 +599,34 @@ mod tests {
             pool.claim_now(key, "wiki.test", &[]),
             Ok(Claim::Got(_, Some(_)))
         ));
+    }
+
+    /// A reload keeps each origin's count of requests in flight where its pool keeps its name
+    /// and limit, and starts a new count where the limit changed.
+    #[tokio::test]
+    async fn a_reload_keeps_the_requests_in_flight_to_each_origin() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut config = pool_at(vec![a], Balance::RoundRobin);
+        config.max_connections = 1;
+        let before = Pools::build(std::slice::from_ref(&config)).unwrap();
+        let key = String::new;
+        let held = before.get(0).unwrap().claim_now(key, "wiki.test", &[]);
+        assert!(matches!(held, Ok(Claim::Got(_, Some(_)))));
+        let after = Pools::rebuild(std::slice::from_ref(&config), &before).unwrap();
+        assert!(
+            matches!(
+                after.get(0).unwrap().claim_now(key, "wiki.test", &[]),
+                Ok(Claim::Busy(_))
+            ),
+            "the request running since before the reload still counts"
+        );
+        config.max_connections = 2;
+        let raised = Pools::rebuild(&[config], &after).unwrap();
+        assert!(matches!(
+            raised.get(0).unwrap().claim_now(key, "wiki.test", &[]),
+            Ok(Claim::Got(_, Some(_)))
+        ));
+        drop(held);
     }
 
     async fn check(pool: &Pool) {
