@@ -1563,8 +1563,12 @@ async fn a_request_an_origin_drops_before_answering_is_sent_to_another_origin() 
         Reply::ok(format!("live {}", seen.method)).header("cache-control", "no-store")
     })
     .await;
-    let skua =
-        Skua::start_tables(&[failing, live.addr], ["", "read_timeout = \"1s\"", ""], "").await;
+    let skua = Skua::start_tables(
+        &[failing, live.addr],
+        ["", "read_timeout = \"1s\"\nfail_timeout = \"0s\"", ""],
+        "",
+    )
+    .await;
     let client = client();
     for i in 0..4 {
         let r = send(&client, "GET", &skua.url(&format!("/drop/{i}")), &[]).await;
@@ -1637,5 +1641,46 @@ async fn a_request_an_origin_drops_before_answering_is_sent_to_another_origin() 
             .await
             >= 2.0,
         "each dropped request is counted"
+    );
+}
+
+/// `[[origin]] fail_timeout` (nginx's passive health check): an origin that dropped a request,
+/// or left one unanswered for `read_timeout`, is passed over for `fail_timeout` while its
+/// health checks still pass, then tried again. Regression: with one of two app servers hanging
+/// while its health path answered, every other request waited a whole `read_timeout` before it
+/// was sent on.
+#[tokio::test]
+async fn an_origin_that_failed_a_request_rests_for_fail_timeout() {
+    let (failing, read) = origin_that_fails_requests().await;
+    let live = Origin::start(|_| Reply::ok("live").header("cache-control", "no-store")).await;
+    let skua = Skua::start_tables(
+        &[failing, live.addr],
+        ["", "read_timeout = \"1s\"\nfail_timeout = \"3s\"", ""],
+        "",
+    )
+    .await;
+    let client = client();
+    let started = std::time::Instant::now();
+    for i in 0..6 {
+        let r = send(&client, "GET", &skua.url(&format!("/hang/{i}")), &[]).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "live"), "/hang/{i}");
+    }
+    let hung = read.lock().unwrap().len();
+    assert_eq!(hung, 1, "only the first request waited on the hung origin");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    for i in 0..2 {
+        let r = send(&client, "HEAD", &skua.url(&format!("/drop/{i}")), &[]).await;
+        assert_eq!(r.status, 200, "/drop/{i}");
+    }
+    assert_eq!(
+        read.lock().unwrap().len(),
+        2,
+        "rested, the origin is tried again (and rests again)"
     );
 }

@@ -358,6 +358,16 @@ pub struct OriginFile {
     /// Health checks are not counted. Default 0: no limit.
     #[serde(default)]
     pub max_connections: usize,
+    /// How long an origin that failed a request (refused or dropped the connection, or said
+    /// nothing for `read_timeout`) is passed over while another origin of the pool is healthy
+    /// (nginx's `fail_timeout`) (duration). `"0s"`: only the health checks take an origin out.
+    /// Default `10s`.
+    #[serde(default = "default_fail_timeout")]
+    pub fail_timeout: String,
+}
+
+fn default_fail_timeout() -> String {
+    "10s".into()
 }
 
 /// `[origin.tls]`: the pool's origins speak HTTPS. A certificate that does not verify is a

@@ -106,6 +106,8 @@ pub struct OriginPool {
     pub tls: Option<OriginTls>,
     /// Most requests in flight to each origin; 0: no limit.
     pub max_connections: usize,
+    /// How long an origin that failed a request is passed over; zero: never.
+    pub fail_timeout: Duration,
 }
 
 /// `[origin.tls]`, validated.

@@ -682,6 +682,7 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
             upgrade: Vec::new(),
             tls: None,
             max_connections: 0,
+            fail_timeout: "10s".into(),
         }]
     } else {
         origin_tables
@@ -707,6 +708,7 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
         }
         let connect_timeout = c.duration(&at("connect_timeout"), &o.connect_timeout);
         let read_timeout = c.duration(&at("read_timeout"), &o.read_timeout);
+        let fail_timeout = c.duration(&at("fail_timeout"), &o.fail_timeout);
         let balance = match o.balance.as_str() {
             "round_robin" => Balance::RoundRobin,
             "consistent" => Balance::Consistent,
@@ -755,6 +757,7 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
             balance,
             upgrade: o.upgrade.iter().map(|p| p.to_ascii_lowercase()).collect(),
             max_connections: o.max_connections,
+            fail_timeout,
         });
     }
     origins

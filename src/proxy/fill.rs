@@ -587,6 +587,7 @@ impl super::fast::FrontDoor {
                 }
             };
             failed.push(addr);
+            pool.failed(&addr);
             count_origin_error(&shared.metrics, pool, error);
             last_error = Some(error);
         };

@@ -626,6 +626,16 @@ impl CachingProxy {
         }
     }
 
+    /// `peer` failed this request: it rests for its pool's `fail_timeout`.
+    fn rest(&self, peer: &HttpPeer, ctx: &RequestCtx) {
+        if let (Some(addr), Some(pool)) = (
+            peer._address.as_inet(),
+            self.shared.pools.load().get(ctx.pool),
+        ) {
+            pool.failed(addr);
+        }
+    }
+
     /// Marks `peer` as failed for this request; whether an origin of its pool remains that
     /// this request has not failed on.
     fn another_origin_remains(&self, peer: &HttpPeer, ctx: &mut RequestCtx) -> bool {
@@ -1436,6 +1446,7 @@ impl ProxyHttp for CachingProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        self.rest(peer, ctx);
         if self.another_origin_remains(peer, ctx) {
             self.count_origin_error(ctx, &e);
             e.set_retry(true);
@@ -1452,6 +1463,24 @@ impl ProxyHttp for CachingProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        // An origin that closed the connection, or did not answer within `read_timeout`,
+        // before a byte of its answer arrived has answered nothing this request could be
+        // served from. A pooled connection it had closed while idle is no such failure.
+        let timed_out = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        );
+        let dropped = matches!(
+            e.etype(),
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+        );
+        let failed_before_answering = (timed_out || dropped)
+            && e.esource() == &ErrorSource::Upstream
+            && ctx.origin_response.is_none()
+            && session.response_written().is_none();
+        if failed_before_answering && (timed_out || !client_reused) {
+            self.rest(peer, ctx);
+        }
         // pingora's rule first: only a request that can be sent again whole (RFC 9110 §9.2.2,
         // idempotent methods) is, and a pooled connection the origin had already closed is
         // retried on the same origin.
@@ -1464,25 +1493,9 @@ impl ProxyHttp for CachingProxy {
         if e.retry() {
             return e;
         }
-        // nginx's `proxy_next_upstream error timeout`: an origin that closed the connection, or
-        // did not answer within `read_timeout`, before a byte of its answer arrived has
-        // answered nothing this request could be served from; each other origin of the pool
-        // is tried once before the client gets 502/504 (or a stale copy).
-        let before_any_answer =
-            ctx.origin_response.is_none() && session.response_written().is_none();
-        let failed = matches!(
-            e.etype(),
-            ErrorType::ConnectionClosed
-                | ErrorType::ReadError
-                | ErrorType::WriteError
-                | ErrorType::ReadTimedout
-                | ErrorType::WriteTimedout
-        );
-        if before_any_answer
-            && failed
-            && e.esource() == &ErrorSource::Upstream
-            && self.another_origin_remains(peer, ctx)
-        {
+        // nginx's `proxy_next_upstream error timeout`: each other origin of the pool is tried
+        // once before the client gets 502/504 (or a stale copy).
+        if failed_before_answering && self.another_origin_remains(peer, ctx) {
             self.count_origin_error(ctx, &e);
             e.set_retry(true);
         }

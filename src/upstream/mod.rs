@@ -2,8 +2,11 @@
 //! balancer, round robin or consistent hash of the cache key (a frontend in front of Skua
 //! backends, so each object lives on one backend), whose HTTP health check runs as a
 //! background service; a failed connection is retried on the next healthy origin (for a
-//! consistent pool: the next on the ring, so only the dead origin's keys move). It does not
-//! decide what to fetch or store (that is `proxy` and `cache`).
+//! consistent pool: the next on the ring, so only the dead origin's keys move), and an origin
+//! that failed a request rests for `fail_timeout` ([`resting`]). It does not decide what to
+//! fetch or store (that is `proxy` and `cache`).
+
+mod resting;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,6 +51,8 @@ pub struct Pool {
     /// `[[origin]] max_connections`: the requests in flight to each origin, when bounded.
     in_flight: Option<HashMap<SocketAddr, Arc<Semaphore>>>,
     max_connections: usize,
+    /// `[[origin]] fail_timeout`: the origins resting after a failed request.
+    resting: resting::Resting,
 }
 
 /// A request's place among those in flight to one origin (`[[origin]] max_connections`),
@@ -207,6 +212,7 @@ impl Pools {
                 tls: pool.tls.as_ref().map(PoolTls::new),
                 in_flight,
                 max_connections: pool.max_connections,
+                resting: resting::Resting::new(&pool.addresses, pool.fail_timeout),
             });
         }
         Ok(Pools {
@@ -253,6 +259,11 @@ impl Pools {
 }
 
 impl Pool {
+    /// `origin` failed a request: it rests for the pool's `fail_timeout`.
+    pub fn failed(&self, origin: &SocketAddr) {
+        self.resting.failed(origin);
+    }
+
     /// This pool's origin request and latency series in `metrics`.
     pub fn series(&self, metrics: &Metrics) -> &OriginSeries {
         self.series
@@ -380,8 +391,17 @@ impl Pool {
         // there is none: 140,000 instructions on every request of an outage (callgrind), more
         // than a whole miss otherwise costs. It is not made when the checks hold every origin
         // down.
+        // A resting origin is picked only when no other healthy one is left.
         let healthy = (!self.all_down())
-            .then(|| select(&|b, healthy| healthy && untried(b)))
+            .then(|| match self.resting.now_if_any() {
+                None => select(&|b, healthy| healthy && untried(b)),
+                Some(now) => {
+                    let awake =
+                        |b: &Backend| b.addr.as_inet().is_none_or(|a| !self.resting.rests(a, now));
+                    select(&|b, healthy| healthy && untried(b) && awake(b))
+                        .or_else(|| select(&|b, healthy| healthy && untried(b)))
+                }
+            })
             .flatten();
         let backend = healthy
             .or_else(|| {
@@ -543,6 +563,7 @@ mod tests {
             upgrade: Vec::new(),
             tls: None,
             max_connections: 0,
+            fail_timeout: Duration::ZERO,
         }
     }
 
@@ -634,6 +655,29 @@ mod tests {
             Balancer::RoundRobin(lb) => lb.backends().run_health_check(false).await,
             Balancer::Consistent(lb) => lb.backends().run_health_check(false).await,
         }
+    }
+
+    /// An origin that failed a request is passed over while it rests, unless it is the only
+    /// one left.
+    #[test]
+    fn a_failed_origin_rests_while_another_is_healthy() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let mut config = pool_at(vec![a, b], Balance::RoundRobin);
+        config.fail_timeout = Duration::from_secs(60);
+        let pools = Pools::build(&[config]).unwrap();
+        let pool = pools.get(0).unwrap();
+        pool.failed(&a);
+        for _ in 0..4 {
+            let picked = pool.pick(String::new, "wiki.test", &[]).unwrap();
+            assert_eq!(address(&picked), b);
+        }
+        let last = pool.pick(String::new, "wiki.test", &[b]).unwrap();
+        assert_eq!(
+            address(&last),
+            a,
+            "the resting origin when none other is left"
+        );
     }
 
     /// The pool knows when its checks hold every origin down (so that a pick skips pingora's
