@@ -1672,6 +1672,14 @@ async fn an_origin_that_failed_a_request_rests_for_fail_timeout() {
         "{:?}",
         started.elapsed()
     );
+    let stats = skua.stats().await;
+    let state = |addr: std::net::SocketAddr| {
+        let origins = stats["origins"].as_array().unwrap();
+        let origin = origins.iter().find(|o| o["address"] == addr.to_string());
+        origin.map(|o| (o["healthy"].clone(), o["resting"].clone()))
+    };
+    assert_eq!(state(failing), Some((true.into(), true.into())), "{stats}");
+    assert_eq!(state(live.addr), Some((true.into(), false.into())));
 
     tokio::time::sleep(Duration::from_millis(3200)).await;
     for i in 0..2 {

@@ -130,8 +130,8 @@ impl Admin {
             .load()
             .iter()
             .flat_map(|p| {
-                p.health().into_iter().map(move |(addr, healthy)| {
-                    json!({"pool": &*p.name, "address": addr, "healthy": healthy})
+                p.health().into_iter().map(move |o| {
+                    json!({"pool": &*p.name, "address": o.address, "healthy": o.healthy, "resting": o.resting})
                 })
             })
             .collect();

@@ -436,17 +436,32 @@ impl Pool {
     }
 
     /// `(address, healthy)` for every origin, for the admin endpoint.
-    pub fn health(&self) -> Vec<(String, bool)> {
+    pub fn health(&self) -> Vec<OriginHealth> {
         let backends = match &self.balancer {
             Balancer::RoundRobin(lb) => lb.backends(),
             Balancer::Consistent(lb) => lb.backends(),
         };
+        let now = self.resting.now_if_any();
         backends
             .get_backend()
             .iter()
-            .map(|b| (addr_string(&b.addr), backends.ready(b)))
+            .map(|b| OriginHealth {
+                address: addr_string(&b.addr),
+                healthy: backends.ready(b),
+                resting: (b.addr.as_inet())
+                    .is_some_and(|a| now.is_some_and(|n| self.resting.rests(a, n))),
+            })
             .collect()
     }
+}
+
+/// One origin's state, for `/stats` and the dashboard.
+pub struct OriginHealth {
+    pub address: String,
+    /// The health checks pass (or there are none).
+    pub healthy: bool,
+    /// It failed a request within `fail_timeout`, and is passed over while another is healthy.
+    pub resting: bool,
 }
 
 /// Counts a pool's origins as its health check flips them (pingora starts every origin
