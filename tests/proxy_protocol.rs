@@ -155,8 +155,21 @@ async fn a_proxy_listener_refuses_untrusted_peers_and_connections_without_a_head
     let request = [header, get_closing("/p", "1.1", "").into_bytes()].concat();
 
     let refused = |reason: &str| format!("skua_connections_refused_total{{reason=\"{reason}\"}}");
-    // Waiting for the listener connected from 127.0.0.1 once.
-    let untrusted_before = skua.metric(&refused("proxy_untrusted")).await;
+    // Waiting for the listener connected from 127.0.0.1 once; that refusal is counted by the
+    // connection's own task, so it is waited for (regression: read before it was counted, the
+    // count later looked one too high).
+    let mut untrusted_before = 0.0;
+    for _ in 0..100 {
+        untrusted_before = skua.metric(&refused("proxy_untrusted")).await;
+        if untrusted_before >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        untrusted_before, 1.0,
+        "the listener's readiness probe was refused once"
+    );
     let untrusted = exchange_from("127.0.0.1", balanced, &request).await;
     assert_eq!(untrusted, "");
     let trusted = exchange_from("127.0.0.2", balanced, &request).await;
