@@ -22,6 +22,7 @@
 pub mod compress;
 pub mod connection;
 mod debug;
+mod delegate;
 mod edit;
 pub mod fast;
 pub mod fill;

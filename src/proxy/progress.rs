@@ -10,13 +10,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
-use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
-use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
-    TimingDigest, UniqueID, UniqueIDType, ALPN,
-};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use pingora::protocols::{Peek, Ssl, Stream, ALPN};
+use tokio::io::AsyncWrite;
 
 /// How many writes to the client have sent bytes, shared with the connection's loop.
 #[derive(Debug, Default)]
@@ -50,15 +46,7 @@ impl Counted {
     }
 }
 
-impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_read(cx, buf)
-    }
-}
+super::delegate::delegate_to_inner!(Counted);
 
 impl AsyncWrite for Counted {
     fn poll_write(
@@ -92,19 +80,6 @@ impl AsyncWrite for Counted {
     }
 }
 
-#[async_trait]
-impl Shutdown for Counted {
-    async fn shutdown(&mut self) {
-        Shutdown::shutdown(&mut *self.inner).await;
-    }
-}
-
-impl UniqueID for Counted {
-    fn id(&self) -> UniqueIDType {
-        self.inner.id()
-    }
-}
-
 impl Ssl for Counted {
     fn get_ssl(&self) -> Option<&TlsRef> {
         self.inner.get_ssl()
@@ -116,24 +91,6 @@ impl Ssl for Counted {
 
     fn selected_alpn_proto(&self) -> Option<ALPN> {
         self.inner.selected_alpn_proto()
-    }
-}
-
-impl GetTimingDigest for Counted {
-    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
-    }
-}
-
-impl GetProxyDigest for Counted {
-    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.inner.get_proxy_digest()
-    }
-}
-
-impl GetSocketDigest for Counted {
-    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
     }
 }
 

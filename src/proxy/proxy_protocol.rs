@@ -18,15 +18,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora::protocols::l4::stream::Stream as TcpStream;
-use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::SslDigest;
-use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
-    TimingDigest, UniqueID, UniqueIDType,
-};
+use pingora::protocols::{GetSocketDigest, Peek, SocketDigest, Ssl, Stream, UniqueID};
 use pingora::time::fast_timeout::fast_timeout;
 use ppp::PartialResult;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWrite};
 
 /// The longest header taken. Version 1 is at most 107 bytes (spec §2.1); version 2 is 16 bytes
 /// and the length they announce: the addresses (at most 216, for Unix sockets) and the TLVs a
@@ -142,15 +138,7 @@ struct TlsAtBalancer {
     digest: Arc<SslDigest>,
 }
 
-impl AsyncRead for TlsAtBalancer {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_read(cx, buf)
-    }
-}
+super::delegate::delegate_to_inner!(TlsAtBalancer);
 
 impl AsyncWrite for TlsAtBalancer {
     fn poll_write(
@@ -182,40 +170,9 @@ impl AsyncWrite for TlsAtBalancer {
     }
 }
 
-#[async_trait]
-impl Shutdown for TlsAtBalancer {
-    async fn shutdown(&mut self) {
-        Shutdown::shutdown(&mut *self.inner).await;
-    }
-}
-
-impl UniqueID for TlsAtBalancer {
-    fn id(&self) -> UniqueIDType {
-        self.inner.id()
-    }
-}
-
 impl Ssl for TlsAtBalancer {
     fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
         Some(self.digest.clone())
-    }
-}
-
-impl GetTimingDigest for TlsAtBalancer {
-    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
-    }
-}
-
-impl GetProxyDigest for TlsAtBalancer {
-    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.inner.get_proxy_digest()
-    }
-}
-
-impl GetSocketDigest for TlsAtBalancer {
-    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
     }
 }
 

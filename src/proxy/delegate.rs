@@ -1,0 +1,57 @@
+//! The pingora stream traits a connection wrapper passes straight to the connection it wraps
+//! (its `inner` field, a boxed stream): reading, shutting down, and the identity and digests
+//! pingora's sessions ask for. Each wrapper writes the rest itself: what it changes (counting
+//! writes, `proxy::progress`; a TLS digest, `proxy::proxy_protocol`) and `AsyncWrite`.
+
+/// Implements `AsyncRead`, `Shutdown`, `UniqueID`, `GetTimingDigest`, `GetProxyDigest` and
+/// `GetSocketDigest` for `$wrapper` by calling its `inner`.
+macro_rules! delegate_to_inner {
+    ($wrapper:ty) => {
+        impl ::tokio::io::AsyncRead for $wrapper {
+            fn poll_read(
+                mut self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+                buf: &mut ::tokio::io::ReadBuf<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                ::std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf)
+            }
+        }
+
+        #[::async_trait::async_trait]
+        impl ::pingora::protocols::Shutdown for $wrapper {
+            async fn shutdown(&mut self) {
+                ::pingora::protocols::Shutdown::shutdown(&mut *self.inner).await;
+            }
+        }
+
+        impl ::pingora::protocols::UniqueID for $wrapper {
+            fn id(&self) -> ::pingora::protocols::UniqueIDType {
+                self.inner.id()
+            }
+        }
+
+        impl ::pingora::protocols::GetTimingDigest for $wrapper {
+            fn get_timing_digest(&self) -> Vec<Option<::pingora::protocols::TimingDigest>> {
+                self.inner.get_timing_digest()
+            }
+        }
+
+        impl ::pingora::protocols::GetProxyDigest for $wrapper {
+            fn get_proxy_digest(
+                &self,
+            ) -> Option<::std::sync::Arc<::pingora::protocols::raw_connect::ProxyDigest>> {
+                self.inner.get_proxy_digest()
+            }
+        }
+
+        impl ::pingora::protocols::GetSocketDigest for $wrapper {
+            fn get_socket_digest(
+                &self,
+            ) -> Option<::std::sync::Arc<::pingora::protocols::SocketDigest>> {
+                self.inner.get_socket_digest()
+            }
+        }
+    };
+}
+
+pub(crate) use delegate_to_inner;
