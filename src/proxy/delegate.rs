@@ -1,7 +1,8 @@
 //! The pingora stream traits a connection wrapper passes straight to the connection it wraps
 //! (its `inner` field, a boxed stream): reading, shutting down, and the identity and digests
 //! pingora's sessions ask for. Each wrapper writes the rest itself: what it changes (counting
-//! writes, `proxy::progress`; a TLS digest, `proxy::proxy_protocol`) and `AsyncWrite`.
+//! writes, `proxy::progress`; a TLS digest, `proxy::proxy_protocol`) and `AsyncWrite`'s
+//! writes.
 
 /// Implements `AsyncRead`, `Shutdown`, `UniqueID`, `GetTimingDigest`, `GetProxyDigest` and
 /// `GetSocketDigest` for `$wrapper` by calling its `inner`.
@@ -54,4 +55,28 @@ macro_rules! delegate_to_inner {
     };
 }
 
-pub(crate) use delegate_to_inner;
+/// Inside an `AsyncWrite` impl: `is_write_vectored`, `poll_flush` and `poll_shutdown` by
+/// calling `inner`, for a wrapper that writes `poll_write` and `poll_write_vectored` itself.
+macro_rules! flush_and_shutdown_to_inner {
+    () => {
+        fn is_write_vectored(&self) -> bool {
+            self.inner.is_write_vectored()
+        }
+
+        fn poll_flush(
+            mut self: ::std::pin::Pin<&mut Self>,
+            cx: &mut ::std::task::Context<'_>,
+        ) -> ::std::task::Poll<::std::io::Result<()>> {
+            ::std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: ::std::pin::Pin<&mut Self>,
+            cx: &mut ::std::task::Context<'_>,
+        ) -> ::std::task::Poll<::std::io::Result<()>> {
+            ::std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+        }
+    };
+}
+
+pub(crate) use {delegate_to_inner, flush_and_shutdown_to_inner};
