@@ -1452,3 +1452,50 @@ async fn a_client_that_stops_reading_is_closed_after_send_timeout() {
     // A client that reads gets the whole answer.
     assert_eq!(get(&skua.url("/fill/again"), &[]).await.body.len(), BIG);
 }
+
+/// `max_body_bytes` bounds a request's body, not what passes through a tunnel the request
+/// opened: bytes sent after a 101 are the protocol's own. Regression: a websocket carrying
+/// more than `max_body_bytes` in all was cut off with 413 in the middle of the tunnel.
+#[tokio::test]
+async fn a_tunnel_carries_more_than_max_body_bytes() {
+    let (origin, _) = switching_origin("websocket").await;
+    let skua = Skua::start_tables(
+        &[origin],
+        ["max_body_bytes = 100", "upgrade = [\"websocket\"]", ""],
+        "",
+    )
+    .await;
+    let mut stream = TcpStream::connect(skua.addr).await.unwrap();
+    stream
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: wiki.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101 "),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    for round in 0..10 {
+        let message = vec![b'0' + round; 80];
+        stream.write_all(&message).await.unwrap();
+        let mut echoed = vec![0u8; 80];
+        let got =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed)).await;
+        assert!(
+            matches!(got, Ok(Ok(_))) && echoed == message,
+            "round {round}: the tunnel was cut after {} bytes: {}",
+            80 * u32::from(round),
+            String::from_utf8_lossy(&echoed)
+        );
+    }
+}

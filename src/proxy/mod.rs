@@ -1598,11 +1598,15 @@ impl ProxyHttp for CachingProxy {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // After a 101 the bytes are the new protocol's, through a tunnel, not a body.
+        if session.was_upgraded() {
+            return Ok(());
+        }
         let (limit, read) = &mut ctx.request_body;
         if let (Some(limit), Some(chunk)) = (limit, body.as_ref()) {
             *read += chunk.len() as u64;
