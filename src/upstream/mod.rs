@@ -390,8 +390,7 @@ impl Pool {
         // pingora's search for a healthy origin walks all its 256 steps, hashing each, when
         // there is none: 140,000 instructions on every request of an outage (callgrind), more
         // than a whole miss otherwise costs. It is not made when the checks hold every origin
-        // down.
-        // A resting origin is picked only when no other healthy one is left.
+        // down. A resting origin is picked only when no other healthy one is left.
         let healthy = (!self.all_down())
             .then(|| match self.resting.now_if_any() {
                 None => select(&|b, healthy| healthy && untried(b)),
@@ -435,7 +434,7 @@ impl Pool {
         self.down.load(Ordering::Relaxed) >= self.size
     }
 
-    /// `(address, healthy)` for every origin, for the admin endpoint.
+    /// Every origin's state (health checks, resting), for the admin endpoint.
     pub fn health(&self) -> Vec<OriginHealth> {
         let backends = match &self.balancer {
             Balancer::RoundRobin(lb) => lb.backends(),
