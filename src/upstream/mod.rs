@@ -167,7 +167,8 @@ impl Pools {
     /// As [`Pools::build`], for a reload: an origin whose pool keeps its name and
     /// `max_connections` keeps its count of requests in flight, so that the requests still
     /// running there are not forgotten (regression: after a reload an origin took up to twice
-    /// its `max_connections` until the requests that began before it had ended).
+    /// its `max_connections` until the requests that began before it had ended), and one
+    /// resting after a failed request goes on resting.
     pub fn rebuild(config: &[OriginPool], previous: &Pools) -> std::io::Result<Pools> {
         Pools::build_after(config, Some(previous))
     }
@@ -175,9 +176,11 @@ impl Pools {
     fn build_after(config: &[OriginPool], previous: Option<&Pools>) -> std::io::Result<Pools> {
         let mut pools = Vec::new();
         for pool in config {
-            let counted = (previous.into_iter())
+            let predecessor = (previous.into_iter())
                 .flat_map(|p| &p.pools)
-                .find(|old| *old.name == *pool.name && old.max_connections == pool.max_connections)
+                .find(|old| *old.name == *pool.name);
+            let counted = predecessor
+                .filter(|old| old.max_connections == pool.max_connections)
                 .and_then(|old| old.in_flight.as_ref());
             let in_flight = (pool.max_connections > 0).then(|| {
                 (pool.addresses.iter())
@@ -212,7 +215,11 @@ impl Pools {
                 tls: pool.tls.as_ref().map(PoolTls::new),
                 in_flight,
                 max_connections: pool.max_connections,
-                resting: resting::Resting::new(&pool.addresses, pool.fail_timeout),
+                resting: resting::Resting::new(
+                    &pool.addresses,
+                    pool.fail_timeout,
+                    predecessor.map(|old| &old.resting),
+                ),
             });
         }
         Ok(Pools {

@@ -9,12 +9,19 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// When each origin of one pool may be picked again, in milliseconds since `epoch` (0: it has
-/// not failed).
+/// The one clock every pool's times count from, so that a reloaded pool can take over its
+/// predecessor's.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// When each origin of one pool may be picked again, in milliseconds since [`epoch`] (0: it
+/// has not failed).
 pub struct Resting {
-    epoch: Instant,
     fail_timeout: Duration,
     until: HashMap<SocketAddr, AtomicU64>,
     /// The latest of `until`: while it has passed, no origin rests and none is looked up.
@@ -22,18 +29,32 @@ pub struct Resting {
 }
 
 impl Resting {
-    pub fn new(origins: &[SocketAddr], fail_timeout: Duration) -> Resting {
+    /// For a pool of `origins`; those that rest in `previous` (the pool a reload replaces)
+    /// go on resting until they would have there.
+    pub fn new(
+        origins: &[SocketAddr],
+        fail_timeout: Duration,
+        previous: Option<&Resting>,
+    ) -> Resting {
+        let until: HashMap<SocketAddr, AtomicU64> = (origins.iter())
+            .map(|a| {
+                let kept = previous
+                    .and_then(|p| p.until.get(a))
+                    .map_or(0, |u| u.load(Ordering::Relaxed));
+                (*a, AtomicU64::new(kept))
+            })
+            .collect();
+        let latest = until.values().map(|u| u.load(Ordering::Relaxed)).max();
         Resting {
-            epoch: Instant::now(),
             fail_timeout,
-            until: origins.iter().map(|a| (*a, AtomicU64::new(0))).collect(),
-            latest: AtomicU64::new(0),
+            until,
+            latest: AtomicU64::new(latest.unwrap_or(0)),
         }
     }
 
     fn now(&self) -> u64 {
         // Never 0, which means "has not failed".
-        self.epoch.elapsed().as_millis() as u64 + 1
+        epoch().elapsed().as_millis() as u64 + 1
     }
 
     /// `origin` failed a request: it rests for `fail_timeout` from now.
@@ -73,7 +94,7 @@ mod tests {
     fn a_failed_origin_rests_for_fail_timeout_and_only_it() {
         let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
-        let resting = Resting::new(&[a, b], Duration::from_millis(50));
+        let resting = Resting::new(&[a, b], Duration::from_millis(50), None);
         assert_eq!(resting.now_if_any(), None);
         resting.failed(&a);
         let now = resting.now_if_any().unwrap();
@@ -81,7 +102,12 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(resting.now_if_any(), None, "rested long enough");
 
-        let never = Resting::new(&[a], Duration::ZERO);
+        resting.failed(&b);
+        let reloaded = Resting::new(&[a, b], Duration::from_millis(50), Some(&resting));
+        let now = reloaded.now_if_any().expect("a reload keeps the rest");
+        assert!(reloaded.rests(&b, now) && !reloaded.rests(&a, now));
+
+        let never = Resting::new(&[a], Duration::ZERO, None);
         never.failed(&a);
         assert_eq!(
             never.now_if_any(),
