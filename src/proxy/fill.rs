@@ -580,7 +580,8 @@ impl super::fast::FrontDoor {
                         shared
                             .lock
                             .release(&key, permit, LockStatus::TransientError);
-                        self.origin_failed(pool, e, &req, url, client, started, downstream)
+                        count_origin_error(&shared.metrics, pool, e);
+                        self.origin_failed(e, &req, url, client, started, downstream)
                             .await;
                         return Filled::Answered { close: true };
                     }
@@ -598,7 +599,7 @@ impl super::fast::FrontDoor {
             let Some(error) = last_error else {
                 return Filled::Declined;
             };
-            self.answer_origin_failure(error, &req, url, client, started, downstream)
+            self.origin_failed(error, &req, url, client, started, downstream)
                 .await;
             return Filled::Answered { close: true };
         };
@@ -620,7 +621,8 @@ impl super::fast::FrontDoor {
                 shared
                     .lock
                     .release(&key, permit, LockStatus::TransientError);
-                self.origin_failed(pool, error, &req, url, client, started, downstream)
+                count_origin_error(&shared.metrics, pool, error);
+                self.origin_failed(error, &req, url, client, started, downstream)
                     .await;
                 return Filled::Answered { close: true };
             }
@@ -643,16 +645,10 @@ impl super::fast::FrontDoor {
             shared
                 .lock
                 .release(&key, permit, LockStatus::TransientError);
-            self.origin_failed(
-                pool,
-                OriginError::Malformed,
-                &req,
-                url,
-                client,
-                started,
-                downstream,
-            )
-            .await;
+            let error = OriginError::Malformed;
+            count_origin_error(&shared.metrics, pool, error);
+            self.origin_failed(error, &req, url, client, started, downstream)
+                .await;
             return Filled::Answered { close: true };
         }
         // Counted before the client can read a byte of the answer: whoever reads the metric
@@ -922,26 +918,9 @@ impl super::fast::FrontDoor {
     }
 
     /// Answers a request whose origin failed before its response head arrived, as
-    /// `fail_to_proxy` does: 504 for a timeout, 502 otherwise, counted, and the connection
-    /// closed.
-    #[allow(clippy::too_many_arguments)]
+    /// `fail_to_proxy` does: 504 for a timeout, 502 otherwise, and the connection closed. The
+    /// failure is counted where it happened (`count_origin_error`).
     async fn origin_failed<F: RequestFields>(
-        &self,
-        pool: &crate::upstream::Pool,
-        error: OriginError,
-        req: &FillRequest<'_, F>,
-        url: &crate::cache::key::CacheUrl,
-        client: &impl Fn() -> Option<IpAddr>,
-        started: Instant,
-        downstream: &mut Downstream<'_>,
-    ) {
-        count_origin_error(&self.state().metrics, pool, error);
-        self.answer_origin_failure(error, req, url, client, started, downstream)
-            .await;
-    }
-
-    /// [`Self::origin_failed`]'s answer, for an error already counted.
-    async fn answer_origin_failure<F: RequestFields>(
         &self,
         error: OriginError,
         req: &FillRequest<'_, F>,
