@@ -53,8 +53,6 @@ pub struct ServerConfig {
     pub strip_headers: Vec<http::HeaderName>,
     pub keepalive_timeout: Duration,
     pub body_timeout: Duration,
-    /// `[server] max_body_bytes`; `None`: no limit.
-    pub max_body_bytes: Option<u64>,
     pub connections: ConnectionLimits,
     pub tls: Option<TlsConfig>,
 }
@@ -249,12 +247,15 @@ pub struct ConnectionLimits {
 }
 
 /// Size limits on a request head (`[server] max_uri_bytes`, `max_header_bytes`,
-/// `max_headers`), applied by `proxy::guard`.
+/// `max_headers`) and on the body it declares or sends (`max_body_bytes`), applied by
+/// `proxy::guard`.
 #[derive(Debug, Clone, Copy)]
 pub struct HeadLimits {
     pub max_uri_bytes: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    /// `None`: no limit.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// `[purge.htcp]`, validated: what the HTCP receiver listens on and accepts.

@@ -87,6 +87,18 @@ pub fn check(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Refusal> {
             format!("header fields over {} bytes", limits.max_header_bytes),
         ));
     }
+    // Answered before the body is read, so pingora closes the connection after it (RFC 9110
+    // §10.1.1 allows reading the body or closing); a client waiting for `100 Continue` gets
+    // the 413 instead and sends nothing. A body without a declared length is counted as it
+    // arrives (`request_body_filter`).
+    if let Some(limit) = limits.max_body_bytes {
+        if declares_body_over(req, limit) {
+            return Err(refuse(
+                413,
+                format!("request body over {limit} bytes (max_body_bytes)"),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -108,8 +120,9 @@ pub fn absolute_form_scheme(target: &[u8]) -> Option<&[u8]> {
 }
 
 /// Whether `req` declares a body longer than `limit` bytes (`[server] max_body_bytes`). A
-/// `Content-Length` that is no number was refused by [`check`]; one past `u64` is over any limit.
-pub fn declares_body_over(req: &RequestHeader, limit: u64) -> bool {
+/// `Content-Length` that is no number was refused earlier in [`check`]; one past `u64` is over
+/// any limit.
+fn declares_body_over(req: &RequestHeader, limit: u64) -> bool {
     req.headers
         .get(http::header::CONTENT_LENGTH)
         .is_some_and(|v| {
@@ -356,6 +369,7 @@ mod tests {
         max_uri_bytes: 100,
         max_header_bytes: 1000,
         max_headers: 10,
+        max_body_bytes: Some(1000),
     };
 
     fn req(headers: &[(&str, &str)]) -> RequestHeader {
@@ -412,14 +426,19 @@ mod tests {
 
     #[test]
     fn a_declared_body_is_measured_against_max_body_bytes() {
-        let over = |len: &str| declares_body_over(&req(&[("content-length", len)]), 1000);
-        assert!(!over("1000"));
-        assert!(over("1001"));
-        assert!(over("99999999999999999999999"));
-        assert!(!declares_body_over(
-            &req(&[("transfer-encoding", "chunked")]),
-            1000
-        ));
+        let status = |len: &str| check(&req(&[("content-length", len)]), &LIMITS).err();
+        assert_eq!(status("1000"), None);
+        assert_eq!(status("1001").map(|r| r.status), Some(413));
+        assert_eq!(
+            status("99999999999999999999999").map(|r| r.status),
+            Some(413)
+        );
+        assert!(check(&req(&[("transfer-encoding", "chunked")]), &LIMITS).is_ok());
+        let unlimited = HeadLimits {
+            max_body_bytes: None,
+            ..LIMITS
+        };
+        assert!(check(&req(&[("content-length", "1001")]), &unlimited).is_ok());
     }
 
     #[test]

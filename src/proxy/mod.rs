@@ -194,8 +194,6 @@ pub struct Settings {
     keepalive_secs: u64,
     invalidate_on_unsafe: UnsafeInvalidation,
     body_timeout: std::time::Duration,
-    /// `[server] max_body_bytes`; `None`: no limit.
-    max_body_bytes: Option<u64>,
     /// `[cache] downstream_cache_control`.
     downstream_cache_control: Option<HeaderValue>,
     /// `[cache] compress`.
@@ -331,7 +329,6 @@ impl From<&Config> for Settings {
             downstream_cache_control: config.cache.downstream_cache_control.clone(),
             compress: config.cache.compress,
             body_timeout: config.server.body_timeout,
-            max_body_bytes: config.server.max_body_bytes,
             https_redirect: config.server.tls.as_ref().and_then(|tls| {
                 let port = tls.listen.first()?.port();
                 (!tls.redirect_http.is_empty()).then(|| HttpsRedirect {
@@ -1140,20 +1137,7 @@ impl ProxyHttp for CachingProxy {
             session.set_keepalive(Some(settings.keepalive_secs));
         }
         session.set_read_timeout(Some(settings.body_timeout));
-        if verdict.is_ok() {
-            if let Some(limit) = settings.max_body_bytes {
-                if guard::declares_body_over(session.req_header(), limit) {
-                    // Answered before the body is read, so pingora closes the connection
-                    // after it (RFC 9110 §10.1.1 allows reading the body or closing); a client
-                    // waiting for `100 Continue` gets the 413 instead and sends nothing.
-                    verdict = Err(guard::Refusal {
-                        status: 413,
-                        reason: format!("request body over {limit} bytes (max_body_bytes)"),
-                    });
-                }
-            }
-            ctx.request_body = (settings.max_body_bytes, 0);
-        }
+        ctx.request_body = (settings.limits.max_body_bytes, 0);
         if let Err(refusal) = verdict {
             ctx.internal = true;
             if refusal.status == 400 {
