@@ -283,6 +283,12 @@ impl OriginSeries {
 }
 
 impl Metrics {
+    /// One failed attempt at an origin of `pool`, by pingora's name for the error `kind`
+    /// (`skua_origin_errors_total`).
+    pub fn origin_error(&self, pool: &str, kind: &str) {
+        self.origin_errors.with_label_values(&[pool, kind]).inc();
+    }
+
     /// The series of origin pool `pool`.
     pub fn origin_series(&self, pool: &str) -> OriginSeries {
         OriginSeries {

@@ -580,7 +580,7 @@ impl super::fast::FrontDoor {
                         shared
                             .lock
                             .release(&key, permit, LockStatus::TransientError);
-                        count_origin_error(&shared.metrics, pool, e);
+                        shared.metrics.origin_error(&pool.name, e.as_str());
                         self.origin_failed(e, &req, url, client, started, downstream)
                             .await;
                         return Filled::Answered { close: true };
@@ -589,7 +589,7 @@ impl super::fast::FrontDoor {
             };
             failed.push(addr);
             pool.failed(&addr);
-            count_origin_error(&shared.metrics, pool, error);
+            shared.metrics.origin_error(&pool.name, error.as_str());
             last_error = Some(error);
         };
         let Some((mut origin, resp, head_len, sent, _origin_room)) = exchanged else {
@@ -621,7 +621,7 @@ impl super::fast::FrontDoor {
                 shared
                     .lock
                     .release(&key, permit, LockStatus::TransientError);
-                count_origin_error(&shared.metrics, pool, error);
+                shared.metrics.origin_error(&pool.name, error.as_str());
                 self.origin_failed(error, &req, url, client, started, downstream)
                     .await;
                 return Filled::Answered { close: true };
@@ -646,7 +646,7 @@ impl super::fast::FrontDoor {
                 .lock
                 .release(&key, permit, LockStatus::TransientError);
             let error = OriginError::Malformed;
-            count_origin_error(&shared.metrics, pool, error);
+            shared.metrics.origin_error(&pool.name, error.as_str());
             self.origin_failed(error, &req, url, client, started, downstream)
                 .await;
             return Filled::Answered { close: true };
@@ -816,11 +816,7 @@ impl super::fast::FrontDoor {
                 Ok(piece) => piece,
                 Err(e) => {
                     complete = false;
-                    shared
-                        .metrics
-                        .origin_errors
-                        .with_label_values(&[&pool.name, e.as_str()])
-                        .inc();
+                    shared.metrics.origin_error(&pool.name, e.as_str());
                     None
                 }
             };
@@ -919,7 +915,7 @@ impl super::fast::FrontDoor {
 
     /// Answers a request whose origin failed before its response head arrived, as
     /// `fail_to_proxy` does: 504 for a timeout, 502 otherwise, and the connection closed. The
-    /// failure is counted where it happened (`count_origin_error`).
+    /// failure is counted where it happened (`Metrics::origin_error`).
     async fn origin_failed<F: RequestFields>(
         &self,
         error: OriginError,
@@ -945,18 +941,6 @@ impl super::fast::FrontDoor {
             (status, 0, Disposition::IntFront),
         );
     }
-}
-
-/// One failed attempt at an origin of `pool`, in `skua_origin_errors_total`.
-fn count_origin_error(
-    metrics: &crate::metrics::Metrics,
-    pool: &crate::upstream::Pool,
-    error: OriginError,
-) {
-    metrics
-        .origin_errors
-        .with_label_values(&[&pool.name, error.as_str()])
-        .inc();
 }
 
 /// Adds a piece of the body to what is kept for storing, until it outgrows the largest object.

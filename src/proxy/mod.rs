@@ -651,12 +651,7 @@ impl CachingProxy {
 
     /// One failed attempt at an origin: each retried one here, the last in `fail_to_proxy`.
     fn count_origin_error(&self, ctx: &RequestCtx, e: &Error) {
-        let pool = self.pool_name(ctx);
-        self.shared
-            .metrics
-            .origin_errors
-            .with_label_values(&[&pool, e.etype().as_str()])
-            .inc();
+        (self.shared.metrics).origin_error(&self.pool_name(ctx), e.etype().as_str());
     }
 
     /// The name of the origin pool this request uses, for metric labels.
