@@ -1692,3 +1692,115 @@ async fn an_origin_that_failed_a_request_rests_for_fail_timeout() {
         "rested, the origin is tried again (and rests again)"
     );
 }
+
+/// Regression: ten concurrent readers of a page the origin marks `private` (or any answer
+/// never stored) queued on the cache lock behind one of them, each wave answered one origin
+/// round trip late (measured: 610 ms behind an origin taking 300 ms). The URL's last answer
+/// could not be stored, so its misses now go to the origin at once, on both paths (the
+/// requests with a cookie take pingora's).
+#[tokio::test]
+async fn concurrent_misses_for_a_page_never_stored_do_not_queue_behind_each_other() {
+    let origin = Origin::start(|_| cc("private").delay(Duration::from_secs(3))).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/w/index.php?title=Special:RecentChanges");
+    assert_eq!(get(&url, &[]).await.cache(), "pass");
+    let started = std::time::Instant::now();
+    let wave: Vec<_> = (0..10)
+        .map(|i| {
+            let headers: &'static [(&str, &str)] = if i % 2 == 0 {
+                &[]
+            } else {
+                &[("cookie", "theme=dark")]
+            };
+            get_in_flight(&url, headers)
+        })
+        .collect();
+    // Each reader reaches the origin before any answer is back: queued, only one would.
+    wait_until("the whole wave reaches the origin", || {
+        origin.count_starting("/w/index.php") == 11
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the wave reached the origin only after {:?}",
+        started.elapsed()
+    );
+    for reader in wave {
+        let got = reader.await.unwrap();
+        assert_eq!((got.status, got.cache()), (200, "pass"));
+    }
+    assert_eq!(skua.metric("skua_hit_for_miss_total").await, 10.0);
+}
+
+/// The other side of the test above: a URL whose answers turn storable is stored at its next
+/// miss, and from then on its concurrent misses collapse into one fetch again.
+#[tokio::test]
+async fn a_page_that_turns_cacheable_is_stored_and_its_misses_collapse_again() {
+    let private = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = private.clone();
+    let origin = Origin::start(move |_| {
+        if flag.load(Ordering::SeqCst) {
+            cc("private")
+        } else {
+            cc("max-age=60").delay(Duration::from_millis(300))
+        }
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "[purge]\nallow = [\"127.0.0.1/32\"]\n").await;
+    let url = skua.url("/wiki/Turning");
+    assert_eq!(get(&url, &[]).await.cache(), "pass");
+    private.store(false, Ordering::SeqCst);
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
+    assert_eq!(get(&url, &[]).await.cache(), "hit-front");
+    assert_eq!(origin.count("/wiki/Turning"), 2);
+
+    let purged = send(&client(), "PURGE", &url, &[]).await;
+    assert_eq!(purged.status, 204);
+    let wave: Vec<_> = (0..10).map(|_| get_in_flight(&url, &[])).collect();
+    for reader in wave {
+        assert_eq!(reader.await.unwrap().status, 200);
+    }
+    assert_eq!(origin.count("/wiki/Turning"), 3, "one fetch for the wave");
+}
+
+/// A mark speaks for the URL's misses only: a stored variant of the URL is still served,
+/// and once stale it is revalidated once for all its concurrent readers, under the lock.
+/// (A cache that skipped the lookup for a marked URL, as pingora's own predictor does, would
+/// send each of them to the origin.)
+#[tokio::test]
+async fn a_stored_variant_of_a_page_never_stored_for_others_is_served_and_revalidated_once() {
+    let origin = Origin::start(|seen| {
+        let reply = Reply::ok("variant").header("vary", "accept-language");
+        if seen.header("accept-language") == Some("de") {
+            reply.header("cache-control", "private")
+        } else {
+            reply
+                .header("cache-control", "max-age=1")
+                .delay(Duration::from_millis(300))
+        }
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/wiki/Variants");
+    let en = [("accept-language", "en")];
+    let de = [("accept-language", "de")];
+    assert_eq!(get(&url, &en).await.cache(), "miss");
+    assert_eq!(get(&url, &de).await.cache(), "pass");
+    assert_eq!(get(&url, &en).await.cache(), "hit-front");
+    let en_fetches = || {
+        origin
+            .requests("/wiki/Variants")
+            .iter()
+            .filter(|s| s.header("accept-language") == Some("en"))
+            .count()
+    };
+    assert_eq!(en_fetches(), 1);
+
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let wave: Vec<_> = (0..10).map(|_| get_in_flight(&url, &en)).collect();
+    for reader in wave {
+        let got = reader.await.unwrap();
+        assert_eq!((got.status, got.text().as_str()), (200, "variant"));
+    }
+    assert_eq!(en_fetches(), 2, "one revalidation for the wave");
+}

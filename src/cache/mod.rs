@@ -13,6 +13,7 @@ pub mod fields;
 pub mod files;
 pub mod fx;
 pub mod head;
+pub mod hit_for_miss;
 pub mod key;
 pub mod keyhash;
 pub mod memory;

@@ -143,6 +143,9 @@ pub struct Metrics {
     pub origin_requests: IntCounterVec,
     pub origin_duration: HistogramVec,
     pub coalesced: IntCounter,
+    /// Misses sent to the origin without waiting on another reader's fetch: their URL's last
+    /// answer could not be stored (`cache::hit_for_miss`).
+    pub hit_for_miss: IntCounter,
     /// Bytes compressed before storing, by encoding (`br`, `gzip`) and side (`in`: as the
     /// origin sent them, `out`: as stored); `in` minus `out` is what compression saved.
     pub compression_bytes: IntCounterVec,
@@ -367,6 +370,11 @@ impl Metrics {
         registry.register(Box::new(origin_requests.clone()))?;
         registry.register(Box::new(origin_duration.clone()))?;
         registry.register(Box::new(coalesced.clone()))?;
+        let hit_for_miss = IntCounter::new(
+            "skua_hit_for_miss_total",
+            "Misses sent to the origin at once, not queued behind another request's fetch, because their URL's last answer could not be stored.",
+        )?;
+        registry.register(Box::new(hit_for_miss.clone()))?;
         let compression_bytes = IntCounterVec::new(
             Opts::new(
                 "skua_compression_bytes_total",
@@ -632,6 +640,7 @@ impl Metrics {
             origin_requests,
             origin_duration,
             coalesced,
+            hit_for_miss,
             compression_bytes,
             access_log_dropped,
             forwarding_loops,

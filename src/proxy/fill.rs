@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::header;
-use pingora::cache::lock::{LockStatus, Locked};
+use pingora::cache::lock::{CacheKeyLockImpl, LockStatus, Locked, WritePermit};
 use pingora::cache::{CacheKey, CacheMeta, CachePhase, NoCacheReason};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::compression::ResponseCompressionCtx;
@@ -491,14 +491,21 @@ impl super::fast::FrontDoor {
         }
         let primary = looked.primary();
         let key = url.cache_key_hashed(primary);
-        let permit = match shared.lock.lock(&key, false) {
-            Locked::Write(permit) => permit,
-            Locked::Read(_) => return Filled::Declined,
+        // A URL whose last answer could not be stored is fetched without the lock: the lock
+        // would only queue concurrent readers one answer head apart (`cache::hit_for_miss`).
+        let hit_for_miss = shared.hit_for_miss.remembered(&primary);
+        let permit = if hit_for_miss {
+            None
+        } else {
+            match shared.lock.lock(&key, false) {
+                Locked::Write(permit) => Some(permit),
+                Locked::Read(_) => return Filled::Declined,
+            }
         };
         // A fill that landed between the front door's lookup and the lock (pingora's path
         // looks again at this point too, `proxy_upstream_filter`).
         if !shared.store.memory.look(&primary).holds_nothing() || self.may_be_on_disk(looked) {
-            shared.lock.release(&key, permit, LockStatus::Done);
+            release(shared.lock, &key, permit, LockStatus::Done);
             return Filled::Declined;
         }
         let primary_text = || url.primary();
@@ -577,9 +584,7 @@ impl super::fast::FrontDoor {
                         break e
                     }
                     Err(e) => {
-                        shared
-                            .lock
-                            .release(&key, permit, LockStatus::TransientError);
+                        release(shared.lock, &key, permit, LockStatus::TransientError);
                         shared.metrics.origin_error(&pool.name, e.as_str());
                         self.origin_failed(e, &req, url, client, started, downstream)
                             .await;
@@ -593,9 +598,7 @@ impl super::fast::FrontDoor {
             last_error = Some(error);
         };
         let Some((mut origin, resp, head_len, sent, _origin_room)) = exchanged else {
-            shared
-                .lock
-                .release(&key, permit, LockStatus::TransientError);
+            release(shared.lock, &key, permit, LockStatus::TransientError);
             let Some(error) = last_error else {
                 return Filled::Declined;
             };
@@ -618,9 +621,7 @@ impl super::fast::FrontDoor {
         let (framing, origin_keepalive) = match framing {
             Ok(framing) => framing,
             Err(error) => {
-                shared
-                    .lock
-                    .release(&key, permit, LockStatus::TransientError);
+                release(shared.lock, &key, permit, LockStatus::TransientError);
                 shared.metrics.origin_error(&pool.name, error.as_str());
                 self.origin_failed(error, &req, url, client, started, downstream)
                     .await;
@@ -642,9 +643,7 @@ impl super::fast::FrontDoor {
             // A switch of protocols nobody asked for (the front door declines `Upgrade`): the
             // origin's error, as on pingora's path. `read_head` passed every other interim
             // answer on.
-            shared
-                .lock
-                .release(&key, permit, LockStatus::TransientError);
+            release(shared.lock, &key, permit, LockStatus::TransientError);
             let error = OriginError::Malformed;
             shared.metrics.origin_error(&pool.name, error.as_str());
             self.origin_failed(error, &req, url, client, started, downstream)
@@ -654,6 +653,9 @@ impl super::fast::FrontDoor {
         // Counted before the client can read a byte of the answer: whoever reads the metric
         // after the response (a test, an operator's scrape) sees this fill.
         shared.metrics.front_door_fills.inc();
+        if hit_for_miss {
+            shared.metrics.hit_for_miss.inc();
+        }
 
         // A compressible response is compressed once, before it is stored, as pingora's path
         // does it (`proxy::compress`): brotli for the brotli clients' copy, gzip otherwise.
@@ -670,6 +672,7 @@ impl super::fast::FrontDoor {
                 .ok()
         });
         let max = shared.store.max_object_size();
+        let refused = decided.as_ref().err().copied();
         let storable = match decided {
             Ok(f) => Some(f),
             Err(reason) => {
@@ -860,7 +863,11 @@ impl super::fast::FrontDoor {
             (Some(pieces), Some(meta), true) => store(shared.store, &key, &meta, pieces).await,
             _ => false,
         };
-        shared.lock.release(
+        if complete {
+            shared.hit_for_miss.answered(&primary, status, refused);
+        }
+        release(
+            shared.lock,
             &key,
             permit,
             if stored {
@@ -1231,6 +1238,19 @@ fn push_accept_encoding<F: RequestFields>(out: &mut Vec<u8>, fields: &F, setting
         vary::upstream_accept_encoding(copy, settings.compress.brotli).as_bytes(),
     );
     out.extend_from_slice(b"\r\n");
+}
+
+/// Ends the fill's claim on the cache lock with `status`, if it took one (the fill of a
+/// hit-for-miss URL takes none).
+fn release(
+    lock: &CacheKeyLockImpl,
+    key: &CacheKey,
+    permit: Option<WritePermit>,
+    status: LockStatus,
+) {
+    if let Some(permit) = permit {
+        lock.release(key, permit, status);
+    }
 }
 
 #[cfg(test)]

@@ -90,6 +90,8 @@ pub struct ProxyState {
     /// Applies purges here and publishes them to the fleet.
     pub purger: purge::Purger,
     lock: &'static CacheKeyLockImpl,
+    /// The URLs whose misses skip the lock: their last answer could not be stored.
+    pub hit_for_miss: crate::cache::hit_for_miss::HitForMiss,
     /// What a SIGHUP reload may change, swapped whole so a request sees one version.
     settings: ArcSwap<Settings>,
     /// The canonical key function (`[cache] host_aliases`, the rules' `normalize_query`),
@@ -132,6 +134,7 @@ impl ProxyState {
                 purge::handover::Relay::new(&config.server.upgrade_sock),
             )),
             lock,
+            hit_for_miss: Default::default(),
             settings: ArcSwap::from_pointee(Settings::from(config)),
             canonical: Arc::new(ArcSwap::from_pointee(canonical(config))),
             access_log: config.access_log.as_ref().and_then(|c| {
@@ -386,6 +389,13 @@ pub struct CachingProxy {
 }
 
 impl CachingProxy {
+    /// How long a request waits on another's fetch of the same object before it fetches.
+    fn lock_overrides(&self) -> CacheOptionOverrides {
+        let mut overrides = CacheOptionOverrides::default();
+        overrides.wait_timeout = Some(self.shared.settings.load().lock_timeout);
+        overrides
+    }
+
     pub fn new(shared: Arc<ProxyState>) -> CachingProxy {
         CachingProxy { shared }
     }
@@ -412,6 +422,9 @@ pub struct RequestCtx {
     /// `url`'s primary key hash, computed once (pingora's `CacheKey` would hash it again at
     /// every storage and lock call).
     primary: Option<HashBinary>,
+    /// The URL's last answer could not be stored: a miss goes to the origin without the cache
+    /// lock; a copy found takes the lock back (`cache::hit_for_miss`).
+    hit_for_miss: bool,
     pass: Option<PassReason>,
     internal: bool,
     fast_hit: bool,
@@ -1070,6 +1083,7 @@ impl ProxyHttp for CachingProxy {
             started: Instant::now(),
             url: None,
             primary: None,
+            hit_for_miss: false,
             pass: None,
             internal: false,
             fast_hit: false,
@@ -1305,19 +1319,26 @@ impl ProxyHttp for CachingProxy {
             // pingora's cache would drop the Range and store what comes back as complete.
             return Ok(());
         }
-        let mut overrides = CacheOptionOverrides::default();
-        overrides.wait_timeout = Some(self.shared.settings.load().lock_timeout);
+        ctx.hit_for_miss = (ctx.primary.as_ref())
+            .is_some_and(|primary| self.shared.hit_for_miss.remembered(primary));
         session.cache.enable(
             self.shared.store,
             None,
             None,
-            Some(self.shared.lock),
-            Some(overrides),
+            (!ctx.hit_for_miss).then_some(self.shared.lock),
+            Some(self.lock_overrides()),
         );
         session
             .cache
             .set_max_file_size_bytes(self.shared.store.max_object_size());
         Ok(())
+    }
+
+    fn cache_miss(&self, session: &mut Session, ctx: &mut RequestCtx) {
+        if ctx.hit_for_miss {
+            self.shared.metrics.hit_for_miss.inc();
+        }
+        session.cache.cache_miss();
     }
 
     fn cache_key_callback(&self, _session: &Session, ctx: &mut RequestCtx) -> Result<CacheKey> {
@@ -1344,13 +1365,20 @@ impl ProxyHttp for CachingProxy {
 
     async fn cache_hit_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         meta: &CacheMeta,
         hit_handler: &mut HitHandler,
         _is_fresh: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<pingora::cache::ForcedFreshness>> {
         ctx.fresh_until = Some(meta.fresh_until());
+        if std::mem::take(&mut ctx.hit_for_miss) {
+            // A copy to serve or revalidate: concurrent readers of it wait on one fetch, as
+            // for any other URL. Its lock is taken just after this filter.
+            session
+                .cache
+                .set_cache_lock(Some(self.shared.lock), Some(self.lock_overrides()));
+        }
         if let Some(url) = &ctx.url {
             let invalidations = &self.shared.store.invalidations;
             match hit::verdict(invalidations, url, meta.created(), meta.epoch()) {
@@ -1693,6 +1721,10 @@ impl ProxyHttp for CachingProxy {
             Ok(f) => {
                 ctx.stored = true;
                 ctx.fresh_until = Some(f.fresh_until);
+                if let Some(primary) = &ctx.primary {
+                    let status = resp.status.as_u16();
+                    self.shared.hit_for_miss.answered(primary, status, None);
+                }
                 if let Some(facts) = &mut ctx.debug {
                     // pingora drops a body past the largest object as it streams; a declared
                     // length says so now.
@@ -1717,6 +1749,12 @@ impl ProxyHttp for CachingProxy {
                 ctx.stored = false;
                 if let Some(facts) = &mut ctx.debug {
                     facts.not_stored = Some(reason.as_str());
+                }
+                if let Some(primary) = &ctx.primary {
+                    let status = resp.status.as_u16();
+                    self.shared
+                        .hit_for_miss
+                        .answered(primary, status, Some(reason));
                 }
                 self.shared
                     .metrics
