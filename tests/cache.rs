@@ -1804,3 +1804,42 @@ async fn a_stored_variant_of_a_page_never_stored_for_others_is_served_and_revali
     }
     assert_eq!(en_fetches(), 2, "one revalidation for the wave");
 }
+
+/// As for a page never stored: an object past `max_object_size` streams through unstored, so
+/// its concurrent misses go to the origin at once instead of one answer head apart.
+#[tokio::test]
+async fn concurrent_misses_for_an_object_past_max_object_size_do_not_queue() {
+    let origin = Origin::start(|_| {
+        Reply::ok(vec![b'x'; 64 * 1024])
+            .header("cache-control", "max-age=60")
+            .delay(Duration::from_secs(3))
+    })
+    .await;
+    let skua = Skua::start_with(&[origin.addr], "max_object_size = 16384", "").await;
+    let url = skua.url("/images/large.png");
+    assert_eq!(get(&url, &[]).await.status, 200);
+    let started = std::time::Instant::now();
+    let wave: Vec<_> = (0..6)
+        .map(|i| {
+            let headers: &'static [(&str, &str)] = if i % 2 == 0 {
+                &[]
+            } else {
+                &[("cookie", "theme=dark")]
+            };
+            get_in_flight(&url, headers)
+        })
+        .collect();
+    wait_until("the whole wave reaches the origin", || {
+        origin.count("/images/large.png") == 7
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the wave reached the origin only after {:?}",
+        started.elapsed()
+    );
+    for reader in wave {
+        let got = reader.await.unwrap();
+        assert_eq!((got.status, got.body.len()), (200, 64 * 1024));
+    }
+}

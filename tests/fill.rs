@@ -1340,3 +1340,54 @@ async fn a_hit_is_answered_alike_by_the_front_door_and_pingoras_path() {
     }
     assert!(differences.is_empty(), "{}", differences.join("\n"));
 }
+
+/// Regression: a fill whose answer would not be stored held the cache lock until its body
+/// ended, so a reader that came meanwhile waited out the whole slow transfer before going to
+/// the origin itself (pingora's path lets such readers go at the answer's head). The second
+/// reader comes before the head, so no mark of the URL lets it skip the lock.
+#[tokio::test]
+async fn a_reader_waiting_on_a_fill_that_stores_nothing_goes_at_its_head() {
+    let arrivals = Arc::new(AtomicUsize::new(0));
+    let counted = arrivals.clone();
+    let origin = answering_origin(move |mut conn| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let head = "HTTP/1.1 200 OK\r\nCache-Control: private\r\nContent-Length: 8000\r\n\r\n";
+            if conn.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            for _ in 0..8 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if conn.write_all(&[b'x'; 1000]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let skua = Skua::start(&[origin], "").await;
+    let url = skua.url("/slow-private");
+    let first = get_in_flight(&url, &[]);
+    wait_until("the first reader reaches the origin", || {
+        arrivals.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let second = get_in_flight(&url, &[]);
+    wait_until("the second reader reaches the origin", || {
+        arrivals.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    // It came before the answer's head (1 s), and waited for it: not for the 4 s body after.
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "the second reader waited {:?} for a 4 s body it could not use",
+        started.elapsed()
+    );
+    for reader in [first, second] {
+        let got = reader.await.unwrap();
+        assert_eq!((got.status, got.body.len()), (200, 8000));
+    }
+}

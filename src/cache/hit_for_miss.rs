@@ -40,6 +40,17 @@ impl Default for HitForMiss {
     }
 }
 
+/// What became of an answer, as far as its URL's mark goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storability {
+    /// Stored, or storable.
+    Storable,
+    /// Refused by the storage policy, with the answer's status.
+    Refused(Uncacheable, u16),
+    /// Storable but larger than the largest object (`[cache] max_object_size`).
+    TooLarge,
+}
+
 impl HitForMiss {
     /// Whether the last answer for the URL of `primary` could not be stored.
     pub fn remembered(&self, primary: &HashBinary) -> bool {
@@ -47,20 +58,19 @@ impl HitForMiss {
         self.urls.read(key).peek(&key).is_some()
     }
 
-    /// Notes what became of an answer for the URL of `primary` with `status`: stored (`Ok`)
-    /// or refused by the storage policy for `reason`.
-    pub fn answered(&self, primary: &HashBinary, status: u16, refused: Option<Uncacheable>) {
+    /// Notes what became of an answer for the URL of `primary`.
+    pub fn answered(&self, primary: &HashBinary, answer: Storability) {
         let key = u128::from_be_bytes(*primary);
-        match refused {
-            Some(reason) if says_the_url_is_uncacheable(reason, status) => {
-                self.urls.write(key).put(key, ());
-            }
-            Some(_) => {}
+        let mark = match answer {
+            Storability::Refused(reason, status) => says_the_url_is_uncacheable(reason, status),
+            Storability::TooLarge => true,
+            Storability::Storable => false,
+        };
+        if mark {
+            self.urls.write(key).put(key, ());
+        } else if matches!(answer, Storability::Storable) && self.urls.read(key).contains(&key) {
             // Read first: a stored answer is the common case, and rarely has a mark to end.
-            None if self.urls.read(key).contains(&key) => {
-                self.urls.write(key).pop(&key);
-            }
-            None => {}
+            self.urls.write(key).pop(&key);
         }
     }
 }
@@ -91,10 +101,10 @@ mod tests {
         let page = [7u8; 16];
         let other = [8u8; 16];
         assert!(!marks.remembered(&page));
-        marks.answered(&page, 200, Some(Uncacheable::Private));
+        marks.answered(&page, Storability::Refused(Uncacheable::Private, 200));
         assert!(marks.remembered(&page));
         assert!(!marks.remembered(&other));
-        marks.answered(&page, 200, None);
+        marks.answered(&page, Storability::Storable);
         assert!(!marks.remembered(&page));
     }
 
@@ -102,10 +112,10 @@ mod tests {
     fn an_origin_error_or_credentials_mark_nothing() {
         let marks = HitForMiss::default();
         let page = [7u8; 16];
-        marks.answered(&page, 503, Some(Uncacheable::Status));
-        marks.answered(&page, 200, Some(Uncacheable::Authorization));
+        marks.answered(&page, Storability::Refused(Uncacheable::Status, 503));
+        marks.answered(&page, Storability::Refused(Uncacheable::Authorization, 200));
         assert!(!marks.remembered(&page));
-        marks.answered(&page, 403, Some(Uncacheable::NoFreshness));
+        marks.answered(&page, Storability::Refused(Uncacheable::NoFreshness, 403));
         assert!(marks.remembered(&page));
     }
 
@@ -120,7 +130,7 @@ mod tests {
         };
         let total = (SHARDS * PER_SHARD) as u32 * 2;
         for i in 0..total {
-            marks.answered(&url(i), 200, Some(Uncacheable::NoStore));
+            marks.answered(&url(i), Storability::TooLarge);
         }
         let kept = (0..total).filter(|&i| marks.remembered(&url(i))).count();
         assert!(kept <= SHARDS * PER_SHARD, "{kept}");

@@ -37,6 +37,7 @@ use super::connection::within;
 use super::record::Served;
 use super::{guard, hit, Settings};
 use crate::cache::fields::RequestFields;
+use crate::cache::hit_for_miss::Storability;
 use crate::cache::memory::Looked;
 use crate::cache::status::{Disposition, Outcome};
 use crate::cache::vary;
@@ -494,7 +495,7 @@ impl super::fast::FrontDoor {
         // A URL whose last answer could not be stored is fetched without the lock: the lock
         // would only queue concurrent readers one answer head apart (`cache::hit_for_miss`).
         let hit_for_miss = shared.hit_for_miss.remembered(&primary);
-        let permit = if hit_for_miss {
+        let mut permit = if hit_for_miss {
             None
         } else {
             match shared.lock.lock(&key, false) {
@@ -813,6 +814,16 @@ impl super::fast::FrontDoor {
         };
         let mut body_bytes = 0u64;
         let mut complete = true;
+        // Nothing to store: those waiting on the lock go to the origin now, as on pingora's
+        // path, not when the body ends; and the next misses on the URL take no lock.
+        if kept.is_none() {
+            release(shared.lock, &key, permit.take(), LockStatus::GiveUp);
+            let storability = match refused {
+                Some(reason) => Storability::Refused(reason, status),
+                None => Storability::TooLarge,
+            };
+            shared.hit_for_miss.answered(&primary, storability);
+        }
         loop {
             let piece = origin.next_piece(framing, &mut left, &mut client_out);
             let piece = match piece.await {
@@ -829,6 +840,9 @@ impl super::fast::FrontDoor {
             };
             body_bytes += to_client(&mut decode, &piece, &mut client_out.out);
             keep(&mut kept, &mut kept_len, max, piece);
+            if kept.is_none() {
+                release(shared.lock, &key, permit.take(), LockStatus::GiveUp);
+            }
             if client_out.out.len() >= SEND_AT {
                 client_out.send().await;
             }
@@ -859,12 +873,19 @@ impl super::fast::FrontDoor {
         // Stored before the client reads the end of the body: a client that has the whole
         // answer finds it stored when it asks again, and those waiting on the lock go sooner.
         // A body the client stopped reading partway is incomplete here and is not stored.
+        let streamed_too_large = meta.is_some() && kept.is_none();
         let stored = match (kept, meta, complete) {
             (Some(pieces), Some(meta), true) => store(shared.store, &key, &meta, pieces).await,
             _ => false,
         };
-        if complete {
-            shared.hit_for_miss.answered(&primary, status, refused);
+        if stored {
+            shared
+                .hit_for_miss
+                .answered(&primary, Storability::Storable);
+        } else if streamed_too_large {
+            shared
+                .hit_for_miss
+                .answered(&primary, Storability::TooLarge);
         }
         release(
             shared.lock,

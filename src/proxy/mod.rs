@@ -58,6 +58,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::cache::disk::DiskHit;
+use crate::cache::hit_for_miss::Storability;
 use crate::cache::key::{CacheUrl, HostAliases, Scheme};
 use crate::cache::memory::MemoryHit;
 use crate::cache::meta::{decode_head, CACHE_STATUS, X_CACHE_STATUS};
@@ -1722,8 +1723,10 @@ impl ProxyHttp for CachingProxy {
                 ctx.stored = true;
                 ctx.fresh_until = Some(f.fresh_until);
                 if let Some(primary) = &ctx.primary {
-                    let status = resp.status.as_u16();
-                    self.shared.hit_for_miss.answered(primary, status, None);
+                    // One past the largest object is marked when pingora drops it (`logging`).
+                    self.shared
+                        .hit_for_miss
+                        .answered(primary, Storability::Storable);
                 }
                 if let Some(facts) = &mut ctx.debug {
                     // pingora drops a body past the largest object as it streams; a declared
@@ -1751,10 +1754,8 @@ impl ProxyHttp for CachingProxy {
                     facts.not_stored = Some(reason.as_str());
                 }
                 if let Some(primary) = &ctx.primary {
-                    let status = resp.status.as_u16();
-                    self.shared
-                        .hit_for_miss
-                        .answered(primary, status, Some(reason));
+                    let refused = Storability::Refused(reason, resp.status.as_u16());
+                    self.shared.hit_for_miss.answered(primary, refused);
                 }
                 self.shared
                     .metrics
@@ -1947,6 +1948,13 @@ impl ProxyHttp for CachingProxy {
         }
         if session.cache.lock_duration().is_some() && ctx.origin_response.is_none() {
             m.coalesced.inc();
+        }
+        if let (CachePhase::Disabled(NoCacheReason::ResponseTooLarge), Some(primary)) =
+            (session.cache.phase(), &ctx.primary)
+        {
+            self.shared
+                .hit_for_miss
+                .answered(primary, Storability::TooLarge);
         }
         let req = session.req_header();
         // A purge names the URL it purges, host included, as MediaWiki sends it (pingora
