@@ -1843,3 +1843,72 @@ async fn concurrent_misses_for_an_object_past_max_object_size_do_not_queue() {
         assert_eq!((got.status, got.body.len()), (200, 64 * 1024));
     }
 }
+
+/// An origin answering 503 (its PHP workers all busy, say) while its health check passes: a
+/// GET or HEAD it answers so is sent once more, to another origin of the pool, on both paths
+/// (as Wikimedia's edge retries a 503 once). A POST is not sent twice; a pool whose every
+/// origin says 503 answers 503 after one retry; `retry_statuses = []` passes the 503 on.
+#[tokio::test]
+async fn a_get_an_origin_answers_503_is_sent_once_more_to_another_origin() {
+    let busy_origin =
+        || Origin::start(|_| Reply::ok("busy").status(503).header("retry-after", "1"));
+    let busy = busy_origin().await;
+    let live = Origin::start(|seen| {
+        Reply::ok(format!("live {}", seen.method)).header("cache-control", "no-store")
+    })
+    .await;
+    let skua = Skua::start(&[busy.addr, live.addr], "").await;
+    let client = client();
+    for i in 0..6 {
+        let r = send(&client, "GET", &skua.url(&format!("/r/{i}")), &[]).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "live GET"), "/r/{i}");
+        let r = send(&client, "HEAD", &skua.url(&format!("/r/h{i}")), &[]).await;
+        assert_eq!(r.status, 200, "HEAD /r/h{i}");
+    }
+    assert!(
+        busy.count_starting("/r/h") >= 1,
+        "pingora's path met the busy origin"
+    );
+    assert!(
+        busy.count_starting("/r/") - busy.count_starting("/r/h") >= 1,
+        "the fill met the busy origin"
+    );
+    let mut posts = Vec::new();
+    for i in 0..4 {
+        let r = send(&client, "POST", &skua.url(&format!("/r/p{i}")), &[]).await;
+        posts.push(r.status);
+    }
+    assert!(
+        posts.contains(&503),
+        "a POST is never sent twice: {posts:?}"
+    );
+    assert_eq!(
+        busy.count_starting("/r/p") + live.count_starting("/r/p"),
+        4,
+        "{posts:?}"
+    );
+
+    let other_busy = busy_origin().await;
+    let all_busy = Skua::start(&[busy.addr, other_busy.addr], "").await;
+    for (method, path) in [("GET", "/all/1"), ("HEAD", "/all/2")] {
+        let r = send(&client, method, &all_busy.url(path), &[]).await;
+        assert_eq!(r.status, 503, "{method} {path}");
+        assert_eq!(
+            busy.count(path) + other_busy.count(path),
+            2,
+            "{method} {path}"
+        );
+    }
+
+    let passing =
+        Skua::start_tables(&[busy.addr, live.addr], ["", "retry_statuses = []", ""], "").await;
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        statuses.push(get(&passing.url(&format!("/pass/{i}")), &[]).await.status);
+    }
+    assert!(statuses.contains(&503), "{statuses:?}");
+    assert_eq!(
+        busy.count_starting("/pass/") + live.count_starting("/pass/"),
+        4
+    );
+}

@@ -106,6 +106,8 @@ pub struct OriginPool {
     pub max_connections: usize,
     /// How long an origin that failed a request is passed over; zero: never.
     pub fail_timeout: Duration,
+    /// 5xx statuses on which a GET or HEAD is sent once more, to another origin.
+    pub retry_statuses: Vec<u16>,
 }
 
 /// `[origin.tls]`, validated.

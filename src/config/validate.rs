@@ -683,6 +683,7 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
             tls: None,
             max_connections: 0,
             fail_timeout: "10s".into(),
+            retry_statuses: vec![503],
         }]
     } else {
         origin_tables
@@ -709,6 +710,14 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
         let connect_timeout = c.duration(&at("connect_timeout"), &o.connect_timeout);
         let read_timeout = c.duration(&at("read_timeout"), &o.read_timeout);
         let fail_timeout = c.duration(&at("fail_timeout"), &o.fail_timeout);
+        for (j, status) in o.retry_statuses.iter().enumerate() {
+            if !(500..=599).contains(status) {
+                c.report(
+                    &[Key("origin"), Index(i), Key("retry_statuses"), Index(j)],
+                    format!("must be a 5xx status, got {status}"),
+                );
+            }
+        }
         let balance = match o.balance.as_str() {
             "round_robin" => Balance::RoundRobin,
             "consistent" => Balance::Consistent,
@@ -758,6 +767,7 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
             upgrade: o.upgrade.iter().map(|p| p.to_ascii_lowercase()).collect(),
             max_connections: o.max_connections,
             fail_timeout,
+            retry_statuses: o.retry_statuses,
         });
     }
     origins

@@ -524,6 +524,7 @@ impl super::fast::FrontDoor {
         // pingora's path (`error_while_proxy`), each other origin of the pool is tried once.
         let mut failed: Vec<SocketAddr> = Vec::new();
         let mut last_error = None;
+        let mut retried_on_status = false;
         let exchanged = 'origins: loop {
             // Every origin at its `max_connections`: pingora's path waits for room, or serves a
             // stale copy, or answers 503.
@@ -571,6 +572,21 @@ impl super::fast::FrontDoor {
                     break OriginError::Io;
                 }
                 match origin.read_head(downstream).await {
+                    // As pingora's path (`retry_on_status`): an answer with one of the pool's
+                    // `retry_statuses` is dropped, with its connection, and the request sent
+                    // once more to another origin.
+                    Ok((resp, _))
+                        if !retried_on_status
+                            && pool.retries_on(resp.status.as_u16())
+                            && failed.len() + 1 < pool.size() =>
+                    {
+                        retried_on_status = true;
+                        let waited = SystemTime::now().duration_since(sent).unwrap_or_default();
+                        pool.series(&shared.metrics)
+                            .observe(resp.status.as_u16(), waited);
+                        failed.push(addr);
+                        continue 'origins;
+                    }
                     Ok((resp, n)) => break 'origins Some((origin, resp, n, sent, origin_room)),
                     Err(OriginError::Closed | OriginError::Io)
                         if reused && origin.buf.is_empty() =>

@@ -439,6 +439,11 @@ pub struct RequestCtx {
     /// The rules this request was decided by, and the one whose `response_headers` apply.
     response_edits: Option<(Arc<RuleSet>, u16)>,
     failed_origins: Vec<SocketAddr>,
+    /// The origin this request's current attempt went to.
+    origin_addr: Option<SocketAddr>,
+    /// The request was sent once more after an origin's answer with one of its pool's
+    /// `retry_statuses` (once at most).
+    retried_on_status: bool,
     /// This request's place among those in flight to its origin (`[[origin]]
     /// max_connections`), held until the origin's response has been read.
     origin_permit: Option<crate::upstream::OriginPermit>,
@@ -651,8 +656,13 @@ impl CachingProxy {
     /// Marks `peer` as failed for this request; whether an origin of its pool remains that
     /// this request has not failed on.
     fn another_origin_remains(&self, peer: &HttpPeer, ctx: &mut RequestCtx) -> bool {
-        if let Some(addr) = peer._address.as_inet() {
-            ctx.failed_origins.push(*addr);
+        self.another_origin_than(peer._address.as_inet().copied(), ctx)
+    }
+
+    /// [`Self::another_origin_remains`], for the origin at `addr`.
+    fn another_origin_than(&self, addr: Option<SocketAddr>, ctx: &mut RequestCtx) -> bool {
+        if let Some(addr) = addr {
+            ctx.failed_origins.push(addr);
         }
         let pool_size = self
             .shared
@@ -661,6 +671,35 @@ impl CachingProxy {
             .get(ctx.pool)
             .map_or(1, |p| p.size());
         ctx.failed_origins.len() < pool_size
+    }
+
+    /// Whether an origin's answer with `status` is dropped and the request sent once more, to
+    /// another origin of the pool (`[[origin]] retry_statuses`, nginx's `proxy_next_upstream
+    /// http_503`): for a request that may be sent twice (RFC 9110 §9.2.2), once. The dropped
+    /// answer is counted among the pool's origin answers. The origin is not passed over
+    /// afterwards: a 503 may speak for one page (MediaWiki's PoolCounter) as well as for the
+    /// server.
+    fn retry_on_status(&self, session: &Session, status: u16, ctx: &mut RequestCtx) -> bool {
+        if ctx.retried_on_status
+            || !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+        {
+            return false;
+        }
+        let pools = self.shared.pools.load();
+        let Some(pool) = pools.get(ctx.pool).filter(|p| p.retries_on(status)) else {
+            return false;
+        };
+        if !self.another_origin_than(ctx.origin_addr, ctx) {
+            return false;
+        }
+        ctx.retried_on_status = true;
+        let waited = ctx
+            .upstream_sent
+            .and_then(|sent| SystemTime::now().duration_since(sent).ok())
+            .unwrap_or_default();
+        pool.series(&self.shared.metrics).observe(status, waited);
+        true
     }
 
     /// One failed attempt at an origin: each retried one here, the last in `fail_to_proxy`.
@@ -1096,6 +1135,8 @@ impl ProxyHttp for CachingProxy {
             ttl_rule: None,
             response_edits: None,
             failed_origins: Vec::new(),
+            origin_addr: None,
+            retried_on_status: false,
             origin_permit: None,
             body_bytes: 0,
             request_body: (None, 0),
@@ -1445,6 +1486,7 @@ impl ProxyHttp for CachingProxy {
         let (peer, permit) = pool.pick_and_claim(key, host, &ctx.failed_origins).await?;
         // A retry's pick gives back the place the failed attempt held.
         ctx.origin_permit = permit;
+        ctx.origin_addr = peer._address.as_inet().copied();
         Ok(peer)
     }
 
@@ -1573,6 +1615,15 @@ impl ProxyHttp for CachingProxy {
                 e.esource = ErrorSource::Upstream;
                 return Err(e);
             }
+        }
+        if self.retry_on_status(session, resp.status.as_u16(), ctx) {
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(resp.status.as_u16()),
+                "sent to another origin of the pool (retry_statuses)",
+            );
+            e.esource = ErrorSource::Upstream;
+            e.set_retry(true);
+            return Err(e);
         }
         // RFC 9110 §7.6.1: what the origin addressed to its own connection goes no further
         // (the stored copy drops the same fields). Regression: a miss passed the origin's

@@ -53,6 +53,8 @@ pub struct Pool {
     max_connections: usize,
     /// `[[origin]] fail_timeout`: the origins resting after a failed request.
     resting: resting::Resting,
+    /// `[[origin]] retry_statuses`.
+    retry_statuses: Vec<u16>,
 }
 
 /// A request's place among those in flight to one origin (`[[origin]] max_connections`),
@@ -220,6 +222,7 @@ impl Pools {
                     pool.fail_timeout,
                     predecessor.map(|old| &old.resting),
                 ),
+                retry_statuses: pool.retry_statuses.clone(),
             });
         }
         Ok(Pools {
@@ -287,6 +290,12 @@ impl Pool {
     /// How many origins the pool has: the most connection attempts one request makes.
     pub fn size(&self) -> usize {
         self.size
+    }
+
+    /// Whether an answer with `status` is tried once more on another origin (`[[origin]]
+    /// retry_statuses`), for a request that may be sent twice.
+    pub fn retries_on(&self, status: u16) -> bool {
+        self.retry_statuses.contains(&status)
     }
 
     /// The pool's origins are reached over TLS (`[origin.tls]`).
@@ -585,6 +594,7 @@ mod tests {
             tls: None,
             max_connections: 0,
             fail_timeout: Duration::ZERO,
+            retry_statuses: Vec::new(),
         }
     }
 
