@@ -202,6 +202,63 @@ async fn concurrent_cold_requests_collapse_into_one_fetch() {
     );
 }
 
+/// An origin that answers 500, 502, 503 or 504 (its database down, say) rather than fails to
+/// connect has failed too (RFC 5861 §4: "an error is any situation that would result in a
+/// 500, 502, 503, or 504 HTTP response status code being returned"): an expired copy whose
+/// `stale-if-error` allows it answers in the error page's place, and stays for the next
+/// reader; a copy without such a window gets the error.
+#[tokio::test]
+async fn stale_if_error_when_the_origin_answers_5xx() {
+    let failing = Arc::new(AtomicUsize::new(0));
+    let status = failing.clone();
+    let origin = Origin::start(move |seen| {
+        let window = if seen.path.starts_with("/none") {
+            "max-age=1, stale-if-error=0"
+        } else {
+            "max-age=1, stale-if-error=60"
+        };
+        match status.load(Ordering::SeqCst) {
+            0 => cc(window),
+            failing => Reply::ok("database down").status(failing as u16),
+        }
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for path in ["/sie-5xx", "/none"] {
+        assert_eq!(get(&skua.url(path), &[]).await.cache(), "miss");
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for code in [500, 502, 503, 504] {
+        failing.store(code, Ordering::SeqCst);
+        let stale = get(&skua.url("/sie-5xx"), &[]).await;
+        assert_eq!(
+            (stale.status, stale.text().as_str()),
+            (200, "body"),
+            "{code}"
+        );
+        assert!(
+            stale
+                .header("cache-status")
+                .ends_with("detail=stale-if-error"),
+            "{code}: {:?}",
+            stale.headers
+        );
+    }
+    assert_eq!(
+        origin.count("/sie-5xx"),
+        5,
+        "each reader asked the origin first"
+    );
+    let without_window = get(&skua.url("/none"), &[]).await;
+    assert_eq!(
+        (without_window.status, without_window.text().as_str()),
+        (504, "database down")
+    );
+    failing.store(0, Ordering::SeqCst);
+    let recovered = get(&skua.url("/sie-5xx"), &[]).await;
+    assert_eq!((recovered.status, recovered.cache()), (200, "miss"));
+}
+
 #[tokio::test]
 async fn stale_if_error_with_the_origin_down() {
     let origin = Origin::start(|_| cc("max-age=1, stale-if-error=60")).await;
