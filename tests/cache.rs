@@ -1969,3 +1969,38 @@ async fn a_get_an_origin_answers_503_is_sent_once_more_to_another_origin() {
         4
     );
 }
+
+/// MediaWiki answers a page that does not exist yet with a 404 as cacheable as any page
+/// (`s-maxage` of `$wgCdnMaxAge`, days). Created, the page is purged; were that purge lost,
+/// readers would get the 404 for a day (`ttl_cap`). A 404 stays fresh at most `ttl_cap_404`.
+#[tokio::test]
+async fn a_404_stays_fresh_no_longer_than_ttl_cap_404() {
+    let origin = Origin::start(|_| {
+        Reply::ok("There is currently no text in this page.")
+            .status(404)
+            .header(
+                "cache-control",
+                "s-maxage=1209600, must-revalidate, max-age=0",
+            )
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/wiki/Not_yet_written");
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
+    let hit = get(&url, &[]).await;
+    assert_eq!((hit.status, hit.cache()), (404, "hit-front"));
+    let ttl: u64 = hit
+        .header("cache-status")
+        .split("ttl=")
+        .nth(1)
+        .and_then(|t| t.split(';').next())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{:?}", hit.headers));
+    assert!((590..=600).contains(&ttl), "ttl={ttl}");
+
+    let short = Skua::start_with(&[origin.addr], "ttl_cap_404 = \"1s\"", "").await;
+    let url = short.url("/wiki/Not_yet_written");
+    assert_eq!(get(&url, &[]).await.cache(), "miss");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_ne!(get(&url, &[]).await.cache(), "hit-front");
+}

@@ -83,6 +83,7 @@ impl LifetimeFrom {
 #[derive(Debug, Clone)]
 pub struct StoragePolicy {
     pub ttl_cap: Duration,
+    pub ttl_cap_404: Duration,
     pub default_grace: Duration,
     pub stale_if_error: Duration,
     pub store_server_errors: bool,
@@ -95,6 +96,7 @@ impl From<&CacheConfig> for StoragePolicy {
     fn from(c: &CacheConfig) -> Self {
         StoragePolicy {
             ttl_cap: c.ttl_cap,
+            ttl_cap_404: c.ttl_cap_404,
             default_grace: c.default_grace,
             stale_if_error: c.stale_if_error,
             store_server_errors: c.store_server_errors,
@@ -397,8 +399,13 @@ impl StoragePolicy {
                 None => return Err(Uncacheable::NoFreshness),
             },
         };
-        let capped = lifetime > self.ttl_cap;
-        let lifetime = lifetime.min(self.ttl_cap);
+        let cap = if status == 404 {
+            self.ttl_cap.min(self.ttl_cap_404)
+        } else {
+            self.ttl_cap
+        };
+        let capped = lifetime > cap;
+        let lifetime = lifetime.min(cap);
         let explicit = explicit.map(|(l, _)| l);
         let fresh_until = if lifetime.is_zero() {
             // pingora compares `fresh_until >= now`; one second back makes it stale at once.
@@ -537,6 +544,7 @@ mod tests {
     fn policy() -> StoragePolicy {
         StoragePolicy {
             ttl_cap: Duration::from_secs(86400),
+            ttl_cap_404: Duration::from_secs(600),
             default_grace: Duration::from_secs(60),
             stale_if_error: Duration::from_secs(300),
             store_server_errors: true,
@@ -743,6 +751,26 @@ mod tests {
                 .stale_while_revalidate_sec,
             7
         );
+    }
+
+    #[test]
+    fn a_404_stays_fresh_no_longer_than_ttl_cap_404() {
+        let now = SystemTime::now();
+        let cc = [(
+            "cache-control",
+            "s-maxage=1209600, must-revalidate, max-age=0",
+        )];
+        let missing = policy()
+            .decide(&mut resp(404, &cc), false, now, None)
+            .unwrap();
+        assert_eq!((ttl(&missing), missing.capped), (600, true));
+        let page = policy()
+            .decide(&mut resp(200, &cc), false, now, None)
+            .unwrap();
+        assert_eq!(ttl(&page), 86400);
+        let short = [("cache-control", "max-age=30")];
+        let missing = policy().decide(&mut resp(404, &short), false, now, None);
+        assert_eq!(missing.map(|f| (ttl(&f), f.capped)), Ok((30, false)));
     }
 
     #[test]

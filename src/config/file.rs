@@ -453,6 +453,10 @@ pub struct CacheFile {
     pub max_object_size: u64,
     /// No object stays fresh longer than this, whatever the origin says (duration). Default `1d`.
     pub ttl_cap: String,
+    /// No 404 stays fresh longer than this, whatever the origin says (duration): a page
+    /// created since is found even if its creation's purge was lost (Wikimedia's edge caps
+    /// 404s at 10 minutes). Default `10m`.
+    pub ttl_cap_404: String,
     /// Stale-while-revalidate and stale-if-error window for responses that name none
     /// (duration). Default `0s`.
     pub default_grace: String,
@@ -547,6 +551,7 @@ impl Default for CacheFile {
             memory_size: 256 << 20,
             max_object_size: 8 << 20,
             ttl_cap: "1d".into(),
+            ttl_cap_404: "10m".into(),
             default_grace: "0s".into(),
             stale_if_error: "5m".into(),
             store_server_errors: true,

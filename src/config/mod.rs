@@ -158,6 +158,8 @@ pub struct CacheConfig {
     pub memory_size: u64,
     pub max_object_size: usize,
     pub ttl_cap: Duration,
+    /// `[cache] ttl_cap_404`: the longest a 404 stays fresh.
+    pub ttl_cap_404: Duration,
     pub default_grace: Duration,
     pub stale_if_error: Duration,
     pub store_server_errors: bool,

@@ -823,6 +823,7 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
     if ttl_cap.is_zero() && c.errors.len() == reported {
         c.report(&at("ttl_cap"), "must be longer than zero");
     }
+    let ttl_cap_404 = c.duration(&at("ttl_cap_404"), &k.ttl_cap_404);
     let default_grace = c.duration(&at("default_grace"), &k.default_grace);
     let stale_if_error = c.duration(&at("stale_if_error"), &k.stale_if_error);
     let heuristic_max = c.duration(&at("heuristic_max"), &k.heuristic_max);
@@ -949,6 +950,7 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
         memory_size: k.memory_size,
         max_object_size: k.max_object_size as usize,
         ttl_cap,
+        ttl_cap_404,
         default_grace,
         stale_if_error,
         store_server_errors: k.store_server_errors,
