@@ -36,6 +36,7 @@ fn wiki_response() -> ResponseHeader {
 fn policy() -> StoragePolicy {
     StoragePolicy {
         ttl_cap: Duration::from_secs(86400),
+        ttl_cap_404: Duration::from_secs(600),
         default_grace: Duration::ZERO,
         stale_if_error: Duration::from_secs(300),
         store_server_errors: true,
