@@ -37,6 +37,7 @@ fn policy() -> StoragePolicy {
     StoragePolicy {
         ttl_cap: Duration::from_secs(86400),
         ttl_cap_404: Duration::from_secs(600),
+        ttl_jitter: 0.0,
         default_grace: Duration::ZERO,
         stale_if_error: Duration::from_secs(300),
         store_server_errors: true,

@@ -123,7 +123,7 @@ fn check_and_serve_agree_on_every_shipped_and_test_config() {
 
 #[test]
 fn bad_bus_and_balance_values_name_their_keys() {
-    let text = "[[origin]]\nname = \"a\"\naddresses = [\"127.0.0.1:1\"]\nbalance = \"random\"\nretry_statuses = [503, 404]\n[purge.bus]\nservers = [\"nats://127.0.0.1:4222\"]\nnode = \"\"\ncatch_up = \"later\"\n";
+    let text = "[[origin]]\nname = \"a\"\naddresses = [\"127.0.0.1:1\"]\nbalance = \"random\"\nretry_statuses = [503, 404]\n[purge.bus]\nservers = [\"nats://127.0.0.1:4222\"]\nnode = \"\"\ncatch_up = \"later\"\n[cache]\nttl_jitter = 2.0\n";
     let (code, stderr) = run_on("check", "fleet.toml", text);
     assert_eq!(code, Some(78), "{stderr}");
     for line in [
@@ -131,6 +131,7 @@ fn bad_bus_and_balance_values_name_their_keys() {
         "fleet.toml:8: purge.bus.node: must be a non-empty id",
         "fleet.toml:9: purge.bus.catch_up: must be \"wait\" or \"revalidate\"",
         "fleet.toml:5: origin[0].retry_statuses[1]: must be a 5xx status, got 404",
+        "fleet.toml:11: cache.ttl_jitter: must be between 0 and 0.5, got 2",
     ] {
         assert!(stderr.contains(line), "missing {line:?} in:\n{stderr}");
     }

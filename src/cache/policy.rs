@@ -84,6 +84,7 @@ impl LifetimeFrom {
 pub struct StoragePolicy {
     pub ttl_cap: Duration,
     pub ttl_cap_404: Duration,
+    pub ttl_jitter: f64,
     pub default_grace: Duration,
     pub stale_if_error: Duration,
     pub store_server_errors: bool,
@@ -97,6 +98,7 @@ impl From<&CacheConfig> for StoragePolicy {
         StoragePolicy {
             ttl_cap: c.ttl_cap,
             ttl_cap_404: c.ttl_cap_404,
+            ttl_jitter: c.ttl_jitter,
             default_grace: c.default_grace,
             stale_if_error: c.stale_if_error,
             store_server_errors: c.store_server_errors,
@@ -127,6 +129,27 @@ fn storable_status(status: u16, store_server_errors: bool) -> bool {
     (200..600).contains(&status)
         && !matches!(status, 206 | 304)
         && (store_server_errors || status < 500)
+}
+
+/// Lifetimes shorter than this are kept as they are: cutting a few seconds spreads nothing.
+const JITTER_FROM: Duration = Duration::from_secs(60);
+
+/// `lifetime` cut by a fraction below `jitter`, drawn from the sub-second part of `now` (the
+/// instant the request went to the origin): responses stored in the same second get cuts
+/// spread over the whole range, without a random source to share between threads. A cache
+/// may always treat a response as stale earlier than its origin allows (RFC 9111 §4.2.1
+/// bounds how long it may reuse one, not how soon it must revalidate).
+fn jittered(lifetime: Duration, jitter: f64, now: SystemTime) -> Duration {
+    if jitter <= 0.0 || lifetime < JITTER_FROM {
+        return lifetime;
+    }
+    let nanos = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    // Fibonacci hashing spreads neighbouring instants over the whole range.
+    let draw =
+        (u64::from(nanos).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    lifetime.mul_f64(1.0 - jitter * draw)
 }
 
 /// RFC 9111 §1.2.2: a delta-seconds value too large to represent is taken as 2^31.
@@ -405,7 +428,7 @@ impl StoragePolicy {
             self.ttl_cap
         };
         let capped = lifetime > cap;
-        let lifetime = lifetime.min(cap);
+        let lifetime = jittered(lifetime.min(cap), self.ttl_jitter, now);
         let explicit = explicit.map(|(l, _)| l);
         let fresh_until = if lifetime.is_zero() {
             // pingora compares `fresh_until >= now`; one second back makes it stale at once.
@@ -545,6 +568,7 @@ mod tests {
         StoragePolicy {
             ttl_cap: Duration::from_secs(86400),
             ttl_cap_404: Duration::from_secs(600),
+            ttl_jitter: 0.0,
             default_grace: Duration::from_secs(60),
             stale_if_error: Duration::from_secs(300),
             store_server_errors: true,
@@ -771,6 +795,35 @@ mod tests {
         let short = [("cache-control", "max-age=30")];
         let missing = policy().decide(&mut resp(404, &short), false, now, None);
         assert_eq!(missing.map(|f| (ttl(&f), f.capped)), Ok((30, false)));
+    }
+
+    #[test]
+    fn lifetimes_of_a_minute_or_more_are_cut_by_up_to_ttl_jitter() {
+        let mut jittery = policy();
+        jittery.ttl_jitter = 0.05;
+        let cc = [("cache-control", "max-age=86400")];
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ttls: Vec<u64> = (0..1000u64)
+            .map(|i| {
+                let now = start + Duration::from_nanos(i * 999_983);
+                ttl(&jittery
+                    .decide(&mut resp(200, &cc), false, now, None)
+                    .unwrap())
+            })
+            .collect();
+        assert!(ttls.iter().all(|t| (82080..=86400).contains(t)), "{ttls:?}");
+        // Spread over the range: each fifth of it gets some of a thousand responses.
+        for fifth in 0..5 {
+            let low = 82080 + fifth * 864;
+            let some = ttls
+                .iter()
+                .filter(|t| (low..low + 864).contains(*t))
+                .count();
+            assert!(some > 100, "{some} in [{low}, {})", low + 864);
+        }
+        let short = [("cache-control", "max-age=59")];
+        let f = jittery.decide(&mut resp(200, &short), false, start, None);
+        assert_eq!(f.map(|f| ttl(&f)), Ok(59), "under a minute: as given");
     }
 
     #[test]

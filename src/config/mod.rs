@@ -160,6 +160,8 @@ pub struct CacheConfig {
     pub ttl_cap: Duration,
     /// `[cache] ttl_cap_404`: the longest a 404 stays fresh.
     pub ttl_cap_404: Duration,
+    /// `[cache] ttl_jitter`: the largest fraction a lifetime of a minute or more is cut by.
+    pub ttl_jitter: f64,
     pub default_grace: Duration,
     pub stale_if_error: Duration,
     pub store_server_errors: bool,

@@ -824,6 +824,12 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
         c.report(&at("ttl_cap"), "must be longer than zero");
     }
     let ttl_cap_404 = c.duration(&at("ttl_cap_404"), &k.ttl_cap_404);
+    if !(0.0..=0.5).contains(&k.ttl_jitter) {
+        c.report(
+            &at("ttl_jitter"),
+            format!("must be between 0 and 0.5, got {}", k.ttl_jitter),
+        );
+    }
     let default_grace = c.duration(&at("default_grace"), &k.default_grace);
     let stale_if_error = c.duration(&at("stale_if_error"), &k.stale_if_error);
     let heuristic_max = c.duration(&at("heuristic_max"), &k.heuristic_max);
@@ -951,6 +957,7 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
         max_object_size: k.max_object_size as usize,
         ttl_cap,
         ttl_cap_404,
+        ttl_jitter: k.ttl_jitter.clamp(0.0, 0.5),
         default_grace,
         stale_if_error,
         store_server_errors: k.store_server_errors,
