@@ -2042,6 +2042,14 @@ async fn pages_stored_together_do_not_all_expire_together() {
     }
     let (_, spread) = &ttls[0];
     assert!(spread.len() >= 10, "{spread:?}");
+    // A purger asking why sees the cut.
+    let skua = Skua::start(&[origin.addr], "").await;
+    let asked = get(&skua.url("/wiki/Asked"), &[("skua-debug", "1")]).await;
+    let why = asked.header("skua-debug");
+    assert!(
+        why.contains("from=max-age") && why.contains("; ttl_jitter=-"),
+        "{why}"
+    );
     assert!(
         spread.iter().all(|t| (82000..=86400).contains(t)),
         "{spread:?}"

@@ -24,7 +24,8 @@ fn explanation(got: &Got) -> String {
 #[tokio::test]
 async fn the_explanation_says_what_the_cache_did_and_why() {
     let origin = origin().await;
-    let skua = Skua::start(&[origin.addr], "").await;
+    // Lifetimes exactly as the origin gives them (`ttl_jitter` is shown below).
+    let skua = Skua::start_with(&[origin.addr], "ttl_jitter = 0", "").await;
     let key = format!("key=http://{}/page", skua.addr);
 
     // A miss, stored for the lifetime max-age gave it.

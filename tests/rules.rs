@@ -331,6 +331,50 @@ rate_limit = { per_second = 4, burst = 2 }
     );
 }
 
+/// `origin_only`: only requests that go to the origin take from the client's bucket, as
+/// Wikimedia's edge limits misses and passes alone. A client reading cached pages at any
+/// rate is answered; one whose requests reach the origin is limited, on both paths (the
+/// front door's hits, pingora's misses and passes).
+#[tokio::test]
+async fn a_rate_limit_on_the_origin_only_lets_hits_through() {
+    let origin = Origin::start(|seen| {
+        let cc = if seen.path.contains("private") {
+            "private"
+        } else {
+            "max-age=600"
+        };
+        Reply::ok("answer").header("cache-control", cc)
+    })
+    .await;
+    let rules = r#"
+[[rule]]
+name = "api clients"
+match = { path_prefix = ["/w/api.php"] }
+rate_limit = { per_second = 0.01, burst = 2, origin_only = true }
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    let cached = skua.url("/w/api.php?action=query&maxage=600");
+    for i in 0..10 {
+        let got = get(&cached, &[]).await;
+        assert_eq!(got.status, 200, "read {i}");
+    }
+    assert_eq!(origin.count_starting("/w/api.php"), 1);
+    // One token left: one request to the origin, then 429.
+    let private = skua.url("/w/api.php?action=query&private=1");
+    assert_eq!(get(&private, &[]).await.status, 200);
+    let limited = get(&private, &[]).await;
+    assert_eq!((limited.status, limited.cache()), (429, "int-front"));
+    assert!(!limited.header("retry-after").is_empty());
+    assert_eq!(origin.count_starting("/w/api.php"), 2);
+    // Hits are still answered.
+    assert_eq!(get(&cached, &[]).await.status, 200);
+    assert_eq!(
+        skua.metric("skua_rule_answers_total{answer=\"rate_limited\"}")
+            .await,
+        1.0
+    );
+}
+
 /// Skua behind a trusted proxy (loopback), with the API limited to one request per client,
 /// then `more` rules.
 async fn api_limited_behind_a_proxy(more: &str) -> (Origin, Skua) {

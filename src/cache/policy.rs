@@ -47,8 +47,10 @@ pub struct Freshness {
     pub stale_if_error_sec: u32,
     /// What set the lifetime (for the `Skua-Debug` explanation).
     pub from: LifetimeFrom,
-    /// The lifetime was cut to `[cache] ttl_cap`.
+    /// The lifetime was cut to `[cache] ttl_cap` (or `ttl_cap_404`).
     pub capped: bool,
+    /// What `[cache] ttl_jitter` took off the lifetime.
+    pub jitter: Duration,
 }
 
 /// What a stored response's freshness lifetime came from (RFC 9111 §4.2.1, in its order of
@@ -387,6 +389,7 @@ impl StoragePolicy {
                 stale_if_error_sec: grace.max(secs_u32(self.stale_if_error)),
                 from: LifetimeFrom::Rule,
                 capped: false,
+                jitter: Duration::ZERO,
             });
         }
         // RFC 9111 §4.2.3: the response was already `Age` seconds old when it arrived.
@@ -428,7 +431,9 @@ impl StoragePolicy {
             self.ttl_cap
         };
         let capped = lifetime > cap;
-        let lifetime = jittered(lifetime.min(cap), self.ttl_jitter, now);
+        let before_jitter = lifetime.min(cap);
+        let lifetime = jittered(before_jitter, self.ttl_jitter, now);
+        let jitter = before_jitter.saturating_sub(lifetime);
         let explicit = explicit.map(|(l, _)| l);
         let fresh_until = if lifetime.is_zero() {
             // pingora compares `fresh_until >= now`; one second back makes it stale at once.
@@ -485,6 +490,7 @@ impl StoragePolicy {
             stale_if_error_sec: sie,
             from,
             capped,
+            jitter,
         })
     }
 

@@ -139,6 +139,11 @@ pub struct RateLimitFile {
     pub per_second: f64,
     /// Requests a client may make at once after being idle. Default: `per_second`, at least 1.
     pub burst: Option<u32>,
+    /// Only requests that go to the origin (misses and passes) take from the bucket; a hit
+    /// is answered whatever the rate, as Wikimedia's edge limits misses and passes only.
+    /// Default false: every request the rule matches counts.
+    #[serde(default)]
+    pub origin_only: bool,
 }
 
 #[derive(Debug, Deserialize)]

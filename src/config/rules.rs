@@ -231,6 +231,8 @@ impl ParamPattern {
 pub struct RateLimit {
     pub per_second: f64,
     pub burst: u32,
+    /// Only requests that go to the origin count (`origin_only`).
+    pub origin_only: bool,
 }
 
 /// Fields a rule may not edit: they frame the message or belong to one connection (RFC 9110
@@ -550,7 +552,11 @@ fn actions(
         if burst == 0 {
             c.report(&limit_at("burst"), "must be at least 1");
         }
-        actions.rate_limit = Some(RateLimit { per_second, burst });
+        actions.rate_limit = Some(RateLimit {
+            per_second,
+            burst,
+            origin_only: limit.origin_only,
+        });
     }
     actions
 }

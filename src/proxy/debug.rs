@@ -36,8 +36,18 @@ pub struct Facts {
     pub rules: Vec<String>,
     /// Why the response was not stored (`skua_uncacheable_total`'s reason).
     pub not_stored: Option<&'static str>,
-    /// A stored response's lifetime, what set it and whether `ttl_cap` cut it.
-    pub stored: Option<(Duration, &'static str, bool)>,
+    /// A stored response's lifetime and what set it.
+    pub stored: Option<Stored>,
+}
+
+/// A stored response's lifetime, what set it, whether `ttl_cap` cut it and what `ttl_jitter`
+/// took off it.
+#[derive(Debug, Clone, Copy)]
+pub struct Stored {
+    pub lifetime: Duration,
+    pub from: &'static str,
+    pub capped: bool,
+    pub jitter: Duration,
 }
 
 /// A copy served from the cache: when it was made (Age's reference), when its freshness ends,
@@ -120,12 +130,15 @@ pub fn explain(a: &Answer<'_>) -> String {
         }
     }
     match (a.facts.stored, a.facts.not_stored) {
-        (Some((lifetime, from, capped)), _) => {
+        (Some(stored), _) => {
             pair("stored", "yes".into());
-            pair("lifetime", seconds(lifetime));
-            pair("from", from.to_string());
-            if capped {
+            pair("lifetime", seconds(stored.lifetime));
+            pair("from", stored.from.to_string());
+            if stored.capped {
                 pair("capped", "ttl_cap".into());
+            }
+            if !stored.jitter.is_zero() {
+                pair("ttl_jitter", format!("-{}", seconds(stored.jitter)));
             }
         }
         (None, Some(why)) => pair("stored", format!("no ({why})")),

@@ -438,6 +438,9 @@ pub struct RequestCtx {
     ttl_rule: Option<(std::time::Duration, Option<std::time::Duration>)>,
     /// The rules this request was decided by, and the one whose `response_headers` apply.
     response_edits: Option<(Arc<RuleSet>, u16)>,
+    /// A rule's `rate_limit` with `origin_only`, and the client it counts: taken from only
+    /// when the request goes to the origin.
+    rate_limit_at_origin: Option<(Arc<RuleSet>, u16, Option<IpAddr>)>,
     failed_origins: Vec<SocketAddr>,
     /// The origin this request's current attempt went to.
     origin_addr: Option<SocketAddr>,
@@ -914,11 +917,16 @@ impl CachingProxy {
         }
         let (path, query) = rules::path_and_query(url);
         let name = &self.shared.name;
-        if let Some(wait) = decision.rate_limit.and_then(|i| set.limited(i, client)) {
-            ctx.internal = true;
-            self.shared.metrics.rule_answers[RuleAnswer::RateLimited as usize].inc();
-            respond::too_many(name, session, wait).await?;
-            return Ok(decision);
+        if let Some(i) = decision.rate_limit {
+            if decision.limits_at_origin_only(set) {
+                // Counted if and when the request goes to the origin (`proxy_upstream_filter`).
+                ctx.rate_limit_at_origin = Some((set.clone(), i, client));
+            } else if let Some(wait) = set.limited(i, client) {
+                ctx.internal = true;
+                self.shared.metrics.rule_answers[RuleAnswer::RateLimited as usize].inc();
+                respond::too_many(name, session, wait).await?;
+                return Ok(decision);
+            }
         }
         if let Some(rule) = decision.answer.map(|i| set.rule(i)) {
             ctx.internal = true;
@@ -1134,6 +1142,7 @@ impl ProxyHttp for CachingProxy {
             pool: 0,
             ttl_rule: None,
             response_edits: None,
+            rate_limit_at_origin: None,
             failed_origins: Vec::new(),
             origin_addr: None,
             retried_on_status: false,
@@ -1460,6 +1469,17 @@ impl ProxyHttp for CachingProxy {
             && self.serve_fresh_hit(session, ctx, true).await?
         {
             return Ok(false);
+        }
+        // A rule's `rate_limit` with `origin_only`: this request is a miss or a pass, and
+        // takes from its client's bucket now (hits and requests served by another's fetch
+        // took nothing).
+        if let Some((set, i, client)) = ctx.rate_limit_at_origin.take() {
+            if let Some(wait) = set.limited(i, client) {
+                ctx.internal = true;
+                self.shared.metrics.rule_answers[RuleAnswer::RateLimited as usize].inc();
+                respond::too_many(&self.shared.name, session, wait).await?;
+                return Ok(false);
+            }
         }
         Ok(true)
     }
@@ -1788,7 +1808,12 @@ impl ProxyHttp for CachingProxy {
                         facts.not_stored = Some("too-large");
                     } else {
                         let lifetime = f.fresh_until.duration_since(f.created).unwrap_or_default();
-                        facts.stored = Some((lifetime, f.from.as_str(), f.capped));
+                        facts.stored = Some(debug::Stored {
+                            lifetime,
+                            from: f.from.as_str(),
+                            capped: f.capped,
+                            jitter: f.jitter,
+                        });
                     }
                 }
                 Ok(RespCacheable::Cacheable(CacheMeta::new(

@@ -128,7 +128,15 @@ fn decided_by(set: &RuleSet, decision: &Decision, index: u16) -> Vec<String> {
         out.push("response_headers".to_string());
     }
     if decision.rate_limit == Some(index) {
-        out.push("rate_limit".to_string());
+        let origin_only = actions.rate_limit.is_some_and(|l| l.origin_only);
+        out.push(
+            if origin_only {
+                "rate_limit (origin only)"
+            } else {
+                "rate_limit"
+            }
+            .to_string(),
+        );
     }
     out
 }

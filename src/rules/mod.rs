@@ -202,13 +202,21 @@ pub struct Decision {
 
 impl Decision {
     /// Whether a fast path may answer this request from memory, with the response edits
-    /// applied: no rule answers it, limits it or edits the request (whose fields may name
-    /// the variant), and `set` does not pass it. A route and a lifetime matter to misses.
+    /// applied: no rule answers it, limits its hits or edits the request (whose fields may
+    /// name the variant), and `set` does not pass it. A route, a lifetime and a limit on
+    /// what goes to the origin matter to misses.
     pub fn lets_a_fast_path_answer(&self, set: &RuleSet) -> bool {
         self.answer.is_none()
-            && self.rate_limit.is_none()
+            && self.limits_at_origin_only(set)
             && self.request_headers.is_none()
             && !self.passes(set)
+    }
+
+    /// Whether the rate limit deciding this request (if any) counts only requests that go
+    /// to the origin (`origin_only`), so that a hit is answered whatever the rate.
+    pub fn limits_at_origin_only(&self, set: &RuleSet) -> bool {
+        self.rate_limit
+            .is_none_or(|i| (set.rule(i).actions.rate_limit).is_none_or(|limit| limit.origin_only))
     }
 
     /// The rules that decided something, as `kind:name` (for the `Skua-Debug` explanation).

@@ -99,6 +99,7 @@ mod tests {
         let limit = RateLimit {
             per_second: 10.0,
             burst: 3,
+            origin_only: false,
         };
         let client: IpAddr = "192.0.2.1".parse().unwrap();
         for _ in 0..3 {
@@ -123,6 +124,7 @@ mod tests {
         let limit = RateLimit {
             per_second: 0.01,
             burst: 1,
+            origin_only: false,
         };
         let client = |n: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n));
         for n in 0..1_000 {

@@ -118,6 +118,7 @@ fn rule() -> impl Strategy<Value = Rule> {
                 rate_limit: limit.then_some(crate::config::rules::RateLimit {
                     per_second: 1.0,
                     burst: 1,
+                    origin_only: false,
                 }),
                 ..Actions::default()
             };
