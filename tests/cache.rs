@@ -1750,6 +1750,35 @@ async fn an_origin_that_failed_a_request_rests_for_fail_timeout() {
     );
 }
 
+/// Sends `readers` concurrent GETs for `url`, every other one with a cookie (which takes
+/// pingora's path; the others take the front door's), and waits until `arrived` holds, which
+/// must be well before the origin's answer (3 s): each reader went to the origin at once.
+/// Queued on the cache lock, only the first would have.
+async fn a_wave_reaching_the_origin_at_once(
+    url: &str,
+    readers: usize,
+    arrived: impl FnMut() -> bool,
+) -> Vec<tokio::task::JoinHandle<Got>> {
+    let started = std::time::Instant::now();
+    let wave = (0..readers)
+        .map(|i| {
+            let headers: &'static [(&str, &str)] = if i % 2 == 0 {
+                &[]
+            } else {
+                &[("cookie", "theme=dark")]
+            };
+            get_in_flight(url, headers)
+        })
+        .collect();
+    wait_until("the whole wave reaches the origin", arrived).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the wave reached the origin only after {:?}",
+        started.elapsed()
+    );
+    wave
+}
+
 /// Regression: ten concurrent readers of a page the origin marks `private` (or any answer
 /// never stored) queued on the cache lock behind one of them, each wave answered one origin
 /// round trip late (measured: 610 ms behind an origin taking 300 ms). The URL's last answer
@@ -1761,27 +1790,10 @@ async fn concurrent_misses_for_a_page_never_stored_do_not_queue_behind_each_othe
     let skua = Skua::start(&[origin.addr], "").await;
     let url = skua.url("/w/index.php?title=Special:RecentChanges");
     assert_eq!(get(&url, &[]).await.cache(), "pass");
-    let started = std::time::Instant::now();
-    let wave: Vec<_> = (0..10)
-        .map(|i| {
-            let headers: &'static [(&str, &str)] = if i % 2 == 0 {
-                &[]
-            } else {
-                &[("cookie", "theme=dark")]
-            };
-            get_in_flight(&url, headers)
-        })
-        .collect();
-    // Each reader reaches the origin before any answer is back: queued, only one would.
-    wait_until("the whole wave reaches the origin", || {
+    let wave = a_wave_reaching_the_origin_at_once(&url, 10, || {
         origin.count_starting("/w/index.php") == 11
     })
     .await;
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "the wave reached the origin only after {:?}",
-        started.elapsed()
-    );
     for reader in wave {
         let got = reader.await.unwrap();
         assert_eq!((got.status, got.cache()), (200, "pass"));
@@ -1875,26 +1887,9 @@ async fn concurrent_misses_for_an_object_past_max_object_size_do_not_queue() {
     let skua = Skua::start_with(&[origin.addr], "max_object_size = 16384", "").await;
     let url = skua.url("/images/large.png");
     assert_eq!(get(&url, &[]).await.status, 200);
-    let started = std::time::Instant::now();
-    let wave: Vec<_> = (0..6)
-        .map(|i| {
-            let headers: &'static [(&str, &str)] = if i % 2 == 0 {
-                &[]
-            } else {
-                &[("cookie", "theme=dark")]
-            };
-            get_in_flight(&url, headers)
-        })
-        .collect();
-    wait_until("the whole wave reaches the origin", || {
-        origin.count("/images/large.png") == 7
-    })
-    .await;
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "the wave reached the origin only after {:?}",
-        started.elapsed()
-    );
+    let wave =
+        a_wave_reaching_the_origin_at_once(&url, 6, || origin.count("/images/large.png") == 7)
+            .await;
     for reader in wave {
         let got = reader.await.unwrap();
         assert_eq!((got.status, got.body.len()), (200, 64 * 1024));
