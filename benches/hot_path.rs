@@ -109,6 +109,7 @@ fn bench(c: &mut Criterion) {
                 skua::proxy::hit::HitFlags {
                     ttl_rule: false,
                     from_disk: false,
+                    server_timing: false,
                 },
             );
             black_box(out)

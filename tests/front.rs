@@ -340,3 +340,43 @@ async fn a_hit_has_the_same_head_byte_for_byte_on_every_path() {
     }
     assert_eq!(origin.count("/wiki/Page"), 2);
 }
+
+/// `[server] server_timing`: every answer names how the cache answered and which node in
+/// `Server-Timing`, after the origin's own metrics, as Wikimedia's edge sends it for
+/// browsers' developer tools and MediaWiki's NavigationTiming: the front door's fill and hit,
+/// and pingora's path (a request with a cookie) alike. Off by default.
+#[tokio::test]
+async fn server_timing_names_the_answer_and_the_node_on_every_path() {
+    let origin = Origin::start(|_| {
+        Reply::ok("page body")
+            .header("cache-control", "max-age=600")
+            .header("server-timing", "app;dur=12")
+    })
+    .await;
+    let timing = |got: &Got| -> Vec<String> {
+        got.headers
+            .get_all("server-timing")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
+    let ours = |answer: &str| format!("cache;desc=\"{answer}\", host;desc=\"skua\"");
+    let skua = Skua::start_tables(&[origin.addr], ["server_timing = true", "", ""], "").await;
+    let url = skua.url("/wiki/Timed");
+    let miss = get(&url, &[]).await;
+    assert_eq!(miss.cache(), "miss");
+    assert_eq!(timing(&miss), ["app;dur=12".to_string(), ours("miss")]);
+    let hit = get(&url, &[]).await;
+    assert_eq!(hit.cache(), "hit-front");
+    assert_eq!(timing(&hit), ["app;dur=12".to_string(), ours("hit-front")]);
+    let full = get(&url, &[("cookie", "theme=dark")]).await;
+    assert_eq!(full.cache(), "hit-front");
+    assert_eq!(timing(&full), ["app;dur=12".to_string(), ours("hit-front")]);
+    let passed = get(&url, &[("cookie", "wiki_session=abc")]).await;
+    assert_eq!(timing(&passed), ["app;dur=12".to_string(), ours("pass")]);
+
+    let quiet = Skua::start(&[origin.addr], "").await;
+    let url = quiet.url("/wiki/Timed");
+    get(&url, &[]).await;
+    assert_eq!(timing(&get(&url, &[]).await), ["app;dur=12".to_string()]);
+}

@@ -224,6 +224,10 @@ pub struct ServerFile {
     /// Request headers removed before a request goes to an origin, besides the built-in list
     /// (`X-Forwarded-Host`, `X-Original-URL`, `X-Rewrite-URL`, `Forwarded`, `Proxy`, ...).
     pub strip_headers: Vec<String>,
+    /// Send `Server-Timing: cache;desc="<X-Cache-Status>", host;desc="<name>"` on every
+    /// answer, as Wikimedia's edge does, for browsers' developer tools and real-user
+    /// monitoring (MediaWiki's NavigationTiming reads it). Default false.
+    pub server_timing: bool,
     /// HTTPS listeners (`[server.tls]`). Default none.
     pub tls: Option<TlsFile>,
 }
@@ -320,6 +324,7 @@ impl Default for ServerFile {
             header_timeout: "10s".into(),
             send_timeout: "60s".into(),
             max_connections: 10_000,
+            server_timing: false,
             tls: None,
         }
     }

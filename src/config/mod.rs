@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub hosts: Vec<String>,
     pub trusted_proxies: Vec<IpNet>,
     pub strip_headers: Vec<http::HeaderName>,
+    /// `[server] server_timing`.
+    pub server_timing: bool,
     pub keepalive_timeout: Duration,
     pub body_timeout: Duration,
     pub connections: ConnectionLimits,

@@ -467,6 +467,7 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
         hosts: s.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
         trusted_proxies,
         strip_headers,
+        server_timing: s.server_timing,
         keepalive_timeout,
         body_timeout,
         connections: ConnectionLimits {

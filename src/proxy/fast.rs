@@ -253,6 +253,7 @@ impl FrontDoor {
             hit::HitFlags {
                 ttl_rule: hit.ttl_rule,
                 from_disk: hit.local,
+                server_timing: settings.server_timing,
             },
         );
         if let Some(edits) = edits {
@@ -300,6 +301,7 @@ impl FrontDoor {
             hit::HitFlags {
                 ttl_rule: hit.ttl_rule,
                 from_disk: hit.local,
+                server_timing: settings.server_timing,
             },
         );
         let mut head = decode_head(&wire);

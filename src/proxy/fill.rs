@@ -764,6 +764,7 @@ impl super::fast::FrontDoor {
             settings.downstream_cache_control.as_ref(),
             None,
             now,
+            settings.server_timing.then_some(&*shared.name),
         );
         // A copy in an encoding the client does not take is decoded on its way out, by the
         // context pingora's path runs as a downstream module (`compress::DecompressBuilder`).

@@ -194,6 +194,8 @@ pub struct Settings {
     hosts: Vec<String>,
     trusted_proxies: Acl,
     strip_headers: Vec<http::HeaderName>,
+    /// `[server] server_timing`: answers name how the cache answered in `Server-Timing`.
+    server_timing: bool,
     vary_cookies: Vec<String>,
     keepalive_secs: u64,
     invalidate_on_unsafe: UnsafeInvalidation,
@@ -327,6 +329,7 @@ impl From<&Config> for Settings {
             hosts: config.server.hosts.clone(),
             trusted_proxies: Acl::new(config.server.trusted_proxies.clone()),
             strip_headers: config.server.strip_headers.clone(),
+            server_timing: config.server.server_timing,
             vary_cookies: config.cache.vary_cookies.clone(),
             keepalive_secs: config.server.keepalive_timeout.as_secs().max(1),
             invalidate_on_unsafe: config.cache.invalidate_on_unsafe,
@@ -874,6 +877,7 @@ impl CachingProxy {
             hit::HitFlags {
                 ttl_rule,
                 from_disk: false,
+                server_timing: settings.server_timing,
             },
         );
         drop(settings);
@@ -1883,6 +1887,7 @@ impl ProxyHttp for CachingProxy {
             settings.downstream_cache_control.as_ref(),
             hit_epoch,
             now,
+            settings.server_timing.then_some(&*self.shared.name),
         )?;
         // Last, so that a rule may also replace or remove what Skua adds.
         if let Some((set, i)) = &ctx.response_edits {
