@@ -932,3 +932,52 @@ async fn a_token_refusing_mediawikis_purges_says_so_once() {
     .await;
     assert_eq!(log.matches("MediaWiki cannot send").count(), 1, "{log}");
 }
+
+/// `POST /drain` on the admin port takes the node out of its load balancer's rotation
+/// without stopping it: its health (`/readyz`, the proxy port's `/_skua/health`, which a
+/// frontend Skua checks) says 503 `draining`, every request is still answered, each answer
+/// asks the client to close its connection (on the front door's path and pingora's alike),
+/// and `DELETE /drain` ends it. A cross-site form cannot drain a node.
+#[tokio::test]
+async fn an_operator_drains_a_node_and_ends_the_drain() {
+    let origin = Origin::start(tagged).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let drain = format!("http://{}/drain", skua.admin);
+    let readyz = format!("http://{}/readyz", skua.admin);
+    let marked = ("skua-purge", "1");
+    get(&skua.url("/a"), &[]).await;
+
+    let forged = send(&client(), "POST", &drain, &[]).await;
+    assert_eq!(forged.status, 403, "{}", forged.text());
+    assert_eq!(get(&readyz, &[]).await.status, 200);
+
+    let r = send(&client(), "POST", &drain, &[marked]).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "draining\n"));
+    let ready = get(&readyz, &[]).await;
+    assert_eq!((ready.status, ready.text().as_str()), (503, "draining\n"));
+    assert_eq!(get(&skua.url("/_skua/health"), &[]).await.status, 503);
+    assert_eq!(skua.stats().await["draining"], true);
+    for headers in [&[][..], &[("cookie", "theme=dark")][..]] {
+        let served = raw(
+            skua.addr,
+            &format!(
+                "GET /a HTTP/1.1\r\nHost: {}\r\n{}\r\n",
+                skua.addr,
+                headers
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}\r\n"))
+                    .collect::<String>()
+            ),
+        )
+        .await;
+        let (status, fields, _) = split(&served);
+        assert!(status.ends_with("200 OK"), "{served}");
+        assert_eq!(fields["connection"], "close", "{headers:?}: {served}");
+    }
+
+    let r = send(&client(), "DELETE", &drain, &[marked]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(get(&readyz, &[]).await.status, 200);
+    assert_eq!(get(&skua.url("/_skua/health"), &[]).await.status, 200);
+    assert_eq!(skua.stats().await["draining"], false);
+}

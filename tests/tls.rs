@@ -1370,3 +1370,34 @@ async fn a_slow_http2_download_of_a_hit_is_not_cut_by_the_idle_timeout() {
         "a client that stopped reading kept its connection"
     );
 }
+
+/// A drained node (`POST /drain` on the admin port) answers an HTTP/2 client's stream and
+/// then sends GOAWAY, so that the client's next requests go through its load balancer to
+/// another node (the HTTP/1.1 side, `Connection: close`, is in `purge::an_operator_drains…`).
+#[tokio::test]
+async fn a_drained_node_answers_then_ends_an_http2_connection() {
+    let origin = Origin::start(|_| Reply::ok("page").header("cache-control", "max-age=600")).await;
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = write_certificate(dir.path(), "wiki", &ca.issue(&["wiki.test"]));
+    let tls_port = Port::reserve();
+    let server = tls_lines(&tls_port, &[cert], "");
+    let skua = Skua::start_tables(&[origin.addr], [&server, "", ""], "").await;
+    let tls_addr: SocketAddr = format!("127.0.0.1:{}", tls_port.number).parse().unwrap();
+    wait_listening(tls_addr).await;
+    let (mut h2, driver) = h2_connection(&ca, tls_addr, "wiki.test").await;
+    let page = format!("https://wiki.test:{}/wiki/Page", tls_port.number);
+    let (response, _) = h2.send_request(h2_get(&page, &[]), true).unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+
+    let drain = format!("http://{}/drain", skua.admin);
+    let r = send(&client(), "POST", &drain, &[("skua-purge", "1")]).await;
+    assert_eq!(r.status, 200);
+    let (response, _) = h2.send_request(h2_get(&page, &[]), true).unwrap();
+    let response = response
+        .await
+        .expect("the stream after the drain is answered");
+    assert_eq!(response.status(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    assert!(ended.is_ok(), "the connection was ended after its stream");
+}

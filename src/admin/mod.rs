@@ -195,6 +195,7 @@ impl Admin {
                 "caught_up": self.node.store.invalidations.is_caught_up(),
             })),
             "version": env!("CARGO_PKG_VERSION"),
+            "draining": self.node.readiness.draining(),
             "htcp": self.node.readiness.htcp().map(|addr| json!({
                 "listen": addr.to_string(),
                 "listening": m.htcp_listening.get() == 1,
@@ -221,6 +222,44 @@ impl Admin {
 }
 
 impl Admin {
+    /// `POST /drain` takes this node out of its load balancer's rotation without stopping
+    /// it: `/readyz` and the proxy port's health path answer 503 `draining`, every request is
+    /// still answered, and each answer asks its client to close the connection (HTTP/1.1:
+    /// `Connection: close`; HTTP/2: GOAWAY after it), so
+    /// clients move to other nodes as their load balancer notices. `DELETE /drain` ends it.
+    /// Guarded as `/purge` is (a form on another site cannot send it; purge networks and
+    /// token), since it turns a node's traffic away.
+    async fn drain(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let req = session.req_header().clone();
+        let on = match req.method {
+            http::Method::POST => true,
+            http::Method::DELETE => false,
+            _ => return reply(405, "text/plain", b"use POST or DELETE\n".to_vec()),
+        };
+        if let Err(why) = not_cross_site(&req, session.server_addr()) {
+            return reply(403, "text/plain", format!("skua: {why}\n").into_bytes());
+        }
+        if !self.node.purge_auth.load().allows(ip, &req) {
+            return reply(
+                403,
+                "text/plain",
+                b"skua: draining is not allowed from here\n".to_vec(),
+            );
+        }
+        self.node.readiness.set_draining(on);
+        tracing::warn!(
+            draining = on,
+            "an operator {} draining",
+            if on { "started" } else { "ended" }
+        );
+        let state: &[u8] = if on { b"draining\n" } else { b"not draining\n" };
+        reply(200, "text/plain", state.to_vec())
+    }
+
     /// `POST /purge?url=<absolute URL>[&url=…]`, or with `Surrogate-Key:` naming tags; the
     /// same headers as HTTP PURGE (`Skua-Soft-Purge`, `Skua-Purge-Prefix`) and the same rules
     /// (purge networks, bearer token). Answers JSON with how many objects were affected.
@@ -311,7 +350,7 @@ fn not_cross_site(
         || req.headers.contains_key(http::header::AUTHORIZATION);
     if !marked {
         return Err(format!(
-            "an admin purge needs the header `{}: 1` (or a bearer token), which a web page cannot make a browser send",
+            "an admin purge or drain needs the header `{}: 1` (or a bearer token), which a web page cannot make a browser send",
             "Skua-Purge"
         ));
     }
@@ -320,7 +359,7 @@ fn not_cross_site(
             .and_then(|a| a.as_inet())
             .map(|a| format!("http://{a}"));
         if own.as_deref().map(str::as_bytes) != Some(origin.as_bytes()) {
-            return Err("a purge from another site's page is refused".into());
+            return Err("a purge or drain from another site's page is refused".into());
         }
     }
     Ok(())
@@ -401,6 +440,7 @@ impl ServeHttp for Admin {
                 reply(200, "application/json", body.unwrap_or_default())
             }
             "/purge" => self.purge(session).await,
+            "/drain" => self.drain(session).await,
             "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
             // Ready once objects on disk are servable (the index loads in the background).
             "/readyz" => match self.node.readiness.check() {
@@ -415,7 +455,7 @@ impl ServeHttp for Admin {
             _ => reply(
                 404,
                 "text/plain",
-                b"skua admin: / (dashboard), /metrics, /stats, /history, /top, /healthz, /readyz\n"
+                b"skua admin: / (dashboard), /metrics, /stats, /history, /top, /healthz, /readyz, /purge, /drain\n"
                     .to_vec(),
             ),
         }

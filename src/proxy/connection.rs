@@ -283,7 +283,10 @@ where
                     break;
                 }
             };
-            let closing = *shutdown.borrow();
+            // Stopping, or drained by an operator: each answer asks the client to close, so
+            // that its next request goes through the load balancer again.
+            let draining = (self.front.as_ref()).is_some_and(|f| f.state().readiness.draining());
+            let closing = *shutdown.borrow() || draining;
             let mut looked = None;
             let answered = self.front.as_ref().and_then(|front| {
                 let client = || peer_ip(&peer, &stream);
@@ -325,7 +328,7 @@ where
             }
             let mut session = ServerSession::new_http1(stream);
             session.set_write_timeout(Some(self.limits.send_timeout));
-            session.set_keepalive(if *shutdown.borrow() {
+            session.set_keepalive(if closing || *shutdown.borrow() {
                 None
             } else {
                 Some(self.limits.idle_timeout.as_secs().max(1))

@@ -119,6 +119,12 @@ pub async fn serve<A>(
             }
             Ok(Some(H2Accept::Session(session))) => session,
         };
+        if !closing && front.state().readiness.draining() {
+            // Drained by an operator (`POST /drain`): this stream is answered, then GOAWAY
+            // (RFC 9113 §6.8), so the client's next requests go through its load balancer.
+            conn.graceful_shutdown();
+            closing = true;
+        }
         let mut looked = None;
         if session.is_body_empty() {
             let head = session.req_header();
