@@ -957,6 +957,7 @@ async fn an_operator_drains_a_node_and_ends_the_drain() {
     assert_eq!((ready.status, ready.text().as_str()), (503, "draining\n"));
     assert_eq!(get(&skua.url("/_skua/health"), &[]).await.status, 503);
     assert_eq!(skua.stats().await["draining"], true);
+    assert_eq!(skua.metric("skua_draining").await, 1.0);
     for headers in [&[][..], &[("cookie", "theme=dark")][..]] {
         let served = raw(
             skua.addr,
@@ -980,4 +981,5 @@ async fn an_operator_drains_a_node_and_ends_the_drain() {
     assert_eq!(get(&readyz, &[]).await.status, 200);
     assert_eq!(get(&skua.url("/_skua/health"), &[]).await.status, 200);
     assert_eq!(skua.stats().await["draining"], false);
+    assert_eq!(skua.metric("skua_draining").await, 0.0);
 }

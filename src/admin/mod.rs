@@ -251,6 +251,7 @@ impl Admin {
             );
         }
         self.node.readiness.set_draining(on);
+        self.node.metrics.draining.set(i64::from(on));
         tracing::warn!(
             draining = on,
             "an operator {} draining",

@@ -170,6 +170,8 @@ pub struct Metrics {
     pub build_info: IntGauge,
     /// 1 while the HTCP receiver's socket is bound; 0 when it is not (or HTCP is off).
     pub htcp_listening: IntGauge,
+    /// 1 while an operator drains this node (`POST /drain` on the admin port), else 0.
+    pub draining: IntGauge,
     pub htcp_dropped: IntCounter,
     /// SIGHUP reloads: `applied` (the new configuration runs) and `rejected` (the old one stays).
     pub reloads_applied: IntCounter,
@@ -571,6 +573,11 @@ impl Metrics {
             "1 while the HTCP receiver is listening; 0 when it cannot bind its address (or HTCP is off).",
         )?;
         registry.register(Box::new(htcp_listening.clone()))?;
+        let draining = IntGauge::new(
+            "skua_draining",
+            "1 while an operator drains this node (POST /drain on the admin port): its health says 503 and every answer closes its connection.",
+        )?;
+        registry.register(Box::new(draining.clone()))?;
         let htcp_dropped = IntCounter::new(
             "skua_htcp_dropped_total",
             "HTCP datagrams the kernel dropped because the receive buffer was full (Linux only; raise net.core.rmem_max if this grows).",
@@ -658,6 +665,7 @@ impl Metrics {
             reloads_applied,
             reloads_rejected,
             htcp_listening,
+            draining,
             htcp_dropped,
             hit_paths,
             front_door_fills,
