@@ -222,6 +222,29 @@ impl Admin {
 }
 
 impl Admin {
+    /// The 403 for a request that changes state (`doing`: what it would do) and that a web
+    /// page could have made a browser send ([`not_cross_site`]) or that comes from outside the
+    /// purge networks or without the purge token; `None` when it may go on.
+    fn refused(&self, session: &ServerSession, doing: &str) -> Option<Response<Vec<u8>>> {
+        let req = session.req_header();
+        if let Err(why) = not_cross_site(req, session.server_addr()) {
+            return Some(reply(
+                403,
+                "text/plain",
+                format!("skua: {why}\n").into_bytes(),
+            ));
+        }
+        let ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if !self.node.purge_auth.load().allows(ip, req) {
+            let body = format!("skua: {doing} is not allowed from here\n");
+            return Some(reply(403, "text/plain", body.into_bytes()));
+        }
+        None
+    }
+
     /// `POST /drain` takes this node out of its load balancer's rotation without stopping
     /// it: `/readyz` and the proxy port's health path answer 503 `draining`, every request is
     /// still answered, and each answer asks its client to close the connection (HTTP/1.1:
@@ -230,25 +253,13 @@ impl Admin {
     /// Guarded as `/purge` is (a form on another site cannot send it; purge networks and
     /// token), since it turns a node's traffic away.
     async fn drain(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let req = session.req_header().clone();
-        let on = match req.method {
+        let on = match session.req_header().method {
             http::Method::POST => true,
             http::Method::DELETE => false,
             _ => return reply(405, "text/plain", b"use POST or DELETE\n".to_vec()),
         };
-        if let Err(why) = not_cross_site(&req, session.server_addr()) {
-            return reply(403, "text/plain", format!("skua: {why}\n").into_bytes());
-        }
-        if !self.node.purge_auth.load().allows(ip, &req) {
-            return reply(
-                403,
-                "text/plain",
-                b"skua: draining is not allowed from here\n".to_vec(),
-            );
+        if let Some(refused) = self.refused(session, "draining") {
+            return refused;
         }
         self.node.readiness.set_draining(on);
         self.node.metrics.draining.set(i64::from(on));
@@ -266,25 +277,13 @@ impl Admin {
     /// (purge networks, bearer token). Answers JSON with how many objects were affected.
     async fn purge(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let m = &self.node.metrics;
-        let ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
         let req = session.req_header().clone();
         if req.method != http::Method::POST {
             return reply(405, "text/plain", b"use POST\n".to_vec());
         }
-        if let Err(why) = not_cross_site(&req, session.server_addr()) {
+        if let Some(refused) = self.refused(session, "purging") {
             purge::count(m, Source::Admin, PurgeResult::Denied);
-            return reply(403, "text/plain", format!("skua: {why}\n").into_bytes());
-        }
-        if !self.node.purge_auth.load().allows(ip, &req) {
-            purge::count(m, Source::Admin, PurgeResult::Denied);
-            return reply(
-                403,
-                "text/plain",
-                b"skua: purging is not allowed from here\n".to_vec(),
-            );
+            return refused;
         }
         // Every target is read before any is applied: a request with one bad URL purges
         // nothing.
