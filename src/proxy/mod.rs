@@ -685,7 +685,12 @@ impl CachingProxy {
     /// answer is counted among the pool's origin answers. The origin is not passed over
     /// afterwards: a 503 may speak for one page (MediaWiki's PoolCounter) as well as for the
     /// server.
-    fn retry_on_status(&self, session: &Session, status: u16, ctx: &mut RequestCtx) -> bool {
+    fn retry_on_status(
+        &self,
+        session: &Session,
+        (status, waited): (u16, std::time::Duration),
+        ctx: &mut RequestCtx,
+    ) -> bool {
         if ctx.retried_on_status
             || !session.req_header().method.is_idempotent()
             || session.as_ref().retry_buffer_truncated()
@@ -700,12 +705,20 @@ impl CachingProxy {
             return false;
         }
         ctx.retried_on_status = true;
-        let waited = ctx
-            .upstream_sent
-            .and_then(|sent| SystemTime::now().duration_since(sent).ok())
-            .unwrap_or_default();
         pool.series(&self.shared.metrics).observe(status, waited);
         true
+    }
+
+    /// Answers a request over its rule's `rate_limit`: 429, with how long until a token.
+    async fn rate_limited(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        wait: std::time::Duration,
+    ) -> Result<()> {
+        ctx.internal = true;
+        self.shared.metrics.rule_answers[RuleAnswer::RateLimited as usize].inc();
+        respond::too_many(&self.shared.name, session, wait).await
     }
 
     /// One failed attempt at an origin: each retried one here, the last in `fail_to_proxy`.
@@ -926,9 +939,7 @@ impl CachingProxy {
                 // Counted if and when the request goes to the origin (`proxy_upstream_filter`).
                 ctx.rate_limit_at_origin = Some((set.clone(), i, client));
             } else if let Some(wait) = set.limited(i, client) {
-                ctx.internal = true;
-                self.shared.metrics.rule_answers[RuleAnswer::RateLimited as usize].inc();
-                respond::too_many(name, session, wait).await?;
+                self.rate_limited(session, ctx, wait).await?;
                 return Ok(decision);
             }
         }
@@ -1479,9 +1490,7 @@ impl ProxyHttp for CachingProxy {
         // took nothing).
         if let Some((set, i, client)) = ctx.rate_limit_at_origin.take() {
             if let Some(wait) = set.limited(i, client) {
-                ctx.internal = true;
-                self.shared.metrics.rule_answers[RuleAnswer::RateLimited as usize].inc();
-                respond::too_many(&self.shared.name, session, wait).await?;
+                self.rate_limited(session, ctx, wait).await?;
                 return Ok(false);
             }
         }
@@ -1640,9 +1649,15 @@ impl ProxyHttp for CachingProxy {
                 return Err(e);
             }
         }
-        if self.retry_on_status(session, resp.status.as_u16(), ctx) {
+        let status = resp.status.as_u16();
+        // How long the origin took to answer (not counting what this filter does next).
+        let waited = ctx
+            .upstream_sent
+            .and_then(|sent| SystemTime::now().duration_since(sent).ok())
+            .unwrap_or_default();
+        if self.retry_on_status(session, (status, waited), ctx) {
             let mut e = Error::explain(
-                ErrorType::HTTPStatus(resp.status.as_u16()),
+                ErrorType::HTTPStatus(status),
                 "sent to another origin of the pool (retry_statuses)",
             );
             e.esource = ErrorSource::Upstream;
@@ -1656,14 +1671,9 @@ impl ProxyHttp for CachingProxy {
         let method = &session.req_header().method;
         let unsafe_method = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
             && method.as_str() != "TRACE";
-        let status = resp.status.as_u16();
         if unsafe_method && (200..400).contains(&status) && self.may_invalidate(session) {
             self.invalidate_after_unsafe(ctx, resp).await;
         }
-        let waited = ctx
-            .upstream_sent
-            .and_then(|sent| SystemTime::now().duration_since(sent).ok())
-            .unwrap_or_default();
         ctx.origin_response = Some((status, waited));
         if status == 304 && session.cache.enabled() {
             ctx.fwd_status = Some(304);
