@@ -979,3 +979,75 @@ fn the_mediawiki_example_limits_every_spelling_mediawiki_serves_alike() {
     let suggestions = explain("https://en.wiki.example/w/api.php?action=opensearch&search=x");
     assert!(!suggestions.contains("\"search\""), "{suggestions}");
 }
+
+/// A `POST` of `len` bytes to `path`, declared by `Content-Length`: what Skua answers.
+async fn post(skua: &Skua, path: &str, len: usize) -> String {
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: wiki.test\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n{}",
+        "b".repeat(len)
+    );
+    raw(skua.addr, &request).await
+}
+
+/// A rule's `max_body_bytes` replaces `[server] max_body_bytes` for the requests it matches,
+/// above it (uploads where the wiki takes them) and below it, declared or counted as the body
+/// arrives; the server's holds everywhere else. Before, one limit held for every path, so a
+/// wiki that took 100 MiB uploads took 100 MiB bodies on every page.
+#[tokio::test]
+async fn a_rules_max_body_bytes_replaces_the_servers_for_the_requests_it_matches() {
+    let origin = Origin::start(|_| Reply::ok("taken").header("cache-control", "no-store")).await;
+    let rules = r#"
+[[rule]]
+name = "uploads"
+match = { path = ["/upload"], method = ["POST"] }
+max_body_bytes = 0
+
+[[rule]]
+name = "api"
+match = { path = ["/api"] }
+max_body_bytes = 100
+"#;
+    let skua = Skua::start_tables(&[origin.addr], ["max_body_bytes = 1000", "", ""], rules).await;
+
+    let upload = post(&skua, "/upload", 50_000).await;
+    assert!(upload.starts_with("HTTP/1.1 200 "), "{upload}");
+    let seen = origin.requests("/upload");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].body.len(),
+        50_000,
+        "the upload reached the origin whole"
+    );
+
+    let page = post(&skua, "/wiki/Page", 5_000).await;
+    assert!(page.starts_with("HTTP/1.1 413 "), "{page}");
+    assert!(page.contains("over 1000 bytes (max_body_bytes)"), "{page}");
+    assert_eq!(origin.count("/wiki/Page"), 0);
+
+    let api = post(&skua, "/api", 500).await;
+    assert!(api.starts_with("HTTP/1.1 413 "), "{api}");
+    assert!(
+        api.contains("over 100 bytes (max_body_bytes of rule \"api\")"),
+        "{api}"
+    );
+    assert_eq!(origin.count("/api"), 0);
+    let at_the_limit = post(&skua, "/api", 100).await;
+    assert!(at_the_limit.starts_with("HTTP/1.1 200 "), "{at_the_limit}");
+
+    // A chunked body is counted against the rule's limit as it arrives.
+    let chunk = format!("3c\r\n{}\r\n", "c".repeat(60));
+    let chunked = raw(
+        skua.addr,
+        &format!(
+            "POST /api HTTP/1.1\r\nHost: wiki.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{chunk}{chunk}{chunk}0\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(chunked.starts_with("HTTP/1.1 413 "), "{chunked}");
+    for seen in origin.requests("/api") {
+        assert!(
+            seen.body.len() <= 100,
+            "a body over the rule's limit reached the origin"
+        );
+    }
+}

@@ -62,6 +62,9 @@ pub struct RuleFile {
     pub normalize_query: Option<QueryFile>,
     /// A token bucket per client (an IPv4 address or an IPv6 /64).
     pub rate_limit: Option<RateLimitFile>,
+    /// The largest request body these requests may send, in bytes, in place of `[server]
+    /// max_body_bytes` (above or below it); 0: no limit.
+    pub max_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

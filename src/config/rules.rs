@@ -132,6 +132,16 @@ pub struct Actions {
     pub normalize_path: Option<PathNormalization>,
     pub normalize_query: Option<QueryNormalization>,
     pub rate_limit: Option<RateLimit>,
+    pub max_body_bytes: Option<BodyLimit>,
+}
+
+/// A rule's `max_body_bytes`: the request body's limit in place of `[server] max_body_bytes`,
+/// as nginx's `client_max_body_size` in a `location`: a wiki takes uploads of 100 MB at
+/// `Special:Upload` and the API, and needs no more than an edit's 2 MiB of wikitext elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimit {
+    /// `None`: no limit (0 in the file).
+    pub bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,12 +289,14 @@ pub(super) fn check(c: &mut Checker<'_>, files: Vec<RuleFile>, pools: &[OriginPo
             || file.response_headers.is_some()
             || file.normalize_path.is_some()
             || file.normalize_query.is_some()
-            || file.rate_limit.is_some();
+            || file.rate_limit.is_some()
+            || file.max_body_bytes.is_some();
         if !does_something {
             c.report(
                 &[Key("rule"), Index(i)],
                 "has no action (route, pass, ttl, deny, redirect, request_headers, \
-                 response_headers, normalize_path, normalize_query or rate_limit)",
+                 response_headers, normalize_path, normalize_query, rate_limit or \
+                 max_body_bytes)",
             );
         }
         rules.push(Rule {
@@ -558,6 +570,9 @@ fn actions(
             origin_only: limit.origin_only,
         });
     }
+    actions.max_body_bytes = (file.max_body_bytes).map(|n| BodyLimit {
+        bytes: (n > 0).then_some(n),
+    });
     actions
 }
 

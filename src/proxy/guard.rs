@@ -119,10 +119,10 @@ pub fn absolute_form_scheme(target: &[u8]) -> Option<&[u8]> {
     well_formed.then_some(scheme)
 }
 
-/// Whether `req` declares a body longer than `limit` bytes (`[server] max_body_bytes`). A
+/// Whether `req` declares a body longer than `limit` bytes (`max_body_bytes`). A
 /// `Content-Length` that is no number was refused earlier in [`check`]; one past `u64` is over
 /// any limit.
-fn declares_body_over(req: &RequestHeader, limit: u64) -> bool {
+pub fn declares_body_over(req: &RequestHeader, limit: u64) -> bool {
     req.headers
         .get(http::header::CONTENT_LENGTH)
         .is_some_and(|v| {

@@ -190,7 +190,11 @@ pub struct Settings {
     policy: StoragePolicy,
     bypass_cookies: Vec<regex::Regex>,
     bypass_authorization: bool,
+    /// `[server]`'s head limits, with `max_body_bytes` the largest any request may send (a
+    /// rule's `max_body_bytes` may raise it): what is refused before the rules are read.
     limits: crate::config::HeadLimits,
+    /// `[server] max_body_bytes`: a request body's limit where no rule gives one.
+    max_body_bytes: Option<u64>,
     hosts: Vec<String>,
     trusted_proxies: Acl,
     strip_headers: Vec<http::HeaderName>,
@@ -320,12 +324,18 @@ impl Settings {
 
 impl From<&Config> for Settings {
     fn from(config: &Config) -> Settings {
+        let rules = RuleSet::new(config.rules.clone());
+        let max_body_bytes = config.server.limits.max_body_bytes;
         Settings {
             lock_timeout: config.cache.lock_timeout,
             policy: StoragePolicy::from(&config.cache),
             bypass_cookies: config.cache.bypass_cookies.clone(),
             bypass_authorization: config.cache.bypass_authorization,
-            limits: config.server.limits,
+            limits: crate::config::HeadLimits {
+                max_body_bytes: rules.body_ceiling(max_body_bytes),
+                ..config.server.limits
+            },
+            max_body_bytes,
             hosts: config.server.hosts.clone(),
             trusted_proxies: Acl::new(config.server.trusted_proxies.clone()),
             strip_headers: config.server.strip_headers.clone(),
@@ -343,7 +353,7 @@ impl From<&Config> for Settings {
                     port,
                 })
             }),
-            rules: Arc::new(RuleSet::new(config.rules.clone())),
+            rules: Arc::new(rules),
         }
     }
 }
@@ -454,7 +464,8 @@ pub struct RequestCtx {
     /// max_connections`), held until the origin's response has been read.
     origin_permit: Option<crate::upstream::OriginPermit>,
     body_bytes: u64,
-    /// The request body's limit (`[server] max_body_bytes`) and the bytes of it read so far.
+    /// The request body's limit (`[server] max_body_bytes`, or a rule's) and the bytes of it read
+    /// so far.
     request_body: (Option<u64>, u64),
     /// When the request to the origin was sent (the last attempt).
     upstream_sent: Option<SystemTime>,
@@ -961,6 +972,22 @@ impl CachingProxy {
                 None => {}
             }
             return Ok(decision);
+        }
+        // The body's limit is the rule's, where one gives it: only a body over the largest
+        // limit of any was refused before the rules were read (`guard::check`).
+        let body_limit = decision.max_body_bytes(set, settings.max_body_bytes);
+        ctx.request_body.0 = body_limit;
+        if let Some(limit) = body_limit {
+            if guard::declares_body_over(session.req_header(), limit) {
+                ctx.internal = true;
+                let rule = decision.max_body_bytes.map(|i| &set.rule(i).name);
+                let whose = rule.map_or("max_body_bytes".to_string(), |name| {
+                    format!("max_body_bytes of rule {name:?}")
+                });
+                let line = format!("skua: request body over {limit} bytes ({whose})");
+                respond::text(name, session, 413, &line).await?;
+                return Ok(decision);
+            }
         }
         if let Some(i) = decision.request_headers {
             if let Some(edits) = &set.rule(i).actions.request_headers {
@@ -1946,7 +1973,7 @@ impl ProxyHttp for CachingProxy {
         let (code, message) = match e.etype() {
             ErrorType::HTTPStatus(413) => (
                 413,
-                "request body larger than this cache accepts ([server] max_body_bytes)",
+                "request body larger than this cache accepts (max_body_bytes)",
             ),
             ErrorType::HTTPStatus(code) => (*code, "request refused"),
             ErrorType::Custom(crate::upstream::ORIGIN_BUSY) => (

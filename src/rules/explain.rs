@@ -138,5 +138,11 @@ fn decided_by(set: &RuleSet, decision: &Decision, index: u16) -> Vec<String> {
             .to_string(),
         );
     }
+    if decision.max_body_bytes == Some(index) {
+        out.push(match actions.max_body_bytes.and_then(|l| l.bytes) {
+            Some(bytes) => format!("max_body_bytes {bytes}"),
+            None => "max_body_bytes unlimited".to_string(),
+        });
+    }
     out
 }

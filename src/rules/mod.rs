@@ -198,6 +198,7 @@ pub struct Decision {
     pub request_headers: Option<u16>,
     pub response_headers: Option<u16>,
     pub rate_limit: Option<u16>,
+    pub max_body_bytes: Option<u16>,
 }
 
 impl Decision {
@@ -228,6 +229,7 @@ impl Decision {
             ("request_headers", self.request_headers),
             ("response_headers", self.response_headers),
             ("rate_limit", self.rate_limit),
+            ("max_body_bytes", self.max_body_bytes),
         ]
         .iter()
         .filter_map(|(kind, i)| Some(format!("{kind}:{}", set.rule((*i)?).name)))
@@ -247,8 +249,9 @@ impl Decision {
             ANSWER => &mut self.answer,
             REQUEST_HEADERS => &mut self.request_headers,
             RESPONSE_HEADERS => &mut self.response_headers,
-            // RATE_LIMIT
-            _ => &mut self.rate_limit,
+            RATE_LIMIT => &mut self.rate_limit,
+            // BODY_LIMIT
+            _ => &mut self.max_body_bytes,
         }
     }
 
@@ -259,6 +262,18 @@ impl Decision {
             _ => None,
         }
     }
+
+    /// The request body's limit: the deciding rule's `max_body_bytes`, else `server`'s
+    /// (`[server] max_body_bytes`); `None`: no limit.
+    pub fn max_body_bytes(&self, set: &RuleSet, server: Option<u64>) -> Option<u64> {
+        match self
+            .max_body_bytes
+            .and_then(|i| set.rule(i).actions.max_body_bytes)
+        {
+            Some(limit) => limit.bytes,
+            None => server,
+        }
+    }
 }
 
 const ROUTE: u8 = 1;
@@ -267,6 +282,7 @@ const ANSWER: u8 = 4;
 const REQUEST_HEADERS: u8 = 8;
 const RESPONSE_HEADERS: u8 = 16;
 const RATE_LIMIT: u8 = 32;
+const BODY_LIMIT: u8 = 64;
 
 /// The kinds of action (other than query normalisation) `rule` has.
 fn kinds_of(rule: &Rule) -> u8 {
@@ -278,6 +294,7 @@ fn kinds_of(rule: &Rule) -> u8 {
         (a.request_headers.is_some(), REQUEST_HEADERS),
         (a.response_headers.is_some(), RESPONSE_HEADERS),
         (a.rate_limit.is_some(), RATE_LIMIT),
+        (a.max_body_bytes.is_some(), BODY_LIMIT),
     ]
     .iter()
     .filter(|(has, _)| *has)
@@ -383,6 +400,17 @@ impl RuleSet {
     /// function applies): without one, [`RuleSet::decide`] decides nothing.
     pub fn acts(&self) -> bool {
         self.all_kinds != 0
+    }
+
+    /// The largest request body any request may send: `server`'s limit (`[server]
+    /// max_body_bytes`) or a rule's above it; `None`: some request may send any. A body
+    /// declared past it is refused before the rules are read.
+    pub fn body_ceiling(&self, server: Option<u64>) -> Option<u64> {
+        let mut ceiling = server?;
+        for limit in self.rules.iter().filter_map(|r| r.actions.max_body_bytes) {
+            ceiling = ceiling.max(limit.bytes?);
+        }
+        Some(ceiling)
     }
 
     /// Whether a decision may need the client's address, which is then worth finding.

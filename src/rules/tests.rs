@@ -299,3 +299,48 @@ fn a_rule_reads_each_run_of_slashes_as_one() {
         assert_eq!(rule_path(path), read, "{path}");
     }
 }
+
+#[test]
+fn a_rules_body_limit_replaces_the_servers_and_the_largest_of_all_is_refused_first() {
+    use crate::config::rules::BodyLimit;
+    let limit = |path: &str, bytes: Option<u64>| Rule {
+        name: String::new(),
+        line: None,
+        when: Conditions {
+            paths: vec![PathPattern::Exact(path.to_string())],
+            ..Conditions::default()
+        },
+        actions: Actions {
+            max_body_bytes: Some(BodyLimit { bytes }),
+            ..Actions::default()
+        },
+    };
+    let set = RuleSet::new(vec![
+        limit("/upload", Some(100_000)),
+        limit("/api", Some(10)),
+    ]);
+    assert_eq!(set.body_ceiling(Some(1000)), Some(100_000));
+    assert_eq!(set.body_ceiling(None), None, "the server sets no limit");
+    let unlimited = RuleSet::new(vec![limit("/upload", None), limit("/api", Some(10))]);
+    assert_eq!(unlimited.body_ceiling(Some(1000)), None);
+    assert_eq!(
+        RuleSet::new(Vec::new()).body_ceiling(Some(1000)),
+        Some(1000)
+    );
+
+    let fields = HeaderMap::new();
+    let for_path = |path: &'static str| {
+        let req = Request {
+            host: "wiki.test",
+            path: rule_path(path),
+            query: "",
+            method: &Method::POST,
+            fields: &fields,
+            client: None,
+        };
+        set.decide(&req).max_body_bytes(&set, Some(1000))
+    };
+    assert_eq!(for_path("/api"), Some(10));
+    assert_eq!(for_path("/upload"), Some(100_000));
+    assert_eq!(for_path("/wiki/Page"), Some(1000));
+}
