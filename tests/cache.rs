@@ -1993,6 +1993,9 @@ async fn a_404_stays_fresh_no_longer_than_ttl_cap_404() {
         .unwrap_or_else(|| panic!("{:?}", hit.headers));
     // `ttl_jitter` (5%) may take up to 30 s off.
     assert!((560..=600).contains(&ttl), "ttl={ttl}");
+    let explained = get(&url, &[("skua-debug", "1")]).await;
+    let why = explained.header("skua-debug");
+    assert!(why.contains("from=s-maxage; capped=ttl_cap_404"), "{why}");
 
     let short = Skua::start_with(&[origin.addr], "ttl_cap_404 = \"1s\"", "").await;
     let url = short.url("/wiki/Not_yet_written");

@@ -47,8 +47,8 @@ pub struct Freshness {
     pub stale_if_error_sec: u32,
     /// What set the lifetime (for the `Skua-Debug` explanation).
     pub from: LifetimeFrom,
-    /// The lifetime was cut to `[cache] ttl_cap` (or `ttl_cap_404`).
-    pub capped: bool,
+    /// The cap that cut the lifetime, if one did.
+    pub capped: Option<LifetimeCap>,
     /// What `[cache] ttl_jitter` took off the lifetime.
     pub jitter: Duration,
 }
@@ -66,6 +66,24 @@ pub enum LifetimeFrom {
     Expires,
     /// A fraction of the time since `Last-Modified` (§4.2.2).
     Heuristic,
+}
+
+/// Which `[cache]` cap cut a stored response's lifetime (for the `Skua-Debug` explanation),
+/// named by its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifetimeCap {
+    TtlCap,
+    /// A 404's, when shorter than `ttl_cap`.
+    TtlCap404,
+}
+
+impl LifetimeCap {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifetimeCap::TtlCap => "ttl_cap",
+            LifetimeCap::TtlCap404 => "ttl_cap_404",
+        }
+    }
 }
 
 impl LifetimeFrom {
@@ -388,7 +406,7 @@ impl StoragePolicy {
                 stale_while_revalidate_sec: grace,
                 stale_if_error_sec: grace.max(secs_u32(self.stale_if_error)),
                 from: LifetimeFrom::Rule,
-                capped: false,
+                capped: None,
                 jitter: Duration::ZERO,
             });
         }
@@ -425,12 +443,12 @@ impl StoragePolicy {
                 None => return Err(Uncacheable::NoFreshness),
             },
         };
-        let cap = if status == 404 {
-            self.ttl_cap.min(self.ttl_cap_404)
+        let (cap, which) = if status == 404 && self.ttl_cap_404 < self.ttl_cap {
+            (self.ttl_cap_404, LifetimeCap::TtlCap404)
         } else {
-            self.ttl_cap
+            (self.ttl_cap, LifetimeCap::TtlCap)
         };
-        let capped = lifetime > cap;
+        let capped = (lifetime > cap).then_some(which);
         let before_jitter = lifetime.min(cap);
         let lifetime = jittered(before_jitter, self.ttl_jitter, now);
         let jitter = before_jitter.saturating_sub(lifetime);
@@ -793,14 +811,17 @@ mod tests {
         let missing = policy()
             .decide(&mut resp(404, &cc), false, now, None)
             .unwrap();
-        assert_eq!((ttl(&missing), missing.capped), (600, true));
+        assert_eq!(
+            (ttl(&missing), missing.capped),
+            (600, Some(LifetimeCap::TtlCap404))
+        );
         let page = policy()
             .decide(&mut resp(200, &cc), false, now, None)
             .unwrap();
         assert_eq!(ttl(&page), 86400);
         let short = [("cache-control", "max-age=30")];
         let missing = policy().decide(&mut resp(404, &short), false, now, None);
-        assert_eq!(missing.map(|f| (ttl(&f), f.capped)), Ok((30, false)));
+        assert_eq!(missing.map(|f| (ttl(&f), f.capped)), Ok((30, None)));
     }
 
     #[test]

@@ -40,23 +40,23 @@ pub struct Facts {
     pub stored: Option<Stored>,
 }
 
-/// A stored response's lifetime, what set it, whether `ttl_cap` cut it and what `ttl_jitter`
-/// took off it.
+/// A stored response's lifetime, what set it, the cap that cut it (`ttl_cap`, `ttl_cap_404`)
+/// and what `ttl_jitter` took off it.
 #[derive(Debug, Clone, Copy)]
 pub struct Stored {
     pub lifetime: Duration,
     pub from: &'static str,
-    pub capped: bool,
+    pub capped: Option<&'static str>,
     pub jitter: Duration,
 }
 
 /// A copy served from the cache: when it was made (Age's reference), when its freshness ends,
-/// and what set its lifetime (and whether `ttl_cap` cut it) when that can be said.
+/// and what set its lifetime (and the cap that cut it) when that can be said.
 #[derive(Debug, Clone, Copy)]
 pub struct Copy {
     pub made: SystemTime,
     pub fresh_until: SystemTime,
-    pub from: Option<(&'static str, bool)>,
+    pub from: Option<(&'static str, Option<&'static str>)>,
 }
 
 /// What the response side knows when it writes the field.
@@ -124,8 +124,8 @@ pub fn explain(a: &Answer<'_>) -> String {
         }
         if let Some((from, capped)) = from {
             pair("from", from.to_string());
-            if capped {
-                pair("capped", "ttl_cap".into());
+            if let Some(cap) = capped {
+                pair("capped", cap.into());
             }
         }
     }
@@ -134,8 +134,8 @@ pub fn explain(a: &Answer<'_>) -> String {
             pair("stored", "yes".into());
             pair("lifetime", seconds(stored.lifetime));
             pair("from", stored.from.to_string());
-            if stored.capped {
-                pair("capped", "ttl_cap".into());
+            if let Some(cap) = stored.capped {
+                pair("capped", cap.into());
             }
             if !stored.jitter.is_zero() {
                 pair("ttl_jitter", format!("-{}", seconds(stored.jitter)));
@@ -181,7 +181,7 @@ mod tests {
             copy: Some(Copy {
                 made: now - Duration::from_secs(70),
                 fresh_until: now - Duration::from_secs(10),
-                from: Some(("max-age", false)),
+                from: Some(("max-age", None)),
             }),
             purged_at: None,
             banned: false,

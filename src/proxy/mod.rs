@@ -1026,9 +1026,9 @@ impl CachingProxy {
             let policy = &self.shared.settings.load().policy;
             let mut header = meta.response_header_copy();
             let from = (policy.decide(&mut header, false, meta.epoch(), None).ok())
-                .map(|f| (f.from.as_str(), f.capped));
+                .map(|f| (f.from.as_str(), f.capped.map(|cap| cap.as_str())));
             let from = if ctx.ttl_rule.is_some() {
-                Some(("rule", false))
+                Some(("rule", None))
             } else {
                 from
             };
@@ -1852,7 +1852,7 @@ impl ProxyHttp for CachingProxy {
                         facts.stored = Some(debug::Stored {
                             lifetime,
                             from: f.from.as_str(),
-                            capped: f.capped,
+                            capped: f.capped.map(|cap| cap.as_str()),
                             jitter: f.jitter,
                         });
                     }
