@@ -1051,3 +1051,34 @@ max_body_bytes = 100
         );
     }
 }
+
+/// On a dual-stack listener (`listen = ["[::]:80"]`) the kernel gives an IPv4 client as
+/// `::ffff:a.b.c.d`. Regression: such a client slipped past a rule's `client` network (a
+/// `deny` for 127.0.0.0/8 answered it 200), and the origin was told `X-Forwarded-For:
+/// ::ffff:127.0.0.1`, an address no IPv4 block on the wiki matches.
+#[tokio::test]
+async fn an_ipv4_client_of_a_dual_stack_listener_is_judged_by_its_ipv4_address() {
+    if std::net::TcpListener::bind("[::]:0").is_err() {
+        eprintln!("skipped: this kernel offers no IPv6 socket");
+        return;
+    }
+    let origin = Origin::start(|_| Reply::ok("page").header("cache-control", "no-store")).await;
+    let rules = format!(
+        r#"{DUAL_STACK}
+[[rule]]
+name = "blocked network"
+match = {{ path_prefix = ["/w/index.php"], client = ["127.0.0.0/8"] }}
+deny = {{ status = 403, body = "blocked" }}
+"#
+    );
+    let skua = Skua::start(&[origin.addr], &rules).await;
+    let denied = get(&skua.url("/w/index.php?title=A&action=edit"), &[]).await;
+    assert_eq!((denied.status, denied.text().trim()), (403, "blocked"));
+    assert_eq!(origin.count_starting("/w/index.php"), 0);
+
+    let page = get(&skua.url("/wiki/A"), &[]).await;
+    assert_eq!(page.status, 200);
+    let seen = origin.requests("/wiki/A");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("x-forwarded-for"), Some("127.0.0.1"));
+}

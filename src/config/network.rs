@@ -27,9 +27,11 @@ impl Network {
         }
     }
 
-    /// As `IpNet::contains`: an IPv4 address is not in an IPv6 network, nor the reverse.
+    /// As `IpNet::contains`, an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, how a dual-stack
+    /// socket gives an IPv4 peer) read as its IPv4 address; otherwise an IPv4 address is not
+    /// in an IPv6 network, nor the reverse.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self, ip) {
+        match (self, ip.to_canonical()) {
             (Network::V4 { bits, mask }, IpAddr::V4(ip)) => u32::from(ip) & mask == *bits,
             (Network::V6 { bits, mask }, IpAddr::V6(ip)) => u128::from(ip) & mask == *bits,
             _ => false,
@@ -62,9 +64,17 @@ mod tests {
                 IpAddr::V6(net6.into()),
             ] {
                 for n in [&v4, &v6] {
-                    prop_assert_eq!(Network::of(n).contains(addr), n.contains(&addr));
+                    prop_assert_eq!(Network::of(n).contains(addr), n.contains(&addr.to_canonical()));
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_ipv4_client_of_a_dual_stack_socket_is_in_its_ipv4_network() {
+        let net = Network::of(&"203.0.113.0/24".parse().unwrap());
+        assert!(net.contains("::ffff:203.0.113.7".parse().unwrap()));
+        assert!(!net.contains("::ffff:198.51.100.7".parse().unwrap()));
+        assert!(!net.contains("64:ff9b::203.0.113.7".parse().unwrap()));
     }
 }

@@ -588,10 +588,16 @@ fn as_forwarded(session: &mut Session, settings: &Settings) -> Result<()> {
 }
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
-    session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
+    session.client_addr().and_then(peer_ip)
+}
+
+/// A connection's peer as every judge of a client reads it (rules, purge networks, rate
+/// limits, `X-Forwarded-For`, the access log): an IPv4 client of a dual-stack listener
+/// (`[::]:80`, which the kernel gives `::ffff:a.b.c.d`) as its IPv4 address. Regression: such
+/// a client slipped past a rule's `client = ["203.0.113.0/24"]`, and the origin was told
+/// `X-Forwarded-For: ::ffff:203.0.113.7`.
+pub fn peer_ip(addr: &pingora::protocols::l4::socket::SocketAddr) -> Option<IpAddr> {
+    addr.as_inet().map(|a| a.ip().to_canonical())
 }
 
 impl CachingProxy {

@@ -96,7 +96,8 @@ pub fn client_behind<F: RequestFields + ?Sized>(
         .filter(|a| !a.is_empty())
         .collect();
     for entry in forwarded.iter().rev() {
-        let ip = forwarded_address(entry)?;
+        // A dual-stack proxy writes an IPv4 client as `::ffff:a.b.c.d`.
+        let ip = forwarded_address(entry)?.to_canonical();
         if !proxies.allows(ip) {
             return Some(ip);
         }
@@ -139,11 +140,6 @@ impl Acl {
     }
 
     pub fn allows(&self, ip: IpAddr) -> bool {
-        // An IPv4 client on a dual-stack socket arrives as ::ffff:a.b.c.d.
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
         self.nets.iter().any(|n| n.contains(ip))
     }
 }

@@ -314,6 +314,9 @@ pub const ENV_LINE: &str = "# env ";
 /// A line `# nofile SOFT:HARD` starts the process with that open-file limit (`prlimit`), as a
 /// shell's `ulimit -n` would.
 pub const NOFILE_LINE: &str = "# nofile ";
+/// A line in a config's extra text that has the proxy listen on every address of both
+/// families (`[::]:port`, dual-stack: the kernel gives an IPv4 client as `::ffff:a.b.c.d`).
+pub const DUAL_STACK: &str = "# listen dual-stack";
 const LOG_FILE: &str = "skua.log";
 
 /// The real `skua serve` process.
@@ -609,9 +612,14 @@ impl Skua {
         } else {
             "read_timeout = \"5s\""
         };
+        let listen_on = if extra.contains(DUAL_STACK) {
+            "[::]"
+        } else {
+            "127.0.0.1"
+        };
         let config = format!(
             r#"[server]
-listen = ["127.0.0.1:{port}"]
+listen = ["{listen_on}:{port}"]
 admin = "127.0.0.1:{admin_port}"
 reuse_port = true
 threads = 2
