@@ -942,7 +942,10 @@ deny = { status = 403, body = "forbidden" }
 /// (each checked against MediaWiki 1.39 under PHP's server, 2026-12-04). Regression: its search
 /// limit matched `/wiki/Special:Search` alone, while MediaWiki's own search box sends
 /// `/w/index.php?search=…`, and `special:search` or `Special%3ASearch` are the same page;
-/// its API limit and route missed `//w/api.php`.
+/// its API limit and route missed `//w/api.php`; its pass for relative diffs missed the short
+/// URL `/wiki/A?diff=cur` (where its own redirect sends `/w/index.php/A?diff=cur`), which
+/// MediaWiki sends with `s-maxage` as it does `/w/index.php/A?diff=cur`, and never purges (a
+/// diff an hour stale).
 #[test]
 fn the_mediawiki_example_limits_every_spelling_mediawiki_serves_alike() {
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/mediawiki.toml");
@@ -974,6 +977,29 @@ fn the_mediawiki_example_limits_every_spelling_mediawiki_serves_alike() {
         let text = explain(&format!("https://en.wiki.example{url}"));
         assert!(text.contains("\"API clients\" (line "), "{url}:\n{text}");
         assert!(text.contains("pool: api "), "{url}:\n{text}");
+    }
+    // A relative diff and a page action, however the title is given: MediaWiki 1.39 sends
+    // `/w/index.php/A?diff=cur` with `s-maxage` (so too the short URL, rewritten to
+    // index.php) and never purges it.
+    for url in [
+        "/w/index.php?title=A&diff=cur&oldid=3",
+        "/w/index.php/A?diff=cur&oldid=3",
+        "/wiki/A?diff=prev&oldid=3",
+    ] {
+        let text = explain(&format!("https://en.wiki.example{url}"));
+        assert!(text.contains("\"relative diffs\" (line "), "{url}:\n{text}");
+        assert!(text.contains("): pass\n"), "{url}:\n{text}");
+    }
+    for url in [
+        "/w/index.php?title=A&action=delete",
+        "/w/index.php/A?action=delete",
+        "/wiki/A?action=delete",
+    ] {
+        let text = explain(&format!("https://en.wiki.example{url}"));
+        assert!(
+            text.contains("\"editing and page actions\" (line "),
+            "{url}:\n{text}"
+        );
     }
     // Title suggestions are the API's, and stay cacheable.
     let suggestions = explain("https://en.wiki.example/w/api.php?action=opensearch&search=x");
