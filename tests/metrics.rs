@@ -159,6 +159,61 @@ async fn the_access_log_names_the_host_of_an_absolute_form_purge() {
     assert_eq!(line["cache_status"], "int-front");
 }
 
+/// A JSON access line names the origin that answered and how long its answer's head took
+/// (nginx's `$upstream_addr`, `$upstream_header_time`), on both paths a miss takes (the front
+/// door's fill for a GET, pingora's for a POST), and nothing for a hit.
+#[tokio::test]
+async fn the_json_access_log_names_the_origin_that_answered_and_its_wait() {
+    let origin = Origin::start(|seen| {
+        let reply = Reply::ok("logged").header("cache-control", "max-age=60");
+        if seen.path == "/slow" {
+            reply.delay(Duration::from_millis(150))
+        } else {
+            reply
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
+    let skua = Skua::start(&[origin.addr], &extra).await;
+    assert_eq!(get(&skua.url("/slow"), &[]).await.cache(), "miss");
+    assert_eq!(get(&skua.url("/slow"), &[]).await.cache(), "hit-front");
+    let posted = send(&client(), "POST", &skua.url("/slow"), &[]).await;
+    assert_eq!(posted.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut text = String::new();
+    while text.lines().count() < 3 {
+        assert!(Instant::now() < deadline, "not logged: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let addr = origin.addr.to_string();
+    for (line, method, status) in [(&lines[0], "GET", "miss"), (&lines[2], "POST", "pass")] {
+        assert_eq!(
+            (line["method"].as_str(), line["cache_status"].as_str()),
+            (Some(method), Some(status)),
+            "{text}"
+        );
+        assert_eq!(line["origin"].as_str(), Some(addr.as_str()), "{text}");
+        let waited = line["origin_ms"].as_f64().unwrap_or(0.0);
+        assert!((150.0..5000.0).contains(&waited), "{text}");
+        assert!(
+            line["duration_ms"].as_f64().unwrap_or(0.0) >= waited,
+            "{text}"
+        );
+    }
+    assert_eq!(lines[1]["cache_status"], "hit-front");
+    assert!(
+        lines[1]["origin"].is_null() && lines[1]["origin_ms"].is_null(),
+        "{text}"
+    );
+}
+
 /// `skua purge --htcp` refuses what is not an absolute URL instead of sending a packet that
 /// purges nothing.
 #[test]

@@ -7,6 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +35,10 @@ pub struct Entry<'a> {
     pub user_agent: &'a str,
     pub cache_status: &'a str,
     pub duration: Duration,
+    /// The origin that answered, and how long its answer's head took after the request was
+    /// sent (nginx's `$upstream_addr` and `$upstream_header_time`), when one answered. JSON
+    /// lines carry them; the combined format stays as GoAccess and AWStats read it.
+    pub origin: Option<(SocketAddr, Duration)>,
 }
 
 const QUEUE: usize = 65_536;
@@ -231,6 +236,11 @@ pub fn combined(e: &Entry<'_>, now: SystemTime) -> String {
     )
 }
 
+/// Milliseconds to the microsecond.
+fn milliseconds(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
 pub fn json(e: &Entry<'_>, now: SystemTime) -> String {
     let mut line = serde_json::json!({
         "time": httpdate::fmt_http_date(now),
@@ -245,7 +255,9 @@ pub fn json(e: &Entry<'_>, now: SystemTime) -> String {
         "referer": e.referer,
         "user_agent": e.user_agent,
         "cache_status": e.cache_status,
-        "duration_ms": (e.duration.as_secs_f64() * 1e6).round() / 1e3,
+        "duration_ms": milliseconds(e.duration),
+        "origin": e.origin.map(|(addr, _)| addr.to_string()),
+        "origin_ms": e.origin.map(|(_, waited)| milliseconds(waited)),
     })
     .to_string();
     line.push('\n');
@@ -255,6 +267,7 @@ pub fn json(e: &Entry<'_>, now: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn entry<'a>(ua: &'a str) -> Entry<'a> {
         Entry {
@@ -270,6 +283,7 @@ mod tests {
             user_agent: ua,
             cache_status: "hit-front",
             duration: Duration::from_micros(1500),
+            origin: None,
         }
     }
 
@@ -291,5 +305,22 @@ mod tests {
         assert_eq!(v["scheme"], "https");
         assert_eq!(v["duration_ms"], 1.5);
         assert_eq!(v["status"], 200);
+        assert_eq!(
+            (&v["origin"], &v["origin_ms"]),
+            (&json!(null), &json!(null))
+        );
+        let miss = Entry {
+            cache_status: "miss",
+            origin: Some((
+                "10.0.0.5:8080".parse().unwrap(),
+                Duration::from_micros(12_345),
+            )),
+            ..entry("ua")
+        };
+        let v: serde_json::Value = serde_json::from_str(&json(&miss, SystemTime::now())).unwrap();
+        assert_eq!(
+            (&v["origin"], &v["origin_ms"]),
+            (&json!("10.0.0.5:8080"), &json!(12.345))
+        );
     }
 }

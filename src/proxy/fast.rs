@@ -414,6 +414,7 @@ impl FrontDoor {
             obj.body.len() as u64
         };
         self.shared.record(&Served {
+            origin: None,
             client,
             method: req.method.as_str(),
             target: &|| Cow::Borrowed(req.target),

@@ -926,6 +926,7 @@ impl super::fast::FrontDoor {
             client,
             started,
             (status, body_bytes, disposition),
+            Some((origin.addr, waited)),
         );
         Filled::Answered {
             close: close || !complete || !client_out.ok,
@@ -941,6 +942,7 @@ impl super::fast::FrontDoor {
         client: &impl Fn() -> Option<IpAddr>,
         started: Instant,
         (status, body_bytes, disposition): (u16, u64, Disposition),
+        origin: Option<(std::net::SocketAddr, std::time::Duration)>,
     ) {
         self.state().record(&Served {
             client,
@@ -955,6 +957,7 @@ impl super::fast::FrontDoor {
             disposition,
             hit_path: None,
             started,
+            origin,
         });
     }
 
@@ -984,6 +987,7 @@ impl super::fast::FrontDoor {
             client,
             started,
             (status, 0, Disposition::IntFront),
+            None,
         );
     }
 }

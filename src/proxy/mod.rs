@@ -2108,6 +2108,9 @@ impl ProxyHttp for CachingProxy {
             disposition,
             hit_path,
             started: ctx.started,
+            origin: ctx
+                .origin_addr
+                .zip(ctx.origin_response.map(|(_, waited)| waited)),
         });
     }
 }

@@ -6,8 +6,8 @@
 //! latency, compression sizes) is counted in `logging` itself.
 
 use std::borrow::Cow;
-use std::net::IpAddr;
-use std::time::Instant;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
 use super::ProxyState;
 use crate::cache::fields::RequestFields;
@@ -36,6 +36,8 @@ pub struct Served<'a, F: RequestFields + ?Sized> {
     /// Which code answered a hit.
     pub hit_path: Option<HitPath>,
     pub started: Instant,
+    /// The origin that answered and how long its answer's head took, when one answered.
+    pub origin: Option<(SocketAddr, Duration)>,
 }
 
 impl ProxyState {
@@ -65,6 +67,7 @@ impl ProxyState {
                 user_agent: text("user-agent"),
                 cache_status: served.disposition.as_str(),
                 duration,
+                origin: served.origin,
             });
         }
         if let Some(url) = served.url {
