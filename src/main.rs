@@ -182,6 +182,12 @@ fn main() -> ExitCode {
         } => match load(&path) {
             Ok(config) => {
                 println!("{}: ok", path.display());
+                for name in skua::upstream::resolve::unresolved(&config.origins) {
+                    eprintln!(
+                        "{}: warning: {name}; skua serve starts without its addresses and looks it up again every resolve_interval",
+                        path.display()
+                    );
+                }
                 let Some(url) = explain else {
                     return ExitCode::SUCCESS;
                 };

@@ -338,8 +338,9 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
             .invalidations
             .revalidate_all_before(std::time::SystemTime::now());
     }
+    let origins = crate::upstream::resolve::resolve(&config.origins, None);
     let pools: SharedPools = Arc::new(ArcSwap::from_pointee(
-        Pools::build(&config.origins).context("building origin pools")?,
+        Pools::build(&origins).context("building origin pools")?,
     ));
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     crate::purge::register_series(&metrics);
@@ -348,7 +349,13 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         .bus
         .clone()
         .map(|b| Bus::new(b, store, metrics.clone()));
-    let shared = Arc::new(ProxyState::new(config, store, pools, metrics, bus.clone()));
+    let shared = Arc::new(ProxyState::new(
+        config,
+        store,
+        (origins, pools),
+        metrics,
+        bus.clone(),
+    ));
 
     let mut connections = config.server.connections;
     connections.max_connections = client_connection_limit(connections.max_connections);
@@ -412,6 +419,10 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
     server.add_service(background_service(
         "origin health checks",
         HealthChecks(shared.pools.clone()),
+    ));
+    server.add_service(background_service(
+        "origin names",
+        OriginNames(shared.clone()),
     ));
     server.add_service(background_service(
         "access log reopen",
@@ -666,6 +677,27 @@ impl Reloader {
                 tracing::error!(
                     "reload rejected after an internal error; the running configuration stays"
                 );
+            }
+        }
+    }
+}
+
+/// Looks the DNS names among the origins' addresses up again, every pool's
+/// `resolve_interval` (`upstream::resolve`).
+struct OriginNames(Arc<ProxyState>);
+
+#[async_trait]
+impl BackgroundService for OriginNames {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            // A reload may add or remove names: asked again each round.
+            let interval = self.0.resolve_interval();
+            tokio::select! {
+                _ = tokio::time::sleep(interval.unwrap_or(std::time::Duration::from_secs(10))) => {}
+                _ = shutdown.changed() => return,
+            }
+            if interval.is_some() {
+                self.0.resolve_origins_again().await;
             }
         }
     }

@@ -2058,3 +2058,51 @@ async fn pages_stored_together_do_not_all_expire_together() {
         "{exact:?}"
     );
 }
+
+/// `[[origin]] addresses` may name an origin by DNS name (`mediawiki:80` in a compose file, a
+/// Kubernetes service): looked up with the system's resolver at start, every address an
+/// origin. Before, only `ip:port` was taken and `skua check` refused the file. A name that does
+/// not resolve is warned of by `skua check`, and its pool has no origin (502) until it does,
+/// while the node serves every other pool.
+#[tokio::test]
+async fn an_origin_named_by_a_dns_name_is_looked_up_and_served() {
+    let origin = Origin::start(|_| cc("max-age=60")).await;
+    let extra = format!(
+        r#"
+[[origin]]
+name = "named"
+addresses = ["localhost:{port}"]
+hosts = ["named.test"]
+[origin.health_check]
+enabled = false
+
+[[origin]]
+name = "nowhere"
+addresses = ["no-such-origin.invalid:80"]
+hosts = ["nowhere.test"]
+[origin.health_check]
+enabled = false
+"#,
+        port = origin.addr.port()
+    );
+    let skua = Skua::start(&[origin.addr], &extra).await;
+    let named = get(&skua.url("/wiki/Named"), &[("host", "named.test")]).await;
+    assert_eq!((named.status, named.cache()), (200, "miss"));
+    assert_eq!(origin.count("/wiki/Named"), 1);
+    let nowhere = get(&skua.url("/wiki/Nowhere"), &[("host", "nowhere.test")]).await;
+    assert_eq!(nowhere.status, 502);
+    assert_eq!(get(&skua.url("/wiki/Default"), &[]).await.status, 200);
+
+    let check = std::process::Command::new(skua_bin())
+        .args(["check", "--config"])
+        .arg(skua.config_path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(check.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: [[origin]] \"nowhere\": no-such-origin.invalid:80: "),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("localhost"), "{stderr}");
+}

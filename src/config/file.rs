@@ -338,8 +338,13 @@ impl Default for ServerFile {
 pub struct OriginFile {
     /// Pool name, used in logs and metric labels. Required, unique.
     pub name: String,
-    /// Origin servers (`ip:port`), balanced round robin. Required, at least one.
+    /// Origin servers (`ip:port`, or `name:port` for a DNS name, every address of which is an
+    /// origin), balanced round robin. Required, at least one.
     pub addresses: Vec<String>,
+    /// How often the DNS names in `addresses` are looked up again (duration); a name that
+    /// fails to resolve keeps the addresses it had. Default `10s`.
+    #[serde(default = "default_resolve_interval")]
+    pub resolve_interval: String,
     /// Hosts this pool serves (exact, case-insensitive). Empty: the default pool.
     #[serde(default)]
     pub hosts: Vec<String>,
@@ -382,6 +387,10 @@ pub struct OriginFile {
     /// `[503]`, as Wikimedia's edge retries a 503 once; `[]` passes every answer on.
     #[serde(default = "default_retry_statuses")]
     pub retry_statuses: Vec<u16>,
+}
+
+fn default_resolve_interval() -> String {
+    "10s".into()
 }
 
 fn default_fail_timeout() -> String {

@@ -93,7 +93,15 @@ pub struct TlsConfig {
 #[derive(Debug, Clone)]
 pub struct OriginPool {
     pub name: String,
+    /// What `addresses` names, in order.
+    pub targets: Vec<OriginTarget>,
+    /// The origins' addresses: the targets' own, and what each DNS name resolved to
+    /// (`crate::upstream::resolve`; nothing for a name until it has).
     pub addresses: Vec<SocketAddr>,
+    /// What each target resolved to last, beside `targets` (empty until resolved).
+    pub resolved: Vec<Vec<SocketAddr>>,
+    /// How often DNS names among the targets are looked up again.
+    pub resolve_interval: Duration,
     /// Lowercased hosts; empty for the default pool.
     pub hosts: Vec<String>,
     pub connect_timeout: Duration,
@@ -110,6 +118,18 @@ pub struct OriginPool {
     pub fail_timeout: Duration,
     /// 5xx statuses on which a GET or HEAD is sent once more, to another origin.
     pub retry_statuses: Vec<u16>,
+}
+
+/// One entry of `[[origin]] addresses`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginTarget {
+    Address(SocketAddr),
+    /// A DNS name and port (`mediawiki:80`, a container's or a service's name), looked up at
+    /// start, on reload and every `resolve_interval`.
+    Name {
+        host: String,
+        port: u16,
+    },
 }
 
 /// `[origin.tls]`, validated.

@@ -525,6 +525,38 @@ fn same_address_twice(c: &mut Checker<'_>, s: &ServerFile) {
 }
 
 /// Each of `list` (`ip:port`), reported by its index under `path` when it is not one.
+/// An `[[origin]] addresses` entry: `ip:port` (`[v6]:port`), or `name:port` with a DNS name
+/// (labels of letters, digits, `-` and `_` as container and service names have them, each
+/// 1–63 bytes, 253 in all; RFC 1123 §2.1), lowercased.
+fn origin_target(text: &str) -> Result<OriginTarget, &'static str> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(OriginTarget::Address(addr));
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err("not an ip:port or name:port address");
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        return Err("not a port number after the last ':'");
+    };
+    if port == 0 {
+        return Err("port 0 is no origin's");
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && (label.bytes()).all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err("not an ip:port address, nor a DNS name and port");
+    }
+    Ok(OriginTarget::Name {
+        host: name.to_ascii_lowercase(),
+        port,
+    })
+}
+
 fn socket_addrs(c: &mut Checker<'_>, list: &[String], path: &[Seg<'_>]) -> Vec<SocketAddr> {
     let mut addrs = Vec::new();
     for (i, a) in list.iter().enumerate() {
@@ -675,6 +707,7 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
         vec![OriginFile {
             name: "origin".into(),
             addresses: vec!["127.0.0.1:8081".into()],
+            resolve_interval: "10s".into(),
             hosts: vec![],
             connect_timeout: "2s".into(),
             read_timeout: "30s".into(),
@@ -697,16 +730,28 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
         if origins.iter().any(|p: &OriginPool| p.name == o.name) {
             c.report(&at("name"), format!("duplicate pool name {:?}", o.name));
         }
-        let mut addresses = Vec::new();
+        let mut targets = Vec::new();
         for (j, a) in o.addresses.iter().enumerate() {
-            if let Some(addr) =
-                c.socket_addr(&[Key("origin"), Index(i), Key("addresses"), Index(j)], a)
-            {
-                addresses.push(addr);
+            match origin_target(a) {
+                Ok(target) => targets.push(target),
+                Err(why) => c.report(
+                    &[Key("origin"), Index(i), Key("addresses"), Index(j)],
+                    format!("{why}: {a:?} (e.g. \"127.0.0.1:8080\" or \"mediawiki:80\")"),
+                ),
             }
         }
         if o.addresses.is_empty() {
             c.report(&at("addresses"), "needs at least one origin address");
+        }
+        let addresses = (targets.iter())
+            .filter_map(|t| match t {
+                OriginTarget::Address(a) => Some(*a),
+                OriginTarget::Name { .. } => None,
+            })
+            .collect();
+        let resolve_interval = c.duration(&at("resolve_interval"), &o.resolve_interval);
+        if resolve_interval < Duration::from_secs(1) {
+            c.report(&at("resolve_interval"), "must be at least 1s");
         }
         let connect_timeout = c.duration(&at("connect_timeout"), &o.connect_timeout);
         let read_timeout = c.duration(&at("read_timeout"), &o.read_timeout);
@@ -759,7 +804,10 @@ fn check_origins(c: &mut Checker<'_>, origin_tables: Vec<OriginFile>) -> Vec<Ori
         origins.push(OriginPool {
             tls,
             name: o.name,
+            resolved: Vec::new(),
+            targets,
             addresses,
+            resolve_interval,
             hosts: o.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
             connect_timeout,
             read_timeout,
@@ -1376,5 +1424,34 @@ mod tests {
         let errs = parse("[cache.bypass]\ncookies = [\"(\"]\n").unwrap_err();
         assert_eq!(errs[0].key, "cache.bypass.cookies[0]");
         assert_eq!(errs[0].line, Some(2));
+    }
+
+    #[test]
+    fn an_origin_is_an_address_or_a_dns_name_and_port() {
+        let name = |host: &str, port| OriginTarget::Name {
+            host: host.into(),
+            port,
+        };
+        assert_eq!(
+            origin_target("[::1]:8080"),
+            Ok(OriginTarget::Address("[::1]:8080".parse().unwrap()))
+        );
+        assert_eq!(origin_target("mediawiki:80"), Ok(name("mediawiki", 80)));
+        assert_eq!(
+            origin_target("App_1.Internal.:8080"),
+            Ok(name("app_1.internal", 8080))
+        );
+        for bad in [
+            "mediawiki",
+            "mediawiki:http",
+            "mediawiki:0",
+            "-bad:80",
+            "a..b:80",
+            "has space:80",
+            "::1:80",
+            ":80",
+        ] {
+            assert!(origin_target(bad).is_err(), "{bad}");
+        }
     }
 }

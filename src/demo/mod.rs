@@ -131,6 +131,7 @@ pub fn config(opts: &DemoOptions, certificate: &Certificate) -> Config {
     });
     if let Some(pool) = config.origins.first_mut() {
         pool.name = "wiki".into();
+        pool.targets = vec![crate::config::OriginTarget::Address(opts.origin)];
         pool.addresses = vec![opts.origin];
     }
     config

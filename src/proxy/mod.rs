@@ -38,7 +38,7 @@ pub mod via;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -67,14 +67,14 @@ use crate::cache::policy::StoragePolicy;
 use crate::cache::status::{Disposition, Outcome, PassReason};
 use crate::cache::{vary, PurgeMode, Store};
 use crate::config::rules::Answer;
-use crate::config::{Config, UnsafeInvalidation};
+use crate::config::{Config, OriginPool, UnsafeInvalidation};
 use crate::metrics::access_log::AccessLog;
 use crate::metrics::RuleAnswer;
 use crate::metrics::{HitPath, Metrics};
 use crate::purge::{self, Acl, Purge, PurgeAuth, PurgeResult, Scope, Source};
 use crate::rules::canonical::Canonical;
 use crate::rules::{self, RuleSet};
-use crate::upstream::{Pools, SharedPools};
+use crate::upstream::{self, Pools, SharedPools};
 
 /// The path on the proxy port that answers whether this node is ready to serve (200) or not
 /// (503, with the reason), for a load balancer or a frontend Skua's health checks. It is
@@ -99,6 +99,10 @@ pub struct ProxyState {
     /// which a reload may change too; shared with the HTCP receiver and the admin port.
     pub canonical: Arc<ArcSwap<Canonical>>,
     pub pools: SharedPools,
+    /// The `[[origin]]` pools as last resolved (`upstream::resolve`): what `pools` were built
+    /// from. A reload and a new DNS answer each replace both, one at a time.
+    origins: ArcSwap<Vec<OriginPool>>,
+    origins_changing: std::sync::Mutex<()>,
     pub metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
     /// `[purge] allow` and `token`, which a reload may change too; shared with the admin port.
@@ -121,7 +125,7 @@ impl ProxyState {
     pub fn new(
         config: &Config,
         store: &'static Store,
-        pools: SharedPools,
+        (origins, pools): (Vec<OriginPool>, SharedPools),
         metrics: Arc<Metrics>,
         bus: Option<Arc<purge::bus::Bus>>,
     ) -> ProxyState {
@@ -153,6 +157,8 @@ impl ProxyState {
                     .map(|h| (h.listen, metrics.htcp_listening.clone())),
             ),
             pools,
+            origins: ArcSwap::from_pointee(origins),
+            origins_changing: std::sync::Mutex::new(()),
             metrics,
             tls: std::sync::OnceLock::new(),
         }
@@ -379,7 +385,9 @@ impl ProxyState {
     /// keep theirs. Everything is built before anything is swapped in, so a configuration
     /// that fails to build changes nothing.
     pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
-        let pools = Pools::rebuild(&config.origins, &self.pools.load())?;
+        let _changing = (self.origins_changing.lock()).unwrap_or_else(PoisonError::into_inner);
+        let origins = upstream::resolve::resolve(&config.origins, Some(&self.origins.load()));
+        let pools = Pools::rebuild(&origins, &self.pools.load())?;
         let settings = Settings::from(config);
         // Certificates were read and checked with the configuration; new handshakes use them.
         let tls = match (self.tls.get(), &config.server.tls) {
@@ -390,10 +398,55 @@ impl ProxyState {
             terminator.apply(prepared);
         }
         self.pools.store(Arc::new(pools));
+        self.origins.store(Arc::new(origins));
         self.settings.store(Arc::new(settings));
         self.canonical.store(Arc::new(canonical(config)));
         self.purge_auth.store(Arc::new(purge_auth(config)));
         Ok(())
+    }
+
+    /// How long until the origins' DNS names are looked up again: the shortest
+    /// `resolve_interval` of a pool that names one; `None` when no pool does.
+    pub fn resolve_interval(&self) -> Option<std::time::Duration> {
+        let origins = self.origins.load();
+        (origins.iter())
+            .filter(|p| upstream::resolve::any_names(std::slice::from_ref(*p)))
+            .map(|p| p.resolve_interval)
+            .min()
+    }
+
+    /// Looks the origins' DNS names up again; when an answer changed a pool's origins, the
+    /// pools are rebuilt as a reload rebuilds them (requests in flight keep theirs; an origin
+    /// kept keeps its count of requests in flight and its rest).
+    pub async fn resolve_origins_again(&self) {
+        let current = self.origins.load_full();
+        if !upstream::resolve::any_names(&current) {
+            return;
+        }
+        let looked_up = current.clone();
+        // The system's resolver blocks (getaddrinfo).
+        let fresh = tokio::task::spawn_blocking(move || {
+            upstream::resolve::resolve(&looked_up, Some(&looked_up))
+        })
+        .await;
+        let Ok(fresh) = fresh else {
+            return;
+        };
+        if upstream::resolve::same_addresses(&current, &fresh) {
+            return;
+        }
+        let _changing = (self.origins_changing.lock()).unwrap_or_else(PoisonError::into_inner);
+        if !Arc::ptr_eq(&self.origins.load(), &current) {
+            // A reload came in between and resolved its own pools.
+            return;
+        }
+        match Pools::rebuild(&fresh, &self.pools.load()) {
+            Ok(pools) => {
+                self.pools.store(Arc::new(pools));
+                self.origins.store(Arc::new(fresh));
+            }
+            Err(e) => tracing::error!(error = %e, "origin pools not rebuilt for new DNS answers"),
+        }
     }
 }
 

@@ -83,7 +83,7 @@ pub fn explain(config: &Config, asked: &Asked<'_>) -> Result<String, String> {
             out,
             "pool: {} ({} addresses)",
             pool.name,
-            pool.addresses.len()
+            pool.targets.len()
         );
     }
     Ok(out)

@@ -6,6 +6,7 @@
 //! that failed a request rests for `fail_timeout` ([`resting`]). It does not decide what to
 //! fetch or store (that is `proxy` and `cache`).
 
+pub mod resolve;
 mod resting;
 
 use std::collections::HashMap;
@@ -552,7 +553,7 @@ fn addr_string(addr: &PeerAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::HealthCheck;
+    use crate::config::{HealthCheck, OriginTarget};
     use std::sync::atomic::AtomicU16;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -578,7 +579,14 @@ mod tests {
     fn pool_at(addresses: Vec<SocketAddr>, balance: Balance) -> OriginPool {
         OriginPool {
             name: "wiki".into(),
+            targets: addresses
+                .iter()
+                .copied()
+                .map(OriginTarget::Address)
+                .collect(),
             addresses,
+            resolved: Vec::new(),
+            resolve_interval: Duration::from_secs(10),
             hosts: Vec::new(),
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(1),
