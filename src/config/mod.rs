@@ -99,7 +99,7 @@ pub struct OriginPool {
     /// (`crate::upstream::resolve`; nothing for a name until it has).
     pub addresses: Vec<SocketAddr>,
     /// What each target resolved to last, beside `targets` (empty until resolved).
-    pub resolved: Vec<Vec<SocketAddr>>,
+    pub resolved: Vec<Resolved>,
     /// How often DNS names among the targets are looked up again.
     pub resolve_interval: Duration,
     /// Lowercased hosts; empty for the default pool.
@@ -118,6 +118,14 @@ pub struct OriginPool {
     pub fail_timeout: Duration,
     /// 5xx statuses on which a GET or HEAD is sent once more, to another origin.
     pub retry_statuses: Vec<u16>,
+}
+
+/// What one target of a pool resolved to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub addresses: Vec<SocketAddr>,
+    /// Its last lookup failed (`addresses` are from before): warned of once, not every round.
+    pub failing: bool,
 }
 
 /// One entry of `[[origin]] addresses`.

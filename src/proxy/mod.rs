@@ -432,12 +432,18 @@ impl ProxyState {
         let Ok(fresh) = fresh else {
             return;
         };
-        if upstream::resolve::same_addresses(&current, &fresh) {
+        let unchanged = |(a, b): (&OriginPool, &OriginPool)| a.resolved == b.resolved;
+        if current.iter().zip(fresh.iter()).all(unchanged) {
             return;
         }
         let _changing = (self.origins_changing.lock()).unwrap_or_else(PoisonError::into_inner);
         if !Arc::ptr_eq(&self.origins.load(), &current) {
             // A reload came in between and resolved its own pools.
+            return;
+        }
+        if upstream::resolve::same_addresses(&current, &fresh) {
+            // A name failed (or came back) with the addresses it had: nothing to rebuild.
+            self.origins.store(Arc::new(fresh));
             return;
         }
         match Pools::rebuild(&fresh, &self.pools.load()) {

@@ -9,7 +9,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use crate::config::{OriginPool, OriginTarget};
+use crate::config::{OriginPool, OriginTarget, Resolved};
 
 /// `pools` with every target looked up now: `previous` (the same pools as last resolved)
 /// gives a name that fails its last addresses.
@@ -67,30 +67,43 @@ fn resolve_with(
         for (i, target) in pool.targets.iter().enumerate() {
             let had = before.and_then(|p| p.resolved.get(i));
             resolved.push(match target {
-                OriginTarget::Address(addr) => vec![*addr],
+                OriginTarget::Address(addr) => Resolved {
+                    addresses: vec![*addr],
+                    failing: false,
+                },
                 OriginTarget::Name { host, port } => match lookup(host, *port) {
                     Ok(mut found) if !found.is_empty() => {
                         found.sort();
                         found.dedup();
-                        if had.is_some_and(|had| *had != found) {
+                        if had.is_some_and(|had| had.addresses != found) {
                             tracing::warn!(pool = %pool.name, name = %host, addresses = ?found, "an origin's name resolves to other addresses now");
+                        } else if had.is_some_and(|had| had.failing) {
+                            tracing::warn!(pool = %pool.name, name = %host, "an origin's name resolves again");
                         }
-                        found
+                        Resolved {
+                            addresses: found,
+                            failing: false,
+                        }
                     }
                     failed => {
-                        let why = match failed {
-                            Ok(_) => "no address".to_string(),
-                            Err(e) => e.to_string(),
-                        };
-                        let kept = had.cloned().unwrap_or_default();
-                        tracing::warn!(pool = %pool.name, name = %host, error = %why, kept = ?kept, "an origin's name did not resolve; its addresses from before are kept");
-                        kept
+                        let kept = had.map(|had| had.addresses.clone()).unwrap_or_default();
+                        if !had.is_some_and(|had| had.failing) {
+                            let why = match failed {
+                                Ok(_) => "no address".to_string(),
+                                Err(e) => e.to_string(),
+                            };
+                            tracing::warn!(pool = %pool.name, name = %host, error = %why, kept = ?kept, "an origin's name did not resolve; its addresses from before are kept until it does");
+                        }
+                        Resolved {
+                            addresses: kept,
+                            failing: true,
+                        }
                     }
                 },
             });
         }
         let mut addresses: Vec<SocketAddr> = Vec::new();
-        for addr in resolved.iter().flatten() {
+        for addr in resolved.iter().flat_map(|r| &r.addresses) {
             if !addresses.contains(addr) {
                 addresses.push(*addr);
             }
@@ -182,6 +195,11 @@ mod tests {
         });
         assert_eq!(down[0].addresses, [addr("10.0.0.1:80")], "kept");
         assert!(same_addresses(&first, &down));
+        let failing = |pools: &[OriginPool]| -> Vec<bool> {
+            pools[0].resolved.iter().map(|r| r.failing).collect()
+        };
+        assert_eq!(failing(&first), [false, true]);
+        assert_eq!(failing(&down), [true, true]);
         let moved = resolve_with(&pools, Some(&down), |host, _| match host {
             "app" => Ok(vec![addr("10.0.0.7:80")]),
             _ => Ok(vec![addr("10.0.0.8:80")]),
