@@ -234,7 +234,7 @@ impl Admin {
                 format!("skua: {why}\n").into_bytes(),
             ));
         }
-        let ip = session.client_addr().and_then(crate::proxy::peer_ip);
+        let ip = session.client_addr().and_then(crate::purge::peer_ip);
         if !self.node.purge_auth.load().allows(ip, req) {
             let body = format!("skua: {doing} is not allowed from here\n");
             return Some(reply(403, "text/plain", body.into_bytes()));

@@ -163,7 +163,7 @@ impl<A> ConnectionGate<A> {
     async fn behind_balancer(&self, stream: Stream) -> Option<(Stream, bool)> {
         let peer = stream
             .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(super::peer_ip));
+            .and_then(|d| d.peer_addr().and_then(crate::purge::peer_ip));
         let trusted = self.front.as_ref().is_some_and(|front| {
             super::guard::trusted(&front.state().settings.load().trusted_proxies, peer)
         });
@@ -368,7 +368,7 @@ where
 fn peer_ip(peer: &std::cell::OnceCell<Option<IpAddr>>, stream: &Stream) -> Option<IpAddr> {
     *peer.get_or_init(|| {
         let digest = stream.get_socket_digest()?;
-        super::peer_ip(digest.peer_addr()?)
+        crate::purge::peer_ip(digest.peer_addr()?)
     })
 }
 

@@ -59,7 +59,7 @@ pub async fn serve<A>(
     });
     let client_ip: Option<IpAddr> = (digest.socket_digest.as_ref())
         .and_then(|d| d.peer_addr())
-        .and_then(super::peer_ip);
+        .and_then(crate::purge::peer_ip);
     let writes = Arc::new(Writes::default());
     let stream: Stream = Box::new(Counted::new(stream, writes.clone()));
     let Ok(mut conn) = handshake(stream, app.h2_options()).await else {

@@ -71,6 +71,7 @@ use crate::config::{Config, OriginPool, UnsafeInvalidation};
 use crate::metrics::access_log::AccessLog;
 use crate::metrics::RuleAnswer;
 use crate::metrics::{HitPath, Metrics};
+use crate::purge::peer_ip;
 use crate::purge::{self, Acl, Purge, PurgeAuth, PurgeResult, Scope, Source};
 use crate::rules::canonical::Canonical;
 use crate::rules::{self, RuleSet};
@@ -648,15 +649,6 @@ fn as_forwarded(session: &mut Session, settings: &Settings) -> Result<()> {
 
 fn client_ip(session: &Session) -> Option<IpAddr> {
     session.client_addr().and_then(peer_ip)
-}
-
-/// A connection's peer as every judge of a client reads it (rules, purge networks, rate
-/// limits, `X-Forwarded-For`, the access log): an IPv4 client of a dual-stack listener
-/// (`[::]:80`, which the kernel gives `::ffff:a.b.c.d`) as its IPv4 address. Regression: such
-/// a client slipped past a rule's `client = ["203.0.113.0/24"]`, and the origin was told
-/// `X-Forwarded-For: ::ffff:203.0.113.7`.
-pub fn peer_ip(addr: &pingora::protocols::l4::socket::SocketAddr) -> Option<IpAddr> {
-    addr.as_inet().map(|a| a.ip().to_canonical())
 }
 
 impl CachingProxy {

@@ -75,6 +75,15 @@ impl PurgeAuth {
     }
 }
 
+/// A connection's peer as every judge of a client reads it (rules, purge networks, rate
+/// limits, `X-Forwarded-For`, the access log): an IPv4 client of a dual-stack listener
+/// (`[::]:80`, which the kernel gives `::ffff:a.b.c.d`) as its IPv4 address. Regression: such
+/// a client slipped past a rule's `client = ["203.0.113.0/24"]`, and the origin was told
+/// `X-Forwarded-For: ::ffff:203.0.113.7`.
+pub fn peer_ip(addr: &pingora::protocols::l4::socket::SocketAddr) -> Option<IpAddr> {
+    addr.as_inet().map(|a| a.ip().to_canonical())
+}
+
 /// Who sent a request: the peer, or, when the peer is a trusted proxy (a TLS terminator or
 /// load balancer on the same host makes every client 127.0.0.1), the nearest address in
 /// `X-Forwarded-For` that is not itself a trusted proxy. Entries further left were written

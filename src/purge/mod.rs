@@ -14,7 +14,7 @@ pub mod queue;
 mod ready;
 pub mod receiver;
 
-pub use auth::{client_behind, Acl, PurgeAuth};
+pub use auth::{client_behind, peer_ip, Acl, PurgeAuth};
 pub use dispatch::{Purge, PurgeResult, Purger, Scope, Source};
 pub use ready::Readiness;
 
