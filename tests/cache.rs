@@ -1034,6 +1034,55 @@ async fn pages_are_stored_compressed_once_and_served_in_what_each_client_takes()
     assert_eq!(br_out, br.body.len() as f64);
 }
 
+/// RFC 9111 §5.2.2.6: an intermediary "MUST NOT transform the content" of a response marked
+/// `no-transform`. Such a page is passed on as the origin sent it: not compressed before it is
+/// stored (on either path a miss takes), its `ETag` left strong, and an origin's gzip not decoded
+/// for a client that does not take it. Before, Skua compressed it like any page.
+#[tokio::test]
+async fn a_no_transform_response_is_neither_compressed_nor_decoded() {
+    let page = "<p>The wiki page text, much like the next paragraph.</p>\n".repeat(150);
+    let body = page.clone();
+    let origin = Origin::start(move |seen| {
+        let reply = if seen.path == "/gzipped" {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut gz, body.as_bytes()).unwrap();
+            Reply::ok(gz.finish().unwrap()).header("content-encoding", "gzip")
+        } else {
+            Reply::ok(body.clone())
+        };
+        reply
+            .header("content-type", "text/html; charset=UTF-8")
+            .header("cache-control", "max-age=600, no-transform")
+            .header("etag", "\"v1\"")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let browser = ("accept-encoding", "gzip, deflate, br");
+    // The front door's fill, then pingora's path (a conditional miss), then a hit.
+    for (path, asked) in [
+        ("/wiki/A", vec![browser]),
+        ("/wiki/B", vec![browser, ("if-none-match", "\"other\"")]),
+        ("/wiki/A", vec![browser]),
+    ] {
+        let got = get(&skua.url(path), &asked).await;
+        assert_eq!(got.status, 200, "{path}");
+        assert_eq!(got.header("content-encoding"), "", "{path}");
+        assert_eq!(got.header("etag"), "\"v1\"", "{path}");
+        assert_eq!(got.text(), page, "{path}");
+    }
+    assert_eq!(origin.count("/wiki/A"), 1);
+    for _ in 0..2 {
+        let plain = get(&skua.url("/gzipped"), &[("accept-encoding", "identity")]).await;
+        assert_eq!(plain.header("content-encoding"), "gzip");
+        assert_eq!(gunzip(&plain.body), page);
+    }
+    assert_eq!(origin.count("/gzipped"), 1);
+    let compressed = skua
+        .metric(r#"skua_compression_bytes_total{encoding="br",side="in"}"#)
+        .await;
+    assert_eq!(compressed, 0.0);
+}
+
 /// Regression (found when the harness's clients hung up at the end of a run): a client that
 /// went away while a hit's body was being written made pingora report a write error without a
 /// source, which Skua answered with a 500 although the response head was already out. With a

@@ -31,6 +31,7 @@ pub struct Directives<'a> {
     public: Seen<'a>,
     must_revalidate: Seen<'a>,
     proxy_revalidate: Seen<'a>,
+    no_transform: Seen<'a>,
 }
 
 impl<'a> Directives<'a> {
@@ -68,6 +69,7 @@ impl<'a> Directives<'a> {
             6 if named("public") => &mut self.public,
             15 if named("must-revalidate") => &mut self.must_revalidate,
             16 if named("proxy-revalidate") => &mut self.proxy_revalidate,
+            12 if named("no-transform") => &mut self.no_transform,
             _ => return None,
         })
     }
@@ -96,6 +98,10 @@ impl<'a> Directives<'a> {
 
     pub fn proxy_revalidate(&self) -> bool {
         self.proxy_revalidate.is_some()
+    }
+
+    pub fn no_transform(&self) -> bool {
+        self.no_transform.is_some()
     }
 
     /// The `s-maxage` lifetime, when it has a valid value.

@@ -205,7 +205,7 @@ const HOP_BY_HOP: [header::HeaderName; 6] = [
 ];
 
 /// RFC 9213's targeted field, as a name built once (a lookup by `&str` parses it first).
-const CDN_CACHE_CONTROL: http::HeaderName = http::HeaderName::from_static("cdn-cache-control");
+pub const CDN_CACHE_CONTROL: http::HeaderName = http::HeaderName::from_static("cdn-cache-control");
 
 /// Whether `CDN-Cache-Control` holds a valid Structured Field dictionary (RFC 9213 §2.1, RFC
 /// 8941 §4.2) whose lifetimes are non-negative Integers: "If a targeted field in a given

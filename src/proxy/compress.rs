@@ -45,9 +45,9 @@ pub fn leave_uncompressed(upstream: &mut ResponseCompressionCtx) {
 }
 
 /// Whether a response is worth compressing: a [`textual`] type, with a body of unknown length or
-/// at least [`MIN_LENGTH`] bytes, and no content coding yet.
+/// at least [`MIN_LENGTH`] bytes, no content coding yet, and no `no-transform`.
 pub fn compressible(resp: &ResponseHeader) -> bool {
-    if resp.headers.contains_key(http::header::CONTENT_ENCODING) {
+    if resp.headers.contains_key(http::header::CONTENT_ENCODING) || forbids_transform(resp) {
         return false;
     }
     let length = resp
@@ -62,6 +62,20 @@ pub fn compressible(resp: &ResponseHeader) -> bool {
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(textual)
+}
+
+/// RFC 9111 §5.2.2.6: "The no-transform response directive indicates that an intermediary
+/// (regardless of whether it implements a cache) MUST NOT transform the content." A content
+/// coding added or removed is a transformation (RFC 9110 §7.7). Read in `CDN-Cache-Control`
+/// too, whose directives speak to a CDN as `Cache-Control`'s do (RFC 9213 §2.1).
+pub fn forbids_transform(resp: &ResponseHeader) -> bool {
+    use crate::cache::directives::Directives;
+    [
+        http::header::CACHE_CONTROL,
+        crate::cache::policy::CDN_CACHE_CONTROL,
+    ]
+    .iter()
+    .any(|name| Directives::of(resp, name).is_some_and(|d| d.no_transform()))
 }
 
 /// Media types that compress: text, the textual application types (JSON, JavaScript, XML and
@@ -287,8 +301,13 @@ pub fn stored_sizes(
 }
 
 /// Decompresses a response for a client that does not take its encoding; otherwise leaves
-/// it alone (it never compresses: what is worth compressing was compressed before storing).
-struct Decompress(ResponseCompressionCtx);
+/// it alone (it never compresses: what is worth compressing was compressed before storing),
+/// as it leaves a response marked `no-transform` ([`forbids_transform`]).
+struct Decompress {
+    ctx: ResponseCompressionCtx,
+    /// The response forbids transformation: its body goes out as it is.
+    as_sent: bool,
+}
 
 #[async_trait]
 impl HttpModule for Decompress {
@@ -301,7 +320,7 @@ impl HttpModule for Decompress {
     }
 
     async fn request_header_filter(&mut self, req: &mut RequestHeader) -> Result<()> {
-        self.0.request_filter(req);
+        self.ctx.request_filter(req);
         Ok(())
     }
 
@@ -310,7 +329,10 @@ impl HttpModule for Decompress {
         resp: &mut ResponseHeader,
         end_of_stream: bool,
     ) -> Result<()> {
-        self.0.response_header_filter(resp, end_of_stream);
+        self.as_sent = forbids_transform(resp);
+        if !self.as_sent {
+            self.ctx.response_header_filter(resp, end_of_stream);
+        }
         Ok(())
     }
 
@@ -319,14 +341,20 @@ impl HttpModule for Decompress {
         body: &mut Option<Bytes>,
         end_of_stream: bool,
     ) -> Result<()> {
-        if let Some(plain) = self.0.response_body_filter(body.as_ref(), end_of_stream) {
+        if self.as_sent {
+            return Ok(());
+        }
+        if let Some(plain) = self.ctx.response_body_filter(body.as_ref(), end_of_stream) {
             *body = Some(plain);
         }
         Ok(())
     }
 
     fn response_done_filter(&mut self) -> Result<Option<Bytes>> {
-        Ok(self.0.response_body_filter(None, true))
+        if self.as_sent {
+            return Ok(None);
+        }
+        Ok(self.ctx.response_body_filter(None, true))
     }
 }
 
@@ -341,7 +369,10 @@ pub fn downstream_context() -> ResponseCompressionCtx {
 
 impl HttpModuleBuilder for DecompressBuilder {
     fn init(&self) -> Module {
-        Box::new(Decompress(downstream_context()))
+        Box::new(Decompress {
+            ctx: downstream_context(),
+            as_sent: false,
+        })
     }
 
     fn order(&self) -> i16 {
@@ -359,6 +390,23 @@ mod tests {
         resp.insert_header("content-type", content_type).unwrap();
         resp.insert_header("content-length", "4096").unwrap();
         resp
+    }
+
+    #[test]
+    fn no_transform_in_either_field_forbids_compressing() {
+        let with = |name: &str, value: &str| {
+            let mut resp = response("text/html");
+            resp.insert_header(name.to_string(), value).unwrap();
+            resp
+        };
+        assert!(compressible(&with("cache-control", "max-age=60")));
+        for (name, value) in [
+            ("cache-control", "max-age=60, No-Transform"),
+            ("cdn-cache-control", "no-transform"),
+        ] {
+            assert!(forbids_transform(&with(name, value)), "{name}: {value}");
+            assert!(!compressible(&with(name, value)), "{name}: {value}");
+        }
     }
 
     #[test]

@@ -768,18 +768,17 @@ impl super::fast::FrontDoor {
         );
         // A copy in an encoding the client does not take is decoded on its way out, by the
         // context pingora's path runs as a downstream module (`compress::DecompressBuilder`).
-        let mut decode = resp
-            .headers
-            .contains_key(header::CONTENT_ENCODING)
-            .then(|| accept_encoding_only(req.fields))
-            .flatten()
-            .map(|asked| {
-                let mut ctx = Box::new(super::compress::downstream_context());
-                ctx.request_filter(&asked);
-                ctx.response_header_filter(&mut resp, framing == Framing::None);
-                ctx
-            })
-            .filter(|ctx| ctx.is_enabled());
+        let mut decode = (resp.headers.contains_key(header::CONTENT_ENCODING)
+            && !super::compress::forbids_transform(&resp))
+        .then(|| accept_encoding_only(req.fields))
+        .flatten()
+        .map(|asked| {
+            let mut ctx = Box::new(super::compress::downstream_context());
+            ctx.request_filter(&asked);
+            ctx.response_header_filter(&mut resp, framing == Framing::None);
+            ctx
+        })
+        .filter(|ctx| ctx.is_enabled());
         let close = req.close || marked.is_err();
         // As pingora's HTTP/1 server writes every response head: its own `Date`, `Connection`,
         // and chunks for a body of unknown length.

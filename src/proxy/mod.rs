@@ -71,8 +71,7 @@ use crate::config::{Config, OriginPool, UnsafeInvalidation};
 use crate::metrics::access_log::AccessLog;
 use crate::metrics::RuleAnswer;
 use crate::metrics::{HitPath, Metrics};
-use crate::purge::peer_ip;
-use crate::purge::{self, Acl, Purge, PurgeAuth, PurgeResult, Scope, Source};
+use crate::purge::{self, peer_ip, Acl, Purge, PurgeAuth, PurgeResult, Scope, Source};
 use crate::rules::canonical::Canonical;
 use crate::rules::{self, RuleSet};
 use crate::upstream::{self, Pools, SharedPools};
@@ -411,7 +410,7 @@ impl ProxyState {
     pub fn resolve_interval(&self) -> Option<std::time::Duration> {
         let origins = self.origins.load();
         (origins.iter())
-            .filter(|p| upstream::resolve::any_names(std::slice::from_ref(*p)))
+            .filter(|p| upstream::resolve::names_origins(p))
             .map(|p| p.resolve_interval)
             .min()
     }

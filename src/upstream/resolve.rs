@@ -17,9 +17,14 @@ pub fn resolve(pools: &[OriginPool], previous: Option<&[OriginPool]>) -> Vec<Ori
     resolve_with(pools, previous, system_lookup)
 }
 
+/// Whether `pool` names an origin by DNS name.
+pub fn names_origins(pool: &OriginPool) -> bool {
+    (pool.targets.iter()).any(|t| matches!(t, OriginTarget::Name { .. }))
+}
+
 /// Whether some pool names an origin by DNS name.
 pub fn any_names(pools: &[OriginPool]) -> bool {
-    (pools.iter()).any(|p| (p.targets.iter()).any(|t| matches!(t, OriginTarget::Name { .. })))
+    pools.iter().any(names_origins)
 }
 
 /// Whether two resolutions of the same pools give each the same origins.
