@@ -2155,3 +2155,38 @@ enabled = false
     );
     assert!(!stderr.contains("localhost"), "{stderr}");
 }
+
+/// RFC 9111 §5.2.1: a request's `no-store` keeps the answer to it out of the cache ("MUST NOT
+/// store any part of either this request or any response to it"; a stored copy may still
+/// answer it), and `only-if-cached` is answered from the cache or with 504, never by the
+/// origin. Before, both were ignored: the `no-store` request's page was stored, and the
+/// `only-if-cached` one fetched.
+#[tokio::test]
+async fn a_requests_no_store_and_only_if_cached_are_honoured() {
+    let origin = Origin::start(|_| cc("max-age=600")).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/wiki/A");
+    let no_store = [("cache-control", "no-store")];
+    assert_eq!(get(&url, &no_store).await.cache(), "pass");
+    assert_eq!(
+        get(&url, &[]).await.cache(),
+        "miss",
+        "the no-store answer was stored"
+    );
+    assert_eq!(get(&url, &no_store).await.cache(), "hit-front");
+    assert_eq!(origin.count("/wiki/A"), 2);
+    assert_eq!(
+        skua.metric(r#"skua_uncacheable_total{reason="request-no-store"}"#)
+            .await,
+        1.0
+    );
+
+    let only_cached = [("cache-control", "max-age=0, only-if-cached")];
+    let hit = get(&url, &only_cached).await;
+    assert_eq!((hit.status, hit.cache()), (200, "hit-front"));
+    let cold = get(&skua.url("/wiki/B"), &only_cached).await;
+    assert_eq!((cold.status, cold.cache()), (504, "int-front"));
+    assert_eq!(origin.count("/wiki/B"), 0);
+    // Its 504 stored nothing either: the next reader fetches the page.
+    assert_eq!(get(&skua.url("/wiki/B"), &[]).await.cache(), "miss");
+}

@@ -14,6 +14,41 @@ use pingora::http::ResponseHeader;
 /// conveniently represent." (pingora's choice, kept: `i32::MAX`.)
 const DELTA_SECONDS_OVERFLOW: u32 = i32::MAX as u32;
 
+/// What a request's `Cache-Control` asks that Skua honours (RFC 9111 §5.2.1). `no-cache`,
+/// `max-age`, `max-stale` and `min-fresh` are not honoured: a shared cache may serve what it
+/// holds (§5.2.1.4 says the client "prefers" validation), and a browser's reload would
+/// otherwise send every reader's page back to the origin, as Varnish, Traffic Server and
+/// nginx also decline by default.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RequestAsks {
+    /// §5.2.1.5: "a cache MUST NOT store any part of either this request or any response to
+    /// it"; a stored response may still answer it.
+    pub no_store: bool,
+    /// §5.2.1.7: a stored response, or 504 without asking the origin.
+    pub only_if_cached: bool,
+}
+
+impl RequestAsks {
+    pub fn of<F: crate::cache::fields::RequestFields + ?Sized>(fields: &F) -> RequestAsks {
+        let mut asks = RequestAsks::default();
+        for line in fields.values("cache-control") {
+            for (name, _) in Scan::new(line) {
+                if name.eq_ignore_ascii_case(b"no-store") {
+                    asks.no_store = true;
+                } else if name.eq_ignore_ascii_case(b"only-if-cached") {
+                    asks.only_if_cached = true;
+                }
+            }
+        }
+        asks
+    }
+
+    /// Whether it asks anything of a miss.
+    pub fn any(self) -> bool {
+        self.no_store || self.only_if_cached
+    }
+}
+
 /// One directive as last seen: absent, present without a value, or present with one (a
 /// token, or a quoted-string with its quotes).
 type Seen<'a> = Option<Option<&'a [u8]>>;
@@ -280,6 +315,22 @@ impl<'a> Iterator for Scan<'a> {
 mod tests {
     use super::*;
     use pingora::cache::cache_control::{CacheControl, InterpretCacheControl};
+
+    #[test]
+    fn a_request_asks_no_store_and_only_if_cached_in_any_line_and_case() {
+        let asks = |lines: &[&'static str]| {
+            let mut fields = http::HeaderMap::new();
+            for line in lines {
+                fields.append(http::header::CACHE_CONTROL, HeaderValue::from_static(line));
+            }
+            RequestAsks::of(&fields)
+        };
+        assert_eq!(asks(&[]), RequestAsks::default());
+        assert_eq!(asks(&["max-age=0", "no-cache"]), RequestAsks::default());
+        let both = asks(&["max-age=0", "No-Store, only-if-cached"]);
+        assert!(both.no_store && both.only_if_cached);
+        assert!(!asks(&["no-storex, x-only-if-cached"]).any());
+    }
 
     fn response(lines: &[&[u8]]) -> ResponseHeader {
         let mut resp = ResponseHeader::build(200, None).unwrap();

@@ -21,6 +21,8 @@ pub enum Uncacheable {
     Status,
     NoFreshness,
     Authorization,
+    /// The request said `no-store` (RFC 9111 §5.2.1.5).
+    RequestNoStore,
 }
 
 impl Uncacheable {
@@ -33,6 +35,7 @@ impl Uncacheable {
             Uncacheable::Status => "status",
             Uncacheable::NoFreshness => "no-freshness",
             Uncacheable::Authorization => "authorization",
+            Uncacheable::RequestNoStore => "request-no-store",
         }
     }
 }

@@ -483,6 +483,10 @@ impl super::fast::FrontDoor {
         if closing || url.path_and_query.starts_with(super::HEALTH_PATH) {
             return Filled::Declined;
         }
+        // `no-store` and `only-if-cached` are pingora's path's to honour.
+        if crate::cache::directives::RequestAsks::of(req.fields).any() {
+            return Filled::Declined;
+        }
         let pools = shared.pools.load();
         let Some(pool) = pools.get(pools.for_host(&url.host)) else {
             return Filled::Declined;

@@ -537,6 +537,8 @@ pub struct RequestCtx {
     /// The fields of a 304 the origin answered a revalidation with, to update the stored
     /// header (RFC 9111 §4.3.4).
     not_modified: Option<http::HeaderMap>,
+    /// What the request's `Cache-Control` asks of a miss (`no-store`, `only-if-cached`).
+    asks: crate::cache::directives::RequestAsks,
     /// The response is to be brotli-compressed before it is stored (`proxy::compress`).
     brotli_before_storing: bool,
     /// The response is to be gzip-compressed before it is stored, if compressible.
@@ -1252,6 +1254,7 @@ impl ProxyHttp for CachingProxy {
             health: false,
             upgrade: None,
             not_modified: None,
+            asks: Default::default(),
             brotli_before_storing: false,
             gzip_before_storing: false,
             range_fetch: false,
@@ -1456,6 +1459,7 @@ impl ProxyHttp for CachingProxy {
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        ctx.asks = crate::cache::directives::RequestAsks::of(&session.req_header().headers);
         if ctx.pass.is_some() {
             // A rule's `pass`, decided in `request_filter`.
             return Ok(());
@@ -1470,11 +1474,13 @@ impl ProxyHttp for CachingProxy {
         }
         ctx.hit_for_miss = (ctx.primary.as_ref())
             .is_some_and(|primary| self.shared.hit_for_miss.remembered(primary));
+        // A request whose answer will not be stored (`no-store`) makes nobody wait for it.
+        let locks = !ctx.hit_for_miss && !ctx.asks.no_store;
         session.cache.enable(
             self.shared.store,
             None,
             None,
-            (!ctx.hit_for_miss).then_some(self.shared.lock),
+            locks.then_some(self.shared.lock),
             Some(self.lock_overrides()),
         );
         session
@@ -1576,6 +1582,14 @@ impl ProxyHttp for CachingProxy {
                 self.rate_limited(session, ctx, wait).await?;
                 return Ok(false);
             }
+        }
+        // RFC 9111 §5.2.1.7: nothing stored answers it, so "a 504 (Gateway Timeout)". A
+        // stale-while-revalidate refresh in the background is Skua's own request, not it.
+        if ctx.asks.only_if_cached && session.subrequest_ctx.is_none() {
+            ctx.internal = true;
+            let line = "skua: not in the cache, and the request asked for a cached answer only (only-if-cached)";
+            respond::text(&self.shared.name, session, 504, line).await?;
+            return Ok(false);
         }
         Ok(true)
     }
@@ -1881,12 +1895,15 @@ impl ProxyHttp for CachingProxy {
             .contains_key(header::AUTHORIZATION);
         // RFC 9111 §4.2.3: age counts from when the request was sent (response_delay is part
         // of it), which is also the instant a later purge must be compared with.
-        match self.shared.settings.load().policy.decide(
-            &mut stored,
-            authorization,
-            sent,
-            ctx.ttl_rule,
-        ) {
+        let decided = if ctx.asks.no_store {
+            // RFC 9111 §5.2.1.5: "a cache MUST NOT store any part of either this request or
+            // any response to it".
+            Err(crate::cache::policy::Uncacheable::RequestNoStore)
+        } else {
+            let policy = &self.shared.settings.load().policy;
+            policy.decide(&mut stored, authorization, sent, ctx.ttl_rule)
+        };
+        match decided {
             Ok(f) => {
                 ctx.stored = true;
                 ctx.fresh_until = Some(f.fresh_until);
