@@ -208,22 +208,33 @@ proptest! {
     }
 }
 
-#[test]
-fn a_rule_set_too_large_to_remember_decides_as_reading_every_rule() {
-    let deny = |path: &str| Rule {
+/// A rule for one exact path, with `actions`.
+fn rule_for_path(path: &str, actions: Actions) -> Rule {
+    Rule {
         name: String::new(),
         line: None,
         when: Conditions {
             paths: vec![PathPattern::Exact(path.to_string())],
             ..Conditions::default()
         },
-        actions: Actions {
-            answer: Some(crate::config::rules::Answer::Deny {
-                status: 403,
-                body: "no".into(),
-            }),
-            ..Actions::default()
-        },
+        actions,
+    }
+}
+
+#[test]
+fn a_rule_set_too_large_to_remember_decides_as_reading_every_rule() {
+    let deny = |path: &str| {
+        let answer = crate::config::rules::Answer::Deny {
+            status: 403,
+            body: "no".into(),
+        };
+        rule_for_path(
+            path,
+            Actions {
+                answer: Some(answer),
+                ..Actions::default()
+            },
+        )
     };
     let rules: Vec<Rule> = (0..URL_MATCH_RULES + 5)
         .map(|i| deny(&format!("/{i}")))
@@ -303,17 +314,12 @@ fn a_rule_reads_each_run_of_slashes_as_one() {
 #[test]
 fn a_rules_body_limit_replaces_the_servers_and_the_largest_of_all_is_refused_first() {
     use crate::config::rules::BodyLimit;
-    let limit = |path: &str, bytes: Option<u64>| Rule {
-        name: String::new(),
-        line: None,
-        when: Conditions {
-            paths: vec![PathPattern::Exact(path.to_string())],
-            ..Conditions::default()
-        },
-        actions: Actions {
+    let limit = |path: &str, bytes: Option<u64>| {
+        let actions = Actions {
             max_body_bytes: Some(BodyLimit { bytes }),
             ..Actions::default()
-        },
+        };
+        rule_for_path(path, actions)
     };
     let set = RuleSet::new(vec![
         limit("/upload", Some(100_000)),
