@@ -214,6 +214,25 @@ async fn logged_lines(log: &std::path::Path, n: usize) -> String {
     }
 }
 
+/// `skua_origins{pool,state}`: each pool's origins by state, read at each scrape, so that an
+/// alert can fire on a pool with none up. Before, only `/stats` and the dashboard said so.
+#[tokio::test]
+async fn each_pools_origins_are_counted_by_state() {
+    let origin = Origin::start(|_| Reply::ok("up")).await;
+    // Nothing listens on port 1: its health checks fail.
+    let dead: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let skua = Skua::start(&[origin.addr, dead], "").await;
+    let series = |state: &str| format!("skua_origins{{pool=\"test\",state=\"{state}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while skua.metric(&series("down")).await < 1.0 {
+        assert!(Instant::now() < deadline, "{}", skua.metrics().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(skua.metric(&series("up")).await, 1.0);
+    assert_eq!(skua.metric(&series("resting")).await, 0.0);
+    assert_eq!(skua.metric(&series("down")).await, 1.0);
+}
+
 /// `skua purge --htcp` refuses what is not an absolute URL instead of sending a packet that
 /// purges nothing.
 #[test]

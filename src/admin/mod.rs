@@ -20,7 +20,7 @@ use arc_swap::ArcSwap;
 use crate::cache::key::CacheUrl;
 use crate::cache::Store;
 use crate::metrics::history::History;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, OriginState};
 use crate::purge::{self, Purge, PurgeAuth, PurgeResult, Purger, Readiness, Scope, Source};
 use crate::rules::canonical::Canonical;
 use crate::upstream::SharedPools;
@@ -83,6 +83,20 @@ impl Admin {
             .catch_up("memory", "size", evicted(&mem.counters.evicted_size));
         m.evictions
             .catch_up("memory", "expired", evicted(&mem.counters.evicted_expired));
+        // Every pool's series, zeros included (a pool whose origins are all down, or whose
+        // name resolves to nothing yet, shows `up` 0), and none of a pool a reload removed.
+        m.origins.reset();
+        for pool in self.node.pools.load().iter() {
+            let mut counts = [0; 3];
+            for origin in pool.health() {
+                counts[OriginState::of(origin.healthy, origin.resting) as usize] += 1;
+            }
+            for (state, n) in OriginState::ALL.iter().zip(counts) {
+                m.origins
+                    .with_label_values(&[&*pool.name, state.as_str()])
+                    .set(n);
+            }
+        }
         let tags = self.node.store.tags;
         m.tag_index_bytes.set(tags.bytes() as i64);
         m.tag_index_tags.set(tags.tag_count() as i64);

@@ -167,6 +167,8 @@ pub struct Metrics {
     pub tag_index_bytes: IntGauge,
     pub tag_index_tags: IntGauge,
     pub tag_index_refused: IntCounter,
+    /// Each pool's origins by state ([`OriginState`]), read from the pools at each scrape.
+    pub origins: IntGaugeVec,
     pub build_info: IntGauge,
     /// 1 while the HTCP receiver's socket is bound; 0 when it is not (or HTCP is off).
     pub htcp_listening: IntGauge,
@@ -228,6 +230,38 @@ impl RuleAnswer {
             RuleAnswer::Denied => "denied",
             RuleAnswer::Redirected => "redirected",
             RuleAnswer::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// An origin's state, as `skua_origins` counts it (and `/stats` shows it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginState {
+    /// Its health checks pass (or there are none) and it has not failed a request lately.
+    Up,
+    /// Its health checks pass, but it failed a request within `fail_timeout`: passed over
+    /// while another origin of the pool is up.
+    Resting,
+    /// Its health checks fail.
+    Down,
+}
+
+impl OriginState {
+    pub const ALL: [OriginState; 3] = [OriginState::Up, OriginState::Resting, OriginState::Down];
+
+    pub fn of(healthy: bool, resting: bool) -> OriginState {
+        match (healthy, resting) {
+            (false, _) => OriginState::Down,
+            (true, true) => OriginState::Resting,
+            (true, false) => OriginState::Up,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OriginState::Up => "up",
+            OriginState::Resting => "resting",
+            OriginState::Down => "down",
         }
     }
 }
@@ -554,6 +588,14 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
         }
         registry.register(Box::new(tag_index_refused.clone()))?;
+        let origins = IntGaugeVec::new(
+            Opts::new(
+                "skua_origins",
+                "Origins of each pool by state: up (its health checks pass), resting (it failed a request within fail_timeout), down (its health checks fail).",
+            ),
+            &["pool", "state"],
+        )?;
+        registry.register(Box::new(origins.clone()))?;
         let build_info = IntGauge::with_opts(
             Opts::new("skua_build_info", "Always 1; the labels name the build.")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
@@ -661,6 +703,7 @@ impl Metrics {
             tag_index_bytes,
             tag_index_tags,
             tag_index_refused,
+            origins,
             build_info,
             reloads_applied,
             reloads_rejected,
@@ -743,6 +786,7 @@ mod tests {
             .observe(0.001);
         m.uncacheable.with_label_values(&["no-store"]).inc();
         m.purges.with_label_values(&["http", "purged"]).inc();
+        m.origins.with_label_values(&["p", "up"]).set(1);
         m.tier_events.catch_up("memory", "hit", 1);
         for g in [&m.tier_objects, &m.tier_bytes, &m.tier_capacity] {
             g.with_label_values(&["memory"]).set(1);
