@@ -246,6 +246,7 @@ pub fn build_with(config: &Config, upgrade: bool) -> anyhow::Result<Built> {
             InboxService {
                 inbox: Mutex::new(Some(inbox)),
                 purger: shared.purger.clone(),
+                readiness: shared.readiness.clone(),
             },
         ));
     }
@@ -432,6 +433,7 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         let watch = HandoverWatch {
             relay,
             purger: shared.purger.clone(),
+            readiness: shared.readiness.clone(),
         };
         server.add_service(background_service("upgrade watch", watch));
     }

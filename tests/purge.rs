@@ -983,3 +983,33 @@ async fn an_operator_drains_a_node_and_ends_the_drain() {
     assert_eq!(skua.stats().await["draining"], false);
     assert_eq!(skua.metric("skua_draining").await, 0.0);
 }
+
+/// A node drained for maintenance stays drained through a zero-downtime upgrade: the old
+/// process tells the new one, which answers `/readyz` 503 `draining` until `DELETE /drain`.
+/// Before, the new process came up ready, and the load balancer put the node back into
+/// rotation in the middle of the maintenance.
+#[tokio::test]
+async fn a_drain_outlives_a_zero_downtime_upgrade() {
+    let origin = Origin::start(tagged).await;
+    let mut skua = Skua::start(&[origin.addr], "").await;
+    let drain = format!("http://{}/drain", skua.admin);
+    let readyz = format!("http://{}/readyz", skua.admin);
+    let marked = ("skua-purge", "1");
+    assert_eq!(send(&client(), "POST", &drain, &[marked]).await.status, 200);
+    let new = skua.upgrade_in_place().await;
+    skua.adopt(new);
+    let ready = get(&readyz, &[]).await;
+    assert_eq!((ready.status, ready.text().as_str()), (503, "draining\n"));
+    assert_eq!(skua.stats().await["pid"], skua.pid());
+    assert_eq!(skua.metric("skua_draining").await, 1.0);
+    assert_eq!(
+        get(&skua.url("/a"), &[]).await.status,
+        200,
+        "still answering"
+    );
+    assert_eq!(
+        send(&client(), "DELETE", &drain, &[marked]).await.status,
+        200
+    );
+    assert_eq!(get(&readyz, &[]).await.status, 200);
+}

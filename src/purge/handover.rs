@@ -12,6 +12,11 @@
 //! `a_purge_taken_by_the_new_process_during_an_upgrade_reaches_the_old_one`). A relayed purge
 //! is never relayed again.
 //!
+//! The old process also says over the same socket whether an operator was draining it
+//! (`POST /drain`): the new one then drains too, rather than come up ready and be put back
+//! into a load balancer's rotation by the upgrade (regression test
+//! `a_drain_outlives_a_zero_downtime_upgrade`).
+//!
 //! It owns the sockets and the datagram's format; applying a purge is [`Purger`]'s.
 
 use std::io;
@@ -27,7 +32,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 
-use super::{Purge, PurgeResult, Purger, Scope, Source};
+use super::{Purge, PurgeResult, Purger, Readiness, Scope, Source};
 use crate::cache::key::CacheUrl;
 use crate::cache::PurgeMode;
 
@@ -50,8 +55,12 @@ pub fn old_socket_path(upgrade_sock: &Path) -> PathBuf {
 /// (`CLOSE_TIMEOUT` in pingora-core 0.9.1's `server/mod.rs`), before it drains.
 pub const OLD_PROCESS_ACCEPTS_FOR: Duration = Duration::from_secs(5);
 
+/// The `kind` of the datagram that says the old process was draining.
+const DRAINING: &str = "draining";
+
 /// One relayed purge (JSON): what it names, how, and when the old process accepted it, so that
-/// the new one keeps what it fetched after that.
+/// the new one keeps what it fetched after that; or, of kind [`DRAINING`], the old process's
+/// drain.
 #[derive(Debug, Serialize, Deserialize)]
 struct Relayed {
     kind: String,
@@ -173,6 +182,22 @@ impl Relay {
             }
         }
     }
+
+    /// Tells the process taking over that this one is being drained.
+    fn relay_draining(&self) {
+        let said = Relayed {
+            kind: DRAINING.into(),
+            targets: Vec::new(),
+            soft: false,
+            at_us: 0,
+        };
+        let sent = (serde_json::to_vec(&said).ok())
+            .zip(UnixDatagram::unbound().ok())
+            .map(|(datagram, socket)| socket.send_to(&datagram, &self.to_new));
+        if !matches!(sent, Some(Ok(_))) {
+            tracing::warn!(socket = %self.to_new.display(), "could not tell the process taking over that this one is draining: it starts ready");
+        }
+    }
 }
 
 /// Watches for SIGQUIT (pingora's signal to hand the listeners over), then relays purges,
@@ -180,6 +205,7 @@ impl Relay {
 pub struct HandoverWatch {
     pub relay: Arc<Relay>,
     pub purger: Purger,
+    pub readiness: Readiness,
 }
 
 #[async_trait]
@@ -196,12 +222,15 @@ impl BackgroundService for HandoverWatch {
         // Bound first: the new process may take a purge as soon as it has the listeners.
         let inbox = Inbox::bind_at(self.relay.to_old.clone());
         self.relay.handing_over.store(true, Ordering::Release);
+        if self.readiness.draining() {
+            self.relay.relay_draining();
+        }
         self.purger.store.hand_over();
         tracing::info!(socket = %self.relay.to_new.display(), "handing over: purges taken here are relayed to the new process");
         match inbox {
             // Read until the process exits: requests accepted before the drain began are still
             // answered after pingora's shutdown signal.
-            Ok(inbox) => apply_relayed(inbox, &self.purger, std::future::pending()).await,
+            Ok(inbox) => apply_relayed(inbox, &self.purger, None, std::future::pending()).await,
             Err(e) => {
                 tracing::warn!(error = %e, socket = %self.relay.to_old.display(), "cannot listen for the new process's purges: it serves them alone");
             }
@@ -238,6 +267,7 @@ impl Inbox {
 pub struct InboxService {
     pub inbox: Mutex<Option<Inbox>>,
     pub purger: Purger,
+    pub readiness: Readiness,
 }
 
 #[async_trait]
@@ -246,17 +276,19 @@ impl BackgroundService for InboxService {
         let Some(inbox) = self.inbox.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
-        apply_relayed(inbox, &self.purger, async move {
+        apply_relayed(inbox, &self.purger, Some(&self.readiness), async move {
             let _ = shutdown.changed().await;
         })
         .await;
     }
 }
 
-/// Applies the purges relayed to `inbox` until `until` completes.
+/// Applies the purges relayed to `inbox` until `until` completes; with `readiness` (the new
+/// process), drains this process when the old one says it was draining.
 async fn apply_relayed(
     inbox: Inbox,
     purger: &Purger,
+    readiness: Option<&Readiness>,
     until: impl std::future::Future<Output = ()>,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -299,7 +331,16 @@ async fn apply_relayed(
         tokio::select! {
             Some(datagram) = rx.recv() => {
                 let metrics = &purger.metrics;
-                match serde_json::from_slice::<Relayed>(&datagram).ok().and_then(|r| r.to_purge()) {
+                let relayed = serde_json::from_slice::<Relayed>(&datagram).ok();
+                if let (Some(readiness), Some(DRAINING)) =
+                    (readiness, relayed.as_ref().map(|r| r.kind.as_str()))
+                {
+                    readiness.set_draining(true);
+                    metrics.draining.set(1);
+                    tracing::warn!("the process handing over was draining: this one drains too (DELETE /drain on the admin port ends it)");
+                    continue;
+                }
+                match relayed.and_then(|r| r.to_purge()) {
                     Some(purge) => {
                         let affected = purger.apply(&purge).await;
                         super::count(metrics, Source::Handover, PurgeResult::applied(affected));

@@ -474,6 +474,12 @@ impl Skua {
         new
     }
 
+    /// Takes `new`, the process an upgrade started (the old one has exited), as this node's:
+    /// it is stopped with it, whether the test passes or fails.
+    pub fn adopt(&mut self, new: std::process::Child) {
+        self.child = new;
+    }
+
     /// Starts the new binary of a zero-downtime upgrade and sends this (old) one SIGQUIT: it
     /// hands over its listeners and drains the connections it has open, for up to its
     /// `shutdown_grace`. Returns the new process, listening on this one's addresses.
