@@ -1574,6 +1574,14 @@ impl ProxyHttp for CachingProxy {
         {
             return Ok(false);
         }
+        // RFC 9111 §5.2.1.7: nothing stored answers it, so "a 504 (Gateway Timeout)". A
+        // stale-while-revalidate refresh in the background is Skua's own request, not it.
+        if ctx.asks.only_if_cached && session.subrequest_ctx.is_none() {
+            ctx.internal = true;
+            let line = "skua: not in the cache, and the request asked for a cached answer only (only-if-cached)";
+            respond::text(&self.shared.name, session, 504, line).await?;
+            return Ok(false);
+        }
         // A rule's `rate_limit` with `origin_only`: this request is a miss or a pass, and
         // takes from its client's bucket now (hits and requests served by another's fetch
         // took nothing).
@@ -1582,14 +1590,6 @@ impl ProxyHttp for CachingProxy {
                 self.rate_limited(session, ctx, wait).await?;
                 return Ok(false);
             }
-        }
-        // RFC 9111 §5.2.1.7: nothing stored answers it, so "a 504 (Gateway Timeout)". A
-        // stale-while-revalidate refresh in the background is Skua's own request, not it.
-        if ctx.asks.only_if_cached && session.subrequest_ctx.is_none() {
-            ctx.internal = true;
-            let line = "skua: not in the cache, and the request asked for a cached answer only (only-if-cached)";
-            respond::text(&self.shared.name, session, 504, line).await?;
-            return Ok(false);
         }
         Ok(true)
     }

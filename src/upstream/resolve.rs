@@ -52,8 +52,7 @@ pub fn unresolved(pools: &[OriginPool]) -> Vec<String> {
 }
 
 fn system_lookup(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
-    // A name is looked up as a name: `(host, port)` would read "10.0.0.1" as an address, but
-    // the configuration took every address as one already.
+    // Only names come here: the configuration took every literal address as one already.
     (host, port).to_socket_addrs().map(Iterator::collect)
 }
 
