@@ -231,6 +231,20 @@ async fn each_pools_origins_are_counted_by_state() {
     assert_eq!(skua.metric(&series("up")).await, 1.0);
     assert_eq!(skua.metric(&series("resting")).await, 0.0);
     assert_eq!(skua.metric(&series("down")).await, 1.0);
+    // `/stats` says the same of each origin.
+    let stats = skua.stats().await;
+    let state_of = |addr: std::net::SocketAddr| {
+        let origins = stats["origins"].as_array().cloned().unwrap_or_default();
+        (origins.iter())
+            .find(|o| o["address"] == addr.to_string())
+            .map(|o| o["state"].clone())
+    };
+    assert_eq!(
+        state_of(origin.addr),
+        Some(serde_json::json!("up")),
+        "{stats}"
+    );
+    assert_eq!(state_of(dead), Some(serde_json::json!("down")), "{stats}");
 }
 
 /// `skua purge --htcp` refuses what is not an absolute URL instead of sending a packet that

@@ -145,7 +145,8 @@ impl Admin {
             .iter()
             .flat_map(|p| {
                 p.health().into_iter().map(move |o| {
-                    json!({"pool": &*p.name, "address": o.address, "healthy": o.healthy, "resting": o.resting})
+                    let state = OriginState::of(o.healthy, o.resting).as_str();
+                    json!({"pool": &*p.name, "address": o.address, "healthy": o.healthy, "resting": o.resting, "state": state})
                 })
             })
             .collect();
