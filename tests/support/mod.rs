@@ -319,6 +319,43 @@ pub const NOFILE_LINE: &str = "# nofile ";
 pub const DUAL_STACK: &str = "# listen dual-stack";
 const LOG_FILE: &str = "skua.log";
 
+/// The new process of a zero-downtime upgrade, stopped when dropped, so that a test that fails
+/// before it stops the process leaves none running (one that holds the test run's output open
+/// keeps whatever reads it waiting).
+pub struct Upgraded(Option<Child>);
+
+impl Upgraded {
+    pub fn into_child(mut self) -> Child {
+        self.0.take().expect("an upgrade's process, not yet taken")
+    }
+}
+
+impl std::ops::Deref for Upgraded {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0
+            .as_ref()
+            .expect("an upgrade's process, not yet taken")
+    }
+}
+
+impl std::ops::DerefMut for Upgraded {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0
+            .as_mut()
+            .expect("an upgrade's process, not yet taken")
+    }
+}
+
+impl Drop for Upgraded {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// The real `skua serve` process.
 pub struct Skua {
     pub addr: SocketAddr,
@@ -464,7 +501,7 @@ impl Skua {
 
     /// A zero-downtime upgrade (`skua serve --upgrade` on this process's config, then SIGQUIT
     /// here): returns the new process once this one has drained and exited.
-    pub async fn upgrade_in_place(&mut self) -> std::process::Child {
+    pub async fn upgrade_in_place(&mut self) -> Upgraded {
         let new = self.hand_over().await;
         let deadline = Instant::now() + Duration::from_secs(15);
         while self.alive() && Instant::now() < deadline {
@@ -476,20 +513,22 @@ impl Skua {
 
     /// Takes `new`, the process an upgrade started (the old one has exited), as this node's:
     /// it is stopped with it, whether the test passes or fails.
-    pub fn adopt(&mut self, new: std::process::Child) {
-        self.child = new;
+    pub fn adopt(&mut self, new: Upgraded) {
+        self.child = new.into_child();
     }
 
     /// Starts the new binary of a zero-downtime upgrade and sends this (old) one SIGQUIT: it
     /// hands over its listeners and drains the connections it has open, for up to its
     /// `shutdown_grace`. Returns the new process, listening on this one's addresses.
-    pub async fn hand_over(&mut self) -> std::process::Child {
+    pub async fn hand_over(&mut self) -> Upgraded {
         // The new binary waits on the upgrade socket for the old one's listeners.
-        let new = Command::new(skua_bin())
-            .args(["serve", "--upgrade", "--config"])
-            .arg(self.config_path())
-            .spawn()
-            .unwrap();
+        let new = Upgraded(Some(
+            Command::new(skua_bin())
+                .args(["serve", "--upgrade", "--config"])
+                .arg(self.config_path())
+                .spawn()
+                .unwrap(),
+        ));
         let upgrade_sock = self.dir.path().join("upgrade.sock");
         wait_until("the new process listens on the upgrade socket", || {
             upgrade_sock.exists()
