@@ -83,6 +83,8 @@ impl Admin {
             .catch_up("memory", "size", evicted(&mem.counters.evicted_size));
         m.evictions
             .catch_up("memory", "expired", evicted(&mem.counters.evicted_expired));
+        // From the one flag every drain sets (`POST /drain`, or the process handing over).
+        m.draining.set(i64::from(self.node.readiness.draining()));
         // Every pool's series, zeros included (a pool whose origins are all down, or whose
         // name resolves to nothing yet, shows `up` 0), and none of a pool a reload removed.
         m.origins.reset();
@@ -274,7 +276,6 @@ impl Admin {
             return refused;
         }
         self.node.readiness.set_draining(on);
-        self.node.metrics.draining.set(i64::from(on));
         tracing::warn!(
             draining = on,
             "an operator {} draining",

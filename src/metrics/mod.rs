@@ -172,7 +172,8 @@ pub struct Metrics {
     pub build_info: IntGauge,
     /// 1 while the HTCP receiver's socket is bound; 0 when it is not (or HTCP is off).
     pub htcp_listening: IntGauge,
-    /// 1 while an operator drains this node (`POST /drain` on the admin port), else 0.
+    /// 1 while this node drains (`POST /drain`, or an upgrade from a draining process), else 0;
+    /// read from the readiness flag at each scrape.
     pub draining: IntGauge,
     pub htcp_dropped: IntCounter,
     /// SIGHUP reloads: `applied` (the new configuration runs) and `rejected` (the old one stays).

@@ -336,7 +336,6 @@ async fn apply_relayed(
                     (readiness, relayed.as_ref().map(|r| r.kind.as_str()))
                 {
                     readiness.set_draining(true);
-                    metrics.draining.set(1);
                     tracing::warn!("the process handing over was draining: this one drains too (DELETE /drain on the admin port ends it)");
                     continue;
                 }
