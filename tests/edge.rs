@@ -219,6 +219,15 @@ async fn poisoning_headers_never_reach_the_origin() {
         ("x-http-method-override", "DELETE"),
         ("x_forwarded_for", "6.6.6.6"),
         ("skua_soft_purge", "1"),
+        // Regression: a client's claim of its own address reached the origin.
+        ("x-real-ip", "6.6.6.6"),
+        ("x-client-ip", "6.6.6.6"),
+        ("client-ip", "6.6.6.6"),
+        ("x-cluster-client-ip", "6.6.6.6"),
+        ("true-client-ip", "6.6.6.6"),
+        ("cf-connecting-ip", "6.6.6.6"),
+        ("fastly-client-ip", "6.6.6.6"),
+        ("x_real_ip", "6.6.6.6"),
         // Not a poisoning header: the positive control that headers do get through.
         ("x-wiki-client", "kept"),
     ];
@@ -249,10 +258,12 @@ async fn trusted_proxy_keeps_its_forwarding_headers() {
         &[
             ("x-forwarded-for", "203.0.113.9"),
             ("x-forwarded-proto", "https"),
+            ("x-real-ip", "203.0.113.9"),
         ],
     )
     .await;
     let seen = &origin.requests("/via-lb")[0];
+    assert_eq!(seen.header("x-real-ip"), Some("203.0.113.9"));
     assert_eq!(
         seen.header("x-forwarded-for"),
         Some("203.0.113.9, 127.0.0.1")

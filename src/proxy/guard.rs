@@ -162,8 +162,22 @@ pub const UNTRUSTED_HEADERS: [&str; 13] = [
     "proxy-authorization",
 ];
 
-/// Headers only a trusted proxy in front of Skua may set.
-const PROXY_HEADERS: [&str; 2] = ["x-forwarded-for", "x-forwarded-proto"];
+/// Headers only a trusted proxy in front of Skua may set: the client's scheme, and its address
+/// under every name an origin or a web server in front of it may read it by (nginx's
+/// `real_ip_header`, PHP applications' `HTTP_X_REAL_IP`, CDNs' own names). Regression: a
+/// client's `X-Real-IP: 9.9.9.9` reached the origin as the client's address, past IP blocks
+/// and rate limits that trust the proxy in front.
+const PROXY_HEADERS: [&str; 9] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "x-client-ip",
+    "client-ip",
+    "x-cluster-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+];
 
 /// Request headers that control Skua itself (purge modes); meaningless on anything but a
 /// PURGE and never sent on to an origin.
@@ -449,15 +463,21 @@ mod tests {
             ("proxy", "http://evil:8080"),
             ("forwarded", "host=evil"),
             ("x-forwarded-for", "1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("true-client-ip", "1.2.3.4"),
             ("skua-soft-purge", "1"),
             ("accept", "text/html"),
         ]);
         strip(&mut r, &[], false);
         let left: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["accept"]);
-        let mut r = req(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-host", "e")]);
+        let mut r = req(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("x-forwarded-host", "e"),
+        ]);
         strip(&mut r, &[], true);
         let left: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, vec!["x-forwarded-for"]);
+        assert_eq!(left, vec!["x-forwarded-for", "x-real-ip"]);
     }
 }
