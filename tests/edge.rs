@@ -244,6 +244,71 @@ async fn poisoning_headers_never_reach_the_origin() {
     assert_eq!(seen[0].header("x-forwarded-for"), Some("127.0.0.1"));
 }
 
+/// Regression: `GET /page` with a body (a "fat GET") had the body sent to the origin and the
+/// answer to it stored for every reader of the URL. RFC 9110 §9.3.1: a GET's content "cannot
+/// alter the meaning or target of the request"; what may be stored is asked for without it,
+/// and the connection goes on after the body (it was read, not left in the stream). A request
+/// whose answer is never stored (here one with credentials) keeps its body.
+#[tokio::test]
+async fn a_get_body_never_shapes_an_answer_that_is_stored() {
+    let origin = Origin::start(|seen| {
+        Reply::ok(format!(
+            "body seen: {:?}",
+            String::from_utf8_lossy(&seen.body)
+        ))
+        .header("cache-control", "public, max-age=600")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let mut stream = TcpStream::connect(skua.addr).await.unwrap();
+    let framings = [
+        ("/fat/length", "Content-Length: 11\r\n\r\naction=evil"),
+        (
+            "/fat/chunked",
+            "Transfer-Encoding: chunked\r\n\r\nb\r\naction=evil\r\n0\r\n\r\n",
+        ),
+    ];
+    for (path, rest) in framings {
+        let answer = exchange(
+            &mut stream,
+            &format!("GET {path} HTTP/1.1\r\nHost: wiki.test\r\n{rest}"),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{path}: {answer}");
+        assert!(answer.contains("body seen: \"\""), "{path}: {answer}");
+        let seen = &origin.requests(path)[0];
+        assert!(seen.body.is_empty(), "{path}: the origin got a body");
+        assert_eq!(seen.header("content-length"), Some("0"), "{path}");
+        assert_eq!(seen.header("transfer-encoding"), None, "{path}");
+        // The next reader is served the answer to a request without a body, on the same
+        // connection: the body was read to its end, not left to be taken for a request.
+        let next = exchange(
+            &mut stream,
+            &format!("GET {path} HTTP/1.1\r\nHost: wiki.test\r\n\r\n"),
+        )
+        .await;
+        assert!(next.contains("x-cache-status: hit-front"), "{path}: {next}");
+        assert!(next.ends_with("body seen: \"\""), "{path}: {next}");
+    }
+
+    let passed = send(
+        &client(),
+        "GET",
+        &skua.url("/fat/credentials"),
+        &[("authorization", "Bearer t"), ("content-length", "0")],
+    )
+    .await;
+    assert_eq!(passed.status, 200);
+    let with_body = client()
+        .get(skua.url("/fat/credentials"))
+        .header("authorization", "Bearer t")
+        .body("q=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_body.text().await.unwrap(), "body seen: \"q=1\"");
+}
+
 #[tokio::test]
 async fn trusted_proxy_keeps_its_forwarding_headers() {
     let origin = cached_origin().await;

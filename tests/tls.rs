@@ -217,6 +217,14 @@ async fn https_serves_hits_over_http2_and_http11_and_keys_on_the_scheme() {
     assert_eq!(again.version(), reqwest::Version::HTTP_2);
     assert_eq!(again.headers()["x-cache-status"], "hit-front");
     assert_eq!(again.text().await.unwrap(), "proto https");
+    // An HTTP/2 GET's body (its DATA frames) is withheld from the origin as an HTTP/1.1 one's
+    // is (`edge::a_get_body_never_shapes_an_answer_that_is_stored`).
+    let fat = format!("https://en.wiki.test:{}/wiki/Fat", tls_port.number);
+    let resp = h2.get(&fat).body("action=evil").send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let seen = &origin.requests("/wiki/Fat")[0];
+    assert!(seen.body.is_empty(), "the origin got {:?}", seen.body);
 
     let before = skua.hit_paths().await;
     let h1 = https_client(&ca, &["en.wiki.test"], tls_addr)
@@ -288,6 +296,7 @@ async fn https_serves_hits_over_http2_and_http11_and_keys_on_the_scheme() {
     let expected = [
         ("https", "HTTP/2.0", "miss"),
         ("https", "HTTP/2.0", "hit-front"),
+        ("https", "HTTP/2.0", "miss"),
         ("https", "HTTP/1.1", "hit-front"),
         ("https", "HTTP/1.1", "miss"),
         ("https", "HTTP/1.1", "hit-front"),

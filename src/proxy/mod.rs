@@ -526,6 +526,8 @@ pub struct RequestCtx {
     /// The request body's limit (`[server] max_body_bytes`, or a rule's) and the bytes of it read
     /// so far.
     request_body: (Option<u64>, u64),
+    /// The body of a `GET` or `HEAD` whose answer may be stored is read and not sent on.
+    request_body_withheld: bool,
     /// When the request to the origin was sent (the last attempt).
     upstream_sent: Option<SystemTime>,
     /// The origin's status and how long its response header took.
@@ -1249,6 +1251,7 @@ impl ProxyHttp for CachingProxy {
             origin_permit: None,
             body_bytes: 0,
             request_body: (None, 0),
+            request_body_withheld: false,
             upstream_sent: None,
             origin_response: None,
             health: false,
@@ -1717,6 +1720,23 @@ impl ProxyHttp for CachingProxy {
             ctx.brotli_before_storing = compress.brotli && copy == vary::Encoding::Brotli;
             ctx.gzip_before_storing = compress.gzip;
         }
+        // RFC 9110 §9.3.1: content in a GET "has no generally defined semantics, cannot alter
+        // the meaning or target of the request". What may be stored for every reader of the
+        // URL is asked for without it: an origin that read a body would have its answer to one
+        // client's body served to all (a "fat GET" poisons the cache). `Content-Length: 0`,
+        // since pingora frames a request without either field as chunked when the client sent a
+        // body. Regression: `GET /page` with the body `action=evil` was stored with the answer
+        // to it.
+        let may_store = session.cache.enabled() || ctx.range_fetch;
+        if may_store
+            && matches!(session.req_header().method, Method::GET | Method::HEAD)
+            && !session.is_body_empty()
+        {
+            upstream.remove_header(&header::TRANSFER_ENCODING);
+            upstream.remove_header(&header::EXPECT);
+            upstream.insert_header(header::CONTENT_LENGTH, "0")?;
+            ctx.request_body_withheld = true;
+        }
         Ok(())
     }
 
@@ -1808,6 +1828,9 @@ impl ProxyHttp for CachingProxy {
                 )
                 .into_down());
             }
+        }
+        if ctx.request_body_withheld && body.is_some() {
+            *body = Some(Bytes::new());
         }
         Ok(())
     }
