@@ -309,6 +309,52 @@ async fn a_get_body_never_shapes_an_answer_that_is_stored() {
     assert_eq!(with_body.text().await.unwrap(), "body seen: \"q=1\"");
 }
 
+/// Regression: `Host: wiki.test.` (or `WIKI.test`, `wiki.test:80`) is the key of `wiki.test`
+/// (RFC 9110 §4.2.3) but reached the origin as the client spelled it; a name-based virtual
+/// host that does not match it (Apache answers with its first site) had its answer stored
+/// for every reader of `wiki.test`. The origin is asked in the key's spelling, on both paths
+/// a miss takes (the front door's fill; pingora's path for HTTP/1.0).
+#[tokio::test]
+async fn the_origin_is_asked_for_the_host_in_the_keys_spelling() {
+    let origin = Origin::start(|seen| {
+        Reply::ok(format!("site {}", seen.header("host").unwrap_or("-")))
+            .header("cache-control", "public, max-age=600")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let port = skua.addr.port();
+    for version in ["1.1", "1.0"] {
+        for (i, host) in [
+            "WIKI.test.".to_string(),
+            "wiki.test:80".to_string(),
+            format!("Wiki.Test.:{port}"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let path = format!("/host/{version}/{i}");
+            let answer = raw(
+                skua.addr,
+                &format!("GET {path} HTTP/{version}\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+            )
+            .await;
+            let expected = if i == 2 {
+                format!("wiki.test:{port}")
+            } else {
+                "wiki.test".to_string()
+            };
+            assert!(
+                answer.ends_with(&format!("site {expected}")),
+                "{host}: {answer}"
+            );
+            assert_eq!(
+                origin.requests(&path)[0].header("host"),
+                Some(expected.as_str())
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn trusted_proxy_keeps_its_forwarding_headers() {
     let origin = cached_origin().await;

@@ -517,7 +517,7 @@ impl super::fast::FrontDoor {
         let from_proxy = guard::trusted(&settings.trusted_proxies, client());
         let (request, forwarded_for) = upstream_request(
             &req,
-            url.path_and_query.as_str(),
+            (url.scheme, url.path_and_query.as_str()),
             settings,
             from_proxy,
             client(),
@@ -1176,7 +1176,7 @@ const HOP_BY_HOP_REQUEST: [header::HeaderName; 7] = [
 /// key names.
 fn upstream_request<F: RequestFields>(
     req: &FillRequest<'_, F>,
-    target: &str,
+    (scheme, target): (crate::cache::key::Scheme, &str),
     settings: &Settings,
     from_proxy: bool,
     client: Option<IpAddr>,
@@ -1215,6 +1215,18 @@ fn upstream_request<F: RequestFields>(
         if name == header::VIA {
             via_lines.push(f.value);
             continue;
+        }
+        if name == header::HOST {
+            // The host the key names, in its one spelling, as on pingora's path.
+            let sent = std::str::from_utf8(f.value)
+                .ok()
+                .and_then(|raw| crate::cache::key::normalize_host(scheme, raw).ok());
+            if let Some(host) = sent {
+                out.extend_from_slice(b"host: ");
+                out.extend_from_slice(host.as_bytes());
+                out.extend_from_slice(b"\r\n");
+                continue;
+            }
         }
         out.extend_from_slice(f.name.as_bytes());
         out.extend_from_slice(b": ");

@@ -1383,9 +1383,19 @@ impl ProxyHttp for CachingProxy {
         let absolute_form = guard::absolute_form_scheme(req.raw_path()).is_some();
         match CacheUrl::new(scheme, authority, path) {
             Ok(url) => {
+                // RFC 9110 §4.2.3: `WIKI.test`, `wiki.test.` and `wiki.test:80` are one host,
+                // and one key; the origin is asked for it in the key's spelling, so that what
+                // is stored is the answer for the host every reader gets. Regression: the
+                // origin was sent `Host: wiki.test.`, which a name-based virtual host does not
+                // match (Apache answers with its first site), and that answer was stored for
+                // `wiki.test`.
+                let respelled_host = (url.host != authority).then(|| url.host.clone());
                 let url = self.shared.canonical(url);
                 // Skua's one spelling of the target, or a rule's normalised query.
                 let target_normalised = url.path_and_query != path;
+                if let Some(host) = respelled_host {
+                    session.req_header_mut().insert_header(header::HOST, host)?;
+                }
                 if !settings.serves_host(&url.host) {
                     ctx.internal = true;
                     let line = format!("skua: this cache does not serve host {}", url.host_name());
