@@ -659,6 +659,64 @@ async fn connections_beyond_max_connections_get_503_and_free_places_are_reused()
     assert_eq!(origin.count("/more"), 1);
 }
 
+/// A connection to `to` from the local address `ip` (any of 127.0.0.0/8 on loopback).
+async fn connect_from(ip: &str, to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(ip.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// One client cannot take every place `max_connections` allows: past
+/// `max_connections_per_client` its next connection gets 503 while another client is served;
+/// a trusted proxy's connections (many clients behind one address) are not counted, and a
+/// closed connection gives its place back.
+#[tokio::test]
+async fn one_client_cannot_hold_more_than_max_connections_per_client() {
+    let origin = cached_origin().await;
+    let lines = "max_connections_per_client = 5\ntrusted_proxies = [\"127.0.0.3/32\"]";
+    let skua = Skua::start_tables(&[origin.addr], [lines, "", ""], "").await;
+    let request = "GET /held HTTP/1.1\r\nHost: wiki.test\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut stream = connect_from("127.0.0.1", skua.addr).await;
+        let answer = exchange(&mut stream, request).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(stream);
+    }
+    let mut sixth = connect_from("127.0.0.1", skua.addr).await;
+    let refused = exchange(&mut sixth, request).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(
+        refused.contains("too many connections from this client"),
+        "{refused}"
+    );
+    let counted = r#"skua_connections_refused_total{reason="max_connections_per_client"}"#;
+    assert_eq!(skua.metric(counted).await, 1.0);
+    // Another client is served meanwhile.
+    let mut other = connect_from("127.0.0.2", skua.addr).await;
+    assert!(exchange(&mut other, request)
+        .await
+        .starts_with("HTTP/1.1 200"));
+    // A trusted proxy speaks for many clients.
+    let mut behind_proxy = Vec::new();
+    for _ in 0..8 {
+        let mut stream = connect_from("127.0.0.3", skua.addr).await;
+        let answer = exchange(&mut stream, request).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        behind_proxy.push(stream);
+    }
+    // A closed connection gives its place back.
+    held.pop();
+    open_connections_reach(&skua, 4.0 + 1.0 + 8.0).await;
+    let mut again = connect_from("127.0.0.1", skua.addr).await;
+    assert!(exchange(&mut again, request)
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert_eq!(skua.metric(counted).await, 1.0);
+}
+
 async fn open_connections_reach(skua: &Skua, count: f64) {
     for _ in 0..100 {
         if skua.metric("skua_connections_open").await == count {

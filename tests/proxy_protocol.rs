@@ -401,3 +401,38 @@ async fn haproxy_in_front_names_the_client_in_each_of_its_modes() {
         ]
     );
 }
+
+/// On a PROXY protocol listener the client counted for `max_connections_per_client` is the
+/// one its header names, not the balancer (which holds every connection).
+#[tokio::test]
+async fn max_connections_per_client_counts_the_client_the_proxy_header_names() {
+    let origin = Origin::start(|_| Reply::ok("page").header("cache-control", "max-age=600")).await;
+    let (_skua, balanced, _port) = behind_balancer(
+        &origin,
+        "trusted_proxies = [\"127.0.0.1/32\"]\nmax_connections_per_client = 2",
+        "",
+    )
+    .await;
+    let open_for = |client: &'static str| async move {
+        let mut stream = tokio::net::TcpStream::connect(balanced).await.unwrap();
+        let mut bytes = v2_header(client.parse().unwrap(), &[]);
+        bytes.extend_from_slice(b"GET /held HTTP/1.1\r\nHost: wiki.test\r\n\r\n");
+        stream.write_all(&bytes).await.unwrap();
+        let mut head = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head))
+            .await
+            .unwrap()
+            .unwrap();
+        (stream, String::from_utf8_lossy(&head[..n]).into_owned())
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (stream, answer) = open_for("203.0.113.7:5000").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(stream);
+    }
+    let (_third, refused) = open_for("203.0.113.7:5001").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    let (_other, served) = open_for("203.0.113.8:5000").await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+}

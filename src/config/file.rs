@@ -224,6 +224,12 @@ pub struct ServerFile {
     pub send_timeout: String,
     /// Client connections open at once; the next is answered 503 and closed. Default 10000.
     pub max_connections: usize,
+    /// Connections one client (an IPv4 address, or an IPv6 /64) may hold open to the proxy's
+    /// listeners at once; the next is answered 503 and closed, so that one client cannot take
+    /// every place `max_connections` allows (nginx's `limit_conn`). Connections from
+    /// `trusted_proxies` are not counted, except on a PROXY protocol listener, where the
+    /// client its header names is. Default 1000; 0: no limit.
+    pub max_connections_per_client: usize,
     /// Request headers removed before a request goes to an origin, besides the built-in list
     /// (`X-Forwarded-Host`, `X-Original-URL`, `X-Rewrite-URL`, `Forwarded`, `Proxy`, ...).
     pub strip_headers: Vec<String>,
@@ -327,6 +333,7 @@ impl Default for ServerFile {
             header_timeout: "10s".into(),
             send_timeout: "60s".into(),
             max_connections: 10_000,
+            max_connections_per_client: 1000,
             server_timing: false,
             tls: None,
         }

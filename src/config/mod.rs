@@ -271,6 +271,9 @@ pub struct DiskConfig {
 pub struct ConnectionLimits {
     /// Connections open at once; the next one is answered 503 and closed.
     pub max_connections: usize,
+    /// Connections one client (an IPv4 address or an IPv6 /64) may hold open to the proxy's
+    /// listeners; `None`: no limit.
+    pub max_per_client: Option<usize>,
     /// How long a connection may wait for the first byte of its next request.
     pub idle_timeout: Duration,
     /// How long a request head may take from its first byte to its blank line.

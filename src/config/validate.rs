@@ -472,6 +472,8 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
         body_timeout,
         connections: ConnectionLimits {
             max_connections: s.max_connections,
+            max_per_client: (s.max_connections_per_client > 0)
+                .then_some(s.max_connections_per_client),
             idle_timeout: keepalive_timeout,
             header_timeout,
             send_timeout,

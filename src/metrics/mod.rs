@@ -32,6 +32,8 @@ pub struct BusMetrics {
 pub struct ConnectionMetrics {
     pub open: IntGauge,
     pub refused_max_connections: IntCounter,
+    /// A client already holding `max_connections_per_client` connections.
+    pub refused_max_connections_per_client: IntCounter,
     pub refused_header_timeout: IntCounter,
     pub refused_head_too_large: IntCounter,
     pub refused_bad_body_framing: IntCounter,
@@ -49,6 +51,7 @@ impl ConnectionMetrics {
         Ok(ConnectionMetrics {
             open: IntGauge::new("admin_connections_open", "admin port connections")?,
             refused_max_connections: counter("admin_refused_max_connections")?,
+            refused_max_connections_per_client: counter("admin_refused_per_client")?,
             refused_header_timeout: counter("admin_refused_header_timeout")?,
             refused_head_too_large: counter("admin_refused_head_too_large")?,
             refused_bad_body_framing: counter("admin_refused_bad_body_framing")?,
@@ -501,7 +504,7 @@ impl Metrics {
         let refused = IntCounterVec::new(
             Opts::new(
                 "skua_connections_refused_total",
-                "Client connections answered and closed before a request was served, by reason (max_connections, header_timeout, head_too_large, bad_body_framing, proxy_untrusted, bad_proxy_header).",
+                "Client connections answered and closed before a request was served, by reason (max_connections, max_connections_per_client, header_timeout, head_too_large, bad_body_framing, proxy_untrusted, bad_proxy_header).",
             ),
             &["reason"],
         )?;
@@ -509,6 +512,8 @@ impl Metrics {
         let connections = Arc::new(ConnectionMetrics {
             open: connections_open,
             refused_max_connections: refused.with_label_values(&["max_connections"]),
+            refused_max_connections_per_client: refused
+                .with_label_values(&["max_connections_per_client"]),
             refused_header_timeout: refused.with_label_values(&["header_timeout"]),
             refused_head_too_large: refused.with_label_values(&["head_too_large"]),
             refused_bad_body_framing: refused.with_label_values(&["bad_body_framing"]),

@@ -10,11 +10,12 @@
 //! close by wrapping pingora's per-connection entry point.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -51,6 +52,9 @@ const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Counts open connections; each is held by a [`OpenConnection`] until the connection closes.
 struct OpenConnections {
     count: AtomicUsize,
+    /// Open connections by client ([`crate::rules::rate::counted_as`]), for
+    /// `max_connections_per_client`; a client leaves the table with its last connection.
+    by_client: Mutex<HashMap<IpAddr, usize>>,
     metrics: Arc<ConnectionMetrics>,
 }
 
@@ -62,6 +66,39 @@ impl OpenConnections {
         }
         self.metrics.open.inc();
         Some(OpenConnection(self.clone()))
+    }
+
+    /// A place for one more connection of `client`, unless it holds `max` already.
+    fn claim_for(self: &Arc<Self>, client: IpAddr, max: usize) -> Option<ClientConnection> {
+        let client = crate::rules::rate::counted_as(client);
+        let mut by_client = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
+        let open = by_client.entry(client).or_insert(0);
+        if *open >= max {
+            return None;
+        }
+        *open += 1;
+        Some(ClientConnection {
+            open: self.clone(),
+            client,
+        })
+    }
+}
+
+/// One of a client's open connections; dropping it frees its place.
+struct ClientConnection {
+    open: Arc<OpenConnections>,
+    client: IpAddr,
+}
+
+impl Drop for ClientConnection {
+    fn drop(&mut self) {
+        let mut by_client = (self.open.by_client.lock()).unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = by_client.get_mut(&self.client) {
+            *open -= 1;
+            if *open == 0 {
+                by_client.remove(&self.client);
+            }
+        }
     }
 }
 
@@ -120,6 +157,7 @@ impl<A> ConnectionGate<A> {
             limits,
             open: Arc::new(OpenConnections {
                 count: AtomicUsize::new(0),
+                by_client: Mutex::new(HashMap::new()),
                 metrics: metrics.clone(),
             }),
             metrics,
@@ -155,6 +193,29 @@ impl<A> ConnectionGate<A> {
             tls,
             proxy_protocol,
         }
+    }
+
+    /// A place for `stream` among its client's connections (`max_connections_per_client`):
+    /// `Ok(None)` where none is counted (no limit, the admin port, a trusted proxy's
+    /// connection to a listener without the PROXY protocol), `Err` when the client has none
+    /// left.
+    fn claim_for_client(&self, stream: &Stream) -> Result<Option<ClientConnection>, ()> {
+        let (Some(max), Some(front)) = (self.limits.max_per_client, self.front.as_ref()) else {
+            return Ok(None);
+        };
+        let Some(client) = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(crate::purge::peer_ip))
+        else {
+            return Ok(None);
+        };
+        if !self.proxy_protocol
+            && super::guard::trusted(&front.state().settings.load().trusted_proxies, Some(client))
+        {
+            // Many clients behind one address, each judged by its forwarded address later.
+            return Ok(None);
+        }
+        self.open.claim_for(client, max).map(Some).ok_or(())
     }
 
     /// Reads the PROXY header that opens `stream`, from a trusted balancer only: the stream
@@ -233,10 +294,22 @@ where
             .await;
             return None;
         };
-        let (stream, tls_at_balancer) = if self.proxy_protocol {
+        let (mut stream, tls_at_balancer) = if self.proxy_protocol {
             Box::pin(self.behind_balancer(stream)).await?
         } else {
             (stream, false)
+        };
+        // After the PROXY header: its client is the one counted, not the balancer.
+        let Ok(_client_slot) = self.claim_for_client(&stream) else {
+            self.metrics.refused_max_connections_per_client.inc();
+            refuse(
+                &mut stream,
+                "503 Service Unavailable",
+                "too many connections from this client",
+                true,
+            )
+            .await;
+            return None;
         };
         let (mut stream, scheme) = match &self.tls {
             // Boxed, as is HTTP/2's: each is kilobytes of state that every plain HTTP/1

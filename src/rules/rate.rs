@@ -46,7 +46,7 @@ impl Limiter {
     /// there is.
     pub fn take(&self, rule: u16, client: IpAddr, limit: RateLimit) -> Option<Duration> {
         let now = Instant::now();
-        let bucket = self.buckets.get_with((rule, bucket_owner(client)), || {
+        let bucket = self.buckets.get_with((rule, counted_as(client)), || {
             Arc::new(Mutex::new(Bucket {
                 tokens: f64::from(limit.burst),
                 at: now,
@@ -68,12 +68,13 @@ impl Limiter {
     }
 }
 
-/// Whom a bucket is kept for: an IPv4 address, or the /64 an IPv6 address is in. A /64 is the
+/// Whom a client counts as, for a rate limit's bucket and for `max_connections_per_client`:
+/// an IPv4 address, or the /64 an IPv6 address is in. A /64 is the
 /// smallest network a host is given (RFC 4291 §2.5.4: unicast addresses have a 64-bit
 /// interface identifier; RFC 8981: a host picks temporary addresses in it at will), so a
 /// bucket per IPv6 address gave one client 2^64 buckets. An IPv4-mapped address (RFC 4291
 /// §2.5.5.2) is its IPv4 client.
-fn bucket_owner(client: IpAddr) -> IpAddr {
+pub fn counted_as(client: IpAddr) -> IpAddr {
     match client {
         IpAddr::V4(_) => client,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -141,7 +142,7 @@ mod tests {
 
     #[test]
     fn an_ipv6_client_is_its_64_and_a_mapped_address_its_ipv4_client() {
-        let owner = |a: &str| bucket_owner(a.parse().unwrap()).to_string();
+        let owner = |a: &str| counted_as(a.parse().unwrap()).to_string();
         assert_eq!(owner("2001:db8:1:2:a:b:c:d"), "2001:db8:1:2::");
         assert_eq!(owner("2001:db8:1:2::1"), "2001:db8:1:2::");
         assert_eq!(owner("2001:db8:1:3::1"), "2001:db8:1:3::");
