@@ -31,7 +31,7 @@ fn main() {
         let mut row = format!("{percent:>8}");
         for s in [0.8, 1.0, 1.2] {
             let bytes = (KEYS as f64 * percent / 100.0) as u64 * (OBJECT as u64 + 600);
-            let tier: &'static MemoryTier = Box::leak(Box::new(MemoryTier::new(bytes, None)));
+            let tier: &'static MemoryTier = Box::leak(Box::new(MemoryTier::new(bytes, 32, None)));
             let zipf = Zipf::new(KEYS, s).unwrap();
             let mut rng = StdRng::seed_from_u64(7);
             let mut hits = 0usize;

@@ -80,7 +80,7 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let tier: &'static MemoryTier = Box::leak(Box::new(MemoryTier::new(64 << 20, None)));
+    let tier: &'static MemoryTier = Box::leak(Box::new(MemoryTier::new(64 << 20, 32, None)));
     let now = SystemTime::now();
     let url = CacheUrl::new(Scheme::Http, "en.wikipedia.org", "/wiki/Main_Page").unwrap();
     let primary = url.primary_hash();

@@ -322,6 +322,7 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
     let store: &'static Store = Box::leak(Box::new(Store::new(
         config.cache.memory_size,
         config.cache.max_object_size,
+        config.cache.max_variants,
         disk,
         tags,
         config.cache.ttl_cap,

@@ -2190,3 +2190,36 @@ async fn a_requests_no_store_and_only_if_cached_are_honoured() {
     // Its 504 stored nothing either: the next reader fetches the page.
     assert_eq!(get(&skua.url("/wiki/B"), &[]).await.cache(), "miss");
 }
+
+/// Regression: a page with `Vary: User-Agent` kept a copy for every `User-Agent` sent, so
+/// one client inventing a new one per request grew the page's copies (and the search every
+/// hit on it makes) without bound. Past `[cache] max_variants` the oldest copy goes, except
+/// the first stored, through which the others are found.
+#[tokio::test]
+async fn a_url_keeps_at_most_max_variants_copies_and_replaces_the_oldest() {
+    let origin = Origin::start(|seen| {
+        Reply::ok(format!("for {}", seen.header("user-agent").unwrap_or("-")))
+            .header("cache-control", "max-age=600")
+            .header("vary", "User-Agent")
+    })
+    .await;
+    let skua = Skua::start_with(&[origin.addr], "max_variants = 3", "").await;
+    let url = skua.url("/wiki/Varies");
+    for n in 0..5 {
+        let agent = format!("agent-{n}");
+        let got = get(&url, &[("user-agent", &agent)]).await;
+        assert_eq!(got.text(), format!("for {agent}"));
+    }
+    assert_eq!(origin.count("/wiki/Varies"), 5);
+    for n in [0, 3, 4] {
+        let agent = format!("agent-{n}");
+        let got = get(&url, &[("user-agent", &agent)]).await;
+        assert!(got.cache().starts_with("hit"), "{agent}: {}", got.cache());
+        assert_eq!(got.text(), format!("for {agent}"));
+    }
+    let oldest = get(&url, &[("user-agent", "agent-1")]).await;
+    assert_eq!(oldest.cache(), "miss");
+    assert_eq!(origin.count("/wiki/Varies"), 6);
+    let displaced = r#"skua_cache_evictions_total{reason="variants",tier="memory"}"#;
+    assert_eq!(skua.metric(displaced).await, 3.0);
+}

@@ -83,6 +83,11 @@ impl Admin {
             .catch_up("memory", "size", evicted(&mem.counters.evicted_size));
         m.evictions
             .catch_up("memory", "expired", evicted(&mem.counters.evicted_expired));
+        m.evictions.catch_up(
+            "memory",
+            "variants",
+            evicted(&mem.counters.evicted_variants),
+        );
         // From the one flag every drain sets (`POST /drain`, or the process handing over).
         m.draining.set(i64::from(self.node.readiness.draining()));
         // Every pool's series, zeros included (a pool whose origins are all down, or whose
@@ -132,8 +137,11 @@ impl Admin {
                 m.tier_events
                     .catch_up("disk", event, value.load(Ordering::Relaxed));
             }
-            // The disk index evicts only for room (it has no time limit of its own).
+            // The disk index evicts for room and past `max_variants` (it has no time limit of
+            // its own).
             m.evictions.catch_up("disk", "size", evicted(&c.evictions));
+            m.evictions
+                .catch_up("disk", "variants", disk.displaced_variants());
         }
     }
 

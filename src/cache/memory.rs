@@ -146,18 +146,29 @@ impl Variants {
         self.objects().iter().find(|o| o.slot() == slot)
     }
 
-    fn with(&self, obj: Arc<StoredObject>) -> Variants {
+    /// The family with `obj` in its slot, newest last; when that makes more than `max`, the
+    /// oldest variants go (how many is returned). The primary slot stays: pingora finds a
+    /// URL's variants through it, and its provenance is their tombstone.
+    fn with(&self, obj: Arc<StoredObject>, max: usize) -> (Variants, usize) {
         let mut objects: Vec<_> = self
             .objects()
             .iter()
             .filter(|o| o.slot() != obj.slot())
             .cloned()
             .collect();
+        let over = (objects.len() + 1).saturating_sub(max.max(2));
+        let mut left = over;
+        objects.retain(|o| {
+            let goes = left > 0 && o.slot().is_some();
+            left -= usize::from(goes);
+            !goes
+        });
+        let displaced = over - left;
         if objects.is_empty() {
-            return Variants::One(obj);
+            return (Variants::One(obj), displaced);
         }
         objects.push(obj);
-        Variants::Many(objects.into())
+        (Variants::Many(objects.into()), displaced)
     }
 
     /// The family without one slot; `None` if nothing is left.
@@ -285,6 +296,8 @@ pub struct TierCounters {
     pub evicted_size: AtomicU64,
     /// Objects dropped once nothing could serve them any more (see [`Variants::useful_for`]).
     pub evicted_expired: AtomicU64,
+    /// A URL's oldest variants, replaced past `[cache] max_variants`.
+    pub evicted_variants: AtomicU64,
 }
 
 /// How long an object is kept past its freshness and stale windows when it has a validator
@@ -306,6 +319,8 @@ pub struct MemoryTier {
     /// stripe has not moved, so the reuse sees exactly what a new lookup would (a request
     /// that waited on another's fill sees the fill).
     changes: Box<[AtomicU64]>,
+    /// `[cache] max_variants`.
+    max_variants: usize,
 }
 
 /// Stripes of [`MemoryTier::changes`]: 32 KiB; two URLs in one stripe only cost an extra
@@ -314,7 +329,11 @@ const CHANGE_STRIPES: usize = 4096;
 
 impl MemoryTier {
     /// `tags`: told when a family leaves for space or age, so its tags can let go of it.
-    pub fn new(capacity_bytes: u64, tags: Option<&'static TagIndex>) -> MemoryTier {
+    pub fn new(
+        capacity_bytes: u64,
+        max_variants: usize,
+        tags: Option<&'static TagIndex>,
+    ) -> MemoryTier {
         let counters = Arc::new(TierCounters::default());
         let evictions = counters.clone();
         let families = Index::new(
@@ -342,6 +361,7 @@ impl MemoryTier {
             capacity: capacity_bytes,
             counters,
             changes: (0..CHANGE_STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            max_variants,
         }
     }
 
@@ -459,14 +479,22 @@ impl MemoryTier {
 
     /// [`Self::insert`] of an object already shared (a disk hit being served).
     pub fn insert_shared(&self, primary: HashBinary, obj: Arc<StoredObject>) {
+        let mut displaced = 0;
         self.families.compute(&primary, |old| {
             Op::Put(match old {
-                Some(family) => family.with(obj),
+                Some(family) => {
+                    let (family, gone) = family.with(obj, self.max_variants);
+                    displaced = gone;
+                    family
+                }
                 None => Variants::One(obj),
             })
         });
         self.changed(&primary);
         self.counters.stores.fetch_add(1, Ordering::Relaxed);
+        if displaced > 0 {
+            (self.counters.evicted_variants).fetch_add(displaced as u64, Ordering::Relaxed);
+        }
     }
 
     /// Whether any variant of `primary` is stored, fresh or not.
@@ -620,7 +648,7 @@ impl Storage for MemoryTier {
                     updated = true;
                     let fresh =
                         StoredObject::new(slot, StoredMeta::from_meta(meta), obj.body.clone());
-                    Op::Put(f.with(Arc::new(fresh)))
+                    Op::Put(f.with(Arc::new(fresh), self.max_variants).0)
                 }
                 None => Op::Nop,
             },
@@ -823,7 +851,7 @@ mod tests {
 
     #[test]
     fn variants_share_a_family_and_purge_together() {
-        let tier = MemoryTier::new(1 << 20, None);
+        let tier = MemoryTier::new(1 << 20, 32, None);
         let p = [1u8; 16];
         tier.insert(
             p,
@@ -846,11 +874,48 @@ mod tests {
         assert_eq!(tier.purge_all(&p), 0);
     }
 
+    /// Regression: a URL kept every variant its `Vary` made, each new one copying the list
+    /// and each hit searching it, so a client sending a new `User-Agent` per request to a
+    /// page with `Vary: User-Agent` grew one family without bound.
+    #[test]
+    fn a_url_keeps_at_most_max_variants_and_the_oldest_go_first() {
+        let tier = MemoryTier::new(1 << 20, 3, None);
+        let p = [1u8; 16];
+        // The primary slot (the first response, through which pingora finds the others)
+        // stays whatever goes.
+        tier.insert(
+            p,
+            StoredObject::new(None, revalidatable("v"), "first".into()),
+        );
+        for n in 0..4u8 {
+            let body = Bytes::from(vec![b'a' + n]);
+            tier.insert(
+                p,
+                StoredObject::new(Some([n; 16]), revalidatable("v"), body),
+            );
+        }
+        assert_eq!(tier.get(&p, None).unwrap().body, "first");
+        assert!(tier.get(&p, Some(&[0; 16])).is_none());
+        assert!(tier.get(&p, Some(&[1; 16])).is_none());
+        for n in 2..4u8 {
+            assert_eq!(tier.get(&p, Some(&[n; 16])).unwrap().body, vec![b'a' + n]);
+        }
+        assert_eq!(tier.object_count(), 3);
+        assert_eq!(tier.counters.evicted_variants.load(Ordering::Relaxed), 2);
+        // Storing a variant again replaces it in place: nothing else goes.
+        tier.insert(
+            p,
+            StoredObject::new(Some([2; 16]), revalidatable("v"), "c2".into()),
+        );
+        assert_eq!(tier.object_count(), 3);
+        assert_eq!(tier.get(&p, Some(&[2; 16])).unwrap().body, "c2");
+    }
+
     /// Within one request the lookup it made is read again, not repeated; any change to the
     /// URL since (a fill it waited on, a purge) makes the next read a real lookup.
     #[tokio::test]
     async fn a_request_rereads_its_lookup_until_the_url_changes() {
-        let tier: &'static MemoryTier = Box::leak(Box::new(MemoryTier::new(1 << 20, None)));
+        let tier: &'static MemoryTier = Box::leak(Box::new(MemoryTier::new(1 << 20, 32, None)));
         let (p, other) = ([1u8; 16], [9u8; 16]);
         let lookups = || tier.counters.lookups.load(Ordering::Relaxed);
         for_one_request(None, async {
@@ -883,7 +948,7 @@ mod tests {
 
     #[test]
     fn removing_one_variant_keeps_the_other_and_removing_both_drops_the_url() {
-        let tier = MemoryTier::new(1 << 20, None);
+        let tier = MemoryTier::new(1 << 20, 32, None);
         let p = [3u8; 16];
         let (a, b) = ([4u8; 16], [5u8; 16]);
         tier.insert(
@@ -1029,7 +1094,7 @@ mod tests {
 
     #[test]
     fn bound_holds() {
-        let tier = MemoryTier::new(1 << 20, None);
+        let tier = MemoryTier::new(1 << 20, 32, None);
         for i in 0..100u32 {
             let mut p = [0u8; 16];
             p[..4].copy_from_slice(&i.to_be_bytes());

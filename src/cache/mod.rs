@@ -81,12 +81,13 @@ impl Store {
     pub fn new(
         memory_bytes: u64,
         memory_max_object: usize,
+        max_variants: usize,
         disk: Option<&'static DiskTier>,
         tags: &'static TagIndex,
         ttl_cap: std::time::Duration,
     ) -> Store {
         Store {
-            memory: MemoryTier::new(memory_bytes, Some(tags)),
+            memory: MemoryTier::new(memory_bytes, max_variants, Some(tags)),
             disk,
             tags,
             invalidations: Invalidations::new(ttl_cap, disk.map(|d| d.config.path.join("bans"))),

@@ -536,6 +536,12 @@ pub struct CacheFile {
     /// reader's value with everyone. Requests that pass (`[cache.bypass]`) keep all their
     /// cookies. Default `[]`.
     pub vary_cookies: Vec<String>,
+    /// Most variants of one URL kept (a response's `Vary`: each distinct value of a header it
+    /// names is a copy); storing one more replaces the URL's oldest, so that a client sending
+    /// a new `User-Agent` or `Accept-Language` with every request cannot fill the tier with
+    /// copies of one page or make its hits search through them (Traffic Server's `max_alts`).
+    /// Default 32.
+    pub max_variants: usize,
     #[serde(default)]
     pub bypass: BypassFile,
     /// Hosts that name the same site, mapped to the one the cache key uses, e.g.
@@ -598,6 +604,7 @@ impl Default for CacheFile {
             invalidate_on_unsafe: "any".into(),
             downstream_cache_control: String::new(),
             vary_cookies: Vec::new(),
+            max_variants: 32,
             bypass: BypassFile::default(),
             host_aliases: Default::default(),
             disk: DiskFile::default(),

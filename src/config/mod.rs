@@ -203,6 +203,8 @@ pub struct CacheConfig {
     pub bypass_cookies: Vec<Regex>,
     /// `[cache] vary_cookies`: sorted cookie names, each a token.
     pub vary_cookies: Vec<String>,
+    /// `[cache] max_variants`: most variants of one URL kept, at least 2.
+    pub max_variants: usize,
     pub bypass_authorization: bool,
     pub invalidate_on_unsafe: UnsafeInvalidation,
     /// `[cache] downstream_cache_control`, when set.
@@ -264,6 +266,8 @@ pub struct DiskConfig {
     pub min_uses: u32,
     /// Without a purge bus: revalidate objects found at start before serving them.
     pub revalidate_after_restart: bool,
+    /// `[cache] max_variants`: most variants of one URL indexed.
+    pub max_variants: usize,
 }
 
 /// What bounds a client connection (`[server]` in the config).

@@ -874,6 +874,12 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
     if ttl_cap.is_zero() && c.errors.len() == reported {
         c.report(&at("ttl_cap"), "must be longer than zero");
     }
+    if k.max_variants < 2 {
+        c.report(
+            &at("max_variants"),
+            format!("must be at least 2, got {}", k.max_variants),
+        );
+    }
     let ttl_cap_404 = c.duration(&at("ttl_cap_404"), &k.ttl_cap_404);
     if !(0.0..=0.5).contains(&k.ttl_jitter) {
         c.report(
@@ -964,6 +970,7 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
             max_object_size: d.max_object_size,
             min_uses: d.min_uses.max(1),
             revalidate_after_restart,
+            max_variants: k.max_variants.max(2),
         })
     };
     let invalidate_on_unsafe = match k.invalidate_on_unsafe.as_str() {
@@ -1019,6 +1026,7 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
         lock_timeout,
         bypass_cookies,
         vary_cookies,
+        max_variants: k.max_variants.max(2),
         bypass_authorization: k.bypass.authorization,
         invalidate_on_unsafe,
         downstream_cache_control,

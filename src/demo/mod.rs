@@ -121,6 +121,7 @@ pub fn config(opts: &DemoOptions, certificate: &Certificate) -> Config {
         max_object_size: 64 << 20,
         min_uses: 1,
         revalidate_after_restart: true,
+        max_variants: config.cache.max_variants,
     });
     config.purge.htcp = Some(crate::config::HtcpConfig {
         listen: opts.htcp,

@@ -570,13 +570,13 @@ impl Metrics {
         let evictions = TierEvents(IntCounterVec::new(
             Opts::new(
                 "skua_cache_evictions_total",
-                "Objects evicted, by tier and reason (size: to make room; expired: past every freshness, stale and revalidation window).",
+                "Objects evicted, by tier and reason (size: to make room; expired: past every freshness, stale and revalidation window; variants: a URL's oldest variant, replaced past [cache] max_variants).",
             ),
             &["tier", "reason"],
         )?);
         registry.register(Box::new(evictions.0.clone()))?;
         for tier in ["memory", "disk"] {
-            for reason in ["size", "expired"] {
+            for reason in ["size", "expired", "variants"] {
                 evictions.catch_up(tier, reason, 0);
             }
         }

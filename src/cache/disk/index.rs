@@ -147,6 +147,11 @@ pub const SHARDS: usize = 64;
 pub struct Index {
     shards: Box<[Mutex<Shard>]>,
     count: AtomicU64,
+    /// `[cache] max_variants`: indexing one more variant of a URL that has this many lets
+    /// its oldest go (its record stays in its segment until the segment is evicted).
+    max_variants: usize,
+    /// Variants let go so.
+    pub displaced: AtomicU64,
 }
 
 /// One entry as a checkpoint keeps it.
@@ -159,14 +164,20 @@ pub struct Entry {
 
 impl Default for Index {
     fn default() -> Self {
-        Index {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            count: AtomicU64::new(0),
-        }
+        Index::new(32)
     }
 }
 
 impl Index {
+    pub fn new(max_variants: usize) -> Index {
+        Index {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            count: AtomicU64::new(0),
+            max_variants: max_variants.max(2),
+            displaced: AtomicU64::new(0),
+        }
+    }
+
     fn shard(&self, primary: u64) -> std::sync::MutexGuard<'_, Shard> {
         let shard = &self.shards[(primary >> 58) as usize % SHARDS];
         shard
@@ -252,7 +263,19 @@ impl Index {
         if current.is_none() {
             self.count.fetch_add(1, Ordering::Relaxed);
             if k != p {
-                shard.variants.entry(p).or_default().push(k);
+                let keys = shard.variants.entry(p).or_default();
+                keys.push(k);
+                // The primary slot counts among them and stays: the others are found
+                // through it.
+                let primary_slot = usize::from(shard.objects.contains_key(&p));
+                let over = (keys.len() + primary_slot).saturating_sub(self.max_variants);
+                let oldest: Vec<u64> = keys.drain(..over.min(keys.len())).collect();
+                for old in oldest {
+                    if shard.objects.remove(&old).is_some() {
+                        self.count.fetch_sub(1, Ordering::Relaxed);
+                        self.displaced.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
     }
@@ -413,6 +436,32 @@ mod tests {
         h[0] = n;
         h[7] = n.wrapping_mul(31);
         h
+    }
+
+    /// As the memory tier: a URL's variants are bounded, the oldest indexed going first.
+    #[test]
+    fn a_url_keeps_at_most_max_variants_on_disk() {
+        let index = Index::new(4);
+        let url = hash(1);
+        index.insert(&url, None, Loc::new(1, 1000, 10), None);
+        for n in 0..5u8 {
+            index.insert(
+                &url,
+                Some(&hash(10 + n)),
+                Loc::new(1, u32::from(n) * 16, 10),
+                None,
+            );
+        }
+        assert_eq!(index.get(&url, Some(&hash(10))), None);
+        assert_eq!(index.get(&url, Some(&hash(11))), None);
+        for n in 2..5u8 {
+            assert!(index.get(&url, Some(&hash(10 + n))).is_some());
+        }
+        assert!(index.get(&url, None).is_some(), "the primary slot stays");
+        assert_eq!(index.count(), 4);
+        assert_eq!(index.displaced.load(Ordering::Relaxed), 2);
+        assert_eq!(index.remove_all(&url, u64::MAX).len(), 4);
+        assert_eq!(index.count(), 0);
     }
 
     #[test]

@@ -148,10 +148,11 @@ impl DiskTier {
             .and_then(|ms| ms.parse().ok())
             .map(Duration::from_millis);
         let ghosts = admission::Ghosts::for_size(config.size);
+        let index = Index::new(config.max_variants);
         let tier: &'static DiskTier = Box::leak(Box::new(DiskTier {
             config,
             counters: Arc::new(DiskCounters::default()),
-            index: Index::default(),
+            index,
             segments,
             jobs,
             segment_size,
@@ -196,6 +197,11 @@ impl DiskTier {
     /// The tags of the objects on disk are indexed too.
     pub fn tags_loaded(&self) -> bool {
         self.tags_loaded.load(Ordering::Acquire)
+    }
+
+    /// Variants let go past `[cache] max_variants`.
+    pub fn displaced_variants(&self) -> u64 {
+        self.index.displaced.load(Ordering::Relaxed)
     }
 
     pub fn object_count(&self) -> u64 {
