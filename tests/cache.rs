@@ -2223,3 +2223,31 @@ async fn a_url_keeps_at_most_max_variants_copies_and_replaces_the_oldest() {
     let displaced = r#"skua_cache_evictions_total{reason="variants",tier="memory"}"#;
     assert_eq!(skua.metric(displaced).await, 3.0);
 }
+
+/// Regression: `Cache-Control: private, max-age=300` with a second line
+/// `Cache-Control: private="Set-Cookie"` (a framework's and a middleware's) was read as the
+/// second line alone (the last occurrence wins in pingora's parser), and one reader's private
+/// page was stored and served to the next (RFC 9111 §5.2.2.7: unqualified `private` on any
+/// line). And `max-age=0` then `max-age=600` was fresh for ten minutes; conflicting lifetimes
+/// leave a response stale (§4.2.1).
+#[tokio::test]
+async fn a_second_cache_control_line_does_not_undo_the_first() {
+    let origin = Origin::start(|seen| {
+        let reply = Reply::ok(format!("for {}", seen.header("x-reader").unwrap_or("-")));
+        match seen.path.as_str() {
+            "/private" => reply
+                .header("cache-control", "private, max-age=300")
+                .header("cache-control", "private=\"Set-Cookie\""),
+            _ => reply.header("cache-control", "max-age=0, max-age=600"),
+        }
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for path in ["/private", "/conflicting"] {
+        for reader in ["alice", "bob"] {
+            let got = get(&skua.url(path), &[("x-reader", reader)]).await;
+            assert_eq!(got.text(), format!("for {reader}"), "{path}");
+        }
+        assert_eq!(origin.count(path), 2, "{path}");
+    }
+}

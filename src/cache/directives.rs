@@ -1,8 +1,12 @@
 //! The response directives of `Cache-Control` and `CDN-Cache-Control` (RFC 9111 §5.2.2,
 //! RFC 9213) that the storage policy reads, parsed in one pass over the field lines without
-//! allocating. It reads exactly what pingora's `CacheControl` parser reads (the same lenient
-//! grammar, the same "last occurrence wins"), which a test checks on thousands of values; that
-//! parser runs a regular expression and fills a map per response, about 6 µs of every miss.
+//! allocating (but for the rare field list of a qualified `private` or `no-cache`). It reads
+//! the grammar as pingora's `CacheControl` parser does (leniently), which a test checks on
+//! thousands of values; that parser runs a regular expression and fills a map per response,
+//! about 6 µs of every miss. Where a directive appears more than once it differs from
+//! pingora's "last occurrence wins", which let a second line undo the first: an unqualified
+//! `private` or `no-cache` holds whatever else is said, qualified ones name every field any
+//! of them lists, and conflicting lifetimes leave the response stale (RFC 9111 §4.2.1).
 //! What the directives mean is decided in `policy.rs`.
 
 use http::header::{GetAll, HeaderName, HeaderValue};
@@ -49,24 +53,101 @@ impl RequestAsks {
     }
 }
 
-/// One directive as last seen: absent, present without a value, or present with one (a
-/// token, or a quoted-string with its quotes).
-type Seen<'a> = Option<Option<&'a [u8]>>;
+/// Whether a directive without a meaningful value was seen.
+type Seen = bool;
+
+/// A delta-seconds directive (`max-age`, `s-maxage`, `stale-while-revalidate`,
+/// `stale-if-error`) over all its occurrences.
+#[derive(Debug, Default, Clone, Copy)]
+struct Delta {
+    seen: bool,
+    /// The first occurrence's value (`None`: it had no valid one).
+    first: Option<u32>,
+    /// The least valid value of all occurrences.
+    least: Option<u32>,
+    /// Some occurrence's value differs from the first's.
+    conflicting: bool,
+}
+
+impl Delta {
+    fn add(&mut self, value: Option<&[u8]>) {
+        let value = value.and_then(delta_seconds);
+        if !self.seen {
+            *self = Delta {
+                seen: true,
+                first: value,
+                least: value,
+                conflicting: false,
+            };
+            return;
+        }
+        self.conflicting |= value != self.first;
+        self.least = match (self.least, value) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// A lifetime (`max-age`, `s-maxage`). RFC 9111 §4.2.1: "When there is more than one
+    /// value present for a given directive (e.g., two Expires header field lines or multiple
+    /// Cache-Control: max-age directives), either the first occurrence should be used or the
+    /// response should be considered stale." Conflicting values: stale.
+    fn lifetime(self) -> Option<u32> {
+        if self.conflicting {
+            return Some(0);
+        }
+        self.first
+    }
+
+    /// A window past freshness (`stale-while-revalidate`, `stale-if-error`): of conflicting
+    /// values, the shortest.
+    fn window(self) -> Option<u32> {
+        if self.conflicting {
+            return self.least;
+        }
+        self.first
+    }
+}
+
+/// `private` or `no-cache` over all occurrences: unqualified anywhere, or the field names
+/// qualified ones list (RFC 9111 §5.2.2.4, §5.2.2.7).
+#[derive(Debug, Default)]
+struct Listed<'a> {
+    whole: bool,
+    /// Each qualified occurrence's value, with its quotes.
+    lists: Vec<&'a [u8]>,
+}
+
+impl<'a> Listed<'a> {
+    fn add(&mut self, value: Option<&'a [u8]>) {
+        match value {
+            None => self.whole = true,
+            Some(list) => self.lists.push(list),
+        }
+    }
+}
 
 /// The directives of one field (all its lines), as far as the storage policy asks.
 #[derive(Debug, Default)]
 pub struct Directives<'a> {
-    max_age: Seen<'a>,
-    s_maxage: Seen<'a>,
-    stale_while_revalidate: Seen<'a>,
-    stale_if_error: Seen<'a>,
-    no_cache: Seen<'a>,
-    no_store: Seen<'a>,
-    private: Seen<'a>,
-    public: Seen<'a>,
-    must_revalidate: Seen<'a>,
-    proxy_revalidate: Seen<'a>,
-    no_transform: Seen<'a>,
+    max_age: Delta,
+    s_maxage: Delta,
+    stale_while_revalidate: Delta,
+    stale_if_error: Delta,
+    no_cache: Listed<'a>,
+    private: Listed<'a>,
+    no_store: Seen,
+    public: Seen,
+    must_revalidate: Seen,
+    proxy_revalidate: Seen,
+    no_transform: Seen,
+}
+
+/// Where a directive of [`Directives`] is kept.
+enum Slot<'s, 'a> {
+    Delta(&'s mut Delta),
+    Listed(&'s mut Listed<'a>),
+    Seen(&'s mut Seen),
 }
 
 impl<'a> Directives<'a> {
@@ -82,87 +163,92 @@ impl<'a> Directives<'a> {
         let mut found = Directives::default();
         for line in lines {
             for (key, value) in Scan::new(line.as_bytes()) {
-                let Some(slot) = found.slot(key) else {
-                    continue;
-                };
-                *slot = Some(value);
+                match found.slot(key) {
+                    Some(Slot::Delta(delta)) => delta.add(value),
+                    Some(Slot::Listed(listed)) => listed.add(value),
+                    Some(Slot::Seen(seen)) => *seen = true,
+                    None => {}
+                }
             }
         }
         found
     }
 
-    fn slot(&mut self, key: &[u8]) -> Option<&mut Seen<'a>> {
+    fn slot(&mut self, key: &[u8]) -> Option<Slot<'_, 'a>> {
         let named = |name: &str| key.eq_ignore_ascii_case(name.as_bytes());
         Some(match key.len() {
-            7 if named("max-age") => &mut self.max_age,
-            8 if named("s-maxage") => &mut self.s_maxage,
-            22 if named("stale-while-revalidate") => &mut self.stale_while_revalidate,
-            14 if named("stale-if-error") => &mut self.stale_if_error,
-            8 if named("no-cache") => &mut self.no_cache,
-            8 if named("no-store") => &mut self.no_store,
-            7 if named("private") => &mut self.private,
-            6 if named("public") => &mut self.public,
-            15 if named("must-revalidate") => &mut self.must_revalidate,
-            16 if named("proxy-revalidate") => &mut self.proxy_revalidate,
-            12 if named("no-transform") => &mut self.no_transform,
+            7 if named("max-age") => Slot::Delta(&mut self.max_age),
+            8 if named("s-maxage") => Slot::Delta(&mut self.s_maxage),
+            22 if named("stale-while-revalidate") => Slot::Delta(&mut self.stale_while_revalidate),
+            14 if named("stale-if-error") => Slot::Delta(&mut self.stale_if_error),
+            8 if named("no-cache") => Slot::Listed(&mut self.no_cache),
+            8 if named("no-store") => Slot::Seen(&mut self.no_store),
+            7 if named("private") => Slot::Listed(&mut self.private),
+            6 if named("public") => Slot::Seen(&mut self.public),
+            15 if named("must-revalidate") => Slot::Seen(&mut self.must_revalidate),
+            16 if named("proxy-revalidate") => Slot::Seen(&mut self.proxy_revalidate),
+            12 if named("no-transform") => Slot::Seen(&mut self.no_transform),
             _ => return None,
         })
     }
 
     pub fn no_store(&self) -> bool {
-        self.no_store.is_some()
+        self.no_store
     }
 
-    /// `private` without field names: the whole response is private (RFC 9111 §5.2.2.7).
+    /// `private` without field names, on any line: the whole response is private (RFC 9111
+    /// §5.2.2.7), whatever a qualified `private` elsewhere lists. Regression: `private` and,
+    /// on a second line, `private="Set-Cookie"` read as the second alone, and one reader's
+    /// private page was stored for everyone.
     pub fn private(&self) -> bool {
-        self.private == Some(None)
+        self.private.whole
     }
 
-    /// `no-cache` without field names (RFC 9111 §5.2.2.4).
+    /// `no-cache` without field names, on any line (RFC 9111 §5.2.2.4).
     pub fn no_cache(&self) -> bool {
-        self.no_cache == Some(None)
+        self.no_cache.whole
     }
 
     pub fn public(&self) -> bool {
-        self.public.is_some()
+        self.public
     }
 
     pub fn must_revalidate(&self) -> bool {
-        self.must_revalidate.is_some()
+        self.must_revalidate
     }
 
     pub fn proxy_revalidate(&self) -> bool {
-        self.proxy_revalidate.is_some()
+        self.proxy_revalidate
     }
 
     pub fn no_transform(&self) -> bool {
-        self.no_transform.is_some()
+        self.no_transform
     }
 
     /// The `s-maxage` lifetime, when it has a valid value.
     pub fn s_maxage(&self) -> Option<u32> {
-        delta_seconds(self.s_maxage)
+        self.s_maxage.lifetime()
     }
 
     pub fn max_age(&self) -> Option<u32> {
-        delta_seconds(self.max_age)
+        self.max_age.lifetime()
     }
 
     pub fn stale_while_revalidate(&self) -> Option<u32> {
-        delta_seconds(self.stale_while_revalidate)
+        self.stale_while_revalidate.window()
     }
 
     pub fn stale_if_error(&self) -> Option<u32> {
-        delta_seconds(self.stale_if_error)
+        self.stale_if_error.window()
     }
 
-    /// The fields that `private="…"` and `no-cache="…"` name, which a shared cache "MUST NOT
-    /// store" (RFC 9111 §5.2.2.7); `no-cache`'s are treated alike (§5.2.2.4 only forbids
-    /// reusing them unvalidated). Empty, and not allocated, for almost every response.
+    /// The fields that `private="…"` and `no-cache="…"` name, every occurrence's, which a
+    /// shared cache "MUST NOT store" (RFC 9111 §5.2.2.7); `no-cache`'s are treated alike
+    /// (§5.2.2.4 only forbids reusing them unvalidated). Empty, and not allocated, for almost
+    /// every response.
     pub fn listed_fields(&self) -> Vec<HeaderName> {
         let mut names = Vec::new();
-        for listed in [self.private, self.no_cache] {
-            let Some(Some(value)) = listed else { continue };
+        for value in self.private.lists.iter().chain(&self.no_cache.lists) {
             for name in unquoted(value).split(|b| *b == b',') {
                 if let Ok(name) = HeaderName::from_bytes(name.trim_ascii()) {
                     names.push(name);
@@ -182,8 +268,8 @@ fn unquoted(value: &[u8]) -> &[u8] {
 }
 
 /// RFC 9111 §1.2.2 delta-seconds; quotes are tolerated, an invalid value is no value.
-fn delta_seconds(seen: Seen<'_>) -> Option<u32> {
-    let text = std::str::from_utf8(unquoted(seen??)).ok()?;
+fn delta_seconds(value: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(unquoted(value)).ok()?;
     match text.parse::<u32>() {
         Ok(seconds) => Some(seconds),
         Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => Some(DELTA_SECONDS_OVERFLOW),
@@ -400,9 +486,6 @@ mod tests {
             &[b"private=\"set-cookie, a\""],
             &[b"no-cache=\"b\", max-age=5"],
             &[b"no-cache", b"max-age=5"],
-            &[b"max-age=10, max-age=20"],
-            &[b"private, private=\"a\""],
-            &[b"private=\"a\", private"],
             &[b"MAX-AGE=7; Public"],
             &[b"max-age=\"30\""],
             &[b"max-age=-1"],
@@ -427,6 +510,49 @@ mod tests {
             let (theirs, ours) = both(lines);
             assert_eq!(ours, theirs, "for {lines:?}");
         }
+    }
+
+    /// Where pingora's parser lets the last occurrence of a directive win, a second line could
+    /// undo the first. Regression: `private` with, on a second line, `private="Set-Cookie"`
+    /// was read as the second alone and the private page stored for every reader.
+    #[test]
+    fn a_directive_given_twice_is_read_as_rfc_9111_asks_not_as_its_last_occurrence() {
+        let read = |lines: &[&[u8]]| {
+            let resp = response(lines);
+            let d = Directives::of(&resp, &http::header::CACHE_CONTROL).unwrap();
+            let listed: Vec<String> = d.listed_fields().iter().map(|n| n.to_string()).collect();
+            (
+                d.private(),
+                d.no_cache(),
+                d.max_age(),
+                d.s_maxage(),
+                d.stale_while_revalidate(),
+                listed,
+            )
+        };
+        let none: Vec<String> = Vec::new();
+        // §5.2.2.7, §5.2.2.4: unqualified anywhere is unqualified.
+        assert!(read(&[b"private, max-age=300", b"private=\"Set-Cookie\""]).0);
+        assert!(read(&[b"private=\"a\", private"]).0);
+        assert!(read(&[b"no-cache", b"no-cache=\"a\", max-age=60"]).1);
+        // Every qualified occurrence's fields are withheld.
+        let both = read(&[
+            b"private=\"set-cookie\"",
+            b"private=\"x-session\", max-age=5",
+        ]);
+        assert!(!both.0);
+        assert_eq!(both.5, ["set-cookie", "x-session"]);
+        // §4.2.1: conflicting lifetimes leave the response stale; agreeing ones stand.
+        assert_eq!(read(&[b"max-age=0, max-age=60"]).2, Some(0));
+        assert_eq!(read(&[b"max-age=60", b"max-age=0"]).2, Some(0));
+        assert_eq!(read(&[b"s-maxage=600", b"s-maxage=60"]).3, Some(0));
+        assert_eq!(read(&[b"max-age=60, max-age=60"]).2, Some(60));
+        assert_eq!(read(&[b"max-age=60"]).5, none);
+        // A window past freshness: the shortest of those given.
+        assert_eq!(
+            read(&[b"stale-while-revalidate=30, stale-while-revalidate=5"]).4,
+            Some(5)
+        );
     }
 
     #[test]
