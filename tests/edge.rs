@@ -3,6 +3,8 @@
 //! raw bytes over TCP where an HTTP client would refuse to send them.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -982,6 +984,156 @@ async fn idle_keepalive_and_stalled_bodies_are_closed_after_their_timeouts() {
     let ended =
         tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut answer)).await;
     assert!(ended.is_ok(), "a stalled body held the connection");
+}
+
+/// Regression: `body_timeout` restarts at every byte, so a client trickling a body (a "slow
+/// POST") held its origin connection, a PHP worker, for as long as it liked. A body must be
+/// whole within `body_timeout` plus a second per `body_min_rate` bytes; one sent at a pace
+/// above the rate is unaffected.
+#[tokio::test]
+async fn a_body_slower_than_body_min_rate_gets_408_and_its_connection_closed() {
+    let origin = Origin::start(|seen| Reply::ok(format!("got {}", seen.body.len()))).await;
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["body_timeout = \"1s\"\nbody_min_rate = 1000", "", ""],
+        "",
+    )
+    .await;
+    let send_paced = |path: &'static str, piece: usize, pieces: usize| {
+        let addr = skua.addr;
+        async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                piece * pieces
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let started = Instant::now();
+            for _ in 0..pieces {
+                if stream.write_all(&vec![b'x'; piece]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let mut answer = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+            (
+                String::from_utf8_lossy(&answer).into_owned(),
+                started.elapsed(),
+            )
+        }
+    };
+    // 10 bytes every 300 ms (33 bytes/s): cut once past the first second.
+    let (slow, took) = send_paced("/slow", 10, 20).await;
+    assert!(slow.starts_with("HTTP/1.1 408 "), "{slow}");
+    assert!(slow.contains("body_min_rate"), "{slow}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    let counted = origin.requests("/slow");
+    assert!(
+        counted.iter().all(|seen| seen.body.len() < 200),
+        "the origin got a whole body"
+    );
+    // 1,000 bytes every 300 ms (3,300 bytes/s), for longer than `body_timeout`: served.
+    let (paced, _) = send_paced("/paced", 1000, 6).await;
+    assert!(paced.starts_with("HTTP/1.1 200 "), "{paced}");
+    assert!(paced.ends_with("got 6000"), "{paced}");
+}
+
+/// An origin that counts request heads as they arrive (before any body; health checks aside),
+/// and answers each request, once its `Content-Length` body is in, with `got N` and whether
+/// it was asked to send `100 Continue`.
+async fn head_counting_origin() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let counted = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let heads = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let end = loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                if !head.starts_with("get /_health ") {
+                    heads.fetch_add(1, Ordering::SeqCst);
+                }
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < end + length {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body = format!("got {length} expect {}", head.contains("expect:"));
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// Regression: a POST's head went to the origin at once and its body as it came, so a client
+/// trickling a small body held an origin connection (a PHP worker) the whole time. A body
+/// within 64 KiB is read whole before the origin is asked (nginx's request buffering), and a
+/// client's `Expect: 100-continue` is answered by Skua.
+#[tokio::test]
+async fn a_small_request_body_is_read_whole_before_the_origin_is_asked() {
+    let (origin, heads) = head_counting_origin().await;
+    let skua = Skua::start(&[origin], "").await;
+    let mut stream = TcpStream::connect(skua.addr).await.unwrap();
+    stream
+        .write_all(b"POST /w/index.php HTTP/1.1\r\nHost: wiki.test\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        0,
+        "the origin was asked before the body was in"
+    );
+    stream.write_all(&[b'x'; 90]).await.unwrap();
+    let answer = read_response(&mut stream, 20).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.ends_with("got 100 expect false"), "{answer}");
+    assert_eq!(heads.load(Ordering::SeqCst), 1);
+
+    let mut stream = TcpStream::connect(skua.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /api.php HTTP/1.1\r\nHost: wiki.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let go_on = exchange(&mut stream, "").await;
+    assert!(go_on.starts_with("HTTP/1.1 100 "), "{go_on}");
+    assert_eq!(heads.load(Ordering::SeqCst), 1);
+    stream.write_all(b"hello").await.unwrap();
+    let answer = read_response(&mut stream, 18).await;
+    assert!(answer.contains("got 5 expect false"), "{answer}");
 }
 
 /// An origin that keeps connections open and answers `/overlong` with more bytes than its

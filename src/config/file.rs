@@ -216,6 +216,13 @@ pub struct ServerFile {
     pub keepalive_timeout: String,
     /// Longest wait for the next bytes of a request body (duration). Default `30s`.
     pub body_timeout: String,
+    /// The slowest a request body may arrive on average, in bytes per second: from its first
+    /// bytes, a body must be whole within `body_timeout` plus a second per `body_min_rate`
+    /// bytes received (Apache's `mod_reqtimeout` `MinRate`); a slower one gets 408 and is
+    /// closed. `body_timeout` alone restarts at every byte, so a client trickling one a
+    /// minute held an origin connection (a PHP worker) as long as it liked. Default 500;
+    /// 0: no minimum.
+    pub body_min_rate: u64,
     /// Longest time from the first byte of a request head to its end (duration); a slower
     /// client gets 408 and is closed. Default `10s`.
     pub header_timeout: String,
@@ -330,6 +337,7 @@ impl Default for ServerFile {
             strip_headers: Vec::new(),
             keepalive_timeout: "60s".into(),
             body_timeout: "30s".into(),
+            body_min_rate: 500,
             header_timeout: "10s".into(),
             send_timeout: "60s".into(),
             max_connections: 10_000,

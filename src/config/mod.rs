@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub server_timing: bool,
     pub keepalive_timeout: Duration,
     pub body_timeout: Duration,
+    /// `[server] body_min_rate` in bytes per second; `None`: no minimum.
+    pub body_min_rate: Option<u64>,
     pub connections: ConnectionLimits,
     pub tls: Option<TlsConfig>,
 }

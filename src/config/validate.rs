@@ -470,6 +470,7 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
         server_timing: s.server_timing,
         keepalive_timeout,
         body_timeout,
+        body_min_rate: (s.body_min_rate > 0).then_some(s.body_min_rate),
         connections: ConnectionLimits {
             max_connections: s.max_connections,
             max_per_client: (s.max_connections_per_client > 0)

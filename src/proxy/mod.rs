@@ -210,6 +210,8 @@ pub struct Settings {
     keepalive_secs: u64,
     invalidate_on_unsafe: UnsafeInvalidation,
     body_timeout: std::time::Duration,
+    /// `[server] body_min_rate`.
+    body_min_rate: Option<u64>,
     /// `[cache] downstream_cache_control`.
     downstream_cache_control: Option<HeaderValue>,
     /// `[cache] compress`.
@@ -352,6 +354,7 @@ impl From<&Config> for Settings {
             downstream_cache_control: config.cache.downstream_cache_control.clone(),
             compress: config.cache.compress,
             body_timeout: config.server.body_timeout,
+            body_min_rate: config.server.body_min_rate,
             https_redirect: config.server.tls.as_ref().and_then(|tls| {
                 let port = tls.listen.first()?.port();
                 (!tls.redirect_http.is_empty()).then(|| HttpsRedirect {
@@ -528,6 +531,11 @@ pub struct RequestCtx {
     request_body: (Option<u64>, u64),
     /// The body of a `GET` or `HEAD` whose answer may be stored is read and not sent on.
     request_body_withheld: bool,
+    /// The body was read whole before the origin was asked ([`pre_reads`]).
+    body_pre_read: bool,
+    /// `body_timeout` and `body_min_rate` for this request's body, and when its first bytes
+    /// came.
+    body_pace: (std::time::Duration, Option<u64>, Option<Instant>),
     /// When the request to the origin was sent (the last attempt).
     upstream_sent: Option<SystemTime>,
     /// The origin's status and how long its response header took.
@@ -597,6 +605,73 @@ fn upgrade_asked(req: &mut RequestHeader, pool: Option<&crate::upstream::Pool>) 
         None => {}
     }
     None
+}
+
+/// The most of a body read before the origin is asked: pingora's retry buffer, which keeps
+/// what is read to send it on, holds 64 KiB (`BODY_BUF_LIMIT`); a longer body would be cut.
+/// Most of a wiki's POSTs (an edit's text, an API call, a login) are within it.
+const PRE_READ_MAX: u64 = 64 * 1024;
+
+/// Whether a request's body is read whole before the origin is asked: it declares a length,
+/// within [`PRE_READ_MAX`]. A chunked body of unknown length streams, as larger ones do,
+/// within `body_min_rate`.
+fn pre_reads(req: &RequestHeader) -> bool {
+    req.headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .is_some_and(|len| (1..=PRE_READ_MAX).contains(&len))
+        && !req.headers.contains_key(header::TRANSFER_ENCODING)
+}
+
+/// Reads a small body whole before the origin is asked (nginx's `proxy_request_buffering`):
+/// a client that trickles it holds one of Skua's connections, never an origin's worker.
+/// pingora's retry buffer keeps what is read and sends it on once the origin is connected.
+/// An `Expect: 100-continue` is answered here (the origin is not asked until the body is
+/// in; `upstream_request_filter` drops the field).
+async fn read_body_before_the_origin(session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    if session
+        .req_header()
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        session.write_continue_response().await?;
+    }
+    session.as_mut().enable_retry_buffering();
+    let mut read = 0u64;
+    while !session.is_body_done() {
+        let Some(chunk) = session
+            .read_request_body()
+            .await
+            .map_err(|e| e.into_down())?
+        else {
+            break;
+        };
+        read += chunk.len() as u64;
+        body_on_pace(&mut ctx.body_pace, read)?;
+    }
+    ctx.body_pre_read = true;
+    Ok(())
+}
+
+/// Refuses a body slower than `body_min_rate` (with 408): from its first bytes, it must be
+/// whole within `body_timeout` plus a second per `body_min_rate` bytes (`read` so far).
+fn body_on_pace(
+    (timeout, rate, first): &mut (std::time::Duration, Option<u64>, Option<Instant>),
+    read: u64,
+) -> Result<()> {
+    let Some(rate) = *rate else {
+        return Ok(());
+    };
+    let first = *first.get_or_insert_with(Instant::now);
+    if first.elapsed() > *timeout + std::time::Duration::from_secs(read / rate) {
+        return Err(Error::explain(
+            ErrorType::HTTPStatus(408),
+            "request body slower than body_min_rate",
+        )
+        .into_down());
+    }
+    Ok(())
 }
 
 /// The one byte range of a GET that may use the cache, when pieces could serve it: no
@@ -1252,6 +1327,8 @@ impl ProxyHttp for CachingProxy {
             body_bytes: 0,
             request_body: (None, 0),
             request_body_withheld: false,
+            body_pre_read: false,
+            body_pace: (std::time::Duration::ZERO, None, None),
             upstream_sent: None,
             origin_response: None,
             health: false,
@@ -1302,6 +1379,7 @@ impl ProxyHttp for CachingProxy {
         }
         session.set_read_timeout(Some(settings.body_timeout));
         ctx.request_body = (settings.limits.max_body_bytes, 0);
+        ctx.body_pace = (settings.body_timeout, settings.body_min_rate, None);
         if let Err(refusal) = verdict {
             ctx.internal = true;
             if refusal.status == 400 {
@@ -1604,6 +1682,9 @@ impl ProxyHttp for CachingProxy {
                 return Ok(false);
             }
         }
+        if !ctx.body_pre_read && pre_reads(session.req_header()) {
+            read_body_before_the_origin(session, ctx).await?;
+        }
         Ok(true)
     }
 
@@ -1730,6 +1811,10 @@ impl ProxyHttp for CachingProxy {
             ctx.brotli_before_storing = compress.brotli && copy == vary::Encoding::Brotli;
             ctx.gzip_before_storing = compress.gzip;
         }
+        if ctx.body_pre_read {
+            // Answered already (`read_body_before_the_origin`): the body is all there.
+            upstream.remove_header(&header::EXPECT);
+        }
         // RFC 9110 §9.3.1: content in a GET "has no generally defined semantics, cannot alter
         // the meaning or target of the request". What may be stored for every reader of the
         // URL is asked for without it: an origin that read a body would have its answer to one
@@ -1828,8 +1913,8 @@ impl ProxyHttp for CachingProxy {
             return Ok(());
         }
         let (limit, read) = &mut ctx.request_body;
-        if let (Some(limit), Some(chunk)) = (limit, body.as_ref()) {
-            *read += chunk.len() as u64;
+        *read += body.as_ref().map_or(0, |chunk| chunk.len() as u64);
+        if let Some(limit) = limit {
             if *read > *limit {
                 // Before this chunk is sent on: the origin never receives the body whole.
                 return Err(Error::explain(
@@ -1838,6 +1923,10 @@ impl ProxyHttp for CachingProxy {
                 )
                 .into_down());
             }
+        }
+        if body.is_some() {
+            // Before this chunk is sent on, as for `max_body_bytes`.
+            body_on_pace(&mut ctx.body_pace, ctx.request_body.1)?;
         }
         if ctx.request_body_withheld && body.is_some() {
             *body = Some(Bytes::new());
@@ -2081,10 +2170,19 @@ impl ProxyHttp for CachingProxy {
                 413,
                 "request body larger than this cache accepts (max_body_bytes)",
             ),
+            ErrorType::HTTPStatus(408) => (
+                408,
+                "request body too slow: it must arrive within body_timeout plus a second per body_min_rate bytes",
+            ),
             ErrorType::HTTPStatus(code) => (*code, "request refused"),
             ErrorType::Custom(crate::upstream::ORIGIN_BUSY) => (
                 503,
                 "every origin of the pool is at its max_connections; try again shortly",
+            ),
+            // The client's body stopped coming for `body_timeout`.
+            ErrorType::ReadTimedout if e.esource() == &ErrorSource::Downstream => (
+                408,
+                "request body too slow: nothing of it came for body_timeout",
             ),
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                 (504, "origin timed out")
