@@ -984,6 +984,9 @@ async fn idle_keepalive_and_stalled_bodies_are_closed_after_their_timeouts() {
     let ended =
         tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut answer)).await;
     assert!(ended.is_ok(), "a stalled body held the connection");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert_eq!(origin.count("/upload"), 0);
 }
 
 /// Regression: `body_timeout` restarts at every byte, so a client trickling a body (a "slow
