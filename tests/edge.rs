@@ -746,6 +746,43 @@ async fn raw_origin(response: &'static [u8]) -> SocketAddr {
     addr
 }
 
+/// `[server] error_page`: a reader whom Skua answers with a 5xx of its own gets the operator's
+/// page, its blanks filled, on both paths a miss takes (an origin that answers nonsense: the
+/// front door's fill; one that refuses connections: pingora's path, for a POST as for a GET);
+/// a 4xx stays one line of text.
+#[tokio::test]
+async fn skuas_own_5xx_answers_are_the_operators_error_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("error.html");
+    std::fs::write(
+        &page,
+        "<h1>{{status}} {{reason}}</h1><p>{{message}}</p><p>{{node}} {{time}} {{client}}</p>",
+    )
+    .unwrap();
+    let server = format!("name = \"edge-7\"\nerror_page = \"{}\"", page.display());
+    let invalid = raw_origin(b"HTTP/1.1 2x0 Nonsense\r\nContent-Length: 2\r\n\r\nok").await;
+    let broken = Skua::start_tables(&[invalid], [&server, "", ""], "").await;
+    let nobody: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let refused = Skua::start_tables(&[nobody], [&server, "", ""], "").await;
+    for (skua, method) in [(&broken, "GET"), (&refused, "GET"), (&refused, "POST")] {
+        let got = send(&client(), method, &skua.url("/wiki/Down"), &[]).await;
+        assert_eq!(got.status, 502, "{method}");
+        assert_eq!(got.header("content-type"), "text/html; charset=utf-8");
+        assert_eq!(got.header("cache-control"), "no-store");
+        let text = got.text();
+        assert!(
+            text.starts_with("<h1>502 Bad Gateway</h1><p>origin "),
+            "{text}"
+        );
+        assert!(text.contains("</p><p>edge-7 "), "{text}");
+        assert!(text.ends_with(" 127.0.0.1</p>"), "{text}");
+        assert!(!text.contains("{{"), "{text}");
+    }
+    let refused_limit = get(&broken.url(&format!("/{}", "a".repeat(9000))), &[]).await;
+    assert_eq!(refused_limit.status, 414);
+    assert!(refused_limit.text().starts_with("skua: "));
+}
+
 #[tokio::test]
 async fn broken_origin_responses_give_502_or_a_cut_response_and_nothing_is_stored() {
     let invalid = raw_origin(b"HTTP/1.1 2x0 Nonsense\r\nContent-Length: 2\r\n\r\nok").await;

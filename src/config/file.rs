@@ -244,6 +244,13 @@ pub struct ServerFile {
     /// answer, as Wikimedia's edge does, for browsers' developer tools and real-user
     /// monitoring (MediaWiki's NavigationTiming reads it). Default false.
     pub server_timing: bool,
+    /// An HTML page (a file's path) sent in place of Skua's one-line text when it answers 5xx
+    /// itself: an origin down or timing out (502, 504), every origin busy (503), a forwarding
+    /// loop (508). `{{status}}`, `{{reason}}`, `{{message}}`, `{{node}}` (`name`), `{{time}}`
+    /// and `{{client}}` (the client's address) are filled in; nothing the request says is.
+    /// Read at start and on reload (at most 256 KiB). `config/error.html` is a starting
+    /// point. Default "" (plain text).
+    pub error_page: String,
     /// HTTPS listeners (`[server.tls]`). Default none.
     pub tls: Option<TlsFile>,
 }
@@ -343,6 +350,7 @@ impl Default for ServerFile {
             max_connections: 10_000,
             max_connections_per_client: 1000,
             server_timing: false,
+            error_page: String::new(),
             tls: None,
         }
     }

@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub strip_headers: Vec<http::HeaderName>,
     /// `[server] server_timing`.
     pub server_timing: bool,
+    /// `[server] error_page`: the page's template, read from its file.
+    pub error_page: Option<std::sync::Arc<str>>,
     pub keepalive_timeout: Duration,
     pub body_timeout: Duration,
     /// `[server] body_min_rate` in bytes per second; `None`: no minimum.

@@ -468,6 +468,7 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
         trusted_proxies,
         strip_headers,
         server_timing: s.server_timing,
+        error_page: error_page(c, &s.error_page),
         keepalive_timeout,
         body_timeout,
         body_min_rate: (s.body_min_rate > 0).then_some(s.body_min_rate),
@@ -483,6 +484,34 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
             max_head_bytes: s.max_uri_bytes + s.max_header_bytes + 1024,
         },
         tls,
+    }
+}
+
+/// The largest `[server] error_page` read: a page, not a site.
+const ERROR_PAGE_MAX: u64 = 256 * 1024;
+
+/// `[server] error_page`'s template, read from its file.
+fn error_page(c: &mut Checker<'_>, path: &str) -> Option<std::sync::Arc<str>> {
+    use Seg::Key;
+    if path.is_empty() {
+        return None;
+    }
+    let at = [Key("server"), Key("error_page")];
+    let read = std::fs::metadata(path).and_then(|m| {
+        if m.len() > ERROR_PAGE_MAX {
+            return Err(std::io::Error::other(format!(
+                "{} bytes, more than {ERROR_PAGE_MAX}",
+                m.len()
+            )));
+        }
+        std::fs::read_to_string(path)
+    });
+    match read {
+        Ok(page) => Some(page.into()),
+        Err(e) => {
+            c.report(&at, format!("cannot read {path}: {e}"));
+            None
+        }
     }
 }
 

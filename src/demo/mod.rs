@@ -102,6 +102,9 @@ pub fn config(opts: &DemoOptions, certificate: &Certificate) -> Config {
     let mut config = Config::defaults();
     config.server.listen = vec![opts.proxy];
     config.server.admin = Some(opts.admin);
+    // What a reader sees when the sample origin is stopped: the example page operators start
+    // from (`[server] error_page`).
+    config.server.error_page = Some(include_str!("../../config/error.html").into());
     config.server.tls = Some(crate::config::TlsConfig {
         listen: vec![opts.https],
         proxy_protocol_listen: Vec::new(),

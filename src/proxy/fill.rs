@@ -982,7 +982,14 @@ impl super::fast::FrontDoor {
             OriginError::Timeout => (504, "origin timed out"),
             _ => (502, "origin unreachable or failed"),
         };
-        let wire = super::respond::text_wire(&shared.name, status, &format!("skua: {message}"));
+        let page = shared.settings.load().error_page.clone();
+        let facts = super::respond::PageFacts {
+            status,
+            message,
+            node: &shared.name,
+            client: client(),
+        };
+        let wire = super::respond::error_wire(page.as_deref(), facts);
         downstream.send(&wire).await;
         self.log(
             req,

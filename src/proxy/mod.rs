@@ -206,6 +206,8 @@ pub struct Settings {
     strip_headers: Vec<http::HeaderName>,
     /// `[server] server_timing`: answers name how the cache answered in `Server-Timing`.
     server_timing: bool,
+    /// `[server] error_page`.
+    error_page: Option<Arc<str>>,
     vary_cookies: Vec<String>,
     keepalive_secs: u64,
     invalidate_on_unsafe: UnsafeInvalidation,
@@ -348,6 +350,7 @@ impl From<&Config> for Settings {
             trusted_proxies: Acl::new(config.server.trusted_proxies.clone()),
             strip_headers: config.server.strip_headers.clone(),
             server_timing: config.server.server_timing,
+            error_page: config.server.error_page.clone(),
             vary_cookies: config.cache.vary_cookies.clone(),
             keepalive_secs: config.server.keepalive_timeout.as_secs().max(1),
             invalidate_on_unsafe: config.cache.invalidate_on_unsafe,
@@ -465,6 +468,22 @@ pub struct CachingProxy {
 }
 
 impl CachingProxy {
+    /// An answer of Skua's own for a failure: the operator's page for a 5xx
+    /// (`[server] error_page`), else one line of text.
+    async fn error(&self, session: &mut Session, status: u16, message: &str) -> Result<()> {
+        if status < 500 {
+            let line = format!("skua: {message}");
+            return respond::text(&self.shared.name, session, status, &line).await;
+        }
+        let page = self.shared.settings.load().error_page.clone();
+        let facts = respond::PageFacts {
+            status,
+            message,
+            node: &self.shared.name,
+            client: client_ip(session),
+        };
+        respond::error(session, page.as_deref(), facts).await
+    }
     /// How long a request waits on another's fetch of the same object before it fetches.
     fn lock_overrides(&self) -> CacheOptionOverrides {
         let mut overrides = CacheOptionOverrides::default();
@@ -1400,8 +1419,8 @@ impl ProxyHttp for CachingProxy {
                     "a request came back through this node (its Via names this node): an origin pool leads back here; answered 508 (counted in skua_forwarding_loops_total)"
                 );
             }
-            let line = "skua: forwarding loop: this request has already passed through this node (Via); an origin pool leads back to it";
-            respond::text(&self.shared.name, session, 508, line).await?;
+            let line = "forwarding loop: this request has already passed through this node (Via); an origin pool leads back to it";
+            self.error(session, 508, line).await?;
             return Ok(true);
         }
         match guard::max_forwards(session.req_header()) {
@@ -2226,13 +2245,7 @@ impl ProxyHttp for CachingProxy {
             // then finds the socket closed.
             session.set_keepalive(None);
             // `respond` marks it as Skua's own answer (`int-front`) in both status headers.
-            let _ = respond::text(
-                &self.shared.name,
-                session,
-                code,
-                &format!("skua: {message}"),
-            )
-            .await;
+            let _ = self.error(session, code, message).await;
         }
         FailToProxy {
             error_code: code,

@@ -1,5 +1,6 @@
-//! Responses Skua writes itself: short, one-line, never cached, and marked as Skua's own in
-//! `X-Cache-Status` and `Cache-Status` like every other response.
+//! Responses Skua writes itself: short, one-line (or the operator's `[server] error_page` for
+//! a 5xx), never cached, and marked as Skua's own in `X-Cache-Status` and `Cache-Status` like
+//! every other response.
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -15,6 +16,58 @@ pub async fn text(name: &str, session: &mut Session, status: u16, line: &str) ->
     header(name, session, resp, Some(body)).await
 }
 
+/// What fills an error page's blanks: nothing taken from the request but the client's
+/// address, so a page cannot be made to show a reader anything an attacker wrote.
+pub struct PageFacts<'a> {
+    pub status: u16,
+    pub message: &'a str,
+    pub node: &'a str,
+    pub client: Option<std::net::IpAddr>,
+}
+
+/// A 5xx Skua answers itself: the operator's page (`[server] error_page`) when there is one,
+/// else the one-line text.
+pub async fn error(session: &mut Session, page: Option<&str>, facts: PageFacts<'_>) -> Result<()> {
+    let (resp, body) = error_response(page, &facts)?;
+    header(facts.node, session, resp, Some(body)).await
+}
+
+/// [`error`] as the bytes written on a connection that then closes (the front door's).
+pub fn error_wire(page: Option<&str>, facts: PageFacts<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    let Ok((resp, body)) = error_response(page, &facts) else {
+        return out;
+    };
+    wire(facts.node, resp, &body, &mut out);
+    out
+}
+
+fn error_response(page: Option<&str>, facts: &PageFacts<'_>) -> Result<(ResponseHeader, Bytes)> {
+    let line = format!("skua: {}", facts.message);
+    let Some(page) = page else {
+        return text_response(facts.status, &line);
+    };
+    let reason = http::StatusCode::from_u16(facts.status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let client = facts.client.map(|ip| ip.to_string()).unwrap_or_default();
+    let date = pingora::protocols::http::date::get_cached_date();
+    let body = Bytes::from(
+        page.replace("{{status}}", &facts.status.to_string())
+            .replace("{{reason}}", reason)
+            .replace("{{message}}", facts.message)
+            .replace("{{node}}", facts.node)
+            .replace("{{time}}", date.to_str().unwrap_or_default())
+            .replace("{{client}}", &client),
+    );
+    let mut resp = ResponseHeader::build(facts.status, Some(6))?;
+    resp.insert_header("content-type", "text/html; charset=utf-8")?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    Ok((resp, body))
+}
+
 fn text_response(status: u16, line: &str) -> Result<(ResponseHeader, Bytes)> {
     let body = Bytes::from(format!("{line}\n"));
     let mut resp = ResponseHeader::build(status, Some(6))?;
@@ -24,13 +77,8 @@ fn text_response(status: u16, line: &str) -> Result<(ResponseHeader, Bytes)> {
     Ok((resp, body))
 }
 
-/// [`text`] as the bytes pingora's HTTP/1 server writes for it, on a connection that then
-/// closes: for the front door, which writes to the connection itself.
-pub fn text_wire(name: &str, status: u16, line: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
-    let Ok((mut resp, body)) = text_response(status, line) else {
-        return out;
-    };
+/// A response Skua answers itself, on a connection that then closes, as the wire has it.
+fn wire(name: &str, mut resp: ResponseHeader, body: &[u8], out: &mut Vec<u8>) {
     let _ = resp.insert_header(X_CACHE_STATUS, Disposition::IntFront.as_str());
     let _ = resp.insert_header(CACHE_STATUS, format!("{name}; detail=internal"));
     let _ = resp.insert_header(
@@ -38,9 +86,8 @@ pub fn text_wire(name: &str, status: u16, line: &str) -> Vec<u8> {
         pingora::protocols::http::date::get_cached_date(),
     );
     let _ = resp.insert_header(http::header::CONNECTION, "close");
-    head_to_wire(&resp, &mut out);
-    out.extend_from_slice(&body);
-    out
+    head_to_wire(&resp, out);
+    out.extend_from_slice(body);
 }
 
 /// An HTTP/1.1 response head as written on the wire: status line, fields, blank line.
