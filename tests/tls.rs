@@ -225,6 +225,14 @@ async fn https_serves_hits_over_http2_and_http11_and_keys_on_the_scheme() {
     assert_eq!(resp.status(), 200);
     let seen = &origin.requests("/wiki/Fat")[0];
     assert!(seen.body.is_empty(), "the origin got {:?}", seen.body);
+    // A POST's body over HTTP/2, read whole before the origin is asked, reaches it whole.
+    let form = "x".repeat(10_000);
+    let posted = h2.post(&fat).body(form.clone()).send().await.unwrap();
+    assert_eq!(posted.status(), 200);
+    let seen = origin.requests("/wiki/Fat");
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].method, "POST");
+    assert_eq!(seen[1].body, form.as_bytes());
 
     let before = skua.hit_paths().await;
     let h1 = https_client(&ca, &["en.wiki.test"], tls_addr)
@@ -297,6 +305,7 @@ async fn https_serves_hits_over_http2_and_http11_and_keys_on_the_scheme() {
         ("https", "HTTP/2.0", "miss"),
         ("https", "HTTP/2.0", "hit-front"),
         ("https", "HTTP/2.0", "miss"),
+        ("https", "HTTP/2.0", "pass"),
         ("https", "HTTP/1.1", "hit-front"),
         ("https", "HTTP/1.1", "miss"),
         ("https", "HTTP/1.1", "hit-front"),
