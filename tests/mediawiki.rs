@@ -134,6 +134,7 @@ impl Wiki {
              $wgCdnServersNoPurge = [ '127.0.0.1' ];\n\
              $wgInternalServer = 'http://wiki.test';\n\
              $wgCdnMaxAge = 86400;\n\
+             $wgAllowExternalReqID = true;\n\
              $wgJobRunRate = 0;\n\
              // The test rewrites this file; MediaWiki would otherwise answer no 304 after.\n\
              $wgInvalidateCacheOnLocalSettingsChange = false;\n\
@@ -154,6 +155,24 @@ impl Wiki {
             "{}",
             String::from_utf8_lossy(&ran.stderr)
         );
+    }
+}
+
+/// The first JSON access-log line at `log` with `cache_status`, once written (a writer thread
+/// writes them; up to 10 s).
+async fn wait_until_logged(log: &Path, cache_status: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let line = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["cache_status"] == cache_status);
+        if let Some(line) = line {
+            return line;
+        }
+        assert!(Instant::now() < deadline, "no {cache_status} line: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -326,10 +345,13 @@ async fn a_real_mediawiki_behind_skua_purges_credits_and_passes_as_promised() {
     let disk = tempfile::tempdir().unwrap();
     let port = Port::reserve();
     // README's rule for the wiki's article path (here `/index.php/Title`).
+    let log = disk.path().join("access.log");
     let extra = format!(
         "[purge.htcp]\nlisten = \"127.0.0.1:{htcp}\"\n\n\
          [[rule]]\nname = \"page titles\"\nmatch = {{ path_prefix = [\"/index.php/\"] }}\n\
-         normalize_path = \"mediawiki\"\n"
+         normalize_path = \"mediawiki\"\n\n\
+         [log]\naccess = \"{}\"\nformat = \"json\"\n",
+        log.display()
     );
     // The default: what the disk holds from before a restart is revalidated first.
     let disk_lines = "after_restart = \"revalidate\"";
@@ -346,6 +368,13 @@ async fn a_real_mediawiki_behind_skua_purges_credits_and_passes_as_promised() {
         first.text()
     );
     assert!(first.header("cache-status").contains("stored"));
+    // MediaWiki took Skua's `X-Request-Id` for its own request id (README's
+    // `$wgAllowExternalReqID`): the page's `wgRequestId` is the access log's `request_id`.
+    let page = first.text();
+    let at = page.find("\"wgRequestId\":\"").expect("wgRequestId") + 15;
+    let mw_id = &page[at..at + page[at..].find('"').unwrap()];
+    let logged = wait_until_logged(&log, "miss").await;
+    assert_eq!(logged["request_id"].as_str(), Some(mw_id), "{logged}");
     assert_eq!(reader.view("Main_Page").await.cache(), "hit-front");
     // MediaWiki sends pages uncompressed here: a browser gets them brotli-compressed by Skua.
     let compressed = reqwest::Client::new()

@@ -200,6 +200,76 @@ async fn the_json_access_log_names_the_origin_that_answered_and_its_wait() {
     );
 }
 
+/// `[server] request_id`: each request that goes to an origin carries an id in `X-Request-Id`
+/// (a new UUID; a trusted balancer's own), the same id in its JSON access-log line and on the
+/// error page; a hit has none; a client's own is never passed on. On both paths a miss takes
+/// (the front door's fill; pingora's path, for a POST).
+#[tokio::test]
+async fn each_request_to_an_origin_carries_an_id_the_log_and_the_error_page_name() {
+    let origin = Origin::start(|seen| {
+        Reply::ok(format!("id {}", seen.header("x-request-id").unwrap_or("-")))
+            .header("cache-control", "max-age=60")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let page = dir.path().join("error.html");
+    std::fs::write(&page, "request {{request_id}}").unwrap();
+    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
+    let server = format!("error_page = \"{}\"", page.display());
+    let skua = Skua::start_tables(&[origin.addr], [&server, "", ""], &extra).await;
+    let claimed = [("x-request-id", "forged-by-client")];
+    let miss = get(&skua.url("/id"), &claimed).await;
+    let hit = get(&skua.url("/id"), &claimed).await;
+    let posted = send(&client(), "POST", &skua.url("/id"), &claimed).await;
+    let (miss_id, posted_id) = (miss.text(), posted.text());
+    for id in [&miss_id, &posted_id] {
+        let id = id.strip_prefix("id ").unwrap();
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(id.matches('-').count(), 4, "{id}");
+    }
+    assert_ne!(miss_id, posted_id);
+    assert_eq!(hit.text(), miss_id, "a hit is the stored answer");
+    let text = logged_lines(&log, 3).await;
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let logged = |status: &str| {
+        let line = (lines.iter())
+            .find(|l| l["cache_status"] == status)
+            .unwrap();
+        line["request_id"].as_str().map(|id| format!("id {id}"))
+    };
+    assert_eq!(logged("miss"), Some(miss_id));
+    assert_eq!(logged("pass"), Some(posted_id));
+    assert_eq!(logged("hit-front"), None);
+
+    // The error page names the id the log has for the failed request.
+    origin.stop();
+    let failed = get(&skua.url("/down"), &[]).await;
+    assert_eq!(failed.status, 502);
+    let shown = failed.text();
+    let id = shown.strip_prefix("request ").unwrap();
+    assert_eq!(id.len(), 36, "{shown}");
+    let text = logged_lines(&log, 4).await;
+    assert!(text.contains(&format!("\"request_id\":\"{id}\"")), "{text}");
+    origin.restart().await;
+
+    // A trusted balancer's id is passed on, on both paths.
+    let behind = Skua::start_tables(
+        &[origin.addr],
+        ["trusted_proxies = [\"127.0.0.0/8\"]", "", ""],
+        "",
+    )
+    .await;
+    let given = [("x-request-id", "lb-7f3a")];
+    for method in ["GET", "POST"] {
+        let got = send(&client(), method, &behind.url("/lb"), &given).await;
+        assert_eq!(got.text(), "id lb-7f3a", "{method}");
+    }
+}
+
 /// The access log at `log` once it has `n` lines (waited for up to 10 s: a writer thread
 /// writes them).
 async fn logged_lines(log: &std::path::Path, n: usize) -> String {

@@ -251,6 +251,11 @@ pub struct ServerFile {
     /// Read at start and on reload (at most 256 KiB). `config/error.html` is a starting
     /// point. Default "" (plain text).
     pub error_page: String,
+    /// Give each request that goes to an origin an id in `X-Request-Id` (a random UUID, or a
+    /// trusted proxy's own), logged in the JSON access log and shown on the error page, as
+    /// Wikimedia's edge does for MediaWiki (`$wgAllowExternalReqID`). A client's own
+    /// `X-Request-Id` is never passed on. Default true.
+    pub request_id: bool,
     /// HTTPS listeners (`[server.tls]`). Default none.
     pub tls: Option<TlsFile>,
 }
@@ -351,6 +356,7 @@ impl Default for ServerFile {
             max_connections_per_client: 1000,
             server_timing: false,
             error_page: String::new(),
+            request_id: true,
             tls: None,
         }
     }

@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub server_timing: bool,
     /// `[server] error_page`: the page's template, read from its file.
     pub error_page: Option<std::sync::Arc<str>>,
+    /// `[server] request_id`.
+    pub request_id: bool,
     pub keepalive_timeout: Duration,
     pub body_timeout: Duration,
     /// `[server] body_min_rate` in bytes per second; `None`: no minimum.

@@ -469,6 +469,7 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
         strip_headers,
         server_timing: s.server_timing,
         error_page: error_page(c, &s.error_page),
+        request_id: s.request_id,
         keepalive_timeout,
         body_timeout,
         body_min_rate: (s.body_min_rate > 0).then_some(s.body_min_rate),

@@ -39,6 +39,8 @@ pub struct Entry<'a> {
     /// sent (nginx's `$upstream_addr` and `$upstream_header_time`), when one answered. JSON
     /// lines carry them; the combined format stays as GoAccess and AWStats read it.
     pub origin: Option<(SocketAddr, Duration)>,
+    /// The id the request went to the origin with (`[server] request_id`), in JSON lines.
+    pub request_id: Option<&'a str>,
 }
 
 const QUEUE: usize = 65_536;
@@ -258,6 +260,7 @@ pub fn json(e: &Entry<'_>, now: SystemTime) -> String {
         "duration_ms": milliseconds(e.duration),
         "origin": e.origin.map(|(addr, _)| addr.to_string()),
         "origin_ms": e.origin.map(|(_, waited)| milliseconds(waited)),
+        "request_id": e.request_id,
     })
     .to_string();
     line.push('\n');
@@ -284,6 +287,7 @@ mod tests {
             cache_status: "hit-front",
             duration: Duration::from_micros(1500),
             origin: None,
+            request_id: None,
         }
     }
 

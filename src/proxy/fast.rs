@@ -415,6 +415,7 @@ impl FrontDoor {
         };
         self.shared.record(&Served {
             origin: None,
+            request_id: None,
             client,
             method: req.method.as_str(),
             target: &|| Cow::Borrowed(req.target),

@@ -515,11 +515,15 @@ impl super::fast::FrontDoor {
         }
         let primary_text = || url.primary();
         let from_proxy = guard::trusted(&settings.trusted_proxies, client());
+        let request_id = settings.request_id.then(|| {
+            let given = req.fields.values("x-request-id");
+            super::request_id::for_request(given, from_proxy)
+        });
         let (request, forwarded_for) = upstream_request(
             &req,
             (url.scheme, url.path_and_query.as_str()),
             settings,
-            from_proxy,
+            (from_proxy, request_id.as_deref()),
             client(),
             &shared.via,
         );
@@ -607,8 +611,15 @@ impl super::fast::FrontDoor {
                     Err(e) => {
                         release(shared.lock, &key, permit, LockStatus::TransientError);
                         shared.metrics.origin_error(&pool.name, e.as_str());
-                        self.origin_failed(e, &req, url, client, started, downstream)
-                            .await;
+                        self.origin_failed(
+                            e,
+                            &req,
+                            (url, request_id.as_deref()),
+                            client,
+                            started,
+                            downstream,
+                        )
+                        .await;
                         return Filled::Answered { close: true };
                     }
                 }
@@ -623,8 +634,15 @@ impl super::fast::FrontDoor {
             let Some(error) = last_error else {
                 return Filled::Declined;
             };
-            self.origin_failed(error, &req, url, client, started, downstream)
-                .await;
+            self.origin_failed(
+                error,
+                &req,
+                (url, request_id.as_deref()),
+                client,
+                started,
+                downstream,
+            )
+            .await;
             return Filled::Answered { close: true };
         };
         let waited = SystemTime::now().duration_since(sent).unwrap_or_default();
@@ -644,8 +662,15 @@ impl super::fast::FrontDoor {
             Err(error) => {
                 release(shared.lock, &key, permit, LockStatus::TransientError);
                 shared.metrics.origin_error(&pool.name, error.as_str());
-                self.origin_failed(error, &req, url, client, started, downstream)
-                    .await;
+                self.origin_failed(
+                    error,
+                    &req,
+                    (url, request_id.as_deref()),
+                    client,
+                    started,
+                    downstream,
+                )
+                .await;
                 return Filled::Answered { close: true };
             }
         };
@@ -667,8 +692,15 @@ impl super::fast::FrontDoor {
             release(shared.lock, &key, permit, LockStatus::TransientError);
             let error = OriginError::Malformed;
             shared.metrics.origin_error(&pool.name, error.as_str());
-            self.origin_failed(error, &req, url, client, started, downstream)
-                .await;
+            self.origin_failed(
+                error,
+                &req,
+                (url, request_id.as_deref()),
+                client,
+                started,
+                downstream,
+            )
+            .await;
             return Filled::Answered { close: true };
         }
         // Counted before the client can read a byte of the answer: whoever reads the metric
@@ -925,7 +957,7 @@ impl super::fast::FrontDoor {
         }
         self.log(
             &req,
-            url,
+            (url, request_id.as_deref()),
             client,
             started,
             (status, body_bytes, disposition),
@@ -941,7 +973,7 @@ impl super::fast::FrontDoor {
     fn log<F: RequestFields>(
         &self,
         req: &FillRequest<'_, F>,
-        url: &crate::cache::key::CacheUrl,
+        (url, request_id): (&crate::cache::key::CacheUrl, Option<&str>),
         client: &impl Fn() -> Option<IpAddr>,
         started: Instant,
         (status, body_bytes, disposition): (u16, u64, Disposition),
@@ -961,6 +993,7 @@ impl super::fast::FrontDoor {
             hit_path: None,
             started,
             origin,
+            request_id,
         });
     }
 
@@ -971,7 +1004,7 @@ impl super::fast::FrontDoor {
         &self,
         error: OriginError,
         req: &FillRequest<'_, F>,
-        url: &crate::cache::key::CacheUrl,
+        (url, request_id): (&crate::cache::key::CacheUrl, Option<&str>),
         client: &impl Fn() -> Option<IpAddr>,
         started: Instant,
         downstream: &mut Downstream<'_>,
@@ -988,12 +1021,13 @@ impl super::fast::FrontDoor {
             message,
             node: &shared.name,
             client: client(),
+            request_id,
         };
         let wire = super::respond::error_wire(page.as_deref(), facts);
         downstream.send(&wire).await;
         self.log(
             req,
-            url,
+            (url, request_id),
             client,
             started,
             (status, 0, Disposition::IntFront),
@@ -1185,7 +1219,7 @@ fn upstream_request<F: RequestFields>(
     req: &FillRequest<'_, F>,
     (scheme, target): (crate::cache::key::Scheme, &str),
     settings: &Settings,
-    from_proxy: bool,
+    (from_proxy, request_id): (bool, Option<&str>),
     client: Option<IpAddr>,
     via: &super::via::Via,
 ) -> (Vec<u8>, Option<std::ops::Range<usize>>) {
@@ -1221,6 +1255,10 @@ fn upstream_request<F: RequestFields>(
         }
         if name == header::VIA {
             via_lines.push(f.value);
+            continue;
+        }
+        if name == super::request_id::X_REQUEST_ID && request_id.is_some() {
+            // Written once below, a trusted proxy's or a new one.
             continue;
         }
         if name == header::HOST {
@@ -1261,6 +1299,11 @@ fn upstream_request<F: RequestFields>(
     }
     if !encoding_sent {
         push_accept_encoding(&mut out, req.fields, settings);
+    }
+    if let Some(id) = request_id {
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     // This node's entry after the client's, in one line, as on pingora's path.
     out.extend_from_slice(b"via: ");

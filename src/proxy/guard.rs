@@ -162,14 +162,17 @@ pub const UNTRUSTED_HEADERS: [&str; 13] = [
     "proxy-authorization",
 ];
 
-/// Headers only a trusted proxy in front of Skua may set: the client's scheme, and its address
-/// under every name an origin or a web server in front of it may read it by (nginx's
-/// `real_ip_header`, PHP applications' `HTTP_X_REAL_IP`, CDNs' own names). Regression: a
+/// Headers only a trusted proxy in front of Skua may set: the client's scheme, the request's
+/// id, and the client's address under every name an origin or a web server in front of it
+/// may read it by (nginx's `real_ip_header`, PHP applications' `HTTP_X_REAL_IP`, CDNs' own
+/// names). Regression: a
 /// client's `X-Real-IP: 9.9.9.9` reached the origin as the client's address, past IP blocks
 /// and rate limits that trust the proxy in front.
-const PROXY_HEADERS: [&str; 9] = [
+const PROXY_HEADERS: [&str; 10] = [
     "x-forwarded-for",
     "x-forwarded-proto",
+    // An id a balancer in front gave the request (`proxy::request_id`).
+    "x-request-id",
     "x-real-ip",
     "x-client-ip",
     "client-ip",

@@ -32,6 +32,7 @@ pub mod hit;
 mod progress;
 pub mod proxy_protocol;
 mod record;
+pub mod request_id;
 mod respond;
 pub mod tls;
 pub mod via;
@@ -208,6 +209,8 @@ pub struct Settings {
     server_timing: bool,
     /// `[server] error_page`.
     error_page: Option<Arc<str>>,
+    /// `[server] request_id`.
+    request_id: bool,
     vary_cookies: Vec<String>,
     keepalive_secs: u64,
     invalidate_on_unsafe: UnsafeInvalidation,
@@ -351,6 +354,7 @@ impl From<&Config> for Settings {
             strip_headers: config.server.strip_headers.clone(),
             server_timing: config.server.server_timing,
             error_page: config.server.error_page.clone(),
+            request_id: config.server.request_id,
             vary_cookies: config.cache.vary_cookies.clone(),
             keepalive_secs: config.server.keepalive_timeout.as_secs().max(1),
             invalidate_on_unsafe: config.cache.invalidate_on_unsafe,
@@ -470,7 +474,12 @@ pub struct CachingProxy {
 impl CachingProxy {
     /// An answer of Skua's own for a failure: the operator's page for a 5xx
     /// (`[server] error_page`), else one line of text.
-    async fn error(&self, session: &mut Session, status: u16, message: &str) -> Result<()> {
+    async fn error(
+        &self,
+        session: &mut Session,
+        (status, request_id): (u16, Option<&str>),
+        message: &str,
+    ) -> Result<()> {
         if status < 500 {
             let line = format!("skua: {message}");
             return respond::text(&self.shared.name, session, status, &line).await;
@@ -481,6 +490,7 @@ impl CachingProxy {
             message,
             node: &self.shared.name,
             client: client_ip(session),
+            request_id,
         };
         respond::error(session, page.as_deref(), facts).await
     }
@@ -552,6 +562,8 @@ pub struct RequestCtx {
     request_body_withheld: bool,
     /// The body was read whole before the origin was asked ([`pre_reads`]).
     body_pre_read: bool,
+    /// The id the request went to the origin with (`[server] request_id`).
+    request_id: Option<String>,
     /// `body_timeout` and `body_min_rate` for this request's body, and when its first bytes
     /// came.
     body_pace: (std::time::Duration, Option<u64>, Option<Instant>),
@@ -1347,6 +1359,7 @@ impl ProxyHttp for CachingProxy {
             request_body: (None, 0),
             request_body_withheld: false,
             body_pre_read: false,
+            request_id: None,
             body_pace: (std::time::Duration::ZERO, None, None),
             upstream_sent: None,
             origin_response: None,
@@ -1420,7 +1433,7 @@ impl ProxyHttp for CachingProxy {
                 );
             }
             let line = "forwarding loop: this request has already passed through this node (Via); an origin pool leads back to it";
-            self.error(session, 508, line).await?;
+            self.error(session, (508, None), line).await?;
             return Ok(true);
         }
         match guard::max_forwards(session.req_header()) {
@@ -1700,6 +1713,18 @@ impl ProxyHttp for CachingProxy {
                 self.rate_limited(session, ctx, wait).await?;
                 return Ok(false);
             }
+        }
+        if ctx.request_id.is_none() && self.shared.settings.load().request_id {
+            // What is left of `X-Request-Id` after `guard::strip` is a trusted proxy's.
+            let given = session
+                .req_header()
+                .headers
+                .get_all(&request_id::X_REQUEST_ID);
+            let id = request_id::for_request(given.iter().map(|v| v.as_bytes()), true);
+            session
+                .req_header_mut()
+                .insert_header(request_id::X_REQUEST_ID, id.as_str())?;
+            ctx.request_id = Some(id);
         }
         if !ctx.body_pre_read && pre_reads(session.req_header()) {
             read_body_before_the_origin(session, ctx).await?;
@@ -2245,7 +2270,9 @@ impl ProxyHttp for CachingProxy {
             // then finds the socket closed.
             session.set_keepalive(None);
             // `respond` marks it as Skua's own answer (`int-front`) in both status headers.
-            let _ = self.error(session, code, message).await;
+            let _ = self
+                .error(session, (code, ctx.request_id.as_deref()), message)
+                .await;
         }
         FailToProxy {
             error_code: code,
@@ -2322,6 +2349,7 @@ impl ProxyHttp for CachingProxy {
             origin: ctx
                 .origin_addr
                 .zip(ctx.origin_response.map(|(_, waited)| waited)),
+            request_id: ctx.request_id.as_deref(),
         });
     }
 }

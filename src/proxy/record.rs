@@ -38,6 +38,8 @@ pub struct Served<'a, F: RequestFields + ?Sized> {
     pub started: Instant,
     /// The origin that answered and how long its answer's head took, when one answered.
     pub origin: Option<(SocketAddr, Duration)>,
+    /// The id the request went to the origin with (`[server] request_id`).
+    pub request_id: Option<&'a str>,
 }
 
 impl ProxyState {
@@ -68,6 +70,7 @@ impl ProxyState {
                 cache_status: served.disposition.as_str(),
                 duration,
                 origin: served.origin,
+                request_id: served.request_id,
             });
         }
         if let Some(url) = served.url {

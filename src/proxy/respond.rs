@@ -23,6 +23,8 @@ pub struct PageFacts<'a> {
     pub message: &'a str,
     pub node: &'a str,
     pub client: Option<std::net::IpAddr>,
+    /// The id the request went to the origin with (`[server] request_id`).
+    pub request_id: Option<&'a str>,
 }
 
 /// A 5xx Skua answers itself: the operator's page (`[server] error_page`) when there is one,
@@ -59,7 +61,8 @@ fn error_response(page: Option<&str>, facts: &PageFacts<'_>) -> Result<(Response
             .replace("{{message}}", facts.message)
             .replace("{{node}}", facts.node)
             .replace("{{time}}", date.to_str().unwrap_or_default())
-            .replace("{{client}}", &client),
+            .replace("{{client}}", &client)
+            .replace("{{request_id}}", facts.request_id.unwrap_or("-")),
     );
     let mut resp = ResponseHeader::build(facts.status, Some(6))?;
     resp.insert_header("content-type", "text/html; charset=utf-8")?;

@@ -1,0 +1,79 @@
+//! The id a request that goes to an origin carries there in `X-Request-Id` (`[server]
+//! request_id`), as Wikimedia's edge gives each request one: MediaWiki takes it for its own
+//! request id (`$wgAllowExternalReqID`) and prints it in its logs and error pages, Skua's
+//! JSON access log and error page carry the same id, so a reader's report of an error leads
+//! to both. A trusted proxy's id is kept (a balancer in front already gave one); a client's
+//! is never believed. What it does not do: answer clients with the id, or give one to a hit,
+//! which no origin sees.
+
+use http::HeaderName;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The longest id kept from a trusted proxy; a longer one is replaced.
+const LONGEST_KEPT: usize = 200;
+
+/// A new id: a random UUID (RFC 9562 §5.4, version 4), the form Wikimedia's edge and most
+/// log tooling expect.
+pub fn new_id() -> String {
+    let mut bits = fastrand::u128(..);
+    // Version 4, variant 10 (RFC 9562 §4.1, §4.2).
+    bits = (bits & !(0xf << 76)) | (0x4 << 76);
+    bits = (bits & !(0x3 << 62)) | (0x2 << 62);
+    let hex = format!("{bits:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// A trusted proxy's id, when it is one to pass on: visible ASCII, not too long.
+pub fn kept(value: &[u8]) -> Option<&str> {
+    let fits =
+        (1..=LONGEST_KEPT).contains(&value.len()) && value.iter().all(|b| b.is_ascii_graphic());
+    fits.then(|| std::str::from_utf8(value).ok()).flatten()
+}
+
+/// The id a request goes to the origin with: the one a trusted proxy gave (`from_proxy`),
+/// else a new one.
+pub fn for_request<'a>(given: impl Iterator<Item = &'a [u8]>, from_proxy: bool) -> String {
+    let mut given = given;
+    match given.next().filter(|_| from_proxy).and_then(kept) {
+        Some(id) => id.to_string(),
+        None => new_id(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_id_is_a_version_4_uuid_and_differs_each_time() {
+        let id = new_id();
+        assert_eq!(id.len(), 36);
+        let groups: Vec<&str> = id.split('-').collect();
+        assert_eq!(
+            groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(groups[2].starts_with('4'), "{id}");
+        assert!(matches!(&groups[3][..1], "8" | "9" | "a" | "b"), "{id}");
+        assert_ne!(new_id(), new_id());
+    }
+
+    #[test]
+    fn only_a_trusted_proxys_sane_id_is_kept() {
+        let given: &[&[u8]] = &[b"lb-42"];
+        assert_eq!(for_request(given.iter().copied(), true), "lb-42");
+        assert_ne!(for_request(given.iter().copied(), false), "lb-42");
+        let bad: &[&[u8]] = &[b"two words"];
+        assert_ne!(for_request(bad.iter().copied(), true), "two words");
+        let long = vec![b'a'; 201];
+        assert!(kept(&long).is_none());
+    }
+}
