@@ -246,8 +246,9 @@ pub struct ServerFile {
     pub server_timing: bool,
     /// An HTML page (a file's path) sent in place of Skua's one-line text when it answers 5xx
     /// itself: an origin down or timing out (502, 504), every origin busy (503), a forwarding
-    /// loop (508). `{{status}}`, `{{reason}}`, `{{message}}`, `{{node}}` (`name`), `{{time}}`
-    /// and `{{client}}` (the client's address) are filled in; nothing the request says is.
+    /// loop (508). `{{status}}`, `{{reason}}`, `{{message}}`, `{{node}}` (`name`), `{{time}}`,
+    /// `{{client}}` (the client's address) and `{{request_id}}` (see `request_id`) are filled
+    /// in; nothing the request says is.
     /// Read at start and on reload (at most 256 KiB). `config/error.html` is a starting
     /// point. Default "" (plain text).
     pub error_page: String,
