@@ -2001,6 +2001,30 @@ async fn a_get_an_origin_answers_503_is_sent_once_more_to_another_origin() {
         );
     }
 
+    // An origin its health checks hold down is no one to retry on: the 503 is passed on, and
+    // the busy origin has the request once. Regression: the front door's retry found no
+    // connection there and gave the request to pingora's path, which sent it to the busy
+    // origin a second time.
+    let dead: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let half_down = Skua::start(&[busy.addr, dead], "").await;
+    let down = r#"skua_origins{pool="test",state="down"}"#;
+    for _ in 0..200 {
+        if half_down.metric(down).await == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        half_down.metric(down).await,
+        1.0,
+        "the dead origin is held down"
+    );
+    for (method, path) in [("GET", "/down/1"), ("HEAD", "/down/2")] {
+        let r = send(&client, method, &half_down.url(path), &[]).await;
+        assert_eq!(r.status, 503, "{method} {path}");
+        assert_eq!(busy.count(path), 1, "{method} {path}");
+    }
+
     let passing =
         Skua::start_tables(&[busy.addr, live.addr], ["", "retry_statuses = []", ""], "").await;
     let mut statuses = Vec::new();

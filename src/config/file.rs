@@ -412,8 +412,9 @@ pub struct OriginFile {
     /// Default `10s`.
     #[serde(default = "default_fail_timeout")]
     pub fail_timeout: String,
-    /// Statuses (5xx) on which a GET or HEAD is sent once more, to another origin of the pool,
-    /// before its answer goes to the client (nginx's `proxy_next_upstream http_503`). Default
+    /// Statuses (5xx) on which a GET or HEAD is sent once more, to another origin of the pool
+    /// that passes its health checks (with none, the answer goes on), before its answer goes
+    /// to the client (nginx's `proxy_next_upstream http_503`). Default
     /// `[503]`, as Wikimedia's edge retries a 503 once; `[]` passes every answer on.
     #[serde(default = "default_retry_statuses")]
     pub retry_statuses: Vec<u16>,

@@ -562,6 +562,11 @@ impl super::fast::FrontDoor {
                             let _ = conn.set_nodelay(true);
                             conn
                         }
+                        // After a retry (`retry_statuses`) the first origin has had the
+                        // request: a failure here is the answer, or pingora's path would send
+                        // it there again.
+                        Ok(Err(_)) if retried_on_status => break OriginError::Io,
+                        Err(_) if retried_on_status => break OriginError::Timeout,
                         // Nothing was sent: pingora's path tries the pool's other origins.
                         // After an origin failed here, its failure is the answer instead.
                         _ => break 'origins None,
@@ -586,7 +591,7 @@ impl super::fast::FrontDoor {
                     Ok((resp, _))
                         if !retried_on_status
                             && pool.retries_on(resp.status.as_u16())
-                            && failed.len() + 1 < pool.size() =>
+                            && pool.another_healthy(&[failed.as_slice(), &[addr]].concat()) =>
                     {
                         retried_on_status = true;
                         let waited = SystemTime::now().duration_since(sent).unwrap_or_default();

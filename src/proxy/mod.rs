@@ -878,9 +878,14 @@ impl CachingProxy {
         let Some(pool) = pools.get(ctx.pool).filter(|p| p.retries_on(status)) else {
             return false;
         };
-        if !self.another_origin_than(ctx.origin_addr, ctx) {
+        // Only to an origin that passes its health checks: a down one would trade this
+        // answer for a failed connection (and a GET sent to this origin twice).
+        let mut tried = ctx.failed_origins.clone();
+        tried.extend(ctx.origin_addr);
+        if !pool.another_healthy(&tried) {
             return false;
         }
+        ctx.failed_origins = tried;
         ctx.retried_on_status = true;
         pool.series(&self.shared.metrics).observe(status, waited);
         true

@@ -451,6 +451,23 @@ impl Pool {
         self.down.load(Ordering::Relaxed) >= self.size
     }
 
+    /// Whether an origin not in `tried` passes its health checks: somewhere a request its
+    /// first origin answered with one of `retry_statuses` may be sent instead. Not one that
+    /// is down: that would trade the origin's answer for a failed connection.
+    pub fn another_healthy(&self, tried: &[SocketAddr]) -> bool {
+        if self.all_down() {
+            return false;
+        }
+        let backends = match &self.balancer {
+            Balancer::RoundRobin(lb) => lb.backends(),
+            Balancer::Consistent(lb) => lb.backends(),
+        };
+        backends
+            .get_backend()
+            .iter()
+            .any(|b| b.addr.as_inet().is_some_and(|a| !tried.contains(a)) && backends.ready(b))
+    }
+
     /// Every origin's state (health checks, resting), for the admin endpoint.
     pub fn health(&self) -> Vec<OriginHealth> {
         let backends = match &self.balancer {
