@@ -50,8 +50,7 @@ pub fn kept(value: &[u8]) -> Option<&str> {
 
 /// The id a request goes to the origin with: the one a trusted proxy gave (`from_proxy`),
 /// else a new one.
-pub fn for_request<'a>(given: impl Iterator<Item = &'a [u8]>, from_proxy: bool) -> String {
-    let mut given = given;
+pub fn for_request<'a>(mut given: impl Iterator<Item = &'a [u8]>, from_proxy: bool) -> String {
     match given.next().filter(|_| from_proxy).and_then(kept) {
         Some(id) => id.to_string(),
         None => new_id(),
