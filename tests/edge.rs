@@ -384,6 +384,55 @@ async fn trusted_proxy_keeps_its_forwarding_headers() {
     assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
 }
 
+/// A balancer that sends only `Forwarded` (RFC 7239; HAProxy's `option forwarded`) names the
+/// client as one sending `X-Forwarded-For` does: the origin gets the chain and the scheme,
+/// rules judge the client it names, on hits and misses alike. Before, Skua stripped it and
+/// every client was the balancer. From anyone else it is still removed, naming nobody.
+#[tokio::test]
+async fn a_trusted_balancers_forwarded_names_the_client_and_scheme() {
+    let origin = Origin::start(|seen| {
+        Reply::ok(format!(
+            "for {} proto {} fwd {}",
+            seen.header("x-forwarded-for").unwrap_or("-"),
+            seen.header("x-forwarded-proto").unwrap_or("-"),
+            seen.header("forwarded").unwrap_or("-"),
+        ))
+        .header("cache-control", "max-age=600")
+    })
+    .await;
+    let lines = "trusted_proxies = [\"127.0.0.2/32\"]";
+    let rule = "[[rule]]\nname = \"blocked network\"\nmatch = { client = [\"198.51.100.0/24\"] }\ndeny = { status = 403, body = \"blocked\" }\n";
+    let skua = Skua::start_tables(&[origin.addr], [lines, "", ""], rule).await;
+    let ask = |from: &'static str, forwarded: &'static str, path: &'static str| {
+        let addr = skua.addr;
+        async move {
+            let mut stream = connect_from(from, addr).await;
+            let request = format!(
+                "GET {path} HTTP/1.1\r\nHost: wiki.test\r\nForwarded: {forwarded}\r\nConnection: close\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    let chain = "for=203.0.113.9;proto=https, for=\"[2001:db8::7]:4711\"";
+    let answer = ask("127.0.0.2", chain, "/fwd").await;
+    assert!(
+        answer.ends_with("for 203.0.113.9, [2001:db8::7]:4711, 127.0.0.2 proto https fwd -"),
+        "{answer}"
+    );
+    // Its copy (under the https key the balancer's `proto` names) answers the next one.
+    let again = ask("127.0.0.2", chain, "/fwd").await;
+    assert!(again.contains("x-cache-status: hit-front"), "{again}");
+    let blocked = ask("127.0.0.2", "for=198.51.100.4", "/fwd").await;
+    assert!(blocked.starts_with("HTTP/1.1 403 "), "{blocked}");
+    // Anyone else's `Forwarded` names nobody.
+    let forged = ask("127.0.0.3", "for=198.51.100.4;proto=https", "/forged").await;
+    assert!(forged.ends_with("for 127.0.0.3 proto - fwd -"), "{forged}");
+}
+
 /// Regression: of a trusted proxy's `X-Forwarded-For` field lines, only the first reached the
 /// origin. HAProxy's `option forwardfor` adds its own line after the client's ("the server
 /// must be configured to always use the last occurrence"), so the origin lost the address the

@@ -574,10 +574,11 @@ fn stream_request<'a>(
     })
 }
 
-/// Fields whose meaning only the full path implements: framing and bodies, upgrades, and
-/// what only pingora's cache state machine answers (conditional and range requests,
+/// Fields whose meaning only the full path implements: a balancer's `Forwarded`, framing and
+/// bodies, upgrades, and what only pingora's cache state machine answers (conditional and range requests,
 /// [`hit::NEEDS_CACHE_MACHINE`]).
-const FULL_PATH_FIELDS: [HeaderName; 5] = [
+const FULL_PATH_FIELDS: [HeaderName; 6] = [
+    header::FORWARDED,
     header::CONTENT_LENGTH,
     header::TRANSFER_ENCODING,
     header::TE,
@@ -588,7 +589,9 @@ const FULL_PATH_FIELDS: [HeaderName; 5] = [
 /// [`needs_full_path`]'s names as text, for a request's fields as httparse left them: a
 /// `HeaderName`'s text is a table lookup per name (about 150 instructions a field to compare
 /// with them all).
-const FULL_PATH_NAMES: [&str; 12] = [
+const FULL_PATH_NAMES: [&str; 13] = [
+    // From a trusted balancer it names the client (`guard::forwarded_as_x_headers`).
+    "forwarded",
     "content-length",
     "transfer-encoding",
     "te",

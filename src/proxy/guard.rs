@@ -306,6 +306,46 @@ pub fn trusted(proxies: &Acl, ip: Option<IpAddr>) -> bool {
     ip.is_some_and(|ip| proxies.allows(ip))
 }
 
+/// A trusted balancer's `Forwarded` (RFC 7239) as the `X-Forwarded-For` and
+/// `X-Forwarded-Proto` values it stands for, when it sent no `X-Forwarded-For` (HAProxy's
+/// `option forwarded` sends only this): each element's `for=` in order (§5.2: an address, an
+/// address and port, or an identifier such as `unknown`, which names no address and is
+/// judged as such), and the first element's `proto=` (§5.4: the scheme the client used).
+/// `None` when there is nothing to read.
+pub fn forwarded_as_x_headers(headers: &http::HeaderMap) -> Option<(String, Option<Scheme>)> {
+    if headers.contains_key(X_FORWARDED_FOR) || !headers.contains_key(FORWARDED) {
+        return None;
+    }
+    let mut chain = Vec::new();
+    let mut scheme = None;
+    let lines = headers.get_all(FORWARDED).iter();
+    let elements = lines
+        .filter_map(|line| line.to_str().ok())
+        .flat_map(|line| line.split(','));
+    for (i, element) in elements.enumerate() {
+        for pair in element.split(';') {
+            let Some((name, value)) = pair.split_once('=') else {
+                continue;
+            };
+            let value = value.trim().trim_matches('"');
+            match name.trim().to_ascii_lowercase().as_str() {
+                "for" if !value.is_empty() => chain.push(value.to_string()),
+                "proto" if i == 0 => {
+                    scheme = match value.to_ascii_lowercase().as_str() {
+                        "https" => Some(Scheme::Https),
+                        "http" => Some(Scheme::Http),
+                        _ => None,
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    (!chain.is_empty()).then(|| (chain.join(", "), scheme))
+}
+
+const FORWARDED: http::HeaderName = http::header::FORWARDED;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,6 +496,35 @@ mod tests {
             ..LIMITS
         };
         assert!(check(&req(&[("content-length", "1001")]), &unlimited).is_ok());
+    }
+
+    #[test]
+    fn forwarded_stands_for_the_x_headers_only_where_they_are_absent() {
+        let of = |fields: &[(&str, &str)]| forwarded_as_x_headers(&req(fields).headers);
+        assert_eq!(
+            of(&[
+                ("forwarded", "for=192.0.2.60;proto=HTTPS;by=203.0.113.43"),
+                ("forwarded", "For=\"[2001:db8:cafe::17]:4711\", for=unknown"),
+            ]),
+            Some((
+                "192.0.2.60, [2001:db8:cafe::17]:4711, unknown".to_string(),
+                Some(Scheme::Https)
+            ))
+        );
+        // The scheme is the client's, the first element's; a later hop's is no answer.
+        assert_eq!(
+            of(&[("forwarded", "for=192.0.2.60, for=10.0.0.1;proto=https")]),
+            Some(("192.0.2.60, 10.0.0.1".to_string(), None))
+        );
+        assert_eq!(of(&[("forwarded", "proto=https")]), None);
+        assert_eq!(
+            of(&[
+                ("forwarded", "for=192.0.2.60"),
+                ("x-forwarded-for", "192.0.2.61")
+            ]),
+            None
+        );
+        assert_eq!(of(&[]), None);
     }
 
     #[test]

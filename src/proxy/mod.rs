@@ -1393,6 +1393,20 @@ impl ProxyHttp for CachingProxy {
             return Ok(true);
         }
         let settings = self.shared.settings.load();
+        // Read before anything judges the client: from a trusted balancer, `Forwarded` stands
+        // for `X-Forwarded-For` and `X-Forwarded-Proto` (the front door leaves such requests
+        // to this path).
+        if let Some((chain, scheme)) = guard::forwarded_as_x_headers(&session.req_header().headers)
+            .filter(|_| guard::trusted(&settings.trusted_proxies, client_ip(session)))
+        {
+            let req = session.req_header_mut();
+            req.insert_header(guard::X_FORWARDED_FOR, chain)?;
+            if let Some(scheme) =
+                scheme.filter(|_| !req.headers.contains_key(guard::X_FORWARDED_PROTO))
+            {
+                req.insert_header(guard::X_FORWARDED_PROTO, scheme.as_str())?;
+            }
+        }
         let mut verdict = guard::check(session.req_header(), &settings.limits);
         if verdict.is_ok()
             && session
