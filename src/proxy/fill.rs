@@ -519,6 +519,8 @@ impl super::fast::FrontDoor {
             let given = req.fields.values("x-request-id");
             super::request_id::for_request(given, from_proxy)
         });
+        // What names the request in its log line and on an error page.
+        let ids = (url, request_id.as_deref());
         let (request, forwarded_for) = upstream_request(
             &req,
             (url.scheme, url.path_and_query.as_str()),
@@ -616,15 +618,8 @@ impl super::fast::FrontDoor {
                     Err(e) => {
                         release(shared.lock, &key, permit, LockStatus::TransientError);
                         shared.metrics.origin_error(&pool.name, e.as_str());
-                        self.origin_failed(
-                            e,
-                            &req,
-                            (url, request_id.as_deref()),
-                            client,
-                            started,
-                            downstream,
-                        )
-                        .await;
+                        self.origin_failed(e, &req, ids, client, started, downstream)
+                            .await;
                         return Filled::Answered { close: true };
                     }
                 }
@@ -639,15 +634,8 @@ impl super::fast::FrontDoor {
             let Some(error) = last_error else {
                 return Filled::Declined;
             };
-            self.origin_failed(
-                error,
-                &req,
-                (url, request_id.as_deref()),
-                client,
-                started,
-                downstream,
-            )
-            .await;
+            self.origin_failed(error, &req, ids, client, started, downstream)
+                .await;
             return Filled::Answered { close: true };
         };
         let waited = SystemTime::now().duration_since(sent).unwrap_or_default();
@@ -667,15 +655,8 @@ impl super::fast::FrontDoor {
             Err(error) => {
                 release(shared.lock, &key, permit, LockStatus::TransientError);
                 shared.metrics.origin_error(&pool.name, error.as_str());
-                self.origin_failed(
-                    error,
-                    &req,
-                    (url, request_id.as_deref()),
-                    client,
-                    started,
-                    downstream,
-                )
-                .await;
+                self.origin_failed(error, &req, ids, client, started, downstream)
+                    .await;
                 return Filled::Answered { close: true };
             }
         };
@@ -697,15 +678,8 @@ impl super::fast::FrontDoor {
             release(shared.lock, &key, permit, LockStatus::TransientError);
             let error = OriginError::Malformed;
             shared.metrics.origin_error(&pool.name, error.as_str());
-            self.origin_failed(
-                error,
-                &req,
-                (url, request_id.as_deref()),
-                client,
-                started,
-                downstream,
-            )
-            .await;
+            self.origin_failed(error, &req, ids, client, started, downstream)
+                .await;
             return Filled::Answered { close: true };
         }
         // Counted before the client can read a byte of the answer: whoever reads the metric
@@ -962,7 +936,7 @@ impl super::fast::FrontDoor {
         }
         self.log(
             &req,
-            (url, request_id.as_deref()),
+            ids,
             client,
             started,
             (status, body_bytes, disposition),
