@@ -170,11 +170,7 @@ async fn the_json_access_log_names_the_origin_that_answered_and_its_wait() {
     assert_eq!(get(&skua.url("/slow"), &[]).await.cache(), "hit-front");
     let posted = send(&client(), "POST", &skua.url("/slow"), &[]).await;
     assert_eq!(posted.status, 200);
-    let text = logged_lines(&log, 3).await;
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (text, lines) = logged_json(&log, 3).await;
     // A line is written after its answer went out, so they may come in another order.
     let line = |status: &str| {
         (lines.iter())
@@ -230,15 +226,11 @@ async fn each_request_to_an_origin_carries_an_id_the_log_and_the_error_page_name
     }
     assert_ne!(miss_id, posted_id);
     assert_eq!(hit.text(), miss_id, "a hit is the stored answer");
-    let text = logged_lines(&log, 3).await;
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let (text, lines) = logged_json(&log, 3).await;
     let logged = |status: &str| {
         let line = (lines.iter())
             .find(|l| l["cache_status"] == status)
-            .unwrap();
+            .unwrap_or_else(|| panic!("no {status} line: {text}"));
         line["request_id"].as_str().map(|id| format!("id {id}"))
     };
     assert_eq!(logged("miss"), Some(miss_id));
@@ -268,6 +260,16 @@ async fn each_request_to_an_origin_carries_an_id_the_log_and_the_error_page_name
         let got = send(&client(), method, &behind.url("/lb"), &given).await;
         assert_eq!(got.text(), "id lb-7f3a", "{method}");
     }
+}
+
+/// [`logged_lines`] as JSON objects, with the text they came from.
+async fn logged_json(log: &std::path::Path, n: usize) -> (String, Vec<serde_json::Value>) {
+    let text = logged_lines(log, n).await;
+    let lines = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (text, lines)
 }
 
 /// The access log at `log` once it has `n` lines (waited for up to 10 s: a writer thread

@@ -158,11 +158,13 @@ impl Variants {
             .collect();
         let over = (objects.len() + 1).saturating_sub(max.max(2));
         let mut left = over;
-        objects.retain(|o| {
-            let goes = left > 0 && o.slot().is_some();
-            left -= usize::from(goes);
-            !goes
-        });
+        if over > 0 {
+            objects.retain(|o| {
+                let goes = left > 0 && o.slot().is_some();
+                left -= usize::from(goes);
+                !goes
+            });
+        }
         let displaced = over - left;
         if objects.is_empty() {
             return (Variants::One(obj), displaced);

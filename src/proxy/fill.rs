@@ -516,7 +516,7 @@ impl super::fast::FrontDoor {
         let primary_text = || url.primary();
         let from_proxy = guard::trusted(&settings.trusted_proxies, client());
         let request_id = settings.request_id.then(|| {
-            let given = req.fields.values("x-request-id");
+            let given = req.fields.values(super::request_id::X_REQUEST_ID_NAME);
             super::request_id::for_request(given, from_proxy)
         });
         // What names the request in its log line and on an error page.

@@ -123,12 +123,19 @@ pub fn absolute_form_scheme(target: &[u8]) -> Option<&[u8]> {
 /// `Content-Length` that is no number was refused earlier in [`check`]; one past `u64` is over
 /// any limit.
 pub fn declares_body_over(req: &RequestHeader, limit: u64) -> bool {
-    req.headers
-        .get(http::header::CONTENT_LENGTH)
-        .is_some_and(|v| {
-            v.to_str()
-                .map_or(true, |n| n.parse::<u64>().map_or(true, |n| n > limit))
-        })
+    declared_length(req).is_some_and(|n| n.is_none_or(|n| n > limit))
+}
+
+/// The body length a request declares in `Content-Length`: `None` without the field,
+/// `Some(None)` for one that is no number.
+pub fn declared_length(req: &RequestHeader) -> Option<Option<u64>> {
+    let value = req.headers.get(http::header::CONTENT_LENGTH)?;
+    Some(
+        value
+            .to_str()
+            .ok()
+            .and_then(|n| n.trim().parse::<u64>().ok()),
+    )
 }
 
 /// Whether a raw request head names a Content-Length field. pingora drops Content-Length

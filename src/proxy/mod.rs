@@ -647,9 +647,8 @@ const PRE_READ_MAX: u64 = 64 * 1024;
 /// within [`PRE_READ_MAX`]. A chunked body of unknown length streams, as larger ones do,
 /// within `body_min_rate`.
 fn pre_reads(req: &RequestHeader) -> bool {
-    req.headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+    guard::declared_length(req)
+        .flatten()
         .is_some_and(|len| (1..=PRE_READ_MAX).contains(&len))
         && !req.headers.contains_key(header::TRANSFER_ENCODING)
 }

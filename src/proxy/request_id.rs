@@ -10,7 +10,9 @@ use std::hash::{BuildHasher, RandomState};
 
 use http::HeaderName;
 
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// As text, for a request's fields as parsers left them (the front door's fill).
+pub const X_REQUEST_ID_NAME: &str = "x-request-id";
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static(X_REQUEST_ID_NAME);
 
 /// The longest id kept from a trusted proxy; a longer one is replaced.
 const LONGEST_KEPT: usize = 200;
