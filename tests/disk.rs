@@ -1279,3 +1279,57 @@ async fn a_disk_hit_promoted_to_memory_does_not_keep_its_evicted_segment() {
     assert!(again.body == mapped_body("/first"));
     assert_eq!(origin.count("/first"), 1);
 }
+
+/// Regression: a copy only the disk tier held (a restarted node), soft-purged and then
+/// confirmed by the origin's 304, was revalidated once more by the next reader, and the
+/// first revalidation logged `update_meta: object no longer stored` (the memory tier,
+/// which had not taken the copy, failed the whole refresh) and left the surrogate key the
+/// 304 brought unindexed, so a purge by it missed the copy.
+#[tokio::test]
+async fn a_disk_only_copy_confirmed_by_a_304_is_a_hit_for_the_next_reader() {
+    for vary in [None, Some("Accept-Encoding, Cookie")] {
+        let origin = Origin::start(move |req| {
+            let reply = if req.header("if-none-match") == Some("\"p1\"") {
+                Reply::ok("")
+                    .status(304)
+                    .header("etag", "\"p1\"")
+                    .header("surrogate-key", "confirmed")
+            } else {
+                Reply::ok("page").header("etag", "\"p1\"")
+            };
+            let reply = reply.header("cache-control", "s-maxage=300, must-revalidate, max-age=0");
+            match vary {
+                Some(v) => reply.header("vary", v),
+                None => reply,
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut skua = Skua::start_disk(&[origin.addr], dir.path(), "", CAPTURE_LOG).await;
+        let port = skua.port();
+        assert_eq!(get(&skua.url("/p"), &[]).await.cache(), "miss");
+        skua.stop();
+        let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), "", CAPTURE_LOG).await;
+        let soft = [("skua-soft-purge", "1")];
+        let purged = send(&client(), "PURGE", &skua.url("/p"), &soft).await;
+        assert_eq!(purged.status, 204);
+        let first = get(&skua.url("/p"), &[]).await;
+        assert_eq!(
+            (first.cache(), first.text()),
+            ("revalidated", "page".into()),
+            "{vary:?}"
+        );
+        let next = get(&skua.url("/p"), &[]).await;
+        assert!(
+            next.cache().starts_with("hit-"),
+            "{vary:?}: {}",
+            next.cache()
+        );
+        assert_eq!(origin.count("/p"), 2, "{vary:?}");
+        assert!(!skua.log().contains("no longer stored"), "{}", skua.log());
+        let by_key = [("surrogate-key", "confirmed")];
+        let purged = send(&client(), "PURGE", &skua.url("/"), &by_key).await;
+        assert_eq!(purged.status, 204);
+        assert_eq!(get(&skua.url("/p"), &[]).await.cache(), "miss", "{vary:?}");
+    }
+}

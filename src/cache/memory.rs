@@ -657,14 +657,11 @@ impl Storage for MemoryTier {
             None => Op::Nop,
         });
         self.changed(&primary);
-        if updated {
-            Ok(true)
-        } else {
-            Error::e_explain(
-                ErrorType::InternalError,
-                "update_meta: object no longer stored",
-            )
-        }
+        // Not held is no error: a purge since took it, or the copy was read from the disk
+        // tier and not promoted (one a soft purge marked stale), whose refresh is the disk
+        // tier's. Regression: an error here made pingora log a warning and the tiered store
+        // skip the surrogate keys of the disk tier's refreshed copy.
+        Ok(updated)
     }
 
     fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {

@@ -372,7 +372,10 @@ impl Storage for Store {
                 indexed &= self.tags.record(primary, tier, meta.response_header());
             }
         }
-        if !indexed {
+        // The proxy refuses a 304 a purge overtook (`response_cache_filter`); one that lands
+        // while the tiers are written is caught here, or the refresh would undo it.
+        let overtaken = self.invalidations.purged_since(&primary, meta.updated());
+        if !indexed || overtaken {
             self.drop_everywhere(&primary).await;
             return Ok(false);
         }

@@ -368,6 +368,7 @@ impl DiskTier {
             body: vec![body],
             body_len,
             only_if: Some(loc),
+            refreshed: true,
             done: Some(done),
             pending: None,
         }));

@@ -102,6 +102,7 @@ impl DiskWrite {
             body: self.body,
             body_len: self.len,
             only_if: None,
+            refreshed: false,
             done: None,
             pending: pending.clone(),
         }));

@@ -67,8 +67,12 @@ pub struct ObjectJob {
     pub body: Vec<Bytes>,
     pub body_len: u64,
     /// Indexed only if the URL is still at this place (a copy of an object: a 304's new
-    /// metadata, a re-admission), whose soft purge the copy keeps.
+    /// metadata, a re-admission), whose soft purge the copy keeps unless `refreshed`.
     pub only_if: Option<Loc>,
+    /// A 304's new metadata: the origin has confirmed the copy since its soft purge (a 304
+    /// a purge overtook is never stored: `proxy::response_cache_filter`), so the copy is
+    /// fresh again. Regression: it kept the mark, and every later reader revalidated it.
+    pub refreshed: bool,
     /// Answered with where it was written, once indexed (`None`: not stored).
     pub done: Option<tokio::sync::oneshot::Sender<Option<Loc>>>,
     /// Lookups read the fill here until it is indexed.
@@ -293,7 +297,7 @@ impl Writer {
             }
             self.buf_start = offset + total;
             self.dirty = true;
-            let loc = placed(job.only_if, self.seg, offset as u32, len32);
+            let loc = placed(&job, self.seg, offset as u32, len32);
             self.index_object(job, loc);
             return;
         }
@@ -303,7 +307,7 @@ impl Writer {
             self.buf.extend_from_slice(chunk);
         }
         self.buf.resize(self.buf.len() + (total - len) as usize, 0);
-        let loc = placed(job.only_if, self.seg, offset as u32, len32);
+        let loc = placed(&job, self.seg, offset as u32, len32);
         self.written.push(Written::Object { job, loc });
     }
 
@@ -571,11 +575,12 @@ impl Writer {
     }
 }
 
-/// Where a record written at `offset` is indexed: a copy keeps the original's soft purge.
-fn placed(only_if: Option<Loc>, seg: u32, offset: u32, len: u32) -> Loc {
-    match only_if {
-        Some(original) => original.moved_to(seg, offset, len),
-        None => Loc::new(seg, offset, len),
+/// Where a record written at `offset` is indexed: a copy keeps the original's soft purge,
+/// a refreshed one does not.
+fn placed(job: &ObjectJob, seg: u32, offset: u32, len: u32) -> Loc {
+    match job.only_if {
+        Some(original) if !job.refreshed => original.moved_to(seg, offset, len),
+        _ => Loc::new(seg, offset, len),
     }
 }
 
@@ -637,6 +642,7 @@ fn copy_of(scan: &mut Scan<'_>, at: u64, fixed: &record::Fixed, current: Loc) ->
         body_len: body.len() as u64,
         body: vec![body],
         only_if: Some(current),
+        refreshed: false,
         done: None,
         pending: None,
     })
