@@ -1333,3 +1333,30 @@ async fn a_disk_only_copy_confirmed_by_a_304_is_a_hit_for_the_next_reader() {
         assert_eq!(get(&skua.url("/p"), &[]).await.cache(), "miss", "{vary:?}");
     }
 }
+
+/// Regression: each start begins a new segment, and the tier counted every closed segment as
+/// full. A node restarted as often as its tier has segments (16) reported the tier full
+/// while it held a few pages, and a full tier writes a URL only on its second miss.
+#[tokio::test]
+async fn restarts_do_not_fill_the_disk_tier() {
+    let origin = Origin::start(|req| page(&format!("body of {}", req.path))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lines = format!("size = {}\nmax_object_size = 65536", 1 << 20);
+    let port = Port::reserve();
+    for restart in 0..17 {
+        let mut skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), &lines, "").await;
+        skua.wait_disk_index().await;
+        let url = skua.url(&format!("/start/{restart}"));
+        assert_eq!(get(&url, &[]).await.cache(), "miss");
+        skua.wait_disk_writes().await;
+        let disk = &skua.stats().await["tiers"]["disk"];
+        assert_eq!(
+            disk["stores"], 1,
+            "written on its first miss after {restart} restarts"
+        );
+        let used = disk["bytes"].as_u64().unwrap();
+        let on_disk = bytes_on_disk(dir.path());
+        assert!(used <= on_disk, "{used} bytes counted, {on_disk} on disk");
+        skua.kill9();
+    }
+}

@@ -553,9 +553,11 @@ impl Writer {
         finish_object(tier, job, indexed.then_some(loc));
     }
 
+    /// What the tier's files hold: the closed segments' lengths (each start begins a new
+    /// segment, so most are not full) and the current one's.
     fn update_used(&self) {
         let tier = self.tier;
-        let closed = tier.segments.count().saturating_sub(1) as u64 * tier.segment_size;
+        let closed: u64 = self.closed.values().sum();
         tier.used_bytes.store(
             closed + self.buf_start + self.buf.len() as u64,
             Ordering::Relaxed,
