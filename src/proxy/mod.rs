@@ -1967,7 +1967,7 @@ impl ProxyHttp for CachingProxy {
         &self,
         session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         // After a 101 the bytes are the new protocol's, through a tunnel, not a body.
@@ -1991,7 +1991,10 @@ impl ProxyHttp for CachingProxy {
             body_on_pace(&mut ctx.body_pace, ctx.request_body.1)?;
         }
         if ctx.request_body_withheld && body.is_some() {
-            *body = Some(Bytes::new());
+            // Nothing is written: an empty chunk is skipped, and the last one is no chunk at
+            // all (an empty one would be written to a body already ended by its
+            // `Content-Length: 0`, and pingora logs a warning for each such request).
+            *body = (!end_of_stream).then(Bytes::new);
         }
         Ok(())
     }
