@@ -87,10 +87,6 @@ impl Segments {
         self.read().keys().copied().collect()
     }
 
-    pub fn count(&self) -> usize {
-        self.read().len()
-    }
-
     pub fn newest(&self) -> Option<u32> {
         self.read().keys().next_back().copied()
     }
