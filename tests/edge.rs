@@ -798,6 +798,45 @@ async fn raw_origin(response: &'static [u8]) -> SocketAddr {
     addr
 }
 
+/// Regression (RFC 9110 §6.6.1: a cache that stores a response without `Date` "MUST record
+/// the time it was received and append a corresponding Date header field"): the front door's
+/// hit of such a response went out with no `Date` at all.
+#[tokio::test]
+async fn a_hit_of_a_response_without_date_carries_the_time_it_was_received() {
+    let origin = raw_origin(
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\n\r\npage",
+    )
+    .await;
+    let skua = Skua::start(&[origin], "").await;
+    // HTTP/1.0 takes pingora's path, HTTP/1.1 the front door; each fills one, and the next
+    // request of each kind is a hit of both.
+    for path in ["/front", "/pingora"] {
+        let version = if path == "/front" { "1.1" } else { "1.0" };
+        let ask =
+            format!("GET {path} HTTP/{version}\r\nHost: wiki.test\r\nConnection: close\r\n\r\n");
+        let before = std::time::SystemTime::now();
+        assert!(
+            raw(skua.addr, &ask).await.contains("x-cache-status: miss"),
+            "{path}"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        for hit_version in ["1.1", "1.0"] {
+            let again = format!(
+                "GET {path} HTTP/{hit_version}\r\nHost: wiki.test\r\nConnection: close\r\n\r\n"
+            );
+            let hit = raw(skua.addr, &again).await;
+            assert!(hit.contains("x-cache-status: hit-front"), "{path}: {hit}");
+            let date = hit
+                .lines()
+                .find_map(|l| l.strip_prefix("Date: "))
+                .unwrap_or_else(|| panic!("{path} over {hit_version}: no Date in {hit}"));
+            let date = httpdate::parse_http_date(date).unwrap();
+            let age = date.duration_since(before - Duration::from_secs(1));
+            assert!(age.is_ok(), "{path} over {hit_version}: {hit}");
+        }
+    }
+}
+
 /// `[server] error_page`: a reader whom Skua answers with a 5xx of its own gets the operator's
 /// page, its blanks filled, on both paths a miss takes (an origin that answers nonsense: the
 /// front door's fill; one that refuses connections: pingora's path, for a POST as for a GET);

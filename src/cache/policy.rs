@@ -358,6 +358,13 @@ impl StoragePolicy {
         if !storable_status(status, self.store_server_errors) {
             return Err(Uncacheable::Status);
         }
+        // RFC 9110 §6.6.1: "A recipient with a clock that receives a response message without
+        // a Date header field MUST record the time it was received and append a corresponding
+        // Date header field to the message's header section if it is cached or forwarded
+        // downstream." Regression: a hit of such a response went out without one.
+        if !resp.headers.contains_key(header::DATE) {
+            let _ = resp.insert_header(header::DATE, httpdate::fmt_http_date(now));
+        }
         // A cookie set for one reader must never be handed to another.
         if resp.headers.contains_key(header::SET_COOKIE) {
             return Err(Uncacheable::SetCookie);
@@ -629,7 +636,7 @@ mod tests {
             .decide(&mut r, false, SystemTime::now(), None)
             .unwrap();
         let names: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, vec!["cache-control", "x-wiki"]);
+        assert_eq!(names, vec!["cache-control", "x-wiki", "date"]);
     }
 
     fn ttl(f: &Freshness) -> u64 {
