@@ -12,6 +12,58 @@ fn cached() -> Reply {
         .header("vary", "Accept-Encoding")
 }
 
+/// Regression: a page title sent as UTF-8 (`/wiki/Café`, as some clients and bots send it)
+/// was an object of its own, which MediaWiki's purge, naming `/wiki/Caf%C3%A9`, never
+/// reached: those readers got the page from before the edit for its whole lifetime. Every
+/// spelling is one object, and the origin is asked in the encoded one.
+#[tokio::test]
+async fn a_purge_reaches_a_page_whose_title_was_sent_unencoded() {
+    let version = Arc::new(AtomicUsize::new(1));
+    let v = version.clone();
+    let origin = Origin::start(move |seen| {
+        revision(seen, v.load(Ordering::SeqCst) as u64).header("cache-control", "s-maxage=600")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let host = skua.addr.to_string();
+    // HTTP/1.1 takes the front door, HTTP/1.0 pingora's path.
+    for (title, http) in [("Café", "1.1"), ("Ärger^2", "1.0")] {
+        let ask =
+            format!("GET /wiki/{title} HTTP/{http}\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let first = raw(skua.addr, &ask).await;
+        assert!(first.contains("x-cache-status: miss"), "{first}");
+        let escaped = |upper: bool| -> String {
+            title
+                .bytes()
+                .map(|b| match b {
+                    b if b.is_ascii_alphanumeric() => char::from(b).to_string(),
+                    b if upper => format!("%{b:02X}"),
+                    b => format!("%{b:02x}"),
+                })
+                .collect()
+        };
+        let path = format!("/wiki/{}", escaped(true));
+        assert!(
+            first.ends_with(&format!("{path} v1")),
+            "the origin is asked {path}: {first}"
+        );
+        // Escapes in lower case are the same object.
+        let lower = get(&skua.url(&format!("/wiki/{}", escaped(false))), &[]).await;
+        assert_eq!(
+            (lower.cache(), lower.text()),
+            ("hit-front", format!("{path} v1"))
+        );
+        version.store(2, Ordering::SeqCst);
+        let purge = format!(
+            "PURGE http://{host}{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        );
+        assert!(raw(skua.addr, &purge).await.starts_with("HTTP/1.1 204"));
+        let after = raw(skua.addr, &ask).await;
+        assert!(after.ends_with(&format!("{path} v2")), "{after}");
+        version.store(1, Ordering::SeqCst);
+    }
+}
+
 #[tokio::test]
 async fn purge_absolute_and_origin_form() {
     let origin = Origin::start(|_| cached()).await;

@@ -1,6 +1,8 @@
 //! One spelling per request target (RFC 3986 §6.2.2), so that every spelling of a URL finds,
 //! and every purge removes, the same object: `/wiki/%50age1`, `/wiki/./Page1` and
-//! `/wiki/Page1?` are `/wiki/Page1`. Only rewrites that cannot change the resource are made;
+//! `/wiki/Page1?` are `/wiki/Page1`, and `/wiki/Café` (UTF-8 sent as it is) is
+//! `/wiki/Caf%C3%A9`, as MediaWiki names the page in its purges. Only rewrites that cannot
+//! change the resource are made;
 //! `//` and encoded reserved characters (`%2F`, `%3F`) stay, since an origin may treat them
 //! as different resources. What the key uses is also what the origin is sent.
 
@@ -9,6 +11,8 @@ use std::borrow::Cow;
 /// The normal form of an origin-form target (path and optional query, no fragment):
 /// - percent-encoded unreserved characters decoded, and other escapes' hex digits in upper
 ///   case (RFC 3986 §6.2.2.1, §6.2.2.2);
+/// - bytes no URI may hold as they are ([`needs_escape`]) percent-encoded, their one URI
+///   spelling (RFC 3987 §3.1 maps an IRI's UTF-8 octets so);
 /// - dot segments removed from the path (§6.2.2.3, the algorithm of §5.2.4);
 /// - an empty query dropped (`/a?` is `/a`; §6.2.3 lets a scheme-based normaliser do so for
 ///   http, whose URIs compare equal with and without an empty query only by that rule).
@@ -46,6 +50,7 @@ fn is_normal(target: &str) -> bool {
     for (i, b) in bytes.iter().enumerate() {
         match b {
             b'%' => return false,
+            b if needs_escape(*b) => return false,
             b'?' => in_path = false,
             // A dot segment starts right after a slash: "/." followed by "/", "./", ".", or
             // the end.
@@ -77,6 +82,20 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// A byte a request target may arrive with but no URI holds as it is (RFC 3986 §2: neither
+/// reserved, unreserved nor `%`): non-ASCII (UTF-8 a client did not encode) and the ASCII
+/// characters left out of URIs. Browsers send some of them as they are (WHATWG URL's path
+/// set leaves `^` and `|` alone), while MediaWiki's purges encode them (`wfUrlencode`).
+/// Regression: `/wiki/Café` sent as UTF-8 was an object of its own, which MediaWiki's purge
+/// of `/wiki/Caf%C3%A9` never reached. Spaces and control characters are refused earlier.
+fn needs_escape(b: u8) -> bool {
+    b >= 0x80
+        || matches!(
+            b,
+            b'"' | b'<' | b'>' | b'\\' | b'^' | b'`' | b'{' | b'|' | b'}'
+        )
+}
+
 /// The byte an escape at `at` (`%` and two hex digits) stands for; `None` when none starts
 /// there.
 pub fn escaped_byte(bytes: &[u8], at: usize) -> Option<u8> {
@@ -87,8 +106,9 @@ pub fn escaped_byte(bytes: &[u8], at: usize) -> Option<u8> {
     Some((hex(at + 1)? * 16 + hex(at + 2)?) as u8)
 }
 
-/// Decodes escapes of unreserved characters and upper-cases the hex digits of the others.
-/// Every `%` starts an escape here (see [`normalize`]).
+/// Decodes escapes of unreserved characters, upper-cases the hex digits of the others, and
+/// encodes the bytes that [`needs_escape`]. Every `%` starts an escape here (see
+/// [`normalize`]).
 fn percent_normal(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(s.len());
@@ -103,13 +123,18 @@ fn percent_normal(s: &str) -> String {
                 out.push(bytes[i + 2].to_ascii_uppercase());
             }
             i += 3;
+        } else if needs_escape(bytes[i]) {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            let b = bytes[i];
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+            i += 1;
         } else {
             out.push(bytes[i]);
             i += 1;
         }
     }
-    // Only ASCII escapes were rewritten, into ASCII: the text stays what it was, UTF-8, and
-    // the buffer becomes the string without a copy.
+    // Escapes were rewritten into ASCII and whole UTF-8 sequences encoded: the text stays
+    // UTF-8, and the buffer becomes the string without a copy.
     String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
@@ -202,6 +227,25 @@ mod tests {
         assert_eq!(normalize("/a/b/.."), "/a/");
         assert_eq!(normalize("/.."), "/");
         assert_eq!(normalize("/a?q=%7e%2f"), "/a?q=~%2F");
+    }
+
+    /// UTF-8 a client did not encode, and the ASCII characters URIs leave out, are the
+    /// escapes MediaWiki's purges spell them with; reserved characters stay as sent.
+    #[test]
+    fn bytes_no_uri_holds_are_percent_encoded() {
+        for spelling in ["/wiki/Café", "/wiki/Caf%c3%a9", "/wiki/Caf%C3%A9"] {
+            assert_eq!(normalize(spelling), "/wiki/Caf%C3%A9", "{spelling}");
+        }
+        assert_eq!(normalize("/wiki/日本"), "/wiki/%E6%97%A5%E6%9C%AC");
+        assert_eq!(
+            normalize("/w/api.php?prop=info|revisions&t=a^b"),
+            "/w/api.php?prop=info%7Crevisions&t=a%5Eb"
+        );
+        assert_eq!(normalize("/a\"<>`{}"), "/a%22%3C%3E%60%7B%7D");
+        assert_eq!(normalize("/x/../Café?"), "/Caf%C3%A9");
+        for kept in ["/wiki/A:B;C@D$E!F*(G),H/~", "/a?b=c&d=e+f", "/a[1]"] {
+            assert_eq!(normalize(kept), kept, "{kept}");
+        }
     }
 
     #[test]
