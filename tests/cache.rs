@@ -344,7 +344,37 @@ async fn range_on_a_hit_is_206() {
     assert_eq!(part.cache(), "hit-front");
     let suffix = get(&url, &[("range", "bytes=-3")]).await;
     assert_eq!((suffix.status, suffix.text().as_str()), (206, "def"));
+    // RFC 9110 §14.1.1: a zero-length suffix is not satisfiable; alone, the answer is 416,
+    // beside a satisfiable range it is left out. Regression: 206 with `Content-Range: bytes
+    // 16-15/16`.
+    let empty = get(&url, &[("range", "bytes=-0")]).await;
+    assert_eq!(empty.status, 416);
+    assert_eq!(empty.header("content-range"), "bytes */16");
+    let with_empty = get(&url, &[("range", "bytes=-0,4-5")]).await;
+    assert_eq!((with_empty.status, with_empty.text().as_str()), (206, "45"));
+    assert_eq!(with_empty.header("content-range"), "bytes 4-5/16");
     assert_eq!(origin.count("/file"), 1);
+}
+
+/// RFC 9110 §13.1.5: `If-Range` holds only for a strong match, which a weak entity tag never
+/// is; the whole representation is the answer. Regression: pingora compared the tags byte
+/// for byte and served the range, for the weak tag Skua gives every copy it compresses.
+#[tokio::test]
+async fn if_range_with_a_weak_tag_gets_the_whole_representation() {
+    let origin = Origin::start(|_| {
+        Reply::ok("0123456789")
+            .header("cache-control", "max-age=60")
+            .header("etag", "W/\"w1\"")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/weak");
+    get(&url, &[]).await;
+    let whole = get(&url, &[("range", "bytes=2-3"), ("if-range", "W/\"w1\"")]).await;
+    assert_eq!((whole.status, whole.text().as_str()), (200, "0123456789"));
+    let part = get(&url, &[("range", "bytes=2-3")]).await;
+    assert_eq!((part.status, part.text().as_str()), (206, "23"));
+    assert_eq!(origin.count("/weak"), 1);
 }
 
 #[tokio::test]

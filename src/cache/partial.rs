@@ -59,6 +59,26 @@ impl ByteRange {
         Some(ByteRange::From { first, last })
     }
 
+    /// A `bytes` range set with its zero-length suffixes (`-0`) left out, when it holds any:
+    /// RFC 9110 §14.1.1, "a suffix-range is satisfiable if it has a non-zero suffix-length",
+    /// so such a spec is skipped like any unsatisfiable one, and a set of nothing else is
+    /// unsatisfiable (416). pingora's parser took `-0` for the empty range at the end and
+    /// answered 206 with `Content-Range: bytes 187-186/187`, which no client can read.
+    pub fn without_empty_suffixes(value: &[u8]) -> Option<String> {
+        let value = std::str::from_utf8(value).ok()?;
+        let (unit, set) = value.trim().split_once('=')?;
+        let empty_suffix = |spec: &str| {
+            spec.trim()
+                .strip_prefix('-')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b == b'0'))
+        };
+        if !unit.trim().eq_ignore_ascii_case("bytes") || !set.split(',').any(empty_suffix) {
+            return None;
+        }
+        let kept: Vec<&str> = set.split(',').filter(|spec| !empty_suffix(spec)).collect();
+        Some(format!("bytes={}", kept.join(",")))
+    }
+
     /// The inclusive byte positions this range names in a representation of `length` bytes,
     /// if it is satisfiable.
     pub fn resolve(self, length: u64) -> Option<(u64, u64)> {
@@ -262,6 +282,24 @@ mod tests {
             "bytes=a-",
         ] {
             assert_eq!(r(refused), None, "{refused}");
+        }
+    }
+
+    #[test]
+    fn zero_length_suffixes_are_left_out_of_a_range_set() {
+        let w = |s: &str| ByteRange::without_empty_suffixes(s.as_bytes());
+        assert_eq!(w("bytes=-0").as_deref(), Some("bytes="));
+        assert_eq!(w("Bytes = -000").as_deref(), Some("bytes="));
+        assert_eq!(w("bytes=0-1, -0,5-").as_deref(), Some("bytes=0-1,5-"));
+        for untouched in [
+            "bytes=-5",
+            "bytes=0-0",
+            "bytes=10-",
+            "items=-0",
+            "bytes=-",
+            "-0",
+        ] {
+            assert_eq!(w(untouched), None, "{untouched}");
         }
     }
 

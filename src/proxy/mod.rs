@@ -1302,6 +1302,44 @@ impl CachingProxy {
 impl ProxyHttp for CachingProxy {
     type CTX = RequestCtx;
 
+    /// pingora's range handling, with the zero-length suffixes it misreads left out of the
+    /// request's `Range` first ([`ByteRange::without_empty_suffixes`]), and no range for an
+    /// `If-Range` holding a weak entity tag, which pingora compared byte for byte. RFC 9110
+    /// §13.1.5: the condition holds only for a "strong match", which a weak tag never is; the
+    /// answer is the whole representation. (Skua weakens the tag of each copy it compresses:
+    /// a download resumed across two such copies would have joined different bytes.)
+    fn range_header_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> pingora::proxy::RangeType {
+        // pingora's own default: a multipart answer of at most 200 ranges.
+        const MAX_RANGES: Option<usize> = Some(200);
+        let req = session.req_header();
+        let Some(range) = req.headers.get(header::RANGE) else {
+            return pingora::proxy::range_header_filter(req, resp, MAX_RANGES);
+        };
+        let weak_if_range = (req.headers.get(header::IF_RANGE))
+            .is_some_and(|tag| tag.as_bytes().starts_with(b"W/"));
+        let cleaned = ByteRange::without_empty_suffixes(range.as_bytes());
+        if !weak_if_range && cleaned.is_none() {
+            return pingora::proxy::range_header_filter(req, resp, MAX_RANGES);
+        }
+        let mut req = req.clone();
+        match cleaned {
+            Some(range) if !weak_if_range => {
+                if req.insert_header(header::RANGE, range).is_err() {
+                    req.remove_header(&header::RANGE);
+                }
+            }
+            _ => {
+                req.remove_header(&header::RANGE);
+            }
+        }
+        pingora::proxy::range_header_filter(&req, resp, MAX_RANGES)
+    }
+
     fn init_upstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
         modules.add_module(Box::new(compress::BrotliBuilder));
     }
