@@ -872,6 +872,22 @@ async fn skuas_own_5xx_answers_are_the_operators_error_page() {
     let refused_limit = get(&broken.url(&format!("/{}", "a".repeat(9000))), &[]).await;
     assert_eq!(refused_limit.status, 414);
     assert!(refused_limit.text().starts_with("skua: "));
+
+    // A connection over `max_connections` is refused with the page too, and asked to retry.
+    let busy_server = format!("{server}\nmax_connections = 2");
+    let busy = Skua::start_tables(&[invalid], [&busy_server, "", ""], "").await;
+    let _held = [
+        TcpStream::connect(busy.addr).await.unwrap(),
+        TcpStream::connect(busy.addr).await.unwrap(),
+    ];
+    open_connections_reach(&busy, 2.0).await;
+    let answer = raw(busy.addr, "GET /more HTTP/1.1\r\nHost: wiki.test\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(answer.contains("\r\nretry-after: 1\r\n"), "{answer}");
+    assert!(
+        answer.contains("<h1>503 Service Unavailable</h1><p>too many connections</p><p>edge-7 "),
+        "{answer}"
+    );
 }
 
 #[tokio::test]

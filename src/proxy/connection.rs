@@ -195,6 +195,27 @@ impl<A> ConnectionGate<A> {
         }
     }
 
+    /// Refuses a connection over a limit with a 503: on the proxy's listeners, the operator's
+    /// `[server] error_page` when there is one, as for Skua's other 5xx answers (regression: a
+    /// node too busy to take a connection answered one line of text, whatever page was set).
+    async fn refuse_busy(&self, stream: &mut Stream, why: &str) {
+        let Some(state) = self.front.as_ref().map(FrontDoor::state) else {
+            refuse(stream, "503 Service Unavailable", why, true).await;
+            return;
+        };
+        let page = state.settings.load().error_page.clone();
+        let facts = super::respond::PageFacts {
+            status: 503,
+            message: why,
+            node: &state.name,
+            client: (stream.get_socket_digest())
+                .and_then(|d| d.peer_addr().and_then(crate::purge::peer_ip)),
+            request_id: None,
+        };
+        let answer = super::respond::refusal_wire(page.as_deref(), facts);
+        write_and_close(stream, &answer).await;
+    }
+
     /// A place for `stream` among its client's connections (`max_connections_per_client`):
     /// `Ok(None)` where none is counted (no limit, the admin port, a trusted proxy's
     /// connection to a listener without the PROXY protocol), `Err` when the client has none
@@ -285,13 +306,7 @@ where
     ) -> Option<Stream> {
         let Some(_slot) = self.open.claim(self.limits.max_connections) else {
             self.metrics.refused_max_connections.inc();
-            refuse(
-                &mut stream,
-                "503 Service Unavailable",
-                "too many connections",
-                true,
-            )
-            .await;
+            self.refuse_busy(&mut stream, "too many connections").await;
             return None;
         };
         let (mut stream, tls_at_balancer) = if self.proxy_protocol {
@@ -302,13 +317,7 @@ where
         // After the PROXY header: its client is the one counted, not the balancer.
         let Ok(_client_slot) = self.claim_for_client(&stream) else {
             self.metrics.refused_max_connections_per_client.inc();
-            refuse(
-                &mut stream,
-                "503 Service Unavailable",
-                "too many connections from this client",
-                true,
-            )
-            .await;
+            (self.refuse_busy(&mut stream, "too many connections from this client")).await;
             return None;
         };
         let (mut stream, scheme) = match &self.tls {
@@ -734,8 +743,13 @@ async fn refuse(stream: &mut Stream, status: &str, why: &str, retry: bool) {
          {retry_after}Connection: close\r\n\r\n{body}",
         body.len()
     );
+    write_and_close(stream, response.as_bytes()).await;
+}
+
+/// Writes `answer` and closes, without waiting on a client that does not read.
+async fn write_and_close(stream: &mut Stream, answer: &[u8]) {
     let _ = fast_timeout(REFUSAL_WRITE_TIMEOUT, async {
-        stream.write_all(response.as_bytes()).await?;
+        stream.write_all(answer).await?;
         stream.shutdown().await
     })
     .await;

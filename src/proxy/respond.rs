@@ -44,6 +44,19 @@ pub fn error_wire(page: Option<&str>, facts: PageFacts<'_>) -> Vec<u8> {
     out
 }
 
+/// A connection refused before its request was read (`max_connections`,
+/// `max_connections_per_client`): [`error_wire`] with `Retry-After: 1` (RFC 9110 §10.2.3: how
+/// long the client is asked to wait before trying again).
+pub fn refusal_wire(page: Option<&str>, facts: PageFacts<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    let Ok((mut resp, body)) = error_response(page, &facts) else {
+        return out;
+    };
+    let _ = resp.insert_header(http::header::RETRY_AFTER, "1");
+    wire(facts.node, resp, &body, &mut out);
+    out
+}
+
 fn error_response(page: Option<&str>, facts: &PageFacts<'_>) -> Result<(ResponseHeader, Bytes)> {
     let line = format!("skua: {}", facts.message);
     let Some(page) = page else {
