@@ -1064,6 +1064,87 @@ async fn pages_are_stored_compressed_once_and_served_in_what_each_client_takes()
     assert_eq!(br_out, br.body.len() as f64);
 }
 
+/// A copy stored compressed and decoded for a client that takes no encoding is answered as
+/// that client's GET is, whatever else the request says. Regressions, all on pingora's path:
+/// a HEAD said `Content-Encoding: gzip` and the compressed length (RFC 9110 §9.3.2: a HEAD's
+/// header is the GET's); a `Range` was counted in the compressed bytes (`Content-Range:
+/// bytes 0-9/77` over what ten gzip bytes decode to); and an HTTP/1.0 client got the decoded
+/// body in chunks, which it cannot read (RFC 9112 §6.1), as it got an origin's chunked answer.
+#[tokio::test]
+async fn a_decoded_copy_is_whole_and_unchunked_for_head_range_and_http10() {
+    let page = "<p>The wiki page text, much like the next paragraph.</p>\n".repeat(150);
+    let body = page.clone();
+    let origin = Origin::start(move |_| {
+        Reply::ok(body.clone())
+            .header("content-type", "text/html; charset=UTF-8")
+            .header("cache-control", "max-age=600")
+    })
+    .await;
+    let chunked_origin = raw_chunked_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let gz = get(&skua.url("/wiki/Page"), &[("accept-encoding", "gzip")]).await;
+    assert_eq!(gz.header("content-encoding"), "gzip");
+    let ask = |method: &str, version: &str, more: &str| {
+        format!("{method} /wiki/Page HTTP/{version}\r\nHost: wiki.test\r\n{more}Connection: close\r\n\r\n")
+    };
+    let head_of = |answer: &str| {
+        answer
+            .split("\r\n\r\n")
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    let get_plain = raw(skua.addr, &ask("GET", "1.1", "")).await;
+    assert!(
+        !head_of(&get_plain).contains("content-encoding"),
+        "{get_plain}"
+    );
+    for (name, request) in [
+        ("HEAD", ask("HEAD", "1.1", "")),
+        ("HEAD over HTTP/1.0", ask("HEAD", "1.0", "")),
+    ] {
+        let answer = head_of(&raw(skua.addr, &request).await);
+        assert!(answer.contains("x-cache-status: hit"), "{name}: {answer}");
+        assert!(!answer.contains("content-encoding"), "{name}: {answer}");
+        assert!(!answer.contains("content-length"), "{name}: {answer}");
+    }
+    let ranged = raw(skua.addr, &ask("GET", "1.1", "Range: bytes=0-9\r\n")).await;
+    assert!(ranged.starts_with("HTTP/1.1 200 "), "{ranged}");
+    assert!(!head_of(&ranged).contains("content-range"), "{ranged}");
+    let http10 = raw(skua.addr, &ask("GET", "1.0", "")).await;
+    assert!(!head_of(&http10).contains("transfer-encoding"), "{http10}");
+    assert_eq!(http10.split("\r\n\r\n").nth(1), Some(page.as_str()));
+
+    // An origin's chunked answer on a miss, passed on to an HTTP/1.0 client.
+    let skua = Skua::start(&[chunked_origin], "").await;
+    let http10 = raw(
+        skua.addr,
+        "GET /chunked HTTP/1.0\r\nHost: wiki.test\r\n\r\n",
+    )
+    .await;
+    assert!(!head_of(&http10).contains("transfer-encoding"), "{http10}");
+    assert_eq!(http10.split("\r\n\r\n").nth(1), Some("page"));
+}
+
+/// An origin that answers every request with a chunked `page`, not to be stored.
+async fn raw_chunked_origin() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let answer = "HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nTransfer-Encoding: chunked\r\n\r\n4\r\npage\r\n0\r\n\r\n";
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
 /// RFC 9111 §5.2.2.6: an intermediary "MUST NOT transform the content" of a response marked
 /// `no-transform`. Such a page is passed on as the origin sent it: not compressed before it is
 /// stored (on either path a miss takes), its `ETag` left strong, and an origin's gzip not decoded

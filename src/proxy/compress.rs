@@ -15,6 +15,7 @@ use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::{HttpModule, HttpModuleBuilder, Module};
 use pingora::protocols::http::compression::{Algorithm, ResponseCompressionCtx};
+use pingora::proxy::Session;
 use pingora::{OrErr, Result};
 
 use crate::config::Compress;
@@ -305,8 +306,22 @@ pub fn stored_sizes(
 /// as it leaves a response marked `no-transform` ([`forbids_transform`]).
 struct Decompress {
     ctx: ResponseCompressionCtx,
-    /// The response forbids transformation: its body goes out as it is.
+    /// The response forbids transformation, or has no body to decode: its body, if any, goes
+    /// out as it is.
     as_sent: bool,
+    /// The request is a HEAD.
+    head: bool,
+}
+
+/// Whether the stored response `resp` reaches this client decoded (a copy compressed before
+/// storing, for a client that does not take its encoding). A byte range of it would be
+/// counted in the compressed bytes, so none is served from it: the client gets the whole
+/// decoded representation (RFC 9110 §14.2 lets a server ignore `Range`). Regression: a
+/// client without `Accept-Encoding` asking for `bytes=0-9` got `Content-Range: bytes 0-9/77`
+/// and what ten gzip bytes decode to.
+pub fn decoded_for_client(session: &Session, resp: &ResponseHeader) -> bool {
+    (session.downstream_modules_ctx.get::<Decompress>())
+        .is_some_and(|d| d.ctx.will_decompress(resp) && !forbids_transform(resp))
 }
 
 #[async_trait]
@@ -320,6 +335,7 @@ impl HttpModule for Decompress {
     }
 
     async fn request_header_filter(&mut self, req: &mut RequestHeader) -> Result<()> {
+        self.head = req.method == http::Method::HEAD;
         self.ctx.request_filter(req);
         Ok(())
     }
@@ -330,9 +346,19 @@ impl HttpModule for Decompress {
         end_of_stream: bool,
     ) -> Result<()> {
         self.as_sent = forbids_transform(resp);
-        if !self.as_sent {
-            self.ctx.response_header_filter(resp, end_of_stream);
+        if self.as_sent {
+            return Ok(());
         }
+        if end_of_stream && self.head && self.ctx.will_decompress(resp) {
+            // RFC 9110 §9.3.2: a HEAD is answered with the header a GET would get. pingora's
+            // context leaves a response without a body alone, so a HEAD said `Content-Encoding:
+            // gzip` and the compressed length to a client whose GET is decoded. The header is
+            // filtered as a GET's; no body follows to decode.
+            self.ctx.response_header_filter(resp, false);
+            self.as_sent = true;
+            return Ok(());
+        }
+        self.ctx.response_header_filter(resp, end_of_stream);
         Ok(())
     }
 
@@ -372,6 +398,7 @@ impl HttpModuleBuilder for DecompressBuilder {
         Box::new(Decompress {
             ctx: downstream_context(),
             as_sent: false,
+            head: false,
         })
     }
 

@@ -29,6 +29,7 @@ pub mod fill;
 pub mod guard;
 mod h2;
 pub mod hit;
+mod http10;
 mod progress;
 pub mod proxy_protocol;
 mod record;
@@ -1303,7 +1304,8 @@ impl ProxyHttp for CachingProxy {
     type CTX = RequestCtx;
 
     /// pingora's range handling, with the zero-length suffixes it misreads left out of the
-    /// request's `Range` first ([`ByteRange::without_empty_suffixes`]), and no range for an
+    /// request's `Range` first ([`ByteRange::without_empty_suffixes`]), no range of a copy the
+    /// client gets decoded ([`compress::decoded_for_client`]), and no range for an
     /// `If-Range` holding a weak entity tag, which pingora compared byte for byte. RFC 9110
     /// §13.1.5: the condition holds only for a "strong match", which a weak tag never is; the
     /// answer is the whole representation. (Skua weakens the tag of each copy it compresses:
@@ -1316,10 +1318,13 @@ impl ProxyHttp for CachingProxy {
     ) -> pingora::proxy::RangeType {
         // pingora's own default: a multipart answer of at most 200 ranges.
         const MAX_RANGES: Option<usize> = Some(200);
-        let req = session.req_header();
-        let Some(range) = req.headers.get(header::RANGE) else {
-            return pingora::proxy::range_header_filter(req, resp, MAX_RANGES);
+        let Some(range) = session.req_header().headers.get(header::RANGE) else {
+            return pingora::proxy::range_header_filter(session.req_header(), resp, MAX_RANGES);
         };
+        if compress::decoded_for_client(session, resp) {
+            return pingora::proxy::RangeType::None;
+        }
+        let req = session.req_header();
         let weak_if_range = (req.headers.get(header::IF_RANGE))
             .is_some_and(|tag| tag.as_bytes().starts_with(b"W/"));
         let cleaned = ByteRange::without_empty_suffixes(range.as_bytes());
@@ -1374,6 +1379,7 @@ impl ProxyHttp for CachingProxy {
         // In place of pingora's default (disabled) compression module: a stored compressed
         // copy is decompressed for a client that does not take its encoding.
         modules.add_module(Box::new(compress::DecompressBuilder));
+        modules.add_module(Box::new(http10::Http10FramingBuilder));
     }
 
     fn new_ctx(&self) -> RequestCtx {
