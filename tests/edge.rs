@@ -997,6 +997,43 @@ async fn clients_past_the_shells_open_file_limit_are_served_or_refused_never_lef
     assert_eq!(skua.metric(counted).await, 50.0);
 }
 
+/// Regression (RFC 9112 §9.3: HTTP/1.0 keeps a connection only on `Connection: keep-alive`):
+/// the admin port answered an HTTP/1.0 request `Connection: keep-alive` and held the
+/// connection, so a health check that reads to its end (Nagios' `check_http` speaks HTTP/1.0)
+/// waited for the idle timeout and reported the node down.
+#[tokio::test]
+async fn an_http10_health_check_of_the_admin_port_is_answered_and_closed() {
+    let origin = cached_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let admin = skua.admin;
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let started = Instant::now();
+        let answer = raw(admin, &format!("GET {path} HTTP/1.0\r\nHost: skua\r\n\r\n")).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{path}: {answer}");
+        assert!(
+            answer.contains("\r\nConnection: close\r\n"),
+            "{path}: {answer}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{path}: held open"
+        );
+    }
+    // One that asks to keep it is kept.
+    let mut kept = TcpStream::connect(admin).await.unwrap();
+    for _ in 0..2 {
+        let request = "GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+        kept.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(2), kept.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(answer.contains("Connection: keep-alive"), "{answer}");
+    }
+}
+
 /// Regression: the admin port (metrics, dashboard, purge API) had no request-head deadline, no
 /// idle timeout and no connection limit: a client that could reach it (a monitoring network)
 /// held connections without end, and enough of them took the file descriptors the proxy

@@ -424,6 +424,20 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // RFC 9112 §9.3: an HTTP/1.0 request keeps its connection open only when it asks to
+        // with `Connection: keep-alive`. pingora's app loop sets every session kept alive
+        // (honouring only an explicit `close`), so an HTTP/1.0 health check that reads to the
+        // end of the connection (Nagios' check_http) waited out the idle timeout and failed.
+        let req = session.req_header();
+        let asks_keepalive = (req.headers.get(http::header::CONNECTION))
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|o| o.trim().eq_ignore_ascii_case("keep-alive"))
+            });
+        if req.version == http::Version::HTTP_10 && !asks_keepalive {
+            session.set_keepalive(None);
+        }
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
             "/metrics" => {
