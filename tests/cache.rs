@@ -1068,10 +1068,11 @@ async fn pages_are_stored_compressed_once_and_served_in_what_each_client_takes()
 /// that client's GET is, whatever else the request says. Regressions, all on pingora's path:
 /// a HEAD said `Content-Encoding: gzip` and the compressed length (RFC 9110 §9.3.2: a HEAD's
 /// header is the GET's); a `Range` was counted in the compressed bytes (`Content-Range:
-/// bytes 0-9/77` over what ten gzip bytes decode to); and an HTTP/1.0 client got the decoded
-/// body in chunks, which it cannot read (RFC 9112 §6.1), as it got an origin's chunked answer.
+/// bytes 0-9/77` over what ten gzip bytes decode to); an HTTP/1.0 client got the decoded
+/// body in chunks, which it cannot read (RFC 9112 §6.1), as it got an origin's chunked answer;
+/// and a client refusing gzip (`gzip;q=0`) was sent it.
 #[tokio::test]
-async fn a_decoded_copy_is_whole_and_unchunked_for_head_range_and_http10() {
+async fn a_decoded_copy_is_whole_and_unchunked_for_head_range_http10_and_refused_codings() {
     let page = "<p>The wiki page text, much like the next paragraph.</p>\n".repeat(150);
     let body = page.clone();
     let origin = Origin::start(move |_| {
@@ -1114,6 +1115,18 @@ async fn a_decoded_copy_is_whole_and_unchunked_for_head_range_and_http10() {
     let http10 = raw(skua.addr, &ask("GET", "1.0", "")).await;
     assert!(!head_of(&http10).contains("transfer-encoding"), "{http10}");
     assert_eq!(http10.split("\r\n\r\n").nth(1), Some(page.as_str()));
+    // A client that names gzip with a qvalue of 0 refuses it (RFC 9110 §12.5.3); pingora's
+    // decoding took any coding named as accepted. On both paths a hit takes.
+    for version in ["1.1", "1.0"] {
+        let refusing = ask("GET", version, "Accept-Encoding: gzip;q=0, br;q=0\r\n");
+        let answer = raw(skua.addr, &refusing).await;
+        assert!(!head_of(&answer).contains("content-encoding"), "{answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+        assert!(
+            body.contains("The wiki page text"),
+            "HTTP/{version}: {answer}"
+        );
+    }
 
     // An origin's chunked answer on a miss, passed on to an HTTP/1.0 client.
     let skua = Skua::start(&[chunked_origin], "").await;

@@ -336,7 +336,9 @@ impl HttpModule for Decompress {
 
     async fn request_header_filter(&mut self, req: &mut RequestHeader) -> Result<()> {
         self.head = req.method == http::Method::HEAD;
-        self.ctx.request_filter(req);
+        if let Some(asked) = accepting(crate::cache::vary::accepted_codings(&req.headers)) {
+            self.ctx.request_filter(&asked);
+        }
         Ok(())
     }
 
@@ -382,6 +384,15 @@ impl HttpModule for Decompress {
         }
         Ok(self.ctx.response_body_filter(None, true))
     }
+}
+
+/// A request header that accepts `codings` and says nothing else: what the decompression
+/// context is given in place of the client's own `Accept-Encoding`.
+pub fn accepting(codings: &'static str) -> Option<RequestHeader> {
+    let mut req = RequestHeader::build("GET", b"/", None).ok()?;
+    req.insert_header(http::header::ACCEPT_ENCODING, codings)
+        .ok()?;
+    Some(req)
 }
 
 /// The downstream module that installs [`Decompress`] on every request.

@@ -1144,16 +1144,10 @@ fn hex_digits(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
     }
 }
 
-/// A request header holding only the client's `Accept-Encoding`, which is all the
-/// decompression context reads.
+/// A request header holding only the codings the client accepts, which is all the
+/// decompression context reads ([`crate::cache::vary::accepted_codings`]).
 fn accept_encoding_only<F: RequestFields>(fields: &F) -> Option<pingora::http::RequestHeader> {
-    let mut req = pingora::http::RequestHeader::build("GET", b"/", None).ok()?;
-    for value in fields.values("accept-encoding") {
-        if let Ok(value) = http::HeaderValue::from_bytes(value) {
-            let _ = req.append_header(header::ACCEPT_ENCODING, value);
-        }
-    }
-    Some(req)
+    super::compress::accepting(crate::cache::vary::accepted_codings(fields))
 }
 
 /// Stores a complete response through the storage's miss handler, as pingora's path does.
