@@ -337,7 +337,7 @@ impl HttpModule for Decompress {
     async fn request_header_filter(&mut self, req: &mut RequestHeader) -> Result<()> {
         self.head = req.method == http::Method::HEAD;
         if let Some(asked) = accepting(crate::cache::vary::accepted_codings(&req.headers)) {
-            self.ctx.request_filter(&asked);
+            self.ctx.request_filter(asked);
         }
         Ok(())
     }
@@ -386,13 +386,27 @@ impl HttpModule for Decompress {
     }
 }
 
-/// A request header that accepts `codings` and says nothing else: what the decompression
-/// context is given in place of the client's own `Accept-Encoding`.
-pub fn accepting(codings: &'static str) -> Option<RequestHeader> {
-    let mut req = RequestHeader::build("GET", b"/", None).ok()?;
-    req.insert_header(http::header::ACCEPT_ENCODING, codings)
-        .ok()?;
-    Some(req)
+/// A request header that accepts `codings` (one of
+/// [`crate::cache::vary::accepted_codings`]'s answers) and says nothing else: what the
+/// decompression context is given in place of the client's own `Accept-Encoding`. Made once
+/// for each answer, not per request.
+pub fn accepting(codings: &'static str) -> Option<&'static RequestHeader> {
+    static HEADERS: std::sync::LazyLock<Vec<(&'static str, RequestHeader)>> =
+        std::sync::LazyLock::new(|| {
+            ["gzip, br", "gzip", "br", "identity"]
+                .into_iter()
+                .filter_map(|codings| {
+                    let mut req = RequestHeader::build("GET", b"/", None).ok()?;
+                    req.insert_header(http::header::ACCEPT_ENCODING, codings)
+                        .ok()?;
+                    Some((codings, req))
+                })
+                .collect()
+        });
+    HEADERS
+        .iter()
+        .find(|(c, _)| *c == codings)
+        .map(|(_, req)| req)
 }
 
 /// The downstream module that installs [`Decompress`] on every request.

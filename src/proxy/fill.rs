@@ -789,7 +789,7 @@ impl super::fast::FrontDoor {
         .flatten()
         .map(|asked| {
             let mut ctx = Box::new(super::compress::downstream_context());
-            ctx.request_filter(&asked);
+            ctx.request_filter(asked);
             ctx.response_header_filter(&mut resp, framing == Framing::None);
             ctx
         })
@@ -1146,7 +1146,9 @@ fn hex_digits(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
 
 /// A request header holding only the codings the client accepts, which is all the
 /// decompression context reads ([`crate::cache::vary::accepted_codings`]).
-fn accept_encoding_only<F: RequestFields>(fields: &F) -> Option<pingora::http::RequestHeader> {
+fn accept_encoding_only<F: RequestFields>(
+    fields: &F,
+) -> Option<&'static pingora::http::RequestHeader> {
     super::compress::accepting(crate::cache::vary::accepted_codings(fields))
 }
 
