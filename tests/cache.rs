@@ -1081,7 +1081,11 @@ async fn a_decoded_copy_is_whole_and_unchunked_for_head_range_http10_and_refused
             .header("cache-control", "max-age=600")
     })
     .await;
-    let chunked_origin = raw_chunked_origin().await;
+    let chunked_origin = raw_origin(
+        b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nTransfer-Encoding: chunked\r\n\r\n\
+          4\r\npage\r\n0\r\n\r\n",
+    )
+    .await;
     let skua = Skua::start(&[origin.addr], "").await;
     let gz = get(&skua.url("/wiki/Page"), &[("accept-encoding", "gzip")]).await;
     assert_eq!(gz.header("content-encoding"), "gzip");
@@ -1137,25 +1141,6 @@ async fn a_decoded_copy_is_whole_and_unchunked_for_head_range_http10_and_refused
     .await;
     assert!(!head_of(&http10).contains("transfer-encoding"), "{http10}");
     assert_eq!(http10.split("\r\n\r\n").nth(1), Some("page"));
-}
-
-/// An origin that answers every request with a chunked `page`, not to be stored.
-async fn raw_chunked_origin() -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let answer = "HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nTransfer-Encoding: chunked\r\n\r\n4\r\npage\r\n0\r\n\r\n";
-                let _ = s.write_all(answer.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
 }
 
 /// RFC 9111 §5.2.2.6: an intermediary "MUST NOT transform the content" of a response marked

@@ -781,23 +781,6 @@ async fn open_connections_reach(skua: &Skua, count: f64) {
     panic!("skua_connections_open never reached {count}");
 }
 
-/// An origin that answers every connection with `response` and closes.
-async fn raw_origin(response: &'static [u8]) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s.write_all(response).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
 /// Regression (RFC 9110 §6.6.1: a cache that stores a response without `Date` "MUST record
 /// the time it was received and append a corresponding Date header field"): the front door's
 /// hit of such a response went out with no `Date` at all.

@@ -1155,3 +1155,20 @@ pub fn split(response: &str) -> (String, std::collections::BTreeMap<String, Stri
         .collect();
     (status, fields, body.to_string())
 }
+
+/// An origin that answers every connection with `response` and closes.
+pub async fn raw_origin(response: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(response).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
