@@ -317,7 +317,8 @@ where
         // After the PROXY header: its client is the one counted, not the balancer.
         let Ok(_client_slot) = self.claim_for_client(&stream) else {
             self.metrics.refused_max_connections_per_client.inc();
-            (self.refuse_busy(&mut stream, "too many connections from this client")).await;
+            self.refuse_busy(&mut stream, "too many connections from this client")
+                .await;
             return None;
         };
         let (mut stream, scheme) = match &self.tls {

@@ -36,23 +36,24 @@ pub async fn error(session: &mut Session, page: Option<&str>, facts: PageFacts<'
 
 /// [`error`] as the bytes written on a connection that then closes (the front door's).
 pub fn error_wire(page: Option<&str>, facts: PageFacts<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1024);
-    let Ok((resp, body)) = error_response(page, &facts) else {
-        return out;
-    };
-    wire(facts.node, resp, &body, &mut out);
-    out
+    closing_wire(page, facts, false)
 }
 
 /// A connection refused before its request was read (`max_connections`,
 /// `max_connections_per_client`): [`error_wire`] with `Retry-After: 1` (RFC 9110 §10.2.3: how
 /// long the client is asked to wait before trying again).
 pub fn refusal_wire(page: Option<&str>, facts: PageFacts<'_>) -> Vec<u8> {
+    closing_wire(page, facts, true)
+}
+
+fn closing_wire(page: Option<&str>, facts: PageFacts<'_>, retry: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(1024);
     let Ok((mut resp, body)) = error_response(page, &facts) else {
         return out;
     };
-    let _ = resp.insert_header(http::header::RETRY_AFTER, "1");
+    if retry {
+        let _ = resp.insert_header(http::header::RETRY_AFTER, "1");
+    }
     wire(facts.node, resp, &body, &mut out);
     out
 }
