@@ -1119,6 +1119,14 @@ async fn a_decoded_copy_is_whole_and_unchunked_for_head_range_http10_and_refused
     let http10 = raw(skua.addr, &ask("GET", "1.0", "")).await;
     assert!(!head_of(&http10).contains("transfer-encoding"), "{http10}");
     assert_eq!(http10.split("\r\n\r\n").nth(1), Some(page.as_str()));
+    // One that asked to keep the connection is told it closes: the close ends the body.
+    let kept = ask("GET", "1.0", "").replace("Connection: close", "Connection: keep-alive");
+    let http10 = raw(skua.addr, &kept).await;
+    assert!(
+        head_of(&http10).contains("\r\nconnection: close"),
+        "{http10}"
+    );
+    assert_eq!(http10.split("\r\n\r\n").nth(1), Some(page.as_str()));
     // A client that names gzip with a qvalue of 0 refuses it (RFC 9110 §12.5.3); pingora's
     // decoding took any coding named as accepted. On both paths a hit takes.
     for version in ["1.1", "1.0"] {

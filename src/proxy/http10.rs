@@ -4,7 +4,8 @@
 //! chunks whatever the request's version, so an HTTP/1.0 client (ApacheBench, old monitoring
 //! probes and proxies) read the chunk lines as part of the page: a stored copy decoded for it,
 //! or an origin's chunked answer passed on. Such a body is sent as it is and ended by closing
-//! the connection (RFC 9112 §6.3), which pingora does for a body without a length.
+//! the connection (RFC 9112 §6.3), which pingora does for a body without a length, and
+//! which the head announces ([`close_after_unframed_body`]).
 //!
 //! A downstream module, run after every other one (the decoding of a compressed copy
 //! chunks its body). The front door serves HTTP/1.1 only.
@@ -14,6 +15,7 @@ use std::any::Any;
 use async_trait::async_trait;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::modules::http::{HttpModule, HttpModuleBuilder, Module};
+use pingora::proxy::Session;
 use pingora::Result;
 
 struct Http10Framing {
@@ -44,6 +46,19 @@ impl HttpModule for Http10Framing {
             resp.remove_header(&http::header::TRANSFER_ENCODING);
         }
         Ok(())
+    }
+}
+
+/// Before a response head goes to an HTTP/1.0 client: when its body will have no length
+/// (an origin's chunked answer, or a stored copy decoded for the client), the connection
+/// closes after it and the head says so, where pingora would have said `keep-alive` to a
+/// client that asked for it.
+pub fn close_after_unframed_body(session: &mut Session, resp: &ResponseHeader) {
+    if session.req_header().version == http::Version::HTTP_10
+        && (resp.headers.contains_key(http::header::TRANSFER_ENCODING)
+            || super::compress::decoded_for_client(session, resp))
+    {
+        session.set_keepalive(None);
     }
 }
 

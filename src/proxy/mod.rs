@@ -1082,6 +1082,7 @@ impl CachingProxy {
                 edit::response(&mut resp, edits)?;
             }
         }
+        http10::close_after_unframed_body(session, &resp);
         session.write_response_header(Box::new(resp), head).await?;
         if !head {
             ctx.body_bytes = obj.body.len() as u64;
@@ -2210,6 +2211,7 @@ impl ProxyHttp for CachingProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        http10::close_after_unframed_body(session, resp);
         let outcome = self.outcome(session, ctx);
         let disposition = outcome.disposition();
         let now = SystemTime::now();
