@@ -66,19 +66,6 @@ pub fn accepts<F: RequestFields + ?Sized>(req: &F, coding: &str) -> bool {
     false
 }
 
-/// The stored codings a request accepts, as one `Accept-Encoding` value without qvalues:
-/// what pingora's (de)compression context is given, since it reads every coding a client
-/// names as accepted, `gzip;q=0` too (RFC 9110 §12.5.3: a qvalue of 0 means "not
-/// acceptable"). Regression: a client that refused gzip was sent the gzip copy.
-pub fn accepted_codings<F: RequestFields + ?Sized>(req: &F) -> &'static str {
-    match (accepts(req, "gzip"), accepts(req, "br")) {
-        (true, true) => "gzip, br",
-        (true, false) => "gzip",
-        (false, true) => "br",
-        (false, false) => "identity",
-    }
-}
-
 /// The copy a request is served from.
 pub fn normalize_accept_encoding<F: RequestFields + ?Sized>(req: &F) -> Encoding {
     if accepts(req, "br") {

@@ -18,6 +18,7 @@ use pingora::protocols::http::compression::{Algorithm, ResponseCompressionCtx};
 use pingora::proxy::Session;
 use pingora::{OrErr, Result};
 
+use crate::cache::fields::RequestFields;
 use crate::config::Compress;
 
 /// gzip's default level (zlib's 6): most of the gain, a fraction of level 9's time.
@@ -336,7 +337,7 @@ impl HttpModule for Decompress {
 
     async fn request_header_filter(&mut self, req: &mut RequestHeader) -> Result<()> {
         self.head = req.method == http::Method::HEAD;
-        if let Some(asked) = accepting(crate::cache::vary::accepted_codings(&req.headers)) {
+        if let Some(asked) = accepted_by(&req.headers) {
             self.ctx.request_filter(asked);
         }
         Ok(())
@@ -386,27 +387,24 @@ impl HttpModule for Decompress {
     }
 }
 
-/// A request header that accepts `codings` (one of
-/// [`crate::cache::vary::accepted_codings`]'s answers) and says nothing else: what the
-/// decompression context is given in place of the client's own `Accept-Encoding`. Made once
-/// for each answer, not per request.
-pub fn accepting(codings: &'static str) -> Option<&'static RequestHeader> {
-    static HEADERS: std::sync::LazyLock<Vec<(&'static str, RequestHeader)>> =
+/// The client's `Accept-Encoding` as the decompression context is to read it: a request
+/// header naming only the stored codings the client accepts ([`crate::cache::vary::accepts`]),
+/// made once for each of the four sets, not per request. pingora's context reads every coding
+/// a client names as accepted, `gzip;q=0` too (RFC 9110 §12.5.3: a qvalue of 0 means "not
+/// acceptable"); regression: a client that refused gzip was sent the gzip copy.
+pub fn accepted_by<F: RequestFields + ?Sized>(fields: &F) -> Option<&'static RequestHeader> {
+    static HEADERS: std::sync::LazyLock<[Option<RequestHeader>; 4]> =
         std::sync::LazyLock::new(|| {
-            ["gzip, br", "gzip", "br", "identity"]
-                .into_iter()
-                .filter_map(|codings| {
-                    let mut req = RequestHeader::build("GET", b"/", None).ok()?;
-                    req.insert_header(http::header::ACCEPT_ENCODING, codings)
-                        .ok()?;
-                    Some((codings, req))
-                })
-                .collect()
+            ["identity", "gzip", "br", "gzip, br"].map(|codings| {
+                let mut req = RequestHeader::build("GET", b"/", None).ok()?;
+                req.insert_header(http::header::ACCEPT_ENCODING, codings)
+                    .ok()?;
+                Some(req)
+            })
         });
-    HEADERS
-        .iter()
-        .find(|(c, _)| *c == codings)
-        .map(|(_, req)| req)
+    use crate::cache::vary::accepts;
+    let set = usize::from(accepts(fields, "gzip")) | usize::from(accepts(fields, "br")) << 1;
+    HEADERS[set].as_ref()
 }
 
 /// The downstream module that installs [`Decompress`] on every request.

@@ -785,7 +785,7 @@ impl super::fast::FrontDoor {
         // context pingora's path runs as a downstream module (`compress::DecompressBuilder`).
         let mut decode = (resp.headers.contains_key(header::CONTENT_ENCODING)
             && !super::compress::forbids_transform(&resp))
-        .then(|| accept_encoding_only(req.fields))
+        .then(|| super::compress::accepted_by(req.fields))
         .flatten()
         .map(|asked| {
             let mut ctx = Box::new(super::compress::downstream_context());
@@ -1142,14 +1142,6 @@ fn hex_digits(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
             return &buf[at..];
         }
     }
-}
-
-/// A request header holding only the codings the client accepts, which is all the
-/// decompression context reads ([`crate::cache::vary::accepted_codings`]).
-fn accept_encoding_only<F: RequestFields>(
-    fields: &F,
-) -> Option<&'static pingora::http::RequestHeader> {
-    super::compress::accepting(crate::cache::vary::accepted_codings(fields))
 }
 
 /// Stores a complete response through the storage's miss handler, as pingora's path does.
