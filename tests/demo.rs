@@ -78,6 +78,55 @@ async fn the_demo_serves_https_and_http2() {
     assert!(dir.path().join("tls/demo-certificate.pem").is_file());
 }
 
+/// Regression: the demo's origin purges the page under the proxy's address (as MediaWiki
+/// names pages by one host), and a page read over the demo's HTTPS address, or as
+/// `localhost`, was keyed on a host no purge named: after an edit those readers got the old
+/// page for its whole `s-maxage`.
+#[tokio::test]
+async fn an_edit_reaches_the_demo_s_https_and_localhost_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = start_demo(dir.path()).await;
+    wait_listening(demo.https.parse().unwrap()).await;
+    let tls = reqwest::Client::builder()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let port = |addr: &str| addr.rsplit_once(':').unwrap().1.to_string();
+    let readers = [
+        format!("https://{}/wiki/Sandbox", demo.https),
+        format!("https://localhost:{}/wiki/Sandbox", port(&demo.https)),
+        format!("http://localhost:{}/wiki/Sandbox", port(&demo.proxy)),
+    ];
+    let read = |url: String| {
+        let tls = tls.clone();
+        async move {
+            let answer = tls.get(&url).send().await.unwrap();
+            let cache = answer.headers()["x-cache-status"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            (cache, answer.text().await.unwrap())
+        }
+    };
+    for url in &readers {
+        read(url.clone()).await;
+        assert_eq!(read(url.clone()).await.0, "hit-front", "{url}");
+    }
+    let edit = post_edit(
+        &client(),
+        &format!("http://{}/wiki/Sandbox", demo.origin),
+        &[],
+        "after the edit",
+    )
+    .await;
+    assert!(edit.contains("204"), "{edit}");
+    for url in &readers {
+        let (cache, page) = read(url.clone()).await;
+        assert!(page.contains("after the edit"), "{url} ({cache}): {page}");
+    }
+}
+
 /// Edits a page of the sample wiki with `POST`, as a reader would; returns the origin's report.
 async fn post_edit(
     client: &reqwest::Client,

@@ -115,6 +115,13 @@ pub fn config(opts: &DemoOptions, certificate: &Certificate) -> Config {
         h2_max_pending_resets: 20,
         redirect_http: Vec::new(),
     });
+    // The sample origin purges a page under the proxy's address only, as MediaWiki names
+    // pages by one host: a page read over HTTPS, or as `localhost`, must be keyed on it too,
+    // or an edit never reaches its readers (README, "copies stored under another name").
+    let site = opts.proxy.to_string();
+    let aliases = &mut config.cache.host_aliases;
+    aliases.insert(opts.https.to_string(), site.clone());
+    aliases.insert("localhost".into(), site);
     config.cache.downstream_cache_control = Some(http::HeaderValue::from_static(
         "private, s-maxage=0, max-age=0, must-revalidate",
     ));
