@@ -1151,6 +1151,96 @@ async fn a_decoded_copy_is_whole_and_unchunked_for_head_range_http10_and_refused
     assert_eq!(http10.split("\r\n\r\n").nth(1), Some("page"));
 }
 
+/// Regression: an origin's gzip that does not decode (not gzip at all, or cut short) reached
+/// a client that takes no encoding as a complete `200`: on a miss with an empty body, on a
+/// hit as the gzip bytes themselves without their `Content-Encoding`. pingora's decoding
+/// context gives up silently and passes the rest through. A miss is now a 502 and stores
+/// nothing; a hit, whose head is out first, gets what decodes and then the connection closes
+/// before the body's end, as for a body the origin cut short, so the client knows the page
+/// is incomplete.
+#[tokio::test]
+async fn a_gzip_body_that_does_not_decode_is_a_502_or_cut_off_for_a_client_that_takes_no_encoding()
+{
+    let page = "<p>The wiki page text, much like the next paragraph.</p>\n".repeat(150);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, page.as_bytes()).unwrap();
+    let whole = gz.finish().unwrap();
+    let cut_short = whole[..whole.len() / 2].to_vec();
+    let padding: String = (0..49).map(|i| format!("X-Pad-{i}: 1\r\n")).collect();
+    for (case, body) in [
+        ("not gzip", b"plain text ".repeat(20)),
+        ("cut short", cut_short),
+    ] {
+        let mut response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Encoding: gzip\r\n\
+             Cache-Control: max-age=600\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        response.extend_from_slice(&body);
+        let origin = raw_origin(Box::leak(response.into_boxed_slice())).await;
+        let skua = Skua::start(&[origin], "").await;
+        let ask = |path: &str, more: &str| {
+            format!("GET {path} HTTP/1.1\r\nHost: wiki.test\r\n{more}Connection: close\r\n\r\n")
+        };
+        // A copy stored for a client that takes gzip, for the hits below.
+        let stored = raw(skua.addr, &ask("/hit", "Accept-Encoding: gzip\r\n")).await;
+        assert!(
+            stored.contains("content-encoding: gzip") || stored.contains("Content-Encoding: gzip"),
+            "{case}: {stored}"
+        );
+        // A miss answers 502 (the origin's answer is bad, and nothing of it is out yet); a hit,
+        // whose head is out before its body is decoded, is cut off.
+        for (what, path, more, miss) in [
+            ("a miss at the front door", "/miss", "", true),
+            (
+                "a miss on pingora's path",
+                "/miss-full",
+                padding.as_str(),
+                true,
+            ),
+            ("a hit", "/hit", "", false),
+            ("a hit on pingora's path", "/hit", padding.as_str(), false),
+        ] {
+            let answer = raw(skua.addr, &ask(path, more)).await;
+            let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+            if miss {
+                assert!(
+                    head.starts_with("HTTP/1.1 502 "),
+                    "{case}, {what}: {answer}"
+                );
+                assert!(body.contains("does not decode"), "{case}, {what}: {answer}");
+                continue;
+            }
+            assert!(
+                head.starts_with("HTTP/1.1 200 "),
+                "{case}, {what}: {answer}"
+            );
+            assert!(
+                head.contains("x-cache-status: hit"),
+                "{case}, {what}: {head}"
+            );
+            assert!(
+                !head.to_ascii_lowercase().contains("content-encoding"),
+                "{case}, {what}: {head}"
+            );
+            assert!(
+                !body.ends_with("0\r\n\r\n"),
+                "{case}, {what}: a complete body: {body:?}"
+            );
+            assert!(
+                !body.contains("plain text") && !body.contains('\u{1f}'),
+                "{case}, {what}: undecoded bytes: {body:?}"
+            );
+        }
+        // The miss stored nothing: the next reader asks the origin again.
+        let again = raw(skua.addr, &ask("/miss", "Accept-Encoding: gzip\r\n")).await;
+        assert!(again.contains("x-cache-status: miss"), "{case}: {again}");
+        let counted = r#"skua_origin_errors_total{kind="BadContentEncoding",pool="test"}"#;
+        assert_eq!(skua.metric(counted).await, 4.0, "{case}");
+    }
+}
+
 /// RFC 9111 §5.2.2.6: an intermediary "MUST NOT transform the content" of a response marked
 /// `no-transform`. Such a page is passed on as the origin sent it: not compressed before it is
 /// stored (on either path a miss takes), its `ETag` left strong, and an origin's gzip not decoded

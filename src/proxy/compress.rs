@@ -373,7 +373,7 @@ impl HttpModule for Decompress {
         if self.as_sent {
             return Ok(());
         }
-        if let Some(plain) = self.ctx.response_body_filter(body.as_ref(), end_of_stream) {
+        if let Some(plain) = decode(&mut self.ctx, body.as_ref(), end_of_stream)? {
             *body = Some(plain);
         }
         Ok(())
@@ -383,9 +383,43 @@ impl HttpModule for Decompress {
         if self.as_sent {
             return Ok(None);
         }
-        Ok(self.ctx.response_body_filter(None, true))
+        decode(&mut self.ctx, None, true)
     }
 }
+
+/// `piece` (`None`: the end) decoded through `ctx`, a [`downstream_context`] after its
+/// response header filter: `Ok(None)` when it decodes nothing (the client takes the stored
+/// encoding). A body that does not decode (not gzip after all, cut short, bytes past its
+/// end) is an error, so the client's answer is cut off before its end, as one the origin cut
+/// short: pingora's context logs it and gives up silently, and a client that takes no
+/// encoding got an empty page, or the gzip bytes without their `Content-Encoding`, as a
+/// complete `200`. An answer whose head is not out yet is a 502 instead (test
+/// `a_gzip_body_that_does_not_decode_is_a_502_or_cut_off_for_a_client_that_takes_no_encoding`).
+pub fn decode(
+    ctx: &mut ResponseCompressionCtx,
+    piece: Option<&Bytes>,
+    end: bool,
+) -> Result<Option<Bytes>> {
+    if !ctx.is_enabled() || ctx.is_header_phase() {
+        return Ok(None);
+    }
+    match ctx.response_body_filter(piece, end) {
+        Some(plain) => Ok(Some(plain)),
+        None => Err(pingora::Error::create(
+            pingora::ErrorType::Custom(BAD_CONTENT_ENCODING),
+            pingora::ErrorSource::Upstream,
+            Some(UNDECODABLE.into()),
+            None,
+        )),
+    }
+}
+
+/// The reason of the 502 that answers it when nothing of the answer is out yet.
+pub const UNDECODABLE: &str = "the origin's body does not decode as its Content-Encoding says";
+
+/// The origin error kind (`skua_origin_errors_total{kind}`) of a body that does not decode
+/// for a client that takes no encoding: counted at each answer it cuts off.
+pub const BAD_CONTENT_ENCODING: &str = "BadContentEncoding";
 
 /// The client's `Accept-Encoding` as the decompression context is to read it: a request
 /// header naming only the stored codings the client accepts ([`crate::cache::vary::accepts`]),

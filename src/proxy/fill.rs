@@ -316,6 +316,8 @@ struct ToClient<'a, 'b> {
     downstream: &'a mut Downstream<'b>,
     /// No write to the client has failed.
     ok: bool,
+    /// Some of the answer (its head first) has been written.
+    begun: bool,
 }
 
 /// Bytes of the answer after which they are sent without waiting for more.
@@ -324,6 +326,7 @@ const SEND_AT: usize = 64 * 1024;
 impl ToClient<'_, '_> {
     async fn send(&mut self) {
         if self.ok && !self.out.is_empty() {
+            self.begun = true;
             self.ok = self.downstream.send(&self.out).await;
         }
         self.out.clear();
@@ -817,23 +820,25 @@ impl super::fast::FrontDoor {
             out,
             downstream,
             ok: true,
+            begun: false,
         };
 
-        // A piece as the client gets it (decoded if it must be), framed; the bytes it adds.
+        // A piece (`None`: the end) as the client gets it (decoded if it must be), framed;
+        // the bytes it adds, or `None` for a body that does not decode.
         let to_client = |decode: &mut Option<Box<ResponseCompressionCtx>>,
-                         piece: &Bytes,
+                         piece: Option<&Bytes>,
                          out: &mut Vec<u8>|
-         -> u64 {
+         -> Option<u64> {
             let data = match decode {
-                Some(ctx) => ctx.response_body_filter(Some(piece), false),
-                None => Some(piece.clone()),
+                Some(ctx) => super::compress::decode(ctx, piece, piece.is_none()).ok()?,
+                None => piece.cloned(),
             };
             match data.filter(|d| !d.is_empty()) {
                 Some(data) => {
                     push_body(out, &data, chunked_out);
-                    data.len() as u64
+                    Some(data.len() as u64)
                 }
-                None => 0,
+                None => Some(0),
             }
         };
         // The body, streamed to the client as it comes and kept for storing.
@@ -845,6 +850,8 @@ impl super::fast::FrontDoor {
         };
         let mut body_bytes = 0u64;
         let mut complete = true;
+        // The body does not decode for this client (`compress::decode`).
+        let mut undecodable = false;
         // Nothing to store: those waiting on the lock go to the origin now, as on pingora's
         // path, not when the body ends; and the next misses on the URL take no lock.
         if kept.is_none() {
@@ -869,7 +876,11 @@ impl super::fast::FrontDoor {
             let Some(piece) = before_storing.piece(Some(piece), false).await else {
                 continue;
             };
-            body_bytes += to_client(&mut decode, &piece, &mut client_out.out);
+            let Some(sent) = to_client(&mut decode, Some(&piece), &mut client_out.out) else {
+                (complete, undecodable) = (false, true);
+                break;
+            };
+            body_bytes += sent;
             keep(&mut kept, &mut kept_len, max, piece);
             if kept.is_none() {
                 release(shared.lock, &key, permit.take(), LockStatus::GiveUp);
@@ -886,19 +897,40 @@ impl super::fast::FrontDoor {
         let out = &mut client_out.out;
         if complete {
             if let Some(last) = before_storing.piece(None, true).await {
-                body_bytes += to_client(&mut decode, &last, out);
+                let sent = to_client(&mut decode, Some(&last), out);
+                complete = sent.is_some();
+                body_bytes += sent.unwrap_or(0);
                 keep(&mut kept, &mut kept_len, max, last);
             }
             before_storing.count(&shared.metrics);
-            let rest = decode
-                .as_mut()
-                .and_then(|ctx| ctx.response_body_filter(None, true));
-            if let Some(data) = rest.filter(|d| !d.is_empty()) {
-                body_bytes += data.len() as u64;
-                push_body(out, &data, chunked_out);
+            if complete {
+                let sent = to_client(&mut decode, None, out);
+                complete = sent.is_some();
+                body_bytes += sent.unwrap_or(0);
             }
-            if chunked_out {
+            undecodable |= !complete;
+            if complete && chunked_out {
                 out.extend_from_slice(b"0\r\n\r\n");
+            }
+        }
+        let mut answered = (status, body_bytes, disposition);
+        if undecodable {
+            // Nothing is stored. An answer not begun is a 502, as on pingora's path; one
+            // begun ends with what decoded, the connection closed before the body's end, so
+            // the client knows its page is incomplete.
+            let kind = super::compress::BAD_CONTENT_ENCODING;
+            shared.metrics.origin_error(&pool.name, kind);
+            if !client_out.begun {
+                let facts = super::respond::PageFacts {
+                    status: 502,
+                    message: super::compress::UNDECODABLE,
+                    node: &shared.name,
+                    client: client(),
+                    request_id: ids.1,
+                };
+                let page = settings.error_page.as_deref();
+                client_out.out = super::respond::error_wire(page, facts);
+                answered = (502, 0, Disposition::IntFront);
             }
         }
         // Stored before the client reads the end of the body: a client that has the whole
@@ -939,7 +971,7 @@ impl super::fast::FrontDoor {
             ids,
             client,
             started,
-            (status, body_bytes, disposition),
+            answered,
             Some((origin.addr, waited)),
         );
         Filled::Answered {

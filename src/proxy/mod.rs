@@ -2286,6 +2286,7 @@ impl ProxyHttp for CachingProxy {
                 "request body too slow: it must arrive within body_timeout plus a second per body_min_rate bytes",
             ),
             ErrorType::HTTPStatus(code) => (*code, "request refused"),
+            ErrorType::Custom(compress::BAD_CONTENT_ENCODING) => (502, compress::UNDECODABLE),
             ErrorType::Custom(crate::upstream::ORIGIN_BUSY) => (
                 503,
                 "every origin of the pool is at its max_connections; try again shortly",
