@@ -824,21 +824,28 @@ impl super::fast::FrontDoor {
         };
 
         // A piece (`None`: the end) as the client gets it (decoded if it must be), framed;
-        // the bytes it adds, or `None` for a body that does not decode.
+        // the bytes it adds. Once the body fails to decode, no more of it goes to the client.
         let to_client = |decode: &mut Option<Box<ResponseCompressionCtx>>,
+                         undecodable: &mut bool,
                          piece: Option<&Bytes>,
                          out: &mut Vec<u8>|
-         -> Option<u64> {
+         -> u64 {
             let data = match decode {
-                Some(ctx) => super::compress::decode(ctx, piece, piece.is_none()).ok()?,
+                _ if *undecodable => None,
+                Some(ctx) => {
+                    super::compress::decode(ctx, piece, piece.is_none()).unwrap_or_else(|_| {
+                        *undecodable = true;
+                        None
+                    })
+                }
                 None => piece.cloned(),
             };
             match data.filter(|d| !d.is_empty()) {
                 Some(data) => {
                     push_body(out, &data, chunked_out);
-                    Some(data.len() as u64)
+                    data.len() as u64
                 }
-                None => Some(0),
+                None => 0,
             }
         };
         // The body, streamed to the client as it comes and kept for storing.
@@ -876,11 +883,8 @@ impl super::fast::FrontDoor {
             let Some(piece) = before_storing.piece(Some(piece), false).await else {
                 continue;
             };
-            let Some(sent) = to_client(&mut decode, Some(&piece), &mut client_out.out) else {
-                (complete, undecodable) = (false, true);
-                break;
-            };
-            body_bytes += sent;
+            let out = &mut client_out.out;
+            body_bytes += to_client(&mut decode, &mut undecodable, Some(&piece), out);
             keep(&mut kept, &mut kept_len, max, piece);
             if kept.is_none() {
                 release(shared.lock, &key, permit.take(), LockStatus::GiveUp);
@@ -897,27 +901,21 @@ impl super::fast::FrontDoor {
         let out = &mut client_out.out;
         if complete {
             if let Some(last) = before_storing.piece(None, true).await {
-                let sent = to_client(&mut decode, Some(&last), out);
-                complete = sent.is_some();
-                body_bytes += sent.unwrap_or(0);
+                body_bytes += to_client(&mut decode, &mut undecodable, Some(&last), out);
                 keep(&mut kept, &mut kept_len, max, last);
             }
             before_storing.count(&shared.metrics);
-            if complete {
-                let sent = to_client(&mut decode, None, out);
-                complete = sent.is_some();
-                body_bytes += sent.unwrap_or(0);
-            }
-            undecodable |= !complete;
-            if complete && chunked_out {
+            body_bytes += to_client(&mut decode, &mut undecodable, None, out);
+            if chunked_out && !undecodable {
                 out.extend_from_slice(b"0\r\n\r\n");
             }
         }
         let mut answered = (status, body_bytes, disposition);
         if undecodable {
-            // Nothing is stored. An answer not begun is a 502, as on pingora's path; one
-            // begun ends with what decoded, the connection closed before the body's end, so
-            // the client knows its page is incomplete.
+            // The origin's answer is stored as it came (a client that takes its encoding gets
+            // what the origin sent, as from any cache). This client's answer, if not begun, is
+            // a 502, as on pingora's path; one begun ends with what decoded, the connection
+            // closed before the body's end, so the client knows its page is incomplete.
             let kind = super::compress::BAD_CONTENT_ENCODING;
             shared.metrics.origin_error(&pool.name, kind);
             if !client_out.begun {
@@ -975,7 +973,7 @@ impl super::fast::FrontDoor {
             Some((origin.addr, waited)),
         );
         Filled::Answered {
-            close: close || !complete || !client_out.ok,
+            close: close || !complete || !client_out.ok || undecodable,
         }
     }
 
