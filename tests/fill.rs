@@ -626,7 +626,7 @@ async fn front_door_fill_forwards_no_content_length_beside_transfer_encoding() {
 
 /// Regression: an origin that sent `103 Early Hints` (RFC 8297) before its answer failed
 /// every miss the front door filled with a 502. Now, on either path, the client gets the hints
-/// and then the page, which is stored.
+/// and then the page, which is stored; an HTTP/1.0 client gets the page alone.
 #[tokio::test]
 async fn early_hints_before_the_answer_reach_the_client_and_the_page_is_stored() {
     let (addr, seen) = scripted_origin(|_| {
@@ -665,6 +665,16 @@ async fn early_hints_before_the_answer_reach_the_client_and_the_page_is_stored()
         (200, "hit-front", "page".into())
     );
     assert_eq!(seen.lock().unwrap().len(), 2);
+    // RFC 9110 §15.2: "a server MUST NOT send a 1xx response to an HTTP/1.0 client", which
+    // reads the first head as the answer and the page's head as its body. Regression: it got
+    // the hints first.
+    let http10 = raw(skua.addr, "GET /old HTTP/1.0\r\nHost: wiki.test\r\n\r\n").await;
+    let (status, _, body) = split(&http10);
+    assert_eq!(
+        (status.as_str(), body.as_str()),
+        ("HTTP/1.1 200 OK", "page"),
+        "{http10}"
+    );
 }
 
 /// An answer as the differential tests compare it: the status (without the version, which

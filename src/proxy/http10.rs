@@ -62,6 +62,16 @@ pub fn close_after_unframed_body(session: &mut Session, resp: &ResponseHeader) {
     }
 }
 
+/// RFC 9110 §15.2: "Since HTTP/1.0 did not define any 1xx status codes, a server MUST NOT
+/// send a 1xx response to an HTTP/1.0 client." pingora passes an origin's interim answers
+/// (`103 Early Hints`) on whatever the request's version: an HTTP/1.0 client read the hints
+/// as the answer and the page's head as its body. Its session now drops them.
+pub fn no_interim_answers(session: &mut Session) {
+    if session.req_header().version == http::Version::HTTP_10 {
+        session.as_downstream_mut().set_ignore_info_resp(true);
+    }
+}
+
 /// Installs [`Http10Framing`] on every request.
 pub struct Http10FramingBuilder;
 

@@ -1425,6 +1425,7 @@ impl ProxyHttp for CachingProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        http10::no_interim_answers(session);
         if session.req_header().uri.path() == HEALTH_PATH
             && matches!(session.req_header().method, Method::GET | Method::HEAD)
         {
