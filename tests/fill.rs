@@ -732,6 +732,10 @@ fn varied_answer(path: &str) -> &'static str {
         "/unasked-304" => "HTTP/1.1 304 Not Modified\r\nCache-Control: max-age=600\r\nETag: \"e\"\r\n\r\n",
         "/unasked-206" => "HTTP/1.1 206 Partial Content\r\nCache-Control: max-age=600\r\nContent-Range: bytes 0-3/10\r\nContent-Length: 4\r\n\r\npage",
         "/no-length-chunked-gzip" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\npage\r\n0\r\n\r\n",
+        // RFC 9112 §5.1, §5.2: a proxy removes whitespace before a field's colon and replaces
+        // an obs-fold with SP (regression: the front door answered both 502).
+        "/space-before-colon" => "HTTP/1.1 200 OK\r\nCache-Control : max-age=600\r\nContent-Length: 4\r\n\r\npage",
+        "/obs-fold" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nX-Note: one\r\n  two\r\nContent-Length: 4\r\n\r\npage",
         _ => "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
     }
 }
@@ -771,6 +775,8 @@ async fn a_miss_is_answered_and_stored_alike_on_both_paths() {
         "/unasked-304",
         "/unasked-206",
         "/no-length-chunked-gzip",
+        "/space-before-colon",
+        "/obs-fold",
     ];
     let mut differences = Vec::new();
     for case in cases {

@@ -117,6 +117,26 @@ pub struct FillRequest<'a, F> {
     pub raw: &'a [httparse::Header<'a>],
 }
 
+/// A field value with each obs-fold (a line break followed by spaces or tabs, RFC 9112 §5.2)
+/// replaced by one SP, as pingora's path reads it.
+fn unfolded(value: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !value.contains(&b'\n') {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = Vec::with_capacity(value.len());
+    for line in value.split(|b| *b == b'\n') {
+        let line = line.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(b' ');
+        }
+        out.extend_from_slice(line);
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// How a response's body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
@@ -354,7 +374,14 @@ fn parse_head_within<const FIELDS: usize>(
 ) -> Result<Option<(ResponseHeader, usize)>, Option<OriginError>> {
     let mut fields = [httparse::EMPTY_HEADER; FIELDS];
     let mut resp = httparse::Response::new(&mut fields);
-    match resp.parse(buf) {
+    // As pingora's path reads a response head. RFC 9112 §5.1: a proxy "MUST remove any such
+    // whitespace [between a field name and its colon] from a response message before
+    // forwarding"; §5.2: it may replace each obs-fold with SP ([`unfolded`]). Regression:
+    // the front door answered such an origin 502 where pingora's path served the page.
+    let mut parser = httparse::ParserConfig::default();
+    parser.allow_spaces_after_header_name_in_responses(true);
+    parser.allow_obsolete_multiline_headers_in_responses(true);
+    match parser.parse_response(&mut resp, buf) {
         Ok(httparse::Status::Complete(n)) => Ok(Some((to_header(&resp).map_err(Some)?, n))),
         Ok(httparse::Status::Partial) => Ok(None),
         Err(httparse::Error::TooManyHeaders) => Err(None),
@@ -371,7 +398,8 @@ fn to_header(resp: &httparse::Response<'_, '_>) -> Result<ResponseHeader, Origin
         let _ = head.set_reason_phrase(Some(reason));
     }
     for f in resp.headers.iter() {
-        let value = http::HeaderValue::from_bytes(f.value).map_err(|_| OriginError::Malformed)?;
+        let value = http::HeaderValue::from_bytes(&unfolded(f.value))
+            .map_err(|_| OriginError::Malformed)?;
         head.append_header(f.name.to_string(), value)
             .map_err(|_| OriginError::Malformed)?;
     }
