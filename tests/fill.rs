@@ -484,8 +484,9 @@ async fn scripted_origin(
                     if conn.write_all(answer.as_bytes()).await.is_err() {
                         return;
                     }
-                    if answer.starts_with("HTTP/1.0") {
-                        // HTTP/1.0: the body ends when the connection does.
+                    if answer.starts_with("HTTP/1.0") || answer.contains("Connection: close\r\n") {
+                        // The body (of HTTP/1.0, or of a coding other than chunked) ends when
+                        // the connection does.
                         return;
                     }
                 }
@@ -736,6 +737,10 @@ fn varied_answer(path: &str) -> &'static str {
         // an obs-fold with SP (regression: the front door answered both 502).
         "/space-before-colon" => "HTTP/1.1 200 OK\r\nCache-Control : max-age=600\r\nContent-Length: 4\r\n\r\npage",
         "/obs-fold" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nX-Note: one\r\n  two\r\nContent-Length: 4\r\n\r\npage",
+        "/te-identity" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: identity\r\nContent-Length: 4\r\nConnection: close\r\n\r\npage",
+        "/length-list" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4, 4\r\n\r\npage",
+        "/length-twice" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\npage",
+        "/no-content-length" => "HTTP/1.1 204 No Content\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\n\r\n",
         _ => "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
     }
 }
@@ -777,6 +782,10 @@ async fn a_miss_is_answered_and_stored_alike_on_both_paths() {
         "/no-length-chunked-gzip",
         "/space-before-colon",
         "/obs-fold",
+        "/te-identity",
+        "/length-list",
+        "/length-twice",
+        "/no-content-length",
     ];
     let mut differences = Vec::new();
     for case in cases {

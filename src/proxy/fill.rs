@@ -421,20 +421,9 @@ fn framing_of(resp: &ResponseHeader, http10: bool) -> Result<(Framing, bool), Or
     if (100..200).contains(&status) || status == 204 || status == 304 {
         return Ok((Framing::None, keepalive));
     }
-    // §6.3 item 4: chunked when it is the final coding, read until close otherwise. The last
-    // field's last coding, as pingora's path reads it.
-    if let Some(te) = resp
-        .headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        let last = te
-            .as_bytes()
-            .rsplit(|b| *b == b',')
-            .next()
-            .unwrap_or_default();
-        return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+    // §6.3 item 4: chunked when it is the final coding, read until close otherwise.
+    if let Some(chunked) = chunked_last(&resp.headers) {
+        return Ok(if chunked {
             (Framing::Chunked, keepalive)
         } else {
             (Framing::UntilClose, false)
@@ -446,12 +435,36 @@ fn framing_of(resp: &ResponseHeader, http10: bool) -> Result<(Framing, bool), Or
     })
 }
 
-/// Whether `Content-Length` is one field of digits alone, as most origins send it: nothing to
-/// rewrite.
+/// Whether `chunked` is the last transfer coding (the last field's last, as pingora's path
+/// reads it); `None` without `Transfer-Encoding`.
+fn chunked_last(headers: &http::HeaderMap) -> Option<bool> {
+    let te = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()?;
+    let last = te.as_bytes().rsplit(|b| *b == b',').next();
+    Some(last.is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked")))
+}
+
+/// A list of identical `Content-Length` values (`4, 4`, or the field twice) made the one
+/// value it means (RFC 9110 §8.6), as the front door sends it: pingora's path passed the list
+/// on, which a strict client may refuse as the "unrecoverable error" RFC 9112 §6.3 calls it,
+/// and its range filter could not read it.
+pub(super) fn one_content_length(resp: &mut ResponseHeader) {
+    if single_length_field(&resp.headers) || resp.headers.contains_key(header::TRANSFER_ENCODING) {
+        return;
+    }
+    if let Ok(Some(n)) = content_length(&resp.headers) {
+        let _ = resp.insert_header(header::CONTENT_LENGTH, n);
+    }
+}
+
+/// Whether `Content-Length` is one field of digits alone, as most origins send it, or absent:
+/// nothing to rewrite.
 fn single_length_field(headers: &http::HeaderMap) -> bool {
     let mut fields = headers.get_all(header::CONTENT_LENGTH).iter();
     let one = fields.next();
-    fields.next().is_none() && one.is_some_and(|v| v.as_bytes().iter().all(u8::is_ascii_digit))
+    fields.next().is_none() && one.is_none_or(|v| v.as_bytes().iter().all(u8::is_ascii_digit))
 }
 
 /// The length every `Content-Length` value gives, `None` without one. RFC 9110 §8.6: a list of
@@ -825,7 +838,11 @@ impl super::fast::FrontDoor {
             ctx
         })
         .filter(|ctx| ctx.is_enabled());
-        let close = req.close || marked.is_err();
+        // A transfer coding other than chunked last (`identity`, which RFC 9112 dropped) frames
+        // the body by the connection's close, as the origin sent it and as pingora's path
+        // passes it on. Regression: its body went out in chunks the head did not announce.
+        let unchunked_coding = chunked_last(&resp.headers) == Some(false);
+        let close = req.close || marked.is_err() || unchunked_coding;
         // As pingora's HTTP/1 server writes every response head: its own `Date`, `Connection`,
         // and chunks for a body of unknown length.
         let _ = resp.insert_header(
@@ -837,6 +854,7 @@ impl super::fast::FrontDoor {
             if close { "close" } else { "keep-alive" },
         );
         let chunked_out = framing != Framing::None
+            && !unchunked_coding
             && (resp.headers.contains_key(header::TRANSFER_ENCODING)
                 || !resp.headers.contains_key(header::CONTENT_LENGTH));
         if chunked_out && !resp.headers.contains_key(header::TRANSFER_ENCODING) {

@@ -1969,6 +1969,7 @@ impl ProxyHttp for CachingProxy {
                 return Err(e);
             }
         }
+        fill::one_content_length(resp);
         let status = resp.status.as_u16();
         // How long the origin took to answer (not counting what this filter does next).
         let waited = ctx
