@@ -740,6 +740,7 @@ fn varied_answer(path: &str) -> &'static str {
         "/te-identity" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: identity\r\nContent-Length: 4\r\nConnection: close\r\n\r\npage",
         "/length-list" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4, 4\r\n\r\npage",
         "/length-twice" => "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\npage",
+        // RFC 9110 §8.6: no Content-Length on a 204, whatever the origin sent.
         "/no-content-length" => "HTTP/1.1 204 No Content\r\nCache-Control: max-age=600\r\nContent-Length: 4\r\n\r\n",
         _ => "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
     }
@@ -788,12 +789,12 @@ async fn a_miss_is_answered_and_stored_alike_on_both_paths() {
         "/no-content-length",
     ];
     let mut differences = Vec::new();
+    let ask = |path: &str, padding: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: wiki.test\r\nAccept-Language: en\r\n{padding}Connection: close\r\n\r\n")
+    };
     for case in cases {
         let (front_path, full_path) = (format!("{case}/front"), format!("{case}/full"));
         let fills_before = fills(&skua).await;
-        let ask = |path: &str, padding: &str| {
-            format!("GET {path} HTTP/1.1\r\nHost: wiki.test\r\nAccept-Language: en\r\n{padding}Connection: close\r\n\r\n")
-        };
         let front = comparable(&raw(skua.addr, &ask(&front_path, "")).await);
         assert_eq!(
             fills(&skua).await,
@@ -828,6 +829,20 @@ async fn a_miss_is_answered_and_stored_alike_on_both_paths() {
         }
     }
     assert!(differences.is_empty(), "{}", differences.join("\n"));
+    // RFC 9110 §8.6: no Content-Length on a 204, whatever the origin sent, on either path's
+    // miss (regression: both passed the origin's on).
+    for (path, more) in [
+        ("/no-content-length/a", ""),
+        ("/no-content-length/b", &*padding),
+    ] {
+        let miss = raw(skua.addr, &ask(path, more)).await;
+        assert!(miss.starts_with("HTTP/1.1 204 "), "{miss}");
+        assert!(miss.contains("x-cache-status: miss"), "{miss}");
+        assert!(
+            !miss.to_ascii_lowercase().contains("content-length"),
+            "{miss}"
+        );
+    }
 }
 
 /// Regression: the front door's fill held an answer's head and body until 64 KiB or the end

@@ -449,8 +449,14 @@ fn chunked_last(headers: &http::HeaderMap) -> Option<bool> {
 /// A list of identical `Content-Length` values (`4, 4`, or the field twice) made the one
 /// value it means (RFC 9110 §8.6), as the front door sends it: pingora's path passed the list
 /// on, which a strict client may refuse as the "unrecoverable error" RFC 9112 §6.3 calls it,
-/// and its range filter could not read it.
+/// and its range filter could not read it. And none on a `204` (§8.6: "A server MUST NOT
+/// send a Content-Length header field in any response with a status code of ... 204"), which
+/// both paths passed on.
 pub(super) fn one_content_length(resp: &mut ResponseHeader) {
+    if resp.status == http::StatusCode::NO_CONTENT {
+        resp.remove_header(&header::CONTENT_LENGTH);
+        return;
+    }
     if single_length_field(&resp.headers) || resp.headers.contains_key(header::TRANSFER_ENCODING) {
         return;
     }
@@ -713,7 +719,8 @@ impl super::fast::FrontDoor {
             Framing::Chunked | Framing::UntilClose => {
                 resp.remove_header(&header::CONTENT_LENGTH);
             }
-            Framing::Length(_) | Framing::None => {}
+            Framing::None => one_content_length(&mut resp),
+            Framing::Length(_) => {}
         }
         if status == 101 {
             // A switch of protocols nobody asked for (the front door declines `Upgrade`): the
