@@ -166,6 +166,32 @@ async fn smuggling_shapes_against_cached_urls_are_refused_not_served() {
     smuggling_shapes_against(true).await;
 }
 
+/// Regression (cache poisoning): a request line with two spaces before its target (`GET  /a`)
+/// passed pingora's parser, which percent-encodes what a request line should not hold into
+/// the target (`%20/a`). Such a target is no path (RFC 9112 §3.2: origin-form begins with
+/// `/`), and Skua keyed it as the site's root: any client could store the origin's answer to
+/// another target as `/`, for every reader. A target of none of the four forms is now 400.
+#[tokio::test]
+async fn a_target_that_is_not_a_path_is_refused_and_never_stored_as_the_root() {
+    let origin = Origin::start(|seen| {
+        Reply::ok(format!("page {}", seen.path)).header("cache-control", "max-age=600")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for target in [" /attack", "  /attack", "attack", "%20/attack"] {
+        for method in ["GET", "HEAD"] {
+            let request = format!(
+                "{method} {target} HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n"
+            );
+            let answer = raw(skua.addr, &request).await;
+            assert!(answer.starts_with("HTTP/1.1 400 "), "{request:?}: {answer}");
+        }
+    }
+    let root = get(&skua.url("/"), &[("host", "wiki.test")]).await;
+    assert_eq!((root.cache(), root.text()), ("miss", "page /".to_string()));
+    assert_eq!(origin.count_starting(""), 1, "only / reached the origin");
+}
+
 #[tokio::test]
 async fn oversized_targets_get_414_and_oversized_heads_431() {
     let origin = cached_origin().await;

@@ -62,6 +62,22 @@ pub fn check(req: &RequestHeader, limits: &HeadLimits) -> Result<(), Refusal> {
             return Err(refuse(400, "only http and https targets are served"));
         }
     }
+    // RFC 9112 §3.2: a target is origin-form (`/path?query`), absolute-form, authority-form
+    // (CONNECT's) or asterisk-form (`OPTIONS *`). pingora percent-encodes what a request line
+    // should not hold into its target, so `GET  /a` (two spaces) arrived as `%20/a`; a target
+    // that is none of the four has no path, and was keyed as the site's root (regression
+    // test `a_target_that_is_not_a_path_is_refused_and_never_stored_as_the_root`).
+    let target = req.raw_path();
+    let some_form = target.first() == Some(&b'/')
+        || absolute.is_some()
+        || req.method == http::Method::CONNECT
+        || (target == b"*" && req.method == http::Method::OPTIONS);
+    if !some_form {
+        return Err(refuse(
+            400,
+            "the request target is not a path (RFC 9112 §3.2)",
+        ));
+    }
     let uri = req.uri.path_and_query().map_or(0, |p| p.as_str().len())
         + req.uri.authority().map_or(0, |a| a.as_str().len());
     if uri > limits.max_uri_bytes {
