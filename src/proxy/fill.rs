@@ -117,26 +117,6 @@ pub struct FillRequest<'a, F> {
     pub raw: &'a [httparse::Header<'a>],
 }
 
-/// A field value with each obs-fold (a line break followed by spaces or tabs, RFC 9112 §5.2)
-/// replaced by one SP, as pingora's path reads it.
-fn unfolded(value: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    if !value.contains(&b'\n') {
-        return std::borrow::Cow::Borrowed(value);
-    }
-    let mut out = Vec::with_capacity(value.len());
-    for line in value.split(|b| *b == b'\n') {
-        let line = line.trim_ascii();
-        if line.is_empty() {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push(b' ');
-        }
-        out.extend_from_slice(line);
-    }
-    std::borrow::Cow::Owned(out)
-}
-
 /// How a response's body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Framing {
@@ -404,6 +384,26 @@ fn to_header(resp: &httparse::Response<'_, '_>) -> Result<ResponseHeader, Origin
             .map_err(|_| OriginError::Malformed)?;
     }
     Ok(head)
+}
+
+/// A field value with each obs-fold (a line break followed by spaces or tabs, RFC 9112 §5.2)
+/// replaced by one SP, as pingora's path reads it.
+fn unfolded(value: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !value.contains(&b'\n') {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = Vec::with_capacity(value.len());
+    for line in value.split(|b| *b == b'\n') {
+        let line = line.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(b' ');
+        }
+        out.extend_from_slice(line);
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// How a response's body is delimited (RFC 9112 §6.3), and whether the connection can carry
