@@ -875,6 +875,53 @@ redirect = { status = 301, location = "/wiki/{1}" }
     );
 }
 
+/// Regression: a rule read `%2F` in a path as sent, so `/w%2Fapi.php` (which nginx and PHP's
+/// server decode to `/w/api.php`, and `/w/x%2F..%2Fapi.php` with it) passed the API's rate
+/// limit, and `/w%2Fmw-config/` a deny. A rule now reads an encoded slash as `/`; the key and
+/// what the origin receives keep the escape.
+#[tokio::test]
+async fn an_encoded_slash_does_not_slip_past_a_rule() {
+    let origin = named_origin("o", "no-store").await;
+    let rules = r#"
+[[rule]]
+name = "API"
+match = { path = ["/w/api.php"] }
+rate_limit = { per_second = 0.01, burst = 1 }
+
+[[rule]]
+name = "installer closed"
+match = { path_prefix = ["/w/mw-config"] }
+deny = { status = 403, body = "forbidden" }
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    let request = |target: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n")
+    };
+    let first = raw(skua.addr, &request("/w/api.php?action=query")).await;
+    assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
+    for spelling in [
+        "/w%2Fapi.php?action=query",
+        "/w%2fapi.php?action=query",
+        "/w/x%2F..%2Fapi.php?action=query",
+        "/%2Fw/api.php?action=query",
+    ] {
+        let limited = raw(skua.addr, &request(spelling)).await;
+        assert!(
+            limited.starts_with("HTTP/1.1 429 "),
+            "{spelling}: {limited}"
+        );
+    }
+    for spelling in ["/w%2Fmw-config/", "/w/x%2F..%2Fmw-config/index.php"] {
+        let denied = raw(skua.addr, &request(spelling)).await;
+        assert!(denied.starts_with("HTTP/1.1 403 "), "{spelling}: {denied}");
+    }
+    // What is not the rule's path still goes to the origin, its escape as sent.
+    let other = raw(skua.addr, &request("/wiki/AC%2FDC")).await;
+    assert!(other.starts_with("HTTP/1.1 200 "), "{other}");
+    assert_eq!(origin.count_starting("/w/api.php"), 1);
+    assert_eq!(origin.count("/wiki/AC%2FDC"), 1);
+}
+
 /// Regression: a rule read query parameters as sent, so `?+search=x`, `?%20search=x`,
 /// `?search%00=x` and `?search%5B%5D=x`, each a search to MediaWiki (PHP reads them all as
 /// `search`), passed a rate limit on `search`, and `title=Special%3ASearch` a rule on

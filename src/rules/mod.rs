@@ -82,18 +82,31 @@ pub fn query_start(target: &str) -> Option<usize> {
         .map(|i| at + i)
 }
 
-/// `path` as every rule's path condition reads it: each run of `/` as one. nginx
-/// (`merge_slashes`, on by default), Apache and PHP's server all map `//w//api.php` to what
-/// serves `/w/api.php`, so a rule that limits, routes or denies `/w/api.php` must see it there
-/// too. Regression: against such an origin `//w/api.php` passed config/mediawiki.toml's API
-/// rate limit and went to the readers' pool. The key and what the origin is sent keep the
-/// slashes (`cache::target`).
+/// `path` as every rule's path condition reads it: an encoded slash (`%2F`) as `/`, then each
+/// run of `/` as one. nginx (`merge_slashes`, on by default), Apache and PHP's server all map
+/// `//w//api.php` to what serves `/w/api.php`, and nginx and PHP's server decode `/w%2Fapi.php`
+/// to it too (with the dot segments a decoded slash may make, `/w/x%2F..%2Fapi.php`), so a
+/// rule that limits, routes or denies `/w/api.php` must see it there too. Regressions: against
+/// such an origin `//w/api.php`, then `/w%2Fapi.php`, passed config/mediawiki.toml's API rate
+/// limit and went to the readers' pool. The key and what the origin is sent keep the slashes
+/// and the escapes (`cache::target`).
 pub fn rule_path(path: &str) -> Cow<'_, str> {
-    if memchr::memmem::find(path.as_bytes(), b"//").is_none() {
+    let bytes = path.as_bytes();
+    let encoded_slash = memchr::memchr(b'%', bytes).is_some()
+        && bytes
+            .windows(3)
+            .any(|w| w[0] == b'%' && w[1] == b'2' && w[2].eq_ignore_ascii_case(&b'f'));
+    if !encoded_slash && memchr::memmem::find(bytes, b"//").is_none() {
         return Cow::Borrowed(path);
     }
-    let mut merged = String::with_capacity(path.len());
-    for c in path.chars() {
+    let decoded: Cow<'_, str> = if encoded_slash {
+        let slashes = path.replace("%2F", "/").replace("%2f", "/");
+        Cow::Owned(crate::cache::target::normalize(&slashes).into_owned())
+    } else {
+        Cow::Borrowed(path)
+    };
+    let mut merged = String::with_capacity(decoded.len());
+    for c in decoded.chars() {
         if !(c == '/' && merged.ends_with('/')) {
             merged.push(c);
         }

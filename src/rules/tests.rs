@@ -298,7 +298,7 @@ fn the_first_rule_of_each_kind_decides_it() {
 }
 
 #[test]
-fn a_rule_reads_each_run_of_slashes_as_one() {
+fn a_rule_reads_an_encoded_slash_as_a_slash_and_each_run_of_slashes_as_one() {
     assert!(matches!(rule_path("/w/api.php"), Cow::Borrowed(_)));
     for (path, read) in [
         ("//w//api.php", "/w/api.php"),
@@ -306,9 +306,16 @@ fn a_rule_reads_each_run_of_slashes_as_one() {
         ("//", "/"),
         ("/a//", "/a/"),
         ("/wiki/A//B", "/wiki/A/B"),
+        ("/w%2Fapi.php", "/w/api.php"),
+        ("/w%2fapi.php", "/w/api.php"),
+        ("%2Fw/api.php", "/w/api.php"),
+        ("/w/x%2F..%2Fapi.php", "/w/api.php"),
+        ("/w/x%2F%2E%2E%2Fapi.php", "/w/api.php"),
+        ("/w/100%2", "/w/100%2"),
     ] {
         assert_eq!(rule_path(path), read, "{path}");
     }
+    assert!(matches!(rule_path("/wiki/Caf%C3%A9"), Cow::Borrowed(_)));
 }
 
 #[test]
