@@ -5,7 +5,8 @@
 //! probes and proxies) read the chunk lines as part of the page: a stored copy decoded for it,
 //! or an origin's chunked answer passed on. Such a body is sent as it is and ended by closing
 //! the connection (RFC 9112 §6.3), which pingora does for a body without a length, and
-//! which the head announces ([`close_after_unframed_body`]).
+//! which the head announces ([`close_after_unframed_body`]). Nor do they get an origin's
+//! interim answers ([`no_interim_answers`]).
 //!
 //! A downstream module, run after every other one (the decoding of a compressed copy
 //! chunks its body). The front door serves HTTP/1.1 only.
