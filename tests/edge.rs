@@ -192,6 +192,33 @@ async fn a_target_that_is_not_a_path_is_refused_and_never_stored_as_the_root() {
     assert_eq!(origin.count_starting(""), 1, "only / reached the origin");
 }
 
+/// Regression: a request head no HTTP/1.1 parser reads (a control character in a field, a
+/// space before a colon, an obs-fold, a bare CR) got pingora's own 400 (`Server: Pingora`, no
+/// body) and no metric counted it: an operator could not see why clients were refused. It is
+/// now Skua's answer, counted as a refused connection.
+#[tokio::test]
+async fn a_malformed_request_head_is_refused_as_skuas_own_answer_and_counted() {
+    let origin = cached_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for head in [
+        "GET /a HTTP/1.1\r\nHost: wiki.test\r\nX-A: b\x00c\r\n\r\n",
+        "GET /a HTTP/1.1\r\nHost: wiki.test\r\nX-A : b\r\n\r\n",
+        "GET /a HTTP/1.1\r\nHost: wiki.test\r\nX-A: b\r\n  folded\r\n\r\n",
+        "GET /a HTTP/1.1\r\nHost: wiki.test\rX-A: b\r\n\r\n",
+    ] {
+        let answer = raw(skua.addr, head).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{head:?}: {answer}");
+        assert!(
+            answer.contains("\r\n\r\nskua: malformed "),
+            "{head:?}: {answer}"
+        );
+        assert!(!answer.contains("Pingora"), "{head:?}: {answer}");
+    }
+    let counted = r#"skua_connections_refused_total{reason="malformed_head"}"#;
+    assert_eq!(skua.metric(counted).await, 4.0);
+    assert_eq!(origin.count_starting(""), 0);
+}
+
 #[tokio::test]
 async fn oversized_targets_get_414_and_oversized_heads_431() {
     let origin = cached_origin().await;

@@ -37,6 +37,9 @@ pub struct ConnectionMetrics {
     pub refused_header_timeout: IntCounter,
     pub refused_head_too_large: IntCounter,
     pub refused_bad_body_framing: IntCounter,
+    /// A request head no HTTP/1.1 parser can read (a malformed field name or value, a bare
+    /// CR), which pingora refused with a 400 of its own that nothing counted.
+    pub refused_malformed_head: IntCounter,
     /// A connection to a PROXY protocol listener from a peer outside `trusted_proxies`.
     pub refused_proxy_untrusted: IntCounter,
     /// A connection to a PROXY protocol listener that did not open with a valid header.
@@ -55,6 +58,7 @@ impl ConnectionMetrics {
             refused_header_timeout: counter("admin_refused_header_timeout")?,
             refused_head_too_large: counter("admin_refused_head_too_large")?,
             refused_bad_body_framing: counter("admin_refused_bad_body_framing")?,
+            refused_malformed_head: counter("admin_refused_malformed_head")?,
             refused_proxy_untrusted: counter("admin_refused_proxy_untrusted")?,
             refused_bad_proxy_header: counter("admin_refused_bad_proxy_header")?,
         })
@@ -504,7 +508,7 @@ impl Metrics {
         let refused = IntCounterVec::new(
             Opts::new(
                 "skua_connections_refused_total",
-                "Client connections answered and closed before a request was served, by reason (max_connections, max_connections_per_client, header_timeout, head_too_large, bad_body_framing, proxy_untrusted, bad_proxy_header).",
+                "Client connections answered and closed before a request was served, by reason (max_connections, max_connections_per_client, header_timeout, head_too_large, bad_body_framing, malformed_head, proxy_untrusted, bad_proxy_header).",
             ),
             &["reason"],
         )?;
@@ -517,6 +521,7 @@ impl Metrics {
             refused_header_timeout: refused.with_label_values(&["header_timeout"]),
             refused_head_too_large: refused.with_label_values(&["head_too_large"]),
             refused_bad_body_framing: refused.with_label_values(&["bad_body_framing"]),
+            refused_malformed_head: refused.with_label_values(&["malformed_head"]),
             refused_proxy_untrusted: refused.with_label_values(&["proxy_untrusted"]),
             refused_bad_proxy_header: refused.with_label_values(&["bad_proxy_header"]),
         });

@@ -409,6 +409,13 @@ where
                     continue;
                 }
             }
+            // The front door declined it: a head pingora's parser would refuse outright is
+            // refused here, counted, as Skua's own answer.
+            if let Some(why) = malformed_head(&head) {
+                self.metrics.refused_malformed_head.inc();
+                refuse(&mut stream, "400 Bad Request", why, false).await;
+                break;
+            }
             let mut session = ServerSession::new_http1(stream);
             session.set_write_timeout(Some(self.limits.send_timeout));
             session.set_keepalive(if closing || *shutdown.borrow() {
@@ -629,6 +636,24 @@ async fn read_head(
             Ok(_) => return HeadRead::Gone,
             Err(_) => return HeadRead::TimedOut,
         }
+    }
+}
+
+/// Why a request head is one no HTTP/1.1 parser reads (RFC 9112 §5: a field name is a token
+/// followed by its colon, a field value holds no control character but HTAB, every line ends
+/// with CRLF or LF), as pingora's parser (httparse) finds it: pingora answered such a head
+/// with a `400` of its own (`Server: Pingora`, no body) that no metric counted. A target or
+/// version it cannot read is left to pingora, which percent-encodes what it can of a target
+/// and refuses the rest (`guard::check`); more fields than are looked at here, to pingora's
+/// field limits.
+fn malformed_head(head: &[u8]) -> Option<&'static str> {
+    let mut fields = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut fields);
+    match req.parse(head) {
+        Err(httparse::Error::HeaderName) => Some("malformed request header field name"),
+        Err(httparse::Error::HeaderValue) => Some("malformed request header field value"),
+        Err(httparse::Error::NewLine) => Some("malformed line ending in the request head"),
+        _ => None,
     }
 }
 
