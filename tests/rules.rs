@@ -812,14 +812,9 @@ pass = true
     assert_eq!(origin.count_starting("/wiki/Special"), 1);
 }
 
-/// Regression: a rule read the path as sent, so `//w/api.php` or `/w//api.php` (which nginx,
-/// Apache and PHP's server all serve as `/w/api.php`) passed the API's rate limit and route,
-/// and `//w/mw-config/` a deny. A rule now reads each run of `/` as one; the key and what
-/// the origin receives keep them.
-#[tokio::test]
-async fn doubled_slashes_do_not_slip_past_a_rule() {
-    let origin = named_origin("o", "no-store").await;
-    let rules = r#"
+/// The rules the spelling tests hold requests to: the API's rate limit (one request, then
+/// 429), the installer's deny and index.php's path-info redirect.
+const SPELLING_RULES: &str = r#"
 [[rule]]
 name = "API"
 match = { path = ["/w/api.php"] }
@@ -835,28 +830,45 @@ name = "index.php path info"
 match = { path_regex = ["^/w/index\\.php/(.+)$"] }
 redirect = { status = 301, location = "/wiki/{1}" }
 "#;
-    let skua = Skua::start(&[origin.addr], rules).await;
-    let request = |target: &str| {
-        format!("GET {target} HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n")
-    };
-    let first = raw(skua.addr, &request("/w/api.php?action=query")).await;
+
+fn get_request(target: &str) -> String {
+    format!("GET {target} HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n")
+}
+
+/// After one API request as the rule spells it, each of `limited` gets the API's 429 and each
+/// of `denied` the installer's 403.
+async fn spellings_meet_the_rules(skua: &Skua, limited: &[&str], denied: &[&str]) {
+    let first = raw(skua.addr, &get_request("/w/api.php?action=query")).await;
     assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
-    for spelling in [
-        "//w/api.php?action=query",
-        "/w//api.php?action=query",
-        "/w/api.php?x=//",
-    ] {
-        let limited = raw(skua.addr, &request(spelling)).await;
-        assert!(
-            limited.starts_with("HTTP/1.1 429 "),
-            "{spelling}: {limited}"
-        );
+    for spelling in limited {
+        let answer = raw(skua.addr, &get_request(spelling)).await;
+        assert!(answer.starts_with("HTTP/1.1 429 "), "{spelling}: {answer}");
     }
-    for spelling in ["//w/mw-config/", "/w//mw-config/index.php"] {
-        let denied = raw(skua.addr, &request(spelling)).await;
-        assert!(denied.starts_with("HTTP/1.1 403 "), "{spelling}: {denied}");
+    for spelling in denied {
+        let answer = raw(skua.addr, &get_request(spelling)).await;
+        assert!(answer.starts_with("HTTP/1.1 403 "), "{spelling}: {answer}");
     }
-    let moved = raw(skua.addr, &request("//w/index.php/Main_Page")).await;
+}
+
+/// Regression: a rule read the path as sent, so `//w/api.php` or `/w//api.php` (which nginx,
+/// Apache and PHP's server all serve as `/w/api.php`) passed the API's rate limit and route,
+/// and `//w/mw-config/` a deny. A rule now reads each run of `/` as one; the key and what
+/// the origin receives keep them.
+#[tokio::test]
+async fn doubled_slashes_do_not_slip_past_a_rule() {
+    let origin = named_origin("o", "no-store").await;
+    let skua = Skua::start(&[origin.addr], SPELLING_RULES).await;
+    spellings_meet_the_rules(
+        &skua,
+        &[
+            "//w/api.php?action=query",
+            "/w//api.php?action=query",
+            "/w/api.php?x=//",
+        ],
+        &["//w/mw-config/", "/w//mw-config/index.php"],
+    )
+    .await;
+    let moved = raw(skua.addr, &get_request("//w/index.php/Main_Page")).await;
     assert!(moved.starts_with("HTTP/1.1 301 "), "{moved}");
     assert!(
         moved.contains("\r\nLocation: /wiki/Main_Page\r\n")
@@ -882,41 +894,20 @@ redirect = { status = 301, location = "/wiki/{1}" }
 #[tokio::test]
 async fn an_encoded_slash_does_not_slip_past_a_rule() {
     let origin = named_origin("o", "no-store").await;
-    let rules = r#"
-[[rule]]
-name = "API"
-match = { path = ["/w/api.php"] }
-rate_limit = { per_second = 0.01, burst = 1 }
-
-[[rule]]
-name = "installer closed"
-match = { path_prefix = ["/w/mw-config"] }
-deny = { status = 403, body = "forbidden" }
-"#;
-    let skua = Skua::start(&[origin.addr], rules).await;
-    let request = |target: &str| {
-        format!("GET {target} HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n")
-    };
-    let first = raw(skua.addr, &request("/w/api.php?action=query")).await;
-    assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
-    for spelling in [
-        "/w%2Fapi.php?action=query",
-        "/w%2fapi.php?action=query",
-        "/w/x%2F..%2Fapi.php?action=query",
-        "/%2Fw/api.php?action=query",
-    ] {
-        let limited = raw(skua.addr, &request(spelling)).await;
-        assert!(
-            limited.starts_with("HTTP/1.1 429 "),
-            "{spelling}: {limited}"
-        );
-    }
-    for spelling in ["/w%2Fmw-config/", "/w/x%2F..%2Fmw-config/index.php"] {
-        let denied = raw(skua.addr, &request(spelling)).await;
-        assert!(denied.starts_with("HTTP/1.1 403 "), "{spelling}: {denied}");
-    }
+    let skua = Skua::start(&[origin.addr], SPELLING_RULES).await;
+    spellings_meet_the_rules(
+        &skua,
+        &[
+            "/w%2Fapi.php?action=query",
+            "/w%2fapi.php?action=query",
+            "/w/x%2F..%2Fapi.php?action=query",
+            "/%2Fw/api.php?action=query",
+        ],
+        &["/w%2Fmw-config/", "/w/x%2F..%2Fmw-config/index.php"],
+    )
+    .await;
     // What is not the rule's path still goes to the origin, its escape as sent.
-    let other = raw(skua.addr, &request("/wiki/AC%2FDC")).await;
+    let other = raw(skua.addr, &get_request("/wiki/AC%2FDC")).await;
     assert!(other.starts_with("HTTP/1.1 200 "), "{other}");
     assert_eq!(origin.count_starting("/w/api.php"), 1);
     assert_eq!(origin.count("/wiki/AC%2FDC"), 1);
