@@ -55,6 +55,16 @@ fn spawn_demo((p, o, a): (u16, u16, u16), cache_dir: &std::path::Path, extra: &[
     }
 }
 
+/// A client of the demo's HTTPS listener that takes the certificate the demo made, as
+/// `curl -k`.
+fn demo_certificate_trusting_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap()
+}
+
 /// #19: the demo serves HTTPS and HTTP/2 with the certificate it made at start (a client that
 /// does not verify it, as `curl -k`), from the same cache as plain HTTP's listener.
 #[tokio::test]
@@ -62,11 +72,7 @@ async fn the_demo_serves_https_and_http2() {
     let dir = tempfile::tempdir().unwrap();
     let demo = start_demo(dir.path()).await;
     wait_listening(demo.https.parse().unwrap()).await;
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .danger_accept_invalid_certs(true)
-        .build()
-        .unwrap();
+    let client = demo_certificate_trusting_client();
     let url = format!("https://{}/wiki/Main_Page", demo.https);
     let first = client.get(&url).send().await.unwrap();
     assert_eq!(first.status(), 200);
@@ -87,11 +93,7 @@ async fn an_edit_reaches_the_demo_s_https_and_localhost_readers() {
     let dir = tempfile::tempdir().unwrap();
     let demo = start_demo(dir.path()).await;
     wait_listening(demo.https.parse().unwrap()).await;
-    let tls = reqwest::Client::builder()
-        .use_rustls_tls()
-        .danger_accept_invalid_certs(true)
-        .build()
-        .unwrap();
+    let tls = demo_certificate_trusting_client();
     let port = |addr: &str| addr.rsplit_once(':').unwrap().1.to_string();
     let readers = [
         format!("https://{}/wiki/Sandbox", demo.https),
