@@ -168,7 +168,7 @@ pub fn raw_has_content_length(raw: &[u8]) -> bool {
 /// thinks the URL, host, port, path prefix, method or scheme is (so a response for one URL is
 /// cached under another) or route it through a proxy (httpoxy, CVE-2016-5385).
 /// `x-forwarded-proto` and `x-forwarded-for` are kept only from trusted proxies.
-pub const UNTRUSTED_HEADERS: [&str; 13] = [
+pub const UNTRUSTED_HEADERS: [&str; 15] = [
     "x-forwarded-host",
     "x-forwarded-scheme",
     "x-forwarded-server",
@@ -178,7 +178,11 @@ pub const UNTRUSTED_HEADERS: [&str; 13] = [
     "x-original-host",
     "x-original-url",
     "x-rewrite-url",
+    // A method override under each name frameworks read it by: the origin would answer a
+    // GET as another method, under the GET's key.
     "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
     "forwarded",
     "proxy",
     // Not a forwarding header at all, and the origin never needs it.
