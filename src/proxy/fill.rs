@@ -387,7 +387,9 @@ fn to_header(resp: &httparse::Response<'_, '_>) -> Result<ResponseHeader, Origin
 }
 
 /// A field value with each obs-fold (a line break followed by spaces or tabs, RFC 9112 §5.2)
-/// replaced by one SP, as pingora's path reads it.
+/// replaced by one SP, as pingora's path reads it. Not pingora's `header_value_from_slice`,
+/// which does the same but builds the value unchecked (its undefined behaviour on bytes its
+/// parser did not vouch for); the value here goes through `HeaderValue::from_bytes`.
 fn unfolded(value: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     if !value.contains(&b'\n') {
         return std::borrow::Cow::Borrowed(value);
