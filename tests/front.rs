@@ -380,3 +380,42 @@ async fn server_timing_names_the_answer_and_the_node_on_every_path() {
     get(&url, &[]).await;
     assert_eq!(timing(&get(&url, &[]).await), ["app;dur=12".to_string()]);
 }
+
+/// Regression: a client that opens a plain connection with HTTP/2's preface (RFC 9113 §3.3,
+/// "prior knowledge": `curl --http2-prior-knowledge`, `h2load http://`, a balancer speaking
+/// h2c to its backends) got an empty reply, or pingora's own `400`. It is now served HTTP/2:
+/// a miss from the origin, the hit by the front door, a POST through pingora's path, on one
+/// connection, while HTTP/1.1 clients are served on the same port as before.
+#[tokio::test]
+async fn a_plain_connection_opened_with_the_http2_preface_is_served_http2() {
+    let origin = page_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let url = skua.url("/wiki/Page");
+    let mut caches = Vec::new();
+    for _ in 0..2 {
+        let answer = h2c.get(&url).send().await.unwrap();
+        assert_eq!(answer.version(), reqwest::Version::HTTP_2);
+        assert_eq!(answer.status(), 200);
+        caches.push(
+            answer.headers()["x-cache-status"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+        assert_eq!(answer.text().await.unwrap(), "page body");
+    }
+    assert_eq!(caches, ["miss", "hit-front"]);
+    let posted = h2c.post(skua.url("/w/api.php")).body("x=1");
+    let posted = posted.send().await.unwrap();
+    assert_eq!(posted.version(), reqwest::Version::HTTP_2);
+    assert_eq!(posted.status(), 200);
+    assert_eq!(origin.count("/w/api.php"), 1);
+    assert_eq!(origin.count("/wiki/Page"), 1);
+    let over_http11 = get(&url, &[]).await;
+    assert_eq!(over_http11.cache(), "hit-front");
+    assert_eq!(over_http11.text(), "page body");
+}

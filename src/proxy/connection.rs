@@ -46,6 +46,10 @@ static MALFORMED_WARNED: AtomicBool = AtomicBool::new(false);
 /// pingora's first read buffer for a request head (`INIT_HEADER_BUF_SIZE`).
 const HEAD_BUFFER: usize = 4096;
 
+/// The start of HTTP/2's connection preface (RFC 9113 §3.4) up to the blank line that ends it
+/// as an HTTP/1 head; `SM\r\n\r\n` and the client's SETTINGS frame follow.
+const H2_PREFACE_HEAD: &[u8] = b"PRI * HTTP/2.0\r\n\r\n";
+
 /// Bounds the time spent writing a refusal to a client that does not read.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -330,7 +334,16 @@ where
         };
         if let Some(front) = self.front.as_ref() {
             if stream.selected_alpn_proto() == Some(ALPN::H2) {
-                let h2 = super::h2::serve(&self.app, front, stream, scheme, &self.limits, shutdown);
+                let (limits, nothing_read) = (&self.limits, BytesMut::new());
+                let h2 = super::h2::serve(
+                    &self.app,
+                    front,
+                    stream,
+                    nothing_read,
+                    scheme,
+                    limits,
+                    shutdown,
+                );
                 Box::pin(h2).await;
                 return None;
             }
@@ -343,6 +356,7 @@ where
         // The peer's address, read from the socket once per connection, when a request first
         // needs it (each read clones and drops the socket digest's `Arc`).
         let peer = std::cell::OnceCell::new();
+        let mut first_head = true;
         loop {
             let head = match read_head(&mut stream, &self.limits, &mut carry).await {
                 HeadRead::Complete(head) => head,
@@ -366,6 +380,7 @@ where
                     break;
                 }
             };
+            let first = std::mem::replace(&mut first_head, false);
             // Stopping, or drained by an operator: each answer asks the client to close, so
             // that its next request goes through the load balancer again.
             let draining = (self.front.as_ref()).is_some_and(|f| f.state().readiness.draining());
@@ -407,6 +422,28 @@ where
                     }
                     reuse_head_buffer(&carry, head);
                     continue;
+                }
+            }
+            // RFC 9113 §3.3: a client that knows the server speaks HTTP/2 opens a plain
+            // connection with its preface, whose first line reads as an HTTP/1 head.
+            if let Some(front) = self.front.as_ref().filter(|_| first) {
+                // What follows it is in the head (HTTP/2.0 is no version an HTTP/1 head's
+                // framing is read for) or carried.
+                if head.starts_with(H2_PREFACE_HEAD) {
+                    let mut already_read = head;
+                    already_read.unsplit(std::mem::take(&mut carry));
+                    let limits = &self.limits;
+                    let h2 = super::h2::serve(
+                        &self.app,
+                        front,
+                        stream,
+                        already_read,
+                        scheme,
+                        limits,
+                        shutdown,
+                    );
+                    Box::pin(h2).await;
+                    return None;
                 }
             }
             // The front door declined it: a head pingora's parser would refuse outright is

@@ -18,6 +18,13 @@ macro_rules! delegate_to_inner {
             }
         }
 
+        $crate::proxy::delegate::delegate_all_but_read_to_inner!($wrapper);
+    };
+}
+
+/// [`delegate_to_inner`] but `AsyncRead`, for a wrapper that changes what is read.
+macro_rules! delegate_all_but_read_to_inner {
+    ($wrapper:ty) => {
         #[::async_trait::async_trait]
         impl ::pingora::protocols::Shutdown for $wrapper {
             async fn shutdown(&mut self) {
@@ -79,4 +86,4 @@ macro_rules! flush_and_shutdown_to_inner {
     };
 }
 
-pub(crate) use {delegate_to_inner, flush_and_shutdown_to_inner};
+pub(crate) use {delegate_all_but_read_to_inner, delegate_to_inner, flush_and_shutdown_to_inner};

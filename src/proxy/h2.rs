@@ -1,4 +1,5 @@
-//! The life of one HTTP/2 client connection (ALPN `h2` on an HTTPS listener). Its streams are
+//! The life of one HTTP/2 client connection (ALPN `h2` on an HTTPS listener, or a client that
+//! opens a plain connection with HTTP/2's preface, RFC 9113 §3.3). Its streams are
 //! accepted here: a fresh memory hit is answered at once, by the front door's decision
 //! ([`FrontDoor::answer_stream`]) written through pingora's HTTP/2 session; every other stream
 //! becomes a pingora session on a task of its own, as pingora's own accept loop makes it.
@@ -18,11 +19,15 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use async_trait::async_trait;
+use bytes::BytesMut;
 use pingora::apps::HttpServerApp;
 use pingora::protocols::http::v2::server::{handshake, H2Accept, HttpSession};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{Digest, Stream};
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::{Digest, Peek, Ssl, Stream, ALPN};
 use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
 use super::fast::FrontDoor;
@@ -37,7 +42,8 @@ use crate::config::ConnectionLimits;
 /// counts them itself.
 const MAX_MALFORMED_STREAMS: usize = 32;
 
-/// Serves the HTTP/2 connection `stream` (TLS done, `h2` negotiated) until the client closes
+/// Serves the HTTP/2 connection `stream` (TLS done and `h2` negotiated, or `already_read`
+/// holding the start of the client's preface, read as an HTTP/1 head) until the client closes
 /// it, it stays idle past `limits.idle_timeout`, it stops taking an answer for
 /// `limits.send_timeout`, or the server shuts down (then after a GOAWAY, once the streams
 /// already started are answered, RFC 9113 §6.8).
@@ -45,6 +51,7 @@ pub async fn serve<A>(
     app: &Arc<A>,
     front: &FrontDoor,
     stream: Stream,
+    already_read: BytesMut,
     scheme: Scheme,
     limits: &ConnectionLimits,
     shutdown: &ShutdownWatch,
@@ -60,6 +67,14 @@ pub async fn serve<A>(
     let client_ip: Option<IpAddr> = (digest.socket_digest.as_ref())
         .and_then(|d| d.peer_addr())
         .and_then(crate::purge::peer_ip);
+    let stream: Stream = if already_read.is_empty() {
+        stream
+    } else {
+        Box::new(Replayed {
+            inner: stream,
+            already_read,
+        })
+    };
     let writes = Arc::new(Writes::default());
     let stream: Stream = Box::new(Counted::new(stream, writes.clone()));
     let Ok(mut conn) = handshake(stream, app.h2_options()).await else {
@@ -163,6 +178,68 @@ pub async fn serve<A>(
         });
     }
 }
+
+/// A plain connection whose first bytes (HTTP/2's preface, and what came with it) were read
+/// as an HTTP/1 request head: they are read again from here, then the connection.
+#[derive(Debug)]
+struct Replayed {
+    inner: Stream,
+    already_read: BytesMut,
+}
+
+super::delegate::delegate_all_but_read_to_inner!(Replayed);
+
+impl AsyncRead for Replayed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.already_read.is_empty() {
+            return Pin::new(&mut *self.inner).poll_read(cx, buf);
+        }
+        let n = self.already_read.len().min(buf.remaining());
+        buf.put_slice(&self.already_read.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Replayed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    super::delegate::flush_and_shutdown_to_inner!();
+}
+
+impl Ssl for Replayed {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+#[async_trait]
+impl Peek for Replayed {}
 
 /// The streams of one connection that pingora's sessions are serving.
 #[derive(Default)]
