@@ -193,30 +193,61 @@ async fn a_target_that_is_not_a_path_is_refused_and_never_stored_as_the_root() {
 }
 
 /// Regression: a request head no HTTP/1.1 parser reads (a control character in a field, a
-/// space before a colon, an obs-fold, a bare CR) got pingora's own 400 (`Server: Pingora`, no
-/// body) and no metric counted it: an operator could not see why clients were refused. It is
-/// now Skua's answer, counted as a refused connection.
+/// space before a colon, an obs-fold, a bare CR, a method that is no token, a version that is
+/// none), or one pingora parses and then refuses (two `Host` fields, a `Host` other than the
+/// target's authority, userinfo, differing `Content-Length`s, a transfer coding other than
+/// chunked last, `Transfer-Encoding` in HTTP/1.0), got pingora's own 400 (`Server: Pingora`,
+/// no body) and no metric counted it: an operator could not see why clients were refused. It
+/// is now Skua's answer, counted as a refused connection, and nothing reaches the origin.
 #[tokio::test]
 async fn a_malformed_request_head_is_refused_as_skuas_own_answer_and_counted() {
     let origin = cached_origin().await;
     let skua = Skua::start(&[origin.addr], "").await;
-    for head in [
-        "GET /a HTTP/1.1\r\nHost: wiki.test\r\nX-A: b\x00c\r\n\r\n",
-        "GET /a HTTP/1.1\r\nHost: wiki.test\r\nX-A : b\r\n\r\n",
-        "GET /a HTTP/1.1\r\nHost: wiki.test\r\nX-A: b\r\n  folded\r\n\r\n",
-        "GET /a HTTP/1.1\r\nHost: wiki.test\rX-A: b\r\n\r\n",
-    ] {
+    let heads = [
+        ("GET /a HTTP/1.1\r\nHost: wiki.test\r\nX-A: b\x00c\r\n\r\n", "400", "malformed request header field value"),
+        ("GET /a HTTP/1.1\r\nHost: wiki.test\r\nX-A : b\r\n\r\n", "400", "malformed request header field name"),
+        ("GET /a HTTP/1.1\r\nHost: wiki.test\r\nX-A: b\r\n  folded\r\n\r\n", "400", "malformed request header field name"),
+        ("GET /a HTTP/1.1\r\nHost: wiki.test\rX-A: b\r\n\r\n", "400", "malformed request header field value"),
+        ("G(T /a HTTP/1.1\r\nHost: wiki.test\r\n\r\n", "400", "malformed request method"),
+        ("GET /a HTTQ/1.1\r\nHost: wiki.test\r\n\r\n", "400", "malformed request line"),
+        ("GET /a HTTP/3.0\r\nHost: wiki.test\r\n\r\n", "505", "HTTP/1.1 is served here"),
+        ("GET /a HTTP/1.1\r\nHost: wiki.test\r\nHost: other.test\r\n\r\n", "400", "more than one Host field"),
+        ("GET http://other.test/a HTTP/1.1\r\nHost: wiki.test\r\n\r\n", "400", "the Host field differs"),
+        ("GET http://u@wiki.test/a HTTP/1.1\r\n\r\n", "400", "userinfo in the request target"),
+        ("GET /a HTTP/1.1\r\nHost: u@wiki.test\r\n\r\n", "400", "userinfo in the Host field"),
+        ("POST /a HTTP/1.1\r\nHost: wiki.test\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", "400", "differing Content-Length"),
+        ("POST /a HTTP/1.1\r\nHost: wiki.test\r\nContent-Length: 1x\r\n\r\nab", "400", "invalid Content-Length"),
+        ("POST /a HTTP/1.1\r\nHost: wiki.test\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", "400", "a transfer coding other than chunked last"),
+        ("POST /a HTTP/1.0\r\nHost: wiki.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "400", "Transfer-Encoding in an HTTP/1.0 request"),
+    ];
+    for (head, status, why) in heads {
         let answer = raw(skua.addr, head).await;
-        assert!(answer.starts_with("HTTP/1.1 400 "), "{head:?}: {answer}");
         assert!(
-            answer.contains("\r\n\r\nskua: malformed "),
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{head:?}: {answer}"
+        );
+        assert!(
+            answer.contains(&format!("\r\n\r\nskua: {why}")),
             "{head:?}: {answer}"
         );
         assert!(!answer.contains("Pingora"), "{head:?}: {answer}");
     }
     let counted = r#"skua_connections_refused_total{reason="malformed_head"}"#;
-    assert_eq!(skua.metric(counted).await, 4.0);
+    assert_eq!(skua.metric(counted).await, heads.len() as f64);
     assert_eq!(origin.count_starting(""), 0);
+}
+
+/// RFC 9110 §2.5: a request of a later HTTP/1 minor version is processed "as if it were in
+/// the highest minor version within that major version to which the recipient is
+/// conformant"; pingora's parser refused `HTTP/1.2` with a 400.
+#[tokio::test]
+async fn a_request_of_a_later_http1_minor_version_is_served_as_http11() {
+    let origin = cached_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let request = "GET /a HTTP/1.2\r\nHost: wiki.test\r\nConnection: close\r\n\r\n";
+    let answer = raw(skua.addr, request).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert_eq!(origin.count("/a"), 1);
 }
 
 #[tokio::test]

@@ -358,7 +358,7 @@ where
         let peer = std::cell::OnceCell::new();
         let mut first_head = true;
         loop {
-            let head = match read_head(&mut stream, &self.limits, &mut carry).await {
+            let mut head = match read_head(&mut stream, &self.limits, &mut carry).await {
                 HeadRead::Complete(head) => head,
                 HeadRead::Gone => break,
                 HeadRead::TimedOut => {
@@ -448,9 +448,9 @@ where
             }
             // The front door declined it: a head pingora's parser would refuse outright is
             // refused here, counted, as Skua's own answer.
-            if let Some(why) = malformed_head(&head) {
+            if let Some((status, why)) = refused_head(&mut head) {
                 self.metrics.refused_malformed_head.inc();
-                refuse(&mut stream, "400 Bad Request", why, false).await;
+                refuse(&mut stream, status, why, false).await;
                 break;
             }
             let mut session = ServerSession::new_http1(stream);
@@ -676,22 +676,149 @@ async fn read_head(
     }
 }
 
-/// Why a request head is one no HTTP/1.1 parser reads (RFC 9112 §5: a field name is a token
-/// followed by its colon, a field value holds no control character but HTAB, every line ends
-/// with CRLF or LF), as pingora's parser (httparse) finds it: pingora answered such a head
-/// with a `400` of its own (`Server: Pingora`, no body) that no metric counted. A target or
-/// version it cannot read is left to pingora, which percent-encodes what it can of a target
-/// and refuses the rest (`guard::check`); more fields than are looked at here, to pingora's
-/// field limits.
-fn malformed_head(head: &[u8]) -> Option<&'static str> {
+/// What pingora would refuse a request head for, with a `400` of its own (`Server: Pingora`,
+/// no body) that no metric counted, as Skua's answer: its status line and the reason.
+///
+/// As pingora's parser (httparse) finds it, a head no HTTP/1.1 parser reads (RFC 9112 §5: a
+/// field name is a token followed by its colon, a field value holds no control character but
+/// HTAB, every line ends with CRLF or LF), or a request line it cannot read even after it
+/// percent-encodes what a target should not hold; as pingora then validates a parsed head
+/// (`HttpSession::validate_request`), framing or an authority it refuses.
+///
+/// RFC 9110 §2.5: a request of a later HTTP/1 minor version (`HTTP/1.2`) is processed "as if
+/// it were in the highest minor version within that major version to which the recipient is
+/// conformant": its version is rewritten to `HTTP/1.1` in `head`, which httparse then reads.
+/// More fields than are looked at here are left to pingora's field limits.
+fn refused_head(head: &mut [u8]) -> Option<(&'static str, &'static str)> {
     let mut fields = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut fields);
+    let bad = |why| Some((BAD_REQUEST, why));
     match req.parse(head) {
-        Err(httparse::Error::HeaderName) => Some("malformed request header field name"),
-        Err(httparse::Error::HeaderValue) => Some("malformed request header field value"),
-        Err(httparse::Error::NewLine) => Some("malformed line ending in the request head"),
+        Err(httparse::Error::HeaderName) => bad("malformed request header field name"),
+        Err(httparse::Error::HeaderValue) => bad("malformed request header field value"),
+        Err(httparse::Error::NewLine) => bad("malformed line ending in the request head"),
+        Err(httparse::Error::Version | httparse::Error::Token) => unreadable_request_line(head),
+        Ok(httparse::Status::Complete(_)) => unframeable(&req).map(|why| (BAD_REQUEST, why)),
         _ => None,
     }
+}
+
+const BAD_REQUEST: &str = "400 Bad Request";
+
+/// A request line that pingora's parser refuses, once it has percent-encoded the target: a
+/// method that is no token, a version other than HTTP/1.0 and HTTP/1.1. A later HTTP/1 minor
+/// version is made `HTTP/1.1` instead (see [`refused_head`]).
+fn unreadable_request_line(head: &mut [u8]) -> Option<(&'static str, &'static str)> {
+    let end = head.iter().position(|b| *b == b'\n')?;
+    let line = &mut head[..end];
+    let line = match line.last() {
+        Some(b'\r') => {
+            let n = line.len() - 1;
+            &mut line[..n]
+        }
+        _ => line,
+    };
+    let method = line.split(|b| *b == b' ').next().unwrap_or_default();
+    if method.is_empty() || !method.iter().all(|b| is_tchar(*b)) {
+        return Some((BAD_REQUEST, "malformed request method"));
+    }
+    let version_at = line.iter().rposition(|b| *b == b' ')? + 1;
+    match &mut line[version_at..] {
+        // A target with a byte a request line should not hold: pingora percent-encodes it.
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', b'0' | b'1'] => None,
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor] if minor.is_ascii_digit() => {
+            *minor = b'1';
+            None
+        }
+        // RFC 9110 §15.6.6: 505 for a major version the server does not support.
+        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+            if major.is_ascii_digit() && minor.is_ascii_digit() =>
+        {
+            Some(("505 HTTP Version Not Supported", "HTTP/1.1 is served here"))
+        }
+        _ => Some((BAD_REQUEST, "malformed request line")),
+    }
+}
+
+/// RFC 9110 §5.6.2: `tchar`, what a method or a field name is made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// What pingora refuses in a head it parsed: framing a recipient must not guess at (RFC 9112
+/// §6.1, §6.3) and an authority that is not one (RFC 9112 §3.2, RFC 9110 §4.2.4), checked as
+/// pingora checks them.
+fn unframeable(req: &httparse::Request) -> Option<&'static str> {
+    let named = |name: &'static str| {
+        (req.headers.iter())
+            .filter(move |f| f.name.eq_ignore_ascii_case(name))
+            .map(|f| f.value)
+    };
+    let mut hosts = named("host");
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Some("more than one Host field (RFC 9112 §3.2)");
+    }
+    if host.is_some_and(|h| h.contains(&b'@')) {
+        return Some("userinfo in the Host field (RFC 9110 §4.2.4)");
+    }
+    let target = req.path.unwrap_or_default().as_bytes();
+    if req.method != Some("CONNECT") {
+        use pingora::protocols::http::authority::{self, RawTargetAuthority};
+        match authority::raw_target_authority(target) {
+            RawTargetAuthority::None => {}
+            RawTargetAuthority::AmbiguousAuthority => {
+                return Some("ambiguous absolute-form request target");
+            }
+            RawTargetAuthority::Absolute {
+                scheme, authority, ..
+            } => {
+                if authority::is_http_family_scheme(scheme)
+                    && http::uri::Authority::try_from(authority).is_err()
+                {
+                    return Some("unreadable authority in the request target");
+                }
+                if authority.contains(&b'@') {
+                    return Some("userinfo in the request target (RFC 9110 §4.2.4)");
+                }
+                if host.is_some_and(|h| h != authority) {
+                    return Some("the Host field differs from the request target's authority");
+                }
+            }
+        }
+    }
+    if let Some(last) = named("transfer-encoding").next_back() {
+        // RFC 9112 §6.1: "A server that receives a request message with a transfer coding it
+        // does not understand SHOULD respond with 501"; a final coding other than chunked
+        // leaves the body unframed (§6.3), and HTTP/1.0 has no transfer codings.
+        if req.version == Some(0) {
+            return Some("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 §6.1)");
+        }
+        let final_coding = last.rsplit(|b| *b == b',').next().unwrap_or_default();
+        if !final_coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return Some("a transfer coding other than chunked last (RFC 9112 §6.3)");
+        }
+        return None;
+    }
+    // RFC 9110 §8.6: a list of one value (`5, 5`) may be read as that value; any other list,
+    // or a value that is no number, is framing no two parsers need agree on (RFC 9112 §6.3).
+    let mut length = None;
+    for value in named("content-length") {
+        for part in value.split(|b| *b == b',') {
+            let digits = part.trim_ascii();
+            let n = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+                .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
+                .flatten();
+            match (n, length) {
+                (None, _) => return Some("invalid Content-Length (RFC 9112 §6.3)"),
+                (Some(n), Some(before)) if n != before => {
+                    return Some("differing Content-Length values (RFC 9112 §6.3)");
+                }
+                (Some(n), _) => length = Some(n),
+            }
+        }
+    }
+    None
 }
 
 /// What a request head says about a body that follows it (RFC 9112 §6.3).
@@ -820,8 +947,29 @@ async fn write_and_close(stream: &mut Stream, answer: &[u8]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{body_framing, chunks_well_formed, head_end, BodyFraming};
+    use super::{body_framing, chunks_well_formed, head_end, refused_head, BodyFraming};
     use proptest::prelude::*;
+
+    #[test]
+    fn heads_pingora_serves_are_not_refused_and_a_later_minor_version_is_read_as_http11() {
+        for head in [
+            "GET /a HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a b HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 2, 2\r\n\r\nab",
+            "POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab",
+            "POST /a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        ] {
+            assert_eq!(
+                refused_head(&mut head.as_bytes().to_vec()),
+                None,
+                "{head:?}"
+            );
+        }
+        let mut head = b"GET /a HTTP/1.2\r\nHost: a\r\n\r\n".to_vec();
+        assert_eq!(refused_head(&mut head), None);
+        assert_eq!(head, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n");
+    }
 
     /// Field lines of request heads, well and badly formed.
     const FIELDS: [&str; 12] = [

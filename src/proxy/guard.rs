@@ -1,8 +1,9 @@
 //! What is refused or removed at the edge before a request reaches the cache or an origin:
 //! framing that two HTTP parsers could read differently (request smuggling), requests over the
 //! configured size limits, hosts this cache does not serve, and request headers a client could
-//! use to poison what is cached for everyone. pingora's parser already refuses obs-fold, bare
-//! CR, differing `Content-Length`s and unknown transfer codings; this adds what it lets through.
+//! use to poison what is cached for everyone. What pingora's parser refuses (obs-fold, bare
+//! CR, differing `Content-Length`s, unknown transfer codings) is refused before it, as Skua's
+//! answer (`connection::refused_head`); this adds what it lets through.
 
 use std::net::IpAddr;
 
