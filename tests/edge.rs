@@ -1670,6 +1670,25 @@ async fn fields_named_in_connection_go_no_further_in_either_direction() {
     );
 }
 
+/// A client that names `X-Forwarded-For` (or `Host`, `X-Forwarded-Proto`) in `Connection`
+/// asks for what Skua adds to be dropped before the origin: refused, and (regression) with
+/// the reason, where the answer said "bad request" alone.
+#[tokio::test]
+async fn a_connection_field_naming_a_forwarding_field_is_refused_with_its_reason() {
+    let origin = cached_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for named in ["X-Forwarded-For", "host", "X-Forwarded-Proto"] {
+        let got = get(&skua.url("/p"), &[("connection", named)]).await;
+        assert_eq!(got.status, 400, "{named}");
+        assert_eq!(
+            got.text(),
+            "skua: protected header cannot be nominated by the Connection header\n",
+            "{named}"
+        );
+    }
+    assert_eq!(origin.count_starting(""), 0);
+}
+
 /// Regression: after an origin failure Skua answered 502 with `Connection: keep-alive` and
 /// then closed the socket, so clients reusing the connection failed with "connection closed".
 #[tokio::test]

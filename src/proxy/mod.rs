@@ -756,6 +756,12 @@ fn as_forwarded(session: &mut Session, settings: &Settings) -> Result<()> {
     Ok(())
 }
 
+/// The reason at the root of a chain of pingora errors (the outer ones name the peer).
+fn first_reason(e: &Error) -> Option<&str> {
+    let root = e.root_cause().downcast_ref::<Error>()?;
+    root.context.as_ref().map(|c| c.as_str())
+}
+
 fn client_ip(session: &Session) -> Option<IpAddr> {
     session.client_addr().and_then(peer_ip)
 }
@@ -2315,6 +2321,10 @@ impl ProxyHttp for CachingProxy {
                     ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
                         (0, "")
                     }
+                    // What pingora found wrong in the request, for its sender: "protected
+                    // header cannot be nominated by the Connection header" for
+                    // `Connection: X-Forwarded-For`, which would drop the address Skua adds.
+                    ErrorType::InvalidHTTPHeader => (400, first_reason(e).unwrap_or("bad request")),
                     _ => (400, "bad request"),
                 },
                 ErrorSource::Internal | ErrorSource::Unset => (500, "internal error"),
