@@ -148,6 +148,40 @@ async fn the_access_log_names_the_host_of_an_absolute_form_purge() {
     assert_eq!(line["cache_status"], "int-front");
 }
 
+/// Regression: Skua's own answers (a refusal, a PURGE's, `only-if-cached`'s 504) were logged
+/// with `0` bytes though each has a body, and a HEAD that missed with the length of the body
+/// the origin sent, which the client never got: the access log's bytes are the body bytes
+/// the client was sent, as nginx's `$body_bytes_sent`.
+#[tokio::test]
+async fn the_access_log_counts_the_body_bytes_each_client_was_sent() {
+    let origin = Origin::start(|_| Reply::ok("logged").header("cache-control", "max-age=60")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
+    let skua = Skua::start(&[origin.addr], &extra).await;
+    let uncached = get(&skua.url("/none"), &[("cache-control", "only-if-cached")]).await;
+    assert_eq!(uncached.status, 504);
+    let purged = send(&client(), "PURGE", &skua.url("/none"), &[]).await;
+    assert_eq!(purged.status, 404);
+    let refused = get(&skua.url("/p"), &[("connection", "x-forwarded-for")]).await;
+    assert_eq!(refused.status, 400);
+    let head = send(&client(), "HEAD", &skua.url("/head"), &[]).await;
+    assert_eq!(head.cache(), "miss");
+    let (text, lines) = logged_json(&log, 4).await;
+    let logged = |method: &str, status: u64| {
+        (lines.iter())
+            .find(|l| l["method"] == method && l["status"] == status)
+            .unwrap_or_else(|| panic!("no {method} {status} line: {text}"))["bytes"]
+            .as_u64()
+    };
+    for (method, got) in [("GET", &uncached), ("PURGE", &purged), ("GET", &refused)] {
+        assert!(!got.body.is_empty());
+        let sent = Some(got.body.len() as u64);
+        assert_eq!(logged(method, u64::from(got.status)), sent, "{text}");
+    }
+    assert_eq!(logged("HEAD", 200), Some(0), "{text}");
+}
+
 /// A JSON access line names the origin that answered and how long its answer's head took
 /// (nginx's `$upstream_addr`, `$upstream_header_time`), on both paths a miss takes (the front
 /// door's fill for a GET, pingora's for a POST), and nothing for a hit.

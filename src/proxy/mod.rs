@@ -2422,7 +2422,16 @@ impl ProxyHttp for CachingProxy {
             url: ctx.url.as_ref(),
             headers: &req.headers,
             status,
-            body_bytes: ctx.body_bytes,
+            // Skua's own answers are written whole, past the body filter that counts the rest;
+            // a HEAD's answer has none, though the filter saw the body of the GET it was sent
+            // to the origin as.
+            body_bytes: if req.method == Method::HEAD {
+                0
+            } else if ctx.internal {
+                ctx.body_bytes.max(session.body_bytes_sent() as u64)
+            } else {
+                ctx.body_bytes
+            },
             disposition,
             hit_path,
             started: ctx.started,
