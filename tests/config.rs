@@ -170,6 +170,28 @@ fn unknown_key_exits_78_naming_key_and_line() {
 /// Regression: a wrong type or an unknown key stopped validation at the first problem, a type
 /// error named no key (`multi.toml:4: "two": invalid type ...`), and a bad duration also
 /// said "must be longer than zero". Every problem is reported once, with its key and line.
+/// Regression: a wrong value in the second `[[origin]]` or inside a rule's inline table was
+/// named `origin.addresses` or `rule.match`, not the key the other checks name
+/// (`origin[1].addresses`, `rule[0].match.path`); the wrong value was reported again as what
+/// it left behind ("missing field `addresses`", "has no action"); and a table given as a
+/// number was "expected struct DenyFile", a name from the source code.
+#[test]
+fn a_wrong_value_is_named_by_its_full_key_once() {
+    let text = "[[origin]]\nname = \"a\"\naddresses = [\"127.0.0.1:1\"]\n[[origin]]\nname = \"b\"\naddresses = \"127.0.0.1:2\"\n\n[[rule]]\nname = \"api\"\nmatch = { method = [\"GET\"], path = \"/w/api.php\" }\ndeny = 403\n";
+    let (code, stderr) = run_on("check", "keys.toml", text);
+    assert_eq!(code, Some(78), "{stderr}");
+    let expected = [
+        "keys.toml:6: origin[1].addresses: invalid type: string \"127.0.0.1:2\", expected a sequence",
+        "keys.toml:10: rule[0].match.path: invalid type: string \"/w/api.php\", expected a sequence",
+        "keys.toml:11: rule[0].deny: invalid type: integer `403`, expected a table, e.g. { status = 403, body = \"...\" }",
+    ];
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), expected.len(), "{stderr}");
+    for (line, want) in lines.iter().zip(expected) {
+        assert!(line.ends_with(want), "want {want:?} in:\n{stderr}");
+    }
+}
+
 #[test]
 fn every_problem_is_reported_once_with_its_key_and_line() {
     let text = "[server]\nthreads = \"two\"\nnonsense = 1\n\n[cache]\nttl_cap = \"soon\"\nmemory_size = \"big\"\n\n[[origin]]\nname = \"o\"\naddresses = [\"127.0.0.1:1\"]\n[origin.health_check]\ninterval = \"often\"\n";

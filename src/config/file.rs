@@ -29,7 +29,7 @@ pub struct FileConfig {
 /// `[[rule]]`: conditions (`match`, all of which must hold) and actions. For each kind of
 /// action the first matching rule that has one applies.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [[rule]] table")]
 pub struct RuleFile {
     /// Shown by `skua check --explain` and in logs. Default `rule[N]`.
     #[serde(default)]
@@ -68,7 +68,11 @@ pub struct RuleFile {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a table of conditions, e.g. { path = [\"/w/api.php\"] }"
+)]
 pub struct MatchFile {
     /// Any of these hosts (`name`, `*.parent` for every name under it, `*`).
     pub host: Vec<String>,
@@ -91,7 +95,10 @@ pub struct MatchFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. { status = 403, body = \"...\" }"
+)]
 pub struct DenyFile {
     /// 400 to 599.
     pub status: u16,
@@ -101,7 +108,10 @@ pub struct DenyFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. { status = 301, location = \"https://{host}{path}{query}\" }"
+)]
 pub struct RedirectFile {
     /// 301, 302, 303, 307 or 308. Default 301.
     #[serde(default = "default_redirect_status")]
@@ -116,7 +126,11 @@ fn default_redirect_status() -> u16 {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a table, e.g. { set = { \"X-A\" = \"1\" }, remove = [\"X-B\"] }"
+)]
 pub struct HeaderEditsFile {
     /// Fields set to a value, replacing any already there.
     pub set: std::collections::BTreeMap<String, String>,
@@ -127,7 +141,11 @@ pub struct HeaderEditsFile {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a table, e.g. { drop = [\"utm_*\"], sort = true }"
+)]
 pub struct QueryFile {
     /// Parameters dropped: names, or a prefix ending in `*` (`utm_*`).
     pub drop: Vec<String>,
@@ -136,7 +154,10 @@ pub struct QueryFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table, e.g. { per_second = 10, burst = 20 }"
+)]
 pub struct RateLimitFile {
     /// Requests per second a client may make, on average.
     pub per_second: f64,
@@ -150,7 +171,7 @@ pub struct RateLimitFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default, expecting = "a [log] table")]
 pub struct LogFile {
     /// Access log: "stdout", a file path, or "" (the default) for none.
     pub access: String,
@@ -168,7 +189,7 @@ impl Default for LogFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default, expecting = "a [server] table")]
 pub struct ServerFile {
     /// Addresses the proxy listens on (`ip:port`). Default `["127.0.0.1:8080"]`.
     pub listen: Vec<String>,
@@ -263,7 +284,7 @@ pub struct ServerFile {
 
 /// `[server.tls]`: Skua terminates TLS (1.2 and 1.3 only) on these addresses.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [server.tls] table")]
 pub struct TlsFile {
     /// Addresses for HTTPS (`ip:port`). At least one, here or in `proxy_protocol_listen`.
     #[serde(default)]
@@ -298,7 +319,7 @@ pub struct TlsFile {
 
 /// `[[server.tls.certificate]]`: one certificate chain and its private key, PEM files.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a [[server.tls.certificate]] table")]
 pub struct CertificateFile {
     /// The certificate, then its intermediates (PEM). Required.
     pub chain: String,
@@ -364,7 +385,7 @@ impl Default for ServerFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an [[origin]] table")]
 pub struct OriginFile {
     /// Pool name, used in logs and metric labels. Required, unique.
     pub name: String,
@@ -435,7 +456,7 @@ fn default_retry_statuses() -> Vec<u16> {
 /// `[origin.tls]`: the pool's origins speak HTTPS. A certificate that does not verify is a
 /// 502 (counted in `skua_origin_errors_total`), never a fall-back to plain HTTP.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an [origin.tls] table")]
 pub struct OriginTlsFile {
     /// The name sent (SNI) and verified in the origin's certificate. Default: the request's
     /// host (and the health check's `host` for checks).
@@ -467,7 +488,11 @@ fn default_read_timeout() -> String {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "an [origin.health_check] table"
+)]
 pub struct HealthCheckFile {
     /// Run the check. Default true. Without it every origin counts as healthy.
     pub enabled: bool,
@@ -497,7 +522,7 @@ impl Default for HealthCheckFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default, expecting = "a [cache] table")]
 pub struct CacheFile {
     /// Memory tier capacity in bytes (headers and bodies). Default 268435456 (256 MiB).
     pub memory_size: u64,
@@ -579,7 +604,7 @@ pub struct CacheFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default, expecting = "a [cache.disk] table")]
 pub struct DiskFile {
     /// Directory of the disk tier; created if missing. Empty (the default): no disk tier.
     pub path: String,
@@ -637,7 +662,7 @@ impl Default for CacheFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default, expecting = "a [cache.bypass] table")]
 pub struct BypassFile {
     /// Regexes matched against the whole `Cookie` request header; a match passes the request
     /// to the origin uncached. Default: MediaWiki's session and token cookies and its
@@ -657,7 +682,7 @@ impl Default for BypassFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default, expecting = "a [purge] table")]
 pub struct PurgeFile {
     /// Networks (CIDR) allowed to send PURGE. Default loopback only.
     pub allow: Vec<String>,
@@ -690,7 +715,7 @@ impl Default for PurgeFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default, expecting = "a [purge.htcp] table")]
 pub struct HtcpFile {
     /// UDP address to receive CLR packets on, e.g. "0.0.0.0:4827". Empty (the default): off.
     pub listen: String,
@@ -720,7 +745,7 @@ impl Default for HtcpFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default, expecting = "a [purge.bus] table")]
 pub struct BusFile {
     /// NATS server URLs, e.g. ["nats://127.0.0.1:4222"]. Empty (the default): no bus; each
     /// node only applies the purges sent to it, and a missed purge lasts up to the TTL cap.

@@ -222,18 +222,25 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
                 let start = e.span().map(|s| s.start);
                 let line = start.map(|s| line_at(text, s));
                 let data_error = is_data_error(e.message());
-                if data_error || errors.is_empty() {
+                let key = start
+                    .map(|s| key_at(text, s))
+                    .unwrap_or_else(|| "(syntax)".into());
+                // A required key whose line was blanked for its wrong value is "missing" only
+                // because of that: the value's own error says it.
+                let blanked_before = missing_field(e.message())
+                    .is_some_and(|field| errors.iter().any(|e| e.key == format!("{key}.{field}")));
+                if (data_error || errors.is_empty()) && !blanked_before {
                     errors.push(ConfigError {
-                        key: start
-                            .map(|s| key_at(text, s))
-                            .unwrap_or_else(|| "(syntax)".into()),
+                        key,
                         line,
                         reason: e.message().trim().to_string(),
                     });
                 }
+                // A table that lacks a required key is left out whole, so that the tables after
+                // it are still read.
                 let blanked = start
                     .filter(|_| data_error && errors.len() < 100)
-                    .and_then(|s| blank_line(&working, s));
+                    .and_then(|s| blank_line(&working, s).or_else(|| blank_table(&working, s)));
                 match blanked {
                     Some(next) if next != working => working = next,
                     _ => return Err(errors),
@@ -247,6 +254,16 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
         errors: Vec::new(),
     };
     let config = check(&mut c, file);
+    // A table one of whose lines was blanked for a wrong value is checked without it: what the
+    // checks then find wrong with the table as a whole ("has no action") follows from that.
+    let blanked: Vec<String> = errors.iter().map(|e| e.key.clone()).collect();
+    let follows_from_blanked = |key: &str| {
+        blanked.iter().any(|b| {
+            b.strip_prefix(key)
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        })
+    };
+    c.errors.retain(|e| !follows_from_blanked(&e.key));
     errors.append(&mut c.errors);
     if errors.is_empty() {
         Ok(config)
@@ -254,6 +271,12 @@ pub(super) fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
         errors.sort_by_key(|e| e.line.unwrap_or(usize::MAX));
         Err(errors)
     }
+}
+
+/// The field a "missing field `name`" message names.
+fn missing_field(message: &str) -> Option<&str> {
+    let rest = message.split_once("missing field `")?.1;
+    rest.split_once('`').map(|(field, _)| field)
 }
 
 /// Whether serde's message is about a value or key (a wrong type, an unknown or duplicate
@@ -270,37 +293,111 @@ fn is_data_error(message: &str) -> bool {
     .any(|m| message.contains(m))
 }
 
-/// The dotted key on the line holding byte `at`: the line's own key, under the nearest table
-/// header above it (`server.threads`, `origin.health_check.path`).
+/// The key at byte `at`, as the checks after parsing name keys (`server.threads`,
+/// `origin[1].health_check.path`, `rule[0].match.path`): the table the line is in, each array
+/// of tables with the index of its entry, then the keys leading to `at` on the line, inside
+/// inline tables too.
 fn key_at(text: &str, at: usize) -> String {
     let (start, end) = line_bounds(text, at);
     let line = text[start..end].trim();
-    let own = line
-        .split_once('=')
-        .map(|(k, _)| k.trim())
-        .unwrap_or(line)
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .trim_matches('"')
-        .to_string();
     if line.starts_with('[') {
-        return own;
+        return table_key(text, start, header_name(line));
     }
     let table = text[..start]
         .lines()
         .rev()
         .map(str::trim)
-        .find(|l| l.starts_with('['));
-    match table {
-        Some(t) => format!(
-            "{}.{own}",
-            t.trim_start_matches('[')
-                .trim_end_matches(']')
-                .trim_matches(['[', ']'])
-                .trim()
-        ),
-        None => own,
+        .find(|l| l.starts_with('['))
+        .map(header_name);
+    let at_line = &text[start..at.clamp(start, end)];
+    let mut own = keys_before(at_line);
+    if own.is_empty() {
+        own = line
+            .split_once('=')
+            .map_or(line, |(k, _)| k)
+            .trim()
+            .to_string();
     }
+    let own = own.trim_matches('"');
+    match table {
+        Some(name) => format!("{}.{own}", table_key(text, start, name)),
+        None => own.to_string(),
+    }
+}
+
+/// `origin.health_check` for a header line `[origin.health_check]` or `[[origin]]`.
+fn header_name(line: &str) -> &str {
+    let inner = line.trim_start_matches('[');
+    inner.split(']').next().unwrap_or_default().trim()
+}
+
+/// A table's dotted name with the index of each array-of-tables entry it is in (`origin[1]`
+/// for the second `[[origin]]`), counting the `[[...]]` headers up to the line at `start`.
+fn table_key(text: &str, start: usize, name: &str) -> String {
+    let above = &text[..text[start..].find('\n').map_or(text.len(), |i| start + i)];
+    let mut out = String::new();
+    for (i, part) in name.split('.').enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        out.push_str(part.trim());
+        let prefix: String = name.split('.').take(i + 1).collect::<Vec<_>>().join(".");
+        let entries = (above.lines())
+            .filter(|l| l.trim().starts_with("[[") && header_name(l.trim()) == prefix)
+            .count();
+        if entries > 0 {
+            out.push_str(&format!("[{}]", entries - 1));
+        }
+    }
+    out
+}
+
+/// The keys leading to the end of `prefix`, the start of a line up to a position on it:
+/// `match.path` for `match = { path = `. Strings are skipped; arrays inside values end no key.
+fn keys_before(prefix: &str) -> String {
+    let mut open: Vec<String> = Vec::new();
+    let mut current: Option<String> = None;
+    let mut word = String::new();
+    let mut in_string = None;
+    for ch in prefix.chars() {
+        if let Some(quote) = in_string {
+            if ch == quote {
+                in_string = None;
+            } else {
+                word.push(ch);
+            }
+            continue;
+        }
+        match ch {
+            '"' | '\'' => {
+                in_string = Some(ch);
+                word.clear();
+            }
+            '=' => {
+                current = Some(std::mem::take(&mut word).trim().to_string());
+            }
+            '{' => {
+                open.push(current.take().unwrap_or_default());
+                word.clear();
+            }
+            '}' => {
+                open.pop();
+                current = None;
+                word.clear();
+            }
+            ',' if !open.is_empty() => {
+                current = None;
+                word.clear();
+            }
+            '#' => break,
+            _ => word.push(ch),
+        }
+    }
+    open.into_iter()
+        .chain(current)
+        .filter(|k| !k.is_empty())
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// Where the line holding byte `at` starts and ends (before its newline).
@@ -324,6 +421,32 @@ fn blank_line(text: &str, at: usize) -> Option<String> {
     out.extend(std::iter::repeat_n(' ', text[start..end].chars().count()));
     out.push_str(&text[end..]);
     Some(out)
+}
+
+/// `text` with the table whose header is on the line holding byte `at` replaced by spaces,
+/// with the sub-tables that follow it (`[origin.health_check]` after `[[origin]]`): each line
+/// keeps its length, so every other line and offset stays where it was.
+fn blank_table(text: &str, at: usize) -> Option<String> {
+    let (start, end) = line_bounds(text, at);
+    let name = header_name(text[start..end].trim());
+    let mut stop = text.len();
+    let mut next = end;
+    while next < text.len() {
+        let (line_start, line_end) = line_bounds(text, next + 1);
+        let line = text[line_start..line_end].trim();
+        let sub_table = header_name(line)
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with('.'));
+        if line.starts_with('[') && !sub_table {
+            stop = line_start;
+            break;
+        }
+        next = line_end;
+    }
+    let blanked: String = (text[start..stop].chars())
+        .map(|ch| if ch == '\n' { ch } else { ' ' })
+        .collect();
+    Some(format!("{}{blanked}{}", &text[..start], &text[stop..]))
 }
 
 fn check(c: &mut Checker<'_>, file: FileConfig) -> Config {
