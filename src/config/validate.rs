@@ -353,7 +353,8 @@ fn table_key(text: &str, start: usize, name: &str) -> String {
 }
 
 /// The keys leading to the end of `prefix`, the start of a line up to a position on it:
-/// `match.path` for `match = { path = `. Strings are skipped; arrays inside values end no key.
+/// `match.path` for `match = { path = `. What strings hold is no key; a position inside an
+/// array is the array's key.
 fn keys_before(prefix: &str) -> String {
     let mut open: Vec<String> = Vec::new();
     let mut current: Option<String> = None;

@@ -86,4 +86,53 @@ macro_rules! flush_and_shutdown_to_inner {
     };
 }
 
-pub(crate) use {delegate_all_but_read_to_inner, delegate_to_inner, flush_and_shutdown_to_inner};
+/// Inside an `AsyncWrite` impl: `poll_write` and `poll_write_vectored` by calling `inner`, for
+/// a wrapper that changes nothing written.
+macro_rules! writes_to_inner {
+    () => {
+        fn poll_write(
+            mut self: ::std::pin::Pin<&mut Self>,
+            cx: &mut ::std::task::Context<'_>,
+            buf: &[u8],
+        ) -> ::std::task::Poll<::std::io::Result<usize>> {
+            let inner = ::std::pin::Pin::new(&mut *self.inner);
+            ::tokio::io::AsyncWrite::poll_write(inner, cx, buf)
+        }
+
+        fn poll_write_vectored(
+            mut self: ::std::pin::Pin<&mut Self>,
+            cx: &mut ::std::task::Context<'_>,
+            bufs: &[::std::io::IoSlice<'_>],
+        ) -> ::std::task::Poll<::std::io::Result<usize>> {
+            let inner = ::std::pin::Pin::new(&mut *self.inner);
+            ::tokio::io::AsyncWrite::poll_write_vectored(inner, cx, bufs)
+        }
+    };
+}
+
+/// Implements `Ssl` for `$wrapper` by calling its `inner`: the TLS session, digest and ALPN
+/// of the connection it wraps.
+macro_rules! ssl_of_inner {
+    ($wrapper:ty) => {
+        impl ::pingora::protocols::Ssl for $wrapper {
+            fn get_ssl(&self) -> Option<&::pingora::protocols::tls::TlsRef> {
+                ::pingora::protocols::Ssl::get_ssl(&*self.inner)
+            }
+
+            fn get_ssl_digest(
+                &self,
+            ) -> Option<::std::sync::Arc<::pingora::protocols::tls::SslDigest>> {
+                ::pingora::protocols::Ssl::get_ssl_digest(&*self.inner)
+            }
+
+            fn selected_alpn_proto(&self) -> Option<::pingora::protocols::ALPN> {
+                ::pingora::protocols::Ssl::selected_alpn_proto(&*self.inner)
+            }
+        }
+    };
+}
+
+pub(crate) use {
+    delegate_all_but_read_to_inner, delegate_to_inner, flush_and_shutdown_to_inner, ssl_of_inner,
+    writes_to_inner,
+};

@@ -24,8 +24,7 @@ use bytes::BytesMut;
 use pingora::apps::HttpServerApp;
 use pingora::protocols::http::v2::server::{handshake, H2Accept, HttpSession};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::tls::{SslDigest, TlsRef};
-use pingora::protocols::{Digest, Peek, Ssl, Stream, ALPN};
+use pingora::protocols::{Digest, Peek, Stream};
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
@@ -205,38 +204,11 @@ impl AsyncRead for Replayed {
 }
 
 impl AsyncWrite for Replayed {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs)
-    }
-
+    super::delegate::writes_to_inner!();
     super::delegate::flush_and_shutdown_to_inner!();
 }
 
-impl Ssl for Replayed {
-    fn get_ssl(&self) -> Option<&TlsRef> {
-        self.inner.get_ssl()
-    }
-
-    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
-        self.inner.get_ssl_digest()
-    }
-
-    fn selected_alpn_proto(&self) -> Option<ALPN> {
-        self.inner.selected_alpn_proto()
-    }
-}
+super::delegate::ssl_of_inner!(Replayed);
 
 #[async_trait]
 impl Peek for Replayed {}

@@ -10,8 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
-use pingora::protocols::tls::{SslDigest, TlsRef};
-use pingora::protocols::{Peek, Ssl, Stream, ALPN};
+use pingora::protocols::{Peek, Stream};
 use tokio::io::AsyncWrite;
 
 /// How many writes to the client have sent bytes, shared with the connection's loop.
@@ -70,19 +69,7 @@ impl AsyncWrite for Counted {
     super::delegate::flush_and_shutdown_to_inner!();
 }
 
-impl Ssl for Counted {
-    fn get_ssl(&self) -> Option<&TlsRef> {
-        self.inner.get_ssl()
-    }
-
-    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
-        self.inner.get_ssl_digest()
-    }
-
-    fn selected_alpn_proto(&self) -> Option<ALPN> {
-        self.inner.selected_alpn_proto()
-    }
-}
+super::delegate::ssl_of_inner!(Counted);
 
 #[async_trait]
 impl Peek for Counted {

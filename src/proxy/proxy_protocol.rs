@@ -10,9 +10,7 @@
 //! elsewhere.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -141,22 +139,7 @@ struct TlsAtBalancer {
 super::delegate::delegate_to_inner!(TlsAtBalancer);
 
 impl AsyncWrite for TlsAtBalancer {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs)
-    }
-
+    super::delegate::writes_to_inner!();
     super::delegate::flush_and_shutdown_to_inner!();
 }
 
