@@ -146,6 +146,17 @@ async fn the_access_log_names_the_host_of_an_absolute_form_purge() {
     assert_eq!(line["method"], "PURGE");
     assert_eq!(line["host"], "wiki.test", "{text}");
     assert_eq!(line["cache_status"], "int-front");
+    // Regression: a request refused before its URL was made (here a target that is no path)
+    // was logged with an empty host.
+    let refused = raw(
+        skua.addr,
+        "GET nopath HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    let text = logged_lines(&log, 2).await;
+    let line: serde_json::Value = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(line["host"], "other.test", "{text}");
 }
 
 /// Regression: Skua's own answers (a refusal, a PURGE's, `only-if-cached`'s 504) were logged

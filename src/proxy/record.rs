@@ -28,7 +28,7 @@ pub struct Served<'a, F: RequestFields + ?Sized> {
     /// The canonical URL, when the request named one: its host is logged, and it is counted
     /// for the dashboard's top URLs.
     pub url: Option<&'a CacheUrl>,
-    /// The request's fields, for `Referer` and `User-Agent`.
+    /// The request's fields, for `Referer`, `User-Agent` and, without a URL, `Host`.
     pub headers: &'a F,
     pub status: u16,
     pub body_bytes: u64,
@@ -62,7 +62,9 @@ impl ProxyState {
                 target: &target,
                 protocol: served.protocol,
                 scheme: served.scheme.as_str(),
-                host: served.url.map_or("", |u| u.host.as_str()),
+                // A request refused before its URL was made (a host not served, a target
+                // that is no path) is logged with the host it asked for.
+                host: served.url.map_or_else(|| text("host"), |u| u.host.as_str()),
                 status: served.status,
                 bytes: served.body_bytes,
                 referer: text("referer"),
