@@ -296,7 +296,7 @@ const TOKEN_BYTES: [bool; 256] = {
     table
 };
 
-fn is_token_byte(b: u8) -> bool {
+pub(crate) fn is_token_byte(b: u8) -> bool {
     TOKEN_BYTES[b as usize]
 }
 

@@ -31,6 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::fast::FrontDoor;
 use super::fill::Filled;
+use super::guard;
 use super::proxy_protocol::{self, Refusal};
 use super::tls::TlsTerminator;
 use crate::cache::key::Scheme;
@@ -298,6 +299,36 @@ enum HeadRead {
     BadBodyFraming,
 }
 
+impl<A> ConnectionGate<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    /// Serves `stream` as an HTTP/2 connection ([`super::h2::serve`]), `already_read` holding
+    /// what of it the HTTP/1 loop read (a plain connection's preface) or nothing (ALPN `h2`).
+    async fn serve_h2(
+        &self,
+        front: &FrontDoor,
+        stream: Stream,
+        already_read: BytesMut,
+        scheme: Scheme,
+        shutdown: &ShutdownWatch,
+    ) {
+        let limits = &self.limits;
+        // Boxed, as TLS is: kilobytes of state that every plain HTTP/1 connection's future
+        // would otherwise carry.
+        let h2 = super::h2::serve(
+            &self.app,
+            front,
+            stream,
+            already_read,
+            scheme,
+            limits,
+            shutdown,
+        );
+        Box::pin(h2).await;
+    }
+}
+
 #[async_trait]
 impl<A> ServerApp for ConnectionGate<A>
 where
@@ -326,25 +357,16 @@ where
             return None;
         };
         let (mut stream, scheme) = match &self.tls {
-            // Boxed, as is HTTP/2's: each is kilobytes of state that every plain HTTP/1
-            // connection's future would otherwise carry.
+            // Boxed, as is HTTP/2's (`serve_h2`): each is kilobytes of state that every plain
+            // HTTP/1 connection's future would otherwise carry.
             Some(tls) => (Box::pin(tls.accept(stream)).await?, Scheme::Https),
             None if tls_at_balancer => (stream, Scheme::Https),
             None => (stream, Scheme::Http),
         };
         if let Some(front) = self.front.as_ref() {
             if stream.selected_alpn_proto() == Some(ALPN::H2) {
-                let (limits, nothing_read) = (&self.limits, BytesMut::new());
-                let h2 = super::h2::serve(
-                    &self.app,
-                    front,
-                    stream,
-                    nothing_read,
-                    scheme,
-                    limits,
-                    shutdown,
-                );
-                Box::pin(h2).await;
+                self.serve_h2(front, stream, BytesMut::new(), scheme, shutdown)
+                    .await;
                 return None;
             }
         }
@@ -432,17 +454,8 @@ where
                 if head.starts_with(H2_PREFACE_HEAD) {
                     let mut already_read = head;
                     already_read.unsplit(std::mem::take(&mut carry));
-                    let limits = &self.limits;
-                    let h2 = super::h2::serve(
-                        &self.app,
-                        front,
-                        stream,
-                        already_read,
-                        scheme,
-                        limits,
-                        shutdown,
-                    );
-                    Box::pin(h2).await;
+                    self.serve_h2(front, stream, already_read, scheme, shutdown)
+                        .await;
                     return None;
                 }
             }
@@ -719,7 +732,9 @@ fn unreadable_request_line(head: &mut [u8]) -> Option<(&'static str, &'static st
         _ => line,
     };
     let method = line.split(|b| *b == b' ').next().unwrap_or_default();
-    if method.is_empty() || !method.iter().all(|b| is_tchar(*b)) {
+    // `tchar` strictly: pingora's parser takes no byte past ASCII in a method.
+    let tchar = |b: &u8| b.is_ascii() && crate::cache::directives::is_token_byte(*b);
+    if method.is_empty() || !method.iter().all(tchar) {
         return Some((BAD_REQUEST, "malformed request method"));
     }
     let version_at = line.iter().rposition(|b| *b == b' ')? + 1;
@@ -738,11 +753,6 @@ fn unreadable_request_line(head: &mut [u8]) -> Option<(&'static str, &'static st
         }
         _ => Some((BAD_REQUEST, "malformed request line")),
     }
-}
-
-/// RFC 9110 §5.6.2: `tchar`, what a method or a field name is made of.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// What pingora refuses in a head it parsed: framing a recipient must not guess at (RFC 9112
@@ -800,25 +810,11 @@ fn unframeable(req: &httparse::Request) -> Option<&'static str> {
         }
         return None;
     }
-    // RFC 9110 §8.6: a list of one value (`5, 5`) may be read as that value; any other list,
-    // or a value that is no number, is framing no two parsers need agree on (RFC 9112 §6.3).
-    let mut length = None;
-    for value in named("content-length") {
-        for part in value.split(|b| *b == b',') {
-            let digits = part.trim_ascii();
-            let n = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
-                .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
-                .flatten();
-            match (n, length) {
-                (None, _) => return Some("invalid Content-Length (RFC 9112 §6.3)"),
-                (Some(n), Some(before)) if n != before => {
-                    return Some("differing Content-Length values (RFC 9112 §6.3)");
-                }
-                (Some(n), _) => length = Some(n),
-            }
-        }
+    match guard::agreed_length(named("content-length")) {
+        Err(guard::BadLength::Invalid) => Some("invalid Content-Length (RFC 9112 §6.3)"),
+        Err(guard::BadLength::Differing) => Some("differing Content-Length values (RFC 9112 §6.3)"),
+        Ok(_) => None,
     }
-    None
 }
 
 /// What a request head says about a body that follows it (RFC 9112 §6.3).

@@ -475,30 +475,19 @@ fn single_length_field(headers: &http::HeaderMap) -> bool {
     fields.next().is_none() && one.is_none_or(|v| v.as_bytes().iter().all(u8::is_ascii_digit))
 }
 
-/// The length every `Content-Length` value gives, `None` without one. RFC 9110 §8.6: a list of
-/// identical values (`4, 4`, or the field twice) may be taken as that one value. RFC 9112
-/// §6.3 item 5: any other, invalid or conflicting, is "an unrecoverable error": the proxy
-/// "MUST close the connection to the server, discard the received response, and send a 502".
+/// The length every `Content-Length` value gives, `None` without one
+/// ([`guard::agreed_length`]). RFC 9112 §6.3 item 5: for any other, invalid or conflicting, the
+/// proxy "MUST close the connection to the server, discard the received response, and send a
+/// 502".
 fn content_length(headers: &http::HeaderMap) -> Result<Option<usize>, OriginError> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
-            // `Content-Length = 1*DIGIT`: no sign, no space inside.
-            let digits = part.trim_ascii();
-            if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-                return Err(OriginError::Malformed);
-            }
-            let n = std::str::from_utf8(digits)
-                .ok()
-                .and_then(|d| d.parse::<usize>().ok())
-                .ok_or(OriginError::Malformed)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(OriginError::Malformed);
-            }
-            length = Some(n);
-        }
+    let values = headers.get_all(header::CONTENT_LENGTH).iter();
+    match guard::agreed_length(values.map(|v| v.as_bytes())) {
+        Ok(n) => n
+            .map(usize::try_from)
+            .transpose()
+            .map_err(|_| OriginError::Malformed),
+        Err(_) => Err(OriginError::Malformed),
     }
-    Ok(length)
 }
 
 impl super::fast::FrontDoor {

@@ -155,6 +155,43 @@ pub fn declared_length(req: &RequestHeader) -> Option<Option<u64>> {
     )
 }
 
+/// Why `Content-Length` values give no one length.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BadLength {
+    /// A value (or a list member) that is no number: `Content-Length = 1*DIGIT`, no sign, no
+    /// space inside.
+    Invalid,
+    /// Numbers that differ.
+    Differing,
+}
+
+/// The one length a message's `Content-Length` values give, `None` without one. RFC 9110
+/// §8.6: a list of identical values (`4, 4`, or the field twice) may be taken as that value;
+/// any other list, or a value that is no number, is framing two parsers may read differently
+/// (RFC 9112 §6.3: "an unrecoverable error").
+pub fn agreed_length<'a>(
+    values: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Option<u64>, BadLength> {
+    let mut length = None;
+    for value in values {
+        for part in value.split(|b| *b == b',') {
+            let digits = part.trim_ascii();
+            if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+                return Err(BadLength::Invalid);
+            }
+            let n = std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| d.parse::<u64>().ok())
+                .ok_or(BadLength::Invalid)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(BadLength::Differing);
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
 /// Whether a raw request head names a Content-Length field. pingora drops Content-Length
 /// when Transfer-Encoding is present (RFC 9112 §6.3's other permitted reading), so a request
 /// carrying both is recognised from its raw bytes; only requests with Transfer-Encoding are
