@@ -913,6 +913,49 @@ async fn an_encoded_slash_does_not_slip_past_a_rule() {
     assert_eq!(origin.count("/wiki/AC%2FDC"), 1);
 }
 
+/// Regression: a rule on the exact path `/w/api.php` was passed by `/w/api.php/x`, which
+/// Apache, PHP-FPM and PHP's own server run as `api.php` with path info `/x` (RFC 3875
+/// §4.1.5), so any client could step past the API's limit or a deny. An exact path naming a
+/// script now also matches it followed by path info; any other exact path stays exact.
+#[tokio::test]
+async fn path_info_does_not_slip_past_a_rule_on_its_script() {
+    let origin = named_origin("o", "no-store").await;
+    let rules = r#"
+[[rule]]
+name = "API closed"
+match = { path = ["/w/api.php"] }
+deny = { status = 403, body = "forbidden" }
+
+[[rule]]
+name = "bare wiki"
+match = { path = ["/wiki"] }
+deny = { status = 403, body = "forbidden" }
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    for denied in [
+        "/w/api.php?action=query",
+        "/w/api.php/x?action=query",
+        "/w/api.php/?action=query",
+        "/w/api.php//x",
+        "/w%2Fapi.php/x",
+        "/wiki",
+    ] {
+        let answer = raw(skua.addr, &get_request(denied)).await;
+        assert!(answer.starts_with("HTTP/1.1 403 "), "{denied}: {answer}");
+    }
+    for served in ["/w/api.phpx", "/w/api.php.txt", "/wiki/Main_Page"] {
+        let answer = raw(skua.addr, &get_request(served)).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{served}: {answer}");
+    }
+    let reached: Vec<_> = (origin.all_requests().iter())
+        .map(|r| r.target.clone())
+        .collect();
+    assert_eq!(
+        reached,
+        ["/w/api.phpx", "/w/api.php.txt", "/wiki/Main_Page"]
+    );
+}
+
 /// Regression: a rule read query parameters as sent, so `?+search=x`, `?%20search=x`,
 /// `?search%00=x` and `?search%5B%5D=x`, each a search to MediaWiki (PHP reads them all as
 /// `search`), passed a rate limit on `search`, and `title=Special%3ASearch` a rule on
@@ -1011,6 +1054,8 @@ fn the_mediawiki_example_limits_every_spelling_mediawiki_serves_alike() {
         "/w/api.php?action=query",
         "//w/api.php?action=query",
         "/w//api.php",
+        "/w/api.php/x?action=query",
+        "/w/rest.php/v1/page/A",
     ] {
         let text = explain(&format!("https://en.wiki.example{url}"));
         assert!(text.contains("\"API clients\" (line "), "{url}:\n{text}");

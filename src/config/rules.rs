@@ -79,14 +79,42 @@ impl HostPattern {
 #[derive(Debug, Clone)]
 pub enum PathPattern {
     Exact(String),
+    /// An exact path naming a script (`/w/api.php`): it, and it followed by path info
+    /// (`/w/api.php/x`), which runs the same script. RFC 3875 §4.1.5: the part of a path
+    /// after the script's name is the script's `PATH_INFO`; Apache (`AcceptPathInfo`, on for
+    /// script handlers), PHP-FPM behind nginx's `fastcgi_split_path_info` and PHP's own
+    /// server all run `api.php` for `/w/api.php/x`, so a limit on the exact path alone would
+    /// be passed by any client adding `/x`.
+    Script(String),
     Prefix(String),
     Regex(PathRegex),
 }
 
+/// What a file name ends in when its server runs it as a script that takes path info.
+const SCRIPT_EXTENSIONS: [&str; 9] = [
+    ".php", ".phtml", ".cgi", ".fcgi", ".pl", ".py", ".asp", ".aspx", ".jsp",
+];
+
 impl PathPattern {
+    /// The condition for the exact path `path`: [`PathPattern::Script`] when its last
+    /// segment names a script, else [`PathPattern::Exact`].
+    pub fn exact(path: String) -> PathPattern {
+        let name = path.rsplit('/').next().unwrap_or_default();
+        let names_script = SCRIPT_EXTENSIONS.iter().any(|ext| {
+            name.len() > ext.len()
+                && (name.get(name.len() - ext.len()..)).is_some_and(|e| e.eq_ignore_ascii_case(ext))
+        });
+        match names_script {
+            true => PathPattern::Script(path),
+            false => PathPattern::Exact(path),
+        }
+    }
+
     pub fn matches(&self, path: &str) -> bool {
         match self {
             PathPattern::Exact(p) => p == path,
+            PathPattern::Script(p) => (path.strip_prefix(p.as_str()))
+                .is_some_and(|info| info.is_empty() || info.starts_with('/')),
             PathPattern::Prefix(p) => path.starts_with(p.as_str()),
             PathPattern::Regex(re) => re.is_match(path),
         }
@@ -334,7 +362,7 @@ fn conditions(c: &mut Checker<'_>, i: usize, m: &MatchFile) -> Conditions {
     }
     for (j, path) in m.path.iter().enumerate() {
         match path_text(path) {
-            Ok(()) => when.paths.push(PathPattern::Exact(path.clone())),
+            Ok(()) => when.paths.push(PathPattern::exact(path.clone())),
             Err(why) => c.report(&item("path", j), why),
         }
     }

@@ -118,7 +118,7 @@ fn pinned_segments(paths: &[PathPattern]) -> Option<Vec<&str>> {
     }
     (paths.iter())
         .map(|p| match p {
-            PathPattern::Exact(path) => first_segment(path),
+            PathPattern::Exact(path) | PathPattern::Script(path) => first_segment(path),
             PathPattern::Prefix(prefix) => segment_of_prefix(prefix),
             PathPattern::Regex(regex) => segment_of_prefix(regex.prefix()),
         })

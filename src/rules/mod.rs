@@ -591,7 +591,9 @@ impl PathGate {
         let mut bits = [0u64; 4];
         for path in paths {
             let literal = match path {
-                PathPattern::Exact(p) | PathPattern::Prefix(p) => p.as_str(),
+                PathPattern::Exact(p) | PathPattern::Script(p) | PathPattern::Prefix(p) => {
+                    p.as_str()
+                }
                 PathPattern::Regex(re) => re.prefix(),
             };
             let Some(&second) = literal.as_bytes().get(1) else {

@@ -12,7 +12,7 @@ use crate::config::rules::{
 };
 
 const HOSTS: [&str; 4] = ["en.wiki.test", "de.wiki.test", "wiki.test", "other.test"];
-const PATHS: [&str; 11] = [
+const PATHS: [&str; 13] = [
     "/wiki/A",
     "/wiki/B",
     "/w/api.php",
@@ -24,6 +24,8 @@ const PATHS: [&str; 11] = [
     "*",
     "//w//api.php",
     "/wiki//B",
+    "/w/api.php/A",
+    "/wp-admin.php/",
 ];
 
 fn host_pattern() -> impl Strategy<Value = HostPattern> {
@@ -36,7 +38,7 @@ fn host_pattern() -> impl Strategy<Value = HostPattern> {
 
 fn path_pattern() -> impl Strategy<Value = PathPattern> {
     prop_oneof![
-        (0..PATHS.len()).prop_map(|i| PathPattern::Exact(PATHS[i].to_string())),
+        (0..PATHS.len()).prop_map(|i| PathPattern::exact(PATHS[i].to_string())),
         Just(PathPattern::Prefix("/wiki/".to_string())),
         Just(PathPattern::Prefix("/w/".to_string())),
         Just(PathPattern::Prefix("/wp-admin".to_string())),
@@ -214,7 +216,7 @@ fn rule_for_path(path: &str, actions: Actions) -> Rule {
         name: String::new(),
         line: None,
         when: Conditions {
-            paths: vec![PathPattern::Exact(path.to_string())],
+            paths: vec![PathPattern::exact(path.to_string())],
             ..Conditions::default()
         },
         actions,
