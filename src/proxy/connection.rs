@@ -702,18 +702,78 @@ async fn read_head(
 /// it were in the highest minor version within that major version to which the recipient is
 /// conformant": its version is rewritten to `HTTP/1.1` in `head`, which httparse then reads.
 /// More fields than are looked at here are left to pingora's field limits.
-fn refused_head(head: &mut [u8]) -> Option<(&'static str, &'static str)> {
+///
+/// RFC 9112 §3.2.2: "When a proxy receives a request with an absolute-form of
+/// request-target, the proxy MUST ignore the received Host header field (if any) and instead
+/// replace it with the host information of the request-target"; pingora refuses a `Host`
+/// that differs from the target's authority by a byte (`WIKI.test` for `http://wiki.test/`),
+/// so `head` is given the target's authority as its `Host` here ([`with_host_of_target`]).
+fn refused_head(head: &mut BytesMut) -> Option<(&'static str, &'static str)> {
     let mut fields = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut fields);
     let bad = |why| Some((BAD_REQUEST, why));
-    match req.parse(head) {
-        Err(httparse::Error::HeaderName) => bad("malformed request header field name"),
-        Err(httparse::Error::HeaderValue) => bad("malformed request header field value"),
-        Err(httparse::Error::NewLine) => bad("malformed line ending in the request head"),
-        Err(httparse::Error::Version | httparse::Error::Token) => unreadable_request_line(head),
-        Ok(httparse::Status::Complete(_)) => unframeable(&req).map(|why| (BAD_REQUEST, why)),
+    let rewritten = match req.parse(head) {
+        Err(httparse::Error::HeaderName) => return bad("malformed request header field name"),
+        Err(httparse::Error::HeaderValue) => return bad("malformed request header field value"),
+        Err(httparse::Error::NewLine) => return bad("malformed line ending in the request head"),
+        Err(httparse::Error::Version | httparse::Error::Token) => {
+            return unreadable_request_line(head)
+        }
+        Ok(httparse::Status::Complete(end)) => {
+            if let Some(why) = unframeable(&req) {
+                return bad(why);
+            }
+            with_host_of_target(&req, head, end)
+        }
         _ => None,
+    };
+    if let Some(rewritten) = rewritten {
+        *head = rewritten;
     }
+    None
+}
+
+/// `head` (parsed as `req`, its fields ending at `end`) with the absolute-form target's
+/// authority as its one `Host`, when its `Host` differs (in any byte) or, in HTTP/1.0, is
+/// missing; `None` when it needs no change. An HTTP/1.1 request without `Host` is left to be
+/// refused (RFC 9112 §3.2: a server "MUST respond with a 400").
+fn with_host_of_target(req: &httparse::Request, head: &[u8], end: usize) -> Option<BytesMut> {
+    use pingora::protocols::http::authority::{self, RawTargetAuthority};
+    if req.method == Some("CONNECT") {
+        return None;
+    }
+    let target = req.path.unwrap_or_default().as_bytes();
+    let RawTargetAuthority::Absolute {
+        scheme, authority, ..
+    } = authority::raw_target_authority(target)
+    else {
+        return None;
+    };
+    let is_host = |f: &&httparse::Header| f.name.eq_ignore_ascii_case("host");
+    let host = req.headers.iter().find(is_host).map(|f| f.value);
+    let replaced = match host {
+        Some(host) => host != authority,
+        None => req.version == Some(0),
+    };
+    if !replaced || !authority::is_http_family_scheme(scheme) {
+        return None;
+    }
+    let request_line_end = head.iter().position(|b| *b == b'\n')? + 1;
+    let mut rewritten = BytesMut::with_capacity(head.len() + authority.len() + 8);
+    rewritten.extend_from_slice(&head[..request_line_end]);
+    rewritten.extend_from_slice(b"Host: ");
+    rewritten.extend_from_slice(authority);
+    rewritten.extend_from_slice(b"\r\n");
+    for field in req.headers.iter().filter(|f| !is_host(f)) {
+        rewritten.extend_from_slice(field.name.as_bytes());
+        rewritten.extend_from_slice(b": ");
+        rewritten.extend_from_slice(field.value);
+        rewritten.extend_from_slice(b"\r\n");
+    }
+    rewritten.extend_from_slice(b"\r\n");
+    // What was read past the head: a body's first bytes.
+    rewritten.extend_from_slice(&head[end..]);
+    Some(rewritten)
 }
 
 const BAD_REQUEST: &str = "400 Bad Request";
@@ -790,9 +850,6 @@ fn unframeable(req: &httparse::Request) -> Option<&'static str> {
                 }
                 if authority.contains(&b'@') {
                     return Some("userinfo in the request target (RFC 9110 §4.2.4)");
-                }
-                if host.is_some_and(|h| h != authority) {
-                    return Some("the Host field differs from the request target's authority");
                 }
             }
         }
@@ -944,6 +1001,7 @@ async fn write_and_close(stream: &mut Stream, answer: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::{body_framing, chunks_well_formed, head_end, refused_head, BodyFraming};
+    use bytes::BytesMut;
     use proptest::prelude::*;
 
     #[test]
@@ -956,15 +1014,50 @@ mod tests {
             "POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab",
             "POST /a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
         ] {
-            assert_eq!(
-                refused_head(&mut head.as_bytes().to_vec()),
-                None,
-                "{head:?}"
-            );
+            let mut as_sent = BytesMut::from(head);
+            assert_eq!(refused_head(&mut as_sent), None, "{head:?}");
+            assert_eq!(as_sent, head.as_bytes());
         }
-        let mut head = b"GET /a HTTP/1.2\r\nHost: a\r\n\r\n".to_vec();
+        let mut head = BytesMut::from(&b"GET /a HTTP/1.2\r\nHost: a\r\n\r\n"[..]);
         assert_eq!(refused_head(&mut head), None);
-        assert_eq!(head, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(head, &b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"[..]);
+    }
+
+    /// RFC 9112 §3.2.2: an absolute-form target's authority replaces `Host`.
+    #[test]
+    fn an_absolute_form_targets_authority_becomes_the_host_field() {
+        for (sent, given) in [
+            (
+                "GET http://a/x HTTP/1.1\r\nHost: A\r\nX-B: c\r\n\r\n",
+                "GET http://a/x HTTP/1.1\r\nHost: a\r\nX-B: c\r\n\r\n",
+            ),
+            (
+                "POST http://a:8080/x HTTP/1.1\nX-B: c\nhost: b\nContent-Length: 2\n\nab",
+                "POST http://a:8080/x HTTP/1.1\nHost: a:8080\r\nX-B: c\r\nContent-Length: 2\r\n\r\nab",
+            ),
+            (
+                "GET http://a/x HTTP/1.0\r\n\r\n",
+                "GET http://a/x HTTP/1.0\r\nHost: a\r\n\r\n",
+            ),
+            // Left alone: HTTP/1.1 without Host (refused later), a scheme Skua does not
+            // serve (refused later), CONNECT.
+            (
+                "GET http://a/x HTTP/1.1\r\n\r\n",
+                "GET http://a/x HTTP/1.1\r\n\r\n",
+            ),
+            (
+                "GET ftp://a/x HTTP/1.1\r\nHost: b\r\n\r\n",
+                "GET ftp://a/x HTTP/1.1\r\nHost: b\r\n\r\n",
+            ),
+            (
+                "CONNECT a:443 HTTP/1.1\r\nHost: b\r\n\r\n",
+                "CONNECT a:443 HTTP/1.1\r\nHost: b\r\n\r\n",
+            ),
+        ] {
+            let mut head = BytesMut::from(sent);
+            assert_eq!(refused_head(&mut head), None, "{sent:?}");
+            assert_eq!(head, given.as_bytes(), "{sent:?}");
+        }
     }
 
     /// Field lines of request heads, well and badly formed.
