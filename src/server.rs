@@ -22,7 +22,7 @@ use crate::admin::{Admin, Node};
 use crate::cache::disk::DiskTier;
 use crate::cache::tags::TagIndex;
 use crate::cache::Store;
-use crate::config::{Config, TlsConfig};
+use crate::config::Config;
 use crate::metrics::history::{History, Sampler};
 use crate::metrics::Metrics;
 use crate::proxy::connection::ConnectionGate;
@@ -362,7 +362,7 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
     let mut connections = config.server.connections;
     connections.max_connections = client_connection_limit(connections.max_connections);
     let gate = ConnectionGate::new(
-        proxy_app(server, &shared),
+        proxy_app(server, &shared, config),
         connections,
         shared.metrics.connections.clone(),
         FrontDoor::new(shared.clone()),
@@ -373,13 +373,9 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
                 .context("setting up [server.tls]")?,
         );
         shared.set_tls(terminator.clone());
-        let mut app = proxy_app(server, &shared);
-        app.h2_options = Some(h2_options(config, tls));
-        let https_gate = gate.serving_tls(app, terminator);
+        let https_gate = gate.serving_tls(proxy_app(server, &shared, config), terminator);
         if !tls.proxy_protocol_listen.is_empty() {
-            let mut app = proxy_app(server, &shared);
-            app.h2_options = Some(h2_options(config, tls));
-            let gate = https_gate.expecting_proxy_header(app);
+            let gate = https_gate.expecting_proxy_header(proxy_app(server, &shared, config));
             let mut https = Service::new("skua https (PROXY protocol)".to_string(), gate);
             for addr in &tls.proxy_protocol_listen {
                 https.add_listener(client_listener(*addr, &config.server));
@@ -395,7 +391,7 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         }
     }
     if !config.server.proxy_protocol_listen.is_empty() {
-        let gate = gate.expecting_proxy_header(proxy_app(server, &shared));
+        let gate = gate.expecting_proxy_header(proxy_app(server, &shared, config));
         let mut proxy = Service::new("skua proxy (PROXY protocol)".to_string(), gate);
         for addr in &config.server.proxy_protocol_listen {
             proxy.add_listener(client_listener(*addr, &config.server));
@@ -494,7 +490,11 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
 const H2_MAX_LOCAL_RESETS: usize = 1024;
 
 /// pingora's HTTP application around the request path.
-fn proxy_app(server: &Server, shared: &Arc<ProxyState>) -> HttpProxy<CachingProxy> {
+fn proxy_app(
+    server: &Server,
+    shared: &Arc<ProxyState>,
+    config: &Config,
+) -> HttpProxy<CachingProxy> {
     let mut app =
         pingora::proxy::http_proxy(&server.configuration, CachingProxy::new(shared.clone()));
     // CONNECT reaches `request_filter`, which refuses it with a message that says why
@@ -502,23 +502,34 @@ fn proxy_app(server: &Server, shared: &Arc<ProxyState>) -> HttpProxy<CachingProx
     let mut options = pingora::apps::HttpServerOptions::default();
     options.allow_connect_method_proxying = true;
     app.server_options = Some(options);
+    // Every listener's: a plain one serves HTTP/2 to a client with prior knowledge too.
+    app.h2_options = Some(h2_options(config));
     app
 }
 
-/// HTTP/2 limits per client connection (`[server.tls]`): streams at once, the size of a
-/// request's header list, and streams reset before their request was read (RFC 9113 §6.4;
-/// the 2023 "rapid reset" attack opens and cancels streams as fast as it can).
-fn h2_options(config: &Config, tls: &TlsConfig) -> pingora::protocols::http::v2::server::H2Options {
+/// HTTP/2 limits per client connection (`[server.tls]`, which holds them for plain listeners
+/// too; without it, their defaults): streams at once, the size of a request's header list,
+/// and streams reset before their request was read (RFC 9113 §6.4; the 2023 "rapid reset"
+/// attack opens and cancels streams as fast as it can). Regression: a plain listener's
+/// HTTP/2 (prior knowledge) kept pingora's and h2's own limits whatever the configuration said.
+fn h2_options(config: &Config) -> pingora::protocols::http::v2::server::H2Options {
+    let (streams, resets) = (config.server.tls.as_ref()).map_or(
+        (
+            crate::config::H2_DEFAULT_STREAMS,
+            crate::config::H2_DEFAULT_PENDING_RESETS,
+        ),
+        |tls| (tls.h2_max_concurrent_streams, tls.h2_max_pending_resets),
+    );
     let mut options = pingora::protocols::http::v2::server::default_h2_options();
     options
-        .max_concurrent_streams(tls.h2_max_concurrent_streams)
+        .max_concurrent_streams(streams)
         .max_header_list_size(
             u32::try_from(
                 config.server.limits.max_header_bytes + config.server.limits.max_uri_bytes,
             )
             .unwrap_or(u32::MAX),
         )
-        .max_pending_accept_reset_streams(tls.h2_max_pending_resets)
+        .max_pending_accept_reset_streams(resets)
         // Streams the server itself had to reset (a client that cancels what it asked for
         // leaves pingora an unreadable body, which it resets): past this many the connection
         // ends with ENHANCE_YOUR_CALM. h2's default, set here so that an upgrade of h2 cannot

@@ -729,6 +729,35 @@ fn h2_get(url: &str, extra: &[(&str, String)]) -> http::Request<()> {
     req.body(()).unwrap()
 }
 
+/// The most streams the server behind `send` lets it open at once, as its SETTINGS say, read
+/// after one request has been answered on the connection.
+async fn h2_streams_allowed(send: h2::client::SendRequest<bytes::Bytes>, url: &str) -> usize {
+    let mut send = send.ready().await.unwrap();
+    let (answer, _) = send.send_request(h2_get(url, &[]), true).unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+    send.current_max_send_streams()
+}
+
+/// Regression: `[server.tls] h2_max_concurrent_streams` (and the other HTTP/2 limits) held on
+/// the HTTPS listener alone; a client speaking HTTP/2 with prior knowledge to the plain one
+/// got pingora's own limits, whatever the configuration said.
+#[tokio::test]
+async fn http2_limits_hold_on_a_plain_listener_too() {
+    let origin = origin_reporting_the_scheme().await;
+    let ca = TestCa::new();
+    let more = "h2_max_concurrent_streams = 3";
+    let (skua, tls_port, tls_addr, _dir) =
+        https_skua(&origin, &ca.issue(&["wiki.test"]), more, "").await;
+    let (send, _tls_driver) = h2_connection(&ca, tls_addr, "wiki.test").await;
+    let url = format!("https://wiki.test:{}/wiki/Streams", tls_port.number);
+    assert_eq!(h2_streams_allowed(send, &url).await, 3);
+    let tcp = TcpStream::connect(skua.addr).await.unwrap();
+    let (send, plain) = h2::client::handshake(tcp).await.unwrap();
+    let _plain_driver = tokio::spawn(plain);
+    let url = format!("http://wiki.test:{}/wiki/Streams", skua.addr.port());
+    assert_eq!(h2_streams_allowed(send, &url).await, 3);
+}
+
 /// The 2023 "rapid reset" attack (CVE-2023-44487): a client opens streams and cancels each at
 /// once, as fast as it can. Skua closes such a connection (the streams it had to reset pass
 /// the per-connection limit, `H2_MAX_LOCAL_RESETS` in `server.rs`), hardly any cancelled

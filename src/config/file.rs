@@ -343,12 +343,18 @@ fn default_true() -> bool {
     true
 }
 
+/// `[server.tls] h2_max_concurrent_streams` unless set, and for a plain listener's HTTP/2
+/// without `[server.tls]`.
+pub const H2_DEFAULT_STREAMS: u32 = 100;
+/// `[server.tls] h2_max_pending_resets` unless set (see [`H2_DEFAULT_STREAMS`]).
+pub const H2_DEFAULT_PENDING_RESETS: usize = 20;
+
 fn default_h2_streams() -> u32 {
-    100
+    H2_DEFAULT_STREAMS
 }
 
 fn default_h2_resets() -> usize {
-    20
+    H2_DEFAULT_PENDING_RESETS
 }
 
 impl Default for ServerFile {

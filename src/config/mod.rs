@@ -20,7 +20,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use regex::Regex;
 
-pub use file::FileConfig;
+pub use file::{FileConfig, H2_DEFAULT_PENDING_RESETS, H2_DEFAULT_STREAMS};
 
 /// The validated configuration every other module reads.
 #[derive(Debug, Clone)]
