@@ -192,6 +192,38 @@ fn a_wrong_value_is_named_by_its_full_key_once() {
     }
 }
 
+/// Regression: a tier smaller than its default largest object (`memory_size` under 8 MiB, a
+/// disk `size` under 64 MiB) was refused for a key the file does not hold ("cache.disk.
+/// max_object_size: must not exceed cache.disk.size"), and a memory_size under 1 MiB was
+/// reported twice. The default is now the tier's size when that is smaller; a value the file
+/// gives is still checked.
+#[test]
+fn a_small_tier_takes_its_size_as_the_default_largest_object() {
+    let disk = tempfile::tempdir().unwrap();
+    let tiers = format!(
+        "[cache]\nmemory_size = 4194304\n[cache.disk]\npath = {:?}\nsize = 16777216\n",
+        disk.path().join("cache")
+    );
+    let (code, stderr) = run_on("check", "small.toml", &tiers);
+    assert_eq!(code, Some(0), "{stderr}");
+    let given = "[cache]\nmemory_size = 4194304\nmax_object_size = 8388608\n";
+    let (code, stderr) = run_on("check", "given.toml", given);
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains(
+            "given.toml:3: cache.max_object_size: must not exceed cache.memory_size (4194304)"
+        ),
+        "{stderr}"
+    );
+    let (code, stderr) = run_on("check", "tiny.toml", "[cache]\nmemory_size = 1000\n");
+    assert_eq!(code, Some(78), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("tiny.toml:2: cache.memory_size: must be at least"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn every_problem_is_reported_once_with_its_key_and_line() {
     let text = "[server]\nthreads = \"two\"\nnonsense = 1\n\n[cache]\nttl_cap = \"soon\"\nmemory_size = \"big\"\n\n[[origin]]\nname = \"o\"\naddresses = [\"127.0.0.1:1\"]\n[origin.health_check]\ninterval = \"often\"\n";

@@ -533,8 +533,8 @@ pub struct CacheFile {
     /// Memory tier capacity in bytes (headers and bodies). Default 268435456 (256 MiB).
     pub memory_size: u64,
     /// Largest object stored, in bytes; larger responses stream through unstored.
-    /// Default 8388608 (8 MiB).
-    pub max_object_size: u64,
+    /// Default 8388608 (8 MiB), or `memory_size` when that is smaller.
+    pub max_object_size: Option<u64>,
     /// No object stays fresh longer than this, whatever the origin says (duration). Default `1d`.
     pub ttl_cap: String,
     /// No 404 stays fresh longer than this, whatever the origin says (duration): a page
@@ -616,8 +616,9 @@ pub struct DiskFile {
     pub path: String,
     /// Disk tier capacity in bytes (bodies and metadata). Default 1073741824 (1 GiB).
     pub size: u64,
-    /// Largest object stored on disk, in bytes. Default 67108864 (64 MiB).
-    pub max_object_size: u64,
+    /// Largest object stored on disk, in bytes. Default 67108864 (64 MiB), or `size` when
+    /// that is smaller.
+    pub max_object_size: Option<u64>,
     /// Store an object on disk on its N-th miss; 1 stores on the first while the tier has room
     /// and on the second recent one once it is full (`cache::disk::admission`). Default 1.
     pub min_uses: u32,
@@ -633,7 +634,7 @@ impl Default for DiskFile {
         DiskFile {
             path: String::new(),
             size: 1 << 30,
-            max_object_size: 64 << 20,
+            max_object_size: None,
             min_uses: 1,
             after_restart: "revalidate".into(),
         }
@@ -644,7 +645,7 @@ impl Default for CacheFile {
     fn default() -> Self {
         CacheFile {
             memory_size: 256 << 20,
-            max_object_size: 8 << 20,
+            max_object_size: None,
             ttl_cap: "1d".into(),
             ttl_cap_404: "10m".into(),
             ttl_jitter: 0.05,

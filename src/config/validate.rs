@@ -1016,10 +1016,13 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
             ),
         );
     }
+    // A default larger than a small tier is the tier's size, not an error about a key the
+    // file does not hold.
+    let max_object_size = k.max_object_size.unwrap_or(k.memory_size.min(8 << 20));
     object_size(
         c,
         &at("max_object_size"),
-        k.max_object_size,
+        max_object_size,
         k.memory_size,
         "cache.memory_size",
     );
@@ -1098,10 +1101,11 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
                 format!("must be at least 1048576 bytes (1 MiB), got {}", d.size),
             );
         }
+        let largest_on_disk = d.max_object_size.unwrap_or(d.size.min(64 << 20));
         object_size(
             c,
             &disk_at("max_object_size"),
-            d.max_object_size,
+            largest_on_disk,
             d.size,
             "cache.disk.size",
         );
@@ -1122,7 +1126,7 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
         Some(DiskConfig {
             path: d.path.clone().into(),
             size: d.size,
-            max_object_size: d.max_object_size,
+            max_object_size: largest_on_disk,
             min_uses: d.min_uses.max(1),
             revalidate_after_restart,
             max_variants: k.max_variants.max(2),
@@ -1167,7 +1171,7 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
     }
     CacheConfig {
         memory_size: k.memory_size,
-        max_object_size: k.max_object_size as usize,
+        max_object_size: max_object_size as usize,
         ttl_cap,
         ttl_cap_404,
         ttl_jitter: k.ttl_jitter.clamp(0.0, 0.5),
