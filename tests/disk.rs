@@ -763,6 +763,57 @@ async fn a_ban_made_while_the_disk_is_full_is_not_undone_by_a_restart() {
     edit_while_the_disk_is_full_then_restart(&[("skua-purge-prefix", "1")]).await;
 }
 
+/// Regression: a file system with less room than `[cache.disk] size` (another program's
+/// files, or a size larger than the partition) refused every write once it was full, and the
+/// tier kept what it had stored first for good: nothing requested since reached the disk
+/// (a 3 MiB file system under a 50 MiB tier froze at 15 objects). Now the oldest segment is
+/// evicted when the file system is full, and the tier goes on storing what is asked for.
+#[tokio::test]
+async fn a_full_file_system_evicts_the_oldest_segment_and_the_tier_goes_on_storing() {
+    let Some(disk) = SmallDisk::mount("8m") else {
+        prerequisite_missing("cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let origin =
+        Origin::start(|_| Reply::ok(vec![b'p'; 256 << 10]).header("cache-control", "max-age=3600"))
+            .await;
+    // 64 MiB (segments of 4 MiB) on a file system of 8; the pages are too large for memory.
+    let (lines, memory) = ("size = 67108864", "max_object_size = 131072");
+    let port = Port::reserve();
+    let (dir, addr) = (disk.path().to_path_buf(), origin.addr);
+    let start = || {
+        let (port, dir) = (port.clone(), dir.clone());
+        async move {
+            Skua::start_disk_and_memory_on(&port, &[addr], &dir, lines, memory, CAPTURE_LOG).await
+        }
+    };
+    let mut skua = start().await;
+    // Said at start, where the operator looks.
+    assert!(
+        skua.log().contains("size is larger than its file system"),
+        "{}",
+        skua.log()
+    );
+    let pages = 60; // 15 MiB
+    for i in 0..pages {
+        assert_eq!(get(&skua.url(&format!("/page/{i}")), &[]).await.status, 200);
+        skua.wait_disk_writes().await;
+    }
+    let errors = r#"skua_cache_tier_events_total{event="write_error",tier="disk"}"#;
+    assert!(
+        skua.metric(errors).await > 0.0,
+        "the file system was not full"
+    );
+    skua.kill9();
+    let skua = start().await;
+    for i in pages - 5..pages {
+        let path = format!("/page/{i}");
+        let got = get(&skua.url(&path), &[]).await;
+        assert_eq!(got.cache(), "hit-local", "{path} is not on disk");
+        assert_eq!(origin.count(&path), 1);
+    }
+}
+
 /// Stores `/wiki/Edited`, fills the file system, edits the page (purged with `purge_headers`),
 /// gives the space back, stores more, kills Skua and restarts it: the edit holds and what was
 /// stored after it is there.

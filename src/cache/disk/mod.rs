@@ -137,6 +137,16 @@ impl DiskTier {
         let (first_new_segment, file) = segments.create_from(after_newest)?;
         let segment_size = segment_size(&config);
         let read_mode = ReadMode::for_file(&file);
+        if let Ok(fs) = rustix::fs::fstatvfs(&*file) {
+            let file_system_bytes = fs.f_blocks.saturating_mul(fs.f_frsize);
+            if config.size > file_system_bytes {
+                tracing::warn!(
+                    size = config.size,
+                    file_system_bytes,
+                    "[cache.disk] size is larger than its file system: the tier will hold what fits, evicting its oldest objects whenever the file system is full"
+                );
+            }
+        }
         tracing::info!(
             read_mode = read_mode.as_str(),
             segment_bytes = segment_size,

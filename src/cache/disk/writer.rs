@@ -123,6 +123,11 @@ pub struct Writer {
     /// anything written at `buf_start` since, as newer than it is, so the next record starts a
     /// new segment instead.
     torn: bool,
+    /// The file system refused a write for want of space (another program's files, or a
+    /// `size` larger than the file system): before the next record the oldest segment is
+    /// evicted, so that the tier goes on storing what is requested now within the room there
+    /// is, rather than keep what it holds and refuse every new object.
+    out_of_space: bool,
     /// Purges applied in memory whose records the disk refused, oldest first. Until they are
     /// in the log, a restart would bring back what they removed.
     unwritten: Vec<Unwritten>,
@@ -148,6 +153,7 @@ impl Writer {
             dirty: false,
             closed,
             torn: false,
+            out_of_space: false,
             unwritten: Vec::new(),
         };
         writer.update_used();
@@ -290,8 +296,7 @@ impl Writer {
                 at += chunk.len() as u64;
             }
             if let Err(e) = result {
-                tier.write_failed(&e);
-                self.torn = self.written_past_end();
+                self.write_failed(&e);
                 finish_object(tier, job, None);
                 return;
             }
@@ -317,6 +322,9 @@ impl Writer {
     /// never fit the bound or no segment can be started.
     fn make_room(&mut self, total: u64) -> bool {
         let tier = self.tier;
+        if std::mem::take(&mut self.out_of_space) {
+            self.evict_for_space();
+        }
         if total > tier.config.size || total > u64::from(u32::MAX) {
             return false;
         }
@@ -423,8 +431,7 @@ impl Writer {
         if !self.buf.is_empty() {
             let result = self.file.write_all_at(&self.buf, self.buf_start);
             if let Err(e) = result {
-                self.tier.write_failed(&e);
-                self.torn = self.written_past_end();
+                self.write_failed(&e);
                 self.buf.clear();
                 for written in std::mem::take(&mut self.written) {
                     match written {
@@ -474,6 +481,17 @@ impl Writer {
             }
         }
         self.update_used();
+    }
+
+    /// A write into the current segment failed: counted, and remembered for what it leaves
+    /// in the file and whether the file system is out of room.
+    fn write_failed(&mut self, e: &std::io::Error) {
+        self.tier.write_failed(e);
+        self.torn = self.written_past_end();
+        self.out_of_space |= matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        );
     }
 
     /// Whether the file holds bytes past the end of the records: a write that failed
@@ -536,7 +554,7 @@ impl Writer {
             return false;
         }
         tracing::warn!(
-            "the file system refused a purge's record or a ban; evicted the oldest disk cache segment to give its space back"
+            "the file system is full; evicted the oldest disk cache segment to give its space back"
         );
         self.update_used();
         true
