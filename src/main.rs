@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use skua::config::Config;
+use skua::config::{Config, ConfigErrors};
 
 // Measured in benches/README.md: mimalloc takes malloc/free from ~15% of a hit's
 // instructions (glibc) to a few percent, and returns freed memory to the OS sooner.
@@ -133,8 +133,9 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
         eprintln!("{errors}");
         ExitCode::from(EXIT_CONFIG)
     })?;
-    skua::server::preflight(&config).map_err(|e| {
-        eprintln!("{}: {e:#}", path.display());
+    skua::server::preflight(&config).map_err(|unusable| {
+        let reason = format!("{:#}", unusable.error);
+        eprintln!("{}", ConfigErrors::at_key(path, unusable.key, reason));
         ExitCode::from(EXIT_CONFIG)
     })?;
     Ok(config)

@@ -49,27 +49,36 @@ pub struct Built {
 /// (docs/hardening.md).
 const CLIENT_WRITE_BUFFER: usize = 8 * 1024;
 
+/// What [`preflight`] found unusable: the key that names it (`["cache", "disk", "path"]`)
+/// and why.
+#[derive(Debug)]
+pub struct Unusable {
+    pub key: &'static [&'static str],
+    pub error: anyhow::Error,
+}
+
 /// Builds what a configuration needs that validation alone cannot vouch for (the origin pools
-/// and their health checks), then drops it. `skua check` and `skua serve` both run it, so that
-/// a file `check` passes is one `serve` starts with.
-pub fn preflight(config: &Config) -> anyhow::Result<()> {
-    Pools::build(&config.origins).context("building origin pools")?;
+/// and their health checks, the disk tier's directory, the access log's file), then drops it.
+/// `skua check` and `skua serve` both run it, so that a file `check` passes is one `serve`
+/// starts with.
+pub fn preflight(config: &Config) -> Result<(), Unusable> {
+    let unusable = |key, error| Unusable { key, error };
+    Pools::build(&config.origins)
+        .context("building origin pools")
+        .map_err(|e| unusable(&["origin"], e))?;
     if let Some(disk) = &config.cache.disk {
-        disk_dir_usable(&disk.path).with_context(|| {
-            format!(
-                "cache.disk.path: {} cannot hold the disk cache",
-                disk.path.display()
-            )
-        })?;
+        disk_dir_usable(&disk.path)
+            .with_context(|| format!("{} cannot hold the disk cache", disk.path.display()))
+            .map_err(|e| unusable(&["cache", "disk", "path"], e))?;
     }
     if let Some(crate::config::AccessLogConfig {
         destination: crate::config::Destination::File(path),
         ..
     }) = &config.access_log
     {
-        log_file_usable(path).with_context(|| {
-            format!("log.access: cannot write the access log {}", path.display())
-        })?;
+        log_file_usable(path)
+            .with_context(|| format!("cannot write the access log {}", path.display()))
+            .map_err(|e| unusable(&["log", "access"], e))?;
     }
     Ok(())
 }

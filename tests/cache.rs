@@ -1533,7 +1533,10 @@ async fn an_absolute_form_target_is_checked_and_forwarded_in_origin_form() {
     )
     .await;
     assert!(conflicting.starts_with("HTTP/1.1 200 "), "{conflicting}");
-    assert!(conflicting.ends_with("host wiki.test path /a"), "{conflicting}");
+    assert!(
+        conflicting.ends_with("host wiki.test path /a"),
+        "{conflicting}"
+    );
     for bad in ["foo://wiki.test/a", "ftp://wiki.test/a"] {
         let answer = ask(bad).await;
         assert!(answer.starts_with("HTTP/1.1 400 "), "{bad}: {answer}");

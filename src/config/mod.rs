@@ -391,6 +391,22 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+impl ConfigErrors {
+    /// A problem found once the file was valid (a path the process cannot use), named by its
+    /// key (`["cache", "disk", "path"]`) and that key's line in the file at `path`.
+    pub fn at_key(path: &Path, keys: &[&str], reason: String) -> ConfigErrors {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        ConfigErrors {
+            source: path.display().to_string(),
+            errors: vec![ConfigError {
+                key: keys.join("."),
+                line: validate::line_of_key(&text, keys),
+                reason,
+            }],
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {

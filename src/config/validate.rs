@@ -183,6 +183,18 @@ pub(super) fn networks(c: &mut Checker<'_>, list: &[String], at: &[Seg<'_>]) -> 
     out
 }
 
+/// The line of the key `keys` (`["cache", "disk", "path"]`) in `text`, or of the deepest
+/// table on its way that the file holds.
+pub(super) fn line_of_key(text: &str, keys: &[&str]) -> Option<usize> {
+    let c = Checker {
+        text,
+        doc: ImDocument::parse(text).ok(),
+        errors: Vec::new(),
+    };
+    let path: Vec<Seg<'_>> = keys.iter().map(|k| Seg::Key(k)).collect();
+    c.line_of(&path)
+}
+
 fn render_path(path: &[Seg<'_>]) -> String {
     let mut out = String::new();
     for seg in path {
