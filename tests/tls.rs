@@ -758,6 +758,31 @@ async fn http2_limits_hold_on_a_plain_listener_too() {
     assert_eq!(h2_streams_allowed(send, &url).await, 3);
 }
 
+/// RFC 9113 §8.2.3: an HTTP/2 client may send each cookie as a field of its own (browsers
+/// do, for header compression); an HTTP/1.1 origin must get them as one field joined with
+/// "; ". Regression: they went to the origin as two lines, which Apache and PHP join with
+/// ", ", so MediaWiki read its session cookie as "abc, theme=dark" and a logged-in reader
+/// over HTTP/2 was logged out.
+#[tokio::test]
+async fn cookies_sent_as_separate_http2_fields_reach_the_origin_as_one() {
+    let origin = Origin::start(|_| Reply::ok("page").header("cache-control", "private")).await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let tcp = TcpStream::connect(skua.addr).await.unwrap();
+    let (send, plain) = h2::client::handshake(tcp).await.unwrap();
+    let _driver = tokio::spawn(plain);
+    let mut send = send.ready().await.unwrap();
+    let url = format!("http://wiki.test:{}/w/index.php?title=A", skua.addr.port());
+    let cookies = [
+        ("cookie", "enwiki_session=abc".to_string()),
+        ("cookie", "theme=dark".to_string()),
+    ];
+    let (answer, _) = send.send_request(h2_get(&url, &cookies), true).unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+    let seen = origin.all_requests();
+    let sent: Vec<_> = seen[0].headers.get_all("cookie").iter().collect();
+    assert_eq!(sent, ["enwiki_session=abc; theme=dark"]);
+}
+
 /// The 2023 "rapid reset" attack (CVE-2023-44487): a client opens streams and cancels each at
 /// once, as fast as it can. Skua closes such a connection (the streams it had to reset pass
 /// the per-connection limit, `H2_MAX_LOCAL_RESETS` in `server.rs`), hardly any cancelled

@@ -733,13 +733,15 @@ fn as_forwarded(session: &mut Session, settings: &Settings) -> Result<()> {
     if over_tls {
         req.insert_header(guard::X_FORWARDED_PROTO, "https")?;
     }
-    if req.headers.contains_key(header::COOKIE)
-        && settings.pass_reason(&req.method, &req.headers).is_none()
-    {
-        let kept = vary::kept_cookies(&req.headers, &settings.vary_cookies);
-        req.remove_header(&header::COOKIE);
-        if let Some(kept) = kept {
-            req.insert_header(header::COOKIE, kept)?;
+    if req.headers.contains_key(header::COOKIE) {
+        if settings.pass_reason(&req.method, &req.headers).is_none() {
+            let kept = vary::kept_cookies(&req.headers, &settings.vary_cookies);
+            req.remove_header(&header::COOKIE);
+            if let Some(kept) = kept {
+                req.insert_header(header::COOKIE, kept)?;
+            }
+        } else if let Some(joined) = one_cookie_field(&req.headers) {
+            req.insert_header(header::COOKIE, joined)?;
         }
     }
     if let Some(ip) = client {
@@ -754,6 +756,26 @@ fn as_forwarded(session: &mut Session, settings: &Settings) -> Result<()> {
         req.insert_header(guard::X_FORWARDED_FOR, xff)?;
     }
     Ok(())
+}
+
+/// The request's `Cookie` fields as one, when it has several: an HTTP/2 client sends each
+/// cookie as a field of its own (RFC 9113 §8.2.3 allows it, for header compression), and
+/// "these MUST be concatenated into a single octet string using the two-octet delimiter of
+/// 0x3b, 0x20 ("; ") before being passed into a non-HTTP/2 context such as an HTTP/1.1
+/// connection". Regression: they went to the origin as several lines, which Apache and PHP join
+/// with ", ": MediaWiki read `enwiki_session` as "abc, theme=dark", and a logged-in reader
+/// over HTTP/2 was logged out.
+fn one_cookie_field(fields: &http::HeaderMap) -> Option<http::HeaderValue> {
+    let mut values = fields.get_all(header::COOKIE).iter();
+    let first = values.next()?;
+    let mut rest = values.peekable();
+    rest.peek()?;
+    let mut joined = first.as_bytes().to_vec();
+    for value in rest {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    http::HeaderValue::from_bytes(&joined).ok()
 }
 
 /// The reason at the root of a chain of pingora errors (the outer ones name the peer).
