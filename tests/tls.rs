@@ -762,7 +762,7 @@ async fn http2_limits_hold_on_a_plain_listener_too() {
 /// do, for header compression); an HTTP/1.1 origin must get them as one field joined with
 /// "; ". Regression: they went to the origin as two lines, which Apache and PHP join with
 /// ", ", so MediaWiki read its session cookie as "abc, theme=dark" and a logged-in reader
-/// over HTTP/2 was logged out.
+/// over HTTP/2 was logged out; and they counted towards `max_headers` one by one.
 #[tokio::test]
 async fn cookies_sent_as_separate_http2_fields_reach_the_origin_as_one() {
     let origin = Origin::start(|_| Reply::ok("page").header("cache-control", "private")).await;
@@ -781,6 +781,19 @@ async fn cookies_sent_as_separate_http2_fields_reach_the_origin_as_one() {
     let seen = origin.all_requests();
     let sent: Vec<_> = seen[0].headers.get_all("cookie").iter().collect();
     assert_eq!(sent, ["enwiki_session=abc; theme=dark"]);
+    // They count as the one field they become: 150 cookies are not "more than 100 header
+    // fields" (regression: 431, where the same request over HTTP/1.1 was served).
+    let crumbs = (1..150).map(|i| format!("c{i}=v"));
+    let many: Vec<_> = (std::iter::once("enwiki_session=abc".to_string()).chain(crumbs))
+        .map(|c| ("cookie", c))
+        .collect();
+    let mut send = send.ready().await.unwrap();
+    let (answer, _) = send.send_request(h2_get(&url, &many), true).unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+    let seen = origin.all_requests();
+    let sent: Vec<_> = seen[1].headers.get_all("cookie").iter().collect();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].as_bytes().split(|b| *b == b';').count(), 150);
 }
 
 /// The 2023 "rapid reset" attack (CVE-2023-44487): a client opens streams and cancels each at

@@ -539,16 +539,15 @@ fn stream_request<'a>(
         Some(authority) => authority,
         None => fields.get(header::HOST)?.to_str().ok()?,
     };
+    let (field_count, field_bytes) = super::guard::field_size(fields);
     if !target.starts_with('/')
         || target.len() + authority.map_or(0, str::len) > limits.max_uri_bytes
-        || fields.len() > limits.max_headers
+        || field_count > limits.max_headers
     {
         return None;
     }
-    let mut field_bytes = 0;
     let mut forwarded_proto = None;
     for (name, value) in fields {
-        field_bytes += name.as_str().len() + value.len() + 4;
         if needs_full_path(name) {
             return None;
         }
