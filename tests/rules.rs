@@ -1191,3 +1191,38 @@ deny = {{ status = 403, body = "blocked" }}
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].header("x-forwarded-for"), Some("127.0.0.1"));
 }
+
+/// A request a rule passes keeps every cookie on its way to the origin, as one passed for a
+/// session cookie does; a cacheable one keeps only those the key accounts for. Regression:
+/// config/mediawiki.toml's pass for the `mf_useformat` cookie sent the request without the
+/// cookie, so MediaWiki never saw the mobile preview it was passed for.
+#[tokio::test]
+async fn a_request_a_rule_passes_keeps_its_cookies() {
+    let origin = named_origin("o", "max-age=600").await;
+    let rules = r#"
+[[rule]]
+name = "mobile preview cookie"
+match = { cookie = { "mf_useformat" = "" } }
+pass = true
+
+[[rule]]
+name = "special pages"
+match = { path_prefix = ["/wiki/Special:"] }
+pass = true
+"#;
+    let skua = Skua::start(&[origin.addr], rules).await;
+    let cookie = ("cookie", "mf_useformat=true; theme=dark");
+    for path in ["/wiki/Main_Page", "/wiki/Special:Random"] {
+        let got = get(&skua.url(path), &[cookie]).await;
+        assert_eq!((got.status, got.cache()), (200, "pass"), "{path}");
+    }
+    let plain = get(&skua.url("/wiki/Other"), &[("cookie", "theme=dark")]).await;
+    assert_eq!(plain.cache(), "miss");
+    let cookies = |path: &str| {
+        let seen = origin.requests(path);
+        seen[0].header("cookie").map(str::to_string)
+    };
+    assert_eq!(cookies("/wiki/Main_Page").as_deref(), Some(cookie.1));
+    assert_eq!(cookies("/wiki/Special:Random").as_deref(), Some(cookie.1));
+    assert_eq!(cookies("/wiki/Other"), None);
+}

@@ -726,7 +726,12 @@ fn piece_range(req: &RequestHeader, settings: &Settings) -> Option<ByteRange> {
 /// request that may use the cache, only the cookies the key accounts for
 /// (`vary::kept_cookies`); over TLS Skua terminated, `X-Forwarded-Proto: https`, so that the
 /// origin builds https links (MediaWiki reads it from a proxy in `$wgCdnServers`).
-fn as_forwarded(session: &mut Session, settings: &Settings) -> Result<()> {
+///
+/// `rule_pass`: a rule passes the request, which then keeps every cookie, as any request that
+/// passes does. Regression: config/mediawiki.toml's pass for the `mf_useformat` cookie sent
+/// the request to the origin without the cookie, so MediaWiki never saw the mobile preview
+/// it was passed for.
+fn as_forwarded(session: &mut Session, settings: &Settings, rule_pass: bool) -> Result<()> {
     let client = client_ip(session);
     let over_tls = listener_scheme(session) == Scheme::Https;
     let req = session.req_header_mut();
@@ -734,7 +739,7 @@ fn as_forwarded(session: &mut Session, settings: &Settings) -> Result<()> {
         req.insert_header(guard::X_FORWARDED_PROTO, "https")?;
     }
     if req.headers.contains_key(header::COOKIE) {
-        if settings.pass_reason(&req.method, &req.headers).is_none() {
+        if !rule_pass && settings.pass_reason(&req.method, &req.headers).is_none() {
             let kept = vary::kept_cookies(&req.headers, &settings.vary_cookies);
             req.remove_header(&header::COOKIE);
             if let Some(kept) = kept {
@@ -1627,7 +1632,7 @@ impl ProxyHttp for CachingProxy {
                 );
                 // From here on the request is what the origin will receive, so a variant key
                 // computed on it agrees with the response it names (RFC 9111 §4.1).
-                as_forwarded(session, &settings)?;
+                as_forwarded(session, &settings, ctx.pass.is_some())?;
                 let pools = self.shared.pools.load();
                 let routed = decision
                     .route
