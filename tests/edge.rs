@@ -1845,6 +1845,26 @@ async fn max_forwards_zero_is_answered_here_and_counted_down_otherwise() {
     );
 }
 
+/// RFC 9110 §9.3.7: `OPTIONS *` asks about the server, not a resource: answered here with what
+/// it passes on in `Allow`, nothing forwarded. Regression: 400 "path must start with '/'".
+#[tokio::test]
+async fn options_asterisk_is_answered_by_skua() {
+    let origin = cached_origin().await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    for request in [
+        "OPTIONS * HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
+        "OPTIONS * HTTP/1.1\r\nHost: wiki.test\r\nMax-Forwards: 5\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = raw(skua.addr, request).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("\r\nallow: get, head"),
+            "{answer}"
+        );
+    }
+    assert_eq!(origin.count_starting(""), 0);
+}
+
 /// `[[origin]] max_connections`: a miss that finds its origin at the limit waits up to the
 /// connect timeout for room, then gets 503 and never reaches the origin; room given back is
 /// taken by the next request.

@@ -1533,6 +1533,15 @@ impl ProxyHttp for CachingProxy {
             self.error(session, (508, None), line).await?;
             return Ok(true);
         }
+        // RFC 9110 §9.3.7: `OPTIONS *` asks about the server itself, not a resource of a
+        // site (it has no URL to key or route): answered here, as with `Max-Forwards: 0`.
+        // Regression: refused with 400 "path must start with '/'".
+        if session.req_header().method == Method::OPTIONS && session.req_header().raw_path() == b"*"
+        {
+            ctx.internal = true;
+            respond::final_recipient(&self.shared.name, session).await?;
+            return Ok(true);
+        }
         match guard::max_forwards(session.req_header()) {
             guard::MaxForwards::Absent => {}
             guard::MaxForwards::Zero => {
