@@ -128,6 +128,8 @@ pub struct Writer {
     /// evicted, so that the tier goes on storing what is requested now within the room there
     /// is, rather than keep what it holds and refuse every new object.
     out_of_space: bool,
+    /// Segments evicted because the file system was full, since start.
+    space_evictions: u64,
     /// Purges applied in memory whose records the disk refused, oldest first. Until they are
     /// in the log, a restart would bring back what they removed.
     unwritten: Vec<Unwritten>,
@@ -154,6 +156,7 @@ impl Writer {
             closed,
             torn: false,
             out_of_space: false,
+            space_evictions: 0,
             unwritten: Vec::new(),
         };
         writer.update_used();
@@ -553,9 +556,15 @@ impl Writer {
         } else {
             return false;
         }
-        tracing::warn!(
-            "the file system is full; evicted the oldest disk cache segment to give its space back"
-        );
+        // A file system that stays full evicts a segment each time the tier fills again: the
+        // 1st, 2nd, 4th, 8th... are logged.
+        self.space_evictions += 1;
+        if self.space_evictions.is_power_of_two() {
+            tracing::warn!(
+                evictions = self.space_evictions,
+                "the file system is full; evicted the oldest disk cache segment to give its space back"
+            );
+        }
         self.update_used();
         true
     }
