@@ -267,6 +267,23 @@ impl Browser {
         }
     }
 
+    /// A view of `title` with each cookie in a `Cookie` field of its own, as an HTTP/2 browser
+    /// sends them (RFC 9113 §8.2.3), which Skua must join before MediaWiki reads them.
+    async fn view_with_cookies_apart(&self, title: &str) -> Got {
+        let mut req = (self.client)
+            .get(format!("http://{}/index.php/{title}", self.skua))
+            .header(HOST.0, HOST.1);
+        for (k, v) in &self.cookies {
+            req = req.header("cookie", format!("{k}={v}"));
+        }
+        let resp = req.send().await.unwrap();
+        Got {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.bytes().await.unwrap(),
+        }
+    }
+
     async fn view(&mut self, title: &str) -> Got {
         self.request("GET", &format!("/index.php/{title}"), None)
             .await
@@ -451,6 +468,15 @@ async fn a_real_mediawiki_behind_skua_purges_credits_and_passes_as_promised() {
     let own = member.view("Main_Page").await;
     assert_eq!(own.cache(), "pass");
     assert!(own.text().contains("Admin"), "not the logged-in page");
+    // Regression: cookies in fields of their own reached MediaWiki as several lines, which
+    // PHP joined with ", " into one session cookie it could not read: logged out.
+    assert!(member.cookies.len() > 1, "{:?}", member.cookies);
+    let apart = member.view_with_cookies_apart("Main_Page").await;
+    assert_eq!(apart.cache(), "pass");
+    assert!(
+        apart.text().contains("\"wgUserName\":\"Admin\""),
+        "cookies sent apart lost the session"
+    );
     let shared = reader.view("Main_Page").await;
     assert_eq!(shared.cache(), "hit-front");
     assert!(
