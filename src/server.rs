@@ -57,6 +57,12 @@ pub struct Unusable {
     pub error: anyhow::Error,
 }
 
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {:#}", self.key.join("."), self.error)
+    }
+}
+
 /// Builds what a configuration needs that validation alone cannot vouch for (the origin pools
 /// and their health checks, the disk tier's directory, the access log's file), then drops it.
 /// `skua check` and `skua serve` both run it, so that a file `check` passes is one `serve`
