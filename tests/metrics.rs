@@ -193,6 +193,46 @@ async fn the_access_log_counts_the_body_bytes_each_client_was_sent() {
     assert_eq!(logged("HEAD", 200), Some(0), "{text}");
 }
 
+/// A request head refused before pingora read it (malformed: 400, another HTTP version: 505) is
+/// logged as nginx logs a bad request: its method and target as sent, its host and client.
+/// Regression: counted in `skua_connections_refused_total` but never logged, so an operator
+/// could not see which clients were refused, or for what.
+#[tokio::test]
+async fn a_malformed_request_head_is_in_the_access_log() {
+    let origin = Origin::start(|_| Reply::ok("logged").header("cache-control", "max-age=60")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
+    let skua = Skua::start(&[origin.addr], &extra).await;
+    let bad_field =
+        "GET /a HTTP/1.1\r\nHost: wiki.test\r\nUser-Agent: probe/1\r\nX-A: b\x00c\r\n\r\n";
+    let answer = raw(skua.addr, bad_field).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let answer = raw(skua.addr, "GET /b HTTP/3.0\r\nHost: wiki.test\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 505 "), "{answer}");
+    let (text, lines) = logged_json(&log, 2).await;
+    let (bad, version) = (&lines[0], &lines[1]);
+    assert_eq!(
+        (&bad["method"], &bad["target"], &bad["status"], &bad["host"]),
+        (
+            &"GET".into(),
+            &"/a".into(),
+            &400.into(),
+            &"wiki.test".into()
+        ),
+        "{text}"
+    );
+    assert_eq!(bad["user_agent"], "probe/1", "{text}");
+    assert_eq!(bad["client"], "127.0.0.1", "{text}");
+    assert_eq!(bad["cache_status"], "int-front", "{text}");
+    let body = answer.split_once("\r\n\r\n").map_or(0, |(_, b)| b.len());
+    assert_eq!(version["bytes"], body as u64, "{text}");
+    assert_eq!(
+        (&version["target"], &version["status"]),
+        (&"/b".into(), &505.into())
+    );
+}
+
 /// A JSON access line names the origin that answered and how long its answer's head took
 /// (nginx's `$upstream_addr`, `$upstream_header_time`), on both paths a miss takes (the front
 /// door's fill for a GET, pingora's for a POST), and nothing for a hit.

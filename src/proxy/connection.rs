@@ -463,6 +463,14 @@ where
             // refused here, counted, as Skua's own answer.
             if let Some((status, why)) = refused_head(&mut head) {
                 self.metrics.refused_malformed_head.inc();
+                if let Some(front) = self.front.as_ref() {
+                    let code = status.get(..3).and_then(|c| c.parse().ok()).unwrap_or(400);
+                    let client = || peer_ip(&peer, &stream);
+                    let body_bytes = refusal_body(why).len() as u64;
+                    front
+                        .state()
+                        .record_refused_head(&head, code, body_bytes, scheme, &client);
+                }
                 refuse(&mut stream, status, why, false).await;
                 break;
             }
@@ -979,7 +987,7 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 /// Answers a connection that will not be served and closes it, without waiting on a client
 /// that does not read.
 async fn refuse(stream: &mut Stream, status: &str, why: &str, retry: bool) {
-    let body = format!("skua: {why}\n");
+    let body = refusal_body(why);
     let retry_after = if retry { "Retry-After: 1\r\n" } else { "" };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
@@ -987,6 +995,11 @@ async fn refuse(stream: &mut Stream, status: &str, why: &str, retry: bool) {
         body.len()
     );
     write_and_close(stream, response.as_bytes()).await;
+}
+
+/// The body of a refusal that says `why`.
+fn refusal_body(why: &str) -> String {
+    format!("skua: {why}\n")
 }
 
 /// Writes `answer` and closes, without waiting on a client that does not read.
