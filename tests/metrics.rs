@@ -53,11 +53,8 @@ async fn metrics_count_known_traffic_exactly() {
 
 #[tokio::test]
 async fn access_log_records_each_request_with_its_cache_status() {
-    let origin = Origin::start(|_| Reply::ok("logged").header("cache-control", "max-age=60")).await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let extra = format!("[log]\naccess = \"{}\"\n", log.display());
-    let skua = Skua::start(&[origin.addr], &extra).await;
+    let origin = logged_origin().await;
+    let (skua, log, _dir) = logging_skua(&origin, "combined").await;
     get(&skua.url("/logged?x=1"), &[("user-agent", "skua-test")]).await;
     get(&skua.url("/logged?x=1"), &[("user-agent", "skua-test")]).await;
     let text = logged_lines(&log, 2).await;
@@ -130,11 +127,8 @@ async fn evictions_are_counted_by_reason() {
 /// it) was logged with an empty host.
 #[tokio::test]
 async fn the_access_log_names_the_host_of_an_absolute_form_purge() {
-    let origin = Origin::start(|_| Reply::ok("logged").header("cache-control", "max-age=60")).await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
-    let skua = Skua::start(&[origin.addr], &extra).await;
+    let origin = logged_origin().await;
+    let (skua, log, _dir) = logging_skua(&origin, "json").await;
     let answer = raw(
         skua.addr,
         "PURGE http://wiki.test/wiki/X HTTP/1.1\r\nHost: wiki.test\r\nConnection: close\r\n\r\n",
@@ -165,11 +159,8 @@ async fn the_access_log_names_the_host_of_an_absolute_form_purge() {
 /// the client was sent, as nginx's `$body_bytes_sent`.
 #[tokio::test]
 async fn the_access_log_counts_the_body_bytes_each_client_was_sent() {
-    let origin = Origin::start(|_| Reply::ok("logged").header("cache-control", "max-age=60")).await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
-    let skua = Skua::start(&[origin.addr], &extra).await;
+    let origin = logged_origin().await;
+    let (skua, log, _dir) = logging_skua(&origin, "json").await;
     let uncached = get(&skua.url("/none"), &[("cache-control", "only-if-cached")]).await;
     assert_eq!(uncached.status, 504);
     let purged = send(&client(), "PURGE", &skua.url("/none"), &[]).await;
@@ -199,11 +190,8 @@ async fn the_access_log_counts_the_body_bytes_each_client_was_sent() {
 /// could not see which clients were refused, or for what.
 #[tokio::test]
 async fn a_malformed_request_head_is_in_the_access_log() {
-    let origin = Origin::start(|_| Reply::ok("logged").header("cache-control", "max-age=60")).await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
-    let skua = Skua::start(&[origin.addr], &extra).await;
+    let origin = logged_origin().await;
+    let (skua, log, _dir) = logging_skua(&origin, "json").await;
     let bad_field =
         "GET /a HTTP/1.1\r\nHost: wiki.test\r\nUser-Agent: probe/1\r\nX-A: b\x00c\r\n\r\n";
     let answer = raw(skua.addr, bad_field).await;
@@ -247,10 +235,7 @@ async fn the_json_access_log_names_the_origin_that_answered_and_its_wait() {
         }
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
-    let skua = Skua::start(&[origin.addr], &extra).await;
+    let (skua, log, _dir) = logging_skua(&origin, "json").await;
     assert_eq!(get(&skua.url("/slow"), &[]).await.cache(), "miss");
     assert_eq!(get(&skua.url("/slow"), &[]).await.cache(), "hit-front");
     let posted = send(&client(), "POST", &skua.url("/slow"), &[]).await;
@@ -345,6 +330,27 @@ async fn each_request_to_an_origin_carries_an_id_the_log_and_the_error_page_name
         let got = send(&client(), method, &behind.url("/lb"), &given).await;
         assert_eq!(got.text(), "id lb-7f3a", "{method}");
     }
+}
+
+/// An origin whose every page may be stored for a minute.
+async fn logged_origin() -> Origin {
+    Origin::start(|_| Reply::ok("logged").header("cache-control", "max-age=60")).await
+}
+
+/// A Skua in front of `origin` writing its access log in `format` ("combined" or "json") to
+/// a temporary directory: the Skua, the log's path, and the directory (kept while it runs).
+async fn logging_skua(
+    origin: &Origin,
+    format: &str,
+) -> (Skua, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let extra = format!(
+        "[log]\naccess = \"{}\"\nformat = \"{format}\"\n",
+        log.display()
+    );
+    let skua = Skua::start(&[origin.addr], &extra).await;
+    (skua, log, dir)
 }
 
 /// [`logged_lines`] as JSON objects, with the text they came from.
