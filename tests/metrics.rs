@@ -135,8 +135,8 @@ async fn the_access_log_names_the_host_of_an_absolute_form_purge() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
-    let text = logged_lines(&log, 1).await;
-    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let (text, lines) = logged_json(&log, 1).await;
+    let line = &lines[0];
     assert_eq!(line["method"], "PURGE");
     assert_eq!(line["host"], "wiki.test", "{text}");
     assert_eq!(line["cache_status"], "int-front");
@@ -148,9 +148,8 @@ async fn the_access_log_names_the_host_of_an_absolute_form_purge() {
     )
     .await;
     assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
-    let text = logged_lines(&log, 2).await;
-    let line: serde_json::Value = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
-    assert_eq!(line["host"], "other.test", "{text}");
+    let (text, lines) = logged_json(&log, 2).await;
+    assert_eq!(lines[1]["host"], "other.test", "{text}");
 }
 
 /// Regression: Skua's own answers (a refusal, a PURGE's, `only-if-cached`'s 504) were logged

@@ -33,9 +33,13 @@ use super::fast::FrontDoor;
 use super::fill::Filled;
 use super::guard;
 use super::proxy_protocol::{self, Refusal};
+use super::record::Served;
 use super::tls::TlsTerminator;
+use super::ProxyState;
+use crate::cache::fields::RequestFields;
 use crate::cache::key::Scheme;
 use crate::cache::memory::for_one_request;
+use crate::cache::status::Disposition;
 use crate::config::ConnectionLimits;
 use crate::metrics::ConnectionMetrics;
 
@@ -464,12 +468,8 @@ where
             if let Some((status, why)) = refused_head(&mut head) {
                 self.metrics.refused_malformed_head.inc();
                 if let Some(front) = self.front.as_ref() {
-                    let code = status.get(..3).and_then(|c| c.parse().ok()).unwrap_or(400);
                     let client = || peer_ip(&peer, &stream);
-                    let body_bytes = refusal_body(why).len() as u64;
-                    front
-                        .state()
-                        .record_refused_head(&head, code, body_bytes, scheme, &client);
+                    record_refused_head(front.state(), &head, (status, why), scheme, &client);
                 }
                 refuse(&mut stream, status, why, false).await;
                 break;
@@ -995,6 +995,75 @@ async fn refuse(stream: &mut Stream, status: &str, why: &str, retry: bool) {
         body.len()
     );
     write_and_close(stream, response.as_bytes()).await;
+}
+
+/// The fields of a request head read leniently, a line at a time, for the access log of a
+/// head no parser took (its `Host`, `Referer` and `User-Agent`, when it has them).
+struct LenientFields<'a>(Vec<(&'a [u8], &'a [u8])>);
+
+impl<'a> LenientFields<'a> {
+    fn of(lines: impl Iterator<Item = &'a [u8]>) -> LenientFields<'a> {
+        let fields = lines
+            .take(MAX_LENIENT_FIELDS)
+            .filter_map(|line| {
+                let colon = line.iter().position(|b| *b == b':')?;
+                Some((line[..colon].trim_ascii(), line[colon + 1..].trim_ascii()))
+            })
+            .collect();
+        LenientFields(fields)
+    }
+}
+
+/// Lines of a refused head looked at for its fields: enough for a browser's.
+const MAX_LENIENT_FIELDS: usize = 128;
+
+impl RequestFields for LenientFields<'_> {
+    fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> {
+        (self.0.iter())
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| *v)
+    }
+}
+
+/// Records a request head refused here ([`refused_head`]: Skua's 400, or 505 for another
+/// HTTP version) as nginx logs a bad request: its request line's method and target as sent,
+/// and what its fields say of its host and client; `refusal` is the status line and reason
+/// [`refuse`] answers with.
+fn record_refused_head(
+    state: &ProxyState,
+    head: &[u8],
+    (status, why): (&str, &str),
+    scheme: Scheme,
+    client: &dyn Fn() -> Option<IpAddr>,
+) {
+    let mut lines = (head.split(|b| *b == b'\n'))
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .take_while(|line| !line.is_empty());
+    let request_line = lines.next().unwrap_or_default();
+    let mut words = request_line.split(|b| *b == b' ').filter(|w| !w.is_empty());
+    let method = String::from_utf8_lossy(words.next().unwrap_or(b"-"));
+    let target = String::from_utf8_lossy(words.next().unwrap_or(b"-"));
+    let protocol = match words.next() {
+        Some(b"HTTP/1.0") => "HTTP/1.0",
+        Some(b"HTTP/1.1") => "HTTP/1.1",
+        _ => "-",
+    };
+    state.record(&Served {
+        client,
+        method: &method,
+        target: &|| target.clone(),
+        protocol,
+        scheme,
+        url: None,
+        headers: &LenientFields::of(lines),
+        status: status.get(..3).and_then(|c| c.parse().ok()).unwrap_or(400),
+        body_bytes: refusal_body(why).len() as u64,
+        disposition: Disposition::IntFront,
+        hit_path: None,
+        started: Instant::now(),
+        origin: None,
+        request_id: None,
+    });
 }
 
 /// The body of a refusal that says `why`.

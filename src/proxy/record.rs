@@ -1,9 +1,9 @@
 //! What every answered request leaves behind: one access-log line and the per-request metrics
 //! (requests by cache status and status class, duration, body bytes, and for a hit the path
-//! that answered it), and the dashboard's count of its URL. The front door and pingora's
-//! `logging` phase both call [`ProxyState::record`], so a request is counted and logged the
-//! same way whichever answered it. What only a request that reached the origin has (origin
-//! latency, compression sizes) is counted in `logging` itself.
+//! that answered it), and the dashboard's count of its URL. The front door, pingora's `logging`
+//! phase and the connection (for a head it refused) all call [`ProxyState::record`], so a
+//! request is counted and logged the same way whichever answered it. What only a request that
+//! reached the origin has (origin latency, compression sizes) is counted in `logging` itself.
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
@@ -90,77 +90,5 @@ impl ProxyState {
             duration.as_secs_f64(),
             served.body_bytes,
         );
-    }
-}
-
-/// The fields of a request head read leniently, a line at a time, for the access log of a
-/// head no parser took (its `Host`, `Referer` and `User-Agent`, when it has them).
-struct LenientFields<'a>(Vec<(&'a [u8], &'a [u8])>);
-
-impl<'a> LenientFields<'a> {
-    fn of(lines: impl Iterator<Item = &'a [u8]>) -> LenientFields<'a> {
-        let fields = lines
-            .take(MAX_LENIENT_FIELDS)
-            .filter_map(|line| {
-                let colon = line.iter().position(|b| *b == b':')?;
-                Some((line[..colon].trim_ascii(), line[colon + 1..].trim_ascii()))
-            })
-            .collect();
-        LenientFields(fields)
-    }
-}
-
-/// Lines of a refused head looked at for its fields: enough for a browser's.
-const MAX_LENIENT_FIELDS: usize = 128;
-
-impl RequestFields for LenientFields<'_> {
-    fn values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> {
-        (self.0.iter())
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| *v)
-    }
-}
-
-impl ProxyState {
-    /// Records a request head the connection refused before pingora read it (a malformed one:
-    /// Skua's 400, or 505 for another HTTP version), as nginx logs a bad request: its request
-    /// line's method and target as sent, and what its fields say of its host and client.
-    pub fn record_refused_head(
-        &self,
-        head: &[u8],
-        status: u16,
-        body_bytes: u64,
-        scheme: Scheme,
-        client: &dyn Fn() -> Option<IpAddr>,
-    ) {
-        let mut lines = (head.split(|b| *b == b'\n'))
-            .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-            .take_while(|line| !line.is_empty());
-        let request_line = lines.next().unwrap_or_default();
-        let mut words = request_line.split(|b| *b == b' ').filter(|w| !w.is_empty());
-        let method = String::from_utf8_lossy(words.next().unwrap_or(b"-"));
-        let target = String::from_utf8_lossy(words.next().unwrap_or(b"-"));
-        let protocol = match words.next() {
-            Some(b"HTTP/1.0") => "HTTP/1.0",
-            Some(b"HTTP/1.1") => "HTTP/1.1",
-            _ => "-",
-        };
-        let fields = LenientFields::of(lines);
-        self.record(&Served {
-            client,
-            method: &method,
-            target: &|| target.clone(),
-            protocol,
-            scheme,
-            url: None,
-            headers: &fields,
-            status,
-            body_bytes,
-            disposition: Disposition::IntFront,
-            hit_path: None,
-            started: Instant::now(),
-            origin: None,
-            request_id: None,
-        });
     }
 }
