@@ -220,6 +220,56 @@ async fn a_malformed_request_head_is_in_the_access_log() {
     );
 }
 
+/// A request head refused for what arrived of it (too slow: 408, too large: 431, a chunked body
+/// already broken: 400) is logged as a malformed one is, with as much of its request line and
+/// fields as arrived. Regression: counted in `skua_connections_refused_total` only, so an
+/// operator could not tell which clients sent oversized or trickled heads.
+#[tokio::test]
+async fn a_request_head_too_slow_too_large_or_with_a_broken_body_is_in_the_access_log() {
+    let origin = logged_origin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
+    let skua =
+        Skua::start_tables(&[origin.addr], ["header_timeout = \"1s\"", "", ""], &extra).await;
+    let slow = "GET /slow HTTP/1.1\r\nHost: wiki.test\r\nUser-Agent: slow/1\r\n";
+    let answer = raw(skua.addr, slow).await;
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    let large = format!(
+        "GET /large HTTP/1.1\r\nHost: wiki.test\r\nUser-Agent: large/1\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(64 * 1024)
+    );
+    let answer = raw(skua.addr, &large).await;
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    let broken = "POST /broken HTTP/1.1\r\nHost: wiki.test\r\nUser-Agent: broken/1\r\n\
+                  Transfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n";
+    let answer = raw(skua.addr, broken).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let (text, lines) = logged_json(&log, 3).await;
+    let logged: Vec<_> = (lines.iter())
+        .map(|l| {
+            (
+                l["method"].as_str().unwrap_or_default(),
+                l["target"].as_str().unwrap_or_default(),
+                l["status"].as_u64().unwrap_or_default(),
+                l["host"].as_str().unwrap_or_default(),
+                l["user_agent"].as_str().unwrap_or_default(),
+                l["client"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        logged,
+        [
+            ("GET", "/slow", 408, "wiki.test", "slow/1", "127.0.0.1"),
+            ("GET", "/large", 431, "wiki.test", "large/1", "127.0.0.1"),
+            ("POST", "/broken", 400, "wiki.test", "broken/1", "127.0.0.1"),
+        ],
+        "{text}"
+    );
+    assert_eq!(origin.count("/slow") + origin.count("/large"), 0);
+}
+
 /// A JSON access line names the origin that answered and how long its answer's head took
 /// (nginx's `$upstream_addr`, `$upstream_header_time`), on both paths a miss takes (the front
 /// door's fill for a GET, pingora's for a POST), and nothing for a hit.

@@ -297,16 +297,34 @@ enum HeadRead {
     Complete(BytesMut),
     /// The client closed, or stayed idle past the keep-alive timeout: close quietly.
     Gone,
-    TimedOut,
-    TooLarge,
+    /// The head was not whole within `header_timeout`; what of it had arrived.
+    TimedOut(BytesMut),
+    /// The head grew past `max_head_bytes`; what of it had arrived.
+    TooLarge(BytesMut),
     /// The head announces a chunked body and the body bytes already read break its framing.
-    BadBodyFraming,
+    BadBodyFraming(BytesMut),
 }
 
 impl<A> ConnectionGate<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
+    /// Writes a head refused here to the access log ([`record_refused_head`]), on the proxy's
+    /// listeners (the admin port keeps no access log).
+    fn record_refused(
+        &self,
+        head: &[u8],
+        refusal: (&str, &str),
+        scheme: Scheme,
+        peer: &std::cell::OnceCell<Option<IpAddr>>,
+        stream: &Stream,
+    ) {
+        if let Some(front) = self.front.as_ref() {
+            let client = || peer_ip(peer, stream);
+            record_refused_head(front.state(), head, refusal, scheme, &client);
+        }
+    }
+
     /// Serves `stream` as an HTTP/2 connection ([`super::h2::serve`]), `already_read` holding
     /// what of it the HTTP/1 loop read (a plain connection's preface) or nothing (ALPN `h2`).
     async fn serve_h2(
@@ -387,22 +405,28 @@ where
             let mut head = match read_head(&mut stream, &self.limits, &mut carry).await {
                 HeadRead::Complete(head) => head,
                 HeadRead::Gone => break,
-                HeadRead::TimedOut => {
+                HeadRead::TimedOut(part) => {
                     self.metrics.refused_header_timeout.inc();
-                    let status = "408 Request Timeout";
-                    refuse(&mut stream, status, "request head too slow", true).await;
+                    let refusal = ("408 Request Timeout", "request head too slow");
+                    self.record_refused(&part, refusal, scheme, &peer, &stream);
+                    refuse(&mut stream, refusal.0, refusal.1, true).await;
                     break;
                 }
-                HeadRead::TooLarge => {
+                HeadRead::TooLarge(part) => {
                     self.metrics.refused_head_too_large.inc();
-                    let status = "431 Request Header Fields Too Large";
-                    refuse(&mut stream, status, "request head too large", true).await;
+                    let refusal = (
+                        "431 Request Header Fields Too Large",
+                        "request head too large",
+                    );
+                    self.record_refused(&part, refusal, scheme, &peer, &stream);
+                    refuse(&mut stream, refusal.0, refusal.1, true).await;
                     break;
                 }
-                HeadRead::BadBodyFraming => {
+                HeadRead::BadBodyFraming(head) => {
                     self.metrics.refused_bad_body_framing.inc();
-                    let status = "400 Bad Request";
-                    refuse(&mut stream, status, "malformed chunked body", false).await;
+                    let refusal = ("400 Bad Request", "malformed chunked body");
+                    self.record_refused(&head, refusal, scheme, &peer, &stream);
+                    refuse(&mut stream, refusal.0, refusal.1, false).await;
                     break;
                 }
             };
@@ -467,10 +491,7 @@ where
             // refused here, counted, as Skua's own answer.
             if let Some((status, why)) = refused_head(&mut head) {
                 self.metrics.refused_malformed_head.inc();
-                if let Some(front) = self.front.as_ref() {
-                    let client = || peer_ip(&peer, &stream);
-                    record_refused_head(front.state(), &head, (status, why), scheme, &client);
-                }
+                self.record_refused(&head, (status, why), scheme, &peer, &stream);
                 refuse(&mut stream, status, why, false).await;
                 break;
             }
@@ -671,7 +692,7 @@ async fn read_head(
                     match body_framing(&buf[..end]) {
                         BodyFraming::None => *carry = buf.split_off(end),
                         BodyFraming::Chunked if !chunks_well_formed(&buf[end..]) => {
-                            return HeadRead::BadBodyFraming
+                            return HeadRead::BadBodyFraming(buf)
                         }
                         BodyFraming::Chunked | BodyFraming::Other => {}
                     }
@@ -680,7 +701,7 @@ async fn read_head(
             }
         }
         if skipped + buf.len() > limits.max_head_bytes {
-            return HeadRead::TooLarge;
+            return HeadRead::TooLarge(buf);
         }
         // A terminator may straddle two reads: look again from the last two bytes.
         scanned = buf.len().saturating_sub(2);
@@ -692,7 +713,7 @@ async fn read_head(
         match fast_timeout(left, stream.read_buf(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => {}
             Ok(_) => return HeadRead::Gone,
-            Err(_) => return HeadRead::TimedOut,
+            Err(_) => return HeadRead::TimedOut(buf),
         }
     }
 }
@@ -1025,10 +1046,11 @@ impl RequestFields for LenientFields<'_> {
     }
 }
 
-/// Records a request head refused here ([`refused_head`]: Skua's 400, or 505 for another
-/// HTTP version) as nginx logs a bad request: its request line's method and target as sent,
-/// and what its fields say of its host and client; `refusal` is the status line and reason
-/// [`refuse`] answers with.
+/// Records a request head refused here (malformed, [`refused_head`]: Skua's 400, or 505 for
+/// another HTTP version; too slow, 408; too large, 431; a chunked body already broken, 400) as
+/// nginx logs a bad request: its request line's method and target as sent, and what its
+/// fields say of its host and client, as far as they arrived; `refusal` is the status line and
+/// reason [`refuse`] answers with.
 fn record_refused_head(
     state: &ProxyState,
     head: &[u8],
