@@ -358,6 +358,17 @@ async fn poisoning_headers_never_reach_the_origin() {
         ("cf-connecting-ip", "6.6.6.6"),
         ("fastly-client-ip", "6.6.6.6"),
         ("x_real_ip", "6.6.6.6"),
+        // Regression: a client's claim that it came over HTTPS, under the names Rack,
+        // gunicorn, Tornado and IIS read it by, reached the origin, which answered a plain
+        // request as an HTTPS one under the `http` key.
+        ("x-forwarded-ssl", "on"),
+        ("x-forwarded-protocol", "ssl"),
+        ("x-scheme", "https"),
+        ("x-url-scheme", "https"),
+        ("front-end-https", "on"),
+        // Regression: the client's address under PHP's other common lookups.
+        ("x-forwarded", "for=6.6.6.6"),
+        ("forwarded-for", "6.6.6.6"),
         // Not a poisoning header: the positive control that headers do get through.
         ("x-wiki-client", "kept"),
     ];

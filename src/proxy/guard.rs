@@ -223,9 +223,19 @@ pub fn raw_has_content_length(raw: &[u8]) -> bool {
 /// thinks the URL, host, port, path prefix, method or scheme is (so a response for one URL is
 /// cached under another) or route it through a proxy (httpoxy, CVE-2016-5385).
 /// `x-forwarded-proto` and `x-forwarded-for` are kept only from trusted proxies.
-pub const UNTRUSTED_HEADERS: [&str; 15] = [
+pub const UNTRUSTED_HEADERS: [&str; 20] = [
     "x-forwarded-host",
     "x-forwarded-scheme",
+    // The scheme under the other names frameworks read it by (Rack and gunicorn's
+    // `X-Forwarded-Ssl: on`, gunicorn's `X-Forwarded-Protocol: ssl`, Tornado's `X-Scheme`,
+    // `X-Url-Scheme`, IIS and Exchange's `Front-End-Https: on`): an origin told a plain request
+    // was HTTPS answers it as one (no redirect to HTTPS, `https` links) under the `http` key.
+    // Skua keys the scheme by `X-Forwarded-Proto` alone, which it sets.
+    "x-forwarded-ssl",
+    "x-forwarded-protocol",
+    "x-scheme",
+    "x-url-scheme",
+    "front-end-https",
     "x-forwarded-server",
     "x-forwarded-port",
     "x-forwarded-prefix",
@@ -250,8 +260,12 @@ pub const UNTRUSTED_HEADERS: [&str; 15] = [
 /// names). Regression: a
 /// client's `X-Real-IP: 9.9.9.9` reached the origin as the client's address, past IP blocks
 /// and rate limits that trust the proxy in front.
-const PROXY_HEADERS: [&str; 10] = [
+const PROXY_HEADERS: [&str; 12] = [
     "x-forwarded-for",
+    // Read by PHP's common client-address lookups (`HTTP_X_FORWARDED`, `HTTP_FORWARDED_FOR`,
+    // beside `HTTP_CLIENT_IP` and `HTTP_X_CLUSTER_CLIENT_IP` below).
+    "x-forwarded",
+    "forwarded-for",
     "x-forwarded-proto",
     // An id a balancer in front gave the request (`proxy::request_id`).
     "x-request-id",
