@@ -457,7 +457,7 @@ async fn a_get_body_never_shapes_an_answer_that_is_stored() {
 /// (RFC 9110 §4.2.3) but reached the origin as the client spelled it; a name-based virtual
 /// host that does not match it (Apache answers with its first site) had its answer stored
 /// for every reader of `wiki.test`. The origin is asked in the key's spelling, on both paths
-/// a miss takes (the front door's fill; pingora's path for HTTP/1.0).
+/// a miss takes (the front door's fill; pingora's path for HTTP/1.0 and HTTP/2).
 #[tokio::test]
 async fn the_origin_is_asked_for_the_host_in_the_keys_spelling() {
     let origin = Origin::start(|seen| {
@@ -496,6 +496,31 @@ async fn the_origin_is_asked_for_the_host_in_the_keys_spelling() {
                 Some(expected.as_str())
             );
         }
+    }
+    // Over HTTP/2 the host is `:authority`. Regression: it reached the origin as spelled.
+    let tcp = TcpStream::connect(skua.addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let _driver = tokio::spawn(connection);
+    for (i, (host, expected)) in [
+        ("WIKI.test.".to_string(), "wiki.test".to_string()),
+        ("wiki.test:80".to_string(), "wiki.test".to_string()),
+        (format!("Wiki.Test.:{port}"), format!("wiki.test:{port}")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = format!("/host/2/{i}");
+        let req = http::Request::get(format!("http://{host}{path}"))
+            .body(())
+            .unwrap();
+        let mut send = send.clone().ready().await.unwrap();
+        let (answer, _) = send.send_request(req, true).unwrap();
+        assert_eq!(answer.await.unwrap().status(), 200, "{host}");
+        assert_eq!(
+            origin.requests(&path)[0].header("host"),
+            Some(expected.as_str()),
+            "{host}"
+        );
     }
 }
 

@@ -57,7 +57,7 @@ use pingora::cache::{
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, OrErr, Result};
 
 use crate::cache::disk::DiskHit;
 use crate::cache::hit_for_miss::Storability;
@@ -637,6 +637,27 @@ fn upgrade_asked(req: &mut RequestHeader, pool: Option<&crate::upstream::Pool>) 
         None => {}
     }
     None
+}
+
+/// Gives a request the key's spelling of its host (`url.host`) for the origin. An HTTP/2
+/// request names its host in `:authority`, the URI's authority, from which pingora writes the
+/// `Host` an HTTP/1.1 origin gets, whatever the field says: the authority is respelled too.
+/// Regression: over HTTP/2, `:authority: WIKI.test.` reached the origin as spelled while the
+/// answer was stored for `wiki.test` (over HTTP/1.1 the origin was asked for `wiki.test`).
+fn respell_host(req: &mut RequestHeader, host: String) -> Result<()> {
+    if req.version == http::Version::HTTP_2 && req.uri.authority().is_some() {
+        let mut parts = req.uri.clone().into_parts();
+        parts.authority = Some(host.parse().or_err(
+            ErrorType::InvalidHTTPHeader,
+            "the key's host is no URI authority",
+        )?);
+        let uri = http::Uri::from_parts(parts).or_err(
+            ErrorType::InvalidHTTPHeader,
+            "the key's host is no URI authority",
+        )?;
+        req.set_uri(uri);
+    }
+    req.insert_header(header::HOST, host)
 }
 
 /// The most of a body read before the origin is asked: pingora's retry buffer, which keeps
@@ -1610,7 +1631,7 @@ impl ProxyHttp for CachingProxy {
                 // Skua's one spelling of the target, or a rule's normalised query.
                 let target_normalised = url.path_and_query != path;
                 if let Some(host) = respelled_host {
-                    session.req_header_mut().insert_header(header::HOST, host)?;
+                    respell_host(session.req_header_mut(), host)?;
                 }
                 if !settings.serves_host(&url.host) {
                     ctx.internal = true;
