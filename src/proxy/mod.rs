@@ -1673,7 +1673,17 @@ impl ProxyHttp for CachingProxy {
                     // The origin answers for the target the key names (`cache::target`), in
                     // origin form (RFC 9112 §3.2.1), with the authority in Host.
                     if let Ok(normal) = url.path_and_query.parse::<http::Uri>() {
-                        session.req_header_mut().set_uri(normal);
+                        let req = session.req_header_mut();
+                        // An HTTP/2 request names its host in the URI alone (`:authority`),
+                        // which the origin form drops: it moves to Host. Regression: the
+                        // origin got an empty `Host` for such a request whose target Skua
+                        // normalised.
+                        if let Some(authority) = req.uri.authority().cloned() {
+                            if !req.headers.contains_key(header::HOST) {
+                                req.insert_header(header::HOST, authority.as_str())?;
+                            }
+                        }
+                        req.set_uri(normal);
                     }
                 }
                 let piece_range = piece_range(session.req_header(), &settings);
