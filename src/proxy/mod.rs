@@ -2322,11 +2322,20 @@ impl ProxyHttp for CachingProxy {
 
     fn response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<std::time::Duration>> {
+        // RFC 9110 §9.3.2: the answer to HEAD has no content. To fill the cache pingora asks
+        // the origin with GET (what is stored was taken before this filter); its HTTP/1.1
+        // writer drops the body that follows, its HTTP/2 writer sent it as DATA, which
+        // clients refuse by resetting the stream. Regression: a HEAD over HTTP/2 for anything
+        // not yet cached failed (`curl -I https://…`).
+        if session.req_header().method == http::Method::HEAD {
+            *body = None;
+            return Ok(None);
+        }
         if let Some(b) = body {
             ctx.body_bytes += b.len() as u64;
         }
