@@ -844,6 +844,64 @@ async fn head_over_http2_is_answered_without_content_and_fills_the_cache() {
     assert!(!driver.is_finished(), "the connection was closed");
 }
 
+/// A HEAD for a gzip page not yet cached, from a client that takes no encoding: the GET's
+/// head, decoded (no `Content-Encoding`), and no content, over HTTP/2 and HTTP/1.1 (through
+/// pingora's path: the front door fills GETs only). Regression (of the fix above, before it
+/// landed): the body was dropped before the decoder, which then found the gzip stream cut
+/// short and answered 502.
+#[tokio::test]
+async fn head_for_a_gzip_page_not_yet_cached_is_answered_decoded_without_content() {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, "<p>A wiki page.</p>\n".repeat(100).as_bytes()).unwrap();
+    let page = bytes::Bytes::from(gz.finish().unwrap());
+    let origin = Origin::start(move |_| {
+        Reply::ok(page.clone())
+            .header("cache-control", "max-age=600")
+            .header("content-type", "text/html")
+            .header("content-encoding", "gzip")
+            .header("vary", "Accept-Encoding")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let tcp = TcpStream::connect(skua.addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let _driver = tokio::spawn(connection);
+    let req = http::Request::head(format!("http://wiki.test:{}/wiki/Gz2", skua.addr.port()))
+        .header("accept-encoding", "identity")
+        .body(())
+        .unwrap();
+    let mut send = send.ready().await.unwrap();
+    let (answer, _) = send.send_request(req, true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(!answer.headers().contains_key("content-encoding"));
+    let mut body = answer.into_body();
+    while let Some(chunk) = body.data().await {
+        assert!(chunk.unwrap().is_empty(), "content in a HEAD answer");
+    }
+    let answer = raw(
+        skua.addr,
+        "HEAD /wiki/Gz1 HTTP/1.1\r\nHost: wiki.test\r\nAccept-Encoding: identity\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("content-encoding"),
+        "{answer}"
+    );
+    assert!(answer.ends_with("\r\n\r\n"), "{answer}");
+    // What the HEAD filled is the whole page: a GET is a hit, decoded.
+    let got = raw(
+        skua.addr,
+        // HTTP/1.0: the decoded body unframed, to compare.
+        "GET /wiki/Gz1 HTTP/1.0\r\nHost: wiki.test\r\nAccept-Encoding: identity\r\n\r\n",
+    )
+    .await;
+    assert!(got.contains("x-cache-status: hit"), "{got}");
+    assert!(got.ends_with(&"<p>A wiki page.</p>\n".repeat(100)), "{got}");
+    assert_eq!(origin.count("/wiki/Gz1"), 1);
+}
+
 /// The 2023 "rapid reset" attack (CVE-2023-44487): a client opens streams and cancels each at
 /// once, as fast as it can. Skua closes such a connection (the streams it had to reset pass
 /// the per-connection limit, `H2_MAX_LOCAL_RESETS` in `server.rs`), hardly any cancelled

@@ -352,11 +352,12 @@ impl HttpModule for Decompress {
         if self.as_sent {
             return Ok(());
         }
-        if end_of_stream && self.head && self.ctx.will_decompress(resp) {
+        if self.head && self.ctx.will_decompress(resp) {
             // RFC 9110 §9.3.2: a HEAD is answered with the header a GET would get. pingora's
             // context leaves a response without a body alone, so a HEAD said `Content-Encoding:
             // gzip` and the compressed length to a client whose GET is decoded. The header is
-            // filtered as a GET's; no body follows to decode.
+            // filtered as a GET's; no body reaches the client to decode (on a miss, the GET's
+            // that filled the cache is dropped before this module: `response_body_filter`).
             self.ctx.response_header_filter(resp, false);
             self.as_sent = true;
             return Ok(());
