@@ -227,11 +227,7 @@ async fn a_malformed_request_head_is_in_the_access_log() {
 #[tokio::test]
 async fn a_request_head_too_slow_too_large_or_with_a_broken_body_is_in_the_access_log() {
     let origin = logged_origin().await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
-    let skua =
-        Skua::start_tables(&[origin.addr], ["header_timeout = \"1s\"", "", ""], &extra).await;
+    let (skua, log, _dir) = logging_skua_with(&origin, "json", "header_timeout = \"1s\"").await;
     let slow = "GET /slow HTTP/1.1\r\nHost: wiki.test\r\nUser-Agent: slow/1\r\n";
     let answer = raw(skua.addr, slow).await;
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
@@ -268,6 +264,47 @@ async fn a_request_head_too_slow_too_large_or_with_a_broken_body_is_in_the_acces
         "{text}"
     );
     assert_eq!(origin.count("/slow") + origin.count("/large"), 0);
+}
+
+/// A request refused before its URL was made (here for a host this cache does not serve) is
+/// logged with the host it asked for, over HTTP/2 too, where `:authority` names it.
+/// Regression: over HTTP/2 its host was logged empty (it was read from `Host` alone).
+#[tokio::test]
+async fn a_request_for_a_host_not_served_is_logged_with_its_host_over_http2_too() {
+    let origin = logged_origin().await;
+    let (skua, log, _dir) = logging_skua_with(&origin, "json", "hosts = [\"wiki.test\"]").await;
+    let answer = raw(
+        skua.addr,
+        "GET /one HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 421 "), "{answer}");
+    let tcp = tokio::net::TcpStream::connect(skua.addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let _driver = tokio::spawn(connection);
+    let req = http::Request::get("http://other.test/two")
+        .body(())
+        .unwrap();
+    let (answer, _) = send.ready().await.unwrap().send_request(req, true).unwrap();
+    assert_eq!(answer.await.unwrap().status(), 421);
+    let (text, lines) = logged_json(&log, 2).await;
+    let logged: Vec<_> = (lines.iter())
+        .map(|l| {
+            (
+                l["target"].as_str(),
+                l["status"].as_u64(),
+                l["host"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        logged,
+        [
+            (Some("/one"), Some(421), Some("other.test")),
+            (Some("/two"), Some(421), Some("other.test")),
+        ],
+        "{text}"
+    );
 }
 
 /// A JSON access line names the origin that answered and how long its answer's head took
@@ -392,13 +429,22 @@ async fn logging_skua(
     origin: &Origin,
     format: &str,
 ) -> (Skua, std::path::PathBuf, tempfile::TempDir) {
+    logging_skua_with(origin, format, "").await
+}
+
+/// [`logging_skua`] with `server` lines in its `[server]` table.
+async fn logging_skua_with(
+    origin: &Origin,
+    format: &str,
+    server: &str,
+) -> (Skua, std::path::PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let extra = format!(
         "[log]\naccess = \"{}\"\nformat = \"{format}\"\n",
         log.display()
     );
-    let skua = Skua::start(&[origin.addr], &extra).await;
+    let skua = Skua::start_tables(&[origin.addr], [server, "", ""], &extra).await;
     (skua, log, dir)
 }
 

@@ -1078,6 +1078,7 @@ fn record_refused_head(
         scheme,
         url: None,
         headers: &LenientFields::of(lines),
+        authority: None,
         status: status.get(..3).and_then(|c| c.parse().ok()).unwrap_or(400),
         body_bytes: refusal_body(why).len() as u64,
         disposition: Disposition::IntFront,

@@ -423,6 +423,7 @@ impl FrontDoor {
             scheme: url.scheme,
             url: Some(url),
             headers: &req.fields,
+            authority: None,
             status: obj.meta.status(),
             body_bytes,
             disposition: if hit.local {

@@ -1040,6 +1040,7 @@ impl super::fast::FrontDoor {
             scheme: url.scheme,
             url: Some(url),
             headers: req.fields,
+            authority: None,
             status,
             body_bytes,
             disposition,

@@ -2497,6 +2497,7 @@ impl ProxyHttp for CachingProxy {
                 .map_or_else(|| listener_scheme(session), |u| u.scheme),
             url: ctx.url.as_ref(),
             headers: &req.headers,
+            authority: req.uri.authority().map(|a| a.as_str()),
             status,
             // Skua's own answers are written whole, past the body filter that counts the rest;
             // a HEAD's answer has none, though the filter saw the body of the GET it was sent

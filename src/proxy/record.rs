@@ -30,6 +30,9 @@ pub struct Served<'a, F: RequestFields + ?Sized> {
     pub url: Option<&'a CacheUrl>,
     /// The request's fields, for `Referer`, `User-Agent` and, without a URL, `Host`.
     pub headers: &'a F,
+    /// The authority its target names (HTTP/2's `:authority`): without a URL, the host logged
+    /// when no `Host` field names one.
+    pub authority: Option<&'a str>,
     pub status: u16,
     pub body_bytes: u64,
     pub disposition: Disposition,
@@ -64,7 +67,15 @@ impl ProxyState {
                 scheme: served.scheme.as_str(),
                 // A request refused before its URL was made (a host not served, a target
                 // that is no path) is logged with the host it asked for.
-                host: served.url.map_or_else(|| text("host"), |u| u.host.as_str()),
+                host: served.url.map_or_else(
+                    || {
+                        Some(text("host"))
+                            .filter(|h| !h.is_empty())
+                            .or(served.authority)
+                            .unwrap_or("")
+                    },
+                    |u| u.host.as_str(),
+                ),
                 status: served.status,
                 bytes: served.body_bytes,
                 referer: text("referer"),
