@@ -1755,6 +1755,53 @@ async fn partial_content_is_stored_reused_and_combined() {
     assert_eq!(get(&full, &[]).await.text(), "0123456789");
 }
 
+/// RFC 9110 §14.2: an origin may answer a Range request with the whole representation (200),
+/// which is then stored as a fill would have stored it: later ranges, and the whole, are hits.
+/// Regression: every Range request for a URL not yet cached reached such an origin, and its
+/// whole answer was thrown away each time.
+#[tokio::test]
+async fn a_whole_answer_to_a_range_request_is_stored() {
+    let origin = Origin::start(|_| {
+        Reply::ok("0123456789")
+            .header("cache-control", "max-age=600")
+            .header("content-type", "application/octet-stream")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let url = skua.url("/media/whole.bin");
+    let first = get(&url, &[("range", "bytes=2-5")]).await;
+    assert_eq!(
+        (first.status, first.text().as_str(), first.cache()),
+        (200, "0123456789", "miss")
+    );
+    let again = get(&url, &[("range", "bytes=2-5")]).await;
+    assert_eq!(
+        (again.status, again.text().as_str(), again.cache()),
+        (206, "2345", "hit-front")
+    );
+    assert_eq!(again.header("content-range"), "bytes 2-5/10");
+    let whole = get(&url, &[]).await;
+    assert_eq!(
+        (whole.status, whole.text().as_str(), whole.cache()),
+        (200, "0123456789", "hit-front")
+    );
+    assert_eq!(origin.count("/media/whole.bin"), 1);
+    // A coded whole answer is not kept this way (it would be stored as if it were not coded).
+    let coded = Origin::start(|_| {
+        Reply::ok("not really gzip")
+            .header("cache-control", "max-age=600")
+            .header("content-encoding", "gzip")
+    })
+    .await;
+    let skua = Skua::start(&[coded.addr], "").await;
+    let url = skua.url("/media/coded.bin");
+    for _ in 0..2 {
+        let got = get(&url, &[("range", "bytes=0-3"), ("accept-encoding", "gzip")]).await;
+        assert_eq!(got.status, 200);
+    }
+    assert_eq!(coded.count("/media/coded.bin"), 2);
+}
+
 /// A piece (a 206 to a Range request) is on its way from the origin when the file is replaced
 /// and purged: the piece, of the old file, must not be stored after the purge. Regression: it
 /// was, and later ranges inside it were served from the old file.

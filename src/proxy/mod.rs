@@ -1021,15 +1021,31 @@ impl CachingProxy {
 
     /// Starts receiving a piece when `resp` is a single-part 206 to a Range fetch that may be
     /// stored: no `Vary`, no surrogate keys, and what the storage policy allows of any status.
+    /// A 200 is the whole representation (RFC 9110 §14.2: an origin may ignore Range): it is
+    /// kept as the one piece that covers it, which [`partial`] makes a complete object, as a
+    /// fill would have stored it. Regression: an origin that ignores Range had each Range
+    /// request for a URL not yet cached passed to it, and the whole answer was thrown away
+    /// each time (Varnish, Traffic Server and nginx store it).
     fn start_piece(&self, resp: &ResponseHeader, authorization: bool, ctx: &mut RequestCtx) {
-        if resp.status.as_u16() != 206 || resp.headers.contains_key(header::VARY) {
+        if resp.headers.contains_key(header::VARY) {
             return;
         }
-        let Some((first, last, complete)) = resp
-            .headers
-            .get(header::CONTENT_RANGE)
-            .and_then(|v| partial::content_range(v.as_bytes()))
-        else {
+        let range = match resp.status.as_u16() {
+            206 => (resp.headers.get(header::CONTENT_RANGE))
+                .and_then(|v| partial::content_range(v.as_bytes())),
+            // A coded body would be stored as if it were not (`content_coded`).
+            200 if !resp.headers.contains_key(header::CONTENT_ENCODING)
+                && !resp.headers.contains_key(header::TRANSFER_ENCODING) =>
+            {
+                let lengths = resp.headers.get_all(header::CONTENT_LENGTH).iter();
+                (guard::agreed_length(lengths.map(|v| v.as_bytes())).ok())
+                    .flatten()
+                    .filter(|length| *length > 0)
+                    .map(|length| (0, length - 1, length))
+            }
+            _ => None,
+        };
+        let Some((first, last, complete)) = range else {
             return;
         };
         let store = self.shared.store;
