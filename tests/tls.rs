@@ -796,51 +796,66 @@ async fn cookies_sent_as_separate_http2_fields_reach_the_origin_as_one() {
     assert_eq!(sent[0].as_bytes().split(|b| *b == b';').count(), 150);
 }
 
-/// RFC 9110 §9.3.2: the answer to HEAD has the fields of GET's and no content. Regression:
-/// over HTTP/2, a HEAD for a page not yet cached (pingora asks the origin with GET, to fill
-/// the cache) had the page sent after its head as DATA, and the client reset the stream:
-/// `curl -I` on an HTTPS page failed with "PROTOCOL_ERROR" until the page was cached.
+/// RFC 9110 §9.3.2 and §15.4.5: the answer to HEAD, and a 304, have no content. Regression:
+/// over HTTP/2, a HEAD, or a GET whose `If-None-Match` matched, for a page not yet cached
+/// (pingora asks the origin with GET and without the client's conditions, to fill the cache)
+/// had the page sent after its head as DATA, and the client reset the stream: `curl -I` on an
+/// HTTPS page failed with "PROTOCOL_ERROR" until the page was cached.
 #[tokio::test]
 async fn head_over_http2_is_answered_without_content_and_fills_the_cache() {
-    let origin =
-        Origin::start(|_| Reply::ok("the page body").header("cache-control", "max-age=600")).await;
+    let origin = Origin::start(|_| {
+        Reply::ok("the page body")
+            .header("cache-control", "max-age=600")
+            .header("etag", "\"v1\"")
+    })
+    .await;
     let skua = Skua::start(&[origin.addr], "").await;
     let tcp = TcpStream::connect(skua.addr).await.unwrap();
     let (send, connection) = h2::client::handshake(tcp).await.unwrap();
     let driver = tokio::spawn(connection);
-    let url = format!("http://wiki.test:{}/wiki/Head", skua.addr.port());
+    let url = |path: &str| format!("http://wiki.test:{}{path}", skua.addr.port());
     let mut answers = Vec::new();
-    for method in [http::Method::HEAD, http::Method::HEAD, http::Method::GET] {
-        let req = http::Request::builder()
-            .method(method.clone())
-            .uri(&url)
-            .body(())
-            .unwrap();
+    let (head, get) = (http::Method::HEAD, http::Method::GET);
+    for (method, path, condition) in [
+        (&head, "/wiki/Head", None),
+        (&head, "/wiki/Head", None),
+        (&get, "/wiki/Head", None),
+        (&get, "/wiki/Cond", Some("\"v1\"")),
+        (&get, "/wiki/Cond", None),
+    ] {
+        let mut req = http::Request::builder().method(method).uri(url(path));
+        if let Some(tag) = condition {
+            req = req.header("if-none-match", tag);
+        }
         let mut send = send.clone().ready().await.unwrap();
-        let (answer, _) = send.send_request(req, true).unwrap();
+        let (answer, _) = send.send_request(req.body(()).unwrap(), true).unwrap();
         let answer = answer.await.unwrap();
         let status = answer.status().as_u16();
-        let length = answer.headers()["content-length"]
-            .to_str()
-            .unwrap()
-            .to_string();
         let mut body = answer.into_body();
         let mut content = Vec::new();
         while let Some(chunk) = body.data().await {
             content.extend_from_slice(&chunk.unwrap());
         }
-        answers.push((method, status, length, String::from_utf8(content).unwrap()));
+        answers.push((
+            method.clone(),
+            path,
+            status,
+            String::from_utf8(content).unwrap(),
+        ));
     }
     assert_eq!(
         answers,
         [
-            (http::Method::HEAD, 200, "13".into(), String::new()),
-            (http::Method::HEAD, 200, "13".into(), String::new()),
-            (http::Method::GET, 200, "13".into(), "the page body".into()),
+            (head.clone(), "/wiki/Head", 200, String::new()),
+            (head.clone(), "/wiki/Head", 200, String::new()),
+            (get.clone(), "/wiki/Head", 200, "the page body".into()),
+            (get.clone(), "/wiki/Cond", 304, String::new()),
+            (get.clone(), "/wiki/Cond", 200, "the page body".into()),
         ]
     );
-    // The first HEAD filled the cache: the GET was a hit.
+    // The first HEAD, and the conditional GET, filled the cache: the GETs after were hits.
     assert_eq!(origin.count("/wiki/Head"), 1);
+    assert_eq!(origin.count("/wiki/Cond"), 1);
     assert!(!driver.is_finished(), "the connection was closed");
 }
 

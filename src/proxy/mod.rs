@@ -590,6 +590,9 @@ pub struct RequestCtx {
     range_fetch: bool,
     /// The piece being received, and its length by its `Content-Range`.
     piece: Option<(partial::Piece, BytesMut, usize)>,
+    /// The client's answer is a 304 or 204, which has no content (RFC 9110 §15.4.5, §15.3.5),
+    /// though what the origin sent to fill the cache may follow it.
+    answer_without_content: bool,
     /// A client the purge rules allow asked `Skua-Debug: 1`: what the explanation needs.
     debug: Option<debug::Facts>,
 }
@@ -1490,6 +1493,7 @@ impl ProxyHttp for CachingProxy {
             gzip_before_storing: false,
             range_fetch: false,
             piece: None,
+            answer_without_content: false,
             debug: None,
         }
     }
@@ -2303,6 +2307,7 @@ impl ProxyHttp for CachingProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         http10::close_after_unframed_body(session, resp);
+        ctx.answer_without_content = matches!(resp.status.as_u16(), 204 | 304);
         let outcome = self.outcome(session, ctx);
         let disposition = outcome.disposition();
         let now = SystemTime::now();
@@ -2343,12 +2348,14 @@ impl ProxyHttp for CachingProxy {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<std::time::Duration>> {
-        // RFC 9110 §9.3.2: the answer to HEAD has no content. To fill the cache pingora asks
-        // the origin with GET (what is stored was taken before this filter); its HTTP/1.1
-        // writer drops the body that follows, its HTTP/2 writer sent it as DATA, which
-        // clients refuse by resetting the stream. Regression: a HEAD over HTTP/2 for anything
-        // not yet cached failed (`curl -I https://…`).
-        if session.req_header().method == http::Method::HEAD {
+        // RFC 9110 §9.3.2: the answer to HEAD has no content, nor has a 304 (§15.4.5). To
+        // fill the cache pingora asks the origin with GET and without the client's
+        // conditions, and answers the client from what comes back (what is stored was taken
+        // before this filter); its HTTP/1.1 writer drops the body that follows such an answer,
+        // its HTTP/2 writer sent it as DATA, which clients refuse by resetting the stream.
+        // Regressions: over HTTP/2, a HEAD, or a GET whose `If-None-Match` matched, for
+        // anything not yet cached failed (`curl -I https://…`).
+        if ctx.answer_without_content || session.req_header().method == http::Method::HEAD {
             *body = None;
             return Ok(None);
         }
