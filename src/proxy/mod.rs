@@ -642,25 +642,36 @@ fn upgrade_asked(req: &mut RequestHeader, pool: Option<&crate::upstream::Pool>) 
     None
 }
 
-/// Gives a request the key's spelling of its host (`url.host`) for the origin. An HTTP/2
-/// request names its host in `:authority`, the URI's authority, from which pingora writes the
-/// `Host` an HTTP/1.1 origin gets, whatever the field says: the authority is respelled too.
-/// Regression: over HTTP/2, `:authority: WIKI.test.` reached the origin as spelled while the
-/// answer was stored for `wiki.test` (over HTTP/1.1 the origin was asked for `wiki.test`).
-fn respell_host(req: &mut RequestHeader, host: String) -> Result<()> {
-    if req.version == http::Version::HTTP_2 && req.uri.authority().is_some() {
-        let mut parts = req.uri.clone().into_parts();
-        parts.authority = Some(host.parse().or_err(
-            ErrorType::InvalidHTTPHeader,
-            "the key's host is no URI authority",
-        )?);
-        let uri = http::Uri::from_parts(parts).or_err(
-            ErrorType::InvalidHTTPHeader,
-            "the key's host is no URI authority",
-        )?;
-        req.set_uri(uri);
+/// Gives a request the `Host` its origin gets: the key's spelling of the host (`respelled`,
+/// when the client spelled it otherwise). An HTTP/2 request names its host in `:authority`,
+/// the URI's authority, from which pingora writes the `Host` an HTTP/1.1 origin gets whatever
+/// the field says, and which an origin-form target (a normalised one) drops: the authority is
+/// respelled too, and copied to `Host`. Regressions: over HTTP/2, `:authority: WIKI.test.`
+/// reached the origin as spelled while the answer was stored for `wiki.test`, and a request
+/// whose target Skua normalised reached it with an empty `Host`.
+fn host_for_origin(req: &mut RequestHeader, respelled: Option<String>) -> Result<()> {
+    let authority = (req.version == http::Version::HTTP_2)
+        .then(|| req.uri.authority().cloned())
+        .flatten();
+    match (respelled, authority) {
+        (Some(host), Some(_)) => {
+            let mut parts = req.uri.clone().into_parts();
+            parts.authority = Some(host.parse().or_err(
+                ErrorType::InvalidHTTPHeader,
+                "the key's host is no URI authority",
+            )?);
+            req.set_uri(http::Uri::from_parts(parts).or_err(
+                ErrorType::InvalidHTTPHeader,
+                "the key's host is no URI authority",
+            )?);
+            req.insert_header(header::HOST, host)
+        }
+        (Some(host), None) => req.insert_header(header::HOST, host),
+        (None, Some(authority)) if !req.headers.contains_key(header::HOST) => {
+            req.insert_header(header::HOST, authority.as_str())
+        }
+        _ => Ok(()),
     }
-    req.insert_header(header::HOST, host)
 }
 
 /// The most of a body read before the origin is asked: pingora's retry buffer, which keeps
@@ -1650,9 +1661,7 @@ impl ProxyHttp for CachingProxy {
                 let url = self.shared.canonical(url);
                 // Skua's one spelling of the target, or a rule's normalised query.
                 let target_normalised = url.path_and_query != path;
-                if let Some(host) = respelled_host {
-                    respell_host(session.req_header_mut(), host)?;
-                }
+                host_for_origin(session.req_header_mut(), respelled_host)?;
                 if !settings.serves_host(&url.host) {
                     ctx.internal = true;
                     let line = format!("skua: this cache does not serve host {}", url.host_name());
@@ -1692,18 +1701,9 @@ impl ProxyHttp for CachingProxy {
                 if target_normalised || absolute_form {
                     // The origin answers for the target the key names (`cache::target`), in
                     // origin form (RFC 9112 §3.2.1), with the authority in Host.
+                    // (`Host` carries the authority the origin form drops: `host_for_origin`.)
                     if let Ok(normal) = url.path_and_query.parse::<http::Uri>() {
-                        let req = session.req_header_mut();
-                        // An HTTP/2 request names its host in the URI alone (`:authority`),
-                        // which the origin form drops: it moves to Host. Regression: the
-                        // origin got an empty `Host` for such a request whose target Skua
-                        // normalised.
-                        if let Some(authority) = req.uri.authority().cloned() {
-                            if !req.headers.contains_key(header::HOST) {
-                                req.insert_header(header::HOST, authority.as_str())?;
-                            }
-                        }
-                        req.set_uri(normal);
+                        session.req_header_mut().set_uri(normal);
                     }
                 }
                 let piece_range = piece_range(session.req_header(), &settings);
