@@ -146,12 +146,19 @@ async fn session_cookie_passes() {
 #[tokio::test]
 async fn vary_variants_are_cached_apart() {
     // Two copies: one for clients that take brotli, one for everyone else (gzip, or
-    // decompressed for a client that takes neither). The origin says which one it made.
+    // decompressed for a client that takes neither). The origin says which one it made, and
+    // labels the brotli clients' copy as brotli (one in another coding would serve both:
+    // `a_page_an_origin_compresses_only_to_gzip_is_fetched_and_stored_once_for_every_client`).
     let origin = Origin::start(|req| {
         let asked = req.header("accept-encoding").unwrap_or("").to_string();
-        Reply::ok(format!("made for {asked}"))
+        let made = Reply::ok(format!("made for {asked}"))
             .header("cache-control", "max-age=60")
-            .header("vary", "Accept-Encoding")
+            .header("vary", "Accept-Encoding");
+        if asked.contains("br") {
+            made.header("content-encoding", "br")
+        } else {
+            made
+        }
     })
     .await;
     let skua = Skua::start(&[origin.addr], "").await;
@@ -1062,6 +1069,118 @@ async fn pages_are_stored_compressed_once_and_served_in_what_each_client_takes()
         .metric(r#"skua_compression_bytes_total{encoding="br",side="out"}"#)
         .await;
     assert_eq!(br_out, br.body.len() as f64);
+}
+
+/// An origin that compresses to gzip and never to brotli (Apache's mod_deflate and nginx's gzip
+/// as shipped) answers clients that take brotli and the others with the same bytes.
+/// Regression: its pages, which vary on `Accept-Encoding`, were fetched and stored twice, once
+/// for each kind of client. A copy the origin, offered brotli, sent in gzip now serves every
+/// client: one fetch, one object, on either fill path and after a revalidation; an origin that
+/// does send brotli still gets its two copies.
+#[tokio::test]
+async fn a_page_an_origin_compresses_only_to_gzip_is_fetched_and_stored_once_for_every_client() {
+    let page = "<p>The wiki page text, much like the next paragraph.</p>\n".repeat(150);
+    let body = page.clone();
+    let origin = Origin::start(move |seen| {
+        let takes = |coding: &str| {
+            seen.header("accept-encoding")
+                .unwrap_or("")
+                .contains(coding)
+        };
+        let reply = if seen.path.starts_with("/brotli/") && takes("br") {
+            let mut br = Vec::new();
+            let mut writer = brotli::CompressorWriter::new(&mut br, 4096, 5, 22);
+            std::io::Write::write_all(&mut writer, body.as_bytes()).unwrap();
+            drop(writer);
+            Reply::ok(br).header("content-encoding", "br")
+        } else if takes("gzip") {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut gz, body.as_bytes()).unwrap();
+            Reply::ok(gz.finish().unwrap()).header("content-encoding", "gzip")
+        } else {
+            Reply::ok(body.clone())
+        };
+        if seen.path == "/wiki/Revalidated" && seen.header("if-none-match") == Some("\"r1\"") {
+            return Reply::ok("").status(304).header("etag", "\"r1\"");
+        }
+        let lifetime = if seen.path == "/wiki/Revalidated" {
+            "max-age=1"
+        } else {
+            "max-age=600"
+        };
+        reply
+            .header("content-type", "text/html; charset=UTF-8")
+            .header("cache-control", lifetime)
+            .header("etag", "\"r1\"")
+            .header("vary", "Accept-Encoding")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let browser = [("accept-encoding", "gzip, deflate, br")];
+    let gzip_only = [("accept-encoding", "gzip")];
+    let neither = [("accept-encoding", "identity")];
+    let served = |got: &Got| {
+        (
+            got.cache().to_string(),
+            got.header("content-encoding").to_string(),
+        )
+    };
+    let hit_in = |coding: &str| ("hit-front".to_string(), coding.to_string());
+
+    // A browser first: its gzip copy serves everyone.
+    let url = skua.url("/wiki/Browser_first");
+    let first = get(&url, &browser).await;
+    assert_eq!(served(&first), ("miss".to_string(), "gzip".to_string()));
+    assert_eq!(gunzip(&first.body), page);
+    assert_eq!(served(&get(&url, &gzip_only).await), hit_in("gzip"));
+    let plain = get(&url, &neither).await;
+    assert_eq!((served(&plain), plain.text() == page), (hit_in(""), true));
+    assert_eq!(served(&get(&url, &browser).await), hit_in("gzip"));
+    assert_eq!(origin.count("/wiki/Browser_first"), 1);
+
+    // Another client first: the origin is offered brotli once, then one copy serves both.
+    let url = skua.url("/wiki/Other_first");
+    assert_eq!(served(&get(&url, &gzip_only).await).0, "miss");
+    assert_eq!(served(&get(&url, &browser).await).0, "miss");
+    for _ in 0..2 {
+        assert_eq!(served(&get(&url, &gzip_only).await), hit_in("gzip"));
+        assert_eq!(served(&get(&url, &browser).await), hit_in("gzip"));
+    }
+    assert_eq!(origin.count("/wiki/Other_first"), 2);
+
+    // Filled by pingora's path (a HEAD is filled with a GET there).
+    let url = skua.url("/wiki/Head_first");
+    let head = client()
+        .head(&url)
+        .header("accept-encoding", "gzip, deflate, br")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(served(&get(&url, &gzip_only).await), hit_in("gzip"));
+    assert_eq!(served(&get(&url, &browser).await), hit_in("gzip"));
+    assert_eq!(origin.count("/wiki/Head_first"), 1);
+
+    // Revalidated by another client: the 304 keeps the copy, and with it whom it serves.
+    let url = skua.url("/wiki/Revalidated");
+    assert_eq!(served(&get(&url, &browser).await).0, "miss");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(served(&get(&url, &gzip_only).await).0, "revalidated");
+    assert_eq!(served(&get(&url, &browser).await), hit_in("gzip"));
+    assert_eq!(origin.count("/wiki/Revalidated"), 2);
+
+    // An origin that sends brotli keeps a brotli copy and a gzip one.
+    let url = skua.url("/brotli/Page");
+    let br = get(&url, &browser).await;
+    assert_eq!(served(&br), ("miss".to_string(), "br".to_string()));
+    assert_eq!(unbrotli(&br.body), page);
+    assert_eq!(
+        served(&get(&url, &gzip_only).await),
+        ("miss".to_string(), "gzip".to_string())
+    );
+    assert_eq!(served(&get(&url, &browser).await), hit_in("br"));
+    assert_eq!(served(&get(&url, &gzip_only).await), hit_in("gzip"));
+    assert_eq!(origin.count("/brotli/Page"), 2);
 }
 
 /// A copy stored compressed and decoded for a client that takes no encoding is answered as

@@ -676,6 +676,49 @@ async fn a_compressed_copy_survives_a_restart() {
     assert_eq!(origin.count("/wiki/Z"), 1);
 }
 
+/// A copy an origin sent in gzip to a client that takes brotli serves both kinds of client
+/// (`cache::a_page_an_origin_compresses_only_to_gzip_is_fetched_and_stored_once_for_every_client`),
+/// and still does when it comes back from disk after a restart: the disk record keeps that
+/// mark. Without it a browser's request after the restart went to the origin again.
+#[tokio::test]
+async fn a_copy_shared_by_brotli_and_gzip_clients_stays_shared_after_a_restart() {
+    let page = "<p>wiki text</p>".repeat(200);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, page.as_bytes()).unwrap();
+    let gzipped = bytes::Bytes::from(gz.finish().unwrap());
+    let origin = Origin::start(move |_| {
+        Reply::ok(gzipped.clone())
+            .header("content-type", "text/html; charset=UTF-8")
+            .header("content-encoding", "gzip")
+            .header("cache-control", "s-maxage=600")
+            .header("vary", "Accept-Encoding")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let lines = "after_restart = \"serve\"";
+    let mut skua = Skua::start_disk(&[origin.addr], dir.path(), lines, "").await;
+    let port = skua.port();
+    let browser = [("accept-encoding", "gzip, deflate, br")];
+    let gzip_only = [("accept-encoding", "gzip")];
+    assert_eq!(get(&skua.url("/wiki/Z"), &browser).await.cache(), "miss");
+    assert_eq!(
+        get(&skua.url("/wiki/Z"), &gzip_only).await.cache(),
+        "hit-front"
+    );
+    skua.wait_disk_writes().await;
+    skua.stop();
+    let skua = Skua::start_disk_on(&port, &[origin.addr], dir.path(), lines, "").await;
+    for client in [browser, gzip_only] {
+        let got = get(&skua.url("/wiki/Z"), &client).await;
+        assert_eq!(
+            (got.header("content-encoding"), got.body.len() < page.len()),
+            ("gzip", true)
+        );
+        assert!(got.cache().starts_with("hit"), "{}", got.cache());
+    }
+    assert_eq!(origin.count("/wiki/Z"), 1);
+}
+
 /// Regression: a purge was acknowledged (its `204`, or a purge bus position saved) before the
 /// disk copy was gone, which a janitor thread did later. A node killed -9 in that window found
 /// the copy at its restart and served the purged page: the chaos test lost a purge this way on

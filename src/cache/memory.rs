@@ -835,6 +835,7 @@ mod tests {
                 variance: None,
                 content_coded: false,
                 field_names: crate::cache::meta::FieldNames::ANY,
+                brotli_declined: false,
             },
             header,
             upstream_cache_status: None,

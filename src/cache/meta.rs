@@ -79,6 +79,10 @@ pub struct MetaTimes {
     /// searches a hit's head only for a name whose bit is set. Set by
     /// [`ObjectMeta::encode`]; elsewhere every bit is set.
     pub field_names: FieldNames,
+    /// The origin, offered brotli, answered this copy in another coding: clients that take
+    /// brotli share it with the others (`vary::copy_for`). pingora's metadata carries it as
+    /// `vary::BrotliDeclined`.
+    pub brotli_declined: bool,
 }
 
 /// A set of field names as 32 bits, one per name (by a hash of its lowercase spelling): a
@@ -134,6 +138,7 @@ impl MetaTimes {
             variance: meta.variance(),
             content_coded: false,
             field_names: FieldNames::ANY,
+            brotli_declined: super::vary::brotli_declined(meta),
         }
     }
 
@@ -159,6 +164,9 @@ impl MetaTimes {
         }
         if let Some(v) = self.variance {
             meta.set_variance(v);
+        }
+        if self.brotli_declined {
+            meta.extensions_mut().insert(super::vary::BrotliDeclined);
         }
         meta
     }
@@ -231,6 +239,8 @@ pub struct KeptTimes {
     pub content_coded: bool,
     /// As [`MetaTimes::field_names`].
     pub field_names: FieldNames,
+    /// As [`MetaTimes::brotli_declined`].
+    pub brotli_declined: bool,
 }
 
 /// What a stored object keeps of its metadata: the times, and the header as it is served.
@@ -326,6 +336,7 @@ impl ObjectMeta {
                 stale_if_error_sec: times.stale_if_error_sec,
                 content_coded: times.content_coded,
                 field_names: times.field_names,
+                brotli_declined: times.brotli_declined,
             },
             head,
             uncommon: (!uncommon.is_empty()).then(|| Box::new(uncommon)),
@@ -345,6 +356,7 @@ impl ObjectMeta {
             variance: self.variance(),
             content_coded: t.content_coded,
             field_names: t.field_names,
+            brotli_declined: t.brotli_declined,
         }
     }
 
@@ -454,7 +466,7 @@ impl ObjectMeta {
 
     /// The variant key a request would be stored under, if the response varies.
     pub fn variance_of<F: RequestFields + ?Sized>(&self, req: &F) -> Option<HashBinary> {
-        variance_for(self.vary(), req)
+        variance_for(self.vary(), self.times.brotli_declined, req)
     }
 
     pub(super) fn weight(&self) -> usize {

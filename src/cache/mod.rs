@@ -160,6 +160,7 @@ impl Store {
                 variance: None,
                 content_coded: false,
                 field_names: crate::cache::meta::FieldNames::ANY,
+                brotli_declined: false,
             },
             header,
             upstream_cache_status: None,

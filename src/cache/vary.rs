@@ -4,7 +4,8 @@
 //! cache keeps, both in the variant key and in the request sent to the origin: one for clients
 //! that take brotli, one (gzip where the type compresses) for everyone else, decompressed on
 //! the way out for the rare client that takes neither. Browsers with a hundred different
-//! Accept-Encoding strings share those two copies.
+//! Accept-Encoding strings share those two copies, and where the origin answers brotli clients
+//! in gzip (it does not compress to brotli) they are one copy ([`copy_for`]).
 //! `Cookie`: requests carrying a session cookie never reach the cache (see the proxy's bypass).
 //! On the others, only the cookies `[cache] vary_cookies` names are kept ([`kept_cookies`]):
 //! those are what the origin receives and what a `Vary: Cookie` variant is keyed on, so
@@ -75,6 +76,43 @@ pub fn normalize_accept_encoding<F: RequestFields + ?Sized>(req: &F) -> Encoding
     }
 }
 
+/// Marks pingora's metadata of a copy whose origin, offered brotli, answered in another
+/// coding (the fact [`declines_brotli`] finds; see [`copy_for`]). Skua's tiers put it back on
+/// the metadata they rebuild.
+#[derive(Debug, Clone, Copy)]
+pub struct BrotliDeclined;
+
+/// Whether `meta` is marked [`BrotliDeclined`].
+pub fn brotli_declined(meta: &pingora::cache::CacheMeta) -> bool {
+    meta.extensions().get::<BrotliDeclined>().is_some()
+}
+
+/// Whether a response that varies on `Accept-Encoding`, fetched for `req` and stored with the
+/// head `stored` (after Skua's own compression), is a copy the origin made for brotli clients
+/// in another coding: gzip from an origin that does not compress to brotli (Apache's
+/// mod_deflate and nginx's gzip, as shipped), or no coding at all where nothing compresses.
+pub fn declines_brotli<F: RequestFields + ?Sized>(stored: &ResponseHeader, req: &F) -> bool {
+    normalize_accept_encoding(req) == Encoding::Brotli
+        && vary_names(stored).any(|n| n == "accept-encoding")
+        && !stored
+            .headers
+            .get_all(http::header::CONTENT_ENCODING)
+            .iter()
+            .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"br"))
+}
+
+/// The copy a request is served from, given what the URL's stored copy says of its origin:
+/// once the origin answered brotli clients in another coding, the other clients' copy is the
+/// same bytes, so both kinds of client share one copy (one origin fetch and one object where
+/// there were two). A client that takes neither coding has it decoded on the way out.
+pub fn copy_for<F: RequestFields + ?Sized>(req: &F, brotli_declined: bool) -> Encoding {
+    if brotli_declined {
+        Encoding::Gzip
+    } else {
+        normalize_accept_encoding(req)
+    }
+}
+
 /// The `Accept-Encoding` sent to the origin for a copy: what that copy may be in. With brotli
 /// among the encodings Skua compresses to, its clients' copy asks for brotli first (the origin
 /// may still answer gzip, which those clients take too).
@@ -85,24 +123,33 @@ pub fn upstream_accept_encoding(copy: Encoding, brotli_kept: bool) -> &'static s
     }
 }
 
-/// The variant key of `req` against a stored response's `Vary`, or `None` if it has none.
-pub fn variance<F: RequestFields + ?Sized>(stored: &ResponseHeader, req: &F) -> Option<HashBinary> {
+/// The variant key of `req` against a stored response's `Vary`, or `None` if it has none;
+/// `brotli_declined` as the response's metadata says ([`copy_for`]).
+pub fn variance<F: RequestFields + ?Sized>(
+    stored: &ResponseHeader,
+    brotli_declined: bool,
+    req: &F,
+) -> Option<HashBinary> {
     let mut names: Vec<String> = vary_names(stored).collect();
     names.sort();
     names.dedup();
-    variance_for(&names, req)
+    variance_for(&names, brotli_declined, req)
 }
 
 /// As [`variance`], from the response's `Vary` names already lowercased, sorted and
 /// deduplicated (what a stored object keeps).
-pub fn variance_for<F: RequestFields + ?Sized>(names: &[String], req: &F) -> Option<HashBinary> {
+pub fn variance_for<F: RequestFields + ?Sized>(
+    names: &[String],
+    brotli_declined: bool,
+    req: &F,
+) -> Option<HashBinary> {
     if names.is_empty() {
         return None;
     }
     let mut builder = VarianceBuilder::new();
     for name in names {
         match name.as_str() {
-            "accept-encoding" => builder.add_value(name, normalize_accept_encoding(req).as_str()),
+            "accept-encoding" => builder.add_value(name, copy_for(req, brotli_declined).as_str()),
             // Cookie is already reduced to the kept cookies, sorted (`kept_cookies`).
             other => match already_normal(req, other) {
                 // The common case, on every hit of a varying page: no copy.
@@ -217,18 +264,45 @@ mod tests {
         assert!(!accepts(&req(&[("accept-encoding", "gzip;q=0")]), "gzip"));
         let s = stored("Accept-Encoding");
         assert_eq!(
-            variance(&s, &req(&[("accept-encoding", "gzip, deflate, br, zstd")])),
-            variance(&s, &req(&[("accept-encoding", "br")]))
+            variance(
+                &s,
+                false,
+                &req(&[("accept-encoding", "gzip, deflate, br, zstd")])
+            ),
+            variance(&s, false, &req(&[("accept-encoding", "br")]))
         );
         // A client that takes neither shares the gzip copy (decompressed for it).
         assert_eq!(
-            variance(&s, &req(&[("accept-encoding", "gzip")])),
-            variance(&s, &req(&[]))
+            variance(&s, false, &req(&[("accept-encoding", "gzip")])),
+            variance(&s, false, &req(&[]))
         );
         assert_ne!(
-            variance(&s, &req(&[("accept-encoding", "gzip")])),
-            variance(&s, &req(&[("accept-encoding", "br")]))
+            variance(&s, false, &req(&[("accept-encoding", "gzip")])),
+            variance(&s, false, &req(&[("accept-encoding", "br")]))
         );
+        // Once the origin answered brotli clients in another coding, they share the others' copy.
+        assert_eq!(
+            variance(&s, true, &req(&[("accept-encoding", "gzip, deflate, br")])),
+            variance(&s, false, &req(&[("accept-encoding", "gzip")]))
+        );
+    }
+
+    #[test]
+    fn a_copy_for_brotli_clients_in_another_coding_declines_brotli() {
+        let br = req(&[("accept-encoding", "gzip, deflate, br")]);
+        let gzip = req(&[("accept-encoding", "gzip")]);
+        let mut answer = stored("Accept-Encoding");
+        assert!(declines_brotli(&answer, &br));
+        assert!(!declines_brotli(&answer, &gzip), "never offered brotli");
+        answer.insert_header("content-encoding", "gzip").unwrap();
+        assert!(declines_brotli(&answer, &br));
+        answer.insert_header("content-encoding", "br").unwrap();
+        assert!(!declines_brotli(&answer, &br));
+        let mut not_varying = ResponseHeader::build(200, None).unwrap();
+        not_varying
+            .insert_header("content-encoding", "gzip")
+            .unwrap();
+        assert!(!declines_brotli(&not_varying, &br), "one copy anyway");
     }
 
     /// The request as forwarded: its `Cookie` reduced to the kept cookies.
@@ -248,8 +322,8 @@ mod tests {
     fn anonymous_cookies_share_a_variant() {
         let s = stored("Accept-Encoding, Cookie");
         assert_eq!(
-            variance(&s, &forwarded(&["centralnotice=1"], &[])),
-            variance(&s, &req(&[]))
+            variance(&s, false, &forwarded(&["centralnotice=1"], &[])),
+            variance(&s, false, &req(&[]))
         );
     }
 
@@ -264,9 +338,9 @@ mod tests {
             "only the kept cookies, by name"
         );
         let other_order = forwarded(&["skin=dark", "tracking=9;lang=de"], &allowed);
-        assert_eq!(variance(&s, &one), variance(&s, &other_order));
+        assert_eq!(variance(&s, false, &one), variance(&s, false, &other_order));
         let other_value = forwarded(&["lang=fr; skin=dark"], &allowed);
-        assert_ne!(variance(&s, &one), variance(&s, &other_value));
+        assert_ne!(variance(&s, false, &one), variance(&s, false, &other_value));
         assert!(forwarded(&["Lang=de; langx=1"], &allowed)
             .get(header::COOKIE)
             .is_none());
@@ -275,16 +349,20 @@ mod tests {
     #[test]
     fn whitespace_and_line_breaks_do_not_make_a_variant() {
         let s = stored("accept-language, ACCEPT-LANGUAGE");
-        let one = variance(&s, &req(&[("accept-language", "de, fr")]));
-        assert_eq!(one, variance(&s, &req(&[("accept-language", "de,fr")])));
+        let one = variance(&s, false, &req(&[("accept-language", "de, fr")]));
         assert_eq!(
             one,
-            variance(&s, &req(&[("accept-language", " de ,  fr ")]))
+            variance(&s, false, &req(&[("accept-language", "de,fr")]))
+        );
+        assert_eq!(
+            one,
+            variance(&s, false, &req(&[("accept-language", " de ,  fr ")]))
         );
         assert_eq!(
             one,
             variance(
                 &s,
+                false,
                 &req(&[("accept-language", "de"), ("accept-language", "fr")])
             )
         );
@@ -292,17 +370,27 @@ mod tests {
             one,
             variance(
                 &stored("Accept-Language"),
+                false,
                 &req(&[("accept-language", "de,fr")])
             )
         );
-        assert_ne!(one, variance(&s, &req(&[("accept-language", "fr, de")])));
+        assert_ne!(
+            one,
+            variance(&s, false, &req(&[("accept-language", "fr, de")]))
+        );
         // A value taken as it is (one member, no whitespace) keys like one normalised to it.
-        let de = variance(&s, &req(&[("accept-language", "de")]));
-        assert_eq!(de, variance(&s, &req(&[("accept-language", " de ")])));
-        assert_eq!(de, variance(&s, &req(&[("accept-language", "de,")])));
+        let de = variance(&s, false, &req(&[("accept-language", "de")]));
+        assert_eq!(
+            de,
+            variance(&s, false, &req(&[("accept-language", " de ")]))
+        );
+        assert_eq!(de, variance(&s, false, &req(&[("accept-language", "de,")])));
         assert_ne!(de, one);
-        let absent = variance(&s, &req(&[]));
-        assert_eq!(absent, variance(&s, &req(&[("accept-language", " ")])));
+        let absent = variance(&s, false, &req(&[]));
+        assert_eq!(
+            absent,
+            variance(&s, false, &req(&[("accept-language", " ")]))
+        );
         assert_ne!(absent, de);
     }
 
@@ -310,9 +398,9 @@ mod tests {
     fn other_headers_vary_by_value() {
         let s = stored("Accept-Language");
         assert_ne!(
-            variance(&s, &req(&[("accept-language", "de")])),
-            variance(&s, &req(&[("accept-language", "fr")]))
+            variance(&s, false, &req(&[("accept-language", "de")])),
+            variance(&s, false, &req(&[("accept-language", "fr")]))
         );
-        assert_eq!(variance(&stored(""), &req(&[])), None);
+        assert_eq!(variance(&stored(""), false, &req(&[])), None);
     }
 }

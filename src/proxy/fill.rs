@@ -775,7 +775,12 @@ impl super::fast::FrontDoor {
                 settings,
                 from_proxy,
             };
-            if let Some(variance) = vary::variance(meta.response_header(), &as_forwarded) {
+            let brotli_declined = vary::declines_brotli(meta.response_header(), &as_forwarded);
+            if brotli_declined {
+                meta.extensions_mut().insert(vary::BrotliDeclined);
+            }
+            let stored = meta.response_header();
+            if let Some(variance) = vary::variance(stored, brotli_declined, &as_forwarded) {
                 meta.set_variance_key(variance);
             }
             meta

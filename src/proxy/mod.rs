@@ -1795,7 +1795,11 @@ impl ProxyHttp for CachingProxy {
         _ctx: &mut RequestCtx,
         req: &RequestHeader,
     ) -> Option<HashBinary> {
-        vary::variance(meta.response_header(), &req.headers)
+        vary::variance(
+            meta.response_header(),
+            vary::brotli_declined(meta),
+            &req.headers,
+        )
     }
 
     async fn cache_hit_filter(
@@ -2195,6 +2199,10 @@ impl ProxyHttp for CachingProxy {
     ) -> Result<RespCacheable> {
         let mut stored = resp.clone();
         let sent = ctx.upstream_sent.unwrap_or_else(SystemTime::now);
+        // Which clients the copy serves (`vary::copy_for`). After a 304 the stored copy keeps
+        // its mark whoever revalidated it: pingora carries the stored metadata's extensions
+        // over (`HttpCache::revalidate_cache_meta`).
+        let brotli_declined = vary::declines_brotli(resp, &session.req_header().headers);
         if let Some(fields) = ctx.not_modified.take() {
             // A 304 speaks for the page as it was when it was decided: a purge since then (a
             // soft one leaves the copy in place, stale) must not be undone by refreshing the
@@ -2257,13 +2265,17 @@ impl ProxyHttp for CachingProxy {
                         });
                     }
                 }
-                Ok(RespCacheable::Cacheable(CacheMeta::new(
+                let mut meta = CacheMeta::new(
                     f.fresh_until,
                     f.created,
                     f.stale_while_revalidate_sec,
                     f.stale_if_error_sec,
                     stored,
-                )))
+                );
+                if brotli_declined {
+                    meta.extensions_mut().insert(vary::BrotliDeclined);
+                }
+                Ok(RespCacheable::Cacheable(meta))
             }
             Err(reason) => {
                 ctx.stored = false;

@@ -168,6 +168,7 @@ fn empty_times() -> MetaTimes {
         variance: None,
         content_coded: false,
         field_names: FieldNames::ANY,
+        brotli_declined: false,
     }
 }
 
@@ -243,7 +244,11 @@ fn write_meta(out: &mut Vec<u8>, meta: &ObjectMeta) {
     out.extend_from_slice(&t.stale_while_revalidate_sec.to_le_bytes());
     out.extend_from_slice(&t.stale_if_error_sec.to_le_bytes());
     out.extend_from_slice(&t.field_names.bits().to_le_bytes());
-    out.push(u8::from(t.content_coded) | (u8::from(t.variance.is_some()) << 1));
+    out.push(
+        u8::from(t.content_coded)
+            | (u8::from(t.variance.is_some()) << 1)
+            | (u8::from(t.brotli_declined) << 2),
+    );
     out.extend_from_slice(&t.variance.unwrap_or([0; 16]));
     let upstream = meta
         .upstream_cache_status()
@@ -294,6 +299,7 @@ fn read_meta(r: &mut Reader<'_>) -> Option<ObjectMeta> {
         variance: (flags & 2 != 0).then_some(variance),
         content_coded: flags & 1 != 0,
         field_names,
+        brotli_declined: flags & 4 != 0,
     };
     Some(ObjectMeta::from_parts(times, head, vary, upstream))
 }
