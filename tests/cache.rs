@@ -1103,11 +1103,8 @@ async fn a_page_an_origin_compresses_only_to_gzip_is_fetched_and_stored_once_for
         if seen.path == "/wiki/Revalidated" && seen.header("if-none-match") == Some("\"r1\"") {
             return Reply::ok("").status(304).header("etag", "\"r1\"");
         }
-        let lifetime = if seen.path == "/wiki/Revalidated" {
-            "max-age=1"
-        } else {
-            "max-age=600"
-        };
+        let short = ["/wiki/Revalidated", "/wiki/Fetched_again"].contains(&seen.path.as_str());
+        let lifetime = if short { "max-age=1" } else { "max-age=600" };
         reply
             .header("content-type", "text/html; charset=UTF-8")
             .header("cache-control", lifetime)
@@ -1168,6 +1165,15 @@ async fn a_page_an_origin_compresses_only_to_gzip_is_fetched_and_stored_once_for
     assert_eq!(served(&get(&url, &gzip_only).await).0, "revalidated");
     assert_eq!(served(&get(&url, &browser).await), hit_in("gzip"));
     assert_eq!(origin.count("/wiki/Revalidated"), 2);
+
+    // Fetched again by another client once stale: the origin was not offered brotli, so the
+    // copy keeps serving both kinds of client.
+    let url = skua.url("/wiki/Fetched_again");
+    assert_eq!(served(&get(&url, &browser).await).0, "miss");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(served(&get(&url, &gzip_only).await).0, "miss");
+    assert_eq!(served(&get(&url, &browser).await), hit_in("gzip"));
+    assert_eq!(origin.count("/wiki/Fetched_again"), 2);
 
     // An origin that sends brotli keeps a brotli copy and a gzip one.
     let url = skua.url("/brotli/Page");

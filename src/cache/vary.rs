@@ -94,11 +94,13 @@ pub fn brotli_declined(meta: &pingora::cache::CacheMeta) -> bool {
 pub fn declines_brotli<F: RequestFields + ?Sized>(stored: &ResponseHeader, req: &F) -> bool {
     normalize_accept_encoding(req) == Encoding::Brotli
         && vary_names(stored).any(|n| n == "accept-encoding")
-        && !stored
-            .headers
-            .get_all(http::header::CONTENT_ENCODING)
-            .iter()
-            .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"br"))
+        && !is_brotli(stored)
+}
+
+/// Whether a response's content is coded in brotli.
+pub fn is_brotli(resp: &ResponseHeader) -> bool {
+    (resp.headers.get_all(http::header::CONTENT_ENCODING).iter())
+        .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"br"))
 }
 
 /// The copy a request is served from, given what the URL's stored copy says of its origin:
