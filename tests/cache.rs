@@ -1093,7 +1093,7 @@ async fn a_page_an_origin_compresses_only_to_gzip_is_fetched_and_stored_once_for
             std::io::Write::write_all(&mut writer, body.as_bytes()).unwrap();
             drop(writer);
             Reply::ok(br).header("content-encoding", "br")
-        } else if takes("gzip") {
+        } else if takes("gzip") && !seen.path.starts_with("/uncompressed/") {
             let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
             std::io::Write::write_all(&mut gz, body.as_bytes()).unwrap();
             Reply::ok(gz.finish().unwrap()).header("content-encoding", "gzip")
@@ -1187,6 +1187,17 @@ async fn a_page_an_origin_compresses_only_to_gzip_is_fetched_and_stored_once_for
     assert_eq!(served(&get(&url, &browser).await), hit_in("br"));
     assert_eq!(served(&get(&url, &gzip_only).await), hit_in("gzip"));
     assert_eq!(origin.count("/brotli/Page"), 2);
+
+    // An origin that sends pages uncompressed, with Skua told to compress to gzip only: as
+    // with an origin that compresses to gzip, one fetch and one copy.
+    let gzip_skua = Skua::start_with(&[origin.addr], "compress = [\"gzip\"]", "").await;
+    let url = gzip_skua.url("/uncompressed/Page");
+    let first = get(&url, &browser).await;
+    assert_eq!(served(&first), ("miss".to_string(), "gzip".to_string()));
+    assert_eq!(gunzip(&first.body), page);
+    assert_eq!(served(&get(&url, &gzip_only).await), hit_in("gzip"));
+    assert_eq!(served(&get(&url, &browser).await), hit_in("gzip"));
+    assert_eq!(origin.count("/uncompressed/Page"), 1);
 }
 
 /// A copy stored compressed and decoded for a client that takes no encoding is answered as
