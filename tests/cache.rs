@@ -1287,6 +1287,70 @@ async fn a_decoded_copy_is_whole_and_unchunked_for_head_range_http10_and_refused
     assert_eq!(http10.split("\r\n\r\n").nth(1), Some("page"));
 }
 
+/// Regression: an origin's gzip sent without `Vary: Accept-Encoding` (nginx's `gzip_static`
+/// without `gzip_vary`) gains that field in a GET's answer, since a client that takes no
+/// encoding gets it decoded; a HEAD's answer lacked it, on a miss and on a hit. RFC 9110
+/// §9.3.2: a HEAD gets the header fields a GET would.
+#[tokio::test]
+async fn a_head_for_a_gzip_page_gets_the_vary_a_get_gets() {
+    let page = "<p>The wiki page text, much like the next paragraph.</p>\n".repeat(150);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, page.as_bytes()).unwrap();
+    let gzipped = bytes::Bytes::from(gz.finish().unwrap());
+    let origin = Origin::start(move |_| {
+        Reply::ok(gzipped.clone())
+            .header("content-type", "text/html")
+            .header("content-encoding", "gzip")
+            .header("cache-control", "max-age=600")
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let fields = |method: &str, path: &str, accept: &str| {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: wiki.test\r\n{accept}Connection: close\r\n\r\n"
+        );
+        let addr = skua.addr;
+        async move {
+            let answer = raw(addr, &request).await;
+            let mut lines: Vec<String> = (answer.split("\r\n\r\n").next().unwrap_or(""))
+                .lines()
+                .map(str::to_ascii_lowercase)
+                .filter(|l| {
+                    !["date:", "age:", "cache-status:", "x-cache-status:"]
+                        .iter()
+                        .any(|skip| l.starts_with(skip))
+                })
+                .collect();
+            lines.sort();
+            lines
+        }
+    };
+    for accept in ["Accept-Encoding: gzip\r\n", ""] {
+        // The HEAD first (a miss, filled with a GET), then the GET (a hit); then the other
+        // way round on another URL.
+        let head_miss = fields("HEAD", &format!("/a{}", accept.len()), accept).await;
+        let get_hit = fields("GET", &format!("/a{}", accept.len()), accept).await;
+        let get_miss = fields("GET", &format!("/b{}", accept.len()), accept).await;
+        let head_hit = fields("HEAD", &format!("/b{}", accept.len()), accept).await;
+        assert!(
+            get_hit.iter().any(|l| l == "vary: accept-encoding"),
+            "{get_hit:?}"
+        );
+        // A conditional request that does not match is answered by pingora's path.
+        let other = format!("{accept}If-None-Match: \"other\"\r\n");
+        let head_conditional = fields("HEAD", &format!("/b{}", accept.len()), &other).await;
+        let get_conditional = fields("GET", &format!("/b{}", accept.len()), &other).await;
+        for (head, get) in [
+            (&head_miss, &get_hit),
+            (&head_hit, &get_miss),
+            (&head_hit, &get_hit),
+            (&head_conditional, &get_conditional),
+        ] {
+            assert_eq!(head, get, "{accept:?}");
+        }
+    }
+}
+
 /// Regression: an origin's gzip that does not decode (not gzip at all, or cut short) reached
 /// a client that takes no encoding as a complete `200`: on a miss with an empty body, on a
 /// hit as the gzip bytes themselves without their `Content-Encoding`. pingora's decoding

@@ -352,13 +352,15 @@ impl HttpModule for Decompress {
         if self.as_sent {
             return Ok(());
         }
-        if self.head && self.ctx.will_decompress(resp) {
+        if self.head {
             // RFC 9110 §9.3.2: a HEAD is answered with the header a GET would get. pingora's
             // context leaves a response without a body alone, so a HEAD said `Content-Encoding:
-            // gzip` and the compressed length to a client whose GET is decoded. The header is
-            // filtered as a GET's; no body reaches the client to decode (on a miss, the GET's
-            // that filled the cache is dropped before this module: `response_body_filter`).
-            self.ctx.response_header_filter(resp, false);
+            // gzip` and the compressed length to a client whose GET is decoded, and lacked
+            // the `Vary: Accept-Encoding` a GET's coded answer gains. The header is filtered
+            // as a GET's; no body reaches the client to decode (on a miss, the GET's that
+            // filled the cache is dropped before this module: `response_body_filter`).
+            let bodyless_for_a_get = matches!(resp.status.as_u16(), 204 | 304);
+            self.ctx.response_header_filter(resp, bodyless_for_a_get);
             self.as_sent = true;
             return Ok(());
         }

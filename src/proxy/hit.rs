@@ -273,10 +273,31 @@ pub fn write_head(
     push_upstream_members(out, upstream);
     outcome.write_cache_status(cache_name, now, out);
     out.extend_from_slice(b"\r\n");
+    if gains_vary_accept_encoding(obj) {
+        // Where pingora's path writes it: its decoding module appends it last.
+        field(out, b"vary", b"accept-encoding");
+    }
     if close {
         field(out, b"Connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// A coded copy the origin sent without `Vary: Accept-Encoding` is decoded for a client that
+/// does not take its coding, so every answer of it depends on `Accept-Encoding` and says so
+/// (RFC 9110 §12.5.5), as pingora's path has its decoding context say it: a cache beyond Skua
+/// must not give the coded bytes to such a client. Not for a copy that forbids transformation
+/// (never decoded) or has no content.
+fn gains_vary_accept_encoding(obj: &StoredObject) -> bool {
+    let meta = &obj.meta;
+    if !meta.times.content_coded
+        || (meta.vary().iter()).any(|name| name == "accept-encoding" || name == "*")
+        || matches!(meta.status(), 204 | 304)
+    {
+        return false;
+    }
+    // Rare (coded by the origin, which did not say it varies): the header is decoded.
+    !super::compress::forbids_transform(&meta.header(obj.body.len()))
 }
 
 /// `Server-Timing` (W3C Server Timing) as Wikimedia's edge sends it: how the cache answered
