@@ -1290,9 +1290,10 @@ async fn a_decoded_copy_is_whole_and_unchunked_for_head_range_http10_and_refused
 /// Regression: an origin's gzip sent without `Vary: Accept-Encoding` (nginx's `gzip_static`
 /// without `gzip_vary`) gains that field in a GET's answer, since a client that takes no
 /// encoding gets it decoded; a HEAD's answer lacked it, on a miss and on a hit. RFC 9110
-/// §9.3.2: a HEAD gets the header fields a GET would.
+/// §9.3.2: a HEAD gets the header fields a GET would. And a 304 to a client that gets the
+/// copy decoded carried the coded bytes' strong `ETag`, not the weak one of its 200.
 #[tokio::test]
-async fn a_head_for_a_gzip_page_gets_the_vary_a_get_gets() {
+async fn a_head_or_a_304_for_a_gzip_page_gets_the_fields_a_get_gets() {
     let page = "<p>The wiki page text, much like the next paragraph.</p>\n".repeat(150);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     std::io::Write::write_all(&mut gz, page.as_bytes()).unwrap();
@@ -1302,6 +1303,7 @@ async fn a_head_for_a_gzip_page_gets_the_vary_a_get_gets() {
             .header("content-type", "text/html")
             .header("content-encoding", "gzip")
             .header("cache-control", "max-age=600")
+            .header("etag", "\"g1\"")
     })
     .await;
     let skua = Skua::start(&[origin.addr], "").await;
@@ -1325,6 +1327,31 @@ async fn a_head_for_a_gzip_page_gets_the_vary_a_get_gets() {
             lines
         }
     };
+    // RFC 9110 §15.4.5: a 304 has the `ETag` and `Vary` the 200 would have: the decoded
+    // copy's `ETag` is weak.
+    for (accept, etag) in [
+        ("Accept-Encoding: gzip\r\n", "etag: \"g1\""),
+        ("", "etag: w/\"g1\""),
+    ] {
+        let full = fields("GET", "/conditional", accept).await;
+        assert!(full.iter().any(|l| l == etag), "{accept:?}: {full:?}");
+        let matched = format!("{accept}If-None-Match: W/\"g1\"\r\n");
+        let not_modified = fields("GET", "/conditional", &matched).await;
+        assert!(
+            not_modified.iter().any(|l| l == "vary: accept-encoding"),
+            "{accept:?}: {not_modified:?}"
+        );
+        assert!(
+            not_modified
+                .iter()
+                .any(|l| l == "http/1.1 304 not modified"),
+            "{not_modified:?}"
+        );
+        assert!(
+            not_modified.iter().any(|l| l == etag),
+            "{accept:?}: {not_modified:?}"
+        );
+    }
     for accept in ["Accept-Encoding: gzip\r\n", ""] {
         // The HEAD first (a miss, filled with a GET), then the GET (a hit); then the other
         // way round on another URL.

@@ -325,6 +325,25 @@ pub fn decoded_for_client(session: &Session, resp: &ResponseHeader) -> bool {
         .is_some_and(|d| d.ctx.will_decompress(resp) && !forbids_transform(resp))
 }
 
+/// RFC 9110 §15.4.5: a 304 carries the `ETag` and `Vary` the 200 to the same request would.
+/// For a coded copy that 200 says it varies on `Accept-Encoding` (the copy is decoded for a
+/// client that does not take its coding; the decoding context adds the field), and to such a
+/// client it is the decoded copy, whose `ETag` is weakened. Regression: a 304 had the strong
+/// `ETag` of coded bytes the client never gets, and no `Vary`.
+pub fn not_modified_as_the_ok_would_be(
+    session: &Session,
+    stored: &ResponseHeader,
+    resp: &mut ResponseHeader,
+) {
+    if !stored.headers.contains_key(http::header::CONTENT_ENCODING) || forbids_transform(stored) {
+        return;
+    }
+    add_vary_accept_encoding(resp);
+    if decoded_for_client(session, stored) {
+        weaken_etag(resp);
+    }
+}
+
 #[async_trait]
 impl HttpModule for Decompress {
     fn as_any(&self) -> &dyn Any {

@@ -2324,6 +2324,11 @@ impl ProxyHttp for CachingProxy {
     ) -> Result<()> {
         http10::close_after_unframed_body(session, resp);
         ctx.answer_without_content = matches!(resp.status.as_u16(), 204 | 304);
+        if resp.status == http::StatusCode::NOT_MODIFIED {
+            if let Some(meta) = session.cache.maybe_cache_meta() {
+                compress::not_modified_as_the_ok_would_be(session, meta.response_header(), resp);
+            }
+        }
         let outcome = self.outcome(session, ctx);
         let disposition = outcome.disposition();
         let now = SystemTime::now();
