@@ -330,7 +330,7 @@ pub fn decoded_for_client(session: &Session, resp: &ResponseHeader) -> bool {
 /// client that does not take its coding; the decoding context adds the field), and to such a
 /// client it is the decoded copy, whose `ETag` is weakened. Regression: a 304 had the strong
 /// `ETag` of coded bytes the client never gets, and no `Vary`.
-pub fn not_modified_as_the_ok_would_be(
+pub fn not_modified_with_the_fields_of_its_200(
     session: &Session,
     stored: &ResponseHeader,
     resp: &mut ResponseHeader,

@@ -2326,7 +2326,11 @@ impl ProxyHttp for CachingProxy {
         ctx.answer_without_content = matches!(resp.status.as_u16(), 204 | 304);
         if resp.status == http::StatusCode::NOT_MODIFIED {
             if let Some(meta) = session.cache.maybe_cache_meta() {
-                compress::not_modified_as_the_ok_would_be(session, meta.response_header(), resp);
+                compress::not_modified_with_the_fields_of_its_200(
+                    session,
+                    meta.response_header(),
+                    resp,
+                );
             }
         }
         let outcome = self.outcome(session, ctx);
