@@ -1011,14 +1011,9 @@ async fn pages_are_stored_compressed_once_and_served_in_what_each_client_takes()
     let origin = Origin::start(move |seen| {
         let reply = match seen.path.as_str() {
             "/image.png" => Reply::ok(vec![7u8; 4000]).header("content-type", "image/png"),
-            "/pre-gzipped" => {
-                let mut gz =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-                std::io::Write::write_all(&mut gz, body.as_bytes()).unwrap();
-                Reply::ok(gz.finish().unwrap())
-                    .header("content-type", "text/html")
-                    .header("content-encoding", "gzip")
-            }
+            "/pre-gzipped" => Reply::ok(gzip(&body))
+                .header("content-type", "text/html")
+                .header("content-encoding", "gzip"),
             _ => Reply::ok(body.clone()).header("content-type", "text/html; charset=UTF-8"),
         };
         reply
@@ -1094,9 +1089,7 @@ async fn a_page_an_origin_compresses_only_to_gzip_is_fetched_and_stored_once_for
             drop(writer);
             Reply::ok(br).header("content-encoding", "br")
         } else if takes("gzip") && !seen.path.starts_with("/uncompressed/") {
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-            std::io::Write::write_all(&mut gz, body.as_bytes()).unwrap();
-            Reply::ok(gz.finish().unwrap()).header("content-encoding", "gzip")
+            Reply::ok(gzip(&body)).header("content-encoding", "gzip")
         } else {
             Reply::ok(body.clone())
         };
@@ -1295,9 +1288,7 @@ async fn a_decoded_copy_is_whole_and_unchunked_for_head_range_http10_and_refused
 #[tokio::test]
 async fn a_head_or_a_304_for_a_gzip_page_gets_the_fields_a_get_gets() {
     let page = "<p>The wiki page text, much like the next paragraph.</p>\n".repeat(150);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    std::io::Write::write_all(&mut gz, page.as_bytes()).unwrap();
-    let gzipped = bytes::Bytes::from(gz.finish().unwrap());
+    let gzipped = gzip(&page);
     let origin = Origin::start(move |_| {
         Reply::ok(gzipped.clone())
             .header("content-type", "text/html")
@@ -1389,9 +1380,7 @@ async fn a_head_or_a_304_for_a_gzip_page_gets_the_fields_a_get_gets() {
 async fn a_gzip_body_that_does_not_decode_is_a_502_or_cut_off_for_a_client_that_takes_no_encoding()
 {
     let page = "<p>The wiki page text, much like the next paragraph.</p>\n".repeat(150);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    std::io::Write::write_all(&mut gz, page.as_bytes()).unwrap();
-    let whole = gz.finish().unwrap();
+    let whole = gzip(&page);
     let cut_short = whole[..whole.len() / 2].to_vec();
     let padding: String = (0..49).map(|i| format!("X-Pad-{i}: 1\r\n")).collect();
     for (case, body) in [
@@ -1487,9 +1476,7 @@ async fn a_no_transform_response_is_neither_compressed_nor_decoded() {
     let body = page.clone();
     let origin = Origin::start(move |seen| {
         let reply = if seen.path == "/gzipped" {
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-            std::io::Write::write_all(&mut gz, body.as_bytes()).unwrap();
-            Reply::ok(gz.finish().unwrap()).header("content-encoding", "gzip")
+            Reply::ok(gzip(&body)).header("content-encoding", "gzip")
         } else {
             Reply::ok(body.clone())
         };

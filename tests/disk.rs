@@ -683,9 +683,7 @@ async fn a_compressed_copy_survives_a_restart() {
 #[tokio::test]
 async fn a_copy_shared_by_brotli_and_gzip_clients_stays_shared_after_a_restart() {
     let page = "<p>wiki text</p>".repeat(200);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    std::io::Write::write_all(&mut gz, page.as_bytes()).unwrap();
-    let gzipped = bytes::Bytes::from(gz.finish().unwrap());
+    let gzipped = gzip(&page);
     let origin = Origin::start(move |_| {
         Reply::ok(gzipped.clone())
             .header("content-type", "text/html; charset=UTF-8")

@@ -866,9 +866,7 @@ async fn head_over_http2_is_answered_without_content_and_fills_the_cache() {
 /// short and answered 502.
 #[tokio::test]
 async fn head_for_a_gzip_page_not_yet_cached_is_answered_decoded_without_content() {
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    std::io::Write::write_all(&mut gz, "<p>A wiki page.</p>\n".repeat(100).as_bytes()).unwrap();
-    let page = bytes::Bytes::from(gz.finish().unwrap());
+    let page = gzip(&"<p>A wiki page.</p>\n".repeat(100));
     let origin = Origin::start(move |_| {
         Reply::ok(page.clone())
             .header("cache-control", "max-age=600")

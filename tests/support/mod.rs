@@ -796,6 +796,13 @@ pub async fn wait_listening(addr: SocketAddr) {
     panic!("nothing listening on {addr}");
 }
 
+/// `text` gzip-compressed (flate2's default level), as an origin that compresses sends it.
+pub fn gzip(text: &str) -> Bytes {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, text.as_bytes()).unwrap();
+    Bytes::from(gz.finish().unwrap())
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .pool_max_idle_per_host(64)
