@@ -97,8 +97,28 @@ pub fn declines_brotli<F: RequestFields + ?Sized>(stored: &ResponseHeader, req: 
         && !is_brotli(stored)
 }
 
+/// Marks `meta`, the metadata of an answer about to be stored for `req`, as
+/// [`BrotliDeclined`] when it is: the origin, offered brotli, answered in another coding
+/// ([`declines_brotli`]); or the stale copy it replaces (`stale`) was so marked and the origin,
+/// not offered brotli this time (a client that does not take it revalidated or fetched it
+/// again), still did not send brotli. Only brotli clients' fetches decide it anew. Returns the
+/// mark.
+pub fn mark_brotli_declined<F: RequestFields + ?Sized>(
+    meta: &mut pingora::cache::CacheMeta,
+    req: &F,
+    stale: Option<&pingora::cache::CacheMeta>,
+) -> bool {
+    let answer = meta.response_header();
+    let declined = declines_brotli(answer, req)
+        || stale.is_some_and(|stale| brotli_declined(stale) && !is_brotli(answer));
+    if declined {
+        meta.extensions_mut().insert(BrotliDeclined);
+    }
+    declined
+}
+
 /// Whether a response's content is coded in brotli.
-pub fn is_brotli(resp: &ResponseHeader) -> bool {
+fn is_brotli(resp: &ResponseHeader) -> bool {
     (resp.headers.get_all(http::header::CONTENT_ENCODING).iter())
         .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"br"))
 }

@@ -335,13 +335,24 @@ pub fn not_modified_with_the_fields_of_its_200(
     stored: &ResponseHeader,
     resp: &mut ResponseHeader,
 ) {
-    if !stored.headers.contains_key(http::header::CONTENT_ENCODING) || forbids_transform(stored) {
-        return;
+    if decoding_makes_it_vary(stored) {
+        add_vary_accept_encoding(resp);
     }
-    add_vary_accept_encoding(resp);
     if decoded_for_client(session, stored) {
         weaken_etag(resp);
     }
+}
+
+/// Whether every answer of the stored copy `stored` says `Vary: Accept-Encoding` though the
+/// origin did not: a coded copy is decoded for a client that does not take its coding
+/// (RFC 9110 §12.5.5), unless it forbids transformation (never decoded) or has no content. The
+/// decoding context adds the field to a GET's answer on pingora's path; a front-door hit
+/// (`hit::write_head`) and a 304 add it by this.
+pub fn decoding_makes_it_vary(stored: &ResponseHeader) -> bool {
+    stored.headers.contains_key(http::header::CONTENT_ENCODING)
+        && !matches!(stored.status.as_u16(), 204 | 304)
+        && !crate::cache::policy::vary_names(stored).any(|n| n == "accept-encoding" || n == "*")
+        && !forbids_transform(stored)
 }
 
 #[async_trait]

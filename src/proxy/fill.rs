@@ -775,10 +775,8 @@ impl super::fast::FrontDoor {
                 settings,
                 from_proxy,
             };
-            let brotli_declined = vary::declines_brotli(meta.response_header(), &as_forwarded);
-            if brotli_declined {
-                meta.extensions_mut().insert(vary::BrotliDeclined);
-            }
+            // Nothing is stored for the URL (else pingora's path fills it): no stale copy.
+            let brotli_declined = vary::mark_brotli_declined(&mut meta, &as_forwarded, None);
             let stored = meta.response_header();
             if let Some(variance) = vary::variance(stored, brotli_declined, &as_forwarded) {
                 meta.set_variance_key(variance);

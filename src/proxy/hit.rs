@@ -283,21 +283,15 @@ pub fn write_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// A coded copy the origin sent without `Vary: Accept-Encoding` is decoded for a client that
-/// does not take its coding, so every answer of it depends on `Accept-Encoding` and says so
-/// (RFC 9110 §12.5.5), as pingora's path has its decoding context say it: a cache beyond Skua
-/// must not give the coded bytes to such a client. Not for a copy that forbids transformation
-/// (never decoded) or has no content.
+/// [`super::compress::decoding_makes_it_vary`] for a stored object: a cache beyond Skua must
+/// not give a coded copy's bytes to a client that does not take them. Most copies are uncoded
+/// (one flag) or vary on `Accept-Encoding` already (their names); the header is decoded only
+/// for the rare rest, an origin's coded answer that did not say it varies.
 fn gains_vary_accept_encoding(obj: &StoredObject) -> bool {
     let meta = &obj.meta;
-    if !meta.times.content_coded
-        || (meta.vary().iter()).any(|name| name == "accept-encoding" || name == "*")
-        || matches!(meta.status(), 204 | 304)
-    {
-        return false;
-    }
-    // Rare (coded by the origin, which did not say it varies): the header is decoded.
-    !super::compress::forbids_transform(&meta.header(obj.body.len()))
+    meta.times.content_coded
+        && !(meta.vary().iter()).any(|name| name == "accept-encoding" || name == "*")
+        && super::compress::decoding_makes_it_vary(&meta.header(obj.body.len()))
 }
 
 /// `Server-Timing` (W3C Server Timing) as Wikimedia's edge sends it: how the cache answered

@@ -2199,14 +2199,6 @@ impl ProxyHttp for CachingProxy {
     ) -> Result<RespCacheable> {
         let mut stored = resp.clone();
         let sent = ctx.upstream_sent.unwrap_or_else(SystemTime::now);
-        // Which clients the copy serves (`vary::copy_for`). A stale copy the origin made in
-        // another coding when offered brotli keeps that mark when a client not offered
-        // brotli (the mark sends brotli clients to its copy) revalidates or fetches it again
-        // and it still is not brotli: the origin was not asked. Only brotli clients' fetches
-        // decide it anew.
-        let brotli_declined = vary::declines_brotli(resp, &session.req_header().headers)
-            || (session.cache.maybe_cache_meta())
-                .is_some_and(|stale| vary::brotli_declined(stale) && !vary::is_brotli(resp));
         if let Some(fields) = ctx.not_modified.take() {
             // A 304 speaks for the page as it was when it was decided: a purge since then (a
             // soft one leaves the copy in place, stale) must not be undone by refreshing the
@@ -2276,9 +2268,9 @@ impl ProxyHttp for CachingProxy {
                     f.stale_if_error_sec,
                     stored,
                 );
-                if brotli_declined {
-                    meta.extensions_mut().insert(vary::BrotliDeclined);
-                }
+                // Which clients the copy serves (`vary::copy_for`).
+                let stale = session.cache.maybe_cache_meta();
+                vary::mark_brotli_declined(&mut meta, &session.req_header().headers, stale);
                 Ok(RespCacheable::Cacheable(meta))
             }
             Err(reason) => {
