@@ -307,6 +307,64 @@ async fn a_request_for_a_host_not_served_is_logged_with_its_host_over_http2_too(
     );
 }
 
+/// Regression: a stored copy in a coding the client does not take is decoded on its way out,
+/// and the access log (and `skua_response_body_bytes_total`) counted the stored, compressed
+/// bytes: a 4,400-byte page a client was sent was logged as 475. Bytes are what the client
+/// was sent, as nginx's `$body_bytes_sent`, whichever path answered.
+#[tokio::test]
+async fn the_access_log_counts_a_decoded_answer_as_sent_not_as_stored() {
+    let page = "<p>The wiki page text, much like the next paragraph.</p>\n".repeat(80);
+    let gzipped = gzip(&page);
+    let origin = Origin::start(move |req| {
+        let reply = if req.path.starts_with("/gzip") {
+            Reply::ok(gzipped.clone()).header("content-encoding", "gzip")
+        } else {
+            Reply::ok(page.clone())
+        };
+        (reply.header("content-type", "text/html"))
+            .header("cache-control", "max-age=600")
+            .header("vary", "Accept-Encoding")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let extra = format!("[log]\naccess = \"{}\"\nformat = \"json\"\n", log.display());
+    let skua = Skua::start(&[origin.addr], &extra).await;
+    let identity = [("accept-encoding", "identity")];
+    let mut answers = Vec::new();
+    for (path, headers) in [
+        ("/gzip", &identity[..]), // the origin's gzip, decoded on a miss
+        ("/gzip", &identity[..]), // and on a hit
+        ("/plain", &[("accept-encoding", "gzip")]), // stored as gzip
+        ("/plain", &identity[..]), // decoded on a hit
+        ("/plain", &[("skua-soft-purge", "1")]), // soft purge: the next is revalidated
+        ("/plain", &identity[..]), // decoded after the origin's answer
+    ] {
+        let method = if headers[0].0 == "skua-soft-purge" {
+            "PURGE"
+        } else {
+            "GET"
+        };
+        let got = send(&client(), method, &skua.url(path), headers).await;
+        assert!(got.status < 300, "{path}: {}", got.status);
+        answers.push((
+            got.header("x-cache-status").to_string(),
+            got.body.len() as u64,
+        ));
+    }
+    let (text, lines) = logged_json(&log, answers.len()).await;
+    let logged: Vec<_> = (lines.iter())
+        .map(|l| {
+            (
+                l["cache_status"].as_str().unwrap_or("").to_string(),
+                l["bytes"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(logged, answers, "{text}");
+    assert!(answers.iter().any(|(_, sent)| *sent > 4000), "{answers:?}");
+}
+
 /// A JSON access line names the origin that answered and how long its answer's head took
 /// (nginx's `$upstream_addr`, `$upstream_header_time`), on both paths a miss takes (the front
 /// door's fill for a GET, pingora's for a POST), and nothing for a hit.

@@ -555,7 +555,6 @@ pub struct RequestCtx {
     /// This request's place among those in flight to its origin (`[[origin]]
     /// max_connections`), held until the origin's response has been read.
     origin_permit: Option<crate::upstream::OriginPermit>,
-    body_bytes: u64,
     /// The request body's limit (`[server] max_body_bytes`, or a rule's) and the bytes of it read
     /// so far.
     request_body: (Option<u64>, u64),
@@ -1027,7 +1026,6 @@ impl CachingProxy {
         resp.insert_header(header::AGE, age)?;
         resp.insert_header(X_CACHE_STATUS, Disposition::HitFront.as_str())?;
         resp.insert_header(CACHE_STATUS, ours)?;
-        ctx.body_bytes = bytes.len() as u64;
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(bytes), true).await?;
         Ok(true)
@@ -1169,7 +1167,6 @@ impl CachingProxy {
         http10::close_after_unframed_body(session, &resp);
         session.write_response_header(Box::new(resp), head).await?;
         if !head {
-            ctx.body_bytes = obj.body.len() as u64;
             session
                 .write_response_body(Some(obj.body.clone()), true)
                 .await?;
@@ -1488,7 +1485,6 @@ impl ProxyHttp for CachingProxy {
             origin_addr: None,
             retried_on_status: false,
             origin_permit: None,
-            body_bytes: 0,
             request_body: (None, 0),
             request_body_withheld: false,
             body_pre_read: false,
@@ -2376,9 +2372,6 @@ impl ProxyHttp for CachingProxy {
             *body = None;
             return Ok(None);
         }
-        if let Some(b) = body {
-            ctx.body_bytes += b.len() as u64;
-        }
         Ok(None)
     }
 
@@ -2539,15 +2532,14 @@ impl ProxyHttp for CachingProxy {
             headers: &req.headers,
             authority: req.uri.authority().map(|a| a.as_str()),
             status,
-            // Skua's own answers are written whole, past the body filter that counts the rest;
-            // a HEAD's answer has none, though the filter saw the body of the GET it was sent
-            // to the origin as.
+            // What the client was sent (nginx's `$body_bytes_sent`), counted by the session as
+            // it wrote: past pingora's decoding of a stored coded copy for a client that takes
+            // none, which the body filter runs before, and past Skua's own answers, written
+            // whole. A HEAD's answer has none.
             body_bytes: if req.method == Method::HEAD {
                 0
-            } else if ctx.internal {
-                ctx.body_bytes.max(session.body_bytes_sent() as u64)
             } else {
-                ctx.body_bytes
+                session.body_bytes_sent() as u64
             },
             disposition,
             hit_path,
