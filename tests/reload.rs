@@ -419,3 +419,37 @@ async fn a_purge_taken_by_the_new_process_during_an_upgrade_reaches_the_old_one(
     let _ = new.kill();
     let _ = new.wait();
 }
+
+/// Regression: Skua remembers each purge for as long as anything it stores may stay fresh, the
+/// TTL cap, to refuse a fill the purge overtook (the old page, fetched before the edit, arriving
+/// after its purge). The cap a reload raised applied to what was stored, but purges were still
+/// forgotten after the cap Skua started with: a fill arriving later than that after its purge
+/// stored the old page, fresh for the new cap.
+#[tokio::test]
+async fn a_fill_a_purge_overtook_is_not_stored_after_a_reload_raised_the_ttl_cap() {
+    let revision = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let current = revision.clone();
+    let origin = Origin::start(move |_| {
+        let v = current.load(Ordering::SeqCst);
+        Reply::ok(format!("revision {v}"))
+            .header("cache-control", "max-age=3600")
+            .delay(Duration::from_millis(2500))
+    })
+    .await;
+    let skua = Skua::start_with(&[origin.addr], "ttl_cap = \"1s\"", "").await;
+    assert!(
+        skua.reload_and_wait(|text| text.replace("ttl_cap = \"1s\"", "ttl_cap = \"1h\""))
+            .await
+    );
+    let url = skua.url("/wiki/Page");
+    let old = get_in_flight(&url, &[]);
+    wait_until("the fill reached the origin", || {
+        origin.count("/wiki/Page") == 1
+    })
+    .await;
+    revision.store(2, Ordering::SeqCst);
+    assert_eq!(send(&client(), "PURGE", &url, &[]).await.status, 404);
+    assert_eq!(old.await.unwrap().text(), "revision 1");
+    let next = get(&url, &[]).await;
+    assert_eq!(next.text(), "revision 2", "{}", next.cache());
+}

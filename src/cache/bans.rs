@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use pingora::cache::key::HashBinary;
 
 use super::key::CacheUrl;
-use super::purge_times::PurgeTimes;
+use super::purge_times::{Lifetime, PurgeTimes};
 use crate::config::CatchUpPolicy;
 
 #[derive(Debug, Clone)]
@@ -139,7 +139,8 @@ pub struct Invalidations {
     bans: RwLock<BanIndex>,
     /// Live bans, readable without the lock: the hit path checks it first.
     ban_count: AtomicUsize,
-    lifetime: Duration,
+    /// How long bans last: the longest any object stored meanwhile stays fresh.
+    lifetime: Lifetime,
     /// Unix nanoseconds; objects created before it are revalidated before use (0: none).
     stale_before: AtomicU64,
     /// When this process started: objects created before it may have missed purges.
@@ -182,7 +183,7 @@ impl Invalidations {
             purged: PurgeTimes::new(records, lifetime),
             deleted: PurgeTimes::new(records, lifetime),
             tags_purged: PurgeTimes::new(records, lifetime),
-            lifetime,
+            lifetime: Lifetime::new(lifetime),
             stale_before: AtomicU64::new(0),
             started: SystemTime::now(),
             caught_up: AtomicBool::new(true),
@@ -293,6 +294,16 @@ impl Invalidations {
             .any(|t| self.tags_purged.get(t).is_some_and(|at| at >= fetched))
     }
 
+    /// Keeps bans and purge records for at least `ttl_cap` (a reload raised the TTL cap: what
+    /// is stored from now on may stay fresh that long, and so must what invalidates it).
+    pub fn keep_for_at_least(&self, ttl_cap: Duration) {
+        self.lifetime.at_least(ttl_cap);
+        for times in [&self.purged, &self.deleted] {
+            times.keep_for_at_least(ttl_cap);
+        }
+        self.tags_purged.keep_for_at_least(ttl_cap);
+    }
+
     /// Bans everything under `host` + `path_prefix` fetched before now. False if the bans
     /// file lacks it (or an earlier ban): a restart would not know it.
     pub fn ban(&self, host: &str, path_prefix: &str) -> bool {
@@ -304,7 +315,7 @@ impl Invalidations {
         let Ok(mut bans) = self.bans.write() else {
             return false;
         };
-        bans.sweep(ban.at, self.lifetime);
+        bans.sweep(ban.at, self.lifetime.get());
         let saved = match &self.file {
             Some(_) if self.handed_over.load(Ordering::Acquire) => true,
             Some(file) => self.save(file, &mut bans, &ban),

@@ -13,13 +13,37 @@
 use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 pub struct PurgeTimes<K> {
     records: Mutex<Records<K>>,
     capacity: usize,
-    lifetime: Duration,
+    lifetime: Lifetime,
+}
+
+/// How long records are kept: the TTL cap, which a reload may raise and which never falls
+/// while the process runs (objects stored under a higher cap stay fresh that long).
+pub struct Lifetime(AtomicU64);
+
+impl Lifetime {
+    pub fn new(lifetime: Duration) -> Lifetime {
+        Lifetime(AtomicU64::new(millis(lifetime)))
+    }
+
+    pub fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Raises the lifetime to `lifetime` if that is longer; a shorter one changes nothing.
+    pub fn at_least(&self, lifetime: Duration) {
+        self.0.fetch_max(millis(lifetime), Ordering::Relaxed);
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 struct Records<K> {
@@ -39,7 +63,7 @@ impl<K: Hash + Eq + Clone> PurgeTimes<K> {
                 order: VecDeque::new(),
             }),
             capacity: capacity.max(1),
-            lifetime,
+            lifetime: Lifetime::new(lifetime),
         }
     }
 
@@ -50,7 +74,7 @@ impl<K: Hash + Eq + Clone> PurgeTimes<K> {
         let kept = latest.entry(key.clone()).or_insert(at);
         *kept = (*kept).max(at);
         order.push_back((key, at));
-        let horizon = at.checked_sub(self.lifetime);
+        let horizon = at.checked_sub(self.lifetime.get());
         while let Some((_, oldest)) = order.front() {
             let expired = horizon.is_some_and(|h| *oldest < h);
             if !expired && order.len() <= self.capacity {
@@ -72,7 +96,12 @@ impl<K: Hash + Eq + Clone> PurgeTimes<K> {
     {
         let at = *self.lock().latest.get(key)?;
         let age = SystemTime::now().duration_since(at).unwrap_or_default();
-        (age < self.lifetime).then_some(at)
+        (age < self.lifetime.get()).then_some(at)
+    }
+
+    /// Keeps records for at least `lifetime` from now on (a reload raised the TTL cap).
+    pub fn keep_for_at_least(&self, lifetime: Duration) {
+        self.lifetime.at_least(lifetime);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Records<K>> {
@@ -113,5 +142,18 @@ mod tests {
         times.record("new", now);
         assert_eq!(times.get("new"), Some(now));
         assert_eq!(times.lock().order.len(), 1, "the old record left the queue");
+    }
+
+    #[test]
+    fn a_raised_lifetime_keeps_records_the_first_one_forgot_and_never_falls() {
+        let times = PurgeTimes::new(100, Duration::from_secs(60));
+        let now = SystemTime::now();
+        let two_minutes_ago = now - Duration::from_secs(120);
+        times.record("edited", two_minutes_ago);
+        times.keep_for_at_least(Duration::from_secs(3600));
+        times.keep_for_at_least(Duration::from_secs(1));
+        times.record("new", now);
+        assert_eq!(times.get("edited"), Some(two_minutes_ago));
+        assert_eq!(times.lock().order.len(), 2);
     }
 }

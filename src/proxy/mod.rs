@@ -411,6 +411,7 @@ impl ProxyState {
         self.pools.store(Arc::new(pools));
         self.origins.store(Arc::new(origins));
         self.settings.store(Arc::new(settings));
+        (self.store.invalidations).keep_for_at_least(config.cache.ttl_cap);
         self.canonical.store(Arc::new(canonical(config)));
         self.purge_auth.store(Arc::new(purge_auth(config)));
         Ok(())
