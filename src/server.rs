@@ -538,12 +538,7 @@ fn h2_options(config: &Config) -> pingora::protocols::http::v2::server::H2Option
     let mut options = pingora::protocols::http::v2::server::default_h2_options();
     options
         .max_concurrent_streams(streams)
-        .max_header_list_size(
-            u32::try_from(
-                config.server.limits.max_header_bytes + config.server.limits.max_uri_bytes,
-            )
-            .unwrap_or(u32::MAX),
-        )
+        .max_header_list_size(h2_header_list(config))
         .max_pending_accept_reset_streams(resets)
         // Streams the server itself had to reset (a client that cancels what it asked for
         // leaves pingora an unreadable body, which it resets): past this many the connection
@@ -551,6 +546,13 @@ fn h2_options(config: &Config) -> pingora::protocols::http::v2::server::H2Option
         // silently lift it (tests/tls.rs, rapid reset).
         .max_local_error_reset_streams(Some(H2_MAX_LOCAL_RESETS));
     options
+}
+
+/// The largest header list an HTTP/2 request may send: the head's limits, target and fields.
+/// Set on the connection once, at start.
+fn h2_header_list(config: &Config) -> u32 {
+    let limits = &config.server.limits;
+    u32::try_from(limits.max_header_bytes + limits.max_uri_bytes).unwrap_or(u32::MAX)
 }
 
 /// A client listener on `addr`, plain or (when its service terminates TLS) HTTPS.
@@ -616,6 +618,7 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
     let differs =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     let (r, n) = (running, new);
+    let (rc, nc) = (&r.server.connections, &n.server.connections);
     [
         ("server.listen", differs(&r.server.listen, &n.server.listen)),
         (
@@ -637,9 +640,35 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
         ("server.threads", r.server.threads != n.server.threads),
         ("server.name", r.server.name != n.server.name),
         (
-            "server.max_connections / header_timeout / send_timeout",
-            differs(&r.server.connections, &n.server.connections),
+            "server.shutdown_grace",
+            r.server.shutdown_grace != n.server.shutdown_grace,
         ),
+        (
+            "server.upgrade_sock",
+            r.server.upgrade_sock != n.server.upgrade_sock,
+        ),
+        (
+            // Lowered, they apply: the head's own checks refuse what the connection let in.
+            "server.max_uri_bytes / max_header_bytes raised",
+            nc.max_head_bytes > rc.max_head_bytes || h2_header_list(n) > h2_header_list(r),
+        ),
+        (
+            "server.max_connections",
+            rc.max_connections != nc.max_connections,
+        ),
+        (
+            "server.max_connections_per_client",
+            rc.max_per_client != nc.max_per_client,
+        ),
+        (
+            "server.keepalive_timeout",
+            rc.idle_timeout != nc.idle_timeout,
+        ),
+        (
+            "server.header_timeout",
+            rc.header_timeout != nc.header_timeout,
+        ),
+        ("server.send_timeout", rc.send_timeout != nc.send_timeout),
         (
             "cache.memory_size",
             r.cache.memory_size != n.cache.memory_size,
@@ -647,6 +676,10 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
         (
             "cache.max_object_size",
             r.cache.max_object_size != n.cache.max_object_size,
+        ),
+        (
+            "cache.max_variants",
+            r.cache.max_variants != n.cache.max_variants,
         ),
         ("cache.disk", differs(&r.cache.disk, &n.cache.disk)),
         (
@@ -812,14 +845,27 @@ mod tests {
         )
         .unwrap();
         let new = Config::parse(
-            "[server]\nlisten = [\"127.0.0.1:9090\"]\n[purge.htcp]\nlisten = \"127.0.0.1:4828\"\n[cache]\nttl_cap = \"1h\"\n",
+            "[server]\nlisten = [\"127.0.0.1:9090\"]\nshutdown_grace = \"7s\"\nmax_header_bytes = 100000\n[purge.htcp]\nlisten = \"127.0.0.1:4828\"\n[cache]\nttl_cap = \"1h\"\nmax_variants = 3\n",
             "b.toml",
         )
         .unwrap();
         assert_eq!(
             needs_restart(&running, &new),
-            vec!["server.listen", "purge.htcp"]
+            vec![
+                "server.listen",
+                "server.shutdown_grace",
+                "server.max_uri_bytes / max_header_bytes raised",
+                "cache.max_variants",
+                "purge.htcp"
+            ]
         );
         assert!(needs_restart(&running, &running.clone()).is_empty());
+        // Lowered, the head's limits apply at once.
+        let lower = Config::parse(
+            "[server]\nlisten = [\"127.0.0.1:8080\"]\nmax_header_bytes = 4096\n[purge.htcp]\nlisten = \"127.0.0.1:4827\"\n[cache]\nttl_cap = \"1d\"\n",
+            "c.toml",
+        )
+        .unwrap();
+        assert!(needs_restart(&running, &lower).is_empty());
     }
 }
