@@ -1605,3 +1605,59 @@ async fn a_drained_node_answers_then_ends_an_http2_connection() {
     let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
     assert!(ended.is_ok(), "the connection was ended after its stream");
 }
+
+/// Regression: `body_timeout` held for an HTTP/1.1 request body alone (pingora bounds its reads
+/// by the session's read timeout; its HTTP/2 session has none). An HTTP/2 client that declared
+/// a body and sent none of it held the stream for ever when Skua reads the body before asking
+/// the origin (up to 64 KiB), and the origin's connection and worker, waiting for the body
+/// Skua streams to it, until the origin's `read_timeout`.
+#[tokio::test]
+async fn an_http2_request_body_that_stops_coming_is_cut_after_body_timeout() {
+    let origin = Origin::start(|_| Reply::ok("saved").header("cache-control", "no-store")).await;
+    let skua = Skua::start_tables(&[origin.addr], ["body_timeout = \"1s\"", "", ""], "").await;
+    let tcp = TcpStream::connect(skua.addr).await.unwrap();
+    let (send, plain) = h2::client::handshake(tcp).await.unwrap();
+    let _driver = tokio::spawn(plain);
+    let base = format!("http://wiki.test:{}", skua.addr.port());
+    let declared = |path: &str, length: usize| {
+        http::Request::post(format!("{base}{path}"))
+            .header("content-length", length.to_string())
+            .body(())
+            .unwrap()
+    };
+    let eight_seconds = Duration::from_secs(8);
+
+    // An edit's form, read before the origin is asked: 408.
+    let mut send = send.ready().await.unwrap();
+    let (answer, _body) = send
+        .send_request(declared("/w/index.php", 5000), false)
+        .unwrap();
+    let answer = tokio::time::timeout(eight_seconds, answer).await;
+    let answer = answer.expect("an answer within body_timeout").unwrap();
+    assert_eq!(answer.status(), 408);
+    assert_eq!(origin.count("/w/index.php"), 0, "the origin is never asked");
+
+    // An upload streamed to the origin as it comes: cut, and the origin's connection closed.
+    let mut send = send.ready().await.unwrap();
+    let (answer, mut body) = send
+        .send_request(declared("/upload", 200_000), false)
+        .unwrap();
+    body.send_data(bytes::Bytes::from(vec![b'u'; 1000]), false)
+        .unwrap();
+    let cut = tokio::time::timeout(eight_seconds, answer).await;
+    let cut = cut.expect("the stream cut within body_timeout");
+    assert!(cut.is_err(), "reset, not answered: {cut:?}");
+
+    // The connection goes on.
+    let mut send = send.ready().await.unwrap();
+    let (answer, mut body) = send.send_request(declared("/upload", 10), false).unwrap();
+    body.send_data(bytes::Bytes::from_static(b"0123456789"), true)
+        .unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+    let series = "skua_requests_total{cache_status=\"pass\",status_class=\"4xx\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while skua.metric(series).await < 1.0 {
+        assert!(Instant::now() < deadline, "the cut request was not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -173,7 +173,8 @@ pub async fn serve<A>(
             // The request's later phases read the front door's lookup instead of their own.
             let mut session = ServerSession::new_http2(session);
             session.set_write_timeout(Some(send_timeout));
-            for_one_request(looked, app.process_new_http(session, &shutdown)).await;
+            let request = for_one_request(looked, app.process_new_http(session, &shutdown));
+            super::body_watch::run_watched(request).await;
         });
     }
 }

@@ -19,6 +19,7 @@
 //! It owns the flow; what is cacheable, how objects are stored and which origin is chosen are
 //! decided in `cache` and `upstream`.
 
+mod body_watch;
 pub mod compress;
 pub mod connection;
 mod debug;
@@ -563,6 +564,8 @@ pub struct RequestCtx {
     request_body_withheld: bool,
     /// The body was read whole before the origin was asked ([`pre_reads`]).
     body_pre_read: bool,
+    /// An HTTP/2 stream's body, watched while pingora streams it to the origin.
+    body_watch: Option<Arc<body_watch::BodyWatch>>,
     /// The id the request went to the origin with (`[server] request_id`).
     request_id: Option<String>,
     /// `body_timeout` and `body_min_rate` for this request's body, and when its first bytes
@@ -705,12 +708,18 @@ async fn read_body_before_the_origin(session: &mut Session, ctx: &mut RequestCtx
     }
     session.as_mut().enable_retry_buffering();
     let mut read = 0u64;
+    let silence = ctx.body_pace.0;
     while !session.is_body_done() {
-        let Some(chunk) = session
-            .read_request_body()
+        // pingora bounds each read of an HTTP/1.1 body by the session's read timeout (set to
+        // `body_timeout`), but not an HTTP/2 stream's: a client that declared a body and sent
+        // none of it held the stream open for ever.
+        let chunk = tokio::time::timeout(silence, session.read_request_body())
             .await
-            .map_err(|e| e.into_down())?
-        else {
+            .map_err(|_| {
+                Error::explain(ErrorType::ReadTimedout, "no request body for body_timeout")
+                    .into_down()
+            })?;
+        let Some(chunk) = chunk.map_err(|e| e.into_down())? else {
             break;
         };
         read += chunk.len() as u64;
@@ -718,6 +727,51 @@ async fn read_body_before_the_origin(session: &mut Session, ctx: &mut RequestCtx
     }
     ctx.body_pre_read = true;
     Ok(())
+}
+
+impl CachingProxy {
+    /// What records this request as answered 408 (nothing sent) if its HTTP/2 body stalls
+    /// while pingora streams it to the origin ([`body_watch`]): the line its `logging` phase
+    /// would have written, which never runs for a request dropped mid-way.
+    fn record_cut_for_its_body(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+    ) -> body_watch::RecordCut {
+        let shared = self.shared.clone();
+        let req = session.req_header();
+        let method = req.method.clone();
+        let target = String::from_utf8_lossy(req.raw_path()).into_owned();
+        let protocol = crate::metrics::access_log::protocol(req.version);
+        let headers = req.headers.clone();
+        let authority = req.uri.authority().map(|a| a.as_str().to_owned());
+        let url = ctx.url.clone();
+        let scheme = url
+            .as_ref()
+            .map_or_else(|| listener_scheme(session), |u| u.scheme);
+        let client = client_ip(session);
+        let disposition = self.outcome(session, ctx).disposition();
+        let (started, request_id) = (ctx.started, ctx.request_id.clone());
+        Box::new(move || {
+            shared.record(&record::Served {
+                client: &|| client,
+                method: method.as_str(),
+                target: &|| std::borrow::Cow::Borrowed(target.as_str()),
+                protocol,
+                scheme,
+                url: url.as_ref(),
+                headers: &headers,
+                authority: authority.as_deref(),
+                status: 408,
+                body_bytes: 0,
+                disposition,
+                hit_path: None,
+                started,
+                origin: None,
+                request_id: request_id.as_deref(),
+            });
+        })
+    }
 }
 
 /// Refuses a body slower than `body_min_rate` (with 408): from its first bytes, it must be
@@ -1489,6 +1543,7 @@ impl ProxyHttp for CachingProxy {
             request_body: (None, 0),
             request_body_withheld: false,
             body_pre_read: false,
+            body_watch: None,
             request_id: None,
             body_pace: (std::time::Duration::ZERO, None, None),
             upstream_sent: None,
@@ -1556,6 +1611,9 @@ impl ProxyHttp for CachingProxy {
             session.set_keepalive(Some(settings.keepalive_secs));
         }
         session.set_read_timeout(Some(settings.body_timeout));
+        if !session.is_body_empty() {
+            ctx.body_watch = body_watch::BodyWatch::current();
+        }
         ctx.request_body = (settings.limits.max_body_bytes, 0);
         ctx.body_pace = (settings.body_timeout, settings.body_min_rate, None);
         if let Err(refusal) = verdict {
@@ -2034,6 +2092,11 @@ impl ProxyHttp for CachingProxy {
             upstream.insert_header(header::CONTENT_LENGTH, "0")?;
             ctx.request_body_withheld = true;
         }
+        if let Some(watch) = &ctx.body_watch {
+            if !session.is_body_done() {
+                watch.expect(ctx.body_pace.0, self.record_cut_for_its_body(session, ctx));
+            }
+        }
         Ok(())
     }
 
@@ -2043,6 +2106,13 @@ impl ProxyHttp for CachingProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(watch) = ctx.body_watch.as_ref() {
+            // The origin has answered (an interim answer says it still waits for the body):
+            // what pingora reads of the body from here on is no origin's worker's wait.
+            if !resp.status.is_informational() {
+                watch.done();
+            }
+        }
         if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
             // A 101 turns the connection into a raw tunnel to the origin, past every rule here:
             // only for a protocol this request asked for and its pool allows (RFC 9110 §15.2.2:
@@ -2130,6 +2200,13 @@ impl ProxyHttp for CachingProxy {
         if body.is_some() {
             // Before this chunk is sent on, as for `max_body_bytes`.
             body_on_pace(&mut ctx.body_pace, ctx.request_body.1)?;
+        }
+        if let Some(watch) = &ctx.body_watch {
+            if end_of_stream {
+                watch.done();
+            } else {
+                watch.arrived();
+            }
         }
         if ctx.request_body_withheld && body.is_some() {
             // Nothing is written: an empty chunk is skipped, and the last one is no chunk at
