@@ -648,9 +648,10 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
             r.server.upgrade_sock != n.server.upgrade_sock,
         ),
         (
+            // They size the connection's head buffer and HTTP/2's header list, both set once.
             // Lowered, they apply: the head's own checks refuse what the connection let in.
             "server.max_uri_bytes / max_header_bytes raised",
-            nc.max_head_bytes > rc.max_head_bytes || h2_header_list(n) > h2_header_list(r),
+            h2_header_list(n) > h2_header_list(r),
         ),
         (
             "server.max_connections",

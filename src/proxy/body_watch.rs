@@ -24,7 +24,7 @@ tokio::task_local! {
     static STREAM_BODY: Arc<BodyWatch>;
 }
 
-/// Runs `request` (one HTTP/2 stream's) until it ends, or until its body has stalled: then
+/// Runs `request` (one HTTP/2 stream's, with a body) until it ends, or until its body has stalled: then
 /// `request` is dropped and the request recorded as the phase that awaited the body said.
 pub async fn run_watched<F: std::future::Future>(request: F) {
     let watch = Arc::new(BodyWatch::default());

@@ -171,10 +171,15 @@ pub async fn serve<A>(
                 return;
             }
             // The request's later phases read the front door's lookup instead of their own.
+            let has_body = !session.is_body_empty();
             let mut session = ServerSession::new_http2(session);
             session.set_write_timeout(Some(send_timeout));
             let request = for_one_request(looked, app.process_new_http(session, &shutdown));
-            super::body_watch::run_watched(request).await;
+            if has_body {
+                super::body_watch::run_watched(request).await;
+            } else {
+                request.await;
+            }
         });
     }
 }

@@ -412,7 +412,9 @@ impl ProxyState {
         self.pools.store(Arc::new(pools));
         self.origins.store(Arc::new(origins));
         self.settings.store(Arc::new(settings));
-        (self.store.invalidations).keep_for_at_least(config.cache.ttl_cap);
+        self.store
+            .invalidations
+            .keep_for_at_least(config.cache.ttl_cap);
         self.canonical.store(Arc::new(canonical(config)));
         self.purge_auth.store(Arc::new(purge_auth(config)));
         Ok(())
@@ -1611,9 +1613,8 @@ impl ProxyHttp for CachingProxy {
             session.set_keepalive(Some(settings.keepalive_secs));
         }
         session.set_read_timeout(Some(settings.body_timeout));
-        if !session.is_body_empty() {
-            ctx.body_watch = body_watch::BodyWatch::current();
-        }
+        // Set for an HTTP/2 stream with a body (`h2` watches no other).
+        ctx.body_watch = body_watch::BodyWatch::current();
         ctx.request_body = (settings.limits.max_body_bytes, 0);
         ctx.body_pace = (settings.body_timeout, settings.body_min_rate, None);
         if let Err(refusal) = verdict {
@@ -2106,7 +2107,7 @@ impl ProxyHttp for CachingProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(watch) = ctx.body_watch.as_ref() {
+        if let Some(watch) = &ctx.body_watch {
             // The origin has answered (an interim answer says it still waits for the body):
             // what pingora reads of the body from here on is no origin's worker's wait.
             if !resp.status.is_informational() {
