@@ -337,6 +337,61 @@ async fn node_down_during_purges_serves_none_of_its_old_copies_after_restart() {
     assert_eq!(c.metric(BUS_PURGED).await, 100.0);
 }
 
+/// Regression: a ban lived as long as the TTL cap, though an object it covers may be served
+/// past that, stale, within the origin's `stale-if-error`. A node on a purge bus, restarted
+/// after the cap had passed, dropped the ban from its file and served the banned page again
+/// while the origin was down. Bans now last as long as what they cover may be served.
+#[tokio::test]
+async fn a_ban_outlives_the_ttl_cap_while_a_page_it_covers_may_be_served_stale() {
+    let nats = Nats::start().await;
+    let versions = counter();
+    let origin = Origin::start(move |seen| {
+        let mut v = versions.lock().unwrap();
+        let n = v.entry(seen.path.clone()).or_insert(0);
+        *n += 1;
+        Reply::ok(format!("{} v{}", seen.path, n))
+            .header("cache-control", "max-age=600, stale-if-error=3600")
+    })
+    .await;
+    let disk = tempfile::tempdir().unwrap();
+    let port = Port::reserve();
+    let bus = nats.bus("c", "");
+    let origins = [origin.addr];
+    let start = || {
+        Skua::start_disk_and_memory_on(&port, &origins, disk.path(), "", "ttl_cap = \"1s\"", &bus)
+    };
+    let mut c = start().await;
+    c.wait_ready().await;
+    let page = c.url("/wiki/Banned");
+    assert_eq!(get(&page, &[HOST]).await.text(), "/wiki/Banned v1");
+    c.wait_disk_writes().await;
+    let ban = send(
+        &client(),
+        "PURGE",
+        &c.url("/wiki/"),
+        &[HOST, ("skua-purge-prefix", "1")],
+    )
+    .await;
+    assert_eq!(ban.status, 204);
+    origin.stop();
+    let got = get(&page, &[HOST]).await;
+    assert_eq!(got.status, 502, "the banned page is not served stale");
+
+    // Past the TTL cap, stale but within its stale-if-error window.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.stop();
+    let c = start().await;
+    c.wait_ready().await;
+    let got = get(&page, &[HOST]).await;
+    assert_eq!(
+        got.status,
+        502,
+        "served the banned page after a restart: {}",
+        got.text()
+    );
+    assert_eq!(origin.count("/wiki/Banned"), 1);
+}
+
 #[tokio::test]
 async fn purge_during_a_bus_outage_reaches_the_others_when_it_returns() {
     let mut nats = Nats::start().await;

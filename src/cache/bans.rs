@@ -5,8 +5,10 @@
 //!   purged is not stored, which closes the race MediaWiki covers with a delayed second
 //!   ("rebound") purge: a purge arriving while a fill of the old page is in flight;
 //! - **bans** of a host or a URL prefix: recorded in O(1), and any object under them fetched
-//!   before the ban is treated as a miss on its next use. A ban lives as long as the TTL cap,
-//!   after which every object it could match has expired anyway. A hit checks its host's bans
+//!   before the ban is treated as a miss on its next use. A ban lives as long as any object
+//!   stored before it may be served without the origin's word: the TTL cap, or longer where
+//!   objects were stored with a stale-while-revalidate / stale-if-error window past it (a
+//!   span the bans file keeps across restarts). A hit checks its host's bans
 //!   with one hash lookup per distinct prefix length there, whatever the number of bans, and
 //!   the bans file grows by one appended line per ban;
 //! - **trust in old objects**: a node on a purge bus does not trust objects it cached before it
@@ -139,8 +141,12 @@ pub struct Invalidations {
     bans: RwLock<BanIndex>,
     /// Live bans, readable without the lock: the hit path checks it first.
     ban_count: AtomicUsize,
-    /// How long bans last: the longest any object stored meanwhile stays fresh.
+    /// How long bans last: the longest any object stored meanwhile may be served without
+    /// the origin's word (fresh, or stale within its windows).
     lifetime: Lifetime,
+    /// The longest such span an object has asked for ([`Self::cover`]) and the bans file
+    /// records (zero: none yet): objects on disk keep it across a restart.
+    covered: Lifetime,
     /// Unix nanoseconds; objects created before it are revalidated before use (0: none).
     stale_before: AtomicU64,
     /// When this process started: objects created before it may have missed purges.
@@ -166,13 +172,14 @@ pub enum Trust {
 }
 
 impl Invalidations {
-    /// `lifetime`: the TTL cap; nothing stored is fresh for longer, so older records can go.
+    /// `lifetime`: the TTL cap; nothing stored is fresh for longer, so older purge records can
+    /// go (bans last longer where what they cover may be served stale: [`Self::cover`]).
     pub fn new(lifetime: Duration, file: Option<PathBuf>) -> Invalidations {
         Invalidations::with_records(lifetime, file, PURGE_RECORDS)
     }
 
     fn with_records(lifetime: Duration, file: Option<PathBuf>, records: usize) -> Invalidations {
-        let bans = file
+        let (bans, covered) = file
             .as_deref()
             .map(|f| load(f, lifetime))
             .unwrap_or_default();
@@ -183,7 +190,8 @@ impl Invalidations {
             purged: PurgeTimes::new(records, lifetime),
             deleted: PurgeTimes::new(records, lifetime),
             tags_purged: PurgeTimes::new(records, lifetime),
-            lifetime: Lifetime::new(lifetime),
+            lifetime: Lifetime::new(lifetime.max(covered)),
+            covered: Lifetime::new(covered),
             stale_before: AtomicU64::new(0),
             started: SystemTime::now(),
             caught_up: AtomicBool::new(true),
@@ -304,6 +312,49 @@ impl Invalidations {
         self.tags_purged.keep_for_at_least(ttl_cap);
     }
 
+    /// Keeps bans at least `usable_for` from now: an object just stored (or refreshed by a
+    /// 304) may be served that long without the origin's word, fresh or stale within its
+    /// stale-while-revalidate / stale-if-error window, which may reach past the TTL cap
+    /// (regression: a ban forgotten after the TTL cap, at a restart, let a purge bus node
+    /// serve the banned page again under the origin's `stale-if-error=3600`). A span longer
+    /// than any before is written to the bans file, for the objects on disk; it grows by an
+    /// eighth at a time, so that the file takes a line per step, not per object.
+    pub fn cover(&self, usable_for: Duration) {
+        if usable_for <= self.covered.get() {
+            return;
+        }
+        let span = usable_for.saturating_add(usable_for / 8);
+        self.lifetime.at_least(span);
+        let Some(file) = &self.file else {
+            self.covered.at_least(span);
+            return;
+        };
+        let Ok(mut bans) = self.bans.write() else {
+            return;
+        };
+        if usable_for <= self.covered.get() {
+            return;
+        }
+        self.covered.at_least(span);
+        if self.handed_over.load(Ordering::Acquire) || bans.unsaved {
+            // The next ban rewrites the whole file, the span with it.
+            return;
+        }
+        match super::files::append(file, lifetime_line(self.covered.get()).as_bytes()) {
+            Ok(()) => bans.file_lines += 1,
+            Err(e) => {
+                self.refused(&mut bans, &e);
+            }
+        }
+    }
+
+    /// The bans file's text: the span covered, then `bans`.
+    fn file_text(&self, bans: impl Iterator<Item = Ban>) -> String {
+        let covered = self.covered.get();
+        let span = (!covered.is_zero()).then(|| lifetime_line(covered));
+        span.into_iter().chain(bans.map(|b| line(&b))).collect()
+    }
+
     /// Bans everything under `host` + `path_prefix` fetched before now. False if the bans
     /// file lacks it (or an earlier ban): a restart would not know it.
     pub fn ban(&self, host: &str, path_prefix: &str) -> bool {
@@ -334,8 +385,8 @@ impl Invalidations {
         if !bans.unsaved {
             return true;
         }
-        let text: String = bans.all().map(|b| line(&b)).collect();
-        let count = bans.count;
+        let text = self.file_text(bans.all());
+        let count = bans.count + 1;
         self.rewrite(file, &mut bans, &text, count)
     }
 
@@ -345,8 +396,8 @@ impl Invalidations {
         // bans, is rewritten with the live bans and `ban`, so that it stays within a constant
         // factor of what it describes; else a ban costs one small appended line.
         if bans.unsaved || bans.file_lines > 2 * bans.count + 1024 {
-            let text: String = bans.all().chain([ban.clone()]).map(|b| line(&b)).collect();
-            let count = bans.count + 1;
+            let text = self.file_text(bans.all().chain([ban.clone()]));
+            let count = bans.count + 2;
             return self.rewrite(file, bans, &text, count);
         }
         match super::files::append(file, line(ban).as_bytes()) {
@@ -424,6 +475,13 @@ fn line(b: &Ban) -> String {
     format!("{fields} {:08x}\n", crc32fast::hash(fields.as_bytes()))
 }
 
+/// The span covered as a line of the bans file: `lifetime <milliseconds> <crc32>`. A host
+/// cannot be `lifetime` and take a ban's place: a ban line has four fields, this one three.
+fn lifetime_line(span: Duration) -> String {
+    let fields = format!("lifetime {}", span.as_millis());
+    format!("{fields} {:08x}\n", crc32fast::hash(fields.as_bytes()))
+}
+
 /// Percent-escapes `%`, spaces, controls and non-ASCII bytes.
 fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -454,11 +512,19 @@ fn unescape(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+enum Line {
+    Ban(Ban),
+    Covered(Duration),
+}
+
 /// One line of the bans file, if it is whole and believable.
-fn parse_line(l: &str, now: SystemTime, lifetime: Duration) -> Option<Ban> {
+fn parse_line(l: &str, now: SystemTime) -> Option<Line> {
     let (fields, crc) = l.rsplit_once(' ')?;
     if u32::from_str_radix(crc, 16).ok()? != crc32fast::hash(fields.as_bytes()) {
         return None;
+    }
+    if let Some(millis) = fields.strip_prefix("lifetime ") {
+        return Some(Line::Covered(Duration::from_millis(millis.parse().ok()?)));
     }
     let mut parts = fields.split(' ');
     let nanos: u64 = parts.next()?.parse().ok()?;
@@ -471,29 +537,43 @@ fn parse_line(l: &str, now: SystemTime, lifetime: Duration) -> Option<Ban> {
     if at > now + MAX_CLOCK_SKEW {
         return None;
     }
-    let current = now.duration_since(at).map_or(true, |age| age < lifetime);
-    current.then_some(Ban {
+    Some(Line::Ban(Ban {
         host,
         path_prefix,
         at,
-    })
+    }))
 }
 
-/// Reads saved bans, dropping those older than `lifetime`, dated in the future and lines that
-/// do not parse or fail their checksum.
-fn load(file: &Path, lifetime: Duration) -> BanIndex {
+/// Reads saved bans and the span they must cover, dropping bans older than that span (or
+/// `lifetime`, if longer), those dated in the future and lines that do not parse or fail
+/// their checksum.
+fn load(file: &Path, lifetime: Duration) -> (BanIndex, Duration) {
     let mut bans = BanIndex::default();
     let Ok(text) = super::files::read_regular(file) else {
-        return bans;
+        return (bans, Duration::ZERO);
     };
     let now = SystemTime::now();
     let mut dropped = 0;
+    let mut covered = Duration::ZERO;
+    let mut saved = Vec::new();
     for l in text.lines() {
         bans.file_lines += 1;
-        match parse_line(l, now, lifetime) {
-            Some(ban) => bans.insert(ban),
+        match parse_line(l, now) {
+            Some(Line::Ban(ban)) => saved.push(ban),
+            Some(Line::Covered(span)) => covered = covered.max(span),
             None if !l.is_empty() => dropped += 1,
             None => {}
+        }
+    }
+    let lifetime = lifetime.max(covered);
+    for ban in saved {
+        if now
+            .duration_since(ban.at)
+            .map_or(true, |age| age < lifetime)
+        {
+            bans.insert(ban);
+        } else {
+            dropped += 1;
         }
     }
     if dropped > 0 {
@@ -503,7 +583,7 @@ fn load(file: &Path, lifetime: Duration) -> BanIndex {
             "ignored saved bans that were expired, damaged or dated in the future"
         );
     }
-    bans
+    (bans, covered)
 }
 
 #[cfg(test)]
@@ -706,6 +786,48 @@ mod persistence {
             let url = CacheUrl::new(Scheme::Http, "h", path).unwrap();
             assert!(again.banned(&url, before), "{path}");
         }
+    }
+
+    #[test]
+    fn a_ban_lasts_past_its_lifetime_as_long_as_a_stale_window_it_covers_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bans");
+        let second = Duration::from_secs(1);
+        let stored = SystemTime::now() - Duration::from_secs(3);
+        let two_seconds_old = line(&Ban {
+            host: "h".into(),
+            path_prefix: "/p/".into(),
+            at: SystemTime::now() - Duration::from_secs(2),
+        });
+        let url = CacheUrl::new(Scheme::Http, "h", "/p/1").unwrap();
+        std::fs::write(&file, &two_seconds_old).unwrap();
+        let uncovered = Invalidations::new(second, Some(file.clone()));
+        assert!(!uncovered.banned(&url, stored), "older than its lifetime");
+
+        std::fs::remove_file(&file).unwrap();
+        let inv = Invalidations::new(second, Some(file.clone()));
+        // Objects stored with windows a millisecond longer each: a line per eighth of growth.
+        for ms in 0..1000 {
+            inv.cover(Duration::from_millis(3_600_000 + ms));
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text:?}");
+        std::fs::write(&file, format!("{text}{two_seconds_old}")).unwrap();
+        let again = Invalidations::new(second, Some(file.clone()));
+        assert!(
+            again.banned(&url, stored),
+            "the stale window outlived the restart"
+        );
+        // The file compacted (the same prefix banned over and over) keeps the span.
+        for _ in 0..3000 {
+            again.ban("h", "/q/");
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.lines().count() < 1100, "never compacted");
+        let first = text.lines().next().unwrap_or_default();
+        assert!(first.starts_with("lifetime 4050000 "), "{first:?}");
+        let third = Invalidations::new(second, Some(file));
+        assert!(third.banned(&url, stored));
     }
 
     #[test]

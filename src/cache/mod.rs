@@ -298,6 +298,7 @@ impl Storage for Store {
     ) -> Result<MissHandler> {
         let primary = key.primary_bin();
         let slot = key.variance_bin();
+        self.invalidations.cover(usable_for(meta));
         let stored = ObjectMeta::encode_cache_meta(meta);
         let disk = self
             .disk
@@ -357,6 +358,7 @@ impl Storage for Store {
         meta: &CacheMeta,
         trace: &SpanHandle,
     ) -> Result<bool> {
+        self.invalidations.cover(usable_for(meta));
         let on_disk = match self.disk {
             Some(d) => {
                 d.update_meta(&key.primary_bin(), key.variance_bin().as_ref(), meta)
@@ -386,6 +388,20 @@ impl Storage for Store {
     fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
         self
     }
+}
+
+/// How long from now a response stored with `meta` may be served without asking the origin:
+/// fresh, then stale within its stale-while-revalidate or stale-if-error window. A ban must
+/// last that long to cover it.
+fn usable_for(meta: &CacheMeta) -> std::time::Duration {
+    let window = meta
+        .stale_while_revalidate_sec()
+        .max(meta.stale_if_error_sec());
+    let since_now = meta
+        .fresh_until()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    since_now.saturating_add(std::time::Duration::from_secs(window.into()))
 }
 
 /// Write-through: the body goes to memory (while it fits) and to a disk file as it streams.
