@@ -386,8 +386,7 @@ impl Invalidations {
             return true;
         }
         let text = self.file_text(bans.all());
-        let count = bans.count + 1;
-        self.rewrite(file, &mut bans, &text, count)
+        self.rewrite(file, &mut bans, &text)
     }
 
     /// Saves `ban`; false (logged) if the file system refused it.
@@ -397,8 +396,7 @@ impl Invalidations {
         // factor of what it describes; else a ban costs one small appended line.
         if bans.unsaved || bans.file_lines > 2 * bans.count + 1024 {
             let text = self.file_text(bans.all().chain([ban.clone()]));
-            let count = bans.count + 2;
-            return self.rewrite(file, bans, &text, count);
+            return self.rewrite(file, bans, &text);
         }
         match super::files::append(file, line(ban).as_bytes()) {
             Ok(()) => {
@@ -409,11 +407,11 @@ impl Invalidations {
         }
     }
 
-    fn rewrite(&self, file: &Path, bans: &mut BanIndex, text: &str, lines: usize) -> bool {
+    fn rewrite(&self, file: &Path, bans: &mut BanIndex, text: &str) -> bool {
         let temp = file.with_extension(format!("tmp.{}", std::process::id()));
         match super::files::replace(file, &temp, text.as_bytes()) {
             Ok(()) => {
-                bans.file_lines = lines;
+                bans.file_lines = text.lines().count();
                 bans.unsaved = false;
                 true
             }
