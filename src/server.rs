@@ -682,6 +682,12 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
             "cache.max_variants",
             r.cache.max_variants != n.cache.max_variants,
         ),
+        (
+            // The cache lock's age is set when the lock is made; the wait derived from it
+            // changes at once.
+            "cache.lock_timeout",
+            r.cache.lock_timeout != n.cache.lock_timeout,
+        ),
         ("cache.disk", differs(&r.cache.disk, &n.cache.disk)),
         (
             "purge.tag_headers",
@@ -846,7 +852,7 @@ mod tests {
         )
         .unwrap();
         let new = Config::parse(
-            "[server]\nlisten = [\"127.0.0.1:9090\"]\nshutdown_grace = \"7s\"\nmax_header_bytes = 100000\n[purge.htcp]\nlisten = \"127.0.0.1:4828\"\n[cache]\nttl_cap = \"1h\"\nmax_variants = 3\n",
+            "[server]\nlisten = [\"127.0.0.1:9090\"]\nshutdown_grace = \"7s\"\nmax_header_bytes = 100000\n[purge.htcp]\nlisten = \"127.0.0.1:4828\"\n[cache]\nttl_cap = \"1h\"\nmax_variants = 3\nlock_timeout = \"3s\"\n",
             "b.toml",
         )
         .unwrap();
@@ -857,6 +863,7 @@ mod tests {
                 "server.shutdown_grace",
                 "server.max_uri_bytes / max_header_bytes raised",
                 "cache.max_variants",
+                "cache.lock_timeout",
                 "purge.htcp"
             ]
         );

@@ -209,6 +209,33 @@ async fn concurrent_cold_requests_collapse_into_one_fetch() {
     );
 }
 
+/// Regression: a page slower to come than `lock_timeout` (a heavy wiki page being parsed
+/// after an edit) was fetched by every request waiting for it at once when the timeout
+/// passed: 20 readers, 20 parses. A fetch that has not answered within `lock_timeout` now
+/// lets one more waiting request fetch; the others go on waiting for whichever answers
+/// first, as Varnish's waiting list does.
+#[tokio::test]
+async fn a_page_slower_than_the_lock_timeout_is_not_fetched_by_every_request_waiting_for_it() {
+    let origin = Origin::start(|_| cc("max-age=60").delay(Duration::from_millis(1600))).await;
+    let skua = Skua::start_with(&[origin.addr], "lock_timeout = \"500ms\"", "").await;
+    let url = skua.url("/heavy");
+    let client = client();
+    let requests = (0..20).map(|_| {
+        let client = client.clone();
+        let url = url.clone();
+        tokio::spawn(async move { send(&client, "GET", &url, &[]).await })
+    });
+    for r in futures::future::join_all(requests).await {
+        let r = r.unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "body"));
+    }
+    let fetched = origin.count("/heavy");
+    assert!(
+        fetched <= 4,
+        "{fetched} fetches: at most one more per lock_timeout while the first is slow"
+    );
+}
+
 /// An origin that answers 500, 502, 503 or 504 (its database down, say) rather than fails to
 /// connect has failed too (RFC 5861 §4: "an error is any situation that would result in a
 /// 500, 502, 503, or 504 HTTP response status code being returned"): an expired copy whose

@@ -192,10 +192,10 @@ fn canonical(config: &Config) -> Canonical {
 
 /// The parts of the configuration a reload (SIGHUP) applies in place besides the origin pools:
 /// storage policy (TTL cap, grace, heuristics), bypass rules, host aliases, purge ACL and
-/// token, lock timeout. Listeners, tiers, HTCP and the purge bus need a restart (or pingora's
-/// graceful upgrade).
+/// token, how long requests wait for another's fetch. Listeners, tiers, HTCP and the purge bus
+/// need a restart (or pingora's graceful upgrade).
 pub struct Settings {
-    lock_timeout: std::time::Duration,
+    lock_wait: LockWait,
     policy: StoragePolicy,
     bypass_cookies: Vec<regex::Regex>,
     bypass_authorization: bool,
@@ -337,12 +337,51 @@ impl Settings {
     }
 }
 
+/// How requests wait for another's fetch of the same object (pingora's cache lock).
+///
+/// A fetch that has not answered within `[cache] lock_timeout` lets one waiting request fetch
+/// too (the lock's age, set when the lock is made): a slow page costs the origin one more
+/// fetch per `lock_timeout`. The others go on waiting for whichever fetch answers first, as
+/// long as a fetch can take to answer or fail (the slowest pool's `connect_timeout` plus
+/// `read_timeout`) past `lock_timeout`; only then does each fetch for itself. Regression: the
+/// wait ended with the lock's age, so when a page took longer than `lock_timeout` every
+/// waiting request went to the origin at the same moment (20 readers of a heavy page being
+/// parsed, 20 parses).
+#[derive(Clone, Copy)]
+struct LockWait {
+    wait: std::time::Duration,
+    /// How many times a request may look again after a wait ends (a fetch answered, failed or
+    /// aged past `lock_timeout`) before it fetches for itself: enough for the whole `wait`.
+    retries: usize,
+}
+
+impl LockWait {
+    fn of(config: &Config) -> LockWait {
+        let age = config
+            .cache
+            .lock_timeout
+            .max(std::time::Duration::from_millis(1));
+        let slowest_fetch = (config.origins.iter())
+            .map(|pool| pool.connect_timeout.saturating_add(pool.read_timeout))
+            .max()
+            .unwrap_or_default();
+        let wait = age.saturating_add(slowest_fetch);
+        let ages = wait.as_millis().div_ceil(age.as_millis());
+        LockWait {
+            wait,
+            retries: usize::try_from(ages)
+                .unwrap_or(usize::MAX)
+                .saturating_add(2),
+        }
+    }
+}
+
 impl From<&Config> for Settings {
     fn from(config: &Config) -> Settings {
         let rules = RuleSet::new(config.rules.clone());
         let max_body_bytes = config.server.limits.max_body_bytes;
         Settings {
-            lock_timeout: config.cache.lock_timeout,
+            lock_wait: LockWait::of(config),
             policy: StoragePolicy::from(&config.cache),
             bypass_cookies: config.cache.bypass_cookies.clone(),
             bypass_authorization: config.cache.bypass_authorization,
@@ -501,8 +540,10 @@ impl CachingProxy {
     }
     /// How long a request waits on another's fetch of the same object before it fetches.
     fn lock_overrides(&self) -> CacheOptionOverrides {
+        let LockWait { wait, retries } = self.shared.settings.load().lock_wait;
         let mut overrides = CacheOptionOverrides::default();
-        overrides.wait_timeout = Some(self.shared.settings.load().lock_timeout);
+        overrides.wait_timeout = Some(wait);
+        overrides.max_lock_retries = Some(retries);
         overrides
     }
 
