@@ -571,9 +571,8 @@ pub struct CacheFile {
     /// Upper bound of a heuristic lifetime (duration). Default `1d`.
     pub heuristic_max: String,
     /// How long a fetch may go unanswered before one of the requests waiting for the same
-    /// object fetches too (duration); the others wait on for whichever answers first, up to
-    /// the slowest pool's `connect_timeout` + `read_timeout` beyond it, then fetch for
-    /// themselves. Default `10s`.
+    /// object fetches too (duration); the others keep waiting, up to the slowest pool's
+    /// `connect_timeout` + `read_timeout` beyond it, then fetch for themselves. Default `10s`.
     pub lock_timeout: String,
     /// Who may drop a cached page by sending an unsafe request (POST, PUT, DELETE...) that the
     /// origin answers with success (RFC 9111 §4.4): `"any"` client (the default, as the RFC

@@ -340,10 +340,12 @@ impl Settings {
 /// How requests wait for another's fetch of the same object (pingora's cache lock).
 ///
 /// A fetch that has not answered within `[cache] lock_timeout` lets one waiting request fetch
-/// too (the lock's age, set when the lock is made): a slow page costs the origin one more
-/// fetch per `lock_timeout`. The others go on waiting for whichever fetch answers first, as
-/// long as a fetch can take to answer or fail (the slowest pool's `connect_timeout` plus
-/// `read_timeout`) past `lock_timeout`; only then does each fetch for itself. Regression: the
+/// too (the lock's age, set when the lock is made; nginx's `proxy_cache_lock_age`): a slow
+/// page costs the origin one more fetch per `lock_timeout`. The others go on waiting, on the
+/// newest fetch's lock, and look again when it answers or ages (so they may find the page a
+/// little after an older fetch stored it), for as long as a fetch can take to answer or fail
+/// (the slowest pool's `connect_timeout` plus `read_timeout`) past `lock_timeout`; only then
+/// does each fetch for itself. Regression: the
 /// wait ended with the lock's age, so when a page took longer than `lock_timeout` every
 /// waiting request went to the origin at the same moment (20 readers of a heavy page being
 /// parsed, 20 parses).
