@@ -180,20 +180,23 @@ async fn vary_variants_are_cached_apart() {
     assert_eq!(origin.count("/v"), 2);
 }
 
+/// `n` GETs of `url` sent at once, their answers.
+async fn concurrent_gets(url: &str, n: usize) -> Vec<Got> {
+    let client = client();
+    let requests = (0..n).map(|_| {
+        let client = client.clone();
+        let url = url.to_string();
+        tokio::spawn(async move { send(&client, "GET", &url, &[]).await })
+    });
+    let answers = futures::future::join_all(requests).await;
+    answers.into_iter().map(|r| r.unwrap()).collect()
+}
+
 #[tokio::test]
 async fn concurrent_cold_requests_collapse_into_one_fetch() {
     let origin = Origin::start(|_| cc("max-age=60").delay(Duration::from_millis(50))).await;
     let skua = Skua::start(&[origin.addr], "").await;
-    let url = skua.url("/cold");
-    let client = client();
-    let requests = (0..200).map(|_| {
-        let client = client.clone();
-        let url = url.clone();
-        tokio::spawn(async move { send(&client, "GET", &url, &[]).await })
-    });
-    let results = futures::future::join_all(requests).await;
-    for r in results {
-        let r = r.unwrap();
+    for r in concurrent_gets(&skua.url("/cold"), 200).await {
         assert_eq!((r.status, r.text().as_str()), (200, "body"));
     }
     assert_eq!(origin.count("/cold"), 1);
@@ -212,21 +215,13 @@ async fn concurrent_cold_requests_collapse_into_one_fetch() {
 /// Regression: a page slower to come than `lock_timeout` (a heavy wiki page being parsed
 /// after an edit) was fetched by every request waiting for it at once when the timeout
 /// passed: 20 readers, 20 parses. A fetch that has not answered within `lock_timeout` now
-/// lets one more waiting request fetch; the others go on waiting for whichever answers
-/// first, as Varnish's waiting list does.
+/// lets one more waiting request fetch (nginx's `proxy_cache_lock_age`); the others keep
+/// waiting.
 #[tokio::test]
 async fn a_page_slower_than_the_lock_timeout_is_not_fetched_by_every_request_waiting_for_it() {
     let origin = Origin::start(|_| cc("max-age=60").delay(Duration::from_millis(1600))).await;
     let skua = Skua::start_with(&[origin.addr], "lock_timeout = \"500ms\"", "").await;
-    let url = skua.url("/heavy");
-    let client = client();
-    let requests = (0..20).map(|_| {
-        let client = client.clone();
-        let url = url.clone();
-        tokio::spawn(async move { send(&client, "GET", &url, &[]).await })
-    });
-    for r in futures::future::join_all(requests).await {
-        let r = r.unwrap();
+    for r in concurrent_gets(&skua.url("/heavy"), 20).await {
         assert_eq!((r.status, r.text().as_str()), (200, "body"));
     }
     let fetched = origin.count("/heavy");
