@@ -345,10 +345,9 @@ impl Settings {
 /// newest fetch's lock, and look again when it answers or ages (so they may find the page a
 /// little after an older fetch stored it), for as long as a fetch can take to answer or fail
 /// (the slowest pool's `connect_timeout` plus `read_timeout`) past `lock_timeout`; only then
-/// does each fetch for itself. Regression: the
-/// wait ended with the lock's age, so when a page took longer than `lock_timeout` every
-/// waiting request went to the origin at the same moment (20 readers of a heavy page being
-/// parsed, 20 parses).
+/// does each fetch for itself. Regression: the wait ended with the lock's age, so when a page
+/// took longer than `lock_timeout` every waiting request went to the origin at the same
+/// moment (20 readers of a heavy page being parsed, 20 parses).
 #[derive(Clone, Copy)]
 struct LockWait {
     wait: std::time::Duration,
