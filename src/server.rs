@@ -341,6 +341,7 @@ pub fn add_node(server: &mut Server, config: &Config) -> anyhow::Result<Arc<Prox
         disk,
         tags,
         config.cache.ttl_cap,
+        config.cache.fill_memory,
     )));
     if config.purge.bus.is_none()
         && config

@@ -235,6 +235,29 @@ fn a_small_tier_takes_its_size_as_the_default_largest_object() {
     );
 }
 
+/// `[cache] fill_memory` must leave room for one fill of the largest object either tier
+/// stores, or that object could never be stored; its default grows to that size.
+#[test]
+fn fill_memory_below_the_largest_object_is_refused_naming_it() {
+    let disk = tempfile::tempdir().unwrap();
+    let disk_table = format!(
+        "[cache.disk]\npath = {:?}\nmax_object_size = 536870912\nsize = 1073741824\n",
+        disk.path().join("cache")
+    );
+    let (code, stderr) = run_on("check", "default.toml", &format!("[cache]\n{disk_table}"));
+    assert_eq!(code, Some(0), "{stderr}");
+    let small = format!("[cache]\nfill_memory = 268435456\n{disk_table}");
+    let (code, stderr) = run_on("check", "small.toml", &small);
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains(
+            "small.toml:2: cache.fill_memory: must be at least the largest object stored \
+             (536870912 bytes, from max_object_size), got 268435456"
+        ),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn every_problem_is_reported_once_with_its_key_and_line() {
     let text = "[server]\nthreads = \"two\"\nnonsense = 1\n\n[cache]\nttl_cap = \"soon\"\nmemory_size = \"big\"\n\n[[origin]]\nname = \"o\"\naddresses = [\"127.0.0.1:1\"]\n[origin.health_check]\ninterval = \"often\"\n";

@@ -778,15 +778,6 @@ async fn half_sent_heads(skua: &Skua, count: usize, partial_head: &[u8]) -> Vec<
     held
 }
 
-fn resident_kib(pid: u32) -> i64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Sends `prefix` at once, then `head` a byte every 200 ms, until the server closes the
 /// connection; returns what it answered, how many bytes of `head` were sent, and their total.
 async fn trickle_head(

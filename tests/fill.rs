@@ -1476,3 +1476,133 @@ async fn a_reader_waiting_on_a_fill_that_stores_nothing_goes_at_its_head() {
         assert_eq!((got.status, got.body.len()), (200, 8000));
     }
 }
+
+/// Regression: a fill keeps its body until the body ends, and fills in progress had no bound
+/// together: clients asking at once for many large objects not yet stored made Skua hold
+/// their sum (30 fills of 40 MiB: 960 MiB resident, with `memory_size` at 256 MiB). Now they
+/// hold at most `[cache] fill_memory`, on either path: a fill that finds no room streams on
+/// unstored (counted), every client gets its whole answer, and the next miss stores the URL.
+#[tokio::test]
+async fn fills_in_progress_hold_no_more_than_fill_memory_together() {
+    const BODY: usize = 3 << 20;
+    const FIRST_PART: usize = BODY - 4096;
+    const FILLS: usize = 24;
+    let released = Arc::new(tokio::sync::Semaphore::new(0));
+    let asked = counter();
+    let (origin_released, origin_asked) = (released.clone(), asked.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (released, asked) = (origin_released.clone(), origin_asked.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(head) = next_request_head(&mut conn, &mut buf).await {
+                    if head.starts_with("GET /_health ") {
+                        let _ = conn.write_all(HEALTH_ANSWER.as_bytes()).await;
+                        continue;
+                    }
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    *asked.lock().unwrap().entry(path.clone()).or_default() += 1;
+                    let body = path.as_bytes().iter().cycle().take(BODY).copied();
+                    let body: Vec<u8> = body.collect();
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: {BODY}\r\n\r\n"
+                    );
+                    let _ = conn.write_all(head.as_bytes()).await;
+                    let _ = conn.write_all(&body[..FIRST_PART]).await;
+                    // Paused until the test has looked at Skua's memory; open afterwards.
+                    let _ = released.acquire().await.map(|p| p.forget());
+                    released.add_permits(1);
+                    if conn.write_all(&body[FIRST_PART..]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    // The origin pauses until every body's first part is through (longer than the default
+    // `read_timeout` on a loaded machine).
+    let skua = Skua::start_tables(
+        &[addr],
+        [
+            "",
+            "read_timeout = \"60s\"",
+            "memory_size = 134217728\nmax_object_size = 4194304\nfill_memory = 4194304",
+        ],
+        "",
+    )
+    .await;
+    // Half by the front door, half by pingora's path (HTTP/1.0 always takes it).
+    let ask = |i: usize| {
+        let version = if i % 2 == 0 { "1.1" } else { "1.0" };
+        format!("GET /big/{i} HTTP/{version}\r\nHost: wiki.test\r\nConnection: close\r\n\r\n")
+    };
+    let resident_before = resident_kib(skua.pid());
+    let received = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for i in 0..FILLS {
+        let (request, received) = (ask(i), received.clone());
+        let addr = skua.addr;
+        clients.push(tokio::spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                match stream.read(&mut chunk).await {
+                    Ok(n) if n > 0 => {
+                        got.extend_from_slice(&chunk[..n]);
+                        received.fetch_add(n, Ordering::Relaxed);
+                    }
+                    _ => return got,
+                }
+            }
+        }));
+    }
+    // Every fill has had its first part through Skua (the clients have it).
+    wait_until("every client has the first part of its body", || {
+        received.load(Ordering::Relaxed) >= FILLS * FIRST_PART
+    })
+    .await;
+    let grown_kib = resident_kib(skua.pid()) - resident_before;
+    released.add_permits(1);
+    for (i, client) in clients.into_iter().enumerate() {
+        let got = client.await.unwrap();
+        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&got[..head_end]);
+        assert!(head.contains(" 200 "), "{i}: {head}");
+        assert_eq!(got.len() - head_end, BODY, "{i}: {head}");
+        let path = format!("/big/{i}");
+        assert!(got[head_end..].starts_with(path.as_bytes()), "{i}");
+    }
+    // 24 bodies of 3 MiB went through at once; without the bound Skua held them all
+    // (and pingora's path a second copy for its memory tier): about 60 MiB.
+    assert!(
+        grown_kib < 32 * 1024,
+        "resident memory grew {grown_kib} KiB with {FILLS} fills of 3 MiB in progress"
+    );
+    let refused = skua
+        .metric(r#"skua_uncacheable_total{reason="fill-memory"}"#)
+        .await;
+    assert!(refused >= 8.0, "{refused} fills found no room");
+    // What found no room is stored by its next miss; then every URL is a hit.
+    for round in 0..2 {
+        for i in 0..FILLS {
+            let (status, fields, body) = raw_bytes(skua.addr, &ask(i)).await;
+            assert!(status.contains(" 200 "), "{round} {i}: {status}");
+            assert_eq!(body.len(), BODY, "{round} {i}");
+            if round == 1 {
+                assert!(
+                    fields["x-cache-status"].starts_with("hit-"),
+                    "{i}: {fields:?}"
+                );
+            }
+        }
+    }
+    let fetched: usize = asked.lock().unwrap().values().sum();
+    assert!(
+        fetched <= 2 * FILLS && fetched as f64 == FILLS as f64 + refused,
+        "{fetched} fetches, {refused} refused"
+    );
+}

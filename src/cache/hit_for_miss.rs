@@ -82,7 +82,7 @@ impl HitForMiss {
 fn says_the_url_is_uncacheable(reason: Uncacheable, status: u16) -> bool {
     match reason {
         Uncacheable::Status => status < 500,
-        Uncacheable::Authorization | Uncacheable::RequestNoStore => false,
+        Uncacheable::Authorization | Uncacheable::RequestNoStore | Uncacheable::FillMemory => false,
         Uncacheable::NoStore
         | Uncacheable::Private
         | Uncacheable::SetCookie

@@ -11,6 +11,7 @@ pub mod directives;
 pub mod disk;
 pub mod fields;
 pub mod files;
+pub mod fills;
 pub mod fx;
 pub mod head;
 pub mod hit_for_miss;
@@ -65,6 +66,8 @@ pub struct Store {
     pub invalidations: Invalidations,
     /// 206 pieces of representations held in no tier (`partial`).
     pub partial: partial::PartialStore,
+    /// What fills in progress hold of `[cache] fill_memory`.
+    pub fills: fills::FillBudget,
     memory_max_object: usize,
 }
 
@@ -85,6 +88,7 @@ impl Store {
         disk: Option<&'static DiskTier>,
         tags: &'static TagIndex,
         ttl_cap: std::time::Duration,
+        fill_memory: usize,
     ) -> Store {
         Store {
             memory: MemoryTier::new(memory_bytes, max_variants, Some(tags)),
@@ -94,6 +98,7 @@ impl Store {
             // Pieces are for representations too large or too rarely read whole to be in a
             // tier; an eighth of the memory tier's bound keeps them from crowding it out.
             partial: partial::PartialStore::new(memory_bytes / 8),
+            fills: fills::FillBudget::new(fill_memory),
             memory_max_object,
         }
     }

@@ -23,6 +23,8 @@ pub enum Uncacheable {
     Authorization,
     /// The request said `no-store` (RFC 9111 §5.2.1.5).
     RequestNoStore,
+    /// Storable, but fills in progress held all of `[cache] fill_memory` (`fills`).
+    FillMemory,
 }
 
 impl Uncacheable {
@@ -36,6 +38,7 @@ impl Uncacheable {
             Uncacheable::NoFreshness => "no-freshness",
             Uncacheable::Authorization => "authorization",
             Uncacheable::RequestNoStore => "request-no-store",
+            Uncacheable::FillMemory => "fill-memory",
         }
     }
 }

@@ -535,6 +535,12 @@ pub struct CacheFile {
     /// Largest object stored, in bytes; larger responses stream through unstored.
     /// Default 8388608 (8 MiB), or `memory_size` when that is smaller.
     pub max_object_size: Option<u64>,
+    /// Bytes of response bodies that fills in progress (misses being stored) hold, all
+    /// together: a fill keeps its body until it ends, so clients asking at once for many large
+    /// objects not yet stored would otherwise make Skua hold their sum. A fill that would go
+    /// past it streams on unstored. Default 268435456 (256 MiB), or the largest
+    /// `max_object_size` (memory or disk) when that is larger; at least that largest size.
+    pub fill_memory: Option<u64>,
     /// No object stays fresh longer than this, whatever the origin says (duration). Default `1d`.
     pub ttl_cap: String,
     /// No 404 stays fresh longer than this, whatever the origin says (duration): a page
@@ -647,6 +653,7 @@ impl Default for CacheFile {
         CacheFile {
             memory_size: 256 << 20,
             max_object_size: None,
+            fill_memory: None,
             ttl_cap: "1d".into(),
             ttl_cap_404: "10m".into(),
             ttl_jitter: 0.05,

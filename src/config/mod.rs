@@ -193,6 +193,8 @@ pub struct HealthCheck {
 pub struct CacheConfig {
     pub memory_size: u64,
     pub max_object_size: usize,
+    /// `[cache] fill_memory`: the bytes of bodies fills in progress hold, all together.
+    pub fill_memory: usize,
     pub ttl_cap: Duration,
     /// `[cache] ttl_cap_404`: the longest a 404 stays fresh.
     pub ttl_cap_404: Duration,

@@ -1144,6 +1144,25 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
             max_variants: k.max_variants.max(2),
         })
     };
+    // Room for at least one fill of the largest object either tier stores, or that object
+    // could never be stored.
+    let largest = disk
+        .as_ref()
+        .map_or(max_object_size, |d| d.max_object_size.max(max_object_size));
+    let fill_memory = match k.fill_memory {
+        Some(n) if n < largest => {
+            c.report(
+                &at("fill_memory"),
+                format!(
+                    "must be at least the largest object stored ({largest} bytes, from \
+                     max_object_size), got {n}"
+                ),
+            );
+            largest
+        }
+        Some(n) => n,
+        None => largest.max(256 << 20),
+    };
     let invalidate_on_unsafe = match k.invalidate_on_unsafe.as_str() {
         "any" => UnsafeInvalidation::Any,
         "purgers" => UnsafeInvalidation::Purgers,
@@ -1184,6 +1203,7 @@ fn check_cache(c: &mut Checker<'_>, k: CacheFile) -> CacheConfig {
     CacheConfig {
         memory_size: k.memory_size,
         max_object_size: max_object_size as usize,
+        fill_memory: usize::try_from(fill_memory).unwrap_or(usize::MAX),
         ttl_cap,
         ttl_cap_404,
         ttl_jitter: k.ttl_jitter.clamp(0.0, 0.5),

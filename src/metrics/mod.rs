@@ -336,6 +336,12 @@ impl Metrics {
         self.origin_errors.with_label_values(&[pool, kind]).inc();
     }
 
+    /// A storable response not stored: fills in progress held all of `[cache] fill_memory`.
+    pub fn no_room_to_fill(&self) {
+        let reason = crate::cache::policy::Uncacheable::FillMemory.as_str();
+        self.uncacheable.with_label_values(&[reason]).inc();
+    }
+
     /// The series of origin pool `pool`.
     pub fn origin_series(&self, pool: &str) -> OriginSeries {
         OriginSeries {

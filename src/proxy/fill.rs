@@ -896,8 +896,11 @@ impl super::fast::FrontDoor {
             }
         };
         // The body, streamed to the client as it comes and kept for storing.
-        let mut kept: Option<Vec<Bytes>> = meta.as_ref().map(|_| Vec::new());
-        let mut kept_len = 0usize;
+        let mut kept = Kept {
+            pieces: meta.as_ref().map(|_| Vec::new()),
+            len: 0,
+            hold: shared.store.fills.hold(),
+        };
         let mut left = match framing {
             Framing::Length(n) => n,
             _ => 0,
@@ -908,7 +911,7 @@ impl super::fast::FrontDoor {
         let mut undecodable = false;
         // Nothing to store: those waiting on the lock go to the origin now, as on pingora's
         // path, not when the body ends; and the next misses on the URL take no lock.
-        if kept.is_none() {
+        if kept.pieces.is_none() {
             release(shared.lock, &key, permit.take(), LockStatus::GiveUp);
             let storability = match refused {
                 Some(reason) => Storability::Refused(reason, status),
@@ -932,9 +935,16 @@ impl super::fast::FrontDoor {
             };
             let out = &mut client_out.out;
             body_bytes += to_client(&mut decode, &mut undecodable, Some(&piece), out);
-            keep(&mut kept, &mut kept_len, max, piece);
-            if kept.is_none() {
-                release(shared.lock, &key, permit.take(), LockStatus::GiveUp);
+            if kept.keep(max, piece) {
+                // Too large: nobody stores it, so nobody waits. No room: one waiting request
+                // fetches in this one's place, and may store it.
+                let status = if kept.no_room() {
+                    shared.metrics.no_room_to_fill();
+                    LockStatus::TransientError
+                } else {
+                    LockStatus::GiveUp
+                };
+                release(shared.lock, &key, permit.take(), status);
             }
             if client_out.out.len() >= SEND_AT {
                 client_out.send().await;
@@ -949,7 +959,9 @@ impl super::fast::FrontDoor {
         if complete {
             if let Some(last) = before_storing.piece(None, true).await {
                 body_bytes += to_client(&mut decode, &mut undecodable, Some(&last), out);
-                keep(&mut kept, &mut kept_len, max, last);
+                if kept.keep(max, last) && kept.no_room() {
+                    shared.metrics.no_room_to_fill();
+                }
             }
             before_storing.count(&shared.metrics);
             body_bytes += to_client(&mut decode, &mut undecodable, None, out);
@@ -981,11 +993,13 @@ impl super::fast::FrontDoor {
         // Stored before the client reads the end of the body: a client that has the whole
         // answer finds it stored when it asks again, and those waiting on the lock go sooner.
         // A body the client stopped reading partway is incomplete here and is not stored.
-        let streamed_too_large = meta.is_some() && kept.is_none();
-        let stored = match (kept, meta, complete) {
+        let streamed_too_large = meta.is_some() && kept.pieces.is_none() && !kept.no_room();
+        let stored = match (kept.pieces, meta, complete) {
             (Some(pieces), Some(meta), true) => store(shared.store, &key, &meta, pieces).await,
             _ => false,
         };
+        // What was kept is in a tier now (bounded by its own size) or dropped.
+        kept.hold.release();
         if stored {
             shared
                 .hit_for_miss
@@ -1093,15 +1107,34 @@ impl super::fast::FrontDoor {
     }
 }
 
-/// Adds a piece of the body to what is kept for storing, until it outgrows the largest object.
-fn keep(kept: &mut Option<Vec<Bytes>>, kept_len: &mut usize, max: usize, piece: Bytes) {
-    if let Some(k) = kept.as_mut() {
-        *kept_len += piece.len();
-        if *kept_len > max {
-            *kept = None;
-        } else {
-            k.push(piece);
+/// What the fill keeps of the body for storing, and the room it holds in `[cache]
+/// fill_memory` (`cache::fills`).
+struct Kept {
+    pieces: Option<Vec<Bytes>>,
+    len: usize,
+    hold: crate::cache::fills::FillHold,
+}
+
+impl Kept {
+    /// Adds a piece of the body, until it outgrows the largest object or finds no room.
+    /// Returns whether this piece made the fill drop what it kept.
+    fn keep(&mut self, max: usize, piece: Bytes) -> bool {
+        let Some(pieces) = self.pieces.as_mut() else {
+            return false;
+        };
+        self.len += piece.len();
+        if self.len > max || !self.hold.grow(piece.len()) {
+            self.pieces = None;
+            self.hold.release();
+            return true;
         }
+        pieces.push(piece);
+        false
+    }
+
+    /// Dropped for want of room, not size: the next miss on the URL may store it.
+    fn no_room(&self) -> bool {
+        self.hold.refused()
     }
 }
 

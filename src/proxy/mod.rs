@@ -455,6 +455,7 @@ impl ProxyState {
         self.store
             .invalidations
             .keep_for_at_least(config.cache.ttl_cap);
+        self.store.fills.set_limit(config.cache.fill_memory);
         self.canonical.store(Arc::new(canonical(config)));
         self.purge_auth.store(Arc::new(purge_auth(config)));
         Ok(())
@@ -637,6 +638,8 @@ pub struct RequestCtx {
     range_fetch: bool,
     /// The piece being received, and its length by its `Content-Range`.
     piece: Option<(partial::Piece, BytesMut, usize)>,
+    /// What the body being stored (a fill's, or `piece`) holds of `[cache] fill_memory`.
+    fill_hold: Option<crate::cache::fills::FillHold>,
     /// The client's answer is a 304 or 204, which has no content (RFC 9110 §15.4.5, §15.3.5),
     /// though what the origin sent to fill the cache may follow it.
     answer_without_content: bool,
@@ -1130,6 +1133,28 @@ impl CachingProxy {
         Ok(true)
     }
 
+    /// A piece of a body pingora is storing takes its room in `[cache] fill_memory`
+    /// (`cache::fills`). Without room the fill stops, as pingora stops one that outgrows
+    /// `max_object_size`: what it kept is dropped, the response streams on to its client
+    /// unstored, and one request waiting on the cache lock fetches in its place.
+    fn take_room_to_store(&self, session: &mut Session, ctx: &mut RequestCtx, n: usize) {
+        let filling = matches!(
+            session.cache.phase(),
+            CachePhase::Miss | CachePhase::Expired
+        ) && session.cache.miss_handler().is_some();
+        if !filling {
+            return;
+        }
+        let store = self.shared.store;
+        let hold = ctx.fill_hold.get_or_insert_with(|| store.fills.hold());
+        if hold.grow(n) {
+            return;
+        }
+        session.cache.disable(NoCacheReason::StorageError);
+        ctx.stored = false;
+        self.shared.metrics.no_room_to_fill();
+    }
+
     /// Starts receiving a piece when `resp` is a single-part 206 to a Range fetch that may be
     /// stored: no `Vary`, no surrogate keys, and what the storage policy allows of any status.
     /// A 200 is the whole representation (RFC 9110 §14.2: an origin may ignore Range): it is
@@ -1186,7 +1211,6 @@ impl CachingProxy {
         ] {
             head.remove_header(&framing);
         }
-        ctx.stored = true;
         ctx.fresh_until = Some(freshness.fresh_until);
         let piece = partial::Piece {
             head,
@@ -1197,6 +1221,14 @@ impl CachingProxy {
             fresh_until: freshness.fresh_until,
         };
         let length = (last - first + 1) as usize;
+        // Its room is taken whole now: the buffer is made for the whole piece.
+        let mut hold = store.fills.hold();
+        if !hold.grow(length) {
+            self.shared.metrics.no_room_to_fill();
+            return;
+        }
+        ctx.stored = true;
+        ctx.fill_hold = Some(hold);
         ctx.piece = Some((piece, BytesMut::with_capacity(length), length));
     }
 
@@ -1600,6 +1632,7 @@ impl ProxyHttp for CachingProxy {
             gzip_before_storing: false,
             range_fetch: false,
             piece: None,
+            fill_hold: None,
             answer_without_content: false,
             debug: None,
         }
@@ -2262,7 +2295,7 @@ impl ProxyHttp for CachingProxy {
 
     fn upstream_response_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
@@ -2270,6 +2303,9 @@ impl ProxyHttp for CachingProxy {
         if end_of_stream {
             // The origin's part is over: its place goes to the next request.
             ctx.origin_permit = None;
+        }
+        if let Some(chunk) = body.as_ref().filter(|c| !c.is_empty()) {
+            self.take_room_to_store(session, ctx, chunk.len());
         }
         let Some((_, received, length)) = ctx.piece.as_mut() else {
             return Ok(None);

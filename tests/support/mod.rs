@@ -657,6 +657,11 @@ impl Skua {
         } else {
             "read_timeout = \"5s\""
         };
+        let memory_size = if cache.contains("memory_size") {
+            ""
+        } else {
+            "memory_size = 16777216"
+        };
         let listen_on = if extra.contains(DUAL_STACK) {
             "[::]"
         } else {
@@ -683,7 +688,7 @@ path = "/_health"
 interval = "300ms"
 
 [cache]
-memory_size = 16777216
+{memory_size}
 {cache}
 
 {extra}
@@ -783,6 +788,16 @@ impl Drop for Skua {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Resident memory of process `pid`, in KiB (`VmRSS`).
+pub fn resident_kib(pid: u32) -> i64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
 
 pub async fn wait_listening(addr: SocketAddr) {
