@@ -603,13 +603,16 @@ struct Reloader {
 
 /// What of `[server.tls]` is built once: its listeners and the HTTP/2 limits. Certificates,
 /// `http2` and `handshake_timeout` reload.
-fn tls_fixed(config: &Config) -> Option<(&[SocketAddr], &[SocketAddr], u32, usize)> {
+fn tls_fixed(config: &Config) -> Option<(&[SocketAddr], &[SocketAddr], [usize; 3])> {
     let tls = config.server.tls.as_ref()?;
     Some((
         &tls.listen,
         &tls.proxy_protocol_listen,
-        tls.h2_max_concurrent_streams,
-        tls.h2_max_pending_resets,
+        [
+            tls.h2_max_concurrent_streams as usize,
+            tls.h2_max_pending_resets,
+            tls.h2_max_rapid_resets,
+        ],
     ))
 }
 

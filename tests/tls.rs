@@ -989,6 +989,96 @@ async fn http2_rapid_reset_is_cut_off_without_harm_to_other_clients() {
     assert!(errors < 5, "{errors} error lines:\n{logged}");
 }
 
+/// Regression: a client could cancel each request just after Skua took it up and send the
+/// next, on one HTTP/2 connection. A cancelled request's origin work goes on (an origin does
+/// not stop rendering a page when its client leaves), so one connection kept any number of
+/// requests working at the origins, whatever `h2_max_concurrent_streams` says (release
+/// build: 488 at once from 500 requests). Now a connection that cancels more than
+/// `[server.tls] h2_max_rapid_resets` (default 100) within a second of sending them is closed
+/// with ENHANCE_YOUR_CALM, counted; a client that reads its answers is never closed, and the
+/// attacker's next connection is served.
+#[tokio::test]
+async fn an_http2_client_cancelling_requests_it_sent_is_closed_past_h2_max_rapid_resets() {
+    let origin = Origin::start(|seen| {
+        let reply = Reply::ok("page").header("cache-control", "max-age=600");
+        if seen.path.starts_with("/slow/") {
+            reply.delay(Duration::from_secs(3))
+        } else {
+            reply
+        }
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let connect = || async {
+        let tcp = TcpStream::connect(skua.addr).await.unwrap();
+        let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+        (send, tokio::spawn(connection))
+    };
+    let url = |path: String| format!("http://wiki.test:{}{path}", skua.addr.port());
+    let get = |path: String| http::Request::get(url(path)).body(()).unwrap();
+    // More requests than the limit, each answered and read: nothing to count.
+    let (mut send, reader) = connect().await;
+    for i in 0..150 {
+        send = send.ready().await.unwrap();
+        let (answer, _) = send.send_request(get(format!("/read/{i}")), true).unwrap();
+        let mut body = answer.await.unwrap().into_body();
+        while let Some(chunk) = body.data().await {
+            chunk.unwrap();
+        }
+    }
+    assert!(
+        !reader.is_finished(),
+        "a client reading its answers was closed"
+    );
+    // Each request cancelled once the origin has it.
+    let (mut send, attacker) = connect().await;
+    let mut sent = 0;
+    let mut refused = None;
+    for i in 0..300 {
+        send = match send.ready().await {
+            Ok(send) => send,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        };
+        let path = format!("/slow/{i}");
+        let (_answer, mut stream) = match send.send_request(get(path.clone()), true) {
+            Ok(sent) => sent,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        };
+        sent += 1;
+        wait_until("the origin has the request, or Skua closed", || {
+            origin.count(&path) == 1 || attacker.is_finished()
+        })
+        .await;
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    let reason = refused.as_ref().and_then(|e| e.reason());
+    assert_eq!(
+        reason,
+        Some(h2::Reason::ENHANCE_YOUR_CALM),
+        "{sent} requests sent and cancelled: {refused:?}"
+    );
+    let reached = origin.count_starting("/slow/");
+    assert!(
+        reached <= 110,
+        "{reached} cancelled requests reached the origin"
+    );
+    assert_eq!(
+        skua.metric(r#"skua_connections_refused_total{reason="h2_rapid_resets"}"#)
+            .await,
+        1.0
+    );
+    let (mut send, _) = connect().await;
+    send = send.ready().await.unwrap();
+    let (answer, _) = send.send_request(get("/read/again".into()), true).unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+}
+
 /// A request whose header list is larger than `[server] max_header_bytes` allows is refused
 /// over HTTP/2 as over HTTP/1.1 (431, or the stream reset), never reaches the origin, and the
 /// next requests are served.

@@ -310,6 +310,15 @@ pub struct TlsFile {
     /// the connection is closed (the 2023 "rapid reset" attack). Default 20.
     #[serde(default = "default_h2_resets")]
     pub h2_max_pending_resets: usize,
+    /// HTTP/2: requests a client may cancel (reset their stream) within a second of sending
+    /// them, after Skua took them up, per minute and connection; past it the connection is
+    /// closed (GOAWAY `ENHANCE_YOUR_CALM`). A cancelled request's origin work goes on (an
+    /// origin does not stop a page it is rendering when its client leaves), so without a
+    /// bound one connection could keep any number of requests working at the origins,
+    /// whatever `h2_max_concurrent_streams` says. 0: no limit. Default 100 (as Varnish's
+    /// `h2_rapid_reset_limit`).
+    #[serde(default = "default_h2_rapid_resets")]
+    pub h2_max_rapid_resets: usize,
     /// Hosts whose plain-HTTP requests are redirected to https (301 for GET and HEAD, 308 for
     /// other methods, to the same path and query; PURGE is never redirected). Exact names,
     /// `*.example.org` for its subdomains, or `"*"` for every host. Default none.
@@ -348,6 +357,8 @@ fn default_true() -> bool {
 pub const H2_DEFAULT_STREAMS: u32 = 100;
 /// `[server.tls] h2_max_pending_resets` unless set (see [`H2_DEFAULT_STREAMS`]).
 pub const H2_DEFAULT_PENDING_RESETS: usize = 20;
+/// `[server.tls] h2_max_rapid_resets` unless set (see [`H2_DEFAULT_STREAMS`]).
+pub const H2_DEFAULT_RAPID_RESETS: usize = 100;
 
 fn default_h2_streams() -> u32 {
     H2_DEFAULT_STREAMS
@@ -355,6 +366,10 @@ fn default_h2_streams() -> u32 {
 
 fn default_h2_resets() -> usize {
     H2_DEFAULT_PENDING_RESETS
+}
+
+fn default_h2_rapid_resets() -> usize {
+    H2_DEFAULT_RAPID_RESETS
 }
 
 impl Default for ServerFile {

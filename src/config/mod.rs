@@ -20,7 +20,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use regex::Regex;
 
-pub use file::{FileConfig, H2_DEFAULT_PENDING_RESETS, H2_DEFAULT_STREAMS};
+pub use file::{
+    FileConfig, H2_DEFAULT_PENDING_RESETS, H2_DEFAULT_RAPID_RESETS, H2_DEFAULT_STREAMS,
+};
 
 /// The validated configuration every other module reads.
 #[derive(Debug, Clone)]
@@ -92,6 +94,7 @@ pub struct TlsConfig {
     pub http2: bool,
     pub h2_max_concurrent_streams: u32,
     pub h2_max_pending_resets: usize,
+    pub h2_max_rapid_resets: usize,
     /// Lowercased host patterns redirected from http to https: names, `*.parent`, or `*`.
     pub redirect_http: Vec<String>,
 }
@@ -295,6 +298,9 @@ pub struct ConnectionLimits {
     /// Most bytes a request head may have before it is refused with 431 here; heads under it
     /// reach [`crate::proxy::guard`], which applies the exact 414/431 limits.
     pub max_head_bytes: usize,
+    /// HTTP/2 requests a client may cancel within a second of sending them, per minute and
+    /// connection (`[server.tls] h2_max_rapid_resets`); `None`: no limit.
+    pub h2_max_rapid_resets: Option<usize>,
 }
 
 /// Size limits on a request head (`[server] max_uri_bytes`, `max_header_bytes`,

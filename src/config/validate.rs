@@ -619,6 +619,13 @@ fn check_server(c: &mut Checker<'_>, s: ServerFile) -> ServerConfig {
             // Room for the longest allowed request line and header section, so the exact
             // 414/431 answers stay with the guard.
             max_head_bytes: s.max_uri_bytes + s.max_header_bytes + 1024,
+            h2_max_rapid_resets: Some(
+                tls.as_ref()
+                    .map_or(crate::config::H2_DEFAULT_RAPID_RESETS, |t| {
+                        t.h2_max_rapid_resets
+                    }),
+            )
+            .filter(|&n| n > 0),
         },
         tls,
     }
@@ -864,6 +871,7 @@ fn check_tls(c: &mut Checker<'_>, t: &TlsFile, hosts: &[String]) -> TlsConfig {
         http2: t.http2,
         h2_max_concurrent_streams: t.h2_max_concurrent_streams.max(1),
         h2_max_pending_resets: t.h2_max_pending_resets,
+        h2_max_rapid_resets: t.h2_max_rapid_resets,
         redirect_http,
     }
 }

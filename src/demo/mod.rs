@@ -113,6 +113,7 @@ pub fn config(opts: &DemoOptions, certificate: &Certificate) -> Config {
         http2: true,
         h2_max_concurrent_streams: 100,
         h2_max_pending_resets: 20,
+        h2_max_rapid_resets: crate::config::H2_DEFAULT_RAPID_RESETS,
         redirect_http: Vec::new(),
     });
     // The sample origin purges a page under the proxy's address only, as MediaWiki names

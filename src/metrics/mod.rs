@@ -44,6 +44,9 @@ pub struct ConnectionMetrics {
     pub refused_proxy_untrusted: IntCounter,
     /// A connection to a PROXY protocol listener that did not open with a valid header.
     pub refused_bad_proxy_header: IntCounter,
+    /// An HTTP/2 connection closed for cancelling more requests just after sending them than
+    /// `[server.tls] h2_max_rapid_resets` allows.
+    pub closed_h2_rapid_resets: IntCounter,
 }
 
 impl ConnectionMetrics {
@@ -61,6 +64,7 @@ impl ConnectionMetrics {
             refused_malformed_head: counter("admin_refused_malformed_head")?,
             refused_proxy_untrusted: counter("admin_refused_proxy_untrusted")?,
             refused_bad_proxy_header: counter("admin_refused_bad_proxy_header")?,
+            closed_h2_rapid_resets: counter("admin_closed_h2_rapid_resets")?,
         })
     }
 }
@@ -514,7 +518,7 @@ impl Metrics {
         let refused = IntCounterVec::new(
             Opts::new(
                 "skua_connections_refused_total",
-                "Client connections answered and closed before a request was served, by reason (max_connections, max_connections_per_client, header_timeout, head_too_large, bad_body_framing, malformed_head, proxy_untrusted, bad_proxy_header).",
+                "Client connections answered and closed before a request was served, by reason (max_connections, max_connections_per_client, header_timeout, head_too_large, bad_body_framing, malformed_head, proxy_untrusted, bad_proxy_header), and HTTP/2 connections closed for cancelling too many requests at once (h2_rapid_resets).",
             ),
             &["reason"],
         )?;
@@ -530,6 +534,7 @@ impl Metrics {
             refused_malformed_head: refused.with_label_values(&["malformed_head"]),
             refused_proxy_untrusted: refused.with_label_values(&["proxy_untrusted"]),
             refused_bad_proxy_header: refused.with_label_values(&["bad_proxy_header"]),
+            closed_h2_rapid_resets: refused.with_label_values(&["h2_rapid_resets"]),
         });
         let handshakes = IntCounterVec::new(
             Opts::new(

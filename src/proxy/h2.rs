@@ -11,13 +11,14 @@
 //! HTTP/2 connection open forever unless told otherwise; this one closes it after the same
 //! idle time as an HTTP/1.1 connection.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::BytesMut;
@@ -40,6 +41,60 @@ use crate::config::ConnectionLimits;
 /// (`MAX_MALFORMED_STREAMS_PER_CONN`), but counts them only within that loop, so this one
 /// counts them itself.
 const MAX_MALFORMED_STREAMS: usize = 32;
+
+/// A request cancelled sooner than this after Skua took it up counts against `[server.tls]
+/// h2_max_rapid_resets` (Varnish's `h2_rapid_reset`): a browser cancels a page's requests when
+/// its reader moves on, seldom a hundred a minute within a second of asking.
+const RAPID_RESET: Duration = Duration::from_secs(1);
+
+/// The period `h2_max_rapid_resets` is counted over (Varnish's `h2_rapid_reset_period`).
+const RAPID_RESET_PERIOD: Duration = Duration::from_secs(60);
+
+/// RFC 9113 §7: "ENHANCE_YOUR_CALM (0x0b): The endpoint detected that its peer is exhibiting
+/// a behavior that might be generating excessive load." (`h2::Reason` is not re-exported by
+/// pingora; it converts from the code.)
+const ENHANCE_YOUR_CALM: u32 = 0x0b;
+
+tokio::task_local! {
+    /// Whether the client reset this stream before its answer was whole: set by the request's
+    /// last phase ([`note_reset_by_client`]), read when the stream's task ends.
+    static RESET_BY_CLIENT: Cell<bool>;
+}
+
+/// The request's `logging` phase says its client went away before its answer was whole (on
+/// HTTP/2: reset its stream). Nothing outside an HTTP/2 stream's task.
+pub(super) fn note_reset_by_client() {
+    let _ = RESET_BY_CLIENT.try_with(|reset| reset.set(true));
+}
+
+/// A connection's budget of rapid resets: `limit` a period, refilled evenly over it (a token
+/// bucket, so that a client is not let off at a period's turn).
+struct RapidResets {
+    limit: usize,
+    /// Resets left, and when it was last refilled.
+    left: Mutex<(f64, Instant)>,
+}
+
+impl RapidResets {
+    fn new(limit: usize) -> RapidResets {
+        RapidResets {
+            limit,
+            left: Mutex::new((limit as f64, Instant::now())),
+        }
+    }
+
+    /// Counts one; returns whether the budget is spent.
+    fn record(&self) -> bool {
+        let Ok(mut left) = self.left.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        let refill = now.duration_since(left.1).as_secs_f64() / RAPID_RESET_PERIOD.as_secs_f64();
+        left.0 = (left.0 + refill * self.limit as f64).min(self.limit as f64) - 1.0;
+        left.1 = now;
+        left.0 < 0.0
+    }
+}
 
 /// Serves the HTTP/2 connection `stream` (TLS done and `h2` negotiated, or `already_read`
 /// holding the start of the client's preface, read as an HTTP/1 head) until the client closes
@@ -90,6 +145,10 @@ pub async fn serve<A>(
     let mut writes_seen = 0;
     let mut malformed = 0;
     let active = Arc::new(ActiveStreams::default());
+    let rapid_resets = limits
+        .h2_max_rapid_resets
+        .map(|n| Arc::new(RapidResets::new(n)));
+    let spent = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let accepted = if closing {
             HttpSession::from_h2_conn(&mut conn, digest.clone()).await
@@ -132,6 +191,21 @@ pub async fn serve<A>(
             }
             Ok(Some(H2Accept::Session(session))) => session,
         };
+        if !closing && spent.load(Ordering::Relaxed) {
+            // Cancelled too many requests just after sending them: each cancelled one's
+            // origin work goes on, so the client is asked to calm down and is closed
+            // (RFC 9113 §7: ENHANCE_YOUR_CALM), as Varnish and Traffic Server do.
+            front
+                .state()
+                .metrics
+                .connections
+                .closed_h2_rapid_resets
+                .inc();
+            drop(session);
+            conn.abrupt_shutdown(ENHANCE_YOUR_CALM.into());
+            closing = true;
+            continue;
+        }
         if !closing && front.state().readiness.draining() {
             // Drained by an operator (`POST /drain`): this stream is answered, then GOAWAY
             // (RFC 9113 §6.8), so the client's next requests go through its load balancer.
@@ -160,6 +234,7 @@ pub async fn serve<A>(
         let running = active.start();
         let app = app.clone();
         let shutdown = shutdown.clone();
+        let (rapid_resets, spent) = (rapid_resets.clone(), spent.clone());
         tokio::spawn(async move {
             let _running = running;
             // A stream the client reset before its turn came (the "rapid reset" attack cancels
@@ -175,10 +250,20 @@ pub async fn serve<A>(
             let mut session = ServerSession::new_http2(session);
             session.set_write_timeout(Some(send_timeout));
             let request = for_one_request(looked, app.process_new_http(session, &shutdown));
-            if has_body {
-                super::body_watch::run_watched(request).await;
-            } else {
-                request.await;
+            let taken_up = Instant::now();
+            let reset = RESET_BY_CLIENT.scope(Cell::new(false), async {
+                if has_body {
+                    super::body_watch::run_watched(request).await;
+                } else {
+                    request.await;
+                }
+                RESET_BY_CLIENT.with(Cell::get)
+            });
+            if reset.await && taken_up.elapsed() < RAPID_RESET {
+                if let Some(resets) = rapid_resets.filter(|r| r.record()) {
+                    drop(resets);
+                    spent.store(true, Ordering::Relaxed);
+                }
             }
         });
     }

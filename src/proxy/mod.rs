@@ -2626,9 +2626,13 @@ impl ProxyHttp for CachingProxy {
         }
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         if ctx.health {
             return;
+        }
+        if e.is_some_and(|e| *e.esource() == ErrorSource::Downstream) {
+            // On HTTP/2: the client reset its stream (`h2_max_rapid_resets`).
+            h2::note_reset_by_client();
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let disposition = self.outcome(session, ctx).disposition();
