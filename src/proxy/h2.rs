@@ -15,7 +15,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -73,6 +73,8 @@ struct RapidResets {
     limit: usize,
     /// Resets left, and when it was last refilled.
     left: Mutex<(f64, Instant)>,
+    /// The budget ran out: the connection is to be closed.
+    spent: AtomicBool,
 }
 
 impl RapidResets {
@@ -80,19 +82,26 @@ impl RapidResets {
         RapidResets {
             limit,
             left: Mutex::new((limit as f64, Instant::now())),
+            spent: AtomicBool::new(false),
         }
     }
 
-    /// Counts one; returns whether the budget is spent.
-    fn record(&self) -> bool {
+    /// Counts one rapid reset.
+    fn record(&self) {
         let Ok(mut left) = self.left.lock() else {
-            return false;
+            return;
         };
         let now = Instant::now();
         let refill = now.duration_since(left.1).as_secs_f64() / RAPID_RESET_PERIOD.as_secs_f64();
         left.0 = (left.0 + refill * self.limit as f64).min(self.limit as f64) - 1.0;
         left.1 = now;
-        left.0 < 0.0
+        if left.0 < 0.0 {
+            self.spent.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn spent(&self) -> bool {
+        self.spent.load(Ordering::Relaxed)
     }
 }
 
@@ -148,7 +157,6 @@ pub async fn serve<A>(
     let rapid_resets = limits
         .h2_max_rapid_resets
         .map(|n| Arc::new(RapidResets::new(n)));
-    let spent = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         let accepted = if closing {
             HttpSession::from_h2_conn(&mut conn, digest.clone()).await
@@ -191,7 +199,7 @@ pub async fn serve<A>(
             }
             Ok(Some(H2Accept::Session(session))) => session,
         };
-        if !closing && spent.load(Ordering::Relaxed) {
+        if !closing && rapid_resets.as_ref().is_some_and(|r| r.spent()) {
             // Cancelled too many requests just after sending them: each cancelled one's
             // origin work goes on, so the client is asked to calm down and is closed
             // (RFC 9113 §7: ENHANCE_YOUR_CALM), as Varnish and Traffic Server do.
@@ -234,7 +242,7 @@ pub async fn serve<A>(
         let running = active.start();
         let app = app.clone();
         let shutdown = shutdown.clone();
-        let (rapid_resets, spent) = (rapid_resets.clone(), spent.clone());
+        let rapid_resets = rapid_resets.clone();
         tokio::spawn(async move {
             let _running = running;
             // A stream the client reset before its turn came (the "rapid reset" attack cancels
@@ -260,9 +268,8 @@ pub async fn serve<A>(
                 RESET_BY_CLIENT.with(Cell::get)
             });
             if reset.await && taken_up.elapsed() < RAPID_RESET {
-                if let Some(resets) = rapid_resets.filter(|r| r.record()) {
-                    drop(resets);
-                    spent.store(true, Ordering::Relaxed);
+                if let Some(resets) = rapid_resets {
+                    resets.record();
                 }
             }
         });
@@ -338,5 +345,33 @@ impl Drop for RunningStream {
         if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.ended.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rapid_reset_budget_is_spent_past_its_limit_and_refills_over_the_period() {
+        let resets = RapidResets::new(3);
+        for _ in 0..3 {
+            resets.record();
+        }
+        assert!(!resets.spent(), "three of three are within the limit");
+        resets.record();
+        assert!(resets.spent());
+        // A period after, the budget is whole again (the connection was closed by then).
+        let quiet = RapidResets::new(3);
+        for _ in 0..3 {
+            quiet.record();
+        }
+        if let Ok(mut left) = quiet.left.lock() {
+            left.1 -= RAPID_RESET_PERIOD;
+        }
+        for _ in 0..3 {
+            quiet.record();
+        }
+        assert!(!quiet.spent());
     }
 }
