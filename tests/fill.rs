@@ -1566,6 +1566,10 @@ async fn fills_in_progress_hold_no_more_than_fill_memory_together() {
     })
     .await;
     let grown_kib = resident_kib(skua.pid()) - resident_before;
+    let fills = skua.stats().await["fills"].clone();
+    let held = fills["bytes"].as_u64().unwrap();
+    assert!(held > 0 && held <= 4 << 20, "{fills}");
+    assert_eq!(fills["capacity_bytes"], 4 << 20);
     released.add_permits(1);
     for (i, client) in clients.into_iter().enumerate() {
         let got = client.await.unwrap();

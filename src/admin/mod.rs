@@ -241,6 +241,11 @@ impl Admin {
                 },
                 "disk": disk,
             },
+            // Bodies of misses being stored, not yet in a tier (`[cache] fill_memory`).
+            "fills": {
+                "bytes": self.node.store.fills.held(),
+                "capacity_bytes": self.node.store.fills.limit(),
+            },
             "origins": origins,
         })
     }

@@ -36,6 +36,11 @@ impl FillBudget {
         self.held.load(Ordering::Relaxed)
     }
 
+    /// The bound (`[cache] fill_memory`).
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
     /// What one fill holds of the budget, given back when it is dropped.
     pub fn hold(&'static self) -> FillHold {
         FillHold {
