@@ -1211,7 +1211,6 @@ impl CachingProxy {
         ] {
             head.remove_header(&framing);
         }
-        ctx.fresh_until = Some(freshness.fresh_until);
         let piece = partial::Piece {
             head,
             first,
@@ -1228,6 +1227,7 @@ impl CachingProxy {
             return;
         }
         ctx.stored = true;
+        ctx.fresh_until = Some(freshness.fresh_until);
         ctx.fill_hold = Some(hold);
         ctx.piece = Some((piece, BytesMut::with_capacity(length), length));
     }
