@@ -994,7 +994,7 @@ async fn http2_rapid_reset_is_cut_off_without_harm_to_other_clients() {
 /// not stop rendering a page when its client leaves), so one connection kept any number of
 /// requests working at the origins, whatever `h2_max_concurrent_streams` says (release
 /// build: 488 at once from 500 requests). Now a connection that cancels more than
-/// `[server.tls] h2_max_rapid_resets` (default 100) within a second of sending them is closed
+/// `[server.tls] h2_max_rapid_resets` (default 100) before their answers began is closed
 /// with ENHANCE_YOUR_CALM, counted; a client that reads its answers is never closed, and the
 /// attacker's next connection is served.
 #[tokio::test]
@@ -1077,6 +1077,78 @@ async fn an_http2_client_cancelling_requests_it_sent_is_closed_past_h2_max_rapid
     send = send.ready().await.unwrap();
     let (answer, _) = send.send_request(get("/read/again".into()), true).unwrap();
     assert_eq!(answer.await.unwrap().status(), 200);
+}
+
+/// The same when the origin is at its `max_connections`: a cancelled request waits for a place
+/// (Skua cannot see the cancel meanwhile), then reaches the origin all the same. Regression:
+/// only cancels seen within a second of the request counted, so while the origin was busy
+/// (when its work matters most) a client could cancel without end.
+#[tokio::test]
+async fn requests_cancelled_while_waiting_for_a_busy_origin_count_as_rapid_resets() {
+    let origin = Origin::start(|seen| {
+        let reply = Reply::ok("page").header("cache-control", "no-store");
+        reply.delay(Duration::from_millis(if seen.path == "/hold" {
+            2500
+        } else {
+            300
+        }))
+    })
+    .await;
+    let skua = Skua::start_tables(
+        &[origin.addr],
+        ["", "max_connections = 1\nconnect_timeout = \"20s\"", ""],
+        "",
+    )
+    .await;
+    // A reader holds the origin's one place for 2.5 s.
+    let hold = skua.url("/hold");
+    let held = tokio::spawn(async move { get(&hold, &[]).await });
+    wait_until("the origin has the reader's request", || {
+        origin.count("/hold") == 1
+    })
+    .await;
+    let tcp = TcpStream::connect(skua.addr).await.unwrap();
+    let (mut send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let attacker = tokio::spawn(connection);
+    let get_slow = |i: usize| {
+        let url = format!("http://wiki.test:{}/slow/{i}", skua.addr.port());
+        http::Request::get(url).body(()).unwrap()
+    };
+    // 120 requests, each cancelled once Skua has taken it up; all wait for the place.
+    for i in 0..120 {
+        send = send.ready().await.unwrap();
+        let (_answer, mut stream) = send.send_request(get_slow(i), true).unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stream.send_reset(h2::Reason::CANCEL);
+        });
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(held.await.unwrap().status, 200);
+    wait_until("the cancelled requests have had the origin's place", || {
+        origin.count_starting("/slow/") >= 100
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Each of them reached the origin more than a second after it was sent.
+    let next = async {
+        let mut send = send.ready().await?;
+        let (answer, _) = send.send_request(get_slow(1000), true)?;
+        answer.await.map(|_| ())
+    };
+    let refused = tokio::time::timeout(Duration::from_secs(5), next).await;
+    assert!(matches!(refused, Ok(Err(_))), "{refused:?}");
+    let closed = tokio::time::timeout(Duration::from_secs(5), attacker).await;
+    let reason = match &closed {
+        Ok(Ok(Err(e))) => e.reason(),
+        _ => None,
+    };
+    assert_eq!(reason, Some(h2::Reason::ENHANCE_YOUR_CALM), "{closed:?}");
+    assert_eq!(
+        skua.metric(r#"skua_connections_refused_total{reason="h2_rapid_resets"}"#)
+            .await,
+        1.0
+    );
 }
 
 /// A request whose header list is larger than `[server] max_header_bytes` allows is refused

@@ -310,9 +310,9 @@ pub struct TlsFile {
     /// the connection is closed (the 2023 "rapid reset" attack). Default 20.
     #[serde(default = "default_h2_resets")]
     pub h2_max_pending_resets: usize,
-    /// HTTP/2: requests a client may cancel (reset their stream) within a second of sending
-    /// them, after Skua took them up, per minute and connection; past it the connection is
-    /// closed (GOAWAY `ENHANCE_YOUR_CALM`). A cancelled request's origin work goes on (an
+    /// HTTP/2: requests a client may cancel (reset their stream) after Skua took them up,
+    /// before their answer began or within a second, per minute and connection; past it the
+    /// connection is closed (GOAWAY `ENHANCE_YOUR_CALM`). A cancelled request's origin work goes on (an
     /// origin does not stop a page it is rendering when its client leaves), so without a
     /// bound one connection could keep any number of requests working at the origins,
     /// whatever `h2_max_concurrent_streams` says. 0: no limit. Default 100 (as Varnish's

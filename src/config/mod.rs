@@ -298,8 +298,8 @@ pub struct ConnectionLimits {
     /// Most bytes a request head may have before it is refused with 431 here; heads under it
     /// reach [`crate::proxy::guard`], which applies the exact 414/431 limits.
     pub max_head_bytes: usize,
-    /// HTTP/2 requests a client may cancel within a second of sending them, per minute and
-    /// connection (`[server.tls] h2_max_rapid_resets`); `None`: no limit.
+    /// HTTP/2 requests a client may cancel before their answer began or within a second, per
+    /// minute and connection (`[server.tls] h2_max_rapid_resets`); `None`: no limit.
     pub h2_max_rapid_resets: Option<usize>,
 }
 

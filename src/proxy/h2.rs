@@ -42,10 +42,20 @@ use crate::config::ConnectionLimits;
 /// counts them itself.
 const MAX_MALFORMED_STREAMS: usize = 32;
 
-/// A request cancelled sooner than this after Skua took it up counts against `[server.tls]
-/// h2_max_rapid_resets` (Varnish's `h2_rapid_reset`): a browser cancels a page's requests when
-/// its reader moves on, seldom a hundred a minute within a second of asking.
+/// A request cancelled before its answer began, or sooner than this after Skua took it up,
+/// counts against `[server.tls] h2_max_rapid_resets` (Varnish's `h2_rapid_reset`): a browser
+/// cancels a page's requests when its reader moves on, seldom a hundred a minute. Before its
+/// answer began whatever the time: an origin slow to take connections (overloaded) delays
+/// when Skua sees the cancel, not the origin's work once the request is sent.
 const RAPID_RESET: Duration = Duration::from_secs(1);
+
+/// How a stream's client went away, if it did ([`note_reset_by_client`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reset {
+    No,
+    BeforeTheAnswer,
+    DuringTheAnswer,
+}
 
 /// The period `h2_max_rapid_resets` is counted over (Varnish's `h2_rapid_reset_period`).
 const RAPID_RESET_PERIOD: Duration = Duration::from_secs(60);
@@ -58,13 +68,19 @@ const ENHANCE_YOUR_CALM: u32 = 0x0b;
 tokio::task_local! {
     /// Whether the client reset this stream before its answer was whole: set by the request's
     /// last phase ([`note_reset_by_client`]), read when the stream's task ends.
-    static RESET_BY_CLIENT: Cell<bool>;
+    static RESET_BY_CLIENT: Cell<Reset>;
 }
 
 /// The request's `logging` phase says its client went away before its answer was whole (on
-/// HTTP/2: reset its stream). Nothing outside an HTTP/2 stream's task.
-pub(super) fn note_reset_by_client() {
-    let _ = RESET_BY_CLIENT.try_with(|reset| reset.set(true));
+/// HTTP/2: reset its stream), and whether its answer had begun. Nothing outside an HTTP/2
+/// stream's task.
+pub(super) fn note_reset_by_client(answer_begun: bool) {
+    let how = if answer_begun {
+        Reset::DuringTheAnswer
+    } else {
+        Reset::BeforeTheAnswer
+    };
+    let _ = RESET_BY_CLIENT.try_with(|reset| reset.set(how));
 }
 
 /// A connection's budget of rapid resets: `limit` a period, refilled evenly over it (a token
@@ -259,7 +275,7 @@ pub async fn serve<A>(
             session.set_write_timeout(Some(send_timeout));
             let request = for_one_request(looked, app.process_new_http(session, &shutdown));
             let taken_up = Instant::now();
-            let reset = RESET_BY_CLIENT.scope(Cell::new(false), async {
+            let reset = RESET_BY_CLIENT.scope(Cell::new(Reset::No), async {
                 if has_body {
                     super::body_watch::run_watched(request).await;
                 } else {
@@ -267,7 +283,12 @@ pub async fn serve<A>(
                 }
                 RESET_BY_CLIENT.with(Cell::get)
             });
-            if reset.await && taken_up.elapsed() < RAPID_RESET {
+            let rapid = match reset.await {
+                Reset::No => false,
+                Reset::BeforeTheAnswer => true,
+                Reset::DuringTheAnswer => taken_up.elapsed() < RAPID_RESET,
+            };
+            if rapid {
                 if let Some(resets) = rapid_resets {
                     resets.record();
                 }

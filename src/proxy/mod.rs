@@ -2632,7 +2632,7 @@ impl ProxyHttp for CachingProxy {
         }
         if e.is_some_and(|e| *e.esource() == ErrorSource::Downstream) {
             // On HTTP/2: the client reset its stream (`h2_max_rapid_resets`).
-            h2::note_reset_by_client();
+            h2::note_reset_by_client(session.response_written().is_some());
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let disposition = self.outcome(session, ctx).disposition();

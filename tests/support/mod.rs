@@ -657,6 +657,11 @@ impl Skua {
         } else {
             "read_timeout = \"5s\""
         };
+        let connect_timeout = if origin.contains("connect_timeout") {
+            ""
+        } else {
+            "connect_timeout = \"500ms\""
+        };
         let memory_size = if cache.contains("memory_size") {
             ""
         } else {
@@ -680,7 +685,7 @@ upgrade_sock = "{upgrade_sock}"
 [[origin]]
 name = "test"
 addresses = [{addresses}]
-connect_timeout = "500ms"
+{connect_timeout}
 {read_timeout}
 {origin}
 [origin.health_check]
