@@ -124,9 +124,13 @@ fn log_file_usable(path: &std::path::Path) -> anyhow::Result<()> {
 fn disk_dir_usable(path: &std::path::Path) -> anyhow::Result<()> {
     let mut existing = path;
     while !existing.exists() {
-        existing = existing
-            .parent()
-            .ok_or_else(|| anyhow::anyhow!("no existing directory above it"))?;
+        existing = match existing.parent() {
+            // A relative path's last ancestor is empty: the working directory, where the
+            // tier creates it (regression: `cache/skua` was refused when `cache` was missing).
+            Some(parent) if parent.as_os_str().is_empty() => std::path::Path::new("."),
+            Some(parent) => parent,
+            None => anyhow::bail!("no existing directory above it"),
+        };
     }
     if !existing.is_dir() {
         anyhow::bail!("{} is not a directory", existing.display());
@@ -845,6 +849,17 @@ async fn on_signal(kind: SignalKind, what: &str, mut shutdown: ShutdownWatch, ac
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (found by the `config_load` fuzz target): a relative disk path whose
+    /// directories do not exist yet was refused ("no existing directory above it"), though
+    /// the tier creates them under the working directory.
+    #[test]
+    fn a_relative_disk_path_under_missing_directories_is_usable() {
+        let missing = std::path::Path::new("skua-test-not-made/cache/skua");
+        assert!(!missing.exists());
+        assert!(disk_dir_usable(missing).is_ok());
+        assert!(!std::path::Path::new("skua-test-not-made").exists());
+    }
 
     /// Regression: a SIGHUP that changed the listen or HTCP address logged "configuration
     /// reloaded" as if it had applied.
