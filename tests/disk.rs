@@ -1452,3 +1452,73 @@ async fn restarts_do_not_fill_the_disk_tier() {
         skua.kill9();
     }
 }
+
+/// Regression: a copy that came with `Age` (from an upstream cache: a backend tier, another
+/// CDN) was dated that many seconds before this node fetched it, and a node whose disk tier
+/// revalidates after a restart (the default without a bus) took it for one stored before the
+/// restart: every such copy was fetched again on every request, in both tiers, for as long as
+/// the upstream's copy was older than this node's uptime.
+#[tokio::test]
+async fn a_copy_that_came_with_age_is_trusted_once_this_node_fetched_it() {
+    const BIG: usize = 64 * 1024;
+    let big = "x".repeat(BIG);
+    let origin = Origin::start(move |seen| {
+        let etag = format!("\"{}\"", seen.path);
+        let conditional = seen
+            .headers
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok());
+        let reply = if conditional == Some(&etag) {
+            Reply::ok("").status(304)
+        } else if seen.path == "/big" {
+            Reply::ok(big.clone())
+        } else {
+            Reply::ok(format!("{} from upstream", seen.path))
+        };
+        // An upstream cache that has held its copy for ten minutes.
+        reply
+            .header("cache-control", "max-age=3600")
+            .header("etag", &etag)
+            .header("age", "600")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let memory = "max_object_size = 32768";
+    let disk = "after_restart = \"revalidate\"";
+    let port = Port::reserve();
+    let mut skua =
+        Skua::start_disk_and_memory_on(&port, &[origin.addr], dir.path(), disk, memory, "").await;
+    assert_eq!(get(&skua.url("/page"), &[]).await.cache(), "miss");
+    assert_eq!(get(&skua.url("/page"), &[]).await.cache(), "hit-front");
+    assert_eq!(origin.count("/page"), 1, "a memory hit");
+    assert_eq!(get(&skua.url("/big"), &[]).await.cache(), "miss");
+    // Read back from its record, as written (not from the fills the writer has not indexed).
+    skua.wait_disk_writes().await;
+    for _ in 0..2 {
+        let again = get(&skua.url("/big"), &[]).await;
+        assert_eq!(again.cache(), "hit-local");
+        assert_eq!(again.body.len(), BIG);
+    }
+    assert_eq!(origin.count("/big"), 1, "disk hits");
+    skua.stop();
+
+    // After a restart, what the disk holds is confirmed once (the upstream's 304 comes with
+    // its `Age` too), then served.
+    let skua =
+        Skua::start_disk_and_memory_on(&port, &[origin.addr], dir.path(), disk, memory, "").await;
+    for path in ["/page", "/big"] {
+        assert_eq!(
+            get(&skua.url(path), &[]).await.cache(),
+            "revalidated",
+            "{path}"
+        );
+        skua.wait_disk_writes().await;
+        for _ in 0..2 {
+            assert!(
+                get(&skua.url(path), &[]).await.cache().starts_with("hit-"),
+                "{path}"
+            );
+        }
+        assert_eq!(origin.count(path), 2, "{path}: one revalidation");
+    }
+}

@@ -250,14 +250,15 @@ impl Invalidations {
             .fetch_max(unix_nanos(at), Ordering::AcqRel);
     }
 
-    /// Whether an object the origin last vouched for at `created` (its fetch, or its last
-    /// 304) may be served without asking the origin again.
-    pub fn trust(&self, created: SystemTime) -> Trust {
+    /// Whether an object this node last had the origin's word on at `heard` (its fetch, or
+    /// its last 304, by this node's clock: not less the `Age` it came with, which dates the
+    /// copy at an upstream cache, not here) may be served without asking the origin again.
+    pub fn trust(&self, heard: SystemTime) -> Trust {
         let stale_before = self.stale_before.load(Ordering::Acquire);
-        if stale_before != 0 && unix_nanos(created) < stale_before {
+        if stale_before != 0 && unix_nanos(heard) < stale_before {
             return Trust::Revalidate;
         }
-        if !self.caught_up.load(Ordering::Acquire) && created < self.started {
+        if !self.caught_up.load(Ordering::Acquire) && heard < self.started {
             return match self.catch_up.get() {
                 Some((CatchUpPolicy::Wait, timeout)) => Trust::WaitForCatchUp(*timeout),
                 _ => Trust::Revalidate,

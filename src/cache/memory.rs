@@ -816,7 +816,7 @@ impl HandleMiss for MemoryMiss {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::meta::MetaTimes;
+    use crate::cache::meta::{AgeWhenHeard, MetaTimes};
     use pingora::http::ResponseHeader;
     use std::time::Duration;
 
@@ -830,6 +830,7 @@ mod tests {
                 created: Stamp::of(now),
                 provenance: Stamp::of(now),
                 epoch: Stamp::of(now),
+                age_when_heard: crate::cache::meta::AgeWhenHeard::NONE,
                 stale_while_revalidate_sec: 0,
                 stale_if_error_sec: 0,
                 variance: None,
@@ -988,6 +989,35 @@ mod tests {
         assert_eq!(back.times.fresh_until, m.times.fresh_until);
         assert_eq!(back.times.variance, m.times.variance);
         assert_eq!(back.header.headers.get("x-note").unwrap(), "x");
+        assert_eq!(back.times.age_when_heard, AgeWhenHeard::NONE);
+        m.times.age_when_heard = AgeWhenHeard::of(Duration::from_secs(600));
+        let stored = StoredObject::new(None, m.clone(), Bytes::from_static(b"x"));
+        let back = StoredMeta::from_meta(&m.to_meta(false));
+        assert_eq!(back.times.age_when_heard, m.times.age_when_heard);
+        assert_eq!(
+            stored.meta.times.heard(),
+            m.times.epoch.time() + Duration::from_secs(600)
+        );
+    }
+
+    #[test]
+    fn an_age_when_heard_is_exact_to_nine_hours_then_never_later_by_a_minute() {
+        let kept = |secs: u64| AgeWhenHeard::of(Duration::from_secs(secs)).age().as_secs();
+        for secs in [0, 1, 59, 600, 3_600, 32_767] {
+            assert_eq!(kept(secs), secs);
+        }
+        for secs in [32_768, 86_399, 86_400, 7 * 86_400 + 59] {
+            assert!(
+                kept(secs) <= secs && secs - kept(secs) < 60,
+                "{secs}: {}",
+                kept(secs)
+            );
+        }
+        let most = kept(u64::MAX);
+        assert!(
+            most >= 22 * 86_400 && most == kept(most + 3_600),
+            "saturates: {most}"
+        );
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct MetaTimes {
     pub provenance: Stamp,
     /// Reference point of Age and freshness: `updated`, or pingora's epoch override.
     pub epoch: Stamp,
+    /// The `Age` the copy's last word from the origin came with ([`AgeWhenHeard`]).
+    pub age_when_heard: AgeWhenHeard,
     pub stale_while_revalidate_sec: u32,
     pub stale_if_error_sec: u32,
     pub variance: Option<HashBinary>,
@@ -133,6 +135,7 @@ impl MetaTimes {
             created: Stamp::of(meta.created()),
             provenance: Stamp::of(meta.provenance()),
             epoch: Stamp::of(meta.epoch()),
+            age_when_heard: AgeWhenHeard::of_meta(meta),
             stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
             stale_if_error_sec: meta.stale_if_error_sec(),
             variance: meta.variance(),
@@ -161,6 +164,9 @@ impl MetaTimes {
         );
         if self.epoch != created {
             meta.set_epoch_override(self.epoch.time());
+        }
+        if self.age_when_heard != AgeWhenHeard::NONE {
+            meta.extensions_mut().insert(self.age_when_heard);
         }
         if let Some(v) = self.variance {
             meta.set_variance(v);
@@ -223,6 +229,64 @@ impl Stamp {
     }
 }
 
+/// How old a copy already was when this node last had the origin's word on it: the `Age` its
+/// fetch, or its last 304, came with (an upstream cache had held it that long; RFC 9111
+/// §4.2.3). `epoch` is that instant less the `Age`, the reference for the copy's own age;
+/// `epoch` plus this is the instant itself, by this node's clock, which is what restarts and
+/// purge-bus gaps are compared with ([`KeptTimes::heard`]): a copy an upstream cache had held
+/// for a day, fetched a second ago, was not stored before this morning's restart.
+///
+/// Two bytes, so that it fits what was padding: whole seconds below 2^15 (nine hours), whole
+/// minutes above (to 22 days), rounded down and saturating. An instant read from it is never
+/// later than the true one: at worst a copy is thought to be up to a minute older, which can
+/// only make it be checked with the origin once more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AgeWhenHeard(u16);
+
+impl AgeWhenHeard {
+    /// A copy heard from the origin itself, or from a cache with `Age: 0`.
+    pub const NONE: AgeWhenHeard = AgeWhenHeard(0);
+    const IN_MINUTES: u16 = 0x8000;
+
+    pub fn of(age: Duration) -> AgeWhenHeard {
+        let seconds = age.as_secs();
+        AgeWhenHeard(match u16::try_from(seconds) {
+            Ok(s) if s < Self::IN_MINUTES => s,
+            _ => {
+                Self::IN_MINUTES
+                    | u16::try_from(seconds / 60)
+                        .unwrap_or(u16::MAX)
+                        .min(!Self::IN_MINUTES)
+            }
+        })
+    }
+
+    /// What pingora's metadata carries (none: heard without `Age`).
+    pub fn of_meta(meta: &CacheMeta) -> AgeWhenHeard {
+        meta.extensions()
+            .get::<AgeWhenHeard>()
+            .copied()
+            .unwrap_or_default()
+    }
+
+    pub fn age(self) -> Duration {
+        Duration::from_secs(if self.0 & Self::IN_MINUTES == 0 {
+            u64::from(self.0)
+        } else {
+            u64::from(self.0 & !Self::IN_MINUTES) * 60
+        })
+    }
+
+    /// As stored on disk (`disk::record`).
+    pub fn bits(self) -> u16 {
+        self.0
+    }
+
+    pub fn from_bits(bits: u16) -> AgeWhenHeard {
+        AgeWhenHeard(bits)
+    }
+}
+
 /// What an object's record keeps of its [`MetaTimes`]: those every object has. The variance
 /// and the provenance (which only a response that varies uses) are kept with the rare fields
 /// ([`ObjectMeta::times`] puts them back). Forty bytes where all of [`MetaTimes`] is 64: with
@@ -233,6 +297,8 @@ pub struct KeptTimes {
     pub created: Stamp,
     /// Reference point of Age and freshness: `updated`, or pingora's epoch override.
     pub epoch: Stamp,
+    /// As [`MetaTimes::age_when_heard`]; two bytes, in what would be padding.
+    pub age_when_heard: AgeWhenHeard,
     pub stale_while_revalidate_sec: u32,
     pub stale_if_error_sec: u32,
     /// As [`MetaTimes::content_coded`].
@@ -241,6 +307,14 @@ pub struct KeptTimes {
     pub field_names: FieldNames,
     /// As [`MetaTimes::brotli_declined`].
     pub brotli_declined: bool,
+}
+
+impl KeptTimes {
+    /// When this node last had the origin's word on the copy, by its own clock (see
+    /// [`AgeWhenHeard`]).
+    pub fn heard(&self) -> SystemTime {
+        self.epoch.time() + self.age_when_heard.age()
+    }
 }
 
 /// What a stored object keeps of its metadata: the times, and the header as it is served.
@@ -332,6 +406,7 @@ impl ObjectMeta {
                 fresh_until: times.fresh_until,
                 created: times.created,
                 epoch: times.epoch,
+                age_when_heard: times.age_when_heard,
                 stale_while_revalidate_sec: times.stale_while_revalidate_sec,
                 stale_if_error_sec: times.stale_if_error_sec,
                 content_coded: times.content_coded,
@@ -351,6 +426,7 @@ impl ObjectMeta {
             created: t.created,
             provenance: self.provenance(),
             epoch: t.epoch,
+            age_when_heard: t.age_when_heard,
             stale_while_revalidate_sec: t.stale_while_revalidate_sec,
             stale_if_error_sec: t.stale_if_error_sec,
             variance: self.variance(),

@@ -160,6 +160,7 @@ impl Store {
                 created,
                 provenance: created,
                 epoch: created,
+                age_when_heard: pieces.age_when_heard,
                 stale_while_revalidate_sec: 0,
                 stale_if_error_sec: 0,
                 variance: None,
@@ -187,9 +188,11 @@ impl Store {
     /// disk marked stale, and a read may have found it before the mark, fresh (regression:
     /// promoted fresh, a soft-purged page was served from memory until it expired).
     pub fn promote(&self, primary: HashBinary, obj: &StoredObject) {
-        let vouched = obj.meta.times.epoch.time();
-        let trusted = self.invalidations.trust(vouched) == bans::Trust::Yes
-            && !self.invalidations.purged_since(&primary, vouched);
+        let times = &obj.meta.times;
+        let trusted = self.invalidations.trust(times.heard()) == bans::Trust::Yes
+            && !self
+                .invalidations
+                .purged_since(&primary, times.epoch.time());
         if trusted && obj.body.len() <= self.memory_max_object {
             self.memory
                 .insert_shared(primary, std::sync::Arc::new(obj.copied()));

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::cache::meta::AgeWhenHeard;
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 use pingora::cache::key::HashBinary;
@@ -122,6 +123,8 @@ pub struct Partial {
     /// Disjoint, sorted, and merged where they touch.
     pieces: Vec<(u64, Bytes)>,
     pub created: SystemTime,
+    /// The `Age` the newest piece came with.
+    pub age_when_heard: AgeWhenHeard,
     pub fresh_until: SystemTime,
 }
 
@@ -178,6 +181,7 @@ pub struct Piece {
     pub complete_length: u64,
     pub body: Bytes,
     pub created: SystemTime,
+    pub age_when_heard: AgeWhenHeard,
     pub fresh_until: SystemTime,
 }
 
@@ -234,6 +238,7 @@ impl PartialStore {
                 // header fields provided in the new response").
                 combined.head = piece.head;
                 combined.created = piece.created;
+                combined.age_when_heard = piece.age_when_heard;
                 combined.fresh_until = piece.fresh_until;
                 combined
             }
@@ -243,6 +248,7 @@ impl PartialStore {
                 complete_length: piece.complete_length,
                 pieces: Vec::new(),
                 created: piece.created,
+                age_when_heard: piece.age_when_heard,
                 fresh_until: piece.fresh_until,
             },
         };
@@ -328,6 +334,7 @@ mod tests {
             complete_length: 10,
             body: Bytes::from_static(body.as_bytes()),
             created: now,
+            age_when_heard: AgeWhenHeard::NONE,
             fresh_until: now + std::time::Duration::from_secs(60),
         }
     }

@@ -9,6 +9,7 @@ use http::header;
 use pingora::http::ResponseHeader;
 
 use super::directives::Directives;
+use super::meta::AgeWhenHeard;
 use crate::config::CacheConfig;
 
 /// Why a response was not stored. A closed vocabulary: used in logs and metric labels.
@@ -48,6 +49,8 @@ impl Uncacheable {
 pub struct Freshness {
     /// When the response was generated, by our clock: now minus the origin's `Age`.
     pub created: SystemTime,
+    /// The `Age` it came with: `created` plus this is when this node heard it.
+    pub age_when_heard: AgeWhenHeard,
     pub fresh_until: SystemTime,
     pub stale_while_revalidate_sec: u32,
     pub stale_if_error_sec: u32,
@@ -415,6 +418,7 @@ impl StoragePolicy {
             let grace = grace.map_or_else(|| secs_u32(self.default_grace), secs_u32);
             return Ok(Freshness {
                 created: now,
+                age_when_heard: AgeWhenHeard::NONE,
                 fresh_until: now.checked_add(ttl).unwrap_or(now),
                 stale_while_revalidate_sec: grace,
                 stale_if_error_sec: grace.max(secs_u32(self.stale_if_error)),
@@ -516,6 +520,7 @@ impl StoragePolicy {
         strip_hop_by_hop(resp);
         Ok(Freshness {
             created,
+            age_when_heard: AgeWhenHeard::of(Duration::from_secs(origin_age)),
             fresh_until,
             stale_while_revalidate_sec: swr,
             stale_if_error_sec: sie,

@@ -769,6 +769,7 @@ impl super::fast::FrontDoor {
                 f.stale_if_error_sec,
                 stored_head,
             );
+            meta.extensions_mut().insert(f.age_when_heard);
             let as_forwarded = AsForwarded {
                 fields: req.fields,
                 forwarded_for: forwarded_for.clone().and_then(|r| request.get(r)),

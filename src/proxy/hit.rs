@@ -92,13 +92,14 @@ pub fn verdict(
     invalidations: &Invalidations,
     url: &CacheUrl,
     created: SystemTime,
-    epoch: SystemTime,
+    heard: SystemTime,
 ) -> Verdict {
     if invalidations.banned(url, created) {
         return Verdict::Purged;
     }
-    // Trust dates from the origin's last word on the object: its fetch, or a 304 since.
-    match invalidations.trust(epoch) {
+    // Trust dates from when this node last had the origin's word on the object (its fetch, or
+    // a 304 since), whatever `Age` that word came with (`AgeWhenHeard`).
+    match invalidations.trust(heard) {
         Trust::Yes => Verdict::Serve,
         Trust::Revalidate => Verdict::Revalidate,
         Trust::WaitForCatchUp(timeout) => Verdict::WaitForCatchUp(timeout),
@@ -107,7 +108,7 @@ pub fn verdict(
 
 /// Whether [`verdict`] lets a fast path serve a copy with these times without waiting.
 fn served_as_is(invalidations: &Invalidations, url: &CacheUrl, times: &KeptTimes) -> bool {
-    verdict(invalidations, url, times.created.time(), times.epoch.time()) == Verdict::Serve
+    verdict(invalidations, url, times.created.time(), times.heard()) == Verdict::Serve
 }
 
 /// The stored object a fast path may serve as it is, counted as a memory hit: fresh in the

@@ -64,7 +64,7 @@ use crate::cache::disk::DiskHit;
 use crate::cache::hit_for_miss::Storability;
 use crate::cache::key::{CacheUrl, HostAliases, Scheme};
 use crate::cache::memory::MemoryHit;
-use crate::cache::meta::{decode_head, CACHE_STATUS, X_CACHE_STATUS};
+use crate::cache::meta::{decode_head, AgeWhenHeard, CACHE_STATUS, X_CACHE_STATUS};
 use crate::cache::partial::{self, ByteRange};
 use crate::cache::policy::StoragePolicy;
 use crate::cache::status::{Disposition, Outcome, PassReason};
@@ -1217,6 +1217,7 @@ impl CachingProxy {
             complete_length: complete,
             body: Bytes::new(),
             created: freshness.created,
+            age_when_heard: freshness.age_when_heard,
             fresh_until: freshness.fresh_until,
         };
         let length = (last - first + 1) as usize;
@@ -1951,7 +1952,8 @@ impl ProxyHttp for CachingProxy {
         }
         if let Some(url) = &ctx.url {
             let invalidations = &self.shared.store.invalidations;
-            match hit::verdict(invalidations, url, meta.created(), meta.epoch()) {
+            let heard = meta.epoch() + AgeWhenHeard::of_meta(meta).age();
+            match hit::verdict(invalidations, url, meta.created(), heard) {
                 hit::Verdict::Serve => {}
                 hit::Verdict::Purged => return Ok(Some(ForcedFreshness::ForceMiss)),
                 hit::Verdict::Revalidate => return Ok(Some(ForcedFreshness::ForceExpired)),
@@ -2421,6 +2423,9 @@ impl ProxyHttp for CachingProxy {
                     f.stale_if_error_sec,
                     stored,
                 );
+                // Always, so that a revalidation's metadata replaces the stored copy's
+                // (pingora keeps the old extensions the new one lacks).
+                meta.extensions_mut().insert(f.age_when_heard);
                 // Which clients the copy serves (`vary::copy_for`).
                 let stale = session.cache.maybe_cache_meta();
                 vary::mark_brotli_declined(&mut meta, &session.req_header().headers, stale);

@@ -9,13 +9,14 @@
 
 use pingora::cache::key::HashBinary;
 
-use crate::cache::meta::{FieldNames, MetaTimes, ObjectMeta, Stamp};
+use crate::cache::meta::{AgeWhenHeard, FieldNames, MetaTimes, ObjectMeta, Stamp};
 
 /// Every record starts with these bytes; the `2` is the format (the first format kept two
 /// files per object).
 pub const MAGIC: [u8; 8] = *b"SKUAREC2";
-/// The fixed part: magic, kind, flags, reserved, head length, body length, primary key,
-/// variant slot, time.
+/// The fixed part: magic, kind, flags, an object's age when heard (zero in the records of
+/// Skua before it, as in invalidations), head length, body length, primary key, variant slot,
+/// time.
 pub const FIXED: usize = 8 + 1 + 1 + 2 + 4 + 8 + 16 + 16 + 8;
 /// The body is checked in blocks of this size: a hit reads and checks a block before it sends
 /// any of it, so this is also the unit a large body is streamed in.
@@ -25,6 +26,9 @@ pub const ALIGN: u64 = 8;
 /// A head larger than this is not one of ours (a real one is a response header and a CRC per
 /// block of the largest body).
 pub const HEAD_MAX: usize = 4 << 20;
+/// Where an object's [`AgeWhenHeard`] is, in the fixed part: two bytes the first records of
+/// this format left zero, which reads as a copy heard without `Age`.
+const AGE_WHEN_HEARD: std::ops::Range<usize> = 10..12;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -163,6 +167,7 @@ fn empty_times() -> MetaTimes {
         created: zero,
         provenance: zero,
         epoch: zero,
+        age_when_heard: AgeWhenHeard::NONE,
         stale_while_revalidate_sec: 0,
         stale_if_error_sec: 0,
         variance: None,
@@ -192,6 +197,7 @@ pub fn object_head(
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(FIXED + 128 + meta.head.len() + block_crcs.len() * 4);
     write_fixed(&mut out, Kind::Object, primary, slot, at, body_len);
+    out[AGE_WHEN_HEARD].copy_from_slice(&meta.times.age_when_heard.bits().to_le_bytes());
     write_meta(&mut out, meta);
     for crc in block_crcs {
         out.extend_from_slice(&crc.to_le_bytes());
@@ -269,6 +275,10 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 fn read_meta(r: &mut Reader<'_>) -> Option<ObjectMeta> {
+    let age_when_heard = r
+        .bytes
+        .get(AGE_WHEN_HEARD)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))?;
     let mut stamp = || r.u64().map(Stamp::from_nanos);
     let (fresh_until, created, provenance, epoch) = (stamp()?, stamp()?, stamp()?, stamp()?);
     let swr = r.u32()?;
@@ -294,6 +304,7 @@ fn read_meta(r: &mut Reader<'_>) -> Option<ObjectMeta> {
         created,
         provenance,
         epoch,
+        age_when_heard: AgeWhenHeard::from_bits(age_when_heard),
         stale_while_revalidate_sec: swr,
         stale_if_error_sec: sie,
         variance: (flags & 2 != 0).then_some(variance),
@@ -373,6 +384,7 @@ impl BlockCrcs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn meta() -> ObjectMeta {
         let mut header = pingora::http::ResponseHeader::build(200, None).unwrap();
@@ -381,13 +393,14 @@ mod tests {
         header
             .insert_header("cache-status", "upstream; hit")
             .unwrap();
-        let cache_meta = pingora::cache::CacheMeta::new(
+        let mut cache_meta = pingora::cache::CacheMeta::new(
             std::time::SystemTime::now() + std::time::Duration::from_secs(60),
             std::time::SystemTime::now(),
             5,
             7,
             header,
         );
+        (cache_meta.extensions_mut()).insert(AgeWhenHeard::of(Duration::from_secs(86_400)));
         ObjectMeta::encode_cache_meta(&cache_meta)
     }
 
@@ -427,6 +440,10 @@ mod tests {
         assert_eq!(back.meta.upstream_cache_status(), m.upstream_cache_status());
         assert_eq!(back.meta.times.fresh_until, m.times.fresh_until);
         assert_eq!(back.meta.times.stale_if_error_sec, 7);
+        assert_eq!(
+            back.meta.times.age_when_heard.age(),
+            Duration::from_secs(86_400)
+        );
         for i in 0..head.len() {
             let mut flipped = head.clone();
             flipped[i] ^= 0x04;
