@@ -317,6 +317,81 @@ async fn stale_if_error_with_the_origin_down() {
     assert_eq!(gone.cache(), "int-front");
 }
 
+/// Regression: a stale copy served because the origin could not be reached (refused, hung
+/// up, timed out) said `Connection: keep-alive`, and then the connection was closed (pingora
+/// reuses no client connection after an origin error): a client's next request on it was
+/// cut off without an answer ("Remote end closed connection without response"), throughout
+/// an outage. Found with the HTTP cache-tests suite (`stale-close-must-revalidate` failed
+/// once in three runs).
+#[tokio::test]
+async fn a_stale_copy_served_for_an_unreachable_origin_says_the_connection_closes() {
+    let failing = Arc::new(AtomicUsize::new(0));
+    let status = failing.clone();
+    let origin = Origin::start(move |_| match status.load(Ordering::SeqCst) {
+        0 => cc("max-age=1, stale-if-error=60"),
+        code => Reply::ok("down").status(code as u16),
+    })
+    .await;
+    let skua = Skua::start(&[origin.addr], "").await;
+    let request = b"GET /outage HTTP/1.1\r\nHost: wiki.test\r\n\r\n";
+    let mut conn = tokio::net::TcpStream::connect(skua.addr).await.unwrap();
+    conn.write_all(request).await.unwrap();
+    let first = read_head_and_body(&mut conn).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // An origin that answers 503, then one that cannot be reached.
+    failing.store(503, Ordering::SeqCst);
+    let mut said_close = Vec::new();
+    for stop in [false, true] {
+        if stop {
+            origin.stop();
+        }
+        conn.write_all(request).await.unwrap();
+        let stale = read_head_and_body(&mut conn).await;
+        assert!(stale.starts_with("HTTP/1.1 200"), "{stale}");
+        assert!(stale.contains("detail=stale-if-error"), "{stale}");
+        let says_close = stale
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n");
+        said_close.push(says_close);
+        if says_close {
+            conn = tokio::net::TcpStream::connect(skua.addr).await.unwrap();
+        } else {
+            // A connection the answer kept open takes the next request.
+            conn.write_all(request).await.unwrap();
+            let next = read_head_and_body(&mut conn).await;
+            assert!(
+                next.starts_with("HTTP/1.1 200"),
+                "cut off after {stale:?}: {next:?}"
+            );
+        }
+    }
+    assert_eq!(said_close, [false, true], "a 503 keeps the connection");
+}
+
+/// Reads one response with a `Content-Length` body from `conn` (empty if it closes first).
+async fn read_head_and_body(conn: &mut tokio::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return String::from_utf8_lossy(&got).into_owned();
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => return String::from_utf8_lossy(&got).into_owned(),
+        }
+    }
+}
+
 #[tokio::test]
 async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
     let version = Arc::new(AtomicUsize::new(1));

@@ -2454,7 +2454,7 @@ impl ProxyHttp for CachingProxy {
 
     fn should_serve_stale(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _ctx: &mut RequestCtx,
         error: Option<&Error>,
     ) -> bool {
@@ -2462,7 +2462,17 @@ impl ProxyHttp for CachingProxy {
         // (RFC 5861, from the response or the configured grace) allows it.
         match error {
             None => true,
-            Some(e) => e.esource() == &ErrorSource::Upstream,
+            Some(e) if e.esource() != &ErrorSource::Upstream => false,
+            Some(e) => {
+                // After an origin that could not be reached (not one that answered 5xx),
+                // pingora reuses no client connection, whatever the stale answer says: it
+                // says `Connection: close` (RFC 9112 §9.6), so that the client does not send
+                // its next request down a connection about to close.
+                if !matches!(e.etype(), ErrorType::HTTPStatus(_)) {
+                    session.set_keepalive(None);
+                }
+                true
+            }
         }
     }
 
