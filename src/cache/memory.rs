@@ -830,7 +830,7 @@ mod tests {
                 created: Stamp::of(now),
                 provenance: Stamp::of(now),
                 epoch: Stamp::of(now),
-                age_when_heard: crate::cache::meta::AgeWhenHeard::NONE,
+                age_when_heard: AgeWhenHeard::NONE,
                 stale_while_revalidate_sec: 0,
                 stale_if_error_sec: 0,
                 variance: None,

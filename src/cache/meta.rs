@@ -238,8 +238,8 @@ impl Stamp {
 ///
 /// Two bytes, so that it fits what was padding: whole seconds below 2^15 (nine hours), whole
 /// minutes above (to 22 days), rounded down and saturating. An instant read from it is never
-/// later than the true one: at worst a copy is thought to be up to a minute older, which can
-/// only make it be checked with the origin once more.
+/// later than the true one: at worst a copy is thought up to a minute older than it is, which
+/// can only make one heard in the minute after a restart be checked with the origin again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct AgeWhenHeard(u16);
 

@@ -14,11 +14,12 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::cache::meta::AgeWhenHeard;
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 use pingora::cache::key::HashBinary;
 use pingora::http::ResponseHeader;
+
+use crate::cache::meta::AgeWhenHeard;
 
 /// One byte range a request asks for (RFC 9110 §14.1.2), not yet resolved against a length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
