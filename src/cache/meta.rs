@@ -269,6 +269,16 @@ impl AgeWhenHeard {
             .unwrap_or_default()
     }
 
+    /// When this node heard the copy whose age reference is `epoch`.
+    pub fn heard(self, epoch: SystemTime) -> SystemTime {
+        epoch + self.age()
+    }
+
+    /// When this node heard the copy pingora's metadata describes.
+    pub fn heard_in(meta: &CacheMeta) -> SystemTime {
+        Self::of_meta(meta).heard(meta.epoch())
+    }
+
     pub fn age(self) -> Duration {
         Duration::from_secs(if self.0 & Self::IN_MINUTES == 0 {
             u64::from(self.0)
@@ -313,7 +323,7 @@ impl KeptTimes {
     /// When this node last had the origin's word on the copy, by its own clock (see
     /// [`AgeWhenHeard`]).
     pub fn heard(&self) -> SystemTime {
-        self.epoch.time() + self.age_when_heard.age()
+        self.age_when_heard.heard(self.epoch.time())
     }
 }
 

@@ -312,11 +312,11 @@ pub struct TlsFile {
     pub h2_max_pending_resets: usize,
     /// HTTP/2: requests a client may cancel (reset their stream) after Skua took them up,
     /// before their answer began or within a second, per minute and connection; past it the
-    /// connection is closed (GOAWAY `ENHANCE_YOUR_CALM`). A cancelled request's origin work goes on (an
-    /// origin does not stop a page it is rendering when its client leaves), so without a
-    /// bound one connection could keep any number of requests working at the origins,
-    /// whatever `h2_max_concurrent_streams` says. 0: no limit. Default 100 (as Varnish's
-    /// `h2_rapid_reset_limit`).
+    /// connection is closed (GOAWAY `ENHANCE_YOUR_CALM`). A cancelled request's origin work
+    /// goes on (an origin does not stop a page it is rendering when its client leaves), so
+    /// without a bound one connection could keep any number of requests working at the
+    /// origins, whatever `h2_max_concurrent_streams` says. 0: no limit. Default 100 (as
+    /// Varnish's `h2_rapid_reset_limit`).
     #[serde(default = "default_h2_rapid_resets")]
     pub h2_max_rapid_resets: usize,
     /// Hosts whose plain-HTTP requests are redirected to https (301 for GET and HEAD, 308 for

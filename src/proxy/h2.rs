@@ -49,14 +49,6 @@ const MAX_MALFORMED_STREAMS: usize = 32;
 /// when Skua sees the cancel, not the origin's work once the request is sent.
 const RAPID_RESET: Duration = Duration::from_secs(1);
 
-/// How a stream's client went away, if it did ([`note_reset_by_client`]).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Reset {
-    No,
-    BeforeTheAnswer,
-    DuringTheAnswer,
-}
-
 /// The period `h2_max_rapid_resets` is counted over (Varnish's `h2_rapid_reset_period`).
 const RAPID_RESET_PERIOD: Duration = Duration::from_secs(60);
 
@@ -64,6 +56,14 @@ const RAPID_RESET_PERIOD: Duration = Duration::from_secs(60);
 /// a behavior that might be generating excessive load." (`h2::Reason` is not re-exported by
 /// pingora; it converts from the code.)
 const ENHANCE_YOUR_CALM: u32 = 0x0b;
+
+/// How a stream's client went away, if it did ([`note_reset_by_client`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reset {
+    No,
+    BeforeTheAnswer,
+    DuringTheAnswer,
+}
 
 tokio::task_local! {
     /// Whether the client reset this stream before its answer was whole: set by the request's

@@ -1952,7 +1952,7 @@ impl ProxyHttp for CachingProxy {
         }
         if let Some(url) = &ctx.url {
             let invalidations = &self.shared.store.invalidations;
-            let heard = meta.epoch() + AgeWhenHeard::of_meta(meta).age();
+            let heard = AgeWhenHeard::heard_in(meta);
             match hit::verdict(invalidations, url, meta.created(), heard) {
                 hit::Verdict::Serve => {}
                 hit::Verdict::Purged => return Ok(Some(ForcedFreshness::ForceMiss)),

@@ -196,8 +196,16 @@ pub fn object_head(
     block_crcs: &[u32],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(FIXED + 128 + meta.head.len() + block_crcs.len() * 4);
-    write_fixed(&mut out, Kind::Object, primary, slot, at, body_len);
-    out[AGE_WHEN_HEARD].copy_from_slice(&meta.times.age_when_heard.bits().to_le_bytes());
+    let age_when_heard = meta.times.age_when_heard;
+    write_fixed(
+        &mut out,
+        Kind::Object,
+        age_when_heard,
+        primary,
+        slot,
+        at,
+        body_len,
+    );
     write_meta(&mut out, meta);
     for crc in block_crcs {
         out.extend_from_slice(&crc.to_le_bytes());
@@ -208,7 +216,7 @@ pub fn object_head(
 /// A purge (`Delete`) or soft purge (`Expire`) of every variant of `primary`, at `at`.
 pub fn invalidation(kind: Kind, primary: &HashBinary, at: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(FIXED + 4 + ALIGN as usize);
-    write_fixed(&mut out, kind, primary, None, at, 0);
+    write_fixed(&mut out, kind, AgeWhenHeard::NONE, primary, None, at, 0);
     let mut out = finish_head(out);
     out.resize(aligned(out.len() as u64) as usize, 0);
     out
@@ -217,6 +225,7 @@ pub fn invalidation(kind: Kind, primary: &HashBinary, at: u64) -> Vec<u8> {
 fn write_fixed(
     out: &mut Vec<u8>,
     kind: Kind,
+    age_when_heard: AgeWhenHeard,
     primary: &HashBinary,
     slot: Option<&HashBinary>,
     at: u64,
@@ -225,7 +234,7 @@ fn write_fixed(
     out.extend_from_slice(&MAGIC);
     out.push(kind as u8);
     out.push(u8::from(slot.is_some()));
-    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&age_when_heard.bits().to_le_bytes());
     out.extend_from_slice(&[0; 4]); // head length, set by finish_head
     out.extend_from_slice(&body_len.to_le_bytes());
     out.extend_from_slice(primary);
