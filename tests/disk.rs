@@ -1522,3 +1522,147 @@ async fn a_copy_that_came_with_age_is_trusted_once_this_node_fetched_it() {
         assert_eq!(origin.count(path), 2, "{path}: one revalidation");
     }
 }
+
+/// Regression: a tag purge made in the first moments after a restart, while the disk tier was
+/// still reading the tags of what it holds back into the tag index, found nothing ("nothing
+/// cached", 404) and the edited pages were served from disk until they expired. Measured on
+/// a node with 30,000 pages on disk: the purge sent as the port opened missed. Here each
+/// header read back waits (the slow-disk hook), so the purges land while the read-back runs,
+/// some before it reaches their page and some, served meanwhile, after.
+#[tokio::test]
+async fn a_tag_purge_made_while_the_disk_tier_reads_its_tags_back_is_not_lost() {
+    const PAGES: usize = 6;
+    let version = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let current = version.clone();
+    let origin = Origin::start(move |seen| {
+        let n = seen.path.trim_start_matches("/wiki/P");
+        let v = current.load(Ordering::SeqCst);
+        Reply::ok(format!("{} v{v}", seen.path))
+            .header("cache-control", "max-age=3600")
+            .header("surrogate-key", format!("page:{n} all"))
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = Port::reserve();
+    let mut skua =
+        Skua::start_disk_and_memory_on(&port, &[origin.addr], dir.path(), "", "", "").await;
+    for i in 0..PAGES {
+        assert_eq!(
+            get(&skua.url(&format!("/wiki/P{i}")), &[]).await.cache(),
+            "miss"
+        );
+    }
+    skua.wait_disk_writes().await;
+    skua.stop();
+
+    let disk = format!(
+        "[cache.disk]\npath = \"{}\"\nafter_restart = \"serve\"\n{ENV_LINE}SKUA_TEST_DISK_READ_DELAY_MS=250\n",
+        dir.path().display()
+    );
+    let skua = Skua::start_tables_on(&port, &[origin.addr], ["", "", ""], &disk).await;
+    version.store(2, Ordering::SeqCst);
+    // Every other page is purged by its own tag, as an edit purges it.
+    for i in (0..PAGES).step_by(2) {
+        let purge = send(
+            &client(),
+            "PURGE",
+            &skua.url("/"),
+            &[("surrogate-key", &format!("page:{i}"))],
+        )
+        .await;
+        assert_eq!(purge.status, 204, "page:{i}: {}", purge.text());
+    }
+    assert_eq!(
+        skua.stats().await["tiers"]["disk"]["tags_loaded"],
+        false,
+        "the purges landed after the tags were read back: the test does not cover the window"
+    );
+    for i in 0..PAGES {
+        let page = get(&skua.url(&format!("/wiki/P{i}")), &[]).await;
+        let want = if i % 2 == 0 { 2 } else { 1 };
+        assert_eq!(
+            page.text(),
+            format!("/wiki/P{i} v{want}"),
+            "{}",
+            page.cache()
+        );
+    }
+    skua.wait_disk_index().await;
+    for i in 0..PAGES {
+        let page = get(&skua.url(&format!("/wiki/P{i}")), &[]).await;
+        let want = if i % 2 == 0 { 2 } else { 1 };
+        assert_eq!(
+            page.text(),
+            format!("/wiki/P{i} v{want}"),
+            "{}",
+            page.cache()
+        );
+        assert_ne!(page.cache(), "miss", "/wiki/P{i}");
+    }
+    for i in 0..PAGES {
+        let fetches = if i % 2 == 0 { 2 } else { 1 };
+        assert_eq!(origin.count(&format!("/wiki/P{i}")), fetches, "/wiki/P{i}");
+    }
+}
+
+/// Regression: a disk hit promoted to memory was named in the tag index as held on disk
+/// only; once the disk tier let go of the URL (its segment evicted), the URL left the tag
+/// index while the memory tier went on serving it, and a purge by its tag found nothing.
+#[tokio::test]
+async fn a_disk_hit_promoted_to_memory_is_found_by_a_tag_purge_after_the_disk_lets_it_go() {
+    let version = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let current = version.clone();
+    let origin = Origin::start(move |req| {
+        let mut body = mapped_body(&req.path);
+        if req.path.starts_with("/fill/") {
+            // Past the memory tier's limit: only the disk keeps these.
+            body.extend(std::iter::repeat_n(b'f', 40 * 1024));
+            return Reply::ok(body).header("cache-control", "max-age=600");
+        }
+        body.extend(format!(" v{}", current.load(Ordering::SeqCst)).bytes());
+        Reply::ok(body)
+            .header("cache-control", "max-age=600")
+            .header("surrogate-key", "page:first")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // Segments of 256 KiB: about one object each.
+    let disk_lines = "size = 4194304\nmax_object_size = 1048576";
+    let memory_lines = "max_object_size = 225280";
+    let port = Port::reserve();
+    let origins = [origin.addr];
+    let start = || {
+        Skua::start_disk_and_memory_on(&port, &origins, dir.path(), disk_lines, memory_lines, "")
+    };
+    let mut skua = start().await;
+    assert_eq!(get(&skua.url("/first"), &[]).await.cache(), "miss");
+    skua.wait_disk_writes().await;
+    skua.stop();
+
+    // After the restart only the disk holds it: its hit is promoted to memory.
+    let skua = start().await;
+    assert_eq!(get(&skua.url("/first"), &[]).await.cache(), "hit-local");
+    for i in 0..24 {
+        for _ in 0..2 {
+            get(&skua.url(&format!("/fill/{i}")), &[]).await;
+        }
+        skua.wait_disk_writes().await;
+    }
+    let disk = &skua.stats().await["tiers"]["disk"];
+    assert!(disk["evictions"].as_u64() >= Some(1), "{disk}");
+    assert_eq!(get(&skua.url("/first"), &[]).await.cache(), "hit-front");
+
+    version.store(2, Ordering::SeqCst);
+    let purge = send(
+        &client(),
+        "PURGE",
+        &skua.url("/"),
+        &[("surrogate-key", "page:first")],
+    )
+    .await;
+    assert_eq!(purge.status, 204, "{}", purge.text());
+    let page = get(&skua.url("/first"), &[]).await;
+    assert_eq!(page.cache(), "miss");
+    assert!(page.body.ends_with(b" v2"));
+    assert_eq!(origin.count("/first"), 2);
+}

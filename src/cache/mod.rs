@@ -110,8 +110,17 @@ impl Store {
         for tag in tags {
             // Recorded before the index is read, so that a fill still on its way, which the
             // index cannot name yet, sees it when it finishes (`TieredMiss::finish`).
-            self.invalidations
-                .record_tag_purge(tag, std::time::SystemTime::now());
+            let now = std::time::SystemTime::now();
+            self.invalidations.record_tag_purge(tag, now);
+            // Nor can it name what the disk tier holds until its tags are read back after a
+            // start: the read-back drops what the purge covers (a soft purge too, as the
+            // index cannot tell which variants it would mark). Counted as one, as a ban is.
+            if self
+                .disk
+                .is_some_and(|d| d.tag_purged_while_loading(tag, now))
+            {
+                affected += 1;
+            }
             let primaries = match mode {
                 PurgeMode::Delete => self.tags.take(tag),
                 PurgeMode::Expire => self.tags.peek(tag),
@@ -187,15 +196,31 @@ impl Store {
     /// Nor does a copy purged since the origin last vouched for it: a soft purge leaves it on
     /// disk marked stale, and a read may have found it before the mark, fresh (regression:
     /// promoted fresh, a soft-purged page was served from memory until it expired).
+    ///
+    /// The copy is named in the tag index as held in memory (regression: only its disk copy
+    /// was, and once the disk let go of the URL a tag purge found nothing while the memory
+    /// tier went on serving it); one the full index cannot name stays on disk.
     pub fn promote(&self, primary: HashBinary, obj: &StoredObject) {
         let times = &obj.meta.times;
-        let trusted = self.invalidations.trust(times.heard()) == bans::Trust::Yes
-            && !self
-                .invalidations
-                .purged_since(&primary, times.epoch.time());
-        if trusted && obj.body.len() <= self.memory_max_object {
-            self.memory
-                .insert_shared(primary, std::sync::Arc::new(obj.copied()));
+        let vouched = times.epoch.time();
+        let purged_since = |tags: &[String]| {
+            self.invalidations.purged_since(&primary, vouched)
+                || self.invalidations.tags_purged_since(tags, vouched)
+        };
+        if self.invalidations.trust(times.heard()) != bans::Trust::Yes
+            || obj.body.len() > self.memory_max_object
+        {
+            return;
+        }
+        let tags = self.tags.tags_of_stored(&obj.meta, obj.body.len());
+        if purged_since(&tags) || !self.tags.record_tags(primary, Tier::Memory, &tags) {
+            return;
+        }
+        self.memory
+            .insert_shared(primary, std::sync::Arc::new(obj.copied()));
+        // A purge between the check and the insert looked for the copy before it was there.
+        if purged_since(&tags) {
+            self.memory.purge_all(&primary);
         }
     }
 
@@ -277,17 +302,18 @@ impl Storage for Store {
         let Some(entry) = disk.lookup(&primary, slot.as_ref()).await else {
             return Ok(None);
         };
+        let served = entry.meta.to_meta(slot.is_none(), entry.body_len as usize);
         // A purge applied while the disk index was still loading (a restarted node replaying
-        // the purge bus) found nothing to remove; its time is recorded, and an entry fetched
-        // before it is dropped here instead of being served.
-        if self
-            .invalidations
-            .deleted_since(&primary, entry.meta.times.created.time())
+        // the purge bus), or a tag purge while its tags were, found nothing to remove; its
+        // time is recorded, and an entry fetched before it is dropped here instead of being
+        // served.
+        let vouched = entry.meta.times.epoch.time();
+        if (self.invalidations).deleted_since(&primary, entry.meta.times.created.time())
+            || disk.purged_by_tag_while_loading(served.response_header(), vouched)
         {
             disk.purge_all(&primary).await;
             return Ok(None);
         }
-        let served = entry.meta.to_meta(slot.is_none(), entry.body_len as usize);
         match entry.body {
             DiskBody::Whole(body) => {
                 let hit = Box::new(MemoryHit::new(body.clone(), true));

@@ -17,6 +17,8 @@ use http::HeaderName;
 use pingora::cache::key::HashBinary;
 use pingora::http::ResponseHeader;
 
+use super::meta::{FieldNames, ObjectMeta};
+
 const SHARDS: usize = 16;
 
 /// Estimated bytes of bookkeeping for one distinct tag, beside its text: its shared string
@@ -70,6 +72,20 @@ impl TagIndex {
     /// The response fields that carry tags.
     pub fn header_names(&self) -> &[HeaderName] {
         &self.headers
+    }
+
+    /// The tags of a stored object; its header is decoded only when it may hold a field
+    /// that carries them (most objects have none).
+    pub fn tags_of_stored(&self, meta: &ObjectMeta, body_len: usize) -> Vec<String> {
+        if !meta.times.field_names.may_have(self.field_bits()) {
+            return Vec::new();
+        }
+        self.tags_of(&meta.header(body_len))
+    }
+
+    /// The [`FieldNames`] bits of the fields that carry tags.
+    pub fn field_bits(&self) -> u32 {
+        (self.headers.iter()).fold(0, |bits, name| bits | FieldNames::bit(name))
     }
 
     /// Whether any header is configured to carry tags.

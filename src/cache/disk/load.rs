@@ -5,13 +5,15 @@
 //! applied again at its end, then the tags of what was found are read back.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::MutexGuard;
+use std::time::{Instant, SystemTime};
+
+use pingora::http::ResponseHeader;
 
 use super::index::{self, keys, Entry, Loc};
 use super::record::Kind;
 use super::segments::Scan;
 use super::{checkpoint, read, writer, DiskTier};
-use crate::cache::meta::FieldNames;
 use crate::cache::tags::Tier;
 
 impl DiskTier {
@@ -112,7 +114,49 @@ impl DiskTier {
         if self.tags.is_enabled() {
             self.load_tags();
         }
+        // Under the list's lock, so that a tag purge either is in the list (and was applied
+        // to what the read-back had not reached) or finds every object in the tag index.
+        let mut purges = self.tag_purges_lock();
+        *purges = None;
         self.tags_loaded.store(true, Ordering::Release);
+    }
+
+    fn tag_purges_lock(&self) -> MutexGuard<'_, Option<Vec<(String, SystemTime)>>> {
+        (self.tag_purges_while_loading.lock()).unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A purge of `tag` made at `at`. `true` while the tags of the objects on disk are still
+    /// being read back: the tag index cannot name those objects yet, so the read-back drops
+    /// each one the purge covers as it reaches it, and a lookup meanwhile does not serve it
+    /// ([`DiskTier::purged_by_tag_while_loading`]). Regression: a tag purge made in the first
+    /// moments after a restart found nothing (404) and the pages stayed on disk, served.
+    pub fn tag_purged_while_loading(&self, tag: &str, at: SystemTime) -> bool {
+        match self.tag_purges_lock().as_mut() {
+            Some(purges) => {
+                purges.push((tag.to_string(), at));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a tag purge made while the tags on disk were being read back covers a stored
+    /// response with `header` that the origin last vouched for at `vouched`. Always `false`
+    /// once they are read back (then the tag index names every object).
+    pub fn purged_by_tag_while_loading(
+        &self,
+        header: &ResponseHeader,
+        vouched: SystemTime,
+    ) -> bool {
+        if self.tags_loaded() {
+            return false;
+        }
+        let purges = self.tag_purges_lock();
+        let Some(purges) = purges.as_ref().filter(|p| !p.is_empty()) else {
+            return false;
+        };
+        let tags = self.tags.tags_of(header);
+        (purges.iter()).any(|(tag, at)| *at >= vouched && tags.contains(tag))
     }
 
     fn found_damaged(&self, why: &str) {
@@ -121,19 +165,18 @@ impl DiskTier {
     }
 
     /// Re-reads the tags of every indexed object from its stored header. Runs after the index
-    /// is loaded (objects are servable meanwhile); a tag purge before it finishes misses only
-    /// objects not yet re-read.
+    /// is loaded (objects are servable meanwhile); a tag purge made before it finishes is
+    /// applied to the objects it had not re-read yet ([`DiskTier::tag_purged_while_loading`]).
     fn load_tags(&'static self) {
-        let tag_bits: u32 = self
-            .tags
-            .header_names()
-            .iter()
-            .fold(0, |bits, name| bits | FieldNames::bit(name));
+        let tag_bits = self.tags.field_bits();
         for shard in 0..index::SHARDS {
             for entry in self.index.shard_entries(shard) {
                 let Some(file) = self.segments.get(entry.loc.seg) else {
                     continue;
                 };
+                if let Some(delay) = self.read_delay {
+                    std::thread::sleep(delay);
+                }
                 let Ok(head) = read::read_head_blocking(&file, entry.loc) else {
                     continue;
                 };
@@ -143,8 +186,12 @@ impl DiskTier {
                 }
                 let primary = head.fixed.primary;
                 let header = head.meta.header(head.fixed.body_len as usize);
-                if !self.tags.record(primary, Tier::Disk, &header) {
-                    // The tag index is full: a copy a tag purge could not find is dropped.
+                let vouched = head.meta.times.epoch.time();
+                if self.purged_by_tag_while_loading(&header, vouched)
+                    || !self.tags.record(primary, Tier::Disk, &header)
+                {
+                    // Purged by a tag before the index could name it, or the tag index is
+                    // full (a copy a tag purge could not find): dropped.
                     self.index.remove_all(&primary, u64::MAX);
                     let (done, _) = tokio::sync::oneshot::channel();
                     self.send(super::writer::Job::Invalidate {

@@ -116,11 +116,15 @@ pub struct DiskTier {
     /// How long the start-up index load took, once done.
     pub load_time: Arc<Mutex<Option<Duration>>>,
     tags_loaded: AtomicBool,
+    /// Tag purges made before the tags of the objects on disk were read back (`None` once
+    /// they are): the tag index cannot name those objects yet, so the read-back and lookups
+    /// meanwhile drop what a purge covers ([`DiskTier::tag_purged_while_loading`]).
+    tag_purges_while_loading: Mutex<Option<Vec<(String, std::time::SystemTime)>>>,
     tags: &'static TagIndex,
     /// How reads the page cache may answer are made ([`ReadMode`]).
     read_mode: std::sync::atomic::AtomicU8,
     /// Test hook (`SKUA_TEST_DISK_READ_DELAY_MS`): every read waits on the blocking pool this
-    /// long, as on a slow disk.
+    /// long, as on a slow disk, and so does each head the start-up tag pass reads back.
     read_delay: Option<Duration>,
     /// A zero-downtime upgrade has handed the directory to a new process ([`Self::hand_over`]).
     handed_over: AtomicBool,
@@ -183,6 +187,7 @@ impl DiskTier {
             invalidated_while_loading: Mutex::new(Vec::new()),
             load_time: Arc::new(Mutex::new(None)),
             tags_loaded: AtomicBool::new(false),
+            tag_purges_while_loading: Mutex::new(Some(Vec::new())),
             tags,
             read_mode: std::sync::atomic::AtomicU8::new(0),
             read_delay,
