@@ -736,10 +736,12 @@ async fn frontend_partitions_objects_over_backends_and_a_dead_backend_moves_only
 /// Two tiers: a purge reaches the frontend before the backend (the bus delivers to each in
 /// its own time), and a reader asks the frontend in between. The frontend misses and gets the
 /// backend's copy from before the edit: it may pass it on, but must not store it, or the old
-/// page outlives the backend's purge at the frontend for its whole lifetime. `soft`: the
-/// frontend's purge is a soft one, and its revalidation gets the backend's 304, which must not
-/// refresh the frontend's copy either.
-async fn frontend_purged_before_its_backend(copy_age: Duration, soft: bool) {
+/// page outlives the backend's purge at the frontend for its whole lifetime. `how`: the
+/// purge's own field. A soft purge's revalidation gets the backend's 304, which must not
+/// refresh the frontend's copy either; a prefix purge (a ban) must keep the frontend from
+/// storing the backend's copy as a URL purge does (regression: a copy sent with `Age: 0` was
+/// stored, and served until it expired).
+async fn frontend_purged_before_its_backend(copy_age: Duration, how: (&str, &str)) {
     let origin = versioned_origin().await;
     let backend = Skua::start_tables(&[origin.addr], ["name = \"skua-be\"", "", ""], "").await;
     let frontend = Skua::start_tables(&[backend.addr], ["name = \"skua-fe\"", "", ""], "").await;
@@ -748,8 +750,7 @@ async fn frontend_purged_before_its_backend(copy_age: Duration, soft: bool) {
     tokio::time::sleep(copy_age).await;
     let purge = |node: &Skua| {
         let url = node.url("/wiki/P");
-        let mode = if soft { "1" } else { "0" };
-        async move { send(&client(), "PURGE", &url, &[HOST, ("skua-soft-purge", mode)]).await }
+        async move { send(&client(), "PURGE", &url, &[HOST, how]).await }
     };
     assert_eq!(purge(&frontend).await.status, 204);
     let between = get(&url, &[HOST]).await;
@@ -763,7 +764,7 @@ async fn frontend_purged_before_its_backend(copy_age: Duration, soft: bool) {
     assert_eq!(
         after.text(),
         "/wiki/P v2",
-        "{copy_age:?} soft={soft}: {}",
+        "{copy_age:?} {how:?}: {}",
         after.header("cache-status")
     );
 }
@@ -771,8 +772,12 @@ async fn frontend_purged_before_its_backend(copy_age: Duration, soft: bool) {
 #[tokio::test]
 async fn a_frontend_purged_before_its_backend_does_not_store_the_backends_old_copy() {
     for age in [Duration::from_millis(1100), Duration::ZERO] {
-        for soft in [false, true] {
-            frontend_purged_before_its_backend(age, soft).await;
+        for how in [
+            ("skua-soft-purge", "0"),
+            ("skua-soft-purge", "1"),
+            ("skua-purge-prefix", "1"),
+        ] {
+            frontend_purged_before_its_backend(age, how).await;
         }
     }
 }

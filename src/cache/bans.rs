@@ -437,6 +437,26 @@ impl Invalidations {
     }
 
     /// Whether an object for `url` stored at `created` is under a later ban.
+    /// Whether a response about to be stored for `url`, dated `created` (when its request was
+    /// sent, less its `Age`), is covered by a ban already made. One another cache sent (with
+    /// `Age`) is taken as up to a second older, as for purges
+    /// ([`super::policy::allowing_for_whole_seconds`]): a backend's copy from just before a
+    /// ban, sent with `Age: 0` by a backend that had not applied the ban yet, is not stored
+    /// past it (regression: a frontend that had applied a prefix purge stored that copy and
+    /// served the old page until it expired).
+    pub fn banned_before_storing(
+        &self,
+        url: &CacheUrl,
+        created: SystemTime,
+        headers: &http::HeaderMap,
+    ) -> bool {
+        self.has_bans()
+            && self.banned(
+                url,
+                super::policy::allowing_for_whole_seconds(created, headers),
+            )
+    }
+
     pub fn banned(&self, url: &CacheUrl, created: SystemTime) -> bool {
         if !self.has_bans() {
             return false;

@@ -747,7 +747,10 @@ impl super::fast::FrontDoor {
         });
         let max = shared.store.max_object_size();
         let refused = decided.as_ref().err().copied();
+        let invalidations = &shared.store.invalidations;
         let storable = match decided {
+            // As on pingora's path (`response_cache_filter`).
+            Ok(f) if invalidations.banned_before_storing(url, f.created, &resp.headers) => None,
             Ok(f) => Some(f),
             Err(reason) => {
                 shared

@@ -2389,7 +2389,17 @@ impl ProxyHttp for CachingProxy {
             let policy = &self.shared.settings.load().policy;
             policy.decide(&mut stored, authorization, sent, ctx.ttl_rule)
         };
+        let invalidations = &self.shared.store.invalidations;
         match decided {
+            Ok(f)
+                if (ctx.url.as_ref()).is_some_and(|url| {
+                    invalidations.banned_before_storing(url, f.created, &resp.headers)
+                }) =>
+            {
+                Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                    "banned-while-fetching",
+                )))
+            }
             Ok(f) => {
                 ctx.stored = true;
                 ctx.fresh_until = Some(f.fresh_until);
