@@ -436,7 +436,6 @@ impl Invalidations {
         self.ban_count.load(Ordering::Acquire) > 0
     }
 
-    /// Whether an object for `url` stored at `created` is under a later ban.
     /// Whether a response about to be stored for `url`, dated `created` (when its request was
     /// sent, less its `Age`), is covered by a ban already made. One another cache sent (with
     /// `Age`) is taken as up to a second older, as for purges
@@ -457,6 +456,7 @@ impl Invalidations {
             )
     }
 
+    /// Whether an object for `url` stored at `created` is under a later ban.
     pub fn banned(&self, url: &CacheUrl, created: SystemTime) -> bool {
         if !self.has_bans() {
             return false;

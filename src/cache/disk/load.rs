@@ -4,6 +4,7 @@
 //! written. Without a checkpoint every segment is scanned. Purges made while this ran are
 //! applied again at its end, then the tags of what was found are read back.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
 use std::time::{Instant, SystemTime};
@@ -121,7 +122,7 @@ impl DiskTier {
         self.tags_loaded.store(true, Ordering::Release);
     }
 
-    fn tag_purges_lock(&self) -> MutexGuard<'_, Option<Vec<(String, SystemTime)>>> {
+    fn tag_purges_lock(&self) -> MutexGuard<'_, Option<HashMap<String, SystemTime>>> {
         (self.tag_purges_while_loading.lock()).unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -133,7 +134,8 @@ impl DiskTier {
     pub fn tag_purged_while_loading(&self, tag: &str, at: SystemTime) -> bool {
         match self.tag_purges_lock().as_mut() {
             Some(purges) => {
-                purges.push((tag.to_string(), at));
+                let latest = purges.entry(tag.to_string()).or_insert(at);
+                *latest = (*latest).max(at);
                 true
             }
             None => false,
@@ -155,8 +157,8 @@ impl DiskTier {
         let Some(purges) = purges.as_ref().filter(|p| !p.is_empty()) else {
             return false;
         };
-        let tags = self.tags.tags_of(header);
-        (purges.iter()).any(|(tag, at)| *at >= vouched && tags.contains(tag))
+        (self.tags.tags_of(header).iter())
+            .any(|tag| purges.get(tag).is_some_and(|at| *at >= vouched))
     }
 
     fn found_damaged(&self, why: &str) {

@@ -29,6 +29,7 @@ mod segments;
 mod write;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -119,7 +120,8 @@ pub struct DiskTier {
     /// Tag purges made before the tags of the objects on disk were read back (`None` once
     /// they are): the tag index cannot name those objects yet, so the read-back and lookups
     /// meanwhile drop what a purge covers ([`DiskTier::tag_purged_while_loading`]).
-    tag_purges_while_loading: Mutex<Option<Vec<(String, std::time::SystemTime)>>>,
+    /// The latest such purge of each tag.
+    tag_purges_while_loading: Mutex<Option<HashMap<String, std::time::SystemTime>>>,
     tags: &'static TagIndex,
     /// How reads the page cache may answer are made ([`ReadMode`]).
     read_mode: std::sync::atomic::AtomicU8,
@@ -187,7 +189,7 @@ impl DiskTier {
             invalidated_while_loading: Mutex::new(Vec::new()),
             load_time: Arc::new(Mutex::new(None)),
             tags_loaded: AtomicBool::new(false),
-            tag_purges_while_loading: Mutex::new(Some(Vec::new())),
+            tag_purges_while_loading: Mutex::new(Some(HashMap::new())),
             tags,
             read_mode: std::sync::atomic::AtomicU8::new(0),
             read_delay,
