@@ -1527,8 +1527,9 @@ async fn a_copy_that_came_with_age_is_trusted_once_this_node_fetched_it() {
 /// still reading the tags of what it holds back into the tag index, found nothing ("nothing
 /// cached", 404) and the edited pages were served from disk until they expired. Measured on
 /// a node with 30,000 pages on disk: the purge sent as the port opened missed. Here each
-/// header read back waits (the slow-disk hook), so the purges land while the read-back runs,
-/// some before it reaches their page and some, served meanwhile, after.
+/// header read back waits half a second (the slow-disk hook: three seconds for the six), so
+/// the purges land while the read-back runs, some before it reaches their page and some,
+/// served meanwhile, after.
 #[tokio::test]
 async fn a_tag_purge_made_while_the_disk_tier_reads_its_tags_back_is_not_lost() {
     const PAGES: usize = 6;
@@ -1556,7 +1557,7 @@ async fn a_tag_purge_made_while_the_disk_tier_reads_its_tags_back_is_not_lost() 
     skua.stop();
 
     let disk = format!(
-        "[cache.disk]\npath = \"{}\"\nafter_restart = \"serve\"\n{ENV_LINE}SKUA_TEST_DISK_READ_DELAY_MS=250\n",
+        "[cache.disk]\npath = \"{}\"\nafter_restart = \"serve\"\n{ENV_LINE}SKUA_TEST_DISK_READ_DELAY_MS=500\n",
         dir.path().display()
     );
     let skua = Skua::start_tables_on(&port, &[origin.addr], ["", "", ""], &disk).await;
