@@ -1329,37 +1329,11 @@ async fn a_disk_hit_promoted_to_memory_does_not_keep_its_evicted_segment() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    // Segments of 256 KiB: about one object each.
-    let disk_lines = "size = 4194304\nmax_object_size = 1048576";
-    let memory_lines = "max_object_size = 225280";
-    let port = Port::reserve();
-    let origins = [origin.addr];
-    let start = || {
-        Skua::start_disk_and_memory_on(&port, &origins, dir.path(), disk_lines, memory_lines, "")
-    };
-    let mut skua = start().await;
-    assert_eq!(get(&skua.url("/first"), &[]).await.cache(), "miss");
-    skua.wait_disk_writes().await;
-    skua.stop();
-
-    // After the restart only the disk holds it: its hit is a view, promoted to memory.
-    let skua = start().await;
-    let hit = get(&skua.url("/first"), &[]).await;
-    assert_eq!(hit.cache(), "hit-local");
+    let (skua, hit) = first_promoted_then_evicted_from_disk(&origin, dir.path()).await;
+    // Its hit after the restart was a view of the mapped segment.
     assert!(hit.body == mapped_body("/first"));
     let disk = &skua.stats().await["tiers"]["disk"];
     assert!(disk["reads_mapped"].as_u64() >= Some(1), "{disk}");
-
-    // Half as much again as the tier's bound, each asked for twice (a full tier writes a URL
-    // on its second miss): /first's segment, the oldest, is evicted.
-    for i in 0..24 {
-        for _ in 0..2 {
-            get(&skua.url(&format!("/fill/{i}")), &[]).await;
-        }
-        skua.wait_disk_writes().await;
-    }
-    let disk = &skua.stats().await["tiers"]["disk"];
-    assert!(disk["evictions"].as_u64() >= Some(1), "{disk}");
     assert_eq!(
         unlinked_segments_mapped(skua.pid()),
         Vec::<String>::new(),
@@ -1370,6 +1344,38 @@ async fn a_disk_hit_promoted_to_memory_does_not_keep_its_evicted_segment() {
     assert_ne!(again.cache(), "miss");
     assert!(again.body == mapped_body("/first"));
     assert_eq!(origin.count("/first"), 1);
+}
+
+/// Skua over `origin` with a 4 MiB disk tier in `dir` (segments of 256 KiB: about one object
+/// each) under a memory tier that keeps nothing over 220 KiB. `/first` is stored, Skua
+/// restarted, and `/first`'s disk hit (returned) promotes it to memory; then 24 `/fill/`
+/// pages (which `origin` must make too large for memory), half as much again as the tier's
+/// bound and each asked for twice (a full tier writes a URL on its second miss), evict its
+/// segment, the oldest.
+async fn first_promoted_then_evicted_from_disk(origin: &Origin, dir: &Path) -> (Skua, Got) {
+    let disk_lines = "size = 4194304\nmax_object_size = 1048576";
+    let memory_lines = "max_object_size = 225280";
+    let port = Port::reserve();
+    let origins = [origin.addr];
+    let start =
+        || Skua::start_disk_and_memory_on(&port, &origins, dir, disk_lines, memory_lines, "");
+    let mut skua = start().await;
+    assert_eq!(get(&skua.url("/first"), &[]).await.cache(), "miss");
+    skua.wait_disk_writes().await;
+    skua.stop();
+
+    let skua = start().await;
+    let hit = get(&skua.url("/first"), &[]).await;
+    assert_eq!(hit.cache(), "hit-local");
+    for i in 0..24 {
+        for _ in 0..2 {
+            get(&skua.url(&format!("/fill/{i}")), &[]).await;
+        }
+        skua.wait_disk_writes().await;
+    }
+    let disk = &skua.stats().await["tiers"]["disk"];
+    assert!(disk["evictions"].as_u64() >= Some(1), "{disk}");
+    (skua, hit)
 }
 
 /// Regression: a copy only the disk tier held (a restarted node), soft-purged and then
@@ -1627,30 +1633,7 @@ async fn a_disk_hit_promoted_to_memory_is_found_by_a_tag_purge_after_the_disk_le
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    // Segments of 256 KiB: about one object each.
-    let disk_lines = "size = 4194304\nmax_object_size = 1048576";
-    let memory_lines = "max_object_size = 225280";
-    let port = Port::reserve();
-    let origins = [origin.addr];
-    let start = || {
-        Skua::start_disk_and_memory_on(&port, &origins, dir.path(), disk_lines, memory_lines, "")
-    };
-    let mut skua = start().await;
-    assert_eq!(get(&skua.url("/first"), &[]).await.cache(), "miss");
-    skua.wait_disk_writes().await;
-    skua.stop();
-
-    // After the restart only the disk holds it: its hit is promoted to memory.
-    let skua = start().await;
-    assert_eq!(get(&skua.url("/first"), &[]).await.cache(), "hit-local");
-    for i in 0..24 {
-        for _ in 0..2 {
-            get(&skua.url(&format!("/fill/{i}")), &[]).await;
-        }
-        skua.wait_disk_writes().await;
-    }
-    let disk = &skua.stats().await["tiers"]["disk"];
-    assert!(disk["evictions"].as_u64() >= Some(1), "{disk}");
+    let (skua, _) = first_promoted_then_evicted_from_disk(&origin, dir.path()).await;
     assert_eq!(get(&skua.url("/first"), &[]).await.cache(), "hit-front");
 
     version.store(2, Ordering::SeqCst);
