@@ -92,6 +92,7 @@ two-tiers)
     export NODES=$((base + 3)):$((base + 4)),$base:$((base + 1)) READ_NODES=1,1,1,0
     ;;
 fleet)
+    command -v nats-server > /dev/null || { echo "the fleet setup needs nats-server" >&2; exit 2; }
     nats=$((base + 8))
     nats-server -js -a 127.0.0.1 -p "$nats" -sd "$work/nats" > "$work/nats.log" 2>&1 &
     pids+=($!)
