@@ -747,10 +747,14 @@ impl super::fast::FrontDoor {
         });
         let max = shared.store.max_object_size();
         let refused = decided.as_ref().err().copied();
+        // As on pingora's path (`response_cache_filter`): a copy a ban may have been meant for
+        // is not stored, and speaks for this moment only, not for the URL (no hit-for-miss
+        // mark).
         let invalidations = &shared.store.invalidations;
+        let banned = (decided.as_ref())
+            .is_ok_and(|f| invalidations.banned_before_storing(url, f.created, &resp.headers));
         let storable = match decided {
-            // As on pingora's path (`response_cache_filter`).
-            Ok(f) if invalidations.banned_before_storing(url, f.created, &resp.headers) => None,
+            Ok(_) if banned => None,
             Ok(f) => Some(f),
             Err(reason) => {
                 shared
@@ -918,10 +922,13 @@ impl super::fast::FrontDoor {
         if kept.pieces.is_none() {
             release(shared.lock, &key, permit.take(), LockStatus::GiveUp);
             let storability = match refused {
-                Some(reason) => Storability::Refused(reason, status),
-                None => Storability::TooLarge,
+                Some(reason) => Some(Storability::Refused(reason, status)),
+                None if banned => None,
+                None => Some(Storability::TooLarge),
             };
-            shared.hit_for_miss.answered(&primary, storability);
+            if let Some(storability) = storability {
+                shared.hit_for_miss.answered(&primary, storability);
+            }
         }
         loop {
             let piece = origin.next_piece(framing, &mut left, &mut client_out);

@@ -2391,6 +2391,8 @@ impl ProxyHttp for CachingProxy {
         };
         let invalidations = &self.shared.store.invalidations;
         match decided {
+            // A copy a ban may have been meant for (`banned_before_storing`): passed on, not
+            // stored, and no hit-for-miss mark (it speaks for this moment, not the URL).
             Ok(f)
                 if (ctx.url.as_ref()).is_some_and(|url| {
                     invalidations.banned_before_storing(url, f.created, &resp.headers)

@@ -119,8 +119,8 @@ pub struct DiskTier {
     tags_loaded: AtomicBool,
     /// Tag purges made before the tags of the objects on disk were read back (`None` once
     /// they are): the tag index cannot name those objects yet, so the read-back and lookups
-    /// meanwhile drop what a purge covers ([`DiskTier::tag_purged_while_loading`]).
-    /// The latest such purge of each tag.
+    /// meanwhile drop what a purge covers ([`DiskTier::tag_purged_while_loading`]). The
+    /// latest such purge of each tag.
     tag_purges_while_loading: Mutex<Option<HashMap<String, std::time::SystemTime>>>,
     tags: &'static TagIndex,
     /// How reads the page cache may answer are made ([`ReadMode`]).
