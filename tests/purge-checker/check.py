@@ -14,6 +14,11 @@ Driven by run.sh, which starts the origin, the nodes and nats-server. Settings b
   HTCP        host:port of a node's HTCP receiver (adds HTCP CLR to the purge forms)
   SLACK       seconds after an acknowledgement a purge may still be on its way (a fleet)
   NPAGES      pages (default 8; half the requests go to the first 8)
+  STYLE       "wiki": pages are MediaWiki titles (/wiki/Rock_%27n%27_roll_(NNNN)), asked for and
+              purged in the spellings a `normalize_path`/`normalize_query` rule makes one
+  TLS         port of a node's HTTPS listener: a quarter of the readers ask there (https
+              objects, which a purge of either scheme removes with the http ones)
+  HOSTS       host names readers and purges use, one object (default wiki.test)
   LOG_DIR     where the nodes' logs go
 Arguments: origin port, skua binary, seconds to run. Exits 1 if any answer was stale.
 """
@@ -23,6 +28,7 @@ import os
 import random
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -40,8 +46,11 @@ SLACK = float(os.environ.get("SLACK", "0"))
 PURGE_ALL = bool(os.environ.get("PURGE_ALL"))
 NPAGES = int(os.environ.get("NPAGES", "8"))
 LOG_DIR = os.environ.get("LOG_DIR", ".")
-HOST = "wiki.test"
-PAGES = ["/p/%04d" % i for i in range(NPAGES)]
+TLS = int(os.environ.get("TLS", "0"))
+STYLE = os.environ.get("STYLE", "")
+HOSTS = os.environ.get("HOSTS", "wiki.test").split(",")
+WIKI_TITLE = "/wiki/Rock_%27n%27_roll_({})"
+PAGES = [(WIKI_TITLE if STYLE == "wiki" else "/p/{}").format("%04d" % i) for i in range(NPAGES)]
 VERSION = re.compile(rb"v=(\d{6})")
 
 acks = {p: [] for p in PAGES}  # (acknowledged at + SLACK, version, how)
@@ -56,15 +65,33 @@ def pick(rnd):
     return PAGES[rnd.randrange(min(8, NPAGES))] if rnd.random() < 0.5 else rnd.choice(PAGES)
 
 
+def number(page):
+    return re.search(r"\d{4}", page).group(0)
+
+
 def spellings(page):
-    """Spellings Skua keys as one object (RFC 3986 §6.2.2)."""
-    n = page[3:]
-    return [page, page + "?", "/p/%s%%%02X" % (n[:-1], ord(n[-1])), "/p/./" + n, "/q/../p/" + n]
+    """Spellings Skua keys as one object: RFC 3986 §6.2.2's, and with STYLE=wiki the ones
+    MediaWiki reads as one title (a `normalize_path = "mediawiki"` rule) and tracking
+    parameters (a `normalize_query` rule that drops them)."""
+    n = number(page)
+    escaped_digit = "%s%%%02X" % (n[:-1], ord(n[-1]))
+    if STYLE != "wiki":
+        return [page, page + "?", "/p/" + escaped_digit, "/p/./" + n, "/q/../p/" + n]
+    title = "/wiki/Rock_{}n{}_roll_{}{}{}"
+    return [page, page + "?", page + "?utm_source=news&utm_medium=mail", page + "?fbclid=x1",
+            title.format("'", "'", "(", n, ")"),
+            title.format("%27", "%27", "%28", n, "%29"),
+            title.format("%27", "'", "(", escaped_digit, "%29") + "?utm_campaign=c",
+            "/wiki/./Rock_%27n%27_roll_(" + n + ")"]
+
+
+def tag(page):
+    return "page-p-" + number(page)
 
 
 def kind(page):
     """What the origin sends for a page (see origin.py)."""
-    return int(page[3:]) % 4
+    return int(number(page)) % 4
 
 
 def observe(resp, body, sent_inm):
@@ -98,15 +125,29 @@ def observe(resp, body, sent_inm):
     return (body_version if body_version is not None else etag_version), None
 
 
+def connect(port, tls):
+    if tls:
+        return http.client.HTTPSConnection("127.0.0.1", port, timeout=10,
+                                           context=ssl._create_unverified_context())
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+
+def url(rnd, page):
+    """An absolute URL of `page`, as a purge names it: either scheme, any host and spelling."""
+    scheme = rnd.choice(["http", "https"])
+    return "%s://%s%s" % (scheme, rnd.choice(HOSTS), rnd.choice(spellings(page)))
+
+
 def reader(seed):
     rnd = random.Random(seed)
-    port = NODES[READ_NODES[seed % len(READ_NODES)]][0]
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    tls = bool(TLS) and seed % 4 == 3
+    port = TLS if tls else NODES[READ_NODES[seed % len(READ_NODES)]][0]
+    conn = connect(port, tls)
     while not stop:
         page = pick(rnd)
         target = rnd.choice(spellings(page))
         method = "HEAD" if rnd.random() < 0.15 else "GET"
-        headers = {"Host": HOST}
+        headers = {"Host": rnd.choice(HOSTS)}
         coding = rnd.choice([None, "gzip", "br", "gzip, deflate, br", "identity"])
         if coding:
             headers["Accept-Encoding"] = coding
@@ -131,7 +172,7 @@ def reader(seed):
             body = resp.read()
         except Exception as e:
             conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn = connect(port, tls)
             with records_lock:
                 records.append((page, started, None, "failed: %r" % e, headers, target, method, None))
             continue
@@ -142,7 +183,7 @@ def reader(seed):
             records.append((page, started, version, error, headers, target, method, answer))
         if (resp.getheader("connection") or "").lower() == "close":
             conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn = connect(port, tls)
 
 
 def edit(page):
@@ -156,27 +197,26 @@ def edit(page):
 def purge_at(page, how, rnd, node):
     port, admin = node
     if how == "htcp":
-        subprocess.run([SKUA, "purge", "--htcp", HTCP, "http://%s%s" % (HOST, page)],
+        subprocess.run([SKUA, "purge", "--htcp", HTCP, url(rnd, page)],
                        check=True, capture_output=True)
         time.sleep(0.3)  # no acknowledgement: a UDP packet
         return 200
     if how == "admin":
         c = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
-        url = urllib.parse.quote("http://%s%s" % (HOST, page), safe="")
-        c.request("POST", "/purge?url=" + url, headers={"Skua-Purge": "1"})
+        c.request("POST", "/purge?url=" + urllib.parse.quote(url(rnd, page), safe=""),
+                  headers={"Skua-Purge": "1"})
     else:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        headers = {"Host": HOST}
+        headers = {"Host": rnd.choice(HOSTS)}
         target = rnd.choice(spellings(page))
-        tag = "page-" + page.strip("/").replace("/", "-")
         if how == "absolute":
-            target = "http://%s%s" % (HOST, page)
+            target = url(rnd, page)
         elif how == "soft":
             headers["Skua-Soft-Purge"] = "1"
         elif how == "key":
-            target, headers["Surrogate-Key"] = "/", tag
+            target, headers["Surrogate-Key"] = "/", tag(page)
         elif how == "xkey":
-            target, headers["xkey-purge"] = "/", tag
+            target, headers["xkey-purge"] = "/", tag(page)
         elif how == "prefix":
             headers["Skua-Purge-Prefix"] = "1"
         c.request("PURGE", target, headers=headers)

@@ -1,7 +1,8 @@
 """Versioned origin for the purge checker (check.py), on the port given.
 
-GET or HEAD /p/NNNN: a 4 KiB text page whose every 64-byte line names the page and its
-version, with a strong ETag "vN", a Surrogate-Key "page-p-NNNN all" and Vary: Accept-Encoding.
+GET or HEAD /p/NNNN (or any path whose decoded form holds the number once, such as
+/wiki/Rock_%27n%27_roll_(NNNN): the page /p/NNNN, however the proxy spelled it): a 4 KiB text
+page whose every 64-byte line names the page and its version, with a strong ETag "vN", a Surrogate-Key "page-p-NNNN all" and Vary: Accept-Encoding.
 What else it sends depends on the page number modulo 4:
   0  s-maxage=300
   1  max-age=300, stale-while-revalidate=30 (a soft purge may serve it stale)
@@ -14,13 +15,21 @@ purges. POST /__edit/p/NNNN makes a new version and answers its number.
 import email.utils
 import gzip
 import random
+import re
 import socketserver
 import sys
 import threading
 import time
+import urllib.parse
 
 versions = {}
 lock = threading.Lock()
+
+
+def page_of(path):
+    """The page a path names: the first four digits of its decoded path, or None."""
+    m = re.search(r"\d{4}", urllib.parse.unquote(path.split("?")[0]))
+    return "/p/" + m.group(0) if m else None
 
 
 def page_body(page, version):
@@ -46,23 +55,22 @@ class Handler(socketserver.StreamRequestHandler):
             if length:
                 self.rfile.read(length)
             if path.startswith("/__edit/"):
-                page = path[len("/__edit"):]
+                page = page_of(path[len("/__edit"):])
                 with lock:
                     versions[page] = versions.get(page, 0) + 1
                     body = str(versions[page]).encode()
                 self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
                 continue
-            self.answer(method, path.split("?")[0], headers)
+            self.answer(method, page_of(path), headers)
 
     def answer(self, method, page, headers):
+        if page is None:
+            self.wfile.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            return
         with lock:
             version = versions.get(page, 0)
         time.sleep(random.random() * 0.03)
-        try:
-            kind = int(page.rsplit("/", 1)[1]) % 4
-        except ValueError:
-            self.wfile.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-            return
+        kind = int(page[3:]) % 4
         etag = '"v%d"' % version
         fields = ["Content-Type: text/html; charset=utf-8",
                   "Surrogate-Key: page-%s all" % page.strip("/").replace("/", "-"),

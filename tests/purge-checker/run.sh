@@ -9,10 +9,14 @@
 #   tests/purge-checker/run.sh SETUP [seconds] [path/to/skua]   (default 60 s, target/release/skua)
 #
 # SETUP:
-#   node        one node, memory over a disk tier, HTCP as well
+#   node        one node, memory over a disk tier, HTCP as well, HTTPS (openssl makes its
+#               certificate) beside HTTP
 #   restarts    the same, with a small memory tier and 3,000 pages (disk hits), killed (-9)
 #               or stopped and started again every few seconds; `after_restart = "serve"`
 #               (the disk's copies trusted as they are) unless AFTER_RESTART says otherwise
+#   rules       one node as `node`, with the page-title and tracking-parameter rules of
+#               config/mediawiki.toml and a host alias: pages are MediaWiki titles, asked for
+#               and purged in every spelling those make one object, under three host names
 #   two-tiers   a frontend in front of a backend with a disk tier, each purge sent to both
 #               in a random order, as MediaWiki sends one to every cache it knows
 #   fleet       a frontend over two backends by consistent hash, over a purge bus
@@ -22,7 +26,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-setup=${1:?setup: node, restarts, two-tiers or fleet}
+setup=${1:?setup: node, rules, restarts, two-tiers or fleet}
 seconds=${2:-60}
 skua=$(realpath "${3:-$here/../../target/release/skua}")
 base=${PURGE_CHECKER_PORT:-28400}
@@ -63,6 +67,14 @@ enabled = false'
 skua_health='[origin.health_check]
 path = "/_skua/health"
 interval = "1s"'
+# tls: an HTTPS listener on PURGE_CHECKER_PORT + 7 with a self-signed certificate.
+tls() {
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=wiki.test \
+        -addext subjectAltName=DNS:wiki.test,DNS:www.wiki.test \
+        -keyout "$work/key.pem" -out "$work/cert.pem" 2> /dev/null
+    printf '[server.tls]\nlisten = ["127.0.0.1:%s"]\n[[server.tls.certificate]]\nchain = "%s"\nkey = "%s"' \
+        $((base + 7)) "$work/cert.pem" "$work/key.pem"
+}
 disk() {
     mkdir -p "$work/disk-$1"
     printf '[cache.disk]\npath = "%s"\nsize = 268435456\n%s' "$work/disk-$1" "${2:-}"
@@ -72,9 +84,22 @@ export LOG_DIR=$work
 case $setup in
 node)
     UPSTREAMS="\"127.0.0.1:$origin\"" ORIGIN_LINES=$no_health
-    node a "$base" "[cache]" "memory_size = 67108864" "$(disk a)" \
+    node a "$base" "[cache]" "memory_size = 67108864" "$(disk a)" "$(tls)" \
         "[purge.htcp]" "listen = \"127.0.0.1:$((base + 2))\"" "allow = [\"127.0.0.0/8\"]"
     export NODES=$base:$((base + 1)) CONFIGS=$work/a.toml HTCP=127.0.0.1:$((base + 2))
+    export TLS=$((base + 7))
+    ;;
+rules)
+    UPSTREAMS="\"127.0.0.1:$origin\"" ORIGIN_LINES=$no_health
+    node a "$base" "[cache]" "memory_size = 67108864" \
+        'host_aliases = { "www.wiki.test" = "wiki.test" }' "$(disk a)" "$(tls)" \
+        "[purge.htcp]" "listen = \"127.0.0.1:$((base + 2))\"" "allow = [\"127.0.0.0/8\"]" \
+        "[[rule]]" 'match = { host = ["wiki.test"], path_prefix = ["/wiki/"] }' \
+        'normalize_path = "mediawiki"' \
+        "[[rule]]" 'match = { host = ["wiki.test"] }' \
+        'normalize_query = { drop = ["utm_*", "fbclid"], sort = true }'
+    export NODES=$base:$((base + 1)) CONFIGS=$work/a.toml HTCP=127.0.0.1:$((base + 2))
+    export STYLE=wiki HOSTS=wiki.test,www.wiki.test,WIKI.Test TLS=$((base + 7))
     ;;
 restarts)
     UPSTREAMS="\"127.0.0.1:$origin\"" ORIGIN_LINES=$no_health
@@ -109,7 +134,7 @@ $skua_health"
     export SLACK=${SLACK:-0.05} NPAGES=${NPAGES:-300}
     ;;
 *)
-    echo "unknown setup $setup: node, restarts, two-tiers or fleet" >&2
+    echo "unknown setup $setup: node, rules, restarts, two-tiers or fleet" >&2
     exit 2
     ;;
 esac
