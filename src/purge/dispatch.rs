@@ -200,7 +200,7 @@ impl Purger {
             bus.publish(target, purge.mode);
         }
         if let Some(relay) = &self.relay {
-            relay.relay(purge);
+            relay.relay(purge).await;
         }
         self.metrics.top.purged(RecentPurge {
             what: purge.scope.describe(),

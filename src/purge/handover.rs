@@ -12,6 +12,13 @@
 //! `a_purge_taken_by_the_new_process_during_an_upgrade_reaches_the_old_one`). A relayed purge
 //! is never relayed again.
 //!
+//! A purge is answered once the other process has applied it too: the receiver acknowledges
+//! each relayed purge it applied to the sender's socket, and the sender waits for that (up to
+//! [`ACK_WAIT`]). Before, the purge was answered as soon as its datagram was sent, and for a
+//! few milliseconds the other process still served the page from before the edit (found by
+//! `tests/purge-checker/run.sh upgrades`: eight stale answers in a minute). A process that
+//! does not acknowledge (an older Skua on the other side of the upgrade) is waited for once.
+//!
 //! The old process also says over the same socket whether an operator was draining it
 //! (`POST /drain`): the new one then drains too, rather than come up ready and be put back
 //! into a load balancer's rotation by the upgrade (regression test
@@ -57,6 +64,15 @@ pub const OLD_PROCESS_ACCEPTS_FOR: Duration = Duration::from_secs(5);
 
 /// The `kind` of the datagram that says the old process was draining.
 const DRAINING: &str = "draining";
+
+/// Longest a purge waits for the other process of an upgrade to acknowledge it: well above
+/// what applying one takes (a tag purge of many objects included), short enough that a
+/// process that never acknowledges costs one purge a second, once.
+pub const ACK_WAIT: Duration = Duration::from_secs(1);
+
+/// Which process an acknowledgement comes from, as its datagram says.
+const ACK_FROM_NEW: &[u8] = b"new";
+const ACK_FROM_OLD: &[u8] = b"old";
 
 /// One relayed purge (JSON): what it names, how, and when the old process accepted it, so that
 /// the new one keeps what it fetched after that; or, of kind [`DRAINING`], the old process's
@@ -120,6 +136,10 @@ pub struct Relay {
     socket: Mutex<Option<UnixDatagram>>,
     /// A relay to the new process has failed (logged once).
     failed: AtomicBool,
+    /// The new (old) process let a purge go unacknowledged for [`ACK_WAIT`]: it is not waited
+    /// for again.
+    new_unacknowledging: AtomicBool,
+    old_unacknowledging: AtomicBool,
 }
 
 impl Relay {
@@ -131,6 +151,8 @@ impl Relay {
             old_serves_until: OnceLock::new(),
             socket: Mutex::new(None),
             failed: AtomicBool::new(false),
+            new_unacknowledging: AtomicBool::new(false),
+            old_unacknowledging: AtomicBool::new(false),
         }
     }
 
@@ -141,10 +163,11 @@ impl Relay {
         let _ = self.old_serves_until.set(until);
     }
 
-    /// Sends `purge` to the other process of an upgrade, if one is running. A purge another
-    /// process relayed here is not sent on; nor, to the new process, one the bus brought (the
-    /// new process reads the bus itself, the old one stops reading it).
-    pub fn relay(&self, purge: &Purge) {
+    /// Sends `purge` to the other process of an upgrade, if one is running, and waits until it
+    /// has applied it (up to [`ACK_WAIT`]). A purge another process relayed here is not sent
+    /// on; nor, to the new process, one the bus brought (the new process reads the bus itself,
+    /// the old one stops reading it).
+    pub async fn relay(&self, purge: &Purge) {
         if purge.source == Source::Handover {
             return;
         }
@@ -159,27 +182,67 @@ impl Relay {
         let Ok(datagram) = serde_json::to_vec(&Relayed::of(purge)) else {
             return;
         };
-        let mut socket = self.socket.lock().unwrap_or_else(|p| p.into_inner());
-        if socket.is_none() {
-            *socket = UnixDatagram::unbound().ok();
-        }
-        let Some(socket) = socket.as_ref() else {
-            return;
-        };
+        let acks = AckSocket::bind();
+        let mut awaited: Vec<&[u8]> = Vec::new();
         if to_new {
-            if let Err(e) = socket.send_to(&datagram, &self.to_new) {
+            match self.send(acks.as_ref(), &datagram, &self.to_new).await {
+                Ok(()) if !self.new_unacknowledging.load(Ordering::Relaxed) => {
+                    awaited.push(ACK_FROM_NEW);
+                }
+                Ok(()) => {}
                 // Once: with no process taking over (SIGQUIT sent without one), every purge
                 // fails.
-                if !self.failed.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(error = %e, socket = %self.to_new.display(), purge = %purge.scope.describe(), "could not relay a purge to the process taking over");
+                Err(e) => {
+                    if !self.failed.swap(true, Ordering::AcqRel) {
+                        tracing::warn!(error = %e, socket = %self.to_new.display(), purge = %purge.scope.describe(), "could not relay a purge to the process taking over");
+                    }
                 }
             }
         }
         if to_old {
-            // The old process may have finished early, or been stopped: nothing is owed to it.
-            if let Err(e) = socket.send_to(&datagram, &self.to_old) {
-                tracing::debug!(error = %e, socket = %self.to_old.display(), "no old process to relay a purge to");
+            match self.send(acks.as_ref(), &datagram, &self.to_old).await {
+                Ok(()) if !self.old_unacknowledging.load(Ordering::Relaxed) => {
+                    awaited.push(ACK_FROM_OLD);
+                }
+                Ok(()) => {}
+                // The old process may have finished early, or been stopped: nothing is owed
+                // to it.
+                Err(e) => {
+                    tracing::debug!(error = %e, socket = %self.to_old.display(), "no old process to relay a purge to");
+                }
             }
+        }
+        let Some(acks) = acks else {
+            return;
+        };
+        let waited = tokio::time::timeout(ACK_WAIT, acks.wait_for(&mut awaited)).await;
+        if waited.is_err() {
+            for unacknowledged in awaited {
+                let (flag, which) = if unacknowledged == ACK_FROM_NEW {
+                    (&self.new_unacknowledging, "new")
+                } else {
+                    (&self.old_unacknowledging, "old")
+                };
+                if !flag.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(process = which, wait = ?ACK_WAIT, purge = %purge.scope.describe(), "the other process of the upgrade did not acknowledge a relayed purge in time (an older Skua, or one stopping): purges are relayed to it without waiting from now on");
+                }
+            }
+        }
+    }
+
+    /// Sends `datagram` to `to`: from `acks`, where the receiver answers, when there is one;
+    /// else from an unbound socket of this relay's, which no acknowledgement can reach.
+    async fn send(&self, acks: Option<&AckSocket>, datagram: &[u8], to: &Path) -> io::Result<()> {
+        if let Some(acks) = acks {
+            return acks.0.send_to(datagram, to).await.map(|_| ());
+        }
+        let mut socket = self.socket.lock().unwrap_or_else(|p| p.into_inner());
+        if socket.is_none() {
+            *socket = Some(UnixDatagram::unbound()?);
+        }
+        match socket.as_ref() {
+            Some(socket) => socket.send_to(datagram, to).map(|_| ()),
+            None => Ok(()),
         }
     }
 
@@ -196,6 +259,56 @@ impl Relay {
             .map(|(datagram, socket)| socket.send_to(&datagram, &self.to_new));
         if !matches!(sent, Some(Ok(_))) {
             tracing::warn!(socket = %self.to_new.display(), "could not tell the process taking over that this one is draining: it starts ready");
+        }
+    }
+}
+
+/// A socket one relayed purge is sent from, named so that the receivers can acknowledge it:
+/// Linux's abstract namespace, which leaves no file behind. Elsewhere there is none, and a
+/// purge is relayed without waiting, as before acknowledgements.
+struct AckSocket(tokio::net::UnixDatagram);
+
+impl AckSocket {
+    #[cfg(target_os = "linux")]
+    fn bind() -> Option<AckSocket> {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::SocketAddr;
+        use std::sync::atomic::AtomicU64;
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "skua-relay-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let bound = SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|addr| UnixDatagram::bind_addr(&addr))
+            .and_then(|socket| {
+                socket.set_nonblocking(true)?;
+                tokio::net::UnixDatagram::from_std(socket)
+            });
+        match bound {
+            Ok(socket) => Some(AckSocket(socket)),
+            Err(e) => {
+                tracing::debug!(error = %e, "no socket to receive acknowledgements on: the purge is relayed without waiting");
+                None
+            }
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn bind() -> Option<AckSocket> {
+        None
+    }
+
+    /// Returns once an acknowledgement has come from each process in `awaited`, removing each
+    /// as it comes.
+    async fn wait_for(&self, awaited: &mut Vec<&[u8]>) {
+        let mut buf = [0u8; 16];
+        while !awaited.is_empty() {
+            let Ok(n) = self.0.recv(&mut buf).await else {
+                return std::future::pending().await;
+            };
+            awaited.retain(|from| *from != &buf[..n]);
         }
     }
 }
@@ -220,7 +333,7 @@ impl BackgroundService for HandoverWatch {
             _ = shutdown.changed() => return,
         }
         // Bound first: the new process may take a purge as soon as it has the listeners.
-        let inbox = Inbox::bind_at(self.relay.to_old.clone());
+        let inbox = Inbox::bind_at(self.relay.to_old.clone(), ACK_FROM_OLD);
         self.relay.handing_over.store(true, Ordering::Release);
         if self.readiness.draining() {
             self.relay.relay_draining();
@@ -238,20 +351,27 @@ impl BackgroundService for HandoverWatch {
     }
 }
 
-/// The new process's side: the socket, bound before the listeners are asked for.
+/// Where one process of an upgrade reads what the other relays: the new process's socket,
+/// bound before the listeners are asked for, or the old one's, bound at SIGQUIT.
 pub struct Inbox {
-    socket: UnixDatagram,
+    socket: Arc<UnixDatagram>,
     path: PathBuf,
+    /// The file this process bound at `path` (device, inode): a later process of a later
+    /// upgrade binds the same path anew.
+    bound: (u64, u64),
+    /// What an acknowledgement from here says: [`ACK_FROM_NEW`] or [`ACK_FROM_OLD`].
+    ack: &'static [u8],
 }
 
 impl Inbox {
     /// Binds the socket beside `upgrade_sock` (replacing a leftover, which an earlier upgrade's
     /// process may still hold: it is the sender now), readable and writable by this user only.
     pub fn bind(upgrade_sock: &Path) -> io::Result<Inbox> {
-        Inbox::bind_at(socket_path(upgrade_sock))
+        Inbox::bind_at(socket_path(upgrade_sock), ACK_FROM_NEW)
     }
 
-    fn bind_at(path: PathBuf) -> io::Result<Inbox> {
+    fn bind_at(path: PathBuf, ack: &'static [u8]) -> io::Result<Inbox> {
+        use std::os::unix::fs::MetadataExt;
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -259,7 +379,29 @@ impl Inbox {
         let socket = UnixDatagram::bind(&path)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         socket.set_read_timeout(Some(Duration::from_millis(200)))?;
-        Ok(Inbox { socket, path })
+        // An acknowledgement is sent from the loop that applies relayed purges.
+        socket.set_write_timeout(Some(Duration::from_millis(200)))?;
+        let file = std::fs::metadata(&path)?;
+        Ok(Inbox {
+            socket: Arc::new(socket),
+            path,
+            bound: (file.dev(), file.ino()),
+            ack,
+        })
+    }
+
+    /// Removes the socket's file if it is still the one this process bound. Regression: a
+    /// process upgraded twice removed it when it stopped reading, five seconds after its own
+    /// SIGQUIT: by then the file was the next process's, and every purge this one relayed to
+    /// it while it drained failed (`tests/purge-checker/run.sh upgrades` logged
+    /// `could not relay a purge to the process taking over`).
+    fn remove_if_own(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let still_own = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|file| (file.dev(), file.ino()) == self.bound);
+        if still_own {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -293,6 +435,8 @@ async fn apply_relayed(
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let stop = Arc::new(AtomicBool::new(false));
+    let acks = inbox.socket.clone();
+    let ack = inbox.ack;
     let reader = std::thread::Builder::new()
         .name("skua-handover".into())
         .spawn({
@@ -302,9 +446,9 @@ async fn apply_relayed(
                 // default), escaped as JSON.
                 let mut buf = vec![0u8; 256 * 1024];
                 while !stop.load(Ordering::Relaxed) {
-                    match inbox.socket.recv(&mut buf) {
-                        Ok(n) => {
-                            if tx.send(buf[..n].to_vec()).is_err() {
+                    match inbox.socket.recv_from(&mut buf) {
+                        Ok((n, from)) => {
+                            if tx.send((buf[..n].to_vec(), from)).is_err() {
                                 break;
                             }
                         }
@@ -319,17 +463,27 @@ async fn apply_relayed(
                         }
                     }
                 }
-                let _ = std::fs::remove_file(&inbox.path);
+                inbox.remove_if_own();
             }
         });
     if let Err(e) = reader {
         tracing::error!(error = %e, "cannot start the thread reading relayed purges");
         return;
     }
+    // Test hook (`SKUA_TEST_RELAY_APPLY_DELAY_MS`): each relayed purge waits this long before
+    // it is applied, as in a process busy with a storm of them, so that a test sees whether
+    // the sender waited for it.
+    let apply_delay = std::env::var("SKUA_TEST_RELAY_APPLY_DELAY_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis);
     tokio::pin!(until);
     loop {
         tokio::select! {
-            Some(datagram) = rx.recv() => {
+            Some((datagram, from)) = rx.recv() => {
+                if let Some(delay) = apply_delay {
+                    tokio::time::sleep(delay).await;
+                }
                 let metrics = &purger.metrics;
                 let relayed = serde_json::from_slice::<Relayed>(&datagram).ok();
                 if let (Some(readiness), Some(DRAINING)) =
@@ -345,6 +499,12 @@ async fn apply_relayed(
                         super::count(metrics, Source::Handover, PurgeResult::applied(affected));
                     }
                     None => super::count(metrics, Source::Handover, PurgeResult::Invalid),
+                }
+                // The sender answers its purge once this arrives (an older Skua sends from an
+                // unnamed socket and waits for nothing). A datagram socket does not block on a
+                // sender gone.
+                if !from.is_unnamed() {
+                    let _ = acks.send_to_addr(ack, &from);
                 }
             }
             () = &mut until => break,
@@ -387,6 +547,26 @@ mod tests {
             at_us: 0,
         };
         assert!(bad.to_purge().is_none());
+    }
+
+    /// Regression: a process upgraded twice removed `<upgrade_sock>.purges` when it stopped
+    /// reading it, five seconds after its own SIGQUIT, although the next process had bound the
+    /// path anew by then: what it relayed to that one while it drained was lost.
+    #[test]
+    fn a_process_upgraded_twice_leaves_the_next_ones_socket_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let upgrade_sock = dir.path().join("upgrade.sock");
+        let first = Inbox::bind(&upgrade_sock).unwrap();
+        let next = Inbox::bind(&upgrade_sock).unwrap();
+        first.remove_if_own();
+        let sender = UnixDatagram::unbound().unwrap();
+        sender
+            .send_to(b"relayed", socket_path(&upgrade_sock))
+            .expect("the next process's socket is still there");
+        let mut buf = [0u8; 16];
+        assert_eq!(next.socket.recv(&mut buf).unwrap(), 7);
+        next.remove_if_own();
+        assert!(!socket_path(&upgrade_sock).exists(), "its own file goes");
     }
 
     #[test]

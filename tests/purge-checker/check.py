@@ -11,6 +11,8 @@ Driven by run.sh, which starts the origin, the nodes and nats-server. Settings b
   READ_NODES  indexes into NODES the readers ask (one per reader, round robin)
   CONFIGS     config files of the nodes, when this script is to start them
   CHAOS_NODES indexes of the nodes to kill and restart (none: no restarts)
+  UPGRADES    with CHAOS_NODES: replace the node by a zero-downtime upgrade instead (a new
+              process with --upgrade, SIGQUIT to the old one after up to two seconds)
   HTCP        host:port of a node's HTCP receiver (adds HTCP CLR to the purge forms)
   SLACK       seconds after an acknowledgement a purge may still be on its way (a fleet)
   NPAGES      pages (default 8; half the requests go to the first 8)
@@ -41,6 +43,7 @@ NODES = [tuple(map(int, n.split(":"))) for n in os.environ["NODES"].split(",")]
 READ_NODES = [int(i) for i in os.environ.get("READ_NODES", "0").split(",")]
 CONFIGS = [c for c in os.environ.get("CONFIGS", "").split(",") if c]
 CHAOS_NODES = [int(i) for i in os.environ.get("CHAOS_NODES", "").split(",") if i]
+UPGRADES = bool(os.environ.get("UPGRADES"))
 HTCP = os.environ.get("HTCP", "")
 SLACK = float(os.environ.get("SLACK", "0"))
 PURGE_ALL = bool(os.environ.get("PURGE_ALL"))
@@ -238,7 +241,7 @@ def editor(seed):
     while not stop:
         page = pick(rnd)
         hows = ["plain", "absolute", "key", "xkey", "prefix", "admin"]
-        if HTCP and not CHAOS_NODES:
+        if HTCP and (UPGRADES or not CHAOS_NODES):
             hows.append("htcp")  # a packet sent while the node is down is lost, by design
         if kind(page) != 1:
             hows.append("soft")  # kind 1 allows stale-while-revalidate: stale may be served
@@ -257,10 +260,13 @@ def editor(seed):
         time.sleep(rnd.random() * 0.3)
 
 
-def start_node(i):
+def start_node(i, upgrade=False):
     log = open(os.path.join(LOG_DIR, "node-%d.log" % i), "a")
-    procs[i] = subprocess.Popen([SKUA, "serve", "--config", CONFIGS[i]], stdout=log,
+    procs[i] = subprocess.Popen([SKUA, "serve", "--config", CONFIGS[i]] +
+                                (["--upgrade"] if upgrade else []), stdout=log,
                                 stderr=subprocess.STDOUT)
+    if upgrade:
+        return
     for _ in range(400):
         try:
             c = http.client.HTTPConnection("127.0.0.1", NODES[i][1], timeout=1)
@@ -277,6 +283,14 @@ def chaos(seed):
     while not stop:
         time.sleep(3 + rnd.random() * 5)
         i = rnd.choice(CHAOS_NODES)
+        if UPGRADES:
+            old = procs[i]
+            start_node(i, upgrade=True)
+            time.sleep(rnd.random() * 2)
+            print("node %d: upgraded at %.3f" % (i, time.time()), flush=True)
+            old.send_signal(signal.SIGQUIT)
+            threading.Thread(target=old.wait).start()
+            continue
         sig = rnd.choice([signal.SIGKILL, signal.SIGTERM])
         print("node %d: %s at %.3f" % (i, sig.name, time.time()), flush=True)
         procs[i].send_signal(sig)

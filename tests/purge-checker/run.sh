@@ -17,6 +17,8 @@
 #   rules       one node as `node`, with the page-title and tracking-parameter rules of
 #               config/mediawiki.toml and a host alias: pages are MediaWiki titles, asked for
 #               and purged in every spelling those make one object, under three host names
+#   upgrades    as `restarts`, replaced by zero-downtime upgrades instead (skua serve --upgrade,
+#               then SIGQUIT to the old process), with HTCP and HTTPS as in `node`
 #   two-tiers   a frontend in front of a backend with a disk tier, each purge sent to both
 #               in a random order, as MediaWiki sends one to every cache it knows
 #   fleet       a frontend over two backends by consistent hash, over a purge bus
@@ -26,7 +28,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-setup=${1:?setup: node, rules, restarts, two-tiers or fleet}
+setup=${1:?setup: node, rules, restarts, upgrades, two-tiers or fleet}
 seconds=${2:-60}
 skua=$(realpath "${3:-$here/../../target/release/skua}")
 base=${PURGE_CHECKER_PORT:-28400}
@@ -107,6 +109,13 @@ restarts)
         "$(disk a "after_restart = \"${AFTER_RESTART:-serve}\"")"
     export NODES=$base:$((base + 1)) CONFIGS=$work/a.toml CHAOS_NODES=0 NPAGES=${NPAGES:-3000}
     ;;
+upgrades)
+    UPSTREAMS="\"127.0.0.1:$origin\"" ORIGIN_LINES=$no_health
+    node a "$base" "[cache]" "memory_size = 8388608" "$(disk a)" "$(tls)" \
+        "[purge.htcp]" "listen = \"127.0.0.1:$((base + 2))\"" "allow = [\"127.0.0.0/8\"]"
+    export NODES=$base:$((base + 1)) CONFIGS=$work/a.toml HTCP=127.0.0.1:$((base + 2))
+    export TLS=$((base + 7)) CHAOS_NODES=0 UPGRADES=1 NPAGES=${NPAGES:-3000}
+    ;;
 two-tiers)
     UPSTREAMS="\"127.0.0.1:$origin\"" ORIGIN_LINES=$no_health
     node be $((base + 3)) "[cache]" "memory_size = 8388608" "$(disk be)"
@@ -134,7 +143,7 @@ $skua_health"
     export SLACK=${SLACK:-0.05} NPAGES=${NPAGES:-300}
     ;;
 *)
-    echo "unknown setup $setup: node, rules, restarts, two-tiers or fleet" >&2
+    echo "unknown setup $setup: node, rules, restarts, upgrades, two-tiers or fleet" >&2
     exit 2
     ;;
 esac

@@ -521,11 +521,17 @@ impl Skua {
     /// hands over its listeners and drains the connections it has open, for up to its
     /// `shutdown_grace`. Returns the new process, listening on this one's addresses.
     pub async fn hand_over(&mut self) -> Upgraded {
-        // The new binary waits on the upgrade socket for the old one's listeners.
+        // The new binary waits on the upgrade socket for the old one's listeners; it runs with
+        // the config's `# env` lines as the old one does.
+        let config = std::fs::read_to_string(self.config_path()).unwrap();
+        let vars = config
+            .lines()
+            .filter_map(|l| l.strip_prefix(ENV_LINE)?.split_once('='));
         let new = Upgraded(Some(
             Command::new(skua_bin())
                 .args(["serve", "--upgrade", "--config"])
                 .arg(self.config_path())
+                .envs(vars)
                 .spawn()
                 .unwrap(),
         ));
