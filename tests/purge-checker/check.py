@@ -13,6 +13,7 @@ Driven by run.sh, which starts the origin, the nodes and nats-server. Settings b
   CHAOS_NODES indexes of the nodes to kill and restart (none: no restarts)
   UPGRADES    with CHAOS_NODES: replace the node by a zero-downtime upgrade instead (a new
               process with --upgrade, SIGQUIT to the old one after up to two seconds)
+  RELOADS     with CHAOS_NODES: send SIGHUP (a reload of the same file) instead
   HTCP        host:port of a node's HTCP receiver (adds HTCP CLR to the purge forms)
   SLACK       seconds after an acknowledgement a purge may still be on its way (a fleet)
   NPAGES      pages (default 8; half the requests go to the first 8)
@@ -44,6 +45,7 @@ READ_NODES = [int(i) for i in os.environ.get("READ_NODES", "0").split(",")]
 CONFIGS = [c for c in os.environ.get("CONFIGS", "").split(",") if c]
 CHAOS_NODES = [int(i) for i in os.environ.get("CHAOS_NODES", "").split(",") if i]
 UPGRADES = bool(os.environ.get("UPGRADES"))
+RELOADS = bool(os.environ.get("RELOADS"))
 HTCP = os.environ.get("HTCP", "")
 SLACK = float(os.environ.get("SLACK", "0"))
 PURGE_ALL = bool(os.environ.get("PURGE_ALL"))
@@ -241,7 +243,7 @@ def editor(seed):
     while not stop:
         page = pick(rnd)
         hows = ["plain", "absolute", "key", "xkey", "prefix", "admin"]
-        if HTCP and (UPGRADES or not CHAOS_NODES):
+        if HTCP and (UPGRADES or RELOADS or not CHAOS_NODES):
             hows.append("htcp")  # a packet sent while the node is down is lost, by design
         if kind(page) != 1:
             hows.append("soft")  # kind 1 allows stale-while-revalidate: stale may be served
@@ -281,8 +283,11 @@ def start_node(i, upgrade=False):
 def chaos(seed):
     rnd = random.Random(seed)
     while not stop:
-        time.sleep(3 + rnd.random() * 5)
+        time.sleep(0.5 + rnd.random() if RELOADS else 3 + rnd.random() * 5)
         i = rnd.choice(CHAOS_NODES)
+        if RELOADS:
+            procs[i].send_signal(signal.SIGHUP)
+            continue
         if UPGRADES:
             old = procs[i]
             start_node(i, upgrade=True)

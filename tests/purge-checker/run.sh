@@ -25,6 +25,8 @@
 #               (nats-server), each purge sent to one node; SLACK (default 0.05 s) is how
 #               long after its acknowledgement a purge may still be on its way to the others
 # PURGE_CHECKER_PORT: the first of the twelve loopback ports used (default 28400).
+# DISK_SIZE: bytes of each disk tier (default 256 MiB; a small one evicts all the time).
+# CHAOS_NODES=0 RELOADS=1 with `node` or `rules`: SIGHUP every few seconds.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -79,7 +81,7 @@ tls() {
 }
 disk() {
     mkdir -p "$work/disk-$1"
-    printf '[cache.disk]\npath = "%s"\nsize = 268435456\n%s' "$work/disk-$1" "${2:-}"
+    printf '[cache.disk]\npath = "%s"\nsize = %s\n%s' "$work/disk-$1" "${DISK_SIZE:-268435456}" "${2:-}"
 }
 
 export LOG_DIR=$work
