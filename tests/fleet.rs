@@ -1033,6 +1033,63 @@ async fn a_purge_taken_during_an_upgrade_reaches_the_new_process_and_the_fleet()
     let _ = new.wait();
 }
 
+/// Regression: during a zero-downtime upgrade the old process stops reading the bus (the new
+/// one takes the node's consumer over), and what the bus brings the new one is to be relayed
+/// to it; but the bus applied its purges through a purger of its own that relayed nothing. A
+/// reader the old process served kept getting the page from before an edit purged at another
+/// node until the old process exited (the purge checker's fleet run with upgrades: over
+/// 3,000 stale answers a minute).
+#[tokio::test]
+async fn a_purge_from_the_bus_during_an_upgrade_reaches_the_old_process() {
+    let nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let mut a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;
+    a.wait_ready().await;
+    let b = Skua::start(&[origin.addr], &nats.bus("b", "")).await;
+    b.wait_ready().await;
+    // A reader's keep-alive connection, which the old process serves while it hands over.
+    let mut reader = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    let request = "GET /wiki/P HTTP/1.1\r\nHost: wiki.test\r\n\r\n";
+    let first = exchange(&mut reader, request).await;
+    assert!(first.contains("/wiki/P v1"), "{first}");
+
+    let mut new = a.hand_over().await;
+    // The new process has made the node's bus consumer its own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = a.stats().await;
+        if stats["pid"].as_u64() == Some(u64::from(new.id()))
+            && stats["purge_bus"]["connected"] == true
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new process never read the bus"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The page is edited; its purge reaches b, and the bus brings it to a.
+    let purged = send(&client(), "PURGE", &b.url("/wiki/P"), &[HOST]).await;
+    assert!(matches!(purged.status, 204 | 404), "{}", purged.status);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let got = exchange(&mut reader, request).await;
+        if !got.contains("/wiki/P v1") {
+            assert!(got.contains("/wiki/P v"), "{got}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old process kept the page from before the purge: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(a.alive(), "the old process was still handing over");
+    let _ = new.kill();
+    let _ = new.wait();
+}
+
 /// A GET with `headers` on a connection of its own.
 async fn get_fresh_with(url: &str, headers: &[(&str, &str)]) -> Got {
     send(&client(), "GET", url, headers).await

@@ -134,13 +134,15 @@ impl ProxyState {
     ) -> ProxyState {
         // pingora's storage and lock APIs take `&'static`; both live as long as the process.
         let lock: &'static CacheLock = Box::leak(CacheLock::new_boxed(config.cache.lock_timeout));
+        let relay = Arc::new(purge::handover::Relay::new(&config.server.upgrade_sock));
+        if let Some(bus) = &bus {
+            bus.relaying(relay.clone());
+        }
         ProxyState {
             name: config.server.name.clone(),
             via: via::Via::new(&config.server.name),
             store,
-            purger: purge::Purger::new(store, bus, metrics.clone()).relaying(Arc::new(
-                purge::handover::Relay::new(&config.server.upgrade_sock),
-            )),
+            purger: purge::Purger::new(store, bus, metrics.clone()).relaying(relay),
             lock,
             hit_for_miss: Default::default(),
             settings: ArcSwap::from_pointee(Settings::from(config)),

@@ -331,9 +331,9 @@ def main():
                    default=(0, "", 0))
         if version < need[0]:
             stale += 1
-            print("STALE %s: v%d, v%d purged (%s) %.3f s before the request: %s %s %s %s" % (
-                page, version, need[0], need[1], started - need[2], method, target, headers,
-                answer))
+            print("STALE %s at %.3f: v%d, v%d purged (%s) %.3f s before the request: %s %s %s %s"
+                  % (page, started, version, need[0], need[1], started - need[2], method, target,
+                     headers, answer))
     print("requests %d, edits %d, stale or wrong %d" % (
         len(records), sum(len(a) for a in acks.values()), stale))
     print("answered by:", Counter((r[7][1] if r[7] else "failed") for r in records).most_common())

@@ -25,6 +25,7 @@
 #               (nats-server), each purge sent to one node; SLACK (default 0.05 s) is how
 #               long after its acknowledgement a purge may still be on its way to the others
 # PURGE_CHECKER_PORT: the first of the twelve loopback ports used (default 28400).
+# KEEP=1: keep the temporary directory (configs, node logs) and print its path.
 # DISK_SIZE: bytes of each disk tier (default 256 MiB; a small one evicts all the time).
 # CHAOS_NODES=0 RELOADS=1 with `node` or `rules`: SIGHUP every few seconds.
 set -euo pipefail
@@ -38,7 +39,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    rm -rf "$work"
+    if [ -n "${KEEP:-}" ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
