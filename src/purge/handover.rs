@@ -437,6 +437,13 @@ async fn apply_relayed(
     let stop = Arc::new(AtomicBool::new(false));
     let acks = inbox.socket.clone();
     let ack = inbox.ack;
+    // However this ends (`until`, or the runtime dropping it as the process stops), the socket
+    // stops taking datagrams at once: a sender then fails at once rather than wait
+    // [`ACK_WAIT`] for an acknowledgement nobody will send.
+    let _stop_reading = StopReading {
+        stop: stop.clone(),
+        socket: inbox.socket.clone(),
+    };
     let reader = std::thread::Builder::new()
         .name("skua-handover".into())
         .spawn({
@@ -510,7 +517,21 @@ async fn apply_relayed(
             () = &mut until => break,
         }
     }
-    stop.store(true, Ordering::Relaxed);
+}
+
+/// Ends the reading of relayed purges when dropped.
+struct StopReading {
+    stop: Arc<AtomicBool>,
+    socket: Arc<UnixDatagram>,
+}
+
+impl Drop for StopReading {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // A datagram sent to a socket shut for reading fails with EPIPE, and the reader
+        // blocked in `recv` wakes.
+        let _ = self.socket.shutdown(std::net::Shutdown::Read);
+    }
 }
 
 #[cfg(test)]
