@@ -14,7 +14,7 @@
 //!
 //! A purge is answered once the other process has applied it too: the receiver acknowledges
 //! each relayed purge it applied to the sender's socket, and the sender waits for that (up to
-//! [`ACK_WAIT`]). Before, the purge was answered as soon as its datagram was sent, and for a
+//! [`ACK_WAIT`]; only for HTTP and admin purges, which have someone to answer). Before, the purge was answered as soon as its datagram was sent, and for a
 //! few milliseconds the other process still served the page from before the edit (found by
 //! `tests/purge-checker/run.sh upgrades`: eight stale answers in a minute). A process that
 //! does not acknowledge (an older Skua on the other side of the upgrade) is waited for once.
@@ -163,10 +163,12 @@ impl Relay {
         let _ = self.old_serves_until.set(until);
     }
 
-    /// Sends `purge` to the other process of an upgrade, if one is running, and waits until it
-    /// has applied it (up to [`ACK_WAIT`]). A purge another process relayed here is not sent
-    /// on; nor, to the new process, one the bus brought (the new process reads the bus itself,
-    /// the old one stops reading it).
+    /// Sends `purge` to the other process of an upgrade, if one is running, and, for a purge
+    /// whose sender awaits an answer (HTTP and admin), waits until the other has applied it (up
+    /// to [`ACK_WAIT`]). One the bus or HTCP brought is not waited for: nobody is answered,
+    /// and both apply their purges one after another, so a wait would hold back the next. A
+    /// purge another process relayed here is not sent on; nor, to the new process, one the bus
+    /// brought (the new process reads the bus itself, the old one stops reading it).
     pub async fn relay(&self, purge: &Purge) {
         if purge.source == Source::Handover {
             return;
@@ -182,7 +184,8 @@ impl Relay {
         let Ok(datagram) = serde_json::to_vec(&Relayed::of(purge)) else {
             return;
         };
-        let acks = AckSocket::bind();
+        let answered = matches!(purge.source, Source::Http | Source::Admin);
+        let acks = if answered { AckSocket::bind() } else { None };
         let mut awaited: Vec<&[u8]> = Vec::new();
         if to_new {
             match self.send(acks.as_ref(), &datagram, &self.to_new).await {
