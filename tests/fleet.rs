@@ -1090,6 +1090,35 @@ async fn a_purge_from_the_bus_during_an_upgrade_reaches_the_old_process() {
     let _ = new.wait();
 }
 
+/// Regression: the publisher took a purge's acknowledgement as lost whenever the client's
+/// connection changed, and the first connection is a change: a purge taken before a node first
+/// reached nats-server (a node just started, the new process of an upgrade) was logged as
+/// `publishing purges failed` and published again only after a pause, while the other nodes
+/// served the page from before it.
+#[tokio::test]
+async fn a_purge_taken_before_the_bus_first_connects_is_published_without_a_retry() {
+    let mut nats = Nats::start().await;
+    nats.stop();
+    let origin = versioned_origin().await;
+    let extra = format!("{}{CAPTURE_LOG}\n", nats.bus("a", ""));
+    let a = Skua::start(&[origin.addr], &extra).await;
+    let b = Skua::start(&[origin.addr], &nats.bus("b", "")).await;
+    assert_eq!(get(&b.url("/wiki/P"), &[HOST]).await.text(), "/wiki/P v1");
+    let purged = send(&client(), "PURGE", &a.url("/wiki/P"), &[HOST]).await;
+    assert!(matches!(purged.status, 204 | 404), "{}", purged.status);
+    nats.restart().await;
+    wait_for_metric(&b, BUS_PURGED, 1.0, Duration::from_secs(15)).await;
+    assert_eq!(get(&b.url("/wiki/P"), &[HOST]).await.text(), "/wiki/P v2");
+    wait_for_gauge(
+        &a,
+        "skua_purge_bus_unpublished",
+        0.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(!a.log().contains("publishing purges failed"), "{}", a.log());
+}
+
 /// A GET with `headers` on a connection of its own.
 async fn get_fresh_with(url: &str, headers: &[(&str, &str)]) -> Got {
     send(&client(), "GET", url, headers).await

@@ -124,9 +124,16 @@ pub struct Bus {
     had_position: bool,
     created: SystemTime,
     save_wanted: tokio::sync::Notify,
-    /// Counts the client's disconnections and reconnections: an acknowledgement awaited
-    /// across one is lost with the connection it was to come on.
+    /// Counts the client's connections and disconnections: a publish that failed is sent
+    /// again as soon as the client is back.
     connection_changes: tokio::sync::watch::Sender<u64>,
+    /// Counts the client's disconnections: an acknowledgement awaited across one is lost with
+    /// the connection it was to come on. Regression: connections counted too, and a purge
+    /// taken before the client's first connection (a node just started, or the new process of
+    /// an upgrade) was taken as lost when that connection came, and published again only
+    /// after a pause: other nodes served the page from before it meanwhile (the purge
+    /// checker's fleet run with upgrades, `publishing purges failed` on each new process).
+    disconnections: tokio::sync::watch::Sender<u64>,
     /// Where purges not yet published are kept across a restart (beside the disk cache).
     outbox_file: Option<PathBuf>,
     /// Whether new purges are written to `outbox_file` as they are queued: from the start
@@ -186,6 +193,7 @@ impl Bus {
             created: SystemTime::now(),
             save_wanted: tokio::sync::Notify::new(),
             connection_changes: tokio::sync::watch::Sender::new(0),
+            disconnections: tokio::sync::watch::Sender::new(0),
             position_file,
             outbox_file,
             journaling: AtomicBool::new(true),
@@ -395,8 +403,8 @@ impl Bus {
         js: &jetstream::Context,
         batch: &VecDeque<PurgeEvent>,
     ) -> anyhow::Result<()> {
-        let mut connection_changes = self.connection_changes.subscribe();
-        connection_changes.mark_unchanged();
+        let mut disconnections = self.disconnections.subscribe();
+        disconnections.mark_unchanged();
         let mut acks = Vec::with_capacity(batch.len());
         for event in batch {
             let payload = serde_json::to_vec(event)?;
@@ -416,7 +424,7 @@ impl Bus {
                 acked = tokio::time::timeout(Duration::from_secs(5), ack) => {
                     acked??;
                 }
-                _ = connection_changes.changed() => {
+                _ = disconnections.changed() => {
                     anyhow::bail!("the connection to NATS dropped before the acknowledgements came");
                 }
             }
@@ -675,6 +683,9 @@ impl BackgroundService for BusService {
             .event_callback(move |event| {
                 let bus = events.clone();
                 async move {
+                    if matches!(event, async_nats::Event::Disconnected) {
+                        bus.disconnections.send_modify(|n| *n += 1);
+                    }
                     if matches!(
                         event,
                         async_nats::Event::Connected | async_nats::Event::Disconnected
