@@ -7,8 +7,8 @@
 //! - connected: a purge reaches every node in about one NATS round trip plus the apply time
 //!   (`skua_purge_reach_seconds`);
 //! - a purge lost on its way to a node (nats-server stopped with it unsent) shows as a stream
-//!   sequence skipped, at the next purge or, with none, within a second: the node fetches it
-//!   by sequence (`skua_purge_bus_refetched_total`);
+//!   sequence skipped, at the next purge or, with none, within a quarter of a second: the node
+//!   fetches it by sequence (`skua_purge_bus_refetched_total`);
 //! - a node that was down or cut off replays what it missed before it trusts any object cached
 //!   before the gap (it stores its last applied sequence beside its disk cache); if the stream
 //!   no longer holds that position (the gap is older than the retention), every object cached
@@ -99,8 +99,13 @@ impl PurgeEvent {
 
 /// How long the stream may stay quiet before this node asks it for its last sequence: a purge
 /// lost on its way here shows only as a sequence that never arrives, and with no purge after it
-/// nothing else would show it.
-const QUIET_CHECK: Duration = Duration::from_secs(1);
+/// nothing else would show it. Also what bounds a stalled pull: under load a node's consumer
+/// now and then stops receiving for about two seconds (neither purges nor the server's
+/// heartbeats; the client recreates it after two missed heartbeats; cause inside the pull not
+/// known), and for a second, then, the node served pages purged elsewhere (the purge checker's
+/// fleet run: up to 189 stale answers in one stall). A quarter of a second costs an idle node
+/// four small requests a second.
+const QUIET_CHECK: Duration = Duration::from_millis(250);
 
 /// More missing purges than this are not fetched one by one: every object cached before now is
 /// revalidated instead, as for a gap beyond the retention.
