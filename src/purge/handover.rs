@@ -14,8 +14,9 @@
 //!
 //! A purge is answered once the other process has applied it too: the receiver acknowledges
 //! each relayed purge it applied to the sender's socket, and the sender waits for that (up to
-//! [`ACK_WAIT`]; only for HTTP and admin purges, which have someone to answer). Before, the purge was answered as soon as its datagram was sent, and for a
-//! few milliseconds the other process still served the page from before the edit (found by
+//! [`ACK_WAIT`]; only for HTTP and admin purges, which have someone to answer). Before, the
+//! purge was answered as soon as its datagram was sent, and for a few milliseconds the other
+//! process still served the page from before the edit (found by
 //! `tests/purge-checker/run.sh upgrades`: eight stale answers in a minute). A process that
 //! does not acknowledge (an older Skua on the other side of the upgrade) is waited for once.
 //!
@@ -173,11 +174,15 @@ impl Relay {
         if purge.source == Source::Handover {
             return;
         }
-        let to_new = self.handing_over.load(Ordering::Acquire) && purge.source != Source::Bus;
-        let to_old = self
-            .old_serves_until
-            .get()
-            .is_some_and(|until| Instant::now() < *until);
+        let handing_over = self.handing_over.load(Ordering::Acquire);
+        let to_new = handing_over && purge.source != Source::Bus;
+        // Once this process hands over in its turn (a second upgrade soon after the first),
+        // the old process's socket path is this one's own inbox.
+        let to_old = !handing_over
+            && self
+                .old_serves_until
+                .get()
+                .is_some_and(|until| Instant::now() < *until);
         if !to_new && !to_old {
             return;
         }
