@@ -972,10 +972,7 @@ async fn a_purge_delivered_but_never_received_is_fetched_from_the_stream() {
 async fn a_purge_taken_during_an_upgrade_reaches_the_new_process_and_the_fleet() {
     let nats = Nats::start().await;
     let origin = versioned_origin().await;
-    let mut a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;
-    a.wait_ready().await;
-    let b = Skua::start(&[origin.addr], &nats.bus("b", "")).await;
-    b.wait_ready().await;
+    let (mut a, b) = two_ready_bus_nodes(&nats, &origin).await;
     for page in ["/wiki/P", "/wiki/S"] {
         get(&a.url(page), &[HOST]).await;
         get(&b.url(page), &[HOST]).await;
@@ -1043,10 +1040,7 @@ async fn a_purge_taken_during_an_upgrade_reaches_the_new_process_and_the_fleet()
 async fn a_purge_from_the_bus_during_an_upgrade_reaches_the_old_process() {
     let nats = Nats::start().await;
     let origin = versioned_origin().await;
-    let mut a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;
-    a.wait_ready().await;
-    let b = Skua::start(&[origin.addr], &nats.bus("b", "")).await;
-    b.wait_ready().await;
+    let (mut a, b) = two_ready_bus_nodes(&nats, &origin).await;
     // A reader's keep-alive connection, which the old process serves while it hands over.
     let mut reader = tokio::net::TcpStream::connect(a.addr).await.unwrap();
     let request = "GET /wiki/P HTTP/1.1\r\nHost: wiki.test\r\n\r\n";
@@ -1117,6 +1111,15 @@ async fn a_purge_taken_before_the_bus_first_connects_is_published_without_a_retr
     )
     .await;
     assert!(!a.log().contains("publishing purges failed"), "{}", a.log());
+}
+
+/// Nodes `a` and `b` in front of `origin`, on the bus, each ready.
+async fn two_ready_bus_nodes(nats: &Nats, origin: &Origin) -> (Skua, Skua) {
+    let a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;
+    a.wait_ready().await;
+    let b = Skua::start(&[origin.addr], &nats.bus("b", "")).await;
+    b.wait_ready().await;
+    (a, b)
 }
 
 /// A GET with `headers` on a connection of its own.
