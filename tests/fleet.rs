@@ -1092,12 +1092,15 @@ async fn a_purge_from_the_bus_during_an_upgrade_reaches_the_old_process() {
 #[tokio::test]
 async fn a_purge_taken_before_the_bus_first_connects_is_published_without_a_retry() {
     let mut nats = Nats::start().await;
-    nats.stop();
     let origin = versioned_origin().await;
+    // b made the stream; then nats-server stops, and a starts.
+    let b = Skua::start(&[origin.addr], &nats.bus("b", "")).await;
+    wait_bus_connected(&b, true).await;
+    assert_eq!(get(&b.url("/wiki/P"), &[HOST]).await.text(), "/wiki/P v1");
+    nats.stop();
+    wait_bus_connected(&b, false).await;
     let extra = format!("{}{CAPTURE_LOG}\n", nats.bus("a", ""));
     let a = Skua::start(&[origin.addr], &extra).await;
-    let b = Skua::start(&[origin.addr], &nats.bus("b", "")).await;
-    assert_eq!(get(&b.url("/wiki/P"), &[HOST]).await.text(), "/wiki/P v1");
     let purged = send(&client(), "PURGE", &a.url("/wiki/P"), &[HOST]).await;
     assert!(matches!(purged.status, 204 | 404), "{}", purged.status);
     nats.restart().await;

@@ -7,8 +7,8 @@
 //! - connected: a purge reaches every node in about one NATS round trip plus the apply time
 //!   (`skua_purge_reach_seconds`);
 //! - a purge lost on its way to a node (nats-server stopped with it unsent) shows as a stream
-//!   sequence skipped, at the next purge or, with none, within a quarter of a second: the node
-//!   fetches it by sequence (`skua_purge_bus_refetched_total`);
+//!   sequence skipped, at the next purge or, with none, within a second: the node fetches it
+//!   by sequence (`skua_purge_bus_refetched_total`);
 //! - a node that was down or cut off replays what it missed before it trusts any object cached
 //!   before the gap (it stores its last applied sequence beside its disk cache); if the stream
 //!   no longer holds that position (the gap is older than the retention), every object cached
@@ -99,13 +99,13 @@ impl PurgeEvent {
 
 /// How long the stream may stay quiet before this node asks it for its last sequence: a purge
 /// lost on its way here shows only as a sequence that never arrives, and with no purge after it
-/// nothing else would show it. Also what bounds a stalled pull: under load a node's consumer
-/// now and then stops receiving for about two seconds (neither purges nor the server's
-/// heartbeats; the client recreates it after two missed heartbeats; cause inside the pull not
-/// known), and for a second, then, the node served pages purged elsewhere (the purge checker's
-/// fleet run: up to 189 stale answers in one stall). A quarter of a second costs an idle node
-/// four small requests a second.
-const QUIET_CHECK: Duration = Duration::from_millis(250);
+/// nothing else would show it. It also bounds a stalled pull: under load a node's consumer now
+/// and then receives nothing for about two seconds (cause inside the pull not known), and the
+/// node serves pages purged elsewhere until this finds them. A quarter of a second was tried:
+/// during a bus outage each check then failed at once and the consumer's reconnection backed
+/// off to two seconds, so purges reached the others late once the bus was back (test
+/// `purges_made_through_a_bus_outage_reach_the_others_soon_after_it_returns`).
+const QUIET_CHECK: Duration = Duration::from_secs(1);
 
 /// More missing purges than this are not fetched one by one: every object cached before now is
 /// revalidated instead, as for a gap beyond the retention.
@@ -132,13 +132,16 @@ pub struct Bus {
     /// Counts the client's connections and disconnections: a publish that failed is sent
     /// again as soon as the client is back.
     connection_changes: tokio::sync::watch::Sender<u64>,
-    /// Counts the client's disconnections: an acknowledgement awaited across one is lost with
-    /// the connection it was to come on. Regression: connections counted too, and a purge
-    /// taken before the client's first connection (a node just started, or the new process of
-    /// an upgrade) was taken as lost when that connection came, and published again only
-    /// after a pause: other nodes served the page from before it meanwhile (the purge
-    /// checker's fleet run with upgrades, `publishing purges failed` on each new process).
+    /// Counts the client's disconnections and reconnections: an acknowledgement awaited
+    /// across one is lost with the connection it was to come on, or was owed on a connection
+    /// already gone. Regression: the first connection counted too, and a purge taken before
+    /// it (a node just started, or the new process of an upgrade) was taken as lost when that
+    /// connection came, and published again only after a pause: other nodes served the page
+    /// from before it meanwhile (the purge checker's fleet run with upgrades,
+    /// `publishing purges failed` on each new process).
     disconnections: tokio::sync::watch::Sender<u64>,
+    /// Whether the client has connected once: later connections are reconnections.
+    connected_once: AtomicBool,
     /// Where purges not yet published are kept across a restart (beside the disk cache).
     outbox_file: Option<PathBuf>,
     /// Whether new purges are written to `outbox_file` as they are queued: from the start
@@ -199,6 +202,7 @@ impl Bus {
             save_wanted: tokio::sync::Notify::new(),
             connection_changes: tokio::sync::watch::Sender::new(0),
             disconnections: tokio::sync::watch::Sender::new(0),
+            connected_once: AtomicBool::new(false),
             position_file,
             outbox_file,
             journaling: AtomicBool::new(true),
@@ -688,7 +692,14 @@ impl BackgroundService for BusService {
             .event_callback(move |event| {
                 let bus = events.clone();
                 async move {
-                    if matches!(event, async_nats::Event::Disconnected) {
+                    let lost = match event {
+                        async_nats::Event::Disconnected => true,
+                        async_nats::Event::Connected => {
+                            bus.connected_once.swap(true, Ordering::AcqRel)
+                        }
+                        _ => false,
+                    };
+                    if lost {
                         bus.disconnections.send_modify(|n| *n += 1);
                     }
                     if matches!(
