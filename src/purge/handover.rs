@@ -71,9 +71,9 @@ const DRAINING: &str = "draining";
 /// process that never acknowledges costs one purge a second, once.
 pub const ACK_WAIT: Duration = Duration::from_secs(1);
 
-/// Which process an acknowledgement comes from, as its datagram says.
-const ACK_FROM_NEW: &[u8] = b"new";
-const ACK_FROM_OLD: &[u8] = b"old";
+/// Which process an acknowledgement comes from, as its datagram says (and the log names it).
+const NEW: &str = "new";
+const OLD: &str = "old";
 
 /// One relayed purge (JSON): what it names, how, and when the old process accepted it, so that
 /// the new one keeps what it fetched after that; or, of kind [`DRAINING`], the old process's
@@ -129,31 +129,45 @@ impl Relayed {
 /// once SIGQUIT has handed the listeners over, and, in a process started with `--upgrade`, to
 /// the old one while it may still take requests.
 pub struct Relay {
-    to_new: PathBuf,
-    to_old: PathBuf,
+    new: Peer,
+    old: Peer,
     handing_over: AtomicBool,
     /// Set in a process that took its listeners over: until when the old process accepts.
     old_serves_until: OnceLock<Instant>,
     socket: Mutex<Option<UnixDatagram>>,
     /// A relay to the new process has failed (logged once).
     failed: AtomicBool,
-    /// The new (old) process let a purge go unacknowledged for [`ACK_WAIT`]: it is not waited
-    /// for again.
-    new_unacknowledging: AtomicBool,
-    old_unacknowledging: AtomicBool,
+}
+
+/// The other process of an upgrade, as this one relays to it.
+struct Peer {
+    /// Its socket.
+    path: PathBuf,
+    /// [`NEW`] or [`OLD`]: what its acknowledgements say.
+    name: &'static str,
+    /// It let a purge go unacknowledged for [`ACK_WAIT`]: it is not waited for again.
+    unacknowledging: AtomicBool,
+}
+
+impl Peer {
+    fn new(path: PathBuf, name: &'static str) -> Peer {
+        Peer {
+            path,
+            name,
+            unacknowledging: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Relay {
     pub fn new(upgrade_sock: &Path) -> Relay {
         Relay {
-            to_new: socket_path(upgrade_sock),
-            to_old: old_socket_path(upgrade_sock),
+            new: Peer::new(socket_path(upgrade_sock), NEW),
+            old: Peer::new(old_socket_path(upgrade_sock), OLD),
             handing_over: AtomicBool::new(false),
             old_serves_until: OnceLock::new(),
             socket: Mutex::new(None),
             failed: AtomicBool::new(false),
-            new_unacknowledging: AtomicBool::new(false),
-            old_unacknowledging: AtomicBool::new(false),
         }
     }
 
@@ -191,32 +205,25 @@ impl Relay {
         };
         let answered = matches!(purge.source, Source::Http | Source::Admin);
         let acks = if answered { AckSocket::bind() } else { None };
-        let mut awaited: Vec<&[u8]> = Vec::new();
-        if to_new {
-            match self.send(acks.as_ref(), &datagram, &self.to_new).await {
-                Ok(()) if !self.new_unacknowledging.load(Ordering::Relaxed) => {
-                    awaited.push(ACK_FROM_NEW);
-                }
+        let mut awaited: Vec<&Peer> = Vec::new();
+        for (peer, wanted) in [(&self.new, to_new), (&self.old, to_old)] {
+            if !wanted {
+                continue;
+            }
+            match self.send(acks.as_ref(), &datagram, &peer.path).await {
+                Ok(()) if !peer.unacknowledging.load(Ordering::Relaxed) => awaited.push(peer),
                 Ok(()) => {}
                 // Once: with no process taking over (SIGQUIT sent without one), every purge
                 // fails.
-                Err(e) => {
+                Err(e) if peer.name == NEW => {
                     if !self.failed.swap(true, Ordering::AcqRel) {
-                        tracing::warn!(error = %e, socket = %self.to_new.display(), purge = %purge.scope.describe(), "could not relay a purge to the process taking over");
+                        tracing::warn!(error = %e, socket = %peer.path.display(), purge = %purge.scope.describe(), "could not relay a purge to the process taking over");
                     }
                 }
-            }
-        }
-        if to_old {
-            match self.send(acks.as_ref(), &datagram, &self.to_old).await {
-                Ok(()) if !self.old_unacknowledging.load(Ordering::Relaxed) => {
-                    awaited.push(ACK_FROM_OLD);
-                }
-                Ok(()) => {}
                 // The old process may have finished early, or been stopped: nothing is owed
                 // to it.
                 Err(e) => {
-                    tracing::debug!(error = %e, socket = %self.to_old.display(), "no old process to relay a purge to");
+                    tracing::debug!(error = %e, socket = %peer.path.display(), "no old process to relay a purge to");
                 }
             }
         }
@@ -225,14 +232,9 @@ impl Relay {
         };
         let waited = tokio::time::timeout(ACK_WAIT, acks.wait_for(&mut awaited)).await;
         if waited.is_err() {
-            for unacknowledged in awaited {
-                let (flag, which) = if unacknowledged == ACK_FROM_NEW {
-                    (&self.new_unacknowledging, "new")
-                } else {
-                    (&self.old_unacknowledging, "old")
-                };
-                if !flag.swap(true, Ordering::AcqRel) {
-                    tracing::warn!(process = which, wait = ?ACK_WAIT, purge = %purge.scope.describe(), "the other process of the upgrade did not acknowledge a relayed purge in time (an older Skua, or one stopping): purges are relayed to it without waiting from now on");
+            for peer in awaited {
+                if !peer.unacknowledging.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(process = peer.name, wait = ?ACK_WAIT, purge = %purge.scope.describe(), "the other process of the upgrade did not acknowledge a relayed purge in time (an older Skua, or one stopping): purges are relayed to it without waiting from now on");
                 }
             }
         }
@@ -264,9 +266,9 @@ impl Relay {
         };
         let sent = (serde_json::to_vec(&said).ok())
             .zip(UnixDatagram::unbound().ok())
-            .map(|(datagram, socket)| socket.send_to(&datagram, &self.to_new));
+            .map(|(datagram, socket)| socket.send_to(&datagram, &self.new.path));
         if !matches!(sent, Some(Ok(_))) {
-            tracing::warn!(socket = %self.to_new.display(), "could not tell the process taking over that this one is draining: it starts ready");
+            tracing::warn!(socket = %self.new.path.display(), "could not tell the process taking over that this one is draining: it starts ready");
         }
     }
 }
@@ -310,13 +312,13 @@ impl AckSocket {
 
     /// Returns once an acknowledgement has come from each process in `awaited`, removing each
     /// as it comes.
-    async fn wait_for(&self, awaited: &mut Vec<&[u8]>) {
+    async fn wait_for(&self, awaited: &mut Vec<&Peer>) {
         let mut buf = [0u8; 16];
         while !awaited.is_empty() {
             let Ok(n) = self.0.recv(&mut buf).await else {
                 return std::future::pending().await;
             };
-            awaited.retain(|from| *from != &buf[..n]);
+            awaited.retain(|peer| peer.name.as_bytes() != &buf[..n]);
         }
     }
 }
@@ -341,19 +343,19 @@ impl BackgroundService for HandoverWatch {
             _ = shutdown.changed() => return,
         }
         // Bound first: the new process may take a purge as soon as it has the listeners.
-        let inbox = Inbox::bind_at(self.relay.to_old.clone(), ACK_FROM_OLD);
+        let inbox = Inbox::bind_at(self.relay.old.path.clone(), OLD);
         self.relay.handing_over.store(true, Ordering::Release);
         if self.readiness.draining() {
             self.relay.relay_draining();
         }
         self.purger.store.hand_over();
-        tracing::info!(socket = %self.relay.to_new.display(), "handing over: purges taken here are relayed to the new process");
+        tracing::info!(socket = %self.relay.new.path.display(), "handing over: purges taken here are relayed to the new process");
         match inbox {
             // Read until the process exits: requests accepted before the drain began are still
             // answered after pingora's shutdown signal.
             Ok(inbox) => apply_relayed(inbox, &self.purger, None, std::future::pending()).await,
             Err(e) => {
-                tracing::warn!(error = %e, socket = %self.relay.to_old.display(), "cannot listen for the new process's purges: it serves them alone");
+                tracing::warn!(error = %e, socket = %self.relay.old.path.display(), "cannot listen for the new process's purges: it serves them alone");
             }
         }
     }
@@ -367,18 +369,18 @@ pub struct Inbox {
     /// The file this process bound at `path` (device, inode): a later process of a later
     /// upgrade binds the same path anew.
     bound: (u64, u64),
-    /// What an acknowledgement from here says: [`ACK_FROM_NEW`] or [`ACK_FROM_OLD`].
-    ack: &'static [u8],
+    /// What an acknowledgement from here says: [`NEW`] or [`OLD`].
+    ack: &'static str,
 }
 
 impl Inbox {
     /// Binds the socket beside `upgrade_sock` (replacing a leftover, which an earlier upgrade's
     /// process may still hold: it is the sender now), readable and writable by this user only.
     pub fn bind(upgrade_sock: &Path) -> io::Result<Inbox> {
-        Inbox::bind_at(socket_path(upgrade_sock), ACK_FROM_NEW)
+        Inbox::bind_at(socket_path(upgrade_sock), NEW)
     }
 
-    fn bind_at(path: PathBuf, ack: &'static [u8]) -> io::Result<Inbox> {
+    fn bind_at(path: PathBuf, ack: &'static str) -> io::Result<Inbox> {
         use std::os::unix::fs::MetadataExt;
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -519,7 +521,7 @@ async fn apply_relayed(
                 // unnamed socket and waits for nothing). A datagram socket does not block on a
                 // sender gone.
                 if !from.is_unnamed() {
-                    let _ = acks.send_to_addr(ack, &from);
+                    let _ = acks.send_to_addr(ack.as_bytes(), &from);
                 }
             }
             () = &mut until => break,

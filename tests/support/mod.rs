@@ -311,6 +311,13 @@ pub const CAPTURE_LOG: &str = "# capture the log";
 /// A line `# env NAME=VALUE` in a config's extra text sets that variable for the process
 /// (and no other): how a test turns on a fault-injection hook.
 pub const ENV_LINE: &str = "# env ";
+
+/// The variables a config's [`ENV_LINE`]s set.
+fn env_lines(config: &str) -> impl Iterator<Item = (&str, &str)> {
+    config
+        .lines()
+        .filter_map(|l| l.strip_prefix(ENV_LINE)?.split_once('='))
+}
 /// A line `# nofile SOFT:HARD` starts the process with that open-file limit (`prlimit`), as a
 /// shell's `ulimit -n` would.
 pub const NOFILE_LINE: &str = "# nofile ";
@@ -524,14 +531,11 @@ impl Skua {
         // The new binary waits on the upgrade socket for the old one's listeners; it runs with
         // the config's `# env` lines as the old one does.
         let config = std::fs::read_to_string(self.config_path()).unwrap();
-        let vars = config
-            .lines()
-            .filter_map(|l| l.strip_prefix(ENV_LINE)?.split_once('='));
         let new = Upgraded(Some(
             Command::new(skua_bin())
                 .args(["serve", "--upgrade", "--config"])
                 .arg(self.config_path())
-                .envs(vars)
+                .envs(env_lines(&config))
                 .spawn()
                 .unwrap(),
         ));
@@ -711,9 +715,7 @@ interval = "300ms"
         );
         let path = dir.path().join("skua.toml");
         std::fs::write(&path, config).unwrap();
-        let vars = extra
-            .lines()
-            .filter_map(|l| l.strip_prefix(ENV_LINE)?.split_once('='));
+        let vars = env_lines(extra);
         let mut command = match extra.lines().find_map(|l| l.strip_prefix(NOFILE_LINE)) {
             Some(limit) => {
                 let mut c = Command::new("prlimit");
