@@ -2,7 +2,8 @@
 # Runs the randomised purge checker (check.py) against Skua in one setup, for a while: readers
 # ask for pages in many shapes while an editor edits them at a versioned origin and purges
 # each edit through Skua in one of every way it takes; any answer older than an acknowledged
-# purge is printed as STALE. Exits 1 if there was one. Needs python3 (standard library only);
+# purge is printed as STALE. Exits 1 if there was one. Needs python3 (standard library only)
+# and openssl (the HTTPS listener of node, rules and upgrades);
 # the fleet setup needs nats-server. Loopback only. Not part of CI: each setup loads every
 # core for as long as it runs.
 #
