@@ -5,7 +5,8 @@
 //!
 //! Consistency is weak and eventual, with these bounds:
 //! - connected: a purge reaches every node in about one NATS round trip plus the apply time
-//!   (`skua_purge_reach_seconds`);
+//!   (`skua_purge_reach_seconds`); an HTTP or admin purge is answered once the stream has
+//!   stored it ([`Bus::stored`]), so the node that took it may die the moment after;
 //! - a purge lost on its way to a node (nats-server stopped with it unsent) shows as a stream
 //!   sequence skipped, at the next purge or, with none, within a second: the node fetches it
 //!   by sequence (`skua_purge_bus_refetched_total`);
@@ -33,7 +34,7 @@ use futures::StreamExt;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Purge, PurgeResult, Purger, Scope, Source};
 use crate::cache::key::CacheUrl;
@@ -107,6 +108,29 @@ impl PurgeEvent {
 /// `purges_made_through_a_bus_outage_reach_the_others_soon_after_it_returns`).
 const QUIET_CHECK: Duration = Duration::from_secs(1);
 
+/// How long the answer to an HTTP or admin purge waits for the stream to have stored the purge
+/// (a JetStream acknowledgement, about a millisecond when connected). Once stored it reaches
+/// the others even if this node dies the next moment; answered before, a node killed right
+/// after its answer took the purge with it (a memory-only node for good, a disk node until it
+/// was started again). Not waited for while the client is disconnected: the purge is queued
+/// as through any outage.
+const PUBLISH_WAIT: Duration = Duration::from_secs(1);
+
+/// A purge waiting to be published, and who waits for the stream to have stored it.
+struct Queued {
+    event: PurgeEvent,
+    stored: Option<oneshot::Sender<()>>,
+}
+
+impl From<PurgeEvent> for Queued {
+    fn from(event: PurgeEvent) -> Queued {
+        Queued {
+            event,
+            stored: None,
+        }
+    }
+}
+
 /// More missing purges than this are not fetched one by one: every object cached before now is
 /// revalidated instead, as for a gap beyond the retention.
 const REFETCH_MAX: u64 = 10_000;
@@ -116,8 +140,8 @@ pub struct Bus {
     config: BusConfig,
     store: &'static Store,
     metrics: Arc<Metrics>,
-    outbox: mpsc::UnboundedSender<PurgeEvent>,
-    outbox_rx: Mutex<Option<mpsc::UnboundedReceiver<PurgeEvent>>>,
+    outbox: mpsc::UnboundedSender<Queued>,
+    outbox_rx: Mutex<Option<mpsc::UnboundedReceiver<Queued>>>,
     /// Makes event ids unique across this node's restarts.
     boot: u64,
     next_id: AtomicU64,
@@ -142,6 +166,8 @@ pub struct Bus {
     disconnections: tokio::sync::watch::Sender<u64>,
     /// Whether the client has connected once: later connections are reconnections.
     connected_once: AtomicBool,
+    /// Whether the client is connected now.
+    connected: AtomicBool,
     /// Where purges not yet published are kept across a restart (beside the disk cache).
     outbox_file: Option<PathBuf>,
     /// Whether new purges are written to `outbox_file` as they are queued: from the start
@@ -173,7 +199,7 @@ impl Bus {
             );
         }
         for event in left {
-            if outbox.send(event).is_ok() {
+            if outbox.send(event.into()).is_ok() {
                 metrics.bus.unpublished.inc();
             }
         }
@@ -203,6 +229,7 @@ impl Bus {
             connection_changes: tokio::sync::watch::Sender::new(0),
             disconnections: tokio::sync::watch::Sender::new(0),
             connected_once: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
             position_file,
             outbox_file,
             journaling: AtomicBool::new(true),
@@ -234,23 +261,46 @@ impl Bus {
 
     /// Queues a purge this node has applied for publishing; never waits. Past `max_queued`
     /// the purge is not queued: once the queue is published the others are told to
-    /// revalidate everything instead ([`Target::Distrust`]), which covers it.
-    pub fn publish(&self, target: Target, mode: PurgeMode) {
+    /// revalidate everything instead ([`Target::Distrust`]), which covers it. Returns what
+    /// [`Bus::stored`] waits on, when the purge was queued.
+    pub fn publish(&self, target: Target, mode: PurgeMode) -> Option<oneshot::Receiver<()>> {
         let event = self.event(target, mode == PurgeMode::Expire);
         let queued = usize::try_from(self.metrics.bus.unpublished.get()).unwrap_or(0);
         if queued >= self.config.max_queued {
             self.metrics.bus.dropped.inc();
             if self.dropped.fetch_add(1, Ordering::AcqRel) == 0 {
                 // A restart before the queue is published still tells the others.
-                self.journal(&[self.event(Target::Distrust, false)]);
+                self.journal([&self.event(Target::Distrust, false)]);
             }
-            return;
+            return None;
         }
         if self.journaling.load(Ordering::Acquire) {
-            self.journal(std::slice::from_ref(&event));
+            self.journal([&event]);
         }
-        if self.outbox.send(event).is_ok() {
-            self.metrics.bus.unpublished.inc();
+        let (stored, waiter) = oneshot::channel();
+        let queued = Queued {
+            event,
+            stored: Some(stored),
+        };
+        if self.outbox.send(queued).is_err() {
+            return None;
+        }
+        self.metrics.bus.unpublished.inc();
+        Some(waiter)
+    }
+
+    /// Waits, at most [`PUBLISH_WAIT`], until the stream has stored a purge [`Bus::publish`]
+    /// queued; not at all while the client is disconnected, and no longer once it disconnects.
+    /// Returns whether it was stored.
+    pub async fn stored(&self, waiter: oneshot::Receiver<()>) -> bool {
+        let mut disconnections = self.disconnections.subscribe();
+        disconnections.mark_unchanged();
+        if !self.connected.load(Ordering::Acquire) {
+            return false;
+        }
+        tokio::select! {
+            stored = tokio::time::timeout(PUBLISH_WAIT, waiter) => matches!(stored, Ok(Ok(()))),
+            _ = disconnections.changed() => false,
         }
     }
 
@@ -266,7 +316,7 @@ impl Bus {
     }
 
     /// Appends `events` to the outbox file.
-    fn journal(&self, events: &[PurgeEvent]) {
+    fn journal<'a>(&self, events: impl IntoIterator<Item = &'a PurgeEvent>) {
         let Some(file) = &self.outbox_file else {
             return;
         };
@@ -344,9 +394,15 @@ impl Bus {
     async fn run_publisher(
         self: Arc<Self>,
         js: jetstream::Context,
-        mut rx: mpsc::UnboundedReceiver<PurgeEvent>,
+        mut rx: mpsc::UnboundedReceiver<Queued>,
     ) {
-        let mut batch: VecDeque<PurgeEvent> = VecDeque::new();
+        let mut batch: VecDeque<Queued> = VecDeque::new();
+        // Test hook (`SKUA_TEST_BUS_PUBLISH_DELAY_MS`): each batch waits this long before it
+        // is sent, as under a slow nats-server.
+        let delay = std::env::var("SKUA_TEST_BUS_PUBLISH_DELAY_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis);
         let mut pause = Backoff::new();
         let mut connection_changes = self.connection_changes.subscribe();
         loop {
@@ -362,17 +418,24 @@ impl Bus {
                     Err(_) => break,
                 }
             }
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
             match self.publish_batch(&js, &batch).await {
                 Ok(()) => {
                     let n = batch.len() as i64;
                     self.metrics.bus.unpublished.sub(n);
                     self.metrics.bus.published.inc_by(n as u64);
-                    batch.clear();
+                    for queued in batch.drain(..) {
+                        if let Some(stored) = queued.stored {
+                            let _ = stored.send(());
+                        }
+                    }
                     pause.reset();
                     if rx.is_empty() && self.dropped.swap(0, Ordering::AcqRel) > 0 {
                         // Sent after every purge that was queued, and after every one that
                         // was not: the others revalidate what they cached before it arrives.
-                        batch.push_back(self.event(Target::Distrust, false));
+                        batch.push_back(self.event(Target::Distrust, false).into());
                         self.metrics.bus.unpublished.inc();
                         continue;
                     }
@@ -393,7 +456,7 @@ impl Bus {
                         while let Ok(event) = rx.try_recv() {
                             batch.push_back(event);
                         }
-                        self.journal(batch.make_contiguous());
+                        self.journal(batch.iter().map(|q| &q.event));
                     }
                     // Sent again at once when the client reconnects, not after a pause that
                     // has grown through the outage (up to 2 s).
@@ -410,12 +473,12 @@ impl Bus {
     async fn publish_batch(
         &self,
         js: &jetstream::Context,
-        batch: &VecDeque<PurgeEvent>,
+        batch: &VecDeque<Queued>,
     ) -> anyhow::Result<()> {
         let mut disconnections = self.disconnections.subscribe();
         disconnections.mark_unchanged();
         let mut acks = Vec::with_capacity(batch.len());
-        for event in batch {
+        for Queued { event, .. } in batch {
             let payload = serde_json::to_vec(event)?;
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", event.id.as_str());
@@ -693,8 +756,12 @@ impl BackgroundService for BusService {
                 let bus = events.clone();
                 async move {
                     let lost = match event {
-                        async_nats::Event::Disconnected => true,
+                        async_nats::Event::Disconnected => {
+                            bus.connected.store(false, Ordering::Release);
+                            true
+                        }
                         async_nats::Event::Connected => {
+                            bus.connected.store(true, Ordering::Release);
                             bus.connected_once.swap(true, Ordering::AcqRel)
                         }
                         _ => false,

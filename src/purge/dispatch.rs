@@ -176,8 +176,9 @@ impl Purger {
 
     /// Applies `purge` to every tier, then publishes it unless it came from the bus (or from
     /// HTCP where `publish_htcp` is off), and relays it to the other process of a zero-downtime
-    /// upgrade while one runs ([`Relay::relay`]). Returns how many objects were affected here;
-    /// a ban counts as one.
+    /// upgrade while one runs ([`Relay::relay`]). An HTTP or admin purge returns once the bus
+    /// has stored it ([`Bus::stored`]). Returns how many objects were affected here; a ban
+    /// counts as one.
     pub async fn apply(&self, purge: &Purge) -> usize {
         let store = self.store;
         let affected = match &purge.scope {
@@ -191,16 +192,25 @@ impl Purger {
                 1
             }
         };
+        let mut published = None;
         if let Some(bus) = self.bus.as_ref().filter(|b| b.publishes(purge.source)) {
             let target = match &purge.scope {
                 Scope::Url(url) => Target::Url { url: url.primary() },
                 Scope::Tags(tags) => Target::Tags { tags: tags.clone() },
                 Scope::Prefix(url) => Target::Prefix { url: url.primary() },
             };
-            bus.publish(target, purge.mode);
+            published = bus.publish(target, purge.mode).map(|waiter| (bus, waiter));
         }
         if let Some(relay) = &self.relay {
             relay.relay(purge).await;
+        }
+        // An answered HTTP or admin purge is one the fleet gets even if this node dies next:
+        // its answer waits for the stream to have stored it. HTCP has no answer to hold, and
+        // waiting would hold back the next packet.
+        if let Some((bus, waiter)) = published {
+            if matches!(purge.source, Source::Http | Source::Admin) {
+                bus.stored(waiter).await;
+            }
         }
         self.metrics.top.purged(RecentPurge {
             what: purge.scope.describe(),
