@@ -1166,3 +1166,35 @@ async fn a_purge_answered_by_a_node_killed_right_after_reaches_the_others() {
     wait_for_metric(&b, BUS_PURGED, 1.0, Duration::from_secs(5)).await;
     assert_eq!(get(&b.url("/wiki/P"), &[HOST]).await.text(), "/wiki/P v2");
 }
+
+/// Regression: on SIGTERM a node stopped reading the bus at once, yet for pingora's grace
+/// period it went on answering requests on the connections it held, from a cache no longer
+/// purged: a frontend's pooled connections to a stopping backend got pages purged elsewhere
+/// (the purge checker's fleet with its first backend stopped and started: a frontend
+/// revalidated a soft-purged page with the stopping backend, which confirmed the page from
+/// before the edit). It now reads the bus until the process ends.
+#[tokio::test]
+async fn a_stopping_node_applies_purges_from_the_bus_while_it_still_answers() {
+    let nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let (a, b) = two_ready_bus_nodes(&nats, &origin).await;
+    let request = "GET /wiki/P HTTP/1.1\r\nHost: wiki.test\r\n\r\n";
+    let mut held = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    assert!(exchange(&mut held, request).await.contains("/wiki/P v1"));
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &a.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The shutdown signal has reached a's services; the edit is purged at b.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let purged = send(&client(), "PURGE", &b.url("/wiki/P"), &[HOST]).await;
+    assert_eq!(purged.status, 404);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let answer = exchange(&mut held, request).await;
+    assert!(answer.contains("/wiki/P v2"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+}

@@ -563,3 +563,31 @@ async fn no_clr_is_lost_across_a_zero_downtime_upgrade() {
     let _ = new.wait();
     assert_eq!(counted(&metrics), sent, "{metrics}");
 }
+
+/// Regression: on SIGTERM the HTCP reader stopped at once, yet for pingora's grace period the
+/// node went on answering on the connections it held, from a cache no longer purged (as the
+/// purge bus did). It now reads until the process ends.
+#[tokio::test]
+async fn a_stopping_node_applies_clrs_while_it_still_answers() {
+    let origin = Origin::start(|_| cached()).await;
+    let (skua, htcp) = start(origin.addr, "").await;
+    let request = "GET /wiki/P HTTP/1.1\r\nHost: wiki.test\r\n\r\n";
+    let mut held = tokio::net::TcpStream::connect(skua.addr).await.unwrap();
+    let first = exchange(&mut held, request).await;
+    assert_eq!(origin.count("/wiki/P"), 1, "{first}");
+    let status = Command::new("kill")
+        .args(["-TERM", &skua.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Past the reader's tick (a quarter of a second), within pingora's grace period (a second).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send_clr(htcp, "http://wiki.test/wiki/P");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let answer = exchange(&mut held, request).await;
+    assert_eq!(
+        origin.count("/wiki/P"),
+        2,
+        "served from before the CLR: {answer}"
+    );
+}

@@ -544,13 +544,14 @@ impl Bus {
         (deliver, resuming)
     }
 
-    /// Reads the stream from just after the last applied position until told to stop or the
-    /// connection fails (then the caller starts again from the position reached).
+    /// Reads the stream from just after the last applied position until the connection fails
+    /// (then the caller starts again from the position reached) or the process ends: through
+    /// pingora's shutdown signal too.
     async fn consume(
         &self,
         js: &jetstream::Context,
         shutdown: &mut ShutdownWatch,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<std::convert::Infallible> {
         let mut stream = js.get_or_create_stream(self.stream_config()).await?;
         let state = stream.info().await?.state.clone();
         let (deliver, resuming) = self.start_position(&state);
@@ -595,6 +596,7 @@ impl Bus {
             .messages()
             .await?;
         self.metrics.bus.connected.set(1);
+        let mut stopping = *shutdown.borrow();
         loop {
             let message = tokio::select! {
                 m = messages.next() => m,
@@ -609,7 +611,15 @@ impl Bus {
                     }
                     continue;
                 }
-                _ = shutdown.changed() => return Ok(()),
+                // pingora's shutdown signal comes a grace period before the runtimes end, and
+                // until then this node still answers on the connections it holds: it goes on
+                // applying what the bus brings until the process ends. Regression: it stopped
+                // reading here, and a frontend's pooled connections to a stopping backend got
+                // pages purged elsewhere.
+                _ = shutdown.changed(), if !stopping => {
+                    stopping = true;
+                    continue;
+                }
             };
             let Some(message) = message else {
                 anyhow::bail!("the purge stream ended");
@@ -628,6 +638,10 @@ impl Bus {
             self.applied.store(sequence, Ordering::Release);
             expected = Some(sequence + 1);
             self.reached(pending);
+            if stopping {
+                // The end may come before the saver's next round.
+                self.save_wanted.notify_one();
+            }
         }
     }
 
@@ -820,7 +834,6 @@ impl BackgroundService for BusService {
         let mut pause = Backoff::new();
         loop {
             match bus.consume(&js, &mut shutdown).await {
-                Ok(()) => break,
                 Err(e) if bus.store.invalidations.handed_over() => {
                     // The process taking over has made this node's consumer its own (it is
                     // named after the node): recreating it here would take it back, and both

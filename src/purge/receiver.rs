@@ -238,6 +238,13 @@ impl BackgroundService for HtcpReceiver {
         }
         self.metrics.htcp_listening.set(1);
         let _ = shutdown.changed().await;
+        if !self.purger.store.invalidations.handed_over() {
+            // Stopping with no process to take over: pingora's shutdown signal comes a grace
+            // period before the runtimes end, and until then this node still answers on the
+            // connections it holds, so it reads until the process ends. Regression: it
+            // stopped here and served pages a CLR had purged meanwhile.
+            std::future::pending::<()>().await;
+        }
         stop.store(true, Ordering::Relaxed);
     }
 }
