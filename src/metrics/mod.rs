@@ -25,6 +25,7 @@ pub struct BusMetrics {
     pub dropped: IntCounter,
     pub gaps: IntCounter,
     pub refetched: IntCounter,
+    pub stalls: IntCounter,
     pub reach: Histogram,
 }
 
@@ -493,6 +494,10 @@ impl Metrics {
                 "skua_purge_bus_refetched_total",
                 "Purges the bus delivered to this node's consumer but that never arrived (lost on the way, as when nats-server stops), fetched again from the stream by sequence.",
             )?,
+            stalls: IntCounter::new(
+                "skua_purge_bus_stalls_total",
+                "Times this node's bus consumer was made again because the stream went on while it received nothing for a quarter of a second (what it missed was fetched by sequence).",
+            )?,
             reach: Histogram::with_opts(
                 HistogramOpts::new(
                     "skua_purge_reach_seconds",
@@ -511,6 +516,7 @@ impl Metrics {
         registry.register(Box::new(bus.dropped.clone()))?;
         registry.register(Box::new(bus.gaps.clone()))?;
         registry.register(Box::new(bus.refetched.clone()))?;
+        registry.register(Box::new(bus.stalls.clone()))?;
         registry.register(Box::new(bus.reach.clone()))?;
         let connections_open =
             IntGauge::new("skua_connections_open", "Client connections open now.")?;

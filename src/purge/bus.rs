@@ -8,8 +8,9 @@
 //!   (`skua_purge_reach_seconds`); an HTTP or admin purge is answered once the stream has
 //!   stored it ([`Bus::stored`]), so the node that took it may die the moment after;
 //! - a purge lost on its way to a node (nats-server stopped with it unsent) shows as a stream
-//!   sequence skipped, at the next purge or, with none, within a second: the node fetches it
-//!   by sequence (`skua_purge_bus_refetched_total`);
+//!   sequence skipped, at the next purge or, with none, within a quarter of a second: the node
+//!   fetches it by sequence (`skua_purge_bus_refetched_total`), and a pull that stalled is
+//!   made again ([`QUIET_CHECK`]);
 //! - a node that was down or cut off replays what it missed before it trusts any object cached
 //!   before the gap (it stores its last applied sequence beside its disk cache); if the stream
 //!   no longer holds that position (the gap is older than the retention), every object cached
@@ -100,13 +101,30 @@ impl PurgeEvent {
 
 /// How long the stream may stay quiet before this node asks it for its last sequence: a purge
 /// lost on its way here shows only as a sequence that never arrives, and with no purge after it
-/// nothing else would show it. It also bounds a stalled pull: under load a node's consumer now
-/// and then receives nothing for about two seconds (cause inside the pull not known), and the
-/// node serves pages purged elsewhere until this finds them. A quarter of a second was tried:
-/// during a bus outage each check then failed at once and the consumer's reconnection backed
-/// off to two seconds, so purges reached the others late once the bus was back (test
-/// `purges_made_through_a_bus_outage_reach_the_others_soon_after_it_returns`).
-const QUIET_CHECK: Duration = Duration::from_secs(1);
+/// nothing else would show it. It also bounds a stalled pull. nats-server (2.9.10, Debian's)
+/// now and then lets a pull request end without its `408` when a message comes in the same
+/// millisecond as the request expires, and sends this consumer nothing more: seen in the purge
+/// checker's fleet runs, each stall beginning at a request's expiry, the node serving pages
+/// purged elsewhere until the missed heartbeats ended the consumer two seconds later. What the
+/// check finds is fetched by sequence and the consumer is made again at once ([`PullStalled`]).
+/// A check costs one stream-info request, made only after this long without a message.
+const QUIET_CHECK: Duration = Duration::from_millis(250);
+
+/// How long one pull request lasts: each expiry is a chance of the stall above, which the
+/// quiet check bounds.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// Why a consumer was made again: the stream went on while it received nothing.
+#[derive(Debug)]
+struct PullStalled;
+
+impl std::fmt::Display for PullStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the stream went on while this node's pull received nothing")
+    }
+}
+
+impl std::error::Error for PullStalled {}
 
 /// How long the answer to an HTTP or admin purge waits for the stream to have stored the purge
 /// (a JetStream acknowledgement, about a millisecond when connected). Once stored it reaches
@@ -423,6 +441,7 @@ impl Bus {
             }
             match self.publish_batch(&js, &batch).await {
                 Ok(()) => {
+                    tracing::debug!(purges = batch.len(), last = %batch.back().map_or("", |q| q.event.id.as_str()), "published");
                     let n = batch.len() as i64;
                     self.metrics.bus.unpublished.sub(n);
                     self.metrics.bus.published.inc_by(n as u64);
@@ -551,6 +570,7 @@ impl Bus {
         &self,
         js: &jetstream::Context,
         shutdown: &mut ShutdownWatch,
+        pause: &mut Backoff,
     ) -> anyhow::Result<std::convert::Infallible> {
         let mut stream = js.get_or_create_stream(self.stream_config()).await?;
         let state = stream.info().await?.state.clone();
@@ -592,22 +612,28 @@ impl Bus {
             .stream()
             .max_messages_per_batch(1000)
             .heartbeat(Duration::from_secs(1))
-            .expires(Duration::from_secs(5))
+            .expires(PULL_EXPIRES)
             .messages()
             .await?;
         self.metrics.bus.connected.set(1);
+        pause.reset();
         let mut stopping = *shutdown.borrow();
+        // A request to the stream (its state, a message by sequence) sent as the connection
+        // drops is never answered, and would hold this loop for the client's request timeout
+        // (five seconds): it is given up at the disconnection, and the consumer is made again
+        // once the client is back. Regression: a quiet check made as nats-server stopped held
+        // a node that long after the bus was back.
+        let mut disconnections = self.disconnections.subscribe();
+        disconnections.mark_unchanged();
+        let dropped = || anyhow::anyhow!("the connection to NATS dropped");
         loop {
             let message = tokio::select! {
                 m = messages.next() => m,
                 () = tokio::time::sleep(QUIET_CHECK) => {
-                    if let Some(next) = expected {
-                        let last = stream.get_info().await?.state.last_sequence;
-                        if last >= next {
-                            self.refetch(&stream, next, last + 1).await?;
-                            expected = Some(last + 1);
-                            self.reached(0);
-                        }
+                    let Some(next) = expected else { continue };
+                    tokio::select! {
+                        checked = self.quiet_check(&stream, next) => checked?,
+                        _ = disconnections.changed() => return Err(dropped()),
                     }
                     continue;
                 }
@@ -631,7 +657,10 @@ impl Bus {
                 // Sent again (the server's record of what it delivered went back, as when it
                 // restarts): applied already.
                 Some(next) if sequence < next => continue,
-                Some(next) if sequence > next => self.refetch(&stream, next, sequence).await?,
+                Some(next) if sequence > next => tokio::select! {
+                    refetched = self.refetch(&stream, next, sequence) => refetched?,
+                    _ = disconnections.changed() => return Err(dropped()),
+                },
                 _ => {}
             }
             self.handle(sequence, &message.payload).await;
@@ -643,6 +672,18 @@ impl Bus {
                 self.save_wanted.notify_one();
             }
         }
+    }
+
+    /// After [`QUIET_CHECK`] without a message: fetches what the stream holds from `next` on,
+    /// and fails with [`PullStalled`] if it held anything.
+    async fn quiet_check(&self, stream: &stream::Stream, next: u64) -> anyhow::Result<()> {
+        let last = stream.get_info().await?.state.last_sequence;
+        if last >= next {
+            self.refetch(stream, next, last + 1).await?;
+            self.reached(0);
+            return Err(PullStalled.into());
+        }
+        Ok(())
     }
 
     /// Purges this node missed are gone from the stream: whatever they named, every object
@@ -714,6 +755,7 @@ impl Bus {
             Ok(event) if event.node == self.config.node => {}
             Ok(event) => {
                 let result = self.apply(&event).await;
+                tracing::debug!(sequence, id = %event.id, target = ?event.target, result = result.as_str(), "applied a purge from the bus");
                 super::count(&self.metrics, Source::Bus, result);
                 let reached = unix_micros(SystemTime::now()).saturating_sub(event.at_us);
                 self.metrics.bus.reach.observe(reached as f64 / 1e6);
@@ -832,8 +874,10 @@ impl BackgroundService for BusService {
             }
         });
         let mut pause = Backoff::new();
+        let mut connection_changes = bus.connection_changes.subscribe();
         loop {
-            match bus.consume(&js, &mut shutdown).await {
+            connection_changes.mark_unchanged();
+            match bus.consume(&js, &mut shutdown, &mut pause).await {
                 Err(e) if bus.store.invalidations.handed_over() => {
                     // The process taking over has made this node's consumer its own (it is
                     // named after the node): recreating it here would take it back, and both
@@ -841,11 +885,22 @@ impl BackgroundService for BusService {
                     tracing::info!(error = %e, "purge bus consumer handed over to the new process");
                     break;
                 }
+                Err(e) if e.is::<PullStalled>() => {
+                    bus.metrics.bus.stalls.inc();
+                    tracing::warn!(error = %e, "purge bus consumer made again");
+                    // Also while stopping: the node still answers.
+                    continue;
+                }
                 Err(e) => {
                     bus.metrics.bus.connected.set(0);
                     tracing::warn!(error = %e, "purge bus consumer stopped; reconnecting");
+                    // Made again as soon as the client is back, not after a pause grown
+                    // through an outage (regression: a quiet check failing at once through an
+                    // outage grew the pause to two seconds, and purges reached this node that
+                    // late once the bus was back).
                     tokio::select! {
                         _ = tokio::time::sleep(pause.next()) => {}
+                        _ = connection_changes.changed() => {}
                         _ = shutdown.changed() => break,
                     }
                 }

@@ -27,6 +27,7 @@
 #               long after its acknowledgement a purge may still be on its way to the others
 # PURGE_CHECKER_PORT: the first of the twelve loopback ports used (default 28400).
 # KEEP=1: keep the temporary directory (configs, node logs) and print its path.
+# ACCESS_LOG=1: each node writes a JSON access log there (access-NAME.log; with KEEP=1).
 # DISK_SIZE: bytes of each disk tier (default 256 MiB; a small one evicts all the time).
 # CHAOS_NODES=0 RELOADS=1 with `node` or `rules`: SIGHUP every few seconds.
 set -euo pipefail
@@ -67,6 +68,9 @@ $ORIGIN_LINES
 allow = ["127.0.0.0/8"]
 EOF
     for line in "$@"; do printf '%s\n' "$line" >> "$work/$name.toml"; done
+    if [ -n "${ACCESS_LOG:-}" ]; then
+        printf '[log]\naccess = "%s"\nformat = "json"\n' "$work/access-$name.log" >> "$work/$name.toml"
+    fi
 }
 no_health='[origin.health_check]
 enabled = false'
