@@ -1211,3 +1211,29 @@ async fn a_stopping_node_applies_purges_from_the_bus_while_it_still_answers() {
         "{answer}"
     );
 }
+
+/// Regression: a node just started takes purges as soon as its port is open, a moment before
+/// it reaches nats-server, and it answered such a purge at once: the others served the page
+/// from before the edit until it had connected (the purge checker's fleet setup, a backend
+/// killed and started again: stale answers elsewhere for 100 ms). Here the node reaches
+/// nats-server half a second after it starts; the purge's answer waits for that.
+#[tokio::test]
+async fn a_purge_taken_just_after_start_is_answered_once_the_others_can_get_it() {
+    let nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let b = Skua::start(&[origin.addr], &nats.bus("b", "")).await;
+    b.wait_ready().await;
+    wait_bus_connected(&b, true).await;
+    assert_eq!(get(&b.url("/wiki/P"), &[HOST]).await.text(), "/wiki/P v1");
+    let slow_first_connection = format!(
+        "{}\n{ENV_LINE}SKUA_TEST_BUS_CONNECT_DELAY_MS=500\n",
+        nats.bus("a", "")
+    );
+    let a = Skua::start(&[origin.addr], &slow_first_connection).await;
+    let purged = send(&client(), "PURGE", &a.url("/wiki/P"), &[HOST]).await;
+    assert_eq!(purged.status, 404);
+    // Applied at b about a millisecond after it was stored; generous for a loaded machine,
+    // well short of the half second a's connection took.
+    wait_for_metric(&b, BUS_PURGED, 1.0, Duration::from_millis(250)).await;
+    assert_eq!(get(&b.url("/wiki/P"), &[HOST]).await.text(), "/wiki/P v2");
+}

@@ -134,6 +134,14 @@ impl std::error::Error for PullStalled {}
 /// as through any outage.
 const PUBLISH_WAIT: Duration = Duration::from_secs(1);
 
+/// How long after start a purge's answer still waits for the client's first connection (the
+/// client's own connection timeout): a node just started takes purges as soon as its port is
+/// open, a moment before it reaches nats-server. Regression: such a purge was answered at once
+/// and reached the others only once the node had connected (the purge checker's fleet setup,
+/// a backend killed and started again: stale answers elsewhere for the 100 ms in between).
+/// After that, a node that has never connected is taken as cut off.
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(2);
+
 /// A purge waiting to be published, and who waits for the stream to have stored it.
 struct Queued {
     event: PurgeEvent,
@@ -308,13 +316,18 @@ impl Bus {
     }
 
     /// Waits, at most [`PUBLISH_WAIT`], until the stream has stored a purge [`Bus::publish`]
-    /// queued; not at all while the client is disconnected, and no longer once it disconnects.
-    /// Returns whether it was stored.
+    /// queued; not at all while the client is disconnected (unless it is still making its
+    /// first connection, [`FIRST_CONNECT_WAIT`]), and no longer once it disconnects. Returns
+    /// whether it was stored.
     pub async fn stored(&self, waiter: oneshot::Receiver<()>) -> bool {
         let mut disconnections = self.disconnections.subscribe();
         disconnections.mark_unchanged();
         if !self.connected.load(Ordering::Acquire) {
-            return false;
+            let starting = !self.connected_once.load(Ordering::Acquire)
+                && self.created.elapsed().unwrap_or_default() < FIRST_CONNECT_WAIT;
+            if !starting {
+                return false;
+            }
         }
         tokio::select! {
             stored = tokio::time::timeout(PUBLISH_WAIT, waiter) => matches!(stored, Ok(Ok(()))),
@@ -798,6 +811,14 @@ pub struct BusService(pub Arc<Bus>);
 impl BackgroundService for BusService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let bus = self.0.clone();
+        // Test hook (`SKUA_TEST_BUS_CONNECT_DELAY_MS`): the first connection is made this much
+        // later, as to a distant nats-server.
+        if let Some(delay) = std::env::var("SKUA_TEST_BUS_CONNECT_DELAY_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+        {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         let options = match connect_options(&bus.config).await {
             Ok(o) => o,
             Err(e) => {
