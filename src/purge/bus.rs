@@ -8,7 +8,7 @@
 //!   (`skua_purge_reach_seconds`); an HTTP or admin purge is answered once the stream has
 //!   stored it ([`Bus::stored`]), so the node that took it may die the moment after;
 //! - a purge lost on its way to a node (nats-server stopped with it unsent) shows as a stream
-//!   sequence skipped, at the next purge or, with none, within a quarter of a second: the node
+//!   sequence skipped, at the next purge or, with none, within 0.3 s: the node
 //!   fetches it by sequence (`skua_purge_bus_refetched_total`), and a pull that stalled is
 //!   made again ([`QUIET_CHECK`]);
 //! - a node that was down or cut off replays what it missed before it trusts any object cached
@@ -109,6 +109,13 @@ impl PurgeEvent {
 /// check finds is fetched by sequence and the consumer is made again at once ([`PullStalled`]).
 /// A check costs one stream-info request, made only after this long without a message.
 const QUIET_CHECK: Duration = Duration::from_millis(250);
+
+/// How long a message the stream holds may still be on its way to this node when a quiet check
+/// finds it: found again after this, it was lost or the pull has stalled. Regression: acted on
+/// at once, the check made every node's consumer again whenever a purge came just as the
+/// checks ran (their timers run together, started by the same messages): a dozen times a
+/// minute under the purge checker's load.
+const IN_FLIGHT: Duration = Duration::from_millis(50);
 
 /// How long one pull request lasts: each expiry is a chance of the stall above, which the
 /// quiet check bounds.
@@ -639,13 +646,20 @@ impl Bus {
         let mut disconnections = self.disconnections.subscribe();
         disconnections.mark_unchanged();
         let dropped = || anyhow::anyhow!("the connection to NATS dropped");
+        // The stream's last sequence, when a quiet check found it beyond what had come here.
+        let mut missing = None;
         loop {
+            let quiet = if missing.is_some() {
+                IN_FLIGHT
+            } else {
+                QUIET_CHECK
+            };
             let message = tokio::select! {
                 m = messages.next() => m,
-                () = tokio::time::sleep(QUIET_CHECK) => {
+                () = tokio::time::sleep(quiet) => {
                     let Some(next) = expected else { continue };
                     tokio::select! {
-                        checked = self.quiet_check(&stream, next) => checked?,
+                        checked = self.quiet_check(&stream, next, &mut missing) => checked?,
                         _ = disconnections.changed() => return Err(dropped()),
                     }
                     continue;
@@ -687,14 +701,23 @@ impl Bus {
         }
     }
 
-    /// After [`QUIET_CHECK`] without a message: fetches what the stream holds from `next` on,
-    /// and fails with [`PullStalled`] if it held anything.
-    async fn quiet_check(&self, stream: &stream::Stream, next: u64) -> anyhow::Result<()> {
-        let last = stream.get_info().await?.state.last_sequence;
-        if last >= next {
+    /// After [`QUIET_CHECK`] without a message: notes in `missing` the stream's last sequence
+    /// if it holds more than came here. Found still missing [`IN_FLIGHT`] later: fetches it
+    /// by sequence and fails with [`PullStalled`].
+    async fn quiet_check(
+        &self,
+        stream: &stream::Stream,
+        next: u64,
+        missing: &mut Option<u64>,
+    ) -> anyhow::Result<()> {
+        if let Some(last) = missing.take().filter(|&last| last >= next) {
             self.refetch(stream, next, last + 1).await?;
             self.reached(0);
             return Err(PullStalled.into());
+        }
+        let last = stream.get_info().await?.state.last_sequence;
+        if last >= next {
+            *missing = Some(last);
         }
         Ok(())
     }
