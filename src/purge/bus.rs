@@ -8,9 +8,9 @@
 //!   (`skua_purge_reach_seconds`); an HTTP or admin purge is answered once the stream has
 //!   stored it ([`Bus::stored`]), so the node that took it may die the moment after;
 //! - a purge lost on its way to a node (nats-server stopped with it unsent) shows as a stream
-//!   sequence skipped, at the next purge or, with none, within 0.3 s: the node
-//!   fetches it by sequence (`skua_purge_bus_refetched_total`), and a pull that stalled is
-//!   made again ([`QUIET_CHECK`]);
+//!   sequence skipped, at the next purge or, with none, within 0.3 s: the node fetches it by
+//!   sequence (`skua_purge_bus_refetched_total`), and a pull that stalled is made again
+//!   ([`QUIET_CHECK`]);
 //! - a node that was down or cut off replays what it missed before it trusts any object cached
 //!   before the gap (it stores its last applied sequence beside its disk cache); if the stream
 //!   no longer holds that position (the gap is older than the retention), every object cached
