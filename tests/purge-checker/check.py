@@ -16,6 +16,10 @@ Driven by run.sh, which starts the origin, the nodes and nats-server. Settings b
   RELOADS     with CHAOS_NODES: send SIGHUP (a reload of the same file) instead
   HTCP        host:port of a node's HTCP receiver (adds HTCP CLR to the purge forms)
   SLACK       seconds after an acknowledgement a purge may still be on its way (a fleet)
+  NATS_CMD    the nats-server command line: this script starts it, and stops it (-9 or TERM)
+              for 1 to 3 s every 4 to 9 s; a purge acknowledged during an outage (from a tenth
+              of a second before it until every node has reconnected) may be on its way until
+              REJOIN seconds (default 3) after nats-server is back, as the README's bounds say
   NPAGES      pages (default 8; half the requests go to the first 8)
   STYLE       "wiki": pages are MediaWiki titles (/wiki/Rock_%27n%27_roll_(NNNN)), asked for and
               purged in the spellings a `normalize_path`/`normalize_query` rule makes one
@@ -31,6 +35,7 @@ import os
 import random
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -64,6 +69,10 @@ records = []
 records_lock = threading.Lock()
 stop = False
 procs = [None] * len(CONFIGS)
+NATS_CMD = os.environ.get("NATS_CMD", "")
+REJOIN = float(os.environ.get("REJOIN", "3"))
+outages = []  # (down at, back at) of nats-server
+nats = None
 
 
 def pick(rnd):
@@ -303,14 +312,47 @@ def chaos(seed):
         start_node(i)
 
 
+def start_nats():
+    global nats
+    log = open(os.path.join(LOG_DIR, "nats.log"), "a")
+    nats = subprocess.Popen(NATS_CMD.split(), stdout=log, stderr=subprocess.STDOUT)
+    port = int(NATS_CMD.split("-p ")[1].split()[0])
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+
+
+def nats_chaos(seed):
+    rnd = random.Random(seed)
+    while not stop:
+        time.sleep(4 + rnd.random() * 5)
+        if stop:
+            break
+        down = time.time()
+        nats.send_signal(rnd.choice([signal.SIGKILL, signal.SIGTERM]))
+        nats.wait()
+        print("nats-server: down at %.3f" % down, flush=True)
+        time.sleep(1 + rnd.random() * 2)
+        start_nats()
+        outages.append((down, time.time()))
+        print("nats-server: back at %.3f" % outages[-1][1], flush=True)
+
+
 def main():
     global stop
+    if NATS_CMD:
+        start_nats()
     for i in range(len(CONFIGS)):
         start_node(i)
     threads = [threading.Thread(target=reader, args=(i,)) for i in range(12)]
     threads.append(threading.Thread(target=editor, args=(99,)))
     if CHAOS_NODES:
         threads.append(threading.Thread(target=chaos, args=(5,)))
+    if NATS_CMD:
+        threads.append(threading.Thread(target=nats_chaos, args=(7,)))
     for t in threads:
         t.start()
     time.sleep(DURATION)
@@ -320,6 +362,15 @@ def main():
     for p in procs:
         p.terminate()
         p.wait()
+    if nats:
+        nats.terminate()
+        nats.wait()
+    # A purge acknowledged during a bus outage reaches the others once the bus is back.
+    for page in acks:
+        for i, (at, v, how) in enumerate(acks[page]):
+            for (down, back) in outages:
+                if down - 0.1 <= at - SLACK <= back + REJOIN:
+                    acks[page][i] = (max(at, back + REJOIN), v, how)
     stale = 0
     for (page, started, version, error, headers, target, method, answer) in records:
         if error and not error.startswith("failed"):

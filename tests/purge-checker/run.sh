@@ -30,6 +30,8 @@
 # ACCESS_LOG=1: each node writes a JSON access log there (access-NAME.log; with KEEP=1).
 # DISK_SIZE: bytes of each disk tier (default 256 MiB; a small one evicts all the time).
 # CHAOS_NODES=0 RELOADS=1 with `node` or `rules`: SIGHUP every few seconds.
+# NATS_CHAOS=1 with `fleet`: nats-server stopped (-9 or TERM) for 1 to 3 s every 4 to 9 s; a
+# purge acknowledged during an outage counts from REJOIN (default 3) s after it ends.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -136,8 +138,13 @@ two-tiers)
 fleet)
     command -v nats-server > /dev/null || { echo "the fleet setup needs nats-server" >&2; exit 2; }
     nats=$((base + 8))
-    nats-server -js -a 127.0.0.1 -p "$nats" -sd "$work/nats" > "$work/nats.log" 2>&1 &
-    pids+=($!)
+    if [ -n "${NATS_CHAOS:-}" ]; then
+        # check.py starts it, and stops it now and then.
+        export NATS_CMD="nats-server -js -a 127.0.0.1 -p $nats -sd $work/nats"
+    else
+        nats-server -js -a 127.0.0.1 -p "$nats" -sd "$work/nats" > "$work/nats.log" 2>&1 &
+        pids+=($!)
+    fi
     bus() { printf '[purge.bus]\nservers = ["nats://127.0.0.1:%s"]\nnode = "%s"' "$nats" "$1"; }
     UPSTREAMS="\"127.0.0.1:$origin\"" ORIGIN_LINES=$no_health
     node be1 $((base + 3)) "[cache]" "memory_size = 8388608" "$(disk be1)" "$(bus be1)"
