@@ -1194,11 +1194,7 @@ async fn a_stopping_node_applies_purges_from_the_bus_while_it_still_answers() {
     let request = "GET /wiki/P HTTP/1.1\r\nHost: wiki.test\r\n\r\n";
     let mut held = tokio::net::TcpStream::connect(a.addr).await.unwrap();
     assert!(exchange(&mut held, request).await.contains("/wiki/P v1"));
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &a.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    a.signal("TERM");
     // The shutdown signal has reached a's services; the edit is purged at b.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let purged = send(&client(), "PURGE", &b.url("/wiki/P"), &[HOST]).await;

@@ -575,11 +575,7 @@ async fn a_stopping_node_applies_clrs_while_it_still_answers() {
     let mut held = tokio::net::TcpStream::connect(skua.addr).await.unwrap();
     let first = exchange(&mut held, request).await;
     assert_eq!(origin.count("/wiki/P"), 1, "{first}");
-    let status = Command::new("kill")
-        .args(["-TERM", &skua.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    skua.signal("TERM");
     // Past the reader's tick (a quarter of a second), within pingora's grace period (a second).
     tokio::time::sleep(Duration::from_millis(500)).await;
     send_clr(htcp, "http://wiki.test/wiki/P");

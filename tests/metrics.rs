@@ -690,11 +690,7 @@ async fn the_access_log_follows_its_path_across_a_rotation_and_sigusr1_reopens_i
     // With nginx's postrotate: rename, then SIGUSR1 at once.
     let second = dir.path().join("access.log.2");
     std::fs::rename(&log, &second).unwrap();
-    let status = std::process::Command::new("kill")
-        .args(["-USR1", &skua.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    skua.signal("USR1");
     tokio::time::sleep(Duration::from_millis(400)).await;
     get(&skua.url("/after-usr1"), &[]).await;
     wait_until("/after-usr1 in the new file", || {

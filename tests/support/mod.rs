@@ -557,8 +557,13 @@ impl Skua {
         let path = self.dir.path().join("skua.toml");
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, edit(text)).unwrap();
+        self.signal("HUP");
+    }
+
+    /// Sends the signal `name` (`TERM`, `USR1`, ...) to the process and returns at once.
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
