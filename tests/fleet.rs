@@ -474,6 +474,12 @@ async fn purges_queued_through_a_bus_outage_outlive_a_restart_of_the_node_that_t
         get(&fleet.a.url("/wiki/Queued"), &[HOST]).await.cache(),
         "hit-front"
     );
+    // A purge published whole before the outage: c no longer writes its queue as it goes.
+    // Regression: a purge taken once the connection had dropped was written only when its
+    // publish failed, five seconds later; killed before, c lost it.
+    let before = send(&client(), "PURGE", &c.url("/wiki/Before"), &[HOST]).await;
+    assert_eq!(before.status, 404);
+    wait_until("the first purge is published", || !outbox.exists()).await;
     fleet.nats.stop();
     wait_bus_connected(&c, false).await;
     let purged = send(&client(), "PURGE", &c.url("/wiki/Queued"), &[HOST]).await;

@@ -161,6 +161,8 @@ const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(2);
 struct Queued {
     event: PurgeEvent,
     stored: Option<oneshot::Sender<()>>,
+    /// Written to the outbox file already.
+    journaled: bool,
 }
 
 impl From<PurgeEvent> for Queued {
@@ -168,6 +170,7 @@ impl From<PurgeEvent> for Queued {
         Queued {
             event,
             stored: None,
+            journaled: false,
         }
     }
 }
@@ -240,7 +243,11 @@ impl Bus {
             );
         }
         for event in left {
-            if outbox.send(event.into()).is_ok() {
+            let left = Queued {
+                journaled: true,
+                ..event.into()
+            };
+            if outbox.send(left).is_ok() {
                 metrics.bus.unpublished.inc();
             }
         }
@@ -315,13 +322,22 @@ impl Bus {
             }
             return None;
         }
-        if self.journaling.load(Ordering::Acquire) {
+        // Cut off from nats-server, a purge is kept at once. Regression: it was written only
+        // once a publish failed, which takes the acknowledgement's timeout (five seconds)
+        // when the connection dropped before the publish began; a node killed meanwhile lost
+        // it, and no node ever applied it (the purge checker's fleet with nats-server and a
+        // backend stopped now and then: a page served from before its edit to the end).
+        let journaled =
+            self.journaling.load(Ordering::Acquire) || !self.connected.load(Ordering::Acquire);
+        if journaled {
+            self.journaling.store(true, Ordering::Release);
             self.journal([&event]);
         }
         let (stored, waiter) = oneshot::channel();
         let queued = Queued {
             event,
             stored: Some(stored),
+            journaled,
         };
         if self.outbox.send(queued).is_err() {
             return None;
@@ -497,13 +513,15 @@ impl Bus {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, queued = batch.len(), "publishing purges failed; will retry");
-                    if !self.journaling.swap(true, Ordering::AcqRel) {
-                        // From here purges are written as they are queued; those queued
-                        // before are written now.
-                        while let Ok(event) = rx.try_recv() {
-                            batch.push_back(event);
-                        }
-                        self.journal(batch.iter().map(|q| &q.event));
+                    // From here purges are written as they are queued; those queued before
+                    // are written now.
+                    self.journaling.store(true, Ordering::Release);
+                    while let Ok(event) = rx.try_recv() {
+                        batch.push_back(event);
+                    }
+                    self.journal(batch.iter().filter(|q| !q.journaled).map(|q| &q.event));
+                    for queued in batch.iter_mut() {
+                        queued.journaled = true;
                     }
                     // Sent again at once when the client reconnects, not after a pause that
                     // has grown through the outage (up to 2 s).
