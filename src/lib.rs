@@ -7,7 +7,8 @@
 //! - [`purge`]: who may purge and how targets are read;
 //! - [`upstream`]: origin pools and health checks;
 //! - [`metrics`] and [`admin`]: what Skua shows operators;
-//! - [`server`]: assembling the services; [`demo`]: the sample wiki.
+//! - [`server`]: assembling the services; [`demo`]: the sample wiki;
+//! - `test_hooks`: delays the integration tests set through the environment.
 
 // `deny`, not `forbid`, so that one module may allow it: src/cache/disk/mapped.rs maps the disk
 // tier's segments, and its opening comment says why that is sound. Nothing else may.
@@ -22,4 +23,5 @@ pub mod proxy;
 pub mod purge;
 pub mod rules;
 pub mod server;
+mod test_hooks;
 pub mod upstream;

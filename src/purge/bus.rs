@@ -461,10 +461,7 @@ impl Bus {
         let mut batch: VecDeque<Queued> = VecDeque::new();
         // Test hook (`SKUA_TEST_BUS_PUBLISH_DELAY_MS`): each batch waits this long before it
         // is sent, as under a slow nats-server.
-        let delay = std::env::var("SKUA_TEST_BUS_PUBLISH_DELAY_MS")
-            .ok()
-            .and_then(|ms| ms.parse().ok())
-            .map(Duration::from_millis);
+        let delay = crate::test_hooks::delay("SKUA_TEST_BUS_PUBLISH_DELAY_MS");
         let mut pause = Backoff::new();
         let mut connection_changes = self.connection_changes.subscribe();
         loop {
@@ -862,11 +859,8 @@ impl BackgroundService for BusService {
         let bus = self.0.clone();
         // Test hook (`SKUA_TEST_BUS_CONNECT_DELAY_MS`): the first connection is made this much
         // later, as to a distant nats-server.
-        if let Some(delay) = std::env::var("SKUA_TEST_BUS_CONNECT_DELAY_MS")
-            .ok()
-            .and_then(|ms| ms.parse().ok())
-        {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
+        if let Some(delay) = crate::test_hooks::delay("SKUA_TEST_BUS_CONNECT_DELAY_MS") {
+            tokio::time::sleep(delay).await;
         }
         let options = match connect_options(&bus.config).await {
             Ok(o) => o,

@@ -490,10 +490,7 @@ async fn apply_relayed(
     // Test hook (`SKUA_TEST_RELAY_APPLY_DELAY_MS`): each relayed purge waits this long before
     // it is applied, as in a process busy with a storm of them, so that a test sees whether
     // the sender waited for it.
-    let apply_delay = std::env::var("SKUA_TEST_RELAY_APPLY_DELAY_MS")
-        .ok()
-        .and_then(|ms| ms.parse().ok())
-        .map(Duration::from_millis);
+    let apply_delay = crate::test_hooks::delay("SKUA_TEST_RELAY_APPLY_DELAY_MS");
     tokio::pin!(until);
     loop {
         tokio::select! {

@@ -159,10 +159,7 @@ impl DiskTier {
             "disk cache opened"
         );
         let (jobs, rx) = mpsc::channel();
-        let read_delay = std::env::var("SKUA_TEST_DISK_READ_DELAY_MS")
-            .ok()
-            .and_then(|ms| ms.parse().ok())
-            .map(Duration::from_millis);
+        let read_delay = crate::test_hooks::delay("SKUA_TEST_DISK_READ_DELAY_MS");
         let ghosts = admission::Ghosts::for_size(config.size);
         let index = Index::new(config.max_variants);
         let tier: &'static DiskTier = Box::leak(Box::new(DiskTier {
