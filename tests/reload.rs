@@ -416,6 +416,73 @@ async fn a_purge_taken_by_the_new_process_during_an_upgrade_reaches_the_old_one(
     let _ = new.wait();
 }
 
+/// Regression: each process of an upgrade relays the purges it takes to the one before it, at
+/// one socket path; a second upgrade within seconds of the first made that path the second
+/// old process's, and the first, still serving the connections it held (and accepting for five
+/// seconds after its SIGQUIT), got no purge from then on: it served pages from before their
+/// edit from its memory (`tests/purge-checker/run.sh fleet` with `UPGRADES=1`). Told that it is
+/// cut off, it now asks the origin before it serves anything it holds.
+#[tokio::test]
+async fn a_process_two_upgrades_back_serves_nothing_purged_after_the_second() {
+    let version = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let v = version.clone();
+    let origin = Origin::start(move |seen| {
+        revision(seen, v.load(Ordering::SeqCst)).header("cache-control", "max-age=600")
+    })
+    .await;
+    let mut first = Skua::start(&[origin.addr], "").await;
+    let addr = first.addr;
+    let request =
+        |method: &str, path: &str| format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    // A reader's keep-alive connection, which the first process serves through both upgrades.
+    let mut reader = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let first_answer = exchange(&mut reader, &request("GET", "/wiki/A")).await;
+    assert!(first_answer.contains("/wiki/A v1"), "{first_answer}");
+    // Pages only the first process holds: a new connection on which one misses is the second
+    // process's.
+    const MARKERS: usize = 200;
+    for i in 0..MARKERS {
+        get(&first.url(&format!("/wiki/Marker{i}")), &[]).await;
+    }
+
+    let second = first.hand_over().await;
+    let mut on_second = None;
+    for i in 0..MARKERS {
+        let mut connection = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let got = exchange(
+            &mut connection,
+            &request("GET", &format!("/wiki/Marker{i}")),
+        )
+        .await;
+        if got.contains("x-cache-status: miss") {
+            on_second = Some(connection);
+            break;
+        }
+        // The second process has yet to start (both then take connections from the same queue).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut on_second = on_second.expect("no connection reached the second process");
+    // It serves, so it has its signal handlers: SIGQUIT before them would end it.
+    let third = first.upgrade_from(second.id()).await;
+    // It takes SIGQUIT in a moment; from then on it relays to the third process alone.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The page is edited; its purge reaches the second process, and from it the third.
+    version.store(2, Ordering::SeqCst);
+    let purged = exchange(&mut on_second, &request("PURGE", "/wiki/A")).await;
+    assert!(
+        purged.starts_with("HTTP/1.1 204 ") || purged.starts_with("HTTP/1.1 404 "),
+        "{purged}"
+    );
+    let got = exchange(&mut reader, &request("GET", "/wiki/A")).await;
+    assert!(
+        got.contains("/wiki/A v2"),
+        "the first process kept the pre-edit page: {got}"
+    );
+    assert!(first.alive(), "the first process was still handing over");
+    drop((second, third));
+}
+
 /// Regression: Skua remembers each purge for as long as anything it stores may stay fresh, the
 /// TTL cap, to refuse a fill the purge overtook (the old page, fetched before the edit, arriving
 /// after its purge). The cap a reload raised applied to what was stored, but purges were still

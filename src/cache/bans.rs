@@ -244,6 +244,13 @@ impl Invalidations {
         self.revalidate_all_before(SystemTime::now());
     }
 
+    /// No purge can reach this process any more (a later upgrade's process took the socket
+    /// its purges were relayed to): every object, whenever stored, is revalidated before it is
+    /// served, for as long as the process runs.
+    pub fn revalidate_everything(&self) {
+        self.stale_before.store(u64::MAX, Ordering::Release);
+    }
+
     /// Every object created before `at` is revalidated before it is served again.
     pub fn revalidate_all_before(&self, at: SystemTime) {
         self.stale_before

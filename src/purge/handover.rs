@@ -25,6 +25,13 @@
 //! into a load balancer's rotation by the upgrade (regression test
 //! `a_drain_outlives_a_zero_downtime_upgrade`).
 //!
+//! A second upgrade within seconds of the first leaves three processes serving, and the
+//! newest relays to the one before it alone, at the path the first read on: at its own SIGQUIT
+//! the second tells the first that it is cut off, and the first then serves nothing from its
+//! cache without the origin's word until it exits (regression test
+//! `a_process_two_upgrades_back_serves_nothing_purged_after_the_second`: it served pages from
+//! before their edit to the connections it held).
+//!
 //! It owns the sockets and the datagram's format; applying a purge is [`Purger`]'s.
 
 use std::io;
@@ -66,6 +73,10 @@ pub const OLD_PROCESS_ACCEPTS_FOR: Duration = Duration::from_secs(5);
 /// The `kind` of the datagram that says the old process was draining.
 const DRAINING: &str = "draining";
 
+/// The `kind` of the datagram a process sends the one before it when a second upgrade comes
+/// while that one still serves: the socket it reads purges on becomes the sender's own.
+const SUPERSEDED: &str = "superseded";
+
 /// Longest a purge waits for the other process of an upgrade to acknowledge it: well above
 /// what applying one takes (a tag purge of many objects included), short enough that a
 /// process that never acknowledges costs one purge a second, once.
@@ -77,7 +88,7 @@ const OLD: &str = "old";
 
 /// One relayed purge (JSON): what it names, how, and when the old process accepted it, so that
 /// the new one keeps what it fetched after that; or, of kind [`DRAINING`], the old process's
-/// drain.
+/// drain; or, of kind [`SUPERSEDED`], that the receiver is cut off from purges.
 #[derive(Debug, Serialize, Deserialize)]
 struct Relayed {
     kind: String,
@@ -192,11 +203,7 @@ impl Relay {
         let to_new = handing_over && purge.source != Source::Bus;
         // Once this process hands over in its turn (a second upgrade soon after the first),
         // the old process's socket path is this one's own inbox.
-        let to_old = !handing_over
-            && self
-                .old_serves_until
-                .get()
-                .is_some_and(|until| Instant::now() < *until);
+        let to_old = !handing_over && self.old_serves();
         if !to_new && !to_old {
             return;
         }
@@ -258,19 +265,27 @@ impl Relay {
 
     /// Tells the process taking over that this one is being drained.
     fn relay_draining(&self) {
-        let said = Relayed {
-            kind: DRAINING.into(),
-            targets: Vec::new(),
-            soft: false,
-            at_us: 0,
-        };
-        let sent = (serde_json::to_vec(&said).ok())
-            .zip(UnixDatagram::unbound().ok())
-            .map(|(datagram, socket)| socket.send_to(&datagram, &self.new.path));
-        if !matches!(sent, Some(Ok(_))) {
+        if say(DRAINING, &self.new.path).is_err() {
             tracing::warn!(socket = %self.new.path.display(), "could not tell the process taking over that this one is draining: it starts ready");
         }
     }
+
+    /// Whether the process this one took over from may still take requests.
+    fn old_serves(&self) -> bool {
+        (self.old_serves_until.get()).is_some_and(|until| Instant::now() < *until)
+    }
+}
+
+/// Sends a datagram of kind `kind`, naming nothing, to the socket at `to`.
+fn say(kind: &str, to: &Path) -> io::Result<()> {
+    let said = Relayed {
+        kind: kind.into(),
+        targets: Vec::new(),
+        soft: false,
+        at_us: 0,
+    };
+    let datagram = serde_json::to_vec(&said).map_err(io::Error::other)?;
+    UnixDatagram::unbound()?.send_to(&datagram, to).map(|_| ())
 }
 
 /// A socket one relayed purge is sent from, named so that the receivers can acknowledge it:
@@ -341,6 +356,16 @@ impl BackgroundService for HandoverWatch {
         tokio::select! {
             Some(()) = quit.recv() => {}
             _ = shutdown.changed() => return,
+        }
+        // A second upgrade while the process before this one still serves: the socket it reads
+        // purges on is about to be this one's, and no purge reaches it from then on. Told so,
+        // it serves nothing from its cache without the origin's word until it exits
+        // (regression: it served pages from before their edit to the connections it held,
+        // `tests/purge-checker/run.sh fleet` with `UPGRADES=1 NATS_CHAOS=1`).
+        if self.relay.old_serves() {
+            if let Err(e) = say(SUPERSEDED, &self.relay.old.path) {
+                tracing::debug!(error = %e, "no process before this one to tell it is cut off from purges");
+            }
         }
         // Bound first: the new process may take a purge as soon as it has the listeners.
         let inbox = Inbox::bind_at(self.relay.old.path.clone(), OLD);
@@ -505,6 +530,11 @@ async fn apply_relayed(
                 {
                     readiness.set_draining(true);
                     tracing::warn!("the process handing over was draining: this one drains too (DELETE /drain on the admin port ends it)");
+                    continue;
+                }
+                if relayed.as_ref().is_some_and(|r| r.kind == SUPERSEDED) {
+                    purger.store.invalidations.revalidate_everything();
+                    tracing::warn!("a later upgrade took the socket purges reach this process on: until it exits, it serves cached objects only once the origin confirms them");
                     continue;
                 }
                 match relayed.and_then(|r| r.to_purge()) {

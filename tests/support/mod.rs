@@ -528,6 +528,18 @@ impl Skua {
     /// hands over its listeners and drains the connections it has open, for up to its
     /// `shutdown_grace`. Returns the new process, listening on this one's addresses.
     pub async fn hand_over(&mut self) -> Upgraded {
+        self.upgrade_from(self.pid()).await
+    }
+
+    /// A second upgrade: starts another new binary and sends SIGQUIT to `pid`, the process
+    /// the last [`Self::hand_over`] started, once it holds the listeners.
+    pub async fn upgrade_from(&self, pid: u32) -> Upgraded {
+        // The process taking the listeners removes the upgrade socket once it has them.
+        let upgrade_sock = self.dir.path().join("upgrade.sock");
+        wait_until("the last upgrade's listeners are handed over", || {
+            !upgrade_sock.exists()
+        })
+        .await;
         // The new binary waits on the upgrade socket for the old one's listeners; it runs with
         // the config's `# env` lines as the old one does.
         let config = std::fs::read_to_string(self.config_path()).unwrap();
@@ -539,13 +551,12 @@ impl Skua {
                 .spawn()
                 .unwrap(),
         ));
-        let upgrade_sock = self.dir.path().join("upgrade.sock");
         wait_until("the new process listens on the upgrade socket", || {
             upgrade_sock.exists()
         })
         .await;
         let quit = Command::new("kill")
-            .args(["-QUIT", &self.pid().to_string()])
+            .args(["-QUIT", &pid.to_string()])
             .status()
             .unwrap();
         assert!(quit.success());
