@@ -505,6 +505,52 @@ async fn purges_queued_through_a_bus_outage_outlive_a_restart_of_the_node_that_t
     wait_until("the published queue's file is removed", || !outbox.exists()).await;
 }
 
+/// A memory-only node (a frontend) keeps its queue of purges made while the bus is down in
+/// `[purge.bus] outbox_dir`. Regression: without a disk tier the queue was in memory only, and
+/// a frontend killed during an outage took the purges it had answered with it: the others
+/// served the pages from before their edits until the TTL (the purge checker's fleet with
+/// every node killed now and then and nats-server stopped, `NATS_CHAOS=1 CHAOS_NODES=0,1,2`:
+/// two pages stale on every node for the last 33 s of the run).
+#[tokio::test]
+async fn a_memory_only_node_keeps_purges_queued_through_a_bus_outage_in_its_outbox_dir() {
+    let mut nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let state = tempfile::tempdir().unwrap();
+    let outbox_dir = state.path().join("outbox");
+    let outbox_line = format!("outbox_dir = {:?}", outbox_dir.display().to_string());
+    let (bus_a, bus_b) = (nats.bus("a", &outbox_line), nats.bus("b", &outbox_line));
+    let mut a = Skua::start(&[origin.addr], &bus_a).await;
+    let b = Skua::start(&[origin.addr], &bus_b).await;
+    for node in [&a, &b] {
+        node.wait_ready().await;
+        assert_eq!(
+            get(&node.url("/wiki/Queued"), &[HOST]).await.cache(),
+            "miss"
+        );
+        wait_bus_connected(node, true).await;
+    }
+    nats.stop();
+    wait_bus_connected(&a, false).await;
+    let purged = send(&client(), "PURGE", &a.url("/wiki/Queued"), &[HOST]).await;
+    assert_eq!(purged.status, 204);
+    let outbox = outbox_dir.join("bus-outbox.a");
+    assert!(outbox.exists(), "the queued purge is kept in outbox_dir");
+    a.kill9();
+    nats.restart().await;
+    let a = Skua::start(&[origin.addr], &bus_a).await;
+    wait_for_metric(&b, BUS_PURGED, 1.0, Duration::from_secs(15)).await;
+    let page = get(&b.url("/wiki/Queued"), &[HOST]).await;
+    assert_eq!(page.text(), "/wiki/Queued v3", "{}", page.cache());
+    wait_for_gauge(
+        &a,
+        "skua_purge_bus_unpublished",
+        0.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    wait_until("the published queue's file is removed", || !outbox.exists()).await;
+}
+
 /// A node's queue of purges made while the bus is down is bounded (`max_queued`): past it, the
 /// purges that do not fit are not queued, and the others are told, once the queue has been
 /// published, to revalidate everything they cached before then, so no purge is lost and a long

@@ -804,6 +804,11 @@ pub struct BusFile {
     /// of memory, and as much beside the disk tier). Past it a purge is not queued, and the
     /// other nodes are told to revalidate everything they cached before then instead.
     pub max_queued: usize,
+    /// Directory the queue of purges not yet published is kept in (`bus-outbox.<node>`), so
+    /// that a node stopped or killed while nats-server is unreachable publishes them when it
+    /// starts again. Default: the disk tier's directory; a memory-only node without it keeps
+    /// the queue in memory only.
+    pub outbox_dir: String,
     /// A NATS credentials file (user JWT and NKey seed, as `nsc` writes it). Default none.
     pub credentials_file: String,
     /// A file holding a user NKey seed (`SU...`), for a server that lists the user's public
@@ -831,6 +836,7 @@ impl Default for BusFile {
             catch_up_timeout: "10s".into(),
             publish_htcp: true,
             max_queued: super::BUS_MAX_QUEUED,
+            outbox_dir: String::new(),
             credentials_file: String::new(),
             nkey_seed_file: String::new(),
             tls_ca: String::new(),

@@ -343,6 +343,8 @@ pub struct BusConfig {
     pub publish_htcp: bool,
     /// Most purges queued for publishing; past it the others are told to revalidate instead.
     pub max_queued: usize,
+    /// Where the queue of unpublished purges is kept; `None`: the disk tier's directory, if any.
+    pub outbox_dir: Option<std::path::PathBuf>,
     pub auth: BusAuth,
     pub tls: BusTls,
 }

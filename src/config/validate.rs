@@ -1454,6 +1454,14 @@ fn check_bus(c: &mut Checker<'_>, b: &BusFile, ttl_cap: Duration) -> Option<BusC
         if b.max_queued == 0 {
             c.report(&bus_at("max_queued"), "must be at least 1, got 0");
         }
+        let outbox_dir = (!b.outbox_dir.is_empty()).then(|| PathBuf::from(&b.outbox_dir));
+        // Made at start when missing, as the disk tier's directory is.
+        if let Some(dir) = outbox_dir.as_deref().filter(|d| d.exists() && !d.is_dir()) {
+            c.report(
+                &bus_at("outbox_dir"),
+                format!("{}: not a directory", dir.display()),
+            );
+        }
         Some(BusConfig {
             servers: b.servers.clone(),
             stream: b.stream.clone(),
@@ -1464,6 +1472,7 @@ fn check_bus(c: &mut Checker<'_>, b: &BusFile, ttl_cap: Duration) -> Option<BusC
             catch_up_timeout,
             publish_htcp: b.publish_htcp,
             max_queued: b.max_queued,
+            outbox_dir,
             auth,
             tls,
         })
@@ -1596,6 +1605,21 @@ mod tests {
             vec![("purge.bus.max_queued".to_string(), Some(4))]
         );
         assert!(errs[0].reason.contains("at least 1"), "{errs:?}");
+    }
+
+    #[test]
+    fn a_bus_outbox_dir_that_is_a_file_is_refused_with_its_line() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let text = format!(
+            "[purge.bus]\nservers = [\"nats://127.0.0.1:4222\"]\nnode = \"a\"\noutbox_dir = \"{}\"\n",
+            file.path().display()
+        );
+        let errs = parse(&text).unwrap_err();
+        assert_eq!(
+            keys_and_lines(&errs),
+            vec![("purge.bus.outbox_dir".to_string(), Some(4))]
+        );
+        assert!(errs[0].reason.contains("not a directory"), "{errs:?}");
     }
 
     #[test]

@@ -66,6 +66,7 @@ fn node_config(opts: &DemoOptions, certificate: &Certificate, i: usize, nats: &s
         catch_up_timeout: std::time::Duration::from_secs(10),
         publish_htcp: true,
         max_queued: crate::config::BUS_MAX_QUEUED,
+        outbox_dir: None,
         auth: crate::config::BusAuth::None,
         tls: crate::config::BusTls::default(),
     });

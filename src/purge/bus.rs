@@ -17,8 +17,8 @@
 //!   before then is revalidated with the origin before it is served again;
 //! - the bus down: each node applies its own purges and queues them; they reach the others
 //!   once the client has reconnected, in a round trip (an acknowledgement lost with the old
-//!   connection is not waited for; the message ids store a batch sent twice once). On a node
-//!   with a disk tier the queue is also written beside it (`bus-outbox.<node>`) until it is
+//!   connection is not waited for; the message ids store a batch sent twice once). The queue is
+//!   also written to `bus-outbox.<node>` in `outbox_dir`, or beside the disk tier, until it is
 //!   published, so a node restarted during the outage still publishes what it took. The
 //!   queue is bounded (`max_queued`): a purge past it is not queued, and once the queue is
 //!   published the others revalidate everything they cached before ([`Target::Distrust`]).
@@ -231,9 +231,18 @@ impl Bus {
         let position_file = store
             .disk
             .map(|d| d.config.path.join(format!("bus-position.{}", config.node)));
-        let outbox_file = store
-            .disk
-            .map(|d| d.config.path.join(format!("bus-outbox.{}", config.node)));
+        let outbox_dir = match config.outbox_dir.as_deref().map(std::fs::create_dir_all) {
+            Some(Err(e)) => {
+                tracing::error!(error = %e, dir = ?config.outbox_dir, "cannot make [purge.bus] outbox_dir");
+                None
+            }
+            Some(Ok(())) => config.outbox_dir.as_deref(),
+            None => store.disk.map(|d| d.config.path.as_path()),
+        };
+        let outbox_file = outbox_dir.map(|d| d.join(format!("bus-outbox.{}", config.node)));
+        if outbox_file.is_none() {
+            tracing::warn!("no outbox for the purge bus (no disk tier, no usable [purge.bus] outbox_dir): purges this node takes while nats-server is unreachable are kept in memory only, and lost to the other nodes if it stops before they are published");
+        }
         // What an earlier run queued and did not publish goes first.
         let left = outbox_file.as_deref().map(read_outbox).unwrap_or_default();
         if !left.is_empty() {

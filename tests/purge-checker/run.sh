@@ -152,7 +152,7 @@ fleet)
     UPSTREAMS="\"127.0.0.1:$((base + 3))\", \"127.0.0.1:$((base + 5))\""
     ORIGIN_LINES="balance = \"consistent\"
 $skua_health"
-    node fe "$base" "[cache]" "memory_size = 8388608" "$(bus fe)"
+    node fe "$base" "[cache]" "memory_size = 8388608" "$(bus fe)" "outbox_dir = \"$work/outbox-fe\""
     export NODES=$((base + 3)):$((base + 4)),$((base + 5)):$((base + 6)),$base:$((base + 1))
     export CONFIGS=$work/be1.toml,$work/be2.toml,$work/fe.toml READ_NODES=2,2,2,0,1
     export SLACK=${SLACK:-0.05} NPAGES=${NPAGES:-300}
