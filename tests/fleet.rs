@@ -842,6 +842,58 @@ async fn a_frontend_purged_before_its_backend_does_not_store_the_backends_old_co
     }
 }
 
+/// A frontend (memory only, with an `outbox_dir`) takes a purge during a bus outage and is
+/// killed; started again before the bus is back, it can publish the purge only then, and its
+/// backend, cut off too, still serves its copy from before the edit. Regression: the new
+/// frontend stored that copy and served it after the backend had applied the purge
+/// (`tests/purge-checker/run.sh fleet` with `NATS_CHAOS=1 CHAOS_NODES=0,1,2`). It now applies
+/// again what its outbox holds as it starts, which keeps copies older than those purges from
+/// being stored.
+#[tokio::test]
+async fn a_frontend_restarted_with_purges_unpublished_does_not_store_its_backends_old_copy() {
+    let mut nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let state = tempfile::tempdir().unwrap();
+    let outbox_line = format!("outbox_dir = {:?}", state.path().display().to_string());
+    let backend_bus = nats.bus("be", "");
+    let backend =
+        Skua::start_tables(&[origin.addr], ["name = \"skua-be\"", "", ""], &backend_bus).await;
+    let frontend_bus = nats.bus("fe", &outbox_line);
+    let backends = [backend.addr];
+    let start_frontend =
+        || Skua::start_tables(&backends, ["name = \"skua-fe\"", "", ""], &frontend_bus);
+    let mut frontend = start_frontend().await;
+    for node in [&backend, &frontend] {
+        node.wait_ready().await;
+        wait_bus_connected(node, true).await;
+    }
+    let url = |node: &Skua| node.url("/wiki/P");
+    assert_eq!(get(&url(&frontend), &[HOST]).await.text(), "/wiki/P v1");
+    // Past a second, so that the backend's copy says by its `Age` that it predates the purge.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    nats.stop();
+    wait_bus_connected(&frontend, false).await;
+    let purged = send(&client(), "PURGE", &url(&frontend), &[HOST]).await;
+    assert_eq!(purged.status, 204);
+    frontend.kill9();
+    let frontend = start_frontend().await;
+    let between = get(&url(&frontend), &[HOST]).await;
+    assert_eq!(
+        between.text(),
+        "/wiki/P v1",
+        "the backend's copy, passed on"
+    );
+    nats.restart().await;
+    wait_for_metric(&backend, BUS_PURGED, 1.0, Duration::from_secs(15)).await;
+    let after = get(&url(&frontend), &[HOST]).await;
+    assert_eq!(
+        after.text(),
+        "/wiki/P v2",
+        "{}",
+        after.header("cache-status")
+    );
+}
+
 /// Restarts a disk node while the bus is down, so it cannot catch up, and asks for a page it
 /// cached before: returns (the response, how long it took, the origin, whether the node was
 /// still not ready when the answer came).

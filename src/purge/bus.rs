@@ -223,6 +223,9 @@ pub struct Bus {
     /// The other process of a zero-downtime upgrade, to which what the bus brings is relayed
     /// ([`Bus::relaying`]).
     relay: std::sync::OnceLock<Arc<super::handover::Relay>>,
+    /// Purges an earlier run of this node took and did not publish (its outbox file), applied
+    /// here again as the bus service starts ([`Bus::apply_replayed`]).
+    replay: Mutex<Vec<PurgeEvent>>,
 }
 
 impl Bus {
@@ -251,6 +254,7 @@ impl Bus {
                 "publishing purges queued before the restart"
             );
         }
+        let replay = left.clone();
         for event in left {
             let left = Queued {
                 journaled: true,
@@ -292,6 +296,7 @@ impl Bus {
             journaling: AtomicBool::new(true),
             dropped: AtomicU64::new(0),
             relay: std::sync::OnceLock::new(),
+            replay: Mutex::new(replay),
         })
     }
 
@@ -420,6 +425,21 @@ impl Bus {
         let result = PurgeResult::applied(purger.apply(&purge).await);
         (self.metrics.top).node_seen(&event.node, SystemTime::now(), purge.at);
         result
+    }
+
+    /// Applies again what an earlier run took and did not publish, with the times it took
+    /// them. The others apply those purges only once they are published; until then this
+    /// node's backends (in a fleet of two tiers) still serve their copies from before them,
+    /// and only a purge recorded here keeps such a copy from being stored. Regression: a frontend killed during a bus outage and started again stored
+    /// a backend's copy from before a purge it had taken, and served it after the backend
+    /// applied the purge (`tests/purge-checker/run.sh fleet` with `NATS_CHAOS=1
+    /// CHAOS_NODES=0,1,2`).
+    async fn apply_replayed(&self) {
+        let replayed = std::mem::take(&mut *self.replay.lock().unwrap_or_else(|p| p.into_inner()));
+        for event in &replayed {
+            let result = self.apply(event).await;
+            tracing::debug!(id = %event.id, target = ?event.target, result = result.as_str(), "applied again a purge taken before the restart");
+        }
     }
 
     /// Saves the position reached. Returns false when it must wait: while the disk index is
@@ -866,6 +886,7 @@ pub struct BusService(pub Arc<Bus>);
 impl BackgroundService for BusService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let bus = self.0.clone();
+        bus.apply_replayed().await;
         // Test hook (`SKUA_TEST_BUS_CONNECT_DELAY_MS`): the first connection is made this much
         // later, as to a distant nats-server.
         if let Some(delay) = crate::test_hooks::delay("SKUA_TEST_BUS_CONNECT_DELAY_MS") {
