@@ -1241,6 +1241,74 @@ async fn a_purge_taken_before_the_bus_first_connects_is_published_without_a_retr
     assert!(!a.log().contains("publishing purges failed"), "{}", a.log());
 }
 
+/// Three processes of one node during two upgrades close together: the first hands over to
+/// the second and still serves the connections it holds, and a third starts for the next
+/// upgrade. A purge the first takes is relayed to the socket path of the process taking over,
+/// which the third has bound anew, so the relay misses the second, which serves everything
+/// new. Regression: the second never applied it (the bus skipped every purge this node
+/// published) and served the page from before it (`tests/purge-checker/run.sh fleet` with
+/// `UPGRADES=1 NATS_CHAOS=1 CHAOS_NODES=0,1,2`). Purges other processes of the node published
+/// are now applied from the bus too.
+#[tokio::test]
+async fn a_purge_the_process_handing_over_took_reaches_the_next_by_the_bus() {
+    let nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let mut first = Skua::start(&[origin.addr], &nats.bus("n", "")).await;
+    first.wait_ready().await;
+    wait_bus_connected(&first, true).await;
+    let addr = first.addr;
+    let request =
+        |method: &str, path: &str| format!("{method} {path} HTTP/1.1\r\nHost: wiki.test\r\n\r\n");
+    let mut on_first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let got = exchange(&mut on_first, &request("GET", "/wiki/A")).await;
+    assert!(got.contains("/wiki/A v1"), "{got}");
+    // Pages only the first process holds: a new connection on which one misses is the second
+    // process's.
+    const MARKERS: usize = 200;
+    for i in 0..MARKERS {
+        get(&first.url(&format!("/wiki/Marker{i}")), &[HOST]).await;
+    }
+    let second = first.hand_over().await;
+    let mut on_second = None;
+    for i in 0..MARKERS {
+        let mut connection = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let got = exchange(
+            &mut connection,
+            &request("GET", &format!("/wiki/Marker{i}")),
+        )
+        .await;
+        if got.contains("x-cache-status: miss") {
+            on_second = Some(connection);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut on_second = on_second.expect("no connection reached the second process");
+    let got = exchange(&mut on_second, &request("GET", "/wiki/A")).await;
+    assert!(
+        got.contains("/wiki/A v2"),
+        "the second process's own copy: {got}"
+    );
+    let third = first.start_upgraded().await;
+
+    let purged = exchange(&mut on_first, &request("PURGE", "/wiki/A")).await;
+    assert!(purged.starts_with("HTTP/1.1 204 "), "{purged}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let got = exchange(&mut on_second, &request("GET", "/wiki/A")).await;
+        if !got.contains("x-cache-status: hit") {
+            assert!(got.contains("/wiki/A v3"), "{got}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second process kept the page the first purged: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop((second, third));
+}
+
 /// Nodes `a` and `b` in front of `origin`, on the bus, each ready.
 async fn two_ready_bus_nodes(nats: &Nats, origin: &Origin) -> (Skua, Skua) {
     let a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;

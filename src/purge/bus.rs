@@ -442,6 +442,15 @@ impl Bus {
         }
     }
 
+    /// Whether this process published `event` ([`Bus::event`] names its ids so).
+    fn published_here(&self, event: &PurgeEvent) -> bool {
+        event.node == self.config.node
+            && (event.id.strip_prefix(self.config.node.as_str()))
+                .and_then(|rest| rest.strip_prefix('-'))
+                .and_then(|rest| rest.split('-').next())
+                .is_some_and(|boot| boot.parse() == Ok(self.boot))
+    }
+
     /// Saves the position reached. Returns false when it must wait: while the disk index is
     /// loading, a purge applied here may name copies the listing has not reached yet, which
     /// are unlinked only when it does; a position saved before then could skip the purge at
@@ -837,10 +846,17 @@ impl Bus {
         Ok(())
     }
 
-    /// Applies one message of the stream, unless this node published it.
+    /// Applies one message of the stream, unless this process published it (it applied it
+    /// as it took it). Another process of this node may have: during a zero-downtime upgrade
+    /// two or three serve side by side, and what one takes reaches the others by the relay
+    /// only along the chain of upgrades; the bus reaches them all. Regression: a process
+    /// handing over relayed its purges to the socket path of the next process, which a third,
+    /// started for another upgrade, had bound anew; the second never applied them and served
+    /// pages from before them (`tests/purge-checker/run.sh fleet` with `UPGRADES=1
+    /// NATS_CHAOS=1 CHAOS_NODES=0,1,2`).
     async fn handle(&self, sequence: u64, payload: &[u8]) {
         match serde_json::from_slice::<PurgeEvent>(payload) {
-            Ok(event) if event.node == self.config.node => {}
+            Ok(event) if self.published_here(&event) => {}
             Ok(event) => {
                 let result = self.apply(&event).await;
                 tracing::debug!(sequence, id = %event.id, target = ?event.target, result = result.as_str(), "applied a purge from the bus");

@@ -30,7 +30,11 @@
 //! the second tells the first that it is cut off, and the first then serves nothing from its
 //! cache without the origin's word until it exits (regression test
 //! `a_process_two_upgrades_back_serves_nothing_purged_after_the_second`: it served pages from
-//! before their edit to the connections it held).
+//! before their edit to the connections it held). A third process started for that second
+//! upgrade binds the relay socket of the process taking over anew, so what the first relays
+//! from then on misses the second: on a purge bus the second applies it from there, as it
+//! does every purge another process of its node published (regression test
+//! `a_purge_the_process_handing_over_took_reaches_the_next_by_the_bus`).
 //!
 //! It owns the sockets and the datagram's format; applying a purge is [`Purger`]'s.
 

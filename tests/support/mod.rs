@@ -534,6 +534,18 @@ impl Skua {
     /// A second upgrade: starts another new binary and sends SIGQUIT to `pid`, the process
     /// the last [`Self::hand_over`] started, once it holds the listeners.
     pub async fn upgrade_from(&self, pid: u32) -> Upgraded {
+        let new = self.start_upgraded().await;
+        let quit = Command::new("kill")
+            .args(["-QUIT", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(quit.success());
+        new
+    }
+
+    /// Starts the new binary of an upgrade, once the last upgrade's listeners are handed
+    /// over, and returns when it waits for the listeners (it has bound its relay socket).
+    pub async fn start_upgraded(&self) -> Upgraded {
         // The process taking the listeners removes the upgrade socket once it has them.
         let upgrade_sock = self.dir.path().join("upgrade.sock");
         wait_until("the last upgrade's listeners are handed over", || {
@@ -555,11 +567,6 @@ impl Skua {
             upgrade_sock.exists()
         })
         .await;
-        let quit = Command::new("kill")
-            .args(["-QUIT", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(quit.success());
         new
     }
 
