@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// Lowest first.
 const LAYERS: &[&[&str]] = &[
-    &["config"],
+    &["config", "test_hooks"],
     &["cache"],
     &["rules"],
     &["metrics"],
