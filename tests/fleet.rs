@@ -1191,19 +1191,14 @@ async fn a_purge_from_the_bus_during_an_upgrade_reaches_the_old_process() {
     // The page is edited; its purge reaches b, and the bus brings it to a.
     let purged = send(&client(), "PURGE", &b.url("/wiki/P"), &[HOST]).await;
     assert!(matches!(purged.status, 204 | 404), "{}", purged.status);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let got = exchange(&mut reader, request).await;
-        if !got.contains("/wiki/P v1") {
-            assert!(got.contains("/wiki/P v"), "{got}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the old process kept the page from before the purge: {got}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let got = exchange_until(
+        &mut reader,
+        request,
+        "the old process kept the page from before the purge",
+        |got| !got.contains("/wiki/P v1"),
+    )
+    .await;
+    assert!(got.contains("/wiki/P v"), "{got}");
     assert!(a.alive(), "the old process was still handing over");
     let _ = new.kill();
     let _ = new.wait();
@@ -1262,28 +1257,9 @@ async fn a_purge_the_process_handing_over_took_reaches_the_next_by_the_bus() {
     let mut on_first = tokio::net::TcpStream::connect(addr).await.unwrap();
     let got = exchange(&mut on_first, &request("GET", "/wiki/A")).await;
     assert!(got.contains("/wiki/A v1"), "{got}");
-    // Pages only the first process holds: a new connection on which one misses is the second
-    // process's.
-    const MARKERS: usize = 200;
-    for i in 0..MARKERS {
-        get(&first.url(&format!("/wiki/Marker{i}")), &[HOST]).await;
-    }
+    cache_markers(&first, &[HOST]).await;
     let second = first.hand_over().await;
-    let mut on_second = None;
-    for i in 0..MARKERS {
-        let mut connection = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let got = exchange(
-            &mut connection,
-            &request("GET", &format!("/wiki/Marker{i}")),
-        )
-        .await;
-        if got.contains("x-cache-status: miss") {
-            on_second = Some(connection);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut on_second = on_second.expect("no connection reached the second process");
+    let mut on_second = connection_to_another_process(addr, "wiki.test").await;
     let got = exchange(&mut on_second, &request("GET", "/wiki/A")).await;
     assert!(
         got.contains("/wiki/A v2"),
@@ -1293,19 +1269,14 @@ async fn a_purge_the_process_handing_over_took_reaches_the_next_by_the_bus() {
 
     let purged = exchange(&mut on_first, &request("PURGE", "/wiki/A")).await;
     assert!(purged.starts_with("HTTP/1.1 204 "), "{purged}");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let got = exchange(&mut on_second, &request("GET", "/wiki/A")).await;
-        if !got.contains("x-cache-status: hit") {
-            assert!(got.contains("/wiki/A v3"), "{got}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the second process kept the page the first purged: {got}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let got = exchange_until(
+        &mut on_second,
+        &request("GET", "/wiki/A"),
+        "the second process kept the page the first purged",
+        |got| !got.contains("x-cache-status: hit"),
+    )
+    .await;
+    assert!(got.contains("/wiki/A v3"), "{got}");
     drop((second, third));
 }
 

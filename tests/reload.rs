@@ -371,30 +371,10 @@ async fn a_purge_taken_by_the_new_process_during_an_upgrade_reaches_the_old_one(
     let mut reader = tokio::net::TcpStream::connect(addr).await.unwrap();
     let first = exchange(&mut reader, &request("GET", "/wiki/A")).await;
     assert!(first.contains("/wiki/A v1"), "{first}");
-    // Pages only the old process holds: a new connection on which one misses is the new
-    // process's.
-    const MARKERS: usize = 200;
-    for i in 0..MARKERS {
-        get(&old.url(&format!("/wiki/Marker{i}")), &[]).await;
-    }
+    cache_markers(&old, &[]).await;
 
     let mut new = old.hand_over().await;
-    let mut on_new = None;
-    for i in 0..MARKERS {
-        let mut connection = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let got = exchange(
-            &mut connection,
-            &request("GET", &format!("/wiki/Marker{i}")),
-        )
-        .await;
-        if got.contains("x-cache-status: miss") {
-            on_new = Some(connection);
-            break;
-        }
-        // The new process has yet to start (both then take connections from the same queue).
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut on_new = on_new.expect("no connection reached the new process");
+    let mut on_new = connection_to_another_process(addr, &addr.to_string()).await;
 
     // The page is edited; its purge reaches the new process.
     version.store(2, Ordering::SeqCst);
@@ -438,30 +418,10 @@ async fn a_process_two_upgrades_back_serves_nothing_purged_after_the_second() {
     let mut reader = tokio::net::TcpStream::connect(addr).await.unwrap();
     let first_answer = exchange(&mut reader, &request("GET", "/wiki/A")).await;
     assert!(first_answer.contains("/wiki/A v1"), "{first_answer}");
-    // Pages only the first process holds: a new connection on which one misses is the second
-    // process's.
-    const MARKERS: usize = 200;
-    for i in 0..MARKERS {
-        get(&first.url(&format!("/wiki/Marker{i}")), &[]).await;
-    }
+    cache_markers(&first, &[]).await;
 
     let second = first.hand_over().await;
-    let mut on_second = None;
-    for i in 0..MARKERS {
-        let mut connection = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let got = exchange(
-            &mut connection,
-            &request("GET", &format!("/wiki/Marker{i}")),
-        )
-        .await;
-        if got.contains("x-cache-status: miss") {
-            on_second = Some(connection);
-            break;
-        }
-        // The second process has yet to start (both then take connections from the same queue).
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut on_second = on_second.expect("no connection reached the second process");
+    let mut on_second = connection_to_another_process(addr, &addr.to_string()).await;
     // It serves, so it has its signal handlers: SIGQUIT before them would end it.
     let third = first.upgrade_from(second.id()).await;
     // It takes SIGQUIT in a moment; from then on it relays to the third process alone.

@@ -937,6 +937,54 @@ pub async fn send(
     }
 }
 
+/// Pages [`cache_markers`] stores, by which [`connection_to_another_process`] tells processes
+/// apart during an upgrade.
+const MARKERS: usize = 200;
+
+/// Stores the marker pages in the process that serves `skua`'s address now.
+pub async fn cache_markers(skua: &Skua, headers: &[(&str, &str)]) {
+    for i in 0..MARKERS {
+        get(&skua.url(&format!("/wiki/Marker{i}")), headers).await;
+    }
+}
+
+/// A new connection to `addr` that a process other than the one holding the markers took:
+/// one of them misses on it. During an upgrade both processes take connections from the same
+/// queue (and the new one may have yet to start).
+pub async fn connection_to_another_process(addr: SocketAddr, host: &str) -> TcpStream {
+    for i in 0..MARKERS {
+        let mut connection = TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET /wiki/Marker{i} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        if exchange(&mut connection, &request)
+            .await
+            .contains("x-cache-status: miss")
+        {
+            return connection;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no connection reached another process");
+}
+
+/// Sends `request` on `stream` every 20 ms until `done` holds for the answer, which it
+/// returns; after 3 s fails with `failure` and the last answer.
+pub async fn exchange_until(
+    stream: &mut TcpStream,
+    request: &str,
+    failure: &str,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let got = exchange(stream, request).await;
+        if done(&got) {
+            return got;
+        }
+        assert!(Instant::now() < deadline, "{failure}: {got}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Writes `request` on `stream` and reads one response head (and a short body).
 pub async fn exchange(stream: &mut TcpStream, request: &str) -> String {
     stream.write_all(request.as_bytes()).await.unwrap();
