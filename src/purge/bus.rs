@@ -430,10 +430,10 @@ impl Bus {
     /// Applies again what an earlier run took and did not publish, with the times it took
     /// them. The others apply those purges only once they are published; until then this
     /// node's backends (in a fleet of two tiers) still serve their copies from before them,
-    /// and only a purge recorded here keeps such a copy from being stored. Regression: a frontend killed during a bus outage and started again stored
-    /// a backend's copy from before a purge it had taken, and served it after the backend
-    /// applied the purge (`tests/purge-checker/run.sh fleet` with `NATS_CHAOS=1
-    /// CHAOS_NODES=0,1,2`).
+    /// and only a purge recorded here keeps such a copy from being stored. Regression: a
+    /// frontend killed during a bus outage and started again stored a backend's copy from
+    /// before a purge it had taken, and served it after the backend applied the purge
+    /// (`tests/purge-checker/run.sh fleet` with `NATS_CHAOS=1 CHAOS_NODES=0,1,2`).
     async fn apply_replayed(&self) {
         let replayed = std::mem::take(&mut *self.replay.lock().unwrap_or_else(|p| p.into_inner()));
         for event in &replayed {
