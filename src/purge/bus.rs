@@ -186,8 +186,10 @@ pub struct Bus {
     metrics: Arc<Metrics>,
     outbox: mpsc::UnboundedSender<Queued>,
     outbox_rx: Mutex<Option<mpsc::UnboundedReceiver<Queued>>>,
-    /// Makes event ids unique across this node's restarts.
-    boot: u64,
+    /// What every event id this process makes starts with: the node and when the process
+    /// started, so that ids are unique across restarts and upgrades, and a process knows its
+    /// own ([`Bus::published_here`]).
+    id_prefix: String,
     next_id: AtomicU64,
     /// The stream sequence of the last purge applied here (0: none yet).
     applied: AtomicU64,
@@ -276,7 +278,7 @@ impl Bus {
                 .hold_until_caught_up(config.catch_up, config.catch_up_timeout);
         }
         Arc::new(Bus {
-            boot: unix_millis(SystemTime::now()),
+            id_prefix: format!("{}-{}-", config.node, unix_millis(SystemTime::now())),
             config,
             store,
             metrics,
@@ -383,7 +385,7 @@ impl Bus {
     fn event(&self, target: Target, soft: bool) -> PurgeEvent {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         PurgeEvent {
-            id: format!("{}-{}-{n}", self.config.node, self.boot),
+            id: format!("{}{n}", self.id_prefix),
             node: self.config.node.clone(),
             at_us: unix_micros(SystemTime::now()),
             target,
@@ -442,13 +444,9 @@ impl Bus {
         }
     }
 
-    /// Whether this process published `event` ([`Bus::event`] names its ids so).
+    /// Whether this process published `event`.
     fn published_here(&self, event: &PurgeEvent) -> bool {
-        event.node == self.config.node
-            && (event.id.strip_prefix(self.config.node.as_str()))
-                .and_then(|rest| rest.strip_prefix('-'))
-                .and_then(|rest| rest.split('-').next())
-                .is_some_and(|boot| boot.parse() == Ok(self.boot))
+        event.node == self.config.node && event.id.starts_with(&self.id_prefix)
     }
 
     /// Saves the position reached. Returns false when it must wait: while the disk index is
