@@ -1535,7 +1535,7 @@ async fn fills_in_progress_hold_no_more_than_fill_memory_together() {
     .await;
     // Half by the front door, half by pingora's path (HTTP/1.0 always takes it).
     let ask = |i: usize| {
-        let version = if i % 2 == 0 { "1.1" } else { "1.0" };
+        let version = if i.is_multiple_of(2) { "1.1" } else { "1.0" };
         format!("GET /big/{i} HTTP/{version}\r\nHost: wiki.test\r\nConnection: close\r\n\r\n")
     };
     let resident_before = resident_kib(skua.pid());

@@ -461,8 +461,11 @@ async fn purge_during_a_bus_outage_reaches_the_others_when_it_returns() {
 #[tokio::test]
 async fn purges_queued_through_a_bus_outage_outlive_a_restart_of_the_node_that_took_them() {
     let (mut fleet, mut c) = PublisherAndDiskNode::start().await;
-    let outbox = fleet.disk.path().join("bus-outbox.c");
-    wait_until("nothing is queued at the start", || !outbox.exists()).await;
+    let outbox = fleet.disk.path().to_path_buf();
+    wait_until("nothing is queued at the start", || {
+        queued_in_outbox(&outbox, "c") == 0
+    })
+    .await;
     for node in [&fleet.a, &c] {
         assert_eq!(
             get(&node.url("/wiki/Queued"), &[HOST]).await.cache(),
@@ -479,14 +482,18 @@ async fn purges_queued_through_a_bus_outage_outlive_a_restart_of_the_node_that_t
     // publish failed, five seconds later; killed before, c lost it.
     let before = send(&client(), "PURGE", &c.url("/wiki/Before"), &[HOST]).await;
     assert_eq!(before.status, 404);
-    wait_until("the first purge is published", || !outbox.exists()).await;
+    wait_until("the first purge is published", || {
+        queued_in_outbox(&outbox, "c") == 0
+    })
+    .await;
     fleet.nats.stop();
     wait_bus_connected(&c, false).await;
     let purged = send(&client(), "PURGE", &c.url("/wiki/Queued"), &[HOST]).await;
     assert_eq!(purged.status, 204);
     assert_eq!(c.metric("skua_purge_bus_unpublished").await, 1.0);
-    assert!(
-        outbox.exists(),
+    assert_eq!(
+        queued_in_outbox(&outbox, "c"),
+        1,
         "the queued purge is kept beside the disk cache"
     );
     c.kill9();
@@ -502,7 +509,43 @@ async fn purges_queued_through_a_bus_outage_outlive_a_restart_of_the_node_that_t
         Duration::from_secs(5),
     )
     .await;
-    wait_until("the published queue's file is removed", || !outbox.exists()).await;
+    wait_until("the published queue's file is emptied", || {
+        queued_in_outbox(&outbox, "c") == 0
+    })
+    .await;
+    assert_eq!(
+        outbox_files(&outbox, "c").len(),
+        1,
+        "the killed process's file is taken over and removed"
+    );
+}
+
+/// The outbox files of `node` in `dir`: one per running process, and those left by processes
+/// that ended until another takes them over.
+fn outbox_files(dir: &std::path::Path, node: &str) -> Vec<std::path::PathBuf> {
+    let prefix = format!("bus-outbox.{node}.");
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .collect()
+}
+
+/// How many purges the outbox files of `node` in `dir` hold.
+fn queued_in_outbox(dir: &std::path::Path, node: &str) -> usize {
+    outbox_files(dir, node)
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        })
+        .sum()
 }
 
 /// A memory-only node (a frontend) keeps its queue of purges made while the bus is down in
@@ -533,8 +576,11 @@ async fn a_memory_only_node_keeps_purges_queued_through_a_bus_outage_in_its_outb
     wait_bus_connected(&a, false).await;
     let purged = send(&client(), "PURGE", &a.url("/wiki/Queued"), &[HOST]).await;
     assert_eq!(purged.status, 204);
-    let outbox = outbox_dir.join("bus-outbox.a");
-    assert!(outbox.exists(), "the queued purge is kept in outbox_dir");
+    assert_eq!(
+        queued_in_outbox(&outbox_dir, "a"),
+        1,
+        "the queued purge is kept in outbox_dir"
+    );
     a.kill9();
     nats.restart().await;
     let a = Skua::start(&[origin.addr], &bus_a).await;
@@ -548,7 +594,10 @@ async fn a_memory_only_node_keeps_purges_queued_through_a_bus_outage_in_its_outb
         Duration::from_secs(5),
     )
     .await;
-    wait_until("the published queue's file is removed", || !outbox.exists()).await;
+    wait_until("the published queue's file is emptied", || {
+        queued_in_outbox(&outbox_dir, "a") == 0
+    })
+    .await;
 }
 
 /// A node's queue of purges made while the bus is down is bounded (`max_queued`): past it, the
@@ -1278,6 +1327,66 @@ async fn a_purge_the_process_handing_over_took_reaches_the_next_by_the_bus() {
     .await;
     assert!(got.contains("/wiki/A v3"), "{got}");
     drop((second, third));
+}
+
+/// Regression: the processes of a node shared one outbox file. During a zero-downtime upgrade
+/// while nats-server was unreachable, a purge the old process took on a connection it still
+/// held was written after the new process had read the file at its start; the old process
+/// exited before nats-server was back, and the new one published what it had read and removed
+/// the file: no other node ever applied that purge. Each process now keeps a file of its own,
+/// which another process of the node takes over once its process has ended.
+#[tokio::test]
+async fn a_purge_the_old_process_took_in_an_upgrade_during_a_bus_outage_reaches_the_others() {
+    let mut nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let state = tempfile::tempdir().unwrap();
+    let outbox_line = format!("outbox_dir = {:?}", state.path().display().to_string());
+    let mut a = Skua::start(&[origin.addr], &nats.bus("a", &outbox_line)).await;
+    let b = Skua::start(&[origin.addr], &nats.bus("b", "")).await;
+    for node in [&a, &b] {
+        node.wait_ready().await;
+        wait_bus_connected(node, true).await;
+    }
+    for page in ["/wiki/Before", "/wiki/During"] {
+        assert_eq!(
+            get(&b.url(page), &[HOST]).await.text(),
+            format!("{page} v1")
+        );
+    }
+    let request =
+        |method: &str, path: &str| format!("{method} {path} HTTP/1.1\r\nHost: wiki.test\r\n\r\n");
+    let mut on_old = tokio::net::TcpStream::connect(a.addr).await.unwrap();
+    let got = exchange(&mut on_old, &request("GET", "/wiki/Held")).await;
+    assert!(got.contains("/wiki/Held v1"), "{got}");
+    nats.stop();
+    wait_bus_connected(&a, false).await;
+    let purged = exchange(&mut on_old, &request("PURGE", "/wiki/Before")).await;
+    assert!(purged.starts_with("HTTP/1.1 404 "), "{purged}");
+    cache_markers(&a, &[HOST]).await;
+    let new = a.hand_over().await;
+    // The new process serves, so it has read the outbox as it started.
+    let on_new = connection_to_another_process(a.addr, "wiki.test").await;
+    let purged = exchange(&mut on_old, &request("PURGE", "/wiki/During")).await;
+    assert!(purged.starts_with("HTTP/1.1 404 "), "{purged}");
+    drop((on_old, on_new));
+    wait_until("the old process exits", || !a.alive()).await;
+    a.adopt(new);
+    nats.restart().await;
+    wait_for_metric(&b, BUS_PURGED, 2.0, Duration::from_secs(15)).await;
+    for page in ["/wiki/Before", "/wiki/During"] {
+        assert_eq!(
+            get(&b.url(page), &[HOST]).await.text(),
+            format!("{page} v2")
+        );
+    }
+    wait_for_gauge(
+        &a,
+        "skua_purge_bus_unpublished",
+        0.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(queued_in_outbox(state.path(), "a"), 0);
 }
 
 /// Nodes `a` and `b` in front of `origin`, on the bus, each ready.

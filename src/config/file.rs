@@ -804,7 +804,7 @@ pub struct BusFile {
     /// of memory, and as much beside the disk tier). Past it a purge is not queued, and the
     /// other nodes are told to revalidate everything they cached before then instead.
     pub max_queued: usize,
-    /// Directory the queue of purges not yet published is kept in (`bus-outbox.<node>`), so
+    /// Directory the queue of purges not yet published is kept in (`bus-outbox.<node>.*`), so
     /// that a node stopped or killed while nats-server is unreachable publishes them when it
     /// starts again. Default: the disk tier's directory; a memory-only node without it keeps
     /// the queue in memory only.

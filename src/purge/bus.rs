@@ -18,8 +18,9 @@
 //! - the bus down: each node applies its own purges and queues them; they reach the others
 //!   once the client has reconnected, in a round trip (an acknowledgement lost with the old
 //!   connection is not waited for; the message ids store a batch sent twice once). The queue is
-//!   also written to `bus-outbox.<node>` in `outbox_dir`, or beside the disk tier, until it is
-//!   published, so a node restarted during the outage still publishes what it took. The
+//!   also written to an outbox file in `outbox_dir`, or beside the disk tier, until it is
+//!   published, so a node restarted during the outage still publishes what it took, as does
+//!   the other process of an upgrade when one exits with purges unpublished (`outbox`). The
 //!   queue is bounded (`max_queued`): a purge past it is not queued, and once the queue is
 //!   published the others revalidate everything they cached before ([`Target::Distrust`]).
 
@@ -37,6 +38,7 @@ use pingora::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use super::outbox::{Outbox, ADOPT_EVERY};
 use super::{Purge, PurgeResult, Purger, Scope, Source};
 use crate::cache::key::CacheUrl;
 use crate::cache::{PurgeMode, Store};
@@ -214,8 +216,8 @@ pub struct Bus {
     connected_once: AtomicBool,
     /// Whether the client is connected now.
     connected: AtomicBool,
-    /// Where purges not yet published are kept across a restart (beside the disk cache).
-    outbox_file: Option<PathBuf>,
+    /// Where purges not yet published are kept across a restart.
+    outbox_file: Option<Outbox>,
     /// Whether new purges are written to `outbox_file` as they are queued: from the start
     /// until the queue has first been published whole, and again from a failed publish until
     /// the queue is empty.
@@ -244,12 +246,20 @@ impl Bus {
             Some(Ok(())) => config.outbox_dir.as_deref(),
             None => store.disk.map(|d| d.config.path.as_path()),
         };
-        let outbox_file = outbox_dir.map(|d| d.join(format!("bus-outbox.{}", config.node)));
+        let started_ms = unix_millis(SystemTime::now());
+        let outbox_file = outbox_dir.and_then(|d| {
+            Outbox::create(d, &config.node, started_ms)
+                .map_err(|e| tracing::error!(error = %e, dir = %d.display(), "cannot make the purge bus's outbox file"))
+                .ok()
+        });
         if outbox_file.is_none() {
             tracing::warn!("no outbox for the purge bus (no disk tier, no usable [purge.bus] outbox_dir): purges this node takes while nats-server is unreachable are kept in memory only, and lost to the other nodes if it stops before they are published");
         }
         // What an earlier run queued and did not publish goes first.
-        let left = outbox_file.as_deref().map(read_outbox).unwrap_or_default();
+        let left = outbox_file
+            .as_ref()
+            .map(Outbox::adopt_orphans)
+            .unwrap_or_default();
         if !left.is_empty() {
             tracing::info!(
                 purges = left.len(),
@@ -278,7 +288,7 @@ impl Bus {
                 .hold_until_caught_up(config.catch_up, config.catch_up_timeout);
         }
         Arc::new(Bus {
-            id_prefix: format!("{}-{}-", config.node, unix_millis(SystemTime::now())),
+            id_prefix: format!("{}-{started_ms}-", config.node),
             config,
             store,
             metrics,
@@ -395,17 +405,8 @@ impl Bus {
 
     /// Appends `events` to the outbox file.
     fn journal<'a>(&self, events: impl IntoIterator<Item = &'a PurgeEvent>) {
-        let Some(file) = &self.outbox_file else {
-            return;
-        };
-        let mut lines = Vec::new();
-        for event in events {
-            if serde_json::to_writer(&mut lines, event).is_ok() {
-                lines.push(b'\n');
-            }
-        }
-        if let Err(e) = crate::cache::files::append(file, &lines) {
-            tracing::warn!(error = %e, "could not keep queued purges beside the disk cache");
+        if let Some(outbox) = &self.outbox_file {
+            outbox.write(events);
         }
     }
 
@@ -500,11 +501,21 @@ impl Bus {
         let delay = crate::test_hooks::delay("SKUA_TEST_BUS_PUBLISH_DELAY_MS");
         let mut pause = Backoff::new();
         let mut connection_changes = self.connection_changes.subscribe();
+        let mut adopt = tokio::time::interval(ADOPT_EVERY);
+        adopt.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if batch.is_empty() {
-                match rx.recv().await {
-                    Some(e) => batch.push_back(e),
-                    None => return,
+                tokio::select! {
+                    next = rx.recv() => match next {
+                        Some(e) => batch.push_back(e),
+                        None => return,
+                    },
+                    _ = adopt.tick() => {
+                        self.take_over_orphans(&mut batch).await;
+                        if batch.is_empty() {
+                            continue;
+                        }
+                    }
                 }
             }
             while batch.len() < 512 {
@@ -539,8 +550,8 @@ impl Bus {
                         // Everything queued is published: the file is emptied. (A purge
                         // queued meanwhile that still wrote to it is published twice after a
                         // restart: the stream keeps it once, or a node applies it twice.)
-                        if let Some(file) = &self.outbox_file {
-                            let _ = std::fs::remove_file(file);
+                        if let Some(outbox) = &self.outbox_file {
+                            outbox.clear();
                         }
                     }
                 }
@@ -565,6 +576,30 @@ impl Bus {
                     }
                 }
             }
+        }
+    }
+
+    /// Queues the purges other processes of this node left unpublished in their outbox files
+    /// when they ended (the old process of an upgrade during a bus outage, say), and applies
+    /// them here too, as purges replayed at start are ([`Bus::apply_replayed`]).
+    async fn take_over_orphans(&self, batch: &mut VecDeque<Queued>) {
+        let Some(outbox) = &self.outbox_file else {
+            return;
+        };
+        let adopted = outbox.adopt_orphans();
+        if adopted.is_empty() {
+            return;
+        }
+        // They are in this process's file now, which is emptied once the queue is published.
+        self.journaling.store(true, Ordering::Release);
+        for event in adopted {
+            let result = self.apply(&event).await;
+            tracing::debug!(id = %event.id, result = result.as_str(), "applied a purge another process of this node left unpublished");
+            self.metrics.bus.unpublished.inc();
+            batch.push_back(Queued {
+                journaled: true,
+                ..event.into()
+            });
         }
     }
 
@@ -1039,19 +1074,6 @@ impl Backoff {
     fn reset(&mut self) {
         self.0 = Duration::from_millis(100);
     }
-}
-
-/// The purges an earlier run queued and did not publish: one JSON event a line; a line that
-/// does not parse (cut short by a crash) is skipped.
-fn read_outbox(file: &std::path::Path) -> Vec<PurgeEvent> {
-    let Ok(text) = crate::cache::files::read_regular(file) else {
-        return Vec::new();
-    };
-    let mut seen = std::collections::HashSet::new();
-    text.lines()
-        .filter_map(|line| serde_json::from_str::<PurgeEvent>(line).ok())
-        .filter(|event| seen.insert(event.id.clone()))
-        .collect()
 }
 
 fn parse_position(text: &str, stream: &str) -> Option<u64> {

@@ -10,6 +10,7 @@ mod dispatch;
 pub mod handover;
 pub mod htcp;
 pub mod http;
+mod outbox;
 pub mod queue;
 mod ready;
 pub mod receiver;
