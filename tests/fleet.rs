@@ -1389,6 +1389,47 @@ async fn a_purge_the_old_process_took_in_an_upgrade_during_a_bus_outage_reaches_
     assert_eq!(queued_in_outbox(state.path(), "a"), 0);
 }
 
+/// A node told by the bus to revalidate everything it cached (another node's queue overflowed
+/// during an outage) while it is being upgraded. Regression: only the new process, which reads
+/// the bus, did; the old one served its copies unchecked on the connections it still held, a
+/// page purged at the other node among them. The new process now tells the old one.
+#[tokio::test]
+async fn the_old_process_of_an_upgrade_revalidates_when_the_bus_says_purges_were_dropped() {
+    let mut nats = Nats::start().await;
+    let origin = versioned_origin().await;
+    let a = Skua::start(&[origin.addr], &nats.bus("a", "max_queued = 1")).await;
+    let mut n = Skua::start(&[origin.addr], &nats.bus("n", "")).await;
+    for node in [&a, &n] {
+        node.wait_ready().await;
+        wait_bus_connected(node, true).await;
+    }
+    let request = "GET /wiki/Kept HTTP/1.1\r\nHost: wiki.test\r\n\r\n";
+    let mut on_old = tokio::net::TcpStream::connect(n.addr).await.unwrap();
+    let got = exchange(&mut on_old, request).await;
+    assert!(got.contains("/wiki/Kept v1"), "{got}");
+    cache_markers(&n, &[HOST]).await;
+    let new = n.hand_over().await;
+    let on_new = connection_to_another_process(n.addr, "wiki.test").await;
+    nats.stop();
+    wait_bus_connected(&a, false).await;
+    for page in ["/wiki/Queued", "/wiki/Kept"] {
+        let purged = send(&client(), "PURGE", &a.url(page), &[HOST]).await;
+        assert_eq!(purged.status, 404, "{page}");
+    }
+    assert_eq!(a.metric("skua_purge_bus_dropped_total").await, 1.0);
+    nats.restart().await;
+    wait_for_metric(&n, "skua_purge_bus_gaps_total", 1.0, Duration::from_secs(5)).await;
+    let got = exchange_until(
+        &mut on_old,
+        request,
+        "the old process served its copy unchecked",
+        |got| !got.contains("x-cache-status: hit"),
+    )
+    .await;
+    assert!(got.contains("/wiki/Kept v2"), "{got}");
+    drop((on_new, new));
+}
+
 /// Nodes `a` and `b` in front of `origin`, on the bus, each ready.
 async fn two_ready_bus_nodes(nats: &Nats, origin: &Origin) -> (Skua, Skua) {
     let a = Skua::start(&[origin.addr], &nats.bus("a", "")).await;

@@ -238,12 +238,6 @@ impl Invalidations {
         waited.is_ok_and(|r| r.is_ok())
     }
 
-    /// Purges may have been lost (the bus no longer holds them): every object created before
-    /// now is revalidated before it is served again.
-    pub fn revalidate_all_before_now(&self) {
-        self.revalidate_all_before(SystemTime::now());
-    }
-
     /// No purge can reach this process any more (a later upgrade's process took the socket
     /// its purges were relayed to): every object, whenever stored, is revalidated before it is
     /// served, for as long as the process runs.

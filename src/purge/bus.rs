@@ -821,7 +821,11 @@ impl Bus {
     fn distrust_everything_cached(&self) {
         tracing::warn!("revalidating every object cached before now");
         self.metrics.bus.gaps.inc();
-        self.store.invalidations.revalidate_all_before_now();
+        let now = SystemTime::now();
+        self.store.invalidations.revalidate_all_before(now);
+        if let Some(relay) = self.relay.get() {
+            relay.relay_distrust(now);
+        }
     }
 
     /// Notes that this node has applied everything up to the stream's last sequence but

@@ -81,6 +81,11 @@ const DRAINING: &str = "draining";
 /// while that one still serves: the socket it reads purges on becomes the sender's own.
 const SUPERSEDED: &str = "superseded";
 
+/// The `kind` of the datagram that tells the old process to revalidate everything it cached
+/// before `at_us`: the purge bus told the new one so ([`super::bus::Target::Distrust`], or a
+/// gap past the stream's retention), and the old one no longer reads the bus.
+const DISTRUST: &str = "distrust";
+
 /// Longest a purge waits for the other process of an upgrade to acknowledge it: well above
 /// what applying one takes (a tag purge of many objects included), short enough that a
 /// process that never acknowledges costs one purge a second, once.
@@ -92,7 +97,8 @@ const OLD: &str = "old";
 
 /// One relayed purge (JSON): what it names, how, and when the old process accepted it, so that
 /// the new one keeps what it fetched after that; or, of kind [`DRAINING`], the old process's
-/// drain; or, of kind [`SUPERSEDED`], that the receiver is cut off from purges.
+/// drain; or, of kind [`SUPERSEDED`], that the receiver is cut off from purges; or, of kind
+/// [`DISTRUST`], that everything cached before `at_us` is to be revalidated.
 #[derive(Debug, Serialize, Deserialize)]
 struct Relayed {
     kind: String,
@@ -108,13 +114,16 @@ impl Relayed {
             Scope::Tags(tags) => ("tags", tags.clone()),
             Scope::Prefix(url) => ("prefix", vec![url.primary()]),
         };
-        let at = purge.at.duration_since(SystemTime::UNIX_EPOCH);
         Relayed {
             kind: kind.into(),
             targets,
             soft: purge.mode == PurgeMode::Expire,
-            at_us: at.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            at_us: unix_micros(purge.at),
         }
+    }
+
+    fn at(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_micros(self.at_us)
     }
 
     /// The purge this asks for; `None` when it does not parse.
@@ -135,7 +144,7 @@ impl Relayed {
             scope,
             mode,
             source: Source::Handover,
-            at: SystemTime::UNIX_EPOCH + Duration::from_micros(self.at_us),
+            at: self.at(),
         })
     }
 }
@@ -267,6 +276,28 @@ impl Relay {
         }
     }
 
+    /// Tells the process before this one, while it may still serve, to revalidate everything
+    /// it cached before `at`, as this one does. Regression: only the process reading the bus
+    /// (the new one) did; the old one served what it held, unchecked, to its connections until
+    /// it exited.
+    pub fn relay_distrust(&self, at: SystemTime) {
+        if self.handing_over.load(Ordering::Acquire) || !self.old_serves() {
+            return;
+        }
+        let said = Relayed {
+            kind: DISTRUST.into(),
+            targets: Vec::new(),
+            soft: false,
+            at_us: unix_micros(at),
+        };
+        let sent = serde_json::to_vec(&said)
+            .map_err(io::Error::other)
+            .and_then(|datagram| UnixDatagram::unbound()?.send_to(&datagram, &self.old.path));
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "no old process to tell to revalidate what it cached");
+        }
+    }
+
     /// Tells the process taking over that this one is being drained.
     fn relay_draining(&self) {
         if say(DRAINING, &self.new.path).is_err() {
@@ -278,6 +309,11 @@ impl Relay {
     fn old_serves(&self) -> bool {
         (self.old_serves_until.get()).is_some_and(|until| Instant::now() < *until)
     }
+}
+
+fn unix_micros(at: SystemTime) -> u64 {
+    let since = at.duration_since(SystemTime::UNIX_EPOCH);
+    since.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// Sends a datagram of kind `kind`, naming nothing, to the socket at `to`.
@@ -534,6 +570,11 @@ async fn apply_relayed(
                 {
                     readiness.set_draining(true);
                     tracing::warn!("the process handing over was draining: this one drains too (DELETE /drain on the admin port ends it)");
+                    continue;
+                }
+                if let Some(at) = relayed.as_ref().filter(|r| r.kind == DISTRUST).map(|r| r.at()) {
+                    purger.store.invalidations.revalidate_all_before(at);
+                    tracing::warn!("the new process was told to revalidate every object cached before now: so does this one");
                     continue;
                 }
                 if relayed.as_ref().is_some_and(|r| r.kind == SUPERSEDED) {
