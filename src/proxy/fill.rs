@@ -1470,6 +1470,7 @@ fn release(
 #[cfg(test)]
 mod tests {
     use super::{framing_of, push_ip, Framing};
+    use pingora::http::ResponseHeader;
 
     #[test]
     fn an_address_is_written_as_display_writes_it() {
@@ -1487,7 +1488,6 @@ mod tests {
             assert_eq!(out, format!("x{ip}").into_bytes());
         }
     }
-    use pingora::http::ResponseHeader;
 
     fn framing(fields: &[(&str, &str)]) -> Option<(Framing, bool)> {
         let mut resp = ResponseHeader::build(200, None).unwrap();

@@ -284,16 +284,7 @@ impl Relay {
         if self.handing_over.load(Ordering::Acquire) || !self.old_serves() {
             return;
         }
-        let said = Relayed {
-            kind: DISTRUST.into(),
-            targets: Vec::new(),
-            soft: false,
-            at_us: unix_micros(at),
-        };
-        let sent = serde_json::to_vec(&said)
-            .map_err(io::Error::other)
-            .and_then(|datagram| UnixDatagram::unbound()?.send_to(&datagram, &self.old.path));
-        if let Err(e) = sent {
+        if let Err(e) = say_at(DISTRUST, unix_micros(at), &self.old.path) {
             tracing::debug!(error = %e, "no old process to tell to revalidate what it cached");
         }
     }
@@ -318,11 +309,16 @@ fn unix_micros(at: SystemTime) -> u64 {
 
 /// Sends a datagram of kind `kind`, naming nothing, to the socket at `to`.
 fn say(kind: &str, to: &Path) -> io::Result<()> {
+    say_at(kind, 0, to)
+}
+
+/// [`say`], with a time.
+fn say_at(kind: &str, at_us: u64, to: &Path) -> io::Result<()> {
     let said = Relayed {
         kind: kind.into(),
         targets: Vec::new(),
         soft: false,
-        at_us: 0,
+        at_us,
     };
     let datagram = serde_json::to_vec(&said).map_err(io::Error::other)?;
     UnixDatagram::unbound()?.send_to(&datagram, to).map(|_| ())
