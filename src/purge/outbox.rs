@@ -32,8 +32,8 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Makes this process's file in `dir` and locks it. `started` tells this process's file
-    /// from those of earlier processes of `node` whose pid was the same.
+    /// Makes this process's file in `dir` and locks it. `started_ms` (when this process
+    /// started) tells its file from those of earlier processes of `node` with the same pid.
     pub fn create(dir: &Path, node: &str, started_ms: u64) -> std::io::Result<Outbox> {
         let path = dir.join(format!(
             "{}{started_ms}-{}",
