@@ -227,9 +227,6 @@ pub struct Bus {
     /// The other process of a zero-downtime upgrade, to which what the bus brings is relayed
     /// ([`Bus::relaying`]).
     relay: std::sync::OnceLock<Arc<super::handover::Relay>>,
-    /// Purges an earlier run of this node took and did not publish (its outbox file), applied
-    /// here again as the bus service starts ([`Bus::apply_replayed`]).
-    replay: Mutex<Vec<PurgeEvent>>,
 }
 
 impl Bus {
@@ -254,27 +251,6 @@ impl Bus {
         });
         if outbox_file.is_none() {
             tracing::warn!("no outbox for the purge bus (no disk tier, no usable [purge.bus] outbox_dir): purges this node takes while nats-server is unreachable are kept in memory only, and lost to the other nodes if it stops before they are published");
-        }
-        // What an earlier run queued and did not publish goes first.
-        let left = outbox_file
-            .as_ref()
-            .map(Outbox::adopt_orphans)
-            .unwrap_or_default();
-        if !left.is_empty() {
-            tracing::info!(
-                purges = left.len(),
-                "publishing purges queued before the restart"
-            );
-        }
-        let replay = left.clone();
-        for event in left {
-            let left = Queued {
-                journaled: true,
-                ..event.into()
-            };
-            if outbox.send(left).is_ok() {
-                metrics.bus.unpublished.inc();
-            }
         }
         let loaded = position_file
             .as_deref()
@@ -308,7 +284,6 @@ impl Bus {
             journaling: AtomicBool::new(true),
             dropped: AtomicU64::new(0),
             relay: std::sync::OnceLock::new(),
-            replay: Mutex::new(replay),
         })
     }
 
@@ -430,21 +405,6 @@ impl Bus {
         result
     }
 
-    /// Applies again what an earlier run took and did not publish, with the times it took
-    /// them. The others apply those purges only once they are published; until then this
-    /// node's backends (in a fleet of two tiers) still serve their copies from before them,
-    /// and only a purge recorded here keeps such a copy from being stored. Regression: a
-    /// frontend killed during a bus outage and started again stored a backend's copy from
-    /// before a purge it had taken, and served it after the backend applied the purge
-    /// (`tests/purge-checker/run.sh fleet` with `NATS_CHAOS=1 CHAOS_NODES=0,1,2`).
-    async fn apply_replayed(&self) {
-        let replayed = std::mem::take(&mut *self.replay.lock().unwrap_or_else(|p| p.into_inner()));
-        for event in &replayed {
-            let result = self.apply(event).await;
-            tracing::debug!(id = %event.id, target = ?event.target, result = result.as_str(), "applied again a purge taken before the restart");
-        }
-    }
-
     /// Whether this process published `event`.
     fn published_here(&self, event: &PurgeEvent) -> bool {
         event.node == self.config.node && event.id.starts_with(&self.id_prefix)
@@ -511,10 +471,8 @@ impl Bus {
                         None => return,
                     },
                     _ = adopt.tick() => {
-                        self.take_over_orphans(&mut batch).await;
-                        if batch.is_empty() {
-                            continue;
-                        }
+                        self.take_over_orphans().await;
+                        continue;
                     }
                 }
             }
@@ -579,10 +537,17 @@ impl Bus {
         }
     }
 
-    /// Queues the purges other processes of this node left unpublished in their outbox files
-    /// when they ended (the old process of an upgrade during a bus outage, say), and applies
-    /// them here too, as purges replayed at start are ([`Bus::apply_replayed`]).
-    async fn take_over_orphans(&self, batch: &mut VecDeque<Queued>) {
+    /// Applies and queues the purges processes of this node that have ended left unpublished
+    /// in their outbox files: an earlier run (as the bus service starts), or the old process
+    /// of an upgrade during a bus outage (checked every [`ADOPT_EVERY`]). They are applied here
+    /// too, with the times they were taken: the others apply them only once they are
+    /// published, and until then this node's backends (in a fleet of two tiers) still serve
+    /// their copies from before them, which only a purge recorded here keeps from being
+    /// stored. Regression: a frontend killed during a bus outage and started again stored a
+    /// backend's copy from before a purge it had taken, and served it after the backend
+    /// applied the purge (`tests/purge-checker/run.sh fleet` with `NATS_CHAOS=1
+    /// CHAOS_NODES=0,1,2`).
+    async fn take_over_orphans(&self) {
         let Some(outbox) = &self.outbox_file else {
             return;
         };
@@ -594,12 +559,14 @@ impl Bus {
         self.journaling.store(true, Ordering::Release);
         for event in adopted {
             let result = self.apply(&event).await;
-            tracing::debug!(id = %event.id, result = result.as_str(), "applied a purge another process of this node left unpublished");
-            self.metrics.bus.unpublished.inc();
-            batch.push_back(Queued {
+            tracing::debug!(id = %event.id, target = ?event.target, result = result.as_str(), "applied a purge a process of this node that has ended left unpublished");
+            let queued = Queued {
                 journaled: true,
                 ..event.into()
-            });
+            };
+            if self.outbox.send(queued).is_ok() {
+                self.metrics.bus.unpublished.inc();
+            }
         }
     }
 
@@ -939,7 +906,7 @@ pub struct BusService(pub Arc<Bus>);
 impl BackgroundService for BusService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let bus = self.0.clone();
-        bus.apply_replayed().await;
+        bus.take_over_orphans().await;
         // Test hook (`SKUA_TEST_BUS_CONNECT_DELAY_MS`): the first connection is made this much
         // later, as to a distant nats-server.
         if let Some(delay) = crate::test_hooks::delay("SKUA_TEST_BUS_CONNECT_DELAY_MS") {
