@@ -895,7 +895,7 @@ fn as_forwarded(session: &mut Session, settings: &Settings, rule_pass: bool) -> 
             xff.extend_from_slice(prev.as_bytes());
             xff.extend_from_slice(b", ");
         }
-        xff.extend_from_slice(ip.to_string().as_bytes());
+        guard::push_address(&mut xff, ip);
         req.insert_header(guard::X_FORWARDED_FOR, xff)?;
     }
     Ok(())
