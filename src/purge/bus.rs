@@ -1059,9 +1059,10 @@ fn unix_millis(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn unix_micros(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+/// `t` in Unix microseconds, as purges carry their time on the bus and on the upgrade relay.
+pub(super) fn unix_micros(t: SystemTime) -> u64 {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH);
+    since.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

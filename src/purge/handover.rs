@@ -51,6 +51,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 
+use super::bus::unix_micros;
 use super::{Purge, PurgeResult, Purger, Readiness, Scope, Source};
 use crate::cache::key::CacheUrl;
 use crate::cache::PurgeMode;
@@ -300,11 +301,6 @@ impl Relay {
     fn old_serves(&self) -> bool {
         (self.old_serves_until.get()).is_some_and(|until| Instant::now() < *until)
     }
-}
-
-fn unix_micros(at: SystemTime) -> u64 {
-    let since = at.duration_since(SystemTime::UNIX_EPOCH);
-    since.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// Sends a datagram of kind `kind`, naming nothing, to the socket at `to`.
