@@ -201,6 +201,10 @@ fn parse_v1(buf: &[u8]) -> Parsed {
 fn parse_v2(buf: &[u8]) -> Parsed {
     use ppp::v2::{Addresses, Command, Header, ParseError};
     let header = match Header::try_from(buf) {
+        // A whole header past the bound is refused as one that announces it: the reader never
+        // holds more than `MAX_HEADER_BYTES`, so only a caller with a longer buffer sees one
+        // (the `proxy_header` fuzz target did).
+        Ok(header) if header.len() > MAX_HEADER_BYTES => return Parsed::Malformed,
         Ok(header) => header,
         Err(ParseError::Partial(_, announced)) if 16 + announced > MAX_HEADER_BYTES => {
             return Parsed::Malformed
@@ -299,6 +303,20 @@ mod tests {
         // LOCAL: the balancer's own connection (a health check); its addresses are ignored.
         let local = v2(0, 0x11, &V4_ADDRESSES, &[]);
         assert!(matches!(parse(&local), Parsed::Header { source: None, .. }));
+    }
+
+    /// Regression (the `proxy_header` fuzz target): a whole version 2 header longer than
+    /// `MAX_HEADER_BYTES` was taken, where one announcing that length in a piece is refused.
+    #[test]
+    fn a_whole_version_2_header_past_the_bound_is_malformed() {
+        let padding = vec![0u8; MAX_HEADER_BYTES];
+        // PP2_TYPE_NOOP (0x04) carrying the padding.
+        let mut noop = vec![0x04];
+        noop.extend_from_slice(&(padding.len() as u16).to_be_bytes());
+        noop.extend_from_slice(&padding);
+        let long = v2(0, 0x00, &[], &noop);
+        assert!(long.len() > MAX_HEADER_BYTES);
+        assert_eq!(parse(&long), Parsed::Malformed);
     }
 
     #[test]
