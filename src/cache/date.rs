@@ -91,6 +91,11 @@ fn imf_fixdate(b: &[u8]) -> Option<Option<SystemTime>> {
     })())
 }
 
+/// An IMF-fixdate alone (no other form, no surrounding whitespace), read as [`parse`] reads it.
+pub fn parse_imf_fixdate(value: &[u8]) -> Option<SystemTime> {
+    imf_fixdate(value).flatten()
+}
+
 fn month_of(name: &[u8]) -> Option<u32> {
     let at = MONTHS
         .iter()
@@ -184,6 +189,11 @@ thread_local! {
 /// Appends `secs` (since the Unix epoch) as an IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`
 /// (RFC 9110 §5.6.7), the form a sender generates.
 pub fn write_imf_fixdate(out: &mut Vec<u8>, secs: u64) {
+    out.extend_from_slice(&imf_fixdate_text(secs));
+}
+
+/// `secs` (since the Unix epoch) as an IMF-fixdate's 29 bytes.
+pub fn imf_fixdate_text(secs: u64) -> [u8; 29] {
     let key = secs.wrapping_add(1);
     let slot = (secs % RECENT_SLOTS as u64) as usize;
     let recent = RECENT.try_with(|recent| {
@@ -195,7 +205,7 @@ pub fn write_imf_fixdate(out: &mut Vec<u8>, secs: u64) {
         recent[slot].set((key, text));
         text
     });
-    out.extend_from_slice(&recent.unwrap_or_else(|_| format_imf_fixdate(secs)));
+    recent.unwrap_or_else(|_| format_imf_fixdate(secs))
 }
 
 fn format_imf_fixdate(secs: u64) -> [u8; 29] {

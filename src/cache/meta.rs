@@ -12,7 +12,7 @@ use pingora::cache::CacheMeta;
 use pingora::http::ResponseHeader;
 
 use super::fields::RequestFields;
-use super::head::Head;
+use super::head::{Head, HeadWriter};
 use super::vary::variance_for;
 
 /// Decoded cache metadata: everything `CacheMeta` needs. What an object keeps is the compact
@@ -391,12 +391,7 @@ impl ObjectMeta {
             field_names: FieldNames::of(&header.headers),
             ..times
         };
-        ObjectMeta::kept(
-            times,
-            Head::split(&encode_head(header)),
-            vary,
-            upstream_cache_status,
-        )
+        ObjectMeta::kept(times, encode_head(header), vary, upstream_cache_status)
     }
 
     fn kept(
@@ -600,7 +595,7 @@ fn joined(header: &ResponseHeader, name: &http::HeaderName) -> Option<http::Head
 /// length instead of chunked framing, `Accept-Ranges` on 200s (hits are seekable), no
 /// hop-by-hop fields, and none of the fields each hit sets itself. Names are spelled as
 /// [`wire_name`] spells them.
-fn encode_head(stored: &ResponseHeader) -> Vec<u8> {
+fn encode_head(stored: &ResponseHeader) -> Head {
     use http::header::{
         ACCEPT_RANGES, AGE, CONNECTION, CONTENT_LENGTH, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
     };
@@ -623,24 +618,21 @@ fn encode_head(stored: &ResponseHeader) -> Vec<u8> {
         &UPGRADE,
     ];
     let status = stored.status;
-    let mut out = Vec::with_capacity(64 + stored.headers.len() * 40);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    let mut field = |name: &[u8], value: &[u8]| {
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    };
+    let reason = status.canonical_reason().unwrap_or("Unknown");
+    let status_line = [
+        b"HTTP/1.1 ",
+        status.as_str().as_bytes(),
+        b" ",
+        reason.as_bytes(),
+        b"\r\n",
+    ];
+    let mut head = HeadWriter::new(&status_line, 64 + stored.headers.len() * 40);
     for (name, value) in stored.headers.iter() {
         if !skip.contains(&name) {
-            field(wire_name(name).as_bytes(), value.as_bytes());
+            head.field(name, wire_name(name).as_bytes(), value.as_bytes());
         }
     }
-    out
+    head.finish()
 }
 
 /// A field name as a hit's head spells it on the wire: the way pingora's HTTP/1 writer spells
