@@ -165,9 +165,14 @@ impl Head {
                 .is_some_and(|n| n.eq_ignore_ascii_case(name))
                 && line.get(name.len()) == Some(&b':')
         };
+        // A split head keeps every line of an own field among its own entries: the shared
+        // lines need no search for one (`ETag` and `Last-Modified`, asked whenever the memory
+        // tier weighs an object's life).
+        let own_field =
+            self.shared.is_some() && OWN_FIELDS.iter().any(|f| f.eq_ignore_ascii_case(name));
         let mut leading = self.leading().split_inclusive(|b| *b == b'\n');
         leading.next();
-        leading.any(named)
+        (!own_field && leading.any(named))
             || self.own_entries().any(|entry| match entry {
                 Own::Line(line) => named(line),
                 Own::Date(field, _) => DATE_FIELDS[field].eq_ignore_ascii_case(name),
