@@ -388,7 +388,8 @@ fn to_header(
     let copy = Bytes::copy_from_slice(head);
     let slice_of = |part: &[u8]| {
         let at = (part.as_ptr() as usize).checked_sub(head.as_ptr() as usize)?;
-        (at + part.len() <= copy.len()).then(|| copy.slice(at..at + part.len()))
+        let end = at.checked_add(part.len())?;
+        (end <= copy.len()).then(|| copy.slice(at..end))
     };
     for f in resp.headers.iter() {
         let value = match unfolded(f.value) {
