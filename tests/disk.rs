@@ -978,6 +978,9 @@ async fn a_slow_disk_does_not_slow_memory_hits() {
             "miss"
         );
     }
+    // Regression (CI, a loaded machine): a fill the writer had not indexed yet was read from
+    // the tier's pending fills, without the injected delay, and the test failed.
+    skua.wait_disk_writes().await;
     let disk_hits: Vec<_> = (0..DISK)
         .map(|i| {
             let url = skua.url(&format!("/disk/{i}"));

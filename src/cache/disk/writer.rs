@@ -614,10 +614,12 @@ fn placed(job: &ObjectJob, seg: u32, offset: u32, len: u32) -> Loc {
 }
 
 fn finish_object(tier: &DiskTier, job: ObjectJob, loc: Option<Loc>) {
-    tier.queue.remove(job.body_len);
     if let Some(fill) = &job.pending {
         tier.pending.remove(&job.primary, job.slot.as_ref(), fill);
     }
+    // Last: a queue seen empty (the stats, a test waiting for the writer) means every fill
+    // handed over is read from the index now, not from the pending fills.
+    tier.queue.remove(job.body_len);
     match job.done {
         Some(done) => {
             let _ = done.send(loc);
