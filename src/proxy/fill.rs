@@ -386,22 +386,24 @@ fn to_header(
         let _ = header.set_reason_phrase(Some(reason));
     }
     let copy = Bytes::copy_from_slice(head);
+    // httparse's names and values all lie in `head`; one that did not would be no head.
     let slice_of = |part: &[u8]| {
-        let at = (part.as_ptr() as usize).checked_sub(head.as_ptr() as usize)?;
-        let end = at.checked_add(part.len())?;
-        (end <= copy.len()).then(|| copy.slice(at..end))
+        let at = (part.as_ptr() as usize).checked_sub(head.as_ptr() as usize);
+        let range = at.and_then(|at| Some(at..at.checked_add(part.len())?));
+        range
+            .filter(|range| range.end <= copy.len())
+            .map(|range| copy.slice(range))
+            .ok_or(OriginError::Malformed)
     };
     for f in resp.headers.iter() {
         let value = match unfolded(f.value) {
-            std::borrow::Cow::Borrowed(value) => match slice_of(value) {
-                Some(shared) => http::HeaderValue::from_maybe_shared(shared),
-                None => http::HeaderValue::from_bytes(value),
-            },
+            std::borrow::Cow::Borrowed(value) => {
+                http::HeaderValue::from_maybe_shared(slice_of(value)?)
+            }
             std::borrow::Cow::Owned(value) => http::HeaderValue::from_bytes(&value),
         }
         .map_err(|_| OriginError::Malformed)?;
-        let name = slice_of(f.name.as_bytes())
-            .unwrap_or_else(|| Bytes::copy_from_slice(f.name.as_bytes()));
+        let name = slice_of(f.name.as_bytes())?;
         header
             .append_header(name, value)
             .map_err(|_| OriginError::Malformed)?;
