@@ -13,7 +13,9 @@ counters zeroed before and dumped after each phase, sends:
   miss      1,000 GETs of new URLs (fetched, stored, delivered)
 
 and prints Skua's instructions per request (all threads, user space; the kernel's work is not
-counted). With several binaries it prints the ratio of each to the first.
+counted). With several binaries it prints the ratio of each to the first. With --disk, Skua
+has a disk tier and a memory tier that takes no benchmark object (as config/bench-disk.toml),
+so the hits are disk hits, read from the page cache.
 
     python3 benches/instructions.py /tmp/skua-before target/release/skua [--repeat 2]
 
@@ -22,7 +24,7 @@ this beside the harness (benches/README.md), to see where a change in cost comes
 (`callgrind_annotate` on the dumps kept with --keep DIR).
 """
 
-import argparse, hashlib, http.client, os, random, shutil, subprocess, sys, tempfile, time
+import argparse, hashlib, http.client, json, os, random, shutil, subprocess, sys, tempfile, time
 
 from benchlib import OriginHandler, free_port, rules_from, start_origin, wait_port, write_config
 
@@ -87,11 +89,33 @@ def dump_total(work, pid, before):
     sys.exit("callgrind wrote no dump")
 
 
-def measure(binary, origin, keep, label, rules=None):
+# A memory tier below the smallest object, and a disk tier: every hit is a disk hit.
+DISK_TIER = """max_object_size = 512
+[cache.disk]
+path = "{work}/disk"
+size = 1073741824
+"""
+
+
+def wait_disk_writes(admin):
+    """Until the disk tier's writer has nothing queued, so that every fill is indexed."""
+    for _ in range(600):
+        conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=30)
+        conn.request("GET", "/stats")
+        stats = json.loads(conn.getresponse().read())
+        conn.close()
+        if stats["tiers"]["disk"]["write_queue_objects"] == 0:
+            return
+        time.sleep(0.2)
+    sys.exit("the disk tier's writer did not finish")
+
+
+def measure(binary, origin, keep, label, rules=None, disk=False):
     work = tempfile.mkdtemp()
     port, admin = free_port(), free_port()
     config = os.path.join(work, "skua.toml")
-    extra = rules_from(rules, origin) if rules else ""
+    extra = DISK_TIER.format(work=work) if disk else ""
+    extra += rules_from(rules, origin) if rules else ""
     write_config(config, work, port, admin, origin, 1 << 30, extra)
     proc = subprocess.Popen(
         # Names written out in every dump, so that `callgrind_annotate` reads a kept phase's
@@ -104,6 +128,8 @@ def measure(binary, origin, keep, label, rules=None):
         wait_port(port)
         send(port, "fill", 1000)
         send(port, "hit1k", 200)
+        if disk:
+            wait_disk_writes(admin)
         # Every page is hit once before the measured phases, as a timed run's warm-up does: a
         # stored object's first hit under rules reads the rules' URL conditions once for it.
         send(port, "every page", 1000)
@@ -132,6 +158,8 @@ def main():
     ap.add_argument("binaries", nargs="+")
     ap.add_argument("--repeat", type=int, default=1, help="runs per binary, alternating")
     ap.add_argument("--keep", help="directory to keep the callgrind dumps in")
+    ap.add_argument("--disk", action="store_true",
+                    help="hits from a disk tier (in the page cache) instead of the memory tier")
     ap.add_argument("--rules", help="also measure each binary with this config's [[rule]]s "
                     "(e.g. config/mediawiki.toml), as BINARY+rules")
     args = ap.parse_args()
@@ -148,7 +176,7 @@ def main():
     labels = list(results)
     for r in range(args.repeat):
         for i, ((binary, rules), b) in enumerate(zip(runs, labels)):
-            counts = measure(binary, origin, args.keep, f"{i}-{r}", rules)
+            counts = measure(binary, origin, args.keep, f"{i}-{r}", rules, args.disk)
             results[b].append(counts)
             print(f"{b} run {r + 1}: " + ", ".join(f"{p} {counts[p]:,.0f}" for p, _ in PHASES),
                   flush=True)
