@@ -1308,6 +1308,42 @@ async fn idle_keepalive_and_stalled_bodies_are_closed_after_their_timeouts() {
     assert_eq!(origin.count("/upload"), 0);
 }
 
+/// A connection keeps one idle timer from request to request, armed for the first wait and
+/// armed again when it fires during a later one. A connection busier than `keepalive_timeout`
+/// must not be closed when that first timer fires, and must still be closed
+/// `keepalive_timeout` after its last request (a timer kept from an earlier wait, returned as
+/// if it were this wait's, closes it between requests).
+#[tokio::test]
+async fn a_connection_busy_past_the_keepalive_timeout_is_closed_a_timeout_after_its_last_request() {
+    let origin = cached_origin().await;
+    let skua = Skua::start_tables(&[origin.addr], ["keepalive_timeout = \"1s\"", "", ""], "").await;
+    let mut busy = TcpStream::connect(skua.addr).await.unwrap();
+    // Requests 400 ms apart for 2.4 s: waits that span the first timer's second and the
+    // timers armed again after it.
+    for n in 0..7 {
+        if n > 0 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        busy.write_all(b"GET /k HTTP/1.1\r\nHost: wiki.test\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("request {n}: {e}"));
+        let answer = read_response(&mut busy, 4).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200 "),
+            "request {n}: {answer:?}"
+        );
+    }
+    let last = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), busy.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection stayed open");
+    let idle_for = last.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(900) && idle_for < Duration::from_millis(1600),
+        "closed {idle_for:?} after its last request"
+    );
+}
+
 /// Regression: `body_timeout` restarts at every byte, so a client trickling a body (a "slow
 /// POST") held its origin connection, a PHP worker, for as long as it liked. A body must be
 /// whole within `body_timeout` plus a second per `body_min_rate` bytes; one sent at a pace
