@@ -655,6 +655,12 @@ pub async fn within<T>(
     send_timeout: Duration,
     io: impl Future<Output = std::io::Result<T>>,
 ) -> std::io::Result<T> {
+    // Polled once before the timeout is made: making one reads the clock (pingora checks
+    // that its clock thread runs), twice a hit.
+    let mut io = std::pin::pin!(io);
+    if let Poll::Ready(done) = futures::poll!(io.as_mut()) {
+        return done;
+    }
     fast_timeout(send_timeout, io)
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
